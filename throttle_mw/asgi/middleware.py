@@ -1,0 +1,309 @@
+"""`ThrottleMiddleware`: pure ASGI glue between the server, the backend and the app.
+
+Per HTTP request: resolve tag and tenant; ask the backend; wait in the queue
+while watching for a disconnect; reject with a problem document, or run the app
+and give the lease back on the last body chunk, on an exception or on a
+disconnect. Lifespan and websocket scopes pass through (lifespan also starts
+and stops the backend).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..backends import limits_from_settings, make_backend
+from ..backends.base import Admitted, Backend, RequestIds, Waiting
+from ..priorities import Priority, make_tag
+from ..scheduler import Reject, Request
+from ..settings import ConfigError, Settings
+from .body import QueuedReceive
+from .responses import send_bad_request, send_rejection
+from .routing import RouteTags
+from .shutdown import on_termination
+from .tenants import InvalidTenant, Tenants
+
+logger = logging.getLogger("throttle_mw")
+
+Outcome = Literal["admitted", "degraded", "unthrottled", "would_queue", "would_reject"]
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottleDecision:
+    """What the throttle decided; the app reads it as ``request.state.throttle``."""
+
+    tenant: str
+    priority: Priority
+    waited_s: float
+    degraded: bool
+    outcome: Outcome
+    cost: int = 1
+    #: For dry-run `would_reject`: why it would have been rejected.
+    reason: str | None = None
+
+
+class ThrottleMiddleware:
+    """Throttle an ASGI app against a budget shared by every worker and replica.
+
+    ``app.add_middleware(ThrottleMiddleware)`` reads ``THROTTLE_*`` variables;
+    keyword arguments (the `Settings` field names, e.g. ``rate=80``) override
+    them. A bad setting fails the ASGI lifespan start-up with a message naming it.
+    """
+
+    def __init__(self, app: ASGIApp, *, backend: Backend | None = None, **overrides: Any) -> None:
+        self.app = app
+        self.error: ConfigError | None = None
+        try:
+            self.settings = Settings.from_env(**overrides)
+        except ConfigError as exc:
+            # Raising here would happen inside the server's first lifespan call,
+            # which uvicorn's default `lifespan=auto` swallows; fail start-up instead.
+            self.error = exc
+            self.settings = Settings(enabled=False)
+            return
+        settings = self.settings
+        self._routes = RouteTags(
+            settings.route_priorities, make_tag(settings.default_priority), app
+        )
+        self._tenants = Tenants(settings.tenant_header, settings.tenant_resolver)
+        self._ids = RequestIds()
+        self._draining = asyncio.Event()
+        self._undo_signals: Any = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._limits = limits_from_settings(settings)
+        self._backend: Backend | None = backend
+        if settings.enabled and backend is None:
+            self._backend = make_backend(settings)
+
+    @property
+    def backend(self) -> Backend | None:
+        return self._backend
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.settings.enabled:
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(scope, receive, send)
+        elif self.error is not None:
+            raise self.error
+        else:
+            await self.app(scope, receive, send)
+
+    # --- lifespan -------------------------------------------------------------------------
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.error is not None:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.failed", "message": str(self.error)})
+            return
+        if not self.settings.enabled or self._backend is None:
+            await self.app(scope, receive, send)
+            return
+
+        async def receive_wrapper() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.startup()
+            elif message["type"] == "lifespan.shutdown":
+                self.begin_drain()
+            return message
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+                await self.shutdown()
+            await send(message)
+
+        await self.app(scope, receive_wrapper, send_wrapper)
+
+    async def startup(self) -> None:
+        """Start the backend and watch for the server's shutdown signal."""
+        if self._backend is not None:
+            await self._backend.start()
+        if self._undo_signals is None:
+            self._undo_signals = on_termination(asyncio.get_running_loop(), self.begin_drain)
+
+    def begin_drain(self) -> None:
+        """Turn away queued and new requests with 503; in-flight ones finish."""
+        if not self._draining.is_set():
+            logger.info("throttle_mw draining: queued and new requests get 503")
+        self._draining.set()
+
+    async def shutdown(self) -> None:
+        self.begin_drain()
+        if self._undo_signals is not None:
+            self._undo_signals()
+            self._undo_signals = None
+        if self._backend is not None:
+            await self._backend.stop()
+
+    # --- http -----------------------------------------------------------------------------
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        tag = self._routes.tag_for(scope)
+        if tag.exempt:
+            await self.app(scope, receive, send)
+            return
+        try:
+            tenant = await self._tenants.resolve(scope)
+        except InvalidTenant as exc:
+            await send_bad_request(send, exc.detail)
+            return
+        backend = self._backend
+        assert backend is not None
+        request = Request(
+            self._ids(), tenant, tag.priority, tag.cost, tag.sheddable, tag.degradable
+        )
+        started = time.perf_counter()
+        dry_run = self.settings.dry_run
+        outcome: Admitted | Waiting | Reject
+        if self._draining.is_set():
+            outcome = Reject("shutting_down", 1.0)
+        else:
+            outcome = await backend.acquire(request)
+
+        decided: Outcome = "admitted"
+        reason: str | None = None
+        queued: QueuedReceive | None = None
+        if isinstance(outcome, Waiting):
+            if dry_run:
+                outcome = await backend.cancel(outcome)
+                if isinstance(outcome, Reject):
+                    decided, outcome = "would_queue", Admitted(request.id, unthrottled=True)
+            else:
+                queued = QueuedReceive(receive)
+                receive = queued.receive
+                result = await self._wait(backend, outcome, queued)
+                if result is None:
+                    queued.close()
+                    return  # the client went away while queued
+                outcome = result
+                queued.admit()
+        if isinstance(outcome, Reject):
+            self._log_rejection(request, outcome)
+            if not dry_run:
+                if queued is not None:
+                    queued.close()
+                await send_rejection(send, outcome, self._limits)
+                return
+            decided, reason = "would_reject", outcome.reason
+            outcome = Admitted(request.id, unthrottled=True)
+        if outcome.degraded:
+            decided = "degraded"
+        elif outcome.unthrottled and decided == "admitted":
+            decided = "unthrottled"
+
+        waited_s = time.perf_counter() - started
+        decision = ThrottleDecision(
+            tenant, tag.priority, waited_s, outcome.degraded, decided, tag.cost, reason
+        )
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state["throttle"] = decision
+        timing = f"throttle;dur={waited_s * 1000:.1f}"
+        if decided != "admitted":
+            timing += f';desc="{decided}{":" + reason if reason else ""}"'
+        await self._run(scope, receive, send, backend, outcome, timing.encode("ascii"), queued)
+
+    async def _run(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        backend: Backend,
+        admitted: Admitted,
+        timing: bytes,
+        queued: QueuedReceive | None,
+    ) -> None:
+        held = admitted.lease
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal held
+            kind = message["type"]
+            if kind == "http.response.start":
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", ()), (b"server-timing", timing)],
+                }
+            elif kind == "http.response.body" and not message.get("more_body", False) and held:
+                try:
+                    await send(message)
+                finally:
+                    held = False
+                    backend.release(admitted.request_id)
+                return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if held:
+                held = False
+                backend.release(admitted.request_id)
+            if queued is not None:
+                queued.close()
+
+    async def _wait(
+        self, backend: Backend, waiting: Waiting, queued: QueuedReceive
+    ) -> Admitted | Reject | None:
+        """Wait for a grant; None if the client left. Never leaves an entry behind."""
+        loop = asyncio.get_running_loop()
+        gone = asyncio.ensure_future(queued.disconnected.wait())
+        drain = asyncio.ensure_future(self._draining.wait())
+        try:
+            await asyncio.wait(
+                (waiting.future, gone, drain),
+                timeout=max(0.0, waiting.deadline - loop.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        except asyncio.CancelledError:
+            # Our task is being cancelled (server force-exit): leave the queue anyway.
+            task = loop.create_task(self._abandon(backend, waiting))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            raise
+        finally:
+            gone.cancel()
+            drain.cancel()
+        if waiting.future.done():
+            return waiting.future.result()
+        result = await asyncio.shield(backend.cancel(waiting))
+        if queued.disconnected.is_set():
+            if isinstance(result, Admitted) and result.lease:
+                backend.release(result.request_id)
+            return None
+        if self._draining.is_set() and isinstance(result, Reject):
+            return Reject("shutting_down", 1.0)
+        return result
+
+    @staticmethod
+    async def _abandon(backend: Backend, waiting: Waiting) -> None:
+        result = await backend.cancel(waiting)
+        if isinstance(result, Admitted) and result.lease:
+            backend.release(result.request_id)
+
+    def _log_rejection(self, request: Request, reject: Reject) -> None:
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "throttle rejected tenant=%s priority=%s status=%d reason=%s retry_after=%d%s",
+                request.tenant,
+                request.priority,
+                reject.status,
+                reject.reason,
+                reject.retry_after_header,
+                " (dry run: not enforced)" if self.settings.dry_run else "",
+                extra={
+                    "tenant": request.tenant,
+                    "priority": request.priority,
+                    "status": reject.status,
+                    "reason": reject.reason,
+                    "retry_after": reject.retry_after_header,
+                    "dry_run": self.settings.dry_run,
+                },
+            )

@@ -1,0 +1,83 @@
+"""Which tag applies to a request: THROTTLE_ROUTE_PRIORITIES, else ``@priority``, else default.
+
+Matching walks the app's routes the way Starlette's router does (routers,
+mounted sub-apps and hosts included) and caches the answer per method and
+path, so the cost per request does not grow with the number of routes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from starlette.routing import Match
+from starlette.types import Scope
+
+from ..priorities import RouteTag, tag_of
+from ..settings import RouteRule
+
+#: Distinct (method, path) answers kept; the oldest half goes when it is full.
+CACHE_SIZE = 8192
+_MAX_DEPTH = 8
+
+
+class RouteTags:
+    def __init__(self, rules: Sequence[RouteRule], default: RouteTag, app: Any) -> None:
+        self._rules = tuple(rules)
+        self._default = default
+        self._app = app
+        self._cache: dict[tuple[str, str, str], RouteTag] = {}
+
+    def tag_for(self, scope: Scope) -> RouteTag:
+        key = (scope["method"], scope["path"], scope.get("root_path", ""))
+        tag = self._cache.get(key)
+        if tag is None:
+            tag = self._resolve(scope)
+            if len(self._cache) >= CACHE_SIZE:
+                for old in list(itertools.islice(self._cache, CACHE_SIZE // 2)):
+                    del self._cache[old]
+            self._cache[key] = tag
+        return tag
+
+    def _resolve(self, scope: Scope) -> RouteTag:
+        method, path = scope["method"], scope["path"]
+        for rule in self._rules:
+            if rule.matches(method, path):
+                return rule.tag
+        app = scope.get("app", self._app)
+        try:
+            found = _endpoint_tag(app, dict(scope), 0)
+        except Exception:  # a route's matcher failed: the router will answer for it
+            found = None
+        return found or self._default
+
+
+def _routes_of(app: Any) -> Sequence[Any] | None:
+    router = getattr(app, "router", None)
+    routes = getattr(router, "routes", None) if router is not None else None
+    if routes is None:
+        routes = getattr(app, "routes", None)
+    return routes if isinstance(routes, Sequence) else None
+
+
+def _endpoint_tag(app: Any, scope: dict[str, Any], depth: int) -> RouteTag | None:
+    routes = _routes_of(app)
+    if routes is None or depth > _MAX_DEPTH:
+        return None
+    for route in routes:
+        matches = getattr(route, "matches", None)
+        if matches is None:
+            continue
+        match, child = matches(scope)
+        if match is not Match.FULL:
+            continue
+        endpoint = child.get("endpoint")
+        tag = tag_of(endpoint, scope.get("method")) if endpoint is not None else None
+        if tag is not None:
+            return tag
+        target = child.get("app", endpoint)
+        if target is not None and _routes_of(target) is not None:
+            return _endpoint_tag(target, {**scope, **child}, depth + 1)
+        return None
+    return None

@@ -1,0 +1,82 @@
+"""The contract every budget backend keeps (in-memory, Redis).
+
+A backend makes the scheduler's decisions for one app, in one process or for
+the whole fleet. The middleware calls it like this, and only like this:
+
+1. ``outcome = await backend.acquire(request)``: `Admitted`, `Waiting` or `Reject`.
+2. For `Waiting`: await ``waiting.future`` (it resolves to `Admitted` or
+   `Reject`) until ``waiting.deadline``. To stop waiting early (deadline,
+   client gone, shutdown) call ``await backend.cancel(waiting)``: it returns a
+   `Reject` if the request left the queue, or `Admitted` if a grant won the race.
+3. For every `Admitted` with ``lease=True``: call ``backend.release(request_id)``
+   exactly once when the response is done. It does not block and survives
+   cancellation of the caller; further calls are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..scheduler import Limits, Reject, Request, Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """The request may run. `lease`: it holds concurrency to release."""
+
+    request_id: str
+    waited_s: float = 0.0
+    degraded: bool = False
+    lease: bool = False
+    #: Admitted without consulting the shared budget (failure mode `open`).
+    unthrottled: bool = False
+
+
+@dataclass(eq=False, slots=True)
+class Waiting:
+    """The request is queued; `future` resolves to its admission or rejection."""
+
+    request_id: str
+    #: Latest time to wait until, on the event loop's clock (``loop.time()``).
+    deadline: float
+    estimated_wait_s: float
+    future: asyncio.Future[Admitted | Reject] = field(repr=False)
+
+
+Outcome = Admitted | Waiting | Reject
+
+
+class Backend(Protocol):
+    """A budget shared by one process (memory) or a fleet (Redis)."""
+
+    async def start(self) -> None:
+        """Connect and start background work (called at ASGI lifespan start-up)."""
+
+    async def stop(self) -> None:
+        """Reject whoever still waits, and leave nothing of this process behind."""
+
+    async def acquire(self, request: Request) -> Outcome: ...
+
+    async def cancel(self, waiting: Waiting) -> Admitted | Reject: ...
+
+    def release(self, request_id: str) -> None: ...
+
+    async def snapshot(self) -> Snapshot: ...
+
+    async def set_limits(self, limits: Limits) -> None:
+        """Change the budget at run time."""
+
+
+class RequestIds:
+    """Ids unique across processes and hosts: a random process token and a counter."""
+
+    def __init__(self) -> None:
+        self.token = os.urandom(6).hex()
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self.token}.{next(self._counter):x}"

@@ -1,0 +1,143 @@
+"""The in-memory backend: the scheduler run directly, on the event loop's clock.
+
+One budget per process. Every scheduler call is synchronous and runs without
+an ``await`` in between, so each decision is atomic within the event loop.
+A single timer wakes the scheduler when its next token is due.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from ..scheduler import (
+    Admit,
+    Enqueue,
+    Event,
+    Evicted,
+    Granted,
+    Limits,
+    Policy,
+    Reject,
+    Request,
+    Scheduler,
+    Snapshot,
+)
+from .base import Admitted, Outcome, Waiting
+
+
+class MemoryBackend:
+    """A budget kept in this process's memory."""
+
+    def __init__(self, limits: Limits, policy: Policy) -> None:
+        self._limits = limits
+        self._policy = policy
+        self._scheduler: Scheduler | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiters: dict[str, Waiting] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    def _sched(self) -> tuple[Scheduler, float]:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self._limits, self._policy, now)
+        return self._scheduler, now
+
+    async def start(self) -> None:
+        self._sched()
+
+    async def stop(self) -> None:
+        for waiting in list(self._waiters.values()):
+            await self.cancel(waiting)
+            if not waiting.future.done():
+                waiting.future.set_result(Reject("shutting_down", 1.0))
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def acquire(self, request: Request) -> Outcome:
+        scheduler, now = self._sched()
+        decision, events = scheduler.acquire(now, request)
+        self._apply(events)
+        if isinstance(decision, Admit):
+            self._schedule(scheduler, now)
+            return Admitted(request.id, 0.0, decision.degraded, decision.lease)
+        if isinstance(decision, Enqueue):
+            assert self._loop is not None
+            waiting = Waiting(
+                request.id, decision.deadline, decision.estimated_wait_s, self._loop.create_future()
+            )
+            self._waiters[request.id] = waiting
+            self._schedule(scheduler, now)
+            return waiting
+        self._schedule(scheduler, now)
+        return decision
+
+    async def cancel(self, waiting: Waiting) -> Admitted | Reject:
+        scheduler, now = self._sched()
+        reject, events = scheduler.cancel(now, waiting.request_id)
+        self._waiters.pop(waiting.request_id, None)
+        self._apply(events)
+        self._schedule(scheduler, now)
+        if reject is not None:
+            if not waiting.future.done():
+                waiting.future.set_result(reject)
+            return reject
+        if waiting.future.done() and not waiting.future.cancelled():
+            return waiting.future.result()
+        return Reject("expired", 1.0)  # never queued here: nothing to give back
+
+    def release(self, request_id: str) -> None:
+        if self._scheduler is None or self._loop is None:
+            return
+        now = self._loop.time()
+        self._apply(self._scheduler.release(now, request_id))
+        self._schedule(self._scheduler, now)
+
+    async def snapshot(self) -> Snapshot:
+        scheduler, now = self._sched()
+        scheduler.tick(now)
+        return scheduler.snapshot()
+
+    async def set_limits(self, limits: Limits) -> None:
+        self._limits = limits
+        scheduler, now = self._sched()
+        self._apply(scheduler.set_limits(limits, now))
+        self._schedule(scheduler, now)
+
+    def _apply(self, events: Iterable[Event]) -> None:
+        for event in events:
+            waiting = self._waiters.pop(event.id, None)
+            if isinstance(event, Granted):
+                if waiting is None or waiting.future.done():
+                    # Nobody is waiting for it any more: give the capacity back.
+                    if event.lease and self._scheduler is not None and self._loop is not None:
+                        self._apply(self._scheduler.release(self._loop.time(), event.id))
+                    continue
+                waiting.future.set_result(Admitted(event.id, event.waited_s, False, event.lease))
+            elif isinstance(event, Evicted) and waiting is not None and not waiting.future.done():
+                waiting.future.set_result(event.reject)
+
+    def _schedule(self, scheduler: Scheduler, now: float) -> None:
+        due = scheduler.next_due(now)
+        if due is None:
+            return
+        if self._timer is not None and self._timer_at <= due:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        assert self._loop is not None
+        self._timer_at = due
+        self._timer = self._loop.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._scheduler is None or self._loop is None:
+            return
+        now = self._loop.time()
+        self._apply(self._scheduler.tick(now))
+        self._schedule(self._scheduler, now)

@@ -1,0 +1,140 @@
+"""What goes into the scheduler and what comes out of it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Final, Literal
+
+from ..priorities import Priority
+
+#: Why a request was turned away. Fixed strings: they reach clients and logs.
+Reason = Literal[
+    "tenant_over_share",  # the tenant's wait exceeds its maximum: it is over its fair share
+    "tenant_rate_cap",  # the tenant's own rate cap would hold it past its maximum wait
+    "tenant_queue_full",  # the tenant already has its limit of waiting requests
+    "overloaded",  # the app cannot serve this in time although the tenant is within its share
+    "queue_full",  # the fleet-wide queue is full
+    "shed",  # a sheddable route while requests are waiting
+    "expired",  # waited its maximum without being admitted
+    "shutting_down",  # the process is draining
+    "unavailable",  # the shared budget is unreachable and the failure mode is `closed`
+]
+
+#: HTTP status per reason: 429 when the tenant is over its share or cap, 503 when the app sheds.
+STATUS: Final[Mapping[Reason, int]] = MappingProxyType(
+    {
+        "tenant_over_share": 429,
+        "tenant_rate_cap": 429,
+        "tenant_queue_full": 429,
+        "overloaded": 503,
+        "queue_full": 503,
+        "shed": 503,
+        "expired": 503,
+        "shutting_down": 503,
+        "unavailable": 503,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One request asking for budget."""
+
+    id: str
+    tenant: str
+    priority: Priority = "normal"
+    cost: int = 1
+    sheddable: bool = False
+    degradable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Admit:
+    """Go ahead. If `lease`, call ``release(id)`` exactly once when the response is done."""
+
+    waited_s: float = 0.0
+    degraded: bool = False
+    lease: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueue:
+    """Queued. A `Granted` or `Evicted` event follows, or the caller cancels at `deadline`."""
+
+    deadline: float
+    estimated_wait_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Turned away; `retry_after_s` is the honest expected wait before a retry can succeed."""
+
+    reason: Reason
+    retry_after_s: float
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.reason]
+
+    @property
+    def retry_after_header(self) -> int:
+        """Whole seconds, at least 1 (RFC 9110 delay-seconds)."""
+        return max(1, min(86400, math.ceil(self.retry_after_s - 1e-9)))
+
+
+Decision = Admit | Enqueue | Reject
+
+
+@dataclass(frozen=True, slots=True)
+class Granted:
+    """A queued request was admitted; it holds a lease if the budget has a concurrency limit."""
+
+    id: str
+    waited_s: float
+    lease: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Evicted:
+    """A queued request left the queue without being admitted."""
+
+    id: str
+    reject: Reject
+
+
+Event = Granted | Evicted
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The budget and the per-tenant limits: what the live-limits tool can change."""
+
+    rate: float | None = None
+    burst: float = 1.0
+    concurrency: int | None = None
+    weights: Mapping[str, float] = field(default_factory=dict)
+    tenant_rate: float | None = None
+    tenant_burst: float = 1.0
+
+    @property
+    def reserve(self) -> float:
+        """Tokens kept back for tenants under their share while others wait (half the burst)."""
+        return float(math.floor(self.burst / 2)) if self.burst >= 2 else 0.0
+
+    def weight(self, tenant: str) -> float:
+        return self.weights.get(tenant, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Queueing rules that do not change at run time."""
+
+    max_wait_s: Mapping[Priority, float]
+    queue_limit: int = 1000
+    tenant_queue_limit: int = 100
+    credit_s: float = 1.0
+    tenant_idle_s: float = 60.0
+    max_tenants: int = 10_000

@@ -1,0 +1,457 @@
+"""Settings: read once from the environment, validated eagerly.
+
+This is the only module that reads ``os.environ``. Every bad value raises
+`ConfigError` naming the variable (or keyword argument), the value and what
+would be valid, so a misconfigured app stops at start-up instead of misbehaving
+under load.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, Final, Literal, get_args
+from urllib.parse import urlsplit
+
+from .priorities import PRIORITIES, Priority, RouteTag, make_tag
+
+FailureMode = Literal["open", "closed", "local"]
+FAILURE_MODES: Final = get_args(FailureMode)
+
+#: Tenant ids: what `validate_tenant` accepts (also used for configured ids).
+TENANT_MAX_LENGTH: Final = 64
+TENANT_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=/-]{0,63}")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+DEFAULT_MAX_WAIT_S: Final[Mapping[Priority, float]] = MappingProxyType(
+    {"critical": 10.0, "high": 8.0, "normal": 5.0, "low": 2.0}
+)
+
+
+class ConfigError(ValueError):
+    """A setting has a value the throttle cannot run with."""
+
+    def __init__(self, source: str, value: object, expected: str) -> None:
+        self.source = source
+        self.value = value
+        self.expected = expected
+        shown = value if isinstance(value, str) else repr(value)
+        if isinstance(shown, str) and len(shown) > 80:
+            shown = shown[:77] + "..."
+        super().__init__(f"{source}={shown!s}: invalid, expected {expected}")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRule:
+    """One entry of THROTTLE_ROUTE_PRIORITIES: a method and path glob, and its tag.
+
+    ``*`` matches one path segment, ``**`` any number of segments.
+    """
+
+    method: str | None
+    pattern: str
+    tag: RouteTag
+    regex: re.Pattern[str] = field(compare=False, repr=False)
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.method is not None and self.method != method:
+            return False
+        return self.regex.fullmatch(path) is not None
+
+
+def compile_glob(pattern: str) -> re.Pattern[str]:
+    parts = re.split(r"(\*\*|\*)", pattern)
+    out = []
+    for part in parts:
+        if part == "**":
+            out.append(".*")
+        elif part == "*":
+            out.append("[^/]+")
+        else:
+            out.append(re.escape(part))
+    return re.compile("".join(out))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the throttle is configured with. Build it with `Settings.from_env`."""
+
+    enabled: bool = True
+    redis_url: str | None = None
+    key_prefix: str = "throttle"
+    #: Fleet-wide admissions per second; None: no rate budget.
+    rate: float | None = None
+    #: Token bucket capacity; defaults to a fifth of a second of `rate` (at least 1).
+    burst: float | None = None
+    #: Fleet-wide requests in flight; None: no concurrency budget.
+    concurrency: int | None = None
+    tenant_header: str = "x-tenant-id"
+    tenant_weights: Mapping[str, float] = field(default_factory=dict)
+    tenant_rate: float | None = None
+    tenant_burst: float | None = None
+    max_wait_s: Mapping[Priority, float] = field(default_factory=lambda: DEFAULT_MAX_WAIT_S)
+    queue_limit: int = 1000
+    tenant_queue_limit: int | None = None
+    route_priorities: tuple[RouteRule, ...] = ()
+    default_priority: Priority = "normal"
+    failure_mode: FailureMode = "local"
+    dry_run: bool = False
+    #: Seconds of its fair share a tenant may bank while it sends less than that share.
+    credit_s: float = 1.0
+    #: A concurrency lease left unrenewed this long is given back (crashed workers).
+    lease_ttl_s: float = 30.0
+    #: Socket timeout for Redis calls; beyond it the failure mode applies.
+    redis_timeout_s: float = 0.25
+    #: Tenant states kept at most (idle ones are evicted first).
+    max_tenants: int = 10_000
+    #: Idle tenants' state is dropped after this many seconds.
+    tenant_idle_s: float = 60.0
+    #: Resolver hook: ``(scope) -> tenant id | None``, replacing the header lookup.
+    tenant_resolver: Callable[[Any], str | None] | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read ``THROTTLE_*`` variables, apply keyword overrides, validate everything."""
+        env = os.environ if environ is None else environ
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ConfigError(
+                unknown[0], overrides[unknown[0]], f"one of {', '.join(sorted(names))}"
+            )
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for name, (var, parse) in _PARSERS.items():
+            if name in overrides:
+                raw, source = overrides[name], f"{name} (keyword argument)"
+            elif var in env and env[var].strip() != "":
+                raw, source = env[var], var
+            else:
+                continue
+            values[name] = parse(raw, source)
+            sources[name] = source
+        if "tenant_resolver" in overrides:
+            resolver = overrides["tenant_resolver"]
+            if resolver is not None and not callable(resolver):
+                raise ConfigError("tenant_resolver", resolver, "a callable (scope) -> str | None")
+            values["tenant_resolver"] = resolver
+        return _finish(values, sources)
+
+    @property
+    def queue_limit_per_tenant(self) -> int:
+        return self.queue_limit if self.tenant_queue_limit is None else self.tenant_queue_limit
+
+    @property
+    def max_cost(self) -> int:
+        return max([1, *(r.tag.cost for r in self.route_priorities)])
+
+
+def _source_of(sources: Mapping[str, str], name: str) -> str:
+    return sources.get(name, _PARSERS[name][0])
+
+
+def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
+    settings = Settings(**values)
+    if not settings.enabled:
+        return settings
+    if settings.rate is None and settings.concurrency is None:
+        raise ConfigError(
+            "THROTTLE_RATE / THROTTLE_CONCURRENCY",
+            "(unset)",
+            "at least one budget: admissions per second and/or requests in flight",
+        )
+    if settings.burst is not None and settings.rate is None:
+        raise ConfigError(
+            _source_of(sources, "burst"), settings.burst, "THROTTLE_RATE to be set too"
+        )
+    burst = settings.burst
+    if settings.rate is not None and burst is None:
+        burst = max(1.0, float(settings.max_cost), settings.rate / 5.0)
+    if burst is not None and burst < settings.max_cost:
+        raise ConfigError(
+            _source_of(sources, "burst"),
+            burst,
+            f"at least the largest route cost ({settings.max_cost})",
+        )
+    if settings.concurrency is not None and settings.concurrency < settings.max_cost:
+        raise ConfigError(
+            _source_of(sources, "concurrency"),
+            settings.concurrency,
+            f"at least the largest route cost ({settings.max_cost})",
+        )
+    tenant_burst = settings.tenant_burst
+    if tenant_burst is not None and settings.tenant_rate is None:
+        raise ConfigError(
+            _source_of(sources, "tenant_burst"), tenant_burst, "THROTTLE_TENANT_RATE to be set too"
+        )
+    if settings.tenant_rate is not None and tenant_burst is None:
+        tenant_burst = max(1.0, float(settings.max_cost), settings.tenant_rate / 5.0)
+    if tenant_burst is not None and tenant_burst < settings.max_cost:
+        raise ConfigError(
+            _source_of(sources, "tenant_burst"),
+            tenant_burst,
+            f"at least the largest route cost ({settings.max_cost})",
+        )
+    limit = settings.queue_limit_per_tenant
+    if limit > settings.queue_limit:
+        raise ConfigError(
+            _source_of(sources, "tenant_queue_limit"),
+            limit,
+            f"at most THROTTLE_QUEUE_LIMIT ({settings.queue_limit})",
+        )
+    return Settings(
+        **{**values, "burst": burst, "tenant_burst": tenant_burst, "tenant_queue_limit": limit}
+    )
+
+
+# --- parsers: each takes a raw value (an env string or a keyword value) and its source ---
+
+
+def _bool(raw: object, source: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+        return raw.strip().lower() in _TRUE
+    raise ConfigError(source, raw, "true or false")
+
+
+def _number(
+    raw: object, source: str, *, what: str, low: float, high: float, low_open: bool
+) -> float:
+    if isinstance(raw, bool):
+        raise ConfigError(source, raw, what)
+    try:
+        value = float(raw.strip()) if isinstance(raw, str) else float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(source, raw, what) from None
+    if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
+        raise ConfigError(source, raw, what)
+    return value
+
+
+def _positive(what: str, high: float = 1e6) -> Callable[[object, str], float]:
+    def parse(raw: object, source: str) -> float:
+        return _number(raw, source, what=what, low=0.0, high=high, low_open=True)
+
+    return parse
+
+
+def _at_least_one(what: str) -> Callable[[object, str], float]:
+    def parse(raw: object, source: str) -> float:
+        return _number(raw, source, what=what, low=1.0, high=1e7, low_open=False)
+
+    return parse
+
+
+def _seconds(what: str, *, allow_zero: bool = False) -> Callable[[object, str], float]:
+    def parse(raw: object, source: str) -> float:
+        return _number(raw, source, what=what, low=0.0, high=86400.0, low_open=not allow_zero)
+
+    return parse
+
+
+def _count(what: str, *, low: int, high: int = 10_000_000) -> Callable[[object, str], int]:
+    def parse(raw: object, source: str) -> int:
+        text = raw.strip() if isinstance(raw, str) else raw
+        if isinstance(text, bool) or not isinstance(text, int | str):
+            raise ConfigError(source, raw, what)
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(source, raw, what) from None
+        if not low <= value <= high:
+            raise ConfigError(source, raw, what)
+        return value
+
+    return parse
+
+
+def _redis_url(raw: object, source: str) -> str:
+    expected = "a redis://, rediss:// or unix:// URL, e.g. redis://:password@host:6379/0"
+    if not isinstance(raw, str):
+        raise ConfigError(source, "(not a string)", expected)
+    try:
+        url = urlsplit(raw.strip())
+        url.port  # noqa: B018  # raises on a bad port
+    except ValueError:
+        raise ConfigError(source, "(unparsable URL)", expected) from None
+    if url.scheme not in ("redis", "rediss", "unix") or (url.scheme != "unix" and not url.hostname):
+        # Never echo the URL: it may hold a password.
+        raise ConfigError(source, f"(a {url.scheme or 'scheme-less'} URL)", expected)
+    return raw.strip()
+
+
+def _prefix(raw: object, source: str) -> str:
+    if isinstance(raw, str) and _PREFIX.fullmatch(raw.strip()):
+        return raw.strip()
+    raise ConfigError(source, raw, "1-64 characters of letters, digits and . _ : - (no braces)")
+
+
+def _header(raw: object, source: str) -> str:
+    if isinstance(raw, str) and _TOKEN.fullmatch(raw.strip()):
+        return raw.strip().lower()
+    raise ConfigError(source, raw, "an HTTP header name, e.g. X-Tenant-ID")
+
+
+def _tenant_id(raw: str, source: str, whole: object) -> str:
+    if not TENANT_PATTERN.fullmatch(raw):
+        raise ConfigError(
+            source,
+            whole,
+            f"tenant ids of 1-{TENANT_MAX_LENGTH} letters, digits and . _ : @ + = / -",
+        )
+    return raw
+
+
+def _pairs(raw: object, source: str, expected: str) -> list[tuple[str, str]]:
+    if not isinstance(raw, str):
+        raise ConfigError(source, raw, expected)
+    pairs = []
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(source, raw, expected)
+        pairs.append((key.strip(), value.strip()))
+    return pairs
+
+
+def _weights(raw: object, source: str) -> Mapping[str, float]:
+    expected = "tenant=weight pairs with weights in (0, 1000], e.g. acme=3,globex=2"
+    if isinstance(raw, Mapping):
+        items = [(str(k), v) for k, v in raw.items()]
+    else:
+        items = list(_pairs(raw, source, expected))
+    weights: dict[str, float] = {}
+    for tenant, value in items:
+        _tenant_id(tenant, source, raw)
+        weights[tenant] = _number(value, source, what=expected, low=0.0, high=1000.0, low_open=True)
+    return MappingProxyType(weights)
+
+
+def _max_wait(raw: object, source: str) -> Mapping[Priority, float]:
+    expected = (
+        "seconds in [0, 3600], one number or per priority, e.g. critical=10,normal=5,low=2 "
+        f"(priorities: {', '.join(PRIORITIES)})"
+    )
+
+    def seconds(value: object) -> float:
+        return _number(value, source, what=expected, low=0.0, high=3600.0, low_open=False)
+
+    if isinstance(raw, int | float | str) and not isinstance(raw, bool):
+        text = raw.strip() if isinstance(raw, str) else raw
+        if not isinstance(text, str) or "=" not in text:
+            one = seconds(text)
+            return MappingProxyType(dict.fromkeys(PRIORITIES, one))
+        items: list[tuple[str, object]] = list(_pairs(text, source, expected))
+    elif isinstance(raw, Mapping):
+        items = [(str(k), v) for k, v in raw.items()]
+    else:
+        raise ConfigError(source, raw, expected)
+    waits = dict(DEFAULT_MAX_WAIT_S)
+    for name, value in items:
+        if name not in PRIORITIES:
+            raise ConfigError(source, raw, expected)
+        waits[name] = seconds(value)
+    return MappingProxyType(waits)
+
+
+def _route_rules(raw: object, source: str) -> tuple[RouteRule, ...]:
+    expected = (
+        "comma-separated [METHOD ]/path=priority[:sheddable|:degradable|:cost=N] entries, "
+        "e.g. POST /api/surveys/*/responses=critical,GET /api/stats/*=low:sheddable,"
+        "GET /healthz=exempt"
+    )
+    if isinstance(raw, tuple | list) and all(isinstance(r, RouteRule) for r in raw):
+        return tuple(raw)
+    if not isinstance(raw, str):
+        raise ConfigError(source, raw, expected)
+    rules = []
+    for entry in raw.split(","):
+        if not entry.strip():
+            continue
+        target, sep, spec = entry.strip().partition("=")
+        words = target.split()
+        if not sep or len(words) not in (1, 2) or not words[-1].startswith("/"):
+            raise ConfigError(source, entry.strip(), expected)
+        method = words[0].upper() if len(words) == 2 else None
+        if method is not None and not _TOKEN.fullmatch(method):
+            raise ConfigError(source, entry.strip(), expected)
+        level, *flags = [part.strip() for part in spec.split(":")]
+        options: dict[str, Any] = {}
+        for flag in flags:
+            if flag in ("sheddable", "degradable"):
+                options[flag] = True
+            elif flag.startswith("cost="):
+                options["cost"] = int(_count(expected, low=1, high=1_000_000)(flag[5:], source))
+            else:
+                raise ConfigError(source, entry.strip(), expected)
+        try:
+            tag = make_tag(level, **options)
+        except ValueError:
+            raise ConfigError(source, entry.strip(), expected) from None
+        rules.append(RouteRule(method, words[-1], tag, compile_glob(words[-1])))
+    return tuple(rules)
+
+
+def _default_priority(raw: object, source: str) -> Priority:
+    if isinstance(raw, str) and raw.strip() in PRIORITIES:
+        return raw.strip()  # type: ignore[return-value]
+    raise ConfigError(source, raw, f"one of {', '.join(PRIORITIES)}")
+
+
+def _failure_mode(raw: object, source: str) -> FailureMode:
+    if isinstance(raw, str) and raw.strip().lower() in FAILURE_MODES:
+        return raw.strip().lower()  # type: ignore[return-value]
+    raise ConfigError(source, raw, f"one of {', '.join(FAILURE_MODES)}")
+
+
+_PARSERS: Final[dict[str, tuple[str, Callable[[Any, str], Any]]]] = {
+    "enabled": ("THROTTLE_ENABLED", _bool),
+    "redis_url": ("THROTTLE_REDIS_URL", _redis_url),
+    "key_prefix": ("THROTTLE_KEY_PREFIX", _prefix),
+    "rate": ("THROTTLE_RATE", _positive("a positive number of admissions per second, e.g. 80")),
+    "burst": ("THROTTLE_BURST", _at_least_one("a number >= 1 of tokens")),
+    "concurrency": (
+        "THROTTLE_CONCURRENCY",
+        _count("a whole number >= 1 of requests in flight, e.g. 8", low=1),
+    ),
+    "tenant_header": ("THROTTLE_TENANT_HEADER", _header),
+    "tenant_weights": ("THROTTLE_TENANT_WEIGHTS", _weights),
+    "tenant_rate": (
+        "THROTTLE_TENANT_RATE",
+        _positive("a positive number of admissions per second per tenant"),
+    ),
+    "tenant_burst": ("THROTTLE_TENANT_BURST", _at_least_one("a number >= 1 of tokens per tenant")),
+    "max_wait_s": ("THROTTLE_MAX_WAIT", _max_wait),
+    "queue_limit": (
+        "THROTTLE_QUEUE_LIMIT",
+        _count("a whole number >= 0 of waiting requests", low=0),
+    ),
+    "tenant_queue_limit": (
+        "THROTTLE_TENANT_QUEUE_LIMIT",
+        _count("a whole number >= 0 of waiting requests per tenant", low=0),
+    ),
+    "route_priorities": ("THROTTLE_ROUTE_PRIORITIES", _route_rules),
+    "default_priority": ("THROTTLE_DEFAULT_PRIORITY", _default_priority),
+    "failure_mode": ("THROTTLE_FAILURE_MODE", _failure_mode),
+    "dry_run": ("THROTTLE_DRY_RUN", _bool),
+    "credit_s": ("THROTTLE_CREDIT", _seconds("seconds >= 0 of banked share", allow_zero=True)),
+    "lease_ttl_s": ("THROTTLE_LEASE_TTL", _seconds("seconds > 0, e.g. 30")),
+    "redis_timeout_s": ("THROTTLE_REDIS_TIMEOUT", _seconds("seconds > 0, e.g. 0.25")),
+    "max_tenants": ("THROTTLE_MAX_TENANTS", _count("a whole number >= 1 of tenants", low=1)),
+    "tenant_idle_s": ("THROTTLE_TENANT_IDLE", _seconds("seconds > 0, e.g. 60")),
+}
+
+
+def env_variable(name: str) -> str:
+    """The environment variable behind a settings field."""
+    return _PARSERS[name][0]
