@@ -6,6 +6,7 @@ routes first and sheds nonessential ones under load.
 """
 
 from .asgi import InvalidTenant, ThrottleDecision, ThrottleMiddleware, client_address
+from .observe import Observer, ThrottleEvent
 from .priorities import Priority, RouteTag, priority
 from .settings import ConfigError, FailureMode, Settings
 
@@ -15,10 +16,12 @@ __all__ = [
     "ConfigError",
     "FailureMode",
     "InvalidTenant",
+    "Observer",
     "Priority",
     "RouteTag",
     "Settings",
     "ThrottleDecision",
+    "ThrottleEvent",
     "ThrottleMiddleware",
     "__version__",
     "client_address",

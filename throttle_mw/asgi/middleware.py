@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..backends import limits_from_settings, make_backend
 from ..backends.base import Admitted, Backend, RequestIds, Waiting
+from ..observe import EventKind, Observer, ThrottleEvent
 from ..priorities import Priority, make_tag
 from ..scheduler import Reject, Request
 from ..settings import ConfigError, Settings
@@ -53,10 +55,21 @@ class ThrottleMiddleware:
     ``app.add_middleware(ThrottleMiddleware)`` reads ``THROTTLE_*`` variables;
     keyword arguments (the `Settings` field names, e.g. ``rate=80``) override
     them. A bad setting fails the ASGI lifespan start-up with a message naming it.
+
+    `backend` shares a budget built elsewhere (e.g. to read its live state);
+    `observers` are called with a `ThrottleEvent` for every decision.
     """
 
-    def __init__(self, app: ASGIApp, *, backend: Backend | None = None, **overrides: Any) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        backend: Backend | None = None,
+        observers: Sequence[Observer] = (),
+        **overrides: Any,
+    ) -> None:
         self.app = app
+        self._observers = tuple(observers)
         self.error: ConfigError | None = None
         try:
             self.settings = Settings.from_env(**overrides)
@@ -171,6 +184,7 @@ class ThrottleMiddleware:
         reason: str | None = None
         queued: QueuedReceive | None = None
         if isinstance(outcome, Waiting):
+            self._emit(ThrottleEvent("queued", tenant, tag.priority, dry_run=dry_run))
             if dry_run:
                 outcome = await backend.cancel(outcome)
                 if isinstance(outcome, Reject):
@@ -181,11 +195,25 @@ class ThrottleMiddleware:
                 result = await self._wait(backend, outcome, queued)
                 if result is None:
                     queued.close()
-                    return  # the client went away while queued
+                    self._emit(
+                        ThrottleEvent("left", tenant, tag.priority, time.perf_counter() - started)
+                    )
+                    return
                 outcome = result
                 queued.admit()
         if isinstance(outcome, Reject):
             self._log_rejection(request, outcome)
+            self._emit(
+                ThrottleEvent(
+                    "rejected",
+                    tenant,
+                    tag.priority,
+                    time.perf_counter() - started,
+                    outcome.status,
+                    outcome.reason,
+                    dry_run,
+                )
+            )
             if not dry_run:
                 if queued is not None:
                     queued.close()
@@ -193,12 +221,24 @@ class ThrottleMiddleware:
                 return
             decided, reason = "would_reject", outcome.reason
             outcome = Admitted(request.id, unthrottled=True)
-        if outcome.degraded:
+        elif outcome.degraded:
             decided = "degraded"
         elif outcome.unthrottled and decided == "admitted":
             decided = "unthrottled"
 
         waited_s = time.perf_counter() - started
+        if decided != "would_reject":
+            kind: EventKind = "degraded" if outcome.degraded else "admitted"
+            self._emit(
+                ThrottleEvent(
+                    kind,
+                    tenant,
+                    tag.priority,
+                    waited_s,
+                    dry_run=dry_run,
+                    unthrottled=outcome.unthrottled,
+                )
+            )
         decision = ThrottleDecision(
             tenant, tag.priority, waited_s, outcome.degraded, decided, tag.cost, reason
         )
@@ -210,6 +250,13 @@ class ThrottleMiddleware:
         if decided != "admitted":
             timing += f';desc="{decided}{":" + reason if reason else ""}"'
         await self._run(scope, receive, send, backend, outcome, timing.encode("ascii"), queued)
+
+    def _emit(self, event: ThrottleEvent) -> None:
+        for observer in self._observers:
+            try:
+                observer(event)
+            except Exception:  # an observer's bug must not fail the request
+                logger.exception("throttle_mw observer failed")
 
     async def _run(
         self,
