@@ -104,7 +104,7 @@ class Settings:
     failure_mode: FailureMode = "local"
     dry_run: bool = False
     #: Seconds of its fair share a tenant may bank while it sends less than that share.
-    credit_s: float = 1.0
+    credit_s: float = 2.0
     #: A concurrency lease left unrenewed this long is given back (crashed workers).
     lease_ttl_s: float = 30.0
     #: Socket timeout for Redis calls; beyond it the failure mode applies.

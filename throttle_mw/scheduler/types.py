@@ -135,6 +135,6 @@ class Policy:
     max_wait_s: Mapping[Priority, float]
     queue_limit: int = 1000
     tenant_queue_limit: int = 100
-    credit_s: float = 1.0
+    credit_s: float = 2.0
     tenant_idle_s: float = 60.0
     max_tenants: int = 10_000

@@ -1,0 +1,427 @@
+"""The scheduling rules, checked exactly with a fake clock (no sleeps, no sockets).
+
+Fair shares are compared with an independent max-min oracle. Each run is
+deterministic (fixed seeds), so the bounds below are exact results, not hopes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from tests.support.fairness import max_min_shares
+from tests.support.simulation import Arrival, Outcome, Simulation, even, poisson
+from throttle_mw.priorities import Priority
+from throttle_mw.scheduler import (
+    Admit,
+    Enqueue,
+    Evicted,
+    Granted,
+    Limits,
+    Policy,
+    Reject,
+    Request,
+    Scheduler,
+)
+from throttle_mw.settings import DEFAULT_MAX_WAIT_S
+
+RATE = 80.0
+TOKEN_INTERVAL = 1.0 / RATE
+WARMUP, END = 5.0, 35.0  # steady window: after start-up, before the load stops
+
+
+def policy(max_wait_s: Mapping[Priority, float] | None = None, **kwargs: Any) -> Policy:
+    """The default policy, with some maximum waits or other fields replaced."""
+    return Policy({**DEFAULT_MAX_WAIT_S, **(max_wait_s or {})}, **kwargs)
+
+
+def run(limits: Limits, arrivals: Iterable[Arrival], **policy_kwargs: Any) -> list[Outcome]:
+    return Simulation(Scheduler(limits, policy(**policy_kwargs), 0.0)).run(arrivals)
+
+
+def served_rate(
+    outcomes: Sequence[Outcome], tenant: str, lo: float = WARMUP, hi: float = END
+) -> float:
+    """Admissions per second by admission time inside [lo, hi)."""
+    n = sum(
+        1
+        for o in outcomes
+        if o.arrival.tenant == tenant and o.admitted_at is not None and lo <= o.admitted_at < hi
+    )
+    return n / (hi - lo)
+
+
+def demand_rate(
+    outcomes: Sequence[Outcome], tenant: str, lo: float = WARMUP, hi: float = END
+) -> float:
+    n = sum(1 for o in outcomes if o.arrival.tenant == tenant and lo <= o.arrival.at < hi)
+    return n / (hi - lo)
+
+
+def waits(outcomes: Sequence[Outcome], tenants: str, since: float = WARMUP) -> list[float]:
+    return sorted(
+        o.waited_s
+        for o in outcomes
+        if o.arrival.tenant in tenants and o.arrival.at >= since and o.waited_s is not None
+    )
+
+
+def busiest_window(times: Sequence[float], window: float) -> int:
+    """Most events in any half-open window of this length (times sorted)."""
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while times[lo] <= t - window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+def story(kind: str, seed: int, duration: float = 40.0) -> list[Arrival]:
+    """SurveyTool's busy day: A 10/s, B 30/s, C 150/s against a budget of 80/s."""
+    rng = random.Random(seed)
+    if kind == "even":
+        return [
+            *even("A", 10, 0, duration, phase=rng.random() / 10),
+            *even("B", 30, 0, duration, phase=rng.random() / 30),
+            *poisson("C", 150, 0, duration, rng),
+        ]
+    return [
+        *poisson("A", 10, 0, duration, rng),
+        *poisson("B", 30, 0, duration, rng),
+        *poisson("C", 150, 0, duration, rng),
+    ]
+
+
+# --- the story ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("kind", ["even", "poisson"])
+def test_story_shares_match_the_oracle(kind: str, seed: int) -> None:
+    out = run(Limits(rate=RATE, burst=16), story(kind, seed))
+    demands = {t: demand_rate(out, t) for t in "ABC"}
+    owed = max_min_shares(RATE, demands)
+    for tenant in "ABC":
+        assert served_rate(out, tenant) == pytest.approx(owed[tenant], abs=0.03 * RATE), tenant
+    # A and B lose nothing; the total is the budget, never more.
+    assert all(o.admitted_at is not None for o in out if o.arrival.tenant in "AB")
+    total = sum(served_rate(out, t) for t in "ABC")
+    assert total == pytest.approx(RATE, rel=0.01)
+    admitted = sorted(o.admitted_at for o in out if o.admitted_at is not None)
+    for window in (0.1, 1.0, 5.0):
+        assert busiest_window(admitted, window) <= RATE * window + 16
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_story_even_arrivals_never_wait_beyond_one_token(seed: int) -> None:
+    out = run(Limits(rate=RATE, burst=16), story("even", seed))
+    assert max(waits(out, "AB")) <= TOKEN_INTERVAL + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_story_poisson_bursts_go_ahead_of_the_flood(seed: int) -> None:
+    """Banked credit lets B's Poisson bursts above its share pass C's flood."""
+    out = run(Limits(rate=RATE, burst=16), story("poisson", seed))
+    w = waits(out, "AB")
+    beyond = sum(1 for x in w if x > TOKEN_INTERVAL + 1e-9)
+    assert w[int(len(w) * 0.99)] <= TOKEN_INTERVAL
+    assert beyond <= 0.002 * len(w)
+    assert w[-1] <= 0.25
+
+
+def test_story_without_credit_makes_b_queue_behind_the_flood() -> None:
+    """The same run with no banked credit: B's bursts wait behind C (why credit exists)."""
+    with_credit = waits(run(Limits(rate=RATE, burst=16), story("poisson", 4)), "B")
+    without = waits(run(Limits(rate=RATE, burst=16), story("poisson", 4), credit_s=0.0), "B")
+    assert without[int(len(without) * 0.99)] > 5 * max(
+        TOKEN_INTERVAL, with_credit[int(len(with_credit) * 0.99)]
+    )
+
+
+def test_c_alone_gets_the_whole_budget() -> None:
+    """Work-conserving: no per-tenant cap unless configured."""
+    out = run(Limits(rate=RATE, burst=16), poisson("C", 150, 0, 40, random.Random(1)))
+    assert served_rate(out, "C") == pytest.approx(RATE, rel=0.01)
+
+
+# --- fairness ---------------------------------------------------------------------------
+
+
+def test_weights_split_a_saturated_budget_1_2_4() -> None:
+    rng = random.Random(7)
+    arrivals = [a for t in "XYZ" for a in poisson(t, 100, 0, 40, rng)]
+    out = run(Limits(rate=70, burst=14, weights={"X": 1, "Y": 2, "Z": 4}), arrivals)
+    rates = {t: served_rate(out, t) for t in "XYZ"}
+    assert rates["X"] == pytest.approx(10, rel=0.05)
+    assert rates["Y"] == pytest.approx(20, rel=0.05)
+    assert rates["Z"] == pytest.approx(40, rel=0.05)
+
+
+def test_tenant_under_its_share_gets_all_it_asks() -> None:
+    rng = random.Random(3)
+    arrivals = [
+        *poisson("D", 5, 0, 40, rng),
+        *poisson("E", 100, 0, 40, rng),
+        *poisson("F", 100, 0, 40, rng),
+    ]
+    out = run(Limits(rate=60, burst=12), arrivals)
+    assert all(o.admitted_at is not None for o in out if o.arrival.tenant == "D")
+    owed = max_min_shares(60, {t: demand_rate(out, t) for t in "DEF"})
+    for tenant in "DEF":
+        assert served_rate(out, tenant) == pytest.approx(owed[tenant], abs=1.5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_demands_and_weights_match_the_oracle(seed: int) -> None:
+    rng = random.Random(100 + seed)
+    tenants = [f"t{i}" for i in range(5)]
+    demand = {t: rng.choice([2.0, 8.0, 20.0, 60.0, 120.0]) for t in tenants}
+    weights = {t: float(rng.choice([1, 2, 3])) for t in tenants}
+    arrivals = [a for t in tenants for a in poisson(t, demand[t], 0, 40, rng)]
+    out = run(Limits(rate=100, burst=20, weights=weights), arrivals)
+    owed = max_min_shares(100, {t: demand_rate(out, t) for t in tenants}, weights)
+    for tenant in tenants:
+        assert served_rate(out, tenant) == pytest.approx(
+            owed[tenant], abs=max(1.5, 0.05 * owed[tenant])
+        )
+
+
+def test_a_critical_flood_cannot_starve_another_tenants_normal_traffic() -> None:
+    rng = random.Random(5)
+    arrivals = [
+        *poisson("flood", 200, 0, 60, rng, priority="critical"),
+        *even("quiet", 10, 0, 60, phase=0.003),
+    ]
+    out = run(Limits(rate=RATE, burst=16), arrivals)
+    quiet = waits(out, "quiet")
+    assert all(o.admitted_at is not None for o in out if o.arrival.tenant == "quiet")
+    assert max(quiet) <= TOKEN_INTERVAL + 1e-9
+    assert served_rate(out, "flood") == pytest.approx(RATE - 10, abs=1.0)
+
+
+# --- priority -------------------------------------------------------------------------------
+
+
+def test_priority_order_within_a_tenant() -> None:
+    """No low request of C is admitted while one of C's critical requests waits."""
+    rng = random.Random(11)
+    arrivals = [
+        *poisson("C", 30, 0, 30, rng, priority="critical"),
+        *poisson("C", 30, 0, 30, rng, priority="low"),
+    ]
+    out = run(Limits(rate=40, burst=4), arrivals)
+    critical = [o for o in out if o.arrival.priority == "critical"]
+    low = [o for o in out if o.arrival.priority == "low"]
+    for o in low:
+        if o.admitted_at is None:
+            continue
+        for c in critical:
+            if c.arrival.at < o.admitted_at:
+                assert c.admitted_at is not None or c.rejected_at is not None
+                assert (c.admitted_at or c.rejected_at or 0) <= o.admitted_at
+    assert all(o.admitted_at is not None for o in critical)
+    assert sum(o.admitted_at is not None for o in low) < len(low)
+
+
+def test_higher_priority_is_served_first_across_the_queue() -> None:
+    scheduler = Scheduler(Limits(rate=1, burst=1), policy({"low": 10.0}), 0.0)
+    decision, _ = scheduler.acquire(0.0, Request("first", "C"))
+    assert isinstance(decision, Admit)
+    for i, prio in enumerate(["low", "normal", "high", "critical"]):
+        decision, _ = scheduler.acquire(0.0, Request(f"r{i}", "C", prio))  # type: ignore[arg-type]
+        assert isinstance(decision, Enqueue)
+    order = []
+    for t in (1.0, 2.0, 3.0, 4.0):
+        order += [e.id for e in scheduler.tick(t) if isinstance(e, Granted)]
+    assert order == ["r3", "r2", "r1", "r0"]
+
+
+# --- caps, costs, budgets ---------------------------------------------------------------------
+
+
+def test_tenant_rate_cap_holds_even_with_free_capacity() -> None:
+    rng = random.Random(2)
+    arrivals = [*poisson("capped", 50, 0, 30, rng), *even("other", 4, 0, 30)]
+    out = run(Limits(rate=1000, burst=100, tenant_rate=5, tenant_burst=2), arrivals)
+    times = sorted(
+        o.admitted_at for o in out if o.arrival.tenant == "capped" and o.admitted_at is not None
+    )
+    for window in (0.5, 1.0, 5.0):
+        assert busiest_window(times, window) <= 5 * window + 2
+    assert served_rate(out, "capped", 5, 25) == pytest.approx(5, abs=0.25)
+    assert all(o.admitted_at == o.arrival.at for o in out if o.arrival.tenant == "other")
+    rejected = [o.rejected for o in out if o.rejected is not None]
+    assert rejected
+    assert {r.reason for r in rejected} == {"tenant_rate_cap"}
+    assert all(r.status == 429 for r in rejected)
+
+
+def test_cost_takes_that_many_tokens_and_slots() -> None:
+    scheduler = Scheduler(Limits(rate=10, burst=4, concurrency=4), policy(), 0.0)
+    decision, _ = scheduler.acquire(0.0, Request("big", "T", cost=3))
+    assert isinstance(decision, Admit)
+    assert scheduler.in_flight == 3
+    decision, _ = scheduler.acquire(0.0, Request("two", "T", cost=2))
+    assert isinstance(decision, Enqueue)
+    assert [e.id for e in scheduler.release(0.5, "big") if isinstance(e, Granted)] == ["two"]
+
+
+def test_concurrency_and_rate_budgets_together() -> None:
+    rng = random.Random(9)
+    arrivals = [Arrival(a.at, a.tenant, service_s=0.2) for a in poisson("T", 100, 0, 30, rng)]
+    simulation = Simulation(Scheduler(Limits(rate=50, burst=5, concurrency=4), policy(), 0.0))
+    out = simulation.run(arrivals)
+    assert simulation.max_in_service <= 4
+    times = sorted(o.admitted_at for o in out if o.admitted_at is not None)
+    assert busiest_window(times, 1.0) <= 50 + 5
+    assert served_rate(out, "T", 5, 25) == pytest.approx(4 / 0.2, rel=0.03)
+
+
+def test_concurrency_budget_alone_is_work_conserving() -> None:
+    rng = random.Random(4)
+    arrivals = [Arrival(a.at, a.tenant, service_s=0.1) for a in poisson("C", 150, 0, 30, rng)]
+    simulation = Simulation(Scheduler(Limits(concurrency=8), policy(), 0.0))
+    out = simulation.run(arrivals)
+    assert simulation.max_in_service == 8
+    assert served_rate(out, "C", 5, 25) == pytest.approx(80, rel=0.02)
+
+
+# --- waiting, early rejection, queue limits -------------------------------------------------------
+
+
+def test_no_request_waits_beyond_its_maximum() -> None:
+    rng = random.Random(8)
+    arrivals = [
+        *poisson("C", 150, 0, 30, rng, priority="critical"),
+        *poisson("C", 150, 0, 30, rng, priority="low"),
+        *poisson("D", 60, 0, 30, rng, priority="normal"),
+    ]
+    out = run(Limits(rate=RATE, burst=16), arrivals, tenant_queue_limit=1000)
+    for o in out:
+        limit = DEFAULT_MAX_WAIT_S[o.arrival.priority]
+        if o.waited_s is not None:
+            assert o.waited_s <= limit + 1e-9
+        if o.rejected_at is not None:
+            assert o.rejected_at - o.arrival.at <= limit + 1e-9
+
+
+def test_hopeless_requests_are_rejected_at_once_with_an_honest_retry_after() -> None:
+    scheduler = Scheduler(Limits(rate=10, burst=1), policy(max_wait_s={"normal": 1.0}), 0.0)
+    outcomes = [scheduler.acquire(0.0, Request(str(i), "T"))[0] for i in range(30)]
+    assert isinstance(outcomes[0], Admit)
+    queued = [d for d in outcomes if isinstance(d, Enqueue)]
+    rejected = [d for d in outcomes if isinstance(d, Reject)]
+    assert len(queued) == 10
+    assert all(d.estimated_wait_s <= 1.0 + 1e-9 for d in queued)
+    assert len(rejected) == 19
+    assert {r.status for r in rejected} == {429}
+    # Each would have waited 1.1 s (rejected ones never join the queue): 0.1 s too long.
+    assert all(r.retry_after_s == pytest.approx(0.1) for r in rejected)
+    assert all(r.retry_after_header == 1 for r in rejected)
+
+
+def test_flood_excess_is_mostly_rejected_on_arrival() -> None:
+    out = run(Limits(rate=RATE, burst=16), story("poisson", 1), tenant_queue_limit=1000)
+    rejected = [o for o in out if o.rejected is not None]
+    at_once = [o for o in rejected if o.rejected_at == o.arrival.at]
+    assert len(at_once) >= 0.9 * len(rejected)
+    assert {o.arrival.tenant for o in rejected} == {"C"}
+
+
+def test_tenant_queue_limit_and_displacement_by_priority() -> None:
+    scheduler = Scheduler(Limits(rate=1, burst=1), policy({"low": 10.0}, tenant_queue_limit=3), 0.0)
+    assert isinstance(scheduler.acquire(0.0, Request("go", "T"))[0], Admit)
+    for i in range(3):
+        assert isinstance(scheduler.acquire(0.0, Request(f"low{i}", "T", "low"))[0], Enqueue)
+    full, _ = scheduler.acquire(0.0, Request("low3", "T", "low"))
+    assert isinstance(full, Reject)
+    assert full.reason == "tenant_queue_full"
+    assert full.status == 429
+    decision, events = scheduler.acquire(0.0, Request("crit", "T", "critical"))
+    assert isinstance(decision, Enqueue)
+    assert [(e.id, e.reject.reason) for e in events if isinstance(e, Evicted)] == [
+        ("low2", "tenant_queue_full")
+    ]
+    assert scheduler.waiting == 3
+
+
+def test_full_fleet_queue_drops_from_the_longest_queue() -> None:
+    scheduler = Scheduler(
+        Limits(rate=1, burst=1), policy({"normal": 10.0}, queue_limit=4, tenant_queue_limit=4), 0.0
+    )
+    assert isinstance(scheduler.acquire(0.0, Request("go", "big"))[0], Admit)
+    for i in range(4):
+        assert isinstance(scheduler.acquire(0.0, Request(f"b{i}", "big"))[0], Enqueue)
+    decision, events = scheduler.acquire(0.0, Request("s0", "small"))
+    assert isinstance(decision, Enqueue)
+    assert [e.id for e in events if isinstance(e, Evicted)] == ["b3"]
+    again, _ = scheduler.acquire(0.0, Request("b4", "big"))
+    assert isinstance(again, Reject)
+    assert again.reason == "tenant_queue_full"
+
+
+# --- shedding -------------------------------------------------------------------------------------
+
+
+def test_sheddable_routes_shed_while_requests_wait() -> None:
+    scheduler = Scheduler(Limits(rate=1, burst=1), policy(), 0.0)
+    idle, _ = scheduler.acquire(0.0, Request("s0", "T", "low", sheddable=True))
+    assert isinstance(idle, Admit)
+    assert not idle.degraded
+    assert isinstance(scheduler.acquire(0.0, Request("w", "T"))[0], Enqueue)
+    shed, _ = scheduler.acquire(0.0, Request("s1", "U", "low", sheddable=True))
+    assert isinstance(shed, Reject)
+    assert (shed.reason, shed.status) == ("shed", 503)
+    degraded, _ = scheduler.acquire(0.0, Request("s2", "U", "low", sheddable=True, degradable=True))
+    assert isinstance(degraded, Admit)
+    assert degraded.degraded
+    assert scheduler.waiting == 1  # shedding touched nothing else
+
+
+# --- bookkeeping ------------------------------------------------------------------------------
+
+
+def test_cancel_release_and_races_leave_no_capacity_behind() -> None:
+    scheduler = Scheduler(Limits(concurrency=1), policy(), 0.0)
+    assert isinstance(scheduler.acquire(0.0, Request("a", "T"))[0], Admit)
+    assert isinstance(scheduler.acquire(0.0, Request("b", "T"))[0], Enqueue)
+    assert isinstance(scheduler.acquire(0.0, Request("c", "T"))[0], Enqueue)
+    reject, _ = scheduler.cancel(0.1, "b")
+    assert reject is not None
+    granted = scheduler.release(0.2, "a")
+    assert [e.id for e in granted if isinstance(e, Granted)] == ["c"]
+    assert scheduler.release(0.2, "a") == []  # idempotent
+    assert scheduler.cancel(0.3, "c")[0] is None  # granted before the cancel: caller releases
+    scheduler.release(0.4, "c")
+    assert (scheduler.in_flight, scheduler.waiting) == (0, 0)
+
+
+def test_idle_tenants_are_forgotten_and_their_number_is_bounded() -> None:
+    scheduler = Scheduler(
+        Limits(rate=1e6, burst=1e6), policy(max_tenants=1000, tenant_idle_s=10), 0.0
+    )
+    for i in range(10_000):
+        scheduler.acquire(i * 0.0001, Request(str(i), f"tenant-{i}"))
+    assert scheduler.snapshot().tenants <= 1000
+    scheduler.tick(100.0)
+    assert scheduler.snapshot().tenants == 0
+
+
+def test_a_new_tenant_id_has_no_banked_credit() -> None:
+    """During a flood, a known tenant under its share takes a reserve token at once; a
+    never-seen id cannot (credit is earned, so rotating ids buy no reserve access)."""
+    scheduler = Scheduler(Limits(rate=10, burst=4), policy(), 0.0)
+    t = 0.0
+    for i in range(400):  # 20 s: a flood from C, a trickle from A
+        t = i * 0.05
+        scheduler.acquire(t, Request(f"c{i}", "C"))
+        if i % 10 == 0:
+            scheduler.acquire(t, Request(f"a{i}", "A"))
+        scheduler.tick(t)
+    known, _ = scheduler.acquire(t, Request("a-late", "A"))
+    newcomer, _ = scheduler.acquire(t, Request("n-late", "never-seen"))
+    assert isinstance(known, Admit)
+    assert isinstance(newcomer, Enqueue)
