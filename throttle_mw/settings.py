@@ -333,7 +333,12 @@ def _weights(raw: object, source: str) -> Mapping[str, float]:
     weights: dict[str, float] = {}
     for tenant, value in items:
         _tenant_id(tenant, source, raw)
-        weights[tenant] = _number(value, source, what=expected, low=0.0, high=1000.0, low_open=True)
+        try:
+            weights[tenant] = _number(
+                value, source, what=expected, low=0.0, high=1000.0, low_open=True
+            )
+        except ConfigError:
+            raise ConfigError(source, raw, expected) from None
     return MappingProxyType(weights)
 
 
@@ -360,7 +365,10 @@ def _max_wait(raw: object, source: str) -> Mapping[Priority, float]:
     for name, value in items:
         if name not in PRIORITIES:
             raise ConfigError(source, raw, expected)
-        waits[name] = seconds(value)
+        try:
+            waits[name] = seconds(value)
+        except ConfigError:
+            raise ConfigError(source, raw, expected) from None
     return MappingProxyType(waits)
 
 

@@ -63,6 +63,7 @@ class ThrottleMiddleware:
     def __init__(
         self,
         app: ASGIApp,
+        /,
         *,
         backend: Backend | None = None,
         observers: Sequence[Observer] = (),

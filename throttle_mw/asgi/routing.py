@@ -63,7 +63,11 @@ def _routes_of(app: Any) -> Sequence[Any] | None:
 
 def _endpoint_tag(app: Any, scope: dict[str, Any], depth: int) -> RouteTag | None:
     routes = _routes_of(app)
-    if routes is None or depth > _MAX_DEPTH:
+    return _match_routes(routes, scope, depth) if routes is not None else None
+
+
+def _match_routes(routes: Sequence[Any], scope: dict[str, Any], depth: int) -> RouteTag | None:
+    if depth > _MAX_DEPTH:
         return None
     for route in routes:
         matches = getattr(route, "matches", None)
@@ -79,5 +83,10 @@ def _endpoint_tag(app: Any, scope: dict[str, Any], depth: int) -> RouteTag | Non
         target = child.get("app", endpoint)
         if target is not None and _routes_of(target) is not None:
             return _endpoint_tag(target, {**scope, **child}, depth + 1)
+        # FastAPI >= 0.16x includes routers lazily: the included router matches as a
+        # whole and names no endpoint; its candidates do.
+        candidates = getattr(route, "effective_candidates", None)
+        if endpoint is None and callable(candidates):
+            return _match_routes(candidates(), {**scope, **child}, depth + 1)
         return None
     return None
