@@ -85,6 +85,8 @@ class Settings:
 
     enabled: bool = True
     redis_url: str | None = None
+    #: The URL names a Redis Cluster node (keys of one budget share one slot).
+    redis_cluster: bool = False
     key_prefix: str = "throttle"
     #: Fleet-wide admissions per second; None: no rate budget.
     rate: float | None = None
@@ -425,6 +427,7 @@ def _failure_mode(raw: object, source: str) -> FailureMode:
 _PARSERS: Final[dict[str, tuple[str, Callable[[Any, str], Any]]]] = {
     "enabled": ("THROTTLE_ENABLED", _bool),
     "redis_url": ("THROTTLE_REDIS_URL", _redis_url),
+    "redis_cluster": ("THROTTLE_REDIS_CLUSTER", _bool),
     "key_prefix": ("THROTTLE_KEY_PREFIX", _prefix),
     "rate": ("THROTTLE_RATE", _positive("a positive number of admissions per second, e.g. 80")),
     "burst": ("THROTTLE_BURST", _at_least_one("a number >= 1 of tokens")),

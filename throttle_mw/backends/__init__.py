@@ -45,5 +45,12 @@ def policy_from_settings(settings: Settings) -> Policy:
 def make_backend(settings: Settings) -> Backend:
     """The backend the settings ask for: Redis when a URL is set, else memory."""
     if settings.redis_url:
-        raise NotImplementedError("the Redis backend is not available yet")
+        try:
+            from .redis import RedisBackend
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise RuntimeError(
+                "THROTTLE_REDIS_URL is set but redis-py is missing: "
+                "pip install 'throttle_mw[redis]'"
+            ) from exc
+        return RedisBackend(settings)
     return MemoryBackend(limits_from_settings(settings), policy_from_settings(settings))

@@ -48,6 +48,7 @@ from .types import (
 WINDOW_S = 1.0
 _EPS = 1e-6
 _IDLE, _ACTIVE, _CAPPED = 0, 1, 2
+_PUSH_SPAN = 2**32  # the Lua twin packs (queued, pushed) into one sorted-set score
 
 
 class _Waiter:
@@ -71,6 +72,7 @@ class _Tenant:
         "cost_by_rank",
         "finish",
         "name",
+        "pushed",
         "queues",
         "seen_at",
         "state",
@@ -93,6 +95,8 @@ class _Tenant:
         self.seen_at = now
         self.state = _IDLE
         self.version = 0
+        #: Sequence number of its latest queued request (tie-break for longest queue).
+        self.pushed = 0
 
     @property
     def queued(self) -> int:
@@ -222,11 +226,11 @@ class Scheduler:
         not: it was granted before the cancel (the caller then holds a lease to
         release), evicted, or never queued.
         """
+        self._refill(now)
         waiter = self._waiting.get(request_id)
         events: list[Event] = []
         if waiter is None:
             return None, events
-        self._refill(now)
         reject = self._expiry(waiter, now)
         self._remove(waiter)
         self._dispatch(now, events)
@@ -234,11 +238,11 @@ class Scheduler:
 
     def release(self, now: float, request_id: str) -> list[Event]:
         """Give back a lease's concurrency; idempotent."""
+        self._refill(now)
         cost = self._leases.pop(request_id, None)
         if cost is None:
             return []
         self._in_flight -= cost
-        self._refill(now)
         events: list[Event] = []
         self._dispatch(now, events)
         return events
@@ -437,7 +441,9 @@ class Scheduler:
                 reason = "tenant_over_share"
         rate = self._limits.rate
         if rate is not None:
-            bound = (ahead + cost - self._tokens) / rate
+            # Without credit it must also leave the reserve in the bucket.
+            need = self._need(cost, reserve=tenant.finish >= self._vtime)
+            bound = (ahead + need - self._tokens) / rate
             if bound > wait:
                 wait = bound
                 reason = "tenant_over_share" if ahead > 0 else "overloaded"
@@ -505,7 +511,7 @@ class Scheduler:
         if len(self._waiting) >= policy.queue_limit:
             heaviest = max(
                 (t for t in self._tenants.values() if t.state != _IDLE),
-                key=lambda t: t.queued,
+                key=lambda t: (t.queued, t.pushed),  # ties: the latest to queue
                 default=None,
             )
             if heaviest is None:
@@ -529,6 +535,7 @@ class Scheduler:
 
     def _push(self, waiter: _Waiter, now: float) -> None:
         tenant = waiter.tenant
+        tenant.pushed = next(self._seq) % _PUSH_SPAN
         tenant.queues[waiter.rank][waiter.id] = waiter
         tenant.cost_by_rank[waiter.rank] += waiter.cost
         self._queued_by_rank[waiter.rank] += 1

@@ -1,0 +1,5 @@
+"""The Redis backend: one budget shared by every worker and replica."""
+
+from .backend import RedisBackend
+
+__all__ = ["RedisBackend"]

@@ -1,0 +1,106 @@
+"""Coalesce the operations of concurrent requests into one script call.
+
+While a call is in flight, new operations wait; when it returns, everything
+that arrived meanwhile goes in the next call. An idle process therefore pays one
+round trip per request, and a busy one far less than one.
+
+The calls run in the batcher's own task, never in a request's task: cancelling
+a request cannot cut a Redis reply in half. If a request stopped waiting for
+its result (it was cancelled), the result is handed to `on_orphan` so the
+caller can undo it (release a lease, leave a queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+logger = logging.getLogger("throttle_mw.redis")
+
+Op = tuple[str, ...]
+#: Sends a list of operations; returns one result per op, then the trailing fields.
+Call = Callable[[Sequence[Op], bool], Awaitable[list[str]]]
+
+MAX_BATCH = 256
+
+
+@dataclass(eq=False)
+class _Pending:
+    op: Op
+    future: asyncio.Future[str]
+    on_orphan: Callable[[str], None] | None = field(default=None)
+
+
+class Batcher:
+    def __init__(self, call: Call, on_trailer: Callable[[list[str]], None]) -> None:
+        self._call = call
+        self._on_trailer = on_trailer
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="throttle-batch")
+
+    async def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    def submit(self, op: Op, on_orphan: Callable[[str], None] | None = None) -> asyncio.Future[str]:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        if self._closed:
+            future.set_exception(RedisConnectionError("throttle_mw backend is closed"))
+            return future
+        self._pending.append(_Pending(op, future, on_orphan))
+        self._wake.set()
+        if self._task is None:
+            self.start()
+        return future
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                await self._send(batch)
+            if self._closed:
+                return
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        ops = [p.op for p in batch]
+        try:
+            try:
+                results = await self._call(ops, False)
+            except RedisConnectionError:
+                # The reply may have been lost after the script ran: ask again,
+                # marking acquires as retries so they are answered, not redone.
+                results = await self._call(ops, True)
+        except Exception as exc:
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(exc)
+                elif pending.on_orphan is not None:
+                    pass  # nothing happened in Redis that we know of
+            for pending in batch:
+                if pending.future.done() and not pending.future.cancelled():
+                    pending.future.exception()  # mark retrieved: the caller may be gone
+            return
+        self._on_trailer(results[len(ops) :])
+        for pending, result in zip(batch, results, strict=False):
+            if not pending.future.done():
+                pending.future.set_result(result)
+            elif pending.on_orphan is not None:
+                try:
+                    pending.on_orphan(result)
+                except Exception:
+                    logger.exception("throttle_mw: undoing an abandoned operation failed")

@@ -1,0 +1,83 @@
+"""Deliver grants to the requests waiting in this process.
+
+Whichever process frees capacity, the script that dispatches pushes a message
+onto the waiting process's list (``P:g:<process>``). One dedicated connection
+per process reads it with BLPOP, so a waiter resumes within a round trip of the
+grant, with no polling. After a connection failure the listener reconnects and
+asks the backend to re-submit its waiters (idempotently), so no waiter depends
+on a message that a Redis restart may have lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from redis.exceptions import RedisError
+
+logger = logging.getLogger("throttle_mw.redis")
+
+#: BLPOP blocks at most this long, so a dead connection is noticed in time.
+BLOCK_S = 1.0
+
+
+class GrantListener:
+    def __init__(
+        self,
+        client: Any,
+        key: str,
+        on_message: Callable[[str], None],
+        on_reconnect: Callable[[], None],
+        on_failure: Callable[[], None],
+    ) -> None:
+        self._client = client
+        self._key = key
+        self._on_message = on_message
+        self._on_reconnect = on_reconnect
+        self._on_failure = on_failure
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="throttle-grants")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        backoff = 0.05
+        failed = False
+        while True:
+            try:
+                item = await self._client.blpop([self._key], timeout=BLOCK_S)
+                if failed:
+                    failed = False
+                    self._on_reconnect()
+                backoff = 0.05
+                if item is None:
+                    continue
+                messages = [item[1]]
+                more = await self._client.lpop(self._key, 256)
+                if more:
+                    messages.extend(more)
+                for message in messages:
+                    self._on_message(message.decode() if isinstance(message, bytes) else message)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                if not failed:
+                    logger.warning(
+                        "throttle_mw: grant listener lost Redis (%s)", type(exc).__name__
+                    )
+                failed = True
+                self._on_failure()
+                await asyncio.sleep(backoff)
+                backoff = min(1.0, backoff * 2)
+            except Exception:
+                logger.exception("throttle_mw: grant listener failed")
+                await asyncio.sleep(0.5)
