@@ -7,16 +7,14 @@ don't do I/O.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, NamedTuple, Protocol
 
 from .priorities import Priority
 
 EventKind = Literal["admitted", "degraded", "queued", "rejected", "left"]
 
 
-@dataclass(frozen=True, slots=True)
-class ThrottleEvent:
+class ThrottleEvent(NamedTuple):
     """One step of one request through the throttle.
 
     `queued` when it starts waiting; then exactly one of `admitted` (with the

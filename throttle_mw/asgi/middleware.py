@@ -13,8 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,11 +31,12 @@ from .tenants import InvalidTenant, Tenants
 
 logger = logging.getLogger("throttle_mw")
 
+_SHUTTING_DOWN = Reject("shutting_down", 1.0)
+
 Outcome = Literal["admitted", "degraded", "unthrottled", "would_queue", "would_reject"]
 
 
-@dataclass(frozen=True, slots=True)
-class ThrottleDecision:
+class ThrottleDecision(NamedTuple):
     """What the throttle decided; the app reads it as ``request.state.throttle``."""
 
     tenant: str
@@ -85,6 +85,7 @@ class ThrottleMiddleware:
             settings.route_priorities, make_tag(settings.default_priority), app
         )
         self._tenants = Tenants(settings.tenant_header, settings.tenant_resolver)
+        self._resolver = settings.tenant_resolver
         self._ids = RequestIds()
         self._draining = asyncio.Event()
         self._undo_signals: Any = None
@@ -164,7 +165,10 @@ class ThrottleMiddleware:
             await self.app(scope, receive, send)
             return
         try:
-            tenant = await self._tenants.resolve(scope)
+            if self._resolver is None:
+                tenant = self._tenants.from_header(scope)
+            else:
+                tenant = await self._tenants.resolve(scope)
         except InvalidTenant as exc:
             await send_bad_request(send, exc.detail)
             return
@@ -174,61 +178,23 @@ class ThrottleMiddleware:
             self._ids(), tenant, tag.priority, tag.cost, tag.sheddable, tag.degradable
         )
         started = time.perf_counter()
-        dry_run = self.settings.dry_run
-        outcome: Admitted | Waiting | Reject
         if self._draining.is_set():
-            outcome = Reject("shutting_down", 1.0)
+            outcome: Admitted | Waiting | Reject = _SHUTTING_DOWN
         else:
             outcome = await backend.acquire(request)
 
+        queued: QueuedReceive | None = None
         decided: Outcome = "admitted"
         reason: str | None = None
-        queued: QueuedReceive | None = None
-        if isinstance(outcome, Waiting):
-            self._emit(ThrottleEvent("queued", tenant, tag.priority, dry_run=dry_run))
-            if dry_run:
-                outcome = await backend.cancel(outcome)
-                if isinstance(outcome, Reject):
-                    decided, outcome = "would_queue", Admitted(request.id, unthrottled=True)
-            else:
-                queued = QueuedReceive(receive)
+        if not (type(outcome) is Admitted and not outcome.degraded and not outcome.unthrottled):
+            settled = await self._settle(request, outcome, receive, send, started)
+            if settled is None:
+                return  # rejected (the response is sent) or the client went away
+            outcome, decided, reason, queued = settled
+            if queued is not None:
                 receive = queued.receive
-                result = await self._wait(backend, outcome, queued)
-                if result is None:
-                    queued.close()
-                    self._emit(
-                        ThrottleEvent("left", tenant, tag.priority, time.perf_counter() - started)
-                    )
-                    return
-                outcome = result
-                queued.admit()
-        if isinstance(outcome, Reject):
-            self._log_rejection(request, outcome)
-            self._emit(
-                ThrottleEvent(
-                    "rejected",
-                    tenant,
-                    tag.priority,
-                    time.perf_counter() - started,
-                    outcome.status,
-                    outcome.reason,
-                    dry_run,
-                )
-            )
-            if not dry_run:
-                if queued is not None:
-                    queued.close()
-                await send_rejection(send, outcome, self._limits)
-                return
-            decided, reason = "would_reject", outcome.reason
-            outcome = Admitted(request.id, unthrottled=True)
-        elif outcome.degraded:
-            decided = "degraded"
-        elif outcome.unthrottled and decided == "admitted":
-            decided = "unthrottled"
-
         waited_s = time.perf_counter() - started
-        if decided != "would_reject":
+        if self._observers and decided != "would_reject":
             kind: EventKind = "degraded" if outcome.degraded else "admitted"
             self._emit(
                 ThrottleEvent(
@@ -236,21 +202,76 @@ class ThrottleMiddleware:
                     tenant,
                     tag.priority,
                     waited_s,
-                    dry_run=dry_run,
+                    dry_run=self.settings.dry_run,
                     unthrottled=outcome.unthrottled,
                 )
             )
-        decision = ThrottleDecision(
-            tenant, tag.priority, waited_s, outcome.degraded, decided, tag.cost, reason
-        )
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
-        state["throttle"] = decision
-        timing = f"throttle;dur={waited_s * 1000:.1f}"
+        state["throttle"] = ThrottleDecision(
+            tenant, tag.priority, waited_s, outcome.degraded, decided, tag.cost, reason
+        )
+        timing = b"throttle;dur=%.1f" % (waited_s * 1000.0)
         if decided != "admitted":
-            timing += f';desc="{decided}{":" + reason if reason else ""}"'
-        await self._run(scope, receive, send, backend, outcome, timing.encode("ascii"), queued)
+            desc = decided if reason is None else f"{decided}:{reason}"
+            timing += b';desc="%s"' % desc.encode("ascii")
+        await self._run(scope, receive, send, backend, outcome, timing, queued)
+
+    async def _settle(
+        self,
+        request: Request,
+        outcome: Admitted | Waiting | Reject,
+        receive: Receive,
+        send: Send,
+        started: float,
+    ) -> tuple[Admitted, Outcome, str | None, QueuedReceive | None] | None:
+        """Everything but a plain admission: queueing, rejection, degradation, dry run.
+
+        Returns what to run the app with, or None when the request is finished
+        here (a rejection was sent, or the client left while queued).
+        """
+        backend = self._backend
+        assert backend is not None
+        dry_run = self.settings.dry_run
+        tenant, priority = request.tenant, request.priority
+        decided: Outcome = "admitted"
+        queued: QueuedReceive | None = None
+        if isinstance(outcome, Waiting):
+            self._emit(ThrottleEvent("queued", tenant, priority, dry_run=dry_run))
+            if dry_run:
+                outcome = await backend.cancel(outcome)
+                if isinstance(outcome, Reject):
+                    decided, outcome = "would_queue", Admitted(request.id, unthrottled=True)
+            else:
+                queued = QueuedReceive(receive)
+                result = await self._wait(backend, outcome, queued)
+                if result is None:
+                    queued.close()
+                    waited = time.perf_counter() - started
+                    self._emit(ThrottleEvent("left", tenant, priority, waited))
+                    return None
+                outcome = result
+                queued.admit()
+        if isinstance(outcome, Reject):
+            self._log_rejection(request, outcome)
+            waited = time.perf_counter() - started
+            self._emit(
+                ThrottleEvent(
+                    "rejected", tenant, priority, waited, outcome.status, outcome.reason, dry_run
+                )
+            )
+            if not dry_run:
+                if queued is not None:
+                    queued.close()
+                await send_rejection(send, outcome, self._limits)
+                return None
+            return Admitted(request.id, unthrottled=True), "would_reject", outcome.reason, queued
+        if outcome.degraded:
+            decided = "degraded"
+        elif outcome.unthrottled and decided == "admitted":
+            decided = "unthrottled"
+        return outcome, decided, None, queued
 
     def _emit(self, event: ThrottleEvent) -> None:
         for observer in self._observers:

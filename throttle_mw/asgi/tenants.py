@@ -29,13 +29,26 @@ class InvalidTenant(Exception):
         self.detail = detail
 
 
+_ADDRESSES: dict[object, str] = {}
+_ADDRESS_CACHE_SIZE = 4096
+
+
 def client_address(scope: Scope) -> str:
-    """The fallback tenant: ``ip:<client host>``."""
+    """The fallback tenant: ``ip:<client host>`` (checked once per host, then cached)."""
     client = scope.get("client")
     host = client[0] if client else None
-    if isinstance(host, str) and TENANT_PATTERN.fullmatch(f"ip:{host}"):
-        return f"ip:{host}"
-    return "ip:unknown"
+    tenant = _ADDRESSES.get(host)
+    if tenant is None:
+        candidate = f"ip:{host}"
+        tenant = (
+            candidate
+            if isinstance(host, str) and TENANT_PATTERN.fullmatch(candidate)
+            else "ip:unknown"
+        )
+        if len(_ADDRESSES) >= _ADDRESS_CACHE_SIZE:
+            _ADDRESSES.clear()
+        _ADDRESSES[host] = tenant
+    return tenant
 
 
 def digest_tenant(value: str) -> str:

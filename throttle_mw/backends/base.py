@@ -19,13 +19,12 @@ import asyncio
 import itertools
 import os
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from ..scheduler import Limits, Reject, Request, Snapshot
 
 
-@dataclass(frozen=True, slots=True)
-class Admitted:
+class Admitted(NamedTuple):
     """The request may run. `lease`: it holds concurrency to release."""
 
     request_id: str

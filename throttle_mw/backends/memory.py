@@ -43,9 +43,10 @@ class MemoryBackend:
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         now = loop.time()
-        if self._scheduler is None:
-            self._scheduler = Scheduler(self._limits, self._policy, now)
-        return self._scheduler, now
+        scheduler = self._scheduler
+        if scheduler is None:
+            scheduler = self._scheduler = Scheduler(self._limits, self._policy, now)
+        return scheduler, now
 
     async def start(self) -> None:
         self._sched()
@@ -60,11 +61,17 @@ class MemoryBackend:
             self._timer = None
 
     async def acquire(self, request: Request) -> Outcome:
-        scheduler, now = self._sched()
+        scheduler = self._scheduler
+        if scheduler is None or self._loop is None:
+            scheduler, now = self._sched()
+        else:
+            now = self._loop.time()
         decision, events = scheduler.acquire(now, request)
-        self._apply(events)
+        if events:
+            self._apply(events)
         if isinstance(decision, Admit):
-            self._schedule(scheduler, now)
+            if not scheduler.idle:
+                self._schedule(scheduler, now)
             return Admitted(request.id, 0.0, decision.degraded, decision.lease)
         if isinstance(decision, Enqueue):
             assert self._loop is not None
@@ -92,11 +99,15 @@ class MemoryBackend:
         return Reject("expired", 1.0)  # never queued here: nothing to give back
 
     def release(self, request_id: str) -> None:
-        if self._scheduler is None or self._loop is None:
+        scheduler = self._scheduler
+        if scheduler is None or self._loop is None:
             return
         now = self._loop.time()
-        self._apply(self._scheduler.release(now, request_id))
-        self._schedule(self._scheduler, now)
+        events = scheduler.release(now, request_id)
+        if events:
+            self._apply(events)
+        if not scheduler.idle:
+            self._schedule(scheduler, now)
 
     async def snapshot(self) -> Snapshot:
         scheduler, now = self._sched()

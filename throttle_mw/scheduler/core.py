@@ -49,6 +49,9 @@ WINDOW_S = 1.0
 _EPS = 1e-6
 _IDLE, _ACTIVE, _CAPPED = 0, 1, 2
 _PUSH_SPAN = 2**32  # the Lua twin packs (queued, pushed) into one sorted-set score
+_ADMIT = Admit()
+_ADMIT_LEASE = Admit(lease=True)
+_NO_EVENTS: list[Event] = []  # shared and never mutated: callers only iterate events
 
 
 class _Waiter:
@@ -182,6 +185,25 @@ class Scheduler:
     def acquire(self, now: float, req: Request) -> tuple[Decision, list[Event]]:
         """Decide on a new request: admit it, queue it or reject it."""
         self._refill(now)
+        if not self._waiting:
+            # Fast path: nothing waits anywhere, so nothing can go before this request.
+            # (Inlined: this runs for every request of an app within its budget.)
+            tenant = self._tenants.get(req.tenant)
+            if tenant is None:
+                tenant = self._tenant(req.tenant, now)
+            else:
+                self._tenants.move_to_end(req.tenant)
+                tenant.seen_at = now
+            cost = req.cost if req.cost == 1 else self._clamp(req.cost)
+            limits = self._limits
+            concurrency = limits.concurrency
+            if (
+                (limits.rate is None or self._tokens + _EPS >= cost)
+                and (concurrency is None or self._in_flight + cost <= concurrency)
+                and (limits.tenant_rate is None or self._cap_ok(tenant, cost, now))
+            ):
+                self._take(tenant, req.id, cost, now)
+                return (_ADMIT if concurrency is None else _ADMIT_LEASE), _NO_EVENTS
         events: list[Event] = []
         self._dispatch(now, events)
         tenant = self._tenant(req.tenant, now)
@@ -238,11 +260,14 @@ class Scheduler:
 
     def release(self, now: float, request_id: str) -> list[Event]:
         """Give back a lease's concurrency; idempotent."""
-        self._refill(now)
         cost = self._leases.pop(request_id, None)
+        if cost is not None:
+            self._in_flight -= cost
+        if not self._waiting:
+            return _NO_EVENTS  # nobody to hand it to
+        self._refill(now)
         if cost is None:
             return []
-        self._in_flight -= cost
         events: list[Event] = []
         self._dispatch(now, events)
         return events
@@ -300,17 +325,24 @@ class Scheduler:
         return len(self._waiting)
 
     @property
+    def idle(self) -> bool:
+        """Nothing waits and no deadline is pending: no tick can change anything."""
+        return not self._waiting and not self._deadlines and not self._capped
+
+    @property
     def in_flight(self) -> int:
         return self._in_flight
 
     # --- budget ------------------------------------------------------------------------
 
     def _refill(self, now: float) -> None:
-        rate = self._limits.rate
         elapsed = now - self._refilled_at
         if elapsed > 0:
+            rate = self._limits.rate
             if rate is not None:
-                self._tokens = min(self._limits.burst, self._tokens + elapsed * rate)
+                tokens = self._tokens + elapsed * rate
+                burst = self._limits.burst
+                self._tokens = tokens if tokens < burst else burst
             self._refilled_at = now
         window = now - self._window_at
         if window >= WINDOW_S:
@@ -374,21 +406,27 @@ class Scheduler:
 
     def _take(self, tenant: _Tenant, request_id: str, cost: int, now: float) -> None:
         """Charge an admission to the budget, the tenant's cap and its fairness tag."""
-        if self._limits.rate is not None:
+        limits = self._limits
+        if limits.rate is not None:
             self._tokens -= cost
-        if self._limits.tenant_rate is not None:
+        if limits.tenant_rate is not None:
             tenant.cap_tokens -= cost
-        if self._limits.concurrency is not None:
+        if limits.concurrency is not None:
             self._in_flight += cost
             self._leases[request_id] = cost
-        start = max(tenant.finish, self._vtime - self._credit(now))
-        tenant.finish = start + cost / self._limits.weight(tenant.name)
-        self._vtime = max(self._vtime, start)
+        start = tenant.finish
+        if start < self._vtime:  # behind the clock: its banked credit is bounded
+            start = max(start, self._vtime - self._credit(now))
+        else:
+            self._vtime = start
+        tenant.finish = start + cost / (
+            limits.weights.get(tenant.name, 1.0) if limits.weights else 1.0
+        )
         self._window_cost += cost
 
     def _admit_now(self, now: float, request_id: str, tenant: _Tenant, cost: int) -> Admit:
         self._take(tenant, request_id, cost, now)
-        return Admit(lease=self._limits.concurrency is not None)
+        return _ADMIT_LEASE if self._limits.concurrency is not None else _ADMIT
 
     def _shed_or_admit(
         self, now: float, req: Request, tenant: _Tenant, cost: int, budget_waiting: bool

@@ -1,4 +1,8 @@
-"""What goes into the scheduler and what comes out of it."""
+"""What goes into the scheduler and what comes out of it.
+
+The per-request types are NamedTuples: immutable, and several times cheaper to
+build than frozen dataclasses, which matters on the hot path.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 from ..priorities import Priority
 
@@ -39,8 +43,7 @@ STATUS: Final[Mapping[Reason, int]] = MappingProxyType(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """One request asking for budget."""
 
     id: str
@@ -51,8 +54,7 @@ class Request:
     degradable: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Admit:
+class Admit(NamedTuple):
     """Go ahead. If `lease`, call ``release(id)`` exactly once when the response is done."""
 
     waited_s: float = 0.0
@@ -60,16 +62,14 @@ class Admit:
     lease: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Enqueue:
+class Enqueue(NamedTuple):
     """Queued. A `Granted` or `Evicted` event follows, or the caller cancels at `deadline`."""
 
     deadline: float
     estimated_wait_s: float
 
 
-@dataclass(frozen=True, slots=True)
-class Reject:
+class Reject(NamedTuple):
     """Turned away; `retry_after_s` is the honest expected wait before a retry can succeed."""
 
     reason: Reason
@@ -88,8 +88,7 @@ class Reject:
 Decision = Admit | Enqueue | Reject
 
 
-@dataclass(frozen=True, slots=True)
-class Granted:
+class Granted(NamedTuple):
     """A queued request was admitted; it holds a lease if the budget has a concurrency limit."""
 
     id: str
@@ -97,8 +96,7 @@ class Granted:
     lease: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Evicted:
+class Evicted(NamedTuple):
     """A queued request left the queue without being admitted."""
 
     id: str
