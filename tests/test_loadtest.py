@@ -24,7 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import httpx
 import pytest
 import uvicorn
 from starlette.applications import Starlette
@@ -36,7 +35,7 @@ from demo_app.loadtest import scenario as scenarios
 from demo_app.loadtest import server_timing
 from demo_app.loadtest.chart import write_chart
 from demo_app.loadtest.cli import build_parser, main, scenario_from_args
-from demo_app.loadtest.clients import ClientPool
+from demo_app.loadtest.clients import new_session
 from demo_app.loadtest.engine import (
     Phase,
     Progress,
@@ -483,7 +482,7 @@ def test_transport_errors_and_timeouts_are_records_not_crashes() -> None:
     scenario = scenario_of(TenantLoad("a", 10, ((1, GET_T),), arrivals="even"), duration_s=0.3)
     records = asyncio.run(run(scenario, [closed_port_url()]))
     assert len(records) == 3
-    assert all(r.status == 0 and (r.error or "").startswith("ConnectError") for r in records)
+    assert all(r.status == 0 and "Connect" in (r.error or "") for r in records)
     slow = scenario_of(
         TenantLoad("a", 10, ((1, SLEEP),), arrivals="even"), duration_s=0.3, timeout_s=0.2
     )
@@ -661,31 +660,34 @@ def test_chart_is_a_png(tmp_path: Path) -> None:
 # --- clients and progress ------------------------------------------------------------
 
 
-def test_client_pool_fills_the_lowest_client_first() -> None:
-    pool = ClientPool(5.0, per_client=2, max_clients=3)
-    try:
-        picks = [pool.acquire()[0] for _ in range(6)]
-        assert picks == [0, 0, 1, 1, 2, 2]
-        pool.release(0)
-        assert pool.acquire()[0] == 0  # back to the lowest with room: reuses its connections
-        pool.release(1)
-        pool.release(1)
-        assert pool.acquire()[0] == 1
-        assert pool.acquire()[0] == 1
-        assert pool.acquire()[0] in (0, 1, 2)  # all full, at the cap: the least busy
-        assert len(pool.clients) == 3
-    finally:
-        asyncio.run(pool.aclose())
-    assert all(c.is_closed for c in pool.clients)
+@pytest.mark.e2e
+def test_a_given_session_is_used_and_left_open() -> None:
+    scenario = scenario_of(TenantLoad("a", 10, ((1, GET_T),), arrivals="even"), duration_s=0.3)
+
+    async def go(url: str) -> tuple[list[Record], bool]:
+        session = new_session()
+        try:
+            records = await run(scenario, [url], session=session)
+            return records, session.closed
+        finally:
+            await session.close()
+
+    with serve() as (url, seen):
+        records, closed = asyncio.run(go(url))
+    assert [r.status for r in records] == [200, 200, 200]
+    assert not closed
+    assert len(seen.requests) == 3
 
 
-def test_client_pool_uses_a_given_client_and_leaves_it_open() -> None:
-    given = httpx.AsyncClient()
-    pool = ClientPool(5.0, client=given)
-    assert {pool.acquire()[1] for _ in range(100)} == {given}
-    asyncio.run(pool.aclose())
-    assert not given.is_closed
-    asyncio.run(given.aclose())
+@pytest.mark.e2e
+def test_the_client_keeps_its_schedule_at_story_rates() -> None:
+    """An open-loop client must not fall behind: its lag would count as latency."""
+    scenario = scenario_of(TenantLoad("a", 200, ((1, GET_T),), arrivals="even"), duration_s=3.0)
+    with serve() as (url, _):
+        records = asyncio.run(run(scenario, [url]))
+    assert all(r.status == 200 for r in records)
+    lags = sorted(r.lag_ms for r in records)
+    assert lags[int(len(lags) * 0.99)] < 100.0
 
 
 def test_progress_line() -> None:

@@ -22,10 +22,10 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import httpx
+import aiohttp
 
 from demo_app.loadtest import server_timing
-from demo_app.loadtest.clients import ClientPool
+from demo_app.loadtest.clients import new_session
 from demo_app.loadtest.plan import (
     BUILTIN_PLACEHOLDERS,
     Phase,
@@ -118,7 +118,7 @@ async def run(
     targets: Sequence[str],
     *,
     on_progress: Callable[[Progress], None] | None = None,
-    client: httpx.AsyncClient | None = None,
+    session: aiohttp.ClientSession | None = None,
     progress_interval_s: float = 0.5,
 ) -> list[Record]:
     """Send ``schedule(scenario)`` open-loop to ``targets`` (base URLs, round-robin).
@@ -127,17 +127,18 @@ async def run(
     request has completed or timed out: at ``max(duration_s, dispatch end) +
     timeout_s`` at the latest. ``on_progress`` is called at the start, every
     ``progress_interval_s`` and at the end; it runs on the event loop, so keep
-    it quick. A given ``client`` is used for every request and left open;
-    without one the run spreads requests over clients of its own (see
-    ``clients.ClientPool``: one httpx pool is too slow at ~1,000 in flight).
+    it quick. A given ``session`` is used for every request and left open;
+    without one the run uses (and closes) its own (see ``clients``).
     """
     bases = check_targets(targets)
     plan = schedule(scenario)
-    pool = ClientPool(scenario.timeout_s, client=client)
+    own = session is None
+    client = new_session() if session is None else session
     try:
-        return await _Runner(scenario, plan, bases, pool, on_progress).go(progress_interval_s)
+        return await _Runner(scenario, plan, bases, client, on_progress).go(progress_interval_s)
     finally:
-        await pool.aclose()
+        if own:
+            await client.close()
 
 
 class _Runner:
@@ -148,13 +149,13 @@ class _Runner:
         scenario: Scenario,
         plan: list[Planned],
         bases: list[str],
-        pool: ClientPool,
+        session: aiohttp.ClientSession,
         on_progress: Callable[[Progress], None] | None,
     ) -> None:
         self.scenario = scenario
         self.plan = plan
         self.bases = bases
-        self.pool = pool
+        self.session = session
         self.on_progress = on_progress
         self.headers = {t.tenant: t.header for t in scenario.tenants}
         self.records: list[Record | None] = [None] * len(plan)
@@ -229,33 +230,34 @@ class _Runner:
         record.sent_s = self.now()
         self.sent += 1
         self.max_lag_s = max(self.max_lag_s, record.sent_s - planned.due_s)
-        slot, client = self.pool.acquire()
         try:
-            async with asyncio.timeout(self.scenario.timeout_s):
-                response = await client.request(
-                    route.method, base + route.path, content=route.body, headers=headers
-                )
+            async with (
+                asyncio.timeout(self.scenario.timeout_s),
+                self.session.request(
+                    route.method, base + route.path, data=route.body, headers=headers
+                ) as response,
+            ):
+                body = await response.read()
         except TimeoutError:
             record.error = "timeout"
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             record.error = f"{type(exc).__name__}: {exc}"[:200]
         except asyncio.CancelledError:
             record.error = "cancelled"
             raise
         else:
-            _read_response(record, response)
+            _read_response(record, response, body)
             if 200 <= record.status < 300:
                 self.served += 1
         finally:
             record.done_s = self.now()
-            self.pool.release(slot)
             self.done += 1
             self.records[index] = record
 
 
-def _read_response(record: Record, response: httpx.Response) -> None:
-    record.status = response.status_code
-    metrics = server_timing.parse(response.headers.get_list("server-timing"))
+def _read_response(record: Record, response: aiohttp.ClientResponse, body: bytes) -> None:
+    record.status = response.status
+    metrics = server_timing.parse(response.headers.getall("server-timing", []))
     throttle = server_timing.find(metrics, "throttle")
     app = server_timing.find(metrics, "app")
     if throttle is not None:
@@ -264,15 +266,17 @@ def _read_response(record: Record, response: httpx.Response) -> None:
     if app is not None:
         record.app_ms = app.dur_ms
     record.retry_after = response.headers.get("retry-after")
-    record.degraded = "degraded" in (record.desc or "").lower() or _body_says_degraded(response)
+    record.degraded = "degraded" in (record.desc or "").lower() or _body_says_degraded(
+        response, body
+    )
 
 
-def _body_says_degraded(response: httpx.Response) -> bool:
+def _body_says_degraded(response: aiohttp.ClientResponse, body: bytes) -> bool:
     """``"degraded": true`` at the top of a JSON body (how the demo marks cheap answers)."""
-    if "json" not in response.headers.get("content-type", "") or len(response.content) > 65536:
+    if "json" not in response.headers.get("content-type", "") or len(body) > 65536:
         return False
     try:
-        body = json.loads(response.content)
+        parsed = json.loads(body)
     except ValueError:
         return False
-    return isinstance(body, dict) and body.get("degraded") is True
+    return isinstance(parsed, dict) and parsed.get("degraded") is True

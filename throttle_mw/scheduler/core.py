@@ -52,6 +52,9 @@ _PUSH_SPAN = 2**32  # the Lua twin packs (queued, pushed) into one sorted-set sc
 _ADMIT = Admit()
 _ADMIT_LEASE = Admit(lease=True)
 _NO_EVENTS: list[Event] = []  # shared and never mutated: callers only iterate events
+# Shared by tenants that never waited; never mutated, since only a tenant with a
+# waiter (which gets its own list in _push) has its queued cost changed.
+_NO_COST: list[int] = [0] * len(PRIORITIES)
 
 
 class _Waiter:
@@ -89,10 +92,9 @@ class _Tenant:
         #: than the fair share while others use more, never granted to a new id, and
         #: a stream of new ids moves the clock instead of freezing it.
         self.finish = vtime
-        self.queues: tuple[OrderedDict[str, _Waiter], ...] = tuple(
-            OrderedDict() for _ in PRIORITIES
-        )
-        self.cost_by_rank = [0] * len(PRIORITIES)
+        #: One FIFO per priority, made on the first wait (most tenants never wait).
+        self.queues: tuple[OrderedDict[str, _Waiter], ...] = ()
+        self.cost_by_rank = _NO_COST
         self.cap_tokens = cap_tokens
         self.cap_at = now
         self.seen_at = now
@@ -573,6 +575,9 @@ class Scheduler:
 
     def _push(self, waiter: _Waiter, now: float) -> None:
         tenant = waiter.tenant
+        if not tenant.queues:
+            tenant.queues = tuple(OrderedDict() for _ in PRIORITIES)
+            tenant.cost_by_rank = [0] * len(PRIORITIES)
         tenant.pushed = next(self._seq) % _PUSH_SPAN
         tenant.queues[waiter.rank][waiter.id] = waiter
         tenant.cost_by_rank[waiter.rank] += waiter.cost

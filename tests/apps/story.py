@@ -1,0 +1,136 @@
+"""A throttled app with real, finite capacity, for end-to-end tests.
+
+``/work`` can serve about 80 requests a second: 8 slots, each held 100 ms
+with ±20 % jitter (DESIGN.md: real services jitter, and fixed times make the
+slots phase-lock). The throttle is configured only by ``THROTTLE_*``. Other
+routes exercise streaming, failures, uploads and slow responses; ``/_budget``
+(exempt) shows the live budget so tests can check that nothing leaked, and
+``/_running`` how many requests the app is running right now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import random
+import time
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from throttle_mw import Settings, ThrottleMiddleware, priority
+from throttle_mw.backends import make_backend
+
+SLOTS = int(os.environ.get("STORY_SLOTS", "8"))
+WORK_S = float(os.environ.get("STORY_WORK_MS", "100")) / 1000.0
+JITTER = 0.2
+
+_slots = asyncio.Semaphore(SLOTS)
+_running = 0
+
+
+async def work(request: Request) -> Response:
+    """Hold one of the slots for the work time; report the service time as app;dur."""
+    global _running
+    started = time.perf_counter()
+    _running += 1
+    try:
+        async with _slots:
+            await asyncio.sleep(WORK_S * (1 + JITTER * (2 * random.random() - 1)))
+    finally:
+        _running -= 1
+    service_ms = (time.perf_counter() - started) * 1000.0
+    return PlainTextResponse("done", headers={"server-timing": f"app;dur={service_ms:.1f}"})
+
+
+async def slow(request: Request) -> Response:
+    global _running
+    _running += 1
+    try:
+        await asyncio.sleep(float(request.query_params.get("s", "1")))
+    finally:
+        _running -= 1
+    return PlainTextResponse("slow")
+
+
+async def stream(request: Request) -> Response:
+    chunks = int(request.query_params.get("chunks", "20"))
+    delay = float(request.query_params.get("delay", "0.05"))
+
+    async def body() -> AsyncIterator[bytes]:
+        global _running
+        _running += 1
+        try:
+            for i in range(chunks):
+                yield f"chunk {i}\n".encode()
+                await asyncio.sleep(delay)
+        finally:
+            _running -= 1
+
+    return StreamingResponse(body(), media_type="text/plain")
+
+
+async def boom(request: Request) -> Response:
+    await asyncio.sleep(0.01)
+    raise RuntimeError("the app failed")
+
+
+async def upload(request: Request) -> Response:
+    digest = hashlib.sha256()
+    size = 0
+    async for chunk in request.stream():
+        digest.update(chunk)
+        size += len(chunk)
+    return JSONResponse({"sha256": digest.hexdigest(), "size": size})
+
+
+async def hello(request: Request) -> Response:
+    return PlainTextResponse("hello")
+
+
+@priority("exempt")
+async def budget(request: Request) -> Response:
+    backend = request.app.state.backend
+    if backend is None:
+        return JSONResponse({"enabled": False})
+    snapshot = await backend.snapshot()
+    return JSONResponse(
+        {
+            "tokens": snapshot.tokens,
+            "in_flight": snapshot.in_flight,
+            "waiting": sum(snapshot.queued_by_priority.values()),
+            "tenants": snapshot.tenants,
+        }
+    )
+
+
+@priority("exempt")
+async def running(request: Request) -> Response:
+    return JSONResponse({"running": _running})
+
+
+def create_app() -> Starlette:
+    app = Starlette(
+        routes=[
+            Route("/work", work),
+            Route("/slow", slow),
+            Route("/stream", stream),
+            Route("/boom", boom),
+            Route("/upload", upload, methods=["POST"]),
+            Route("/hello", hello),
+            Route("/_budget", budget),
+            Route("/_running", running),
+        ]
+    )
+    settings = Settings.from_env()
+    backend = make_backend(settings) if settings.enabled else None
+    app.state.backend = backend
+    app.add_middleware(ThrottleMiddleware, backend=backend)
+    return app
+
+
+app = create_app()
