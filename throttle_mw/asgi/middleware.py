@@ -187,7 +187,7 @@ class ThrottleMiddleware:
         decided: Outcome = "admitted"
         reason: str | None = None
         if not (type(outcome) is Admitted and not outcome.degraded and not outcome.unthrottled):
-            settled = await self._settle(request, outcome, receive, send, started)
+            settled = await self._settle(scope, request, outcome, receive, send, started)
             if settled is None:
                 return  # rejected (the response is sent) or the client went away
             outcome, decided, reason, queued = settled
@@ -220,6 +220,7 @@ class ThrottleMiddleware:
 
     async def _settle(
         self,
+        scope: Scope,
         request: Request,
         outcome: Admitted | Waiting | Reject,
         receive: Receive,
@@ -254,8 +255,8 @@ class ThrottleMiddleware:
                 outcome = result
                 queued.admit()
         if isinstance(outcome, Reject):
-            self._log_rejection(request, outcome)
             waited = time.perf_counter() - started
+            self._log_rejection(scope, request, outcome, waited)
             self._emit(
                 ThrottleEvent(
                     "rejected", tenant, priority, waited, outcome.status, outcome.reason, dry_run
@@ -357,22 +358,39 @@ class ThrottleMiddleware:
         if isinstance(result, Admitted) and result.lease:
             backend.release(result.request_id)
 
-    def _log_rejection(self, request: Request, reject: Reject) -> None:
-        if logger.isEnabledFor(logging.INFO):
-            logger.info(
-                "throttle rejected tenant=%s priority=%s status=%d reason=%s retry_after=%d%s",
-                request.tenant,
-                request.priority,
-                reject.status,
-                reject.reason,
-                reject.retry_after_header,
-                " (dry run: not enforced)" if self.settings.dry_run else "",
-                extra={
-                    "tenant": request.tenant,
-                    "priority": request.priority,
-                    "status": reject.status,
-                    "reason": reject.reason,
-                    "retry_after": reject.retry_after_header,
-                    "dry_run": self.settings.dry_run,
-                },
-            )
+    def _log_rejection(
+        self, scope: Scope, request: Request, reject: Reject, waited_s: float
+    ) -> None:
+        """One structured line per rejection (raise the ``throttle_mw`` logger's level to
+        silence them); the path is cut short and tenant ids are already validated."""
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        path = scope.get("path", "")[:200]
+        fields = {
+            "request_id": request.id,
+            "tenant": request.tenant,
+            "priority": request.priority,
+            "method": scope.get("method", ""),
+            "path": path,
+            "cost": request.cost,
+            "status": reject.status,
+            "reason": reject.reason,
+            "retry_after": reject.retry_after_header,
+            "waited_ms": round(waited_s * 1000.0, 1),
+            "dry_run": self.settings.dry_run,
+        }
+        logger.info(
+            "throttle rejected %s %s tenant=%s priority=%s status=%d reason=%s "
+            "retry_after=%d waited_ms=%.1f request_id=%s%s",
+            fields["method"],
+            path,
+            request.tenant,
+            request.priority,
+            reject.status,
+            reject.reason,
+            reject.retry_after_header,
+            fields["waited_ms"],
+            request.id,
+            " (dry run: not enforced)" if self.settings.dry_run else "",
+            extra={"throttle": fields},
+        )

@@ -48,6 +48,11 @@ class RouteTags:
         app = scope.get("app", self._app)
         try:
             found = _endpoint_tag(app, dict(scope), 0)
+            if found is None and path != "/":
+                # Starlette redirects /x to /x/ (and back) when only the other matches:
+                # the redirect belongs to the route it leads to (an exempt mount stays exempt).
+                other = path[:-1] if path.endswith("/") else path + "/"
+                found = _endpoint_tag(app, {**scope, "path": other}, 0)
         except Exception:  # a route's matcher failed: the router will answer for it
             found = None
         return found or self._default

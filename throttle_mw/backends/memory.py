@@ -111,7 +111,9 @@ class MemoryBackend:
 
     async def snapshot(self) -> Snapshot:
         scheduler, now = self._sched()
-        scheduler.tick(now)
+        # A tick may grant or evict waiters: deliver its events like any other call's.
+        self._apply(scheduler.tick(now))
+        self._schedule(scheduler, now)
         return scheduler.snapshot()
 
     async def set_limits(self, limits: Limits) -> None:

@@ -138,6 +138,10 @@ class Snapshot:
     tenants: int
     busiest: tuple[TenantSnapshot, ...]
     fair_rate: float
+    #: Processes sharing the budget (1 for the in-memory backend).
+    processes: int = 1
+    #: The limits in force (live overrides included), when the backend knows them.
+    limits: Limits | None = None
 
 
 class Scheduler:
@@ -180,6 +184,10 @@ class Scheduler:
         self._limits = limits
         self._reserve = limits.reserve
         self._tokens = min(self._tokens, limits.burst)
+        # Weights may have changed: recount the weight of the tenants in line.
+        self._active_weight = sum(
+            limits.weight(t.name) for t in self._tenants.values() if t.state == _ACTIVE
+        )
         events: list[Event] = []
         self._dispatch(now, events)
         return events
@@ -320,6 +328,7 @@ class Scheduler:
             tenants=len(self._tenants),
             busiest=tuple(TenantSnapshot(t.name, t.queued, t.finish) for t in busiest),
             fair_rate=self._v_rate,
+            limits=self._limits,
         )
 
     @property
