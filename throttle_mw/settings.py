@@ -148,7 +148,10 @@ class Settings:
 
     @property
     def queue_limit_per_tenant(self) -> int:
-        return self.queue_limit if self.tenant_queue_limit is None else self.tenant_queue_limit
+        """THROTTLE_TENANT_QUEUE_LIMIT, by default a tenth of the fleet-wide limit."""
+        if self.tenant_queue_limit is not None:
+            return self.tenant_queue_limit
+        return max(1, self.queue_limit // 10) if self.queue_limit else 0
 
     @property
     def max_cost(self) -> int:
