@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, Literal, NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -292,8 +292,12 @@ class ThrottleMiddleware:
         queued: QueuedReceive | None,
     ) -> None:
         held = admitted.lease
+        request_id = admitted.request_id
 
-        async def send_wrapper(message: Message) -> None:
+        # A plain function returning the server's own awaitable: no extra coroutine
+        # per message. The lease goes back as the last body chunk is handed to the
+        # server, so it is returned even if sending fails (the client went away).
+        def send_wrapper(message: Message) -> Awaitable[None]:
             nonlocal held
             kind = message["type"]
             if kind == "http.response.start":
@@ -301,21 +305,17 @@ class ThrottleMiddleware:
                     **message,
                     "headers": [*message.get("headers", ()), (b"server-timing", timing)],
                 }
-            elif kind == "http.response.body" and not message.get("more_body", False) and held:
-                try:
-                    await send(message)
-                finally:
-                    held = False
-                    backend.release(admitted.request_id)
-                return
-            await send(message)
+            elif kind == "http.response.body" and held and not message.get("more_body", False):
+                held = False
+                backend.release(request_id)
+            return send(message)
 
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
             if held:
                 held = False
-                backend.release(admitted.request_id)
+                backend.release(request_id)
             if queued is not None:
                 queued.close()
 
