@@ -1,65 +1,87 @@
-"""The app under test, and the builders of every benchmark variant.
+"""throttle_mw's variants and the controls; `make_app`, which the server process calls.
 
-Every variant serves the same hello-world route so that differences come
-from what wraps it. The uvicorn subprocess runs
-``uvicorn --factory bench.apps:make_app`` with ``BENCH_VARIANT`` set.
+Every variant serves the same route (`bench.endpoints`: hello-world, or the
+overload story's backend) so that differences come from what wraps it. The
+uvicorn subprocess runs ``uvicorn --factory bench.apps:make_app`` with
+``BENCH_VARIANT`` set. Importing this module registers every variant,
+the peers' (`bench.peers`) included.
 
-Adding a variant (e.g. a peer library): write a builder taking the server's
-environment, decorate it with `variant` giving the environment it is
-configured with, the services it needs (``services=("redis",)``, see
-`bench.services`) and the modules it imports (``requires=("slowapi",)``), and
-import those modules inside the builder so the registry loads without them.
-Peers that need a FastAPI app or per-route decorators build their own app
-around `hello` with the same path and body. Names: ``<library>-<storage>``,
-e.g. ``slowapi-memory``, ``slowapi-redis``, ``redis-rate``, ``redis-concurrency``.
+Adding a variant: write a builder taking the server's environment, decorate it
+with `variant` giving the environment it is configured with, the services it
+needs (``services=("redis",)``, see `bench.services`), the modules it imports
+(``requires=("slowapi",)``; import them inside the builder so the registry
+loads without them) and, for a FastAPI-only app, ``baseline="bare-fastapi"``.
+Names: ``<library>-<storage>``, e.g. ``slowapi-redis``, ``redis-rate``.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
-from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.requests import Request
-from starlette.responses import PlainTextResponse
-from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from throttle_mw import ThrottleMiddleware
 
+from .endpoints import HELLO_BODY, HELLO_PATH, fastapi_app, starlette_app
 from .variants import VARIANT_ENV, get_variant, variant
 
-HELLO_PATH = "/"
-HELLO_BODY = b"Hello, world!"
+__all__ = ["HELLO_BODY", "HELLO_PATH", "make_app"]
+
+#: Limits far above anything one worker can serve: every request takes the fast path.
+NEVER_RATE = "1000000"
+NEVER_CONCURRENCY = "100000"
 
 
-async def hello(request: Request) -> PlainTextResponse:
-    return PlainTextResponse(HELLO_BODY)
-
-
-def hello_app(middleware: Sequence[Middleware] = ()) -> Starlette:
-    """The bare hello-world app, optionally wrapped in `middleware`."""
-    return Starlette(routes=[Route(HELLO_PATH, hello)], middleware=list(middleware))
-
-
-@variant("bare", "Starlette hello-world, nothing in front of it")
+@variant("bare", "Starlette app, nothing in front of it")
 def bare(env: Mapping[str, str]) -> ASGIApp:
-    return hello_app()
+    return starlette_app(env)
 
 
-# Limits far above anything one worker can serve: every request takes the fast path.
-@variant(
-    "memory",
-    "the same app in ThrottleMiddleware, in-memory backend, limits never reached",
-    env={"THROTTLE_RATE": "1000000", "THROTTLE_CONCURRENCY": "100000"},
-)
-def throttle_memory(env: Mapping[str, str]) -> ASGIApp:
+@variant("bare-fastapi", "FastAPI app, nothing in front of it (baseline of FastAPI-only peers)")
+def bare_fastapi(env: Mapping[str, str]) -> ASGIApp:
+    app: ASGIApp = fastapi_app(env)
+    return app
+
+
+def throttled(env: Mapping[str, str]) -> ASGIApp:
     # As the README sets it up, with no keyword arguments: the middleware reads
-    # THROTTLE_* as a deployed app would.
-    app = hello_app()
+    # THROTTLE_* (THROTTLE_REDIS_URL too) as a deployed app would.
+    app = starlette_app(env)
     app.add_middleware(ThrottleMiddleware)
     return app
+
+
+@variant(
+    "memory",
+    "the app in ThrottleMiddleware, in-memory backend, limits never reached",
+    env={"THROTTLE_RATE": NEVER_RATE, "THROTTLE_CONCURRENCY": NEVER_CONCURRENCY},
+)
+def throttle_memory(env: Mapping[str, str]) -> ASGIApp:
+    return throttled(env)
+
+
+# The redis service sets THROTTLE_REDIS_URL, which selects the Redis backend.
+@variant(
+    "redis-rate",
+    "the app in ThrottleMiddleware, Redis backend, rate budget never reached",
+    env={"THROTTLE_RATE": NEVER_RATE},
+    services=("redis",),
+    requires=("redis",),
+)
+def throttle_redis_rate(env: Mapping[str, str]) -> ASGIApp:
+    return throttled(env)
+
+
+@variant(
+    "redis-concurrency",
+    "the app in ThrottleMiddleware, Redis backend, concurrency budget never reached",
+    env={"THROTTLE_CONCURRENCY": NEVER_CONCURRENCY},
+    services=("redis",),
+    requires=("redis",),
+)
+def throttle_redis_concurrency(env: Mapping[str, str]) -> ASGIApp:
+    return throttled(env)
 
 
 # Controls, to tell the cost of a middleware layer from the cost of throttling.
@@ -75,20 +97,20 @@ class Passthrough:
         await self.app(scope, receive, send)
 
 
-@variant("passthrough", "control: the same app in a pure ASGI middleware that does nothing")
+@variant("passthrough", "control: the app in a pure ASGI middleware that does nothing")
 def passthrough(env: Mapping[str, str]) -> ASGIApp:
-    app = hello_app()
+    app = starlette_app(env)
     app.add_middleware(Passthrough)
     return app
 
 
 @variant(
     "disabled",
-    "control: the same app in ThrottleMiddleware with THROTTLE_ENABLED=false",
+    "control: the app in ThrottleMiddleware with THROTTLE_ENABLED=false",
     env={"THROTTLE_ENABLED": "false"},
 )
 def throttle_disabled(env: Mapping[str, str]) -> ASGIApp:
-    return throttle_memory(env)
+    return throttled(env)
 
 
 def make_app(name: str | None = None) -> ASGIApp:
@@ -97,3 +119,7 @@ def make_app(name: str | None = None) -> ASGIApp:
     if not name:
         raise RuntimeError(f"set {VARIANT_ENV} to the benchmark variant to serve")
     return get_variant(name).build(os.environ)
+
+
+# Last, so the listing shows throttle_mw's variants first.
+from . import peers  # noqa: E402, F401  (registers the peers' variants)

@@ -33,9 +33,11 @@ class RunConfig:
     duration_s: int = 8
     warmup_s: int = 2
     connections: int = 64
-    #: ``taskset -c`` lists for the server (and services) and the generator; None: unpinned.
+    #: ``taskset -c`` lists for the server, the generator and the services
+    #: (Redis: next to the generator, see `bench.services`); None: unpinned.
     server_cpus: str | None = "0"
     load_cpus: str | None = "1"
+    service_cpus: str | None = "1"
     headers: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -99,8 +101,11 @@ def run(
     driver: LoadDriver,
     on_trial: Callable[[Trial], None] = lambda trial: None,
     trials: list[Trial] | None = None,
+    services_out: dict[str, Any] | None = None,
 ) -> list[Trial]:
     """Run every round; each finished trial goes to `on_trial` and into `trials`.
+
+    `services_out` receives what the services report about themselves (versions).
 
     Raises `TrialFailed` at the first trial with a bad response or socket error.
     Servers and services are stopped on every way out, Ctrl-C included.
@@ -110,7 +115,9 @@ def run(
     needed = [name for v in variants for name in v.services]
     with tempfile.TemporaryDirectory(prefix="throttle_mw-bench-") as scratch:
         workdir = Path(scratch)
-        with running(needed, ServiceContext(config.server_cpus, workdir)) as services:
+        with running(needed, ServiceContext(config.service_cpus, workdir)) as services:
+            if services_out is not None:
+                services_out.update(services.describe())
             for round_no in range(1, config.rounds + 1):
                 for variant in variants:
                     trial = _trial(config, driver, variant, round_no, services, workdir)
@@ -130,7 +137,7 @@ def _trial(
     workdir: Path,
 ) -> Trial:
     services.reset()
-    env = {**services.env, **variant.env}
+    env = {**services.env_for(variant.services), **variant.env}
     log_path = workdir / f"server-{round_no}-{variant.name}.log"
     trial = Trial(round_no, variant.name, driver.name, time.time(), os.getloadavg()[0])
     with serve(
@@ -149,11 +156,11 @@ def _trial(
             trial.problems += [f"warm-up: {problem}" for problem in warm.problems()]
             if trial.problems:
                 return trial
-        before = services.sample()
+        before = services.sample(variant.services)
         cpu_before = server.cpu_s()
         result = driver.run(spec)
         cpu_after = server.cpu_s()
-        after = services.sample()
+        after = services.sample(variant.services)
     if cpu_before is not None and cpu_after is not None and cpu_after > cpu_before:
         trial.server_cpu_s = cpu_after - cpu_before
         trial.rps_per_cpu = result.requests / trial.server_cpu_s
@@ -172,12 +179,17 @@ def _trial(
     return trial
 
 
-def summarize(trials: Sequence[Trial], names: Sequence[str]) -> dict[str, Any]:
+def summarize(
+    trials: Sequence[Trial], names: Sequence[str], own: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """Medians per variant, and ratios against the first name (the baseline).
 
     For req/s and for req per server CPU-second: the ratio of the medians, and
     the median of the per-round ratios (each trial against the baseline's trial
-    of the same round, which ran next to it).
+    of the same round, which ran next to it). Where `own` names another
+    baseline for a variant (``bare-fastapi`` for a FastAPI-only peer) and it
+    ran, the same ratios against it are added with the suffix ``_own``.
+    Service counters: the median over the trials of each counter per request.
     """
     good = [t for t in trials if not t.problems]
     baseline = names[0]
@@ -187,6 +199,7 @@ def summarize(trials: Sequence[Trial], names: Sequence[str]) -> dict[str, Any]:
         if not mine:
             continue
         entry: dict[str, Any] = {"trials": len(mine)}
+        other = (own or {}).get(name, baseline)
         for metric in ("rps", "rps_per_cpu"):
             values = _values(mine, metric)
             if not values:
@@ -194,19 +207,38 @@ def summarize(trials: Sequence[Trial], names: Sequence[str]) -> dict[str, Any]:
             entry[f"median_{metric}"] = statistics.median(values)
             entry[f"min_{metric}"] = min(values)
             entry[f"max_{metric}"] = max(values)
-            base = _values([t for t in good if t.variant == baseline], metric)
-            if name != baseline and base:
-                paired = _paired(good, name, baseline, metric)
-                entry[f"ratio_{metric}"] = entry[f"median_{metric}"] / statistics.median(base)
-                entry[f"paired_ratios_{metric}"] = paired
-                entry[f"median_paired_ratio_{metric}"] = (
-                    statistics.median(paired) if paired else None
-                )
+            entry.update(_ratios(good, name, baseline, metric, ""))
+            if other != baseline and other in names:
+                entry["own_baseline"] = other
+                entry.update(_ratios(good, name, other, metric, "_own"))
         for key in ("p50", "p99"):
             latencies = [t.latency_ms[key] for t in mine if key in t.latency_ms]
             entry[f"median_{key}_ms"] = statistics.median(latencies) if latencies else None
+        keys = sorted({k for t in mine for k in t.counters_per_request})
+        if keys:
+            entry["median_counters_per_request"] = {
+                k: statistics.median(
+                    t.counters_per_request[k] for t in mine if k in t.counters_per_request
+                )
+                for k in keys
+            }
         variants[name] = entry
     return {"baseline": baseline, "variants": variants}
+
+
+def _ratios(
+    good: Sequence[Trial], name: str, baseline: str, metric: str, suffix: str
+) -> dict[str, Any]:
+    mine = _values([t for t in good if t.variant == name], metric)
+    base = _values([t for t in good if t.variant == baseline], metric)
+    if name == baseline or not base or not mine:
+        return {}
+    paired = _paired(good, name, baseline, metric)
+    return {
+        f"ratio_{metric}{suffix}": statistics.median(mine) / statistics.median(base),
+        f"paired_ratios_{metric}{suffix}": paired,
+        f"median_paired_ratio_{metric}{suffix}": statistics.median(paired) if paired else None,
+    }
 
 
 def _values(trials: Sequence[Trial], metric: str) -> list[float]:
@@ -235,4 +267,5 @@ def settings_dict(config: RunConfig, variants: Mapping[str, Variant]) -> dict[st
         "uvicorn_args": list(UVICORN_ARGS),
         "variant_env": {name: dict(v.env) for name, v in variants.items()},
         "variant_services": {name: list(v.services) for name, v in variants.items()},
+        "variant_baselines": {name: v.baseline for name, v in variants.items()},
     }

@@ -18,15 +18,12 @@ import json
 import os
 import platform
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,12 +40,27 @@ from bench.runner import (
     trial_dicts,
 )
 from bench.server import ROOT, ServerError
+from bench.signals import sigterm_as_interrupt
 from bench.variants import VARIANTS
 
 RESULTS_DIR = ROOT / "bench" / "results"
 #: The goal for a throttled hello-world route, against the bare app.
 TARGET_RATIO = 0.90
-_VERSIONED = ("throttle_mw", "starlette", "uvicorn", "uvloop", "httptools", "redis")
+_VERSIONED = (
+    "throttle_mw",
+    "starlette",
+    "fastapi",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "redis",
+    "httpx",
+    "slowapi",
+    "limits",
+    "fastapi-limiter",
+    "pyrate-limiter",
+    "asgi-ratelimit",
+)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -76,6 +88,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (default 1)")
     parser.add_argument("--server-cpus", default="0", help="taskset -c list for the server")
     parser.add_argument("--load-cpus", default="1", help="taskset -c list for the generator")
+    parser.add_argument(
+        "--service-cpus",
+        help="taskset -c list for Redis (default: the generator's, see bench/services.py)",
+    )
     parser.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
     parser.add_argument(
         "--header", action="append", default=[], help="'Name: value' sent with every request"
@@ -94,17 +110,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def pinning(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
-    """The server's and generator's CPU lists, and a warning if pinning is off."""
+def pinning(args: argparse.Namespace) -> tuple[Pins, str | None]:
+    """The server's, generator's and services' CPU lists, and a warning if pinning is off."""
     if args.no_pin:
-        return None, None, "not pinned (--no-pin): server and generator share every CPU"
+        return Pins(), "not pinned (--no-pin): server and generator share every CPU"
     if shutil.which("taskset") is None:
-        return None, None, "taskset not found (util-linux): not pinned"
+        return Pins(), "taskset not found (util-linux): not pinned"
+    service_cpus = getattr(args, "service_cpus", None) or args.load_cpus
     allowed = os.sched_getaffinity(0)
-    wanted = {int(c) for cpus in (args.server_cpus, args.load_cpus) for c in _cpu_list(cpus)}
+    lists = (args.server_cpus, args.load_cpus, service_cpus)
+    wanted = {int(c) for cpus in lists for c in _cpu_list(cpus)}
     if not wanted <= allowed:
-        return None, None, f"CPUs {sorted(wanted - allowed)} not available here: not pinned"
-    return args.server_cpus, args.load_cpus, None
+        return Pins(), f"CPUs {sorted(wanted - allowed)} not available here: not pinned"
+    return Pins(args.server_cpus, args.load_cpus, service_cpus), None
+
+
+class Pins(NamedTuple):
+    """``taskset -c`` lists; None: not pinned."""
+
+    server: str | None = None
+    load: str | None = None
+    services: str | None = None
 
 
 def _cpu_list(cpus: str) -> list[int]:
@@ -115,7 +141,7 @@ def _cpu_list(cpus: str) -> list[int]:
     return found
 
 
-def environment(driver: LoadDriver) -> dict[str, Any]:
+def environment(driver: LoadDriver | None) -> dict[str, Any]:
     """What the numbers depend on, recorded with them."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -129,8 +155,8 @@ def environment(driver: LoadDriver) -> dict[str, Any]:
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
-        "generator": driver.name,
-        "generator_version": driver.version(),
+        "generator": None if driver is None else driver.name,
+        "generator_version": None if driver is None else driver.version(),
         "versions": versions,
         "git": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
@@ -153,13 +179,15 @@ def _git(*args: str) -> str | None:
 def print_trial(trial: Trial, rounds: int) -> None:
     if trial.problems:
         print(
-            f"round {trial.round}/{rounds}  {trial.variant:<12} FAILED: {'; '.join(trial.problems)}"
+            f"round {trial.round}/{rounds}  {trial.variant:<22} FAILED: {'; '.join(trial.problems)}"
         )
         return
     p99 = trial.latency_ms.get("p99", float("nan"))
+    trips = trial.counters_per_request.get("redis.round_trips")
+    redis = "" if trips is None else f", {trips:.3f} Redis round trips/request"
     print(
-        f"round {trial.round}/{rounds}  {trial.variant:<12} {trial.rps:>10,.0f} req/s"
-        f"  ({trial.generator}, {trial.requests:,} requests, p99 {p99:.1f} ms,"
+        f"round {trial.round}/{rounds}  {trial.variant:<22} {trial.rps:>10,.0f} req/s"
+        f"  ({trial.generator}, {trial.requests:,} requests, p99 {p99:.1f} ms{redis},"
         f" load {trial.loadavg_1m:.2f})",
         flush=True,
     )
@@ -168,9 +196,11 @@ def print_trial(trial: Trial, rounds: int) -> None:
 def print_summary(summary: dict[str, Any], generator: str) -> None:
     baseline = summary["baseline"]
     header = ("variant", "trials", "median req/s", "min", "max", "ratio", "paired")
-    rows = [(*header, "req/CPU-s", "ratio", "p50 ms", "p99 ms")]
+    rows = [(*header, "own", "req/CPU-s", "ratio", "p50 ms", "p99 ms", "RT/req")]
     for name, entry in summary["variants"].items():
         base = name == baseline
+        per_request = entry.get("median_counters_per_request", {})
+        own = entry.get("own_baseline")
         rows.append(
             (
                 name,
@@ -180,10 +210,12 @@ def print_summary(summary: dict[str, Any], generator: str) -> None:
                 _fmt(entry.get("max_rps"), ",.0f"),
                 "(base)" if base else _fmt(entry.get("ratio_rps"), ".3f"),
                 "" if base else _fmt(entry.get("median_paired_ratio_rps"), ".3f"),
+                "" if own is None else _fmt(entry.get("ratio_rps_own"), ".3f"),
                 _fmt(entry.get("median_rps_per_cpu"), ",.0f"),
                 "(base)" if base else _fmt(entry.get("ratio_rps_per_cpu"), ".3f"),
                 _fmt(entry.get("median_p50_ms"), ".1f"),
                 _fmt(entry.get("median_p99_ms"), ".1f"),
+                _fmt(per_request.get("redis.round_trips"), ".3f"),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -194,7 +226,9 @@ def print_summary(summary: dict[str, Any], generator: str) -> None:
         print("  ".join(cells))
     print(
         f"\nratio: median / median of {baseline}; paired: median of the per-round ratios;"
-        " req/CPU-s: requests per CPU-second of the server."
+        " own: ratio against the variant's own framework baseline (bare-fastapi);"
+        " req/CPU-s: requests per CPU-second of the server;"
+        " RT/req: Redis round trips per request (bench/services.py)."
         f"\nLoad generator: {generator}. Target for a throttled hello-world route:"
         f" ratio >= {TARGET_RATIO:.2f}."
     )
@@ -204,17 +238,12 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM takes the Ctrl-C path, so every server is stopped on the way out.
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         for variant in VARIANTS.values():
             services = f" [services: {', '.join(variant.services)}]" if variant.services else ""
-            print(f"{variant.name:<16} {variant.summary}{services}")
+            print(f"{variant.name:<24} {variant.summary}{services}")
         return 0
     names = tuple(n.strip() for n in args.variants.split(",") if n.strip())
     try:
@@ -223,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyError, ValueError, LoadError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
-    server_cpus, load_cpus, pin_warning = pinning(args)
+    pins, pin_warning = pinning(args)
     for note in (warning, pin_warning):
         if note:
             print(f"warning: {note}", file=sys.stderr)
@@ -233,8 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         duration_s=args.duration,
         warmup_s=args.warmup,
         connections=args.connections,
-        server_cpus=server_cpus,
-        load_cpus=load_cpus,
+        server_cpus=pins.server,
+        load_cpus=pins.load,
+        service_cpus=pins.services,
         headers=tuple((k.strip(), v.strip()) for k, v in (h.split(":", 1) for h in args.header)),
     )
     path: Path = args.json or RESULTS_DIR / f"{args.name}.json"
@@ -244,32 +274,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "settings": settings_dict(config, variants),
         "environment": environment(driver),
+        "services": {},
     }
     print(
         f"{', '.join(names)}: {args.rounds} rounds x {args.duration} s (+{args.warmup} s warm-up),"
         f" {args.connections} connections, generator {driver.name},"
-        f" server on CPUs {server_cpus}, load on CPUs {load_cpus}",
+        f" server on CPUs {pins.server}, load on CPUs {pins.load},"
+        f" services on CPUs {pins.services}",
         flush=True,
     )
     trials: list[Trial] = []
-    # Signal handlers can only be set from the main thread (not so under some runners).
-    main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if main_thread else None
     status = 0
-    try:
-        run(config, driver, lambda t: print_trial(t, args.rounds), trials)
-    except (TrialFailed, ServerError, LoadError) as exc:
-        document["error"] = str(exc)
-        print(f"error: {exc}", file=sys.stderr)
-        status = 1
-    except KeyboardInterrupt:
-        document["error"] = "interrupted"
-        print("interrupted: servers stopped", file=sys.stderr)
-        status = 130
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    summary = summarize(trials, names)
+    with sigterm_as_interrupt():
+        try:
+            run(config, driver, lambda t: print_trial(t, args.rounds), trials, document["services"])
+        except (TrialFailed, ServerError, LoadError) as exc:
+            document["error"] = str(exc)
+            print(f"error: {exc}", file=sys.stderr)
+            status = 1
+        except KeyboardInterrupt:
+            document["error"] = "interrupted"
+            print("interrupted: servers and services stopped", file=sys.stderr)
+            status = 130
+    summary = summarize(trials, names, {n: v.baseline for n, v in variants.items()})
     document.update(
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         complete=status == 0,

@@ -38,6 +38,9 @@ class Variant:
     services: tuple[str, ...] = ()
     #: Importable modules the builder needs (peer libraries, redis).
     requires: tuple[str, ...] = ()
+    #: The variant its ratios are also quoted against (same framework, nothing in
+    #: front): ``bare`` for Starlette apps, ``bare-fastapi`` for FastAPI-only peers.
+    baseline: str = "bare"
 
     def missing(self) -> list[str]:
         """Required modules that cannot be imported here."""
@@ -55,13 +58,16 @@ def variant(
     env: Mapping[str, str] | None = None,
     services: tuple[str, ...] = (),
     requires: tuple[str, ...] = (),
+    baseline: str = "bare",
 ) -> Callable[[Builder], Builder]:
     """Register the decorated builder as variant `name`."""
 
     def register(build: Builder) -> Builder:
         if name in _REGISTRY:
             raise ValueError(f"benchmark variant {name!r} is registered twice")
-        _REGISTRY[name] = Variant(name, summary, build, dict(env or {}), services, requires)
+        _REGISTRY[name] = Variant(
+            name, summary, build, dict(env or {}), services, requires, baseline
+        )
         return build
 
     return register

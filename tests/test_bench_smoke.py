@@ -1,19 +1,26 @@
-"""The throughput benchmark still runs end to end (it never asserts on speed).
+"""The benchmarks still run end to end (they never assert on speed).
 
-One round of one second per variant, against real uvicorn servers: with wrk
-when it is installed, and always once with the Python fallback generator so
-that path cannot rot where wrk is present.
+Throughput: one round of one second per variant, against real uvicorn
+servers: with wrk when it is installed, and always once with the Python
+fallback generator so that path cannot rot where wrk is present. Then the
+Redis variants and the peers (those whose libraries are installed: the
+``bench`` extra) with their Redis round trips, the sequential round-trip
+count, grant latency, the overload story and ``run_all``'s summary, each with
+tiny durations, against a private redis-server.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
+from bench import grant_latency, roundtrips, run_all, story
 from bench.runner import Trial, summarize
 from bench.throughput import main
 
@@ -89,3 +96,183 @@ def test_summary_pairs_each_round_with_its_baseline() -> None:
     assert memory["paired_ratios_rps"] == pytest.approx([0.9, 0.5, 0.8])
     assert memory["median_paired_ratio_rps"] == pytest.approx(0.8)
     assert "median_rps_per_cpu" not in memory  # no CPU figures recorded
+
+
+# --- the Redis variants, peers, round trips, grant latency, the overload story -------------
+
+PEER_MODULES = {
+    "slowapi": "slowapi",
+    "fastapi-limiter": "fastapi_limiter",
+    "asgi-ratelimit": "ratelimit",
+}
+
+
+def installed_peers() -> list[str]:
+    """The peers whose libraries are installed (the `bench` extra)."""
+    return [name for name, module in PEER_MODULES.items() if importlib.util.find_spec(module)]
+
+
+def redis_variants() -> list[str]:
+    return ["redis-rate", "redis-concurrency", *(f"{peer}-redis" for peer in installed_peers())]
+
+
+def test_redis_and_peer_variants_run_and_count_round_trips(
+    tmp_path: Path, redis_binary: Path
+) -> None:
+    peers = installed_peers()
+    memory_peers = [f"{peer}-memory" for peer in peers]
+    names = ["bare", "bare-fastapi", *redis_variants(), *memory_peers]
+    out = tmp_path / "throughput.json"
+    args = ["--variants", ",".join(names), "--rounds", "1", "--duration", "1", "--warmup", "0"]
+    status = main([*args, "--connections", "4", "--json", str(out)])
+
+    assert status == 0
+    document = json.loads(out.read_text())
+    assert document["complete"] is True
+    assert [t["variant"] for t in document["trials"]] == names
+    variants = document["summary"]["variants"]
+    for name in redis_variants():
+        per_request = variants[name]["median_counters_per_request"]
+        assert per_request["redis.round_trips"] > 0  # counted by the private redis-server
+        assert per_request["redis.script_calls"] > 0
+    for name in ["bare", *memory_peers]:
+        assert "median_counters_per_request" not in variants[name]  # no Redis for them
+    if "fastapi-limiter" in peers:
+        assert variants["fastapi-limiter-memory"]["own_baseline"] == "bare-fastapi"
+        assert "ratio_rps_own" in variants["fastapi-limiter-memory"]
+    assert document["services"]["redis"]["cpus"] is not None or shutil.which("taskset") is None
+
+
+def test_round_trips_sequential(tmp_path: Path, redis_binary: Path) -> None:
+    out = tmp_path / "roundtrips.json"
+    status = roundtrips.main(
+        [
+            "--variants",
+            "redis-rate,redis-concurrency",
+            "--modes",
+            "sequential",
+            "--rounds",
+            "1",
+            "--duration",
+            "1",
+            "--warmup",
+            "0",
+            "--json",
+            str(out),
+        ]
+    )
+
+    assert status == 0
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"redis-rate", "redis-concurrency"}
+    for row in rows.values():
+        assert row["mode"] == "sequential"
+        assert row["connections"] == 1
+        assert row["round_trips"] > 0
+        assert row["commands_incl_scripts"] >= row["script_calls"] > 0
+
+
+def test_grant_latency_runs(tmp_path: Path, redis_binary: Path) -> None:
+    out = tmp_path / "grant.json"
+    assert grant_latency.main(["--samples", "5", "--json", str(out)]) == 0
+
+    document = json.loads(out.read_text())
+    assert document["complete"] is True
+    assert len(document["latencies_ms"]) == 5
+    assert all(latency >= 0 for latency in document["latencies_ms"])
+    assert document["latency_ms"]["p99"] is not None
+
+
+def test_story_runs_and_scores_every_tenant(tmp_path: Path, redis_binary: Path) -> None:
+    out = tmp_path / "story.json"
+    names = ["bare", "memory", "redis-concurrency", *(f"{p}-memory" for p in installed_peers())]
+    status = story.main(
+        [
+            "--variants",
+            ",".join(names),
+            "--tenants",
+            "A=4,B=8,C=40",
+            "--duration",
+            "2",
+            "--warmup",
+            "0.5",
+            "--work-ms",
+            "20",
+            "--timeout",
+            "3",
+            "--json",
+            str(out),
+        ]
+    )
+
+    assert status == 0
+    document = json.loads(out.read_text())
+    assert list(document["variants"]) == names
+    for result in document["variants"].values():
+        assert set(result["tenants"]) == {"A", "B", "C"}
+        assert result["all"]["offered"] > 0
+        assert result["all"]["goodput_per_s"] > 0
+    assert document["variants"]["redis-concurrency"]["redis"]["round_trips_per_request"] > 0
+    assert document["variants"]["bare"]["redis"] is None
+
+
+def test_story_scoring_counts_due_requests_in_the_window() -> None:
+    def record(tenant: str, due: float, done: float, status: int) -> dict[str, Any]:
+        return {"tenant": tenant, "due_s": due, "sent_s": due, "done_s": done, "status": status}
+
+    records = [
+        record("A", 0.5, 0.6, 200),  # due before the window: not scored
+        record("A", 1.0, 1.1, 200),
+        record("A", 2.0, 2.5, 429),
+        record("A", 3.0, 4.5, 200),  # due in the window, done after it: served, no goodput
+        record("B", 1.5, 1.5, 0) | {"error": "timeout"},
+    ]
+    result = story.score([{"error": None} | r for r in records], ["A", "B"], 1.0, 4.0)
+
+    a = result["tenants"]["A"]
+    assert a["offered"] == 3
+    assert a["served_fraction"] == pytest.approx(2 / 3)
+    assert a["rejected_fraction"] == pytest.approx(1 / 3)
+    assert a["served_latency_ms"]["max"] == pytest.approx(1500.0)
+    assert a["goodput_per_s"] == pytest.approx(1 / 3)  # one 2xx completed in [1, 4)
+    assert result["tenants"]["B"]["failed_fraction"] == 1.0
+    assert result["errors"] == {"timeout": 1}
+
+
+def test_run_all_writes_the_summary(tmp_path: Path, redis_binary: Path) -> None:
+    status = run_all.main(
+        ["--only", "grant_latency", "--grant-samples", "3", "--out", str(tmp_path)]
+    )
+
+    assert status == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["statuses"] == {"grant_latency": 0}
+    text = (tmp_path / "summary.md").read_text()
+    assert "### Grant latency" in text
+    assert "shared, noisy 2-core VM" in text
+
+
+def test_redis_round_trips_subtract_our_own_samples(redis_binary: Path, tmp_path: Path) -> None:
+    from bench.services import RedisService, ServiceContext
+
+    service = RedisService(ServiceContext(None, tmp_path))
+    try:
+        service.start()
+        quiet = [service.counters() for _ in range(3)]
+        with redis.Redis.from_url(service.url) as client:
+            client.ping()  # the connection's set-up (HELLO...) happens here
+            before = service.counters()
+            for _ in range(5):
+                client.eval("redis.call('SET', 'k', 'v'); return redis.call('GET', 'k')", 0)
+            pipe = client.pipeline(transaction=False)
+            pipe.get("k").get("k").get("k")
+            pipe.execute()
+            after = service.counters()
+    finally:
+        service.stop()
+
+    assert quiet[2]["round_trips"] == quiet[0]["round_trips"]  # sampling alone counts nothing
+    delta = {key: after[key] - before.get(key, 0.0) for key in after}
+    assert delta["round_trips"] == 6  # 5 scripts + 1 pipeline; their inner commands are not
+    assert delta["script_calls"] == 5
+    assert delta["commands"] == 5 + 10 + 3  # the scripts, their SET and GET, the pipeline's GETs
