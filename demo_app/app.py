@@ -10,6 +10,7 @@ answer, and the health check, the page and its JSON are exempt.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections import OrderedDict
@@ -99,6 +100,12 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
         await store.start()
         if fleet is not None:
             await fleet.start()
+        # Move the ~65,000 start-up objects (FastAPI, pydantic, uvicorn, the throttle)
+        # out of the collector's reach: otherwise each full collection under load stops
+        # the process for 40-75 ms of CPU on a small machine, which alone sets every
+        # tenant's p99. They are never garbage, so nothing leaks.
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:

@@ -46,9 +46,9 @@ REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 #: The story's budget for the whole fleet, and the store each replica has.
 FLEET_ENV: Final[Mapping[str, str]] = {
     "THROTTLE_RATE": "80",
-    "THROTTLE_CONCURRENCY": "9",
+    "THROTTLE_CONCURRENCY": "12",
     "THROTTLE_MAX_WAIT": "critical=10,high=8,normal=5,low=2",
-    "SURVEYTOOL_SLOTS": "3",
+    "SURVEYTOOL_SLOTS": "6",
     "SURVEYTOOL_WORK_MS": "100",
 }
 

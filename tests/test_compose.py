@@ -129,7 +129,10 @@ def test_replicas_share_redis_sqlite_and_a_valid_budget(compose: dict[str, Any])
         assert settings.rate == 80.0
         assert settings.concurrency is not None
         config = AppConfig.from_env(env)
-        assert settings.concurrency == config.slots * len(APPS)  # budget = the fleet's slots
+        # Never more in flight than the fleet's store takes, and each replica's store has
+        # room for a fair part of it even when the load balancer spreads unevenly.
+        assert settings.concurrency <= config.slots * len(APPS)
+        assert config.slots >= settings.concurrency / len(APPS) + 1
     assert len({env["SURVEYTOOL_DB"] for env in envs}) == 1
     assert len({env["SURVEYTOOL_REPLICA"] for env in envs}) == len(APPS)
     assert mounts[0] == mounts[1] == mounts[2]

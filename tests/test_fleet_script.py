@@ -139,12 +139,12 @@ def report(tmp_path: Path) -> dict[str, Any]:
 def test_without_redis_each_process_gets_its_share_of_the_budget() -> None:
     shared = app_env({}, replicas=3, redis_url="redis://127.0.0.1:6400/0")
     assert shared["THROTTLE_REDIS_URL"] == "redis://127.0.0.1:6400/0"
-    assert (shared["THROTTLE_RATE"], shared["THROTTLE_CONCURRENCY"]) == ("80", "9")
+    assert (shared["THROTTLE_RATE"], shared["THROTTLE_CONCURRENCY"]) == ("80", "12")
     alone = app_env({"THROTTLE_REDIS_URL": "redis://elsewhere"}, replicas=3, redis_url=None)
     assert "THROTTLE_REDIS_URL" not in alone
     assert float(alone["THROTTLE_RATE"]) == pytest.approx(80 / 3, abs=0.001)
-    assert alone["THROTTLE_CONCURRENCY"] == "3"
-    assert alone["SURVEYTOOL_SLOTS"] == "3"
+    assert alone["THROTTLE_CONCURRENCY"] == "4"
+    assert alone["SURVEYTOOL_SLOTS"] == "6"
     # A budget set in the environment wins over the story's, and is split the same way.
     mine = app_env({"THROTTLE_RATE": "30", "THROTTLE_BURST": "9"}, replicas=3, redis_url=None)
     assert float(mine["THROTTLE_RATE"]) == pytest.approx(10.0)
@@ -203,7 +203,7 @@ def test_fleet_shares_one_budget_through_redis(tmp_path: Path) -> None:
         assert stats["source"] == "redis"
         assert stats["replicas"] == 3
         assert stats["throttle"]["rate"] == 80.0
-        assert stats["throttle"]["concurrency"] == 9
+        assert stats["throttle"]["concurrency"] == 12
         rows = {row["tenant"]: row for row in stats["tenants"]}
         assert rows["stub-tenant"]["admitted_per_s"] > 0
     assert_all_gone(log)
