@@ -35,16 +35,20 @@ _running = 0
 
 
 async def work(request: Request) -> Response:
-    """Hold one of the slots for the work time; report the service time as app;dur."""
+    """Hold one of the slots for the work time; report only that as app;dur.
+
+    Time spent waiting for a slot is not service time: a test's "added wait"
+    (latency from due minus app;dur) must count every wait, wherever it happens.
+    """
     global _running
-    started = time.perf_counter()
     _running += 1
     try:
         async with _slots:
+            started = time.perf_counter()
             await asyncio.sleep(WORK_S * (1 + JITTER * (2 * random.random() - 1)))
+            service_ms = (time.perf_counter() - started) * 1000.0
     finally:
         _running -= 1
-    service_ms = (time.perf_counter() - started) * 1000.0
     return PlainTextResponse("done", headers={"server-timing": f"app;dur={service_ms:.1f}"})
 
 

@@ -3,10 +3,13 @@
 Decisions are made atomically in Redis by ``batch.lua`` (the scheduler's rules in
 Lua, on Redis' clock). Grants reach the process where a request waits through
 its grant list; concurrency slots are leases that this process renews while it
-holds them. When Redis is unreachable or slow, `THROTTLE_FAILURE_MODE` decides:
-``open`` admits, ``closed`` rejects with 503, ``local`` enforces this process's
-share of the budget in memory. A circuit breaker keeps a dead Redis from being
-hammered and brings the shared budget back within about a second of its return.
+holds them. When Redis is unreachable or slow, `THROTTLE_FAILURE_MODE` decides
+(see ``fallback.py``). A circuit breaker keeps a dead Redis from being hammered
+and brings the shared budget back within about a second of its return.
+
+Requests waiting in Redis when it fails keep waiting for `SETTLE_S`: a blip (a
+restart, a failover) costs them nothing, as they are submitted again once Redis
+answers. If Redis is still away after that, the failure mode settles them.
 """
 
 from __future__ import annotations
@@ -15,9 +18,8 @@ import asyncio
 import functools
 import json
 import logging
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -31,9 +33,9 @@ from ...scheduler import Limits, Reject, Request, Snapshot, TenantSnapshot
 from ...settings import Settings
 from .. import limits_from_settings, policy_from_settings
 from ..base import Admitted, Outcome, RequestIds, Waiting
-from ..memory import MemoryBackend
 from .batcher import Batcher, Op
 from .breaker import Breaker
+from .fallback import Fallback
 from .grants import BLOCK_S, GrantListener
 from .keys import grants_key, hash_tag, state_key, tenant_digest
 from .scripts import Scripts
@@ -43,6 +45,11 @@ logger = logging.getLogger("throttle_mw.redis")
 _FLAGS = {(False, False): 0, (True, False): 1, (True, True): 3, (False, True): 3}
 _RETRY = 4
 POOL_SIZE = 16
+#: How long requests waiting in Redis wait out a Redis failure before the failure mode
+#: settles them (a restart or a failover is over by then).
+SETTLE_S = 1.0
+#: Grant messages that arrived before their acquire's reply, kept at most.
+_EARLY = 1024
 
 
 @dataclass(eq=False)
@@ -66,12 +73,13 @@ class RedisBackend:
         self.process = RequestIds().token
         self._now = now  # tests only: a callable giving the script's clock
         self._breaker = Breaker()
+        self._fallback = Fallback(settings.failure_mode, self._limits, self._policy)
         self._waiters: dict[str, _Waiter] = {}
+        self._early: dict[str, str] = {}  # grant messages that beat their acquire's reply
         self._leases: set[str] = set()
         self._orphans: set[str] = set()  # ids to clean up in Redis once it is back
-        self._local: MemoryBackend | None = None
-        self._local_ids: set[str] = set()
-        self._fleet = 1
+        self._settle: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._client: Any = None
         self._listen_client: Any = None
         self._scripts: Scripts | None = None
@@ -81,6 +89,7 @@ class RedisBackend:
         self._tick: asyncio.TimerHandle | None = None
         self._tick_at = 0.0
         self._started = False
+        self._closing = False
         self._static = self._static_args()
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -89,7 +98,15 @@ class RedisBackend:
         if self._started:
             return
         self._started = True
+        self._closing = False
         self._client, self._listen_client = self._connect()
+        if self._settings.redis_cluster:
+            # Learn the slot map now, not in the first request (it takes a few round trips).
+            try:
+                for client in (self._client, self._listen_client):
+                    await client.initialize()
+            except (RedisError, OSError) as exc:
+                self._on_failure(exc)
         self._scripts = Scripts.register(self._client)
         self._batcher = Batcher(self._call, self._on_trailer)
         self._batcher.start()
@@ -97,7 +114,7 @@ class RedisBackend:
             self._listen_client,
             grants_key(self._tag, self.process),
             self._on_message,
-            self._on_reconnect,
+            self._succeeded,
             self._on_failure,
         )
         self._listener.start()
@@ -108,10 +125,13 @@ class RedisBackend:
             return
         for waiter in list(self._waiters.values()):
             await self.cancel(waiter.waiting)
-        if self._local is not None:
-            await self._local.stop()
-        if self._tick is not None:
-            self._tick.cancel()
+        await self._fallback.stop()
+        for timer in (self._tick, self._settle):
+            if timer is not None:
+                timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        self._closing = True  # see GrantListener.stop: a cancel alone may be swallowed
         if self._renewer is not None:
             self._renewer.cancel()
             await asyncio.gather(self._renewer, return_exceptions=True)
@@ -119,9 +139,11 @@ class RedisBackend:
             await self._listener.stop()
         try:
             assert self._scripts is not None
-            releases = [("R", lease) for lease in (self._leases | self._orphans)]
-            if releases:
-                await asyncio.wait_for(self._call(releases, False), 2.0)
+            # Orphans may still be queued or hold a lease: take them out of both.
+            ops = [("R", lease) for lease in self._leases]
+            ops += [(op, rid) for rid in self._orphans for op in ("C", "R")]
+            if ops:
+                await asyncio.wait_for(self._call(ops, False), 2.0)
             await asyncio.wait_for(
                 self._scripts.leave(keys=[self._state_key], args=[self._tag, self.process]), 2.0
             )
@@ -162,8 +184,9 @@ class RedisBackend:
             timeout=timeout,  # a full pool waits this long rather than failing at once
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            retry=no_retry,
         )
-        client = Redis(connection_pool=pool, retry=no_retry)
+        client = Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
         listen = Redis.from_url(
             s.redis_url,
             socket_timeout=BLOCK_S + timeout + 1.0,
@@ -179,24 +202,23 @@ class RedisBackend:
         if not self._started:
             await self.start()
         if not self._breaker.allow():
-            return await self._fallback(request)
+            return await self._fallback.acquire(request)
         assert self._batcher is not None
         started = asyncio.get_running_loop().time()
         op = self._acquire_op(request)
         try:
             result = await self._batcher.submit(op, lambda r: self._undo_acquire(request.id, r))
         except (RedisError, OSError) as exc:
+            self._orphans.add(request.id)  # it may have run before the reply was lost
             self._on_failure(exc)
-            return await self._fallback(request)
-        self._breaker.success()
+            return await self._fallback.acquire(request)
+        self._succeeded()
         return self._outcome(request, result, started)
 
     async def cancel(self, waiting: Waiting) -> Admitted | Reject:
         rid = waiting.request_id
-        if rid in self._local_ids:
-            self._local_ids.discard(rid)
-            assert self._local is not None
-            return await self._local.cancel(waiting)
+        if self._fallback.owns(rid):
+            return await self._fallback.cancel(waiting)
         self._waiters.pop(rid, None)
         if waiting.future.done():
             return self._resolved(waiting)
@@ -206,19 +228,10 @@ class RedisBackend:
         return result
 
     def release(self, request_id: str) -> None:
-        if request_id in self._local_ids:
-            self._local_ids.discard(request_id)
-            if self._local is not None:
-                self._local.release(request_id)
-            return
-        if request_id not in self._leases:
-            return
-        self._leases.discard(request_id)
-        if self._batcher is None or not self._breaker.allow():
-            self._orphans.add(request_id)
-            return
-        future = self._batcher.submit(("R", request_id))
-        future.add_done_callback(lambda f: self._after_release(request_id, f))
+        if self._fallback.owns(request_id):
+            self._fallback.release(request_id)
+        elif request_id in self._leases:
+            self._release_in_redis(request_id)
 
     async def snapshot(self) -> Snapshot:
         if not self._started:
@@ -251,6 +264,9 @@ class RedisBackend:
             "tenant_burst": repr(limits.tenant_burst),
         }
         await self._client.hset(f"{self._tag}:cfg", mapping=fields)
+        self._limits = self._fallback.limits = limits
+        assert self._batcher is not None
+        await self._batcher.submit(("T",))  # dispatch now: a raised limit admits waiters
 
     # --- talking to Redis ---------------------------------------------------------------------
 
@@ -294,8 +310,10 @@ class RedisBackend:
         raw = await self._scripts.batch(keys=[self._state_key], args=args)
         return [item.decode() if isinstance(item, bytes) else str(item) for item in raw]
 
-    def _acquire_op(self, request: Request) -> Op:
+    def _acquire_op(self, request: Request, max_wait_s: float | None = None) -> Op:
         weight = self._limits.weight(request.tenant)
+        if max_wait_s is None:
+            max_wait_s = self._settings.max_wait_s[request.priority]
         return (
             "A",
             request.id,
@@ -305,7 +323,7 @@ class RedisBackend:
             str(RANK[request.priority]),
             str(request.cost),
             str(_FLAGS[(request.sheddable, request.degradable)]),
-            repr(self._settings.max_wait_s[request.priority]),
+            repr(max_wait_s),
         )
 
     def _outcome(self, request: Request, result: str, started: float) -> Outcome:
@@ -320,20 +338,23 @@ class RedisBackend:
             deadline = started + self._settings.max_wait_s[request.priority]
             waiting = Waiting(request.id, deadline, float(fields[1]), loop.create_future())
             self._waiters[request.id] = _Waiter(request, waiting, started)
+            early = self._early.pop(request.id, None)
+            if early is not None:
+                self._on_message(early)
             return waiting
         return Reject(fields[0], float(fields[1]))  # type: ignore[arg-type]
 
     async def _cancel_in_redis(self, rid: str) -> Admitted | Reject:
         if self._batcher is None or not self._breaker.allow():
             self._orphans.add(rid)
-            return self._unavailable(rid)
+            return self._fallback.settle(rid)
         try:
             result = await self._batcher.submit(("C", rid), lambda r: self._undo_cancel(rid, r))
         except (RedisError, OSError) as exc:
             self._on_failure(exc)
             self._orphans.add(rid)
-            return self._unavailable(rid)
-        self._breaker.success()
+            return self._fallback.settle(rid)
+        self._succeeded()
         kind, *fields = result.split("|")
         if kind == "X":
             return Reject(fields[0], float(fields[1]))  # type: ignore[arg-type]
@@ -353,15 +374,22 @@ class RedisBackend:
 
     def _undo_acquire(self, rid: str, result: str) -> None:
         if result.startswith("A|1"):
-            self._leases.add(rid)
-            self.release(rid)
+            self._release_in_redis(rid)
         elif result.startswith("Q|") and self._batcher is not None:
             self._batcher.submit(("C", rid), lambda r: self._undo_cancel(rid, r))
 
     def _undo_cancel(self, rid: str, result: str) -> None:
         if result.startswith("G|1"):
-            self._leases.add(rid)
-            self.release(rid)
+            self._release_in_redis(rid)
+
+    def _release_in_redis(self, rid: str) -> None:
+        """Give a lease back in Redis (the same id may be waiting locally meanwhile)."""
+        self._leases.discard(rid)
+        if self._batcher is None or not self._breaker.allow():
+            self._orphans.add(rid)
+            return
+        future = self._batcher.submit(("R", rid))
+        future.add_done_callback(lambda f: self._after_release(rid, f))
 
     def _after_release(self, rid: str, future: asyncio.Future[str]) -> None:
         if future.cancelled():
@@ -370,6 +398,8 @@ class RedisBackend:
         if exc is not None:
             self._orphans.add(rid)
             self._on_failure(exc)
+        else:
+            self._succeeded()  # it may have been the breaker's probe: report back
 
     # --- grants, ticks, renewals ------------------------------------------------------------------
 
@@ -378,9 +408,13 @@ class RedisBackend:
         waiter = self._waiters.pop(rid, None)
         if waiter is None:
             if kind == "g" and fields[1] == "1" and rid in self._orphans:
-                self._leases.add(rid)  # granted after we gave up on it: give it back
-                self._orphans.discard(rid)
-                self.release(rid)
+                self._orphans.discard(rid)  # granted after we gave up on it: give it back
+                self._release_in_redis(rid)
+            elif rid not in self._orphans:
+                # Its acquire's reply may not have been read yet: keep it for that.
+                self._early[rid] = message
+                if len(self._early) > _EARLY:
+                    del self._early[next(iter(self._early))]
             return
         if waiter.waiting.future.done():
             return
@@ -397,7 +431,7 @@ class RedisBackend:
         if len(trailer) >= 2:
             if trailer[0]:
                 self._schedule_tick(float(trailer[0]))
-            self._fleet = max(1, int(trailer[1]))
+            self._fallback.fleet = max(1, int(trailer[1]))
 
     def _schedule_tick(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -420,34 +454,77 @@ class RedisBackend:
         if not future.cancelled() and future.exception() is not None:
             self._on_failure(future.exception())
         elif not future.cancelled():
-            self._breaker.success()
+            self._succeeded()
 
-    def _on_reconnect(self) -> None:
-        """Redis is back (or was restarted): re-submit every waiter, clean up orphans."""
+    # --- Redis lost and back ---------------------------------------------------------------------
+
+    def _succeeded(self) -> None:
+        """A call to Redis went through: if the breaker was open, Redis is back."""
+        if not self._breaker.is_open:
+            return
+        self._breaker.success()
+        logger.info("throttle_mw: Redis is back; the shared budget decides again")
+        self._recovered()
+
+    def _recovered(self) -> None:
+        """Clean up orphans, re-submit every waiter, and bring the local queue back to Redis."""
+        if self._settle is not None:
+            self._settle.cancel()
+            self._settle = None
         if self._batcher is None:
             return
-        for waiter in list(self._waiters.values()):
-            op = self._acquire_op(waiter.request)
-            retry = (*op[:7], str(int(op[7]) | _RETRY), op[8])
-            future = self._batcher.submit(retry)
-            future.add_done_callback(functools.partial(self._after_resubmit, waiter))
         for rid in list(self._orphans):
             # Whatever it became meanwhile, take it out of the queue and give back its
             # lease: both operations are idempotent.
             self._orphans.discard(rid)
-            for op in (("C", rid), ("R", rid)):
-                self._batcher.submit(op, functools.partial(self._undo_cancel, rid))
+            for cleanup in (("C", rid), ("R", rid)):
+                self._batcher.submit(cleanup, functools.partial(self._undo_cancel, rid))
+        loop = asyncio.get_running_loop()
+        for waiter in list(self._waiters.values()):
+            # Idempotent: still queued (or admitted) in Redis, it is answered from that;
+            # gone with a restart, it queues again for what is left of its wait.
+            left = max(0.0, waiter.waiting.deadline - loop.time())
+            op = self._acquire_op(waiter.request, left)
+            retry = (*op[:7], str(int(op[7]) | _RETRY), op[8])
+            future = self._batcher.submit(retry)
+            future.add_done_callback(functools.partial(self._after_resubmit, waiter))
+        self._spawn(self._readmit_local())
+
+    async def _readmit_local(self) -> None:
+        """Local waiters (failure mode `local`) wait in Redis again, for what is left of it."""
+        assert self._batcher is not None
+        loop = asyncio.get_running_loop()
+        for request, waiting in await self._fallback.give_back():
+            started = waiting.deadline - self._settings.max_wait_s[request.priority]
+            waiter = _Waiter(request, waiting, started)
+            self._waiters[request.id] = waiter
+            op = self._acquire_op(request, max(0.0, waiting.deadline - loop.time()))
+            future = self._batcher.submit(op, functools.partial(self._undo_acquire, request.id))
+            future.add_done_callback(functools.partial(self._after_resubmit, waiter))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _after_resubmit(self, waiter: _Waiter, future: asyncio.Future[str]) -> None:
-        if future.cancelled() or future.exception() is not None:
+        if future.cancelled():
             return
-        if waiter.waiting.future.done() or self._waiters.get(waiter.request.id) is not waiter:
+        if future.exception() is not None:
+            self._on_failure(future.exception())  # away again: its waiters settle in time
             return
-        outcome = self._outcome(waiter.request, future.result(), waiter.started)
-        if isinstance(outcome, Waiting):
-            self._waiters[waiter.request.id] = waiter  # still queued: keep the first handle
+        rid = waiter.request.id
+        if waiter.waiting.future.done() or self._waiters.get(rid) is not waiter:
             return
-        self._waiters.pop(waiter.request.id, None)
+        result = future.result()
+        if result.startswith("Q|"):
+            early = self._early.pop(rid, None)  # queued: the caller keeps its handle
+            if early is not None:
+                self._on_message(early)
+            return
+        del self._waiters[rid]
+        outcome = self._outcome(waiter.request, result, waiter.started)
+        assert not isinstance(outcome, Waiting)
         waiter.waiting.future.set_result(outcome)
 
     async def _renew_loop(self) -> None:
@@ -467,15 +544,14 @@ class RedisBackend:
                             *self._leases,
                         ],
                     )
-                    self._fleet = max(1, int(live))
-                    was_open = self._breaker.is_open
-                    self._breaker.success()
-                    if was_open:
-                        self._on_reconnect()
+                    self._fallback.fleet = max(1, int(live))
+                    self._succeeded()
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
                 self._on_failure(exc)
+            if self._closing:
+                return
             await asyncio.sleep(period if not self._breaker.is_open else 0.25)
 
     # --- failure modes --------------------------------------------------------------------
@@ -489,51 +565,15 @@ class RedisBackend:
                 type(exc).__name__ if exc is not None else "connection lost",
                 self._settings.failure_mode,
             )
-            self._fail_waiters()
+        if self._waiters and self._settle is None:
+            self._settle = asyncio.get_running_loop().call_later(SETTLE_S, self._settle_waiters)
 
-    def _fail_waiters(self) -> None:
-        """Redis is gone: settle everyone waiting in it now, per the failure mode."""
+    def _settle_waiters(self) -> None:
+        """Redis is still away: whoever waits in it is decided by the failure mode now."""
+        self._settle = None
+        if not self._breaker.is_open:
+            return  # back in time: the waiters were submitted again
         for rid, waiter in list(self._waiters.items()):
             self._waiters.pop(rid, None)
             self._orphans.add(rid)
-            if not waiter.waiting.future.done():
-                waiter.waiting.future.set_result(self._unavailable(rid))
-
-    def _unavailable(self, rid: str) -> Admitted | Reject:
-        if self._settings.failure_mode == "open":
-            return Admitted(rid, unthrottled=True)
-        return Reject("unavailable", 1.0)
-
-    async def _fallback(self, request: Request) -> Outcome:
-        mode = self._settings.failure_mode
-        if mode == "open":
-            return Admitted(request.id, unthrottled=True)
-        if mode == "closed":
-            return Reject("unavailable", 1.0)
-        local = self._local_backend()
-        outcome = await local.acquire(request)
-        if isinstance(outcome, Waiting) or (isinstance(outcome, Admitted) and outcome.lease):
-            self._local_ids.add(request.id)
-        return outcome
-
-    def _local_backend(self) -> MemoryBackend:
-        """This process's share of the budget (by the last known fleet size)."""
-        if self._local is None:
-            self._local = MemoryBackend(_share(self._limits, self._fleet), self._policy)
-        return self._local
-
-
-def _share(limits: Limits, processes: int) -> Limits:
-    """One process's part of the fleet's limits."""
-    if processes <= 1:
-        return limits
-    return replace(
-        limits,
-        rate=None if limits.rate is None else limits.rate / processes,
-        burst=max(1.0, limits.burst / processes),
-        concurrency=None
-        if limits.concurrency is None
-        else max(1, math.floor(limits.concurrency / processes)),
-        tenant_rate=None if limits.tenant_rate is None else limits.tenant_rate / processes,
-        tenant_burst=max(1.0, limits.tenant_burst / processes),
-    )
+            self._fallback.adopt(waiter.request, waiter.waiting)

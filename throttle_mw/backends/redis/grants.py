@@ -4,8 +4,8 @@ Whichever process frees capacity, the script that dispatches pushes a message
 onto the waiting process's list (``P:g:<process>``). One dedicated connection
 per process reads it with BLPOP, so a waiter resumes within a round trip of the
 grant, with no polling. After a connection failure the listener reconnects and
-asks the backend to re-submit its waiters (idempotently), so no waiter depends
-on a message that a Redis restart may have lost.
+tells the backend, which re-submits its waiters (idempotently), so no waiter
+depends on a message that a Redis restart may have lost.
 """
 
 from __future__ import annotations
@@ -38,12 +38,16 @@ class GrantListener:
         self._on_reconnect = on_reconnect
         self._on_failure = on_failure
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="throttle-grants")
 
     async def stop(self) -> None:
+        # A flag as well as cancel(): on Python 3.11 a cancel that lands as a Redis reply
+        # arrives is swallowed (asyncio.wait_for inside redis-py), and the loop would go on.
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -52,7 +56,7 @@ class GrantListener:
     async def _run(self) -> None:
         backoff = 0.05
         failed = False
-        while True:
+        while not self._closing:
             try:
                 item = await self._client.blpop([self._key], timeout=BLOCK_S)
                 if failed:

@@ -2,17 +2,23 @@
 
 Each entry script gets ``lib.lua`` (the scheduler's rules) prepended. redis-py's
 registered scripts call EVALSHA and reload the script after NOSCRIPT (a Redis
-restart or ``SCRIPT FLUSH``).
+restart or ``SCRIPT FLUSH``); `Script` goes once more round that loop if the
+cache is flushed again between the reload and the EVALSHA.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from typing import Any
 
+from redis.exceptions import NoScriptError
+
 ENTRY_SCRIPTS = ("batch", "renew", "leave", "snapshot")
+#: NOSCRIPT means the script did not run, so trying again is always safe.
+_ATTEMPTS = 3
 
 
 @cache
@@ -24,13 +30,28 @@ def source(name: str) -> str:
     return f"{lib}\n-- ==== {name}.lua ====\n{entry}"
 
 
+class Script:
+    """A registered script whose calls never fail on NOSCRIPT."""
+
+    def __init__(self, client: Any, name: str) -> None:
+        self._script = client.register_script(source(name))
+
+    async def __call__(self, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        for _ in range(_ATTEMPTS - 1):
+            try:
+                return await self._script(keys=keys, args=args)
+            except NoScriptError:
+                pass  # flushed again between redis-py's reload and its EVALSHA
+        return await self._script(keys=keys, args=args)
+
+
 @dataclass(frozen=True)
 class Scripts:
-    batch: Any
-    renew: Any
-    leave: Any
-    snapshot: Any
+    batch: Script
+    renew: Script
+    leave: Script
+    snapshot: Script
 
     @classmethod
     def register(cls, client: Any) -> Scripts:
-        return cls(*(client.register_script(source(name)) for name in ENTRY_SCRIPTS))
+        return cls(*(Script(client, name) for name in ENTRY_SCRIPTS))

@@ -3,7 +3,9 @@
 -- One call carries every operation a process has ready, so concurrent requests
 -- share one round trip. Operations run in order, exactly as the in-memory
 -- scheduler would run them one by one; grants and evictions for requests waiting
--- in other processes go onto those processes' lists (P:g:<proc>).
+-- in other processes go onto those processes' lists (P:g:<proc>). Every call makes
+-- sure the caller has a heartbeat: a waiter's process was alive when it queued, and a
+-- waiter whose process has stopped beating since is dropped rather than granted.
 --
 -- KEYS[1]  P:s, the budget's state hash (routes the call in Redis Cluster; every
 --          other key shares its hash tag and is derived from ARGV[2]).
@@ -37,6 +39,9 @@ local a = {rate = ARGV[4], burst = ARGV[5], concurrency = ARGV[6], tenant_rate =
   tenant_queue_limit = ARGV[11], idle = ARGV[12], max_tenants = ARGV[13],
   lease_ttl = ARGV[14], ttl = ARGV[15]}
 init(ARGV[2], ARGV[1], ARGV[3], a)
+-- The caller is alive. NX: only renew.lua extends a heartbeat, together with the
+-- process's leases, so a crashed process's heartbeat lapses no later than its leases.
+redis.call('ZADD', K.procs, 'NX', num(now + POL.lease_ttl), proc)
 refill()
 expire_leases()
 expire_waiters(1.0)

@@ -29,7 +29,7 @@
 --   P:leases     zset   lease (request id) -> expiry;  P:lc hash lease -> "cost|proc"
 --   P:g:<proc>   list   grants and evictions for the process that queued them
 --   P:rc:<proc>  list   the process's latest lease-less admissions (idempotent retries)
---   P:procs      zset   process -> heartbeat expiry
+--   P:procs      zset   process -> heartbeat expiry (renew.lua; batch calls add it if absent)
 -- <h> is a digest of the tenant id: raw tenant text never reaches a key.
 
 local EPS = 1e-6
@@ -233,11 +233,12 @@ local function touch(t)
 end
 
 local function forget_idle()
-  -- Drop idle tenants past the idle time, and the least recent beyond max_tenants.
+  -- Drop idle tenants past the idle time, and the least recent beyond max_tenants: all of
+  -- those (one call adds at most a batch of 256 tenants), so the excess never builds up.
   local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', num(now - POL.idle), 'LIMIT', 0, 32)
   local excess = redis.call('ZCARD', K.tenants) - POL.max_tenants
   if excess > 0 then
-    local oldest = redis.call('ZRANGE', K.tenants, 0, math.min(excess, 64) - 1)
+    local oldest = redis.call('ZRANGE', K.tenants, 0, math.min(excess, 1024) - 1)
     for _, h in ipairs(oldest) do stale[#stale + 1] = h end
   end
   for _, h in ipairs(stale) do
@@ -434,6 +435,17 @@ local function head_of(t)
   return parse_req(ids[1])
 end
 
+-- A waiter of a process whose heartbeat has lapsed (it crashed) is dropped, not granted:
+-- a grant would only hold capacity until its lease expired. A heartbeat lapses when the
+-- leases renewed with it expire (renew.lua), so capacity a crashed process frees never
+-- goes to its own waiters. Every batch call registers its caller, so a process that
+-- queued a request was alive when it did.
+local function orphaned(r)
+  if r.proc == proc then return false end
+  local beat = redis.call('ZSCORE', K.procs, r.proc)
+  return (not beat) or tonumber(beat) <= now
+end
+
 -- Admit waiters while the budget allows, lowest virtual tag first. Returns true if
 -- `watch` was admitted (the caller reports it directly rather than as a grant).
 local function dispatch(watch)
@@ -450,6 +462,8 @@ local function dispatch(watch)
       -- inconsistent (e.g. keys lost): drop the tenant from the active set
       redis.call('ZREM', K.active, top[1]); S.wsum = S.wsum - t.w; t.st = 0; t.n = 0
       t.c = {0, 0, 0, 0}; t.dirty = true
+    elseif orphaned(r) then
+      remove(t, r)
     elseif not cap_ok(t, r.cost) then
       redis.call('ZREM', K.active, t.am)
       S.wsum = S.wsum - t.w
@@ -522,12 +536,16 @@ end
 local function next_due()
   local due = nil
   local top = redis.call('ZRANGE', K.active, 0, 0)
-  if #top > 0 and L.rate ~= nil then
+  if #top > 0 then
     local t = tenant_of_member(top[1])
     local r = head_of(t)
-    if r ~= nil then
+    if r ~= nil and L.concurrency ~= nil and S.inflight + r.cost > L.concurrency then
+      -- Held up by slots: the earliest lease expiry (a crashed process's) frees one.
+      local first = redis.call('ZRANGE', K.leases, 0, 0, 'WITHSCORES')
+      if #first > 0 then due = tonumber(first[2]) end
+    elseif r ~= nil and L.rate ~= nil then
       local needed = need(r.cost, t.f >= S.v)
-      if S.tokens + EPS < needed and (L.concurrency == nil or S.inflight + r.cost <= L.concurrency) then
+      if S.tokens + EPS < needed then
         due = now + (needed - S.tokens) / L.rate
       end
     end
