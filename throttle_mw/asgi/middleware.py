@@ -32,6 +32,8 @@ from .tenants import InvalidTenant, Tenants
 logger = logging.getLogger("throttle_mw")
 
 _SHUTTING_DOWN = Reject("shutting_down", 1.0)
+_new_tuple = tuple.__new__
+_NO_WAIT = b"throttle;dur=0.0"
 
 Outcome = Literal["admitted", "degraded", "unthrottled", "would_queue", "would_reject"]
 
@@ -71,6 +73,7 @@ class ThrottleMiddleware:
     ) -> None:
         self.app = app
         self._observers = tuple(observers)
+        self._enabled = False
         self.error: ConfigError | None = None
         try:
             self.settings = Settings.from_env(**overrides)
@@ -81,6 +84,7 @@ class ThrottleMiddleware:
             self.settings = Settings(enabled=False)
             return
         settings = self.settings
+        self._enabled = settings.enabled
         self._routes = RouteTags(
             settings.route_priorities, make_tag(settings.default_priority), app
         )
@@ -88,6 +92,7 @@ class ThrottleMiddleware:
         self._resolver = settings.tenant_resolver
         self._ids = RequestIds()
         self._draining = asyncio.Event()
+        self._draining_now = False  # the event's state, read per request without a call
         self._undo_signals: Any = None
         self._background: set[asyncio.Task[None]] = set()
         self._limits = limits_from_settings(settings)
@@ -99,10 +104,9 @@ class ThrottleMiddleware:
     def backend(self) -> Backend | None:
         return self._backend
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.settings.enabled:
-            await self._http(scope, receive, send)
-        elif scope["type"] == "lifespan":
+    async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Everything but a throttled HTTP request: lifespan, websockets, disabled."""
+        if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
         elif self.error is not None:
             raise self.error
@@ -145,8 +149,9 @@ class ThrottleMiddleware:
 
     def begin_drain(self) -> None:
         """Turn away queued and new requests with 503; in-flight ones finish."""
-        if not self._draining.is_set():
+        if not self._draining_now:
             logger.info("throttle_mw draining: queued and new requests get 503")
+        self._draining_now = True
         self._draining.set()
 
     async def shutdown(self) -> None:
@@ -159,7 +164,12 @@ class ThrottleMiddleware:
 
     # --- http -----------------------------------------------------------------------------
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._enabled:
+            await self._other(scope, receive, send)
+            return
+        # The HTTP path is written out here rather than in a helper coroutine: it runs
+        # for every request, and each coroutine layer costs (see bench/README.md).
         tag = self._routes.tag_for(scope)
         if tag.exempt:
             await self.app(scope, receive, send)
@@ -174,26 +184,37 @@ class ThrottleMiddleware:
             return
         backend = self._backend
         assert backend is not None
-        request = Request(
-            self._ids(), tenant, tag.priority, tag.cost, tag.sheddable, tag.degradable
+        # tuple.__new__ skips the NamedTuples' Python-level __new__ on this hot path.
+        request = _new_tuple(
+            Request,
+            (self._ids(), tenant, tag.priority, tag.cost, tag.sheddable, tag.degradable),
         )
-        started = time.perf_counter()
-        if self._draining.is_set():
-            outcome: Admitted | Waiting | Reject = _SHUTTING_DOWN
+        outcome: Admitted | Waiting | Reject | None
+        started = 0.0
+        if self._draining_now:
+            outcome = _SHUTTING_DOWN
         else:
-            outcome = await backend.acquire(request)
+            outcome = backend.decide_now(request)
+            if outcome is None:
+                started = time.perf_counter()
+                outcome = await backend.acquire(request)
 
         queued: QueuedReceive | None = None
         decided: Outcome = "admitted"
         reason: str | None = None
-        if not (type(outcome) is Admitted and not outcome.degraded and not outcome.unthrottled):
+        waited_s = 0.0  # decided at once, in memory: microseconds, reported as 0.0 ms
+        if type(outcome) is Admitted and not outcome.degraded and not outcome.unthrottled:
+            if started:
+                waited_s = time.perf_counter() - started
+        else:
+            started = started or time.perf_counter()
             settled = await self._settle(scope, request, outcome, receive, send, started)
             if settled is None:
                 return  # rejected (the response is sent) or the client went away
             outcome, decided, reason, queued = settled
             if queued is not None:
                 receive = queued.receive
-        waited_s = time.perf_counter() - started
+            waited_s = time.perf_counter() - started
         if self._observers and decided != "would_reject":
             kind: EventKind = "degraded" if outcome.degraded else "admitted"
             self._emit(
@@ -209,14 +230,41 @@ class ThrottleMiddleware:
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
-        state["throttle"] = ThrottleDecision(
-            tenant, tag.priority, waited_s, outcome.degraded, decided, tag.cost, reason
+        state["throttle"] = _new_tuple(
+            ThrottleDecision,
+            (tenant, tag.priority, waited_s, outcome.degraded, decided, tag.cost, reason),
         )
-        timing = b"throttle;dur=%.1f" % (waited_s * 1000.0)
+        timing = b"throttle;dur=%.1f" % (waited_s * 1000.0) if waited_s else _NO_WAIT
         if decided != "admitted":
             desc = decided if reason is None else f"{decided}:{reason}"
             timing += b';desc="%s"' % desc.encode("ascii")
-        await self._run(scope, receive, send, backend, outcome, timing, queued)
+        held = outcome.lease
+        request_id = request.id
+
+        # A plain function returning the server's own awaitable: no extra coroutine
+        # per message. The lease goes back as the last body chunk is handed to the
+        # server, so it is returned even if sending fails (the client went away).
+        def send_wrapper(message: Message) -> Awaitable[None]:
+            nonlocal held
+            kind = message["type"]
+            if kind == "http.response.start":
+                message = {
+                    **message,
+                    "headers": [*message.get("headers", ()), (b"server-timing", timing)],
+                }
+            elif kind == "http.response.body" and held and not message.get("more_body", False):
+                held = False
+                backend.release(request_id)
+            return send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            if held:
+                held = False
+                backend.release(request_id)
+            if queued is not None:
+                queued.close()
 
     async def _settle(
         self,
@@ -280,44 +328,6 @@ class ThrottleMiddleware:
                 observer(event)
             except Exception:  # an observer's bug must not fail the request
                 logger.exception("throttle_mw observer failed")
-
-    async def _run(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        backend: Backend,
-        admitted: Admitted,
-        timing: bytes,
-        queued: QueuedReceive | None,
-    ) -> None:
-        held = admitted.lease
-        request_id = admitted.request_id
-
-        # A plain function returning the server's own awaitable: no extra coroutine
-        # per message. The lease goes back as the last body chunk is handed to the
-        # server, so it is returned even if sending fails (the client went away).
-        def send_wrapper(message: Message) -> Awaitable[None]:
-            nonlocal held
-            kind = message["type"]
-            if kind == "http.response.start":
-                message = {
-                    **message,
-                    "headers": [*message.get("headers", ()), (b"server-timing", timing)],
-                }
-            elif kind == "http.response.body" and held and not message.get("more_body", False):
-                held = False
-                backend.release(request_id)
-            return send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            if held:
-                held = False
-                backend.release(request_id)
-            if queued is not None:
-                queued.close()
 
     async def _wait(
         self, backend: Backend, waiting: Waiting, queued: QueuedReceive

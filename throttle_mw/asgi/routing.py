@@ -20,6 +20,7 @@ from ..settings import RouteRule
 #: Distinct (method, path) answers kept; the oldest half goes when it is full.
 CACHE_SIZE = 8192
 _MAX_DEPTH = 8
+_METHODS = 16  # per-method caches kept; other methods share the bounded `_rooted` cache
 
 
 class RouteTags:
@@ -27,17 +28,32 @@ class RouteTags:
         self._rules = tuple(rules)
         self._default = default
         self._app = app
-        self._cache: dict[tuple[str, str, str], RouteTag] = {}
+        #: method -> path -> tag, for the usual empty root_path: nothing to build per
+        #: request. Other root paths (mounted under a prefix) go in `_rooted`.
+        self._cache: dict[str, dict[str, RouteTag]] = {}
+        self._rooted: dict[tuple[str, str, str], RouteTag] = {}
 
     def tag_for(self, scope: Scope) -> RouteTag:
-        key = (scope["method"], scope["path"], scope.get("root_path", ""))
-        tag = self._cache.get(key)
-        if tag is None:
-            tag = self._resolve(scope)
-            if len(self._cache) >= CACHE_SIZE:
-                for old in list(itertools.islice(self._cache, CACHE_SIZE // 2)):
-                    del self._cache[old]
-            self._cache[key] = tag
+        if not scope.get("root_path"):
+            paths = self._cache.get(scope["method"])
+            if paths is not None:
+                tag = paths.get(scope["path"])
+                if tag is not None:
+                    return tag
+                return self._remember(paths, scope["path"], scope)
+            if len(self._cache) < _METHODS:  # clients may send any method token
+                paths = self._cache[scope["method"]] = {}
+                return self._remember(paths, scope["path"], scope)
+        key = (scope["method"], scope["root_path"], scope["path"])
+        found = self._rooted.get(key)
+        return found if found is not None else self._remember(self._rooted, key, scope)
+
+    def _remember(self, cache: dict[Any, RouteTag], key: Any, scope: Scope) -> RouteTag:
+        tag = self._resolve(scope)
+        if len(cache) >= CACHE_SIZE:
+            for old in list(itertools.islice(cache, CACHE_SIZE // 2)):
+                del cache[old]
+        cache[key] = tag
         return tag
 
     def _resolve(self, scope: Scope) -> RouteTag:

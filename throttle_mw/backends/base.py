@@ -3,7 +3,10 @@
 A backend makes the scheduler's decisions for one app, in one process or for
 the whole fleet. The middleware calls it like this, and only like this:
 
-1. ``outcome = await backend.acquire(request)``: `Admitted`, `Waiting` or `Reject`.
+1. ``outcome = backend.decide_now(request)``, and if that is None (the decision
+   needs I/O), ``outcome = await backend.acquire(request)``: `Admitted`,
+   `Waiting` or `Reject`. (The synchronous path spares the in-memory backend a
+   coroutine per request: it is the hot path of every app within its budget.)
 2. For `Waiting`: await ``waiting.future`` (it resolves to `Admitted` or
    `Reject`) until ``waiting.deadline``. To stop waiting early (deadline,
    client gone, shutdown) call ``await backend.cancel(waiting)``: it returns a
@@ -58,6 +61,9 @@ class Backend(Protocol):
     async def stop(self) -> None:
         """Reject whoever still waits, and leave nothing of this process behind."""
 
+    def decide_now(self, request: Request) -> Outcome | None:
+        """The decision if it needs no I/O, else None (then call `acquire`)."""
+
     async def acquire(self, request: Request) -> Outcome: ...
 
     async def cancel(self, waiting: Waiting) -> Admitted | Reject: ...
@@ -75,7 +81,9 @@ class RequestIds:
 
     def __init__(self) -> None:
         self.token = os.urandom(6).hex()
+        self._prefix = self.token + "."
         self._counter = itertools.count(1)
 
     def __call__(self) -> str:
-        return f"{self.token}.{next(self._counter):x}"
+        # Concatenation: several times cheaper than an f-string, once per request.
+        return self._prefix + str(next(self._counter))

@@ -25,12 +25,15 @@ from ..scheduler import (
 )
 from .base import Admitted, Outcome, Waiting
 
+_new_tuple = tuple.__new__
+
 
 class MemoryBackend:
     """A budget kept in this process's memory."""
 
     def __init__(self, limits: Limits, policy: Policy) -> None:
         self._limits = limits
+        self._leases_held = limits.concurrency is not None
         self._policy = policy
         self._scheduler: Scheduler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -61,11 +64,18 @@ class MemoryBackend:
             self._timer = None
 
     async def acquire(self, request: Request) -> Outcome:
+        return self.decide_now(request)
+
+    def decide_now(self, request: Request) -> Outcome:
+        """Every decision here is made at once, in memory."""
         scheduler = self._scheduler
         if scheduler is None or self._loop is None:
             scheduler, now = self._sched()
         else:
             now = self._loop.time()
+        if scheduler.admit_at_once(now, request):
+            # tuple.__new__ skips the NamedTuple's Python-level __new__: this runs per request.
+            return _new_tuple(Admitted, (request.id, 0.0, False, self._leases_held, False))
         decision, events = scheduler.acquire(now, request)
         if events:
             self._apply(events)
@@ -102,6 +112,9 @@ class MemoryBackend:
         scheduler = self._scheduler
         if scheduler is None or self._loop is None:
             return
+        if scheduler.idle:
+            scheduler.release(0.0, request_id)  # nobody waits: no clock, no dispatch
+            return
         now = self._loop.time()
         events = scheduler.release(now, request_id)
         if events:
@@ -118,6 +131,7 @@ class MemoryBackend:
 
     async def set_limits(self, limits: Limits) -> None:
         self._limits = limits
+        self._leases_held = limits.concurrency is not None
         scheduler, now = self._sched()
         self._apply(scheduler.set_limits(limits, now))
         self._schedule(scheduler, now)

@@ -192,6 +192,33 @@ class Scheduler:
         self._dispatch(now, events)
         return events
 
+    def admit_at_once(self, now: float, req: Request) -> bool:
+        """The fast path alone: admit `req` if nothing waits and the budget has room.
+
+        Returns False, having changed nothing, when `acquire` must decide instead.
+        Takes a lease when the budget has a concurrency limit, as `acquire` does.
+        """
+        if self._waiting or req.sheddable:
+            return False
+        self._refill(now)
+        tenant = self._tenants.get(req.tenant)
+        if tenant is None:
+            tenant = self._tenant(req.tenant, now)
+        else:
+            self._tenants.move_to_end(req.tenant)
+            tenant.seen_at = now
+        cost = req.cost if req.cost == 1 else self._clamp(req.cost)
+        limits = self._limits
+        concurrency = limits.concurrency
+        if (
+            (limits.rate is None or self._tokens + _EPS >= cost)
+            and (concurrency is None or self._in_flight + cost <= concurrency)
+            and (limits.tenant_rate is None or self._cap_ok(tenant, cost, now))
+        ):
+            self._take(tenant, req.id, cost, now)
+            return True
+        return False
+
     def acquire(self, now: float, req: Request) -> tuple[Decision, list[Event]]:
         """Decide on a new request: admit it, queue it or reject it."""
         self._refill(now)

@@ -198,6 +198,9 @@ class RedisBackend:
 
     # --- the backend contract --------------------------------------------------------------
 
+    def decide_now(self, request: Request) -> None:
+        """Decisions about the shared budget always need a round trip to Redis."""
+
     async def acquire(self, request: Request) -> Outcome:
         if not self._started:
             await self.start()
