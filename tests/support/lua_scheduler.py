@@ -59,16 +59,18 @@ class LuaScheduler:
         flags = (1 if req.sheddable else 0) | (2 if req.degradable else 0)
         if req.degradable:
             flags |= 1
-        op = (
-            "A",
-            req.id,
-            tenant_digest(req.tenant),
-            req.tenant,
-            repr(self._limits.weight(req.tenant)),
-            str(RANK[req.priority]),
-            str(req.cost),
-            str(flags),
-            repr(self._max_wait[req.priority]),
+        op = "|".join(
+            (
+                "A",
+                req.id,
+                tenant_digest(req.tenant),
+                req.tenant,
+                repr(self._limits.weight(req.tenant)),
+                str(RANK[req.priority]),
+                str(req.cost),
+                str(flags),
+                repr(self._max_wait[req.priority]),
+            )
         )
         self._tenants.add(req.tenant)
         result, events = self._call(now, [op])
@@ -84,7 +86,7 @@ class LuaScheduler:
         return Reject(fields[0], float(fields[1])), events  # type: ignore[arg-type]
 
     def cancel(self, now: float, request_id: str) -> tuple[Reject | None, list[Event]]:
-        result, events = self._call(now, [("C", request_id)])
+        result, events = self._call(now, [f"C|{request_id}"])
         kind, *fields = result[0].split("|")
         self._waiting.discard(request_id)
         if kind == "X":
@@ -95,10 +97,10 @@ class LuaScheduler:
         if request_id not in self._leases:
             return []
         self._leases.discard(request_id)
-        return self._call(now, [("R", request_id)])[1]
+        return self._call(now, [f"R|{request_id}"])[1]
 
     def tick(self, now: float) -> list[Event]:
-        return self._call(now, [("T",)])[1]
+        return self._call(now, ["T"])[1]
 
     def next_due(self, now: float) -> float | None:
         return self._due
@@ -162,10 +164,9 @@ class LuaScheduler:
             "7200",
         ]
 
-    def _call(self, now: float, ops: list[tuple[str, ...]]) -> tuple[list[str], list[Event]]:
+    def _call(self, now: float, ops: list[str]) -> tuple[list[str], list[Event]]:
         args: list[Any] = [*self._static(now), str(len(ops))]
-        for op in ops:
-            args.extend(op)
+        args.extend(ops)
         key = f"{self._tag}:g:{_PROCESS}"
         pipe = self._client.pipeline(transaction=False)
         self._script(keys=[self._key], args=args, client=pipe)

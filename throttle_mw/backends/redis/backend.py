@@ -44,6 +44,16 @@ logger = logging.getLogger("throttle_mw.redis")
 
 _FLAGS = {(False, False): 0, (True, False): 1, (True, True): 3, (False, True): 3}
 _RETRY = 4
+_TAILS = 4096  # cached op tails (tenant x priority x cost x flags)
+
+
+def _as_retry(op: str) -> str:
+    """An acquire op marked as a retry: answered from what exists, never done twice."""
+    fields = op.split("|")
+    fields[7] = str(int(fields[7]) | _RETRY)
+    return "|".join(fields)
+
+
 POOL_SIZE = 16
 #: How long requests waiting in Redis wait out a Redis failure before the failure mode
 #: settles them (a restart or a failover is over by then).
@@ -75,7 +85,10 @@ class RedisBackend:
         self._breaker = Breaker()
         self._fallback = Fallback(settings.failure_mode, self._limits, self._policy)
         self._waiters: dict[str, _Waiter] = {}
-        self._early: dict[str, str] = {}  # grant messages that beat their acquire's reply
+        self._early: dict[str, str] = {}
+        self._tails: dict[
+            tuple[str, str, int, bool, bool], str
+        ] = {}  # grant messages that beat their acquire's reply
         self._leases: set[str] = set()
         self._orphans: set[str] = set()  # ids to clean up in Redis once it is back
         self._settle: asyncio.TimerHandle | None = None
@@ -140,8 +153,8 @@ class RedisBackend:
         try:
             assert self._scripts is not None
             # Orphans may still be queued or hold a lease: take them out of both.
-            ops = [("R", lease) for lease in self._leases]
-            ops += [(op, rid) for rid in self._orphans for op in ("C", "R")]
+            ops = [f"R|{lease}" for lease in self._leases]
+            ops += [f"{op}|{rid}" for rid in self._orphans for op in ("C", "R")]
             if ops:
                 await asyncio.wait_for(self._call(ops, False), 2.0)
             await asyncio.wait_for(
@@ -269,7 +282,7 @@ class RedisBackend:
         await self._client.hset(f"{self._tag}:cfg", mapping=fields)
         self._limits = self._fallback.limits = limits
         assert self._batcher is not None
-        await self._batcher.submit(("T",))  # dispatch now: a raised limit admits waiters
+        await self._batcher.submit("T")  # dispatch now: a raised limit admits waiters
 
     # --- talking to Redis ---------------------------------------------------------------------
 
@@ -306,27 +319,35 @@ class RedisBackend:
         args: list[str] = list(self._static)
         args[0] = self._clock()
         args.append(str(len(ops)))
-        for op in ops:
-            if retry and op[0] == "A":
-                op = (*op[:7], str(int(op[7]) | _RETRY), op[8])
-            args.extend(op)
+        args.extend(_as_retry(op) if retry and op[0] == "A" else op for op in ops)
         raw = await self._scripts.batch(keys=[self._state_key], args=args)
         return [item.decode() if isinstance(item, bytes) else str(item) for item in raw]
 
     def _acquire_op(self, request: Request, max_wait_s: float | None = None) -> Op:
-        weight = self._limits.weight(request.tenant)
-        if max_wait_s is None:
-            max_wait_s = self._settings.max_wait_s[request.priority]
-        return (
-            "A",
-            request.id,
-            tenant_digest(request.tenant),
+        """``A|id|<tenant and request parts>``: the parts are cached, this runs per request."""
+        if max_wait_s is not None:
+            return f"A|{request.id}|{self._op_tail(request, max_wait_s)}"
+        key = (
             request.tenant,
-            repr(weight),
-            str(RANK[request.priority]),
-            str(request.cost),
-            str(_FLAGS[(request.sheddable, request.degradable)]),
-            repr(max_wait_s),
+            request.priority,
+            request.cost,
+            request.sheddable,
+            request.degradable,
+        )
+        tail = self._tails.get(key)
+        if tail is None:
+            tail = self._op_tail(request, self._settings.max_wait_s[request.priority])
+            if len(self._tails) >= _TAILS:
+                self._tails.clear()
+            self._tails[key] = tail
+        return "A|" + request.id + "|" + tail
+
+    def _op_tail(self, request: Request, max_wait_s: float) -> str:
+        weight = self._limits.weight(request.tenant)
+        flags = _FLAGS[(request.sheddable, request.degradable)]
+        return (
+            f"{tenant_digest(request.tenant)}|{request.tenant}|{weight!r}|"
+            f"{RANK[request.priority]}|{request.cost}|{flags}|{max_wait_s!r}"
         )
 
     def _outcome(self, request: Request, result: str, started: float) -> Outcome:
@@ -352,7 +373,7 @@ class RedisBackend:
             self._orphans.add(rid)
             return self._fallback.settle(rid)
         try:
-            result = await self._batcher.submit(("C", rid), lambda r: self._undo_cancel(rid, r))
+            result = await self._batcher.submit(f"C|{rid}", lambda r: self._undo_cancel(rid, r))
         except (RedisError, OSError) as exc:
             self._on_failure(exc)
             self._orphans.add(rid)
@@ -379,7 +400,7 @@ class RedisBackend:
         if result.startswith("A|1"):
             self._release_in_redis(rid)
         elif result.startswith("Q|") and self._batcher is not None:
-            self._batcher.submit(("C", rid), lambda r: self._undo_cancel(rid, r))
+            self._batcher.submit(f"C|{rid}", lambda r: self._undo_cancel(rid, r))
 
     def _undo_cancel(self, rid: str, result: str) -> None:
         if result.startswith("G|1"):
@@ -391,18 +412,11 @@ class RedisBackend:
         if self._batcher is None or not self._breaker.allow():
             self._orphans.add(rid)
             return
-        future = self._batcher.submit(("R", rid))
-        future.add_done_callback(lambda f: self._after_release(rid, f))
+        self._batcher.send(f"R|{rid}", functools.partial(self._release_failed, rid))
 
-    def _after_release(self, rid: str, future: asyncio.Future[str]) -> None:
-        if future.cancelled():
-            return
-        exc = future.exception()
-        if exc is not None:
-            self._orphans.add(rid)
-            self._on_failure(exc)
-        else:
-            self._succeeded()  # it may have been the breaker's probe: report back
+    def _release_failed(self, rid: str, exc: BaseException) -> None:
+        self._orphans.add(rid)  # given back once Redis is back
+        self._on_failure(exc)
 
     # --- grants, ticks, renewals ------------------------------------------------------------------
 
@@ -431,6 +445,8 @@ class RedisBackend:
             waiter.waiting.future.set_result(Reject(fields[0], float(fields[1])))  # type: ignore[arg-type]
 
     def _on_trailer(self, trailer: list[str]) -> None:
+        # Any call that went through may have been the breaker's probe: report it back.
+        self._succeeded()
         if len(trailer) >= 2:
             if trailer[0]:
                 self._schedule_tick(float(trailer[0]))
@@ -450,7 +466,7 @@ class RedisBackend:
         self._tick = None
         if self._batcher is None or not self._breaker.allow():
             return
-        future = self._batcher.submit(("T",))
+        future = self._batcher.submit("T")
         future.add_done_callback(self._after_tick)
 
     def _after_tick(self, future: asyncio.Future[str]) -> None:
@@ -480,16 +496,14 @@ class RedisBackend:
             # Whatever it became meanwhile, take it out of the queue and give back its
             # lease: both operations are idempotent.
             self._orphans.discard(rid)
-            for cleanup in (("C", rid), ("R", rid)):
+            for cleanup in (f"C|{rid}", f"R|{rid}"):
                 self._batcher.submit(cleanup, functools.partial(self._undo_cancel, rid))
         loop = asyncio.get_running_loop()
         for waiter in list(self._waiters.values()):
             # Idempotent: still queued (or admitted) in Redis, it is answered from that;
             # gone with a restart, it queues again for what is left of its wait.
             left = max(0.0, waiter.waiting.deadline - loop.time())
-            op = self._acquire_op(waiter.request, left)
-            retry = (*op[:7], str(int(op[7]) | _RETRY), op[8])
-            future = self._batcher.submit(retry)
+            future = self._batcher.submit(_as_retry(self._acquire_op(waiter.request, left)))
             future.add_done_callback(functools.partial(self._after_resubmit, waiter))
         self._spawn(self._readmit_local())
 

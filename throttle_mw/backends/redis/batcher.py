@@ -21,7 +21,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 logger = logging.getLogger("throttle_mw.redis")
 
-Op = tuple[str, ...]
+#: One operation of batch.lua, its fields joined with "|" (see the script's header).
+Op = str
 #: Sends a list of operations; returns one result per op, then the trailing fields.
 Call = Callable[[Sequence[Op], bool], Awaitable[list[str]]]
 
@@ -31,8 +32,10 @@ MAX_BATCH = 256
 @dataclass(eq=False)
 class _Pending:
     op: Op
-    future: asyncio.Future[str]
+    #: None for fire-and-forget operations (releases): nobody awaits their result.
+    future: asyncio.Future[str] | None
     on_orphan: Callable[[str], None] | None = field(default=None)
+    on_failed: Callable[[BaseException], None] | None = field(default=None)
 
 
 class Batcher:
@@ -66,6 +69,17 @@ class Batcher:
             self.start()
         return future
 
+    def send(self, op: Op, on_failed: Callable[[BaseException], None]) -> None:
+        """Fire and forget (a release): no future to make or await; `on_failed` if the
+        call fails, so the caller can clean up once Redis is back."""
+        if self._closed:
+            on_failed(RedisConnectionError("throttle_mw backend is closed"))
+            return
+        self._pending.append(_Pending(op, None, None, on_failed))
+        self._wake.set()
+        if self._task is None:
+            self.start()
+
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
@@ -87,18 +101,21 @@ class Batcher:
                 results = await self._call(ops, True)
         except Exception as exc:
             for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(exc)
-                elif pending.on_orphan is not None:
-                    pass  # nothing happened in Redis that we know of
-            for pending in batch:
-                if pending.future.done() and not pending.future.cancelled():
-                    pending.future.exception()  # mark retrieved: the caller may be gone
+                future = pending.future
+                if future is None:
+                    if pending.on_failed is not None:
+                        pending.on_failed(exc)
+                elif not future.done():
+                    future.set_exception(exc)
+                    future.exception()  # mark retrieved: the caller may be gone
             return
         self._on_trailer(results[len(ops) :])
         for pending, result in zip(batch, results, strict=False):
-            if not pending.future.done():
-                pending.future.set_result(result)
+            future = pending.future
+            if future is None:
+                continue
+            if not future.done():
+                future.set_result(result)
             elif pending.on_orphan is not None:
                 try:
                     pending.on_orphan(result)

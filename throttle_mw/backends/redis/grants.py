@@ -53,6 +53,9 @@ class GrantListener:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
+    def _deliver(self, message: bytes | str) -> None:
+        self._on_message(message.decode() if isinstance(message, bytes) else message)
+
     async def _run(self) -> None:
         backoff = 0.05
         failed = False
@@ -65,12 +68,10 @@ class GrantListener:
                 backoff = 0.05
                 if item is None:
                     continue
-                messages = [item[1]]
-                more = await self._client.lpop(self._key, 256)
-                if more:
-                    messages.extend(more)
-                for message in messages:
-                    self._on_message(message.decode() if isinstance(message, bytes) else message)
+                # Deliver at once; only then take whatever queued up behind it, in one go.
+                self._deliver(item[1])
+                for message in await self._client.lpop(self._key, 256) or ():
+                    self._deliver(message)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:

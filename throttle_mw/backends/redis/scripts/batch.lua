@@ -16,12 +16,14 @@
 --              live limits in P:cfg override them.
 -- ARGV[9..15]  credit_s, queue_limit, tenant_queue_limit, tenant_idle_s,
 --              max_tenants, lease_ttl_s, key_ttl_s.
--- ARGV[16] number of operations, then each operation's fields:
---   A id tenant_digest tenant_name weight rank cost flags max_wait_s
+-- ARGV[16] number of operations, then one argument per operation, its fields
+-- joined with "|" (one argument each keeps the client's packing cheap):
+--   A|id|tenant_digest|tenant_name|weight|rank|cost|flags|max_wait_s
 --       flags: 1 sheddable, 2 degradable, 4 retry (answer from what exists)
---   R id          release a lease (idempotent)
---   C id          cancel a waiting request
+--   R|id          release a lease (idempotent)
+--   C|id          cancel a waiting request
 --   T             tick (refill, expire, dispatch)
+-- (Tenant ids, digests and request ids never contain "|".)
 -- Returns one string per operation, then the delay until the next tick is due
 -- (seconds, or "" if only an arrival or a release can change anything), then the
 -- number of live processes:
@@ -102,9 +104,13 @@ local function acquire(id, h, name, weight, rank, cost, flags, max_wait)
     if redis.call('HEXISTS', K.lc, id) == 1 then return 'A|1|0' end
     if redis.call('LPOS', K.prefix .. ':rc:' .. proc, id) then return 'A|0|0' end
   end
-  local live = redis.call('HGET', K.prefix .. ':w', h)
-  if live then weight = tonumber(live) end
-  dispatch(nil)
+  if T[h] == nil then  -- a live weight (set with the CLI) wins; read once per call
+    local live = redis.call('HGET', K.prefix .. ':w', h)
+    if live then weight = tonumber(live) end
+  else
+    weight = nil  -- already loaded this call, with its weight
+  end
+  if S.waiting > 0 then dispatch(nil) end  -- nothing waits: nothing to dispatch
   local t = tenant(h, weight)
   if t.new then
     redis.call('HSET', t.key, 'name', name)
@@ -112,7 +118,7 @@ local function acquire(id, h, name, weight, rank, cost, flags, max_wait)
   end
   touch(t)
   cost = clamp(cost)
-  local budget_waiting = redis.call('ZCARD', K.active) > 0
+  local budget_waiting = S.waiting > 0 and redis.call('ZCARD', K.active) > 0
 
   if sheddable then
     if not cap_ok(t, cost) then
@@ -163,24 +169,22 @@ end
 
 local results = {}
 local n = tonumber(ARGV[16])
-local i = 17
-for _ = 1, n do
+for i = 17, 16 + n do
   local op = ARGV[i]
-  if op == 'A' then
-    results[#results + 1] = acquire(ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]),
-      tonumber(ARGV[i + 5]), tonumber(ARGV[i + 6]), tonumber(ARGV[i + 7]), tonumber(ARGV[i + 8]))
-    i = i + 9
-  elseif op == 'R' then
-    if release(ARGV[i + 1]) then dispatch(nil) end
+  local kind = string.sub(op, 1, 1)
+  if kind == 'A' then
+    local id, h, name, weight, rank, cost, flags, max_wait = string.match(op,
+      '^A|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
+    results[#results + 1] = acquire(id, h, name, tonumber(weight), tonumber(rank),
+      tonumber(cost), tonumber(flags), tonumber(max_wait))
+  elseif kind == 'R' then
+    if release(string.sub(op, 3)) and S.waiting > 0 then dispatch(nil) end
     results[#results + 1] = 'R'
-    i = i + 2
-  elseif op == 'C' then
-    results[#results + 1] = cancel(ARGV[i + 1])
-    i = i + 2
-  elseif op == 'T' then
+  elseif kind == 'C' then
+    results[#results + 1] = cancel(string.sub(op, 3))
+  elseif kind == 'T' then
     dispatch(nil)
     results[#results + 1] = 'T'
-    i = i + 1
   else
     return redis.error_reply('throttle_mw: unknown operation')
   end

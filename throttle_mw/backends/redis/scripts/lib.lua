@@ -10,12 +10,13 @@
 -- lives in one Redis Cluster slot:
 --   P:s          hash   budget state: tokens, ts, inflight, v, win_at, win_v0, win_cost,
 --                       v_rate, thr, meas_at, waiting, qcost, wsum, seq, tk_at, tk_by,
---                       n0..n3 (waiting requests by priority rank)
+--                       n0..n3 (waiting requests by priority rank), xp (next TTL
+--                       refresh), fi (next idle-tenant sweep)
 --   P:cfg        hash   live limits set by the CLI; override the callers' values
 --   P:w          hash   live tenant weights by digest, set by the CLI
 --   P:t:<h>      hash   tenant h: f (finish tag), w, cap, cap_at, n, c0..c3 (queued
 --                       cost by priority rank), st (0 idle, 1 active, 2 capped),
---                       am (its member in P:active), name
+--                       am (its member in P:active), xp (next TTL refresh), name
 --   P:q:<h>      zset   tenant h's waiting requests, score rank*1e13 + seq
 --   P:r          hash   waiting request id -> "h|cost|rank|proc|deadline|enqueued"
 --   P:active     zset   tenants with waiting requests that may go, by finish tag; the
@@ -60,7 +61,10 @@ local out_events = {}  -- per process: list of messages
 
 local STATE_FIELDS = {'tokens', 'ts', 'inflight', 'v', 'win_at', 'win_v0', 'win_cost',
   'v_rate', 'thr', 'meas_at', 'waiting', 'qcost', 'wsum', 'seq', 'tk_at', 'tk_by',
-  'n0', 'n1', 'n2', 'n3'}
+  'n0', 'n1', 'n2', 'n3', 'xp', 'fi'}
+local S0 = {}       -- the state as loaded: save() writes only what changed
+local recent = {}   -- per process: lease-less admissions of this call (remember)
+local fresh = false -- a tenant was created this call (forget_idle must check the bound)
 
 local function init(prefix, now_override, process, a)
   -- a: table of caller limits/policy (strings) by name
@@ -109,6 +113,7 @@ local function init(prefix, now_override, process, a)
   local vals = redis.call('HMGET', K.s, unpack(STATE_FIELDS))
   for i, name in ipairs(STATE_FIELDS) do
     if name == 'tk_by' then S[name] = vals[i] or '' else S[name] = tonumber(vals[i]) end
+    S0[name] = S[name]
   end
   if S.ts == nil then
     S.tokens = L.burst; S.ts = now; S.inflight = 0; S.v = 0
@@ -116,25 +121,49 @@ local function init(prefix, now_override, process, a)
     S.meas_at = -1e18; S.waiting = 0; S.qcost = 0; S.wsum = 0; S.seq = 0; S.tk_at = 0
   end
   for rank = 0, NRANK - 1 do S['n' .. rank] = S['n' .. rank] or 0 end
+  S.xp = S.xp or 0
+  S.fi = S.fi or 0
   if S.tokens > L.burst then S.tokens = L.burst end
 end
 
 local function save()
+  -- Only what changed, and key TTLs only when due: this runs on every call.
   local args = {}
+  if now >= S.xp then S.xp = now + POL.ttl / 4 end
   for _, name in ipairs(STATE_FIELDS) do
-    args[#args + 1] = name
     local value = S[name]
-    if type(value) == 'number' then args[#args + 1] = num(value) else args[#args + 1] = value end
+    if value ~= S0[name] then
+      args[#args + 1] = name
+      if type(value) == 'number' then args[#args + 1] = num(value) else args[#args + 1] = value end
+    end
   end
-  redis.call('HSET', K.s, unpack(args))
-  redis.call('PEXPIRE', K.s, math.floor(POL.ttl * 1000))
+  if #args > 0 then redis.call('HSET', K.s, unpack(args)) end
+  if S.xp ~= S0.xp then redis.call('PEXPIRE', K.s, math.floor(POL.ttl * 1000)) end
   for h, t in pairs(T) do
     if t.dirty and not t.deleted then
-      redis.call('HSET', t.key, 'f', num(t.f), 'w', num(t.w), 'cap', num(t.cap),
-        'cap_at', num(t.cap_at), 'n', t.n, 'c0', t.c[1], 'c1', t.c[2], 'c2', t.c[3],
-        'c3', t.c[4], 'st', t.st, 'am', t.am)
-      redis.call('PEXPIRE', t.key, math.floor((POL.idle + POL.ttl) * 1000))
+      local fields = {}
+      local function put(name, value)
+        if value ~= t.loaded[name] then
+          fields[#fields + 1] = name
+          if type(value) == 'number' then fields[#fields + 1] = num(value) else fields[#fields + 1] = value end
+        end
+      end
+      put('f', t.f); put('w', t.w); put('cap', t.cap); put('cap_at', t.cap_at); put('n', t.n)
+      put('c0', t.c[1]); put('c1', t.c[2]); put('c2', t.c[3]); put('c3', t.c[4])
+      put('st', t.st); put('am', t.am)
+      if now >= t.xp then
+        t.xp = now + POL.idle / 4
+        put('xp', t.xp)
+        redis.call('PEXPIRE', t.key, math.floor((POL.idle + POL.ttl) * 1000))
+      end
+      if #fields > 0 then redis.call('HSET', t.key, unpack(fields)) end
     end
+  end
+  for p, ids in pairs(recent) do
+    local key = K.prefix .. ':rc:' .. p
+    redis.call('LPUSH', key, unpack(ids))
+    redis.call('LTRIM', key, 0, 255)
+    redis.call('PEXPIRE', key, 60000)
   end
   for p, msgs in pairs(out_events) do
     local key = K.prefix .. ':g:' .. p
@@ -201,41 +230,61 @@ end
 
 -- --- tenants ------------------------------------------------------------------------------
 
+local function reweigh(t, weight)
+  -- A new weight (a live change, or replicas configured differently): the weight of the
+  -- tenants in line must follow, or the fair rate per unit weight drifts.
+  if t.st == 1 then S.wsum = S.wsum - t.w + weight end
+  t.w = weight
+  t.dirty = true
+end
+
 local function tenant(h, weight)
   local t = T[h]
   if t ~= nil then
-    if weight ~= nil then t.w = weight; t.dirty = true end
+    if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
     return t
   end
   local key = K.prefix .. ':t:' .. h
   local v = redis.call('HMGET', key, 'f', 'w', 'cap', 'cap_at', 'n', 'c0', 'c1', 'c2', 'c3', 'st',
-    'am')
-  t = {h = h, key = key, dirty = false}
+    'am', 'xp')
+  t = {h = h, key = key, dirty = false, loaded = {}}
   if v[1] == false then
     local w = weight or 1
     t.w = w; t.f = S.v + 1 / w; t.cap = L.tenant_burst; t.cap_at = now; t.n = 0
-    t.c = {0, 0, 0, 0}; t.st = 0; t.am = ''; t.dirty = true; t.new = true
+    t.c = {0, 0, 0, 0}; t.st = 0; t.am = ''; t.xp = 0; t.dirty = true; t.new = true
+    fresh = true
   else
     t.f = tonumber(v[1]); t.w = tonumber(v[2]); t.cap = tonumber(v[3])
     t.cap_at = tonumber(v[4]); t.n = tonumber(v[5])
     t.c = {tonumber(v[6]), tonumber(v[7]), tonumber(v[8]), tonumber(v[9])}
     t.st = tonumber(v[10])
     t.am = v[11] or ''
-    if weight ~= nil and weight ~= t.w then t.w = weight; t.dirty = true end
+    t.xp = tonumber(v[12]) or 0
+    local l = t.loaded
+    l.f = t.f; l.w = t.w; l.cap = t.cap; l.cap_at = t.cap_at; l.n = t.n
+    l.c0 = t.c[1]; l.c1 = t.c[2]; l.c2 = t.c[3]; l.c3 = t.c[4]; l.st = t.st; l.am = t.am
+    if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
   end
   T[h] = t
   return t
 end
 
 local function touch(t)
-  redis.call('ZADD', K.tenants, num(now), t.h)
+  if not t.touched then  -- once per call is enough: `now` does not move within it
+    redis.call('ZADD', K.tenants, num(now), t.h)
+    t.touched = true
+  end
   t.dirty = true
 end
 
 local function forget_idle()
   -- Drop idle tenants past the idle time, and the least recent beyond max_tenants: all of
   -- those (one call adds at most a batch of 256 tenants), so the excess never builds up.
+  -- Only calls that created a tenant can exceed the bound; idle ones are swept each second,
+  -- or on every call while a backlog of them is left (32 at a time keeps each call short).
+  if not fresh and now < S.fi then return end
   local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', num(now - POL.idle), 'LIMIT', 0, 32)
+  if #stale < 32 then S.fi = now + 1.0 end
   local excess = redis.call('ZCARD', K.tenants) - POL.max_tenants
   if excess > 0 then
     local oldest = redis.call('ZRANGE', K.tenants, 0, math.min(excess, 1024) - 1)
@@ -279,19 +328,23 @@ end
 
 local function remember(p, id)
   -- Lease-less admissions: kept briefly so a retried acquire is answered, not redone.
-  local key = K.prefix .. ':rc:' .. p
-  redis.call('LPUSH', key, id)
-  redis.call('LTRIM', key, 0, 255)
-  redis.call('PEXPIRE', key, 60000)
+  -- Collected here and written once per call by save().
+  local ids = recent[p]
+  if ids == nil then ids = {}; recent[p] = ids end
+  ids[#ids + 1] = id
 end
 
 local function take(t, id, cost, p)
   if L.rate ~= nil then S.tokens = S.tokens - cost end
   if L.tenant_rate ~= nil then t.cap = t.cap - cost end
   if L.concurrency ~= nil then add_lease(id, cost, p) else remember(p, id) end
-  local start = math.max(t.f, S.v - credit())
+  local start = t.f
+  if start < S.v then  -- behind the clock: its banked credit is bounded
+    start = math.max(start, S.v - credit())
+  else
+    S.v = start
+  end
   t.f = start + cost / t.w
-  if start > S.v then S.v = start end
   S.win_cost = S.win_cost + cost
   t.dirty = true
 end
