@@ -292,9 +292,11 @@ class SurveyStore:
     def _open_all(self) -> list[sqlite3.Connection]:
         self._path.parent.mkdir(parents=True, exist_ok=True)
         first = _connect(self._path)
-        first.execute("PRAGMA journal_mode=WAL")
-        # Each statement is idempotent, so processes starting together may race here.
-        first.executescript(_SCHEMA)
+        # Replicas starting together race for the switch to WAL, and SQLite answers
+        # "database is locked" at once rather than through the busy timeout: retry it.
+        # Every statement here is idempotent, so the loser repeats it harmlessly.
+        _retry_locked(lambda: first.execute("PRAGMA journal_mode=WAL"))
+        _retry_locked(lambda: first.executescript(_SCHEMA))
         with _transaction(first):
             for survey in SURVEYS:
                 first.execute(
@@ -306,6 +308,18 @@ class SurveyStore:
                     [(survey.id, q, text) for q, text in survey.questions.items()],
                 )
         return [first, *(_connect(self._path) for _ in range(self._slots - 1))]
+
+
+def _retry_locked(step: Callable[[], object]) -> None:
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _connect(path: Path) -> sqlite3.Connection:

@@ -8,6 +8,7 @@ tenant ids, so tests sharing a server do not see each other's data.
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import re
 import shutil
 import subprocess
@@ -135,6 +136,35 @@ def test_replicas_sharing_the_sqlite_file_see_the_same_data(
         with client(replica, **acme) as http:
             board = http.get("/api/dashboard", params={"survey_id": "s3"})
     assert board.json()["responses"] == 1
+
+
+def _open_store(db_path: str, start: Any) -> None:
+    from demo_app.config import AppConfig
+    from demo_app.store import SurveyStore
+
+    async def open_and_close() -> None:
+        store = SurveyStore(AppConfig(db_path=Path(db_path), slots=2))
+        start.wait()
+        await store.start()
+        await store.stop()
+
+    asyncio.run(open_and_close())
+
+
+def test_replicas_creating_the_sqlite_file_together_all_start(tmp_path: Path) -> None:
+    # Replicas racing to switch a new file to WAL once failed with "database is locked".
+    ctx = multiprocessing.get_context("fork")  # fork: all six reach the start line together
+    for attempt in range(20):
+        db = tmp_path / f"race-{attempt}.sqlite3"
+        start = ctx.Event()
+        procs = [ctx.Process(target=_open_store, args=(str(db), start)) for _ in range(6)]
+        for proc in procs:
+            proc.start()
+        time.sleep(0.2)
+        start.set()
+        for proc in procs:
+            proc.join(timeout=60)
+        assert [proc.exitcode for proc in procs] == [0] * 6
 
 
 @e2e
