@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import faulthandler
 import functools
 import http.client
 import importlib.util
@@ -320,6 +321,7 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints where it is stuck, if ever
     Path(args.reports).mkdir(parents=True, exist_ok=True)
     workdir: Path | None = Path(tempfile.mkdtemp(prefix="surveytool-fleet-"))
     assert workdir is not None

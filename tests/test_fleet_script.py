@@ -182,7 +182,11 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
         assert started, log_tail(log_path)
         time.sleep(1.5)  # the load generator is running
         os.kill(proc.pid, signal.SIGINT)  # what Ctrl-C sends the script
-        assert wait_until(lambda: not is_alive(proc), timeout_s=40.0, interval_s=0.1)
+        stopped = wait_until(lambda: not is_alive(proc), timeout_s=40.0, interval_s=0.1)
+        if not stopped:
+            os.kill(proc.pid, signal.SIGUSR1)  # its stack, into the log
+            time.sleep(1.0)
+        assert stopped, log_tail(log_path)
     finally:
         end_process(proc, signal.SIGKILL, timeout_s=0.0)
     log = log_path.read_text(errors="replace")
