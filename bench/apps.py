@@ -84,6 +84,26 @@ def throttle_redis_concurrency(env: Mapping[str, str]) -> ASGIApp:
     return throttled(env)
 
 
+@variant(
+    "memory-both",
+    "the app in ThrottleMiddleware, in-memory backend, rate and concurrency budgets never reached",
+    env={"THROTTLE_RATE": NEVER_RATE, "THROTTLE_CONCURRENCY": NEVER_CONCURRENCY},
+)
+def throttle_memory_both(env: Mapping[str, str]) -> ASGIApp:
+    return throttled(env)
+
+
+@variant(
+    "redis-both",
+    "the app in ThrottleMiddleware, Redis backend, rate and concurrency budgets never reached",
+    env={"THROTTLE_RATE": NEVER_RATE, "THROTTLE_CONCURRENCY": NEVER_CONCURRENCY},
+    services=("redis",),
+    requires=("redis",),
+)
+def throttle_redis_both(env: Mapping[str, str]) -> ASGIApp:
+    return throttled(env)
+
+
 # Controls, to tell the cost of a middleware layer from the cost of throttling.
 
 

@@ -14,7 +14,10 @@ front of it, configured as its documentation shows for per-tenant limits:
 - ``memory``, ``redis-concurrency``: throttle_mw with ``THROTTLE_CONCURRENCY`` =
   the backend's slots (DESIGN.md: a concurrency budget equal to the slots needs
   no headroom), default max waits (normal: 5 s); in memory and through Redis.
-  ``redis-rate`` (not in the default list): ``THROTTLE_RATE`` = 90 % of capacity.
+  ``memory-both``, ``redis-both``: as the README's tuning guide sets it, the
+  concurrency budget = the slots plus ``THROTTLE_RATE`` = 96 % of capacity and
+  ``THROTTLE_BURST`` = the slots. ``redis-rate`` (not in the default list):
+  ``THROTTLE_RATE`` = 90 % of capacity.
 - peers: a per-tenant rate limit of ``--peer-rate`` (default 40/s) per second,
   their default (fixed-window) algorithms. 40/s is the max-min fair share of
   the flooding tenant: with it A, B and C are admitted 10 + 30 + 40 = 80/s, the
@@ -62,6 +65,8 @@ DEFAULT_VARIANTS = (
     "bare",
     "memory",
     "redis-concurrency",
+    "memory-both",
+    "redis-both",
     "slowapi-memory",
     "slowapi-redis",
     "fastapi-limiter-memory",
@@ -87,6 +92,14 @@ def story_env(variant: Variant, args: argparse.Namespace) -> dict[str, str]:
         env.update(THROTTLE_RATE="", THROTTLE_CONCURRENCY=str(args.slots))
     elif variant.name == "redis-rate":
         env.update(THROTTLE_RATE=f"{0.9 * capacity:g}", THROTTLE_CONCURRENCY="")
+    elif variant.name in ("memory-both", "redis-both"):
+        # As the README's tuning guide sets it: concurrency = the slots, rate a little
+        # under capacity, a burst the slots absorb at once.
+        env.update(
+            THROTTLE_RATE=f"{0.96 * capacity:g}",
+            THROTTLE_BURST=str(args.slots),
+            THROTTLE_CONCURRENCY=str(args.slots),
+        )
     elif PEER_RATE_ENV in variant.env:
         env[PEER_RATE_ENV] = str(args.peer_rate)
     elif variant.name not in _PLAIN:

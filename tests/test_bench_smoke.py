@@ -185,7 +185,7 @@ def test_grant_latency_runs(tmp_path: Path, redis_binary: Path) -> None:
 
 def test_story_runs_and_scores_every_tenant(tmp_path: Path, redis_binary: Path) -> None:
     out = tmp_path / "story.json"
-    names = ["bare", "memory", "redis-concurrency", *(f"{p}-memory" for p in installed_peers())]
+    names = ["bare", "memory", "redis-both", *(f"{p}-memory" for p in installed_peers())]
     status = story.main(
         [
             "--variants",
@@ -212,7 +212,7 @@ def test_story_runs_and_scores_every_tenant(tmp_path: Path, redis_binary: Path) 
         assert set(result["tenants"]) == {"A", "B", "C"}
         assert result["all"]["offered"] > 0
         assert result["all"]["goodput_per_s"] > 0
-    assert document["variants"]["redis-concurrency"]["redis"]["round_trips_per_request"] > 0
+    assert document["variants"]["redis-both"]["redis"]["round_trips_per_request"] > 0
     assert document["variants"]["bare"]["redis"] is None
 
 
