@@ -205,7 +205,8 @@ def _story(document: Mapping[str, Any], parts: Mapping[str, Any]) -> list[str]:
         f" +-{100 * settings.get('jitter', 0):.0f}% = {settings.get('capacity_per_s'):g} req/s;"
         f" {settings.get('duration'):g} s per variant, the first {settings.get('warmup'):g} s not"
         f" scored; clients give up after {settings.get('timeout'):g} s. throttle_mw: concurrency"
-        f" budget = {settings.get('slots')} slots; peers: {settings.get('peer_rate')} req/s per"
+        f" budget = {settings.get('slots')} slots (`-both`: also a rate of 96% of capacity, burst"
+        f" = the slots); peers: {settings.get('peer_rate')} req/s per"
         " tenant (the flooding tenant's max-min fair share). Served: of the requests due in the"
         " window, answered 2xx; p99: latency of the served ones from when they were due;"
         " goodput: 2xx completions per second in the window.",
