@@ -321,6 +321,9 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
+    # Explicitly: a shell without job control starts background commands with SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler of its own.
+    signal.signal(signal.SIGINT, _interrupt)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` prints where it is stuck, if ever
     Path(args.reports).mkdir(parents=True, exist_ok=True)
     workdir: Path | None = Path(tempfile.mkdtemp(prefix="surveytool-fleet-"))
@@ -370,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if workdir is not None:
             shutil.rmtree(workdir, ignore_errors=True)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 if __name__ == "__main__":
