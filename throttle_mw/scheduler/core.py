@@ -201,6 +201,10 @@ class Scheduler:
         if self._waiting or req.sheddable:
             return False
         self._refill(now)
+        return self._admit_if_room(now, req)
+
+    def _admit_if_room(self, now: float, req: Request) -> bool:
+        """Admit `req` if the budget (and its tenant's cap) has room for it now."""
         tenant = self._tenants.get(req.tenant)
         if tenant is None:
             tenant = self._tenant(req.tenant, now)
@@ -209,10 +213,9 @@ class Scheduler:
             tenant.seen_at = now
         cost = req.cost if req.cost == 1 else self._clamp(req.cost)
         limits = self._limits
-        concurrency = limits.concurrency
         if (
             (limits.rate is None or self._tokens + _EPS >= cost)
-            and (concurrency is None or self._in_flight + cost <= concurrency)
+            and (limits.concurrency is None or self._in_flight + cost <= limits.concurrency)
             and (limits.tenant_rate is None or self._cap_ok(tenant, cost, now))
         ):
             self._take(tenant, req.id, cost, now)
@@ -222,25 +225,9 @@ class Scheduler:
     def acquire(self, now: float, req: Request) -> tuple[Decision, list[Event]]:
         """Decide on a new request: admit it, queue it or reject it."""
         self._refill(now)
-        if not self._waiting:
-            # Fast path: nothing waits anywhere, so nothing can go before this request.
-            # (Inlined: this runs for every request of an app within its budget.)
-            tenant = self._tenants.get(req.tenant)
-            if tenant is None:
-                tenant = self._tenant(req.tenant, now)
-            else:
-                self._tenants.move_to_end(req.tenant)
-                tenant.seen_at = now
-            cost = req.cost if req.cost == 1 else self._clamp(req.cost)
-            limits = self._limits
-            concurrency = limits.concurrency
-            if (
-                (limits.rate is None or self._tokens + _EPS >= cost)
-                and (concurrency is None or self._in_flight + cost <= concurrency)
-                and (limits.tenant_rate is None or self._cap_ok(tenant, cost, now))
-            ):
-                self._take(tenant, req.id, cost, now)
-                return (_ADMIT if concurrency is None else _ADMIT_LEASE), _NO_EVENTS
+        # Fast path: nothing waits anywhere, so nothing can go before this request.
+        if not self._waiting and self._admit_if_room(now, req):
+            return (_ADMIT if self._limits.concurrency is None else _ADMIT_LEASE), _NO_EVENTS
         events: list[Event] = []
         self._dispatch(now, events)
         tenant = self._tenant(req.tenant, now)
