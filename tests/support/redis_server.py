@@ -18,7 +18,6 @@ import threading
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote
 
@@ -29,6 +28,7 @@ from redis.retry import Retry
 
 from tests.support.ports import HOST, free_port, release_port
 from tests.support.servers import (
+    Managed,
     end_process,
     is_alive,
     log_tail,
@@ -111,7 +111,7 @@ def redis_version(binary: Path) -> tuple[int, int, int]:
     return major, minor, patch
 
 
-class RedisServer:
+class RedisServer(Managed):
     """One redis-server process on a free port, in its own temp dir, without persistence.
 
     `cluster=True` also reserves the bus port (port + 10000) and enables cluster
@@ -279,26 +279,11 @@ class RedisServer:
         release_port(self.port, self._offsets)
         remove_temp_dir(self.dir)
 
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()  # __exit__ will not run
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"RedisServer(port={self.port}, running={self.is_running})"
 
 
-class RedisCluster:
+class RedisCluster(Managed):
     """A Redis Cluster of `masters` masters and no replicas, each a `RedisServer`.
 
     Created with `redis-cli --cluster create` when a redis-cli is at hand (and
@@ -413,18 +398,3 @@ class RedisCluster:
         """Kill every node and clean up. Idempotent."""
         for node in self.nodes:
             node.close()
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()  # __exit__ will not run
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -251,7 +251,35 @@ def _uvicorn_argv(app: str, port: int, workers: int, extra_args: Sequence[str]) 
     ]
 
 
-class AppServer:
+class Managed:
+    """`with` support for a process (or several) that `start` runs and `close` ends.
+
+    `close` must be idempotent: it also runs when `start` fails half-way.
+    """
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()  # __exit__ will not run
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class AppServer(Managed):
     """An ASGI app under uvicorn in a separate process, on a free 127.0.0.1 port.
 
     `cpu` pins the process to cores with `taskset -c` (e.g. "0" or [0, 1]), so
@@ -371,21 +399,6 @@ class AppServer:
         self.kill()
         release_port(self.port)
         remove_temp_dir(self._dir)
-
-    def __enter__(self) -> Self:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()  # __exit__ will not run
-            raise
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 @dataclass(frozen=True)
