@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import select
@@ -47,6 +46,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import stats
+from bench.record import new_record, save_record
 from bench.server import ROOT, taskset
 from bench.services import RedisService, ServiceContext
 from bench.signals import sigterm_as_interrupt
@@ -275,17 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     import tempfile
 
-    from bench.throughput import environment
-
     worker_cpus = None if args.no_pin else args.worker_cpus
     service_cpus = None if args.no_pin else args.service_cpus
-    document: dict[str, Any] = {
-        "name": "grant_latency",
-        "command": [sys.executable, *sys.argv] if argv is None else ["grant_latency", *argv],
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "environment": environment(None),
-        "method": __doc__,
-    }
+    document = new_record("grant_latency", argv, method=__doc__)
     status = 0
     print(
         f"grant latency: {args.samples} samples, workers on CPUs {worker_cpus},"
@@ -318,9 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_call = document["redis"].get("script_us_per_call")
         if per_call is not None:
             print(f"Redis time per script call (mean): {per_call:.0f} us")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"results: {args.json}")
+    save_record(document, args.json)
     return status
 
 

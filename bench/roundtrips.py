@@ -22,10 +22,7 @@ most 5 s), pyrate-limiter's leak (every 10 s per bucket).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -35,10 +32,11 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.load import LoadError, pick_driver
+from bench.record import new_record, save_record
 from bench.runner import RunConfig, Trial, TrialFailed, resolve, run, summarize, trial_dicts
 from bench.server import ServerError
 from bench.signals import sigterm_as_interrupt
-from bench.throughput import RESULTS_DIR, environment, pinning, print_trial
+from bench.throughput import RESULTS_DIR, pinning, print_trial
 
 DEFAULT_VARIANTS = (
     "redis-rate",
@@ -190,13 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_cpus=pins.load,
         service_cpus=pins.services,
     )
-    document: dict[str, Any] = {
-        "name": "roundtrips",
-        "command": [sys.executable, *sys.argv] if argv is None else ["roundtrips", *argv],
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "environment": environment(driver),
-        "method": __doc__,
-    }
+    document = new_record("roundtrips", argv, driver, method=__doc__)
     found: list[dict[str, Any]] = []
     trials: list[Trial] = []
     status = 0
@@ -215,10 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = 130
     print_rows(found)
     document.update(complete=status == 0, rows=found, trials=trial_dicts(trials))
-    document["environment"]["loadavg_at_end"] = list(os.getloadavg())
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"results: {args.json}")
+    save_record(document, args.json)
     return status
 
 

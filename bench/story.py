@@ -54,6 +54,7 @@ from bench import stats
 from bench.apps import HELLO_BODY, HELLO_PATH
 from bench.endpoints import APP_ENV, JITTER_ENV, SLOTS_ENV, WORK_MS_ENV
 from bench.peers import PEER_RATE_ENV
+from bench.record import new_record, save_record
 from bench.runner import resolve
 from bench.server import ROOT, ServerError, serve, taskset
 from bench.services import ServiceContext, running
@@ -326,16 +327,8 @@ def _pct(value: float | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bench.throughput import environment
-
     args = parse_args(argv)
-    document: dict[str, Any] = {
-        "name": "story",
-        "command": [sys.executable, *sys.argv] if argv is None else ["story", *argv],
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "environment": environment(None),
-        "method": __doc__,
-    }
+    document = new_record("story", argv, method=__doc__)
     status = 0
     print(
         f"story: tenants {args.tenants} against {args.slots} slots x {args.work_ms:g} ms,"
@@ -357,11 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("interrupted: servers, load and Redis stopped", file=sys.stderr)
             status = 130
     document["complete"] = status == 0
-    document["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    document["environment"]["loadavg_at_end"] = list(os.getloadavg())
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"results: {args.json}")
+    save_record(document, args.json)
     return status
 
 

@@ -13,14 +13,9 @@ See ``bench/README.md``.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,7 +23,8 @@ from typing import Any, NamedTuple
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.load import LoadDriver, LoadError, pick_driver
+from bench.load import LoadError, pick_driver
+from bench.record import new_record, save_record
 from bench.runner import (
     RunConfig,
     Trial,
@@ -46,21 +42,6 @@ from bench.variants import VARIANTS
 RESULTS_DIR = ROOT / "bench" / "results"
 #: The goal for a throttled hello-world route, against the bare app.
 TARGET_RATIO = 0.90
-_VERSIONED = (
-    "throttle_mw",
-    "starlette",
-    "fastapi",
-    "uvicorn",
-    "uvloop",
-    "httptools",
-    "redis",
-    "httpx",
-    "slowapi",
-    "limits",
-    "fastapi-limiter",
-    "pyrate-limiter",
-    "asgi-ratelimit",
-)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -139,41 +120,6 @@ def _cpu_list(cpus: str) -> list[int]:
         low, _, high = part.partition("-")
         found += range(int(low), int(high or low) + 1)
     return found
-
-
-def environment(driver: LoadDriver | None) -> dict[str, Any]:
-    """What the numbers depend on, recorded with them."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions: dict[str, str | None] = {}
-    for name in _VERSIONED:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return {
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "generator": None if driver is None else driver.name,
-        "generator_version": None if driver is None else driver.version(),
-        "versions": versions,
-        "git": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        # Tells apart runs on different uncommitted changes to tracked files.
-        "git_diff_sha256": hashlib.sha256((_git("diff", "HEAD") or "").encode()).hexdigest(),
-        "loadavg_at_start": list(os.getloadavg()),
-    }
-
-
-def _git(*args: str) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip()
 
 
 def print_trial(trial: Trial, rounds: int) -> None:
@@ -268,14 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         headers=tuple((k.strip(), v.strip()) for k, v in (h.split(":", 1) for h in args.header)),
     )
     path: Path = args.json or RESULTS_DIR / f"{args.name}.json"
-    document: dict[str, Any] = {
-        "name": args.name,
-        "command": [sys.executable, *sys.argv] if argv is None else ["throughput", *argv],
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "settings": settings_dict(config, variants),
-        "environment": environment(driver),
-        "services": {},
-    }
+    document = new_record(
+        "throughput", argv, driver, settings=settings_dict(config, variants), services={}
+    )
+    document["name"] = args.name
     print(
         f"{', '.join(names)}: {args.rounds} rounds x {args.duration} s (+{args.warmup} s warm-up),"
         f" {args.connections} connections, generator {driver.name},"
@@ -297,18 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("interrupted: servers and services stopped", file=sys.stderr)
             status = 130
     summary = summarize(trials, names, {n: v.baseline for n, v in variants.items()})
-    document.update(
-        finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        complete=status == 0,
-        trials=trial_dicts(trials),
-        summary=summary,
-    )
-    document["environment"]["loadavg_at_end"] = list(os.getloadavg())
+    document.update(complete=status == 0, trials=trial_dicts(trials), summary=summary)
     if summary["variants"]:
         print_summary(summary, driver.name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(document, indent=2) + "\n")
-    print(f"results: {path}")
+    save_record(document, path)
     return status
 
 
