@@ -165,15 +165,14 @@ class LuaScheduler:
         ]
 
     def _call(self, now: float, ops: list[str]) -> tuple[list[str], list[Event]]:
-        args: list[Any] = [*self._static(now), str(len(ops))]
-        args.extend(ops)
+        args: list[Any] = [*self._static(now), str(len(ops)), "\n".join(ops)]
         key = f"{self._tag}:g:{_PROCESS}"
         pipe = self._client.pipeline(transaction=False)
         self._script(keys=[self._key], args=args, client=pipe)
         pipe.lrange(key, 0, -1)
         pipe.delete(key)
         raw, messages, _ = pipe.execute()
-        results = [r.decode() if isinstance(r, bytes) else str(r) for r in raw]
+        results = (raw.decode() if isinstance(raw, bytes) else str(raw)).split("\n")
         delay = results[len(ops)]
         self._due = now + float(delay) if delay else None
         return results[: len(ops)], self._events(messages)

@@ -319,9 +319,9 @@ class RedisBackend:
         args: list[str] = list(self._static)
         args[0] = self._clock()
         args.append(str(len(ops)))
-        args.extend(_as_retry(op) if retry and op[0] == "A" else op for op in ops)
+        args.append("\n".join(_as_retry(op) if retry and op[0] == "A" else op for op in ops))
         raw = await self._scripts.batch(keys=[self._state_key], args=args)
-        return [item.decode() if isinstance(item, bytes) else str(item) for item in raw]
+        return (raw.decode() if isinstance(raw, bytes) else str(raw)).split("\n")
 
     def _acquire_op(self, request: Request, max_wait_s: float | None = None) -> Op:
         """``A|id|<tenant and request parts>``: the parts are cached, this runs per request."""

@@ -16,17 +16,18 @@
 --              live limits in P:cfg override them.
 -- ARGV[9..15]  credit_s, queue_limit, tenant_queue_limit, tenant_idle_s,
 --              max_tenants, lease_ttl_s, key_ttl_s.
--- ARGV[16] number of operations, then one argument per operation, its fields
--- joined with "|" (one argument each keeps the client's packing cheap):
+-- ARGV[16] number of operations; ARGV[17] the operations, one per line, each with its
+-- fields joined with "|" (one argument in, one string out: the client's packing and
+-- parsing cost per call, not per operation):
 --   A|id|tenant_digest|tenant_name|weight|rank|cost|flags|max_wait_s
 --       flags: 1 sheddable, 2 degradable, 4 retry (answer from what exists)
 --   R|id          release a lease (idempotent)
 --   C|id          cancel a waiting request
 --   T             tick (refill, expire, dispatch)
--- (Tenant ids, digests and request ids never contain "|".)
--- Returns one string per operation, then the delay until the next tick is due
--- (seconds, or "" if only an arrival or a release can change anything), then the
--- number of live processes:
+-- (Tenant ids, digests and request ids never contain "|" or a line break.)
+-- Returns one string, its lines: one per operation, then the delay until the next
+-- tick is due (seconds, or "" if only an arrival or a release can change anything),
+-- then the number of live processes:
 --   A|lease|degraded    admitted (lease 1: release it when done)
 --   Q|deadline|wait_s   queued; a grant or eviction will reach P:g:<proc>
 --   J|reason|retry_s    rejected
@@ -35,6 +36,13 @@
 --   G|lease             cancel too late: it was already admitted
 --   N                   cancel: not known here (already gone)
 --   T                   ticked
+
+-- The operations first: a malformed call changes nothing.
+local ops = {}
+for op in string.gmatch(ARGV[17] or '', '[^\n]+') do ops[#ops + 1] = op end
+if #ops ~= tonumber(ARGV[16]) then
+  return redis.error_reply('throttle_mw: operation count mismatch')
+end
 
 local a = {rate = ARGV[4], burst = ARGV[5], concurrency = ARGV[6], tenant_rate = ARGV[7],
   tenant_burst = ARGV[8], credit = ARGV[9], queue_limit = ARGV[10],
@@ -168,9 +176,7 @@ local function cancel(id)
 end
 
 local results = {}
-local n = tonumber(ARGV[16])
-for i = 17, 16 + n do
-  local op = ARGV[i]
+for _, op in ipairs(ops) do
   local kind = string.sub(op, 1, 1)
   if kind == 'A' then
     local id, h, name, weight, rank, cost, flags, max_wait = string.match(op,
@@ -195,4 +201,4 @@ local due = next_due()
 save()
 if due == nil then results[#results + 1] = '' else results[#results + 1] = num(due - now) end
 results[#results + 1] = tostring(redis.call('ZCOUNT', K.procs, num(now), '+inf'))
-return results
+return table.concat(results, '\n')
