@@ -298,7 +298,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("interrupted: workers and Redis stopped", file=sys.stderr)
             status = 130
     document["complete"] = status == 0
-    document["environment"]["loadavg_at_end"] = list(os.getloadavg())
     if status == 0:
         lat = document["latency_ms"]
         print(

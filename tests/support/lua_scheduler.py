@@ -9,11 +9,12 @@ rules the Redis backend executes.
 from __future__ import annotations
 
 import itertools
-from typing import Any, cast
+from typing import cast
 
 import redis
 
-from throttle_mw.backends.redis.keys import hash_tag, state_key, tenant_digest
+from throttle_mw.backends.redis.keys import hash_tag, state_key
+from throttle_mw.backends.redis.protocol import acquire_tail, call_args, reply, static_args
 from throttle_mw.backends.redis.scripts import source
 from throttle_mw.priorities import RANK
 from throttle_mw.scheduler import (
@@ -56,22 +57,8 @@ class LuaScheduler:
     # --- the scheduler's interface ---------------------------------------------------------
 
     def acquire(self, now: float, req: Request) -> tuple[Decision, list[Event]]:
-        flags = (1 if req.sheddable else 0) | (2 if req.degradable else 0)
-        if req.degradable:
-            flags |= 1
-        op = "|".join(
-            (
-                "A",
-                req.id,
-                tenant_digest(req.tenant),
-                req.tenant,
-                repr(self._limits.weight(req.tenant)),
-                str(RANK[req.priority]),
-                str(req.cost),
-                str(flags),
-                repr(self._max_wait[req.priority]),
-            )
-        )
+        tail = acquire_tail(req, self._limits.weight(req.tenant), self._max_wait[req.priority])
+        op = f"A|{req.id}|{tail}"
         self._tenants.add(req.tenant)
         result, events = self._call(now, [op])
         kind, *fields = result[0].split("|")
@@ -140,39 +127,18 @@ class LuaScheduler:
 
     # --- plumbing -------------------------------------------------------------------------------
 
-    def _static(self, now: float) -> list[str]:
-        limits, policy = self._limits, self._policy
-
-        def opt(value: float | None) -> str:
-            return "" if value is None else repr(value)
-
-        return [
-            repr(now),
-            self._tag,
-            _PROCESS,
-            opt(limits.rate),
-            repr(limits.burst),
-            opt(limits.concurrency),
-            opt(limits.tenant_rate),
-            repr(limits.tenant_burst),
-            repr(policy.credit_s),
-            str(policy.queue_limit),
-            str(policy.tenant_queue_limit),
-            repr(policy.tenant_idle_s),
-            str(policy.max_tenants),
-            "3600",
-            "7200",
-        ]
-
     def _call(self, now: float, ops: list[str]) -> tuple[list[str], list[Event]]:
-        args: list[Any] = [*self._static(now), str(len(ops)), "\n".join(ops)]
+        static = static_args(
+            self._tag, _PROCESS, self._limits, self._policy, lease_ttl_s=3600, key_ttl_s=7200
+        )
+        args = call_args(static, repr(now), ops)
         key = f"{self._tag}:g:{_PROCESS}"
         pipe = self._client.pipeline(transaction=False)
         self._script(keys=[self._key], args=args, client=pipe)
         pipe.lrange(key, 0, -1)
         pipe.delete(key)
         raw, messages, _ = pipe.execute()
-        results = (raw.decode() if isinstance(raw, bytes) else str(raw)).split("\n")
+        results = reply(raw)
         delay = results[len(ops)]
         self._due = now + float(delay) if delay else None
         return results[: len(ops)], self._events(messages)

@@ -28,30 +28,22 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ...priorities import RANK
 from ...scheduler import Limits, Reject, Request, Snapshot, TenantSnapshot
 from ...settings import Settings
 from .. import limits_from_settings, policy_from_settings
 from ..base import Admitted, Outcome, RequestIds, Waiting
-from .batcher import Batcher, Op
+from . import protocol
+from .batcher import Batcher
 from .breaker import Breaker
 from .fallback import Fallback
 from .grants import BLOCK_S, GrantListener
-from .keys import grants_key, hash_tag, state_key, tenant_digest
+from .keys import grants_key, hash_tag, state_key
+from .protocol import Op
 from .scripts import Scripts
 
 logger = logging.getLogger("throttle_mw.redis")
 
-_FLAGS = {(False, False): 0, (True, False): 1, (True, True): 3, (False, True): 3}
-_RETRY = 4
 _TAILS = 4096  # cached op tails (tenant x priority x cost x flags)
-
-
-def _as_retry(op: str) -> str:
-    """An acquire op marked as a retry: answered from what exists, never done twice."""
-    fields = op.split("|")
-    fields[7] = str(int(fields[7]) | _RETRY)
-    return "|".join(fields)
 
 
 POOL_SIZE = 16
@@ -103,7 +95,14 @@ class RedisBackend:
         self._tick_at = 0.0
         self._started = False
         self._closing = False
-        self._static = self._static_args()
+        self._static = protocol.static_args(
+            self._tag,
+            self.process,
+            self._limits,
+            self._policy,
+            lease_ttl_s=settings.lease_ttl_s,
+            key_ttl_s=max(settings.max_wait_s.values()) + 60.0,
+        )
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -286,42 +285,15 @@ class RedisBackend:
 
     # --- talking to Redis ---------------------------------------------------------------------
 
-    def _static_args(self) -> list[str]:
-        s, limits, policy = self._settings, self._limits, self._policy
-
-        def opt(value: float | None) -> str:
-            return "" if value is None else repr(value)
-
-        key_ttl = max(s.max_wait_s.values()) + 60.0
-        return [
-            "",  # now: set per call
-            self._tag,
-            self.process,
-            opt(limits.rate),
-            repr(limits.burst),
-            opt(limits.concurrency),
-            opt(limits.tenant_rate),
-            repr(limits.tenant_burst),
-            repr(policy.credit_s),
-            str(policy.queue_limit),
-            str(policy.tenant_queue_limit),
-            repr(policy.tenant_idle_s),
-            str(policy.max_tenants),
-            repr(s.lease_ttl_s),
-            repr(key_ttl),
-        ]
-
     def _clock(self) -> str:
         return "" if self._now is None else repr(float(self._now()))
 
     async def _call(self, ops: Sequence[Op], retry: bool) -> list[str]:
         assert self._scripts is not None
-        args: list[str] = list(self._static)
-        args[0] = self._clock()
-        args.append(str(len(ops)))
-        args.append("\n".join(_as_retry(op) if retry and op[0] == "A" else op for op in ops))
-        raw = await self._scripts.batch(keys=[self._state_key], args=args)
-        return (raw.decode() if isinstance(raw, bytes) else str(raw)).split("\n")
+        if retry:
+            ops = [protocol.as_retry(op) for op in ops]
+        args = protocol.call_args(self._static, self._clock(), list(ops))
+        return protocol.reply(await self._scripts.batch(keys=[self._state_key], args=args))
 
     def _acquire_op(self, request: Request, max_wait_s: float | None = None) -> Op:
         """``A|id|<tenant and request parts>``: the parts are cached, this runs per request."""
@@ -343,12 +315,7 @@ class RedisBackend:
         return "A|" + request.id + "|" + tail
 
     def _op_tail(self, request: Request, max_wait_s: float) -> str:
-        weight = self._limits.weight(request.tenant)
-        flags = _FLAGS[(request.sheddable, request.degradable)]
-        return (
-            f"{tenant_digest(request.tenant)}|{request.tenant}|{weight!r}|"
-            f"{RANK[request.priority]}|{request.cost}|{flags}|{max_wait_s!r}"
-        )
+        return protocol.acquire_tail(request, self._limits.weight(request.tenant), max_wait_s)
 
     def _outcome(self, request: Request, result: str, started: float) -> Outcome:
         kind, *fields = result.split("|")
@@ -503,7 +470,7 @@ class RedisBackend:
             # Idempotent: still queued (or admitted) in Redis, it is answered from that;
             # gone with a restart, it queues again for what is left of its wait.
             left = max(0.0, waiter.waiting.deadline - loop.time())
-            future = self._batcher.submit(_as_retry(self._acquire_op(waiter.request, left)))
+            future = self._batcher.submit(protocol.as_retry(self._acquire_op(waiter.request, left)))
             future.add_done_callback(functools.partial(self._after_resubmit, waiter))
         self._spawn(self._readmit_local())
 

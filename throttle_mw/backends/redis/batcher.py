@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from .protocol import Op
+
 logger = logging.getLogger("throttle_mw.redis")
 
-#: One operation of batch.lua, its fields joined with "|" (see the script's header).
-Op = str
 #: Sends a list of operations; returns one result per op, then the trailing fields.
 Call = Callable[[Sequence[Op], bool], Awaitable[list[str]]]
 
