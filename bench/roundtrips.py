@@ -36,7 +36,7 @@ from bench.record import new_record, save_record
 from bench.runner import RunConfig, Trial, TrialFailed, resolve, run, summarize, trial_dicts
 from bench.server import ServerError
 from bench.signals import sigterm_as_interrupt
-from bench.throughput import RESULTS_DIR, pinning, print_trial
+from bench.throughput import RESULTS_DIR, pinning, print_trial, run_config
 
 DEFAULT_VARIANTS = (
     "redis-rate",
@@ -178,16 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in (warning, pin_warning):
         if note:
             print(f"warning: {note}", file=sys.stderr)
-    base = RunConfig(
-        variants=names,
-        rounds=args.rounds,
-        duration_s=args.duration,
-        warmup_s=args.warmup,
-        connections=args.connections,
-        server_cpus=pins.server,
-        load_cpus=pins.load,
-        service_cpus=pins.services,
-    )
+    base = run_config(args, names, pins)
     document = new_record("roundtrips", argv, driver, method=__doc__)
     found: list[dict[str, Any]] = []
     trials: list[Trial] = []

@@ -91,6 +91,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def run_config(
+    args: argparse.Namespace, names: tuple[str, ...], pins: Pins, **extra: Any
+) -> RunConfig:
+    """The trials' settings from the command line shared by the throughput scripts."""
+    return RunConfig(
+        variants=names,
+        rounds=args.rounds,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        connections=args.connections,
+        server_cpus=pins.server,
+        load_cpus=pins.load,
+        service_cpus=pins.services,
+        **extra,
+    )
+
+
 def pinning(args: argparse.Namespace) -> tuple[Pins, str | None]:
     """The server's, generator's and services' CPU lists, and a warning if pinning is off."""
     if args.no_pin:
@@ -202,15 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in (warning, pin_warning):
         if note:
             print(f"warning: {note}", file=sys.stderr)
-    config = RunConfig(
-        variants=names,
-        rounds=args.rounds,
-        duration_s=args.duration,
-        warmup_s=args.warmup,
-        connections=args.connections,
-        server_cpus=pins.server,
-        load_cpus=pins.load,
-        service_cpus=pins.services,
+    config = run_config(
+        args,
+        names,
+        pins,
         headers=tuple((k.strip(), v.strip()) for k, v in (h.split(":", 1) for h in args.header)),
     )
     path: Path = args.json or RESULTS_DIR / f"{args.name}.json"
