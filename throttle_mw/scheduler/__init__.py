@@ -1,6 +1,6 @@
 """The sans-IO scheduler: budget, fair queues and priorities as a pure state machine."""
 
-from .core import Scheduler, Snapshot, TenantSnapshot
+from .core import Scheduler
 from .types import (
     STATUS,
     Admit,
@@ -14,6 +14,8 @@ from .types import (
     Reason,
     Reject,
     Request,
+    Snapshot,
+    TenantSnapshot,
 )
 
 __all__ = [

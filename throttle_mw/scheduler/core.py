@@ -1,11 +1,12 @@
 """The scheduling rules, as a pure state machine: no I/O, no clock of its own.
 
-Every method takes ``now`` (seconds on any monotonic clock; the caller's) and
-returns decisions and events; nothing happens between calls. The in-memory
-backend drives it directly and the Redis scripts mirror it step by step, so
-this module is the reference semantics of throttle_mw. ``README.md`` next to
-this file derives the fairness rules (start-time fair queuing with banked
-credit) in prose.
+Everything that decides who gets the budget lives in this file; the state it
+works on is in ``state.py`` and ``window.py``. The in-memory backend drives it
+directly, and the Redis scripts repeat it in Lua function for function
+(``backends/redis/scripts/core.lua``: same names, same order, each with a
+pointer back here), so this module is the reference semantics of throttle_mw.
+``README.md`` next to this file derives the rules in prose and lists the few
+steps that exist only in Lua.
 
 Contract for callers:
 
@@ -15,10 +16,18 @@ Contract for callers:
   exactly once when the response is done (extra calls are ignored).
 - After `Enqueue`, exactly one of these ends the wait: a `Granted` or `Evicted`
   event for that id from any later call, or the caller's own ``cancel(id)``
-  (returns False if the request had already been granted, in which case it
+  (returns None if the request had already been granted, in which case it
   holds a lease to release).
 - Call ``tick(now)`` at ``next_due()``: that is when the next token is due, a
   capped tenant becomes eligible or a deadline passes.
+
+Conventions inside:
+
+- Every public method first brings the budget up to `now` (``_refill``), so the
+  rules below always see tokens, caps and the fair-rate window as of `now`.
+- Methods that may admit or evict *other* requests take ``events``, a list they
+  append `Granted`/`Evicted` to; the public method returns it. `_NO_EVENTS` is a
+  shared empty list returned when nothing can have happened (never appended to).
 """
 
 from __future__ import annotations
@@ -27,9 +36,10 @@ import heapq
 import itertools
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 
 from ..priorities import PRIORITIES, RANK
+from .constants import ACTIVE, CAPPED, EPS, IDLE, PUSH_SPAN, WINDOW_S
+from .state import Tenant, Waiter
 from .types import (
     Admit,
     Decision,
@@ -42,106 +52,17 @@ from .types import (
     Reason,
     Reject,
     Request,
+    Snapshot,
+    TenantSnapshot,
 )
+from .window import FairRateWindow
 
-#: Measuring window of the virtual clock's speed (the fair rate per unit weight).
-WINDOW_S = 1.0
-_EPS = 1e-6
-_IDLE, _ACTIVE, _CAPPED = 0, 1, 2
-_PUSH_SPAN = 2**32  # the Lua twin packs (queued, pushed) into one sorted-set score
 _ADMIT = Admit()
 _ADMIT_LEASE = Admit(lease=True)
 _NO_EVENTS: list[Event] = []  # shared and never mutated: callers only iterate events
-# Shared by tenants that never waited; never mutated, since only a tenant with a
-# waiter (which gets its own list in _push) has its queued cost changed.
-_NO_COST: list[int] = [0] * len(PRIORITIES)
 
-
-class _Waiter:
-    __slots__ = ("cost", "deadline", "enqueued_at", "id", "rank", "tenant")
-
-    def __init__(self, req: Request, tenant: _Tenant, now: float, deadline: float) -> None:
-        self.id = req.id
-        self.tenant = tenant
-        self.rank = RANK[req.priority]
-        self.cost = req.cost
-        self.enqueued_at = now
-        self.deadline = deadline
-
-
-class _Tenant:
-    """One tenant's fairness tag, rate-cap bucket and queue (one FIFO per priority)."""
-
-    __slots__ = (
-        "cap_at",
-        "cap_tokens",
-        "cost_by_rank",
-        "finish",
-        "name",
-        "pushed",
-        "queues",
-        "seen_at",
-        "state",
-        "version",
-    )
-
-    def __init__(self, name: str, now: float, cap_tokens: float, vtime: float) -> None:
-        self.name = name
-        #: Virtual finish tag of its last admission. A new tenant joins as if it had
-        #: just been served once at the virtual clock: credit is earned by using less
-        #: than the fair share while others use more, never granted to a new id, and
-        #: a stream of new ids moves the clock instead of freezing it.
-        self.finish = vtime
-        #: One FIFO per priority, made on the first wait (most tenants never wait).
-        self.queues: tuple[OrderedDict[str, _Waiter], ...] = ()
-        self.cost_by_rank = _NO_COST
-        self.cap_tokens = cap_tokens
-        self.cap_at = now
-        self.seen_at = now
-        self.state = _IDLE
-        self.version = 0
-        #: Sequence number of its latest queued request (tie-break for longest queue).
-        self.pushed = 0
-
-    @property
-    def queued(self) -> int:
-        return sum(len(q) for q in self.queues)
-
-    def head(self) -> _Waiter:
-        for queue in self.queues:
-            if queue:
-                return next(iter(queue.values()))
-        raise LookupError("empty tenant queue")
-
-    def last(self) -> _Waiter | None:
-        """The waiter to drop first: lowest priority, newest."""
-        for queue in reversed(self.queues):
-            if queue:
-                return next(reversed(queue.values()))
-        return None
-
-
-@dataclass(frozen=True, slots=True)
-class TenantSnapshot:
-    tenant: str
-    queued: int
-    finish: float
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """Budget in use and queue depths, for metrics and the live-limits tool."""
-
-    tokens: float | None
-    in_flight: int
-    queued_by_priority: dict[str, int]
-    tenants: int
-    busiest: tuple[TenantSnapshot, ...]
-    fair_rate: float
-    #: Processes sharing the budget (1 for the in-memory backend).
-    processes: int = 1
-    #: The limits in force (live overrides included), when the backend knows them.
-    limits: Limits | None = None
+#: A heap entry of the active or capped line: (key, seq, tenant version, tenant).
+_Entry = tuple[float, int, int, Tenant]
 
 
 class Scheduler:
@@ -151,26 +72,27 @@ class Scheduler:
         self._limits = limits
         self._reserve = limits.reserve
         self._policy = policy
+        #: The rate budget's token bucket, refilled up to `_refilled_at`.
         self._tokens = limits.burst
         self._refilled_at = now
+        #: Concurrency in use, and each lease's cost by request id.
         self._in_flight = 0
         self._leases: dict[str, int] = {}
-        self._tenants: OrderedDict[str, _Tenant] = OrderedDict()
-        self._waiting: dict[str, _Waiter] = {}
+        #: Every tenant with state, least recently seen first.
+        self._tenants: OrderedDict[str, Tenant] = OrderedDict()
+        self._waiting: dict[str, Waiter] = {}
         self._queued_by_rank = [0] * len(PRIORITIES)
-        self._active: list[tuple[float, int, int, _Tenant]] = []
-        self._capped: list[tuple[float, int, int, _Tenant]] = []
+        #: Active tenants by finish tag; capped tenants by when their cap allows the head.
+        self._active: list[_Entry] = []
+        self._capped: list[_Entry] = []
+        #: Waiters' deadlines: (deadline, seq, request id); entries of gone waiters are skipped.
         self._deadlines: list[tuple[float, int, str]] = []
+        #: Sum of the active tenants' weights.
         self._active_weight = 0.0
         self._seq = itertools.count()
-        # The virtual clock: the start tag of the latest admission (never decreases).
+        #: The virtual clock: the start tag of the latest admission (never decreases).
         self._vtime = 0.0
-        self._window_at = now
-        self._window_v0 = 0.0
-        self._window_cost = 0
-        self._v_rate = 0.0
-        self._throughput = 0.0
-        self._measured_at = -math.inf
+        self._window = FairRateWindow(now)
 
     # --- public API -------------------------------------------------------------------
 
@@ -186,7 +108,7 @@ class Scheduler:
         self._tokens = min(self._tokens, limits.burst)
         # Weights may have changed: recount the weight of the tenants in line.
         self._active_weight = sum(
-            limits.weight(t.name) for t in self._tenants.values() if t.state == _ACTIVE
+            limits.weight(t.name) for t in self._tenants.values() if t.state == ACTIVE
         )
         events: list[Event] = []
         self._dispatch(now, events)
@@ -195,70 +117,48 @@ class Scheduler:
     def admit_at_once(self, now: float, req: Request) -> bool:
         """The fast path alone: admit `req` if nothing waits and the budget has room.
 
-        Returns False, having changed nothing, when `acquire` must decide instead.
-        Takes a lease when the budget has a concurrency limit, as `acquire` does.
+        Returns False, having changed nothing but its tenant's last use, when
+        `acquire` must decide instead. Takes a lease when the budget has a
+        concurrency limit, as `acquire` does.
         """
         if self._waiting or req.sheddable:
             return False
         self._refill(now)
-        return self._admit_if_room(now, req)
-
-    def _admit_if_room(self, now: float, req: Request) -> bool:
-        """Admit `req` if the budget (and its tenant's cap) has room for it now."""
-        tenant = self._tenants.get(req.tenant)
-        if tenant is None:
-            tenant = self._tenant(req.tenant, now)
-        else:
-            self._tenants.move_to_end(req.tenant)
-            tenant.seen_at = now
+        tenant = self._tenant(req.tenant, now)
         cost = req.cost if req.cost == 1 else self._clamp(req.cost)
-        limits = self._limits
-        if (
-            (limits.rate is None or self._tokens + _EPS >= cost)
-            and (limits.concurrency is None or self._in_flight + cost <= limits.concurrency)
-            and (limits.tenant_rate is None or self._cap_ok(tenant, cost, now))
-        ):
-            self._take(tenant, req.id, cost, now)
-            return True
-        return False
+        if not self._fits_at_once(tenant, cost, now):
+            return False
+        self._take(tenant, req.id, cost, now)
+        return True
 
     def acquire(self, now: float, req: Request) -> tuple[Decision, list[Event]]:
         """Decide on a new request: admit it, queue it or reject it."""
         self._refill(now)
-        # Fast path: nothing waits anywhere, so nothing can go before this request.
-        if not self._waiting and self._admit_if_room(now, req):
-            return (_ADMIT if self._limits.concurrency is None else _ADMIT_LEASE), _NO_EVENTS
-        events: list[Event] = []
-        self._dispatch(now, events)
+        events = _NO_EVENTS
+        if self._waiting:
+            events = []
+            self._dispatch(now, events)
         tenant = self._tenant(req.tenant, now)
         cost = self._clamp(req.cost)
-        budget_waiting = bool(self._active)
-
-        if req.sheddable:
-            return self._shed_or_admit(now, req, tenant, cost, budget_waiting), events
-
-        if (
-            not budget_waiting
-            and tenant.state == _IDLE
-            and self._cap_ok(tenant, cost, now)
-            and self._fits(cost, reserve=False)
-        ):
+        if self._fits_at_once(tenant, cost, now):
             return self._admit_now(now, req.id, tenant, cost), events
+        if events is _NO_EVENTS:
+            events = []
+        if req.sheddable:
+            return self._shed_or_admit(now, req, tenant, cost), events
 
         max_wait = self._policy.max_wait_s[req.priority]
         rejected = self._make_room(now, tenant, RANK[req.priority], events)
         if rejected is not None:
             return rejected, events
         deadline = now + max_wait
-        waiter = _Waiter(req, tenant, now, deadline)
-        waiter.cost = cost
-        self._push(waiter, now)
-        granted = self._dispatch(now, events, watch=waiter)
-        if granted:
-            return Admit(lease=self._limits.concurrency is not None), events
+        waiter = Waiter(req, tenant, cost, now, deadline)
+        self._push(waiter)
+        if self._dispatch(now, events, watch=waiter):
+            return (_ADMIT if self._limits.concurrency is None else _ADMIT_LEASE), events
 
         estimate, reason = self._estimate(tenant, waiter.rank, now, waiter=waiter)
-        if estimate > max_wait + _EPS or max_wait <= 0:
+        if estimate > max_wait + EPS or max_wait <= 0:
             self._remove(waiter)
             self._dispatch(now, events)
             return Reject(reason, estimate - max_wait), events
@@ -300,7 +200,7 @@ class Scheduler:
         """Advance time: refill, expire overdue waiters, dispatch, forget idle tenants."""
         self._refill(now)
         events: list[Event] = []
-        while self._deadlines and self._deadlines[0][0] <= now + _EPS:
+        while self._deadlines and self._deadlines[0][0] <= now + EPS:
             _, _, request_id = heapq.heappop(self._deadlines)
             waiter = self._waiting.get(request_id)
             if waiter is not None:
@@ -319,7 +219,7 @@ class Scheduler:
             tenant, waiter = head
             need = self._need(waiter.cost, reserve=tenant.finish >= self._vtime)
             concurrency = self._limits.concurrency
-            if self._tokens + _EPS < need and (
+            if self._tokens + EPS < need and (
                 concurrency is None or self._in_flight + waiter.cost <= concurrency
             ):
                 due.append(now + (need - self._tokens) / self._limits.rate)
@@ -332,7 +232,7 @@ class Scheduler:
     def snapshot(self, top: int = 10) -> Snapshot:
         busiest = heapq.nlargest(
             top,
-            (t for t in self._tenants.values() if t.state != _IDLE),
+            (t for t in self._tenants.values() if t.state != IDLE),
             key=lambda t: t.queued,
         )
         return Snapshot(
@@ -341,7 +241,7 @@ class Scheduler:
             queued_by_priority=dict(zip(PRIORITIES, self._queued_by_rank, strict=True)),
             tenants=len(self._tenants),
             busiest=tuple(TenantSnapshot(t.name, t.queued, t.finish) for t in busiest),
-            fair_rate=self._v_rate,
+            fair_rate=self._window.v_rate,
             limits=self._limits,
         )
 
@@ -361,6 +261,7 @@ class Scheduler:
     # --- budget ------------------------------------------------------------------------
 
     def _refill(self, now: float) -> None:
+        """Bring the token bucket and the fair-rate window up to `now`."""
         elapsed = now - self._refilled_at
         if elapsed > 0:
             rate = self._limits.rate
@@ -369,13 +270,8 @@ class Scheduler:
                 burst = self._limits.burst
                 self._tokens = tokens if tokens < burst else burst
             self._refilled_at = now
-        window = now - self._window_at
-        if window >= WINDOW_S:
-            if window <= 3 * WINDOW_S:
-                self._v_rate = (self._vtime - self._window_v0) / window
-                self._throughput = self._window_cost / window
-                self._measured_at = now
-            self._window_at, self._window_v0, self._window_cost = now, self._vtime, 0
+        if now - self._window.start >= WINDOW_S:
+            self._window.roll(now, self._vtime)
 
     def _clamp(self, cost: int) -> int:
         """A cost above the burst or the concurrency could never be admitted."""
@@ -387,26 +283,43 @@ class Scheduler:
         return max(1, limit)
 
     def _need(self, cost: int, *, reserve: bool) -> float:
+        """Tokens that must be in the bucket to admit `cost` (with the reserve left in it)."""
         if not reserve:
             return float(cost)
         return min(cost + self._reserve, self._limits.burst)
 
     def _fits(self, cost: int, *, reserve: bool) -> bool:
-        if self._limits.rate is not None and self._tokens + _EPS < self._need(
-            cost, reserve=reserve
-        ):
+        """Does the budget have room for `cost` now (leaving the reserve, if asked)?"""
+        if self._limits.rate is not None and self._tokens + EPS < self._need(cost, reserve=reserve):
             return False
         concurrency = self._limits.concurrency
         return concurrency is None or self._in_flight + cost <= concurrency
 
-    def _cap_ok(self, tenant: _Tenant, cost: int, now: float) -> bool:
+    def _fits_at_once(self, tenant: Tenant, cost: int, now: float) -> bool:
+        """The fast path's test: nobody waits for the budget, and it has room for `cost`.
+
+        The tenant must not be waiting itself (its new request would overtake its
+        queue) and its own cap must allow it. `_fits` without the reserve, inlined:
+        this runs for every request.
+        """
+        limits = self._limits
+        return (
+            tenant.state == IDLE
+            and (not self._active or self._top_active() is None)
+            and (limits.rate is None or self._tokens + EPS >= cost)
+            and (limits.concurrency is None or self._in_flight + cost <= limits.concurrency)
+            and (limits.tenant_rate is None or self._cap_ok(tenant, cost, now))
+        )
+
+    def _cap_ok(self, tenant: Tenant, cost: int, now: float) -> bool:
+        """Does the tenant's own rate cap allow `cost` now?"""
         rate = self._limits.tenant_rate
         if rate is None:
             return True
         self._refill_cap(tenant, now)
-        return tenant.cap_tokens + _EPS >= cost
+        return tenant.cap_tokens + EPS >= cost
 
-    def _refill_cap(self, tenant: _Tenant, now: float) -> None:
+    def _refill_cap(self, tenant: Tenant, now: float) -> None:
         rate = self._limits.tenant_rate
         if rate is not None and now > tenant.cap_at:
             tenant.cap_tokens = min(
@@ -418,18 +331,21 @@ class Scheduler:
 
     def _fair_rate(self, now: float, extra_weight: float = 0.0) -> float:
         """Virtual-clock speed: the fair admission rate per unit of weight (0: unknown)."""
-        if self._v_rate > 0 and now - self._measured_at <= 3 * WINDOW_S:
-            return self._v_rate
+        window = self._window
+        fresh = window.fresh(now)
+        if window.v_rate > 0 and fresh:
+            return window.v_rate
         capacity = self._limits.rate
-        if capacity is None and now - self._measured_at <= 3 * WINDOW_S:
-            capacity = self._throughput
+        if capacity is None and fresh:
+            capacity = window.throughput
         weight = self._active_weight + extra_weight
         return capacity / (weight if weight > 0 else 1.0) if capacity else 0.0
 
     def _credit(self, now: float) -> float:
+        """How far behind the virtual clock a tenant's tag may lag: its banked credit."""
         return self._policy.credit_s * self._fair_rate(now)
 
-    def _take(self, tenant: _Tenant, request_id: str, cost: int, now: float) -> None:
+    def _take(self, tenant: Tenant, request_id: str, cost: int, now: float) -> None:
         """Charge an admission to the budget, the tenant's cap and its fairness tag."""
         limits = self._limits
         if limits.rate is not None:
@@ -447,27 +363,22 @@ class Scheduler:
         tenant.finish = start + cost / (
             limits.weights.get(tenant.name, 1.0) if limits.weights else 1.0
         )
-        self._window_cost += cost
+        self._window.cost += cost
 
-    def _admit_now(self, now: float, request_id: str, tenant: _Tenant, cost: int) -> Admit:
+    def _admit_now(self, now: float, request_id: str, tenant: Tenant, cost: int) -> Admit:
         self._take(tenant, request_id, cost, now)
         return _ADMIT_LEASE if self._limits.concurrency is not None else _ADMIT
 
-    def _shed_or_admit(
-        self, now: float, req: Request, tenant: _Tenant, cost: int, budget_waiting: bool
-    ) -> Decision:
-        if not self._cap_ok(tenant, cost, now):
-            if req.degradable:
-                return Admit(degraded=True)
-            wait = (cost - tenant.cap_tokens) / (self._limits.tenant_rate or 1.0)
-            return Reject("tenant_rate_cap", wait)
-        if not budget_waiting and tenant.state == _IDLE and self._fits(cost, reserve=False):
-            return self._admit_now(now, req.id, tenant, cost)
+    def _shed_or_admit(self, now: float, req: Request, tenant: Tenant, cost: int) -> Decision:
+        """A sheddable request that cannot go at once: degraded if it may be, else rejected."""
         if req.degradable:
             return Admit(degraded=True)
+        if not self._cap_ok(tenant, cost, now):
+            wait = (cost - tenant.cap_tokens) / (self._limits.tenant_rate or 1.0)
+            return Reject("tenant_rate_cap", wait)
         return Reject("shed", self._drain_time(now))
 
-    def _expiry(self, waiter: _Waiter, now: float) -> Reject:
+    def _expiry(self, waiter: Waiter, now: float) -> Reject:
         """The rejection of a waiter that ran out of time: 429 if its tenant is to blame."""
         estimate, reason = self._estimate(waiter.tenant, waiter.rank, now, waiter=waiter)
         return Reject("expired" if reason == "overloaded" else reason, estimate)
@@ -477,11 +388,11 @@ class Scheduler:
         queued = sum(w.cost for w in self._waiting.values()) if self._waiting else 0
         rate = self._limits.rate
         if rate is None:
-            rate = self._throughput if now - self._measured_at <= 3 * WINDOW_S else 0.0
+            rate = self._window.throughput if self._window.fresh(now) else 0.0
         return queued / rate if rate else 1.0
 
     def _estimate(
-        self, tenant: _Tenant, rank: int, now: float, waiter: _Waiter | None = None
+        self, tenant: Tenant, rank: int, now: float, waiter: Waiter | None = None
     ) -> tuple[float, Reason]:
         """Expected wait of a request at `rank` in `tenant`'s queue, and who is to blame.
 
@@ -495,7 +406,7 @@ class Scheduler:
             ahead -= waiter.cost  # count it once, as its own cost below
         cost = waiter.cost if waiter is not None else 1
         weight = self._limits.weight(tenant.name)
-        fair_rate = self._fair_rate(now, 0.0 if tenant.state != _IDLE else weight)
+        fair_rate = self._fair_rate(now, 0.0 if tenant.state != IDLE else weight)
         wait, reason = 0.0, "overloaded"
         if fair_rate > 0:
             start = max(tenant.finish, self._vtime - self._credit(now)) + ahead / weight
@@ -522,10 +433,11 @@ class Scheduler:
 
     # --- queues ---------------------------------------------------------------------------
 
-    def _tenant(self, name: str, now: float) -> _Tenant:
+    def _tenant(self, name: str, now: float) -> Tenant:
+        """The tenant of an arriving request, made if new; marks it as just seen."""
         tenant = self._tenants.get(name)
         if tenant is None:
-            tenant = _Tenant(
+            tenant = Tenant(
                 name, now, self._limits.tenant_burst, self._vtime + 1 / self._limits.weight(name)
             )
             self._tenants[name] = tenant
@@ -547,7 +459,7 @@ class Scheduler:
         excess = len(self._tenants) - self._policy.max_tenants
         doomed: list[str] = []
         for name, tenant in self._tenants.items():
-            if tenant.state != _IDLE:
+            if tenant.state != IDLE:
                 continue  # has waiters: kept, whatever its age
             if excess <= 0 and now - tenant.seen_at <= idle_after:
                 break
@@ -557,7 +469,7 @@ class Scheduler:
             del self._tenants[name]
 
     def _make_room(
-        self, now: float, tenant: _Tenant, rank: int, events: list[Event]
+        self, now: float, tenant: Tenant, rank: int, events: list[Event]
     ) -> Reject | None:
         """Enforce the queue limits before queueing at `rank` in `tenant`'s queue.
 
@@ -573,7 +485,7 @@ class Scheduler:
             self._evict(victim, "tenant_queue_full", now, events)
         if len(self._waiting) >= policy.queue_limit:
             heaviest = max(
-                (t for t in self._tenants.values() if t.state != _IDLE),
+                (t for t in self._tenants.values() if t.state != IDLE),
                 key=lambda t: (t.queued, t.pushed),  # ties: the latest to queue
                 default=None,
             )
@@ -591,74 +503,85 @@ class Scheduler:
             self._evict(victim, "tenant_queue_full", now, events)
         return None
 
-    def _evict(self, waiter: _Waiter, reason: Reason, now: float, events: list[Event]) -> None:
+    def _evict(self, waiter: Waiter, reason: Reason, now: float, events: list[Event]) -> None:
+        """Drop a waiter from the queue to make room, telling its caller why."""
         wait, _ = self._estimate(waiter.tenant, waiter.rank, now, waiter=waiter)
         self._remove(waiter)
         events.append(Evicted(waiter.id, Reject(reason, wait)))
 
-    def _push(self, waiter: _Waiter, now: float) -> None:
+    def _push(self, waiter: Waiter) -> None:
+        """Queue a waiter at the back of its priority's FIFO; an idle tenant gets in line."""
         tenant = waiter.tenant
-        if not tenant.queues:
-            tenant.queues = tuple(OrderedDict() for _ in PRIORITIES)
-            tenant.cost_by_rank = [0] * len(PRIORITIES)
-        tenant.pushed = next(self._seq) % _PUSH_SPAN
+        tenant.open_queues()
+        tenant.pushed = next(self._seq) % PUSH_SPAN
         tenant.queues[waiter.rank][waiter.id] = waiter
         tenant.cost_by_rank[waiter.rank] += waiter.cost
         self._queued_by_rank[waiter.rank] += 1
         self._waiting[waiter.id] = waiter
-        if tenant.state == _IDLE:
+        if tenant.state == IDLE:
             self._activate(tenant)
 
-    def _remove(self, waiter: _Waiter) -> None:
+    def _unlink(self, waiter: Waiter) -> None:
+        """Take a waiter out of every queue and count; its tenant's state is the caller's."""
         tenant = waiter.tenant
         del tenant.queues[waiter.rank][waiter.id]
         tenant.cost_by_rank[waiter.rank] -= waiter.cost
         self._queued_by_rank[waiter.rank] -= 1
         del self._waiting[waiter.id]
-        if tenant.queued == 0:
-            self._deactivate(tenant)
 
-    def _activate(self, tenant: _Tenant) -> None:
-        tenant.state = _ACTIVE
+    def _remove(self, waiter: Waiter) -> None:
+        """A waiter leaves without being admitted; a tenant left with none goes idle."""
+        self._unlink(waiter)
+        if waiter.tenant.queued == 0:
+            self._deactivate(waiter.tenant)
+
+    def _activate(self, tenant: Tenant) -> None:
+        """Put a tenant in line for the budget, ordered by its finish tag."""
+        tenant.state = ACTIVE
         tenant.version += 1
         self._active_weight += self._limits.weight(tenant.name)
         heapq.heappush(self._active, (tenant.finish, next(self._seq), tenant.version, tenant))
 
-    def _deactivate(self, tenant: _Tenant) -> None:
-        if tenant.state == _ACTIVE:
+    def _deactivate(self, tenant: Tenant) -> None:
+        """Take a tenant out of line (active or capped): it is idle now."""
+        if tenant.state == ACTIVE:
             self._active_weight -= self._limits.weight(tenant.name)
-        tenant.state = _IDLE
+        tenant.state = IDLE
         tenant.version += 1
         if not self._waiting:
             self._active_weight = 0.0  # no float drift across idle periods
 
-    def _top_active(self) -> tuple[_Tenant, _Waiter] | None:
+    def _release_capped(self, now: float) -> None:
+        """Capped tenants whose cap has refilled get back in line."""
+        while self._capped and self._capped[0][0] <= now + EPS:
+            _, _, version, tenant = heapq.heappop(self._capped)
+            if tenant.version == version and tenant.state == CAPPED:
+                self._activate(tenant)
+
+    def _top_active(self) -> tuple[Tenant, Waiter] | None:
+        """The tenant first in line and its head waiter; drops stale heap entries."""
         while self._active:
             _, _, version, tenant = self._active[0]
-            if tenant.version == version and tenant.state == _ACTIVE:
+            if tenant.version == version and tenant.state == ACTIVE:
                 return tenant, tenant.head()
             heapq.heappop(self._active)
         return None
 
-    def _dispatch(self, now: float, events: list[Event], watch: _Waiter | None = None) -> bool:
+    def _dispatch(self, now: float, events: list[Event], watch: Waiter | None = None) -> bool:
         """Admit waiters while the budget allows, lowest virtual tag first.
 
         Tenants with banked credit (tag behind the virtual clock) may use the
         reserve tokens; others only take tokens above it. Returns whether `watch`
         was admitted (its grant is then not reported as an event).
         """
-        while self._capped and self._capped[0][0] <= now + _EPS:
-            _, _, version, tenant = heapq.heappop(self._capped)
-            if tenant.version == version and tenant.state == _CAPPED:
-                tenant.state = _IDLE
-                self._activate(tenant)
+        self._release_capped(now)
         watched = False
         while (head := self._top_active()) is not None:
             tenant, waiter = head
             if not self._cap_ok(tenant, waiter.cost, now):
                 heapq.heappop(self._active)
                 self._active_weight -= self._limits.weight(tenant.name)
-                tenant.state = _CAPPED
+                tenant.state = CAPPED
                 tenant.version += 1
                 ready = now + (waiter.cost - tenant.cap_tokens) / (self._limits.tenant_rate or 1.0)
                 heapq.heappush(self._capped, (ready, next(self._seq), tenant.version, tenant))
@@ -666,9 +589,8 @@ class Scheduler:
             if not self._fits(waiter.cost, reserve=tenant.finish >= self._vtime):
                 break
             heapq.heappop(self._active)
-            tenant.state = _IDLE  # re-activated below with its new tag if more are waiting
-            self._active_weight -= self._limits.weight(tenant.name)
-            self._remove_head(waiter)
+            self._unlink(waiter)
+            self._deactivate(tenant)  # back in line below, with its new tag, if more wait
             self._take(tenant, waiter.id, waiter.cost, now)
             if tenant.queued:
                 self._activate(tenant)
@@ -678,13 +600,3 @@ class Scheduler:
                 lease = self._limits.concurrency is not None
                 events.append(Granted(waiter.id, now - waiter.enqueued_at, lease))
         return watched
-
-    def _remove_head(self, waiter: _Waiter) -> None:
-        tenant = waiter.tenant
-        del tenant.queues[waiter.rank][waiter.id]
-        tenant.cost_by_rank[waiter.rank] -= waiter.cost
-        self._queued_by_rank[waiter.rank] -= 1
-        del self._waiting[waiter.id]
-        tenant.version += 1
-        if not self._waiting:
-            self._active_weight = 0.0

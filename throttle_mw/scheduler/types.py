@@ -136,3 +136,26 @@ class Policy:
     credit_s: float = 2.0
     tenant_idle_s: float = 60.0
     max_tenants: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSnapshot:
+    tenant: str
+    queued: int
+    finish: float
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Budget in use and queue depths, for metrics and the live-limits tool."""
+
+    tokens: float | None
+    in_flight: int
+    queued_by_priority: dict[str, int]
+    tenants: int
+    busiest: tuple[TenantSnapshot, ...]
+    fair_rate: float
+    #: Processes sharing the budget (1 for the in-memory backend).
+    processes: int = 1
+    #: The limits in force (live overrides included), when the backend knows them.
+    limits: Limits | None = None
