@@ -272,12 +272,12 @@ def test_watch_refreshes_until_interrupted(
 ) -> None:
     naps: list[float] = []
 
-    def sleep(seconds: float) -> None:
+    async def nap(seconds: float) -> None:
         naps.append(seconds)
         if len(naps) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(time, "sleep", sleep)  # the watch loop's one-second nap
+    monkeypatch.setattr(cli, "_nap", nap)  # the watch loop's one-second nap
     code, out, _ = run(capsys, "status", "--watch", "--json")
     assert code == 0
     assert naps == [1.0, 1.0, 1.0]

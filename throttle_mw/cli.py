@@ -5,10 +5,10 @@ priority, live processes, the limits in force and the busiest tenants.
 ``set`` changes limits and tenant weights at run time; ``reset`` removes those
 live overrides, so each process's ``THROTTLE_*`` values apply again.
 
-Live limits are fields of the hash ``{prefix}:cfg`` and live weights of
-``{prefix}:w`` (by tenant digest); the Lua scripts read both on every call,
-so every process of the fleet follows from its next decision. This tool also
-keeps the names behind those digests in ``{prefix}:wn``, only to show them.
+Live limits and weights are stored in Redis by
+`throttle_mw.backends.redis.admin.Budget` (the same code the backend uses);
+the scripts read them on every call, so every process of the fleet follows
+from its next decision.
 
 The connection comes from ``--redis-url`` / ``--prefix`` or the app's own
 ``THROTTLE_REDIS_URL`` / ``THROTTLE_KEY_PREFIX``. Run it where the app's
@@ -19,19 +19,24 @@ overrides replace. Exit codes: 0 done, 1 Redis unreachable or refused, 2 bad inp
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO
 from urllib.parse import urlsplit
 
 from .priorities import PRIORITIES
+from .scheduler import Limits
 from .settings import TENANT_PATTERN, ConfigError, Settings
 
-#: The live limits, as fields of ``{prefix}:cfg``.
+if TYPE_CHECKING:
+    from .backends.redis.admin import Budget
+
+#: The limits a live override may set (fields of ``{prefix}:cfg``).
 LIMITS: Final = ("rate", "burst", "concurrency", "tenant_rate", "tenant_burst")
-#: Limits a live override may switch off (the stored value ``none``).
+#: Limits a live override may switch off.
 NULLABLE: Final = frozenset({"rate", "concurrency", "tenant_rate"})
 _FLAG = {name: "--" + name.replace("_", "-") for name in LIMITS}
 _FLAG.update(redis_url="--redis-url", key_prefix="--prefix", tenant_weights="--weight")
@@ -54,12 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         loose, env = _settings(args)
         secret = urlsplit(loose.redis_url or "").password or ""
-        redis = _redis_module()
-        client = _connect(redis, loose)
-        try:
-            return _run(args, client, loose, env)
-        finally:
-            _close(client)
+        _redis_module()
+        return asyncio.run(_connected(args, loose, env))
     except UsageError as exc:
         print(f"throttle-mw: error: {exc}", file=sys.stderr)
         return 2
@@ -74,23 +75,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _run(args: argparse.Namespace, client: Any, loose: Settings, env: Settings | None) -> int:
+async def _connected(args: argparse.Namespace, loose: Settings, env: Settings | None) -> int:
+    from .backends.redis.admin import Budget
+
+    client = _connect(loose)
+    try:
+        return await _run(args, Budget(client, loose.key_prefix), loose, env)
+    finally:
+        await _close(client)
+
+
+async def _run(
+    args: argparse.Namespace, budget: Budget, loose: Settings, env: Settings | None
+) -> int:
     command = args.command or "status"
-    budget = Budget(client, loose.key_prefix)
     if command == "set":
         changes, weights = _changes(args, loose)
-        _check_budget(budget.live_limits(), changes, env)
-        budget.set(changes, weights)
-        print(_describe_overrides(budget.live_limits(), budget.live_weights()))
+        _check_budget(await budget.live_limits(), changes, env)
+        await budget.set(changes, weights)
+        print(_describe_overrides(await budget.live_limits(), await budget.live_weights()))
         return 0
     if command == "reset":
         fields = [name for name in LIMITS if getattr(args, name)]
         tenants = [_tenant(t) for t in args.weight or ()]
         everything = not (fields or tenants or args.weights)
-        budget.reset(fields, tenants, everything=everything, all_weights=args.weights)
-        print(_describe_overrides(budget.live_limits(), budget.live_weights()))
+        await budget.reset(fields, tenants, everything=everything, all_weights=args.weights)
+        print(_describe_overrides(await budget.live_limits(), await budget.live_weights()))
         return 0
-    return _status(args, budget, loose, env, sys.stdout)
+    return await _status(args, budget, loose, env, sys.stdout)
 
 
 # --- arguments ----------------------------------------------------------------------
@@ -276,19 +288,24 @@ def _redis_module() -> Any:
     return redis
 
 
-def _connect(redis: Any, settings: Settings) -> Any:
-    options = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0, "decode_responses": True}
+def _connect(settings: Settings) -> Any:
+    from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
+
+    url = settings.redis_url
+    assert url is not None
+    options: dict[str, Any] = {
+        "socket_timeout": 2.0,
+        "socket_connect_timeout": 2.0,
+        "decode_responses": True,
+    }
     if settings.redis_cluster:
-        return redis.cluster.RedisCluster.from_url(settings.redis_url, **options)
-    return redis.Redis.from_url(settings.redis_url, **options)
+        return RedisCluster.from_url(url, **options)
+    return Redis.from_url(url, **options)
 
 
-def _close(client: Any) -> None:
-    # redis-py's RedisCluster.close() leaves its nodes' pools connected.
-    disconnect = getattr(client, "disconnect_connection_pools", None)
-    if disconnect is not None:
-        disconnect()
-    client.close()
+async def _close(client: Any) -> None:
+    await client.aclose()
 
 
 def _is_connection_error(exc: BaseException) -> bool:
@@ -308,87 +325,20 @@ def _is_redis_error(exc: BaseException) -> bool:
     )
 
 
-class Budget:
-    """One budget's keys in Redis, as this tool reads and writes them."""
-
-    def __init__(self, client: Any, prefix: str) -> None:
-        from .backends.redis.keys import hash_tag, state_key
-
-        self.client = client
-        self.tag = hash_tag(prefix)
-        self.state_key = state_key(self.tag)
-        self.cfg_key = f"{self.tag}:cfg"
-        self.weights_key = f"{self.tag}:w"
-        self.names_key = f"{self.tag}:wn"
-
-    def live_limits(self) -> dict[str, float | None]:
-        """The overridden limits only (None: switched off)."""
-        raw = self.client.hgetall(self.cfg_key)
-        return {k: None if raw[k] == "none" else float(raw[k]) for k in LIMITS if k in raw}
-
-    def live_weights(self) -> dict[str, float]:
-        """Live weights by tenant name (a digest's first 12 characters when the name is lost)."""
-        weights = self.client.hgetall(self.weights_key)
-        names = self.client.hgetall(self.names_key) if weights else {}
-        return {names.get(h, "#" + h[:12]): float(w) for h, w in sorted(weights.items())}
-
-    def set(self, changes: Mapping[str, str], weights: Mapping[str, float]) -> None:
-        from .backends.redis.keys import tenant_digest
-
-        pipe = self.client.pipeline(transaction=False)
-        if changes:
-            pipe.hset(self.cfg_key, mapping=dict(changes))
-        for tenant, weight in weights.items():
-            digest = tenant_digest(tenant)
-            pipe.hset(self.weights_key, digest, repr(weight))
-            pipe.hset(self.names_key, digest, tenant)
-        pipe.execute()
-
-    def reset(
-        self,
-        fields: Sequence[str],
-        tenants: Sequence[str],
-        *,
-        everything: bool = False,
-        all_weights: bool = False,
-    ) -> None:
-        from .backends.redis.keys import tenant_digest
-
-        if everything:
-            self.client.delete(self.cfg_key, self.weights_key, self.names_key)
-            return
-        if all_weights:
-            self.client.delete(self.weights_key, self.names_key)
-        if fields:
-            self.client.hdel(self.cfg_key, *fields)
-        if tenants:
-            digests = [tenant_digest(t) for t in tenants]
-            self.client.hdel(self.weights_key, *digests)
-            self.client.hdel(self.names_key, *digests)
-
-    def snapshot(self, defaults: Mapping[str, float | int | None], top: int) -> dict[str, Any]:
-        """snapshot.lua's answer: the live state, with `defaults` as this caller's limits."""
-        from .backends.redis.scripts import source
-
-        def opt(name: str) -> str:
-            value = defaults.get(name)
-            return "" if value is None else repr(float(value))
-
-        script = self.client.register_script(source("snapshot"))
-        raw = script(keys=[self.state_key], args=["", self.tag, *map(opt, LIMITS), str(top)])
-        data: dict[str, Any] = json.loads(raw)
-        return data
-
-
 # --- status -----------------------------------------------------------------------------
 
 
-def _status(
+async def _nap(seconds: float) -> None:
+    """The watch loop's pause between refreshes."""
+    await asyncio.sleep(seconds)
+
+
+async def _status(
     args: argparse.Namespace, budget: Budget, loose: Settings, env: Settings | None, out: TextIO
 ) -> int:
     while True:
         try:
-            report = status(budget, loose, env, args.top)
+            report = await status(budget, loose, env, args.top)
         except Exception as exc:
             if not (args.watch and _is_connection_error(exc)):
                 raise
@@ -402,12 +352,12 @@ def _status(
         out.flush()
         if not args.watch:
             return 0
-        time.sleep(args.interval)
+        await _nap(args.interval)
 
 
-def status(budget: Budget, loose: Settings, env: Settings | None, top: int) -> dict[str, Any]:
+async def status(budget: Budget, loose: Settings, env: Settings | None, top: int) -> dict[str, Any]:
     """The live state as a JSON-ready dict (the ``--json`` output)."""
-    live = budget.live_limits()
+    live = await budget.live_limits()
     environment = None if env is None else {name: getattr(env, name) for name in LIMITS}
     in_force: dict[str, float | None] = {}
     for name in LIMITS:
@@ -416,29 +366,40 @@ def status(budget: Budget, loose: Settings, env: Settings | None, top: int) -> d
         elif environment is not None:
             value = environment[name]
             in_force[name] = None if value is None else float(value)
-    data = budget.snapshot(in_force, top)
+    data = await budget.snapshot(_known_limits(in_force), top)
     # The tokens depend on the rate and burst: meaningless unless both are known here.
     known = "rate" in in_force and "burst" in in_force
     return {
         "time": round(time.time(), 3),
         "redis": redact(loose.redis_url or ""),
         "prefix": loose.key_prefix,
-        "processes": int(data["processes"]),
-        "tokens": data["tokens"] if known else None,
-        "in_flight": int(data["in_flight"]),
-        "waiting": int(data["waiting"]),
-        "queued_by_priority": {p: int(data["queued_by_priority"][p]) for p in PRIORITIES},
-        "tenants": int(data["tenants"]),
-        "fair_rate": float(data["fair_rate"]),
+        "processes": data.processes,
+        "tokens": data.tokens if known else None,
+        "in_flight": data.in_flight,
+        "waiting": sum(data.queued_by_priority.values()),
+        "queued_by_priority": {p: data.queued_by_priority[p] for p in PRIORITIES},
+        "tenants": data.tenants,
+        "fair_rate": data.fair_rate,
         "limits": {"in_force": in_force, "live": live, "environment": environment},
         "weights": {
-            "live": budget.live_weights(),
+            "live": await budget.live_weights(),
             "environment": dict(env.tenant_weights) if env is not None else {},
         },
-        "busiest": [
-            {"tenant": b["tenant"], "queued": int(b["queued"])} for b in data.get("busiest") or []
-        ],
+        "busiest": [{"tenant": b.tenant, "queued": b.queued} for b in data.busiest],
     }
+
+
+def _known_limits(in_force: Mapping[str, float | None]) -> Limits:
+    """The limits this tool knows are in force; where it does not, Limits' defaults (the
+    answer's tokens are then not shown)."""
+    concurrency = in_force.get("concurrency")
+    return Limits(
+        rate=in_force.get("rate"),
+        burst=in_force.get("burst") or 1.0,
+        concurrency=None if concurrency is None else int(concurrency),
+        tenant_rate=in_force.get("tenant_rate"),
+        tenant_burst=in_force.get("tenant_burst") or 1.0,
+    )
 
 
 def render(report: Mapping[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """The Lua scheduler behind the Python scheduler's interface, on a fake clock.
 
-Runs ``batch.lua`` (with ``lib.lua``) in a real redis-server, passing `now`
+Runs ``batch.lua`` (with the rules in ``core.lua``) in a real redis-server, passing `now`
 explicitly (the scripts' test-only clock override), and reads the grant lists
 back as events. So the fake-clock scheduler tests run unchanged against the
 rules the Redis backend executes.
@@ -9,27 +9,23 @@ rules the Redis backend executes.
 from __future__ import annotations
 
 import itertools
-from typing import cast
 
 import redis
 
-from throttle_mw.backends.redis.keys import hash_tag, state_key
-from throttle_mw.backends.redis.protocol import acquire_tail, call_args, reply, static_args
+from throttle_mw.backends.redis import protocol
+from throttle_mw.backends.redis.keys import Keys
 from throttle_mw.backends.redis.scripts import source
-from throttle_mw.priorities import RANK
 from throttle_mw.scheduler import (
     Admit,
     Decision,
     Enqueue,
     Event,
-    Evicted,
     Granted,
     Limits,
     Policy,
     Reject,
     Request,
     Snapshot,
-    TenantSnapshot,
 )
 
 _PROCESS = "sim"
@@ -43,9 +39,12 @@ class LuaScheduler:
         self._client = client
         self._limits = limits
         self._policy = policy
-        self._tag = hash_tag(f"sim{next(_prefixes)}")
-        self._key = state_key(self._tag)
+        keys = Keys(f"sim{next(_prefixes)}")
+        self._tag = keys.tag
+        self._key = keys.state
         self._script = client.register_script(source("batch"))
+        self._snapshot = client.register_script(source("snapshot"))
+        self._now = now
         self._max_wait = dict(policy.max_wait_s)
         self._in_flight = 0
         self._leases: set[str] = set()
@@ -57,37 +56,31 @@ class LuaScheduler:
     # --- the scheduler's interface ---------------------------------------------------------
 
     def acquire(self, now: float, req: Request) -> tuple[Decision, list[Event]]:
-        tail = acquire_tail(req, self._limits.weight(req.tenant), self._max_wait[req.priority])
-        op = f"A|{req.id}|{tail}"
+        weight, max_wait = self._limits.weight(req.tenant), self._max_wait[req.priority]
+        op = protocol.acquire_op(req.id, protocol.acquire_tail(req, weight, max_wait))
         self._tenants.add(req.tenant)
         result, events = self._call(now, [op])
-        kind, *fields = result[0].split("|")
-        if kind == "A":
-            lease = fields[0] == "1"
-            if lease:
-                self._leases.add(req.id)
-            return Admit(degraded=fields[1] == "1", lease=lease), events
-        if kind == "Q":
+        decision = protocol.decode_acquire(result[0])
+        if isinstance(decision, Admit) and decision.lease:
+            self._leases.add(req.id)
+        if isinstance(decision, Enqueue):
             self._waiting.add(req.id)
-            return Enqueue(deadline=float(fields[0]), estimated_wait_s=float(fields[1])), events
-        return Reject(fields[0], float(fields[1])), events  # type: ignore[arg-type]
+        return decision, events
 
     def cancel(self, now: float, request_id: str) -> tuple[Reject | None, list[Event]]:
-        result, events = self._call(now, [f"C|{request_id}"])
-        kind, *fields = result[0].split("|")
+        result, events = self._call(now, [protocol.cancel_op(request_id)])
         self._waiting.discard(request_id)
-        if kind == "X":
-            return Reject(fields[0], float(fields[1])), events  # type: ignore[arg-type]
-        return None, events
+        decoded = protocol.decode_cancel(result[0])
+        return (decoded if isinstance(decoded, Reject) else None), events
 
     def release(self, now: float, request_id: str) -> list[Event]:
         if request_id not in self._leases:
             return []
         self._leases.discard(request_id)
-        return self._call(now, [f"R|{request_id}"])[1]
+        return self._call(now, [protocol.release_op(request_id)])[1]
 
     def tick(self, now: float) -> list[Event]:
-        return self._call(now, ["T"])[1]
+        return self._call(now, [protocol.TICK])[1]
 
     def next_due(self, now: float) -> float | None:
         return self._due
@@ -97,25 +90,8 @@ class LuaScheduler:
         return self.tick(now)
 
     def snapshot(self, top: int = 10) -> Snapshot:
-        tenants = self._client.zcard(f"{self._tag}:tenants")
-        state = self._client.hgetall(self._key)
-        queued: dict[str, int] = {
-            p: int(state.get(f"n{rank}".encode(), b"0")) for p, rank in RANK.items()
-        }
-        top_list = cast(
-            "list[tuple[bytes, float]]",
-            self._client.zrevrange(f"{self._tag}:qlen", 0, top - 1, withscores=True),
-        )
-        busiest = tuple(TenantSnapshot(h.decode(), int(n) >> 32, 0.0) for h, n in top_list)
-        tokens = state.get(b"tokens")
-        return Snapshot(
-            tokens=float(tokens) if tokens is not None and self._limits.rate else None,
-            in_flight=int(float(state.get(b"inflight", b"0"))),
-            queued_by_priority=queued,
-            tenants=int(tenants),
-            busiest=busiest,
-            fair_rate=float(state.get(b"v_rate", b"0")),
-        )
+        args = protocol.snapshot_args(repr(self._now), self._tag, self._limits, top)
+        return protocol.decode_snapshot(self._snapshot(keys=[self._key], args=args))
 
     @property
     def waiting(self) -> int:
@@ -128,31 +104,38 @@ class LuaScheduler:
     # --- plumbing -------------------------------------------------------------------------------
 
     def _call(self, now: float, ops: list[str]) -> tuple[list[str], list[Event]]:
-        static = static_args(
-            self._tag, _PROCESS, self._limits, self._policy, lease_ttl_s=3600, key_ttl_s=7200
+        self._now = now
+        pol = self._policy
+        static = protocol.static_args(
+            self._tag,
+            _PROCESS,
+            self._limits,
+            credit_s=pol.credit_s,
+            queue_limit=pol.queue_limit,
+            tenant_queue_limit=pol.tenant_queue_limit,
+            tenant_idle_s=pol.tenant_idle_s,
+            max_tenants=pol.max_tenants,
+            lease_ttl_s=3600,
+            key_ttl_s=7200,
         )
-        args = call_args(static, repr(now), ops)
+        args = protocol.call_args(static, repr(now), ops)
         key = f"{self._tag}:g:{_PROCESS}"
         pipe = self._client.pipeline(transaction=False)
         self._script(keys=[self._key], args=args, client=pipe)
         pipe.lrange(key, 0, -1)
         pipe.delete(key)
         raw, messages, _ = pipe.execute()
-        results = reply(raw)
-        delay = results[len(ops)]
-        self._due = now + float(delay) if delay else None
+        results = protocol.split_reply(raw)
+        delay = protocol.trailer(results).next_tick_s
+        self._due = None if delay is None else now + delay
         return results[: len(ops)], self._events(messages)
 
     def _events(self, messages: list[bytes]) -> list[Event]:
         events: list[Event] = []
         for raw in messages:
-            kind, rid, *fields = raw.decode().split("|")
-            self._waiting.discard(rid)
-            if kind == "g":
-                lease = fields[1] == "1"
-                if lease:
-                    self._leases.add(rid)
-                events.append(Granted(rid, float(fields[0]), lease))
-            else:
-                events.append(Evicted(rid, Reject(fields[0], float(fields[1]))))  # type: ignore[arg-type]
+            event = protocol.decode_message(raw)
+            self._waiting.discard(event.id)
+            if isinstance(event, Granted) and event.lease:
+                self._leases.add(event.id)
+            events.append(event)
         return events

@@ -20,6 +20,15 @@ STALE_WINDOWS: Final = 3
 #: the tenant that queued last).
 PUSH_SPAN: Final = 2**32
 
+#: While requests wait, the last burst / RESERVE_DIVISOR tokens are kept for tenants with
+#: banked credit (a burst below RESERVE_DIVISOR keeps none); see README, "The reserve".
+RESERVE_DIVISOR: Final = 2
+
+#: A rejection blames the tenant's own rate cap when the cap alone accounts for at least
+#: this share of its expected wait (a capped tenant often drives the virtual clock itself,
+#: so its fair wait mirrors its cap).
+CAP_BLAME_SHARE: Final = 0.5
+
 #: A tenant's state (see `throttle_mw.scheduler.state.Tenant`).
 IDLE: Final = 0  # no request waiting
 ACTIVE: Final = 1  # requests waiting, in line for the budget by its finish tag

@@ -38,7 +38,7 @@ import math
 from collections import OrderedDict
 
 from ..priorities import PRIORITIES, RANK
-from .constants import ACTIVE, CAPPED, EPS, IDLE, PUSH_SPAN, WINDOW_S
+from .constants import ACTIVE, CAP_BLAME_SHARE, CAPPED, EPS, IDLE, PUSH_SPAN, WINDOW_S
 from .state import Tenant, Waiter
 from .types import (
     Admit,
@@ -427,7 +427,7 @@ class Scheduler:
             bound = (ahead + cost - tenant.cap_tokens) / tenant_rate
             # A capped tenant often drives the virtual clock itself, so its fair wait
             # mirrors its cap: name the cap whenever it accounts for most of the wait.
-            if bound >= 0.5 * wait and bound > 0:
+            if bound >= CAP_BLAME_SHARE * wait and bound > 0:
                 wait, reason = max(wait, bound), "tenant_rate_cap"
         return wait, reason  # type: ignore[return-value]
 

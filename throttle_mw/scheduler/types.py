@@ -13,6 +13,7 @@ from types import MappingProxyType
 from typing import Final, Literal, NamedTuple
 
 from ..priorities import Priority
+from .constants import RESERVE_DIVISOR
 
 #: Why a request was turned away. Fixed strings: they reach clients and logs.
 Reason = Literal[
@@ -120,7 +121,9 @@ class Limits:
     @property
     def reserve(self) -> float:
         """Tokens kept back for tenants under their share while others wait (half the burst)."""
-        return float(math.floor(self.burst / 2)) if self.burst >= 2 else 0.0
+        if self.burst < RESERVE_DIVISOR:
+            return 0.0
+        return float(math.floor(self.burst / RESERVE_DIVISOR))
 
     def weight(self, tenant: str) -> float:
         return self.weights.get(tenant, 1.0)

@@ -1,94 +1,72 @@
 """The Redis backend: one budget for every worker and replica of an app.
 
 Decisions are made atomically in Redis by ``batch.lua`` (the scheduler's rules in
-Lua, on Redis' clock). Grants reach the process where a request waits through
-its grant list; concurrency slots are leases that this process renews while it
-holds them. When Redis is unreachable or slow, `THROTTLE_FAILURE_MODE` decides
-(see ``fallback.py``). A circuit breaker keeps a dead Redis from being hammered
-and brings the shared budget back within about a second of its return.
-
-Requests waiting in Redis when it fails keep waiting for `SETTLE_S`: a blip (a
-restart, a failover) costs them nothing, as they are submitted again once Redis
-answers. If Redis is still away after that, the failure mode settles them.
+Lua, on Redis' clock). This module is the call path: operations go through the
+batcher (one script call for every operation ready), replies and grant
+messages are decoded by ``protocol.py``, grants reach the process where a
+request waits through its grant list (``grants.py``), and concurrency slots are
+leases that this process renews while it holds them. Connecting is in
+``connection.py``; what happens when Redis fails and comes back, in
+``recovery.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
-from collections.abc import Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from ...scheduler import Limits, Reject, Request, Snapshot, TenantSnapshot
+from ...scheduler import Admit, Enqueue, Granted, Limits, Reject, Request, Snapshot
 from ...settings import Settings
 from .. import limits_from_settings, policy_from_settings
 from ..base import Admitted, Outcome, RequestIds, Waiting
-from . import protocol
+from . import connection, protocol
+from .admin import Budget
 from .batcher import Batcher
-from .breaker import Breaker
 from .fallback import Fallback
-from .grants import BLOCK_S, GrantListener
-from .keys import grants_key, hash_tag, state_key
-from .protocol import Op
+from .grants import GrantListener
+from .keys import Keys
+from .protocol import AlreadyAdmitted, Op
+from .recovery import Recovery, Waiter
 from .scripts import Scripts
 
 logger = logging.getLogger("throttle_mw.redis")
 
 _TAILS = 4096  # cached op tails (tenant x priority x cost x flags)
-
-
-POOL_SIZE = 16
-#: How long requests waiting in Redis wait out a Redis failure before the failure mode
-#: settles them (a restart or a failover is over by then).
-SETTLE_S = 1.0
 #: Grant messages that arrived before their acquire's reply, kept at most.
 _EARLY = 1024
+#: Seconds of clean-up allowed at shutdown.
+_STOP_TIMEOUT_S = 2.0
+#: Redis keeps a budget's keys this much longer than the longest wait.
+_KEY_TTL_MARGIN_S = 60.0
+_new_tuple = tuple.__new__
 
 
-@dataclass(eq=False)
-class _Waiter:
-    request: Request
-    waiting: Waiting
-    started: float
-
-
-class RedisBackend:
+class RedisBackend(Recovery):
     """A budget shared through Redis; see the module docstring."""
 
     def __init__(self, settings: Settings, *, now: Any = None) -> None:
         if not settings.redis_url:
             raise ValueError("RedisBackend needs THROTTLE_REDIS_URL")
-        self._settings = settings
         self._limits = limits_from_settings(settings)
-        self._policy = policy_from_settings(settings)
-        self._tag = hash_tag(settings.key_prefix)
-        self._state_key = state_key(self._tag)
+        self._policy = policy = policy_from_settings(settings)
+        self._init_recovery(settings, Fallback(settings.failure_mode, self._limits, policy))
+        self._keys = Keys(settings.key_prefix)
         self.process = RequestIds().token
         self._now = now  # tests only: a callable giving the script's clock
-        self._breaker = Breaker()
-        self._fallback = Fallback(settings.failure_mode, self._limits, self._policy)
-        self._waiters: dict[str, _Waiter] = {}
-        self._early: dict[str, str] = {}
-        self._tails: dict[
-            tuple[str, str, int, bool, bool], str
-        ] = {}  # grant messages that beat their acquire's reply
+        #: Grant messages that beat their acquire's reply, by request id.
+        self._early: dict[str, Granted | Reject] = {}
+        self._tails: dict[tuple[str, str, int, bool, bool], str] = {}
+        #: Leases this process holds in Redis (renewed by the heartbeat).
         self._leases: set[str] = set()
-        self._orphans: set[str] = set()  # ids to clean up in Redis once it is back
-        self._settle: asyncio.TimerHandle | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._client: Any = None
-        self._listen_client: Any = None
+        self._clients: connection.Clients | None = None
         self._scripts: Scripts | None = None
-        self._batcher: Batcher | None = None
+        self._budget: Budget | None = None
+        self._batcher = None
         self._listener: GrantListener | None = None
         self._renewer: asyncio.Task[None] | None = None
         self._tick: asyncio.TimerHandle | None = None
@@ -96,12 +74,16 @@ class RedisBackend:
         self._started = False
         self._closing = False
         self._static = protocol.static_args(
-            self._tag,
+            self._keys.tag,
             self.process,
             self._limits,
-            self._policy,
+            credit_s=policy.credit_s,
+            queue_limit=policy.queue_limit,
+            tenant_queue_limit=policy.tenant_queue_limit,
+            tenant_idle_s=policy.tenant_idle_s,
+            max_tenants=policy.max_tenants,
             lease_ttl_s=settings.lease_ttl_s,
-            key_ttl_s=max(settings.max_wait_s.values()) + 60.0,
+            key_ttl_s=max(settings.max_wait_s.values()) + _KEY_TTL_MARGIN_S,
         )
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -111,20 +93,19 @@ class RedisBackend:
             return
         self._started = True
         self._closing = False
-        self._client, self._listen_client = self._connect()
+        self._clients = clients = connection.connect(self._settings)
         if self._settings.redis_cluster:
-            # Learn the slot map now, not in the first request (it takes a few round trips).
             try:
-                for client in (self._client, self._listen_client):
-                    await client.initialize()
+                await connection.initialize(clients)
             except (RedisError, OSError) as exc:
                 self._on_failure(exc)
-        self._scripts = Scripts.register(self._client)
+        self._scripts = Scripts.register(clients.calls)
+        self._budget = Budget(clients.calls, self._settings.key_prefix, self._scripts.snapshot)
         self._batcher = Batcher(self._call, self._on_trailer)
         self._batcher.start()
         self._listener = GrantListener(
-            self._listen_client,
-            grants_key(self._tag, self.process),
+            clients.grants,
+            self._keys.grants(self.process),
             self._on_message,
             self._succeeded,
             self._on_failure,
@@ -152,61 +133,25 @@ class RedisBackend:
         try:
             assert self._scripts is not None
             # Orphans may still be queued or hold a lease: take them out of both.
-            ops = [f"R|{lease}" for lease in self._leases]
-            ops += [f"{op}|{rid}" for rid in self._orphans for op in ("C", "R")]
+            ops = [protocol.release_op(lease) for lease in self._leases]
+            for rid in self._orphans:
+                ops += [protocol.cancel_op(rid), protocol.release_op(rid)]
             if ops:
-                await asyncio.wait_for(self._call(ops, False), 2.0)
+                await asyncio.wait_for(self._call(ops, False), _STOP_TIMEOUT_S)
             await asyncio.wait_for(
-                self._scripts.leave(keys=[self._state_key], args=[self._tag, self.process]), 2.0
+                self._scripts.leave(
+                    keys=[self._keys.state], args=protocol.leave_args(self._keys.tag, self.process)
+                ),
+                _STOP_TIMEOUT_S,
             )
         except (RedisError, OSError, TimeoutError) as exc:
             logger.warning("throttle_mw: could not clean up in Redis (%s)", type(exc).__name__)
         if self._batcher is not None:
             await self._batcher.close()
-        for client in (self._client, self._listen_client):
-            if client is not None:
+        if self._clients is not None:
+            for client in self._clients:
                 await client.aclose()
         self._started = False
-
-    def _connect(self) -> tuple[Any, Any]:
-        s = self._settings
-        assert s.redis_url is not None
-        timeout = s.redis_timeout_s
-        no_retry = Retry(NoBackoff(), 0)
-        client: Any
-        listen: Any
-        if s.redis_cluster:
-            client = RedisCluster.from_url(
-                s.redis_url,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=no_retry,
-                max_connections=POOL_SIZE,
-            )
-            listen = RedisCluster.from_url(
-                s.redis_url,
-                socket_timeout=BLOCK_S + timeout + 1.0,
-                socket_connect_timeout=timeout,
-                retry=no_retry,
-            )
-            return client, listen
-        pool = BlockingConnectionPool.from_url(
-            s.redis_url,
-            max_connections=POOL_SIZE,
-            timeout=timeout,  # a full pool waits this long rather than failing at once
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=no_retry,
-        )
-        client = Redis.from_pool(pool)  # owns the pool: aclose() disconnects it
-        listen = Redis.from_url(
-            s.redis_url,
-            socket_timeout=BLOCK_S + timeout + 1.0,
-            socket_connect_timeout=timeout,
-            retry=no_retry,
-            single_connection_client=True,
-        )
-        return client, listen
 
     # --- the backend contract --------------------------------------------------------------
 
@@ -251,39 +196,20 @@ class RedisBackend:
     async def snapshot(self) -> Snapshot:
         if not self._started:
             await self.start()
-        assert self._scripts is not None
-        s = self._static
-        raw = await self._scripts.snapshot(
-            keys=[self._state_key], args=[self._clock(), self._tag, *s[3:8], 10]
-        )
-        data = json.loads(raw)
-        busiest = data.get("busiest") or []
-        return Snapshot(
-            tokens=data.get("tokens"),
-            in_flight=int(data["in_flight"]),
-            queued_by_priority={k: int(v) for k, v in data["queued_by_priority"].items()},
-            tenants=int(data["tenants"]),
-            busiest=tuple(TenantSnapshot(b["tenant"], int(b["queued"]), 0.0) for b in busiest),
-            fair_rate=float(data.get("fair_rate") or 0.0),
-        )
+        assert self._budget is not None
+        return await self._budget.snapshot(self._limits, top=10, now=self._clock())
 
     async def set_limits(self, limits: Limits) -> None:
         """Store live limits in Redis: every process follows from its next call."""
         if not self._started:
             await self.start()
-        fields = {
-            "rate": "none" if limits.rate is None else repr(limits.rate),
-            "burst": repr(limits.burst),
-            "concurrency": "none" if limits.concurrency is None else str(limits.concurrency),
-            "tenant_rate": "none" if limits.tenant_rate is None else repr(limits.tenant_rate),
-            "tenant_burst": repr(limits.tenant_burst),
-        }
-        await self._client.hset(f"{self._tag}:cfg", mapping=fields)
-        self._limits = self._fallback.limits = limits
+        assert self._budget is not None
         assert self._batcher is not None
-        await self._batcher.submit("T")  # dispatch now: a raised limit admits waiters
+        await self._budget.set_limits(limits)
+        self._limits = self._fallback.limits = limits
+        await self._batcher.submit(protocol.TICK)  # dispatch now: a raised limit admits waiters
 
-    # --- talking to Redis ---------------------------------------------------------------------
+    # --- the call path -------------------------------------------------------------------------
 
     def _clock(self) -> str:
         return "" if self._now is None else repr(float(self._now()))
@@ -293,12 +219,12 @@ class RedisBackend:
         if retry:
             ops = [protocol.as_retry(op) for op in ops]
         args = protocol.call_args(self._static, self._clock(), list(ops))
-        return protocol.reply(await self._scripts.batch(keys=[self._state_key], args=args))
+        return protocol.split_reply(await self._scripts.batch(keys=[self._keys.state], args=args))
 
     def _acquire_op(self, request: Request, max_wait_s: float | None = None) -> Op:
-        """``A|id|<tenant and request parts>``: the parts are cached, this runs per request."""
+        """An acquire operation; its tenant and route parts are cached (this runs per request)."""
         if max_wait_s is not None:
-            return f"A|{request.id}|{self._op_tail(request, max_wait_s)}"
+            return protocol.acquire_op(request.id, self._op_tail(request, max_wait_s))
         key = (
             request.tenant,
             request.priority,
@@ -312,49 +238,46 @@ class RedisBackend:
             if len(self._tails) >= _TAILS:
                 self._tails.clear()
             self._tails[key] = tail
-        return "A|" + request.id + "|" + tail
+        return protocol.acquire_op(request.id, tail)
 
     def _op_tail(self, request: Request, max_wait_s: float) -> str:
         return protocol.acquire_tail(request, self._limits.weight(request.tenant), max_wait_s)
 
     def _outcome(self, request: Request, result: str, started: float) -> Outcome:
-        kind, *fields = result.split("|")
-        if kind == "A":
-            lease = fields[0] == "1"
-            if lease:
+        decision = protocol.decode_acquire(result)
+        if type(decision) is Admit:
+            if decision.lease:
                 self._leases.add(request.id)
-            return Admitted(request.id, 0.0, fields[1] == "1", lease)
-        if kind == "Q":
+            return _new_tuple(Admitted, (request.id, 0.0, decision.degraded, decision.lease, False))
+        if type(decision) is Enqueue:
             loop = asyncio.get_running_loop()
             deadline = started + self._settings.max_wait_s[request.priority]
-            waiting = Waiting(request.id, deadline, float(fields[1]), loop.create_future())
-            self._waiters[request.id] = _Waiter(request, waiting, started)
-            early = self._early.pop(request.id, None)
-            if early is not None:
-                self._on_message(early)
+            waiting = Waiting(request.id, deadline, decision.estimated_wait_s, loop.create_future())
+            self._waiters[request.id] = Waiter(request, waiting, started)
+            self._deliver_early(request.id)
             return waiting
-        return Reject(fields[0], float(fields[1]))  # type: ignore[arg-type]
+        assert isinstance(decision, Reject)
+        return decision
 
     async def _cancel_in_redis(self, rid: str) -> Admitted | Reject:
         if self._batcher is None or not self._breaker.allow():
             self._orphans.add(rid)
             return self._fallback.settle(rid)
         try:
-            result = await self._batcher.submit(f"C|{rid}", lambda r: self._undo_cancel(rid, r))
+            result = await self._batcher.submit(
+                protocol.cancel_op(rid), lambda r: self._undo_cancel(rid, r)
+            )
         except (RedisError, OSError) as exc:
             self._on_failure(exc)
             self._orphans.add(rid)
             return self._fallback.settle(rid)
         self._succeeded()
-        kind, *fields = result.split("|")
-        if kind == "X":
-            return Reject(fields[0], float(fields[1]))  # type: ignore[arg-type]
-        if kind == "G":
-            lease = fields[0] == "1"
-            if lease:
+        decoded = protocol.decode_cancel(result)
+        if isinstance(decoded, AlreadyAdmitted):
+            if decoded.lease:
                 self._leases.add(rid)
-            return Admitted(rid, 0.0, False, lease)
-        return Reject("expired", 1.0)
+            return Admitted(rid, 0.0, False, decoded.lease)
+        return decoded if decoded is not None else Reject("expired", 1.0)
 
     def _resolved(self, waiting: Waiting) -> Admitted | Reject:
         if waiting.future.cancelled():
@@ -364,13 +287,13 @@ class RedisBackend:
     # --- undoing what nobody waits for ----------------------------------------------------------
 
     def _undo_acquire(self, rid: str, result: str) -> None:
-        if result.startswith("A|1"):
+        if protocol.is_lease(result):
             self._release_in_redis(rid)
-        elif result.startswith("Q|") and self._batcher is not None:
-            self._batcher.submit(f"C|{rid}", lambda r: self._undo_cancel(rid, r))
+        elif protocol.is_queued(result) and self._batcher is not None:
+            self._batcher.submit(protocol.cancel_op(rid), lambda r: self._undo_cancel(rid, r))
 
     def _undo_cancel(self, rid: str, result: str) -> None:
-        if result.startswith("G|1"):
+        if protocol.is_lease(result):
             self._release_in_redis(rid)
 
     def _release_in_redis(self, rid: str) -> None:
@@ -379,7 +302,7 @@ class RedisBackend:
         if self._batcher is None or not self._breaker.allow():
             self._orphans.add(rid)
             return
-        self._batcher.send(f"R|{rid}", functools.partial(self._release_failed, rid))
+        self._batcher.send(protocol.release_op(rid), functools.partial(self._release_failed, rid))
 
     def _release_failed(self, rid: str, exc: BaseException) -> None:
         self._orphans.add(rid)  # given back once Redis is back
@@ -388,36 +311,50 @@ class RedisBackend:
     # --- grants, ticks, renewals ------------------------------------------------------------------
 
     def _on_message(self, message: str) -> None:
-        kind, rid, *fields = message.split("|")
+        event = protocol.decode_message(message)
+        rid = event.id
         waiter = self._waiters.pop(rid, None)
         if waiter is None:
-            if kind == "g" and fields[1] == "1" and rid in self._orphans:
+            if isinstance(event, Granted) and event.lease and rid in self._orphans:
                 self._orphans.discard(rid)  # granted after we gave up on it: give it back
                 self._release_in_redis(rid)
             elif rid not in self._orphans:
                 # Its acquire's reply may not have been read yet: keep it for that.
-                self._early[rid] = message
+                self._early[rid] = event if isinstance(event, Granted) else event.reject
                 if len(self._early) > _EARLY:
                     del self._early[next(iter(self._early))]
             return
-        if waiter.waiting.future.done():
-            return
-        if kind == "g":
-            lease = fields[1] == "1"
-            if lease:
-                self._leases.add(rid)
-            waited = asyncio.get_running_loop().time() - waiter.started
-            waiter.waiting.future.set_result(Admitted(rid, waited, False, lease))
-        else:
-            waiter.waiting.future.set_result(Reject(fields[0], float(fields[1])))  # type: ignore[arg-type]
+        self._settle_waiter(waiter, event if isinstance(event, Granted) else event.reject)
 
-    def _on_trailer(self, trailer: list[str]) -> None:
+    def _settle_waiter(self, waiter: Waiter, result: Granted | Reject) -> None:
+        """Resolve a waiter with its grant or its rejection."""
+        future = waiter.waiting.future
+        if future.done():
+            return
+        if isinstance(result, Reject):
+            future.set_result(result)
+            return
+        rid = waiter.request.id
+        if result.lease:
+            self._leases.add(rid)
+        waited = asyncio.get_running_loop().time() - waiter.started
+        future.set_result(Admitted(rid, waited, False, result.lease))
+
+    def _deliver_early(self, rid: str) -> None:
+        result = self._early.pop(rid, None)
+        if result is None:
+            return
+        waiter = self._waiters.pop(rid, None)
+        if waiter is not None:
+            self._settle_waiter(waiter, result)
+
+    def _on_trailer(self, lines: list[str]) -> None:
         # Any call that went through may have been the breaker's probe: report it back.
         self._succeeded()
-        if len(trailer) >= 2:
-            if trailer[0]:
-                self._schedule_tick(float(trailer[0]))
-            self._fallback.fleet = max(1, int(trailer[1]))
+        trailer = protocol.trailer(lines)
+        if trailer.next_tick_s is not None:
+            self._schedule_tick(trailer.next_tick_s)
+        self._fallback.fleet = max(1, trailer.processes)
 
     def _schedule_tick(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -433,7 +370,7 @@ class RedisBackend:
         self._tick = None
         if self._batcher is None or not self._breaker.allow():
             return
-        future = self._batcher.submit("T")
+        future = self._batcher.submit(protocol.TICK)
         future.add_done_callback(self._after_tick)
 
     def _after_tick(self, future: asyncio.Future[str]) -> None:
@@ -442,92 +379,18 @@ class RedisBackend:
         elif not future.cancelled():
             self._succeeded()
 
-    # --- Redis lost and back ---------------------------------------------------------------------
-
-    def _succeeded(self) -> None:
-        """A call to Redis went through: if the breaker was open, Redis is back."""
-        if not self._breaker.is_open:
-            return
-        self._breaker.success()
-        logger.info("throttle_mw: Redis is back; the shared budget decides again")
-        self._recovered()
-
-    def _recovered(self) -> None:
-        """Clean up orphans, re-submit every waiter, and bring the local queue back to Redis."""
-        if self._settle is not None:
-            self._settle.cancel()
-            self._settle = None
-        if self._batcher is None:
-            return
-        for rid in list(self._orphans):
-            # Whatever it became meanwhile, take it out of the queue and give back its
-            # lease: both operations are idempotent.
-            self._orphans.discard(rid)
-            for cleanup in (f"C|{rid}", f"R|{rid}"):
-                self._batcher.submit(cleanup, functools.partial(self._undo_cancel, rid))
-        loop = asyncio.get_running_loop()
-        for waiter in list(self._waiters.values()):
-            # Idempotent: still queued (or admitted) in Redis, it is answered from that;
-            # gone with a restart, it queues again for what is left of its wait.
-            left = max(0.0, waiter.waiting.deadline - loop.time())
-            future = self._batcher.submit(protocol.as_retry(self._acquire_op(waiter.request, left)))
-            future.add_done_callback(functools.partial(self._after_resubmit, waiter))
-        self._spawn(self._readmit_local())
-
-    async def _readmit_local(self) -> None:
-        """Local waiters (failure mode `local`) wait in Redis again, for what is left of it."""
-        assert self._batcher is not None
-        loop = asyncio.get_running_loop()
-        for request, waiting in await self._fallback.give_back():
-            started = waiting.deadline - self._settings.max_wait_s[request.priority]
-            waiter = _Waiter(request, waiting, started)
-            self._waiters[request.id] = waiter
-            op = self._acquire_op(request, max(0.0, waiting.deadline - loop.time()))
-            future = self._batcher.submit(op, functools.partial(self._undo_acquire, request.id))
-            future.add_done_callback(functools.partial(self._after_resubmit, waiter))
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _after_resubmit(self, waiter: _Waiter, future: asyncio.Future[str]) -> None:
-        if future.cancelled():
-            return
-        if future.exception() is not None:
-            self._on_failure(future.exception())  # away again: its waiters settle in time
-            return
-        rid = waiter.request.id
-        if waiter.waiting.future.done() or self._waiters.get(rid) is not waiter:
-            return
-        result = future.result()
-        if result.startswith("Q|"):
-            early = self._early.pop(rid, None)  # queued: the caller keeps its handle
-            if early is not None:
-                self._on_message(early)
-            return
-        del self._waiters[rid]
-        outcome = self._outcome(waiter.request, result, waiter.started)
-        assert not isinstance(outcome, Waiting)
-        waiter.waiting.future.set_result(outcome)
-
     async def _renew_loop(self) -> None:
-        period = max(0.2, min(self._settings.lease_ttl_s / 3.0, 5.0))
+        """The heartbeat: renew this process's leases and learn how many processes are live."""
+        lease_ttl_s = self._settings.lease_ttl_s
+        period = max(0.2, min(lease_ttl_s / 3.0, 5.0))
         while True:
             try:
                 if self._breaker.allow():
                     assert self._scripts is not None
-                    live = await self._scripts.renew(
-                        keys=[self._state_key],
-                        args=[
-                            self._clock(),
-                            self._tag,
-                            self.process,
-                            repr(self._settings.lease_ttl_s),
-                            repr(self._settings.lease_ttl_s),
-                            *self._leases,
-                        ],
+                    args = protocol.renew_args(
+                        self._clock(), self._keys.tag, self.process, lease_ttl_s, self._leases
                     )
+                    live = await self._scripts.renew(keys=[self._keys.state], args=args)
                     self._fallback.fleet = max(1, int(live))
                     self._succeeded()
             except asyncio.CancelledError:
@@ -537,27 +400,3 @@ class RedisBackend:
             if self._closing:
                 return
             await asyncio.sleep(period if not self._breaker.is_open else 0.25)
-
-    # --- failure modes --------------------------------------------------------------------
-
-    def _on_failure(self, exc: BaseException | None = None) -> None:
-        first = not self._breaker.is_open
-        self._breaker.failure()
-        if first:
-            logger.warning(
-                "throttle_mw: Redis unavailable (%s); failure mode %r",
-                type(exc).__name__ if exc is not None else "connection lost",
-                self._settings.failure_mode,
-            )
-        if self._waiters and self._settle is None:
-            self._settle = asyncio.get_running_loop().call_later(SETTLE_S, self._settle_waiters)
-
-    def _settle_waiters(self) -> None:
-        """Redis is still away: whoever waits in it is decided by the failure mode now."""
-        self._settle = None
-        if not self._breaker.is_open:
-            return  # back in time: the waiters were submitted again
-        for rid, waiter in list(self._waiters.items()):
-            self._waiters.pop(rid, None)
-            self._orphans.add(rid)
-            self._fallback.adopt(waiter.request, waiter.waiting)

@@ -1,50 +1,149 @@
-"""batch.lua's wire format: its arguments, its operations and its reply.
+"""The wire format of every script, in one place: calls in, typed values out.
 
-The script's header documents the format; this is the one place that writes it
-(the backend, and the tests that run the script as a scheduler).
+Each script's header documents its arguments and reply; this module is the only
+code that writes or reads them: the backend, the live-limits tool and the
+tests that run the scripts as a scheduler all go through it. The codes and
+separators below reach the Lua side as generated constants (``scripts.py``),
+so neither side spells them twice.
+
+Replies of batch.lua decode into the scheduler's own types: an acquire into
+`Admit`, `Enqueue` or `Reject`, a grant-list message into `Granted` or
+`Evicted`, exactly what `throttle_mw.scheduler.Scheduler` returns.
 """
 
 from __future__ import annotations
 
-from ...priorities import RANK
-from ...scheduler import Limits, Policy, Request
+import json
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any, Final, NamedTuple, cast
+
+from ...priorities import PRIORITIES, RANK
+from ...scheduler import (
+    Admit,
+    Enqueue,
+    Evicted,
+    Granted,
+    Limits,
+    Reason,
+    Reject,
+    Request,
+    Snapshot,
+    TenantSnapshot,
+)
 from .keys import tenant_digest
 
-#: One operation, its fields joined with "|".
-Op = str
+#: Joins the fields of an operation, a reply line or a message.
+SEP: Final = "|"
+#: Joins the operations of one call, and the lines of its reply.
+LINE: Final = "\n"
+#: How the scripts write numbers: enough digits for Python to read back the same float.
+NUMBER_FORMAT: Final = "%.17g"
 
-_FLAGS = {(False, False): 0, (True, False): 1, (True, True): 3, (False, True): 3}
-_RETRY = 4
+#: batch.lua's operations.
+OP: Final = MappingProxyType({"acquire": "A", "release": "R", "cancel": "C", "tick": "T"})
+#: Bits of an acquire's flags field.
+FLAG: Final = MappingProxyType({"sheddable": 1, "degradable": 2, "retry": 4})
+#: The first field of each reply line of batch.lua.
+REPLY: Final = MappingProxyType(
+    {
+        "admitted": "A",  # A|lease|degraded
+        "queued": "Q",  # Q|deadline|wait_s
+        "rejected": "J",  # J|reason|retry_after_s
+        "released": "R",
+        "cancelled": "X",  # X|reason|wait_s: it left the queue
+        "already_admitted": "G",  # G|lease: a cancel that came too late
+        "unknown": "N",  # a cancel of a request not waiting (gone already)
+        "ticked": "T",
+    }
+)
+#: The first field of each message on a process's grant list.
+MESSAGE: Final = MappingProxyType({"granted": "g", "evicted": "r"})  # g|id|waited_s|lease
+#: The fields of an acquire operation, joined with SEP.
+ACQUIRE_FIELDS: Final = (
+    "op",
+    "id",
+    "tenant_digest",
+    "tenant",
+    "weight",
+    "rank",
+    "cost",
+    "flags",
+    "max_wait_s",
+)
+_FLAGS_FIELD = ACQUIRE_FIELDS.index("flags")
+#: The fields of a waiting request in P:r, joined with SEP.
+WAITER_FIELDS: Final = ("tenant", "cost", "rank", "process", "deadline", "enqueued_at")
+
+#: One operation of a batch call.
+Op = str
+TICK: Final[Op] = OP["tick"]
+
+_ADMITTED, _QUEUED, _CANCELLED, _LATE = (
+    REPLY["admitted"],
+    REPLY["queued"],
+    REPLY["cancelled"],
+    REPLY["already_admitted"],
+)
+_ACQUIRE = OP["acquire"] + SEP
+_new_tuple = tuple.__new__
+
+
+class AlreadyAdmitted(NamedTuple):
+    """A cancel that lost the race with a grant: the request was admitted."""
+
+    lease: bool
+
+
+class Trailer(NamedTuple):
+    """The last two lines of a batch reply."""
+
+    #: Seconds until this process should send a tick, or None: only an arrival or a
+    #: release can change anything.
+    next_tick_s: float | None
+    #: Processes with a live heartbeat.
+    processes: int
+
+
+# --- batch.lua: arguments and operations -----------------------------------------------
+
+
+def limit_args(limits: Limits) -> list[str]:
+    """rate, burst, concurrency, tenant_rate, tenant_burst ("" = unset)."""
+    return [
+        _optional(limits.rate),
+        repr(limits.burst),
+        _optional(limits.concurrency),
+        _optional(limits.tenant_rate),
+        repr(limits.tenant_burst),
+    ]
 
 
 def static_args(
     tag: str,
     process: str,
     limits: Limits,
-    policy: Policy,
     *,
+    credit_s: float,
+    queue_limit: int,
+    tenant_queue_limit: int,
+    tenant_idle_s: float,
+    max_tenants: int,
     lease_ttl_s: float,
     key_ttl_s: float,
 ) -> list[str]:
-    """ARGV[1..15]: the same for every call of a process; ARGV[1] (the test clock) is ""."""
-
-    def opt(value: float | None) -> str:
-        return "" if value is None else repr(value)
-
+    """ARGV[1..15] of batch.lua: the same for every call of a process; ARGV[1] (the
+    test clock) is "" (Redis TIME)."""
     return [
         "",
         tag,
         process,
-        opt(limits.rate),
-        repr(limits.burst),
-        opt(limits.concurrency),
-        opt(limits.tenant_rate),
-        repr(limits.tenant_burst),
-        repr(policy.credit_s),
-        str(policy.queue_limit),
-        str(policy.tenant_queue_limit),
-        repr(policy.tenant_idle_s),
-        str(policy.max_tenants),
+        *limit_args(limits),
+        repr(credit_s),
+        str(queue_limit),
+        str(tenant_queue_limit),
+        repr(tenant_idle_s),
+        str(max_tenants),
         repr(lease_ttl_s),
         repr(key_ttl_s),
     ]
@@ -55,28 +154,173 @@ def call_args(static: list[str], now: str, ops: list[Op]) -> list[str]:
     args = list(static)
     args[0] = now
     args.append(str(len(ops)))
-    args.append("\n".join(ops))
+    args.append(LINE.join(ops))
     return args
 
 
 def acquire_tail(request: Request, weight: float, max_wait_s: float) -> str:
     """An acquire op after ``A|id|``: what stays the same for a tenant's route."""
-    flags = _FLAGS[(request.sheddable, request.degradable)]
-    return (
-        f"{tenant_digest(request.tenant)}|{request.tenant}|{weight!r}|"
-        f"{RANK[request.priority]}|{request.cost}|{flags}|{max_wait_s!r}"
+    flags = (FLAG["sheddable"] if request.sheddable or request.degradable else 0) | (
+        FLAG["degradable"] if request.degradable else 0
     )
+    return SEP.join(
+        (
+            tenant_digest(request.tenant),
+            request.tenant,
+            repr(weight),
+            str(RANK[request.priority]),
+            str(request.cost),
+            str(flags),
+            repr(max_wait_s),
+        )
+    )
+
+
+def acquire_op(request_id: str, tail: str) -> Op:
+    # Concatenation: this runs once per request.
+    return _ACQUIRE + request_id + SEP + tail
+
+
+def release_op(request_id: str) -> Op:
+    return OP["release"] + SEP + request_id
+
+
+def cancel_op(request_id: str) -> Op:
+    return OP["cancel"] + SEP + request_id
 
 
 def as_retry(op: Op) -> Op:
     """An acquire op marked as a retry: answered from what exists, never done twice."""
-    if op[0] != "A":
+    if op[0] != OP["acquire"]:
         return op
-    fields = op.split("|")
-    fields[7] = str(int(fields[7]) | _RETRY)
-    return "|".join(fields)
+    fields = op.split(SEP)
+    fields[_FLAGS_FIELD] = str(int(fields[_FLAGS_FIELD]) | FLAG["retry"])
+    return SEP.join(fields)
 
 
-def reply(raw: bytes | str) -> list[str]:
-    """One line per operation, then the tick delay and the count of live processes."""
-    return (raw.decode() if isinstance(raw, bytes) else str(raw)).split("\n")
+# --- batch.lua: replies ------------------------------------------------------------------
+
+
+def split_reply(raw: bytes | str) -> list[str]:
+    """One line per operation, then the two lines of the `Trailer`."""
+    return (raw.decode() if isinstance(raw, bytes) else str(raw)).split(LINE)
+
+
+def trailer(lines: list[str]) -> Trailer:
+    """The trailer: the reply's lines after one per operation."""
+    delay, processes = lines[-2], lines[-1]
+    return Trailer(float(delay) if delay else None, int(processes))
+
+
+def decode_acquire(line: str) -> Admit | Enqueue | Reject:
+    """An acquire's reply line, as the scheduler's decision (``waited_s`` is 0)."""
+    kind, first, second = line.split(SEP)
+    if kind == _ADMITTED:
+        return _new_tuple(Admit, (0.0, second == "1", first == "1"))
+    if kind == _QUEUED:
+        return _new_tuple(Enqueue, (float(first), float(second)))
+    return _new_tuple(Reject, (cast(Reason, first), float(second)))
+
+
+def decode_cancel(line: str) -> Reject | AlreadyAdmitted | None:
+    """A cancel's reply: the rejection to send if it left the queue; `AlreadyAdmitted`
+    if a grant won the race; None if it was not waiting any more."""
+    kind, *fields = line.split(SEP)
+    if kind == _CANCELLED:
+        return Reject(cast(Reason, fields[0]), float(fields[1]))
+    if kind == _LATE:
+        return AlreadyAdmitted(fields[0] == "1")
+    return None
+
+
+def is_lease(line: str) -> bool:
+    """Does an acquire or cancel reply say the request now holds a lease?"""
+    return line.startswith((_ADMITTED + SEP + "1", _LATE + SEP + "1"))
+
+
+def is_queued(line: str) -> bool:
+    return line.startswith(_QUEUED)
+
+
+def decode_message(raw: bytes | str) -> Granted | Evicted:
+    """A message from the grant list: a queued request was admitted, or left the queue."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    kind, request_id, first, second = text.split(SEP)
+    if kind == MESSAGE["granted"]:
+        return Granted(request_id, float(first), second == "1")
+    return Evicted(request_id, Reject(cast(Reason, first), float(second)))
+
+
+# --- renew.lua, leave.lua -------------------------------------------------------------------
+
+
+def renew_args(
+    now: str, tag: str, process: str, lease_ttl_s: float, leases: Iterable[str]
+) -> list[str]:
+    """ARGV of renew.lua: the heartbeat lasts as long as the leases it renews."""
+    return [now, tag, process, repr(lease_ttl_s), repr(lease_ttl_s), *leases]
+
+
+def leave_args(tag: str, process: str) -> list[str]:
+    return [tag, process]
+
+
+# --- snapshot.lua ---------------------------------------------------------------------------
+
+
+def snapshot_args(now: str, tag: str, limits: Limits, top: int) -> list[str]:
+    """ARGV of snapshot.lua: `limits` are the caller's (live overrides win in the script)."""
+    return [now, tag, *limit_args(limits), str(top)]
+
+
+def decode_snapshot(raw: bytes | str) -> Snapshot:
+    """snapshot.lua's JSON answer, with the limits in force."""
+    data: dict[str, Any] = json.loads(raw)
+    force = data["limits"]
+    limits = Limits(
+        rate=force.get("rate"),
+        burst=float(force["burst"]),
+        concurrency=None if force.get("concurrency") is None else int(force["concurrency"]),
+        tenant_rate=force.get("tenant_rate"),
+        tenant_burst=float(force["tenant_burst"]),
+    )
+    queued = data["queued_by_priority"]
+    return Snapshot(
+        tokens=data.get("tokens"),
+        in_flight=int(data["in_flight"]),
+        queued_by_priority={p: int(queued[p]) for p in PRIORITIES},
+        tenants=int(data["tenants"]),
+        busiest=tuple(
+            TenantSnapshot(b["tenant"], int(b["queued"]), 0.0) for b in data.get("busiest") or ()
+        ),
+        fair_rate=float(data.get("fair_rate") or 0.0),
+        processes=int(data["processes"]),
+        limits=limits,
+    )
+
+
+# --- live limits: the P:cfg hash -----------------------------------------------------------
+
+#: The live limits, as fields of P:cfg; a rate or the concurrency may be switched off.
+LIVE_LIMITS: Final = ("rate", "burst", "concurrency", "tenant_rate", "tenant_burst")
+NULLABLE: Final = frozenset({"rate", "concurrency", "tenant_rate"})
+#: A live limit switched off.
+OFF: Final = "none"
+
+
+def encode_live_limits(limits: Limits) -> dict[str, str]:
+    """Every limit of `limits` as P:cfg fields."""
+    return {
+        name: OFF if value is None else (repr(value) if isinstance(value, float) else str(value))
+        for name in LIVE_LIMITS
+        for value in (getattr(limits, name),)
+    }
+
+
+def decode_live_limits(raw: Mapping[str, str]) -> dict[str, float | None]:
+    """The overridden limits only (None: switched off)."""
+    return {k: None if raw[k] == OFF else float(raw[k]) for k in LIVE_LIMITS if k in raw}
+
+
+def _optional(value: float | None) -> str:
+    return "" if value is None else repr(value)

@@ -1,15 +1,15 @@
 -- renew.lua: a process's heartbeat; extends its leases so long requests keep them.
 --
--- A crashed process stops renewing: its leases expire and their concurrency comes
--- back (expire_leases in every batch), and its heartbeat lapses.
+-- A crashed process stops renewing: its leases expire and their concurrency comes back
+-- (expire_leases in every batch), and its heartbeat lapses.
 --
 -- KEYS[1]  P:s (routing only).
 -- ARGV[1]  now override ("" in production).  ARGV[2] P.  ARGV[3] process id.
 -- ARGV[4]  lease_ttl_s.  ARGV[5] heartbeat_ttl_s.  ARGV[6..] lease ids held.
 -- Returns the number of live processes (heartbeats not yet expired).
 
-init(ARGV[2], ARGV[1], ARGV[3], {lease_ttl = ARGV[4]})
-local expiry = num(now + POL.lease_ttl)
+init(ARGV[2], ARGV[1], ARGV[3])
+local expiry = num(now + tonumber(ARGV[4]))
 for i = 6, #ARGV do
   redis.call('ZADD', K.leases, 'XX', expiry, ARGV[i])
 end

@@ -1,0 +1,91 @@
+"""A budget's operator-facing keys: live limits, live weights and the live state.
+
+The one owner of these operations: the live-limits tool (``throttle-mw``) and
+the backend (``set_limits``, ``snapshot``) both go through `Budget`. Live limits
+are fields of ``{prefix}:cfg`` and live weights of ``{prefix}:w`` (by tenant
+digest); the scripts read both on every call, so every process of the fleet
+follows from its next decision. ``{prefix}:wn`` keeps the names behind those
+digests, only to show them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ...scheduler import Limits, Snapshot
+from . import protocol
+from .keys import Keys, tenant_digest
+from .scripts import Script
+
+
+class Budget:
+    """One budget's keys in Redis, through an asyncio redis-py client."""
+
+    def __init__(self, client: Any, prefix: str, snapshot_script: Script | None = None) -> None:
+        self.client = client
+        self.keys = Keys(prefix)
+        self._snapshot = snapshot_script or Script(client, "snapshot")
+
+    async def live_limits(self) -> dict[str, float | None]:
+        """The overridden limits only (None: switched off)."""
+        return protocol.decode_live_limits(_text(await self.client.hgetall(self.keys.cfg)))
+
+    async def live_weights(self) -> dict[str, float]:
+        """Live weights by tenant name (a digest's first 12 characters when the name is lost)."""
+        weights = _text(await self.client.hgetall(self.keys.weights))
+        names = _text(await self.client.hgetall(self.keys.weight_names)) if weights else {}
+        return {names.get(h, "#" + h[:12]): float(w) for h, w in sorted(weights.items())}
+
+    async def set(self, changes: Mapping[str, str], weights: Mapping[str, float]) -> None:
+        """Store live limits (P:cfg fields, already encoded) and live tenant weights."""
+        pipe = self.client.pipeline(transaction=False)
+        if changes:
+            pipe.hset(self.keys.cfg, mapping=dict(changes))
+        for tenant, weight in weights.items():
+            digest = tenant_digest(tenant)
+            pipe.hset(self.keys.weights, digest, repr(weight))
+            pipe.hset(self.keys.weight_names, digest, tenant)
+        await pipe.execute()
+
+    async def set_limits(self, limits: Limits) -> None:
+        """Every limit of `limits` as a live override."""
+        await self.set(protocol.encode_live_limits(limits), {})
+
+    async def reset(
+        self,
+        fields: Sequence[str],
+        tenants: Sequence[str],
+        *,
+        everything: bool = False,
+        all_weights: bool = False,
+    ) -> None:
+        """Remove live overrides: each process's ``THROTTLE_*`` values apply again."""
+        keys = self.keys
+        if everything:
+            await self.client.delete(keys.cfg, keys.weights, keys.weight_names)
+            return
+        if all_weights:
+            await self.client.delete(keys.weights, keys.weight_names)
+        if fields:
+            await self.client.hdel(keys.cfg, *fields)
+        if tenants:
+            digests = [tenant_digest(t) for t in tenants]
+            await self.client.hdel(keys.weights, *digests)
+            await self.client.hdel(keys.weight_names, *digests)
+
+    async def snapshot(self, limits: Limits, top: int, *, now: str = "") -> Snapshot:
+        """The live state; `limits` are the caller's (live overrides win)."""
+        raw = await self._snapshot(
+            keys=[self.keys.state], args=protocol.snapshot_args(now, self.keys.tag, limits, top)
+        )
+        return protocol.decode_snapshot(raw)
+
+
+def _text(raw: Mapping[Any, Any]) -> dict[str, str]:
+    """A hash as text, whether the client decodes responses or not."""
+    return {_str(k): _str(v) for k, v in raw.items()}
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

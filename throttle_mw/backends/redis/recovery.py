@@ -1,0 +1,185 @@
+"""Redis lost and back: the failure mode, orphaned requests, and re-submission.
+
+A circuit breaker (``breaker.py``) keeps a dead Redis from being hammered and
+brings the shared budget back within about a second of its return. While
+Redis is away, `THROTTLE_FAILURE_MODE` decides (``fallback.py``).
+
+Requests waiting in Redis when it fails keep waiting for `SETTLE_S`: a blip (a
+restart, a failover) costs them nothing, as they are submitted again once Redis
+answers. If Redis is still away after that, the failure mode settles them.
+Requests whose fate in Redis is unknown (a call failed after it may have run)
+are *orphans*: once Redis is back they are taken out of the queue and their
+leases given back, idempotently.
+
+`Recovery` is the half of `RedisBackend` that does this; the backend
+(``backend.py``) is the other half, the call path. It shares the backend's
+record of this process's requests and calls back into it for the few things
+recovery needs from the call path (the hooks at the end of the class).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from ...scheduler import Request
+from ...settings import Settings
+from ..base import Outcome, Waiting
+from . import protocol
+from .batcher import Batcher
+from .breaker import Breaker
+from .fallback import Fallback
+from .protocol import Op
+
+logger = logging.getLogger("throttle_mw.redis")
+
+#: How long requests waiting in Redis wait out a Redis failure before the failure mode
+#: settles them (a restart or a failover is over by then).
+SETTLE_S = 1.0
+
+
+@dataclass(eq=False)
+class Waiter:
+    """A request of this process waiting in Redis."""
+
+    request: Request
+    waiting: Waiting
+    started: float
+
+
+class Recovery:
+    """Failure handling and recovery of `RedisBackend` (see the module docstring)."""
+
+    _settings: Settings
+    _breaker: Breaker
+    _fallback: Fallback
+    _batcher: Batcher | None
+    #: This process's requests waiting in Redis, by id.
+    _waiters: dict[str, Waiter]
+    #: Ids whose state in Redis is unknown: taken out of queue and leases once it is back.
+    _orphans: set[str]
+    _settle: asyncio.TimerHandle | None
+    _tasks: set[asyncio.Task[None]]
+
+    def _init_recovery(self, settings: Settings, fallback: Fallback) -> None:
+        self._settings = settings
+        self._breaker = Breaker()
+        self._fallback = fallback
+        self._waiters = {}
+        self._orphans = set()
+        self._settle = None
+        self._tasks = set()
+
+    # --- Redis lost -----------------------------------------------------------------------
+
+    def _on_failure(self, exc: BaseException | None = None) -> None:
+        """A call to Redis failed: open the breaker; waiters settle if it stays away."""
+        first = not self._breaker.is_open
+        self._breaker.failure()
+        if first:
+            logger.warning(
+                "throttle_mw: Redis unavailable (%s); failure mode %r",
+                type(exc).__name__ if exc is not None else "connection lost",
+                self._settings.failure_mode,
+            )
+        if self._waiters and self._settle is None:
+            self._settle = asyncio.get_running_loop().call_later(SETTLE_S, self._settle_waiters)
+
+    def _settle_waiters(self) -> None:
+        """Redis is still away: whoever waits in it is decided by the failure mode now."""
+        self._settle = None
+        if not self._breaker.is_open:
+            return  # back in time: the waiters were submitted again
+        for rid, waiter in list(self._waiters.items()):
+            self._waiters.pop(rid, None)
+            self._orphans.add(rid)
+            self._fallback.adopt(waiter.request, waiter.waiting)
+
+    # --- Redis back -------------------------------------------------------------------------
+
+    def _succeeded(self) -> None:
+        """A call to Redis went through: if the breaker was open, Redis is back."""
+        if not self._breaker.is_open:
+            return
+        self._breaker.success()
+        logger.info("throttle_mw: Redis is back; the shared budget decides again")
+        self._recovered()
+
+    def _recovered(self) -> None:
+        """Clean up orphans, re-submit every waiter, and bring the local queue back to Redis."""
+        if self._settle is not None:
+            self._settle.cancel()
+            self._settle = None
+        if self._batcher is None:
+            return
+        for rid in list(self._orphans):
+            # Whatever it became meanwhile, take it out of the queue and give back its
+            # lease: both operations are idempotent.
+            self._orphans.discard(rid)
+            for cleanup in (protocol.cancel_op(rid), protocol.release_op(rid)):
+                self._batcher.submit(cleanup, functools.partial(self._undo_cancel, rid))
+        loop = asyncio.get_running_loop()
+        for waiter in list(self._waiters.values()):
+            # Idempotent: still queued (or admitted) in Redis, it is answered from that;
+            # gone with a restart, it queues again for what is left of its wait.
+            left = max(0.0, waiter.waiting.deadline - loop.time())
+            future = self._batcher.submit(protocol.as_retry(self._acquire_op(waiter.request, left)))
+            future.add_done_callback(functools.partial(self._after_resubmit, waiter))
+        self._spawn(self._readmit_local())
+
+    async def _readmit_local(self) -> None:
+        """Local waiters (failure mode `local`) wait in Redis again, for what is left of it."""
+        assert self._batcher is not None
+        loop = asyncio.get_running_loop()
+        for request, waiting in await self._fallback.give_back():
+            started = waiting.deadline - self._settings.max_wait_s[request.priority]
+            waiter = Waiter(request, waiting, started)
+            self._waiters[request.id] = waiter
+            op = self._acquire_op(request, max(0.0, waiting.deadline - loop.time()))
+            future = self._batcher.submit(op, functools.partial(self._undo_acquire, request.id))
+            future.add_done_callback(functools.partial(self._after_resubmit, waiter))
+
+    def _after_resubmit(self, waiter: Waiter, future: asyncio.Future[str]) -> None:
+        if future.cancelled():
+            return
+        if future.exception() is not None:
+            self._on_failure(future.exception())  # away again: its waiters settle in time
+            return
+        rid = waiter.request.id
+        if waiter.waiting.future.done() or self._waiters.get(rid) is not waiter:
+            return
+        result = future.result()
+        if protocol.is_queued(result):
+            self._deliver_early(rid)  # queued: the caller keeps its handle
+            return
+        del self._waiters[rid]
+        outcome = self._outcome(waiter.request, result, waiter.started)
+        assert not isinstance(outcome, Waiting)
+        waiter.waiting.future.set_result(outcome)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- what recovery needs from the call path (backend.py) --------------------------------
+
+    def _acquire_op(self, request: Request, max_wait_s: float | None = None) -> Op:
+        raise NotImplementedError
+
+    def _outcome(self, request: Request, result: str, started: float) -> Outcome:
+        raise NotImplementedError
+
+    def _undo_acquire(self, rid: str, result: str) -> None:
+        raise NotImplementedError
+
+    def _undo_cancel(self, rid: str, result: str) -> None:
+        raise NotImplementedError
+
+    def _deliver_early(self, rid: str) -> None:
+        """A grant message for `rid` that beat its acquire's reply: deliver it now."""
+        raise NotImplementedError

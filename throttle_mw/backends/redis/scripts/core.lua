@@ -1,0 +1,514 @@
+-- core.lua: twin of throttle_mw/scheduler/core.py, the scheduling rules.
+--
+-- The same functions with the same names, in the same order as the Python methods
+-- (without their leading underscore), each with a pointer to its Python counterpart;
+-- that module and the README beside it are the reference. Three Python methods have no
+-- twin here (set_limits: the scripts read live limits on every call; admit_at_once: the
+-- in-memory backend's synchronous path; snapshot: snapshot.lua). The steps that exist
+-- only in Lua come last, and the scheduler README lists them ("Only in Lua").
+--
+-- Decisions are tables: {kind = 'admit', lease, degraded}, {kind = 'queue', deadline,
+-- wait} or {kind = 'reject', reason, retry} (Python's Admit, Enqueue, Reject); the entry
+-- scripts encode them. Requests are tables {id, h (tenant digest), cost, rank, proc,
+-- deadline, enq} (Python's Waiter). State is in store.lua's tables S, L, POL, T.
+
+local acquire, cancel, release, tick, next_due
+local refill, clamp, need, fits, fits_at_once, cap_ok, refill_cap
+local fair_rate, credit, take, admit_now, shed_or_admit, expiry, drain_time, estimate
+local tenant, forget_idle, make_room, evict, push, unlink, remove, activate, deactivate
+local release_capped, top_active, dispatch
+local orphaned
+
+local function reject(reason, retry)
+  return {kind = 'reject', reason = reason, retry = retry}
+end
+
+-- --- public API -----------------------------------------------------------------------
+
+-- Scheduler.acquire: decide on a new request: admit it, queue it or reject it.
+function acquire(id, h, name, weight, rank, cost, sheddable, degradable, max_wait)
+  refill()
+  if S.waiting > 0 then dispatch(nil) end
+  local t = tenant(h, name, weight)
+  cost = clamp(cost)
+  if fits_at_once(t, cost) then return admit_now(t, id, cost) end
+  if sheddable then return shed_or_admit(t, cost, degradable) end
+
+  local rejected = make_room(t, rank)
+  if rejected ~= nil then return rejected end
+  local deadline = now + max_wait
+  local r = {id = id, h = h, cost = cost, rank = rank, proc = proc, deadline = deadline,
+    enq = now}
+  push(t, r)
+  if dispatch(id) then return {kind = 'admit', lease = L.concurrency ~= nil, degraded = false} end
+
+  local wait, reason = estimate(t, rank, r)
+  if wait > max_wait + EPS or max_wait <= 0 then
+    remove(t, r)
+    dispatch(nil)
+    return reject(reason, wait - max_wait)
+  end
+  return {kind = 'queue', deadline = deadline, wait = wait}
+end
+
+-- Scheduler.cancel: take a waiting request out of the queue; the rejection to send, or
+-- nil if it was not waiting.
+function cancel(id)
+  refill()
+  local r = load_waiter(id)
+  if r == nil then return nil end
+  local t = load_tenant(r.h)
+  local reason, wait = expiry(t, r)
+  remove(t, r)
+  dispatch(nil)
+  return reject(reason, wait)
+end
+
+-- Scheduler.release: give back a lease's concurrency; idempotent.
+function release(id)
+  if drop_lease(id) and S.waiting > 0 then
+    refill()
+    dispatch(nil)
+  end
+end
+
+-- Scheduler.tick: advance time and dispatch. (Overdue waiters and idle tenants are dealt
+-- with in every call here: expire_waiters, forget_idle.)
+function tick()
+  refill()
+  dispatch(nil)
+end
+
+-- Scheduler.next_due: when a tick can next change something, or nil. Lua also wakes at the
+-- earliest lease expiry when slots hold the line up (a crashed process's lease), and at a
+-- deadline only after its grace (the waiter's own process cancels it at the deadline).
+function next_due()
+  local due = nil
+  local t, r = top_active()
+  if r ~= nil and L.concurrency ~= nil and S.inflight + r.cost > L.concurrency then
+    local first = redis.call('ZRANGE', K.leases, 0, 0, 'WITHSCORES')
+    if #first > 0 then due = tonumber(first[2]) end
+  elseif r ~= nil and L.rate ~= nil then
+    local needed = need(r.cost, t.f >= S.v)
+    if S.tokens + EPS < needed then due = now + (needed - S.tokens) / L.rate end
+  end
+  local capped = redis.call('ZRANGE', K.capped, 0, 0, 'WITHSCORES')
+  if #capped > 0 then
+    local at = tonumber(capped[2])
+    if due == nil or at < due then due = at end
+  end
+  local dl = redis.call('ZRANGE', K.deadlines, 0, 0, 'WITHSCORES')
+  if #dl > 0 then
+    local at = tonumber(dl[2]) + DEADLINE_GRACE
+    if due == nil or at < due then due = at end
+  end
+  return due
+end
+
+-- --- budget -----------------------------------------------------------------------------
+
+-- Scheduler._refill: bring the token bucket and the fair-rate window up to now.
+function refill()
+  local elapsed = now - S.ts
+  if elapsed > 0 then
+    if L.rate ~= nil then S.tokens = math.min(L.burst, S.tokens + elapsed * L.rate) end
+    S.ts = now
+  end
+  if now - S.win_at >= WINDOW then window_roll(S.v) end
+end
+
+-- Scheduler._clamp: a cost above the burst or the concurrency could never be admitted.
+function clamp(cost)
+  local limit = cost
+  if L.rate ~= nil then limit = math.min(limit, math.floor(L.burst)) end
+  if L.concurrency ~= nil then limit = math.min(limit, L.concurrency) end
+  return math.max(1, limit)
+end
+
+-- Scheduler._need: tokens that must be in the bucket to admit `cost`.
+function need(cost, reserve)
+  if not reserve then return cost end
+  return math.min(cost + L.reserve, L.burst)
+end
+
+-- Scheduler._fits: does the budget have room for `cost` now?
+function fits(cost, reserve)
+  if L.rate ~= nil and S.tokens + EPS < need(cost, reserve) then return false end
+  return L.concurrency == nil or S.inflight + cost <= L.concurrency
+end
+
+-- Scheduler._fits_at_once: nobody waits for the budget, and it has room for `cost`.
+function fits_at_once(t, cost)
+  return t.st == IDLE and not (S.waiting > 0 and redis.call('ZCARD', K.active) > 0)
+    and cap_ok(t, cost) and fits(cost, false)
+end
+
+-- Scheduler._cap_ok: does the tenant's own rate cap allow `cost` now?
+function cap_ok(t, cost)
+  if L.tenant_rate == nil then return true end
+  refill_cap(t)
+  return t.cap + EPS >= cost
+end
+
+-- Scheduler._refill_cap
+function refill_cap(t)
+  if L.tenant_rate ~= nil and now > t.cap_at then
+    t.cap = math.min(L.tenant_burst, t.cap + (now - t.cap_at) * L.tenant_rate)
+    t.dirty = true
+  end
+  if now > t.cap_at then t.cap_at = now end
+end
+
+-- --- fairness -------------------------------------------------------------------------------
+
+-- Scheduler._fair_rate: the fair admission rate per unit of weight (0: unknown).
+function fair_rate(extra_weight)
+  local measured = window_fresh()
+  if S.v_rate > 0 and measured then return S.v_rate end
+  local capacity = L.rate
+  if capacity == nil and measured then capacity = S.thr end
+  local weight = S.wsum + (extra_weight or 0)
+  if capacity == nil or capacity == 0 then return 0 end
+  if weight <= 0 then weight = 1 end
+  return capacity / weight
+end
+
+-- Scheduler._credit: how far behind the virtual clock a tenant's tag may lag.
+function credit()
+  return POL.credit * fair_rate(0)
+end
+
+-- Scheduler._take: charge an admission to the budget, the tenant's cap and its tag.
+function take(t, id, cost, p)
+  if L.rate ~= nil then S.tokens = S.tokens - cost end
+  if L.tenant_rate ~= nil then t.cap = t.cap - cost end
+  if L.concurrency ~= nil then add_lease(id, cost, p) else remember(p, id) end
+  local start = t.f
+  if start < S.v then  -- behind the clock: its banked credit is bounded
+    start = math.max(start, S.v - credit())
+  else
+    S.v = start
+  end
+  t.f = start + cost / t.w
+  S.win_cost = S.win_cost + cost
+  t.dirty = true
+end
+
+-- Scheduler._admit_now
+function admit_now(t, id, cost)
+  take(t, id, cost, proc)
+  return {kind = 'admit', lease = L.concurrency ~= nil, degraded = false}
+end
+
+-- Scheduler._shed_or_admit: a sheddable request that cannot go at once.
+function shed_or_admit(t, cost, degradable)
+  if degradable then return {kind = 'admit', lease = false, degraded = true} end
+  if not cap_ok(t, cost) then return reject('tenant_rate_cap', (cost - t.cap) / L.tenant_rate) end
+  return reject('shed', drain_time())
+end
+
+-- Scheduler._expiry: the reason and wait of a waiter that ran out of time.
+function expiry(t, r)
+  local wait, reason = estimate(t, r.rank, r)
+  if reason == 'overloaded' then reason = 'expired' end
+  return reason, wait
+end
+
+-- Scheduler._drain_time: expected time until everything now waiting is admitted.
+function drain_time()
+  local rate = L.rate
+  if rate == nil then
+    if window_fresh() then rate = S.thr else rate = 0 end
+  end
+  if rate == nil or rate <= 0 then return 1 end
+  return S.qcost / rate
+end
+
+-- Scheduler._estimate: expected wait of a request at `rank` in t's queue, and who is to
+-- blame.
+function estimate(t, rank, r)
+  local ahead = 0
+  for i = 1, rank + 1 do ahead = ahead + t.c[i] end
+  local cost = 1
+  if r ~= nil then ahead = ahead - r.cost; cost = r.cost end
+  local extra = 0
+  if t.st == IDLE then extra = t.w end
+  local fr = fair_rate(extra)
+  local wait, reason = 0, 'overloaded'
+  if fr > 0 then
+    local start = math.max(t.f, S.v - credit()) + ahead / t.w
+    wait = math.max(0, start - S.v) / fr
+    if wait > 0 then reason = 'tenant_over_share' end
+  end
+  if L.rate ~= nil then
+    -- Without credit it must also leave the reserve in the bucket.
+    local bound = (ahead + need(cost, t.f >= S.v) - S.tokens) / L.rate
+    if bound > wait then
+      wait = bound
+      if ahead > 0 then reason = 'tenant_over_share' else reason = 'overloaded' end
+    end
+  end
+  if L.tenant_rate ~= nil then
+    refill_cap(t)
+    local bound = (ahead + cost - t.cap) / L.tenant_rate
+    if bound >= CAP_BLAME_SHARE * wait and bound > 0 then
+      wait = math.max(wait, bound); reason = 'tenant_rate_cap'
+    end
+  end
+  return wait, reason
+end
+
+-- --- queues -------------------------------------------------------------------------------
+
+-- Scheduler._tenant: the tenant of an arriving request, made if new; marks it as seen.
+function tenant(h, name, weight)
+  local t = load_tenant(h, weight)
+  if t.new then
+    redis.call('HSET', t.key, 'name', name)
+    t.new = false
+  end
+  touch(t)
+  return t
+end
+
+-- Scheduler._forget_idle: drop idle tenants past the idle time, and the least recent
+-- beyond max_tenants: all of those (one call adds at most a batch of tenants), so the
+-- excess never builds up. Only calls that created a tenant can exceed the bound; idle ones
+-- are swept once a period, or on every call while a backlog of them is left.
+function forget_idle()
+  if not fresh and now < S.fi then return end
+  local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', num(now - POL.idle), 'LIMIT', 0,
+    SWEEP_BATCH)
+  if #stale < SWEEP_BATCH then S.fi = now + SWEEP_PERIOD end
+  local excess = redis.call('ZCARD', K.tenants) - POL.max_tenants
+  if excess > 0 then
+    local oldest = redis.call('ZRANGE', K.tenants, 0, math.min(excess, EXCESS_BATCH) - 1)
+    for _, h in ipairs(oldest) do stale[#stale + 1] = h end
+  end
+  for _, h in ipairs(stale) do
+    local t = T[h]
+    local busy
+    if t ~= nil then busy = t.n > 0 else
+      busy = tonumber(redis.call('HGET', K.prefix .. KEY.tenant .. h, 'n') or '0') > 0
+    end
+    if not busy then
+      redis.call('DEL', K.prefix .. KEY.tenant .. h, queue_key(h))
+      redis.call('ZREM', K.tenants, h)
+      if t ~= nil then t.deleted = true; T[h] = nil end
+    end
+  end
+end
+
+-- Scheduler._make_room: enforce the queue limits before queueing at `rank` in t's queue.
+-- A more urgent arrival displaces the lowest-priority newest entry; a full fleet-wide
+-- queue drops from the tenant with the longest queue.
+function make_room(t, rank)
+  if t.n >= POL.tenant_queue_limit then
+    local victim = last_of(t)
+    if victim == nil or victim.rank <= rank then
+      local wait = estimate(t, rank, nil)
+      return reject('tenant_queue_full', wait)
+    end
+    evict(victim, 'tenant_queue_full')
+  end
+  if S.waiting >= POL.queue_limit then
+    local top = redis.call('ZREVRANGE', K.qlen, 0, 0)
+    if #top == 0 then return reject('queue_full', drain_time()) end
+    local heavy = load_tenant(top[1])
+    local victim = last_of(heavy)
+    local own = heavy.h == t.h
+    if victim == nil or (own and victim.rank <= rank) or ((not own) and heavy.n <= t.n + 1) then
+      if own then return reject('tenant_queue_full', drain_time()) end
+      return reject('queue_full', drain_time())
+    end
+    evict(victim, 'tenant_queue_full')
+  end
+  return nil
+end
+
+-- Scheduler._evict: drop a waiter to make room, telling its process why.
+function evict(r, reason)
+  local t = load_tenant(r.h)
+  local wait = estimate(t, r.rank, r)
+  remove(t, r)
+  emit_evicted(r.proc, r.id, reason, wait)
+end
+
+-- Scheduler._push: queue a waiter at the back of its priority; an idle tenant gets in line.
+function push(t, r)
+  S.seq = S.seq + 1
+  redis.call('ZADD', queue_key(t.h), num(r.rank * RANK_SPAN + S.seq), r.id)
+  save_waiter(r)
+  redis.call('ZADD', K.deadlines, num(r.deadline), r.id)
+  t.c[r.rank + 1] = t.c[r.rank + 1] + r.cost
+  t.n = t.n + 1
+  redis.call('ZADD', K.qlen, num(t.n * PUSH_SPAN + S.seq % PUSH_SPAN), t.h)
+  S.waiting = S.waiting + 1
+  S['n' .. r.rank] = S['n' .. r.rank] + 1
+  S.qcost = S.qcost + r.cost
+  t.dirty = true
+  if t.st == IDLE then activate(t) end
+end
+
+-- Scheduler._unlink: take a waiter out of every queue and count.
+function unlink(t, r)
+  redis.call('ZREM', queue_key(t.h), r.id)
+  redis.call('HDEL', K.waiters, r.id)
+  redis.call('ZREM', K.deadlines, r.id)
+  t.c[r.rank + 1] = t.c[r.rank + 1] - r.cost
+  t.n = t.n - 1
+  if t.n <= 0 then
+    redis.call('ZREM', K.qlen, t.h)
+  else
+    redis.call('ZINCRBY', K.qlen, -PUSH_SPAN, t.h)
+  end
+  S.waiting = S.waiting - 1
+  S['n' .. r.rank] = S['n' .. r.rank] - 1
+  S.qcost = S.qcost - r.cost
+  t.dirty = true
+end
+
+-- Scheduler._remove: a waiter leaves without being admitted.
+function remove(t, r)
+  unlink(t, r)
+  if t.n <= 0 then deactivate(t) end
+end
+
+-- Scheduler._activate: put a tenant in line for the budget, by its finish tag.
+function activate(t)
+  t.st = ACTIVE; t.dirty = true
+  S.wsum = S.wsum + t.w
+  S.seq = S.seq + 1
+  t.am = active_member(t)
+  redis.call('ZADD', K.active, num(t.f), t.am)
+end
+
+-- Scheduler._deactivate: take a tenant out of line (active or capped).
+function deactivate(t)
+  if t.st == ACTIVE then
+    S.wsum = S.wsum - t.w
+    redis.call('ZREM', K.active, t.am)
+  elseif t.st == CAPPED then
+    redis.call('ZREM', K.capped, t.h)
+  end
+  t.st = IDLE; t.dirty = true
+  if S.waiting == 0 then S.wsum = 0 end
+end
+
+-- Scheduler._release_capped: capped tenants whose cap has refilled get back in line.
+function release_capped()
+  local ready = redis.call('ZRANGEBYSCORE', K.capped, '-inf', num(now + EPS))
+  for _, h in ipairs(ready) do
+    redis.call('ZREM', K.capped, h)
+    local t = load_tenant(h)
+    if t.st == CAPPED then activate(t) end
+  end
+end
+
+-- Scheduler._top_active: the tenant first in line and its head waiter, or nil.
+function top_active()
+  while true do
+    local top = redis.call('ZRANGE', K.active, 0, 0)
+    if #top == 0 then return nil end
+    local t = tenant_of_member(top[1])
+    local r = head_of(t)
+    if r ~= nil then return t, r end
+    -- Inconsistent (keys lost): take the tenant out of line.
+    redis.call('ZREM', K.active, top[1]); S.wsum = S.wsum - t.w; t.st = IDLE; t.n = 0
+    for rank = 1, NRANK do t.c[rank] = 0 end
+    t.dirty = true
+  end
+end
+
+-- Scheduler._dispatch: admit waiters while the budget allows, lowest virtual tag first.
+-- Returns true if `watch` (a request id) was admitted: its caller reports it directly.
+function dispatch(watch)
+  release_capped()
+  local watched = false
+  for _ = 1, DISPATCH_LIMIT do
+    local t, r = top_active()
+    if t == nil then break end
+    if orphaned(r) then  -- Lua only
+      remove(t, r)
+    elseif not cap_ok(t, r.cost) then
+      redis.call('ZREM', K.active, t.am)
+      S.wsum = S.wsum - t.w
+      t.st = CAPPED; t.dirty = true
+      redis.call('ZADD', K.capped, num(now + (r.cost - t.cap) / L.tenant_rate), t.h)
+    elseif not fits(r.cost, t.f >= S.v) then
+      break
+    else
+      unlink(t, r)
+      deactivate(t)  -- back in line below, with its new tag, if more wait
+      take(t, r.id, r.cost, r.proc)
+      if t.n > 0 then activate(t) end
+      if r.id == watch then
+        watched = true
+      else
+        emit_granted(r.proc, r.id, now - r.enq, L.concurrency ~= nil)
+      end
+    end
+  end
+  return watched
+end
+
+-- --- only in Lua (scheduler README, "Only in Lua") -------------------------------------------
+
+-- A retried acquire (its first reply was lost): its decision from what exists, or nil if
+-- nothing does (then it is decided anew).
+local function retried(id)
+  local r = load_waiter(id)
+  if r ~= nil then
+    return {kind = 'queue', deadline = r.deadline, wait = math.max(0, r.deadline - now)}
+  end
+  local lease = admitted(id)
+  if lease == nil then return nil end
+  return {kind = 'admit', lease = lease, degraded = false}
+end
+
+-- A waiter of a process whose heartbeat has lapsed (it crashed) is dropped, not granted: a
+-- grant would only hold capacity until its lease expired. A heartbeat lapses when the
+-- leases renewed with it expire (renew.lua), so capacity a crashed process frees never
+-- goes to its own waiters. Every batch call registers its caller, so a process that queued
+-- a request was alive when it did.
+function orphaned(r)
+  if r.proc == proc then return false end
+  local beat = redis.call('ZSCORE', K.procs, r.proc)
+  return (not beat) or tonumber(beat) <= now
+end
+
+-- Leases not renewed in time (their process crashed) give their concurrency back.
+local function expire_leases()
+  local dead = redis.call('ZRANGEBYSCORE', K.leases, '-inf', num(now), 'LIMIT', 0, EXPIRY_BATCH)
+  for _, id in ipairs(dead) do
+    if not drop_lease(id) then redis.call('ZREM', K.leases, id) end
+  end
+end
+
+-- Waiters of processes that died with requests queued: past deadline + grace.
+local function expire_waiters()
+  local dead = redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', num(now - DEADLINE_GRACE),
+    'LIMIT', 0, EXPIRY_BATCH)
+  for _, id in ipairs(dead) do
+    local r = load_waiter(id)
+    if r ~= nil then
+      local t = load_tenant(r.h)
+      local reason, wait = expiry(t, r)
+      remove(t, r)
+      emit_evicted(r.proc, id, reason, wait)
+    else
+      redis.call('ZREM', K.deadlines, id)
+    end
+  end
+end
+
+-- The fleet ticks once: the first process to ask claims the tick at `due`; others keep a
+-- later fallback in case it dies. Returns when this process should tick.
+local function claim_tick(due)
+  if S.tk_by ~= proc and S.tk_by ~= '' and S.tk_at >= now - TICK_SLACK and
+      S.tk_at <= due + EPS then
+    return math.max(due, S.tk_at) + TICK_SLACK
+  end
+  S.tk_at = due; S.tk_by = proc
+  return due
+end

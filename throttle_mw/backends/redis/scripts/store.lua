@@ -1,0 +1,321 @@
+-- store.lua: the state layer. No Python twin: the Python scheduler keeps its state in
+-- objects, the scripts keep it in Redis (the key layout: throttle_mw/backends/redis/keys.py).
+-- This file loads the budget's state and its tenants into Lua tables, writes back what
+-- changed, and collects the messages and lease records a call produces. The rules
+-- (window.lua, core.lua) only touch these tables and the queues' sorted sets.
+--
+-- Time is Redis' own clock (TIME) in seconds, one clock for the whole fleet, unless a
+-- test passes an explicit `now`. Every name below the budget's hash tag P comes from KEY.
+
+local S = {}        -- budget state (the fields of P:s), loaded by load_state()
+local S0 = {}       -- the state as loaded: save() writes only what changed
+local L = {}        -- limits in force
+local POL = {}      -- policy
+local K = {}        -- key names
+local T = {}        -- tenants loaded this call, by digest
+local now = 0
+local proc = ''
+local out_events = {}  -- per process: messages for its grant list
+local recent = {}      -- per process: lease-less admissions of this call (remember)
+local fresh = false    -- a tenant was created this call (forget_idle must check the bound)
+
+-- The fields of P:s: tokens, last refill, concurrency in flight, the virtual clock v, the
+-- fair-rate window (window.lua), waiting requests and their cost, the active tenants'
+-- weight, a sequence counter, the fleet's tick claim (tk_at, tk_by), waiting requests by
+-- priority rank (n0..), the next TTL refresh (xp) and the next idle-tenant sweep (fi).
+local STATE_FIELDS = {'tokens', 'ts', 'inflight', 'v', 'win_at', 'win_v0', 'win_cost',
+  'v_rate', 'thr', 'meas_at', 'waiting', 'qcost', 'wsum', 'seq', 'tk_at', 'tk_by'}
+for rank = 0, NRANK - 1 do STATE_FIELDS[#STATE_FIELDS + 1] = 'n' .. rank end
+STATE_FIELDS[#STATE_FIELDS + 1] = 'xp'
+STATE_FIELDS[#STATE_FIELDS + 1] = 'fi'
+
+-- The fields of P:t:<h> (a tenant): finish tag, weight, cap bucket and its time, waiting
+-- requests, their cost by rank (c0..), state (IDLE, ACTIVE, CAPPED), member in P:active,
+-- next TTL refresh.
+local TENANT_FIELDS = {'f', 'w', 'cap', 'cap_at', 'n'}
+for rank = 0, NRANK - 1 do TENANT_FIELDS[#TENANT_FIELDS + 1] = 'c' .. rank end
+TENANT_FIELDS[#TENANT_FIELDS + 1] = 'st'
+TENANT_FIELDS[#TENANT_FIELDS + 1] = 'am'
+TENANT_FIELDS[#TENANT_FIELDS + 1] = 'xp'
+
+local function num(x)
+  return string.format(NUMBER_FORMAT, x)
+end
+
+local function opt(x)
+  if x == nil or x == false or x == '' then return nil end
+  return tonumber(x)
+end
+
+local function has_flag(flags, bit)
+  return flags % (bit + bit) >= bit
+end
+
+-- A pattern matching `n` fields joined with SEP, capturing each.
+local function fields_pattern(n)
+  local field = '([^' .. SEP .. ']*)'
+  local parts = {}
+  for i = 1, n do parts[i] = field end
+  return '^' .. table.concat(parts, SEP) .. '$'
+end
+local FIRST_FIELD = '^([^' .. SEP .. ']*)'
+local WAITER_PATTERN = fields_pattern(#WAITER_FIELDS)
+
+-- --- loading and saving -----------------------------------------------------------------
+
+-- Key names, the clock and the caller: every script starts here.
+local function init(prefix, now_override, process)
+  for name, suffix in pairs(KEY) do K[name] = prefix .. suffix end
+  K.prefix = prefix
+  proc = process
+  if now_override ~= nil and now_override ~= '' then
+    now = tonumber(now_override)
+  else
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) + tonumber(t[2]) / US_PER_S
+  end
+end
+
+-- The limits in force: live overrides (P:cfg, set with the CLI) win over the caller's.
+-- a: the caller's limits and policy, as strings by name.
+local function load_limits(a)
+  local cfg = redis.call('HMGET', K.cfg, 'rate', 'burst', 'concurrency', 'tenant_rate',
+    'tenant_burst')
+  local function pick(live, given)
+    if live ~= false and live ~= nil then
+      if live == OFF then return nil end
+      return tonumber(live)
+    end
+    return opt(given)
+  end
+  L.rate = pick(cfg[1], a.rate)
+  L.burst = pick(cfg[2], a.burst)
+  L.concurrency = pick(cfg[3], a.concurrency)
+  L.tenant_rate = pick(cfg[4], a.tenant_rate)
+  L.tenant_burst = pick(cfg[5], a.tenant_burst)
+  L.reserve = 0  -- Limits.reserve
+  if L.burst >= RESERVE_DIVISOR then L.reserve = math.floor(L.burst / RESERVE_DIVISOR) end
+  POL.credit = opt(a.credit)
+  POL.queue_limit = opt(a.queue_limit)
+  POL.tenant_queue_limit = opt(a.tenant_queue_limit)
+  POL.idle = opt(a.idle)
+  POL.max_tenants = opt(a.max_tenants)
+  POL.lease_ttl = opt(a.lease_ttl)
+  POL.ttl = opt(a.ttl)
+end
+
+-- The budget's state; a budget seen for the first time starts full.
+local function load_state()
+  local vals = redis.call('HMGET', K.state, unpack(STATE_FIELDS))
+  for i, name in ipairs(STATE_FIELDS) do
+    if name == 'tk_by' then S[name] = vals[i] or '' else S[name] = tonumber(vals[i]) end
+    S0[name] = S[name]
+  end
+  if S.ts == nil then
+    S.tokens = L.burst; S.ts = now; S.inflight = 0; S.v = 0
+    S.win_at = now; S.win_v0 = 0; S.win_cost = 0; S.v_rate = 0; S.thr = 0
+    S.meas_at = -math.huge; S.waiting = 0; S.qcost = 0; S.wsum = 0; S.seq = 0; S.tk_at = 0
+  end
+  for rank = 0, NRANK - 1 do S['n' .. rank] = S['n' .. rank] or 0 end
+  S.xp = S.xp or 0
+  S.fi = S.fi or 0
+  if S.tokens > L.burst then S.tokens = L.burst end
+end
+
+local function save_tenant(t)
+  local fields = {}
+  local function put(name, value)
+    if value ~= t.loaded[name] then
+      fields[#fields + 1] = name
+      if type(value) == 'number' then fields[#fields + 1] = num(value) else fields[#fields + 1] = value end
+    end
+  end
+  put('f', t.f); put('w', t.w); put('cap', t.cap); put('cap_at', t.cap_at); put('n', t.n)
+  for rank = 0, NRANK - 1 do put('c' .. rank, t.c[rank + 1]) end
+  put('st', t.st); put('am', t.am)
+  if now >= t.xp then
+    t.xp = now + POL.idle / TTL_REFRESHES
+    put('xp', t.xp)
+    redis.call('PEXPIRE', t.key, math.floor((POL.idle + POL.ttl) * MS_PER_S))
+  end
+  if #fields > 0 then redis.call('HSET', t.key, unpack(fields)) end
+end
+
+-- Only what changed, and key TTLs only when due: this runs on every call.
+local function save()
+  local args = {}
+  if now >= S.xp then S.xp = now + POL.ttl / TTL_REFRESHES end
+  for _, name in ipairs(STATE_FIELDS) do
+    local value = S[name]
+    if value ~= S0[name] then
+      args[#args + 1] = name
+      if type(value) == 'number' then args[#args + 1] = num(value) else args[#args + 1] = value end
+    end
+  end
+  if #args > 0 then redis.call('HSET', K.state, unpack(args)) end
+  if S.xp ~= S0.xp then redis.call('PEXPIRE', K.state, math.floor(POL.ttl * MS_PER_S)) end
+  for _, t in pairs(T) do
+    if t.dirty and not t.deleted then save_tenant(t) end
+  end
+  for p, ids in pairs(recent) do
+    local key = K.prefix .. KEY.recent .. p
+    redis.call('LPUSH', key, unpack(ids))
+    redis.call('LTRIM', key, 0, RECENT_KEPT - 1)
+    redis.call('PEXPIRE', key, GRANTS_TTL_MS)
+  end
+  for p, msgs in pairs(out_events) do
+    local key = K.prefix .. KEY.grants .. p
+    redis.call('RPUSH', key, unpack(msgs))
+    redis.call('PEXPIRE', key, GRANTS_TTL_MS)
+  end
+end
+
+-- --- events and leases ---------------------------------------------------------------------
+
+local function emit(p, ...)
+  local list = out_events[p]
+  if list == nil then list = {}; out_events[p] = list end
+  list[#list + 1] = table.concat({...}, SEP)
+end
+
+-- A grant (waited seconds, lease flag) or an eviction (reason, seconds) for request `id`.
+local function emit_granted(p, id, waited, lease)
+  local flag = '0'
+  if lease then flag = '1' end
+  emit(p, MESSAGE.granted, id, num(waited), flag)
+end
+
+local function emit_evicted(p, id, reason, wait)
+  emit(p, MESSAGE.evicted, id, reason, num(wait))
+end
+
+local function add_lease(id, cost, p)
+  S.inflight = S.inflight + cost
+  redis.call('ZADD', K.leases, num(now + POL.lease_ttl), id)
+  redis.call('HSET', K.lease_costs, id, cost .. SEP .. p)
+end
+
+-- Gives a lease's concurrency back; false if there was none.
+local function drop_lease(id)
+  local raw = redis.call('HGET', K.lease_costs, id)
+  if not raw then return false end
+  S.inflight = math.max(0, S.inflight - tonumber(string.match(raw, FIRST_FIELD)))
+  redis.call('HDEL', K.lease_costs, id)
+  redis.call('ZREM', K.leases, id)
+  return true
+end
+
+-- Lease-less admissions: kept briefly so a retried acquire is answered, not redone.
+-- Collected here and written once per call by save().
+local function remember(p, id)
+  local ids = recent[p]
+  if ids == nil then ids = {}; recent[p] = ids end
+  ids[#ids + 1] = id
+end
+
+-- Was request `id` admitted already (by this process)? true: with a lease; false: without
+-- one (recently); nil: not that anyone remembers.
+local function admitted(id)
+  if redis.call('HEXISTS', K.lease_costs, id) == 1 then return true end
+  if redis.call('LPOS', K.prefix .. KEY.recent .. proc, id) then return false end
+  return nil
+end
+
+-- --- tenants ---------------------------------------------------------------------------------
+
+-- A new weight (a live change, or replicas configured differently): the weight of the
+-- tenants in line must follow, or the fair rate per unit weight drifts.
+local function reweigh(t, weight)
+  if t.st == ACTIVE then S.wsum = S.wsum - t.w + weight end
+  t.w = weight
+  t.dirty = true
+end
+
+-- A tenant's state, loaded once per call (made, in memory, if it has none); `weight`, if
+-- given, is the caller's weight for it.
+local function load_tenant(h, weight)
+  local t = T[h]
+  if t ~= nil then
+    if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
+    return t
+  end
+  local key = K.prefix .. KEY.tenant .. h
+  local v = redis.call('HMGET', key, unpack(TENANT_FIELDS))
+  t = {h = h, key = key, dirty = false, loaded = {}, c = {}}
+  if v[1] == false then
+    local w = weight or 1
+    t.w = w; t.f = S.v + 1 / w; t.cap = L.tenant_burst; t.cap_at = now; t.n = 0
+    for rank = 1, NRANK do t.c[rank] = 0 end
+    t.st = IDLE; t.am = ''; t.xp = 0; t.dirty = true; t.new = true
+    fresh = true
+  else
+    local l = t.loaded
+    for i, name in ipairs(TENANT_FIELDS) do
+      if name == 'am' then l[name] = v[i] or '' else l[name] = tonumber(v[i]) end
+    end
+    t.f = l.f; t.w = l.w; t.cap = l.cap; t.cap_at = l.cap_at; t.n = l.n
+    for rank = 0, NRANK - 1 do t.c[rank + 1] = l['c' .. rank] end
+    t.st = l.st; t.am = l.am; t.xp = l.xp or 0
+    if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
+  end
+  T[h] = t
+  return t
+end
+
+-- The weight for a tenant not yet loaded this call: a live weight (set with the CLI) wins.
+local function live_weight(h, given)
+  if T[h] ~= nil then return nil end  -- already loaded this call, with its weight
+  local live = redis.call('HGET', K.weights, h)
+  if live then return tonumber(live) end
+  return given
+end
+
+-- Its last use, for idle expiry; once per call is enough: `now` does not move within it.
+local function touch(t)
+  if not t.touched then
+    redis.call('ZADD', K.tenants, num(now), t.h)
+    t.touched = true
+  end
+  t.dirty = true
+end
+
+-- Tenant t's member in P:active: the activation sequence number first, so ties in the
+-- finish tag go in activation order.
+local function active_member(t)
+  return string.format('%0' .. MEMBER_SEQ_DIGITS .. 'd', S.seq) .. SEP .. t.h
+end
+
+local function tenant_of_member(member)
+  return load_tenant(string.sub(member, MEMBER_SEQ_DIGITS + #SEP + 1))
+end
+
+-- --- waiting requests --------------------------------------------------------------------------
+
+local function queue_key(h) return K.prefix .. KEY.queue .. h end
+
+local function save_waiter(r)
+  redis.call('HSET', K.waiters, r.id, table.concat({r.h, r.cost, r.rank, r.proc, num(r.deadline),
+    num(r.enq)}, SEP))
+end
+
+local function load_waiter(id)
+  local raw = redis.call('HGET', K.waiters, id)
+  if not raw then return nil end
+  local h, cost, rank, p, deadline, enq = string.match(raw, WAITER_PATTERN)
+  return {id = id, h = h, cost = tonumber(cost), rank = tonumber(rank), proc = p,
+    deadline = tonumber(deadline), enq = tonumber(enq)}
+end
+
+-- Tenant t's most urgent, oldest waiter (Tenant.head), or nil.
+local function head_of(t)
+  local ids = redis.call('ZRANGE', queue_key(t.h), 0, 0)
+  if #ids == 0 then return nil end
+  return load_waiter(ids[1])
+end
+
+-- Tenant t's lowest-priority, newest waiter (Tenant.last), or nil.
+local function last_of(t)
+  local ids = redis.call('ZRANGE', queue_key(t.h), -1, -1)
+  if #ids == 0 then return nil end
+  return load_waiter(ids[1])
+end
