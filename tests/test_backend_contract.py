@@ -28,8 +28,6 @@ from throttle_mw.backends import (
     Backend,
     MemoryBackend,
     Waiting,
-    limits_from_settings,
-    policy_from_settings,
 )
 from throttle_mw.backends.redis import RedisBackend
 from throttle_mw.priorities import Priority
@@ -80,7 +78,7 @@ class Budget:
         for _ in range(processes):
             if self.kind == "memory":
                 assert processes == 1, "a memory budget lives in one process"
-                limits, policy = limits_from_settings(settings), policy_from_settings(settings)
+                limits, policy = settings.limits(), settings.policy()
                 backends.append(MemoryBackend(limits, policy))
             else:
                 backends.append(RedisBackend(settings))
@@ -363,18 +361,18 @@ async def test_set_limits_takes_effect(budget: Budget) -> None:
         settings = budget.settings(concurrency=1)
         holder = await admitted(backend, req())
         w = await waiting(backend, req())
-        await backend.set_limits(replace(limits_from_settings(settings), concurrency=2))
+        await backend.set_limits(replace(settings.limits(), concurrency=2))
         result = await granted(w)  # the raised limit admits the waiter: no release needed
         third = await backend.acquire(req())
         assert isinstance(third, Waiting), "the new limit is 2, both are in flight"
-        await backend.set_limits(replace(limits_from_settings(settings), concurrency=3))
+        await backend.set_limits(replace(settings.limits(), concurrency=3))
         fourth = await granted(third)
         for rid in (holder.request_id, result.request_id, fourth.request_id):
             backend.release(rid)
         await eventually(lambda: _in_flight(backend, 0), what="nothing in flight")
     async with budget.open(rate=1000, burst=50) as [backend]:
         settings = budget.settings(rate=1000, burst=50)
-        await backend.set_limits(replace(limits_from_settings(settings), rate=1.0, burst=1.0))
+        await backend.set_limits(replace(settings.limits(), rate=1.0, burst=1.0))
         await admitted(backend, req())
         second = await backend.acquire(req())
         assert not isinstance(second, Admitted), "the lowered rate still admitted at once"

@@ -26,7 +26,7 @@ from starlette.types import Message, Scope
 from tests.support.redis_server import RedisServer
 from tests.support.servers import AppServer
 from throttle_mw import ThrottleEvent, ThrottleMiddleware
-from throttle_mw.backends import MemoryBackend, limits_from_settings, policy_from_settings
+from throttle_mw.backends import MemoryBackend
 from throttle_mw.backends.redis import RedisBackend
 from throttle_mw.metrics import OTHER, PROMOTE_AT, TenantLabels, ThrottleMetrics
 from throttle_mw.scheduler import Request as BudgetRequest
@@ -185,7 +185,7 @@ async def test_queue_gauges_and_a_client_that_leaves_while_queued() -> None:
 
     inner = Starlette(routes=[Route("/hold", hold), Route("/", fast)])
     settings = Settings.from_env({}, concurrency=1)
-    backend = MemoryBackend(limits_from_settings(settings), policy_from_settings(settings))
+    backend = MemoryBackend(settings.limits(), settings.policy())
     metrics = fresh(backend=backend, tenants=["acme"], snapshot_min_age_s=0)
     app = ThrottleMiddleware(inner, backend=backend, observers=[metrics, on_queued], concurrency=1)
     sent: dict[str, list[Message]] = {"/hold": [], "/": []}

@@ -20,7 +20,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from throttle_mw import ThrottleEvent, ThrottleMiddleware, priority
-from throttle_mw.backends import MemoryBackend, limits_from_settings, policy_from_settings
+from throttle_mw.backends import MemoryBackend
 from throttle_mw.settings import Settings
 
 
@@ -403,7 +403,7 @@ async def test_observers_see_every_decision() -> None:
 @pytest.mark.anyio
 async def test_a_shared_backend_exposes_the_live_budget() -> None:
     settings = Settings.from_env(rate=5.0, burst=5.0)
-    backend = MemoryBackend(limits_from_settings(settings), policy_from_settings(settings))
+    backend = MemoryBackend(settings.limits(), settings.policy())
     app = starlette_app(rate=5.0, burst=5.0, backend=backend)
     for _ in range(3):
         await call(app, "GET", "/low")
@@ -487,7 +487,7 @@ async def test_a_snapshot_that_ticks_delivers_its_grants() -> None:
     from throttle_mw.scheduler import Request
 
     settings = Settings.from_env({}, rate=10.0, burst=1.0, concurrency=1)
-    backend = MemoryBackend(limits_from_settings(settings), policy_from_settings(settings))
+    backend = MemoryBackend(settings.limits(), settings.policy())
     first = await backend.acquire(Request("first", "t"))
     assert isinstance(first, Admitted)
     backend.release(first.request_id)

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from .priorities import PRIORITIES
 from .scheduler import Limits
-from .settings import TENANT_PATTERN, ConfigError, Settings
+from .settings import TENANT_PATTERN, ConfigError, Settings, default_burst
 
 if TYPE_CHECKING:
     from .backends.redis.admin import Budget
@@ -241,7 +241,7 @@ def _changes(args: argparse.Namespace, loose: Settings) -> tuple[dict[str, str],
         changes[name] = repr(value) if isinstance(value, float) else str(value)
     for rate, burst in (("rate", "burst"), ("tenant_rate", "tenant_burst")):
         if rate in changes and changes[rate] != "none" and burst not in changes:
-            changes[burst] = repr(max(1.0, float(loose.max_cost), float(changes[rate]) / 5.0))
+            changes[burst] = repr(default_burst(float(changes[rate]), loose.max_cost))
     weights: dict[str, float] = {}
     for item in args.weight or ():
         weights.update(_validated({}, enabled=False, tenant_weights=item).tenant_weights)

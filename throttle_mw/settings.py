@@ -18,6 +18,7 @@ from typing import Any, Final, Literal, get_args
 from urllib.parse import urlsplit
 
 from .priorities import PRIORITIES, Priority, RouteTag, make_tag
+from .scheduler import Limits, Policy
 
 FailureMode = Literal["open", "closed", "local"]
 FAILURE_MODES: Final = get_args(FailureMode)
@@ -33,6 +34,15 @@ _FALSE = {"0", "false", "no", "off"}
 DEFAULT_MAX_WAIT_S: Final[Mapping[Priority, float]] = MappingProxyType(
     {"critical": 10.0, "high": 8.0, "normal": 5.0, "low": 2.0}
 )
+#: The scheduler's own defaults, which the settings' defaults are.
+_POLICY: Final = Policy(max_wait_s=DEFAULT_MAX_WAIT_S)
+#: A rate's default burst: this many seconds of it (at least 1, and the largest route cost).
+BURST_S: Final = 0.2
+
+
+def default_burst(rate: float, max_cost: int) -> float:
+    """The token bucket a rate gets unless a burst is set: a fifth of a second of it."""
+    return max(1.0, float(max_cost), rate * BURST_S)
 
 
 class ConfigError(ValueError):
@@ -99,22 +109,22 @@ class Settings:
     tenant_rate: float | None = None
     tenant_burst: float | None = None
     max_wait_s: Mapping[Priority, float] = field(default_factory=lambda: DEFAULT_MAX_WAIT_S)
-    queue_limit: int = 1000
+    queue_limit: int = _POLICY.queue_limit
     tenant_queue_limit: int | None = None
     route_priorities: tuple[RouteRule, ...] = ()
     default_priority: Priority = "normal"
     failure_mode: FailureMode = "local"
     dry_run: bool = False
     #: Seconds of its fair share a tenant may bank while it sends less than that share.
-    credit_s: float = 2.0
+    credit_s: float = _POLICY.credit_s
     #: A concurrency lease left unrenewed this long is given back (crashed workers).
     lease_ttl_s: float = 30.0
     #: Socket timeout for Redis calls; beyond it the failure mode applies.
     redis_timeout_s: float = 0.25
     #: Tenant states kept at most (idle ones are evicted first).
-    max_tenants: int = 10_000
+    max_tenants: int = _POLICY.max_tenants
     #: Idle tenants' state is dropped after this many seconds.
-    tenant_idle_s: float = 60.0
+    tenant_idle_s: float = _POLICY.tenant_idle_s
     #: Resolver hook: ``(scope) -> tenant id | None``, replacing the header lookup.
     tenant_resolver: Callable[[Any], str | None] | None = None
 
@@ -157,6 +167,28 @@ class Settings:
     def max_cost(self) -> int:
         return max([1, *(r.tag.cost for r in self.route_priorities)])
 
+    def limits(self) -> Limits:
+        """The budget these settings ask the scheduler for."""
+        return Limits(
+            rate=self.rate,
+            burst=self.burst if self.burst is not None else 1.0,
+            concurrency=self.concurrency,
+            weights=dict(self.tenant_weights),
+            tenant_rate=self.tenant_rate,
+            tenant_burst=self.tenant_burst if self.tenant_burst is not None else 1.0,
+        )
+
+    def policy(self) -> Policy:
+        """The scheduler's queueing rules from these settings."""
+        return Policy(
+            max_wait_s=self.max_wait_s,
+            queue_limit=self.queue_limit,
+            tenant_queue_limit=self.queue_limit_per_tenant,
+            credit_s=self.credit_s,
+            tenant_idle_s=self.tenant_idle_s,
+            max_tenants=self.max_tenants,
+        )
+
 
 def _source_of(sources: Mapping[str, str], name: str) -> str:
     return sources.get(name, _PARSERS[name][0])
@@ -178,7 +210,7 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
         )
     burst = settings.burst
     if settings.rate is not None and burst is None:
-        burst = max(1.0, float(settings.max_cost), settings.rate / 5.0)
+        burst = default_burst(settings.rate, settings.max_cost)
     if burst is not None and burst < settings.max_cost:
         raise ConfigError(
             _source_of(sources, "burst"),
@@ -197,7 +229,7 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
             _source_of(sources, "tenant_burst"), tenant_burst, "THROTTLE_TENANT_RATE to be set too"
         )
     if settings.tenant_rate is not None and tenant_burst is None:
-        tenant_burst = max(1.0, float(settings.max_cost), settings.tenant_rate / 5.0)
+        tenant_burst = default_burst(settings.tenant_rate, settings.max_cost)
     if tenant_burst is not None and tenant_burst < settings.max_cost:
         raise ConfigError(
             _source_of(sources, "tenant_burst"),

@@ -17,7 +17,7 @@ from typing import Any, Literal, NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..backends import limits_from_settings, make_backend
+from ..backends import make_backend
 from ..backends.base import Admitted, Backend, RequestIds, Waiting
 from ..observe import EventKind, Observer, ThrottleEvent
 from ..priorities import Priority, make_tag
@@ -95,7 +95,7 @@ class ThrottleMiddleware:
         self._draining_now = False  # the event's state, read per request without a call
         self._undo_signals: Any = None
         self._background: set[asyncio.Task[None]] = set()
-        self._limits = limits_from_settings(settings)
+        self._limits = settings.limits()
         self._backend: Backend | None = backend
         if settings.enabled and backend is None:
             self._backend = make_backend(settings)

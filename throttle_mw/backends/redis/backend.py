@@ -22,7 +22,6 @@ from redis.exceptions import RedisError
 
 from ...scheduler import Admit, Enqueue, Granted, Limits, Reject, Request, Snapshot
 from ...settings import Settings
-from .. import limits_from_settings, policy_from_settings
 from ..base import Admitted, Outcome, RequestIds, Waiting
 from . import connection, protocol
 from .admin import Budget
@@ -52,8 +51,8 @@ class RedisBackend(Recovery):
     def __init__(self, settings: Settings, *, now: Any = None) -> None:
         if not settings.redis_url:
             raise ValueError("RedisBackend needs THROTTLE_REDIS_URL")
-        self._limits = limits_from_settings(settings)
-        self._policy = policy = policy_from_settings(settings)
+        self._limits = settings.limits()
+        self._policy = policy = settings.policy()
         self._init_recovery(settings, Fallback(settings.failure_mode, self._limits, policy))
         self._keys = Keys(settings.key_prefix)
         self.process = RequestIds().token
