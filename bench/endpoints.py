@@ -4,7 +4,7 @@
 
 - ``hello`` (default): answers ``Hello, world!`` at once. The throughput and
   round-trip benchmarks use it: differences come from what wraps the route.
-- ``story``: a backend with real, finite capacity, as DESIGN.md asks for the
+- ``story``: a backend with real, finite capacity, as docs/design.md asks for the
   overload story: ``BENCH_STORY_SLOTS`` slots (default 8), each request holding
   one for ``BENCH_STORY_WORK_MS`` (default 100) ms, uniformly within
   +-``BENCH_STORY_JITTER`` (default 0.2) of it, so 80 requests/s at most. The

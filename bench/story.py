@@ -2,7 +2,7 @@
 
     python bench/story.py --duration 20 --warmup 5 --json bench/results/story.json
 
-The SurveyTool story of DESIGN.md: tenant A sends 10 req/s, B 30, C 150
+The SurveyTool story of docs/design.md: tenant A sends 10 req/s, B 30, C 150
 (Poisson arrivals, open loop, `bench.storyload` pinned to the load CPUs), to
 one uvicorn worker (pinned to the server CPUs) whose route is a backend of real,
 finite capacity: 8 slots, each request holding one for 100 ms +-20 % (uniform),
@@ -12,7 +12,7 @@ front of it, configured as its documentation shows for per-tenant limits:
 
 - ``bare``: no limiter.
 - ``memory``, ``redis-concurrency``: throttle_mw with ``THROTTLE_CONCURRENCY`` =
-  the backend's slots (DESIGN.md: a concurrency budget equal to the slots needs
+  the backend's slots (docs/design.md: a concurrency budget equal to the slots needs
   no headroom), default max waits (normal: 5 s); in memory and through Redis.
   ``memory-both``, ``redis-both``: as the README's tuning guide sets it, the
   concurrency budget = the slots plus ``THROTTLE_RATE`` = 96 % of capacity and

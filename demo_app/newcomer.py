@@ -7,7 +7,7 @@ side by side with one PASS/FAIL line per claim of the story, and writes the
 charts and a report into ``--out`` (default ``./surveytool-report/``). With the
 defaults it takes about 90 s.
 
-How it measures (DESIGN.md, "Measuring the story honestly"): open-loop load,
+How it measures (docs/design.md, "Measuring the story honestly"): open-loop load,
 latency from when each request was due, served rates by completion time in
 the steady window. Besides: the app and the load generator run on different
 cores when ``taskset`` exists; the store's own queue is sampled from the

@@ -140,7 +140,7 @@ class Phase:
 
 
 def verdicts(off: Phase, on: Phase, story: Story) -> list[Verdict]:
-    """The story's claims, in the order DESIGN.md tells them."""
+    """The story's claims, in the order docs/design.md tells them."""
     return [
         *(unaffected(on, tenant) for tenant in ("A", "B")),
         held_to_the_rest(on, story.rate),

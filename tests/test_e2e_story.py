@@ -3,7 +3,7 @@
 The app's ``/work`` can really serve only about 80 requests a second (8 slots
 held 100 ms ± 20 % each). The budget is a rate a little below that capacity (77/s, so
 the app is not run at 100 % utilisation, where its own queue would random-walk)
-plus a concurrency of 8, the app's slots (DESIGN.md, "Measuring the story
+plus a concurrency of 8, the app's slots (docs/design.md, "Measuring the story
 honestly"). The rate's reserve admits A and B at once when a slot is free; when
 all eight are busy they are first in line for the next, so what they still wait
 is the time for a slot to free up. A small burst (8) keeps C bound by tokens

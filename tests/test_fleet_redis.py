@@ -1,6 +1,6 @@
 """One budget for a fleet: uvicorn processes sharing one Redis, over real sockets.
 
-The story of DESIGN.md (A 10/s, B 30/s, C 150/s against 80/s) runs open-loop
+The story of docs/design.md (A 10/s, B 30/s, C 150/s against 80/s) runs open-loop
 through four processes in one run with two routings, one after the other:
 round-robin, then each tenant pinned to its own processes. Admissions are
 counted on the server side, by the wall-clock time at which the app got each

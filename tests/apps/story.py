@@ -1,7 +1,7 @@
 """A throttled app with real, finite capacity, for end-to-end tests.
 
 ``/work`` can serve about 80 requests a second: 8 slots, each held 100 ms
-with ±20 % jitter (DESIGN.md: real services jitter, and fixed times make the
+with ±20 % jitter (docs/design.md: real services jitter, and fixed times make the
 slots phase-lock). The throttle is configured only by ``THROTTLE_*``. Other
 routes exercise streaming, failures, uploads and slow responses; ``/_budget``
 (exempt) shows the live budget so tests can check that nothing leaked, and
