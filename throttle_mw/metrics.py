@@ -376,7 +376,7 @@ class ThrottleMetrics:
         return None
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
-        """The registry in the exposition format `accept` asks for: (body, content type)."""
+        """What a scrape gets (`exposed`), in the format `accept` asks for: (body, content type)."""
         encode, content_type = choose_encoder(accept)
         return encode(self.exposed), content_type
 
