@@ -4,7 +4,9 @@
 the ``THROTTLE_*`` variables, as a user would configure it; the app by
 ``SURVEYTOOL_*`` (see `demo_app.config`). Routes carry their priority tags:
 submissions are critical, dashboards low, live stats sheddable with a degraded
-answer, and the health check, the page and its JSON are exempt.
+answer, and the health check, the page and its JSON are exempt. ``/metrics``
+serves the throttle's Prometheus metrics (exempt too); with several workers,
+set ``PROMETHEUS_MULTIPROC_DIR`` (see docs/operations.md).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from typing import Annotated, Any, Final
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
+from prometheus_client import CollectorRegistry
 
 from throttle_mw import ConfigError, Settings, ThrottleMiddleware, priority
 from throttle_mw.backends import Backend, make_backend
+from throttle_mw.metrics import ThrottleMetrics
 
 from .config import AppConfig
 from .page import page as page_html
@@ -50,6 +54,8 @@ SNAPSHOT_TIMEOUT_S: Final = 1.0
 TOP_TENANTS: Final = 10
 #: Live-stats snapshots kept for degraded answers, per (tenant, survey).
 CACHE_SIZE: Final = 1024
+#: The story's tenants: each gets series of its own in the metrics, the rest are "other".
+STORY_TENANTS: Final = ("A", "B", "C")
 
 
 class LiveCache:
@@ -94,6 +100,9 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
             replica=config.replica,
         )
     cache = LiveCache()
+    # A registry per app (tests build several); with PROMETHEUS_MULTIPROC_DIR the values
+    # live in that folder's files and every worker's are served.
+    metrics = ThrottleMetrics(registry=CollectorRegistry(), backend=backend, tenants=STORY_TENANTS)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -119,9 +128,10 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
     app.add_middleware(
         ThrottleMiddleware,
         backend=backend,
-        observers=[counters],
+        observers=[counters, metrics],
         **extra,
     )
+    app.routes.append(metrics.route())  # GET /metrics, exempt from throttling
 
     app.state.api_keys = keys
     app.state.tenant_header = header

@@ -7,7 +7,8 @@ the load generator across all three, writes its report and chart, and stops
 everything: apps first (graceful, so queued requests get their 503), then
 Redis. Every child runs in its own process group and (on Linux) is killed by
 the kernel if this script dies, so nothing is left behind, even on Ctrl-C or
-``kill -9``.
+``kill -9``. It prints where each replica serves its Prometheus metrics
+(``/metrics``), for a Prometheus of your own to scrape while it runs.
 
 The budget is the story's, fleet-wide: the replicas have 3 store slots each
 (9 x 100 ms = 90 responses/s of true capacity) and share a budget of 80/s and
@@ -336,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         shared = "shared Redis budget" if fleet.redis_url else "separate in-memory budgets"
         print(f"fleet: {args.replicas} replicas ({shared}), logs in {workdir}", flush=True)
         print(f"fleet: replicas at {' '.join(fleet.urls)}", flush=True)
+        for app, url in zip(fleet.apps, fleet.urls, strict=True):
+            print(f"fleet: metrics of {app.name} at {url}/metrics", flush=True)
         print(f"fleet: watch it live at {fleet.urls[0]}/", flush=True)
         label = f"fleet: {args.replicas} replicas, {shared}"
         loadgen = Child(

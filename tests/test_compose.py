@@ -184,3 +184,235 @@ def test_dockerfile_installs_the_demo_extra_and_runs_as_non_root() -> None:
     assert "demo_app.app:app" in text
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".git", "tests", "reports"} <= set(ignored)
+
+
+# --- the metrics stack: Prometheus scrapes the replicas, Grafana shows the dashboard ----------
+
+DEPLOY = ROOT / "deploy"
+#: Metric names the dashboard uses before throttle_mw exports them: the learned limit's
+#: gauge (THROTTLE_CONCURRENCY=auto). When it is exported, the test below says to drop it here.
+PENDING_METRICS = frozenset({"throttle_concurrency_limit"})
+_PROMQL_WORDS = frozenset(
+    {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool",
+     "and", "or", "unless", "inf", "nan"}
+)  # fmt: skip
+_DURATION = re.compile(r"(\d+(ms|s|m|h|d|w|y))+")
+
+
+def mounts(service: dict[str, Any]) -> dict[str, str]:
+    """Container path -> repository path of a service's bind mounts from ./ paths."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target = str(volume).split(":")[:2]
+        if source.startswith("./"):
+            found[target] = source
+    return found
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads (not functions, labels or keywords)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals (label values)
+    text = re.sub(r"\{[^}]*\}", " ", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", " ", text)  # range selectors, $__rate_interval
+    text = re.sub(
+        r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text
+    )  # label lists
+    names = set()
+    for match in re.finditer(r"(?<![\w.$])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?", text):
+        name, call = match.group(1), match.group(2)
+        if not call and name.lower() not in _PROMQL_WORDS:
+            names.add(name)
+    return names
+
+
+def test_promql_metric_names() -> None:
+    expr = (
+        "histogram_quantile(0.99, sum by (le, priority) (rate(throttle_wait_seconds_bucket"
+        '{job="surveytool", le!="+Inf"}[$__rate_interval])))'
+        " / ignoring(reason) group_left sum(rate(throttle_requests_total[5m])) > bool 0"
+    )
+    assert promql_metric_names(expr) == {"throttle_wait_seconds_bucket", "throttle_requests_total"}
+    assert promql_metric_names("max(throttle_in_flight) offset 5m") == {"throttle_in_flight"}
+
+
+@pytest.fixture(scope="module")
+def exported_metrics() -> set[str]:
+    """Every sample name throttle_mw.metrics exports, with every optional series present."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from throttle_mw import ThrottleEvent
+    from throttle_mw.backends import MemoryBackend
+    from throttle_mw.metrics import ThrottleMetrics
+
+    settings = Settings.from_env({}, rate=5.0, concurrency=2)
+    backend = MemoryBackend(settings.limits(), settings.policy())
+    metrics = ThrottleMetrics(
+        registry=CollectorRegistry(), backend=backend, tenants=["acme"], snapshot_min_age_s=0
+    )
+    metrics(ThrottleEvent("queued", "acme", "normal"))
+    metrics(ThrottleEvent("admitted", "acme", "normal", 0.01))
+    metrics(ThrottleEvent("rejected", "acme", "low", 0.0, 429, "tenant_over_share"))
+    asyncio.run(metrics.refresh())
+    text = metrics.render()[0].decode()
+    return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+@pytest.fixture(scope="module")
+def prometheus_config() -> dict[str, Any]:
+    data = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    data = json.loads((DEPLOY / "grafana" / "dashboards" / "throttle_mw.json").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_every_mounted_file_of_the_compose_file_exists(compose: dict[str, Any]) -> None:
+    for name, service in services(compose).items():
+        for target, source in mounts(service).items():
+            if name == "loadgen":
+                continue  # ./reports is created by the run
+            assert (ROOT / source).exists(), f"{name} mounts {source} at {target}: missing"
+
+
+def test_prometheus_scrapes_every_replica_s_metrics(
+    compose: dict[str, Any], prometheus_config: dict[str, Any]
+) -> None:
+    found = services(compose)
+    prometheus = found["prometheus"]
+    assert str(prometheus["image"]).startswith("prom/prometheus:")
+    assert "test" in prometheus["healthcheck"]
+    config_flag = [a for a in prometheus["command"] if str(a).startswith("--config.file=")]
+    (config_path,) = [str(a).split("=", 1)[1] for a in config_flag]
+    assert mounts(prometheus)[config_path] == "./deploy/prometheus.yml"
+
+    assert set(prometheus_config) <= {"global", "scrape_configs", "rule_files", "alerting"}
+    for key, interval in prometheus_config.get("global", {}).items():
+        assert key in {"scrape_interval", "evaluation_interval", "scrape_timeout"}
+        assert _DURATION.fullmatch(interval), (key, interval)
+    (job,) = prometheus_config["scrape_configs"]
+    assert set(job) <= {
+        "job_name", "metrics_path", "scrape_interval", "scrape_timeout", "static_configs",
+    }  # fmt: skip
+    for key in ("scrape_interval", "scrape_timeout"):
+        if key in job:
+            assert _DURATION.fullmatch(job[key]), (key, job[key])
+    assert job["metrics_path"] == "/metrics"  # what ThrottleMetrics.route() serves
+    targets = [t for group in job["static_configs"] for t in group["targets"]]
+    assert sorted(targets) == [f"{app}:8000" for app in APPS]  # uvicorn's port in the image
+    assert all(target.split(":")[0] in found for target in targets)
+    assert depends_on(prometheus).keys() >= set(APPS)
+
+
+def test_the_demo_app_serves_metrics_where_prometheus_scrapes(
+    prometheus_config: dict[str, Any],
+) -> None:
+    from demo_app.app import create_app
+
+    app = create_app(AppConfig())
+    paths = {getattr(route, "path", None) for route in app.routes}
+    assert prometheus_config["scrape_configs"][0]["metrics_path"] in paths
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(
+    compose: dict[str, Any], prometheus_config: dict[str, Any], dashboard: dict[str, Any]
+) -> None:
+    grafana = services(compose)["grafana"]
+    assert str(grafana["image"]).startswith("grafana/grafana:")
+    assert "test" in grafana["healthcheck"]
+    assert depends_on(grafana)["prometheus"].get("condition") == "service_healthy"
+    mounted = mounts(grafana)
+    sources = mounted["/etc/grafana/provisioning/datasources"]
+    (source_file,) = (ROOT / sources).glob("*.yml")
+    datasources = yaml.safe_load(source_file.read_text())
+    assert datasources["apiVersion"] == 1
+    (datasource,) = datasources["datasources"]
+    assert datasource["type"] == "prometheus"
+    assert datasource["url"] == "http://prometheus:9090"  # the service, on its own port
+    assert "9090:9090" in services(compose)["prometheus"]["ports"]
+
+    providers_dir = mounted["/etc/grafana/provisioning/dashboards"]
+    (provider_file,) = (ROOT / providers_dir).glob("*.yml")
+    providers = yaml.safe_load(provider_file.read_text())
+    assert providers["apiVersion"] == 1
+    (provider,) = providers["providers"]
+    assert provider["type"] == "file"
+    dashboards_dir = provider["options"]["path"]
+    assert (ROOT / mounted[dashboards_dir] / "throttle_mw.json").is_file()
+    home = environment(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == f"{dashboards_dir}/throttle_mw.json"
+
+    # Every panel and query reads the provisioned data source.
+    uid = datasource["uid"]
+    for panel in dashboard["panels"]:
+        assert panel["datasource"] == {"type": "prometheus", "uid": uid}, panel["title"]
+        assert all(t["datasource"]["uid"] == uid for t in panel["targets"]), panel["title"]
+
+
+def test_the_dashboard_is_well_formed(dashboard: dict[str, Any]) -> None:
+    assert dashboard["uid"]
+    assert dashboard["title"]
+    assert isinstance(dashboard["schemaVersion"], int)
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    cells: set[tuple[int, int]] = set()
+    for panel in panels:
+        assert panel["type"] in {"timeseries", "stat", "gauge", "bargauge", "table"}
+        box = panel["gridPos"]
+        assert box["x"] >= 0, panel["title"]
+        assert 0 < box["w"] <= 24 - box["x"], panel["title"]  # Grafana's grid: 24 columns
+        covered = {
+            (x, y)
+            for x in range(box["x"], box["x"] + box["w"])
+            for y in range(box["y"], box["y"] + box["h"])
+        }
+        assert not covered & cells, f"{panel['title']} overlaps another panel"
+        cells |= covered
+        refs = [t["refId"] for t in panel["targets"]]
+        assert refs, panel["title"]
+        assert len(set(refs)) == len(refs), panel["title"]
+        assert all(t["expr"].strip() for t in panel["targets"]), panel["title"]
+
+
+def test_every_metric_on_the_dashboard_is_one_throttle_mw_exports(
+    dashboard: dict[str, Any], exported_metrics: set[str]
+) -> None:
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in promql_metric_names(target["expr"])
+    }
+    assert used - PENDING_METRICS <= exported_metrics, used - PENDING_METRICS - exported_metrics
+    # Coordination: once throttle_mw exports the learned limit, it is no longer pending.
+    assert not PENDING_METRICS & exported_metrics, "exported now: remove it from PENDING_METRICS"
+    assert used >= PENDING_METRICS
+
+
+def test_the_dashboard_shows_what_an_operator_needs(dashboard: dict[str, Any]) -> None:
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+
+    def shown(pattern: str) -> bool:
+        return any(re.search(pattern, expr) for expr in exprs)
+
+    # Decisions by outcome, and by priority and outcome.
+    assert shown(r"sum by \(outcome\) \(rate\(throttle_requests_total")
+    assert shown(r"sum by \(priority, outcome\) \(rate\(throttle_requests_total")
+    # Wait percentiles from the histogram.
+    for quantile in ("0.5", "0.9", "0.99"):
+        assert shown(
+            rf"histogram_quantile\({quantile}, sum by \(le\b.*throttle_wait_seconds_bucket"
+        )
+    # Queue depth and the budget in use (fleet-wide gauges: max over the replicas).
+    assert shown(r"max by \(priority\) \(throttle_queue_depth\)")
+    assert shown(r"max\(throttle_in_flight\)")
+    assert shown(r"max\(throttle_tokens\)")
+    # The learned limit, wired to the gauge the learned concurrency limit exports.
+    assert shown(r"max\(throttle_concurrency_limit\)")

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from demo_app.fleet import app_env
 from tests.support.servers import REPO_ROOT, end_process, is_alive, log_tail, spawn, wait_until
@@ -54,12 +55,15 @@ while time.monotonic() < end:
             statuses[target].append(exc.code)
     time.sleep(0.5)
 stats = {}
+metrics = {}
 for target in args.target:
     with http.open(target + "/api/throttle/stats", timeout=15) as response:
         stats[target] = json.load(response)
+    with http.open(target + "/metrics", timeout=15) as response:
+        metrics[target] = response.read().decode()
 with open(args.report, "w") as out:
     json.dump({"scenario": args.scenario, "label": args.label,
-               "statuses": statuses, "stats": stats}, out)
+               "statuses": statuses, "stats": stats, "metrics": metrics}, out)
 '''
 
 
@@ -200,6 +204,7 @@ def test_fleet_shares_one_budget_through_redis(tmp_path: Path) -> None:
     assert code == 0, log
     found = report(tmp_path)
     assert "shared Redis budget" in found["label"]
+    targets = line_value(log, "fleet: replicas at").split()
     for target, statuses in found["statuses"].items():
         assert set(statuses) == {201}, (target, statuses)
         stats = found["stats"][target]
@@ -210,4 +215,14 @@ def test_fleet_shares_one_budget_through_redis(tmp_path: Path) -> None:
         assert stats["throttle"]["concurrency"] == 12
         rows = {row["tenant"]: row for row in stats["tenants"]}
         assert rows["stub-tenant"]["admitted_per_s"] > 0
+        # Each replica's /metrics, where the script said it is, counts what it admitted.
+        assert f"fleet: metrics of app{targets.index(target) + 1} at {target}/metrics" in log
+        admitted = {
+            s.value
+            for family in text_string_to_metric_families(found["metrics"][target])
+            for s in family.samples
+            if s.name == "throttle_requests_total"
+            and s.labels == {"priority": "critical", "outcome": "admitted"}
+        }
+        assert admitted == {float(len(statuses))}
     assert_all_gone(log)

@@ -15,6 +15,13 @@ process (take the max, not the sum). The snapshot is taken at scrape time,
 at most once per `snapshot_min_age_s`, and a scrape waits for it at most
 `snapshot_timeout_s`: a slow or dead Redis makes the gauges older
 (``throttle_snapshot_age_seconds``), never the scrape slow or failed.
+
+Several worker processes behind one port (``uvicorn --workers N``, gunicorn):
+with ``PROMETHEUS_MULTIPROC_DIR`` set, prometheus_client keeps every process's
+counters and histogram in files there, and whichever worker answers a scrape
+serves the sum over all of them. The gauges need no such files: the answering
+worker reads them fresh from the budget, which with Redis is the fleet's one
+state (see docs/operations.md).
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final, NamedTuple
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, values
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -65,6 +73,15 @@ WAIT_BUCKETS_S: Final = (
 #: A tenant is promoted to its own series after this many events in one window.
 PROMOTE_AT: Final = 10
 _NAMESPACE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+def multiprocess_mode() -> bool:
+    """Whether prometheus_client keeps metric values in ``PROMETHEUS_MULTIPROC_DIR`` files.
+
+    It decides once, when first imported, from that variable: asking it (rather
+    than the environment now) is what tells how the counters really behave.
+    """
+    return bool(getattr(values.ValueClass, "_multiprocess", False))
 
 
 def _outcome(event: ThrottleEvent) -> str:
@@ -190,6 +207,15 @@ class ThrottleMetrics:
             raise ValueError(f"tenants must be non-empty strings, got {fixed!r}")
         if isinstance(top_tenants, bool) or not 0 <= top_tenants <= 100:
             raise ValueError(f"top_tenants must be a whole number in [0, 100], got {top_tenants!r}")
+        multiprocess = multiprocess_mode()
+        if multiprocess and top_tenants:
+            # A series cannot be removed from the per-process files, so the busiest
+            # tenants of every window would add series for good.
+            raise ValueError(
+                "top_tenants needs single-process metrics: with PROMETHEUS_MULTIPROC_DIR a "
+                "dropped tenant's series cannot be removed, so they would grow without "
+                "bound; list the tenants to count (tenants=[...]) instead"
+            )
         if not tenant_window_s > 0 or not snapshot_timeout_s > 0 or snapshot_min_age_s < 0:
             raise ValueError(
                 "tenant_window_s and snapshot_timeout_s must be > 0, snapshot_min_age_s >= 0"
@@ -202,7 +228,6 @@ class ThrottleMetrics:
         self._clock = clock
         self._taken: _Taken | None = None
         self._tried_at = -float("inf")
-        self._errors = 0
         self._pending: asyncio.Task[None] | None = None
 
         ns = namespace
@@ -251,7 +276,20 @@ class ThrottleMetrics:
             self._labels = TenantLabels(
                 fixed, top_tenants, tenant_window_s, clock, self._drop_tenant
             )
-        registry.register(_SnapshotCollector(self))
+        # A real counter (not part of the snapshot): kept in the files in multiprocess mode.
+        self._snapshot_errors = Counter(
+            "snapshot_errors",
+            "Budget snapshots that failed or timed out.",
+            namespace=ns,
+            registry=registry,
+        )
+        #: What a scrape serves: the registry, or in multiprocess mode every process's
+        #: files (all of the app's metrics) and this process's fresh reading of the gauges.
+        self.exposed = registry
+        if multiprocess:
+            self.exposed = CollectorRegistry()
+            MultiProcessCollector(self.exposed)  # type: ignore[no-untyped-call]
+        self.exposed.register(_SnapshotCollector(self))
 
     # --- the observer: cheap, synchronous, no I/O --------------------------------------
 
@@ -305,7 +343,7 @@ class ThrottleMetrics:
             async with asyncio.timeout(max(10 * self._timeout_s, 2.0)):
                 snapshot = await backend.snapshot()
         except Exception as exc:
-            self._errors += 1
+            self._snapshot_errors.inc()
             logger.debug("throttle_mw metrics: snapshot failed (%s)", type(exc).__name__)
             return
         self._taken = _Taken(snapshot, self._clock())
@@ -338,9 +376,9 @@ class ThrottleMetrics:
         return None
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
-        """The registry in the exposition format `accept` asks for: (body, content type)."""
+        """What a scrape gets (`exposed`), in the format `accept` asks for: (body, content type)."""
         encode, content_type = choose_encoder(accept)
-        return encode(self.registry), content_type
+        return encode(self.exposed), content_type
 
 
 class _MetricsApp:
@@ -395,9 +433,6 @@ class _SnapshotCollector(Collector):
     def _families(self, taken: _Taken | None) -> Iterator[Metric]:
         m = self._metrics
         ns = m.namespace
-        errors = CounterMetricFamily(
-            f"{ns}_snapshot_errors", "Budget snapshots that failed or timed out."
-        )
         age = GaugeMetricFamily(
             f"{ns}_snapshot_age_seconds", "Age of the budget snapshot the gauges show."
         )
@@ -423,7 +458,6 @@ class _SnapshotCollector(Collector):
         )
         if taken is not None:
             snap = taken.snapshot
-            errors.add_metric([], m._errors)
             age.add_metric([], max(0.0, m._clock() - taken.at))
             if snap.tokens is not None:
                 tokens.add_metric([], snap.tokens)
@@ -435,9 +469,7 @@ class _SnapshotCollector(Collector):
             if m._labels is not None:
                 for tenant, queued in _tenant_depths(snap, m._labels).items():
                     per_tenant.add_metric([tenant], queued)
-        elif m.backend is not None:
-            errors.add_metric([], m._errors)
-        yield from (errors, age, tokens, in_flight, depth, tenants, fair)
+        yield from (age, tokens, in_flight, depth, tenants, fair)
         if m._labels is not None:
             yield per_tenant
 

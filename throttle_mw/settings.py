@@ -3,15 +3,18 @@
 This is the only module that reads ``os.environ``. Every bad value raises
 `ConfigError` naming the variable (or keyword argument), the value and what
 would be valid, so a misconfigured app stops at start-up instead of misbehaving
-under load.
+under load. So does every ``THROTTLE_*`` name that is not a setting (a
+misspelling would leave a limit silently unset), unless it is listed in
+``THROTTLE_EXTRA_VARIABLES``.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Final, Literal, get_args
@@ -56,6 +59,65 @@ class ConfigError(ValueError):
         if isinstance(shown, str) and len(shown) > 80:
             shown = shown[:77] + "..."
         super().__init__(f"{source}={shown!s}: invalid, expected {expected}")
+
+
+class UnknownVariable(ConfigError):
+    """``THROTTLE_*`` variables that are not settings: most likely misspelt ones.
+
+    Their values are never shown (a misspelt THROTTLE_REDIS_URL holds a password).
+    """
+
+    def __init__(self, names: Iterable[str], known: Collection[str]) -> None:
+        self.names = sorted(names)
+        hints = [f"{name}: unknown setting{_did_you_mean(name, known)}" for name in self.names]
+        self.source = self.names[0]
+        self.value = "(not shown)"
+        self.expected = f"one of the THROTTLE_* settings, or a name listed in {EXTRA_VARIABLES}"
+        ValueError.__init__(
+            self,
+            " ".join(hints)
+            + f" (a variable not meant for throttle_mw: list it in {EXTRA_VARIABLES})",
+        )
+
+
+def _did_you_mean(name: str, known: Collection[str]) -> str:
+    """``; did you mean THROTTLE_X?`` for the closest known name, if one is close."""
+    if name.upper() in known:
+        return f"; did you mean {name.upper()}?"  # only the case differs
+    # Compared without the shared prefix, which would make every name look alike.
+    tails = {variable.removeprefix(PREFIX): variable for variable in known}
+    close = difflib.get_close_matches(name.upper().removeprefix(PREFIX), tails, n=1, cutoff=0.6)
+    return f"; did you mean {tails[close[0]]}?" if close else "."
+
+
+def check_variable_names(env: Mapping[str, str]) -> None:
+    """Stop on any ``THROTTLE_*`` name (in any case) that is not a setting nor listed as extra.
+
+    Deliberate extra variables (another tool's, a test harness's) are listed in
+    ``THROTTLE_EXTRA_VARIABLES``: names, or prefixes ending in ``*``.
+    """
+    extra = _extra_variables(env.get(EXTRA_VARIABLES, ""))
+    unknown = [
+        name
+        for name in env
+        if name.upper().startswith(PREFIX)
+        and name not in KNOWN_VARIABLES
+        and not any(name == e or (e.endswith("*") and name.startswith(e[:-1])) for e in extra)
+    ]
+    if unknown:
+        raise UnknownVariable(unknown, KNOWN_VARIABLES)
+
+
+def _extra_variables(raw: str) -> tuple[str, ...]:
+    expected = (
+        f"comma-separated names of {PREFIX}* variables that are not throttle_mw's "
+        f"(a trailing * matches a prefix), e.g. {PREFIX}MYAPP_MODE,{PREFIX}MYAPP_*"
+    )
+    entries = tuple(entry.strip() for entry in raw.split(",") if entry.strip())
+    for entry in entries:
+        if not _EXTRA_ENTRY.fullmatch(entry) or entry in KNOWN_VARIABLES:
+            raise ConfigError(EXTRA_VARIABLES, entry, expected)
+    return entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +194,8 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Read ``THROTTLE_*`` variables, apply keyword overrides, validate everything."""
         env = os.environ if environ is None else environ
+        # First: a misspelt name explains a missing or wrong value better than that value.
+        check_variable_names(env)
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - names)
         if unknown:
@@ -496,6 +560,19 @@ _PARSERS: Final[dict[str, tuple[str, Callable[[Any, str], Any]]]] = {
     "max_tenants": ("THROTTLE_MAX_TENANTS", _count("a whole number >= 1 of tenants", low=1)),
     "tenant_idle_s": ("THROTTLE_TENANT_IDLE", _seconds("seconds > 0, e.g. 60")),
 }
+
+
+PREFIX: Final = "THROTTLE_"
+#: Lists the deliberate ``THROTTLE_*`` variables that are not throttle_mw's (see
+#: `check_variable_names`).
+EXTRA_VARIABLES: Final = "THROTTLE_EXTRA_VARIABLES"
+#: Names docs/design.md fixes whose settings are not read yet: known, so not flagged as misspelt.
+_RESERVED: Final = ("THROTTLE_CONCURRENCY_MIN", "THROTTLE_CONCURRENCY_MAX")
+#: Every ``THROTTLE_*`` name throttle_mw reads (or reserves); any other one stops start-up.
+KNOWN_VARIABLES: Final = frozenset(
+    [*(variable for variable, _ in _PARSERS.values()), *_RESERVED, EXTRA_VARIABLES]
+)
+_EXTRA_ENTRY = re.compile(r"THROTTLE_[A-Za-z0-9_]*\*?")
 
 
 def env_variable(name: str) -> str:

