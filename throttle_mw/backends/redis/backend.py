@@ -98,8 +98,8 @@ class RedisBackend(Recovery):
                 await connection.initialize(clients)
             except (RedisError, OSError) as exc:
                 self._on_failure(exc)
-        self._scripts = Scripts.register(clients.calls)
-        self._budget = Budget(clients.calls, self._settings.key_prefix, self._scripts.snapshot)
+        self._scripts = Scripts(clients.calls)
+        self._budget = Budget(clients.calls, self._settings.key_prefix, self._scripts)
         self._batcher = Batcher(self._call, self._on_trailer)
         self._batcher.start()
         self._listener = GrantListener(

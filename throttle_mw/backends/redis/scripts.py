@@ -1,29 +1,33 @@
-"""The Lua scripts: generated constants and ``.lua`` files, run with EVALSHA.
+"""The Lua scripts: generated constants and ``.lua`` files, run as Redis functions.
 
-Each entry script (``batch``, ``renew``, ``leave``, ``snapshot``) is sent as one
-text: the constants it shares with Python, generated here from their Python
-definitions (so no scheduler constant is spelled in a ``.lua`` file), then the
-state layer (``store.lua``), the twins of the scheduler's rules
-(``window.lua``, ``core.lua``), then the entry file itself.
-
-redis-py's registered scripts call EVALSHA and reload the script after NOSCRIPT
-(a Redis restart or ``SCRIPT FLUSH``); `Script` goes once more round that loop
-if the cache is flushed again between the reload and the EVALSHA.
+The code is the constants it shares with Python, generated here from their
+Python definitions (so no scheduler constant is spelled in a ``.lua`` file),
+then the state layer (``store.lua``), the twins of the scheduler's rules
+(``window.lua``, ``core.lua``), and the entry scripts (``batch``, ``renew``,
+``leave``, ``snapshot``). Where the server has functions (Redis 7+, Valkey) it
+is loaded once as a library and each entry script is a function called with
+FCALL; elsewhere (Redis 6.2) each entry script is sent with the shared code in
+front of it and run with EVALSHA (redis-py reloads it after NOSCRIPT).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
-from redis.exceptions import NoScriptError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...priorities import PRIORITIES
 from ...scheduler import constants
 from . import keys, protocol
+
+logger = logging.getLogger("throttle_mw.redis")
 
 ENTRY_SCRIPTS = ("batch", "renew", "leave", "snapshot")
 #: The shared files, in load order.
@@ -119,39 +123,132 @@ def constants_lua() -> str:
     return "\n".join(lines)
 
 
+def _part(name: str) -> str:
+    return resources.files(__package__).joinpath("scripts", f"{name}.lua").read_text("utf-8")
+
+
 @cache
 def source(name: str) -> str:
-    """The full text of an entry script, as Redis runs it."""
-    folder = resources.files(__package__).joinpath("scripts")
+    """The full text of an entry script, as EVAL runs it."""
     parts = [constants_lua()]
     for part in (*LIBRARY, name):
-        parts.append(f"-- ==== {part}.lua ====")
-        parts.append(folder.joinpath(f"{part}.lua").read_text(encoding="utf-8"))
+        parts += [f"-- ==== {part}.lua ====", _part(part)]
     return "\n".join(parts)
 
 
-class Script:
-    """A registered script whose calls never fail on NOSCRIPT."""
+class Library(NamedTuple):
+    """The scripts as one Redis function library (Redis 7+, Valkey)."""
 
-    def __init__(self, client: Any, name: str) -> None:
-        self._script = client.register_script(source(name))
+    name: str
+    text: str
+    #: The function registered for each entry script.
+    functions: Mapping[str, str]
+
+
+@cache
+def library() -> Library:
+    """The library: loaded once per server, so the shared code is not run on every call.
+
+    Its name carries a digest of its text: processes of different throttle_mw versions
+    sharing one Redis (during a deploy) each load and call their own.
+    """
+    shared = "\n".join([constants_lua(), *(f"-- ==== {p}.lua ====\n{_part(p)}" for p in LIBRARY)])
+    entries = {name: _part(name) for name in ENTRY_SCRIPTS}
+    digest = hashlib.sha1((shared + "".join(entries.values())).encode()).hexdigest()[:12]
+    name = f"throttle_mw_{digest}"
+    functions = {entry: f"{name}_{entry}" for entry in ENTRY_SCRIPTS}
+    registered = [
+        f"redis.register_function('{functions[entry]}', function(KEYS, ARGV)\n{text}\nend)"
+        for entry, text in entries.items()
+    ]
+    return Library(name, "\n".join([f"#!lua name={name}", shared, *registered]), functions)
+
+
+def _error(exc: RedisError, *needles: str) -> bool:
+    text = str(exc).lower()
+    return any(needle in text for needle in needles)
+
+
+#: How servers and clients say there are no functions for us: Redis 6.2 ("unknown
+#: command"), an ACL ("NOPERM"), redis-py's cluster client, which checks commands against
+#: the server's list before sending them ("... doesn't exist in Redis commands").
+_NO_FUNCTIONS = ("unknown command", "noperm", "doesn't exist in redis commands")
+
+
+class Scripts:
+    """The entry scripts on one client: FCALL where the server has functions, else EVALSHA.
+
+    Functions keep the shared code loaded (EVAL runs all of it on every call: defining
+    its functions costs more Redis CPU than most calls' work). Where FCALL or FUNCTION is
+    unknown (Redis 6.2) or not allowed (an ACL, a managed service), the scripts go by
+    EVALSHA instead, for good. A library or script gone after a restart, a failover or a
+    flush is loaded again and the call repeated: nothing ran.
+    """
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+        #: None until the first call tells; then whether FCALL is in use.
+        self._functions: bool | None = None
+        self._evalsha = {name: client.register_script(source(name)) for name in ENTRY_SCRIPTS}
+        self.batch = Script(self, "batch")
+        self.renew = Script(self, "renew")
+        self.leave = Script(self, "leave")
+        self.snapshot = Script(self, "snapshot")
+
+    @property
+    def uses_functions(self) -> bool | None:
+        return self._functions
+
+    async def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        for attempt in range(_ATTEMPTS):
+            last = attempt == _ATTEMPTS - 1
+            if self._functions is not False:
+                try:
+                    function = library().functions[name]
+                    return await self._client.fcall(function, len(keys), *keys, *args)
+                except (RedisConnectionError, RedisTimeoutError):
+                    raise
+                except RedisError as exc:
+                    if _error(exc, "function not found") and not last:
+                        await self._load()
+                        continue
+                    if not _error(exc, *_NO_FUNCTIONS):
+                        raise
+                    self._no_functions(exc)
+            try:
+                return await self._evalsha[name](keys=keys, args=args)
+            except NoScriptError:
+                if last:
+                    raise  # flushed again between redis-py's reload and its EVALSHA
+        raise AssertionError("unreachable")
+
+    async def _load(self) -> None:
+        try:
+            await self._client.function_load(library().text)
+        except (RedisConnectionError, RedisTimeoutError):
+            raise
+        except RedisError as exc:
+            if _error(exc, "already exists"):
+                return  # another process loaded it first
+            if not _error(exc, *_NO_FUNCTIONS):
+                raise
+            self._no_functions(exc)
+        else:
+            if self._functions is None:
+                self._functions = True
+
+    def _no_functions(self, exc: RedisError) -> None:
+        if self._functions is not False:
+            logger.info("throttle_mw: Redis has no functions for us (%s); using EVALSHA", exc)
+        self._functions = False
+
+
+class Script:
+    """One entry script of `Scripts`, called with its keys and arguments."""
+
+    def __init__(self, scripts: Scripts, name: str) -> None:
+        self._scripts = scripts
+        self._name = name
 
     async def __call__(self, *, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        for _ in range(_ATTEMPTS - 1):
-            try:
-                return await self._script(keys=keys, args=args)
-            except NoScriptError:
-                pass  # flushed again between redis-py's reload and its EVALSHA
-        return await self._script(keys=keys, args=args)
-
-
-@dataclass(frozen=True)
-class Scripts:
-    batch: Script
-    renew: Script
-    leave: Script
-    snapshot: Script
-
-    @classmethod
-    def register(cls, client: Any) -> Scripts:
-        return cls(*(Script(client, name) for name in ENTRY_SCRIPTS))
+        return await self._scripts.call(self._name, keys, args)

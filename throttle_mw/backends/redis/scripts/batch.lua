@@ -43,7 +43,6 @@ for op in string.gmatch(ARGV[17] or '', '[^' .. LINE .. ']+') do ops[#ops + 1] =
 if #ops ~= tonumber(ARGV[16]) then
   return redis.error_reply('throttle_mw: operation count mismatch')
 end
-local ACQUIRE_PATTERN = fields_pattern(#ACQUIRE_FIELDS)
 
 init(ARGV[2], ARGV[1], ARGV[3])
 load_limits({rate = ARGV[4], burst = ARGV[5], concurrency = ARGV[6], tenant_rate = ARGV[7],

@@ -6,18 +6,21 @@
 --
 -- Time is Redis' own clock (TIME) in seconds, one clock for the whole fleet, unless a
 -- test passes an explicit `now`. Every name below the budget's hash tag P comes from KEY.
+--
+-- The state below is per call: init() starts it afresh. (Loaded as a function library,
+-- this file runs once and its locals outlive a call; run with EVAL, it runs every call.)
 
-local S = {}        -- budget state (the fields of P:s), loaded by load_state()
-local S0 = {}       -- the state as loaded: save() writes only what changed
-local L = {}        -- limits in force
-local POL = {}      -- policy
-local K = {}        -- key names
-local T = {}        -- tenants loaded this call, by digest
-local now = 0
-local proc = ''
-local out_events = {}  -- per process: messages for its grant list
-local recent = {}      -- per process: lease-less admissions of this call (remember)
-local fresh = false    -- a tenant was created this call (forget_idle must check the bound)
+local S             -- budget state (the fields of P:s), loaded by load_state()
+local S0            -- the state as loaded: save() writes only what changed
+local L             -- limits in force
+local POL           -- policy
+local K             -- key names
+local T             -- tenants loaded this call, by digest
+local now
+local proc
+local out_events    -- per process: messages for its grant list
+local recent        -- per process: lease-less admissions of this call (remember)
+local fresh         -- a tenant was created this call (forget_idle must check the bound)
 
 -- The fields of P:s: tokens, last refill, concurrency in flight, the virtual clock v, the
 -- fair-rate window (window.lua), waiting requests and their cost, the active tenants'
@@ -51,20 +54,23 @@ local function has_flag(flags, bit)
   return flags % (bit + bit) >= bit
 end
 
--- A pattern matching `n` fields joined with SEP, capturing each.
+-- A pattern matching `n` fields joined with SEP, capturing each. (Runs when the code is
+-- loaded, where a function library may use no standard library.)
 local function fields_pattern(n)
   local field = '([^' .. SEP .. ']*)'
-  local parts = {}
-  for i = 1, n do parts[i] = field end
-  return '^' .. table.concat(parts, SEP) .. '$'
+  local pattern = '^' .. field
+  for _ = 2, n do pattern = pattern .. SEP .. field end
+  return pattern .. '$'
 end
 local FIRST_FIELD = '^([^' .. SEP .. ']*)'
 local WAITER_PATTERN = fields_pattern(#WAITER_FIELDS)
+local ACQUIRE_PATTERN = fields_pattern(#ACQUIRE_FIELDS)
 
 -- --- loading and saving -----------------------------------------------------------------
 
--- Key names, the clock and the caller: every script starts here.
+-- A call's state, key names, clock and caller: every script starts here.
 local function init(prefix, now_override, process)
+  S, S0, L, POL, K, T, out_events, recent, fresh = {}, {}, {}, {}, {}, {}, {}, {}, false
   for name, suffix in pairs(KEY) do K[name] = prefix .. suffix end
   K.prefix = prefix
   proc = process
