@@ -27,7 +27,7 @@ def source(name: str) -> str:
     folder = resources.files(__package__).joinpath("scripts")
     lib = folder.joinpath("lib.lua").read_text(encoding="utf-8")
     entry = folder.joinpath(f"{name}.lua").read_text(encoding="utf-8")
-    return f"{lib}\n-- ==== {name}.lua ====\n{entry}"
+    return f"--!df flags=allow-undeclared-keys\n{lib}\n-- ==== {name}.lua ====\n{entry}"
 
 
 class Script:
