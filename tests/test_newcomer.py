@@ -25,6 +25,7 @@ import pytest
 from demo_app.loadtest import scenario as scenarios
 from demo_app.loadtest.engine import Record, Scenario, TenantLoad, run, schedule
 from demo_app.loadtest.report import Report, summarize
+from demo_app.newcomer import parse_args
 from demo_app.story import (
     Phase,
     Story,
@@ -297,3 +298,11 @@ def test_submissions_first_and_live_stats_degraded() -> None:
     assert degraded.figures == "50 of 50 served degraded (cached), 0 in full, 0 not served"
     fresh = _phase(_steady("C", 5, "live_stats"))
     assert not live_stats_degraded(fresh).passed
+
+
+def test_the_server_is_one_of_those_the_demo_knows() -> None:
+    assert parse_args([]).server == "uvicorn"
+    assert parse_args(["--server", "granian"]).server == "granian"
+    with pytest.raises(SystemExit) as refused:
+        parse_args(["--server", "daphne"])
+    assert refused.value.code == 2

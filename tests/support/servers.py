@@ -1,10 +1,12 @@
-"""Real server processes for tests: child-process plumbing and uvicorn app servers.
+"""Real server processes for tests: child-process plumbing and ASGI app servers.
 
-Every child runs in its own process group (so a uvicorn supervisor and its
-workers die together), writes stdout and stderr to a log file (so a failure can
-show its tail), is killed at interpreter exit if a test forgot it, and, when
-started from the main thread, is killed by the kernel if this process dies
-without running atexit (pytest-timeout's thread method, `kill -9`).
+`AppServer` runs an app under uvicorn, gunicorn (uvicorn workers), hypercorn
+or granian, started as their users start them. Every child runs in its own
+process group (so a server's parent process and its workers die together),
+writes stdout and stderr to a log file (so a failure can show its tail), is
+killed at interpreter exit if a test forgot it, and, when started from the
+main thread, is killed by the kernel if this process dies without running
+atexit (pytest-timeout's thread method, `kill -9`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import atexit
 import contextlib
 import ctypes
 import http.client
+import importlib
 import os
 import shutil
 import signal
@@ -24,17 +27,20 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Literal, Self, get_args
 
 from tests.support.ports import HOST, free_port, release_port
 
 __all__ = [
     "HOST",
     "REPO_ROOT",
+    "SERVERS",
     "AppServer",
     "FailedStart",
+    "ServerKind",
     "child_env",
     "end_process",
     "free_port",
@@ -50,6 +56,10 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+#: The ASGI servers an `AppServer` can run (gunicorn runs uvicorn's worker class).
+ServerKind = Literal["uvicorn", "gunicorn", "hypercorn", "granian"]
+SERVERS: tuple[ServerKind, ...] = get_args(ServerKind)
 
 _PR_SET_PDEATHSIG = 1
 # Looked up before any fork: the child may only make this one call.
@@ -251,6 +261,52 @@ def _uvicorn_argv(app: str, port: int, workers: int, extra_args: Sequence[str]) 
     ]
 
 
+def server_argv(
+    server: ServerKind,
+    app: str,
+    port: int,
+    *,
+    workers: int = 1,
+    access_log: bool = False,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The command line that runs `app` under `server` as its documentation starts it.
+
+    `workers` is the server's own flag: hypercorn's 0 serves in its parent
+    process, every other count (its default 1 too) in spawned worker processes.
+    """
+    bind = f"{HOST}:{port}"
+    if server == "uvicorn":
+        quiet = () if access_log else ("--no-access-log",)
+        return _uvicorn_argv(app, port, workers, [*quiet, *extra_args])
+    python = [sys.executable, "-m", server]
+    if server == "gunicorn":
+        argv = [*python, app, "-k", "uvicorn.workers.UvicornWorker", "-b", bind, "-w", str(workers)]
+        if access_log:
+            argv += ["--access-logfile", "-"]
+        if _gunicorn_has_control_socket():
+            # Else every gunicorn opens the same ~/.gunicorn/gunicorn.ctl.
+            argv.append("--no-control-socket")
+        return [*argv, *extra_args]
+    if server == "hypercorn":
+        argv = [*python, "-k", "asyncio", "-b", bind, "-w", str(workers)]
+        if access_log:
+            argv += ["--access-logfile", "-"]
+        return [*argv, *extra_args, app]
+    if server == "granian":
+        argv = [*python, "--interface", "asgi", "--host", HOST, "--port", str(port)]
+        argv += ["--workers", str(workers), "--access-log" if access_log else "--no-access-log"]
+        return [*argv, *extra_args, app]
+    raise ValueError(f"unknown server {server!r}: expected one of {', '.join(SERVERS)}")
+
+
+@cache
+def _gunicorn_has_control_socket() -> bool:
+    """gunicorn 24+ opens a control socket in the home directory unless told not to."""
+    config: Any = importlib.import_module("gunicorn.config")  # gunicorn has no type hints
+    return any("--no-control-socket" in (setting.cli or ()) for setting in config.KNOWN_SETTINGS)
+
+
 class Managed:
     """`with` support for a process (or several) that `start` runs and `close` ends.
 
@@ -280,17 +336,21 @@ class Managed:
 
 
 class AppServer(Managed):
-    """An ASGI app under uvicorn in a separate process, on a free 127.0.0.1 port.
+    """An ASGI app under an ASGI server in a separate process, on a free 127.0.0.1 port.
 
-    `cpu` pins the process to cores with `taskset -c` (e.g. "0" or [0, 1]), so
-    load tests can keep the app and the load generator apart. With `workers` > 1
-    a TCP connect only proves the supervisor listens: give a `health_path`.
+    `server` picks uvicorn (the default), gunicorn with uvicorn workers,
+    hypercorn or granian; `workers` and `extra_args` are passed to it (see
+    `server_argv`). `cpu` pins the process to cores with `taskset -c` (e.g. "0"
+    or [0, 1]), so load tests can keep the app and the load generator apart.
+    When workers are separate processes a TCP connect only proves the parent
+    listens: give a `health_path`.
     """
 
     def __init__(
         self,
         app: str,
         *,
+        server: ServerKind = "uvicorn",
         env: Mapping[str, str] | None = None,
         workers: int = 1,
         cpu: str | Sequence[int] | None = None,
@@ -299,16 +359,20 @@ class AppServer(Managed):
         access_log: bool = False,
         startup_timeout_s: float = 30.0,
     ) -> None:
+        if server not in SERVERS:
+            raise ValueError(f"unknown server {server!r}: expected one of {', '.join(SERVERS)}")
         self.app = app
+        self.server: ServerKind = server
         self.env = dict(env or {})
         self.workers = workers
         self.cpu = cpu if cpu is None or isinstance(cpu, str) else ",".join(map(str, cpu))
-        self.extra_args = tuple(extra_args) + (() if access_log else ("--no-access-log",))
+        self.extra_args = tuple(extra_args)
+        self.access_log = access_log
         self.health_path = health_path
         self.startup_timeout_s = startup_timeout_s
         self.port = free_port()
         self._dir = make_temp_dir("app")
-        self.log_path = self._dir / "uvicorn.log"
+        self.log_path = self._dir / f"{server}.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -326,12 +390,19 @@ class AppServer(Managed):
         return self._proc is not None and is_alive(self._proc)
 
     def start(self) -> Self:
-        """Start uvicorn and return once it accepts connections (and the health path answers)."""
+        """Start the server and return once it accepts connections (and the health path answers)."""
         if self.is_running:
             raise RuntimeError("the app server is already running")
         if self._proc is not None:
             end_process(self._proc)  # it crashed on its own: reap it
-        argv = _uvicorn_argv(self.app, self.port, self.workers, self.extra_args)
+        argv = server_argv(
+            self.server,
+            self.app,
+            self.port,
+            workers=self.workers,
+            access_log=self.access_log,
+            extra_args=self.extra_args,
+        )
         if self.cpu is not None:
             taskset = shutil.which("taskset")
             if taskset is None:
@@ -350,7 +421,7 @@ class AppServer(Managed):
             code = end_process(proc, signal.SIGKILL)
             why = f"exited with code {code}" if crashed else f"{self.startup_timeout_s} s passed"
             raise RuntimeError(
-                f"uvicorn for {self.app} on port {self.port} did not become ready ({why});"
+                f"{self.server} for {self.app} on port {self.port} did not become ready ({why});"
                 f" log tail:\n{log_tail(self.log_path)}"
             )
         return self
@@ -374,11 +445,12 @@ class AppServer(Managed):
         return 200 <= status < 300
 
     def stop(self, timeout_s: float = 15.0) -> int | None:
-        """SIGTERM (uvicorn's graceful shutdown: in-flight requests finish); the exit code.
+        """SIGTERM (the server's graceful shutdown: in-flight requests finish); the exit code.
 
-        A clean shutdown returns -SIGTERM (-15): uvicorn re-raises the signal it
-        caught once it has shut down. -SIGKILL (-9) means it was still running
-        after `timeout_s` and was killed. None if it was never started.
+        A clean shutdown returns -SIGTERM (-15) under uvicorn, which re-raises
+        the signal it caught once it has shut down, and 0 under the others.
+        -SIGKILL (-9) means it was still running after `timeout_s` and was
+        killed. None if it was never started.
         """
         if self._proc is None:
             return None
@@ -391,7 +463,7 @@ class AppServer(Managed):
         return end_process(self._proc, signal.SIGKILL, timeout_s=5.0)
 
     def log(self) -> str:
-        """Everything uvicorn and the app wrote to stdout and stderr so far."""
+        """Everything the server and the app wrote to stdout and stderr so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def close(self) -> None:

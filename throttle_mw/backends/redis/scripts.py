@@ -32,6 +32,9 @@ logger = logging.getLogger("throttle_mw.redis")
 ENTRY_SCRIPTS = ("batch", "renew", "leave", "snapshot")
 #: The shared files, in load order.
 LIBRARY = ("store", "window", "core")
+#: First line of every script run by EVAL: Dragonfly refuses keys a script does not declare
+#: (ours derive them from the one declared key) unless told; elsewhere a plain comment.
+DRAGONFLY_FLAGS: Final = "--!df flags=allow-undeclared-keys"
 #: NOSCRIPT means the script did not run, so trying again is always safe.
 _ATTEMPTS = 3
 
@@ -130,7 +133,7 @@ def _part(name: str) -> str:
 @cache
 def source(name: str) -> str:
     """The full text of an entry script, as EVAL runs it."""
-    parts = [constants_lua()]
+    parts = [DRAGONFLY_FLAGS, constants_lua()]
     for part in (*LIBRARY, name):
         parts += [f"-- ==== {part}.lua ====", _part(part)]
     return "\n".join(parts)
