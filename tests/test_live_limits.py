@@ -7,10 +7,11 @@ and the Redis backend from every batch reply (a trailer line, decoded only
 when it changes). The failure mode `local` keeps enforcing the last limits seen.
 
 Every app here rejects at once whatever cannot go at once
-(``THROTTLE_TENANT_QUEUE_LIMIT=0``), and one tenant asks: its 429 then waits
-for the next token, so ``Retry-After`` is about one token interval, 1/rate
-(less what has refilled since the last admission). From 20/s to 0.1/s it goes
-from 1 s to about 10 s.
+(``THROTTLE_TENANT_QUEUE_LIMIT=0``), and one tenant asks. Its burst is one
+token, so each admission leaves the bucket empty, and a 429 right after it
+waits for the next token: ``Retry-After`` is about one token interval, 1/rate
+(less what has refilled since). From 5/s to 0.1/s it goes from 1 s to about
+10 s.
 """
 
 from __future__ import annotations
@@ -34,10 +35,13 @@ from throttle_mw.backends.redis.admin import Budget
 from throttle_mw.scheduler import Limits, Reject, Request
 from throttle_mw.settings import Settings
 
-OLD_RATE, NEW_RATE = 20.0, 0.1
-OLD_POLICY, NEW_POLICY = '"fleet";q=20;w=1', '"fleet";q=0.1;w=1'
-#: A 429 right after the bucket emptied at 0.1/s: 1/0.1 s, less what refilled meanwhile
-#: (the test gets there within a few seconds, so at least half of it is left).
+OLD_RATE, NEW_RATE = 5.0, 0.1  # both with the default burst: one token
+OLD_POLICY, NEW_POLICY = '"fleet";q=5;w=1', '"fleet";q=0.1;w=1'
+#: At 5/s: 0.2 s, which is 1 s in whole seconds (2 s if the fair-rate measurement, from a
+#: sparse window, says 0.5-1 admissions per second: the test's own traffic is sparse).
+OLD_RETRY_AFTER = range(1, 3)
+#: At 0.1/s: 10 s, less what refilled since the bucket emptied (the test gets there
+#: within a few seconds, so at least half of it is left).
 NEW_RETRY_AFTER = range(5, 11)
 SETTINGS: dict[str, Any] = {"rate": OLD_RATE, "tenant_queue_limit": 0, "max_wait_s": 5.0}
 _prefixes = itertools.count()
@@ -82,7 +86,7 @@ async def test_memory_backend_rejections_follow_set_limits() -> None:
     app = ThrottleMiddleware(hello, backend=backend, **SETTINGS)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        check_rejection(await next_rejection(client), OLD_POLICY, range(1, 2))
+        check_rejection(await next_rejection(client), OLD_POLICY, OLD_RETRY_AFTER)
         new = Limits(rate=NEW_RATE, burst=1.0)
         await backend.set_limits(new)
         assert backend.limits == new
@@ -227,7 +231,7 @@ def test_every_process_s_next_429_describes_a_live_rate_change(
 ) -> None:
     url, servers = four_processes
     for server in servers:
-        check_rejection(first_rejection(server), OLD_POLICY, range(1, 2))
+        check_rejection(first_rejection(server), OLD_POLICY, OLD_RETRY_AFTER)
 
     done = throttle_mw("--redis-url", url, "--prefix", "live", "set", "--rate", f"{NEW_RATE:g}")
     assert done.returncode == 0, done.stderr
