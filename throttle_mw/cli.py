@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from .priorities import PRIORITIES
 from .scheduler import Limits
-from .settings import TENANT_PATTERN, ConfigError, Settings, default_burst
+from .settings import TENANT_PATTERN, ConfigError, Settings, default_burst, redis_endpoint
 
 if TYPE_CHECKING:
     from .backends.redis.admin import Budget
@@ -80,7 +80,8 @@ async def _connected(args: argparse.Namespace, loose: Settings, env: Settings | 
 
     client = _connect(loose)
     try:
-        return await _run(args, Budget(client, loose.key_prefix), loose, env)
+        budget = Budget(client, loose.key_prefix, live_limits_ttl_s=loose.live_limits_ttl_s)
+        return await _run(args, budget, loose, env)
     finally:
         await _close(client)
 
@@ -371,7 +372,7 @@ async def status(budget: Budget, loose: Settings, env: Settings | None, top: int
     known = "rate" in in_force and "burst" in in_force
     return {
         "time": round(time.time(), 3),
-        "redis": redact(loose.redis_url or ""),
+        "redis": redis_endpoint(loose.redis_url or "", cluster=loose.redis_cluster),
         "prefix": loose.key_prefix,
         "processes": data.processes,
         "tokens": data.tokens if known else None,
@@ -471,16 +472,6 @@ def _describe_overrides(live: Mapping[str, float | None], weights: Mapping[str, 
         f"live limits: {limits}\nlive weights: {_pairs(weights)}\n"
         "(every process follows from its next decision)"
     )
-
-
-def redact(url: str) -> str:
-    """The URL without its password (and user name)."""
-    parts = urlsplit(url)
-    if parts.password is None and parts.username is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"***@{host}" + (f":{parts.port}" if parts.port else "")
-    return parts._replace(netloc=netloc).geturl()
 
 
 def _scrub(text: str, secret: str) -> str:

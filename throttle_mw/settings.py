@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Final, Literal, get_args
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from .priorities import PRIORITIES, Priority, RouteTag, make_tag
 from .scheduler import Limits, Policy
@@ -41,6 +41,10 @@ DEFAULT_MAX_WAIT_S: Final[Mapping[Priority, float]] = MappingProxyType(
 _POLICY: Final = Policy(max_wait_s=DEFAULT_MAX_WAIT_S)
 #: A rate's default burst: this many seconds of it (at least 1, and the largest route cost).
 BURST_S: Final = 0.2
+#: Live limits in Redis outlive their budget's last use by this much (a week), unless set.
+LIVE_LIMITS_TTL_S: Final = 7 * 86400.0
+#: Redis' port and database when a URL names none.
+REDIS_DEFAULT_PORT: Final = 6379
 
 
 def default_burst(rate: float, max_cost: int) -> float:
@@ -187,6 +191,9 @@ class Settings:
     max_tenants: int = _POLICY.max_tenants
     #: Idle tenants' state is dropped after this many seconds.
     tenant_idle_s: float = _POLICY.tenant_idle_s
+    #: Live limits and weights (``throttle-mw set``) outlast this long the last process
+    #: that used the budget (refreshed while it is in use): a week.
+    live_limits_ttl_s: float = LIVE_LIMITS_TTL_S
     #: Resolver hook: ``(scope) -> tenant id | None``, replacing the header lookup.
     tenant_resolver: Callable[[Any], str | None] | None = None
 
@@ -389,6 +396,32 @@ def _redis_url(raw: object, source: str) -> str:
     return raw.strip()
 
 
+def redis_endpoint(url: str, *, cluster: bool = False) -> str:
+    """Which Redis a URL names, for logs and the CLI: scheme, host, port and database.
+
+    Never the user name, the password or any other query option (redis-py reads
+    ``?password=`` too). Ports and databases are shown even when the URL leaves
+    them to the defaults, so a wrong address is plain to see.
+    """
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return "(unparsable Redis URL)"
+    query = parse_qs(parts.query)
+    db = (query.get("db") or [parts.path.strip("/") if parts.scheme != "unix" else ""])[0]
+    db = db if db.isdigit() else "0"
+    if parts.scheme == "unix":
+        where = f"unix://{parts.path}?db={db}"
+    else:
+        host = parts.hostname or "?"
+        if ":" in host:
+            host = f"[{host}]"  # IPv6
+        where = f"{parts.scheme or 'redis'}://{host}:{port or REDIS_DEFAULT_PORT}"
+        where += " (cluster)" if cluster else f"/{db}"
+    return where
+
+
 def _prefix(raw: object, source: str) -> str:
     if isinstance(raw, str) and _PREFIX.fullmatch(raw.strip()):
         return raw.strip()
@@ -559,6 +592,10 @@ _PARSERS: Final[dict[str, tuple[str, Callable[[Any, str], Any]]]] = {
     "redis_timeout_s": ("THROTTLE_REDIS_TIMEOUT", _seconds("seconds > 0, e.g. 0.25")),
     "max_tenants": ("THROTTLE_MAX_TENANTS", _count("a whole number >= 1 of tenants", low=1)),
     "tenant_idle_s": ("THROTTLE_TENANT_IDLE", _seconds("seconds > 0, e.g. 60")),
+    "live_limits_ttl_s": (
+        "THROTTLE_LIVE_LIMITS_TTL",
+        _positive("seconds > 0, at most a year, e.g. 604800 (a week)", high=365 * 86400.0),
+    ),
 }
 
 

@@ -139,6 +139,7 @@ class LuaScheduler:
             max_tenants=pol.max_tenants,
             lease_ttl_s=3600,
             key_ttl_s=7200,
+            live_limits_ttl_s=7200,
         )
         args = protocol.call_args(static, repr(now), ops)
         key = f"{self._tag}:g:{_PROCESS}"

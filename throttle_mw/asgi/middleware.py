@@ -107,7 +107,6 @@ class ThrottleMiddleware:
         self._draining_now = False  # the event's state, read per request without a call
         self._undo_signals: Any = None
         self._background: set[asyncio.Task[None]] = set()
-        self._limits = settings.limits()
         self._backend = backend
         if settings.enabled and backend is None:
             self._backend = make_backend(settings)
@@ -346,7 +345,7 @@ class ThrottleMiddleware:
             if not dry_run:
                 if queued is not None:
                     queued.close()
-                await send_rejection(send, outcome, self._limits)
+                await send_rejection(send, outcome, backend.limits)
                 return None
             return Admitted(request.id, unthrottled=True), "would_reject", outcome.reason, queued
         if outcome.degraded:

@@ -75,6 +75,12 @@ class Backend(Protocol):
     async def set_limits(self, limits: Limits) -> None:
         """Change the budget at run time."""
 
+    @property
+    def limits(self) -> Limits:
+        """The limits in force as this process last learned them, without I/O (responses
+        describe them): a live change reaches every process with its next decision."""
+        ...
+
 
 class RequestIds:
     """Ids unique across processes and hosts: a random process token and a counter."""

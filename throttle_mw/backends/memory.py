@@ -129,6 +129,12 @@ class MemoryBackend:
         self._schedule(scheduler, now)
         return scheduler.snapshot()
 
+    @property
+    def limits(self) -> Limits:
+        """The scheduler's limits: those of `set_limits` once it was called."""
+        scheduler = self._scheduler
+        return self._limits if scheduler is None else scheduler.limits
+
     async def set_limits(self, limits: Limits) -> None:
         self._limits = limits
         self._leases_held = limits.concurrency is not None

@@ -6,6 +6,11 @@ are fields of ``{prefix}:cfg`` and live weights of ``{prefix}:w`` (by tenant
 digest); the scripts read both on every call, so every process of the fleet
 follows from its next decision. ``{prefix}:wn`` keeps the names behind those
 digests, only to show them.
+
+Like every key of a budget these expire (keys.py): a live override lasts
+`live_limits_ttl_s` (``THROTTLE_LIVE_LIMITS_TTL``, a week by default) from
+when it is set or the budget last used, so it outlives restarts of the whole
+fleet but not a budget nobody uses any more.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...scheduler import Limits, Snapshot
+from ...settings import LIVE_LIMITS_TTL_S
 from . import protocol
 from .keys import Keys, tenant_digest
 from .scripts import Scripts
@@ -22,9 +28,17 @@ from .scripts import Scripts
 class Budget:
     """One budget's keys in Redis, through an asyncio redis-py client."""
 
-    def __init__(self, client: Any, prefix: str, scripts: Scripts | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        prefix: str,
+        scripts: Scripts | None = None,
+        *,
+        live_limits_ttl_s: float = LIVE_LIMITS_TTL_S,
+    ) -> None:
         self.client = client
         self.keys = Keys(prefix)
+        self._live_ttl_ms = int(live_limits_ttl_s * 1000)
         self._snapshot = (scripts or Scripts(client)).snapshot
 
     async def live_limits(self) -> dict[str, float | None]:
@@ -39,13 +53,18 @@ class Budget:
 
     async def set(self, changes: Mapping[str, str], weights: Mapping[str, float]) -> None:
         """Store live limits (P:cfg fields, already encoded) and live tenant weights."""
+        keys = self.keys
         pipe = self.client.pipeline(transaction=False)
         if changes:
-            pipe.hset(self.keys.cfg, mapping=dict(changes))
+            pipe.hset(keys.cfg, mapping=dict(changes))
+            pipe.pexpire(keys.cfg, self._live_ttl_ms)
         for tenant, weight in weights.items():
             digest = tenant_digest(tenant)
-            pipe.hset(self.keys.weights, digest, repr(weight))
-            pipe.hset(self.keys.weight_names, digest, tenant)
+            pipe.hset(keys.weights, digest, repr(weight))
+            pipe.hset(keys.weight_names, digest, tenant)
+        if weights:
+            pipe.pexpire(keys.weights, self._live_ttl_ms)
+            pipe.pexpire(keys.weight_names, self._live_ttl_ms)
         await pipe.execute()
 
     async def set_limits(self, limits: Limits) -> None:

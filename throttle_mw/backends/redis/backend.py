@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from ...scheduler import Admit, Enqueue, Granted, Limits, Reject, Request, Snapshot
 from ...settings import Settings
@@ -31,7 +32,7 @@ from .grants import GrantListener
 from .keys import Keys
 from .protocol import AlreadyAdmitted, Op
 from .recovery import Recovery, Waiter
-from .scripts import Scripts
+from .scripts import DEADLINE_GRACE_S, Scripts
 
 logger = logging.getLogger("throttle_mw.redis")
 
@@ -40,9 +41,13 @@ _TAILS = 4096  # cached op tails (tenant x priority x cost x flags)
 _EARLY = 1024
 #: Seconds of clean-up allowed at shutdown.
 _STOP_TIMEOUT_S = 2.0
-#: Redis keeps a budget's keys this much longer than the longest wait.
-_KEY_TTL_MARGIN_S = 60.0
 _new_tuple = tuple.__new__
+
+
+def key_ttl_s(settings: Settings) -> float:
+    """T, the state TTL of keys.py: how long a budget's keys outlive their last use. By
+    then every waiter is past its deadline and grace and every lease has lapsed."""
+    return max(settings.max_wait_s.values()) + DEADLINE_GRACE_S + settings.lease_ttl_s
 
 
 class RedisBackend(Recovery):
@@ -52,6 +57,9 @@ class RedisBackend(Recovery):
         if not settings.redis_url:
             raise ValueError("RedisBackend needs THROTTLE_REDIS_URL")
         self._limits = settings.limits()
+        #: The limits in force as the latest batch reply told them, and that reply's line.
+        self._in_force = self._limits
+        self._in_force_line = ""
         self._policy = policy = settings.policy()
         self._init_recovery(settings, Fallback(settings.failure_mode, self._limits, policy))
         self._keys = Keys(settings.key_prefix)
@@ -82,7 +90,8 @@ class RedisBackend(Recovery):
             tenant_idle_s=policy.tenant_idle_s,
             max_tenants=policy.max_tenants,
             lease_ttl_s=settings.lease_ttl_s,
-            key_ttl_s=max(settings.max_wait_s.values()) + _KEY_TTL_MARGIN_S,
+            key_ttl_s=key_ttl_s(settings),
+            live_limits_ttl_s=settings.live_limits_ttl_s,
         )
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -92,14 +101,20 @@ class RedisBackend(Recovery):
             return
         self._started = True
         self._closing = False
-        self._clients = clients = connection.connect(self._settings)
-        if self._settings.redis_cluster:
-            try:
-                await connection.initialize(clients)
-            except (RedisError, OSError) as exc:
-                self._on_failure(exc)
+        settings = self._settings
+        logger.info(
+            "throttle_mw: shared budget in Redis at %s (failure mode %r)",
+            self.endpoint,
+            settings.failure_mode,
+        )
+        self._clients = clients = connection.connect(settings)
         self._scripts = Scripts(clients.calls)
-        self._budget = Budget(clients.calls, self._settings.key_prefix, self._scripts)
+        self._budget = Budget(
+            clients.calls,
+            settings.key_prefix,
+            self._scripts,
+            live_limits_ttl_s=settings.live_limits_ttl_s,
+        )
         self._batcher = Batcher(self._call, self._on_trailer)
         self._batcher.start()
         self._listener = GrantListener(
@@ -108,9 +123,13 @@ class RedisBackend(Recovery):
             self._on_message,
             self._succeeded,
             self._on_failure,
+            endpoint=self.endpoint,
         )
         self._listener.start()
         self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
+        # The only await, last: with --lifespan off the first requests call start() at
+        # once, and those that find it started must find everything in place.
+        await self._ping(clients)
 
     async def stop(self) -> None:
         if not self._started:
@@ -144,7 +163,11 @@ class RedisBackend(Recovery):
                 _STOP_TIMEOUT_S,
             )
         except (RedisError, OSError, TimeoutError) as exc:
-            logger.warning("throttle_mw: could not clean up in Redis (%s)", type(exc).__name__)
+            logger.warning(
+                "throttle_mw: could not clean up in Redis at %s (%s)",
+                self.endpoint,
+                type(exc).__name__,
+            )
         if self._batcher is not None:
             await self._batcher.close()
         if self._clients is not None:
@@ -152,7 +175,37 @@ class RedisBackend(Recovery):
                 await client.aclose()
         self._started = False
 
+    async def _ping(self, clients: connection.Clients) -> None:
+        """Say at start-up whether Redis answers. Information only: if it does not, the
+        failure mode applies until it does (the breaker opens and probes it)."""
+        started = time.perf_counter()
+        try:
+            if self._settings.redis_cluster:
+                await connection.initialize(clients)  # the slot map now, not in a request
+            await clients.calls.ping()
+        except (RedisError, RedisClusterException, OSError) as exc:
+            logger.warning(
+                "throttle_mw: Redis at %s did not answer at start-up (%s); failure mode %r "
+                "until it does",
+                self.endpoint,
+                type(exc).__name__,
+                self._settings.failure_mode,
+            )
+            self._breaker.failure()
+            return
+        logger.info(
+            "throttle_mw: Redis at %s answered in %.1f ms",
+            self.endpoint,
+            (time.perf_counter() - started) * 1000.0,
+        )
+
     # --- the backend contract --------------------------------------------------------------
+
+    @property
+    def limits(self) -> Limits:
+        """The limits in force as this process last learned them (from every batch reply;
+        in failure mode `local`, the last ones seen before Redis went away)."""
+        return self._in_force
 
     def decide_now(self, request: Request) -> None:
         """Decisions about the shared budget always need a round trip to Redis."""
@@ -205,7 +258,7 @@ class RedisBackend(Recovery):
         assert self._budget is not None
         assert self._batcher is not None
         await self._budget.set_limits(limits)
-        self._limits = self._fallback.limits = limits
+        self._limits = self._in_force = self._fallback.limits = limits
         await self._batcher.submit(protocol.TICK)  # dispatch now: a raised limit admits waiters
 
     # --- the call path -------------------------------------------------------------------------
@@ -354,6 +407,10 @@ class RedisBackend(Recovery):
         if trailer.next_tick_s is not None:
             self._schedule_tick(trailer.next_tick_s)
         self._fallback.fleet = max(1, trailer.processes)
+        if trailer.limits != self._in_force_line:  # a string compare: this runs per call
+            self._in_force_line = trailer.limits
+            limits = protocol.decode_limits(trailer.limits, self._limits.weights)
+            self._in_force = self._fallback.limits = limits
 
     def _schedule_tick(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -381,13 +438,19 @@ class RedisBackend(Recovery):
     async def _renew_loop(self) -> None:
         """The heartbeat: renew this process's leases and learn how many processes are live."""
         lease_ttl_s = self._settings.lease_ttl_s
+        keys_ttl_s = key_ttl_s(self._settings)
         period = max(0.2, min(lease_ttl_s / 3.0, 5.0))
         while True:
             try:
                 if self._breaker.allow():
                     assert self._scripts is not None
                     args = protocol.renew_args(
-                        self._clock(), self._keys.tag, self.process, lease_ttl_s, self._leases
+                        self._clock(),
+                        self._keys.tag,
+                        self.process,
+                        lease_ttl_s,
+                        keys_ttl_s,
+                        self._leases,
                     )
                     live = await self._scripts.renew(keys=[self._keys.state], args=args)
                     self._fallback.fleet = max(1, int(live))

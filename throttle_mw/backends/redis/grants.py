@@ -31,8 +31,12 @@ class GrantListener:
         on_message: Callable[[str], None],
         on_reconnect: Callable[[], None],
         on_failure: Callable[[], None],
+        *,
+        endpoint: str = "Redis",
     ) -> None:
         self._client = client
+        #: Which Redis, for the logs (no credentials: see settings.redis_endpoint).
+        self._endpoint = endpoint
         self._key = key
         self._on_message = on_message
         self._on_reconnect = on_reconnect
@@ -77,7 +81,9 @@ class GrantListener:
             except (RedisError, OSError) as exc:
                 if not failed:
                     logger.warning(
-                        "throttle_mw: grant listener lost Redis (%s)", type(exc).__name__
+                        "throttle_mw: grant listener lost Redis at %s (%s)",
+                        self._endpoint,
+                        type(exc).__name__,
                     )
                 failed = True
                 self._on_failure()

@@ -6,30 +6,49 @@ and the layout numbers below as generated Lua (see ``scripts.py``), and build
 key names from the one tag they are given; Python builds them with `Keys`.
 Tenant ids never reach a key as text, only as a fixed-length digest.
 
-===============  ======  ==========================================================
-key              type    holds
-===============  ======  ==========================================================
-P:s              hash    budget state: tokens, in flight, virtual clock, fair-rate
+===============  ======  ===========================================================  ======
+key              type    holds                                                        TTL
+===============  ======  ===========================================================  ======
+P:s              hash    budget state: tokens, in flight, virtual clock, fair-rate    T
                          window, queue counts, the fleet's tick claim (store.lua)
-P:cfg            hash    live limits set with ``throttle-mw set``; override callers'
-P:w, P:wn        hash    live tenant weights by digest, and the names behind them
-P:t:<h>          hash    tenant h: finish tag, weight, cap bucket, queued cost by rank,
-                         state, its member in P:active, name
-P:q:<h>          zset    tenant h's waiting requests, score rank * RANK_SPAN + seq
-P:r              hash    waiting request id -> its fields (protocol.WAITER_FIELDS)
-P:active         zset    tenants in line by finish tag; member "<seq>|<h>" (ties go
+P:cfg            hash    live limits set with ``throttle-mw set``; override callers'  live
+P:w, P:wn        hash    live tenant weights by digest, and the names behind them     live
+P:t:<h>          hash    tenant h: finish tag, weight, cap bucket, queued cost by     idle+T
+                         rank, state, its member in P:active, name
+P:q:<h>          zset    tenant h's waiting requests, score rank * RANK_SPAN + seq    idle+T
+P:r              hash    waiting request id -> its fields (protocol.WAITER_FIELDS)    T
+P:active         zset    tenants in line by finish tag; member "<seq>|<h>" (ties go   T
                          in activation order)
-P:capped         zset    tenants held by their own rate cap, by when they may go
-P:qlen           zset    tenants by (waiting requests, latest push):
+P:capped         zset    tenants held by their own rate cap, by when they may go      T
+P:qlen           zset    tenants by (waiting requests, latest push):                  T
                          score n * PUSH_SPAN + seq mod PUSH_SPAN (longest queue first)
-P:dl             zset    waiting request id -> deadline
-P:tenants        zset    tenant h -> last seen (idle expiry, max tenants)
-P:leases, P:lc   zset,   lease (request id) -> expiry; lease -> "cost|process"
+P:dl             zset    waiting request id -> deadline                               T
+P:tenants        zset    tenant h -> last seen (idle expiry, max tenants)             idle+T
+P:leases, P:lc   zset,   lease (request id) -> expiry; lease -> "cost|process"        T
                  hash
-P:g:<proc>       list    grants and evictions for the process that queued them
-P:rc:<proc>      list    the process's latest lease-less admissions (retries)
-P:procs          zset    process -> heartbeat expiry
-===============  ======  ==========================================================
+P:g:<proc>       list    grants and evictions for the process that queued them        T
+P:rc:<proc>      list    the process's latest lease-less admissions (retries)         T
+P:procs          zset    process -> heartbeat expiry                                  T
+===============  ======  ===========================================================  ======
+
+Nothing a budget writes lives forever: a budget nobody uses any more leaves
+Redis on its own. The TTL column is how long a key outlives its last use:
+
+- T, the state TTL: the longest maximum wait, the deadline grace and the lease
+  TTL (``backend.key_ttl_s``). By then every waiter is past its deadline and
+  every lease has lapsed, so nothing in the state is live any more.
+- idle+T: ``THROTTLE_TENANT_IDLE`` more, for what describes tenants.
+- live: ``THROTTLE_LIVE_LIMITS_TTL`` (a week by default): live limits outlive
+  restarts, even of the whole fleet, as ``throttle-mw set`` promises, but not a
+  budget nobody uses any more.
+
+A TTL is set when a key is created and pushed out again once 1/TTL_REFRESHES of
+it has passed (the budget-wide keys all at once, by batch.lua's ``save``; a
+tenant's keys with the tenant), never by a PEXPIRE per key per call: a call
+refreshes only the keys it may have created (Redis drops a key that empties, and
+its TTL with it). The grant lists get theirs on every write, the heartbeat
+refreshes P:procs, and, while a process holds leases, P:leases, P:lc and P:s,
+so a request that runs longer than T keeps its lease.
 """
 
 from __future__ import annotations
@@ -67,11 +86,28 @@ SUFFIX: Final = MappingProxyType(
 RANK_SPAN: Final = 1e13
 #: Digits of the activation sequence number in an active-line member ("<seq>|<h>").
 MEMBER_SEQ_DIGITS: Final = 16
-#: A process's grant list outlives its last write by this long (then the process is gone).
-GRANTS_TTL_S: Final = 60.0
 #: A key's TTL is pushed out again once this fraction of it (1/TTL_REFRESHES) has passed,
 #: not on every call.
 TTL_REFRESHES: Final = 4
+#: The TTL of each budget-wide key (the table above), by kind: "state" (T), "tenant"
+#: (idle+T) or "live".
+KEY_TTL: Final = MappingProxyType(
+    {
+        "state": "state",
+        "cfg": "live",
+        "weights": "live",
+        "weight_names": "live",
+        "waiters": "state",
+        "active": "state",
+        "capped": "state",
+        "qlen": "state",
+        "deadlines": "state",
+        "tenants": "tenant",
+        "leases": "state",
+        "lease_costs": "state",
+        "procs": "state",
+    }
+)
 #: Lease-less admissions remembered per process, so a retried acquire is answered.
 RECENT_KEPT: Final = 256
 
@@ -98,6 +134,8 @@ class Keys:
         self.tenants = self.tag + SUFFIX["tenants"]
         self.qlen = self.tag + SUFFIX["qlen"]
         self.procs = self.tag + SUFFIX["procs"]
+        self.leases = self.tag + SUFFIX["leases"]
+        self.lease_costs = self.tag + SUFFIX["lease_costs"]
 
     def grants(self, process: str) -> str:
         return self.tag + SUFFIX["grants"] + process

@@ -96,13 +96,16 @@ class AlreadyAdmitted(NamedTuple):
 
 
 class Trailer(NamedTuple):
-    """The last two lines of a batch reply."""
+    """The last three lines of a batch reply."""
 
     #: Seconds until this process should send a tick, or None: only an arrival or a
     #: release can change anything.
     next_tick_s: float | None
     #: Processes with a live heartbeat.
     processes: int
+    #: The limits in force, as sent (`decode_limits`). The same line call after call
+    #: until someone changes them: compare it with the last one before decoding it.
+    limits: str
 
 
 # --- batch.lua: arguments and operations -----------------------------------------------
@@ -131,9 +134,10 @@ def static_args(
     max_tenants: int,
     lease_ttl_s: float,
     key_ttl_s: float,
+    live_limits_ttl_s: float,
 ) -> list[str]:
-    """ARGV[1..15] of batch.lua: the same for every call of a process; ARGV[1] (the
-    test clock) is "" (Redis TIME)."""
+    """ARGV[1..16] of batch.lua: the same for every call of a process; ARGV[1] (the
+    test clock) is "" (Redis TIME). The TTLs are keys.py's T and live."""
     return [
         "",
         tag,
@@ -146,6 +150,7 @@ def static_args(
         str(max_tenants),
         repr(lease_ttl_s),
         repr(key_ttl_s),
+        repr(live_limits_ttl_s),
     ]
 
 
@@ -202,14 +207,28 @@ def as_retry(op: Op) -> Op:
 
 
 def split_reply(raw: bytes | str) -> list[str]:
-    """One line per operation, then the two lines of the `Trailer`."""
+    """One line per operation, then the three lines of the `Trailer`."""
     return (raw.decode() if isinstance(raw, bytes) else str(raw)).split(LINE)
 
 
 def trailer(lines: list[str]) -> Trailer:
     """The trailer: the reply's lines after one per operation."""
-    delay, processes = lines[-2], lines[-1]
-    return Trailer(float(delay) if delay else None, int(processes))
+    delay, processes, limits = lines[-3:]
+    return Trailer(float(delay) if delay else None, int(processes), limits)
+
+
+def decode_limits(line: str, weights: Mapping[str, float]) -> Limits:
+    """The trailer's limits in force (`LIVE_LIMITS`, joined with SEP), with a process's
+    own tenant weights (live weights stay in Redis)."""
+    rate, burst, concurrency, tenant_rate, tenant_burst = line.split(SEP)
+    return Limits(
+        rate=float(rate) if rate else None,
+        burst=float(burst),
+        concurrency=int(float(concurrency)) if concurrency else None,
+        weights=weights,
+        tenant_rate=float(tenant_rate) if tenant_rate else None,
+        tenant_burst=float(tenant_burst),
+    )
 
 
 def decode_acquire(line: str) -> Admit | Enqueue | Reject:
@@ -255,10 +274,11 @@ def decode_message(raw: bytes | str) -> Granted | Evicted:
 
 
 def renew_args(
-    now: str, tag: str, process: str, lease_ttl_s: float, leases: Iterable[str]
+    now: str, tag: str, process: str, lease_ttl_s: float, key_ttl_s: float, leases: Iterable[str]
 ) -> list[str]:
-    """ARGV of renew.lua: the heartbeat lasts as long as the leases it renews."""
-    return [now, tag, process, repr(lease_ttl_s), repr(lease_ttl_s), *leases]
+    """ARGV of renew.lua: the heartbeat lasts as long as the leases it renews; the keys
+    they live in, for the state TTL (keys.py's T)."""
+    return [now, tag, process, repr(lease_ttl_s), repr(lease_ttl_s), repr(key_ttl_s), *leases]
 
 
 def leave_args(tag: str, process: str) -> list[str]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...scheduler import Request
-from ...settings import Settings
+from ...settings import Settings, redis_endpoint
 from ..base import Outcome, Waiting
 from . import protocol
 from .batcher import Batcher
@@ -55,6 +55,8 @@ class Recovery:
     """Failure handling and recovery of `RedisBackend` (see the module docstring)."""
 
     _settings: Settings
+    #: Which Redis (scheme, host, port, db; no credentials): every log line about it says.
+    endpoint: str
     _breaker: Breaker
     _fallback: Fallback
     _batcher: Batcher | None
@@ -67,6 +69,8 @@ class Recovery:
 
     def _init_recovery(self, settings: Settings, fallback: Fallback) -> None:
         self._settings = settings
+        assert settings.redis_url is not None
+        self.endpoint = redis_endpoint(settings.redis_url, cluster=settings.redis_cluster)
         self._breaker = Breaker()
         self._fallback = fallback
         self._waiters = {}
@@ -82,7 +86,8 @@ class Recovery:
         self._breaker.failure()
         if first:
             logger.warning(
-                "throttle_mw: Redis unavailable (%s); failure mode %r",
+                "throttle_mw: Redis at %s unavailable (%s); failure mode %r",
+                self.endpoint,
                 type(exc).__name__ if exc is not None else "connection lost",
                 self._settings.failure_mode,
             )
@@ -106,7 +111,9 @@ class Recovery:
         if not self._breaker.is_open:
             return
         self._breaker.success()
-        logger.info("throttle_mw: Redis is back; the shared budget decides again")
+        logger.info(
+            "throttle_mw: Redis at %s is back; the shared budget decides again", self.endpoint
+        )
         self._recovered()
 
     def _recovered(self) -> None:

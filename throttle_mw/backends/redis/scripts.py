@@ -91,7 +91,7 @@ SHARED: Final[Mapping[str, object]] = {
     "KEY": dict(keys.SUFFIX),
     "RANK_SPAN": keys.RANK_SPAN,
     "MEMBER_SEQ_DIGITS": keys.MEMBER_SEQ_DIGITS,
-    "GRANTS_TTL_MS": int(keys.GRANTS_TTL_S * 1000),
+    "KEY_TTL": dict(keys.KEY_TTL),
     "RECENT_KEPT": keys.RECENT_KEPT,
     "TTL_REFRESHES": keys.TTL_REFRESHES,
     # the wire format (protocol.py)

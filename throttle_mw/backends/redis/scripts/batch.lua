@@ -14,9 +14,9 @@
 -- ARGV[3]  this process's id.
 -- ARGV[4..8]   rate, burst, concurrency, tenant_rate, tenant_burst ("" = unset); live
 --              limits in P:cfg override them.
--- ARGV[9..15]  credit_s, queue_limit, tenant_queue_limit, tenant_idle_s, max_tenants,
---              lease_ttl_s, key_ttl_s.
--- ARGV[16] number of operations; ARGV[17] the operations, one per LINE, fields joined
+-- ARGV[9..16]  credit_s, queue_limit, tenant_queue_limit, tenant_idle_s, max_tenants,
+--              lease_ttl_s, key_ttl_s (T), live_limits_ttl_s: the TTLs of keys.py's table.
+-- ARGV[17] number of operations; ARGV[18] the operations, one per LINE, fields joined
 -- with SEP (one argument in, one string out: the client's packing and parsing cost per
 -- call, not per operation):
 --   A|id|tenant_digest|tenant_name|weight|rank|cost|flags|max_wait_s
@@ -25,9 +25,11 @@
 --   C|id          cancel a waiting request
 --   T             tick (refill, expire, dispatch)
 -- (Tenant ids, digests and request ids never contain SEP or LINE.)
--- Returns one string, its LINEs: one per operation, then the delay until this process
--- should tick (seconds, or "" if only an arrival or a release can change anything), then
--- the number of live processes:
+-- Returns one string, its LINEs: one per operation, then the trailer (protocol.Trailer):
+-- the delay until this process should tick (seconds, or "" if only an arrival or a release
+-- can change anything), the number of live processes, and the limits in force
+-- (rate|burst|concurrency|tenant_rate|tenant_burst, "" = unset: live overrides or the
+-- caller's), so every process's responses describe the limits the fleet runs on:
 --   A|lease|degraded    admitted (lease 1: release it when done)
 --   Q|deadline|wait_s   queued; a grant or eviction will reach P:g:<proc>
 --   J|reason|retry_s    rejected
@@ -39,8 +41,8 @@
 
 -- The operations first: a malformed call changes nothing.
 local ops = {}
-for op in string.gmatch(ARGV[17] or '', '[^' .. LINE .. ']+') do ops[#ops + 1] = op end
-if #ops ~= tonumber(ARGV[16]) then
+for op in string.gmatch(ARGV[18] or '', '[^' .. LINE .. ']+') do ops[#ops + 1] = op end
+if #ops ~= tonumber(ARGV[17]) then
   return redis.error_reply('throttle_mw: operation count mismatch')
 end
 
@@ -48,11 +50,11 @@ init(ARGV[2], ARGV[1], ARGV[3])
 load_limits({rate = ARGV[4], burst = ARGV[5], concurrency = ARGV[6], tenant_rate = ARGV[7],
   tenant_burst = ARGV[8], credit = ARGV[9], queue_limit = ARGV[10],
   tenant_queue_limit = ARGV[11], idle = ARGV[12], max_tenants = ARGV[13],
-  lease_ttl = ARGV[14], ttl = ARGV[15]})
+  lease_ttl = ARGV[14], ttl = ARGV[15], live_ttl = ARGV[16]})
 load_state()
 -- The caller is alive. NX: only renew.lua extends a heartbeat, together with the process's
 -- leases, so a crashed process's heartbeat lapses no later than its leases.
-redis.call('ZADD', K.procs, 'NX', num(now + POL.lease_ttl), proc)
+if redis.call('ZADD', K.procs, 'NX', num(now + POL.lease_ttl), proc) == 1 then born.procs = true end
 refill()
 expire_leases()
 expire_waiters()
@@ -113,4 +115,10 @@ if due ~= nil then due = claim_tick(due) end
 save()
 if due == nil then results[#results + 1] = '' else results[#results + 1] = num(due - now) end
 results[#results + 1] = tostring(redis.call('ZCOUNT', K.procs, num(now), '+inf'))
+local function limit(x)
+  if x == nil then return '' end
+  return num(x)
+end
+results[#results + 1] = table.concat({limit(L.rate), num(L.burst), limit(L.concurrency),
+  limit(L.tenant_rate), num(L.tenant_burst)}, SEP)
 return table.concat(results, LINE)

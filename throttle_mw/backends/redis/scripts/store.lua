@@ -21,6 +21,8 @@ local proc
 local out_events    -- per process: messages for its grant list
 local recent        -- per process: lease-less admissions of this call (remember)
 local fresh         -- a tenant was created this call (forget_idle must check the bound)
+local born          -- budget-wide keys (KEY names) this call may have created: save()
+                    -- gives them their TTL (Redis drops a key that empties, TTL and all)
 
 -- The fields of P:s: tokens, last refill, concurrency in flight, the virtual clock v, the
 -- fair-rate window (window.lua), waiting requests and their cost, the active tenants'
@@ -71,6 +73,7 @@ local ACQUIRE_PATTERN = fields_pattern(#ACQUIRE_FIELDS)
 -- A call's state, key names, clock and caller: every script starts here.
 local function init(prefix, now_override, process)
   S, S0, L, POL, K, T, out_events, recent, fresh = {}, {}, {}, {}, {}, {}, {}, {}, false
+  born = {}
   for name, suffix in pairs(KEY) do K[name] = prefix .. suffix end
   K.prefix = prefix
   proc = process
@@ -108,6 +111,7 @@ local function load_limits(a)
   POL.max_tenants = opt(a.max_tenants)
   POL.lease_ttl = opt(a.lease_ttl)
   POL.ttl = opt(a.ttl)
+  POL.live_ttl = opt(a.live_ttl)
 end
 
 -- The budget's state; a budget seen for the first time starts full.
@@ -128,6 +132,14 @@ local function load_state()
   if S.tokens > L.burst then S.tokens = L.burst end
 end
 
+-- A TTL in milliseconds by its kind in KEY_TTL (keys.py, "TTL"): 'state' (T), 'tenant'
+-- (idle+T) or 'live'.
+local function ttl_ms(kind)
+  if kind == 'live' then return math.floor(POL.live_ttl * MS_PER_S) end
+  if kind == 'tenant' then return math.floor((POL.idle + POL.ttl) * MS_PER_S) end
+  return math.floor(POL.ttl * MS_PER_S)
+end
+
 local function save_tenant(t)
   local fields = {}
   local function put(name, value)
@@ -139,18 +151,24 @@ local function save_tenant(t)
   put('f', t.f); put('w', t.w); put('cap', t.cap); put('cap_at', t.cap_at); put('n', t.n)
   for rank = 0, NRANK - 1 do put('c' .. rank, t.c[rank + 1]) end
   put('st', t.st); put('am', t.am)
+  -- Capped this call (or again, after it was back in line): P:capped may be new.
+  if t.st == CAPPED and (t.loaded.st ~= CAPPED or t.am ~= t.loaded.am) then born.capped = true end
   if now >= t.xp then
     t.xp = now + POL.idle / TTL_REFRESHES
     put('xp', t.xp)
-    redis.call('PEXPIRE', t.key, math.floor((POL.idle + POL.ttl) * MS_PER_S))
+    local ttl = ttl_ms('tenant')
+    redis.call('PEXPIRE', t.key, ttl)
+    if t.n > 0 then redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl) end
   end
   if #fields > 0 then redis.call('HSET', t.key, unpack(fields)) end
 end
 
--- Only what changed, and key TTLs only when due: this runs on every call.
+-- Only what changed, and key TTLs only when due (every budget-wide key, a quarter of T
+-- apart) or for keys this call may have created: this runs on every call.
 local function save()
   local args = {}
-  if now >= S.xp then S.xp = now + POL.ttl / TTL_REFRESHES end
+  local refresh = now >= S.xp
+  if refresh then S.xp = now + POL.ttl / TTL_REFRESHES end
   for _, name in ipairs(STATE_FIELDS) do
     local value = S[name]
     if value ~= S0[name] then
@@ -159,20 +177,23 @@ local function save()
     end
   end
   if #args > 0 then redis.call('HSET', K.state, unpack(args)) end
-  if S.xp ~= S0.xp then redis.call('PEXPIRE', K.state, math.floor(POL.ttl * MS_PER_S)) end
   for _, t in pairs(T) do
     if t.dirty and not t.deleted then save_tenant(t) end
   end
+  local expiring = born
+  if refresh then expiring = KEY_TTL end
+  for name in pairs(expiring) do redis.call('PEXPIRE', K[name], ttl_ms(KEY_TTL[name])) end
+  born = {}
   for p, ids in pairs(recent) do
     local key = K.prefix .. KEY.recent .. p
     redis.call('LPUSH', key, unpack(ids))
     redis.call('LTRIM', key, 0, RECENT_KEPT - 1)
-    redis.call('PEXPIRE', key, GRANTS_TTL_MS)
+    redis.call('PEXPIRE', key, ttl_ms('state'))
   end
   for p, msgs in pairs(out_events) do
     local key = K.prefix .. KEY.grants .. p
     redis.call('RPUSH', key, unpack(msgs))
-    redis.call('PEXPIRE', key, GRANTS_TTL_MS)
+    redis.call('PEXPIRE', key, ttl_ms('state'))
   end
 end
 
@@ -196,6 +217,7 @@ local function emit_evicted(p, id, reason, wait)
 end
 
 local function add_lease(id, cost, p)
+  if S.inflight <= 0 then born.leases = true; born.lease_costs = true end  -- the first lease
   S.inflight = S.inflight + cost
   redis.call('ZADD', K.leases, num(now + POL.lease_ttl), id)
   redis.call('HSET', K.lease_costs, id, cost .. SEP .. p)
@@ -279,7 +301,7 @@ end
 -- Its last use, for idle expiry; once per call is enough: `now` does not move within it.
 local function touch(t)
   if not t.touched then
-    redis.call('ZADD', K.tenants, num(now), t.h)
+    if redis.call('ZADD', K.tenants, num(now), t.h) == 1 then born.tenants = true end
     t.touched = true
   end
   t.dirty = true
@@ -288,6 +310,8 @@ end
 -- Tenant t's member in P:active: the activation sequence number first, so ties in the
 -- finish tag go in activation order.
 local function active_member(t)
+  -- Its weight is all the weight in line (activate added it): P:active was empty, so gone.
+  if S.wsum <= t.w + EPS then born.active = true end
   return string.format('%0' .. MEMBER_SEQ_DIGITS .. 'd', S.seq) .. SEP .. t.h
 end
 
@@ -300,6 +324,9 @@ end
 local function queue_key(h) return K.prefix .. KEY.queue .. h end
 
 local function save_waiter(r)
+  -- The first waiter (of all, or of its tenant) creates the queue's keys: give them TTLs.
+  if S.waiting == 0 then born.waiters = true; born.deadlines = true; born.qlen = true end
+  if T[r.h] ~= nil and T[r.h].n == 0 then T[r.h].xp = 0 end  -- save_tenant refreshes both
   redis.call('HSET', K.waiters, r.id, table.concat({r.h, r.cost, r.rank, r.proc, num(r.deadline),
     num(r.enq)}, SEP))
 end

@@ -1,0 +1,241 @@
+"""Responses describe the limits in force, in every process, after a live change.
+
+A rejection's ``RateLimit-Policy`` (``q``) and its ``Retry-After`` / ``t=`` come
+from the limits the budget runs on now, not from the ones a process started
+with: `Backend.limits`, which the in-memory backend takes from its scheduler
+and the Redis backend from every batch reply (a trailer line, decoded only
+when it changes). The failure mode `local` keeps enforcing the last limits seen.
+
+Every app here rejects at once whatever cannot go at once
+(``THROTTLE_TENANT_QUEUE_LIMIT=0``), and one tenant asks. Its burst is one
+token, so each admission leaves the bucket empty, and a 429 right after it
+waits for the next token: ``Retry-After`` is about one token interval, 1/rate
+(less what has refilled since). From 5/s to 0.1/s it goes from 1 s to about
+10 s.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from tests.support.redis_server import RedisServer
+from tests.support.servers import AppServer
+from throttle_mw import ThrottleMiddleware
+from throttle_mw.backends import Admitted, MemoryBackend
+from throttle_mw.backends.redis import RedisBackend, protocol
+from throttle_mw.backends.redis.admin import Budget
+from throttle_mw.scheduler import Limits, Reject, Request
+from throttle_mw.settings import Settings
+
+OLD_RATE, NEW_RATE = 5.0, 0.1  # both with the default burst: one token
+OLD_POLICY, NEW_POLICY = '"fleet";q=5;w=1', '"fleet";q=0.1;w=1'
+#: At 5/s: 0.2 s, which is 1 s in whole seconds (2 s if the fair-rate measurement, from a
+#: sparse window, says 0.5-1 admissions per second: the test's own traffic is sparse).
+OLD_RETRY_AFTER = range(1, 3)
+#: At 0.1/s: 10 s, less what refilled since the bucket emptied (the test gets there
+#: within a few seconds, so at least half of it is left).
+NEW_RETRY_AFTER = range(5, 11)
+SETTINGS: dict[str, Any] = {"rate": OLD_RATE, "tenant_queue_limit": 0, "max_wait_s": 5.0}
+_prefixes = itertools.count()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def check_rejection(response: httpx.Response, policy: str, retry_after: range) -> None:
+    """A 429 over the fleet's rate that names `policy` and waits `retry_after` seconds."""
+    assert response.status_code == 429, (response.status_code, response.text)
+    assert response.headers["ratelimit-policy"] == policy
+    seconds = int(response.headers["retry-after"])
+    assert seconds in retry_after, (seconds, retry_after)
+    assert response.headers["ratelimit"] == f'"fleet";r=0;t={seconds}'
+    assert response.json()["retry_after_s"] == seconds
+
+
+# --- the in-memory backend ---------------------------------------------------------------------
+
+
+async def hello(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def next_rejection(client: httpx.AsyncClient, tries: int = 50) -> httpx.Response:
+    """Requests until one is rejected (the bucket runs dry within a burst)."""
+    for _ in range(tries):
+        response = await client.get("/", headers={"X-Tenant-ID": "acme"})
+        if response.status_code != 200:
+            return response
+    raise AssertionError(f"no rejection in {tries} requests")
+
+
+@pytest.mark.anyio
+async def test_memory_backend_rejections_follow_set_limits() -> None:
+    settings = Settings.from_env({}, **SETTINGS)
+    backend = MemoryBackend(settings.limits(), settings.policy())
+    app = ThrottleMiddleware(hello, backend=backend, **SETTINGS)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        check_rejection(await next_rejection(client), OLD_POLICY, OLD_RETRY_AFTER)
+        new = Limits(rate=NEW_RATE, burst=1.0)
+        await backend.set_limits(new)
+        assert backend.limits == new
+        check_rejection(await next_rejection(client), NEW_POLICY, NEW_RETRY_AFTER)
+
+
+# --- the Redis backend, in this process ----------------------------------------------------------
+
+
+def redis_settings(url: str, **overrides: Any) -> Settings:
+    values = {
+        **SETTINGS,
+        "redis_url": url,
+        "key_prefix": f"live{next(_prefixes)}",
+        "redis_timeout_s": 2.0,
+        **overrides,
+    }
+    return Settings.from_env({}, **values)
+
+
+async def acquire(backend: RedisBackend, n: int) -> Admitted | Reject:
+    outcome = await backend.acquire(Request(f"{backend.process}.{n}", "acme"))
+    assert isinstance(outcome, Admitted | Reject), outcome
+    return outcome
+
+
+@pytest.mark.anyio
+async def test_redis_backend_learns_live_limits_from_its_next_call_and_decodes_only_changes(
+    clean_redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoded: list[str] = []
+    real_decode = protocol.decode_limits
+
+    def counting(line: str, weights: Any) -> Limits:
+        decoded.append(line)
+        return real_decode(line, weights)
+
+    monkeypatch.setattr(protocol, "decode_limits", counting)
+    settings = redis_settings(clean_redis_server.url, tenant_weights="acme=2")
+    backend = RedisBackend(settings)
+    await backend.start()
+    client = redis.asyncio.Redis.from_url(clean_redis_server.url)
+    try:
+        assert backend.limits == settings.limits()  # before any reply: its own
+        for n in range(20):
+            await acquire(backend, n)
+        assert backend.limits == settings.limits()
+        assert len(decoded) == 1  # twenty replies, one line: decoded once
+
+        # Another process (here: the live-limits tool's code) changes the rate.
+        await Budget(client, settings.key_prefix).set({"rate": "0.1", "burst": "1.0"}, {})
+        assert backend.limits.rate == OLD_RATE  # not until its next call
+        outcome = await acquire(backend, 100)
+        assert backend.limits == Limits(
+            rate=0.1, burst=1.0, weights={"acme": 2.0}, tenant_burst=1.0
+        )
+        assert backend._fallback.limits == backend.limits
+        assert isinstance(outcome, Reject | Admitted)
+        for n in range(101, 110):
+            await acquire(backend, n)
+        assert len(decoded) == 2
+    finally:
+        await backend.stop()
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_failure_mode_local_enforces_the_last_limits_in_force(
+    redis_server: RedisServer,
+) -> None:
+    settings = redis_settings(redis_server.url, failure_mode="local", redis_timeout_s=0.5)
+    backend = RedisBackend(settings)
+    await backend.start()
+    try:
+        client = redis.asyncio.Redis.from_url(redis_server.url)
+        await Budget(client, settings.key_prefix).set({"rate": "0.1", "burst": "1.0"}, {})
+        await client.aclose()
+        await acquire(backend, 0)
+        assert backend.limits.rate == NEW_RATE
+        redis_server.stop()
+        # Redis is gone: this process decides alone, on the limits last in force (its
+        # share of them: it is the fleet's only process).
+        outcomes = [await acquire(backend, n) for n in range(1, 6)]
+        rejected = [o for o in outcomes if isinstance(o, Reject)]
+        assert rejected, outcomes
+        assert all(r.retry_after_header in NEW_RETRY_AFTER for r in rejected), rejected
+        assert backend.limits.rate == NEW_RATE
+    finally:
+        await backend.stop()
+
+
+# --- four uvicorn processes, one Redis, a live change with the tool ------------------------------
+
+
+APP = "tests.apps.fleet_probe:app"
+
+
+@pytest.fixture
+def four_processes(clean_redis_server: RedisServer) -> Iterator[tuple[str, list[AppServer]]]:
+    env = {
+        "THROTTLE_REDIS_URL": clean_redis_server.url,
+        "THROTTLE_KEY_PREFIX": "live",
+        "THROTTLE_RATE": f"{OLD_RATE:g}",
+        "THROTTLE_TENANT_QUEUE_LIMIT": "0",
+        "THROTTLE_FAILURE_MODE": "closed",  # a slow Redis must not answer for the budget
+        "THROTTLE_REDIS_TIMEOUT": "1",
+    }
+    servers = [AppServer(APP, env=env, health_path="/healthz") for _ in range(4)]
+    try:
+        for server in servers:
+            server.start()
+        yield clean_redis_server.url, servers
+    finally:
+        for server in servers:
+            server.close()
+
+
+def first_rejection(server: AppServer, tries: int = 50) -> httpx.Response:
+    """This process's next rejection: requests until one is not admitted."""
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for _ in range(tries):
+            response = client.get("/work", headers={"X-Tenant-ID": "acme"})
+            if response.status_code != 200:
+                return response
+    raise AssertionError(f"{server.url}: no rejection in {tries} requests")
+
+
+def throttle_mw(*argv: str) -> subprocess.CompletedProcess[str]:
+    """The live-limits tool, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "throttle_mw", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.e2e
+def test_every_process_s_next_429_describes_a_live_rate_change(
+    four_processes: tuple[str, list[AppServer]],
+) -> None:
+    url, servers = four_processes
+    for server in servers:
+        check_rejection(first_rejection(server), OLD_POLICY, OLD_RETRY_AFTER)
+
+    done = throttle_mw("--redis-url", url, "--prefix", "live", "set", "--rate", f"{NEW_RATE:g}")
+    assert done.returncode == 0, done.stderr
+    for server in servers:
+        check_rejection(first_rejection(server), NEW_POLICY, NEW_RETRY_AFTER)
+    for server in servers:
+        assert "Traceback" not in server.log()
