@@ -7,9 +7,73 @@ import pytest
 from throttle_mw import ConfigError, Settings
 
 
-def test_defaults_need_a_budget() -> None:
-    with pytest.raises(ConfigError, match="THROTTLE_RATE / THROTTLE_CONCURRENCY"):
-        Settings.from_env({})
+def test_no_budget_set_learns_the_concurrency_limit() -> None:
+    settings = Settings.from_env({})
+    assert settings.concurrency == "auto"
+    assert settings.learns_concurrency
+    limits = settings.limits()
+    assert limits.learned
+    assert limits.rate is None
+    config = settings.limit_config()
+    assert limits.concurrency == config.initial
+    assert config.minimum <= config.initial <= config.maximum
+
+
+def test_numbers_set_mean_exactly_those_numbers() -> None:
+    for env in ({"THROTTLE_RATE": "5"}, {"THROTTLE_CONCURRENCY": "8"}):
+        settings = Settings.from_env(env)
+        assert not settings.learns_concurrency
+        assert not settings.limits().learned
+    assert Settings.from_env({"THROTTLE_RATE": "5"}).concurrency is None
+    assert Settings.from_env({"THROTTLE_CONCURRENCY": "8"}).limits().concurrency == 8
+
+
+def test_auto_with_a_rate_and_bounds() -> None:
+    env = {
+        "THROTTLE_RATE": "80",
+        "THROTTLE_CONCURRENCY": " Auto ",
+        "THROTTLE_CONCURRENCY_MIN": "10",
+        "THROTTLE_CONCURRENCY_MAX": "40",
+    }
+    settings = Settings.from_env(env)
+    assert settings.rate == 80.0
+    assert settings.learns_concurrency
+    config = settings.limit_config()
+    assert (config.minimum, config.maximum) == (10, 40)
+    assert config.initial == 10  # the default start, raised to the floor
+    assert settings.limits().concurrency == 10
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"THROTTLE_CONCURRENCY": "eight"}, "THROTTLE_CONCURRENCY=eight: invalid.*or auto"),
+        ({"THROTTLE_CONCURRENCY": "0"}, "THROTTLE_CONCURRENCY=0: invalid"),
+        (
+            {"THROTTLE_CONCURRENCY": "8", "THROTTLE_CONCURRENCY_MIN": "2"},
+            "THROTTLE_CONCURRENCY_MIN=2: invalid, expected THROTTLE_CONCURRENCY=auto",
+        ),
+        (
+            {"THROTTLE_RATE": "5", "THROTTLE_CONCURRENCY_MAX": "50"},
+            "THROTTLE_CONCURRENCY_MAX=50: invalid, expected THROTTLE_CONCURRENCY=auto",
+        ),
+        (
+            {"THROTTLE_CONCURRENCY_MIN": "20", "THROTTLE_CONCURRENCY_MAX": "10"},
+            "THROTTLE_CONCURRENCY_MAX=10: invalid, expected at least THROTTLE_CONCURRENCY_MIN",
+        ),
+        ({"THROTTLE_CONCURRENCY_MIN": "zero"}, "THROTTLE_CONCURRENCY_MIN=zero: invalid"),
+        (
+            {
+                "THROTTLE_CONCURRENCY_MIN": "2",
+                "THROTTLE_ROUTE_PRIORITIES": "/big=normal:cost=5",
+            },
+            "THROTTLE_CONCURRENCY_MIN=2: invalid, expected at least the largest route cost",
+        ),
+    ],
+)
+def test_bad_learned_limit_settings_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Settings.from_env(env)
 
 
 def test_disabled_needs_nothing() -> None:

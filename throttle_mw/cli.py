@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TextIO
 from urllib.parse import urlsplit
 
 from .priorities import PRIORITIES
-from .scheduler import Limits
+from .scheduler import AUTO, Limits
+from .scheduler.limit import LimitConfig
 from .settings import TENANT_PATTERN, ConfigError, Settings, default_burst, redis_endpoint
 
 if TYPE_CHECKING:
@@ -131,7 +132,11 @@ def _parser() -> _Parser:
     _connection_options(change)
     change.add_argument("--rate", metavar="PER_S|none", help="fleet-wide admissions per second")
     change.add_argument("--burst", metavar="TOKENS", help="admissions at once above the rate")
-    change.add_argument("--concurrency", metavar="N|none", help="fleet-wide requests in flight")
+    change.add_argument(
+        "--concurrency",
+        metavar="N|auto|none",
+        help="fleet-wide requests in flight; auto: learned from the app's latency",
+    )
     change.add_argument("--tenant-rate", metavar="PER_S|none", help="cap per tenant")
     change.add_argument("--tenant-burst", metavar="TOKENS", help="burst of the cap per tenant")
     change.add_argument(
@@ -261,7 +266,7 @@ def _tenant(raw: str) -> str:
 
 
 def _check_budget(
-    live: Mapping[str, float | None], changes: Mapping[str, str], env: Settings | None
+    live: Mapping[str, float | str | None], changes: Mapping[str, str], env: Settings | None
 ) -> None:
     """Refuse a change that would leave neither a rate nor a concurrency budget."""
 
@@ -360,14 +365,22 @@ async def status(budget: Budget, loose: Settings, env: Settings | None, top: int
     """The live state as a JSON-ready dict (the ``--json`` output)."""
     live = await budget.live_limits()
     environment = None if env is None else {name: getattr(env, name) for name in LIMITS}
-    in_force: dict[str, float | None] = {}
+    in_force: dict[str, float | str | None] = {}
     for name in LIMITS:
         if name in live:
             in_force[name] = live[name]
         elif environment is not None:
             value = environment[name]
-            in_force[name] = None if value is None else float(value)
+            in_force[name] = value if value is None or value == AUTO else float(value)
     data = await budget.snapshot(_known_limits(in_force), top)
+    learned = None
+    if data.limits is not None and data.limits.learned:
+        state = data.learned
+        learned = {
+            "limit": data.limits.concurrency,
+            "baseline_ms": None if state is None else round(state.baseline_s * 1000.0, 3),
+            "reason": None if state is None else state.reason,
+        }
     # The tokens depend on the rate and burst: meaningless unless both are known here.
     known = "rate" in in_force and "burst" in in_force
     return {
@@ -382,6 +395,7 @@ async def status(budget: Budget, loose: Settings, env: Settings | None, top: int
         "tenants": data.tenants,
         "fair_rate": data.fair_rate,
         "limits": {"in_force": in_force, "live": live, "environment": environment},
+        "learned": learned,
         "weights": {
             "live": await budget.live_weights(),
             "environment": dict(env.tenant_weights) if env is not None else {},
@@ -390,16 +404,25 @@ async def status(budget: Budget, loose: Settings, env: Settings | None, top: int
     }
 
 
-def _known_limits(in_force: Mapping[str, float | None]) -> Limits:
+def _known_limits(in_force: Mapping[str, float | str | None]) -> Limits:
     """The limits this tool knows are in force; where it does not, Limits' defaults (the
     answer's tokens are then not shown)."""
+
+    def number(name: str) -> float | None:
+        value = in_force.get(name)
+        return value if value is None or isinstance(value, float) else None
+
     concurrency = in_force.get("concurrency")
+    learned = concurrency == AUTO
     return Limits(
-        rate=in_force.get("rate"),
-        burst=in_force.get("burst") or 1.0,
-        concurrency=None if concurrency is None else int(concurrency),
-        tenant_rate=in_force.get("tenant_rate"),
-        tenant_burst=in_force.get("tenant_burst") or 1.0,
+        rate=number("rate"),
+        burst=number("burst") or 1.0,
+        concurrency=LimitConfig().initial
+        if learned
+        else (None if concurrency is None else int(float(concurrency))),
+        tenant_rate=number("tenant_rate"),
+        tenant_burst=number("tenant_burst") or 1.0,
+        learned=learned,
     )
 
 
@@ -414,7 +437,7 @@ def render(report: Mapping[str, Any]) -> str:
         f"at {time.strftime('%H:%M:%S', time.localtime(report['time']))}",
         "",
         f"  tokens     {_tokens(report, force)}",
-        f"  in flight  {report['in_flight']}{_of(force, 'concurrency')}",
+        f"  in flight  {report['in_flight']}{_of(force, 'concurrency', report['learned'])}",
         "  queued     "
         + "  ".join(f"{p} {queued[p]}" for p in PRIORITIES)
         + f"  ({report['waiting']} in all)",
@@ -432,6 +455,15 @@ def render(report: Mapping[str, Any]) -> str:
         lines.append(
             "  ?: this shell has no THROTTLE_RATE/THROTTLE_CONCURRENCY: each process's own"
         )
+    learned = report["learned"]
+    if learned is not None:
+        baseline = learned["baseline_ms"]
+        lines += [
+            "",
+            f"  learned    concurrency limit {learned['limit']}; baseline "
+            + ("not measured yet" if not baseline else f"{baseline:.1f} ms")
+            + f"; last step: {learned['reason'] or 'none yet'}",
+        ]
     weights = report["weights"]
     lines += [
         "",
@@ -453,12 +485,16 @@ def _tokens(report: Mapping[str, Any], force: Mapping[str, Any]) -> str:
     return f"{report['tokens']:.1f} of {_num(force['burst'])} (rate {_num(force['rate'])}/s)"
 
 
-def _of(force: Mapping[str, Any], name: str) -> str:
+def _of(force: Mapping[str, Any], name: str, learned: Mapping[str, Any] | None = None) -> str:
+    if learned is not None:
+        return f" of {learned['limit']} (learned)"
     value = force.get(name)
     return f" of {_num(value)}" if value is not None else ""
 
 
-def _num(value: float | int | None) -> str:
+def _num(value: float | str | None) -> str:
+    if isinstance(value, str):
+        return value
     return "-" if value is None else f"{value:g}"
 
 
@@ -466,7 +502,9 @@ def _pairs(weights: Mapping[str, float]) -> str:
     return ", ".join(f"{t}={w:g}" for t, w in weights.items()) or "-"
 
 
-def _describe_overrides(live: Mapping[str, float | None], weights: Mapping[str, float]) -> str:
+def _describe_overrides(
+    live: Mapping[str, float | str | None], weights: Mapping[str, float]
+) -> str:
     limits = ", ".join(f"{k}={_num(v)}" for k, v in live.items()) or "none"
     return (
         f"live limits: {limits}\nlive weights: {_pairs(weights)}\n"

@@ -451,6 +451,14 @@ class _SnapshotCollector(Collector):
         fair = GaugeMetricFamily(
             f"{ns}_fair_rate", "Measured admissions per second per unit of tenant weight."
         )
+        limit = GaugeMetricFamily(
+            f"{ns}_concurrency_limit",
+            "The concurrency limit in force: set, or learned from latency (absent without one).",
+        )
+        baseline = GaugeMetricFamily(
+            f"{ns}_concurrency_baseline_seconds",
+            "A learned limit's no-load service time: what requests take when nothing waits.",
+        )
         per_tenant = GaugeMetricFamily(
             f"{ns}_tenant_queue_depth",
             f"Waiting requests of the busiest tenants; the rest are {OTHER!r}.",
@@ -466,10 +474,14 @@ class _SnapshotCollector(Collector):
                 depth.add_metric([p], snap.queued_by_priority.get(p, 0))
             tenants.add_metric([], snap.tenants)
             fair.add_metric([], snap.fair_rate)
+            if snap.limits is not None and snap.limits.concurrency is not None:
+                limit.add_metric([], snap.limits.concurrency)
+            if snap.learned is not None and snap.learned.baseline_s > 0:
+                baseline.add_metric([], snap.learned.baseline_s)
             if m._labels is not None:
                 for tenant, queued in _tenant_depths(snap, m._labels).items():
                     per_tenant.add_metric([tenant], queued)
-        yield from (age, tokens, in_flight, depth, tenants, fair)
+        yield from (age, tokens, in_flight, depth, tenants, fair, limit, baseline)
         if m._labels is not None:
             yield per_tenant
 

@@ -21,7 +21,8 @@ from typing import Any, Final, Literal, get_args
 from urllib.parse import parse_qs, urlsplit
 
 from .priorities import PRIORITIES, Priority, RouteTag, make_tag
-from .scheduler import Limits, Policy
+from .scheduler import AUTO, Limits, Policy
+from .scheduler.limit import LimitConfig
 
 FailureMode = Literal["open", "closed", "local"]
 FAILURE_MODES: Final = get_args(FailureMode)
@@ -168,8 +169,12 @@ class Settings:
     rate: float | None = None
     #: Token bucket capacity; defaults to a fifth of a second of `rate` (at least 1).
     burst: float | None = None
-    #: Fleet-wide requests in flight; None: no concurrency budget.
-    concurrency: int | None = None
+    #: Fleet-wide requests in flight; ``"auto"``: learned from the app's latency (the
+    #: default when no budget is set); None: no concurrency budget.
+    concurrency: int | Literal["auto"] | None = None
+    #: Bounds of a learned limit (``THROTTLE_CONCURRENCY=auto`` only); None: the default.
+    concurrency_min: int | None = None
+    concurrency_max: int | None = None
     tenant_header: str = "x-tenant-id"
     tenant_weights: Mapping[str, float] = field(default_factory=dict)
     tenant_rate: float | None = None
@@ -246,12 +251,30 @@ class Settings:
     def max_cost(self) -> int:
         return max([1, *(r.tag.cost for r in self.route_priorities)])
 
+    @property
+    def learns_concurrency(self) -> bool:
+        """The concurrency limit is learned (``THROTTLE_CONCURRENCY=auto``)."""
+        return self.concurrency == AUTO
+
+    def limit_config(self) -> LimitConfig:
+        """How a learned limit is bounded (`learns_concurrency`)."""
+        default = _LIMIT_DEFAULTS
+        low = max(self.max_cost, self.concurrency_min or default.minimum)
+        high = max(low, self.concurrency_max or default.maximum)
+        initial = min(max(default.initial, low), high)
+        return LimitConfig(minimum=low, maximum=high, initial=initial)
+
     def limits(self) -> Limits:
-        """The budget these settings ask the scheduler for."""
+        """The budget these settings ask the scheduler for (a learned limit starts at
+        its initial value)."""
+        concurrency = self.concurrency
+        if concurrency == AUTO:
+            concurrency = self.limit_config().initial
         return Limits(
             rate=self.rate,
             burst=self.burst if self.burst is not None else 1.0,
-            concurrency=self.concurrency,
+            concurrency=concurrency,
+            learned=self.learns_concurrency,
             weights=dict(self.tenant_weights),
             tenant_rate=self.tenant_rate,
             tenant_burst=self.tenant_burst if self.tenant_burst is not None else 1.0,
@@ -278,10 +301,29 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
     if not settings.enabled:
         return settings
     if settings.rate is None and settings.concurrency is None:
+        # No budget set: protect the app anyway, with a limit learned from its latency.
+        values["concurrency"] = AUTO
+        settings = Settings(**values)
+    for bound in ("concurrency_min", "concurrency_max"):
+        if getattr(settings, bound) is not None and not settings.learns_concurrency:
+            raise ConfigError(
+                _source_of(sources, bound),
+                getattr(settings, bound),
+                "THROTTLE_CONCURRENCY=auto (bounds of a learned limit; "
+                f"THROTTLE_CONCURRENCY is {settings.concurrency})",
+            )
+    low, high = settings.concurrency_min, settings.concurrency_max
+    if low is not None and high is not None and high < low:
         raise ConfigError(
-            "THROTTLE_RATE / THROTTLE_CONCURRENCY",
-            "(unset)",
-            "at least one budget: admissions per second and/or requests in flight",
+            _source_of(sources, "concurrency_max"),
+            high,
+            f"at least THROTTLE_CONCURRENCY_MIN ({low})",
+        )
+    if low is not None and low < settings.max_cost:
+        raise ConfigError(
+            _source_of(sources, "concurrency_min"),
+            low,
+            f"at least the largest route cost ({settings.max_cost})",
         )
     if settings.burst is not None and settings.rate is None:
         raise ConfigError(
@@ -296,7 +338,7 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
             burst,
             f"at least the largest route cost ({settings.max_cost})",
         )
-    if settings.concurrency is not None and settings.concurrency < settings.max_cost:
+    if isinstance(settings.concurrency, int) and settings.concurrency < settings.max_cost:
         raise ConfigError(
             _source_of(sources, "concurrency"),
             settings.concurrency,
@@ -588,6 +630,21 @@ def _default_priority(raw: object, source: str) -> Priority:
     raise ConfigError(source, raw, f"one of {', '.join(PRIORITIES)}")
 
 
+_LIMIT_DEFAULTS: Final = LimitConfig()
+_CONCURRENCY_COUNT = _count("", low=1)
+
+
+def _concurrency(raw: object, source: str) -> int | Literal["auto"]:
+    if isinstance(raw, str) and raw.strip().lower() == AUTO:
+        return AUTO
+    try:
+        return _CONCURRENCY_COUNT(raw, source)
+    except ConfigError:
+        raise ConfigError(
+            source, raw, "a whole number >= 1 of requests in flight, e.g. 8, or auto"
+        ) from None
+
+
 def _failure_mode(raw: object, source: str) -> FailureMode:
     if isinstance(raw, str) and raw.strip().lower() in FAILURE_MODES:
         return raw.strip().lower()  # type: ignore[return-value]
@@ -601,9 +658,14 @@ _PARSERS: Final[dict[str, tuple[str, Callable[[Any, str], Any]]]] = {
     "key_prefix": ("THROTTLE_KEY_PREFIX", _prefix),
     "rate": ("THROTTLE_RATE", _positive("a positive number of admissions per second, e.g. 80")),
     "burst": ("THROTTLE_BURST", _at_least_one("a number >= 1 of tokens")),
-    "concurrency": (
-        "THROTTLE_CONCURRENCY",
-        _count("a whole number >= 1 of requests in flight, e.g. 8", low=1),
+    "concurrency": ("THROTTLE_CONCURRENCY", _concurrency),
+    "concurrency_min": (
+        "THROTTLE_CONCURRENCY_MIN",
+        _count("a whole number >= 1 of requests in flight, the learned limit's floor", low=1),
+    ),
+    "concurrency_max": (
+        "THROTTLE_CONCURRENCY_MAX",
+        _count("a whole number >= 1 of requests in flight, the learned limit's ceiling", low=1),
     ),
     "tenant_header": ("THROTTLE_TENANT_HEADER", _header),
     "tenant_weights": ("THROTTLE_TENANT_WEIGHTS", _weights),
@@ -651,11 +713,9 @@ PREFIX: Final = "THROTTLE_"
 #: Lists the deliberate ``THROTTLE_*`` variables that are not throttle_mw's (see
 #: `check_variable_names`).
 EXTRA_VARIABLES: Final = "THROTTLE_EXTRA_VARIABLES"
-#: Names docs/design.md fixes whose settings are not read yet: known, so not flagged as misspelt.
-_RESERVED: Final = ("THROTTLE_CONCURRENCY_MIN", "THROTTLE_CONCURRENCY_MAX")
-#: Every ``THROTTLE_*`` name throttle_mw reads (or reserves); any other one stops start-up.
+#: Every ``THROTTLE_*`` name throttle_mw reads; any other one stops start-up.
 KNOWN_VARIABLES: Final = frozenset(
-    [*(variable for variable, _ in _PARSERS.values()), *_RESERVED, EXTRA_VARIABLES]
+    [*(variable for variable, _ in _PARSERS.values()), EXTRA_VARIABLES]
 )
 _EXTRA_ENTRY = re.compile(r"THROTTLE_[A-Za-z0-9_]*\*?")
 

@@ -5,7 +5,8 @@ with ±20 % jitter (docs/design.md: real services jitter, and fixed times make t
 slots phase-lock). The throttle is configured only by ``THROTTLE_*``. Other
 routes exercise streaming, failures, uploads and slow responses; ``/_budget``
 (exempt) shows the live budget so tests can check that nothing leaked, and
-``/_running`` how many requests the app is running right now. ``/big`` streams
+``/_running`` how many requests the app is running right now (and ``POST
+/_slots?n=`` changes how many slots it has, mid-run). ``/big`` streams
 ``?mb=`` MiB in 64 KiB chunks (for stalled readers); ``/_body`` (exempt) shows
 the middleware's read-ahead buffers and the process's resident memory. ``/ws``
 echoes websocket messages, and the app's own lifespan prints
@@ -36,10 +37,38 @@ from throttle_mw.backends import make_backend
 
 SLOTS = int(os.environ.get("STORY_SLOTS", "8"))
 WORK_S = float(os.environ.get("STORY_WORK_MS", "100")) / 1000.0
-JITTER = 0.2
+JITTER = float(os.environ.get("STORY_JITTER", "0.2"))
 
-_slots = asyncio.Semaphore(SLOTS)
+
+class Slots:
+    """The app's real capacity: like a semaphore, but a test may change how many slots
+    there are while it runs (``POST /_slots?n=``: a store that slows down)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.busy = 0
+        self._free = asyncio.Condition()
+
+    async def __aenter__(self) -> None:
+        async with self._free:
+            await self._free.wait_for(lambda: self.busy < self.n)
+            self.busy += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        async with self._free:
+            self.busy -= 1
+            self._free.notify()
+
+    async def resize(self, n: int) -> None:
+        async with self._free:
+            self.n = n
+            self._free.notify_all()
+
+
+_slots = Slots(SLOTS)
 _running = 0
+#: Most requests running in ``/work`` at once since the last ``/_running?reset=1``.
+_peak = 0
 
 
 async def work(request: Request) -> Response:
@@ -48,8 +77,9 @@ async def work(request: Request) -> Response:
     Time spent waiting for a slot is not service time: a test's "added wait"
     (latency from due minus app;dur) must count every wait, wherever it happens.
     """
-    global _running
+    global _running, _peak
     _running += 1
+    _peak = max(_peak, _running)
     try:
         async with _slots:
             started = time.perf_counter()
@@ -141,7 +171,17 @@ async def budget(request: Request) -> Response:
 
 @priority("exempt")
 async def running(request: Request) -> Response:
-    return JSONResponse({"running": _running})
+    global _peak
+    answer = {"running": _running, "peak": _peak, "busy": _slots.busy, "slots": _slots.n}
+    if request.query_params.get("reset") == "1":
+        _peak = _running
+    return JSONResponse(answer)
+
+
+@priority("exempt")
+async def resize_slots(request: Request) -> Response:
+    await _slots.resize(int(request.query_params["n"]))
+    return JSONResponse({"slots": _slots.n})
 
 
 def _rss_kib() -> int:
@@ -189,6 +229,7 @@ def create_app() -> Starlette:
             Route("/hello", hello),
             Route("/_budget", budget),
             Route("/_running", running),
+            Route("/_slots", resize_slots, methods=["POST"]),
             Route("/_body", body_buffers),
             WebSocketRoute("/ws", ws_echo),
         ],

@@ -25,13 +25,20 @@ T = TypeVar("T")
 class ClientHold:
     """One admitted request's allowance for waiting on its client."""
 
-    __slots__ = ("_left_s", "_release", "released")
+    __slots__ = ("_allowance_s", "_left_s", "_release", "released")
 
     def __init__(self, allowance_s: float, release: Callable[[], None]) -> None:
+        self._allowance_s = allowance_s
         self._left_s = allowance_s
         self._release = release
         #: The slot has been given back (the allowance ran out, or the response ended).
         self.released = False
+
+    @property
+    def waited_s(self) -> float:
+        """Time spent waiting on the client so far (not the app's work: a learned limit
+        leaves it out of the request's service time)."""
+        return self._allowance_s - self._left_s
 
     def give_back(self) -> None:
         """Release the slot now; later calls do nothing."""

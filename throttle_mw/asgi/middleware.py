@@ -24,6 +24,7 @@ from ..backends.base import Admitted, Backend, RequestIds, Waiting
 from ..observe import EventKind, Observer, ThrottleEvent
 from ..priorities import Priority, make_tag
 from ..scheduler import Limits, Reject, Request
+from ..scheduler.limit import Sample
 from ..settings import ConfigError, Settings
 from .body import BodyBuffers, RequestBody
 from .hold import ClientHold
@@ -112,6 +113,9 @@ class ThrottleMiddleware:
         self._draining_now = False  # the event's state, read per request without a call
         self._undo_signals: Any = None
         self._background: set[asyncio.Task[None]] = set()
+        #: Requests this process's app is running now (a learned limit's samples say how
+        #: many ran beside each one).
+        self._running = 0
         # Slow clients (guarantee 15): bodies are read ahead, except in dry run (which
         # must delay nothing) or when the operator turned it off (a buffer of 0).
         self._read_ahead = settings.body_buffer_bytes > 0 and not settings.dry_run
@@ -187,6 +191,17 @@ class ThrottleMiddleware:
         """Start the backend and watch for the server's shutdown signal."""
         if self._backend is not None:
             await self._backend.start()
+            if self.settings.learns_concurrency:
+                config = self.settings.limit_config()
+                logger.info(
+                    "throttle_mw: concurrency limit learned from the app's latency "
+                    "(THROTTLE_CONCURRENCY=auto, the default when no budget is set): "
+                    "starts at %d, stays between %d and %d (THROTTLE_CONCURRENCY_MIN/_MAX)%s",
+                    config.initial,
+                    config.minimum,
+                    config.maximum,
+                    ", one limit for the fleet" if self.settings.redis_url else "",
+                )
         if self._undo_signals is None:
             self._undo_signals = on_termination(asyncio.get_running_loop(), self.begin_drain)
 
@@ -300,24 +315,38 @@ class ThrottleMiddleware:
         hold: ClientHold | None = None
         if body is not None and held and body.partial:
             hold = body.hold = self._hold(request_id)
+        # A learned limit needs each request's service time and whether it failed.
+        sampled = backend.learning
+        failed = False
+        ended = admitted = 0.0
+        running = 0
+        if sampled:
+            self._running += 1
+            running = self._running
+            admitted = time.perf_counter()
 
         # A plain function returning the server's own awaitable: no extra coroutine
         # per message. The lease goes back as the last body chunk is handed to the
         # server, so it is returned even if sending fails (the client went away).
         def send_wrapper(message: Message) -> Awaitable[None]:
-            nonlocal held, hold
+            nonlocal held, hold, failed, ended
             kind = message["type"]
             if kind == "http.response.start":
+                if sampled and message["status"] >= 500:
+                    failed = True
                 message = {
                     **message,
                     "headers": [*message.get("headers", ()), (b"server-timing", timing)],
                 }
-            elif kind == "http.response.body" and held:
+            elif kind == "http.response.body":
                 if not message.get("more_body", False):
-                    held = False
-                    if hold is None or not hold.released:
-                        backend.release(request_id)
-                else:
+                    if sampled:
+                        ended = time.perf_counter()
+                    if held:
+                        held = False
+                        if hold is None or not hold.released:
+                            backend.release(request_id)
+                elif held:
                     # More to come: a slow reader's back-pressure may hold this send up.
                     if hold is None:
                         hold = self._hold(request_id)
@@ -333,6 +362,15 @@ class ThrottleMiddleware:
                     backend.release(request_id)
             if body is not None:
                 body.close()
+            if sampled:
+                self._running -= 1
+                # A slot given back for a client that held it too long says nothing
+                # about the app's capacity: no sample.
+                if hold is None or not hold.released:
+                    if not ended:  # the app raised, or the client left before the end
+                        failed, ended = True, time.perf_counter()
+                    client_s = 0.0 if hold is None else hold.waited_s
+                    backend.observe(Sample(ended - admitted - client_s, failed, running))
 
     def _hold(self, request_id: str) -> ClientHold:
         backend = self._backend

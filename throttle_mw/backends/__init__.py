@@ -28,4 +28,4 @@ def make_backend(settings: Settings) -> Backend:
                 "pip install 'throttle_mw[redis]'"
             ) from exc
         return RedisBackend(settings)
-    return MemoryBackend(settings.limits(), settings.policy())
+    return MemoryBackend(settings.limits(), settings.policy(), settings.limit_config())

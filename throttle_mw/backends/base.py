@@ -14,6 +14,9 @@ the whole fleet. The middleware calls it like this, and only like this:
 3. For every `Admitted` with ``lease=True``: call ``backend.release(request_id)``
    exactly once when the response is done. It does not block and survives
    cancellation of the caller; further calls are ignored.
+4. While ``backend.learning`` (the concurrency limit is learned), call
+   ``backend.observe(sample)`` once per finished admitted request: how long the
+   app took and whether it failed. It does not block.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from ..scheduler import Limits, Reject, Request, Snapshot
+from ..scheduler.limit import LimitState, Sample
 
 
 class Admitted(NamedTuple):
@@ -74,6 +78,19 @@ class Backend(Protocol):
 
     async def set_limits(self, limits: Limits) -> None:
         """Change the budget at run time."""
+
+    @property
+    def learning(self) -> bool:
+        """The concurrency limit is learned: `observe` wants a sample per request."""
+        ...
+
+    def observe(self, sample: Sample) -> None:
+        """One finished admitted request, for the learned limit."""
+
+    @property
+    def learned(self) -> LimitState | None:
+        """The learned limit's state as this process last saw it (None: not learning)."""
+        ...
 
     @property
     def limits(self) -> Limits:

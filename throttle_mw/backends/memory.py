@@ -2,12 +2,15 @@
 
 One budget per process. Every scheduler call is synchronous and runs without
 an ``await`` in between, so each decision is atomic within the event loop.
-A single timer wakes the scheduler when its next token is due.
+A single timer wakes the scheduler when its next token is due. A learned
+concurrency limit (``THROTTLE_CONCURRENCY=auto``) is this process's own: the
+estimator steps as samples arrive, and the scheduler takes each new limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterable
 
 from ..scheduler import (
@@ -23,6 +26,7 @@ from ..scheduler import (
     Scheduler,
     Snapshot,
 )
+from ..scheduler.limit import LimitConfig, LimitEstimator, LimitState, Sample
 from .base import Admitted, Outcome, Waiting
 
 _new_tuple = tuple.__new__
@@ -31,10 +35,12 @@ _new_tuple = tuple.__new__
 class MemoryBackend:
     """A budget kept in this process's memory."""
 
-    def __init__(self, limits: Limits, policy: Policy) -> None:
+    def __init__(self, limits: Limits, policy: Policy, learn: LimitConfig | None = None) -> None:
         self._limits = limits
         self._leases_held = limits.concurrency is not None
         self._policy = policy
+        self._learn = learn or LimitConfig()
+        self._estimator: LimitEstimator | None = None
         self._scheduler: Scheduler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, Waiting] = {}
@@ -48,6 +54,9 @@ class MemoryBackend:
         now = loop.time()
         scheduler = self._scheduler
         if scheduler is None:
+            if self._limits.learned:
+                self._estimator = LimitEstimator(self._learn, now)
+                self._limits = self._learned_limits(self._limits)
             scheduler = self._scheduler = Scheduler(self._limits, self._policy, now)
         return scheduler, now
 
@@ -127,7 +136,10 @@ class MemoryBackend:
         # A tick may grant or evict waiters: deliver its events like any other call's.
         self._apply(scheduler.tick(now))
         self._schedule(scheduler, now)
-        return scheduler.snapshot()
+        snapshot = scheduler.snapshot()
+        if self._estimator is not None:
+            snapshot = dataclasses.replace(snapshot, learned=self._estimator.state)
+        return snapshot
 
     @property
     def limits(self) -> Limits:
@@ -135,10 +147,41 @@ class MemoryBackend:
         scheduler = self._scheduler
         return self._limits if scheduler is None else scheduler.limits
 
+    @property
+    def learning(self) -> bool:
+        return self._estimator is not None
+
+    @property
+    def learned(self) -> LimitState | None:
+        return None if self._estimator is None else self._estimator.state
+
+    def observe(self, sample: Sample) -> None:
+        estimator = self._estimator
+        if estimator is None or self._loop is None:
+            return
+        estimator.observe(sample)
+        now = self._loop.time()
+        if now >= estimator.next_due and estimator.poll(now):
+            scheduler = self._scheduler
+            assert scheduler is not None
+            limits = self._learned_limits(scheduler.limits)
+            self._apply(scheduler.set_limits(limits, now))
+            self._schedule(scheduler, now)
+
+    def _learned_limits(self, limits: Limits) -> Limits:
+        assert self._estimator is not None
+        return dataclasses.replace(limits, concurrency=self._estimator.limit, learned=True)
+
     async def set_limits(self, limits: Limits) -> None:
+        scheduler, now = self._sched()
+        if not limits.learned:
+            self._estimator = None
+        else:
+            if self._estimator is None:
+                self._estimator = LimitEstimator(self._learn, now)
+            limits = self._learned_limits(limits)
         self._limits = limits
         self._leases_held = limits.concurrency is not None
-        scheduler, now = self._sched()
         self._apply(scheduler.set_limits(limits, now))
         self._schedule(scheduler, now)
 

@@ -2,6 +2,7 @@
 
 from .core import Scheduler
 from .types import (
+    AUTO,
     STATUS,
     Admit,
     Decision,
@@ -19,6 +20,7 @@ from .types import (
 )
 
 __all__ = [
+    "AUTO",
     "STATUS",
     "Admit",
     "Decision",

@@ -10,10 +10,16 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final, Literal, NamedTuple
+from typing import TYPE_CHECKING, Final, Literal, NamedTuple
 
 from ..priorities import Priority
 from .constants import RESERVE_DIVISOR
+
+if TYPE_CHECKING:
+    from .limit import LimitState
+
+#: The concurrency limit's value when it is learned (``THROTTLE_CONCURRENCY=auto``).
+AUTO: Final = "auto"
 
 #: Why a request was turned away. Fixed strings: they reach clients and logs.
 Reason = Literal[
@@ -117,6 +123,9 @@ class Limits:
     weights: Mapping[str, float] = field(default_factory=dict)
     tenant_rate: float | None = None
     tenant_burst: float = 1.0
+    #: `concurrency` is learned from the app's latency (``THROTTLE_CONCURRENCY=auto``):
+    #: it is the limit in force now, and moves.
+    learned: bool = False
 
     @property
     def reserve(self) -> float:
@@ -162,3 +171,5 @@ class Snapshot:
     processes: int = 1
     #: The limits in force (live overrides included), when the backend knows them.
     limits: Limits | None = None
+    #: A learned concurrency limit's state: its baseline latency and last step's reason.
+    learned: LimitState | None = None

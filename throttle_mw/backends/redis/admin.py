@@ -15,13 +15,16 @@ fleet but not a budget nobody uses any more.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...scheduler import Limits, Snapshot
+from ...scheduler.limit import LimitState
 from ...settings import LIVE_LIMITS_TTL_S
 from . import protocol
 from .keys import Keys, tenant_digest
+from .learner import STATE_FIELD as LEARN_STATE_FIELD
 from .scripts import Scripts
 
 
@@ -41,8 +44,8 @@ class Budget:
         self._live_ttl_ms = int(live_limits_ttl_s * 1000)
         self._snapshot = (scripts or Scripts(client)).snapshot
 
-    async def live_limits(self) -> dict[str, float | None]:
-        """The overridden limits only (None: switched off)."""
+    async def live_limits(self) -> dict[str, float | str | None]:
+        """The overridden limits only (None: switched off; "auto": learned)."""
         return protocol.decode_live_limits(_text(await self.client.hgetall(self.keys.cfg)))
 
     async def live_weights(self) -> dict[str, float]:
@@ -98,7 +101,20 @@ class Budget:
         raw = await self._snapshot(
             keys=[self.keys.state], args=protocol.snapshot_args(now, self.keys.tag, limits, top)
         )
-        return protocol.decode_snapshot(raw)
+        snapshot = protocol.decode_snapshot(raw)
+        if snapshot.limits is not None and snapshot.limits.learned:
+            snapshot = dataclasses.replace(snapshot, learned=await self.learned())
+        return snapshot
+
+    async def learned(self) -> LimitState | None:
+        """The fleet's learned limit's state (None: nothing learned yet)."""
+        raw = await self.client.hget(self.keys.cfg, LEARN_STATE_FIELD)
+        if raw is None:
+            return None
+        try:
+            return LimitState.decode(_str(raw))
+        except ValueError:
+            return None
 
 
 def _text(raw: Mapping[Any, Any]) -> dict[str, str]:

@@ -22,6 +22,7 @@ from typing import Any
 from redis.exceptions import RedisClusterException, RedisError
 
 from ...scheduler import Admit, Enqueue, Granted, Limits, Reject, Request, Snapshot
+from ...scheduler.limit import LimitState, Sample
 from ...settings import Settings
 from ..base import Admitted, Outcome, RequestIds, Waiting
 from . import connection, diagnose, protocol
@@ -30,6 +31,7 @@ from .batcher import Batcher
 from .fallback import Fallback
 from .grants import GrantListener
 from .keys import Keys
+from .learner import FleetLearner
 from .protocol import AlreadyAdmitted, Op
 from .recovery import Recovery, Waiter
 from .scripts import DEADLINE_GRACE_S, Scripts
@@ -76,6 +78,13 @@ class RedisBackend(Recovery):
         self._batcher = None
         self._listener: GrantListener | None = None
         self._renewer: asyncio.Task[None] | None = None
+        self._learner = FleetLearner(
+            self._keys,
+            settings.limit_config(),
+            process=self.process,
+            live_ttl_s=settings.live_limits_ttl_s,
+        )
+        self._learning_task: asyncio.Task[None] | None = None
         self._tick: asyncio.TimerHandle | None = None
         self._tick_at = 0.0
         self._started = False
@@ -127,6 +136,7 @@ class RedisBackend(Recovery):
         )
         self._listener.start()
         self._renewer = asyncio.get_running_loop().create_task(self._renew_loop())
+        self._learning_task = asyncio.get_running_loop().create_task(self._learn_loop())
         # The only await, last: with --lifespan off the first requests call start() at
         # once, and those that find it started must find everything in place.
         await self._ping(clients)
@@ -143,9 +153,10 @@ class RedisBackend(Recovery):
         for task in list(self._tasks):
             task.cancel()
         self._closing = True  # see GrantListener.stop: a cancel alone may be swallowed
-        if self._renewer is not None:
-            self._renewer.cancel()
-            await asyncio.gather(self._renewer, return_exceptions=True)
+        for background in (self._renewer, self._learning_task):
+            if background is not None:
+                background.cancel()
+                await asyncio.gather(background, return_exceptions=True)
         if self._listener is not None:
             await self._listener.stop()
         try:
@@ -207,6 +218,19 @@ class RedisBackend(Recovery):
         """The limits in force as this process last learned them (from every batch reply;
         in failure mode `local`, the last ones seen before Redis went away)."""
         return self._in_force
+
+    @property
+    def learning(self) -> bool:
+        """The limit in force is the fleet's learned one (this process's settings, or a
+        live ``throttle-mw set --concurrency auto``)."""
+        return self._in_force.learned
+
+    @property
+    def learned(self) -> LimitState | None:
+        return self._learner.state if self._in_force.learned else None
+
+    def observe(self, sample: Sample) -> None:
+        self._learner.observe(sample)
 
     def decide_now(self, request: Request) -> None:
         """Decisions about the shared budget always need a round trip to Redis."""
@@ -435,6 +459,21 @@ class RedisBackend(Recovery):
             self._on_failure(future.exception())
         elif not future.cancelled():
             self._succeeded()
+
+    async def _learn_loop(self) -> None:
+        """Push this process's latency summaries; take the fleet's step when it is due
+        (learner.py). The first push comes at once: it stores the limit to start from."""
+        learner = self._learner
+        while not self._closing:
+            try:
+                if self.learning and self._breaker.allow():
+                    assert self._clients is not None
+                    await learner.flush(self._clients.calls)
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                self._on_failure(exc)
+            await asyncio.sleep(learner.interval_s)
 
     async def _renew_loop(self) -> None:
         """The heartbeat: renew this process's leases and learn how many processes are live."""

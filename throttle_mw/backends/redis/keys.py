@@ -12,6 +12,7 @@ key              type    holds                                                  
 P:s              hash    budget state: tokens, in flight, virtual clock, fair-rate    T
                          window, queue counts, the fleet's tick claim (store.lua)
 P:cfg            hash    live limits set with ``throttle-mw set``; override callers'  live
+                         limits. A learned limit and its state (learner.py) too
 P:w, P:wn        hash    live tenant weights by digest, and the names behind them     live
 P:t:<h>          hash    tenant h: finish tag, weight, cap bucket, queued cost by     idle+T
                          rank, state, its member in P:active, name
@@ -29,6 +30,9 @@ P:leases, P:lc   zset,   lease (request id) -> expiry; lease -> "cost|process"  
 P:g:<proc>       list    grants and evictions for the process that queued them        T
 P:rc:<proc>      list    the process's latest lease-less admissions (retries)         T
 P:procs          zset    process -> heartbeat expiry                                  T
+P:lw             list    window summaries of a learned limit, since its last step     live
+                         (learner.py, which sets the TTLs of these two on each write)
+P:lstep          string  the fleet's claim on the learned limit's current step        window
 ===============  ======  ===========================================================  ======
 
 Nothing a budget writes lives forever: a budget nobody uses any more leaves
@@ -78,6 +82,8 @@ SUFFIX: Final = MappingProxyType(
         "grants": ":g:",
         "recent": ":rc:",
         "procs": ":procs",
+        "learn_windows": ":lw",
+        "learn_step": ":lstep",
     }
 )
 
@@ -136,6 +142,8 @@ class Keys:
         self.procs = self.tag + SUFFIX["procs"]
         self.leases = self.tag + SUFFIX["leases"]
         self.lease_costs = self.tag + SUFFIX["lease_costs"]
+        self.learn_windows = self.tag + SUFFIX["learn_windows"]
+        self.learn_step = self.tag + SUFFIX["learn_step"]
 
     def grants(self, process: str) -> str:
         return self.tag + SUFFIX["grants"] + process

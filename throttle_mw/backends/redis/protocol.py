@@ -20,6 +20,7 @@ from typing import Any, Final, NamedTuple, cast
 
 from ...priorities import PRIORITIES, RANK
 from ...scheduler import (
+    AUTO,
     Admit,
     Enqueue,
     Evicted,
@@ -112,11 +113,12 @@ class Trailer(NamedTuple):
 
 
 def limit_args(limits: Limits) -> list[str]:
-    """rate, burst, concurrency, tenant_rate, tenant_burst ("" = unset)."""
+    """rate, burst, concurrency, tenant_rate, tenant_burst ("" = unset; a concurrency of
+    AUTO: the fleet's learned limit)."""
     return [
         _optional(limits.rate),
         repr(limits.burst),
-        _optional(limits.concurrency),
+        AUTO if limits.learned else _optional(limits.concurrency),
         _optional(limits.tenant_rate),
         repr(limits.tenant_burst),
     ]
@@ -220,7 +222,7 @@ def trailer(lines: list[str]) -> Trailer:
 def decode_limits(line: str, weights: Mapping[str, float]) -> Limits:
     """The trailer's limits in force (`LIVE_LIMITS`, joined with SEP), with a process's
     own tenant weights (live weights stay in Redis)."""
-    rate, burst, concurrency, tenant_rate, tenant_burst = line.split(SEP)
+    rate, burst, concurrency, tenant_rate, tenant_burst, learned = line.split(SEP)
     return Limits(
         rate=float(rate) if rate else None,
         burst=float(burst),
@@ -228,6 +230,7 @@ def decode_limits(line: str, weights: Mapping[str, float]) -> Limits:
         weights=weights,
         tenant_rate=float(tenant_rate) if tenant_rate else None,
         tenant_burst=float(tenant_burst),
+        learned=learned == AUTO,
     )
 
 
@@ -303,6 +306,7 @@ def decode_snapshot(raw: bytes | str) -> Snapshot:
         concurrency=None if force.get("concurrency") is None else int(force["concurrency"]),
         tenant_rate=force.get("tenant_rate"),
         tenant_burst=float(force["tenant_burst"]),
+        learned=bool(force.get("learned")),
     )
     queued = data["queued_by_priority"]
     return Snapshot(
@@ -326,20 +330,30 @@ LIVE_LIMITS: Final = ("rate", "burst", "concurrency", "tenant_rate", "tenant_bur
 NULLABLE: Final = frozenset({"rate", "concurrency", "tenant_rate"})
 #: A live limit switched off.
 OFF: Final = "none"
+#: P:cfg's field holding the fleet's learned concurrency limit (learner.py writes it; the
+#: scripts read it when the concurrency in force is AUTO).
+LEARNED: Final = "learned"
 
 
 def encode_live_limits(limits: Limits) -> dict[str, str]:
-    """Every limit of `limits` as P:cfg fields."""
-    return {
+    """Every limit of `limits` as P:cfg fields (a learned concurrency as AUTO)."""
+    fields = {
         name: OFF if value is None else (repr(value) if isinstance(value, float) else str(value))
         for name in LIVE_LIMITS
         for value in (getattr(limits, name),)
     }
+    if limits.learned:
+        fields["concurrency"] = AUTO
+    return fields
 
 
-def decode_live_limits(raw: Mapping[str, str]) -> dict[str, float | None]:
-    """The overridden limits only (None: switched off)."""
-    return {k: None if raw[k] == OFF else float(raw[k]) for k in LIVE_LIMITS if k in raw}
+def decode_live_limits(raw: Mapping[str, str]) -> dict[str, float | str | None]:
+    """The overridden limits only (None: switched off; AUTO: learned)."""
+    return {
+        k: None if raw[k] == OFF else (AUTO if raw[k] == AUTO else float(raw[k]))
+        for k in LIVE_LIMITS
+        if k in raw
+    }
 
 
 def _optional(value: float | None) -> str:

@@ -24,7 +24,8 @@ from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ...priorities import PRIORITIES
-from ...scheduler import constants
+from ...scheduler import AUTO, constants
+from ...scheduler.limit import LimitConfig
 from . import keys, protocol
 
 logger = logging.getLogger("throttle_mw.redis")
@@ -105,6 +106,10 @@ SHARED: Final[Mapping[str, object]] = {
     "ACQUIRE_FIELDS": protocol.ACQUIRE_FIELDS,
     "WAITER_FIELDS": protocol.WAITER_FIELDS,
     "OFF": protocol.OFF,
+    "AUTO": AUTO,
+    "LEARNED": protocol.LEARNED,
+    # the learned limit's start (scheduler/limit), until the fleet has learned one
+    "LEARN_INITIAL": LimitConfig().initial,
     # the Lua-only steps (this module)
     "DEADLINE_GRACE": DEADLINE_GRACE_S,
     "TICK_SLACK": TICK_SLACK_S,

@@ -12,8 +12,8 @@
 -- ARGV[1]  now, in seconds: "" in production (Redis TIME is used); tests only.
 -- ARGV[2]  P, the key prefix including its hash tag, e.g. "{throttle}".
 -- ARGV[3]  this process's id.
--- ARGV[4..8]   rate, burst, concurrency, tenant_rate, tenant_burst ("" = unset); live
---              limits in P:cfg override them.
+-- ARGV[4..8]   rate, burst, concurrency, tenant_rate, tenant_burst ("" = unset; a
+--              concurrency of AUTO: learned); live limits in P:cfg override them.
 -- ARGV[9..16]  credit_s, queue_limit, tenant_queue_limit, tenant_idle_s, max_tenants,
 --              lease_ttl_s, key_ttl_s (T), live_limits_ttl_s: the TTLs of keys.py's table.
 -- ARGV[17] number of operations; ARGV[18] the operations, one per LINE, fields joined
@@ -28,8 +28,9 @@
 -- Returns one string, its LINEs: one per operation, then the trailer (protocol.Trailer):
 -- the delay until this process should tick (seconds, or "" if only an arrival or a release
 -- can change anything), the number of live processes, and the limits in force
--- (rate|burst|concurrency|tenant_rate|tenant_burst, "" = unset: live overrides or the
--- caller's), so every process's responses describe the limits the fleet runs on:
+-- (rate|burst|concurrency|tenant_rate|tenant_burst|learned, "" = unset: live overrides or
+-- the caller's; learned is AUTO when the concurrency is the fleet's learned limit), so every
+-- process's responses describe the limits the fleet runs on:
 --   A|lease|degraded    admitted (lease 1: release it when done)
 --   Q|deadline|wait_s   queued; a grant or eviction will reach P:g:<proc>
 --   J|reason|retry_s    rejected
@@ -119,6 +120,8 @@ local function limit(x)
   if x == nil then return '' end
   return num(x)
 end
+local learned = ''
+if L.learned then learned = AUTO end
 results[#results + 1] = table.concat({limit(L.rate), num(L.burst), limit(L.concurrency),
-  limit(L.tenant_rate), num(L.tenant_burst)}, SEP)
+  limit(L.tenant_rate), num(L.tenant_burst), learned}, SEP)
 return table.concat(results, LINE)

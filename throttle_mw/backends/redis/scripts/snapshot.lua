@@ -4,7 +4,8 @@
 --
 -- KEYS[1]  P:s (routing only).
 -- ARGV[1]  now override ("" in production).  ARGV[2] P.
--- ARGV[3..7] caller's rate, burst, concurrency, tenant_rate, tenant_burst ("" = unset).
+-- ARGV[3..7] caller's rate, burst, concurrency, tenant_rate, tenant_burst ("" = unset;
+--            a concurrency of AUTO: learned).
 -- ARGV[8]  how many of the busiest tenants to list.
 -- Returns a JSON object: tokens, in_flight, waiting, queued_by_priority, tenants,
 -- fair_rate, processes, limits (in force) and busiest [{tenant, queued}].
@@ -24,7 +25,7 @@ local tokens = cjson.null
 if L.rate ~= nil then tokens = S.tokens end
 local limits = {rate = L.rate or cjson.null, burst = L.burst,
   concurrency = L.concurrency or cjson.null, tenant_rate = L.tenant_rate or cjson.null,
-  tenant_burst = L.tenant_burst}
+  tenant_burst = L.tenant_burst, learned = L.learned}
 local queued = {}
 for rank = 0, NRANK - 1 do queued[PRIORITIES[rank + 1]] = S['n' .. rank] end
 return cjson.encode({tokens = tokens, in_flight = S.inflight, waiting = S.waiting,

@@ -86,20 +86,26 @@ local function init(prefix, now_override, process)
 end
 
 -- The limits in force: live overrides (P:cfg, set with the CLI) win over the caller's.
+-- A concurrency of AUTO is the fleet's learned limit (P:cfg's `learned`, written by the
+-- process that takes the fleet's learning step: backends/redis/learner.py).
 -- a: the caller's limits and policy, as strings by name.
 local function load_limits(a)
   local cfg = redis.call('HMGET', K.cfg, 'rate', 'burst', 'concurrency', 'tenant_rate',
-    'tenant_burst')
+    'tenant_burst', LEARNED)
   local function pick(live, given)
     if live ~= false and live ~= nil then
       if live == OFF then return nil end
+      if live == AUTO then return AUTO end
       return tonumber(live)
     end
+    if given == AUTO then return AUTO end
     return opt(given)
   end
   L.rate = pick(cfg[1], a.rate)
   L.burst = pick(cfg[2], a.burst)
   L.concurrency = pick(cfg[3], a.concurrency)
+  L.learned = L.concurrency == AUTO
+  if L.learned then L.concurrency = tonumber(cfg[6]) or LEARN_INITIAL end
   L.tenant_rate = pick(cfg[4], a.tenant_rate)
   L.tenant_burst = pick(cfg[5], a.tenant_burst)
   L.reserve = 0  -- Limits.reserve

@@ -1,0 +1,160 @@
+"""The fleet's learned concurrency limit: every process measures, one steps.
+
+N processes that each stepped the estimator on their own samples would
+multiply the loop's gain and oscillate. Instead each process summarises its
+window of samples (`WindowSummary`: counts, a coarse latency histogram, peak
+in flight) and pushes it onto ``P:lw`` every half window; whichever process
+first finds the window over claims the step (``SET P:lstep NX PX window``:
+exactly one claim per window for the whole fleet), merges every summary
+pushed since the last step, takes one step of the estimator
+(`throttle_mw.scheduler.limit.step`, in Python) and stores the limit in
+force as ``P:cfg``'s ``learned`` field with the estimator's state beside it.
+The scripts only read that number (store.lua, ``load_limits``), so the next
+decision of every process uses it, and every batch reply tells each process
+the limit in force (its responses and its failure mode use it).
+
+A budget whose keys were lost (Redis restarted empty, a failover) gets the
+last limit this process saw back with its next push (``HSETNX``), not the
+cold-start value.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ...scheduler.limit import LimitConfig, LimitState, Sample, WindowSummary, initial_state, step
+from . import protocol
+from .keys import Keys
+
+logger = logging.getLogger("throttle_mw.redis")
+
+#: P:cfg's field with the estimator's state (`LimitState.encode`), and with when the
+#: last step was taken (the claimant's clock, seconds since the epoch).
+STATE_FIELD = "learn_state"
+STEP_AT_FIELD = "learn_at"
+#: A step after a long silence counts at most this long as elapsed (baseline decay).
+_MAX_ELAPSED_S = 3600.0
+#: Summaries a window's list keeps at most (a runaway fleet cannot grow it without bound).
+_MAX_SUMMARIES = 10_000
+
+
+class FleetLearner:
+    """This process's part in the fleet's learned limit (see the module docstring)."""
+
+    def __init__(
+        self,
+        keys: Keys,
+        config: LimitConfig,
+        *,
+        process: str,
+        live_ttl_s: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self._keys = keys
+        self._process = process
+        self._live_ttl_ms = int(live_ttl_s * 1000)
+        self._window_ms = max(1, int(config.window_s * 1000))
+        self._clock = clock
+        self._summary = WindowSummary()
+        #: The estimator's state as this process last saw or stored it.
+        self.state: LimitState = initial_state(config)
+        #: Steps this process took for the fleet (tests and logs).
+        self.steps_taken = 0
+
+    @property
+    def interval_s(self) -> float:
+        """How often to call `flush`: twice a window, so a step is never late by more
+        than half a window."""
+        return self.config.window_s / 2
+
+    def observe(self, sample: Sample) -> None:
+        self._summary.add(sample)
+
+    async def flush(self, client: Any) -> bool:
+        """Push this process's summary; take the fleet's step if the window is over.
+
+        Returns whether this process took the step. Redis errors propagate (the caller
+        counts them like any other failed call); the samples of a failed push are lost,
+        which a step with a minimum sample count tolerates.
+        """
+        keys = self._keys
+        summary, self._summary = self._summary, WindowSummary()
+        pipe = client.pipeline(transaction=False)
+        if not summary.empty:
+            pipe.rpush(keys.learn_windows, summary.encode())
+            pipe.ltrim(keys.learn_windows, -_MAX_SUMMARIES, -1)
+            pipe.pexpire(keys.learn_windows, self._live_ttl_ms)
+        # A budget that lost its keys gets the last limit seen here back, not the start.
+        pipe.hsetnx(keys.cfg, protocol.LEARNED, self.state.in_force)
+        pipe.pexpire(keys.cfg, self._live_ttl_ms)
+        pipe.set(keys.learn_step, self._process, nx=True, px=self._window_ms)
+        claimed = (await pipe.execute())[-1]
+        if not claimed:
+            return False
+        await self._step(client)
+        return True
+
+    async def _step(self, client: Any) -> None:
+        keys = self._keys
+        pipe = client.pipeline(transaction=True)
+        pipe.lrange(keys.learn_windows, 0, -1)
+        pipe.delete(keys.learn_windows)
+        pipe.hmget(keys.cfg, STATE_FIELD, STEP_AT_FIELD)
+        parts, _, (raw_state, raw_at) = await pipe.execute()
+        merged = WindowSummary()
+        for part in parts:
+            try:
+                merged.merge(WindowSummary.decode(_text(part)))
+            except ValueError:
+                logger.warning("throttle_mw: ignored a malformed window summary in Redis")
+        state = self.state
+        if raw_state is not None:
+            try:
+                state = LimitState.decode(_text(raw_state))
+            except ValueError:
+                logger.warning("throttle_mw: the learned limit's state in Redis was malformed")
+        now = self._clock()
+        elapsed = self.config.window_s
+        if raw_at is not None:
+            try:
+                elapsed = float(_text(raw_at))
+                elapsed = min(max(now - elapsed, self.config.window_s), _MAX_ELAPSED_S)
+            except ValueError:
+                elapsed = self.config.window_s
+        new = step(self.config, state, merged, elapsed)
+        pipe = client.pipeline(transaction=False)
+        pipe.hset(
+            keys.cfg,
+            mapping={
+                protocol.LEARNED: new.in_force,
+                STATE_FIELD: new.encode(),
+                STEP_AT_FIELD: repr(now),
+            },
+        )
+        pipe.pexpire(keys.cfg, self._live_ttl_ms)
+        await pipe.execute()
+        if new.in_force != state.in_force:
+            logger.debug(
+                "throttle_mw: learned concurrency limit %d -> %d (%s)",
+                state.in_force,
+                new.in_force,
+                new.reason,
+            )
+        self.state = new
+        self.steps_taken += 1
+
+    async def read(self, client: Any) -> LimitState | None:
+        """The fleet's learned state as stored (None: nothing learned yet)."""
+        raw = await client.hget(self._keys.cfg, STATE_FIELD)
+        if raw is None:
+            return None
+        self.state = LimitState.decode(_text(raw))
+        return self.state
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
