@@ -218,7 +218,7 @@ def test_four_processes_learn_one_limit_and_a_fifth_uses_it_at_once(
     served = {t: served_fraction(records, STEADY, t) for t in "AB"}
     ratio = goodput(records, STEADY) / CAPACITY
     limits = [s[1] for s in samples if STEADY[0] <= s[0] < STEADY[1]]
-    after = {
+    after: dict[str, Any] = {
         "A served": served_fraction(records, AFTER, "A"),
         "goodput/capacity": goodput(records, AFTER) / (CAPACITY / 2),
         "limits": [s[1] for s in samples if AFTER[0] <= s[0] < AFTER[1]],

@@ -1,0 +1,327 @@
+"""The learned limit wired in: samples from the middleware, the in-memory backend, the
+fleet's one step per window through a real Redis, the scripts reading one number, the
+live switch, the status tool and the gauge.
+
+The estimator's own rules are tested on a fake clock in test_limit_estimator.py; here
+the parts around it, fast, with real Redis servers where Redis is involved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from tests.support.redis_server import RedisServer
+from throttle_mw import ThrottleMiddleware, cli
+from throttle_mw.backends import MemoryBackend
+from throttle_mw.backends.redis import RedisBackend, protocol
+from throttle_mw.backends.redis.keys import Keys
+from throttle_mw.backends.redis.learner import STATE_FIELD, FleetLearner
+from throttle_mw.scheduler import Limits, Policy
+from throttle_mw.scheduler import Request as ThrottleRequest
+from throttle_mw.scheduler.limit import LimitConfig, LimitState, Sample, WindowSummary
+from throttle_mw.settings import Settings
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("THROTTLE_"):
+            monkeypatch.delenv(name)
+
+
+class Recording(MemoryBackend):
+    """The in-memory backend, keeping every sample the middleware reports."""
+
+    def __init__(self, **settings: Any) -> None:
+        s = Settings.from_env({}, **settings)
+        super().__init__(s.limits(), s.policy(), s.limit_config())
+        self.samples: list[Sample] = []
+
+    def observe(self, sample: Sample) -> None:
+        self.samples.append(sample)
+        super().observe(sample)
+
+
+def _app(backend: Recording) -> Starlette:
+    async def ok(request: Request) -> Response:
+        await asyncio.sleep(float(request.query_params.get("s", "0")))
+        return PlainTextResponse("ok")
+
+    async def error(request: Request) -> Response:
+        return PlainTextResponse("no", status_code=503)
+
+    async def boom(request: Request) -> Response:
+        raise RuntimeError("the app failed")
+
+    async def stream(request: Request) -> Response:
+        async def body() -> Any:
+            yield b"a"
+            await asyncio.sleep(0.05)
+            yield b"b"
+
+        return StreamingResponse(body())
+
+    app = Starlette(
+        routes=[Route("/ok", ok), Route("/error", error), Route("/boom", boom),
+                Route("/stream", stream)]
+    )  # fmt: skip
+    app.add_middleware(ThrottleMiddleware, backend=backend)
+    return app
+
+
+@pytest.mark.anyio
+async def test_each_admitted_request_gives_one_sample_with_its_outcome() -> None:
+    backend = Recording()
+    app = _app(backend)
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        assert (await client.get("/ok", params={"s": "0.05"})).status_code == 200
+        assert (await client.get("/error")).status_code == 503
+        assert (await client.get("/boom")).status_code == 500
+        assert (await client.get("/stream")).text == "ab"
+    ok, error, boom, stream = backend.samples
+    assert 0.04 <= ok.service_s < 1.0
+    assert not ok.failed
+    assert ok.in_flight == 1
+    assert error.failed  # the app answered 5xx: an overload signal
+    assert boom.failed  # the app raised
+    assert not stream.failed
+    assert stream.service_s >= 0.04  # to the last body chunk, not to the first
+
+
+@pytest.mark.anyio
+async def test_requests_running_together_report_how_many_ran() -> None:
+    backend = Recording(concurrency="auto", concurrency_min=8)
+    transport = httpx.ASGITransport(app=_app(backend))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        answers = await asyncio.gather(*(client.get("/ok", params={"s": "0.1"}) for _ in range(5)))
+    assert [a.status_code for a in answers] == [200] * 5
+    assert max(s.in_flight for s in backend.samples) == 5
+
+
+@pytest.mark.anyio
+async def test_a_static_limit_takes_no_samples() -> None:
+    backend = Recording(concurrency=8)
+    assert not backend.learning
+    transport = httpx.ASGITransport(app=_app(backend))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        await client.get("/ok")
+    assert backend.samples == []
+
+
+@pytest.mark.anyio
+async def test_the_memory_backend_steps_the_limit_and_reports_it() -> None:
+    """Samples that grow with the load (an app queueing) bring the limit down; the
+    scheduler, the responses' limits and the snapshot all take the new number."""
+    config = LimitConfig(minimum=2, maximum=100, initial=40, window_s=0.05, min_samples=5)
+    backend = MemoryBackend(Limits(concurrency=40, learned=True), Policy({}), config)
+    await backend.start()
+    assert backend.learning
+    first = backend.limits.concurrency
+    assert first == 40
+    loop = asyncio.get_running_loop()
+    # Fast requests first (the baseline), then the same requests ten times slower at the
+    # limit: the latency of a queue inside the app.
+    until = loop.time() + 0.3
+    while loop.time() < until:
+        for _ in range(10):
+            backend.observe(Sample(0.01, False, 2))
+        await asyncio.sleep(0.01)
+    until = loop.time() + 1.0
+    while loop.time() < until:
+        for _ in range(10):
+            backend.observe(Sample(0.1, False, 40))
+        await asyncio.sleep(0.01)
+    snapshot = await backend.snapshot()
+    assert snapshot.limits is not None
+    assert snapshot.limits.learned
+    assert snapshot.limits.concurrency is not None
+    assert snapshot.limits.concurrency < first
+    assert backend.limits.concurrency == snapshot.limits.concurrency
+    assert snapshot.learned is not None
+    assert 0.005 <= snapshot.learned.baseline_s <= 0.02
+    # A number set live switches learning off; auto switches it back on.
+    await backend.set_limits(Limits(concurrency=7))
+    assert not backend.learning
+    assert backend.limits.concurrency == 7
+    await backend.set_limits(Limits(concurrency=7, learned=True))
+    assert backend.learning
+    await backend.stop()
+
+
+# --- the fleet, through a real Redis ----------------------------------------------------------
+
+
+def _learner(process: str, clock: list[float], config: LimitConfig) -> FleetLearner:
+    return FleetLearner(
+        Keys("fleet"), config, process=process, live_ttl_s=3600.0, clock=lambda: clock[0]
+    )
+
+
+@pytest.mark.anyio
+async def test_one_step_per_window_for_the_whole_fleet(clean_redis_server: RedisServer) -> None:
+    import redis.asyncio as aredis
+
+    client = aredis.Redis.from_url(clean_redis_server.url, decode_responses=True)
+    config = LimitConfig(minimum=2, maximum=100, initial=10, window_s=0.2, min_samples=5)
+    clock = [1000.0]
+    learners = [_learner(f"p{i}", clock, config) for i in range(4)]
+    try:
+        for _ in range(3):
+            for learner in learners:
+                for _ in range(5):
+                    learner.observe(Sample(0.01, False, 3))
+            took = [await learner.flush(client) for learner in learners]
+            assert sum(took) == 1, took  # one claimant per window, whoever comes first
+            await asyncio.sleep(config.window_s * 1.2)  # the claim expires with the window
+            clock[0] += config.window_s
+        assert sum(learner.steps_taken for learner in learners) == 3
+        cfg = await client.hgetall(Keys("fleet").cfg)
+        stored = LimitState.decode(str(cfg[STATE_FIELD]))
+        assert int(cfg[protocol.LEARNED]) == stored.in_force
+        assert stored.steps == 3
+        # The claimant pushed first, then stepped; the other three pushed after the step:
+        # their summaries wait for the next one.
+        assert await client.llen(Keys("fleet").learn_windows) == 3
+        # Every key the learner writes expires.
+        for key in (Keys("fleet").cfg, Keys("fleet").learn_step):
+            assert await client.pttl(key) != -1
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_budget_that_lost_its_keys_gets_the_last_limit_back(
+    clean_redis_server: RedisServer,
+) -> None:
+    import redis.asyncio as aredis
+
+    client = aredis.Redis.from_url(clean_redis_server.url, decode_responses=True)
+    config = LimitConfig(minimum=2, maximum=100, initial=10, window_s=0.2, min_samples=5)
+    learner = _learner("p", [0.0], config)
+    learner.state = LimitState(23.0, 0.01, "grow", 9)
+    try:
+        await learner.flush(client)
+        assert await client.hget(Keys("fleet").cfg, protocol.LEARNED) == "23"
+        await client.flushall()
+        await learner.flush(client)
+        assert await client.hget(Keys("fleet").cfg, protocol.LEARNED) == "23"
+    finally:
+        await client.aclose()
+
+
+def test_summaries_cross_the_wire_whole() -> None:
+    summary = WindowSummary()
+    for i in range(50):
+        summary.add(Sample(0.001 * (i + 1), i % 10 == 0, i % 7))
+    again = WindowSummary.decode(summary.encode())
+    assert again == summary
+    assert protocol.SEP not in summary.encode()
+    assert protocol.LINE not in summary.encode()
+
+
+def _settings(server: RedisServer, **values: Any) -> Settings:
+    return Settings.from_env(
+        {}, redis_url=server.url, key_prefix="auto", redis_timeout_s=1.0, **values
+    )
+
+
+@pytest.mark.anyio
+async def test_the_scripts_admit_up_to_the_fleet_s_learned_limit(
+    clean_redis_server: RedisServer,
+) -> None:
+    """The scripts read one number: P:cfg's learned limit, for every process; until one is
+    stored, the process's own start. A number set live wins over it."""
+    client = redis.Redis.from_url(clean_redis_server.url)
+    backend = RedisBackend(_settings(clean_redis_server, concurrency="auto"))
+    await backend.start()
+    try:
+        state = LimitState(3.0, 0.01, "grow", 1).encode()
+        client.hset("{auto}:cfg", mapping={protocol.LEARNED: 3, STATE_FIELD: state})
+        outcomes = [
+            await backend.acquire(ThrottleRequest(f"r{i}", "t", "normal", 1, False, False))
+            for i in range(5)
+        ]
+        admitted = [o for o in outcomes if type(o).__name__ == "Admitted"]
+        assert len(admitted) == 3
+        assert backend.limits.concurrency == 3
+        assert backend.limits.learned
+        assert backend.learning
+        # An operator's number wins, and learning stops in every process.
+        client.hset("{auto}:cfg", "concurrency", 5)
+        await backend.acquire(ThrottleRequest("r9", "t", "normal", 1, False, False))
+        assert backend.limits.concurrency == 5
+        assert not backend.limits.learned
+        assert not backend.learning
+    finally:
+        for outcome in outcomes:
+            if type(outcome).__name__ == "Waiting":
+                await backend.cancel(outcome)  # type: ignore[arg-type]
+        await backend.stop()
+        client.close()
+
+
+def test_set_concurrency_auto_switches_live_and_status_shows_the_learned_limit(
+    clean_redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = clean_redis_server.url
+    code = cli.main(["--redis-url", url, "--prefix", "live", "set", "--concurrency", "auto"])
+    assert code == 0, capsys.readouterr()
+    client = redis.Redis.from_url(url, decode_responses=True)
+    assert client.hget("{live}:cfg", "concurrency") == "auto"
+    client.hset(
+        "{live}:cfg",
+        mapping={protocol.LEARNED: 12, STATE_FIELD: LimitState(12.4, 0.0421, "grow", 30).encode()},
+    )
+    capsys.readouterr()
+    assert cli.main(["--redis-url", url, "--prefix", "live", "status"]) == 0
+    out = capsys.readouterr().out
+    assert "learned    concurrency limit 12; baseline 42.1 ms; last step: grow" in out
+    assert cli.main(["--redis-url", url, "--prefix", "live", "status", "--json"]) == 0
+    report = __import__("json").loads(capsys.readouterr().out)
+    assert report["learned"] == {"limit": 12, "baseline_ms": 42.1, "reason": "grow"}
+    assert cli.main(["--redis-url", url, "--prefix", "live", "set", "--concurrency", "6"]) == 0
+    assert client.hget("{live}:cfg", "concurrency") == "6"
+    client.close()
+
+
+@pytest.mark.anyio
+async def test_the_gauges_show_the_limit_in_force_and_the_baseline() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from throttle_mw.metrics import ThrottleMetrics
+
+    config = LimitConfig(initial=6, window_s=0.05, min_samples=5)
+    backend = MemoryBackend(Limits(concurrency=6, learned=True), Policy({}), config)
+    await backend.start()
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 0.3
+    while loop.time() < until:
+        for _ in range(10):
+            backend.observe(Sample(0.02, False, 1))
+        await asyncio.sleep(0.01)
+    metrics = ThrottleMetrics(registry=CollectorRegistry(), backend=backend)
+    await metrics.refresh()
+    text = metrics.render()[0].decode()
+    limit = backend.limits.concurrency
+    assert f"throttle_concurrency_limit {float(limit)}" in text  # type: ignore[arg-type]
+    baseline = next(
+        line for line in text.splitlines() if line.startswith("throttle_concurrency_baseline")
+    )
+    assert 0.015 <= float(baseline.split()[1]) <= 0.025
+    await backend.stop()
