@@ -126,6 +126,15 @@ class FleetLearner:
             except ValueError:
                 elapsed = self.config.window_s
         new = step(self.config, state, merged, elapsed)
+        if new.reason == "few-samples":
+            # Too little to go on: keep collecting, as LimitEstimator does; the next
+            # step gets these samples too.
+            pipe = client.pipeline(transaction=False)
+            pipe.rpush(keys.learn_windows, merged.encode())
+            pipe.pexpire(keys.learn_windows, self._live_ttl_ms)
+            await pipe.execute()
+            self.state = state
+            return
         pipe = client.pipeline(transaction=False)
         pipe.hset(
             keys.cfg,
