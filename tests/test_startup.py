@@ -135,7 +135,7 @@ def test_design_and_readme_names_are_known_and_every_read_name_is_documented() -
     in_readme = set(re.findall(r"\bTHROTTLE_[A-Z0-9_]*[A-Z0-9]\b", readme))
     examples = {"THROTTLE_CONCURENCY", "THROTTLE_GATEWAY"}  # a misspelling, an extra variable
     assert in_readme - examples <= KNOWN_VARIABLES, in_readme - examples - KNOWN_VARIABLES
-    assert KNOWN_VARIABLES <= in_readme, KNOWN_VARIABLES - in_readme
+    assert in_readme >= KNOWN_VARIABLES, KNOWN_VARIABLES - in_readme
 
 
 # --- the escape hatch: THROTTLE_EXTRA_VARIABLES ----------------------------------------------
