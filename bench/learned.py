@@ -26,6 +26,7 @@ than ``static`` after it.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -179,6 +180,7 @@ def run_all(args: argparse.Namespace, document: dict[str, Any]) -> list[dict[str
         "capacity_per_s": [story.capacity(args.slots), story.capacity(args.slots_after)],
         "windows": {"before": story.before, "after": story.after},
     }
+    document["estimator_sha256"] = estimator_digest()
     document["trials"] = []
     full: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="throttle_mw-learned-") as scratch:
@@ -208,6 +210,15 @@ def run_all(args: argparse.Namespace, document: dict[str, Any]) -> list[dict[str
     return full
 
 
+def estimator_digest() -> str:
+    """A digest of the estimator's sources (``throttle_mw/scheduler/limit``): which rule
+    learned the limit, even when those files are not committed yet."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "throttle_mw" / "scheduler" / "limit").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def print_trial(trial: Mapping[str, Any]) -> None:
     f = trial["figures"]
     print(
@@ -233,7 +244,7 @@ COLUMNS = (
     ("B served before/after", ("B_served_before", "B_served_after"), "pct"),
     ("A p99 before/after", ("A_p99_before_ms", "A_p99_after_ms"), "ms"),
     ("B p99 before/after", ("B_p99_before_ms", "B_p99_after_ms"), "ms"),
-    ("A p50 after", "A_p50_after_ms", "ms"),
+    ("A p50 before/after", ("A_p50_before_ms", "A_p50_after_ms"), "ms"),
 )
 _FORMATS = {
     "s": lambda v: _s(v),
