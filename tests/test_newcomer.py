@@ -110,7 +110,7 @@ def test_the_newcomer_command_runs_the_story_and_writes_its_report(
     assert re.search(r"^\s+load average before [\d.]+, ", text, re.MULTILINE)
     if budget != "static":
         assert "against a concurrency limit learned from the store's latency" in text
-        assert "the store loses half its slots 4 s in: 16 -> 8" in text
+        assert "the store loses half its slots 4 s in (16 -> 8)" in text
 
     # The app processes are gone, and so is the temporary database folder.
     pids = [int(p) for p in re.findall(r"the app is up at \S+ \(pid (\d+)\)", text)]
