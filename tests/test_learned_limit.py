@@ -325,3 +325,25 @@ async def test_the_gauges_show_the_limit_in_force_and_the_baseline() -> None:
     )
     assert 0.015 <= float(baseline.split()[1]) <= 0.025
     await backend.stop()
+
+
+@pytest.mark.anyio
+async def test_zero_configuration_says_so_in_one_start_up_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    middleware = ThrottleMiddleware(Starlette())
+    assert middleware.error is None
+    with caplog.at_level("INFO", logger="throttle_mw"):
+        await middleware.startup()
+    lines = [r.getMessage() for r in caplog.records if "learned" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "THROTTLE_CONCURRENCY=auto" in lines[0]
+    assert "starts at 4, stays between 2 and 1000" in lines[0]
+    await middleware.shutdown()
+    # A number set: no such line.
+    caplog.clear()
+    middleware = ThrottleMiddleware(Starlette(), concurrency=8)
+    with caplog.at_level("INFO", logger="throttle_mw"):
+        await middleware.startup()
+    assert not [r for r in caplog.records if "learned" in r.getMessage()]
+    await middleware.shutdown()
