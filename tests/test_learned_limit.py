@@ -24,6 +24,7 @@ from tests.support.redis_server import RedisServer
 from throttle_mw import ThrottleMiddleware, cli
 from throttle_mw.backends import MemoryBackend
 from throttle_mw.backends.redis import RedisBackend, protocol
+from throttle_mw.backends.redis.fallback import share
 from throttle_mw.backends.redis.keys import Keys
 from throttle_mw.backends.redis.learner import STATE_FIELD, FleetLearner
 from throttle_mw.scheduler import Limits, Policy
@@ -262,6 +263,11 @@ async def test_the_scripts_admit_up_to_the_fleet_s_learned_limit(
         assert backend.limits.concurrency == 3
         assert backend.limits.learned
         assert backend.learning
+        # Failure mode `local` keeps this process's share of the learned limit.
+        assert backend._fallback.limits.concurrency == 3
+        local = share(backend._fallback.limits, 2)
+        assert local.concurrency == 1
+        assert not local.learned
         # An operator's number wins, and learning stops in every process.
         client.hset("{auto}:cfg", "concurrency", 5)
         await backend.acquire(ThrottleRequest("r9", "t", "normal", 1, False, False))
