@@ -204,7 +204,7 @@ def test_every_app_response_reports_its_own_service_time(app_server: AppServer) 
 @pytest.mark.parametrize(
     ("env", "named"),
     [
-        ({}, "THROTTLE_RATE / THROTTLE_CONCURRENCY"),  # no budget at all
+        ({"THROTTLE_CONCURRENCY": "eight"}, "THROTTLE_CONCURRENCY=eight"),
         ({"THROTTLE_RATE": "80", "SURVEYTOOL_SLOTS": "0"}, "SURVEYTOOL_SLOTS=0"),
     ],
 )

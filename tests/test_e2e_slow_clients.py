@@ -1,4 +1,4 @@
-"""Slow clients do not hold the budget (DESIGN.md guarantee 15), on a real uvicorn server.
+"""Slow clients do not hold the budget (docs/design.md, guarantee 15), on a real uvicorn server.
 
 The slowloris case of issue 13: with a concurrency budget of 8, sixteen clients
 trickle 64 KB uploads at about 1 KB/s to a route that reads its body, while

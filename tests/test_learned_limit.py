@@ -24,6 +24,7 @@ from tests.support.redis_server import RedisServer
 from throttle_mw import ThrottleMiddleware, cli
 from throttle_mw.backends import MemoryBackend
 from throttle_mw.backends.redis import RedisBackend, protocol
+from throttle_mw.backends.redis.fallback import share
 from throttle_mw.backends.redis.keys import Keys
 from throttle_mw.backends.redis.learner import STATE_FIELD, FleetLearner
 from throttle_mw.scheduler import Limits, Policy
@@ -262,6 +263,11 @@ async def test_the_scripts_admit_up_to_the_fleet_s_learned_limit(
         assert backend.limits.concurrency == 3
         assert backend.limits.learned
         assert backend.learning
+        # Failure mode `local` keeps this process's share of the learned limit.
+        assert backend._fallback.limits.concurrency == 3
+        local = share(backend._fallback.limits, 2)
+        assert local.concurrency == 1
+        assert not local.learned
         # An operator's number wins, and learning stops in every process.
         client.hset("{auto}:cfg", "concurrency", 5)
         await backend.acquire(ThrottleRequest("r9", "t", "normal", 1, False, False))
@@ -325,3 +331,25 @@ async def test_the_gauges_show_the_limit_in_force_and_the_baseline() -> None:
     )
     assert 0.015 <= float(baseline.split()[1]) <= 0.025
     await backend.stop()
+
+
+@pytest.mark.anyio
+async def test_zero_configuration_says_so_in_one_start_up_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    middleware = ThrottleMiddleware(Starlette())
+    assert middleware.error is None
+    with caplog.at_level("INFO", logger="throttle_mw"):
+        await middleware.startup()
+    lines = [r.getMessage() for r in caplog.records if "learned" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "THROTTLE_CONCURRENCY=auto" in lines[0]
+    assert "starts at 4, stays between 2 and 1000" in lines[0]
+    await middleware.shutdown()
+    # A number set: no such line.
+    caplog.clear()
+    middleware = ThrottleMiddleware(Starlette(), concurrency=8)
+    with caplog.at_level("INFO", logger="throttle_mw"):
+        await middleware.startup()
+    assert not [r for r in caplog.records if "learned" in r.getMessage()]
+    await middleware.shutdown()

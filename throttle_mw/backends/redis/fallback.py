@@ -171,7 +171,10 @@ class Fallback:
 
 
 def share(limits: Limits, processes: int) -> Limits:
-    """One process's part of the fleet's limits."""
+    """One process's part of the fleet's limits. A learned limit's share is fixed at the
+    last value learned: one process's samples must not steer the fleet's limit."""
+    if limits.learned:
+        limits = replace(limits, learned=False)
     if processes <= 1:
         return limits
     return replace(
