@@ -77,4 +77,7 @@ SHIFT_DEPTH: Final = 0.85
 #: quantile, and free of the slow tail).
 SHIFT_RAISE: Final = 1.15
 TEST_SAMPLES: Final = 100
+#: Windows the raised stage waits for the in flight to follow the raise (the load may
+#: not fill it) before it gives the test up and goes back to cutting.
+RAISE_WAIT: Final = 4
 TEST_SHARE: Final = 0.5

@@ -87,9 +87,9 @@ class Episode:
 
     `anchor_in_flight` and `anchor_s` are the mean in flight and median of the
     episode's anchor window (0.0 until one is set: the episode's first window is none,
-    its queue was still building); `windows` counts its overload windows. During a
-    test, `measure` pools the current stage's windows and `reference` holds the
-    REFERENCE stage's result.
+    its queue was still building); `windows` counts its overload windows (while
+    RAISED: the windows waited for the raise to show). During a test, `measure` pools
+    the current stage's windows and `reference` holds the REFERENCE stage's result.
     """
 
     stage: int

@@ -38,6 +38,7 @@ from .constants import (
     IN_USE_SHARE,
     ONSET_WINDOWS,
     QUANTILE,
+    RAISE_WAIT,
     RAMP,
     REANCHOR,
     SHIFT_DEPTH,
@@ -280,6 +281,8 @@ def _cut(
     episode: Episode | None,
     step_down: float = STEP_DOWN_MIN,
 ) -> LimitState:
+    """An overload step: toward `load` * TARGET / r, by CUT_SMOOTHING of the way, at most
+    down to `step_down` times `load`, never up."""
     # From the in flight this window measured: after a cut, a slow app's window still
     # shows the limit before it, and cutting from the limit again would overshoot.
     base = min(limit, load)
@@ -305,13 +308,25 @@ def _test(
             pooled = replace(episode, measure=measure)
             return LimitState(limit, baseline, "shift-test", steps, episode=pooled)
         raised = config.clamp(max(limit * SHIFT_RAISE, limit + 1.0))
-        test = replace(episode, stage=RAISED, measure=None, reference=measure)
+        if raised < limit + 1.0:  # at the maximum: nothing to test with, so cut
+            anchored = Episode(
+                CUTTING, measure.in_flight, measure.median_s, windows=ONSET_WINDOWS + 1
+            )
+            return _cut(config, limit, window.in_flight, baseline, window.median_s, steps, anchored)
+        test = replace(episode, stage=RAISED, measure=None, reference=measure, windows=0)
         return LimitState(raised, baseline, "shift-test", steps, episode=test)
 
     reference = episode.reference
     assert reference is not None  # RAISED always has one (Episode.parse checks)
     if window.in_flight < reference.in_flight * math.sqrt(SHIFT_RAISE):
-        return LimitState(limit, baseline, "shift-test", steps, episode=episode)  # not raised yet
+        if episode.windows < RAISE_WAIT:  # the raise has not reached the app yet
+            waiting = replace(episode, windows=episode.windows + 1)
+            return LimitState(limit, baseline, "shift-test", steps, episode=waiting)
+        # The load never filled the raise: no test, back to cutting.
+        anchored = Episode(
+            CUTTING, reference.in_flight, reference.median_s, windows=ONSET_WINDOWS + 1
+        )
+        return _cut(config, limit, window.in_flight, baseline, window.median_s, steps, anchored)
     measure = window if measure is None else measure.plus(window)
     if measure.samples < TEST_SAMPLES:
         pooled = replace(episode, measure=measure)
