@@ -17,10 +17,9 @@ window that skips the first seconds and the drain after the load stops.
 from __future__ import annotations
 
 import asyncio
-import gc
 import os
 import statistics
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -54,28 +53,6 @@ def story(duration_s: float, tenants: str = "ABC", timeout_s: float = 15.0) -> S
         warmup_s=WARMUP_S,
         timeout_s=timeout_s,
     )
-
-
-@pytest.fixture
-def client_core() -> Iterator[None]:
-    """Run the load generator on core 1 while the server runs on core 0.
-
-    The load generator runs in this (long-lived, large) test process: its heap is
-    frozen out of the collector for the run, so a full collection of pytest's own
-    objects cannot stall sending and show up as latency of the server under test.
-    """
-    gc.collect()
-    gc.freeze()
-    pinned = hasattr(os, "sched_setaffinity") and (os.cpu_count() or 1) >= 2
-    before = os.sched_getaffinity(0) if pinned else set()
-    if pinned:
-        os.sched_setaffinity(0, {1})
-    try:
-        yield
-    finally:
-        if pinned:
-            os.sched_setaffinity(0, before)
-        gc.unfreeze()
 
 
 def serve(start: Callable[..., AppServer], **env: str) -> AppServer:

@@ -109,8 +109,8 @@ async def test_start_up_logs_the_endpoint_and_that_redis_did_not_answer(
     text = logged(caplog)
     endpoint = f"redis://127.0.0.1:{dead_port}/2"
     assert (
-        f"Redis at {endpoint} did not answer at start-up (ConnectionError); "
-        "failure mode 'local' until it does"
+        f"Redis at {endpoint} cannot be used at start-up: the connection was refused "
+        "(is Redis running at THROTTLE_REDIS_URL?); failure mode 'local' until it can"
     ) in text
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings
@@ -177,7 +177,7 @@ def test_uvicorn_shows_an_unreachable_redis_by_its_endpoint(dead_port: int) -> N
         "THROTTLE_RATE": "10",
     }
     with AppServer("tests.apps.fleet_probe:app", env=env, health_path="/healthz") as server:
-        expected = f"Redis at redis://127.0.0.1:{dead_port}/1 did not answer at start-up"
+        expected = f"Redis at redis://127.0.0.1:{dead_port}/1 cannot be used at start-up"
         assert wait_until(lambda: expected in server.log(), timeout_s=10), server.log()
         log = server.log()
     assert PASSWORD not in log

@@ -196,6 +196,14 @@ class Settings:
     live_limits_ttl_s: float = LIVE_LIMITS_TTL_S
     #: Resolver hook: ``(scope) -> tenant id | None``, replacing the header lookup.
     tenant_resolver: Callable[[Any], str | None] | None = None
+    #: Request body bytes read ahead before a request asks for budget (0: none).
+    body_buffer_bytes: int = 256 * 1024
+    #: All bodies read ahead in this process at once, in bytes.
+    body_buffer_total_bytes: int = 32 * 1024 * 1024
+    #: A body (up to `body_buffer_bytes`) not received within this gets a 408.
+    receive_timeout_s: float = 30.0
+    #: An admitted request's slot waits on a slow client at most this long in all.
+    client_hold_s: float = 2.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -307,6 +315,12 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
             tenant_burst,
             f"at least the largest route cost ({settings.max_cost})",
         )
+    if settings.body_buffer_total_bytes < settings.body_buffer_bytes:
+        raise ConfigError(
+            _source_of(sources, "body_buffer_total_bytes"),
+            settings.body_buffer_total_bytes,
+            f"at least THROTTLE_BODY_BUFFER ({settings.body_buffer_bytes} bytes)",
+        )
     limit = settings.queue_limit_per_tenant
     if limit > settings.queue_limit:
         raise ConfigError(
@@ -375,6 +389,30 @@ def _count(what: str, *, low: int, high: int = 10_000_000) -> Callable[[object, 
         except ValueError:
             raise ConfigError(source, raw, what) from None
         if not low <= value <= high:
+            raise ConfigError(source, raw, what)
+        return value
+
+    return parse
+
+
+_SIZE = re.compile(r"(\d+)\s*(|b|k|kb|kib|m|mb|mib)", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10}
+_UNITS.update({"m": 1 << 20, "mb": 1 << 20, "mib": 1 << 20})
+
+
+def _size(what: str, *, low: int) -> Callable[[object, str], int]:
+    """Bytes: a whole number, or with a K/M suffix (KiB, MiB), e.g. 256K."""
+
+    def parse(raw: object, source: str) -> int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            value = raw
+        else:
+            match = _SIZE.fullmatch(raw.strip()) if isinstance(raw, str) else None
+            if match is None:
+                raise ConfigError(source, raw, what)
+            unit = match.group(2).lower()
+            value = int(match.group(1)) * _UNITS[unit]
+        if not low <= value <= 1 << 40:
             raise ConfigError(source, raw, what)
         return value
 
@@ -596,6 +634,16 @@ _PARSERS: Final[dict[str, tuple[str, Callable[[Any, str], Any]]]] = {
         "THROTTLE_LIVE_LIMITS_TTL",
         _positive("seconds > 0, at most a year, e.g. 604800 (a week)", high=365 * 86400.0),
     ),
+    "body_buffer_bytes": (
+        "THROTTLE_BODY_BUFFER",
+        _size("bytes >= 0 read ahead per request, e.g. 262144 or 256K", low=0),
+    ),
+    "body_buffer_total_bytes": (
+        "THROTTLE_BODY_BUFFER_TOTAL",
+        _size("bytes >= 1 read ahead per process in all, e.g. 32M", low=1),
+    ),
+    "receive_timeout_s": ("THROTTLE_RECEIVE_TIMEOUT", _seconds("seconds > 0, e.g. 30")),
+    "client_hold_s": ("THROTTLE_CLIENT_HOLD", _seconds("seconds > 0, e.g. 2")),
 }
 
 

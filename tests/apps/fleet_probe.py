@@ -11,17 +11,24 @@ releases its lease; `/_probe` reports it. Configured by ``THROTTLE_*`` only.
 Routes: ``/work`` (normal; ``?ms=`` holds it that long, ``&stream=1`` sends the
 headers first and the end of the body after that time), ``/critical`` and
 ``/low`` (those priorities), ``/hold`` (held until ``/_unhold``), and the exempt
-``/_probe``, ``/_unhold`` and ``/healthz``.
+``/_probe``, ``/_unhold``, ``/_sentinel`` (see `sentinel`) and ``/healthz``.
+
+With ``PROBE_LOG_REDIS=1`` the backend's Redis messages (lost, back) are
+written to stderr with their wall-clock time: ``redis-log <time> <message>``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import random
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -30,6 +37,15 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from throttle_mw import ThrottleMiddleware, priority
+from throttle_mw.backends.base import Backend
+
+if os.environ.get("PROBE_LOG_REDIS") == "1":
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(logging.Formatter("redis-log %(created).3f %(message)s"))
+    _redis_log = logging.getLogger("throttle_mw.redis")
+    _redis_log.addHandler(_handler)
+    _redis_log.setLevel(logging.INFO)
+    _redis_log.propagate = False
 
 #: (wall-clock time, tenant, priority, outcome) of every admission, in order.
 admissions: list[tuple[float, str, str, str]] = []
@@ -149,6 +165,63 @@ async def probe(request: Request) -> Response:
     return JSONResponse(body)
 
 
+def _backend(request: Request) -> Backend:
+    node = request.app.middleware_stack
+    while not isinstance(node, ThrottleMiddleware):
+        node = node.app
+    assert node.backend is not None
+    return node.backend
+
+
+@priority("exempt")
+async def sentinel(request: Request) -> Response:
+    """Sentinel reads through the throttle's own Redis connections (CVE-2023-28858/9's class).
+
+    First ``n`` snapshot calls are cancelled at random points mid-flight (as a
+    metrics scrape's timeout does); then ``n`` ECHOs of unique tokens go through
+    the same pool at once, with ``n`` snapshots: a reply read by the wrong
+    caller shows up as an ECHO of someone else's token or a snapshot that does
+    not parse. Errors (the proxy cut a call) are counted apart from mismatches.
+    """
+    backend: Any = _backend(request)
+    n = int(request.query_params.get("n", "32"))
+    counts = {"cancelled": 0, "echo_ok": 0, "mismatches": 0, "errors": 0, "snapshots_ok": 0}
+
+    async def cut() -> None:
+        try:
+            await asyncio.wait_for(backend.snapshot(), timeout=random.uniform(0.0, 0.02))
+        except TimeoutError:
+            counts["cancelled"] += 1
+        except (RedisError, OSError):
+            counts["errors"] += 1
+
+    async def echo(i: int) -> None:
+        token = f"sentinel-{os.getpid()}-{i}-{random.getrandbits(64)}".encode()
+        try:
+            clients = backend._clients  # the pool the throttle's calls use
+            assert clients is not None
+            reply = await clients.calls.echo(token)
+        except (RedisError, OSError):
+            counts["errors"] += 1
+            return
+        counts["echo_ok" if reply == token else "mismatches"] += 1
+
+    async def snapshot() -> None:
+        try:
+            state = await backend.snapshot()
+        except (RedisError, OSError):
+            counts["errors"] += 1
+        except ValueError:  # not the JSON the snapshot script returns: someone else's reply
+            counts["mismatches"] += 1
+        else:
+            ok = isinstance(state.in_flight, int) and state.in_flight >= 0
+            counts["snapshots_ok" if ok else "mismatches"] += 1
+
+    await asyncio.gather(*(cut() for _ in range(n)))
+    await asyncio.gather(*(echo(i) for i in range(n)), *(snapshot() for _ in range(n)))
+    return JSONResponse(counts)
+
+
 @priority("exempt")
 async def healthz(request: Request) -> Response:
     return PlainTextResponse("ok")
@@ -162,6 +235,7 @@ app = Starlette(
         Route("/hold", hold),
         Route("/_unhold", unhold),
         Route("/_probe", probe),
+        Route("/_sentinel", sentinel),
         Route("/healthz", healthz),
     ],
     # The first is outermost: the counter runs inside the throttle.

@@ -5,23 +5,31 @@ with ±20 % jitter (docs/design.md: real services jitter, and fixed times make t
 slots phase-lock). The throttle is configured only by ``THROTTLE_*``. Other
 routes exercise streaming, failures, uploads and slow responses; ``/_budget``
 (exempt) shows the live budget so tests can check that nothing leaked, and
-``/_running`` how many requests the app is running right now.
+``/_running`` how many requests the app is running right now. ``/big`` streams
+``?mb=`` MiB in 64 KiB chunks (for stalled readers); ``/_body`` (exempt) shows
+the middleware's read-ahead buffers and the process's resident memory. ``/ws``
+echoes websocket messages, and the app's own lifespan prints
+``story lifespan: startup`` and ``story lifespan: shutdown`` (both untouched by
+the throttle).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hashlib
 import os
 import random
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from throttle_mw import Settings, ThrottleMiddleware, priority
 from throttle_mw.backends import make_backend
@@ -79,6 +87,24 @@ async def stream(request: Request) -> Response:
     return StreamingResponse(body(), media_type="text/plain")
 
 
+_CHUNK = b"x" * 65536
+
+
+async def big(request: Request) -> Response:
+    chunks = int(float(request.query_params.get("mb", "64")) * 16)
+
+    async def body() -> AsyncIterator[bytes]:
+        global _running
+        _running += 1
+        try:
+            for _ in range(chunks):
+                yield _CHUNK
+        finally:
+            _running -= 1
+
+    return StreamingResponse(body(), media_type="application/octet-stream")
+
+
 async def boom(request: Request) -> Response:
     await asyncio.sleep(0.01)
     raise RuntimeError("the app failed")
@@ -118,18 +144,55 @@ async def running(request: Request) -> Response:
     return JSONResponse({"running": _running})
 
 
+def _rss_kib() -> int:
+    status = Path("/proc/self/status").read_text()  # procfs: no disk to wait for
+    return next(int(line.split()[1]) for line in status.splitlines() if line[:6] == "VmRSS:")
+
+
+@priority("exempt")
+async def body_buffers(request: Request) -> Response:
+    node = request.app.middleware_stack
+    while node is not None and not isinstance(node, ThrottleMiddleware):
+        node = getattr(node, "app", None)
+    rss_kib = _rss_kib()
+    if node is None:
+        return JSONResponse({"rss_kib": rss_kib})
+    buffers = node.body_buffers
+    return JSONResponse(
+        {"used": buffers.used_bytes, "peak": buffers.peak_bytes, "rss_kib": rss_kib}
+    )
+
+
+async def ws_echo(websocket: WebSocket) -> None:
+    await websocket.accept()
+    with contextlib.suppress(WebSocketDisconnect):
+        while True:
+            await websocket.send_text(await websocket.receive_text())
+
+
+@contextlib.asynccontextmanager
+async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    print("story lifespan: startup", flush=True)
+    yield
+    print("story lifespan: shutdown", flush=True)
+
+
 def create_app() -> Starlette:
     app = Starlette(
         routes=[
             Route("/work", work),
             Route("/slow", slow),
             Route("/stream", stream),
+            Route("/big", big),
             Route("/boom", boom),
             Route("/upload", upload, methods=["POST"]),
             Route("/hello", hello),
             Route("/_budget", budget),
             Route("/_running", running),
-        ]
+            Route("/_body", body_buffers),
+            WebSocketRoute("/ws", ws_echo),
+        ],
+        lifespan=lifespan,
     )
     settings = Settings.from_env()
     backend = make_backend(settings) if settings.enabled else None

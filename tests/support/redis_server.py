@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
 
 import redis
@@ -37,6 +37,9 @@ from tests.support.servers import (
     spawn,
     wait_until,
 )
+
+if TYPE_CHECKING:
+    from tests.support.tls import TlsFiles
 
 __all__ = [
     "BINARY_ENV",
@@ -139,7 +142,9 @@ class RedisServer(Managed):
     """One redis-server process on a free port, in its own temp dir, without persistence.
 
     `cluster=True` also reserves the bus port (port + 10000) and enables cluster
-    mode; `RedisCluster` uses it. The process is started by `start()` or `with`.
+    mode; `RedisCluster` uses it. With `tls` (see tests/support/tls.py) it speaks
+    only TLS, on `port`, and `url` is a ``rediss://`` URL naming the CA. The
+    process is started by `start()` or `with`.
     """
 
     def __init__(
@@ -149,10 +154,12 @@ class RedisServer(Managed):
         args: Sequence[str] = (),
         binary: Path | None = None,
         cluster: bool = False,
+        tls: TlsFiles | None = None,
         startup_timeout_s: float = 20.0,
     ) -> None:
         self.binary = binary if binary is not None else redis_server_binary()
         self.password = password
+        self.tls = tls
         self.args = tuple(args)
         self.cluster = cluster
         self.startup_timeout_s = startup_timeout_s
@@ -170,6 +177,8 @@ class RedisServer(Managed):
     @property
     def url(self) -> str:
         auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        if self.tls is not None:
+            return f"rediss://{auth}{HOST}:{self.port}/0?ssl_ca_certs={quote(str(self.tls.ca))}"
         return f"redis://{auth}{HOST}:{self.port}/0"
 
     @property
@@ -197,6 +206,11 @@ class RedisServer(Managed):
         ]  # fmt: skip
         if self.password:
             argv += ["--requirepass", self.password]
+        if self.tls is not None:
+            argv[argv.index("--port") + 1] = "0"
+            argv += ["--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            argv += ["--tls-cert-file", str(self.tls.cert), "--tls-key-file", str(self.tls.key)]
+            argv += ["--tls-ca-cert-file", str(self.tls.ca)]
         if self.cluster:
             conf = str(self.dir / "nodes.conf")
             argv += ["--cluster-enabled", "yes", "--cluster-config-file", conf]
@@ -236,6 +250,8 @@ class RedisServer(Managed):
         Unlike redis-py's default it does not retry, so a test sees each failure.
         """
         options: dict[str, Any] = {"password": self.password, "retry": Retry(NoBackoff(), 0)}
+        if self.tls is not None:
+            options.update(ssl=True, ssl_ca_certs=str(self.tls.ca))
         options.update(kwargs)
         return redis.Redis(host=HOST, port=self.port, **options)
 

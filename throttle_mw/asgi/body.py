@@ -1,10 +1,16 @@
-"""Watch a queued request's ``receive`` for a disconnect without losing its body.
+"""Request bodies read ahead, so that a slot is held by the app's work, not a client's upload.
 
-While a request waits for budget, a background reader consumes ``receive`` so
-that a client going away is noticed at once. Whatever it reads is kept and
-replayed to the app, in order and byte for byte. Once the request is admitted
-the reader stops after its current read; it is never cancelled mid-read, so
-no message can be lost between it and the app.
+A request with a body reads it ahead before asking for budget (`read_ahead`: up
+to `THROTTLE_BODY_BUFFER` bytes, within `THROTTLE_RECEIVE_TIMEOUT`, which the
+caller enforces): a slow upload waits outside the budget. While a request is
+queued, a background reader watches ``receive`` for a disconnect (`watch`).
+Whatever was read is replayed to the app in order, byte for byte.
+
+Every byte buffered here counts against one `BodyBuffers` per middleware (the
+process's total, `THROTTLE_BODY_BUFFER_TOTAL`). When that is full, reading
+pauses, so clients wait on TCP back-pressure, until the app consumes what is
+buffered; a read that already started may add one more network read (at most
+64 KiB in uvicorn) beyond it.
 """
 
 from __future__ import annotations
@@ -14,50 +20,148 @@ from collections import deque
 
 from starlette.types import Message, Receive
 
-#: Body bytes read ahead while queued; past this the reader stops (and the
-#: client's upload waits on TCP back-pressure until the request is admitted).
-BUFFER_LIMIT = 256 * 1024
+from .hold import ClientHold
 
 
-class QueuedReceive:
-    def __init__(self, receive: Receive, limit: int = BUFFER_LIMIT) -> None:
+class BodyBuffers:
+    """The bytes of request bodies buffered in one process at once, bounded in total."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+        #: The most ever buffered at once (for operators and the slow-client tests).
+        self.peak_bytes = 0
+        self._freed: asyncio.Event | None = None
+
+    def take(self, size: int) -> None:
+        self.used_bytes += size
+        if self.used_bytes > self.peak_bytes:
+            self.peak_bytes = self.used_bytes
+
+    def give(self, size: int) -> None:
+        self.used_bytes -= size
+        freed = self._freed
+        if freed is not None and self.used_bytes < self.limit_bytes:
+            self._freed = None
+            freed.set()
+
+    async def room(self) -> None:
+        """Return once there is room for more (at once, unless the total is reached)."""
+        while self.used_bytes >= self.limit_bytes:
+            if self._freed is None:
+                self._freed = asyncio.Event()
+            await self._freed.wait()
+
+
+class RequestBody:
+    """One request's ``receive``: what was read ahead first, then the server's own."""
+
+    def __init__(self, receive: Receive, buffers: BodyBuffers, limit_bytes: int) -> None:
         self._receive = receive
-        self._limit = limit
-        self._buffer: deque[Message] = deque()
-        self._buffered = 0
-        self._stopping = False
+        self._buffers = buffers
+        self._limit = limit_bytes
+        self._chunks: deque[bytes] = deque()
+        self._held = 0  # bytes in _chunks, counted in _buffers
+        #: The body's last message has been read (from the server).
+        self.complete = False
+        self._replayed_end = False  # the app has been given the body's last message
+        self._gone: Message | None = None  # the http.disconnect read ahead
         self.disconnected = asyncio.Event()
-        self._reader: asyncio.Task[None] | None = asyncio.create_task(self._read())
+        self._reader: asyncio.Task[None] | None = None
+        self._stopping = False
+        #: Set once admitted if the body is only partly read: times the app's reads of the rest.
+        self.hold: ClientHold | None = None
 
-    async def _read(self) -> None:
-        while not self._stopping and self._buffered < self._limit:
-            message = await self._receive()
-            self._buffer.append(message)
-            if message["type"] == "http.disconnect":
-                self.disconnected.set()
-                return
-            self._buffered += len(message.get("body", b""))
+    @property
+    def partial(self) -> bool:
+        """Read up to the buffer's limit, with more of the body still to come."""
+        return not self.complete and self._gone is None
+
+    async def read_ahead(self) -> None:
+        """Read until the body is complete, the buffer is full or the client leaves.
+
+        The caller bounds the time; a read cancelled by its timeout loses nothing
+        that matters, as the request is then answered with a 408.
+        """
+        while not self.complete and self._gone is None and self._held < self._limit:
+            await self._buffers.room()
+            self._keep(await self._receive())
+
+    def watch(self) -> None:
+        """While queued: read on in the background to notice a disconnect.
+
+        Never past the body's buffer (though always one message, so a request
+        without a body is watched even with a buffer of 0): a partly read body
+        is not watched.
+        """
+        if self._reader is None and (self.complete or self._may_read()):
+            self._reader = asyncio.create_task(self._watch())
+
+    def _may_read(self) -> bool:
+        return self._held == 0 or self._held < self._limit
+
+    async def _watch(self) -> None:
+        while not self._stopping and self._gone is None:
+            if not self.complete:
+                if not self._may_read():
+                    return
+                await self._buffers.room()
+            self._keep(await self._receive())
+
+    def _keep(self, message: Message) -> None:
+        if message["type"] != "http.request":
+            self._gone = message
+            self.disconnected.set()
+            return
+        chunk = message.get("body", b"")
+        if chunk:
+            self._chunks.append(chunk)
+            self._held += len(chunk)
+            self._buffers.take(len(chunk))
+        if not message.get("more_body", False):
+            self.complete = True
 
     def admit(self) -> None:
-        """Stop reading ahead; the app now reads through `receive`."""
+        """Stop reading ahead after the current read; the app now reads through `receive`."""
         self._stopping = True
 
     async def receive(self) -> Message:
         while True:
-            if self._buffer:
-                return self._buffer.popleft()
+            if self._chunks:
+                chunk = self._chunks.popleft()
+                self._held -= len(chunk)
+                self._buffers.give(len(chunk))
+                more = bool(self._chunks) or not self.complete
+                self._replayed_end = not more
+                return {"type": "http.request", "body": chunk, "more_body": more}
+            if self.complete and not self._replayed_end:
+                self._replayed_end = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            if self._gone is not None:
+                return self._gone
             reader = self._reader
             if reader is None:
-                return await self._receive()
+                break
             if not reader.done():
                 # Shielded: if the app cancels this read, the reader's message stays
                 # buffered for the app's next call instead of being lost.
                 await asyncio.shield(reader)
             self._reader = None
             reader.result()  # propagate a failure of the server's receive
+        if self.complete or self.hold is None:
+            return await self._receive()
+        # The rest of a body beyond the buffer: waiting for it is waiting on the client.
+        message = await self.hold.wait(self._receive())
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            self.complete = True
+        return message
 
     def close(self) -> None:
-        """The response is done: a read still pending can only be a disconnect."""
+        """The request is done: give back what is still buffered; stop the reader."""
         if self._reader is not None and not self._reader.done():
             self._reader.cancel()
         self._reader = None
+        if self._held:
+            self._buffers.give(self._held)
+            self._held = 0
+        self._chunks.clear()

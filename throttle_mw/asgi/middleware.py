@@ -1,15 +1,17 @@
 """`ThrottleMiddleware`: pure ASGI glue between the server, the backend and the app.
 
-Per HTTP request: resolve tag and tenant; ask the backend; wait in the queue
-while watching for a disconnect; reject with a problem document, or run the app
-and give the lease back on the last body chunk, on an exception or on a
-disconnect. Lifespan and websocket scopes pass through (lifespan also starts
-and stops the backend).
+Per HTTP request: resolve tag and tenant; read a body ahead (slow uploads wait
+outside the budget); ask the backend; wait in the queue while watching for a
+disconnect; reject with a problem document, or run the app and give the lease
+back on the last body chunk, on an exception, on a disconnect, or once the app
+has waited on a slow client for `THROTTLE_CLIENT_HOLD`. Lifespan and websocket
+scopes pass through (lifespan also starts and stops the backend).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Sequence
@@ -23,8 +25,9 @@ from ..observe import EventKind, Observer, ThrottleEvent
 from ..priorities import Priority, make_tag
 from ..scheduler import Limits, Reject, Request
 from ..settings import ConfigError, Settings
-from .body import QueuedReceive
-from .responses import send_bad_request, send_rejection
+from .body import BodyBuffers, RequestBody
+from .hold import ClientHold
+from .responses import send_bad_request, send_rejection, send_request_timeout
 from .routing import RouteTags
 from .shutdown import on_termination
 from .tenants import InvalidTenant, Tenants
@@ -36,6 +39,8 @@ _SHUTTING_DOWN = Reject("shutting_down", 1.0)
 _UNCONFIGURED = Reject("unavailable", 60.0)
 _new_tuple = tuple.__new__
 _NO_WAIT = b"throttle;dur=0.0"
+_HTTP1 = frozenset(("1.1", "1.0"))
+_BODY_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
 
 Outcome = Literal["admitted", "degraded", "unthrottled", "would_queue", "would_reject"]
 
@@ -107,6 +112,12 @@ class ThrottleMiddleware:
         self._draining_now = False  # the event's state, read per request without a call
         self._undo_signals: Any = None
         self._background: set[asyncio.Task[None]] = set()
+        # Slow clients (guarantee 15): bodies are read ahead, except in dry run (which
+        # must delay nothing) or when the operator turned it off (a buffer of 0).
+        self._read_ahead = settings.body_buffer_bytes > 0 and not settings.dry_run
+        self._body_limit = settings.body_buffer_bytes
+        #: Request body bytes buffered by this middleware (its process), bounded in total.
+        self.body_buffers = BodyBuffers(settings.body_buffer_total_bytes)
         self._backend = backend
         if settings.enabled and backend is None:
             self._backend = make_backend(settings)
@@ -223,15 +234,27 @@ class ThrottleMiddleware:
         )
         outcome: Admitted | Waiting | Reject | None
         started = 0.0
+        body: RequestBody | None = None
         if self._draining_now:
             outcome = _SHUTTING_DOWN
         else:
+            if self._read_ahead:
+                # A body is coming if the headers announce one (HTTP/2 and 3 need not).
+                maybe_body = scope["http_version"] not in _HTTP1
+                for name, value in scope["headers"]:
+                    if name in _BODY_HEADERS:
+                        maybe_body = name != b"content-length" or value.strip() != b"0"
+                        break
+                if maybe_body:
+                    body = await self._read_body(scope, request, receive, send)
+                    if body is None:
+                        return  # a 408 was sent, or the client went away
+                    receive = body.receive
             outcome = backend.decide_now(request)
             if outcome is None:
                 started = time.perf_counter()
                 outcome = await backend.acquire(request)
 
-        queued: QueuedReceive | None = None
         decided: Outcome = "admitted"
         reason: str | None = None
         waited_s = 0.0  # decided at once, in memory: microseconds, reported as 0.0 ms
@@ -240,12 +263,12 @@ class ThrottleMiddleware:
                 waited_s = time.perf_counter() - started
         else:
             started = started or time.perf_counter()
-            settled = await self._settle(scope, request, outcome, receive, send, started)
+            settled = await self._settle(scope, request, outcome, receive, send, started, body)
             if settled is None:
                 return  # rejected (the response is sent) or the client went away
-            outcome, decided, reason, queued = settled
-            if queued is not None:
-                receive = queued.receive
+            outcome, decided, reason, body = settled
+            if body is not None:
+                receive = body.receive
             waited_s = time.perf_counter() - started
         if self._observers and decided != "would_reject":
             kind: EventKind = "degraded" if outcome.degraded else "admitted"
@@ -272,21 +295,33 @@ class ThrottleMiddleware:
             timing += b';desc="%s"' % desc.encode("ascii")
         held = outcome.lease
         request_id = request.id
+        # Made when the app first waits on its client (streaming, or a body beyond the
+        # buffer): from then on that waiting counts against THROTTLE_CLIENT_HOLD.
+        hold: ClientHold | None = None
+        if body is not None and held and body.partial:
+            hold = body.hold = self._hold(request_id)
 
         # A plain function returning the server's own awaitable: no extra coroutine
         # per message. The lease goes back as the last body chunk is handed to the
         # server, so it is returned even if sending fails (the client went away).
         def send_wrapper(message: Message) -> Awaitable[None]:
-            nonlocal held
+            nonlocal held, hold
             kind = message["type"]
             if kind == "http.response.start":
                 message = {
                     **message,
                     "headers": [*message.get("headers", ()), (b"server-timing", timing)],
                 }
-            elif kind == "http.response.body" and held and not message.get("more_body", False):
-                held = False
-                backend.release(request_id)
+            elif kind == "http.response.body" and held:
+                if not message.get("more_body", False):
+                    held = False
+                    if hold is None or not hold.released:
+                        backend.release(request_id)
+                else:
+                    # More to come: a slow reader's back-pressure may hold this send up.
+                    if hold is None:
+                        hold = self._hold(request_id)
+                    return hold.send(send, message)
             return send(message)
 
         try:
@@ -294,9 +329,48 @@ class ThrottleMiddleware:
         finally:
             if held:
                 held = False
-                backend.release(request_id)
-            if queued is not None:
-                queued.close()
+                if hold is None or not hold.released:
+                    backend.release(request_id)
+            if body is not None:
+                body.close()
+
+    def _hold(self, request_id: str) -> ClientHold:
+        backend = self._backend
+        assert backend is not None
+        release = functools.partial(backend.release, request_id)
+        return ClientHold(self.settings.client_hold_s, release)
+
+    async def _read_body(
+        self, scope: Scope, request: Request, receive: Receive, send: Send
+    ) -> RequestBody | None:
+        """Read a request's body ahead, before it asks for budget (guarantee 15).
+
+        None if the request is finished here: the client went away, or the body
+        did not arrive within THROTTLE_RECEIVE_TIMEOUT (answered with 408).
+        """
+        body = RequestBody(receive, self.body_buffers, self._body_limit)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.settings.receive_timeout_s):
+                await body.read_ahead()
+        except TimeoutError:
+            body.close()
+            waited = time.perf_counter() - started
+            self._log_body_timeout(scope, request, waited)
+            self._emit(
+                ThrottleEvent(
+                    "rejected", request.tenant, request.priority, waited, 408, "body_timeout"
+                )
+            )
+            await send_request_timeout(send)
+            return None
+        except BaseException:
+            body.close()
+            raise
+        if body.disconnected.is_set():
+            body.close()
+            return None
+        return body
 
     async def _settle(
         self,
@@ -306,18 +380,20 @@ class ThrottleMiddleware:
         receive: Receive,
         send: Send,
         started: float,
-    ) -> tuple[Admitted, Outcome, str | None, QueuedReceive | None] | None:
+        body: RequestBody | None,
+    ) -> tuple[Admitted, Outcome, str | None, RequestBody | None] | None:
         """Everything but a plain admission: queueing, rejection, degradation, dry run.
 
         Returns what to run the app with, or None when the request is finished
-        here (a rejection was sent, or the client left while queued).
+        here (a rejection was sent, or the client left while queued). `body` is
+        the body read ahead, if any; queueing watches it (or a new one) for a
+        disconnect.
         """
         backend = self._backend
         assert backend is not None
         dry_run = self.settings.dry_run
         tenant, priority = request.tenant, request.priority
         decided: Outcome = "admitted"
-        queued: QueuedReceive | None = None
         if isinstance(outcome, Waiting):
             self._emit(ThrottleEvent("queued", tenant, priority, dry_run=dry_run))
             if dry_run:
@@ -325,15 +401,17 @@ class ThrottleMiddleware:
                 if isinstance(outcome, Reject):
                     decided, outcome = "would_queue", Admitted(request.id, unthrottled=True)
             else:
-                queued = QueuedReceive(receive)
-                result = await self._wait(backend, outcome, queued)
+                if body is None:
+                    body = RequestBody(receive, self.body_buffers, self._body_limit)
+                body.watch()
+                result = await self._wait(backend, outcome, body)
                 if result is None:
-                    queued.close()
+                    body.close()
                     waited = time.perf_counter() - started
                     self._emit(ThrottleEvent("left", tenant, priority, waited))
                     return None
                 outcome = result
-                queued.admit()
+                body.admit()
         if isinstance(outcome, Reject):
             waited = time.perf_counter() - started
             self._log_rejection(scope, request, outcome, waited)
@@ -343,16 +421,16 @@ class ThrottleMiddleware:
                 )
             )
             if not dry_run:
-                if queued is not None:
-                    queued.close()
+                if body is not None:
+                    body.close()
                 await send_rejection(send, outcome, backend.limits)
                 return None
-            return Admitted(request.id, unthrottled=True), "would_reject", outcome.reason, queued
+            return Admitted(request.id, unthrottled=True), "would_reject", outcome.reason, body
         if outcome.degraded:
             decided = "degraded"
         elif outcome.unthrottled and decided == "admitted":
             decided = "unthrottled"
-        return outcome, decided, None, queued
+        return outcome, decided, None, body
 
     def _emit(self, event: ThrottleEvent) -> None:
         for observer in self._observers:
@@ -362,7 +440,7 @@ class ThrottleMiddleware:
                 logger.exception("throttle_mw observer failed")
 
     async def _wait(
-        self, backend: Backend, waiting: Waiting, queued: QueuedReceive
+        self, backend: Backend, waiting: Waiting, queued: RequestBody
     ) -> Admitted | Reject | None:
         """Wait for a grant; None if the client left. Never leaves an entry behind."""
         loop = asyncio.get_running_loop()
@@ -434,5 +512,30 @@ class ThrottleMiddleware:
             fields["waited_ms"],
             request.id,
             " (dry run: not enforced)" if self.settings.dry_run else "",
+            extra={"throttle": fields},
+        )
+
+    def _log_body_timeout(self, scope: Scope, request: Request, waited_s: float) -> None:
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        path = scope.get("path", "")[:200]
+        fields = {
+            "request_id": request.id,
+            "tenant": request.tenant,
+            "priority": request.priority,
+            "method": scope.get("method", ""),
+            "path": path,
+            "status": 408,
+            "reason": "body_timeout",
+            "waited_ms": round(waited_s * 1000.0, 1),
+        }
+        logger.info(
+            "throttle answered 408 %s %s tenant=%s: body not received within %.3g s "
+            "(THROTTLE_RECEIVE_TIMEOUT) request_id=%s",
+            fields["method"],
+            path,
+            request.tenant,
+            self.settings.receive_timeout_s,
+            request.id,
             extra={"throttle": fields},
         )

@@ -133,3 +133,27 @@ async def send_bad_request(send: Send, detail: str) -> None:
     ]
     await send({"type": "http.response.start", "status": 400, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+REQUEST_TIMEOUT_BODY: Final = json.dumps(
+    {
+        "type": PROBLEM_TYPE + "body-timeout",
+        "title": "Request body too slow",
+        "status": 408,
+        "detail": "The request's body did not arrive in time.",
+        "reason": "body_timeout",
+    },
+    separators=(",", ":"),
+).encode("utf-8")
+
+
+async def send_request_timeout(send: Send) -> None:
+    """408 for a body that did not arrive in time; the connection closes (RFC 9110 15.5.9)."""
+    headers = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(REQUEST_TIMEOUT_BODY)).encode("ascii")),
+        (b"cache-control", b"no-store"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 408, "headers": headers})
+    await send({"type": "http.response.body", "body": REQUEST_TIMEOUT_BODY, "more_body": False})

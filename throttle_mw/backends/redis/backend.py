@@ -24,7 +24,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from ...scheduler import Admit, Enqueue, Granted, Limits, Reject, Request, Snapshot
 from ...settings import Settings
 from ..base import Admitted, Outcome, RequestIds, Waiting
-from . import connection, protocol
+from . import connection, diagnose, protocol
 from .admin import Budget
 from .batcher import Batcher
 from .fallback import Fallback
@@ -176,8 +176,9 @@ class RedisBackend(Recovery):
         self._started = False
 
     async def _ping(self, clients: connection.Clients) -> None:
-        """Say at start-up whether Redis answers. Information only: if it does not, the
-        failure mode applies until it does (the breaker opens and probes it)."""
+        """Say at start-up whether Redis answers, and if not why, in fixed words (a wrong
+        URL, password or CA is plain to see; no Redis text, no password). Information only:
+        the failure mode applies until it answers (the breaker opens and probes it)."""
         started = time.perf_counter()
         try:
             if self._settings.redis_cluster:
@@ -185,10 +186,10 @@ class RedisBackend(Recovery):
             await clients.calls.ping()
         except (RedisError, RedisClusterException, OSError) as exc:
             logger.warning(
-                "throttle_mw: Redis at %s did not answer at start-up (%s); failure mode %r "
-                "until it does",
+                "throttle_mw: Redis at %s cannot be used at start-up: %s; failure mode %r "
+                "until it can",
                 self.endpoint,
-                type(exc).__name__,
+                diagnose.describe(exc),
                 self._settings.failure_mode,
             )
             self._breaker.failure()

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .protocol import Op
 
@@ -27,6 +28,8 @@ logger = logging.getLogger("throttle_mw.redis")
 Call = Callable[[Sequence[Op], bool], Awaitable[list[str]]]
 
 MAX_BATCH = 256
+#: Failures that mean Redis did not answer at all (not an error reply).
+_UNANSWERED = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
 
 
 @dataclass(eq=False)
@@ -100,6 +103,12 @@ class Batcher:
                 # marking acquires as retries so they are answered, not redone.
                 results = await self._call(ops, True)
         except Exception as exc:
+            if isinstance(exc, _UNANSWERED):
+                # Redis did not answer (down, frozen, cut off): what queued up behind this
+                # call would only wait for the same silence once more. It fails now too,
+                # so its callers apply the failure mode after one Redis timeout, not two.
+                batch += self._pending
+                self._pending = []
             for pending in batch:
                 future = pending.future
                 if future is None:
