@@ -26,6 +26,7 @@ from demo_app.loadtest.engine import Record, Route, Scenario, TenantLoad, run
 from tests.support.redis_server import RedisServer
 from tests.support.servers import AppServer
 from tests.test_e2e_story import serve
+from throttle_mw.backends.redis.learner import STATE_FIELD
 
 pytestmark = pytest.mark.e2e
 
@@ -179,6 +180,7 @@ def test_four_processes_learn_one_limit_and_a_fifth_uses_it_at_once(
     duration, join_at = AFTER[1] + 1.0, 10.0
     samples: list[tuple[float, int, int]] = []  # (time, learned limit, peak at the app)
     joined: dict[str, Any] = {}
+    reasons: list[tuple[float, Any]] = []  # the stored state: why each step went
 
     async def watch() -> None:
         loop = asyncio.get_running_loop()
@@ -187,6 +189,7 @@ def test_four_processes_learn_one_limit_and_a_fifth_uses_it_at_once(
             while loop.time() - t0 < duration:
                 await asyncio.sleep(0.25)
                 learned = int(store.hget(cfg, "learned") or 0)
+                reasons.append((round(loop.time() - t0, 2), store.hget(cfg, STATE_FIELD)))
                 peak = (await client.get(f"{backend.url}/_running?reset=1")).json()["peak"]
                 samples.append((loop.time() - t0, learned, peak))
 
@@ -230,7 +233,7 @@ def test_four_processes_learn_one_limit_and_a_fifth_uses_it_at_once(
         if peak > max(prev[1], cur) + FLEET + 1
     ]
     print({"served": served, "goodput/capacity": ratio, "limits": limits, "over": over,
-           "joined": joined, "after the drop": after})  # fmt: skip
+           "joined": joined, "after the drop": after, "steps": reasons[::4]})  # fmt: skip
     assert not over, over
     assert all(SLOTS <= n <= 1.5 * SLOTS for n in limits), limits
     assert all(SLOTS // 2 <= n <= 1.5 * SLOTS // 2 for n in after["limits"]), after

@@ -183,9 +183,11 @@ async def test_one_step_per_window_for_the_whole_fleet(clean_redis_server: Redis
     clock = [1000.0]
     learners = [_learner(f"p{i}", clock, config) for i in range(4)]
     try:
-        for _ in range(3):
+        # Four windows; the first claimant sees only its own 30 samples, too few for a
+        # first baseline (100): it keeps them for the next step, so three steps are taken.
+        for _ in range(4):
             for learner in learners:
-                for _ in range(5):
+                for _ in range(30):  # the fleet's window: enough for a first baseline
                     learner.observe(Sample(0.01, False, 3))
             took = [await learner.flush(client) for learner in learners]
             assert sum(took) == 1, took  # one claimant per window, whoever comes first

@@ -1,0 +1,177 @@
+"""A simulated app of `c` slots behind a learned concurrency limit, on a fake clock.
+
+Discrete events, seeded, no sleeps: time jumps from one arrival, completion or
+estimator poll to the next, so a minute of simulated traffic takes well under a
+second. The pieces, as in production:
+
+- the load: open-loop Poisson arrivals at a rate that may change over time;
+- the limiter (the middleware): admits while in flight < the estimator's limit,
+  else queues the request outside the app (bounded length, bounded wait; a
+  request that waited too long is dropped when its turn comes);
+- the app: `slots` workers (like threads) and a FIFO queue inside the app beyond
+  them; service times jittered around a mean (uniform within ±50%, or lognormal
+  for a heavier tail), optionally failing a share of requests;
+- the estimator: one `Sample` per finished request, with its time from
+  admission to completion (the wait in the app's own queue included: that is
+  the overload signal) and the in flight at its admission.
+
+Slots, mean service time, load and failure share are step schedules: tuples of
+``(from_s, value)``, so a test can halve the slots or double the work midway.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from throttle_mw.scheduler.limit import LimitConfig, LimitEstimator, LimitState, Sample
+
+#: A value that changes over time: ``(from_s, value)`` pairs, the first from 0.
+Schedule = Sequence[tuple[float, float]]
+Jitter = Literal["uniform", "lognormal"]
+
+_ARRIVE, _DONE, _POLL = 0, 1, 2
+
+
+def at(schedule: Schedule, now: float) -> float:
+    """The schedule's value at `now`."""
+    value = schedule[0][1]
+    for start, v in schedule:
+        if start > now:
+            break
+        value = v
+    return value
+
+
+def _next_change(schedule: Schedule, now: float) -> float:
+    return next((start for start, _ in schedule if start > now), math.inf)
+
+
+def service_sampler(jitter: Jitter, sigma: float = 0.6) -> Callable[[random.Random, float], float]:
+    """Service times around a mean: uniform within ±50%, or lognormal with `sigma` (the
+    log's standard deviation; 0.6 puts p99 near 4x the median) scaled to the mean."""
+    if jitter == "uniform":
+        return lambda rng, mean: mean * (0.5 + rng.random())
+    shift = -0.5 * sigma * sigma
+    return lambda rng, mean: mean * math.exp(rng.gauss(shift, sigma))
+
+
+@dataclass
+class AppModel:
+    """Run with `run(until)`, as often as needed; read the records in between."""
+
+    slots: Schedule
+    mean_s: Schedule
+    load: Schedule  # arrivals per second
+    config: LimitConfig = field(default_factory=LimitConfig)
+    jitter: Jitter = "uniform"
+    fail_share: Schedule = ((0.0, 0.0),)
+    queue_limit: int = 1000
+    max_wait_s: float = 2.0
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+        self.service = service_sampler(self.jitter)
+        self.estimator = LimitEstimator(self.config, 0.0)
+        self.now = 0.0
+        self.in_flight = 0  # admitted, not finished: in service or in the app's queue
+        self.busy = 0  # in service
+        self.app_queue: deque[tuple[float, int, bool]] = deque()
+        self.waiting: deque[float] = deque()  # the limiter's queue: arrival times
+        self._events: list[tuple[float, int, int, tuple[float, int, bool]]] = []
+        self._seq = 0
+        #: Records: the limit in force after every poll and every state the estimator
+        #: went through, counts, the peak in flight (reset it to measure a stretch).
+        self.limits: list[tuple[float, int]] = [(0.0, self.estimator.limit)]
+        self.states: list[LimitState] = [self.estimator.state]
+        self.completed = 0
+        self.rejected = 0
+        self.peak_in_flight = 0
+        self._push(self._next_arrival(0.0), _ARRIVE, (0.0, 0, False))
+        self._push(self.estimator.next_due, _POLL, (0.0, 0, False))
+
+    # --- reading the records ---------------------------------------------------------
+
+    def limits_between(self, start: float, end: float) -> list[int]:
+        return [limit for t, limit in self.limits if start <= t < end]
+
+    def limit_at(self, now: float) -> int:
+        return next(limit for t, limit in reversed(self.limits) if t <= now)
+
+    # --- the event loop --------------------------------------------------------------
+
+    def run(self, until: float) -> None:
+        events = self._events
+        while events and events[0][0] <= until:
+            now, _, kind, item = heapq.heappop(events)
+            self.now = now
+            if kind == _ARRIVE:
+                self._arrive(now)
+            elif kind == _DONE:
+                self._done(now, item)
+            else:
+                self.estimator.poll(now)
+                self.limits.append((now, self.estimator.limit))
+                if self.estimator.state is not self.states[-1]:
+                    self.states.append(self.estimator.state)
+                self._start_service(now)
+                self._admit_waiting(now)
+                self._push(self.estimator.next_due, _POLL, item)
+        self.now = until
+
+    def _push(self, when: float, kind: int, item: tuple[float, int, bool]) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (when, self._seq, kind, item))
+
+    def _next_arrival(self, now: float) -> float:
+        while (rate := at(self.load, now)) <= 0.0:
+            now = _next_change(self.load, now)
+            if now == math.inf:
+                return math.inf
+        return now + self.rng.expovariate(rate)
+
+    def _arrive(self, now: float) -> None:
+        self._push(self._next_arrival(now), _ARRIVE, (0.0, 0, False))
+        if self.in_flight < self.estimator.limit and not self.waiting:
+            self._admit(now)
+        elif len(self.waiting) < self.queue_limit:
+            self.waiting.append(now)
+        else:
+            self.rejected += 1
+
+    def _admit(self, now: float) -> None:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        failed = self.rng.random() < at(self.fail_share, now)
+        self.app_queue.append((now, self.in_flight, failed))
+        self._start_service(now)
+
+    def _start_service(self, now: float) -> None:
+        slots = at(self.slots, now)
+        while self.busy < slots and self.app_queue:
+            self.busy += 1
+            item = self.app_queue.popleft()
+            self._push(now + self.service(self.rng, at(self.mean_s, now)), _DONE, item)
+
+    def _done(self, now: float, item: tuple[float, int, bool]) -> None:
+        admitted_at, in_flight, failed = item
+        self.busy -= 1
+        self.in_flight -= 1
+        self.completed += 1
+        self.estimator.observe(Sample(now - admitted_at, failed, in_flight))
+        self._start_service(now)
+        self._admit_waiting(now)
+
+    def _admit_waiting(self, now: float) -> None:
+        while self.waiting and self.in_flight < self.estimator.limit:
+            arrived = self.waiting.popleft()
+            if now - arrived <= self.max_wait_s:
+                self._admit(now)
+            else:
+                self.rejected += 1

@@ -1,0 +1,23 @@
+"""One finished admitted request: what the limit estimator learns from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """A finished admitted request, reported once when its response is done.
+
+    - `service_s`: seconds from its admission to its last body chunk (or to the
+      app raising, or to the client leaving); the wait in the throttle's queue is
+      not included, the wait in the app's own queue is (that is the overload signal).
+    - `failed`: the app answered 5xx or raised, or the client timed out or left
+      before the response ended.
+    - `in_flight`: the process's requests in flight when it was admitted,
+      itself included.
+    """
+
+    service_s: float
+    failed: bool
+    in_flight: int
