@@ -269,6 +269,8 @@ async def _budget(
     }
     if backend is None:
         return budget, {}
+    # What this process last learned, without I/O: still there when Redis is not.
+    budget["concurrency"] = backend.limits.concurrency
     try:
         snap = await asyncio.wait_for(backend.snapshot(), SNAPSHOT_TIMEOUT_S)
     except Exception:  # e.g. Redis down: the page still shows the rates, never a 500
