@@ -4,7 +4,8 @@
 with ±20 % jitter (docs/design.md: real services jitter, and fixed times make the
 slots phase-lock). The throttle is configured only by ``THROTTLE_*``. Other
 routes exercise streaming, failures, uploads and slow responses; ``/_budget``
-(exempt) shows the live budget so tests can check that nothing leaked, and
+(exempt) shows the live budget so tests can check that nothing leaked (and the
+concurrency limit in force, learned or set), and
 ``/_running`` how many requests the app is running right now (and ``POST
 /_slots?n=`` changes how many slots it has, mid-run). ``/big`` streams
 ``?mb=`` MiB in 64 KiB chunks (for stalled readers); ``/_body`` (exempt) shows
@@ -159,12 +160,18 @@ async def budget(request: Request) -> Response:
     if backend is None:
         return JSONResponse({"enabled": False})
     snapshot = await backend.snapshot()
+    limits, learned = snapshot.limits, snapshot.learned
     return JSONResponse(
         {
             "tokens": snapshot.tokens,
             "in_flight": snapshot.in_flight,
             "waiting": sum(snapshot.queued_by_priority.values()),
             "tenants": snapshot.tenants,
+            # The concurrency limit in force (learned or set) and the learner's state.
+            "concurrency": None if limits is None else limits.concurrency,
+            "learned": None if learned is None else learned.limit,
+            "baseline_ms": None if learned is None else learned.baseline_s * 1000.0,
+            "reason": None if learned is None else learned.reason,
         }
     )
 
