@@ -90,10 +90,14 @@ def serve(
     log_path: Path,
     expect_body: bytes,
     path: str = "/",
+    app: str = "bench.apps:make_app",
+    factory: bool = True,
 ) -> Iterator[Server]:
     """Serve `variant` with `env` on a free port; yield it once it answers 200.
 
-    A port taken in between (another process raced us for it) is retried on another.
+    `app` is what uvicorn serves (a factory unless `factory` is false): by default the
+    variants' builder. A port taken in between (another process raced us for it) is
+    retried on another.
     """
     for attempt in range(_PORT_ATTEMPTS):
         port = _free_port()
@@ -102,8 +106,8 @@ def serve(
             sys.executable,
             "-m",
             "uvicorn",
-            "bench.apps:make_app",
-            "--factory",
+            app,
+            *(["--factory"] if factory else []),
             "--app-dir",
             str(ROOT),
             "--host",

@@ -6,7 +6,9 @@ the ``THROTTLE_*`` variables, as a user would configure it; the app by
 submissions are critical, dashboards low, live stats sheddable with a degraded
 answer, and the health check, the page and its JSON are exempt. ``/metrics``
 serves the throttle's Prometheus metrics (exempt too); with several workers,
-set ``PROMETHEUS_MULTIPROC_DIR`` (see docs/operations.md).
+set ``PROMETHEUS_MULTIPROC_DIR`` (see docs/operations.md). With
+``SURVEYTOOL_ADMIN=true``, ``POST /api/admin/store?slots=N`` changes the store's
+slots live (a database that slows down), exempt too.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from throttle_mw.backends import Backend, make_backend
 from throttle_mw.metrics import ThrottleMetrics
 
 from .config import AppConfig
+from .history import LimitHistory
 from .page import page as page_html
 from .payloads import read_submission
 from .publish import FleetStats
@@ -100,6 +103,12 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
             replica=config.replica,
         )
     cache = LiveCache()
+
+    def limit_now() -> tuple[int | None, int, int]:
+        limit = backend.limits.concurrency if backend is not None else None
+        return limit, store.slots, store.busy
+
+    history = LimitHistory(limit_now)
     # A registry per app (tests build several); with PROMETHEUS_MULTIPROC_DIR the values
     # live in that folder's files and every worker's are served.
     metrics = ThrottleMetrics(registry=CollectorRegistry(), backend=backend, tenants=STORY_TENANTS)
@@ -115,9 +124,12 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
         # tenant's p99. They are never garbage, so nothing leaks.
         gc.collect()
         gc.freeze()
+        sampling = asyncio.create_task(history.run())
         try:
             yield
         finally:
+            sampling.cancel()
+            await asyncio.gather(sampling, return_exceptions=True)
             if fleet is not None:
                 await fleet.stop()
             await store.stop()
@@ -190,6 +202,19 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
     async def page() -> HTMLResponse:
         return HTMLResponse(page_html(), headers={"Cache-Control": "no-store"})
 
+    @app.post("/api/admin/store")
+    @priority("exempt")
+    async def admin_store(slots: Annotated[int, Query(ge=1, le=1024)]) -> dict[str, int]:
+        """Change the store's slots live (``SURVEYTOOL_ADMIN=true`` only): the demo's
+        database slowing down midway, to show the learned limit following."""
+        if not config.admin:
+            raise HTTPException(404, "Not Found")
+        try:
+            store.resize(slots)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        return {"slots": store.slots}
+
     @app.get("/api/throttle/stats")
     @priority("exempt")
     async def throttle_stats() -> JSONResponse:
@@ -212,9 +237,10 @@ def create_app(config: AppConfig | None = None) -> FastAPI:
                 "slots": store.slots,
                 "busy": store.busy,
                 "waiting": store.waiting,
-                "capacity_per_s": round(config.capacity_per_s, 1),
+                "capacity_per_s": round(store.capacity_per_s, 1),
             },
             "tenants": _tenant_rows(rates, depths),
+            "history": history.to_json(),
         }
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
@@ -232,7 +258,9 @@ async def _budget(
         "available": True,
         "rate": settings.rate if settings else None,
         "burst": settings.burst if settings else None,
-        "concurrency": settings.concurrency if settings else None,
+        #: The concurrency limit in force (learned or set); `learned` says how it was learned.
+        "concurrency": _set_concurrency(settings),
+        "learned": None,
         "tokens": None,
         "in_flight": 0,
         "queued": {},
@@ -254,7 +282,22 @@ async def _budget(
         queued_total=sum(snap.queued_by_priority.values()),
         tenants=snap.tenants,
     )
+    if snap.limits is not None:
+        budget["concurrency"] = snap.limits.concurrency
+    if snap.learned is not None:
+        budget["learned"] = {
+            "limit": round(snap.learned.limit, 2),
+            "baseline_ms": round(snap.learned.baseline_s * 1000.0, 1),
+            "reason": snap.learned.reason,
+        }
     return budget, {t.tenant: t.queued for t in snap.busiest}
+
+
+def _set_concurrency(settings: Settings | None) -> int | None:
+    """The configured concurrency limit; None when unset or learned (the snapshot says)."""
+    if settings is None or not isinstance(settings.concurrency, int):
+        return None
+    return settings.concurrency
 
 
 def _tenant_rows(rates: list[TenantRates], depths: dict[str, int]) -> list[dict[str, Any]]:

@@ -60,6 +60,9 @@ class AppConfig:
     api_keys: Mapping[str, str] = field(default_factory=dict)
     #: Names this process in the fleet-wide live stats.
     replica: str = field(default_factory=lambda: _default_replica())
+    #: Serve ``POST /api/admin/store?slots=N`` (change the store's slots live, as the
+    #: demo's slowdown story does). Off by default: anyone could call it.
+    admin: bool = False
 
     @property
     def capacity_per_s(self) -> float:
@@ -86,6 +89,8 @@ class AppConfig:
             if not _REPLICA.fullmatch(raw):
                 raise AppConfigError("SURVEYTOOL_REPLICA", raw, "1-64 letters, digits and . _ -")
             values["replica"] = raw
+        if raw := env.get("SURVEYTOOL_ADMIN", "").strip():
+            values["admin"] = _bool("SURVEYTOOL_ADMIN", raw)
         return cls(**values)  # type: ignore[arg-type]
 
 
@@ -102,6 +107,13 @@ def _int(variable: str, raw: str, low: int, high: int) -> int:
     if not low <= value <= high:
         raise AppConfigError(variable, raw, f"a whole number in [{low}, {high}]")
     return value
+
+
+def _bool(variable: str, raw: str) -> bool:
+    value = raw.lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise AppConfigError(variable, raw, "true or false")
+    return value in ("true", "1", "yes")
 
 
 def _float(variable: str, raw: str, low: float, high: float) -> float:

@@ -8,6 +8,11 @@ side by side with one PASS/FAIL line per claim of the story, and writes the
 charts and a report into ``--out`` (default ``./surveytool-report/``). With the
 defaults it takes about 90 s.
 
+``--budget auto`` (the default) sets no budget number: the concurrency limit is
+learned from the store's latency; ``--budget static`` sets the rate and
+concurrency an operator who knows the capacity would. ``--slowdown``: the store
+loses half its slots midway through each phase, and the limit must follow.
+
 How it measures (docs/design.md, "Measuring the story honestly"): open-loop load,
 latency from when each request was due, served rates by completion time in
 the steady window. Besides: the app and the load generator run on different
@@ -30,6 +35,7 @@ import signal
 import sys
 import tempfile
 import time
+from asyncio import CancelledError
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +60,7 @@ from demo_app.fleet import (
 from demo_app.loadtest.engine import Record, Scenario, run
 from demo_app.loadtest.progress import ProgressLine
 from demo_app.loadtest.report import summarize
-from demo_app.story import Phase, Story, checks, verdicts
+from demo_app.story import BUDGETS, Phase, Sample, Story, checks, verdicts
 
 _T = TypeVar("_T")
 
@@ -86,8 +92,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "then on, and show whether the story holds (see demo_app/README.md).",
     )
     parser.add_argument(
-        "--duration", type=float, default=30.0, metavar="S", help="seconds of load per phase (30)"
-    )
+        "--duration", type=float, metavar="S",
+        help="seconds of load per phase (30; 40 with --slowdown)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--budget", choices=BUDGETS, default="auto",
+        help="auto: the concurrency limit learned from latency, no number set (default); "
+        "static: the rate and concurrency an operator who knows the capacity sets",
+    )  # fmt: skip
+    parser.add_argument(
+        "--slowdown", action="store_true",
+        help="the store loses half its slots midway through each phase (16 -> 8)",
+    )  # fmt: skip
     parser.add_argument(
         "--warmup",
         type=float,
@@ -114,6 +130,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--check", action="store_true", help=f"exit with {CLAIM_FAILED} if a claim fails"
     )
     args = parser.parse_args(argv)
+    if args.duration is None:
+        args.duration = 40.0 if args.slowdown else 30.0
     if not 0 < args.duration <= 600:
         parser.error("--duration must be within (0, 600] seconds")
     if args.warmup is None:
@@ -128,7 +146,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     began = time.monotonic()
-    story = Story(args.rate_scale)
+    story = Story(args.rate_scale, args.budget, args.slowdown)
     scenario = story.scenario(args.duration, args.warmup)
     pins = machine.pinning()
     load_before = machine.load_average()
@@ -142,8 +160,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         check_server(args.server)
-        off = run_phase(_spec(story, workdir, False, None), scenario, pins, args.server)
-        on = run_phase(_spec(story, workdir, True, args.redis_url), scenario, pins, args.server)
+        off = run_phase(_spec(story, workdir, False, None), scenario, pins, args.server, story)
+        on = run_phase(
+            _spec(story, workdir, True, args.redis_url), scenario, pins, args.server, story
+        )
     except FleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -153,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         shutil.rmtree(workdir, ignore_errors=True)
-    claims, health = verdicts(off.phase, on.phase, story), checks(off.phase, on.phase)
+    claims, health = verdicts(off.phase, on.phase, story), checks(off.phase, on.phase, story)
     context = summary.Context(
         argv=list(sys.argv[1:] if argv is None else argv),
         story=story,
@@ -187,9 +207,14 @@ def _spec(story: Story, workdir: Path, enabled: bool, redis_url: str | None) -> 
 
 
 def run_phase(
-    spec: PhaseSpec, scenario: Scenario, pins: machine.Pinning | None, server: str = "uvicorn"
+    spec: PhaseSpec,
+    scenario: Scenario,
+    pins: machine.Pinning | None,
+    server: str = "uvicorn",
+    story: Story | None = None,
 ) -> Measured:
-    """Start the app with `spec` under `server`, play `scenario` against it, stop it."""
+    """Start the app with `spec` under `server`, play `scenario` against it (the store
+    slowing down midway if the story says so), stop it."""
     port = free_port()
     argv = [*(pins.prefix if pins else ()), *app_argv(server, port, graceful_s=2)]
     log = Path(spec.env["SURVEYTOOL_DB"]).with_suffix(".log")
@@ -201,19 +226,33 @@ def run_phase(
         assert app.proc is not None
         say(f"the app is up at http://{HOST}:{port}/ (pid {app.proc.pid}): open it to watch")
         say(f"running {scenario.duration_s:g} s with the {spec.label}…")
-        records, queue_max, usage = measure(scenario, f"http://{HOST}:{port}", app.proc.pid, pins)
+        drop = None
+        if story is not None and (at := story.drop_at(scenario)) is not None:
+            say(
+                f"the store loses half its slots {at:g} s in ({story.slots} -> {story.slots_after})"
+            )
+            drop = (at, story.slots_after)
+        records, sampler, usage = measure(
+            scenario, f"http://{HOST}:{port}", app.proc.pid, pins, drop
+        )
         if not app.alive:
             raise FleetError(f"{app.name} died during the run; its log:\n{app.log_tail()}")
     finally:
         app.stop(timeout_s=5.0)
     report = summarize(records, scenario, label=spec.label)
-    return Measured(Phase(records, report, scenario, queue_max), usage)
+    phase = Phase(records, report, scenario, sampler.max_waiting, tuple(sampler.samples))
+    return Measured(phase, usage)
 
 
 def measure(
-    scenario: Scenario, url: str, app_pid: int, pins: machine.Pinning | None
-) -> tuple[list[Record], int | None, machine.Usage | None]:
-    """Run the load on the load generator's cores; CPU use of the machine, app and us."""
+    scenario: Scenario,
+    url: str,
+    app_pid: int,
+    pins: machine.Pinning | None,
+    drop: tuple[float, int] | None = None,
+) -> tuple[list[Record], StoreSampler, machine.Usage | None]:
+    """Run the load on the load generator's cores (at ``drop = (s, slots)`` the store is
+    resized); CPU use of the machine, app and us."""
     previous = machine.pin_self(pins.loadgen_cpus) if pins else None
     # What exists now (imports, the first phase's records) is never garbage: keep the
     # collector off it, or a full collection stops the client for tens of milliseconds.
@@ -221,41 +260,71 @@ def measure(
     gc.freeze()
     meter = machine.Meter(app_pid)
     try:
-        records, queue_max = _run_fast(_load(scenario, url))
+        records, sampler = _run_fast(_load(scenario, url, drop))
     finally:
         gc.unfreeze()
         machine.unpin_self(previous)
     usage = meter.usage()
-    return records, queue_max, usage
+    return records, sampler, usage
 
 
-async def _load(scenario: Scenario, url: str) -> tuple[list[Record], int | None]:
+async def _load(
+    scenario: Scenario, url: str, drop: tuple[float, int] | None
+) -> tuple[list[Record], StoreSampler]:
     display = ProgressLine(sys.stdout, tty=sys.stdout.isatty())
     sampler = StoreSampler(url)
-    task = asyncio.create_task(sampler.run())
+    tasks = [asyncio.create_task(sampler.run())]
+    if drop is not None:
+        tasks.append(asyncio.create_task(_slow_down(url, *drop)))
     try:
         records = await run(scenario, [url], on_progress=display)
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        for task in tasks:
+            task.cancel()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
         display.close()
-    return records, sampler.max_waiting
+    failed = [r for r in results if isinstance(r, Exception) and not isinstance(r, CancelledError)]
+    if failed:
+        raise FleetError(f"could not slow the store down: {failed[0]}")
+    return records, sampler
+
+
+async def _slow_down(url: str, at_s: float, slots: int) -> None:
+    """At `at_s` into the load, the store keeps only `slots` (the app's admin route)."""
+    await asyncio.sleep(at_s)
+    async with httpx.AsyncClient(base_url=url, timeout=5.0, trust_env=False) as http:
+        response = await http.post("/api/admin/store", params={"slots": slots})
+        response.raise_for_status()
 
 
 class StoreSampler:
-    """Polls the app's stats for requests waiting for a store slot; keeps the largest."""
+    """Polls the app's stats: requests waiting for a store slot (keeps the largest), and
+    the limit in force against the store's slots over time."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.max_waiting: int | None = None
+        self.samples: list[Sample] = []
 
     async def run(self) -> None:
+        start = time.perf_counter()  # within a millisecond of the load's own start
         async with httpx.AsyncClient(base_url=self.url, timeout=2.0, trust_env=False) as http:
             while True:  # until cancelled
                 with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
                     response = await http.get("/api/throttle/stats")
-                    waiting = int(response.json()["store"]["waiting"])
+                    body = response.json()
+                    waiting = int(body["store"]["waiting"])
                     self.max_waiting = max(self.max_waiting or 0, waiting)
+                    throttle = body["throttle"]
+                    limit = throttle["concurrency"] if throttle["enabled"] else None
+                    self.samples.append(
+                        Sample(
+                            round(time.perf_counter() - start, 3),
+                            None if limit is None else int(limit),
+                            int(body["store"]["slots"]),
+                            waiting,
+                        )
+                    )
                 await asyncio.sleep(SAMPLE_EVERY_S)
 
 

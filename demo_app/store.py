@@ -10,7 +10,9 @@ every slot taken waits for one. So the store's true capacity is
 the story), and past that, latency grows for everyone: real overload, which
 the throttle in front must absorb. The sleep stands in for the query time of
 a busy production database; the SQL itself is real and usually much faster.
-Without the jitter, slots would phase-lock and free up in bursts.
+Without the jitter, slots would phase-lock and free up in bursts. `resize`
+takes slots out of use (and gives them back) while the store runs: a database
+that slows down midway, for the demo's ``--slowdown`` story.
 
 Several app processes may share one SQLite file: it runs in WAL mode (readers
 never block the one writer) with a busy timeout, and every write is one short
@@ -27,6 +29,7 @@ connection besides.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import sqlite3
 import time
@@ -111,16 +114,27 @@ class SurveyStore:
         self._connections: list[sqlite3.Connection] = []
         self._executor: ThreadPoolExecutor | None = None
         self._waiting = 0
+        #: Connections taken out of use by `resize` (a store that slowed down).
+        self._parked: list[sqlite3.Connection] = []
+        #: Connections in use or in the pool: above `_slots` while a shrink waits for
+        #: busy ones to come back.
+        self._live = config.slots
         self.surveys: dict[str, Survey] = {}
 
     @property
     def slots(self) -> int:
+        """Connection slots now (the store's true capacity is slots / work time)."""
         return self._slots
+
+    @property
+    def capacity_per_s(self) -> float:
+        """The store's true capacity now: slots / mean work time."""
+        return self._slots / self._work_s if self._work_s > 0 else math.inf
 
     @property
     def busy(self) -> int:
         """Slots in use right now."""
-        return self._slots - (self._pool.qsize() if self._pool is not None else self._slots)
+        return self._live - (self._pool.qsize() if self._pool is not None else self._live)
 
     @property
     def waiting(self) -> int:
@@ -137,6 +151,33 @@ class SurveyStore:
             self._pool.put_nowait(conn)
         self.surveys = {survey.id: survey for survey in SURVEYS}
 
+    def resize(self, slots: int) -> None:
+        """Serve with `slots` connections from now on, at most as many as it started with:
+        the store slowed down (fewer) or recovered. Busy connections beyond the new count
+        are taken out as they come back; nothing running is interrupted."""
+        if not 1 <= slots <= len(self._connections):
+            raise ValueError(f"slots must be within [1, {len(self._connections)}], got {slots}")
+        self._slots = slots
+        pool = self._pool
+        if pool is None:
+            return
+        while self._live > slots and not pool.empty():
+            self._parked.append(pool.get_nowait())
+            self._live -= 1
+        while self._live < slots and self._parked:
+            pool.put_nowait(self._parked.pop())
+            self._live += 1
+
+    def _give_back(self, conn: sqlite3.Connection) -> None:
+        """A slot's connection is free again: back to the pool, or parked after a shrink."""
+        if self._pool is None:
+            return
+        if self._live > self._slots:
+            self._parked.append(conn)
+            self._live -= 1
+        else:
+            self._pool.put_nowait(conn)
+
     async def stop(self) -> None:
         executor, self._executor = self._executor, None
         if executor is not None:
@@ -144,6 +185,7 @@ class SurveyStore:
         for conn in self._connections:
             conn.close()
         self._connections = []
+        self._parked = []
         self._pool = None
 
     # --- queries -----------------------------------------------------------------------
@@ -272,17 +314,17 @@ class SurveyStore:
             await asyncio.sleep(max(0.0, done_at - loop.time()))
         except asyncio.CancelledError:
             # The thread may still be using the connection: it goes back when that ends.
-            future.add_done_callback(lambda _: loop.call_soon_threadsafe(pool.put_nowait, conn))
+            future.add_done_callback(lambda _: loop.call_soon_threadsafe(self._give_back, conn))
             raise
         except sqlite3.OperationalError as exc:
-            pool.put_nowait(conn)
+            self._give_back(conn)
             if "locked" in str(exc) or "busy" in str(exc):
                 raise StoreBusy from exc
             raise
         except BaseException:
-            pool.put_nowait(conn)
+            self._give_back(conn)
             raise
-        pool.put_nowait(conn)
+        self._give_back(conn)
         return result
 
     def _hold_s(self) -> float:

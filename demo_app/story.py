@@ -4,7 +4,21 @@
 with the throttle off and on, and this module says whether the story came
 out: one `Verdict` per claim, with the figures behind it.
 
-Why these settings (``demo_app/README.md`` says the same at more length):
+Two budgets (``--budget``). ``auto``, the default, sets no number at all:
+``THROTTLE_CONCURRENCY=auto`` learns the limit from the store's latency. The
+store is then the story's "about 80/s" itself: 8 slots of 100 ms (+-20%). The
+learned limit settles a little above the slots (a short queue inside the store
+keeps every slot busy), so A and B wait a little there, behind whoever was
+admitted just before them: the claims say what that costs (A's and B's
+latency p99 within twice the store's own p99 work time, every request served)
+rather than "no added wait", and the check on the store's queue allows a short
+one. With ``--slowdown`` the store starts with 16 slots and loses half of them
+midway (``POST /api/admin/store``): the limit must follow within `SETTLE_S`, and
+A and B stay served before and after (the transition itself is not scored).
+
+``static`` is the budget an operator who knows the capacity sets, and the
+claims of docs/design.md as they were first told. Why those settings
+(``demo_app/README.md`` says the same at more length):
 
 - The store has 12 connection slots of 100 ms (+-20%): 120 responses/s of true
   capacity. The budget is the story's "about 80/s", two thirds of that. At
@@ -37,7 +51,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal, NamedTuple
 
 from demo_app.loadtest import scenario as scenarios
 from demo_app.loadtest.engine import Record, Scenario
@@ -58,6 +72,24 @@ MAX_WAIT: Final = "critical=5,high=4,normal=3,low=2"
 #: Clients give up after this long (the throttle's longest wait is 5 s).
 CLIENT_TIMEOUT_S: Final = 10.0
 
+Budget = Literal["auto", "static"]
+BUDGETS: Final = ("auto", "static")
+#: With a learned limit the store is the story's "about 80 responses per second".
+AUTO_SLOTS: Final = 8
+#: The slowdown story: the store starts with this many slots and loses half midway.
+SLOWDOWN_SLOTS: Final = 16
+#: After the slowdown the limit is back within [c, 1.5c] this soon; the claims about
+#: A and B leave these seconds out (half what is left of a shorter run).
+SETTLE_S: Final = 10.0
+#: Where the learned limit should settle, as multiples of the store's slots.
+BAND: Final = (1.0, 1.5)
+#: With a learned limit (or a store that slows down): A's and B's latency p99 from due,
+#: at most this multiple of the store's own p99 work time (issue 10's bound).
+LATENCY_FACTOR: Final = 2.0
+#: The learned limit keeps a short queue in the store (about a fifth of its slots); the
+#: check allows up to this share of the slots waiting there.
+QUEUE_SHARE: Final = 0.5
+
 #: "No noticeable added wait" for A and B, and "every request served".
 WAIT_LIMIT_MS: Final = 50.0
 SERVED_MIN: Final = 0.99
@@ -70,9 +102,21 @@ ROUTE_NAMES: Final = {"submit": "survey submissions", "dashboard": "dashboards"}
 LIVE: Final = "live_stats"
 
 
+class Sample(NamedTuple):
+    """The app's stats at one moment of a run (seconds since the load started)."""
+
+    t_s: float
+    #: The concurrency limit in force (learned or set); None: none, or the throttle off.
+    limit: int | None
+    #: The store's slots then (its true capacity) and requests waiting for one.
+    slots: int
+    waiting: int
+
+
 @dataclass(frozen=True)
 class Story:
-    """The story's settings at `rate_scale` (1: the story's own rates).
+    """The story's settings at `rate_scale` (1: the story's own rates), with a learned
+    (``auto``) or a set (``static``) budget, and a store that slows down midway or not.
 
     Scaling keeps the shape: the tenants' rates, the rate budget and the
     store's capacity (through its work time) all scale together; slots and
@@ -80,9 +124,12 @@ class Story:
     """
 
     rate_scale: float = 1.0
+    budget: Budget = "auto"
+    slowdown: bool = False
 
     @property
     def rate(self) -> float:
+        """The static budget's rate."""
         return BUDGET_RATE * self.rate_scale
 
     @property
@@ -90,20 +137,69 @@ class Story:
         return STORE_WORK_MS / self.rate_scale
 
     @property
+    def work_p99_ms(self) -> float:
+        """The store's own p99 work time (uniform within +-jitter)."""
+        return self.work_ms * (1 + STORE_JITTER * 0.98)
+
+    @property
+    def slots(self) -> int:
+        """The store's slots at the start."""
+        if self.slowdown:
+            return SLOWDOWN_SLOTS
+        return STORE_SLOTS if self.budget == "static" else AUTO_SLOTS
+
+    @property
+    def slots_after(self) -> int:
+        """The store's slots after the slowdown (without one: the same)."""
+        return self.slots // 2 if self.slowdown else self.slots
+
+    @property
     def capacity_per_s(self) -> float:
-        return STORE_SLOTS * 1000.0 / self.work_ms
+        return self.slots * 1000.0 / self.work_ms
+
+    @property
+    def capacity_after_per_s(self) -> float:
+        return self.slots_after * 1000.0 / self.work_ms
 
     def env(self) -> dict[str, str]:
         """The ``THROTTLE_*`` and ``SURVEYTOOL_*`` settings of the throttled app."""
+        if self.budget == "static":
+            budget = {
+                "THROTTLE_RATE": f"{self.rate:g}",
+                "THROTTLE_BURST": f"{max(BURST, self.rate / 5):g}",
+                "THROTTLE_CONCURRENCY": str(self.slots),
+            }
+        else:
+            budget = {"THROTTLE_CONCURRENCY": "auto"}
         return {
-            "THROTTLE_RATE": f"{self.rate:g}",
-            "THROTTLE_BURST": f"{max(BURST, self.rate / 5):g}",
-            "THROTTLE_CONCURRENCY": str(STORE_SLOTS),
+            **budget,
             "THROTTLE_MAX_WAIT": MAX_WAIT,
-            "SURVEYTOOL_SLOTS": str(STORE_SLOTS),
+            "SURVEYTOOL_SLOTS": str(self.slots),
             "SURVEYTOOL_WORK_MS": f"{self.work_ms:g}",
             "SURVEYTOOL_JITTER": f"{STORE_JITTER:g}",
+            **({"SURVEYTOOL_ADMIN": "true"} if self.slowdown else {}),
         }
+
+    def drop_at(self, scenario: Scenario) -> float | None:
+        """When the store loses half its slots: midway through the load (None: never)."""
+        return scenario.duration_s / 2 if self.slowdown else None
+
+    def settle_s(self, scenario: Scenario) -> float:
+        """The slowdown's transition: `SETTLE_S`, or half what is left of a short run."""
+        drop = self.drop_at(scenario)
+        return 0.0 if drop is None else min(SETTLE_S, (scenario.duration_s - drop) / 2)
+
+    def windows(self, scenario: Scenario) -> list[tuple[float, float]]:
+        """The scored windows: the steady one, less the slowdown's transition."""
+        start, end = scenario.warmup_s, scenario.duration_s
+        drop = self.drop_at(scenario)
+        if drop is None:
+            return [(start, end)]
+        return [(start, max(start, drop)), (drop + self.settle_s(scenario), end)]
+
+    def after(self, scenario: Scenario) -> tuple[float, float]:
+        """The window in which the slots are the final ones, settled."""
+        return self.windows(scenario)[-1]
 
     def scenario(self, duration_s: float, warmup_s: float) -> Scenario:
         """The ``seed`` scenario at this scale, with the clients' timeout."""
@@ -137,22 +233,35 @@ class Phase:
     scenario: Scenario
     #: Most requests seen waiting for a store slot (sampled), None if never sampled.
     store_queue_max: int | None = None
+    #: The app's stats over the run: the limit in force against the store's slots.
+    samples: Sequence[Sample] = ()
 
 
 def verdicts(off: Phase, on: Phase, story: Story) -> list[Verdict]:
     """The story's claims, in the order docs/design.md tells them."""
-    return [
-        *(unaffected(on, tenant) for tenant in ("A", "B")),
-        held_to_the_rest(on, story.rate),
+    if story.budget == "static" and not story.slowdown:
+        first = [unaffected(on, tenant) for tenant in ("A", "B")]
+    else:
+        # Waiting inside the store counts in the app's own time: judge the latency itself.
+        first = [served_promptly(on, tenant, story) for tenant in ("A", "B")]
+    budget = story.rate if story.budget == "static" else story.capacity_after_per_s
+    window = story.after(on.scenario)
+    out = [
+        *first,
+        held_to_the_rest(on, budget, window),
         submissions_first(on),
         live_stats_degraded(on),
         off_hurts(off.report, on.report),
     ]
+    if story.slowdown:
+        out.append(follows_the_store(on, story))
+    return out
 
 
-def checks(off: Phase, on: Phase) -> list[Verdict]:
+def checks(off: Phase, on: Phase, story: Story | None = None) -> list[Verdict]:
     """Whether the measurement itself can be trusted (the client kept up, the store
-    had no queue of its own with the throttle on)."""
+    had no queue of its own with the throttle on: none with the static budget, a short
+    one with a learned limit)."""
     out = [
         Verdict(
             f"the client kept up ({phase.report.label})",
@@ -162,7 +271,8 @@ def checks(off: Phase, on: Phase) -> list[Verdict]:
         )
         for phase in (off, on)
     ]
-    if on.store_queue_max is not None:
+    static = story is None or (story.budget == "static" and not story.slowdown)
+    if on.store_queue_max is not None and static:
         out.append(
             Verdict(
                 "nothing waited inside the store with the throttle on",
@@ -171,7 +281,26 @@ def checks(off: Phase, on: Phase) -> list[Verdict]:
                 f"{off.store_queue_max if off.store_queue_max is not None else '?'})",
             )
         )
+    elif on.samples and story is not None:
+        out.append(short_store_queue(off, on, story))
     return out
+
+
+def short_store_queue(off: Phase, on: Phase, story: Story) -> Verdict:
+    """With a learned limit the store keeps a short queue: at most `QUEUE_SHARE` of its
+    slots waiting, in the scored windows (the start-up's learning and the slowdown's
+    transition are left out)."""
+    windows = story.windows(on.scenario)
+    scored = [s for s in on.samples if any(a <= s.t_s < b for a, b in windows)]
+    over = [s for s in scored if s.waiting > QUEUE_SHARE * s.slots]
+    most = max((s.waiting for s in scored), default=0)
+    return Verdict(
+        "the store's own queue stayed short with the throttle on",
+        bool(scored) and not over,
+        f"at most {most} waiting for a slot (allowed: half the slots; {len(over)} of "
+        f"{len(scored)} samples over; throttle off: up to "
+        f"{off.store_queue_max if off.store_queue_max is not None else '?'})",
+    )
 
 
 def unaffected(phase: Phase, tenant: str) -> Verdict:
@@ -203,13 +332,67 @@ def unaffected(phase: Phase, tenant: str) -> Verdict:
     )
 
 
-def held_to_the_rest(phase: Phase, rate: float) -> Verdict:
-    """C gets what A and B leave of the budget; its excess is refused at once, honestly.
+def served_promptly(phase: Phase, tenant: str, story: Story) -> Verdict:
+    """A tenant under its share is served in full, within `LATENCY_FACTOR` times the
+    store's own p99 work time at p99 (latency from the due time: waits in the throttle
+    and in the store alike), over the scored windows."""
+    claim = f"{tenant} goes on as if nothing happened"
+    windows = story.windows(phase.scenario)
+    mine = [
+        r for r in phase.records if r.tenant == tenant and any(a <= r.due_s < b for a, b in windows)
+    ]
+    if not mine:
+        return Verdict(claim, False, "no requests")
+    ok_ms = sorted(r.latency_ms for r in mine if 200 <= r.status < 300)
+    served = len(ok_ms) / len(mine)
+    p99, bound = percentile(ok_ms, 99), LATENCY_FACTOR * story.work_p99_ms
+    where = "" if len(windows) == 1 else " (before the slowdown and once it settled)"
+    return Verdict(
+        claim,
+        served >= SERVED_MIN and p99 is not None and p99 <= bound,
+        f"{_pct(served)} of {len(mine)} served (>= {_pct(SERVED_MIN)}), latency p99 {_ms(p99)} "
+        f"ms (<= {bound:.0f}: {LATENCY_FACTOR:g} x the store's own p99 work time), p50 "
+        f"{_ms(percentile(ok_ms, 50))} ms{where}",
+    )
+
+
+def follows_the_store(phase: Phase, story: Story) -> Verdict:
+    """After the store loses half its slots, the limit in force is within [c, 1.5c] of the
+    new slots within `SETTLE_S` and stays there to the end."""
+    drop = story.drop_at(phase.scenario)
+    c = story.slots_after
+    low, high = BAND[0] * c, BAND[1] * c
+    after = [s for s in phase.samples if drop is not None and s.t_s >= drop]
+    before = [s.limit for s in phase.samples if drop is not None and s.t_s < drop and s.limit]
+    entered: float | None = None
+    for s in after:
+        if s.limit is None or not low <= s.limit <= high:
+            entered = None
+        elif entered is None:
+            entered = s.t_s
+    took = None if entered is None or drop is None else entered - drop
+    last = after[-1].limit if after else None
+    settle = story.settle_s(phase.scenario)
+    return Verdict(
+        "the limit follows the store",
+        took is not None and took <= settle,
+        f"store {story.slots} -> {c} slots at {drop or 0:g} s; limit in force "
+        f"{before[-1] if before else '-'} -> {last if last is not None else '-'}, within "
+        f"[{low:g}, {high:g}] for good "
+        + ("never" if took is None else f"{took:.1f} s after (<= {settle:g})"),
+    )
+
+
+def held_to_the_rest(
+    phase: Phase, rate: float, window: tuple[float, float] | None = None
+) -> Verdict:
+    """C gets what A and B leave of the budget (the static rate, or the store's capacity
+    when the limit is learned); its excess is refused at once, honestly.
 
     Rates count full answers (2xx, not degraded: degraded ones take no budget)
-    by completion time in the steady window.
+    by completion time in the steady window (or `window`).
     """
-    fresh = full_rates(phase.records, phase.scenario)
+    fresh = full_rates(phase.records, phase.scenario, window)
     left = rate - fresh.get("A", 0.0) - fresh.get("B", 0.0)
     got = fresh.get("C", 0.0)
     c = [r for r in phase.records if r.tenant == "C"]
@@ -283,10 +466,14 @@ def _slower(off: Stats, on: Stats) -> bool:
     return off.latency_p99_ms >= max(1000.0, 5 * (on.latency_p99_ms or 0.0))
 
 
-def full_rates(records: Sequence[Record], scenario: Scenario) -> dict[str, float]:
+def full_rates(
+    records: Sequence[Record], scenario: Scenario, window: tuple[float, float] | None = None
+) -> dict[str, float]:
     """Full answers (2xx, not degraded) per second per tenant, by completion time in the
-    steady window: the budget each tenant used."""
-    start, end = scenario.warmup_s, scenario.duration_s
+    steady window (or `window`): the budget each tenant used."""
+    start, end = window or (scenario.warmup_s, scenario.duration_s)
+    if end <= start:
+        return {}
     counts: dict[str, int] = {}
     for r in records:
         if 200 <= r.status < 300 and not r.degraded and start <= r.done_s <= end:

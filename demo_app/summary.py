@@ -14,7 +14,9 @@ Files in the output folder:
 - ``chart-story.png``: per tenant, served rate and latency over time, the
   throttle off beside on (`demo_app.story_chart`);
 - ``chart-throttle-off.png``, ``chart-throttle-on.png``: the load generator's
-  charts of each run (served rates per tenant, latency per priority label).
+  charts of each run (served rates per tenant, latency per priority label);
+- ``chart-limit.png``: the concurrency limit in force over time against the
+  store's true slots, and the store's own queue, off and on (`demo_app.limit_chart`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from demo_app.loadtest.report import format_side_by_side
 from demo_app.story import (
     LAG_LIMIT_MS,
     STORE_JITTER,
-    STORE_SLOTS,
     Phase,
     Story,
     Verdict,
@@ -61,12 +62,24 @@ def intro(story: Story, scenario: Scenario, redis_url: str | None, server: str =
     rates = ", ".join(f"{t.tenant} {t.rate:g}" for t in scenario.tenants)
     total = sum(t.rate for t in scenario.tenants)
     budget = "shared through Redis" if redis_url else "in this process's memory"
+    if story.budget == "static":
+        against = f"a budget of {story.rate:g}/s and {story.slots} in flight ({budget})"
+    else:
+        against = (
+            "a concurrency limit learned from the store's latency (THROTTLE_CONCURRENCY=auto, "
+            f"no number set; {budget})"
+        )
+    drop = story.drop_at(scenario)
+    slowdown = (
+        ""
+        if drop is None
+        else f", down to {story.slots_after} slots ({story.capacity_after_per_s:g}/s) {drop:g} s in"
+    )
     lines = [
-        f"SurveyTool story: tenants {rates} req/s ({total:g} in all) against a budget of "
-        f"{story.rate:g}/s and {STORE_SLOTS} in flight ({budget});",
-        f"the store: {STORE_SLOTS} slots x {story.work_ms:g} ms (+-{STORE_JITTER:.0%}) = "
-        f"{story.capacity_per_s:g} responses/s. Each phase: {scenario.duration_s:g} s of load, "
-        f"figures over {scenario.warmup_s:g}-{scenario.duration_s:g} s.",
+        f"SurveyTool story: tenants {rates} req/s ({total:g} in all) against {against};",
+        f"the store: {story.slots} slots x {story.work_ms:g} ms (+-{STORE_JITTER:.0%}) = "
+        f"{story.capacity_per_s:g} responses/s{slowdown}. Each phase: {scenario.duration_s:g} s "
+        f"of load, figures over {scenario.warmup_s:g}-{scenario.duration_s:g} s.",
         f"The app: {server} demo_app.app:app (its start-up objects frozen out of the garbage "
         "collector).",
     ]
@@ -171,6 +184,12 @@ def write(
         title = f"SurveyTool story, {phase.report.label}"
         write_chart(phase.records, phase.scenario, path, title=title)
         written.append(path)
+    if on.samples:
+        from demo_app.limit_chart import write_limit_chart
+
+        path = out / "chart-limit.png"
+        write_limit_chart(off, on, context.story, path)
+        written.append(path)
     return written
 
 
@@ -183,6 +202,8 @@ def _data(
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rate_scale": context.story.rate_scale,
         "budget": "redis" if context.redis_url else "memory",
+        "budget_kind": context.story.budget,
+        "slowdown": context.story.slowdown,
         "settings": context.story.env(),
         "machine": {
             "platform": platform.platform(),
@@ -197,6 +218,10 @@ def _data(
         "phases": {
             phase.report.label: {
                 "store_queue_max": phase.store_queue_max,
+                "samples": {
+                    "fields": ["t_s", "limit", "slots", "waiting"],
+                    "rows": [list(sample) for sample in phase.samples],
+                },
                 "cpu": (u.to_json() if (u := context.usage.get(phase.report.label)) else None),
                 "report": phase.report.to_dict(),
             }
@@ -221,7 +246,8 @@ def _markdown(printed: str, context: Context) -> str:
             "```",
             "",
             "Charts: `chart-story.png` (per tenant, off beside on), `chart-throttle-off.png`, "
-            "`chart-throttle-on.png`. Data: `summary.json`, every request in `records-*.csv`, "
+            "`chart-throttle-on.png`, `chart-limit.png` (the limit in force against the store's "
+            "slots). Data: `summary.json`, every request in `records-*.csv`, "
             "and the load generator's reports `throttle-off.json` and `throttle-on.json`.",
             "",
             "## Settings (the throttle-off run: the same, with `THROTTLE_ENABLED=false`)",

@@ -5,8 +5,9 @@ servers: with wrk when it is installed, and always once with the Python
 fallback generator so that path cannot rot where wrk is present. Then the
 Redis variants and the peers (those whose libraries are installed: the
 ``bench`` extra) with their Redis round trips, the sequential round-trip
-count, grant latency, the overload story and ``run_all``'s summary, each with
-tiny durations, against a private redis-server.
+count, grant latency, the overload story, the learned limit against a capacity
+that halves, and ``run_all``'s summary, each with tiny durations, against a
+private redis-server.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 
-from bench import grant_latency, roundtrips, run_all, story
+from bench import grant_latency, learned, learnedscore, roundtrips, run_all, story
 from bench.runner import Trial, summarize
 from bench.throughput import main
 
@@ -237,6 +238,81 @@ def test_story_scoring_counts_due_requests_in_the_window() -> None:
     assert a["goodput_per_s"] == pytest.approx(1 / 3)  # one 2xx completed in [1, 4)
     assert result["tenants"]["B"]["failed_fraction"] == 1.0
     assert result["errors"] == {"timeout": 1}
+
+
+def test_the_learned_limit_benchmark_runs_every_variant(tmp_path: Path) -> None:
+    out = tmp_path / "learned.json"
+    status = learned.main(
+        [
+            *("--rounds", "1", "--duration", "6", "--drop-at", "3", "--warmup", "1"),
+            *("--settle", "1.5", "--timeout", "3", "--json", str(out)),
+        ]
+    )
+
+    assert status == 0
+    document = json.loads(out.read_text())
+    assert document["complete"] is True
+    assert [(t["round"], t["variant"]) for t in document["trials"]] == [
+        (1, "none"),
+        (1, "static"),
+        (1, "auto"),
+    ]
+    trials = {t["variant"]: t for t in document["trials"]}
+    # The limit in force was sampled: none without a throttle, 8 when set, learned with auto.
+    assert {s["limit"] for s in trials["none"]["samples"]} == {None}
+    assert {s["limit"] for s in trials["static"]["samples"]} == {8}
+    auto = [s["limit"] for s in trials["auto"]["samples"]]
+    assert auto
+    assert all(isinstance(n, int) and n >= 1 for n in auto)
+    # The app lost half its slots midway.
+    slots = [s["slots"] for s in trials["auto"]["samples"]]
+    assert slots[0] == 8
+    assert slots[-1] == 4
+    for figures in (t["figures"] for t in document["trials"]):
+        assert figures["errors_5xx"] == 0
+        assert figures["goodput_before"] > 0
+    assert set(document["summary"]) == {"none", "static", "auto"}
+    assert "goodput_met" in document["targets"]
+    assert len(document["estimator_sha256"]) == 64
+    assert Path(document["chart"]).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_the_learned_limit_benchmark_scores_convergence_and_windows() -> None:
+    def sample(t: float, limit: int | None) -> dict[str, Any]:
+        return {"t_s": t, "limit": limit}
+
+    samples = [sample(0.0, 4), sample(1.0, 9), sample(2.0, 13), sample(3.0, 10), sample(4.0, 11)]
+    assert learnedscore.converged_at(samples, (0.0, 5.0), 8) == 3.0  # in [8, 12] from 3 s for good
+    assert learnedscore.converged_at(samples, (0.0, 2.5), 8) is None  # 13 at the window's end
+    assert learnedscore.converged_at([sample(0.0, None)], (0.0, 1.0), 8) is None  # no throttle
+
+    def record(tenant: str, due: float, done: float, status: int = 200) -> dict[str, Any]:
+        return {"tenant": tenant, "due_s": due, "sent_s": due, "done_s": done, "status": status}
+
+    plan = learnedscore.Story(duration_s=4.0, drop_at_s=2.0, slots=2, slots_after=1, work_s=0.5,
+                 warmup_s=0.0, settle_s=1.0)  # fmt: skip
+    records = [
+        record("A", 0.1, 0.3),
+        record("A", 0.5, 1.5),
+        record("B", 1.0, 1.2, 429),
+        record("A", 3.0, 3.4),
+        record("C", 3.5, 3.9, 500),
+    ]
+    figures = learnedscore.trial_figures(records, [sample(0.0, 2), sample(3.0, 1)], plan)
+    assert figures["A_served_before"] == 1.0
+    assert figures["B_served_before"] == 0.0
+    assert figures["goodput_before"] == pytest.approx((2 / 2.0) / 4.0)  # 2 per 2 s, cap 4/s
+    assert figures["goodput_after"] == pytest.approx((1 / 1.0) / 2.0)  # 1 in [3, 4), cap 2/s
+    assert figures["A_p50_after_ms"] == pytest.approx(400.0)
+    assert figures["errors_5xx"] == 1
+    assert figures["converge_after_drop_s"] == 1.0
+
+    trial = {"variant": "auto", "figures": figures}
+    never = {"variant": "auto", "figures": {**figures, "converge_after_drop_s": None}}
+    # A round that never converged counts as infinite: two of three -> the median is never.
+    medians = learnedscore.summarize
+    assert medians([trial, never, never], ["auto"])["auto"]["converge_after_drop_s"] is None
+    assert medians([trial, trial, never], ["auto"])["auto"]["converge_after_drop_s"] == 1.0
 
 
 def test_run_all_writes_the_summary(tmp_path: Path, redis_binary: Path) -> None:

@@ -22,8 +22,11 @@ from typing import Any
 import httpx
 import pytest
 
+from demo_app.config import AppConfig
+from demo_app.history import LimitHistory
 from demo_app.publish import FleetStats
 from demo_app.stats import OTHER, LiveCounters, merge
+from demo_app.store import SurveyStore
 from tests.support.ports import free_port, release_port
 from tests.support.redis_server import RedisServer
 from tests.support.servers import REPO_ROOT, AppServer, run_failing_app
@@ -82,6 +85,21 @@ def tight_server(db_dir: Path) -> Iterator[AppServer]:
         "SURVEYTOOL_DB": str(db_dir / "tight.sqlite3"),
         "SURVEYTOOL_SLOTS": "2",
         "SURVEYTOOL_WORK_MS": "200",
+    }
+    with AppServer(APP, env=env, health_path="/healthz") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def learning_server(db_dir: Path) -> Iterator[AppServer]:
+    """A learned limit (nothing else set) in front of 4 slots of 50 ms (80/s), whose slots
+    the admin route may change."""
+    env = {
+        "THROTTLE_CONCURRENCY": "auto",
+        "SURVEYTOOL_DB": str(db_dir / "learning.sqlite3"),
+        "SURVEYTOOL_SLOTS": "4",
+        "SURVEYTOOL_WORK_MS": "50",
+        "SURVEYTOOL_ADMIN": "true",
     }
     with AppServer(APP, env=env, health_path="/healthz") as server:
         yield server
@@ -319,6 +337,90 @@ def test_stats_endpoint_counts_per_tenant(app_server: AppServer) -> None:
     assert data["source"] == "this process"
 
 
+def test_the_store_loses_slots_and_gets_them_back(tmp_path: Path) -> None:
+    """`resize` takes idle slots out at once and busy ones as they come back; nothing
+    running is interrupted, and the capacity follows."""
+
+    async def scenario() -> list[tuple[int, int, float]]:
+        config = AppConfig(db_path=tmp_path / "resize.sqlite3", slots=4, work_ms=50, jitter=0)
+        store = SurveyStore(config)
+        await store.start()
+        seen = []
+        try:
+            busy = [asyncio.create_task(store.live_stats("t", "s1")) for _ in range(4)]
+            await asyncio.sleep(0.02)
+            store.resize(2)  # all four busy: two are parked as they come back
+            seen.append((store.slots, store.busy, store.capacity_per_s))
+            await asyncio.gather(*busy)
+            seen.append((store.slots, store.busy, store.capacity_per_s))
+            many = [asyncio.create_task(store.live_stats("t", "s1")) for _ in range(4)]
+            await asyncio.sleep(0.02)
+            seen.append((store.slots, store.busy, float(store.waiting)))
+            await asyncio.gather(*many)
+            store.resize(4)
+            seen.append((store.slots, store.busy, store.capacity_per_s))
+            with pytest.raises(ValueError, match="slots must be within"):
+                store.resize(5)  # never more than it opened
+        finally:
+            await store.stop()
+        return seen
+
+    assert asyncio.run(scenario()) == [(2, 4, 40.0), (2, 0, 40.0), (2, 2, 2.0), (4, 0, 80.0)]
+
+
+def test_the_history_keeps_the_last_two_minutes() -> None:
+    clock = FakeClock(0.0)
+    readings = iter(range(1000))
+    history = LimitHistory(lambda: (next(readings), 8, 3), keep_s=10.0, every_s=1.0, clock=clock)
+    for _ in range(30):
+        history.take()
+        clock.now += 1.0
+    data = history.to_json()
+    assert data["fields"] == ["at", "limit", "slots", "busy"]
+    rows = data["rows"]
+    assert isinstance(rows, list)
+    assert len(rows) == 11  # 10 s of points a second apart, both ends
+    assert rows[-1] == [29.0, 29, 8, 3]
+
+
+@e2e
+def test_the_admin_route_is_off_unless_enabled(app_server: AppServer) -> None:
+    with client(app_server) as http:
+        response = http.post("/api/admin/store", params={"slots": 2})
+        assert response.status_code == 404
+        assert http.get("/api/throttle/stats").json()["store"]["slots"] == 8
+
+
+@e2e
+def test_the_stats_show_the_learned_limit_and_the_stores_slots_over_time(
+    learning_server: AppServer,
+) -> None:
+    with client(learning_server) as http:
+        before = http.get("/api/throttle/stats").json()
+        assert http.post("/api/admin/store", params={"slots": 0}).status_code == 422
+        assert http.post("/api/admin/store", params={"slots": 9}).status_code == 422
+        resized = http.post("/api/admin/store", params={"slots": 2})
+        assert resized.status_code == 200
+        assert resized.json() == {"slots": 2}
+        time.sleep(1.5)  # a history point or two with the new slots
+        after = http.get("/api/throttle/stats").json()
+        assert http.post("/api/admin/store", params={"slots": 4}).json() == {"slots": 4}
+    throttle = before["throttle"]
+    assert throttle["enabled"] is True
+    assert isinstance(throttle["concurrency"], int)  # the limit in force, learned
+    assert throttle["learned"]["reason"]
+    assert throttle["learned"]["limit"] >= 1
+    assert (before["store"]["slots"], before["store"]["capacity_per_s"]) == (4, 80.0)
+    assert (after["store"]["slots"], after["store"]["capacity_per_s"]) == (2, 40.0)
+    history = after["history"]
+    assert history["fields"] == ["at", "limit", "slots", "busy"]
+    rows = history["rows"]
+    assert len(rows) >= 2
+    assert rows[-1][2] == 2
+    assert all(isinstance(row[1], int) for row in rows)
+    assert [row[0] for row in rows] == sorted(row[0] for row in rows)
+
+
 # --- under overload ------------------------------------------------------------------------
 
 
@@ -389,6 +491,29 @@ def _chromium_argv(binary: str, profile: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _render(binary: str, url: str, shot: Path, tmp_path: Path) -> str:
+    """The page's DOM once its scripts ran, and a screenshot of it into `shot`."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot.unlink(missing_ok=True)
+    picture = [f"--screenshot={shot}", "--window-size=1280,1100"]
+    # Current Chromium takes both at once; older ones need a second run for the picture.
+    dom = subprocess.run(
+        [*_chromium_argv(binary, tmp_path / "dom"), *picture, "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    if not shot.exists():
+        subprocess.run(
+            [*_chromium_argv(binary, tmp_path / "shot"), *picture, url],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+    return dom
+
+
 async def _open_loop(
     url: str, rates: dict[str, float], duration_s: float, stop: threading.Event
 ) -> None:
@@ -431,26 +556,8 @@ def test_live_page_shows_the_throttle_at_work(tight_server: AppServer, tmp_path:
     load.start()
     try:
         time.sleep(2.5)  # let the queues build and the window fill
-        ARTIFACTS.mkdir(exist_ok=True)
         shot = ARTIFACTS / "live_page.png"
-        shot.unlink(missing_ok=True)
-        url = tight_server.url + "/"
-        picture = [f"--screenshot={shot}", "--window-size=1280,900"]
-        # Current Chromium takes both at once; older ones need a second run for the picture.
-        dom = subprocess.run(
-            [*_chromium_argv(binary, tmp_path / "dom"), *picture, "--dump-dom", url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-        if not shot.exists():
-            subprocess.run(
-                [*_chromium_argv(binary, tmp_path / "shot"), *picture, url],
-                capture_output=True,
-                timeout=60,
-                check=True,
-            )
+        dom = _render(binary, tight_server.url + "/", shot, tmp_path)
     finally:
         stop.set()
         load.join(timeout=60.0)
@@ -466,6 +573,56 @@ def test_live_page_shows_the_throttle_at_work(tight_server: AppServer, tmp_path:
     assert figure("admitted_per_s") > 0
     assert figure("queued_per_s") > 0
     assert "Updated" in dom
+    assert shot.stat().st_size > 10_000
+
+
+@e2e
+def test_live_page_draws_the_learned_limit_against_the_stores_slots(
+    learning_server: AppServer, tmp_path: Path
+) -> None:
+    """Under overload the limit is learned; the store loses half its slots; the page draws
+    the limit in force and the slots as lines over time, from the app's own history."""
+    binary = chromium()
+    if binary is None:
+        pytest.skip("no chromium binary (Debian: apt-get install chromium)")
+    stop = threading.Event()
+    rates = {tenant("flood"): 100.0, tenant("steady"): 5.0}
+    load = threading.Thread(
+        target=asyncio.run, args=(_open_loop(learning_server.url, rates, 30.0, stop),)
+    )
+    load.start()
+    try:
+        time.sleep(4.0)  # the limit learned for 4 slots
+        httpx.post(learning_server.url + "/api/admin/store", params={"slots": 2}).raise_for_status()
+        time.sleep(3.0)  # history points with 2 slots
+        shot = ARTIFACTS / "live_page_limit.png"
+        dom = _render(binary, learning_server.url + "/", shot, tmp_path)
+    finally:
+        stop.set()
+        load.join(timeout=60.0)
+        httpx.post(learning_server.url + "/api/admin/store", params={"slots": 4})
+
+    def element(id_: str) -> str:
+        found = re.search(rf'<[^>]*id="{id_}"[^>]*>', dom)
+        assert found is not None, dom[-3000:]
+        return found.group(0)
+
+    def data(id_: str, name: str) -> str:
+        found = re.search(rf'data-{name}="([^"]*)"', element(id_))
+        assert found is not None, element(id_)
+        return found.group(1)
+
+    limit = re.search(r'id="limit">([^<]*)<', dom)
+    assert limit is not None, dom[-3000:]
+    assert limit.group(1).startswith("learned "), limit.group(1)
+    assert "THROTTLE_CONCURRENCY=auto" in dom
+    assert int(data("limit-line", "samples")) >= 5
+    assert int(data("slots-line", "samples")) >= 5
+    assert data("slots-line", "last") == "2"
+    points = re.search(r'points="([^"]*)"', element("slots-line"))
+    assert points is not None
+    heights = {float(p.split(",")[1]) for p in points.group(1).split()}
+    assert len(heights) == 2  # 4 slots, then 2: a step in the line
     assert shot.stat().st_size > 10_000
 
 

@@ -28,9 +28,14 @@ from demo_app.loadtest.report import Report, summarize
 from demo_app.newcomer import parse_args
 from demo_app.story import (
     Phase,
+    Sample,
     Story,
+    Verdict,
+    follows_the_store,
     held_to_the_rest,
     live_stats_degraded,
+    served_promptly,
+    short_store_queue,
     submissions_first,
     unaffected,
 )
@@ -58,10 +63,16 @@ def _pid_gone(pid: int) -> bool:
 
 @e2e
 @pytest.mark.timeout(240)
-def test_the_newcomer_command_runs_the_story_and_writes_its_report(tmp_path: Path) -> None:
+@pytest.mark.parametrize("budget", ["static", "auto-slowdown"])
+def test_the_newcomer_command_runs_the_story_and_writes_its_report(
+    tmp_path: Path, budget: str
+) -> None:
+    """With the static budget, and with the default learned limit in front of a store that
+    loses half its slots midway."""
     out = tmp_path / "report"
     env = child_env({"SURVEYTOOL_SLOTS": "1"})  # ignored: the story sets its own
     argv = ["--duration", "8", "--rate-scale", "0.5", "--out", str(out)]
+    argv += ["--budget", "static"] if budget == "static" else ["--slowdown"]
     result = subprocess.run(
         [sys.executable, "-m", "demo_app", *argv],
         cwd=REPO_ROOT,
@@ -86,11 +97,20 @@ def test_the_newcomer_command_runs_the_story_and_writes_its_report(tmp_path: Pat
     assert re.search(r"^\s+throttle off\s+throttle on$", text, re.MULTILINE)
     for row in ("A", "B", "C", "critical", "low", "sheddable"):
         assert re.search(rf"^  {row}\s+\d+\.\d .*\|", text, re.MULTILINE), row
+    claims = CLAIMS if budget == "static" else (*CLAIMS, "the limit follows the store")
     verdicts = re.findall(r"^(PASS|FAIL)  ([^:]+): .+$", text, re.MULTILINE)
-    assert [claim for _, claim in verdicts] == list(CLAIMS)
-    assert re.search(r"^\d of 6 claims hold\.$", text, re.MULTILINE)
-    assert re.search(r"^(ok|WARN)\s+nothing waited inside the store", text, re.MULTILINE)
+    assert [claim for _, claim in verdicts] == list(claims)
+    assert re.search(rf"^\d of {len(claims)} claims hold\.$", text, re.MULTILINE)
+    store_check = (
+        "nothing waited inside the store"
+        if budget == "static"
+        else "the store's own queue stayed short"
+    )
+    assert re.search(rf"^(ok|WARN)\s+{store_check}", text, re.MULTILINE)
     assert re.search(r"^\s+load average before [\d.]+, ", text, re.MULTILINE)
+    if budget != "static":
+        assert "against a concurrency limit learned from the store's latency" in text
+        assert "the store loses half its slots 4 s in (16 -> 8)" in text
 
     # The app processes are gone, and so is the temporary database folder.
     pids = [int(p) for p in re.findall(r"the app is up at \S+ \(pid (\d+)\)", text)]
@@ -108,18 +128,35 @@ def test_the_newcomer_command_runs_the_story_and_writes_its_report(tmp_path: Pat
         "chart-story.png",
         "chart-throttle-off.png",
         "chart-throttle-on.png",
+        "chart-limit.png",
     }
     for chart in ("chart-story.png", "chart-throttle-off.png", "chart-throttle-on.png"):
         assert (out / chart).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert (out / "chart-limit.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "```text" in report
-    assert "| `THROTTLE_RATE` | `40` |" in report
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["format"] == "surveytool.newcomer/1"
     assert summary["rate_scale"] == 0.5
-    assert summary["settings"] == Story(0.5).env()
-    assert [c["claim"] for c in summary["claims"]] == list(CLAIMS)
-    assert summary["phases"]["throttle on"]["store_queue_max"] == 0
+    assert [c["claim"] for c in summary["claims"]] == list(claims)
+    on = summary["phases"]["throttle on"]
+    fields = on["samples"]["fields"]
+    rows = [dict(zip(fields, row, strict=True)) for row in on["samples"]["rows"]]
+    assert rows
+    if budget == "static":
+        assert "| `THROTTLE_RATE` | `40` |" in report
+        assert summary["settings"] == Story(0.5, "static").env()
+        assert on["store_queue_max"] == 0
+        assert {r["limit"] for r in rows} == {12}
+    else:
+        assert "| `THROTTLE_CONCURRENCY` | `auto` |" in report
+        assert "THROTTLE_RATE" not in summary["settings"]
+        assert summary["settings"] == Story(0.5, "auto", slowdown=True).env()
+        assert (summary["budget_kind"], summary["slowdown"]) == ("auto", True)
+        assert (rows[0]["slots"], rows[-1]["slots"]) == (16, 8)
+        assert all(isinstance(r["limit"], int) for r in rows)  # the limit in force, learned
+    off = summary["phases"]["throttle off"]["samples"]
+    assert {row[1] for row in off["rows"]} == {None}  # no throttle, no limit
     for name in ("throttle-off", "throttle-on"):
         saved = Report.from_dict(json.loads((out / f"{name}.json").read_text(encoding="utf-8")))
         assert saved.label == name.replace("-", " ")
@@ -298,6 +335,63 @@ def test_submissions_first_and_live_stats_degraded() -> None:
     assert degraded.figures == "50 of 50 served degraded (cached), 0 in full, 0 not served"
     fresh = _phase(_steady("C", 5, "live_stats"))
     assert not live_stats_degraded(fresh).passed
+
+
+def test_with_a_learned_limit_a_tenant_is_judged_on_its_latency_itself() -> None:
+    """Waits inside the store hide in the app's own time: the claim reads the latency."""
+    story = Story(budget="auto")
+    bound = 2 * story.work_p99_ms  # 239.2 ms
+    quick = _phase(_steady("A", 10, wait_ms=100.0, app_ms=120.0))  # 220 ms from due
+    verdict = served_promptly(quick, "A", story)
+    assert verdict.passed, verdict.figures
+    assert "100.0% of 80 served" in verdict.figures  # due in [2, 10): the steady window
+    assert f"(<= {bound:.0f}: 2 x the store's own p99 work time)" in verdict.figures
+    slow = _steady("A", 10, wait_ms=100.0, app_ms=120.0)
+    slow[-3:] = _steady("A", 10, wait_ms=150.0, app_ms=120.0)[-3:]  # 270 ms: 3 of 80
+    assert not served_promptly(_phase(slow), "A", story).passed
+
+
+def test_after_a_slowdown_the_transition_is_not_scored_but_the_limit_must_follow() -> None:
+    story = Story(budget="auto", slowdown=True)
+    scenario = story.scenario(40.0, 5.0)
+    assert story.drop_at(scenario) == 20.0
+    assert story.windows(scenario) == [(5.0, 20.0), (30.0, 40.0)]
+    assert (story.slots, story.slots_after) == (16, 8)
+    assert story.env()["SURVEYTOOL_ADMIN"] == "true"
+    # Slow answers only in the transition: not scored.
+    records = [_record("A", "submit", i / 10, wait_ms=20.0) for i in range(400)]
+    records[220] = _record("A", "submit", 22.0, wait_ms=3000.0)
+    phase = Phase(records, summarize(records, scenario, label="on"), scenario, 0)
+    assert served_promptly(phase, "A", story).passed
+
+    def limits(*values: int, slots_at: float = 20.0) -> list[Sample]:
+        return [
+            Sample(t, n, 16 if t < slots_at else 8, 0)
+            for t, n in zip(range(40), values, strict=False)
+        ]
+
+    def follows(samples: list[Sample]) -> Verdict:
+        return follows_the_store(Phase(records, phase.report, scenario, 0, samples), story)
+
+    quick = follows(limits(*([19] * 20), 17, 15, 13, 12, 11, *([10] * 15)))
+    assert quick.passed, quick.figures
+    assert "limit in force 19 -> 10, within [8, 12] for good 3.0 s after (<= 10)" in quick.figures
+    late = follows(limits(*([19] * 20), *([15] * 12), *([10] * 8)))
+    assert not late.passed  # 12 s after
+    stuck = follows(limits(*([19] * 40)))
+    assert not stuck.passed
+    assert "never" in stuck.figures
+
+    short = short_store_queue(phase, Phase(records, phase.report, scenario, 9, [
+        Sample(2.0, 4, 16, 9),  # the start-up: not scored
+        Sample(10.0, 19, 16, 3),
+        Sample(25.0, 12, 8, 7),  # the transition: not scored
+        Sample(35.0, 10, 8, 2),
+    ]), story)  # fmt: skip
+    assert short.passed, short.figures
+    assert short.figures.startswith("at most 3 waiting for a slot")
+    deep = Phase(records, phase.report, scenario, 9, [Sample(35.0, 16, 8, 5)])
+    assert not short_store_queue(phase, deep, story).passed  # 5 of 8 slots: over half
 
 
 def test_the_server_is_one_of_those_the_demo_knows() -> None:
