@@ -687,7 +687,9 @@ def test_the_client_keeps_its_schedule_at_story_rates() -> None:
         records = asyncio.run(run(scenario, [url]))
     assert all(r.status == 200 for r in records)
     lags = sorted(r.lag_ms for r in records)
-    assert lags[int(len(lags) * 0.99)] < 100.0
+    # Generous: unpinned, on a shared 2-core machine its p99 was 103-111 ms under other
+    # work; a client that really falls behind lags by seconds.
+    assert lags[int(len(lags) * 0.99)] < 250.0
 
 
 def test_progress_line() -> None:
