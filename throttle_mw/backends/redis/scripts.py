@@ -32,7 +32,7 @@ logger = logging.getLogger("throttle_mw.redis")
 
 ENTRY_SCRIPTS = ("batch", "renew", "leave", "snapshot")
 #: The shared files, in load order.
-LIBRARY = ("store", "window", "core")
+LIBRARY = ("store", "window", "core", "fast")
 #: First line of every script run by EVAL: Dragonfly refuses keys a script does not declare
 #: (ours derive them from the one declared key) unless told; elsewhere a plain comment.
 DRAGONFLY_FLAGS: Final = "--!df flags=allow-undeclared-keys"
@@ -57,6 +57,13 @@ EXCESS_BATCH: Final = 1024
 EXPIRY_BATCH: Final = 256
 #: Dispatch admits at most this many waiters in one call (a bound on one call's work).
 DISPATCH_LIMIT: Final = 10_000
+#: Key prefixes whose key names a loaded library keeps built (budgets per Redis, in practice).
+KEYS_CACHE_MAX: Final = 64
+#: The lease keys' anchor (store.lua, anchor_leases): longer than Redis lets an entry of
+#: its compact encodings be (zset-/hash-max-listpack-value, 64 bytes by default), set once
+#: this many leases are in flight.
+LEASE_ANCHOR: Final = "~anchor~" + "~" * 1016
+LEASE_ANCHOR_AT: Final = 16
 
 
 def _lua(value: object) -> str:
@@ -118,6 +125,9 @@ SHARED: Final[Mapping[str, object]] = {
     "EXCESS_BATCH": EXCESS_BATCH,
     "EXPIRY_BATCH": EXPIRY_BATCH,
     "DISPATCH_LIMIT": DISPATCH_LIMIT,
+    "KEYS_CACHE_MAX": KEYS_CACHE_MAX,
+    "LEASE_ANCHOR": LEASE_ANCHOR,
+    "LEASE_ANCHOR_AT": LEASE_ANCHOR_AT,
     # units
     "MS_PER_S": 1000,
     "US_PER_S": 1_000_000,

@@ -52,6 +52,31 @@ load_limits({rate = ARGV[4], burst = ARGV[5], concurrency = ARGV[6], tenant_rate
   tenant_burst = ARGV[8], credit = ARGV[9], queue_limit = ARGV[10],
   tenant_queue_limit = ARGV[11], idle = ARGV[12], max_tenants = ARGV[13],
   lease_ttl = ARGV[14], ttl = ARGV[15], live_ttl = ARGV[16]})
+
+-- The trailer (see above), after the operations' lines.
+local function finish(results, due)
+  if due == nil then results[#results + 1] = '' else results[#results + 1] = num(due - now) end
+  results[#results + 1] = tostring(redis.call('ZCOUNT', K.procs, num(now), '+inf'))
+  results[#results + 1] = limits_line()
+  return table.concat(results, LINE)
+end
+
+-- One operation that nobody waiting can be affected by: fast.lua, or nil.
+if #ops == 1 then
+  local op = ops[1]
+  local kind = string.sub(op, 1, #OP.acquire)
+  local line
+  if kind == OP.acquire then
+    line = fast_acquire(op)
+  elseif kind == OP.release then
+    line = fast_release(string.sub(op, #OP.acquire + #SEP + 1))
+  end
+  if line ~= nil then
+    save()
+    return finish({line}, nil)
+  end
+end
+
 load_state()
 -- The caller is alive. NX: only renew.lua extends a heartbeat, together with the process's
 -- leases, so a crashed process's heartbeat lapses no later than its leases.
@@ -114,14 +139,4 @@ forget_idle()
 local due = next_due()
 if due ~= nil then due = claim_tick(due) end
 save()
-if due == nil then results[#results + 1] = '' else results[#results + 1] = num(due - now) end
-results[#results + 1] = tostring(redis.call('ZCOUNT', K.procs, num(now), '+inf'))
-local function limit(x)
-  if x == nil then return '' end
-  return num(x)
-end
-local learned = ''
-if L.learned then learned = AUTO end
-results[#results + 1] = table.concat({limit(L.rate), num(L.burst), limit(L.concurrency),
-  limit(L.tenant_rate), num(L.tenant_burst), learned}, SEP)
-return table.concat(results, LINE)
+return finish(results, due)

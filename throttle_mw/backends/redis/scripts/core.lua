@@ -87,7 +87,7 @@ function next_due()
   local t, r = top_active()
   if r ~= nil and L.concurrency ~= nil and S.inflight + r.cost > L.concurrency then
     local first = redis.call('ZRANGE', K.leases, 0, 0, 'WITHSCORES')
-    if #first > 0 then due = tonumber(first[2]) end
+    if #first > 0 and first[1] ~= LEASE_ANCHOR then due = tonumber(first[2]) end
   elseif r ~= nil and L.rate ~= nil then
     local needed = need(r.cost, t.f >= S.v)
     if S.tokens + EPS < needed then due = now + (needed - S.tokens) / L.rate end
@@ -344,7 +344,7 @@ function push(t, r)
   t.n = t.n + 1
   redis.call('ZADD', K.qlen, num(t.n * PUSH_SPAN + S.seq % PUSH_SPAN), t.h)
   S.waiting = S.waiting + 1
-  S['n' .. r.rank] = S['n' .. r.rank] + 1
+  S[RANK_COUNT[r.rank + 1]] = S[RANK_COUNT[r.rank + 1]] + 1
   S.qcost = S.qcost + r.cost
   t.dirty = true
   if t.st == IDLE then activate(t) end
@@ -363,7 +363,7 @@ function unlink(t, r)
     redis.call('ZINCRBY', K.qlen, -PUSH_SPAN, t.h)
   end
   S.waiting = S.waiting - 1
-  S['n' .. r.rank] = S['n' .. r.rank] - 1
+  S[RANK_COUNT[r.rank + 1]] = S[RANK_COUNT[r.rank + 1]] - 1
   S.qcost = S.qcost - r.cost
   t.dirty = true
 end

@@ -27,12 +27,20 @@ local born          -- budget-wide keys (KEY names) this call may have created: 
 -- The fields of P:s: tokens, last refill, concurrency in flight, the virtual clock v, the
 -- fair-rate window (window.lua), waiting requests and their cost, the active tenants'
 -- weight, a sequence counter, the fleet's tick claim (tk_at, tk_by), waiting requests by
--- priority rank (n0..), the next TTL refresh (xp) and the next idle-tenant sweep (fi).
+-- priority rank (n0..), the next TTL refresh (xp), the next idle-tenant sweep (fi) and
+-- whether the lease keys hold their anchor (la: anchor_leases).
 local STATE_FIELDS = {'tokens', 'ts', 'inflight', 'v', 'win_at', 'win_v0', 'win_cost',
   'v_rate', 'thr', 'meas_at', 'waiting', 'qcost', 'wsum', 'seq', 'tk_at', 'tk_by'}
-for rank = 0, NRANK - 1 do STATE_FIELDS[#STATE_FIELDS + 1] = 'n' .. rank end
+local RANK_COUNT = {}  -- 'n0'.. by rank + 1, and a tenant's 'c0'..: made once, not per call
+local RANK_COST = {}
+for rank = 0, NRANK - 1 do
+  RANK_COUNT[rank + 1] = 'n' .. rank
+  RANK_COST[rank + 1] = 'c' .. rank
+  STATE_FIELDS[#STATE_FIELDS + 1] = RANK_COUNT[rank + 1]
+end
 STATE_FIELDS[#STATE_FIELDS + 1] = 'xp'
 STATE_FIELDS[#STATE_FIELDS + 1] = 'fi'
+STATE_FIELDS[#STATE_FIELDS + 1] = 'la'
 
 -- The fields of P:t:<h> (a tenant): finish tag, weight, cap bucket and its time, waiting
 -- requests, their cost by rank (c0..), state (IDLE, ACTIVE, CAPPED), member in P:active,
@@ -71,11 +79,26 @@ local ACQUIRE_PATTERN = fields_pattern(#ACQUIRE_FIELDS)
 -- --- loading and saving -----------------------------------------------------------------
 
 -- A call's state, key names, clock and caller: every script starts here.
+-- Key names by prefix: built once per prefix, not per call (a string made in Lua costs as
+-- much as a Redis command; a function library keeps this table between calls).
+local KEYS_BY_PREFIX = {}
+local KEYS_CACHED = 0
+
+local function key_names(prefix)
+  local names = KEYS_BY_PREFIX[prefix]
+  if names ~= nil then return names end
+  names = {prefix = prefix}
+  for name, suffix in pairs(KEY) do names[name] = prefix .. suffix end
+  if KEYS_CACHED >= KEYS_CACHE_MAX then KEYS_BY_PREFIX = {}; KEYS_CACHED = 0 end
+  KEYS_BY_PREFIX[prefix] = names
+  KEYS_CACHED = KEYS_CACHED + 1
+  return names
+end
+
 local function init(prefix, now_override, process)
-  S, S0, L, POL, K, T, out_events, recent, fresh = {}, {}, {}, {}, {}, {}, {}, {}, false
+  S, S0, L, POL, T, out_events, recent, fresh = {}, {}, {}, {}, {}, {}, {}, false
   born = {}
-  for name, suffix in pairs(KEY) do K[name] = prefix .. suffix end
-  K.prefix = prefix
+  K = key_names(prefix)
   proc = process
   if now_override ~= nil and now_override ~= '' then
     now = tonumber(now_override)
@@ -120,6 +143,37 @@ local function load_limits(a)
   POL.live_ttl = opt(a.live_ttl)
 end
 
+-- The limits in force as batch.lua's reply states them (rate|burst|concurrency|tenant_rate|
+-- tenant_burst|learned, "" = unset), memoized: the same few limits come call after call,
+-- and formatting numbers is a good part of a small call's cost.
+local LINES = {}
+local LINES_KEPT = 0
+
+local function limits_line()
+  local node = LINES
+  local path = {L.rate or false, L.burst or false, L.concurrency or false,
+    L.tenant_rate or false, L.tenant_burst or false, L.learned}
+  for i = 1, #path - 1 do
+    local next_node = node[path[i]]
+    if next_node == nil then next_node = {}; node[path[i]] = next_node end
+    node = next_node
+  end
+  local line = node[path[#path]]
+  if line ~= nil then return line end
+  local function limit(x)
+    if x == nil then return '' end
+    return num(x)
+  end
+  local learned = ''
+  if L.learned then learned = AUTO end
+  line = table.concat({limit(L.rate), num(L.burst), limit(L.concurrency), limit(L.tenant_rate),
+    num(L.tenant_burst), learned}, SEP)
+  if LINES_KEPT >= KEYS_CACHE_MAX then LINES = {}; LINES_KEPT = 0; return line end
+  node[path[#path]] = line
+  LINES_KEPT = LINES_KEPT + 1
+  return line
+end
+
 -- The budget's state; a budget seen for the first time starts full.
 local function load_state()
   local vals = redis.call('HMGET', K.state, unpack(STATE_FIELDS))
@@ -132,9 +186,10 @@ local function load_state()
     S.win_at = now; S.win_v0 = 0; S.win_cost = 0; S.v_rate = 0; S.thr = 0
     S.meas_at = -math.huge; S.waiting = 0; S.qcost = 0; S.wsum = 0; S.seq = 0; S.tk_at = 0
   end
-  for rank = 0, NRANK - 1 do S['n' .. rank] = S['n' .. rank] or 0 end
+  for rank = 1, NRANK do S[RANK_COUNT[rank]] = S[RANK_COUNT[rank]] or 0 end
   S.xp = S.xp or 0
   S.fi = S.fi or 0
+  S.la = S.la or 0
   if S.tokens > L.burst then S.tokens = L.burst end
 end
 
@@ -155,7 +210,7 @@ local function save_tenant(t)
     end
   end
   put('f', t.f); put('w', t.w); put('cap', t.cap); put('cap_at', t.cap_at); put('n', t.n)
-  for rank = 0, NRANK - 1 do put('c' .. rank, t.c[rank + 1]) end
+  for rank = 1, NRANK do put(RANK_COST[rank], t.c[rank]) end
   put('st', t.st); put('am', t.am)
   -- Capped this call (or again, after it was back in line): P:capped may be new.
   if t.st == CAPPED and (t.loaded.st ~= CAPPED or t.am ~= t.loaded.am) then born.capped = true end
@@ -192,8 +247,9 @@ local function save()
   born = {}
   for p, ids in pairs(recent) do
     local key = K.prefix .. KEY.recent .. p
-    redis.call('LPUSH', key, unpack(ids))
-    redis.call('LTRIM', key, 0, RECENT_KEPT - 1)
+    if redis.call('LPUSH', key, unpack(ids)) > RECENT_KEPT then
+      redis.call('LTRIM', key, 0, RECENT_KEPT - 1)
+    end
     redis.call('PEXPIRE', key, ttl_ms('state'))
   end
   for p, msgs in pairs(out_events) do
@@ -222,9 +278,32 @@ local function emit_evicted(p, id, reason, wait)
   emit(p, MESSAGE.evicted, id, reason, num(wait))
 end
 
+-- P:leases and P:lc in their big encodings (skiplist, hash table) while many leases are in
+-- flight: in Redis's compact encoding (listpack, up to 128 entries by default) every ZADD,
+-- ZREM and HDEL scans the whole collection, so a lease would cost more the more are in
+-- flight. One anchor member longer than any compact entry may be (zset-/hash-max-listpack-
+-- value, 64 bytes by default) converts them for good, whatever the server's settings below
+-- that length; it is set once LEASE_ANCHOR_AT are in flight (fewer are cheap either way)
+-- and taken out with the last lease (a budget at rest keeps no lease keys). Score +inf:
+-- never expired, never first. S.la: the anchor is set.
+local function anchor_leases()
+  if S.la == 1 or S.inflight < LEASE_ANCHOR_AT then return end
+  redis.call('ZADD', K.leases, 'inf', LEASE_ANCHOR)
+  redis.call('HSET', K.lease_costs, LEASE_ANCHOR, '0')
+  S.la = 1
+end
+
+local function unanchor_leases()
+  if S.la ~= 1 or S.inflight > 0 then return end
+  redis.call('ZREM', K.leases, LEASE_ANCHOR)
+  redis.call('HDEL', K.lease_costs, LEASE_ANCHOR)
+  S.la = 0
+end
+
 local function add_lease(id, cost, p)
   if S.inflight <= 0 then born.leases = true; born.lease_costs = true end  -- the first lease
   S.inflight = S.inflight + cost
+  anchor_leases()
   redis.call('ZADD', K.leases, num(now + POL.lease_ttl), id)
   redis.call('HSET', K.lease_costs, id, cost .. SEP .. p)
 end
@@ -236,6 +315,7 @@ local function drop_lease(id)
   S.inflight = math.max(0, S.inflight - tonumber(string.match(raw, FIRST_FIELD)))
   redis.call('HDEL', K.lease_costs, id)
   redis.call('ZREM', K.leases, id)
+  unanchor_leases()
   return true
 end
 
@@ -288,7 +368,7 @@ local function load_tenant(h, weight)
       if name == 'am' then l[name] = v[i] or '' else l[name] = tonumber(v[i]) end
     end
     t.f = l.f; t.w = l.w; t.cap = l.cap; t.cap_at = l.cap_at; t.n = l.n
-    for rank = 0, NRANK - 1 do t.c[rank + 1] = l['c' .. rank] end
+    for rank = 1, NRANK do t.c[rank] = l[RANK_COST[rank]] end
     t.st = l.st; t.am = l.am; t.xp = l.xp or 0
     if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
   end
