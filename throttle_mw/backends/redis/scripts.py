@@ -51,8 +51,8 @@ TICK_SLACK_S: Final = 0.05
 #: backlog is left).
 SWEEP_PERIOD_S: Final = 1.0
 SWEEP_BATCH: Final = 32
-#: Tenants beyond max_tenants dropped at most per call.
-EXCESS_BATCH: Final = 1024
+#: Tenants beyond max_tenants read at most per call (a batch creates at most MAX_BATCH).
+EXCESS_BATCH: Final = 256
 #: Expired leases and overdue waiters taken out per call at most.
 EXPIRY_BATCH: Final = 256
 #: Dispatch admits at most this many waiters in one call (a bound on one call's work).

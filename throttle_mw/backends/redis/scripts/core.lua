@@ -274,7 +274,9 @@ end
 -- Scheduler._forget_idle: drop idle tenants past the idle time, and the least recent
 -- beyond max_tenants: all of those (one call adds at most a batch of tenants), so the
 -- excess never builds up. Only calls that created a tenant can exceed the bound; idle ones
--- are swept once a period, or on every call while a backlog of them is left.
+-- are swept once a period, or on every call while a backlog of them is left. Tenants with
+-- waiters are not in P:tenants (Lua only: push takes them out, unlink puts them back, as
+-- seen then), so however many wait, no sweep reads one: Python skips them in memory.
 function forget_idle()
   if not fresh and now < S.fi then return end
   local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', num(now - POL.idle), 'LIMIT', 0,
@@ -295,6 +297,8 @@ function forget_idle()
       redis.call('DEL', K.prefix .. KEY.tenant .. h, queue_key(h))
       redis.call('ZREM', K.tenants, h)
       if t ~= nil then t.deleted = true; T[h] = nil end
+    else
+      redis.call('ZREM', K.tenants, h)  -- (state written before tenants waited off the list)
     end
   end
 end
@@ -342,6 +346,7 @@ function push(t, r)
   redis.call('ZADD', K.deadlines, num(r.deadline), r.id)
   t.c[r.rank + 1] = t.c[r.rank + 1] + r.cost
   t.n = t.n + 1
+  if t.n == 1 then redis.call('ZREM', K.tenants, t.h) end  -- off the idle list (forget_idle)
   redis.call('ZADD', K.qlen, num(t.n * PUSH_SPAN + S.seq % PUSH_SPAN), t.h)
   S.waiting = S.waiting + 1
   S[RANK_COUNT[r.rank + 1]] = S[RANK_COUNT[r.rank + 1]] + 1
@@ -359,6 +364,8 @@ function unlink(t, r)
   t.n = t.n - 1
   if t.n <= 0 then
     redis.call('ZREM', K.qlen, t.h)
+    if redis.call('ZADD', K.tenants, num(now), t.h) == 1 then born.tenants = true end
+    t.touched = true
   else
     redis.call('ZINCRBY', K.qlen, -PUSH_SPAN, t.h)
   end

@@ -49,10 +49,10 @@ local function fast_tenant(h, weight)
   local v = redis.call('HMGET', key, unpack(FAST_TENANT))
   if v[1] == false then return nil end
   local l = {f = tonumber(v[1]), w = tonumber(v[2]), cap = tonumber(v[3]),
-    cap_at = tonumber(v[4]), st = tonumber(v[5]), xp = tonumber(v[6]) or 0}
-  if l.st ~= IDLE or now >= l.xp then return nil end
+    cap_at = tonumber(v[4]), st = tonumber(v[5]), xp = tonumber(v[6]) or 0, n = 0}
+  if l.st ~= IDLE or now >= l.xp then return nil end  -- (IDLE: nothing waits, n = 0)
   local t = {h = h, key = key, dirty = false, loaded = l, c = {}, f = l.f, w = l.w,
-    cap = l.cap, cap_at = l.cap_at, st = l.st, xp = l.xp}
+    cap = l.cap, cap_at = l.cap_at, st = l.st, xp = l.xp, n = 0}
   if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
   T[h] = t
   return t

@@ -385,8 +385,9 @@ local function live_weight(h, given)
 end
 
 -- Its last use, for idle expiry; once per call is enough: `now` does not move within it.
+-- A tenant with waiters is not on the idle list (core.lua's forget_idle).
 local function touch(t)
-  if not t.touched then
+  if not t.touched and t.n == 0 then
     if redis.call('ZADD', K.tenants, num(now), t.h) == 1 then born.tenants = true end
     t.touched = true
   end
