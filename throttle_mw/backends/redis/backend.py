@@ -144,8 +144,11 @@ class RedisBackend(Recovery):
     async def stop(self) -> None:
         if not self._started:
             return
-        for waiter in list(self._waiters.values()):
-            await self.cancel(waiter.waiting)
+        # All at once: the batcher sends them in a few calls, not one round trip each.
+        await asyncio.gather(
+            *(self.cancel(waiter.waiting) for waiter in list(self._waiters.values())),
+            return_exceptions=True,
+        )
         await self._fallback.stop()
         for timer in (self._tick, self._settle):
             if timer is not None:

@@ -56,6 +56,7 @@ REPLY: Final = MappingProxyType(
         "already_admitted": "G",  # G|lease: a cancel that came too late
         "unknown": "N",  # a cancel of a request not waiting (gone already)
         "ticked": "T",
+        "deferred": "D",  # not run: the call had done its share of work; send it again
     }
 )
 #: The first field of each message on a process's grant list.
@@ -87,6 +88,8 @@ _ADMITTED, _QUEUED, _CANCELLED, _LATE = (
     REPLY["already_admitted"],
 )
 _ACQUIRE = OP["acquire"] + SEP
+#: The reply line of an operation the script left for the next call (batch.lua, WORK_US).
+DEFERRED: Final = REPLY["deferred"]
 _new_tuple = tuple.__new__
 
 

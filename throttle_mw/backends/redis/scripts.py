@@ -55,8 +55,15 @@ SWEEP_BATCH: Final = 32
 EXCESS_BATCH: Final = 256
 #: Expired leases and overdue waiters taken out per call at most.
 EXPIRY_BATCH: Final = 256
-#: Dispatch admits at most this many waiters in one call (a bound on one call's work).
-DISPATCH_LIMIT: Final = 10_000
+#: Dispatch admits at most this many waiters in one operation (a bound on one call's
+#: work); if more could go, the caller is told to tick again at once.
+DISPATCH_LIMIT: Final = 32
+#: A batch call stops taking on operations once it has run this long (microseconds, by
+#: Redis's clock, checked every WORK_CHECK operations): the rest are answered "deferred"
+#: and sent again in the next call, so no call holds Redis for long (a batch is bounded
+#: by its work, not only by its count).
+WORK_US: Final = 500
+WORK_CHECK: Final = 4
 #: Key prefixes whose key names a loaded library keeps built (budgets per Redis, in practice).
 KEYS_CACHE_MAX: Final = 64
 #: The lease keys' anchor (store.lua, anchor_leases): longer than Redis lets an entry of
@@ -125,6 +132,8 @@ SHARED: Final[Mapping[str, object]] = {
     "EXCESS_BATCH": EXCESS_BATCH,
     "EXPIRY_BATCH": EXPIRY_BATCH,
     "DISPATCH_LIMIT": DISPATCH_LIMIT,
+    "WORK_US": WORK_US,
+    "WORK_CHECK": WORK_CHECK,
     "KEYS_CACHE_MAX": KEYS_CACHE_MAX,
     "LEASE_ANCHOR": LEASE_ANCHOR,
     "LEASE_ANCHOR_AT": LEASE_ANCHOR_AT,

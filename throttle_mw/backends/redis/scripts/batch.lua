@@ -39,6 +39,8 @@
 --   G|lease             cancel too late: it was already admitted
 --   N                   cancel: not known here (already gone)
 --   T                   ticked
+--   D                   deferred: not run, the call had done its share of work (WORK_US);
+--                       the caller sends it again
 
 -- The operations first: a malformed call changes nothing.
 local ops = {}
@@ -116,11 +118,24 @@ local function do_cancel(id)
   return REPLY.already_admitted .. SEP .. flag(lease)
 end
 
+-- Microseconds of Redis's clock since `start` (TIME: the test clock override aside).
+local function elapsed_us(start)
+  local t = redis.call('TIME')
+  return (tonumber(t[1]) - tonumber(start[1])) * US_PER_S + tonumber(t[2]) - tonumber(start[2])
+end
+
 local results = {}
 local body = #OP.acquire + #SEP + 1  -- where an operation's first field begins
-for _, op in ipairs(ops) do
+local started, over = nil, false
+if #ops > WORK_CHECK then started = redis.call('TIME') end
+for i, op in ipairs(ops) do
   local kind = string.sub(op, 1, #OP.acquire)
-  if kind == OP.acquire then
+  if not over and started ~= nil and i % WORK_CHECK == 1 and i > 1 then
+    over = elapsed_us(started) >= WORK_US
+  end
+  if over then
+    results[#results + 1] = REPLY.deferred
+  elseif kind == OP.acquire then
     results[#results + 1] = do_acquire(op)
   elseif kind == OP.release then
     release(string.sub(op, body))
@@ -137,6 +152,7 @@ end
 
 forget_idle()
 local due = next_due()
+if more then due = now end  -- dispatch left admissions for the next tick
 if due ~= nil then due = claim_tick(due) end
 save()
 return finish(results, due)

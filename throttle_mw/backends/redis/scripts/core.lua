@@ -432,9 +432,10 @@ end
 function dispatch(watch)
   release_capped()
   local watched = false
-  for _ = 1, DISPATCH_LIMIT do
+  for i = 1, DISPATCH_LIMIT + 1 do
     local t, r = top_active()
     if t == nil then break end
+    if i > DISPATCH_LIMIT then more = true; break end  -- Lua only: the rest next tick
     if orphaned(r) then  -- Lua only
       remove(t, r)
     elseif not cap_ok(t, r.cost) then

@@ -23,6 +23,7 @@ local recent        -- per process: lease-less admissions of this call (remember
 local fresh         -- a tenant was created this call (forget_idle must check the bound)
 local born          -- budget-wide keys (KEY names) this call may have created: save()
                     -- gives them their TTL (Redis drops a key that empties, TTL and all)
+local more          -- dispatch stopped at DISPATCH_LIMIT: tick again at once
 
 -- The fields of P:s: tokens, last refill, concurrency in flight, the virtual clock v, the
 -- fair-rate window (window.lua), waiting requests and their cost, the active tenants'
@@ -98,6 +99,7 @@ end
 local function init(prefix, now_override, process)
   S, S0, L, POL, T, out_events, recent, fresh = {}, {}, {}, {}, {}, {}, {}, false
   born = {}
+  more = false
   K = key_names(prefix)
   proc = process
   if now_override ~= nil and now_override ~= '' then
