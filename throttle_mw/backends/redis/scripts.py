@@ -3,7 +3,8 @@
 The code is the constants it shares with Python, generated here from their
 Python definitions (so no scheduler constant is spelled in a ``.lua`` file),
 then the state layer (``store.lua``), the twins of the scheduler's rules
-(``window.lua``, ``core.lua``), and the entry scripts (``batch``, ``renew``,
+(``window.lua``, ``core.lua``), the fast path of a one-operation call
+(``fast.lua``), and the entry scripts (``batch``, ``renew``,
 ``leave``, ``snapshot``). Where the server has functions (Redis 7+, Valkey) it
 is loaded once as a library and each entry script is a function called with
 FCALL; elsewhere (Redis 6.2) each entry script is sent with the shared code in
