@@ -234,7 +234,7 @@ async def churn(url: str, n: int, width: int) -> dict[str, Any]:
 
 async def queue_at_once(url: str, width: int, rounds: int) -> dict[str, Any]:
     backend = RedisBackend(
-        settings(url, "q256", rate=1.0, burst=1.0, queue_limit=10_000, max_tenants=100_000)
+        settings(url, "q256", rate=100.0, burst=1.0, queue_limit=10_000, max_tenants=100_000)
     )
     await backend.start()
     counters = Counters(redis.Redis.from_url(url))
@@ -262,7 +262,7 @@ async def stop_with_waiters(url: str, waiters: int) -> dict[str, Any]:
         settings(
             url,
             "stop",
-            rate=1.0,
+            rate=100.0,
             burst=1.0,
             queue_limit=2 * waiters,
             tenant_queue_limit=waiters,
