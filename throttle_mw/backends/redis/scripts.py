@@ -72,6 +72,8 @@ KEYS_CACHE_MAX: Final = 64
 #: this many leases are in flight.
 LEASE_ANCHOR: Final = "~anchor~" + "~" * 1016
 LEASE_ANCHOR_AT: Final = 16
+#: Texts whose numbers a loaded library remembers (store.lua, tonum) before starting afresh.
+NUMBERS_MAX: Final = 1024
 
 
 def _lua(value: object) -> str:
@@ -138,6 +140,7 @@ SHARED: Final[Mapping[str, object]] = {
     "KEYS_CACHE_MAX": KEYS_CACHE_MAX,
     "LEASE_ANCHOR": LEASE_ANCHOR,
     "LEASE_ANCHOR_AT": LEASE_ANCHOR_AT,
+    "NUMBERS_MAX": NUMBERS_MAX,
     # units
     "MS_PER_S": 1000,
     "US_PER_S": 1_000_000,

@@ -100,14 +100,14 @@ end
 
 local function do_acquire(op)
   local _, id, h, name, weight, rank, cost, flags, max_wait = string.match(op, ACQUIRE_PATTERN)
-  flags = tonumber(flags)
+  flags = tonum(flags)
   if has_flag(flags, FLAG.retry) then
     local known = retried(id)
     if known ~= nil then return encode(known) end
   end
-  return encode(acquire(id, h, name, live_weight(h, tonumber(weight)), tonumber(rank),
-    tonumber(cost), has_flag(flags, FLAG.sheddable), has_flag(flags, FLAG.degradable),
-    tonumber(max_wait)))
+  return encode(acquire(id, h, name, live_weight(h, tonum(weight)), tonum(rank),
+    tonum(cost), has_flag(flags, FLAG.sheddable), has_flag(flags, FLAG.degradable),
+    tonum(max_wait)))
 end
 
 local function do_cancel(id)

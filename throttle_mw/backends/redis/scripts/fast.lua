@@ -27,7 +27,7 @@ local function fast_state(fields)
   local vals = redis.call('HMGET', K.state, unpack(fields))
   if vals[1] == false then return false end  -- a new budget
   for i, name in ipairs(fields) do
-    local value = tonumber(vals[i])
+    local value = tonum(vals[i])
     S[name] = value; S0[name] = value
   end
   S.la = S.la or 0  -- as load_state
@@ -48,8 +48,8 @@ local function fast_tenant(h, weight)
   local key = K.prefix .. KEY.tenant .. h
   local v = redis.call('HMGET', key, unpack(FAST_TENANT))
   if v[1] == false then return nil end
-  local l = {f = tonumber(v[1]), w = tonumber(v[2]), cap = tonumber(v[3]),
-    cap_at = tonumber(v[4]), st = tonumber(v[5]), xp = tonumber(v[6]) or 0, n = 0}
+  local l = {f = tonum(v[1]), w = tonum(v[2]), cap = tonum(v[3]), cap_at = tonum(v[4]),
+    st = tonum(v[5]), xp = tonum(v[6]) or 0, n = 0}
   if l.st ~= IDLE or now >= l.xp then return nil end  -- (IDLE: nothing waits, n = 0)
   local t = {h = h, key = key, dirty = false, loaded = l, c = {}, f = l.f, w = l.w,
     cap = l.cap, cap_at = l.cap_at, st = l.st, xp = l.xp, n = 0}
@@ -66,13 +66,13 @@ end
 -- One acquire (batch.lua's do_acquire), if it is admitted at once with nobody waiting.
 local function fast_acquire(op)
   local _, id, h, _, weight, _, cost, flags = string.match(op, ACQUIRE_PATTERN)
-  if has_flag(tonumber(flags), FLAG.retry) then return nil end
+  if has_flag(tonum(flags), FLAG.retry) then return nil end
   if not fast_state(FAST_STATE) or lapsed_lease() then return give_up() end
   if S.tokens ~= nil and S.tokens > L.burst then S.tokens = L.burst end  -- as load_state
-  local t = fast_tenant(h, live_weight(h, tonumber(weight)))
+  local t = fast_tenant(h, live_weight(h, tonum(weight)))
   if t == nil then return give_up() end
   refill()
-  cost = clamp(tonumber(cost))
+  cost = clamp(tonum(cost))
   if not fits_at_once(t, cost) then return give_up() end
   touch(t)  -- (tenant() would: the tenant is not new)
   admit_now(t, id, cost)

@@ -56,9 +56,28 @@ local function num(x)
   return string.format(NUMBER_FORMAT, x)
 end
 
+-- tonumber, remembered by the text: glibc's strtod takes thousands of instructions for the
+-- 17 digits of NUMBER_FORMAT, and most numbers a call reads are the same text call after
+-- call (limits, policy, most state fields). Lua interns strings: a lookup costs little.
+local NUMBERS = {}
+local NUMBERS_KEPT = 0
+
+local function tonum(text)
+  if not text then return nil end
+  local value = NUMBERS[text]
+  if value == nil then
+    value = tonumber(text)
+    if value == nil then return nil end
+    if NUMBERS_KEPT >= NUMBERS_MAX then NUMBERS = {}; NUMBERS_KEPT = 0 end
+    NUMBERS[text] = value
+    NUMBERS_KEPT = NUMBERS_KEPT + 1
+  end
+  return value
+end
+
 local function opt(x)
   if x == nil or x == false or x == '' then return nil end
-  return tonumber(x)
+  return tonum(x)
 end
 
 local function has_flag(flags, bit)
@@ -121,7 +140,7 @@ local function load_limits(a)
     if live ~= false and live ~= nil then
       if live == OFF then return nil end
       if live == AUTO then return AUTO end
-      return tonumber(live)
+      return tonum(live)
     end
     if given == AUTO then return AUTO end
     return opt(given)
@@ -130,7 +149,7 @@ local function load_limits(a)
   L.burst = pick(cfg[2], a.burst)
   L.concurrency = pick(cfg[3], a.concurrency)
   L.learned = L.concurrency == AUTO
-  if L.learned then L.concurrency = tonumber(cfg[6]) or LEARN_INITIAL end
+  if L.learned then L.concurrency = tonum(cfg[6]) or LEARN_INITIAL end
   L.tenant_rate = pick(cfg[4], a.tenant_rate)
   L.tenant_burst = pick(cfg[5], a.tenant_burst)
   L.reserve = 0  -- Limits.reserve
@@ -180,7 +199,7 @@ end
 local function load_state()
   local vals = redis.call('HMGET', K.state, unpack(STATE_FIELDS))
   for i, name in ipairs(STATE_FIELDS) do
-    if name == 'tk_by' then S[name] = vals[i] or '' else S[name] = tonumber(vals[i]) end
+    if name == 'tk_by' then S[name] = vals[i] or '' else S[name] = tonum(vals[i]) end
     S0[name] = S[name]
   end
   if S.ts == nil then
@@ -314,7 +333,7 @@ end
 local function drop_lease(id)
   local raw = redis.call('HGET', K.lease_costs, id)
   if not raw then return false end
-  S.inflight = math.max(0, S.inflight - tonumber(string.match(raw, FIRST_FIELD)))
+  S.inflight = math.max(0, S.inflight - tonum(string.match(raw, FIRST_FIELD)))
   redis.call('HDEL', K.lease_costs, id)
   redis.call('ZREM', K.leases, id)
   unanchor_leases()
@@ -367,7 +386,7 @@ local function load_tenant(h, weight)
   else
     local l = t.loaded
     for i, name in ipairs(TENANT_FIELDS) do
-      if name == 'am' then l[name] = v[i] or '' else l[name] = tonumber(v[i]) end
+      if name == 'am' then l[name] = v[i] or '' else l[name] = tonum(v[i]) end
     end
     t.f = l.f; t.w = l.w; t.cap = l.cap; t.cap_at = l.cap_at; t.n = l.n
     for rank = 1, NRANK do t.c[rank] = l[RANK_COST[rank]] end
@@ -382,7 +401,7 @@ end
 local function live_weight(h, given)
   if T[h] ~= nil then return nil end  -- already loaded this call, with its weight
   local live = redis.call('HGET', K.weights, h)
-  if live then return tonumber(live) end
+  if live then return tonum(live) end
   return given
 end
 
@@ -424,7 +443,7 @@ local function load_waiter(id)
   local raw = redis.call('HGET', K.waiters, id)
   if not raw then return nil end
   local h, cost, rank, p, deadline, enq = string.match(raw, WAITER_PATTERN)
-  return {id = id, h = h, cost = tonumber(cost), rank = tonumber(rank), proc = p,
+  return {id = id, h = h, cost = tonum(cost), rank = tonum(rank), proc = p,
     deadline = tonumber(deadline), enq = tonumber(enq)}
 end
 
