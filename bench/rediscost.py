@@ -206,8 +206,10 @@ async def saturated(url: str, tenants: int, seconds: float) -> dict[str, Any]:
         Counters(redis.Redis.from_url(url)), lambda: done, asyncio.sleep(seconds)
     )
     stop.set()
-    await backend.stop()
+    for task in tasks:  # before stop(): a task's next acquire would start it again
+        task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await backend.stop()
     return result
 
 
