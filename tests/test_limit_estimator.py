@@ -312,6 +312,25 @@ def test_merge_equals_one_summary_of_all_samples() -> None:
     assert merged.mean_in_flight == pytest.approx(sum(means))
 
 
+def test_pool_is_one_process_more_samples() -> None:
+    """Two windows of one process pooled: the in flight is their mean, not their sum
+    (the fleet pools a process's parts before adding the processes up)."""
+    rng = random.Random(4)
+    first, second = samples(rng, 40), samples(rng, 25)
+    pooled = WindowSummary.decode(summary_of(first).encode())
+    pooled.pool(WindowSummary.decode(summary_of(second).encode()))
+    whole = summary_of(first + second)
+    assert (pooled.count, pooled.failures) == (whole.count, whole.failures)
+    assert pooled.quantile(0.5) == whole.quantile(0.5)
+    assert pooled.max_in_flight == whole.max_in_flight
+    assert pooled.mean_in_flight == pytest.approx(whole.mean_in_flight)
+    # ... and it still merges as one process's part.
+    other = samples(rng, 30)
+    pooled.merge(summary_of(other))
+    mean = statistics.mean(s.in_flight for s in other)
+    assert pooled.mean_in_flight == pytest.approx(whole.mean_in_flight + mean)
+
+
 def wire_safe(text: str) -> bool:
     """ASCII, and none of the characters the fleet's wire uses around these forms."""
     return text.isascii() and not any(ch in text for ch in " |;\n\r\t")
