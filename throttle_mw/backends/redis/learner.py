@@ -153,14 +153,6 @@ class FleetLearner:
         self.state = new
         self.steps_taken += 1
 
-    async def read(self, client: Any) -> LimitState | None:
-        """The fleet's learned state as stored (None: nothing learned yet)."""
-        raw = await client.hget(self._keys.cfg, STATE_FIELD)
-        if raw is None:
-            return None
-        self.state = LimitState.decode(_text(raw))
-        return self.state
-
 
 def fleet_window(entries: Iterable[str]) -> tuple[WindowSummary, dict[str, WindowSummary]]:
     """The fleet's window from the entries pushed since the last step, and each
