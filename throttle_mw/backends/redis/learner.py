@@ -107,7 +107,7 @@ class FleetLearner:
         pipe.delete(keys.learn_windows)
         pipe.hmget(keys.cfg, STATE_FIELD, STEP_AT_FIELD)
         entries, _, (raw_state, raw_at) = await pipe.execute()
-        merged, parts = fleet_window(_text(entry) for entry in entries)
+        entries_text = [_text(entry) for entry in entries]
         state = self.state
         if raw_state is not None:
             try:
@@ -122,12 +122,10 @@ class FleetLearner:
                 elapsed = min(max(now - elapsed, self.config.window_s), _MAX_ELAPSED_S)
             except ValueError:
                 elapsed = self.config.window_s
-        new = step(self.config, state, merged, elapsed)
-        if new.reason == "few-samples":
-            # Too little to go on: keep collecting, as LimitEstimator does; the next
-            # step gets these samples too, each still its process's.
+        new, kept = fleet_step(self.config, state, entries_text, elapsed)
+        if kept:
             pipe = client.pipeline(transaction=False)
-            pipe.rpush(keys.learn_windows, *(_entry(p, s) for p, s in parts.items()))
+            pipe.rpush(keys.learn_windows, *kept)
             pipe.pexpire(keys.learn_windows, self._live_ttl_ms)
             await pipe.execute()
             self.state = state
@@ -152,6 +150,20 @@ class FleetLearner:
             )
         self.state = new
         self.steps_taken += 1
+
+
+def fleet_step(
+    config: LimitConfig, state: LimitState, entries: Iterable[str], elapsed_s: float
+) -> tuple[LimitState, list[str]]:
+    """The fleet's step from the summaries pushed since the last one (`entries`): the
+    state after it, and nothing to keep; or, for a window too thin to judge, `state`
+    and the entries to push back, each still its process's, so that the next step
+    gets these samples too (as `LimitEstimator` keeps collecting)."""
+    merged, parts = fleet_window(entries)
+    new = step(config, state, merged, elapsed_s)
+    if new.reason == "few-samples":
+        return state, [_entry(process, part) for process, part in parts.items()]
+    return new, []
 
 
 def fleet_window(entries: Iterable[str]) -> tuple[WindowSummary, dict[str, WindowSummary]]:
