@@ -52,8 +52,8 @@ TICK_SLACK_S: Final = 0.05
 #: backlog is left).
 SWEEP_PERIOD_S: Final = 1.0
 SWEEP_BATCH: Final = 32
-#: Tenants beyond max_tenants read at most per call (a batch creates at most MAX_BATCH).
-EXCESS_BATCH: Final = 256
+#: Tenants beyond max_tenants read at most per call (more than a call of WORK_US creates).
+EXCESS_BATCH: Final = 64
 #: Expired leases and overdue waiters taken out per call at most.
 EXPIRY_BATCH: Final = 256
 #: Dispatch admits at most this many waiters in one operation (a bound on one call's
@@ -63,8 +63,8 @@ DISPATCH_LIMIT: Final = 32
 #: Redis's clock, checked every WORK_CHECK operations): the rest are answered "deferred"
 #: and sent again in the next call, so no call holds Redis for long (a batch is bounded
 #: by its work, not only by its count).
-WORK_US: Final = 500
-WORK_CHECK: Final = 4
+WORK_US: Final = 300
+WORK_CHECK: Final = 2
 #: Key prefixes whose key names a loaded library keeps built (budgets per Redis, in practice).
 KEYS_CACHE_MAX: Final = 64
 #: The lease keys' anchor (store.lua, anchor_leases): longer than Redis lets an entry of
