@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Sequence
@@ -109,6 +110,9 @@ class ThrottleMiddleware:
         self._tenants = Tenants(settings.tenant_header, settings.tenant_resolver)
         self._resolver = settings.tenant_resolver
         self._ids = RequestIds()
+        # RequestIds' call, inlined per request: its prefix and counter.
+        self._id_prefix = self._ids.token + "."
+        self._id_counter = itertools.count(1)
         self._draining = asyncio.Event()
         self._draining_now = False  # the event's state, read per request without a call
         self._undo_signals: Any = None
@@ -245,7 +249,14 @@ class ThrottleMiddleware:
         # tuple.__new__ skips the NamedTuples' Python-level __new__ on this hot path.
         request = _new_tuple(
             Request,
-            (self._ids(), tenant, tag.priority, tag.cost, tag.sheddable, tag.degradable),
+            (
+                self._id_prefix + str(next(self._id_counter)),
+                tenant,
+                tag.priority,
+                tag.cost,
+                tag.sheddable,
+                tag.degradable,
+            ),
         )
         outcome: Admitted | Waiting | Reject | None
         started = 0.0
