@@ -107,6 +107,7 @@ class ThrottleMiddleware:
         self._routes = RouteTags(
             settings.route_priorities, make_tag(settings.default_priority), app
         )
+        self._route_cache = self._routes.by_method
         self._tenants = Tenants(settings.tenant_header, settings.tenant_resolver)
         self._resolver = settings.tenant_resolver
         self._ids = RequestIds()
@@ -232,7 +233,14 @@ class ThrottleMiddleware:
             return
         # The HTTP path is written out here rather than in a helper coroutine: it runs
         # for every request, and each coroutine layer costs (see bench/README.md).
-        tag = self._routes.tag_for(scope)
+        # RouteTags.tag_for's cache hit, inlined.
+        tag = None
+        if not scope.get("root_path"):
+            paths = self._route_cache.get(scope["method"])
+            if paths is not None:
+                tag = paths.get(scope["path"])
+        if tag is None:
+            tag = self._routes.tag_for(scope)
         if tag.exempt:
             await self.app(scope, receive, send)
             return
