@@ -16,7 +16,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -41,6 +41,9 @@ _SHUTTING_DOWN = Reject("shutting_down", 1.0)
 _UNCONFIGURED = Reject("unavailable", 60.0)
 _new_tuple = tuple.__new__
 _NO_WAIT = b"throttle;dur=0.0"
+#: `Admitted`'s fields, by index.
+_DEGRADED: Final = 2
+_UNTHROTTLED: Final = 4
 _HTTP1 = frozenset(("1.1", "1.0"))
 _BODY_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
 
@@ -255,10 +258,11 @@ class ThrottleMiddleware:
         backend = self._backend
         assert backend is not None
         # tuple.__new__ skips the NamedTuples' Python-level __new__ on this hot path.
+        request_id = self._id_prefix + str(next(self._id_counter))
         request = _new_tuple(
             Request,
             (
-                self._id_prefix + str(next(self._id_counter)),
+                request_id,
                 tenant,
                 tag.priority,
                 tag.cost,
@@ -292,7 +296,8 @@ class ThrottleMiddleware:
         decided: Outcome = "admitted"
         reason: str | None = None
         waited_s = 0.0  # decided at once, in memory: microseconds, reported as 0.0 ms
-        if type(outcome) is Admitted and not outcome.degraded and not outcome.unthrottled:
+        # A NamedTuple's fields by index: its attribute access is a generic lookup in 3.11.
+        if type(outcome) is Admitted and not outcome[_DEGRADED] and not outcome[_UNTHROTTLED]:
             if started:
                 waited_s = time.perf_counter() - started
         else:
@@ -304,8 +309,9 @@ class ThrottleMiddleware:
             if body is not None:
                 receive = body.receive
             waited_s = time.perf_counter() - started
+        _, _, degraded, held, unthrottled = outcome
         if self._observers and decided != "would_reject":
-            kind: EventKind = "degraded" if outcome.degraded else "admitted"
+            kind: EventKind = "degraded" if degraded else "admitted"
             self._emit(
                 ThrottleEvent(
                     kind,
@@ -313,7 +319,7 @@ class ThrottleMiddleware:
                     tag.priority,
                     waited_s,
                     dry_run=self.settings.dry_run,
-                    unthrottled=outcome.unthrottled,
+                    unthrottled=unthrottled,
                 )
             )
         state = scope.get("state")
@@ -321,14 +327,12 @@ class ThrottleMiddleware:
             state = scope["state"] = {}
         state["throttle"] = _new_tuple(
             ThrottleDecision,
-            (tenant, tag.priority, waited_s, outcome.degraded, decided, tag.cost, reason),
+            (tenant, tag.priority, waited_s, degraded, decided, tag.cost, reason),
         )
         timing = b"throttle;dur=%.1f" % (waited_s * 1000.0) if waited_s else _NO_WAIT
         if decided != "admitted":
             desc = decided if reason is None else f"{decided}:{reason}"
             timing += b';desc="%s"' % desc.encode("ascii")
-        held = outcome.lease
-        request_id = request.id
         # Made when the app first waits on its client (streaming, or a body beyond the
         # buffer): from then on that waiting counts against THROTTLE_CLIENT_HOLD.
         hold: ClientHold | None = None

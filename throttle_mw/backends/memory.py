@@ -89,7 +89,7 @@ class MemoryBackend:
             now = self._loop.time()
         if scheduler.admit_at_once(now, request):
             # tuple.__new__ skips the NamedTuple's Python-level __new__: this runs per request.
-            return _new_tuple(Admitted, (request.id, 0.0, False, self._leases_held, False))
+            return _new_tuple(Admitted, (request[0], 0.0, False, self._leases_held, False))
         decision, events = scheduler.acquire(now, request)
         if events:
             self._apply(events)

@@ -127,7 +127,9 @@ class Scheduler:
         virtual clock), inlined step for step; anything else calls them.
         `tests/test_scheduler.py` checks it against ``acquire`` state for state.
         """
-        if self._waiting or req.sheddable:
+        # Unpacked: a NamedTuple's attribute access is a generic lookup in 3.11.
+        request_id, name, _, cost, sheddable, _ = req
+        if self._waiting or sheddable:
             return False
         limits = self._limits
         rate = limits.rate
@@ -143,14 +145,12 @@ class Scheduler:
         if now - window.start >= WINDOW_S:
             window.roll(now, self._vtime)
         # _tenant
-        name = req.tenant
         tenant = self._tenants.get(name)
         if tenant is None:
             tenant = self._tenant(name, now)
         else:
             self._tenants.move_to_end(name)
             tenant.seen_at = now
-        cost = req.cost
         if cost != 1:
             cost = self._clamp(cost)
         # _fits_at_once
@@ -166,13 +166,13 @@ class Scheduler:
         # _take
         start = tenant.finish
         if limits.weights or limits.tenant_rate is not None or start < self._vtime:
-            self._take(tenant, req.id, cost, now)
+            self._take(tenant, request_id, cost, now)
             return True
         if rate is not None:
             self._tokens -= cost
         if concurrency is not None:
             self._in_flight += cost
-            self._leases[req.id] = cost
+            self._leases[request_id] = cost
         self._vtime = start
         tenant.finish = start + cost  # weight 1.0
         window.cost += cost
