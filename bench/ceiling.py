@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -61,7 +62,8 @@ NEVER_RATE = 1_000_000.0
 NEVER_CONCURRENCY = 100_000
 TENANTS = 8  # the tenants a cell's requests are spread over
 _SCRIPT_COMMANDS = ("evalsha", "eval", "fcall", "evalsha_ro", "eval_ro", "fcall_ro")
-_START_TIMEOUT_S = 60.0
+#: Workers share one core: a starved worker must not read a slow reply as Redis lost.
+REDIS_TIMEOUT_S = 2.0
 
 
 # --- the worker process -------------------------------------------------------------------
@@ -147,12 +149,29 @@ async def _story(
     return {"admissions": admissions, "rejected": rejected}
 
 
+class _Failures(logging.Handler):
+    """Counts the backend's warnings: Redis unavailable, its failure mode deciding."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
 async def _worker(spec: Mapping[str, Any]) -> None:
     from throttle_mw.backends.redis import RedisBackend
     from throttle_mw.settings import Settings
 
+    failures = _Failures()
+    logging.getLogger("throttle_mw").addHandler(failures)
     settings = Settings.from_env(
-        {}, redis_url=spec["redis_url"], key_prefix=PREFIX, **spec["limits"]
+        {},
+        redis_url=spec["redis_url"],
+        key_prefix=PREFIX,
+        redis_timeout_s=REDIS_TIMEOUT_S,
+        **spec["limits"],
     )
     backend = RedisBackend(settings)
     await backend.start()
@@ -170,6 +189,7 @@ async def _worker(spec: Mapping[str, Any]) -> None:
             result = await _closed_loop(backend, spec["inflight"], deadline, f"w{spec['seed']}")
     finally:
         await backend.stop()
+    result["failures"] = failures.count
     print("result " + json.dumps(result), flush=True)
 
 
@@ -268,6 +288,8 @@ def _cell(
         "inflight_per_process": inflight,
         "admitted": admitted,
         "not_admitted": sum(r["other"] for r in results),
+        # Redis calls that failed (the failure mode decided instead): the cell is void.
+        "redis_failures": sum(r["failures"] for r in results),
         "admissions_per_s": admitted / args.duration,
         "redis_cpu_s": delta["cpu_s"],
         "redis_busy": delta["cpu_s"] / args.duration,
@@ -322,6 +344,7 @@ def _story_run(args: argparse.Namespace, url: str, client: Any) -> dict[str, Any
         },
         "redis_cpu_s": delta["cpu_s"],
         "script_calls": delta["script_calls"],
+        "redis_failures": sum(r["failures"] for r in results),
     }
 
 
@@ -341,6 +364,8 @@ def _table(cells: Sequence[Mapping[str, Any]]) -> str:
     ]
     for c in cells:
         per_core = c["admissions_per_redis_core_s"]
+        if c["redis_failures"]:
+            per_core = None  # void: some admissions were the failure mode's, not Redis's
         rows.append(
             (
                 c["mode"],
@@ -421,7 +446,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                             f"{mode:12s} {n:3d} proc {load:6s}: {cell['admissions_per_s']:9,.0f}/s"
                             f"  Redis {cell['redis_busy']:4.0%} busy,"
                             f" {cell['redis_cpu_us_per_admission']:6.1f} µs/admission"
-                            f" -> {cell['admissions_per_redis_core_s'] or 0:9,.0f}/s per core",
+                            f" -> {cell['admissions_per_redis_core_s'] or 0:9,.0f}/s per core"
+                            + (
+                                f" VOID: {cell['redis_failures']} Redis calls failed"
+                                if cell["redis_failures"]
+                                else ""
+                            ),
                             flush=True,
                         )
             record["cells"] = cells
