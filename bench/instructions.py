@@ -39,7 +39,8 @@ from bench.apps import make_app  # noqa: F401  (registers the variants)
 from bench.server import HOST, ROOT, UVICORN_ARGS
 from bench.variants import VARIANT_ENV, get_variant
 
-_REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"  # as wrk sends it: no tenant header
+#: As wrk sends it: no tenant header (`--header` adds some).
+_REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
 
 
 def _free_port() -> int:
@@ -49,9 +50,9 @@ def _free_port() -> int:
         return port
 
 
-def _one(sock: socket.socket, buf: bytearray) -> None:
+def _one(sock: socket.socket, buf: bytearray, request: bytes = _REQUEST) -> None:
     """Send one request and read its whole response (Content-Length framed)."""
-    sock.sendall(_REQUEST)
+    sock.sendall(request)
     while True:
         head_end = buf.find(b"\r\n\r\n")
         if head_end >= 0:
@@ -69,7 +70,7 @@ def _one(sock: socket.socket, buf: bytearray) -> None:
         buf += chunk
 
 
-def _drive(port: int, requests: int, connections: int) -> None:
+def _drive(port: int, requests: int, connections: int, request: bytes) -> None:
     """Exactly `requests` requests, spread over `connections` closed-loop connections."""
     per = [requests // connections + (i < requests % connections) for i in range(connections)]
     errors: list[BaseException] = []
@@ -79,7 +80,7 @@ def _drive(port: int, requests: int, connections: int) -> None:
             with socket.create_connection((HOST, port)) as sock:
                 buf = bytearray()
                 for _ in range(count):
-                    _one(sock, buf)
+                    _one(sock, buf, request)
         except BaseException as exc:  # reported by the caller
             errors.append(exc)
 
@@ -110,7 +111,7 @@ def _control(pid: int, *args: str) -> None:
 
 
 def measure(
-    name: str, requests: int, warmup: int, connections: int, out: Path
+    name: str, requests: int, warmup: int, connections: int, out: Path, request: bytes
 ) -> dict[str, object]:
     spec = get_variant(name)
     if spec.services:
@@ -143,9 +144,9 @@ def measure(
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         _ready(port, time.monotonic() + 300)
-        _drive(port, warmup, connections)
+        _drive(port, warmup, connections, request)
         _control(process.pid, "-i", "on")
-        _drive(port, requests, connections)
+        _drive(port, requests, connections, request)
         _control(process.pid, "-i", "off")
         _control(process.pid, "-d")
     finally:
@@ -179,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "instructions")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--header", action="append", default=[], help="'Name: value' sent with every request"
+    )
     args = parser.parse_args(argv)
+    headers = "".join(f"{h.strip()}\r\n" for h in args.header).encode("latin-1")
+    request = _REQUEST[:-2] + headers + b"\r\n"
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install -y valgrind)")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -187,12 +193,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.variants.split(","):
         for old in args.out.glob(f"callgrind.{name}*"):
             old.unlink()
-        result = measure(name, args.requests, args.warmup, args.connections, args.out)
+        result = measure(name, args.requests, args.warmup, args.connections, args.out, request)
         results.append(result)
         print(f"{name:24s} {result['per_request']:>12,.0f} instructions/request", flush=True)
     base = results[0]["per_request"]
     for result in results[1:]:
-        extra = float(result["per_request"]) - float(base)  # type: ignore[arg-type]
+        extra = float(str(result["per_request"])) - float(str(base))
         print(f"{result['variant']:24s} {extra:>+12,.0f} over {results[0]['variant']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
