@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -111,8 +112,14 @@ def _control(pid: int, *args: str) -> None:
 
 
 def measure(
-    name: str, requests: int, warmup: int, connections: int, out: Path, request: bytes
-) -> dict[str, object]:
+    name: str,
+    requests: int,
+    warmup: int,
+    connections: int,
+    out: Path,
+    request: bytes,
+    simulate: bool = False,
+) -> dict[str, Any]:
     spec = get_variant(name)
     if spec.services:
         raise SystemExit(f"{name} needs services {spec.services}: not supported here")
@@ -126,6 +133,7 @@ def measure(
         "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",
+        *(["--cache-sim=yes", "--branch-sim=yes"] if simulate else []),
         f"--callgrind-out-file={profile}",
         sys.executable,
         "-m",
@@ -157,16 +165,24 @@ def measure(
             process.kill()
             process.wait()
         log.close()
-    total = 0
+    totals: dict[str, int] = {}
     for dump in out.glob(f"callgrind.{name}.*"):  # the dumps requested (`-d`)
+        names: list[str] = []
         for line in dump.read_text(errors="replace").splitlines():
-            if line.startswith("totals:"):
-                total += int(line.split()[1])
+            if line.startswith("events:"):
+                names = line.split()[1:]
+            elif line.startswith("totals:"):
+                for event, value in zip(names, line.split()[1:], strict=True):
+                    totals[event] = totals.get(event, 0) + int(value)
+    total = totals.get("Ir", 0)
     return {
         "variant": name,
         "requests": requests,
         "instructions": total,
         "per_request": total / requests,
+        # With --simulate: callgrind's cache (I1/D1/LL misses) and branch
+        # (Bc/Bi mispredicted) simulation, per request.
+        "events_per_request": {event: n / requests for event, n in totals.items()},
     }
 
 
@@ -181,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "instructions")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument(
+        "--simulate", action="store_true", help="also simulate caches and branch prediction"
+    )
+    parser.add_argument(
         "--header", action="append", default=[], help="'Name: value' sent with every request"
     )
     args = parser.parse_args(argv)
@@ -193,12 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.variants.split(","):
         for old in args.out.glob(f"callgrind.{name}*"):
             old.unlink()
-        result = measure(name, args.requests, args.warmup, args.connections, args.out, request)
+        result = measure(
+            name, args.requests, args.warmup, args.connections, args.out, request, args.simulate
+        )
         results.append(result)
         print(f"{name:24s} {result['per_request']:>12,.0f} instructions/request", flush=True)
+        if args.simulate:
+            events = result["events_per_request"]
+            print("    per request: " + ", ".join(f"{k} {v:,.0f}" for k, v in events.items()))
     base = results[0]["per_request"]
     for result in results[1:]:
-        extra = float(str(result["per_request"])) - float(str(base))
+        extra = result["per_request"] - base
         print(f"{result['variant']:24s} {extra:>+12,.0f} over {results[0]['variant']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
