@@ -83,8 +83,9 @@ class Tenants:
 
     def from_header(self, scope: Scope) -> str:
         found: bytes | None = None
+        header = self._header  # a local: read once, not once per header
         for name, value in scope["headers"]:
-            if name == self._header:
+            if name == header:
                 if found is not None and value.strip() != found:
                     raise InvalidTenant("The tenant header is repeated with different values.")
                 found = value.strip()
