@@ -90,7 +90,9 @@ class Tenants:
                     raise InvalidTenant("The tenant header is repeated with different values.")
                 found = value.strip()
         if not found:
-            return client_address(scope)
+            client = scope.get("client")  # client_address's cache hit, without a call
+            tenant = _ADDRESSES.get(client[0] if client else None)
+            return tenant if tenant is not None else client_address(scope)
         if len(found) > TENANT_MAX_LENGTH:
             raise InvalidTenant(f"The tenant header is longer than {TENANT_MAX_LENGTH} characters.")
         tenant = found.decode("latin-1")

@@ -83,10 +83,11 @@ class MemoryBackend:
     def decide_now(self, request: Request) -> Outcome:
         """Every decision here is made at once, in memory."""
         scheduler = self._scheduler
-        if scheduler is None or self._loop is None:
+        loop = self._loop
+        if scheduler is None or loop is None:
             scheduler, now = self._sched()
         else:
-            now = self._loop.time()
+            now = loop.time()
         if scheduler.admit_at_once(now, request):
             # tuple.__new__ skips the NamedTuple's Python-level __new__: this runs per request.
             return _new_tuple(Admitted, (request[0], 0.0, False, self._leases_held, False))
