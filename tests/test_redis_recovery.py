@@ -1,0 +1,275 @@
+"""Redis lost with its data: the fleet re-establishes what it holds before admitting more.
+
+Issue 13, part 2. A budget's state made anew (Redis restarted empty, a failover
+to an empty replica) has lost the leases of requests that still run. Every batch
+reply carries the state's epoch; a process that sees a new one reclaims its
+leases, and the first call of a process that knew the old one starts a short
+grace in which nothing new is admitted (store.lua, "A state made anew").
+
+The scripts' rules are checked on a fake clock through real script calls; the
+fleet end to end: four throttled fronts (tests/apps/front.py) in front of one
+8-slot app that counts its own peak in flight, the story's load, and Redis
+killed and started again empty 8 s in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from demo_app.loadtest.engine import Record, run
+from tests.support.redis_server import RedisServer
+from tests.support.servers import AppServer
+from tests.test_e2e_learned import story
+from tests.test_redis_faults import failures
+from throttle_mw.backends.redis import protocol
+from throttle_mw.backends.redis.fallback import share
+from throttle_mw.backends.redis.scripts import RECLAIM_GRACE_S, source
+from throttle_mw.scheduler import Limits
+
+# --- the scripts: epochs, reclaims and the grace, on a fake clock ------------------------------
+
+TAG = "{rc}"
+
+
+class Budget:
+    """batch.lua called directly, as one process (`process`) with a fake clock."""
+
+    def __init__(self, client: redis.Redis, process: str, concurrency: int = 2) -> None:
+        self.client = client
+        self.process = process
+        self.limits = Limits(concurrency=concurrency)
+        #: The epoch this process last saw (what RedisBackend sends as known).
+        self.epoch = ""
+
+    def call(self, now: float, *ops: str, known: str | None = None) -> list[str]:
+        static = protocol.static_args(
+            TAG,
+            self.process,
+            self.limits,
+            credit_s=1.0,
+            queue_limit=100,
+            tenant_queue_limit=100,
+            tenant_idle_s=60.0,
+            max_tenants=100,
+            lease_ttl_s=30.0,
+            key_ttl_s=60.0,
+            live_limits_ttl_s=3600.0,
+        )
+        epoch = self.epoch if known is None else known
+        args = protocol.call_args(static, repr(now), list(ops), epoch)
+        lines = protocol.split_reply(self.client.eval(source("batch"), 1, f"{TAG}:s", *args))
+        self.epoch = protocol.trailer(lines[len(ops) :]).epoch
+        self.due = protocol.trailer(lines[len(ops) :]).next_tick_s
+        return lines[: len(ops)]
+
+    def acquire(self, now: float, rid: str) -> str:
+        request_tail = "|".join(("d" * 16, "acme", "1.0", "2", "1", "0", "10.0"))
+        [line] = self.call(now, protocol.acquire_op(rid, request_tail))
+        return line
+
+    @property
+    def in_flight(self) -> int:
+        return int(float(self.client.hget(f"{TAG}:s", "inflight") or 0))
+
+
+@pytest.fixture
+def budget(clean_redis_server: RedisServer) -> Iterator[Budget]:
+    client = clean_redis_server.client(decode_responses=True)
+    yield Budget(client, "p1")
+    client.close()
+
+
+def test_the_epoch_is_the_state_s_and_new_with_a_new_state(budget: Budget) -> None:
+    budget.call(100.0, protocol.TICK)
+    first = budget.epoch
+    assert first
+    budget.call(101.0, protocol.TICK)
+    assert budget.epoch == first
+    budget.client.flushall()
+    budget.call(102.0, protocol.TICK)
+    assert budget.epoch not in ("", first)
+
+
+def test_a_fresh_budget_admits_at_once(budget: Budget) -> None:
+    """No caller knew an epoch (a fleet starting, or a state that expired unused): no grace."""
+    assert budget.acquire(100.0, "a").startswith(protocol.REPLY["admitted"])
+
+
+def test_leases_come_back_before_anything_new_is_admitted(budget: Budget) -> None:
+    """Two leases held, Redis loses its data; one reply lost after the reclaim ran."""
+    assert budget.acquire(100.0, "a") == "A|1|0"
+    assert budget.acquire(100.0, "b") == "A|1|0"
+    known = budget.epoch
+    budget.client.flushall()  # Redis restarted empty
+    # The first call after it, from a process that knew the old epoch: the grace starts.
+    assert budget.acquire(101.0, "c").startswith(protocol.REPLY["queued"])
+    assert budget.epoch != known
+    assert budget.due == pytest.approx(RECLAIM_GRACE_S)  # a tick ends the grace
+    reclaims = [protocol.reclaim_op(r, 1, known) for r in ("a", "b")]
+    assert budget.call(101.1, *reclaims) == [protocol.RECLAIMED] * 2
+    # Sent again (its reply was lost): the script ran, nothing doubles.
+    assert budget.call(101.2, *reclaims) == ["K|0", "K|0"]
+    assert budget.in_flight == 2
+    # The grace over, the reclaimed leases fill the limit: "c" still waits for a slot.
+    budget.call(101.0 + RECLAIM_GRACE_S + 0.01, protocol.TICK)
+    assert budget.client.hget(f"{TAG}:r", "c") is not None
+    assert budget.in_flight == 2
+    budget.call(101.7, protocol.release_op("a"))
+    assert budget.client.hget(f"{TAG}:r", "c") is None  # granted
+    assert budget.in_flight == 2
+
+
+def test_within_the_grace_nothing_new_is_admitted_even_with_room(budget: Budget) -> None:
+    budget.acquire(100.0, "a")
+    known = budget.epoch
+    budget.client.flushall()
+    other = Budget(budget.client, "p2")
+    # Another process, which knew no epoch, comes second: the grace holds for it too.
+    budget.call(101.0, protocol.TICK, known=known)
+    assert other.acquire(101.1, "x").startswith(protocol.REPLY["queued"])
+    assert budget.in_flight == 0
+    other.call(101.0 + RECLAIM_GRACE_S, protocol.TICK)
+    assert budget.in_flight == 1  # granted at the end of the grace
+
+
+def test_a_lease_of_the_state_in_force_is_never_resurrected(budget: Budget) -> None:
+    """The same epoch: the lease expired there (or was given back): nothing to reclaim."""
+    budget.acquire(100.0, "a")
+    budget.call(100.5, protocol.release_op("a"))
+    assert budget.call(101.0, protocol.reclaim_op("a", 1, budget.epoch)) == ["K|0"]
+    assert budget.in_flight == 0
+
+
+def test_leases_of_the_failure_mode_count_only_as_far_as_there_is_room(budget: Budget) -> None:
+    budget.acquire(100.0, "a")
+    local = [protocol.reclaim_op(r, 1, "") for r in ("l1", "l2")]
+    assert budget.call(100.1, *local) == [protocol.RECLAIMED, "K|0"]
+    assert budget.in_flight == 2
+
+
+def test_the_local_share_counts_what_is_held_in_redis() -> None:
+    limits = Limits(concurrency=8)
+    assert share(limits, 4).concurrency == 2
+    assert share(limits, 4, held=1).concurrency == 1
+    assert share(limits, 4, held=3).concurrency == 0
+    assert share(limits, 1, held=3).concurrency == 5
+
+
+# --- the fleet end to end ---------------------------------------------------------------------
+
+FRONT = "tests.apps.front:app"
+BACKEND = "tests.apps.story:app"
+FLEET = 4
+LIMIT = 8
+RESTART_AT = 8.0
+DURATION_S = 14.0
+
+
+def _limit(store: redis.Redis, prefix: str) -> int:
+    """The concurrency limit in force: the learned one if there is one, else the static."""
+    learned = store.hget("{" + prefix + "}:cfg", protocol.LEARNED)
+    return int(learned) if learned is not None else LIMIT
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("concurrency", ["8", "auto"])
+def test_redis_restarted_empty_under_load_keeps_the_limit(
+    redis_binary: Path,
+    start_app_server: Callable[..., AppServer],
+    client_core: None,
+    concurrency: str,
+) -> None:
+    """Four fronts share a concurrency budget in front of one 8-slot app; Redis is killed
+    and started again empty 8 s into the story's load.
+
+    Pass: the app's peak in flight at most the limit plus one per process while the
+    fleet recovers, and at most the limit from one second after Redis is back (the
+    static 8, or the learned limit in force then), and at it (the load keeps the app
+    full); no 500 and no client error.
+    """
+    prefix = f"rc-{concurrency}"
+    with RedisServer(binary=redis_binary) as server:
+        backend = start_app_server(
+            BACKEND,
+            env={"THROTTLE_ENABLED": "false", "STORY_SLOTS": str(LIMIT)},
+            cpu="0",
+            health_path="/hello",
+        )
+        env = {
+            "FRONT_BACKEND": backend.url,
+            "THROTTLE_REDIS_URL": server.url,
+            "THROTTLE_KEY_PREFIX": prefix,
+            "THROTTLE_REDIS_TIMEOUT": "1",
+            "THROTTLE_CONCURRENCY": concurrency,
+        }
+        fronts = [
+            start_app_server(FRONT, env=env, cpu="0", health_path="/healthz")
+            for _ in range(FLEET)
+        ]
+        store = redis.Redis.from_url(server.url, decode_responses=True)
+        #: (wall-clock time, the peak in flight at the app over the last sample, limit)
+        samples: list[tuple[float, int, int]] = []
+        times: dict[str, float] = {}
+
+        async def watch() -> None:
+            t0 = time.time()
+            async with httpx.AsyncClient() as client:
+                while time.time() - t0 < DURATION_S:
+                    await asyncio.sleep(0.1)
+                    try:
+                        limit = await asyncio.to_thread(_limit, store, prefix)
+                    except redis.RedisError:
+                        limit = -1  # Redis is down: no limit to read
+                    answer = await client.get(f"{backend.url}/_running?reset=1")
+                    samples.append((time.time(), answer.json()["peak"], limit))
+
+        async def restart() -> None:
+            await asyncio.sleep(RESTART_AT)
+            times["limit"] = await asyncio.to_thread(_limit, store, prefix)
+            times["down"] = time.time()
+            await asyncio.to_thread(server.restart, kill=True)
+            times["up"] = time.time()
+
+        async def drive() -> list[Record]:
+            records, *_ = await asyncio.gather(
+                run(story(DURATION_S), [f.url for f in fronts]), watch(), restart()
+            )
+            return records
+
+        records = asyncio.run(drive())
+        logs = [f.log() for f in fronts]
+        store.close()
+
+    down, up = times["down"], times["up"]
+    before = [s for s in samples if s[0] < down]
+    recovering = [s for s in samples if down <= s[0] < up + 1.0]
+    after = [s for s in samples if up + 1.0 <= s[0] < up + 4.0]
+    # A learned limit moves: a peak is measured over the 0.1 s before its sample, so
+    # compare it with the limit at that sample and the one before.
+    limits = [times["limit"], *(s[2] for s in samples if s[2] > 0)]
+    bound = max(limits)
+    over_after = [
+        (round(t - up, 2), peak, limit) for t, peak, limit in after if peak > max(limit, LIMIT)
+    ]
+    print(
+        f"concurrency {concurrency}: Redis down {up - down:.2f} s; peak before"
+        f" {max(s[1] for s in before)}, while recovering"
+        f" {[(round(t - up, 2), p) for t, p, _ in recovering]}, after 1 s"
+        f" {max(s[1] for s in after)} (limit {[s[2] for s in after]})"
+    )
+    assert not failures(records), failures(records)[:5]
+    for text in logs:
+        assert "Traceback" not in text, text[-3000:]
+    assert max(s[1] for s in recovering) <= bound + FLEET, recovering
+    if concurrency == "auto":
+        assert not over_after, over_after
+    else:
+        assert max(s[1] for s in after) <= LIMIT, after
+    assert max(s[1] for s in after) >= min(LIMIT, *(s[2] for s in after if s[2] > 0)), after
