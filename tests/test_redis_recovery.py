@@ -210,8 +210,7 @@ def test_redis_restarted_empty_under_load_keeps_the_limit(
             "THROTTLE_CONCURRENCY": concurrency,
         }
         fronts = [
-            start_app_server(FRONT, env=env, cpu="0", health_path="/healthz")
-            for _ in range(FLEET)
+            start_app_server(FRONT, env=env, cpu="0", health_path="/healthz") for _ in range(FLEET)
         ]
         store = redis.Redis.from_url(server.url, decode_responses=True)
         #: (wall-clock time, the peak in flight at the app over the last sample, limit)

@@ -147,7 +147,7 @@ class Recovery:
             future.add_done_callback(functools.partial(self._after_adopt, rid, cost))
         # Any reply tells the state's epoch: a process holding leases learns at once
         # whether they were lost (`_new_epoch`), even with nothing else to send.
-        self._batcher.submit(protocol.TICK).add_done_callback(_ignore)
+        self._batcher.submit(protocol.TICK).add_done_callback(self._report)
         self._resubmit()
 
     def _resubmit(self) -> None:
@@ -213,7 +213,7 @@ class Recovery:
         )
         futures = [self._batcher.submit(op) for op in ops]
         for future in futures:
-            future.add_done_callback(_ignore)
+            future.add_done_callback(self._report)
         if futures:
             futures[0].add_done_callback(functools.partial(self._reclaim_failed, known, epoch))
         if not self._breaker.is_open:
@@ -225,6 +225,11 @@ class Recovery:
         failed = future.cancelled() or future.exception() is not None
         if failed and self._epoch == epoch:
             self._epoch = known
+
+    def _report(self, future: asyncio.Future[str]) -> None:
+        """A call made for recovery failed: Redis is away again (the breaker says so)."""
+        if not future.cancelled() and future.exception() is not None:
+            self._on_failure(future.exception())
 
     def _after_resubmit(self, waiter: Waiter, future: asyncio.Future[str]) -> None:
         if future.cancelled():
@@ -269,9 +274,3 @@ class Recovery:
     def _deliver_early(self, rid: str) -> None:
         """A grant message for `rid` that beat its acquire's reply: deliver it now."""
         raise NotImplementedError
-
-
-def _ignore(future: asyncio.Future[str]) -> None:
-    """Mark a future's outcome retrieved (failures are reported by the call path)."""
-    if not future.cancelled():
-        future.exception()

@@ -264,6 +264,14 @@ local function remember(p, id)
   ids[#ids + 1] = id
 end
 
+-- Was request `id` admitted already (by this process)? true: with a lease; false: without
+-- one (recently); nil: not that anyone remembers.
+local function admitted(id)
+  if redis.call('HEXISTS', K.lease_costs, id) == 1 then return true end
+  if redis.call('LPOS', K.prefix .. KEY.recent .. proc, id) then return false end
+  return nil
+end
+
 -- --- a state made anew (Lua only: scheduler README, "Only in Lua") --------------------------
 --
 -- Redis restarted empty, or a failover to an empty replica, loses every lease while their
@@ -300,14 +308,6 @@ local function reclaim(id, cost, old)
   redis.call('ZADD', K.leases, num(now + POL.lease_ttl), id)
   redis.call('HSET', K.lease_costs, id, cost .. SEP .. proc)
   return true
-end
-
--- Was request `id` admitted already (by this process)? true: with a lease; false: without
--- one (recently); nil: not that anyone remembers.
-local function admitted(id)
-  if redis.call('HEXISTS', K.lease_costs, id) == 1 then return true end
-  if redis.call('LPOS', K.prefix .. KEY.recent .. proc, id) then return false end
-  return nil
 end
 
 -- --- tenants ---------------------------------------------------------------------------------
