@@ -272,7 +272,7 @@ local function admitted(id)
   return nil
 end
 
--- --- a state made anew (Lua only: scheduler README, "Only in Lua") --------------------------
+-- --- a state made anew (scheduler README, "Only in Lua: a state made anew") ---------------
 --
 -- Redis restarted empty, or a failover to an empty replica, loses every lease while their
 -- requests still run. Each state has an epoch (made with it, carried by every batch reply);
