@@ -25,13 +25,16 @@ import redis
 
 from demo_app.loadtest.engine import Record, run
 from tests.support.redis_server import RedisServer
-from tests.support.servers import AppServer
+from tests.support.servers import AppServer, wait_until
 from tests.test_e2e_learned import story
 from tests.test_redis_faults import failures
-from throttle_mw.backends.redis import protocol
+from throttle_mw.backends.base import Admitted, Waiting
+from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.backends.redis.fallback import share
 from throttle_mw.backends.redis.scripts import RECLAIM_GRACE_S, source
 from throttle_mw.scheduler import Limits
+from throttle_mw.scheduler import Request as ThrottleRequest
+from throttle_mw.settings import Settings
 
 # --- the scripts: epochs, reclaims and the grace, on a fake clock ------------------------------
 
@@ -160,6 +163,79 @@ def test_the_local_share_counts_what_is_held_in_redis() -> None:
     assert share(limits, 4, held=1).concurrency == 1
     assert share(limits, 4, held=3).concurrency == 0
     assert share(limits, 1, held=3).concurrency == 5
+
+
+# --- one process's part, through RedisBackend ------------------------------------------------
+
+
+def _backend(server: RedisServer) -> RedisBackend:
+    # A short lease TTL: the heartbeat, which notices a lost state, runs every 0.3 s.
+    settings = Settings.from_env(
+        {}, redis_url=server.url, key_prefix="rcb", redis_timeout_s=1.0, concurrency="2",
+        lease_ttl_s=0.9,
+    )  # fmt: skip
+    return RedisBackend(settings)
+
+
+def _request(rid: str) -> ThrottleRequest:
+    return ThrottleRequest(rid, "acme", "normal", 1, False, False)
+
+
+@pytest.mark.anyio
+async def test_a_process_reclaims_its_leases_when_redis_loses_them(
+    clean_redis_server: RedisServer,
+) -> None:
+    """Nothing but the heartbeat runs: it sees the state gone, a tick makes it anew with its
+    grace, and the leases come back; a lease that may have expired is not resurrected."""
+    client = clean_redis_server.client(decode_responses=True)
+    holder, other = _backend(clean_redis_server), _backend(clean_redis_server)
+    await holder.start()
+    await other.start()
+    try:
+        held = [await holder.acquire(_request(r)) for r in ("a", "b")]
+        assert all(isinstance(h, Admitted) and h.lease for h in held)
+        # "b" was last known to Redis a lease TTL ago: it may have expired there (and
+        # heartbeats after the restart, which find no lease "b", must not say otherwise).
+        client.flushall()  # Redis restarted empty
+        cost, _ = holder._leases["b"]
+        holder._leases["b"] = (cost, asyncio.get_running_loop().time() - 1.0)
+        assert await asyncio.to_thread(
+            wait_until, lambda: client.hlen("{rcb}:lc") >= 1, timeout_s=5.0
+        )
+        assert client.hkeys("{rcb}:lc") == ["a"]
+        assert int(float(client.hget("{rcb}:s", "inflight") or 0)) == 1
+        assert "b" not in holder._leases
+        # The other process (it held nothing) gets the one free slot, at the latest when
+        # the grace is over.
+        first = await other.acquire(_request("c"))
+        if isinstance(first, Waiting):
+            first = await asyncio.wait_for(first.future, 5.0)
+        assert isinstance(first, Admitted)
+        queued = await other.acquire(_request("d"))
+        assert isinstance(queued, Waiting)
+        holder.release("a")
+        granted = await asyncio.wait_for(queued.future, 5.0)
+        assert isinstance(granted, Admitted)
+        for rid in ("b", "c", "d"):
+            holder.release(rid)
+            other.release(rid)
+    finally:
+        await holder.stop()
+        await other.stop()
+        client.close()
+
+
+def test_a_long_silence_with_nothing_held_claims_no_grace(redis_server: RedisServer) -> None:
+    """A state that expired unused (keys.py's T) was nobody's: the call that makes it
+    anew must not hold the fleet back for the grace."""
+    backend = _backend(redis_server)
+    backend._epoch = "100/p"
+    backend._epoch_at = time.monotonic()
+    assert backend._known_epoch() == "100/p"
+    backend._epoch_at = time.monotonic() - backend._quiet_s
+    assert backend._known_epoch() == ""
+    backend._leases["a"] = (1, 0.0)  # but a process that holds a lease knew a live state
+    assert backend._known_epoch() == "100/p"
 
 
 # --- the fleet end to end ---------------------------------------------------------------------

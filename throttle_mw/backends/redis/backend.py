@@ -494,6 +494,23 @@ class RedisBackend(Recovery):
         elif not future.cancelled():
             self._succeeded()
 
+    def _renewed(self, epoch: str) -> None:
+        """The heartbeat saw the budget's state (its epoch, "" for none). The same one: this
+        process's known epoch is fresh. Another, or none while this process holds something:
+        Redis lost it, and a tick now makes the state anew (with its grace) and tells the
+        epoch (`_new_epoch` reclaims). None while nothing is held: it may have expired unused,
+        so a call that makes it anew starts no grace."""
+        if not self._epoch or epoch == self._epoch:
+            if epoch:
+                self._epoch_at = time.monotonic()
+            return
+        holds = self._leases or self._waiters or self._fallback.holds
+        if epoch or holds:
+            if self._batcher is not None:
+                self._batcher.submit(protocol.TICK).add_done_callback(self._after_tick)
+        else:
+            self._epoch_at = -float("inf")
+
     async def _learn_loop(self) -> None:
         """Push this process's latency summaries; take the fleet's step when it is due
         (learner.py). The first push comes at once: it stores the limit to start from."""
@@ -529,12 +546,14 @@ class RedisBackend(Recovery):
                         keys_ttl_s,
                         leases,
                     )
-                    live = await self._scripts.renew(keys=[self._keys.state], args=args)
-                    self._fallback.fleet = max(1, int(live))
-                    for rid in leases:  # renewed (if Redis still had them): for `_reclaim`
+                    raw = await self._scripts.renew(keys=[self._keys.state], args=args)
+                    renewed = protocol.decode_renew(raw)
+                    self._fallback.fleet = max(1, renewed.processes)
+                    for rid, there in zip(leases, renewed.held, strict=False):
                         held = self._leases.get(rid)
-                        if held is not None:
+                        if there and held is not None:  # it lasts a TTL from `sent`
                             self._leases[rid] = (held[0], sent)
+                    self._renewed(renewed.epoch)
                     self._succeeded()
             except asyncio.CancelledError:
                 raise

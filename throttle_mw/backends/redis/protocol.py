@@ -301,6 +301,22 @@ def renew_args(
     return [now, tag, process, repr(lease_ttl_s), repr(lease_ttl_s), repr(key_ttl_s), *leases]
 
 
+class Renewed(NamedTuple):
+    """renew.lua's reply."""
+
+    #: Processes with a live heartbeat.
+    processes: int
+    #: The epoch of the budget's state ("": it has none).
+    epoch: str
+    #: Per lease id sent, in order: did Redis have it?
+    held: tuple[bool, ...]
+
+
+def decode_renew(raw: Any) -> Renewed:
+    live, epoch, held = (x.decode() if isinstance(x, bytes) else x for x in raw)
+    return Renewed(int(live), str(epoch), tuple(c == "1" for c in str(held)))
+
+
 def leave_args(tag: str, process: str) -> list[str]:
     return [tag, process]
 
