@@ -204,7 +204,8 @@ class Recovery:
                 del self._leases[rid]
             else:
                 ops.append(protocol.reclaim_op(rid, cost, known))
-        logger.warning(
+        logger.log(
+            logging.WARNING if ops or self._waiters else logging.INFO,
             "throttle_mw: the budget's state in Redis at %s is new (restarted empty?);"
             " reclaiming %d leases and %d waiting requests",
             self.endpoint,
