@@ -32,9 +32,12 @@ from tests.test_redis_faults import failures
 from throttle_mw.backends.base import Admitted, Waiting
 from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.backends.redis.fallback import share
+from throttle_mw.backends.redis.keys import Keys
+from throttle_mw.backends.redis.learner import STATE_FIELD, FleetLearner
 from throttle_mw.backends.redis.scripts import RECLAIM_GRACE_S, source
 from throttle_mw.scheduler import Limits
 from throttle_mw.scheduler import Request as ThrottleRequest
+from throttle_mw.scheduler.limit import LimitConfig, LimitState
 from throttle_mw.settings import Settings
 
 # --- the scripts: epochs, reclaims and the grace, on a fake clock ------------------------------
@@ -237,6 +240,35 @@ def test_a_long_silence_with_nothing_held_claims_no_grace(redis_server: RedisSer
     assert backend._known_epoch() == ""
     backend._leases["a"] = (1, 0.0)  # but a process that holds a lease knew a live state
     assert backend._known_epoch() == "100/p"
+
+
+@pytest.mark.anyio
+async def test_any_process_restores_the_fleet_s_learned_limit_and_its_state(
+    clean_redis_server: RedisServer,
+) -> None:
+    """A process that never took a step knows the fleet's state from its pushes, so
+    whichever process pushes first after Redis lost its data restores the fleet's limit
+    and baseline, not its own start."""
+    import redis.asyncio as aredis
+
+    client = aredis.Redis.from_url(clean_redis_server.url, decode_responses=True)
+    config = LimitConfig(minimum=2, maximum=100, initial=4, window_s=0.2, min_samples=5)
+    learner = FleetLearner(Keys("rcl"), config, process="p2", live_ttl_s=3600.0)
+    fleet = LimitState(23.0, 0.01, "grow", 9)
+    cfg = Keys("rcl").cfg
+    try:
+        await client.hset(cfg, mapping={protocol.LEARNED: 23, STATE_FIELD: fleet.encode()})
+        # Another process stepped, and holds this window's claim: this one only pushes.
+        await client.set(Keys("rcl").learn_step, "p1", px=60_000)
+        assert not await learner.flush(client)
+        assert learner.state.encode() == fleet.encode()
+        await client.flushall()  # Redis restarted empty
+        await client.set(Keys("rcl").learn_step, "p1", px=60_000)
+        assert not await learner.flush(client)
+        assert await client.hget(cfg, protocol.LEARNED) == "23"
+        assert await client.hget(cfg, STATE_FIELD) == fleet.encode()
+    finally:
+        await client.aclose()
 
 
 # --- the fleet end to end ---------------------------------------------------------------------
