@@ -57,6 +57,11 @@ EXCESS_BATCH: Final = 1024
 EXPIRY_BATCH: Final = 256
 #: Dispatch admits at most this many waiters in one call (a bound on one call's work).
 DISPATCH_LIMIT: Final = 10_000
+#: A budget state made anew while a process still knew the old one (Redis restarted empty,
+#: a failover to an empty replica) admits nothing new for this long: the processes reclaim
+#: the leases they hold first (store.lua, "A state made anew"). Every process is back within
+#: its breaker's and grant listener's pauses after a short outage (0.1-0.4 s).
+RECLAIM_GRACE_S: Final = 0.5
 
 
 def _lua(value: object) -> str:
@@ -118,6 +123,7 @@ SHARED: Final[Mapping[str, object]] = {
     "EXCESS_BATCH": EXCESS_BATCH,
     "EXPIRY_BATCH": EXPIRY_BATCH,
     "DISPATCH_LIMIT": DISPATCH_LIMIT,
+    "RECLAIM_GRACE": RECLAIM_GRACE_S,
     # units
     "MS_PER_S": 1000,
     "US_PER_S": 1_000_000,
