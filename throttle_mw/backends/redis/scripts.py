@@ -74,6 +74,11 @@ LEASE_ANCHOR: Final = "~anchor~" + "~" * 1016
 LEASE_ANCHOR_AT: Final = 16
 #: Texts whose numbers a loaded library remembers (store.lua, tonum) before starting afresh.
 NUMBERS_MAX: Final = 1024
+#: A budget state made anew while a process still knew the old one (Redis restarted empty,
+#: a failover to an empty replica) admits nothing new for this long: the processes reclaim
+#: the leases they hold first (store.lua, "A state made anew"). Every process is back within
+#: its breaker's and grant listener's pauses after a short outage (0.1-0.4 s).
+RECLAIM_GRACE_S: Final = 0.5
 
 
 def _lua(value: object) -> str:
@@ -141,6 +146,7 @@ SHARED: Final[Mapping[str, object]] = {
     "LEASE_ANCHOR": LEASE_ANCHOR,
     "LEASE_ANCHOR_AT": LEASE_ANCHOR_AT,
     "NUMBERS_MAX": NUMBERS_MAX,
+    "RECLAIM_GRACE": RECLAIM_GRACE_S,
     # units
     "MS_PER_S": 1000,
     "US_PER_S": 1_000_000,

@@ -10,14 +10,15 @@
 --
 -- It gives up, before writing anything, whenever the full call could do more: someone
 -- waits, a budget or tenant seen for the first time, a tenant in line, a retry, a lapsed
--- lease, an idle-tenant sweep, a TTL refresh or a fair-rate window roll due. Those cost
+-- lease, an idle-tenant sweep, a TTL refresh or a fair-rate window roll due, a state
+-- without its epoch or in its reclaim grace. Those cost
 -- the reads twice, at most once per period each (a second, a quarter of a TTL), or are
 -- the calls where the budget is contended anyway. Returns the reply line, or nil.
 
 -- The fields of P:s the fast path reads (store.lua's STATE_FIELDS has them all).
 local FAST_STATE = {'ts', 'tokens', 'inflight', 'v', 'win_at', 'win_cost', 'v_rate', 'thr',
-  'meas_at', 'waiting', 'wsum', 'xp', 'fi', 'la'}
-local RELEASE_STATE = {'ts', 'inflight', 'win_at', 'waiting', 'xp', 'fi', 'la'}
+  'meas_at', 'waiting', 'wsum', 'xp', 'fi', 'la', 'ep', 'rc'}
+local RELEASE_STATE = {'ts', 'inflight', 'win_at', 'waiting', 'xp', 'fi', 'la', 'ep', 'rc'}
 -- The fields of P:t:<h> it reads (TENANT_FIELDS has them all).
 local FAST_TENANT = {'f', 'w', 'cap', 'cap_at', 'st', 'xp'}
 
@@ -27,12 +28,15 @@ local function fast_state(fields)
   local vals = redis.call('HMGET', K.state, unpack(fields))
   if vals[1] == false then return false end  -- a new budget
   for i, name in ipairs(fields) do
-    local value = tonum(vals[i])
+    local value
+    if STRING_FIELDS[name] then value = vals[i] or '' else value = tonum(vals[i]) end
     S[name] = value; S0[name] = value
   end
   S.la = S.la or 0  -- as load_state
+  -- (An epoch to make, or a reclaim grace running: hold_back and the epoch are the full
+  -- call's, store.lua's "A state made anew".)
   return S.waiting == 0 and now < (S.xp or 0) and now < (S.fi or 0)
-    and now - S.win_at < WINDOW
+    and now - S.win_at < WINDOW and S.ep ~= '' and now >= (S.rc or 0)
 end
 
 -- A lease past its expiry (its process crashed): expire_leases must run first.

@@ -24,12 +24,14 @@ local fresh         -- a tenant was created this call (forget_idle must check th
 local born          -- budget-wide keys (KEY names) this call may have created: save()
                     -- gives them their TTL (Redis drops a key that empties, TTL and all)
 local more          -- dispatch stopped at DISPATCH_LIMIT: tick again at once
+local held_back     -- in flight counted for leases not yet reclaimed (hold_back)
 
 -- The fields of P:s: tokens, last refill, concurrency in flight, the virtual clock v, the
 -- fair-rate window (window.lua), waiting requests and their cost, the active tenants'
 -- weight, a sequence counter, the fleet's tick claim (tk_at, tk_by), waiting requests by
--- priority rank (n0..), the next TTL refresh (xp), the next idle-tenant sweep (fi) and
--- whether the lease keys hold their anchor (la: anchor_leases).
+-- priority rank (n0..), the next TTL refresh (xp), the next idle-tenant sweep (fi),
+-- whether the lease keys hold their anchor (la: anchor_leases), the state's epoch (ep)
+-- and the end of its reclaim grace (rc): see "A state made anew" below.
 local STATE_FIELDS = {'tokens', 'ts', 'inflight', 'v', 'win_at', 'win_v0', 'win_cost',
   'v_rate', 'thr', 'meas_at', 'waiting', 'qcost', 'wsum', 'seq', 'tk_at', 'tk_by'}
 local RANK_COUNT = {}  -- 'n0'.. by rank + 1, and a tenant's 'c0'..: made once, not per call
@@ -42,6 +44,9 @@ end
 STATE_FIELDS[#STATE_FIELDS + 1] = 'xp'
 STATE_FIELDS[#STATE_FIELDS + 1] = 'fi'
 STATE_FIELDS[#STATE_FIELDS + 1] = 'la'
+STATE_FIELDS[#STATE_FIELDS + 1] = 'ep'
+STATE_FIELDS[#STATE_FIELDS + 1] = 'rc'
+local STRING_FIELDS = {tk_by = true, ep = true}
 
 -- The fields of P:t:<h> (a tenant): finish tag, weight, cap bucket and its time, waiting
 -- requests, their cost by rank (c0..), state (IDLE, ACTIVE, CAPPED), member in P:active,
@@ -95,6 +100,7 @@ end
 local FIRST_FIELD = '^([^' .. SEP .. ']*)'
 local WAITER_PATTERN = fields_pattern(#WAITER_FIELDS)
 local ACQUIRE_PATTERN = fields_pattern(#ACQUIRE_FIELDS)
+local RECLAIM_PATTERN = fields_pattern(4)
 
 -- --- loading and saving -----------------------------------------------------------------
 
@@ -119,6 +125,7 @@ local function init(prefix, now_override, process)
   S, S0, L, POL, T, out_events, recent, fresh = {}, {}, {}, {}, {}, {}, {}, false
   born = {}
   more = false
+  held_back = 0
   K = key_names(prefix)
   proc = process
   if now_override ~= nil and now_override ~= '' then
@@ -195,22 +202,30 @@ local function limits_line()
   return line
 end
 
--- The budget's state; a budget seen for the first time starts full.
-local function load_state()
+-- The budget's state; a budget seen for the first time starts full. `known`: the epoch the
+-- caller knew ("" or nil: none), see "A state made anew" below.
+local function load_state(known)
   local vals = redis.call('HMGET', K.state, unpack(STATE_FIELDS))
   for i, name in ipairs(STATE_FIELDS) do
-    if name == 'tk_by' then S[name] = vals[i] or '' else S[name] = tonum(vals[i]) end
+    if STRING_FIELDS[name] then S[name] = vals[i] or '' else S[name] = tonum(vals[i]) end
     S0[name] = S[name]
   end
   if S.ts == nil then
     S.tokens = L.burst; S.ts = now; S.inflight = 0; S.v = 0
     S.win_at = now; S.win_v0 = 0; S.win_cost = 0; S.v_rate = 0; S.thr = 0
     S.meas_at = -math.huge; S.waiting = 0; S.qcost = 0; S.wsum = 0; S.seq = 0; S.tk_at = 0
+    S.ep = ''
+    S.rc = 0
+    -- A caller that knew another epoch: this state replaces one that was lost, whose leases
+    -- are still held. Admit nothing new until they are reclaimed.
+    if known ~= nil and known ~= '' and L.concurrency ~= nil then S.rc = now + RECLAIM_GRACE end
   end
   for rank = 1, NRANK do S[RANK_COUNT[rank]] = S[RANK_COUNT[rank]] or 0 end
   S.xp = S.xp or 0
   S.fi = S.fi or 0
   S.la = S.la or 0
+  S.rc = S.rc or 0
+  if S.ep == '' then S.ep = num(now) .. '/' .. proc end  -- new (or older than epochs)
   if S.tokens > L.burst then S.tokens = L.burst end
 end
 
@@ -249,6 +264,8 @@ end
 -- apart) or for keys this call may have created: this runs on every call.
 local function save()
   local args = {}
+  S.inflight = S.inflight - held_back
+  held_back = 0
   local refresh = now >= S.xp
   if refresh then S.xp = now + POL.ttl / TTL_REFRESHES end
   for _, name in ipairs(STATE_FIELDS) do
@@ -354,6 +371,45 @@ local function admitted(id)
   if redis.call('HEXISTS', K.lease_costs, id) == 1 then return true end
   if redis.call('LPOS', K.prefix .. KEY.recent .. proc, id) then return false end
   return nil
+end
+
+-- --- a state made anew (scheduler README, "Only in Lua: a state made anew") ---------------
+--
+-- Redis restarted empty, or a failover to an empty replica, loses every lease while their
+-- requests still run. Each state has an epoch (made with it, carried by every batch reply);
+-- a process that sees a new one reclaims the leases it holds, and the first call of a
+-- process that knew the old one starts a grace of RECLAIM_GRACE_S in which nothing new is
+-- admitted: the whole limit counts as held (hold_back) while the leases come back.
+
+-- Called once per batch call after load_state: in the grace, the limit counts as held.
+local function hold_back()
+  if now < S.rc and L.concurrency ~= nil then
+    held_back = L.concurrency
+    S.inflight = S.inflight + held_back
+  end
+end
+
+-- When a tick must end the grace (nil: no grace, or nobody waits).
+local function grace_due()
+  if now < S.rc and S.waiting > 0 then return S.rc end
+  return nil
+end
+
+-- Register again lease `id` of `cost` that this process holds, lost with the state of epoch
+-- `old` ("" for a lease of the failure mode's, never in Redis: registered only if the
+-- limit has room for it). Nothing if its state is the one in force (still there, or it
+-- expired there: never resurrected), or it is registered already (a retried reclaim).
+local function reclaim(id, cost, old)
+  if L.concurrency == nil or old == S.ep then return false end
+  if redis.call('HEXISTS', K.lease_costs, id) == 1 then return false end
+  cost = math.max(1, math.min(cost, L.concurrency))
+  if old == '' and S.inflight - held_back + cost > L.concurrency then return false end
+  born.leases = true; born.lease_costs = true
+  S.inflight = S.inflight + cost
+  anchor_leases()
+  redis.call('ZADD', K.leases, num(now + POL.lease_ttl), id)
+  redis.call('HSET', K.lease_costs, id, cost .. SEP .. proc)
+  return true
 end
 
 -- --- tenants ---------------------------------------------------------------------------------
