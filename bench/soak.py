@@ -38,8 +38,9 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,15 +53,26 @@ import redis
 from bench.soakfaults import Injector, Sampler
 from bench.soakload import ROUTE_PRIORITIES, load
 from bench.soakreport import CLASSES, Curve, classify, curves, print_report, write_chart
-from demo_app.loadtest.engine import Record, run
+from demo_app.loadtest.engine import Progress, Record, run
 from tests.support.redis_server import RedisServer
 from tests.support.servers import REPO_ROOT, AppServer, child_env
+
+__all__ = ["main", "parse_args", "print_report", "soak"]
 
 APP = "tests.apps.story:app"
 PREFIX = "soak"
 WORKERS = 4
 #: No fault starts this close to the end of the load: each is over before the load stops.
 QUIET_END_S = 8.0
+
+
+@dataclass(frozen=True)
+class Run:
+    """One scenario's records; `started_s`: when its clock started, in the soak's time."""
+
+    records: list[Record]
+    started_s: float
+    quitter: bool
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -125,8 +137,7 @@ def soak(args: argparse.Namespace, command: str) -> dict[str, Any]:
             for _ in range(WORKERS)
         ]
         t0 = time.monotonic()
-        drive = asyncio.run(_drive(server, workers, args, t0))
-        records, quitters, injector, sampler, load_at, settle = drive
+        runs, injector, sampler, settle = asyncio.run(_drive(server, workers, args, t0))
         cli = _cli_status(env)
         tracebacks = [w.log().count("Traceback") for w in workers]
     faults = injector.faults
@@ -134,16 +145,17 @@ def soak(args: argparse.Namespace, command: str) -> dict[str, Any]:
     statuses: Counter[str] = Counter()
     routes: Counter[str] = Counter()
     errors = []
-    for record, quitter in [*((r, False) for r in records), *((r, True) for r in quitters)]:
-        kind = classify(record, quitter, faults, load_at)
-        classes[kind] += 1
-        statuses[str(record.status or record.error or "?").split(":")[0]] += 1
-        routes[record.route] += 1
-        if kind in ("bad_status", "error"):
-            errors.append(
-                f"{load_at + record.due_s:.1f} s {record.tenant} {record.route}"
-                f" -> {record.status} {record.error or ''} ({record.target})"
-            )
+    for one in runs:
+        for record in one.records:
+            kind = classify(record, one.quitter, faults, one.started_s)
+            classes[kind] += 1
+            statuses[str(record.status or record.error or "?").split(":")[0]] += 1
+            routes[record.route] += 1
+            if kind in ("bad_status", "error"):
+                errors.append(
+                    f"{one.started_s + record.sent_s:.1f} s {record.tenant} {record.route}"
+                    f" -> {record.status} {record.error or ''} ({record.target})"
+                )
     out_curves = curves(sampler.samples, args.window)
     checks = _checks(args, classes, settle, cli, out_curves, tracebacks)
     budget = {k: v for k, v in app_env("", args).items() if k.startswith(("THROTTLE_", "STORY_"))}
@@ -174,23 +186,47 @@ def soak(args: argparse.Namespace, command: str) -> dict[str, Any]:
 
 async def _drive(
     server: RedisServer, workers: list[AppServer], args: argparse.Namespace, t0: float
-) -> tuple[list[Record], list[Record], Injector, Sampler, float, dict[str, Any]]:
+) -> tuple[list[Run], Injector, Sampler, dict[str, Any]]:
     sampler = Sampler(server, workers, t0)
     sampling = asyncio.create_task(sampler.run())
     rate_per_s = args.fault_rate / 60.0
     injector = Injector(server, workers, random.Random(f"{args.seed}/faults"), rate_per_s, t0)
     plan = load(args.duration, args.seed, args.scale)
     targets = [w.url for w in workers]
-    load_at = time.monotonic() - t0
-    runs = [run(s, targets) for s in (plan.main, *plan.quitters)]
-    faulting = asyncio.create_task(injector.run(until_s=load_at + args.duration - QUIET_END_S))
-    main, *quitters = await asyncio.gather(*runs)
+    scenarios = (plan.main, *plan.quitters)
+    starts: list[list[float]] = [[] for _ in scenarios]
+
+    begun = asyncio.Event()
+
+    def started(box: list[float]) -> Callable[[Progress], None]:
+        # The engine plans before it starts its clock: its first report says when it did.
+        def on_progress(progress: Progress) -> None:
+            if not box:
+                box.append(time.monotonic() - t0 - progress.elapsed_s)
+                if box is starts[0]:
+                    begun.set()
+
+        return on_progress
+
+    async def inject() -> None:
+        await begun.wait()  # faults begin with the main load
+        await injector.run(until_s=starts[0][0] + args.duration - QUIET_END_S)
+
+    runs = [
+        run(s, targets, on_progress=started(box)) for s, box in zip(scenarios, starts, strict=True)
+    ]
+    faulting = asyncio.create_task(inject())
+    results = await asyncio.gather(*runs)
     await faulting
     timeout = args.settle_timeout if args.settle_timeout is not None else args.lease_ttl + 30.0
     settle = await asyncio.to_thread(_settle, server, workers, timeout, t0)
     sampling.cancel()
     await asyncio.gather(sampling, return_exceptions=True)
-    return main, [r for q in quitters for r in q], injector, sampler, load_at, settle
+    out = [
+        Run(records, box[0], quitter=i > 0)
+        for i, (records, box) in enumerate(zip(results, starts, strict=True))
+    ]
+    return out, injector, sampler, settle
 
 
 def _settle(

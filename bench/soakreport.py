@@ -32,9 +32,9 @@ WORKER_GRACE_S = 2.0
 CLASSES = ("served", "throttled", "quit", "worker_down", "bad_status", "error")
 
 
-def classify(record: Record, quitter: bool, faults: Sequence[Fault], t0_offset_s: float) -> str:
-    """The class of one record (see the module doc). `t0_offset_s`: the load's start in
-    the soak's time, so a record's due time compares with the faults' times."""
+def classify(record: Record, quitter: bool, faults: Sequence[Fault], started_s: float) -> str:
+    """The class of one record (see the module doc). `started_s`: when the record's run
+    started its clock, in the soak's time, so the record's times compare with the faults'."""
     if record.status:
         if 200 <= record.status < 300:
             return "served"
@@ -43,7 +43,7 @@ def classify(record: Record, quitter: bool, faults: Sequence[Fault], t0_offset_s
         return "bad_status"
     if quitter and record.error == "timeout":
         return "quit"
-    sent, done = t0_offset_s + record.sent_s, t0_offset_s + record.done_s
+    sent, done = started_s + record.sent_s, started_s + record.done_s
     for fault in faults:
         if (
             fault.kind == "worker_kill"
