@@ -240,8 +240,9 @@ def test_four_processes_learn_one_limit_and_a_fifth_uses_it_at_once(
            "joined": joined, "after the drop": after, "steps": reasons[::4]})  # fmt: skip
     assert not over, over
     assert all(SLOTS <= n <= 1.5 * SLOTS for n in limits), limits
-    # A fleet follows the drop more slowly than one process (in CI once 16 s rather than
-    # 2.5 s: its cuts are doubted while the latency moves): in band by the window's end.
+    # In band by the window's end: generous, as the fleet's steps wait on four busy
+    # processes' pushes (on a fake clock it follows as fast as one process: see
+    # test_limit_estimator's fleet test).
     assert all(SLOTS // 2 <= n <= 1.5 * SLOTS // 2 for n in after["limits"][-4:]), after
     assert max(after["limits"]) <= SLOTS + FLEET, after
     assert after["A served"] >= 0.99, after

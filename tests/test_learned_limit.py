@@ -26,7 +26,7 @@ from throttle_mw.backends import MemoryBackend
 from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.backends.redis.fallback import share
 from throttle_mw.backends.redis.keys import Keys
-from throttle_mw.backends.redis.learner import STATE_FIELD, FleetLearner
+from throttle_mw.backends.redis.learner import STATE_FIELD, FleetLearner, fleet_window
 from throttle_mw.scheduler import Limits, Policy
 from throttle_mw.scheduler import Request as ThrottleRequest
 from throttle_mw.scheduler.limit import LimitConfig, LimitState, Sample, WindowSummary
@@ -206,6 +206,29 @@ async def test_one_step_per_window_for_the_whole_fleet(clean_redis_server: Redis
             assert await client.pttl(key) != -1
     finally:
         await client.aclose()
+
+
+def test_the_fleet_window_pools_a_process_parts_and_adds_the_processes() -> None:
+    """A process pushes twice a window or more (and a kept window carries its parts
+    over): its parts are the same requests in flight, so they must not add up. Adding
+    them up once doubled the fleet's in flight and fooled the shift test into
+    re-measuring a queued latency as the baseline: the limit climbed to 49 for 4 slots."""
+    p1a = WindowSummary()
+    p1b = WindowSummary()
+    p2 = WindowSummary()
+    for _ in range(20):
+        p1a.add(Sample(0.1, False, 2))
+        p1b.add(Sample(0.1, False, 4))
+        p2.add(Sample(0.1, False, 3))
+    entries = [f"p1|{p1a.encode()}", f"p2|{p2.encode()}", f"p1|{p1b.encode()}", "p3|bad"]
+    merged, parts = fleet_window(entries)
+    assert set(parts) == {"p1", "p2"}
+    assert merged.count == 60
+    assert merged.mean_in_flight == pytest.approx(3.0 + 3.0)  # p1's mean 3, p2's 3
+    assert merged.max_in_flight == 4 + 3
+    # A kept window's parts go back per process and pool again with the next ones.
+    again, _ = fleet_window([f"{p}|{s.encode()}" for p, s in parts.items()])
+    assert again.mean_in_flight == pytest.approx(merged.mean_in_flight)
 
 
 @pytest.mark.anyio

@@ -45,8 +45,10 @@ def app(
     mean_s: tuple[tuple[float, float], ...] = (),
     load: tuple[tuple[float, float], ...] = (),
     fail_share: tuple[tuple[float, float], ...] = ((0.0, 0.0),),
+    processes: int = 1,
 ) -> AppModel:
-    """An app of `c` slots with the default schedules, some replaced."""
+    """An app of `c` slots with the default schedules, some replaced; behind a fleet
+    of `processes`."""
     mean = MEAN_S[c]
     return AppModel(
         slots=slots or ((0.0, c),),
@@ -55,6 +57,7 @@ def app(
         jitter=jitter,
         fail_share=fail_share,
         seed=seed,
+        processes=processes,
     )
 
 
@@ -98,6 +101,27 @@ def test_after_the_slots_halve_it_is_back_within_10_s(c: int, jitter: Jitter) ->
         assert first_within(model, half, 30.0) <= 10.0, (seed, model.limits_between(30.0, 45.0))
         assert half <= statistics.mean(after) <= 1.5 * half, (seed, after)
         assert share_within(after, half) >= 0.8, (seed, after)
+
+
+@pytest.mark.parametrize("jitter", ["uniform", "lognormal"])
+@pytest.mark.parametrize("processes", [4, 16])
+def test_a_fleet_learns_as_one_process_does(processes: int, jitter: Jitter) -> None:
+    """The fleet's step (`fleet_step`: every process pushes its own summaries twice a
+    window, one step a window) converges as one process does, before and after the
+    slots halve. Counting a process's two summaries as two processes once doubled
+    the in flight the rule saw: after the halving the limit climbed to 17 for 4 slots."""
+    c, half = 8, 4
+    for seed in SEEDS:
+        slots = ((0.0, c), (30.0, half))
+        model = app(c, seed=seed, jitter=jitter, slots=slots, processes=processes)
+        model.run(60.0)
+        steady, after = model.limits_between(15.0, 30.0), model.limits_between(40.0, 60.0)
+        assert first_within(model, c, 0.0) <= 15.0, (seed, model.limits[:40])
+        assert c <= statistics.mean(steady) <= 1.5 * c, (seed, steady)
+        assert first_within(model, half, 30.0) <= 10.0, (seed, model.limits_between(30.0, 45.0))
+        assert half <= statistics.mean(after) <= 1.5 * half, (seed, after)
+        assert share_within(after, half) >= 0.8, (seed, after)
+        assert max(after) <= c, (seed, after)
 
 
 @pytest.mark.parametrize("c", [8, 32, 128])
@@ -310,6 +334,25 @@ def test_merge_equals_one_summary_of_all_samples() -> None:
     assert merged.max_in_flight == sum(max((s.in_flight for s in p), default=0) for p in parts)
     means = [statistics.mean(s.in_flight for s in p) for p in parts if p]
     assert merged.mean_in_flight == pytest.approx(sum(means))
+
+
+def test_pool_is_one_process_more_samples() -> None:
+    """Two windows of one process pooled: the in flight is their mean, not their sum
+    (the fleet pools a process's parts before adding the processes up)."""
+    rng = random.Random(4)
+    first, second = samples(rng, 40), samples(rng, 25)
+    pooled = WindowSummary.decode(summary_of(first).encode())
+    pooled.pool(WindowSummary.decode(summary_of(second).encode()))
+    whole = summary_of(first + second)
+    assert (pooled.count, pooled.failures) == (whole.count, whole.failures)
+    assert pooled.quantile(0.5) == whole.quantile(0.5)
+    assert pooled.max_in_flight == whole.max_in_flight
+    assert pooled.mean_in_flight == pytest.approx(whole.mean_in_flight)
+    # ... and it still merges as one process's part.
+    other = samples(rng, 30)
+    pooled.merge(summary_of(other))
+    mean = statistics.mean(s.in_flight for s in other)
+    assert pooled.mean_in_flight == pytest.approx(whole.mean_in_flight + mean)
 
 
 def wire_safe(text: str) -> bool:

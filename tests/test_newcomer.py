@@ -396,6 +396,10 @@ def test_after_a_slowdown_the_transition_is_not_scored_but_the_limit_must_follow
 
 def test_the_server_is_one_of_those_the_demo_knows() -> None:
     assert parse_args([]).server == "uvicorn"
+    # A learned limit's cold start is left out of the figures; a static budget's 5 s.
+    learned, static = parse_args([]), parse_args(["--budget", "static"])
+    assert (learned.duration, learned.warmup) == (35.0, 10.0)
+    assert (static.duration, static.warmup) == (30.0, 5.0)
     assert parse_args(["--server", "granian"]).server == "granian"
     with pytest.raises(SystemExit) as refused:
         parse_args(["--server", "daphne"])

@@ -13,7 +13,10 @@ second. The pieces, as in production:
   for a heavier tail), optionally failing a share of requests;
 - the estimator: one `Sample` per finished request, with its time from
   admission to completion (the wait in the app's own queue included: that is
-  the overload signal) and the in flight at its admission.
+  the overload signal) and the in flight at its admission;
+- or, with ``processes`` > 1, a fleet: requests spread round-robin over the
+  processes, each sample carries its process's own in flight, and the limit is
+  the fleet's, stepped as `FleetLearner` steps it (`FleetLearnerModel`).
 
 Slots, mean service time, load and failure share are step schedules: tuples of
 ``(from_s, value)``, so a test can halve the slots or double the work midway.
@@ -29,13 +32,69 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from throttle_mw.scheduler.limit import LimitConfig, LimitEstimator, LimitState, Sample
+from throttle_mw.backends.redis.learner import fleet_step
+from throttle_mw.scheduler.limit import (
+    LimitConfig,
+    LimitEstimator,
+    LimitState,
+    Sample,
+    WindowSummary,
+    initial_state,
+)
 
 #: A value that changes over time: ``(from_s, value)`` pairs, the first from 0.
 Schedule = Sequence[tuple[float, float]]
 Jitter = Literal["uniform", "lognormal"]
 
 _ARRIVE, _DONE, _POLL = 0, 1, 2
+#: A request in the app: when it was admitted, the in flight it saw (its process's),
+#: whether it fails, and its process.
+Item = tuple[float, int, bool, int]
+_NONE: Item = (0.0, 0, False, 0)
+
+
+class FleetLearnerModel:
+    """`FleetLearner` without Redis or real time: each process summarises its own
+    samples and pushes the summary every half window (the processes staggered); the
+    first push after a window is over takes the fleet's step (`fleet_step`) and
+    claims the next window. Same interface as `LimitEstimator`, but `observe` says
+    which process measured."""
+
+    def __init__(self, config: LimitConfig, processes: int, now: float) -> None:
+        self._config = config
+        self.state = initial_state(config)
+        self.limit = self.state.in_force
+        self._summaries = [WindowSummary() for _ in range(processes)]
+        self._pushed: list[str] = []
+        self._interval = config.window_s / 2
+        self._pushes = [now + self._interval * (i + 1) / processes for i in range(processes)]
+        self._claim_ends = now + config.window_s
+        self._stepped_at = now
+
+    @property
+    def next_due(self) -> float:
+        return min(self._pushes)
+
+    def observe(self, sample: Sample, process: int = 0) -> None:
+        self._summaries[process].add(sample)
+
+    def poll(self, now: float) -> bool:
+        before = self.limit
+        for process, due in enumerate(self._pushes):
+            if due > now:
+                continue
+            self._pushes[process] = due + self._interval
+            summary, self._summaries[process] = self._summaries[process], WindowSummary()
+            if not summary.empty:
+                self._pushed.append(f"p{process}|{summary.encode()}")
+            if now >= self._claim_ends:
+                self._claim_ends = now + self._config.window_s
+                elapsed = max(now - self._stepped_at, self._config.window_s)
+                state, kept = fleet_step(self._config, self.state, self._pushed, elapsed)
+                self._pushed = kept
+                if not kept:
+                    self.state, self.limit, self._stepped_at = state, state.in_force, now
+        return self.limit != before
 
 
 def at(schedule: Schedule, now: float) -> float:
@@ -74,17 +133,24 @@ class AppModel:
     queue_limit: int = 1000
     max_wait_s: float = 2.0
     seed: int = 1
+    processes: int = 1
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.service = service_sampler(self.jitter)
-        self.estimator = LimitEstimator(self.config, 0.0)
+        self.estimator: LimitEstimator | FleetLearnerModel = (
+            LimitEstimator(self.config, 0.0)
+            if self.processes == 1
+            else FleetLearnerModel(self.config, self.processes, 0.0)
+        )
+        self.process_in_flight = [0] * self.processes
+        self._turn = 0  # the process the next admission goes to
         self.now = 0.0
         self.in_flight = 0  # admitted, not finished: in service or in the app's queue
         self.busy = 0  # in service
-        self.app_queue: deque[tuple[float, int, bool]] = deque()
+        self.app_queue: deque[Item] = deque()
         self.waiting: deque[float] = deque()  # the limiter's queue: arrival times
-        self._events: list[tuple[float, int, int, tuple[float, int, bool]]] = []
+        self._events: list[tuple[float, int, int, Item]] = []
         self._seq = 0
         #: Records: the limit in force after every poll and every state the estimator
         #: went through, counts, the peak in flight (reset it to measure a stretch).
@@ -93,8 +159,8 @@ class AppModel:
         self.completed = 0
         self.rejected = 0
         self.peak_in_flight = 0
-        self._push(self._next_arrival(0.0), _ARRIVE, (0.0, 0, False))
-        self._push(self.estimator.next_due, _POLL, (0.0, 0, False))
+        self._push(self._next_arrival(0.0), _ARRIVE, _NONE)
+        self._push(self.estimator.next_due, _POLL, _NONE)
 
     # --- reading the records ---------------------------------------------------------
 
@@ -125,7 +191,7 @@ class AppModel:
                 self._push(self.estimator.next_due, _POLL, item)
         self.now = until
 
-    def _push(self, when: float, kind: int, item: tuple[float, int, bool]) -> None:
+    def _push(self, when: float, kind: int, item: Item) -> None:
         self._seq += 1
         heapq.heappush(self._events, (when, self._seq, kind, item))
 
@@ -137,7 +203,7 @@ class AppModel:
         return now + self.rng.expovariate(rate)
 
     def _arrive(self, now: float) -> None:
-        self._push(self._next_arrival(now), _ARRIVE, (0.0, 0, False))
+        self._push(self._next_arrival(now), _ARRIVE, _NONE)
         if self.in_flight < self.estimator.limit and not self.waiting:
             self._admit(now)
         elif len(self.waiting) < self.queue_limit:
@@ -149,7 +215,10 @@ class AppModel:
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         failed = self.rng.random() < at(self.fail_share, now)
-        self.app_queue.append((now, self.in_flight, failed))
+        process = self._turn
+        self._turn = (process + 1) % self.processes
+        self.process_in_flight[process] += 1
+        self.app_queue.append((now, self.process_in_flight[process], failed, process))
         self._start_service(now)
 
     def _start_service(self, now: float) -> None:
@@ -159,12 +228,17 @@ class AppModel:
             item = self.app_queue.popleft()
             self._push(now + self.service(self.rng, at(self.mean_s, now)), _DONE, item)
 
-    def _done(self, now: float, item: tuple[float, int, bool]) -> None:
-        admitted_at, in_flight, failed = item
+    def _done(self, now: float, item: Item) -> None:
+        admitted_at, in_flight, failed, process = item
         self.busy -= 1
         self.in_flight -= 1
+        self.process_in_flight[process] -= 1
         self.completed += 1
-        self.estimator.observe(Sample(now - admitted_at, failed, in_flight))
+        sample = Sample(now - admitted_at, failed, in_flight)
+        if isinstance(self.estimator, FleetLearnerModel):
+            self.estimator.observe(sample, process)
+        else:
+            self.estimator.observe(sample)
         self._start_service(now)
         self._admit_waiting(now)
 

@@ -3,10 +3,12 @@
 N processes that each stepped the estimator on their own samples would
 multiply the loop's gain and oscillate. Instead each process summarises its
 window of samples (`WindowSummary`: counts, a coarse latency histogram, peak
-in flight) and pushes it onto ``P:lw`` every half window; whichever process
+in flight) and pushes it onto ``P:lw`` every half window, tagged with its
+process token (``token|summary``); whichever process
 first finds the window over claims the step (``SET P:lstep NX PX window``:
 exactly one claim per window for the whole fleet), merges every summary
-pushed since the last step, takes one step of the estimator
+pushed since the last step (`fleet_window`: one process's parts pooled, the
+processes' added up), takes one step of the estimator
 (`throttle_mw.scheduler.limit.step`, in Python) and stores the limit in
 force as ``P:cfg``'s ``learned`` field with the estimator's state beside it.
 The scripts only read that number (store.lua, ``load_limits``), so the next
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ...scheduler.limit import LimitConfig, LimitState, Sample, WindowSummary, initial_state, step
@@ -85,7 +87,7 @@ class FleetLearner:
         summary, self._summary = self._summary, WindowSummary()
         pipe = client.pipeline(transaction=False)
         if not summary.empty:
-            pipe.rpush(keys.learn_windows, summary.encode())
+            pipe.rpush(keys.learn_windows, _entry(self._process, summary))
             pipe.ltrim(keys.learn_windows, -_MAX_SUMMARIES, -1)
             pipe.pexpire(keys.learn_windows, self._live_ttl_ms)
         # A budget that lost its keys gets the last limit seen here back, not the start.
@@ -104,13 +106,8 @@ class FleetLearner:
         pipe.lrange(keys.learn_windows, 0, -1)
         pipe.delete(keys.learn_windows)
         pipe.hmget(keys.cfg, STATE_FIELD, STEP_AT_FIELD)
-        parts, _, (raw_state, raw_at) = await pipe.execute()
-        merged = WindowSummary()
-        for part in parts:
-            try:
-                merged.merge(WindowSummary.decode(_text(part)))
-            except ValueError:
-                logger.warning("throttle_mw: ignored a malformed window summary in Redis")
+        entries, _, (raw_state, raw_at) = await pipe.execute()
+        entries_text = [_text(entry) for entry in entries]
         state = self.state
         if raw_state is not None:
             try:
@@ -125,12 +122,10 @@ class FleetLearner:
                 elapsed = min(max(now - elapsed, self.config.window_s), _MAX_ELAPSED_S)
             except ValueError:
                 elapsed = self.config.window_s
-        new = step(self.config, state, merged, elapsed)
-        if new.reason == "few-samples":
-            # Too little to go on: keep collecting, as LimitEstimator does; the next
-            # step gets these samples too.
+        new, kept = fleet_step(self.config, state, entries_text, elapsed)
+        if kept:
             pipe = client.pipeline(transaction=False)
-            pipe.rpush(keys.learn_windows, merged.encode())
+            pipe.rpush(keys.learn_windows, *kept)
             pipe.pexpire(keys.learn_windows, self._live_ttl_ms)
             await pipe.execute()
             self.state = state
@@ -156,13 +151,51 @@ class FleetLearner:
         self.state = new
         self.steps_taken += 1
 
-    async def read(self, client: Any) -> LimitState | None:
-        """The fleet's learned state as stored (None: nothing learned yet)."""
-        raw = await client.hget(self._keys.cfg, STATE_FIELD)
-        if raw is None:
-            return None
-        self.state = LimitState.decode(_text(raw))
-        return self.state
+
+def fleet_step(
+    config: LimitConfig, state: LimitState, entries: Iterable[str], elapsed_s: float
+) -> tuple[LimitState, list[str]]:
+    """The fleet's step from the summaries pushed since the last one (`entries`): the
+    state after it, and nothing to keep; or, for a window too thin to judge, `state`
+    and the entries to push back, each still its process's, so that the next step
+    gets these samples too (as `LimitEstimator` keeps collecting)."""
+    merged, parts = fleet_window(entries)
+    new = step(config, state, merged, elapsed_s)
+    if new.reason == "few-samples":
+        return state, [_entry(process, part) for process, part in parts.items()]
+    return new, []
+
+
+def fleet_window(entries: Iterable[str]) -> tuple[WindowSummary, dict[str, WindowSummary]]:
+    """The fleet's window from the entries pushed since the last step, and each
+    process's part of it.
+
+    A process pushes twice a window or more, and a window kept for lack of samples
+    carries parts over: its parts are pooled first (`WindowSummary.pool`: they are
+    the same requests' in flight, not more of it), then the processes' are added up
+    (`WindowSummary.merge`). Malformed entries are skipped with a warning.
+    """
+    parts: dict[str, WindowSummary] = {}
+    for entry in entries:
+        process, _, text = entry.rpartition("|")
+        try:
+            summary = WindowSummary.decode(text)
+        except ValueError:
+            logger.warning("throttle_mw: ignored a malformed window summary in Redis")
+            continue
+        if process in parts:
+            parts[process].pool(summary)
+        else:
+            parts[process] = summary
+    merged = WindowSummary()
+    for summary in parts.values():
+        merged.merge(summary)
+    return merged, parts
+
+
+def _entry(process: str, summary: WindowSummary) -> str:
+    """One pushed summary: ``token|summary`` (a summary holds no '|')."""
+    return f"{process}|{summary.encode()}"
 
 
 def _text(value: bytes | str) -> str:

@@ -63,7 +63,7 @@ class WindowSummary:
         self._failures = 0
         self._max_in_flight = 0
         #: In flight summed over this summary's own samples (those not merged in).
-        self._in_flight_sum = 0
+        self._in_flight_sum = 0.0
         #: Samples merged in from other summaries, and the sum of their mean in flight.
         self._merged_count = 0
         self._merged_in_flight = 0.0
@@ -154,18 +154,32 @@ class WindowSummary:
 
     # --- combining and the wire -----------------------------------------------------
 
+    def pool(self, other: WindowSummary) -> None:
+        """Add `other`'s samples to this summary (in place) as more samples of the same
+        process: `max_in_flight` is the larger, `mean_in_flight` the mean over all the
+        samples. Both must be one process's (not results of `merge`)."""
+        own, theirs = self._count, other._count
+        in_flight = self.mean_in_flight * own + other.mean_in_flight * theirs
+        self._add_counts(other)
+        self._max_in_flight = max(self._max_in_flight, other._max_in_flight)
+        self._in_flight_sum, self._merged_count, self._merged_in_flight = in_flight, 0, 0.0
+
     def merge(self, other: WindowSummary) -> None:
         """Add `other`'s samples to this summary (in place). `max_in_flight` and
-        `mean_in_flight` add up: the parts are different processes, in flight at once."""
+        `mean_in_flight` add up: the parts are different processes, in flight at once
+        (pool one process's parts first: `pool`)."""
+        self._merged_in_flight += other.mean_in_flight
+        self._merged_count += other._count
+        self._add_counts(other)
+        self._max_in_flight += other._max_in_flight
+
+    def _add_counts(self, other: WindowSummary) -> None:
         hist = self._hist
         for i, n in enumerate(other._hist):
             if n:
                 hist[i] += n
         self._count += other._count
         self._failures += other._failures
-        self._max_in_flight += other._max_in_flight
-        self._merged_in_flight += other.mean_in_flight
-        self._merged_count += other._count
 
     def encode(self) -> str:
         """Compact ASCII: ``1,count,failures,max_in_flight,mean_in_flight`` then
