@@ -4,11 +4,15 @@ Four uvicorn processes of ``tests.apps.story`` share one budget in a real
 redis-server; the open-loop mix of tenants, priorities and quitters of
 `bench.soakload` runs while Redis is killed and restarted empty, frozen, has
 its scripts flushed and a worker is killed and restarted (seed 6 draws every
-kind within the first 10 s, and nine faults in all). After the load: no 500,
+kind within the first 10 s, and ten faults in all). Twice: with a static budget
+(a concurrency of 8 and a rate of 70/s) and with ``THROTTLE_CONCURRENCY=auto``
+(which once left a process in its failure mode for good after a freeze: see
+tests/test_learned_limit.py). After the load: no 500,
 no unplanned client error, nothing left in Redis or in any process, RSS and
 the key count flat. Bounds are generous (a loaded 2-core machine): RSS may
 grow 20 MB from the second 10 s window to the last, keys 1.5 times. The long
-run (10 minutes) is ``python bench/soak.py``; its figures are in the README.
+run (10 minutes) is ``python bench/soak.py``; its figures are in the README. About
+50 s each on a 2-core machine.
 """
 
 from __future__ import annotations
