@@ -21,7 +21,16 @@ from typing import Any
 import pytest
 import redis
 
-from bench import grant_latency, learned, learnedscore, roundtrips, run_all, story
+from bench import (
+    ceiling,
+    grant_latency,
+    instructions,
+    learned,
+    learnedscore,
+    roundtrips,
+    run_all,
+    story,
+)
 from bench.runner import Trial, summarize
 from bench.throughput import main
 
@@ -352,3 +361,46 @@ def test_redis_round_trips_subtract_our_own_samples(redis_binary: Path, tmp_path
     assert delta["round_trips"] == 6  # 5 scripts + 1 pipeline; their inner commands are not
     assert delta["script_calls"] == 5
     assert delta["commands"] == 5 + 10 + 3  # the scripts, their SET and GET, the pipeline's GETs
+
+
+def test_the_ceiling_runs_every_cell_and_the_fleet_story(
+    tmp_path: Path, redis_binary: Path
+) -> None:
+    out = tmp_path / "ceiling.json"
+    args = ["--processes", "1,2", "--duration", "0.5", "--heavy-inflight", "4"]
+    story_args = ["--story", "--story-processes", "2", "--story-duration", "2"]
+    status = ceiling.main([*args, *story_args, "--story-warmup", "0.5", "--json", str(out)])
+
+    assert status == 0
+    document = json.loads(out.read_text())
+    cells = document["cells"]
+    grid = {(c["mode"], c["processes"], c["load"]) for c in cells}
+    assert grid == {
+        (m, n, load) for m in ("rate", "concurrency") for n in (1, 2) for load in ("light", "heavy")
+    }
+    for cell in cells:
+        assert cell["admitted"] > 0
+        assert cell["redis_failures"] == 0
+        assert cell["redis_cpu_s"] > 0  # read from Redis's INFO cpu
+        # Unbatched: one script call per admission; batched: fewer (a heavy cell
+        # may not fill its batches in half a second on a loaded machine).
+        if cell["load"] == "light":
+            assert cell["script_calls_per_admission"] == pytest.approx(1.0, abs=0.05)
+    assert document["story"]["processes"] == 2
+    assert document["story"]["admitted_per_s"] > 0
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_instructions_are_counted_per_request(tmp_path: Path) -> None:
+    out = tmp_path / "instructions.json"
+    args = ["--variants", "bare,memory", "--requests", "50", "--warmup", "20"]
+    status = instructions.main([*args, "--out", str(tmp_path), "--json", str(out)])
+
+    assert status == 0
+    results = json.loads(out.read_text())
+    bare, memory = results
+    assert bare["requests"] == 50
+    # The dump holds only the measured requests: tens of thousands of instructions
+    # each, not the hundreds of millions of start-up.
+    assert 10_000 < bare["per_request"] < 5_000_000
+    assert memory["per_request"] > bare["per_request"]

@@ -274,11 +274,13 @@ async def test_the_scripts_admit_up_to_the_fleet_s_learned_limit(
     """The scripts read one number: P:cfg's learned limit, for every process; until one is
     stored, the process's own start. A number set live wins over it."""
     client = redis.Redis.from_url(clean_redis_server.url)
+    # Stored before the process starts: its learner's first step (an idle one) must not
+    # read the state before this write and store its own after it.
+    state = LimitState(3.0, 0.01, "grow", 1).encode()
+    client.hset("{auto}:cfg", mapping={protocol.LEARNED: 3, STATE_FIELD: state})
     backend = RedisBackend(_settings(clean_redis_server, concurrency="auto"))
     await backend.start()
     try:
-        state = LimitState(3.0, 0.01, "grow", 1).encode()
-        client.hset("{auto}:cfg", mapping={protocol.LEARNED: 3, STATE_FIELD: state})
         outcomes = [
             await backend.acquire(ThrottleRequest(f"r{i}", "t", "normal", 1, False, False))
             for i in range(5)

@@ -506,3 +506,79 @@ def test_lua_makes_the_same_decisions_as_python(
         ]
 
     assert decisions(lua) == decisions(reference)
+
+
+def _state(s: Scheduler) -> tuple[Any, ...]:
+    """Everything a decision depends on, to compare two Python schedulers exactly."""
+    tenants = tuple(
+        (name, t.finish, t.cap_tokens, t.cap_at, t.seen_at, t.state, t.version, t.cost_by_rank)
+        for name, t in s._tenants.items()
+    )
+    window = s._window
+    return (
+        s._tokens,
+        s._refilled_at,
+        s._in_flight,
+        dict(s._leases),
+        s._vtime,
+        tuple(s._waiting),
+        tenants,
+        (window.start, window.cost, window.v0, window.v_rate, window.throughput),
+    )
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        Limits(rate=50.0, burst=6.0, concurrency=4),
+        Limits(rate=50.0, burst=6.0),
+        Limits(concurrency=3),
+        Limits(rate=50.0, burst=4.0, weights={"a": 2.0, "c": 0.5}),
+        Limits(rate=80.0, burst=8.0, concurrency=6, tenant_rate=40.0, tenant_burst=4.0),
+    ],
+    ids=["both", "rate", "concurrency", "weights", "tenant-cap"],
+)
+def test_the_fast_path_leaves_the_state_acquire_would(limits: Limits) -> None:
+    """`admit_at_once` (the in-memory backend's path, written out for speed) admits
+    exactly when `acquire` would admit at once, and leaves the same state behind:
+    a random mix of arrivals (costs, tenants, sheddable), releases and ticks,
+    replayed on two schedulers, one trying the fast path first."""
+    rng = random.Random(14)
+    pol = policy(max_tenants=6, tenant_idle_s=0.5)
+    fast, slow = Scheduler(limits, pol, 0.0), Scheduler(limits, pol, 0.0)
+    now, held, fast_path_taken = 0.0, [], 0
+    for i in range(3000):
+        now += rng.choice((0.0, 0.0005, 0.003, 0.02, 0.05, 0.1, 0.3))
+        roll = rng.random()
+        if roll < 0.45:
+            req = Request(
+                f"r{i}",
+                rng.choice("abcdefgh"),
+                rng.choice(("critical", "normal", "low")),
+                50 if rng.random() < 0.01 else rng.choice((1, 1, 1, 1, 2, 3)),
+                sheddable=rng.random() < 0.2,
+                degradable=rng.random() < 0.5,
+            )
+            if fast.admit_at_once(now, req):
+                fast_path_taken += 1
+                got: Any = Admit(lease=limits.concurrency is not None)
+                fast_events: list[Any] = []
+            else:
+                got, fast_events = fast.acquire(now, req)
+            want, slow_events = slow.acquire(now, req)
+            assert (got, fast_events) == (want, slow_events), i
+            if isinstance(want, Admit) and want.lease:
+                held.append(req.id)
+            held.extend(e.id for e in slow_events if isinstance(e, Granted) and e.lease)
+        elif roll < 0.9 and held:
+            rid = held.pop(rng.randrange(len(held)))
+            fast_events = [] if fast.release_at_once(rid) else fast.release(now, rid)
+            slow_events = slow.release(now, rid)
+            assert fast_events == slow_events, i
+            held.extend(e.id for e in slow_events if isinstance(e, Granted) and e.lease)
+        else:
+            events = slow.tick(now)
+            assert fast.tick(now) == events, i
+            held.extend(e.id for e in events if isinstance(e, Granted) and e.lease)
+        assert _state(fast) == _state(slow), i
+    assert fast_path_taken > 300  # the fast path was exercised, not only the fallback

@@ -81,6 +81,13 @@ def test_core_lua_has_the_python_rules_in_the_same_order() -> None:
     assert [n for n, _ in lua_functions(lua_only_part)] == readme_table("Only in Lua")
 
 
+def test_the_state_layer_s_lua_only_steps_are_listed() -> None:
+    """store.lua's steps for a state made anew (Redis lost it) are the README's table."""
+    text = (SCRIPTS / "store.lua").read_text()
+    part = text.split("-- --- a state made anew", 1)[1].split("\n-- ---", 1)[0]
+    assert [n for n, _ in lua_functions(part)] == readme_table("Only in Lua: a state made anew")
+
+
 def test_window_lua_has_the_python_window() -> None:
     python = python_methods(SCHEDULER / "window.py", "FairRateWindow")
     lua = lua_functions((SCRIPTS / "window.lua").read_text())

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,6 +41,9 @@ _SHUTTING_DOWN = Reject("shutting_down", 1.0)
 _UNCONFIGURED = Reject("unavailable", 60.0)
 _new_tuple = tuple.__new__
 _NO_WAIT = b"throttle;dur=0.0"
+#: `Admitted`'s fields, by index.
+_DEGRADED: Final = 2
+_UNTHROTTLED: Final = 4
 _HTTP1 = frozenset(("1.1", "1.0"))
 _BODY_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
 
@@ -106,9 +110,13 @@ class ThrottleMiddleware:
         self._routes = RouteTags(
             settings.route_priorities, make_tag(settings.default_priority), app
         )
+        self._route_cache = self._routes.by_method
         self._tenants = Tenants(settings.tenant_header, settings.tenant_resolver)
         self._resolver = settings.tenant_resolver
         self._ids = RequestIds()
+        # RequestIds' call, inlined per request: its prefix and counter.
+        self._id_prefix = self._ids.token + "."
+        self._id_counter = itertools.count(1)
         self._draining = asyncio.Event()
         self._draining_now = False  # the event's state, read per request without a call
         self._undo_signals: Any = None
@@ -228,7 +236,14 @@ class ThrottleMiddleware:
             return
         # The HTTP path is written out here rather than in a helper coroutine: it runs
         # for every request, and each coroutine layer costs (see bench/README.md).
-        tag = self._routes.tag_for(scope)
+        # RouteTags.tag_for's cache hit, inlined.
+        tag = None
+        if not scope.get("root_path"):
+            paths = self._route_cache.get(scope["method"])
+            if paths is not None:
+                tag = paths.get(scope["path"])
+        if tag is None:
+            tag = self._routes.tag_for(scope)
         if tag.exempt:
             await self.app(scope, receive, send)
             return
@@ -243,9 +258,17 @@ class ThrottleMiddleware:
         backend = self._backend
         assert backend is not None
         # tuple.__new__ skips the NamedTuples' Python-level __new__ on this hot path.
+        request_id = self._id_prefix + str(next(self._id_counter))
         request = _new_tuple(
             Request,
-            (self._ids(), tenant, tag.priority, tag.cost, tag.sheddable, tag.degradable),
+            (
+                request_id,
+                tenant,
+                tag.priority,
+                tag.cost,
+                tag.sheddable,
+                tag.degradable,
+            ),
         )
         outcome: Admitted | Waiting | Reject | None
         started = 0.0
@@ -273,7 +296,8 @@ class ThrottleMiddleware:
         decided: Outcome = "admitted"
         reason: str | None = None
         waited_s = 0.0  # decided at once, in memory: microseconds, reported as 0.0 ms
-        if type(outcome) is Admitted and not outcome.degraded and not outcome.unthrottled:
+        # A NamedTuple's fields by index: its attribute access is a generic lookup in 3.11.
+        if type(outcome) is Admitted and not outcome[_DEGRADED] and not outcome[_UNTHROTTLED]:
             if started:
                 waited_s = time.perf_counter() - started
         else:
@@ -285,8 +309,9 @@ class ThrottleMiddleware:
             if body is not None:
                 receive = body.receive
             waited_s = time.perf_counter() - started
+        _, _, degraded, held, unthrottled = outcome
         if self._observers and decided != "would_reject":
-            kind: EventKind = "degraded" if outcome.degraded else "admitted"
+            kind: EventKind = "degraded" if degraded else "admitted"
             self._emit(
                 ThrottleEvent(
                     kind,
@@ -294,7 +319,7 @@ class ThrottleMiddleware:
                     tag.priority,
                     waited_s,
                     dry_run=self.settings.dry_run,
-                    unthrottled=outcome.unthrottled,
+                    unthrottled=unthrottled,
                 )
             )
         state = scope.get("state")
@@ -302,14 +327,12 @@ class ThrottleMiddleware:
             state = scope["state"] = {}
         state["throttle"] = _new_tuple(
             ThrottleDecision,
-            (tenant, tag.priority, waited_s, outcome.degraded, decided, tag.cost, reason),
+            (tenant, tag.priority, waited_s, degraded, decided, tag.cost, reason),
         )
         timing = b"throttle;dur=%.1f" % (waited_s * 1000.0) if waited_s else _NO_WAIT
         if decided != "admitted":
             desc = decided if reason is None else f"{decided}:{reason}"
             timing += b';desc="%s"' % desc.encode("ascii")
-        held = outcome.lease
-        request_id = request.id
         # Made when the app first waits on its client (streaming, or a body beyond the
         # buffer): from then on that waiting counts against THROTTLE_CLIENT_HOLD.
         hold: ClientHold | None = None

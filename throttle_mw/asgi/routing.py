@@ -29,20 +29,21 @@ class RouteTags:
         self._default = default
         self._app = app
         #: method -> path -> tag, for the usual empty root_path: nothing to build per
-        #: request. Other root paths (mounted under a prefix) go in `_rooted`.
-        self._cache: dict[str, dict[str, RouteTag]] = {}
+        #: request. Other root paths (mounted under a prefix) go in `_rooted`. The
+        #: middleware reads it directly for every request (a hit needs no call).
+        self.by_method: dict[str, dict[str, RouteTag]] = {}
         self._rooted: dict[tuple[str, str, str], RouteTag] = {}
 
     def tag_for(self, scope: Scope) -> RouteTag:
         if not scope.get("root_path"):
-            paths = self._cache.get(scope["method"])
+            paths = self.by_method.get(scope["method"])
             if paths is not None:
                 tag = paths.get(scope["path"])
                 if tag is not None:
                     return tag
                 return self._remember(paths, scope["path"], scope)
-            if len(self._cache) < _METHODS:  # clients may send any method token
-                paths = self._cache[scope["method"]] = {}
+            if len(self.by_method) < _METHODS:  # clients may send any method token
+                paths = self.by_method[scope["method"]] = {}
                 return self._remember(paths, scope["path"], scope)
         key = (scope["method"], scope["root_path"], scope["path"])
         found = self._rooted.get(key)

@@ -83,13 +83,16 @@ class Tenants:
 
     def from_header(self, scope: Scope) -> str:
         found: bytes | None = None
+        header = self._header  # a local: read once, not once per header
         for name, value in scope["headers"]:
-            if name == self._header:
+            if name == header:
                 if found is not None and value.strip() != found:
                     raise InvalidTenant("The tenant header is repeated with different values.")
                 found = value.strip()
         if not found:
-            return client_address(scope)
+            client = scope.get("client")  # client_address's cache hit, without a call
+            tenant = _ADDRESSES.get(client[0] if client else None)
+            return tenant if tenant is not None else client_address(scope)
         if len(found) > TENANT_MAX_LENGTH:
             raise InvalidTenant(f"The tenant header is longer than {TENANT_MAX_LENGTH} characters.")
         tenant = found.decode("latin-1")

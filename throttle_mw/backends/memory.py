@@ -41,6 +41,10 @@ class MemoryBackend:
         self._policy = policy
         self._learn = learn or LimitConfig()
         self._estimator: LimitEstimator | None = None
+        #: The concurrency limit is learned (`observe` wants samples): whether
+        #: `_estimator` is set, kept as a plain attribute because the middleware
+        #: reads it for every request.
+        self.learning = False
         self._scheduler: Scheduler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, Waiting] = {}
@@ -56,6 +60,7 @@ class MemoryBackend:
         if scheduler is None:
             if self._limits.learned:
                 self._estimator = LimitEstimator(self._learn, now)
+                self.learning = True
                 self._limits = self._learned_limits(self._limits)
             scheduler = self._scheduler = Scheduler(self._limits, self._policy, now)
         return scheduler, now
@@ -78,13 +83,14 @@ class MemoryBackend:
     def decide_now(self, request: Request) -> Outcome:
         """Every decision here is made at once, in memory."""
         scheduler = self._scheduler
-        if scheduler is None or self._loop is None:
+        loop = self._loop
+        if scheduler is None or loop is None:
             scheduler, now = self._sched()
         else:
-            now = self._loop.time()
+            now = loop.time()
         if scheduler.admit_at_once(now, request):
             # tuple.__new__ skips the NamedTuple's Python-level __new__: this runs per request.
-            return _new_tuple(Admitted, (request.id, 0.0, False, self._leases_held, False))
+            return _new_tuple(Admitted, (request[0], 0.0, False, self._leases_held, False))
         decision, events = scheduler.acquire(now, request)
         if events:
             self._apply(events)
@@ -121,9 +127,8 @@ class MemoryBackend:
         scheduler = self._scheduler
         if scheduler is None or self._loop is None:
             return
-        if scheduler.idle:
-            scheduler.release(0.0, request_id)  # nobody waits: no clock, no dispatch
-            return
+        if scheduler.release_at_once(request_id):
+            return  # nobody waits: no clock, no dispatch
         now = self._loop.time()
         events = scheduler.release(now, request_id)
         if events:
@@ -146,10 +151,6 @@ class MemoryBackend:
         """The scheduler's limits: those of `set_limits` once it was called."""
         scheduler = self._scheduler
         return self._limits if scheduler is None else scheduler.limits
-
-    @property
-    def learning(self) -> bool:
-        return self._estimator is not None
 
     @property
     def learned(self) -> LimitState | None:
@@ -180,6 +181,7 @@ class MemoryBackend:
             if self._estimator is None:
                 self._estimator = LimitEstimator(self._learn, now)
             limits = self._learned_limits(limits)
+        self.learning = self._estimator is not None
         self._limits = limits
         self._leases_held = limits.concurrency is not None
         self._apply(scheduler.set_limits(limits, now))

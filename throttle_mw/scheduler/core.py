@@ -120,15 +120,62 @@ class Scheduler:
         Returns False, having changed nothing but its tenant's last use, when
         `acquire` must decide instead. Takes a lease when the budget has a
         concurrency limit, as `acquire` does.
+
+        The in-memory backend calls this for every request, so the common case is
+        written out in one frame: ``_refill``, ``_tenant`` (known tenant),
+        ``_fits_at_once`` and ``_take`` (unweighted tenant at or ahead of the
+        virtual clock), inlined step for step; anything else calls them.
+        `tests/test_scheduler.py` checks it against ``acquire`` state for state.
         """
-        if self._waiting or req.sheddable:
+        # Unpacked: a NamedTuple's attribute access is a generic lookup in 3.11.
+        request_id, name, _, cost, sheddable, _ = req
+        if self._waiting or sheddable:
             return False
-        self._refill(now)
-        tenant = self._tenant(req.tenant, now)
-        cost = req.cost if req.cost == 1 else self._clamp(req.cost)
-        if not self._fits_at_once(tenant, cost, now):
+        limits = self._limits
+        rate = limits.rate
+        # _refill
+        elapsed = now - self._refilled_at
+        if elapsed > 0:
+            if rate is not None:
+                tokens = self._tokens + elapsed * rate
+                burst = limits.burst
+                self._tokens = tokens if tokens < burst else burst
+            self._refilled_at = now
+        window = self._window
+        if now - window.start >= WINDOW_S:
+            window.roll(now, self._vtime)
+        # _tenant
+        tenant = self._tenants.get(name)
+        if tenant is None:
+            tenant = self._tenant(name, now)
+        else:
+            self._tenants.move_to_end(name)
+            tenant.seen_at = now
+        if cost != 1:
+            cost = self._clamp(cost)
+        # _fits_at_once
+        concurrency = limits.concurrency
+        if not (
+            tenant.state == IDLE
+            and (not self._active or self._top_active() is None)
+            and (rate is None or self._tokens + EPS >= cost)
+            and (concurrency is None or self._in_flight + cost <= concurrency)
+            and (limits.tenant_rate is None or self._cap_ok(tenant, cost, now))
+        ):
             return False
-        self._take(tenant, req.id, cost, now)
+        # _take
+        start = tenant.finish
+        if limits.weights or limits.tenant_rate is not None or start < self._vtime:
+            self._take(tenant, request_id, cost, now)
+            return True
+        if rate is not None:
+            self._tokens -= cost
+        if concurrency is not None:
+            self._in_flight += cost
+            self._leases[request_id] = cost
+        self._vtime = start
+        tenant.finish = start + cost  # weight 1.0
+        window.cost += cost
         return True
 
     def acquire(self, now: float, req: Request) -> tuple[Decision, list[Event]]:
@@ -195,6 +242,17 @@ class Scheduler:
         events: list[Event] = []
         self._dispatch(now, events)
         return events
+
+    def release_at_once(self, request_id: str) -> bool:
+        """`release` when the scheduler is `idle` (nothing waits, no deadline pending):
+        the lease goes back with no clock and no dispatch. False, having changed
+        nothing, when it is not idle: call ``release(now, id)`` then."""
+        if self._waiting or self._deadlines or self._capped:
+            return False
+        cost = self._leases.pop(request_id, None)
+        if cost is not None:
+            self._in_flight -= cost
+        return True
 
     def tick(self, now: float) -> list[Event]:
         """Advance time: refill, expire overdue waiters, dispatch, forget idle tenants."""

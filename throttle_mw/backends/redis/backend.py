@@ -63,15 +63,23 @@ class RedisBackend(Recovery):
         self._in_force = self._limits
         self._in_force_line = ""
         self._policy = policy = settings.policy()
-        self._init_recovery(settings, Fallback(settings.failure_mode, self._limits, policy))
+        fallback = Fallback(settings.failure_mode, self._limits, policy, held=self._held_cost)
+        self._init_recovery(settings, fallback)
         self._keys = Keys(settings.key_prefix)
         self.process = RequestIds().token
         self._now = now  # tests only: a callable giving the script's clock
         #: Grant messages that beat their acquire's reply, by request id.
         self._early: dict[str, Granted | Reject] = {}
         self._tails: dict[tuple[str, str, int, bool, bool], str] = {}
-        #: Leases this process holds in Redis (renewed by the heartbeat).
-        self._leases: set[str] = set()
+        #: Leases this process holds in Redis (renewed by the heartbeat), by request id:
+        #: (cost, a loop time by which Redis had surely given or renewed it).
+        self._leases: dict[str, tuple[int, float]] = {}
+        #: The epoch of the budget's state in Redis, as the latest batch reply told it, and
+        #: when (time.monotonic): see `_known_epoch`.
+        self._epoch = ""
+        self._epoch_at = -float("inf")
+        #: A state older than this may have expired unused (half of keys.py's T).
+        self._quiet_s = key_ttl_s(settings) / 2
         self._clients: connection.Clients | None = None
         self._scripts: Scripts | None = None
         self._budget: Budget | None = None
@@ -144,8 +152,11 @@ class RedisBackend(Recovery):
     async def stop(self) -> None:
         if not self._started:
             return
-        for waiter in list(self._waiters.values()):
-            await self.cancel(waiter.waiting)
+        # All at once: the batcher sends them in a few calls, not one round trip each.
+        await asyncio.gather(
+            *(self.cancel(waiter.waiting) for waiter in list(self._waiters.values())),
+            return_exceptions=True,
+        )
         await self._fallback.stop()
         for timer in (self._tick, self._settle):
             if timer is not None:
@@ -162,7 +173,7 @@ class RedisBackend(Recovery):
         try:
             assert self._scripts is not None
             # Orphans may still be queued or hold a lease: take them out of both.
-            ops = [protocol.release_op(lease) for lease in self._leases]
+            ops = [protocol.release_op(lease) for lease in list(self._leases)]
             for rid in self._orphans:
                 ops += [protocol.cancel_op(rid), protocol.release_op(rid)]
             if ops:
@@ -256,10 +267,10 @@ class RedisBackend(Recovery):
         rid = waiting.request_id
         if self._fallback.owns(rid):
             return await self._fallback.cancel(waiting)
-        self._waiters.pop(rid, None)
+        waiter = self._waiters.pop(rid, None)
         if waiting.future.done():
             return self._resolved(waiting)
-        result = await self._cancel_in_redis(rid)
+        result = await self._cancel_in_redis(rid, waiter)
         if not waiting.future.done():
             waiting.future.set_result(result)
         return result
@@ -269,6 +280,8 @@ class RedisBackend(Recovery):
             self._fallback.release(request_id)
         elif request_id in self._leases:
             self._release_in_redis(request_id)
+            if self._breaker.is_open:
+                self._fallback.held_changed()  # its share of the local budget is free
 
     async def snapshot(self) -> Snapshot:
         if not self._started:
@@ -295,8 +308,26 @@ class RedisBackend(Recovery):
         assert self._scripts is not None
         if retry:
             ops = [protocol.as_retry(op) for op in ops]
-        args = protocol.call_args(self._static, self._clock(), list(ops))
+        args = protocol.call_args(self._static, self._clock(), list(ops), self._known_epoch())
         return protocol.split_reply(await self._scripts.batch(keys=[self._keys.state], args=args))
+
+    def _known_epoch(self) -> str:
+        """The epoch to tell a call: a caller that knew one and finds no state starts the
+        reclaim grace (store.lua). Not after a long silence with nothing held: then the
+        state may simply have expired unused (keys.py's T), and nobody holds a lease."""
+        if self._epoch and (
+            self._leases
+            or self._waiters
+            or self._fallback.holds
+            or time.monotonic() - self._epoch_at < self._quiet_s
+        ):
+            return self._epoch
+        return ""
+
+    def _held_cost(self) -> int:
+        """The concurrency this process holds in Redis (the failure mode `local` counts it
+        in this process's share while Redis is away)."""
+        return sum(cost for cost, _ in self._leases.values())
 
     def _acquire_op(self, request: Request, max_wait_s: float | None = None) -> Op:
         """An acquire operation; its tenant and route parts are cached (this runs per request)."""
@@ -324,7 +355,7 @@ class RedisBackend(Recovery):
         decision = protocol.decode_acquire(result)
         if type(decision) is Admit:
             if decision.lease:
-                self._leases.add(request.id)
+                self._leases[request.id] = (request.cost, started)
             return _new_tuple(Admitted, (request.id, 0.0, decision.degraded, decision.lease, False))
         if type(decision) is Enqueue:
             loop = asyncio.get_running_loop()
@@ -336,7 +367,7 @@ class RedisBackend(Recovery):
         assert isinstance(decision, Reject)
         return decision
 
-    async def _cancel_in_redis(self, rid: str) -> Admitted | Reject:
+    async def _cancel_in_redis(self, rid: str, waiter: Waiter | None) -> Admitted | Reject:
         if self._batcher is None or not self._breaker.allow():
             self._orphans.add(rid)
             return self._fallback.settle(rid)
@@ -352,7 +383,10 @@ class RedisBackend(Recovery):
         decoded = protocol.decode_cancel(result)
         if isinstance(decoded, AlreadyAdmitted):
             if decoded.lease:
-                self._leases.add(rid)
+                if waiter is None:
+                    self._leases[rid] = (1, asyncio.get_running_loop().time())
+                else:
+                    self._leases[rid] = (waiter.request.cost, waiter.started)
             return Admitted(rid, 0.0, False, decoded.lease)
         return decoded if decoded is not None else Reject("expired", 1.0)
 
@@ -375,7 +409,7 @@ class RedisBackend(Recovery):
 
     def _release_in_redis(self, rid: str) -> None:
         """Give a lease back in Redis (the same id may be waiting locally meanwhile)."""
-        self._leases.discard(rid)
+        self._leases.pop(rid, None)
         if self._batcher is None or not self._breaker.allow():
             self._orphans.add(rid)
             return
@@ -413,7 +447,7 @@ class RedisBackend(Recovery):
             return
         rid = waiter.request.id
         if result.lease:
-            self._leases.add(rid)
+            self._leases[rid] = (waiter.request.cost, waiter.started)
         waited = asyncio.get_running_loop().time() - waiter.started
         future.set_result(Admitted(rid, waited, False, result.lease))
 
@@ -426,9 +460,12 @@ class RedisBackend(Recovery):
             self._settle_waiter(waiter, result)
 
     def _on_trailer(self, lines: list[str]) -> None:
+        trailer = protocol.trailer(lines)
+        self._epoch_at = time.monotonic()
+        if trailer.epoch != self._epoch:
+            self._new_epoch(trailer.epoch)
         # Any call that went through may have been the breaker's probe: report it back.
         self._succeeded()
-        trailer = protocol.trailer(lines)
         if trailer.next_tick_s is not None:
             self._schedule_tick(trailer.next_tick_s)
         self._fallback.fleet = max(1, trailer.processes)
@@ -460,6 +497,23 @@ class RedisBackend(Recovery):
         elif not future.cancelled():
             self._succeeded()
 
+    def _renewed(self, epoch: str) -> None:
+        """The heartbeat saw the budget's state (its epoch, "" for none). The same one: this
+        process's known epoch is fresh. Another, or none while this process holds something:
+        Redis lost it, and a tick now makes the state anew (with its grace) and tells the
+        epoch (`_new_epoch` reclaims). None while nothing is held: it may have expired unused,
+        so a call that makes it anew starts no grace."""
+        if not self._epoch or epoch == self._epoch:
+            if epoch:
+                self._epoch_at = time.monotonic()
+            return
+        holds = self._leases or self._waiters or self._fallback.holds
+        if epoch or holds:
+            if self._batcher is not None:
+                self._batcher.submit(protocol.TICK).add_done_callback(self._after_tick)
+        else:
+            self._epoch_at = -float("inf")
+
     async def _learn_loop(self) -> None:
         """Push this process's latency summaries; take the fleet's step when it is due
         (learner.py). The first push comes at once: it stores the limit to start from."""
@@ -483,20 +537,29 @@ class RedisBackend(Recovery):
         lease_ttl_s = self._settings.lease_ttl_s
         keys_ttl_s = key_ttl_s(self._settings)
         period = max(0.2, min(lease_ttl_s / 3.0, 5.0))
+        loop = asyncio.get_running_loop()
         while True:
             try:
                 if self._breaker.allow():
                     assert self._scripts is not None
+                    leases = list(self._leases)
+                    sent = loop.time()
                     args = protocol.renew_args(
                         self._clock(),
                         self._keys.tag,
                         self.process,
                         lease_ttl_s,
                         keys_ttl_s,
-                        self._leases,
+                        leases,
                     )
-                    live = await self._scripts.renew(keys=[self._keys.state], args=args)
-                    self._fallback.fleet = max(1, int(live))
+                    raw = await self._scripts.renew(keys=[self._keys.state], args=args)
+                    renewed = protocol.decode_renew(raw)
+                    self._fallback.fleet = max(1, renewed.processes)
+                    for rid, there in zip(leases, renewed.held, strict=False):
+                        held = self._leases.get(rid)
+                        if there and held is not None:  # it lasts a TTL from `sent`
+                            self._leases[rid] = (held[0], sent)
+                    self._renewed(renewed.epoch)
                     self._succeeded()
             except asyncio.CancelledError:
                 raise

@@ -20,13 +20,15 @@ from dataclasses import dataclass, field
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .protocol import Op
+from .protocol import DEFERRED, Op
 
 logger = logging.getLogger("throttle_mw.redis")
 
 #: Sends a list of operations; returns one result per op, then the trailing fields.
 Call = Callable[[Sequence[Op], bool], Awaitable[list[str]]]
 
+#: Operations per call at most; the script also stops taking them on once it has run
+#: for a while (scripts.WORK_US) and answers the rest "deferred": they go in the next call.
 MAX_BATCH = 256
 #: Failures that mean Redis did not answer at all (not an error reply).
 _UNANSWERED = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
@@ -119,7 +121,11 @@ class Batcher:
                     future.exception()  # mark retrieved: the caller may be gone
             return
         self._on_trailer(results[len(ops) :])
+        deferred: list[_Pending] = []
         for pending, result in zip(batch, results, strict=False):
+            if result == DEFERRED:  # the script had done its share of work: next call
+                deferred.append(pending)
+                continue
             future = pending.future
             if future is None:
                 continue
@@ -130,3 +136,5 @@ class Batcher:
                     pending.on_orphan(result)
                 except Exception:
                     logger.exception("throttle_mw: undoing an abandoned operation failed")
+        if deferred:
+            self._pending[:0] = deferred  # first in the next call, in their order

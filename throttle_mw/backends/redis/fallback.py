@@ -6,6 +6,8 @@ number of live processes last seen in Redis. In ``local`` mode a request that
 was waiting in Redis when it went away joins the local queue (`adopt`), and
 when Redis is back every local waiter leaves the local queue again
 (`give_back`) to wait in Redis, so that one shared budget decides once more.
+The leases this process still holds in Redis count in its local share (`held`):
+their requests run on while Redis is away.
 
 Callers always hold a `Waiting` of this module's own, never the local
 backend's: moving a waiter out of the local queue must not settle it.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ...scheduler import Limits, Policy, Reject, Request
@@ -33,18 +36,43 @@ class _Local:
 
 
 class Fallback:
-    def __init__(self, mode: FailureMode, limits: Limits, policy: Policy) -> None:
+    def __init__(
+        self, mode: FailureMode, limits: Limits, policy: Policy, held: Callable[[], int] = int
+    ) -> None:
         self.mode = mode
         self.limits = limits
         #: Live processes last seen in Redis: this process enforces 1/fleet of the budget.
         self.fleet = 1
         self._policy = policy
         self._local: MemoryBackend | None = None
-        self._applied: tuple[Limits, int] | None = None  # what the local budget is a share of
+        #: The concurrency this process holds in Redis (its requests still run).
+        self._held = held
+        self._applied: tuple[Limits, int, int] | None = None  # the local budget's inputs
         self._waiting: dict[str, _Local] = {}
-        self._leases: set[str] = set()
+        #: Leases of the local budget: their cost, by request id.
+        self._leases: dict[str, int] = {}
         self._withdrawn: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def holds(self) -> bool:
+        """Are requests admitted here still running (or waiting here)?"""
+        return bool(self._leases or self._waiting)
+
+    def lease_costs(self) -> list[tuple[str, int]]:
+        """The leases of the local budget (request id, cost), to count in Redis once back."""
+        return list(self._leases.items())
+
+    def held_changed(self) -> None:
+        """A lease held in Redis was given back while Redis is away: the local share has
+        room for one more."""
+        if self.mode == "local" and self._local is not None:
+            task = asyncio.get_running_loop().create_task(self._reapply())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _reapply(self) -> None:
+        await self._backend()
 
     def owns(self, request_id: str) -> bool:
         """Was this request decided here (waiting locally, or holding a local lease)?"""
@@ -70,7 +98,7 @@ class Fallback:
             self._follow(_Local(request, caller, outcome))
             return caller
         if isinstance(outcome, Admitted) and outcome.lease:
-            self._leases.add(request.id)
+            self._leases[request.id] = request.cost
         return outcome
 
     def adopt(self, request: Request, waiting: Waiting) -> None:
@@ -92,7 +120,7 @@ class Fallback:
             self._follow(_Local(request, waiting, outcome))
             return
         if isinstance(outcome, Admitted) and outcome.lease:
-            self._leases.add(request.id)
+            self._leases[request.id] = request.cost
         if not waiting.future.done():
             waiting.future.set_result(outcome)
 
@@ -108,7 +136,7 @@ class Fallback:
                 return
             result = future.result()
             if isinstance(result, Admitted) and result.lease:
-                self._leases.add(rid)
+                self._leases[rid] = local.request.cost
             caller = local.caller.future
             if not caller.done():
                 caller.set_result(result)
@@ -123,14 +151,14 @@ class Fallback:
             return waiting.future.result() if waiting.future.done() else UNAVAILABLE
         result = await self._local.cancel(local.queued)
         if isinstance(result, Admitted) and result.lease:
-            self._leases.add(waiting.request_id)
+            self._leases[waiting.request_id] = local.request.cost
         if not waiting.future.done():
             waiting.future.set_result(result)
         return result
 
     def release(self, request_id: str) -> None:
         if request_id in self._leases:
-            self._leases.discard(request_id)
+            del self._leases[request_id]
             if self._local is not None:
                 self._local.release(request_id)
 
@@ -148,7 +176,7 @@ class Fallback:
                 continue
             self._withdrawn.discard(rid)  # a grant won the race: the caller keeps it
             if result.lease:
-                self._leases.add(rid)
+                self._leases[rid] = local.request.cost
             if not local.caller.future.done():
                 local.caller.future.set_result(result)
         return moved
@@ -160,8 +188,9 @@ class Fallback:
             await self._local.stop()
 
     async def _backend(self) -> MemoryBackend:
-        """The local budget: this process's share of the latest limits and fleet size."""
-        wanted = (self.limits, self.fleet)
+        """The local budget: this process's share of the latest limits and fleet size, less
+        what it still holds in Redis."""
+        wanted = (self.limits, self.fleet, self._held())
         if self._local is None:
             self._local = MemoryBackend(share(*wanted), self._policy)
         elif self._applied != wanted:
@@ -170,11 +199,15 @@ class Fallback:
         return self._local
 
 
-def share(limits: Limits, processes: int) -> Limits:
-    """One process's part of the fleet's limits. A learned limit's share is fixed at the
-    last value learned: one process's samples must not steer the fleet's limit."""
+def share(limits: Limits, processes: int, held: int = 0) -> Limits:
+    """One process's part of the fleet's limits, less the concurrency `held` in Redis by
+    requests that still run. A learned limit's share is fixed at the last value learned:
+    one process's samples must not steer the fleet's limit."""
     if limits.learned:
         limits = replace(limits, learned=False)
+    if held and limits.concurrency is not None:
+        part = limits.concurrency if processes <= 1 else math.floor(limits.concurrency / processes)
+        return replace(share(limits, processes), concurrency=max(0, part - held))
     if processes <= 1:
         return limits
     return replace(

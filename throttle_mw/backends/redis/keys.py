@@ -10,7 +10,8 @@ Tenant ids never reach a key as text, only as a fixed-length digest.
 key              type    holds                                                        TTL
 ===============  ======  ===========================================================  ======
 P:s              hash    budget state: tokens, in flight, virtual clock, fair-rate    T
-                         window, queue counts, the fleet's tick claim (store.lua)
+                         window, queue counts, the fleet's tick claim, whether the
+                         lease keys hold their anchor (store.lua)
 P:cfg            hash    live limits set with ``throttle-mw set``; override callers'  live
                          limits. A learned limit and its state (learner.py) too
 P:w, P:wn        hash    live tenant weights by digest, and the names behind them     live
@@ -24,9 +25,11 @@ P:capped         zset    tenants held by their own rate cap, by when they may go
 P:qlen           zset    tenants by (waiting requests, latest push):                  T
                          score n * PUSH_SPAN + seq mod PUSH_SPAN (longest queue first)
 P:dl             zset    waiting request id -> deadline                               T
-P:tenants        zset    tenant h -> last seen (idle expiry, max tenants)             idle+T
-P:leases, P:lc   zset,   lease (request id) -> expiry; lease -> "cost|process"        T
-                 hash
+P:tenants        zset    idle tenant h -> last seen (idle expiry, max tenants); a     idle+T
+                         tenant with waiters is off it until its queue empties
+P:leases, P:lc   zset,   lease (request id) -> expiry; lease -> "cost|process"; with  T
+                 hash    16+ in flight, an anchor member (LEASE_ANCHOR, score +inf)
+                         keeps both in their big encodings (store.lua)
 P:g:<proc>       list    grants and evictions for the process that queued them        T
 P:rc:<proc>      list    the process's latest lease-less admissions (retries)         T
 P:procs          zset    process -> heartbeat expiry                                  T

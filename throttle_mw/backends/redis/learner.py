@@ -16,12 +16,15 @@ decision of every process uses it, and every batch reply tells each process
 the limit in force (its responses and its failure mode use it).
 
 A budget whose keys were lost (Redis restarted empty, a failover) gets the
-last limit this process saw back with its next push (``HSETNX``), not the
-cold-start value.
+fleet's last limit and estimator state back with the next push of any process
+(``HSETNX``, in one transaction), not the cold start: every push reads the
+stored state back, so every process knows the fleet's latest, not only the
+one that took the last step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -85,16 +88,23 @@ class FleetLearner:
         """
         keys = self._keys
         summary, self._summary = self._summary, WindowSummary()
-        pipe = client.pipeline(transaction=False)
+        # One transaction: the limit and the state it came from are restored together.
+        pipe = client.pipeline(transaction=True)
         if not summary.empty:
             pipe.rpush(keys.learn_windows, _entry(self._process, summary))
             pipe.ltrim(keys.learn_windows, -_MAX_SUMMARIES, -1)
             pipe.pexpire(keys.learn_windows, self._live_ttl_ms)
-        # A budget that lost its keys gets the last limit seen here back, not the start.
+        # A budget that lost its keys gets the fleet's last limit seen here back, and the
+        # estimator's state with it (its baseline), not the cold start.
         pipe.hsetnx(keys.cfg, protocol.LEARNED, self.state.in_force)
+        pipe.hsetnx(keys.cfg, STATE_FIELD, self.state.encode())
+        pipe.hget(keys.cfg, STATE_FIELD)  # the fleet's: whoever steps, every process keeps it
         pipe.pexpire(keys.cfg, self._live_ttl_ms)
         pipe.set(keys.learn_step, self._process, nx=True, px=self._window_ms)
-        claimed = (await pipe.execute())[-1]
+        *_, raw_state, _, claimed = await pipe.execute()
+        if raw_state is not None:
+            with contextlib.suppress(ValueError):  # _step says so, if this process steps
+                self.state = LimitState.decode(_text(raw_state))
         if not claimed:
             return False
         await self._step(client)

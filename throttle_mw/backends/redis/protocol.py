@@ -42,7 +42,9 @@ LINE: Final = "\n"
 NUMBER_FORMAT: Final = "%.17g"
 
 #: batch.lua's operations.
-OP: Final = MappingProxyType({"acquire": "A", "release": "R", "cancel": "C", "tick": "T"})
+OP: Final = MappingProxyType(
+    {"acquire": "A", "release": "R", "cancel": "C", "tick": "T", "reclaim": "K"}
+)
 #: Bits of an acquire's flags field.
 FLAG: Final = MappingProxyType({"sheddable": 1, "degradable": 2, "retry": 4})
 #: The first field of each reply line of batch.lua.
@@ -56,6 +58,8 @@ REPLY: Final = MappingProxyType(
         "already_admitted": "G",  # G|lease: a cancel that came too late
         "unknown": "N",  # a cancel of a request not waiting (gone already)
         "ticked": "T",
+        "deferred": "D",  # not run: the call had done its share of work; send it again
+        "reclaimed": "K",  # K|1: registered again; K|0: nothing to do
     }
 )
 #: The first field of each message on a process's grant list.
@@ -87,6 +91,10 @@ _ADMITTED, _QUEUED, _CANCELLED, _LATE = (
     REPLY["already_admitted"],
 )
 _ACQUIRE = OP["acquire"] + SEP
+#: The reply line of an operation the script left for the next call (batch.lua, WORK_US).
+DEFERRED: Final = REPLY["deferred"]
+#: A reclaim's reply when it registered the lease.
+RECLAIMED: Final = REPLY["reclaimed"] + SEP + "1"
 _new_tuple = tuple.__new__
 
 
@@ -97,7 +105,7 @@ class AlreadyAdmitted(NamedTuple):
 
 
 class Trailer(NamedTuple):
-    """The last three lines of a batch reply."""
+    """The last four lines of a batch reply."""
 
     #: Seconds until this process should send a tick, or None: only an arrival or a
     #: release can change anything.
@@ -107,6 +115,9 @@ class Trailer(NamedTuple):
     #: The limits in force, as sent (`decode_limits`). The same line call after call
     #: until someone changes them: compare it with the last one before decoding it.
     limits: str
+    #: The budget state's epoch: made anew whenever its state is (a Redis restarted empty,
+    #: a failover to an empty replica): a process that knew another one reclaims.
+    epoch: str
 
 
 # --- batch.lua: arguments and operations -----------------------------------------------
@@ -156,10 +167,12 @@ def static_args(
     ]
 
 
-def call_args(static: list[str], now: str, ops: list[Op]) -> list[str]:
-    """The whole ARGV of one call: the static part with `now`, then the operations."""
+def call_args(static: list[str], now: str, ops: list[Op], epoch: str = "") -> list[str]:
+    """The whole ARGV of one call: the static part with `now`, the epoch the caller knew
+    ("" if none, or none worth a grace: `RedisBackend._known_epoch`), the operations."""
     args = list(static)
     args[0] = now
+    args.append(epoch)
     args.append(str(len(ops)))
     args.append(LINE.join(ops))
     return args
@@ -196,6 +209,13 @@ def cancel_op(request_id: str) -> Op:
     return OP["cancel"] + SEP + request_id
 
 
+def reclaim_op(request_id: str, cost: int, epoch: str) -> Op:
+    """Register again a lease this process holds (its request still runs) that a budget
+    state made anew has lost. `epoch`: the state it was held in ("" for a lease of the
+    failure mode's, never in Redis). Idempotent; see store.lua's `reclaim`."""
+    return SEP.join((OP["reclaim"], request_id, str(cost), epoch))
+
+
 def as_retry(op: Op) -> Op:
     """An acquire op marked as a retry: answered from what exists, never done twice."""
     if op[0] != OP["acquire"]:
@@ -209,14 +229,14 @@ def as_retry(op: Op) -> Op:
 
 
 def split_reply(raw: bytes | str) -> list[str]:
-    """One line per operation, then the three lines of the `Trailer`."""
+    """One line per operation, then the four lines of the `Trailer`."""
     return (raw.decode() if isinstance(raw, bytes) else str(raw)).split(LINE)
 
 
 def trailer(lines: list[str]) -> Trailer:
     """The trailer: the reply's lines after one per operation."""
-    delay, processes, limits = lines[-3:]
-    return Trailer(float(delay) if delay else None, int(processes), limits)
+    delay, processes, limits, epoch = lines[-4:]
+    return Trailer(float(delay) if delay else None, int(processes), limits, epoch)
 
 
 def decode_limits(line: str, weights: Mapping[str, float]) -> Limits:
@@ -282,6 +302,22 @@ def renew_args(
     """ARGV of renew.lua: the heartbeat lasts as long as the leases it renews; the keys
     they live in, for the state TTL (keys.py's T)."""
     return [now, tag, process, repr(lease_ttl_s), repr(lease_ttl_s), repr(key_ttl_s), *leases]
+
+
+class Renewed(NamedTuple):
+    """renew.lua's reply."""
+
+    #: Processes with a live heartbeat.
+    processes: int
+    #: The epoch of the budget's state ("": it has none).
+    epoch: str
+    #: Per lease id sent, in order: did Redis have it?
+    held: tuple[bool, ...]
+
+
+def decode_renew(raw: Any) -> Renewed:
+    live, epoch, held = (x.decode() if isinstance(x, bytes) else x for x in raw)
+    return Renewed(int(live), str(epoch), tuple(c == "1" for c in str(held)))
 
 
 def leave_args(tag: str, process: str) -> list[str]:

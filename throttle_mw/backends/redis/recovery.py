@@ -11,6 +11,15 @@ Requests whose fate in Redis is unknown (a call failed after it may have run)
 are *orphans*: once Redis is back they are taken out of the queue and their
 leases given back, idempotently.
 
+Redis back *empty* (restarted without its data, a failover to an empty replica)
+has lost the leases of requests that still run. Every batch reply carries the
+epoch of the budget's state, made anew with it: a process that sees a new one
+reclaims the leases it holds (`_new_epoch`), and the state admits nothing new
+for a short grace meanwhile (store.lua, "A state made anew"), so the fleet does
+not admit a second budget's worth on top of what runs. Leases this process's
+failure mode admitted while Redis was away are registered too, as far as the
+limit has room for them.
+
 `Recovery` is the half of `RedisBackend` that does this; the backend
 (``backend.py``) is the other half, the call path. It shares the backend's
 record of this process's requests and calls back into it for the few things
@@ -66,6 +75,9 @@ class Recovery:
     _orphans: set[str]
     _settle: asyncio.TimerHandle | None
     _tasks: set[asyncio.Task[None]]
+    #: Leases held in Redis: (cost, a loop time by which Redis had given or renewed it).
+    _leases: dict[str, tuple[int, float]]
+    _epoch: str
 
     def _init_recovery(self, settings: Settings, fallback: Fallback) -> None:
         self._settings = settings
@@ -129,6 +141,19 @@ class Recovery:
             self._orphans.discard(rid)
             for cleanup in (protocol.cancel_op(rid), protocol.release_op(rid)):
                 self._batcher.submit(cleanup, functools.partial(self._undo_cancel, rid))
+        # What the failure mode admitted still runs: count it in Redis, if there is room.
+        for rid, cost in self._fallback.lease_costs():
+            future = self._batcher.submit(protocol.reclaim_op(rid, cost, ""))
+            future.add_done_callback(functools.partial(self._after_adopt, rid, cost))
+        # Any reply tells the state's epoch: a process holding leases learns at once
+        # whether they were lost (`_new_epoch`), even with nothing else to send.
+        self._batcher.submit(protocol.TICK).add_done_callback(self._report)
+        self._resubmit()
+
+    def _resubmit(self) -> None:
+        """Every waiter again: still queued (or admitted) in Redis, it is answered from
+        that; gone with a restart, it queues again for what is left of its wait."""
+        assert self._batcher is not None
         loop = asyncio.get_running_loop()
         for waiter in list(self._waiters.values()):
             # Idempotent: still queued (or admitted) in Redis, it is answered from that;
@@ -149,6 +174,63 @@ class Recovery:
             op = self._acquire_op(request, max(0.0, waiting.deadline - loop.time()))
             future = self._batcher.submit(op, functools.partial(self._undo_acquire, request.id))
             future.add_done_callback(functools.partial(self._after_resubmit, waiter))
+
+    def _after_adopt(self, rid: str, cost: int, future: asyncio.Future[str]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return  # it stays the failure mode's
+        if future.result() != protocol.RECLAIMED:
+            return  # no room: it runs uncounted, and is released locally
+        if self._fallback.owns(rid):
+            self._fallback.release(rid)  # Redis counts it now: released there when done
+            self._leases[rid] = (cost, asyncio.get_running_loop().time())
+        else:
+            self._release_in_redis(rid)  # it finished meanwhile
+
+    # --- Redis back empty ---------------------------------------------------------------------
+
+    def _new_epoch(self, epoch: str) -> None:
+        """A batch reply told a new epoch: if this process knew another one, the state it
+        held its leases in is gone. Reclaim those, and queue the waiters again."""
+        known, self._epoch = self._epoch, epoch
+        if not known or self._batcher is None:
+            return  # the first reply this process sees
+        now = asyncio.get_running_loop().time()
+        ttl = self._settings.lease_ttl_s
+        ops = []
+        for rid, (cost, since) in list(self._leases.items()):
+            if since + ttl <= now:
+                # It may have expired in the lost state before it was lost: never
+                # resurrect it (the request runs on uncounted, as an expired lease does).
+                del self._leases[rid]
+            else:
+                ops.append(protocol.reclaim_op(rid, cost, known))
+        logger.log(
+            logging.WARNING if ops or self._waiters else logging.INFO,
+            "throttle_mw: the budget's state in Redis at %s is new (restarted empty?);"
+            " reclaiming %d leases and %d waiting requests",
+            self.endpoint,
+            len(ops),
+            len(self._waiters),
+        )
+        futures = [self._batcher.submit(op) for op in ops]
+        for future in futures:
+            future.add_done_callback(self._report)
+        if futures:
+            futures[0].add_done_callback(functools.partial(self._reclaim_failed, known, epoch))
+        if not self._breaker.is_open:
+            self._resubmit()  # else `_recovered` does, once the breaker closes
+
+    def _reclaim_failed(self, known: str, epoch: str, future: asyncio.Future[str]) -> None:
+        """The reclaims may not have run: the next reply telling `epoch` reclaims again
+        (they are idempotent)."""
+        failed = future.cancelled() or future.exception() is not None
+        if failed and self._epoch == epoch:
+            self._epoch = known
+
+    def _report(self, future: asyncio.Future[str]) -> None:
+        """A call made for recovery failed: Redis is away again (the breaker says so)."""
+        if not future.cancelled() and future.exception() is not None:
+            self._on_failure(future.exception())
 
     def _after_resubmit(self, waiter: Waiter, future: asyncio.Future[str]) -> None:
         if future.cancelled():
@@ -185,6 +267,9 @@ class Recovery:
         raise NotImplementedError
 
     def _undo_cancel(self, rid: str, result: str) -> None:
+        raise NotImplementedError
+
+    def _release_in_redis(self, rid: str) -> None:
         raise NotImplementedError
 
     def _deliver_early(self, rid: str) -> None:

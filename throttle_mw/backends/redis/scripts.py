@@ -3,7 +3,8 @@
 The code is the constants it shares with Python, generated here from their
 Python definitions (so no scheduler constant is spelled in a ``.lua`` file),
 then the state layer (``store.lua``), the twins of the scheduler's rules
-(``window.lua``, ``core.lua``), and the entry scripts (``batch``, ``renew``,
+(``window.lua``, ``core.lua``), the fast path of a one-operation call
+(``fast.lua``), and the entry scripts (``batch``, ``renew``,
 ``leave``, ``snapshot``). Where the server has functions (Redis 7+, Valkey) it
 is loaded once as a library and each entry script is a function called with
 FCALL; elsewhere (Redis 6.2) each entry script is sent with the shared code in
@@ -32,7 +33,7 @@ logger = logging.getLogger("throttle_mw.redis")
 
 ENTRY_SCRIPTS = ("batch", "renew", "leave", "snapshot")
 #: The shared files, in load order.
-LIBRARY = ("store", "window", "core")
+LIBRARY = ("store", "window", "core", "fast")
 #: First line of every script run by EVAL: Dragonfly refuses keys a script does not declare
 #: (ours derive them from the one declared key) unless told; elsewhere a plain comment.
 DRAGONFLY_FLAGS: Final = "--!df flags=allow-undeclared-keys"
@@ -51,12 +52,33 @@ TICK_SLACK_S: Final = 0.05
 #: backlog is left).
 SWEEP_PERIOD_S: Final = 1.0
 SWEEP_BATCH: Final = 32
-#: Tenants beyond max_tenants dropped at most per call.
-EXCESS_BATCH: Final = 1024
+#: Tenants beyond max_tenants read at most per call (more than a call of WORK_US creates).
+EXCESS_BATCH: Final = 64
 #: Expired leases and overdue waiters taken out per call at most.
 EXPIRY_BATCH: Final = 256
-#: Dispatch admits at most this many waiters in one call (a bound on one call's work).
-DISPATCH_LIMIT: Final = 10_000
+#: Dispatch admits at most this many waiters in one operation (a bound on one call's
+#: work); if more could go, the caller is told to tick again at once.
+DISPATCH_LIMIT: Final = 32
+#: A batch call stops taking on operations once it has run this long (microseconds, by
+#: Redis's clock, checked every WORK_CHECK operations): the rest are answered "deferred"
+#: and sent again in the next call, so no call holds Redis for long (a batch is bounded
+#: by its work, not only by its count).
+WORK_US: Final = 300
+WORK_CHECK: Final = 2
+#: Key prefixes whose key names a loaded library keeps built (budgets per Redis, in practice).
+KEYS_CACHE_MAX: Final = 64
+#: The lease keys' anchor (store.lua, anchor_leases): longer than Redis lets an entry of
+#: its compact encodings be (zset-/hash-max-listpack-value, 64 bytes by default), set once
+#: this many leases are in flight.
+LEASE_ANCHOR: Final = "~anchor~" + "~" * 1016
+LEASE_ANCHOR_AT: Final = 16
+#: Texts whose numbers a loaded library remembers (store.lua, tonum) before starting afresh.
+NUMBERS_MAX: Final = 1024
+#: A budget state made anew while a process still knew the old one (Redis restarted empty,
+#: a failover to an empty replica) admits nothing new for this long: the processes reclaim
+#: the leases they hold first (store.lua, "A state made anew"). Every process is back within
+#: its breaker's and grant listener's pauses after a short outage (0.1-0.4 s).
+RECLAIM_GRACE_S: Final = 0.5
 
 
 def _lua(value: object) -> str:
@@ -118,6 +140,13 @@ SHARED: Final[Mapping[str, object]] = {
     "EXCESS_BATCH": EXCESS_BATCH,
     "EXPIRY_BATCH": EXPIRY_BATCH,
     "DISPATCH_LIMIT": DISPATCH_LIMIT,
+    "WORK_US": WORK_US,
+    "WORK_CHECK": WORK_CHECK,
+    "KEYS_CACHE_MAX": KEYS_CACHE_MAX,
+    "LEASE_ANCHOR": LEASE_ANCHOR,
+    "LEASE_ANCHOR_AT": LEASE_ANCHOR_AT,
+    "NUMBERS_MAX": NUMBERS_MAX,
+    "RECLAIM_GRACE": RECLAIM_GRACE_S,
     # units
     "MS_PER_S": 1000,
     "US_PER_S": 1_000_000,

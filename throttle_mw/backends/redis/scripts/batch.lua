@@ -16,7 +16,10 @@
 --              concurrency of AUTO: learned); live limits in P:cfg override them.
 -- ARGV[9..16]  credit_s, queue_limit, tenant_queue_limit, tenant_idle_s, max_tenants,
 --              lease_ttl_s, key_ttl_s (T), live_limits_ttl_s: the TTLs of keys.py's table.
--- ARGV[17] number of operations; ARGV[18] the operations, one per LINE, fields joined
+-- ARGV[17] the epoch of the budget's state the caller knew ("" if none): a caller that
+--          knew one and finds no state starts the reclaim grace (store.lua, "A state
+--          made anew").
+-- ARGV[18] number of operations; ARGV[19] the operations, one per LINE, fields joined
 -- with SEP (one argument in, one string out: the client's packing and parsing cost per
 -- call, not per operation):
 --   A|id|tenant_digest|tenant_name|weight|rank|cost|flags|max_wait_s
@@ -24,13 +27,14 @@
 --   R|id          release a lease (idempotent)
 --   C|id          cancel a waiting request
 --   T             tick (refill, expire, dispatch)
+--   K|id|cost|epoch  reclaim a lease held in the state of that epoch (store.lua)
 -- (Tenant ids, digests and request ids never contain SEP or LINE.)
 -- Returns one string, its LINEs: one per operation, then the trailer (protocol.Trailer):
 -- the delay until this process should tick (seconds, or "" if only an arrival or a release
--- can change anything), the number of live processes, and the limits in force
+-- can change anything), the number of live processes, the limits in force
 -- (rate|burst|concurrency|tenant_rate|tenant_burst|learned, "" = unset: live overrides or
 -- the caller's; learned is AUTO when the concurrency is the fleet's learned limit), so every
--- process's responses describe the limits the fleet runs on:
+-- process's responses describe the limits the fleet runs on, and the state's epoch:
 --   A|lease|degraded    admitted (lease 1: release it when done)
 --   Q|deadline|wait_s   queued; a grant or eviction will reach P:g:<proc>
 --   J|reason|retry_s    rejected
@@ -39,11 +43,14 @@
 --   G|lease             cancel too late: it was already admitted
 --   N                   cancel: not known here (already gone)
 --   T                   ticked
+--   K|registered        reclaimed (1) or nothing to do (0)
+--   D                   deferred: not run, the call had done its share of work (WORK_US);
+--                       the caller sends it again
 
 -- The operations first: a malformed call changes nothing.
 local ops = {}
-for op in string.gmatch(ARGV[18] or '', '[^' .. LINE .. ']+') do ops[#ops + 1] = op end
-if #ops ~= tonumber(ARGV[17]) then
+for op in string.gmatch(ARGV[19] or '', '[^' .. LINE .. ']+') do ops[#ops + 1] = op end
+if #ops ~= tonumber(ARGV[18]) then
   return redis.error_reply('throttle_mw: operation count mismatch')
 end
 
@@ -52,7 +59,34 @@ load_limits({rate = ARGV[4], burst = ARGV[5], concurrency = ARGV[6], tenant_rate
   tenant_burst = ARGV[8], credit = ARGV[9], queue_limit = ARGV[10],
   tenant_queue_limit = ARGV[11], idle = ARGV[12], max_tenants = ARGV[13],
   lease_ttl = ARGV[14], ttl = ARGV[15], live_ttl = ARGV[16]})
-load_state()
+
+-- The trailer (see above), after the operations' lines.
+local function finish(results, due)
+  if due == nil then results[#results + 1] = '' else results[#results + 1] = num(due - now) end
+  results[#results + 1] = tostring(redis.call('ZCOUNT', K.procs, num(now), '+inf'))
+  results[#results + 1] = limits_line()
+  results[#results + 1] = S.ep
+  return table.concat(results, LINE)
+end
+
+-- One operation that nobody waiting can be affected by: fast.lua, or nil.
+if #ops == 1 then
+  local op = ops[1]
+  local kind = string.sub(op, 1, #OP.acquire)
+  local line
+  if kind == OP.acquire then
+    line = fast_acquire(op)
+  elseif kind == OP.release then
+    line = fast_release(string.sub(op, #OP.acquire + #SEP + 1))
+  end
+  if line ~= nil then
+    save()
+    return finish({line}, nil)
+  end
+end
+
+load_state(ARGV[17])
+hold_back()
 -- The caller is alive. NX: only renew.lua extends a heartbeat, together with the process's
 -- leases, so a crashed process's heartbeat lapses no later than its leases.
 if redis.call('ZADD', K.procs, 'NX', num(now + POL.lease_ttl), proc) == 1 then born.procs = true end
@@ -73,14 +107,14 @@ end
 
 local function do_acquire(op)
   local _, id, h, name, weight, rank, cost, flags, max_wait = string.match(op, ACQUIRE_PATTERN)
-  flags = tonumber(flags)
+  flags = tonum(flags)
   if has_flag(flags, FLAG.retry) then
     local known = retried(id)
     if known ~= nil then return encode(known) end
   end
-  return encode(acquire(id, h, name, live_weight(h, tonumber(weight)), tonumber(rank),
-    tonumber(cost), has_flag(flags, FLAG.sheddable), has_flag(flags, FLAG.degradable),
-    tonumber(max_wait)))
+  return encode(acquire(id, h, name, live_weight(h, tonum(weight)), tonum(rank),
+    tonum(cost), has_flag(flags, FLAG.sheddable), has_flag(flags, FLAG.degradable),
+    tonum(max_wait)))
 end
 
 local function do_cancel(id)
@@ -91,11 +125,24 @@ local function do_cancel(id)
   return REPLY.already_admitted .. SEP .. flag(lease)
 end
 
+-- Microseconds of Redis's clock since `start` (TIME: the test clock override aside).
+local function elapsed_us(start)
+  local t = redis.call('TIME')
+  return (tonumber(t[1]) - tonumber(start[1])) * US_PER_S + tonumber(t[2]) - tonumber(start[2])
+end
+
 local results = {}
 local body = #OP.acquire + #SEP + 1  -- where an operation's first field begins
-for _, op in ipairs(ops) do
+local started, over = nil, false
+if #ops > WORK_CHECK then started = redis.call('TIME') end
+for i, op in ipairs(ops) do
   local kind = string.sub(op, 1, #OP.acquire)
-  if kind == OP.acquire then
+  if not over and started ~= nil and i % WORK_CHECK == 1 and i > 1 then
+    over = elapsed_us(started) >= WORK_US
+  end
+  if over then
+    results[#results + 1] = REPLY.deferred
+  elseif kind == OP.acquire then
     results[#results + 1] = do_acquire(op)
   elseif kind == OP.release then
     release(string.sub(op, body))
@@ -105,6 +152,9 @@ for _, op in ipairs(ops) do
   elseif kind == OP.tick then
     tick()
     results[#results + 1] = REPLY.ticked
+  elseif kind == OP.reclaim then
+    local _, id, cost, old = string.match(op, RECLAIM_PATTERN)
+    results[#results + 1] = REPLY.reclaimed .. SEP .. flag(reclaim(id, tonumber(cost), old))
   else
     return redis.error_reply('throttle_mw: unknown operation')
   end
@@ -112,16 +162,9 @@ end
 
 forget_idle()
 local due = next_due()
+local grace = grace_due()
+if grace ~= nil and (due == nil or grace < due) then due = grace end
+if more then due = now end  -- dispatch left admissions for the next tick
 if due ~= nil then due = claim_tick(due) end
 save()
-if due == nil then results[#results + 1] = '' else results[#results + 1] = num(due - now) end
-results[#results + 1] = tostring(redis.call('ZCOUNT', K.procs, num(now), '+inf'))
-local function limit(x)
-  if x == nil then return '' end
-  return num(x)
-end
-local learned = ''
-if L.learned then learned = AUTO end
-results[#results + 1] = table.concat({limit(L.rate), num(L.burst), limit(L.concurrency),
-  limit(L.tenant_rate), num(L.tenant_burst), learned}, SEP)
-return table.concat(results, LINE)
+return finish(results, due)

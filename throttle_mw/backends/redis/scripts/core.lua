@@ -2,9 +2,10 @@
 --
 -- The same functions with the same names, in the same order as the Python methods
 -- (without their leading underscore), each with a pointer to its Python counterpart;
--- that module and the README beside it are the reference. Three Python methods have no
--- twin here (set_limits: the scripts read live limits on every call; admit_at_once: the
--- in-memory backend's synchronous path; snapshot: snapshot.lua). The steps that exist
+-- that module and the README beside it are the reference. Four Python methods have no
+-- twin here (set_limits: the scripts read live limits on every call; admit_at_once and
+-- release_at_once: the in-memory backend's synchronous paths; snapshot: snapshot.lua;
+-- fast.lua is the scripts' own shortcut, built from these rules). The steps that exist
 -- only in Lua come last, and the scheduler README lists them ("Only in Lua").
 --
 -- Decisions are tables: {kind = 'admit', lease, degraded}, {kind = 'queue', deadline,
@@ -87,7 +88,7 @@ function next_due()
   local t, r = top_active()
   if r ~= nil and L.concurrency ~= nil and S.inflight + r.cost > L.concurrency then
     local first = redis.call('ZRANGE', K.leases, 0, 0, 'WITHSCORES')
-    if #first > 0 then due = tonumber(first[2]) end
+    if #first > 0 and first[1] ~= LEASE_ANCHOR then due = tonumber(first[2]) end
   elseif r ~= nil and L.rate ~= nil then
     local needed = need(r.cost, t.f >= S.v)
     if S.tokens + EPS < needed then due = now + (needed - S.tokens) / L.rate end
@@ -274,7 +275,9 @@ end
 -- Scheduler._forget_idle: drop idle tenants past the idle time, and the least recent
 -- beyond max_tenants: all of those (one call adds at most a batch of tenants), so the
 -- excess never builds up. Only calls that created a tenant can exceed the bound; idle ones
--- are swept once a period, or on every call while a backlog of them is left.
+-- are swept once a period, or on every call while a backlog of them is left. Tenants with
+-- waiters are not in P:tenants (Lua only: push takes them out, unlink puts them back, as
+-- seen then), so however many wait, no sweep reads one: Python skips them in memory.
 function forget_idle()
   if not fresh and now < S.fi then return end
   local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', num(now - POL.idle), 'LIMIT', 0,
@@ -295,6 +298,8 @@ function forget_idle()
       redis.call('DEL', K.prefix .. KEY.tenant .. h, queue_key(h))
       redis.call('ZREM', K.tenants, h)
       if t ~= nil then t.deleted = true; T[h] = nil end
+    else
+      redis.call('ZREM', K.tenants, h)  -- (state written before tenants waited off the list)
     end
   end
 end
@@ -342,9 +347,10 @@ function push(t, r)
   redis.call('ZADD', K.deadlines, num(r.deadline), r.id)
   t.c[r.rank + 1] = t.c[r.rank + 1] + r.cost
   t.n = t.n + 1
+  if t.n == 1 then redis.call('ZREM', K.tenants, t.h) end  -- off the idle list (forget_idle)
   redis.call('ZADD', K.qlen, num(t.n * PUSH_SPAN + S.seq % PUSH_SPAN), t.h)
   S.waiting = S.waiting + 1
-  S['n' .. r.rank] = S['n' .. r.rank] + 1
+  S[RANK_COUNT[r.rank + 1]] = S[RANK_COUNT[r.rank + 1]] + 1
   S.qcost = S.qcost + r.cost
   t.dirty = true
   if t.st == IDLE then activate(t) end
@@ -359,11 +365,13 @@ function unlink(t, r)
   t.n = t.n - 1
   if t.n <= 0 then
     redis.call('ZREM', K.qlen, t.h)
+    if redis.call('ZADD', K.tenants, num(now), t.h) == 1 then born.tenants = true end
+    t.touched = true
   else
     redis.call('ZINCRBY', K.qlen, -PUSH_SPAN, t.h)
   end
   S.waiting = S.waiting - 1
-  S['n' .. r.rank] = S['n' .. r.rank] - 1
+  S[RANK_COUNT[r.rank + 1]] = S[RANK_COUNT[r.rank + 1]] - 1
   S.qcost = S.qcost - r.cost
   t.dirty = true
 end
@@ -425,9 +433,10 @@ end
 function dispatch(watch)
   release_capped()
   local watched = false
-  for _ = 1, DISPATCH_LIMIT do
+  for i = 1, DISPATCH_LIMIT + 1 do
     local t, r = top_active()
     if t == nil then break end
+    if i > DISPATCH_LIMIT then more = true; break end  -- Lua only: the rest next tick
     if orphaned(r) then  -- Lua only
       remove(t, r)
     elseif not cap_ok(t, r.cost) then

@@ -7,7 +7,9 @@
 -- ARGV[1]  now override ("" in production).  ARGV[2] P.  ARGV[3] process id.
 -- ARGV[4]  lease_ttl_s.  ARGV[5] heartbeat_ttl_s.  ARGV[6] key_ttl_s (T, keys.py).
 -- ARGV[7..] lease ids held.
--- Returns the number of live processes (heartbeats not yet expired).
+-- Returns {the number of live processes (heartbeats not yet expired), the epoch of the
+-- budget's state ("" if it has none: it expired unused, or Redis lost it), one character
+-- per lease id: 1 if Redis had that lease, else 0}.
 --
 -- A live process keeps P:procs from expiring, and while it holds leases, the keys they are
 -- counted in: a request may run longer than T without a batch call in between.
@@ -15,8 +17,11 @@
 init(ARGV[2], ARGV[1], ARGV[3])
 local expiry = num(now + tonumber(ARGV[4]))
 local ttl = math.floor(tonumber(ARGV[6]) * MS_PER_S)
+local renewed = {}  -- per lease: '1' if Redis had it (the process's `_reclaim` trusts it)
 for i = 7, #ARGV do
   redis.call('ZADD', K.leases, 'XX', expiry, ARGV[i])
+  if redis.call('HEXISTS', K.lease_costs, ARGV[i]) == 1 then renewed[#renewed + 1] = '1'
+  else renewed[#renewed + 1] = '0' end
 end
 if #ARGV >= 7 then
   redis.call('PEXPIRE', K.leases, ttl)
@@ -26,4 +31,5 @@ end
 redis.call('ZREMRANGEBYSCORE', K.procs, '-inf', num(now))
 redis.call('ZADD', K.procs, num(now + tonumber(ARGV[5])), proc)
 redis.call('PEXPIRE', K.procs, ttl)
-return redis.call('ZCARD', K.procs)
+return {redis.call('ZCARD', K.procs), redis.call('HGET', K.state, 'ep') or '',
+  table.concat(renewed)}

@@ -29,6 +29,8 @@ local limits = {rate = L.rate or cjson.null, burst = L.burst,
 local queued = {}
 for rank = 0, NRANK - 1 do queued[PRIORITIES[rank + 1]] = S['n' .. rank] end
 return cjson.encode({tokens = tokens, in_flight = S.inflight, waiting = S.waiting,
-  queued_by_priority = queued, tenants = redis.call('ZCARD', K.tenants), fair_rate = S.v_rate,
+  queued_by_priority = queued,
+  tenants = redis.call('ZCARD', K.tenants) + redis.call('ZCARD', K.qlen),  -- idle + waiting
+  fair_rate = S.v_rate,
   processes = redis.call('ZCOUNT', K.procs, num(now), '+inf'),
   limits = limits, busiest = busiest})

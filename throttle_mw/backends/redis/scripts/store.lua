@@ -23,16 +23,30 @@ local recent        -- per process: lease-less admissions of this call (remember
 local fresh         -- a tenant was created this call (forget_idle must check the bound)
 local born          -- budget-wide keys (KEY names) this call may have created: save()
                     -- gives them their TTL (Redis drops a key that empties, TTL and all)
+local more          -- dispatch stopped at DISPATCH_LIMIT: tick again at once
+local held_back     -- in flight counted for leases not yet reclaimed (hold_back)
 
 -- The fields of P:s: tokens, last refill, concurrency in flight, the virtual clock v, the
 -- fair-rate window (window.lua), waiting requests and their cost, the active tenants'
 -- weight, a sequence counter, the fleet's tick claim (tk_at, tk_by), waiting requests by
--- priority rank (n0..), the next TTL refresh (xp) and the next idle-tenant sweep (fi).
+-- priority rank (n0..), the next TTL refresh (xp), the next idle-tenant sweep (fi),
+-- whether the lease keys hold their anchor (la: anchor_leases), the state's epoch (ep)
+-- and the end of its reclaim grace (rc): see "A state made anew" below.
 local STATE_FIELDS = {'tokens', 'ts', 'inflight', 'v', 'win_at', 'win_v0', 'win_cost',
   'v_rate', 'thr', 'meas_at', 'waiting', 'qcost', 'wsum', 'seq', 'tk_at', 'tk_by'}
-for rank = 0, NRANK - 1 do STATE_FIELDS[#STATE_FIELDS + 1] = 'n' .. rank end
+local RANK_COUNT = {}  -- 'n0'.. by rank + 1, and a tenant's 'c0'..: made once, not per call
+local RANK_COST = {}
+for rank = 0, NRANK - 1 do
+  RANK_COUNT[rank + 1] = 'n' .. rank
+  RANK_COST[rank + 1] = 'c' .. rank
+  STATE_FIELDS[#STATE_FIELDS + 1] = RANK_COUNT[rank + 1]
+end
 STATE_FIELDS[#STATE_FIELDS + 1] = 'xp'
 STATE_FIELDS[#STATE_FIELDS + 1] = 'fi'
+STATE_FIELDS[#STATE_FIELDS + 1] = 'la'
+STATE_FIELDS[#STATE_FIELDS + 1] = 'ep'
+STATE_FIELDS[#STATE_FIELDS + 1] = 'rc'
+local STRING_FIELDS = {tk_by = true, ep = true}
 
 -- The fields of P:t:<h> (a tenant): finish tag, weight, cap bucket and its time, waiting
 -- requests, their cost by rank (c0..), state (IDLE, ACTIVE, CAPPED), member in P:active,
@@ -47,9 +61,28 @@ local function num(x)
   return string.format(NUMBER_FORMAT, x)
 end
 
+-- tonumber, remembered by the text: glibc's strtod takes thousands of instructions for the
+-- 17 digits of NUMBER_FORMAT, and most numbers a call reads are the same text call after
+-- call (limits, policy, most state fields). Lua interns strings: a lookup costs little.
+local NUMBERS = {}
+local NUMBERS_KEPT = 0
+
+local function tonum(text)
+  if not text then return nil end
+  local value = NUMBERS[text]
+  if value == nil then
+    value = tonumber(text)
+    if value == nil then return nil end
+    if NUMBERS_KEPT >= NUMBERS_MAX then NUMBERS = {}; NUMBERS_KEPT = 0 end
+    NUMBERS[text] = value
+    NUMBERS_KEPT = NUMBERS_KEPT + 1
+  end
+  return value
+end
+
 local function opt(x)
   if x == nil or x == false or x == '' then return nil end
-  return tonumber(x)
+  return tonum(x)
 end
 
 local function has_flag(flags, bit)
@@ -67,15 +100,33 @@ end
 local FIRST_FIELD = '^([^' .. SEP .. ']*)'
 local WAITER_PATTERN = fields_pattern(#WAITER_FIELDS)
 local ACQUIRE_PATTERN = fields_pattern(#ACQUIRE_FIELDS)
+local RECLAIM_PATTERN = fields_pattern(4)
 
 -- --- loading and saving -----------------------------------------------------------------
 
 -- A call's state, key names, clock and caller: every script starts here.
+-- Key names by prefix: built once per prefix, not per call (a string made in Lua costs as
+-- much as a Redis command; a function library keeps this table between calls).
+local KEYS_BY_PREFIX = {}
+local KEYS_CACHED = 0
+
+local function key_names(prefix)
+  local names = KEYS_BY_PREFIX[prefix]
+  if names ~= nil then return names end
+  names = {prefix = prefix}
+  for name, suffix in pairs(KEY) do names[name] = prefix .. suffix end
+  if KEYS_CACHED >= KEYS_CACHE_MAX then KEYS_BY_PREFIX = {}; KEYS_CACHED = 0 end
+  KEYS_BY_PREFIX[prefix] = names
+  KEYS_CACHED = KEYS_CACHED + 1
+  return names
+end
+
 local function init(prefix, now_override, process)
-  S, S0, L, POL, K, T, out_events, recent, fresh = {}, {}, {}, {}, {}, {}, {}, {}, false
+  S, S0, L, POL, T, out_events, recent, fresh = {}, {}, {}, {}, {}, {}, {}, false
   born = {}
-  for name, suffix in pairs(KEY) do K[name] = prefix .. suffix end
-  K.prefix = prefix
+  more = false
+  held_back = 0
+  K = key_names(prefix)
   proc = process
   if now_override ~= nil and now_override ~= '' then
     now = tonumber(now_override)
@@ -96,7 +147,7 @@ local function load_limits(a)
     if live ~= false and live ~= nil then
       if live == OFF then return nil end
       if live == AUTO then return AUTO end
-      return tonumber(live)
+      return tonum(live)
     end
     if given == AUTO then return AUTO end
     return opt(given)
@@ -105,7 +156,7 @@ local function load_limits(a)
   L.burst = pick(cfg[2], a.burst)
   L.concurrency = pick(cfg[3], a.concurrency)
   L.learned = L.concurrency == AUTO
-  if L.learned then L.concurrency = tonumber(cfg[6]) or LEARN_INITIAL end
+  if L.learned then L.concurrency = tonum(cfg[6]) or LEARN_INITIAL end
   L.tenant_rate = pick(cfg[4], a.tenant_rate)
   L.tenant_burst = pick(cfg[5], a.tenant_burst)
   L.reserve = 0  -- Limits.reserve
@@ -120,21 +171,61 @@ local function load_limits(a)
   POL.live_ttl = opt(a.live_ttl)
 end
 
--- The budget's state; a budget seen for the first time starts full.
-local function load_state()
+-- The limits in force as batch.lua's reply states them (rate|burst|concurrency|tenant_rate|
+-- tenant_burst|learned, "" = unset), memoized: the same few limits come call after call,
+-- and formatting numbers is a good part of a small call's cost.
+local LINES = {}
+local LINES_KEPT = 0
+
+local function limits_line()
+  local node = LINES
+  local path = {L.rate or false, L.burst or false, L.concurrency or false,
+    L.tenant_rate or false, L.tenant_burst or false, L.learned}
+  for i = 1, #path - 1 do
+    local next_node = node[path[i]]
+    if next_node == nil then next_node = {}; node[path[i]] = next_node end
+    node = next_node
+  end
+  local line = node[path[#path]]
+  if line ~= nil then return line end
+  local function limit(x)
+    if x == nil then return '' end
+    return num(x)
+  end
+  local learned = ''
+  if L.learned then learned = AUTO end
+  line = table.concat({limit(L.rate), num(L.burst), limit(L.concurrency), limit(L.tenant_rate),
+    num(L.tenant_burst), learned}, SEP)
+  if LINES_KEPT >= KEYS_CACHE_MAX then LINES = {}; LINES_KEPT = 0; return line end
+  node[path[#path]] = line
+  LINES_KEPT = LINES_KEPT + 1
+  return line
+end
+
+-- The budget's state; a budget seen for the first time starts full. `known`: the epoch the
+-- caller knew ("" or nil: none), see "A state made anew" below.
+local function load_state(known)
   local vals = redis.call('HMGET', K.state, unpack(STATE_FIELDS))
   for i, name in ipairs(STATE_FIELDS) do
-    if name == 'tk_by' then S[name] = vals[i] or '' else S[name] = tonumber(vals[i]) end
+    if STRING_FIELDS[name] then S[name] = vals[i] or '' else S[name] = tonum(vals[i]) end
     S0[name] = S[name]
   end
   if S.ts == nil then
     S.tokens = L.burst; S.ts = now; S.inflight = 0; S.v = 0
     S.win_at = now; S.win_v0 = 0; S.win_cost = 0; S.v_rate = 0; S.thr = 0
     S.meas_at = -math.huge; S.waiting = 0; S.qcost = 0; S.wsum = 0; S.seq = 0; S.tk_at = 0
+    S.ep = ''
+    S.rc = 0
+    -- A caller that knew another epoch: this state replaces one that was lost, whose leases
+    -- are still held. Admit nothing new until they are reclaimed.
+    if known ~= nil and known ~= '' and L.concurrency ~= nil then S.rc = now + RECLAIM_GRACE end
   end
-  for rank = 0, NRANK - 1 do S['n' .. rank] = S['n' .. rank] or 0 end
+  for rank = 1, NRANK do S[RANK_COUNT[rank]] = S[RANK_COUNT[rank]] or 0 end
   S.xp = S.xp or 0
   S.fi = S.fi or 0
+  S.la = S.la or 0
+  S.rc = S.rc or 0
+  if S.ep == '' then S.ep = num(now) .. '/' .. proc end  -- new (or older than epochs)
   if S.tokens > L.burst then S.tokens = L.burst end
 end
 
@@ -155,7 +246,7 @@ local function save_tenant(t)
     end
   end
   put('f', t.f); put('w', t.w); put('cap', t.cap); put('cap_at', t.cap_at); put('n', t.n)
-  for rank = 0, NRANK - 1 do put('c' .. rank, t.c[rank + 1]) end
+  for rank = 1, NRANK do put(RANK_COST[rank], t.c[rank]) end
   put('st', t.st); put('am', t.am)
   -- Capped this call (or again, after it was back in line): P:capped may be new.
   if t.st == CAPPED and (t.loaded.st ~= CAPPED or t.am ~= t.loaded.am) then born.capped = true end
@@ -173,6 +264,8 @@ end
 -- apart) or for keys this call may have created: this runs on every call.
 local function save()
   local args = {}
+  S.inflight = S.inflight - held_back
+  held_back = 0
   local refresh = now >= S.xp
   if refresh then S.xp = now + POL.ttl / TTL_REFRESHES end
   for _, name in ipairs(STATE_FIELDS) do
@@ -192,8 +285,9 @@ local function save()
   born = {}
   for p, ids in pairs(recent) do
     local key = K.prefix .. KEY.recent .. p
-    redis.call('LPUSH', key, unpack(ids))
-    redis.call('LTRIM', key, 0, RECENT_KEPT - 1)
+    if redis.call('LPUSH', key, unpack(ids)) > RECENT_KEPT then
+      redis.call('LTRIM', key, 0, RECENT_KEPT - 1)
+    end
     redis.call('PEXPIRE', key, ttl_ms('state'))
   end
   for p, msgs in pairs(out_events) do
@@ -222,9 +316,32 @@ local function emit_evicted(p, id, reason, wait)
   emit(p, MESSAGE.evicted, id, reason, num(wait))
 end
 
+-- P:leases and P:lc in their big encodings (skiplist, hash table) while many leases are in
+-- flight: in Redis's compact encoding (listpack, up to 128 entries by default) every ZADD,
+-- ZREM and HDEL scans the whole collection, so a lease would cost more the more are in
+-- flight. One anchor member longer than any compact entry may be (zset-/hash-max-listpack-
+-- value, 64 bytes by default) converts them for good, whatever the server's settings below
+-- that length; it is set once LEASE_ANCHOR_AT are in flight (fewer are cheap either way)
+-- and taken out with the last lease (a budget at rest keeps no lease keys). Score +inf:
+-- never expired, never first. S.la: the anchor is set.
+local function anchor_leases()
+  if S.la == 1 or S.inflight < LEASE_ANCHOR_AT then return end
+  redis.call('ZADD', K.leases, 'inf', LEASE_ANCHOR)
+  redis.call('HSET', K.lease_costs, LEASE_ANCHOR, '0')
+  S.la = 1
+end
+
+local function unanchor_leases()
+  if S.la ~= 1 or S.inflight > 0 then return end
+  redis.call('ZREM', K.leases, LEASE_ANCHOR)
+  redis.call('HDEL', K.lease_costs, LEASE_ANCHOR)
+  S.la = 0
+end
+
 local function add_lease(id, cost, p)
   if S.inflight <= 0 then born.leases = true; born.lease_costs = true end  -- the first lease
   S.inflight = S.inflight + cost
+  anchor_leases()
   redis.call('ZADD', K.leases, num(now + POL.lease_ttl), id)
   redis.call('HSET', K.lease_costs, id, cost .. SEP .. p)
 end
@@ -233,9 +350,10 @@ end
 local function drop_lease(id)
   local raw = redis.call('HGET', K.lease_costs, id)
   if not raw then return false end
-  S.inflight = math.max(0, S.inflight - tonumber(string.match(raw, FIRST_FIELD)))
+  S.inflight = math.max(0, S.inflight - tonum(string.match(raw, FIRST_FIELD)))
   redis.call('HDEL', K.lease_costs, id)
   redis.call('ZREM', K.leases, id)
+  unanchor_leases()
   return true
 end
 
@@ -253,6 +371,45 @@ local function admitted(id)
   if redis.call('HEXISTS', K.lease_costs, id) == 1 then return true end
   if redis.call('LPOS', K.prefix .. KEY.recent .. proc, id) then return false end
   return nil
+end
+
+-- --- a state made anew (scheduler README, "Only in Lua: a state made anew") ---------------
+--
+-- Redis restarted empty, or a failover to an empty replica, loses every lease while their
+-- requests still run. Each state has an epoch (made with it, carried by every batch reply);
+-- a process that sees a new one reclaims the leases it holds, and the first call of a
+-- process that knew the old one starts a grace of RECLAIM_GRACE_S in which nothing new is
+-- admitted: the whole limit counts as held (hold_back) while the leases come back.
+
+-- Called once per batch call after load_state: in the grace, the limit counts as held.
+local function hold_back()
+  if now < S.rc and L.concurrency ~= nil then
+    held_back = L.concurrency
+    S.inflight = S.inflight + held_back
+  end
+end
+
+-- When a tick must end the grace (nil: no grace, or nobody waits).
+local function grace_due()
+  if now < S.rc and S.waiting > 0 then return S.rc end
+  return nil
+end
+
+-- Register again lease `id` of `cost` that this process holds, lost with the state of epoch
+-- `old` ("" for a lease of the failure mode's, never in Redis: registered only if the
+-- limit has room for it). Nothing if its state is the one in force (still there, or it
+-- expired there: never resurrected), or it is registered already (a retried reclaim).
+local function reclaim(id, cost, old)
+  if L.concurrency == nil or old == S.ep then return false end
+  if redis.call('HEXISTS', K.lease_costs, id) == 1 then return false end
+  cost = math.max(1, math.min(cost, L.concurrency))
+  if old == '' and S.inflight - held_back + cost > L.concurrency then return false end
+  born.leases = true; born.lease_costs = true
+  S.inflight = S.inflight + cost
+  anchor_leases()
+  redis.call('ZADD', K.leases, num(now + POL.lease_ttl), id)
+  redis.call('HSET', K.lease_costs, id, cost .. SEP .. proc)
+  return true
 end
 
 -- --- tenants ---------------------------------------------------------------------------------
@@ -285,10 +442,10 @@ local function load_tenant(h, weight)
   else
     local l = t.loaded
     for i, name in ipairs(TENANT_FIELDS) do
-      if name == 'am' then l[name] = v[i] or '' else l[name] = tonumber(v[i]) end
+      if name == 'am' then l[name] = v[i] or '' else l[name] = tonum(v[i]) end
     end
     t.f = l.f; t.w = l.w; t.cap = l.cap; t.cap_at = l.cap_at; t.n = l.n
-    for rank = 0, NRANK - 1 do t.c[rank + 1] = l['c' .. rank] end
+    for rank = 1, NRANK do t.c[rank] = l[RANK_COST[rank]] end
     t.st = l.st; t.am = l.am; t.xp = l.xp or 0
     if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
   end
@@ -300,13 +457,14 @@ end
 local function live_weight(h, given)
   if T[h] ~= nil then return nil end  -- already loaded this call, with its weight
   local live = redis.call('HGET', K.weights, h)
-  if live then return tonumber(live) end
+  if live then return tonum(live) end
   return given
 end
 
 -- Its last use, for idle expiry; once per call is enough: `now` does not move within it.
+-- A tenant with waiters is not on the idle list (core.lua's forget_idle).
 local function touch(t)
-  if not t.touched then
+  if not t.touched and t.n == 0 then
     if redis.call('ZADD', K.tenants, num(now), t.h) == 1 then born.tenants = true end
     t.touched = true
   end
@@ -341,7 +499,7 @@ local function load_waiter(id)
   local raw = redis.call('HGET', K.waiters, id)
   if not raw then return nil end
   local h, cost, rank, p, deadline, enq = string.match(raw, WAITER_PATTERN)
-  return {id = id, h = h, cost = tonumber(cost), rank = tonumber(rank), proc = p,
+  return {id = id, h = h, cost = tonum(cost), rank = tonum(rank), proc = p,
     deadline = tonumber(deadline), enq = tonumber(enq)}
 end
 

@@ -1,0 +1,361 @@
+"""Redis CPU per admission, measured by Redis itself, with `RedisBackend` driven directly.
+
+    python bench/rediscost.py --json bench/results/rediscost.json
+
+One private redis-server (no persistence, pinned to ``--redis-cpu``); the driver is
+this process, on the other CPU, calling `RedisBackend.acquire` / `release` as the
+middleware does (no HTTP: what is measured is Redis's side). Per scenario, from
+deltas of Redis's own counters over the measured stretch:
+
+- ``cpu_us``: ``INFO cpu`` used_cpu_sys + used_cpu_user per admission: everything
+  Redis spent (script, commands, sockets, the backend's heartbeats and grant reads);
+- ``usec_per_call``: ``INFO commandstats`` of FCALL/EVALSHA: Redis's time inside
+  one script call; ``calls``: script calls per admission;
+- ``slow``: SLOWLOG entries over 1 ms (``slowlog-log-slower-than 1000``) and the
+  longest, in microseconds.
+
+Scenarios:
+
+- ``rate`` / ``concurrency``: one request at a time (unbatched: one script call per
+  acquire and, with concurrency, one per release); ``concurrency`` with
+  ``--held`` other leases in flight all along;
+- ``rate-batched`` / ``concurrency-batched``: 64 requests at once in one process;
+- ``saturated-N``: a budget of 50/s with N tenants waiting (N in ``--tenants``):
+  each tenant's request, once granted, is replaced by another of the same tenant;
+- ``churn``: a new tenant id per request, 512 at once, within the budget;
+- ``queue-256``: 256 acquires of distinct tenants queueing at once on an empty bucket;
+- ``stop``: ``backend.stop()`` with ``--stop-waiters`` requests waiting (seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import redis
+
+from throttle_mw.backends.base import Admitted, Waiting
+from throttle_mw.backends.redis import RedisBackend
+from throttle_mw.scheduler import Request
+from throttle_mw.settings import Settings
+
+_SCRIPT_COMMANDS = ("fcall", "evalsha", "eval")
+_ids = itertools.count()
+
+
+def _rid() -> str:
+    return f"b{next(_ids)}"
+
+
+class Counters:
+    """Redis's own counters, sampled before and after a measured stretch."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def sample(self) -> dict[str, float]:
+        info = self.client.info("all")
+        calls = usec = 0.0
+        for name in _SCRIPT_COMMANDS:
+            stat = info.get(f"cmdstat_{name}")
+            if stat:
+                calls += float(stat["calls"])
+                usec += float(stat["usec"])
+        return {
+            "cpu_s": float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
+            "calls": calls,
+            "usec": usec,
+        }
+
+    def reset_slowlog(self) -> None:
+        self.client.config_set("slowlog-log-slower-than", 1000)
+        self.client.config_set("slowlog-max-len", 10_000)
+        self.client.slowlog_reset()
+
+    def slow(self) -> tuple[int, int]:
+        entries = self.client.slowlog_get(10_000)
+        return len(entries), max((int(e["duration"]) for e in entries), default=0)
+
+
+def settings(url: str, prefix: str, **overrides: Any) -> Settings:
+    base: dict[str, Any] = {
+        "redis_url": url,
+        "key_prefix": prefix,
+        "failure_mode": "closed",
+        "redis_timeout_s": 5.0,
+    }
+    base.update(overrides)
+    return Settings.from_env({}, **base)
+
+
+async def admit_one(backend: RedisBackend, tenant: str) -> None:
+    """One request, start to finish: acquire, wait if queued, release its lease."""
+    rid = _rid()
+    outcome = await backend.acquire(Request(rid, tenant))
+    if isinstance(outcome, Waiting):
+        outcome = await outcome.future
+    if isinstance(outcome, Admitted) and outcome.lease:
+        backend.release(rid)
+        # Let the release go out in its own call (a real next request arrives later).
+        for _ in range(3):
+            await asyncio.sleep(0)
+    elif not isinstance(outcome, Admitted):
+        raise RuntimeError(f"not admitted: {outcome!r}")
+
+
+async def measure(
+    counters: Counters, admitted: Callable[[], int], work: Awaitable[None]
+) -> dict[str, Any]:
+    counters.reset_slowlog()
+    before, n0, t0 = counters.sample(), admitted(), time.perf_counter()
+    await work
+    after, n1, t1 = counters.sample(), admitted(), time.perf_counter()
+    n = max(1, n1 - n0)
+    calls = after["calls"] - before["calls"]
+    slow, longest = counters.slow()
+    return {
+        "admissions": n1 - n0,
+        "seconds": round(t1 - t0, 2),
+        "cpu_us": round(1e6 * (after["cpu_s"] - before["cpu_s"]) / n, 1),
+        "calls": round(calls / n, 3),
+        "usec_per_call": round((after["usec"] - before["usec"]) / max(1.0, calls), 1),
+        "slow": slow,
+        "longest_us": longest,
+    }
+
+
+async def unbatched(url: str, mode: str, n: int, held: int) -> dict[str, Any]:
+    limits = {"rate": 1e6, "burst": 1e6} if mode == "rate" else {"concurrency": 100_000}
+    backend = RedisBackend(settings(url, f"u{mode}", **limits))
+    await backend.start()
+    for i in range(held if mode == "concurrency" else 0):
+        await backend.acquire(Request(_rid(), f"holder{i % 16}"))  # kept in flight
+    done = 0
+
+    async def loop() -> None:
+        nonlocal done
+        for i in range(n):
+            await admit_one(backend, f"t{i % 8}")
+            done += 1
+
+    for i in range(200):  # warm up: scripts loaded, keys made
+        await admit_one(backend, f"t{i % 8}")
+    result = await measure(Counters(redis.Redis.from_url(url)), lambda: done, loop())
+    await backend.stop()
+    return result
+
+
+async def batched(url: str, mode: str, n: int, width: int) -> dict[str, Any]:
+    limits = {"rate": 1e6, "burst": 1e6} if mode == "rate" else {"concurrency": 100_000}
+    backend = RedisBackend(settings(url, f"b{mode}", **limits))
+    await backend.start()
+    done = 0
+
+    async def worker(w: int) -> None:
+        nonlocal done
+        for _ in range(n // width):
+            await admit_one(backend, f"t{w % 8}")
+            done += 1
+
+    async def run() -> None:
+        await asyncio.gather(*(worker(w) for w in range(width)))
+
+    await run()  # warm up
+    result = await measure(Counters(redis.Redis.from_url(url)), lambda: done, run())
+    await backend.stop()
+    return result
+
+
+async def saturated(url: str, tenants: int, seconds: float) -> dict[str, Any]:
+    backend = RedisBackend(
+        settings(
+            url,
+            f"s{tenants}",
+            rate=50.0,
+            burst=5.0,
+            max_wait_s={"critical": 900, "high": 900, "normal": 900, "low": 900},
+            queue_limit=max(1000, 2 * tenants),
+            tenant_queue_limit=10,
+            max_tenants=max(10_000, 2 * tenants),
+        )
+    )
+    await backend.start()
+    done = 0
+    stop = asyncio.Event()
+
+    async def tenant(i: int) -> None:
+        nonlocal done
+        while not stop.is_set():
+            await admit_one(backend, f"sat{i}")
+            done += 1
+
+    tasks = [asyncio.create_task(tenant(i)) for i in range(tenants)]
+    await asyncio.sleep(3.0)  # everyone queued; the budget saturated
+    result = await measure(
+        Counters(redis.Redis.from_url(url)), lambda: done, asyncio.sleep(seconds)
+    )
+    stop.set()
+    for task in tasks:  # before stop(): a task's next acquire would start it again
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await backend.stop()
+    return result
+
+
+async def churn(url: str, n: int, width: int) -> dict[str, Any]:
+    backend = RedisBackend(settings(url, "churn", rate=1e6, burst=1e6))
+    await backend.start()
+    done = 0
+    fresh = itertools.count()
+
+    async def worker() -> None:
+        nonlocal done
+        for _ in range(n // width):
+            await admit_one(backend, f"new{next(fresh)}")
+            done += 1
+
+    async def run() -> None:
+        await asyncio.gather(*(worker() for _ in range(width)))
+
+    await run()  # warm up: the tenant set fills to its bound
+    result = await measure(Counters(redis.Redis.from_url(url)), lambda: done, run())
+    await backend.stop()
+    return result
+
+
+async def queue_at_once(url: str, width: int, rounds: int) -> dict[str, Any]:
+    backend = RedisBackend(
+        settings(url, "q256", rate=100.0, burst=1.0, queue_limit=10_000, max_tenants=100_000)
+    )
+    await backend.start()
+    counters = Counters(redis.Redis.from_url(url))
+    queued = 0
+
+    async def one(i: int) -> None:
+        nonlocal queued
+        rid = _rid()
+        outcome = await backend.acquire(Request(rid, f"q{i}"))
+        if isinstance(outcome, Waiting):
+            queued += 1
+            await backend.cancel(outcome)
+
+    async def run() -> None:
+        for r in range(rounds):
+            await asyncio.gather(*(one(r * width + i) for i in range(width)))
+
+    result = await measure(counters, lambda: queued, run())
+    await backend.stop()
+    return result
+
+
+async def stop_with_waiters(url: str, waiters: int) -> dict[str, Any]:
+    backend = RedisBackend(
+        settings(
+            url,
+            "stop",
+            rate=100.0,
+            burst=1.0,
+            queue_limit=2 * waiters,
+            tenant_queue_limit=waiters,
+            max_tenants=2 * waiters,
+            max_wait_s={"critical": 900, "high": 900, "normal": 900, "low": 900},
+        )
+    )
+    await backend.start()
+    outcomes = await asyncio.gather(
+        *(backend.acquire(Request(_rid(), f"w{i % 1000}")) for i in range(waiters))
+    )
+    counters = Counters(redis.Redis.from_url(url))
+    counters.reset_slowlog()
+    before = counters.sample()
+    started = time.perf_counter()
+    await backend.stop()
+    elapsed = time.perf_counter() - started
+    after = counters.sample()
+    slow, longest = counters.slow()
+    return {
+        "waiting": sum(isinstance(o, Waiting) for o in outcomes),
+        "stop_s": round(elapsed, 3),
+        "calls": after["calls"] - before["calls"],
+        "slow": slow,
+        "longest_us": longest,
+    }
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+async def main_async(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    wanted = set(args.scenarios.split(","))
+
+    async def run(name: str, coro: Awaitable[dict[str, Any]]) -> None:
+        out[name] = await coro
+        print(f"{name:22} {json.dumps(out[name])}", flush=True)
+
+    if "rate" in wanted:
+        await run("rate", unbatched(url, "rate", args.n, 0))
+    if "concurrency" in wanted:
+        await run("concurrency", unbatched(url, "concurrency", args.n, 0))
+        await run(f"concurrency-held{args.held}", unbatched(url, "concurrency", args.n, args.held))
+    if "batched" in wanted:
+        await run("rate-batched", batched(url, "rate", 8 * args.n, 64))
+        await run("concurrency-batched", batched(url, "concurrency", 8 * args.n, 64))
+    if "saturated" in wanted:
+        for tenants in args.tenants:
+            await run(f"saturated-{tenants}", saturated(url, tenants, args.seconds))
+    if "churn" in wanted:
+        await run("churn", churn(url, 4 * args.n, 512))
+    if "queue" in wanted:
+        await run("queue-256", queue_at_once(url, 256, 10))
+    if "stop" in wanted:
+        await run(f"stop-{args.stop_waiters}", stop_with_waiters(url, args.stop_waiters))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=3000, help="admissions per unbatched run")
+    parser.add_argument("--held", type=int, default=120, help="leases in flight meanwhile")
+    parser.add_argument("--tenants", type=int, nargs="+", default=[10, 1000, 10_000])
+    parser.add_argument("--seconds", type=float, default=5.0, help="saturated: measured")
+    parser.add_argument("--stop-waiters", type=int, default=20_000)
+    parser.add_argument(
+        "--scenarios", default="rate,concurrency,batched,saturated,churn,queue,stop"
+    )
+    parser.add_argument("--redis-cpu", default="1", help="taskset CPU list for redis-server")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer().start()
+    try:
+        if args.redis_cpu:
+            os.system(f"taskset -a -p -c {args.redis_cpu} {server.pid} >/dev/null")
+        print(f"# {cpu_model()}; redis {server.binary}", flush=True)
+        out = asyncio.run(main_async(args, server.url))
+    finally:
+        server.close()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"cpu": cpu_model(), "scenarios": out}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
