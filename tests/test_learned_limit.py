@@ -380,3 +380,47 @@ async def test_zero_configuration_says_so_in_one_start_up_line(
         await middleware.startup()
     assert not [r for r in caplog.records if "learned" in r.getMessage()]
     await middleware.shutdown()
+
+
+@pytest.mark.anyio
+async def test_the_learner_taking_the_breaker_s_probe_closes_it_again(
+    redis_server: RedisServer,
+) -> None:
+    """After an outage the breaker lets one probe through; with a learned limit the
+    learner's push (every 0.25 s) is often the first call to take it. Its success must
+    close the breaker like any other call's, or the process stays in its failure mode for
+    good: every request decided locally, its orphans never given back. (Found by the
+    soak: a process kept 48 orphans after a freeze. A Redis that was killed does not show
+    it: the grant listener's reconnect closes the breaker; a freeze shorter than the
+    listener's socket timeout leaves the listener none to make.)"""
+    # Lease TTL 30 s: the heartbeat sleeps 5 s, so the learner is first to call Redis.
+    backend = RedisBackend(_settings(redis_server, concurrency="auto", lease_ttl_s=30.0))
+    await backend.start()
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        held = await backend.acquire(ThrottleRequest("r1", "t", "normal", 1, False, False))
+        assert type(held).__name__ == "Admitted"
+        redis_server.pause(1.8)  # shorter than the grant listener's 3 s socket timeout
+        backend.release("r1")  # times out (1 s): an orphan, given back once Redis is back
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if backend._breaker.is_open:
+                break
+        assert backend._breaker.is_open
+        assert backend._orphans == {"r1"}
+        for _ in range(120):  # thawed at 1.8 s; the breaker's pause is at most 1 s
+            await asyncio.sleep(0.05)
+            if not backend._breaker.is_open:
+                break
+        assert not backend._breaker.is_open
+        assert not backend._orphans
+        assert client.zcard("{auto}:leases") == 0  # r1 given back
+        # Decided in Redis again, not locally.
+        again = await backend.acquire(ThrottleRequest("r2", "t", "normal", 1, False, False))
+        assert type(again).__name__ == "Admitted"
+        assert client.zcard("{auto}:leases") == 1
+        backend.release("r2")
+    finally:
+        redis_server.thaw()
+        await backend.stop()
+        client.close()

@@ -6,7 +6,9 @@ slots phase-lock). The throttle is configured only by ``THROTTLE_*``. Other
 routes exercise streaming, failures, uploads and slow responses; ``/_budget``
 (exempt) shows the live budget so tests can check that nothing leaked (and the
 concurrency limit in force, learned or set), and
-``/_running`` how many requests the app is running right now (and ``POST
+``/_running`` how many requests the app is running right now, ``/_held`` what
+this process's Redis backend holds (leases, waiters; the soak checks they go
+back to zero), and ``POST
 /_slots?n=`` changes how many slots it has, mid-run). ``/big`` streams
 ``?mb=`` MiB in 64 KiB chunks (for stalled readers); ``/_body`` (exempt) shows
 the middleware's read-ahead buffers and the process's resident memory. ``/ws``
@@ -186,6 +188,14 @@ async def running(request: Request) -> Response:
 
 
 @priority("exempt")
+async def held(request: Request) -> Response:
+    """What this process's backend holds right now: leases, waiters, orphans (Redis only)."""
+    backend = request.app.state.backend
+    names = {"leases": "_leases", "waiters": "_waiters", "orphans": "_orphans"}
+    return JSONResponse({k: len(getattr(backend, v, ())) for k, v in names.items()})
+
+
+@priority("exempt")
 async def resize_slots(request: Request) -> Response:
     await _slots.resize(int(request.query_params["n"]))
     return JSONResponse({"slots": _slots.n})
@@ -236,6 +246,7 @@ def create_app() -> Starlette:
             Route("/hello", hello),
             Route("/_budget", budget),
             Route("/_running", running),
+            Route("/_held", held),
             Route("/_slots", resize_slots, methods=["POST"]),
             Route("/_body", body_buffers),
             WebSocketRoute("/ws", ws_echo),

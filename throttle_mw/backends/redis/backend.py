@@ -523,6 +523,9 @@ class RedisBackend(Recovery):
                 if self.learning and self._breaker.allow():
                     assert self._clients is not None
                     await learner.flush(self._clients.calls)
+                    # This call may have been the breaker's probe: report it back, or
+                    # the breaker stays half-open for good (no other call is let through).
+                    self._succeeded()
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
