@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import logging
 import time
 from collections.abc import Awaitable, Sequence
@@ -113,10 +112,9 @@ class ThrottleMiddleware:
         self._route_cache = self._routes.by_method
         self._tenants = Tenants(settings.tenant_header, settings.tenant_resolver)
         self._resolver = settings.tenant_resolver
-        self._ids = RequestIds()
         # RequestIds' call, inlined per request: its prefix and counter.
-        self._id_prefix = self._ids.token + "."
-        self._id_counter = itertools.count(1)
+        ids = RequestIds()
+        self._id_prefix, self._id_counter = ids.prefix, ids.counter
         self._draining = asyncio.Event()
         self._draining_now = False  # the event's state, read per request without a call
         self._undo_signals: Any = None

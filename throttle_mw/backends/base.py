@@ -104,9 +104,10 @@ class RequestIds:
 
     def __init__(self) -> None:
         self.token = os.urandom(6).hex()
-        self._prefix = self.token + "."
-        self._counter = itertools.count(1)
+        #: An id is ``prefix + str(next(counter))``: the middleware builds it inline.
+        self.prefix = self.token + "."
+        self.counter = itertools.count(1)
 
     def __call__(self) -> str:
         # Concatenation: several times cheaper than an f-string, once per request.
-        return self._prefix + str(next(self._counter))
+        return self.prefix + str(next(self.counter))
