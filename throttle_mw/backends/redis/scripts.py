@@ -72,8 +72,12 @@ KEYS_CACHE_MAX: Final = 64
 #: this many leases are in flight.
 LEASE_ANCHOR: Final = "~anchor~" + "~" * 1016
 LEASE_ANCHOR_AT: Final = 16
-#: Texts whose numbers a loaded library remembers (store.lua, tonum) before starting afresh.
+#: Texts whose numbers a loaded library remembers (store.lua, tonum), and whole numbers
+#: whose texts it remembers (num), before starting afresh.
 NUMBERS_MAX: Final = 1024
+#: Whole numbers below this (in magnitude) are written with %d (store.lua, num): the same
+#: text as NUMBER_FORMAT's 17 significant digits gives them.
+INTEGER_TEXT_MAX: Final = 1e15
 #: A budget state made anew while a process still knew the old one (Redis restarted empty,
 #: a failover to an empty replica) admits nothing new for this long: the processes reclaim
 #: the leases they hold first (store.lua, "A state made anew"). Every process is back within
@@ -146,6 +150,7 @@ SHARED: Final[Mapping[str, object]] = {
     "LEASE_ANCHOR": LEASE_ANCHOR,
     "LEASE_ANCHOR_AT": LEASE_ANCHOR_AT,
     "NUMBERS_MAX": NUMBERS_MAX,
+    "INTEGER_TEXT_MAX": INTEGER_TEXT_MAX,
     "RECLAIM_GRACE": RECLAIM_GRACE_S,
     # units
     "MS_PER_S": 1000,

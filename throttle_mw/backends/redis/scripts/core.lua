@@ -87,20 +87,19 @@ function next_due()
   local due = nil
   local t, r = top_active()
   if r ~= nil and L.concurrency ~= nil and S.inflight + r.cost > L.concurrency then
-    local first = redis.call('ZRANGE', K.leases, 0, 0, 'WITHSCORES')
+    local first = redis.call('ZRANGE', K.leases, '0', '0', 'WITHSCORES')
     if #first > 0 and first[1] ~= LEASE_ANCHOR then due = tonumber(first[2]) end
   elseif r ~= nil and L.rate ~= nil then
     local needed = need(r.cost, t.f >= S.v)
     if S.tokens + EPS < needed then due = now + (needed - S.tokens) / L.rate end
   end
-  local capped = redis.call('ZRANGE', K.capped, 0, 0, 'WITHSCORES')
-  if #capped > 0 then
-    local at = tonumber(capped[2])
-    if due == nil or at < due then due = at end
-  end
-  local dl = redis.call('ZRANGE', K.deadlines, 0, 0, 'WITHSCORES')
-  if #dl > 0 then
-    local at = tonumber(dl[2]) + DEADLINE_GRACE
+  local capped = M.capped_next  -- (false: none; nil: not known this call)
+  if capped == nil then capped = first_score(K.capped) end
+  if capped and (due == nil or capped < due) then due = capped end
+  local dl = M.dl_next
+  if dl == nil then dl = first_score(K.deadlines) end
+  if dl then
+    local at = dl + DEADLINE_GRACE
     if due == nil or at < due then due = at end
   end
   return due
@@ -140,7 +139,7 @@ end
 
 -- Scheduler._fits_at_once: nobody waits for the budget, and it has room for `cost`.
 function fits_at_once(t, cost)
-  return t.st == IDLE and not (S.waiting > 0 and redis.call('ZCARD', K.active) > 0)
+  return t.st == IDLE and not (S.waiting > 0 and anyone_in_line())
     and cap_ok(t, cost) and fits(cost, false)
 end
 
@@ -265,7 +264,7 @@ end
 function tenant(h, name, weight)
   local t = load_tenant(h, weight)
   if t.new then
-    redis.call('HSET', t.key, 'name', name)
+    t.name = name  -- written with its state (save_tenant)
     t.new = false
   end
   touch(t)
@@ -279,29 +278,17 @@ end
 -- waiters are not in P:tenants (Lua only: push takes them out, unlink puts them back, as
 -- seen then), so however many wait, no sweep reads one: Python skips them in memory.
 function forget_idle()
+  flush_idle()
   if not fresh and now < S.fi then return end
-  local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', num(now - POL.idle), 'LIMIT', 0,
-    SWEEP_BATCH)
+  local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', num(now - POL.idle), 'LIMIT', '0',
+    num(SWEEP_BATCH))
   if #stale < SWEEP_BATCH then S.fi = now + SWEEP_PERIOD end
   local excess = redis.call('ZCARD', K.tenants) - POL.max_tenants
   if excess > 0 then
-    local oldest = redis.call('ZRANGE', K.tenants, 0, math.min(excess, EXCESS_BATCH) - 1)
+    local oldest = redis.call('ZRANGE', K.tenants, '0', num(math.min(excess, EXCESS_BATCH) - 1))
     for _, h in ipairs(oldest) do stale[#stale + 1] = h end
   end
-  for _, h in ipairs(stale) do
-    local t = T[h]
-    local busy
-    if t ~= nil then busy = t.n > 0 else
-      busy = tonumber(redis.call('HGET', K.prefix .. KEY.tenant .. h, 'n') or '0') > 0
-    end
-    if not busy then
-      redis.call('DEL', K.prefix .. KEY.tenant .. h, queue_key(h))
-      redis.call('ZREM', K.tenants, h)
-      if t ~= nil then t.deleted = true; T[h] = nil end
-    else
-      redis.call('ZREM', K.tenants, h)  -- (state written before tenants waited off the list)
-    end
-  end
+  if #stale > 0 then drop_idle_tenants(stale) end
 end
 
 -- Scheduler._make_room: enforce the queue limits before queueing at `rank` in t's queue.
@@ -317,7 +304,7 @@ function make_room(t, rank)
     evict(victim, 'tenant_queue_full')
   end
   if S.waiting >= POL.queue_limit then
-    local top = redis.call('ZREVRANGE', K.qlen, 0, 0)
+    local top = redis.call('ZREVRANGE', K.qlen, '0', '0')
     if #top == 0 then return reject('queue_full', drain_time()) end
     local heavy = load_tenant(top[1])
     local victim = last_of(heavy)
@@ -345,9 +332,13 @@ function push(t, r)
   redis.call('ZADD', queue_key(t.h), num(r.rank * RANK_SPAN + S.seq), r.id)
   save_waiter(r)
   redis.call('ZADD', K.deadlines, num(r.deadline), r.id)
+  if M.dl_next ~= nil and (M.dl_next == false or r.deadline < M.dl_next) then
+    M.dl_next = r.deadline
+  end
+  M.top_known = false
   t.c[r.rank + 1] = t.c[r.rank + 1] + r.cost
   t.n = t.n + 1
-  if t.n == 1 then redis.call('ZREM', K.tenants, t.h) end  -- off the idle list (forget_idle)
+  if t.n == 1 then seen_idle(t.h, false) end  -- off the idle list (forget_idle)
   redis.call('ZADD', K.qlen, num(t.n * PUSH_SPAN + S.seq % PUSH_SPAN), t.h)
   S.waiting = S.waiting + 1
   S[RANK_COUNT[r.rank + 1]] = S[RANK_COUNT[r.rank + 1]] + 1
@@ -361,14 +352,16 @@ function unlink(t, r)
   redis.call('ZREM', queue_key(t.h), r.id)
   redis.call('HDEL', K.waiters, r.id)
   redis.call('ZREM', K.deadlines, r.id)
+  if M.dl_next and r.deadline <= M.dl_next then M.dl_next = nil end
+  M.top_known = false
   t.c[r.rank + 1] = t.c[r.rank + 1] - r.cost
   t.n = t.n - 1
   if t.n <= 0 then
     redis.call('ZREM', K.qlen, t.h)
-    if redis.call('ZADD', K.tenants, num(now), t.h) == 1 then born.tenants = true end
+    seen_idle(t.h, true)
     t.touched = true
   else
-    redis.call('ZINCRBY', K.qlen, -PUSH_SPAN, t.h)
+    redis.call('ZINCRBY', K.qlen, num(-PUSH_SPAN), t.h)
   end
   S.waiting = S.waiting - 1
   S[RANK_COUNT[r.rank + 1]] = S[RANK_COUNT[r.rank + 1]] - 1
@@ -389,6 +382,7 @@ function activate(t)
   S.seq = S.seq + 1
   t.am = active_member(t)
   redis.call('ZADD', K.active, num(t.f), t.am)
+  M.top_known = false
 end
 
 -- Scheduler._deactivate: take a tenant out of line (active or capped).
@@ -396,8 +390,10 @@ function deactivate(t)
   if t.st == ACTIVE then
     S.wsum = S.wsum - t.w
     redis.call('ZREM', K.active, t.am)
+    M.top_known = false
   elseif t.st == CAPPED then
     redis.call('ZREM', K.capped, t.h)
+    M.capped_next = nil
   end
   t.st = IDLE; t.dirty = true
   if S.waiting == 0 then S.wsum = 0 end
@@ -405,6 +401,13 @@ end
 
 -- Scheduler._release_capped: capped tenants whose cap has refilled get back in line.
 function release_capped()
+  -- Lua only: once a call (`now` does not move), unless dispatch capped a tenant since.
+  if M.capped_checked then return end
+  M.capped_checked = true
+  local first = first_score(K.capped)
+  M.capped_next = first
+  if not first or first > now + EPS then return end
+  M.capped_next = nil
   local ready = redis.call('ZRANGEBYSCORE', K.capped, '-inf', num(now + EPS))
   for _, h in ipairs(ready) do
     redis.call('ZREM', K.capped, h)
@@ -415,12 +418,19 @@ end
 
 -- Scheduler._top_active: the tenant first in line and its head waiter, or nil.
 function top_active()
+  if M.top_known then return M.top_t, M.top_r end  -- Lua only: asked once a call
   while true do
-    local top = redis.call('ZRANGE', K.active, 0, 0)
-    if #top == 0 then return nil end
+    local top = redis.call('ZRANGE', K.active, '0', '0')
+    if #top == 0 then
+      M.top_known = true; M.top_t = nil; M.top_r = nil
+      return nil
+    end
     local t = tenant_of_member(top[1])
     local r = head_of(t)
-    if r ~= nil then return t, r end
+    if r ~= nil then
+      M.top_known = true; M.top_t = t; M.top_r = r
+      return t, r
+    end
     -- Inconsistent (keys lost): take the tenant out of line.
     redis.call('ZREM', K.active, top[1]); S.wsum = S.wsum - t.w; t.st = IDLE; t.n = 0
     for rank = 1, NRANK do t.c[rank] = 0 end
@@ -444,6 +454,7 @@ function dispatch(watch)
       S.wsum = S.wsum - t.w
       t.st = CAPPED; t.dirty = true
       redis.call('ZADD', K.capped, num(now + (r.cost - t.cap) / L.tenant_rate), t.h)
+      M.top_known = false; M.capped_checked = false; M.capped_next = nil
     elseif not fits(r.cost, t.f >= S.v) then
       break
     else
@@ -488,7 +499,8 @@ end
 
 -- Leases not renewed in time (their process crashed) give their concurrency back.
 local function expire_leases()
-  local dead = redis.call('ZRANGEBYSCORE', K.leases, '-inf', num(now), 'LIMIT', 0, EXPIRY_BATCH)
+  if S.inflight - held_back <= 0 and S.la ~= 1 then return end  -- no lease to expire
+  local dead = redis.call('ZRANGEBYSCORE', K.leases, '-inf', num(now), 'LIMIT', '0', num(EXPIRY_BATCH))
   for _, id in ipairs(dead) do
     if not drop_lease(id) then redis.call('ZREM', K.leases, id) end
   end
@@ -496,8 +508,14 @@ end
 
 -- Waiters of processes that died with requests queued: past deadline + grace.
 local function expire_waiters()
+  -- The earliest deadline first: if none is past its grace (nearly always), that is all,
+  -- and next_due knows it.
+  local first = first_score(K.deadlines)
+  M.dl_next = first
+  if not first or first > now - DEADLINE_GRACE then return end
+  M.dl_next = nil
   local dead = redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', num(now - DEADLINE_GRACE),
-    'LIMIT', 0, EXPIRY_BATCH)
+    'LIMIT', '0', num(EXPIRY_BATCH))
   for _, id in ipairs(dead) do
     local r = load_waiter(id)
     if r ~= nil then

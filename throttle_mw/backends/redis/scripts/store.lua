@@ -25,6 +25,9 @@ local born          -- budget-wide keys (KEY names) this call may have created: 
                     -- gives them their TTL (Redis drops a key that empties, TTL and all)
 local more          -- dispatch stopped at DISPATCH_LIMIT: tick again at once
 local held_back     -- in flight counted for leases not yet reclaimed (hold_back)
+local M             -- what this call has learned of the keys, so it asks Redis once
+                    -- (top, capped, deadlines, weights) and the idle list's pending
+                    -- changes ("A call's memos" below)
 
 -- The fields of P:s: tokens, last refill, concurrency in flight, the virtual clock v, the
 -- fair-rate window (window.lua), waiting requests and their cost, the active tenants'
@@ -57,8 +60,31 @@ TENANT_FIELDS[#TENANT_FIELDS + 1] = 'st'
 TENANT_FIELDS[#TENANT_FIELDS + 1] = 'am'
 TENANT_FIELDS[#TENANT_FIELDS + 1] = 'xp'
 
+-- A number as text. NUMBER_FORMAT (17 significant digits) costs glibc several thousand
+-- instructions a number; a whole number (counts, costs, sequence numbers: most of what a
+-- call writes) is written as %d instead, the same text, for a third of that, and the
+-- small ones are remembered. The last number formatted is remembered too (`now` and the
+-- times made from it are written several times a call).
+local INTEGER_TEXT = {}
+local INTEGERS_KEPT = 0
+local last_number, last_text = nil, nil
+
 local function num(x)
-  return string.format(NUMBER_FORMAT, x)
+  if x == last_number then return last_text end
+  local text
+  if x % 1 == 0 and x < INTEGER_TEXT_MAX and x > -INTEGER_TEXT_MAX then
+    text = INTEGER_TEXT[x]
+    if text == nil then
+      text = string.format('%d', x)
+      if INTEGERS_KEPT >= NUMBERS_MAX then INTEGER_TEXT = {}; INTEGERS_KEPT = 0 end
+      INTEGER_TEXT[x] = text
+      INTEGERS_KEPT = INTEGERS_KEPT + 1
+    end
+  else
+    text = string.format(NUMBER_FORMAT, x)
+  end
+  last_number, last_text = x, text
+  return text
 end
 
 -- tonumber, remembered by the text: glibc's strtod takes thousands of instructions for the
@@ -124,6 +150,7 @@ end
 local function init(prefix, now_override, process)
   S, S0, L, POL, T, out_events, recent, fresh = {}, {}, {}, {}, {}, {}, {}, false
   born = {}
+  M = {}
   more = false
   held_back = 0
   K = key_names(prefix)
@@ -229,12 +256,91 @@ local function load_state(known)
   if S.tokens > L.burst then S.tokens = L.burst end
 end
 
+-- --- a call's memos ---------------------------------------------------------------------------
+--
+-- What one call learns of the keys it keeps in M (init makes it anew), so that it asks Redis
+-- once per call, not once per step, where `now` and the keys cannot have moved meanwhile:
+-- the tenant first in line and its head waiter (core.lua's top_active; dispatch, next_due
+-- and fits_at_once all ask), whether capped tenants are due and the earliest cap release
+-- (release_capped, next_due), the earliest deadline (expire_waiters, next_due), whether any
+-- live weight is set (live_weight). Each step that changes what a memo holds forgets it
+-- (M.top_known = false, M.capped_next = nil, M.dl_next = nil: "not known, ask"). And the
+-- changes to the idle list (P:tenants) a call makes are written together, by flush_idle,
+-- before anything reads the list and at the end: one ZADD and one ZREM a call, whatever
+-- the tenants it touched (a tenant that queues is taken off the list in the same call it
+-- was put on with the same last use: only the last change counts).
+
+-- The lowest score in sorted set `key`, or false if it is empty.
+local function first_score(key)
+  local first = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
+  if #first == 0 then return false end
+  return tonumber(first[2])
+end
+
+-- Tenant h was used now and waits for nothing (idle: on the list), or it waits (off it).
+local function seen_idle(h, idle)
+  local pending = M.idle
+  if pending == nil then pending = {}; M.idle = pending end
+  pending[h] = idle
+end
+
+local function flush_idle()
+  local pending = M.idle
+  if pending == nil then return end
+  M.idle = nil
+  local add, drop = {}, {}
+  local seen = num(now)
+  for h, idle in pairs(pending) do
+    if idle then add[#add + 1] = seen; add[#add + 1] = h else drop[#drop + 1] = h end
+  end
+  if #add > 0 and redis.call('ZADD', K.tenants, unpack(add)) > 0 then born.tenants = true end
+  if #drop > 0 then redis.call('ZREM', K.tenants, unpack(drop)) end
+end
+
+-- Is any tenant in line (P:active not empty)?
+local function anyone_in_line()
+  if M.top_known then return M.top_t ~= nil end
+  return redis.call('ZCARD', K.active) > 0
+end
+
+-- forget_idle's deletion of the idle tenants `hs` (digests; repeats allowed): a few
+-- commands for all of them. A tenant not loaded this call waits if it is in P:qlen (push
+-- puts it there with its first waiter, unlink takes it out with its last).
+local function drop_idle_tenants(hs)
+  local unknown = {}
+  for _, h in ipairs(hs) do
+    if T[h] == nil then unknown[#unknown + 1] = h end
+  end
+  local waits = {}
+  if #unknown > 0 then
+    local scores = redis.call('ZMSCORE', K.qlen, unpack(unknown))
+    for i, h in ipairs(unknown) do
+      if scores[i] then waits[h] = true end
+    end
+  end
+  local gone = {}
+  for _, h in ipairs(hs) do
+    local t = T[h]
+    local busy
+    if t ~= nil then busy = t.n > 0 else busy = waits[h] end
+    if not busy then
+      gone[#gone + 1] = K.prefix .. KEY.tenant .. h
+      gone[#gone + 1] = K.prefix .. KEY.queue .. h
+      if t ~= nil then t.deleted = true; T[h] = nil end
+    end
+  end
+  if #gone > 0 then redis.call('DEL', unpack(gone)) end
+  -- (a waiting one: state written before tenants waited off the list)
+  redis.call('ZREM', K.tenants, unpack(hs))
+end
+
 -- A TTL in milliseconds by its kind in KEY_TTL (keys.py, "TTL"): 'state' (T), 'tenant'
 -- (idle+T) or 'live'.
+-- As text: a number passed to redis.call is formatted with 17 digits on every call.
 local function ttl_ms(kind)
-  if kind == 'live' then return math.floor(POL.live_ttl * MS_PER_S) end
-  if kind == 'tenant' then return math.floor((POL.idle + POL.ttl) * MS_PER_S) end
-  return math.floor(POL.ttl * MS_PER_S)
+  if kind == 'live' then return num(math.floor(POL.live_ttl * MS_PER_S)) end
+  if kind == 'tenant' then return num(math.floor((POL.idle + POL.ttl) * MS_PER_S)) end
+  return num(math.floor(POL.ttl * MS_PER_S))
 end
 
 local function save_tenant(t)
@@ -244,6 +350,10 @@ local function save_tenant(t)
       fields[#fields + 1] = name
       if type(value) == 'number' then fields[#fields + 1] = num(value) else fields[#fields + 1] = value end
     end
+  end
+  if t.name ~= nil then  -- a new tenant's name (tenant in core.lua)
+    fields[#fields + 1] = 'name'; fields[#fields + 1] = t.name
+    t.name = nil
   end
   put('f', t.f); put('w', t.w); put('cap', t.cap); put('cap_at', t.cap_at); put('n', t.n)
   for rank = 1, NRANK do put(RANK_COST[rank], t.c[rank]) end
@@ -263,6 +373,7 @@ end
 -- Only what changed, and key TTLs only when due (every budget-wide key, a quarter of T
 -- apart) or for keys this call may have created: this runs on every call.
 local function save()
+  flush_idle()
   local args = {}
   S.inflight = S.inflight - held_back
   held_back = 0
@@ -286,7 +397,7 @@ local function save()
   for p, ids in pairs(recent) do
     local key = K.prefix .. KEY.recent .. p
     if redis.call('LPUSH', key, unpack(ids)) > RECENT_KEPT then
-      redis.call('LTRIM', key, 0, RECENT_KEPT - 1)
+      redis.call('LTRIM', key, '0', num(RECENT_KEPT - 1))
     end
     redis.call('PEXPIRE', key, ttl_ms('state'))
   end
@@ -343,7 +454,7 @@ local function add_lease(id, cost, p)
   S.inflight = S.inflight + cost
   anchor_leases()
   redis.call('ZADD', K.leases, num(now + POL.lease_ttl), id)
-  redis.call('HSET', K.lease_costs, id, cost .. SEP .. p)
+  redis.call('HSET', K.lease_costs, id, num(cost) .. SEP .. p)
 end
 
 -- Gives a lease's concurrency back; false if there was none.
@@ -408,7 +519,7 @@ local function reclaim(id, cost, old)
   S.inflight = S.inflight + cost
   anchor_leases()
   redis.call('ZADD', K.leases, num(now + POL.lease_ttl), id)
-  redis.call('HSET', K.lease_costs, id, cost .. SEP .. proc)
+  redis.call('HSET', K.lease_costs, id, num(cost) .. SEP .. proc)
   return true
 end
 
@@ -456,6 +567,8 @@ end
 -- The weight for a tenant not yet loaded this call: a live weight (set with the CLI) wins.
 local function live_weight(h, given)
   if T[h] ~= nil then return nil end  -- already loaded this call, with its weight
+  if M.no_weights == nil then M.no_weights = redis.call('EXISTS', K.weights) == 0 end
+  if M.no_weights then return given end  -- (once a call, not once a tenant)
   local live = redis.call('HGET', K.weights, h)
   if live then return tonum(live) end
   return given
@@ -465,18 +578,20 @@ end
 -- A tenant with waiters is not on the idle list (core.lua's forget_idle).
 local function touch(t)
   if not t.touched and t.n == 0 then
-    if redis.call('ZADD', K.tenants, num(now), t.h) == 1 then born.tenants = true end
+    seen_idle(t.h, true)
     t.touched = true
   end
   t.dirty = true
 end
+
+local MEMBER_SEQ_FORMAT = '%0' .. MEMBER_SEQ_DIGITS .. 'd'
 
 -- Tenant t's member in P:active: the activation sequence number first, so ties in the
 -- finish tag go in activation order.
 local function active_member(t)
   -- Its weight is all the weight in line (activate added it): P:active was empty, so gone.
   if S.wsum <= t.w + EPS then born.active = true end
-  return string.format('%0' .. MEMBER_SEQ_DIGITS .. 'd', S.seq) .. SEP .. t.h
+  return string.format(MEMBER_SEQ_FORMAT, S.seq) .. SEP .. t.h
 end
 
 local function tenant_of_member(member)
@@ -491,8 +606,8 @@ local function save_waiter(r)
   -- The first waiter (of all, or of its tenant) creates the queue's keys: give them TTLs.
   if S.waiting == 0 then born.waiters = true; born.deadlines = true; born.qlen = true end
   if T[r.h] ~= nil and T[r.h].n == 0 then T[r.h].xp = 0 end  -- save_tenant refreshes both
-  redis.call('HSET', K.waiters, r.id, table.concat({r.h, r.cost, r.rank, r.proc, num(r.deadline),
-    num(r.enq)}, SEP))
+  redis.call('HSET', K.waiters, r.id, table.concat({r.h, num(r.cost), num(r.rank), r.proc,
+    num(r.deadline), num(r.enq)}, SEP))
 end
 
 local function load_waiter(id)
@@ -505,14 +620,14 @@ end
 
 -- Tenant t's most urgent, oldest waiter (Tenant.head), or nil.
 local function head_of(t)
-  local ids = redis.call('ZRANGE', queue_key(t.h), 0, 0)
+  local ids = redis.call('ZRANGE', queue_key(t.h), '0', '0')
   if #ids == 0 then return nil end
   return load_waiter(ids[1])
 end
 
 -- Tenant t's lowest-priority, newest waiter (Tenant.last), or nil.
 local function last_of(t)
-  local ids = redis.call('ZRANGE', queue_key(t.h), -1, -1)
+  local ids = redis.call('ZRANGE', queue_key(t.h), '-1', '-1')
   if #ids == 0 then return nil end
   return load_waiter(ids[1])
 end

@@ -1,0 +1,257 @@
+"""Instructions per script call of redis-server, counted by callgrind (deterministic).
+
+    python bench/scriptinstructions.py --scenarios saturated,churn,queue --tenants 10,1000,10000
+
+One redis-server under ``valgrind --tool=callgrind --toggle-collect=<script command>``
+(only the instructions run inside FCALL, or EVALSHA with ``--evalsha``), the batch
+script driven on a fake clock by `tests.support.lua_scheduler.LuaScheduler`, one call
+at a time. A scenario's setup is run first, then the counters are zeroed, its measured
+calls made and the profile dumped (``--out``/callgrind.<scenario>.N; read it with
+``callgrind_annotate``). Counts are the same from run to run, on a busy machine too:
+compare two versions of the scripts by them.
+
+- ``saturated-N``: a budget of 50/s with N tenants waiting, one request each, for longer
+  than the idle time: a tick every 20 ms admits one, and its tenant queues another at
+  once (``--calls`` ticks, each followed by that acquire: two calls per admission);
+- ``churn``: a new tenant per request, calls of 64 acquires admitted at once, the
+  tenant set at its bound (max_tenants 10,000);
+- ``queue``: 256 acquires of distinct tenants queueing in one call, then their
+  cancels in another, on an empty bucket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import redis
+
+from tests.support.lua_scheduler import LuaScheduler
+from tests.support.redis_server import redis_server_binary
+from throttle_mw.backends.redis import protocol
+from throttle_mw.priorities import PRIORITIES
+from throttle_mw.scheduler import Granted, Limits, Policy, Request
+
+_ids = itertools.count()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Valgrind:
+    """A redis-server under callgrind, collecting only inside script calls."""
+
+    def __init__(self, binary: Path, out: Path, evalsha: bool) -> None:
+        self.port = _free_port()
+        self.out = out
+        self.dir = tempfile.mkdtemp(prefix="scriptinstr")
+        command = "evalShaCommand" if evalsha else "fcallCommand"
+        self.profile = out / "callgrind.out"
+        self.process = subprocess.Popen(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--toggle-collect={command}",
+                f"--callgrind-out-file={self.profile}",
+                str(binary),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.client = redis.Redis(port=self.port, socket_timeout=600)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                self.client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def control(self, *args: str) -> None:
+        subprocess.run(
+            ["callgrind_control", *args, str(self.process.pid)],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+
+    def counted(self, name: str, work: Callable[[], int]) -> dict[str, Any]:
+        """Instructions of the script calls `work` makes (it returns how many it made)."""
+        for old in self.out.glob(f"callgrind.{name}*"):
+            old.unlink()
+        self.control("-z")
+        calls = work()
+        self.control("--dump=" + name)
+        total = 0
+        for dump in self.out.glob("callgrind.out.*"):
+            text = dump.read_text(errors="replace")
+            for line in text.splitlines():
+                if line.startswith("summary:") or line.startswith("totals:"):
+                    total = int(line.split()[1])
+                    break
+            dump.rename(self.out / f"callgrind.{name}")
+        return {"calls": calls, "instructions": total, "per_call": round(total / calls)}
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+
+
+def _request(tenant: str) -> Request:
+    return Request(f"{tenant}-{next(_ids)}", tenant)
+
+
+def saturated(vg: Valgrind, tenants: int, calls: int, evalsha: bool) -> dict[str, Any]:
+    vg.client.flushall()
+    policy = Policy(
+        dict.fromkeys(PRIORITIES, 900.0),
+        queue_limit=max(1000, 2 * tenants),
+        tenant_queue_limit=10,
+        tenant_idle_s=60.0,
+        max_tenants=max(10_000, 2 * tenants),
+    )
+    sched = LuaScheduler(
+        vg.client, Limits(rate=50.0, burst=5.0), policy, now=0.0, functions=not evalsha
+    )
+    for i in range(tenants):
+        sched.acquire(0.0, _request(f"sat{i}"))
+    clock = {"now": 100.0}  # past the idle time: every tenant was last seen long ago
+
+    def tick_and_requeue() -> int:
+        clock["now"] += 0.02
+        made = 1
+        for event in sched.tick(clock["now"]):
+            if isinstance(event, Granted):  # its tenant queues another at once
+                sched.acquire(clock["now"], _request(event.id.rsplit("-", 1)[0]))
+                made += 1
+        return made
+
+    for _ in range(60):  # a second of ticks: whatever is due once a period is done
+        tick_and_requeue()
+    assert sched.waiting >= tenants - 5, sched.waiting
+
+    def work() -> int:
+        return sum(tick_and_requeue() for _ in range(calls))
+
+    return vg.counted(f"saturated-{tenants}", work)
+
+
+def churn(vg: Valgrind, calls: int, evalsha: bool) -> dict[str, Any]:
+    vg.client.flushall()
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=10_000)
+    sched = LuaScheduler(
+        vg.client, Limits(rate=1e6, burst=1e6), policy, now=0.0, functions=not evalsha
+    )
+    fresh = itertools.count()
+    state = {"now": 1.0}
+
+    def call() -> None:
+        state["now"] += 0.005
+        ops = []
+        for _ in range(64):
+            req = _request(f"new{next(fresh)}")
+            weight, max_wait = 1.0, 30.0
+            ops.append(protocol.acquire_op(req.id, protocol.acquire_tail(req, weight, max_wait)))
+        sched._call(state["now"], ops)
+
+    for _ in range(10_000 // 64 + 20):  # the tenant set fills to its bound
+        call()
+
+    def work() -> int:
+        for _ in range(calls):
+            call()
+        return calls
+
+    return vg.counted("churn", work)
+
+
+def queue(vg: Valgrind, rounds: int, evalsha: bool) -> dict[str, Any]:
+    vg.client.flushall()
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0), queue_limit=10_000, max_tenants=100_000)
+    sched = LuaScheduler(
+        vg.client, Limits(rate=100.0, burst=1.0), policy, now=0.0, functions=not evalsha
+    )
+    sched.acquire(0.0, _request("drain"))  # the bucket empty
+    state = {"now": 0.0, "round": 0}
+
+    def one_round() -> int:
+        state["now"] += 0.001
+        r = state["round"]
+        state["round"] += 1
+        reqs = [_request(f"q{r * 256 + i}") for i in range(256)]
+        ops = [protocol.acquire_op(q.id, protocol.acquire_tail(q, 1.0, 30.0)) for q in reqs]
+        sched._call(state["now"], ops)
+        sched._call(state["now"], [protocol.cancel_op(q.id) for q in reqs])
+        return 2
+
+    one_round()
+
+    def work() -> int:
+        return sum(one_round() for _ in range(rounds))
+
+    return vg.counted("queue", work)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scenarios", default="saturated,churn,queue")
+    parser.add_argument("--tenants", default="10,1000,10000")
+    parser.add_argument("--calls", type=int, default=100, help="saturated: ticks measured")
+    parser.add_argument("--evalsha", action="store_true", help="EVALSHA, not FCALL")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/scriptinstructions"))
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    vg = Valgrind(redis_server_binary(), args.out.resolve(), args.evalsha)
+    out: dict[str, Any] = {}
+    try:
+        wanted = args.scenarios.split(",")
+        if "saturated" in wanted:
+            for n in (int(x) for x in args.tenants.split(",")):
+                out[f"saturated-{n}"] = saturated(vg, n, args.calls, args.evalsha)
+                print(f"saturated-{n:<8} {json.dumps(out[f'saturated-{n}'])}", flush=True)
+        if "churn" in wanted:
+            out["churn"] = churn(vg, 20, args.evalsha)
+            print(f"churn            {json.dumps(out['churn'])}", flush=True)
+        if "queue" in wanted:
+            out["queue"] = queue(vg, 5, args.evalsha)
+            print(f"queue            {json.dumps(out['queue'])}", flush=True)
+    finally:
+        vg.close()
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
