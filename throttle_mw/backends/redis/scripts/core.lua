@@ -328,14 +328,16 @@ end
 
 -- Scheduler._push: queue a waiter at the back of its priority; an idle tenant gets in line.
 function push(t, r)
+  local known, top_t, top_r = M.top_known, M.top_t, M.top_r  -- Lua only (line_after_push)
+  local was_idle = t.st == IDLE
   S.seq = S.seq + 1
   redis.call('ZADD', queue_key(t.h), num(r.rank * RANK_SPAN + S.seq), r.id)
-  save_waiter(r)
-  redis.call('ZADD', K.deadlines, num(r.deadline), r.id)
+  local deadline = num(r.deadline)
+  save_waiter(r, deadline)
+  redis.call('ZADD', K.deadlines, deadline, r.id)
   if M.dl_next ~= nil and (M.dl_next == false or r.deadline < M.dl_next) then
     M.dl_next = r.deadline
   end
-  M.top_known = false
   t.c[r.rank + 1] = t.c[r.rank + 1] + r.cost
   t.n = t.n + 1
   if t.n == 1 then seen_idle(t.h, false) end  -- off the idle list (forget_idle)
@@ -345,6 +347,7 @@ function push(t, r)
   S.qcost = S.qcost + r.cost
   t.dirty = true
   if t.st == IDLE then activate(t) end
+  line_after_push(t, r, was_idle, known, top_t, top_r)
 end
 
 -- Scheduler._unlink: take a waiter out of every queue and count.

@@ -297,6 +297,29 @@ local function flush_idle()
   if #drop > 0 then redis.call('ZREM', K.tenants, unpack(drop)) end
 end
 
+-- The first in line after push(t, r), from what was known before (known, top_t, top_r):
+-- a tenant that joins the line (was_idle) is first if its tag is lower than the first's
+-- (a tie is asked: P:active orders ties by member); a waiter that joins the first
+-- tenant's queue is its head if its priority is more urgent; else the first is the same.
+local function line_after_push(t, r, was_idle, known, top_t, top_r)
+  M.top_known = false
+  if not known then return end
+  if was_idle then
+    if top_t == nil or t.f < top_t.f then
+      M.top_known = true; M.top_t = t; M.top_r = r
+    elseif t.f > top_t.f then
+      M.top_known = true; M.top_t = top_t; M.top_r = top_r
+    end
+  elseif top_t == nil then
+    return  -- (t waits but nobody is in line: capped, or keys lost; asked again)
+  elseif top_t == t then
+    M.top_known = true; M.top_t = t
+    if r.rank < top_r.rank then M.top_r = r else M.top_r = top_r end
+  else
+    M.top_known = true; M.top_t = top_t; M.top_r = top_r
+  end
+end
+
 -- Is any tenant in line (P:active not empty)?
 local function anyone_in_line()
   if M.top_known then return M.top_t ~= nil end
@@ -345,10 +368,14 @@ end
 
 local function save_tenant(t)
   local fields = {}
+  local loaded = t.loaded
+  -- Capped this call (or again, after it was back in line): P:capped may be new.
+  if t.st == CAPPED and (loaded.st ~= CAPPED or t.am ~= loaded.am) then born.capped = true end
   local function put(name, value)
-    if value ~= t.loaded[name] then
+    if value ~= loaded[name] then
       fields[#fields + 1] = name
       if type(value) == 'number' then fields[#fields + 1] = num(value) else fields[#fields + 1] = value end
+      loaded[name] = value  -- (written: a later save this call writes only what changes next)
     end
   end
   if t.name ~= nil then  -- a new tenant's name (tenant in core.lua)
@@ -358,8 +385,6 @@ local function save_tenant(t)
   put('f', t.f); put('w', t.w); put('cap', t.cap); put('cap_at', t.cap_at); put('n', t.n)
   for rank = 1, NRANK do put(RANK_COST[rank], t.c[rank]) end
   put('st', t.st); put('am', t.am)
-  -- Capped this call (or again, after it was back in line): P:capped may be new.
-  if t.st == CAPPED and (t.loaded.st ~= CAPPED or t.am ~= t.loaded.am) then born.capped = true end
   if now >= t.xp then
     t.xp = now + POL.idle / TTL_REFRESHES
     put('xp', t.xp)
@@ -368,6 +393,21 @@ local function save_tenant(t)
     if t.n > 0 then redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl) end
   end
   if #fields > 0 then redis.call('HSET', t.key, unpack(fields)) end
+end
+
+-- The tenants made this call so far, written now: batch.lua calls this at its work checks,
+-- so that their writes count in the work that bounds a call (WORK_US) instead of all
+-- coming after it (a call of new tenants spent twice its work budget writing them).
+local function save_made()
+  local made = M.made
+  if made == nil then return end
+  M.made = nil
+  for _, t in ipairs(made) do
+    if t.dirty and not t.deleted then
+      save_tenant(t)
+      t.dirty = false
+    end
+  end
 end
 
 -- Only what changed, and key TTLs only when due (every budget-wide key, a quarter of T
@@ -550,6 +590,9 @@ local function load_tenant(h, weight)
     for rank = 1, NRANK do t.c[rank] = 0 end
     t.st = IDLE; t.am = ''; t.xp = 0; t.dirty = true; t.new = true
     fresh = true
+    local made = M.made
+    if made == nil then made = {}; M.made = made end
+    made[#made + 1] = t
   else
     local l = t.loaded
     for i, name in ipairs(TENANT_FIELDS) do
@@ -602,12 +645,13 @@ end
 
 local function queue_key(h) return K.prefix .. KEY.queue .. h end
 
-local function save_waiter(r)
+-- (deadline: num(r.deadline), made once by push for both keys.)
+local function save_waiter(r, deadline)
   -- The first waiter (of all, or of its tenant) creates the queue's keys: give them TTLs.
   if S.waiting == 0 then born.waiters = true; born.deadlines = true; born.qlen = true end
   if T[r.h] ~= nil and T[r.h].n == 0 then T[r.h].xp = 0 end  -- save_tenant refreshes both
   redis.call('HSET', K.waiters, r.id, table.concat({r.h, num(r.cost), num(r.rank), r.proc,
-    num(r.deadline), num(r.enq)}, SEP))
+    deadline, num(r.enq)}, SEP))
 end
 
 local function load_waiter(id)
