@@ -138,7 +138,7 @@ if #ops > WORK_CHECK then started = redis.call('TIME') end
 for i, op in ipairs(ops) do
   local kind = string.sub(op, 1, #OP.acquire)
   if not over and started ~= nil and i % WORK_CHECK == 1 and i > 1 then
-    save_made()  -- (store.lua: new tenants' writes count in the work)
+    call.save_made()  -- (store.lua: new tenants' writes count in the work)
     over = elapsed_us(started) >= WORK_US
   end
   if over then

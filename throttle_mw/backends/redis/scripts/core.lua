@@ -94,10 +94,10 @@ function next_due()
     if S.tokens + EPS < needed then due = now + (needed - S.tokens) / L.rate end
   end
   local capped = M.capped_next  -- (false: none; nil: not known this call)
-  if capped == nil then capped = first_score(K.capped) end
+  if capped == nil then capped = call.first_score(K.capped) end
   if capped and (due == nil or capped < due) then due = capped end
   local dl = M.dl_next
-  if dl == nil then dl = first_score(K.deadlines) end
+  if dl == nil then dl = call.first_score(K.deadlines) end
   if dl then
     local at = dl + DEADLINE_GRACE
     if due == nil or at < due then due = at end
@@ -139,7 +139,7 @@ end
 
 -- Scheduler._fits_at_once: nobody waits for the budget, and it has room for `cost`.
 function fits_at_once(t, cost)
-  return t.st == IDLE and not (S.waiting > 0 and anyone_in_line())
+  return t.st == IDLE and not (S.waiting > 0 and call.anyone_in_line())
     and cap_ok(t, cost) and fits(cost, false)
 end
 
@@ -278,7 +278,7 @@ end
 -- waiters are not in P:tenants (Lua only: push takes them out, unlink puts them back, as
 -- seen then), so however many wait, no sweep reads one: Python skips them in memory.
 function forget_idle()
-  flush_idle()
+  call.flush_idle()
   if not fresh and now < S.fi then return end
   local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', num(now - POL.idle), 'LIMIT', '0',
     num(SWEEP_BATCH))
@@ -288,7 +288,7 @@ function forget_idle()
     local oldest = redis.call('ZRANGE', K.tenants, '0', num(math.min(excess, EXCESS_BATCH) - 1))
     for _, h in ipairs(oldest) do stale[#stale + 1] = h end
   end
-  if #stale > 0 then drop_idle_tenants(stale) end
+  if #stale > 0 then call.drop_idle_tenants(stale) end
 end
 
 -- Scheduler._make_room: enforce the queue limits before queueing at `rank` in t's queue.
@@ -340,14 +340,14 @@ function push(t, r)
   end
   t.c[r.rank + 1] = t.c[r.rank + 1] + r.cost
   t.n = t.n + 1
-  if t.n == 1 then seen_idle(t.h, false) end  -- off the idle list (forget_idle)
+  if t.n == 1 then call.seen_idle(t.h, false) end  -- off the idle list (forget_idle)
   redis.call('ZADD', K.qlen, num(t.n * PUSH_SPAN + S.seq % PUSH_SPAN), t.h)
   S.waiting = S.waiting + 1
   S[RANK_COUNT[r.rank + 1]] = S[RANK_COUNT[r.rank + 1]] + 1
   S.qcost = S.qcost + r.cost
   t.dirty = true
   if t.st == IDLE then activate(t) end
-  line_after_push(t, r, was_idle, known, top_t, top_r)
+  call.line_after_push(t, r, was_idle, known, top_t, top_r)
 end
 
 -- Scheduler._unlink: take a waiter out of every queue and count.
@@ -361,7 +361,7 @@ function unlink(t, r)
   t.n = t.n - 1
   if t.n <= 0 then
     redis.call('ZREM', K.qlen, t.h)
-    seen_idle(t.h, true)
+    call.seen_idle(t.h, true)
     t.touched = true
   else
     redis.call('ZINCRBY', K.qlen, num(-PUSH_SPAN), t.h)
@@ -407,7 +407,7 @@ function release_capped()
   -- Lua only: once a call (`now` does not move), unless dispatch capped a tenant since.
   if M.capped_checked then return end
   M.capped_checked = true
-  local first = first_score(K.capped)
+  local first = call.first_score(K.capped)
   M.capped_next = first
   if not first or first > now + EPS then return end
   M.capped_next = nil
@@ -513,7 +513,7 @@ end
 local function expire_waiters()
   -- The earliest deadline first: if none is past its grace (nearly always), that is all,
   -- and next_due knows it.
-  local first = first_score(K.deadlines)
+  local first = call.first_score(K.deadlines)
   M.dl_next = first
   if not first or first > now - DEADLINE_GRACE then return end
   M.dl_next = nil

@@ -67,10 +67,9 @@ TENANT_FIELDS[#TENANT_FIELDS + 1] = 'xp'
 -- times made from it are written several times a call).
 local INTEGER_TEXT = {}
 local INTEGERS_KEPT = 0
-local last_number, last_text = nil, nil
 
 local function num(x)
-  if x == last_number then return last_text end
+  if x == M.last_number then return M.last_text end
   local text
   if x % 1 == 0 and x < INTEGER_TEXT_MAX and x > -INTEGER_TEXT_MAX then
     text = INTEGER_TEXT[x]
@@ -83,7 +82,7 @@ local function num(x)
   else
     text = string.format(NUMBER_FORMAT, x)
   end
-  last_number, last_text = x, text
+  M.last_number = x; M.last_text = text
   return text
 end
 
@@ -270,21 +269,25 @@ end
 -- the tenants it touched (a tenant that queues is taken off the list in the same call it
 -- was put on with the same last use: only the last change counts).
 
+-- Those steps (the state layer's bookkeeping of a call; its data is in M), in one table:
+-- a chunk may have at most 200 locals, and the scripts are one chunk.
+local call = {}
+
 -- The lowest score in sorted set `key`, or false if it is empty.
-local function first_score(key)
+function call.first_score(key)
   local first = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
   if #first == 0 then return false end
   return tonumber(first[2])
 end
 
 -- Tenant h was used now and waits for nothing (idle: on the list), or it waits (off it).
-local function seen_idle(h, idle)
+function call.seen_idle(h, idle)
   local pending = M.idle
   if pending == nil then pending = {}; M.idle = pending end
   pending[h] = idle
 end
 
-local function flush_idle()
+function call.flush_idle()
   local pending = M.idle
   if pending == nil then return end
   M.idle = nil
@@ -301,7 +304,7 @@ end
 -- a tenant that joins the line (was_idle) is first if its tag is lower than the first's
 -- (a tie is asked: P:active orders ties by member); a waiter that joins the first
 -- tenant's queue is its head if its priority is more urgent; else the first is the same.
-local function line_after_push(t, r, was_idle, known, top_t, top_r)
+function call.line_after_push(t, r, was_idle, known, top_t, top_r)
   M.top_known = false
   if not known then return end
   if was_idle then
@@ -321,7 +324,7 @@ local function line_after_push(t, r, was_idle, known, top_t, top_r)
 end
 
 -- Is any tenant in line (P:active not empty)?
-local function anyone_in_line()
+function call.anyone_in_line()
   if M.top_known then return M.top_t ~= nil end
   return redis.call('ZCARD', K.active) > 0
 end
@@ -329,7 +332,7 @@ end
 -- forget_idle's deletion of the idle tenants `hs` (digests; repeats allowed): a few
 -- commands for all of them. A tenant not loaded this call waits if it is in P:qlen (push
 -- puts it there with its first waiter, unlink takes it out with its last).
-local function drop_idle_tenants(hs)
+function call.drop_idle_tenants(hs)
   local unknown = {}
   for _, h in ipairs(hs) do
     if T[h] == nil then unknown[#unknown + 1] = h end
@@ -398,7 +401,7 @@ end
 -- The tenants made this call so far, written now: batch.lua calls this at its work checks,
 -- so that their writes count in the work that bounds a call (WORK_US) instead of all
 -- coming after it (a call of new tenants spent twice its work budget writing them).
-local function save_made()
+function call.save_made()
   local made = M.made
   if made == nil then return end
   M.made = nil
@@ -413,7 +416,7 @@ end
 -- Only what changed, and key TTLs only when due (every budget-wide key, a quarter of T
 -- apart) or for keys this call may have created: this runs on every call.
 local function save()
-  flush_idle()
+  call.flush_idle()
   local args = {}
   S.inflight = S.inflight - held_back
   held_back = 0
@@ -621,7 +624,7 @@ end
 -- A tenant with waiters is not on the idle list (core.lua's forget_idle).
 local function touch(t)
   if not t.touched and t.n == 0 then
-    seen_idle(t.h, true)
+    call.seen_idle(t.h, true)
     t.touched = true
   end
   t.dirty = true
