@@ -65,19 +65,21 @@ TENANT_FIELDS[#TENANT_FIELDS + 1] = 'xp'
 -- call writes) is written as %d instead, the same text, for a third of that, and the
 -- small ones are remembered. The last number formatted is remembered too (`now` and the
 -- times made from it are written several times a call).
-local INTEGER_TEXT = {}
-local INTEGERS_KEPT = 0
+-- The state layer's helpers that are not part of load and save (num's whole numbers,
+-- "A call's memos" below), in one table: a chunk may have at most 200 locals, and each
+-- script is one chunk with all of these files.
+local call = {integers = {}, integers_kept = 0}
 
 local function num(x)
   if x == M.last_number then return M.last_text end
   local text
   if x % 1 == 0 and x < INTEGER_TEXT_MAX and x > -INTEGER_TEXT_MAX then
-    text = INTEGER_TEXT[x]
+    text = call.integers[x]
     if text == nil then
       text = string.format('%d', x)
-      if INTEGERS_KEPT >= NUMBERS_MAX then INTEGER_TEXT = {}; INTEGERS_KEPT = 0 end
-      INTEGER_TEXT[x] = text
-      INTEGERS_KEPT = INTEGERS_KEPT + 1
+      if call.integers_kept >= NUMBERS_MAX then call.integers = {}; call.integers_kept = 0 end
+      call.integers[x] = text
+      call.integers_kept = call.integers_kept + 1
     end
   else
     text = string.format(NUMBER_FORMAT, x)
@@ -269,9 +271,6 @@ end
 -- the tenants it touched (a tenant that queues is taken off the list in the same call it
 -- was put on with the same last use: only the last change counts).
 
--- Those steps (the state layer's bookkeeping of a call; its data is in M), in one table:
--- a chunk may have at most 200 locals, and the scripts are one chunk.
-local call = {}
 
 -- The lowest score in sorted set `key`, or false if it is empty.
 function call.first_score(key)
@@ -630,14 +629,14 @@ local function touch(t)
   t.dirty = true
 end
 
-local MEMBER_SEQ_FORMAT = '%0' .. MEMBER_SEQ_DIGITS .. 'd'
+call.member_format = '%0' .. MEMBER_SEQ_DIGITS .. 'd'  -- (made once)
 
 -- Tenant t's member in P:active: the activation sequence number first, so ties in the
 -- finish tag go in activation order.
 local function active_member(t)
   -- Its weight is all the weight in line (activate added it): P:active was empty, so gone.
   if S.wsum <= t.w + EPS then born.active = true end
-  return string.format(MEMBER_SEQ_FORMAT, S.seq) .. SEP .. t.h
+  return string.format(call.member_format, S.seq) .. SEP .. t.h
 end
 
 local function tenant_of_member(member)
