@@ -612,8 +612,13 @@ end
 -- The weight for a tenant not yet loaded this call: a live weight (set with the CLI) wins.
 local function live_weight(h, given)
   if T[h] ~= nil then return nil end  -- already loaded this call, with its weight
-  if M.no_weights == nil then M.no_weights = redis.call('EXISTS', K.weights) == 0 end
-  if M.no_weights then return given end  -- (once a call, not once a tenant)
+  -- A call of many tenants asks once whether any live weight is set (a call of one asks
+  -- for its tenant's only).
+  if M.no_weights == nil and M.weights_asked then
+    M.no_weights = redis.call('EXISTS', K.weights) == 0
+  end
+  if M.no_weights then return given end
+  M.weights_asked = true
   local live = redis.call('HGET', K.weights, h)
   if live then return tonum(live) end
   return given
