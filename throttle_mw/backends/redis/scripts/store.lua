@@ -368,28 +368,42 @@ local function ttl_ms(kind)
   return num(math.floor(POL.ttl * MS_PER_S))
 end
 
+-- A field of a tenant's save (save_tenant) if it changed since `loaded`, which then
+-- holds it (a later save this call writes only what changes next).
+function call.put(fields, loaded, name, value)
+  if value ~= loaded[name] then
+    fields[#fields + 1] = name
+    if type(value) == 'number' then fields[#fields + 1] = num(value) else fields[#fields + 1] = value end
+    loaded[name] = value
+  end
+end
+
 local function save_tenant(t)
   local fields = {}
   local loaded = t.loaded
+  local put = call.put
   -- Capped this call (or again, after it was back in line): P:capped may be new.
   if t.st == CAPPED and (loaded.st ~= CAPPED or t.am ~= loaded.am) then born.capped = true end
-  local function put(name, value)
-    if value ~= loaded[name] then
-      fields[#fields + 1] = name
-      if type(value) == 'number' then fields[#fields + 1] = num(value) else fields[#fields + 1] = value end
-      loaded[name] = value  -- (written: a later save this call writes only what changes next)
-    end
-  end
   if t.name ~= nil then  -- a new tenant's name (tenant in core.lua)
     fields[#fields + 1] = 'name'; fields[#fields + 1] = t.name
     t.name = nil
   end
-  put('f', t.f); put('w', t.w); put('cap', t.cap); put('cap_at', t.cap_at); put('n', t.n)
-  for rank = 1, NRANK do put(RANK_COST[rank], t.c[rank]) end
-  put('st', t.st); put('am', t.am)
+  put(fields, loaded, 'f', t.f); put(fields, loaded, 'w', t.w)
+  put(fields, loaded, 'cap', t.cap); put(fields, loaded, 'cap_at', t.cap_at)
+  put(fields, loaded, 'n', t.n)
+  local costs = loaded.c  -- (by rank, as t.c)
+  if costs == nil then costs = {}; loaded.c = costs end
+  for rank = 1, NRANK do
+    local cost = t.c[rank]
+    if cost ~= costs[rank] then
+      fields[#fields + 1] = RANK_COST[rank]; fields[#fields + 1] = num(cost)
+      costs[rank] = cost
+    end
+  end
+  put(fields, loaded, 'st', t.st); put(fields, loaded, 'am', t.am)
   if now >= t.xp then
     t.xp = now + POL.idle / TTL_REFRESHES
-    put('xp', t.xp)
+    put(fields, loaded, 'xp', t.xp)
     local ttl = ttl_ms('tenant')
     redis.call('PEXPIRE', t.key, ttl)
     if t.n > 0 then redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl) end
@@ -585,24 +599,29 @@ local function load_tenant(h, weight)
   end
   local key = K.prefix .. KEY.tenant .. h
   local v = redis.call('HMGET', key, unpack(TENANT_FIELDS))
-  t = {h = h, key = key, dirty = false, loaded = {}, c = {}}
+  -- (Tables made whole: one filled field by field grows anew every few fields.)
   if v[1] == false then
     local w = weight or 1
-    t.w = w; t.f = S.v + 1 / w; t.cap = L.tenant_burst; t.cap_at = now; t.n = 0
-    for rank = 1, NRANK do t.c[rank] = 0 end
-    t.st = IDLE; t.am = ''; t.xp = 0; t.dirty = true; t.new = true
+    local c = {}
+    for rank = 1, NRANK do c[rank] = 0 end
+    t = {h = h, key = key, dirty = true, new = true, loaded = {}, c = c, w = w, f = S.v + 1 / w,
+      cap = L.tenant_burst, cap_at = now, n = 0, st = IDLE, am = '', xp = 0}
     fresh = true
     local made = M.made
     if made == nil then made = {}; M.made = made end
     made[#made + 1] = t
   else
-    local l = t.loaded
-    for i, name in ipairs(TENANT_FIELDS) do
-      if name == 'am' then l[name] = v[i] or '' else l[name] = tonum(v[i]) end
+    -- TENANT_FIELDS: f, w, cap, cap_at, n, the costs by rank, st, am, xp.
+    local c, costs = {}, {}
+    for rank = 1, NRANK do
+      local cost = tonum(v[5 + rank])
+      c[rank] = cost; costs[rank] = cost
     end
-    t.f = l.f; t.w = l.w; t.cap = l.cap; t.cap_at = l.cap_at; t.n = l.n
-    for rank = 1, NRANK do t.c[rank] = l[RANK_COST[rank]] end
-    t.st = l.st; t.am = l.am; t.xp = l.xp or 0
+    local i = NRANK + 6
+    local l = {f = tonum(v[1]), w = tonum(v[2]), cap = tonum(v[3]), cap_at = tonum(v[4]),
+      n = tonum(v[5]), c = costs, st = tonum(v[i]), am = v[i + 1] or '', xp = tonum(v[i + 2])}
+    t = {h = h, key = key, dirty = false, loaded = l, c = c, f = l.f, w = l.w, cap = l.cap,
+      cap_at = l.cap_at, n = l.n, st = l.st, am = l.am, xp = l.xp or 0}
     if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
   end
   T[h] = t
