@@ -13,8 +13,9 @@ compare two versions of the scripts by them.
 - ``saturated-N``: a budget of 50/s with N tenants waiting, one request each, for longer
   than the idle time: a tick every 20 ms admits one, and its tenant queues another at
   once (``--calls`` ticks, each followed by that acquire: two calls per admission);
-- ``churn``: a new tenant per request, calls of 64 acquires admitted at once, the
-  tenant set at its bound (max_tenants 10,000);
+- ``churn``: a new tenant per request, calls of ``--width`` acquires admitted at once,
+  the tenant set at its bound (max_tenants 10,000; ``--width`` at most what a call takes
+  on before its work check defers the rest under valgrind's slowness: 2);
 - ``queue``: 256 acquires of distinct tenants queueing in one call, then their
   cancels in another, on an empty bucket.
 """
@@ -164,7 +165,7 @@ def saturated(vg: Valgrind, tenants: int, calls: int, evalsha: bool) -> dict[str
     return vg.counted(f"saturated-{tenants}", work)
 
 
-def churn(vg: Valgrind, calls: int, evalsha: bool) -> dict[str, Any]:
+def churn(vg: Valgrind, calls: int, width: int, evalsha: bool) -> dict[str, Any]:
     vg.client.flushall()
     policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=10_000)
     sched = LuaScheduler(
@@ -176,13 +177,13 @@ def churn(vg: Valgrind, calls: int, evalsha: bool) -> dict[str, Any]:
     def call() -> None:
         state["now"] += 0.005
         ops = []
-        for _ in range(64):
+        for _ in range(width):
             req = _request(f"new{next(fresh)}")
             weight, max_wait = 1.0, 30.0
             ops.append(protocol.acquire_op(req.id, protocol.acquire_tail(req, weight, max_wait)))
         sched._call(state["now"], ops)
 
-    for _ in range(10_000 // 64 + 20):  # the tenant set fills to its bound
+    for _ in range(10_000 // width + 20):  # the tenant set fills to its bound
         call()
 
     def work() -> int:
@@ -227,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default="saturated,churn,queue")
     parser.add_argument("--tenants", default="10,1000,10000")
     parser.add_argument("--calls", type=int, default=100, help="saturated: ticks measured")
+    parser.add_argument("--width", type=int, default=16, help="churn: acquires per call")
     parser.add_argument("--evalsha", action="store_true", help="EVALSHA, not FCALL")
     parser.add_argument("--out", type=Path, default=Path("bench/results/scriptinstructions"))
     parser.add_argument("--json", type=Path)
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 out[f"saturated-{n}"] = saturated(vg, n, args.calls, args.evalsha)
                 print(f"saturated-{n:<8} {json.dumps(out[f'saturated-{n}'])}", flush=True)
         if "churn" in wanted:
-            out["churn"] = churn(vg, 20, args.evalsha)
+            out["churn"] = churn(vg, 20, args.width, args.evalsha)
             print(f"churn            {json.dumps(out['churn'])}", flush=True)
         if "queue" in wanted:
             out["queue"] = queue(vg, 5, args.evalsha)

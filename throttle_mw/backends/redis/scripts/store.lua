@@ -368,47 +368,51 @@ local function ttl_ms(kind)
   return num(math.floor(POL.ttl * MS_PER_S))
 end
 
--- A field of a tenant's save (save_tenant) if it changed since `loaded`, which then
--- holds it (a later save this call writes only what changes next).
-function call.put(fields, loaded, name, value)
-  if value ~= loaded[name] then
-    fields[#fields + 1] = name
-    if type(value) == 'number' then fields[#fields + 1] = num(value) else fields[#fields + 1] = value end
-    loaded[name] = value
+-- A tenant's changed fields (save_tenant) are put in one table kept from call to call
+-- (call.fields, its first call.n entries in use): a table grown field by field is
+-- allocated anew every few fields.
+call.fields = {}
+
+function call.put(name, value, old)
+  if value ~= old then
+    local fields, n = call.fields, call.n
+    fields[n + 1] = name
+    if type(value) == 'number' then fields[n + 2] = num(value) else fields[n + 2] = value end
+    call.n = n + 2
   end
 end
 
-local function save_tenant(t)
-  local fields = {}
+-- Writes what changed in tenant t since it was loaded; `again`: it may be written again
+-- this call (save_made), so what is written becomes its loaded state.
+local function save_tenant(t, again)
   local loaded = t.loaded
   local put = call.put
+  call.n = 0
   -- Capped this call (or again, after it was back in line): P:capped may be new.
   if t.st == CAPPED and (loaded.st ~= CAPPED or t.am ~= loaded.am) then born.capped = true end
   if t.name ~= nil then  -- a new tenant's name (tenant in core.lua)
-    fields[#fields + 1] = 'name'; fields[#fields + 1] = t.name
+    put('name', t.name, nil)
     t.name = nil
   end
-  put(fields, loaded, 'f', t.f); put(fields, loaded, 'w', t.w)
-  put(fields, loaded, 'cap', t.cap); put(fields, loaded, 'cap_at', t.cap_at)
-  put(fields, loaded, 'n', t.n)
-  local costs = loaded.c  -- (by rank, as t.c)
-  if costs == nil then costs = {}; loaded.c = costs end
-  for rank = 1, NRANK do
-    local cost = t.c[rank]
-    if cost ~= costs[rank] then
-      fields[#fields + 1] = RANK_COST[rank]; fields[#fields + 1] = num(cost)
-      costs[rank] = cost
-    end
-  end
-  put(fields, loaded, 'st', t.st); put(fields, loaded, 'am', t.am)
+  put('f', t.f, loaded.f); put('w', t.w, loaded.w); put('cap', t.cap, loaded.cap)
+  put('cap_at', t.cap_at, loaded.cap_at); put('n', t.n, loaded.n)
+  local costs = loaded.c or {}  -- (by rank, as t.c)
+  for rank = 1, NRANK do put(RANK_COST[rank], t.c[rank], costs[rank]) end
+  put('st', t.st, loaded.st); put('am', t.am, loaded.am)
   if now >= t.xp then
     t.xp = now + POL.idle / TTL_REFRESHES
-    put(fields, loaded, 'xp', t.xp)
+    put('xp', t.xp, loaded.xp)
     local ttl = ttl_ms('tenant')
     redis.call('PEXPIRE', t.key, ttl)
     if t.n > 0 then redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl) end
   end
-  if #fields > 0 then redis.call('HSET', t.key, unpack(fields)) end
+  if call.n > 0 then redis.call('HSET', t.key, unpack(call.fields, 1, call.n)) end
+  if again then
+    costs = {}
+    for rank = 1, NRANK do costs[rank] = t.c[rank] end
+    t.loaded = {f = t.f, w = t.w, cap = t.cap, cap_at = t.cap_at, n = t.n, c = costs, st = t.st,
+      am = t.am, xp = t.xp}
+  end
 end
 
 -- The tenants made this call so far, written now: batch.lua calls this at its work checks,
@@ -420,7 +424,7 @@ function call.save_made()
   M.made = nil
   for _, t in ipairs(made) do
     if t.dirty and not t.deleted then
-      save_tenant(t)
+      save_tenant(t, true)
       t.dirty = false
     end
   end
