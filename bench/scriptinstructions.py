@@ -115,7 +115,7 @@ class Valgrind:
         for dump in self.out.glob("callgrind.out.*"):
             text = dump.read_text(errors="replace")
             for line in text.splitlines():
-                if line.startswith("summary:") or line.startswith("totals:"):
+                if line.startswith(("summary:", "totals:")):
                     total = int(line.split()[1])
                     break
             dump.rename(self.out / f"callgrind.{name}")

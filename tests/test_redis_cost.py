@@ -13,6 +13,7 @@ import redis
 
 from tests.support.lua_scheduler import LuaScheduler
 from tests.support.redis_server import RedisServer
+from throttle_mw.backends.redis import protocol, scripts
 from throttle_mw.priorities import PRIORITIES
 from throttle_mw.scheduler import Limits, Policy, Request
 
@@ -80,5 +81,63 @@ def test_a_saturated_budgets_script_work_does_not_grow_with_waiting_tenants(
         sorted(few.items()),
         sorted(many.items()),
     )
-    # One admission per tick: a few dozen commands, not hundreds.
-    assert sum(many.values()) < 40, many
+    # One admission per tick: a few dozen commands, not hundreds (26 besides the TTLs; 31
+    # when a call asked again for what it had learned of its keys, step after step).
+    assert sum(many.values()) < 28, many
+
+
+def new_tenants(first: int, count: int) -> list[str]:
+    """Acquire operations of `count` tenants never seen before."""
+    requests = [Request(f"r{i}", f"new{i}") for i in range(first, first + count)]
+    return [protocol.acquire_op(r.id, protocol.acquire_tail(r, 1.0, 30.0)) for r in requests]
+
+
+def admitted(replies: list[str]) -> int:
+    return sum(reply.startswith(protocol.REPLY["admitted"]) for reply in replies)
+
+
+def test_a_call_of_new_tenants_writes_each_once_and_the_idle_list_once(
+    client: redis.Redis,
+) -> None:
+    """A tenant made in a call is written with one HSET (its name with its state), at the
+    batch's work checks or at its end, never twice; the idle list (P:tenants) gets one ZADD
+    for all of them. Counted per admitted tenant: a slow machine may defer some (WORK_US)."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=10_000)
+    scheduler = LuaScheduler(client, Limits(rate=1e6, burst=1e6), policy, now=0.0)
+    first = 0
+    for width in (4, 32):
+        client.config_resetstat()
+        n = admitted(scheduler.batch(1.0 + width, new_tenants(first, width)))
+        first += width
+        assert n >= 2
+        used = commands(client)
+        assert used["hset"] == n + 1, (n, used)  # the tenants and the budget's state
+        assert used["zadd"] == 2, used  # the idle list, and the caller's heartbeat
+        assert used.get("hget", 0) <= 1, used  # a live weight asked once, not per tenant
+
+
+@pytest.mark.parametrize("why", ["idle", "beyond max_tenants"])
+def test_idle_tenants_are_dropped_in_a_few_commands(client: redis.Redis, why: str) -> None:
+    """forget_idle drops a batch of tenants with one ZMSCORE, one DEL and one ZREM, not
+    a few commands per tenant (a call of many new tenants dropped as many old ones after
+    its work budget)."""
+    count = 40
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0), tenant_idle_s=60.0, max_tenants=10_000)
+    scheduler = LuaScheduler(client, Limits(rate=1e6, burst=1e6), policy, now=0.0)
+    for i in range(count):
+        scheduler.acquire(1.0, Request(f"old{i}", f"old{i}"))
+    client.config_resetstat()
+    if why == "idle":
+        scheduler.tick(100.0)  # all idle for longer than tenant_idle_s: a sweep's batch goes
+        dropped = scripts.SWEEP_BATCH
+    else:
+        scheduler._policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=8)
+        scheduler.tick(5.0)  # the next sweep: the 32 least recent beyond 8 go
+        dropped = count - 8
+    used = commands(client)
+    assert used.get("hget", 0) == 0, used
+    assert used.get("zmscore", 0) == 1, used
+    assert used.get("del", 0) <= 2, used  # (one is the test's: the grant list)
+    assert used.get("zrem", 0) == 1, used
+    left = sum(1 for _ in client.scan_iter(match="*:t:*", count=1000))
+    assert left == count - dropped

@@ -104,6 +104,10 @@ class LuaScheduler:
     def tick(self, now: float) -> list[Event]:
         return self._call(now, [protocol.TICK])[1]
 
+    def batch(self, now: float, ops: list[str]) -> list[str]:
+        """One script call of several operations (protocol's ops): their replies."""
+        return self._call(now, ops)[0]
+
     def next_due(self, now: float) -> float | None:
         return self._due
 
