@@ -14,9 +14,9 @@ compare two versions of the scripts by them.
   than the idle time: a tick every 20 ms admits one, and its tenant queues another at
   once (``--calls`` ticks, each followed by that acquire: two calls per admission);
 - ``churn``: a new tenant per request, calls of ``--width`` acquires admitted at once,
-  the tenant set at its bound (max_tenants 10,000; ``--width`` at most what a call takes
-  on before its work check defers the rest under valgrind's slowness: 2);
-- ``queue``: 256 acquires of distinct tenants queueing in one call, then their
+  the tenant set at its bound (max_tenants 1,000). Keep ``--width`` at 2 (WORK_CHECK):
+  under valgrind a call's work check (WORK_US, by Redis's clock) defers the rest;
+- ``queue``: ``--width`` acquires of distinct tenants queueing in one call, then their
   cancels in another, on an empty bucket.
 """
 
@@ -167,7 +167,7 @@ def saturated(vg: Valgrind, tenants: int, calls: int, evalsha: bool) -> dict[str
 
 def churn(vg: Valgrind, calls: int, width: int, evalsha: bool) -> dict[str, Any]:
     vg.client.flushall()
-    policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=10_000)
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=1000)
     sched = LuaScheduler(
         vg.client, Limits(rate=1e6, burst=1e6), policy, now=0.0, functions=not evalsha
     )
@@ -183,7 +183,7 @@ def churn(vg: Valgrind, calls: int, width: int, evalsha: bool) -> dict[str, Any]
             ops.append(protocol.acquire_op(req.id, protocol.acquire_tail(req, weight, max_wait)))
         sched._call(state["now"], ops)
 
-    for _ in range(10_000 // width + 20):  # the tenant set fills to its bound
+    for _ in range(1000 // width + 20):  # the tenant set fills to its bound
         call()
 
     def work() -> int:
@@ -194,7 +194,7 @@ def churn(vg: Valgrind, calls: int, width: int, evalsha: bool) -> dict[str, Any]
     return vg.counted("churn", work)
 
 
-def queue(vg: Valgrind, rounds: int, evalsha: bool) -> dict[str, Any]:
+def queue(vg: Valgrind, rounds: int, width: int, evalsha: bool) -> dict[str, Any]:
     vg.client.flushall()
     policy = Policy(dict.fromkeys(PRIORITIES, 30.0), queue_limit=10_000, max_tenants=100_000)
     sched = LuaScheduler(
@@ -207,7 +207,7 @@ def queue(vg: Valgrind, rounds: int, evalsha: bool) -> dict[str, Any]:
         state["now"] += 0.001
         r = state["round"]
         state["round"] += 1
-        reqs = [_request(f"q{r * 256 + i}") for i in range(256)]
+        reqs = [_request(f"q{r * width + i}") for i in range(width)]
         ops = [protocol.acquire_op(q.id, protocol.acquire_tail(q, 1.0, 30.0)) for q in reqs]
         sched._call(state["now"], ops)
         sched._call(state["now"], [protocol.cancel_op(q.id) for q in reqs])
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default="saturated,churn,queue")
     parser.add_argument("--tenants", default="10,1000,10000")
     parser.add_argument("--calls", type=int, default=100, help="saturated: ticks measured")
-    parser.add_argument("--width", type=int, default=16, help="churn: acquires per call")
+    parser.add_argument("--width", type=int, default=2, help="churn, queue: acquires per call")
     parser.add_argument("--evalsha", action="store_true", help="EVALSHA, not FCALL")
     parser.add_argument("--out", type=Path, default=Path("bench/results/scriptinstructions"))
     parser.add_argument("--json", type=Path)
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             out["churn"] = churn(vg, 20, args.width, args.evalsha)
             print(f"churn            {json.dumps(out['churn'])}", flush=True)
         if "queue" in wanted:
-            out["queue"] = queue(vg, 5, args.evalsha)
+            out["queue"] = queue(vg, 20, args.width, args.evalsha)
             print(f"queue            {json.dumps(out['queue'])}", flush=True)
     finally:
         vg.close()
