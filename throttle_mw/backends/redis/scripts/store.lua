@@ -399,14 +399,19 @@ local function save_tenant(t, again)
   local costs = loaded.c or {}  -- (by rank, as t.c)
   for rank = 1, NRANK do put(RANK_COST[rank], t.c[rank], costs[rank]) end
   put('st', t.st, loaded.st); put('am', t.am, loaded.am)
-  if now >= t.xp then
+  local refresh = now >= t.xp
+  if refresh then
     t.xp = now + POL.idle / TTL_REFRESHES
     put('xp', t.xp, loaded.xp)
+  end
+  -- (First the fields: a new tenant's key is made by this HSET, and a TTL set before it
+  -- would be set on nothing.)
+  if call.n > 0 then redis.call('HSET', t.key, unpack(call.fields, 1, call.n)) end
+  if refresh then
     local ttl = ttl_ms('tenant')
     redis.call('PEXPIRE', t.key, ttl)
     if t.n > 0 then redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl) end
   end
-  if call.n > 0 then redis.call('HSET', t.key, unpack(call.fields, 1, call.n)) end
   if again then
     costs = {}
     for rank = 1, NRANK do costs[rank] = t.c[rank] end
