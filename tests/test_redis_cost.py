@@ -115,7 +115,8 @@ def test_a_call_of_new_tenants_writes_each_once_and_the_idle_list_once(
         assert used["zadd"] == 2, used  # the idle list, and the caller's heartbeat
         assert used.get("hget", 0) <= 1, used  # a live weight asked once, not per tenant
     ttls = [client.pttl(key) for key in client.scan_iter(match="*:t:*", count=1000)]
-    assert len(ttls) >= 4 and all(ttl > 0 for ttl in ttls), ttls  # written, then its TTL
+    assert len(ttls) >= 4, ttls
+    assert all(ttl > 0 for ttl in ttls), ttls  # written, then its TTL
 
 
 @pytest.mark.parametrize("why", ["idle", "beyond max_tenants"])
