@@ -87,6 +87,10 @@ end
 
 load_state(ARGV[17])
 hold_back()
+-- A call of many operations measures its work (WORK_US) from here: the expiries and the
+-- operations count, not the operations only.
+local started = nil
+if #ops > WORK_CHECK then started = redis.call('TIME') end
 -- The caller is alive. NX: only renew.lua extends a heartbeat, together with the process's
 -- leases, so a crashed process's heartbeat lapses no later than its leases.
 if redis.call('ZADD', K.procs, 'NX', num(now + POL.lease_ttl), proc) == 1 then born.procs = true end
@@ -133,8 +137,7 @@ end
 
 local results = {}
 local body = #OP.acquire + #SEP + 1  -- where an operation's first field begins
-local started, over = nil, false
-if #ops > WORK_CHECK then started = redis.call('TIME') end
+local over = false
 for i, op in ipairs(ops) do
   local kind = string.sub(op, 1, #OP.acquire)
   if not over and started ~= nil and i % WORK_CHECK == 1 and i > 1 then
