@@ -48,17 +48,20 @@
 --                       the caller sends it again
 
 -- The operations first: a malformed call changes nothing.
-local ops = {}
-for op in string.gmatch(ARGV[19] or '', '[^' .. LINE .. ']+') do ops[#ops + 1] = op end
-if #ops ~= tonumber(ARGV[18]) then
-  return redis.error_reply('throttle_mw: operation count mismatch')
+local ops
+local text = ARGV[19] or ''
+if ARGV[18] == '1' and text ~= '' and not string.find(text, LINE, 1, true) then
+  ops = {text}  -- one operation (most calls): nothing to split
+else
+  ops = {}
+  for op in string.gmatch(text, '[^' .. LINE .. ']+') do ops[#ops + 1] = op end
+  if #ops ~= tonumber(ARGV[18]) then
+    return redis.error_reply('throttle_mw: operation count mismatch')
+  end
 end
 
 init(ARGV[2], ARGV[1], ARGV[3])
-load_limits({rate = ARGV[4], burst = ARGV[5], concurrency = ARGV[6], tenant_rate = ARGV[7],
-  tenant_burst = ARGV[8], credit = ARGV[9], queue_limit = ARGV[10],
-  tenant_queue_limit = ARGV[11], idle = ARGV[12], max_tenants = ARGV[13],
-  lease_ttl = ARGV[14], ttl = ARGV[15], live_ttl = ARGV[16]})
+load_limits_args(ARGV, 4)
 
 -- The trailer (see above), after the operations' lines.
 local function finish(results, due)
