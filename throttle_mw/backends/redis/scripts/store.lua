@@ -198,33 +198,27 @@ local function load_limits(a)
   parse_limits(a, redis.call('HMGET', K.cfg, unpack(LIVE_FIELDS)))
 end
 
--- load_limits for batch.lua, from its arguments (ARGV[first..]: LIMIT_ARGS in order) and
--- P:cfg, remembered by prefix: the same texts come call after call, and L and POL are
--- never changed once made, so a call that finds the texts it last parsed takes the same
--- tables (Lua interns strings: comparing them costs next to nothing).
-local function load_limits_args(argv, first)
+-- load_limits for batch.lua, from its ARGV[4] (LIMIT_ARGS joined with SEP) and P:cfg,
+-- remembered by prefix: the same text comes call after call, and L and POL are never
+-- changed once made, so a call that finds the texts it last parsed takes the same tables
+-- (Lua interns strings: comparing them costs next to nothing).
+local function load_limits_text(text)
   local cfg = redis.call('HMGET', K.cfg, unpack(LIVE_FIELDS))
   local memo = K.limits_memo
-  if memo ~= nil then
-    local a, c, f = memo.args, memo.cfg, first - 1
-    -- (Written out: a loop costs several times as much.)
-    if a[1] == argv[f + 1] and a[2] == argv[f + 2] and a[3] == argv[f + 3]
-      and a[4] == argv[f + 4] and a[5] == argv[f + 5] and a[6] == argv[f + 6]
-      and a[7] == argv[f + 7] and a[8] == argv[f + 8] and a[9] == argv[f + 9]
-      and a[10] == argv[f + 10] and a[11] == argv[f + 11] and a[12] == argv[f + 12]
-      and a[13] == argv[f + 13] and c[1] == cfg[1] and c[2] == cfg[2] and c[3] == cfg[3]
-      and c[4] == cfg[4] and c[5] == cfg[5] and c[6] == cfg[6] then
-      L, POL, limits_memo = memo.L, memo.POL, memo
-      return
-    end
+  if memo ~= nil and memo.text == text and memo.cfg[1] == cfg[1] and memo.cfg[2] == cfg[2]
+    and memo.cfg[3] == cfg[3] and memo.cfg[4] == cfg[4] and memo.cfg[5] == cfg[5]
+    and memo.cfg[6] == cfg[6] then
+    L, POL, limits_memo = memo.L, memo.POL, memo
+    return
   end
-  local a, args = {}, {}
+  local a, pos = {}, 1
   for i = 1, #LIMIT_ARGS do
-    args[i] = argv[first + i - 1]
-    a[LIMIT_ARGS[i]] = args[i]
+    local stop = string.find(text, SEP, pos, true) or #text + 1
+    a[LIMIT_ARGS[i]] = string.sub(text, pos, stop - 1)
+    pos = stop + #SEP
   end
   parse_limits(a, cfg)
-  limits_memo = {args = args, cfg = cfg, L = L, POL = POL}
+  limits_memo = {text = text, cfg = cfg, L = L, POL = POL}
   K.limits_memo = limits_memo
 end
 
