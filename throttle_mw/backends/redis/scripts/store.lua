@@ -139,7 +139,7 @@ local function key_names(prefix)
 end
 
 local function init(prefix, now_override, process)
-  S, S0, L, POL, T, out_events, recent, fresh = {}, {}, {}, {}, {}, {}, {}, false
+  S, S0, L, POL, T, out_events, recent, fresh = {}, {}, nil, nil, {}, {}, {}, false
   born = {}
   more = false
   held_back = 0
@@ -308,7 +308,8 @@ local function load_hot_state()
   local vals = redis.call('HMGET', K.state, unpack(HOT_FIELDS))
   if not vals[1] then return false end
   load_packed(vals[1])
-  for i = 2, #HOT_FIELDS do load_plain(HOT_FIELDS[i], vals[i]) end
+  S.inflight = tonum(vals[2]); S.waiting = tonum(vals[3]); S.ep = vals[4] or ''
+  S0.inflight = S.inflight; S0.waiting = S.waiting; S0.ep = S.ep
   return true
 end
 
@@ -396,7 +397,8 @@ local function save()
     K.state_memo = loaded
     args[1] = PACKED_FIELD; args[2] = loaded.text
   end
-  for _, name in ipairs(PLAIN) do
+  for i = 1, #PLAIN do
+    local name = PLAIN[i]
     local value = S[name]
     if value ~= S0[name] then
       args[#args + 1] = name
