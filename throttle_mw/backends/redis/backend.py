@@ -138,8 +138,8 @@ class RedisBackend(Recovery):
             clients.grants,
             self._keys.grants(self.process),
             self._on_message,
-            self._succeeded,
-            self._on_failure,
+            self._listener_back,
+            self._listener_lost,
             endpoint=self.endpoint,
         )
         self._listener.start()

@@ -20,6 +20,13 @@ not admit a second budget's worth on top of what runs. Leases this process's
 failure mode admitted while Redis was away are registered too, as far as the
 limit has room for them.
 
+The grant listener's own connection failing (dropped by a proxy, `CLIENT KILL`,
+an idle timeout) is not Redis failing: the listener reconnects by itself, and
+one PING on the call path's connections decides whether Redis is away
+(`_listener_lost`); only then does the breaker open for everyone. Once the
+listener is back, the waiters are submitted again (a grant popped just as its
+connection died would be lost otherwise).
+
 `Recovery` is the half of `RedisBackend` that does this; the backend
 (``backend.py``) is the other half, the call path. It shares the backend's
 record of this process's requests and calls back into it for the few things
@@ -35,10 +42,12 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from ...scheduler import Request
 from ...settings import Settings, redis_endpoint
 from ..base import Outcome, Waiting
-from . import protocol
+from . import connection, protocol
 from .batcher import Batcher
 from .breaker import Breaker
 from .fallback import Fallback
@@ -78,6 +87,9 @@ class Recovery:
     #: Leases held in Redis: (cost, a loop time by which Redis had given or renewed it).
     _leases: dict[str, tuple[int, float]]
     _epoch: str
+    _clients: connection.Clients | None
+    #: A check that the grant listener's failure asked for is running (`_listener_lost`).
+    _checking: bool
 
     def _init_recovery(self, settings: Settings, fallback: Fallback) -> None:
         self._settings = settings
@@ -89,6 +101,7 @@ class Recovery:
         self._orphans = set()
         self._settle = None
         self._tasks = set()
+        self._checking = False
 
     # --- Redis lost -----------------------------------------------------------------------
 
@@ -105,6 +118,31 @@ class Recovery:
             )
         if self._waiters and self._settle is None:
             self._settle = asyncio.get_running_loop().call_later(SETTLE_S, self._settle_waiters)
+
+    def _listener_lost(self, exc: BaseException) -> None:
+        """The grant listener's connection failed; it reconnects by itself. Is Redis away
+        too? One PING on the call path's connections says (no breaker for everyone just
+        because one connection was dropped). Already open: the breaker's probes say."""
+        if self._breaker.is_open or self._checking or self._clients is None:
+            return
+        self._checking = True
+        self._spawn(self._check(exc))
+
+    async def _check(self, lost: BaseException) -> None:
+        try:
+            assert self._clients is not None
+            await self._clients.calls.ping()
+        except (RedisError, OSError) as exc:
+            self._on_failure(exc)
+        else:
+            logger.info(
+                "throttle_mw: Redis at %s answers; only the grant listener's connection"
+                " was lost (%s), it reconnects",
+                self.endpoint,
+                type(lost).__name__,
+            )
+        finally:
+            self._checking = False
 
     def _settle_waiters(self) -> None:
         """Redis is still away: whoever waits in it is decided by the failure mode now."""
@@ -127,6 +165,16 @@ class Recovery:
             "throttle_mw: Redis at %s is back; the shared budget decides again", self.endpoint
         )
         self._recovered()
+
+    def _listener_back(self) -> None:
+        """The grant listener reads again after a failure. Grants pushed meanwhile wait in
+        its list, but one popped as the connection died is lost: every waiter is asked
+        about again (idempotent). If the breaker was open, Redis is back (`_recovered`
+        does the same and more)."""
+        if self._breaker.is_open:
+            self._succeeded()
+        elif self._batcher is not None:
+            self._resubmit()
 
     def _recovered(self) -> None:
         """Clean up orphans, re-submit every waiter, and bring the local queue back to Redis."""
