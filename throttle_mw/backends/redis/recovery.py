@@ -1,8 +1,10 @@
 """Redis lost and back: the failure mode, orphaned requests, and re-submission.
 
 A circuit breaker (``breaker.py``) keeps a dead Redis from being hammered and
-brings the shared budget back within about a second of its return. While
-Redis is away, `THROTTLE_FAILURE_MODE` decides (``fallback.py``).
+brings the shared budget back within about a second of its return: while it
+is open no call goes to Redis but the probe that `_probe_loop` makes when its
+pause is over. While Redis is away, `THROTTLE_FAILURE_MODE` decides
+(``fallback.py``).
 
 Requests waiting in Redis when it fails keep waiting for `SETTLE_S`: a blip (a
 restart, a failover) costs them nothing, as they are submitted again once Redis
@@ -90,6 +92,8 @@ class Recovery:
     _clients: connection.Clients | None
     #: A check that the grant listener's failure asked for is running (`_listener_lost`).
     _checking: bool
+    #: `_probe_loop` is running.
+    _probing: bool
 
     def _init_recovery(self, settings: Settings, fallback: Fallback) -> None:
         self._settings = settings
@@ -102,6 +106,7 @@ class Recovery:
         self._settle = None
         self._tasks = set()
         self._checking = False
+        self._probing = False
 
     # --- Redis lost -----------------------------------------------------------------------
 
@@ -116,8 +121,34 @@ class Recovery:
                 type(exc).__name__ if exc is not None else "connection lost",
                 self._settings.failure_mode,
             )
+        self._watch()
         if self._waiters and self._settle is None:
             self._settle = asyncio.get_running_loop().call_later(SETTLE_S, self._settle_waiters)
+
+    def _watch(self) -> None:
+        """The breaker is open: make sure someone probes it."""
+        if self._breaker.is_open and not self._probing:
+            self._probing = True
+            self._spawn(self._probe_loop())
+
+    async def _probe_loop(self) -> None:
+        """While the breaker is open: one probe when its pause is over, and again after
+        each that failed. The only caller that probes, so never two at once."""
+        try:
+            while self._breaker.is_open:
+                await asyncio.sleep(self._breaker.until_probe())
+                if not self._breaker.is_open:
+                    return  # another call that was out came back: Redis is back
+                try:
+                    await self._probe()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # whatever it was, Redis did not answer: probe again
+                    self._breaker.probe_failed()
+                    continue
+                self._succeeded()
+        finally:
+            self._probing = False
 
     def _listener_lost(self, exc: BaseException) -> None:
         """The grant listener's connection failed; it reconnects by itself. Is Redis away
@@ -322,4 +353,8 @@ class Recovery:
 
     def _deliver_early(self, rid: str) -> None:
         """A grant message for `rid` that beat its acquire's reply: deliver it now."""
+        raise NotImplementedError
+
+    async def _probe(self) -> None:
+        """One call to Redis that says whether it is back (raises if not)."""
         raise NotImplementedError
