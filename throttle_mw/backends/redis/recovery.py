@@ -18,7 +18,9 @@ has lost the leases of requests that still run. Every batch reply carries the
 epoch of the budget's state, made anew with it: a process that sees a new one
 reclaims the leases it holds (`_new_epoch`), and the state admits nothing new
 for a short grace meanwhile (store.lua, "A state made anew"), so the fleet does
-not admit a second budget's worth on top of what runs. Leases this process's
+not admit a second budget's worth on top of what runs. While Redis is away, a
+process that holds leases probes it every `HOLDING_PROBE_S`, well within that
+grace, so it is back in time to reclaim them. Leases this process's
 failure mode admitted while Redis was away are registered too, as far as the
 limit has room for them.
 
@@ -60,6 +62,10 @@ logger = logging.getLogger("throttle_mw.redis")
 #: How long requests waiting in Redis wait out a Redis failure before the failure mode
 #: settles them (a restart or a failover is over by then).
 SETTLE_S = 1.0
+#: While the breaker is open, a process that holds leases probes at least this often: if
+#: Redis comes back empty, it must reclaim them within the grace in which the new state
+#: admits nothing (scripts.RECLAIM_GRACE_S, 0.5 s), or the fleet admits on top of them.
+HOLDING_PROBE_S = 0.25
 
 
 @dataclass(eq=False)
@@ -133,10 +139,14 @@ class Recovery:
 
     async def _probe_loop(self) -> None:
         """While the breaker is open: one probe when its pause is over, and again after
-        each that failed. The only caller that probes, so never two at once."""
+        each that failed. The only caller that probes, so never two at once. A process that
+        holds leases probes at least every HOLDING_PROBE_S (to reclaim them in time)."""
         try:
             while self._breaker.is_open:
-                await asyncio.sleep(self._breaker.until_probe())
+                wait = self._breaker.until_probe()
+                if self._leases:
+                    wait = min(wait, HOLDING_PROBE_S)
+                await asyncio.sleep(wait)
                 if not self._breaker.is_open:
                     return  # another call that was out came back: Redis is back
                 try:
