@@ -44,6 +44,8 @@ from .tenants import (
 logger = logging.getLogger("throttle_mw")
 
 _SHUTTING_DOWN = Reject("shutting_down", 1.0)
+#: The settings of a middleware that is off, or could not start.
+_OFF = Settings(enabled=False)
 #: A middleware that could not start: a configuration fix, not seconds, will end it.
 _UNCONFIGURED = Reject("unavailable", 60.0)
 _new_tuple = tuple.__new__
@@ -101,6 +103,11 @@ class ThrottleMiddleware:
         self.error: Exception | None = None
         self._error_logged = False
         self._backend: Backend | None = None
+        # Set before the try, not only in it and in its handler: compiled by mypyc
+        # (tools/mypyc_build.py), an attribute assigned on every path of __init__ is
+        # taken as always set, and the handler's assignment then freed the value the
+        # failed one never stored (a crash on every bad setting, mypyc 2.4.1).
+        self.settings = _OFF
         try:
             self.settings = Settings.from_env(**overrides)
             self._build(app, backend)
@@ -110,7 +117,7 @@ class ThrottleMiddleware:
             # lifespan is unsupported and serve 500s. Fail start-up instead (the config
             # errors, a missing extra, anything else that stops the middleware's build).
             self.error = exc
-            self.settings = Settings(enabled=False)
+            self.settings = _OFF
             self._enabled = False
 
     def _build(self, app: ASGIApp, backend: Backend | None) -> None:
