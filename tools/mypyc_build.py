@@ -52,7 +52,7 @@ def clean() -> None:
 
 def build() -> None:
     from mypyc.build import mypycify
-    from setuptools import setup
+    from setuptools import setup  # type: ignore[import-untyped]
 
     clean()
     with tempfile.TemporaryDirectory(prefix="throttle-mypyc-") as tmp:
