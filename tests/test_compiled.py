@@ -2,7 +2,7 @@
 
 The default install is pure Python and every test runs against it. CI builds
 the compiled modules and runs the hot path's tests again with
-``THROTTLE_EXPECT_COMPILED=1``: then this file fails unless every module the
+``TEST_EXPECT_COMPILED=1``: then this file fails unless every module the
 tool compiles really imports from its extension, so that run cannot pass on
 pure Python by accident. Without the variable it checks that the tool and
 the package agree on which modules those are.
@@ -19,7 +19,7 @@ from types import ModuleType
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPECT_COMPILED = os.environ.get("THROTTLE_EXPECT_COMPILED") == "1"
+EXPECT_COMPILED = os.environ.get("TEST_EXPECT_COMPILED") == "1"
 
 
 def _tool() -> ModuleType:
@@ -40,7 +40,7 @@ def test_the_compiled_modules_exist_as_python_sources() -> None:
         assert (ROOT / path).is_file(), path
 
 
-@pytest.mark.skipif(not EXPECT_COMPILED, reason="THROTTLE_EXPECT_COMPILED=1 not set")
+@pytest.mark.skipif(not EXPECT_COMPILED, reason="TEST_EXPECT_COMPILED=1 not set")
 def test_hot_path_imports_the_compiled_modules() -> None:
     for name in _names():
         origin = importlib.import_module(name).__file__ or ""
