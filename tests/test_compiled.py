@@ -1,11 +1,10 @@
-"""The optional mypyc build of the hot path (`tools/mypyc_build.py`).
+"""The mypyc experiment (`tools/mypyc_build.py`) stays out of the default install.
 
-The default install is pure Python and every test runs against it. CI builds
-the compiled modules and runs the hot path's tests again with
-``TEST_EXPECT_COMPILED=1``: then this file fails unless every module the
-tool compiles really imports from its extension, so that run cannot pass on
-pure Python by accident. Without the variable it checks that the tool and
-the package agree on which modules those are.
+Every test runs on pure Python, and this file fails if a compiled module was
+left beside the sources. With ``TEST_EXPECT_COMPILED=1`` (measuring the
+experiment: build, then run the hot path's tests) it fails instead unless
+every module the tool compiles really imports from its extension, so such a
+run cannot pass on pure Python by accident.
 """
 
 from __future__ import annotations

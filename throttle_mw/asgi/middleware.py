@@ -19,7 +19,6 @@ from typing import Any, Final, Literal, NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .._mypyc import mypyc_attr
 from ..backends import make_backend
 from ..backends.base import Admitted, Backend, RequestIds, Waiting
 from ..observe import EventKind, Observer, ThrottleEvent
@@ -75,7 +74,6 @@ class ThrottleDecision(NamedTuple):
     reason: str | None = None
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)
 class ThrottleMiddleware:
     """Throttle an ASGI app against a budget shared by every worker and replica.
 

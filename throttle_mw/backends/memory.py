@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 from collections.abc import Iterable
 
-from .._mypyc import mypyc_attr
 from ..scheduler import (
     Admit,
     Enqueue,
@@ -33,7 +32,6 @@ from .base import Admitted, Outcome, Waiting
 _new_tuple = tuple.__new__
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)
 class MemoryBackend:
     """A budget kept in this process's memory."""
 

@@ -37,7 +37,6 @@ import itertools
 import math
 from collections import OrderedDict
 
-from .._mypyc import mypyc_attr
 from ..priorities import PRIORITIES, RANK
 from .constants import ACTIVE, CAP_BLAME_SHARE, CAPPED, EPS, IDLE, PUSH_SPAN, WINDOW_S
 from .state import Tenant, Waiter
@@ -66,7 +65,6 @@ _NO_EVENTS: list[Event] = []  # shared and never mutated: callers only iterate e
 _Entry = tuple[float, int, int, Tenant]
 
 
-@mypyc_attr(allow_interpreted_subclasses=True)
 class Scheduler:
     """Budget, fair queues and priorities of one app; see the module docstring."""
 
