@@ -14,10 +14,21 @@ import redis
 from tests.support.lua_scheduler import LuaScheduler
 from tests.support.redis_server import RedisServer
 from throttle_mw.priorities import PRIORITIES
-from throttle_mw.scheduler import Limits, Policy, Request
+from throttle_mw.scheduler import Admit, Limits, Policy, Request
 
-#: Commands sent by the test's own plumbing, not run by a script.
-_PLUMBING = {"fcall", "evalsha", "eval", "info", "config|resetstat", "lrange", "function|load"}
+#: Commands sent by the test's own plumbing, not run by a script (Redis 6.2 names no
+#: subcommands; redis-py's pipelines check their scripts with SCRIPT EXISTS).
+_PLUMBING = {
+    "fcall",
+    "evalsha",
+    "eval",
+    "info",
+    "config|resetstat",
+    "config",
+    "script",
+    "lrange",
+    "function|load",
+}
 
 
 @pytest.fixture
@@ -82,3 +93,58 @@ def test_a_saturated_budgets_script_work_does_not_grow_with_waiting_tenants(
     )
     # One admission per tick: a few dozen commands, not hundreds.
     assert sum(many.values()) < 40, many
+
+
+def one_at_a_time_commands(client: redis.Redis, limits: Limits) -> dict[str, float]:
+    """Commands per call of one request at a time (fast.lua's calls): an acquire admitted
+    at once and, with a lease, its release, tenants seen before, nobody waiting."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 5.0))
+    scheduler = LuaScheduler(client, limits, policy, now=0.0)
+    now = 0.0
+    for round_ in range(2):  # the first round makes the tenants (full calls)
+        if round_ == 1:
+            client.config_resetstat()
+        for i in range(20):
+            now += 0.001  # within the window, the sweep period and the TTL refresh period
+            decision, _ = scheduler.acquire(now, Request(f"r{round_}-{i}", f"t{i % 4}"))
+            assert isinstance(decision, Admit)
+            scheduler.release(now, f"r{round_}-{i}")
+    stats = commands(client)
+    stats.pop("del")  # LuaScheduler's own, after each call
+    calls = 20 * (2 if limits.concurrency is not None else 1)
+    return {name: n / calls for name, n in sorted(stats.items())}
+
+
+def test_one_request_at_a_time_costs_a_few_commands_per_call(client: redis.Redis) -> None:
+    """The budget state (P:s) is one read and at most one write; a release touches no
+    tenant. (TIME is not called: LuaScheduler passes the time; production adds one.)"""
+    rate = one_at_a_time_commands(client, Limits(rate=1e6, burst=1e6))
+    # Its numbers packed into one field (store.lua): a read of one field, not of sixteen.
+    (state,) = client.keys("*:s")
+    assert client.hlen(state) <= 9, client.hkeys(state)
+    # P:cfg, P:s and the tenant read; the live weight; the idle list; P:s and the tenant
+    # written; the recent admission (no lease) kept; the processes counted.
+    assert rate == {
+        "hget": 1.0,
+        "hmget": 3.0,
+        "hset": 2.0,
+        "lpush": 1.0,
+        "pexpire": 1.0,
+        "zadd": 1.0,
+        "zcount": 1.0,
+    }, rate
+    client.flushall()
+    concurrency = one_at_a_time_commands(client, Limits(concurrency=1000))
+    # Per call, acquire and release averaged: the acquire as above but with its lease
+    # (ZADD, HSET; the first lease gives the lease keys their TTLs), the release reads
+    # P:cfg, P:s and the lease, deletes the lease and writes P:s.
+    assert concurrency == {
+        "hdel": 0.5,
+        "hget": 1.0,
+        "hmget": 2.5,
+        "hset": 2.0,
+        "pexpire": 1.0,
+        "zadd": 1.0,
+        "zcount": 1.0,
+        "zrem": 0.5,
+    }, concurrency

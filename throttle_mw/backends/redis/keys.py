@@ -11,7 +11,8 @@ key              type    holds                                                  
 ===============  ======  ===========================================================  ======
 P:s              hash    budget state: tokens, in flight, virtual clock, fair-rate    T
                          window, queue counts, the fleet's tick claim, whether the
-                         lease keys hold their anchor (store.lua)
+                         lease keys hold their anchor; most numbers packed in one
+                         field, ``nums`` (store.lua's layout)
 P:cfg            hash    live limits set with ``throttle-mw set``; override callers'  live
                          limits. A learned limit and its state (learner.py) too
 P:w, P:wn        hash    live tenant weights by digest, and the names behind them     live

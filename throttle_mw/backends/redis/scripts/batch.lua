@@ -12,14 +12,15 @@
 -- ARGV[1]  now, in seconds: "" in production (Redis TIME is used); tests only.
 -- ARGV[2]  P, the key prefix including its hash tag, e.g. "{throttle}".
 -- ARGV[3]  this process's id.
--- ARGV[4..8]   rate, burst, concurrency, tenant_rate, tenant_burst ("" = unset; a
---              concurrency of AUTO: learned); live limits in P:cfg override them.
--- ARGV[9..16]  credit_s, queue_limit, tenant_queue_limit, tenant_idle_s, max_tenants,
---              lease_ttl_s, key_ttl_s (T), live_limits_ttl_s: the TTLs of keys.py's table.
--- ARGV[17] the epoch of the budget's state the caller knew ("" if none): a caller that
+-- ARGV[4]  the limits and the policy, joined with SEP: rate, burst, concurrency,
+--          tenant_rate, tenant_burst ("" = unset; a concurrency of AUTO: learned; live
+--          limits in P:cfg override them), credit_s, queue_limit, tenant_queue_limit,
+--          tenant_idle_s, max_tenants, lease_ttl_s, key_ttl_s (T), live_limits_ttl_s: the
+--          TTLs of keys.py's table (one argument: store.lua's load_limits_text).
+-- ARGV[5]  the epoch of the budget's state the caller knew ("" if none): a caller that
 --          knew one and finds no state starts the reclaim grace (store.lua, "A state
 --          made anew").
--- ARGV[18] number of operations; ARGV[19] the operations, one per LINE, fields joined
+-- ARGV[6]  number of operations; ARGV[7] the operations, one per LINE, fields joined
 -- with SEP (one argument in, one string out: the client's packing and parsing cost per
 -- call, not per operation):
 --   A|id|tenant_digest|tenant_name|weight|rank|cost|flags|max_wait_s
@@ -48,25 +49,29 @@
 --                       the caller sends it again
 
 -- The operations first: a malformed call changes nothing.
-local ops = {}
-for op in string.gmatch(ARGV[19] or '', '[^' .. LINE .. ']+') do ops[#ops + 1] = op end
-if #ops ~= tonumber(ARGV[18]) then
-  return redis.error_reply('throttle_mw: operation count mismatch')
+local ops
+local text = ARGV[7] or ''
+if ARGV[6] == '1' and text ~= '' and not string.find(text, LINE, 1, true) then
+  ops = {text}  -- one operation (most calls): nothing to split
+else
+  ops = {}
+  for op in string.gmatch(text, '[^' .. LINE .. ']+') do ops[#ops + 1] = op end
+  if #ops ~= tonumber(ARGV[6]) then
+    return redis.error_reply('throttle_mw: operation count mismatch')
+  end
 end
 
 init(ARGV[2], ARGV[1], ARGV[3])
-load_limits({rate = ARGV[4], burst = ARGV[5], concurrency = ARGV[6], tenant_rate = ARGV[7],
-  tenant_burst = ARGV[8], credit = ARGV[9], queue_limit = ARGV[10],
-  tenant_queue_limit = ARGV[11], idle = ARGV[12], max_tenants = ARGV[13],
-  lease_ttl = ARGV[14], ttl = ARGV[15], live_ttl = ARGV[16]})
+load_limits_text(ARGV[4])
 
--- The trailer (see above), after the operations' lines.
-local function finish(results, due)
-  if due == nil then results[#results + 1] = '' else results[#results + 1] = num(due - now) end
-  results[#results + 1] = tostring(redis.call('ZCOUNT', K.procs, num(now), '+inf'))
-  results[#results + 1] = limits_line()
-  results[#results + 1] = S.ep
-  return table.concat(results, LINE)
+-- The reply: the operations' lines (`lines`, joined; '' if none), then the trailer (see
+-- above). (One concatenation: the string is made once.)
+local function finish(lines, due)
+  local delay = ''
+  if due ~= nil then delay = num(due - now) end
+  if lines ~= '' then lines = lines .. LINE end
+  return lines .. delay .. LINE .. redis.call('ZCOUNT', K.procs, num(now), '+inf') .. LINE
+    .. limits_line() .. LINE .. S.ep
 end
 
 -- One operation that nobody waiting can be affected by: fast.lua, or nil.
@@ -81,11 +86,11 @@ if #ops == 1 then
   end
   if line ~= nil then
     save()
-    return finish({line}, nil)
+    return finish(line, nil)
   end
 end
 
-load_state(ARGV[17])
+load_state(ARGV[5])
 hold_back()
 -- The caller is alive. NX: only renew.lua extends a heartbeat, together with the process's
 -- leases, so a crashed process's heartbeat lapses no later than its leases.
@@ -167,4 +172,4 @@ if grace ~= nil and (due == nil or grace < due) then due = grace end
 if more then due = now end  -- dispatch left admissions for the next tick
 if due ~= nil then due = claim_tick(due) end
 save()
-return finish(results, due)
+return finish(table.concat(results, LINE), due)

@@ -15,23 +15,13 @@
 -- the reads twice, at most once per period each (a second, a quarter of a TTL), or are
 -- the calls where the budget is contended anyway. Returns the reply line, or nil.
 
--- The fields of P:s the fast path reads (store.lua's STATE_FIELDS has them all).
-local FAST_STATE = {'ts', 'tokens', 'inflight', 'v', 'win_at', 'win_cost', 'v_rate', 'thr',
-  'meas_at', 'waiting', 'wsum', 'xp', 'fi', 'la', 'ep', 'rc'}
-local RELEASE_STATE = {'ts', 'inflight', 'win_at', 'waiting', 'xp', 'fi', 'la', 'ep', 'rc'}
 -- The fields of P:t:<h> it reads (TENANT_FIELDS has them all).
 local FAST_TENANT = {'f', 'w', 'cap', 'cap_at', 'st', 'xp'}
 
--- Loads `fields` of P:s into S (and S0, so save writes only what changes); false if the
--- full call must run instead.
-local function fast_state(fields)
-  local vals = redis.call('HMGET', K.state, unpack(fields))
-  if vals[1] == false then return false end  -- a new budget
-  for i, name in ipairs(fields) do
-    local value
-    if STRING_FIELDS[name] then value = vals[i] or '' else value = tonum(vals[i]) end
-    S[name] = value; S0[name] = value
-  end
+-- Loads the state into S (store.lua's load_hot_state); false if the full call must run
+-- instead.
+local function fast_state()
+  if not load_hot_state() then return false end  -- a new budget
   S.la = S.la or 0  -- as load_state
   -- (An epoch to make, or a reclaim grace running: hold_back and the epoch are the full
   -- call's, store.lua's "A state made anew".)
@@ -71,7 +61,7 @@ end
 local function fast_acquire(op)
   local _, id, h, _, weight, _, cost, flags = string.match(op, ACQUIRE_PATTERN)
   if has_flag(tonum(flags), FLAG.retry) then return nil end
-  if not fast_state(FAST_STATE) or lapsed_lease() then return give_up() end
+  if not fast_state() or lapsed_lease() then return give_up() end
   if S.tokens ~= nil and S.tokens > L.burst then S.tokens = L.burst end  -- as load_state
   local t = fast_tenant(h, live_weight(h, tonum(weight)))
   if t == nil then return give_up() end
@@ -88,7 +78,7 @@ end
 -- One release with nobody waiting: the lease's concurrency back, nothing to dispatch.
 -- (The full call would also refill the bucket to now: refilling later comes to the same.)
 local function fast_release(id)
-  if not fast_state(RELEASE_STATE) then return give_up() end
+  if not fast_state() then return give_up() end
   release(id)
   return REPLY.released
 end

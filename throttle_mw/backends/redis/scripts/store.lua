@@ -25,6 +25,8 @@ local born          -- budget-wide keys (KEY names) this call may have created: 
                     -- gives them their TTL (Redis drops a key that empties, TTL and all)
 local more          -- dispatch stopped at DISPATCH_LIMIT: tick again at once
 local held_back     -- in flight counted for leases not yet reclaimed (hold_back)
+local loaded        -- P:s's packed numbers as loaded (a state_memo entry, or nil)
+local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 
 -- The fields of P:s: tokens, last refill, concurrency in flight, the virtual clock v, the
 -- fair-rate window (window.lua), waiting requests and their cost, the active tenants'
@@ -32,21 +34,30 @@ local held_back     -- in flight counted for leases not yet reclaimed (hold_back
 -- priority rank (n0..), the next TTL refresh (xp), the next idle-tenant sweep (fi),
 -- whether the lease keys hold their anchor (la: anchor_leases), the state's epoch (ep)
 -- and the end of its reclaim grace (rc): see "A state made anew" below.
-local STATE_FIELDS = {'tokens', 'ts', 'inflight', 'v', 'win_at', 'win_v0', 'win_cost',
-  'v_rate', 'thr', 'meas_at', 'waiting', 'qcost', 'wsum', 'seq', 'tk_at', 'tk_by'}
+-- The layout: the numbers in PACKED share one field, PACKED_FIELD, their texts in that
+-- order joined with SEP ('' for unset), read and written whole: Redis reads one field for
+-- a fraction of what it takes for a dozen, and a loaded library remembers the last text
+-- it read or wrote for a prefix with its numbers (state_memo), so a call parses none of
+-- them unless another writer came in between. The fields others read keep a field each
+-- (PLAIN: renew.lua reads the epoch, tests the counters). Only load_state, load_hot_state
+-- and save know this layout.
+local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', 'thr',
+  'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc'}
+local PACKED_FIELD = 'nums'
+local PLAIN = {'inflight', 'waiting', 'tk_by', 'ep'}
 local RANK_COUNT = {}  -- 'n0'.. by rank + 1, and a tenant's 'c0'..: made once, not per call
 local RANK_COST = {}
 for rank = 0, NRANK - 1 do
   RANK_COUNT[rank + 1] = 'n' .. rank
   RANK_COST[rank + 1] = 'c' .. rank
-  STATE_FIELDS[#STATE_FIELDS + 1] = RANK_COUNT[rank + 1]
+  PLAIN[#PLAIN + 1] = RANK_COUNT[rank + 1]
 end
-STATE_FIELDS[#STATE_FIELDS + 1] = 'xp'
-STATE_FIELDS[#STATE_FIELDS + 1] = 'fi'
-STATE_FIELDS[#STATE_FIELDS + 1] = 'la'
-STATE_FIELDS[#STATE_FIELDS + 1] = 'ep'
-STATE_FIELDS[#STATE_FIELDS + 1] = 'rc'
 local STRING_FIELDS = {tk_by = true, ep = true}
+local EMPTY_TEXTS = {}  -- every packed number unset
+for i = 1, #PACKED do EMPTY_TEXTS[i] = '' end
+-- The fields load_hot_state reads (fast.lua's calls): the packed numbers, in flight,
+-- waiting and the epoch.
+local HOT_FIELDS = {PACKED_FIELD, 'inflight', 'waiting', 'ep'}
 
 -- The fields of P:t:<h> (a tenant): finish tag, weight, cap bucket and its time, waiting
 -- requests, their cost by rank (c0..), state (IDLE, ACTIVE, CAPPED), member in P:active,
@@ -57,7 +68,13 @@ TENANT_FIELDS[#TENANT_FIELDS + 1] = 'st'
 TENANT_FIELDS[#TENANT_FIELDS + 1] = 'am'
 TENANT_FIELDS[#TENANT_FIELDS + 1] = 'xp'
 
+local now_text        -- num(now), made once per call (init) when first needed
+
 local function num(x)
+  if x == now then
+    if now_text == nil then now_text = string.format(NUMBER_FORMAT, x) end
+    return now_text
+  end
   return string.format(NUMBER_FORMAT, x)
 end
 
@@ -122,10 +139,12 @@ local function key_names(prefix)
 end
 
 local function init(prefix, now_override, process)
-  S, S0, L, POL, T, out_events, recent, fresh = {}, {}, {}, {}, {}, {}, {}, false
+  S, S0, L, POL, T, out_events, recent, fresh = {}, {}, nil, nil, {}, {}, {}, false
   born = {}
   more = false
   held_back = 0
+  loaded = nil
+  limits_memo = nil
   K = key_names(prefix)
   proc = process
   if now_override ~= nil and now_override ~= '' then
@@ -134,15 +153,18 @@ local function init(prefix, now_override, process)
     local t = redis.call('TIME')
     now = tonumber(t[1]) + tonumber(t[2]) / US_PER_S
   end
+  now_text = nil
 end
 
 -- The limits in force: live overrides (P:cfg, set with the CLI) win over the caller's.
 -- A concurrency of AUTO is the fleet's learned limit (P:cfg's `learned`, written by the
 -- process that takes the fleet's learning step: backends/redis/learner.py).
--- a: the caller's limits and policy, as strings by name.
-local function load_limits(a)
-  local cfg = redis.call('HMGET', K.cfg, 'rate', 'burst', 'concurrency', 'tenant_rate',
-    'tenant_burst', LEARNED)
+-- a: the caller's limits and policy, as strings by name (LIMIT_ARGS).
+local LIMIT_ARGS = {'rate', 'burst', 'concurrency', 'tenant_rate', 'tenant_burst', 'credit',
+  'queue_limit', 'tenant_queue_limit', 'idle', 'max_tenants', 'lease_ttl', 'ttl', 'live_ttl'}
+local LIVE_FIELDS = {'rate', 'burst', 'concurrency', 'tenant_rate', 'tenant_burst', LEARNED}
+
+local function parse_limits(a, cfg)
   local function pick(live, given)
     if live ~= false and live ~= nil then
       if live == OFF then return nil end
@@ -152,6 +174,7 @@ local function load_limits(a)
     if given == AUTO then return AUTO end
     return opt(given)
   end
+  L, POL = {}, {}
   L.rate = pick(cfg[1], a.rate)
   L.burst = pick(cfg[2], a.burst)
   L.concurrency = pick(cfg[3], a.concurrency)
@@ -171,6 +194,34 @@ local function load_limits(a)
   POL.live_ttl = opt(a.live_ttl)
 end
 
+local function load_limits(a)
+  parse_limits(a, redis.call('HMGET', K.cfg, unpack(LIVE_FIELDS)))
+end
+
+-- load_limits for batch.lua, from its ARGV[4] (LIMIT_ARGS joined with SEP) and P:cfg,
+-- remembered by prefix: the same text comes call after call, and L and POL are never
+-- changed once made, so a call that finds the texts it last parsed takes the same tables
+-- (Lua interns strings: comparing them costs next to nothing).
+local function load_limits_text(text)
+  local cfg = redis.call('HMGET', K.cfg, unpack(LIVE_FIELDS))
+  local memo = K.limits_memo
+  if memo ~= nil and memo.text == text and memo.cfg[1] == cfg[1] and memo.cfg[2] == cfg[2]
+    and memo.cfg[3] == cfg[3] and memo.cfg[4] == cfg[4] and memo.cfg[5] == cfg[5]
+    and memo.cfg[6] == cfg[6] then
+    L, POL, limits_memo = memo.L, memo.POL, memo
+    return
+  end
+  local a, pos = {}, 1
+  for i = 1, #LIMIT_ARGS do
+    local stop = string.find(text, SEP, pos, true) or #text + 1
+    a[LIMIT_ARGS[i]] = string.sub(text, pos, stop - 1)
+    pos = stop + #SEP
+  end
+  parse_limits(a, cfg)
+  limits_memo = {text = text, cfg = cfg, L = L, POL = POL}
+  K.limits_memo = limits_memo
+end
+
 -- The limits in force as batch.lua's reply states them (rate|burst|concurrency|tenant_rate|
 -- tenant_burst|learned, "" = unset), memoized: the same few limits come call after call,
 -- and formatting numbers is a good part of a small call's cost.
@@ -178,6 +229,7 @@ local LINES = {}
 local LINES_KEPT = 0
 
 local function limits_line()
+  if limits_memo ~= nil and limits_memo.line ~= nil then return limits_memo.line end
   local node = LINES
   local path = {L.rate or false, L.burst or false, L.concurrency or false,
     L.tenant_rate or false, L.tenant_burst or false, L.learned}
@@ -187,7 +239,10 @@ local function limits_line()
     node = next_node
   end
   local line = node[path[#path]]
-  if line ~= nil then return line end
+  if line ~= nil then
+    if limits_memo ~= nil then limits_memo.line = line end
+    return line
+  end
   local function limit(x)
     if x == nil then return '' end
     return num(x)
@@ -199,17 +254,71 @@ local function limits_line()
   if LINES_KEPT >= KEYS_CACHE_MAX then LINES = {}; LINES_KEPT = 0; return line end
   node[path[#path]] = line
   LINES_KEPT = LINES_KEPT + 1
+  if limits_memo ~= nil then limits_memo.line = line end
   return line
+end
+
+-- P:s's packed numbers from their text (PACKED_FIELD's value, or false): the entry of
+-- state_memo, parsed only if it is not the text last read or written for this prefix.
+local function unpack_state(text)
+  if not text then return nil end
+  local memo = K.state_memo
+  if memo ~= nil and memo.text == text then return memo end
+  local vals, texts = {}, {}
+  local pos = 1
+  for i = 1, #PACKED do
+    local stop = string.find(text, SEP, pos, true)
+    local piece
+    if stop == nil then
+      piece = string.sub(text, pos)
+      pos = #text + 1
+    else
+      piece = string.sub(text, pos, stop - 1)
+      pos = stop + #SEP
+    end
+    texts[i] = piece
+    vals[i] = tonum(piece)  -- '' (unset): nil
+  end
+  memo = {text = text, vals = vals, texts = texts}
+  K.state_memo = memo
+  return memo
+end
+
+-- The packed numbers into a new S (their loaded values stay in `loaded`: save compares
+-- with them). Written out, in PACKED's order: a table made whole costs a fraction of one
+-- filled field by field (every few fields would grow it anew).
+local function load_packed(text)
+  loaded = unpack_state(text)
+  if loaded == nil then S = {}; return end
+  local v = loaded.vals
+  S = {tokens = v[1], ts = v[2], v = v[3], win_at = v[4], win_v0 = v[5], win_cost = v[6],
+    v_rate = v[7], thr = v[8], meas_at = v[9], qcost = v[10], wsum = v[11], seq = v[12],
+    tk_at = v[13], xp = v[14], fi = v[15], la = v[16], rc = v[17]}
+end
+
+local function load_plain(name, value)
+  if STRING_FIELDS[name] then value = value or '' else value = tonum(value) end
+  S[name] = value
+  S0[name] = value
+end
+
+-- The state as fast.lua needs it (HOT_FIELDS; the ranks' counts are not loaded, and
+-- save leaves them as they are); false if there is none.
+local function load_hot_state()
+  local vals = redis.call('HMGET', K.state, unpack(HOT_FIELDS))
+  if not vals[1] then return false end
+  load_packed(vals[1])
+  S.inflight = tonum(vals[2]); S.waiting = tonum(vals[3]); S.ep = vals[4] or ''
+  S0.inflight = S.inflight; S0.waiting = S.waiting; S0.ep = S.ep
+  return true
 end
 
 -- The budget's state; a budget seen for the first time starts full. `known`: the epoch the
 -- caller knew ("" or nil: none), see "A state made anew" below.
 local function load_state(known)
-  local vals = redis.call('HMGET', K.state, unpack(STATE_FIELDS))
-  for i, name in ipairs(STATE_FIELDS) do
-    if STRING_FIELDS[name] then S[name] = vals[i] or '' else S[name] = tonum(vals[i]) end
-    S0[name] = S[name]
-  end
+  local vals = redis.call('HMGET', K.state, PACKED_FIELD, unpack(PLAIN))
+  load_packed(vals[1])
+  for i, name in ipairs(PLAIN) do load_plain(name, vals[i + 1]) end
   if S.ts == nil then
     S.tokens = L.burst; S.ts = now; S.inflight = 0; S.v = 0
     S.win_at = now; S.win_v0 = 0; S.win_cost = 0; S.v_rate = 0; S.thr = 0
@@ -268,7 +377,28 @@ local function save()
   held_back = 0
   local refresh = now >= S.xp
   if refresh then S.xp = now + POL.ttl / TTL_REFRESHES end
-  for _, name in ipairs(STATE_FIELDS) do
+  -- The packed numbers (in PACKED's order): their text anew if one changed, only the
+  -- changed ones formatted.
+  local vals = {S.tokens, S.ts, S.v, S.win_at, S.win_v0, S.win_cost, S.v_rate, S.thr,
+    S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc}
+  local old, texts = {}, nil
+  if loaded ~= nil then old = loaded.vals end
+  for i = 1, #PACKED do
+    local value = vals[i]
+    if value ~= old[i] then
+      if texts == nil then
+        if loaded ~= nil then texts = {unpack(loaded.texts)} else texts = {unpack(EMPTY_TEXTS)} end
+      end
+      if value == nil then texts[i] = '' else texts[i] = num(value) end
+    end
+  end
+  if texts ~= nil then
+    loaded = {text = table.concat(texts, SEP), vals = vals, texts = texts}
+    K.state_memo = loaded
+    args[1] = PACKED_FIELD; args[2] = loaded.text
+  end
+  for i = 1, #PLAIN do
+    local name = PLAIN[i]
     local value = S[name]
     if value ~= S0[name] then
       args[#args + 1] = name

@@ -1,0 +1,109 @@
+"""Instructions redis-server executes per unbatched admission, counted by callgrind.
+
+    python bench/redisinstr.py --n 300 --scenarios rate,concurrency,concurrency-held
+
+Timing on a shared machine moves by 10-20 % between runs; the instructions a server
+executes for a fixed number of admissions do not. One private redis-server runs under
+``valgrind --tool=callgrind`` with collection off; `RedisBackend` is driven as in
+`bench/rediscost.py` (one request at a time: an acquire and, with a lease, its release);
+after a warm-up (scripts loaded, tenants made) collection is switched on for exactly
+``--n`` admissions. Reported: instructions per admission (Redis's whole work: sockets,
+parsing, the script and its commands; the kernel's work is not counted). The profile is
+left in ``--out`` (read it with ``callgrind_annotate --inclusive=yes``). Slow: valgrind
+runs Redis about 50x slower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import redis
+
+from bench.rediscost import admit_one, cpu_model, settings
+from tests.support.ports import HOST, free_port
+from tests.support.redis_server import redis_server_binary
+from throttle_mw.backends.redis import RedisBackend
+from throttle_mw.scheduler import Request
+
+
+def _control(pid: int, *args: str) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
+
+
+async def _drive(url: str, mode: str, n: int, held: int, pid: int) -> None:
+    limits = {"rate": 1e6, "burst": 1e6} if mode == "rate" else {"concurrency": 100_000}
+    backend = RedisBackend(settings(url, f"i{mode}{held}", **limits))
+    await backend.start()
+    for i in range(held):
+        await backend.acquire(Request(f"held{i}", f"holder{i % 16}"))  # kept in flight
+    for i in range(200):  # warm up: the library loaded, tenants made
+        await admit_one(backend, f"t{i % 8}")
+    _control(pid, "-z")
+    _control(pid, "-i", "on")
+    for i in range(n):
+        await admit_one(backend, f"t{i % 8}")
+    _control(pid, "-i", "off")
+    await backend.stop()
+
+
+def measure(binary: str, mode: str, n: int, held: int, out: Path) -> int:
+    """Instructions per admission of one scenario, with its own redis-server."""
+    port = free_port()
+    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    redis_args = ["--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
+    server = subprocess.Popen(
+        [*valgrind, binary, *redis_args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(host=HOST, port=port)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        asyncio.run(_drive(f"redis://{HOST}:{port}/0", mode, n, held, server.pid))
+    finally:
+        server.terminate()
+        server.wait()
+    totals = re.search(r"^totals:\s*(\d+)", out.read_text(), re.M)
+    assert totals is not None, out
+    return int(totals.group(1)) // n
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=300, help="admissions counted")
+    parser.add_argument("--held", type=int, default=120, help="concurrency-held: in flight")
+    parser.add_argument("--scenarios", default="rate,concurrency,concurrency-held")
+    parser.add_argument("--redis-server", default=str(redis_server_binary()))
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()))
+    args = parser.parse_args(argv)
+    print(f"# {cpu_model()}; {args.redis_server}", flush=True)
+    for scenario in args.scenarios.split(","):
+        mode, held = scenario, 0
+        if scenario == "concurrency-held":
+            mode, held = "concurrency", args.held
+        out = args.out / f"callgrind.redis.{scenario}"
+        per = measure(args.redis_server, mode, args.n, held, out)
+        print(f"{scenario:18} {per:,} instructions/admission  ({out})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
