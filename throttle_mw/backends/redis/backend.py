@@ -571,6 +571,10 @@ class RedisBackend(Recovery):
                 raise
             except (RedisError, OSError) as exc:
                 self._on_failure(exc)
+            except Exception:  # a reply this version cannot read, a bug: beat on regardless
+                # A heartbeat that stopped would let this process's leases lapse while its
+                # requests still run, and the fleet admit on top of them.
+                logger.exception("throttle_mw: the heartbeat failed; it goes on")
             if self._closing:
                 return
             await asyncio.sleep(period if not self._breaker.is_open else 0.25)
