@@ -1,4 +1,4 @@
-"""The mypyc experiment (`tools/mypyc_build.py`) stays out of the default install.
+"""The mypyc experiment (`bench/mypyc_build.py`) stays out of the default install.
 
 Every test runs on pure Python, and this file fails if a compiled module was
 left beside the sources. With ``TEST_EXPECT_COMPILED=1`` (measuring the
@@ -22,7 +22,7 @@ EXPECT_COMPILED = os.environ.get("TEST_EXPECT_COMPILED") == "1"
 
 
 def _tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("mypyc_build", ROOT / "tools" / "mypyc_build.py")
+    spec = importlib.util.spec_from_file_location("mypyc_build", ROOT / "bench" / "mypyc_build.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -104,7 +104,7 @@ class ThrottleMiddleware:
         self._error_logged = False
         self._backend: Backend | None = None
         # Set before the try, not only in it and in its handler: compiled by mypyc
-        # (tools/mypyc_build.py), an attribute assigned on every path of __init__ is
+        # (bench/mypyc_build.py), an attribute assigned on every path of __init__ is
         # taken as always set, and the handler's assignment then freed the value the
         # failed one never stored (a crash on every bad setting, mypyc 2.4.1).
         self.settings = _OFF

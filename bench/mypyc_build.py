@@ -1,8 +1,8 @@
 """Compile the in-memory hot path with mypyc, in place: an experiment, not a build we ship.
 
-    python tools/mypyc_build.py          # build: a .so beside each module below
-    python tools/mypyc_build.py --clean  # back to pure Python
-    python tools/mypyc_build.py --check  # exit 1 unless every module below is compiled
+    python bench/mypyc_build.py          # build: a .so beside each module below
+    python bench/mypyc_build.py --clean  # back to pure Python
+    python bench/mypyc_build.py --check  # exit 1 unless every module below is compiled
 
 ``pip install -e .`` (and every wheel) is pure Python; this builds C
 extensions beside the sources of an editable checkout, which Python imports

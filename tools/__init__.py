@@ -1,1 +1,0 @@
-"""Development tools (not part of the package)."""
