@@ -72,6 +72,12 @@ KEYS_CACHE_MAX: Final = 64
 #: this many leases are in flight.
 LEASE_ANCHOR: Final = "~anchor~" + "~" * 1016
 LEASE_ANCHOR_AT: Final = 16
+#: The live processes a batch call reports (its trailer) are counted at most this often
+#: per budget (batch.lua, live_processes), and at once when a call registers its process.
+PROCS_RECOUNT_S: Final = 1.0
+#: A process's recent admissions list grows this far past keys.RECENT_KEPT before it is
+#: trimmed back (store.lua, save): one trim per RECENT_SLACK admissions, not one each.
+RECENT_SLACK: Final = 64
 #: Texts whose numbers a loaded library remembers (store.lua, tonum) before starting afresh.
 NUMBERS_MAX: Final = 1024
 #: A budget state made anew while a process still knew the old one (Redis restarted empty,
@@ -146,6 +152,8 @@ SHARED: Final[Mapping[str, object]] = {
     "LEASE_ANCHOR": LEASE_ANCHOR,
     "LEASE_ANCHOR_AT": LEASE_ANCHOR_AT,
     "NUMBERS_MAX": NUMBERS_MAX,
+    "PROCS_RECOUNT": PROCS_RECOUNT_S,
+    "RECENT_SLACK": RECENT_SLACK,
     "RECLAIM_GRACE": RECLAIM_GRACE_S,
     # units
     "MS_PER_S": 1000,

@@ -64,14 +64,26 @@ end
 init(ARGV[2], ARGV[1], ARGV[3])
 load_limits_text(ARGV[4])
 
+-- The live processes (heartbeats in P:procs not past), as the trailer reports them: kept
+-- in the state (S.np) and counted again at most every PROCS_RECOUNT (S.pc), or at once when
+-- this call registered its process (`joined`). A heartbeat lapses, or a process leaves,
+-- in the count within PROCS_RECOUNT (each process's own heartbeat counts them exactly).
+-- Before save(): the count is saved with the state.
+local function live_processes(joined)
+  if joined or S.np == nil or S.pc == nil or now >= S.pc or now < S.pc - PROCS_RECOUNT then
+    S.np = redis.call('ZCOUNT', K.procs, num(now), '+inf')
+    S.pc = now + PROCS_RECOUNT
+  end
+  return S.np
+end
+
 -- The reply: the operations' lines (`lines`, joined; '' if none), then the trailer (see
--- above). (One concatenation: the string is made once.)
-local function finish(lines, due)
+-- above), `procs` from live_processes. (One concatenation: the string is made once.)
+local function finish(lines, due, procs)
   local delay = ''
   if due ~= nil then delay = num(due - now) end
   if lines ~= '' then lines = lines .. LINE end
-  return lines .. delay .. LINE .. redis.call('ZCOUNT', K.procs, num(now), '+inf') .. LINE
-    .. limits_line() .. LINE .. S.ep
+  return lines .. delay .. LINE .. procs .. LINE .. limits_line() .. LINE .. S.ep
 end
 
 -- One operation that nobody waiting can be affected by: fast.lua, or nil.
@@ -85,8 +97,9 @@ if #ops == 1 then
     line = fast_release(string.sub(op, #OP.acquire + #SEP + 1))
   end
   if line ~= nil then
+    local procs = live_processes(false)
     save()
-    return finish(line, nil)
+    return finish(line, nil, procs)
   end
 end
 
@@ -94,7 +107,8 @@ load_state(ARGV[5])
 hold_back()
 -- The caller is alive. NX: only renew.lua extends a heartbeat, together with the process's
 -- leases, so a crashed process's heartbeat lapses no later than its leases.
-if redis.call('ZADD', K.procs, 'NX', num(now + POL.lease_ttl), proc) == 1 then born.procs = true end
+local joined = redis.call('ZADD', K.procs, 'NX', num(now + POL.lease_ttl), proc) == 1
+if joined then born.procs = true end
 refill()
 expire_leases()
 expire_waiters()
@@ -171,5 +185,6 @@ local grace = grace_due()
 if grace ~= nil and (due == nil or grace < due) then due = grace end
 if more then due = now end  -- dispatch left admissions for the next tick
 if due ~= nil then due = claim_tick(due) end
+local procs = live_processes(joined)
 save()
-return finish(table.concat(results, LINE), due)
+return finish(table.concat(results, LINE), due, procs)

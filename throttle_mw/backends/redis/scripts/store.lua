@@ -33,7 +33,9 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- weight, a sequence counter, the fleet's tick claim (tk_at, tk_by), waiting requests by
 -- priority rank (n0..), the next TTL refresh (xp), the next idle-tenant sweep (fi),
 -- whether the lease keys hold their anchor (la: anchor_leases), the state's epoch (ep)
--- and the end of its reclaim grace (rc): see "A state made anew" below.
+-- and the end of its reclaim grace (rc): see "A state made anew" below; the live
+-- processes as last counted (np) and when they are counted again (pc: batch.lua's
+-- live_processes).
 -- The layout: the numbers in PACKED share one field, PACKED_FIELD, their texts in that
 -- order joined with SEP ('' for unset), read and written whole: Redis reads one field for
 -- a fraction of what it takes for a dozen, and a loaded library remembers the last text
@@ -42,7 +44,7 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- (PLAIN: renew.lua reads the epoch, tests the counters). Only load_state, load_hot_state
 -- and save know this layout.
 local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', 'thr',
-  'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc'}
+  'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc'}
 local PACKED_FIELD = 'nums'
 local PLAIN = {'inflight', 'waiting', 'tk_by', 'ep'}
 local RANK_COUNT = {}  -- 'n0'.. by rank + 1, and a tenant's 'c0'..: made once, not per call
@@ -293,7 +295,7 @@ local function load_packed(text)
   local v = loaded.vals
   S = {tokens = v[1], ts = v[2], v = v[3], win_at = v[4], win_v0 = v[5], win_cost = v[6],
     v_rate = v[7], thr = v[8], meas_at = v[9], qcost = v[10], wsum = v[11], seq = v[12],
-    tk_at = v[13], xp = v[14], fi = v[15], la = v[16], rc = v[17]}
+    tk_at = v[13], xp = v[14], fi = v[15], la = v[16], rc = v[17], np = v[18], pc = v[19]}
 end
 
 local function load_plain(name, value)
@@ -380,7 +382,7 @@ local function save()
   -- The packed numbers (in PACKED's order): their text anew if one changed, only the
   -- changed ones formatted.
   local vals = {S.tokens, S.ts, S.v, S.win_at, S.win_v0, S.win_cost, S.v_rate, S.thr,
-    S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc}
+    S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc, S.np, S.pc}
   local old, texts = {}, nil
   if loaded ~= nil then old = loaded.vals end
   for i = 1, #PACKED do
@@ -413,12 +415,21 @@ local function save()
   if refresh then expiring = KEY_TTL end
   for name in pairs(expiring) do redis.call('PEXPIRE', K[name], ttl_ms(KEY_TTL[name])) end
   born = {}
+  -- A process's recent admissions: trimmed back to RECENT_KEPT once RECENT_SLACK more
+  -- came in (at least the last RECENT_KEPT are kept), their TTL set when the list is made
+  -- and pushed out a quarter of T apart (the loaded library keeps when, by process: with
+  -- EVAL, or once the library is loaded anew, on the next call).
+  local due = K.recent_due
+  if due == nil then due = {}; K.recent_due = due end
   for p, ids in pairs(recent) do
     local key = K.prefix .. KEY.recent .. p
-    if redis.call('LPUSH', key, unpack(ids)) > RECENT_KEPT then
-      redis.call('LTRIM', key, 0, RECENT_KEPT - 1)
+    local size = redis.call('LPUSH', key, unpack(ids))
+    if size > RECENT_KEPT + RECENT_SLACK then redis.call('LTRIM', key, 0, RECENT_KEPT - 1) end
+    local at = due[p]
+    if size == #ids or at == nil or now >= at or now < at - POL.ttl then
+      redis.call('PEXPIRE', key, ttl_ms('state'))
+      due[p] = now + POL.ttl / TTL_REFRESHES
     end
-    redis.call('PEXPIRE', key, ttl_ms('state'))
   end
   for p, msgs in pairs(out_events) do
     local key = K.prefix .. KEY.grants .. p
