@@ -3,8 +3,9 @@
 Timing on a shared machine moves by 2x from one minute to the next; the
 number of instructions a server executes to answer a fixed number of requests
 does not. This runs one variant's uvicorn worker (the throughput benchmark's
-command line, `bench.server.UVICORN_ARGS`) under ``valgrind --tool=callgrind``
-with collection off, warms it up, switches collection on with
+command line and environment: `bench.server.uvicorn_command`, `server_env`)
+under ``valgrind --tool=callgrind`` with collection off, warms it up, switches
+collection on with
 ``callgrind_control``, sends exactly ``--requests`` keep-alive requests over
 ``--connections`` connections (each with one request in flight), switches
 collection off, and reports instructions per request. Native frames included:
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import socket
@@ -37,8 +37,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.apps import make_app  # noqa: F401  (registers the variants)
-from bench.server import HOST, ROOT, UVICORN_ARGS
-from bench.variants import VARIANT_ENV, get_variant
+from bench.server import HOST, ROOT, server_env, uvicorn_command
+from bench.variants import get_variant
 
 #: As wrk sends it: no tenant header (`--header` adds some).
 _REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
@@ -125,28 +125,14 @@ def measure(
         raise SystemExit(f"{name} needs services {spec.services}: not supported here")
     port = _free_port()
     profile = out / f"callgrind.{name}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("THROTTLE_", "BENCH_"))}
-    env.update(spec.env)
-    env[VARIANT_ENV] = name
-    env["PYTHONHASHSEED"] = "0"
+    env = server_env(name, {**spec.env, "PYTHONHASHSEED": "0"})
     cmd = [
         "valgrind",
         "--tool=callgrind",
         "--instr-atstart=no",
         *(["--cache-sim=yes", "--branch-sim=yes"] if simulate else []),
         f"--callgrind-out-file={profile}",
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "bench.apps:make_app",
-        "--factory",
-        "--app-dir",
-        str(ROOT),
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-        *UVICORN_ARGS,
+        *uvicorn_command(port),
     ]
     log = open(out / f"valgrind.{name}.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)

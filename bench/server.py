@@ -76,6 +76,25 @@ def taskset(cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus] if cpus is not None else []
 
 
+def uvicorn_command(port: int, app: str = "bench.apps:make_app", factory: bool = True) -> list[str]:
+    """The uvicorn command line every benchmark serves with (a prefix such as `taskset` or
+    valgrind goes before it): `app` on HOST:`port`, with `UVICORN_ARGS`."""
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        app,
+        *(["--factory"] if factory else []),
+        "--app-dir",
+        str(ROOT),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        *UVICORN_ARGS,
+    ]
+
+
 def server_env(variant: str, env: Mapping[str, str]) -> dict[str, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(_SCRUBBED)}
     return {**clean, **env, VARIANT_ENV: variant}
@@ -101,21 +120,7 @@ def serve(
     """
     for attempt in range(_PORT_ATTEMPTS):
         port = _free_port()
-        command = [
-            *taskset(cpus),
-            sys.executable,
-            "-m",
-            "uvicorn",
-            app,
-            *(["--factory"] if factory else []),
-            "--app-dir",
-            str(ROOT),
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            *UVICORN_ARGS,
-        ]
+        command = [*taskset(cpus), *uvicorn_command(port, app, factory)]
         with log_path.open("wb") as log:  # one attempt per log: its text decides a retry
             process = subprocess.Popen(
                 command,

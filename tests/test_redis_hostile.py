@@ -112,7 +112,8 @@ def test_redis_frozen_for_three_seconds_under_load(redis_server: RedisServer, mo
     queues while Redis is away, a request sent while it is frozen is answered
     within the Redis timeout); each process's shared budget is back within 2 s
     of the thaw; and while frozen, each process tried at most one connection
-    per backoff step (its breaker's, and its grant listener's).
+    per backoff step (its breaker's probe, and its grant listener's), give or
+    take one at the edges.
     """
     env = fleet_env(
         redis_server.url,
@@ -154,8 +155,13 @@ def test_redis_frozen_for_three_seconds_under_load(redis_server: RedisServer, mo
     # Back while still frozen would be a false recovery; back after the thaw, within 2 s.
     early = [t for b in backs for t in b if out.frozen + 0.1 < t < out.thawed]
     recovered = [min((t - out.thawed for t in b if t >= out.thawed), default=99.0) for b in backs]
-    per_process = backoff_steps(FREEZE_S, TIMEOUT_S, 0.1, 1.0) + backoff_steps(
-        FREEZE_S, BLOCK_S + TIMEOUT_S + 1.0, 0.05, 1.0
+    breaker = Breaker()
+    # The breaker's probes and the grant listener's reconnects, one per backoff step; and
+    # one more: a call that took a fresh pool connection at the freeze or the thaw.
+    per_process = (
+        backoff_steps(FREEZE_S, TIMEOUT_S, breaker.first_open_s, breaker.max_open_s)
+        + backoff_steps(FREEZE_S, BLOCK_S + TIMEOUT_S + 1.0, 0.05, 1.0)
+        + 1
     )
     print(
         f"{mode}: {len(out.records)} requests, {len(during)} sent while frozen,"
@@ -190,7 +196,7 @@ def test_backoff_steps_counts_attempts_of_a_doubling_pause() -> None:
     # 0.5 s calls, pauses 0.1, 0.2, 0.4, 0.8: attempts at 0.6, 1.3, 2.2 (3.5 is past 3 s).
     assert backoff_steps(3.0, 0.5, 0.1, 1.0) == 3
     assert backoff_steps(0.5, 0.5, 0.1, 1.0) == 0
-    assert Breaker().failures == 0  # the constants above are the breaker's defaults
+    assert (Breaker().first_open_s, Breaker().max_open_s) == (0.1, 1.0)
 
 
 # --- a network between the app and Redis --------------------------------------------------------

@@ -34,6 +34,7 @@ from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.backends.redis.fallback import share
 from throttle_mw.backends.redis.keys import Keys
 from throttle_mw.backends.redis.learner import STATE_FIELD, FleetLearner
+from throttle_mw.backends.redis.recovery import HOLDING_PROBE_S
 from throttle_mw.backends.redis.scripts import RECLAIM_GRACE_S, source
 from throttle_mw.scheduler import Limits
 from throttle_mw.scheduler import Request as ThrottleRequest
@@ -48,8 +49,11 @@ TAG = "{rc}"
 class Budget:
     """batch.lua called directly, as one process (`process`) with a fake clock."""
 
-    def __init__(self, client: redis.Redis, process: str, concurrency: int = 2) -> None:
+    def __init__(
+        self, client: redis.Redis, process: str, concurrency: int = 2, tag: str = TAG
+    ) -> None:
         self.client = client
+        self.tag = tag
         self.process = process
         self.limits = Limits(concurrency=concurrency)
         #: The epoch this process last saw (what RedisBackend sends as known).
@@ -57,7 +61,7 @@ class Budget:
 
     def call(self, now: float, *ops: str, known: str | None = None) -> list[str]:
         static = protocol.static_args(
-            TAG,
+            self.tag,
             self.process,
             self.limits,
             credit_s=1.0,
@@ -71,7 +75,7 @@ class Budget:
         )
         epoch = self.epoch if known is None else known
         args = protocol.call_args(static, repr(now), list(ops), epoch)
-        lines = protocol.split_reply(self.client.eval(source("batch"), 1, f"{TAG}:s", *args))
+        lines = protocol.split_reply(self.client.eval(source("batch"), 1, f"{self.tag}:s", *args))
         self.epoch = protocol.trailer(lines[len(ops) :]).epoch
         self.due = protocol.trailer(lines[len(ops) :]).next_tick_s
         return lines[: len(ops)]
@@ -83,7 +87,7 @@ class Budget:
 
     @property
     def in_flight(self) -> int:
-        return int(float(self.client.hget(f"{TAG}:s", "inflight") or 0))
+        return int(float(self.client.hget(f"{self.tag}:s", "inflight") or 0))
 
 
 @pytest.fixture
@@ -161,6 +165,29 @@ def test_leases_of_the_failure_mode_count_only_as_far_as_there_is_room(budget: B
     assert budget.in_flight == 2
 
 
+def test_a_reclaim_after_the_grace_counts_what_runs(budget: Budget) -> None:
+    """A process that reaches Redis after the grace (cut off on its own): the new state has
+    admitted meanwhile, and that cannot be undone. Its leases still count, whatever the room:
+    nothing more is admitted until what runs is back under the limit. (Refused, "b" would
+    run uncounted, and the end of "x" would admit "y" on top of it.)"""
+    assert budget.acquire(100.0, "a") == "A|1|0"
+    assert budget.acquire(100.0, "b") == "A|1|0"
+    known = budget.epoch
+    budget.client.flushall()  # Redis restarted empty
+    other = Budget(budget.client, "p2")
+    other.call(101.0, protocol.TICK, known=known)  # it knew the old state: the grace starts
+    assert other.acquire(101.0 + RECLAIM_GRACE_S + 0.01, "x") == "A|1|0"
+    reclaims = [protocol.reclaim_op(r, 1, known) for r in ("a", "b")]
+    assert budget.call(102.0, *reclaims) == [protocol.RECLAIMED] * 2
+    assert budget.in_flight == 3  # what runs: over the limit, as the fleet is
+    assert other.acquire(102.1, "y").startswith(protocol.REPLY["queued"])
+    other.call(102.2, protocol.release_op("x"))
+    assert budget.client.hget(f"{TAG}:r", "y") is not None  # two still run: "y" waits
+    budget.call(102.3, protocol.release_op("b"))
+    assert budget.client.hget(f"{TAG}:r", "y") is None  # granted
+    assert budget.in_flight == 2
+
+
 def test_the_local_share_counts_what_is_held_in_redis() -> None:
     limits = Limits(concurrency=8)
     assert share(limits, 4).concurrency == 2
@@ -227,6 +254,56 @@ async def test_a_process_reclaims_its_leases_when_redis_loses_them(
         await holder.stop()
         await other.stop()
         client.close()
+
+
+@pytest.mark.anyio
+async def test_a_process_holding_leases_is_back_within_the_grace_after_a_long_outage(
+    redis_server: RedisServer,
+) -> None:
+    """Redis away for 2 s, so the breaker's pause is at its ceiling (1 s), then back empty,
+    at the worst moment: just after a failed probe. Another process that knew the old state
+    starts the grace at once; the holder's leases must be back within it (it probes every
+    HOLDING_PROBE_S while it holds leases), or the fleet admits on top of them."""
+    settings = Settings.from_env(
+        {}, redis_url=redis_server.url, key_prefix="rcl", redis_timeout_s=1.0,
+        concurrency="2", lease_ttl_s=30.0,
+    )  # fmt: skip
+    holder = RedisBackend(settings)
+    await holder.start()
+    client = redis_server.client(decode_responses=True)
+    try:
+        for rid in ("a", "b"):
+            held = await holder.acquire(_request(rid))
+            assert isinstance(held, Admitted)
+        known = holder._epoch
+        assert known
+        redis_server.stop()
+        await asyncio.sleep(2.0)
+        breaker = holder._breaker
+        assert breaker.is_open
+        for _ in range(400):  # its next probe a whole ceiling away
+            if breaker._open_until - time.monotonic() > 0.8:
+                break
+            await asyncio.sleep(0.005)
+        redis_server.start()  # no persistence: empty
+        other = Budget(client, "p2", tag="{rcl}")
+        other.call(time.time(), protocol.TICK, known=known)  # the grace starts
+        grace_ends = time.monotonic() + RECLAIM_GRACE_S
+        for _ in range(100):
+            if time.monotonic() >= grace_ends - 0.05 or client.hlen("{rcl}:lc") >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(client.hkeys("{rcl}:lc")) == ["a", "b"]
+        await asyncio.sleep(max(0.0, grace_ends - time.monotonic()) + 0.05)
+        # The grace over, the limit is full: a new request waits.
+        assert other.acquire(time.time(), "x").startswith(protocol.REPLY["queued"])
+    finally:
+        await holder.stop()
+        client.close()
+
+
+def test_holding_leases_a_process_probes_more_often_than_the_grace_lasts() -> None:
+    assert HOLDING_PROBE_S <= RECLAIM_GRACE_S / 2
 
 
 def test_a_long_silence_with_nothing_held_claims_no_grace(redis_server: RedisServer) -> None:

@@ -138,8 +138,8 @@ class RedisBackend(Recovery):
             clients.grants,
             self._keys.grants(self.process),
             self._on_message,
-            self._succeeded,
-            self._on_failure,
+            self._listener_back,
+            self._listener_lost,
             endpoint=self.endpoint,
         )
         self._listener.start()
@@ -215,6 +215,7 @@ class RedisBackend(Recovery):
                 self._settings.failure_mode,
             )
             self._breaker.failure()
+            self._watch()
             return
         logger.info(
             "throttle_mw: Redis at %s answered in %.1f ms",
@@ -415,6 +416,12 @@ class RedisBackend(Recovery):
             return
         self._batcher.send(protocol.release_op(rid), functools.partial(self._release_failed, rid))
 
+    async def _probe(self) -> None:
+        """The breaker's probe: a tick, a script call like any other (its reply closes the
+        breaker and tells the state's epoch, `_on_trailer`)."""
+        assert self._batcher is not None
+        await self._batcher.submit(protocol.TICK)
+
     def _release_failed(self, rid: str, exc: BaseException) -> None:
         self._orphans.add(rid)  # given back once Redis is back
         self._on_failure(exc)
@@ -464,7 +471,7 @@ class RedisBackend(Recovery):
         self._epoch_at = time.monotonic()
         if trailer.epoch != self._epoch:
             self._new_epoch(trailer.epoch)
-        # Any call that went through may have been the breaker's probe: report it back.
+        # Any call that went through says Redis is back (the probe's, or one that was out).
         self._succeeded()
         if trailer.next_tick_s is not None:
             self._schedule_tick(trailer.next_tick_s)
@@ -523,8 +530,7 @@ class RedisBackend(Recovery):
                 if self.learning and self._breaker.allow():
                     assert self._clients is not None
                     await learner.flush(self._clients.calls)
-                    # This call may have been the breaker's probe: report it back, or
-                    # the breaker stays half-open for good (no other call is let through).
+                    # Redis answered: if the breaker opened meanwhile, it is back.
                     self._succeeded()
             except asyncio.CancelledError:
                 raise

@@ -5,7 +5,10 @@ onto the waiting process's list (``P:g:<process>``). One dedicated connection
 per process reads it with BLPOP, so a waiter resumes within a round trip of the
 grant, with no polling. After a connection failure the listener reconnects and
 tells the backend, which re-submits its waiters (idempotently), so no waiter
-depends on a message that a Redis restart may have lost.
+depends on a message that a Redis restart or the dropped connection may have
+lost. Its own connection failing is not Redis failing: the backend checks Redis
+on the call path's connections before it opens the breaker (``recovery.py``,
+`_listener_lost`).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ class GrantListener:
         key: str,
         on_message: Callable[[str], None],
         on_reconnect: Callable[[], None],
-        on_failure: Callable[[], None],
+        on_failure: Callable[[BaseException], None],
         *,
         endpoint: str = "Redis",
     ) -> None:
@@ -86,7 +89,7 @@ class GrantListener:
                         type(exc).__name__,
                     )
                 failed = True
-                self._on_failure()
+                self._on_failure(exc)
                 await asyncio.sleep(backoff)
                 backoff = min(1.0, backoff * 2)
             except Exception:

@@ -1,8 +1,10 @@
 """Redis lost and back: the failure mode, orphaned requests, and re-submission.
 
 A circuit breaker (``breaker.py``) keeps a dead Redis from being hammered and
-brings the shared budget back within about a second of its return. While
-Redis is away, `THROTTLE_FAILURE_MODE` decides (``fallback.py``).
+brings the shared budget back within about a second of its return: while it
+is open no call goes to Redis but the probe that `_probe_loop` makes when its
+pause is over. While Redis is away, `THROTTLE_FAILURE_MODE` decides
+(``fallback.py``).
 
 Requests waiting in Redis when it fails keep waiting for `SETTLE_S`: a blip (a
 restart, a failover) costs them nothing, as they are submitted again once Redis
@@ -16,9 +18,18 @@ has lost the leases of requests that still run. Every batch reply carries the
 epoch of the budget's state, made anew with it: a process that sees a new one
 reclaims the leases it holds (`_new_epoch`), and the state admits nothing new
 for a short grace meanwhile (store.lua, "A state made anew"), so the fleet does
-not admit a second budget's worth on top of what runs. Leases this process's
+not admit a second budget's worth on top of what runs. While Redis is away, a
+process that holds leases probes it every `HOLDING_PROBE_S`, well within that
+grace, so it is back in time to reclaim them. Leases this process's
 failure mode admitted while Redis was away are registered too, as far as the
 limit has room for them.
+
+The grant listener's own connection failing (dropped by a proxy, `CLIENT KILL`,
+an idle timeout) is not Redis failing: the listener reconnects by itself, and
+one PING on the call path's connections decides whether Redis is away
+(`_listener_lost`); only then does the breaker open for everyone. Once the
+listener is back, the waiters are submitted again (a grant popped just as its
+connection died would be lost otherwise).
 
 `Recovery` is the half of `RedisBackend` that does this; the backend
 (``backend.py``) is the other half, the call path. It shares the backend's
@@ -35,10 +46,12 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from ...scheduler import Request
 from ...settings import Settings, redis_endpoint
 from ..base import Outcome, Waiting
-from . import protocol
+from . import connection, protocol
 from .batcher import Batcher
 from .breaker import Breaker
 from .fallback import Fallback
@@ -49,6 +62,10 @@ logger = logging.getLogger("throttle_mw.redis")
 #: How long requests waiting in Redis wait out a Redis failure before the failure mode
 #: settles them (a restart or a failover is over by then).
 SETTLE_S = 1.0
+#: While the breaker is open, a process that holds leases probes at least this often: if
+#: Redis comes back empty, it must reclaim them within the grace in which the new state
+#: admits nothing (scripts.RECLAIM_GRACE_S, 0.5 s), or the fleet admits on top of them.
+HOLDING_PROBE_S = 0.25
 
 
 @dataclass(eq=False)
@@ -78,6 +95,11 @@ class Recovery:
     #: Leases held in Redis: (cost, a loop time by which Redis had given or renewed it).
     _leases: dict[str, tuple[int, float]]
     _epoch: str
+    _clients: connection.Clients | None
+    #: A check that the grant listener's failure asked for is running (`_listener_lost`).
+    _checking: bool
+    #: `_probe_loop` is running.
+    _probing: bool
 
     def _init_recovery(self, settings: Settings, fallback: Fallback) -> None:
         self._settings = settings
@@ -89,6 +111,8 @@ class Recovery:
         self._orphans = set()
         self._settle = None
         self._tasks = set()
+        self._checking = False
+        self._probing = False
 
     # --- Redis lost -----------------------------------------------------------------------
 
@@ -103,8 +127,63 @@ class Recovery:
                 type(exc).__name__ if exc is not None else "connection lost",
                 self._settings.failure_mode,
             )
+        self._watch()
         if self._waiters and self._settle is None:
             self._settle = asyncio.get_running_loop().call_later(SETTLE_S, self._settle_waiters)
+
+    def _watch(self) -> None:
+        """The breaker is open: make sure someone probes it."""
+        if self._breaker.is_open and not self._probing:
+            self._probing = True
+            self._spawn(self._probe_loop())
+
+    async def _probe_loop(self) -> None:
+        """While the breaker is open: one probe when its pause is over, and again after
+        each that failed. The only caller that probes, so never two at once. A process that
+        holds leases probes at least every HOLDING_PROBE_S (to reclaim them in time)."""
+        try:
+            while self._breaker.is_open:
+                wait = self._breaker.until_probe()
+                if self._leases:
+                    wait = min(wait, HOLDING_PROBE_S)
+                await asyncio.sleep(wait)
+                if not self._breaker.is_open:
+                    return  # another call that was out came back: Redis is back
+                try:
+                    await self._probe()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # whatever it was, Redis did not answer: probe again
+                    self._breaker.probe_failed()
+                    continue
+                self._succeeded()
+        finally:
+            self._probing = False
+
+    def _listener_lost(self, exc: BaseException) -> None:
+        """The grant listener's connection failed; it reconnects by itself. Is Redis away
+        too? One PING on the call path's connections says (no breaker for everyone just
+        because one connection was dropped). Already open: the breaker's probes say."""
+        if self._breaker.is_open or self._checking or self._clients is None:
+            return
+        self._checking = True
+        self._spawn(self._check(exc))
+
+    async def _check(self, lost: BaseException) -> None:
+        try:
+            assert self._clients is not None
+            await self._clients.calls.ping()
+        except (RedisError, OSError) as exc:
+            self._on_failure(exc)
+        else:
+            logger.info(
+                "throttle_mw: Redis at %s answers; only the grant listener's connection"
+                " was lost (%s), it reconnects",
+                self.endpoint,
+                type(lost).__name__,
+            )
+        finally:
+            self._checking = False
 
     def _settle_waiters(self) -> None:
         """Redis is still away: whoever waits in it is decided by the failure mode now."""
@@ -127,6 +206,16 @@ class Recovery:
             "throttle_mw: Redis at %s is back; the shared budget decides again", self.endpoint
         )
         self._recovered()
+
+    def _listener_back(self) -> None:
+        """The grant listener reads again after a failure. Grants pushed meanwhile wait in
+        its list, but one popped as the connection died is lost: every waiter is asked
+        about again (idempotent). If the breaker was open, Redis is back (`_recovered`
+        does the same and more)."""
+        if self._breaker.is_open:
+            self._succeeded()
+        elif self._batcher is not None:
+            self._resubmit()
 
     def _recovered(self) -> None:
         """Clean up orphans, re-submit every waiter, and bring the local queue back to Redis."""
@@ -274,4 +363,8 @@ class Recovery:
 
     def _deliver_early(self, rid: str) -> None:
         """A grant message for `rid` that beat its acquire's reply: deliver it now."""
+        raise NotImplementedError
+
+    async def _probe(self) -> None:
+        """One call to Redis that says whether it is back (raises if not)."""
         raise NotImplementedError

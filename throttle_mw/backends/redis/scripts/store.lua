@@ -540,6 +540,11 @@ end
 -- `old` ("" for a lease of the failure mode's, never in Redis: registered only if the
 -- limit has room for it). Nothing if its state is the one in force (still there, or it
 -- expired there: never resurrected), or it is registered already (a retried reclaim).
+-- After the grace too, whatever the room: its request runs, and counting it is what keeps
+-- the fleet from admitting more until it is back under the limit. Refused, it would not
+-- undo what the new state admitted meanwhile, and each release would make room that is
+-- not there. (Reclaims come in time because a process holding leases probes a Redis away
+-- more often than the grace lasts: recovery.py, HOLDING_PROBE_S.)
 local function reclaim(id, cost, old)
   if L.concurrency == nil or old == S.ep then return false end
   if redis.call('HEXISTS', K.lease_costs, id) == 1 then return false end

@@ -1,0 +1,141 @@
+"""The circuit breaker's pause grows once per failed probe, not once per failing caller.
+
+The breaker's rules on a fake clock (its time moves only when the test says), then
+RedisBackend on a real redis-server, stopped: many requests failing at once open the
+breaker for its first pause, not its longest, and only the backend's prober probes it,
+one probe at a time, the pause doubling per failed probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tests.support.redis_server import RedisServer
+from throttle_mw.backends.redis import RedisBackend
+from throttle_mw.backends.redis.breaker import Breaker
+from throttle_mw.backends.redis.fallback import UNAVAILABLE
+from throttle_mw.scheduler import Request
+from throttle_mw.settings import Settings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_concurrent_failures_open_it_for_the_first_pause_only() -> None:
+    clock = Clock()
+    breaker = Breaker(0.1, 1.0, clock=clock)
+    for _ in range(50):  # fifty requests in flight when Redis went away, failing together
+        breaker.failure()
+    assert breaker.failures == 50
+    assert breaker.is_open
+    assert not breaker.allow()
+    assert breaker.until_probe() == pytest.approx(0.1)
+    clock.now += 0.1
+    assert breaker.until_probe() == 0.0  # the probe is due after the first pause
+    assert not breaker.allow()  # and only the prober makes it
+
+
+def test_each_failed_probe_doubles_the_pause_up_to_the_ceiling() -> None:
+    clock = Clock()
+    breaker = Breaker(0.1, 1.0, clock=clock)
+    breaker.failure()
+    pauses = [breaker.until_probe()]
+    for _ in range(5):
+        clock.now += breaker.until_probe()
+        breaker.probe_failed()
+        for _ in range(10):
+            breaker.failure()  # late callers (sent before it opened): no longer pause
+        pauses.append(round(breaker.until_probe(), 6))
+    assert pauses == [pytest.approx(0.1), 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert breaker.probes_failed == 5
+
+
+def test_success_closes_it_and_the_next_outage_starts_from_the_first_pause() -> None:
+    clock = Clock()
+    breaker = Breaker(0.1, 1.0, clock=clock)
+    breaker.failure()
+    for _ in range(4):
+        clock.now += 1.0
+        breaker.probe_failed()
+    clock.now += 1.0
+    breaker.success()
+    assert not breaker.is_open
+    assert breaker.allow()
+    for _ in range(20):
+        breaker.failure()
+    assert breaker.until_probe() == pytest.approx(0.1)
+
+
+def _backend(server: RedisServer) -> RedisBackend:
+    settings = Settings.from_env(
+        {},
+        redis_url=server.url,
+        key_prefix="brk",
+        redis_timeout_s=1.0,
+        concurrency="8",
+        failure_mode="closed",
+    )
+    return RedisBackend(settings)
+
+
+@pytest.mark.anyio
+async def test_many_requests_failing_at_once_leave_the_first_pause(
+    redis_server: RedisServer,
+) -> None:
+    backend = _backend(redis_server)
+    await backend.start()
+    try:
+        redis_server.stop()
+        clock = Clock()
+        backend._breaker = breaker = Breaker(clock=clock)
+        outcomes = await asyncio.gather(
+            *(backend.acquire(Request(f"r{n}", "acme")) for n in range(40))
+        )
+        assert outcomes == [UNAVAILABLE] * 40
+        assert breaker.failures >= 2  # several callers failed in the one outage
+        assert breaker.until_probe() == pytest.approx(0.1)  # not the longest pause
+    finally:
+        await backend.stop()
+
+
+@pytest.mark.anyio
+async def test_a_dead_redis_is_probed_once_per_pause_and_the_budget_is_back_soon(
+    redis_server: RedisServer,
+) -> None:
+    """Requests keep coming while Redis is away for 2.2 s: the probes follow the pauses
+    (0.1, 0.2, 0.4, 0.8, 1.0 s), however many requests fail, and Redis answers again
+    within the pause of its return."""
+    backend = _backend(redis_server)
+    await backend.start()
+    try:
+        redis_server.stop()
+        stopped = time.monotonic()
+        n = 0
+        while time.monotonic() - stopped < 2.2:
+            batch = [backend.acquire(Request(f"r{n}-{i}", "acme")) for i in range(5)]
+            assert await asyncio.gather(*batch) == [UNAVAILABLE] * 5
+            n += 1
+            await asyncio.sleep(0.01)
+        breaker = backend._breaker
+        # Probes at 0.1, 0.3, 0.7, 1.5 s (the next at 2.5): four failed, one at a time.
+        assert breaker.probes_failed in (3, 4, 5), breaker.probes_failed
+        redis_server.start()
+        back = time.monotonic()
+        for _ in range(300):
+            if not breaker.is_open:
+                break
+            await asyncio.sleep(0.01)
+        assert not breaker.is_open
+        assert time.monotonic() - back <= 1.0 + 0.5
+        admitted = await backend.acquire(Request("after", "acme"))
+        assert admitted != UNAVAILABLE
+    finally:
+        await backend.stop()
