@@ -272,6 +272,35 @@ async def test_duplicated_tenant_headers() -> None:
     assert differ.status_code == 400
 
 
+def test_tenant_header_values_are_checked_once_and_bad_ones_every_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from throttle_mw.asgi import tenants
+    from throttle_mw.settings import TENANT_PATTERN as pattern
+
+    checks: list[str] = []
+
+    class Counting:
+        def fullmatch(self, value: str) -> object:
+            checks.append(value)
+            return pattern.fullmatch(value)
+
+    monkeypatch.setattr(tenants, "TENANT_PATTERN", Counting())
+    monkeypatch.setattr(tenants, "_NAMED", {})
+    named = tenants._NAMED
+    resolve = tenants.Tenants("X-Tenant-ID").from_header
+    for _ in range(3):
+        assert resolve({"headers": [(b"x-tenant-id", b" acme ")]}) == "acme"
+        with pytest.raises(tenants.InvalidTenant):
+            resolve({"headers": [(b"x-tenant-id", b"has space")]})
+    assert checks == ["acme", "has space", "has space", "has space"]
+    assert named == {b"acme": "acme"}  # a bad value is never remembered
+    monkeypatch.setattr(tenants, "_ADDRESS_CACHE_SIZE", 4)
+    for n in range(10):
+        assert tenants.header_tenant(b"t%d" % n) == f"t{n}"
+        assert len(named) <= 4  # bounded: client-chosen values
+
+
 @pytest.mark.anyio
 @pytest.mark.parametrize("is_async", [False, True])
 async def test_resolver_hook_replaces_the_header(is_async: bool) -> None:

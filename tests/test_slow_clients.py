@@ -156,6 +156,40 @@ async def test_a_request_without_a_body_gets_the_servers_own_receive() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("headers", "version", "reads_ahead"),
+    [
+        ([(b"content-length", b"3"), (b"x-tenant-id", b"acme")], "1.1", True),
+        ([(b"x-tenant-id", b"acme"), (b"content-length", b"3")], "1.1", True),
+        ([(b"content-length", b"0"), (b"transfer-encoding", b"chunked")], "1.1", False),
+        ([(b"transfer-encoding", b"chunked"), (b"content-length", b"0")], "1.1", True),
+        ([(b"x-tenant-id", b"acme")], "1.1", False),
+        ([(b"x-tenant-id", b"acme")], "2", True),  # HTTP/2 need not announce a body
+        ([(b"content-length", b" 0 "), (b"x-tenant-id", b"acme")], "2", False),
+    ],
+)
+async def test_one_pass_over_the_headers_finds_the_tenant_and_the_body(
+    headers: list[tuple[bytes, bytes]], version: str, reads_ahead: bool
+) -> None:
+    # The first Content-Length or Transfer-Encoding decides, wherever the tenant is.
+    seen: list[tuple[int, str]] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append((conn.reads, scope["state"]["throttle"].tenant))
+        await read_all(receive)
+        await respond(send)
+
+    middleware, _ = make(app)
+    conn = Conn("POST")
+    conn.scope["headers"] = headers
+    conn.scope["http_version"] = version
+    await conn.run(middleware)
+    assert conn.status == 200
+    named = (b"x-tenant-id", b"acme") in headers
+    assert seen == [(1 if reads_ahead else 0, "acme" if named else "ip:127.0.0.1")]
+
+
+@pytest.mark.anyio
 async def test_a_body_arrives_before_its_request_asks_for_budget() -> None:
     received: list[list[Message]] = []
 

@@ -31,17 +31,29 @@ from .hold import ClientHold
 from .responses import send_bad_request, send_rejection, send_request_timeout
 from .routing import RouteTags
 from .shutdown import on_termination
-from .tenants import InvalidTenant, Tenants
+from .tenants import (
+    _ADDRESSES,
+    _NAMED,
+    REPEATED,
+    InvalidTenant,
+    Tenants,
+    client_address,
+    header_tenant,
+)
 
 logger = logging.getLogger("throttle_mw")
 
 _SHUTTING_DOWN = Reject("shutting_down", 1.0)
+#: The settings of a middleware that is off, or could not start.
+_OFF = Settings(enabled=False)
 #: A middleware that could not start: a configuration fix, not seconds, will end it.
 _UNCONFIGURED = Reject("unavailable", 60.0)
 _new_tuple = tuple.__new__
-_NO_WAIT = b"throttle;dur=0.0"
+_SERVER_TIMING = b"server-timing"
+_NO_WAIT = (_SERVER_TIMING, b"throttle;dur=0.0")
 #: `Admitted`'s fields, by index.
 _DEGRADED: Final = 2
+_LEASE: Final = 3
 _UNTHROTTLED: Final = 4
 _HTTP1 = frozenset(("1.1", "1.0"))
 _BODY_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
@@ -91,6 +103,11 @@ class ThrottleMiddleware:
         self.error: Exception | None = None
         self._error_logged = False
         self._backend: Backend | None = None
+        # Set before the try, not only in it and in its handler: compiled by mypyc
+        # (tools/mypyc_build.py), an attribute assigned on every path of __init__ is
+        # taken as always set, and the handler's assignment then freed the value the
+        # failed one never stored (a crash on every bad setting, mypyc 2.4.1).
+        self.settings = _OFF
         try:
             self.settings = Settings.from_env(**overrides)
             self._build(app, backend)
@@ -100,7 +117,7 @@ class ThrottleMiddleware:
             # lifespan is unsupported and serve 500s. Fail start-up instead (the config
             # errors, a missing extra, anything else that stops the middleware's build).
             self.error = exc
-            self.settings = Settings(enabled=False)
+            self.settings = _OFF
             self._enabled = False
 
     def _build(self, app: ASGIApp, backend: Backend | None) -> None:
@@ -112,6 +129,7 @@ class ThrottleMiddleware:
         self._route_cache = self._routes.by_method
         self._tenants = Tenants(settings.tenant_header, settings.tenant_resolver)
         self._resolver = settings.tenant_resolver
+        self._tenant_header = self._tenants.header
         # RequestIds' call, inlined per request: its prefix and counter.
         ids = RequestIds()
         self._id_prefix, self._id_counter = ids.prefix, ids.counter
@@ -245,11 +263,37 @@ class ThrottleMiddleware:
         if tag.exempt:
             await self.app(scope, receive, send)
             return
+        # One pass over the headers: the tenant header (Tenants.from_header, inlined) and
+        # whether a body is announced: the first Content-Length or Transfer-Encoding
+        # decides (HTTP/2 and 3 need neither).
+        tenant_header = self._tenant_header
+        found: bytes | None = None
+        announced: bool | None = None
         try:
             if self._resolver is None:
-                tenant = self._tenants.from_header(scope)
+                for name, value in scope["headers"]:
+                    if name == tenant_header:
+                        value = value.strip()
+                        if found is not None and value != found:
+                            raise InvalidTenant(REPEATED)
+                        found = value
+                    if announced is None and name in _BODY_HEADERS:
+                        announced = name != b"content-length" or value.strip() != b"0"
+                if not found:
+                    client = scope.get("client")  # client_address's cache hit, inlined
+                    tenant = _ADDRESSES.get(client[0] if client else None)
+                    if tenant is None:
+                        tenant = client_address(scope)
+                else:
+                    tenant = _NAMED.get(found)  # header_tenant's cache hit, inlined
+                    if tenant is None:
+                        tenant = header_tenant(found)
             else:
                 tenant = await self._tenants.resolve(scope)
+                for name, value in scope["headers"]:
+                    if name in _BODY_HEADERS:
+                        announced = name != b"content-length" or value.strip() != b"0"
+                        break
         except InvalidTenant as exc:
             await send_bad_request(send, exc.detail)
             return
@@ -274,18 +318,13 @@ class ThrottleMiddleware:
         if self._draining_now:
             outcome = _SHUTTING_DOWN
         else:
-            if self._read_ahead:
-                # A body is coming if the headers announce one (HTTP/2 and 3 need not).
-                maybe_body = scope["http_version"] not in _HTTP1
-                for name, value in scope["headers"]:
-                    if name in _BODY_HEADERS:
-                        maybe_body = name != b"content-length" or value.strip() != b"0"
-                        break
-                if maybe_body:
-                    body = await self._read_body(scope, request, receive, send)
-                    if body is None:
-                        return  # a 408 was sent, or the client went away
-                    receive = body.receive
+            if self._read_ahead and (
+                announced if announced is not None else scope["http_version"] not in _HTTP1
+            ):
+                body = await self._read_body(scope, request, receive, send)
+                if body is None:
+                    return  # a 408 was sent, or the client went away
+                receive = body.receive
             outcome = backend.decide_now(request)
             if outcome is None:
                 started = time.perf_counter()
@@ -293,11 +332,17 @@ class ThrottleMiddleware:
 
         decided: Outcome = "admitted"
         reason: str | None = None
-        waited_s = 0.0  # decided at once, in memory: microseconds, reported as 0.0 ms
         # A NamedTuple's fields by index: its attribute access is a generic lookup in 3.11.
         if type(outcome) is Admitted and not outcome[_DEGRADED] and not outcome[_UNTHROTTLED]:
+            held = outcome[_LEASE]
+            degraded = unthrottled = False
             if started:
                 waited_s = time.perf_counter() - started
+                timing = (_SERVER_TIMING, b"throttle;dur=%.1f" % (waited_s * 1000.0))
+            else:
+                # Decided at once, in memory: microseconds, reported as 0.0 ms.
+                waited_s = 0.0
+                timing = _NO_WAIT
         else:
             started = started or time.perf_counter()
             settled = await self._settle(scope, request, outcome, receive, send, started, body)
@@ -307,7 +352,12 @@ class ThrottleMiddleware:
             if body is not None:
                 receive = body.receive
             waited_s = time.perf_counter() - started
-        _, _, degraded, held, unthrottled = outcome
+            _, _, degraded, held, unthrottled = outcome
+            value = b"throttle;dur=%.1f" % (waited_s * 1000.0) if waited_s else _NO_WAIT[1]
+            if decided != "admitted":
+                desc = decided if reason is None else f"{decided}:{reason}"
+                value += b';desc="%s"' % desc.encode("ascii")
+            timing = (_SERVER_TIMING, value)
         if self._observers and decided != "would_reject":
             kind: EventKind = "degraded" if degraded else "admitted"
             self._emit(
@@ -327,10 +377,6 @@ class ThrottleMiddleware:
             ThrottleDecision,
             (tenant, tag.priority, waited_s, degraded, decided, tag.cost, reason),
         )
-        timing = b"throttle;dur=%.1f" % (waited_s * 1000.0) if waited_s else _NO_WAIT
-        if decided != "admitted":
-            desc = decided if reason is None else f"{decided}:{reason}"
-            timing += b';desc="%s"' % desc.encode("ascii")
         # Made when the app first waits on its client (streaming, or a body beyond the
         # buffer): from then on that waiting counts against THROTTLE_CLIENT_HOLD.
         hold: ClientHold | None = None
@@ -349,16 +395,23 @@ class ThrottleMiddleware:
         # A plain function returning the server's own awaitable: no extra coroutine
         # per message. The lease goes back as the last body chunk is handed to the
         # server, so it is returned even if sending fails (the client went away).
-        def send_wrapper(message: Message) -> Awaitable[None]:
+        # What it only reads comes in as defaults: plain locals, not cells.
+        def send_wrapper(
+            message: Message,
+            send: Send = send,
+            timing: tuple[bytes, bytes] = timing,
+            sampled: bool = sampled,
+            backend: Backend = backend,
+            request_id: str = request_id,
+        ) -> Awaitable[None]:
             nonlocal held, hold, failed, ended
             kind = message["type"]
             if kind == "http.response.start":
                 if sampled and message["status"] >= 500:
                     failed = True
-                message = {
-                    **message,
-                    "headers": [*message.get("headers", ()), (b"server-timing", timing)],
-                }
+                # A new dict and list: the app may send the same message (and its
+                # header list) again, and must not see our header in it.
+                message = {**message, "headers": [*message.get("headers", ()), timing]}
             elif kind == "http.response.body":
                 if not message.get("more_body", False):
                     if sampled:

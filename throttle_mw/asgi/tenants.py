@@ -30,7 +30,7 @@ class InvalidTenant(Exception):
 
 
 _ADDRESSES: dict[object, str] = {}
-_ADDRESS_CACHE_SIZE = 4096
+_ADDRESS_CACHE_SIZE = 4096  # also bounds the header values cached
 
 
 def client_address(scope: Scope) -> str:
@@ -62,7 +62,8 @@ class Tenants:
     """Resolve the tenant of a request: resolver hook, else header, else client address."""
 
     def __init__(self, header: str, resolver: Callable[[Scope], Any] | None = None) -> None:
-        self._header = header.lower().encode("latin-1")
+        #: The tenant header's name as servers pass it (lowercase bytes).
+        self.header = header.lower().encode("latin-1")
         self._resolver = resolver
         self._resolver_is_async = resolver is not None and (
             inspect.iscoroutinefunction(resolver)
@@ -83,22 +84,42 @@ class Tenants:
 
     def from_header(self, scope: Scope) -> str:
         found: bytes | None = None
-        header = self._header  # a local: read once, not once per header
+        header = self.header  # a local: read once, not once per header
         for name, value in scope["headers"]:
             if name == header:
-                if found is not None and value.strip() != found:
-                    raise InvalidTenant("The tenant header is repeated with different values.")
-                found = value.strip()
+                value = value.strip()
+                if found is not None and value != found:
+                    raise InvalidTenant(REPEATED)
+                found = value
         if not found:
             client = scope.get("client")  # client_address's cache hit, without a call
             tenant = _ADDRESSES.get(client[0] if client else None)
             return tenant if tenant is not None else client_address(scope)
-        if len(found) > TENANT_MAX_LENGTH:
-            raise InvalidTenant(f"The tenant header is longer than {TENANT_MAX_LENGTH} characters.")
-        tenant = found.decode("latin-1")
-        if not TENANT_PATTERN.fullmatch(tenant):
-            raise InvalidTenant(
-                "The tenant header may hold only letters, digits and . _ : @ + = / - "
-                "and must start with a letter or digit."
-            )
+        tenant = _NAMED.get(found)  # header_tenant's cache hit, without a call
+        return tenant if tenant is not None else header_tenant(found)
+
+
+#: The tenant header's error when it is sent twice with different values.
+REPEATED = "The tenant header is repeated with different values."
+#: Tenant header values already validated (a client's value is checked once, then cached).
+_NAMED: dict[bytes, str] = {}
+
+
+def header_tenant(found: bytes) -> str:
+    """The tenant a stripped, non-empty tenant header value names; `InvalidTenant` if
+    it is unusable."""
+    tenant = _NAMED.get(found)
+    if tenant is not None:
         return tenant
+    if len(found) > TENANT_MAX_LENGTH:
+        raise InvalidTenant(f"The tenant header is longer than {TENANT_MAX_LENGTH} characters.")
+    tenant = found.decode("latin-1")
+    if not TENANT_PATTERN.fullmatch(tenant):
+        raise InvalidTenant(
+            "The tenant header may hold only letters, digits and . _ : @ + = / - "
+            "and must start with a letter or digit."
+        )
+    if len(_NAMED) >= _ADDRESS_CACHE_SIZE:
+        _NAMED.clear()
+    _NAMED[found] = tenant
+    return tenant
