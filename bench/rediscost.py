@@ -24,7 +24,11 @@ Scenarios:
   each tenant's request, once granted, is replaced by another of the same tenant;
 - ``churn``: a new tenant id per request, 512 at once, within the budget;
 - ``queue-256``: 256 acquires of distinct tenants queueing at once on an empty bucket;
-- ``stop``: ``backend.stop()`` with ``--stop-waiters`` requests waiting (seconds).
+- ``stop``: ``backend.stop()`` with ``--stop-waiters`` requests waiting (seconds);
+- ``floor``: the harness's floor, one call at a time from redis-py as the backend calls:
+  ``floor-ping`` (PING) and ``floor-nop`` (FCALL of a function that does nothing, with
+  the arguments of a rate admission's call): what a round trip costs Redis whatever the
+  script does (the socket, the event loop, the kernel), to set against ``rate``.
 """
 
 from __future__ import annotations
@@ -293,6 +297,45 @@ async def stop_with_waiters(url: str, waiters: int) -> dict[str, Any]:
     }
 
 
+#: A function library of one function that does nothing (the ``floor`` scenario).
+NOP_LIBRARY = (
+    "#!lua name=throttle_nop\nredis.register_function('throttle_nop', function() return 1 end)"
+)
+
+
+async def floor(url: str, n: int) -> dict[str, dict[str, Any]]:
+    """PING, and FCALL of a do-nothing function with a rate admission's arguments."""
+    import redis.asyncio
+
+    from throttle_mw.backends.redis import protocol
+
+    backend = RedisBackend(settings(url, "floor", rate=1e6, burst=1e6))
+    op = protocol.acquire_op("b0", protocol.acquire_tail(Request("b0", "t0"), 1.0, 5.0))
+    args = protocol.call_args(backend._static, "", [op], "")
+    client = redis.asyncio.Redis.from_url(url)
+    await client.function_load(NOP_LIBRARY, replace=True)
+    counters = Counters(redis.Redis.from_url(url))
+    done = 0
+
+    async def loop(call: Callable[[], Awaitable[Any]]) -> None:
+        nonlocal done
+        for _ in range(n):
+            await call()
+            done += 1
+
+    def nop() -> Awaitable[Any]:
+        return client.fcall("throttle_nop", 1, backend._keys.state, *args)
+
+    out = {}
+    for name, call in (("ping", client.ping), ("nop", nop)):
+        for _ in range(200):
+            await call()
+        out[name] = await measure(counters, lambda: done, loop(call))
+    await client.function_delete("throttle_nop")
+    await client.aclose()
+    return out
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -308,6 +351,10 @@ async def main_async(args: argparse.Namespace, url: str) -> dict[str, Any]:
         out[name] = await coro
         print(f"{name:22} {json.dumps(out[name])}", flush=True)
 
+    if "floor" in wanted:
+        for name, figures in (await floor(url, args.n)).items():
+            out[f"floor-{name}"] = figures
+            print(f"{'floor-' + name:22} {json.dumps(figures)}", flush=True)
     if "rate" in wanted:
         await run("rate", unbatched(url, "rate", args.n, 0))
     if "concurrency" in wanted:

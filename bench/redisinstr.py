@@ -10,7 +10,10 @@ after a warm-up (scripts loaded, tenants made) collection is switched on for exa
 ``--n`` admissions. Reported: instructions per admission (Redis's whole work: sockets,
 parsing, the script and its commands; the kernel's work is not counted). The profile is
 left in ``--out`` (read it with ``callgrind_annotate --inclusive=yes``). Slow: valgrind
-runs Redis about 50x slower.
+runs Redis about 50x slower. Scenario ``nop``: the floor, a function that does nothing
+called with a rate admission's arguments (rediscost.py's ``floor-nop``); ``fcall``'s
+share of each profile (``callgrind_annotate --inclusive=yes``) is printed too, so what a
+call costs outside its script shows.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 
 import redis
 
-from bench.rediscost import admit_one, cpu_model, settings
+from bench.rediscost import NOP_LIBRARY, admit_one, cpu_model, settings
 from tests.support.ports import HOST, free_port
 from tests.support.redis_server import redis_server_binary
 from throttle_mw.backends.redis import RedisBackend
@@ -40,7 +43,29 @@ def _control(pid: int, *args: str) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True)
 
 
+async def _drive_nop(url: str, n: int, pid: int) -> None:
+    import redis.asyncio
+
+    from throttle_mw.backends.redis import protocol
+
+    backend = RedisBackend(settings(url, "inop", rate=1e6, burst=1e6))
+    op = protocol.acquire_op("b0", protocol.acquire_tail(Request("b0", "t0"), 1.0, 5.0))
+    args = protocol.call_args(backend._static, "", [op], "")
+    client = redis.asyncio.Redis.from_url(url)
+    await client.function_load(NOP_LIBRARY, replace=True)
+    for i in range(200 + n):
+        if i == 200:
+            _control(pid, "-z")
+            _control(pid, "-i", "on")
+        await client.fcall("throttle_nop", 1, backend._keys.state, *args)
+    _control(pid, "-i", "off")
+    await client.aclose()
+
+
 async def _drive(url: str, mode: str, n: int, held: int, pid: int) -> None:
+    if mode == "nop":
+        await _drive_nop(url, n, pid)
+        return
     limits = {"rate": 1e6, "burst": 1e6} if mode == "rate" else {"concurrency": 100_000}
     backend = RedisBackend(settings(url, f"i{mode}{held}", **limits))
     await backend.start()
@@ -56,8 +81,9 @@ async def _drive(url: str, mode: str, n: int, held: int, pid: int) -> None:
     await backend.stop()
 
 
-def measure(binary: str, mode: str, n: int, held: int, out: Path) -> int:
-    """Instructions per admission of one scenario, with its own redis-server."""
+def measure(binary: str, mode: str, n: int, held: int, out: Path) -> tuple[int, int]:
+    """Instructions per admission of one scenario, with its own redis-server, and of
+    them, those inside FCALL (fcallCommand, inclusive)."""
     port = free_port()
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
     redis_args = ["--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
@@ -83,7 +109,12 @@ def measure(binary: str, mode: str, n: int, held: int, out: Path) -> int:
         server.wait()
     totals = re.search(r"^totals:\s*(\d+)", out.read_text(), re.M)
     assert totals is not None, out
-    return int(totals.group(1)) // n
+    annotated = subprocess.run(
+        ["callgrind_annotate", "--inclusive=yes", str(out)], capture_output=True, text=True
+    ).stdout
+    fcall = re.search(r"^\s*([\d,]+) \(.*:fcallCommand ", annotated, re.M)
+    inside = int(fcall.group(1).replace(",", "")) if fcall else 0
+    return int(totals.group(1)) // n, inside // n
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,8 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         if scenario == "concurrency-held":
             mode, held = "concurrency", args.held
         out = args.out / f"callgrind.redis.{scenario}"
-        per = measure(args.redis_server, mode, args.n, held, out)
-        print(f"{scenario:18} {per:,} instructions/admission  ({out})", flush=True)
+        per, inside = measure(args.redis_server, mode, args.n, held, out)
+        print(
+            f"{scenario:18} {per:,} instructions/admission, {inside:,} in FCALL  ({out})",
+            flush=True,
+        )
     return 0
 
 

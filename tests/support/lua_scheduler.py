@@ -153,7 +153,8 @@ class LuaScheduler:
         pipe.delete(key)
         raw, messages, _ = pipe.execute()
         results = protocol.split_reply(raw)
-        delay = protocol.trailer(results).next_tick_s
+        self.trailer = protocol.trailer(results)  # the last call's
+        delay = self.trailer.next_tick_s
         self._due = None if delay is None else now + delay
         return results[: len(ops)], self._events(messages)
 

@@ -72,6 +72,12 @@ KEYS_CACHE_MAX: Final = 64
 #: this many leases are in flight.
 LEASE_ANCHOR: Final = "~anchor~" + "~" * 1016
 LEASE_ANCHOR_AT: Final = 16
+#: The live processes a batch call reports (its trailer) are counted at most this often
+#: per budget (batch.lua, live_processes), and at once when a call registers its process.
+PROCS_RECOUNT_S: Final = 1.0
+#: A process's recent admissions list grows this far past keys.RECENT_KEPT before it is
+#: trimmed back (store.lua, save): one trim per RECENT_SLACK admissions, not one each.
+RECENT_SLACK: Final = 64
 #: Texts whose numbers a loaded library remembers (store.lua, tonum), and whole numbers
 #: whose texts it remembers (num), before starting afresh.
 NUMBERS_MAX: Final = 1024
@@ -136,22 +142,27 @@ SHARED: Final[Mapping[str, object]] = {
     "LEARNED": protocol.LEARNED,
     # the learned limit's start (scheduler/limit), until the fleet has learned one
     "LEARN_INITIAL": LimitConfig().initial,
-    # the Lua-only steps (this module)
-    "DEADLINE_GRACE": DEADLINE_GRACE_S,
-    "TICK_SLACK": TICK_SLACK_S,
-    "SWEEP_PERIOD": SWEEP_PERIOD_S,
-    "SWEEP_BATCH": SWEEP_BATCH,
-    "EXCESS_BATCH": EXCESS_BATCH,
-    "EXPIRY_BATCH": EXPIRY_BATCH,
-    "DISPATCH_LIMIT": DISPATCH_LIMIT,
-    "WORK_US": WORK_US,
-    "WORK_CHECK": WORK_CHECK,
-    "KEYS_CACHE_MAX": KEYS_CACHE_MAX,
-    "LEASE_ANCHOR": LEASE_ANCHOR,
-    "LEASE_ANCHOR_AT": LEASE_ANCHOR_AT,
-    "NUMBERS_MAX": NUMBERS_MAX,
-    "INTEGER_TEXT_MAX": INTEGER_TEXT_MAX,
-    "RECLAIM_GRACE": RECLAIM_GRACE_S,
+    # the Lua-only steps (this module), in one table: a Lua function (EVAL runs the
+    # library and its entry script as one) may have at most 200 locals
+    "TUNING": {
+        "DEADLINE_GRACE": DEADLINE_GRACE_S,
+        "TICK_SLACK": TICK_SLACK_S,
+        "SWEEP_PERIOD": SWEEP_PERIOD_S,
+        "SWEEP_BATCH": SWEEP_BATCH,
+        "EXCESS_BATCH": EXCESS_BATCH,
+        "EXPIRY_BATCH": EXPIRY_BATCH,
+        "DISPATCH_LIMIT": DISPATCH_LIMIT,
+        "WORK_US": WORK_US,
+        "WORK_CHECK": WORK_CHECK,
+        "KEYS_CACHE_MAX": KEYS_CACHE_MAX,
+        "LEASE_ANCHOR": LEASE_ANCHOR,
+        "LEASE_ANCHOR_AT": LEASE_ANCHOR_AT,
+        "NUMBERS_MAX": NUMBERS_MAX,
+        "INTEGER_TEXT_MAX": INTEGER_TEXT_MAX,
+        "PROCS_RECOUNT": PROCS_RECOUNT_S,
+        "RECENT_SLACK": RECENT_SLACK,
+        "RECLAIM_GRACE": RECLAIM_GRACE_S,
+    },
     # units
     "MS_PER_S": 1000,
     "US_PER_S": 1_000_000,

@@ -45,7 +45,7 @@
 --   N                   cancel: not known here (already gone)
 --   T                   ticked
 --   K|registered        reclaimed (1) or nothing to do (0)
---   D                   deferred: not run, the call had done its share of work (WORK_US);
+--   D                   deferred: not run, the call had done its share of work (TUNING.WORK_US);
 --                       the caller sends it again
 
 -- The operations first: a malformed call changes nothing.
@@ -64,14 +64,26 @@ end
 init(ARGV[2], ARGV[1], ARGV[3])
 load_limits_text(ARGV[4])
 
+-- The live processes (heartbeats in P:procs not past), as the trailer reports them: kept
+-- in the state (S.np) and counted again at most every TUNING.PROCS_RECOUNT (S.pc), or at once when
+-- this call registered its process (`joined`). A heartbeat lapses, or a process leaves,
+-- in the count within TUNING.PROCS_RECOUNT (each process's own heartbeat counts them exactly).
+-- Before save(): the count is saved with the state.
+local function live_processes(joined)
+  if joined or S.np == nil or S.pc == nil or now >= S.pc or now < S.pc - TUNING.PROCS_RECOUNT then
+    S.np = redis.call('ZCOUNT', K.procs, num(now), '+inf')
+    S.pc = now + TUNING.PROCS_RECOUNT
+  end
+  return S.np
+end
+
 -- The reply: the operations' lines (`lines`, joined; '' if none), then the trailer (see
--- above). (One concatenation: the string is made once.)
-local function finish(lines, due)
+-- above), `procs` from live_processes. (One concatenation: the string is made once.)
+local function finish(lines, due, procs)
   local delay = ''
   if due ~= nil then delay = num(due - now) end
   if lines ~= '' then lines = lines .. LINE end
-  return lines .. delay .. LINE .. redis.call('ZCOUNT', K.procs, num(now), '+inf') .. LINE
-    .. limits_line() .. LINE .. S.ep
+  return lines .. delay .. LINE .. procs .. LINE .. limits_line() .. LINE .. S.ep
 end
 
 -- One operation that nobody waiting can be affected by: fast.lua, or nil.
@@ -85,20 +97,22 @@ if #ops == 1 then
     line = fast_release(string.sub(op, #OP.acquire + #SEP + 1))
   end
   if line ~= nil then
+    local procs = live_processes(false)
     save()
-    return finish(line, nil)
+    return finish(line, nil, procs)
   end
 end
 
 load_state(ARGV[5])
 hold_back()
--- A call of many operations measures its work (WORK_US) from here: the expiries and the
+-- A call of many operations measures its work (TUNING.WORK_US) from here: the expiries and the
 -- operations count, not the operations only.
 local started = nil
-if #ops > WORK_CHECK then started = redis.call('TIME') end
+if #ops > TUNING.WORK_CHECK then started = redis.call('TIME') end
 -- The caller is alive. NX: only renew.lua extends a heartbeat, together with the process's
 -- leases, so a crashed process's heartbeat lapses no later than its leases.
-if redis.call('ZADD', K.procs, 'NX', num(now + POL.lease_ttl), proc) == 1 then born.procs = true end
+local joined = redis.call('ZADD', K.procs, 'NX', num(now + POL.lease_ttl), proc) == 1
+if joined then born.procs = true end
 refill()
 expire_leases()
 expire_waiters()
@@ -145,9 +159,9 @@ local body = #OP.acquire + #SEP + 1  -- where an operation's first field begins
 local over = false
 for i, op in ipairs(ops) do
   local kind = string.sub(op, 1, #OP.acquire)
-  if not over and started ~= nil and i % WORK_CHECK == 1 and i > 1 then
+  if not over and started ~= nil and i % TUNING.WORK_CHECK == 1 and i > 1 then
     call.save_made()  -- (store.lua: new tenants' writes count in the work)
-    over = elapsed_us(started) >= WORK_US
+    over = elapsed_us(started) >= TUNING.WORK_US
   end
   if over then
     results[#results + 1] = REPLY.deferred
@@ -175,5 +189,6 @@ local grace = grace_due()
 if grace ~= nil and (due == nil or grace < due) then due = grace end
 if more then due = now end  -- dispatch left admissions for the next tick
 if due ~= nil then due = claim_tick(due) end
+local procs = live_processes(joined)
 save()
-return finish(table.concat(results, LINE), due)
+return finish(table.concat(results, LINE), due, procs)

@@ -88,7 +88,7 @@ function next_due()
   local t, r = top_active()
   if r ~= nil and L.concurrency ~= nil and S.inflight + r.cost > L.concurrency then
     local first = redis.call('ZRANGE', K.leases, '0', '0', 'WITHSCORES')
-    if #first > 0 and first[1] ~= LEASE_ANCHOR then due = tonumber(first[2]) end
+    if #first > 0 and first[1] ~= TUNING.LEASE_ANCHOR then due = tonumber(first[2]) end
   elseif r ~= nil and L.rate ~= nil then
     local needed = need(r.cost, t.f >= S.v)
     if S.tokens + EPS < needed then due = now + (needed - S.tokens) / L.rate end
@@ -99,7 +99,7 @@ function next_due()
   local dl = M.dl_next
   if dl == nil then dl = call.first_score(K.deadlines) end
   if dl then
-    local at = dl + DEADLINE_GRACE
+    local at = dl + TUNING.DEADLINE_GRACE
     if due == nil or at < due then due = at end
   end
   return due
@@ -281,11 +281,11 @@ function forget_idle()
   call.flush_idle()
   if not fresh and now < S.fi then return end
   local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', num(now - POL.idle), 'LIMIT', '0',
-    num(SWEEP_BATCH))
-  if #stale < SWEEP_BATCH then S.fi = now + SWEEP_PERIOD end
+    num(TUNING.SWEEP_BATCH))
+  if #stale < TUNING.SWEEP_BATCH then S.fi = now + TUNING.SWEEP_PERIOD end
   local excess = redis.call('ZCARD', K.tenants) - POL.max_tenants
   if excess > 0 then
-    local oldest = redis.call('ZRANGE', K.tenants, '0', num(math.min(excess, EXCESS_BATCH) - 1))
+    local oldest = redis.call('ZRANGE', K.tenants, '0', num(math.min(excess, TUNING.EXCESS_BATCH) - 1))
     for _, h in ipairs(oldest) do stale[#stale + 1] = h end
   end
   if #stale > 0 then call.drop_idle_tenants(stale) end
@@ -446,10 +446,10 @@ end
 function dispatch(watch)
   release_capped()
   local watched = false
-  for i = 1, DISPATCH_LIMIT + 1 do
+  for i = 1, TUNING.DISPATCH_LIMIT + 1 do
     local t, r = top_active()
     if t == nil then break end
-    if i > DISPATCH_LIMIT then more = true; break end  -- Lua only: the rest next tick
+    if i > TUNING.DISPATCH_LIMIT then more = true; break end  -- Lua only: the rest next tick
     if orphaned(r) then  -- Lua only
       remove(t, r)
     elseif not cap_ok(t, r.cost) then
@@ -503,7 +503,7 @@ end
 -- Leases not renewed in time (their process crashed) give their concurrency back.
 local function expire_leases()
   if S.inflight - held_back <= 0 and S.la ~= 1 then return end  -- no lease to expire
-  local dead = redis.call('ZRANGEBYSCORE', K.leases, '-inf', num(now), 'LIMIT', '0', num(EXPIRY_BATCH))
+  local dead = redis.call('ZRANGEBYSCORE', K.leases, '-inf', num(now), 'LIMIT', '0', num(TUNING.EXPIRY_BATCH))
   for _, id in ipairs(dead) do
     if not drop_lease(id) then redis.call('ZREM', K.leases, id) end
   end
@@ -515,10 +515,10 @@ local function expire_waiters()
   -- and next_due knows it.
   local first = call.first_score(K.deadlines)
   M.dl_next = first
-  if not first or first > now - DEADLINE_GRACE then return end
+  if not first or first > now - TUNING.DEADLINE_GRACE then return end
   M.dl_next = nil
-  local dead = redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', num(now - DEADLINE_GRACE),
-    'LIMIT', '0', num(EXPIRY_BATCH))
+  local dead = redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', num(now - TUNING.DEADLINE_GRACE),
+    'LIMIT', '0', num(TUNING.EXPIRY_BATCH))
   for _, id in ipairs(dead) do
     local r = load_waiter(id)
     if r ~= nil then
@@ -535,9 +535,9 @@ end
 -- The fleet ticks once: the first process to ask claims the tick at `due`; others keep a
 -- later fallback in case it dies. Returns when this process should tick.
 local function claim_tick(due)
-  if S.tk_by ~= proc and S.tk_by ~= '' and S.tk_at >= now - TICK_SLACK and
+  if S.tk_by ~= proc and S.tk_by ~= '' and S.tk_at >= now - TUNING.TICK_SLACK and
       S.tk_at <= due + EPS then
-    return math.max(due, S.tk_at) + TICK_SLACK
+    return math.max(due, S.tk_at) + TUNING.TICK_SLACK
   end
   S.tk_at = due; S.tk_by = proc
   return due

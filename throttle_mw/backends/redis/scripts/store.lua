@@ -23,7 +23,7 @@ local recent        -- per process: lease-less admissions of this call (remember
 local fresh         -- a tenant was created this call (forget_idle must check the bound)
 local born          -- budget-wide keys (KEY names) this call may have created: save()
                     -- gives them their TTL (Redis drops a key that empties, TTL and all)
-local more          -- dispatch stopped at DISPATCH_LIMIT: tick again at once
+local more          -- dispatch stopped at TUNING.DISPATCH_LIMIT: tick again at once
 local held_back     -- in flight counted for leases not yet reclaimed (hold_back)
 local M             -- what this call has learned of the keys, so it asks Redis once
                     -- (top, capped, deadlines, weights) and the idle list's pending
@@ -36,7 +36,9 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- weight, a sequence counter, the fleet's tick claim (tk_at, tk_by), waiting requests by
 -- priority rank (n0..), the next TTL refresh (xp), the next idle-tenant sweep (fi),
 -- whether the lease keys hold their anchor (la: anchor_leases), the state's epoch (ep)
--- and the end of its reclaim grace (rc): see "A state made anew" below.
+-- and the end of its reclaim grace (rc): see "A state made anew" below; the live
+-- processes as last counted (np) and when they are counted again (pc: batch.lua's
+-- live_processes).
 -- The layout: the numbers in PACKED share one field, PACKED_FIELD, their texts in that
 -- order joined with SEP ('' for unset), read and written whole: Redis reads one field for
 -- a fraction of what it takes for a dozen, and a loaded library remembers the last text
@@ -45,7 +47,7 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- (PLAIN: renew.lua reads the epoch, tests the counters). Only load_state, load_hot_state
 -- and save know this layout.
 local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', 'thr',
-  'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc'}
+  'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc'}
 local PACKED_FIELD = 'nums'
 local PLAIN = {'inflight', 'waiting', 'tk_by', 'ep'}
 local RANK_COUNT = {}  -- 'n0'.. by rank + 1, and a tenant's 'c0'..: made once, not per call
@@ -91,11 +93,11 @@ local function num(x)
   end
   if x == M.last_number then return M.last_text end
   local text
-  if x % 1 == 0 and x < INTEGER_TEXT_MAX and x > -INTEGER_TEXT_MAX then
+  if x % 1 == 0 and x < TUNING.INTEGER_TEXT_MAX and x > -TUNING.INTEGER_TEXT_MAX then
     text = call.integers[x]
     if text == nil then
       text = string.format('%d', x)
-      if call.integers_kept >= NUMBERS_MAX then call.integers = {}; call.integers_kept = 0 end
+      if call.integers_kept >= TUNING.NUMBERS_MAX then call.integers = {}; call.integers_kept = 0 end
       call.integers[x] = text
       call.integers_kept = call.integers_kept + 1
     end
@@ -118,7 +120,7 @@ local function tonum(text)
   if value == nil then
     value = tonumber(text)
     if value == nil then return nil end
-    if NUMBERS_KEPT >= NUMBERS_MAX then NUMBERS = {}; NUMBERS_KEPT = 0 end
+    if NUMBERS_KEPT >= TUNING.NUMBERS_MAX then NUMBERS = {}; NUMBERS_KEPT = 0 end
     NUMBERS[text] = value
     NUMBERS_KEPT = NUMBERS_KEPT + 1
   end
@@ -160,7 +162,7 @@ local function key_names(prefix)
   if names ~= nil then return names end
   names = {prefix = prefix}
   for name, suffix in pairs(KEY) do names[name] = prefix .. suffix end
-  if KEYS_CACHED >= KEYS_CACHE_MAX then KEYS_BY_PREFIX = {}; KEYS_CACHED = 0 end
+  if KEYS_CACHED >= TUNING.KEYS_CACHE_MAX then KEYS_BY_PREFIX = {}; KEYS_CACHED = 0 end
   KEYS_BY_PREFIX[prefix] = names
   KEYS_CACHED = KEYS_CACHED + 1
   return names
@@ -280,7 +282,7 @@ local function limits_line()
   if L.learned then learned = AUTO end
   line = table.concat({limit(L.rate), num(L.burst), limit(L.concurrency), limit(L.tenant_rate),
     num(L.tenant_burst), learned}, SEP)
-  if LINES_KEPT >= KEYS_CACHE_MAX then LINES = {}; LINES_KEPT = 0; return line end
+  if LINES_KEPT >= TUNING.KEYS_CACHE_MAX then LINES = {}; LINES_KEPT = 0; return line end
   node[path[#path]] = line
   LINES_KEPT = LINES_KEPT + 1
   if limits_memo ~= nil then limits_memo.line = line end
@@ -322,7 +324,7 @@ local function load_packed(text)
   local v = loaded.vals
   S = {tokens = v[1], ts = v[2], v = v[3], win_at = v[4], win_v0 = v[5], win_cost = v[6],
     v_rate = v[7], thr = v[8], meas_at = v[9], qcost = v[10], wsum = v[11], seq = v[12],
-    tk_at = v[13], xp = v[14], fi = v[15], la = v[16], rc = v[17]}
+    tk_at = v[13], xp = v[14], fi = v[15], la = v[16], rc = v[17], np = v[18], pc = v[19]}
 end
 
 local function load_plain(name, value)
@@ -356,7 +358,7 @@ local function load_state(known)
     S.rc = 0
     -- A caller that knew another epoch: this state replaces one that was lost, whose leases
     -- are still held. Admit nothing new until they are reclaimed.
-    if known ~= nil and known ~= '' and L.concurrency ~= nil then S.rc = now + RECLAIM_GRACE end
+    if known ~= nil and known ~= '' and L.concurrency ~= nil then S.rc = now + TUNING.RECLAIM_GRACE end
   end
   for rank = 1, NRANK do S[RANK_COUNT[rank]] = S[RANK_COUNT[rank]] or 0 end
   S.xp = S.xp or 0
@@ -531,7 +533,7 @@ local function save_tenant(t, again)
 end
 
 -- The tenants made this call so far, written now: batch.lua calls this at its work checks,
--- so that their writes count in the work that bounds a call (WORK_US) instead of all
+-- so that their writes count in the work that bounds a call (TUNING.WORK_US) instead of all
 -- coming after it (a call of new tenants spent twice its work budget writing them).
 function call.save_made()
   local made = M.made
@@ -557,7 +559,7 @@ local function save()
   -- The packed numbers (in PACKED's order): their text anew if one changed, only the
   -- changed ones formatted.
   local vals = {S.tokens, S.ts, S.v, S.win_at, S.win_v0, S.win_cost, S.v_rate, S.thr,
-    S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc}
+    S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc, S.np, S.pc}
   local old, texts = {}, nil
   if loaded ~= nil then old = loaded.vals end
   for i = 1, #PACKED do
@@ -590,12 +592,23 @@ local function save()
   if refresh then expiring = KEY_TTL end
   for name in pairs(expiring) do redis.call('PEXPIRE', K[name], ttl_ms(KEY_TTL[name])) end
   born = {}
+  -- A process's recent admissions: trimmed back to RECENT_KEPT once TUNING.RECENT_SLACK more
+  -- came in (at least the last RECENT_KEPT are kept), their TTL set when the list is made
+  -- and pushed out a quarter of T apart (the loaded library keeps when, by process: with
+  -- EVAL, or once the library is loaded anew, on the next call).
+  local due = K.recent_due
+  if due == nil then due = {}; K.recent_due = due end
   for p, ids in pairs(recent) do
     local key = K.prefix .. KEY.recent .. p
-    if redis.call('LPUSH', key, unpack(ids)) > RECENT_KEPT then
+    local size = redis.call('LPUSH', key, unpack(ids))
+    if size > RECENT_KEPT + TUNING.RECENT_SLACK then
       redis.call('LTRIM', key, '0', num(RECENT_KEPT - 1))
     end
-    redis.call('PEXPIRE', key, ttl_ms('state'))
+    local at = due[p]
+    if size == #ids or at == nil or now >= at or now < at - POL.ttl then
+      redis.call('PEXPIRE', key, ttl_ms('state'))
+      due[p] = now + POL.ttl / TTL_REFRESHES
+    end
   end
   for p, msgs in pairs(out_events) do
     local key = K.prefix .. KEY.grants .. p
@@ -628,20 +641,20 @@ end
 -- ZREM and HDEL scans the whole collection, so a lease would cost more the more are in
 -- flight. One anchor member longer than any compact entry may be (zset-/hash-max-listpack-
 -- value, 64 bytes by default) converts them for good, whatever the server's settings below
--- that length; it is set once LEASE_ANCHOR_AT are in flight (fewer are cheap either way)
+-- that length; it is set once TUNING.LEASE_ANCHOR_AT are in flight (fewer are cheap either way)
 -- and taken out with the last lease (a budget at rest keeps no lease keys). Score +inf:
 -- never expired, never first. S.la: the anchor is set.
 local function anchor_leases()
-  if S.la == 1 or S.inflight < LEASE_ANCHOR_AT then return end
-  redis.call('ZADD', K.leases, 'inf', LEASE_ANCHOR)
-  redis.call('HSET', K.lease_costs, LEASE_ANCHOR, '0')
+  if S.la == 1 or S.inflight < TUNING.LEASE_ANCHOR_AT then return end
+  redis.call('ZADD', K.leases, 'inf', TUNING.LEASE_ANCHOR)
+  redis.call('HSET', K.lease_costs, TUNING.LEASE_ANCHOR, '0')
   S.la = 1
 end
 
 local function unanchor_leases()
   if S.la ~= 1 or S.inflight > 0 then return end
-  redis.call('ZREM', K.leases, LEASE_ANCHOR)
-  redis.call('HDEL', K.lease_costs, LEASE_ANCHOR)
+  redis.call('ZREM', K.leases, TUNING.LEASE_ANCHOR)
+  redis.call('HDEL', K.lease_costs, TUNING.LEASE_ANCHOR)
   S.la = 0
 end
 
