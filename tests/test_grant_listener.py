@@ -38,6 +38,16 @@ def _listeners(client: redis.Redis) -> list[str]:
     return [str(c["id"]) for c in client.client_list() if c.get("cmd") == "blpop"]
 
 
+async def _one_held_one_waiting(backend: RedisBackend) -> Waiting:
+    """Request "a" holds the one slot (with a lease), "b" waits for it."""
+    held = await backend.acquire(Request("a", "acme"))
+    assert isinstance(held, Admitted)
+    assert held.lease
+    waiting = await backend.acquire(Request("b", "acme"))
+    assert isinstance(waiting, Waiting)
+    return waiting
+
+
 async def _kill_listener(client: redis.Redis) -> str:
     for _ in range(100):
         ids = _listeners(client)
@@ -57,11 +67,7 @@ async def test_a_dropped_listener_connection_opens_no_breaker(
     backend = _backend(clean_redis_server)
     await backend.start()
     try:
-        held = await backend.acquire(Request("a", "acme"))
-        assert isinstance(held, Admitted)
-        assert held.lease
-        waiting = await backend.acquire(Request("b", "acme"))
-        assert isinstance(waiting, Waiting)
+        waiting = await _one_held_one_waiting(backend)
         victim = await _kill_listener(client)
         await asyncio.sleep(0.01)  # the listener reads the closed socket
         backend.release("a")  # the grant for "b" is pushed whether the listener is back or not
@@ -101,10 +107,7 @@ async def test_a_grant_lost_with_the_listener_s_connection_still_arrives(
     backend = _backend(clean_redis_server)
     await backend.start()
     try:
-        held = await backend.acquire(Request("a", "acme"))
-        assert isinstance(held, Admitted)
-        waiting = await backend.acquire(Request("b", "acme"))
-        assert isinstance(waiting, Waiting)
+        waiting = await _one_held_one_waiting(backend)
         assert backend._listener is not None
         await backend._listener.stop()  # as if its BLPOP's reply were lost in flight
         backend.release("a")
@@ -134,10 +137,7 @@ async def test_redis_really_away_is_noticed_through_the_listener(
     backend = _backend(redis_server)
     await backend.start()
     try:
-        held = await backend.acquire(Request("a", "acme"))
-        assert isinstance(held, Admitted)
-        waiting = await backend.acquire(Request("b", "acme"))
-        assert isinstance(waiting, Waiting)
+        waiting = await _one_held_one_waiting(backend)
         redis_server.stop()
         settled = await asyncio.wait_for(waiting.future, 4.0)
         assert isinstance(settled, Reject)
