@@ -38,7 +38,8 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- whether the lease keys hold their anchor (la: anchor_leases), the state's epoch (ep)
 -- and the end of its reclaim grace (rc): see "A state made anew" below; the live
 -- processes as last counted (np) and when they are counted again (pc: batch.lua's
--- live_processes).
+-- live_processes); the stamp of the last full call's save (lm: "The line as the last
+-- call left it" below).
 -- The layout: the numbers in PACKED share one field, PACKED_FIELD, their texts in that
 -- order joined with SEP ('' for unset), read and written whole: Redis reads one field for
 -- a fraction of what it takes for a dozen, and a loaded library remembers the last text
@@ -47,7 +48,7 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- (PLAIN: renew.lua reads the epoch, tests the counters). Only load_state, load_hot_state
 -- and save know this layout.
 local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', 'thr',
-  'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc'}
+  'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc', 'lm'}
 local PACKED_FIELD = 'nums'
 local PLAIN = {'inflight', 'waiting', 'tk_by', 'ep'}
 local RANK_COUNT = {}  -- 'n0'.. by rank + 1, and a tenant's 'c0'..: made once, not per call
@@ -324,7 +325,8 @@ local function load_packed(text)
   local v = loaded.vals
   S = {tokens = v[1], ts = v[2], v = v[3], win_at = v[4], win_v0 = v[5], win_cost = v[6],
     v_rate = v[7], thr = v[8], meas_at = v[9], qcost = v[10], wsum = v[11], seq = v[12],
-    tk_at = v[13], xp = v[14], fi = v[15], la = v[16], rc = v[17], np = v[18], pc = v[19]}
+    tk_at = v[13], xp = v[14], fi = v[15], la = v[16], rc = v[17], np = v[18], pc = v[19],
+    lm = v[20]}
 end
 
 local function load_plain(name, value)
@@ -471,6 +473,80 @@ function call.drop_idle_tenants(hs)
   redis.call('ZREM', K.tenants, unpack(hs))
 end
 
+-- --- the line as the last call left it ---------------------------------------------------
+--
+-- A saturated budget's calls come one after another, each asking what the last one
+-- learned: who is first in line and its head waiter (four reads: P:active, the tenant,
+-- its queue, the waiter), the first capped tenant's release and the earliest deadline. A
+-- loaded function library (scripts.py sets call.lasting; with EVAL nothing outlives a
+-- call) keeps what a full call knew of these once it is saved (keep_line), and the next
+-- call takes it instead of asking (recall_line) if P:s's packed numbers are the very text
+-- that call wrote. That text names its call: each full call stamps it with a number of
+-- its own (S.lm, one up per call of the loaded library: no other call's text has it),
+-- and a call that changes the line (any writer: another library version, EVAL) changes a
+-- packed number with it: a waiter queued moves seq, one that leaves moves qcost, an
+-- admission win_cost, a tenant in or out of line wsum or seq, and a cap refilled is
+-- time gone by (ts). A text found unchanged: the line is as that call left it.
+
+-- Before save: the stamp of this call's text.
+function call.stamp_line()
+  if not call.lasting then return end
+  call.stamps = (call.stamps or 0) + 1
+  S.lm = call.stamps
+end
+
+-- After save: what this call knows of the line, as Redis now holds it (a tenant not
+-- written holds its loaded fields).
+function call.keep_line()
+  if not call.lasting or loaded == nil or loaded.vals[20] ~= S.lm then
+    K.line_memo = nil
+    return
+  end
+  local memo = {text = loaded.text, capped = M.capped_next, dl = M.dl_next,
+    top_known = M.top_known}
+  local t, r = M.top_t, M.top_r
+  if M.top_known and t ~= nil then
+    local c = {}
+    if t.dirty then
+      for rank = 1, NRANK do c[rank] = t.c[rank] end
+      memo.t = {h = t.h, f = t.f, w = t.w, cap = t.cap, cap_at = t.cap_at, n = t.n, c = c,
+        st = t.st, am = t.am, xp = t.xp}
+    else
+      local l = t.loaded
+      for rank = 1, NRANK do c[rank] = l.c[rank] end
+      memo.t = {h = t.h, f = l.f, w = l.w, cap = l.cap, cap_at = l.cap_at, n = l.n, c = c,
+        st = l.st, am = l.am, xp = l.xp or 0}
+    end
+    memo.r = {id = r.id, h = r.h, cost = r.cost, rank = r.rank, proc = r.proc,
+      deadline = r.deadline, enq = r.enq}
+  end
+  K.line_memo = memo
+end
+
+-- After load_state: the line as the last call left it, if nothing changed since.
+function call.recall_line()
+  local memo = K.line_memo
+  if memo == nil or loaded == nil or loaded.text ~= memo.text then return end
+  M.capped_next = memo.capped
+  M.dl_next = memo.dl
+  if not memo.top_known then return end
+  M.top_known = true
+  local m = memo.t
+  if m == nil then M.top_t = nil; M.top_r = nil; return end
+  -- (As load_tenant makes it: its own tables, changed by this call, not the memo's.)
+  local c, costs = {}, {}
+  for rank = 1, NRANK do c[rank] = m.c[rank]; costs[rank] = m.c[rank] end
+  local l = {f = m.f, w = m.w, cap = m.cap, cap_at = m.cap_at, n = m.n, c = costs, st = m.st,
+    am = m.am, xp = m.xp}
+  local t = {h = m.h, key = K.prefix .. KEY.tenant .. m.h, dirty = false, loaded = l, c = c,
+    f = m.f, w = m.w, cap = m.cap, cap_at = m.cap_at, n = m.n, st = m.st, am = m.am, xp = m.xp}
+  T[m.h] = t
+  local r = memo.r
+  M.top_t = t
+  M.top_r = {id = r.id, h = r.h, cost = r.cost, rank = r.rank, proc = r.proc,
+    deadline = r.deadline, enq = r.enq}
+end
+
 -- A TTL in milliseconds by its kind in KEY_TTL (keys.py, "TTL"): 'state' (T), 'tenant'
 -- (idle+T) or 'live'.
 -- As text: a number passed to redis.call is formatted with 17 digits on every call.
@@ -559,7 +635,7 @@ local function save()
   -- The packed numbers (in PACKED's order): their text anew if one changed, only the
   -- changed ones formatted.
   local vals = {S.tokens, S.ts, S.v, S.win_at, S.win_v0, S.win_cost, S.v_rate, S.thr,
-    S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc, S.np, S.pc}
+    S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc, S.np, S.pc, S.lm}
   local old, texts = {}, nil
   if loaded ~= nil then old = loaded.vals end
   for i = 1, #PACKED do
