@@ -495,56 +495,52 @@ function call.stamp_line()
   S.lm = call.stamps
 end
 
--- After save: what this call knows of the line, as Redis now holds it (a tenant not
--- written holds its loaded fields).
+-- After save: what this call knows of the line, as Redis now holds it. The tenant first
+-- in line is kept as it is, its loaded fields made what was written (the next call takes
+-- the same tables: a table made costs more than all that a recalled line saves).
 function call.keep_line()
-  if not call.lasting or loaded == nil or loaded.vals[20] ~= S.lm then
+  if not call.lasting or loaded == nil or loaded.vals[20] ~= S.lm then  -- (lm: PACKED[20])
     K.line_memo = nil
     return
   end
   local memo = {text = loaded.text, capped = M.capped_next, dl = M.dl_next,
     top_known = M.top_known}
-  local t, r = M.top_t, M.top_r
+  local t = M.top_t
   if M.top_known and t ~= nil then
-    local c = {}
-    if t.dirty then
+    if t.dirty then  -- (written: its fields as they are now; else as loaded)
+      local c = {}
       for rank = 1, NRANK do c[rank] = t.c[rank] end
-      memo.t = {h = t.h, f = t.f, w = t.w, cap = t.cap, cap_at = t.cap_at, n = t.n, c = c,
-        st = t.st, am = t.am, xp = t.xp}
-    else
-      local l = t.loaded
-      for rank = 1, NRANK do c[rank] = l.c[rank] end
-      memo.t = {h = t.h, f = l.f, w = l.w, cap = l.cap, cap_at = l.cap_at, n = l.n, c = c,
-        st = l.st, am = l.am, xp = l.xp or 0}
+      t.loaded = {f = t.f, w = t.w, cap = t.cap, cap_at = t.cap_at, n = t.n, c = c, st = t.st,
+        am = t.am, xp = t.xp}
+      t.dirty = false
     end
-    memo.r = {id = r.id, h = r.h, cost = r.cost, rank = r.rank, proc = r.proc,
-      deadline = r.deadline, enq = r.enq}
+    memo.t = t
+    memo.r = M.top_r  -- (a waiter's fields never change)
   end
   K.line_memo = memo
 end
 
--- After load_state: the line as the last call left it, if nothing changed since.
+-- After load_state: the line as the last call left it, if nothing changed since. (Taken:
+-- a call that fails before keep_line leaves none behind.)
 function call.recall_line()
   local memo = K.line_memo
+  K.line_memo = nil
   if memo == nil or loaded == nil or loaded.text ~= memo.text then return end
   M.capped_next = memo.capped
   M.dl_next = memo.dl
   if not memo.top_known then return end
   M.top_known = true
-  local m = memo.t
-  if m == nil then M.top_t = nil; M.top_r = nil; return end
-  -- (As load_tenant makes it: its own tables, changed by this call, not the memo's.)
-  local c, costs = {}, {}
-  for rank = 1, NRANK do c[rank] = m.c[rank]; costs[rank] = m.c[rank] end
-  local l = {f = m.f, w = m.w, cap = m.cap, cap_at = m.cap_at, n = m.n, c = costs, st = m.st,
-    am = m.am, xp = m.xp}
-  local t = {h = m.h, key = K.prefix .. KEY.tenant .. m.h, dirty = false, loaded = l, c = c,
-    f = m.f, w = m.w, cap = m.cap, cap_at = m.cap_at, n = m.n, st = m.st, am = m.am, xp = m.xp}
-  T[m.h] = t
-  local r = memo.r
+  local t = memo.t
+  if t == nil then M.top_t = nil; M.top_r = nil; return end
+  -- (As load_tenant makes it: its fields as loaded, nothing this call did yet.)
+  local l = t.loaded
+  t.f = l.f; t.w = l.w; t.cap = l.cap; t.cap_at = l.cap_at; t.n = l.n; t.st = l.st
+  t.am = l.am; t.xp = l.xp or 0
+  for rank = 1, NRANK do t.c[rank] = l.c[rank] end
+  t.dirty = false; t.touched = nil; t.new = nil; t.name = nil
+  T[t.h] = t
   M.top_t = t
-  M.top_r = {id = r.id, h = r.h, cost = r.cost, rank = r.rank, proc = r.proc,
-    deadline = r.deadline, enq = r.enq}
+  M.top_r = memo.r
 end
 
 -- A TTL in milliseconds by its kind in KEY_TTL (keys.py, "TTL"): 'state' (T), 'tenant'
