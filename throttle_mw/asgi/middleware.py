@@ -14,16 +14,18 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, Literal, NamedTuple
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..backends import make_backend
 from ..backends.base import Admitted, Backend, RequestIds, Waiting
+from ..backends.base import Outcome as BackendOutcome
+from ..backends.memory import MemoryBackend
 from ..observe import EventKind, Observer, ThrottleEvent
 from ..priorities import Priority, make_tag
-from ..scheduler import Limits, Reject, Request
+from ..scheduler import Admit, Limits, Reject, Request, RequestFields
 from ..scheduler.limit import Sample
 from ..settings import ConfigError, Settings
 from .body import BodyBuffers, RequestBody
@@ -55,6 +57,10 @@ _NO_WAIT = (_SERVER_TIMING, b"throttle;dur=0.0")
 _DEGRADED: Final = 2
 _LEASE: Final = 3
 _UNTHROTTLED: Final = 4
+#: `Admit.lease`, by index.
+_ADMIT_LEASE: Final = 2
+#: The release-at-once test of a backend without one: nothing goes back at once.
+_NOT_AT_ONCE: Callable[[str], bool] = frozenset[str]().__contains__
 _HTTP1 = frozenset(("1.1", "1.0"))
 _BODY_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
 
@@ -149,6 +155,11 @@ class ThrottleMiddleware:
         self._backend = backend
         if settings.enabled and backend is None:
             self._backend = make_backend(settings)
+        # The in-memory backend's fast path (`MemoryBackend.fast_path`), bound at start-up.
+        self._clock: Callable[[], float] | None = None
+        self._admit_at_once: Callable[[float, RequestFields], Admit | None] | None = None
+        self._release_at_once: Callable[[str], bool] = _NOT_AT_ONCE
+        self._decide_rest: Callable[[Request], BackendOutcome] | None = None
 
     @property
     def backend(self) -> Backend | None:
@@ -215,6 +226,13 @@ class ThrottleMiddleware:
         """Start the backend and watch for the server's shutdown signal."""
         if self._backend is not None:
             await self._backend.start()
+            if isinstance(self._backend, MemoryBackend):
+                (
+                    self._clock,
+                    self._admit_at_once,
+                    self._release_at_once,
+                    self._decide_rest,
+                ) = self._backend.fast_path()
             if self.settings.learns_concurrency:
                 config = self.settings.limit_config()
                 logger.info(
@@ -299,65 +317,73 @@ class ThrottleMiddleware:
             return
         backend = self._backend
         assert backend is not None
-        # tuple.__new__ skips the NamedTuples' Python-level __new__ on this hot path.
         request_id = self._id_prefix + str(next(self._id_counter))
-        request = _new_tuple(
-            Request,
-            (
-                request_id,
-                tenant,
-                tag.priority,
-                tag.cost,
-                tag.sheddable,
-                tag.degradable,
-            ),
+        fields = (request_id, tenant, tag.priority, tag.cost, tag.sheddable, tag.degradable)
+        read_ahead = self._read_ahead and (
+            announced if announced is not None else scope["http_version"] not in _HTTP1
         )
-        outcome: Admitted | Waiting | Reject | None
-        started = 0.0
-        body: RequestBody | None = None
-        if self._draining_now:
-            outcome = _SHUTTING_DOWN
-        else:
-            if self._read_ahead and (
-                announced if announced is not None else scope["http_version"] not in _HTTP1
-            ):
-                body = await self._read_body(scope, request, receive, send)
-                if body is None:
-                    return  # a 408 was sent, or the client went away
-                receive = body.receive
-            outcome = backend.decide_now(request)
-            if outcome is None:
-                started = time.perf_counter()
-                outcome = await backend.acquire(request)
-
         decided: Outcome = "admitted"
         reason: str | None = None
-        # A NamedTuple's fields by index: its attribute access is a generic lookup in 3.11.
-        if type(outcome) is Admitted and not outcome[_DEGRADED] and not outcome[_UNTHROTTLED]:
-            held = outcome[_LEASE]
+        body: RequestBody | None = None
+        # The in-memory backend's fast path: the scheduler's own test, called with no
+        # backend frame in between and no `Request` made (a plain tuple of its fields).
+        admit = self._admit_at_once
+        admission = None
+        if admit is not None and not read_ahead and not self._draining_now:
+            assert self._clock is not None
+            admission = admit(self._clock(), fields)
+        if admission is not None:
+            held = admission[_ADMIT_LEASE]
             degraded = unthrottled = False
-            if started:
-                waited_s = time.perf_counter() - started
-                timing = (_SERVER_TIMING, b"throttle;dur=%.1f" % (waited_s * 1000.0))
-            else:
-                # Decided at once, in memory: microseconds, reported as 0.0 ms.
-                waited_s = 0.0
-                timing = _NO_WAIT
+            # Decided at once, in memory: microseconds, reported as 0.0 ms.
+            waited_s = 0.0
+            timing = _NO_WAIT
         else:
-            started = started or time.perf_counter()
-            settled = await self._settle(scope, request, outcome, receive, send, started, body)
-            if settled is None:
-                return  # rejected (the response is sent) or the client went away
-            outcome, decided, reason, body = settled
-            if body is not None:
-                receive = body.receive
-            waited_s = time.perf_counter() - started
-            _, _, degraded, held, unthrottled = outcome
-            value = b"throttle;dur=%.1f" % (waited_s * 1000.0) if waited_s else _NO_WAIT[1]
-            if decided != "admitted":
-                desc = decided if reason is None else f"{decided}:{reason}"
-                value += b';desc="%s"' % desc.encode("ascii")
-            timing = (_SERVER_TIMING, value)
+            # tuple.__new__ skips the NamedTuple's Python-level __new__.
+            request = _new_tuple(Request, fields)
+            outcome: Admitted | Waiting | Reject | None
+            started = 0.0
+            if self._draining_now:
+                outcome = _SHUTTING_DOWN
+            else:
+                if read_ahead:
+                    body = await self._read_body(scope, request, receive, send)
+                    if body is None:
+                        return  # a 408 was sent, or the client went away
+                    receive = body.receive
+                if admit is not None and not read_ahead:
+                    assert self._decide_rest is not None
+                    outcome = self._decide_rest(request)  # `admit` declined it just now
+                else:
+                    outcome = backend.decide_now(request)
+                if outcome is None:
+                    started = time.perf_counter()
+                    outcome = await backend.acquire(request)
+            # A NamedTuple's fields by index: its attribute access is a generic lookup in 3.11.
+            if type(outcome) is Admitted and not outcome[_DEGRADED] and not outcome[_UNTHROTTLED]:
+                held = outcome[_LEASE]
+                degraded = unthrottled = False
+                if started:
+                    waited_s = time.perf_counter() - started
+                    timing = (_SERVER_TIMING, b"throttle;dur=%.1f" % (waited_s * 1000.0))
+                else:
+                    waited_s = 0.0
+                    timing = _NO_WAIT
+            else:
+                started = started or time.perf_counter()
+                settled = await self._settle(scope, request, outcome, receive, send, started, body)
+                if settled is None:
+                    return  # rejected (the response is sent) or the client went away
+                outcome, decided, reason, body = settled
+                if body is not None:
+                    receive = body.receive
+                waited_s = time.perf_counter() - started
+                _, _, degraded, held, unthrottled = outcome
+                value = b"throttle;dur=%.1f" % (waited_s * 1000.0) if waited_s else _NO_WAIT[1]
+                if decided != "admitted":
+                    desc = decided if reason is None else f"{decided}:{reason}"
+                    value += b';desc="%s"' % desc.encode("ascii")
+                timing = (_SERVER_TIMING, value)
         if self._observers and decided != "would_reject":
             kind: EventKind = "degraded" if degraded else "admitted"
             self._emit(
@@ -403,6 +429,7 @@ class ThrottleMiddleware:
             sampled: bool = sampled,
             backend: Backend = backend,
             request_id: str = request_id,
+            release_at_once: Callable[[str], bool] = self._release_at_once,
         ) -> Awaitable[None]:
             nonlocal held, hold, failed, ended
             kind = message["type"]
@@ -418,7 +445,7 @@ class ThrottleMiddleware:
                         ended = time.perf_counter()
                     if held:
                         held = False
-                        if hold is None or not hold.released:
+                        if (hold is None or not hold.released) and not release_at_once(request_id):
                             backend.release(request_id)
                 elif held:
                     # More to come: a slow reader's back-pressure may hold this send up.

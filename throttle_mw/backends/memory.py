@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ..scheduler import (
     Admit,
@@ -23,6 +23,7 @@ from ..scheduler import (
     Policy,
     Reject,
     Request,
+    RequestFields,
     Scheduler,
     Snapshot,
 )
@@ -30,6 +31,17 @@ from ..scheduler.limit import LimitConfig, LimitEstimator, LimitState, Sample
 from .base import Admitted, Outcome, Waiting
 
 _new_tuple = tuple.__new__
+#: `Admit.lease`, by index (a NamedTuple's attribute access is a generic lookup in 3.11).
+_LEASE = 2
+
+#: `MemoryBackend.fast_path`: the clock, the scheduler's own fast admission and
+#: release, and the full decision to call when the fast admission declined.
+FastPath = tuple[
+    Callable[[], float],
+    Callable[[float, RequestFields], Admit | None],
+    Callable[[str], bool],
+    Callable[[Request], Outcome],
+]
 
 
 class MemoryBackend:
@@ -37,7 +49,6 @@ class MemoryBackend:
 
     def __init__(self, limits: Limits, policy: Policy, learn: LimitConfig | None = None) -> None:
         self._limits = limits
-        self._leases_held = limits.concurrency is not None
         self._policy = policy
         self._learn = learn or LimitConfig()
         self._estimator: LimitEstimator | None = None
@@ -80,6 +91,17 @@ class MemoryBackend:
     async def acquire(self, request: Request) -> Outcome:
         return self.decide_now(request)
 
+    def fast_path(self) -> FastPath:
+        """For a caller that decides every request itself (the middleware): the
+        scheduler's ``admit_at_once`` and ``release_at_once`` and the loop's clock,
+        called without a frame of this backend's in between, and `decide_rest` for
+        the requests ``admit_at_once`` declined. The same decisions as
+        `decide_now` and `release`: the scheduler and the loop are this backend's
+        for good once it has started."""
+        scheduler, _ = self._sched()
+        assert self._loop is not None
+        return self._loop.time, scheduler.admit_at_once, scheduler.release_at_once, self.decide_rest
+
     def decide_now(self, request: Request) -> Outcome:
         """Every decision here is made at once, in memory."""
         scheduler = self._scheduler
@@ -88,9 +110,19 @@ class MemoryBackend:
             scheduler, now = self._sched()
         else:
             now = loop.time()
-        if scheduler.admit_at_once(now, request):
+        admit = scheduler.admit_at_once(now, request)
+        if admit is not None:
             # tuple.__new__ skips the NamedTuple's Python-level __new__: this runs per request.
-            return _new_tuple(Admitted, (request[0], 0.0, False, self._leases_held, False))
+            return _new_tuple(Admitted, (request[0], 0.0, False, admit[_LEASE], False))
+        return self._decide(scheduler, now, request)
+
+    def decide_rest(self, request: Request) -> Outcome:
+        """`decide_now` for a request the scheduler's ``admit_at_once`` just declined
+        (`fast_path`): the full decision, as of now."""
+        scheduler, now = self._sched()
+        return self._decide(scheduler, now, request)
+
+    def _decide(self, scheduler: Scheduler, now: float, request: Request) -> Outcome:
         decision, events = scheduler.acquire(now, request)
         if events:
             self._apply(events)
@@ -183,7 +215,6 @@ class MemoryBackend:
             limits = self._learned_limits(limits)
         self.learning = self._estimator is not None
         self._limits = limits
-        self._leases_held = limits.concurrency is not None
         self._apply(scheduler.set_limits(limits, now))
         self._schedule(scheduler, now)
 

@@ -15,6 +15,7 @@ from .types import (
     Reason,
     Reject,
     Request,
+    RequestFields,
     Snapshot,
     TenantSnapshot,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "Reason",
     "Reject",
     "Request",
+    "RequestFields",
     "Scheduler",
     "Snapshot",
     "TenantSnapshot",

@@ -52,6 +52,7 @@ from .types import (
     Reason,
     Reject,
     Request,
+    RequestFields,
     Snapshot,
     TenantSnapshot,
 )
@@ -114,12 +115,13 @@ class Scheduler:
         self._dispatch(now, events)
         return events
 
-    def admit_at_once(self, now: float, req: Request) -> bool:
+    def admit_at_once(self, now: float, req: RequestFields) -> Admit | None:
         """The fast path alone: admit `req` if nothing waits and the budget has room.
 
-        Returns False, having changed nothing but its tenant's last use, when
-        `acquire` must decide instead. Takes a lease when the budget has a
-        concurrency limit, as `acquire` does.
+        Returns the `Admit` that `acquire` would (with a lease when the budget has a
+        concurrency limit), or None, having changed nothing but the refill to `now`
+        and its tenant's last use, when `acquire` must decide instead. `req` is a
+        `Request` or a plain tuple of its fields.
 
         The in-memory backend calls this for every request, so the common case is
         written out in one frame: ``_refill``, ``_tenant`` (known tenant),
@@ -130,7 +132,7 @@ class Scheduler:
         # Unpacked: a NamedTuple's attribute access is a generic lookup in 3.11.
         request_id, name, _, cost, sheddable, _ = req
         if self._waiting or sheddable:
-            return False
+            return None
         limits = self._limits
         rate = limits.rate
         # _refill
@@ -162,21 +164,22 @@ class Scheduler:
             and (concurrency is None or self._in_flight + cost <= concurrency)
             and (limits.tenant_rate is None or self._cap_ok(tenant, cost, now))
         ):
-            return False
+            return None
         # _take
         start = tenant.finish
         if limits.weights or limits.tenant_rate is not None or start < self._vtime:
             self._take(tenant, request_id, cost, now)
-            return True
+            return _ADMIT if concurrency is None else _ADMIT_LEASE
         if rate is not None:
             self._tokens -= cost
-        if concurrency is not None:
-            self._in_flight += cost
-            self._leases[request_id] = cost
         self._vtime = start
         tenant.finish = start + cost  # weight 1.0
         window.cost += cost
-        return True
+        if concurrency is None:
+            return _ADMIT
+        self._in_flight += cost
+        self._leases[request_id] = cost
+        return _ADMIT_LEASE
 
     def acquire(self, now: float, req: Request) -> tuple[Decision, list[Event]]:
         """Decide on a new request: admit it, queue it or reject it."""

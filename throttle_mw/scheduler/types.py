@@ -61,6 +61,12 @@ class Request(NamedTuple):
     degradable: bool = False
 
 
+#: A `Request`'s fields as a plain tuple, in its order: what `Scheduler.admit_at_once`
+#: reads (a `Request` is one). The in-memory fast path builds this and makes the
+#: `Request` only when the scheduler must decide in full.
+RequestFields = tuple[str, str, Priority, int, bool, bool]
+
+
 class Admit(NamedTuple):
     """Go ahead. If `lease`, call ``release(id)`` exactly once when the response is done."""
 
