@@ -437,8 +437,10 @@ class ThrottleMiddleware:
                 if sampled and message["status"] >= 500:
                     failed = True
                 # A new dict and list: the app may send the same message (and its
-                # header list) again, and must not see our header in it.
-                message = {**message, "headers": [*message.get("headers", ()), timing]}
+                # header list) again, and must not see our header in it. (A copy and a
+                # store: cheaper than ``{**message, "headers": ...}``.)
+                message = message.copy()
+                message["headers"] = [*message.get("headers", ()), timing]
             elif kind == "http.response.body":
                 if not message.get("more_body", False):
                     if sampled:
