@@ -24,7 +24,7 @@ from ..backends.base import Admitted, Backend, RequestIds, Waiting
 from ..backends.base import Outcome as BackendOutcome
 from ..backends.memory import MemoryBackend
 from ..observe import EventKind, Observer, ThrottleEvent
-from ..priorities import Priority, make_tag
+from ..priorities import Priority, RouteTag, make_tag
 from ..scheduler import Admit, Limits, Reject, Request, RequestFields
 from ..scheduler.limit import Sample
 from ..settings import ConfigError, Settings
@@ -62,6 +62,8 @@ _ADMIT_LEASE: Final = 2
 #: The release-at-once test of a backend without one: nothing goes back at once.
 _NOT_AT_ONCE: Callable[[str], bool] = frozenset[str]().__contains__
 _HTTP1 = frozenset(("1.1", "1.0"))
+#: Bounds `ThrottleMiddleware._admitted` (cleared when full, like the tenant caches).
+_DECISION_CACHE_SIZE = 4096
 _BODY_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
 
 Outcome = Literal["admitted", "degraded", "unthrottled", "would_queue", "would_reject"]
@@ -160,6 +162,10 @@ class ThrottleMiddleware:
         self._admit_at_once: Callable[[float, RequestFields], Admit | None] | None = None
         self._release_at_once: Callable[[str], bool] = _NOT_AT_ONCE
         self._decide_rest: Callable[[Request], BackendOutcome] | None = None
+        #: The `ThrottleDecision` of a request admitted at once, by tenant, with the
+        #: route tag it is for: one immutable tuple shared by such requests (making a
+        #: NamedTuple costs more than the rest of the fast path's bookkeeping).
+        self._admitted: dict[str, tuple[RouteTag, ThrottleDecision]] = {}
 
     @property
     def backend(self) -> Backend | None:
@@ -338,6 +344,16 @@ class ThrottleMiddleware:
             # Decided at once, in memory: microseconds, reported as 0.0 ms.
             waited_s = 0.0
             timing = _NO_WAIT
+            cached = self._admitted.get(tenant)
+            if cached is not None and cached[0] is tag:
+                decision = cached[1]
+            else:
+                decision = _new_tuple(
+                    ThrottleDecision, (tenant, tag.priority, 0.0, False, "admitted", tag.cost, None)
+                )
+                if len(self._admitted) >= _DECISION_CACHE_SIZE:
+                    self._admitted.clear()
+                self._admitted[tenant] = (tag, decision)
         else:
             # tuple.__new__ skips the NamedTuple's Python-level __new__.
             request = _new_tuple(Request, fields)
@@ -384,6 +400,10 @@ class ThrottleMiddleware:
                     desc = decided if reason is None else f"{decided}:{reason}"
                     value += b';desc="%s"' % desc.encode("ascii")
                 timing = (_SERVER_TIMING, value)
+            decision = _new_tuple(
+                ThrottleDecision,
+                (tenant, tag.priority, waited_s, degraded, decided, tag.cost, reason),
+            )
         if self._observers and decided != "would_reject":
             kind: EventKind = "degraded" if degraded else "admitted"
             self._emit(
@@ -399,10 +419,7 @@ class ThrottleMiddleware:
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
-        state["throttle"] = _new_tuple(
-            ThrottleDecision,
-            (tenant, tag.priority, waited_s, degraded, decided, tag.cost, reason),
-        )
+        state["throttle"] = decision
         # Made when the app first waits on its client (streaming, or a body beyond the
         # buffer): from then on that waiting counts against THROTTLE_CLIENT_HOLD.
         hold: ClientHold | None = None
@@ -439,7 +456,7 @@ class ThrottleMiddleware:
                 # A new dict and list: the app may send the same message (and its
                 # header list) again, and must not see our header in it. (A copy and a
                 # store: cheaper than ``{**message, "headers": ...}``.)
-                message = message.copy()
+                message = message.copy() if type(message) is dict else dict(message)
                 message["headers"] = [*message.get("headers", ()), timing]
             elif kind == "http.response.body":
                 if not message.get("more_body", False):
