@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple, cast
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -25,7 +26,7 @@ from ..backends.base import Outcome as BackendOutcome
 from ..backends.memory import MemoryBackend
 from ..observe import EventKind, Observer, ThrottleEvent
 from ..priorities import Priority, RouteTag, make_tag
-from ..scheduler import Admit, Limits, Reject, Request, RequestFields
+from ..scheduler import Admit, LeaseKey, Limits, Reject, Request, RequestFields
 from ..scheduler.limit import Sample
 from ..settings import ConfigError, Settings
 from .body import BodyBuffers, RequestBody
@@ -45,6 +46,11 @@ from .tenants import (
 
 logger = logging.getLogger("throttle_mw")
 
+
+def _never_held(lease_key: LeaseKey) -> None:
+    """The release of a middleware without a backend (off): it never holds a lease."""
+
+
 _SHUTTING_DOWN = Reject("shutting_down", 1.0)
 #: The settings of a middleware that is off, or could not start.
 _OFF = Settings(enabled=False)
@@ -60,7 +66,7 @@ _UNTHROTTLED: Final = 4
 #: `Admit.lease`, by index.
 _ADMIT_LEASE: Final = 2
 #: The release-at-once test of a backend without one: nothing goes back at once.
-_NOT_AT_ONCE: Callable[[str], bool] = frozenset[str]().__contains__
+_NOT_AT_ONCE: Callable[[LeaseKey], bool] = frozenset[LeaseKey]().__contains__
 _HTTP1 = frozenset(("1.1", "1.0"))
 #: Bounds `ThrottleMiddleware._admitted` (cleared when full, like the tenant caches).
 _DECISION_CACHE_SIZE = 4096
@@ -157,11 +163,19 @@ class ThrottleMiddleware:
         self._backend = backend
         if settings.enabled and backend is None:
             self._backend = make_backend(settings)
-        # The in-memory backend's fast path (`MemoryBackend.fast_path`), bound at start-up.
-        self._clock: Callable[[], float] | None = None
+        # The in-memory backend's fast path (`MemoryBackend.fast_path`), bound at start-up;
+        # `_admit_at_once` None: there is none.
+        self._clock: Callable[[], float] = time.monotonic
+        self._lease_key: Callable[[], int] = itertools.count(1).__next__
         self._admit_at_once: Callable[[float, RequestFields], Admit | None] | None = None
-        self._release_at_once: Callable[[str], bool] = _NOT_AT_ONCE
+        self._release_at_once: Callable[[LeaseKey], bool] = _NOT_AT_ONCE
         self._decide_rest: Callable[[Request], BackendOutcome] | None = None
+        # A lease goes back by the key it was taken with: a number only on the in-memory
+        # fast path, so other backends only ever see their id strings.
+        self._release = cast(
+            "Callable[[LeaseKey], None]",
+            _never_held if self._backend is None else self._backend.release,
+        )
         #: The `ThrottleDecision` of a request admitted at once, by tenant, with the
         #: route tag it is for: one immutable tuple shared by such requests (making a
         #: NamedTuple costs more than the rest of the fast path's bookkeeping).
@@ -235,6 +249,7 @@ class ThrottleMiddleware:
             if isinstance(self._backend, MemoryBackend):
                 (
                     self._clock,
+                    self._lease_key,
                     self._admit_at_once,
                     self._release_at_once,
                     self._decide_rest,
@@ -323,8 +338,6 @@ class ThrottleMiddleware:
             return
         backend = self._backend
         assert backend is not None
-        request_id = self._id_prefix + str(next(self._id_counter))
-        fields = (request_id, tenant, tag.priority, tag.cost, tag.sheddable, tag.degradable)
         read_ahead = self._read_ahead and (
             announced if announced is not None else scope["http_version"] not in _HTTP1
         )
@@ -332,12 +345,16 @@ class ThrottleMiddleware:
         reason: str | None = None
         body: RequestBody | None = None
         # The in-memory backend's fast path: the scheduler's own test, called with no
-        # backend frame in between and no `Request` made (a plain tuple of its fields).
+        # backend frame in between, no `Request` made (a plain tuple of its fields) and
+        # a number for its id: the id string is made only if it is declined.
         admit = self._admit_at_once
         admission = None
         if admit is not None and not read_ahead and not self._draining_now:
-            assert self._clock is not None
-            admission = admit(self._clock(), fields)
+            lease_key: LeaseKey = self._lease_key()
+            admission = admit(
+                self._clock(),
+                (lease_key, tenant, tag.priority, tag.cost, tag.sheddable, tag.degradable),
+            )
         if admission is not None:
             held = admission[_ADMIT_LEASE]
             degraded = unthrottled = False
@@ -355,8 +372,12 @@ class ThrottleMiddleware:
                     self._admitted.clear()
                 self._admitted[tenant] = (tag, decision)
         else:
+            lease_key = request_id = self._id_prefix + str(next(self._id_counter))
             # tuple.__new__ skips the NamedTuple's Python-level __new__.
-            request = _new_tuple(Request, fields)
+            request = _new_tuple(
+                Request,
+                (request_id, tenant, tag.priority, tag.cost, tag.sheddable, tag.degradable),
+            )
             outcome: Admitted | Waiting | Reject | None
             started = 0.0
             if self._draining_now:
@@ -424,7 +445,7 @@ class ThrottleMiddleware:
         # buffer): from then on that waiting counts against THROTTLE_CLIENT_HOLD.
         hold: ClientHold | None = None
         if body is not None and held and body.partial:
-            hold = body.hold = self._hold(request_id)
+            hold = body.hold = self._hold(lease_key)
         # A learned limit needs each request's service time and whether it failed.
         sampled = backend.learning
         failed = False
@@ -444,9 +465,9 @@ class ThrottleMiddleware:
             send: Send = send,
             timing: tuple[bytes, bytes] = timing,
             sampled: bool = sampled,
-            backend: Backend = backend,
-            request_id: str = request_id,
-            release_at_once: Callable[[str], bool] = self._release_at_once,
+            lease_key: LeaseKey = lease_key,
+            release_at_once: Callable[[LeaseKey], bool] = self._release_at_once,
+            release: Callable[[LeaseKey], None] = self._release,
         ) -> Awaitable[None]:
             nonlocal held, hold, failed, ended
             kind = message["type"]
@@ -464,12 +485,12 @@ class ThrottleMiddleware:
                         ended = time.perf_counter()
                     if held:
                         held = False
-                        if (hold is None or not hold.released) and not release_at_once(request_id):
-                            backend.release(request_id)
+                        if (hold is None or not hold.released) and not release_at_once(lease_key):
+                            release(lease_key)
                 elif held:
                     # More to come: a slow reader's back-pressure may hold this send up.
                     if hold is None:
-                        hold = self._hold(request_id)
+                        hold = self._hold(lease_key)
                     return hold.send(send, message)
             return send(message)
 
@@ -479,7 +500,7 @@ class ThrottleMiddleware:
             if held:
                 held = False
                 if hold is None or not hold.released:
-                    backend.release(request_id)
+                    self._release(lease_key)
             if body is not None:
                 body.close()
             if sampled:
@@ -492,10 +513,8 @@ class ThrottleMiddleware:
                     client_s = 0.0 if hold is None else hold.waited_s
                     backend.observe(Sample(ended - admitted - client_s, failed, running))
 
-    def _hold(self, request_id: str) -> ClientHold:
-        backend = self._backend
-        assert backend is not None
-        release = functools.partial(backend.release, request_id)
+    def _hold(self, lease_key: LeaseKey) -> ClientHold:
+        release = functools.partial(self._release, lease_key)
         return ClientHold(self.settings.client_hold_s, release)
 
     async def _read_body(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterable
 
 from ..scheduler import (
@@ -19,6 +20,7 @@ from ..scheduler import (
     Event,
     Evicted,
     Granted,
+    LeaseKey,
     Limits,
     Policy,
     Reject,
@@ -34,12 +36,13 @@ _new_tuple = tuple.__new__
 #: `Admit.lease`, by index (a NamedTuple's attribute access is a generic lookup in 3.11).
 _LEASE = 2
 
-#: `MemoryBackend.fast_path`: the clock, the scheduler's own fast admission and
-#: release, and the full decision to call when the fast admission declined.
+#: `MemoryBackend.fast_path`: the clock, the lease keys, the scheduler's own fast
+#: admission and release, and the full decision to call when the fast admission declined.
 FastPath = tuple[
     Callable[[], float],
+    Callable[[], int],
     Callable[[float, RequestFields], Admit | None],
-    Callable[[str], bool],
+    Callable[[LeaseKey], bool],
     Callable[[Request], Outcome],
 ]
 
@@ -61,6 +64,9 @@ class MemoryBackend:
         self._waiters: dict[str, Waiting] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        #: Lease keys of the fast path: numbers, unique within this backend (which
+        #: several middlewares may share).
+        self._lease_keys = itertools.count(1)
 
     def _sched(self) -> tuple[Scheduler, float]:
         loop = self._loop
@@ -93,14 +99,22 @@ class MemoryBackend:
 
     def fast_path(self) -> FastPath:
         """For a caller that decides every request itself (the middleware): the
-        scheduler's ``admit_at_once`` and ``release_at_once`` and the loop's clock,
-        called without a frame of this backend's in between, and `decide_rest` for
-        the requests ``admit_at_once`` declined. The same decisions as
-        `decide_now` and `release`: the scheduler and the loop are this backend's
-        for good once it has started."""
+        loop's clock, a source of lease keys (numbers: no id string is made for a
+        request admitted at once), the scheduler's ``admit_at_once`` and
+        ``release_at_once``, called without a frame of this backend's in between, and
+        `decide_rest` for the requests ``admit_at_once`` declined (with their id
+        strings). The same decisions as `decide_now` and `release` (which takes a
+        lease key too): the scheduler and the loop are this backend's for good once
+        it has started."""
         scheduler, _ = self._sched()
         assert self._loop is not None
-        return self._loop.time, scheduler.admit_at_once, scheduler.release_at_once, self.decide_rest
+        return (
+            self._loop.time,
+            self._lease_keys.__next__,
+            scheduler.admit_at_once,
+            scheduler.release_at_once,
+            self.decide_rest,
+        )
 
     def decide_now(self, request: Request) -> Outcome:
         """Every decision here is made at once, in memory."""
@@ -155,7 +169,7 @@ class MemoryBackend:
             return waiting.future.result()
         return Reject("expired", 1.0)  # never queued here: nothing to give back
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: LeaseKey) -> None:
         scheduler = self._scheduler
         if scheduler is None or self._loop is None:
             return

@@ -47,6 +47,7 @@ from .types import (
     Event,
     Evicted,
     Granted,
+    LeaseKey,
     Limits,
     Policy,
     Reason,
@@ -78,7 +79,7 @@ class Scheduler:
         self._refilled_at = now
         #: Concurrency in use, and each lease's cost by request id.
         self._in_flight = 0
-        self._leases: dict[str, int] = {}
+        self._leases: dict[LeaseKey, int] = {}
         #: Every tenant with state, least recently seen first.
         self._tenants: OrderedDict[str, Tenant] = OrderedDict()
         self._waiting: dict[str, Waiter] = {}
@@ -232,7 +233,7 @@ class Scheduler:
         self._dispatch(now, events)
         return reject, events
 
-    def release(self, now: float, request_id: str) -> list[Event]:
+    def release(self, now: float, request_id: LeaseKey) -> list[Event]:
         """Give back a lease's concurrency; idempotent."""
         cost = self._leases.pop(request_id, None)
         if cost is not None:
@@ -246,7 +247,7 @@ class Scheduler:
         self._dispatch(now, events)
         return events
 
-    def release_at_once(self, request_id: str) -> bool:
+    def release_at_once(self, request_id: LeaseKey) -> bool:
         """`release` when the scheduler is `idle` (nothing waits, no deadline pending):
         the lease goes back with no clock and no dispatch. False, having changed
         nothing, when it is not idle: call ``release(now, id)`` then."""
@@ -406,7 +407,7 @@ class Scheduler:
         """How far behind the virtual clock a tenant's tag may lag: its banked credit."""
         return self._policy.credit_s * self._fair_rate(now)
 
-    def _take(self, tenant: Tenant, request_id: str, cost: int, now: float) -> None:
+    def _take(self, tenant: Tenant, request_id: LeaseKey, cost: int, now: float) -> None:
         """Charge an admission to the budget, the tenant's cap and its fairness tag."""
         limits = self._limits
         if limits.rate is not None:
