@@ -163,8 +163,10 @@ class ThrottleMiddleware:
         self._backend = backend
         if settings.enabled and backend is None:
             self._backend = make_backend(settings)
-        # The in-memory backend's fast path (`MemoryBackend.fast_path`), bound at start-up;
-        # `_admit_at_once` None: there is none.
+        # The in-memory backend's fast path (`MemoryBackend.fast_path`), bound by the
+        # first request (in the event loop the backend runs on); `_admit_at_once` None:
+        # not bound (yet).
+        self._fast_pending = isinstance(self._backend, MemoryBackend)
         self._clock: Callable[[], float] = time.monotonic
         self._lease_key: Callable[[], int] = itertools.count(1).__next__
         self._admit_at_once: Callable[[float, RequestFields], Admit | None] | None = None
@@ -246,14 +248,6 @@ class ThrottleMiddleware:
         """Start the backend and watch for the server's shutdown signal."""
         if self._backend is not None:
             await self._backend.start()
-            if isinstance(self._backend, MemoryBackend):
-                (
-                    self._clock,
-                    self._lease_key,
-                    self._admit_at_once,
-                    self._release_at_once,
-                    self._decide_rest,
-                ) = self._backend.fast_path()
             if self.settings.learns_concurrency:
                 config = self.settings.limit_config()
                 logger.info(
@@ -348,6 +342,8 @@ class ThrottleMiddleware:
         # backend frame in between, no `Request` made (a plain tuple of its fields) and
         # a number for its id: the id string is made only if it is declined.
         admit = self._admit_at_once
+        if admit is None and self._fast_pending:
+            admit = self._bind_fast_path()
         admission = None
         if admit is not None and not read_ahead and not self._draining_now:
             lease_key: LeaseKey = self._lease_key()
@@ -512,6 +508,20 @@ class ThrottleMiddleware:
                         failed, ended = True, time.perf_counter()
                     client_s = 0.0 if hold is None else hold.waited_s
                     backend.observe(Sample(ended - admitted - client_s, failed, running))
+
+    def _bind_fast_path(self) -> Callable[[float, RequestFields], Admit | None]:
+        backend = self._backend
+        assert isinstance(backend, MemoryBackend)
+        self._fast_pending = False
+        (
+            self._clock,
+            self._lease_key,
+            admit,
+            self._release_at_once,
+            self._decide_rest,
+        ) = backend.fast_path()
+        self._admit_at_once = admit
+        return admit
 
     def _hold(self, lease_key: LeaseKey) -> ClientHold:
         release = functools.partial(self._release, lease_key)
