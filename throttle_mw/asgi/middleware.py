@@ -443,11 +443,13 @@ class ThrottleMiddleware:
         if body is not None and held and body.partial:
             hold = body.hold = self._hold(lease_key)
         # A learned limit needs each request's service time and whether it failed.
-        sampled = backend.learning
-        failed = False
-        ended = admitted = 0.0
+        # Whether it failed and when it ended, set by send_wrapper: a list, not two
+        # closure cells that every request would make.
+        ending: list[Any] | None = None
+        admitted = 0.0
         running = 0
-        if sampled:
+        if backend.learning:
+            ending = [False, 0.0]
             self._running += 1
             running = self._running
             admitted = time.perf_counter()
@@ -460,16 +462,17 @@ class ThrottleMiddleware:
             message: Message,
             send: Send = send,
             timing: tuple[bytes, bytes] = timing,
-            sampled: bool = sampled,
+            ending: list[Any] | None = ending,
             lease_key: LeaseKey = lease_key,
             release_at_once: Callable[[LeaseKey], bool] = self._release_at_once,
             release: Callable[[LeaseKey], None] = self._release,
+            middleware: ThrottleMiddleware = self,
         ) -> Awaitable[None]:
-            nonlocal held, hold, failed, ended
+            nonlocal held, hold
             kind = message["type"]
             if kind == "http.response.start":
-                if sampled and message["status"] >= 500:
-                    failed = True
+                if ending is not None and message["status"] >= 500:
+                    ending[0] = True
                 # A new dict and list: the app may send the same message (and its
                 # header list) again, and must not see our header in it. (A copy and a
                 # store: cheaper than ``{**message, "headers": ...}``.)
@@ -477,8 +480,8 @@ class ThrottleMiddleware:
                 message["headers"] = [*message.get("headers", ()), timing]
             elif kind == "http.response.body":
                 if not message.get("more_body", False):
-                    if sampled:
-                        ended = time.perf_counter()
+                    if ending is not None:
+                        ending[1] = time.perf_counter()
                     if held:
                         held = False
                         if (hold is None or not hold.released) and not release_at_once(lease_key):
@@ -486,7 +489,7 @@ class ThrottleMiddleware:
                 elif held:
                     # More to come: a slow reader's back-pressure may hold this send up.
                     if hold is None:
-                        hold = self._hold(lease_key)
+                        hold = middleware._hold(lease_key)
                     return hold.send(send, message)
             return send(message)
 
@@ -499,11 +502,12 @@ class ThrottleMiddleware:
                     self._release(lease_key)
             if body is not None:
                 body.close()
-            if sampled:
+            if ending is not None:
                 self._running -= 1
                 # A slot given back for a client that held it too long says nothing
                 # about the app's capacity: no sample.
                 if hold is None or not hold.released:
+                    failed, ended = ending
                     if not ended:  # the app raised, or the client left before the end
                         failed, ended = True, time.perf_counter()
                     client_s = 0.0 if hold is None else hold.waited_s
