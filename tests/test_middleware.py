@@ -470,6 +470,26 @@ async def test_middlewares_sharing_a_memory_backend_give_back_every_lease() -> N
     assert (await backend.snapshot()).in_flight == 0
 
 
+@pytest.mark.anyio
+async def test_a_memory_backend_subclass_that_releases_its_own_way_is_called() -> None:
+    """The in-memory fast path calls the scheduler directly: not for a subclass
+    that overrides the backend's decision or release."""
+    released: list[object] = []
+
+    class Counting(MemoryBackend):
+        def release(self, request_id: Any) -> None:
+            released.append(request_id)
+            super().release(request_id)
+
+    settings = Settings.from_env(concurrency=2)
+    backend = Counting(settings.limits(), settings.policy())
+    app = starlette_app(concurrency=2, backend=backend)
+    for _ in range(3):
+        assert (await call(app, "GET", "/low")).status_code == 200
+    assert len(released) == 3
+    assert (await backend.snapshot()).in_flight == 0
+
+
 # --- configuration at start-up --------------------------------------------------------------
 
 

@@ -165,8 +165,13 @@ class ThrottleMiddleware:
             self._backend = make_backend(settings)
         # The in-memory backend's fast path (`MemoryBackend.fast_path`), bound by the
         # first request (in the event loop the backend runs on); `_admit_at_once` None:
-        # not bound (yet).
-        self._fast_pending = isinstance(self._backend, MemoryBackend)
+        # not bound (yet). Not for a subclass that decides or releases its own way.
+        kind = type(self._backend)
+        self._fast_pending = (
+            issubclass(kind, MemoryBackend)
+            and kind.decide_now is MemoryBackend.decide_now
+            and kind.release is MemoryBackend.release
+        )
         self._clock: Callable[[], float] = time.monotonic
         self._lease_key: Callable[[], int] = itertools.count(1).__next__
         self._admit_at_once: Callable[[float, RequestFields], Admit | None] | None = None
