@@ -846,6 +846,22 @@ local function load_waiter(id)
     deadline = tonumber(deadline), enq = tonumber(enq)}
 end
 
+-- Many waiters in one command (core.lua's leave): a list as long as `ids`, false for an
+-- id not waiting; their deadline and enqueue time are not read.
+local LEAVER_PATTERN = '^'  -- (the first four fields: no string.rep where this runs)
+for _ = 1, 4 do LEAVER_PATTERN = LEAVER_PATTERN .. '([^' .. SEP .. ']*)' .. SEP end
+function call.load_waiters(ids)
+  local raws = redis.call('HMGET', K.waiters, unpack(ids))
+  for i = 1, #ids do
+    local raw = raws[i]
+    if raw then
+      local h, cost, rank, p = string.match(raw, LEAVER_PATTERN)
+      raws[i] = {id = ids[i], h = h, cost = tonum(cost), rank = tonum(rank), proc = p}
+    end
+  end
+  return raws
+end
+
 -- Tenant t's most urgent, oldest waiter (Tenant.head), or nil.
 local function head_of(t)
   local ids = redis.call('ZRANGE', queue_key(t.h), '0', '0')
