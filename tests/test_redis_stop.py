@@ -15,12 +15,13 @@ from typing import Any
 import pytest
 import redis.asyncio
 
+from tests.support.lua_scheduler import LuaScheduler
 from tests.support.redis_server import RedisServer
 from throttle_mw.backends import Admitted, Waiting
-from throttle_mw.backends.redis import RedisBackend
+from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.backends.redis.keys import tenant_digest
-from throttle_mw.scheduler import Reject, Request
-from throttle_mw.settings import Settings
+from throttle_mw.scheduler import Admit, Enqueue, Limits, Policy, Reject, Request
+from throttle_mw.settings import DEFAULT_MAX_WAIT_S, Settings
 
 _WAITERS = 2000
 _FOREVER = {"critical": 600.0, "high": 600.0, "normal": 600.0, "low": 600.0}
@@ -107,3 +108,29 @@ async def test_stop_with_thousands_waiting_takes_a_few_calls_and_leaves_nothing_
         await leaving.stop()
         await other.stop()
         await client.aclose()
+
+
+@pytest.mark.parametrize("functions", [True, False], ids=["fcall", "evalsha"])
+def test_a_leave_gives_back_a_lease_granted_meanwhile_and_empties_the_queue(
+    redis_server: RedisServer, functions: bool
+) -> None:
+    """A grant can cross the shutdown: the leave finds the id admitted, not waiting, and
+    gives its lease back. The others leave the queue; the budget is as if they never came."""
+    client = redis_server.client()
+    try:
+        limits = Limits(concurrency=1)
+        lua = LuaScheduler(client, limits, Policy(DEFAULT_MAX_WAIT_S), 0.0, functions=functions)
+        assert isinstance(lua.acquire(0.0, Request("r0", "a"))[0], Admit)
+        for i in range(1, 40):
+            assert isinstance(lua.acquire(0.0, Request(f"r{i}", f"t{i % 3}"))[0], Enqueue)
+        lua.release(0.1, "r0")  # r1 is granted: its message is on its way
+        assert lua.in_flight == 1
+        ids = [f"r{i}" for i in range(1, 40)]
+        replies = lua.batch(0.2, [protocol.leave_op(ids)])
+        assert protocol.decode_left(replies[0]) == len(ids)
+        assert (lua.in_flight, lua.waiting) == (0, 0)
+        assert client.hlen(f"{lua._tag}:r") == 0
+        assert client.exists(f"{lua._tag}:dl", f"{lua._tag}:qlen", f"{lua._tag}:active") == 0
+        assert isinstance(lua.acquire(0.3, Request("next", "b"))[0], Admit)  # at once
+    finally:
+        client.close()
