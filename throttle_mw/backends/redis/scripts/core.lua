@@ -546,8 +546,9 @@ end
 -- A process shuts down (batch.lua's leave): its waiters among `ids` leave their queues
 -- together, unlink's and remove's steps summed by tenant, one command per key instead of
 -- several per waiter; an id no longer waiting gives back the lease a grant gave it
--- meanwhile, if any. Waiters of other processes are left alone. The caller dispatches
--- once after: what they held up goes to the others' waiters.
+-- meanwhile, if any. Waiters of other processes are left alone. The tenants and the idle
+-- list are written before it returns. The caller dispatches once after: what they held up
+-- goes to the others' waiters.
 local function leave(ids)
   local rs = call.load_waiters(ids)
   local mine, queued, tenants = {}, {}, {}  -- their ids; by tenant, its ids; the tenants
@@ -585,4 +586,8 @@ local function leave(ids)
       redis.call('ZINCRBY', K.qlen, num(-PUSH_SPAN * #q), t.h)
     end
   end
+  -- Their writes now, in the work the caller measures: a call of one waiter per tenant
+  -- wrote as much after its work check as before it.
+  call.save_now(tenants)
+  call.flush_idle()
 end

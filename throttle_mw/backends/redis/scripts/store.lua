@@ -539,7 +539,13 @@ function call.save_made()
   local made = M.made
   if made == nil then return end
   M.made = nil
-  for _, t in ipairs(made) do
+  call.save_now(made)
+end
+
+-- Tenants `ts` written now (save_made; core.lua's leave, before each of its work checks,
+-- for the same reason).
+function call.save_now(ts)
+  for _, t in ipairs(ts) do
     if t.dirty and not t.deleted then
       save_tenant(t, true)
       t.dirty = false
