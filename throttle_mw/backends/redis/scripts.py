@@ -214,6 +214,8 @@ def library() -> Library:
     sharing one Redis (during a deploy) each load and call their own.
     """
     shared = "\n".join([constants_lua(), *(f"-- ==== {p}.lua ====\n{_part(p)}" for p in LIBRARY)])
+    # Its locals outlive a call (store.lua, "The line as the last call left it").
+    shared += "\ncall.lasting = true"
     entries = {name: _part(name) for name in ENTRY_SCRIPTS}
     digest = hashlib.sha1((shared + "".join(entries.values())).encode()).hexdigest()[:12]
     name = f"throttle_mw_{digest}"

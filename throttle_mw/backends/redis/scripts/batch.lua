@@ -109,6 +109,7 @@ end
 
 load_state(ARGV[5])
 hold_back()
+call.recall_line()  -- (store.lua: the line as the last call left it, if unchanged)
 -- A call of many operations measures its work (TUNING.WORK_US) from here: the expiries and the
 -- operations count, not the operations only.
 local started = nil
@@ -222,5 +223,7 @@ if grace ~= nil and (due == nil or grace < due) then due = grace end
 if more then due = now end  -- dispatch left admissions for the next tick
 if due ~= nil then due = claim_tick(due) end
 local procs = live_processes(joined)
+call.stamp_line()
 save()
+call.keep_line()
 return finish(table.concat(results, LINE), due, procs)

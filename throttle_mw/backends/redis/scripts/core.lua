@@ -94,10 +94,10 @@ function next_due()
     if S.tokens + EPS < needed then due = now + (needed - S.tokens) / L.rate end
   end
   local capped = M.capped_next  -- (false: none; nil: not known this call)
-  if capped == nil then capped = call.first_score(K.capped) end
+  if capped == nil then capped = call.first_score(K.capped); M.capped_next = capped end
   if capped and (due == nil or capped < due) then due = capped end
   local dl = M.dl_next
-  if dl == nil then dl = call.first_score(K.deadlines) end
+  if dl == nil then dl = call.first_score(K.deadlines); M.dl_next = dl end
   if dl then
     local at = dl + TUNING.DEADLINE_GRACE
     if due == nil or at < due then due = at end
@@ -407,7 +407,8 @@ function release_capped()
   -- Lua only: once a call (`now` does not move), unless dispatch capped a tenant since.
   if M.capped_checked then return end
   M.capped_checked = true
-  local first = call.first_score(K.capped)
+  local first = M.capped_next  -- (known: the last call's, store.lua's recall_line)
+  if first == nil then first = call.first_score(K.capped) end
   M.capped_next = first
   if not first or first > now + EPS then return end
   M.capped_next = nil
@@ -513,7 +514,8 @@ end
 local function expire_waiters()
   -- The earliest deadline first: if none is past its grace (nearly always), that is all,
   -- and next_due knows it.
-  local first = call.first_score(K.deadlines)
+  local first = M.dl_next  -- (known: the last call's, store.lua's recall_line)
+  if first == nil then first = call.first_score(K.deadlines) end
   M.dl_next = first
   if not first or first > now - TUNING.DEADLINE_GRACE then return end
   M.dl_next = nil

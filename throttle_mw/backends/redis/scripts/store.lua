@@ -38,7 +38,8 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- whether the lease keys hold their anchor (la: anchor_leases), the state's epoch (ep)
 -- and the end of its reclaim grace (rc): see "A state made anew" below; the live
 -- processes as last counted (np) and when they are counted again (pc: batch.lua's
--- live_processes).
+-- live_processes); the stamp of the last full call's save (lm: "The line as the last
+-- call left it" below).
 -- The layout: the numbers in PACKED share one field, PACKED_FIELD, their texts in that
 -- order joined with SEP ('' for unset), read and written whole: Redis reads one field for
 -- a fraction of what it takes for a dozen, and a loaded library remembers the last text
@@ -47,7 +48,7 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- (PLAIN: renew.lua reads the epoch, tests the counters). Only load_state, load_hot_state
 -- and save know this layout.
 local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', 'thr',
-  'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc'}
+  'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc', 'lm'}
 local PACKED_FIELD = 'nums'
 local PLAIN = {'inflight', 'waiting', 'tk_by', 'ep'}
 local RANK_COUNT = {}  -- 'n0'.. by rank + 1, and a tenant's 'c0'..: made once, not per call
@@ -324,7 +325,8 @@ local function load_packed(text)
   local v = loaded.vals
   S = {tokens = v[1], ts = v[2], v = v[3], win_at = v[4], win_v0 = v[5], win_cost = v[6],
     v_rate = v[7], thr = v[8], meas_at = v[9], qcost = v[10], wsum = v[11], seq = v[12],
-    tk_at = v[13], xp = v[14], fi = v[15], la = v[16], rc = v[17], np = v[18], pc = v[19]}
+    tk_at = v[13], xp = v[14], fi = v[15], la = v[16], rc = v[17], np = v[18], pc = v[19],
+    lm = v[20]}
 end
 
 local function load_plain(name, value)
@@ -471,6 +473,76 @@ function call.drop_idle_tenants(hs)
   redis.call('ZREM', K.tenants, unpack(hs))
 end
 
+-- --- the line as the last call left it ---------------------------------------------------
+--
+-- A saturated budget's calls come one after another, each asking what the last one
+-- learned: who is first in line and its head waiter (four reads: P:active, the tenant,
+-- its queue, the waiter), the first capped tenant's release and the earliest deadline. A
+-- loaded function library (scripts.py sets call.lasting; with EVAL nothing outlives a
+-- call) keeps what a full call knew of these once it is saved (keep_line), and the next
+-- call takes it instead of asking (recall_line) if P:s's packed numbers are the very text
+-- that call wrote. That text names its call: each full call stamps it with a number of
+-- its own (S.lm, one up per call of the loaded library: no other call's text has it),
+-- and a call that changes the line (any writer: another library version, EVAL) changes a
+-- packed number with it: a waiter queued moves seq, one that leaves moves qcost, an
+-- admission win_cost, a tenant in or out of line wsum or seq, and a cap refilled is
+-- time gone by (ts). A text found unchanged: the line is as that call left it.
+
+-- Before save: the stamp of this call's text.
+function call.stamp_line()
+  if not call.lasting then return end
+  call.stamps = (call.stamps or 0) + 1
+  S.lm = call.stamps
+end
+
+-- After save: what this call knows of the line, as Redis now holds it. The tenant first
+-- in line is kept as it is, its loaded fields made what was written (the next call takes
+-- the same tables: a table made costs more than all that a recalled line saves).
+function call.keep_line()
+  if not call.lasting or loaded == nil or loaded.vals[20] ~= S.lm then  -- (lm: PACKED[20])
+    K.line_memo = nil
+    return
+  end
+  local memo = {text = loaded.text, capped = M.capped_next, dl = M.dl_next,
+    top_known = M.top_known}
+  local t = M.top_t
+  if M.top_known and t ~= nil then
+    if t.dirty then  -- (written: its fields as they are now; else as loaded)
+      local c = {}
+      for rank = 1, NRANK do c[rank] = t.c[rank] end
+      t.loaded = {f = t.f, w = t.w, cap = t.cap, cap_at = t.cap_at, n = t.n, c = c, st = t.st,
+        am = t.am, xp = t.xp}
+      t.dirty = false
+    end
+    memo.t = t
+    memo.r = M.top_r  -- (a waiter's fields never change)
+  end
+  K.line_memo = memo
+end
+
+-- After load_state: the line as the last call left it, if nothing changed since. (Taken:
+-- a call that fails before keep_line leaves none behind.)
+function call.recall_line()
+  local memo = K.line_memo
+  K.line_memo = nil
+  if memo == nil or loaded == nil or loaded.text ~= memo.text then return end
+  M.capped_next = memo.capped
+  M.dl_next = memo.dl
+  if not memo.top_known then return end
+  M.top_known = true
+  local t = memo.t
+  if t == nil then M.top_t = nil; M.top_r = nil; return end
+  -- (As load_tenant makes it: its fields as loaded, nothing this call did yet.)
+  local l = t.loaded
+  t.f = l.f; t.w = l.w; t.cap = l.cap; t.cap_at = l.cap_at; t.n = l.n; t.st = l.st
+  t.am = l.am; t.xp = l.xp or 0
+  for rank = 1, NRANK do t.c[rank] = l.c[rank] end
+  t.dirty = false; t.touched = nil; t.new = nil; t.name = nil
+  T[t.h] = t
+  M.top_t = t
+  M.top_r = memo.r
+end
+
 -- A TTL in milliseconds by its kind in KEY_TTL (keys.py, "TTL"): 'state' (T), 'tenant'
 -- (idle+T) or 'live'.
 -- As text: a number passed to redis.call is formatted with 17 digits on every call.
@@ -565,7 +637,7 @@ local function save()
   -- The packed numbers (in PACKED's order): their text anew if one changed, only the
   -- changed ones formatted.
   local vals = {S.tokens, S.ts, S.v, S.win_at, S.win_v0, S.win_cost, S.v_rate, S.thr,
-    S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc, S.np, S.pc}
+    S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc, S.np, S.pc, S.lm}
   local old, texts = {}, nil
   if loaded ~= nil then old = loaded.vals end
   for i = 1, #PACKED do
