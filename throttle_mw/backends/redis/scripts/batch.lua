@@ -62,7 +62,6 @@ else
 end
 
 init(ARGV[2], ARGV[1], ARGV[3])
-load_limits_text(ARGV[4])
 
 -- The live processes (heartbeats in P:procs not past), as the trailer reports them: kept
 -- in the state (S.np) and counted again at most every TUNING.PROCS_RECOUNT (S.pc), or at once when
@@ -92,9 +91,9 @@ if #ops == 1 then
   local kind = string.sub(op, 1, #OP.acquire)
   local line
   if kind == OP.acquire then
-    line = fast_acquire(op)
+    line = fast_acquire(op, ARGV[4])
   elseif kind == OP.release then
-    line = fast_release(string.sub(op, #OP.acquire + #SEP + 1))
+    line = fast_release(string.sub(op, #OP.acquire + #SEP + 1), ARGV[4])
   end
   if line ~= nil then
     local procs = live_processes(false)
@@ -103,7 +102,9 @@ if #ops == 1 then
   end
 end
 
+load_limits_text(ARGV[4])
 load_state(ARGV[5])
+load_limits_stamped(ARGV[4], true)  -- (P:cfg just read: the state's stamp names this reading)
 hold_back()
 -- A call of many operations measures its work (TUNING.WORK_US) from here: the expiries and the
 -- operations count, not the operations only.

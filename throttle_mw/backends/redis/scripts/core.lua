@@ -182,7 +182,7 @@ end
 function take(t, id, cost, p)
   if L.rate ~= nil then S.tokens = S.tokens - cost end
   if L.tenant_rate ~= nil then t.cap = t.cap - cost end
-  if L.concurrency ~= nil then add_lease(id, cost, p) else remember(p, id) end
+  if L.concurrency ~= nil then add_lease(id, cost) else remember(p, id) end
   local start = t.f
   if start < S.v then  -- behind the clock: its banked credit is bounded
     start = math.max(start, S.v - credit())
@@ -504,9 +504,7 @@ end
 local function expire_leases()
   if S.inflight - held_back <= 0 and S.la ~= 1 then return end  -- no lease to expire
   local dead = redis.call('ZRANGEBYSCORE', K.leases, '-inf', num(now), 'LIMIT', '0', num(TUNING.EXPIRY_BATCH))
-  for _, id in ipairs(dead) do
-    if not drop_lease(id) then redis.call('ZREM', K.leases, id) end
-  end
+  for _, id in ipairs(dead) do drop_lease(id) end
 end
 
 -- Waiters of processes that died with requests queued: past deadline + grace.
