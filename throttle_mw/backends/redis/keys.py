@@ -27,8 +27,9 @@ P:capped         zset    tenants held by their own rate cap, by when they may go
 P:qlen           zset    tenants by (waiting requests, latest push):                  T
                          score n * PUSH_SPAN + seq mod PUSH_SPAN (longest queue first)
 P:dl             zset    waiting request id -> deadline                               T
-P:tenants        zset    idle tenant h -> last seen (idle expiry, max tenants); a     idle+T
-                         tenant with waiters is off it until its queue empties
+P:tenants        zset    idle tenant h -> last seen, in whole microseconds (idle      idle+T
+                         expiry, max tenants); a tenant with waiters is off it until
+                         its queue empties
 P:leases, P:lc   zset,   lease (request id) -> expiry; a lease of a cost other than   T
                  hash    1 -> its cost (P:s's packed ``lk`` counts those); with 16+
                          in flight, an anchor member (LEASE_ANCHOR, score +inf)

@@ -280,7 +280,7 @@ end
 function forget_idle()
   call.flush_idle()
   if not fresh and now < S.fi then return end
-  local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', num(now - POL.idle), 'LIMIT', '0',
+  local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', call.idle_score(now - POL.idle), 'LIMIT', '0',
     num(TUNING.SWEEP_BATCH))
   if #stale < TUNING.SWEEP_BATCH then S.fi = now + TUNING.SWEEP_PERIOD end
   local excess = redis.call('ZCARD', K.tenants) - POL.max_tenants
