@@ -97,7 +97,7 @@ if #ops == 1 then
   end
   if line ~= nil then
     local procs = live_processes(false)
-    save()
+    save(true)
     return finish(line, nil, procs)
   end
 end

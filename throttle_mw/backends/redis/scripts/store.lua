@@ -529,11 +529,18 @@ function call.put(name, value, old)
 end
 
 -- Writes what changed in tenant t since it was loaded; `again`: it may be written again
--- this call (save_made), so what is written becomes its loaded state.
-local function save_tenant(t, again)
+-- this call (save_made), so what is written becomes its loaded state; `hot`: a call of
+-- fast.lua's (save), which can change only the first four fields.
+local function save_tenant(t, again, hot)
   local loaded = t.loaded
   local put = call.put
   call.n = 0
+  if hot then
+    put('f', t.f, loaded.f); put('w', t.w, loaded.w); put('cap', t.cap, loaded.cap)
+    put('cap_at', t.cap_at, loaded.cap_at)
+    if call.n > 0 then redis.call('HSET', t.key, unpack(call.fields, 1, call.n)) end
+    return
+  end
   -- Capped this call (or again, after it was back in line): P:capped may be new.
   if t.st == CAPPED and (loaded.st ~= CAPPED or t.am ~= loaded.am) then born.capped = true end
   if t.name ~= nil then  -- a new tenant's name (tenant in core.lua)
@@ -581,9 +588,24 @@ function call.save_made()
   end
 end
 
+-- What fast.lua's calls can change (`hot`: save compares only these): these packed numbers
+-- (their places in PACKED), in flight and the live stamp; of a tenant, f, w, cap and
+-- cap_at (fast.lua gives up when a TTL refresh, a window roll or an idle sweep is due, and
+-- runs only while nobody waits).
+call.HOT_PACKED = {}
+do  -- (at load: a function library may use no standard library there)
+  local hot = {tokens = true, ts = true, v = true, win_cost = true, la = true, np = true,
+    pc = true, lk = true}
+  for i = 1, #PACKED do
+    if hot[PACKED[i]] then call.HOT_PACKED[#call.HOT_PACKED + 1] = i end
+  end
+end
+call.HOT_PLAIN = {'inflight', LIVE_STAMP}
+
 -- Only what changed, and key TTLs only when due (every budget-wide key, a quarter of T
--- apart) or for keys this call may have created: this runs on every call.
-local function save()
+-- apart) or for keys this call may have created: this runs on every call. `hot`: a call of
+-- fast.lua's, which compares only what it can change (call.HOT_PACKED).
+local function save(hot)
   call.flush_idle()
   local args = {}
   S.inflight = S.inflight - held_back
@@ -596,7 +618,11 @@ local function save()
     S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc, S.np, S.pc, S.lk}
   local old, texts = {}, nil
   if loaded ~= nil then old = loaded.vals end
-  for i = 1, #PACKED do
+  local places, plain = nil, PLAIN
+  if hot then places = call.HOT_PACKED; plain = call.HOT_PLAIN end
+  for j = 1, #(places or PACKED) do
+    local i = j
+    if places ~= nil then i = places[j] end
     local value = vals[i]
     if value ~= old[i] then
       if texts == nil then
@@ -610,8 +636,8 @@ local function save()
     K.state_memo = loaded
     args[1] = PACKED_FIELD; args[2] = loaded.text
   end
-  for i = 1, #PLAIN do
-    local name = PLAIN[i]
+  for i = 1, #plain do
+    local name = plain[i]
     local value = S[name]
     if value ~= S0[name] then
       args[#args + 1] = name
@@ -620,7 +646,7 @@ local function save()
   end
   if #args > 0 then redis.call('HSET', K.state, unpack(args)) end
   for _, t in pairs(T) do
-    if t.dirty and not t.deleted then save_tenant(t) end
+    if t.dirty and not t.deleted then save_tenant(t, false, hot) end
   end
   local expiring = born
   if refresh then expiring = KEY_TTL end
