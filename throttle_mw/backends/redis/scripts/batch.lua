@@ -102,7 +102,9 @@ if #ops == 1 then
   end
 end
 
-load_limits_text(ARGV[4])
+-- (A call of one operation that fast.lua gave up on has its limits already: by the state's
+-- live stamp, or read this call.)
+if L == nil then load_limits_text(ARGV[4]) end
 load_state(ARGV[5])
 load_limits_stamped(ARGV[4], true)  -- (P:cfg just read: the state's stamp names this reading)
 hold_back()
