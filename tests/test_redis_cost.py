@@ -14,7 +14,7 @@ import redis
 from tests.support.lua_scheduler import LuaScheduler, redis_version
 from tests.support.redis_server import RedisServer
 from throttle_mw.backends.redis import protocol, scripts
-from throttle_mw.backends.redis.keys import RECENT_KEPT
+from throttle_mw.backends.redis.keys import LIVE_STAMP, RECENT_KEPT
 from throttle_mw.backends.redis.scripts import PROCS_RECOUNT_S, RECENT_SLACK
 from throttle_mw.priorities import PRIORITIES
 from throttle_mw.scheduler import Admit, Limits, Policy, Request
@@ -244,3 +244,34 @@ def test_the_recent_admissions_are_trimmed_now_and_then_and_keep_a_ttl(
     assert max(sizes) == RECENT_KEPT + RECENT_SLACK
     assert min(sizes[RECENT_KEPT:]) == RECENT_KEPT
     assert client.lindex(recent, 0) == f"r{3 * RECENT_KEPT - 1}".encode()
+
+
+def test_live_limits_and_weights_are_read_again_once_their_stamp_is_deleted(
+    client: redis.Redis,
+) -> None:
+    """P:cfg and P:w are read when the state's LIVE_STAMP is not the one of the reading
+    the library remembers: whoever changes them deletes it (Budget.set and reset, the
+    learner), and the next call reads both again and stamps the state anew."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 5.0))
+    scheduler = LuaScheduler(client, Limits(rate=100.0, burst=100.0), policy, now=0.0)
+    scheduler.acquire(0.001, Request("a", "t"))  # the budget and its tenant made
+    (state,) = client.keys("*:s")
+    stamp = client.hget(state, LIVE_STAMP)
+    assert stamp
+    cfg = state[: -len(":s")] + b":cfg"
+    client.hset(cfg, "rate", "50.0")  # by hand, the stamp left: not read yet
+    client.config_resetstat()
+    scheduler.acquire(0.002, Request("b", "t"))
+    assert commands(client).get("hmget") == 2, commands(client)  # P:s and the tenant
+    assert scheduler.trailer.limits.startswith("100|"), scheduler.trailer
+    client.hdel(state, LIVE_STAMP)  # as the tool does after its write
+    client.config_resetstat()
+    scheduler.acquire(0.003, Request("c", "t"))
+    used = commands(client)
+    assert used.get("hmget") == 3, used  # P:s, P:cfg and the tenant
+    assert used.get("exists") == 1, used  # whether any live weight is set, once
+    assert scheduler.trailer.limits.startswith("50|"), scheduler.trailer
+    assert client.hget(state, LIVE_STAMP) not in (None, stamp)
+    client.config_resetstat()
+    scheduler.acquire(0.004, Request("d", "t"))
+    assert commands(client).get("hmget") == 2, commands(client)  # stamped: P:cfg not read

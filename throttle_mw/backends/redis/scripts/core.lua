@@ -3,7 +3,7 @@
 -- The same functions with the same names, in the same order as the Python methods
 -- (without their leading underscore), each with a pointer to its Python counterpart;
 -- that module and the README beside it are the reference. Four Python methods have no
--- twin here (set_limits: the scripts read live limits on every call; admit_at_once and
+-- twin here (set_limits: the scripts read live limits when they change; admit_at_once and
 -- release_at_once: the in-memory backend's synchronous paths; snapshot: snapshot.lua;
 -- fast.lua is the scripts' own shortcut, built from these rules). The steps that exist
 -- only in Lua come last, and the scheduler README lists them ("Only in Lua").
