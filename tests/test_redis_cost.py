@@ -258,7 +258,7 @@ def test_live_limits_and_weights_are_read_again_once_their_stamp_is_deleted(
     (state,) = client.keys("*:s")
     stamp = client.hget(state, LIVE_STAMP)
     assert stamp
-    cfg = state[: -len(":s")] + b":cfg"
+    cfg = (state.decode() if isinstance(state, bytes) else state).removesuffix(":s") + ":cfg"
     client.hset(cfg, "rate", "50.0")  # by hand, the stamp left: not read yet
     client.config_resetstat()
     scheduler.acquire(0.002, Request("b", "t"))
