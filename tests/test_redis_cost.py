@@ -275,3 +275,25 @@ def test_live_limits_and_weights_are_read_again_once_their_stamp_is_deleted(
     client.config_resetstat()
     scheduler.acquire(0.004, Request("d", "t"))
     assert commands(client).get("hmget") == 2, commands(client)  # stamped: P:cfg not read
+
+
+def test_a_heartbeat_renews_many_leases_in_a_few_commands(client: redis.Redis) -> None:
+    """renew.lua asks which leases Redis has with one ZMSCORE and renews them with one
+    ZADD XX per UNPACK_MAX of them (a lease is its member in P:leases)."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 5.0))
+    scheduler = LuaScheduler(client, Limits(concurrency=10_000), policy, now=0.0)
+    held = 2 * scripts.UNPACK_MAX + 7
+    for i in range(held):
+        decision, _ = scheduler.acquire(0.001, Request(f"l{i}", f"t{i % 8}"))
+        assert isinstance(decision, Admit)
+    ids = [f"l{i}" for i in range(held)] + ["gone"]
+    args = protocol.renew_args("1.0", scheduler._tag, "p", 30.0, 60.0, ids)
+    client.config_resetstat()
+    renewed = protocol.decode_renew(scheduler._run("renew", args, client))
+    assert renewed.held == (True,) * held + (False,)
+    chunks = -(-len(ids) // scripts.UNPACK_MAX)
+    used = commands(client)
+    assert used["zmscore"] == chunks, used
+    assert used["zadd"] == chunks + 1, used  # and the heartbeat's
+    (leases,) = client.keys("*:leases")
+    assert client.zscore(leases, "l0") == pytest.approx(31.0)
