@@ -292,6 +292,10 @@ async def stop_with_waiters(url: str, waiters: int) -> dict[str, Any]:
         "waiting": sum(isinstance(o, Waiting) for o in outcomes),
         "stop_s": round(elapsed, 3),
         "calls": after["calls"] - before["calls"],
+        "usec_per_call": round(
+            (after["usec"] - before["usec"]) / max(1.0, after["calls"] - before["calls"]), 1
+        ),
+        "cpu_ms": round(1000 * (after["cpu_s"] - before["cpu_s"]), 1),
         "slow": slow,
         "longest_us": longest,
     }

@@ -11,7 +11,9 @@ after a warm-up (scripts loaded, tenants made) collection is switched on for exa
 parsing, the script and its commands; the kernel's work is not counted). The profile is
 left in ``--out`` (read it with ``callgrind_annotate --inclusive=yes``). Slow: valgrind
 runs Redis about 50x slower. Scenario ``nop``: the floor, a function that does nothing
-called with a rate admission's arguments (rediscost.py's ``floor-nop``); ``fcall``'s
+called with a rate admission's arguments (rediscost.py's ``floor-nop``); ``churn``: a new
+tenant per request, 512 at once (``--n`` a multiple of 512); ``stop``: per waiter of
+``backend.stop()`` with ``--n`` waiting, 20 a tenant. ``fcall``'s
 share of each profile (``callgrind_annotate --inclusive=yes``) is printed too, so what a
 call costs outside its script shows.
 """
@@ -62,9 +64,49 @@ async def _drive_nop(url: str, n: int, pid: int) -> None:
     await client.aclose()
 
 
+async def _drive_stop(url: str, n: int, pid: int) -> None:
+    """`backend.stop()` with `n` requests waiting, 20 a tenant (rediscost.py's ``stop``)."""
+    forever = {"critical": 900, "high": 900, "normal": 900, "low": 900}
+    backend = RedisBackend(
+        settings(url, "istop", rate=100.0, burst=1.0, queue_limit=2 * n, max_wait_s=forever)
+    )
+    await backend.start()
+    await asyncio.gather(
+        *(backend.acquire(Request(f"w{i}", f"t{i % (n // 20)}")) for i in range(n))
+    )
+    _control(pid, "-z")
+    _control(pid, "-i", "on")
+    await backend.stop()
+    _control(pid, "-i", "off")
+
+
+async def _drive_churn(url: str, n: int, pid: int) -> None:
+    """A new tenant per request, 512 at once (rediscost.py's ``churn``)."""
+    backend = RedisBackend(settings(url, "ichurn", rate=1e6, burst=1e6))
+    await backend.start()
+    fresh = iter(range(10**9))
+
+    async def rounds(count: int) -> None:
+        for _ in range(count // 512):
+            await asyncio.gather(*(admit_one(backend, f"new{next(fresh)}") for _ in range(512)))
+
+    await rounds(4 * 512)  # warm up: the tenant set fills
+    _control(pid, "-z")
+    _control(pid, "-i", "on")
+    await rounds(n)
+    _control(pid, "-i", "off")
+    await backend.stop()
+
+
 async def _drive(url: str, mode: str, n: int, held: int, pid: int) -> None:
     if mode == "nop":
         await _drive_nop(url, n, pid)
+        return
+    if mode == "stop":
+        await _drive_stop(url, n, pid)
+        return
+    if mode == "churn":
+        await _drive_churn(url, n, pid)
         return
     limits = {"rate": 1e6, "burst": 1e6} if mode == "rate" else {"concurrency": 100_000}
     backend = RedisBackend(settings(url, f"i{mode}{held}", **limits))

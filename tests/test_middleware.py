@@ -441,6 +441,55 @@ async def test_a_shared_backend_exposes_the_live_budget() -> None:
     assert snapshot.tokens < 3
 
 
+@pytest.mark.anyio
+async def test_middlewares_sharing_a_memory_backend_give_back_every_lease() -> None:
+    """The in-memory fast path keys leases by numbers: the backend's, so two
+    middlewares sharing it never take one another's lease back."""
+    settings = Settings.from_env(concurrency=2)
+    backend = MemoryBackend(settings.limits(), settings.policy())
+    entered, finish = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: Request) -> Response:
+        entered.set()
+        await finish.wait()
+        return PlainTextResponse("slow")
+
+    async def quick(request: Request) -> Response:
+        return PlainTextResponse("quick")
+
+    first, second = Starlette(routes=[Route("/", slow)]), Starlette(routes=[Route("/", quick)])
+    first.add_middleware(ThrottleMiddleware, concurrency=2, backend=backend)
+    second.add_middleware(ThrottleMiddleware, concurrency=2, backend=backend)
+    held = asyncio.create_task(call(first, "GET", "/"))
+    await entered.wait()
+    assert (await backend.snapshot()).in_flight == 1
+    assert (await call(second, "GET", "/")).status_code == 200
+    assert (await backend.snapshot()).in_flight == 1  # the first one's lease is still held
+    finish.set()
+    assert (await held).status_code == 200
+    assert (await backend.snapshot()).in_flight == 0
+
+
+@pytest.mark.anyio
+async def test_a_memory_backend_subclass_that_releases_its_own_way_is_called() -> None:
+    """The in-memory fast path calls the scheduler directly: not for a subclass
+    that overrides the backend's decision or release."""
+    released: list[object] = []
+
+    class Counting(MemoryBackend):
+        def release(self, request_id: Any) -> None:
+            released.append(request_id)
+            super().release(request_id)
+
+    settings = Settings.from_env(concurrency=2)
+    backend = Counting(settings.limits(), settings.policy())
+    app = starlette_app(concurrency=2, backend=backend)
+    for _ in range(3):
+        assert (await call(app, "GET", "/low")).status_code == 200
+    assert len(released) == 3
+    assert (await backend.snapshot()).in_flight == 0
+
+
 # --- configuration at start-up --------------------------------------------------------------
 
 

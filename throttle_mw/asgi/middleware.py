@@ -12,18 +12,21 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Sequence
-from typing import Any, Final, Literal, NamedTuple
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final, Literal, NamedTuple, cast
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..backends import make_backend
 from ..backends.base import Admitted, Backend, RequestIds, Waiting
+from ..backends.base import Outcome as BackendOutcome
+from ..backends.memory import MemoryBackend
 from ..observe import EventKind, Observer, ThrottleEvent
-from ..priorities import Priority, make_tag
-from ..scheduler import Limits, Reject, Request
+from ..priorities import Priority, RouteTag, make_tag
+from ..scheduler import Admit, LeaseKey, Limits, Reject, Request, RequestFields
 from ..scheduler.limit import Sample
 from ..settings import ConfigError, Settings
 from .body import BodyBuffers, RequestBody
@@ -43,6 +46,11 @@ from .tenants import (
 
 logger = logging.getLogger("throttle_mw")
 
+
+def _never_held(lease_key: LeaseKey) -> None:
+    """The release of a middleware without a backend (off): it never holds a lease."""
+
+
 _SHUTTING_DOWN = Reject("shutting_down", 1.0)
 #: The settings of a middleware that is off, or could not start.
 _OFF = Settings(enabled=False)
@@ -55,7 +63,13 @@ _NO_WAIT = (_SERVER_TIMING, b"throttle;dur=0.0")
 _DEGRADED: Final = 2
 _LEASE: Final = 3
 _UNTHROTTLED: Final = 4
+#: `Admit.lease`, by index.
+_ADMIT_LEASE: Final = 2
+#: The release-at-once test of a backend without one: nothing goes back at once.
+_NOT_AT_ONCE: Callable[[LeaseKey], bool] = frozenset[LeaseKey]().__contains__
 _HTTP1 = frozenset(("1.1", "1.0"))
+#: Bounds `ThrottleMiddleware._admitted` (cleared when full, like the tenant caches).
+_DECISION_CACHE_SIZE = 4096
 _BODY_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
 
 Outcome = Literal["admitted", "degraded", "unthrottled", "would_queue", "would_reject"]
@@ -149,6 +163,30 @@ class ThrottleMiddleware:
         self._backend = backend
         if settings.enabled and backend is None:
             self._backend = make_backend(settings)
+        # The in-memory backend's fast path (`MemoryBackend.fast_path`), bound by the
+        # first request (in the event loop the backend runs on); `_admit_at_once` None:
+        # not bound (yet). Not for a subclass that decides or releases its own way.
+        kind = type(self._backend)
+        self._fast_pending = (
+            issubclass(kind, MemoryBackend)
+            and kind.decide_now is MemoryBackend.decide_now
+            and kind.release is MemoryBackend.release
+        )
+        self._clock: Callable[[], float] = time.monotonic
+        self._lease_key: Callable[[], int] = itertools.count(1).__next__
+        self._admit_at_once: Callable[[float, RequestFields], Admit | None] | None = None
+        self._release_at_once: Callable[[LeaseKey], bool] = _NOT_AT_ONCE
+        self._decide_rest: Callable[[Request], BackendOutcome] | None = None
+        # A lease goes back by the key it was taken with: a number only on the in-memory
+        # fast path, so other backends only ever see their id strings.
+        self._release = cast(
+            "Callable[[LeaseKey], None]",
+            _never_held if self._backend is None else self._backend.release,
+        )
+        #: The `ThrottleDecision` of a request admitted at once, by tenant, with the
+        #: route tag it is for: one immutable tuple shared by such requests (making a
+        #: NamedTuple costs more than the rest of the fast path's bookkeeping).
+        self._admitted: dict[str, tuple[RouteTag, ThrottleDecision]] = {}
 
     @property
     def backend(self) -> Backend | None:
@@ -299,65 +337,95 @@ class ThrottleMiddleware:
             return
         backend = self._backend
         assert backend is not None
-        # tuple.__new__ skips the NamedTuples' Python-level __new__ on this hot path.
-        request_id = self._id_prefix + str(next(self._id_counter))
-        request = _new_tuple(
-            Request,
-            (
-                request_id,
-                tenant,
-                tag.priority,
-                tag.cost,
-                tag.sheddable,
-                tag.degradable,
-            ),
+        read_ahead = self._read_ahead and (
+            announced if announced is not None else scope["http_version"] not in _HTTP1
         )
-        outcome: Admitted | Waiting | Reject | None
-        started = 0.0
-        body: RequestBody | None = None
-        if self._draining_now:
-            outcome = _SHUTTING_DOWN
-        else:
-            if self._read_ahead and (
-                announced if announced is not None else scope["http_version"] not in _HTTP1
-            ):
-                body = await self._read_body(scope, request, receive, send)
-                if body is None:
-                    return  # a 408 was sent, or the client went away
-                receive = body.receive
-            outcome = backend.decide_now(request)
-            if outcome is None:
-                started = time.perf_counter()
-                outcome = await backend.acquire(request)
-
         decided: Outcome = "admitted"
         reason: str | None = None
-        # A NamedTuple's fields by index: its attribute access is a generic lookup in 3.11.
-        if type(outcome) is Admitted and not outcome[_DEGRADED] and not outcome[_UNTHROTTLED]:
-            held = outcome[_LEASE]
+        body: RequestBody | None = None
+        # The in-memory backend's fast path: the scheduler's own test, called with no
+        # backend frame in between, no `Request` made (a plain tuple of its fields) and
+        # a number for its id: the id string is made only if it is declined.
+        admit = self._admit_at_once
+        if admit is None and self._fast_pending:
+            admit = self._bind_fast_path()
+        admission = None
+        if admit is not None and not read_ahead and not self._draining_now:
+            lease_key: LeaseKey = self._lease_key()
+            admission = admit(
+                self._clock(),
+                (lease_key, tenant, tag.priority, tag.cost, tag.sheddable, tag.degradable),
+            )
+        if admission is not None:
+            held = admission[_ADMIT_LEASE]
             degraded = unthrottled = False
-            if started:
-                waited_s = time.perf_counter() - started
-                timing = (_SERVER_TIMING, b"throttle;dur=%.1f" % (waited_s * 1000.0))
+            # Decided at once, in memory: microseconds, reported as 0.0 ms.
+            waited_s = 0.0
+            timing = _NO_WAIT
+            cached = self._admitted.get(tenant)
+            if cached is not None and cached[0] is tag:
+                decision = cached[1]
             else:
-                # Decided at once, in memory: microseconds, reported as 0.0 ms.
-                waited_s = 0.0
-                timing = _NO_WAIT
+                decision = _new_tuple(
+                    ThrottleDecision, (tenant, tag.priority, 0.0, False, "admitted", tag.cost, None)
+                )
+                if len(self._admitted) >= _DECISION_CACHE_SIZE:
+                    self._admitted.clear()
+                self._admitted[tenant] = (tag, decision)
         else:
-            started = started or time.perf_counter()
-            settled = await self._settle(scope, request, outcome, receive, send, started, body)
-            if settled is None:
-                return  # rejected (the response is sent) or the client went away
-            outcome, decided, reason, body = settled
-            if body is not None:
-                receive = body.receive
-            waited_s = time.perf_counter() - started
-            _, _, degraded, held, unthrottled = outcome
-            value = b"throttle;dur=%.1f" % (waited_s * 1000.0) if waited_s else _NO_WAIT[1]
-            if decided != "admitted":
-                desc = decided if reason is None else f"{decided}:{reason}"
-                value += b';desc="%s"' % desc.encode("ascii")
-            timing = (_SERVER_TIMING, value)
+            lease_key = request_id = self._id_prefix + str(next(self._id_counter))
+            # tuple.__new__ skips the NamedTuple's Python-level __new__.
+            request = _new_tuple(
+                Request,
+                (request_id, tenant, tag.priority, tag.cost, tag.sheddable, tag.degradable),
+            )
+            outcome: Admitted | Waiting | Reject | None
+            started = 0.0
+            if self._draining_now:
+                outcome = _SHUTTING_DOWN
+            else:
+                if read_ahead:
+                    body = await self._read_body(scope, request, receive, send)
+                    if body is None:
+                        return  # a 408 was sent, or the client went away
+                    receive = body.receive
+                if admit is not None and not read_ahead:
+                    assert self._decide_rest is not None
+                    outcome = self._decide_rest(request)  # `admit` declined it just now
+                else:
+                    outcome = backend.decide_now(request)
+                if outcome is None:
+                    started = time.perf_counter()
+                    outcome = await backend.acquire(request)
+            # A NamedTuple's fields by index: its attribute access is a generic lookup in 3.11.
+            if type(outcome) is Admitted and not outcome[_DEGRADED] and not outcome[_UNTHROTTLED]:
+                held = outcome[_LEASE]
+                degraded = unthrottled = False
+                if started:
+                    waited_s = time.perf_counter() - started
+                    timing = (_SERVER_TIMING, b"throttle;dur=%.1f" % (waited_s * 1000.0))
+                else:
+                    waited_s = 0.0
+                    timing = _NO_WAIT
+            else:
+                started = started or time.perf_counter()
+                settled = await self._settle(scope, request, outcome, receive, send, started, body)
+                if settled is None:
+                    return  # rejected (the response is sent) or the client went away
+                outcome, decided, reason, body = settled
+                if body is not None:
+                    receive = body.receive
+                waited_s = time.perf_counter() - started
+                _, _, degraded, held, unthrottled = outcome
+                value = b"throttle;dur=%.1f" % (waited_s * 1000.0) if waited_s else _NO_WAIT[1]
+                if decided != "admitted":
+                    desc = decided if reason is None else f"{decided}:{reason}"
+                    value += b';desc="%s"' % desc.encode("ascii")
+                timing = (_SERVER_TIMING, value)
+            decision = _new_tuple(
+                ThrottleDecision,
+                (tenant, tag.priority, waited_s, degraded, decided, tag.cost, reason),
+            )
         if self._observers and decided != "would_reject":
             kind: EventKind = "degraded" if degraded else "admitted"
             self._emit(
@@ -373,21 +441,20 @@ class ThrottleMiddleware:
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
-        state["throttle"] = _new_tuple(
-            ThrottleDecision,
-            (tenant, tag.priority, waited_s, degraded, decided, tag.cost, reason),
-        )
+        state["throttle"] = decision
         # Made when the app first waits on its client (streaming, or a body beyond the
         # buffer): from then on that waiting counts against THROTTLE_CLIENT_HOLD.
         hold: ClientHold | None = None
         if body is not None and held and body.partial:
-            hold = body.hold = self._hold(request_id)
+            hold = body.hold = self._hold(lease_key)
         # A learned limit needs each request's service time and whether it failed.
-        sampled = backend.learning
-        failed = False
-        ended = admitted = 0.0
+        # Whether it failed and when it ended, set by send_wrapper: a list, not two
+        # closure cells that every request would make.
+        ending: list[Any] | None = None
+        admitted = 0.0
         running = 0
-        if sampled:
+        if backend.learning:
+            ending = [False, 0.0]
             self._running += 1
             running = self._running
             admitted = time.perf_counter()
@@ -400,30 +467,34 @@ class ThrottleMiddleware:
             message: Message,
             send: Send = send,
             timing: tuple[bytes, bytes] = timing,
-            sampled: bool = sampled,
-            backend: Backend = backend,
-            request_id: str = request_id,
+            ending: list[Any] | None = ending,
+            lease_key: LeaseKey = lease_key,
+            release_at_once: Callable[[LeaseKey], bool] = self._release_at_once,
+            release: Callable[[LeaseKey], None] = self._release,
+            middleware: ThrottleMiddleware = self,
         ) -> Awaitable[None]:
-            nonlocal held, hold, failed, ended
+            nonlocal held, hold
             kind = message["type"]
             if kind == "http.response.start":
-                if sampled and message["status"] >= 500:
-                    failed = True
+                if ending is not None and message["status"] >= 500:
+                    ending[0] = True
                 # A new dict and list: the app may send the same message (and its
-                # header list) again, and must not see our header in it.
-                message = {**message, "headers": [*message.get("headers", ()), timing]}
+                # header list) again, and must not see our header in it. (A copy and a
+                # store: cheaper than ``{**message, "headers": ...}``.)
+                message = message.copy() if type(message) is dict else dict(message)
+                message["headers"] = [*message.get("headers", ()), timing]
             elif kind == "http.response.body":
                 if not message.get("more_body", False):
-                    if sampled:
-                        ended = time.perf_counter()
+                    if ending is not None:
+                        ending[1] = time.perf_counter()
                     if held:
                         held = False
-                        if hold is None or not hold.released:
-                            backend.release(request_id)
+                        if (hold is None or not hold.released) and not release_at_once(lease_key):
+                            release(lease_key)
                 elif held:
                     # More to come: a slow reader's back-pressure may hold this send up.
                     if hold is None:
-                        hold = self._hold(request_id)
+                        hold = middleware._hold(lease_key)
                     return hold.send(send, message)
             return send(message)
 
@@ -433,23 +504,36 @@ class ThrottleMiddleware:
             if held:
                 held = False
                 if hold is None or not hold.released:
-                    backend.release(request_id)
+                    self._release(lease_key)
             if body is not None:
                 body.close()
-            if sampled:
+            if ending is not None:
                 self._running -= 1
                 # A slot given back for a client that held it too long says nothing
                 # about the app's capacity: no sample.
                 if hold is None or not hold.released:
+                    failed, ended = ending
                     if not ended:  # the app raised, or the client left before the end
                         failed, ended = True, time.perf_counter()
                     client_s = 0.0 if hold is None else hold.waited_s
                     backend.observe(Sample(ended - admitted - client_s, failed, running))
 
-    def _hold(self, request_id: str) -> ClientHold:
+    def _bind_fast_path(self) -> Callable[[float, RequestFields], Admit | None]:
         backend = self._backend
-        assert backend is not None
-        release = functools.partial(backend.release, request_id)
+        assert isinstance(backend, MemoryBackend)
+        self._fast_pending = False
+        (
+            self._clock,
+            self._lease_key,
+            admit,
+            self._release_at_once,
+            self._decide_rest,
+        ) = backend.fast_path()
+        self._admit_at_once = admit
+        return admit
+
+    def _hold(self, lease_key: LeaseKey) -> ClientHold:
+        release = functools.partial(self._release, lease_key)
         return ClientHold(self.settings.client_hold_s, release)
 
     async def _read_body(

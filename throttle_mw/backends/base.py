@@ -17,6 +17,12 @@ the whole fleet. The middleware calls it like this, and only like this:
 4. While ``backend.learning`` (the concurrency limit is learned), call
    ``backend.observe(sample)`` once per finished admitted request: how long the
    app took and whether it failed. It does not block.
+
+The in-memory backend also offers ``fast_path()``: the scheduler's own
+``admit_at_once`` and ``release_at_once``, which the middleware calls first,
+without a frame of the backend's in between (steps 1 and 3 for a request
+admitted at once, its lease keyed by a number), then
+``decide_rest(request)`` for a request they declined.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Iterable
+import itertools
+from collections.abc import Callable, Iterable
 
 from ..scheduler import (
     Admit,
@@ -19,10 +20,12 @@ from ..scheduler import (
     Event,
     Evicted,
     Granted,
+    LeaseKey,
     Limits,
     Policy,
     Reject,
     Request,
+    RequestFields,
     Scheduler,
     Snapshot,
 )
@@ -30,6 +33,18 @@ from ..scheduler.limit import LimitConfig, LimitEstimator, LimitState, Sample
 from .base import Admitted, Outcome, Waiting
 
 _new_tuple = tuple.__new__
+#: `Admit.lease`, by index (a NamedTuple's attribute access is a generic lookup in 3.11).
+_LEASE = 2
+
+#: `MemoryBackend.fast_path`: the clock, the lease keys, the scheduler's own fast
+#: admission and release, and the full decision to call when the fast admission declined.
+FastPath = tuple[
+    Callable[[], float],
+    Callable[[], int],
+    Callable[[float, RequestFields], Admit | None],
+    Callable[[LeaseKey], bool],
+    Callable[[Request], Outcome],
+]
 
 
 class MemoryBackend:
@@ -37,7 +52,6 @@ class MemoryBackend:
 
     def __init__(self, limits: Limits, policy: Policy, learn: LimitConfig | None = None) -> None:
         self._limits = limits
-        self._leases_held = limits.concurrency is not None
         self._policy = policy
         self._learn = learn or LimitConfig()
         self._estimator: LimitEstimator | None = None
@@ -50,6 +64,9 @@ class MemoryBackend:
         self._waiters: dict[str, Waiting] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        #: Lease keys of the fast path: numbers, unique within this backend (which
+        #: several middlewares may share).
+        self._lease_keys = itertools.count(1)
 
     def _sched(self) -> tuple[Scheduler, float]:
         loop = self._loop
@@ -80,6 +97,25 @@ class MemoryBackend:
     async def acquire(self, request: Request) -> Outcome:
         return self.decide_now(request)
 
+    def fast_path(self) -> FastPath:
+        """For a caller that decides every request itself (the middleware): the
+        loop's clock, a source of lease keys (numbers: no id string is made for a
+        request admitted at once), the scheduler's ``admit_at_once`` and
+        ``release_at_once``, called without a frame of this backend's in between, and
+        `decide_rest` for the requests ``admit_at_once`` declined (with their id
+        strings). The same decisions as `decide_now` and `release` (which takes a
+        lease key too): the scheduler and the loop are this backend's for good once
+        it has started."""
+        scheduler, _ = self._sched()
+        assert self._loop is not None
+        return (
+            self._loop.time,
+            self._lease_keys.__next__,
+            scheduler.admit_at_once,
+            scheduler.release_at_once,
+            self.decide_rest,
+        )
+
     def decide_now(self, request: Request) -> Outcome:
         """Every decision here is made at once, in memory."""
         scheduler = self._scheduler
@@ -88,9 +124,19 @@ class MemoryBackend:
             scheduler, now = self._sched()
         else:
             now = loop.time()
-        if scheduler.admit_at_once(now, request):
+        admit = scheduler.admit_at_once(now, request)
+        if admit is not None:
             # tuple.__new__ skips the NamedTuple's Python-level __new__: this runs per request.
-            return _new_tuple(Admitted, (request[0], 0.0, False, self._leases_held, False))
+            return _new_tuple(Admitted, (request[0], 0.0, False, admit[_LEASE], False))
+        return self._decide(scheduler, now, request)
+
+    def decide_rest(self, request: Request) -> Outcome:
+        """`decide_now` for a request the scheduler's ``admit_at_once`` just declined
+        (`fast_path`): the full decision, as of now."""
+        scheduler, now = self._sched()
+        return self._decide(scheduler, now, request)
+
+    def _decide(self, scheduler: Scheduler, now: float, request: Request) -> Outcome:
         decision, events = scheduler.acquire(now, request)
         if events:
             self._apply(events)
@@ -123,7 +169,7 @@ class MemoryBackend:
             return waiting.future.result()
         return Reject("expired", 1.0)  # never queued here: nothing to give back
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: LeaseKey) -> None:
         scheduler = self._scheduler
         if scheduler is None or self._loop is None:
             return
@@ -183,7 +229,6 @@ class MemoryBackend:
             limits = self._learned_limits(limits)
         self.learning = self._estimator is not None
         self._limits = limits
-        self._leases_held = limits.concurrency is not None
         self._apply(scheduler.set_limits(limits, now))
         self._schedule(scheduler, now)
 

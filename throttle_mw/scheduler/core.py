@@ -47,11 +47,13 @@ from .types import (
     Event,
     Evicted,
     Granted,
+    LeaseKey,
     Limits,
     Policy,
     Reason,
     Reject,
     Request,
+    RequestFields,
     Snapshot,
     TenantSnapshot,
 )
@@ -77,7 +79,7 @@ class Scheduler:
         self._refilled_at = now
         #: Concurrency in use, and each lease's cost by request id.
         self._in_flight = 0
-        self._leases: dict[str, int] = {}
+        self._leases: dict[LeaseKey, int] = {}
         #: Every tenant with state, least recently seen first.
         self._tenants: OrderedDict[str, Tenant] = OrderedDict()
         self._waiting: dict[str, Waiter] = {}
@@ -114,12 +116,13 @@ class Scheduler:
         self._dispatch(now, events)
         return events
 
-    def admit_at_once(self, now: float, req: Request) -> bool:
+    def admit_at_once(self, now: float, req: RequestFields) -> Admit | None:
         """The fast path alone: admit `req` if nothing waits and the budget has room.
 
-        Returns False, having changed nothing but its tenant's last use, when
-        `acquire` must decide instead. Takes a lease when the budget has a
-        concurrency limit, as `acquire` does.
+        Returns the `Admit` that `acquire` would (with a lease when the budget has a
+        concurrency limit), or None, having changed nothing but the refill to `now`
+        and its tenant's last use, when `acquire` must decide instead. `req` is a
+        `Request` or a plain tuple of its fields.
 
         The in-memory backend calls this for every request, so the common case is
         written out in one frame: ``_refill``, ``_tenant`` (known tenant),
@@ -130,7 +133,7 @@ class Scheduler:
         # Unpacked: a NamedTuple's attribute access is a generic lookup in 3.11.
         request_id, name, _, cost, sheddable, _ = req
         if self._waiting or sheddable:
-            return False
+            return None
         limits = self._limits
         rate = limits.rate
         # _refill
@@ -162,21 +165,22 @@ class Scheduler:
             and (concurrency is None or self._in_flight + cost <= concurrency)
             and (limits.tenant_rate is None or self._cap_ok(tenant, cost, now))
         ):
-            return False
+            return None
         # _take
         start = tenant.finish
         if limits.weights or limits.tenant_rate is not None or start < self._vtime:
             self._take(tenant, request_id, cost, now)
-            return True
+            return _ADMIT if concurrency is None else _ADMIT_LEASE
         if rate is not None:
             self._tokens -= cost
-        if concurrency is not None:
-            self._in_flight += cost
-            self._leases[request_id] = cost
         self._vtime = start
         tenant.finish = start + cost  # weight 1.0
         window.cost += cost
-        return True
+        if concurrency is None:
+            return _ADMIT
+        self._in_flight += cost
+        self._leases[request_id] = cost
+        return _ADMIT_LEASE
 
     def acquire(self, now: float, req: Request) -> tuple[Decision, list[Event]]:
         """Decide on a new request: admit it, queue it or reject it."""
@@ -229,7 +233,7 @@ class Scheduler:
         self._dispatch(now, events)
         return reject, events
 
-    def release(self, now: float, request_id: str) -> list[Event]:
+    def release(self, now: float, request_id: LeaseKey) -> list[Event]:
         """Give back a lease's concurrency; idempotent."""
         cost = self._leases.pop(request_id, None)
         if cost is not None:
@@ -243,7 +247,7 @@ class Scheduler:
         self._dispatch(now, events)
         return events
 
-    def release_at_once(self, request_id: str) -> bool:
+    def release_at_once(self, request_id: LeaseKey) -> bool:
         """`release` when the scheduler is `idle` (nothing waits, no deadline pending):
         the lease goes back with no clock and no dispatch. False, having changed
         nothing, when it is not idle: call ``release(now, id)`` then."""
@@ -403,7 +407,7 @@ class Scheduler:
         """How far behind the virtual clock a tenant's tag may lag: its banked credit."""
         return self._policy.credit_s * self._fair_rate(now)
 
-    def _take(self, tenant: Tenant, request_id: str, cost: int, now: float) -> None:
+    def _take(self, tenant: Tenant, request_id: LeaseKey, cost: int, now: float) -> None:
         """Charge an admission to the budget, the tenant's cap and its fairness tag."""
         limits = self._limits
         if limits.rate is not None:

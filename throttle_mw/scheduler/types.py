@@ -61,6 +61,17 @@ class Request(NamedTuple):
     degradable: bool = False
 
 
+#: What the scheduler keys a lease by: the request's id, or, on the in-memory
+#: backend's fast path, a number unique within that backend (no id string is made
+#: for a request admitted at once; numbers and id strings never compare equal).
+LeaseKey = str | int
+
+#: A `Request`'s fields as a plain tuple, in its order, with the lease key for its id:
+#: what `Scheduler.admit_at_once` reads (a `Request` is one). The in-memory fast path
+#: builds this and makes the `Request` only when the scheduler must decide in full.
+RequestFields = tuple[LeaseKey, str, Priority, int, bool, bool]
+
+
 class Admit(NamedTuple):
     """Go ahead. If `lease`, call ``release(id)`` exactly once when the response is done."""
 

@@ -16,7 +16,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError
@@ -43,6 +43,9 @@ _TAILS = 4096  # cached op tails (tenant x priority x cost x flags)
 _EARLY = 1024
 #: Seconds of clean-up allowed at shutdown.
 _STOP_TIMEOUT_S = 2.0
+#: Request ids in one leave operation at most (batch.lua splits them all on each call).
+_LEAVE_IDS = 512
+_SHUTTING_DOWN = Reject("shutting_down", 1.0)
 _new_tuple = tuple.__new__
 
 
@@ -152,11 +155,7 @@ class RedisBackend(Recovery):
     async def stop(self) -> None:
         if not self._started:
             return
-        # All at once: the batcher sends them in a few calls, not one round trip each.
-        await asyncio.gather(
-            *(self.cancel(waiter.waiting) for waiter in list(self._waiters.values())),
-            return_exceptions=True,
-        )
+        await self._leave_queue()
         await self._fallback.stop()
         for timer in (self._tick, self._settle):
             if timer is not None:
@@ -172,12 +171,11 @@ class RedisBackend(Recovery):
             await self._listener.stop()
         try:
             assert self._scripts is not None
-            # Orphans may still be queued or hold a lease: take them out of both.
-            ops = [protocol.release_op(lease) for lease in list(self._leases)]
-            for rid in self._orphans:
-                ops += [protocol.cancel_op(rid), protocol.release_op(rid)]
-            if ops:
-                await asyncio.wait_for(self._call(ops, False), _STOP_TIMEOUT_S)
+            # The leases, and the orphans, which may still be queued or hold a lease: a
+            # leave takes them out of both (directly: the timers are gone, see above).
+            ids = [*self._leases, *self._orphans]
+            if ids:
+                await asyncio.wait_for(self._leave(ids, self._call_one), _STOP_TIMEOUT_S)
             await asyncio.wait_for(
                 self._scripts.leave(
                     keys=[self._keys.state], args=protocol.leave_args(self._keys.tag, self.process)
@@ -196,6 +194,39 @@ class RedisBackend(Recovery):
             for client in self._clients:
                 await client.aclose()
         self._started = False
+
+    async def _leave_queue(self) -> None:
+        """Shutting down: this process's waiters leave the queue together (batch.lua's
+        leave: a few calls, not one cancel each) and are told so; the capacity they held
+        up goes to the other processes' waiters at once. A grant that crossed the
+        shutdown is given back in the same calls."""
+        # By tenant: a leave's commands go by tenant (its queue, its state).
+        waiters = sorted(self._waiters.values(), key=lambda waiter: waiter.request.tenant)
+        self._waiters.clear()
+        ids = [waiter.request.id for waiter in waiters]
+        if ids and self._batcher is not None and self._breaker.allow():
+            try:
+                await asyncio.wait_for(self._leave(ids, self._batcher.submit), _STOP_TIMEOUT_S)
+                ids = []
+            except (RedisError, OSError, TimeoutError) as exc:
+                if not isinstance(exc, TimeoutError):
+                    self._on_failure(exc)
+        self._orphans.update(ids)  # not known to have left: stop() tries once more
+        for waiter in waiters:
+            if not waiter.waiting.future.done():
+                waiter.waiting.future.set_result(_SHUTTING_DOWN)
+
+    @staticmethod
+    async def _leave(ids: list[str], send: Callable[[Op], Awaitable[str]]) -> None:
+        """Leave operations for `ids` until the script has taken them all (each call
+        takes what its work allows, `protocol.decode_left`), _LEAVE_IDS at most each."""
+        while ids:
+            taken = protocol.decode_left(await send(protocol.leave_op(ids[:_LEAVE_IDS])))
+            ids = ids[max(1, taken) :]
+
+    async def _call_one(self, op: Op) -> str:
+        """One operation in a call of its own, not through the batcher."""
+        return (await self._call([op], False))[0]
 
     async def _ping(self, clients: connection.Clients) -> None:
         """Say at start-up whether Redis answers, and if not why, in fixed words (a wrong

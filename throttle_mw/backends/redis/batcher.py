@@ -30,6 +30,12 @@ Call = Callable[[Sequence[Op], bool], Awaitable[list[str]]]
 #: Operations per call at most; the script also stops taking them on once it has run
 #: for a while (scripts.WORK_US) and answers the rest "deferred": they go in the next call.
 MAX_BATCH = 256
+#: After a call whose script deferred operations, the next carries about as many as that
+#: one ran (a quarter more, at least MIN_BATCH), and twice as many again after each call
+#: that ran all it was sent: the script splits and answers every operation sent, and
+#: Redis reads each, so sending ten times what a call can run would cost more than the
+#: running.
+MIN_BATCH = 16
 #: Failures that mean Redis did not answer at all (not an error reply).
 _UNANSWERED = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
 
@@ -51,6 +57,8 @@ class Batcher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        #: Operations in the next call at most (MIN_BATCH..MAX_BATCH, see MIN_BATCH).
+        self._limit = MAX_BATCH
 
     def start(self) -> None:
         if self._task is None:
@@ -90,7 +98,8 @@ class Batcher:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                limit = self._limit
+                batch, self._pending = self._pending[:limit], self._pending[limit:]
                 await self._send(batch)
             if self._closed:
                 return
@@ -138,3 +147,7 @@ class Batcher:
                     logger.exception("throttle_mw: undoing an abandoned operation failed")
         if deferred:
             self._pending[:0] = deferred  # first in the next call, in their order
+            ran = len(batch) - len(deferred)
+            self._limit = max(MIN_BATCH, ran + ran // 4 + 1)
+        elif self._limit < MAX_BATCH:
+            self._limit = min(MAX_BATCH, 2 * self._limit)

@@ -43,7 +43,7 @@ NUMBER_FORMAT: Final = "%.17g"
 
 #: batch.lua's operations.
 OP: Final = MappingProxyType(
-    {"acquire": "A", "release": "R", "cancel": "C", "tick": "T", "reclaim": "K"}
+    {"acquire": "A", "release": "R", "cancel": "C", "tick": "T", "reclaim": "K", "leave": "L"}
 )
 #: Bits of an acquire's flags field.
 FLAG: Final = MappingProxyType({"sheddable": 1, "degradable": 2, "retry": 4})
@@ -60,6 +60,7 @@ REPLY: Final = MappingProxyType(
         "ticked": "T",
         "deferred": "D",  # not run: the call had done its share of work; send it again
         "reclaimed": "K",  # K|1: registered again; K|0: nothing to do
+        "left": "L",  # L|n: a leave took the first n of its ids out (the rest: send again)
     }
 )
 #: The first field of each message on a process's grant list.
@@ -207,6 +208,21 @@ def release_op(request_id: str) -> Op:
 
 def cancel_op(request_id: str) -> Op:
     return OP["cancel"] + SEP + request_id
+
+
+def leave_op(request_ids: Iterable[str]) -> Op:
+    """A process shutting down: its waiters among `request_ids` leave the queue, and the
+    others give back a lease if they hold one (batch.lua's leave). The script takes as
+    many as its work allows and says how many (`decode_left`): send the rest again."""
+    return SEP.join((OP["leave"], *request_ids))
+
+
+def decode_left(line: str) -> int:
+    """How many of a leave's ids the script took out (from the first)."""
+    kind, count = line.split(SEP)
+    if kind != REPLY["left"]:
+        raise ValueError(f"not a leave's reply: {line!r}")
+    return int(count)
 
 
 def reclaim_op(request_id: str, cost: int, epoch: str) -> Op:

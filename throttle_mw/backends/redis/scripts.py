@@ -65,6 +65,12 @@ DISPATCH_LIMIT: Final = 32
 #: by its work, not only by its count).
 WORK_US: Final = 300
 WORK_CHECK: Final = 2
+#: A leave (a process shutting down, batch.lua) takes its ids this many at a time, one
+#: command per key for all of them, and stops once it has run LEAVE_US (microseconds, by
+#: Redis's clock; checked after each chunk): the call's dispatch and writes come after,
+#: and the whole call stays well under a millisecond.
+LEAVE_CHUNK: Final = 16
+LEAVE_US: Final = 500
 #: Key prefixes whose key names a loaded library keeps built (budgets per Redis, in practice).
 KEYS_CACHE_MAX: Final = 64
 #: The lease keys' anchor (store.lua, anchor_leases): longer than Redis lets an entry of
@@ -158,6 +164,8 @@ SHARED: Final[Mapping[str, object]] = {
         "DISPATCH_LIMIT": DISPATCH_LIMIT,
         "WORK_US": WORK_US,
         "WORK_CHECK": WORK_CHECK,
+        "LEAVE_CHUNK": LEAVE_CHUNK,
+        "LEAVE_US": LEAVE_US,
         "KEYS_CACHE_MAX": KEYS_CACHE_MAX,
         "LEASE_ANCHOR": LEASE_ANCHOR,
         "LEASE_ANCHOR_AT": LEASE_ANCHOR_AT,

@@ -29,6 +29,8 @@
 --   C|id          cancel a waiting request
 --   T             tick (refill, expire, dispatch)
 --   K|id|cost|epoch  reclaim a lease held in the state of that epoch (store.lua)
+--   L|id|id|...  a process shutting down: those of its waiters leave the queue, the
+--                other ids give back their lease if they hold one (core.lua's leave)
 -- (Tenant ids, digests and request ids never contain SEP or LINE.)
 -- Returns one string, its LINEs: one per operation, then the trailer (protocol.Trailer):
 -- the delay until this process should tick (seconds, or "" if only an arrival or a release
@@ -45,6 +47,8 @@
 --   N                   cancel: not known here (already gone)
 --   T                   ticked
 --   K|registered        reclaimed (1) or nothing to do (0)
+--   L|n                 a leave took its first n ids (the call's work was done: send the
+--                       rest again)
 --   D                   deferred: not run, the call had done its share of work (TUNING.WORK_US);
 --                       the caller sends it again
 
@@ -160,6 +164,32 @@ end
 local results = {}
 local body = #OP.acquire + #SEP + 1  -- where an operation's first field begins
 local over = false
+
+-- A leave: its ids, TUNING.LEAVE_CHUNK at a time (core.lua's leave) while the call's work
+-- allows (TUNING.LEAVE_US: the rest of the call is deferred), then one dispatch. Its reply
+-- says how many it took, from the first; the caller sends the rest again.
+local function do_leave(text)
+  local start = started or redis.call('TIME')
+  local done = 0
+  local next_id = string.gmatch(text, '[^' .. SEP .. ']+')  -- (split only as far as taken)
+  while true do
+    local chunk = {}
+    for id in next_id do
+      chunk[#chunk + 1] = id
+      if #chunk == TUNING.LEAVE_CHUNK then break end
+    end
+    if #chunk == 0 then break end
+    leave(chunk)
+    done = done + #chunk
+    if elapsed_us(start) >= TUNING.LEAVE_US then
+      over = true  -- (perhaps all were taken: the caller finds out from `done`)
+      break
+    end
+  end
+  refill()
+  dispatch(nil)
+  return REPLY.left .. SEP .. num(done)
+end
 for i, op in ipairs(ops) do
   local kind = string.sub(op, 1, #OP.acquire)
   if not over and started ~= nil and i % TUNING.WORK_CHECK == 1 and i > 1 then
@@ -178,6 +208,8 @@ for i, op in ipairs(ops) do
   elseif kind == OP.tick then
     tick()
     results[#results + 1] = REPLY.ticked
+  elseif kind == OP.leave then
+    results[#results + 1] = do_leave(string.sub(op, body))
   elseif kind == OP.reclaim then
     local _, id, cost, old = string.match(op, RECLAIM_PATTERN)
     results[#results + 1] = REPLY.reclaimed .. SEP .. flag(reclaim(id, tonumber(cost), old))

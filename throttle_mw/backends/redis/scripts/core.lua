@@ -540,3 +540,52 @@ local function claim_tick(due)
   S.tk_at = due; S.tk_by = proc
   return due
 end
+
+-- A process shuts down (batch.lua's leave): its waiters among `ids` leave their queues
+-- together, unlink's and remove's steps summed by tenant, one command per key instead of
+-- several per waiter; an id no longer waiting gives back the lease a grant gave it
+-- meanwhile, if any. Waiters of other processes are left alone. The tenants and the idle
+-- list are written before it returns. The caller dispatches once after: what they held up
+-- goes to the others' waiters.
+local function leave(ids)
+  local rs = call.load_waiters(ids)
+  local mine, queued, tenants = {}, {}, {}  -- their ids; by tenant, its ids; the tenants
+  for i, r in ipairs(rs) do
+    if not r then
+      drop_lease(ids[i])
+    elseif r.proc == proc then
+      local t = load_tenant(r.h)
+      local q = queued[r.h]
+      if q == nil then q = {}; queued[r.h] = q; tenants[#tenants + 1] = t end
+      q[#q + 1] = r.id
+      mine[#mine + 1] = r.id
+      t.c[r.rank + 1] = t.c[r.rank + 1] - r.cost
+      t.n = t.n - 1
+      S[RANK_COUNT[r.rank + 1]] = S[RANK_COUNT[r.rank + 1]] - 1
+      S.qcost = S.qcost - r.cost
+    end
+  end
+  if #mine == 0 then return end
+  redis.call('HDEL', K.waiters, unpack(mine))
+  redis.call('ZREM', K.deadlines, unpack(mine))
+  M.dl_next = nil
+  M.top_known = false
+  S.waiting = S.waiting - #mine
+  for _, t in ipairs(tenants) do
+    local q = queued[t.h]
+    redis.call('ZREM', queue_key(t.h), unpack(q))
+    t.dirty = true
+    if t.n <= 0 then
+      redis.call('ZREM', K.qlen, t.h)
+      call.seen_idle(t.h, true)
+      t.touched = true
+      deactivate(t)
+    else
+      redis.call('ZINCRBY', K.qlen, num(-PUSH_SPAN * #q), t.h)
+    end
+  end
+  -- Their writes now, in the work the caller measures: a call of one waiter per tenant
+  -- wrote as much after its work check as before it.
+  call.save_now(tenants)
+  call.flush_idle()
+end

@@ -580,7 +580,13 @@ function call.save_made()
   local made = M.made
   if made == nil then return end
   M.made = nil
-  for _, t in ipairs(made) do
+  call.save_now(made)
+end
+
+-- Tenants `ts` written now (save_made; core.lua's leave, before each of its work checks,
+-- for the same reason).
+function call.save_now(ts)
+  for _, t in ipairs(ts) do
     if t.dirty and not t.deleted then
       save_tenant(t, true)
       t.dirty = false
@@ -927,6 +933,22 @@ local function load_waiter(id)
   local h, cost, rank, p, deadline, enq = string.match(raw, WAITER_PATTERN)
   return {id = id, h = h, cost = tonum(cost), rank = tonum(rank), proc = p,
     deadline = tonumber(deadline), enq = tonumber(enq)}
+end
+
+-- Many waiters in one command (core.lua's leave): a list as long as `ids`, false for an
+-- id not waiting; their deadline and enqueue time are not read.
+local LEAVER_PATTERN = '^'  -- (the first four fields: no string.rep where this runs)
+for _ = 1, 4 do LEAVER_PATTERN = LEAVER_PATTERN .. '([^' .. SEP .. ']*)' .. SEP end
+function call.load_waiters(ids)
+  local raws = redis.call('HMGET', K.waiters, unpack(ids))
+  for i = 1, #ids do
+    local raw = raws[i]
+    if raw then
+      local h, cost, rank, p = string.match(raw, LEAVER_PATTERN)
+      raws[i] = {id = ids[i], h = h, cost = tonum(cost), rank = tonum(rank), proc = p}
+    end
+  end
+  return raws
 end
 
 -- Tenant t's most urgent, oldest waiter (Tenant.head), or nil.
