@@ -14,7 +14,7 @@ import redis
 from tests.support.lua_scheduler import LuaScheduler, redis_version
 from tests.support.redis_server import RedisServer
 from throttle_mw.backends.redis import protocol, scripts
-from throttle_mw.backends.redis.keys import RECENT_KEPT
+from throttle_mw.backends.redis.keys import LIVE_STAMP, RECENT_KEPT
 from throttle_mw.backends.redis.scripts import PROCS_RECOUNT_S, RECENT_SLACK
 from throttle_mw.priorities import PRIORITIES
 from throttle_mw.scheduler import Admit, Enqueue, Granted, Limits, Policy, Request
@@ -269,28 +269,26 @@ def test_one_request_at_a_time_costs_a_few_commands_per_call(client: redis.Redis
     # Its numbers packed into one field (store.lua): a read of one field, not of sixteen.
     (state,) = client.keys("*:s")
     assert client.hlen(state) <= 9, client.hkeys(state)
-    # P:cfg, P:s and the tenant read; the live weight; the idle list; P:s and the tenant
-    # written; the recent admission (no lease) kept. Not on every call: the processes'
-    # count (once a second, batch.lua's live_processes) and the recent admissions' TTL
-    # (a quarter of T apart; with EVAL, Redis 6.2, the library keeps no memory: every call).
-    expected = {"hget": 1.0, "hmget": 3.0, "hset": 2.0, "lpush": 1.0, "zadd": 1.0}
+    # P:s and the tenant read; the idle list; P:s and the tenant written; the recent
+    # admission (no lease) kept. Not on every call: the live limits and whether any live
+    # weight is set (P:cfg, P:w: read again only when the state's LIVE_STAMP changed), the
+    # processes' count (once a second, batch.lua's live_processes) and the recent
+    # admissions' TTL (a quarter of T apart). With EVAL (Redis 6.2) the library keeps no
+    # memory: P:cfg, P:w and the TTL on every call.
+    expected = {"hmget": 2.0, "hset": 2.0, "lpush": 1.0, "zadd": 1.0}
     if redis_version(client) < (7, 0):
-        expected["pexpire"] = 1.0
+        expected.update(pexpire=1.0, hmget=3.0, exists=1.0)
     assert rate == expected, rate
     client.flushall()
     concurrency = one_at_a_time_commands(client, Limits(concurrency=1000))
-    # Per call, acquire and release averaged: the acquire as above but with its lease
-    # (ZADD, HSET; the first lease gives the lease keys their TTLs), the release reads
-    # P:cfg, P:s and the lease, deletes the lease and writes P:s.
-    assert concurrency == {
-        "hdel": 0.5,
-        "hget": 1.0,
-        "hmget": 2.5,
-        "hset": 2.0,
-        "pexpire": 1.0,
-        "zadd": 1.0,
-        "zrem": 0.5,
-    }, concurrency
+    # Per call, acquire and release averaged: the acquire as above but with its lease (one
+    # ZADD: a lease of cost 1 has no P:lc entry; the first lease makes P:leases anew, and
+    # gives it its TTL), the release reads P:s, takes the lease out (one ZREM) and writes
+    # P:s: it touches no tenant.
+    expected = {"hmget": 1.5, "hset": 1.5, "pexpire": 0.5, "zadd": 1.0, "zrem": 0.5}
+    if redis_version(client) < (7, 0):
+        expected.update(hmget=2.5, exists=0.5)
+    assert concurrency == expected, concurrency
 
 
 def test_the_live_processes_are_counted_once_a_second_and_at_once_on_joining(
@@ -329,3 +327,56 @@ def test_the_recent_admissions_are_trimmed_now_and_then_and_keep_a_ttl(
     assert max(sizes) == RECENT_KEPT + RECENT_SLACK
     assert min(sizes[RECENT_KEPT:]) == RECENT_KEPT
     assert client.lindex(recent, 0) == f"r{3 * RECENT_KEPT - 1}".encode()
+
+
+def test_live_limits_and_weights_are_read_again_once_their_stamp_is_deleted(
+    client: redis.Redis,
+) -> None:
+    """P:cfg and P:w are read when the state's LIVE_STAMP is not the one of the reading
+    the library remembers: whoever changes them deletes it (Budget.set and reset, the
+    learner), and the next call reads both again and stamps the state anew."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 5.0))
+    scheduler = LuaScheduler(client, Limits(rate=100.0, burst=100.0), policy, now=0.0)
+    scheduler.acquire(0.001, Request("a", "t"))  # the budget and its tenant made
+    (state,) = client.keys("*:s")
+    stamp = client.hget(state, LIVE_STAMP)
+    assert stamp
+    cfg = (state.decode() if isinstance(state, bytes) else state).removesuffix(":s") + ":cfg"
+    client.hset(cfg, "rate", "50.0")  # by hand, the stamp left: not read yet
+    client.config_resetstat()
+    scheduler.acquire(0.002, Request("b", "t"))
+    assert commands(client).get("hmget") == 2, commands(client)  # P:s and the tenant
+    assert scheduler.trailer.limits.startswith("100|"), scheduler.trailer
+    client.hdel(state, LIVE_STAMP)  # as the tool does after its write
+    client.config_resetstat()
+    scheduler.acquire(0.003, Request("c", "t"))
+    used = commands(client)
+    assert used.get("hmget") == 3, used  # P:s, P:cfg and the tenant
+    assert used.get("exists") == 1, used  # whether any live weight is set, once
+    assert scheduler.trailer.limits.startswith("50|"), scheduler.trailer
+    assert client.hget(state, LIVE_STAMP) not in (None, stamp)
+    client.config_resetstat()
+    scheduler.acquire(0.004, Request("d", "t"))
+    assert commands(client).get("hmget") == 2, commands(client)  # stamped: P:cfg not read
+
+
+def test_a_heartbeat_renews_many_leases_in_a_few_commands(client: redis.Redis) -> None:
+    """renew.lua asks which leases Redis has with one ZMSCORE and renews them with one
+    ZADD XX per UNPACK_MAX of them (a lease is its member in P:leases)."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 5.0))
+    scheduler = LuaScheduler(client, Limits(concurrency=10_000), policy, now=0.0)
+    held = 2 * scripts.UNPACK_MAX + 7
+    for i in range(held):
+        decision, _ = scheduler.acquire(0.001, Request(f"l{i}", f"t{i % 8}"))
+        assert isinstance(decision, Admit)
+    ids = [f"l{i}" for i in range(held)] + ["gone"]
+    args = protocol.renew_args("1.0", scheduler._tag, "p", 30.0, 60.0, ids)
+    client.config_resetstat()
+    renewed = protocol.decode_renew(scheduler._run("renew", args, client))
+    assert renewed.held == (True,) * held + (False,)
+    chunks = -(-len(ids) // scripts.UNPACK_MAX)
+    used = commands(client)
+    assert used["zmscore"] == chunks, used
+    assert used["zadd"] == chunks + 1, used  # and the heartbeat's
+    (leases,) = client.keys("*:leases")
+    assert client.zscore(leases, "l0") == pytest.approx(31.0)

@@ -166,7 +166,7 @@ async def test_a_lease_held_longer_than_the_state_ttl_keeps_its_keys(
         assert isinstance(held, Admitted)
         assert held.lease
         await asyncio.sleep(4.0)  # the heartbeat (every 1/3 s) keeps the lease and its keys
-        assert await client.hexists("{long}:lc", "long.1")
+        assert await client.zscore("{long}:leases", "long.1") is not None
         assert await client.hget("{long}:s", "inflight") == b"1"
         backend.release("long.1")
         await asyncio.sleep(0.2)
@@ -278,7 +278,8 @@ def test_a_stopped_fleet_leaves_every_key_with_a_ttl_and_then_nothing(
         left = keys_of(client, "{gone}")
         kinds = {k.split(":")[1] for k in left}
         # What the issue found without a TTL, and what a crash leaves behind, is there...
-        expected = {"s", "tenants", "procs", "cfg", "w", "wn", "t", "q", "leases", "lc", "r"}
+        # (P:lc holds only leases of a cost other than 1: none here)
+        expected = {"s", "tenants", "procs", "cfg", "w", "wn", "t", "q", "leases", "r"}
         assert expected | {"dl", "qlen", "active"} <= kinds, kinds
         # (the last process swept some idle tenants while it ran alone)
         assert sum(1 for k in left if k.startswith("{gone}:t:")) >= TENANTS // 3

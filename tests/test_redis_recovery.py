@@ -231,9 +231,9 @@ async def test_a_process_reclaims_its_leases_when_redis_loses_them(
         cost, _ = holder._leases["b"]
         holder._leases["b"] = (cost, asyncio.get_running_loop().time() - 1.0)
         assert await asyncio.to_thread(
-            wait_until, lambda: client.hlen("{rcb}:lc") >= 1, timeout_s=5.0
+            wait_until, lambda: client.zcard("{rcb}:leases") >= 1, timeout_s=5.0
         )
-        assert client.hkeys("{rcb}:lc") == ["a"]
+        assert client.zrange("{rcb}:leases", 0, -1) == ["a"]
         assert int(float(client.hget("{rcb}:s", "inflight") or 0)) == 1
         assert "b" not in holder._leases
         # The other process (it held nothing) gets the one free slot, at the latest when
@@ -290,10 +290,10 @@ async def test_a_process_holding_leases_is_back_within_the_grace_after_a_long_ou
         other.call(time.time(), protocol.TICK, known=known)  # the grace starts
         grace_ends = time.monotonic() + RECLAIM_GRACE_S
         for _ in range(100):
-            if time.monotonic() >= grace_ends - 0.05 or client.hlen("{rcl}:lc") >= 2:
+            if time.monotonic() >= grace_ends - 0.05 or client.zcard("{rcl}:leases") >= 2:
                 break
             await asyncio.sleep(0.01)
-        assert sorted(client.hkeys("{rcl}:lc")) == ["a", "b"]
+        assert sorted(client.zrange("{rcl}:leases", 0, -1)) == ["a", "b"]
         await asyncio.sleep(max(0.0, grace_ends - time.monotonic()) + 0.05)
         # The grace over, the limit is full: a new request waits.
         assert other.acquire(time.time(), "x").startswith(protocol.REPLY["queued"])

@@ -68,6 +68,7 @@ class Budget:
         if weights:
             pipe.pexpire(keys.weights, self._live_ttl_ms)
             pipe.pexpire(keys.weight_names, self._live_ttl_ms)
+        keys.live_changed(pipe)  # after the writes: the scripts read them anew
         await pipe.execute()
 
     async def set_limits(self, limits: Limits) -> None:
@@ -84,17 +85,19 @@ class Budget:
     ) -> None:
         """Remove live overrides: each process's ``THROTTLE_*`` values apply again."""
         keys = self.keys
+        pipe = self.client.pipeline(transaction=False)
         if everything:
-            await self.client.delete(keys.cfg, keys.weights, keys.weight_names)
-            return
+            pipe.delete(keys.cfg, keys.weights, keys.weight_names)
         if all_weights:
-            await self.client.delete(keys.weights, keys.weight_names)
-        if fields:
-            await self.client.hdel(keys.cfg, *fields)
-        if tenants:
+            pipe.delete(keys.weights, keys.weight_names)
+        if fields and not everything:
+            pipe.hdel(keys.cfg, *fields)
+        if tenants and not everything:
             digests = [tenant_digest(t) for t in tenants]
-            await self.client.hdel(keys.weights, *digests)
-            await self.client.hdel(keys.weight_names, *digests)
+            pipe.hdel(keys.weights, *digests)
+            pipe.hdel(keys.weight_names, *digests)
+        keys.live_changed(pipe)  # after the writes: the scripts read them anew
+        await pipe.execute()
 
     async def snapshot(self, limits: Limits, top: int, *, now: str = "") -> Snapshot:
         """The live state; `limits` are the caller's (live overrides win)."""

@@ -12,7 +12,8 @@ key              type    holds                                                  
 P:s              hash    budget state: tokens, in flight, virtual clock, fair-rate    T
                          window, queue counts, the fleet's tick claim, whether the
                          lease keys hold their anchor; most numbers packed in one
-                         field, ``nums`` (store.lua's layout)
+                         field, ``nums`` (store.lua's layout); ``lv``: which reading
+                         of P:cfg and P:w is current (LIVE_STAMP)
 P:cfg            hash    live limits set with ``throttle-mw set``; override callers'  live
                          limits. A learned limit and its state (learner.py) too
 P:w, P:wn        hash    live tenant weights by digest, and the names behind them     live
@@ -26,10 +27,12 @@ P:capped         zset    tenants held by their own rate cap, by when they may go
 P:qlen           zset    tenants by (waiting requests, latest push):                  T
                          score n * PUSH_SPAN + seq mod PUSH_SPAN (longest queue first)
 P:dl             zset    waiting request id -> deadline                               T
-P:tenants        zset    idle tenant h -> last seen (idle expiry, max tenants); a     idle+T
-                         tenant with waiters is off it until its queue empties
-P:leases, P:lc   zset,   lease (request id) -> expiry; lease -> "cost|process"; with  T
-                 hash    16+ in flight, an anchor member (LEASE_ANCHOR, score +inf)
+P:tenants        zset    idle tenant h -> last seen, in whole microseconds (idle      idle+T
+                         expiry, max tenants); a tenant with waiters is off it until
+                         its queue empties
+P:leases, P:lc   zset,   lease (request id) -> expiry; a lease of a cost other than   T
+                 hash    1 -> its cost (P:s's packed ``lk`` counts those); with 16+
+                         in flight, an anchor member (LEASE_ANCHOR, score +inf)
                          keeps both in their big encodings (store.lua)
 P:g:<proc>       list    grants and evictions for the process that queued them        T
 P:rc:<proc>      list    the process's latest lease-less admissions (retries)         T
@@ -63,7 +66,7 @@ from __future__ import annotations
 
 import hashlib
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 
 #: Suffix of each key after the budget's hash tag; per-tenant and per-process keys
 #: end with the tenant digest or process id.
@@ -120,6 +123,11 @@ KEY_TTL: Final = MappingProxyType(
 )
 #: Lease-less admissions remembered per process, so a retried acquire is answered.
 RECENT_KEPT: Final = 256
+#: P:s's field naming the reading of the live limits and weights (P:cfg, P:w) a script
+#: last made: a call that finds the stamp of the reading its loaded library remembers
+#: reads neither key (store.lua, load_limits_stamped). Whoever changes P:cfg or P:w
+#: deletes it afterwards (`Keys.live_changed`); the next call reads both and stamps anew.
+LIVE_STAMP: Final = "lv"
 
 
 def hash_tag(prefix: str) -> str:
@@ -148,6 +156,12 @@ class Keys:
         self.lease_costs = self.tag + SUFFIX["lease_costs"]
         self.learn_windows = self.tag + SUFFIX["learn_windows"]
         self.learn_step = self.tag + SUFFIX["learn_step"]
+
+    def live_changed(self, pipe: Any) -> None:
+        """Queue on `pipe`, after a change to P:cfg or P:w, the deletion of the state's
+        LIVE_STAMP: the scripts read the live limits and weights again on their next call.
+        (HDEL: a budget without state gets no key from it.)"""
+        pipe.hdel(self.state, LIVE_STAMP)
 
     def grants(self, process: str) -> str:
         return self.tag + SUFFIX["grants"] + process

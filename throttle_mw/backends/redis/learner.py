@@ -101,7 +101,11 @@ class FleetLearner:
         pipe.hget(keys.cfg, STATE_FIELD)  # the fleet's: whoever steps, every process keeps it
         pipe.pexpire(keys.cfg, self._live_ttl_ms)
         pipe.set(keys.learn_step, self._process, nx=True, px=self._window_ms)
-        *_, raw_state, _, claimed = await pipe.execute()
+        *_, restored, _, raw_state, _, claimed = await pipe.execute()
+        if restored:  # a lost limit written back: the scripts read P:cfg anew
+            pipe = client.pipeline(transaction=False)
+            keys.live_changed(pipe)
+            await pipe.execute()
         if raw_state is not None:
             with contextlib.suppress(ValueError):  # _step says so, if this process steps
                 self.state = LimitState.decode(_text(raw_state))
@@ -150,6 +154,7 @@ class FleetLearner:
             },
         )
         pipe.pexpire(keys.cfg, self._live_ttl_ms)
+        keys.live_changed(pipe)
         await pipe.execute()
         if new.in_force != state.in_force:
             logger.debug(

@@ -84,6 +84,9 @@ PROCS_RECOUNT_S: Final = 1.0
 #: A process's recent admissions list grows this far past keys.RECENT_KEPT before it is
 #: trimmed back (store.lua, save): one trim per RECENT_SLACK admissions, not one each.
 RECENT_SLACK: Final = 64
+#: Values a script passes to one command by unpack() at most (Lua's C stack takes a few
+#: thousand): renew.lua's leases go in chunks of this many.
+UNPACK_MAX: Final = 500
 #: Texts whose numbers a loaded library remembers (store.lua, tonum), and whole numbers
 #: whose texts it remembers (num), before starting afresh.
 NUMBERS_MAX: Final = 1024
@@ -133,6 +136,7 @@ SHARED: Final[Mapping[str, object]] = {
     "KEY_TTL": dict(keys.KEY_TTL),
     "RECENT_KEPT": keys.RECENT_KEPT,
     "TTL_REFRESHES": keys.TTL_REFRESHES,
+    "LIVE_STAMP": keys.LIVE_STAMP,
     # the wire format (protocol.py)
     "SEP": protocol.SEP,
     "LINE": protocol.LINE,
@@ -169,6 +173,7 @@ SHARED: Final[Mapping[str, object]] = {
         "INTEGER_TEXT_MAX": INTEGER_TEXT_MAX,
         "PROCS_RECOUNT": PROCS_RECOUNT_S,
         "RECENT_SLACK": RECENT_SLACK,
+        "UNPACK_MAX": UNPACK_MAX,
         "RECLAIM_GRACE": RECLAIM_GRACE_S,
     },
     # units

@@ -66,7 +66,6 @@ else
 end
 
 init(ARGV[2], ARGV[1], ARGV[3])
-load_limits_text(ARGV[4])
 
 -- The live processes (heartbeats in P:procs not past), as the trailer reports them: kept
 -- in the state (S.np) and counted again at most every TUNING.PROCS_RECOUNT (S.pc), or at once when
@@ -96,18 +95,22 @@ if #ops == 1 then
   local kind = string.sub(op, 1, #OP.acquire)
   local line
   if kind == OP.acquire then
-    line = fast_acquire(op)
+    line = fast_acquire(op, ARGV[4])
   elseif kind == OP.release then
-    line = fast_release(string.sub(op, #OP.acquire + #SEP + 1))
+    line = fast_release(string.sub(op, #OP.acquire + #SEP + 1), ARGV[4])
   end
   if line ~= nil then
     local procs = live_processes(false)
-    save()
+    save(true)
     return finish(line, nil, procs)
   end
 end
 
+-- (A call of one operation that fast.lua gave up on has its limits already: by the state's
+-- live stamp, or read this call.)
+if L == nil then load_limits_text(ARGV[4]) end
 load_state(ARGV[5])
+load_limits_stamped(ARGV[4], true)  -- (P:cfg just read: the state's stamp names this reading)
 hold_back()
 call.recall_line()  -- (store.lua: the line as the last call left it, if unchanged)
 -- A call of many operations measures its work (TUNING.WORK_US) from here: the expiries and the

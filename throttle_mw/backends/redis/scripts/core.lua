@@ -3,7 +3,7 @@
 -- The same functions with the same names, in the same order as the Python methods
 -- (without their leading underscore), each with a pointer to its Python counterpart;
 -- that module and the README beside it are the reference. Four Python methods have no
--- twin here (set_limits: the scripts read live limits on every call; admit_at_once and
+-- twin here (set_limits: the scripts read live limits when they change; admit_at_once and
 -- release_at_once: the in-memory backend's synchronous paths; snapshot: snapshot.lua;
 -- fast.lua is the scripts' own shortcut, built from these rules). The steps that exist
 -- only in Lua come last, and the scheduler README lists them ("Only in Lua").
@@ -182,7 +182,7 @@ end
 function take(t, id, cost, p)
   if L.rate ~= nil then S.tokens = S.tokens - cost end
   if L.tenant_rate ~= nil then t.cap = t.cap - cost end
-  if L.concurrency ~= nil then add_lease(id, cost, p) else remember(p, id) end
+  if L.concurrency ~= nil then add_lease(id, cost) else remember(p, id) end
   local start = t.f
   if start < S.v then  -- behind the clock: its banked credit is bounded
     start = math.max(start, S.v - credit())
@@ -280,7 +280,7 @@ end
 function forget_idle()
   call.flush_idle()
   if not fresh and now < S.fi then return end
-  local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', num(now - POL.idle), 'LIMIT', '0',
+  local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', call.idle_score(now - POL.idle), 'LIMIT', '0',
     num(TUNING.SWEEP_BATCH))
   if #stale < TUNING.SWEEP_BATCH then S.fi = now + TUNING.SWEEP_PERIOD end
   local excess = redis.call('ZCARD', K.tenants) - POL.max_tenants
@@ -505,9 +505,7 @@ end
 local function expire_leases()
   if S.inflight - held_back <= 0 and S.la ~= 1 then return end  -- no lease to expire
   local dead = redis.call('ZRANGEBYSCORE', K.leases, '-inf', num(now), 'LIMIT', '0', num(TUNING.EXPIRY_BATCH))
-  for _, id in ipairs(dead) do
-    if not drop_lease(id) then redis.call('ZREM', K.leases, id) end
-  end
+  for _, id in ipairs(dead) do drop_lease(id) end
 end
 
 -- Waiters of processes that died with requests queued: past deadline + grace.

@@ -18,11 +18,12 @@
 -- The fields of P:t:<h> it reads (TENANT_FIELDS has them all).
 local FAST_TENANT = {'f', 'w', 'cap', 'cap_at', 'st', 'xp'}
 
--- Loads the state into S (store.lua's load_hot_state); false if the full call must run
--- instead.
-local function fast_state()
+-- Loads the state into S (store.lua's load_hot_state) and the limits (load_limits_stamped,
+-- from `limits`: batch.lua's ARGV[4]); false if the full call must run instead.
+local function fast_state(limits)
   if not load_hot_state() then return false end  -- a new budget
-  S.la = S.la or 0  -- as load_state
+  load_limits_stamped(limits, false)
+  S.la = S.la or 0; S.lk = S.lk or 0  -- as load_state
   -- (An epoch to make, or a reclaim grace running: hold_back and the epoch are the full
   -- call's, store.lua's "A state made anew".)
   return S.waiting == 0 and now < (S.xp or 0) and now < (S.fi or 0)
@@ -58,10 +59,10 @@ local function give_up()
 end
 
 -- One acquire (batch.lua's do_acquire), if it is admitted at once with nobody waiting.
-local function fast_acquire(op)
+local function fast_acquire(op, limits)
   local _, id, h, _, weight, _, cost, flags = string.match(op, ACQUIRE_PATTERN)
   if has_flag(tonum(flags), FLAG.retry) then return nil end
-  if not fast_state() or lapsed_lease() then return give_up() end
+  if not fast_state(limits) or lapsed_lease() then return give_up() end
   if S.tokens ~= nil and S.tokens > L.burst then S.tokens = L.burst end  -- as load_state
   local t = fast_tenant(h, live_weight(h, tonum(weight)))
   if t == nil then return give_up() end
@@ -77,8 +78,8 @@ end
 
 -- One release with nobody waiting: the lease's concurrency back, nothing to dispatch.
 -- (The full call would also refill the bucket to now: refilling later comes to the same.)
-local function fast_release(id)
-  if not fast_state() then return give_up() end
+local function fast_release(id, limits)
+  if not fast_state(limits) then return give_up() end
   release(id)
   return REPLY.released
 end

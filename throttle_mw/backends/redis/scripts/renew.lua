@@ -18,10 +18,18 @@ init(ARGV[2], ARGV[1], ARGV[3])
 local expiry = num(now + tonumber(ARGV[4]))
 local ttl = math.floor(tonumber(ARGV[6]) * MS_PER_S)
 local renewed = {}  -- per lease: '1' if Redis had it (the process's `_reclaim` trusts it)
-for i = 7, #ARGV do
-  redis.call('ZADD', K.leases, 'XX', expiry, ARGV[i])
-  if redis.call('HEXISTS', K.lease_costs, ARGV[i]) == 1 then renewed[#renewed + 1] = '1'
-  else renewed[#renewed + 1] = '0' end
+-- (A lease is its member in P:leases: store.lua's put_lease. In chunks: TUNING.UNPACK_MAX.)
+for first = 7, #ARGV, TUNING.UNPACK_MAX do
+  local ids, pairs_ = {}, {}
+  for i = first, math.min(#ARGV, first + TUNING.UNPACK_MAX - 1) do
+    ids[#ids + 1] = ARGV[i]
+    pairs_[#pairs_ + 1] = expiry; pairs_[#pairs_ + 1] = ARGV[i]
+  end
+  local had = redis.call('ZMSCORE', K.leases, unpack(ids))
+  for i = 1, #ids do
+    if had[i] then renewed[#renewed + 1] = '1' else renewed[#renewed + 1] = '0' end
+  end
+  redis.call('ZADD', K.leases, 'XX', unpack(pairs_))
 end
 if #ARGV >= 7 then
   redis.call('PEXPIRE', K.leases, ttl)

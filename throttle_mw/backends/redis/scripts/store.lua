@@ -48,9 +48,9 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- (PLAIN: renew.lua reads the epoch, tests the counters). Only load_state, load_hot_state
 -- and save know this layout.
 local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', 'thr',
-  'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc', 'lm'}
+  'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc', 'lm', 'lk'}
 local PACKED_FIELD = 'nums'
-local PLAIN = {'inflight', 'waiting', 'tk_by', 'ep'}
+local PLAIN = {'inflight', 'waiting', 'tk_by', 'ep', LIVE_STAMP}
 local RANK_COUNT = {}  -- 'n0'.. by rank + 1, and a tenant's 'c0'..: made once, not per call
 local RANK_COST = {}
 for rank = 0, NRANK - 1 do
@@ -58,12 +58,12 @@ for rank = 0, NRANK - 1 do
   RANK_COST[rank + 1] = 'c' .. rank
   PLAIN[#PLAIN + 1] = RANK_COUNT[rank + 1]
 end
-local STRING_FIELDS = {tk_by = true, ep = true}
+local STRING_FIELDS = {tk_by = true, ep = true, [LIVE_STAMP] = true}
 local EMPTY_TEXTS = {}  -- every packed number unset
 for i = 1, #PACKED do EMPTY_TEXTS[i] = '' end
 -- The fields load_hot_state reads (fast.lua's calls): the packed numbers, in flight,
--- waiting and the epoch.
-local HOT_FIELDS = {PACKED_FIELD, 'inflight', 'waiting', 'ep'}
+-- waiting, the epoch and the live stamp (load_limits_stamped).
+local HOT_FIELDS = {PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP}
 
 -- The fields of P:t:<h> (a tenant): finish tag, weight, cap bucket and its time, waiting
 -- requests, their cost by rank (c0..), state (IDLE, ACTIVE, CAPPED), member in P:active,
@@ -145,7 +145,6 @@ local function fields_pattern(n)
   for _ = 2, n do pattern = pattern .. SEP .. field end
   return pattern .. '$'
 end
-local FIRST_FIELD = '^([^' .. SEP .. ']*)'
 local WAITER_PATTERN = fields_pattern(#WAITER_FIELDS)
 local ACQUIRE_PATTERN = fields_pattern(#ACQUIRE_FIELDS)
 local RECLAIM_PATTERN = fields_pattern(4)
@@ -254,6 +253,28 @@ local function load_limits_text(text)
   K.limits_memo = limits_memo
 end
 
+-- The live limits and weights as last read (P:cfg, P:w), without reading them again: the
+-- state's LIVE_STAMP (S.lv, loaded) names the reading, and whoever changes either key
+-- deletes it (keys.py, LIVE_STAMP). A call that finds the stamp its library remembers
+-- with the limits (K.limits_memo.lv) takes those; else it reads P:cfg (load_limits_text)
+-- and stamps the state anew, or adopts its stamp (a reading made after the stamp was
+-- set is current). The first word of the stamp is the time it was made, the second the
+-- process: no two readings have one. (A live override that expires on its own is
+-- noticed at the latest at the state's next TTL refresh: the full call reads P:cfg.)
+local function load_limits_stamped(text, fresh_read)
+  local memo = K.limits_memo
+  if not fresh_read and S.lv ~= '' and memo ~= nil and memo.lv == S.lv and memo.text == text then
+    L, POL, limits_memo = memo.L, memo.POL, memo
+    return
+  end
+  if not fresh_read then load_limits_text(text) end
+  if S.lv == '' then S.lv = num(now) .. ' ' .. proc end
+  if limits_memo.lv ~= S.lv then
+    limits_memo.lv = S.lv
+    limits_memo.no_weights = nil  -- asked again (live_weight)
+  end
+end
+
 -- The limits in force as batch.lua's reply states them (rate|burst|concurrency|tenant_rate|
 -- tenant_burst|learned, "" = unset), memoized: the same few limits come call after call,
 -- and formatting numbers is a good part of a small call's cost.
@@ -326,7 +347,7 @@ local function load_packed(text)
   S = {tokens = v[1], ts = v[2], v = v[3], win_at = v[4], win_v0 = v[5], win_cost = v[6],
     v_rate = v[7], thr = v[8], meas_at = v[9], qcost = v[10], wsum = v[11], seq = v[12],
     tk_at = v[13], xp = v[14], fi = v[15], la = v[16], rc = v[17], np = v[18], pc = v[19],
-    lm = v[20]}
+    lm = v[20], lk = v[21]}
 end
 
 local function load_plain(name, value)
@@ -342,7 +363,8 @@ local function load_hot_state()
   if not vals[1] then return false end
   load_packed(vals[1])
   S.inflight = tonum(vals[2]); S.waiting = tonum(vals[3]); S.ep = vals[4] or ''
-  S0.inflight = S.inflight; S0.waiting = S.waiting; S0.ep = S.ep
+  S.lv = vals[5] or ''
+  S0.inflight = S.inflight; S0.waiting = S.waiting; S0.ep = S.ep; S0.lv = S.lv
   return true
 end
 
@@ -366,6 +388,7 @@ local function load_state(known)
   S.xp = S.xp or 0
   S.fi = S.fi or 0
   S.la = S.la or 0
+  S.lk = S.lk or 0
   S.rc = S.rc or 0
   if S.ep == '' then S.ep = num(now) .. '/' .. proc end  -- new (or older than epochs)
   if S.tokens > L.burst then S.tokens = L.burst end
@@ -386,6 +409,16 @@ end
 -- was put on with the same last use: only the last change counts).
 
 
+-- A time as its score in the idle list P:tenants: whole microseconds (floor), so the list's
+-- compact encoding (listpack, up to 128 tenants by default) keeps its scores as integers,
+-- and a ZADD that walks it compares them without parsing each one's 17 digits (strtod).
+-- Both sides of forget_idle's comparison are floored alike: a tenant's last use and the
+-- idle bound compare as they do in Python unless they fall in the same microsecond.
+-- (%d: a whole number's text for a fraction of NUMBER_FORMAT's cost.)
+function call.idle_score(t)
+  return string.format('%d', math.floor(t * US_PER_S))
+end
+
 -- The lowest score in sorted set `key`, or false if it is empty.
 function call.first_score(key)
   local first = redis.call('ZRANGE', key, '0', '0', 'WITHSCORES')
@@ -405,7 +438,7 @@ function call.flush_idle()
   if pending == nil then return end
   M.idle = nil
   local add, drop = {}, {}
-  local seen = num(now)
+  local seen = call.idle_score(now)
   for h, idle in pairs(pending) do
     if idle then add[#add + 1] = seen; add[#add + 1] = h else drop[#drop + 1] = h end
   end
@@ -567,11 +600,18 @@ function call.put(name, value, old)
 end
 
 -- Writes what changed in tenant t since it was loaded; `again`: it may be written again
--- this call (save_made), so what is written becomes its loaded state.
-local function save_tenant(t, again)
+-- this call (save_made), so what is written becomes its loaded state; `hot`: a call of
+-- fast.lua's (save), which can change only the first four fields.
+local function save_tenant(t, again, hot)
   local loaded = t.loaded
   local put = call.put
   call.n = 0
+  if hot then
+    put('f', t.f, loaded.f); put('w', t.w, loaded.w); put('cap', t.cap, loaded.cap)
+    put('cap_at', t.cap_at, loaded.cap_at)
+    if call.n > 0 then redis.call('HSET', t.key, unpack(call.fields, 1, call.n)) end
+    return
+  end
   -- Capped this call (or again, after it was back in line): P:capped may be new.
   if t.st == CAPPED and (loaded.st ~= CAPPED or t.am ~= loaded.am) then born.capped = true end
   if t.name ~= nil then  -- a new tenant's name (tenant in core.lua)
@@ -625,9 +665,24 @@ function call.save_now(ts)
   end
 end
 
+-- What fast.lua's calls can change (`hot`: save compares only these): these packed numbers
+-- (their places in PACKED), in flight and the live stamp; of a tenant, f, w, cap and
+-- cap_at (fast.lua gives up when a TTL refresh, a window roll or an idle sweep is due, and
+-- runs only while nobody waits).
+call.HOT_PACKED = {}
+do  -- (at load: a function library may use no standard library there)
+  local hot = {tokens = true, ts = true, v = true, win_cost = true, la = true, np = true,
+    pc = true, lk = true}
+  for i = 1, #PACKED do
+    if hot[PACKED[i]] then call.HOT_PACKED[#call.HOT_PACKED + 1] = i end
+  end
+end
+call.HOT_PLAIN = {'inflight', LIVE_STAMP}
+
 -- Only what changed, and key TTLs only when due (every budget-wide key, a quarter of T
--- apart) or for keys this call may have created: this runs on every call.
-local function save()
+-- apart) or for keys this call may have created: this runs on every call. `hot`: a call of
+-- fast.lua's, which compares only what it can change (call.HOT_PACKED).
+local function save(hot)
   call.flush_idle()
   local args = {}
   S.inflight = S.inflight - held_back
@@ -637,10 +692,14 @@ local function save()
   -- The packed numbers (in PACKED's order): their text anew if one changed, only the
   -- changed ones formatted.
   local vals = {S.tokens, S.ts, S.v, S.win_at, S.win_v0, S.win_cost, S.v_rate, S.thr,
-    S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc, S.np, S.pc, S.lm}
+    S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc, S.np, S.pc, S.lm, S.lk}
   local old, texts = {}, nil
   if loaded ~= nil then old = loaded.vals end
-  for i = 1, #PACKED do
+  local places, plain = nil, PLAIN
+  if hot then places = call.HOT_PACKED; plain = call.HOT_PLAIN end
+  for j = 1, #(places or PACKED) do
+    local i = j
+    if places ~= nil then i = places[j] end
     local value = vals[i]
     if value ~= old[i] then
       if texts == nil then
@@ -654,8 +713,8 @@ local function save()
     K.state_memo = loaded
     args[1] = PACKED_FIELD; args[2] = loaded.text
   end
-  for i = 1, #PLAIN do
-    local name = PLAIN[i]
+  for i = 1, #plain do
+    local name = plain[i]
     local value = S[name]
     if value ~= S0[name] then
       args[#args + 1] = name
@@ -664,7 +723,7 @@ local function save()
   end
   if #args > 0 then redis.call('HSET', K.state, unpack(args)) end
   for _, t in pairs(T) do
-    if t.dirty and not t.deleted then save_tenant(t) end
+    if t.dirty and not t.deleted then save_tenant(t, false, hot) end
   end
   local expiring = born
   if refresh then expiring = KEY_TTL end
@@ -726,6 +785,7 @@ local function anchor_leases()
   if S.la == 1 or S.inflight < TUNING.LEASE_ANCHOR_AT then return end
   redis.call('ZADD', K.leases, 'inf', TUNING.LEASE_ANCHOR)
   redis.call('HSET', K.lease_costs, TUNING.LEASE_ANCHOR, '0')
+  born.lease_costs = true
   S.la = 1
 end
 
@@ -736,21 +796,38 @@ local function unanchor_leases()
   S.la = 0
 end
 
-local function add_lease(id, cost, p)
-  if S.inflight <= 0 then born.leases = true; born.lease_costs = true end  -- the first lease
-  S.inflight = S.inflight + cost
+-- A lease is its member in P:leases (its expiry the score); one of a cost other than 1 has
+-- its cost in P:lc too, and S.lk counts those: while none is in flight (most of the time:
+-- most requests cost 1) a lease is one ZADD and its release one ZREM.
+local function put_lease(id, cost)
   anchor_leases()
   redis.call('ZADD', K.leases, num(now + POL.lease_ttl), id)
-  redis.call('HSET', K.lease_costs, id, num(cost) .. SEP .. p)
+  if cost ~= 1 then
+    if S.lk <= 0 then born.lease_costs = true end  -- (P:lc may be new)
+    redis.call('HSET', K.lease_costs, id, num(cost))
+    S.lk = S.lk + 1
+  end
+end
+
+local function add_lease(id, cost)
+  if S.inflight <= 0 then born.leases = true end  -- the first lease: P:leases is new
+  S.inflight = S.inflight + cost
+  put_lease(id, cost)
 end
 
 -- Gives a lease's concurrency back; false if there was none.
 local function drop_lease(id)
-  local raw = redis.call('HGET', K.lease_costs, id)
-  if not raw then return false end
-  S.inflight = math.max(0, S.inflight - tonum(string.match(raw, FIRST_FIELD)))
-  redis.call('HDEL', K.lease_costs, id)
-  redis.call('ZREM', K.leases, id)
+  if redis.call('ZREM', K.leases, id) == 0 then return false end
+  local cost = 1
+  if S.lk > 0 then
+    local raw = redis.call('HGET', K.lease_costs, id)
+    if raw then
+      cost = tonum(raw)
+      redis.call('HDEL', K.lease_costs, id)
+      S.lk = S.lk - 1
+    end
+  end
+  S.inflight = math.max(0, S.inflight - cost)
   unanchor_leases()
   return true
 end
@@ -766,7 +843,7 @@ end
 -- Was request `id` admitted already (by this process)? true: with a lease; false: without
 -- one (recently); nil: not that anyone remembers.
 local function admitted(id)
-  if redis.call('HEXISTS', K.lease_costs, id) == 1 then return true end
+  if redis.call('ZSCORE', K.leases, id) then return true end
   if redis.call('LPOS', K.prefix .. KEY.recent .. proc, id) then return false end
   return nil
 end
@@ -804,14 +881,12 @@ end
 -- more often than the grace lasts: recovery.py, HOLDING_PROBE_S.)
 local function reclaim(id, cost, old)
   if L.concurrency == nil or old == S.ep then return false end
-  if redis.call('HEXISTS', K.lease_costs, id) == 1 then return false end
+  if redis.call('ZSCORE', K.leases, id) then return false end
   cost = math.max(1, math.min(cost, L.concurrency))
   if old == '' and S.inflight - held_back + cost > L.concurrency then return false end
-  born.leases = true; born.lease_costs = true
+  born.leases = true
   S.inflight = S.inflight + cost
-  anchor_leases()
-  redis.call('ZADD', K.leases, num(now + POL.lease_ttl), id)
-  redis.call('HSET', K.lease_costs, id, num(cost) .. SEP .. proc)
+  put_lease(id, cost)
   return true
 end
 
@@ -867,6 +942,13 @@ end
 -- The weight for a tenant not yet loaded this call: a live weight (set with the CLI) wins.
 local function live_weight(h, given)
   if T[h] ~= nil then return nil end  -- already loaded this call, with its weight
+  -- Whether any is set is known with the stamped reading of the live limits (asked once
+  -- per reading: load_limits_stamped).
+  local memo = limits_memo
+  if M.no_weights == nil and memo ~= nil and memo.lv ~= nil and memo.lv == S.lv then
+    if memo.no_weights == nil then memo.no_weights = redis.call('EXISTS', K.weights) == 0 end
+    M.no_weights = memo.no_weights
+  end
   -- A call of many tenants asks once whether any live weight is set (a call of one asks
   -- for its tenant's only).
   if M.no_weights == nil and M.weights_asked then
