@@ -104,9 +104,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for name in args.variants.split(","):
         variant = get_variant(name)
-        env = {**os.environ, **variant.env}
+        saved = dict(os.environ)
+        # The middleware reads THROTTLE_* from the environment when it is built.
         os.environ.update(variant.env)
-        counts = asyncio.run(_count(variant.build(env), args.warmup))
+        try:
+            counts = asyncio.run(_count(variant.build(dict(os.environ)), args.warmup))
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         print(f"{name}: {sum(counts.values()):,} opcodes")
         for where, n in counts.most_common(args.top):
             print(f"  {n:6,d} {where}")
