@@ -161,6 +161,45 @@ def test_a_saturated_acquire_takes_the_line_from_the_call_before(client: redis.R
     assert sum(ticks.values()) <= 22.1, ticks  # 28
 
 
+def test_a_tick_that_admits_nothing_asks_no_sorted_set(client: redis.Redis) -> None:
+    """A tick between two admissions of a saturated budget (the fallback tick of a process
+    that did not claim the fleet's tick, or one woken early) finds nothing admittable from
+    the line the call before left (store.lua, "The line as the last call left it"): it
+    reads P:cfg and P:s, renews nothing but its heartbeat (ZADD NX) and writes P:s once
+    (the refilled bucket and the call's stamp), and asks no sorted set or waiter anything."""
+    if redis_version(client) < (7, 0):
+        pytest.skip("EVAL: nothing outlives a call")
+    policy = Policy(dict.fromkeys(PRIORITIES, 900.0), tenant_idle_s=60.0)
+    scheduler = LuaScheduler(client, Limits(rate=50.0, burst=5.0), policy, now=0.0)
+    tenant_of = {f"r{i}": f"t{i}" for i in range(100)}
+    for request_id, tenant in tenant_of.items():
+        scheduler.acquire(0.0, Request(request_id, tenant))
+    now = 100.0
+    idle: dict[str, int] = {}
+    measured = 40
+    for round_ in range(20 + measured):  # (20 first: the burst, the periodic steps)
+        now += 0.02
+        for event in scheduler.tick(now):
+            assert isinstance(event, Granted), event
+            tenant = tenant_of[event.id]
+            tenant_of[f"r{len(tenant_of)}"] = tenant
+            decision, _ = scheduler.acquire(now, Request(f"r{len(tenant_of) - 1}", tenant))
+            assert isinstance(decision, Enqueue), decision
+        client.config_resetstat()
+        assert scheduler.tick(now + 0.005) == []  # a quarter of a token: nothing fits
+        if round_ >= 20:
+            for name, calls in commands(client).items():
+                idle[name] = idle.get(name, 0) + calls
+    per_tick = {name: calls / measured for name, calls in idle.items()}
+    # (and the test's own DEL of the grant list)
+    every = {name: per_tick.pop(name, 0.0) for name in ("hmget", "zadd", "hset", "del")}
+    assert every == {"hmget": 2.0, "zadd": 1.0, "hset": 1.0, "del": 1.0}, every
+    # What is due once a second falls on some of these ticks: the idle sweep (ZRANGEBYSCORE,
+    # ZCARD) and the live processes' count (ZCOUNT); nothing else.
+    assert set(per_tick) <= {"zrangebyscore", "zcard", "zcount"}, per_tick
+    assert all(calls <= 0.05 for calls in per_tick.values()), per_tick
+
+
 def test_a_change_by_another_writer_is_seen_by_the_next_call(client: redis.Redis) -> None:
     """The line a call remembers is taken only while P:s is as that call left it: here
     another writer (the same scripts by EVALSHA, as a process without FUNCTION rights
