@@ -27,6 +27,7 @@ from bench import (
     instructions,
     learned,
     learnedscore,
+    opcodes,
     roundtrips,
     run_all,
     story,
@@ -404,3 +405,19 @@ def test_instructions_are_counted_per_request(tmp_path: Path) -> None:
     # each, not the hundreds of millions of start-up.
     assert 10_000 < bare["per_request"] < 5_000_000
     assert memory["per_request"] > bare["per_request"]
+
+
+def test_opcodes_are_counted_per_function(capsys: pytest.CaptureFixture[str]) -> None:
+    opcodes.main(["--variants", "bare,memory", "--warmup", "5", "--top", "50"])
+
+    out = capsys.readouterr().out
+    totals = {
+        line.split(":")[0]: int(line.split()[1].replace(",", ""))
+        for line in out.splitlines()
+        if line.endswith(" opcodes")
+    }
+    assert set(totals) == {"bare", "memory"}
+    # The memory variant runs the bare app and the middleware in front of it.
+    assert totals["memory"] > totals["bare"] > 100
+    assert "asgi/middleware.py:__call__" in out.split("memory:")[1]
+    assert "asgi/middleware.py" not in out.split("memory:")[0]

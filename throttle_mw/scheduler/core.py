@@ -138,7 +138,7 @@ class Scheduler:
         rate = limits.rate
         # _refill
         elapsed = now - self._refilled_at
-        if elapsed > 0:
+        if elapsed > 0.0:  # a float literal: 3.11 specializes float-to-float comparisons
             if rate is not None:
                 tokens = self._tokens + elapsed * rate
                 burst = limits.burst
@@ -158,17 +158,18 @@ class Scheduler:
             cost = self._clamp(cost)
         # _fits_at_once
         concurrency = limits.concurrency
+        tenant_rate = limits.tenant_rate
         if not (
             tenant.state == IDLE
             and (not self._active or self._top_active() is None)
             and (rate is None or self._tokens + EPS >= cost)
             and (concurrency is None or self._in_flight + cost <= concurrency)
-            and (limits.tenant_rate is None or self._cap_ok(tenant, cost, now))
+            and (tenant_rate is None or self._cap_ok(tenant, cost, now))
         ):
             return None
         # _take
         start = tenant.finish
-        if limits.weights or limits.tenant_rate is not None or start < self._vtime:
+        if tenant_rate is not None or limits.weights or start < self._vtime:
             self._take(tenant, request_id, cost, now)
             return _ADMIT if concurrency is None else _ADMIT_LEASE
         if rate is not None:
