@@ -110,15 +110,22 @@ def test_a_saturated_budgets_script_work_does_not_grow_with_waiting_tenants(
     assert many["hget"] <= 1.05, many  # the next one's head waiter (the heartbeat: rarely)
 
 
-def saturated_call_commands(client: redis.Redis) -> tuple[dict[str, float], dict[str, float]]:
-    """Commands per call, by command, of a saturated budget (50/s, 100 tenants waiting, one
-    request each) whose tenants queue again as soon as they are admitted: a tick that
-    admits one, then that tenant's acquire, which queues. (ticks, acquires)"""
+def saturated_by_a_hundred(client: redis.Redis) -> tuple[LuaScheduler, dict[str, str]]:
+    """A budget of 50/s with 100 tenants waiting, one request each (the tenant of each
+    request id)."""
     policy = Policy(dict.fromkeys(PRIORITIES, 900.0), tenant_idle_s=60.0)
     scheduler = LuaScheduler(client, Limits(rate=50.0, burst=5.0), policy, now=0.0)
     tenant_of = {f"r{i}": f"t{i}" for i in range(100)}
     for request_id, tenant in tenant_of.items():
         scheduler.acquire(0.0, Request(request_id, tenant))
+    return scheduler, tenant_of
+
+
+def saturated_call_commands(client: redis.Redis) -> tuple[dict[str, float], dict[str, float]]:
+    """Commands per call, by command, of a saturated budget (50/s, 100 tenants waiting, one
+    request each) whose tenants queue again as soon as they are admitted: a tick that
+    admits one, then that tenant's acquire, which queues. (ticks, acquires)"""
+    scheduler, tenant_of = saturated_by_a_hundred(client)
     now = 100.0
     ticks: dict[str, int] = {}
     acquires: dict[str, int] = {}
@@ -169,11 +176,7 @@ def test_a_tick_that_admits_nothing_asks_no_sorted_set(client: redis.Redis) -> N
     (the refilled bucket and the call's stamp), and asks no sorted set or waiter anything."""
     if redis_version(client) < (7, 0):
         pytest.skip("EVAL: nothing outlives a call")
-    policy = Policy(dict.fromkeys(PRIORITIES, 900.0), tenant_idle_s=60.0)
-    scheduler = LuaScheduler(client, Limits(rate=50.0, burst=5.0), policy, now=0.0)
-    tenant_of = {f"r{i}": f"t{i}" for i in range(100)}
-    for request_id, tenant in tenant_of.items():
-        scheduler.acquire(0.0, Request(request_id, tenant))
+    scheduler, tenant_of = saturated_by_a_hundred(client)
     now = 100.0
     idle: dict[str, int] = {}
     measured = 40
