@@ -110,7 +110,7 @@ end
 -- live stamp, or read this call.)
 if L == nil then load_limits_text(ARGV[4]) end
 load_state(ARGV[5])
-load_limits_stamped(ARGV[4], true)  -- (P:cfg just read: the state's stamp names this reading)
+load_limits_stamped(ARGV[4], true)  -- (the limits loaded are current: read this call, or by the stamp)
 hold_back()
 call.recall_line()  -- (store.lua: the line as the last call left it, if unchanged)
 -- A call of many operations measures its work (TUNING.WORK_US) from here: the expiries and the
