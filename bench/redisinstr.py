@@ -13,7 +13,10 @@ left in ``--out`` (read it with ``callgrind_annotate --inclusive=yes``). Slow: v
 runs Redis about 50x slower. Scenario ``nop``: the floor, a function that does nothing
 called with a rate admission's arguments (rediscost.py's ``floor-nop``); ``churn``: a new
 tenant per request, 512 at once (``--n`` a multiple of 512); ``stop``: per waiter of
-``backend.stop()`` with ``--n`` waiting, 20 a tenant. ``fcall``'s
+``backend.stop()`` with ``--n`` waiting, 20 a tenant. ``--part acquire`` or ``--part
+release`` counts only that call of each admission (``concurrency``, ``concurrency-held``:
+the release is awaited, so collection stops once Redis answered it; the scripts run on a
+clock passed in, ARGV[1], instead of TIME). ``fcall``'s
 share of each profile (``callgrind_annotate --inclusive=yes``) is printed too, so what a
 call costs outside its script shows.
 """
@@ -22,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,6 +43,7 @@ from bench.rediscost import NOP_LIBRARY, admit_one, cpu_model, settings
 from tests.support.ports import HOST, free_port
 from tests.support.redis_server import redis_server_binary
 from throttle_mw.backends.redis import RedisBackend
+from throttle_mw.backends.base import Admitted, Waiting
 from throttle_mw.scheduler import Request
 
 
@@ -98,7 +104,34 @@ async def _drive_churn(url: str, n: int, pid: int) -> None:
     await backend.stop()
 
 
-async def _drive(url: str, mode: str, n: int, held: int, pid: int) -> None:
+async def _admit_part(backend: RedisBackend, tenant: str, part: str, pid: int) -> None:
+    """One admission (a lease, released), counting only its `part`: the acquire or the
+    release (awaited through the batcher, as `backend.release` sends it)."""
+    from throttle_mw.backends.redis import protocol
+
+    assert backend._batcher is not None
+    rid = f"p{next(_PART_IDS)}"
+    if part == "acquire":
+        _control(pid, "-i", "on")
+    outcome = await backend.acquire(Request(rid, tenant))
+    if isinstance(outcome, Waiting):
+        outcome = await outcome.future
+    if part == "acquire":
+        _control(pid, "-i", "off")
+    if not (isinstance(outcome, Admitted) and outcome.lease):
+        raise RuntimeError(f"not admitted with a lease: {outcome!r}")
+    backend._leases.pop(rid, None)
+    if part == "release":
+        _control(pid, "-i", "on")
+    await backend._batcher.submit(protocol.release_op(rid))
+    if part == "release":
+        _control(pid, "-i", "off")
+
+
+_PART_IDS = itertools.count()
+
+
+async def _drive(url: str, mode: str, n: int, held: int, pid: int, part: str = "both") -> None:
     if mode == "nop":
         await _drive_nop(url, n, pid)
         return
@@ -108,14 +141,34 @@ async def _drive(url: str, mode: str, n: int, held: int, pid: int) -> None:
     if mode == "churn":
         await _drive_churn(url, n, pid)
         return
-    limits = {"rate": 1e6, "burst": 1e6} if mode == "rate" else {"concurrency": 100_000}
-    backend = RedisBackend(settings(url, f"i{mode}{held}", **limits))
+    limits: dict[str, Any] = (
+        {"rate": 1e6, "burst": 1e6} if mode == "rate" else {"concurrency": 100_000}
+    )
+    # A part counted alone waits for callgrind_control around each call (a second or so):
+    # the scripts are given a clock of their own, a millisecond a call, so the calls find
+    # what they would at full speed (no window roll, recount or TTL refresh due each call).
+    now = None
+    if part != "both":
+        # (Key TTLs run on Redis's own clock: waits long enough that none lapses meanwhile.)
+        limits["max_wait_s"] = dict.fromkeys(("critical", "high", "normal", "low"), 900)
+        calls = itertools.count()
+        start = time.time()
+
+        def now() -> float:
+            return start + next(calls) / 1000
+
+    backend = RedisBackend(settings(url, f"i{mode}{held}", **limits), now=now)
     await backend.start()
     for i in range(held):
         await backend.acquire(Request(f"held{i}", f"holder{i % 16}"))  # kept in flight
     for i in range(200):  # warm up: the library loaded, tenants made
         await admit_one(backend, f"t{i % 8}")
     _control(pid, "-z")
+    if part != "both":
+        for i in range(n):
+            await _admit_part(backend, f"t{i % 8}", part, pid)
+        await backend.stop()
+        return
     _control(pid, "-i", "on")
     for i in range(n):
         await admit_one(backend, f"t{i % 8}")
@@ -123,7 +176,9 @@ async def _drive(url: str, mode: str, n: int, held: int, pid: int) -> None:
     await backend.stop()
 
 
-def measure(binary: str, mode: str, n: int, held: int, out: Path) -> tuple[int, int]:
+def measure(
+    binary: str, mode: str, n: int, held: int, out: Path, part: str = "both"
+) -> tuple[int, int]:
     """Instructions per admission of one scenario, with its own redis-server, and of
     them, those inside FCALL (fcallCommand, inclusive)."""
     port = free_port()
@@ -145,7 +200,7 @@ def measure(binary: str, mode: str, n: int, held: int, out: Path) -> tuple[int, 
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        asyncio.run(_drive(f"redis://{HOST}:{port}/0", mode, n, held, server.pid))
+        asyncio.run(_drive(f"redis://{HOST}:{port}/0", mode, n, held, server.pid, part))
     finally:
         server.terminate()
         server.wait()
@@ -166,16 +221,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default="rate,concurrency,concurrency-held")
     parser.add_argument("--redis-server", default=str(redis_server_binary()))
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument(
+        "--part",
+        choices=("both", "acquire", "release"),
+        default="both",
+        help="count an admission's acquire or release only (concurrency scenarios)",
+    )
     args = parser.parse_args(argv)
     print(f"# {cpu_model()}; {args.redis_server}", flush=True)
     for scenario in args.scenarios.split(","):
         mode, held = scenario, 0
         if scenario == "concurrency-held":
             mode, held = "concurrency", args.held
-        out = args.out / f"callgrind.redis.{scenario}"
-        per, inside = measure(args.redis_server, mode, args.n, held, out)
+        suffix = "" if args.part == "both" else f".{args.part}"
+        out = args.out / f"callgrind.redis.{scenario}{suffix}"
+        per, inside = measure(args.redis_server, mode, args.n, held, out, args.part)
+        what = "admission" if args.part == "both" else args.part
         print(
-            f"{scenario:18} {per:,} instructions/admission, {inside:,} in FCALL  ({out})",
+            f"{scenario:18} {per:,} instructions/{what}, {inside:,} in FCALL  ({out})",
             flush=True,
         )
     return 0
