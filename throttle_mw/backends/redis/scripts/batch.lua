@@ -81,15 +81,17 @@ local function live_processes(joined)
 end
 
 -- The reply: the operations' lines (`lines`, joined; '' if none), then the trailer (see
--- above), `procs` from live_processes. (One concatenation: the string is made once.)
+-- above), `procs` from live_processes (a count: num remembers its text; Lua's own
+-- number-to-text is a sprintf a call). (One concatenation: the string is made once.)
 local function finish(lines, due, procs)
   local delay = ''
   if due ~= nil then delay = num(due - now) end
   if lines ~= '' then lines = lines .. LINE end
-  return lines .. delay .. LINE .. procs .. LINE .. limits_line() .. LINE .. S.ep
+  return lines .. delay .. LINE .. num(procs) .. LINE .. limits_line() .. LINE .. S.ep
 end
 
--- One operation that nobody waiting can be affected by: fast.lua, or nil.
+-- One operation that nobody waiting can be affected by: fast.lua, or nil. (A release:
+-- lean_release, else fast_release with what it read, else the full call.)
 if #ops == 1 then
   local op = ops[1]
   local kind = string.sub(op, 1, #OP.acquire)
@@ -97,7 +99,10 @@ if #ops == 1 then
   if kind == OP.acquire then
     line = fast_acquire(op, ARGV[4])
   elseif kind == OP.release then
-    line = fast_release(string.sub(op, #OP.acquire + #SEP + 1), ARGV[4])
+    local id = string.sub(op, #OP.acquire + #SEP + 1)
+    local done, vals = lean_release(id, ARGV[4])
+    if done then return finish(REPLY.released, nil, S.np) end
+    if vals ~= nil then line = fast_release(id, ARGV[4], vals) end
   end
   if line ~= nil then
     local procs = live_processes(false)
