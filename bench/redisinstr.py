@@ -13,12 +13,15 @@ left in ``--out`` (read it with ``callgrind_annotate --inclusive=yes``). Slow: v
 runs Redis about 50x slower. Scenario ``nop``: the floor, a function that does nothing
 called with a rate admission's arguments (rediscost.py's ``floor-nop``); ``churn``: a new
 tenant per request, 512 at once (``--n`` a multiple of 512); ``stop``: per waiter of
-``backend.stop()`` with ``--n`` waiting, 20 a tenant. ``--part acquire`` or ``--part
-release`` counts only that call of each admission (``concurrency``, ``concurrency-held``:
-the release is awaited, so collection stops once Redis answered it; the scripts run on a
-clock passed in, ARGV[1], instead of TIME). ``fcall``'s
-share of each profile (``callgrind_annotate --inclusive=yes``) is printed too, so what a
-call costs outside its script shows.
+``backend.stop()`` with ``--n`` waiting, 20 a tenant; ``slowapi``, ``fastapi-limiter``,
+``asgi-ratelimit`` (or ``peers``, all three): that peer library's own Redis limiting
+code, one admission at a time (`bench/peerredis.py`; rediscost.py's ``peers``), with
+its ratio to ``rate`` and ``concurrency`` when they ran first. The script call's
+share of each profile (FCALL, or EVALSHA for the peers; ``callgrind_annotate
+--inclusive=yes``) is printed too, so what a call costs outside its script shows.
+``--part acquire`` or ``--part release`` counts only that call of each admission
+(``concurrency``, ``concurrency-held``: the release is awaited, so collection stops once
+Redis answered it; the scripts run on a clock passed in, ARGV[1], instead of TIME).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 
 import redis
 
+from bench import peerredis
 from bench.rediscost import NOP_LIBRARY, admit_one, cpu_model, settings
 from tests.support.ports import HOST, free_port
 from tests.support.redis_server import redis_server_binary
@@ -104,6 +108,18 @@ async def _drive_churn(url: str, n: int, pid: int) -> None:
     await backend.stop()
 
 
+async def _drive_peer(url: str, name: str, n: int, pid: int) -> None:
+    """One peer's Redis limiting code, one admission at a time (rediscost.py's ``peers``)."""
+    async with peerredis.peer(name, url) as admit:
+        for i in range(200):  # warm up: scripts loaded, keys made
+            await admit(f"t{i % 8}")
+        _control(pid, "-z")
+        _control(pid, "-i", "on")
+        for i in range(n):
+            await admit(f"t{i % 8}")
+        _control(pid, "-i", "off")
+
+
 async def _admit_part(backend: RedisBackend, tenant: str, part: str, pid: int) -> None:
     """One admission (a lease, released), counting only its `part`: the acquire or the
     release (awaited through the batcher, as `backend.release` sends it)."""
@@ -132,6 +148,9 @@ _PART_IDS = itertools.count()
 
 
 async def _drive(url: str, mode: str, n: int, held: int, pid: int, part: str = "both") -> None:
+    if mode in peerredis.PEERS:
+        await _drive_peer(url, mode, n, pid)
+        return
     if mode == "nop":
         await _drive_nop(url, n, pid)
         return
@@ -186,7 +205,7 @@ def measure(
     binary: str, mode: str, n: int, held: int, out: Path, part: str = "both"
 ) -> tuple[int, int]:
     """Instructions per admission of one scenario, with its own redis-server, and of
-    them, those inside FCALL (fcallCommand, inclusive)."""
+    them, those inside the script calls (fcallCommand or evalShaCommand, inclusive)."""
     port = free_port()
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
     redis_args = ["--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
@@ -215,8 +234,8 @@ def measure(
     annotated = subprocess.run(
         ["callgrind_annotate", "--inclusive=yes", str(out)], capture_output=True, text=True
     ).stdout
-    fcall = re.search(r"^\s*([\d,]+) \(.*:fcallCommand ", annotated, re.M)
-    inside = int(fcall.group(1).replace(",", "")) if fcall else 0
+    calls = re.findall(r"^\s*([\d,]+) \(.*:(?:fcallCommand|evalShaCommand) ", annotated, re.M)
+    inside = sum(int(call.replace(",", "")) for call in calls)
     return int(totals.group(1)) // n, inside // n
 
 
@@ -235,16 +254,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     print(f"# {cpu_model()}; {args.redis_server}", flush=True)
-    for scenario in args.scenarios.split(","):
+    scenarios = args.scenarios.replace("peers", ",".join(peerredis.PEERS)).split(",")
+    ours: dict[str, int] = {}
+    for scenario in scenarios:
         mode, held = scenario, 0
         if scenario == "concurrency-held":
             mode, held = "concurrency", args.held
         suffix = "" if args.part == "both" else f".{args.part}"
         out = args.out / f"callgrind.redis.{scenario}{suffix}"
         per, inside = measure(args.redis_server, mode, args.n, held, out, args.part)
+        ratios = ""
+        if scenario in peerredis.PEERS:
+            ratios = "".join(f", {name} / this {ours[name] / per:.2f}" for name in ours)
+        elif scenario in ("rate", "concurrency") and args.part == "both":
+            ours[scenario] = per
         what = "admission" if args.part == "both" else args.part
         print(
-            f"{scenario:18} {per:,} instructions/{what}, {inside:,} in FCALL  ({out})",
+            f"{scenario:18} {per:,} instructions/{what}, {inside:,} in the script call"
+            f"{ratios}  ({out})",
             flush=True,
         )
     return 0
