@@ -86,7 +86,7 @@ local function finish(lines, due, procs)
   local delay = ''
   if due ~= nil then delay = num(due - now) end
   if lines ~= '' then lines = lines .. LINE end
-  return lines .. delay .. LINE .. procs .. LINE .. limits_line() .. LINE .. S.ep
+  return lines .. delay .. LINE .. num(procs) .. LINE .. limits_line() .. LINE .. S.ep
 end
 
 -- One operation that nobody waiting can be affected by: fast.lua, or nil.
@@ -96,6 +96,11 @@ if #ops == 1 then
   local line
   if kind == OP.acquire then
     line = fast_acquire(op, ARGV[4])
+    if line ~= nil then
+      local procs = live_processes(false)
+      call.save_acquire(FAST_T)
+      return finish(line, nil, procs)
+    end
   elseif kind == OP.release then
     line = fast_release(string.sub(op, #OP.acquire + #SEP + 1), ARGV[4])
   end

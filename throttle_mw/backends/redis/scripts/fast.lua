@@ -17,6 +17,9 @@
 
 -- The fields of P:t:<h> it reads (TENANT_FIELDS has them all).
 local FAST_TENANT = {'f', 'w', 'cap', 'cap_at', 'st', 'xp'}
+-- Those fast_acquire reads without a tenant rate (the cap is neither refilled nor taken
+-- then: core.lua's cap_ok and take), in FAST_TENANT's order.
+local FAST_UNCAPPED = {'f', 'w', 'st', 'xp'}
 
 -- Loads the state into S (store.lua's load_hot_state) and the limits (load_limits_stamped,
 -- from `limits`: batch.lua's ARGV[4]); false if the full call must run instead.
@@ -58,22 +61,69 @@ local function give_up()
   return nil
 end
 
+-- The fields of an acquire fast_acquire uses (id, tenant digest, weight, cost, flags),
+-- captured; the others only matched (a capture makes a string).
+local FAST_ACQUIRE_PATTERN = '^'
+do
+  local used = {id = true, tenant_digest = true, weight = true, cost = true, flags = true}
+  for i = 1, #ACQUIRE_FIELDS do
+    if i > 1 then FAST_ACQUIRE_PATTERN = FAST_ACQUIRE_PATTERN .. SEP end
+    if used[ACQUIRE_FIELDS[i]] then
+      FAST_ACQUIRE_PATTERN = FAST_ACQUIRE_PATTERN .. '([^' .. SEP .. ']*)'
+    else
+      FAST_ACQUIRE_PATTERN = FAST_ACQUIRE_PATTERN .. '[^' .. SEP .. ']*'
+    end
+  end
+  FAST_ACQUIRE_PATTERN = FAST_ACQUIRE_PATTERN .. '$'
+end
+
+-- The tenant of a fast acquire, as fast_tenant makes it: kept from call to call (with
+-- EVAL, made per call), every field it has assigned anew (store.lua's call.S_kept).
+local FAST_T = {}
+
+-- fast_acquire's reply lines, without a lease and with one (made once).
+local FAST_ADMITTED = {REPLY.admitted .. SEP .. '0' .. SEP .. '0',
+  REPLY.admitted .. SEP .. '1' .. SEP .. '0'}
+
 -- One acquire (batch.lua's do_acquire), if it is admitted at once with nobody waiting.
+-- As fast_state and fast_tenant, for less: the state and the tenant in tables kept from
+-- call to call, written back by store.lua's call.save_acquire (save(true)'s writes).
 local function fast_acquire(op, limits)
-  local _, id, h, _, weight, _, cost, flags = string.match(op, ACQUIRE_PATTERN)
-  if has_flag(tonum(flags), FLAG.retry) then return nil end
-  if not fast_state(limits) or lapsed_lease() then return give_up() end
+  local id, h, weight, cost, flags = string.match(op, FAST_ACQUIRE_PATTERN)
+  if flags == nil or has_flag(tonum(flags), FLAG.retry) then return nil end
+  if not call.load_acquire_state() then return give_up() end  -- a new budget
+  load_limits_stamped(limits, false)
+  if not (S.waiting == 0 and now < (S.xp or 0) and now < (S.fi or 0)
+    and now - S.win_at < WINDOW and S.ep ~= '' and now >= (S.rc or 0)) or lapsed_lease() then
+    return give_up()  -- (as fast_state)
+  end
   if S.tokens ~= nil and S.tokens > L.burst then S.tokens = L.burst end  -- as load_state
-  local t = fast_tenant(h, live_weight(h, tonum(weight)))
-  if t == nil then return give_up() end
+  weight = live_weight(h, tonum(weight))
+  local key = call.tenant_key(h)
+  local f0, w0, cap0, cap_at0, st, xp
+  if L.tenant_rate == nil then
+    local v = redis.call('HMGET', key, unpack(FAST_UNCAPPED))
+    if v[1] == false then return give_up() end
+    f0, w0, st, xp = tonum(v[1]), tonum(v[2]), tonum(v[3]), tonum(v[4]) or 0
+  else
+    local v = redis.call('HMGET', key, unpack(FAST_TENANT))
+    if v[1] == false then return give_up() end
+    f0, w0, cap0, cap_at0 = tonum(v[1]), tonum(v[2]), tonum(v[3]), tonum(v[4])
+    st, xp = tonum(v[5]), tonum(v[6]) or 0
+  end
+  if st ~= IDLE or now >= xp then return give_up() end  -- (IDLE: nothing waits, n = 0)
+  local t = FAST_T
+  t.h = h; t.key = key; t.dirty = false; t.f = f0; t.w = w0; t.cap = cap0; t.cap_at = cap_at0
+  t.st = st; t.xp = xp; t.n = 0
+  if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
   refill()
   cost = clamp(tonum(cost))
   if not fits_at_once(t, cost) then return give_up() end
-  touch(t)  -- (tenant() would: the tenant is not new)
+  t.dirty = true  -- (touch: its idle-list entry is call.save_acquire's)
   admit_now(t, id, cost)
-  local lease = '0'
-  if L.concurrency ~= nil then lease = '1' end
-  return REPLY.admitted .. SEP .. lease .. SEP .. '0'
+  t.f0 = f0; t.w0 = w0; t.cap0 = cap0; t.cap_at0 = cap_at0  -- (call.save_acquire compares)
+  if L.concurrency ~= nil then return FAST_ADMITTED[2] end
+  return FAST_ADMITTED[1]
 end
 
 -- One release with nobody waiting: the lease's concurrency back, nothing to dispatch.

@@ -83,7 +83,14 @@ TENANT_FIELDS[#TENANT_FIELDS + 1] = 'xp'
 -- The state layer's helpers that are not part of load and save (num's whole numbers,
 -- "A call's memos" below), in one table: a chunk may have at most 200 locals, and each
 -- script is one chunk with all of these files.
-local call = {integers = {}, integers_kept = 0}
+local call = {integers = {}, integers_kept = 0, floats = {}, floats_kept = 0}
+
+-- tonumber, remembered by the text: glibc's strtod takes thousands of instructions for the
+-- 17 digits of NUMBER_FORMAT, and most numbers a call reads are the same text call after
+-- call (limits, policy, most state fields), or one this library wrote (num). Lua interns
+-- strings: a lookup costs little.
+local NUMBERS = {}
+local NUMBERS_KEPT = 0
 
 local now_text        -- num(now), made once per call (init) when first needed
 
@@ -103,17 +110,24 @@ local function num(x)
       call.integers_kept = call.integers_kept + 1
     end
   else
-    text = string.format(NUMBER_FORMAT, x)
+    -- Other numbers too, and their texts for tonum: a tenant's finish tag written by one
+    -- call is read by a later one, and is often what becomes the virtual clock (take).
+    text = call.floats[x]
+    if text == nil then
+      text = string.format(NUMBER_FORMAT, x)
+      if x == x then  -- (NaN is no table key)
+        if call.floats_kept >= TUNING.NUMBERS_MAX then call.floats = {}; call.floats_kept = 0 end
+        call.floats[x] = text
+        call.floats_kept = call.floats_kept + 1
+        if NUMBERS_KEPT >= TUNING.NUMBERS_MAX then NUMBERS = {}; NUMBERS_KEPT = 0 end
+        NUMBERS[text] = x
+        NUMBERS_KEPT = NUMBERS_KEPT + 1
+      end
+    end
   end
   M.last_number = x; M.last_text = text
   return text
 end
-
--- tonumber, remembered by the text: glibc's strtod takes thousands of instructions for the
--- 17 digits of NUMBER_FORMAT, and most numbers a call reads are the same text call after
--- call (limits, policy, most state fields). Lua interns strings: a lookup costs little.
-local NUMBERS = {}
-local NUMBERS_KEPT = 0
 
 local function tonum(text)
   if not text then return nil end
@@ -167,6 +181,24 @@ local function key_names(prefix)
   KEYS_CACHED = KEYS_CACHED + 1
   return names
 end
+
+-- A tenant's hash (P:t:<h>) and a process's recent admissions (P:r:<proc>) by name, kept
+-- with the prefix's names (TUNING.NAMES_MAX at most, then afresh): the names a call of one
+-- request uses are mostly those of the last calls.
+local function kept_name(memo, suffix, id)
+  local names = K[memo]
+  if names == nil or names.kept >= TUNING.NAMES_MAX then names = {kept = 0}; K[memo] = names end
+  local name = names[id]
+  if name == nil then
+    name = K.prefix .. suffix .. id
+    names[id] = name
+    names.kept = names.kept + 1
+  end
+  return name
+end
+
+function call.tenant_key(h) return kept_name('tenant_names', KEY.tenant, h) end
+function call.recent_key(p) return kept_name('recent_names', KEY.recent, p) end
 
 local function init(prefix, now_override, process)
   S, S0, L, POL, T, out_events, recent, fresh = {}, {}, nil, nil, {}, {}, {}, false
@@ -679,6 +711,27 @@ do  -- (at load: a function library may use no standard library there)
 end
 call.HOT_PLAIN = {'inflight', LIVE_STAMP}
 
+-- A process's recent admissions (remember): trimmed back to RECENT_KEPT once
+-- TUNING.RECENT_SLACK more came in (at least the last RECENT_KEPT are kept), their TTL set
+-- when the list is made and pushed out a quarter of T apart (the loaded library keeps when,
+-- by process: with EVAL, or once the library is loaded anew, on the next call).
+function call.push_recent()
+  local due = K.recent_due
+  if due == nil then due = {}; K.recent_due = due end
+  for p, ids in pairs(recent) do
+    local key = call.recent_key(p)
+    local size = redis.call('LPUSH', key, unpack(ids))
+    if size > RECENT_KEPT + TUNING.RECENT_SLACK then
+      redis.call('LTRIM', key, '0', num(RECENT_KEPT - 1))
+    end
+    local at = due[p]
+    if size == #ids or at == nil or now >= at or now < at - POL.ttl then
+      redis.call('PEXPIRE', key, ttl_ms('state'))
+      due[p] = now + POL.ttl / TTL_REFRESHES
+    end
+  end
+end
+
 -- Only what changed, and key TTLs only when due (every budget-wide key, a quarter of T
 -- apart) or for keys this call may have created: this runs on every call. `hot`: a call of
 -- fast.lua's, which compares only what it can change (call.HOT_PACKED).
@@ -729,29 +782,95 @@ local function save(hot)
   if refresh then expiring = KEY_TTL end
   for name in pairs(expiring) do redis.call('PEXPIRE', K[name], ttl_ms(KEY_TTL[name])) end
   born = {}
-  -- A process's recent admissions: trimmed back to RECENT_KEPT once TUNING.RECENT_SLACK more
-  -- came in (at least the last RECENT_KEPT are kept), their TTL set when the list is made
-  -- and pushed out a quarter of T apart (the loaded library keeps when, by process: with
-  -- EVAL, or once the library is loaded anew, on the next call).
-  local due = K.recent_due
-  if due == nil then due = {}; K.recent_due = due end
-  for p, ids in pairs(recent) do
-    local key = K.prefix .. KEY.recent .. p
-    local size = redis.call('LPUSH', key, unpack(ids))
-    if size > RECENT_KEPT + TUNING.RECENT_SLACK then
-      redis.call('LTRIM', key, '0', num(RECENT_KEPT - 1))
-    end
-    local at = due[p]
-    if size == #ids or at == nil or now >= at or now < at - POL.ttl then
-      redis.call('PEXPIRE', key, ttl_ms('state'))
-      due[p] = now + POL.ttl / TTL_REFRESHES
-    end
-  end
+  call.push_recent()
   for p, msgs in pairs(out_events) do
     local key = K.prefix .. KEY.grants .. p
     redis.call('RPUSH', key, unpack(msgs))
     redis.call('PEXPIRE', key, ttl_ms('state'))
   end
+end
+
+-- --- a fast acquire's state and writes (fast.lua) ---------------------------------------
+--
+-- load_hot_state and save(true) for one acquire, for less: the state goes into a table kept
+-- from call to call (call.S_kept; with EVAL, made per call) whose fields are all assigned
+-- anew each call (assigning a field a table has costs a fraction of adding one to a new
+-- table), and the writes are save(true)'s for one tenant, made without its general tables.
+
+call.S_kept = {}
+
+-- The state as load_hot_state loads it (and fast_state defaults it), into S; false if
+-- there is none. Every field of PACKED and HOT_FIELDS is assigned (nil if unset).
+function call.load_acquire_state()
+  local v = redis.call('HMGET', K.state, unpack(HOT_FIELDS))
+  if not v[1] then return false end
+  loaded = unpack_state(v[1])
+  local n, s = loaded.vals, call.S_kept
+  s.tokens = n[1]; s.ts = n[2]; s.v = n[3]; s.win_at = n[4]; s.win_v0 = n[5]; s.win_cost = n[6]
+  s.v_rate = n[7]; s.thr = n[8]; s.meas_at = n[9]; s.qcost = n[10]; s.wsum = n[11]
+  s.seq = n[12]; s.tk_at = n[13]; s.xp = n[14]; s.fi = n[15]; s.la = n[16] or 0; s.rc = n[17]
+  s.np = n[18]; s.pc = n[19]; s.lm = n[20]; s.lk = n[21] or 0
+  s.inflight = tonum(v[2]); s.waiting = tonum(v[3]); s.ep = v[4] or ''; s.lv = v[5] or ''
+  call.inflight0 = s.inflight; call.lv0 = s.lv
+  S = s
+  return true
+end
+
+-- What save(true) writes after an acquire of tenant t by fast.lua (t.f0, t.w0, t.cap0,
+-- t.cap_at0: its f, w, cap and cap_at as loaded): the idle list, the packed numbers that changed, in flight and the live
+-- stamp, the tenant's changed fields, the TTLs of keys this call made, the recent admissions.
+-- (No TTL refresh is due, nobody waits, nothing is held back: fast.lua checked.)
+function call.save_acquire(t)
+  if redis.call('ZADD', K.tenants, call.idle_score(now), t.h) > 0 then born.tenants = true end
+  -- (The memo entry loaded is changed in place: only K.state_memo holds it.)
+  local s, vals, texts = S, loaded.vals, loaded.texts
+  local changed = false
+  local hot = call.HOT_PACKED
+  for j = 1, #hot do
+    local i = hot[j]
+    local value = s[PACKED[i]]
+    if value ~= vals[i] then
+      if not changed then loaded.text = false end  -- (no memo while it is changed)
+      changed = true
+      vals[i] = value
+      if value == nil then texts[i] = '' else texts[i] = num(value) end
+    end
+  end
+  local inflight_changed = s.inflight ~= call.inflight0
+  if changed then
+    loaded.text = table.concat(texts, SEP)
+    if s.lv ~= call.lv0 then
+      if inflight_changed then
+        redis.call('HSET', K.state, PACKED_FIELD, loaded.text, 'inflight', num(s.inflight),
+          LIVE_STAMP, s.lv)
+      else
+        redis.call('HSET', K.state, PACKED_FIELD, loaded.text, LIVE_STAMP, s.lv)
+      end
+    elseif inflight_changed then
+      redis.call('HSET', K.state, PACKED_FIELD, loaded.text, 'inflight', num(s.inflight))
+    else
+      redis.call('HSET', K.state, PACKED_FIELD, loaded.text)
+    end
+  elseif inflight_changed or s.lv ~= call.lv0 then  -- (a clock that did not move)
+    local args = {}
+    if inflight_changed then args[1] = 'inflight'; args[2] = num(s.inflight) end
+    if s.lv ~= call.lv0 then args[#args + 1] = LIVE_STAMP; args[#args + 1] = s.lv end
+    redis.call('HSET', K.state, unpack(args))
+  end
+  if t.dirty then
+    local f0, w0, cap0, cap_at0 = t.f0, t.w0, t.cap0, t.cap_at0
+    if t.w == w0 and t.cap == cap0 and t.cap_at == cap_at0 then
+      if t.f ~= f0 then redis.call('HSET', t.key, 'f', num(t.f)) end
+    else
+      local put = call.put
+      call.n = 0
+      put('f', t.f, f0); put('w', t.w, w0); put('cap', t.cap, cap0); put('cap_at', t.cap_at, cap_at0)
+      if call.n > 0 then redis.call('HSET', t.key, unpack(call.fields, 1, call.n)) end
+    end
+  end
+  for name in pairs(born) do redis.call('PEXPIRE', K[name], ttl_ms(KEY_TTL[name])) end
+  born = {}
+  call.push_recent()
 end
 
 -- --- events and leases ---------------------------------------------------------------------
@@ -908,7 +1027,7 @@ local function load_tenant(h, weight)
     if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
     return t
   end
-  local key = K.prefix .. KEY.tenant .. h
+  local key = call.tenant_key(h)
   local v = redis.call('HMGET', key, unpack(TENANT_FIELDS))
   -- (Tables made whole: one filled field by field grows anew every few fields.)
   if v[1] == false then
