@@ -65,43 +65,24 @@ else
   end
 end
 
-init(ARGV[2], ARGV[1], ARGV[3])
-
--- The live processes (heartbeats in P:procs not past), as the trailer reports them: kept
--- in the state (S.np) and counted again at most every TUNING.PROCS_RECOUNT (S.pc), or at once when
--- this call registered its process (`joined`). A heartbeat lapses, or a process leaves,
--- in the count within TUNING.PROCS_RECOUNT (each process's own heartbeat counts them exactly).
--- Before save(): the count is saved with the state.
-local function live_processes(joined)
-  if joined or S.np == nil or S.pc == nil or now >= S.pc or now < S.pc - TUNING.PROCS_RECOUNT then
-    S.np = redis.call('ZCOUNT', K.procs, num(now), '+inf')
-    S.pc = now + TUNING.PROCS_RECOUNT
-  end
-  return S.np
-end
-
--- The reply: the operations' lines (`lines`, joined; '' if none), then the trailer (see
--- above), `procs` from live_processes. (One concatenation: the string is made once.)
-local function finish(lines, due, procs)
-  local delay = ''
-  if due ~= nil then delay = num(due - now) end
-  if lines ~= '' then lines = lines .. LINE end
-  return lines .. delay .. LINE .. num(procs) .. LINE .. limits_line() .. LINE .. S.ep
-end
+-- (A call of one acquire starts with a light init: store.lua's init; if fast.lua gives
+-- up, the tables a full call needs are made before it goes on.)
+local light = #ops == 1 and string.sub(ops[1], 1, #OP.acquire) == OP.acquire
+init(ARGV[2], ARGV[1], ARGV[3], light)
 
 -- One operation that nobody waiting can be affected by: fast.lua, or nil.
 if #ops == 1 then
   local op = ops[1]
-  local kind = string.sub(op, 1, #OP.acquire)
   local line
-  if kind == OP.acquire then
+  if light then
     line = fast_acquire(op, ARGV[4])
     if line ~= nil then
       local procs = live_processes(false)
       call.save_acquire(FAST_T)
       return finish(line, nil, procs)
     end
-  elseif kind == OP.release then
+    call.init_tables()
+  elseif string.sub(op, 1, #OP.acquire) == OP.release then
     line = fast_release(string.sub(op, #OP.acquire + #SEP + 1), ARGV[4])
   end
   if line ~= nil then

@@ -15,6 +15,34 @@
 -- the reads twice, at most once per period each (a second, a quarter of a TTL), or are
 -- the calls where the budget is contended anyway. Returns the reply line, or nil.
 
+-- batch.lua's own helpers, made here once (in the entry script, a function is made anew on
+-- every call: an allocation, and its share of garbage collection).
+
+-- The live processes (heartbeats in P:procs not past), as the trailer reports them: kept
+-- in the state (S.np) and counted again at most every TUNING.PROCS_RECOUNT (S.pc), or at once when
+-- this call registered its process (`joined`). A heartbeat lapses, or a process leaves,
+-- in the count within TUNING.PROCS_RECOUNT (each process's own heartbeat counts them exactly).
+-- Before save(): the count is saved with the state.
+local function live_processes(joined)
+  if joined or S.np == nil or S.pc == nil or now >= S.pc or now < S.pc - TUNING.PROCS_RECOUNT then
+    S.np = redis.call('ZCOUNT', K.procs, num(now), '+inf')
+    S.pc = now + TUNING.PROCS_RECOUNT
+  end
+  return S.np
+end
+
+-- The reply: the operations' lines (`lines`, joined; '' if none), then the trailer
+-- (batch.lua's header), `procs` from live_processes. (One concatenation: the string is
+-- made once.)
+local function finish(lines, due, procs)
+  local delay = ''
+  if due ~= nil then delay = num(due - now) end
+  if lines == '' then
+    return delay .. LINE .. num(procs) .. LINE .. limits_line() .. LINE .. S.ep
+  end
+  return lines .. LINE .. delay .. LINE .. num(procs) .. LINE .. limits_line() .. LINE .. S.ep
+end
+
 -- The fields of P:t:<h> it reads (TENANT_FIELDS has them all).
 local FAST_TENANT = {'f', 'w', 'cap', 'cap_at', 'st', 'xp'}
 -- Those fast_acquire reads without a tenant rate (the cap is neither refilled nor taken

@@ -200,13 +200,35 @@ end
 function call.tenant_key(h) return kept_name('tenant_names', KEY.tenant, h) end
 function call.recent_key(p) return kept_name('recent_names', KEY.recent, p) end
 
-local function init(prefix, now_override, process)
-  S, S0, L, POL, T, out_events, recent, fresh = {}, {}, nil, nil, {}, {}, {}, false
+-- A call's tables, made anew: init, and batch.lua when fast.lua's acquire, started with
+-- a light init, gave up.
+function call.init_tables()
+  S, S0, T, out_events, recent, fresh = {}, {}, {}, {}, {}, false
   born = {}
   M = {}
   more = false
   held_back = 0
   loaded = nil
+end
+
+-- The tenants of a light init: none, and none added (fast.lua's acquire only reads T).
+call.NO_TENANTS = {}
+
+-- `light`: for fast.lua's acquire only, which uses neither S0 nor out_events and adds no
+-- tenant to T; a table made is an allocation and its share of garbage collection (a
+-- call of one request makes about twenty). If it gives up, call.init_tables first.
+local function init(prefix, now_override, process, light)
+  if light then
+    S, S0, T, out_events, recent, fresh = nil, nil, call.NO_TENANTS, nil, {}, false
+    born = {}
+    M = {}
+    more = false
+    held_back = 0
+    loaded = nil
+  else
+    call.init_tables()
+  end
+  L, POL = nil, nil
   limits_memo = nil
   K = key_names(prefix)
   proc = process
@@ -799,6 +821,12 @@ end
 
 call.S_kept = {}
 
+-- A packed number's text ('' for unset).
+local function packed_text(x)
+  if x == nil then return '' end
+  return num(x)
+end
+
 -- The state as load_hot_state loads it (and fast_state defaults it), into S; false if
 -- there is none. Every field of PACKED and HOT_FIELDS is assigned (nil if unset).
 function call.load_acquire_state()
@@ -822,21 +850,26 @@ end
 -- (No TTL refresh is due, nobody waits, nothing is held back: fast.lua checked.)
 function call.save_acquire(t)
   if redis.call('ZADD', K.tenants, call.idle_score(now), t.h) > 0 then born.tenants = true end
-  -- (The memo entry loaded is changed in place: only K.state_memo holds it.)
+  -- The packed numbers fast.lua can change (call.HOT_PACKED, by their places in PACKED:
+  -- tokens, ts, v, win_cost, la, np, pc, lk), compared and formatted one by one. The memo
+  -- entry loaded is changed in place (only K.state_memo holds it), and is no memo while
+  -- it is changed.
   local s, vals, texts = S, loaded.vals, loaded.texts
+  local text = loaded.text
+  loaded.text = false
   local changed = false
-  local hot = call.HOT_PACKED
-  for j = 1, #hot do
-    local i = hot[j]
-    local value = s[PACKED[i]]
-    if value ~= vals[i] then
-      if not changed then loaded.text = false end  -- (no memo while it is changed)
-      changed = true
-      vals[i] = value
-      if value == nil then texts[i] = '' else texts[i] = num(value) end
-    end
+  if s.tokens ~= vals[1] then changed = true; vals[1] = s.tokens; texts[1] = packed_text(s.tokens) end
+  if s.ts ~= vals[2] then changed = true; vals[2] = s.ts; texts[2] = packed_text(s.ts) end
+  if s.v ~= vals[3] then changed = true; vals[3] = s.v; texts[3] = packed_text(s.v) end
+  if s.win_cost ~= vals[6] then
+    changed = true; vals[6] = s.win_cost; texts[6] = packed_text(s.win_cost)
   end
+  if s.la ~= vals[16] then changed = true; vals[16] = s.la; texts[16] = packed_text(s.la) end
+  if s.np ~= vals[18] then changed = true; vals[18] = s.np; texts[18] = packed_text(s.np) end
+  if s.pc ~= vals[19] then changed = true; vals[19] = s.pc; texts[19] = packed_text(s.pc) end
+  if s.lk ~= vals[21] then changed = true; vals[21] = s.lk; texts[21] = packed_text(s.lk) end
   local inflight_changed = s.inflight ~= call.inflight0
+  if not changed then loaded.text = text end
   if changed then
     loaded.text = table.concat(texts, SEP)
     if s.lv ~= call.lv0 then
