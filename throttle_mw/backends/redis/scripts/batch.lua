@@ -52,12 +52,12 @@
 --   D                   deferred: not run, the call had done its share of work (TUNING.WORK_US);
 --                       the caller sends it again
 
--- The operations first: a malformed call changes nothing.
+-- The operations first: a malformed call changes nothing. (One operation, most calls:
+-- nothing to split; its list is made only if fast.lua gives up.)
 local ops
 local text = ARGV[7] or ''
-if ARGV[6] == '1' and text ~= '' and not string.find(text, LINE, 1, true) then
-  ops = {text}  -- one operation (most calls): nothing to split
-else
+local single = ARGV[6] == '1' and text ~= '' and not string.find(text, LINE, 1, true)
+if not single then
   ops = {}
   for op in string.gmatch(text, '[^' .. LINE .. ']+') do ops[#ops + 1] = op end
   if #ops ~= tonumber(ARGV[6]) then
@@ -67,12 +67,12 @@ end
 
 -- (A call of one acquire starts with a light init: store.lua's init; if fast.lua gives
 -- up, the tables a full call needs are made before it goes on.)
-local light = #ops == 1 and string.sub(ops[1], 1, #OP.acquire) == OP.acquire
+local light = single and string.sub(text, 1, #OP.acquire) == OP.acquire
 init(ARGV[2], ARGV[1], ARGV[3], light)
 
 -- One operation that nobody waiting can be affected by: fast.lua, or nil.
-if #ops == 1 then
-  local op = ops[1]
+if single then
+  local op = text
   local line
   if light then
     line = fast_acquire(op, ARGV[4])
@@ -90,6 +90,7 @@ if #ops == 1 then
     save(true)
     return finish(line, nil, procs)
   end
+  ops = {op}
 end
 
 -- (A call of one operation that fast.lua gave up on has its limits already: by the state's

@@ -118,7 +118,7 @@ local FAST_ADMITTED = {REPLY.admitted .. SEP .. '0' .. SEP .. '0',
 -- call to call, written back by store.lua's call.save_acquire (save(true)'s writes).
 local function fast_acquire(op, limits)
   local id, h, weight, cost, flags = string.match(op, FAST_ACQUIRE_PATTERN)
-  if flags == nil or has_flag(tonum(flags), FLAG.retry) then return nil end
+  if flags == nil or flags ~= '0' and has_flag(tonum(flags), FLAG.retry) then return nil end
   if not call.load_acquire_state() then return give_up() end  -- a new budget
   load_limits_stamped(limits, false)
   if not (S.waiting == 0 and now < (S.xp or 0) and now < (S.fi or 0)
@@ -126,13 +126,18 @@ local function fast_acquire(op, limits)
     return give_up()  -- (as fast_state)
   end
   if S.tokens ~= nil and S.tokens > L.burst then S.tokens = L.burst end  -- as load_state
-  weight = live_weight(h, tonum(weight))
-  local key = call.tenant_key(h)
+  -- (tonum's remembered numbers looked up here first: most are, and a call costs. No live
+  -- weight set, known by the stamped reading: live_weight would return the caller's.)
+  weight = NUMBERS[weight] or tonum(weight)
+  local memo = limits_memo
+  if not (memo.no_weights and memo.lv == S.lv) then weight = live_weight(h, weight) end
+  local key = K.tenant_names and K.tenant_names[h] or call.tenant_key(h)
   local f0, w0, cap0, cap_at0, st, xp
   if L.tenant_rate == nil then
     local v = redis.call('HMGET', key, unpack(FAST_UNCAPPED))
     if v[1] == false then return give_up() end
-    f0, w0, st, xp = tonum(v[1]), tonum(v[2]), tonum(v[3]), tonum(v[4]) or 0
+    f0, w0 = NUMBERS[v[1]] or tonum(v[1]), NUMBERS[v[2]] or tonum(v[2])
+    st, xp = NUMBERS[v[3]] or tonum(v[3]), NUMBERS[v[4]] or tonum(v[4]) or 0
   else
     local v = redis.call('HMGET', key, unpack(FAST_TENANT))
     if v[1] == false then return give_up() end
@@ -145,7 +150,7 @@ local function fast_acquire(op, limits)
   t.st = st; t.xp = xp; t.n = 0
   if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
   refill()
-  cost = clamp(tonum(cost))
+  cost = clamp(NUMBERS[cost] or tonum(cost))
   if not fits_at_once(t, cost) then return give_up() end
   t.dirty = true  -- (touch: its idle-list entry is call.save_acquire's)
   admit_now(t, id, cost)

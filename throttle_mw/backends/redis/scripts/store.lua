@@ -267,6 +267,7 @@ local function parse_limits(a, cfg)
   if L.learned then L.concurrency = tonum(cfg[6]) or LEARN_INITIAL end
   L.tenant_rate = pick(cfg[4], a.tenant_rate)
   L.tenant_burst = pick(cfg[5], a.tenant_burst)
+  L.whole_burst = math.floor(L.burst)  -- (core.lua's clamp)
   L.reserve = 0  -- Limits.reserve
   if L.burst >= RESERVE_DIVISOR then L.reserve = math.floor(L.burst / RESERVE_DIVISOR) end
   POL.credit = opt(a.credit)
@@ -838,7 +839,8 @@ function call.load_acquire_state()
   s.v_rate = n[7]; s.thr = n[8]; s.meas_at = n[9]; s.qcost = n[10]; s.wsum = n[11]
   s.seq = n[12]; s.tk_at = n[13]; s.xp = n[14]; s.fi = n[15]; s.la = n[16] or 0; s.rc = n[17]
   s.np = n[18]; s.pc = n[19]; s.lm = n[20]; s.lk = n[21] or 0
-  s.inflight = tonum(v[2]); s.waiting = tonum(v[3]); s.ep = v[4] or ''; s.lv = v[5] or ''
+  s.inflight = NUMBERS[v[2]] or tonum(v[2]); s.waiting = NUMBERS[v[3]] or tonum(v[3])
+  s.ep = v[4] or ''; s.lv = v[5] or ''
   call.inflight0 = s.inflight; call.lv0 = s.lv
   S = s
   return true
@@ -988,8 +990,7 @@ end
 -- Collected here and written once per call by save().
 local function remember(p, id)
   local ids = recent[p]
-  if ids == nil then ids = {}; recent[p] = ids end
-  ids[#ids + 1] = id
+  if ids == nil then recent[p] = {id} else ids[#ids + 1] = id end
 end
 
 -- Was request `id` admitted already (by this process)? true: with a lease; false: without
