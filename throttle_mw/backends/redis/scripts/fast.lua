@@ -32,22 +32,27 @@ local function live_processes(joined)
 end
 
 -- The reply: the operations' lines (`lines`, joined; '' if none), then the trailer
--- (batch.lua's header), `procs` from live_processes. (One concatenation: the string is
--- made once.)
+-- (batch.lua's header), `procs` from live_processes. A trailer without a delay is kept
+-- with the limits it states (limits_memo) for the processes and epoch it has: most calls'
+-- is the last call's.
 local function finish(lines, due, procs)
-  local delay = ''
-  if due ~= nil then delay = num(due - now) end
-  if lines == '' then
-    return delay .. LINE .. num(procs) .. LINE .. limits_line() .. LINE .. S.ep
+  local memo, trailer = limits_memo, nil
+  if due == nil and memo.trailer_np == procs and memo.trailer_ep == S.ep then
+    trailer = memo.trailer
+  else
+    local delay = ''
+    if due ~= nil then delay = num(due - now) end
+    trailer = delay .. LINE .. num(procs) .. LINE .. limits_line() .. LINE .. S.ep
+    if due == nil then memo.trailer_np = procs; memo.trailer_ep = S.ep; memo.trailer = trailer end
   end
-  return lines .. LINE .. delay .. LINE .. num(procs) .. LINE .. limits_line() .. LINE .. S.ep
+  if lines == '' then return trailer end
+  return lines .. LINE .. trailer
 end
 
 -- The fields of P:t:<h> it reads (TENANT_FIELDS has them all).
 local FAST_TENANT = {'f', 'w', 'cap', 'cap_at', 'st', 'xp'}
 -- Those fast_acquire reads without a tenant rate (the cap is neither refilled nor taken
--- then: core.lua's cap_ok and take), in FAST_TENANT's order.
-local FAST_UNCAPPED = {'f', 'w', 'st', 'xp'}
+-- then: core.lua's cap_ok and take), FAST_UNCAPPED: f, w, st, xp (written out there).
 
 -- Loads the state into S (store.lua's load_hot_state) and the limits (load_limits_stamped,
 -- from `limits`: batch.lua's ARGV[4]); false if the full call must run instead.
@@ -122,7 +127,8 @@ local function fast_acquire(op, limits)
   if not call.load_acquire_state() then return give_up() end  -- a new budget
   load_limits_stamped(limits, false)
   if not (S.waiting == 0 and now < (S.xp or 0) and now < (S.fi or 0)
-    and now - S.win_at < WINDOW and S.ep ~= '' and now >= (S.rc or 0)) or lapsed_lease() then
+    and now - S.win_at < WINDOW and S.ep ~= '' and now >= (S.rc or 0))
+    or S.inflight > 0 and lapsed_lease() then
     return give_up()  -- (as fast_state)
   end
   if S.tokens ~= nil and S.tokens > L.burst then S.tokens = L.burst end  -- as load_state
@@ -134,7 +140,7 @@ local function fast_acquire(op, limits)
   local key = K.tenant_names and K.tenant_names[h] or call.tenant_key(h)
   local f0, w0, cap0, cap_at0, st, xp
   if L.tenant_rate == nil then
-    local v = redis.call('HMGET', key, unpack(FAST_UNCAPPED))
+    local v = redis.call('HMGET', key, 'f', 'w', 'st', 'xp')  -- (FAST_UNCAPPED, without unpack)
     if v[1] == false then return give_up() end
     f0, w0 = NUMBERS[v[1]] or tonum(v[1]), NUMBERS[v[2]] or tonum(v[2])
     st, xp = NUMBERS[v[3]] or tonum(v[3]), NUMBERS[v[4]] or tonum(v[4]) or 0

@@ -738,21 +738,24 @@ call.HOT_PLAIN = {'inflight', LIVE_STAMP}
 -- TUNING.RECENT_SLACK more came in (at least the last RECENT_KEPT are kept), their TTL set
 -- when the list is made and pushed out a quarter of T apart (the loaded library keeps when,
 -- by process: with EVAL, or once the library is loaded anew, on the next call).
-function call.push_recent()
+-- push_recent_of: process p's (`ids`, of `recent`).
+function call.push_recent_of(p, ids)
   local due = K.recent_due
   if due == nil then due = {}; K.recent_due = due end
-  for p, ids in pairs(recent) do
-    local key = call.recent_key(p)
-    local size = redis.call('LPUSH', key, unpack(ids))
-    if size > RECENT_KEPT + TUNING.RECENT_SLACK then
-      redis.call('LTRIM', key, '0', num(RECENT_KEPT - 1))
-    end
-    local at = due[p]
-    if size == #ids or at == nil or now >= at or now < at - POL.ttl then
-      redis.call('PEXPIRE', key, ttl_ms('state'))
-      due[p] = now + POL.ttl / TTL_REFRESHES
-    end
+  local key = call.recent_key(p)
+  local size = redis.call('LPUSH', key, unpack(ids))
+  if size > RECENT_KEPT + TUNING.RECENT_SLACK then
+    redis.call('LTRIM', key, '0', num(RECENT_KEPT - 1))
   end
+  local at = due[p]
+  if size == #ids or at == nil or now >= at or now < at - POL.ttl then
+    redis.call('PEXPIRE', key, ttl_ms('state'))
+    due[p] = now + POL.ttl / TTL_REFRESHES
+  end
+end
+
+function call.push_recent()
+  for p, ids in pairs(recent) do call.push_recent_of(p, ids) end
 end
 
 -- Only what changed, and key TTLs only when due (every budget-wide key, a quarter of T
@@ -822,18 +825,14 @@ end
 
 call.S_kept = {}
 
--- A packed number's text ('' for unset).
-local function packed_text(x)
-  if x == nil then return '' end
-  return num(x)
-end
-
 -- The state as load_hot_state loads it (and fast_state defaults it), into S; false if
 -- there is none. Every field of PACKED and HOT_FIELDS is assigned (nil if unset).
 function call.load_acquire_state()
-  local v = redis.call('HMGET', K.state, unpack(HOT_FIELDS))
+  -- (HOT_FIELDS written out: unpack is a call.)
+  local v = redis.call('HMGET', K.state, PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP)
   if not v[1] then return false end
-  loaded = unpack_state(v[1])
+  loaded = K.state_memo
+  if loaded == nil or loaded.text ~= v[1] then loaded = unpack_state(v[1]) end
   local n, s = loaded.vals, call.S_kept
   s.tokens = n[1]; s.ts = n[2]; s.v = n[3]; s.win_at = n[4]; s.win_v0 = n[5]; s.win_cost = n[6]
   s.v_rate = n[7]; s.thr = n[8]; s.meas_at = n[9]; s.qcost = n[10]; s.wsum = n[11]
@@ -853,23 +852,30 @@ end
 function call.save_acquire(t)
   if redis.call('ZADD', K.tenants, call.idle_score(now), t.h) > 0 then born.tenants = true end
   -- The packed numbers fast.lua can change (call.HOT_PACKED, by their places in PACKED:
-  -- tokens, ts, v, win_cost, la, np, pc, lk), compared and formatted one by one. The memo
+  -- tokens, ts, v, win_cost, la, np, pc, lk), compared and formatted one by one ('' if
+  -- unset). The memo
   -- entry loaded is changed in place (only K.state_memo holds it), and is no memo while
   -- it is changed.
   local s, vals, texts = S, loaded.vals, loaded.texts
   local text = loaded.text
   loaded.text = false
   local changed = false
-  if s.tokens ~= vals[1] then changed = true; vals[1] = s.tokens; texts[1] = packed_text(s.tokens) end
-  if s.ts ~= vals[2] then changed = true; vals[2] = s.ts; texts[2] = packed_text(s.ts) end
-  if s.v ~= vals[3] then changed = true; vals[3] = s.v; texts[3] = packed_text(s.v) end
-  if s.win_cost ~= vals[6] then
-    changed = true; vals[6] = s.win_cost; texts[6] = packed_text(s.win_cost)
-  end
-  if s.la ~= vals[16] then changed = true; vals[16] = s.la; texts[16] = packed_text(s.la) end
-  if s.np ~= vals[18] then changed = true; vals[18] = s.np; texts[18] = packed_text(s.np) end
-  if s.pc ~= vals[19] then changed = true; vals[19] = s.pc; texts[19] = packed_text(s.pc) end
-  if s.lk ~= vals[21] then changed = true; vals[21] = s.lk; texts[21] = packed_text(s.lk) end
+  local x = s.tokens
+  if x ~= vals[1] then changed = true; vals[1] = x; texts[1] = x and num(x) or '' end
+  x = s.ts
+  if x ~= vals[2] then changed = true; vals[2] = x; texts[2] = x and num(x) or '' end
+  x = s.v
+  if x ~= vals[3] then changed = true; vals[3] = x; texts[3] = x and num(x) or '' end
+  x = s.win_cost
+  if x ~= vals[6] then changed = true; vals[6] = x; texts[6] = x and num(x) or '' end
+  x = s.la
+  if x ~= vals[16] then changed = true; vals[16] = x; texts[16] = x and num(x) or '' end
+  x = s.np
+  if x ~= vals[18] then changed = true; vals[18] = x; texts[18] = x and num(x) or '' end
+  x = s.pc
+  if x ~= vals[19] then changed = true; vals[19] = x; texts[19] = x and num(x) or '' end
+  x = s.lk
+  if x ~= vals[21] then changed = true; vals[21] = x; texts[21] = x and num(x) or '' end
   local inflight_changed = s.inflight ~= call.inflight0
   if not changed then loaded.text = text end
   if changed then
@@ -903,9 +909,12 @@ function call.save_acquire(t)
       if call.n > 0 then redis.call('HSET', t.key, unpack(call.fields, 1, call.n)) end
     end
   end
-  for name in pairs(born) do redis.call('PEXPIRE', K[name], ttl_ms(KEY_TTL[name])) end
-  born = {}
-  call.push_recent()
+  if next(born) ~= nil then
+    for name in pairs(born) do redis.call('PEXPIRE', K[name], ttl_ms(KEY_TTL[name])) end
+    born = {}
+  end
+  local ids = recent[proc]  -- (its only admission: admit_now's, if it took no lease)
+  if ids ~= nil then call.push_recent_of(proc, ids) end
 end
 
 -- --- events and leases ---------------------------------------------------------------------
