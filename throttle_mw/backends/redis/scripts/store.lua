@@ -77,13 +77,15 @@ TENANT_FIELDS[#TENANT_FIELDS + 1] = 'xp'
 -- A number as text. NUMBER_FORMAT (17 significant digits) costs glibc several thousand
 -- instructions a number: `now` is formatted once per call; a whole number (counts,
 -- costs, sequence numbers: most of what a call writes) is written as %d instead, the same
--- text, for a third of that, and the small ones are remembered; so is the last number
--- formatted (the times made from `now` are often written twice in a row).
+-- text, for a third of that; the texts of both kinds are remembered (TUNING.NUMBERS_MAX
+-- of each), and so is the last number formatted (the times made from `now` are often
+-- written twice in a row).
 
 -- The state layer's helpers that are not part of load and save (num's whole numbers,
 -- "A call's memos" below), in one table: a chunk may have at most 200 locals, and each
 -- script is one chunk with all of these files.
-local call = {integers = {}, integers_kept = 0, floats = {}, floats_kept = 0}
+local call = {integers = {}, integers_kept = 0, floats = {}, floats_kept = 0, last_number = false,
+  last_text = false}
 
 -- tonumber, remembered by the text: glibc's strtod takes thousands of instructions for the
 -- 17 digits of NUMBER_FORMAT, and most numbers a call reads are the same text call after
@@ -99,7 +101,7 @@ local function num(x)
     if now_text == nil then now_text = string.format(NUMBER_FORMAT, x) end
     return now_text
   end
-  if x == M.last_number then return M.last_text end
+  if x == call.last_number then return call.last_text end
   local text
   if x % 1 == 0 and x < TUNING.INTEGER_TEXT_MAX and x > -TUNING.INTEGER_TEXT_MAX then
     text = call.integers[x]
@@ -125,7 +127,7 @@ local function num(x)
       end
     end
   end
-  M.last_number = x; M.last_text = text
+  call.last_number = x; call.last_text = text  -- (a number's text: good from call to call)
   return text
 end
 
@@ -236,7 +238,7 @@ local function init(prefix, now_override, process, light)
     now = tonumber(now_override)
   else
     local t = redis.call('TIME')
-    now = tonumber(t[1]) + tonumber(t[2]) / US_PER_S
+    now = tonum(t[1]) + tonumber(t[2]) / US_PER_S  -- (the seconds: the same text a while)
   end
   now_text = nil
 end
@@ -850,16 +852,16 @@ end
 -- stamp, the tenant's changed fields, the TTLs of keys this call made, the recent admissions.
 -- (No TTL refresh is due, nobody waits, nothing is held back: fast.lua checked.)
 function call.save_acquire(t)
-  if redis.call('ZADD', K.tenants, call.idle_score(now), t.h) > 0 then born.tenants = true end
+  local seen = string.format('%d', math.floor(now * US_PER_S))  -- (call.idle_score(now))
+  if redis.call('ZADD', K.tenants, seen, t.h) > 0 then born.tenants = true end
   -- The packed numbers fast.lua can change (call.HOT_PACKED, by their places in PACKED:
   -- tokens, ts, v, win_cost, la, np, pc, lk), compared and formatted one by one ('' if
-  -- unset). The memo
-  -- entry loaded is changed in place (only K.state_memo holds it), and is no memo while
-  -- it is changed.
+  -- unset). The memo entry loaded is changed in place (only K.state_memo holds it), and is
+  -- no memo while it is changed.
   local s, vals, texts = S, loaded.vals, loaded.texts
   local text = loaded.text
   loaded.text = false
-  local changed = false
+  local changed, later = false, false
   local x = s.tokens
   if x ~= vals[1] then changed = true; vals[1] = x; texts[1] = x and num(x) or '' end
   x = s.ts
@@ -869,17 +871,24 @@ function call.save_acquire(t)
   x = s.win_cost
   if x ~= vals[6] then changed = true; vals[6] = x; texts[6] = x and num(x) or '' end
   x = s.la
-  if x ~= vals[16] then changed = true; vals[16] = x; texts[16] = x and num(x) or '' end
+  if x ~= vals[16] then later = true; vals[16] = x; texts[16] = x and num(x) or '' end
   x = s.np
-  if x ~= vals[18] then changed = true; vals[18] = x; texts[18] = x and num(x) or '' end
+  if x ~= vals[18] then later = true; vals[18] = x; texts[18] = x and num(x) or '' end
   x = s.pc
-  if x ~= vals[19] then changed = true; vals[19] = x; texts[19] = x and num(x) or '' end
+  if x ~= vals[19] then later = true; vals[19] = x; texts[19] = x and num(x) or '' end
   x = s.lk
-  if x ~= vals[21] then changed = true; vals[21] = x; texts[21] = x and num(x) or '' end
+  if x ~= vals[21] then later = true; vals[21] = x; texts[21] = x and num(x) or '' end
+  -- The text: the first six numbers' texts, then the rest's as the memo entry keeps it
+  -- (`rest`: made again only if one of them changed); one concatenation.
+  if later then changed = true end
+  if changed and (later or loaded.rest == nil) then
+    loaded.rest = SEP .. table.concat(texts, SEP, 7, #PACKED)
+  end
   local inflight_changed = s.inflight ~= call.inflight0
   if not changed then loaded.text = text end
   if changed then
-    loaded.text = table.concat(texts, SEP)
+    loaded.text = texts[1] .. SEP .. texts[2] .. SEP .. texts[3] .. SEP .. texts[4] .. SEP
+      .. texts[5] .. SEP .. texts[6] .. loaded.rest
     if s.lv ~= call.lv0 then
       if inflight_changed then
         redis.call('HSET', K.state, PACKED_FIELD, loaded.text, 'inflight', num(s.inflight),
