@@ -63,6 +63,7 @@ if not single then
   if #ops ~= tonumber(ARGV[6]) then
     return redis.error_reply('throttle_mw: operation count mismatch')
   end
+  if #ops == 1 then single = true; text = ops[1] end
 end
 
 -- (A call of one acquire starts with a light init: store.lua's init; if fast.lua gives

@@ -187,20 +187,23 @@ end
 -- A tenant's hash (P:t:<h>) and a process's recent admissions (P:r:<proc>) by name, kept
 -- with the prefix's names (TUNING.NAMES_MAX at most, then afresh): the names a call of one
 -- request uses are mostly those of the last calls.
-local function kept_name(memo, suffix, id)
+-- (memo: the names' table in K, counted in K[kept].)
+local function kept_name(memo, kept, suffix, id)
   local names = K[memo]
-  if names == nil or names.kept >= TUNING.NAMES_MAX then names = {kept = 0}; K[memo] = names end
+  if names == nil or K[kept] >= TUNING.NAMES_MAX then
+    names = {}; K[memo] = names; K[kept] = 0
+  end
   local name = names[id]
   if name == nil then
     name = K.prefix .. suffix .. id
     names[id] = name
-    names.kept = names.kept + 1
+    K[kept] = K[kept] + 1
   end
   return name
 end
 
-function call.tenant_key(h) return kept_name('tenant_names', KEY.tenant, h) end
-function call.recent_key(p) return kept_name('recent_names', KEY.recent, p) end
+function call.tenant_key(h) return kept_name('tenant_names', 'tenant_names_kept', KEY.tenant, h) end
+function call.recent_key(p) return kept_name('recent_names', 'recent_names_kept', KEY.recent, p) end
 
 -- A call's tables, made anew: init, and batch.lua when fast.lua's acquire, started with
 -- a light init, gave up.
