@@ -1082,7 +1082,7 @@ local function load_tenant(h, weight)
     if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
     return t
   end
-  local key = call.tenant_key(h)
+  local key = K.prefix .. KEY.tenant .. h
   local v = redis.call('HMGET', key, unpack(TENANT_FIELDS))
   -- (Tables made whole: one filled field by field grows anew every few fields.)
   if v[1] == false then
