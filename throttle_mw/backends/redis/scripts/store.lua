@@ -77,20 +77,17 @@ TENANT_FIELDS[#TENANT_FIELDS + 1] = 'xp'
 -- A number as text. NUMBER_FORMAT (17 significant digits) costs glibc several thousand
 -- instructions a number: `now` is formatted once per call; a whole number (counts,
 -- costs, sequence numbers: most of what a call writes) is written as %d instead, the same
--- text, for a third of that; the texts of both kinds are remembered (TUNING.NUMBERS_MAX
--- of each), and so is the last number formatted (the times made from `now` are often
--- written twice in a row).
+-- text, for a third of that, and the small ones are remembered; so is the last number
+-- formatted (the times made from `now` are often written twice in a row).
 
 -- The state layer's helpers that are not part of load and save (num's whole numbers,
 -- "A call's memos" below), in one table: a chunk may have at most 200 locals, and each
 -- script is one chunk with all of these files.
-local call = {integers = {}, integers_kept = 0, floats = {}, floats_kept = 0, last_number = false,
-  last_text = false}
+local call = {integers = {}, integers_kept = 0, last_number = false, last_text = false}
 
 -- tonumber, remembered by the text: glibc's strtod takes thousands of instructions for the
 -- 17 digits of NUMBER_FORMAT, and most numbers a call reads are the same text call after
--- call (limits, policy, most state fields), or one this library wrote (num). Lua interns
--- strings: a lookup costs little.
+-- call (limits, policy, most state fields). Lua interns strings: a lookup costs little.
 local NUMBERS = {}
 local NUMBERS_KEPT = 0
 
@@ -112,20 +109,7 @@ local function num(x)
       call.integers_kept = call.integers_kept + 1
     end
   else
-    -- Other numbers too, and their texts for tonum: a tenant's finish tag written by one
-    -- call is read by a later one, and is often what becomes the virtual clock (take).
-    text = call.floats[x]
-    if text == nil then
-      text = string.format(NUMBER_FORMAT, x)
-      if x == x then  -- (NaN is no table key)
-        if call.floats_kept >= TUNING.NUMBERS_MAX then call.floats = {}; call.floats_kept = 0 end
-        call.floats[x] = text
-        call.floats_kept = call.floats_kept + 1
-        if NUMBERS_KEPT >= TUNING.NUMBERS_MAX then NUMBERS = {}; NUMBERS_KEPT = 0 end
-        NUMBERS[text] = x
-        NUMBERS_KEPT = NUMBERS_KEPT + 1
-      end
-    end
+    text = string.format(NUMBER_FORMAT, x)
   end
   call.last_number = x; call.last_text = text  -- (a number's text: good from call to call)
   return text
@@ -747,7 +731,8 @@ call.HOT_PLAIN = {'inflight', LIVE_STAMP}
 function call.push_recent_of(p, ids)
   local due = K.recent_due
   if due == nil then due = {}; K.recent_due = due end
-  local key = call.recent_key(p)
+  local names = K.recent_names
+  local key = names and names[p] or call.recent_key(p)
   local size = redis.call('LPUSH', key, unpack(ids))
   if size > RECENT_KEPT + TUNING.RECENT_SLACK then
     redis.call('LTRIM', key, '0', num(RECENT_KEPT - 1))
