@@ -4,7 +4,8 @@
 -- at once while nobody waits for the budget, or a release while nobody waits. It takes
 -- the same decisions and leaves the same state as the full call (it runs core.lua's
 -- rules: tenant, fits_at_once, admit_now, release), but reads only the fields it needs,
--- writes back only what changed (store.lua's save) and skips the steps that cannot
+-- writes back only what changed (store.lua's save; call.save_acquire after an acquire,
+-- without the full call's tables) and skips the steps that cannot
 -- change anything then: the queues, the dispatch, the next tick (none is due while
 -- nobody waits), the heartbeat registration (only a caller with waiters needs it).
 --
@@ -49,10 +50,10 @@ local function finish(lines, due, procs)
   return lines .. LINE .. trailer
 end
 
--- The fields of P:t:<h> it reads (TENANT_FIELDS has them all).
+-- The fields of P:t:<h> fast_acquire reads (TENANT_FIELDS has them all); without a tenant
+-- rate, only f, w, st and xp (the cap is neither refilled nor taken then: core.lua's
+-- cap_ok and take; written out there).
 local FAST_TENANT = {'f', 'w', 'cap', 'cap_at', 'st', 'xp'}
--- Those fast_acquire reads without a tenant rate (the cap is neither refilled nor taken
--- then: core.lua's cap_ok and take), FAST_UNCAPPED: f, w, st, xp (written out there).
 
 -- Loads the state into S (store.lua's load_hot_state) and the limits (load_limits_stamped,
 -- from `limits`: batch.lua's ARGV[4]); false if the full call must run instead.
@@ -71,22 +72,6 @@ local function lapsed_lease()
   if S.inflight <= 0 then return false end
   local first = redis.call('ZRANGE', K.leases, 0, 0, 'WITHSCORES')
   return #first > 0 and tonumber(first[2]) <= now
-end
-
--- Tenant h as load_tenant would load it, from the fields the fast path needs; nil if it
--- is new, in line, or due for its TTL refresh.
-local function fast_tenant(h, weight)
-  local key = K.prefix .. KEY.tenant .. h
-  local v = redis.call('HMGET', key, unpack(FAST_TENANT))
-  if v[1] == false then return nil end
-  local l = {f = tonum(v[1]), w = tonum(v[2]), cap = tonum(v[3]), cap_at = tonum(v[4]),
-    st = tonum(v[5]), xp = tonum(v[6]) or 0, n = 0}
-  if l.st ~= IDLE or now >= l.xp then return nil end  -- (IDLE: nothing waits, n = 0)
-  local t = {h = h, key = key, dirty = false, loaded = l, c = {}, f = l.f, w = l.w,
-    cap = l.cap, cap_at = l.cap_at, st = l.st, xp = l.xp, n = 0}
-  if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
-  T[h] = t
-  return t
 end
 
 local function give_up()
@@ -110,17 +95,19 @@ do
   FAST_ACQUIRE_PATTERN = FAST_ACQUIRE_PATTERN .. '$'
 end
 
--- The tenant of a fast acquire, as fast_tenant makes it: kept from call to call (with
--- EVAL, made per call), every field it has assigned anew (store.lua's call.S_kept).
+-- The tenant of a fast acquire, with the fields load_tenant would give it that the rules
+-- read here: kept from call to call (with EVAL, made per call), every field it has
+-- assigned anew (store.lua's call.S_kept).
 local FAST_T = {}
 
 -- fast_acquire's reply lines, without a lease and with one (made once).
 local FAST_ADMITTED = {REPLY.admitted .. SEP .. '0' .. SEP .. '0',
   REPLY.admitted .. SEP .. '1' .. SEP .. '0'}
 
--- One acquire (batch.lua's do_acquire), if it is admitted at once with nobody waiting.
--- As fast_state and fast_tenant, for less: the state and the tenant in tables kept from
--- call to call, written back by store.lua's call.save_acquire (save(true)'s writes).
+-- One acquire (batch.lua's do_acquire), if it is admitted at once with nobody waiting:
+-- the state as fast_state loads it and the tenant as load_tenant would, in tables kept
+-- from call to call, written back by store.lua's call.save_acquire (save(true)'s writes).
+-- It gives up on a tenant new, in line or due for its TTL refresh.
 local function fast_acquire(op, limits)
   local id, h, weight, cost, flags = string.match(op, FAST_ACQUIRE_PATTERN)
   if flags == nil or flags ~= '0' and has_flag(tonum(flags), FLAG.retry) then return nil end
