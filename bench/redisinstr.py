@@ -19,18 +19,23 @@ code, one admission at a time (`bench/peerredis.py`; rediscost.py's ``peers``), 
 its ratio to ``rate`` and ``concurrency`` when they ran first. The script call's
 share of each profile (FCALL, or EVALSHA for the peers; ``callgrind_annotate
 --inclusive=yes``) is printed too, so what a call costs outside its script shows.
+``--part acquire`` or ``--part release`` counts only that call of each admission
+(``concurrency``, ``concurrency-held``: the release is awaited, so collection stops once
+Redis answered it; the scripts run on a clock passed in, ARGV[1], instead of TIME).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -41,6 +46,7 @@ from bench import peerredis
 from bench.rediscost import NOP_LIBRARY, admit_one, cpu_model, settings
 from tests.support.ports import HOST, free_port
 from tests.support.redis_server import redis_server_binary
+from throttle_mw.backends.base import Admitted, Waiting
 from throttle_mw.backends.redis import RedisBackend
 from throttle_mw.scheduler import Request
 
@@ -114,7 +120,34 @@ async def _drive_peer(url: str, name: str, n: int, pid: int) -> None:
         _control(pid, "-i", "off")
 
 
-async def _drive(url: str, mode: str, n: int, held: int, pid: int) -> None:
+async def _admit_part(backend: RedisBackend, tenant: str, part: str, pid: int) -> None:
+    """One admission (a lease, released), counting only its `part`: the acquire or the
+    release (awaited through the batcher, as `backend.release` sends it)."""
+    from throttle_mw.backends.redis import protocol
+
+    assert backend._batcher is not None
+    rid = f"p{next(_PART_IDS)}"
+    if part == "acquire":
+        _control(pid, "-i", "on")
+    outcome = await backend.acquire(Request(rid, tenant))
+    if isinstance(outcome, Waiting):
+        outcome = await outcome.future
+    if part == "acquire":
+        _control(pid, "-i", "off")
+    if not (isinstance(outcome, Admitted) and outcome.lease):
+        raise RuntimeError(f"not admitted with a lease: {outcome!r}")
+    backend._leases.pop(rid, None)
+    if part == "release":
+        _control(pid, "-i", "on")
+    await backend._batcher.submit(protocol.release_op(rid))
+    if part == "release":
+        _control(pid, "-i", "off")
+
+
+_PART_IDS = itertools.count()
+
+
+async def _drive(url: str, mode: str, n: int, held: int, pid: int, part: str = "both") -> None:
     if mode in peerredis.PEERS:
         await _drive_peer(url, mode, n, pid)
         return
@@ -127,14 +160,40 @@ async def _drive(url: str, mode: str, n: int, held: int, pid: int) -> None:
     if mode == "churn":
         await _drive_churn(url, n, pid)
         return
-    limits = {"rate": 1e6, "burst": 1e6} if mode == "rate" else {"concurrency": 100_000}
-    backend = RedisBackend(settings(url, f"i{mode}{held}", **limits))
+    limits: dict[str, Any] = (
+        {"rate": 1e6, "burst": 1e6} if mode == "rate" else {"concurrency": 100_000}
+    )
+    # A part counted alone waits for callgrind_control around each call (a second or so):
+    # the scripts are given a clock of their own, a millisecond a call, so the calls find
+    # what they would at full speed (no window roll, recount or TTL refresh due each call).
+    now = None
+    if part != "both":
+        # (Key TTLs run on Redis's own clock: waits long enough that none lapses meanwhile.)
+        limits["max_wait_s"] = dict.fromkeys(("critical", "high", "normal", "low"), 900)
+        calls = itertools.count()
+        start = time.time()
+
+        def now() -> float:
+            return start + next(calls) / 1000
+
+    backend = RedisBackend(settings(url, f"i{mode}{held}", **limits), now=now)
     await backend.start()
     for i in range(held):
         await backend.acquire(Request(f"held{i}", f"holder{i % 16}"))  # kept in flight
     for i in range(200):  # warm up: the library loaded, tenants made
         await admit_one(backend, f"t{i % 8}")
     _control(pid, "-z")
+    if part != "both":
+        # Slowed down by callgrind_control, the heartbeat would renew every lease (a call
+        # of its own, ZMSCORE of all held) during the counted calls: it is stopped (the
+        # leases run on the clock above: none lapses meanwhile).
+        for task in (backend._renewer, backend._learning_task):
+            if task is not None:
+                task.cancel()
+        for i in range(n):
+            await _admit_part(backend, f"t{i % 8}", part, pid)
+        await backend.stop()
+        return
     _control(pid, "-i", "on")
     for i in range(n):
         await admit_one(backend, f"t{i % 8}")
@@ -142,7 +201,9 @@ async def _drive(url: str, mode: str, n: int, held: int, pid: int) -> None:
     await backend.stop()
 
 
-def measure(binary: str, mode: str, n: int, held: int, out: Path) -> tuple[int, int]:
+def measure(
+    binary: str, mode: str, n: int, held: int, out: Path, part: str = "both"
+) -> tuple[int, int]:
     """Instructions per admission of one scenario, with its own redis-server, and of
     them, those inside the script calls (fcallCommand or evalShaCommand, inclusive)."""
     port = free_port()
@@ -164,7 +225,7 @@ def measure(binary: str, mode: str, n: int, held: int, out: Path) -> tuple[int, 
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        asyncio.run(_drive(f"redis://{HOST}:{port}/0", mode, n, held, server.pid))
+        asyncio.run(_drive(f"redis://{HOST}:{port}/0", mode, n, held, server.pid, part))
     finally:
         server.terminate()
         server.wait()
@@ -185,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenarios", default="rate,concurrency,concurrency-held")
     parser.add_argument("--redis-server", default=str(redis_server_binary()))
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument(
+        "--part",
+        choices=("both", "acquire", "release"),
+        default="both",
+        help="count an admission's acquire or release only (concurrency scenarios)",
+    )
     args = parser.parse_args(argv)
     print(f"# {cpu_model()}; {args.redis_server}", flush=True)
     scenarios = args.scenarios.replace("peers", ",".join(peerredis.PEERS)).split(",")
@@ -193,15 +260,17 @@ def main(argv: list[str] | None = None) -> int:
         mode, held = scenario, 0
         if scenario == "concurrency-held":
             mode, held = "concurrency", args.held
-        out = args.out / f"callgrind.redis.{scenario}"
-        per, inside = measure(args.redis_server, mode, args.n, held, out)
+        suffix = "" if args.part == "both" else f".{args.part}"
+        out = args.out / f"callgrind.redis.{scenario}{suffix}"
+        per, inside = measure(args.redis_server, mode, args.n, held, out, args.part)
         ratios = ""
         if scenario in peerredis.PEERS:
             ratios = "".join(f", {name} / this {ours[name] / per:.2f}" for name in ours)
-        elif scenario in ("rate", "concurrency"):
+        elif scenario in ("rate", "concurrency") and args.part == "both":
             ours[scenario] = per
+        what = "admission" if args.part == "both" else args.part
         print(
-            f"{scenario:18} {per:,} instructions/admission, {inside:,} in the script call"
+            f"{scenario:18} {per:,} instructions/{what}, {inside:,} in the script call"
             f"{ratios}  ({out})",
             flush=True,
         )

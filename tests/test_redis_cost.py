@@ -333,6 +333,142 @@ def test_one_request_at_a_time_costs_a_few_commands_per_call(client: redis.Redis
     assert concurrency == expected, concurrency
 
 
+def test_a_release_with_nobody_waiting_reads_the_state_once_and_writes_in_flight(
+    client: redis.Redis,
+) -> None:
+    """fast.lua's lean_release: P:s read (one HMGET), the lease out (one ZREM), in flight
+    written (one HSET); no tenant, no P:lc, no TTL, no count of the processes. With EVAL
+    (Redis 6.2) the library keeps no memory: the live limits (P:cfg) are read too."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 5.0))
+    scheduler = LuaScheduler(client, Limits(concurrency=1000), policy, now=0.0)
+    now = 0.0
+    for i in range(20):  # the tenants made, a lease in flight
+        now += 0.001
+        scheduler.acquire(now, Request(f"r{i}", f"t{i % 4}"))
+    (state,) = client.keys("*:s")
+    for i in range(19):
+        now += 0.001
+        client.config_resetstat()
+        scheduler.release(now, f"r{i}")
+        used = commands(client)
+        used.pop("del")  # LuaScheduler's own, after each call
+        expected = {"hmget": 1, "zrem": 1, "hset": 1}
+        if redis_version(client) < (7, 0):
+            expected["hmget"] = 2
+        assert used == expected, (i, used)
+        assert int(client.hget(state, "inflight") or -1) == 19 - i
+    # A lease not there any more (released twice): nothing written.
+    client.config_resetstat()
+    scheduler.batch(now, [protocol.release_op("r0")])
+    used = commands(client)
+    assert used.get("zrem") == 1, used
+    assert used.get("hset", 0) == 0, used
+    assert int(client.hget(state, "inflight") or -1) == 1
+
+
+def test_a_release_with_someone_waiting_dispatches_at_once(client: redis.Redis) -> None:
+    """The release that makes room admits the first waiter in the same call: a grant on
+    its process's list, in flight still the limit."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 5.0))
+    scheduler = LuaScheduler(client, Limits(concurrency=2), policy, now=0.0)
+    for i in range(2):
+        decision, _ = scheduler.acquire(0.01 * (i + 1), Request(f"held{i}", "t"))
+        assert isinstance(decision, Admit)
+        assert decision.lease
+    decision, _ = scheduler.acquire(0.03, Request("waiter", "u"))
+    assert isinstance(decision, Enqueue)
+    assert scheduler.waiting == 1
+    events = scheduler.release(0.04, "held0")
+    assert [(e.id, e.lease) for e in events if isinstance(e, Granted)] == [("waiter", True)]
+    assert scheduler.waiting == 0
+    assert scheduler.in_flight == 2
+    # Then nobody waits: the next release takes its lease out alone.
+    assert scheduler.release(0.05, "held1") == []
+    assert scheduler.in_flight == 1
+
+
+def test_a_lean_release_leaves_what_the_fast_release_leaves(client: redis.Redis) -> None:
+    """Two budgets, the same requests: in one every release goes as it comes (fast.lua's
+    lean_release, or fast_release where it stops), in the other the state's live stamp is
+    deleted before each release (lean_release stops: fast_release runs). In flight, the
+    leases with their expiries and costs, and every reply are the same after each step."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 5.0))
+    lean = LuaScheduler(client, Limits(concurrency=40), policy, now=0.0)
+    fast = LuaScheduler(client, Limits(concurrency=40), policy, now=0.0)
+    states = [client.keys(f"{s._tag}:s")[0] for s in (lean, fast)]
+
+    def keys(scheduler: LuaScheduler) -> tuple[object, ...]:
+        tag = scheduler._tag
+        return (
+            scheduler.in_flight,
+            client.zrange(f"{tag}:leases", 0, -1, withscores=True),
+            client.hgetall(f"{tag}:lc"),
+            client.exists(f"{tag}:leases", f"{tag}:lc"),
+        )
+
+    now = 0.0
+    held: list[str] = []
+
+    def acquire(rid: str, cost: int) -> None:
+        replies = [
+            s.acquire(now, Request(rid, f"t{len(held) % 3}", cost=cost)) for s in (lean, fast)
+        ]
+        assert replies[0] == replies[1]
+        held.append(rid)
+
+    def release(rid: str) -> None:
+        held.remove(rid)
+        client.hdel(states[1], LIVE_STAMP)
+        lines = [s.batch(now, [protocol.release_op(rid)]) for s in (lean, fast)]
+        assert lines[0] == lines[1]
+
+    # In flight climbs over the anchor (cost 1 only: lean_release), then leases of cost 2
+    # come and go (fast_release while one is in flight), then all go, the last with the
+    # anchor and the lease keys.
+    for i in range(90):
+        now += 0.003
+        if i % 3 == 2:
+            release(held[0 if i % 2 else -1])
+        else:
+            acquire(f"r{i}", 2 if 40 <= i < 50 else 1)
+        assert keys(lean) == keys(fast), i
+    assert lean.in_flight > scripts.LEASE_ANCHOR_AT
+    while held:
+        now += 0.003
+        release(held[-1])
+        assert keys(lean) == keys(fast), len(held)
+    assert keys(lean) == (0, [], {}, 0)
+
+
+@pytest.mark.parametrize("costs", [[1] * 20, [1, 3] * 10, [3] * 20])
+def test_releases_leave_no_lease_keys_and_nothing_in_flight(
+    client: redis.Redis, costs: list[int]
+) -> None:
+    """Over LEASE_ANCHOR_AT in flight (the anchor set), leases of cost 1 and of others
+    (P:lc): released one by one, lean or not, in flight counts down by each one's cost and
+    the last takes the lease keys with it (a budget at rest keeps none)."""
+    assert len(costs) > scripts.LEASE_ANCHOR_AT
+    policy = Policy(dict.fromkeys(PRIORITIES, 5.0))
+    scheduler = LuaScheduler(client, Limits(concurrency=1000), policy, now=0.0)
+    now = 0.0
+    for i, cost in enumerate(costs):
+        now += 0.001
+        decision, _ = scheduler.acquire(now, Request(f"r{i}", f"t{i % 4}", cost=cost))
+        assert isinstance(decision, Admit)
+        assert decision.lease
+    (leases,) = client.keys("*:leases")
+    assert client.zscore(leases, scripts.LEASE_ANCHOR) is not None  # the anchor is set
+    held = sum(costs)
+    assert scheduler.in_flight == held
+    for i, cost in enumerate(costs):
+        now += 0.001
+        scheduler.release(now, f"r{i}")
+        held -= cost
+        assert scheduler.in_flight == held, i
+    assert client.keys("*:leases") == []
+    assert client.keys("*:lc") == []
+
+
 def test_the_live_processes_are_counted_once_a_second_and_at_once_on_joining(
     client: redis.Redis,
 ) -> None:

@@ -84,7 +84,11 @@ if single then
     end
     call.init_tables()
   elseif string.sub(op, 1, #OP.acquire) == OP.release then
-    line = fast_release(string.sub(op, #OP.acquire + #SEP + 1), ARGV[4])
+    -- (lean_release, else fast_release with what it read, else the full call)
+    local id = string.sub(op, #OP.acquire + #SEP + 1)
+    local done, vals = lean_release(id, ARGV[4])
+    if done then return finish(REPLY.released, nil, S.np) end
+    if vals ~= nil then line = fast_release(id, ARGV[4], vals) end
   end
   if line ~= nil then
     local procs = live_processes(false)

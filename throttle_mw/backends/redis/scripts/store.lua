@@ -46,7 +46,7 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- it read or wrote for a prefix with its numbers (state_memo), so a call parses none of
 -- them unless another writer came in between. The fields others read keep a field each
 -- (PLAIN: renew.lua reads the epoch, tests the counters). Only load_state, load_hot_state
--- and save know this layout.
+-- and save know this layout (and fast.lua's lean_release, by call.AT).
 local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', 'thr',
   'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc', 'lm', 'lk'}
 local PACKED_FIELD = 'nums'
@@ -90,6 +90,11 @@ local call = {integers = {}, integers_kept = 0, last_number = false, last_text =
 -- call (limits, policy, most state fields). Lua interns strings: a lookup costs little.
 local NUMBERS = {}
 local NUMBERS_KEPT = 0
+
+-- Each packed number's place in PACKED, by name: fast.lua's lean_release takes the few it
+-- needs from their state_memo entry, without making S.
+call.AT = {}
+for i = 1, #PACKED do call.AT[PACKED[i]] = i end
 
 local now_text        -- num(now), made once per call (init) when first needed
 
@@ -400,10 +405,10 @@ local function load_plain(name, value)
   S0[name] = value
 end
 
--- The state as fast.lua needs it (HOT_FIELDS; the ranks' counts are not loaded, and
--- save leaves them as they are); false if there is none.
-local function load_hot_state()
-  local vals = redis.call('HMGET', K.state, unpack(HOT_FIELDS))
+-- The state as fast.lua needs it (HOT_FIELDS, read now, or `vals` as read; the ranks'
+-- counts are not loaded, and save leaves them as they are); false if there is none.
+local function load_hot_state(vals)
+  vals = vals or redis.call('HMGET', K.state, unpack(HOT_FIELDS))  -- (or as read: lean_release)
   if not vals[1] then return false end
   load_packed(vals[1])
   S.inflight = tonum(vals[2]); S.waiting = tonum(vals[3]); S.ep = vals[4] or ''
