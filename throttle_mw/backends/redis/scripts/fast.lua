@@ -15,7 +15,7 @@
 -- the reads twice, at most once per period each (a second, a quarter of a TTL), or are
 -- the calls where the budget is contended anyway. Returns the reply line, or nil.
 
--- The fields of P:t:<h> it reads (TENANT_FIELDS has them all).
+-- The fields of P:t:<h> it reads (TENANT_FIELDS has them all; absent, w is 1 and st IDLE).
 local FAST_TENANT = {'f', 'w', 'cap', 'cap_at', 'st', 'xp'}
 
 -- Loads the state into S (store.lua's load_hot_state) and the limits (load_limits_stamped,
@@ -43,8 +43,8 @@ local function fast_tenant(h, weight)
   local key = K.prefix .. KEY.tenant .. h
   local v = redis.call('HMGET', key, unpack(FAST_TENANT))
   if v[1] == false then return nil end
-  local l = {f = tonum(v[1]), w = tonum(v[2]), cap = tonum(v[3]), cap_at = tonum(v[4]),
-    st = tonum(v[5]), xp = tonum(v[6]) or 0, n = 0}
+  local l = {f = tonum(v[1]), w = tonum(v[2]) or 1, cap = tonum(v[3]), cap_at = tonum(v[4]),
+    st = tonum(v[5]) or IDLE, xp = tonum(v[6]) or 0, n = 0}
   if l.st ~= IDLE or now >= l.xp then return nil end  -- (IDLE: nothing waits, n = 0)
   local t = {h = h, key = key, dirty = false, loaded = l, c = {}, f = l.f, w = l.w,
     cap = l.cap, cap_at = l.cap_at, st = l.st, xp = l.xp, n = 0}
