@@ -478,7 +478,10 @@ end
 
 -- forget_idle's deletion of the idle tenants `hs` (digests; repeats allowed): a few
 -- commands for all of them. A tenant not loaded this call waits if it is in P:qlen (push
--- puts it there with its first waiter, unlink takes it out with its last).
+-- puts it there with its first waiter, unlink takes it out with its last). Only the
+-- tenant's hash is deleted: one that waits for nothing has no queue (P:q:<h>: Redis drops
+-- a sorted set with its last member; a queue left by state that expired around it goes
+-- with its own TTL).
 function call.drop_idle_tenants(hs)
   local unknown = {}
   for _, h in ipairs(hs) do
@@ -498,7 +501,6 @@ function call.drop_idle_tenants(hs)
     if t ~= nil then busy = t.n > 0 else busy = waits[h] end
     if not busy then
       gone[#gone + 1] = K.prefix .. KEY.tenant .. h
-      gone[#gone + 1] = K.prefix .. KEY.queue .. h
       if t ~= nil then t.deleted = true; T[h] = nil end
     end
   end
