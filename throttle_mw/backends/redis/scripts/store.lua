@@ -637,8 +637,18 @@ local function save_tenant(t, again, hot)
   put('st', t.st, loaded.st); put('am', t.am, loaded.am)
   local refresh = now >= t.xp
   if refresh then
-    t.xp = now + POL.idle / TTL_REFRESHES
-    put('xp', t.xp, loaded.xp)
+    -- (The same for every tenant of the call: formatted once, as num(now) is.)
+    local xp = M.tenant_xp
+    if xp == nil then
+      xp = now + POL.idle / TTL_REFRESHES
+      M.tenant_xp = xp; M.tenant_xp_text = num(xp)
+    end
+    t.xp = xp
+    if xp ~= loaded.xp then
+      local n = call.n
+      call.fields[n + 1] = 'xp'; call.fields[n + 2] = M.tenant_xp_text
+      call.n = n + 2
+    end
   end
   -- (First the fields: a new tenant's key is made by this HSET, and a TTL set before it
   -- would be set on nothing.)
