@@ -659,8 +659,14 @@ local function save_tenant(t, again, hot)
     if t.n > 0 then redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl) end
   end
   if again then
-    costs = {}
-    for rank = 1, NRANK do costs[rank] = t.c[rank] end
+    costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
+    for rank = 1, NRANK do
+      if t.c[rank] ~= 0 then
+        costs = {}
+        for r = 1, NRANK do costs[r] = t.c[r] end
+        break
+      end
+    end
     t.loaded = {f = t.f, w = t.w, cap = t.cap, cap_at = t.cap_at, n = t.n, c = costs, st = t.st,
       am = t.am, xp = t.xp}
   end
