@@ -678,8 +678,16 @@ end
 function call.save_made()
   local made = M.made
   if made == nil then return end
-  M.made = nil
-  call.save_now(made)
+  local from = M.made_saved or 0
+  if from == #made then return end
+  M.made_saved = #made
+  for i = from + 1, #made do
+    local t = made[i]
+    if t.dirty and not t.deleted then
+      save_tenant(t, true)
+      t.dirty = false
+    end
+  end
 end
 
 -- Tenants `ts` written now (save_made; core.lua's leave, before each of its work checks,
