@@ -28,7 +28,11 @@ Scenarios:
 - ``floor``: the harness's floor, one call at a time from redis-py as the backend calls:
   ``floor-ping`` (PING) and ``floor-nop`` (FCALL of a function that does nothing, with
   the arguments of a rate admission's call): what a round trip costs Redis whatever the
-  script does (the socket, the event loop, the kernel), to set against ``rate``.
+  script does (the socket, the event loop, the kernel), to set against ``rate``;
+- ``peers``: each peer library's own Redis limiting code (`bench/peerredis.py`), one
+  admission at a time as ``rate``; ``commands``: Redis commands per admission (all of
+  them, not only scripts); ``vs_rate`` / ``vs_concurrency``: ``rate``'s and
+  ``concurrency``'s ``cpu_us`` over the peer's, when they ran in the same run.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 
 import redis
 
+from bench import peerredis
 from throttle_mw.backends.base import Admitted, Waiting
 from throttle_mw.backends.redis import RedisBackend
 from throttle_mw.scheduler import Request
@@ -70,16 +75,20 @@ class Counters:
 
     def sample(self) -> dict[str, float]:
         info = self.client.info("all")
-        calls = usec = 0.0
+        calls = usec = commands = 0.0
         for name in _SCRIPT_COMMANDS:
             stat = info.get(f"cmdstat_{name}")
             if stat:
                 calls += float(stat["calls"])
                 usec += float(stat["usec"])
+        for key, stat in info.items():  # every command, the harness's INFO included
+            if key.startswith("cmdstat_"):
+                commands += float(stat["calls"])
         return {
             "cpu_s": float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
             "calls": calls,
             "usec": usec,
+            "commands": commands,
         }
 
     def reset_slowlog(self) -> None:
@@ -133,6 +142,8 @@ async def measure(
         "seconds": round(t1 - t0, 2),
         "cpu_us": round(1e6 * (after["cpu_s"] - before["cpu_s"]) / n, 1),
         "calls": round(calls / n, 3),
+        # Less the first sample's INFO, counted once it has run.
+        "commands": round((after["commands"] - before["commands"] - 1) / n, 3),
         "usec_per_call": round((after["usec"] - before["usec"]) / max(1.0, calls), 1),
         "slow": slow,
         "longest_us": longest,
@@ -340,6 +351,22 @@ async def floor(url: str, n: int) -> dict[str, dict[str, Any]]:
     return out
 
 
+async def peer(url: str, name: str, n: int, counters: Counters) -> dict[str, Any]:
+    """One peer's Redis limiting code, one admission at a time (`bench/peerredis.py`)."""
+    async with peerredis.peer(name, url) as admit:
+        done = 0
+
+        async def loop() -> None:
+            nonlocal done
+            for i in range(n):
+                await admit(f"t{i % 8}")
+                done += 1
+
+        for i in range(200):  # warm up: scripts loaded, keys made
+            await admit(f"t{i % 8}")
+        return await measure(counters, lambda: done, loop())
+
+
 def cpu_model() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -364,6 +391,16 @@ async def main_async(args: argparse.Namespace, url: str) -> dict[str, Any]:
     if "concurrency" in wanted:
         await run("concurrency", unbatched(url, "concurrency", args.n, 0))
         await run(f"concurrency-held{args.held}", unbatched(url, "concurrency", args.n, args.held))
+    if "peers" in wanted:
+        for name in peerredis.PEERS:
+            figures = await peer(url, name, args.n, Counters(redis.Redis.from_url(url)))
+            for ours in ("rate", "concurrency"):
+                if ours in out:
+                    figures[f"vs_{ours}"] = round(
+                        out[ours]["cpu_us"] / max(0.1, figures["cpu_us"]), 2
+                    )
+            out[name] = figures
+            print(f"{name:22} {json.dumps(figures)}", flush=True)
     if "batched" in wanted:
         await run("rate-batched", batched(url, "rate", 8 * args.n, 64))
         await run("concurrency-batched", batched(url, "concurrency", 8 * args.n, 64))

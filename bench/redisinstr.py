@@ -13,9 +13,12 @@ left in ``--out`` (read it with ``callgrind_annotate --inclusive=yes``). Slow: v
 runs Redis about 50x slower. Scenario ``nop``: the floor, a function that does nothing
 called with a rate admission's arguments (rediscost.py's ``floor-nop``); ``churn``: a new
 tenant per request, 512 at once (``--n`` a multiple of 512); ``stop``: per waiter of
-``backend.stop()`` with ``--n`` waiting, 20 a tenant. ``fcall``'s
-share of each profile (``callgrind_annotate --inclusive=yes``) is printed too, so what a
-call costs outside its script shows.
+``backend.stop()`` with ``--n`` waiting, 20 a tenant; ``slowapi``, ``fastapi-limiter``,
+``asgi-ratelimit`` (or ``peers``, all three): that peer library's own Redis limiting
+code, one admission at a time (`bench/peerredis.py`; rediscost.py's ``peers``), with
+its ratio to ``rate`` and ``concurrency`` when they ran first. The script call's
+share of each profile (FCALL, or EVALSHA for the peers; ``callgrind_annotate
+--inclusive=yes``) is printed too, so what a call costs outside its script shows.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 
 import redis
 
+from bench import peerredis
 from bench.rediscost import NOP_LIBRARY, admit_one, cpu_model, settings
 from tests.support.ports import HOST, free_port
 from tests.support.redis_server import redis_server_binary
@@ -98,7 +102,22 @@ async def _drive_churn(url: str, n: int, pid: int) -> None:
     await backend.stop()
 
 
+async def _drive_peer(url: str, name: str, n: int, pid: int) -> None:
+    """One peer's Redis limiting code, one admission at a time (rediscost.py's ``peers``)."""
+    async with peerredis.peer(name, url) as admit:
+        for i in range(200):  # warm up: scripts loaded, keys made
+            await admit(f"t{i % 8}")
+        _control(pid, "-z")
+        _control(pid, "-i", "on")
+        for i in range(n):
+            await admit(f"t{i % 8}")
+        _control(pid, "-i", "off")
+
+
 async def _drive(url: str, mode: str, n: int, held: int, pid: int) -> None:
+    if mode in peerredis.PEERS:
+        await _drive_peer(url, mode, n, pid)
+        return
     if mode == "nop":
         await _drive_nop(url, n, pid)
         return
@@ -125,7 +144,7 @@ async def _drive(url: str, mode: str, n: int, held: int, pid: int) -> None:
 
 def measure(binary: str, mode: str, n: int, held: int, out: Path) -> tuple[int, int]:
     """Instructions per admission of one scenario, with its own redis-server, and of
-    them, those inside FCALL (fcallCommand, inclusive)."""
+    them, those inside the script calls (fcallCommand or evalShaCommand, inclusive)."""
     port = free_port()
     valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
     redis_args = ["--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
@@ -154,8 +173,8 @@ def measure(binary: str, mode: str, n: int, held: int, out: Path) -> tuple[int, 
     annotated = subprocess.run(
         ["callgrind_annotate", "--inclusive=yes", str(out)], capture_output=True, text=True
     ).stdout
-    fcall = re.search(r"^\s*([\d,]+) \(.*:fcallCommand ", annotated, re.M)
-    inside = int(fcall.group(1).replace(",", "")) if fcall else 0
+    calls = re.findall(r"^\s*([\d,]+) \(.*:(?:fcallCommand|evalShaCommand) ", annotated, re.M)
+    inside = sum(int(call.replace(",", "")) for call in calls)
     return int(totals.group(1)) // n, inside // n
 
 
@@ -168,14 +187,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()))
     args = parser.parse_args(argv)
     print(f"# {cpu_model()}; {args.redis_server}", flush=True)
-    for scenario in args.scenarios.split(","):
+    scenarios = args.scenarios.replace("peers", ",".join(peerredis.PEERS)).split(",")
+    ours: dict[str, int] = {}
+    for scenario in scenarios:
         mode, held = scenario, 0
         if scenario == "concurrency-held":
             mode, held = "concurrency", args.held
         out = args.out / f"callgrind.redis.{scenario}"
         per, inside = measure(args.redis_server, mode, args.n, held, out)
+        ratios = ""
+        if scenario in peerredis.PEERS:
+            ratios = "".join(f", {name} / this {ours[name] / per:.2f}" for name in ours)
+        elif scenario in ("rate", "concurrency"):
+            ours[scenario] = per
         print(
-            f"{scenario:18} {per:,} instructions/admission, {inside:,} in FCALL  ({out})",
+            f"{scenario:18} {per:,} instructions/admission, {inside:,} in the script call"
+            f"{ratios}  ({out})",
             flush=True,
         )
     return 0

@@ -28,6 +28,9 @@ from bench import (
     learned,
     learnedscore,
     opcodes,
+    peerredis,
+    rediscost,
+    redisinstr,
     roundtrips,
     run_all,
     story,
@@ -362,6 +365,50 @@ def test_redis_round_trips_subtract_our_own_samples(redis_binary: Path, tmp_path
     assert delta["round_trips"] == 6  # 5 scripts + 1 pipeline; their inner commands are not
     assert delta["script_calls"] == 5
     assert delta["commands"] == 5 + 10 + 3  # the scripts, their SET and GET, the pipeline's GETs
+
+
+#: Redis commands per admission of each peer, those its script runs included.
+PEER_COMMANDS = {
+    "slowapi": 2,  # EVALSHA, INCRBY (and EXPIRE once a window)
+    "fastapi-limiter": 3,  # EVALSHA, ZCOUNT, ZADD (and the leaker's ZREMRANGEBYSCORE)
+    "asgi-ratelimit": 5,  # TTL, EVALSHA, SET NX, GET, DECR
+}
+
+
+def test_redis_cost_of_the_peers_runs_beside_ours(tmp_path: Path, redis_binary: Path) -> None:
+    if len(installed_peers()) < len(PEER_MODULES):
+        pytest.skip("needs every peer: the bench extra")
+    out = tmp_path / "rediscost.json"
+    args = ["--n", "50", "--scenarios", "rate,concurrency,peers", "--redis-cpu", ""]
+    assert rediscost.main([*args, "--json", str(out)]) == 0
+
+    scenarios = json.loads(out.read_text())["scenarios"]
+    assert set(peerredis.PEERS) <= set(scenarios)
+    for name in peerredis.PEERS:
+        figures = scenarios[name]
+        assert figures["admissions"] == 50
+        assert figures["calls"] == 1.0  # one script call per admission, the peer's own
+        assert figures["commands"] == pytest.approx(PEER_COMMANDS[name], abs=0.25)
+        assert figures["cpu_us"] > 0  # read from Redis's INFO cpu
+        for ours in ("rate", "concurrency"):
+            ratio = scenarios[ours]["cpu_us"] / figures["cpu_us"]
+            assert figures[f"vs_{ours}"] == pytest.approx(ratio, abs=0.01)
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_redis_instructions_of_a_peer_are_counted_beside_ours(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if "slowapi" not in installed_peers():
+        pytest.skip("needs slowapi: the bench extra")
+    args = ["--n", "20", "--scenarios", "rate,slowapi", "--out", str(tmp_path)]
+    assert redisinstr.main(args) == 0
+
+    lines = dict(line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines()[1:])
+    rate, slowapi = (int(lines[name].split()[0].replace(",", "")) for name in ("rate", "slowapi"))
+    assert 1_000 < slowapi < rate  # one INCRBY script against our scheduler's
+    assert f"rate / this {rate / slowapi:.2f}" in lines["slowapi"]
+    assert "in the script call" in lines["slowapi"]  # EVALSHA's share found
 
 
 def test_the_ceiling_runs_every_cell_and_the_fleet_story(
