@@ -164,7 +164,6 @@ local function do_cancel(id)
   return REPLY.already_admitted .. SEP .. flag(lease)
 end
 
-
 local results = {}
 local body = #OP.acquire + #SEP + 1  -- where an operation's first field begins
 local over = false

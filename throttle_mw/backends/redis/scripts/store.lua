@@ -591,8 +591,8 @@ end
 -- A new tenant as if loaded (load_tenant): the fields at their defaults, w (1), n (0), the
 -- costs by rank (0), st (IDLE) and am (''), are what a hash without them reads as
 -- (load_tenant, fast.lua's fast_tenant), so save_tenant writes a new tenant without them:
--- an HSET's cost grows with its fields (a new tenant's 14 fields were about a fifth of
--- what it cost; now 5). Never changed: save_tenant makes a tenant's next loaded state anew.
+-- an HSET's cost grows with its fields (a new tenant's were 14, now 5). Never changed:
+-- save_tenant makes a tenant's next loaded state anew.
 call.NONE = {false}  -- (load_tenant: the reading of a tenant that does not exist)
 call.NEW_LOADED = {w = 1, n = 0, c = {}, st = IDLE, am = ''}
 for rank = 1, NRANK do call.NEW_LOADED.c[rank] = 0 end
@@ -674,26 +674,21 @@ end
 
 -- The tenants made this call so far, written now: batch.lua calls this at its work checks,
 -- so that their writes count in the work that bounds a call (TUNING.WORK_US) instead of all
--- coming after it (a call of new tenants spent twice its work budget writing them).
+-- coming after it (a call of new tenants spent twice its work budget writing them). The
+-- list of them is kept for the call: those up to M.made_saved are written.
 function call.save_made()
   local made = M.made
-  if made == nil then return end
-  local from = M.made_saved or 0
-  if from == #made then return end
+  if made == nil or #made == M.made_saved then return end
+  local from = (M.made_saved or 0) + 1
   M.made_saved = #made
-  for i = from + 1, #made do
-    local t = made[i]
-    if t.dirty and not t.deleted then
-      save_tenant(t, true)
-      t.dirty = false
-    end
-  end
+  call.save_now(made, from)
 end
 
--- Tenants `ts` written now (save_made; core.lua's leave, before each of its work checks,
--- for the same reason).
-function call.save_now(ts)
-  for _, t in ipairs(ts) do
+-- Tenants ts[from or 1..] written now (save_made; core.lua's leave, before each of its
+-- work checks, for the same reason).
+function call.save_now(ts, from)
+  for i = from or 1, #ts do
+    local t = ts[i]
     if t.dirty and not t.deleted then
       save_tenant(t, true)
       t.dirty = false
