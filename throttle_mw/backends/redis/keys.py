@@ -18,7 +18,8 @@ P:cfg            hash    live limits set with ``throttle-mw set``; override call
                          limits. A learned limit and its state (learner.py) too
 P:w, P:wn        hash    live tenant weights by digest, and the names behind them     live
 P:t:<h>          hash    tenant h: finish tag, weight, cap bucket, queued cost by     idle+T
-                         rank, state, its member in P:active, name
+                         rank, state, its member in P:active, name; a field at its
+                         default (weight 1, counts 0, idle, no member) may be absent
 P:q:<h>          zset    tenant h's waiting requests, score rank * RANK_SPAN + seq    idle+T
 P:r              hash    waiting request id -> its fields (protocol.WAITER_FIELDS)    T
 P:active         zset    tenants in line by finish tag; member "<seq>|<h>" (ties go   T

@@ -53,7 +53,8 @@ end
 
 -- The fields of P:t:<h> fast_acquire reads (TENANT_FIELDS has them all); without a tenant
 -- rate, only f, w, st and xp (the cap is neither refilled nor taken then: core.lua's
--- cap_ok and take; written out there).
+-- cap_ok and take; written out there). Absent, w is 1 and st IDLE (a new tenant's hash
+-- holds only the fields not at their defaults: store.lua's save_tenant).
 local FAST_TENANT = {'f', 'w', 'cap', 'cap_at', 'st', 'xp'}
 
 -- Loads the state into S (store.lua's load_hot_state) and the limits (load_limits_stamped,
@@ -130,13 +131,13 @@ local function fast_acquire(op, limits)
   if L.tenant_rate == nil then
     local v = redis.call('HMGET', key, 'f', 'w', 'st', 'xp')  -- (FAST_UNCAPPED, without unpack)
     if v[1] == false then return give_up() end
-    f0, w0 = NUMBERS[v[1]] or tonum(v[1]), NUMBERS[v[2]] or tonum(v[2])
-    st, xp = NUMBERS[v[3]] or tonum(v[3]), NUMBERS[v[4]] or tonum(v[4]) or 0
+    f0, w0 = NUMBERS[v[1]] or tonum(v[1]), NUMBERS[v[2]] or tonum(v[2]) or 1
+    st, xp = NUMBERS[v[3]] or tonum(v[3]) or IDLE, NUMBERS[v[4]] or tonum(v[4]) or 0
   else
     local v = redis.call('HMGET', key, unpack(FAST_TENANT))
     if v[1] == false then return give_up() end
-    f0, w0, cap0, cap_at0 = tonum(v[1]), tonum(v[2]), tonum(v[3]), tonum(v[4])
-    st, xp = tonum(v[5]), tonum(v[6]) or 0
+    f0, w0, cap0, cap_at0 = tonum(v[1]), tonum(v[2]) or 1, tonum(v[3]), tonum(v[4])
+    st, xp = tonum(v[5]) or IDLE, tonum(v[6]) or 0
   end
   if st ~= IDLE or now >= xp then return give_up() end  -- (IDLE: nothing waits, n = 0)
   local t = FAST_T

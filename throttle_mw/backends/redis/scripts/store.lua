@@ -67,7 +67,8 @@ local HOT_FIELDS = {PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP}
 
 -- The fields of P:t:<h> (a tenant): finish tag, weight, cap bucket and its time, waiting
 -- requests, their cost by rank (c0..), state (IDLE, ACTIVE, CAPPED), member in P:active,
--- next TTL refresh.
+-- next TTL refresh. Absent, a field reads as its default (weight 1, waiting and costs 0,
+-- IDLE, member ''): a new tenant is written without those (call.NEW_LOADED).
 local TENANT_FIELDS = {'f', 'w', 'cap', 'cap_at', 'n'}
 for rank = 0, NRANK - 1 do TENANT_FIELDS[#TENANT_FIELDS + 1] = 'c' .. rank end
 TENANT_FIELDS[#TENANT_FIELDS + 1] = 'st'
@@ -526,7 +527,10 @@ end
 
 -- forget_idle's deletion of the idle tenants `hs` (digests; repeats allowed): a few
 -- commands for all of them. A tenant not loaded this call waits if it is in P:qlen (push
--- puts it there with its first waiter, unlink takes it out with its last).
+-- puts it there with its first waiter, unlink takes it out with its last). Only the
+-- tenant's hash is deleted: one that waits for nothing has no queue (P:q:<h>: Redis drops
+-- a sorted set with its last member; a queue left by state that expired around it goes
+-- with its own TTL).
 function call.drop_idle_tenants(hs)
   local unknown = {}
   for _, h in ipairs(hs) do
@@ -546,7 +550,6 @@ function call.drop_idle_tenants(hs)
     if t ~= nil then busy = t.n > 0 else busy = waits[h] end
     if not busy then
       gone[#gone + 1] = K.prefix .. KEY.tenant .. h
-      gone[#gone + 1] = K.prefix .. KEY.queue .. h
       if t ~= nil then t.deleted = true; T[h] = nil end
     end
   end
@@ -634,6 +637,15 @@ local function ttl_ms(kind)
   return num(math.floor(POL.ttl * MS_PER_S))
 end
 
+-- A new tenant as if loaded (load_tenant): the fields at their defaults, w (1), n (0), the
+-- costs by rank (0), st (IDLE) and am (''), are what a hash without them reads as
+-- (load_tenant, fast.lua's fast_tenant), so save_tenant writes a new tenant without them:
+-- an HSET's cost grows with its fields (a new tenant's were 14, now 5). Never changed:
+-- save_tenant makes a tenant's next loaded state anew.
+call.NONE = {false}  -- (load_tenant: the reading of a tenant that does not exist)
+call.NEW_LOADED = {w = 1, n = 0, c = {}, st = IDLE, am = ''}
+for rank = 1, NRANK do call.NEW_LOADED.c[rank] = 0 end
+
 -- A tenant's changed fields (save_tenant) are put in one table kept from call to call
 -- (call.fields, its first call.n entries in use): a table grown field by field is
 -- allocated anew every few fields.
@@ -674,8 +686,18 @@ local function save_tenant(t, again, hot)
   put('st', t.st, loaded.st); put('am', t.am, loaded.am)
   local refresh = now >= t.xp
   if refresh then
-    t.xp = now + POL.idle / TTL_REFRESHES
-    put('xp', t.xp, loaded.xp)
+    -- (The same for every tenant of the call: formatted once, as num(now) is.)
+    local xp = M.tenant_xp
+    if xp == nil then
+      xp = now + POL.idle / TTL_REFRESHES
+      M.tenant_xp = xp; M.tenant_xp_text = num(xp)
+    end
+    t.xp = xp
+    if xp ~= loaded.xp then
+      local n = call.n
+      call.fields[n + 1] = 'xp'; call.fields[n + 2] = M.tenant_xp_text
+      call.n = n + 2
+    end
   end
   -- (First the fields: a new tenant's key is made by this HSET, and a TTL set before it
   -- would be set on nothing.)
@@ -686,8 +708,14 @@ local function save_tenant(t, again, hot)
     if t.n > 0 then redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl) end
   end
   if again then
-    costs = {}
-    for rank = 1, NRANK do costs[rank] = t.c[rank] end
+    costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
+    for rank = 1, NRANK do
+      if t.c[rank] ~= 0 then
+        costs = {}
+        for r = 1, NRANK do costs[r] = t.c[r] end
+        break
+      end
+    end
     t.loaded = {f = t.f, w = t.w, cap = t.cap, cap_at = t.cap_at, n = t.n, c = costs, st = t.st,
       am = t.am, xp = t.xp}
   end
@@ -695,18 +723,21 @@ end
 
 -- The tenants made this call so far, written now: batch.lua calls this at its work checks,
 -- so that their writes count in the work that bounds a call (TUNING.WORK_US) instead of all
--- coming after it (a call of new tenants spent twice its work budget writing them).
+-- coming after it (a call of new tenants spent twice its work budget writing them). The
+-- list of them is kept for the call: those up to M.made_saved are written.
 function call.save_made()
   local made = M.made
-  if made == nil then return end
-  M.made = nil
-  call.save_now(made)
+  if made == nil or #made == M.made_saved then return end
+  local from = (M.made_saved or 0) + 1
+  M.made_saved = #made
+  call.save_now(made, from)
 end
 
--- Tenants `ts` written now (save_made; core.lua's leave, before each of its work checks,
--- for the same reason).
-function call.save_now(ts)
-  for _, t in ipairs(ts) do
+-- Tenants ts[from or 1..] written now (save_made; core.lua's leave, before each of its
+-- work checks, for the same reason).
+function call.save_now(ts, from)
+  for i = from or 1, #ts do
+    local t = ts[i]
     if t.dirty and not t.deleted then
       save_tenant(t, true)
       t.dirty = false
@@ -1073,28 +1104,37 @@ local function load_tenant(h, weight)
     return t
   end
   local key = K.prefix .. KEY.tenant .. h
-  local v = redis.call('HMGET', key, unpack(TENANT_FIELDS))
+  -- After a new tenant (under churn, most are), the next is first asked whether it exists:
+  -- an EXISTS costs a fraction of reading 14 absent fields into Lua values, and one that
+  -- exists after all costs one command more (K outlives a call in a function library).
+  local v = call.NONE
+  if not K.last_new or redis.call('EXISTS', key) == 1 then
+    v = redis.call('HMGET', key, unpack(TENANT_FIELDS))
+  end
+  K.last_new = v[1] == false
   -- (Tables made whole: one filled field by field grows anew every few fields.)
   if v[1] == false then
     local w = weight or 1
     local c = {}
     for rank = 1, NRANK do c[rank] = 0 end
-    t = {h = h, key = key, dirty = true, new = true, loaded = {}, c = c, w = w, f = S.v + 1 / w,
-      cap = L.tenant_burst, cap_at = now, n = 0, st = IDLE, am = '', xp = 0}
+    t = {h = h, key = key, dirty = true, new = true, loaded = call.NEW_LOADED, c = c, w = w,
+      f = S.v + 1 / w, cap = L.tenant_burst, cap_at = now, n = 0, st = IDLE, am = '', xp = 0}
     fresh = true
     local made = M.made
     if made == nil then made = {}; M.made = made end
     made[#made + 1] = t
   else
     -- TENANT_FIELDS: f, w, cap, cap_at, n, the costs by rank, st, am, xp.
+    -- (Absent, w, n, the costs, st and am are their defaults: call.NEW_LOADED.)
     local c, costs = {}, {}
     for rank = 1, NRANK do
-      local cost = tonum(v[5 + rank])
+      local cost = tonum(v[5 + rank]) or 0
       c[rank] = cost; costs[rank] = cost
     end
     local i = NRANK + 6
-    local l = {f = tonum(v[1]), w = tonum(v[2]), cap = tonum(v[3]), cap_at = tonum(v[4]),
-      n = tonum(v[5]), c = costs, st = tonum(v[i]), am = v[i + 1] or '', xp = tonum(v[i + 2])}
+    local l = {f = tonum(v[1]), w = tonum(v[2]) or 1, cap = tonum(v[3]), cap_at = tonum(v[4]),
+      n = tonum(v[5]) or 0, c = costs, st = tonum(v[i]) or IDLE, am = v[i + 1] or '',
+      xp = tonum(v[i + 2])}
     t = {h = h, key = key, dirty = false, loaded = l, c = c, f = l.f, w = l.w, cap = l.cap,
       cap_at = l.cap_at, n = l.n, st = l.st, am = l.am, xp = l.xp or 0}
     if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
