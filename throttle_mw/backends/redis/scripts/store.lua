@@ -85,6 +85,17 @@ TENANT_FIELDS[#TENANT_FIELDS + 1] = 'xp'
 -- script is one chunk with all of these files.
 local call = {integers = {}, integers_kept = 0}
 
+-- PLAIN's fields load_hot_state does not read: what load_state still asks for in a call
+-- where fast.lua read the hot ones and gave up.
+call.COLD_PLAIN = {}
+do  -- (at load: a function library may use no standard library there)
+  local hot = {}
+  for i = 1, #HOT_FIELDS do hot[HOT_FIELDS[i]] = true end
+  for i = 1, #PLAIN do
+    if not hot[PLAIN[i]] then call.COLD_PLAIN[#call.COLD_PLAIN + 1] = PLAIN[i] end
+  end
+end
+
 local now_text        -- num(now), made once per call (init) when first needed
 
 local function num(x)
@@ -169,9 +180,17 @@ local function key_names(prefix)
 end
 
 local function init(prefix, now_override, process)
-  S, S0, L, POL, T, out_events, recent, fresh = {}, {}, nil, nil, {}, {}, {}, false
-  born = {}
-  M = {}
+  -- (The tables a call fills field by field are made with room for their fields: the
+  -- nils in a constructor size it, and a table grown a field at a time is rebuilt each
+  -- time it doubles.)
+  S, L, POL, T, out_events, recent, fresh = {}, nil, nil, {}, {}, {}, false
+  S0 = {inflight = nil, waiting = nil, tk_by = nil, ep = nil, lv = nil, n0 = nil, n1 = nil,
+    n2 = nil, n3 = nil}
+  born = {tenants = nil, waiters = nil, deadlines = nil, qlen = nil, procs = nil,
+    active = nil, capped = nil, leases = nil}
+  M = {top_known = nil, top_t = nil, top_r = nil, capped_next = nil, capped_checked = nil,
+    dl_next = nil, idle = nil, last_number = nil, last_text = nil, no_weights = nil,
+    weights_asked = nil, made = nil}
   more = false
   held_back = 0
   loaded = nil
@@ -360,6 +379,7 @@ end
 -- save leaves them as they are); false if there is none.
 local function load_hot_state()
   local vals = redis.call('HMGET', K.state, unpack(HOT_FIELDS))
+  M.hot_read = vals  -- (load_state reads only the rest if fast.lua gives up)
   if not vals[1] then return false end
   load_packed(vals[1])
   S.inflight = tonum(vals[2]); S.waiting = tonum(vals[3]); S.ep = vals[4] or ''
@@ -371,9 +391,20 @@ end
 -- The budget's state; a budget seen for the first time starts full. `known`: the epoch the
 -- caller knew ("" or nil: none), see "A state made anew" below.
 local function load_state(known)
-  local vals = redis.call('HMGET', K.state, PACKED_FIELD, unpack(PLAIN))
-  load_packed(vals[1])
-  for i, name in ipairs(PLAIN) do load_plain(name, vals[i + 1]) end
+  local hot = M.hot_read
+  if hot ~= nil then  -- read this call by load_hot_state: the rest only (same call, same key)
+    M.hot_read = nil
+    local rest = redis.call('HMGET', K.state, unpack(call.COLD_PLAIN))
+    load_packed(hot[1])
+    for i, name in ipairs(HOT_FIELDS) do
+      if i > 1 then load_plain(name, hot[i]) end
+    end
+    for i, name in ipairs(call.COLD_PLAIN) do load_plain(name, rest[i]) end
+  else
+    local vals = redis.call('HMGET', K.state, PACKED_FIELD, unpack(PLAIN))
+    load_packed(vals[1])
+    for i, name in ipairs(PLAIN) do load_plain(name, vals[i + 1]) end
+  end
   if S.ts == nil then
     S.tokens = L.burst; S.ts = now; S.inflight = 0; S.v = 0
     S.win_at = now; S.win_v0 = 0; S.win_cost = 0; S.v_rate = 0; S.thr = 0
@@ -635,7 +666,10 @@ local function save_tenant(t, again, hot)
     local ttl = ttl_ms('tenant')
     redis.call('PEXPIRE', t.key, ttl)
     if t.n > 0 then redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl) end
+  elseif t.queue_made and t.n > 0 then
+    redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl_ms('tenant'))
   end
+  t.queue_made = nil
   if again then
     costs = {}
     for rank = 1, NRANK do costs[rank] = t.c[rank] end
@@ -993,7 +1027,9 @@ local function queue_key(h) return K.prefix .. KEY.queue .. h end
 local function save_waiter(r, deadline)
   -- The first waiter (of all, or of its tenant) creates the queue's keys: give them TTLs.
   if S.waiting == 0 then born.waiters = true; born.deadlines = true; born.qlen = true end
-  if T[r.h] ~= nil and T[r.h].n == 0 then T[r.h].xp = 0 end  -- save_tenant refreshes both
+  -- Its tenant's first waiter makes the tenant's queue: save_tenant gives it its TTL (and
+  -- the tenant's hash keeps the one it has until its own refresh is due).
+  if T[r.h] ~= nil and T[r.h].n == 0 then T[r.h].queue_made = true end
   redis.call('HSET', K.waiters, r.id, table.concat({r.h, num(r.cost), num(r.rank), r.proc,
     deadline, num(r.enq)}, SEP))
 end
