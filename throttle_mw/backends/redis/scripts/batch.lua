@@ -107,9 +107,8 @@ if #ops == 1 then
 end
 
 -- (A call of one operation that fast.lua gave up on has its limits already: by the state's
--- live stamp, or read this call.)
-if L == nil then load_limits_text(ARGV[4]) end
-load_state(ARGV[5])
+-- live stamp, or read this call; load_state takes them for the others.)
+load_state(ARGV[5], ARGV[4])
 load_limits_stamped(ARGV[4], true)  -- (the limits loaded are current: read this call, or by the stamp)
 hold_back()
 call.recall_line()  -- (store.lua: the line as the last call left it, if unchanged)

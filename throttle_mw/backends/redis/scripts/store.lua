@@ -259,6 +259,7 @@ local function load_limits_text(text)
     and memo.cfg[3] == cfg[3] and memo.cfg[4] == cfg[4] and memo.cfg[5] == cfg[5]
     and memo.cfg[6] == cfg[6] then
     L, POL, limits_memo = memo.L, memo.POL, memo
+    memo.read_at = now
     return
   end
   local a, pos = {}, 1
@@ -268,8 +269,23 @@ local function load_limits_text(text)
     pos = stop + #SEP
   end
   parse_limits(a, cfg)
-  limits_memo = {text = text, cfg = cfg, L = L, POL = POL}
+  limits_memo = {text = text, cfg = cfg, L = L, POL = POL, read_at = now}
   K.limits_memo = limits_memo
+end
+
+-- The full call's limits (load_state, before the state's defaults need them): by the
+-- state's live stamp as fast.lua takes them (load_limits_stamped), while the library read
+-- P:cfg less than TUNING.LIVE_REREAD ago; else read. A change to P:cfg or P:w deletes the
+-- stamp (read at once); a live override that expires on its own is met within
+-- TUNING.LIVE_REREAD by a full call (a saturated budget's ticks are all full calls).
+function call.limits_by_stamp(text)
+  local memo = K.limits_memo
+  if S.lv ~= '' and memo ~= nil and memo.lv == S.lv and memo.text == text
+    and now >= memo.read_at and now < memo.read_at + TUNING.LIVE_REREAD then
+    L, POL, limits_memo = memo.L, memo.POL, memo
+    return
+  end
+  load_limits_text(text)
 end
 
 -- The live limits and weights as last read (P:cfg, P:w), without reading them again: the
@@ -389,8 +405,9 @@ local function load_hot_state()
 end
 
 -- The budget's state; a budget seen for the first time starts full. `known`: the epoch the
--- caller knew ("" or nil: none), see "A state made anew" below.
-local function load_state(known)
+-- caller knew ("" or nil: none), see "A state made anew" below. `limits`: batch.lua's
+-- ARGV[4], for a call without its limits yet (call.limits_by_stamp).
+local function load_state(known, limits)
   local hot = M.hot_read
   if hot ~= nil then  -- read this call by load_hot_state: the rest only (same call, same key)
     M.hot_read = nil
@@ -405,6 +422,7 @@ local function load_state(known)
     load_packed(vals[1])
     for i, name in ipairs(PLAIN) do load_plain(name, vals[i + 1]) end
   end
+  if L == nil then call.limits_by_stamp(limits) end
   if S.ts == nil then
     S.tokens = L.burst; S.ts = now; S.inflight = 0; S.v = 0
     S.win_at = now; S.win_v0 = 0; S.win_cost = 0; S.v_rate = 0; S.thr = 0
