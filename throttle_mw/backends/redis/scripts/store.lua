@@ -189,7 +189,7 @@ local function init(prefix, now_override, process)
   born = {tenants = nil, waiters = nil, deadlines = nil, qlen = nil, procs = nil,
     active = nil, capped = nil, leases = nil}
   M = {top_known = nil, top_t = nil, top_r = nil, capped_next = nil, capped_checked = nil,
-    dl_next = nil, idle = nil, last_number = nil, last_text = nil, no_weights = nil,
+    dl_next = nil, dl_floor = nil, idle = nil, last_number = nil, last_text = nil, no_weights = nil,
     weights_asked = nil, made = nil}
   more = false
   held_back = 0
@@ -518,6 +518,30 @@ function call.line_after_push(t, r, was_idle, known, top_t, top_r)
   end
 end
 
+-- The earliest deadline (P:dl) as a call knows it: M.dl_next, the earliest itself (false:
+-- none; nil: not known), else perhaps M.dl_floor, a time no deadline is earlier than
+-- (nil: none known). A waiter that leaves only raises the earliest: the one that was
+-- earliest stays a floor, and a saturated budget's tick, whose admitted waiter held the
+-- earliest deadline (first come, first due), need not ask for the next one while the floor
+-- is later than anything it decides on (expire_waiters, next_due).
+function call.deadline_added(deadline)
+  local first = M.dl_next
+  if first ~= nil then
+    if first == false or deadline < first then M.dl_next = deadline end
+  elseif M.dl_floor ~= nil and deadline < M.dl_floor then
+    M.dl_floor = deadline
+  end
+end
+
+-- A waiter of this deadline left P:dl (-math.huge: one or more, any deadline).
+function call.deadline_left(deadline)
+  local first = M.dl_next
+  if first and deadline <= first then
+    M.dl_next = nil
+    M.dl_floor = first
+  end
+end
+
 -- Is any tenant in line (P:active not empty)?
 function call.anyone_in_line()
   if M.top_known then return M.top_t ~= nil end
@@ -585,7 +609,7 @@ function call.keep_line()
     K.line_memo = nil
     return
   end
-  local memo = {text = loaded.text, capped = M.capped_next, dl = M.dl_next,
+  local memo = {text = loaded.text, capped = M.capped_next, dl = M.dl_next, dl_floor = M.dl_floor,
     top_known = M.top_known}
   local t = M.top_t
   if M.top_known and t ~= nil then
@@ -610,6 +634,7 @@ function call.recall_line()
   if memo == nil or loaded == nil or loaded.text ~= memo.text then return end
   M.capped_next = memo.capped
   M.dl_next = memo.dl
+  M.dl_floor = memo.dl_floor
   if not memo.top_known then return end
   M.top_known = true
   local t = memo.t
