@@ -157,20 +157,39 @@ def saturated_call_commands(client: redis.Redis) -> tuple[dict[str, float], dict
 def test_a_saturated_acquire_takes_the_line_from_the_call_before(client: redis.Redis) -> None:
     """The call after a tick knows who is first in line, the first capped release and the
     earliest deadline without asking (store.lua, "The line as the last call left it"): an
-    acquire that queues reads P:s (twice: fast.lua's try first) and its tenant, and asks no
-    sorted set anything (P:cfg and the live weights only when the live stamp moved). Its
-    tenant's first waiter makes the tenant's queue: that key gets its TTL, the tenant's
-    hash keeps its own until its refresh is due."""
+    acquire that queues reads P:s once (fast.lua is not tried: the last call left requests
+    waiting) and its tenant, and asks no sorted set anything (P:cfg and the live weights
+    only when the live stamp moved). Its tenant's first waiter makes the tenant's queue:
+    that key gets its TTL, the tenant's hash keeps its own until its refresh is due."""
     if redis_version(client) < (7, 0):
         pytest.skip("EVAL: nothing outlives a call")
     ticks, acquires = saturated_call_commands(client)
     reads = {name: acquires.get(name, 0.0) for name in ("hmget", "hget", "zrange")}
-    # (P:s: fast.lua's fields, then the rest of them only)
-    assert reads == {"hmget": 3.0, "hget": 0.0, "zrange": 0.0}, acquires
+    assert reads == {"hmget": 2.0, "hget": 0.0, "zrange": 0.0}, acquires  # 3: fast.lua's try
     assert acquires.get("pexpire") == 1.0, acquires  # 2 when both keys got one
     # (and the test's own DEL of the grant list, in both)
-    assert sum(acquires.values()) <= 14.05, acquires  # 15; 23 when each call asked
+    assert sum(acquires.values()) <= 13.05, acquires  # 15; 23 when each call asked
     assert sum(ticks.values()) <= 20.1, ticks  # 22 while each tick read P:cfg and P:dl; 28
+
+
+def test_the_fast_path_is_tried_again_once_nobody_waits(client: redis.Redis) -> None:
+    """A call after one that left requests waiting skips fast.lua (it would read the state
+    only to give up); once a call leaves nobody waiting, the next one-request call takes
+    the fast path again (no heartbeat ZADD: only the idle list's)."""
+    if redis_version(client) < (7, 0):
+        pytest.skip("EVAL: nothing outlives a call")
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0))
+    scheduler = LuaScheduler(client, Limits(rate=10.0, burst=1.0), policy, now=0.0)
+    assert isinstance(scheduler.acquire(0.0, Request("a", "t"))[0], Admit)
+    assert isinstance(scheduler.acquire(0.0, Request("b", "t"))[0], Enqueue)
+    client.config_resetstat()
+    assert isinstance(scheduler.acquire(0.0, Request("c", "u"))[0], Enqueue)
+    assert commands(client).get("hmget") == 2, commands(client)  # P:s once, u: not fast.lua
+    assert [e.id for e in scheduler.tick(0.1)] == ["b"]
+    assert [e.id for e in scheduler.tick(0.2)] == ["c"]  # nobody waits now
+    client.config_resetstat()
+    assert isinstance(scheduler.acquire(0.5, Request("d", "t"))[0], Admit)
+    assert commands(client).get("zadd") == 1, commands(client)  # fast.lua's call
 
 
 def test_a_tick_that_admits_nothing_asks_no_sorted_set(client: redis.Redis) -> None:

@@ -89,8 +89,9 @@ local function finish(lines, due, procs)
   return lines .. delay .. LINE .. procs .. LINE .. limits_line() .. LINE .. S.ep
 end
 
--- One operation that nobody waiting can be affected by: fast.lua, or nil.
-if #ops == 1 then
+-- One operation that nobody waiting can be affected by: fast.lua, or nil. (Not tried when
+-- the last call left requests waiting: it would read the state only to give up.)
+if #ops == 1 and not call.left_waiting() then
   local op = ops[1]
   local kind = string.sub(op, 1, #OP.acquire)
   local line

@@ -610,7 +610,7 @@ function call.keep_line()
     return
   end
   local memo = {text = loaded.text, capped = M.capped_next, dl = M.dl_next, dl_floor = M.dl_floor,
-    top_known = M.top_known}
+    top_known = M.top_known, waiting = S.waiting}
   local t = M.top_t
   if M.top_known and t ~= nil then
     if t.dirty then  -- (written: its fields as they are now; else as loaded)
@@ -624,6 +624,14 @@ function call.keep_line()
     memo.r = M.top_r  -- (a waiter's fields never change)
   end
   K.line_memo = memo
+end
+
+-- Did the last full call of this library on this budget leave requests waiting (batch.lua:
+-- then fast.lua, which gives up whenever any wait, is not tried)? Only a hint: another
+-- writer may have changed that since; the full call decides the same either way.
+function call.left_waiting()
+  local memo = K.line_memo
+  return memo ~= nil and memo.waiting > 0
 end
 
 -- After load_state: the line as the last call left it, if nothing changed since. (Taken:
