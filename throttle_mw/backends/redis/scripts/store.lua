@@ -184,13 +184,12 @@ local function init(prefix, now_override, process)
   -- nils in a constructor size it, and a table grown a field at a time is rebuilt each
   -- time it doubles.)
   S, L, POL, T, out_events, recent, fresh = {}, nil, nil, {}, {}, {}, false
-  S0 = {inflight = nil, waiting = nil, tk_by = nil, ep = nil, lv = nil, n0 = nil, n1 = nil,
-    n2 = nil, n3 = nil}
+  S0 = {inflight = nil, waiting = nil, tk_by = nil, ep = nil, [LIVE_STAMP] = nil}  -- (+ n0..)
   born = {tenants = nil, waiters = nil, deadlines = nil, qlen = nil, procs = nil,
     active = nil, capped = nil, leases = nil}
   M = {top_known = nil, top_t = nil, top_r = nil, capped_next = nil, capped_checked = nil,
-    dl_next = nil, dl_floor = nil, idle = nil, last_number = nil, last_text = nil, no_weights = nil,
-    weights_asked = nil, made = nil}
+    dl_next = nil, dl_floor = nil, idle = nil, last_number = nil, last_text = nil,
+    no_weights = nil, weights_asked = nil, made = nil, hot_read = nil}
   more = false
   held_back = 0
   loaded = nil
@@ -609,8 +608,8 @@ function call.keep_line()
     K.line_memo = nil
     return
   end
-  local memo = {text = loaded.text, capped = M.capped_next, dl = M.dl_next, dl_floor = M.dl_floor,
-    top_known = M.top_known, waiting = S.waiting}
+  local memo = {text = loaded.text, capped = M.capped_next, dl = M.dl_next,
+    dl_floor = M.dl_floor, top_known = M.top_known, waiting = S.waiting}
   local t = M.top_t
   if M.top_known and t ~= nil then
     if t.dirty then  -- (written: its fields as they are now; else as loaded)
