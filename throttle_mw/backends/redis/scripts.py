@@ -73,6 +73,9 @@ LEAVE_CHUNK: Final = 16
 LEAVE_US: Final = 500
 #: Key prefixes whose key names a loaded library keeps built (budgets per Redis, in practice).
 KEYS_CACHE_MAX: Final = 64
+#: Tenants' and processes' key names a loaded library keeps built per key prefix (store.lua,
+#: call.tenant_key and call.recent_key), before starting afresh.
+NAMES_MAX: Final = 1024
 #: The lease keys' anchor (store.lua, anchor_leases): longer than Redis lets an entry of
 #: its compact encodings be (zset-/hash-max-listpack-value, 64 bytes by default), set once
 #: this many leases are in flight.
@@ -172,6 +175,7 @@ SHARED: Final[Mapping[str, object]] = {
         "LEAVE_CHUNK": LEAVE_CHUNK,
         "LEAVE_US": LEAVE_US,
         "KEYS_CACHE_MAX": KEYS_CACHE_MAX,
+        "NAMES_MAX": NAMES_MAX,
         "LEASE_ANCHOR": LEASE_ANCHOR,
         "LEASE_ANCHOR_AT": LEASE_ANCHOR_AT,
         "NUMBERS_MAX": NUMBERS_MAX,

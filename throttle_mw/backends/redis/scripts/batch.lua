@@ -52,52 +52,40 @@
 --   D                   deferred: not run, the call had done its share of work (TUNING.WORK_US);
 --                       the caller sends it again
 
--- The operations first: a malformed call changes nothing.
+-- The operations first: a malformed call changes nothing. (One operation, most calls:
+-- nothing to split; its list is made only if fast.lua gives up.)
 local ops
 local text = ARGV[7] or ''
-if ARGV[6] == '1' and text ~= '' and not string.find(text, LINE, 1, true) then
-  ops = {text}  -- one operation (most calls): nothing to split
-else
+local single = ARGV[6] == '1' and text ~= '' and not string.find(text, LINE, 1, true)
+if not single then
   ops = {}
   for op in string.gmatch(text, '[^' .. LINE .. ']+') do ops[#ops + 1] = op end
   if #ops ~= tonumber(ARGV[6]) then
     return redis.error_reply('throttle_mw: operation count mismatch')
   end
+  if #ops == 1 then single = true; text = ops[1] end
 end
 
-init(ARGV[2], ARGV[1], ARGV[3])
-
--- The live processes (heartbeats in P:procs not past), as the trailer reports them: kept
--- in the state (S.np) and counted again at most every TUNING.PROCS_RECOUNT (S.pc), or at once when
--- this call registered its process (`joined`). A heartbeat lapses, or a process leaves,
--- in the count within TUNING.PROCS_RECOUNT (each process's own heartbeat counts them exactly).
--- Before save(): the count is saved with the state.
-local function live_processes(joined)
-  if joined or S.np == nil or S.pc == nil or now >= S.pc or now < S.pc - TUNING.PROCS_RECOUNT then
-    S.np = redis.call('ZCOUNT', K.procs, num(now), '+inf')
-    S.pc = now + TUNING.PROCS_RECOUNT
-  end
-  return S.np
-end
-
--- The reply: the operations' lines (`lines`, joined; '' if none), then the trailer (see
--- above), `procs` from live_processes. (One concatenation: the string is made once.)
-local function finish(lines, due, procs)
-  local delay = ''
-  if due ~= nil then delay = num(due - now) end
-  if lines ~= '' then lines = lines .. LINE end
-  return lines .. delay .. LINE .. procs .. LINE .. limits_line() .. LINE .. S.ep
-end
+-- (A call of one acquire starts with a light init: store.lua's init; if fast.lua gives
+-- up, the tables a full call needs are made before it goes on.)
+local light = single and string.sub(text, 1, #OP.acquire) == OP.acquire
+init(ARGV[2], ARGV[1], ARGV[3], light)
 
 -- One operation that nobody waiting can be affected by: fast.lua, or nil. (Not tried when
 -- the last call left requests waiting: it would read the state only to give up.)
-if #ops == 1 and not call.left_waiting() then
-  local op = ops[1]
-  local kind = string.sub(op, 1, #OP.acquire)
+if single then
+  local op = text
   local line
-  if kind == OP.acquire then
-    line = fast_acquire(op, ARGV[4])
-  elseif kind == OP.release then
+  local try = not call.left_waiting()
+  if light then
+    if try then line = fast_acquire(op, ARGV[4]) end
+    if line ~= nil then
+      local procs = live_processes(false)
+      call.save_acquire(FAST_T)
+      return finish(line, nil, procs)
+    end
+    call.init_tables()
+  elseif try and string.sub(op, 1, #OP.acquire) == OP.release then
     line = fast_release(string.sub(op, #OP.acquire + #SEP + 1), ARGV[4])
   end
   if line ~= nil then
@@ -105,6 +93,7 @@ if #ops == 1 and not call.left_waiting() then
     save(true)
     return finish(line, nil, procs)
   end
+  ops = {op}
 end
 
 -- (A call of one operation that fast.lua gave up on has its limits already: by the state's

@@ -116,18 +116,24 @@ end
 function refill()
   local elapsed = now - S.ts
   if elapsed > 0 then
-    if L.rate ~= nil then S.tokens = math.min(L.burst, S.tokens + elapsed * L.rate) end
+    if L.rate ~= nil then
+      local tokens = S.tokens + elapsed * L.rate
+      if tokens < L.burst then S.tokens = tokens else S.tokens = L.burst end
+    end
     S.ts = now
   end
   if now - S.win_at >= WINDOW then window_roll(S.v) end
 end
 
 -- Scheduler._clamp: a cost above the burst or the concurrency could never be admitted.
+-- (Comparisons rather than math.min and math.max, the same values: a call of a C function
+-- costs a Lua call more than its work; L.whole_burst is math.floor(L.burst).)
 function clamp(cost)
   local limit = cost
-  if L.rate ~= nil then limit = math.min(limit, math.floor(L.burst)) end
-  if L.concurrency ~= nil then limit = math.min(limit, L.concurrency) end
-  return math.max(1, limit)
+  if L.rate ~= nil and L.whole_burst < limit then limit = L.whole_burst end
+  if L.concurrency ~= nil and L.concurrency < limit then limit = L.concurrency end
+  if limit > 1 then return limit end
+  return 1
 end
 
 -- Scheduler._need: tokens that must be in the bucket to admit `cost`.

@@ -83,7 +83,13 @@ TENANT_FIELDS[#TENANT_FIELDS + 1] = 'xp'
 -- The state layer's helpers that are not part of load and save (num's whole numbers,
 -- "A call's memos" below), in one table: a chunk may have at most 200 locals, and each
 -- script is one chunk with all of these files.
-local call = {integers = {}, integers_kept = 0}
+local call = {integers = {}, integers_kept = 0, last_number = false, last_text = false}
+
+-- tonumber, remembered by the text: glibc's strtod takes thousands of instructions for the
+-- 17 digits of NUMBER_FORMAT, and most numbers a call reads are the same text call after
+-- call (limits, policy, most state fields). Lua interns strings: a lookup costs little.
+local NUMBERS = {}
+local NUMBERS_KEPT = 0
 
 -- PLAIN's fields load_hot_state does not read: what load_state still asks for in a call
 -- where fast.lua read the hot ones and gave up.
@@ -103,7 +109,7 @@ local function num(x)
     if now_text == nil then now_text = string.format(NUMBER_FORMAT, x) end
     return now_text
   end
-  if x == M.last_number then return M.last_text end
+  if x == call.last_number then return call.last_text end
   local text
   if x % 1 == 0 and x < TUNING.INTEGER_TEXT_MAX and x > -TUNING.INTEGER_TEXT_MAX then
     text = call.integers[x]
@@ -116,15 +122,9 @@ local function num(x)
   else
     text = string.format(NUMBER_FORMAT, x)
   end
-  M.last_number = x; M.last_text = text
+  call.last_number = x; call.last_text = text  -- (a number's text: good from call to call)
   return text
 end
-
--- tonumber, remembered by the text: glibc's strtod takes thousands of instructions for the
--- 17 digits of NUMBER_FORMAT, and most numbers a call reads are the same text call after
--- call (limits, policy, most state fields). Lua interns strings: a lookup costs little.
-local NUMBERS = {}
-local NUMBERS_KEPT = 0
 
 local function tonum(text)
   if not text then return nil end
@@ -179,11 +179,34 @@ local function key_names(prefix)
   return names
 end
 
-local function init(prefix, now_override, process)
+-- A tenant's hash (P:t:<h>) and a process's recent admissions (P:r:<proc>) by name, kept
+-- with the prefix's names (TUNING.NAMES_MAX at most, then afresh): the names a call of one
+-- request uses are mostly those of the last calls.
+-- (memo: the names' table in K, counted in K[kept].)
+local function kept_name(memo, kept, suffix, id)
+  local names = K[memo]
+  if names == nil or K[kept] >= TUNING.NAMES_MAX then
+    names = {}; K[memo] = names; K[kept] = 0
+  end
+  local name = names[id]
+  if name == nil then
+    name = K.prefix .. suffix .. id
+    names[id] = name
+    K[kept] = K[kept] + 1
+  end
+  return name
+end
+
+function call.tenant_key(h) return kept_name('tenant_names', 'tenant_names_kept', KEY.tenant, h) end
+function call.recent_key(p) return kept_name('recent_names', 'recent_names_kept', KEY.recent, p) end
+
+-- A call's tables, made anew: init, and batch.lua when fast.lua's acquire, started with
+-- a light init, gave up.
+function call.init_tables()
   -- (The tables a call fills field by field are made with room for their fields: the
   -- nils in a constructor size it, and a table grown a field at a time is rebuilt each
   -- time it doubles.)
-  S, L, POL, T, out_events, recent, fresh = {}, nil, nil, {}, {}, {}, false
+  S, T, out_events, recent, fresh = {}, {}, {}, {}, false
   S0 = {inflight = nil, waiting = nil, tk_by = nil, ep = nil, [LIVE_STAMP] = nil}  -- (+ n0..)
   born = {tenants = nil, waiters = nil, deadlines = nil, qlen = nil, procs = nil,
     active = nil, capped = nil, leases = nil}
@@ -193,6 +216,26 @@ local function init(prefix, now_override, process)
   more = false
   held_back = 0
   loaded = nil
+end
+
+-- The tenants of a light init: none, and none added (fast.lua's acquire only reads T).
+call.NO_TENANTS = {}
+
+-- `light`: for fast.lua's acquire only, which uses neither S0 nor out_events and adds no
+-- tenant to T; a table made is an allocation and its share of garbage collection (a
+-- call of one request makes about twenty). If it gives up, call.init_tables first.
+local function init(prefix, now_override, process, light)
+  if light then
+    S, S0, T, out_events, recent, fresh = nil, nil, call.NO_TENANTS, nil, {}, false
+    born = {}
+    M = {}
+    more = false
+    held_back = 0
+    loaded = nil
+  else
+    call.init_tables()
+  end
+  L, POL = nil, nil
   limits_memo = nil
   K = key_names(prefix)
   proc = process
@@ -200,7 +243,7 @@ local function init(prefix, now_override, process)
     now = tonumber(now_override)
   else
     local t = redis.call('TIME')
-    now = tonumber(t[1]) + tonumber(t[2]) / US_PER_S
+    now = tonum(t[1]) + tonumber(t[2]) / US_PER_S  -- (the seconds: the same text a while)
   end
   now_text = nil
 end
@@ -231,6 +274,7 @@ local function parse_limits(a, cfg)
   if L.learned then L.concurrency = tonum(cfg[6]) or LEARN_INITIAL end
   L.tenant_rate = pick(cfg[4], a.tenant_rate)
   L.tenant_burst = pick(cfg[5], a.tenant_burst)
+  L.whole_burst = math.floor(L.burst)  -- (core.lua's clamp)
   L.reserve = 0  -- Limits.reserve
   if L.burst >= RESERVE_DIVISOR then L.reserve = math.floor(L.burst / RESERVE_DIVISOR) end
   POL.credit = opt(a.credit)
@@ -763,6 +807,31 @@ do  -- (at load: a function library may use no standard library there)
 end
 call.HOT_PLAIN = {'inflight', LIVE_STAMP}
 
+-- A process's recent admissions (remember): trimmed back to RECENT_KEPT once
+-- TUNING.RECENT_SLACK more came in (at least the last RECENT_KEPT are kept), their TTL set
+-- when the list is made and pushed out a quarter of T apart (the loaded library keeps when,
+-- by process: with EVAL, or once the library is loaded anew, on the next call).
+-- push_recent_of: process p's (`ids`, of `recent`).
+function call.push_recent_of(p, ids)
+  local due = K.recent_due
+  if due == nil then due = {}; K.recent_due = due end
+  local names = K.recent_names
+  local key = names and names[p] or call.recent_key(p)
+  local size = redis.call('LPUSH', key, unpack(ids))
+  if size > RECENT_KEPT + TUNING.RECENT_SLACK then
+    redis.call('LTRIM', key, '0', num(RECENT_KEPT - 1))
+  end
+  local at = due[p]
+  if size == #ids or at == nil or now >= at or now < at - POL.ttl then
+    redis.call('PEXPIRE', key, ttl_ms('state'))
+    due[p] = now + POL.ttl / TTL_REFRESHES
+  end
+end
+
+function call.push_recent()
+  for p, ids in pairs(recent) do call.push_recent_of(p, ids) end
+end
+
 -- Only what changed, and key TTLs only when due (every budget-wide key, a quarter of T
 -- apart) or for keys this call may have created: this runs on every call. `hot`: a call of
 -- fast.lua's, which compares only what it can change (call.HOT_PACKED).
@@ -813,29 +882,120 @@ local function save(hot)
   if refresh then expiring = KEY_TTL end
   for name in pairs(expiring) do redis.call('PEXPIRE', K[name], ttl_ms(KEY_TTL[name])) end
   born = {}
-  -- A process's recent admissions: trimmed back to RECENT_KEPT once TUNING.RECENT_SLACK more
-  -- came in (at least the last RECENT_KEPT are kept), their TTL set when the list is made
-  -- and pushed out a quarter of T apart (the loaded library keeps when, by process: with
-  -- EVAL, or once the library is loaded anew, on the next call).
-  local due = K.recent_due
-  if due == nil then due = {}; K.recent_due = due end
-  for p, ids in pairs(recent) do
-    local key = K.prefix .. KEY.recent .. p
-    local size = redis.call('LPUSH', key, unpack(ids))
-    if size > RECENT_KEPT + TUNING.RECENT_SLACK then
-      redis.call('LTRIM', key, '0', num(RECENT_KEPT - 1))
-    end
-    local at = due[p]
-    if size == #ids or at == nil or now >= at or now < at - POL.ttl then
-      redis.call('PEXPIRE', key, ttl_ms('state'))
-      due[p] = now + POL.ttl / TTL_REFRESHES
-    end
-  end
+  call.push_recent()
   for p, msgs in pairs(out_events) do
     local key = K.prefix .. KEY.grants .. p
     redis.call('RPUSH', key, unpack(msgs))
     redis.call('PEXPIRE', key, ttl_ms('state'))
   end
+end
+
+-- --- a fast acquire's state and writes (fast.lua) ---------------------------------------
+--
+-- load_hot_state and save(true) for one acquire, for less: the state goes into a table kept
+-- from call to call (call.S_kept; with EVAL, made per call) whose fields are all assigned
+-- anew each call (assigning a field a table has costs a fraction of adding one to a new
+-- table), and the writes are save(true)'s for one tenant, made without its general tables.
+
+call.S_kept = {}
+
+-- The state as load_hot_state loads it (and fast_state defaults it), into S; false if
+-- there is none. Every field of PACKED and HOT_FIELDS is assigned (nil if unset).
+function call.load_acquire_state()
+  -- (HOT_FIELDS written out: unpack is a call.)
+  local v = redis.call('HMGET', K.state, PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP)
+  if not v[1] then return false end
+  loaded = K.state_memo
+  if loaded == nil or loaded.text ~= v[1] then loaded = unpack_state(v[1]) end
+  local n, s = loaded.vals, call.S_kept
+  s.tokens = n[1]; s.ts = n[2]; s.v = n[3]; s.win_at = n[4]; s.win_v0 = n[5]; s.win_cost = n[6]
+  s.v_rate = n[7]; s.thr = n[8]; s.meas_at = n[9]; s.qcost = n[10]; s.wsum = n[11]
+  s.seq = n[12]; s.tk_at = n[13]; s.xp = n[14]; s.fi = n[15]; s.la = n[16] or 0; s.rc = n[17]
+  s.np = n[18]; s.pc = n[19]; s.lm = n[20]; s.lk = n[21] or 0
+  s.inflight = NUMBERS[v[2]] or tonum(v[2]); s.waiting = NUMBERS[v[3]] or tonum(v[3])
+  s.ep = v[4] or ''; s.lv = v[5] or ''
+  call.inflight0 = s.inflight; call.lv0 = s.lv
+  S = s
+  return true
+end
+
+-- What save(true) writes after an acquire of tenant t by fast.lua (t.f0, t.w0, t.cap0,
+-- t.cap_at0: its f, w, cap and cap_at as loaded): the idle list, the packed numbers that changed, in flight and the live
+-- stamp, the tenant's changed fields, the TTLs of keys this call made, the recent admissions.
+-- (No TTL refresh is due, nobody waits, nothing is held back: fast.lua checked.)
+function call.save_acquire(t)
+  local seen = string.format('%d', math.floor(now * US_PER_S))  -- (call.idle_score(now))
+  if redis.call('ZADD', K.tenants, seen, t.h) > 0 then born.tenants = true end
+  -- The packed numbers fast.lua can change (call.HOT_PACKED, by their places in PACKED:
+  -- tokens, ts, v, win_cost, la, np, pc, lk), compared and formatted one by one ('' if
+  -- unset). The memo entry loaded is changed in place (only K.state_memo holds it), and is
+  -- no memo while it is changed.
+  local s, vals, texts = S, loaded.vals, loaded.texts
+  local text = loaded.text
+  loaded.text = false
+  local changed, later = false, false
+  local x = s.tokens
+  if x ~= vals[1] then changed = true; vals[1] = x; texts[1] = x and num(x) or '' end
+  x = s.ts
+  if x ~= vals[2] then changed = true; vals[2] = x; texts[2] = x and num(x) or '' end
+  x = s.v
+  if x ~= vals[3] then changed = true; vals[3] = x; texts[3] = x and num(x) or '' end
+  x = s.win_cost
+  if x ~= vals[6] then changed = true; vals[6] = x; texts[6] = x and num(x) or '' end
+  x = s.la
+  if x ~= vals[16] then later = true; vals[16] = x; texts[16] = x and num(x) or '' end
+  x = s.np
+  if x ~= vals[18] then later = true; vals[18] = x; texts[18] = x and num(x) or '' end
+  x = s.pc
+  if x ~= vals[19] then later = true; vals[19] = x; texts[19] = x and num(x) or '' end
+  x = s.lk
+  if x ~= vals[21] then later = true; vals[21] = x; texts[21] = x and num(x) or '' end
+  -- The text: the first six numbers' texts, then the rest's as the memo entry keeps it
+  -- (`rest`: made again only if one of them changed); one concatenation.
+  if later then changed = true end
+  if changed and (later or loaded.rest == nil) then
+    loaded.rest = SEP .. table.concat(texts, SEP, 7, #PACKED)
+  end
+  local inflight_changed = s.inflight ~= call.inflight0
+  if not changed then loaded.text = text end
+  if changed then
+    loaded.text = texts[1] .. SEP .. texts[2] .. SEP .. texts[3] .. SEP .. texts[4] .. SEP
+      .. texts[5] .. SEP .. texts[6] .. loaded.rest
+    if s.lv ~= call.lv0 then
+      if inflight_changed then
+        redis.call('HSET', K.state, PACKED_FIELD, loaded.text, 'inflight', num(s.inflight),
+          LIVE_STAMP, s.lv)
+      else
+        redis.call('HSET', K.state, PACKED_FIELD, loaded.text, LIVE_STAMP, s.lv)
+      end
+    elseif inflight_changed then
+      redis.call('HSET', K.state, PACKED_FIELD, loaded.text, 'inflight', num(s.inflight))
+    else
+      redis.call('HSET', K.state, PACKED_FIELD, loaded.text)
+    end
+  elseif inflight_changed or s.lv ~= call.lv0 then  -- (a clock that did not move)
+    local args = {}
+    if inflight_changed then args[1] = 'inflight'; args[2] = num(s.inflight) end
+    if s.lv ~= call.lv0 then args[#args + 1] = LIVE_STAMP; args[#args + 1] = s.lv end
+    redis.call('HSET', K.state, unpack(args))
+  end
+  if t.dirty then
+    local f0, w0, cap0, cap_at0 = t.f0, t.w0, t.cap0, t.cap_at0
+    if t.w == w0 and t.cap == cap0 and t.cap_at == cap_at0 then
+      if t.f ~= f0 then redis.call('HSET', t.key, 'f', num(t.f)) end
+    else
+      local put = call.put
+      call.n = 0
+      put('f', t.f, f0); put('w', t.w, w0); put('cap', t.cap, cap0); put('cap_at', t.cap_at, cap_at0)
+      if call.n > 0 then redis.call('HSET', t.key, unpack(call.fields, 1, call.n)) end
+    end
+  end
+  if next(born) ~= nil then
+    for name in pairs(born) do redis.call('PEXPIRE', K[name], ttl_ms(KEY_TTL[name])) end
+    born = {}
+  end
+  local ids = recent[proc]  -- (its only admission: admit_now's, if it took no lease)
+  if ids ~= nil then call.push_recent_of(proc, ids) end
 end
 
 -- --- events and leases ---------------------------------------------------------------------
@@ -920,8 +1080,7 @@ end
 -- Collected here and written once per call by save().
 local function remember(p, id)
   local ids = recent[p]
-  if ids == nil then ids = {}; recent[p] = ids end
-  ids[#ids + 1] = id
+  if ids == nil then recent[p] = {id} else ids[#ids + 1] = id end
 end
 
 -- Was request `id` admitted already (by this process)? true: with a lease; false: without
