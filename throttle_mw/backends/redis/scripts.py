@@ -84,6 +84,11 @@ LEASE_ANCHOR_AT: Final = 16
 #: The live processes a batch call reports (its trailer) are counted at most this often
 #: per budget (batch.lua, live_processes), and at once when a call registers its process.
 PROCS_RECOUNT_S: Final = 1.0
+#: A full batch call takes the live limits by the state's stamp (keys.LIVE_STAMP) as the
+#: fast path does while the loaded library read {prefix}:cfg less than this long ago, and
+#: reads it again after (store.lua, limits_by_stamp): a live override that expires on its
+#: own is seen that late at most by a budget whose calls are all full (saturated).
+LIVE_REREAD_S: Final = 1.0
 #: A process's recent admissions list grows this far past keys.RECENT_KEPT before it is
 #: trimmed back (store.lua, save): one trim per RECENT_SLACK admissions, not one each.
 RECENT_SLACK: Final = 64
@@ -176,6 +181,7 @@ SHARED: Final[Mapping[str, object]] = {
         "NUMBERS_MAX": NUMBERS_MAX,
         "INTEGER_TEXT_MAX": INTEGER_TEXT_MAX,
         "PROCS_RECOUNT": PROCS_RECOUNT_S,
+        "LIVE_REREAD": LIVE_REREAD_S,
         "RECENT_SLACK": RECENT_SLACK,
         "UNPACK_MAX": UNPACK_MAX,
         "RECLAIM_GRACE": RECLAIM_GRACE_S,

@@ -71,19 +71,21 @@ end
 local light = single and string.sub(text, 1, #OP.acquire) == OP.acquire
 init(ARGV[2], ARGV[1], ARGV[3], light)
 
--- One operation that nobody waiting can be affected by: fast.lua, or nil.
+-- One operation that nobody waiting can be affected by: fast.lua, or nil. (Not tried when
+-- the last call left requests waiting: it would read the state only to give up.)
 if single then
   local op = text
   local line
+  local try = not call.left_waiting()
   if light then
-    line = fast_acquire(op, ARGV[4])
+    if try then line = fast_acquire(op, ARGV[4]) end
     if line ~= nil then
       local procs = live_processes(false)
       call.save_acquire(FAST_T)
       return finish(line, nil, procs)
     end
     call.init_tables()
-  elseif string.sub(op, 1, #OP.acquire) == OP.release then
+  elseif try and string.sub(op, 1, #OP.acquire) == OP.release then
     -- (lean_release, else fast_release with what it read, else the full call)
     local id = string.sub(op, #OP.acquire + #SEP + 1)
     local done, vals = lean_release(id, ARGV[4])
@@ -99,9 +101,8 @@ if single then
 end
 
 -- (A call of one operation that fast.lua gave up on has its limits already: by the state's
--- live stamp, or read this call.)
-if L == nil then load_limits_text(ARGV[4]) end
-load_state(ARGV[5])
+-- live stamp, or read this call; load_state takes them for the others.)
+load_state(ARGV[5], ARGV[4])
 load_limits_stamped(ARGV[4], true)  -- (the limits loaded are current: read this call, or by the stamp)
 hold_back()
 call.recall_line()  -- (store.lua: the line as the last call left it, if unchanged)

@@ -97,7 +97,12 @@ function next_due()
   if capped == nil then capped = call.first_score(K.capped); M.capped_next = capped end
   if capped and (due == nil or capped < due) then due = capped end
   local dl = M.dl_next
-  if dl == nil then dl = call.first_score(K.deadlines); M.dl_next = dl end
+  -- (Lua only: not asked when the earliest deadline is known to be no earlier than due.)
+  local floor = M.dl_floor
+  if dl == nil and due ~= nil and floor ~= nil and floor + TUNING.DEADLINE_GRACE >= due then
+    dl = false
+  end
+  if dl == nil then dl = call.first_score(K.deadlines); M.dl_next = dl; M.dl_floor = nil end
   if dl then
     local at = dl + TUNING.DEADLINE_GRACE
     if due == nil or at < due then due = at end
@@ -341,9 +346,7 @@ function push(t, r)
   local deadline = num(r.deadline)
   save_waiter(r, deadline)
   redis.call('ZADD', K.deadlines, deadline, r.id)
-  if M.dl_next ~= nil and (M.dl_next == false or r.deadline < M.dl_next) then
-    M.dl_next = r.deadline
-  end
+  call.deadline_added(r.deadline)
   t.c[r.rank + 1] = t.c[r.rank + 1] + r.cost
   t.n = t.n + 1
   if t.n == 1 then call.seen_idle(t.h, false) end  -- off the idle list (forget_idle)
@@ -361,7 +364,7 @@ function unlink(t, r)
   redis.call('ZREM', queue_key(t.h), r.id)
   redis.call('HDEL', K.waiters, r.id)
   redis.call('ZREM', K.deadlines, r.id)
-  if M.dl_next and r.deadline <= M.dl_next then M.dl_next = nil end
+  call.deadline_left(r.deadline)
   M.top_known = false
   t.c[r.rank + 1] = t.c[r.rank + 1] - r.cost
   t.n = t.n - 1
@@ -519,7 +522,9 @@ local function expire_waiters()
   -- The earliest deadline first: if none is past its grace (nearly always), that is all,
   -- and next_due knows it.
   local first = M.dl_next  -- (known: the last call's, store.lua's recall_line)
-  if first == nil then first = call.first_score(K.deadlines) end
+  local floor = M.dl_floor  -- (none is past its grace: store.lua's deadline_left)
+  if first == nil and floor ~= nil and floor > now - TUNING.DEADLINE_GRACE then return end
+  if first == nil then first = call.first_score(K.deadlines); M.dl_floor = nil end
   M.dl_next = first
   if not first or first > now - TUNING.DEADLINE_GRACE then return end
   M.dl_next = nil
@@ -576,7 +581,7 @@ local function leave(ids)
   if #mine == 0 then return end
   redis.call('HDEL', K.waiters, unpack(mine))
   redis.call('ZREM', K.deadlines, unpack(mine))
-  M.dl_next = nil
+  call.deadline_left(-math.huge)  -- (whichever left: the earliest, perhaps)
   M.top_known = false
   S.waiting = S.waiting - #mine
   for _, t in ipairs(tenants) do

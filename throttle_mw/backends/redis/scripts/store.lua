@@ -97,6 +97,17 @@ local NUMBERS_KEPT = 0
 call.AT = {}
 for i = 1, #PACKED do call.AT[PACKED[i]] = i end
 
+-- PLAIN's fields load_hot_state does not read: what load_state still asks for in a call
+-- where fast.lua read the hot ones and gave up.
+call.COLD_PLAIN = {}
+do  -- (at load: a function library may use no standard library there)
+  local hot = {}
+  for i = 1, #HOT_FIELDS do hot[HOT_FIELDS[i]] = true end
+  for i = 1, #PLAIN do
+    if not hot[PLAIN[i]] then call.COLD_PLAIN[#call.COLD_PLAIN + 1] = PLAIN[i] end
+  end
+end
+
 local now_text        -- num(now), made once per call (init) when first needed
 
 local function num(x)
@@ -198,9 +209,16 @@ function call.recent_key(p) return kept_name('recent_names', 'recent_names_kept'
 -- A call's tables, made anew: init, and batch.lua when fast.lua's acquire, started with
 -- a light init, gave up.
 function call.init_tables()
-  S, S0, T, out_events, recent, fresh = {}, {}, {}, {}, {}, false
-  born = {}
-  M = {}
+  -- (The tables a call fills field by field are made with room for their fields: the
+  -- nils in a constructor size it, and a table grown a field at a time is rebuilt each
+  -- time it doubles.)
+  S, T, out_events, recent, fresh = {}, {}, {}, {}, false
+  S0 = {inflight = nil, waiting = nil, tk_by = nil, ep = nil, [LIVE_STAMP] = nil}  -- (+ n0..)
+  born = {tenants = nil, waiters = nil, deadlines = nil, qlen = nil, procs = nil,
+    active = nil, capped = nil, leases = nil}
+  M = {top_known = nil, top_t = nil, top_r = nil, capped_next = nil, capped_checked = nil,
+    dl_next = nil, dl_floor = nil, idle = nil, last_number = nil, last_text = nil,
+    no_weights = nil, weights_asked = nil, made = nil, hot_read = nil}
   more = false
   held_back = 0
   loaded = nil
@@ -290,6 +308,7 @@ local function load_limits_text(text)
     and memo.cfg[3] == cfg[3] and memo.cfg[4] == cfg[4] and memo.cfg[5] == cfg[5]
     and memo.cfg[6] == cfg[6] then
     L, POL, limits_memo = memo.L, memo.POL, memo
+    memo.read_at = now
     return
   end
   local a, pos = {}, 1
@@ -299,8 +318,23 @@ local function load_limits_text(text)
     pos = stop + #SEP
   end
   parse_limits(a, cfg)
-  limits_memo = {text = text, cfg = cfg, L = L, POL = POL}
+  limits_memo = {text = text, cfg = cfg, L = L, POL = POL, read_at = now}
   K.limits_memo = limits_memo
+end
+
+-- The full call's limits (load_state, before the state's defaults need them): by the
+-- state's live stamp as fast.lua takes them (load_limits_stamped), while the library read
+-- P:cfg less than TUNING.LIVE_REREAD ago; else read. A change to P:cfg or P:w deletes the
+-- stamp (read at once); a live override that expires on its own is met within
+-- TUNING.LIVE_REREAD by a full call (a saturated budget's ticks are all full calls).
+function call.limits_by_stamp(text)
+  local memo = K.limits_memo
+  if S.lv ~= '' and memo ~= nil and memo.lv == S.lv and memo.text == text
+    and now >= memo.read_at and now < memo.read_at + TUNING.LIVE_REREAD then
+    L, POL, limits_memo = memo.L, memo.POL, memo
+    return
+  end
+  load_limits_text(text)
 end
 
 -- The live limits and weights as last read (P:cfg, P:w), without reading them again: the
@@ -410,6 +444,7 @@ end
 -- counts are not loaded, and save leaves them as they are); false if there is none.
 local function load_hot_state(vals)
   vals = vals or redis.call('HMGET', K.state, unpack(HOT_FIELDS))  -- (or as read: lean_release)
+  M.hot_read = vals  -- (load_state reads only the rest if fast.lua gives up)
   if not vals[1] then return false end
   load_packed(vals[1])
   S.inflight = tonum(vals[2]); S.waiting = tonum(vals[3]); S.ep = vals[4] or ''
@@ -419,11 +454,24 @@ local function load_hot_state(vals)
 end
 
 -- The budget's state; a budget seen for the first time starts full. `known`: the epoch the
--- caller knew ("" or nil: none), see "A state made anew" below.
-local function load_state(known)
-  local vals = redis.call('HMGET', K.state, PACKED_FIELD, unpack(PLAIN))
-  load_packed(vals[1])
-  for i, name in ipairs(PLAIN) do load_plain(name, vals[i + 1]) end
+-- caller knew ("" or nil: none), see "A state made anew" below. `limits`: batch.lua's
+-- ARGV[4], for a call without its limits yet (call.limits_by_stamp).
+local function load_state(known, limits)
+  local hot = M.hot_read
+  if hot ~= nil then  -- read this call by load_hot_state: the rest only (same call, same key)
+    M.hot_read = nil
+    local rest = redis.call('HMGET', K.state, unpack(call.COLD_PLAIN))
+    load_packed(hot[1])
+    for i, name in ipairs(HOT_FIELDS) do
+      if i > 1 then load_plain(name, hot[i]) end
+    end
+    for i, name in ipairs(call.COLD_PLAIN) do load_plain(name, rest[i]) end
+  else
+    local vals = redis.call('HMGET', K.state, PACKED_FIELD, unpack(PLAIN))
+    load_packed(vals[1])
+    for i, name in ipairs(PLAIN) do load_plain(name, vals[i + 1]) end
+  end
+  if L == nil then call.limits_by_stamp(limits) end
   if S.ts == nil then
     S.tokens = L.burst; S.ts = now; S.inflight = 0; S.v = 0
     S.win_at = now; S.win_v0 = 0; S.win_cost = 0; S.v_rate = 0; S.thr = 0
@@ -519,6 +567,30 @@ function call.line_after_push(t, r, was_idle, known, top_t, top_r)
   end
 end
 
+-- The earliest deadline (P:dl) as a call knows it: M.dl_next, the earliest itself (false:
+-- none; nil: not known), else perhaps M.dl_floor, a time no deadline is earlier than
+-- (nil: none known). A waiter that leaves only raises the earliest: the one that was
+-- earliest stays a floor, and a saturated budget's tick, whose admitted waiter held the
+-- earliest deadline (first come, first due), need not ask for the next one while the floor
+-- is later than anything it decides on (expire_waiters, next_due).
+function call.deadline_added(deadline)
+  local first = M.dl_next
+  if first ~= nil then
+    if first == false or deadline < first then M.dl_next = deadline end
+  elseif M.dl_floor ~= nil and deadline < M.dl_floor then
+    M.dl_floor = deadline
+  end
+end
+
+-- A waiter of this deadline left P:dl (-math.huge: one or more, any deadline).
+function call.deadline_left(deadline)
+  local first = M.dl_next
+  if first and deadline <= first then
+    M.dl_next = nil
+    M.dl_floor = first
+  end
+end
+
 -- Is any tenant in line (P:active not empty)?
 function call.anyone_in_line()
   if M.top_known then return M.top_t ~= nil end
@@ -589,7 +661,7 @@ function call.keep_line()
     return
   end
   local memo = {text = loaded.text, capped = M.capped_next, dl = M.dl_next,
-    top_known = M.top_known}
+    dl_floor = M.dl_floor, top_known = M.top_known, waiting = S.waiting}
   local t = M.top_t
   if M.top_known and t ~= nil then
     if t.dirty then  -- (written: its fields as they are now; else as loaded)
@@ -605,6 +677,14 @@ function call.keep_line()
   K.line_memo = memo
 end
 
+-- Did the last full call of this library on this budget leave requests waiting (batch.lua:
+-- then fast.lua, which gives up whenever any wait, is not tried)? Only a hint: another
+-- writer may have changed that since; the full call decides the same either way.
+function call.left_waiting()
+  local memo = K.line_memo
+  return memo ~= nil and memo.waiting > 0
+end
+
 -- After load_state: the line as the last call left it, if nothing changed since. (Taken:
 -- a call that fails before keep_line leaves none behind.)
 function call.recall_line()
@@ -613,6 +693,7 @@ function call.recall_line()
   if memo == nil or loaded == nil or loaded.text ~= memo.text then return end
   M.capped_next = memo.capped
   M.dl_next = memo.dl
+  M.dl_floor = memo.dl_floor
   if not memo.top_known then return end
   M.top_known = true
   local t = memo.t
@@ -706,7 +787,10 @@ local function save_tenant(t, again, hot)
     local ttl = ttl_ms('tenant')
     redis.call('PEXPIRE', t.key, ttl)
     if t.n > 0 then redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl) end
+  elseif t.queue_made and t.n > 0 then
+    redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl_ms('tenant'))
   end
+  t.queue_made = nil
   if again then
     costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
     for rank = 1, NRANK do
@@ -1197,7 +1281,9 @@ local function queue_key(h) return K.prefix .. KEY.queue .. h end
 local function save_waiter(r, deadline)
   -- The first waiter (of all, or of its tenant) creates the queue's keys: give them TTLs.
   if S.waiting == 0 then born.waiters = true; born.deadlines = true; born.qlen = true end
-  if T[r.h] ~= nil and T[r.h].n == 0 then T[r.h].xp = 0 end  -- save_tenant refreshes both
+  -- Its tenant's first waiter makes the tenant's queue: save_tenant gives it its TTL (and
+  -- the tenant's hash keeps the one it has until its own refresh is due).
+  if T[r.h] ~= nil and T[r.h].n == 0 then T[r.h].queue_made = true end
   redis.call('HSET', K.waiters, r.id, table.concat({r.h, num(r.cost), num(r.rank), r.proc,
     deadline, num(r.enq)}, SEP))
 end
