@@ -59,14 +59,21 @@ local FAST_TENANT = {'f', 'w', 'cap', 'cap_at', 'st', 'xp'}
 
 -- Loads the state into S (store.lua's load_hot_state) and the limits (load_limits_stamped,
 -- from `limits`: batch.lua's ARGV[4]); false if the full call must run instead.
+-- Whether the state leaves the fast path nothing the full call would do: nobody waits, no
+-- TTL refresh (xp), idle sweep (fi) or fair-rate window roll due, an epoch made, no
+-- reclaim grace running (an epoch to make or a grace are the full call's: hold_back,
+-- store.lua's "A state made anew"). The one test of fast_state, fast_acquire and
+-- lean_release, from the state's fields as each has them.
+local function quiet(waiting, xp, fi, win_at, ep, rc)
+  return waiting == 0 and now < (xp or 0) and now < (fi or 0) and win_at ~= nil
+    and now - win_at < WINDOW and ep ~= '' and now >= (rc or 0)
+end
+
 local function fast_state(limits, vals)
   if not load_hot_state(vals) then return false end  -- a new budget
   load_limits_stamped(limits, false)
   S.la = S.la or 0; S.lk = S.lk or 0  -- as load_state
-  -- (An epoch to make, or a reclaim grace running: hold_back and the epoch are the full
-  -- call's, store.lua's "A state made anew".)
-  return S.waiting == 0 and now < (S.xp or 0) and now < (S.fi or 0)
-    and now - S.win_at < WINDOW and S.ep ~= '' and now >= (S.rc or 0)
+  return quiet(S.waiting, S.xp, S.fi, S.win_at, S.ep, S.rc)
 end
 
 -- A lease past its expiry (its process crashed): expire_leases must run first.
@@ -115,10 +122,9 @@ local function fast_acquire(op, limits)
   if flags == nil or flags ~= '0' and has_flag(tonum(flags), FLAG.retry) then return nil end
   if not call.load_acquire_state() then return give_up() end  -- a new budget
   load_limits_stamped(limits, false)
-  if not (S.waiting == 0 and now < (S.xp or 0) and now < (S.fi or 0)
-    and now - S.win_at < WINDOW and S.ep ~= '' and now >= (S.rc or 0))
+  if not quiet(S.waiting, S.xp, S.fi, S.win_at, S.ep, S.rc)
     or S.inflight > 0 and lapsed_lease() then
-    return give_up()  -- (as fast_state)
+    return give_up()
   end
   if S.tokens ~= nil and S.tokens > L.burst then S.tokens = L.burst end  -- as load_state
   -- (tonum's remembered numbers looked up here first: most are, and a call costs. No live
@@ -181,10 +187,9 @@ local function lean_release(id, limits)
   if packed == nil then return false, nil end  -- a new budget
   local p, at = packed.vals, call.AT
   local inflight, ep, lv = tonum(vals[2]), vals[4] or '', vals[5] or ''
-  local win_at = p[at.win_at]
-  if inflight == nil or tonum(vals[3]) ~= 0 or now >= (p[at.xp] or 0) or now >= (p[at.fi] or 0)
-    or win_at == nil or now - win_at >= WINDOW or ep == '' or now < (p[at.rc] or 0) then
-    return false, nil  -- (as fast_state)
+  if inflight == nil
+    or not quiet(tonum(vals[3]), p[at.xp], p[at.fi], p[at.win_at], ep, p[at.rc]) then
+    return false, nil
   end
   local np, pc = p[at.np], p[at.pc]
   if (p[at.lk] or 0) > 0 or (p[at.la] == 1 and inflight <= 1) or lv == '' or np == nil
