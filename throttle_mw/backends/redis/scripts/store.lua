@@ -218,7 +218,7 @@ function call.init_tables()
     active = nil, capped = nil, leases = nil}
   M = {top_known = nil, top_t = nil, top_r = nil, capped_next = nil, capped_checked = nil,
     dl_next = nil, dl_floor = nil, idle = nil, last_number = nil, last_text = nil,
-    no_weights = nil, weights_asked = nil, made = nil, hot_read = nil}
+    no_weights = nil, weights_asked = nil, made = nil, hot_read = nil, kept = nil}
   more = false
   held_back = 0
   loaded = nil
@@ -664,17 +664,67 @@ function call.keep_line()
     dl_floor = M.dl_floor, top_known = M.top_known, waiting = S.waiting}
   local t = M.top_t
   if M.top_known and t ~= nil then
-    if t.dirty then  -- (written: its fields as they are now; else as loaded)
-      local c = {}
-      for rank = 1, NRANK do c[rank] = t.c[rank] end
-      t.loaded = {f = t.f, w = t.w, cap = t.cap, cap_at = t.cap_at, n = t.n, c = c, st = t.st,
-        am = t.am, xp = t.xp}
-      t.dirty = false
-    end
+    call.as_written(t)
     memo.t = t
     memo.r = M.top_r  -- (a waiter's fields never change)
   end
+  -- The tenants this call wrote, TUNING.LINE_TENANTS at most: a tenant granted in a tick
+  -- mostly asks again in the next call (call.recall_tenant).
+  local kept, n = nil, 0
+  for h, other in pairs(T) do
+    if n >= TUNING.LINE_TENANTS then break end
+    if other.dirty and other ~= t and not other.deleted then
+      call.as_written(other)
+      if kept == nil then kept = {} end
+      kept[h] = other
+      n = n + 1
+    end
+  end
+  memo.kept = kept
   K.line_memo = memo
+end
+
+-- Tenant t after save: its loaded fields made what was written (if it was), so the next
+-- call takes the same table as a load would make it (call.restore_tenant).
+function call.as_written(t)
+  if not t.dirty then return end  -- (as loaded)
+  local c = {}
+  for rank = 1, NRANK do c[rank] = t.c[rank] end
+  t.loaded = {f = t.f, w = t.w, cap = t.cap, cap_at = t.cap_at, n = t.n, c = c, st = t.st,
+    am = t.am, xp = t.xp}
+  t.dirty = false
+end
+
+-- Tenant t as load_tenant makes it from its hash: its fields as loaded, nothing this call
+-- did yet.
+function call.restore_tenant(t)
+  local l = t.loaded
+  t.f = l.f; t.w = l.w; t.cap = l.cap; t.cap_at = l.cap_at; t.n = l.n; t.st = l.st
+  t.am = l.am; t.xp = l.xp or 0
+  for rank = 1, NRANK do t.c[rank] = l.c[rank] end
+  t.dirty = false; t.touched = nil; t.new = nil; t.name = nil; t.queue_made = nil
+  T[t.h] = t
+end
+
+-- A tenant the last call wrote (keep_line), taken instead of read, or nil. One in line
+-- (ACTIVE) changes only with the line (P:s's packed numbers: a reweigh moves wsum), as the
+-- first in line does. Another can also be dropped as idle (forget_idle), or reweighed by
+-- an acquire that was then rejected, with P:s as it was: its f and w are read (two
+-- fields, not fourteen) and must be as written.
+function call.recall_tenant(h)
+  local kept = M.kept
+  if kept == nil then return nil end
+  local t = kept[h]
+  if t == nil then return nil end
+  kept[h] = nil
+  local l = t.loaded
+  if l.st ~= ACTIVE then
+    local v = redis.call('HMGET', t.key, 'f', 'w')
+    if not v[1] or tonum(v[1]) ~= l.f or (tonum(v[2]) or 1) ~= l.w then return nil end
+  end
+  call.restore_tenant(t)
+  K.last_new = false  -- (as its reading would have it: it exists)
+  return t
 end
 
 -- Did the last full call of this library on this budget leave requests waiting (batch.lua:
@@ -694,17 +744,12 @@ function call.recall_line()
   M.capped_next = memo.capped
   M.dl_next = memo.dl
   M.dl_floor = memo.dl_floor
+  M.kept = memo.kept  -- (call.recall_tenant)
   if not memo.top_known then return end
   M.top_known = true
   local t = memo.t
   if t == nil then M.top_t = nil; M.top_r = nil; return end
-  -- (As load_tenant makes it: its fields as loaded, nothing this call did yet.)
-  local l = t.loaded
-  t.f = l.f; t.w = l.w; t.cap = l.cap; t.cap_at = l.cap_at; t.n = l.n; t.st = l.st
-  t.am = l.am; t.xp = l.xp or 0
-  for rank = 1, NRANK do t.c[rank] = l.c[rank] end
-  t.dirty = false; t.touched = nil; t.new = nil; t.name = nil
-  T[t.h] = t
+  call.restore_tenant(t)
   M.top_t = t
   M.top_r = memo.r
 end
@@ -1183,6 +1228,11 @@ end
 -- given, is the caller's weight for it.
 local function load_tenant(h, weight)
   local t = T[h]
+  if t ~= nil then
+    if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
+    return t
+  end
+  t = call.recall_tenant(h)
   if t ~= nil then
     if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
     return t
