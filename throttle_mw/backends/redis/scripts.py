@@ -92,10 +92,6 @@ LIVE_REREAD_S: Final = 1.0
 #: A process's recent admissions list grows this far past keys.RECENT_KEPT before it is
 #: trimmed back (store.lua, save): one trim per RECENT_SLACK admissions, not one each.
 RECENT_SLACK: Final = 64
-#: Tenants a loaded library keeps with the line as the last call left it, besides the
-#: first in line (store.lua, keep_line): those that call wrote, at most this many (a
-#: granted tenant asks again in the next call; each kept one costs a table when kept).
-LINE_TENANTS: Final = 2
 #: Values a script passes to one command by unpack() at most (Lua's C stack takes a few
 #: thousand): renew.lua's leases go in chunks of this many.
 UNPACK_MAX: Final = 500
@@ -187,7 +183,6 @@ SHARED: Final[Mapping[str, object]] = {
         "PROCS_RECOUNT": PROCS_RECOUNT_S,
         "LIVE_REREAD": LIVE_REREAD_S,
         "RECENT_SLACK": RECENT_SLACK,
-        "LINE_TENANTS": LINE_TENANTS,
         "UNPACK_MAX": UNPACK_MAX,
         "RECLAIM_GRACE": RECLAIM_GRACE_S,
     },

@@ -475,6 +475,7 @@ function dispatch(watch)
       deactivate(t)  -- back in line below, with its new tag, if more wait
       take(t, r.id, r.cost, r.proc)
       if t.n > 0 then activate(t) end
+      M.granted = t  -- Lua only: kept for the next call (store.lua, keep_line)
       if r.id == watch then
         watched = true
       else

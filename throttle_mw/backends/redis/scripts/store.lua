@@ -218,7 +218,8 @@ function call.init_tables()
     active = nil, capped = nil, leases = nil}
   M = {top_known = nil, top_t = nil, top_r = nil, capped_next = nil, capped_checked = nil,
     dl_next = nil, dl_floor = nil, idle = nil, last_number = nil, last_text = nil,
-    no_weights = nil, weights_asked = nil, made = nil, hot_read = nil, kept = nil}
+    no_weights = nil, weights_asked = nil, made = nil, hot_read = nil, kept = nil,
+    granted = nil}
   more = false
   held_back = 0
   loaded = nil
@@ -668,30 +669,33 @@ function call.keep_line()
     memo.t = t
     memo.r = M.top_r  -- (a waiter's fields never change)
   end
-  -- The tenants this call wrote, TUNING.LINE_TENANTS at most: a tenant granted in a tick
-  -- mostly asks again in the next call (call.recall_tenant).
-  local kept, n = nil, 0
-  for h, other in pairs(T) do
-    if n >= TUNING.LINE_TENANTS then break end
-    if other.dirty and other ~= t and not other.deleted then
-      call.as_written(other)
-      if kept == nil then kept = {} end
-      kept[h] = other
-      n = n + 1
-    end
+  -- The tenant this call granted last (dispatch): mostly it asks again in the next call
+  -- (call.recall_tenant).
+  local g = M.granted
+  if g ~= nil and g ~= t and T[g.h] == g then
+    call.as_written(g)
+    memo.kept = g
   end
-  memo.kept = kept
   K.line_memo = memo
 end
 
 -- Tenant t after save: its loaded fields made what was written (if it was), so the next
--- call takes the same table as a load would make it (call.restore_tenant).
+-- call takes the same table as a load would make it (call.restore_tenant). In place: a
+-- tenant's loaded tables are its own (but a new tenant's, and the costs of one written
+-- with nothing waiting: shared, never changed; save_tenant).
 function call.as_written(t)
   if not t.dirty then return end  -- (as loaded)
-  local c = {}
-  for rank = 1, NRANK do c[rank] = t.c[rank] end
-  t.loaded = {f = t.f, w = t.w, cap = t.cap, cap_at = t.cap_at, n = t.n, c = c, st = t.st,
-    am = t.am, xp = t.xp}
+  local l = t.loaded
+  if l == call.NEW_LOADED then
+    l = {f = nil, w = nil, cap = nil, cap_at = nil, n = nil, c = {}, st = nil, am = nil, xp = nil}
+    t.loaded = l
+  elseif l.c == call.NEW_LOADED.c then
+    l.c = {}
+  end
+  local c, tc = l.c, t.c
+  for rank = 1, NRANK do c[rank] = tc[rank] end
+  l.f = t.f; l.w = t.w; l.cap = t.cap; l.cap_at = t.cap_at; l.n = t.n; l.st = t.st
+  l.am = t.am; l.xp = t.xp
   t.dirty = false
 end
 
@@ -706,17 +710,15 @@ function call.restore_tenant(t)
   T[t.h] = t
 end
 
--- A tenant the last call wrote (keep_line), taken instead of read, or nil. One in line
+-- The tenant the last call granted (keep_line), taken instead of read, or nil. One in line
 -- (ACTIVE) changes only with the line (P:s's packed numbers: a reweigh moves wsum), as the
 -- first in line does. Another can also be dropped as idle (forget_idle), or reweighed by
 -- an acquire that was then rejected, with P:s as it was: its f and w are read (two
 -- fields, not fourteen) and must be as written.
 function call.recall_tenant(h)
-  local kept = M.kept
-  if kept == nil then return nil end
-  local t = kept[h]
-  if t == nil then return nil end
-  kept[h] = nil
+  local t = M.kept
+  if t == nil or t.h ~= h then return nil end
+  M.kept = nil
   local l = t.loaded
   if l.st ~= ACTIVE then
     local v = redis.call('HMGET', t.key, 'f', 'w')
