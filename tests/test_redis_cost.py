@@ -250,6 +250,26 @@ def test_a_change_by_another_writer_is_seen_by_the_next_call(client: redis.Redis
     assert [e.id for e in events if isinstance(e, Granted)] == ["r2"], events
 
 
+def test_a_plain_field_changed_alone_is_seen_by_the_next_full_call(client: redis.Redis) -> None:
+    """A full call takes the state as the last full call left it only while P:s holds
+    what that call wrote (store.lua, call.take_state): a release by fast.lua's
+    lean_release writes in flight alone (the packed numbers as they were), and the
+    next full call counts the slot it freed."""
+    if redis_version(client) < (7, 0):
+        pytest.skip("EVAL: nothing outlives a call")
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0))
+    scheduler = LuaScheduler(client, Limits(concurrency=1), policy, now=0.0)
+    assert isinstance(scheduler.acquire(0.0, Request("r0", "a"))[0], Admit)
+    assert scheduler.tick(0.1) == []  # a full call: its state kept
+    packed = client.hget(scheduler._key, "nums")
+    client.config_resetstat()
+    assert scheduler.release(0.1, "r0") == []  # lean_release: in flight, nothing else
+    assert commands(client).get("hset") == 1, commands(client)
+    assert client.hget(scheduler._key, "nums") == packed
+    replies = scheduler.batch(0.1, new_tenants(0, 2))  # two acquires: a full call
+    assert admitted(replies) == 1, replies  # the freed slot, and one waits
+
+
 def new_tenants(first: int, count: int) -> list[str]:
     """Acquire operations of `count` tenants never seen before."""
     requests = [Request(f"r{i}", f"new{i}") for i in range(first, first + count)]

@@ -219,7 +219,7 @@ function call.init_tables()
   M = {top_known = nil, top_t = nil, top_r = nil, capped_next = nil, capped_checked = nil,
     dl_next = nil, dl_floor = nil, idle = nil, last_number = nil, last_text = nil,
     no_weights = nil, weights_asked = nil, made = nil, hot_read = nil, kept = nil,
-    granted = nil}
+    granted = nil, raw = nil}
   more = false
   held_back = 0
   loaded = nil
@@ -469,8 +469,11 @@ local function load_state(known, limits)
     for i, name in ipairs(call.COLD_PLAIN) do load_plain(name, rest[i]) end
   else
     local vals = redis.call('HMGET', K.state, PACKED_FIELD, unpack(PLAIN))
-    load_packed(vals[1])
-    for i, name in ipairs(PLAIN) do load_plain(name, vals[i + 1]) end
+    M.raw = vals  -- (save keeps it as written: call.take_state)
+    if not call.take_state(vals) then
+      load_packed(vals[1])
+      for i, name in ipairs(PLAIN) do load_plain(name, vals[i + 1]) end
+    end
   end
   if L == nil then call.limits_by_stamp(limits) end
   if S.ts == nil then
@@ -491,6 +494,36 @@ local function load_state(known, limits)
   S.rc = S.rc or 0
   if S.ep == '' then S.ep = num(now) .. '/' .. proc end  -- new (or older than epochs)
   if S.tokens > L.burst then S.tokens = L.burst end
+end
+
+-- The state as the last full call of this library left it (keep_state), taken instead of
+-- made anew when P:s holds what that call wrote, the texts of its packed numbers and of
+-- its plain fields alike (`vals`, as read: M.raw): S, S0 (its plain fields as written) and
+-- the packed numbers' memo entry are those of that call, unchanged since (save updates
+-- them as it writes). A saturated budget's calls come one after another: building S
+-- (thirty fields) took a tenth of such a call. false: made anew.
+function call.take_state(vals)
+  local kept = K.kept_state
+  if kept == nil or not kept.text then return false end
+  local text = kept.text
+  kept.text = false  -- (taken: a call that fails before keep_state leaves none behind)
+  local memo = kept.loaded
+  if vals[1] ~= text or K.state_memo ~= memo or memo.text ~= text then return false end
+  local raw = kept.raw
+  for i = 2, #PLAIN + 1 do
+    if vals[i] ~= raw[i] then return false end
+  end
+  S, S0, loaded = kept.S, kept.S0, memo
+  return true
+end
+
+-- After save: the state for the next full call (call.take_state), if this call read P:s
+-- whole (M.raw) and wrote all it changed.
+function call.keep_state()
+  if not call.lasting or M.raw == nil or loaded == nil then return end
+  local kept = K.kept_state
+  if kept == nil then kept = {text = false, loaded = false, S = false, S0 = false, raw = false}; K.kept_state = kept end
+  kept.text = loaded.text; kept.loaded = loaded; kept.S = S; kept.S0 = S0; kept.raw = M.raw
 end
 
 -- --- a call's memos ---------------------------------------------------------------------------
@@ -949,12 +982,17 @@ local function save(hot)
     K.state_memo = loaded
     args[1] = PACKED_FIELD; args[2] = loaded.text
   end
+  local raw = M.raw  -- (the plain fields' texts as read: made what is written)
+  if hot then raw = nil end
   for i = 1, #plain do
     local name = plain[i]
     local value = S[name]
     if value ~= S0[name] then
       args[#args + 1] = name
-      if type(value) == 'number' then args[#args + 1] = num(value) else args[#args + 1] = value end
+      if type(value) == 'number' then value = num(value) end
+      args[#args + 1] = value
+      S0[name] = S[name]
+      if raw ~= nil then raw[i + 1] = value end
     end
   end
   if #args > 0 then redis.call('HSET', K.state, unpack(args)) end
