@@ -948,24 +948,40 @@ function call.push_recent()
   for p, ids in pairs(recent) do call.push_recent_of(p, ids) end
 end
 
--- Only what changed, and key TTLs only when due (every budget-wide key, a quarter of T
--- apart) or for keys this call may have created: this runs on every call. `hot`: a call of
--- fast.lua's, which compares only what it can change (call.HOT_PACKED).
-local function save(hot)
-  call.flush_idle()
-  local args = {}
-  S.inflight = S.inflight - held_back
-  held_back = 0
-  local refresh = now >= S.xp
-  if refresh then S.xp = now + POL.ttl / TTL_REFRESHES end
-  -- The packed numbers (in PACKED's order): their text anew if one changed, only the
-  -- changed ones formatted.
+-- save's packed numbers, a full call's with a memo entry (`loaded`): the entry changed in
+-- place, as save_acquire does (only K.state_memo and the kept state hold it, and both
+-- follow it), and no memo while it is changed: a call that fails halfway leaves one
+-- whose text no P:s has. args: save's HSET, which gets the field if one changed.
+function call.save_packed(args)
+  local vals, texts = loaded.vals, loaded.texts
+  local text = loaded.text
+  loaded.text = false
+  local changed = false
+  for i = 1, #PACKED do
+    local value = S[PACKED[i]]
+    if value ~= vals[i] then
+      changed = true
+      vals[i] = value
+      if value == nil then texts[i] = '' else texts[i] = num(value) end
+    end
+  end
+  if changed then
+    text = table.concat(texts, SEP)
+    args[1] = PACKED_FIELD; args[2] = text
+    loaded.rest = nil  -- (save_acquire's texts after the sixth: made again)
+  end
+  loaded.text = text
+end
+
+-- save's packed numbers otherwise (a state made anew, or fast.lua's `hot` calls, which
+-- compare only what they can change): a new memo entry if one changed.
+function call.save_packed_anew(args, hot)
   local vals = {S.tokens, S.ts, S.v, S.win_at, S.win_v0, S.win_cost, S.v_rate, S.thr,
     S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc, S.np, S.pc, S.lm, S.lk}
   local old, texts = {}, nil
   if loaded ~= nil then old = loaded.vals end
-  local places, plain = nil, PLAIN
-  if hot then places = call.HOT_PACKED; plain = call.HOT_PLAIN end
+  local places = nil
+  if hot then places = call.HOT_PACKED end
   for j = 1, #(places or PACKED) do
     local i = j
     if places ~= nil then i = places[j] end
@@ -981,6 +997,27 @@ local function save(hot)
     loaded = {text = table.concat(texts, SEP), vals = vals, texts = texts}
     K.state_memo = loaded
     args[1] = PACKED_FIELD; args[2] = loaded.text
+  end
+end
+
+-- Only what changed, and key TTLs only when due (every budget-wide key, a quarter of T
+-- apart) or for keys this call may have created: this runs on every call. `hot`: a call of
+-- fast.lua's, which compares only what it can change (call.HOT_PACKED).
+local function save(hot)
+  call.flush_idle()
+  local args = {}
+  S.inflight = S.inflight - held_back
+  held_back = 0
+  local refresh = now >= S.xp
+  if refresh then S.xp = now + POL.ttl / TTL_REFRESHES end
+  -- The packed numbers (in PACKED's order): their text anew if one changed, only the
+  -- changed ones formatted.
+  local plain = PLAIN
+  if hot then plain = call.HOT_PLAIN end
+  if loaded ~= nil and not hot then
+    call.save_packed(args)
+  else
+    call.save_packed_anew(args, hot)
   end
   local raw = M.raw  -- (the plain fields' texts as read: made what is written)
   if hot then raw = nil end
