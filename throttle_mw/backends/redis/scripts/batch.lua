@@ -133,7 +133,9 @@ end
 -- string.)
 local function encode(d)
   if d.kind == 'admit' then return REPLY.admitted .. SEP .. flag(d.lease) .. SEP .. flag(d.degraded) end
-  if d.kind == 'queue' then return REPLY.queued .. SEP .. num(d.deadline) .. SEP .. num(d.wait) end
+  if d.kind == 'queue' then
+    return REPLY.queued .. SEP .. call.deadline_text(d.deadline) .. SEP .. num(d.wait)
+  end
   return REPLY.rejected .. SEP .. d.reason .. SEP .. num(d.retry)
 end
 

@@ -346,7 +346,7 @@ function push(t, r)
   local deadline = num(r.deadline)
   save_waiter(r, deadline)
   redis.call('ZADD', K.deadlines, deadline, r.id)
-  call.deadline_added(r.deadline)
+  call.deadline_added(r.deadline, deadline)
   t.c[r.rank + 1] = t.c[r.rank + 1] + r.cost
   t.n = t.n + 1
   if t.n == 1 then call.seen_idle(t.h, false) end  -- off the idle list (forget_idle)

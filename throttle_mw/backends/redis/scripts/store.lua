@@ -219,7 +219,7 @@ function call.init_tables()
   M = {top_known = nil, top_t = nil, top_r = nil, capped_next = nil, capped_checked = nil,
     dl_next = nil, dl_floor = nil, idle = nil, last_number = nil, last_text = nil,
     no_weights = nil, weights_asked = nil, made = nil, hot_read = nil, kept = nil,
-    granted = nil, raw = nil}
+    granted = nil, raw = nil, queued_at = nil, queued_text = nil}
   more = false
   held_back = 0
   loaded = nil
@@ -607,13 +607,21 @@ end
 -- earliest stays a floor, and a saturated budget's tick, whose admitted waiter held the
 -- earliest deadline (first come, first due), need not ask for the next one while the floor
 -- is later than anything it decides on (expire_waiters, next_due).
-function call.deadline_added(deadline)
+function call.deadline_added(deadline, text)
+  M.queued_at = deadline; M.queued_text = text  -- (its text, for the reply: call.deadline_text)
   local first = M.dl_next
   if first ~= nil then
     if first == false or deadline < first then M.dl_next = deadline end
   elseif M.dl_floor ~= nil and deadline < M.dl_floor then
     M.dl_floor = deadline
   end
+end
+
+-- A queued request's deadline as its reply states it: the text push made for P:dl, if
+-- it is that one (one formatting with 17 digits fewer per queueing acquire).
+function call.deadline_text(deadline)
+  if deadline == M.queued_at then return M.queued_text end
+  return num(deadline)
 end
 
 -- A waiter of this deadline left P:dl (-math.huge: one or more, any deadline).
