@@ -702,8 +702,16 @@ function call.keep_line()
     K.line_memo = nil
     return
   end
-  local memo = {text = loaded.text, capped = M.capped_next, dl = M.dl_next,
-    dl_floor = M.dl_floor, top_known = M.top_known, waiting = S.waiting}
+  -- (One table per prefix, its fields all assigned anew: one made per call cost more.)
+  local memo = K.line_table
+  if memo == nil then
+    memo = {text = nil, capped = nil, dl = nil, dl_floor = nil, top_known = nil, waiting = nil,
+      t = nil, r = nil, kept = nil}
+    K.line_table = memo
+  end
+  memo.text = loaded.text; memo.capped = M.capped_next; memo.dl = M.dl_next
+  memo.dl_floor = M.dl_floor; memo.top_known = M.top_known; memo.waiting = S.waiting
+  memo.t = nil; memo.r = nil; memo.kept = nil
   local t = M.top_t
   if M.top_known and t ~= nil then
     call.as_written(t)
@@ -1180,21 +1188,23 @@ end
 
 -- --- events and leases ---------------------------------------------------------------------
 
-local function emit(p, ...)
+-- A message (its fields joined with SEP) for process p's grant list. (The fields are
+-- joined by the callers, in one concatenation: a table of them made for table.concat cost
+-- twice that.)
+local function emit(p, message)
   local list = out_events[p]
-  if list == nil then list = {}; out_events[p] = list end
-  list[#list + 1] = table.concat({...}, SEP)
+  if list == nil then out_events[p] = {message} else list[#list + 1] = message end
 end
 
 -- A grant (waited seconds, lease flag) or an eviction (reason, seconds) for request `id`.
 local function emit_granted(p, id, waited, lease)
   local flag = '0'
   if lease then flag = '1' end
-  emit(p, MESSAGE.granted, id, num(waited), flag)
+  emit(p, MESSAGE.granted .. SEP .. id .. SEP .. num(waited) .. SEP .. flag)
 end
 
 local function emit_evicted(p, id, reason, wait)
-  emit(p, MESSAGE.evicted, id, reason, num(wait))
+  emit(p, MESSAGE.evicted .. SEP .. id .. SEP .. reason .. SEP .. num(wait))
 end
 
 -- P:leases and P:lc in their big encodings (skiplist, hash table) while many leases are in
