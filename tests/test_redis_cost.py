@@ -14,7 +14,7 @@ import redis
 from tests.support.lua_scheduler import LuaScheduler, redis_version
 from tests.support.redis_server import RedisServer
 from throttle_mw.backends.redis import protocol, scripts
-from throttle_mw.backends.redis.keys import LIVE_STAMP, RECENT_KEPT
+from throttle_mw.backends.redis.keys import LIVE_STAMP, RECENT_KEPT, tenant_digest
 from throttle_mw.backends.redis.scripts import PROCS_RECOUNT_S, RECENT_SLACK
 from throttle_mw.priorities import PRIORITIES
 from throttle_mw.scheduler import Admit, Enqueue, Granted, Limits, Policy, Request
@@ -250,6 +250,44 @@ def test_a_change_by_another_writer_is_seen_by_the_next_call(client: redis.Redis
     assert cancelled is not None
     events = library.tick(1.05)
     assert [e.id for e in events if isinstance(e, Granted)] == ["r2"], events
+
+
+@pytest.mark.parametrize("change", ["reweighed", "dropped"])
+def test_a_granted_tenant_changed_by_another_writer_is_read_again(
+    client: redis.Redis, change: str
+) -> None:
+    """The tenant a tick granted is kept for the next call (store.lua, recall_tenant),
+    which reads only its f and w while it waits for nothing: a tenant another writer
+    reweighed (an acquire it then rejected) or dropped as idle, with P:s as it was, is
+    read again whole, and the acquire that queues for it writes what a load would."""
+    if redis_version(client) < (7, 0):
+        pytest.skip("EVAL: nothing outlives a call")
+    scheduler, tenant_of = saturated_by_a_hundred(client)
+    now = 100.0
+    for _ in range(30):  # (the burst, the periodic steps; every tenant asks again)
+        now += 0.02
+        for event in scheduler.tick(now):
+            tenant = tenant_of[event.id]
+            tenant_of[f"r{len(tenant_of)}"] = tenant
+            scheduler.acquire(now, Request(f"r{len(tenant_of) - 1}", tenant))
+    now += 0.02
+    granted = [e.id for e in scheduler.tick(now) if isinstance(e, Granted)]
+    assert len(granted) == 1, granted
+    tenant = tenant_of[granted[0]]
+    key = f"{scheduler._tag}:t:{tenant_digest(tenant)}"
+    assert client.hget(key, "n") == b"0"  # it waits for nothing: kept, checked
+    if change == "reweighed":
+        client.hset(key, "w", "3")
+    else:
+        client.delete(key)
+    decision, _ = scheduler.acquire(now, Request("again", tenant))
+    assert isinstance(decision, Enqueue), decision
+    fields = client.hgetall(key)
+    assert fields.get(b"w", b"1") == b"1", fields  # the caller's weight again
+    assert b"f" in fields, fields
+    assert fields[b"n"] == b"1", fields
+    if change == "dropped":
+        assert fields[b"name"] == tenant.encode(), fields  # made anew
 
 
 def test_a_plain_field_changed_alone_is_seen_by_the_next_full_call(client: redis.Redis) -> None:
