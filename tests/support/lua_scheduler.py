@@ -74,8 +74,11 @@ class LuaScheduler:
         self._waiting: set[str] = set()
         self._due: float | None = None
         self._tenants: set[str] = set()
-        #: The last trailer (a release's short reply has none).
+        #: The last trailer (a release's short reply has none), and the last reply's lines.
         self.trailer: protocol.Trailer
+        self.reply: list[str] = []
+        #: The epoch a release tells release.lua it knows (None: the last trailer's).
+        self.known_epoch: str | None = None
         self.tick(now)  # start the state (and its measuring window) now, as Scheduler does
 
     # --- the scheduler's interface ---------------------------------------------------------
@@ -103,6 +106,12 @@ class LuaScheduler:
             return []
         self._leases.discard(request_id)
         return self._call(now, [protocol.release_op(request_id)], "release")[1]
+
+    def lone_release(self, now: float, request_id: str) -> list[str]:
+        """A release by release.lua, held or not: its whole reply."""
+        self._leases.discard(request_id)
+        self._call(now, [protocol.release_op(request_id)], "release")
+        return self.reply
 
     def tick(self, now: float) -> list[Event]:
         return self._call(now, [protocol.TICK])[1]
@@ -154,7 +163,8 @@ class LuaScheduler:
             (op,) = ops
             rid = protocol.lone_release(ops)
             assert rid is not None, op
-            args = protocol.release_args(static, repr(now), self.trailer.epoch, rid)
+            known = self.trailer.epoch if self.known_epoch is None else self.known_epoch
+            args = protocol.release_args(static, repr(now), known, rid)
         else:
             args = protocol.call_args(static, repr(now), ops)
         key = f"{self._tag}:g:{_PROCESS}"
@@ -164,6 +174,7 @@ class LuaScheduler:
         pipe.delete(key)
         raw, messages, _ = pipe.execute()
         results = protocol.split_reply(raw)
+        self.reply = results  # the last call's, whole
         if len(results) > len(ops):
             self.trailer = protocol.trailer(results)  # the last call's
             delay = self.trailer.next_tick_s
