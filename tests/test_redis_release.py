@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.support.lua_scheduler import LuaScheduler
+from tests.support.lua_scheduler import LuaScheduler, redis_version
 from tests.support.redis_server import RedisServer
 from throttle_mw.backends.base import Admitted, Waiting
 from throttle_mw.backends.redis import RedisBackend, protocol
@@ -39,13 +39,21 @@ def _policy() -> Policy:
     return Policy(dict.fromkeys(PRIORITIES, 5.0))
 
 
+@pytest.fixture(params=[True, False], ids=["fcall", "evalsha"])
+def functions(request: pytest.FixtureRequest, client: redis.Redis) -> bool:
+    """The scripts as a function library, or by EVALSHA (Redis 6.2's way, also on 7)."""
+    if request.param and redis_version(client) < (7, 0):
+        pytest.skip("this Redis has no functions (the scripts run by EVALSHA on it)")
+    return bool(request.param)
+
+
 def test_a_lone_release_is_one_line_only_when_the_caller_needs_no_trailer(
-    client: redis.Redis,
+    client: redis.Redis, functions: bool
 ) -> None:
     """Nobody waiting and the epoch the caller knew: REPLY.released alone. The caller knew
     none, or another: the full reply, whose trailer tells the state's epoch. Either way
     the lease is out; a lease not there (released twice) changes nothing."""
-    scheduler = LuaScheduler(client, Limits(concurrency=10), _policy(), now=0.0)
+    scheduler = LuaScheduler(client, Limits(concurrency=10), _policy(), 0.0, functions=functions)
     for i in range(4):
         decision, _ = scheduler.acquire(0.01 * (i + 1), Request(f"r{i}", "t"))
         assert isinstance(decision, Admit)
@@ -67,11 +75,11 @@ def test_a_lone_release_is_one_line_only_when_the_caller_needs_no_trailer(
 
 
 def test_a_lone_release_that_finds_a_waiter_grants_it_in_the_same_call(
-    client: redis.Redis,
+    client: redis.Redis, functions: bool
 ) -> None:
     """Someone waits: the release goes on as batch.lua's full call, dispatches at once (a
     grant on the waiter's process's list) and answers with the trailer."""
-    scheduler = LuaScheduler(client, Limits(concurrency=1), _policy(), now=0.0)
+    scheduler = LuaScheduler(client, Limits(concurrency=1), _policy(), 0.0, functions=functions)
     decision, _ = scheduler.acquire(0.01, Request("held", "t"))
     assert isinstance(decision, Admit)
     decision, _ = scheduler.acquire(0.02, Request("waiter", "u"))
@@ -109,7 +117,7 @@ def _contents(client: redis.Redis, tag: str) -> dict[str, Any]:
     return found
 
 
-def test_release_lua_leaves_what_batch_lua_leaves(client: redis.Redis) -> None:
+def test_release_lua_leaves_what_batch_lua_leaves(client: redis.Redis, functions: bool) -> None:
     """Two budgets, the same calls, on the same clock; every release goes by release.lua in
     one and by batch.lua in the other: leases of cost 1 and 2 (lean_release stops on a cost
     other than 1: fast_release), over the lease anchor and back, requests waiting (the
@@ -117,8 +125,8 @@ def test_release_lua_leaves_what_batch_lua_leaves(client: redis.Redis) -> None:
     budgets holds the same after each call, and each release's reply line is the same
     (the whole reply, when release.lua's is the full one)."""
     limits = Limits(concurrency=24)
-    by_release = LuaScheduler(client, limits, _policy(), now=0.0)
-    by_batch = LuaScheduler(client, limits, _policy(), now=0.0)
+    by_release = LuaScheduler(client, limits, _policy(), 0.0, functions=functions)
+    by_batch = LuaScheduler(client, limits, _policy(), 0.0, functions=functions)
     pairs = ((by_release, by_batch._tag), (by_batch, by_release._tag))
     held: list[str] = []
     now = 0.0
