@@ -1,5 +1,5 @@
 -- release.lua: one lease given back, alone in its call (batch.lua's most common call: a
--- request done, nothing else ready in its process), with the fewest arguments and, most
+-- request done, nothing else ready in its process), with fewer arguments and, most
 -- often, a one-line reply.
 --
 -- fast.lua's lean_release takes the lease out when nobody waits and the state is of the
