@@ -65,8 +65,10 @@ class Checked(LuaScheduler):
         self.calls = 0
         super().__init__(client, limits, policy, 0.0)
 
-    def _call(self, now: float, ops: list[str]) -> tuple[list[str], list[Any]]:
-        result = super()._call(now, ops)
+    def _call(
+        self, now: float, ops: list[str], entry: str = "batch"
+    ) -> tuple[list[str], list[Any]]:
+        result = super()._call(now, ops, entry)
         self.calls += 1
         for key, _ in keys_without_ttl(self._client, self._tag):
             self.forever.append((now, ops[0][:1], key))

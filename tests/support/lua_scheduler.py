@@ -2,8 +2,9 @@
 
 Runs ``batch.lua`` (with the rules in ``core.lua``) in a real redis-server, passing `now`
 explicitly (the scripts' test-only clock override), and reads the grant lists
-back as events. So the fake-clock scheduler tests run unchanged against the
-rules the Redis backend executes.
+back as events. A release goes by ``release.lua``, as the backend sends a release alone
+(with the epoch of the last trailer, as the backend tells the one it knows). So the
+fake-clock scheduler tests run unchanged against the rules the Redis backend executes.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class LuaScheduler:
         self._waiting: set[str] = set()
         self._due: float | None = None
         self._tenants: set[str] = set()
+        #: The last trailer (a release's short reply has none), and the last reply's lines.
+        self.trailer: protocol.Trailer
+        self.reply: list[str] = []
+        #: The epoch a release tells release.lua it knows (None: the last trailer's).
+        self.known_epoch: str | None = None
         self.tick(now)  # start the state (and its measuring window) now, as Scheduler does
 
     # --- the scheduler's interface ---------------------------------------------------------
@@ -99,7 +105,13 @@ class LuaScheduler:
         if request_id not in self._leases:
             return []
         self._leases.discard(request_id)
-        return self._call(now, [protocol.release_op(request_id)])[1]
+        return self._call(now, [protocol.release_op(request_id)], "release")[1]
+
+    def lone_release(self, now: float, request_id: str) -> list[str]:
+        """A release by release.lua, held or not: its whole reply."""
+        self._leases.discard(request_id)
+        self._call(now, [protocol.release_op(request_id)], "release")
+        return self.reply
 
     def tick(self, now: float) -> list[Event]:
         return self._call(now, [protocol.TICK])[1]
@@ -129,7 +141,9 @@ class LuaScheduler:
 
     # --- plumbing -------------------------------------------------------------------------------
 
-    def _call(self, now: float, ops: list[str]) -> tuple[list[str], list[Event]]:
+    def _call(
+        self, now: float, ops: list[str], entry: str = "batch"
+    ) -> tuple[list[str], list[Event]]:
         self._now = now
         pol = self._policy
         static = protocol.static_args(
@@ -145,17 +159,28 @@ class LuaScheduler:
             key_ttl_s=7200,
             live_limits_ttl_s=7200,
         )
-        args = protocol.call_args(static, repr(now), ops)
+        if entry == "release":
+            (op,) = ops
+            rid = protocol.lone_release(ops)
+            assert rid is not None, op
+            known = self.trailer.epoch if self.known_epoch is None else self.known_epoch
+            args = protocol.release_args(static, repr(now), known, rid)
+        else:
+            args = protocol.call_args(static, repr(now), ops)
         key = f"{self._tag}:g:{_PROCESS}"
         pipe = self._client.pipeline(transaction=False)
-        self._run("batch", args, pipe)
+        self._run(entry, args, pipe)
         pipe.lrange(key, 0, -1)
         pipe.delete(key)
         raw, messages, _ = pipe.execute()
         results = protocol.split_reply(raw)
-        self.trailer = protocol.trailer(results)  # the last call's
-        delay = self.trailer.next_tick_s
-        self._due = None if delay is None else now + delay
+        self.reply = results  # the last call's, whole
+        if len(results) > len(ops):
+            self.trailer = protocol.trailer(results)  # the last call's
+            delay = self.trailer.next_tick_s
+            self._due = None if delay is None else now + delay
+        else:  # release.lua's short reply: nobody waits, nothing due
+            self._due = None
         return results[: len(ops)], self._events(messages)
 
     def _run(self, name: str, args: list[str], client: Any) -> Any:

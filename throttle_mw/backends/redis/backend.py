@@ -337,11 +337,17 @@ class RedisBackend(Recovery):
         return "" if self._now is None else repr(float(self._now()))
 
     async def _call(self, ops: Sequence[Op], retry: bool) -> list[str]:
+        """One script call: release.lua for a release alone (most releases), else batch.lua."""
         assert self._scripts is not None
+        keys = [self._keys.state]
+        rid = protocol.lone_release(ops)
+        if rid is not None:
+            args = protocol.release_args(self._static, self._clock(), self._known_epoch(), rid)
+            return protocol.split_reply(await self._scripts.release(keys=keys, args=args))
         if retry:
             ops = [protocol.as_retry(op) for op in ops]
         args = protocol.call_args(self._static, self._clock(), list(ops), self._known_epoch())
-        return protocol.split_reply(await self._scripts.batch(keys=[self._keys.state], args=args))
+        return protocol.split_reply(await self._scripts.batch(keys=keys, args=args))
 
     def _known_epoch(self) -> str:
         """The epoch to tell a call: a caller that knew one and finds no state starts the
@@ -498,8 +504,13 @@ class RedisBackend(Recovery):
             self._settle_waiter(waiter, result)
 
     def _on_trailer(self, lines: list[str]) -> None:
-        trailer = protocol.trailer(lines)
         self._epoch_at = time.monotonic()
+        if not lines:
+            # release.lua's short reply: the state is of the epoch this process knows, no
+            # tick is due (nobody waits); the processes and limits come with the next reply.
+            self._succeeded()
+            return
+        trailer = protocol.trailer(lines)
         if trailer.epoch != self._epoch:
             self._new_epoch(trailer.epoch)
         # Any call that went through says Redis is back (the probe's, or one that was out).

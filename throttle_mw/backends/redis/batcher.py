@@ -24,7 +24,8 @@ from .protocol import DEFERRED, Op
 
 logger = logging.getLogger("throttle_mw.redis")
 
-#: Sends a list of operations; returns one result per op, then the trailing fields.
+#: Sends a list of operations; returns one result per op, then the trailing fields (none
+#: after release.lua's short reply: `protocol.split_reply`).
 Call = Callable[[Sequence[Op], bool], Awaitable[list[str]]]
 
 #: Operations per call at most; the script also stops taking them on once it has run

@@ -6,6 +6,10 @@ tests that run the scripts as a scheduler all go through it. The codes and
 separators below reach the Lua side as generated constants (``scripts.py``),
 so neither side spells them twice.
 
+A call of one release alone goes to release.lua instead (`lone_release`, `release_args`):
+its reply is that release's line, and the trailer only when the script went the full way
+(`split_reply`).
+
 Replies of batch.lua decode into the scheduler's own types: an acquire into
 `Admit`, `Enqueue` or `Reject`, a grant-list message into `Granted` or
 `Evicted`, exactly what `throttle_mw.scheduler.Scheduler` returns.
@@ -14,7 +18,7 @@ Replies of batch.lua decode into the scheduler's own types: an acquire into
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final, NamedTuple, cast
 
@@ -92,6 +96,7 @@ _ADMITTED, _QUEUED, _CANCELLED, _LATE = (
     REPLY["already_admitted"],
 )
 _ACQUIRE = OP["acquire"] + SEP
+_RELEASE = OP["release"] + SEP
 #: The reply line of an operation the script left for the next call (batch.lua, WORK_US).
 DEFERRED: Final = REPLY["deferred"]
 #: A reclaim's reply when it registered the lease.
@@ -206,6 +211,24 @@ def release_op(request_id: str) -> Op:
     return OP["release"] + SEP + request_id
 
 
+def lone_release(ops: Sequence[Op]) -> str | None:
+    """The request id of a call that is one release and nothing else (release.lua's), or
+    None (batch.lua's call)."""
+    if len(ops) == 1 and ops[0].startswith(_RELEASE):
+        return ops[0][len(_RELEASE) :]
+    return None
+
+
+def release_args(static: list[str], now: str, epoch: str, request_id: str) -> list[str]:
+    """ARGV of release.lua: batch.lua's first five (`call_args`: its full call needs
+    them), then the request id; no operation to split, and most often a reply of one line."""
+    args = list(static)
+    args[0] = now
+    args.append(epoch)
+    args.append(request_id)
+    return args
+
+
 def cancel_op(request_id: str) -> Op:
     return OP["cancel"] + SEP + request_id
 
@@ -245,7 +268,9 @@ def as_retry(op: Op) -> Op:
 
 
 def split_reply(raw: bytes | str) -> list[str]:
-    """One line per operation, then the four lines of the `Trailer`."""
+    """One line per operation, then the four lines of the `Trailer`; release.lua's reply
+    may be its line alone (the release taken out with nobody waiting, in the state of the
+    epoch the caller knew: nothing in a trailer it needs)."""
     return (raw.decode() if isinstance(raw, bytes) else str(raw)).split(LINE)
 
 

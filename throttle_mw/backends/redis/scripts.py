@@ -4,7 +4,7 @@ The code is the constants it shares with Python, generated here from their
 Python definitions (so no scheduler constant is spelled in a ``.lua`` file),
 then the state layer (``store.lua``), the twins of the scheduler's rules
 (``window.lua``, ``core.lua``), the fast path of a one-operation call
-(``fast.lua``), and the entry scripts (``batch``, ``renew``,
+(``fast.lua``), and the entry scripts (``batch``, ``release``, ``renew``,
 ``leave``, ``snapshot``). Where the server has functions (Redis 7+, Valkey) it
 is loaded once as a library and each entry script is a function called with
 FCALL; elsewhere (Redis 6.2) each entry script is sent with the shared code in
@@ -31,9 +31,14 @@ from . import keys, protocol
 
 logger = logging.getLogger("throttle_mw.redis")
 
-ENTRY_SCRIPTS = ("batch", "renew", "leave", "snapshot")
+ENTRY_SCRIPTS = ("batch", "release", "renew", "leave", "snapshot")
 #: The shared files, in load order.
 LIBRARY = ("store", "window", "core", "fast")
+#: Entry scripts another entry script runs, by the one that runs them: release.lua goes on
+#: as batch.lua wherever its lean release gives up. Such an entry is also a function of the
+#: shared code, ``call.entry.<name>(KEYS, ARGV)`` (store.lua): the library registers that
+#: function, and an EVAL of the caller carries it.
+CALLED: Final[Mapping[str, tuple[str, ...]]] = {"release": ("batch",)}
 #: First line of every script run by EVAL: Dragonfly refuses keys a script does not declare
 #: (ours derive them from the one declared key) unless told; elsewhere a plain comment.
 DRAGONFLY_FLAGS: Final = "--!df flags=allow-undeclared-keys"
@@ -203,12 +208,23 @@ def _part(name: str) -> str:
     return resources.files(__package__).joinpath("scripts", f"{name}.lua").read_text("utf-8")
 
 
+def _entry_function(name: str) -> str:
+    """An entry script as a function of the shared code (CALLED)."""
+    return f"-- ==== {name}.lua ====\ncall.entry.{name} = function(KEYS, ARGV)\n{_part(name)}\nend"
+
+
+def _called() -> set[str]:
+    return {called for names in CALLED.values() for called in names}
+
+
 @cache
 def source(name: str) -> str:
     """The full text of an entry script, as EVAL runs it."""
     parts = [DRAGONFLY_FLAGS, constants_lua()]
-    for part in (*LIBRARY, name):
+    for part in LIBRARY:
         parts += [f"-- ==== {part}.lua ====", _part(part)]
+    parts += [_entry_function(called) for called in CALLED.get(name, ())]
+    parts += [f"-- ==== {name}.lua ====", _part(name)]
     return "\n".join(parts)
 
 
@@ -235,9 +251,13 @@ def library() -> Library:
     digest = hashlib.sha1((shared + "".join(entries.values())).encode()).hexdigest()[:12]
     name = f"throttle_mw_{digest}"
     functions = {entry: f"{name}_{entry}" for entry in ENTRY_SCRIPTS}
+    called = _called()
     registered = [
-        f"redis.register_function('{functions[entry]}', function(KEYS, ARGV)\n{text}\nend)"
+        f"{_entry_function(entry)}\nredis.register_function('{fn}', call.entry.{entry})"
+        if entry in called
+        else f"redis.register_function('{fn}', function(KEYS, ARGV)\n{text}\nend)"
         for entry, text in entries.items()
+        for fn in (functions[entry],)
     ]
     return Library(name, "\n".join([f"#!lua name={name}", shared, *registered]), functions)
 
@@ -269,6 +289,7 @@ class Scripts:
         self._functions: bool | None = None
         self._evalsha = {name: client.register_script(source(name)) for name in ENTRY_SCRIPTS}
         self.batch = Script(self, "batch")
+        self.release = Script(self, "release")
         self.renew = Script(self, "renew")
         self.leave = Script(self, "leave")
         self.snapshot = Script(self, "snapshot")

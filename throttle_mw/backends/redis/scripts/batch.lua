@@ -86,9 +86,16 @@ if single then
     end
     call.init_tables()
   elseif try and string.sub(op, 1, #OP.acquire) == OP.release then
-    -- (lean_release, else fast_release with what it read, else the full call)
+    -- (lean_release, else fast_release with what it read, else the full call; from
+    -- release.lua, whose lean_release gave up: what it read, ARGV.lean_read)
     local id = string.sub(op, #OP.acquire + #SEP + 1)
-    local done, vals = lean_release(id, ARGV[4])
+    local done, vals = false, nil
+    local read = ARGV.lean_read
+    if read == nil then
+      done, vals = lean_release(id, ARGV[4])
+    elseif read ~= false then
+      vals = read
+    end
     if done then return finish(REPLY.released, nil, S.np) end
     if vals ~= nil then line = fast_release(id, ARGV[4], vals) end
   end

@@ -181,7 +181,10 @@ end
 -- anchor to take out (unanchor_leases), the live processes to count again (batch.lua's
 -- live_processes) or the live limits to stamp (load_limits_stamped). true: done; S.np and
 -- S.ep are set, and the limits, for batch.lua's reply.
-local function lean_release(id, limits)
+-- From release.lua (`limits` nil: its short reply states none, so neither S nor the
+-- limits are touched): `known`, the epoch its caller knew, must be the state's (else
+-- false, vals: the reply must tell the caller the epoch, with the rest of the trailer).
+local function lean_release(id, limits, known)
   local vals = redis.call('HMGET', K.state, unpack(HOT_FIELDS))
   local packed = unpack_state(vals[1])
   if packed == nil then return false, nil end  -- a new budget
@@ -193,14 +196,17 @@ local function lean_release(id, limits)
   end
   local np, pc = p[at.np], p[at.pc]
   if (p[at.lk] or 0) > 0 or (p[at.la] == 1 and inflight <= 1) or lv == '' or np == nil
-    or pc == nil or now >= pc or now < pc - TUNING.PROCS_RECOUNT then
+    or pc == nil or now >= pc or now < pc - TUNING.PROCS_RECOUNT
+    or limits == nil and ep ~= known then
     return false, vals
   end
-  S.lv = lv
-  load_limits_stamped(limits, false)  -- (the reply's limits; stamped already: no write)
+  if limits ~= nil then
+    S.lv = lv
+    load_limits_stamped(limits, false)  -- (the reply's limits; stamped already: no write)
+  end
   if redis.call('ZREM', K.leases, id) == 1 then
     redis.call('HSET', K.state, 'inflight', num(math.max(0, inflight - 1)))
   end
-  S.np = np; S.ep = ep
+  if limits ~= nil then S.np = np; S.ep = ep end
   return true
 end

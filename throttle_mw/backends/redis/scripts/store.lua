@@ -85,6 +85,9 @@ TENANT_FIELDS[#TENANT_FIELDS + 1] = 'xp'
 -- "A call's memos" below), in one table: a chunk may have at most 200 locals, and each
 -- script is one chunk with all of these files.
 local call = {integers = {}, integers_kept = 0, last_number = false, last_text = false}
+-- The entry scripts another entry script runs (release.lua's full call is batch.lua's),
+-- each as a function of (KEYS, ARGV), by name (scripts.py, CALLED).
+call.entry = {}
 
 -- tonumber, remembered by the text: glibc's strtod takes thousands of instructions for the
 -- 17 digits of NUMBER_FORMAT, and most numbers a call reads are the same text call after
@@ -228,6 +231,20 @@ end
 -- The tenants of a light init: none, and none added (fast.lua's acquire only reads T).
 call.NO_TENANTS = {}
 
+-- The key names and the clock: all that release.lua's lean release needs (init's start).
+-- `now_override`: the test clock's text, or a number (release.lua's full call goes on
+-- on the clock it read); '' or nil: Redis's TIME.
+local function start(prefix, now_override)
+  K = key_names(prefix)
+  if now_override ~= nil and now_override ~= '' then
+    now = tonumber(now_override)
+  else
+    local t = redis.call('TIME')
+    now = tonum(t[1]) + tonumber(t[2]) / US_PER_S  -- (the seconds: the same text a while)
+  end
+  now_text = nil
+end
+
 -- `light`: for fast.lua's acquire only, which uses neither S0 nor out_events and adds no
 -- tenant to T; a table made is an allocation and its share of garbage collection (a
 -- call of one request makes about twenty). If it gives up, call.init_tables first.
@@ -244,15 +261,8 @@ local function init(prefix, now_override, process, light)
   end
   L, POL = nil, nil
   limits_memo = nil
-  K = key_names(prefix)
   proc = process
-  if now_override ~= nil and now_override ~= '' then
-    now = tonumber(now_override)
-  else
-    local t = redis.call('TIME')
-    now = tonum(t[1]) + tonumber(t[2]) / US_PER_S  -- (the seconds: the same text a while)
-  end
-  now_text = nil
+  start(prefix, now_override)
 end
 
 -- The limits in force: live overrides (P:cfg, set with the CLI) win over the caller's.
