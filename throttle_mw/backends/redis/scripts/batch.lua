@@ -113,12 +113,6 @@ load_state(ARGV[5], ARGV[4])
 load_limits_stamped(ARGV[4], true)  -- (the limits loaded are current: read this call, or by the stamp)
 hold_back()
 call.recall_line()  -- (store.lua: the line as the last call left it, if unchanged)
--- Redis's clock in microseconds (TIME: the test clock override aside), exact in a double:
--- made once per work check (the start's two texts were parsed again at each).
-local function clock_us()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * US_PER_S + tonumber(t[2])
-end
 -- A call of many operations measures its work (TUNING.WORK_US) from here: the expiries and the
 -- operations count, not the operations only.
 local started = nil
@@ -136,70 +130,12 @@ refill()
 expire_leases()
 expire_waiters()
 
-local function flag(yes)
-  if yes then return '1' end
-  return '0'
-end
-
--- (One concatenation each: a table made and joined for three fields cost more than the
--- string.)
-local function encode(d)
-  if d.kind == 'admit' then return REPLY.admitted .. SEP .. flag(d.lease) .. SEP .. flag(d.degraded) end
-  if d.kind == 'queue' then
-    return REPLY.queued .. SEP .. call.deadline_text(d.deadline) .. SEP .. num(d.wait)
-  end
-  return REPLY.rejected .. SEP .. d.reason .. SEP .. num(d.retry)
-end
-
-local function do_acquire(op)
-  local _, id, h, name, weight, rank, cost, flags, max_wait = string.match(op, ACQUIRE_PATTERN)
-  flags = tonum(flags)
-  if has_flag(flags, FLAG.retry) then
-    local known = retried(id)
-    if known ~= nil then return encode(known) end
-  end
-  return encode(acquire(id, h, name, live_weight(h, tonum(weight)), tonum(rank),
-    tonum(cost), has_flag(flags, FLAG.sheddable), has_flag(flags, FLAG.degradable),
-    tonum(max_wait)))
-end
-
-local function do_cancel(id)
-  local d = cancel(id)
-  if d ~= nil then return table.concat({REPLY.cancelled, d.reason, num(d.retry)}, SEP) end
-  local lease = admitted(id)
-  if lease == nil then return REPLY.unknown end
-  return REPLY.already_admitted .. SEP .. flag(lease)
-end
-
-local results = {}
+-- (Each operation to its reply line: fast.lua's do_acquire, do_cancel and do_leave, made once
+-- in the library rather than on every call.)
+local results = {nil}  -- (room for one line: most calls' only one)
 local body = #OP.acquire + #SEP + 1  -- where an operation's first field begins
 local over = false
 
--- A leave: its ids, TUNING.LEAVE_CHUNK at a time (core.lua's leave) while the call's work
--- allows (TUNING.LEAVE_US: the rest of the call is deferred), then one dispatch. Its reply
--- says how many it took, from the first; the caller sends the rest again.
-local function do_leave(text)
-  local start = started or clock_us()
-  local done = 0
-  local next_id = string.gmatch(text, '[^' .. SEP .. ']+')  -- (split only as far as taken)
-  while true do
-    local chunk = {}
-    for id in next_id do
-      chunk[#chunk + 1] = id
-      if #chunk == TUNING.LEAVE_CHUNK then break end
-    end
-    if #chunk == 0 then break end
-    leave(chunk)
-    done = done + #chunk
-    if clock_us() - start >= TUNING.LEAVE_US then
-      over = true  -- (perhaps all were taken: the caller finds out from `done`)
-      break
-    end
-  end
-  refill()
-  dispatch(nil)
-  return REPLY.left .. SEP .. num(done)
-end
 for i, op in ipairs(ops) do
   local kind = string.sub(op, 1, #OP.acquire)
   if not over and started ~= nil and i % TUNING.WORK_CHECK == 1 and i > 1 then
@@ -219,7 +155,9 @@ for i, op in ipairs(ops) do
     tick()
     results[#results + 1] = REPLY.ticked
   elseif kind == OP.leave then
-    results[#results + 1] = do_leave(string.sub(op, body))
+    local line
+    line, over = do_leave(string.sub(op, body), started)
+    results[#results + 1] = line
   elseif kind == OP.reclaim then
     local _, id, cost, old = string.match(op, RECLAIM_PATTERN)
     results[#results + 1] = REPLY.reclaimed .. SEP .. flag(reclaim(id, tonumber(cost), old))
@@ -239,4 +177,6 @@ call.stamp_line()
 save()
 call.keep_line()
 call.keep_state()
-return finish(table.concat(results, LINE), due, procs)
+local lines = results[1] or ''  -- (one operation, most calls: nothing to join)
+if #results > 1 then lines = table.concat(results, LINE) end
+return finish(lines, due, procs)

@@ -50,6 +50,7 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', 'thr',
   'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc', 'lm', 'lk'}
 local PACKED_FIELD = 'nums'
+-- (call.save_plain writes PLAIN's fields out in this order.)
 local PLAIN = {'inflight', 'waiting', 'tk_by', 'ep', LIVE_STAMP}
 local RANK_COUNT = {}  -- 'n0'.. by rank + 1, and a tenant's 'c0'..: made once, not per call
 local RANK_COST = {}
@@ -571,14 +572,22 @@ end
 -- Tenant h was used now and waits for nothing (idle: on the list), or it waits (off it).
 function call.seen_idle(h, idle)
   local pending = M.idle
-  if pending == nil then pending = {}; M.idle = pending end
-  pending[h] = idle
+  if pending == nil then M.idle = {[h] = idle} else pending[h] = idle end
 end
 
 function call.flush_idle()
   local pending = M.idle
   if pending == nil then return end
   M.idle = nil
+  local h, idle = next(pending)
+  if next(pending, h) == nil then  -- (one tenant, most calls: no lists made)
+    if not idle then
+      redis.call('ZREM', K.tenants, h)
+    elseif redis.call('ZADD', K.tenants, call.idle_score(now), h) > 0 then
+      born.tenants = true
+    end
+    return
+  end
   local add, drop = {}, {}
   local seen = call.idle_score(now)
   for h, idle in pairs(pending) do
@@ -977,7 +986,7 @@ end
 -- save's packed numbers, a full call's with a memo entry (`loaded`): the entry changed in
 -- place, as save_acquire does (only K.state_memo and the kept state hold it, and both
 -- follow it), and no memo while it is changed: a call that fails halfway leaves one
--- whose text no P:s has. args: save's HSET, which gets the field if one changed.
+-- whose text no P:s has. args: save's HSET, which gets the field if one changed (true).
 function call.save_packed(args)
   local s, vals, texts = S, loaded.vals, loaded.texts
   local text = loaded.text
@@ -1011,6 +1020,7 @@ function call.save_packed(args)
     loaded.rest = nil  -- (save_acquire's texts after the sixth: made again)
   end
   loaded.text = text
+  return c
 end
 
 -- save's packed numbers otherwise (a state made anew, or fast.lua's `hot` calls, which
@@ -1038,41 +1048,76 @@ function call.save_packed_anew(args, hot)
     K.state_memo = loaded
     args[1] = PACKED_FIELD; args[2] = loaded.text
   end
+  return texts ~= nil
 end
+
+-- save's plain fields that changed (PLAIN's, written out: a loop over their names took
+-- twice as long) into args after its first n, their texts made what was read (M.raw: the
+-- HMGET's, PLAIN[i] at i + 1); the new count.
+function call.put_plain(args, n, name, value, i)
+  args[n + 1] = name
+  if type(value) == 'number' then value = num(value) end
+  args[n + 2] = value
+  S0[name] = S[name]
+  local raw = M.raw
+  if raw ~= nil then raw[i] = value end
+  return n + 2
+end
+
+function call.save_plain(args, n)
+  local s, s0, put = S, S0, call.put_plain
+  if s.inflight ~= s0.inflight then n = put(args, n, 'inflight', s.inflight, 2) end
+  if s.waiting ~= s0.waiting then n = put(args, n, 'waiting', s.waiting, 3) end
+  if s.tk_by ~= s0.tk_by then n = put(args, n, 'tk_by', s.tk_by, 4) end
+  if s.ep ~= s0.ep then n = put(args, n, 'ep', s.ep, 5) end
+  if s.lv ~= s0.lv then n = put(args, n, LIVE_STAMP, s.lv, 6) end
+  for rank = 1, NRANK do
+    local name = RANK_COUNT[rank]
+    if s[name] ~= s0[name] then n = put(args, n, name, s[name], 6 + rank) end
+  end
+  return n
+end
+
+-- save's HSET of P:s, kept from call to call (its first n entries in use: a table grown
+-- entry by entry is made anew as it doubles).
+call.state_args = {}
 
 -- Only what changed, and key TTLs only when due (every budget-wide key, a quarter of T
 -- apart) or for keys this call may have created: this runs on every call. `hot`: a call of
 -- fast.lua's, which compares only what it can change (call.HOT_PACKED).
 local function save(hot)
   call.flush_idle()
-  local args = {}
+  local args, n = call.state_args, 0
   S.inflight = S.inflight - held_back
   held_back = 0
   local refresh = now >= S.xp
   if refresh then S.xp = now + POL.ttl / TTL_REFRESHES end
   -- The packed numbers (in PACKED's order): their text anew if one changed, only the
   -- changed ones formatted.
-  local plain = PLAIN
-  if hot then plain = call.HOT_PLAIN end
+  local changed
   if loaded ~= nil and not hot then
-    call.save_packed(args)
+    changed = call.save_packed(args)
   else
-    call.save_packed_anew(args, hot)
+    changed = call.save_packed_anew(args, hot)
   end
-  local raw = M.raw  -- (the plain fields' texts as read: made what is written)
-  if hot then raw = nil end
-  for i = 1, #plain do
-    local name = plain[i]
-    local value = S[name]
-    if value ~= S0[name] then
-      args[#args + 1] = name
-      if type(value) == 'number' then value = num(value) end
-      args[#args + 1] = value
-      S0[name] = S[name]
-      if raw ~= nil then raw[i + 1] = value end
+  if changed then n = 2 end
+  if hot then
+    local plain = call.HOT_PLAIN
+    for i = 1, #plain do
+      local name = plain[i]
+      local value = S[name]
+      if value ~= S0[name] then
+        args[n + 1] = name
+        if type(value) == 'number' then value = num(value) end
+        args[n + 2] = value
+        n = n + 2
+        S0[name] = S[name]
+      end
     end
+  else
+    n = call.save_plain(args, n)
   end
-  if #args > 0 then redis.call('HSET', K.state, unpack(args)) end
+  if n > 0 then redis.call('HSET', K.state, unpack(args, 1, n)) end
   for _, t in pairs(T) do
     if t.dirty and not t.deleted then save_tenant(t, false, hot) end
   end
