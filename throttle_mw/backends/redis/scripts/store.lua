@@ -754,14 +754,17 @@ end
 function call.as_written(t)
   if not t.dirty then return end  -- (as loaded)
   local l = t.loaded
+  local tc = t.c
   if l == call.NEW_LOADED then
-    l = {f = nil, w = nil, cap = nil, cap_at = nil, n = nil, c = {}, st = nil, am = nil, xp = nil}
+    l = {f = nil, w = nil, cap = nil, cap_at = nil, n = nil, c = {unpack(tc)}, st = nil, am = nil,
+      xp = nil}
     t.loaded = l
   elseif l.c == call.NEW_LOADED.c then
-    l.c = {}
+    l.c = {unpack(tc)}
+  else
+    local c = l.c
+    for rank = 1, NRANK do c[rank] = tc[rank] end
   end
-  local c, tc = l.c, t.c
-  for rank = 1, NRANK do c[rank] = tc[rank] end
   l.f = t.f; l.w = t.w; l.cap = t.cap; l.cap_at = t.cap_at; l.n = t.n; l.st = t.st
   l.am = t.am; l.xp = t.xp
   t.dirty = false
@@ -910,8 +913,7 @@ local function save_tenant(t, again, hot)
     costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
     for rank = 1, NRANK do
       if t.c[rank] ~= 0 then
-        costs = {}
-        for r = 1, NRANK do costs[r] = t.c[r] end
+        costs = {unpack(t.c)}  -- (made whole)
         break
       end
     end
@@ -1413,10 +1415,10 @@ local function load_tenant(h, weight)
   -- (Tables made whole: one filled field by field grows anew every few fields.)
   if v[1] == false then
     local w = weight or 1
-    local c = {}
-    for rank = 1, NRANK do c[rank] = 0 end
-    t = {h = h, key = key, dirty = true, new = true, loaded = call.NEW_LOADED, c = c, w = w,
-      f = S.v + 1 / w, cap = L.tenant_burst, cap_at = now, n = 0, st = IDLE, am = '', xp = 0}
+    t = {h = h, key = key, dirty = true, new = true, loaded = call.NEW_LOADED,
+      c = {unpack(call.NEW_LOADED.c)}, w = w, f = S.v + 1 / w, cap = L.tenant_burst,
+      cap_at = now, n = 0, st = IDLE, am = '', xp = 0, touched = nil, name = nil,
+      queue_made = nil, deleted = nil}
     fresh = true
     local made = M.made
     if made == nil then made = {}; M.made = made end
@@ -1424,17 +1426,23 @@ local function load_tenant(h, weight)
   else
     -- TENANT_FIELDS: f, w, cap, cap_at, n, the costs by rank, st, am, xp.
     -- (Absent, w, n, the costs, st and am are their defaults: call.NEW_LOADED.)
-    local c, costs = {}, {}
+    -- (tonum's remembered numbers looked up here first: most are, and a call costs. The
+    -- costs by rank: their texts into a table of their size, made whole, then numbers.)
+    local c = {unpack(v, 6, 5 + NRANK)}
     for rank = 1, NRANK do
-      local cost = tonum(v[5 + rank]) or 0
-      c[rank] = cost; costs[rank] = cost
+      local x = c[rank]
+      c[rank] = NUMBERS[x] or tonum(x) or 0
     end
     local i = NRANK + 6
-    local l = {f = tonum(v[1]), w = tonum(v[2]) or 1, cap = tonum(v[3]), cap_at = tonum(v[4]),
-      n = tonum(v[5]) or 0, c = costs, st = tonum(v[i]) or IDLE, am = v[i + 1] or '',
-      xp = tonum(v[i + 2])}
+    local x1, x2, x3, x4, x5 = v[1], v[2], v[3], v[4], v[5]
+    local xi, xp = v[i], v[i + 2]
+    local l = {f = NUMBERS[x1] or tonum(x1), w = NUMBERS[x2] or tonum(x2) or 1,
+      cap = NUMBERS[x3] or tonum(x3), cap_at = NUMBERS[x4] or tonum(x4),
+      n = NUMBERS[x5] or tonum(x5) or 0, c = {unpack(c)}, st = NUMBERS[xi] or tonum(xi) or IDLE,
+      am = v[i + 1] or '', xp = NUMBERS[xp] or tonum(xp)}
     t = {h = h, key = key, dirty = false, loaded = l, c = c, f = l.f, w = l.w, cap = l.cap,
-      cap_at = l.cap_at, n = l.n, st = l.st, am = l.am, xp = l.xp or 0}
+      cap_at = l.cap_at, n = l.n, st = l.st, am = l.am, xp = l.xp or 0, touched = nil,
+      new = nil, name = nil, queue_made = nil, deleted = nil}
     if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
   end
   T[h] = t
