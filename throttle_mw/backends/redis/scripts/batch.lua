@@ -66,19 +66,19 @@ if not single then
   if #ops == 1 then single = true; text = ops[1] end
 end
 
--- (A call of one acquire starts with a light init: store.lua's init; if fast.lua gives
--- up, the tables a full call needs are made before it goes on.)
-local light = single and string.sub(text, 1, #OP.acquire) == OP.acquire
+-- One operation that nobody waiting can be affected by: fast.lua, or nil. (Not tried when
+-- the last call left requests waiting: it would read the state only to give up.) A call of
+-- one acquire that tries it starts with a light init: store.lua's init; if fast.lua gives
+-- up, the tables a full call needs are made before it goes on.
+local try = single and not call.left_waiting(ARGV[2])
+local light = try and string.sub(text, 1, #OP.acquire) == OP.acquire
 init(ARGV[2], ARGV[1], ARGV[3], light)
 
--- One operation that nobody waiting can be affected by: fast.lua, or nil. (Not tried when
--- the last call left requests waiting: it would read the state only to give up.)
 if single then
   local op = text
   local line
-  local try = not call.left_waiting()
   if light then
-    if try then line = fast_acquire(op, ARGV[4]) end
+    line = fast_acquire(op, ARGV[4])
     if line ~= nil then
       local procs = live_processes(false)
       call.save_acquire(FAST_T)

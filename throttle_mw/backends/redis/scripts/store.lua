@@ -481,10 +481,13 @@ local function load_state(known, limits)
   else
     local vals = redis.call('HMGET', K.state, PACKED_FIELD, unpack(PLAIN))
     M.raw = vals  -- (save keeps it as written: call.take_state)
-    if not call.take_state(vals) then
-      load_packed(vals[1])
-      for i, name in ipairs(PLAIN) do load_plain(name, vals[i + 1]) end
+    if call.take_state(vals) then  -- (its defaults are set: it was loaded below before)
+      if L == nil then call.limits_by_stamp(limits) end
+      if S.tokens > L.burst then S.tokens = L.burst end
+      return
     end
+    load_packed(vals[1])
+    for i, name in ipairs(PLAIN) do load_plain(name, vals[i + 1]) end
   end
   if L == nil then call.limits_by_stamp(limits) end
   if S.ts == nil then
@@ -802,9 +805,10 @@ end
 
 -- Did the last full call of this library on this budget leave requests waiting (batch.lua:
 -- then fast.lua, which gives up whenever any wait, is not tried)? Only a hint: another
--- writer may have changed that since; the full call decides the same either way.
-function call.left_waiting()
-  local memo = K.line_memo
+-- writer may have changed that since; the full call decides the same either way. (By the
+-- key prefix: asked before init.)
+function call.left_waiting(prefix)
+  local memo = key_names(prefix).line_memo
   return memo ~= nil and memo.waiting > 0
 end
 
