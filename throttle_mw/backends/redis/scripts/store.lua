@@ -981,14 +981,16 @@ end
 -- --- a fast acquire's state and writes (fast.lua) ---------------------------------------
 --
 -- load_hot_state and save(true) for one acquire, for less: the state goes into a table kept
--- from call to call (call.S_kept; with EVAL, made per call) whose fields are all assigned
--- anew each call (assigning a field a table has costs a fraction of adding one to a new
--- table), and the writes are save(true)'s for one tenant, made without its general tables.
+-- from call to call (call.S_kept; with EVAL, made per call) whose fields are assigned anew
+-- (assigning a field a table has costs a fraction of adding one to a new table; those
+-- fast.lua cannot change, only when they come from another state text), and the writes are
+-- save(true)'s for one tenant, made without its general tables.
 
 call.S_kept = {}
 
 -- The state as load_hot_state loads it (and fast_state defaults it), into S; false if
--- there is none. Every field of PACKED and HOT_FIELDS is assigned (nil if unset).
+-- there is none. Every field of PACKED and HOT_FIELDS holds its value as loaded (nil if
+-- unset).
 function call.load_acquire_state()
   -- (HOT_FIELDS written out: unpack is a call.)
   local v = redis.call('HMGET', K.state, PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP)
@@ -996,10 +998,18 @@ function call.load_acquire_state()
   loaded = K.state_memo
   if loaded == nil or loaded.text ~= v[1] then loaded = unpack_state(v[1]) end
   local n, s = loaded.vals, call.S_kept
-  s.tokens = n[1]; s.ts = n[2]; s.v = n[3]; s.win_at = n[4]; s.win_v0 = n[5]; s.win_cost = n[6]
-  s.v_rate = n[7]; s.thr = n[8]; s.meas_at = n[9]; s.qcost = n[10]; s.wsum = n[11]
-  s.seq = n[12]; s.tk_at = n[13]; s.xp = n[14]; s.fi = n[15]; s.la = n[16] or 0; s.rc = n[17]
-  s.np = n[18]; s.pc = n[19]; s.lm = n[20]; s.lk = n[21] or 0
+  -- The packed numbers fast.lua can change (call.HOT_PACKED) every call; the others only
+  -- when they come from another memo entry than the last call's (call.S_from): an entry's
+  -- other numbers are never changed (call.save_acquire writes back the hot ones only), nor
+  -- are they in S by fast.lua's calls (save(true) and call.save_acquire would not write them).
+  s.tokens = n[1]; s.ts = n[2]; s.v = n[3]; s.win_cost = n[6]; s.la = n[16] or 0
+  s.np = n[18]; s.pc = n[19]; s.lk = n[21] or 0
+  if call.S_from ~= loaded then
+    s.win_at = n[4]; s.win_v0 = n[5]; s.v_rate = n[7]; s.thr = n[8]; s.meas_at = n[9]
+    s.qcost = n[10]; s.wsum = n[11]; s.seq = n[12]; s.tk_at = n[13]; s.xp = n[14]; s.fi = n[15]
+    s.rc = n[17]; s.lm = n[20]
+    call.S_from = loaded
+  end
   s.inflight = NUMBERS[v[2]] or tonum(v[2]); s.waiting = NUMBERS[v[3]] or tonum(v[3])
   s.ep = v[4] or ''; s.lv = v[5] or ''
   call.inflight0 = s.inflight; call.lv0 = s.lv
