@@ -54,15 +54,9 @@
 
 -- The operations first: a malformed call changes nothing. (One operation, most calls:
 -- nothing to split; its list is made only if fast.lua gives up.)
--- (A call of one acquire, most calls: its id and route found at once by fast.lua's
--- FAST.acquire_route, whose patterns admit no LINE; else nil, and the text is looked at
--- as any call's.)
 local ops
 local text = ARGV[7] or ''
-local id, route = nil, nil
-if ARGV[6] == '1' then id, route = FAST.acquire_route(text) end
-local single = route ~= nil
-  or ARGV[6] == '1' and text ~= '' and not string.find(text, LINE, 1, true)
+local single = ARGV[6] == '1' and text ~= '' and not string.find(text, LINE, 1, true)
 if not single then
   ops = {}
   for op in string.gmatch(text, '[^' .. LINE .. ']+') do ops[#ops + 1] = op end
@@ -74,8 +68,7 @@ end
 
 -- (A call of one acquire starts with a light init: store.lua's init; if fast.lua gives
 -- up, the tables a full call needs are made before it goes on.)
-local light = route ~= nil or single and string.sub(text, 1, #OP.acquire) == OP.acquire
-if light and route == nil then id, route = FAST.acquire_route(text) end
+local light = single and string.sub(text, 1, #OP.acquire) == OP.acquire
 init(ARGV[2], ARGV[1], ARGV[3], light)
 
 -- One operation that nobody waiting can be affected by: fast.lua, or nil. (Not tried when
@@ -85,7 +78,7 @@ if single then
   local line
   local try = not call.left_waiting()
   if light then
-    if try and route ~= nil then line = fast_acquire(id, route, ARGV[4]) end
+    if try then line = fast_acquire(op, ARGV[4]) end
     if line ~= nil then
       local procs = live_processes(false)
       call.save_acquire(FAST_T)

@@ -93,33 +93,25 @@ end
 -- digest, weight, cost, flags) are parsed once and kept by its text (FAST.routes, at
 -- most TUNING.NAMES_MAX, then afresh): a call finds the id and the route with one match, not
 -- nine fields (a string.match of the whole operation cost some 6 k instructions a call).
--- No field admits LINE: a text that matches is one operation (batch.lua).
 -- (One table, FAST: a script run by EVAL is one chunk of at most 200 locals.)
-local FAST = {routes = {}, routes_kept = 0}
+local FAST = {routes = {}, routes_kept = 0,
+  id_pattern = '^[^' .. SEP .. ']*' .. SEP .. '([^' .. SEP .. ']*)' .. SEP .. '()'}
 do
-  local field = '[^' .. SEP .. LINE .. ']*'
-  FAST.id_pattern = '^' .. OP.acquire .. SEP .. '(' .. field .. ')' .. SEP .. '()'
   local used = {tenant_digest = true, weight = true, cost = true, flags = true}
   local pattern = '^'
   for i = 3, #ACQUIRE_FIELDS do  -- (after the kind and the id)
     if i > 3 then pattern = pattern .. SEP end
-    if used[ACQUIRE_FIELDS[i]] then pattern = pattern .. '(' .. field .. ')' else pattern = pattern .. field end
+    if used[ACQUIRE_FIELDS[i]] then
+      pattern = pattern .. '([^' .. SEP .. ']*)'
+    else
+      pattern = pattern .. '[^' .. SEP .. ']*'
+    end
   end
   FAST.route_pattern = pattern .. '$'
 end
 
 -- A route's fields as fast_acquire uses them: {h, weight, cost, retry}, or nil if the
 -- operation is malformed (the full call answers it).
--- The id and route of `op` if it is one acquire that fast_acquire may take (not a retry:
--- the full call answers it from what exists), else nil.
-function FAST.acquire_route(op)
-  local id, at = string.match(op, FAST.id_pattern)
-  if id == nil then return nil end
-  local route = FAST.route(string.sub(op, at))
-  if route == nil or route.retry then return nil end
-  return id, route
-end
-
 function FAST.route(tail)
   local route = FAST.routes[tail]
   if route ~= nil then return route end
@@ -162,8 +154,11 @@ local FAST_ADMITTED = {REPLY.admitted .. SEP .. '0' .. SEP .. '0',
 -- the state as fast_state loads it and the tenant as load_tenant would, in tables kept
 -- from call to call, written back by store.lua's call.save_acquire (save(true)'s writes).
 -- It gives up on a tenant new, in line or due for its TTL refresh.
--- (`id`, `route`: FAST.acquire_route's.)
-local function fast_acquire(id, route, limits)
+local function fast_acquire(op, limits)
+  local id, at = string.match(op, FAST.id_pattern)
+  if id == nil then return nil end
+  local route = FAST.route(string.sub(op, at))
+  if route == nil or route.retry then return nil end
   local h, weight = route.h, route.weight
   if not call.load_acquire_state() then return give_up() end  -- a new budget
   load_limits_stamped(limits, false)

@@ -78,7 +78,7 @@ TENANT_FIELDS[#TENANT_FIELDS + 1] = 'xp'
 -- A number as text. NUMBER_FORMAT (17 significant digits) costs glibc several thousand
 -- instructions a number: `now` is formatted once per call; a whole number (counts,
 -- costs, sequence numbers: most of what a call writes) is written as %d instead, the same
--- text, for a third of that (or less: call.whole_text), and remembered; so is the last number
+-- text, for a third of that, and the small ones are remembered; so is the last number
 -- formatted (the times made from `now` are often written twice in a row).
 
 -- The state layer's helpers that are not part of load and save (num's whole numbers,
@@ -110,53 +110,59 @@ end
 
 local now_text        -- num(now), made once per call (init) when first needed
 
--- A whole number's text (%d), remembered in call.integers (TUNING.NUMBERS_MAX at most, then
--- afresh; only whole numbers are put there). In a loaded library (call.lasting), one of
--- 10 or more is the text of its tens (of its thousands, from 1,000) then its last digit
--- (last three: call.DIGITS, by the number + 1, made as first needed): the first part is
--- remembered (a tag or a counter that grows one by one has the same for ten or a thousand
--- numbers), and a concatenation costs a fraction of formatting; most calls write a new
--- one (a tenant's finish tag). (With EVAL nothing is remembered from call to call: each
--- is formatted.)
-call.DIGITS = {[10] = {}, [1000] = {}}
-
-function call.whole_text(x)
-  local text
-  if x >= 10 and call.lasting then
-    local unit = 10
-    if x >= 1000 then unit = 1000 end
-    local low = x % unit  -- (exact below 10^15: INTEGER_TEXT_MAX)
-    local high = (x - low) / unit
-    local digits = call.DIGITS[unit][low + 1]
-    if digits == nil then
-      if unit == 10 then digits = string.format('%d', low) else digits = string.format('%03d', low) end
-      call.DIGITS[unit][low + 1] = digits
-    end
-    text = (call.integers[high] or call.whole_text(high)) .. digits
-  else
-    text = string.format('%d', x)
-  end
-  if call.integers_kept >= TUNING.NUMBERS_MAX then call.integers = {}; call.integers_kept = 0 end
-  call.integers[x] = text
-  call.integers_kept = call.integers_kept + 1
-  return text
-end
-
 local function num(x)
   if x == now then
     if now_text == nil then now_text = string.format(NUMBER_FORMAT, x) end
     return now_text
   end
   if x == call.last_number then return call.last_text end
-  local text = call.integers[x]
-  if text == nil then
-    if x % 1 == 0 and x < TUNING.INTEGER_TEXT_MAX and x > -TUNING.INTEGER_TEXT_MAX then
-      text = call.whole_text(x)
-    else
-      text = string.format(NUMBER_FORMAT, x)
+  local text
+  if x % 1 == 0 and x < TUNING.INTEGER_TEXT_MAX and x > -TUNING.INTEGER_TEXT_MAX then
+    text = call.integers[x]
+    if text == nil then
+      text = string.format('%d', x)
+      if call.integers_kept >= TUNING.NUMBERS_MAX then call.integers = {}; call.integers_kept = 0 end
+      call.integers[x] = text
+      call.integers_kept = call.integers_kept + 1
     end
+  else
+    text = string.format(NUMBER_FORMAT, x)
   end
   call.last_number = x; call.last_text = text  -- (a number's text: good from call to call)
+  return text
+end
+
+-- num(x) for a tenant's finish tag as call.save_acquire writes it: most calls write a new
+-- one, and a whole one (weight 1, cost 1) is mostly one up from a tag written a call or a
+-- few before. In a loaded library (call.lasting), a whole number of 10 or more is the text
+-- of its tens (of its thousands, from 1,000: remembered in call.integers, like num's) then
+-- its last digit (last three: call.DIGITS, by the number + 1, made as first needed): a
+-- concatenation costs a fraction of formatting. (Not num's way: for the full call's
+-- numbers, which do not count one by one, the split costs more than it saves.)
+call.DIGITS = {[10] = {}, [1000] = {}}
+
+function call.tag_text(x)
+  if x >= 10 and x % 1 == 0 and x < TUNING.INTEGER_TEXT_MAX and call.lasting then
+    return call.integers[x] or call.whole_text(x)
+  end
+  return num(x)
+end
+
+function call.whole_text(x)  -- (x whole, 0 <= x < INTEGER_TEXT_MAX)
+  if x < 10 then return num(x) end
+  local unit = 10
+  if x >= 1000 then unit = 1000 end
+  local low = x % unit  -- (exact below 10^15)
+  local high = (x - low) / unit
+  local digits = call.DIGITS[unit][low + 1]
+  if digits == nil then
+    if unit == 10 then digits = string.format('%d', low) else digits = string.format('%03d', low) end
+    call.DIGITS[unit][low + 1] = digits
+  end
+  local text = (call.integers[high] or call.whole_text(high)) .. digits
+  if call.integers_kept >= TUNING.NUMBERS_MAX then call.integers = {}; call.integers_kept = 0 end
+  call.integers[x] = text  -- (as num keeps them)
+  call.integers_kept = call.integers_kept + 1
   return text
 end
 
@@ -1080,7 +1086,7 @@ function call.save_acquire(t)
   if t.dirty then
     local f0, w0, cap0, cap_at0 = t.f0, t.w0, t.cap0, t.cap_at0
     if t.w == w0 and t.cap == cap0 and t.cap_at == cap_at0 then
-      if t.f ~= f0 then redis.call('HSET', t.key, 'f', num(t.f)) end
+      if t.f ~= f0 then redis.call('HSET', t.key, 'f', call.tag_text(t.f)) end
     else
       local put = call.put
       call.n = 0
