@@ -139,7 +139,6 @@ end
 -- its last digit (last three: call.DIGITS, by the number + 1, made as first needed): a
 -- concatenation costs a fraction of formatting. (Not num's way: for the full call's
 -- numbers, which do not count one by one, the split costs more than it saves.)
-call.DIGITS = {[10] = {}, [1000] = {}}
 
 function call.tag_text(x)
   if x >= 10 and x % 1 == 0 and x < TUNING.INTEGER_TEXT_MAX and call.lasting then
@@ -154,10 +153,12 @@ function call.whole_text(x)  -- (x whole, 0 <= x < INTEGER_TEXT_MAX)
   if x >= 1000 then unit = 1000 end
   local low = x % unit  -- (exact below 10^15)
   local high = (x - low) / unit
-  local digits = call.DIGITS[unit][low + 1]
+  local known = call.DIGITS
+  if known == nil then known = {[10] = {}, [1000] = {}}; call.DIGITS = known end
+  local digits = known[unit][low + 1]
   if digits == nil then
     if unit == 10 then digits = string.format('%d', low) else digits = string.format('%03d', low) end
-    call.DIGITS[unit][low + 1] = digits
+    known[unit][low + 1] = digits
   end
   local text = (call.integers[high] or call.whole_text(high)) .. digits
   if call.integers_kept >= TUNING.NUMBERS_MAX then call.integers = {}; call.integers_kept = 0 end
