@@ -132,15 +132,15 @@ local function num(x)
   return text
 end
 
--- num(x) for a tenant's finish tag as call.save_acquire writes it: most calls write a new
--- one, and a whole one (weight 1, cost 1) is mostly one up from a tag written a call or a
--- few before. In a loaded library (call.lasting), a whole number of 10 or more is the text
+-- num(x) for the numbers call.save_acquire writes that count up (a tenant's finish tag, the
+-- window's admitted cost): most calls write a new one, and a whole one (weight 1, cost 1)
+-- is mostly one up from one written a call or a few before. In a loaded library (call.lasting), a whole number of 10 or more is the text
 -- of its tens (of its thousands, from 1,000: remembered in call.integers, like num's) then
 -- its last digit (last three: call.DIGITS, by the number + 1, made as first needed): a
 -- concatenation costs a fraction of formatting. (Not num's way: for the full call's
 -- numbers, which do not count one by one, the split costs more than it saves.)
 
-function call.tag_text(x)
+function call.count_text(x)
   if x >= 10 and x % 1 == 0 and x < TUNING.INTEGER_TEXT_MAX and call.lasting then
     return call.integers[x] or call.whole_text(x)
   end
@@ -1046,7 +1046,7 @@ function call.save_acquire(t)
   x = s.v
   if x ~= vals[3] then changed = true; vals[3] = x; texts[3] = x and num(x) or '' end
   x = s.win_cost
-  if x ~= vals[6] then changed = true; vals[6] = x; texts[6] = x and num(x) or '' end
+  if x ~= vals[6] then changed = true; vals[6] = x; texts[6] = x and call.count_text(x) or '' end
   x = s.la
   if x ~= vals[16] then later = true; vals[16] = x; texts[16] = x and num(x) or '' end
   x = s.np
@@ -1087,7 +1087,7 @@ function call.save_acquire(t)
   if t.dirty then
     local f0, w0, cap0, cap_at0 = t.f0, t.w0, t.cap0, t.cap_at0
     if t.w == w0 and t.cap == cap0 and t.cap_at == cap_at0 then
-      if t.f ~= f0 then redis.call('HSET', t.key, 'f', call.tag_text(t.f)) end
+      if t.f ~= f0 then redis.call('HSET', t.key, 'f', call.count_text(t.f)) end
     else
       local put = call.put
       call.n = 0
