@@ -134,12 +134,12 @@ end
 
 -- num(x) for the numbers call.save_acquire writes that count up (a tenant's finish tag, the
 -- window's admitted cost): most calls write a new one, and a whole one (weight 1, cost 1)
--- is mostly one up from one written a call or a few before. In a loaded library (call.lasting), a whole number of 10 or more is the text
--- of its tens (of its thousands, from 1,000: remembered in call.integers, like num's) then
--- its last digit (last three: call.DIGITS, by the number + 1, made as first needed): a
--- concatenation costs a fraction of formatting. (Not num's way: for the full call's
--- numbers, which do not count one by one, the split costs more than it saves.)
-
+-- is mostly one up from one written a call or a few before. In a loaded library
+-- (call.lasting), a whole number of 10 or more is the text of its tens (of its thousands,
+-- from 1,000: remembered in call.integers, like num's) then its last digit (last three:
+-- call.DIGITS, by the number + 1, made as first needed): a concatenation costs a fraction
+-- of formatting. (Not num's way: for the full call's numbers, which do not count one by
+-- one, the split costs more than it saves.)
 function call.count_text(x)
   if x >= 10 and x % 1 == 0 and x < TUNING.INTEGER_TEXT_MAX and call.lasting then
     return call.integers[x] or call.whole_text(x)
@@ -157,7 +157,9 @@ function call.whole_text(x)  -- (x whole, 0 <= x < INTEGER_TEXT_MAX)
   if known == nil then known = {[10] = {}, [1000] = {}}; call.DIGITS = known end
   local digits = known[unit][low + 1]
   if digits == nil then
-    if unit == 10 then digits = string.format('%d', low) else digits = string.format('%03d', low) end
+    local form = '%d'
+    if unit == 1000 then form = '%03d' end
+    digits = string.format(form, low)
     known[unit][low + 1] = digits
   end
   local text = (call.integers[high] or call.whole_text(high)) .. digits
@@ -912,7 +914,11 @@ function call.push_recent_of(p, ids)
   local names = K.recent_names
   local key = names and names[p] or call.recent_key(p)
   local size
-  if #ids == 1 then size = redis.call('LPUSH', key, ids[1]) else size = redis.call('LPUSH', key, unpack(ids)) end
+  if #ids == 1 then
+    size = redis.call('LPUSH', key, ids[1])  -- (no unpack: a call)
+  else
+    size = redis.call('LPUSH', key, unpack(ids))
+  end
   if size > RECENT_KEPT + TUNING.RECENT_SLACK then
     redis.call('LTRIM', key, '0', num(RECENT_KEPT - 1))
   end
@@ -1008,7 +1014,8 @@ function call.load_acquire_state()
   -- The packed numbers fast.lua can change (call.HOT_PACKED) every call; the others only
   -- when they come from another memo entry than the last call's (call.S_from): an entry's
   -- other numbers are never changed (call.save_acquire writes back the hot ones only), nor
-  -- are they in S by fast.lua's calls (save(true) and call.save_acquire would not write them).
+  -- does a call of fast.lua's change them in S (save(true) and call.save_acquire would not
+  -- write them).
   s.tokens = n[1]; s.ts = n[2]; s.v = n[3]; s.win_cost = n[6]; s.la = n[16] or 0
   s.np = n[18]; s.pc = n[19]; s.lk = n[21] or 0
   if call.S_from ~= loaded then
