@@ -82,7 +82,7 @@ if single then
     if line ~= nil then
       local procs = live_processes(false)
       call.save_acquire(FAST_T)
-      return finish(line, nil, procs)
+      return FAST.finish_admitted(line, procs)
     end
     call.init_tables()
   elseif try and string.sub(op, 1, #OP.acquire) == OP.release then

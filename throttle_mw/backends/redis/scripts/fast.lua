@@ -158,20 +158,57 @@ local function give_up()
   return nil
 end
 
--- The fields of an acquire fast_acquire uses (id, tenant digest, weight, cost, flags),
--- captured; the others only matched (a capture makes a string).
-local FAST_ACQUIRE_PATTERN = '^'
+-- An acquire is its id, then its route (`tail`: protocol.acquire_tail, the same text call
+-- after call for a tenant's requests). The fields of a route fast_acquire uses (tenant
+-- digest, weight, cost, flags) are parsed once and kept by its text (FAST.routes, at
+-- most TUNING.NAMES_MAX, then afresh): a call finds the id and the route with one match, not
+-- nine fields (a string.match of the whole operation cost some 6 k instructions a call).
+-- (One table, FAST: a script run by EVAL is one chunk of at most 200 locals.)
+local FAST = {routes = {}, routes_kept = 0,
+  id_pattern = '^[^' .. SEP .. ']*' .. SEP .. '([^' .. SEP .. ']*)' .. SEP .. '()'}
 do
-  local used = {id = true, tenant_digest = true, weight = true, cost = true, flags = true}
-  for i = 1, #ACQUIRE_FIELDS do
-    if i > 1 then FAST_ACQUIRE_PATTERN = FAST_ACQUIRE_PATTERN .. SEP end
+  local used = {tenant_digest = true, weight = true, cost = true, flags = true}
+  local pattern = '^'
+  for i = 3, #ACQUIRE_FIELDS do  -- (after the kind and the id)
+    if i > 3 then pattern = pattern .. SEP end
     if used[ACQUIRE_FIELDS[i]] then
-      FAST_ACQUIRE_PATTERN = FAST_ACQUIRE_PATTERN .. '([^' .. SEP .. ']*)'
+      pattern = pattern .. '([^' .. SEP .. ']*)'
     else
-      FAST_ACQUIRE_PATTERN = FAST_ACQUIRE_PATTERN .. '[^' .. SEP .. ']*'
+      pattern = pattern .. '[^' .. SEP .. ']*'
     end
   end
-  FAST_ACQUIRE_PATTERN = FAST_ACQUIRE_PATTERN .. '$'
+  FAST.route_pattern = pattern .. '$'
+end
+
+-- A route's fields as fast_acquire uses them: {h, weight, cost, retry}, or nil if the
+-- operation is malformed (the full call answers it).
+function FAST.route(tail)
+  local route = FAST.routes[tail]
+  if route ~= nil then return route end
+  local h, weight, cost, flags = string.match(tail, FAST.route_pattern)
+  if flags == nil then return nil end
+  route = {h = h, weight = tonum(weight), cost = tonum(cost),
+    retry = flags ~= '0' and has_flag(tonum(flags), FLAG.retry)}
+  if FAST.routes_kept >= TUNING.NAMES_MAX then FAST.routes = {}; FAST.routes_kept = 0 end
+  FAST.routes[tail] = route
+  FAST.routes_kept = FAST.routes_kept + 1
+  return route
+end
+
+-- finish for fast_acquire's reply (one of FAST_ADMITTED): with a kept trailer, the whole
+-- reply is kept with it too (memo.replies, by line; made anew with the trailer).
+function FAST.finish_admitted(line, procs)
+  local memo = limits_memo
+  if memo.trailer_np == procs and memo.trailer_ep == S.ep then
+    local replies = memo.replies
+    if replies == nil or memo.replies_for ~= memo.trailer then
+      replies = {}; memo.replies = replies; memo.replies_for = memo.trailer
+    end
+    local reply = replies[line]
+    if reply == nil then reply = line .. LINE .. memo.trailer; replies[line] = reply end
+    return reply
+  end
+  return finish(line, nil, procs)
 end
 
 -- The tenant of a fast acquire, with the fields load_tenant would give it that the rules
@@ -188,8 +225,11 @@ local FAST_ADMITTED = {REPLY.admitted .. SEP .. '0' .. SEP .. '0',
 -- from call to call, written back by store.lua's call.save_acquire (save(true)'s writes).
 -- It gives up on a tenant new, in line or due for its TTL refresh.
 local function fast_acquire(op, limits)
-  local id, h, weight, cost, flags = string.match(op, FAST_ACQUIRE_PATTERN)
-  if flags == nil or flags ~= '0' and has_flag(tonum(flags), FLAG.retry) then return nil end
+  local id, at = string.match(op, FAST.id_pattern)
+  if id == nil then return nil end
+  local route = FAST.route(string.sub(op, at))
+  if route == nil or route.retry then return nil end
+  local h, weight = route.h, route.weight
   if not call.load_acquire_state() then return give_up() end  -- a new budget
   load_limits_stamped(limits, false)
   if not quiet(S.waiting, S.xp, S.fi, S.win_at, S.ep, S.rc)
@@ -197,9 +237,8 @@ local function fast_acquire(op, limits)
     return give_up()
   end
   if S.tokens ~= nil and S.tokens > L.burst then S.tokens = L.burst end  -- as load_state
-  -- (tonum's remembered numbers looked up here first: most are, and a call costs. No live
-  -- weight set, known by the stamped reading: live_weight would return the caller's.)
-  weight = NUMBERS[weight] or tonum(weight)
+  -- (No live weight set, known by the stamped reading: live_weight would return the
+  -- caller's.)
   local memo = limits_memo
   if not (memo.no_weights and memo.lv == S.lv) then weight = live_weight(h, weight) end
   local key = K.tenant_names and K.tenant_names[h] or call.tenant_key(h)
@@ -221,10 +260,10 @@ local function fast_acquire(op, limits)
   t.st = st; t.xp = xp; t.n = 0
   if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
   refill()
-  cost = clamp(NUMBERS[cost] or tonum(cost))
+  local cost = clamp(route.cost)
   if not fits_at_once(t, cost) then return give_up() end
   t.dirty = true  -- (touch: its idle-list entry is call.save_acquire's)
-  admit_now(t, id, cost)
+  take(t, id, cost, proc)  -- (admit_now without its decision: the reply line is made once)
   t.f0 = f0; t.w0 = w0; t.cap0 = cap0; t.cap_at0 = cap_at0  -- (call.save_acquire compares)
   if L.concurrency ~= nil then return FAST_ADMITTED[2] end
   return FAST_ADMITTED[1]
