@@ -145,6 +145,7 @@ end
 -- (One concatenation each: a table made and joined for three fields cost more than the
 -- string.)
 local function encode(d)
+  if d.line ~= nil then return d.line end  -- (call.ADMITTED's)
   if d.kind == 'admit' then return REPLY.admitted .. SEP .. flag(d.lease) .. SEP .. flag(d.degraded) end
   if d.kind == 'queue' then return REPLY.queued .. SEP .. num(d.deadline) .. SEP .. num(d.wait) end
   return REPLY.rejected .. SEP .. d.reason .. SEP .. num(d.retry)

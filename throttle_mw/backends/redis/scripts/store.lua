@@ -800,10 +800,15 @@ local function save_tenant(t, again, hot)
   if v ~= loaded.cap_at then fields[n + 1] = 'cap_at'; fields[n + 2] = num(v); n = n + 2 end
   v = t.n
   if v ~= loaded.n then fields[n + 1] = 'n'; fields[n + 2] = num(v); n = n + 2 end
-  local costs, c = loaded.c or {}, t.c  -- (by rank)
+  local costs, c = loaded.c, t.c  -- (by rank)
+  local costs_moved = costs == nil
+  if costs_moved then costs = {} end
   for rank = 1, NRANK do
     v = c[rank]
-    if v ~= costs[rank] then fields[n + 1] = RANK_COST[rank]; fields[n + 2] = num(v); n = n + 2 end
+    if v ~= costs[rank] then
+      fields[n + 1] = RANK_COST[rank]; fields[n + 2] = num(v); n = n + 2
+      costs_moved = true
+    end
   end
   v = t.st
   if v ~= loaded.st then fields[n + 1] = 'st'; fields[n + 2] = num(v); n = n + 2 end
@@ -833,12 +838,15 @@ local function save_tenant(t, again, hot)
   end
   t.queue_made = nil
   if again then
-    costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
-    for rank = 1, NRANK do
-      if t.c[rank] ~= 0 then
-        costs = {}
-        for r = 1, NRANK do costs[r] = t.c[r] end
-        break
+    -- (Its costs as loaded if none moved: a loaded table of costs is never changed.)
+    if costs_moved then
+      costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
+      for rank = 1, NRANK do
+        if c[rank] ~= 0 then
+          costs = {}
+          for r = 1, NRANK do costs[r] = c[r] end
+          break
+        end
       end
     end
     t.loaded = {f = t.f, w = t.w, cap = t.cap, cap_at = t.cap_at, n = t.n, c = costs, st = t.st,
@@ -1240,8 +1248,7 @@ local function load_tenant(h, weight)
   -- (Tables made whole: one filled field by field grows anew every few fields.)
   if v[1] == false then
     local w = weight or 1
-    local c = {}
-    for rank = 1, NRANK do c[rank] = 0 end
+    local c = {unpack(call.NEW_LOADED.c)}  -- (made whole: filled one by one, it grew anew 4 times)
     t = {h = h, key = key, dirty = true, new = true, loaded = call.NEW_LOADED, c = c, w = w,
       f = S.v + 1 / w, cap = L.tenant_burst, cap_at = now, n = 0, st = IDLE, am = '', xp = 0}
     fresh = true
