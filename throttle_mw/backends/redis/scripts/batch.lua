@@ -123,7 +123,7 @@ call.recall_line()  -- (store.lua: the line as the last call left it, if unchang
 -- made once per work check (the start's two texts were parsed again at each).
 local function clock_us()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * US_PER_S + tonumber(t[2])
+  return tonum(t[1]) * US_PER_S + tonumber(t[2])  -- (the seconds: the same text a while)
 end
 -- A call of many operations measures its work (TUNING.WORK_US) from here: the expiries and the
 -- operations count, not the operations only.
