@@ -14,7 +14,7 @@ import redis
 from tests.support.lua_scheduler import LuaScheduler, redis_version
 from tests.support.redis_server import RedisServer
 from throttle_mw.backends.redis import protocol, scripts
-from throttle_mw.backends.redis.keys import LIVE_STAMP, RECENT_KEPT
+from throttle_mw.backends.redis.keys import LIVE_STAMP, RECENT_KEPT, tenant_digest
 from throttle_mw.backends.redis.scripts import PROCS_RECOUNT_S, RECENT_SLACK
 from throttle_mw.priorities import PRIORITIES
 from throttle_mw.scheduler import Admit, Enqueue, Granted, Limits, Policy, Request
@@ -196,8 +196,8 @@ def test_a_tick_that_admits_nothing_asks_no_sorted_set(client: redis.Redis) -> N
     """A tick between two admissions of a saturated budget (the fallback tick of a process
     that did not claim the fleet's tick, or one woken early) finds nothing admittable from
     the line the call before left (store.lua, "The line as the last call left it"): it
-    reads P:s (P:cfg by the live stamp: once a second), renews nothing but its heartbeat
-    (ZADD NX) and writes P:s once (the refilled bucket and the call's stamp), and asks no
+    reads P:s (P:cfg by the live stamp: once a second), finds its heartbeat there (ZSCORE)
+    and writes P:s once (the refilled bucket and the call's stamp), and asks no other
     sorted set or waiter anything."""
     if redis_version(client) < (7, 0):
         pytest.skip("EVAL: nothing outlives a call")
@@ -220,8 +220,10 @@ def test_a_tick_that_admits_nothing_asks_no_sorted_set(client: redis.Redis) -> N
                 idle[name] = idle.get(name, 0) + calls
     per_tick = {name: calls / measured for name, calls in idle.items()}
     # (and the test's own DEL of the grant list)
-    every = {name: per_tick.pop(name, 0.0) for name in ("zadd", "hset", "del")}
-    assert every == {"zadd": 1.0, "hset": 1.0, "del": 1.0}, every
+    # (The heartbeat asked with ZSCORE, there: no ZADD NX, whose score took a 17-digit
+    # formatting to change nothing; batch.lua.)
+    every = {name: per_tick.pop(name, 0.0) for name in ("zscore", "hset", "del")}
+    assert every == {"zscore": 1.0, "hset": 1.0, "del": 1.0}, every
     assert 1.0 <= per_tick.pop("hmget") <= 1.05, per_tick  # P:s (and P:cfg once a second)
     # What is due once a second falls on some of these ticks: the idle sweep (ZRANGEBYSCORE,
     # ZCARD) and the live processes' count (ZCOUNT); nothing else.
@@ -248,6 +250,64 @@ def test_a_change_by_another_writer_is_seen_by_the_next_call(client: redis.Redis
     assert cancelled is not None
     events = library.tick(1.05)
     assert [e.id for e in events if isinstance(e, Granted)] == ["r2"], events
+
+
+@pytest.mark.parametrize("change", ["reweighed", "dropped"])
+def test_a_granted_tenant_changed_by_another_writer_is_read_again(
+    client: redis.Redis, change: str
+) -> None:
+    """The tenant a tick granted is kept for the next call (store.lua, recall_tenant),
+    which reads only its f and w while it waits for nothing: a tenant another writer
+    reweighed (an acquire it then rejected) or dropped as idle, with P:s as it was, is
+    read again whole, and the acquire that queues for it writes what a load would."""
+    if redis_version(client) < (7, 0):
+        pytest.skip("EVAL: nothing outlives a call")
+    scheduler, tenant_of = saturated_by_a_hundred(client)
+    now = 100.0
+    for _ in range(30):  # (the burst, the periodic steps; every tenant asks again)
+        now += 0.02
+        for event in scheduler.tick(now):
+            tenant = tenant_of[event.id]
+            tenant_of[f"r{len(tenant_of)}"] = tenant
+            scheduler.acquire(now, Request(f"r{len(tenant_of) - 1}", tenant))
+    now += 0.02
+    granted = [e.id for e in scheduler.tick(now) if isinstance(e, Granted)]
+    assert len(granted) == 1, granted
+    tenant = tenant_of[granted[0]]
+    key = f"{scheduler._tag}:t:{tenant_digest(tenant)}"
+    assert client.hget(key, "n") == b"0"  # it waits for nothing: kept, checked
+    if change == "reweighed":
+        client.hset(key, "w", "3")
+    else:
+        client.delete(key)
+    decision, _ = scheduler.acquire(now, Request("again", tenant))
+    assert isinstance(decision, Enqueue), decision
+    fields = client.hgetall(key)
+    assert fields.get(b"w", b"1") == b"1", fields  # the caller's weight again
+    assert b"f" in fields, fields
+    assert fields[b"n"] == b"1", fields
+    if change == "dropped":
+        assert fields[b"name"] == tenant.encode(), fields  # made anew
+
+
+def test_a_plain_field_changed_alone_is_seen_by_the_next_full_call(client: redis.Redis) -> None:
+    """A full call takes the state as the last full call left it only while P:s holds
+    what that call wrote (store.lua, call.take_state): a release by fast.lua's
+    lean_release writes in flight alone (the packed numbers as they were), and the
+    next full call counts the slot it freed."""
+    if redis_version(client) < (7, 0):
+        pytest.skip("EVAL: nothing outlives a call")
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0))
+    scheduler = LuaScheduler(client, Limits(concurrency=1), policy, now=0.0)
+    assert isinstance(scheduler.acquire(0.0, Request("r0", "a"))[0], Admit)
+    assert scheduler.tick(0.1) == []  # a full call: its state kept
+    packed = client.hget(scheduler._key, "nums")
+    client.config_resetstat()
+    assert scheduler.release(0.1, "r0") == []  # lean_release: in flight, nothing else
+    assert commands(client).get("hset") == 1, commands(client)
+    assert client.hget(scheduler._key, "nums") == packed
+    replies = scheduler.batch(0.1, new_tenants(0, 2))  # two acquires: a full call
+    assert admitted(replies) == 1, replies  # the freed slot, and one waits
 
 
 def new_tenants(first: int, count: int) -> list[str]:
@@ -278,7 +338,8 @@ def test_a_call_of_new_tenants_writes_each_once_and_the_idle_list_once(
         assert n >= 2
         used = commands(client)
         assert used["hset"] == n + 1, (n, used)  # the tenants and the budget's state
-        assert used["zadd"] == 2, used  # the idle list, and the caller's heartbeat
+        assert used["zadd"] == 1, used  # the idle list
+        assert used["zscore"] == 1, used  # the caller's heartbeat, there (no ZADD NX: batch.lua)
         assert used.get("hget", 0) <= 1, used  # a live weight asked once, not per tenant
         # P:s, P:cfg and at most the first tenant (Redis 6.2: nothing outlives a call)
         assert used["hmget"] <= 3, used

@@ -356,7 +356,7 @@ function push(t, r)
   local deadline = num(r.deadline)
   save_waiter(r, deadline)
   redis.call('ZADD', K.deadlines, deadline, r.id)
-  call.deadline_added(r.deadline)
+  call.deadline_added(r.deadline, deadline)
   t.c[r.rank + 1] = t.c[r.rank + 1] + r.cost
   t.n = t.n + 1
   if t.n == 1 then call.seen_idle(t.h, false) end  -- off the idle list (forget_idle)
@@ -485,6 +485,7 @@ function dispatch(watch)
       deactivate(t)  -- back in line below, with its new tag, if more wait
       take(t, r.id, r.cost, r.proc)
       if t.n > 0 then activate(t) end
+      M.granted = t  -- Lua only: kept for the next call (store.lua, keep_line)
       if r.id == watch then
         watched = true
       else

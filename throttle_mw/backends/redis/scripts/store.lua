@@ -243,7 +243,8 @@ function call.init_tables()
     active = nil, capped = nil, leases = nil}
   M = {top_known = nil, top_t = nil, top_r = nil, capped_next = nil, capped_checked = nil,
     dl_next = nil, dl_floor = nil, idle = nil, last_number = nil, last_text = nil,
-    no_weights = nil, weights_asked = nil, made = nil, hot_read = nil}
+    no_weights = nil, weights_asked = nil, made = nil, hot_read = nil, kept = nil,
+    granted = nil, raw = nil, queued_at = nil, queued_text = nil}
   more = false
   held_back = 0
   loaded = nil
@@ -493,8 +494,11 @@ local function load_state(known, limits)
     for i, name in ipairs(call.COLD_PLAIN) do load_plain(name, rest[i]) end
   else
     local vals = redis.call('HMGET', K.state, PACKED_FIELD, unpack(PLAIN))
-    load_packed(vals[1])
-    for i, name in ipairs(PLAIN) do load_plain(name, vals[i + 1]) end
+    M.raw = vals  -- (save keeps it as written: call.take_state)
+    if not call.take_state(vals) then
+      load_packed(vals[1])
+      for i, name in ipairs(PLAIN) do load_plain(name, vals[i + 1]) end
+    end
   end
   if L == nil then call.limits_by_stamp(limits) end
   if S.ts == nil then
@@ -515,6 +519,36 @@ local function load_state(known, limits)
   S.rc = S.rc or 0
   if S.ep == '' then S.ep = num(now) .. '/' .. proc end  -- new (or older than epochs)
   if S.tokens > L.burst then S.tokens = L.burst end
+end
+
+-- The state as the last full call of this library left it (keep_state), taken instead of
+-- made anew when P:s holds what that call wrote, the texts of its packed numbers and of
+-- its plain fields alike (`vals`, as read: M.raw): S, S0 (its plain fields as written) and
+-- the packed numbers' memo entry are those of that call, unchanged since (save updates
+-- them as it writes). A saturated budget's calls come one after another: building S
+-- (thirty fields) took a tenth of such a call. false: made anew.
+function call.take_state(vals)
+  local kept = K.kept_state
+  if kept == nil or not kept.text then return false end
+  local text = kept.text
+  kept.text = false  -- (taken: a call that fails before keep_state leaves none behind)
+  local memo = kept.loaded
+  if vals[1] ~= text or K.state_memo ~= memo or memo.text ~= text then return false end
+  local raw = kept.raw
+  for i = 2, #PLAIN + 1 do
+    if vals[i] ~= raw[i] then return false end
+  end
+  S, S0, loaded = kept.S, kept.S0, memo
+  return true
+end
+
+-- After save: the state for the next full call (call.take_state), if this call read P:s
+-- whole (M.raw) and wrote all it changed.
+function call.keep_state()
+  if not call.lasting or M.raw == nil or loaded == nil then return end
+  local kept = K.kept_state
+  if kept == nil then kept = {text = false, loaded = false, S = false, S0 = false, raw = false}; K.kept_state = kept end
+  kept.text = loaded.text; kept.loaded = loaded; kept.S = S; kept.S0 = S0; kept.raw = M.raw
 end
 
 -- --- a call's memos ---------------------------------------------------------------------------
@@ -598,13 +632,21 @@ end
 -- earliest stays a floor, and a saturated budget's tick, whose admitted waiter held the
 -- earliest deadline (first come, first due), need not ask for the next one while the floor
 -- is later than anything it decides on (expire_waiters, next_due).
-function call.deadline_added(deadline)
+function call.deadline_added(deadline, text)
+  M.queued_at = deadline; M.queued_text = text  -- (its text, for the reply: call.deadline_text)
   local first = M.dl_next
   if first ~= nil then
     if first == false or deadline < first then M.dl_next = deadline end
   elseif M.dl_floor ~= nil and deadline < M.dl_floor then
     M.dl_floor = deadline
   end
+end
+
+-- A queued request's deadline as its reply states it: the text push made for P:dl, if
+-- it is that one (one formatting with 17 digits fewer per queueing acquire).
+function call.deadline_text(deadline)
+  if deadline == M.queued_at then return M.queued_text end
+  return num(deadline)
 end
 
 -- A waiter of this deadline left P:dl (-math.huge: one or more, any deadline).
@@ -685,21 +727,80 @@ function call.keep_line()
     K.line_memo = nil
     return
   end
-  local memo = {text = loaded.text, capped = M.capped_next, dl = M.dl_next,
-    dl_floor = M.dl_floor, top_known = M.top_known, waiting = S.waiting}
+  -- (One table per prefix, its fields all assigned anew: one made per call cost more.)
+  local memo = K.line_table
+  if memo == nil then
+    memo = {text = nil, capped = nil, dl = nil, dl_floor = nil, top_known = nil, waiting = nil,
+      t = nil, r = nil, kept = nil}
+    K.line_table = memo
+  end
+  memo.text = loaded.text; memo.capped = M.capped_next; memo.dl = M.dl_next
+  memo.dl_floor = M.dl_floor; memo.top_known = M.top_known; memo.waiting = S.waiting
+  memo.t = nil; memo.r = nil; memo.kept = nil
   local t = M.top_t
   if M.top_known and t ~= nil then
-    if t.dirty then  -- (written: its fields as they are now; else as loaded)
-      local c = {}
-      for rank = 1, NRANK do c[rank] = t.c[rank] end
-      t.loaded = {f = t.f, w = t.w, cap = t.cap, cap_at = t.cap_at, n = t.n, c = c, st = t.st,
-        am = t.am, xp = t.xp}
-      t.dirty = false
-    end
+    call.as_written(t)
     memo.t = t
     memo.r = M.top_r  -- (a waiter's fields never change)
   end
+  -- The tenant this call granted last (dispatch): mostly it asks again in the next call
+  -- (call.recall_tenant).
+  local g = M.granted
+  if g ~= nil and g ~= t and T[g.h] == g then
+    call.as_written(g)
+    memo.kept = g
+  end
   K.line_memo = memo
+end
+
+-- Tenant t after save: its loaded fields made what was written (if it was), so the next
+-- call takes the same table as a load would make it (call.restore_tenant). In place: a
+-- tenant's loaded tables are its own (but a new tenant's, and the costs of one written
+-- with nothing waiting: shared, never changed; save_tenant).
+function call.as_written(t)
+  if not t.dirty then return end  -- (as loaded)
+  local l = t.loaded
+  if l == call.NEW_LOADED then
+    l = {f = nil, w = nil, cap = nil, cap_at = nil, n = nil, c = {}, st = nil, am = nil, xp = nil}
+    t.loaded = l
+  elseif l.c == call.NEW_LOADED.c then
+    l.c = {}
+  end
+  local c, tc = l.c, t.c
+  for rank = 1, NRANK do c[rank] = tc[rank] end
+  l.f = t.f; l.w = t.w; l.cap = t.cap; l.cap_at = t.cap_at; l.n = t.n; l.st = t.st
+  l.am = t.am; l.xp = t.xp
+  t.dirty = false
+end
+
+-- Tenant t as load_tenant makes it from its hash: its fields as loaded, nothing this call
+-- did yet.
+function call.restore_tenant(t)
+  local l = t.loaded
+  t.f = l.f; t.w = l.w; t.cap = l.cap; t.cap_at = l.cap_at; t.n = l.n; t.st = l.st
+  t.am = l.am; t.xp = l.xp or 0
+  for rank = 1, NRANK do t.c[rank] = l.c[rank] end
+  t.dirty = false; t.touched = nil; t.new = nil; t.name = nil; t.queue_made = nil
+  T[t.h] = t
+end
+
+-- The tenant the last call granted (keep_line), taken instead of read, or nil. One in line
+-- (ACTIVE) changes only with the line (P:s's packed numbers: a reweigh moves wsum), as the
+-- first in line does. Another can also be dropped as idle (forget_idle), or reweighed by
+-- an acquire that was then rejected, with P:s as it was: its f and w are read (two
+-- fields, not fourteen) and must be as written.
+function call.recall_tenant(h)
+  local t = M.kept
+  if t == nil or t.h ~= h then return nil end
+  M.kept = nil
+  local l = t.loaded
+  if l.st ~= ACTIVE then
+    local v = redis.call('HMGET', t.key, 'f', 'w')
+    if not v[1] or tonum(v[1]) ~= l.f or (tonum(v[2]) or 1) ~= l.w then return nil end
+  end
+  call.restore_tenant(t)
+  K.last_new = false  -- (as its reading would have it: it exists)
+  return t
 end
 
 -- Did the last full call of this library on this budget leave requests waiting (batch.lua:
@@ -719,17 +820,12 @@ function call.recall_line()
   M.capped_next = memo.capped
   M.dl_next = memo.dl
   M.dl_floor = memo.dl_floor
+  M.kept = memo.kept  -- (call.recall_tenant)
   if not memo.top_known then return end
   M.top_known = true
   local t = memo.t
   if t == nil then M.top_t = nil; M.top_r = nil; return end
-  -- (As load_tenant makes it: its fields as loaded, nothing this call did yet.)
-  local l = t.loaded
-  t.f = l.f; t.w = l.w; t.cap = l.cap; t.cap_at = l.cap_at; t.n = l.n; t.st = l.st
-  t.am = l.am; t.xp = l.xp or 0
-  for rank = 1, NRANK do t.c[rank] = l.c[rank] end
-  t.dirty = false; t.touched = nil; t.new = nil; t.name = nil
-  T[t.h] = t
+  call.restore_tenant(t)
   M.top_t = t
   M.top_r = memo.r
 end
@@ -917,24 +1013,54 @@ function call.push_recent()
   for p, ids in pairs(recent) do call.push_recent_of(p, ids) end
 end
 
--- Only what changed, and key TTLs only when due (every budget-wide key, a quarter of T
--- apart) or for keys this call may have created: this runs on every call. `hot`: a call of
--- fast.lua's, which compares only what it can change (call.HOT_PACKED).
-local function save(hot)
-  call.flush_idle()
-  local args = {}
-  S.inflight = S.inflight - held_back
-  held_back = 0
-  local refresh = now >= S.xp
-  if refresh then S.xp = now + POL.ttl / TTL_REFRESHES end
-  -- The packed numbers (in PACKED's order): their text anew if one changed, only the
-  -- changed ones formatted.
+-- save's packed numbers, a full call's with a memo entry (`loaded`): the entry changed in
+-- place, as save_acquire does (only K.state_memo and the kept state hold it, and both
+-- follow it), and no memo while it is changed: a call that fails halfway leaves one
+-- whose text no P:s has. args: save's HSET, which gets the field if one changed.
+function call.save_packed(args)
+  local s, vals, texts = S, loaded.vals, loaded.texts
+  local text = loaded.text
+  loaded.text = false
+  -- (PACKED's fields written out, in its order: a loop over their names took twice as long)
+  local c, x = false, nil
+  x = s.tokens; if x ~= vals[1] then c = true; vals[1] = x; texts[1] = x and num(x) or '' end
+  x = s.ts; if x ~= vals[2] then c = true; vals[2] = x; texts[2] = x and num(x) or '' end
+  x = s.v; if x ~= vals[3] then c = true; vals[3] = x; texts[3] = x and num(x) or '' end
+  x = s.win_at; if x ~= vals[4] then c = true; vals[4] = x; texts[4] = x and num(x) or '' end
+  x = s.win_v0; if x ~= vals[5] then c = true; vals[5] = x; texts[5] = x and num(x) or '' end
+  x = s.win_cost; if x ~= vals[6] then c = true; vals[6] = x; texts[6] = x and num(x) or '' end
+  x = s.v_rate; if x ~= vals[7] then c = true; vals[7] = x; texts[7] = x and num(x) or '' end
+  x = s.thr; if x ~= vals[8] then c = true; vals[8] = x; texts[8] = x and num(x) or '' end
+  x = s.meas_at; if x ~= vals[9] then c = true; vals[9] = x; texts[9] = x and num(x) or '' end
+  x = s.qcost; if x ~= vals[10] then c = true; vals[10] = x; texts[10] = x and num(x) or '' end
+  x = s.wsum; if x ~= vals[11] then c = true; vals[11] = x; texts[11] = x and num(x) or '' end
+  x = s.seq; if x ~= vals[12] then c = true; vals[12] = x; texts[12] = x and num(x) or '' end
+  x = s.tk_at; if x ~= vals[13] then c = true; vals[13] = x; texts[13] = x and num(x) or '' end
+  x = s.xp; if x ~= vals[14] then c = true; vals[14] = x; texts[14] = x and num(x) or '' end
+  x = s.fi; if x ~= vals[15] then c = true; vals[15] = x; texts[15] = x and num(x) or '' end
+  x = s.la; if x ~= vals[16] then c = true; vals[16] = x; texts[16] = x and num(x) or '' end
+  x = s.rc; if x ~= vals[17] then c = true; vals[17] = x; texts[17] = x and num(x) or '' end
+  x = s.np; if x ~= vals[18] then c = true; vals[18] = x; texts[18] = x and num(x) or '' end
+  x = s.pc; if x ~= vals[19] then c = true; vals[19] = x; texts[19] = x and num(x) or '' end
+  x = s.lm; if x ~= vals[20] then c = true; vals[20] = x; texts[20] = x and num(x) or '' end
+  x = s.lk; if x ~= vals[21] then c = true; vals[21] = x; texts[21] = x and num(x) or '' end
+  if c then
+    text = table.concat(texts, SEP)
+    args[1] = PACKED_FIELD; args[2] = text
+    loaded.rest = nil  -- (save_acquire's texts after the sixth: made again)
+  end
+  loaded.text = text
+end
+
+-- save's packed numbers otherwise (a state made anew, or fast.lua's `hot` calls, which
+-- compare only what they can change): a new memo entry if one changed.
+function call.save_packed_anew(args, hot)
   local vals = {S.tokens, S.ts, S.v, S.win_at, S.win_v0, S.win_cost, S.v_rate, S.thr,
     S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc, S.np, S.pc, S.lm, S.lk}
   local old, texts = {}, nil
   if loaded ~= nil then old = loaded.vals end
-  local places, plain = nil, PLAIN
-  if hot then places = call.HOT_PACKED; plain = call.HOT_PLAIN end
+  local places = nil
+  if hot then places = call.HOT_PACKED end
   for j = 1, #(places or PACKED) do
     local i = j
     if places ~= nil then i = places[j] end
@@ -951,12 +1077,38 @@ local function save(hot)
     K.state_memo = loaded
     args[1] = PACKED_FIELD; args[2] = loaded.text
   end
+end
+
+-- Only what changed, and key TTLs only when due (every budget-wide key, a quarter of T
+-- apart) or for keys this call may have created: this runs on every call. `hot`: a call of
+-- fast.lua's, which compares only what it can change (call.HOT_PACKED).
+local function save(hot)
+  call.flush_idle()
+  local args = {}
+  S.inflight = S.inflight - held_back
+  held_back = 0
+  local refresh = now >= S.xp
+  if refresh then S.xp = now + POL.ttl / TTL_REFRESHES end
+  -- The packed numbers (in PACKED's order): their text anew if one changed, only the
+  -- changed ones formatted.
+  local plain = PLAIN
+  if hot then plain = call.HOT_PLAIN end
+  if loaded ~= nil and not hot then
+    call.save_packed(args)
+  else
+    call.save_packed_anew(args, hot)
+  end
+  local raw = M.raw  -- (the plain fields' texts as read: made what is written)
+  if hot then raw = nil end
   for i = 1, #plain do
     local name = plain[i]
     local value = S[name]
     if value ~= S0[name] then
       args[#args + 1] = name
-      if type(value) == 'number' then args[#args + 1] = num(value) else args[#args + 1] = value end
+      if type(value) == 'number' then value = num(value) end
+      args[#args + 1] = value
+      S0[name] = S[name]
+      if raw ~= nil then raw[i + 1] = value end
     end
   end
   if #args > 0 then redis.call('HSET', K.state, unpack(args)) end
@@ -1085,21 +1237,23 @@ end
 
 -- --- events and leases ---------------------------------------------------------------------
 
-local function emit(p, ...)
+-- A message (its fields joined with SEP) for process p's grant list. (The fields are
+-- joined by the callers, in one concatenation: a table of them made for table.concat cost
+-- twice that.)
+local function emit(p, message)
   local list = out_events[p]
-  if list == nil then list = {}; out_events[p] = list end
-  list[#list + 1] = table.concat({...}, SEP)
+  if list == nil then out_events[p] = {message} else list[#list + 1] = message end
 end
 
 -- A grant (waited seconds, lease flag) or an eviction (reason, seconds) for request `id`.
 local function emit_granted(p, id, waited, lease)
   local flag = '0'
   if lease then flag = '1' end
-  emit(p, MESSAGE.granted, id, num(waited), flag)
+  emit(p, MESSAGE.granted .. SEP .. id .. SEP .. num(waited) .. SEP .. flag)
 end
 
 local function emit_evicted(p, id, reason, wait)
-  emit(p, MESSAGE.evicted, id, reason, num(wait))
+  emit(p, MESSAGE.evicted .. SEP .. id .. SEP .. reason .. SEP .. num(wait))
 end
 
 -- P:leases and P:lc in their big encodings (skiplist, hash table) while many leases are in
@@ -1236,6 +1390,11 @@ local function load_tenant(h, weight)
     if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
     return t
   end
+  t = call.recall_tenant(h)
+  if t ~= nil then
+    if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
+    return t
+  end
   local key = K.prefix .. KEY.tenant .. h
   -- After a new tenant (under churn, most are), the next is first asked whether it exists:
   -- an EXISTS costs a fraction of reading 14 absent fields into Lua values, and one that
@@ -1332,8 +1491,9 @@ local function save_waiter(r, deadline)
   -- Its tenant's first waiter makes the tenant's queue: save_tenant gives it its TTL (and
   -- the tenant's hash keeps the one it has until its own refresh is due).
   if T[r.h] ~= nil and T[r.h].n == 0 then T[r.h].queue_made = true end
-  redis.call('HSET', K.waiters, r.id, table.concat({r.h, num(r.cost), num(r.rank), r.proc,
-    deadline, num(r.enq)}, SEP))
+  -- (One concatenation: a table of the fields made for table.concat cost twice that.)
+  redis.call('HSET', K.waiters, r.id, r.h .. SEP .. num(r.cost) .. SEP .. num(r.rank) .. SEP
+    .. r.proc .. SEP .. deadline .. SEP .. num(r.enq))
 end
 
 local function load_waiter(id)
