@@ -65,11 +65,15 @@ EXPIRY_BATCH: Final = 256
 #: work); if more could go, the caller is told to tick again at once.
 DISPATCH_LIMIT: Final = 32
 #: A batch call stops taking on operations once it has run this long (microseconds, by
-#: Redis's clock, checked every WORK_CHECK operations): the rest are answered "deferred"
+#: Redis's clock, checked after WORK_CHECK operations, then every WORK_CHECK to
+#: WORK_STRIDE operations): the rest are answered "deferred"
 #: and sent again in the next call, so no call holds Redis for long (a batch is bounded
 #: by its work, not only by its count).
 WORK_US: Final = 300
 WORK_CHECK: Final = 2
+#: While nobody waits, the next check comes after as many operations as would take half
+#: the work left at the call's rate so far, at most WORK_STRIDE (batch.lua).
+WORK_STRIDE: Final = 8
 #: A leave (a process shutting down, batch.lua) takes its ids this many at a time, one
 #: command per key for all of them, and stops once it has run LEAVE_US (microseconds, by
 #: Redis's clock; checked after each chunk): the call's dispatch and writes come after,
@@ -177,6 +181,7 @@ SHARED: Final[Mapping[str, object]] = {
         "DISPATCH_LIMIT": DISPATCH_LIMIT,
         "WORK_US": WORK_US,
         "WORK_CHECK": WORK_CHECK,
+        "WORK_STRIDE": WORK_STRIDE,
         "LEAVE_CHUNK": LEAVE_CHUNK,
         "LEAVE_US": LEAVE_US,
         "KEYS_CACHE_MAX": KEYS_CACHE_MAX,

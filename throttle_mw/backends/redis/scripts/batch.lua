@@ -58,8 +58,21 @@ local ops
 local text = ARGV[7] or ''
 local single = ARGV[6] == '1' and text ~= '' and not string.find(text, LINE, 1, true)
 if not single then
+  -- (Split at each LINE with plain finds, empty pieces skipped as '[^LINE]+' did: a
+  -- pattern's character class tried on every character cost some 4 k instructions an
+  -- operation.)
   ops = {}
-  for op in string.gmatch(text, '[^' .. LINE .. ']+') do ops[#ops + 1] = op end
+  local find, sub = string.find, string.sub
+  local pos, n = 1, 0
+  while true do
+    local stop = find(text, LINE, pos, true)
+    if stop == nil then
+      if pos <= #text then n = n + 1; ops[n] = sub(text, pos) end
+      break
+    end
+    if stop > pos then n = n + 1; ops[n] = sub(text, pos, stop - 1) end
+    pos = stop + #LINE
+  end
   if #ops ~= tonumber(ARGV[6]) then
     return redis.error_reply('throttle_mw: operation count mismatch')
   end
@@ -82,7 +95,7 @@ if single then
     if line ~= nil then
       local procs = live_processes(false)
       call.save_acquire(FAST_T)
-      return FAST.finish_admitted(line, procs)
+      return call.finish_admitted(line, procs)
     end
     call.init_tables()
   elseif try and string.sub(op, 1, #OP.acquire) == OP.release then
@@ -133,30 +146,48 @@ expire_waiters()
 -- (Each operation to its reply line: fast.lua's do_acquire, do_cancel and do_leave, made once
 -- in the library rather than on every call.)
 local results = {nil}  -- (room for one line: most calls' only one)
-local body = #OP.acquire + #SEP + 1  -- where an operation's first field begins
 local over = false
 
+-- The work is checked after the first TUNING.WORK_CHECK operations, then again after as
+-- many as would take half the work left at the rate so far (the call's own start counted
+-- in it: an over-estimate), TUNING.WORK_CHECK to TUNING.WORK_STRIDE of them: a check (TIME
+-- and its parsing) cost some 11 k instructions, and one every WORK_CHECK operations a
+-- fifth of a new tenant's. Only while nobody waits: then no operation dispatches more
+-- than the waiters queued since the last check.
+local check_at = TUNING.WORK_CHECK + 1
 for i, op in ipairs(ops) do
   local kind = string.sub(op, 1, #OP.acquire)
-  if not over and started ~= nil and i % TUNING.WORK_CHECK == 1 and i > 1 then
+  if not over and started ~= nil and i == check_at then
     call.save_made()  -- (store.lua: new tenants' writes count in the work)
-    over = clock_us() - started >= TUNING.WORK_US
+    local spent = clock_us() - started
+    over = spent >= TUNING.WORK_US
+    local stride = TUNING.WORK_CHECK
+    if S.waiting == 0 then
+      if spent <= 0 then
+        stride = TUNING.WORK_STRIDE
+      else
+        local ahead = math.floor((TUNING.WORK_US - spent) * (i - 1) / (2 * spent))
+        if ahead > TUNING.WORK_STRIDE then ahead = TUNING.WORK_STRIDE end
+        if ahead > stride then stride = ahead end
+      end
+    end
+    check_at = i + stride
   end
   if over then
     results[#results + 1] = REPLY.deferred
   elseif kind == OP.acquire then
     results[#results + 1] = do_acquire(op)
   elseif kind == OP.release then
-    release(string.sub(op, body))
+    release(string.sub(op, call.OP_BODY))
     results[#results + 1] = REPLY.released
   elseif kind == OP.cancel then
-    results[#results + 1] = do_cancel(string.sub(op, body))
+    results[#results + 1] = do_cancel(string.sub(op, call.OP_BODY))
   elseif kind == OP.tick then
     tick()
     results[#results + 1] = REPLY.ticked
   elseif kind == OP.leave then
     local line
-    line, over = do_leave(string.sub(op, body), started)
+    line, over = do_leave(string.sub(op, call.OP_BODY), started)
     results[#results + 1] = line
   elseif kind == OP.reclaim then
     local _, id, cost, old = string.match(op, RECLAIM_PATTERN)
@@ -168,8 +199,10 @@ end
 
 forget_idle()
 local due = next_due()
-local grace = grace_due()
-if grace ~= nil and (due == nil or grace < due) then due = grace end
+do  -- (a block: a script run by EVAL is one chunk of at most 200 locals at once)
+  local grace = grace_due()
+  if grace ~= nil and (due == nil or grace < due) then due = grace end
+end
 if more then due = now end  -- dispatch left admissions for the next tick
 if due ~= nil then due = claim_tick(due) end
 local procs = live_processes(joined)

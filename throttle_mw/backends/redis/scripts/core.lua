@@ -205,10 +205,20 @@ function take(t, id, cost, p)
   t.dirty = true
 end
 
+-- An admission at once, with a lease or without one: a decision no one changes, made once
+-- (with its reply line, batch.lua's encode) rather than a table per admission.
+-- (Written out: at load, a function library may use no standard library.)
+call.ADMITTED = {
+  [true] = {kind = 'admit', lease = true, degraded = false,
+    line = REPLY.admitted .. SEP .. '1' .. SEP .. '0'},
+  [false] = {kind = 'admit', lease = false, degraded = false,
+    line = REPLY.admitted .. SEP .. '0' .. SEP .. '0'},
+}
+
 -- Scheduler._admit_now
 function admit_now(t, id, cost)
   take(t, id, cost, proc)
-  return {kind = 'admit', lease = L.concurrency ~= nil, degraded = false}
+  return call.ADMITTED[L.concurrency ~= nil]
 end
 
 -- Scheduler._shed_or_admit: a sheddable request that cannot go at once.

@@ -55,7 +55,7 @@ end
 -- made once per work check (the start's two texts were parsed again at each).
 local function clock_us()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * US_PER_S + tonumber(t[2])
+  return tonum(t[1]) * US_PER_S + tonumber(t[2])  -- (the seconds: the same text a while)
 end
 
 local function flag(yes)
@@ -66,6 +66,7 @@ end
 -- A decision's reply line. (One concatenation each: a table made and joined for three
 -- fields cost more than the string.)
 local function encode(d)
+  if d.line ~= nil then return d.line end  -- (call.ADMITTED's)
   if d.kind == 'admit' then return REPLY.admitted .. SEP .. flag(d.lease) .. SEP .. flag(d.degraded) end
   if d.kind == 'queue' then
     return REPLY.queued .. SEP .. call.deadline_text(d.deadline) .. SEP .. num(d.wait)
@@ -74,7 +75,8 @@ local function encode(d)
 end
 
 -- batch.lua's operations, each to its reply line.
-local function do_acquire(op)
+-- (An operation that is not as the client writes it is matched whole, as it always was.)
+local function do_acquire_matched(op)
   local _, id, h, name, weight, rank, cost, flags, max_wait = string.match(op, ACQUIRE_PATTERN)
   flags = tonum(flags)
   if has_flag(flags, FLAG.retry) then
@@ -84,6 +86,18 @@ local function do_acquire(op)
   return encode(acquire(id, h, name, live_weight(h, tonum(weight)), tonum(rank),
     tonum(cost), has_flag(flags, FLAG.sheddable), has_flag(flags, FLAG.degradable),
     tonum(max_wait)))
+end
+
+-- An acquire as the client writes it (store.lua's call.split_acquire), else matched whole.
+local function do_acquire(op)
+  local id, h, name, tail = call.split_acquire(op)
+  if id == nil then return do_acquire_matched(op) end
+  if tail.retry then
+    local known = retried(id)
+    if known ~= nil then return encode(known) end
+  end
+  return encode(acquire(id, h, name, live_weight(h, tail.weight), tail.rank, tail.cost,
+    tail.sheddable, tail.degradable, tail.max_wait))
 end
 
 local function do_cancel(id)
@@ -158,46 +172,9 @@ local function give_up()
   return nil
 end
 
--- An acquire is its id, then its route (`tail`: protocol.acquire_tail, the same text call
--- after call for a tenant's requests). The fields of a route fast_acquire uses (tenant
--- digest, weight, cost, flags) are parsed once and kept by its text (FAST.routes, at
--- most TUNING.NAMES_MAX, then afresh): a call finds the id and the route with one match, not
--- nine fields (a string.match of the whole operation cost some 6 k instructions a call).
--- (One table, FAST: a script run by EVAL is one chunk of at most 200 locals.)
-local FAST = {routes = {}, routes_kept = 0,
-  id_pattern = '^[^' .. SEP .. ']*' .. SEP .. '([^' .. SEP .. ']*)' .. SEP .. '()'}
-do
-  local used = {tenant_digest = true, weight = true, cost = true, flags = true}
-  local pattern = '^'
-  for i = 3, #ACQUIRE_FIELDS do  -- (after the kind and the id)
-    if i > 3 then pattern = pattern .. SEP end
-    if used[ACQUIRE_FIELDS[i]] then
-      pattern = pattern .. '([^' .. SEP .. ']*)'
-    else
-      pattern = pattern .. '[^' .. SEP .. ']*'
-    end
-  end
-  FAST.route_pattern = pattern .. '$'
-end
-
--- A route's fields as fast_acquire uses them: {h, weight, cost, retry}, or nil if the
--- operation is malformed (the full call answers it).
-function FAST.route(tail)
-  local route = FAST.routes[tail]
-  if route ~= nil then return route end
-  local h, weight, cost, flags = string.match(tail, FAST.route_pattern)
-  if flags == nil then return nil end
-  route = {h = h, weight = tonum(weight), cost = tonum(cost),
-    retry = flags ~= '0' and has_flag(tonum(flags), FLAG.retry)}
-  if FAST.routes_kept >= TUNING.NAMES_MAX then FAST.routes = {}; FAST.routes_kept = 0 end
-  FAST.routes[tail] = route
-  FAST.routes_kept = FAST.routes_kept + 1
-  return route
-end
-
 -- finish for fast_acquire's reply (one of FAST_ADMITTED): with a kept trailer, the whole
 -- reply is kept with it too (memo.replies, by line; made anew with the trailer).
-function FAST.finish_admitted(line, procs)
+function call.finish_admitted(line, procs)  -- (call's: a chunk has at most 200 locals)
   local memo = limits_memo
   if memo.trailer_np == procs and memo.trailer_ep == S.ep then
     local replies = memo.replies
@@ -225,11 +202,9 @@ local FAST_ADMITTED = {REPLY.admitted .. SEP .. '0' .. SEP .. '0',
 -- from call to call, written back by store.lua's call.save_acquire (save(true)'s writes).
 -- It gives up on a tenant new, in line or due for its TTL refresh.
 local function fast_acquire(op, limits)
-  local id, at = string.match(op, FAST.id_pattern)
-  if id == nil then return nil end
-  local route = FAST.route(string.sub(op, at))
-  if route == nil or route.retry then return nil end
-  local h, weight = route.h, route.weight
+  local id, h, _, tail = call.split_acquire(op)
+  if id == nil or tail.retry then return nil end
+  local weight = tail.weight
   if not call.load_acquire_state() then return give_up() end  -- a new budget
   load_limits_stamped(limits, false)
   if not quiet(S.waiting, S.xp, S.fi, S.win_at, S.ep, S.rc)
@@ -260,7 +235,7 @@ local function fast_acquire(op, limits)
   t.st = st; t.xp = xp; t.n = 0
   if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
   refill()
-  local cost = clamp(route.cost)
+  local cost = clamp(tail.cost)
   if not fits_at_once(t, cost) then return give_up() end
   t.dirty = true  -- (touch: its idle-list entry is call.save_acquire's)
   take(t, id, cost, proc)  -- (admit_now without its decision: the reply line is made once)

@@ -207,6 +207,48 @@ local WAITER_PATTERN = fields_pattern(#WAITER_FIELDS)
 local ACQUIRE_PATTERN = fields_pattern(#ACQUIRE_FIELDS)
 local RECLAIM_PATTERN = fields_pattern(4)
 
+-- An acquire's fields after its tenant (weight|rank|cost|flags|max_wait: ACQUIRE_FIELDS'
+-- last five) are the same text for every request of a route: parsed once and kept by
+-- that text (TUNING.NUMBERS_MAX at most, then afresh), {weight, rank, cost, max_wait
+-- (numbers), sheddable, degradable, retry (the flags)}; false if its flags are no number
+-- (batch.lua then matches the whole operation with ACQUIRE_PATTERN, as it always did).
+-- (Matching the nine fields with a pattern, character class by character class, cost
+-- more than all the rest of decoding an operation.)
+call.TAIL_PATTERN = fields_pattern(5)
+call.tails = {}
+call.tails_kept = 0
+function call.acquire_tail(text)
+  local tail = call.tails[text]
+  if tail ~= nil then return tail end
+  local weight, rank, cost, flags, max_wait = string.match(text, call.TAIL_PATTERN)
+  flags = tonum(flags)
+  if flags == nil then return false end
+  tail = {weight = tonum(weight), rank = tonum(rank), cost = tonum(cost), max_wait = tonum(max_wait),
+    sheddable = has_flag(flags, FLAG.sheddable), degradable = has_flag(flags, FLAG.degradable),
+    retry = has_flag(flags, FLAG.retry)}
+  if call.tails_kept >= TUNING.NUMBERS_MAX then call.tails = {}; call.tails_kept = 0 end
+  call.tails[text] = tail
+  call.tails_kept = call.tails_kept + 1
+  return tail
+end
+
+-- An acquire as the client writes it (protocol.py: A|id|digest|name|tail): its id, digest
+-- and tenant name cut out at their separators (plain finds: a pattern's character class
+-- tried on every character cost more), its tail as call.acquire_tail keeps it; nil if the
+-- operation is not in that form (batch.lua then matches it whole with ACQUIRE_PATTERN).
+-- batch.lua's do_acquire and fast.lua's fast_acquire both decode by it.
+call.OP_BODY = #OP.acquire + #SEP + 1  -- where an operation's first field begins (any kind)
+function call.split_acquire(op)
+  local find, sub, body = string.find, string.sub, call.OP_BODY
+  if find(op, SEP, 1, true) ~= body - #SEP then return nil end
+  local b = find(op, SEP, body, true)
+  local c = b and find(op, SEP, b + #SEP, true)
+  local d = c and find(op, SEP, c + #SEP, true)
+  local tail = d and call.acquire_tail(sub(op, d + #SEP))
+  if not tail then return nil end
+  return sub(op, body, b - 1), sub(op, b + #SEP, c - 1), sub(op, c + #SEP, d - 1), tail
+end
+
 -- --- loading and saving -----------------------------------------------------------------
 
 -- A call's state, key names, clock and caller: every script starts here.
@@ -928,9 +970,9 @@ end
 -- fast.lua's (save), which can change only the first four fields.
 local function save_tenant(t, again, hot)
   local loaded = t.loaded
-  local put = call.put
-  call.n = 0
   if hot then
+    local put = call.put
+    call.n = 0
     put('f', t.f, loaded.f); put('w', t.w, loaded.w); put('cap', t.cap, loaded.cap)
     put('cap_at', t.cap_at, loaded.cap_at)
     if call.n > 0 then redis.call('HSET', t.key, unpack(call.fields, 1, call.n)) end
@@ -938,35 +980,56 @@ local function save_tenant(t, again, hot)
   end
   -- Capped this call (or again, after it was back in line): P:capped may be new.
   if t.st == CAPPED and (loaded.st ~= CAPPED or t.am ~= loaded.am) then born.capped = true end
-  if t.name ~= nil then  -- a new tenant's name (tenant in core.lua)
-    put('name', t.name, nil)
+  -- (Each field compared and put here, not by call.put: a Lua call and a type() for each
+  -- of some fourteen fields were a third of a new tenant's Lua work. The fields are
+  -- numbers but the name and am.)
+  local fields, n = call.fields, 0
+  local v = t.name
+  if v ~= nil then  -- a new tenant's name (tenant in core.lua)
+    fields[1] = 'name'; fields[2] = v; n = 2
     t.name = nil
   end
-  put('f', t.f, loaded.f); put('w', t.w, loaded.w); put('cap', t.cap, loaded.cap)
-  put('cap_at', t.cap_at, loaded.cap_at); put('n', t.n, loaded.n)
-  local costs = loaded.c or {}  -- (by rank, as t.c)
-  for rank = 1, NRANK do put(RANK_COST[rank], t.c[rank], costs[rank]) end
-  put('st', t.st, loaded.st); put('am', t.am, loaded.am)
+  v = t.f
+  if v ~= loaded.f then fields[n + 1] = 'f'; fields[n + 2] = num(v); n = n + 2 end
+  v = t.w
+  if v ~= loaded.w then fields[n + 1] = 'w'; fields[n + 2] = num(v); n = n + 2 end
+  v = t.cap
+  if v ~= loaded.cap then fields[n + 1] = 'cap'; fields[n + 2] = num(v); n = n + 2 end
+  v = t.cap_at
+  if v ~= loaded.cap_at then fields[n + 1] = 'cap_at'; fields[n + 2] = num(v); n = n + 2 end
+  v = t.n
+  if v ~= loaded.n then fields[n + 1] = 'n'; fields[n + 2] = num(v); n = n + 2 end
+  local costs, c = loaded.c, t.c  -- (by rank)
+  local costs_moved = costs == nil
+  if costs_moved then costs = {} end
+  for rank = 1, NRANK do
+    v = c[rank]
+    if v ~= costs[rank] then
+      fields[n + 1] = RANK_COST[rank]; fields[n + 2] = num(v); n = n + 2
+      costs_moved = true
+    end
+  end
+  v = t.st
+  if v ~= loaded.st then fields[n + 1] = 'st'; fields[n + 2] = num(v); n = n + 2 end
+  v = t.am
+  if v ~= loaded.am then fields[n + 1] = 'am'; fields[n + 2] = v; n = n + 2 end
   local refresh = now >= t.xp
   if refresh then
-    -- (The same for every tenant of the call: formatted once, as num(now) is.)
+    -- (The same for every tenant of the call: formatted once, as num(now) is; so is the
+    -- TTL.)
     local xp = M.tenant_xp
     if xp == nil then
       xp = now + POL.idle / TTL_REFRESHES
-      M.tenant_xp = xp; M.tenant_xp_text = num(xp)
+      M.tenant_xp = xp; M.tenant_xp_text = num(xp); M.tenant_ttl = ttl_ms('tenant')
     end
     t.xp = xp
-    if xp ~= loaded.xp then
-      local n = call.n
-      call.fields[n + 1] = 'xp'; call.fields[n + 2] = M.tenant_xp_text
-      call.n = n + 2
-    end
+    if xp ~= loaded.xp then fields[n + 1] = 'xp'; fields[n + 2] = M.tenant_xp_text; n = n + 2 end
   end
   -- (First the fields: a new tenant's key is made by this HSET, and a TTL set before it
   -- would be set on nothing.)
-  if call.n > 0 then redis.call('HSET', t.key, unpack(call.fields, 1, call.n)) end
+  if n > 0 then redis.call('HSET', t.key, unpack(fields, 1, n)) end
   if refresh then
-    local ttl = ttl_ms('tenant')
+    local ttl = M.tenant_ttl
     redis.call('PEXPIRE', t.key, ttl)
     if t.n > 0 then redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl) end
   elseif t.queue_made and t.n > 0 then
@@ -974,11 +1037,14 @@ local function save_tenant(t, again, hot)
   end
   t.queue_made = nil
   if again then
-    costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
-    for rank = 1, NRANK do
-      if t.c[rank] ~= 0 then
-        costs = {unpack(t.c)}  -- (made whole)
-        break
+    -- (Its costs as loaded if none moved: a loaded table of costs is never changed.)
+    if costs_moved then
+      costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
+      for rank = 1, NRANK do
+        if c[rank] ~= 0 then
+          costs = {unpack(c)}  -- (made whole)
+          break
+        end
       end
     end
     t.loaded = {f = t.f, w = t.w, cap = t.cap, cap_at = t.cap_at, n = t.n, c = costs, st = t.st,
