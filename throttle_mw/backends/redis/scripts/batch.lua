@@ -79,19 +79,19 @@ if not single then
   if #ops == 1 then single = true; text = ops[1] end
 end
 
--- (A call of one acquire starts with a light init: store.lua's init; if fast.lua gives
--- up, the tables a full call needs are made before it goes on.)
-local light = single and string.sub(text, 1, #OP.acquire) == OP.acquire
+-- One operation that nobody waiting can be affected by: fast.lua, or nil. (Not tried when
+-- the last call left requests waiting: it would read the state only to give up.) A call of
+-- one acquire that tries it starts with a light init: store.lua's init; if fast.lua gives
+-- up, the tables a full call needs are made before it goes on.
+local try = single and not call.left_waiting(ARGV[2])
+local light = try and string.sub(text, 1, #OP.acquire) == OP.acquire
 init(ARGV[2], ARGV[1], ARGV[3], light)
 
--- One operation that nobody waiting can be affected by: fast.lua, or nil. (Not tried when
--- the last call left requests waiting: it would read the state only to give up.)
 if single then
   local op = text
   local line
-  local try = not call.left_waiting()
   if light then
-    if try then line = fast_acquire(op, ARGV[4]) end
+    line = fast_acquire(op, ARGV[4])
     if line ~= nil then
       local procs = live_processes(false)
       call.save_acquire(FAST_T)
@@ -126,12 +126,6 @@ load_state(ARGV[5], ARGV[4])
 load_limits_stamped(ARGV[4], true)  -- (the limits loaded are current: read this call, or by the stamp)
 hold_back()
 call.recall_line()  -- (store.lua: the line as the last call left it, if unchanged)
--- Redis's clock in microseconds (TIME: the test clock override aside), exact in a double:
--- made once per work check (the start's two texts were parsed again at each).
-local function clock_us()
-  local t = redis.call('TIME')
-  return tonum(t[1]) * US_PER_S + tonumber(t[2])  -- (the seconds: the same text a while)
-end
 -- A call of many operations measures its work (TUNING.WORK_US) from here: the expiries and the
 -- operations count, not the operations only.
 local started = nil
@@ -149,83 +143,11 @@ refill()
 expire_leases()
 expire_waiters()
 
-local function flag(yes)
-  if yes then return '1' end
-  return '0'
-end
-
--- (One concatenation each: a table made and joined for three fields cost more than the
--- string.)
-local function encode(d)
-  if d.line ~= nil then return d.line end  -- (call.ADMITTED's)
-  if d.kind == 'admit' then return REPLY.admitted .. SEP .. flag(d.lease) .. SEP .. flag(d.degraded) end
-  if d.kind == 'queue' then
-    return REPLY.queued .. SEP .. call.deadline_text(d.deadline) .. SEP .. num(d.wait)
-  end
-  return REPLY.rejected .. SEP .. d.reason .. SEP .. num(d.retry)
-end
-
--- (An operation that is not as the client writes it is matched whole, as it always was.)
-local function do_acquire_matched(op)
-  local _, id, h, name, weight, rank, cost, flags, max_wait = string.match(op, ACQUIRE_PATTERN)
-  flags = tonum(flags)
-  if has_flag(flags, FLAG.retry) then
-    local known = retried(id)
-    if known ~= nil then return encode(known) end
-  end
-  return encode(acquire(id, h, name, live_weight(h, tonum(weight)), tonum(rank),
-    tonum(cost), has_flag(flags, FLAG.sheddable), has_flag(flags, FLAG.degradable),
-    tonum(max_wait)))
-end
-
--- An acquire as the client writes it (store.lua's call.split_acquire), else matched whole.
-local function do_acquire(op)
-  local id, h, name, tail = call.split_acquire(op)
-  if id == nil then return do_acquire_matched(op) end
-  if tail.retry then
-    local known = retried(id)
-    if known ~= nil then return encode(known) end
-  end
-  return encode(acquire(id, h, name, live_weight(h, tail.weight), tail.rank, tail.cost,
-    tail.sheddable, tail.degradable, tail.max_wait))
-end
-
-local function do_cancel(id)
-  local d = cancel(id)
-  if d ~= nil then return table.concat({REPLY.cancelled, d.reason, num(d.retry)}, SEP) end
-  local lease = admitted(id)
-  if lease == nil then return REPLY.unknown end
-  return REPLY.already_admitted .. SEP .. flag(lease)
-end
-
-local results = {}
+-- (Each operation to its reply line: fast.lua's do_acquire, do_cancel and do_leave, made once
+-- in the library rather than on every call.)
+local results = {nil}  -- (room for one line: most calls' only one)
 local over = false
 
--- A leave: its ids, TUNING.LEAVE_CHUNK at a time (core.lua's leave) while the call's work
--- allows (TUNING.LEAVE_US: the rest of the call is deferred), then one dispatch. Its reply
--- says how many it took, from the first; the caller sends the rest again.
-local function do_leave(text)
-  local start = started or clock_us()
-  local done = 0
-  local next_id = string.gmatch(text, '[^' .. SEP .. ']+')  -- (split only as far as taken)
-  while true do
-    local chunk = {}
-    for id in next_id do
-      chunk[#chunk + 1] = id
-      if #chunk == TUNING.LEAVE_CHUNK then break end
-    end
-    if #chunk == 0 then break end
-    leave(chunk)
-    done = done + #chunk
-    if clock_us() - start >= TUNING.LEAVE_US then
-      over = true  -- (perhaps all were taken: the caller finds out from `done`)
-      break
-    end
-  end
-  refill()
-  dispatch(nil)
-  return REPLY.left .. SEP .. num(done)
-end
 -- The work is checked after the first TUNING.WORK_CHECK operations, then again after as
 -- many as would take half the work left at the rate so far (the call's own start counted
 -- in it: an over-estimate), TUNING.WORK_CHECK to TUNING.WORK_STRIDE of them: a check (TIME
@@ -264,10 +186,11 @@ for i, op in ipairs(ops) do
     tick()
     results[#results + 1] = REPLY.ticked
   elseif kind == OP.leave then
-    results[#results + 1] = do_leave(string.sub(op, call.OP_BODY))
+    local line
+    line, over = do_leave(string.sub(op, call.OP_BODY), started)
+    results[#results + 1] = line
   elseif kind == OP.reclaim then
-    local _, id, cost, old = string.match(op, RECLAIM_PATTERN)
-    results[#results + 1] = REPLY.reclaimed .. SEP .. flag(reclaim(id, tonumber(cost), old))
+    results[#results + 1] = call.do_reclaim(op)
   else
     return redis.error_reply('throttle_mw: unknown operation')
   end
@@ -286,4 +209,6 @@ call.stamp_line()
 save()
 call.keep_line()
 call.keep_state()
-return finish(table.concat(results, LINE), due, procs)
+-- (One operation, most calls: nothing to join.)
+if #results > 1 then results[1] = table.concat(results, LINE) end
+return finish(results[1] or '', due, procs)

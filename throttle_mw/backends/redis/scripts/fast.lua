@@ -51,11 +51,102 @@ local function finish(lines, due, procs)
   return lines .. LINE .. trailer
 end
 
+-- Redis's clock in microseconds (TIME: the test clock override aside), exact in a double:
+-- made once per work check (the start's two texts were parsed again at each).
+local function clock_us()
+  local t = redis.call('TIME')
+  return tonum(t[1]) * US_PER_S + tonumber(t[2])  -- (the seconds: the same text a while)
+end
+
+local function flag(yes)
+  if yes then return '1' end
+  return '0'
+end
+
+-- A decision's reply line. (One concatenation each: a table made and joined for three
+-- fields cost more than the string.)
+local function encode(d)
+  if d.line ~= nil then return d.line end  -- (call.ADMITTED's)
+  if d.kind == 'admit' then return REPLY.admitted .. SEP .. flag(d.lease) .. SEP .. flag(d.degraded) end
+  if d.kind == 'queue' then
+    return REPLY.queued .. SEP .. call.deadline_text(d.deadline) .. SEP .. num(d.wait)
+  end
+  return REPLY.rejected .. SEP .. d.reason .. SEP .. num(d.retry)
+end
+
+-- batch.lua's operations, each to its reply line.
+-- (An operation that is not as the client writes it is matched whole, as it always was.)
+local function do_acquire_matched(op)
+  local _, id, h, name, weight, rank, cost, flags, max_wait = string.match(op, ACQUIRE_PATTERN)
+  flags = tonum(flags)
+  if has_flag(flags, FLAG.retry) then
+    local known = retried(id)
+    if known ~= nil then return encode(known) end
+  end
+  return encode(acquire(id, h, name, live_weight(h, tonum(weight)), tonum(rank),
+    tonum(cost), has_flag(flags, FLAG.sheddable), has_flag(flags, FLAG.degradable),
+    tonum(max_wait)))
+end
+
+-- An acquire as the client writes it (store.lua's call.split_acquire), else matched whole.
+local function do_acquire(op)
+  local id, h, name, tail = call.split_acquire(op)
+  if id == nil then return do_acquire_matched(op) end
+  if tail.retry then
+    local known = retried(id)
+    if known ~= nil then return encode(known) end
+  end
+  return encode(acquire(id, h, name, live_weight(h, tail.weight), tail.rank, tail.cost,
+    tail.sheddable, tail.degradable, tail.max_wait))
+end
+
+-- (call's, not a local: batch.lua's main chunk, under EVAL one chunk with every file, may
+-- have at most 200 locals at once, and its loop's branch was the most.)
+function call.do_reclaim(op)
+  local _, id, cost, old = string.match(op, RECLAIM_PATTERN)
+  return REPLY.reclaimed .. SEP .. flag(reclaim(id, tonumber(cost), old))
+end
+
+local function do_cancel(id)
+  local d = cancel(id)
+  if d ~= nil then return table.concat({REPLY.cancelled, d.reason, num(d.retry)}, SEP) end
+  local lease = admitted(id)
+  if lease == nil then return REPLY.unknown end
+  return REPLY.already_admitted .. SEP .. flag(lease)
+end
+
+-- A leave: its ids, TUNING.LEAVE_CHUNK at a time (core.lua's leave) while the call's work
+-- allows (TUNING.LEAVE_US from `started`, the call's start if it measures its work: the
+-- rest of the call is deferred), then one dispatch. Its reply says how many it took, from
+-- the first (the caller sends the rest again), and whether the call's work is done.
+local function do_leave(text, started)
+  local start = started or clock_us()
+  local done, over = 0, false
+  local next_id = string.gmatch(text, '[^' .. SEP .. ']+')  -- (split only as far as taken)
+  while true do
+    local chunk = {}
+    for id in next_id do
+      chunk[#chunk + 1] = id
+      if #chunk == TUNING.LEAVE_CHUNK then break end
+    end
+    if #chunk == 0 then break end
+    leave(chunk)
+    done = done + #chunk
+    if clock_us() - start >= TUNING.LEAVE_US then
+      over = true  -- (perhaps all were taken: the caller finds out from `done`)
+      break
+    end
+  end
+  refill()
+  dispatch(nil)
+  return REPLY.left .. SEP .. num(done), over
+end
+
 -- The fields of P:t:<h> fast_acquire reads (TENANT_FIELDS has them all); without a tenant
 -- rate, only f, w, st and xp (the cap is neither refilled nor taken then: core.lua's
 -- cap_ok and take; written out there). Absent, w is 1 and st IDLE (a new tenant's hash
 -- holds only the fields not at their defaults: store.lua's save_tenant).
-local FAST_TENANT = {'f', 'w', 'cap', 'cap_at', 'st', 'xp'}
+call.FAST_TENANT = {'f', 'w', 'cap', 'cap_at', 'st', 'xp'}  -- (call's: a chunk has 200 locals)
 
 -- Loads the state into S (store.lua's load_hot_state) and the limits (load_limits_stamped,
 -- from `limits`: batch.lua's ARGV[4]); false if the full call must run instead.
@@ -140,7 +231,7 @@ local function fast_acquire(op, limits)
     f0, w0 = NUMBERS[v[1]] or tonum(v[1]), NUMBERS[v[2]] or tonum(v[2]) or 1
     st, xp = NUMBERS[v[3]] or tonum(v[3]) or IDLE, NUMBERS[v[4]] or tonum(v[4]) or 0
   else
-    local v = redis.call('HMGET', key, unpack(FAST_TENANT))
+    local v = redis.call('HMGET', key, unpack(call.FAST_TENANT))
     if v[1] == false then return give_up() end
     f0, w0, cap0, cap_at0 = tonum(v[1]), tonum(v[2]) or 1, tonum(v[3]), tonum(v[4])
     st, xp = tonum(v[5]) or IDLE, tonum(v[6]) or 0

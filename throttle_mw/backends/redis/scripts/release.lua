@@ -22,7 +22,7 @@
 start(ARGV[2], ARGV[1])
 local id = ARGV[6]
 local read = nil  -- (batch.lua's ARGV.lean_read: nil, not tried)
-if not call.left_waiting() then
+if not call.left_waiting(ARGV[2]) then
   local done, vals = lean_release(id, nil, ARGV[5])
   if done then return REPLY.released end
   read = vals or false

@@ -50,6 +50,7 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', 'thr',
   'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc', 'lm', 'lk'}
 local PACKED_FIELD = 'nums'
+-- (call.save_plain writes PLAIN's fields out in this order.)
 local PLAIN = {'inflight', 'waiting', 'tk_by', 'ep', LIVE_STAMP}
 local RANK_COUNT = {}  -- 'n0'.. by rank + 1, and a tenant's 'c0'..: made once, not per call
 local RANK_COST = {}
@@ -564,10 +565,13 @@ local function load_state(known, limits)
   else
     local vals = redis.call('HMGET', K.state, PACKED_FIELD, unpack(PLAIN))
     M.raw = vals  -- (save keeps it as written: call.take_state)
-    if not call.take_state(vals) then
-      load_packed(vals[1])
-      for i, name in ipairs(PLAIN) do load_plain(name, vals[i + 1]) end
+    if call.take_state(vals) then  -- (its defaults are set: it was loaded below before)
+      if L == nil then call.limits_by_stamp(limits) end
+      if S.tokens > L.burst then S.tokens = L.burst end
+      return
     end
+    load_packed(vals[1])
+    for i, name in ipairs(PLAIN) do load_plain(name, vals[i + 1]) end
   end
   if L == nil then call.limits_by_stamp(limits) end
   if S.ts == nil then
@@ -673,14 +677,22 @@ end
 -- Tenant h was used now and waits for nothing (idle: on the list), or it waits (off it).
 function call.seen_idle(h, idle)
   local pending = M.idle
-  if pending == nil then pending = {}; M.idle = pending end
-  pending[h] = idle
+  if pending == nil then M.idle = {[h] = idle} else pending[h] = idle end
 end
 
 function call.flush_idle()
   local pending = M.idle
   if pending == nil then return end
   M.idle = nil
+  local h, idle = next(pending)
+  if next(pending, h) == nil then  -- (one tenant, most calls: no lists made)
+    if not idle then
+      redis.call('ZREM', K.tenants, h)
+    elseif redis.call('ZADD', K.tenants, call.now_score(), h) > 0 then
+      born.tenants = true
+    end
+    return
+  end
   local add, drop = {}, {}
   local seen = call.now_score()
   for h, idle in pairs(pending) do
@@ -847,14 +859,17 @@ end
 function call.as_written(t)
   if not t.dirty then return end  -- (as loaded)
   local l = t.loaded
+  local tc = t.c
   if l == call.NEW_LOADED then
-    l = {f = nil, w = nil, cap = nil, cap_at = nil, n = nil, c = {}, st = nil, am = nil, xp = nil}
+    l = {f = nil, w = nil, cap = nil, cap_at = nil, n = nil, c = {unpack(tc)}, st = nil, am = nil,
+      xp = nil}
     t.loaded = l
   elseif l.c == call.NEW_LOADED.c then
-    l.c = {}
+    l.c = {unpack(tc)}
+  else
+    local c = l.c
+    for rank = 1, NRANK do c[rank] = tc[rank] end
   end
-  local c, tc = l.c, t.c
-  for rank = 1, NRANK do c[rank] = tc[rank] end
   l.f = t.f; l.w = t.w; l.cap = t.cap; l.cap_at = t.cap_at; l.n = t.n; l.st = t.st
   l.am = t.am; l.xp = t.xp
   t.dirty = false
@@ -892,9 +907,10 @@ end
 
 -- Did the last full call of this library on this budget leave requests waiting (batch.lua:
 -- then fast.lua, which gives up whenever any wait, is not tried)? Only a hint: another
--- writer may have changed that since; the full call decides the same either way.
-function call.left_waiting()
-  local memo = K.line_memo
+-- writer may have changed that since; the full call decides the same either way. (By the
+-- key prefix: asked before init.)
+function call.left_waiting(prefix)
+  local memo = key_names(prefix).line_memo
   return memo ~= nil and memo.waiting > 0
 end
 
@@ -1026,8 +1042,7 @@ local function save_tenant(t, again, hot)
       costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
       for rank = 1, NRANK do
         if c[rank] ~= 0 then
-          costs = {}
-          for r = 1, NRANK do costs[r] = c[r] end
+          costs = {unpack(c)}  -- (made whole)
           break
         end
       end
@@ -1108,7 +1123,7 @@ end
 -- save's packed numbers, a full call's with a memo entry (`loaded`): the entry changed in
 -- place, as save_acquire does (only K.state_memo and the kept state hold it, and both
 -- follow it), and no memo while it is changed: a call that fails halfway leaves one
--- whose text no P:s has. args: save's HSET, which gets the field if one changed.
+-- whose text no P:s has. args: save's HSET, which gets the field if one changed (true).
 function call.save_packed(args)
   local s, vals, texts = S, loaded.vals, loaded.texts
   local text = loaded.text
@@ -1142,6 +1157,7 @@ function call.save_packed(args)
     loaded.rest = nil  -- (save_acquire's texts after the sixth: made again)
   end
   loaded.text = text
+  return c
 end
 
 -- save's packed numbers otherwise (a state made anew, or fast.lua's `hot` calls, which
@@ -1169,41 +1185,76 @@ function call.save_packed_anew(args, hot)
     K.state_memo = loaded
     args[1] = PACKED_FIELD; args[2] = loaded.text
   end
+  return texts ~= nil
 end
+
+-- save's plain fields that changed (PLAIN's, written out: a loop over their names took
+-- twice as long) into args after its first n, their texts made what was read (M.raw: the
+-- HMGET's, PLAIN[i] at i + 1); the new count.
+function call.put_plain(args, n, name, value, i)
+  args[n + 1] = name
+  if type(value) == 'number' then value = num(value) end
+  args[n + 2] = value
+  S0[name] = S[name]
+  local raw = M.raw
+  if raw ~= nil then raw[i] = value end
+  return n + 2
+end
+
+function call.save_plain(args, n)
+  local s, s0, put = S, S0, call.put_plain
+  if s.inflight ~= s0.inflight then n = put(args, n, 'inflight', s.inflight, 2) end
+  if s.waiting ~= s0.waiting then n = put(args, n, 'waiting', s.waiting, 3) end
+  if s.tk_by ~= s0.tk_by then n = put(args, n, 'tk_by', s.tk_by, 4) end
+  if s.ep ~= s0.ep then n = put(args, n, 'ep', s.ep, 5) end
+  if s.lv ~= s0.lv then n = put(args, n, LIVE_STAMP, s.lv, 6) end
+  for rank = 1, NRANK do
+    local name = RANK_COUNT[rank]
+    if s[name] ~= s0[name] then n = put(args, n, name, s[name], 6 + rank) end
+  end
+  return n
+end
+
+-- save's HSET of P:s, kept from call to call (its first n entries in use: a table grown
+-- entry by entry is made anew as it doubles).
+call.state_args = {}
 
 -- Only what changed, and key TTLs only when due (every budget-wide key, a quarter of T
 -- apart) or for keys this call may have created: this runs on every call. `hot`: a call of
 -- fast.lua's, which compares only what it can change (call.HOT_PACKED).
 local function save(hot)
   call.flush_idle()
-  local args = {}
+  local args, n = call.state_args, 0
   S.inflight = S.inflight - held_back
   held_back = 0
   local refresh = now >= S.xp
   if refresh then S.xp = now + POL.ttl / TTL_REFRESHES end
   -- The packed numbers (in PACKED's order): their text anew if one changed, only the
   -- changed ones formatted.
-  local plain = PLAIN
-  if hot then plain = call.HOT_PLAIN end
+  local changed
   if loaded ~= nil and not hot then
-    call.save_packed(args)
+    changed = call.save_packed(args)
   else
-    call.save_packed_anew(args, hot)
+    changed = call.save_packed_anew(args, hot)
   end
-  local raw = M.raw  -- (the plain fields' texts as read: made what is written)
-  if hot then raw = nil end
-  for i = 1, #plain do
-    local name = plain[i]
-    local value = S[name]
-    if value ~= S0[name] then
-      args[#args + 1] = name
-      if type(value) == 'number' then value = num(value) end
-      args[#args + 1] = value
-      S0[name] = S[name]
-      if raw ~= nil then raw[i + 1] = value end
+  if changed then n = 2 end
+  if hot then
+    local plain = call.HOT_PLAIN
+    for i = 1, #plain do
+      local name = plain[i]
+      local value = S[name]
+      if value ~= S0[name] then
+        args[n + 1] = name
+        if type(value) == 'number' then value = num(value) end
+        args[n + 2] = value
+        n = n + 2
+        S0[name] = S[name]
+      end
     end
+  else
+    n = call.save_plain(args, n)
   end
-  if #args > 0 then redis.call('HSET', K.state, unpack(args)) end
+  if n > 0 then redis.call('HSET', K.state, unpack(args, 1, n)) end
   for _, t in pairs(T) do
     if t.dirty and not t.deleted then save_tenant(t, false, hot) end
   end
@@ -1499,9 +1550,10 @@ local function load_tenant(h, weight)
   -- (Tables made whole: one filled field by field grows anew every few fields.)
   if v[1] == false then
     local w = weight or 1
-    local c = {unpack(call.NEW_LOADED.c)}  -- (made whole: filled one by one, it grew anew 4 times)
-    t = {h = h, key = key, dirty = true, new = true, loaded = call.NEW_LOADED, c = c, w = w,
-      f = S.v + 1 / w, cap = L.tenant_burst, cap_at = now, n = 0, st = IDLE, am = '', xp = 0}
+    t = {h = h, key = key, dirty = true, new = true, loaded = call.NEW_LOADED,
+      c = {unpack(call.NEW_LOADED.c)}, w = w, f = S.v + 1 / w, cap = L.tenant_burst,
+      cap_at = now, n = 0, st = IDLE, am = '', xp = 0, touched = nil, name = nil,
+      queue_made = nil, deleted = nil}
     fresh = true
     local made = M.made
     if made == nil then made = {}; M.made = made end
@@ -1509,17 +1561,23 @@ local function load_tenant(h, weight)
   else
     -- TENANT_FIELDS: f, w, cap, cap_at, n, the costs by rank, st, am, xp.
     -- (Absent, w, n, the costs, st and am are their defaults: call.NEW_LOADED.)
-    local c, costs = {}, {}
+    -- (tonum's remembered numbers looked up here first: most are, and a call costs. The
+    -- costs by rank: their texts into a table of their size, made whole, then numbers.)
+    local c = {unpack(v, 6, 5 + NRANK)}
     for rank = 1, NRANK do
-      local cost = tonum(v[5 + rank]) or 0
-      c[rank] = cost; costs[rank] = cost
+      local x = c[rank]
+      c[rank] = NUMBERS[x] or tonum(x) or 0
     end
     local i = NRANK + 6
-    local l = {f = tonum(v[1]), w = tonum(v[2]) or 1, cap = tonum(v[3]), cap_at = tonum(v[4]),
-      n = tonum(v[5]) or 0, c = costs, st = tonum(v[i]) or IDLE, am = v[i + 1] or '',
-      xp = tonum(v[i + 2])}
+    local x1, x2, x3, x4, x5 = v[1], v[2], v[3], v[4], v[5]
+    local xi, xp = v[i], v[i + 2]
+    local l = {f = NUMBERS[x1] or tonum(x1), w = NUMBERS[x2] or tonum(x2) or 1,
+      cap = NUMBERS[x3] or tonum(x3), cap_at = NUMBERS[x4] or tonum(x4),
+      n = NUMBERS[x5] or tonum(x5) or 0, c = {unpack(c)}, st = NUMBERS[xi] or tonum(xi) or IDLE,
+      am = v[i + 1] or '', xp = NUMBERS[xp] or tonum(xp)}
     t = {h = h, key = key, dirty = false, loaded = l, c = c, f = l.f, w = l.w, cap = l.cap,
-      cap_at = l.cap_at, n = l.n, st = l.st, am = l.am, xp = l.xp or 0}
+      cap_at = l.cap_at, n = l.n, st = l.st, am = l.am, xp = l.xp or 0, touched = nil,
+      new = nil, name = nil, queue_made = nil, deleted = nil}
     if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
   end
   T[h] = t
