@@ -139,11 +139,10 @@ end
 -- num(x) for the numbers call.save_acquire writes that count up (a tenant's finish tag, the
 -- window's admitted cost): most calls write a new one, and a whole one (weight 1, cost 1)
 -- is mostly one up from one written a call or a few before. In a loaded library
--- (call.lasting), a whole number of 10 or more is the text of its tens (of its thousands,
--- from 1,000: remembered in call.integers, like num's) then its last digit (last three:
--- call.DIGITS, by the number + 1, made as first needed): a concatenation costs a fraction
--- of formatting. (Not num's way: for the full call's numbers, which do not count one by
--- one, the split costs more than it saves.)
+-- (call.lasting), a whole number of 10 or more is the text of its tens (remembered in
+-- call.integers, like num's: the count went through them) then its last digit: a
+-- concatenation costs a fraction of formatting. (Not num's way: for the full call's
+-- numbers, which do not count one by one, the split costs more than it saves.)
 function call.count_text(x)
   if x >= 10 and x % 1 == 0 and x < TUNING.INTEGER_TEXT_MAX and call.lasting then
     return call.integers[x] or call.whole_text(x)
@@ -151,22 +150,13 @@ function call.count_text(x)
   return num(x)
 end
 
+call.DIGITS = {'0', '1', '2', '3', '4', '5', '6', '7', '8', '9'}
+
 function call.whole_text(x)  -- (x whole, 0 <= x < INTEGER_TEXT_MAX)
   if x < 10 then return num(x) end
-  local unit = 10
-  if x >= 1000 then unit = 1000 end
-  local low = x % unit  -- (exact below 10^15)
-  local high = (x - low) / unit
-  local known = call.DIGITS
-  if known == nil then known = {[10] = {}, [1000] = {}}; call.DIGITS = known end
-  local digits = known[unit][low + 1]
-  if digits == nil then
-    local form = '%d'
-    if unit == 1000 then form = '%03d' end
-    digits = string.format(form, low)
-    known[unit][low + 1] = digits
-  end
-  local text = (call.integers[high] or call.whole_text(high)) .. digits
+  local low = x % 10  -- (exact below 2^53)
+  local text = (call.integers[(x - low) / 10] or call.whole_text((x - low) / 10))
+    .. call.DIGITS[low + 1]
   if call.integers_kept >= TUNING.NUMBERS_MAX then call.integers = {}; call.integers_kept = 0 end
   call.integers[x] = text  -- (as num keeps them)
   call.integers_kept = call.integers_kept + 1
