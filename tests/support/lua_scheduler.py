@@ -79,6 +79,8 @@ class LuaScheduler:
         self.reply: list[str] = []
         #: The epoch a release tells release.lua it knows (None: the last trailer's).
         self.known_epoch: str | None = None
+        #: The lease TTL the calls pass (the policy's lease_ttl_s): a test may change it.
+        self.lease_ttl_s = 3600.0
         self.tick(now)  # start the state (and its measuring window) now, as Scheduler does
 
     # --- the scheduler's interface ---------------------------------------------------------
@@ -94,6 +96,17 @@ class LuaScheduler:
         if isinstance(decision, Enqueue):
             self._waiting.add(req.id)
         return decision, events
+
+    def acquire_in_full(self, now: float, req: Request) -> Decision:
+        """The same acquire in a call with a tick after it: batch.lua's full call, never
+        fast.lua's (a call of two operations)."""
+        weight, max_wait = self._limits.weight(req.tenant), self._max_wait[req.priority]
+        op = protocol.acquire_op(req.id, protocol.acquire_tail(req, weight, max_wait))
+        result, _ = self._call(now, [op, protocol.TICK])
+        decision = protocol.decode_acquire(result[0])
+        if isinstance(decision, Admit) and decision.lease:
+            self._leases.add(req.id)
+        return decision
 
     def cancel(self, now: float, request_id: str) -> tuple[Reject | None, list[Event]]:
         result, events = self._call(now, [protocol.cancel_op(request_id)])
@@ -119,6 +132,13 @@ class LuaScheduler:
     def batch(self, now: float, ops: list[str]) -> list[str]:
         """One script call of several operations (protocol's ops): their replies."""
         return self._call(now, ops)[0]
+
+    def renew(self, now: float, request_ids: list[str]) -> protocol.Renewed:
+        """renew.lua, the heartbeat: the leases' expiries pushed out to now + the lease TTL."""
+        args = protocol.renew_args(
+            repr(now), self._tag, _PROCESS, self.lease_ttl_s, 7200, request_ids
+        )
+        return protocol.decode_renew(self._run("renew", args, self._client))
 
     def next_due(self, now: float) -> float | None:
         return self._due
@@ -155,7 +175,7 @@ class LuaScheduler:
             tenant_queue_limit=pol.tenant_queue_limit,
             tenant_idle_s=pol.tenant_idle_s,
             max_tenants=pol.max_tenants,
-            lease_ttl_s=3600,
+            lease_ttl_s=self.lease_ttl_s,
             key_ttl_s=7200,
             live_limits_ttl_s=7200,
         )

@@ -162,11 +162,23 @@ local function fast_state(limits, vals)
   return quiet(S.waiting, S.xp, S.fi, S.win_at, S.ep, S.rc)
 end
 
--- A lease past its expiry (its process crashed): expire_leases must run first.
+-- A lease past its expiry (its process crashed): expire_leases must run first. Asked of
+-- P:leases only once `now` reaches S.le, a time no lease expires before (store.lua's
+-- put_lease keeps it one), which then becomes the first lease's expiry; with none (or
+-- the anchor alone), the earliest a lease made now would expire (any lease added lowers
+-- it). So P:leases is read about once per lease TTL, not on every acquire.
 local function lapsed_lease()
   if S.inflight <= 0 then return false end
+  local bound = S.le
+  if bound ~= nil and bound > now then return false end
   local first = redis.call('ZRANGE', K.leases, 0, 0, 'WITHSCORES')
-  return #first > 0 and tonumber(first[2]) <= now
+  if #first > 0 and first[1] ~= TUNING.LEASE_ANCHOR then
+    bound = tonumber(first[2])
+  else
+    bound = now + POL.lease_ttl
+  end
+  S.le = bound
+  return bound <= now
 end
 
 local function give_up()

@@ -39,7 +39,8 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- and the end of its reclaim grace (rc): see "A state made anew" below; the live
 -- processes as last counted (np) and when they are counted again (pc: batch.lua's
 -- live_processes); the stamp of the last full call's save (lm: "The line as the last
--- call left it" below).
+-- call left it" below); a time no lease in P:leases expires before (le: put_lease,
+-- fast.lua's lapsed_lease; unset: not known).
 -- The layout: the numbers in PACKED share one field, PACKED_FIELD, their texts in that
 -- order joined with SEP ('' for unset), read and written whole: Redis reads one field for
 -- a fraction of what it takes for a dozen, and a loaded library remembers the last text
@@ -48,7 +49,7 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- (PLAIN: renew.lua reads the epoch, tests the counters). Only load_state, load_hot_state
 -- and save know this layout (and fast.lua's lean_release, by call.AT).
 local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', 'thr',
-  'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc', 'lm', 'lk'}
+  'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc', 'lm', 'lk', 'le'}
 local PACKED_FIELD = 'nums'
 -- (call.save_plain writes PLAIN's fields out in this order.)
 local PLAIN = {'inflight', 'waiting', 'tk_by', 'ep', LIVE_STAMP}
@@ -517,7 +518,7 @@ local function load_packed(text)
   S = {tokens = v[1], ts = v[2], v = v[3], win_at = v[4], win_v0 = v[5], win_cost = v[6],
     v_rate = v[7], thr = v[8], meas_at = v[9], qcost = v[10], wsum = v[11], seq = v[12],
     tk_at = v[13], xp = v[14], fi = v[15], la = v[16], rc = v[17], np = v[18], pc = v[19],
-    lm = v[20], lk = v[21]}
+    lm = v[20], lk = v[21], le = v[22]}
 end
 
 local function load_plain(name, value)
@@ -1073,7 +1074,7 @@ end
 call.HOT_PACKED = {}
 do  -- (at load: a function library may use no standard library there)
   local hot = {tokens = true, ts = true, v = true, win_cost = true, la = true, np = true,
-    pc = true, lk = true}
+    pc = true, lk = true, le = true}
   for i = 1, #PACKED do
     if hot[PACKED[i]] then call.HOT_PACKED[#call.HOT_PACKED + 1] = i end
   end
@@ -1141,6 +1142,7 @@ function call.save_packed(args)
   x = s.pc; if x ~= vals[19] then c = true; vals[19] = x; texts[19] = x and num(x) or '' end
   x = s.lm; if x ~= vals[20] then c = true; vals[20] = x; texts[20] = x and num(x) or '' end
   x = s.lk; if x ~= vals[21] then c = true; vals[21] = x; texts[21] = x and num(x) or '' end
+  x = s.le; if x ~= vals[22] then c = true; vals[22] = x; texts[22] = x and num(x) or '' end
   if c then
     text = table.concat(texts, SEP)
     args[1] = PACKED_FIELD; args[2] = text
@@ -1154,7 +1156,8 @@ end
 -- compare only what they can change): a new memo entry if one changed.
 function call.save_packed_anew(args, hot)
   local vals = {S.tokens, S.ts, S.v, S.win_at, S.win_v0, S.win_cost, S.v_rate, S.thr,
-    S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc, S.np, S.pc, S.lm, S.lk}
+    S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc, S.np, S.pc, S.lm, S.lk,
+    S.le}
   local old, texts = {}, nil
   if loaded ~= nil then old = loaded.vals end
   local places = nil
@@ -1281,7 +1284,7 @@ function call.load_acquire_state()
   s.tokens = n[1]; s.ts = n[2]; s.v = n[3]; s.win_at = n[4]; s.win_v0 = n[5]; s.win_cost = n[6]
   s.v_rate = n[7]; s.thr = n[8]; s.meas_at = n[9]; s.qcost = n[10]; s.wsum = n[11]
   s.seq = n[12]; s.tk_at = n[13]; s.xp = n[14]; s.fi = n[15]; s.la = n[16] or 0; s.rc = n[17]
-  s.np = n[18]; s.pc = n[19]; s.lm = n[20]; s.lk = n[21] or 0
+  s.np = n[18]; s.pc = n[19]; s.lm = n[20]; s.lk = n[21] or 0; s.le = n[22]
   s.inflight = NUMBERS[v[2]] or tonum(v[2]); s.waiting = NUMBERS[v[3]] or tonum(v[3])
   s.ep = v[4] or ''; s.lv = v[5] or ''
   call.inflight0 = s.inflight; call.lv0 = s.lv
@@ -1297,7 +1300,7 @@ function call.save_acquire(t)
   local seen = call.now_score()
   if redis.call('ZADD', K.tenants, seen, t.h) > 0 then born.tenants = true end
   -- The packed numbers fast.lua can change (call.HOT_PACKED, by their places in PACKED:
-  -- tokens, ts, v, win_cost, la, np, pc, lk), compared and formatted one by one ('' if
+  -- tokens, ts, v, win_cost, la, np, pc, lk, le), compared and formatted one by one ('' if
   -- unset). The memo entry loaded is changed in place (only K.state_memo holds it), and is
   -- no memo while it is changed.
   local s, vals, texts = S, loaded.vals, loaded.texts
@@ -1320,6 +1323,8 @@ function call.save_acquire(t)
   if x ~= vals[19] then later = true; vals[19] = x; texts[19] = x and num(x) or '' end
   x = s.lk
   if x ~= vals[21] then later = true; vals[21] = x; texts[21] = x and num(x) or '' end
+  x = s.le
+  if x ~= vals[22] then later = true; vals[22] = x; texts[22] = x and num(x) or '' end
   -- The text: the first six numbers' texts, then the rest's as the memo entry keeps it
   -- (`rest`: made again only if one of them changed); one concatenation.
   if later then changed = true end
@@ -1415,9 +1420,14 @@ end
 -- A lease is its member in P:leases (its expiry the score); one of a cost other than 1 has
 -- its cost in P:lc too, and S.lk counts those: while none is in flight (most of the time:
 -- most requests cost 1) a lease is one ZADD and its release one ZREM.
+-- S.le, a time no lease expires before (fast.lua's lapsed_lease), stays one: a lease added
+-- lowers it if it expires earlier (a renewal, renew.lua's, only moves an expiry later, and
+-- a lease that leaves only raises the earliest). Unset (not known) it stays unset.
 local function put_lease(id, cost)
   anchor_leases()
-  redis.call('ZADD', K.leases, num(now + POL.lease_ttl), id)
+  local expiry = now + POL.lease_ttl
+  if S.le ~= nil and expiry < S.le then S.le = expiry end
+  redis.call('ZADD', K.leases, num(expiry), id)
   if cost ~= 1 then
     if S.lk <= 0 then born.lease_costs = true end  -- (P:lc may be new)
     redis.call('HSET', K.lease_costs, id, num(cost))
