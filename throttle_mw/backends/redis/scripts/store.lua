@@ -979,8 +979,8 @@ local function save_tenant(t, again, hot)
     fields[1] = 'name'; fields[2] = v; n = 2
     t.name = nil
   end
-  v = t.f
-  if v ~= loaded.f then fields[n + 1] = 'f'; fields[n + 2] = num(v); n = n + 2 end
+  v = t.f  -- (counts up: call.count_text, as save_acquire writes it)
+  if v ~= loaded.f then fields[n + 1] = 'f'; fields[n + 2] = call.count_text(v); n = n + 2 end
   v = t.w
   if v ~= loaded.w then fields[n + 1] = 'w'; fields[n + 2] = num(v); n = n + 2 end
   v = t.cap
