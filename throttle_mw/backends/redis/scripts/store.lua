@@ -871,7 +871,9 @@ function call.restore_tenant(t)
   local l = t.loaded
   t.f = l.f; t.w = l.w; t.cap = l.cap; t.cap_at = l.cap_at; t.n = l.n; t.st = l.st
   t.am = l.am; t.xp = l.xp or 0
-  for rank = 1, NRANK do t.c[rank] = l.c[rank] end
+  local c = t.c
+  if c == call.ZERO_COSTS then c = call.own_costs(t) end
+  for rank = 1, NRANK do c[rank] = l.c[rank] end
   t.dirty = false; t.touched = nil; t.new = nil; t.name = nil; t.queue_made = nil
   T[t.h] = t
 end
@@ -940,6 +942,16 @@ end
 call.NONE = {false}  -- (load_tenant: the reading of a tenant that does not exist)
 call.NEW_LOADED = {w = 1, n = 0, c = {}, st = IDLE, am = ''}
 for rank = 1, NRANK do call.NEW_LOADED.c[rank] = 0 end
+-- A new tenant's costs by rank are these (shared, all 0) until a waiter of its is counted:
+-- a table made per new tenant, and its garbage, spared. Each writer of a tenant's costs
+-- (core.lua's push, unlink, top_active, leave; restore_tenant) takes its own copy first
+-- (call.own_costs).
+call.ZERO_COSTS = call.NEW_LOADED.c
+function call.own_costs(t)
+  local c = t.c
+  if c == call.ZERO_COSTS then c = {unpack(c)}; t.c = c end
+  return c
+end
 
 -- A tenant's changed fields (save_tenant) are put in one table kept from call to call
 -- (call.fields, its first call.n entries in use): a table grown field by field is
@@ -1541,7 +1553,7 @@ local function load_tenant(h, weight)
   if v[1] == false then
     local w = weight or 1
     t = {h = h, key = key, dirty = true, new = true, loaded = call.NEW_LOADED,
-      c = {unpack(call.NEW_LOADED.c)}, w = w, f = S.v + 1 / w, cap = L.tenant_burst,
+      c = call.ZERO_COSTS, w = w, f = S.v + 1 / w, cap = L.tenant_burst,
       cap_at = now, n = 0, st = IDLE, am = '', xp = 0, touched = nil, name = nil,
       queue_made = nil, deleted = nil}
     fresh = true
