@@ -847,8 +847,8 @@ end
 -- tenant's loaded tables are its own (but a new tenant's, and the costs of one written
 -- with nothing waiting: shared, never changed; save_tenant).
 function call.as_written(t)
-  if not t.dirty then return end  -- (as loaded)
   local l = t.loaded
+  if not t.dirty and l ~= call.NEW_LOADED then return end  -- (as loaded; save_tenant's `again`)
   local tc = t.c
   if l == call.NEW_LOADED then
     l = {f = nil, w = nil, cap = nil, cap_at = nil, n = nil, c = {unpack(tc)}, st = nil, am = nil,
@@ -1038,7 +1038,12 @@ local function save_tenant(t, again, hot)
     redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl_ms('tenant'))
   end
   t.queue_made = nil
-  if again then
+  if again and not (loaded == call.NEW_LOADED and c == call.ZERO_COSTS and t.w == loaded.w
+    and t.n == loaded.n and t.st == loaded.st and t.am == loaded.am) then
+    -- (A new tenant written with all but its own fields at their defaults, most under churn,
+    -- keeps call.NEW_LOADED: written again this call, its f, cap and cap_at are put again,
+    -- the same values, and what moved from a default; a table spared per new tenant.
+    -- call.as_written makes its loaded fields.)
     -- (Its costs as loaded if none moved: a loaded table of costs is never changed.)
     if costs_moved then
       costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
