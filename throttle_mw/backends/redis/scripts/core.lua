@@ -307,7 +307,11 @@ function forget_idle()
   local excess = redis.call('ZCARD', K.tenants) - POL.max_tenants
   if excess > 0 then
     local oldest = redis.call('ZRANGE', K.tenants, '0', num(math.min(excess, TUNING.EXCESS_BATCH) - 1))
-    for _, h in ipairs(oldest) do stale[#stale + 1] = h end
+    if #stale == 0 then  -- (most calls: the excess alone)
+      stale = oldest
+    else
+      for i = 1, #oldest do stale[#stale + 1] = oldest[i] end
+    end
   end
   if #stale > 0 then call.drop_idle_tenants(stale) end
 end
