@@ -592,7 +592,8 @@ local function leave(ids)
       if q == nil then q = {}; queued[r.h] = q; tenants[#tenants + 1] = t end
       q[#q + 1] = r.id
       mine[#mine + 1] = r.id
-      local c = call.own_costs(t)
+      local c = t.c
+      if c == call.ZERO_COSTS then c = call.own_costs(t) end
       c[r.rank + 1] = c[r.rank + 1] - r.cost
       t.n = t.n - 1
       S[RANK_COUNT[r.rank + 1]] = S[RANK_COUNT[r.rank + 1]] - 1
