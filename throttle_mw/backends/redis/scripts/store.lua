@@ -998,6 +998,12 @@ local function save_tenant(t, again, hot)
   -- of some fourteen fields were a third of a new tenant's Lua work. The fields are
   -- numbers but the name and am.)
   local fields, n = call.fields, 0
+  local c = t.c  -- (its costs by rank)
+  -- A new tenant with nothing but its own fields (name, f, cap, cap_at, xp) moved from
+  -- their defaults, most under churn: w, n, its costs (shared, all 0), st and am are as
+  -- loaded, and are not compared one by one.
+  local plain = loaded == call.NEW_LOADED and c == call.ZERO_COSTS and t.w == loaded.w
+    and t.n == loaded.n and t.st == loaded.st and t.am == loaded.am
   local v = t.name
   if v ~= nil then  -- a new tenant's name (tenant in core.lua)
     fields[1] = 'name'; fields[2] = v; n = 2
@@ -1005,28 +1011,32 @@ local function save_tenant(t, again, hot)
   end
   v = t.f  -- (counts up: call.count_text, as save_acquire writes it)
   if v ~= loaded.f then fields[n + 1] = 'f'; fields[n + 2] = call.count_text(v); n = n + 2 end
-  v = t.w
-  if v ~= loaded.w then fields[n + 1] = 'w'; fields[n + 2] = num(v); n = n + 2 end
+  if not plain then
+    v = t.w
+    if v ~= loaded.w then fields[n + 1] = 'w'; fields[n + 2] = num(v); n = n + 2 end
+  end
   v = t.cap
   if v ~= loaded.cap then fields[n + 1] = 'cap'; fields[n + 2] = num(v); n = n + 2 end
   v = t.cap_at
   if v ~= loaded.cap_at then fields[n + 1] = 'cap_at'; fields[n + 2] = num(v); n = n + 2 end
-  v = t.n
-  if v ~= loaded.n then fields[n + 1] = 'n'; fields[n + 2] = num(v); n = n + 2 end
-  local costs, c = loaded.c, t.c  -- (by rank)
-  local costs_moved = costs == nil
-  if costs_moved then costs = {} end
-  for rank = 1, NRANK do
-    v = c[rank]
-    if v ~= costs[rank] then
-      fields[n + 1] = RANK_COST[rank]; fields[n + 2] = num(v); n = n + 2
-      costs_moved = true
+  local costs, costs_moved = loaded.c, false
+  if not plain then
+    v = t.n
+    if v ~= loaded.n then fields[n + 1] = 'n'; fields[n + 2] = num(v); n = n + 2 end
+    costs_moved = costs == nil
+    if costs_moved then costs = {} end
+    for rank = 1, NRANK do
+      v = c[rank]
+      if v ~= costs[rank] then
+        fields[n + 1] = RANK_COST[rank]; fields[n + 2] = num(v); n = n + 2
+        costs_moved = true
+      end
     end
+    v = t.st
+    if v ~= loaded.st then fields[n + 1] = 'st'; fields[n + 2] = num(v); n = n + 2 end
+    v = t.am
+    if v ~= loaded.am then fields[n + 1] = 'am'; fields[n + 2] = v; n = n + 2 end
   end
-  v = t.st
-  if v ~= loaded.st then fields[n + 1] = 'st'; fields[n + 2] = num(v); n = n + 2 end
-  v = t.am
-  if v ~= loaded.am then fields[n + 1] = 'am'; fields[n + 2] = v; n = n + 2 end
   local refresh = now >= t.xp
   if refresh then
     -- (The same for every tenant of the call: formatted once, as num(now) is; so is the
@@ -1050,12 +1060,10 @@ local function save_tenant(t, again, hot)
     redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl_ms('tenant'))
   end
   t.queue_made = nil
-  if again and not (loaded == call.NEW_LOADED and c == call.ZERO_COSTS and t.w == loaded.w
-    and t.n == loaded.n and t.st == loaded.st and t.am == loaded.am) then
-    -- (A new tenant written with all but its own fields at their defaults, most under churn,
-    -- keeps call.NEW_LOADED: written again this call, its f, cap and cap_at are put again,
-    -- the same values, and what moved from a default; a table spared per new tenant.
-    -- call.as_written makes its loaded fields.)
+  if again and not plain then
+    -- (A plain new tenant keeps call.NEW_LOADED: written again this call, its f, cap and
+    -- cap_at are put again, the same values, and what moved from a default; a table spared
+    -- per new tenant. call.as_written makes its loaded fields.)
     -- (Its costs as loaded if none moved: a loaded table of costs is never changed.)
     if costs_moved then
       costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
