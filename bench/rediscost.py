@@ -12,7 +12,10 @@ deltas of Redis's own counters over the measured stretch:
 - ``usec_per_call``: ``INFO commandstats`` of FCALL/EVALSHA: Redis's time inside
   one script call; ``calls``: script calls per admission;
 - ``slow``: SLOWLOG entries over 1 ms (``slowlog-log-slower-than 1000``) and the
-  longest, in microseconds.
+  longest, in microseconds; with ``--every-call``, every command is logged (SLOWLOG
+  at 0 us) and ``slow`` counts the script calls over 1 ms, with the script calls'
+  durations at the 50th, 90th and 99th percentiles (``call_us_p50`` ...): how long
+  a call takes, not only how many crossed 1 ms.
 
 Scenarios:
 
@@ -70,8 +73,13 @@ def _rid() -> str:
 class Counters:
     """Redis's own counters, sampled before and after a measured stretch."""
 
+    #: Log every command (``--every-call``), not only those over 1 ms.
+    every_call = False
+
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
+        #: The script calls' durations by percentile (``--every-call``).
+        self.percentiles: dict[str, int] = {}
 
     def sample(self) -> dict[str, float]:
         info = self.client.info("all")
@@ -92,13 +100,25 @@ class Counters:
         }
 
     def reset_slowlog(self) -> None:
-        self.client.config_set("slowlog-log-slower-than", 1000)
-        self.client.config_set("slowlog-max-len", 10_000)
+        every = self.every_call
+        self.client.config_set("slowlog-log-slower-than", 0 if every else 1000)
+        self.client.config_set("slowlog-max-len", 200_000 if every else 10_000)
         self.client.slowlog_reset()
 
     def slow(self) -> tuple[int, int]:
-        entries = self.client.slowlog_get(10_000)
-        return len(entries), max((int(e["duration"]) for e in entries), default=0)
+        if not self.every_call:
+            entries = self.client.slowlog_get(10_000)
+            return len(entries), max((int(e["duration"]) for e in entries), default=0)
+        durations = sorted(
+            int(e["duration"])
+            for e in self.client.slowlog_get(200_000)
+            if bytes(e["command"]).split(b" ", 1)[0].lower().decode() in _SCRIPT_COMMANDS
+        )
+        if durations:
+            for p in (50, 90, 99):
+                index = min(len(durations) - 1, len(durations) * p // 100)
+                self.percentiles[f"call_us_p{p}"] = durations[index]
+        return sum(1 for d in durations if d > 1000), max(durations, default=0)
 
 
 def settings(url: str, prefix: str, **overrides: Any) -> Settings:
@@ -147,6 +167,7 @@ async def measure(
         "usec_per_call": round((after["usec"] - before["usec"]) / max(1.0, calls), 1),
         "slow": slow,
         "longest_us": longest,
+        **counters.percentiles,
     }
 
 
@@ -309,6 +330,7 @@ async def stop_with_waiters(url: str, waiters: int) -> dict[str, Any]:
         "cpu_ms": round(1000 * (after["cpu_s"] - before["cpu_s"]), 1),
         "slow": slow,
         "longest_us": longest,
+        **counters.percentiles,
     }
 
 
@@ -428,7 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--redis-cpu", default="1", help="taskset CPU list for redis-server")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--every-call",
+        action="store_true",
+        help="log every command (SLOWLOG at 0 us): the script calls' duration percentiles",
+    )
     args = parser.parse_args(argv)
+    Counters.every_call = args.every_call
     from tests.support.redis_server import RedisServer
 
     server = RedisServer().start()

@@ -400,6 +400,17 @@ def test_redis_cost_of_the_peers_runs_beside_ours(tmp_path: Path, redis_binary: 
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_redis_cost_logs_every_script_call_when_asked(tmp_path: Path, redis_binary: Path) -> None:
+    out = tmp_path / "rediscost.json"
+    args = ["--n", "128", "--scenarios", "churn", "--redis-cpu", "", "--every-call"]
+    assert rediscost.main([*args, "--json", str(out)]) == 0
+
+    figures = json.loads(out.read_text())["scenarios"]["churn"]
+    assert figures["admissions"] == 512
+    assert 0 < figures["call_us_p50"] <= figures["call_us_p90"] <= figures["call_us_p99"]
+    assert figures["call_us_p99"] <= figures["longest_us"]
+
+
 def test_redis_instructions_of_a_peer_are_counted_beside_ours(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -155,7 +155,8 @@ local over = false
 -- fifth of a new tenant's. Only while nobody waits: then no operation dispatches more
 -- than the waiters queued since the last check.
 local check_at = TUNING.WORK_CHECK + 1
-for i, op in ipairs(ops) do
+for i = 1, #ops do  -- (by index: ipairs is a C call per operation)
+  local op = ops[i]
   local kind = string.sub(op, 1, #OP.acquire)
   if not over and started ~= nil and i == check_at then
     call.save_made()  -- (store.lua: new tenants' writes count in the work)

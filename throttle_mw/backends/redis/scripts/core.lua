@@ -307,7 +307,11 @@ function forget_idle()
   local excess = redis.call('ZCARD', K.tenants) - POL.max_tenants
   if excess > 0 then
     local oldest = redis.call('ZRANGE', K.tenants, '0', num(math.min(excess, TUNING.EXCESS_BATCH) - 1))
-    for _, h in ipairs(oldest) do stale[#stale + 1] = h end
+    if #stale == 0 then  -- (most calls: the excess alone)
+      stale = oldest
+    else
+      for i = 1, #oldest do stale[#stale + 1] = oldest[i] end
+    end
   end
   if #stale > 0 then call.drop_idle_tenants(stale) end
 end
@@ -357,7 +361,9 @@ function push(t, r)
   save_waiter(r, deadline)
   redis.call('ZADD', K.deadlines, deadline, r.id)
   call.deadline_added(r.deadline, deadline)
-  t.c[r.rank + 1] = t.c[r.rank + 1] + r.cost
+  local c = t.c
+  if c == call.ZERO_COSTS then c = call.own_costs(t) end  -- (a new tenant's: shared)
+  c[r.rank + 1] = c[r.rank + 1] + r.cost
   t.n = t.n + 1
   if t.n == 1 then call.seen_idle(t.h, false) end  -- off the idle list (forget_idle)
   redis.call('ZADD', K.qlen, num(t.n * PUSH_SPAN + S.seq % PUSH_SPAN), t.h)
@@ -376,7 +382,9 @@ function unlink(t, r)
   redis.call('ZREM', K.deadlines, r.id)
   call.deadline_left(r.deadline)
   M.top_known = false
-  t.c[r.rank + 1] = t.c[r.rank + 1] - r.cost
+  local c = t.c  -- (its own: a tenant whose hash was lost reads as new)
+  if c == call.ZERO_COSTS then c = call.own_costs(t) end
+  c[r.rank + 1] = c[r.rank + 1] - r.cost
   t.n = t.n - 1
   if t.n <= 0 then
     redis.call('ZREM', K.qlen, t.h)
@@ -456,7 +464,8 @@ function top_active()
     end
     -- Inconsistent (keys lost): take the tenant out of line.
     redis.call('ZREM', K.active, top[1]); S.wsum = S.wsum - t.w; t.st = IDLE; t.n = 0
-    for rank = 1, NRANK do t.c[rank] = 0 end
+    local c = call.own_costs(t)
+    for rank = 1, NRANK do c[rank] = 0 end
     t.dirty = true
   end
 end
@@ -583,7 +592,9 @@ local function leave(ids)
       if q == nil then q = {}; queued[r.h] = q; tenants[#tenants + 1] = t end
       q[#q + 1] = r.id
       mine[#mine + 1] = r.id
-      t.c[r.rank + 1] = t.c[r.rank + 1] - r.cost
+      local c = t.c
+      if c == call.ZERO_COSTS then c = call.own_costs(t) end
+      c[r.rank + 1] = c[r.rank + 1] - r.cost
       t.n = t.n - 1
       S[RANK_COUNT[r.rank + 1]] = S[RANK_COUNT[r.rank + 1]] - 1
       S.qcost = S.qcost - r.cost

@@ -760,25 +760,37 @@ end
 -- tenant's hash is deleted: one that waits for nothing has no queue (P:q:<h>: Redis drops
 -- a sorted set with its last member; a queue left by state that expired around it goes
 -- with its own TTL).
+-- (Loops by index, not ipairs: a C call per step; the list itself as the unknown ones when
+-- none was loaded this call, most calls.)
 function call.drop_idle_tenants(hs)
-  local unknown = {}
-  for _, h in ipairs(hs) do
-    if T[h] == nil then unknown[#unknown + 1] = h end
+  local n = #hs
+  local unknown = hs
+  for i = 1, n do
+    if T[hs[i]] ~= nil then
+      unknown = {}
+      for j = 1, n do
+        local h = hs[j]
+        if T[h] == nil then unknown[#unknown + 1] = h end
+      end
+      break
+    end
   end
   local waits = {}
   if #unknown > 0 then
     local scores = redis.call('ZMSCORE', K.qlen, unpack(unknown))
-    for i, h in ipairs(unknown) do
-      if scores[i] then waits[h] = true end
+    for i = 1, #unknown do
+      if scores[i] then waits[unknown[i]] = true end
     end
   end
   local gone = {}
-  for _, h in ipairs(hs) do
+  local prefix = K.prefix .. KEY.tenant
+  for i = 1, n do
+    local h = hs[i]
     local t = T[h]
     local busy
     if t ~= nil then busy = t.n > 0 else busy = waits[h] end
     if not busy then
-      gone[#gone + 1] = K.prefix .. KEY.tenant .. h
+      gone[#gone + 1] = prefix .. h
       if t ~= nil then t.deleted = true; T[h] = nil end
     end
   end
@@ -848,8 +860,8 @@ end
 -- tenant's loaded tables are its own (but a new tenant's, and the costs of one written
 -- with nothing waiting: shared, never changed; save_tenant).
 function call.as_written(t)
-  if not t.dirty then return end  -- (as loaded)
   local l = t.loaded
+  if not t.dirty and l ~= call.NEW_LOADED then return end  -- (as loaded; save_tenant's `again`)
   local tc = t.c
   if l == call.NEW_LOADED then
     l = {f = nil, w = nil, cap = nil, cap_at = nil, n = nil, c = {unpack(tc)}, st = nil, am = nil,
@@ -872,7 +884,9 @@ function call.restore_tenant(t)
   local l = t.loaded
   t.f = l.f; t.w = l.w; t.cap = l.cap; t.cap_at = l.cap_at; t.n = l.n; t.st = l.st
   t.am = l.am; t.xp = l.xp or 0
-  for rank = 1, NRANK do t.c[rank] = l.c[rank] end
+  local c = t.c
+  if c == call.ZERO_COSTS then c = call.own_costs(t) end
+  for rank = 1, NRANK do c[rank] = l.c[rank] end
   t.dirty = false; t.touched = nil; t.new = nil; t.name = nil; t.queue_made = nil
   T[t.h] = t
 end
@@ -941,6 +955,16 @@ end
 call.NONE = {false}  -- (load_tenant: the reading of a tenant that does not exist)
 call.NEW_LOADED = {w = 1, n = 0, c = {}, st = IDLE, am = ''}
 for rank = 1, NRANK do call.NEW_LOADED.c[rank] = 0 end
+-- A new tenant's costs by rank are these (shared, all 0) until a waiter of its is counted:
+-- a table made per new tenant, and its garbage, spared. Each writer of a tenant's costs
+-- (core.lua's push, unlink, top_active, leave; restore_tenant) takes its own copy first
+-- (call.own_costs).
+call.ZERO_COSTS = call.NEW_LOADED.c
+function call.own_costs(t)
+  local c = t.c
+  if c == call.ZERO_COSTS then c = {unpack(c)}; t.c = c end
+  return c
+end
 
 -- A tenant's changed fields (save_tenant) are put in one table kept from call to call
 -- (call.fields, its first call.n entries in use): a table grown field by field is
@@ -975,35 +999,45 @@ local function save_tenant(t, again, hot)
   -- of some fourteen fields were a third of a new tenant's Lua work. The fields are
   -- numbers but the name and am.)
   local fields, n = call.fields, 0
+  local c = t.c  -- (its costs by rank)
+  -- A new tenant with nothing but its own fields (name, f, cap, cap_at, xp) moved from
+  -- their defaults, most under churn: w, n, its costs (shared, all 0), st and am are as
+  -- loaded, and are not compared one by one.
+  local plain = loaded == call.NEW_LOADED and c == call.ZERO_COSTS and t.w == loaded.w
+    and t.n == loaded.n and t.st == loaded.st and t.am == loaded.am
   local v = t.name
   if v ~= nil then  -- a new tenant's name (tenant in core.lua)
     fields[1] = 'name'; fields[2] = v; n = 2
     t.name = nil
   end
-  v = t.f
-  if v ~= loaded.f then fields[n + 1] = 'f'; fields[n + 2] = num(v); n = n + 2 end
-  v = t.w
-  if v ~= loaded.w then fields[n + 1] = 'w'; fields[n + 2] = num(v); n = n + 2 end
+  v = t.f  -- (counts up: call.count_text, as save_acquire writes it)
+  if v ~= loaded.f then fields[n + 1] = 'f'; fields[n + 2] = call.count_text(v); n = n + 2 end
+  if not plain then
+    v = t.w
+    if v ~= loaded.w then fields[n + 1] = 'w'; fields[n + 2] = num(v); n = n + 2 end
+  end
   v = t.cap
   if v ~= loaded.cap then fields[n + 1] = 'cap'; fields[n + 2] = num(v); n = n + 2 end
   v = t.cap_at
   if v ~= loaded.cap_at then fields[n + 1] = 'cap_at'; fields[n + 2] = num(v); n = n + 2 end
-  v = t.n
-  if v ~= loaded.n then fields[n + 1] = 'n'; fields[n + 2] = num(v); n = n + 2 end
-  local costs, c = loaded.c, t.c  -- (by rank)
-  local costs_moved = costs == nil
-  if costs_moved then costs = {} end
-  for rank = 1, NRANK do
-    v = c[rank]
-    if v ~= costs[rank] then
-      fields[n + 1] = RANK_COST[rank]; fields[n + 2] = num(v); n = n + 2
-      costs_moved = true
+  local costs, costs_moved = loaded.c, false
+  if not plain then
+    v = t.n
+    if v ~= loaded.n then fields[n + 1] = 'n'; fields[n + 2] = num(v); n = n + 2 end
+    costs_moved = costs == nil
+    if costs_moved then costs = {} end
+    for rank = 1, NRANK do
+      v = c[rank]
+      if v ~= costs[rank] then
+        fields[n + 1] = RANK_COST[rank]; fields[n + 2] = num(v); n = n + 2
+        costs_moved = true
+      end
     end
+    v = t.st
+    if v ~= loaded.st then fields[n + 1] = 'st'; fields[n + 2] = num(v); n = n + 2 end
+    v = t.am
+    if v ~= loaded.am then fields[n + 1] = 'am'; fields[n + 2] = v; n = n + 2 end
   end
-  v = t.st
-  if v ~= loaded.st then fields[n + 1] = 'st'; fields[n + 2] = num(v); n = n + 2 end
-  v = t.am
-  if v ~= loaded.am then fields[n + 1] = 'am'; fields[n + 2] = v; n = n + 2 end
   local refresh = now >= t.xp
   if refresh then
     -- (The same for every tenant of the call: formatted once, as num(now) is; so is the
@@ -1027,7 +1061,10 @@ local function save_tenant(t, again, hot)
     redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl_ms('tenant'))
   end
   t.queue_made = nil
-  if again then
+  if again and not plain then
+    -- (A plain new tenant keeps call.NEW_LOADED: written again this call, its f, cap and
+    -- cap_at are put again, the same values, and what moved from a default; a table spared
+    -- per new tenant. call.as_written makes its loaded fields.)
     -- (Its costs as loaded if none moved: a loaded table of costs is never changed.)
     if costs_moved then
       costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
@@ -1551,7 +1588,7 @@ local function load_tenant(h, weight)
   if v[1] == false then
     local w = weight or 1
     t = {h = h, key = key, dirty = true, new = true, loaded = call.NEW_LOADED,
-      c = {unpack(call.NEW_LOADED.c)}, w = w, f = S.v + 1 / w, cap = L.tenant_burst,
+      c = call.ZERO_COSTS, w = w, f = S.v + 1 / w, cap = L.tenant_burst,
       cap_at = now, n = 0, st = IDLE, am = '', xp = 0, touched = nil, name = nil,
       queue_made = nil, deleted = nil}
     fresh = true
