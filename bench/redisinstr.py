@@ -253,8 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         help="count an admission's acquire or release only (concurrency scenarios)",
     )
     args = parser.parse_args(argv)
-    print(f"# {cpu_model()}; {args.redis_server}", flush=True)
     scenarios = args.scenarios.replace("peers", ",".join(peerredis.PEERS)).split(",")
+    leaseless = [s for s in scenarios if s not in ("concurrency", "concurrency-held")]
+    if args.part != "both" and leaseless:
+        parser.error(f"--part {args.part} counts a lease's calls: not for {', '.join(leaseless)}")
+    print(f"# {cpu_model()}; {args.redis_server}", flush=True)
     ours: dict[str, int] = {}
     for scenario in scenarios:
         mode, held = scenario, 0

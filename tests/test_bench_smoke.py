@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,13 @@ from bench import (
     redisinstr,
     roundtrips,
     run_all,
+    scriptsections,
     story,
 )
 from bench.runner import Trial, summarize
 from bench.throughput import main
+from tests.support.redis_server import redis_server_binary
+from throttle_mw.backends.redis import scripts
 
 pytestmark = pytest.mark.e2e
 
@@ -468,3 +472,32 @@ def test_opcodes_are_counted_per_function(capsys: pytest.CaptureFixture[str]) ->
     assert totals["memory"] > totals["bare"] > 100
     assert "asgi/middleware.py:__call__" in out.split("memory:")[1]
     assert "asgi/middleware.py" not in out.split("memory:")[0]
+
+
+def test_script_sections_find_each_anchor_once() -> None:
+    """bench/scriptsections.py's markers go where its sections say (an anchor the scripts
+    no longer have stops it)."""
+    for name in {script for script, _, _ in scriptsections.SECTIONS}:
+        text = scriptsections.marked_part(scripts._part)(name)
+        wanted = sum(1 for script, _, _ in scriptsections.SECTIONS if script == name)
+        assert text.count(scriptsections.MARKS) == wanted, name
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_script_sections_profile_a_saturated_tick_and_acquire(tmp_path: Path) -> None:
+    version = subprocess.run(
+        [str(redis_server_binary()), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    if " v=6." in version:
+        pytest.skip("FCALL: Redis 7")
+    result = scriptsections.run(tenants=20, rounds=3, out=tmp_path)
+    assert set(result) == {"tick", "acquire"}
+    tick, acquire = result["tick"], result["acquire"]
+    assert tick["calls"] == acquire["calls"] == 3
+    assert "tick: unlink" in tick
+    assert "acquire: push" in acquire
+    assert "tick: unlink" not in acquire
+    total = sum(v for k, v in tick.items() if k not in ("calls", "marker"))
+    assert 100_000 < total < 5_000_000
+    # Nothing left patched: the library is the package's again.
+    assert scriptsections.MARKS not in scripts.library().text

@@ -283,8 +283,9 @@ def test_a_stopped_fleet_leaves_every_key_with_a_ttl_and_then_nothing(
         # (P:lc holds only leases of a cost other than 1: none here)
         expected = {"s", "tenants", "procs", "cfg", "w", "wn", "t", "q", "leases", "r"}
         assert expected | {"dl", "qlen", "active"} <= kinds, kinds
-        # (the last process swept some idle tenants while it ran alone)
-        assert sum(1 for k in left if k.startswith("{gone}:t:")) >= TENANTS // 3
+        # (how many tenant hashes are left varies: the last process sweeps tenants idle
+        # for THROTTLE_TENANT_IDLE while it runs alone, and a loaded machine gives it
+        # longer; `expected` holds at least one, whose TTL is checked below)
         # ...and every key of it expires, none later than the longest TTL.
         assert keys_without_ttl(client, "{gone}") == []
         assert max(client.pttl(k) for k in left) <= longest_s * 1000

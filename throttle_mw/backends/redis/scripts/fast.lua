@@ -75,23 +75,18 @@ local function encode(d)
 end
 
 -- batch.lua's operations, each to its reply line.
--- (An operation that is not as the client writes it is matched whole, as it always was.)
-local function do_acquire_matched(op)
-  local _, id, h, name, weight, rank, cost, flags, max_wait = string.match(op, ACQUIRE_PATTERN)
-  flags = tonum(flags)
-  if has_flag(flags, FLAG.retry) then
-    local known = retried(id)
-    if known ~= nil then return encode(known) end
-  end
-  return encode(acquire(id, h, name, live_weight(h, tonum(weight)), tonum(rank),
-    tonum(cost), has_flag(flags, FLAG.sheddable), has_flag(flags, FLAG.degradable),
-    tonum(max_wait)))
-end
-
--- An acquire as the client writes it (store.lua's call.split_acquire), else matched whole.
+-- An acquire as the client writes it (store.lua's call.split_acquire); else matched whole
+-- by ACQUIRE_PATTERN, as it always was.
 local function do_acquire(op)
   local id, h, name, tail = call.split_acquire(op)
-  if id == nil then return do_acquire_matched(op) end
+  if id == nil then
+    local _, weight, rank, cost, flags, max_wait
+    _, id, h, name, weight, rank, cost, flags, max_wait = string.match(op, ACQUIRE_PATTERN)
+    flags = tonum(flags)
+    tail = {weight = tonum(weight), rank = tonum(rank), cost = tonum(cost),
+      max_wait = tonum(max_wait), retry = has_flag(flags, FLAG.retry),
+      sheddable = has_flag(flags, FLAG.sheddable), degradable = has_flag(flags, FLAG.degradable)}
+  end
   if tail.retry then
     local known = retried(id)
     if known ~= nil then return encode(known) end
