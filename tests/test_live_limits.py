@@ -17,8 +17,10 @@ waits for the next token: ``Retry-After`` is about one token interval, 1/rate
 from __future__ import annotations
 
 import itertools
+import math
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -214,6 +216,17 @@ def first_rejection(server: AppServer, tries: int = 50) -> httpx.Response:
     raise AssertionError(f"{server.url}: no rejection in {tries} requests")
 
 
+def admit_one(server: AppServer, tries: int = 100) -> float:
+    """Requests until one is admitted (the bucket is empty then); when that one was sent."""
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for _ in range(tries):
+            sent = time.monotonic()
+            if client.get("/work", headers={"X-Tenant-ID": "acme"}).status_code == 200:
+                return sent
+            time.sleep(0.05)
+    raise AssertionError(f"{server.url}: nothing admitted in {tries} requests")
+
+
 def throttle_mw(*argv: str) -> subprocess.CompletedProcess[str]:
     """The live-limits tool, as an operator runs it."""
     return subprocess.run(
@@ -233,9 +246,19 @@ def test_every_process_s_next_429_describes_a_live_rate_change(
     for server in servers:
         check_rejection(first_rejection(server), OLD_POLICY, OLD_RETRY_AFTER)
 
+    # The bucket emptied at a known time, just before the change. (In Redis a bucket is
+    # refilled when a call finds it, at the rate in force then: what one left part-full by
+    # the last rejection gained before the change counts at the new rate, so a 429 that
+    # came 0.1-0.2 s after the last admission on a loaded machine made the next say 1-4 s.)
+    emptied = admit_one(servers[0])
     done = throttle_mw("--redis-url", url, "--prefix", "live", "set", "--rate", f"{NEW_RATE:g}")
     assert done.returncode == 0, done.stderr
     for server in servers:
-        check_rejection(first_rejection(server), NEW_POLICY, NEW_RETRY_AFTER)
+        response = first_rejection(server)
+        # 10 s less what refilled since (at most the time since the admission was sent);
+        # at least 3 s: the old rate's 429s said 1-2 s.
+        left = math.floor(1 / NEW_RATE - (time.monotonic() - emptied))
+        assert left >= 3, f"{1 / NEW_RATE - left:.0f} s since the bucket emptied: too slow"
+        check_rejection(response, NEW_POLICY, range(left, 11))
     for server in servers:
         assert "Traceback" not in server.log()

@@ -15,10 +15,10 @@ killed and started again empty 8 s in.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import pytest
@@ -358,10 +358,64 @@ RESTART_AT = 8.0
 DURATION_S = 14.0
 
 
+#: How long before a request reaches the app the fleet may have decided to admit it: the
+#: reply's way from Redis to its front, and the front's call to the app, on a loaded
+#: machine (every server here shares one core).
+ADMITTED_WITHIN_S = 0.25
+
+
 def _limit(store: redis.Redis, prefix: str) -> int:
     """The concurrency limit in force: the learned one if there is one, else the static."""
     learned = store.hget("{" + prefix + "}:cfg", protocol.LEARNED)
     return int(learned) if learned is not None else LIMIT
+
+
+class Sample(NamedTuple):
+    read_at: float  # when the limit was read (wall clock)
+    at: float  # when the app's peak was read, just after
+    peak: int  # the most in flight at the app since the sample before
+    limit: int  # the limit in force at `read_at` (-1: Redis down)
+    oldest: float | None  # when the earliest request in flight at the app since then arrived
+
+
+def held_to(samples: list[Sample]) -> list[tuple[float, int, int]]:
+    """(time, peak, the most the app may have had in flight) for each sample.
+
+    A limit cut does not stop what runs: the requests admitted under the one before stay in
+    flight until they end (longer than a sample's 0.1 s when they queue for the app's slots,
+    or the machine is loaded). So a peak is held to the largest limit in force from the
+    admission of the earliest request it counts (its arrival at the app, less
+    ADMITTED_WITHIN_S) to its own reading, and to the next sample's limit (one raised
+    between this sample's limit read and its peak read). Any admission above every limit
+    in force then still fails: in flight above the limit while it holds steady, or above
+    the old limit after a cut.
+    """
+    held = []
+    for k, sample in enumerate(samples):
+        since = (sample.oldest if sample.oldest is not None else sample.at) - ADMITTED_WITHIN_S
+        first = max((j for j in range(k + 1) if samples[j].read_at <= since), default=0)
+        limit = max(s.limit for s in samples[first : k + 2])
+        held.append((sample.at, sample.peak, limit))
+    return held
+
+
+def test_a_peak_is_held_to_the_limits_in_force_while_what_it_counts_was_admitted() -> None:
+    def at(t: float, peak: int, limit: int, oldest: float | None) -> Sample:
+        return Sample(t - 0.01, t, peak, limit, oldest)
+
+    # A cut from 11 to 10 just before 1.1 s: 11 in flight is counted for as long as a
+    # request admitted under 11 (before 1.1 s, less ADMITTED_WITHIN_S) may still run.
+    cut = [at(1.0, 11, 11, 0.8), at(1.1, 11, 10, 0.9), at(1.2, 11, 10, 1.05)]
+    cut += [at(1.3, 11, 10, 1.2), at(1.4, 11, 10, 1.35)]
+    assert [limit for _, _, limit in held_to(cut)] == [11, 11, 11, 11, 10]
+    # Steady at 10 with 11 in flight: an admission over the limit.
+    steady = [at(1.0, 10, 10, 0.8), at(1.1, 11, 10, 0.95), at(1.2, 10, 10, 1.05)]
+    assert [limit for _, _, limit in held_to(steady)] == [10, 10, 10]
+    # Raised between a sample's limit read and its peak read: the next sample's counts.
+    raised = [at(1.0, 10, 10, 0.8), at(1.1, 12, 10, 0.95), at(1.2, 12, 12, 1.05)]
+    assert [limit for _, _, limit in held_to(raised)] == [10, 12, 12]
+    # Redis down (-1): the limits around it count.
+    assert held_to([at(0.1, 8, -1, None), at(0.2, 8, 8, 0.15)])[0][2] == 8
 
 
 @pytest.mark.e2e
@@ -376,13 +430,14 @@ def test_redis_restarted_empty_under_load_keeps_the_limit(
     """Four fronts share a concurrency budget in front of one 8-slot app; Redis is killed
     and started again empty 8 s into the story's load.
 
-    Pass: the app's peak in flight at most the limit plus one per process while the
-    fleet recovers, and at most the limit from one second after Redis is back (the
-    static 8, or the learned limit in force then), and at it (the load keeps the app
-    full); a learned limit comes back as it was, not from its cold start; no 500 and
-    no client error. The static run's requests take 250 ms, so that those in flight at
-    the restart still run when the first new ones would be admitted (without reclaims:
-    16 in flight); the learned run's 100 ms, so that the limit is learned by 8 s.
+    Pass: the app's peak in flight at most the limit before the restart, at most the
+    limit plus one per process while the fleet recovers, and at most the limit from one
+    second after Redis is back (the static 8, or the learned limits in force while what
+    it counts was admitted: held_to), and at it (the load keeps the app full); a learned
+    limit comes back as it was, not from its cold start; no 500 and no client error. The
+    static run's requests take 250 ms, so that those in flight at the restart still run
+    when the first new ones would be admitted (without reclaims: 16 in flight); the
+    learned run's 100 ms, so that the limit is learned by 8 s.
     """
     prefix = f"rc-{concurrency}"
     with RedisServer(binary=redis_binary) as server:
@@ -403,8 +458,7 @@ def test_redis_restarted_empty_under_load_keeps_the_limit(
             start_app_server(FRONT, env=env, cpu="0", health_path="/healthz") for _ in range(FLEET)
         ]
         store = redis.Redis.from_url(server.url, decode_responses=True)
-        #: (wall-clock time, the peak in flight at the app over the last sample, limit)
-        samples: list[tuple[float, int, int]] = []
+        samples: list[Sample] = []
         times: dict[str, float] = {}
 
         async def watch() -> None:
@@ -412,12 +466,15 @@ def test_redis_restarted_empty_under_load_keeps_the_limit(
             async with httpx.AsyncClient() as client:
                 while time.time() - t0 < DURATION_S:
                     await asyncio.sleep(0.1)
+                    read_at = time.time()
                     try:
                         limit = await asyncio.to_thread(_limit, store, prefix)
                     except redis.RedisError:
                         limit = -1  # Redis is down: no limit to read
-                    answer = await client.get(f"{backend.url}/_running?reset=1")
-                    samples.append((time.time(), answer.json()["peak"], limit))
+                    answer = (await client.get(f"{backend.url}/_running?reset=1")).json()
+                    samples.append(
+                        Sample(read_at, time.time(), answer["peak"], limit, answer["oldest"])
+                    )
 
         async def restart() -> None:
             await asyncio.sleep(RESTART_AT)
@@ -437,17 +494,17 @@ def test_redis_restarted_empty_under_load_keeps_the_limit(
         store.close()
 
     down, up = times["down"], times["up"]
-    # A learned limit moves: a peak is measured over the 0.1 s before its sample, so it
-    # is held to the larger of the limits at that sample and the one before (a limit
-    # just cut still has the requests admitted under the one before in flight).
-    held_to = [
-        (t, peak, max(prev[2], limit)) for prev, (t, peak, limit) in itertools.pairwise(samples)
-    ]
-    before = [s for s in held_to if up - RESTART_AT + 3.0 <= s[0] < down]
-    recovering = [s for s in held_to if down <= s[0] < up + 1.0]
-    after = [s for s in held_to if up + 1.0 <= s[0] < up + 4.0]
-    bound = max(times["limit"], *(s[2] for s in samples if s[2] > 0))
-    over_after = [(round(t - up, 2), peak, limit) for t, peak, limit in after if peak > limit]
+    # A learned limit moves: each peak is held to the limits in force while what it
+    # counts was admitted (held_to).
+    held = held_to(samples)
+    before = [s for s in held if up - RESTART_AT + 3.0 <= s[0] < down]
+    recovering = [s for s in held if down <= s[0] < up + 1.0]
+    after = [s for s in held if up + 1.0 <= s[0] < up + 4.0]
+    bound = max(times["limit"], *(s.limit for s in samples if s.limit > 0))
+    over_before, over_after = (
+        [(round(t - up, 2), peak, limit) for t, peak, limit in window if peak > limit]
+        for window in (before, after)
+    )
     print(
         f"concurrency {concurrency}: Redis down {up - down:.2f} s; before: peak"
         f" {max(s[1] for s in before)}, above the limit by {max(p - n for _, p, n in before)};"
@@ -457,6 +514,7 @@ def test_redis_restarted_empty_under_load_keeps_the_limit(
     assert not failures(records), failures(records)[:5]
     for text in logs:
         assert "Traceback" not in text, text[-3000:]
+    assert not over_before, over_before
     assert max(s[1] for s in recovering) <= bound + FLEET, recovering
     assert not over_after, over_after
     assert max(s[1] for s in after) >= min(LIMIT, *(s[2] for s in after)), after

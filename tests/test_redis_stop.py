@@ -20,6 +20,7 @@ from tests.support.redis_server import RedisServer
 from throttle_mw.backends import Admitted, Waiting
 from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.backends.redis.keys import tenant_digest
+from throttle_mw.backends.redis.scripts import LEAVE_CHUNK
 from throttle_mw.scheduler import Admit, Enqueue, Limits, Policy, Reject, Request
 from throttle_mw.settings import DEFAULT_MAX_WAIT_S, Settings
 
@@ -79,9 +80,12 @@ async def test_stop_with_thousands_waiting_takes_a_few_calls_and_leaves_nothing_
         before = await script_calls(client)
         await leaving.stop()
         calls = await script_calls(client) - before
-        # A cancel each took ~1 call per 19 waiters (105 here); leaves take a few. The
-        # bound leaves room for a slow machine (LEAVE_US is Redis's clock) and heartbeats.
-        assert calls <= _WAITERS // 100, calls
+        # A cancel each took ~1 call per 19 waiters (105 here), a leave of one chunk per
+        # call would take 125; leaves take a few: 14 on a quiet machine. Each call stops
+        # after LEAVE_US by Redis's clock, which runs on while a loaded machine preempts
+        # Redis, so a loaded one takes more (up to 24 seen with both cores busy). The bound
+        # is half of 105, with room for that and heartbeats.
+        assert calls <= _WAITERS // 40, calls
         assert all(o.future.done() for o in outcomes if isinstance(o, Waiting))
         assert {o.future.result() for o in outcomes if isinstance(o, Waiting)} == {
             Reject("shutting_down", 1.0)
@@ -129,8 +133,11 @@ def test_a_leave_gives_back_a_lease_granted_meanwhile_and_empties_the_queue(
         lua.release(0.1, "r0")  # r1 is granted: its message is on its way
         assert lua.in_flight == 1
         ids = [f"r{i}" for i in range(1, 40)]
-        replies = lua.batch(0.2, [protocol.leave_op(ids)])
-        assert protocol.decode_left(replies[0]) == len(ids)
+        left = ids
+        while left:  # as RedisBackend.stop: a call takes what LEAVE_US (Redis's clock) allows
+            taken = protocol.decode_left(lua.batch(0.2, [protocol.leave_op(left)])[0])
+            assert taken >= min(len(left), LEAVE_CHUNK), (taken, left)  # a chunk at least
+            left = left[taken:]
         assert (lua.in_flight, lua.waiting) == (0, 0)
         assert client.hlen(f"{lua._tag}:r") == 0
         assert client.exists(f"{lua._tag}:dl", f"{lua._tag}:qlen", f"{lua._tag}:active") == 0

@@ -6,7 +6,8 @@ slots phase-lock). The throttle is configured only by ``THROTTLE_*``. Other
 routes exercise streaming, failures, uploads and slow responses; ``/_budget``
 (exempt) shows the live budget so tests can check that nothing leaked (and the
 concurrency limit in force, learned or set), and
-``/_running`` how many requests the app is running right now, ``/_held`` what
+``/_running`` how many requests the app is running right now (and since its last
+``?reset=1``: the most at once, and when the earliest of them arrived), ``/_held`` what
 this process's Redis backend holds (leases, waiters; the soak checks they go
 back to zero), and ``POST
 /_slots?n=`` changes how many slots it has, mid-run). ``/big`` streams
@@ -23,6 +24,7 @@ import asyncio
 import contextlib
 import gc
 import hashlib
+import itertools
 import os
 import random
 import time
@@ -72,6 +74,12 @@ _slots = Slots(SLOTS)
 _running = 0
 #: Most requests running in ``/work`` at once since the last ``/_running?reset=1``.
 _peak = 0
+#: When each request running in ``/work`` arrived (wall clock), and the earliest arrival
+#: of any request that ran since the last reset: a peak is made of requests admitted
+#: no earlier than that (a test holds it to the limits in force since).
+_arrived: dict[int, float] = {}
+_oldest: float | None = None
+_tickets = itertools.count()
 
 
 async def work(request: Request) -> Response:
@@ -80,9 +88,13 @@ async def work(request: Request) -> Response:
     Time spent waiting for a slot is not service time: a test's "added wait"
     (latency from due minus app;dur) must count every wait, wherever it happens.
     """
-    global _running, _peak
+    global _running, _peak, _oldest
     _running += 1
     _peak = max(_peak, _running)
+    ticket, arrived = next(_tickets), time.time()
+    _arrived[ticket] = arrived
+    if _oldest is None:
+        _oldest = arrived
     try:
         async with _slots:
             started = time.perf_counter()
@@ -90,6 +102,7 @@ async def work(request: Request) -> Response:
             service_ms = (time.perf_counter() - started) * 1000.0
     finally:
         _running -= 1
+        del _arrived[ticket]
     return PlainTextResponse("done", headers={"server-timing": f"app;dur={service_ms:.1f}"})
 
 
@@ -180,10 +193,17 @@ async def budget(request: Request) -> Response:
 
 @priority("exempt")
 async def running(request: Request) -> Response:
-    global _peak
-    answer = {"running": _running, "peak": _peak, "busy": _slots.busy, "slots": _slots.n}
+    global _peak, _oldest
+    answer = {
+        "running": _running,
+        "peak": _peak,
+        "busy": _slots.busy,
+        "slots": _slots.n,
+        "oldest": _oldest,
+    }
     if request.query_params.get("reset") == "1":
         _peak = _running
+        _oldest = min(_arrived.values(), default=None)
     return JSONResponse(answer)
 
 
