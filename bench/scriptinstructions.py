@@ -130,15 +130,21 @@ def _request(tenant: str) -> Request:
     return Request(f"{tenant}-{next(_ids)}", tenant)
 
 
-def saturated(vg: Valgrind, tenants: int, calls: int, evalsha: bool) -> dict[str, Any]:
-    vg.client.flushall()
-    policy = Policy(
+def saturated_policy(tenants: int) -> Policy:
+    """The saturated scenario's policy: room for every tenant to wait (also
+    `bench/scriptsections.py`'s)."""
+    return Policy(
         dict.fromkeys(PRIORITIES, 900.0),
         queue_limit=max(1000, 2 * tenants),
         tenant_queue_limit=10,
         tenant_idle_s=60.0,
         max_tenants=max(10_000, 2 * tenants),
     )
+
+
+def saturated(vg: Valgrind, tenants: int, calls: int, evalsha: bool) -> dict[str, Any]:
+    vg.client.flushall()
+    policy = saturated_policy(tenants)
     sched = LuaScheduler(
         vg.client, Limits(rate=50.0, burst=5.0), policy, now=0.0, functions=not evalsha
     )

@@ -34,12 +34,11 @@ if __package__ in (None, ""):
 
 import redis
 
-from bench.scriptinstructions import _free_port
+from bench.scriptinstructions import _free_port, saturated_policy
 from tests.support.lua_scheduler import LuaScheduler
 from tests.support.redis_server import redis_server_binary
 from throttle_mw.backends.redis import scripts
-from throttle_mw.priorities import PRIORITIES
-from throttle_mw.scheduler import Granted, Limits, Policy, Request
+from throttle_mw.scheduler import Granted, Limits, Request
 
 MARKS = "scriptsections:marks"
 #: The clock of the first measured round (the bench's own clock: the marks are off before).
@@ -153,13 +152,7 @@ def _profile(tenants: int, rounds: int, out: Path) -> tuple[list[str], list[int]
         except redis.ConnectionError:
             time.sleep(0.5)
     try:
-        policy = Policy(
-            dict.fromkeys(PRIORITIES, 900.0),
-            queue_limit=max(1000, 2 * tenants),
-            tenant_queue_limit=10,
-            tenant_idle_s=60.0,
-            max_tenants=max(10_000, 2 * tenants),
-        )
+        policy = saturated_policy(tenants)
         sched = LuaScheduler(client, Limits(rate=50.0, burst=5.0), policy, now=0.0)
         ids = iter(range(10**9))
         for i in range(tenants):
