@@ -177,7 +177,9 @@ for i = 1, #ops do  -- (by index: ipairs is a C call per operation)
   if over then
     results[#results + 1] = REPLY.deferred
   elseif kind == OP.acquire then
-    results[#results + 1] = do_acquire(op)
+    local line = do_acquire(op)
+    if line == nil then return redis.error_reply('throttle_mw: malformed acquire') end
+    results[#results + 1] = line
   elseif kind == OP.release then
     release(string.sub(op, call.OP_BODY))
     results[#results + 1] = REPLY.released

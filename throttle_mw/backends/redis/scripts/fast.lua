@@ -75,18 +75,11 @@ local function encode(d)
 end
 
 -- batch.lua's operations, each to its reply line.
--- An acquire as the client writes it (store.lua's call.split_acquire); else matched whole
--- by ACQUIRE_PATTERN, as it always was.
+-- An acquire as the client writes it (protocol.py's acquire_op; store.lua's
+-- call.split_acquire): anything else is no operation of this library's.
 local function do_acquire(op)
   local id, h, name, tail = call.split_acquire(op)
-  if id == nil then
-    local _, weight, rank, cost, flags, max_wait
-    _, id, h, name, weight, rank, cost, flags, max_wait = string.match(op, ACQUIRE_PATTERN)
-    flags = tonum(flags)
-    tail = {weight = tonum(weight), rank = tonum(rank), cost = tonum(cost),
-      max_wait = tonum(max_wait), retry = has_flag(flags, FLAG.retry),
-      sheddable = has_flag(flags, FLAG.sheddable), degradable = has_flag(flags, FLAG.degradable)}
-  end
+  if id == nil then return nil end
   if tail.retry then
     local known = retried(id)
     if known ~= nil then return encode(known) end

@@ -195,14 +195,13 @@ local function fields_pattern(n)
   return pattern .. '$'
 end
 local WAITER_PATTERN = fields_pattern(#WAITER_FIELDS)
-local ACQUIRE_PATTERN = fields_pattern(#ACQUIRE_FIELDS)
 local RECLAIM_PATTERN = fields_pattern(4)
 
 -- An acquire's fields after its tenant (weight|rank|cost|flags|max_wait: ACQUIRE_FIELDS'
 -- last five) are the same text for every request of a route: parsed once and kept by
 -- that text (TUNING.NUMBERS_MAX at most, then afresh), {weight, rank, cost, max_wait
 -- (numbers), sheddable, degradable, retry (the flags)}; false if its flags are no number
--- (batch.lua then matches the whole operation with ACQUIRE_PATTERN, as it always did).
+-- (a malformed operation: batch.lua answers with an error).
 -- (Matching the nine fields with a pattern, character class by character class, cost
 -- more than all the rest of decoding an operation.)
 call.TAIL_PATTERN = fields_pattern(5)
@@ -226,7 +225,7 @@ end
 -- An acquire as the client writes it (protocol.py: A|id|digest|name|tail): its id, digest
 -- and tenant name cut out at their separators (plain finds: a pattern's character class
 -- tried on every character cost more), its tail as call.acquire_tail keeps it; nil if the
--- operation is not in that form (batch.lua then matches it whole with ACQUIRE_PATTERN).
+-- operation is not in that form (batch.lua answers with an error).
 -- batch.lua's do_acquire and fast.lua's fast_acquire both decode by it.
 call.OP_BODY = #OP.acquire + #SEP + 1  -- where an operation's first field begins (any kind)
 function call.split_acquire(op)
