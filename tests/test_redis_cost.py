@@ -359,6 +359,49 @@ def test_a_call_of_new_tenants_writes_each_once_and_the_idle_list_once(
     assert client.hget(key, "st") is None
 
 
+def deferred(replies: list[str]) -> int:
+    return sum(reply == protocol.DEFERRED for reply in replies)
+
+
+def test_a_calls_work_is_bounded_by_its_count_whatever_the_clock(client: redis.Redis) -> None:
+    """A call of many operations takes on no more than its counted work
+    (scripts.WORK_UNITS: 1 an operation, MADE_UNITS more for a tenant it makes) and answers
+    the rest "deferred", so the commands it runs stay bounded however fast Redis runs it:
+    before, only Redis's clock (WORK_US) stopped a call, so a fast machine took on 40 and
+    more new tenants, with their writes and the drops they cause after the loop. The
+    clock can only stop a call sooner: the bounds below hold on a loaded machine too."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=64)
+    scheduler = LuaScheduler(client, Limits(rate=1e6, burst=1e6), policy, now=0.0)
+    first, now = 0, 1.0
+    while first < 64:  # the tenant set at its bound: each new tenant drops one after the loop
+        replies = scheduler.batch(now, new_tenants(first, 8))
+        first += 8 - deferred(replies)
+        now += 0.01
+    per_tenant = 1 + scripts.MADE_UNITS
+    for _ in range(5):
+        client.config_resetstat()
+        replies = scheduler.batch(now, new_tenants(first, 256))
+        used = commands(client)
+        taken = 256 - deferred(replies)
+        assert 0 < taken <= scripts.WORK_UNITS // per_tenant, taken
+        first += taken
+        now += 0.01
+        # Per tenant its EXISTS, HSET and PEXPIRE (a TIME per work check at most); the
+        # call's own: state, heartbeat, idle list, drops, write-back (some 16).
+        assert sum(used.values()) <= 4 * taken + 24, (taken, used)
+        assert client.zcard(f"{scheduler._tag}:tenants") == 64
+    # 256 new tenants queueing at once on an empty bucket: each also queued (its waiter,
+    # the deadline list, the line).
+    queueing = LuaScheduler(client, Limits(rate=1.0, burst=1.0), policy, now=0.0)
+    queueing.batch(0.5, new_tenants(10_000, 1))  # the bucket emptied
+    client.config_resetstat()
+    replies = queueing.batch(0.5, new_tenants(20_000, 256))
+    used = commands(client)
+    taken = 256 - deferred(replies)
+    assert 0 < taken <= scripts.WORK_UNITS // per_tenant, taken
+    assert sum(used.values()) <= 12 * taken + 40, (taken, used)
+
+
 @pytest.mark.parametrize("why", ["idle", "beyond max_tenants"])
 def test_idle_tenants_are_dropped_in_a_few_commands(client: redis.Redis, why: str) -> None:
     """forget_idle drops a batch of tenants with one ZMSCORE, one DEL and one ZREM, not
