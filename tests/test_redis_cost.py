@@ -6,7 +6,8 @@ tests cannot flake. The scripts run on a fake clock (LuaScheduler), in a real re
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Iterator, Sequence
 
 import pytest
 import redis
@@ -14,6 +15,7 @@ import redis
 from tests.support.lua_scheduler import LuaScheduler, redis_version
 from tests.support.redis_server import RedisServer
 from throttle_mw.backends.redis import protocol, scripts
+from throttle_mw.backends.redis.batcher import Batcher
 from throttle_mw.backends.redis.keys import LIVE_STAMP, RECENT_KEPT, tenant_digest
 from throttle_mw.backends.redis.scripts import PROCS_RECOUNT_S, RECENT_SLACK
 from throttle_mw.priorities import PRIORITIES
@@ -400,6 +402,32 @@ def test_a_calls_work_is_bounded_by_its_count_whatever_the_clock(client: redis.R
     taken = 256 - deferred(replies)
     assert 0 < taken <= scripts.WORK_UNITS // per_tenant, taken
     assert sum(used.values()) <= 12 * taken + 40, (taken, used)
+
+
+def test_the_batcher_sends_again_what_a_bounded_call_deferred(client: redis.Redis) -> None:
+    """256 new tenants' acquires at once through the backend's batcher and the real script:
+    each call takes what its work bound allows, the batcher sends the rest again first
+    in the next, and every acquire is answered once, admitted."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=64)
+    scheduler = LuaScheduler(client, Limits(rate=1e6, burst=1e6), policy, now=0.0)
+    sent: list[int] = []
+
+    async def call(ops: Sequence[str], retry: bool) -> list[str]:
+        sent.append(len(ops))
+        scheduler.batch(1.0 + len(sent) / 1000, list(ops))
+        return scheduler.reply
+
+    async def run() -> list[str]:
+        batcher = Batcher(call, lambda trailer: None)
+        futures = [batcher.submit(op) for op in new_tenants(0, 256)]
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            await batcher.close()
+
+    replies = asyncio.run(run())
+    assert admitted(replies) == 256, replies
+    assert len(sent) >= 256 // (scripts.WORK_UNITS // (1 + scripts.MADE_UNITS)), sent
 
 
 @pytest.mark.parametrize("why", ["idle", "beyond max_tenants"])

@@ -49,7 +49,8 @@
 --   K|registered        reclaimed (1) or nothing to do (0)
 --   L|n                 a leave took its first n ids (the call's work was done: send the
 --                       rest again)
---   D                   deferred: not run, the call had done its share of work (TUNING.WORK_US);
+--   D                   deferred: not run, the call had done its share of work (fast.lua's
+--                       call.work_check: TUNING.WORK_UNITS, TUNING.WORK_US);
 --                       the caller sends it again
 
 -- The operations first: a malformed call changes nothing. (One operation, most calls:
