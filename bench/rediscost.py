@@ -170,7 +170,7 @@ def track_calls(backend: RedisBackend, counters: Counters) -> None:
     calls: list[list[int]] = []
     counters.calls = calls
     batcher = backend._batcher
-    inner = batcher._call
+    inner = backend._call  # (the batcher's, and the backend's own calls of one operation)
 
     async def call(ops: Any, retry: bool) -> list[str]:
         results = await inner(ops, retry)
@@ -179,6 +179,7 @@ def track_calls(backend: RedisBackend, counters: Counters) -> None:
         return results
 
     batcher._call = call
+    backend._call = call  # type: ignore[method-assign]
 
 
 def settings(url: str, prefix: str, **overrides: Any) -> Settings:
