@@ -15,7 +15,11 @@ deltas of Redis's own counters over the measured stretch:
   longest, in microseconds; with ``--every-call``, every command is logged (SLOWLOG
   at 0 us) and ``slow`` counts the script calls over 1 ms, with the script calls'
   durations at the 50th, 90th and 99th percentiles (``call_us_p50`` ...): how long
-  a call takes, not only how many crossed 1 ms.
+  a call takes, not only how many crossed 1 ms. In ``churn`` and ``queue-256`` each
+  batch call is also paired with its work, the operations it took (its reply: those not
+  answered "deferred") out of those sent: ``taken_p50`` / ``taken_max`` over all calls,
+  and ``slow_calls``, each call over 1 ms as [microseconds, taken, sent], so a call slow
+  for its work shows apart from one slow with a usual amount of it (Redis off its core).
 
 Scenarios:
 
@@ -63,6 +67,9 @@ from throttle_mw.scheduler import Request
 from throttle_mw.settings import Settings
 
 _SCRIPT_COMMANDS = ("fcall", "evalsha", "eval")
+#: SLOWLOG entries kept with ``--every-call`` (a churn run of 80,000 admissions logs some
+#: 320,000: the 200,000 kept before lost a third of its calls).
+_LOGGED = 2_000_000
 _ids = itertools.count()
 
 
@@ -79,7 +86,9 @@ class Counters:
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
         #: The script calls' durations by percentile (``--every-call``).
-        self.percentiles: dict[str, int] = {}
+        self.percentiles: dict[str, Any] = {}
+        #: Each batch call's [taken, sent] in order (``--every-call``; `track_calls`).
+        self.calls: list[list[int]] | None = None
 
     def sample(self) -> dict[str, float]:
         info = self.client.info("all")
@@ -102,23 +111,75 @@ class Counters:
     def reset_slowlog(self) -> None:
         every = self.every_call
         self.client.config_set("slowlog-log-slower-than", 0 if every else 1000)
-        self.client.config_set("slowlog-max-len", 200_000 if every else 10_000)
+        # (Every command: Redis 7 logs those a script runs too, some 4 an admission.)
+        self.client.config_set("slowlog-max-len", _LOGGED if every else 10_000)
         self.client.slowlog_reset()
+        if self.calls is not None:
+            self.calls.clear()
 
     def slow(self) -> tuple[int, int]:
         if not self.every_call:
             entries = self.client.slowlog_get(10_000)
             return len(entries), max((int(e["duration"]) for e in entries), default=0)
+        entries = self.client.slowlog_get(_LOGGED)
         durations = sorted(
             int(e["duration"])
-            for e in self.client.slowlog_get(200_000)
+            for e in entries
             if bytes(e["command"]).split(b" ", 1)[0].lower().decode() in _SCRIPT_COMMANDS
         )
+        if self.calls:
+            self._pair(entries)
         if durations:
             for p in (50, 90, 99):
                 index = min(len(durations) - 1, len(durations) * p // 100)
                 self.percentiles[f"call_us_p{p}"] = durations[index]
         return sum(1 for d in durations if d > 1000), max(durations, default=0)
+
+    def _pair(self, entries: list[dict[str, Any]]) -> None:
+        """Each batch FCALL's duration with the work its reply tells (`track_calls`): the
+        backend's batch calls are one at a time, in the order the slowlog numbers them."""
+        assert self.calls is not None
+        batch = [
+            int(e["duration"])
+            for e in sorted(entries, key=lambda e: int(e["id"]))
+            if _is_batch_call(bytes(e["command"]))
+        ]
+        if len(batch) != len(self.calls):  # (calls cut off the log: nothing to pair)
+            self.percentiles["paired"] = f"{len(batch)} logged, {len(self.calls)} made"
+            return
+        self.percentiles["paired"] = len(batch)
+        taken = sorted(t for t, _ in self.calls)
+        self.percentiles["taken_p50"] = taken[len(taken) // 2]
+        self.percentiles["taken_max"] = taken[-1]
+        self.percentiles["slow_calls"] = [
+            [d, t, n] for d, (t, n) in zip(batch, self.calls, strict=True) if d > 1000
+        ]
+
+
+def _is_batch_call(command: bytes) -> bool:
+    words = command.split(b" ", 2)
+    return len(words) > 1 and words[0].lower() == b"fcall" and words[1].endswith(b"_batch")
+
+
+def track_calls(backend: RedisBackend, counters: Counters) -> None:
+    """Record each batch call's operations taken and sent into ``counters.calls``."""
+    if not counters.every_call or backend._batcher is None:
+        return
+    from throttle_mw.backends.redis.protocol import DEFERRED
+
+    calls: list[list[int]] = []
+    counters.calls = calls
+    batcher = backend._batcher
+    inner = backend._call  # (the batcher's, and the backend's own calls of one operation)
+
+    async def call(ops: Any, retry: bool) -> list[str]:
+        results = await inner(ops, retry)
+        taken = sum(1 for r in results[: len(ops)] if r != DEFERRED)
+        calls.append([taken, len(ops)])
+        return results
+
+    batcher._call = call
+    backend._call = call  # type: ignore[method-assign]
 
 
 def settings(url: str, prefix: str, **overrides: Any) -> Settings:
@@ -265,7 +326,9 @@ async def churn(url: str, n: int, width: int) -> dict[str, Any]:
         await asyncio.gather(*(worker() for _ in range(width)))
 
     await run()  # warm up: the tenant set fills to its bound
-    result = await measure(Counters(redis.Redis.from_url(url)), lambda: done, run())
+    counters = Counters(redis.Redis.from_url(url))
+    track_calls(backend, counters)
+    result = await measure(counters, lambda: done, run())
     await backend.stop()
     return result
 
@@ -276,6 +339,7 @@ async def queue_at_once(url: str, width: int, rounds: int) -> dict[str, Any]:
     )
     await backend.start()
     counters = Counters(redis.Redis.from_url(url))
+    track_calls(backend, counters)
     queued = 0
 
     async def one(i: int) -> None:

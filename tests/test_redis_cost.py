@@ -6,7 +6,8 @@ tests cannot flake. The scripts run on a fake clock (LuaScheduler), in a real re
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Iterator, Sequence
 
 import pytest
 import redis
@@ -14,6 +15,7 @@ import redis
 from tests.support.lua_scheduler import LuaScheduler, redis_version
 from tests.support.redis_server import RedisServer
 from throttle_mw.backends.redis import protocol, scripts
+from throttle_mw.backends.redis.batcher import Batcher
 from throttle_mw.backends.redis.keys import LIVE_STAMP, RECENT_KEPT, tenant_digest
 from throttle_mw.backends.redis.scripts import PROCS_RECOUNT_S, RECENT_SLACK
 from throttle_mw.priorities import PRIORITIES
@@ -357,6 +359,75 @@ def test_a_call_of_new_tenants_writes_each_once_and_the_idle_list_once(
     (key,) = set(client.scan_iter(match="*:t:*", count=1000)) - set(keys)
     assert client.hget(key, "w") == b"2"
     assert client.hget(key, "st") is None
+
+
+def deferred(replies: list[str]) -> int:
+    return sum(reply == protocol.DEFERRED for reply in replies)
+
+
+def test_a_calls_work_is_bounded_by_its_count_whatever_the_clock(client: redis.Redis) -> None:
+    """A call of many operations takes on no more than its counted work
+    (scripts.WORK_UNITS: 1 an operation, MADE_UNITS more for a tenant it makes) and answers
+    the rest "deferred", so the commands it runs stay bounded however fast Redis runs it:
+    before, only Redis's clock (WORK_US) stopped a call, so a fast machine took on 40 and
+    more new tenants, with their writes and the drops they cause after the loop. The
+    clock can only stop a call sooner: the bounds below hold on a loaded machine too."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=64)
+    scheduler = LuaScheduler(client, Limits(rate=1e6, burst=1e6), policy, now=0.0)
+    first, now = 0, 1.0
+    while first < 64:  # the tenant set at its bound: each new tenant drops one after the loop
+        replies = scheduler.batch(now, new_tenants(first, 8))
+        first += 8 - deferred(replies)
+        now += 0.01
+    per_tenant = 1 + scripts.MADE_UNITS
+    for _ in range(5):
+        client.config_resetstat()
+        replies = scheduler.batch(now, new_tenants(first, 256))
+        used = commands(client)
+        taken = 256 - deferred(replies)
+        assert 0 < taken <= scripts.WORK_UNITS // per_tenant, taken
+        first += taken
+        now += 0.01
+        # Per tenant its EXISTS, HSET and PEXPIRE (a TIME per work check at most); the
+        # call's own: state, heartbeat, idle list, drops, write-back (some 16).
+        assert sum(used.values()) <= 4 * taken + 24, (taken, used)
+        assert client.zcard(f"{scheduler._tag}:tenants") == 64
+    # 256 new tenants queueing at once on an empty bucket: each also queued (its waiter,
+    # the deadline list, the line).
+    queueing = LuaScheduler(client, Limits(rate=1.0, burst=1.0), policy, now=0.0)
+    queueing.batch(0.5, new_tenants(10_000, 1))  # the bucket emptied
+    client.config_resetstat()
+    replies = queueing.batch(0.5, new_tenants(20_000, 256))
+    used = commands(client)
+    taken = 256 - deferred(replies)
+    assert 0 < taken <= scripts.WORK_UNITS // per_tenant, taken
+    assert sum(used.values()) <= 12 * taken + 40, (taken, used)
+
+
+def test_the_batcher_sends_again_what_a_bounded_call_deferred(client: redis.Redis) -> None:
+    """256 new tenants' acquires at once through the backend's batcher and the real script:
+    each call takes what its work bound allows, the batcher sends the rest again first
+    in the next, and every acquire is answered once, admitted."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=64)
+    scheduler = LuaScheduler(client, Limits(rate=1e6, burst=1e6), policy, now=0.0)
+    sent: list[int] = []
+
+    async def call(ops: Sequence[str], retry: bool) -> list[str]:
+        sent.append(len(ops))
+        scheduler.batch(1.0 + len(sent) / 1000, list(ops))
+        return scheduler.reply
+
+    async def run() -> list[str]:
+        batcher = Batcher(call, lambda trailer: None)
+        futures = [batcher.submit(op) for op in new_tenants(0, 256)]
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            await batcher.close()
+
+    replies = asyncio.run(run())
+    assert admitted(replies) == 256, replies
+    assert len(sent) >= 256 // (scripts.WORK_UNITS // (1 + scripts.MADE_UNITS)), sent
 
 
 @pytest.mark.parametrize("why", ["idle", "beyond max_tenants"])

@@ -28,8 +28,9 @@ logger = logging.getLogger("throttle_mw.redis")
 #: after release.lua's short reply: `protocol.split_reply`).
 Call = Callable[[Sequence[Op], bool], Awaitable[list[str]]]
 
-#: Operations per call at most; the script also stops taking them on once it has run
-#: for a while (scripts.WORK_US) and answers the rest "deferred": they go in the next call.
+#: Operations per call at most; the script also stops taking them on once its work reaches
+#: a bound (scripts.WORK_UNITS counted, scripts.WORK_US by Redis's clock) and answers the
+#: rest "deferred": they go first in the next call.
 MAX_BATCH = 256
 #: After a call whose script deferred operations, the next carries about as many as that
 #: one ran (a quarter more, at least MIN_BATCH), and twice as many again after each call

@@ -97,7 +97,7 @@ _ADMITTED, _QUEUED, _CANCELLED, _LATE = (
 )
 _ACQUIRE = OP["acquire"] + SEP
 _RELEASE = OP["release"] + SEP
-#: The reply line of an operation the script left for the next call (batch.lua, WORK_US).
+#: The reply line of an operation the script left for the next call (batch.lua's work bound).
 DEFERRED: Final = REPLY["deferred"]
 #: A reclaim's reply when it registered the lease.
 RECLAIMED: Final = REPLY["reclaimed"] + SEP + "1"

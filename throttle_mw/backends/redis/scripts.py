@@ -64,15 +64,22 @@ EXPIRY_BATCH: Final = 256
 #: Dispatch admits at most this many waiters in one operation (a bound on one call's
 #: work); if more could go, the caller is told to tick again at once.
 DISPATCH_LIMIT: Final = 32
-#: A batch call stops taking on operations once it has run this long (microseconds, by
-#: Redis's clock, checked after WORK_CHECK operations, then every WORK_CHECK to
-#: WORK_STRIDE operations): the rest are answered "deferred"
-#: and sent again in the next call, so no call holds Redis for long (a batch is bounded
-#: by its work, not only by its count).
-WORK_US: Final = 300
+#: A batch call stops taking on operations once its work reaches a bound (fast.lua's
+#: call.work_check, after WORK_CHECK operations, then every WORK_CHECK to WORK_STRIDE
+#: operations): the rest are answered "deferred" and sent again in the next call, so no
+#: call holds Redis for long (a batch is bounded by its work, not only by its count). Two
+#: bounds: WORK_UNITS counted (an operation taken 1, a tenant it made MADE_UNITS more:
+#: commands per call bounded whatever the clock says), and WORK_US (microseconds, by Redis's clock,
+#: from the call's start) of what it ran and what is left after its loop (the idle list,
+#: the drops, the write-back: they grow with what was taken), that rest charged in
+#: advance at AFTER_SHARE of the call's time so far.
+WORK_UNITS: Final = 128
+MADE_UNITS: Final = 3
+WORK_US: Final = 500
+AFTER_SHARE: Final = 0.5
 WORK_CHECK: Final = 2
 #: While nobody waits, the next check comes after as many operations as would take half
-#: the work left at the call's rate so far, at most WORK_STRIDE (batch.lua).
+#: the work left at the call's rate so far, at most WORK_STRIDE.
 WORK_STRIDE: Final = 8
 #: A leave (a process shutting down, batch.lua) takes its ids this many at a time, one
 #: command per key for all of them, and stops once it has run LEAVE_US (microseconds, by
@@ -179,7 +186,10 @@ SHARED: Final[Mapping[str, object]] = {
         "EXCESS_BATCH": EXCESS_BATCH,
         "EXPIRY_BATCH": EXPIRY_BATCH,
         "DISPATCH_LIMIT": DISPATCH_LIMIT,
+        "WORK_UNITS": WORK_UNITS,
+        "MADE_UNITS": MADE_UNITS,
         "WORK_US": WORK_US,
+        "AFTER_SHARE": AFTER_SHARE,
         "WORK_CHECK": WORK_CHECK,
         "WORK_STRIDE": WORK_STRIDE,
         "LEAVE_CHUNK": LEAVE_CHUNK,

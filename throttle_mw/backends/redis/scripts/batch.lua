@@ -49,7 +49,8 @@
 --   K|registered        reclaimed (1) or nothing to do (0)
 --   L|n                 a leave took its first n ids (the call's work was done: send the
 --                       rest again)
---   D                   deferred: not run, the call had done its share of work (TUNING.WORK_US);
+--   D                   deferred: not run, the call had done its share of work (fast.lua's
+--                       call.work_check: TUNING.WORK_UNITS, TUNING.WORK_US);
 --                       the caller sends it again
 
 -- The operations first: a malformed call changes nothing. (One operation, most calls:
@@ -126,10 +127,10 @@ load_state(ARGV[5], ARGV[4])
 load_limits_stamped(ARGV[4], true)  -- (the limits loaded are current: read this call, or by the stamp)
 hold_back()
 call.recall_line()  -- (store.lua: the line as the last call left it, if unchanged)
--- A call of many operations measures its work (TUNING.WORK_US) from here: the expiries and the
--- operations count, not the operations only.
+-- A call of many operations bounds its work (fast.lua's call.work_check), counted from its
+-- start.
 local started = nil
-if #ops > TUNING.WORK_CHECK then started = clock_us() end
+if #ops > TUNING.WORK_CHECK then started = call.start_us() end
 -- The caller is alive. NX: only renew.lua extends a heartbeat, together with the process's
 -- leases, so a crashed process's heartbeat lapses no later than its leases. (Asked first:
 -- nearly always it is there, and a ZSCORE costs less than formatting the score with 17
@@ -148,31 +149,14 @@ expire_waiters()
 local results = {nil}  -- (room for one line: most calls' only one)
 local over = false
 
--- The work is checked after the first TUNING.WORK_CHECK operations, then again after as
--- many as would take half the work left at the rate so far (the call's own start counted
--- in it: an over-estimate), TUNING.WORK_CHECK to TUNING.WORK_STRIDE of them: a check (TIME
--- and its parsing) cost some 11 k instructions, and one every WORK_CHECK operations a
--- fifth of a new tenant's. Only while nobody waits: then no operation dispatches more
--- than the waiters queued since the last check.
+-- The work is checked after the first TUNING.WORK_CHECK operations, then as
+-- call.work_check says.
 local check_at = TUNING.WORK_CHECK + 1
 for i = 1, #ops do  -- (by index: ipairs is a C call per operation)
   local op = ops[i]
   local kind = string.sub(op, 1, #OP.acquire)
   if not over and started ~= nil and i == check_at then
-    call.save_made()  -- (store.lua: new tenants' writes count in the work)
-    local spent = clock_us() - started
-    over = spent >= TUNING.WORK_US
-    local stride = TUNING.WORK_CHECK
-    if S.waiting == 0 then
-      if spent <= 0 then
-        stride = TUNING.WORK_STRIDE
-      else
-        local ahead = math.floor((TUNING.WORK_US - spent) * (i - 1) / (2 * spent))
-        if ahead > TUNING.WORK_STRIDE then ahead = TUNING.WORK_STRIDE end
-        if ahead > stride then stride = ahead end
-      end
-    end
-    check_at = i + stride
+    over, check_at = call.work_check(i, started)
   end
   if over then
     results[#results + 1] = REPLY.deferred

@@ -58,6 +58,54 @@ local function clock_us()
   return tonum(t[1]) * US_PER_S + tonumber(t[2])  -- (the seconds: the same text a while)
 end
 
+-- The start of a call by Redis's clock, in microseconds: init's TIME (the test clock
+-- override aside: then TIME read now). A call's work is counted from here: its state, its
+-- expiries and the operations' split count in it, not the operations only.
+function call.start_us()
+  local s = call.time_s
+  if s ~= nil then return s * US_PER_S + call.time_us end
+  return clock_us()
+end
+
+-- batch.lua's work check before operation i (i - 1 taken; the call started at `started`,
+-- call.start_us): true if the call has done its share (the rest is deferred), else false
+-- and the operation of the next check. The share is bounded two ways:
+-- - by its work, counted: 1 an operation taken, TUNING.MADE_UNITS more for a tenant it
+--   made (a new tenant is asked for, written with its TTL, listed idle and, at the tenant
+--   bound, drops another after the loop: a few commands, where an operation on a tenant
+--   already loaded runs one or none), at most TUNING.WORK_UNITS, whatever the clock says;
+-- - by Redis's clock: what it has run plus what is still to come after the loop (the idle
+--   list, the drops, the last tenants' writes, the state's write-back: they grow with what
+--   was taken) reaches TUNING.WORK_US. That rest is charged in advance at the call's own
+--   rate so far, TUNING.AFTER_SHARE of its time per operation taken (its start counted in
+--   that rate: an over-estimate).
+-- While nobody waits, the next check comes after as many operations as would take half the
+-- work left at that rate, TUNING.WORK_CHECK to TUNING.WORK_STRIDE of them (a check, TIME and
+-- its parsing, cost some 11 k instructions), and never past the counted bound; every
+-- TUNING.WORK_CHECK while anyone waits (then an operation can dispatch up to
+-- TUNING.DISPATCH_LIMIT).
+function call.work_check(i, started)
+  call.save_made()  -- (store.lua: new tenants' writes count in the work)
+  local taken = i - 1
+  local units = taken
+  local made = M.made
+  if made ~= nil then units = units + TUNING.MADE_UNITS * #made end
+  -- (operations that surely fit: one counts 1 + MADE_UNITS at most, a tenant made)
+  local room = math.floor((TUNING.WORK_UNITS - units) / (1 + TUNING.MADE_UNITS))
+  if room < 1 then return true, i end
+  local spent = clock_us() - started
+  local left = TUNING.WORK_US - spent - spent * TUNING.AFTER_SHARE
+  if left <= 0 then return true, i end
+  local stride = TUNING.WORK_CHECK
+  if S.waiting == 0 then
+    local ahead = math.floor(left * taken / (2 * spent * (1 + TUNING.AFTER_SHARE)))
+    if ahead > TUNING.WORK_STRIDE then ahead = TUNING.WORK_STRIDE end
+    if ahead > stride then stride = ahead end
+  end
+  if stride > room then stride = room end
+  return false, i + stride
+end
+
 local function flag(yes)
   if yes then return '1' end
   return '0'
