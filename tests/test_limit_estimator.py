@@ -27,6 +27,7 @@ from throttle_mw.scheduler.limit import (
     initial_state,
     step,
 )
+from throttle_mw.scheduler.limit.constants import GROW_MAX, TARGET
 from throttle_mw.scheduler.limit.summary import BUCKET_RATIO
 
 #: Mean service time per slot count: enough requests per window at every size,
@@ -270,6 +271,28 @@ def test_estimator_steps_once_a_window_and_keeps_collecting_a_thin_one() -> None
     assert estimator.state.baseline_s == pytest.approx(0.1, rel=BUCKET_RATIO - 1)
     assert estimator.poll(11.2) is False
     assert estimator.next_due == 11.5
+
+
+def test_growth_is_sized_from_the_in_flight_the_window_measured() -> None:
+    """A window whose in flight stayed below the limit (10 of 11: a fleet's processes
+    still taking up their grants) read its median at 10 in flight: the limit grows to
+    10 * TARGET / r, not 11 * TARGET / r (which overshot to 13.75 on a loaded machine)."""
+    config = LimitConfig()
+    state = LimitState(11.0, 0.11, "hold", 40)
+    window = summary_of(Sample(0.1, False, 11 if i % 2 else 9) for i in range(40))
+    assert window.mean_in_flight == 10.0
+    new = step(config, state, window, 0.5)
+    median = window.quantile(0.5)
+    assert new.reason == "grow"
+    assert new.limit == pytest.approx(10.0 * TARGET * new.baseline_s / median)
+    assert 12.0 < new.limit < 11.0 * GROW_MAX
+    # At the limit, the same latency grows it by the same ratio from the limit.
+    full = summary_of(Sample(0.1, False, 11) for _ in range(40))
+    grown = step(config, state, full, 0.5)
+    assert grown.limit == pytest.approx(11.0 * min(GROW_MAX, TARGET * grown.baseline_s / median))
+    # And never by less than one.
+    thin = summary_of(Sample(0.1, False, 11 if i % 4 == 0 else 8) for i in range(40))
+    assert step(config, LimitState(11.0, 0.1, "hold", 40), thin, 0.5).limit == 12.0
 
 
 def test_step_without_requests_holds() -> None:

@@ -13,7 +13,8 @@ rule in prose. In short, with ``p`` the window's median service time and
 - r above CUT_ABOVE (with confidence): overload, cut toward ``in flight * TARGET / r``,
   smoothed, never below STEP_DOWN_MIN times the limit; unless the cuts stopped
   explaining the latency: then test whether it is slower work (``episode.py``);
-- r below GROW_BELOW (with confidence) while the limit is in use: grow;
+- r below GROW_BELOW (with confidence) while the limit is in use: grow toward
+  ``in flight * TARGET / r``, at most GROW_MAX times the limit, at least by one;
 - otherwise hold.
 """
 
@@ -213,9 +214,17 @@ def step(
     if state.reason in ("unused", "idle"):
         # This window began with an idle app: its latency flatters the limit.
         return LimitState(limit, baseline, "hold", steps, state.slow_start)
-    factor = RAMP if state.slow_start else min(GROW_MAX, TARGET * baseline / p)
-    grown = config.clamp(max(limit + 1.0, limit * factor))
-    return LimitState(grown, baseline, "grow", steps, state.slow_start)
+    if state.slow_start:
+        grown = limit * RAMP
+    else:
+        # From the in flight this window measured, as a cut is: a window whose in flight
+        # stayed below the limit (a fleet's processes still taking up their grants, a
+        # lull in arrivals) read its latency at that load, not at the limit's.
+        load = min(limit, summary.mean_in_flight)
+        grown = min(limit * GROW_MAX, load * TARGET * baseline / p)
+    return LimitState(
+        config.clamp(max(limit + 1.0, grown)), baseline, "grow", steps, state.slow_start
+    )
 
 
 def _overload(
