@@ -298,7 +298,10 @@ LIVE_CASES: dict[str, tuple[Changes, float]] = {
         0.75,
     ),
     # the rate off for a while: nothing earned meanwhile, then the rate again
-    "rate off and on": ([(0.2, Limits(rate=None, burst=10.0)), (0.9, Limits(rate=5.0, burst=10.0))], 1.3),
+    "rate off and on": (
+        [(0.2, Limits(rate=None, burst=10.0)), (0.9, Limits(rate=5.0, burst=10.0))],
+        1.3,
+    ),
 }
 
 

@@ -151,9 +151,7 @@ class LuaScheduler:
         self._limits = self._given = limits
         return self.tick(now)
 
-    def live_change(
-        self, now: float, changes: dict[str, str], *, everything: bool = False
-    ) -> None:
+    def live_change(self, now: float, changes: dict[str, str], *, everything: bool = False) -> None:
         """A live change by live.lua at `now` (as `Budget.set` and `Budget.reset` make
         it: P:cfg's fields, "" deleting one), and no call after it."""
         args = protocol.live_args(
