@@ -35,6 +35,7 @@ from throttle_mw import ThrottleMiddleware
 from throttle_mw.backends import Admitted, MemoryBackend
 from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.backends.redis.admin import Budget
+from throttle_mw.backends.redis.keys import Keys
 from throttle_mw.scheduler import Admit, Limits, Policy, Reject, Request, Scheduler
 from throttle_mw.settings import DEFAULT_MAX_WAIT_S, Settings
 
@@ -370,3 +371,20 @@ def test_a_live_change_then_a_tick_is_the_python_set_limits(lua_live: Any) -> No
         seen.append(pytest.approx(scheduler.snapshot().tokens, abs=1e-12))
         trace[name] = seen
     assert trace["lua"] == trace["python"]
+
+
+def test_a_live_override_never_lapses_before_the_bucket_it_governs(
+    redis_server_session: RedisServer,
+) -> None:
+    """A live TTL shorter than the state's counts as the state's, when the change is made
+    and at every TTL refresh: an override cannot lapse (a change nobody made at a known
+    time) under a bucket that outlives it; it goes with the bucket."""
+    client = redis_server_session.client()
+    lua = LuaScheduler(client, GIVEN, LIVE_POLICY, 0.0)
+    lua.live_ttl_s = 1.0  # the state's: 7200 s (LuaScheduler's key TTL)
+    keys = Keys(lua._tag[1:-1])
+    lua.live_change(0.5, {"rate": "1.0"})
+    assert client.pttl(keys.cfg) >= client.pttl(keys.state) > 3_600_000
+    lua.tick(3600.0)  # past a quarter of the state's TTL: every key's TTL pushed out
+    assert client.pttl(keys.cfg) >= client.pttl(keys.state) > 3_600_000
+    client.close()

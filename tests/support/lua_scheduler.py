@@ -84,6 +84,8 @@ class LuaScheduler:
         self.known_epoch: str | None = None
         #: The lease TTL the calls pass (the policy's lease_ttl_s): a test may change it.
         self.lease_ttl_s = 3600.0
+        #: The live limits' TTL the calls and live changes pass (THROTTLE_LIVE_LIMITS_TTL).
+        self.live_ttl_s = 7200.0
         self.tick(now)  # start the state (and its measuring window) now, as Scheduler does
 
     # --- the scheduler's interface ---------------------------------------------------------
@@ -155,7 +157,12 @@ class LuaScheduler:
         """A live change by live.lua at `now` (as `Budget.set` and `Budget.reset` make
         it: P:cfg's fields, "" deleting one), and no call after it."""
         args = protocol.live_args(
-            repr(now), self._tag, f"n{next(_nonces)}", 7_200_000, changes, everything=everything
+            repr(now),
+            self._tag,
+            f"n{next(_nonces)}",
+            int(self.live_ttl_s * 1000),
+            changes,
+            everything=everything,
         )
         self._run("live", args, self._client)
 
@@ -197,7 +204,7 @@ class LuaScheduler:
             max_tenants=pol.max_tenants,
             lease_ttl_s=self.lease_ttl_s,
             key_ttl_s=7200,
-            live_limits_ttl_s=7200,
+            live_limits_ttl_s=self.live_ttl_s,
         )
         if entry == "release":
             (op,) = ops
