@@ -35,7 +35,7 @@ from throttle_mw import ThrottleMiddleware
 from throttle_mw.backends import Admitted, MemoryBackend
 from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.backends.redis.admin import Budget
-from throttle_mw.backends.redis.keys import Keys
+from throttle_mw.backends.redis.keys import LIVE_STAMP, Keys
 from throttle_mw.scheduler import Admit, Limits, Policy, Reject, Request, Scheduler
 from throttle_mw.settings import DEFAULT_MAX_WAIT_S, Settings
 
@@ -387,4 +387,29 @@ def test_a_live_override_never_lapses_before_the_bucket_it_governs(
     assert client.pttl(keys.cfg) >= client.pttl(keys.state) > 3_600_000
     lua.tick(3600.0)  # past a quarter of the state's TTL: every key's TTL pushed out
     assert client.pttl(keys.cfg) >= client.pttl(keys.state) > 3_600_000
+    client.close()
+
+
+def test_a_live_change_without_the_processes_own_limits_known_still_applies(
+    redis_server_session: RedisServer,
+) -> None:
+    """No stamp (a learned-limit step deleted it, or an older version made the state): a
+    change made then cannot know the limits before it where P:cfg sets none, so the bucket
+    meets it at its next call (the old behaviour), and the change is still made."""
+    client = redis_server_session.client()
+    lua = LuaScheduler(client, GIVEN, LIVE_POLICY, 0.0)
+    keys = Keys(lua._tag[1:-1])
+    for at, changes, everything in (
+        (0.1, {"rate": "1.0", "burst": "3.0"}, False),  # P:cfg sets both: known
+        (0.2, {}, True),  # a reset: the limits after are the processes' own
+        (0.3, {"rate": "2.0"}, False),  # neither before nor after known
+    ):
+        client.hdel(keys.state, LIVE_STAMP)
+        lua.live_change(at, changes, everything=everything)
+        assert client.hget(keys.state, LIVE_STAMP) is None
+    assert client.hgetall(keys.cfg) == {b"rate": b"2.0"}
+    decision, _ = lua.acquire(0.4, Request("x", "acme"))
+    assert decision == Admit()
+    in_force = protocol.decode_limits(lua.trailer.limits, {})
+    assert (in_force.rate, in_force.burst) == (2.0, GIVEN.burst)
     client.close()

@@ -49,8 +49,11 @@ if #set > 0 then
 end
 
 if known then
-  parse_limits(given, redis.call('HMGET', K.cfg, unpack(LIVE_FIELDS)))
-  if L.burst ~= nil and S.tokens > L.burst then S.tokens = L.burst end
+  local after = redis.call('HMGET', K.cfg, unpack(LIVE_FIELDS))
+  if burst ~= nil or after[2] then  -- (the new burst known: else load_state clamps)
+    parse_limits(given, after)
+    if S.tokens > L.burst then S.tokens = L.burst end
+  end
   local args = {}
   if call.save_packed_anew(args, false) then redis.call('HSET', K.state, args[1], args[2]) end
 end
