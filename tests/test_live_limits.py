@@ -28,14 +28,16 @@ import httpx
 import pytest
 import redis
 
+from tests.support.lua_scheduler import LuaScheduler, redis_version
 from tests.support.redis_server import RedisServer
 from tests.support.servers import AppServer
 from throttle_mw import ThrottleMiddleware
 from throttle_mw.backends import Admitted, MemoryBackend
 from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.backends.redis.admin import Budget
-from throttle_mw.scheduler import Limits, Reject, Request
-from throttle_mw.settings import Settings
+from throttle_mw.backends.redis.keys import LIVE_STAMP, Keys
+from throttle_mw.scheduler import Admit, Limits, Policy, Reject, Request, Scheduler
+from throttle_mw.settings import DEFAULT_MAX_WAIT_S, Settings
 
 OLD_RATE, NEW_RATE = 5.0, 0.1  # both with the default burst: one token
 OLD_POLICY, NEW_POLICY = '"fleet";q=5;w=1', '"fleet";q=0.1;w=1'
@@ -262,3 +264,152 @@ def test_every_process_s_next_429_describes_a_live_rate_change(
         check_rejection(response, NEW_POLICY, range(left, 11))
     for server in servers:
         assert "Traceback" not in server.log()
+
+
+# --- tokens earned across a live change: the Python scheduler and the scripts alike -------------
+#
+# A live change at time c: the bucket earns at the limits in force before c up to c (at
+# most their burst), then holds at most the new burst and earns at the new rate. Python's
+# `Scheduler.set_limits` does that; the scripts by live.lua, which the CLI and the backend
+# run for every change (`Budget.set` / `Budget.reset`). Each case drains the bucket, makes
+# its changes with no call between them (as an operator's changes meet the fleet), then
+# compares the tokens and every decision after, on a fake clock, exactly.
+
+GIVEN = Limits(rate=10.0, burst=10.0)  # the processes' own (THROTTLE_RATE, THROTTLE_BURST)
+#: Nothing queues: what cannot go at once is rejected, its Retry-After from the tokens.
+LIVE_POLICY = Policy(dict(DEFAULT_MAX_WAIT_S), tenant_queue_limit=0)
+
+#: (time, the limits in force from then: None is a reset to GIVEN), in order.
+Changes = list[tuple[float, Limits | None]]
+LIVE_CASES: dict[str, tuple[Changes, float]] = {
+    # 10/s to 1/s half a second into the refill: 5 tokens earned, then 1 more by 1.5 s.
+    "rate lowered": ([(0.5, Limits(rate=1.0, burst=10.0))], 1.5),
+    # 10/s to 40/s: 5 tokens earned by 0.5 s, 4 more by 0.6 s (not 10 at once).
+    "rate raised": ([(0.5, Limits(rate=40.0, burst=10.0))], 0.6),
+    # a raised burst fills at the rate from the change on, not from the last call
+    "burst raised": ([(0.5, Limits(rate=10.0, burst=30.0))], 1.2),
+    # several changes between two calls, the last a reset to the processes' own limits
+    "changes then reset": (
+        [
+            (0.2, Limits(rate=2.0, burst=10.0)),
+            (0.4, Limits(rate=30.0, burst=4.0)),
+            (0.45, Limits(rate=0.5, burst=10.0)),
+            (0.7, None),
+        ],
+        0.75,
+    ),
+    # the rate off for a while: nothing earned meanwhile, then the rate again
+    "rate off and on": (
+        [(0.2, Limits(rate=None, burst=10.0)), (0.9, Limits(rate=5.0, burst=10.0))],
+        1.3,
+    ),
+}
+
+
+@pytest.fixture(params=["functions", "eval"])
+def lua_live(request: pytest.FixtureRequest, redis_server_session: RedisServer) -> Iterator[Any]:
+    """A LuaScheduler factory on the session's server, by FCALL or by EVALSHA."""
+    client = redis_server_session.client()
+    functions = request.param == "functions"
+    if functions and redis_version(client) < (7, 0):
+        client.close()
+        pytest.skip("no functions before Redis 7")
+    yield lambda: LuaScheduler(client, GIVEN, LIVE_POLICY, 0.0, functions=functions)
+    client.close()
+
+
+def drain(scheduler: Scheduler | LuaScheduler, now: float, n: int, tag: str) -> list[Any]:
+    return [scheduler.acquire(now, Request(f"{tag}{i}", "acme"))[0] for i in range(n)]
+
+
+@pytest.mark.parametrize("case", list(LIVE_CASES))
+def test_a_live_change_earns_at_the_old_limits_until_it_and_the_new_after(
+    case: str, lua_live: Any
+) -> None:
+    changes, then = LIVE_CASES[case]
+    python, lua = Scheduler(GIVEN, LIVE_POLICY, 0.0), lua_live()
+    decisions = {}
+    for name, scheduler in (("python", python), ("lua", lua)):
+        drained = drain(scheduler, 0.0, 10, "a")
+        assert drained == [Admit()] * 10, (name, drained)
+        for at, limits in changes:
+            if isinstance(scheduler, Scheduler):
+                scheduler.set_limits(limits or GIVEN, at)
+            elif limits is None:
+                scheduler.live_change(at, {}, everything=True)
+            else:
+                scheduler.live_change(at, protocol.encode_live_limits(limits))
+        decisions[name] = drain(scheduler, then, 40, "b")
+    # (snapshot.lua's JSON has 14 significant digits: the tokens to that precision)
+    assert lua.snapshot().tokens == pytest.approx(python.snapshot().tokens, abs=1e-12)
+    assert decisions["lua"] == decisions["python"]
+    # Every case's admissions after the changes are the whole tokens earned at the limits
+    # in force over each stretch of time (counted here by hand).
+    expected = {
+        "rate lowered": 5 + 1,
+        "rate raised": 5 + 4,
+        "burst raised": 5 + 7,
+        "changes then reset": 4,  # 2 + 0.4 + 1.5 (under the burst of 4) + 0.125 + 0.5
+        "rate off and on": 2 + 2,
+    }[case]
+    admitted = sum(isinstance(d, Admit) for d in decisions["python"])
+    assert admitted == expected, decisions["python"]
+
+
+def test_a_live_change_then_a_tick_is_the_python_set_limits(lua_live: Any) -> None:
+    """`set_limits` on both: the Lua side's live change and a tick at the same time."""
+    python, lua = Scheduler(GIVEN, LIVE_POLICY, 0.0), lua_live()
+    trace: dict[str, list[Any]] = {}
+    for name, scheduler in (("python", python), ("lua", lua)):
+        seen = drain(scheduler, 0.0, 10, "a")
+        seen.append(
+            scheduler.set_limits(Limits(rate=2.0, burst=10.0), 0.3)
+            if isinstance(scheduler, Scheduler)
+            else scheduler.set_live_limits(Limits(rate=2.0, burst=10.0), 0.3)
+        )
+        seen += drain(scheduler, 0.8, 6, "b")
+        seen.append(pytest.approx(scheduler.snapshot().tokens, abs=1e-12))
+        trace[name] = seen
+    assert trace["lua"] == trace["python"]
+
+
+def test_a_live_override_never_lapses_before_the_bucket_it_governs(
+    redis_server_session: RedisServer,
+) -> None:
+    """A live TTL shorter than the state's counts as the state's, when the change is made
+    and at every TTL refresh: an override cannot lapse (a change nobody made at a known
+    time) under a bucket that outlives it; it goes with the bucket."""
+    client = redis_server_session.client()
+    lua = LuaScheduler(client, GIVEN, LIVE_POLICY, 0.0)
+    lua.live_ttl_s = 1.0  # the state's: 7200 s (LuaScheduler's key TTL)
+    keys = Keys(lua._tag[1:-1])
+    lua.live_change(0.5, {"rate": "1.0"})
+    assert client.pttl(keys.cfg) >= client.pttl(keys.state) > 3_600_000
+    lua.tick(3600.0)  # past a quarter of the state's TTL: every key's TTL pushed out
+    assert client.pttl(keys.cfg) >= client.pttl(keys.state) > 3_600_000
+    client.close()
+
+
+def test_a_live_change_without_the_processes_own_limits_known_still_applies(
+    redis_server_session: RedisServer,
+) -> None:
+    """No stamp (a learned-limit step deleted it, or an older version made the state): a
+    change made then cannot know the limits before it where P:cfg sets none, so the bucket
+    meets it at its next call (the old behaviour), and the change is still made."""
+    client = redis_server_session.client()
+    lua = LuaScheduler(client, GIVEN, LIVE_POLICY, 0.0)
+    keys = Keys(lua._tag[1:-1])
+    for at, changes, everything in (
+        (0.1, {"rate": "1.0", "burst": "3.0"}, False),  # P:cfg sets both: known
+        (0.2, {}, True),  # a reset: the limits after are the processes' own
+        (0.3, {"rate": "2.0"}, False),  # neither before nor after known
+    ):
+        client.hdel(keys.state, LIVE_STAMP)
+        lua.live_change(at, changes, everything=everything)
+        assert client.hget(keys.state, LIVE_STAMP) is None
+    assert client.hgetall(keys.cfg) == {b"rate": b"2.0"}
+    decision, _ = lua.acquire(0.4, Request("x", "acme"))
+    assert decision == Admit()
+    in_force = protocol.decode_limits(lua.trailer.limits, {})
+    assert (in_force.rate, in_force.burst) == (2.0, GIVEN.burst)
+    client.close()

@@ -39,6 +39,7 @@ def redis_version(client: redis.Redis) -> tuple[int, ...]:
 
 
 _prefixes = itertools.count()
+_nonces = itertools.count()
 
 
 class LuaScheduler:
@@ -62,6 +63,8 @@ class LuaScheduler:
         if functions:
             client.function_load(library().text, replace=True)
         self._limits = limits
+        #: The limits every call passes (the processes' own): a live change leaves them.
+        self._given = limits
         self._policy = policy
         keys = Keys(f"sim{next(_prefixes)}")
         self._tag = keys.tag
@@ -81,6 +84,8 @@ class LuaScheduler:
         self.known_epoch: str | None = None
         #: The lease TTL the calls pass (the policy's lease_ttl_s): a test may change it.
         self.lease_ttl_s = 3600.0
+        #: The live limits' TTL the calls and live changes pass (THROTTLE_LIVE_LIMITS_TTL).
+        self.live_ttl_s = 7200.0
         self.tick(now)  # start the state (and its measuring window) now, as Scheduler does
 
     # --- the scheduler's interface ---------------------------------------------------------
@@ -144,11 +149,33 @@ class LuaScheduler:
         return self._due
 
     def set_limits(self, limits: Limits, now: float) -> list[Event]:
+        """The processes' own limits changed (a redeploy), from this call on."""
+        self._limits = self._given = limits
+        return self.tick(now)
+
+    def live_change(self, now: float, changes: dict[str, str], *, everything: bool = False) -> None:
+        """A live change by live.lua at `now` (as `Budget.set` and `Budget.reset` make
+        it: P:cfg's fields, "" deleting one), and no call after it."""
+        args = protocol.live_args(
+            repr(now),
+            self._tag,
+            f"n{next(_nonces)}",
+            int(self.live_ttl_s * 1000),
+            changes,
+            everything=everything,
+        )
+        self._run("live", args, self._client)
+
+    def set_live_limits(self, limits: Limits, now: float) -> list[Event]:
+        """`Scheduler.set_limits` the way the Redis backend makes it: every limit a live
+        override (`Budget.set_limits`), then a tick at the same time (the Python twin
+        dispatches at once)."""
         self._limits = limits
+        self.live_change(now, protocol.encode_live_limits(limits))
         return self.tick(now)
 
     def snapshot(self, top: int = 10) -> Snapshot:
-        args = protocol.snapshot_args(repr(self._now), self._tag, self._limits, top)
+        args = protocol.snapshot_args(repr(self._now), self._tag, self._given, top)
         return protocol.decode_snapshot(self._run("snapshot", args, self._client))
 
     @property
@@ -169,7 +196,7 @@ class LuaScheduler:
         static = protocol.static_args(
             self._tag,
             _PROCESS,
-            self._limits,
+            self._given,
             credit_s=pol.credit_s,
             queue_limit=pol.queue_limit,
             tenant_queue_limit=pol.tenant_queue_limit,
@@ -177,7 +204,7 @@ class LuaScheduler:
             max_tenants=pol.max_tenants,
             lease_ttl_s=self.lease_ttl_s,
             key_ttl_s=7200,
-            live_limits_ttl_s=7200,
+            live_limits_ttl_s=self.live_ttl_s,
         )
         if entry == "release":
             (op,) = ops

@@ -16,6 +16,7 @@ fleet but not a budget nobody uses any more.
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,7 +43,9 @@ class Budget:
         self.client = client
         self.keys = Keys(prefix)
         self._live_ttl_ms = int(live_limits_ttl_s * 1000)
-        self._snapshot = (scripts or Scripts(client)).snapshot
+        scripts = scripts or Scripts(client)
+        self._snapshot = scripts.snapshot
+        self._live = scripts.live
 
     async def live_limits(self) -> dict[str, float | str | None]:
         """The overridden limits only (None: switched off; "auto": learned)."""
@@ -54,26 +57,25 @@ class Budget:
         names = _text(await self.client.hgetall(self.keys.weight_names)) if weights else {}
         return {names.get(h, "#" + h[:12]): float(w) for h, w in sorted(weights.items())}
 
-    async def set(self, changes: Mapping[str, str], weights: Mapping[str, float]) -> None:
+    async def set(
+        self, changes: Mapping[str, str], weights: Mapping[str, float], *, now: str = ""
+    ) -> None:
         """Store live limits (P:cfg fields, already encoded) and live tenant weights."""
         keys = self.keys
-        pipe = self.client.pipeline(transaction=False)
-        if changes:
-            pipe.hset(keys.cfg, mapping=dict(changes))
-            pipe.pexpire(keys.cfg, self._live_ttl_ms)
-        for tenant, weight in weights.items():
-            digest = tenant_digest(tenant)
-            pipe.hset(keys.weights, digest, repr(weight))
-            pipe.hset(keys.weight_names, digest, tenant)
         if weights:
+            pipe = self.client.pipeline(transaction=False)
+            for tenant, weight in weights.items():
+                digest = tenant_digest(tenant)
+                pipe.hset(keys.weights, digest, repr(weight))
+                pipe.hset(keys.weight_names, digest, tenant)
             pipe.pexpire(keys.weights, self._live_ttl_ms)
             pipe.pexpire(keys.weight_names, self._live_ttl_ms)
-        keys.live_changed(pipe)  # after the writes: the scripts read them anew
-        await pipe.execute()
+            await pipe.execute()
+        await self._change(dict(changes), now=now)
 
-    async def set_limits(self, limits: Limits) -> None:
+    async def set_limits(self, limits: Limits, *, now: str = "") -> None:
         """Every limit of `limits` as a live override."""
-        await self.set(protocol.encode_live_limits(limits), {})
+        await self.set(protocol.encode_live_limits(limits), {}, now=now)
 
     async def reset(
         self,
@@ -82,22 +84,39 @@ class Budget:
         *,
         everything: bool = False,
         all_weights: bool = False,
+        now: str = "",
     ) -> None:
         """Remove live overrides: each process's ``THROTTLE_*`` values apply again."""
         keys = self.keys
         pipe = self.client.pipeline(transaction=False)
-        if everything:
-            pipe.delete(keys.cfg, keys.weights, keys.weight_names)
-        if all_weights:
+        if everything or all_weights:
             pipe.delete(keys.weights, keys.weight_names)
-        if fields and not everything:
-            pipe.hdel(keys.cfg, *fields)
         if tenants and not everything:
             digests = [tenant_digest(t) for t in tenants]
             pipe.hdel(keys.weights, *digests)
             pipe.hdel(keys.weight_names, *digests)
-        keys.live_changed(pipe)  # after the writes: the scripts read them anew
-        await pipe.execute()
+        if len(pipe):
+            await pipe.execute()
+        await self._change(
+            {} if everything else dict.fromkeys(fields, ""), everything=everything, now=now
+        )
+
+    async def _change(
+        self, changes: dict[str, str], *, everything: bool = False, now: str = ""
+    ) -> None:
+        """The limits' change, last (after the weights' writes), by live.lua: the token
+        bucket brought up to `now` ("": Redis's clock) at the limits in force before, then
+        P:cfg's fields changed (a value "": deleted; `everything`: P:cfg deleted first),
+        and the state's live stamp made anew, so the scripts read both keys anew."""
+        args = protocol.live_args(
+            now,
+            self.keys.tag,
+            secrets.token_hex(6),
+            self._live_ttl_ms,
+            changes,
+            everything=everything,
+        )
+        await self._live(keys=[self.keys.state], args=args)
 
     async def snapshot(self, limits: Limits, top: int, *, now: str = "") -> Snapshot:
         """The live state; `limits` are the caller's (live overrides win)."""

@@ -93,7 +93,8 @@ class RedisBackend(Recovery):
             self._keys,
             settings.limit_config(),
             process=self.process,
-            live_ttl_s=settings.live_limits_ttl_s,
+            # (never shorter than the state's: a live override lapses with its bucket)
+            live_ttl_s=max(settings.live_limits_ttl_s, key_ttl_s(settings)),
         )
         self._learning_task: asyncio.Task[None] | None = None
         self._tick: asyncio.TimerHandle | None = None

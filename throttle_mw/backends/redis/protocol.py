@@ -424,6 +424,23 @@ def encode_live_limits(limits: Limits) -> dict[str, str]:
     return fields
 
 
+def live_args(
+    now: str,
+    tag: str,
+    nonce: str,
+    live_ttl_ms: int,
+    changes: Mapping[str, str],
+    *,
+    everything: bool = False,
+) -> list[str]:
+    """ARGV of live.lua: P:cfg's fields to change (a value "" deletes one; `everything`:
+    P:cfg deleted first), `nonce` names the new live stamp."""
+    args = [now, tag, nonce, str(live_ttl_ms), "1" if everything else ""]
+    for name, value in changes.items():
+        args += [name, value]
+    return args
+
+
 def decode_live_limits(raw: Mapping[str, str]) -> dict[str, float | str | None]:
     """The overridden limits only (None: switched off; AUTO: learned)."""
     return {

@@ -404,7 +404,9 @@ local function load_limits_text(text)
     pos = stop + #SEP
   end
   parse_limits(a, cfg)
-  limits_memo = {text = text, cfg = cfg, L = L, POL = POL, read_at = now}
+  -- (given: the caller's own rate and burst, for the live stamp: load_limits_stamped)
+  limits_memo = {text = text, cfg = cfg, L = L, POL = POL, read_at = now,
+    given = SEP .. a.rate .. SEP .. a.burst}
   K.limits_memo = limits_memo
 end
 
@@ -429,8 +431,10 @@ end
 -- with the limits (K.limits_memo.lv) takes those; else it reads P:cfg (load_limits_text)
 -- and stamps the state anew, or adopts its stamp (a reading made after the stamp was
 -- set is current). The first word of the stamp is the time it was made, the second the
--- process: no two readings have one. (A live override that expires on its own is
--- noticed at the latest at the state's next TTL refresh: the full call reads P:cfg.)
+-- process: no two readings have one; after them, the caller's own rate and burst (ARGV's
+-- texts, each after SEP), which live.lua needs to know the limits in force before a live
+-- change (call.given_limits). (A live override that expires on its own is noticed at the
+-- latest at the state's next TTL refresh: the full call reads P:cfg.)
 local function load_limits_stamped(text, fresh_read)
   local memo = K.limits_memo
   if not fresh_read and S.lv ~= '' and memo ~= nil and memo.lv == S.lv and memo.text == text then
@@ -438,11 +442,22 @@ local function load_limits_stamped(text, fresh_read)
     return
   end
   if not fresh_read then load_limits_text(text) end
-  if S.lv == '' then S.lv = num(now) .. ' ' .. proc end
+  if S.lv == '' then S.lv = num(now) .. ' ' .. proc .. limits_memo.given end
   if limits_memo.lv ~= S.lv then
     limits_memo.lv = S.lv
     limits_memo.no_weights = nil  -- asked again (live_weight)
   end
+end
+
+-- The caller's own rate and burst (texts; '' = unset) a live stamp keeps after its first
+-- SEP (load_limits_stamped), or nil if it keeps none (no stamp: P:cfg or P:w changed since
+-- the last call, or a state stamped by an older version).
+function call.given_limits(stamp)
+  local first = string.find(stamp, SEP, 1, true)
+  if first == nil then return nil end
+  local second = string.find(stamp, SEP, first + #SEP, true)
+  if second == nil then return nil end
+  return string.sub(stamp, first + #SEP, second - 1), string.sub(stamp, second + #SEP)
 end
 
 -- The limits in force as batch.lua's reply states them (rate|burst|concurrency|tenant_rate|
@@ -941,7 +956,9 @@ end
 -- (idle+T) or 'live'.
 -- As text: a number passed to redis.call is formatted with 17 digits on every call.
 local function ttl_ms(kind)
-  if kind == 'live' then return num(math.floor(POL.live_ttl * MS_PER_S)) end
+  -- (live: never shorter than the state's, so a live override cannot lapse under a bucket
+  -- that outlives it: README, "Live limits")
+  if kind == 'live' then return num(math.floor(math.max(POL.live_ttl, POL.ttl) * MS_PER_S)) end
   if kind == 'tenant' then return num(math.floor((POL.idle + POL.ttl) * MS_PER_S)) end
   return num(math.floor(POL.ttl * MS_PER_S))
 end
