@@ -110,12 +110,6 @@ NUMBERS_MAX: Final = 1024
 #: Whole numbers below this (in magnitude) are written with %d (store.lua, num): the same
 #: text as NUMBER_FORMAT's 17 significant digits gives them.
 INTEGER_TEXT_MAX: Final = 1e15
-#: store.lua's call.time_text writes the times of Redis's clock from TIME's digits between
-#: these (2^30 and 2^31 s: there a double is a multiple of 2^-22, so now's fraction times
-#: TIME_TEXT_SCALE, the scale of NUMBER_FORMAT's seven decimals there, is exact).
-TIME_TEXT_LOW: Final = 2**30
-TIME_TEXT_HIGH: Final = 2**31
-TIME_TEXT_SCALE: Final = 10**7
 #: A budget state made anew while a process still knew the old one (Redis restarted empty,
 #: a failover to an empty replica) admits nothing new for this long: the processes reclaim
 #: the leases they hold first (store.lua, "A state made anew"). Every process is back within
@@ -201,9 +195,6 @@ SHARED: Final[Mapping[str, object]] = {
         "RECENT_SLACK": RECENT_SLACK,
         "UNPACK_MAX": UNPACK_MAX,
         "RECLAIM_GRACE": RECLAIM_GRACE_S,
-        "TIME_TEXT_LOW": TIME_TEXT_LOW,
-        "TIME_TEXT_HIGH": TIME_TEXT_HIGH,
-        "TIME_TEXT_SCALE": TIME_TEXT_SCALE,
     },
     # units
     "MS_PER_S": 1000,

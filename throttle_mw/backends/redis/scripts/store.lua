@@ -165,17 +165,17 @@ call.DIGITS = {'0', '1', '2', '3', '4', '5', '6', '7', '8', '9'}
 -- even, is left to it: none comes of TIME's microseconds), trailing zeros dropped. Those decimals are TIME's microseconds
 -- (six, padded) and one more, or, where the double fell below them, the microseconds
 -- less one and a 9 or an 8: f is within 2^-23 of them.
+call.TIME_LOW = 1073741824   -- 2^30
+call.TIME_HIGH = 2147483648  -- 2^31
 function call.time_decimals()
   call.time_dec = false
   local s, us = call.time_s, call.time_us
-  if s == nil or now < TUNING.TIME_TEXT_LOW or now >= TUNING.TIME_TEXT_HIGH or us >= US_PER_S then
-    return false
-  end
+  if s == nil or now < call.TIME_LOW or now >= call.TIME_HIGH or us >= US_PER_S then return false end
   local f = now - s
-  local x = f * TUNING.TIME_TEXT_SCALE
+  local x = f * 10000000
   local n = math.floor(x)
   local r = x - n
-  if r + r > 1 then n = n + 1 elseif r + r == 1 then return false end
+  if r > 0.5 then n = n + 1 elseif r == 0.5 then return false end
   local last = n % 10
   local p = (n - last) / 10
   local digits = call.time_texts[2]
@@ -202,7 +202,7 @@ end
 function call.time_text(x)
   local dec = call.time_dec
   if dec == nil then dec = call.time_decimals() end
-  if not dec or x < TUNING.TIME_TEXT_LOW or x >= TUNING.TIME_TEXT_HIGH then return nil end
+  if not dec or x < call.TIME_LOW or x >= call.TIME_HIGH then return nil end
   local w = x - call.time_frac
   if w % 1 ~= 0 then return nil end
   if w == call.time_s then return call.time_texts[1] .. dec end
