@@ -117,7 +117,7 @@ local now_text        -- num(now), made once per call (init) when first needed
 
 local function num(x)
   if x == now then
-    if now_text == nil then now_text = call.time_text(x) or string.format(NUMBER_FORMAT, x) end
+    if now_text == nil then now_text = string.format(NUMBER_FORMAT, x) end
     return now_text
   end
   if x == call.last_number then return call.last_text end
@@ -131,7 +131,7 @@ local function num(x)
       call.integers_kept = call.integers_kept + 1
     end
   else
-    text = call.time_text(x) or string.format(NUMBER_FORMAT, x)
+    text = string.format(NUMBER_FORMAT, x)
   end
   call.last_number = x; call.last_text = text  -- (a number's text: good from call to call)
   return text
@@ -152,62 +152,6 @@ function call.count_text(x)
 end
 
 call.DIGITS = {'0', '1', '2', '3', '4', '5', '6', '7', '8', '9'}
-
--- NUMBER_FORMAT's text of a time of Redis's clock (TIME, read by start): `now`, or `now`
--- plus whole seconds (a lease's expiry, a heartbeat), made from TIME's texts instead of
--- formatted (%.17g cost glibc some 4 k instructions a number, and a call of one request
--- formats one or two). nil where that cannot be made so (a test clock, a time of another
--- fraction, or one of the few fractions whose digits are not TIME's: formatted then).
--- The same text, exactly: between 2^30 and 2^31 seconds (2004 to 2038) a double is a
--- multiple of 2^-22, so now's fraction f (now - s) and a time's whole part (x - f) are
--- exact, and so is f * 10^7 (below 2^53); %.17g gives such a time its ten digits, a
--- point and f's seven decimals rounded to nearest (a tie, which glibc would round to
--- even, is left to it: none comes of TIME's microseconds), trailing zeros dropped. Those decimals are TIME's microseconds
--- (six, padded) and one more, or, where the double fell below them, the microseconds
--- less one and a 9 or an 8: f is within 2^-23 of them.
-call.TIME_LOW = 1073741824   -- 2^30
-call.TIME_HIGH = 2147483648  -- 2^31
-function call.time_decimals()
-  call.time_dec = false
-  local s, us = call.time_s, call.time_us
-  if s == nil or now < call.TIME_LOW or now >= call.TIME_HIGH or us >= US_PER_S then return false end
-  local f = now - s
-  local x = f * 10000000
-  local n = math.floor(x)
-  local r = x - n
-  if r > 0.5 then n = n + 1 elseif r == 0.5 then return false end
-  local last = n % 10
-  local p = (n - last) / 10
-  local digits = call.time_texts[2]
-  local six
-  if p == us then
-    six = call.US_PAD[#digits] .. digits
-  elseif p == us - 1 and us % 10 ~= 0 then
-    six = call.US_PAD[#digits] .. string.sub(digits, 1, -2) .. call.DIGITS[us % 10]
-  else
-    return false
-  end
-  local dec
-  if last ~= 0 then
-    dec = '.' .. six .. call.DIGITS[last + 1]
-  elseif p % 10 ~= 0 then
-    dec = '.' .. six
-  else
-    return false  -- (trailing zeros: formatted)
-  end
-  call.time_frac = f; call.time_dec = dec
-  return dec
-end
-
-function call.time_text(x)
-  local dec = call.time_dec
-  if dec == nil then dec = call.time_decimals() end
-  if not dec or x < call.TIME_LOW or x >= call.TIME_HIGH then return nil end
-  local w = x - call.time_frac
-  if w % 1 ~= 0 then return nil end
-  if w == call.time_s then return call.time_texts[1] .. dec end
-  return num(w) .. dec
-end
 
 function call.whole_text(x)  -- (x whole, 0 <= x < INTEGER_TEXT_MAX)
   if x < 10 then return num(x) end
@@ -380,7 +324,6 @@ call.NO_TENANTS = {}
 -- on the clock it read); '' or nil: Redis's TIME.
 local function start(prefix, now_override)
   K = key_names(prefix)
-  call.time_dec = nil  -- (call.time_text: made when first needed)
   if now_override ~= nil and now_override ~= '' then
     now = tonumber(now_override)
     call.time_s = nil
