@@ -227,34 +227,36 @@ end
 -- tried on every character cost more), its tail as call.acquire_tail keeps it; nil if the
 -- operation is not in that form (batch.lua answers with an error).
 -- batch.lua's do_acquire and fast.lua's fast_acquire both decode by it.
--- What follows the id (digest|name|tail) is the same text for every request of a tenant
--- and route: it is split once and kept by that text, as call.acquire_tail keeps a tail
--- (TUNING.NUMBERS_MAX at most, then afresh; in a loaded library): {digest, name, tail}. A
--- call then cuts only the id out (two finds and two subs fewer a request).
+-- `keep` (fast.lua's fast_acquire, in a loaded library): what follows the id
+-- (digest|name|tail, the same text for every request of a tenant and route) is split once
+-- and kept by that text, as call.acquire_tail keeps a tail (TUNING.NUMBERS_MAX at most,
+-- then afresh): {digest, name, tail}; the call then cuts only the id out (two finds and
+-- two subs fewer). Only there: a full call decodes as before (its tenants, in a batch of
+-- new ones or a long line, are seldom those of the last calls).
 call.OP_BODY = #OP.acquire + #SEP + 1  -- where an operation's first field begins (any kind)
 call.rests = {}
 call.rests_kept = 0
-function call.split_acquire(op)
+function call.split_acquire(op, keep)
   local find, sub, body = string.find, string.sub, call.OP_BODY
   if find(op, SEP, 1, true) ~= body - #SEP then return nil end
   local b = find(op, SEP, body, true)
-  if b == nil then return nil end
-  local rest = sub(op, b + #SEP)
-  local parts = call.rests[rest]
-  if parts == nil then
-    local c = find(rest, SEP, 1, true)
-    local d = c and find(rest, SEP, c + #SEP, true)
-    local tail = d and call.acquire_tail(sub(rest, d + #SEP))
-    if not tail then return nil end
-    local h, name = sub(rest, 1, c - 1), sub(rest, c + #SEP, d - 1)
-    if call.lasting then  -- (with EVAL, made per call: not kept)
+  if keep and b ~= nil then
+    local rest = sub(op, b + #SEP)
+    local parts = call.rests[rest]
+    if parts ~= nil then return sub(op, body, b - 1), parts[1], parts[2], parts[3] end
+    local id, h, name, tail = call.split_acquire(op)
+    if id ~= nil then
       if call.rests_kept >= TUNING.NUMBERS_MAX then call.rests = {}; call.rests_kept = 0 end
       call.rests[rest] = {h, name, tail}
       call.rests_kept = call.rests_kept + 1
     end
-    return sub(op, body, b - 1), h, name, tail
+    return id, h, name, tail
   end
-  return sub(op, body, b - 1), parts[1], parts[2], parts[3]
+  local c = b and find(op, SEP, b + #SEP, true)
+  local d = c and find(op, SEP, c + #SEP, true)
+  local tail = d and call.acquire_tail(sub(op, d + #SEP))
+  if not tail then return nil end
+  return sub(op, body, b - 1), sub(op, b + #SEP, c - 1), sub(op, c + #SEP, d - 1), tail
 end
 
 -- --- loading and saving -----------------------------------------------------------------
