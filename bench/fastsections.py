@@ -49,7 +49,7 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("store", "    local t = redis.call('TIME')\n", "init: TIME"),
     ("store", "    local s, us = tonum(t[1]), t[2] + 0\n", "init: after TIME"),
     ("batch", "    line = fast_acquire(op, ARGV[4])\n", "fast_acquire: call"),
-    ("fast", "  local id, h, _, tail = call.split_acquire(op)\n", "split_acquire"),
+    ("fast", "  local id, h, _, tail = call.split_acquire(op, call.lasting)\n", "split_acquire"),
     ("fast", "  local weight = tail.weight\n  if not call.load", "load_acquire_state"),
     ("store", "  if not v[1] then return false end\n  loaded = K.state_memo", "state: its fields"),
     ("fast", "  load_limits_stamped(limits, false)\n  if not quiet", "limits, quiet"),
