@@ -90,12 +90,14 @@ SECTIONS: list[tuple[str, str, str]] = [
 ]
 
 
-def marked_part(original: Callable[[str], str]) -> Callable[[str], str]:
-    """scripts._part with the markers of SECTIONS in its text."""
+def marked_part(
+    original: Callable[[str], str], sections: list[tuple[str, str, str]] | None = None
+) -> Callable[[str], str]:
+    """scripts._part with the markers of `sections` (SECTIONS) in its text."""
 
     def part(name: str) -> str:
         text = original(name)
-        for script, anchor, section in SECTIONS:
+        for script, anchor, section in sections or SECTIONS:
             if script != name:
                 continue
             if text.count(anchor) != 1:

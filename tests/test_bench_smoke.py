@@ -24,6 +24,7 @@ import redis
 
 from bench import (
     ceiling,
+    fastsections,
     grant_latency,
     instructions,
     learned,
@@ -491,6 +492,14 @@ def test_script_sections_find_each_anchor_once() -> None:
     for name in {script for script, _, _ in scriptsections.SECTIONS}:
         text = scriptsections.marked_part(scripts._part)(name)
         wanted = sum(1 for script, _, _ in scriptsections.SECTIONS if script == name)
+        assert text.count(scriptsections.MARKS) == wanted, name
+
+
+def test_fast_sections_find_each_anchor_once() -> None:
+    """bench/fastsections.py's markers, likewise (the fast path's sections)."""
+    for name in {script for script, _, _ in fastsections.SECTIONS}:
+        text = scriptsections.marked_part(scripts._part, fastsections.SECTIONS)(name)
+        wanted = sum(1 for script, _, _ in fastsections.SECTIONS if script == name)
         assert text.count(scriptsections.MARKS) == wanted, name
 
 

@@ -187,3 +187,29 @@ def test_fast_acquires_decide_and_leave_what_full_calls_do(client: redis.Redis, 
             held.pop(rng.randrange(len(held)))  # its process crashed: never released
         assert fast.in_flight == full.in_flight, step
         assert _leases(client, fast) == _leases(client, full), step
+
+
+def _zrangebyscores(client: redis.Redis) -> int:
+    stats = client.info("commandstats").get("cmdstat_zrangebyscore", {})
+    return int(stats.get("calls", 0))
+
+
+def test_a_full_call_asks_for_lapsed_leases_only_once_the_bound_is_reached(
+    client: redis.Redis,
+) -> None:
+    """core.lua's expire_leases goes by the bound too: before it, no lease can have lapsed
+    and P:leases is not asked (a ZRANGEBYSCORE a full call with leases in flight made on
+    every call); from it on, a lapsed lease is expired as before."""
+    s = _budget(client, concurrency=3, lease_ttl_s=0.5)
+    assert _admitted(s.acquire(0.1, Request("crashed", "t"))[0])  # never released
+    assert _admitted(s.acquire(0.15, Request("b", "t"))[0])
+    assert _bound(client, s) == 0.6
+    s.release(0.2, "b")
+    asked = _zrangebyscores(client)
+    assert s.tick(0.3) == []  # a full call, a lease in flight: none lapsed before 0.6
+    assert _zrangebyscores(client) == asked
+    assert set(_leases(client, s)) == {"crashed"}
+    assert s.tick(0.65) == []  # past the bound: asked, and the crashed lease expired
+    assert _zrangebyscores(client) == asked + 1
+    assert _leases(client, s) == {}
+    assert s.in_flight == 0

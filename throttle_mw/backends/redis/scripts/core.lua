@@ -533,6 +533,9 @@ end
 -- Leases not renewed in time (their process crashed) give their concurrency back.
 local function expire_leases()
   if S.inflight - held_back <= 0 and S.la ~= 1 then return end  -- no lease to expire
+  -- (None before S.le, a time no lease expires before: store.lua's put_lease, as fast.lua's
+  -- lapsed_lease goes by it.)
+  if S.le ~= nil and now < S.le then return end
   local dead = redis.call('ZRANGEBYSCORE', K.leases, '-inf', num(now), 'LIMIT', '0', num(TUNING.EXPIRY_BATCH))
   for _, id in ipairs(dead) do drop_lease(id) end
 end

@@ -257,7 +257,7 @@ local FAST_ADMITTED = {REPLY.admitted .. SEP .. '0' .. SEP .. '0',
 -- from call to call, written back by store.lua's call.save_acquire (save(true)'s writes).
 -- It gives up on a tenant new, in line or due for its TTL refresh.
 local function fast_acquire(op, limits)
-  local id, h, _, tail = call.split_acquire(op)
+  local id, h, _, tail = call.split_acquire(op, call.lasting)
   if id == nil or tail.retry then return nil end
   local weight = tail.weight
   if not call.load_acquire_state() then return give_up() end  -- a new budget
