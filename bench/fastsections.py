@@ -20,10 +20,8 @@ import argparse
 import asyncio
 import collections
 import itertools
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -33,11 +31,9 @@ import redis
 import redis.asyncio
 
 from bench.rediscost import settings
-from bench.scriptinstructions import _free_port
-from bench.scriptsections import MARKS, marked_part
-from tests.support.redis_server import redis_server_binary
+from bench.scriptsections import MARKS, marked_scripts, marks_and_totals, profiled_redis
 from throttle_mw.backends.base import Admitted
-from throttle_mw.backends.redis import RedisBackend, protocol, scripts
+from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.scheduler import Request
 
 #: (script, the text a marker goes before, the section it opens). Anchors must be unique.
@@ -111,55 +107,15 @@ async def _drive(url: str, scenario: str, n: int) -> None:
 
 
 def _profile(scenario: str, n: int, out: Path) -> tuple[list[str], list[int]]:
-    port = _free_port()
-    profile = out / "cg"
-    server = subprocess.Popen(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--toggle-collect=fcallCommand",
-            "--dump-before=appendCommand",
-            f"--callgrind-out-file={profile}",
-            str(redis_server_binary()),
-            *("--port", str(port), "--save", "", "--appendonly", "no"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port, socket_timeout=600)
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.5)
-    try:
+    with profiled_redis(out) as client:
+        port = client.connection_pool.connection_kwargs["port"]
         asyncio.run(_drive(f"redis://127.0.0.1:{port}/0", scenario, n))
-        raw = client.get(MARKS)
-        marks = (raw.decode() if isinstance(raw, bytes) else "").split("|")[1:]
-    finally:
-        server.terminate()
-        server.wait(60)
-    totals = []
-    for dump in sorted(out.glob("cg.*"), key=lambda p: int(p.suffix[1:])):
-        for line in dump.read_text(errors="replace").splitlines():
-            if line.startswith(("summary:", "totals:")):
-                totals.append(int(line.split()[1]))
-                break
-    return marks, totals[-len(marks) :]
+        return marks_and_totals(client, out)
 
 
 def run(scenario: str, n: int, out: Path) -> dict[str, float]:
-    original = scripts._part
-    scripts._part = marked_part(original, SECTIONS)  # type: ignore[assignment]
-    scripts.source.cache_clear()
-    scripts.library.cache_clear()
-    try:
+    with marked_scripts(SECTIONS):
         marks, totals = _profile(scenario, n, out)
-    finally:
-        scripts._part = original
-        scripts.source.cache_clear()
-        scripts.library.cache_clear()
     # One admission: from one client marker to the next. Only admissions all by the fast
     # path are summed (the acquire's `finish`, a release's `release: return`): under
     # valgrind a call takes milliseconds, so the periodic full calls (a recount, a window

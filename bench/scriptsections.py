@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -110,50 +111,80 @@ def marked_part(
     return part
 
 
-def run(tenants: int, rounds: int, out: Path) -> dict[str, dict[str, float]]:
+@contextlib.contextmanager
+def marked_scripts(sections: list[tuple[str, str, str]] | None = None) -> Iterator[None]:
+    """The scripts this process loads carry the markers of `sections` (SECTIONS) meanwhile."""
     original = scripts._part
-    scripts._part = marked_part(original)  # type: ignore[assignment]
+    scripts._part = marked_part(original, sections)  # type: ignore[assignment]
     scripts.source.cache_clear()
     scripts.library.cache_clear()
     try:
-        marks, totals = _profile(tenants, rounds, out)
+        yield
     finally:
         scripts._part = original
         scripts.source.cache_clear()
         scripts.library.cache_clear()
-    return _sections(marks, totals)
 
 
-def _profile(tenants: int, rounds: int, out: Path) -> tuple[list[str], list[int]]:
-    """The marks in the order made, and each dump's instructions (one per mark)."""
+@contextlib.contextmanager
+def profiled_redis(out: Path) -> Iterator[redis.Redis]:
+    """A redis-server on a free port under callgrind, one profile (`out`/cg.N) per stretch
+    between two markers (an APPEND), counting only inside FCALL; a client of it."""
     port = _free_port()
-    profile = out / "cg"
     server = subprocess.Popen(
         [
             "valgrind",
             "--tool=callgrind",
             "--toggle-collect=fcallCommand",
             "--dump-before=appendCommand",
-            f"--callgrind-out-file={profile}",
+            f"--callgrind-out-file={out / 'cg'}",
             str(redis_server_binary()),
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
+            *("--port", str(port), "--save", "", "--appendonly", "no"),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     client = redis.Redis(port=port, socket_timeout=600)
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            time.sleep(0.5)
     try:
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                time.sleep(0.5)
+        yield client
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def marks_and_totals(client: redis.Redis, out: Path) -> tuple[list[str], list[int]]:
+    """The marks in the order made, and each one's profile's instructions (dump k: what
+    ran since the mark before it)."""
+    raw = client.get(MARKS)
+    marks = (raw.decode() if isinstance(raw, bytes) else "").split("|")[1:]
+    return marks, _totals(out)[-len(marks) :]
+
+
+def _totals(out: Path) -> list[int]:
+    totals = []
+    for dump in sorted(out.glob("cg.*"), key=lambda p: int(p.suffix[1:])):
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith(("summary:", "totals:")):
+                totals.append(int(line.split()[1]))
+                break
+    return totals
+
+
+def run(tenants: int, rounds: int, out: Path) -> dict[str, dict[str, float]]:
+    with marked_scripts():
+        marks, totals = _profile(tenants, rounds, out)
+    return _sections(marks, totals)
+
+
+def _profile(tenants: int, rounds: int, out: Path) -> tuple[list[str], list[int]]:
+    """The marks in the order made, and each dump's instructions (one per mark)."""
+    with profiled_redis(out) as client:
         policy = saturated_policy(tenants)
         sched = LuaScheduler(client, Limits(rate=50.0, burst=5.0), policy, now=0.0)
         ids = iter(range(10**9))
@@ -174,18 +205,7 @@ def _profile(tenants: int, rounds: int, out: Path) -> tuple[list[str], list[int]
                         client.append(MARKS, "|(acquire)")
                     sched.acquire(now, Request(f"{tenant}-{next(ids)}", tenant))
         client.append(MARKS, "|(end)")
-        raw = client.get(MARKS)
-        marks = (raw.decode() if isinstance(raw, bytes) else "").split("|")[1:]
-    finally:
-        server.terminate()
-        server.wait(60)
-    totals = []
-    for dump in sorted(out.glob("cg.*"), key=lambda p: int(p.suffix[1:])):
-        for line in dump.read_text(errors="replace").splitlines():
-            if line.startswith(("summary:", "totals:")):
-                totals.append(int(line.split()[1]))
-                break
-    return marks, totals[-len(marks) :]  # (dump k: what ran since the mark before it)
+        return marks_and_totals(client, out)
 
 
 def _sections(marks: list[str], totals: list[int]) -> dict[str, dict[str, float]]:
