@@ -20,6 +20,7 @@ from tests.support.redis_server import (
     RedisCluster,
     RedisServer,
     redis_server_binary,
+    redis_version,
 )
 from tests.support.servers import AppServer
 
@@ -31,6 +32,14 @@ def redis_binary() -> Path:
         return redis_server_binary()
     except RedisBinaryNotFound as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture(params=[True, False], ids=["fcall", "evalsha"])
+def functions(request: pytest.FixtureRequest, redis_binary: Path) -> bool:
+    """The scripts as a function library (FCALL), or by EVALSHA (Redis 6.2's way, also on 7)."""
+    if request.param and redis_version(redis_binary) < (7, 0, 0):
+        pytest.skip("this Redis has no functions (the scripts run by EVALSHA on it)")
+    return bool(request.param)
 
 
 @pytest.fixture

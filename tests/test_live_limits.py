@@ -28,7 +28,7 @@ import httpx
 import pytest
 import redis
 
-from tests.support.lua_scheduler import LuaScheduler, redis_version
+from tests.support.lua_scheduler import LuaScheduler
 from tests.support.redis_server import RedisServer
 from tests.support.servers import AppServer
 from throttle_mw import ThrottleMiddleware
@@ -306,14 +306,10 @@ LIVE_CASES: dict[str, tuple[Changes, float]] = {
 }
 
 
-@pytest.fixture(params=["functions", "eval"])
-def lua_live(request: pytest.FixtureRequest, redis_server_session: RedisServer) -> Iterator[Any]:
+@pytest.fixture
+def lua_live(redis_server_session: RedisServer, functions: bool) -> Iterator[Any]:
     """A LuaScheduler factory on the session's server, by FCALL or by EVALSHA."""
     client = redis_server_session.client()
-    functions = request.param == "functions"
-    if functions and redis_version(client) < (7, 0):
-        client.close()
-        pytest.skip("no functions before Redis 7")
     yield lambda: LuaScheduler(client, GIVEN, LIVE_POLICY, 0.0, functions=functions)
     client.close()
 

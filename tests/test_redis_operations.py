@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tests.support.lua_scheduler import LuaScheduler, redis_version
+from tests.support.lua_scheduler import LuaScheduler
 from tests.support.redis_server import RedisServer
 from throttle_mw.backends.redis import protocol
 from throttle_mw.priorities import PRIORITIES
@@ -20,13 +20,6 @@ def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client = redis_server.client()
     yield client
     client.close()
-
-
-@pytest.fixture(params=[True, False], ids=["fcall", "evalsha"])
-def functions(request: pytest.FixtureRequest, client: redis.Redis) -> bool:
-    if request.param and redis_version(client) < (7, 0):
-        pytest.skip("this Redis has no functions (the scripts run by EVALSHA on it)")
-    return bool(request.param)
 
 
 def test_a_malformed_acquire_is_an_error_not_a_decision(

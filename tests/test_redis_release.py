@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.support.lua_scheduler import LuaScheduler, redis_version
+from tests.support.lua_scheduler import LuaScheduler
 from tests.support.redis_server import RedisServer
 from throttle_mw.backends.base import Admitted, Waiting
 from throttle_mw.backends.redis import RedisBackend, protocol
@@ -37,14 +37,6 @@ def client(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 def _policy() -> Policy:
     return Policy(dict.fromkeys(PRIORITIES, 5.0))
-
-
-@pytest.fixture(params=[True, False], ids=["fcall", "evalsha"])
-def functions(request: pytest.FixtureRequest, client: redis.Redis) -> bool:
-    """The scripts as a function library, or by EVALSHA (Redis 6.2's way, also on 7)."""
-    if request.param and redis_version(client) < (7, 0):
-        pytest.skip("this Redis has no functions (the scripts run by EVALSHA on it)")
-    return bool(request.param)
 
 
 def test_a_lone_release_is_one_line_only_when_the_caller_needs_no_trailer(
