@@ -360,22 +360,31 @@ def test_merge_equals_one_summary_of_all_samples() -> None:
 
 
 def test_pool_is_one_process_more_samples() -> None:
-    """Two windows of one process pooled: the in flight is their mean, not their sum
-    (the fleet pools a process's parts before adding the processes up)."""
+    """Two half windows of one process pooled: the in flight is the mean of theirs, each
+    an equal stretch of time, not their sum (the fleet pools a process's parts before
+    adding the processes up)."""
     rng = random.Random(4)
     first, second = samples(rng, 40), samples(rng, 25)
-    pooled = WindowSummary.decode(summary_of(first).encode())
-    pooled.pool(WindowSummary.decode(summary_of(second).encode()))
+    parts = [summary_of(first), summary_of(second)]
+    parts[0].measure(2.5, 0.25)  # 10 in flight on average
+    parts[1].measure(1.5, 0.25)  # 6
+    pooled = WindowSummary.decode(parts[0].encode())
+    pooled.pool(WindowSummary.decode(parts[1].encode()))
     whole = summary_of(first + second)
     assert (pooled.count, pooled.failures) == (whole.count, whole.failures)
     assert pooled.quantile(0.5) == whole.quantile(0.5)
     assert pooled.max_in_flight == whole.max_in_flight
-    assert pooled.mean_in_flight == pytest.approx(whole.mean_in_flight)
+    assert pooled.mean_in_flight == pytest.approx(8.0)
+    # A quiet half window (nothing finished, nothing in flight) counts as much.
+    quiet = WindowSummary()
+    quiet.measure(0.0, 0.25)
+    pooled.pool(WindowSummary.decode(quiet.encode()))
+    assert pooled.mean_in_flight == pytest.approx(16.0 / 3)
     # ... and it still merges as one process's part.
-    other = samples(rng, 30)
-    pooled.merge(summary_of(other))
-    mean = statistics.mean(s.in_flight for s in other)
-    assert pooled.mean_in_flight == pytest.approx(whole.mean_in_flight + mean)
+    other = summary_of(samples(rng, 30))
+    other.measure(1.0, 0.5)
+    pooled.merge(other)
+    assert pooled.mean_in_flight == pytest.approx(16.0 / 3 + 2.0)
 
 
 def wire_safe(text: str) -> bool:

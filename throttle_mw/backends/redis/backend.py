@@ -22,7 +22,7 @@ from typing import Any
 from redis.exceptions import RedisClusterException, RedisError
 
 from ...scheduler import Admit, Enqueue, Granted, Limits, Reject, Request, Snapshot
-from ...scheduler.limit import LimitState, Sample
+from ...scheduler.limit import InFlight, LimitState, Sample
 from ...settings import Settings
 from ..base import Admitted, Outcome, RequestIds, Waiting
 from . import connection, diagnose, protocol
@@ -96,6 +96,9 @@ class RedisBackend(Recovery):
             # (never shorter than the state's: a live override lapses with its bucket)
             live_ttl_s=max(settings.live_limits_ttl_s, key_ttl_s(settings)),
         )
+        #: This process's requests in the app over time (the middleware brackets each
+        #: learning request): the in flight its window summaries report.
+        self.flight: InFlight = self._learner.flight
         self._learning_task: asyncio.Task[None] | None = None
         self._tick: asyncio.TimerHandle | None = None
         self._tick_at = 0.0
