@@ -506,14 +506,14 @@ class ThrottleMiddleware:
             if body is not None:
                 body.close()
             if ending is not None:
+                failed, ended = ending
+                if not ended:  # the app raised, or the client left before the end
+                    failed, ended = True, time.perf_counter()
                 assert flight is not None
-                flight.finish(time.perf_counter())
+                flight.finish(ended)  # out of the app's in flight with its last chunk
                 # A slot given back for a client that held it too long says nothing
                 # about the app's capacity: no sample.
                 if hold is None or not hold.released:
-                    failed, ended = ending
-                    if not ended:  # the app raised, or the client left before the end
-                        failed, ended = True, time.perf_counter()
                     client_s = 0.0 if hold is None else hold.waited_s
                     backend.observe(Sample(ended - admitted - client_s, failed, running))
 

@@ -17,7 +17,8 @@ average, but it lags whenever the throughput moves (the work in progress at the
 window's end is missing), and reads low right when the app slows down.
 
 The cost: two calls per learning request (`admit`, `finish`) in the middleware,
-each a multiply and a few attribute updates; nothing more in `WindowSummary.add`.
+each an addition to a sum and to a count (the times they are given the middleware
+reads anyway); nothing more in `WindowSummary.add`.
 """
 
 from __future__ import annotations
@@ -33,37 +34,39 @@ class InFlight:
     (time.perf_counter, the middleware's; a test's own). `take()` returns the
     in-flight seconds since the last take (the integral) and the seconds that
     covers, and starts anew: their ratio is the mean in flight over that time.
+
+    The integral needs no step-by-step bookkeeping: up to `t`, each finished request
+    contributes its end less its start and each running one `t` less its start, so
+    it is (the ends) - (the starts) + running * t. Two sums and a count, each one
+    addition per event, exact in whatever order the events are reported; a take
+    starts them anew from its own time (the running requests as if admitted then).
     """
 
-    __slots__ = ("_area", "_rest", "_since", "_taken", "clock", "running")
+    __slots__ = ("_rest", "_taken", "clock", "ended", "running", "started")
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
         self.clock = clock
         #: Requests admitted and not finished.
         self.running = 0
-        now = clock()
-        #: The integral of `running` from `_taken` to `_since`, and those two times.
-        self._area = 0.0
-        self._since = now
-        self._taken = now
+        #: Since the last take: the sum of the finished requests' ends, and of the
+        #: admissions' times (the running requests' at the take counted at it).
+        self.ended = 0.0
+        self.started = 0.0
+        self._taken = clock()
         #: The end of the last take's time that its lag kept back: ``(area, span)``.
         self._rest = (0.0, 0.0)
 
     def admit(self, now: float) -> int:
         """One more in flight from `now`; returns the in flight with it (itself
         included: what `Sample.in_flight` reports)."""
-        running = self.running
-        self._area += running * (now - self._since)
-        self._since = now
-        self.running = running = running + 1
-        return running
+        self.started += now
+        self.running += 1
+        return self.running
 
     def finish(self, now: float) -> None:
         """One fewer in flight from `now`."""
-        running = self.running
-        self._area += running * (now - self._since)
-        self._since = now
-        self.running = running - 1
+        self.ended += now
+        self.running -= 1
 
     def take(self, lag: float = 0.0, now: float | None = None) -> tuple[float, float]:
         """``(area, span)``: the in flight integrated over `span` seconds, from where the
@@ -80,11 +83,10 @@ class InFlight:
         """
         if now is None:
             now = self.clock()
-        # A `now` behind the last change (read before it): count up to the change.
-        since = max(now, self._since)
-        area = self._area + self.running * (since - self._since)
-        span = since - self._taken
-        self._area, self._since, self._taken = 0.0, since, since
+        running = self.running
+        area = self.ended - self.started + running * now
+        span = now - self._taken
+        self.ended, self.started, self._taken = 0.0, running * now, now
         # What the last take left for this one (the lag it kept back), then this take's
         # time up to its own lag; the rest waits for the next take.
         rest_area, rest_span = self._rest
