@@ -242,7 +242,7 @@ async def test_every_process_pushes_its_in_flight_over_time(
         # No claim is taken (a claim from another fleet's step is in place).
         await client.set(Keys("pushes").learn_step, "other", px=60_000)
         assert [await learner.flush(client) for learner in learners] == [False, False]
-        entries = await client.lrange(Keys("pushes").learn_windows, 0, -1)
+        entries = [str(e) for e in await client.lrange(Keys("pushes").learn_windows, 0, -1)]
         assert sorted(e.partition("|")[0] for e in entries) == ["p0", "p1"]
         merged, parts = fleet_window(entries)
         assert parts["p0"].mean_in_flight == pytest.approx(3.0)
