@@ -132,7 +132,17 @@ class Scheduler:
         """
         # Unpacked: a NamedTuple's attribute access is a generic lookup in 3.11.
         request_id, name, _, cost, sheddable, _ = req
-        if self._waiting or sheddable:
+        if sheddable:
+            return None
+        return self.admit_unsheddable(now, request_id, name, cost)
+
+    def admit_unsheddable(
+        self, now: float, request_id: LeaseKey, name: str, cost: int
+    ) -> Admit | None:
+        """`admit_at_once` for a request known not to be sheddable, given only the
+        fields it reads: the in-memory middleware's call, with no tuple to build
+        and unpack per request."""
+        if self._waiting:
             return None
         limits = self._limits
         rate = limits.rate
