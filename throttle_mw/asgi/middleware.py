@@ -146,6 +146,8 @@ class ThrottleMiddleware:
         self._tenants = Tenants(settings.tenant_header, settings.tenant_resolver)
         self._resolver = settings.tenant_resolver
         self._tenant_header = self._tenants.header
+        #: The request headers `__call__` reads: the tenant's and the body's.
+        self._watched_headers = _BODY_HEADERS | {self._tenant_header}
         # RequestIds' call, inlined per request: its prefix and counter.
         ids = RequestIds()
         self._id_prefix, self._id_counter = ids.prefix, ids.counter
@@ -311,13 +313,16 @@ class ThrottleMiddleware:
         # One pass over the headers: the tenant header (Tenants.from_header, inlined) and
         # whether a body is announced: the first Content-Length or Transfer-Encoding
         # decides (HTTP/2 and 3 need neither).
-        tenant_header = self._tenant_header
+        # Most headers are neither: one set lookup each passes them by.
+        watched = self._watched_headers
         found: bytes | None = None
         announced: bool | None = None
         try:
             if self._resolver is None:
                 for name, value in scope["headers"]:
-                    if name == tenant_header:
+                    if name not in watched:
+                        continue
+                    if name == self._tenant_header:
                         value = value.strip()
                         if found is not None and value != found:
                             raise InvalidTenant(REPEATED)
@@ -354,8 +359,12 @@ class ThrottleMiddleware:
         if admit is None or read_ahead or self._draining_now or tag.sheddable:
             await self._throttle(scope, receive, send, tag, tenant, read_ahead, 0, None)
             return
-        lease_key: int = self._lease_key()
-        admission = admit(self._clock(), lease_key, tenant, tag.cost)
+        # Bound methods kept as attributes are read into locals, then called:
+        # ``self._clock()`` would be a generic method lookup (3.11 specializes that
+        # only for methods of the class).
+        next_key, clock = self._lease_key, self._clock
+        lease_key: int = next_key()
+        admission = admit(clock(), lease_key, tenant, tag.cost)
         if admission is None or not self._plain:
             await self._throttle(scope, receive, send, tag, tenant, False, lease_key, admission)
             return
@@ -407,8 +416,9 @@ class ThrottleMiddleware:
                     return hold.send(send, message)
             return send(message)
 
+        app = self.app
         try:
-            await self.app(scope, receive, send_wrapper)
+            await app(scope, receive, send_wrapper)
         finally:
             if held:
                 held = False
