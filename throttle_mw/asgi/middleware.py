@@ -15,7 +15,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final, Literal, NamedTuple, cast
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -177,7 +177,9 @@ class ThrottleMiddleware:
             and kind.release is MemoryBackend.release
         )
         self._clock: Callable[[], float] = time.monotonic
-        self._lease_key: Callable[[], int] = itertools.count(1).__next__
+        #: Read with ``next()``: a builtin call 3.11 specializes, where calling the
+        #: counter's ``__next__`` method-wrapper is a generic call.
+        self._lease_keys: Iterator[int] = itertools.count(1)
         self._admit_at_once: AdmitAtOnce | None = None
         #: A request admitted at once needs no more than the app run: no observers to
         #: tell, no learned limit to sample (`__call__` then runs it itself).
@@ -359,11 +361,11 @@ class ThrottleMiddleware:
         if admit is None or read_ahead or self._draining_now or tag.sheddable:
             await self._throttle(scope, receive, send, tag, tenant, read_ahead, 0, None)
             return
-        # Bound methods kept as attributes are read into locals, then called:
-        # ``self._clock()`` would be a generic method lookup (3.11 specializes that
-        # only for methods of the class).
-        next_key, clock = self._lease_key, self._clock
-        lease_key: int = next_key()
+        lease_key: int = next(self._lease_keys)
+        # The clock, a bound method kept as an attribute, is read into a local, then
+        # called: ``self._clock()`` would be a generic method lookup (3.11 specializes
+        # that only for methods of the class).
+        clock = self._clock
         admission = admit(clock(), lease_key, tenant, tag.cost)
         if admission is None or not self._plain:
             await self._throttle(scope, receive, send, tag, tenant, False, lease_key, admission)
@@ -623,7 +625,7 @@ class ThrottleMiddleware:
         self._fast_pending = False
         (
             self._clock,
-            self._lease_key,
+            self._lease_keys,
             admit,
             self._release_at_once,
             self._decide_rest,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from ..scheduler import (
     Admit,
@@ -40,7 +40,7 @@ _LEASE = 2
 #: call when the fast admission declined.
 FastPath = tuple[
     Callable[[], float],
-    Callable[[], int],
+    Iterator[int],
     Callable[[float, int, str, int], Admit | None],
     Callable[[LeaseKey], bool],
     Callable[[Request], Outcome],
@@ -110,7 +110,7 @@ class MemoryBackend:
         assert self._loop is not None
         return (
             self._loop.time,
-            self._lease_keys.__next__,
+            self._lease_keys,
             scheduler.admit_unsheddable,
             scheduler.release_at_once,
             self.decide_rest,

@@ -60,6 +60,11 @@ from .types import (
 from .window import FairRateWindow
 
 _ADMIT = Admit()
+#: The tenants' OrderedDict's methods, called with it: 3.11 cannot specialize a method
+#: lookup on an OrderedDict (it has an instance ``__dict__``), and ``admit_unsheddable``
+#: calls both for every request.
+_tenant_of = OrderedDict.get
+_touch = OrderedDict.move_to_end
 _ADMIT_LEASE = Admit(lease=True)
 _NO_EVENTS: list[Event] = []  # shared and never mutated: callers only iterate events
 
@@ -158,11 +163,12 @@ class Scheduler:
         if now - window.start >= WINDOW_S:
             window.roll(now, self._vtime)
         # _tenant
-        tenant = self._tenants.get(name)
+        tenants = self._tenants
+        tenant = _tenant_of(tenants, name)
         if tenant is None:
             tenant = self._tenant(name, now)
         else:
-            self._tenants.move_to_end(name)
+            _touch(tenants, name)
             tenant.seen_at = now
         if cost != 1:
             cost = self._clamp(cost)
