@@ -26,7 +26,7 @@ from ..backends.base import Outcome as BackendOutcome
 from ..backends.memory import MemoryBackend
 from ..observe import EventKind, Observer, ThrottleEvent
 from ..priorities import Priority, RouteTag, make_tag
-from ..scheduler import Admit, LeaseKey, Limits, Reject, Request
+from ..scheduler import LeaseKey, Limits, Reject, Request
 from ..scheduler.limit import Sample
 from ..settings import ConfigError, Settings
 from .body import BodyBuffers, RequestBody
@@ -63,16 +63,15 @@ _NO_WAIT = (_SERVER_TIMING, b"throttle;dur=0.0")
 _DEGRADED: Final = 2
 _LEASE: Final = 3
 _UNTHROTTLED: Final = 4
-#: `Admit.lease`, by index.
-_ADMIT_LEASE: Final = 2
 #: The release-at-once test of a backend without one: nothing goes back at once.
 _NOT_AT_ONCE: Callable[[LeaseKey], bool] = frozenset[LeaseKey]().__contains__
 _HTTP1 = frozenset(("1.1", "1.0"))
 #: Bounds `ThrottleMiddleware._admitted` (cleared when full, like the tenant caches).
 _DECISION_CACHE_SIZE = 4096
 _BODY_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
-#: The scheduler's ``admit_unsheddable``, bound: (now, lease key, tenant, cost).
-AdmitAtOnce = Callable[[float, int, str, int], Admit | None]
+#: The scheduler's ``admit_unsheddable``, bound: (now, lease key, tenant, cost) ->
+#: None (declined) or whether the admission holds a lease.
+AdmitAtOnce = Callable[[float, int, str, int], bool | None]
 
 Outcome = Literal["admitted", "degraded", "unthrottled", "would_queue", "would_reject"]
 
@@ -366,12 +365,12 @@ class ThrottleMiddleware:
         # called: ``self._clock()`` would be a generic method lookup (3.11 specializes
         # that only for methods of the class).
         clock = self._clock
-        admission = admit(clock(), lease_key, tenant, tag.cost)
-        if admission is None or not self._plain:
-            await self._throttle(scope, receive, send, tag, tenant, False, lease_key, admission)
+        held = admit(clock(), lease_key, tenant, tag.cost)
+        if held is None or not self._plain:
+            await self._throttle(scope, receive, send, tag, tenant, False, lease_key, held)
             return
-        # Admitted at once, nothing to observe or learn: run the app.
-        held = admission[_ADMIT_LEASE]
+        # Admitted at once (holding a lease if `held`), nothing to observe or learn:
+        # run the app.
         state = scope.get("state")
         if state is None:
             state = scope["state"] = {}
@@ -447,22 +446,23 @@ class ThrottleMiddleware:
         tenant: str,
         read_ahead: bool,
         lease_key: LeaseKey,
-        admission: Admit | None,
+        held_at_once: bool | None,
     ) -> None:
         """Every throttled request but an in-memory admission at once with nothing to
         observe or learn: a body read ahead, a full decision (queueing, rejection,
         degradation, dry run), observers, a learned limit's samples.
 
-        `admission` is the fast path's `Admit` for `lease_key` when it admitted the
-        request (observers or a learned limit brought it here), else None.
+        `held_at_once` is None unless the fast path admitted the request (observers
+        or a learned limit brought it here); then it says whether that admission
+        holds a lease, by `lease_key`.
         """
         backend = self._backend
         assert backend is not None
         decided: Outcome = "admitted"
         reason: str | None = None
         body: RequestBody | None = None
-        if admission is not None:
-            held = admission[_ADMIT_LEASE]
+        if held_at_once is not None:
+            held = held_at_once
             degraded = unthrottled = False
             # Decided at once, in memory: microseconds, reported as 0.0 ms.
             waited_s = 0.0

@@ -41,7 +41,7 @@ _LEASE = 2
 FastPath = tuple[
     Callable[[], float],
     Iterator[int],
-    Callable[[float, int, str, int], Admit | None],
+    Callable[[float, int, str, int], bool | None],
     Callable[[LeaseKey], bool],
     Callable[[Request], Outcome],
 ]

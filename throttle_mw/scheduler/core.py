@@ -139,14 +139,18 @@ class Scheduler:
         request_id, name, _, cost, sheddable, _ = req
         if sheddable:
             return None
-        return self.admit_unsheddable(now, request_id, name, cost)
+        leased = self.admit_unsheddable(now, request_id, name, cost)
+        if leased is None:
+            return None
+        return _ADMIT_LEASE if leased else _ADMIT
 
     def admit_unsheddable(
         self, now: float, request_id: LeaseKey, name: str, cost: int
-    ) -> Admit | None:
+    ) -> bool | None:
         """`admit_at_once` for a request known not to be sheddable, given only the
-        fields it reads: the in-memory middleware's call, with no tuple to build
-        and unpack per request."""
+        fields it reads, and answering with a plain value: None, or whether the
+        admission holds a lease (its `Admit`'s ``lease``). The in-memory
+        middleware's call: no tuple to build and unpack, no NamedTuple to index."""
         if self._waiting:
             return None
         limits = self._limits
@@ -187,17 +191,17 @@ class Scheduler:
         start = tenant.finish
         if tenant_rate is not None or limits.weights or start < self._vtime:
             self._take(tenant, request_id, cost, now)
-            return _ADMIT if concurrency is None else _ADMIT_LEASE
+            return concurrency is not None
         if rate is not None:
             self._tokens -= cost
         self._vtime = start
         tenant.finish = start + cost  # weight 1.0
         window.cost += cost
         if concurrency is None:
-            return _ADMIT
+            return False
         self._in_flight += cost
         self._leases[request_id] = cost
-        return _ADMIT_LEASE
+        return True
 
     def acquire(self, now: float, req: Request) -> tuple[Decision, list[Event]]:
         """Decide on a new request: admit it, queue it or reject it."""
