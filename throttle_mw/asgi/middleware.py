@@ -180,9 +180,11 @@ class ThrottleMiddleware:
         #: counter's ``__next__`` method-wrapper is a generic call.
         self._lease_keys: Iterator[int] = itertools.count(1)
         self._admit_at_once: AdmitAtOnce | None = None
-        #: A request admitted at once needs no more than the app run: no observers to
-        #: tell, no learned limit to sample (`__call__` then runs it itself).
-        self._plain = False
+        #: The in-memory backend once `_admit_at_once` is bound, if a request it admits
+        #: at once may need no more than the app run (no observers to tell); whether
+        #: it learns its limit (samples to take) is read per request: a live change
+        #: may switch it.
+        self._lean_backend: MemoryBackend | None = None
         self._release_at_once: Callable[[LeaseKey], bool] = _NOT_AT_ONCE
         self._decide_rest: Callable[[Request], BackendOutcome] | None = None
         # A lease goes back by the key it was taken with: a number only on the in-memory
@@ -366,7 +368,8 @@ class ThrottleMiddleware:
         # that only for methods of the class).
         clock = self._clock
         held = admit(clock(), lease_key, tenant, tag.cost)
-        if held is None or not self._plain:
+        lean = self._lean_backend
+        if held is None or lean is None or lean.learning:
             await self._throttle(scope, receive, send, tag, tenant, False, lease_key, held)
             return
         # Admitted at once (holding a lease if `held`), nothing to observe or learn:
@@ -631,8 +634,7 @@ class ThrottleMiddleware:
             self._decide_rest,
         ) = backend.fast_path()
         self._admit_at_once = admit
-        # Whether knowing it: the backend has started (and learns for good, or not).
-        self._plain = not self._observers and not backend.learning
+        self._lean_backend = None if self._observers else backend
         return admit
 
     def _hold(self, lease_key: LeaseKey) -> ClientHold:
