@@ -130,6 +130,23 @@ async def test_a_static_limit_takes_no_samples() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_live_switch_to_a_learned_limit_and_back_starts_and_stops_the_samples() -> None:
+    """The middleware's fast path is bound by the first request; whether the backend
+    learns is still read per request after that (`set_limits` may switch it)."""
+    backend = Recording(concurrency=8)
+    transport = httpx.ASGITransport(app=_app(backend))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        await client.get("/ok")
+        assert backend.samples == []
+        await backend.set_limits(Limits(concurrency=8, learned=True))
+        await client.get("/ok")
+        assert len(backend.samples) == 1
+        await backend.set_limits(Limits(concurrency=8))
+        await client.get("/ok")
+        assert len(backend.samples) == 1
+
+
+@pytest.mark.anyio
 async def test_the_memory_backend_steps_the_limit_and_reports_it() -> None:
     """Samples that grow with the load (an app queueing) bring the limit down; the
     scheduler, the responses' limits and the snapshot all take the new number."""

@@ -15,7 +15,7 @@ import functools
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final, Literal, NamedTuple, cast
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -26,7 +26,7 @@ from ..backends.base import Outcome as BackendOutcome
 from ..backends.memory import MemoryBackend
 from ..observe import EventKind, Observer, ThrottleEvent
 from ..priorities import Priority, RouteTag, make_tag
-from ..scheduler import Admit, LeaseKey, Limits, Reject, Request, RequestFields
+from ..scheduler import LeaseKey, Limits, Reject, Request
 from ..scheduler.limit import InFlight, Sample
 from ..settings import ConfigError, Settings
 from .body import BodyBuffers, RequestBody
@@ -63,14 +63,15 @@ _NO_WAIT = (_SERVER_TIMING, b"throttle;dur=0.0")
 _DEGRADED: Final = 2
 _LEASE: Final = 3
 _UNTHROTTLED: Final = 4
-#: `Admit.lease`, by index.
-_ADMIT_LEASE: Final = 2
 #: The release-at-once test of a backend without one: nothing goes back at once.
 _NOT_AT_ONCE: Callable[[LeaseKey], bool] = frozenset[LeaseKey]().__contains__
 _HTTP1 = frozenset(("1.1", "1.0"))
 #: Bounds `ThrottleMiddleware._admitted` (cleared when full, like the tenant caches).
 _DECISION_CACHE_SIZE = 4096
 _BODY_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
+#: The scheduler's ``admit_unsheddable``, bound: (now, lease key, tenant, cost) ->
+#: None (declined) or whether the admission holds a lease.
+AdmitAtOnce = Callable[[float, int, str, int], bool | None]
 
 Outcome = Literal["admitted", "degraded", "unthrottled", "would_queue", "would_reject"]
 
@@ -144,6 +145,8 @@ class ThrottleMiddleware:
         self._tenants = Tenants(settings.tenant_header, settings.tenant_resolver)
         self._resolver = settings.tenant_resolver
         self._tenant_header = self._tenants.header
+        #: The request headers `__call__` reads: the tenant's and the body's.
+        self._watched_headers = _BODY_HEADERS | {self._tenant_header}
         # RequestIds' call, inlined per request: its prefix and counter.
         ids = RequestIds()
         self._id_prefix, self._id_counter = ids.prefix, ids.counter
@@ -170,8 +173,15 @@ class ThrottleMiddleware:
             and kind.release is MemoryBackend.release
         )
         self._clock: Callable[[], float] = time.monotonic
-        self._lease_key: Callable[[], int] = itertools.count(1).__next__
-        self._admit_at_once: Callable[[float, RequestFields], Admit | None] | None = None
+        #: Read with ``next()``: a builtin call 3.11 specializes, where calling the
+        #: counter's ``__next__`` method-wrapper is a generic call.
+        self._lease_keys: Iterator[int] = itertools.count(1)
+        self._admit_at_once: AdmitAtOnce | None = None
+        #: The in-memory backend once `_admit_at_once` is bound, if a request it admits
+        #: at once may need no more than the app run (no observers to tell); whether
+        #: it learns its limit (samples to take) is read per request: a live change
+        #: may switch it.
+        self._lean_backend: MemoryBackend | None = None
         self._release_at_once: Callable[[LeaseKey], bool] = _NOT_AT_ONCE
         self._decide_rest: Callable[[Request], BackendOutcome] | None = None
         # A lease goes back by the key it was taken with: a number only on the in-memory
@@ -285,8 +295,10 @@ class ThrottleMiddleware:
         if scope["type"] != "http" or not self._enabled:
             await self._other(scope, receive, send)
             return
-        # The HTTP path is written out here rather than in a helper coroutine: it runs
-        # for every request, and each coroutine layer costs (see bench/README.md).
+        # The common case, a request the in-memory backend admits at once, is written
+        # out here rather than in helper coroutines: it runs for every request, and
+        # each coroutine layer, and each local of this frame, costs (see
+        # bench/README.md). Everything else goes to `_throttle`.
         # RouteTags.tag_for's cache hit, inlined.
         tag = None
         if not scope.get("root_path"):
@@ -301,13 +313,16 @@ class ThrottleMiddleware:
         # One pass over the headers: the tenant header (Tenants.from_header, inlined) and
         # whether a body is announced: the first Content-Length or Transfer-Encoding
         # decides (HTTP/2 and 3 need neither).
-        tenant_header = self._tenant_header
+        # Most headers are neither: one set lookup each passes them by.
+        watched = self._watched_headers
         found: bytes | None = None
         announced: bool | None = None
         try:
             if self._resolver is None:
                 for name, value in scope["headers"]:
-                    if name == tenant_header:
+                    if name not in watched:
+                        continue
+                    if name == self._tenant_header:
                         value = value.strip()
                         if found is not None and value != found:
                             raise InvalidTenant(REPEATED)
@@ -332,29 +347,122 @@ class ThrottleMiddleware:
         except InvalidTenant as exc:
             await send_bad_request(send, exc.detail)
             return
-        backend = self._backend
-        assert backend is not None
         read_ahead = self._read_ahead and (
             announced if announced is not None else scope["http_version"] not in _HTTP1
         )
-        decided: Outcome = "admitted"
-        reason: str | None = None
-        body: RequestBody | None = None
         # The in-memory backend's fast path: the scheduler's own test, called with no
-        # backend frame in between, no `Request` made (a plain tuple of its fields) and
-        # a number for its id: the id string is made only if it is declined.
+        # backend frame in between, no `Request` made and a number for its id: the id
+        # string is made only if it is declined.
         admit = self._admit_at_once
         if admit is None and self._fast_pending:
             admit = self._bind_fast_path()
-        admission = None
-        if admit is not None and not read_ahead and not self._draining_now:
-            lease_key: LeaseKey = self._lease_key()
-            admission = admit(
-                self._clock(),
-                (lease_key, tenant, tag.priority, tag.cost, tag.sheddable, tag.degradable),
-            )
-        if admission is not None:
-            held = admission[_ADMIT_LEASE]
+        if admit is None or read_ahead or self._draining_now or tag.sheddable:
+            await self._throttle(scope, receive, send, tag, tenant, read_ahead, 0, None)
+            return
+        lease_key: int = next(self._lease_keys)
+        # The clock, a bound method kept as an attribute, is read into a local, then
+        # called: ``self._clock()`` would be a generic method lookup (3.11 specializes
+        # that only for methods of the class).
+        clock = self._clock
+        held = admit(clock(), lease_key, tenant, tag.cost)
+        lean = self._lean_backend
+        if held is None or lean is None or lean.learning:
+            await self._throttle(scope, receive, send, tag, tenant, False, lease_key, held)
+            return
+        # Admitted at once (holding a lease if `held`), nothing to observe or learn:
+        # run the app.
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        cached = self._admitted.get(tenant)
+        state["throttle"] = (
+            cached[1] if cached is not None and cached[0] is tag else self._decided(tenant, tag)
+        )
+        # Made when the app first waits on its client (a streamed response): from then
+        # on that waiting counts against THROTTLE_CLIENT_HOLD.
+        hold: ClientHold | None = None
+
+        # `_throttle`'s send wrapper without a learned limit's bookkeeping, for a
+        # request decided at once (its Server-Timing header a constant). A plain
+        # function returning the server's own awaitable: no extra coroutine per
+        # message. The lease goes back as the last body chunk is handed to the server,
+        # so it is returned even if sending fails (the client went away). What it only
+        # reads comes in as defaults: plain locals, not cells.
+        def send_wrapper(
+            message: Message,
+            send: Send = send,
+            lease_key: LeaseKey = lease_key,
+            release_at_once: Callable[[LeaseKey], bool] = self._release_at_once,
+            release: Callable[[LeaseKey], None] = self._release,
+            middleware: ThrottleMiddleware = self,
+        ) -> Awaitable[None]:
+            nonlocal held, hold
+            kind = message["type"]
+            if kind == "http.response.start":
+                # A new dict and list: the app may send the same message (and its
+                # header list) again, and must not see our header in it. (A copy and a
+                # store: cheaper than ``{**message, "headers": ...}``.)
+                message = message.copy() if type(message) is dict else dict(message)
+                message["headers"] = [*message.get("headers", ()), _NO_WAIT]
+            elif kind == "http.response.body":
+                if not message.get("more_body", False):
+                    if held:
+                        held = False
+                        if (hold is None or not hold.released) and not release_at_once(lease_key):
+                            release(lease_key)
+                elif held:
+                    # More to come: a slow reader's back-pressure may hold this send up.
+                    if hold is None:
+                        hold = middleware._hold(lease_key)
+                    return hold.send(send, message)
+            return send(message)
+
+        app = self.app
+        try:
+            await app(scope, receive, send_wrapper)
+        finally:
+            if held:
+                held = False
+                if hold is None or not hold.released:
+                    self._release(lease_key)
+
+    def _decided(self, tenant: str, tag: RouteTag) -> ThrottleDecision:
+        """The `ThrottleDecision` shared by the requests of `tenant` and `tag` admitted at
+        once (`_admitted`), made on the first one."""
+        decision = _new_tuple(
+            ThrottleDecision, (tenant, tag.priority, 0.0, False, "admitted", tag.cost, None)
+        )
+        if len(self._admitted) >= _DECISION_CACHE_SIZE:
+            self._admitted.clear()
+        self._admitted[tenant] = (tag, decision)
+        return decision
+
+    async def _throttle(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        tag: RouteTag,
+        tenant: str,
+        read_ahead: bool,
+        lease_key: LeaseKey,
+        held_at_once: bool | None,
+    ) -> None:
+        """Every throttled request but an in-memory admission at once with nothing to
+        observe or learn: a body read ahead, a full decision (queueing, rejection,
+        degradation, dry run), observers, a learned limit's samples.
+
+        `held_at_once` is None unless the fast path admitted the request (observers
+        or a learned limit brought it here); then it says whether that admission
+        holds a lease, by `lease_key`.
+        """
+        backend = self._backend
+        assert backend is not None
+        decided: Outcome = "admitted"
+        reason: str | None = None
+        body: RequestBody | None = None
+        if held_at_once is not None:
+            held = held_at_once
             degraded = unthrottled = False
             # Decided at once, in memory: microseconds, reported as 0.0 ms.
             waited_s = 0.0
@@ -363,12 +471,7 @@ class ThrottleMiddleware:
             if cached is not None and cached[0] is tag:
                 decision = cached[1]
             else:
-                decision = _new_tuple(
-                    ThrottleDecision, (tenant, tag.priority, 0.0, False, "admitted", tag.cost, None)
-                )
-                if len(self._admitted) >= _DECISION_CACHE_SIZE:
-                    self._admitted.clear()
-                self._admitted[tenant] = (tag, decision)
+                decision = self._decided(tenant, tag)
         else:
             lease_key = request_id = self._id_prefix + str(next(self._id_counter))
             # tuple.__new__ skips the NamedTuple's Python-level __new__.
@@ -386,9 +489,10 @@ class ThrottleMiddleware:
                     if body is None:
                         return  # a 408 was sent, or the client went away
                     receive = body.receive
-                if admit is not None and not read_ahead:
+                if self._admit_at_once is not None and not read_ahead:
                     assert self._decide_rest is not None
-                    outcome = self._decide_rest(request)  # `admit` declined it just now
+                    # The fast path declined it just now (or it is sheddable).
+                    outcome = self._decide_rest(request)
                 else:
                     outcome = backend.decide_now(request)
                 if outcome is None:
@@ -517,18 +621,19 @@ class ThrottleMiddleware:
                     client_s = 0.0 if hold is None else hold.waited_s
                     backend.observe(Sample(ended - admitted - client_s, failed, running))
 
-    def _bind_fast_path(self) -> Callable[[float, RequestFields], Admit | None]:
+    def _bind_fast_path(self) -> AdmitAtOnce:
         backend = self._backend
         assert isinstance(backend, MemoryBackend)
         self._fast_pending = False
         (
             self._clock,
-            self._lease_key,
+            self._lease_keys,
             admit,
             self._release_at_once,
             self._decide_rest,
         ) = backend.fast_path()
         self._admit_at_once = admit
+        self._lean_backend = None if self._observers else backend
         return admit
 
     def _hold(self, lease_key: LeaseKey) -> ClientHold:

@@ -22,10 +22,11 @@ the whole fleet. The middleware calls it like this, and only like this:
    failed. None of these blocks.
 
 The in-memory backend also offers ``fast_path()``: the scheduler's own
-``admit_at_once`` and ``release_at_once``, which the middleware calls first,
-without a frame of the backend's in between (steps 1 and 3 for a request
-admitted at once, its lease keyed by a number), then
-``decide_rest(request)`` for a request they declined.
+``admit_unsheddable`` (``admit_at_once`` for a route that is not sheddable) and
+``release_at_once``, which the middleware calls first, without a frame of the
+backend's in between (steps 1 and 3 for a request admitted at once, its lease
+keyed by a number), then ``decide_rest(request)`` for a request they declined
+(or a sheddable one).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from ..scheduler import (
     Admit,
@@ -25,7 +25,6 @@ from ..scheduler import (
     Policy,
     Reject,
     Request,
-    RequestFields,
     Scheduler,
     Snapshot,
 )
@@ -37,11 +36,12 @@ _new_tuple = tuple.__new__
 _LEASE = 2
 
 #: `MemoryBackend.fast_path`: the clock, the lease keys, the scheduler's own fast
-#: admission and release, and the full decision to call when the fast admission declined.
+#: admission (now, lease key, tenant, cost) and release, and the full decision to
+#: call when the fast admission declined.
 FastPath = tuple[
     Callable[[], float],
-    Callable[[], int],
-    Callable[[float, RequestFields], Admit | None],
+    Iterator[int],
+    Callable[[float, int, str, int], bool | None],
     Callable[[LeaseKey], bool],
     Callable[[Request], Outcome],
 ]
@@ -103,18 +103,18 @@ class MemoryBackend:
     def fast_path(self) -> FastPath:
         """For a caller that decides every request itself (the middleware): the
         loop's clock, a source of lease keys (numbers: no id string is made for a
-        request admitted at once), the scheduler's ``admit_at_once`` and
-        ``release_at_once``, called without a frame of this backend's in between, and
-        `decide_rest` for the requests ``admit_at_once`` declined (with their id
-        strings). The same decisions as `decide_now` and `release` (which takes a
-        lease key too): the scheduler and the loop are this backend's for good once
-        it has started."""
+        request admitted at once), the scheduler's ``admit_unsheddable`` (the caller
+        sends sheddable requests to `decide_rest` itself) and ``release_at_once``,
+        called without a frame of this backend's in between, and `decide_rest` for
+        the requests ``admit_unsheddable`` declined (with their id strings). The same
+        decisions as `decide_now` and `release` (which takes a lease key too): the
+        scheduler and the loop are this backend's for good once it has started."""
         scheduler, _ = self._sched()
         assert self._loop is not None
         return (
             self._loop.time,
-            self._lease_keys.__next__,
-            scheduler.admit_at_once,
+            self._lease_keys,
+            scheduler.admit_unsheddable,
             scheduler.release_at_once,
             self.decide_rest,
         )

@@ -60,6 +60,11 @@ from .types import (
 from .window import FairRateWindow
 
 _ADMIT = Admit()
+#: The tenants' OrderedDict's methods, called with it: 3.11 cannot specialize a method
+#: lookup on an OrderedDict (it has an instance ``__dict__``), and ``admit_unsheddable``
+#: calls both for every request.
+_tenant_of = OrderedDict.get
+_touch = OrderedDict.move_to_end
 _ADMIT_LEASE = Admit(lease=True)
 _NO_EVENTS: list[Event] = []  # shared and never mutated: callers only iterate events
 
@@ -132,7 +137,21 @@ class Scheduler:
         """
         # Unpacked: a NamedTuple's attribute access is a generic lookup in 3.11.
         request_id, name, _, cost, sheddable, _ = req
-        if self._waiting or sheddable:
+        if sheddable:
+            return None
+        leased = self.admit_unsheddable(now, request_id, name, cost)
+        if leased is None:
+            return None
+        return _ADMIT_LEASE if leased else _ADMIT
+
+    def admit_unsheddable(
+        self, now: float, request_id: LeaseKey, name: str, cost: int
+    ) -> bool | None:
+        """`admit_at_once` for a request known not to be sheddable, given only the
+        fields it reads, and answering with a plain value: None, or whether the
+        admission holds a lease (its `Admit`'s ``lease``). The in-memory
+        middleware's call: no tuple to build and unpack, no NamedTuple to index."""
+        if self._waiting:
             return None
         limits = self._limits
         rate = limits.rate
@@ -148,11 +167,12 @@ class Scheduler:
         if now - window.start >= WINDOW_S:
             window.roll(now, self._vtime)
         # _tenant
-        tenant = self._tenants.get(name)
+        tenants = self._tenants
+        tenant = _tenant_of(tenants, name)
         if tenant is None:
             tenant = self._tenant(name, now)
         else:
-            self._tenants.move_to_end(name)
+            _touch(tenants, name)
             tenant.seen_at = now
         if cost != 1:
             cost = self._clamp(cost)
@@ -171,17 +191,17 @@ class Scheduler:
         start = tenant.finish
         if tenant_rate is not None or limits.weights or start < self._vtime:
             self._take(tenant, request_id, cost, now)
-            return _ADMIT if concurrency is None else _ADMIT_LEASE
+            return concurrency is not None
         if rate is not None:
             self._tokens -= cost
         self._vtime = start
         tenant.finish = start + cost  # weight 1.0
         window.cost += cost
         if concurrency is None:
-            return _ADMIT
+            return False
         self._in_flight += cost
         self._leases[request_id] = cost
-        return _ADMIT_LEASE
+        return True
 
     def acquire(self, now: float, req: Request) -> tuple[Decision, list[Event]]:
         """Decide on a new request: admit it, queue it or reject it."""
