@@ -913,14 +913,13 @@ function call.as_written(t)
 end
 
 -- Tenant t as load_tenant makes it from its hash: its fields as loaded, nothing this call
--- did yet.
+-- did yet. Only a tenant keep_line kept is restored, and call.as_written made its loaded
+-- fields its own (f, w, cap, cap_at, n, the costs by rank, st, am, xp) after the last
+-- change to it; nothing changes a kept tenant until a call takes it (recall_line takes the
+-- memo whole), so those are already as loaded and are not copied back (some 20 table
+-- assignments a restore; a saturated budget's calls restore one or two tenants each):
+-- only what a call marks on a tenant besides is cleared.
 function call.restore_tenant(t)
-  local l = t.loaded
-  t.f = l.f; t.w = l.w; t.cap = l.cap; t.cap_at = l.cap_at; t.n = l.n; t.st = l.st
-  t.am = l.am; t.xp = l.xp or 0
-  local c = t.c
-  if c == call.ZERO_COSTS then c = call.own_costs(t) end
-  for rank = 1, NRANK do c[rank] = l.c[rank] end
   t.dirty = false; t.touched = nil; t.new = nil; t.name = nil; t.queue_made = nil
   T[t.h] = t
 end
@@ -1639,15 +1638,17 @@ local function load_tenant(h, weight)
     local c = {unpack(v, 6, 5 + NRANK)}
     for rank = 1, NRANK do
       local x = c[rank]
-      c[rank] = NUMBERS[x] or tonum(x) or 0
+      c[rank] = x and (NUMBERS[x] or tonum(x)) or 0
     end
     local i = NRANK + 6
     local x1, x2, x3, x4, x5 = v[1], v[2], v[3], v[4], v[5]
     local xi, xp = v[i], v[i + 2]
-    local l = {f = NUMBERS[x1] or tonum(x1), w = NUMBERS[x2] or tonum(x2) or 1,
-      cap = NUMBERS[x3] or tonum(x3), cap_at = NUMBERS[x4] or tonum(x4),
-      n = NUMBERS[x5] or tonum(x5) or 0, c = {unpack(c)}, st = NUMBERS[xi] or tonum(xi) or IDLE,
-      am = v[i + 1] or '', xp = NUMBERS[xp] or tonum(xp)}
+    local l = {f = NUMBERS[x1] or tonum(x1), w = x2 and (NUMBERS[x2] or tonum(x2)) or 1,
+      cap = x3 and (NUMBERS[x3] or tonum(x3)) or nil,
+      cap_at = x4 and (NUMBERS[x4] or tonum(x4)) or nil,
+      n = x5 and (NUMBERS[x5] or tonum(x5)) or 0, c = {unpack(c)},
+      st = xi and (NUMBERS[xi] or tonum(xi)) or IDLE, am = v[i + 1] or '',
+      xp = xp and (NUMBERS[xp] or tonum(xp)) or nil}
     t = {h = h, key = key, dirty = false, loaded = l, c = c, f = l.f, w = l.w, cap = l.cap,
       cap_at = l.cap_at, n = l.n, st = l.st, am = l.am, xp = l.xp or 0, touched = nil,
       new = nil, name = nil, queue_made = nil, deleted = nil}
