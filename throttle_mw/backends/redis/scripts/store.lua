@@ -992,7 +992,7 @@ call.NEW_LOADED = {w = 1, n = 0, c = {}, st = IDLE, am = ''}
 for rank = 1, NRANK do call.NEW_LOADED.c[rank] = 0 end
 -- A new tenant's costs by rank are these (shared, all 0) until a waiter of its is counted:
 -- a table made per new tenant, and its garbage, spared. Each writer of a tenant's costs
--- (core.lua's push, unlink, top_active, leave; restore_tenant) takes its own copy first
+-- (core.lua's push, unlink, top_active, leave) takes its own copy first
 -- (call.own_costs).
 call.ZERO_COSTS = call.NEW_LOADED.c
 function call.own_costs(t)
@@ -1638,17 +1638,15 @@ local function load_tenant(h, weight)
     local c = {unpack(v, 6, 5 + NRANK)}
     for rank = 1, NRANK do
       local x = c[rank]
-      c[rank] = x and (NUMBERS[x] or tonum(x)) or 0
+      c[rank] = NUMBERS[x] or tonum(x) or 0
     end
     local i = NRANK + 6
     local x1, x2, x3, x4, x5 = v[1], v[2], v[3], v[4], v[5]
     local xi, xp = v[i], v[i + 2]
-    local l = {f = NUMBERS[x1] or tonum(x1), w = x2 and (NUMBERS[x2] or tonum(x2)) or 1,
-      cap = x3 and (NUMBERS[x3] or tonum(x3)) or nil,
-      cap_at = x4 and (NUMBERS[x4] or tonum(x4)) or nil,
-      n = x5 and (NUMBERS[x5] or tonum(x5)) or 0, c = {unpack(c)},
-      st = xi and (NUMBERS[xi] or tonum(xi)) or IDLE, am = v[i + 1] or '',
-      xp = xp and (NUMBERS[xp] or tonum(xp)) or nil}
+    local l = {f = NUMBERS[x1] or tonum(x1), w = NUMBERS[x2] or tonum(x2) or 1,
+      cap = NUMBERS[x3] or tonum(x3), cap_at = NUMBERS[x4] or tonum(x4),
+      n = NUMBERS[x5] or tonum(x5) or 0, c = {unpack(c)}, st = NUMBERS[xi] or tonum(xi) or IDLE,
+      am = v[i + 1] or '', xp = NUMBERS[xp] or tonum(xp)}
     t = {h = h, key = key, dirty = false, loaded = l, c = c, f = l.f, w = l.w, cap = l.cap,
       cap_at = l.cap_at, n = l.n, st = l.st, am = l.am, xp = l.xp or 0, touched = nil,
       new = nil, name = nil, queue_made = nil, deleted = nil}
