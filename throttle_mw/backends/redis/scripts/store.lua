@@ -982,6 +982,19 @@ local function ttl_ms(kind)
   return num(math.floor(POL.ttl * MS_PER_S))
 end
 
+-- PEXPIRE the budget-wide keys named in `names` (a set of KEY_TTL's names) by their kind,
+-- the live keys last: before Redis 7 each PEXPIRE counts from its own moment, so a live
+-- key pushed out first could lapse a millisecond before the state it governs.
+function call.expire_keys(names)
+  for name in pairs(names) do
+    local kind = KEY_TTL[name]
+    if kind ~= 'live' then redis.call('PEXPIRE', K[name], ttl_ms(kind)) end
+  end
+  for name in pairs(names) do
+    if KEY_TTL[name] == 'live' then redis.call('PEXPIRE', K[name], ttl_ms('live')) end
+  end
+end
+
 -- A new tenant as if loaded (load_tenant): the fields at their defaults, w (1), n (0), the
 -- costs by rank (0), st (IDLE) and am (''), are what a hash without them reads as
 -- (load_tenant, fast.lua's fast_tenant), so save_tenant writes a new tenant without them:
@@ -1325,7 +1338,7 @@ local function save(hot)
   end
   local expiring = born
   if refresh then expiring = KEY_TTL end
-  for name in pairs(expiring) do redis.call('PEXPIRE', K[name], ttl_ms(KEY_TTL[name])) end
+  call.expire_keys(expiring)
   born = {}
   call.push_recent()
   for p, msgs in pairs(out_events) do
@@ -1438,7 +1451,7 @@ function call.save_acquire(t)
     end
   end
   if next(born) ~= nil then
-    for name in pairs(born) do redis.call('PEXPIRE', K[name], ttl_ms(KEY_TTL[name])) end
+    call.expire_keys(born)
     born = {}
   end
   local ids = recent[proc]  -- (its only admission: admit_now's, if it took no lease)
