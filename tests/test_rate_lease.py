@@ -12,6 +12,7 @@ shared bucket in one call and admits the next k requests without asking Redis.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ import pytest
 
 from tests.support.lua_scheduler import LuaScheduler
 from tests.support.redis_server import RedisServer
+from throttle_mw.backends.redis.ratepool import RatePool
 from throttle_mw.scheduler import Admit, Enqueue, Limits, Policy, Request, Scheduler
 
 RATE = Limits(rate=10.0, burst=20.0)
@@ -111,3 +113,185 @@ def test_unspent_tokens_of_another_epoch_do_not_go_back(lua: Any) -> None:
     assert tokens(scheduler) == 0.0
     assert scheduler.lease_tokens(0.0, 20, 0) == 0  # its own epoch: back
     assert tokens(scheduler) == 20.0
+
+
+# --- the process's pool, on a fake clock ---------------------------------------------------------
+
+T = 0.1
+
+
+def granted_pool(tokens: int, at: float = 0.0) -> RatePool:
+    pool = RatePool(T)
+    pool.seen(at, 1)
+    pool.renewal(at, 1, 100.0)
+    pool.granted(at, tokens, "e1")
+    return pool
+
+
+def test_the_pool_admits_while_a_token_is_there_nothing_waits_and_the_lease_lasts() -> None:
+    pool = granted_pool(3)
+    assert pool.take(0.01, 1, queue_empty=True)
+    assert not pool.take(0.01, 1, queue_empty=False)  # this process has a waiter: Redis
+    assert not pool.take(0.01, 5, queue_empty=True)  # more than is left: Redis
+    assert pool.take(0.02, 2, queue_empty=True)
+    assert not pool.take(0.03, 1, queue_empty=True)  # spent
+    assert (pool.tokens, pool.local_admissions) == (0, 2)
+
+
+def test_an_expired_lease_admits_nothing_and_its_tokens_lapse() -> None:
+    pool = granted_pool(5)
+    assert pool.take(T - 1e-9, 1, queue_empty=True)
+    assert not pool.take(T, 1, queue_empty=True)  # T after the call was sent
+    assert (pool.tokens, pool.lapsed) == (0, 4)
+    returned, _, _ = pool.renewal(T, 1, 100.0)
+    assert returned == 0  # lapsed tokens are not given back
+
+
+def test_a_renewal_gives_back_what_is_unspent_and_is_due_when_low_or_old() -> None:
+    pool = granted_pool(8)
+    assert not pool.due(0.0)  # full and young
+    for _ in range(5):
+        assert pool.take(0.01, 1, queue_empty=True)
+    assert not pool.due(0.01)  # 3 of 8 left: above a quarter
+    assert pool.take(0.01, 1, queue_empty=True)
+    assert pool.due(0.01)  # 2 of 8: a quarter
+    returned, epoch, _ = pool.renewal(0.01, 1, 100.0)
+    assert (returned, epoch, pool.tokens, pool.returned) == (2, "e1", 0, 2)
+    assert not pool.due(0.01)  # one renewal at a time
+    pool.granted(0.01, 8, "e1")
+    assert pool.tokens == 8
+    assert pool.expires_at == pytest.approx(0.01 + T)
+    pool.take(0.02, 1, queue_empty=True)
+    assert not pool.due(0.01 + T * 0.74)
+    assert pool.due(0.01 + T * 0.75)  # old: three quarters of its life gone
+
+
+def test_no_renewal_without_requests_and_none_soon_after_one_that_got_nothing() -> None:
+    pool = granted_pool(4)
+    pool.renewal(0.0, 1, 100.0)
+    pool.granted(0.0, 0, "e1")  # someone waits: nothing leased
+    assert not pool.due(0.2)  # no request since
+    pool.seen(0.2, 1)
+    assert pool.due(0.2)
+    pool.renewal(0.2, 1, 100.0)
+    pool.granted(0.2, 0, "e1")
+    pool.seen(0.21, 1)
+    assert not pool.due(0.2 + T * 0.49)  # requests go to Redis one by one meanwhile
+    assert pool.due(0.2 + T * 0.5)
+
+
+def test_a_renewal_short_of_what_it_asked_is_not_followed_by_another_soon() -> None:
+    pool = RatePool(T)
+    for i in range(100):  # 100/s: it asks for 10
+        pool.seen(i / 100, 1)
+    assert pool.renewal(1.0, 1, 100.0)[2] == 10
+    pool.granted(1.0, 2, "e1")  # the bucket ran dry: 2 of them
+    assert pool.take(1.01, 1, queue_empty=True)
+    pool.take(1.01, 1, queue_empty=True)
+    assert not pool.due(1.0 + T * 0.49)  # empty, but a saturated budget: not yet
+    assert pool.due(1.0 + T * 0.5)
+
+
+def test_a_lease_is_the_process_s_rate_times_t_within_its_share_of_the_burst() -> None:
+    pool = RatePool(T)
+    for i in range(200):  # 200/s for a second
+        pool.seen(i / 200, 1)
+    assert pool.wants(1.0, 1, 100.0) == 20  # 200/s x 0.1 s
+    assert pool.wants(1.0, 4, 100.0) == 12  # share floor(100 / 2 / 4)
+    assert pool.wants(1.0, 8, 100.0) == 6
+    assert pool.wants(1.0, 200, 100.0) == 0  # a share below one token: no lease
+    assert pool.wants(5.0, 1, 100.0) == 1  # idle since: the rate decays to nothing
+    assert RatePool(T).wants(0.0, 1, 100.0) == 0  # no request seen: no lease
+
+
+def test_an_old_lease_with_tokens_and_no_request_since_gives_them_back() -> None:
+    pool = granted_pool(6)
+    assert not pool.due(pool.old_at - 1e-9)
+    assert pool.due(pool.old_at)  # no request since the grant: give back, want none
+    assert pool.renewal(pool.old_at, 1, 100.0) == (6, "e1", 0)
+    pool.granted(pool.old_at, 0, "e1")
+    pool.seen(0.08, 1)
+    assert pool.due(0.08)  # a give-back is no failed renewal: no pause after it
+
+
+def test_a_dropped_pool_admits_nothing() -> None:
+    pool = granted_pool(5)
+    pool.drop()
+    assert not pool.take(0.01, 1, queue_empty=True)
+    assert (pool.tokens, pool.lapsed, pool.epoch) == (0, 5, "")
+
+
+# --- exactness: several processes' pools on one budget, on a fake clock ------------------------
+
+FLEET = Limits(rate=100.0, burst=20.0)
+#: Nothing queues: what cannot go at once is rejected (so leases are never blocked).
+NO_QUEUE = Policy(
+    max_wait_s={"critical": 5.0, "high": 5.0, "normal": 5.0, "low": 5.0},
+    queue_limit=0,
+    tenant_queue_limit=0,
+)
+PROCESSES = 4
+STEP_S = 0.001
+DURATION_S = 3.0
+
+
+def arrivals(seed: int, per_s: float) -> list[list[bool]]:
+    """Per process, per millisecond: does a request arrive (Bernoulli, `per_s` each)?"""
+    rng = random.Random(seed)
+    steps = int(DURATION_S / STEP_S)
+    return [[rng.random() < per_s * STEP_S for _ in range(steps)] for _ in range(PROCESSES)]
+
+
+def drive(lua: LuaScheduler, plan: list[list[bool]], leases: bool) -> tuple[list[float], list[int]]:
+    """The processes' requests through their pools (if `leases`) and the scripts: the
+    admission times, and the tokens outstanding in unexpired leases at each step."""
+    pools = [RatePool(T) for _ in range(PROCESSES)]
+    admitted: list[float] = []
+    outstanding: list[int] = []
+    n = 0
+    for step in range(len(plan[0])):
+        now = step * STEP_S
+        outstanding.append(sum(p.tokens for p in pools if now < p.expires_at))
+        for i, pool in enumerate(pools):
+            if plan[i][step]:
+                n += 1
+                if leases and pool.take(now, 1, queue_empty=True):
+                    admitted.append(now)
+                else:
+                    decision, _ = lua.acquire(now, Request(f"p{i}.{n}", f"t{n % 7}"))
+                    if isinstance(decision, Admit):
+                        admitted.append(now)
+            if leases and pool.due(now):  # (after a request, or the backend's timer)
+                returned, epoch, wants = pool.renewal(now, PROCESSES, FLEET.burst)
+                taken = lua.lease_tokens(now, returned, wants, epoch=epoch)
+                pool.granted(now, taken, lua.lease.epoch)
+    return admitted, outstanding
+
+
+@pytest.fixture
+def fleet(redis_server_session: RedisServer, functions: bool) -> Iterator[Any]:
+    client = redis_server_session.client()
+    yield lambda: LuaScheduler(client, FLEET, NO_QUEUE, 0.0, functions=functions)
+    client.close()
+
+
+@pytest.mark.parametrize("per_s", [20.0, 50.0, 200.0], ids=["light", "at-rate", "flood"])
+def test_leases_never_admit_more_than_the_bucket_and_about_as_much(
+    fleet: Any, per_s: float
+) -> None:
+    """In any window [a, b]: at most rate x (b - a) + burst + the tokens outstanding in
+    leases at a (at most half a burst: each lease is within its share of it); from the
+    start (none outstanding) within the budget itself. And as much as without leases,
+    less the tokens leases can hold idle (processes x k <= half the burst)."""
+    plan = arrivals(7, per_s)
+    on, outstanding = drive(fleet(), plan, leases=True)
+    off, _ = drive(fleet(), plan, leases=False)
+    rate, burst = FLEET.rate or 0.0, FLEET.burst
+    assert max(outstanding) <= burst / 2
+    for i, start in enumerate(on):
+        held = outstanding[round(start / STEP_S)]
+        for j in range(i, len(on)):
+            allowed = rate * (on[j] - start) + burst + held
+            assert j - i + 1 <= allowed + 1e-6, (start, on[j], j - i + 1, allowed)
+    assert len(on) <= rate * DURATION_S + burst
+    assert len(off) - burst / 2 <= len(on) <= len(off) + burst / 2

@@ -107,6 +107,7 @@ class RedisBackend(Recovery):
         #: renewal call while one is out.
         self._pool = RatePool(settings.rate_lease_s) if settings.rate_lease_s else None
         self._lease_task: asyncio.Task[None] | None = None
+        self._lease_timer: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None
         self._tick_at = 0.0
         self._started = False
@@ -168,7 +169,7 @@ class RedisBackend(Recovery):
             return
         await self._leave_queue()
         await self._fallback.stop()
-        for timer in (self._tick, self._settle):
+        for timer in (self._tick, self._settle, self._lease_timer):
             if timer is not None:
                 timer.cancel()
         for task in list(self._tasks):
@@ -618,6 +619,20 @@ class RedisBackend(Recovery):
             return
         pool.granted(sent, lease.taken, lease.epoch)
         self._succeeded()
+        if lease.taken and not self._closing:
+            # Old before it is spent: renewed then (or its tokens given back), not lapsed.
+            if self._lease_timer is not None:
+                self._lease_timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._lease_timer = loop.call_at(pool.old_at, self._lease_aged)
+
+    def _lease_aged(self) -> None:
+        self._lease_timer = None
+        pool = self._pool
+        if pool is not None and self._breaker.allow():
+            now = asyncio.get_running_loop().time()
+            if pool.due(now):
+                self._renew_lease(now)
 
     async def _give_back_lease(self) -> None:
         """Shutting down: the unspent tokens of this process's lease go back."""

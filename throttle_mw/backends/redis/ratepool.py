@@ -13,18 +13,19 @@ so its tests drive it on a fake clock. The backend (``backend.py``) does the I/O
    unspent tokens leave the pool with it, they go back in that call), call the script,
    then ``pool.granted(sent, taken, epoch)`` with the loop time `sent` from before the
    call (the lease's life counts from then: Redis took the tokens after it). A renewal
-   that got nothing is not tried again before ``RETRY_SHARE`` of T.
+   that got less than it asked is not followed by another before ``RETRY_SHARE`` of T.
 3. A Redis fault, a new epoch or limits that allow no lease: ``pool.drop()`` (the
    tokens lapse; the failure mode applies as without leases). At shutdown:
    ``pool.renewal(now, ...)`` with ``wants`` ignored, its tokens given back.
 
 Sizing: `k` is this process's request rate over the last one to two `T` times `T`
 (``rate_here x T``), at least one token, at most its share of the burst
-(``burst / processes``, whole): the fleet's leases hold at most a burst at once, so
-over any window the fleet admits at most the bucket's refill, plus its burst, plus the
-tokens outstanding in leases when the window starts (at most another burst). A lease
-lasts `T`; it is renewed early, once it is down to a quarter of its size or past three
-quarters of its life, while this process still admits.
+(``BURST_SHARE x burst / processes``, whole): the fleet's leases hold at most half a
+burst at once, so over any window the fleet admits at most the bucket's refill, plus its
+burst, plus the tokens outstanding in leases when the window starts (at most half a
+burst). A lease lasts `T`; it is renewed early, once it is down to a quarter of its size
+or past three quarters of its life, while this process still admits; an old lease with
+tokens left and no request since gives them back rather than let them lapse.
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ import math
 LOW_SHARE = 0.25
 #: ... or this share of its life has passed.
 OLD_SHARE = 0.75
-#: A renewal that got nothing (someone waits, the bucket is dry) is tried again after this
-#: share of T at the earliest: meanwhile requests go to Redis one by one, as without leases.
+#: The fleet's leases hold at most this share of the burst at once (each process's lease
+#: at most its part of it): the rest stays in the bucket for requests that go to Redis.
+BURST_SHARE = 0.5
+#: A renewal that got less than it asked (someone waits, the bucket runs dry) is followed by
+#: the next one after this share of T at the earliest: meanwhile requests go to Redis one
+#: by one, as without leases, and a saturated budget sees few lease calls.
 RETRY_SHARE = 0.5
 
 
@@ -65,11 +70,13 @@ class RatePool:
         self._prev_count = 0
         self._start: float | None = None
         self._prev_start = 0.0
-        #: A request was seen since the last renewal.
+        #: A request was seen since the last renewal; the tokens that renewal asked for.
         self._demand = False
-        #: Counters for metrics: admissions from the pool, lease calls, tokens taken and
-        #: given back, tokens that lapsed unspent.
+        self._wanted = 0
+        #: Counters for metrics: admissions from the pool, requests seen, lease calls,
+        #: tokens taken and given back, tokens that lapsed unspent.
         self.local_admissions = 0
+        self.requests = 0
         self.calls = 0
         self.leased = 0
         self.returned = 0
@@ -101,6 +108,7 @@ class RatePool:
             self._start, self._count = now, 0
         self._count += cost
         self._demand = True
+        self.requests += 1
 
     def rate(self, now: float) -> float:
         """This process's requests per second over the last one to two T."""
@@ -109,19 +117,30 @@ class RatePool:
         return (self._prev_count + self._count) / max(now - self._prev_start, self.lease_s)
 
     def due(self, now: float) -> bool:
-        """Should a renewal start now? Only while this process admits (it saw a request
-        since the last renewal), none is out, and the pool is low or old."""
-        if self.renewing or not self._demand or now < self.retry_at:
+        """Should a renewal start now? None is out, and: the pool is old (`old_at`) and
+        holds tokens (given back before they lapse, a new lease only if this process saw
+        a request since the last renewal: `wants`), or this process saw a request since
+        and the pool is low or old."""
+        if self.renewing:
             return False
-        if self.tokens <= self.size * LOW_SHARE:
+        old = now >= self.old_at
+        if old and self.tokens and now < self.expires_at:
             return True
-        return now >= self.expires_at - self.lease_s * (1.0 - OLD_SHARE)
+        if not self._demand or now < self.retry_at:
+            return False
+        return old or self.tokens <= self.size * LOW_SHARE
+
+    @property
+    def old_at(self) -> float:
+        """When the lease is old enough to renew (or give back: the backend's timer)."""
+        return self.expires_at - self.lease_s * (1.0 - OLD_SHARE)
 
     def wants(self, now: float, processes: int, burst: float) -> int:
         """The next lease's size: this process's rate times T, at least 1, at most its
-        share of the burst (0: a share below one token, no lease)."""
-        share = math.floor(burst / max(1, processes))
-        if share < 1:
+        share of the burst (``BURST_SHARE x burst / processes``); 0: no request since the
+        last renewal, or a share below one token."""
+        share = math.floor(burst * BURST_SHARE / max(1, processes))
+        if share < 1 or not self._demand:
             return 0
         return max(1, min(share, math.ceil(self.rate(now) * self.lease_s)))
 
@@ -137,6 +156,7 @@ class RatePool:
         self.renewing = True
         self.calls += 1
         self._demand = False
+        self._wanted = wants
         return returned, self.epoch, wants
 
     def granted(self, sent: float, taken: int, epoch: str) -> None:
@@ -148,7 +168,10 @@ class RatePool:
         self.leased += taken
         self.epoch = epoch
         self.expires_at = sent + self.lease_s if taken else -math.inf
-        self.retry_at = -math.inf if taken else sent + self.lease_s * RETRY_SHARE
+        if taken >= self._wanted or not epoch:  # (no state yet: the next acquire makes it)
+            self.retry_at = -math.inf
+        else:
+            self.retry_at = sent + self.lease_s * RETRY_SHARE
 
     def drop(self) -> None:
         """Forget the lease (a Redis fault, a new epoch, limits that allow none): its
