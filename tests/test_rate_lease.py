@@ -143,11 +143,10 @@ def test_an_expired_lease_admits_nothing_and_its_tokens_lapse() -> None:
     assert pool.take(T - 1e-9, 1, queue_empty=True)
     assert not pool.take(T, 1, queue_empty=True)  # T after the call was sent
     assert (pool.tokens, pool.lapsed) == (0, 4)
-    returned, _, _ = pool.renewal(T, 1, 100.0)
-    assert returned == 0  # lapsed tokens are not given back
+    assert pool.renewal(T, 1, 100.0, final=True) == (0, "e1", 0)  # lapsed: none back
 
 
-def test_a_renewal_gives_back_what_is_unspent_and_is_due_when_low_or_old() -> None:
+def test_a_renewal_keeps_admitting_tops_up_and_gives_back_the_excess() -> None:
     pool = granted_pool(8)
     assert not pool.due(0.0)  # full and young
     for _ in range(5):
@@ -155,15 +154,43 @@ def test_a_renewal_gives_back_what_is_unspent_and_is_due_when_low_or_old() -> No
     assert not pool.due(0.01)  # 3 of 8 left: above a quarter
     assert pool.take(0.01, 1, queue_empty=True)
     assert pool.due(0.01)  # 2 of 8: a quarter
-    returned, epoch, _ = pool.renewal(0.01, 1, 100.0)
-    assert (returned, epoch, pool.tokens, pool.returned) == (2, "e1", 0, 2)
+    # 7 requests in the first T: 70/s, a lease of 7: the 2 kept, 5 more wanted
+    assert pool.renewal(0.01, 1, 100.0) == (0, "e1", 5)
     assert not pool.due(0.01)  # one renewal at a time
-    pool.granted(0.01, 8, "e1")
-    assert pool.tokens == 8
-    assert pool.expires_at == pytest.approx(0.01 + T)
+    assert pool.take(0.011, 1, queue_empty=True)  # the pool admits while the call is out
+    pool.granted(0.01, 5, "e1")
+    assert pool.tokens == 6
+    assert pool.expires_at == pytest.approx(0.01 + T)  # all of it, from the call
     pool.take(0.02, 1, queue_empty=True)
     assert not pool.due(0.01 + T * 0.74)
     assert pool.due(0.01 + T * 0.75)  # old: three quarters of its life gone
+    # 9 requests in the T since 0: 90/s, a lease of 9: the 5 left kept, 4 more wanted
+    assert pool.renewal(0.1, 1, 100.0) == (0, "e1", 4)
+
+
+def test_a_renewal_gives_back_what_is_over_the_next_lease_s_size() -> None:
+    pool = granted_pool(8)
+    assert pool.take(0.09, 1, queue_empty=True)
+    assert pool.due(0.09)  # old
+    # 2 requests in the first T: 20/s, a lease of 2: 2 kept, the 5 over it go back
+    assert pool.renewal(0.09, 1, 100.0) == (5, "e1", 0)
+    assert (pool.tokens, pool.returned) == (2, 5)
+
+
+def test_kept_tokens_of_another_epoch_lapse_with_it() -> None:
+    pool = granted_pool(8)
+    pool.seen(0.01, 1)
+    pool.renewal(0.01, 1, 100.0)
+    pool.granted(0.01, 3, "e2")  # the state was made anew meanwhile
+    assert (pool.tokens, pool.epoch, pool.lapsed) == (3, "e2", pool.lapsed)
+    assert pool.lapsed > 0
+
+
+def test_a_process_that_stops_gives_back_every_unspent_token() -> None:
+    pool = granted_pool(8)
+    pool.take(0.01, 1, queue_empty=True)
+    assert pool.renewal(0.02, 1, 100.0, final=True) == (7, "e1", 0)
+    assert pool.tokens == 0
 
 
 def test_no_renewal_without_requests_and_none_soon_after_one_that_got_nothing() -> None:

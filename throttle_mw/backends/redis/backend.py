@@ -603,9 +603,8 @@ class RedisBackend(Recovery):
         assert pool is not None
         assert self._scripts is not None
         limits = self._in_force
-        returned, epoch, wants = pool.renewal(sent, self._fallback.fleet, limits.burst)
-        if not wants_more or not _leasable(limits):
-            wants = 0
+        final = not wants_more or not _leasable(limits)
+        returned, epoch, wants = pool.renewal(sent, self._fallback.fleet, limits.burst, final=final)
         args = protocol.ratelease_args(self._static, self._clock(), epoch, returned, wants)
         try:
             raw = await self._scripts.ratelease(keys=[self._keys.state], args=args)

@@ -8,15 +8,16 @@ so its tests drive it on a fake clock. The backend (``backend.py``) does the I/O
 
 1. ``pool.take(now, cost, queue_empty)``: True: admitted here, nothing to send. False:
    the request goes to Redis as it would without leases.
-2. After each, ``pool.due(now)``: if True and no renewal is running, start one in the
-   background: ``returned, epoch, wants = pool.renewal(now, processes, burst)`` (the
-   unspent tokens leave the pool with it, they go back in that call), call the script,
-   then ``pool.granted(sent, taken, epoch)`` with the loop time `sent` from before the
-   call (the lease's life counts from then: Redis took the tokens after it). A renewal
-   that got less than it asked is not followed by another before ``RETRY_SHARE`` of T.
+2. After each, ``pool.due(now)``: if True, start a renewal in the background:
+   ``returned, epoch, wants = pool.renewal(now, processes, burst)`` (the pool keeps up
+   to the next lease's size and tops itself up: it goes on admitting while the call is
+   out; unspent tokens above that size go back in the call), call the script, then
+   ``pool.granted(sent, taken, epoch)`` with the loop time `sent` from before the call
+   (the lease's life counts from then: Redis took the tokens after it). A renewal that
+   got less than it asked is not followed by another before ``RETRY_SHARE`` of T.
 3. A Redis fault, a new epoch or limits that allow no lease: ``pool.drop()`` (the
    tokens lapse; the failure mode applies as without leases). At shutdown:
-   ``pool.renewal(now, ...)`` with ``wants`` ignored, its tokens given back.
+   ``pool.renewal(now, ..., final=True)``: every unspent token given back.
 
 Sizing: `k` is this process's request rate over the last one to two `T` times `T`
 (``rate_here x T``), at least one token, at most its share of the burst
@@ -144,30 +145,42 @@ class RatePool:
             return 0
         return max(1, min(share, math.ceil(self.rate(now) * self.lease_s)))
 
-    def renewal(self, now: float, processes: int, burst: float) -> tuple[int, str, int]:
+    def renewal(
+        self, now: float, processes: int, burst: float, *, final: bool = False
+    ) -> tuple[int, str, int]:
         """Start a renewal: (unspent tokens to give back, their epoch, tokens wanted). The
-        unspent tokens leave the pool now (a lapsed lease gives none back)."""
-        wants = self.wants(now, processes, burst)
-        returned = self.tokens if now < self.expires_at else 0
-        if self.tokens and not returned:
+        pool keeps what it has up to the next lease's size (`wants`) and goes on spending
+        it while the call is out; the rest leaves the pool now and goes back in the call
+        (all of it if no request came since the last renewal, or `final`: a process that
+        stops). A lapsed lease gives nothing back."""
+        target = 0 if final else self.wants(now, processes, burst)
+        alive = now < self.expires_at
+        if not alive and self.tokens:
             self.lapsed += self.tokens
-        self.tokens = 0
+            self.tokens = 0
+        keep = min(self.tokens, target)
+        returned = self.tokens - keep
+        self.tokens = keep
         self.returned += returned
         self.renewing = True
         self.calls += 1
         self._demand = False
-        self._wanted = wants
-        return returned, self.epoch, wants
+        self._wanted = target - keep
+        return returned, self.epoch, self._wanted
 
     def granted(self, sent: float, taken: int, epoch: str) -> None:
-        """A renewal's answer: `taken` tokens of the state of `epoch`, spendable until
-        `sent` + T (`sent`: the loop time before the call went out)."""
+        """A renewal's answer: `taken` tokens of the state of `epoch`, spendable with what
+        the pool kept until `sent` + T (`sent`: the loop time before the call went out).
+        What it kept from another epoch (a state since lost) lapses."""
         self.renewing = False
-        self.tokens = taken
-        self.size = taken
+        if epoch != self.epoch and self.tokens:
+            self.lapsed += self.tokens
+            self.tokens = 0
+        self.tokens += taken
+        self.size = self.tokens
         self.leased += taken
         self.epoch = epoch
-        self.expires_at = sent + self.lease_s if taken else -math.inf
+        self.expires_at = sent + self.lease_s if self.tokens else -math.inf
         if taken >= self._wanted or not epoch:  # (no state yet: the next acquire makes it)
             self.retry_at = -math.inf
         else:
