@@ -106,6 +106,12 @@ def test_no_lease_where_each_request_must_be_decided_in_redis(lua: Any, limits: 
         assert isinstance(decision, Admit)
 
 
+def test_tokens_given_back_fill_the_bucket_to_its_burst_at_most(lua: Any) -> None:
+    for scheduler in (Scheduler(RATE, POLICY, 0.0), lua()):
+        assert scheduler.lease_tokens(0.0, 0, 5) == 5
+        assert scheduler.lease_tokens(0.0, 10, 25) == 20  # 15 + 10, at most 20
+
+
 def test_unspent_tokens_of_another_epoch_do_not_go_back(lua: Any) -> None:
     scheduler = lua()
     assert scheduler.lease_tokens(0.0, 0, 20) == 20
@@ -144,6 +150,9 @@ def test_an_expired_lease_admits_nothing_and_its_tokens_lapse() -> None:
     assert not pool.take(T, 1, queue_empty=True)  # T after the call was sent
     assert (pool.tokens, pool.lapsed) == (0, 4)
     assert pool.renewal(T, 1, 100.0, final=True) == (0, "e1", 0)  # lapsed: none back
+    pool = granted_pool(5)
+    assert pool.renewal(T, 1, 100.0, final=True) == (0, "e1", 0)  # (no request in between)
+    assert pool.lapsed == 5
 
 
 def test_a_renewal_keeps_admitting_tops_up_and_gives_back_the_excess() -> None:

@@ -171,3 +171,23 @@ async def test_redis_killed_during_a_lease_costs_at_most_that_lease(
     assert len(after) <= held, (len(after), held)
     assert all(at < expires for at in after)
     assert loop.time() > expires
+
+
+@pytest.mark.anyio
+async def test_the_metrics_count_what_the_lease_admitted(clean_redis_server: RedisServer) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from throttle_mw.metrics import ThrottleMetrics
+
+    backend = RedisBackend(settings(clean_redis_server.url, f"rl{next(_prefixes)}", rate=1000.0))
+    metrics = ThrottleMetrics(registry=CollectorRegistry(), backend=backend)
+    await backend.start()
+    admitted = await drive(backend, 0.3, 0.005)
+    await backend.stop()
+    pool = backend.rate_lease
+    assert pool is not None
+    assert 0 < pool.local_admissions <= len(admitted)
+    text = metrics.render()[0].decode()
+    assert f"throttle_rate_lease_admissions_total {float(pool.local_admissions)}" in text
+    assert f"throttle_rate_lease_calls_total {float(pool.calls)}" in text
+    assert f'throttle_rate_lease_tokens_total{{how="leased"}} {float(pool.leased)}' in text
