@@ -533,8 +533,9 @@ class RedisBackend(Recovery):
         trailer = protocol.trailer(lines)
         if trailer.epoch != self._epoch:
             self._new_epoch(trailer.epoch)
-            if self._pool is not None and self._pool.epoch != trailer.epoch:
-                self._pool.drop()  # its tokens were of the state that is gone
+            pool = self._pool
+            if pool is not None and pool.epoch and pool.epoch != trailer.epoch:
+                pool.drop()  # its tokens were of the state that is gone
         # Any call that went through says Redis is back (the probe's, or one that was out).
         self._succeeded()
         if trailer.next_tick_s is not None:
@@ -610,9 +611,11 @@ class RedisBackend(Recovery):
             raw = await self._scripts.ratelease(keys=[self._keys.state], args=args)
             lease = protocol.decode_ratelease(raw)
         except (RedisError, OSError) as exc:
+            pool.renewing = False
             self._on_failure(exc)  # (drops the pool: its tokens lapse)
             return
         except Exception:  # a reply this version cannot read, a bug: no lease, as without
+            pool.renewing = False
             pool.drop()
             logger.exception("throttle_mw: a lease of rate tokens failed")
             return

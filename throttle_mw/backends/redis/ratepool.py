@@ -61,7 +61,8 @@ class RatePool:
         self.epoch = ""
         #: The size of the last lease granted (the low-water mark is a share of it).
         self.size = 0
-        #: A renewal call is out (`renewal` .. `granted` or `drop`).
+        #: A renewal call is out (`renewal` .. `granted`; the caller resets it if the call
+        #: fails).
         self.renewing = False
         #: No renewal before this (the last one got nothing).
         self.retry_at = -math.inf
@@ -188,10 +189,10 @@ class RatePool:
 
     def drop(self) -> None:
         """Forget the lease (a Redis fault, a new epoch, limits that allow none): its
-        tokens lapse (they left the bucket when leased; it refills without them)."""
+        tokens lapse (they left the bucket when leased; it refills without them). A
+        renewal out stays out: its answer is a lease of the state it reached."""
         self.lapsed += self.tokens
         self.tokens = 0
         self.size = 0
         self.epoch = ""
         self.expires_at = -math.inf
-        self.renewing = False
