@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.lua_scheduler import LuaScheduler
 from tests.support.redis_server import RedisServer
-from throttle_mw.backends.redis.ratepool import RatePool
+from throttle_mw.backends.redis.ratepool import RETRY_SHARE, RatePool
 from throttle_mw.scheduler import Admit, Enqueue, Limits, Policy, Request, Scheduler
 
 RATE = Limits(rate=10.0, burst=20.0)
@@ -248,6 +248,17 @@ def test_an_old_lease_with_tokens_and_no_request_since_gives_them_back() -> None
     pool.granted(pool.old_at, 0, "e1")
     pool.seen(0.08, 1)
     assert pool.due(0.08)  # a give-back is no failed renewal: no pause after it
+
+
+def test_a_share_below_one_token_asks_for_nothing_and_not_again_soon() -> None:
+    pool = RatePool(T)
+    pool.seen(0.0, 1)
+    assert pool.due(0.0)
+    assert pool.renewal(0.0, 200, 100.0) == (0, "", 0)  # 100 / 2 / 200 processes
+    pool.skip(0.0)  # (the backend makes no call)
+    pool.seen(0.01, 1)
+    assert not pool.due(0.01)
+    assert pool.due(T * RETRY_SHARE)
 
 
 def test_a_dropped_pool_admits_nothing() -> None:

@@ -606,6 +606,9 @@ class RedisBackend(Recovery):
         limits = self._in_force
         final = not wants_more or not _leasable(limits)
         returned, epoch, wants = pool.renewal(sent, self._fallback.fleet, limits.burst, final=final)
+        if not returned and not wants:
+            pool.skip(sent)  # (a share of the burst below one token: no lease, no call)
+            return
         args = protocol.ratelease_args(self._static, self._clock(), epoch, returned, wants)
         try:
             raw = await self._scripts.ratelease(keys=[self._keys.state], args=args)

@@ -14,7 +14,8 @@ so its tests drive it on a fake clock. The backend (``backend.py``) does the I/O
    out; unspent tokens above that size go back in the call), call the script, then
    ``pool.granted(sent, taken, epoch)`` with the loop time `sent` from before the call
    (the lease's life counts from then: Redis took the tokens after it). A renewal that
-   got less than it asked is not followed by another before ``RETRY_SHARE`` of T.
+   got less than it asked is not followed by another before ``RETRY_SHARE`` of T; one
+   with nothing to give back and nothing wanted makes no call: ``pool.skip(sent)``.
 3. A Redis fault, a new epoch or limits that allow no lease: ``pool.drop()`` (the
    tokens lapse; the failure mode applies as without leases). At shutdown:
    ``pool.renewal(now, ..., final=True)``: every unspent token given back.
@@ -186,6 +187,12 @@ class RatePool:
             self.retry_at = -math.inf
         else:
             self.retry_at = sent + self.lease_s * RETRY_SHARE
+
+    def skip(self, sent: float) -> None:
+        """A renewal with nothing to give back and nothing wanted (a share of the burst
+        below one token): no call; none again before ``RETRY_SHARE`` of T."""
+        self.renewing = False
+        self.retry_at = sent + self.lease_s * RETRY_SHARE
 
     def drop(self) -> None:
         """Forget the lease (a Redis fault, a new epoch, limits that allow none): its
