@@ -32,6 +32,11 @@ Scenarios:
 - ``churn``: a new tenant id per request, 512 at once, within the budget;
 - ``queue-256``: 256 acquires of distinct tenants queueing at once on an empty bucket;
 - ``stop``: ``backend.stop()`` with ``--stop-waiters`` requests waiting (seconds);
+- ``lease``: ``rate-paced`` and ``rate-lease``: ``--lease-procs`` backends (processes of
+  a fleet, each with its own connections) on one rate budget, each sending one request
+  at a time at ``--lease-pace`` per second (unbatched), without and with leases of rate
+  tokens (``THROTTLE_RATE_LEASE=--lease-s``); ``local``: the share admitted from the
+  pools; the heartbeats' calls are counted in both;
 - ``floor``: the harness's floor, one call at a time from redis-py as the backend calls:
   ``floor-ping`` (PING) and ``floor-nop`` (FCALL of a function that does nothing, with
   the arguments of a rate admission's call): what a round trip costs Redis whatever the
@@ -250,6 +255,51 @@ async def unbatched(url: str, mode: str, n: int, held: int) -> dict[str, Any]:
         await admit_one(backend, f"t{i % 8}")
     result = await measure(Counters(redis.Redis.from_url(url)), lambda: done, loop())
     await backend.stop()
+    return result
+
+
+def _paced_fleet(
+    url: str, prefix: str, procs: int, pace: float, lease_s: float
+) -> tuple[list[RedisBackend], Callable[[int], Awaitable[None]], Callable[[], int]]:
+    """`procs` backends on one budget of 1e6/s (burst 1e6: nobody ever waits) and a run
+    of `n` admissions each, one at a time at `pace` per second each (a slot missed is not
+    made up for later); the third: admissions so far."""
+    backends = [
+        RedisBackend(settings(url, prefix, rate=1e6, burst=1e6, rate_lease_s=lease_s))
+        for _ in range(procs)
+    ]
+    done = 0
+
+    async def one(backend: RedisBackend, n: int) -> None:
+        nonlocal done
+        loop = asyncio.get_running_loop()
+        at = loop.time()
+        for i in range(n):
+            await admit_one(backend, f"t{i % 8}")
+            done += 1
+            at = max(at + 1.0 / pace, loop.time())
+            await asyncio.sleep(at - loop.time())
+
+    async def run(n: int) -> None:
+        await asyncio.gather(*(one(b, n) for b in backends))
+
+    return backends, run, lambda: done
+
+
+async def paced(url: str, n: int, procs: int, pace: float, lease_s: float) -> dict[str, Any]:
+    """The ``lease`` scenario: see the module docstring."""
+    backends, run, admitted = _paced_fleet(url, f"lease{lease_s}", procs, pace, lease_s)
+    for backend in backends:
+        await backend.start()
+    await run(max(50, n // 10))  # warm up: the library loaded, tenants made, leases sized
+    result = await measure(Counters(redis.Redis.from_url(url)), admitted, run(n))
+    pools = [b.rate_lease for b in backends if b.rate_lease is not None]
+    if pools:
+        local = sum(p.local_admissions for p in pools)
+        result["local"] = round(local / max(1, sum(p.requests for p in pools)), 3)
+        result["lease_calls"] = sum(p.calls for p in pools)
+    for backend in backends:
+        await backend.stop()
     return result
 
 
@@ -487,6 +537,14 @@ async def main_async(args: argparse.Namespace, url: str) -> dict[str, Any]:
                     )
             out[name] = figures
             print(f"{name:22} {json.dumps(figures)}", flush=True)
+    if "lease" in wanted:
+        per = max(1, args.n // args.lease_procs)
+        fleet = (args.lease_procs, args.lease_pace)
+        await run("rate-paced", paced(url, per, *fleet, 0.0))
+        await run("rate-lease", paced(url, per, *fleet, args.lease_s))
+        out["rate-lease"]["vs_paced"] = round(
+            out["rate-paced"]["cpu_us"] / max(0.1, out["rate-lease"]["cpu_us"]), 1
+        )
     if "batched" in wanted:
         await run("rate-batched", batched(url, "rate", 8 * args.n, 64))
         await run("concurrency-batched", batched(url, "concurrency", 8 * args.n, 64))
@@ -512,6 +570,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenarios", default="rate,concurrency,batched,saturated,churn,queue,stop"
     )
+    parser.add_argument("--lease-procs", type=int, default=4, help="lease: processes")
+    parser.add_argument(
+        "--lease-pace", type=float, default=500.0, help="lease: requests/s per process"
+    )
+    parser.add_argument("--lease-s", type=float, default=0.1, help="lease: THROTTLE_RATE_LEASE")
     parser.add_argument("--redis-cpu", default="1", help="taskset CPU list for redis-server")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(

@@ -11,7 +11,9 @@ after a warm-up (scripts loaded, tenants made) collection is switched on for exa
 parsing, the script and its commands; the kernel's work is not counted). The profile is
 left in ``--out`` (read it with ``callgrind_annotate --inclusive=yes``). Slow: valgrind
 runs Redis about 50x slower. Scenario ``nop``: the floor, a function that does nothing
-called with a rate admission's arguments (rediscost.py's ``floor-nop``); ``churn``: a new
+called with a rate admission's arguments (rediscost.py's ``floor-nop``); ``rate-paced``
+and ``rate-lease``: rediscost.py's ``lease``, 4 processes at 500/s each, without and with
+leases of rate tokens (T = 0.1 s; ``--n`` a multiple of 4); ``churn``: a new
 tenant per request, 512 at once (``--n`` a multiple of 512); ``stop``: per waiter of
 ``backend.stop()`` with ``--n`` waiting, 20 a tenant; ``slowapi``, ``fastapi-limiter``,
 ``asgi-ratelimit`` (or ``peers``, all three): that peer library's own Redis limiting
@@ -43,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 import redis
 
 from bench import peerredis
-from bench.rediscost import NOP_LIBRARY, admit_one, cpu_model, settings
+from bench.rediscost import NOP_LIBRARY, _paced_fleet, admit_one, cpu_model, settings
 from tests.support.ports import HOST, free_port
 from tests.support.redis_server import redis_server_binary
 from throttle_mw.backends.base import Admitted, Waiting
@@ -120,6 +122,23 @@ async def _drive_peer(url: str, name: str, n: int, pid: int) -> None:
         _control(pid, "-i", "off")
 
 
+async def _drive_paced(url: str, n: int, pid: int, lease_s: float) -> None:
+    """rediscost.py's ``lease``: 4 processes on one budget, one request at a time each at
+    500/s, without leases (``rate-paced``) or with THROTTLE_RATE_LEASE=0.1 (``rate-lease``).
+    What it counts moves with the pace Redis keeps under callgrind (a lease is the
+    process's rate x T): the heartbeats and lease calls over n admissions."""
+    backends, run, _ = _paced_fleet(url, f"ipaced{lease_s}", 4, 500.0, lease_s)
+    for backend in backends:
+        await backend.start()
+    await run(100)  # warm up: the library loaded, tenants made, leases sized
+    _control(pid, "-z")
+    _control(pid, "-i", "on")
+    await run(n // 4)
+    _control(pid, "-i", "off")
+    for backend in backends:
+        await backend.stop()
+
+
 async def _admit_part(backend: RedisBackend, tenant: str, part: str, pid: int) -> None:
     """One admission (a lease, released), counting only its `part`: the acquire or the
     release (awaited through the batcher, as `backend.release` sends it)."""
@@ -159,6 +178,9 @@ async def _drive(url: str, mode: str, n: int, held: int, pid: int, part: str = "
         return
     if mode == "churn":
         await _drive_churn(url, n, pid)
+        return
+    if mode in ("rate-paced", "rate-lease"):
+        await _drive_paced(url, n, pid, 0.1 if mode == "rate-lease" else 0.0)
         return
     limits: dict[str, Any] = (
         {"rate": 1e6, "burst": 1e6} if mode == "rate" else {"concurrency": 100_000}

@@ -33,10 +33,10 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, values
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
@@ -290,6 +290,11 @@ class ThrottleMetrics:
             self.exposed = CollectorRegistry()
             MultiProcessCollector(self.exposed)  # type: ignore[no-untyped-call]
         self.exposed.register(_SnapshotCollector(self))
+        if not multiprocess:
+            # This process's lease of rate tokens (THROTTLE_RATE_LEASE): its counters live
+            # in the backend, read at collect time; with PROMETHEUS_MULTIPROC_DIR only the
+            # answering worker's would show, so none do.
+            self.exposed.register(_RateLeaseCollector(self))
 
     # --- the observer: cheap, synchronous, no I/O --------------------------------------
 
@@ -484,6 +489,43 @@ class _SnapshotCollector(Collector):
         yield from (age, tokens, in_flight, depth, tenants, fair, limit, baseline)
         if m._labels is not None:
             yield per_tenant
+
+
+class _RateLeaseCollector(Collector):
+    """This process's lease of rate tokens (``RedisBackend.rate_lease``), if it has one:
+    admissions made from it (counted in ``requests`` as ``admitted`` too), lease calls,
+    and tokens leased, given back and lapsed unspent."""
+
+    def __init__(self, metrics: ThrottleMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families(None))
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families(getattr(self._metrics.backend, "rate_lease", None)))
+
+    def _families(self, pool: Any) -> Iterator[Metric]:
+        ns = self._metrics.namespace
+        local = CounterMetricFamily(
+            f"{ns}_rate_lease_admissions",
+            "Admissions made from this process's lease of rate tokens, without a Redis call.",
+        )
+        calls = CounterMetricFamily(
+            f"{ns}_rate_lease_calls", "Lease calls (renewals and give-backs) to Redis."
+        )
+        tokens = CounterMetricFamily(
+            f"{ns}_rate_lease_tokens",
+            "Rate tokens leased, given back unspent, or lapsed unspent.",
+            labels=["how"],
+        )
+        if pool is not None:
+            local.add_metric([], pool.local_admissions)
+            calls.add_metric([], pool.calls)
+            tokens.add_metric(["leased"], pool.leased)
+            tokens.add_metric(["returned"], pool.returned)
+            tokens.add_metric(["lapsed"], pool.lapsed)
+        yield from (local, calls, tokens)
 
 
 def _tenant_depths(snap: Snapshot, labels: TenantLabels) -> dict[str, int]:

@@ -190,6 +190,8 @@ class Settings:
     credit_s: float = _POLICY.credit_s
     #: A concurrency lease left unrenewed this long is given back (crashed workers).
     lease_ttl_s: float = 30.0
+    #: T of a process's lease of rate tokens (Redis, rate budgets only); 0: no leases.
+    rate_lease_s: float = 0.0
     #: Socket timeout for Redis calls; beyond it the failure mode applies.
     redis_timeout_s: float = 0.25
     #: Tenant states kept at most (idle ones are evicted first).
@@ -357,6 +359,8 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
             tenant_burst,
             f"at least the largest route cost ({settings.max_cost})",
         )
+    if settings.rate_lease_s:
+        _check_rate_lease(settings, sources)
     if settings.body_buffer_total_bytes < settings.body_buffer_bytes:
         raise ConfigError(
             _source_of(sources, "body_buffer_total_bytes"),
@@ -373,6 +377,29 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
     return Settings(
         **{**values, "burst": burst, "tenant_burst": tenant_burst, "tenant_queue_limit": limit}
     )
+
+
+def _check_rate_lease(settings: Settings, sources: dict[str, str]) -> None:
+    """Leases of rate tokens take whole tokens out of the bucket for one process: only a
+    rate budget alone can be spent that way. A concurrency budget must count each request
+    in flight, and a tenant's rate cap (guarantee 6) each tenant's admissions, in Redis.
+    (Without THROTTLE_REDIS_URL the setting is ignored: one process decides in memory.)"""
+    source = _source_of(sources, "rate_lease_s")
+    if settings.rate is None:
+        raise ConfigError(source, settings.rate_lease_s, "THROTTLE_RATE to be set too")
+    if settings.concurrency is not None:
+        raise ConfigError(
+            source,
+            settings.rate_lease_s,
+            "no concurrency budget (leases are for a rate budget alone; "
+            f"THROTTLE_CONCURRENCY is {settings.concurrency})",
+        )
+    if settings.tenant_rate is not None:
+        raise ConfigError(
+            source,
+            settings.rate_lease_s,
+            "no THROTTLE_TENANT_RATE (a tenant's cap is counted per request in Redis)",
+        )
 
 
 # --- parsers: each takes a raw value (an env string or a keyword value) and its source ---
@@ -419,6 +446,17 @@ def _seconds(what: str, *, allow_zero: bool = False) -> Callable[[object, str], 
         return _number(raw, source, what=what, low=0.0, high=86400.0, low_open=not allow_zero)
 
     return parse
+
+
+def _rate_lease(raw: object, source: str) -> float:
+    return _number(
+        raw,
+        source,
+        what="seconds from 0 (off) to 10, e.g. 0.1",
+        low=0.0,
+        high=10.0,
+        low_open=False,
+    )
 
 
 def _count(what: str, *, low: int, high: int = 10_000_000) -> Callable[[object, str], int]:
@@ -689,6 +727,7 @@ _PARSERS: Final[dict[str, tuple[str, Callable[[Any, str], Any]]]] = {
     "dry_run": ("THROTTLE_DRY_RUN", _bool),
     "credit_s": ("THROTTLE_CREDIT", _seconds("seconds >= 0 of banked share", allow_zero=True)),
     "lease_ttl_s": ("THROTTLE_LEASE_TTL", _seconds("seconds > 0, e.g. 30")),
+    "rate_lease_s": ("THROTTLE_RATE_LEASE", _rate_lease),
     "redis_timeout_s": ("THROTTLE_REDIS_TIMEOUT", _seconds("seconds > 0, e.g. 0.25")),
     "max_tenants": ("THROTTLE_MAX_TENANTS", _count("a whole number >= 1 of tenants", low=1)),
     "tenant_idle_s": ("THROTTLE_TENANT_IDLE", _seconds("seconds > 0, e.g. 60")),

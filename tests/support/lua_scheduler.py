@@ -148,6 +148,31 @@ class LuaScheduler:
     def next_due(self, now: float) -> float | None:
         return self._due
 
+    def lease_tokens(
+        self, now: float, returned: float, wants: int, *, epoch: str | None = None
+    ) -> int:
+        """ratelease.lua: `returned` unspent tokens of a lease taken in `epoch` (None: the
+        state's own, as the last trailer told it) go back, up to `wants` are leased."""
+        self._now = now
+        pol = self._policy
+        static = protocol.static_args(
+            self._tag,
+            _PROCESS,
+            self._given,
+            credit_s=pol.credit_s,
+            queue_limit=pol.queue_limit,
+            tenant_queue_limit=pol.tenant_queue_limit,
+            tenant_idle_s=pol.tenant_idle_s,
+            max_tenants=pol.max_tenants,
+            lease_ttl_s=self.lease_ttl_s,
+            key_ttl_s=7200,
+            live_limits_ttl_s=self.live_ttl_s,
+        )
+        known = self.trailer.epoch if epoch is None else epoch
+        args = protocol.ratelease_args(static, repr(now), known, int(returned), wants)
+        self.lease = protocol.decode_ratelease(self._run("ratelease", args, self._client))
+        return self.lease.taken
+
     def set_limits(self, limits: Limits, now: float) -> list[Event]:
         """The processes' own limits changed (a redeploy), from this call on."""
         self._limits = self._given = limits

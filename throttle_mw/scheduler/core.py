@@ -312,6 +312,33 @@ class Scheduler:
             due.append(self._deadlines[0][0])
         return min(due) if due else None
 
+    def lease_tokens(self, now: float, returned: float, wants: int) -> int:
+        """A process's lease of rate tokens (``THROTTLE_RATE_LEASE``; ``ratelease.lua``):
+        the unspent tokens of its last lease go back (the bucket holds at most its burst),
+        then up to `wants` whole tokens leave the bucket for its new lease, only while
+        nobody waits and the budget is a rate alone (no concurrency, no tenant cap: those
+        are decided here per request). Returns how many were taken; the caller admits
+        that many without asking again, so the fleet's admissions stay within the bucket."""
+        self._refill(now)
+        limits = self._limits
+        if limits.rate is None:
+            return 0
+        if returned > 0:
+            tokens = self._tokens + returned
+            self._tokens = tokens if tokens < limits.burst else limits.burst
+        if (
+            wants <= 0
+            or limits.concurrency is not None
+            or limits.tenant_rate is not None
+            or self._waiting
+        ):
+            return 0
+        taken = min(wants, math.floor(self._tokens + EPS))
+        if taken <= 0:
+            return 0
+        self._tokens -= taken
+        return taken
+
     def snapshot(self, top: int = 10) -> Snapshot:
         busiest = heapq.nlargest(
             top,

@@ -33,6 +33,7 @@ from .grants import GrantListener
 from .keys import Keys
 from .learner import FleetLearner
 from .protocol import AlreadyAdmitted, Op
+from .ratepool import RatePool
 from .recovery import Recovery, Waiter
 from .scripts import DEADLINE_GRACE_S, Scripts
 
@@ -53,6 +54,11 @@ def key_ttl_s(settings: Settings) -> float:
     """T, the state TTL of keys.py: how long a budget's keys outlive their last use. By
     then every waiter is past its deadline and grace and every lease has lapsed."""
     return max(settings.max_wait_s.values()) + DEADLINE_GRACE_S + settings.lease_ttl_s
+
+
+def _leasable(limits: Limits) -> bool:
+    """Limits whose admissions a lease of rate tokens may make: a rate alone."""
+    return limits.rate is not None and limits.concurrency is None and limits.tenant_rate is None
 
 
 class RedisBackend(Recovery):
@@ -100,6 +106,11 @@ class RedisBackend(Recovery):
         #: learning request): the in flight its window summaries report.
         self.flight: InFlight = self._learner.flight
         self._learning_task: asyncio.Task[None] | None = None
+        #: THROTTLE_RATE_LEASE: this process's lease of rate tokens (None: off), and its
+        #: renewal call while one is out.
+        self._pool = RatePool(settings.rate_lease_s) if settings.rate_lease_s else None
+        self._lease_task: asyncio.Task[None] | None = None
+        self._lease_timer: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None
         self._tick_at = 0.0
         self._started = False
@@ -161,7 +172,7 @@ class RedisBackend(Recovery):
             return
         await self._leave_queue()
         await self._fallback.stop()
-        for timer in (self._tick, self._settle):
+        for timer in (self._tick, self._settle, self._lease_timer):
             if timer is not None:
                 timer.cancel()
         for task in list(self._tasks):
@@ -173,6 +184,7 @@ class RedisBackend(Recovery):
                 await asyncio.gather(background, return_exceptions=True)
         if self._listener is not None:
             await self._listener.stop()
+        await self._give_back_lease()
         try:
             assert self._scripts is not None
             # The leases, and the orphans, which may still be queued or hold a lease: a
@@ -289,6 +301,13 @@ class RedisBackend(Recovery):
             return await self._fallback.acquire(request)
         assert self._batcher is not None
         started = asyncio.get_running_loop().time()
+        pool = self._pool
+        if pool is not None:
+            local = pool.take(started, request.cost, not self._waiters)
+            if pool.due(started):
+                self._renew_lease(started)
+            if local:
+                return _new_tuple(Admitted, (request.id, 0.0, False, False, False))
         op = self._acquire_op(request)
         try:
             result = await self._batcher.submit(op, lambda r: self._undo_acquire(request.id, r))
@@ -517,6 +536,9 @@ class RedisBackend(Recovery):
         trailer = protocol.trailer(lines)
         if trailer.epoch != self._epoch:
             self._new_epoch(trailer.epoch)
+            pool = self._pool
+            if pool is not None and pool.epoch and pool.epoch != trailer.epoch:
+                pool.drop()  # its tokens were of the state that is gone
         # Any call that went through says Redis is back (the probe's, or one that was out).
         self._succeeded()
         if trailer.next_tick_s is not None:
@@ -526,6 +548,8 @@ class RedisBackend(Recovery):
             self._in_force_line = trailer.limits
             limits = protocol.decode_limits(trailer.limits, self._limits.weights)
             self._in_force = self._fallback.limits = limits
+            if self._pool is not None and not _leasable(limits):
+                self._pool.drop()  # a live change to limits decided per request in Redis
 
     def _schedule_tick(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -566,6 +590,82 @@ class RedisBackend(Recovery):
                 self._batcher.submit(protocol.TICK).add_done_callback(self._after_tick)
         else:
             self._epoch_at = -float("inf")
+
+    # --- leases of rate tokens (THROTTLE_RATE_LEASE; ratepool.py) --------------------------
+
+    def _renew_lease(self, now: float) -> None:
+        """Start a renewal of this process's lease in the background: no request waits
+        for it (those that find the pool empty meanwhile go to Redis as without leases)."""
+        if self._closing or self._scripts is None or self._pool is None:
+            return
+        self._pool.renewing = True  # (before the task runs: one renewal at a time)
+        self._lease_task = asyncio.get_running_loop().create_task(self._lease_call(now, True))
+
+    async def _lease_call(self, sent: float, wants_more: bool) -> None:
+        """One ratelease.lua call: the unspent tokens back, a new lease if `wants_more`."""
+        pool = self._pool
+        assert pool is not None
+        assert self._scripts is not None
+        limits = self._in_force
+        final = not wants_more or not _leasable(limits)
+        returned, epoch, wants = pool.renewal(sent, self._fallback.fleet, limits.burst, final=final)
+        if not returned and not wants:
+            pool.skip(sent)  # (a share of the burst below one token: no lease, no call)
+            return
+        args = protocol.ratelease_args(self._static, self._clock(), epoch, returned, wants)
+        try:
+            raw = await self._scripts.ratelease(keys=[self._keys.state], args=args)
+            lease = protocol.decode_ratelease(raw)
+        except (RedisError, OSError) as exc:
+            pool.renewing = False
+            self._on_failure(exc)  # (drops the pool: its tokens lapse)
+            return
+        except Exception:  # a reply this version cannot read, a bug: no lease, as without
+            pool.renewing = False
+            pool.drop()
+            logger.exception("throttle_mw: a lease of rate tokens failed")
+            return
+        pool.granted(sent, lease.taken, lease.epoch)
+        self._succeeded()
+        if lease.taken and not self._closing:
+            # Old before it is spent: renewed then (or its tokens given back), not lapsed.
+            if self._lease_timer is not None:
+                self._lease_timer.cancel()
+            loop = asyncio.get_running_loop()
+            self._lease_timer = loop.call_at(pool.old_at, self._lease_aged)
+
+    def _lease_aged(self) -> None:
+        self._lease_timer = None
+        pool = self._pool
+        if pool is not None and self._breaker.allow():
+            now = asyncio.get_running_loop().time()
+            if pool.due(now):
+                self._renew_lease(now)
+
+    async def _give_back_lease(self) -> None:
+        """Shutting down: the unspent tokens of this process's lease go back."""
+        pool, task = self._pool, self._lease_task
+        if pool is None or self._scripts is None:
+            return
+        if task is not None and not task.done():
+            await asyncio.gather(task, return_exceptions=True)
+        now = asyncio.get_running_loop().time()
+        if pool.tokens and now < pool.expires_at and self._breaker.allow():
+            try:
+                await asyncio.wait_for(self._lease_call(now, False), _STOP_TIMEOUT_S)
+            except TimeoutError:
+                pool.drop()
+        pool.drop()
+
+    def _on_failure(self, exc: BaseException | None = None) -> None:
+        if self._pool is not None:
+            self._pool.drop()  # Redis is away: the failure mode applies, not the lease
+        super()._on_failure(exc)
+
+    @property
+    def rate_lease(self) -> RatePool | None:
+        """This process's lease of rate tokens and its counters (None: no leases)."""
+        return self._pool
 
     async def _learn_loop(self) -> None:
         """Push this process's latency summaries; take the fleet's step when it is due

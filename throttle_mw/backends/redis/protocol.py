@@ -365,6 +365,35 @@ def leave_args(tag: str, process: str) -> list[str]:
     return [tag, process]
 
 
+# --- ratelease.lua ---------------------------------------------------------------------------
+
+
+def ratelease_args(static: list[str], now: str, epoch: str, returned: int, wants: int) -> list[str]:
+    """ARGV of ratelease.lua: batch.lua's first four (`static_args`: the limits in force are
+    the caller's unless live ones win), the epoch of the caller's last lease, its unspent
+    tokens and the tokens it wants."""
+    args = list(static)
+    args[0] = now
+    args += [epoch, str(returned), str(wants)]
+    return args
+
+
+class RateLease(NamedTuple):
+    """ratelease.lua's reply."""
+
+    #: Tokens taken out of the bucket for the caller's new lease.
+    taken: int
+    #: Redis's time of the call, in seconds.
+    now: float
+    #: The epoch of the budget's state ("": none yet).
+    epoch: str
+
+
+def decode_ratelease(raw: Any) -> RateLease:
+    taken, now, epoch = (x.decode() if isinstance(x, bytes) else x for x in raw)
+    return RateLease(int(taken), float(now), str(epoch))
+
+
 # --- snapshot.lua ---------------------------------------------------------------------------
 
 

@@ -5,8 +5,8 @@ Python definitions (so no scheduler constant is spelled in a ``.lua`` file),
 then the state layer (``store.lua``), the twins of the scheduler's rules
 (``window.lua``, ``core.lua``), the fast path of a one-operation call
 (``fast.lua``), and the entry scripts (``batch``, ``release``, ``renew``,
-``leave``, ``snapshot``, ``live``). Where the server has functions (Redis 7+, Valkey) it
-is loaded once as a library and each entry script is a function called with
+``leave``, ``snapshot``, ``live``, ``ratelease``). Where the server has functions (Redis
+7+, Valkey) it is loaded once as a library and each entry script is a function called with
 FCALL; elsewhere (Redis 6.2) each entry script is sent with the shared code in
 front of it and run with EVALSHA (redis-py reloads it after NOSCRIPT).
 """
@@ -31,7 +31,7 @@ from . import keys, protocol
 
 logger = logging.getLogger("throttle_mw.redis")
 
-ENTRY_SCRIPTS = ("batch", "release", "renew", "leave", "snapshot", "live")
+ENTRY_SCRIPTS = ("batch", "release", "renew", "leave", "snapshot", "live", "ratelease")
 #: The shared files, in load order.
 LIBRARY = ("store", "window", "core", "fast")
 #: Entry scripts another entry script runs, by the one that runs them: release.lua goes on
@@ -309,6 +309,7 @@ class Scripts:
         self.leave = Script(self, "leave")
         self.snapshot = Script(self, "snapshot")
         self.live = Script(self, "live")
+        self.ratelease = Script(self, "ratelease")
 
     @property
     def uses_functions(self) -> bool | None:

@@ -13,7 +13,7 @@
 -- scripts encode them. Requests are tables {id, h (tenant digest), cost, rank, proc,
 -- deadline, enq} (Python's Waiter). State is in store.lua's tables S, L, POL, T.
 
-local acquire, cancel, release, tick, next_due
+local acquire, cancel, release, tick, next_due, lease_tokens
 local refill, clamp, need, fits, fits_at_once, cap_ok, refill_cap
 local fair_rate, credit, take, admit_now, shed_or_admit, expiry, drain_time, estimate
 local tenant, forget_idle, make_room, evict, push, unlink, remove, activate, deactivate
@@ -108,6 +108,27 @@ function next_due()
     if due == nil or at < due then due = at end
   end
   return due
+end
+
+-- Scheduler.lease_tokens: a process's lease of rate tokens (ratelease.lua): the unspent
+-- tokens of its last lease back (the bucket holds at most its burst), then up to `wants`
+-- whole tokens out of the bucket for the new one, only while nobody waits and the budget
+-- is a rate alone. How many were taken.
+function lease_tokens(returned, wants)
+  refill()
+  if L.rate == nil then return 0 end
+  if returned > 0 then
+    local tokens = S.tokens + returned
+    if tokens < L.burst then S.tokens = tokens else S.tokens = L.burst end
+  end
+  if wants <= 0 or L.concurrency ~= nil or L.tenant_rate ~= nil or S.waiting > 0 then
+    return 0
+  end
+  local taken = math.floor(S.tokens + EPS)
+  if taken > wants then taken = wants end
+  if taken <= 0 then return 0 end
+  S.tokens = S.tokens - taken
+  return taken
 end
 
 -- --- budget -----------------------------------------------------------------------------

@@ -913,14 +913,13 @@ function call.as_written(t)
 end
 
 -- Tenant t as load_tenant makes it from its hash: its fields as loaded, nothing this call
--- did yet.
+-- did yet. Only a tenant keep_line kept is restored, and call.as_written made its loaded
+-- fields its own (f, w, cap, cap_at, n, the costs by rank, st, am, xp) after the last
+-- change to it; nothing changes a kept tenant until a call takes it (recall_line takes the
+-- memo whole), so those are already as loaded and are not copied back (some 20 table
+-- assignments a restore; a saturated budget's calls restore one or two tenants each):
+-- only what a call marks on a tenant besides is cleared.
 function call.restore_tenant(t)
-  local l = t.loaded
-  t.f = l.f; t.w = l.w; t.cap = l.cap; t.cap_at = l.cap_at; t.n = l.n; t.st = l.st
-  t.am = l.am; t.xp = l.xp or 0
-  local c = t.c
-  if c == call.ZERO_COSTS then c = call.own_costs(t) end
-  for rank = 1, NRANK do c[rank] = l.c[rank] end
   t.dirty = false; t.touched = nil; t.new = nil; t.name = nil; t.queue_made = nil
   T[t.h] = t
 end
@@ -983,6 +982,19 @@ local function ttl_ms(kind)
   return num(math.floor(POL.ttl * MS_PER_S))
 end
 
+-- PEXPIRE the budget-wide keys named in `names` (a set of KEY_TTL's names) by their kind,
+-- the live keys last: before Redis 7 each PEXPIRE counts from its own moment, so a live
+-- key pushed out first could lapse a millisecond before the state it governs.
+function call.expire_keys(names)
+  for name in pairs(names) do
+    local kind = KEY_TTL[name]
+    if kind ~= 'live' then redis.call('PEXPIRE', K[name], ttl_ms(kind)) end
+  end
+  for name in pairs(names) do
+    if KEY_TTL[name] == 'live' then redis.call('PEXPIRE', K[name], ttl_ms('live')) end
+  end
+end
+
 -- A new tenant as if loaded (load_tenant): the fields at their defaults, w (1), n (0), the
 -- costs by rank (0), st (IDLE) and am (''), are what a hash without them reads as
 -- (load_tenant, fast.lua's fast_tenant), so save_tenant writes a new tenant without them:
@@ -993,7 +1005,7 @@ call.NEW_LOADED = {w = 1, n = 0, c = {}, st = IDLE, am = ''}
 for rank = 1, NRANK do call.NEW_LOADED.c[rank] = 0 end
 -- A new tenant's costs by rank are these (shared, all 0) until a waiter of its is counted:
 -- a table made per new tenant, and its garbage, spared. Each writer of a tenant's costs
--- (core.lua's push, unlink, top_active, leave; restore_tenant) takes its own copy first
+-- (core.lua's push, unlink, top_active, leave) takes its own copy first
 -- (call.own_costs).
 call.ZERO_COSTS = call.NEW_LOADED.c
 function call.own_costs(t)
@@ -1326,7 +1338,7 @@ local function save(hot)
   end
   local expiring = born
   if refresh then expiring = KEY_TTL end
-  for name in pairs(expiring) do redis.call('PEXPIRE', K[name], ttl_ms(KEY_TTL[name])) end
+  call.expire_keys(expiring)
   born = {}
   call.push_recent()
   for p, msgs in pairs(out_events) do
@@ -1439,7 +1451,7 @@ function call.save_acquire(t)
     end
   end
   if next(born) ~= nil then
-    for name in pairs(born) do redis.call('PEXPIRE', K[name], ttl_ms(KEY_TTL[name])) end
+    call.expire_keys(born)
     born = {}
   end
   local ids = recent[proc]  -- (its only admission: admit_now's, if it took no lease)

@@ -1,0 +1,344 @@
+"""Leases of rate tokens (``THROTTLE_RATE_LEASE``): a process takes k tokens out of the
+shared bucket in one call and admits the next k requests without asking Redis.
+
+- `Scheduler.lease_tokens` and ``ratelease.lua`` (core.lua's ``lease_tokens``) on one fake
+  clock: the same tokens taken and given back, the same bucket after.
+- Nobody waiting is required to lease: a queued request blocks new leases (it would be
+  overtaken), but unspent tokens still go back.
+- The process's pool (``ratepool.py``) on a fake clock: admit while a token is there,
+  nothing waits in this process and the lease is unexpired; renew early; sized by the
+  process's recent rate x T, within its share of the burst.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.lua_scheduler import LuaScheduler
+from tests.support.redis_server import RedisServer
+from throttle_mw.backends.redis.ratepool import RETRY_SHARE, RatePool
+from throttle_mw.scheduler import Admit, Enqueue, Limits, Policy, Request, Scheduler
+
+RATE = Limits(rate=10.0, burst=20.0)
+POLICY = Policy(max_wait_s={"critical": 5.0, "high": 5.0, "normal": 5.0, "low": 5.0})
+
+
+@pytest.fixture
+def lua(redis_server_session: RedisServer, functions: bool) -> Iterator[Any]:
+    """A LuaScheduler factory on the session's server, by FCALL or by EVALSHA."""
+    client = redis_server_session.client()
+    yield lambda limits=RATE: LuaScheduler(client, limits, POLICY, 0.0, functions=functions)
+    client.close()
+
+
+def tokens(scheduler: Scheduler | LuaScheduler) -> float:
+    snapshot = scheduler.snapshot()
+    assert snapshot.tokens is not None
+    return snapshot.tokens
+
+
+# Steps at a fake time: ("lease", returned, wants) or ("acquire", tenant). What each
+# gives: the tokens taken, or the decision's kind.
+STEPS: list[tuple[float, str, int, int]] = [
+    (0.0, "lease", 0, 8),  # 20 in the bucket: 8 taken
+    (0.0, "lease", 0, 30),  # 12 left: all 12 taken (no more than there are)
+    (0.0, "acquire", 0, 0),  # none left: it waits
+    (0.05, "lease", 3, 5),  # someone waits: 3 go back, none taken
+    (0.3, "acquire", 0, 0),  # admitted in order
+    (0.35, "lease", 0, 4),
+    (1.0, "lease", 25, 2),  # back at most to the burst
+    (1.2, "lease", 1, 0),  # only give back
+    (2.5, "lease", 0, 100),
+]
+
+
+def run(scheduler: Scheduler | LuaScheduler) -> list[tuple[Any, float]]:
+    seen: list[tuple[Any, float]] = []
+    for i, (at, kind, returned, wants) in enumerate(STEPS):
+        if kind == "lease":
+            got: Any = scheduler.lease_tokens(at, returned, wants)
+        else:
+            decision, _ = scheduler.acquire(at, Request(f"r{i}", "acme"))
+            scheduler.tick(at)
+            got = type(decision).__name__
+        seen.append((got, round(tokens(scheduler), 9)))
+    return seen
+
+
+def test_python_and_lua_lease_alike_on_one_clock(lua: Any) -> None:
+    python = run(Scheduler(RATE, POLICY, 0.0))
+    assert python == run(lua())
+    taken = [got for got, _ in python]
+    assert taken[:4] == [8, 12, "Enqueue", 0]
+
+
+def test_a_queued_request_blocks_new_leases_but_tokens_still_go_back(lua: Any) -> None:
+    for scheduler in (Scheduler(RATE, POLICY, 0.0), lua()):
+        assert scheduler.lease_tokens(0.0, 0, 20) == 20
+        decision, _ = scheduler.acquire(0.0, Request("w", "acme"))
+        assert isinstance(decision, Enqueue)
+        assert scheduler.lease_tokens(0.01, 15, 5) == 0  # someone waits: no lease
+        # ... but the 15 went back (and 0.1 s refilled): the waiter goes at the next tick
+        assert tokens(scheduler) == pytest.approx(15.1)
+        scheduler.tick(0.01)
+        assert scheduler.waiting == 0
+        assert scheduler.lease_tokens(0.02, 0, 3) == 3  # nobody waits any more
+        assert tokens(scheduler) == pytest.approx(11.2)
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        Limits(rate=10.0, burst=20.0, concurrency=5),
+        Limits(rate=10.0, burst=20.0, tenant_rate=1.0, tenant_burst=2.0),
+        Limits(rate=None, burst=20.0, concurrency=5),
+    ],
+    ids=["concurrency", "tenant-cap", "no-rate"],
+)
+def test_no_lease_where_each_request_must_be_decided_in_redis(lua: Any, limits: Limits) -> None:
+    for scheduler in (Scheduler(limits, POLICY, 0.0), lua(limits)):
+        assert scheduler.lease_tokens(0.0, 0, 5) == 0
+        decision, _ = scheduler.acquire(0.0, Request("a", "acme"))
+        assert isinstance(decision, Admit)
+
+
+def test_tokens_given_back_fill_the_bucket_to_its_burst_at_most(lua: Any) -> None:
+    for scheduler in (Scheduler(RATE, POLICY, 0.0), lua()):
+        assert scheduler.lease_tokens(0.0, 0, 5) == 5
+        assert scheduler.lease_tokens(0.0, 10, 25) == 20  # 15 + 10, at most 20
+
+
+def test_unspent_tokens_of_another_epoch_do_not_go_back(lua: Any) -> None:
+    scheduler = lua()
+    assert scheduler.lease_tokens(0.0, 0, 20) == 20
+    assert scheduler.lease_tokens(0.0, 20, 0, epoch="not-this-state") == 0
+    assert tokens(scheduler) == 0.0
+    assert scheduler.lease_tokens(0.0, 20, 0) == 0  # its own epoch: back
+    assert tokens(scheduler) == 20.0
+
+
+# --- the process's pool, on a fake clock ---------------------------------------------------------
+
+T = 0.1
+
+
+def granted_pool(tokens: int, at: float = 0.0) -> RatePool:
+    pool = RatePool(T)
+    pool.seen(at, 1)
+    pool.renewal(at, 1, 100.0)
+    pool.granted(at, tokens, "e1")
+    return pool
+
+
+def test_the_pool_admits_while_a_token_is_there_nothing_waits_and_the_lease_lasts() -> None:
+    pool = granted_pool(3)
+    assert pool.take(0.01, 1, queue_empty=True)
+    assert not pool.take(0.01, 1, queue_empty=False)  # this process has a waiter: Redis
+    assert not pool.take(0.01, 5, queue_empty=True)  # more than is left: Redis
+    assert pool.take(0.02, 2, queue_empty=True)
+    assert not pool.take(0.03, 1, queue_empty=True)  # spent
+    assert (pool.tokens, pool.local_admissions) == (0, 2)
+
+
+def test_an_expired_lease_admits_nothing_and_its_tokens_lapse() -> None:
+    pool = granted_pool(5)
+    assert pool.take(T - 1e-9, 1, queue_empty=True)
+    assert not pool.take(T, 1, queue_empty=True)  # T after the call was sent
+    assert (pool.tokens, pool.lapsed) == (0, 4)
+    assert pool.renewal(T, 1, 100.0, final=True) == (0, "e1", 0)  # lapsed: none back
+    pool = granted_pool(5)
+    assert pool.renewal(T, 1, 100.0, final=True) == (0, "e1", 0)  # (no request in between)
+    assert pool.lapsed == 5
+
+
+def test_a_renewal_keeps_admitting_tops_up_and_gives_back_the_excess() -> None:
+    pool = granted_pool(8)
+    assert not pool.due(0.0)  # full and young
+    for _ in range(5):
+        assert pool.take(0.01, 1, queue_empty=True)
+    assert not pool.due(0.01)  # 3 of 8 left: above a quarter
+    assert pool.take(0.01, 1, queue_empty=True)
+    assert pool.due(0.01)  # 2 of 8: a quarter
+    # 7 requests in the first T: 70/s, a lease of 7: the 2 kept, 5 more wanted
+    assert pool.renewal(0.01, 1, 100.0) == (0, "e1", 5)
+    assert not pool.due(0.01)  # one renewal at a time
+    assert pool.take(0.011, 1, queue_empty=True)  # the pool admits while the call is out
+    pool.granted(0.01, 5, "e1")
+    assert pool.tokens == 6
+    assert pool.expires_at == pytest.approx(0.01 + T)  # all of it, from the call
+    pool.take(0.02, 1, queue_empty=True)
+    assert not pool.due(0.01 + T * 0.74)
+    assert pool.due(0.01 + T * 0.75)  # old: three quarters of its life gone
+    # 9 requests in the T since 0: 90/s, a lease of 9: the 5 left kept, 4 more wanted
+    assert pool.renewal(0.1, 1, 100.0) == (0, "e1", 4)
+
+
+def test_a_renewal_gives_back_what_is_over_the_next_lease_s_size() -> None:
+    pool = granted_pool(8)
+    assert pool.take(0.09, 1, queue_empty=True)
+    assert pool.due(0.09)  # old
+    # 2 requests in the first T: 20/s, a lease of 2: 2 kept, the 5 over it go back
+    assert pool.renewal(0.09, 1, 100.0) == (5, "e1", 0)
+    assert (pool.tokens, pool.returned) == (2, 5)
+
+
+def test_kept_tokens_of_another_epoch_lapse_with_it() -> None:
+    pool = granted_pool(8)
+    pool.seen(0.01, 1)
+    pool.renewal(0.01, 1, 100.0)
+    pool.granted(0.01, 3, "e2")  # the state was made anew meanwhile
+    assert (pool.tokens, pool.epoch, pool.lapsed) == (3, "e2", pool.lapsed)
+    assert pool.lapsed > 0
+
+
+def test_a_process_that_stops_gives_back_every_unspent_token() -> None:
+    pool = granted_pool(8)
+    pool.take(0.01, 1, queue_empty=True)
+    assert pool.renewal(0.02, 1, 100.0, final=True) == (7, "e1", 0)
+    assert pool.tokens == 0
+
+
+def test_no_renewal_without_requests_and_none_soon_after_one_that_got_nothing() -> None:
+    pool = granted_pool(4)
+    pool.renewal(0.0, 1, 100.0)
+    pool.granted(0.0, 0, "e1")  # someone waits: nothing leased
+    assert not pool.due(0.2)  # no request since
+    pool.seen(0.2, 1)
+    assert pool.due(0.2)
+    pool.renewal(0.2, 1, 100.0)
+    pool.granted(0.2, 0, "e1")
+    pool.seen(0.21, 1)
+    assert not pool.due(0.2 + T * 0.49)  # requests go to Redis one by one meanwhile
+    assert pool.due(0.2 + T * 0.5)
+
+
+def test_a_renewal_short_of_what_it_asked_is_not_followed_by_another_soon() -> None:
+    pool = RatePool(T)
+    for i in range(100):  # 100/s: it asks for 10
+        pool.seen(i / 100, 1)
+    assert pool.renewal(1.0, 1, 100.0)[2] == 10
+    pool.granted(1.0, 2, "e1")  # the bucket ran dry: 2 of them
+    assert pool.take(1.01, 1, queue_empty=True)
+    pool.take(1.01, 1, queue_empty=True)
+    assert not pool.due(1.0 + T * 0.49)  # empty, but a saturated budget: not yet
+    assert pool.due(1.0 + T * 0.5)
+
+
+def test_a_lease_is_the_process_s_rate_times_t_within_its_share_of_the_burst() -> None:
+    pool = RatePool(T)
+    for i in range(200):  # 200/s for a second
+        pool.seen(i / 200, 1)
+    assert pool.wants(1.0, 1, 100.0) == 20  # 200/s x 0.1 s
+    assert pool.wants(1.0, 4, 100.0) == 12  # share floor(100 / 2 / 4)
+    assert pool.wants(1.0, 8, 100.0) == 6
+    assert pool.wants(1.0, 200, 100.0) == 0  # a share below one token: no lease
+    assert pool.wants(5.0, 1, 100.0) == 1  # idle since: the rate decays to nothing
+    assert RatePool(T).wants(0.0, 1, 100.0) == 0  # no request seen: no lease
+
+
+def test_an_old_lease_with_tokens_and_no_request_since_gives_them_back() -> None:
+    pool = granted_pool(6)
+    assert not pool.due(pool.old_at - 1e-9)
+    assert pool.due(pool.old_at)  # no request since the grant: give back, want none
+    assert pool.renewal(pool.old_at, 1, 100.0) == (6, "e1", 0)
+    pool.granted(pool.old_at, 0, "e1")
+    pool.seen(0.08, 1)
+    assert pool.due(0.08)  # a give-back is no failed renewal: no pause after it
+
+
+def test_a_share_below_one_token_asks_for_nothing_and_not_again_soon() -> None:
+    pool = RatePool(T)
+    pool.seen(0.0, 1)
+    assert pool.due(0.0)
+    assert pool.renewal(0.0, 200, 100.0) == (0, "", 0)  # 100 / 2 / 200 processes
+    pool.skip(0.0)  # (the backend makes no call)
+    pool.seen(0.01, 1)
+    assert not pool.due(0.01)
+    assert pool.due(T * RETRY_SHARE)
+
+
+def test_a_dropped_pool_admits_nothing() -> None:
+    pool = granted_pool(5)
+    pool.drop()
+    assert not pool.take(0.01, 1, queue_empty=True)
+    assert (pool.tokens, pool.lapsed, pool.epoch) == (0, 5, "")
+
+
+# --- exactness: several processes' pools on one budget, on a fake clock ------------------------
+
+FLEET = Limits(rate=100.0, burst=20.0)
+#: Nothing queues: what cannot go at once is rejected (so leases are never blocked).
+NO_QUEUE = Policy(
+    max_wait_s={"critical": 5.0, "high": 5.0, "normal": 5.0, "low": 5.0},
+    queue_limit=0,
+    tenant_queue_limit=0,
+)
+PROCESSES = 4
+STEP_S = 0.001
+DURATION_S = 3.0
+
+
+def arrivals(seed: int, per_s: float) -> list[list[bool]]:
+    """Per process, per millisecond: does a request arrive (Bernoulli, `per_s` each)?"""
+    rng = random.Random(seed)
+    steps = int(DURATION_S / STEP_S)
+    return [[rng.random() < per_s * STEP_S for _ in range(steps)] for _ in range(PROCESSES)]
+
+
+def drive(lua: LuaScheduler, plan: list[list[bool]], leases: bool) -> tuple[list[float], list[int]]:
+    """The processes' requests through their pools (if `leases`) and the scripts: the
+    admission times, and the tokens outstanding in unexpired leases at each step."""
+    pools = [RatePool(T) for _ in range(PROCESSES)]
+    admitted: list[float] = []
+    outstanding: list[int] = []
+    n = 0
+    for step in range(len(plan[0])):
+        now = step * STEP_S
+        outstanding.append(sum(p.tokens for p in pools if now < p.expires_at))
+        for i, pool in enumerate(pools):
+            if plan[i][step]:
+                n += 1
+                if leases and pool.take(now, 1, queue_empty=True):
+                    admitted.append(now)
+                else:
+                    decision, _ = lua.acquire(now, Request(f"p{i}.{n}", f"t{n % 7}"))
+                    if isinstance(decision, Admit):
+                        admitted.append(now)
+            if leases and pool.due(now):  # (after a request, or the backend's timer)
+                returned, epoch, wants = pool.renewal(now, PROCESSES, FLEET.burst)
+                taken = lua.lease_tokens(now, returned, wants, epoch=epoch)
+                pool.granted(now, taken, lua.lease.epoch)
+    return admitted, outstanding
+
+
+@pytest.fixture
+def fleet(redis_server_session: RedisServer, functions: bool) -> Iterator[Any]:
+    client = redis_server_session.client()
+    yield lambda: LuaScheduler(client, FLEET, NO_QUEUE, 0.0, functions=functions)
+    client.close()
+
+
+@pytest.mark.parametrize("per_s", [20.0, 50.0, 200.0], ids=["light", "at-rate", "flood"])
+def test_leases_never_admit_more_than_the_bucket_and_about_as_much(
+    fleet: Any, per_s: float
+) -> None:
+    """In any window [a, b]: at most rate x (b - a) + burst + the tokens outstanding in
+    leases at a (at most half a burst: each lease is within its share of it); from the
+    start (none outstanding) within the budget itself. And as much as without leases,
+    less the tokens leases can hold idle (processes x k <= half the burst)."""
+    plan = arrivals(7, per_s)
+    on, outstanding = drive(fleet(), plan, leases=True)
+    off, _ = drive(fleet(), plan, leases=False)
+    rate, burst = FLEET.rate or 0.0, FLEET.burst
+    assert max(outstanding) <= burst / 2
+    for i, start in enumerate(on):
+        held = outstanding[round(start / STEP_S)]
+        for j in range(i, len(on)):
+            allowed = rate * (on[j] - start) + burst + held
+            assert j - i + 1 <= allowed + 1e-6, (start, on[j], j - i + 1, allowed)
+    assert len(on) <= rate * DURATION_S + burst
+    assert len(off) - burst / 2 <= len(on) <= len(off) + burst / 2

@@ -1,0 +1,197 @@
+"""Leases of rate tokens in the Redis backend (``THROTTLE_RATE_LEASE``), on real servers.
+
+Several backends (each a process of the fleet, with its own connections and pool) drive
+one rate budget, one request at a time each:
+
+- the fleet admits no more than the bucket's refill plus its burst over the run (no lease
+  is outstanding at its start), and most admissions are made from the pools, without a
+  script call;
+- a process that stops gives its unspent tokens back (the bucket has them again);
+- Redis killed while a process holds a lease: the process admits at most what that lease
+  held (no Redis call needed for those), then the failure mode applies; nothing admitted
+  locally after the lease would have expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import pytest
+import redis.asyncio
+
+from tests.support.redis_server import RedisServer
+from throttle_mw.backends import Admitted
+from throttle_mw.backends.redis import RedisBackend
+from throttle_mw.scheduler import Request
+from throttle_mw.settings import Settings
+
+RATE, BURST, LEASE_S = 200.0, 40.0, 0.2
+_prefixes = itertools.count()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def settings(url: str, prefix: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": url,
+        "key_prefix": prefix,
+        "redis_timeout_s": 1.0,
+        "rate": RATE,
+        "burst": BURST,
+        "rate_lease_s": LEASE_S,
+        "tenant_queue_limit": 0,  # what cannot go at once is rejected: nothing waits
+        **overrides,
+    }
+    return Settings.from_env({}, **values)
+
+
+async def script_calls(client: redis.asyncio.Redis) -> int:
+    stats = await client.info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("fcall", "evalsha")
+    )
+
+
+async def drive(backend: RedisBackend, seconds: float, every_s: float) -> list[float]:
+    """Requests one at a time, one every `every_s`: the loop times of those admitted."""
+    loop = asyncio.get_running_loop()
+    admitted: list[float] = []
+    end = loop.time() + seconds
+    n = 0
+    while loop.time() < end:
+        n += 1
+        outcome = await backend.acquire(Request(f"{backend.process}.{n}", f"t{n % 5}"))
+        if isinstance(outcome, Admitted):
+            assert not outcome.unthrottled
+            admitted.append(loop.time())
+        await asyncio.sleep(every_s)
+    return admitted
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    ("rate", "every_s"), [(1000.0, 0.01), (100.0, 0.002)], ids=["within", "over"]
+)
+async def test_a_fleet_with_leases_admits_within_the_budget_with_fewer_calls(
+    clean_redis_server: RedisServer, rate: float, every_s: float
+) -> None:
+    """Four processes, one request at a time each: within the budget (at most 4 x 100/s
+    against 1000/s) everything is admitted, most of it from the pools; over it (up to
+    4 x 500/s against 100/s) the fleet admits what the bucket allows, no more."""
+    prefix = f"rl{next(_prefixes)}"
+    burst = rate / 5
+    client = redis.asyncio.Redis.from_url(clean_redis_server.url)
+    backends = [
+        RedisBackend(settings(clean_redis_server.url, prefix, rate=rate, burst=burst))
+        for _ in range(4)
+    ]
+    for backend in backends:
+        await backend.start()
+    await asyncio.sleep(0.3)  # the heartbeats: every process knows the fleet's size
+    calls = await script_calls(client)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    runs = await asyncio.gather(*(drive(b, 2.0, every_s) for b in backends))
+    elapsed = loop.time() - started
+    calls = await script_calls(client) - calls
+    admitted = sum(len(run) for run in runs)
+    local = sum(b.rate_lease.local_admissions for b in backends if b.rate_lease is not None)
+    offered = sum(b.rate_lease.requests for b in backends if b.rate_lease is not None)
+    for backend in backends:
+        await backend.stop()
+    await client.aclose()
+    assert admitted <= rate * elapsed + burst
+    if rate == 1000.0:
+        assert admitted == offered
+        assert local > 0.7 * admitted, (local, admitted)
+        # (the heartbeats' calls counted too: renew.lua, every 0.2 s per process)
+        assert calls < 0.4 * admitted, (calls, admitted)
+    else:
+        assert admitted > 0.9 * rate * elapsed, (admitted, rate * elapsed)
+        # Saturated, leases cost a little: a request the bucket cannot take goes to Redis
+        # as without leases, and each process makes at most two lease calls per T (a
+        # renewal short of what it asked waits half a T), plus its heartbeats.
+        assert calls <= offered + 4 * elapsed * (2 / LEASE_S + 5) + 8, (calls, offered)
+
+
+@pytest.mark.anyio
+async def test_a_process_that_stops_gives_its_unspent_tokens_back(
+    clean_redis_server: RedisServer,
+) -> None:
+    prefix = f"rl{next(_prefixes)}"
+    url = clean_redis_server.url
+    backend = RedisBackend(settings(url, prefix, rate=1.0, burst=200.0, rate_lease_s=5.0))
+    await backend.start()
+    await drive(backend, 0.2, 0.01)  # leases as large as the requests seen so far
+    if backend._lease_task is not None:
+        await backend._lease_task  # (a renewal out: its grant in the pool)
+    pool = backend.rate_lease
+    assert pool is not None
+    assert pool.tokens > 0
+    held = pool.tokens
+    other = RedisBackend(settings(url, prefix, rate=1.0, burst=200.0, rate_lease_s=0.0))
+    before = (await other.snapshot()).tokens
+    await backend.stop()
+    after = (await other.snapshot()).tokens
+    await other.stop()
+    assert before is not None
+    assert after is not None
+    assert after == pytest.approx(min(200.0, before + held), abs=0.5)  # (1/s refills meanwhile)
+
+
+@pytest.mark.anyio
+async def test_redis_killed_during_a_lease_costs_at_most_that_lease(
+    redis_server: RedisServer,
+) -> None:
+    """Failure mode `closed`: once Redis is gone, the process admits only what its lease
+    held, and only until the lease would have expired; then it rejects (the failure mode)
+    and asks Redis nothing for admitted requests meanwhile."""
+    backend = RedisBackend(
+        settings(redis_server.url, "rlkill", rate=1000.0, burst=1000.0, failure_mode="closed",
+                 rate_lease_s=0.5)
+    )  # fmt: skip
+    await backend.start()
+    await asyncio.sleep(0.3)
+    await drive(backend, 0.3, 0.002)  # leases sized for a few hundred per second
+    if backend._lease_task is not None:
+        await backend._lease_task
+    pool = backend.rate_lease
+    assert pool is not None
+    loop = asyncio.get_running_loop()
+    held, expires = pool.tokens, pool.expires_at
+    assert held > 0
+    redis_server.kill()
+    # Fewer requests than it holds: what stops it is its first call to Redis (a renewal
+    # at three quarters of T) failing, or the lease's end, not running out of tokens.
+    after = await drive(backend, 1.0, 0.05)
+    await backend.stop()
+    assert held > 20
+    assert len(after) <= held, (len(after), held)
+    assert after
+    assert all(at < expires for at in after), (after[-1], expires)
+    assert loop.time() > expires
+
+
+@pytest.mark.anyio
+async def test_the_metrics_count_what_the_lease_admitted(clean_redis_server: RedisServer) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from throttle_mw.metrics import ThrottleMetrics
+
+    backend = RedisBackend(settings(clean_redis_server.url, f"rl{next(_prefixes)}", rate=1000.0))
+    metrics = ThrottleMetrics(registry=CollectorRegistry(), backend=backend)
+    await backend.start()
+    admitted = await drive(backend, 0.3, 0.005)
+    await backend.stop()
+    pool = backend.rate_lease
+    assert pool is not None
+    assert 0 < pool.local_admissions <= len(admitted)
+    text = metrics.render()[0].decode()
+    assert f"throttle_rate_lease_admissions_total {float(pool.local_admissions)}" in text
+    assert f"throttle_rate_lease_calls_total {float(pool.calls)}" in text
+    assert f'throttle_rate_lease_tokens_total{{how="leased"}} {float(pool.leased)}' in text

@@ -1,0 +1,205 @@
+"""A process's lease of rate tokens (``THROTTLE_RATE_LEASE``): the pure rules.
+
+The Redis backend takes `k` tokens out of the fleet's bucket in one script call
+(``ratelease.lua``, while nobody waits for the budget) and admits the next requests of
+this process from them without calling Redis. This module is the pool's state machine:
+no I/O and no clock of its own (every method is given ``now``, the event loop's time),
+so its tests drive it on a fake clock. The backend (``backend.py``) does the I/O:
+
+1. ``pool.take(now, cost, queue_empty)``: True: admitted here, nothing to send. False:
+   the request goes to Redis as it would without leases.
+2. After each, ``pool.due(now)``: if True, start a renewal in the background:
+   ``returned, epoch, wants = pool.renewal(now, processes, burst)`` (the pool keeps up
+   to the next lease's size and tops itself up: it goes on admitting while the call is
+   out; unspent tokens above that size go back in the call), call the script, then
+   ``pool.granted(sent, taken, epoch)`` with the loop time `sent` from before the call
+   (the lease's life counts from then: Redis took the tokens after it). A renewal that
+   got less than it asked is not followed by another before ``RETRY_SHARE`` of T; one
+   with nothing to give back and nothing wanted makes no call: ``pool.skip(sent)``.
+3. A Redis fault, a new epoch or limits that allow no lease: ``pool.drop()`` (the
+   tokens lapse; the failure mode applies as without leases). At shutdown:
+   ``pool.renewal(now, ..., final=True)``: every unspent token given back.
+
+Sizing: `k` is this process's request rate over the last one to two `T` times `T`
+(``rate_here x T``), at least one token, at most its share of the burst
+(``BURST_SHARE x burst / processes``, whole): the fleet's leases hold at most half a
+burst at once, so over any window the fleet admits at most the bucket's refill, plus its
+burst, plus the tokens outstanding in leases when the window starts (at most half a
+burst). A lease lasts `T`; it is renewed early, once it is down to a quarter of its size
+or past three quarters of its life, while this process still admits; an old lease with
+tokens left and no request since gives them back rather than let them lapse.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: Renew once the pool is down to this share of the lease it got...
+LOW_SHARE = 0.25
+#: ... or this share of its life has passed.
+OLD_SHARE = 0.75
+#: The fleet's leases hold at most this share of the burst at once (each process's lease
+#: at most its part of it): the rest stays in the bucket for requests that go to Redis.
+BURST_SHARE = 0.5
+#: A renewal that got less than it asked (someone waits, the bucket runs dry) is followed by
+#: the next one after this share of T at the earliest: meanwhile requests go to Redis one
+#: by one, as without leases, and a saturated budget sees few lease calls.
+RETRY_SHARE = 0.5
+
+
+class RatePool:
+    """Tokens of one lease, spent by this process until the lease expires."""
+
+    def __init__(self, lease_s: float) -> None:
+        if lease_s <= 0:
+            raise ValueError("a lease lasts a positive time")
+        #: T: how long a lease may be spent, from the moment its call was sent.
+        self.lease_s = lease_s
+        #: Unspent tokens, usable while ``now < expires_at``.
+        self.tokens = 0
+        self.expires_at = -math.inf
+        #: The budget state's epoch the tokens came from ("": none held).
+        self.epoch = ""
+        #: The size of the last lease granted (the low-water mark is a share of it).
+        self.size = 0
+        #: A renewal call is out (`renewal` .. `granted`; the caller resets it if the call
+        #: fails).
+        self.renewing = False
+        #: No renewal before this (the last one got nothing).
+        self.retry_at = -math.inf
+        #: This process's requests (cost), local or not, in the window open since `_start`
+        #: and the one before it (since `_prev_start`): its rate over one to two T.
+        self._count = 0
+        self._prev_count = 0
+        self._start: float | None = None
+        self._prev_start = 0.0
+        #: A request was seen since the last renewal; the tokens that renewal asked for.
+        self._demand = False
+        self._wanted = 0
+        #: Counters for metrics: admissions from the pool, requests seen, lease calls,
+        #: tokens taken and given back, tokens that lapsed unspent.
+        self.local_admissions = 0
+        self.requests = 0
+        self.calls = 0
+        self.leased = 0
+        self.returned = 0
+        self.lapsed = 0
+
+    def take(self, now: float, cost: int, queue_empty: bool) -> bool:
+        """Admit a request of `cost` from the pool: only if the lease is unexpired, holds
+        `cost` tokens and nothing of this process waits for the budget (it would be
+        overtaken). False: send it to Redis as without leases."""
+        self.seen(now, cost)
+        if now >= self.expires_at:
+            if self.tokens:
+                self.lapsed += self.tokens
+                self.tokens = 0
+            return False
+        if self.tokens < cost or not queue_empty:
+            return False
+        self.tokens -= cost
+        self.local_admissions += 1
+        return True
+
+    def seen(self, now: float, cost: int) -> None:
+        """Count a request of this process (admitted from the pool, or sent to Redis)."""
+        start = self._start
+        if start is None:
+            self._start = self._prev_start = now
+        elif now - start >= self.lease_s:
+            self._prev_start, self._prev_count = start, self._count
+            self._start, self._count = now, 0
+        self._count += cost
+        self._demand = True
+        self.requests += 1
+
+    def rate(self, now: float) -> float:
+        """This process's requests per second over the last one to two T."""
+        if self._start is None:
+            return 0.0
+        return (self._prev_count + self._count) / max(now - self._prev_start, self.lease_s)
+
+    def due(self, now: float) -> bool:
+        """Should a renewal start now? None is out, and: the pool is old (`old_at`) and
+        holds tokens (given back before they lapse, a new lease only if this process saw
+        a request since the last renewal: `wants`), or this process saw a request since
+        and the pool is low or old."""
+        if self.renewing:
+            return False
+        old = now >= self.old_at
+        if old and self.tokens and now < self.expires_at:
+            return True
+        if not self._demand or now < self.retry_at:
+            return False
+        return old or self.tokens <= self.size * LOW_SHARE
+
+    @property
+    def old_at(self) -> float:
+        """When the lease is old enough to renew (or give back: the backend's timer)."""
+        return self.expires_at - self.lease_s * (1.0 - OLD_SHARE)
+
+    def wants(self, now: float, processes: int, burst: float) -> int:
+        """The next lease's size: this process's rate times T, at least 1, at most its
+        share of the burst (``BURST_SHARE x burst / processes``); 0: no request since the
+        last renewal, or a share below one token."""
+        share = math.floor(burst * BURST_SHARE / max(1, processes))
+        if share < 1 or not self._demand:
+            return 0
+        return max(1, min(share, math.ceil(self.rate(now) * self.lease_s)))
+
+    def renewal(
+        self, now: float, processes: int, burst: float, *, final: bool = False
+    ) -> tuple[int, str, int]:
+        """Start a renewal: (unspent tokens to give back, their epoch, tokens wanted). The
+        pool keeps what it has up to the next lease's size (`wants`) and goes on spending
+        it while the call is out; the rest leaves the pool now and goes back in the call
+        (all of it if no request came since the last renewal, or `final`: a process that
+        stops). A lapsed lease gives nothing back."""
+        target = 0 if final else self.wants(now, processes, burst)
+        alive = now < self.expires_at
+        if not alive and self.tokens:
+            self.lapsed += self.tokens
+            self.tokens = 0
+        keep = min(self.tokens, target)
+        returned = self.tokens - keep
+        self.tokens = keep
+        self.returned += returned
+        self.renewing = True
+        self.calls += 1
+        self._demand = False
+        self._wanted = target - keep
+        return returned, self.epoch, self._wanted
+
+    def granted(self, sent: float, taken: int, epoch: str) -> None:
+        """A renewal's answer: `taken` tokens of the state of `epoch`, spendable with what
+        the pool kept until `sent` + T (`sent`: the loop time before the call went out).
+        What it kept from another epoch (a state since lost) lapses."""
+        self.renewing = False
+        if epoch != self.epoch and self.tokens:
+            self.lapsed += self.tokens
+            self.tokens = 0
+        self.tokens += taken
+        self.size = self.tokens
+        self.leased += taken
+        self.epoch = epoch
+        self.expires_at = sent + self.lease_s if self.tokens else -math.inf
+        if taken >= self._wanted or not epoch:  # (no state yet: the next acquire makes it)
+            self.retry_at = -math.inf
+        else:
+            self.retry_at = sent + self.lease_s * RETRY_SHARE
+
+    def skip(self, sent: float) -> None:
+        """A renewal with nothing to give back and nothing wanted (a share of the burst
+        below one token): no call; none again before ``RETRY_SHARE`` of T."""
+        self.renewing = False
+        self.retry_at = sent + self.lease_s * RETRY_SHARE
+
+    def drop(self) -> None:
+        """Forget the lease (a Redis fault, a new epoch, limits that allow none): its
+        tokens lapse (they left the bucket when leased; it refills without them). A
+        renewal out stays out: its answer is a lease of the state it reached."""
+        self.lapsed += self.tokens
+        self.tokens = 0
+        self.size = 0
+        self.epoch = ""
+        self.expires_at = -math.inf
