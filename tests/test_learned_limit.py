@@ -29,7 +29,7 @@ from throttle_mw.backends.redis.keys import LIVE_STAMP, Keys
 from throttle_mw.backends.redis.learner import STATE_FIELD, FleetLearner, fleet_window
 from throttle_mw.scheduler import Limits, Policy
 from throttle_mw.scheduler import Request as ThrottleRequest
-from throttle_mw.scheduler.limit import LimitConfig, LimitState, Sample, WindowSummary
+from throttle_mw.scheduler.limit import InFlight, LimitConfig, LimitState, Sample, WindowSummary
 from throttle_mw.settings import Settings
 
 
@@ -113,6 +113,10 @@ async def test_requests_running_together_report_how_many_ran() -> None:
         answers = await asyncio.gather(*(client.get("/ok", params={"s": "0.1"}) for _ in range(5)))
     assert [a.status_code for a in answers] == [200] * 5
     assert max(s.in_flight for s in backend.samples) == 5
+    # The meter saw them in and out: five for about 0.1 s, none now.
+    assert backend.flight.running == 0
+    area, span = backend.flight.take()
+    assert 0.4 <= area < 5 * span
 
 
 @pytest.mark.anyio
@@ -221,6 +225,47 @@ async def test_one_step_per_window_for_the_whole_fleet(clean_redis_server: Redis
         # Every key the learner writes expires.
         for key in (Keys("fleet").cfg, Keys("fleet").learn_step):
             assert await client.pttl(key) != -1
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_every_process_pushes_its_in_flight_over_time(
+    clean_redis_server: RedisServer,
+) -> None:
+    """Each flush pushes the process's mean in flight since its last one, measured by
+    its meter, a quiet process's (none in flight, no request finished) too: the step
+    adds up 3 + 0, and pools the quiet process's parts as quiet time."""
+    import redis.asyncio as aredis
+
+    client = aredis.Redis.from_url(clean_redis_server.url, decode_responses=True)
+    config = LimitConfig(window_s=0.2)
+    now = [100.0]
+    flights = [InFlight(lambda: now[0]) for _ in range(2)]
+    learners = [
+        FleetLearner(Keys("pushes"), config, process=f"p{i}", live_ttl_s=60.0, flight=flights[i])
+        for i in range(2)
+    ]
+    try:
+        for learner in learners:
+            learner.flight.take()  # the window starts now
+        for _ in range(3):
+            flights[0].admit(now[0])  # three requests, all through the window
+        now[0] += 0.1
+        flights[0].finish(now[0])
+        learners[0].observe(Sample(0.1, False, 3))
+        flights[0].admit(now[0])  # ... and its next at once: still three
+        now[0] += 0.1
+        # No claim is taken (a claim from another fleet's step is in place).
+        await client.set(Keys("pushes").learn_step, "other", px=60_000)
+        assert [await learner.flush(client) for learner in learners] == [False, False]
+        entries = [str(e) for e in await client.lrange(Keys("pushes").learn_windows, 0, -1)]
+        assert sorted(e.partition("|")[0] for e in entries) == ["p0", "p1"]
+        merged, parts = fleet_window(entries)
+        assert parts["p0"].mean_in_flight == pytest.approx(3.0)
+        assert parts["p1"].mean_in_flight == 0.0
+        assert parts["p1"].empty
+        assert merged.mean_in_flight == pytest.approx(3.0)
     finally:
         await client.aclose()
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import pytest
 
-from tests.support.app_model import AppModel, Jitter
+from tests.support.app_model import AppModel, Jitter, Spread
 from throttle_mw.scheduler.limit import (
     LimitConfig,
     LimitEstimator,
@@ -47,6 +47,7 @@ def app(
     load: tuple[tuple[float, float], ...] = (),
     fail_share: tuple[tuple[float, float], ...] = ((0.0, 0.0),),
     processes: int = 1,
+    spread: Spread = "round-robin",
 ) -> AppModel:
     """An app of `c` slots with the default schedules, some replaced; behind a fleet
     of `processes`."""
@@ -59,6 +60,7 @@ def app(
         fail_share=fail_share,
         seed=seed,
         processes=processes,
+        spread=spread,
     )
 
 
@@ -104,17 +106,19 @@ def test_after_the_slots_halve_it_is_back_within_10_s(c: int, jitter: Jitter) ->
         assert share_within(after, half) >= 0.8, (seed, after)
 
 
+@pytest.mark.parametrize("spread", ["round-robin", "random"])
 @pytest.mark.parametrize("jitter", ["uniform", "lognormal"])
 @pytest.mark.parametrize("processes", [4, 16])
-def test_a_fleet_learns_as_one_process_does(processes: int, jitter: Jitter) -> None:
+def test_a_fleet_learns_as_one_process_does(processes: int, jitter: Jitter, spread: Spread) -> None:
     """The fleet's step (`fleet_step`: every process pushes its own summaries twice a
     window, one step a window) converges as one process does, before and after the
-    slots halve. Counting a process's two summaries as two processes once doubled
-    the in flight the rule saw: after the halving the limit climbed to 17 for 4 slots."""
+    slots halve, the requests spread over the processes in turn or at random.
+    Counting a process's two summaries as two processes once doubled the in flight
+    the rule saw: after the halving the limit climbed to 17 for 4 slots."""
     c, half = 8, 4
     for seed in SEEDS:
         slots = ((0.0, c), (30.0, half))
-        model = app(c, seed=seed, jitter=jitter, slots=slots, processes=processes)
+        model = app(c, seed=seed, jitter=jitter, slots=slots, processes=processes, spread=spread)
         model.run(60.0)
         steady, after = model.limits_between(15.0, 30.0), model.limits_between(40.0, 60.0)
         assert first_within(model, c, 0.0) <= 15.0, (seed, model.limits[:40])
@@ -360,22 +364,31 @@ def test_merge_equals_one_summary_of_all_samples() -> None:
 
 
 def test_pool_is_one_process_more_samples() -> None:
-    """Two windows of one process pooled: the in flight is their mean, not their sum
-    (the fleet pools a process's parts before adding the processes up)."""
+    """Two half windows of one process pooled: the in flight is the mean of theirs, each
+    an equal stretch of time, not their sum (the fleet pools a process's parts before
+    adding the processes up)."""
     rng = random.Random(4)
     first, second = samples(rng, 40), samples(rng, 25)
-    pooled = WindowSummary.decode(summary_of(first).encode())
-    pooled.pool(WindowSummary.decode(summary_of(second).encode()))
+    parts = [summary_of(first), summary_of(second)]
+    parts[0].measure(2.5, 0.25)  # 10 in flight on average
+    parts[1].measure(1.5, 0.25)  # 6
+    pooled = WindowSummary.decode(parts[0].encode())
+    pooled.pool(WindowSummary.decode(parts[1].encode()))
     whole = summary_of(first + second)
     assert (pooled.count, pooled.failures) == (whole.count, whole.failures)
     assert pooled.quantile(0.5) == whole.quantile(0.5)
     assert pooled.max_in_flight == whole.max_in_flight
-    assert pooled.mean_in_flight == pytest.approx(whole.mean_in_flight)
+    assert pooled.mean_in_flight == pytest.approx(8.0)
+    # A quiet half window (nothing finished, nothing in flight) counts as much.
+    quiet = WindowSummary()
+    quiet.measure(0.0, 0.25)
+    pooled.pool(WindowSummary.decode(quiet.encode()))
+    assert pooled.mean_in_flight == pytest.approx(16.0 / 3)
     # ... and it still merges as one process's part.
-    other = samples(rng, 30)
-    pooled.merge(summary_of(other))
-    mean = statistics.mean(s.in_flight for s in other)
-    assert pooled.mean_in_flight == pytest.approx(whole.mean_in_flight + mean)
+    other = summary_of(samples(rng, 30))
+    other.measure(1.0, 0.5)
+    pooled.merge(other)
+    assert pooled.mean_in_flight == pytest.approx(16.0 / 3 + 2.0)
 
 
 def wire_safe(text: str) -> bool:

@@ -13,10 +13,12 @@ second. The pieces, as in production:
   for a heavier tail), optionally failing a share of requests;
 - the estimator: one `Sample` per finished request, with its time from
   admission to completion (the wait in the app's own queue included: that is
-  the overload signal) and the in flight at its admission;
-- or, with ``processes`` > 1, a fleet: requests spread round-robin over the
-  processes, each sample carries its process's own in flight, and the limit is
-  the fleet's, stepped as `FleetLearner` steps it (`FleetLearnerModel`).
+  the overload signal) and the in flight at its admission; the process's in
+  flight over time (`InFlight`, on the simulated clock) gives each window's mean;
+- or, with ``processes`` > 1, a fleet: requests spread over the processes
+  (round-robin, or at random as a load balancer of random choice does), each
+  process with its own `InFlight`, and the limit is the fleet's, stepped as
+  `FleetLearner` steps it (`FleetLearnerModel`).
 
 Slots, mean service time, load and failure share are step schedules: tuples of
 ``(from_s, value)``, so a test can halve the slots or double the work midway.
@@ -32,8 +34,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from throttle_mw.backends.redis.learner import fleet_step
+from throttle_mw.backends.redis.learner import fleet_lag, fleet_step
 from throttle_mw.scheduler.limit import (
+    InFlight,
     LimitConfig,
     LimitEstimator,
     LimitState,
@@ -45,6 +48,7 @@ from throttle_mw.scheduler.limit import (
 #: A value that changes over time: ``(from_s, value)`` pairs, the first from 0.
 Schedule = Sequence[tuple[float, float]]
 Jitter = Literal["uniform", "lognormal"]
+Spread = Literal["round-robin", "random"]
 
 _ARRIVE, _DONE, _POLL = 0, 1, 2
 #: A request in the app: when it was admitted, the in flight it saw (its process's),
@@ -55,15 +59,21 @@ _NONE: Item = (0.0, 0, False, 0)
 
 class FleetLearnerModel:
     """`FleetLearner` without Redis or real time: each process summarises its own
-    samples and pushes the summary every half window (the processes staggered); the
-    first push after a window is over takes the fleet's step (`fleet_step`) and
-    claims the next window. Same interface as `LimitEstimator`, but `observe` says
-    which process measured."""
+    samples and pushes the summary every half window (the processes staggered), an
+    empty one too, with its in flight since its last push (`flights`, one per
+    process); the first push after a window is over takes the fleet's step
+    (`fleet_step`) and claims the next window. Same interface as `LimitEstimator`,
+    but `observe` says which process measured."""
 
-    def __init__(self, config: LimitConfig, processes: int, now: float) -> None:
+    def __init__(self, config: LimitConfig, flights: Sequence[InFlight], now: float) -> None:
         self._config = config
         self.state = initial_state(config)
         self.limit = self.state.in_force
+        processes = len(flights)
+        self._flights = flights
+        self._lags = [0.0] * processes
+        for flight in flights:
+            flight.take(now)
         self._summaries = [WindowSummary() for _ in range(processes)]
         self._pushed: list[str] = []
         self._interval = config.window_s / 2
@@ -85,8 +95,9 @@ class FleetLearnerModel:
                 continue
             self._pushes[process] = due + self._interval
             summary, self._summaries[process] = self._summaries[process], WindowSummary()
-            if not summary.empty:
-                self._pushed.append(f"p{process}|{summary.encode()}")
+            lag = self._lags[process] = fleet_lag(self._lags[process], summary)
+            summary.measure(*self._flights[process].take(lag, due))
+            self._pushed.append(f"p{process}|{summary.encode()}")
             if now >= self._claim_ends:
                 self._claim_ends = now + self._config.window_s
                 elapsed = max(now - self._stepped_at, self._config.window_s)
@@ -134,18 +145,21 @@ class AppModel:
     max_wait_s: float = 2.0
     seed: int = 1
     processes: int = 1
+    spread: Spread = "round-robin"
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+        self.spread_rng = random.Random(self.seed + 1000)  # the load balancer's own
         self.service = service_sampler(self.jitter)
-        self.estimator: LimitEstimator | FleetLearnerModel = (
-            LimitEstimator(self.config, 0.0)
-            if self.processes == 1
-            else FleetLearnerModel(self.config, self.processes, 0.0)
-        )
-        self.process_in_flight = [0] * self.processes
-        self._turn = 0  # the process the next admission goes to
         self.now = 0.0
+        #: Each process's requests in the app over time, on the simulated clock.
+        self.flights = [InFlight(lambda: self.now) for _ in range(self.processes)]
+        self.estimator: LimitEstimator | FleetLearnerModel = (
+            LimitEstimator(self.config, 0.0, self.flights[0])
+            if self.processes == 1
+            else FleetLearnerModel(self.config, self.flights, 0.0)
+        )
+        self._turn = 0  # the process the next admission goes to (round-robin)
         self.in_flight = 0  # admitted, not finished: in service or in the app's queue
         self.busy = 0  # in service
         self.app_queue: deque[Item] = deque()
@@ -215,10 +229,13 @@ class AppModel:
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         failed = self.rng.random() < at(self.fail_share, now)
-        process = self._turn
-        self._turn = (process + 1) % self.processes
-        self.process_in_flight[process] += 1
-        self.app_queue.append((now, self.process_in_flight[process], failed, process))
+        if self.spread == "random":
+            process = self.spread_rng.randrange(self.processes)
+        else:
+            process = self._turn
+            self._turn = (process + 1) % self.processes
+        running = self.flights[process].admit(now)
+        self.app_queue.append((now, running, failed, process))
         self._start_service(now)
 
     def _start_service(self, now: float) -> None:
@@ -232,7 +249,7 @@ class AppModel:
         admitted_at, in_flight, failed, process = item
         self.busy -= 1
         self.in_flight -= 1
-        self.process_in_flight[process] -= 1
+        self.flights[process].finish(now)
         self.completed += 1
         sample = Sample(now - admitted_at, failed, in_flight)
         if isinstance(self.estimator, FleetLearnerModel):

@@ -27,7 +27,7 @@ from ..backends.memory import MemoryBackend
 from ..observe import EventKind, Observer, ThrottleEvent
 from ..priorities import Priority, RouteTag, make_tag
 from ..scheduler import LeaseKey, Limits, Reject, Request
-from ..scheduler.limit import Sample
+from ..scheduler.limit import InFlight, Sample
 from ..settings import ConfigError, Settings
 from .body import BodyBuffers, RequestBody
 from .hold import ClientHold
@@ -154,9 +154,6 @@ class ThrottleMiddleware:
         self._draining_now = False  # the event's state, read per request without a call
         self._undo_signals: Any = None
         self._background: set[asyncio.Task[None]] = set()
-        #: Requests this process's app is running now (a learned limit's samples say how
-        #: many ran beside each one).
-        self._running = 0
         # Slow clients (guarantee 15): bodies are read ahead, except in dry run (which
         # must delay nothing) or when the operator turned it off (a buffer of 0).
         self._read_ahead = settings.body_buffer_bytes > 0 and not settings.dry_run
@@ -557,11 +554,12 @@ class ThrottleMiddleware:
         ending: list[Any] | None = None
         admitted = 0.0
         running = 0
+        flight: InFlight | None = None
         if backend.learning:
             ending = [False, 0.0]
-            self._running += 1
-            running = self._running
+            flight = backend.flight
             admitted = time.perf_counter()
+            running = flight.admit(admitted)
 
         # A plain function returning the server's own awaitable: no extra coroutine
         # per message. The lease goes back as the last body chunk is handed to the
@@ -612,13 +610,14 @@ class ThrottleMiddleware:
             if body is not None:
                 body.close()
             if ending is not None:
-                self._running -= 1
+                failed, ended = ending
+                if not ended:  # the app raised, or the client left before the end
+                    failed, ended = True, time.perf_counter()
+                assert flight is not None
+                flight.finish(ended)  # out of the app's in flight with its last chunk
                 # A slot given back for a client that held it too long says nothing
                 # about the app's capacity: no sample.
                 if hold is None or not hold.released:
-                    failed, ended = ending
-                    if not ended:  # the app raised, or the client left before the end
-                        failed, ended = True, time.perf_counter()
                     client_s = 0.0 if hold is None else hold.waited_s
                     backend.observe(Sample(ended - admitted - client_s, failed, running))
 

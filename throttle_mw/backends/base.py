@@ -14,9 +14,12 @@ the whole fleet. The middleware calls it like this, and only like this:
 3. For every `Admitted` with ``lease=True``: call ``backend.release(request_id)``
    exactly once when the response is done. It does not block and survives
    cancellation of the caller; further calls are ignored.
-4. While ``backend.learning`` (the concurrency limit is learned), call
-   ``backend.observe(sample)`` once per finished admitted request: how long the
-   app took and whether it failed. It does not block.
+4. While ``backend.learning`` (the concurrency limit is learned), bracket each
+   admitted request with ``backend.flight.admit(now)`` (its in flight, for the
+   sample) and ``backend.flight.finish(now)``, ``now`` read from
+   ``time.perf_counter`` (``flight.clock``), and call ``backend.observe(sample)``
+   once per finished admitted request: how long the app took and whether it
+   failed. None of these blocks.
 
 The in-memory backend also offers ``fast_path()``: the scheduler's own
 ``admit_unsheddable`` (``admit_at_once`` for a route that is not sheddable) and
@@ -35,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from ..scheduler import Limits, Reject, Request, Snapshot
-from ..scheduler.limit import LimitState, Sample
+from ..scheduler.limit import InFlight, LimitState, Sample
 
 
 class Admitted(NamedTuple):
@@ -93,6 +96,12 @@ class Backend(Protocol):
 
     def observe(self, sample: Sample) -> None:
         """One finished admitted request, for the learned limit."""
+
+    @property
+    def flight(self) -> InFlight:
+        """This process's requests in the app over time, for the learned limit: each
+        window's mean in flight."""
+        ...
 
     @property
     def learned(self) -> LimitState | None:

@@ -28,7 +28,7 @@ from ..scheduler import (
     Scheduler,
     Snapshot,
 )
-from ..scheduler.limit import LimitConfig, LimitEstimator, LimitState, Sample
+from ..scheduler.limit import InFlight, LimitConfig, LimitEstimator, LimitState, Sample
 from .base import Admitted, Outcome, Waiting
 
 _new_tuple = tuple.__new__
@@ -59,6 +59,9 @@ class MemoryBackend:
         #: `_estimator` is set, kept as a plain attribute because the middleware
         #: reads it for every request.
         self.learning = False
+        #: This budget's requests in the app over time (the middleware brackets each
+        #: learning request): each window's mean in flight.
+        self.flight = InFlight()
         self._scheduler: Scheduler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._waiters: dict[str, Waiting] = {}
@@ -76,7 +79,7 @@ class MemoryBackend:
         scheduler = self._scheduler
         if scheduler is None:
             if self._limits.learned:
-                self._estimator = LimitEstimator(self._learn, now)
+                self._estimator = LimitEstimator(self._learn, now, self.flight)
                 self.learning = True
                 self._limits = self._learned_limits(self._limits)
             scheduler = self._scheduler = Scheduler(self._limits, self._policy, now)
@@ -225,7 +228,7 @@ class MemoryBackend:
             self._estimator = None
         else:
             if self._estimator is None:
-                self._estimator = LimitEstimator(self._learn, now)
+                self._estimator = LimitEstimator(self._learn, now, self.flight)
             limits = self._learned_limits(limits)
         self.learning = self._estimator is not None
         self._limits = limits

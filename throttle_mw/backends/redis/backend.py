@@ -22,7 +22,7 @@ from typing import Any
 from redis.exceptions import RedisClusterException, RedisError
 
 from ...scheduler import Admit, Enqueue, Granted, Limits, Reject, Request, Snapshot
-from ...scheduler.limit import LimitState, Sample
+from ...scheduler.limit import InFlight, LimitState, Sample
 from ...settings import Settings
 from ..base import Admitted, Outcome, RequestIds, Waiting
 from . import connection, diagnose, protocol
@@ -102,6 +102,9 @@ class RedisBackend(Recovery):
             # (never shorter than the state's: a live override lapses with its bucket)
             live_ttl_s=max(settings.live_limits_ttl_s, key_ttl_s(settings)),
         )
+        #: This process's requests in the app over time (the middleware brackets each
+        #: learning request): the in flight its window summaries report.
+        self.flight: InFlight = self._learner.flight
         self._learning_task: asyncio.Task[None] | None = None
         #: THROTTLE_RATE_LEASE: this process's lease of rate tokens (None: off), and its
         #: renewal call while one is out.

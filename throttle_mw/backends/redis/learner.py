@@ -3,8 +3,9 @@
 N processes that each stepped the estimator on their own samples would
 multiply the loop's gain and oscillate. Instead each process summarises its
 window of samples (`WindowSummary`: counts, a coarse latency histogram, peak
-in flight) and pushes it onto ``P:lw`` every half window, tagged with its
-process token (``token|summary``); whichever process
+in flight, and its mean in flight over the time since its last push, `InFlight`)
+and pushes it onto ``P:lw`` every half window while learning, an idle one too,
+tagged with its process token (``token|summary``); whichever process
 first finds the window over claims the step (``SET P:lstep NX PX window``:
 exactly one claim per window for the whole fleet), merges every summary
 pushed since the last step (`fleet_window`: one process's parts pooled, the
@@ -30,7 +31,15 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ...scheduler.limit import LimitConfig, LimitState, Sample, WindowSummary, initial_state, step
+from ...scheduler.limit import (
+    InFlight,
+    LimitConfig,
+    LimitState,
+    Sample,
+    WindowSummary,
+    initial_state,
+    step,
+)
 from . import protocol
 from .keys import Keys
 
@@ -42,6 +51,9 @@ STATE_FIELD = "learn_state"
 STEP_AT_FIELD = "learn_at"
 #: A step after a long silence counts at most this long as elapsed (baseline decay).
 _MAX_ELAPSED_S = 3600.0
+#: How much of the way a process's in-flight lag moves toward each summary's mean
+#: service time (`fleet_lag`).
+LAG_SMOOTHING = 0.25
 #: Summaries a window's list keeps at most (a runaway fleet cannot grow it without bound).
 _MAX_SUMMARIES = 10_000
 
@@ -57,6 +69,7 @@ class FleetLearner:
         process: str,
         live_ttl_s: float,
         clock: Callable[[], float] = time.time,
+        flight: InFlight | None = None,
     ) -> None:
         self.config = config
         self._keys = keys
@@ -65,6 +78,12 @@ class FleetLearner:
         self._window_ms = max(1, int(config.window_s * 1000))
         self._clock = clock
         self._summary = WindowSummary()
+        #: This process's requests in the app over time (the middleware brackets each
+        #: learning request): each pushed summary's mean in flight, over the time
+        #: since the last push.
+        self.flight = InFlight() if flight is None else flight
+        #: How far back this process's in flight is read (`fleet_lag`).
+        self._lag = 0.0
         #: The estimator's state as this process last saw or stored it.
         self.state: LimitState = initial_state(config)
         #: Steps this process took for the fleet (tests and logs).
@@ -88,12 +107,15 @@ class FleetLearner:
         """
         keys = self._keys
         summary, self._summary = self._summary, WindowSummary()
+        self._lag = fleet_lag(self._lag, summary)
+        summary.measure(*self.flight.take(self._lag))
         # One transaction: the limit and the state it came from are restored together.
         pipe = client.pipeline(transaction=True)
-        if not summary.empty:
-            pipe.rpush(keys.learn_windows, _entry(self._process, summary))
-            pipe.ltrim(keys.learn_windows, -_MAX_SUMMARIES, -1)
-            pipe.pexpire(keys.learn_windows, self._live_ttl_ms)
+        # Pushed even without a request: the step pools a process's parts as equal
+        # stretches of time (`WindowSummary.pool`), so a quiet one must count too.
+        pipe.rpush(keys.learn_windows, _entry(self._process, summary))
+        pipe.ltrim(keys.learn_windows, -_MAX_SUMMARIES, -1)
+        pipe.pexpire(keys.learn_windows, self._live_ttl_ms)
         # A budget that lost its keys gets the fleet's last limit seen here back, and the
         # estimator's state with it (its baseline), not the cold start.
         pipe.hsetnx(keys.cfg, protocol.LEARNED, self.state.in_force)
@@ -173,7 +195,10 @@ def fleet_step(
     """The fleet's step from the summaries pushed since the last one (`entries`): the
     state after it, and nothing to keep; or, for a window too thin to judge, `state`
     and the entries to push back, each still its process's, so that the next step
-    gets these samples too (as `LimitEstimator` keeps collecting)."""
+    gets these samples too (as `LimitEstimator` keeps collecting). A process's kept
+    parts go back pooled, one entry (the list stays one entry per process): in the
+    next step they weigh as one more part, so its mean in flight leans to the newer
+    parts (only in so thin a stretch, and only if the in flight moved in it)."""
     merged, parts = fleet_window(entries)
     new = step(config, state, merged, elapsed_s)
     if new.reason == "few-samples":
@@ -186,9 +211,10 @@ def fleet_window(entries: Iterable[str]) -> tuple[WindowSummary, dict[str, Windo
     process's part of it.
 
     A process pushes twice a window or more, and a window kept for lack of samples
-    carries parts over: its parts are pooled first (`WindowSummary.pool`: they are
-    the same requests' in flight, not more of it), then the processes' are added up
-    (`WindowSummary.merge`). Malformed entries are skipped with a warning.
+    carries parts over: its parts are pooled first (`WindowSummary.pool`: its mean in
+    flight over all their time, not more of it), then the processes' are added up
+    (`WindowSummary.merge`: each a process's in flight over the same time, so the sum
+    is the fleet's). Malformed entries are skipped with a warning.
     """
     parts: dict[str, WindowSummary] = {}
     for entry in entries:
@@ -206,6 +232,16 @@ def fleet_window(entries: Iterable[str]) -> tuple[WindowSummary, dict[str, Windo
     for summary in parts.values():
         merged.merge(summary)
     return merged, parts
+
+
+def fleet_lag(lag: float, summary: WindowSummary) -> float:
+    """How far back a process reads the in flight of its next summary: the requests'
+    mean service time (`WindowSummary.lag`), smoothed over its summaries by
+    LAG_SMOOTHING. The step pools a process's parts as equal stretches of time; a lag
+    that jumped from one part to the next would stretch one and shrink the next."""
+    if summary.count <= summary.failures:
+        return lag
+    return lag + LAG_SMOOTHING * (summary.lag() - lag)
 
 
 def _entry(process: str, summary: WindowSummary) -> str:

@@ -13,10 +13,12 @@ from .estimator import (
     initial_state,
     step,
 )
+from .flight import InFlight
 from .sample import Sample
 from .summary import WindowSummary
 
 __all__ = [
+    "InFlight",
     "LimitConfig",
     "LimitEstimator",
     "LimitState",

@@ -52,6 +52,7 @@ from .constants import (
     UNUSED_SHARE,
 )
 from .episode import CUTTING, DOUBT, EPISODE_FIELDS, RAISED, REFERENCE, Episode, Measure
+from .flight import InFlight
 from .sample import Sample
 from .summary import WindowSummary
 from .wire import natural, number
@@ -387,13 +388,18 @@ class LimitEstimator:
     at or after ``next_due`` (extra polls are cheap no-ops). A window with too few
     successes to judge (and no failure signal) is not stepped on but kept open for
     another window: an app with little traffic still learns, more slowly, and the
-    state keeps the reason of its last real step.
+    state keeps the reason of its last real step. `flight` is the process's in
+    flight, read as each window closes (on its own clock); without one a window's
+    mean in flight is the one at its requests' admissions (`WindowSummary`).
     """
 
-    __slots__ = ("_config", "_limit", "_start", "_state", "_stepped_at", "_summary")
+    __slots__ = ("_config", "_flight", "_limit", "_start", "_state", "_stepped_at", "_summary")
 
-    def __init__(self, config: LimitConfig, now: float) -> None:
+    def __init__(self, config: LimitConfig, now: float, flight: InFlight | None = None) -> None:
         self._config = config
+        self._flight = flight
+        if flight is not None:
+            flight.take()  # the first window starts now
         self._state = initial_state(config)
         self._limit = self._state.in_force  # read on every admission: kept, not computed
         self._summary = WindowSummary()
@@ -423,6 +429,9 @@ class LimitEstimator:
         if now - self._start < self._config.window_s:
             return False
         self._start = now
+        if self._flight is not None:
+            summary = self._summary
+            summary.measure(*self._flight.take(summary.lag()))
         state = step(self._config, self._state, self._summary, now - self._stepped_at)
         if state.reason == "few-samples":
             return False  # keep collecting: the next window adds to this one

@@ -15,7 +15,10 @@ class Sample:
     - `failed`: the app answered 5xx or raised, or the client timed out or left
       before the response ended.
     - `in_flight`: the process's requests in flight when it was admitted,
-      itself included.
+      itself included (`InFlight.admit`): the window's peak comes from it. (Its
+      mean does not: each request counts itself, and arrivals see more than the
+      time average; the window's mean is the in flight over its time,
+      `WindowSummary.measure`.)
     """
 
     service_s: float

@@ -1,9 +1,11 @@
 """One window's samples, summarised: mergeable, compact on the wire, cheap to add to.
 
 `WindowSummary.add` runs once per finished request (the hot path): one `bisect`
-on precomputed bucket edges and a few counter updates (about 200 ns). The fleet sends each process's
-window summary to the process that takes the fleet's step, which merges them;
-`encode` / `decode` are that wire form.
+on precomputed bucket edges and a few counter updates (about 300 ns). The window's
+mean in flight is not kept there: it is the process's in flight integrated over the
+window's time (`flight.InFlight`), given when the window closes (`measure`). The
+fleet sends each process's window summary to the process that takes the fleet's
+step, which merges them; `encode` / `decode` are that wire form.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class WindowSummary:
     """
 
     __slots__ = (
+        "_area",
         "_count",
         "_failures",
         "_hist",
@@ -55,6 +58,9 @@ class WindowSummary:
         "_max_in_flight",
         "_merged_count",
         "_merged_in_flight",
+        "_parts",
+        "_pooled",
+        "_span",
     )
 
     def __init__(self) -> None:
@@ -62,8 +68,17 @@ class WindowSummary:
         self._count = 0
         self._failures = 0
         self._max_in_flight = 0
-        #: In flight summed over this summary's own samples (those not merged in).
+        #: In flight at admission summed over this summary's own samples (those not
+        #: merged in): the mean in flight of a summary whose window was not measured.
         self._in_flight_sum = 0.0
+        #: The process's in flight integrated over the window (in-flight seconds), and
+        #: the window's length in seconds (`measure`; -1.0: not measured).
+        self._area = 0.0
+        self._span = -1.0
+        #: A decoded or pooled summary's mean in flight: the sum of its parts' means
+        #: over their number (0: neither).
+        self._pooled = 0.0
+        self._parts = 0
         #: Samples merged in from other summaries, and the sum of their mean in flight.
         self._merged_count = 0
         self._merged_in_flight = 0.0
@@ -80,6 +95,12 @@ class WindowSummary:
         self._in_flight_sum += sample.in_flight
         if sample.in_flight > self._max_in_flight:
             self._max_in_flight = sample.in_flight
+
+    def measure(self, area_s: float, span_s: float) -> None:
+        """The process's in flight over (more of) this window: `area_s` in-flight
+        seconds over `span_s` seconds (`InFlight.take`). A window kept open adds up."""
+        self._area += area_s
+        self._span = max(self._span, 0.0) + span_s
 
     # --- reading --------------------------------------------------------------------
 
@@ -101,11 +122,24 @@ class WindowSummary:
 
     @property
     def mean_in_flight(self) -> float:
-        """The mean in flight at the admissions of this window's requests: the load
-        their service times were measured at. After `merge`, the sum of the parts'
-        means: the fleet's in flight, as each part is one process's."""
-        own = self._count - self._merged_count
-        return (self._in_flight_sum / own if own else 0.0) + self._merged_in_flight
+        """The process's mean in flight over the window, weighted by time (`measure`):
+        the load its requests' service times were measured at. After `merge`, the sum
+        of the parts' means: the fleet's in flight, as each part is one process's over
+        (about) the same stretch of time.
+
+        A summary whose window was not measured (samples alone) falls back to the mean
+        in flight at its requests' admissions, which reads high: each request counts
+        itself, and arrivals see more than the time average (Poisson arrivals: one
+        more).
+        """
+        if self._parts:
+            own = self._pooled / self._parts
+        elif self._span >= 0.0:
+            own = self._area / self._span if self._span > 0.0 else 0.0
+        else:
+            n = self._count - self._merged_count
+            own = self._in_flight_sum / n if n else 0.0
+        return own + self._merged_in_flight
 
     @property
     def empty(self) -> bool:
@@ -134,6 +168,12 @@ class WindowSummary:
             seen += n
         raise AssertionError("unreachable: the histogram holds `total` samples")
 
+    def lag(self) -> float:
+        """How long before they finished this window's requests were admitted: their
+        mean service time (`mean`; 0.0 if none succeeded). `InFlight.take` moves the
+        window's in flight back by it."""
+        return self.mean() if self._count > self._failures else 0.0
+
     def mean(self, fastest: float = 1.0) -> float:
         """The mean service time in seconds of the `fastest` share of the successful
         requests (1.0: all of them), from the histogram: each bucket at its geometric
@@ -155,14 +195,19 @@ class WindowSummary:
     # --- combining and the wire -----------------------------------------------------
 
     def pool(self, other: WindowSummary) -> None:
-        """Add `other`'s samples to this summary (in place) as more samples of the same
-        process: `max_in_flight` is the larger, `mean_in_flight` the mean over all the
-        samples. Both must be one process's (not results of `merge`)."""
-        own, theirs = self._count, other._count
-        in_flight = self.mean_in_flight * own + other.mean_in_flight * theirs
+        """Add `other`'s samples to this summary (in place) as more of the same
+        process's: `max_in_flight` is the larger, `mean_in_flight` the mean of the
+        parts' means, each part (or part pooled before) weighing as one. A process
+        pushes one part each half window, whatever its traffic (`FleetLearner.flush`):
+        equal stretches of time, so that mean is its mean over all of them. Both must be
+        one process's (not results of `merge`)."""
+        ours, theirs = max(self._parts, 1), max(other._parts, 1)
+        pooled = self.mean_in_flight * ours + other.mean_in_flight * theirs
         self._add_counts(other)
         self._max_in_flight = max(self._max_in_flight, other._max_in_flight)
-        self._in_flight_sum, self._merged_count, self._merged_in_flight = in_flight, 0, 0.0
+        self._pooled, self._parts = pooled, ours + theirs
+        self._in_flight_sum, self._area, self._span = 0.0, 0.0, -1.0
+        self._merged_count, self._merged_in_flight = 0, 0.0
 
     def merge(self, other: WindowSummary) -> None:
         """Add `other`'s samples to this summary (in place). `max_in_flight` and
@@ -183,7 +228,12 @@ class WindowSummary:
 
     def encode(self) -> str:
         """Compact ASCII: ``1,count,failures,max_in_flight,mean_in_flight`` then
-        ``,bucket:n`` for each non-empty bucket. No spaces, '|', ';' or newlines."""
+        ``,bucket:n`` for each non-empty bucket. No spaces, '|', ';' or newlines.
+
+        Version 1 since the in flight became time-weighted: the field is the process's
+        in flight, which every version's merge sums, so a fleet of old and new
+        processes during a rolling deploy keeps stepping on every process's summary
+        (an old process's figure still reads high, as it did)."""
         parts = [
             _VERSION,
             str(self._count),
@@ -224,7 +274,7 @@ class WindowSummary:
         if total != count - failures:
             raise ValueError("the histogram does not hold the successful samples")
         summary._count, summary._failures, summary._max_in_flight = count, failures, peak
-        summary._merged_count, summary._merged_in_flight = count, mean
+        summary._pooled, summary._parts = mean, 1
         return summary
 
     def __eq__(self, other: object) -> bool:
