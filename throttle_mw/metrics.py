@@ -33,7 +33,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -47,6 +47,9 @@ from .asgi.middleware import ThrottleMiddleware
 from .backends.base import Backend
 from .observe import ThrottleEvent
 from .priorities import PRIORITIES, priority
+
+if TYPE_CHECKING:
+    from .backends.redis.ratepool import RatePool
 from .scheduler import Snapshot
 
 __all__ = ["OTHER", "OUTCOMES", "WAIT_BUCKETS_S", "ThrottleMetrics"]
@@ -505,7 +508,7 @@ class _RateLeaseCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         return list(self._families(getattr(self._metrics.backend, "rate_lease", None)))
 
-    def _families(self, pool: Any) -> Iterator[Metric]:
+    def _families(self, pool: RatePool | None) -> Iterator[Metric]:
         ns = self._metrics.namespace
         local = CounterMetricFamily(
             f"{ns}_rate_lease_admissions",
