@@ -154,20 +154,7 @@ class LuaScheduler:
         """ratelease.lua: `returned` unspent tokens of a lease taken in `epoch` (None: the
         state's own, as the last trailer told it) go back, up to `wants` are leased."""
         self._now = now
-        pol = self._policy
-        static = protocol.static_args(
-            self._tag,
-            _PROCESS,
-            self._given,
-            credit_s=pol.credit_s,
-            queue_limit=pol.queue_limit,
-            tenant_queue_limit=pol.tenant_queue_limit,
-            tenant_idle_s=pol.tenant_idle_s,
-            max_tenants=pol.max_tenants,
-            lease_ttl_s=self.lease_ttl_s,
-            key_ttl_s=7200,
-            live_limits_ttl_s=self.live_ttl_s,
-        )
+        static = self._static_args()
         known = self.trailer.epoch if epoch is None else epoch
         args = protocol.ratelease_args(static, repr(now), known, int(returned), wants)
         self.lease = protocol.decode_ratelease(self._run("ratelease", args, self._client))
@@ -213,12 +200,11 @@ class LuaScheduler:
 
     # --- plumbing -------------------------------------------------------------------------------
 
-    def _call(
-        self, now: float, ops: list[str], entry: str = "batch"
-    ) -> tuple[list[str], list[Event]]:
-        self._now = now
+    def _static_args(self) -> list[str]:
+        """batch.lua's first ARGV (every entry script's that takes the limits): this
+        scheduler's tag, process, limits and policy."""
         pol = self._policy
-        static = protocol.static_args(
+        return protocol.static_args(
             self._tag,
             _PROCESS,
             self._given,
@@ -231,6 +217,12 @@ class LuaScheduler:
             key_ttl_s=7200,
             live_limits_ttl_s=self.live_ttl_s,
         )
+
+    def _call(
+        self, now: float, ops: list[str], entry: str = "batch"
+    ) -> tuple[list[str], list[Event]]:
+        self._now = now
+        static = self._static_args()
         if entry == "release":
             (op,) = ops
             rid = protocol.lone_release(ops)
