@@ -63,7 +63,7 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("store", "  -- The packed numbers fast.lua can change (call.HOT_PACKED", "save: packed texts"),
     ("store", "  local inflight_changed = s.inflight ~= call.inflight0\n", "save: HSET P:s"),
     ("store", "  if t.dirty then\n    local f0, w0, cap0", "save: HSET tenant"),
-    ("store", "  if next(born) ~= nil then\n    for name in pairs(born)", "save: TTLs"),
+    ("store", "  if next(born) ~= nil then\n    call.expire_keys(born)", "save: TTLs"),
     ("store", "  local ids = recent[proc]  -- (its only", "save: LPUSH recent"),
     ("batch", "      return call.finish_admitted(line, procs)", "finish"),
     # take's lease (concurrency)
