@@ -380,9 +380,9 @@ def max_overlap(runs: list[tuple[float, float]]) -> int:
 
 
 def test_concurrency_never_exceeds_the_budget_across_workers(served: Served) -> None:
-    key, count = new_key(), 12
+    count = 12
 
-    async def scenario() -> list[int]:
+    async def scenario(key: str) -> list[int]:
         await served.all_free()
         # A fresh connection per request, a few ms apart: connections that arrive together
         # are all taken by the first worker to wake (asyncio accepts all that are pending).
@@ -396,16 +396,22 @@ def test_concurrency_never_exceeds_the_budget_across_workers(served: Served) -> 
             responses = await asyncio.gather(*calls)
         return [r.status_code for r in responses]
 
-    assert run(scenario()) == [200] * count
-    lines = served.journal(f"share-{key}-")
-    starts = {line["tag"]: line for line in lines if line["event"] == "start"}
-    ends = {line["tag"]: line for line in lines if line["event"] == "end"}
-    assert len(starts) == len(ends) == count
-    runs = [(starts[tag]["t"], ends[tag]["t"]) for tag in starts]
-    assert max_overlap(runs) == CONCURRENCY  # the budget was used, and never exceeded
-    if served.kind.processes > 1:
+    # The kernel decides which worker accepts a connection: a round may go to one worker
+    # alone on a busy machine, so up to four rounds, until one had every worker serve.
+    pids: set[int] = set()
+    for _ in range(4):
+        key = new_key()
+        assert run(scenario(key)) == [200] * count
+        lines = served.journal(f"share-{key}-")
+        starts = {line["tag"]: line for line in lines if line["event"] == "start"}
+        ends = {line["tag"]: line for line in lines if line["event"] == "end"}
+        assert len(starts) == len(ends) == count
+        runs = [(starts[tag]["t"], ends[tag]["t"]) for tag in starts]
+        assert max_overlap(runs) == CONCURRENCY  # the budget was used, and never exceeded
         pids = {line["pid"] for line in starts.values()}
-        assert len(pids) == served.kind.processes, f"not every worker served: {pids}"
+        if len(pids) == served.kind.processes:
+            break
+    assert len(pids) == served.kind.processes, f"no round had every worker serve: {pids}"
 
 
 @dataclass(frozen=True)
