@@ -140,11 +140,7 @@ def test_poisson_arrivals_read_the_time_average_not_one_more() -> None:
     true: list[float] = []
     for w in range(1, windows + 1):
         end = w * WINDOW_S
-        while arrival <= end:
-            fleet.run(arrival)
-            fleet.admit()
-            arrival += fleet.rng.expovariate(rate)
-        fleet.run(end)
+        arrival = poisson_until(fleet, arrival, rate, end)
         summary = fleet.summaries[0]
         fleet.summaries[0] = WindowSummary()
         # Not measured yet: the mean at admissions, weighted by its requests.
@@ -159,6 +155,17 @@ def test_poisson_arrivals_read_the_time_average_not_one_more() -> None:
     assert at_admission == pytest.approx(average + 1.0, abs=0.1)
 
 
+def poisson_until(fleet: Fleet, arrival: float, rate: float, end: float) -> float:
+    """Admit the fleet's Poisson arrivals (`rate` a second) from `arrival` up to `end`, run
+    it to `end`; returns the next arrival."""
+    while arrival <= end:
+        fleet.run(arrival)
+        fleet.admit()
+        arrival += fleet.rng.expovariate(rate)
+    fleet.run(end)
+    return arrival
+
+
 def test_the_lag_moves_the_stretch_back_and_loses_no_second() -> None:
     """Takes with varying lags: each stretch starts where the last one ended, so over
     the run the areas and the spans add up to the whole (less the last take's lag)."""
@@ -169,11 +176,7 @@ def test_the_lag_moves_the_stretch_back_and_loses_no_second() -> None:
     area = span = 0.0
     for w in range(1, 201):
         end = w * WINDOW_S
-        while arrival <= end:
-            fleet.run(arrival)
-            fleet.admit()
-            arrival += fleet.rng.expovariate(rate)
-        fleet.run(end)
+        arrival = poisson_until(fleet, arrival, rate, end)
         a, s = fleet.flights[0].take(lags.uniform(0.0, 0.3))
         area, span = area + a, span + s
     rest_area, rest_span = fleet.flights[0].take(0.0)  # what the last lag kept back
