@@ -26,10 +26,13 @@ def quiet_pool(at: float = 0.0, busy: int = 2) -> SlotPool:
 def test_a_finished_slot_is_kept_and_taken_by_the_next_request_of_its_cost() -> None:
     pool = quiet_pool()
     assert pool.keep(0.1, "a", 1, 0.0, processes=1, concurrency=10)
-    assert "a" in pool and len(pool) == 1
+    assert "a" in pool
+    assert len(pool) == 1
     assert pool.take(0.2, 2, queue_empty=True) is None  # another cost: to Redis
     assert pool.take(0.2, 1, queue_empty=True) == "a"
-    assert len(pool) == 0 and pool.local_admissions == 1 and pool.kept == 1
+    assert len(pool) == 0
+    assert pool.local_admissions == 1
+    assert pool.kept == 1
     assert pool.take(0.3, 1, queue_empty=True) is None  # none left
 
 
@@ -51,7 +54,9 @@ def test_a_slot_is_kept_until_t_after_redis_admitted_it_however_often_reused() -
     assert pool.take(1.0, 1, True) is None  # aged in the pool: not handed out
     assert pool.aged(0.99) == []
     assert pool.aged(1.0) == ["a"]
-    assert len(pool) == 0 and pool.returned == 1 and pool.next_at is None
+    assert len(pool) == 0
+    assert pool.returned == 1
+    assert pool.next_at is None
 
 
 def test_a_reply_that_someone_waits_gives_every_kept_slot_back() -> None:
@@ -120,13 +125,15 @@ def test_drain_gives_back_and_forget_drops_without_a_call() -> None:
     assert pool.forget("b") == ["b"]
     assert pool.forget("zz") == []
     assert pool.drain() == ["a", "c"]
-    assert pool.returned == 2 and pool.forgotten == 1
+    assert pool.returned == 2
+    assert pool.forgotten == 1
     pool.keep(0.2, "d", 1, 0.0, 1, 10)
-    assert pool.forget() == ["d"] and len(pool) == 0
+    assert pool.forget() == ["d"]
+    assert len(pool) == 0
 
 
 def test_a_pool_needs_a_positive_t() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="positive"):
         SlotPool(0.0)
 
 
