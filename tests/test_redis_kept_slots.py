@@ -62,8 +62,8 @@ async def script_calls(client: redis.asyncio.Redis) -> int:
 
 async def in_flight(client: redis.asyncio.Redis, prefix: str) -> int:
     """What Redis counts in flight: the leases in P:leases (the anchor aside)."""
-    members: list[bytes] = await client.zrange(Keys(prefix).leases, 0, -1)
-    return len([m for m in members if not m.startswith(b"~")])
+    members = await client.zrange(Keys(prefix).leases, 0, -1)
+    return len([m for m in members if not str(m).startswith("b'~")])
 
 
 async def hold(backend: RedisBackend, n: int) -> list[str]:
