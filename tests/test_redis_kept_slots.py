@@ -63,7 +63,7 @@ async def script_calls(client: redis.asyncio.Redis) -> int:
 async def in_flight(client: redis.asyncio.Redis, prefix: str) -> int:
     """What Redis counts in flight: the leases in P:leases (the anchor aside)."""
     members = await client.zrange(Keys(prefix).leases, 0, -1)
-    return len([m for m in members if not str(m).startswith("b'~")])
+    return len([m for m in members if not (isinstance(m, bytes) and m.startswith(b"~"))])
 
 
 async def hold(backend: RedisBackend, n: int) -> list[str]:
