@@ -327,3 +327,25 @@ async def test_a_request_on_a_kept_slot_gives_it_back_however_it_ends(
     await backend.stop()
     assert await in_flight(client, prefix) == 0
     await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_the_metrics_count_what_kept_slots_admitted(clean_redis_server: RedisServer) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from throttle_mw.metrics import ThrottleMetrics
+
+    backend = RedisBackend(settings(clean_redis_server.url, f"ks{next(_prefixes)}"))
+    metrics = ThrottleMetrics(registry=CollectorRegistry(), backend=backend)
+    await backend.start()
+    for _ in range(3):
+        for rid in await hold(backend, 2):
+            backend.release(rid)
+    pool = backend.kept_slots
+    assert pool is not None
+    text = metrics.render()[0].decode()
+    await backend.stop()
+    assert pool.local_admissions == 4
+    assert "throttle_kept_slot_admissions_total 4.0" in text
+    assert 'throttle_kept_slots_total{how="kept"} 6.0' in text
+    assert "throttle_kept_slots_held 2.0" in text
