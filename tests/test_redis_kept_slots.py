@@ -349,3 +349,36 @@ async def test_the_metrics_count_what_kept_slots_admitted(clean_redis_server: Re
     assert "throttle_kept_slot_admissions_total 4.0" in text
     assert 'throttle_kept_slots_total{how="kept"} 6.0' in text
     assert "throttle_kept_slots_held 2.0" in text
+
+
+@pytest.mark.anyio
+async def test_a_learned_limit_keeps_slots_and_a_change_of_limits_gives_them_back(
+    clean_redis_server: RedisServer,
+) -> None:
+    """THROTTLE_CONCURRENCY=auto (the default budget): slots are kept within the learned
+    limit the replies state; limits changed live (here by this process) reach it with
+    its next reply, and its kept slots go back then."""
+    from throttle_mw.scheduler import Limits
+
+    prefix = f"ks{next(_prefixes)}"
+    client = redis.asyncio.Redis.from_url(clean_redis_server.url)
+    backend = RedisBackend(settings(clean_redis_server.url, prefix, concurrency="auto"))
+    await backend.start()
+    try:
+        assert backend.learning
+        for rid in await hold(backend, 2):
+            backend.release(rid)
+        pool = backend.kept_slots
+        assert pool is not None
+        assert len(pool) == 2
+        assert await in_flight(client, prefix) == 2
+        await backend.set_limits(Limits(concurrency=6))
+        assert len(pool) == 0
+        for _ in range(100):  # (the releases go out in the background: bounded)
+            if await in_flight(client, prefix) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert await in_flight(client, prefix) == 0
+    finally:
+        await backend.stop()
+        await client.aclose()
