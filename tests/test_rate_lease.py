@@ -342,3 +342,35 @@ def test_leases_never_admit_more_than_the_bucket_and_about_as_much(
             assert j - i + 1 <= allowed + 1e-6, (start, on[j], j - i + 1, allowed)
     assert len(on) <= rate * DURATION_S + burst
     assert len(off) - burst / 2 <= len(on) <= len(off) + burst / 2
+
+
+def surge(seed: int) -> list[list[bool]]:
+    """Light load (20/s a process) for the first second, while the bucket is full and the
+    pools hold leases; then a flood (500/s a process)."""
+    rng = random.Random(seed)
+    steps = int(DURATION_S / STEP_S)
+    return [
+        [rng.random() < (20.0 if s * STEP_S < 1.0 else 500.0) * STEP_S for s in range(steps)]
+        for _ in range(PROCESSES)
+    ]
+
+
+def most_in_a_window(admitted: list[float], rate: float) -> tuple[float, float, int, float]:
+    """The window [a, b] whose admissions most exceed rate x (b - a): (a, b, n, excess)."""
+    worst = (0.0, 0.0, 0, -float("inf"))
+    for i, start in enumerate(admitted):
+        for j in range(i, len(admitted)):
+            excess = j - i + 1 - rate * (admitted[j] - start)
+            if excess > worst[3]:
+                worst = (start, admitted[j], j - i + 1, excess)
+    return worst
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_with_leases_no_window_admits_more_than_the_bucket_would(fleet: Any, seed: int) -> None:
+    """The exact bound, leases included: in any window [a, b] the fleet admits at most
+    rate x (b - a) + burst, as the plain bucket would. A surge after a light second is
+    where leases held tokens while the bucket refilled to its burst beside them."""
+    on, _ = drive(fleet(), surge(seed), leases=True)
+    start, end, n, excess = most_in_a_window(on, FLEET.rate or 0.0)
+    assert excess <= FLEET.burst + 1e-6, (start, end, n, excess)
