@@ -612,7 +612,9 @@ class RedisBackend(Recovery):
         if not returned and not wants:
             pool.skip(sent)  # (a share of the burst below one token: no lease, no call)
             return
-        args = protocol.ratelease_args(self._static, self._clock(), epoch, returned, wants)
+        args = protocol.ratelease_args(
+            self._static, self._clock(), epoch, pool.held, wants, pool.lease_s
+        )
         try:
             raw = await self._scripts.ratelease(keys=[self._keys.state], args=args)
             lease = protocol.decode_ratelease(raw)
@@ -625,7 +627,14 @@ class RedisBackend(Recovery):
             pool.drop()
             logger.exception("throttle_mw: a lease of rate tokens failed")
             return
-        pool.granted(sent, lease.taken, lease.epoch)
+        pool.granted(
+            sent,
+            lease.taken,
+            lease.epoch,
+            kept=lease.kept,
+            generation=lease.generation,
+            until=lease.until,
+        )
         self._succeeded()
         if lease.taken and not self._closing:
             # Old before it is spent: renewed then (or its tokens given back), not lapsed.
