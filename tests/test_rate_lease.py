@@ -20,7 +20,12 @@ import pytest
 
 from tests.support.lua_scheduler import LuaScheduler
 from tests.support.redis_server import RedisServer
-from throttle_mw.backends.redis.ratepool import RETRY_SHARE, RatePool
+from throttle_mw.backends.redis.ratepool import (
+    AUTO_LEASE_S,
+    AUTO_MIN_TOKENS,
+    RETRY_SHARE,
+    RatePool,
+)
 from throttle_mw.scheduler import (
     Admit,
     Enqueue,
@@ -267,6 +272,63 @@ def test_a_renewal_gives_back_what_is_over_the_next_lease_s_size() -> None:
     # 2 requests in the first T: 20/s, a lease of 2: 2 kept, the 5 over it go back
     assert pool.renewal(0.09, 1, 100.0) == (5, "e1", 0)
     assert (pool.tokens, pool.returned) == (2, 5)
+
+
+def test_kept_tokens_lapse_when_redis_no_longer_counted_them() -> None:
+    """The last lease had expired in Redis before the renewal arrived: Redis answers
+    that none of the kept tokens count any more, and they lapse here too."""
+    pool = granted_pool(8)
+    pool.take(0.05, 1, queue_empty=True)
+    pool.take(0.06, 1, queue_empty=True)
+    pool.renewal(0.08, 1, 100.0)
+    assert pool.held.kept == pool.tokens > 0
+    kept = pool.tokens
+    pool.granted(0.08, 2, "e1", kept=0, generation=3, until=1.0)
+    assert (pool.tokens, pool.lapsed) == (2, kept)
+    assert (pool.generation, pool.until, pool.counted) == (3, 1.0, 2)
+    pool.seen(0.1, 1)
+    pool.renewal(0.1, 1, 100.0)
+    assert pool.held[:3] == (3, 1.0, 2)  # what Redis counted out is what it is told
+
+
+def drive_pool(pool: RatePool, per_s: float, seconds: float, start: float = 0.0) -> int:
+    """Requests at `per_s` into `pool`, renewals granted in full at once: the lease calls
+    made (not skipped)."""
+    calls = 0
+    n = int(per_s * seconds)
+    for i in range(n):
+        now = start + i / per_s
+        pool.take(now, 1, queue_empty=True)
+        if pool.due(now):
+            returned, _, wants = pool.renewal(now, 1, 1000.0)
+            if not returned and not wants:
+                pool.skip(now)
+                continue
+            calls += 1
+            pool.granted(now, wants, "e1")
+    return calls
+
+
+def test_auto_makes_no_lease_call_for_a_process_admitting_a_handful_a_second() -> None:
+    pool = RatePool(AUTO_LEASE_S, auto=True)
+    assert drive_pool(pool, 5.0, 10.0) == 0
+    assert (pool.calls, pool.local_admissions, pool.leased) == (0, 0, 0)
+    # Half AUTO_MIN_TOKENS / T (40/s): still none (its rate over one to two T, rounded
+    # up, may reach the threshold near it).
+    assert drive_pool(pool, 20.0, 5.0, start=10.0) == 0
+
+
+def test_auto_leases_once_the_process_s_rate_fills_a_worthwhile_lease() -> None:
+    pool = RatePool(AUTO_LEASE_S, auto=True)
+    calls = drive_pool(pool, 500.0, 2.0)
+    assert pool.local_admissions > 0.9 * 1000
+    assert calls < 1000 / AUTO_MIN_TOKENS
+    assert pool.size >= AUTO_MIN_TOKENS
+    # Slowing to a handful a second: what it holds goes back, then no more calls.
+    later = drive_pool(pool, 5.0, 5.0, start=2.0)
+    assert later <= 2
+    assert pool.tokens == 0
+    assert drive_pool(pool, 5.0, 5.0, start=7.0) == 0
 
 
 def test_kept_tokens_of_another_epoch_lapse_with_it() -> None:

@@ -33,7 +33,7 @@ from .grants import GrantListener
 from .keys import Keys
 from .learner import FleetLearner
 from .protocol import AlreadyAdmitted, Op
-from .ratepool import RatePool
+from .ratepool import AUTO_LEASE_S, RatePool
 from .recovery import Recovery, Waiter
 from .scripts import DEADLINE_GRACE_S, Scripts
 
@@ -54,6 +54,15 @@ def key_ttl_s(settings: Settings) -> float:
     """T, the state TTL of keys.py: how long a budget's keys outlive their last use. By
     then every waiter is past its deadline and grace and every lease has lapsed."""
     return max(settings.max_wait_s.values()) + DEADLINE_GRACE_S + settings.lease_ttl_s
+
+
+def rate_pool(settings: Settings) -> RatePool | None:
+    """THROTTLE_RATE_LEASE's pool: T seconds, ``auto`` (AUTO_LEASE_S, and leases only
+    while they pay), or none (0)."""
+    lease = settings.rate_lease_s
+    if lease == "auto":
+        return RatePool(AUTO_LEASE_S, auto=True)
+    return RatePool(lease) if lease else None
 
 
 def _leasable(limits: Limits) -> bool:
@@ -108,7 +117,7 @@ class RedisBackend(Recovery):
         self._learning_task: asyncio.Task[None] | None = None
         #: THROTTLE_RATE_LEASE: this process's lease of rate tokens (None: off), and its
         #: renewal call while one is out.
-        self._pool = RatePool(settings.rate_lease_s) if settings.rate_lease_s else None
+        self._pool = rate_pool(settings)
         self._lease_task: asyncio.Task[None] | None = None
         self._lease_timer: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None

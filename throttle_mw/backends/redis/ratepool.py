@@ -42,6 +42,15 @@ from ...scheduler import NO_LEASE, HeldLease
 LOW_SHARE = 0.25
 #: ... or this share of its life has passed.
 OLD_SHARE = 0.75
+#: ``THROTTLE_RATE_LEASE=auto``: T. Short, as fairness and priority across processes are
+#: approximate within T while leases are out, and long enough that a process admitting
+#: AUTO_MIN_TOKENS / T requests a second (40/s) fills a worthwhile lease.
+AUTO_LEASE_S = 0.1
+#: ``auto``: no lease smaller than this many tokens (this process's rate x T, within its
+#: share of the burst): a lease call costs Redis about what one admission call does, so a
+#: lease of k tokens saves about k - 1 calls; below 4 the saving is small, and a process
+#: admitting a handful a second makes no lease call at all (its requests go to Redis).
+AUTO_MIN_TOKENS = 4
 #: The fleet's leases hold at most this share of the burst at once (each process's lease
 #: at most its part of it): the rest stays in the bucket for requests that go to Redis.
 BURST_SHARE = 0.5
@@ -54,11 +63,13 @@ RETRY_SHARE = 0.5
 class RatePool:
     """Tokens of one lease, spent by this process until the lease expires."""
 
-    def __init__(self, lease_s: float) -> None:
+    def __init__(self, lease_s: float, *, auto: bool = False) -> None:
         if lease_s <= 0:
             raise ValueError("a lease lasts a positive time")
         #: T: how long a lease may be spent, from the moment its call was sent.
         self.lease_s = lease_s
+        #: ``auto``: no lease below AUTO_MIN_TOKENS (see `wants`).
+        self.auto = auto
         #: Unspent tokens, usable while ``now < expires_at``.
         self.tokens = 0
         self.expires_at = -math.inf
@@ -152,11 +163,15 @@ class RatePool:
     def wants(self, now: float, processes: int, burst: float) -> int:
         """The next lease's size: this process's rate times T, at least 1, at most its
         share of the burst (``BURST_SHARE x burst / processes``); 0: no request since the
-        last renewal, or a share below one token."""
+        last renewal, a share below one token, or (``auto``) a size below
+        AUTO_MIN_TOKENS (the process gives back what it holds and goes to Redis)."""
         share = math.floor(burst * BURST_SHARE / max(1, processes))
         if share < 1 or not self._demand:
             return 0
-        return max(1, min(share, math.ceil(self.rate(now) * self.lease_s)))
+        size = max(1, min(share, math.ceil(self.rate(now) * self.lease_s)))
+        if self.auto and size < AUTO_MIN_TOKENS:
+            return 0
+        return size
 
     def renewal(
         self, now: float, processes: int, burst: float, *, final: bool = False
@@ -215,8 +230,10 @@ class RatePool:
 
     def skip(self, sent: float) -> None:
         """A renewal with nothing to give back and nothing wanted (a share of the burst
-        below one token): no call; none again before ``RETRY_SHARE`` of T."""
+        below one token; ``auto``: a rate too low for a lease): no call (not counted);
+        none again before ``RETRY_SHARE`` of T."""
         self.renewing = False
+        self.calls -= 1
         self.retry_at = sent + self.lease_s * RETRY_SHARE
 
     def drop(self) -> None:

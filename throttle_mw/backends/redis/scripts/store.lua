@@ -1378,7 +1378,8 @@ function call.load_acquire_state()
   s.v_rate = n[7]; s.thr = n[8]; s.meas_at = n[9]; s.qcost = n[10]; s.wsum = n[11]
   s.seq = n[12]; s.tk_at = n[13]; s.xp = n[14]; s.fi = n[15]; s.la = n[16] or 0; s.rc = n[17]
   s.np = n[18]; s.pc = n[19]; s.lm = n[20]; s.lk = n[21] or 0; s.le = n[22]
-  s.rg = n[23]; s.ra = n[24]; s.rx = n[25]; s.rb = n[26]; s.ry = n[27]
+  s.rg = n[23]  -- (leases of rate tokens: the rest only if there were any)
+  if s.rg ~= nil then s.ra = n[24]; s.rx = n[25]; s.rb = n[26]; s.ry = n[27] end
   s.inflight = NUMBERS[v[2]] or tonum(v[2]); s.waiting = NUMBERS[v[3]] or tonum(v[3])
   s.ep = v[4] or ''; s.lv = v[5] or ''
   call.inflight0 = s.inflight; call.lv0 = s.lv
