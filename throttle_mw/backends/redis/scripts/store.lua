@@ -705,6 +705,11 @@ function call.seen_idle(h, idle)
   if pending == nil then M.idle = {[h] = idle} else pending[h] = idle end
 end
 
+-- The idle list's changes, with its anchor (keys.IDLE_ANCHOR) in every ZADD: the list
+-- keeps it when its last tenant starts waiting, so it is not made anew (and given a TTL)
+-- each time one goes back on it. Only a ZADD all of whose members are new (the anchor
+-- too) may have made the key: else a member was there, and the key has its TTL from
+-- whoever made it. (A ZREM never removes the anchor: no tenant's digest is its text.)
 function call.flush_idle()
   local pending = M.idle
   if pending == nil then return end
@@ -713,7 +718,7 @@ function call.flush_idle()
   if next(pending, h) == nil then  -- (one tenant, most calls: no lists made)
     if not idle then
       redis.call('ZREM', K.tenants, h)
-    elseif redis.call('ZADD', K.tenants, call.now_score(), h) > 0 then
+    elseif redis.call('ZADD', K.tenants, call.now_score(), h, '+inf', TUNING.IDLE_ANCHOR) == 2 then
       born.tenants = true
     end
     return
@@ -723,7 +728,11 @@ function call.flush_idle()
   for h, idle in pairs(pending) do
     if idle then add[#add + 1] = seen; add[#add + 1] = h else drop[#drop + 1] = h end
   end
-  if #add > 0 and redis.call('ZADD', K.tenants, unpack(add)) > 0 then born.tenants = true end
+  if #add > 0 then
+    local members = #add / 2 + 1
+    add[#add + 1] = '+inf'; add[#add + 1] = TUNING.IDLE_ANCHOR
+    if redis.call('ZADD', K.tenants, unpack(add)) == members then born.tenants = true end
+  end
   if #drop > 0 then redis.call('ZREM', K.tenants, unpack(drop)) end
 end
 
@@ -1383,7 +1392,9 @@ end
 -- (No TTL refresh is due, nobody waits, nothing is held back: fast.lua checked.)
 function call.save_acquire(t)
   local seen = call.now_score()
-  if redis.call('ZADD', K.tenants, seen, t.h) > 0 then born.tenants = true end
+  if redis.call('ZADD', K.tenants, seen, t.h, '+inf', TUNING.IDLE_ANCHOR) == 2 then
+    born.tenants = true  -- (the list's anchor: call.flush_idle)
+  end
   -- The packed numbers fast.lua can change (call.HOT_PACKED, by their places in PACKED:
   -- tokens, ts, v, win_cost, la, np, pc, lk, le), compared and formatted one by one ('' if
   -- unset). The memo entry loaded is changed in place (only K.state_memo holds it), and is
