@@ -1469,6 +1469,49 @@ function call.save_acquire(t)
   if ids ~= nil then call.push_recent_of(proc, ids) end
 end
 
+-- --- the caller's heartbeat ----------------------------------------------------------------
+--
+-- Every batch call registers its caller in P:procs (ZADD NX when it is not there: only
+-- renew.lua extends a heartbeat). A loaded library remembers, by process, the heartbeat's
+-- expiry as it last read or wrote it, with the state's epoch then (K.beats; K is kept by
+-- prefix), and asks P:procs only when it does not know the caller is there: an entry whose
+-- expiry is still ahead cannot be gone, as renew.lua sweeps only lapsed ones and only the
+-- process itself removes its own (leave.lua, which forgets it here too). The epoch: a Redis
+-- emptied meanwhile has the state made anew, with another. (A heartbeat lapsed but not yet
+-- swept, as in a test that never renews, is asked for every call, as before. With EVAL
+-- nothing is kept: asked every call.) Returns whether this call registered the caller.
+function call.heartbeat()
+  local beats = K.beats
+  local beat = beats and beats[proc]
+  if beat ~= nil and beat.ep == S.ep and now < beat.at then return false end
+  local at = redis.call('ZSCORE', K.procs, proc)
+  local joined = false
+  if at then
+    at = NUMBERS[at] or tonum(at)
+  else
+    at = now + POL.lease_ttl
+    joined = redis.call('ZADD', K.procs, 'NX', num(at), proc) == 1
+  end
+  call.beat_seen(proc, at, S.ep)
+  return joined
+end
+
+-- Process p's heartbeat is in P:procs until `at`, the state's epoch `ep` (call.heartbeat;
+-- renew.lua). At most TUNING.NAMES_MAX processes are kept by prefix, then afresh.
+function call.beat_seen(p, at, ep)
+  local beats = K.beats
+  if beats == nil or K.beats_kept >= TUNING.NAMES_MAX then
+    beats = {}; K.beats = beats; K.beats_kept = 0
+  end
+  local beat = beats[p]
+  if beat == nil then
+    beats[p] = {at = at, ep = ep}
+    K.beats_kept = K.beats_kept + 1
+  else
+    beat.at = at; beat.ep = ep
+  end
+end
+
 -- --- events and leases ---------------------------------------------------------------------
 
 -- A message (its fields joined with SEP) for process p's grant list. (The fields are
