@@ -1392,9 +1392,9 @@ end
 -- (No TTL refresh is due, nobody waits, nothing is held back: fast.lua checked.)
 function call.save_acquire(t)
   local seen = call.now_score()
-  if redis.call('ZADD', K.tenants, seen, t.h, '+inf', TUNING.IDLE_ANCHOR) == 2 then
-    born.tenants = true  -- (the list's anchor: call.flush_idle)
-  end
+  -- (Without the list's anchor, which a full call adds (call.flush_idle): its member costs
+  -- each fast acquire a little; a member new here may have made the key, so it gets a TTL.)
+  if redis.call('ZADD', K.tenants, seen, t.h) > 0 then born.tenants = true end
   -- The packed numbers fast.lua can change (call.HOT_PACKED, by their places in PACKED:
   -- tokens, ts, v, win_cost, la, np, pc, lk, le), compared and formatted one by one ('' if
   -- unset). The memo entry loaded is changed in place (only K.state_memo holds it), and is
