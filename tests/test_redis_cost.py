@@ -238,6 +238,33 @@ def test_the_heartbeat_is_asked_for_only_when_not_known_to_be_there(
     assert client.zscore(procs, "sim") == 2 * ttl + 7.0
 
 
+def test_a_waiters_process_is_asked_for_only_when_not_known_alive(client: redis.Redis) -> None:
+    """A grant to a waiter of another process first checks that process is alive (core.lua's
+    orphaned): P:procs is asked only when the loaded library does not know its heartbeat is
+    there (the fleet's processes call the same library: their calls and renewals tell it). A
+    lapsed one is asked, and its waiter dropped, not granted."""
+    if redis_version(client) < (7, 0):
+        pytest.skip("EVAL: nothing outlives a call")
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0))
+    first = LuaScheduler(client, Limits(rate=1.0, burst=1.0), policy, now=0.0)  # (3600 s)
+    other = first.joined("other")
+    other.lease_ttl_s = 10.0  # its heartbeat: 10 s from its first call
+    other.acquire(0.0, Request("r0", "a"))  # the bucket emptied
+    other.acquire(0.1, Request("r1", "a"))  # waits
+    grants = f"{first._tag}:g:other"  # (the other process's grant list)
+    client.config_resetstat()
+    first.tick(1.1)
+    assert "zscore" not in commands(client), commands(client)  # both known alive
+    assert [m.split(b"|")[:2] for m in client.lrange(grants, 0, -1)] == [[b"g", b"r1"]]
+    client.delete(grants)
+    other.acquire(1.2, Request("r2", "a"))  # waits; then its process's heartbeat lapses
+    client.config_resetstat()
+    first.tick(12.0)
+    assert commands(client).get("zscore") == 1, commands(client)  # lapsed: asked
+    assert client.hget(f"{first._tag}:r", "r2") is None  # dropped, not granted
+    assert not any(m.startswith(b"g|r2") for m in client.lrange(grants, 0, -1))
+
+
 def test_a_tick_that_admits_nothing_asks_no_sorted_set(client: redis.Redis) -> None:
     """A tick between two admissions of a saturated budget (the fallback tick of a process
     that did not claim the fleet's tick, or one woken early) finds nothing admittable from

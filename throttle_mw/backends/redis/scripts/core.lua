@@ -549,8 +549,12 @@ end
 -- a request was alive when it did.
 function orphaned(r)
   if r.proc == proc then return false end
+  if call.beat_known(r.proc) then return false end  -- Lua only: not asked (store.lua)
   local beat = redis.call('ZSCORE', K.procs, r.proc)
-  return (not beat) or tonumber(beat) <= now
+  if not beat then return true end
+  beat = NUMBERS[beat] or tonum(beat)
+  call.beat_seen(r.proc, beat, S.ep)
+  return beat <= now
 end
 
 -- Leases not renewed in time (their process crashed) give their concurrency back.

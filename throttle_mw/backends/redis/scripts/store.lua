@@ -1481,9 +1481,7 @@ end
 -- swept, as in a test that never renews, is asked for every call, as before. With EVAL
 -- nothing is kept: asked every call.) Returns whether this call registered the caller.
 function call.heartbeat()
-  local beats = K.beats
-  local beat = beats and beats[proc]
-  if beat ~= nil and beat.ep == S.ep and now < beat.at then return false end
+  if call.beat_known(proc) then return false end
   local at = redis.call('ZSCORE', K.procs, proc)
   local joined = false
   if at then
@@ -1494,6 +1492,14 @@ function call.heartbeat()
   end
   call.beat_seen(proc, at, S.ep)
   return joined
+end
+
+-- Process p's heartbeat is known to be in P:procs, not lapsed (call.heartbeat; core.lua's
+-- orphaned, for a waiter's process: the fleet's processes renew on the same library).
+function call.beat_known(p)
+  local beats = K.beats
+  local beat = beats and beats[p]
+  return beat ~= nil and beat.ep == S.ep and now < beat.at
 end
 
 -- Process p's heartbeat is in P:procs until `at`, the state's epoch `ep` (call.heartbeat;
