@@ -35,8 +35,11 @@ Scenarios:
 - ``lease``: ``rate-paced`` and ``rate-lease``: ``--lease-procs`` backends (processes of
   a fleet, each with its own connections) on one rate budget, each sending one request
   at a time at ``--lease-pace`` per second (unbatched), without and with leases of rate
-  tokens (``THROTTLE_RATE_LEASE=--lease-s``); ``local``: the share admitted from the
-  pools; the heartbeats' calls are counted in both;
+  tokens (``THROTTLE_RATE_LEASE=--lease-s``), and ``rate-auto`` with
+  ``THROTTLE_RATE_LEASE=auto``; ``quiet-paced`` and ``quiet-auto``: the same at
+  ``--quiet-pace`` per second (a process too quiet for ``auto`` to lease) for
+  ``--quiet-s`` seconds; ``local``: the share admitted from the pools; the heartbeats'
+  calls are counted in all;
 - ``floor``: the harness's floor, one call at a time from redis-py as the backend calls:
   ``floor-ping`` (PING) and ``floor-nop`` (FCALL of a function that does nothing, with
   the arguments of a rate admission's call): what a round trip costs Redis whatever the
@@ -259,7 +262,7 @@ async def unbatched(url: str, mode: str, n: int, held: int) -> dict[str, Any]:
 
 
 def _paced_fleet(
-    url: str, prefix: str, procs: int, pace: float, lease_s: float
+    url: str, prefix: str, procs: int, pace: float, lease_s: float | str
 ) -> tuple[list[RedisBackend], Callable[[int], Awaitable[None]], Callable[[], int]]:
     """`procs` backends on one budget of 1e6/s (burst 1e6: nobody ever waits) and a run
     of `n` admissions each, one at a time at `pace` per second each (a slot missed is not
@@ -286,9 +289,10 @@ def _paced_fleet(
     return backends, run, lambda: done
 
 
-async def paced(url: str, n: int, procs: int, pace: float, lease_s: float) -> dict[str, Any]:
+async def paced(url: str, n: int, procs: int, pace: float, lease_s: float | str) -> dict[str, Any]:
     """The ``lease`` scenario: see the module docstring."""
-    backends, run, admitted = _paced_fleet(url, f"lease{lease_s}", procs, pace, lease_s)
+    prefix = f"lease{lease_s}p{pace}"
+    backends, run, admitted = _paced_fleet(url, prefix, procs, pace, lease_s)
     for backend in backends:
         await backend.start()
     await run(max(50, n // 10))  # warm up: the library loaded, tenants made, leases sized
@@ -542,9 +546,15 @@ async def main_async(args: argparse.Namespace, url: str) -> dict[str, Any]:
         fleet = (args.lease_procs, args.lease_pace)
         await run("rate-paced", paced(url, per, *fleet, 0.0))
         await run("rate-lease", paced(url, per, *fleet, args.lease_s))
-        out["rate-lease"]["vs_paced"] = round(
-            out["rate-paced"]["cpu_us"] / max(0.1, out["rate-lease"]["cpu_us"]), 1
-        )
+        await run("rate-auto", paced(url, per, *fleet, "auto"))
+        for name in ("rate-lease", "rate-auto"):
+            out[name]["vs_paced"] = round(
+                out["rate-paced"]["cpu_us"] / max(0.1, out[name]["cpu_us"]), 1
+            )
+        quiet = (args.lease_procs, args.quiet_pace)
+        per_quiet = max(1, int(args.quiet_pace * args.quiet_s))
+        await run("quiet-paced", paced(url, per_quiet, *quiet, 0.0))
+        await run("quiet-auto", paced(url, per_quiet, *quiet, "auto"))
     if "batched" in wanted:
         await run("rate-batched", batched(url, "rate", 8 * args.n, 64))
         await run("concurrency-batched", batched(url, "concurrency", 8 * args.n, 64))
@@ -571,6 +581,12 @@ def main(argv: list[str] | None = None) -> int:
         "--scenarios", default="rate,concurrency,batched,saturated,churn,queue,stop"
     )
     parser.add_argument("--lease-procs", type=int, default=4, help="lease: processes")
+    parser.add_argument(
+        "--quiet-pace", type=float, default=10.0, help="lease: quiet-*'s requests/s per process"
+    )
+    parser.add_argument(
+        "--quiet-s", type=float, default=4.0, help="lease: quiet-*'s measured seconds"
+    )
     parser.add_argument(
         "--lease-pace", type=float, default=500.0, help="lease: requests/s per process"
     )

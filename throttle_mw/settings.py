@@ -190,8 +190,10 @@ class Settings:
     credit_s: float = _POLICY.credit_s
     #: A concurrency lease left unrenewed this long is given back (crashed workers).
     lease_ttl_s: float = 30.0
-    #: T of a process's lease of rate tokens (Redis, rate budgets only); 0: no leases.
-    rate_lease_s: float = 0.0
+    #: T of a process's lease of rate tokens (Redis, rate budgets only); 0: no leases;
+    #: "auto": T chosen by the library, leases only while this process's own rate makes
+    #: them pay (ratepool.py's AUTO_LEASE_S, AUTO_MIN_TOKENS).
+    rate_lease_s: float | Literal["auto"] = 0.0
     #: Socket timeout for Redis calls; beyond it the failure mode applies.
     redis_timeout_s: float = 0.25
     #: Tenant states kept at most (idle ones are evicted first).
@@ -448,11 +450,13 @@ def _seconds(what: str, *, allow_zero: bool = False) -> Callable[[object, str], 
     return parse
 
 
-def _rate_lease(raw: object, source: str) -> float:
+def _rate_lease(raw: object, source: str) -> float | Literal["auto"]:
+    if isinstance(raw, str) and raw.strip().lower() == "auto":
+        return "auto"
     return _number(
         raw,
         source,
-        what="seconds from 0 (off) to 10, e.g. 0.1",
+        what="auto, or seconds from 0 (off) to 10, e.g. 0.1",
         low=0.0,
         high=10.0,
         low_open=False,

@@ -33,7 +33,7 @@ from .grants import GrantListener
 from .keys import Keys
 from .learner import FleetLearner
 from .protocol import AlreadyAdmitted, Op
-from .ratepool import RatePool
+from .ratepool import AUTO_LEASE_S, RatePool
 from .recovery import Recovery, Waiter
 from .scripts import DEADLINE_GRACE_S, Scripts
 
@@ -54,6 +54,15 @@ def key_ttl_s(settings: Settings) -> float:
     """T, the state TTL of keys.py: how long a budget's keys outlive their last use. By
     then every waiter is past its deadline and grace and every lease has lapsed."""
     return max(settings.max_wait_s.values()) + DEADLINE_GRACE_S + settings.lease_ttl_s
+
+
+def rate_pool(settings: Settings) -> RatePool | None:
+    """THROTTLE_RATE_LEASE's pool: T seconds, ``auto`` (AUTO_LEASE_S, and leases only
+    while they pay), or none (0)."""
+    lease = settings.rate_lease_s
+    if lease == "auto":
+        return RatePool(AUTO_LEASE_S, auto=True)
+    return RatePool(lease) if lease else None
 
 
 def _leasable(limits: Limits) -> bool:
@@ -108,7 +117,7 @@ class RedisBackend(Recovery):
         self._learning_task: asyncio.Task[None] | None = None
         #: THROTTLE_RATE_LEASE: this process's lease of rate tokens (None: off), and its
         #: renewal call while one is out.
-        self._pool = RatePool(settings.rate_lease_s) if settings.rate_lease_s else None
+        self._pool = rate_pool(settings)
         self._lease_task: asyncio.Task[None] | None = None
         self._lease_timer: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None
@@ -612,7 +621,9 @@ class RedisBackend(Recovery):
         if not returned and not wants:
             pool.skip(sent)  # (a share of the burst below one token: no lease, no call)
             return
-        args = protocol.ratelease_args(self._static, self._clock(), epoch, returned, wants)
+        args = protocol.ratelease_args(
+            self._static, self._clock(), epoch, pool.held, wants, pool.lease_s
+        )
         try:
             raw = await self._scripts.ratelease(keys=[self._keys.state], args=args)
             lease = protocol.decode_ratelease(raw)
@@ -625,7 +636,14 @@ class RedisBackend(Recovery):
             pool.drop()
             logger.exception("throttle_mw: a lease of rate tokens failed")
             return
-        pool.granted(sent, lease.taken, lease.epoch)
+        pool.granted(
+            sent,
+            lease.taken,
+            lease.epoch,
+            kept=lease.kept,
+            generation=lease.generation,
+            until=lease.until,
+        )
         self._succeeded()
         if lease.taken and not self._closing:
             # Old before it is spent: renewed then (or its tokens given back), not lapsed.
