@@ -55,7 +55,7 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("batch", "if single then\n  local op = text", "one operation"),
     ("batch", "load_state(ARGV[5], ARGV[4])\n", "load_state"),
     ("batch", "hold_back()\ncall.recall_line()", "recall_line"),
-    ("batch", "local joined = false\n", "heartbeat"),
+    ("batch", "local joined = call.heartbeat()\n", "heartbeat"),
     ("batch", "refill()\nexpire_leases()\nexpire_waiters()\n", "expiries"),
     ("batch", "local results = {nil}", "operation"),
     ("core", "  local t = tenant(h, name, weight)\n  cost = clamp(cost)\n", "acquire: tenant"),

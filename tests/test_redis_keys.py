@@ -31,7 +31,7 @@ from tests.support.redis_server import RedisServer
 from tests.support.servers import AppServer, wait_until
 from tests.support.simulation import Arrival, Simulation, poisson
 from throttle_mw.backends import Admitted
-from throttle_mw.backends.redis import RedisBackend
+from throttle_mw.backends.redis import RedisBackend, keys
 from throttle_mw.backends.redis.admin import Budget
 from throttle_mw.backends.redis.backend import key_ttl_s
 from throttle_mw.scheduler import Limits, Policy, Request
@@ -118,6 +118,48 @@ def test_every_key_has_a_ttl_after_every_call(name: str, redis_server_session: R
     assert any(o.rejected or (o.waited_s or 0) > 0 for o in outcomes)  # queues formed
     assert scheduler.calls > 300
     assert scheduler.forever == []
+
+
+def test_the_idle_list_keeps_its_anchor_and_its_ttl(redis_server_session: RedisServer) -> None:
+    """P:tenants holds an anchor member (keys.IDLE_ANCHOR, +inf), so it is not emptied, and
+    made anew without a TTL, when its last tenant starts waiting: the call that puts a
+    tenant back on it needs no PEXPIRE. A list without the anchor (made by an older build)
+    gets it from the next full call, its TTL kept; one made anew gets a TTL; the snapshot
+    counts tenants without it."""
+    client = redis_server_session.client()
+    try:
+        client.flushall()
+        scheduler = LuaScheduler(
+            client, Limits(rate=1.0, burst=1.0), Policy(DEFAULT_MAX_WAIT_S), now=0.0
+        )
+        idle = f"{scheduler._tag}:tenants"
+        scheduler.acquire(0.0, Request("r1", "a"))  # admitted (a new budget: a full call)
+        assert client.zrange(idle, 0, -1) == [
+            keys.tenant_digest("a").encode(),
+            keys.IDLE_ANCHOR.encode(),
+        ]
+        scheduler.acquire(0.1, Request("r2", "a"))  # queues: off the list, the anchor stays
+        assert client.zrange(idle, 0, -1, withscores=True) == [
+            (keys.IDLE_ANCHOR.encode(), float("inf"))
+        ]
+        assert client.pttl(idle) > 5_000
+        client.pexpire(idle, 5_000)  # (what is left of its TTL, later)
+        scheduler.tick(1.5)  # r2 admitted: "a" back on the list, which keeps its TTL
+        assert client.zcard(idle) == 2
+        assert 0 < client.pttl(idle) <= 5_000
+        # An older build's list: a tenant on it, no anchor: the next full call adds it.
+        client.zrem(idle, keys.IDLE_ANCHOR)
+        client.zadd(idle, {"older": 1.0})
+        scheduler.acquire(1.6, Request("r4", "a"))  # queues: "a" off the list
+        scheduler.tick(2.5)  # r4 admitted: "a" back on it, with the anchor
+        assert client.zscore(idle, keys.IDLE_ANCHOR) == float("inf")
+        assert client.pttl(idle) > 0
+        assert scheduler.snapshot().tenants == 2  # "a" and "older", not the anchor
+        client.delete(idle)  # made anew by the next call that puts a tenant on it
+        scheduler.acquire(10.0, Request("r5", "b"))  # admitted (fast.lua: without the anchor)
+        assert client.pttl(idle) > 5_000
+    finally:
+        client.close()
 
 
 def settings(url: str, prefix: str, **overrides: Any) -> Settings:

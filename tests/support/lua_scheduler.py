@@ -9,6 +9,7 @@ fake-clock scheduler tests run unchanged against the rules the Redis backend exe
 
 from __future__ import annotations
 
+import copy
 import itertools
 from typing import Any
 
@@ -86,9 +87,19 @@ class LuaScheduler:
         self.known_epoch: str | None = None
         #: The lease TTL the calls pass (the policy's lease_ttl_s): a test may change it.
         self.lease_ttl_s = 3600.0
+        #: The process the calls are made for: a test may change it (another process of the
+        #: fleet, on the same budget: `joined`).
+        self.process = _PROCESS
         #: The live limits' TTL the calls and live changes pass (THROTTLE_LIVE_LIMITS_TTL).
         self.live_ttl_s = 7200.0
         self.tick(now)  # start the state (and its measuring window) now, as Scheduler does
+
+    def joined(self, process: str) -> LuaScheduler:
+        """Another process of the fleet on this budget (its calls under `process`)."""
+        other = copy.copy(self)
+        other.process = process
+        other._leases, other._waiting, other._tenants = set(), set(), set()
+        return other
 
     # --- the scheduler's interface ---------------------------------------------------------
 
@@ -143,7 +154,7 @@ class LuaScheduler:
     def renew(self, now: float, request_ids: list[str]) -> protocol.Renewed:
         """renew.lua, the heartbeat: the leases' expiries pushed out to now + the lease TTL."""
         args = protocol.renew_args(
-            repr(now), self._tag, _PROCESS, self.lease_ttl_s, 7200, request_ids
+            repr(now), self._tag, self.process, self.lease_ttl_s, 7200, request_ids
         )
         return protocol.decode_renew(self._run("renew", args, self._client))
 
@@ -215,7 +226,7 @@ class LuaScheduler:
         pol = self._policy
         return protocol.static_args(
             self._tag,
-            _PROCESS,
+            self.process,
             self._given,
             credit_s=pol.credit_s,
             queue_limit=pol.queue_limit,
@@ -240,7 +251,7 @@ class LuaScheduler:
             args = protocol.release_args(static, repr(now), known, rid)
         else:
             args = protocol.call_args(static, repr(now), ops)
-        key = f"{self._tag}:g:{_PROCESS}"
+        key = f"{self._tag}:g:{self.process}"
         pipe = self._client.pipeline(transaction=False)
         self._run(entry, args, pipe)
         pipe.lrange(key, 0, -1)

@@ -30,7 +30,9 @@ P:qlen           zset    tenants by (waiting requests, latest push):            
 P:dl             zset    waiting request id -> deadline                               T
 P:tenants        zset    idle tenant h -> last seen, in whole microseconds (idle      idle+T
                          expiry, max tenants); a tenant with waiters is off it until
-                         its queue empties
+                         its queue empties. An anchor member (IDLE_ANCHOR, score
+                         +inf) keeps the key, and its TTL, when the last tenant
+                         leaves it: readers count with ZCOUNT -inf (+inf
 P:leases, P:lc   zset,   lease (request id) -> expiry; a lease of a cost other than   T
                  hash    1 -> its cost (P:s's packed ``lk`` counts those); with 16+
                          in flight, an anchor member (LEASE_ANCHOR, score +inf)
@@ -122,6 +124,12 @@ KEY_TTL: Final = MappingProxyType(
         "procs": "state",
     }
 )
+#: P:tenants's anchor member (score +inf; no tenant digest looks like it): added with every
+#: full call's ZADD of an idle tenant, so the list no longer empties (and loses its TTL)
+#: when its last tenant starts waiting. A ZADD adds it again where it is missing (a key
+#: made anew, or written by an older build): a PEXPIRE is due only when every member of
+#: that ZADD was new (store.lua, call.flush_idle). Readers that count tenants skip it.
+IDLE_ANCHOR: Final = "~idle~"
 #: Lease-less admissions remembered per process, so a retried acquire is answered.
 RECENT_KEPT: Final = 256
 #: P:s's field naming the reading of the live limits and weights (P:cfg, P:w) a script

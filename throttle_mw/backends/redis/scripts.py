@@ -198,6 +198,7 @@ SHARED: Final[Mapping[str, object]] = {
         "NAMES_MAX": NAMES_MAX,
         "LEASE_ANCHOR": LEASE_ANCHOR,
         "LEASE_ANCHOR_AT": LEASE_ANCHOR_AT,
+        "IDLE_ANCHOR": keys.IDLE_ANCHOR,
         "NUMBERS_MAX": NUMBERS_MAX,
         "INTEGER_TEXT_MAX": INTEGER_TEXT_MAX,
         "PROCS_RECOUNT": PROCS_RECOUNT_S,

@@ -134,11 +134,9 @@ if #ops > TUNING.WORK_CHECK then started = call.start_us() end
 -- The caller is alive. NX: only renew.lua extends a heartbeat, together with the process's
 -- leases, so a crashed process's heartbeat lapses no later than its leases. (Asked first:
 -- nearly always it is there, and a ZSCORE costs less than formatting the score with 17
--- digits for a ZADD NX that changes nothing.)
-local joined = false
-if not redis.call('ZSCORE', K.procs, proc) then
-  joined = redis.call('ZADD', K.procs, 'NX', num(now + POL.lease_ttl), proc) == 1
-end
+-- digits for a ZADD NX that changes nothing; not asked while the loaded library knows it is
+-- there: store.lua's call.heartbeat.)
+local joined = call.heartbeat()
 if joined then born.procs = true end
 refill()
 expire_leases()

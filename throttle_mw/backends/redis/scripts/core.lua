@@ -373,7 +373,9 @@ function forget_idle()
   local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', call.idle_score(now - POL.idle), 'LIMIT', '0',
     num(TUNING.SWEEP_BATCH))
   if #stale < TUNING.SWEEP_BATCH then S.fi = now + TUNING.SWEEP_PERIOD end
-  local excess = redis.call('ZCARD', K.tenants) - POL.max_tenants
+  -- (Counted without the list's anchor, keys.IDLE_ANCHOR, at +inf: it is never among the
+  -- oldest taken below, as the excess is at most the tenants on the list.)
+  local excess = redis.call('ZCOUNT', K.tenants, '-inf', '(+inf') - POL.max_tenants
   if excess > 0 then
     local oldest = redis.call('ZRANGE', K.tenants, '0', num(math.min(excess, TUNING.EXCESS_BATCH) - 1))
     if #stale == 0 then  -- (most calls: the excess alone)
@@ -595,8 +597,12 @@ end
 -- a request was alive when it did.
 function orphaned(r)
   if r.proc == proc then return false end
+  if call.beat_known(r.proc) then return false end  -- Lua only: not asked (store.lua)
   local beat = redis.call('ZSCORE', K.procs, r.proc)
-  return (not beat) or tonumber(beat) <= now
+  if not beat then return true end
+  beat = NUMBERS[beat] or tonum(beat)
+  call.beat_seen(r.proc, beat, S.ep)
+  return beat <= now
 end
 
 -- Leases not renewed in time (their process crashed) give their concurrency back.

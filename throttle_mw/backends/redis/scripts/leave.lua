@@ -10,4 +10,5 @@
 init(ARGV[1], '', ARGV[2])
 redis.call('DEL', K.prefix .. KEY.grants .. proc, K.prefix .. KEY.recent .. proc)
 redis.call('ZREM', K.procs, proc)
+if K.beats ~= nil then K.beats[proc] = nil end  -- (store.lua's call.heartbeat asks again)
 return 1

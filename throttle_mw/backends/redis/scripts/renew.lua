@@ -37,7 +37,10 @@ if #ARGV >= 7 then
   redis.call('PEXPIRE', K.state, ttl)
 end
 redis.call('ZREMRANGEBYSCORE', K.procs, '-inf', num(now))
-redis.call('ZADD', K.procs, num(now + tonumber(ARGV[5])), proc)
+local beat = now + tonumber(ARGV[5])
+redis.call('ZADD', K.procs, num(beat), proc)
 redis.call('PEXPIRE', K.procs, ttl)
-return {redis.call('ZCARD', K.procs), redis.call('HGET', K.state, 'ep') or '',
-  table.concat(renewed)}
+local live = redis.call('ZCARD', K.procs)
+local ep = redis.call('HGET', K.state, 'ep') or ''
+call.beat_seen(proc, beat, ep)  -- (batch.lua need not ask for it: store.lua's call.heartbeat)
+return {live, ep, table.concat(renewed)}

@@ -30,7 +30,8 @@ local queued = {}
 for rank = 0, NRANK - 1 do queued[PRIORITIES[rank + 1]] = S['n' .. rank] end
 return cjson.encode({tokens = tokens, in_flight = S.inflight, waiting = S.waiting,
   queued_by_priority = queued,
-  tenants = redis.call('ZCARD', K.tenants) + redis.call('ZCARD', K.qlen),  -- idle + waiting
+  -- idle (without the idle list's anchor, keys.IDLE_ANCHOR) + waiting
+  tenants = redis.call('ZCOUNT', K.tenants, '-inf', '(+inf') + redis.call('ZCARD', K.qlen),
   fair_rate = S.v_rate,
   processes = redis.call('ZCOUNT', K.procs, num(now), '+inf'),
   limits = limits, busiest = busiest})

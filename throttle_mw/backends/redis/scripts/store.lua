@@ -708,6 +708,11 @@ function call.seen_idle(h, idle)
   if pending == nil then M.idle = {[h] = idle} else pending[h] = idle end
 end
 
+-- The idle list's changes, with its anchor (keys.IDLE_ANCHOR) in every ZADD: the list
+-- keeps it when its last tenant starts waiting, so it is not made anew (and given a TTL)
+-- each time one goes back on it. Only a ZADD all of whose members are new (the anchor
+-- too) may have made the key: else a member was there, and the key has its TTL from
+-- whoever made it. (A ZREM never removes the anchor: no tenant's digest is its text.)
 function call.flush_idle()
   local pending = M.idle
   if pending == nil then return end
@@ -716,7 +721,7 @@ function call.flush_idle()
   if next(pending, h) == nil then  -- (one tenant, most calls: no lists made)
     if not idle then
       redis.call('ZREM', K.tenants, h)
-    elseif redis.call('ZADD', K.tenants, call.now_score(), h) > 0 then
+    elseif redis.call('ZADD', K.tenants, call.now_score(), h, '+inf', TUNING.IDLE_ANCHOR) == 2 then
       born.tenants = true
     end
     return
@@ -726,7 +731,11 @@ function call.flush_idle()
   for h, idle in pairs(pending) do
     if idle then add[#add + 1] = seen; add[#add + 1] = h else drop[#drop + 1] = h end
   end
-  if #add > 0 and redis.call('ZADD', K.tenants, unpack(add)) > 0 then born.tenants = true end
+  if #add > 0 then
+    local members = #add / 2 + 1
+    add[#add + 1] = '+inf'; add[#add + 1] = TUNING.IDLE_ANCHOR
+    if redis.call('ZADD', K.tenants, unpack(add)) == members then born.tenants = true end
+  end
   if #drop > 0 then redis.call('ZREM', K.tenants, unpack(drop)) end
 end
 
@@ -1393,6 +1402,8 @@ end
 -- (No TTL refresh is due, nobody waits, nothing is held back: fast.lua checked.)
 function call.save_acquire(t)
   local seen = call.now_score()
+  -- (Without the list's anchor, which a full call adds (call.flush_idle): its member costs
+  -- each fast acquire a little; a member new here may have made the key, so it gets a TTL.)
   if redis.call('ZADD', K.tenants, seen, t.h) > 0 then born.tenants = true end
   -- The packed numbers fast.lua can change (call.HOT_PACKED, by their places in PACKED:
   -- tokens, ts, v, win_cost, la, np, pc, lk, le), compared and formatted one by one ('' if
@@ -1466,6 +1477,55 @@ function call.save_acquire(t)
   end
   local ids = recent[proc]  -- (its only admission: admit_now's, if it took no lease)
   if ids ~= nil then call.push_recent_of(proc, ids) end
+end
+
+-- --- the caller's heartbeat ----------------------------------------------------------------
+--
+-- Every batch call registers its caller in P:procs (ZADD NX when it is not there: only
+-- renew.lua extends a heartbeat). A loaded library remembers, by process, the heartbeat's
+-- expiry as it last read or wrote it, with the state's epoch then (K.beats; K is kept by
+-- prefix), and asks P:procs only when it does not know the caller is there: an entry whose
+-- expiry is still ahead cannot be gone, as renew.lua sweeps only lapsed ones and only the
+-- process itself removes its own (leave.lua, which forgets it here too). The epoch: a Redis
+-- emptied meanwhile has the state made anew, with another. (A heartbeat lapsed but not yet
+-- swept, as in a test that never renews, is asked for every call, as before. With EVAL
+-- nothing is kept: asked every call.) Returns whether this call registered the caller.
+function call.heartbeat()
+  if call.beat_known(proc) then return false end
+  local at = redis.call('ZSCORE', K.procs, proc)
+  local joined = false
+  if at then
+    at = NUMBERS[at] or tonum(at)
+  else
+    at = now + POL.lease_ttl
+    joined = redis.call('ZADD', K.procs, 'NX', num(at), proc) == 1
+  end
+  call.beat_seen(proc, at, S.ep)
+  return joined
+end
+
+-- Process p's heartbeat is known to be in P:procs, not lapsed (call.heartbeat; core.lua's
+-- orphaned, for a waiter's process: the fleet's processes renew on the same library).
+function call.beat_known(p)
+  local beats = K.beats
+  local beat = beats and beats[p]
+  return beat ~= nil and beat.ep == S.ep and now < beat.at
+end
+
+-- Process p's heartbeat is in P:procs until `at`, the state's epoch `ep` (call.heartbeat;
+-- renew.lua). At most TUNING.NAMES_MAX processes are kept by prefix, then afresh.
+function call.beat_seen(p, at, ep)
+  local beats = K.beats
+  if beats == nil or K.beats_kept >= TUNING.NAMES_MAX then
+    beats = {}; K.beats = beats; K.beats_kept = 0
+  end
+  local beat = beats[p]
+  if beat == nil then
+    beats[p] = {at = at, ep = ep}
+    K.beats_kept = K.beats_kept + 1
+  else
+    beat.at = at; beat.ep = ep
+  end
 end
 
 -- --- events and leases ---------------------------------------------------------------------
