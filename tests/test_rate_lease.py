@@ -20,8 +20,22 @@ import pytest
 
 from tests.support.lua_scheduler import LuaScheduler
 from tests.support.redis_server import RedisServer
-from throttle_mw.backends.redis.ratepool import RETRY_SHARE, RatePool
-from throttle_mw.scheduler import Admit, Enqueue, Limits, Policy, Request, Scheduler
+from throttle_mw.backends.redis.ratepool import (
+    AUTO_LEASE_S,
+    AUTO_MIN_TOKENS,
+    RETRY_SHARE,
+    RatePool,
+)
+from throttle_mw.scheduler import (
+    Admit,
+    Enqueue,
+    HeldLease,
+    LeaseGrant,
+    Limits,
+    Policy,
+    Request,
+    Scheduler,
+)
 
 RATE = Limits(rate=10.0, burst=20.0)
 POLICY = Policy(max_wait_s={"critical": 5.0, "high": 5.0, "normal": 5.0, "low": 5.0})
@@ -41,26 +55,59 @@ def tokens(scheduler: Scheduler | LuaScheduler) -> float:
     return snapshot.tokens
 
 
-# Steps at a fake time: ("lease", returned, wants) or ("acquire", tenant). What each
-# gives: the tokens taken, or the decision's kind.
-STEPS: list[tuple[float, str, int, int]] = [
-    (0.0, "lease", 0, 8),  # 20 in the bucket: 8 taken
-    (0.0, "lease", 0, 30),  # 12 left: all 12 taken (no more than there are)
-    (0.0, "acquire", 0, 0),  # none left: it waits
-    (0.05, "lease", 3, 5),  # someone waits: 3 go back, none taken
-    (0.3, "acquire", 0, 0),  # admitted in order
-    (0.35, "lease", 0, 4),
-    (1.0, "lease", 25, 2),  # back at most to the burst
-    (1.2, "lease", 1, 0),  # only give back
-    (2.5, "lease", 0, 100),
+LEASE_S = 0.2
+
+
+class Process:
+    """A process's side of its leases as the parity tests play it: the last grant (its
+    generation, expiry and size), told back at the next lease."""
+
+    def __init__(self) -> None:
+        self.grant = LeaseGrant()
+
+    def lease(
+        self, scheduler: Scheduler | LuaScheduler, now: float, returned: int, kept: int,
+        wants: int, **kwargs: Any,
+    ) -> LeaseGrant:  # fmt: skip
+        # (A tick first, as the backend's acquires between leases make: ratelease.lua
+        # leases nothing while the full call's upkeep, a TTL refresh or a sweep, is due.)
+        scheduler.tick(now)
+        g = self.grant
+        held = HeldLease(g.generation, g.until, g.taken + g.kept, returned, kept)
+        self.grant = scheduler.lease_tokens(now, LEASE_S, held, wants, **kwargs)
+        return self.grant
+
+
+# Steps at a fake time: ("lease", process, returned, kept, wants), ("acquire", ...) or
+# ("tick", ...). What each gives: the grant, or the decision's kind; and the bucket after.
+STEPS: list[tuple[float, str, int, int, int, int]] = [
+    (0.0, "lease", 0, 0, 0, 8),  # 20 in the bucket: 8 taken
+    (0.0, "lease", 1, 0, 0, 30),  # 12 left: all 12 taken (no more than there are)
+    (0.0, "acquire", 0, 0, 0, 0),  # none left: it waits
+    (0.05, "lease", 1, 3, 5, 5),  # someone waits: 3 go back, 5 kept, none taken
+    (0.1, "tick", 0, 0, 0, 0),  # 8 + 5 out: the bucket refills to 7 at most
+    (0.9, "tick", 0, 0, 0, 0),  # the leases lapsed: 11.5, the waiter is admitted
+    (0.95, "lease", 0, 0, 0, 4),  # process 0's lease lapsed: nothing counted, 4 new
+    (1.0, "lease", 2, 0, 0, 6),
+    (1.05, "lease", 0, 2, 0, 2),  # 2 back, 2 new
+    (1.1, "lease", 2, 0, 6, 0),  # keeps its 6, nothing new
+    (1.2, "acquire", 0, 0, 0, 0),
+    (1.7, "lease", 2, 6, 0, 2),  # its lease lapsed at 1.3: none of the 6 back
+    (1.8, "lease", 0, 1, 1, 0),  # process 0's lapsed too: nothing
+    (2.5, "lease", 1, 0, 0, 100),
 ]
 
 
 def run(scheduler: Scheduler | LuaScheduler) -> list[tuple[Any, float]]:
+    processes = [Process() for _ in range(3)]
     seen: list[tuple[Any, float]] = []
-    for i, (at, kind, returned, wants) in enumerate(STEPS):
+    for i, (at, kind, who, returned, kept, wants) in enumerate(STEPS):
         if kind == "lease":
-            got: Any = scheduler.lease_tokens(at, returned, wants)
+            got: Any = processes[who].lease(scheduler, at, returned, kept, wants)
+            got = got._replace(until=round(got.until, 9))
+        elif kind == "tick":
+            scheduler.tick(at)
+            got = scheduler.waiting
         else:
             decision, _ = scheduler.acquire(at, Request(f"r{i}", "acme"))
             scheduler.tick(at)
@@ -72,22 +119,27 @@ def run(scheduler: Scheduler | LuaScheduler) -> list[tuple[Any, float]]:
 def test_python_and_lua_lease_alike_on_one_clock(lua: Any) -> None:
     python = run(Scheduler(RATE, POLICY, 0.0))
     assert python == run(lua())
-    taken = [got for got, _ in python]
+    taken = [got.taken if isinstance(got, LeaseGrant) else got for got, _ in python]
     assert taken[:4] == [8, 12, "Enqueue", 0]
+    assert python[3] == (LeaseGrant(0, 5, 2, 0.25), 3.0)  # no refill: 20 out at 0.0-0.05
+    assert python[4] == (1, 3.5)  # refilled, at most to the room: 20 - 8 - 5
+    assert python[5] == (0, 10.5)  # lapsed at 0.25: 11.5, less the waiter's token
+    assert python[11][0].kept == 0  # a lapsed lease keeps nothing
 
 
 def test_a_queued_request_blocks_new_leases_but_tokens_still_go_back(lua: Any) -> None:
     for scheduler in (Scheduler(RATE, POLICY, 0.0), lua()):
-        assert scheduler.lease_tokens(0.0, 0, 20) == 20
+        process = Process()
+        assert process.lease(scheduler, 0.0, 0, 0, 20).taken == 20
         decision, _ = scheduler.acquire(0.0, Request("w", "acme"))
         assert isinstance(decision, Enqueue)
-        assert scheduler.lease_tokens(0.01, 15, 5) == 0  # someone waits: no lease
-        # ... but the 15 went back (and 0.1 s refilled): the waiter goes at the next tick
-        assert tokens(scheduler) == pytest.approx(15.1)
+        assert process.lease(scheduler, 0.01, 15, 0, 5) == LeaseGrant()  # someone waits
+        # ... but the 15 went back: the waiter goes at the next tick
+        assert tokens(scheduler) == pytest.approx(15.0)  # (no refill: 20 out until then)
         scheduler.tick(0.01)
         assert scheduler.waiting == 0
-        assert scheduler.lease_tokens(0.02, 0, 3) == 3  # nobody waits any more
-        assert tokens(scheduler) == pytest.approx(11.2)
+        assert process.lease(scheduler, 0.02, 0, 0, 3).taken == 3  # nobody waits any more
+        assert tokens(scheduler) == pytest.approx(11.1)  # (its 5 spent: room again)
 
 
 @pytest.mark.parametrize(
@@ -101,23 +153,59 @@ def test_a_queued_request_blocks_new_leases_but_tokens_still_go_back(lua: Any) -
 )
 def test_no_lease_where_each_request_must_be_decided_in_redis(lua: Any, limits: Limits) -> None:
     for scheduler in (Scheduler(limits, POLICY, 0.0), lua(limits)):
-        assert scheduler.lease_tokens(0.0, 0, 5) == 0
+        assert Process().lease(scheduler, 0.0, 0, 0, 5) == LeaseGrant()
         decision, _ = scheduler.acquire(0.0, Request("a", "acme"))
         assert isinstance(decision, Admit)
 
 
 def test_tokens_given_back_fill_the_bucket_to_its_burst_at_most(lua: Any) -> None:
     for scheduler in (Scheduler(RATE, POLICY, 0.0), lua()):
-        assert scheduler.lease_tokens(0.0, 0, 5) == 5
-        assert scheduler.lease_tokens(0.0, 10, 25) == 20  # 15 + 10, at most 20
+        process = Process()
+        assert process.lease(scheduler, 0.0, 0, 0, 5).taken == 5
+        # 15 + 5 back (at most what it counted out: not 10), and 20 of it leased
+        assert process.lease(scheduler, 0.0, 10, 0, 25).taken == 20
+
+
+def test_the_bucket_refills_only_to_its_burst_less_what_leases_hold(lua: Any) -> None:
+    """Spent or not, a lease's tokens count until it expires or is renewed: the bucket
+    beside it refills to the burst less them, so its tokens and the leases' together
+    never exceed one burst."""
+    for scheduler in (Scheduler(RATE, POLICY, 0.0), lua()):
+        a, b = Process(), Process()
+        assert a.lease(scheduler, 0.0, 0, 0, 6).taken == 6
+        assert b.lease(scheduler, 0.0, 0, 0, 4).taken == 4
+        scheduler.tick(0.19)
+        assert tokens(scheduler) == pytest.approx(10.0)  # 10 + 1.9, at most 20 - 10
+        assert b.lease(scheduler, 0.19, 0, 0, 0) == LeaseGrant()  # b's 4 spent: room again
+        scheduler.tick(0.21)
+        assert tokens(scheduler) == pytest.approx(10.2)  # ... a's 6 lapsed at 0.2: refills
+        scheduler.tick(2.0)
+        assert tokens(scheduler) == pytest.approx(20.0)
+
+
+def test_a_crashed_process_s_lease_stops_counting_when_it_lapses(lua: Any) -> None:
+    """Renewals move leases from generation to generation; the one a process left there
+    when it crashed leaves the count when its generation is retired and expires."""
+    for scheduler in (Scheduler(RATE, POLICY, 0.0), lua()):
+        live, crashed = Process(), Process()
+        crashed.lease(scheduler, 0.0, 0, 0, 5)
+        at = 0.0
+        while at < 3.0:
+            live.lease(scheduler, at, 0, 0, 1)  # spends each lease at once, renews
+            at = round(at + 0.15, 9)
+        scheduler.tick(at)
+        assert tokens(scheduler) == pytest.approx(20.0 - 1.0)  # only the live lease's
 
 
 def test_unspent_tokens_of_another_epoch_do_not_go_back(lua: Any) -> None:
     scheduler = lua()
-    assert scheduler.lease_tokens(0.0, 0, 20) == 20
-    assert scheduler.lease_tokens(0.0, 20, 0, epoch="not-this-state") == 0
+    process = Process()
+    assert process.lease(scheduler, 0.0, 0, 0, 20).taken == 20
+    grant = process.grant
+    assert process.lease(scheduler, 0.0, 20, 0, 0, epoch="not-this-state") == LeaseGrant()
     assert tokens(scheduler) == 0.0
-    assert scheduler.lease_tokens(0.0, 20, 0) == 0  # its own epoch: back
+    process.grant = grant
+    assert process.lease(scheduler, 0.0, 20, 0, 0) == LeaseGrant()  # its own epoch: back
     assert tokens(scheduler) == 20.0
 
 
@@ -184,6 +272,63 @@ def test_a_renewal_gives_back_what_is_over_the_next_lease_s_size() -> None:
     # 2 requests in the first T: 20/s, a lease of 2: 2 kept, the 5 over it go back
     assert pool.renewal(0.09, 1, 100.0) == (5, "e1", 0)
     assert (pool.tokens, pool.returned) == (2, 5)
+
+
+def test_kept_tokens_lapse_when_redis_no_longer_counted_them() -> None:
+    """The last lease had expired in Redis before the renewal arrived: Redis answers
+    that none of the kept tokens count any more, and they lapse here too."""
+    pool = granted_pool(8)
+    pool.take(0.05, 1, queue_empty=True)
+    pool.take(0.06, 1, queue_empty=True)
+    pool.renewal(0.08, 1, 100.0)
+    assert pool.held.kept == pool.tokens > 0
+    kept = pool.tokens
+    pool.granted(0.08, 2, "e1", kept=0, generation=3, until=1.0)
+    assert (pool.tokens, pool.lapsed) == (2, kept)
+    assert (pool.generation, pool.until, pool.counted) == (3, 1.0, 2)
+    pool.seen(0.1, 1)
+    pool.renewal(0.1, 1, 100.0)
+    assert pool.held[:3] == (3, 1.0, 2)  # what Redis counted out is what it is told
+
+
+def drive_pool(pool: RatePool, per_s: float, seconds: float, start: float = 0.0) -> int:
+    """Requests at `per_s` into `pool`, renewals granted in full at once: the lease calls
+    made (not skipped)."""
+    calls = 0
+    n = int(per_s * seconds)
+    for i in range(n):
+        now = start + i / per_s
+        pool.take(now, 1, queue_empty=True)
+        if pool.due(now):
+            returned, _, wants = pool.renewal(now, 1, 1000.0)
+            if not returned and not wants:
+                pool.skip(now)
+                continue
+            calls += 1
+            pool.granted(now, wants, "e1")
+    return calls
+
+
+def test_auto_makes_no_lease_call_for_a_process_admitting_a_handful_a_second() -> None:
+    pool = RatePool(AUTO_LEASE_S, auto=True)
+    assert drive_pool(pool, 5.0, 10.0) == 0
+    assert (pool.calls, pool.local_admissions, pool.leased) == (0, 0, 0)
+    # Half AUTO_MIN_TOKENS / T (40/s): still none (its rate over one to two T, rounded
+    # up, may reach the threshold near it).
+    assert drive_pool(pool, 20.0, 5.0, start=10.0) == 0
+
+
+def test_auto_leases_once_the_process_s_rate_fills_a_worthwhile_lease() -> None:
+    pool = RatePool(AUTO_LEASE_S, auto=True)
+    calls = drive_pool(pool, 500.0, 2.0)
+    assert pool.local_admissions > 0.9 * 1000
+    assert calls < 1000 / AUTO_MIN_TOKENS
+    assert pool.size >= AUTO_MIN_TOKENS
+    # Slowing to a handful a second: what it holds goes back, then no more calls.
+    later = drive_pool(pool, 5.0, 5.0, start=2.0)
+    assert later <= 2
+    assert pool.tokens == 0
+    assert drive_pool(pool, 5.0, 5.0, start=7.0) == 0
 
 
 def test_kept_tokens_of_another_epoch_lapse_with_it() -> None:
@@ -309,9 +454,16 @@ def drive(lua: LuaScheduler, plan: list[list[bool]], leases: bool) -> tuple[list
                     if isinstance(decision, Admit):
                         admitted.append(now)
             if leases and pool.due(now):  # (after a request, or the backend's timer)
-                returned, epoch, wants = pool.renewal(now, PROCESSES, FLEET.burst)
-                taken = lua.lease_tokens(now, returned, wants, epoch=epoch)
-                pool.granted(now, taken, lua.lease.epoch)
+                _, epoch, wants = pool.renewal(now, PROCESSES, FLEET.burst)
+                grant = lua.lease_tokens(now, T, pool.held, wants, epoch=epoch)
+                pool.granted(
+                    now,
+                    grant.taken,
+                    lua.lease.epoch,
+                    kept=grant.kept,
+                    generation=grant.generation,
+                    until=grant.until,
+                )
     return admitted, outstanding
 
 
@@ -326,19 +478,50 @@ def fleet(redis_server_session: RedisServer, functions: bool) -> Iterator[Any]:
 def test_leases_never_admit_more_than_the_bucket_and_about_as_much(
     fleet: Any, per_s: float
 ) -> None:
-    """In any window [a, b]: at most rate x (b - a) + burst + the tokens outstanding in
-    leases at a (at most half a burst: each lease is within its share of it); from the
-    start (none outstanding) within the budget itself. And as much as without leases,
-    less the tokens leases can hold idle (processes x k <= half the burst)."""
+    """In any window [a, b]: at most rate x (b - a) + burst, as the plain bucket (the
+    leases hold at most half a burst at once: each is within its share of it). And as
+    much as without leases, less the tokens leases can hold idle (processes x k <= half
+    the burst)."""
     plan = arrivals(7, per_s)
     on, outstanding = drive(fleet(), plan, leases=True)
     off, _ = drive(fleet(), plan, leases=False)
     rate, burst = FLEET.rate or 0.0, FLEET.burst
     assert max(outstanding) <= burst / 2
     for i, start in enumerate(on):
-        held = outstanding[round(start / STEP_S)]
         for j in range(i, len(on)):
-            allowed = rate * (on[j] - start) + burst + held
+            allowed = rate * (on[j] - start) + burst  # (leases included: exact)
             assert j - i + 1 <= allowed + 1e-6, (start, on[j], j - i + 1, allowed)
     assert len(on) <= rate * DURATION_S + burst
     assert len(off) - burst / 2 <= len(on) <= len(off) + burst / 2
+
+
+def surge(seed: int) -> list[list[bool]]:
+    """Light load (20/s a process) for the first second, while the bucket is full and the
+    pools hold leases; then a flood (500/s a process)."""
+    rng = random.Random(seed)
+    steps = int(DURATION_S / STEP_S)
+    return [
+        [rng.random() < (20.0 if s * STEP_S < 1.0 else 500.0) * STEP_S for s in range(steps)]
+        for _ in range(PROCESSES)
+    ]
+
+
+def most_in_a_window(admitted: list[float], rate: float) -> tuple[float, float, int, float]:
+    """The window [a, b] whose admissions most exceed rate x (b - a): (a, b, n, excess)."""
+    worst = (0.0, 0.0, 0, -float("inf"))
+    for i, start in enumerate(admitted):
+        for j in range(i, len(admitted)):
+            excess = j - i + 1 - rate * (admitted[j] - start)
+            if excess > worst[3]:
+                worst = (start, admitted[j], j - i + 1, excess)
+    return worst
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_with_leases_no_window_admits_more_than_the_bucket_would(fleet: Any, seed: int) -> None:
+    """The exact bound, leases included: in any window [a, b] the fleet admits at most
+    rate x (b - a) + burst, as the plain bucket would. A surge after a light second is
+    where leases held tokens while the bucket refilled to its burst beside them."""
+    on, _ = drive(fleet(), surge(seed), leases=True)
+    start, end, n, excess = most_in_a_window(on, FLEET.rate or 0.0)
+    assert excess <= FLEET.burst + 1e-6, (start, end, n, excess)

@@ -47,7 +47,7 @@ def _admitted(decision: object) -> bool:
 
 
 def _bound(client: redis.Redis, scheduler: LuaScheduler) -> float | None:
-    """S.le, the last of P:s's packed numbers (store.lua's PACKED), or None if unset."""
+    """S.le, the 22nd of P:s's packed numbers (store.lua's PACKED), or None if unset."""
     text: Any = client.hget(scheduler._key, "nums")
     assert isinstance(text, bytes)
     last = text.split(b"|")[21]

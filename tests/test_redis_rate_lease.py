@@ -24,6 +24,7 @@ import redis.asyncio
 from tests.support.redis_server import RedisServer
 from throttle_mw.backends import Admitted
 from throttle_mw.backends.redis import RedisBackend
+from throttle_mw.backends.redis.ratepool import AUTO_LEASE_S
 from throttle_mw.scheduler import Request
 from throttle_mw.settings import Settings
 
@@ -195,3 +196,30 @@ async def test_the_metrics_count_what_the_lease_admitted(clean_redis_server: Red
     assert f"throttle_rate_lease_admissions_total {float(pool.local_admissions)}" in text
     assert f"throttle_rate_lease_calls_total {float(pool.calls)}" in text
     assert f'throttle_rate_lease_tokens_total{{how="leased"}} {float(pool.leased)}' in text
+
+
+@pytest.mark.anyio
+async def test_auto_leases_for_a_busy_process_and_not_for_a_quiet_one(
+    clean_redis_server: RedisServer,
+) -> None:
+    """THROTTLE_RATE_LEASE=auto: the process at 200/s admits most of its requests from
+    leases; the one at 5/s makes no lease call (its requests go to Redis one by one)."""
+    prefix = f"rl{next(_prefixes)}"
+    url = clean_redis_server.url
+    busy, quiet = (
+        RedisBackend(settings(url, prefix, rate=1000.0, burst=200.0, rate_lease_s="auto"))
+        for _ in range(2)
+    )
+    for backend in (busy, quiet):
+        await backend.start()
+    await asyncio.sleep(0.3)  # the heartbeats: every process knows the fleet's size
+    runs = await asyncio.gather(drive(busy, 1.5, 0.005), drive(quiet, 1.5, 0.2))
+    for backend in (busy, quiet):
+        await backend.stop()
+    busy_pool, quiet_pool = busy.rate_lease, quiet.rate_lease
+    assert busy_pool is not None
+    assert quiet_pool is not None
+    assert busy_pool.lease_s == quiet_pool.lease_s == AUTO_LEASE_S
+    assert busy_pool.local_admissions > 0.5 * len(runs[0]), (busy_pool.local_admissions, runs)
+    assert (quiet_pool.calls, quiet_pool.local_admissions) == (0, 0)
+    assert len(runs[1]) == quiet_pool.requests

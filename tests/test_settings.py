@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from throttle_mw import ConfigError, Settings
@@ -93,3 +95,37 @@ def test_tenant_queue_limit_defaults_to_a_tenth_of_the_fleet_limit() -> None:
     assert settings.queue_limit_per_tenant == 5
     explicit = Settings.from_env({"THROTTLE_RATE": "80", "THROTTLE_TENANT_QUEUE_LIMIT": "7"})
     assert explicit.queue_limit_per_tenant == 7
+
+
+def test_rate_lease_takes_seconds_or_auto() -> None:
+    base = {"THROTTLE_RATE": "100", "THROTTLE_REDIS_URL": "redis://x"}
+    assert Settings.from_env(base).rate_lease_s == 0.0  # off by default
+    assert Settings.from_env({**base, "THROTTLE_RATE_LEASE": "0.1"}).rate_lease_s == 0.1
+    assert Settings.from_env({**base, "THROTTLE_RATE_LEASE": " Auto "}).rate_lease_s == "auto"
+    assert Settings.from_env({**base, "THROTTLE_RATE_LEASE": "0"}).rate_lease_s == 0.0
+
+
+@pytest.mark.parametrize("value", ["auto2", "-0.1", "11", "nan", "on"])
+def test_a_bad_rate_lease_says_what_it_takes(value: str) -> None:
+    env = {"THROTTLE_RATE": "100", "THROTTLE_RATE_LEASE": value}
+    expected = "expected auto, or seconds from 0 (off) to 10, e.g. 0.1"
+    with pytest.raises(
+        ConfigError, match=re.escape(f"THROTTLE_RATE_LEASE={value}: invalid, {expected}")
+    ):
+        Settings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    ("env", "needs"),
+    [
+        ({}, "THROTTLE_RATE to be set too"),
+        ({"THROTTLE_RATE": "100", "THROTTLE_CONCURRENCY": "8"}, "no concurrency budget"),
+        ({"THROTTLE_RATE": "100", "THROTTLE_TENANT_RATE": "5"}, "no THROTTLE_TENANT_RATE"),
+    ],
+)
+@pytest.mark.parametrize("lease", ["auto", "0.1"])
+def test_rate_lease_auto_or_not_is_for_a_rate_budget_alone(
+    env: dict[str, str], needs: str, lease: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"THROTTLE_RATE_LEASE={lease}: .*{needs}"):
+        Settings.from_env({**env, "THROTTLE_RATE_LEASE": lease})

@@ -23,6 +23,8 @@ from throttle_mw.scheduler import (
     Enqueue,
     Event,
     Granted,
+    HeldLease,
+    LeaseGrant,
     Limits,
     Policy,
     Reject,
@@ -149,16 +151,23 @@ class LuaScheduler:
         return self._due
 
     def lease_tokens(
-        self, now: float, returned: float, wants: int, *, epoch: str | None = None
-    ) -> int:
-        """ratelease.lua: `returned` unspent tokens of a lease taken in `epoch` (None: the
-        state's own, as the last trailer told it) go back, up to `wants` are leased."""
+        self,
+        now: float,
+        lease_s: float,
+        held: HeldLease,
+        wants: int,
+        *,
+        epoch: str | None = None,
+    ) -> LeaseGrant:
+        """ratelease.lua: the last lease `held` (taken in `epoch`; None: the state's own,
+        as the last trailer told it) out of the count, its returned tokens back, up to
+        `wants` leased for `lease_s`."""
         self._now = now
         static = self._static_args()
         known = self.trailer.epoch if epoch is None else epoch
-        args = protocol.ratelease_args(static, repr(now), known, int(returned), wants)
+        args = protocol.ratelease_args(static, repr(now), known, held, wants, lease_s)
         self.lease = protocol.decode_ratelease(self._run("ratelease", args, self._client))
-        return self.lease.taken
+        return self.lease.grant
 
     def set_limits(self, limits: Limits, now: float) -> list[Event]:
         """The processes' own limits changed (a redeploy), from this call on."""

@@ -3,6 +3,7 @@
 from .core import Scheduler
 from .types import (
     AUTO,
+    NO_LEASE,
     STATUS,
     Admit,
     Decision,
@@ -10,6 +11,8 @@ from .types import (
     Event,
     Evicted,
     Granted,
+    HeldLease,
+    LeaseGrant,
     LeaseKey,
     Limits,
     Policy,
@@ -23,6 +26,7 @@ from .types import (
 
 __all__ = [
     "AUTO",
+    "NO_LEASE",
     "STATUS",
     "Admit",
     "Decision",
@@ -30,6 +34,8 @@ __all__ = [
     "Event",
     "Evicted",
     "Granted",
+    "HeldLease",
+    "LeaseGrant",
     "LeaseKey",
     "Limits",
     "Policy",

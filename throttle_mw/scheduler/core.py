@@ -47,6 +47,8 @@ from .types import (
     Event,
     Evicted,
     Granted,
+    HeldLease,
+    LeaseGrant,
     LeaseKey,
     Limits,
     Policy,
@@ -67,6 +69,7 @@ _tenant_of = OrderedDict.get
 _touch = OrderedDict.move_to_end
 _ADMIT_LEASE = Admit(lease=True)
 _NO_EVENTS: list[Event] = []  # shared and never mutated: callers only iterate events
+_NO_GRANT = LeaseGrant()
 
 #: A heap entry of the active or capped line: (key, seq, tenant version, tenant).
 _Entry = tuple[float, int, int, Tenant]
@@ -82,6 +85,16 @@ class Scheduler:
         #: The rate budget's token bucket, refilled up to `_refilled_at`.
         self._tokens = limits.burst
         self._refilled_at = now
+        #: Rate tokens out in processes' leases (`lease_tokens`), counted until they expire
+        #: in two generations: the newer one (numbered `_lease_gen`; 0: no lease yet) takes
+        #: every new lease; the older one (`_lease_gen - 1`) only loses leases renewed or
+        #: lapsed, and is retired once it is empty or past its expiry. The bucket refills
+        #: only up to its burst less these (`_lease_room`).
+        self._lease_gen = 0
+        self._leased = 0.0
+        self._leased_until = -math.inf
+        self._leased_before = 0.0
+        self._leased_before_until = -math.inf
         #: Concurrency in use, and each lease's cost by request id.
         self._in_flight = 0
         self._leases: dict[LeaseKey, int] = {}
@@ -160,7 +173,7 @@ class Scheduler:
         if elapsed > 0.0:  # a float literal: 3.11 specializes float-to-float comparisons
             if rate is not None:
                 tokens = self._tokens + elapsed * rate
-                burst = limits.burst
+                burst = limits.burst if not self._lease_gen else self._lease_room(now)
                 self._tokens = tokens if tokens < burst else burst
             self._refilled_at = now
         window = self._window
@@ -312,32 +325,61 @@ class Scheduler:
             due.append(self._deadlines[0][0])
         return min(due) if due else None
 
-    def lease_tokens(self, now: float, returned: float, wants: int) -> int:
-        """A process's lease of rate tokens (``THROTTLE_RATE_LEASE``; ``ratelease.lua``):
-        the unspent tokens of its last lease go back (the bucket holds at most its burst),
-        then up to `wants` whole tokens leave the bucket for its new lease, only while
+    def lease_tokens(self, now: float, lease_s: float, held: HeldLease, wants: int) -> LeaseGrant:
+        """A process's lease of rate tokens (``THROTTLE_RATE_LEASE``; ``ratelease.lua``).
+
+        Its last lease (`held`) leaves its generation's count, if that still counts it;
+        then its unspent tokens go back into the bucket's room and the ones it keeps stay
+        counted, the kept ones only if that lease has not expired here (else they lapse
+        in the process too). Then up to `wants` whole tokens leave the bucket, only while
         nobody waits and the budget is a rate alone (no concurrency, no tenant cap: those
-        are decided here per request). Returns how many were taken; the caller admits
-        that many without asking again, so the fleet's admissions stay within the bucket."""
+        are decided here per request). The kept and the taken are counted out, in the
+        newer generation, until `now + lease_s`: the bucket refills only to its burst
+        less the tokens out in unexpired leases, so the fleet admits over any window at
+        most what the plain bucket would (its refill plus its burst), leases included."""
         self._refill(now)
         limits = self._limits
         if limits.rate is None:
-            return 0
-        if returned > 0:
-            tokens = self._tokens + returned
-            self._tokens = tokens if tokens < limits.burst else limits.burst
+            return _NO_GRANT
+        gen, kept = held.generation, 0
+        counted = False
+        if gen > 0 and gen == self._lease_gen and now < self._leased_until:
+            self._leased = max(0.0, self._leased - held.size)
+            counted = True
+        elif gen > 0 and gen == self._lease_gen - 1 and now < self._leased_before_until:
+            self._leased_before = max(0.0, self._leased_before - held.size)
+            counted = True
+        if counted:
+            returned = min(held.returned, held.size)
+            if now < held.until:
+                kept = min(held.kept, held.size - returned)
+            if returned > 0:
+                tokens = self._tokens + returned
+                room = self._lease_room(now) - kept
+                self._tokens = tokens if tokens < room else room
+        taken = 0
         if (
-            wants <= 0
-            or limits.concurrency is not None
-            or limits.tenant_rate is not None
-            or self._waiting
+            wants > 0
+            and limits.concurrency is None
+            and limits.tenant_rate is None
+            and not self._waiting
         ):
-            return 0
-        taken = min(wants, math.floor(self._tokens + EPS))
-        if taken <= 0:
-            return 0
-        self._tokens -= taken
-        return taken
+            taken = max(0, min(wants, math.floor(self._tokens + EPS)))
+            self._tokens -= taken
+        if kept + taken <= 0:
+            return _NO_GRANT
+        if not (now < self._leased_before_until and self._leased_before > 0):
+            # The older generation counts nothing any more: retired, the newer one takes
+            # its place (its number too) and a new one opens.
+            self._leased_before = self._leased
+            self._leased_before_until = self._leased_until
+            self._leased, self._leased_until = 0.0, -math.inf
+            self._lease_gen += 1
+        until = now + lease_s
+        self._leased += kept + taken
+        if until > self._leased_until:
+            self._leased_until = until
+        return LeaseGrant(taken, kept, self._lease_gen, until)
 
     def snapshot(self, top: int = 10) -> Snapshot:
         busiest = heapq.nlargest(
@@ -377,11 +419,21 @@ class Scheduler:
             rate = self._limits.rate
             if rate is not None:
                 tokens = self._tokens + elapsed * rate
-                burst = self._limits.burst
+                burst = self._limits.burst if not self._lease_gen else self._lease_room(now)
                 self._tokens = tokens if tokens < burst else burst
             self._refilled_at = now
         if now - self._window.start >= WINDOW_S:
             self._window.roll(now, self._vtime)
+
+    def _lease_room(self, now: float) -> float:
+        """The most the bucket may hold: its burst less the tokens out in leases that
+        have not expired (spent or not: the process spends them without asking)."""
+        room = self._limits.burst
+        if now < self._leased_until:
+            room -= self._leased
+        if now < self._leased_before_until:
+            room -= self._leased_before
+        return room
 
     def _clamp(self, cost: int) -> int:
         """A cost above the burst or the concurrency could never be admitted."""

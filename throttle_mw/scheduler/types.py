@@ -124,6 +124,34 @@ class Evicted(NamedTuple):
 Event = Granted | Evicted
 
 
+class HeldLease(NamedTuple):
+    """A process's last lease of rate tokens, as it tells ``lease_tokens`` at a renewal:
+    the generation and expiry the grant named (`LeaseGrant`), the tokens the grant counted
+    out (`size`: those it kept and those it took), and of them, the unspent ones it gives
+    back now (`returned`) and the ones it keeps spending (`kept`)."""
+
+    generation: int = 0
+    until: float = 0.0
+    size: int = 0
+    returned: int = 0
+    kept: int = 0
+
+
+#: No lease held: a process's first lease.
+NO_LEASE = HeldLease()
+
+
+class LeaseGrant(NamedTuple):
+    """``lease_tokens``'s answer: tokens taken out of the bucket, the kept tokens it still
+    counts (0: the last lease had lapsed here, so they lapse in the process too), and the
+    generation and expiry of the new lease (0: none, the process holds nothing)."""
+
+    taken: int = 0
+    kept: int = 0
+    generation: int = 0
+    until: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """The budget and the per-tenant limits: what the live-limits tool can change."""

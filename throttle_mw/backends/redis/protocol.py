@@ -29,6 +29,8 @@ from ...scheduler import (
     Enqueue,
     Evicted,
     Granted,
+    HeldLease,
+    LeaseGrant,
     Limits,
     Reason,
     Reject,
@@ -368,13 +370,25 @@ def leave_args(tag: str, process: str) -> list[str]:
 # --- ratelease.lua ---------------------------------------------------------------------------
 
 
-def ratelease_args(static: list[str], now: str, epoch: str, returned: int, wants: int) -> list[str]:
+def ratelease_args(
+    static: list[str], now: str, epoch: str, held: HeldLease, wants: int, lease_s: float
+) -> list[str]:
     """ARGV of ratelease.lua: batch.lua's first four (`static_args`: the limits in force are
     the caller's unless live ones win), the epoch of the caller's last lease, its unspent
-    tokens and the tokens it wants."""
+    tokens given back, the tokens it wants, its kept tokens, that lease's generation,
+    expiry (Redis's time, as the grant gave it) and size, and the new lease's life."""
     args = list(static)
     args[0] = now
-    args += [epoch, str(returned), str(wants)]
+    args += [
+        epoch,
+        str(held.returned),
+        str(wants),
+        str(held.kept),
+        str(held.generation),
+        repr(held.until),
+        str(held.size),
+        repr(lease_s),
+    ]
     return args
 
 
@@ -387,11 +401,22 @@ class RateLease(NamedTuple):
     now: float
     #: The epoch of the budget's state ("": none yet).
     epoch: str
+    #: The kept tokens of the last lease that still count (fewer: they lapse).
+    kept: int = 0
+    #: The new lease's generation (0: none) and expiry (Redis's time).
+    generation: int = 0
+    until: float = 0.0
+
+    @property
+    def grant(self) -> LeaseGrant:
+        return LeaseGrant(self.taken, self.kept, self.generation, self.until)
 
 
 def decode_ratelease(raw: Any) -> RateLease:
-    taken, now, epoch = (x.decode() if isinstance(x, bytes) else x for x in raw)
-    return RateLease(int(taken), float(now), str(epoch))
+    taken, now, epoch, kept, generation, until = (
+        x.decode() if isinstance(x, bytes) else x for x in raw
+    )
+    return RateLease(int(taken), float(now), str(epoch), int(kept), int(generation), float(until))
 
 
 # --- snapshot.lua ---------------------------------------------------------------------------

@@ -11,9 +11,11 @@ so its tests drive it on a fake clock. The backend (``backend.py``) does the I/O
 2. After each, ``pool.due(now)``: if True, start a renewal in the background:
    ``returned, epoch, wants = pool.renewal(now, processes, burst)`` (the pool keeps up
    to the next lease's size and tops itself up: it goes on admitting while the call is
-   out; unspent tokens above that size go back in the call), call the script, then
-   ``pool.granted(sent, taken, epoch)`` with the loop time `sent` from before the call
-   (the lease's life counts from then: Redis took the tokens after it). A renewal that
+   out; unspent tokens above that size go back in the call; ``pool.held`` is the last
+   lease as the call tells it), call the script, then ``pool.granted(sent, taken, epoch,
+   kept=, generation=, until=)`` with the loop time `sent` from before the call (the
+   lease's life counts from then: Redis took the tokens after it, and counts them out
+   until its own later expiry). A renewal that
    got less than it asked is not followed by another before ``RETRY_SHARE`` of T; one
    with nothing to give back and nothing wanted makes no call: ``pool.skip(sent)``.
 3. A Redis fault, a new epoch or limits that allow no lease: ``pool.drop()`` (the
@@ -21,23 +23,34 @@ so its tests drive it on a fake clock. The backend (``backend.py``) does the I/O
    ``pool.renewal(now, ..., final=True)``: every unspent token given back.
 
 Sizing: `k` is this process's request rate over the last one to two `T` times `T`
-(``rate_here x T``), at least one token, at most its share of the burst
-(``BURST_SHARE x burst / processes``, whole): the fleet's leases hold at most half a
-burst at once, so over any window the fleet admits at most the bucket's refill, plus its
-burst, plus the tokens outstanding in leases when the window starts (at most half a
-burst). A lease lasts `T`; it is renewed early, once it is down to a quarter of its size
-or past three quarters of its life, while this process still admits; an old lease with
-tokens left and no request since gives them back rather than let them lapse.
-"""
+(``rate_here x T``), at least one token, at most its share of the burst (``BURST_SHARE x
+burst / processes``, whole): the fleet's leases hold at most half a burst at once. Redis
+counts every lease's tokens out until it expires (spent or not) and refills the bucket
+only to its burst less them, so over any window the fleet admits at most what the plain
+bucket would: its refill plus its burst. A lease lasts `T`; it is renewed early, once it
+is down to a quarter of its size or past three quarters of its life, while this process
+still admits; an old lease with tokens left and no request since gives them back rather
+than let them lapse."""
 
 from __future__ import annotations
 
 import math
 
+from ...scheduler import NO_LEASE, HeldLease
+
 #: Renew once the pool is down to this share of the lease it got...
 LOW_SHARE = 0.25
 #: ... or this share of its life has passed.
 OLD_SHARE = 0.75
+#: ``THROTTLE_RATE_LEASE=auto``: T. Short, as fairness and priority across processes are
+#: approximate within T while leases are out, and long enough that a process admitting
+#: AUTO_MIN_TOKENS / T requests a second (40/s) fills a worthwhile lease.
+AUTO_LEASE_S = 0.1
+#: ``auto``: no lease smaller than this many tokens (this process's rate x T, within its
+#: share of the burst): a lease call costs Redis about what one admission call does, so a
+#: lease of k tokens saves about k - 1 calls; below 4 the saving is small, and a process
+#: admitting a handful a second makes no lease call at all (its requests go to Redis).
+AUTO_MIN_TOKENS = 4
 #: The fleet's leases hold at most this share of the burst at once (each process's lease
 #: at most its part of it): the rest stays in the bucket for requests that go to Redis.
 BURST_SHARE = 0.5
@@ -50,11 +63,13 @@ RETRY_SHARE = 0.5
 class RatePool:
     """Tokens of one lease, spent by this process until the lease expires."""
 
-    def __init__(self, lease_s: float) -> None:
+    def __init__(self, lease_s: float, *, auto: bool = False) -> None:
         if lease_s <= 0:
             raise ValueError("a lease lasts a positive time")
         #: T: how long a lease may be spent, from the moment its call was sent.
         self.lease_s = lease_s
+        #: ``auto``: no lease below AUTO_MIN_TOKENS (see `wants`).
+        self.auto = auto
         #: Unspent tokens, usable while ``now < expires_at``.
         self.tokens = 0
         self.expires_at = -math.inf
@@ -62,6 +77,13 @@ class RatePool:
         self.epoch = ""
         #: The size of the last lease granted (the low-water mark is a share of it).
         self.size = 0
+        #: The last lease as Redis counts it: its generation (0: none), its expiry in
+        #: Redis's time and the tokens it counted out; and as the renewal out tells it
+        #: (with the tokens it gives back and keeps).
+        self.generation = 0
+        self.until = 0.0
+        self.counted = 0
+        self.held: HeldLease = NO_LEASE
         #: A renewal call is out (`renewal` .. `granted`; the caller resets it if the call
         #: fails).
         self.renewing = False
@@ -141,11 +163,15 @@ class RatePool:
     def wants(self, now: float, processes: int, burst: float) -> int:
         """The next lease's size: this process's rate times T, at least 1, at most its
         share of the burst (``BURST_SHARE x burst / processes``); 0: no request since the
-        last renewal, or a share below one token."""
+        last renewal, a share below one token, or (``auto``) a size below
+        AUTO_MIN_TOKENS (the process gives back what it holds and goes to Redis)."""
         share = math.floor(burst * BURST_SHARE / max(1, processes))
         if share < 1 or not self._demand:
             return 0
-        return max(1, min(share, math.ceil(self.rate(now) * self.lease_s)))
+        size = max(1, min(share, math.ceil(self.rate(now) * self.lease_s)))
+        if self.auto and size < AUTO_MIN_TOKENS:
+            return 0
+        return size
 
     def renewal(
         self, now: float, processes: int, burst: float, *, final: bool = False
@@ -163,6 +189,7 @@ class RatePool:
         keep = min(self.tokens, target)
         returned = self.tokens - keep
         self.tokens = keep
+        self.held = HeldLease(self.generation, self.until, self.counted, returned, keep)
         self.returned += returned
         self.renewing = True
         self.calls += 1
@@ -170,14 +197,27 @@ class RatePool:
         self._wanted = target - keep
         return returned, self.epoch, self._wanted
 
-    def granted(self, sent: float, taken: int, epoch: str) -> None:
+    def granted(
+        self,
+        sent: float,
+        taken: int,
+        epoch: str,
+        *,
+        kept: int | None = None,
+        generation: int = 0,
+        until: float = 0.0,
+    ) -> None:
         """A renewal's answer: `taken` tokens of the state of `epoch`, spendable with what
         the pool kept until `sent` + T (`sent`: the loop time before the call went out).
-        What it kept from another epoch (a state since lost) lapses."""
+        What it kept lapses if Redis no longer counted it (`kept` below what the renewal
+        kept: the last lease had expired there; None: all counted) or it is of another
+        epoch (a state since lost). The new lease is Redis's `generation` until `until`."""
         self.renewing = False
-        if epoch != self.epoch and self.tokens:
+        if self.tokens and (epoch != self.epoch or (kept is not None and kept < self.held.kept)):
             self.lapsed += self.tokens
             self.tokens = 0
+        self.generation, self.until = generation, until
+        self.counted = taken + (self.held.kept if kept is None else kept)
         self.tokens += taken
         self.size = self.tokens
         self.leased += taken
@@ -190,8 +230,10 @@ class RatePool:
 
     def skip(self, sent: float) -> None:
         """A renewal with nothing to give back and nothing wanted (a share of the burst
-        below one token): no call; none again before ``RETRY_SHARE`` of T."""
+        below one token; ``auto``: a rate too low for a lease): no call (not counted);
+        none again before ``RETRY_SHARE`` of T."""
         self.renewing = False
+        self.calls -= 1
         self.retry_at = sent + self.lease_s * RETRY_SHARE
 
     def drop(self) -> None:
@@ -203,3 +245,4 @@ class RatePool:
         self.size = 0
         self.epoch = ""
         self.expires_at = -math.inf
+        self.generation, self.until, self.counted = 0, 0.0, 0

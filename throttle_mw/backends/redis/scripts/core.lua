@@ -14,7 +14,7 @@
 -- deadline, enq} (Python's Waiter). State is in store.lua's tables S, L, POL, T.
 
 local acquire, cancel, release, tick, next_due, lease_tokens
-local refill, clamp, need, fits, fits_at_once, cap_ok, refill_cap
+local refill, lease_room, clamp, need, fits, fits_at_once, cap_ok, refill_cap
 local fair_rate, credit, take, admit_now, shed_or_admit, expiry, drain_time, estimate
 local tenant, forget_idle, make_room, evict, push, unlink, remove, activate, deactivate
 local release_capped, top_active, dispatch
@@ -110,25 +110,62 @@ function next_due()
   return due
 end
 
--- Scheduler.lease_tokens: a process's lease of rate tokens (ratelease.lua): the unspent
--- tokens of its last lease back (the bucket holds at most its burst), then up to `wants`
--- whole tokens out of the bucket for the new one, only while nobody waits and the budget
--- is a rate alone. How many were taken.
-function lease_tokens(returned, wants)
+-- Scheduler.lease_tokens: a process's lease of rate tokens (ratelease.lua). Its last
+-- lease (generation `gen`, expiry `til`, `size` tokens counted out) leaves its generation's
+-- count if that still counts it; then its `returned` unspent tokens go back into the
+-- bucket's room and the `kept` stay counted (only if that lease has not expired: else
+-- none, they lapse in the process too). Then up to `wants` whole tokens leave the bucket,
+-- only while nobody waits and the budget is a rate alone. The kept and the taken are
+-- counted out in the newer generation (S.rg; S.ra tokens until S.rx; the older one S.rb
+-- until S.ry) until now + lease_s. Returns taken, kept, the generation and the expiry
+-- (0 and 0: no lease).
+function lease_tokens(gen, til, size, returned, kept, wants, lease_s)
   refill()
-  if L.rate == nil then return 0 end
-  if returned > 0 then
-    local tokens = S.tokens + returned
-    if tokens < L.burst then S.tokens = tokens else S.tokens = L.burst end
+  if L.rate == nil then return 0, 0, 0, 0 end
+  local counted = false
+  if gen > 0 and gen == S.rg and now < S.rx then
+    S.ra = S.ra - size
+    if S.ra < 0 then S.ra = 0 end
+    counted = true
+  elseif gen > 0 and S.rg ~= nil and gen == S.rg - 1 and now < S.ry then
+    S.rb = S.rb - size
+    if S.rb < 0 then S.rb = 0 end
+    counted = true
   end
-  if wants <= 0 or L.concurrency ~= nil or L.tenant_rate ~= nil or S.waiting > 0 then
-    return 0
+  if counted then
+    if returned > size then returned = size end
+    if now < til then
+      if kept > size - returned then kept = size - returned end
+    else
+      kept = 0
+    end
+    if returned > 0 then
+      local tokens = S.tokens + returned
+      local room = lease_room() - kept
+      if tokens < room then S.tokens = tokens else S.tokens = room end
+    end
+  else
+    kept = 0
   end
-  local taken = math.floor(S.tokens + EPS)
-  if taken > wants then taken = wants end
-  if taken <= 0 then return 0 end
-  S.tokens = S.tokens - taken
-  return taken
+  local taken = 0
+  if wants > 0 and L.concurrency == nil and L.tenant_rate == nil and S.waiting <= 0 then
+    taken = math.floor(S.tokens + EPS)
+    if taken > wants then taken = wants end
+    if taken < 0 then taken = 0 end
+    S.tokens = S.tokens - taken
+  end
+  if kept + taken <= 0 then return 0, 0, 0, 0 end
+  if not (now < (S.ry or 0) and S.rb > 0) then
+    -- The older generation counts nothing any more: retired, the newer one takes its
+    -- place (its number too) and a new one opens.
+    S.rb = S.ra or 0; S.ry = S.rx or 0
+    S.ra = 0; S.rx = 0
+    S.rg = (S.rg or 0) + 1
+  end
+  local til_new = now + lease_s
+  S.ra = S.ra + kept + taken
+  if til_new > S.rx then S.rx = til_new end
+  return taken, kept, S.rg, til_new
 end
 
 -- --- budget -----------------------------------------------------------------------------
@@ -139,11 +176,22 @@ function refill()
   if elapsed > 0 then
     if L.rate ~= nil then
       local tokens = S.tokens + elapsed * L.rate
-      if tokens < L.burst then S.tokens = tokens else S.tokens = L.burst end
+      local cap = L.burst
+      if S.rg ~= nil then cap = lease_room() end
+      if tokens < cap then S.tokens = tokens else S.tokens = cap end
     end
     S.ts = now
   end
   if now - S.win_at >= WINDOW then window_roll(S.v) end
+end
+
+-- Scheduler._lease_room: the most the bucket may hold: its burst less the tokens out in
+-- leases that have not expired (spent or not: the process spends them without asking).
+function lease_room()
+  local room = L.burst
+  if now < S.rx then room = room - S.ra end
+  if now < S.ry then room = room - S.rb end
+  return room
 end
 
 -- Scheduler._clamp: a cost above the burst or the concurrency could never be admitted.

@@ -40,7 +40,9 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- processes as last counted (np) and when they are counted again (pc: batch.lua's
 -- live_processes); the stamp of the last full call's save (lm: "The line as the last
 -- call left it" below); a time no lease in P:leases expires before (le: put_lease,
--- fast.lua's lapsed_lease; unset: not known).
+-- fast.lua's lapsed_lease; unset: not known); rate tokens out in processes' leases
+-- (core.lua's lease_tokens; unset: none ever): the newer generation's number (rg), its
+-- tokens (ra) and expiry (rx), the older one's tokens (rb) and expiry (ry).
 -- The layout: the numbers in PACKED share one field, PACKED_FIELD, their texts in that
 -- order joined with SEP ('' for unset), read and written whole: Redis reads one field for
 -- a fraction of what it takes for a dozen, and a loaded library remembers the last text
@@ -49,7 +51,8 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- (PLAIN: renew.lua reads the epoch, tests the counters). Only load_state, load_hot_state
 -- and save know this layout (and fast.lua's lean_release, by call.AT).
 local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', 'thr',
-  'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc', 'lm', 'lk', 'le'}
+  'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc', 'lm', 'lk', 'le',
+  'rg', 'ra', 'rx', 'rb', 'ry'}
 local PACKED_FIELD = 'nums'
 -- (call.save_plain writes PLAIN's fields out in this order.)
 local PLAIN = {'inflight', 'waiting', 'tk_by', 'ep', LIVE_STAMP}
@@ -563,7 +566,7 @@ local function load_packed(text)
   S = {tokens = v[1], ts = v[2], v = v[3], win_at = v[4], win_v0 = v[5], win_cost = v[6],
     v_rate = v[7], thr = v[8], meas_at = v[9], qcost = v[10], wsum = v[11], seq = v[12],
     tk_at = v[13], xp = v[14], fi = v[15], la = v[16], rc = v[17], np = v[18], pc = v[19],
-    lm = v[20], lk = v[21], le = v[22]}
+    lm = v[20], lk = v[21], le = v[22], rg = v[23], ra = v[24], rx = v[25], rb = v[26], ry = v[27]}
 end
 
 local function load_plain(name, value)
@@ -1240,6 +1243,11 @@ function call.save_packed(args)
   x = s.lm; if x ~= vals[20] then c = true; vals[20] = x; texts[20] = x and num(x) or '' end
   x = s.lk; if x ~= vals[21] then c = true; vals[21] = x; texts[21] = x and num(x) or '' end
   x = s.le; if x ~= vals[22] then c = true; vals[22] = x; texts[22] = x and num(x) or '' end
+  x = s.rg; if x ~= vals[23] then c = true; vals[23] = x; texts[23] = x and num(x) or '' end
+  x = s.ra; if x ~= vals[24] then c = true; vals[24] = x; texts[24] = x and num(x) or '' end
+  x = s.rx; if x ~= vals[25] then c = true; vals[25] = x; texts[25] = x and num(x) or '' end
+  x = s.rb; if x ~= vals[26] then c = true; vals[26] = x; texts[26] = x and num(x) or '' end
+  x = s.ry; if x ~= vals[27] then c = true; vals[27] = x; texts[27] = x and num(x) or '' end
   if c then
     text = table.concat(texts, SEP)
     args[1] = PACKED_FIELD; args[2] = text
@@ -1254,7 +1262,7 @@ end
 function call.save_packed_anew(args, hot)
   local vals = {S.tokens, S.ts, S.v, S.win_at, S.win_v0, S.win_cost, S.v_rate, S.thr,
     S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc, S.np, S.pc, S.lm, S.lk,
-    S.le}
+    S.le, S.rg, S.ra, S.rx, S.rb, S.ry}
   local old, texts = {}, nil
   if loaded ~= nil then old = loaded.vals end
   local places = nil
@@ -1382,6 +1390,8 @@ function call.load_acquire_state()
   s.v_rate = n[7]; s.thr = n[8]; s.meas_at = n[9]; s.qcost = n[10]; s.wsum = n[11]
   s.seq = n[12]; s.tk_at = n[13]; s.xp = n[14]; s.fi = n[15]; s.la = n[16] or 0; s.rc = n[17]
   s.np = n[18]; s.pc = n[19]; s.lm = n[20]; s.lk = n[21] or 0; s.le = n[22]
+  s.rg = n[23]  -- (leases of rate tokens: the rest only if there were any)
+  if s.rg ~= nil then s.ra = n[24]; s.rx = n[25]; s.rb = n[26]; s.ry = n[27] end
   s.inflight = NUMBERS[v[2]] or tonum(v[2]); s.waiting = NUMBERS[v[3]] or tonum(v[3])
   s.ep = v[4] or ''; s.lv = v[5] or ''
   call.inflight0 = s.inflight; call.lv0 = s.lv
