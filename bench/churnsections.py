@@ -42,7 +42,7 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("batch", "local joined = false\n", "heartbeat"),
     ("batch", "refill()\nexpire_leases()\nexpire_waiters()\n", "expiries"),
     ("batch", "local results = {nil}", "before the loop"),
-    ("batch", "  local kind = string.sub(op, 1, #OP.acquire)\n", "op: the loop's top"),
+    ("batch", "  local kind = string.sub(op, 1, #OP.acquire)\n", "op: loop top"),
     ("fast", "  local id, h, name, tail = call.split_acquire(op)\n  if id", "op: split_acquire"),
     ("fast", "  return encode(acquire(id, h, name, live_weight(h, tail.weight)", "op: live_weight"),
     (
