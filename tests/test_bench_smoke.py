@@ -24,6 +24,7 @@ import redis
 
 from bench import (
     ceiling,
+    churnsections,
     fastsections,
     grant_latency,
     instructions,
@@ -515,6 +516,14 @@ def test_fast_sections_find_each_anchor_once() -> None:
     for name in {script for script, _, _ in fastsections.SECTIONS}:
         text = scriptsections.marked_part(scripts._part, fastsections.SECTIONS)(name)
         wanted = sum(1 for script, _, _ in fastsections.SECTIONS if script == name)
+        assert text.count(scriptsections.MARKS) == wanted, name
+
+
+def test_churn_sections_find_each_anchor_once() -> None:
+    """bench/churnsections.py's markers, likewise (a churn call's sections)."""
+    for name in {script for script, _, _ in churnsections.SECTIONS}:
+        text = scriptsections.marked_part(scripts._part, churnsections.SECTIONS)(name)
+        wanted = sum(1 for script, _, _ in churnsections.SECTIONS if script == name)
         assert text.count(scriptsections.MARKS) == wanted, name
 
 

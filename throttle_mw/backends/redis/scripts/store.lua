@@ -146,10 +146,21 @@ end
 -- (call.lasting), a whole number of 10 or more is the text of its tens (remembered in
 -- call.integers, like num's: the count went through them) then its last digit: a
 -- concatenation costs a fraction of formatting. (Not num's way: for the full call's
--- numbers, which do not count one by one, the split costs more than it saves.)
+-- numbers, which do not count one by one, the split costs more than it saves.) The number
+-- itself is not remembered when its tens are: keeping each new one cost a table insert,
+-- and filled call.integers to TUNING.NUMBERS_MAX every thousand or so tenants made, after
+-- which every whole number num writes was formatted and kept again (together some 5 k
+-- instructions a new tenant under churn: docs/performance.md, `churn5`). Its tens are
+-- kept, one in ten.
 function call.count_text(x)
   if x >= 10 and x % 1 == 0 and x < TUNING.INTEGER_TEXT_MAX and call.lasting then
-    return call.integers[x] or call.whole_text(x)
+    local integers = call.integers
+    local text = integers[x]
+    if text ~= nil then return text end
+    local low = x % 10
+    text = integers[(x - low) / 10]
+    if text ~= nil then return text .. call.DIGITS[low + 1] end
+    return call.whole_text(x)
   end
   return num(x)
 end
@@ -802,7 +813,8 @@ end
 
 -- forget_idle's deletion of the idle tenants `hs` (digests; repeats allowed): a few
 -- commands for all of them. A tenant not loaded this call waits if it is in P:qlen (push
--- puts it there with its first waiter, unlink takes it out with its last). Only the
+-- puts it there with its first waiter, unlink takes it out with its last; while nobody
+-- waits, S.waiting 0, none does, and P:qlen is not asked). Only the
 -- tenant's hash is deleted: one that waits for nothing has no queue (P:q:<h>: Redis drops
 -- a sorted set with its last member; a queue left by state that expired around it goes
 -- with its own TTL).
@@ -822,7 +834,7 @@ function call.drop_idle_tenants(hs)
     end
   end
   local waits = {}
-  if #unknown > 0 then
+  if #unknown > 0 and S.waiting > 0 then
     local scores = redis.call('ZMSCORE', K.qlen, unpack(unknown))
     for i = 1, #unknown do
       if scores[i] then waits[unknown[i]] = true end
