@@ -711,3 +711,21 @@ def test_charges_respect_max_tenants(lua: Any) -> None:
         charges = [LeaseCharge(f"m{i}", 1, 1) for i in range(8)]
         process.lease(scheduler, 0.01, 0, 0, 0, charges=charges)
         assert scheduler.snapshot().tenants <= 5
+
+
+def test_a_charged_tenant_in_line_goes_back_in_line_by_its_new_tag(lua: Any) -> None:
+    """Requests of a tenant queued (from another process) while a lease's admissions of it
+    are charged: it is put back in line by its new tag, behind the other tenant."""
+    for scheduler in (Scheduler(RATE, POLICY, 0.0), lua()):
+        process = Process()
+        assert process.lease(scheduler, 0.0, 0, 0, 20).taken == 20
+        for name in ("a", "b"):
+            decision, _ = scheduler.acquire(0.0, Request(f"{name}1", name))
+            assert isinstance(decision, Enqueue)
+        process.lease(scheduler, 0.01, 0, 0, 0, charges=[LeaseCharge("a", 10, 1)])
+        granted: list[str] = []
+        at = 0.01
+        while len(granted) < 2 and at < 3.0:
+            at = round(at + 0.05, 9)
+            granted += [e.id for e in scheduler.tick(at) if hasattr(e, "waited_s")]
+        assert granted == ["b1", "a1"]

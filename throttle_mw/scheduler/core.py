@@ -550,7 +550,12 @@ class Scheduler:
         credit bounded by the clock now); the clock goes to the last admission's start tag
         if that is ahead of it. Exact when the bound on credit did not bind (a tenant within
         its credit, or ahead of the clock); when it did, it binds with the clock at the
-        renewal, at least the clock of the first admission: the tenant banks no more."""
+        renewal, at least the clock of the first admission: the tenant banks no more.
+        A tenant in line (requests of it queued since, from another process) is put back
+        in line by its new tag."""
+        active = tenant.state == ACTIVE
+        if active:
+            self._deactivate(tenant)
         start = tenant.finish
         if start < self._vtime:  # behind the clock: its banked credit is bounded
             start = max(start, self._vtime - self._credit(now))
@@ -561,6 +566,8 @@ class Scheduler:
         if last_start > self._vtime:
             self._vtime = last_start
         self._window.cost += cost
+        if active:
+            self._activate(tenant)
 
     def _admit_now(self, now: float, request_id: str, tenant: Tenant, cost: int) -> Admit:
         self._take(tenant, request_id, cost, now)

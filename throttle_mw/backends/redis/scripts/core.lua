@@ -276,8 +276,11 @@ end
 
 -- Scheduler._charge_leased: a tenant's admissions from leases (`cost` in all, `last` the
 -- cost of the last one) charged to its tag, the virtual clock and the window, as take one
--- by one would have (the tokens left with the lease; ratelease.lua).
+-- by one would have (the tokens left with the lease; ratelease.lua). A tenant in line is
+-- put back in line by its new tag.
 function charge_leased(t, cost, last)
+  local active = t.st == ACTIVE
+  if active then deactivate(t) end
   local start = t.f
   if start < S.v then  -- behind the clock: its banked credit is bounded
     start = math.max(start, S.v - credit())
@@ -288,6 +291,7 @@ function charge_leased(t, cost, last)
   if last_start > S.v then S.v = last_start end
   S.win_cost = S.win_cost + cost
   t.dirty = true
+  if active then activate(t) end
 end
 
 -- An admission at once, with a lease or without one: a decision no one changes, made once
