@@ -40,6 +40,11 @@ Scenarios:
   ``--quiet-pace`` per second (a process too quiet for ``auto`` to lease) for
   ``--quiet-s`` seconds; ``local``: the share admitted from the pools; the heartbeats'
   calls are counted in all;
+- ``slots``: ``concurrency-paced`` and ``concurrency-kept``: ``--slots-procs`` backends
+  on one concurrency budget of ``--slots-limit``, each with two requests at a time
+  (each holds its slot ``--slots-hold`` seconds, then the next comes after the pace's
+  gap) at ``--slots-pace`` per second per process, without and with kept slots
+  (``THROTTLE_KEEP_SLOTS=--keep-s``); ``local``: the share admitted from kept slots;
 - ``floor``: the harness's floor, one call at a time from redis-py as the backend calls:
   ``floor-ping`` (PING) and ``floor-nop`` (FCALL of a function that does nothing, with
   the arguments of a rate admission's call): what a round trip costs Redis whatever the
@@ -287,6 +292,60 @@ def _paced_fleet(
         await asyncio.gather(*(one(b, n) for b in backends))
 
     return backends, run, lambda: done
+
+
+def _held_fleet(
+    url: str, prefix: str, procs: int, pace: float, hold_s: float, limit: int, keep_s: float
+) -> tuple[list[RedisBackend], Callable[[int], Awaitable[None]], Callable[[], int]]:
+    """`procs` backends on one concurrency budget of `limit` and a run of `n` admissions
+    each, two requests at a time per process, each holding its slot `hold_s` seconds, at
+    `pace` per second per process in all (a slot missed is not made up for later); the
+    third: admissions so far."""
+    backends = [
+        RedisBackend(settings(url, prefix, concurrency=limit, keep_slots_s=keep_s))
+        for _ in range(procs)
+    ]
+    done = 0
+
+    async def one(backend: RedisBackend, n: int, w: int) -> None:
+        nonlocal done
+        loop = asyncio.get_running_loop()
+        at = loop.time() + w / pace
+        for i in range(n):
+            rid = _rid()
+            outcome = await backend.acquire(Request(rid, f"t{(2 * i + w) % 8}"))
+            if isinstance(outcome, Waiting):
+                outcome = await outcome.future
+            if not isinstance(outcome, Admitted):
+                raise RuntimeError(f"not admitted: {outcome!r}")
+            await asyncio.sleep(hold_s)
+            if outcome.lease:
+                backend.release(rid)
+            done += 1
+            at = max(at + 2.0 / pace, loop.time())
+            await asyncio.sleep(at - loop.time())
+
+    async def run(n: int) -> None:
+        await asyncio.gather(*(one(b, n // 2, w) for b in backends for w in range(2)))
+
+    return backends, run, lambda: done
+
+
+async def held(
+    url: str, n: int, procs: int, pace: float, hold_s: float, limit: int, keep_s: float
+) -> dict[str, Any]:
+    """The ``slots`` scenario: see the module docstring."""
+    backends, run, admitted = _held_fleet(url, f"slots{keep_s}", procs, pace, hold_s, limit, keep_s)
+    for backend in backends:
+        await backend.start()
+    await run(max(50, n // 10))  # warm up: the library loaded, tenants made, pools filled
+    result = await measure(Counters(redis.Redis.from_url(url)), admitted, run(n))
+    pools = [b.kept_slots for b in backends if b.kept_slots is not None]
+    if pools:
+        result["local"] = round(sum(p.local_admissions for p in pools) / max(1, admitted()), 3)
+    for backend in backends:
+        await backend.stop()
+    return result
 
 
 async def paced(url: str, n: int, procs: int, pace: float, lease_s: float | str) -> dict[str, Any]:
@@ -555,6 +614,14 @@ async def main_async(args: argparse.Namespace, url: str) -> dict[str, Any]:
         per_quiet = max(1, int(args.quiet_pace * args.quiet_s))
         await run("quiet-paced", paced(url, per_quiet, *quiet, 0.0))
         await run("quiet-auto", paced(url, per_quiet, *quiet, "auto"))
+    if "slots" in wanted:
+        per = max(2, args.n // args.slots_procs)
+        slots = (args.slots_procs, args.slots_pace, args.slots_hold, args.slots_limit)
+        await run("concurrency-paced", held(url, per, *slots, 0.0))
+        await run("concurrency-kept", held(url, per, *slots, args.keep_s))
+        out["concurrency-kept"]["vs_paced"] = round(
+            out["concurrency-paced"]["cpu_us"] / max(0.1, out["concurrency-kept"]["cpu_us"]), 1
+        )
     if "batched" in wanted:
         await run("rate-batched", batched(url, "rate", 8 * args.n, 64))
         await run("concurrency-batched", batched(url, "concurrency", 8 * args.n, 64))
@@ -591,6 +658,15 @@ def main(argv: list[str] | None = None) -> int:
         "--lease-pace", type=float, default=500.0, help="lease: requests/s per process"
     )
     parser.add_argument("--lease-s", type=float, default=0.1, help="lease: THROTTLE_RATE_LEASE")
+    parser.add_argument("--slots-procs", type=int, default=4, help="slots: processes")
+    parser.add_argument(
+        "--slots-pace", type=float, default=500.0, help="slots: requests/s per process"
+    )
+    parser.add_argument(
+        "--slots-hold", type=float, default=0.001, help="slots: seconds each holds its slot"
+    )
+    parser.add_argument("--slots-limit", type=int, default=16, help="slots: THROTTLE_CONCURRENCY")
+    parser.add_argument("--keep-s", type=float, default=1.0, help="slots: THROTTLE_KEEP_SLOTS")
     parser.add_argument("--redis-cpu", default="1", help="taskset CPU list for redis-server")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(

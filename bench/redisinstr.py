@@ -13,7 +13,10 @@ left in ``--out`` (read it with ``callgrind_annotate --inclusive=yes``). Slow: v
 runs Redis about 50x slower. Scenario ``nop``: the floor, a function that does nothing
 called with a rate admission's arguments (rediscost.py's ``floor-nop``); ``rate-paced``
 and ``rate-lease``: rediscost.py's ``lease``, 4 processes at 500/s each, without and with
-leases of rate tokens (T = 0.1 s; ``--n`` a multiple of 4); ``churn``: a new
+leases of rate tokens (T = 0.1 s; ``--n`` a multiple of 4); ``concurrency-paced`` and
+``concurrency-kept``: rediscost.py's ``slots``, 4 processes of two requests at a time
+(each holding its slot 1 ms) at 500/s each on a limit of 16, without and with kept
+slots (THROTTLE_KEEP_SLOTS=1; ``--n`` a multiple of 8); ``churn``: a new
 tenant per request, 512 at once (``--n`` a multiple of 512); ``stop``: per waiter of
 ``backend.stop()`` with ``--n`` waiting, 20 a tenant; ``slowapi``, ``fastapi-limiter``,
 ``asgi-ratelimit`` (or ``peers``, all three): that peer library's own Redis limiting
@@ -45,7 +48,14 @@ if __package__ in (None, ""):  # run as a script: make the `bench` package impor
 import redis
 
 from bench import peerredis
-from bench.rediscost import NOP_LIBRARY, _paced_fleet, admit_one, cpu_model, settings
+from bench.rediscost import (
+    NOP_LIBRARY,
+    _held_fleet,
+    _paced_fleet,
+    admit_one,
+    cpu_model,
+    settings,
+)
 from tests.support.ports import HOST, free_port
 from tests.support.redis_server import redis_server_binary
 from throttle_mw.backends.base import Admitted, Waiting
@@ -139,6 +149,23 @@ async def _drive_paced(url: str, n: int, pid: int, lease_s: float) -> None:
         await backend.stop()
 
 
+async def _drive_held(url: str, n: int, pid: int, keep_s: float) -> None:
+    """rediscost.py's ``slots``: 4 processes on one concurrency budget of 16, two requests
+    at a time each holding its slot 1 ms, at 500/s per process, without kept slots
+    (``concurrency-paced``) or with THROTTLE_KEEP_SLOTS=1 (``concurrency-kept``). The
+    heartbeats and the kept slots' releases are counted over n admissions."""
+    backends, run, _ = _held_fleet(url, f"iheld{keep_s}", 4, 500.0, 0.001, 16, keep_s)
+    for backend in backends:
+        await backend.start()
+    await run(100)  # warm up: the library loaded, tenants made, pools filled
+    _control(pid, "-z")
+    _control(pid, "-i", "on")
+    await run(n // 4)
+    _control(pid, "-i", "off")
+    for backend in backends:
+        await backend.stop()
+
+
 async def _admit_part(backend: RedisBackend, tenant: str, part: str, pid: int) -> None:
     """One admission (a lease, released), counting only its `part`: the acquire or the
     release (awaited through the batcher, as `backend.release` sends it)."""
@@ -181,6 +208,9 @@ async def _drive(url: str, mode: str, n: int, held: int, pid: int, part: str = "
         return
     if mode in ("rate-paced", "rate-lease"):
         await _drive_paced(url, n, pid, 0.1 if mode == "rate-lease" else 0.0)
+        return
+    if mode in ("concurrency-paced", "concurrency-kept"):
+        await _drive_held(url, n, pid, 1.0 if mode == "concurrency-kept" else 0.0)
         return
     limits: dict[str, Any] = (
         {"rate": 1e6, "burst": 1e6} if mode == "rate" else {"concurrency": 100_000}

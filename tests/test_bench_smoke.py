@@ -400,6 +400,21 @@ def test_redis_cost_of_the_peers_runs_beside_ours(tmp_path: Path, redis_binary: 
             assert figures[f"vs_{ours}"] == pytest.approx(ratio, abs=0.01)
 
 
+def test_redis_cost_of_kept_slots_runs_beside_the_paced_fleet(
+    tmp_path: Path, redis_binary: Path
+) -> None:
+    out = tmp_path / "rediscost.json"
+    args = ["--n", "200", "--scenarios", "slots", "--redis-cpu", "", "--json", str(out)]
+    assert rediscost.main(args) == 0
+
+    scenarios = json.loads(out.read_text())["scenarios"]
+    paced, kept = scenarios["concurrency-paced"], scenarios["concurrency-kept"]
+    assert paced["admissions"] == kept["admissions"] == 200
+    assert paced["calls"] > 0.5  # an acquire and a release each, some of them together
+    assert kept["local"] > 0.5  # most on kept slots (the warm-up filled the pools)
+    assert kept["vs_paced"] == pytest.approx(paced["cpu_us"] / max(0.1, kept["cpu_us"]), abs=0.1)
+
+
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
 def test_redis_cost_logs_every_script_call_when_asked(tmp_path: Path, redis_binary: Path) -> None:
     out = tmp_path / "rediscost.json"

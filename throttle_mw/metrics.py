@@ -50,6 +50,7 @@ from .priorities import PRIORITIES, priority
 
 if TYPE_CHECKING:
     from .backends.redis.ratepool import RatePool
+    from .backends.redis.slotpool import SlotPool
 from .scheduler import Snapshot
 
 __all__ = ["OTHER", "OUTCOMES", "WAIT_BUCKETS_S", "ThrottleMetrics"]
@@ -298,6 +299,7 @@ class ThrottleMetrics:
             # in the backend, read at collect time; with PROMETHEUS_MULTIPROC_DIR only the
             # answering worker's would show, so none do.
             self.exposed.register(_RateLeaseCollector(self))
+            self.exposed.register(_KeptSlotsCollector(self))  # (THROTTLE_KEEP_SLOTS: as above)
 
     # --- the observer: cheap, synchronous, no I/O --------------------------------------
 
@@ -529,6 +531,41 @@ class _RateLeaseCollector(Collector):
             tokens.add_metric(["returned"], pool.returned)
             tokens.add_metric(["lapsed"], pool.lapsed)
         yield from (local, calls, tokens)
+
+
+class _KeptSlotsCollector(Collector):
+    """This process's kept concurrency slots (``RedisBackend.kept_slots``), if it keeps
+    any: admissions made on them, slots kept at a release, given back and forgotten."""
+
+    def __init__(self, metrics: ThrottleMetrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families(None))
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families(getattr(self._metrics.backend, "kept_slots", None)))
+
+    def _families(self, pool: SlotPool | None) -> Iterator[Metric]:
+        ns = self._metrics.namespace
+        local = CounterMetricFamily(
+            f"{ns}_kept_slot_admissions",
+            "Admissions made on a slot this process kept, without a Redis call.",
+        )
+        slots = CounterMetricFamily(
+            f"{ns}_kept_slots",
+            "Concurrency slots kept at a release, given back to Redis later, or forgotten "
+            "(a Redis fault or a new state: they lapse as leases do).",
+            labels=["how"],
+        )
+        held = GaugeMetricFamily(f"{ns}_kept_slots_held", "Slots this process keeps now.")
+        if pool is not None:
+            local.add_metric([], pool.local_admissions)
+            slots.add_metric(["kept"], pool.kept)
+            slots.add_metric(["returned"], pool.returned)
+            slots.add_metric(["forgotten"], pool.forgotten)
+            held.add_metric([], len(pool))
+        yield from (local, slots, held)
 
 
 def _tenant_depths(snap: Snapshot, labels: TenantLabels) -> dict[str, int]:

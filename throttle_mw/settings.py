@@ -194,6 +194,9 @@ class Settings:
     #: "auto": T chosen by the library, leases only while this process's own rate makes
     #: them pay (ratepool.py's AUTO_LEASE_S, AUTO_MIN_TOKENS).
     rate_lease_s: float | Literal["auto"] = 0.0
+    #: T a process keeps its finished requests' concurrency slots for its next ones
+    #: (Redis, concurrency budgets only); 0: every slot is released at once.
+    keep_slots_s: float = 0.0
     #: Socket timeout for Redis calls; beyond it the failure mode applies.
     redis_timeout_s: float = 0.25
     #: Tenant states kept at most (idle ones are evicted first).
@@ -363,6 +366,8 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
         )
     if settings.rate_lease_s:
         _check_rate_lease(settings, sources)
+    if settings.keep_slots_s:
+        _check_keep_slots(settings, sources)
     if settings.body_buffer_total_bytes < settings.body_buffer_bytes:
         raise ConfigError(
             _source_of(sources, "body_buffer_total_bytes"),
@@ -400,6 +405,29 @@ def _check_rate_lease(settings: Settings, sources: dict[str, str]) -> None:
         raise ConfigError(
             source,
             settings.rate_lease_s,
+            "no THROTTLE_TENANT_RATE (a tenant's cap is counted per request in Redis)",
+        )
+
+
+def _check_keep_slots(settings: Settings, sources: dict[str, str]) -> None:
+    """A kept slot admits the next request without Redis: only a concurrency budget alone
+    allows that (the slot is still counted in flight there). A rate, the fleet's or a
+    tenant's, must take each admission's tokens in Redis. A learned limit is fine: its
+    value comes with every reply, and a change gives the kept slots back."""
+    source = _source_of(sources, "keep_slots_s")
+    if settings.concurrency is None:
+        raise ConfigError(source, settings.keep_slots_s, "THROTTLE_CONCURRENCY to be set too")
+    if settings.rate is not None:
+        raise ConfigError(
+            source,
+            settings.keep_slots_s,
+            "no THROTTLE_RATE (kept slots are for a concurrency budget alone; "
+            "each admission's tokens are taken in Redis)",
+        )
+    if settings.tenant_rate is not None:
+        raise ConfigError(
+            source,
+            settings.keep_slots_s,
             "no THROTTLE_TENANT_RATE (a tenant's cap is counted per request in Redis)",
         )
 
@@ -457,6 +485,17 @@ def _rate_lease(raw: object, source: str) -> float | Literal["auto"]:
         raw,
         source,
         what="auto, or seconds from 0 (off) to 10, e.g. 0.1",
+        low=0.0,
+        high=10.0,
+        low_open=False,
+    )
+
+
+def _keep_slots(raw: object, source: str) -> float:
+    return _number(
+        raw,
+        source,
+        what="seconds from 0 (off) to 10, e.g. 1",
         low=0.0,
         high=10.0,
         low_open=False,
@@ -732,6 +771,7 @@ _PARSERS: Final[dict[str, tuple[str, Callable[[Any, str], Any]]]] = {
     "credit_s": ("THROTTLE_CREDIT", _seconds("seconds >= 0 of banked share", allow_zero=True)),
     "lease_ttl_s": ("THROTTLE_LEASE_TTL", _seconds("seconds > 0, e.g. 30")),
     "rate_lease_s": ("THROTTLE_RATE_LEASE", _rate_lease),
+    "keep_slots_s": ("THROTTLE_KEEP_SLOTS", _keep_slots),
     "redis_timeout_s": ("THROTTLE_REDIS_TIMEOUT", _seconds("seconds > 0, e.g. 0.25")),
     "max_tenants": ("THROTTLE_MAX_TENANTS", _count("a whole number >= 1 of tenants", low=1)),
     "tenant_idle_s": ("THROTTLE_TENANT_IDLE", _seconds("seconds > 0, e.g. 60")),

@@ -36,6 +36,7 @@ from .protocol import AlreadyAdmitted, Op
 from .ratepool import AUTO_LEASE_S, RatePool
 from .recovery import Recovery, Waiter
 from .scripts import DEADLINE_GRACE_S, Scripts
+from .slotpool import SlotPool
 
 logger = logging.getLogger("throttle_mw.redis")
 
@@ -68,6 +69,14 @@ def rate_pool(settings: Settings) -> RatePool | None:
 def _leasable(limits: Limits) -> bool:
     """Limits whose admissions a lease of rate tokens may make: a rate alone."""
     return limits.rate is not None and limits.concurrency is None and limits.tenant_rate is None
+
+
+def _keepable(limits: Limits) -> int | None:
+    """The concurrency limit whose slots may be kept (``THROTTLE_KEEP_SLOTS``): a
+    concurrency budget alone; None: no slot is kept."""
+    if limits.rate is not None or limits.tenant_rate is not None:
+        return None
+    return limits.concurrency
 
 
 class RedisBackend(Recovery):
@@ -120,6 +129,13 @@ class RedisBackend(Recovery):
         self._pool = rate_pool(settings)
         self._lease_task: asyncio.Task[None] | None = None
         self._lease_timer: asyncio.TimerHandle | None = None
+        #: THROTTLE_KEEP_SLOTS: this process's kept slots (None: off); the loop time each
+        #: lease it may keep was admitted at, by lease id; the kept lease each request
+        #: admitted from the pool runs on, by request id; the timer for the oldest.
+        self._slots = SlotPool(settings.keep_slots_s) if settings.keep_slots_s else None
+        self._born: dict[str, float] = {}
+        self._borrowed: dict[str, str] = {}
+        self._slots_timer: asyncio.TimerHandle | None = None
         self._tick: asyncio.TimerHandle | None = None
         self._tick_at = 0.0
         self._started = False
@@ -181,7 +197,7 @@ class RedisBackend(Recovery):
             return
         await self._leave_queue()
         await self._fallback.stop()
-        for timer in (self._tick, self._settle, self._lease_timer):
+        for timer in (self._tick, self._settle, self._lease_timer, self._slots_timer):
             if timer is not None:
                 timer.cancel()
         for task in list(self._tasks):
@@ -194,6 +210,8 @@ class RedisBackend(Recovery):
         if self._listener is not None:
             await self._listener.stop()
         await self._give_back_lease()
+        if self._slots is not None:
+            self._slots.drain()  # (still in self._leases: the leave below gives them back)
         try:
             assert self._scripts is not None
             # The leases, and the orphans, which may still be queued or hold a lease: a
@@ -317,6 +335,13 @@ class RedisBackend(Recovery):
                 self._renew_lease(started)
             if local:
                 return _new_tuple(Admitted, (request.id, 0.0, False, False, False))
+        slots = self._slots
+        if slots is not None and slots:
+            lease = slots.take(started, request.cost, not self._waiters)
+            if lease is not None:
+                self._borrowed[request.id] = lease
+                slots.busy(started, len(self._leases) - len(slots))
+                return _new_tuple(Admitted, (request.id, 0.0, False, True, False))
         op = self._acquire_op(request)
         try:
             result = await self._batcher.submit(op, lambda r: self._undo_acquire(request.id, r))
@@ -340,9 +365,13 @@ class RedisBackend(Recovery):
         return result
 
     def release(self, request_id: str) -> None:
+        if self._borrowed:
+            request_id = self._borrowed.pop(request_id, request_id)  # (its kept lease)
         if self._fallback.owns(request_id):
             self._fallback.release(request_id)
         elif request_id in self._leases:
+            if self._slots is not None and self._keep(request_id):
+                return
             self._release_in_redis(request_id)
             if self._breaker.is_open:
                 self._fallback.held_changed()  # its share of the local budget is free
@@ -426,6 +455,10 @@ class RedisBackend(Recovery):
         if type(decision) is Admit:
             if decision.lease:
                 self._leases[request.id] = (request.cost, started)
+                slots = self._slots
+                if slots is not None:
+                    self._born[request.id] = started
+                    slots.busy(started, len(self._leases) - len(slots))
             return _new_tuple(Admitted, (request.id, 0.0, decision.degraded, decision.lease, False))
         if type(decision) is Enqueue:
             loop = asyncio.get_running_loop()
@@ -541,9 +574,13 @@ class RedisBackend(Recovery):
             # release.lua's short reply: the state is of the epoch this process knows, no
             # tick is due (nobody waits); the processes and limits come with the next reply.
             self._succeeded()
+            if self._slots is not None:
+                self._heard(True)
             return
         trailer = protocol.trailer(lines)
         if trailer.epoch != self._epoch:
+            if self._slots is not None and self._epoch:
+                self._forget_slots()  # (lapsed with the state: not reclaimed)
             self._new_epoch(trailer.epoch)
             pool = self._pool
             if pool is not None and pool.epoch and pool.epoch != trailer.epoch:
@@ -559,6 +596,10 @@ class RedisBackend(Recovery):
             self._in_force = self._fallback.limits = limits
             if self._pool is not None and not _leasable(limits):
                 self._pool.drop()  # a live change to limits decided per request in Redis
+            if self._slots is not None:
+                self._give_back_slots(self._slots.drain())  # (a lower limit: not over it)
+        if self._slots is not None:
+            self._heard(trailer.next_tick_s is None)
 
     def _schedule_tick(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
@@ -688,12 +729,72 @@ class RedisBackend(Recovery):
     def _on_failure(self, exc: BaseException | None = None) -> None:
         if self._pool is not None:
             self._pool.drop()  # Redis is away: the failure mode applies, not the lease
+        if self._slots is not None:
+            # Redis is away: given back once it is back (as any lease not known released).
+            self._orphans.update(self._forget_slots())
         super()._on_failure(exc)
 
     @property
     def rate_lease(self) -> RatePool | None:
         """This process's lease of rate tokens and its counters (None: no leases)."""
         return self._pool
+
+    # --- kept concurrency slots (THROTTLE_KEEP_SLOTS; slotpool.py) ----------------------
+
+    def _keep(self, lease: str) -> bool:
+        """A request finished on `lease`: keep its slot for the next one (True), or not."""
+        slots = self._slots
+        assert slots is not None
+        born = self._born.pop(lease, None)
+        if born is None or self._closing or self._waiters or not self._breaker.allow():
+            return False
+        now = asyncio.get_running_loop().time()
+        self._give_back_slots(slots.aged(now))
+        concurrency = _keepable(self._in_force)
+        cost = self._leases[lease][0]
+        if not slots.keep(now, lease, cost, born, self._fallback.fleet, concurrency):
+            return False
+        self._born[lease] = born
+        if self._slots_timer is None:
+            self._schedule_slots()
+        return True
+
+    def _heard(self, quiet: bool) -> None:
+        """A reply said whether anyone waits for the budget: if so, the kept slots go back."""
+        assert self._slots is not None
+        self._give_back_slots(self._slots.heard(asyncio.get_running_loop().time(), quiet))
+
+    def _give_back_slots(self, leases: list[str]) -> None:
+        """Release kept slots in Redis (the batcher sends those ready together)."""
+        for lease in leases:
+            self._born.pop(lease, None)
+            self._release_in_redis(lease)
+
+    def _forget_slots(self, lease: str | None = None) -> list[str]:
+        """Forget kept slots without a call (a fault, a new epoch, gone from Redis)."""
+        assert self._slots is not None
+        leases = self._slots.forget(lease)
+        for each in leases:
+            self._born.pop(each, None)
+            self._leases.pop(each, None)
+        return leases
+
+    def _schedule_slots(self) -> None:
+        slots = self._slots
+        at = slots.next_at if slots is not None else None
+        if at is not None and not self._closing:
+            self._slots_timer = asyncio.get_running_loop().call_at(at, self._slots_aged)
+
+    def _slots_aged(self) -> None:
+        self._slots_timer = None
+        assert self._slots is not None
+        self._give_back_slots(self._slots.aged(asyncio.get_running_loop().time()))
+        self._schedule_slots()
+
+    @property
+    def kept_slots(self) -> SlotPool | None:
+        """This process's kept concurrency slots and their counters (None: not kept)."""
+        return self._slots
 
     async def _learn_loop(self) -> None:
         """Push this process's latency summaries; take the fleet's step when it is due
@@ -739,6 +840,8 @@ class RedisBackend(Recovery):
                         held = self._leases.get(rid)
                         if there and held is not None:  # it lasts a TTL from `sent`
                             self._leases[rid] = (held[0], sent)
+                        elif not there and self._slots is not None and rid in self._slots:
+                            self._forget_slots(rid)  # (it lapsed in Redis: nothing to keep)
                     self._renewed(renewed.epoch)
                     self._succeeded()
             except asyncio.CancelledError:

@@ -1,0 +1,384 @@
+"""Kept concurrency slots in the Redis backend (``THROTTLE_KEEP_SLOTS``), on real servers.
+
+- several backends (each a process of the fleet) on one concurrency budget never run more
+  requests than the limit, with their pools on, and Redis counts in flight no more than
+  the limit; most admissions are made from kept slots, without a script call;
+- a process that stops gives its kept slots back;
+- someone waits: the kept slots go back (at the latest when the oldest is T old, and then
+  all at once: that release's reply says someone waits);
+- a killed process's kept slots lapse like its leases (no heartbeat);
+- through the middleware, a request run on a kept slot gives it back on its body's end,
+  on an app error and on a client gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio
+from starlette.types import Message, Receive, Scope, Send
+
+from tests.support.redis_server import RedisServer
+from throttle_mw import ThrottleMiddleware
+from throttle_mw.backends import Admitted
+from throttle_mw.backends.base import Waiting
+from throttle_mw.backends.redis import RedisBackend
+from throttle_mw.backends.redis.keys import Keys
+from throttle_mw.scheduler import Request
+from throttle_mw.settings import Settings
+
+LIMIT, KEEP_S = 8, 0.5
+_prefixes = itertools.count()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def settings(url: str, prefix: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": url,
+        "key_prefix": prefix,
+        "redis_timeout_s": 1.0,
+        "concurrency": LIMIT,
+        "keep_slots_s": KEEP_S,
+        **overrides,
+    }
+    return Settings.from_env({}, **values)
+
+
+async def script_calls(client: redis.asyncio.Redis) -> int:
+    stats = await client.info("commandstats")
+    return sum(
+        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("fcall", "evalsha")
+    )
+
+
+async def in_flight(client: redis.asyncio.Redis, prefix: str) -> int:
+    """What Redis counts in flight: the leases in P:leases (the anchor aside)."""
+    members = await client.zrange(Keys(prefix).leases, 0, -1)
+    return len([m for m in members if not (isinstance(m, bytes) and m.startswith(b"~"))])
+
+
+async def hold(backend: RedisBackend, n: int) -> list[str]:
+    """`n` requests admitted at once, their ids (each holds a slot until released)."""
+    ids = []
+    for _ in range(n):
+        rid = f"{backend.process}.{random.getrandbits(40)}"
+        outcome = await backend.acquire(Request(rid, "acme"))
+        assert isinstance(outcome, Admitted)
+        assert outcome.lease
+        ids.append(rid)
+    return ids
+
+
+@pytest.mark.anyio
+async def test_a_fleet_with_kept_slots_stays_within_the_limit_with_fewer_calls(
+    clean_redis_server: RedisServer,
+) -> None:
+    """Four processes, two requests at a time each, a few ms of work: the requests running
+    at once never exceed the limit, nor does what Redis counts in flight; most admissions
+    come from kept slots."""
+    prefix = f"ks{next(_prefixes)}"
+    client = redis.asyncio.Redis.from_url(clean_redis_server.url)
+    backends = [RedisBackend(settings(clean_redis_server.url, prefix)) for _ in range(4)]
+    for backend in backends:
+        await backend.start()
+    await asyncio.sleep(0.3)  # the heartbeats: every process knows the fleet's size
+    calls = await script_calls(client)
+    running, peak, admitted, counted = 0, 0, 0, [0]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + 2.0
+    rng = random.Random(7)
+
+    async def worker(backend: RedisBackend, w: int) -> None:
+        nonlocal running, peak, admitted
+        n = 0
+        while loop.time() < end:
+            n += 1
+            rid = f"{backend.process}.{w}.{n}"
+            outcome = await backend.acquire(Request(rid, f"t{n % 3}"))
+            if isinstance(outcome, Waiting):
+                outcome = await asyncio.wait_for(outcome.future, 5.0)
+            if not isinstance(outcome, Admitted):
+                await asyncio.sleep(0.002)
+                continue
+            running += 1
+            peak = max(peak, running)
+            admitted += 1
+            await asyncio.sleep(rng.uniform(0.0, 0.004))
+            running -= 1
+            backend.release(rid)
+            await asyncio.sleep(rng.uniform(0.0, 0.004))
+
+    async def watch() -> None:
+        while loop.time() < end:
+            counted[0] = max(counted[0], await in_flight(client, prefix))
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(watch(), *(worker(b, w) for b in backends for w in range(2)))
+    calls = await script_calls(client) - calls
+    local = sum(b.kept_slots.local_admissions for b in backends if b.kept_slots is not None)
+    for backend in backends:
+        await backend.stop()
+    assert await in_flight(client, prefix) == 0  # every kept slot given back at stop
+    await client.aclose()
+    assert peak <= LIMIT
+    assert counted[0] <= LIMIT
+    # Each process keeps one slot at most here (half the limit shared by four): its
+    # second request in flight goes to Redis as without the pool.
+    assert local > 0.5 * admitted, (local, admitted)
+    # Without kept slots: two calls per admission (and the heartbeats' every 0.2 s each).
+    assert calls < 0.8 * admitted, (calls, admitted)
+
+
+@pytest.mark.anyio
+async def test_a_process_that_stops_gives_its_kept_slots_back(
+    clean_redis_server: RedisServer,
+) -> None:
+    prefix = f"ks{next(_prefixes)}"
+    client = redis.asyncio.Redis.from_url(clean_redis_server.url)
+    backend = RedisBackend(settings(clean_redis_server.url, prefix, keep_slots_s=10.0))
+    await backend.start()
+    ids = await hold(backend, 3)
+    for rid in ids:
+        backend.release(rid)
+    pool = backend.kept_slots
+    assert pool is not None
+    assert len(pool) == 3
+    assert await in_flight(client, prefix) == 3  # kept: still leases in Redis
+    # The next requests run on them: no new lease.
+    again = await hold(backend, 3)
+    assert len(pool) == 0
+    assert pool.local_admissions == 3
+    assert await in_flight(client, prefix) == 3
+    for rid in again:
+        backend.release(rid)
+    assert len(pool) == 3
+    await backend.stop()
+    assert await in_flight(client, prefix) == 0
+    await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_kept_slots_go_back_when_someone_waits(clean_redis_server: RedisServer) -> None:
+    """Half the limit is held in kept slots of one process (its share while it is alone),
+    the other half runs in another; two more requests of that one wait. The oldest kept
+    slot goes back when it is T old (admitting one of them); its release's reply says
+    someone still waits, so the other kept slot goes back at once, not when it too is T
+    old (half a T later)."""
+    prefix = f"ks{next(_prefixes)}"
+    keep_s = 2.0
+    url = clean_redis_server.url
+    keeper = RedisBackend(settings(url, prefix, concurrency=4, keep_slots_s=keep_s))
+    other = RedisBackend(settings(url, prefix, concurrency=4, keep_slots_s=0.0))
+    await keeper.start()
+    loop = asyncio.get_running_loop()
+    first = await hold(keeper, 2)
+    born = loop.time()
+    await asyncio.sleep(keep_s / 2)
+    second = await hold(keeper, 2)  # (born half a T later)
+    for rid in (first[0], second[0], first[1], second[1]):
+        keeper.release(rid)  # the first two kept: the pool's cap (half of 4, alone)
+    pool = keeper.kept_slots
+    assert pool is not None
+    assert len(pool) == 2
+    assert pool.kept == 2
+    await other.start()
+    try:
+        running = await hold(other, 2)
+        waiting = [await other.acquire(Request(f"w{n}", "other")) for n in range(2)]
+        assert all(isinstance(w, Waiting) for w in waiting)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(w.future, 10.0) for w in waiting if isinstance(w, Waiting))
+        )
+        granted_at = loop.time()
+        assert all(isinstance(r, Admitted) for r in results)
+        assert granted_at - born < keep_s * 1.4, "the younger kept slot was held to its age"
+        assert len(pool) == 0
+        assert pool.returned == 2
+        for rid in [*running, "w0", "w1"]:
+            other.release(rid)
+    finally:
+        await other.stop()
+        await keeper.stop()
+
+
+@pytest.mark.anyio
+async def test_a_killed_processs_kept_slots_lapse_like_its_leases(
+    clean_redis_server: RedisServer,
+) -> None:
+    """No heartbeat: the kept slots expire with the lease TTL (Redis' clock, a fake one
+    here) and the fleet gets their concurrency back."""
+    prefix = f"ks{next(_prefixes)}"
+    url = clean_redis_server.url
+    client = redis.asyncio.Redis.from_url(url)
+    clock = [1000.0]
+    keeper = RedisBackend(settings(url, prefix, concurrency=4), now=lambda: clock[0])
+    other = RedisBackend(
+        settings(url, prefix, concurrency=4, keep_slots_s=0.0), now=lambda: clock[0]
+    )
+    await keeper.start()
+    for rid in await hold(keeper, 4):
+        keeper.release(rid)
+    assert keeper.kept_slots is not None
+    assert len(keeper.kept_slots) == 2
+    # "Killed": its heartbeat stops, nothing is given back.
+    assert keeper._renewer is not None
+    keeper._renewer.cancel()
+    await asyncio.gather(keeper._renewer, return_exceptions=True)
+    await other.start()
+    try:
+        running = await hold(other, 2)
+        full = await other.acquire(Request("o0", "other"))
+        assert isinstance(full, Waiting)  # the kept slots count in flight
+        await other.cancel(full)
+        for rid in running:
+            other.release(rid)
+        assert await in_flight(client, prefix) == 2
+        clock[0] += keeper._settings.lease_ttl_s + 1.0
+        running = await hold(other, 4)  # the whole limit: the kept slots lapsed
+        assert await in_flight(client, prefix) == 4
+        for rid in running:
+            other.release(rid)
+    finally:
+        await other.stop()
+        keeper._leases.clear()  # (a killed process gives nothing back)
+        await keeper.stop()
+        await client.aclose()
+
+
+# --- through the middleware --------------------------------------------------------------
+
+
+async def app(scope: Scope, receive: Receive, send: Send) -> None:
+    path = scope["path"]
+    if path == "/boom":
+        raise RuntimeError("the app failed")
+    if path == "/gone":
+        message = await receive()
+        assert message["type"] == "http.disconnect"
+        return  # the client left: nothing sent
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def gone() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def sent_to(sent: list[Message]) -> Send:
+    async def record(message: Message) -> None:
+        sent.append(message)
+
+    return record
+
+
+def gone_scope() -> Scope:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "path": "/gone",
+        "raw_path": b"/gone",
+        "root_path": "",
+        "scheme": "http",
+        "query_string": b"",
+        "headers": [],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+
+
+@pytest.mark.anyio
+async def test_a_request_on_a_kept_slot_gives_it_back_however_it_ends(
+    clean_redis_server: RedisServer,
+) -> None:
+    prefix = f"ks{next(_prefixes)}"
+    client = redis.asyncio.Redis.from_url(clean_redis_server.url)
+    backend = RedisBackend(settings(clean_redis_server.url, prefix, keep_slots_s=10.0))
+    middleware = ThrottleMiddleware(app, concurrency=LIMIT, keep_slots_s=10.0, backend=backend)
+    transport = httpx.ASGITransport(app=middleware)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        assert (await http.get("/ok")).status_code == 200  # a lease from Redis, then kept
+        pool = backend.kept_slots
+        assert pool is not None
+        assert len(pool) == 1
+        for _ in range(3):
+            assert (await http.get("/ok")).status_code == 200
+            with pytest.raises(RuntimeError):
+                await http.get("/boom")
+
+            sent: list[Message] = []
+            await middleware(gone_scope(), gone, sent_to(sent))
+            assert sent == []
+    # Every request ran on the one kept slot and gave it back: one lease, no leak.
+    assert pool.local_admissions == 9
+    assert len(pool) == 1
+    assert not backend._borrowed
+    assert await in_flight(client, prefix) == 1
+    await backend.stop()
+    assert await in_flight(client, prefix) == 0
+    await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_the_metrics_count_what_kept_slots_admitted(clean_redis_server: RedisServer) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from throttle_mw.metrics import ThrottleMetrics
+
+    backend = RedisBackend(settings(clean_redis_server.url, f"ks{next(_prefixes)}"))
+    metrics = ThrottleMetrics(registry=CollectorRegistry(), backend=backend)
+    await backend.start()
+    for _ in range(3):
+        for rid in await hold(backend, 2):
+            backend.release(rid)
+    pool = backend.kept_slots
+    assert pool is not None
+    text = metrics.render()[0].decode()
+    await backend.stop()
+    assert pool.local_admissions == 4
+    assert "throttle_kept_slot_admissions_total 4.0" in text
+    assert 'throttle_kept_slots_total{how="kept"} 6.0' in text
+    assert "throttle_kept_slots_held 2.0" in text
+
+
+@pytest.mark.anyio
+async def test_a_learned_limit_keeps_slots_and_a_change_of_limits_gives_them_back(
+    clean_redis_server: RedisServer,
+) -> None:
+    """THROTTLE_CONCURRENCY=auto (the default budget): slots are kept within the learned
+    limit the replies state; limits changed live (here by this process) reach it with
+    its next reply, and its kept slots go back then."""
+    from throttle_mw.scheduler import Limits
+
+    prefix = f"ks{next(_prefixes)}"
+    client = redis.asyncio.Redis.from_url(clean_redis_server.url)
+    backend = RedisBackend(settings(clean_redis_server.url, prefix, concurrency="auto"))
+    await backend.start()
+    try:
+        assert backend.learning
+        for rid in await hold(backend, 2):
+            backend.release(rid)
+        pool = backend.kept_slots
+        assert pool is not None
+        assert len(pool) == 2
+        assert await in_flight(client, prefix) == 2
+        await backend.set_limits(Limits(concurrency=6))
+        assert len(pool) == 0
+        for _ in range(100):  # (the releases go out in the background: bounded)
+            if await in_flight(client, prefix) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert await in_flight(client, prefix) == 0
+    finally:
+        await backend.stop()
+        await client.aclose()

@@ -1,0 +1,157 @@
+"""Kept concurrency slots (``THROTTLE_KEEP_SLOTS``): the pool's rules on a fake clock.
+
+The pool (slotpool.py) has no clock and no I/O: each test gives it the times and the
+replies it would hear, and checks exactly which lease ids it hands out, keeps and gives
+back.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from throttle_mw.backends.redis.slotpool import KEPT_SHARE, SlotPool
+from throttle_mw.settings import ConfigError, Settings
+
+T = 1.0
+
+
+def quiet_pool(at: float = 0.0, busy: int = 2) -> SlotPool:
+    """A pool that heard "nobody waits" at `at`, with `busy` slots in use then."""
+    pool = SlotPool(T)
+    pool.heard(at, True)
+    pool.busy(at, busy)
+    return pool
+
+
+def test_a_finished_slot_is_kept_and_taken_by_the_next_request_of_its_cost() -> None:
+    pool = quiet_pool()
+    assert pool.keep(0.1, "a", 1, 0.0, processes=1, concurrency=10)
+    assert "a" in pool
+    assert len(pool) == 1
+    assert pool.take(0.2, 2, queue_empty=True) is None  # another cost: to Redis
+    assert pool.take(0.2, 1, queue_empty=True) == "a"
+    assert len(pool) == 0
+    assert pool.local_admissions == 1
+    assert pool.kept == 1
+    assert pool.take(0.3, 1, queue_empty=True) is None  # none left
+
+
+def test_nothing_is_taken_while_this_process_has_requests_waiting() -> None:
+    pool = quiet_pool()
+    assert pool.keep(0.1, "a", 1, 0.0, 1, 10)
+    assert pool.take(0.2, 1, queue_empty=False) is None
+    assert pool.take(0.2, 1, queue_empty=True) == "a"
+
+
+def test_a_slot_is_kept_until_t_after_redis_admitted_it_however_often_reused() -> None:
+    pool = quiet_pool()
+    pool.heard(0.9, True)
+    assert pool.keep(0.5, "a", 1, 0.0, 1, 10)
+    assert pool.next_at == T
+    assert pool.take(0.95, 1, True) == "a"
+    assert pool.keep(0.99, "a", 1, 0.0, 1, 10)
+    assert not pool.keep(1.0, "b", 1, 0.0, 1, 10)  # T old at its release: to Redis
+    assert pool.take(1.0, 1, True) is None  # aged in the pool: not handed out
+    assert pool.aged(0.99) == []
+    assert pool.aged(1.0) == ["a"]
+    assert len(pool) == 0
+    assert pool.returned == 1
+    assert pool.next_at is None
+
+
+def test_a_reply_that_someone_waits_gives_every_kept_slot_back() -> None:
+    pool = quiet_pool(busy=3)
+    for lease in ("a", "b", "c"):
+        assert pool.keep(0.1, lease, 1, 0.0, 1, 10)
+    assert pool.heard(0.2, True) == []
+    assert pool.heard(0.3, False) == ["a", "b", "c"]
+    # Until a reply says nobody waits again: nothing kept, nothing taken.
+    assert not pool.keep(0.4, "d", 1, 0.3, 1, 10)
+    pool.heard(0.5, True)
+    assert pool.keep(0.6, "d", 1, 0.3, 1, 10)
+    assert pool.take(0.7, 1, True) == "d"
+
+
+def test_nothing_is_kept_or_taken_once_the_last_quiet_reply_is_t_old() -> None:
+    pool = quiet_pool(at=0.0)
+    assert pool.keep(0.5, "a", 1, 0.5, 1, 10)
+    assert pool.take(T, 1, True) is None  # heard nothing since 0.0
+    assert not pool.keep(T, "b", 1, 0.9, 1, 10)
+    pool.heard(T, True)
+    assert pool.take(T, 1, True) == "a"
+
+
+def test_the_pool_holds_at_most_the_recent_peak_of_busy_slots() -> None:
+    pool = quiet_pool(busy=2)
+    assert pool.cap(1, 100) == 2
+    assert pool.keep(0.1, "a", 1, 0.0, 1, 100)
+    assert pool.keep(0.1, "b", 1, 0.0, 1, 100)
+    assert not pool.keep(0.1, "c", 1, 0.0, 1, 100)
+    # The peak is remembered over one to two T: a new window, then one more.
+    pool.busy(T, 1)
+    assert pool.cap(1, 100) == 2
+    pool.busy(2 * T, 1)
+    assert pool.cap(1, 100) == 1
+    # A window that ended long ago counts for nothing.
+    pool.busy(5 * T, 0)
+    assert pool.cap(1, 100) == 0
+
+
+def test_the_pool_holds_at_most_its_share_of_the_limit() -> None:
+    pool = quiet_pool(busy=50)
+    assert pool.cap(processes=4, concurrency=16) == int(KEPT_SHARE * 16 / 4) == 2
+    assert pool.cap(processes=10, concurrency=16) == 0  # a share below one slot: none kept
+    assert pool.cap(processes=1, concurrency=None) == 0  # no concurrency budget (now)
+    assert pool.keep(0.1, "a", 1, 0.0, 4, 16)
+    assert pool.keep(0.1, "b", 1, 0.0, 4, 16)
+    assert not pool.keep(0.1, "c", 1, 0.0, 4, 16)
+    assert not pool.keep(0.1, "c", 1, 0.0, 10, 16)
+
+
+def test_a_fleet_keeps_at_most_half_the_limit_idle() -> None:
+    """Processes that each keep as much as they may hold KEPT_SHARE of the limit at most."""
+    limit, processes = 12, 4
+    pools = [quiet_pool(busy=limit) for _ in range(processes)]
+    for p, pool in enumerate(pools):
+        for n in range(limit):
+            pool.keep(0.1, f"{p}.{n}", 1, 0.0, processes, limit)
+    assert sum(len(pool) for pool in pools) <= KEPT_SHARE * limit
+
+
+def test_drain_gives_back_and_forget_drops_without_a_call() -> None:
+    pool = quiet_pool(busy=3)
+    for lease in ("a", "b", "c"):
+        pool.keep(0.1, lease, 1, 0.0, 1, 10)
+    assert pool.forget("b") == ["b"]
+    assert pool.forget("zz") == []
+    assert pool.drain() == ["a", "c"]
+    assert pool.returned == 2
+    assert pool.forgotten == 1
+    pool.keep(0.2, "d", 1, 0.0, 1, 10)
+    assert pool.forget() == ["d"]
+    assert len(pool) == 0
+
+
+def test_a_pool_needs_a_positive_t() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        SlotPool(0.0)
+
+
+def test_the_setting_is_for_a_concurrency_budget_alone() -> None:
+    settings = Settings.from_env({"THROTTLE_CONCURRENCY": "8", "THROTTLE_KEEP_SLOTS": "1"})
+    assert settings.keep_slots_s == 1.0
+    # The default budget is a learned concurrency limit: kept slots follow its value.
+    assert Settings.from_env({"THROTTLE_KEEP_SLOTS": "0.5"}).keep_slots_s == 0.5
+    with pytest.raises(ConfigError, match="THROTTLE_KEEP_SLOTS"):
+        Settings.from_env({"THROTTLE_RATE": "10", "THROTTLE_KEEP_SLOTS": "1"})
+    with pytest.raises(ConfigError, match="no THROTTLE_RATE"):
+        Settings.from_env(
+            {"THROTTLE_RATE": "10", "THROTTLE_CONCURRENCY": "8", "THROTTLE_KEEP_SLOTS": "1"}
+        )
+    with pytest.raises(ConfigError, match="THROTTLE_TENANT_RATE"):
+        Settings.from_env(
+            {"THROTTLE_CONCURRENCY": "8", "THROTTLE_TENANT_RATE": "5", "THROTTLE_KEEP_SLOTS": "1"}
+        )
+    for bad in ("-1", "11", "x"):
+        with pytest.raises(ConfigError, match="0 \\(off\\) to 10"):
+            Settings.from_env({"THROTTLE_CONCURRENCY": "8", "THROTTLE_KEEP_SLOTS": bad})
