@@ -23,6 +23,7 @@ from tests.support.redis_server import RedisServer
 from throttle_mw.backends.redis.ratepool import (
     AUTO_LEASE_S,
     AUTO_MIN_TOKENS,
+    MAX_CHARGED,
     RETRY_SHARE,
     RatePool,
 )
@@ -30,6 +31,7 @@ from throttle_mw.scheduler import (
     Admit,
     Enqueue,
     HeldLease,
+    LeaseCharge,
     LeaseGrant,
     Limits,
     Policy,
@@ -45,7 +47,9 @@ POLICY = Policy(max_wait_s={"critical": 5.0, "high": 5.0, "normal": 5.0, "low": 
 def lua(redis_server_session: RedisServer, functions: bool) -> Iterator[Any]:
     """A LuaScheduler factory on the session's server, by FCALL or by EVALSHA."""
     client = redis_server_session.client()
-    yield lambda limits=RATE: LuaScheduler(client, limits, POLICY, 0.0, functions=functions)
+    yield lambda limits=RATE, policy=POLICY: LuaScheduler(
+        client, limits, policy, 0.0, functions=functions
+    )
     client.close()
 
 
@@ -525,3 +529,203 @@ def test_with_leases_no_window_admits_more_than_the_bucket_would(fleet: Any, see
     on, _ = drive(fleet(), surge(seed), leases=True)
     start, end, n, excess = most_in_a_window(on, FLEET.rate or 0.0)
     assert excess <= FLEET.burst + 1e-6, (start, end, n, excess)
+
+
+# --- lease admissions charged to their tenants --------------------------------------------------
+
+
+def fairness(
+    scheduler: Scheduler | LuaScheduler, tenants: tuple[str, ...]
+) -> tuple[dict[str, float], float, float]:
+    """The tenants' finish tags, the virtual clock and the open window's cost."""
+    if isinstance(scheduler, LuaScheduler):
+        return scheduler.fairness(tenants)
+    tags = {name: t.finish for name, t in scheduler._tenants.items() if name in tenants}
+    return tags, scheduler._vtime, float(scheduler._window.cost)
+
+
+WEIGHTED = Limits(rate=10.0, burst=20.0, weights={"gold": 2.0})
+CHARGED = ("acme", "gold", "idle", "new")
+
+
+def charge_run(scheduler: Scheduler | LuaScheduler) -> list[Any]:
+    """Charges of a tenant at the clock, a weighted one, one far behind it (its credit
+    bounded) and one never seen (made as an acquire makes it), then a lease as usual."""
+    process = Process()
+    seen: list[Any] = []
+    scheduler.acquire(0.0, Request("i", "idle"))
+    for i in range(30):  # the clock moves on while "idle" stays behind, past its credit
+        scheduler.acquire(0.5 + i * 0.1, Request(f"a{i}", "acme"))
+    seen.append(fairness(scheduler, CHARGED))
+    process.lease(scheduler, 3.5, 0, 0, 12)
+    charges = [LeaseCharge("acme", 5, 1), LeaseCharge("gold", 3, 2), LeaseCharge("idle", 2, 1),
+               LeaseCharge("new", 1, 1)]  # fmt: skip
+    seen.append(process.lease(scheduler, 3.6, 0, 0, 4, charges=charges))
+    seen.append(fairness(scheduler, CHARGED))
+    seen.append(round(tokens(scheduler), 9))
+    return seen
+
+
+def test_python_and_lua_charge_lease_admissions_alike(lua: Any) -> None:
+    python = charge_run(Scheduler(WEIGHTED, POLICY, 0.0))
+    assert python == charge_run(lua(WEIGHTED))
+    before, after = python[0], python[2]
+    assert set(after[0]) == set(CHARGED)  # "gold" and "new" made
+    assert after[0]["acme"] == before[0]["acme"] + 5
+    assert after[0]["idle"] > before[0]["idle"] + 2  # its credit bounded first
+    assert after[2] > before[2]  # the window counts them
+
+
+def test_a_charge_moves_the_tag_and_clock_as_admissions_one_by_one(lua: Any) -> None:
+    """The same admissions, one by one through acquire, or from a lease and charged at the
+    renewal: the same tags, clock and window (tenants within their credit)."""
+
+    def run(scheduler: Scheduler | LuaScheduler, leased: bool) -> Any:
+        scheduler.acquire(0.0, Request("h0", "heavy"))
+        scheduler.acquire(0.0, Request("l0", "light"))
+        process = Process()
+        if leased:
+            assert process.lease(scheduler, 0.0, 0, 0, 14).taken == 14
+        order = ["heavy"] * 6 + ["light"] + ["heavy"] * 6 + ["light"]
+        for i, name in enumerate(order):
+            if not leased:
+                decision, _ = scheduler.acquire(0.01 + i * 0.001, Request(f"x{i}", name))
+                assert isinstance(decision, Admit)
+        if leased:
+            charges = [LeaseCharge("heavy", 12, 1), LeaseCharge("light", 2, 1)]
+            process.lease(scheduler, 0.05, 0, 0, 0, charges=charges)
+        else:
+            scheduler.tick(0.05)
+        return fairness(scheduler, ("heavy", "light"))
+
+    for make in (lambda: Scheduler(RATE, POLICY, 0.0), lua):
+        unleased, leased = run(make(), False), run(make(), True)
+        assert leased == unleased
+        assert leased[0]["heavy"] == leased[0]["light"] + 9  # 12 - 2, less its head start
+
+
+def contention(scheduler: Scheduler | LuaScheduler, leased: bool) -> tuple[Any, list[str]]:
+    """Two tenants while the budget is light: "heavy" takes 16 of the 18 admissions,
+    from a lease (`leased`) or from Redis one by one; then contention starts (the bucket
+    empty, each queues six requests) and the budget goes by the fair queueing: the tags
+    before it, and the order of the grants."""
+    scheduler.acquire(0.0, Request("h0", "heavy"))
+    scheduler.acquire(0.0, Request("l0", "light"))
+    process, pool = Process(), RatePool(LEASE_S)
+    if leased:
+        pool.seen(0.0, 18)
+        pool.renewal(0.0, 1, 80.0)
+        grant = process.lease(scheduler, 0.0, 0, 0, 18)
+        pool.granted(0.0, grant.taken, "e", generation=grant.generation, until=grant.until)
+    for i, name in enumerate(["heavy"] * 8 + ["light"] + ["heavy"] * 8 + ["light"]):
+        now = 0.01 + i * 0.001
+        if not (leased and pool.take(now, 1, True, name)):
+            decision, _ = scheduler.acquire(now, Request(f"x{i}", name))
+            assert isinstance(decision, Admit)
+    if leased:  # the renewal: nothing left to give back, the charges sent
+        pool.renewal(0.05, 1, 80.0, final=True)
+        process.lease(scheduler, 0.05, 0, 0, 0, charges=pool.sending)
+    scheduler.tick(0.05)
+    tags = fairness(scheduler, ("heavy", "light"))
+    granted: list[str] = []
+    at = 0.06
+    for i in range(6):
+        for name in ("heavy", "light"):
+            decision, events = scheduler.acquire(at, Request(f"{name}.{i}", name))
+            granted += [e.id.split(".")[0] for e in events if hasattr(e, "waited_s")]
+            if isinstance(decision, Admit):
+                granted.append(name)
+    while at < 5.0:
+        at = round(at + 0.05, 9)
+        events = scheduler.tick(at)
+        granted += [e.id.split(".")[0] for e in events if hasattr(e, "waited_s")]
+    return tags, granted
+
+
+def test_a_tenant_heavy_on_leases_gets_no_more_than_its_share_once_contention_starts(
+    lua: Any,
+) -> None:
+    """The tenant that took most of the lease-admitted traffic is behind the other once the
+    budget is contended, exactly as if its admissions had gone to Redis one by one: the
+    same tags, the same grants (the light tenant's queued requests go first)."""
+    for make in (lambda: Scheduler(RATE, POLICY, 0.0), lua):
+        unleased, leased = contention(make(), False), contention(make(), True)
+        assert leased[0] == unleased[0]
+        assert leased[1] == unleased[1]
+        granted = leased[1]
+        # "light" is 14 behind: its six queued requests go before "heavy"'s first
+        assert granted[:6] == ["light"] * 6, granted
+        assert granted.count("heavy") == 6, granted
+
+
+def test_the_pool_records_charges_per_tenant_within_a_bound() -> None:
+    pool = granted_pool(MAX_CHARGED + 10)
+    for i in range(MAX_CHARGED):
+        assert pool.take(0.01, 1, queue_empty=True, tenant=f"t{i}")
+    assert pool.take(0.01, 2, queue_empty=True, tenant="t0")  # recorded: more on it
+    assert not pool.take(0.01, 1, queue_empty=True, tenant="other")  # full: to Redis
+    pool.renewal(0.02, 1, 1000.0)
+    assert len(pool.sending) == MAX_CHARGED
+    assert pool.sending[0] == LeaseCharge("t0", 3, 2)
+    assert pool.take(0.03, 1, queue_empty=True, tenant="t1")  # during the call
+    pool.granted(0.02, 0, "e1", charged=10)  # Redis took 10: the rest sent again
+    assert pool.pending
+    pool.renewal(0.04, 1, 1000.0)
+    assert len(pool.sending) == MAX_CHARGED - 10 + 1  # the rest, and the one since
+    assert pool.sending[0] == LeaseCharge("t1", 1, 1)
+    pool.granted(0.04, 0, "e1")
+    assert not pool.pending
+    assert pool.take(0.05, 1, queue_empty=True, tenant="other")
+
+
+def test_charges_of_another_state_are_dropped() -> None:
+    pool = granted_pool(5)
+    pool.take(0.01, 1, queue_empty=True, tenant="a")
+    pool.renewal(0.02, 1, 100.0)
+    pool.take(0.03, 1, queue_empty=True, tenant="b")
+    pool.granted(0.02, 3, "e2")  # a state made anew
+    assert not pool.pending
+
+
+def test_redis_charges_within_its_work_bound_and_says_how_many(lua: Any) -> None:
+    """A renewal of many new tenants: Redis charges as many as a batch call's work bound
+    allows (each made counts as an acquire's), and the caller sends the rest again."""
+    scheduler = lua()
+    process = Process()
+    process.lease(scheduler, 0.0, 0, 0, 10)
+    charges = [LeaseCharge(f"n{i}", 1, 1) for i in range(MAX_CHARGED)]
+    process.lease(scheduler, 0.01, 0, 0, 0, charges=charges)
+    charged = scheduler.lease.charged
+    assert 2 <= charged < MAX_CHARGED
+    tags, _, _ = scheduler.fairness([c.tenant for c in charges])
+    assert len(tags) == charged
+    process.lease(scheduler, 0.02, 0, 0, 0, charges=charges[charged:])
+    assert charged + scheduler.lease.charged <= MAX_CHARGED
+
+
+def test_charges_respect_max_tenants(lua: Any) -> None:
+    policy = Policy(max_wait_s=POLICY.max_wait_s, max_tenants=5)
+    for scheduler in (Scheduler(RATE, policy, 0.0), lua(RATE, policy)):
+        process = Process()
+        process.lease(scheduler, 0.0, 0, 0, 10)
+        charges = [LeaseCharge(f"m{i}", 1, 1) for i in range(8)]
+        process.lease(scheduler, 0.01, 0, 0, 0, charges=charges)
+        assert scheduler.snapshot().tenants <= 5
+
+
+def test_a_charged_tenant_in_line_goes_back_in_line_by_its_new_tag(lua: Any) -> None:
+    """Requests of a tenant queued (from another process) while a lease's admissions of it
+    are charged: it is put back in line by its new tag, behind the other tenant."""
+    for scheduler in (Scheduler(RATE, POLICY, 0.0), lua()):
+        process = Process()
+        assert process.lease(scheduler, 0.0, 0, 0, 20).taken == 20
+        for name in ("a", "b"):
+            decision, _ = scheduler.acquire(0.0, Request(f"{name}1", name))
+            assert isinstance(decision, Enqueue)
+        process.lease(scheduler, 0.01, 0, 0, 0, charges=[LeaseCharge("a", 10, 1)])
+        granted: list[str] = []
+        at = 0.01
+        while len(granted) < 2 and at < 3.0:
+            at = round(at + 0.05, 9)
+            granted += [e.id for e in scheduler.tick(at) if hasattr(e, "waited_s")]
+        assert granted == ["b1", "a1"]

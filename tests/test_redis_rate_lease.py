@@ -24,6 +24,7 @@ import redis.asyncio
 from tests.support.redis_server import RedisServer
 from throttle_mw.backends import Admitted
 from throttle_mw.backends.redis import RedisBackend
+from throttle_mw.backends.redis.keys import Keys
 from throttle_mw.backends.redis.ratepool import AUTO_LEASE_S
 from throttle_mw.scheduler import Request
 from throttle_mw.settings import Settings
@@ -223,3 +224,32 @@ async def test_auto_leases_for_a_busy_process_and_not_for_a_quiet_one(
     assert busy_pool.local_admissions > 0.5 * len(runs[0]), (busy_pool.local_admissions, runs)
     assert (quiet_pool.calls, quiet_pool.local_admissions) == (0, 0)
     assert len(runs[1]) == quiet_pool.requests
+
+
+@pytest.mark.anyio
+async def test_lease_admissions_are_charged_to_their_tenant_in_redis(
+    clean_redis_server: RedisServer,
+) -> None:
+    """One tenant alone, most of its requests admitted from leases: once the process has
+    stopped (its last renewal sends what is left to charge), its finish tag in Redis is
+    where the admissions one by one through Redis would have put it: one past the clock
+    it started at, plus one per admission."""
+    prefix = f"rl{next(_prefixes)}"
+    backend = RedisBackend(settings(clean_redis_server.url, prefix, rate=1000.0, burst=200.0))
+    await backend.start()
+    loop = asyncio.get_running_loop()
+    admitted, end = 0, loop.time() + 0.5
+    while loop.time() < end:
+        outcome = await backend.acquire(Request(f"s{admitted}", "solo"))
+        assert isinstance(outcome, Admitted)
+        admitted += 1
+        await asyncio.sleep(0.002)
+    await backend.stop()
+    pool = backend.rate_lease
+    assert pool is not None
+    assert pool.local_admissions > admitted / 2
+    client = redis.asyncio.Redis.from_url(clean_redis_server.url)
+    tag = await client.hget(Keys(prefix).tenant("solo"), "f")
+    await client.aclose()
+    assert tag is not None
+    assert float(tag) == admitted + 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import redis
@@ -25,6 +26,7 @@ from throttle_mw.scheduler import (
     Event,
     Granted,
     HeldLease,
+    LeaseCharge,
     LeaseGrant,
     Limits,
     Policy,
@@ -71,6 +73,7 @@ class LuaScheduler:
         self._policy = policy
         keys = Keys(f"sim{next(_prefixes)}")
         self._tag = keys.tag
+        self._keys = keys
         self._key = keys.state
         self._evalsha = {name: client.register_script(source(name)) for name in ENTRY_SCRIPTS}
         self._now = now
@@ -167,16 +170,19 @@ class LuaScheduler:
         lease_s: float,
         held: HeldLease,
         wants: int,
+        charges: Sequence[LeaseCharge] = (),
         *,
         epoch: str | None = None,
     ) -> LeaseGrant:
-        """ratelease.lua: the last lease `held` (taken in `epoch`; None: the state's own,
-        as the last trailer told it) out of the count, its returned tokens back, up to
-        `wants` leased for `lease_s`."""
+        """ratelease.lua: `charges` charged to their tenants, the last lease `held` (taken
+        in `epoch`; None: the state's own, as the last trailer told it) out of the count,
+        its returned tokens back, up to `wants` leased for `lease_s`."""
         self._now = now
         static = self._static_args()
         known = self.trailer.epoch if epoch is None else epoch
-        args = protocol.ratelease_args(static, repr(now), known, held, wants, lease_s)
+        args = protocol.ratelease_args(
+            static, repr(now), known, held, wants, lease_s, charges, self._limits.weight
+        )
         self.lease = protocol.decode_ratelease(self._run("ratelease", args, self._client))
         return self.lease.grant
 
@@ -209,6 +215,18 @@ class LuaScheduler:
     def snapshot(self, top: int = 10) -> Snapshot:
         args = protocol.snapshot_args(repr(self._now), self._tag, self._given, top)
         return protocol.decode_snapshot(self._run("snapshot", args, self._client))
+
+    def fairness(self, tenants: Sequence[str]) -> tuple[dict[str, float], float, float]:
+        """The tenants' finish tags (absent: not made), the virtual clock and the open
+        window's cost, as `python_fairness` reads them from a `Scheduler`."""
+        tags = {}
+        for name in tenants:
+            f = self._client.hget(self._keys.tenant(name), "f")
+            if f is not None:
+                tags[name] = float(f)
+        raw: Any = self._client.hget(self._key, "nums")
+        packed = raw.decode().split(protocol.SEP)
+        return tags, float(packed[2]), float(packed[5] or 0)
 
     @property
     def waiting(self) -> int:

@@ -36,6 +36,7 @@ import heapq
 import itertools
 import math
 from collections import OrderedDict
+from collections.abc import Iterable
 
 from ..priorities import PRIORITIES, RANK
 from .constants import ACTIVE, CAP_BLAME_SHARE, CAPPED, EPS, IDLE, PUSH_SPAN, WINDOW_S
@@ -48,6 +49,7 @@ from .types import (
     Evicted,
     Granted,
     HeldLease,
+    LeaseCharge,
     LeaseGrant,
     LeaseKey,
     Limits,
@@ -325,8 +327,19 @@ class Scheduler:
             due.append(self._deadlines[0][0])
         return min(due) if due else None
 
-    def lease_tokens(self, now: float, lease_s: float, held: HeldLease, wants: int) -> LeaseGrant:
+    def lease_tokens(
+        self,
+        now: float,
+        lease_s: float,
+        held: HeldLease,
+        wants: int,
+        charges: Iterable[LeaseCharge] = (),
+    ) -> LeaseGrant:
         """A process's lease of rate tokens (``THROTTLE_RATE_LEASE``; ``ratelease.lua``).
+
+        First its admissions from leases since its last renewal (`charges`, per tenant) are
+        charged to their tenants (made if new, as an acquire makes them) as `_take` would
+        have charged them one by one (`_charge_leased`): the fair queueing sees them.
 
         Its last lease (`held`) leaves its generation's count, if that still counts it;
         then its unspent tokens go back into the bucket's room and the ones it keeps stay
@@ -338,6 +351,8 @@ class Scheduler:
         less the tokens out in unexpired leases, so the fleet admits over any window at
         most what the plain bucket would (its refill plus its burst), leases included."""
         self._refill(now)
+        for charge in charges:
+            self._charge_leased(self._tenant(charge.tenant, now), charge.cost, charge.last, now)
         limits = self._limits
         if limits.rate is None:
             return _NO_GRANT
@@ -526,6 +541,33 @@ class Scheduler:
             limits.weights.get(tenant.name, 1.0) if limits.weights else 1.0
         )
         self._window.cost += cost
+
+    def _charge_leased(self, tenant: Tenant, cost: int, last: int, now: float) -> None:
+        """Charge a tenant's admissions from leases (`cost` in all, `last` the cost of the
+        last one) to its fairness tag, the virtual clock and the fair-rate window, as `_take`
+        one by one would have (the budget's tokens left with the lease). The tag moves by
+        `cost` / weight from where its first admission would have started (its banked
+        credit bounded by the clock now); the clock goes to the last admission's start tag
+        if that is ahead of it. Exact when the bound on credit did not bind (a tenant within
+        its credit, or ahead of the clock); when it did, it binds with the clock at the
+        renewal, at least the clock of the first admission: the tenant banks no more.
+        A tenant in line (requests of it queued since, from another process) is put back
+        in line by its new tag."""
+        active = tenant.state == ACTIVE
+        if active:
+            self._deactivate(tenant)
+        start = tenant.finish
+        if start < self._vtime:  # behind the clock: its banked credit is bounded
+            start = max(start, self._vtime - self._credit(now))
+        weight = self._limits.weights.get(tenant.name, 1.0) if self._limits.weights else 1.0
+        finish = start + cost / weight
+        tenant.finish = finish
+        last_start = finish - last / weight
+        if last_start > self._vtime:
+            self._vtime = last_start
+        self._window.cost += cost
+        if active:
+            self._activate(tenant)
 
     def _admit_now(self, now: float, request_id: str, tenant: Tenant, cost: int) -> Admit:
         self._take(tenant, request_id, cost, now)

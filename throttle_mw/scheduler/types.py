@@ -141,6 +141,17 @@ class HeldLease(NamedTuple):
 NO_LEASE = HeldLease()
 
 
+class LeaseCharge(NamedTuple):
+    """What a process admitted from its leases for one tenant since its last renewal, told
+    at the next (``lease_tokens``): the cost in all and the cost of the last admission
+    (the virtual clock goes to that one's start tag, as `_take` one by one would move it).
+    """
+
+    tenant: str
+    cost: int
+    last: int
+
+
 class LeaseGrant(NamedTuple):
     """``lease_tokens``'s answer: tokens taken out of the bucket, the kept tokens it still
     counts (0: the last lease had lapsed here, so they lapse in the process too), and the

@@ -330,7 +330,7 @@ class RedisBackend(Recovery):
         started = asyncio.get_running_loop().time()
         pool = self._pool
         if pool is not None:
-            local = pool.take(started, request.cost, not self._waiters)
+            local = pool.take(started, request.cost, not self._waiters, request.tenant)
             if pool.due(started):
                 self._renew_lease(started)
             if local:
@@ -659,11 +659,18 @@ class RedisBackend(Recovery):
         limits = self._in_force
         final = not wants_more or not _leasable(limits)
         returned, epoch, wants = pool.renewal(sent, self._fallback.fleet, limits.burst, final=final)
-        if not returned and not wants:
+        if not returned and not wants and not pool.sending:
             pool.skip(sent)  # (a share of the burst below one token: no lease, no call)
             return
         args = protocol.ratelease_args(
-            self._static, self._clock(), epoch, pool.held, wants, pool.lease_s
+            self._static,
+            self._clock(),
+            epoch,
+            pool.held,
+            wants,
+            pool.lease_s,
+            pool.sending,
+            self._limits.weight,
         )
         try:
             raw = await self._scripts.ratelease(keys=[self._keys.state], args=args)
@@ -684,14 +691,17 @@ class RedisBackend(Recovery):
             kept=lease.kept,
             generation=lease.generation,
             until=lease.until,
+            charged=lease.charged,
         )
         self._succeeded()
-        if lease.taken and not self._closing:
-            # Old before it is spent: renewed then (or its tokens given back), not lapsed.
+        if (lease.taken or pool.pending) and not self._closing:
+            # Old before it is spent: renewed then (or its tokens given back), not lapsed;
+            # admissions not charged yet go with that renewal, whatever comes meanwhile.
             if self._lease_timer is not None:
                 self._lease_timer.cancel()
             loop = asyncio.get_running_loop()
-            self._lease_timer = loop.call_at(pool.old_at, self._lease_aged)
+            at = max(pool.old_at, pool.retry_at, loop.time())
+            self._lease_timer = loop.call_at(at, self._lease_aged)
 
     def _lease_aged(self) -> None:
         self._lease_timer = None
@@ -709,7 +719,7 @@ class RedisBackend(Recovery):
         if task is not None and not task.done():
             await asyncio.gather(task, return_exceptions=True)
         now = asyncio.get_running_loop().time()
-        if pool.tokens and now < pool.expires_at and self._breaker.allow():
+        if ((pool.tokens and now < pool.expires_at) or pool.pending) and self._breaker.allow():
             try:
                 await asyncio.wait_for(self._lease_call(now, False), _STOP_TIMEOUT_S)
             except TimeoutError:

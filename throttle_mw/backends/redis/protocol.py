@@ -18,7 +18,7 @@ Replies of batch.lua decode into the scheduler's own types: an acquire into
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final, NamedTuple, cast
 
@@ -30,6 +30,7 @@ from ...scheduler import (
     Evicted,
     Granted,
     HeldLease,
+    LeaseCharge,
     LeaseGrant,
     Limits,
     Reason,
@@ -370,13 +371,34 @@ def leave_args(tag: str, process: str) -> list[str]:
 # --- ratelease.lua ---------------------------------------------------------------------------
 
 
+def charges_arg(charges: Sequence[LeaseCharge], weight: Callable[[str], float]) -> str:
+    """A renewal's charges (ratelease.lua's ARGV[14]): one per LINE, each the tenant's
+    digest, its name and its weight as its acquire would send them (`acquire_tail`), the
+    cost admitted from leases and the last admission's cost, joined with SEP."""
+    return LINE.join(
+        SEP.join(
+            (tenant_digest(c.tenant), c.tenant, repr(weight(c.tenant)), str(c.cost), str(c.last))
+        )
+        for c in charges
+    )
+
+
 def ratelease_args(
-    static: list[str], now: str, epoch: str, held: HeldLease, wants: int, lease_s: float
+    static: list[str],
+    now: str,
+    epoch: str,
+    held: HeldLease,
+    wants: int,
+    lease_s: float,
+    charges: Sequence[LeaseCharge] = (),
+    weight: Callable[[str], float] = lambda tenant: 1.0,
 ) -> list[str]:
     """ARGV of ratelease.lua: batch.lua's first four (`static_args`: the limits in force are
     the caller's unless live ones win), the epoch of the caller's last lease, its unspent
     tokens given back, the tokens it wants, its kept tokens, that lease's generation,
-    expiry (Redis's time, as the grant gave it) and size, and the new lease's life."""
+    expiry (Redis's time, as the grant gave it) and size, the new lease's life, and the
+    admissions from its leases to charge to their tenants (their number, `charges_arg`;
+    `weight`: a tenant's weight as its acquire sends it)."""
     args = list(static)
     args[0] = now
     args += [
@@ -388,6 +410,8 @@ def ratelease_args(
         repr(held.until),
         str(held.size),
         repr(lease_s),
+        str(len(charges)),
+        charges_arg(charges, weight),
     ]
     return args
 
@@ -406,6 +430,9 @@ class RateLease(NamedTuple):
     #: The new lease's generation (0: none) and expiry (Redis's time).
     generation: int = 0
     until: float = 0.0
+    #: The charges taken (charged, or dropped as another state's): the rest, if any, are
+    #: sent again with the next renewal (the call's work bound).
+    charged: int = 0
 
     @property
     def grant(self) -> LeaseGrant:
@@ -413,10 +440,12 @@ class RateLease(NamedTuple):
 
 
 def decode_ratelease(raw: Any) -> RateLease:
-    taken, now, epoch, kept, generation, until = (
+    taken, now, epoch, kept, generation, until, charged = (
         x.decode() if isinstance(x, bytes) else x for x in raw
     )
-    return RateLease(int(taken), float(now), str(epoch), int(kept), int(generation), float(until))
+    return RateLease(
+        int(taken), float(now), str(epoch), int(kept), int(generation), float(until), int(charged)
+    )
 
 
 # --- snapshot.lua ---------------------------------------------------------------------------

@@ -6,18 +6,21 @@ this process from them without calling Redis. This module is the pool's state ma
 no I/O and no clock of its own (every method is given ``now``, the event loop's time),
 so its tests drive it on a fake clock. The backend (``backend.py``) does the I/O:
 
-1. ``pool.take(now, cost, queue_empty)``: True: admitted here, nothing to send. False:
-   the request goes to Redis as it would without leases.
+1. ``pool.take(now, cost, queue_empty, tenant)``: True: admitted here, nothing to send
+   (the admission is recorded against its tenant, to be charged at the next renewal).
+   False: the request goes to Redis as it would without leases.
 2. After each, ``pool.due(now)``: if True, start a renewal in the background:
-   ``returned, epoch, wants = pool.renewal(now, processes, burst)`` (the pool keeps up
+   ``returned, epoch, wants = pool.renewal(now, processes, burst)`` (``pool.sending``: the
+   charges the call carries, `LeaseCharge` per tenant; the pool keeps up
    to the next lease's size and tops itself up: it goes on admitting while the call is
    out; unspent tokens above that size go back in the call; ``pool.held`` is the last
    lease as the call tells it), call the script, then ``pool.granted(sent, taken, epoch,
-   kept=, generation=, until=)`` with the loop time `sent` from before the call (the
+   kept=, generation=, until=, charged=)`` with the loop time `sent` from before the call (the
    lease's life counts from then: Redis took the tokens after it, and counts them out
    until its own later expiry). A renewal that
    got less than it asked is not followed by another before ``RETRY_SHARE`` of T; one
-   with nothing to give back and nothing wanted makes no call: ``pool.skip(sent)``.
+   with nothing to give back, nothing wanted and nothing to charge makes no call:
+   ``pool.skip(sent)``.
 3. A Redis fault, a new epoch or limits that allow no lease: ``pool.drop()`` (the
    tokens lapse; the failure mode applies as without leases). At shutdown:
    ``pool.renewal(now, ..., final=True)``: every unspent token given back.
@@ -30,13 +33,24 @@ only to its burst less them, so over any window the fleet admits at most what th
 bucket would: its refill plus its burst. A lease lasts `T`; it is renewed early, once it
 is down to a quarter of its size or past three quarters of its life, while this process
 still admits; an old lease with tokens left and no request since gives them back rather
-than let them lapse."""
+than let them lapse.
+
+Charges: every admission from a lease is recorded against its tenant (the cost in all
+and the last admission's cost, per tenant, in order of first admission) and sent with
+the next renewal, which charges them to the tenants' fairness tags in Redis as the
+admissions would have been charged there one by one (``Scheduler._charge_leased``): the
+fair queueing sees lease admissions, within one renewal of when they were made. At most
+MAX_CHARGED tenants are recorded at once: a request of another tenant, the record full,
+goes to Redis (charged there) rather than from the pool, so nothing is folded or lost and
+the memory is bounded; a renewal sends at most MAX_CHARGED, and Redis charges as many as
+its work bound allows (``charged``): the rest go with the next renewal."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
-from ...scheduler import NO_LEASE, HeldLease
+from ...scheduler import NO_LEASE, HeldLease, LeaseCharge
 
 #: Renew once the pool is down to this share of the lease it got...
 LOW_SHARE = 0.25
@@ -58,6 +72,11 @@ BURST_SHARE = 0.5
 #: the next one after this share of T at the earliest: meanwhile requests go to Redis one
 #: by one, as without leases, and a saturated budget sees few lease calls.
 RETRY_SHARE = 0.5
+#: Tenants whose admissions from leases one pool records at once, to charge at the next
+#: renewal (and sends in one renewal at most): a request of another tenant while it is
+#: full goes to Redis. A renewal's call grows with them (docs/performance.md), and a batch
+#: call's work bound takes about 32 new tenants (the rest go with the next renewal).
+MAX_CHARGED = 64
 
 
 class RatePool:
@@ -98,6 +117,11 @@ class RatePool:
         #: A request was seen since the last renewal; the tokens that renewal asked for.
         self._demand = False
         self._wanted = 0
+        #: Admissions from leases not yet sent, per tenant: [cost in all, last cost], in
+        #: order of first admission (at most MAX_CHARGED tenants, but for the rest of a
+        #: renewal that Redis did not take); and the charges the renewal out carries.
+        self._charges: dict[str, list[int]] = {}
+        self.sending: list[LeaseCharge] = []
         #: Counters for metrics: admissions from the pool, requests seen, lease calls,
         #: tokens taken and given back, tokens that lapsed unspent.
         self.local_admissions = 0
@@ -107,10 +131,11 @@ class RatePool:
         self.returned = 0
         self.lapsed = 0
 
-    def take(self, now: float, cost: int, queue_empty: bool) -> bool:
-        """Admit a request of `cost` from the pool: only if the lease is unexpired, holds
-        `cost` tokens and nothing of this process waits for the budget (it would be
-        overtaken). False: send it to Redis as without leases."""
+    def take(self, now: float, cost: int, queue_empty: bool, tenant: str = "") -> bool:
+        """Admit a request of `tenant` and `cost` from the pool: only if the lease is
+        unexpired, holds `cost` tokens, nothing of this process waits for the budget (it
+        would be overtaken) and its tenant is recorded or has room among MAX_CHARGED. False:
+        send it to Redis as without leases."""
         self.seen(now, cost)
         if now >= self.expires_at:
             if self.tokens:
@@ -119,9 +144,22 @@ class RatePool:
             return False
         if self.tokens < cost or not queue_empty:
             return False
+        charge = self._charges.get(tenant)
+        if charge is None:
+            if len(self._charges) >= MAX_CHARGED:
+                return False
+            self._charges[tenant] = [cost, cost]
+        else:
+            charge[0] += cost
+            charge[1] = cost
         self.tokens -= cost
         self.local_admissions += 1
         return True
+
+    @property
+    def pending(self) -> bool:
+        """Admissions from leases not yet sent to be charged."""
+        return bool(self._charges)
 
     def seen(self, now: float, cost: int) -> None:
         """Count a request of this process (admitted from the pool, or sent to Redis)."""
@@ -151,7 +189,7 @@ class RatePool:
         old = now >= self.old_at
         if old and self.tokens and now < self.expires_at:
             return True
-        if not self._demand or now < self.retry_at:
+        if not (self._demand or self._charges) or now < self.retry_at:
             return False
         return old or self.tokens <= self.size * LOW_SHARE
 
@@ -195,6 +233,9 @@ class RatePool:
         self.calls += 1
         self._demand = False
         self._wanted = target - keep
+        charges = self._charges
+        names = list(itertools.islice(charges, MAX_CHARGED))
+        self.sending = [LeaseCharge(name, *charges.pop(name)) for name in names]
         return returned, self.epoch, self._wanted
 
     def granted(
@@ -206,13 +247,28 @@ class RatePool:
         kept: int | None = None,
         generation: int = 0,
         until: float = 0.0,
+        charged: int | None = None,
     ) -> None:
         """A renewal's answer: `taken` tokens of the state of `epoch`, spendable with what
         the pool kept until `sent` + T (`sent`: the loop time before the call went out).
         What it kept lapses if Redis no longer counted it (`kept` below what the renewal
         kept: the last lease had expired there; None: all counted) or it is of another
-        epoch (a state since lost). The new lease is Redis's `generation` until `until`."""
+        epoch (a state since lost). The new lease is Redis's `generation` until `until`.
+        Redis took the first `charged` of the charges sent (None: all of them); the rest
+        are sent again with the next renewal (not if the state is another: they went with
+        the one they were of)."""
         self.renewing = False
+        rest = self.sending[len(self.sending) if charged is None else charged :]
+        self.sending = []
+        if epoch != self.epoch:
+            self._charges.clear()
+        else:
+            for name, cost, last in rest:
+                charge = self._charges.get(name)
+                if charge is None:
+                    self._charges[name] = [cost, last]
+                else:
+                    charge[0] += cost  # (its last admission is the one recorded since)
         if self.tokens and (epoch != self.epoch or (kept is not None and kept < self.held.kept)):
             self.lapsed += self.tokens
             self.tokens = 0
@@ -243,6 +299,8 @@ class RatePool:
         self.lapsed += self.tokens
         self.tokens = 0
         self.size = 0
+        self._charges.clear()  # (their state is gone, or out of reach: not charged)
+        self.sending = []
         self.epoch = ""
         self.expires_at = -math.inf
         self.generation, self.until, self.counted = 0, 0.0, 0

@@ -15,7 +15,7 @@
 
 local acquire, cancel, release, tick, next_due, lease_tokens
 local refill, lease_room, clamp, need, fits, fits_at_once, cap_ok, refill_cap
-local fair_rate, credit, take, admit_now, shed_or_admit, expiry, drain_time, estimate
+local fair_rate, credit, take, charge_leased, admit_now, shed_or_admit, expiry, drain_time, estimate
 local tenant, forget_idle, make_room, evict, push, unlink, remove, activate, deactivate
 local release_capped, top_active, dispatch
 local orphaned
@@ -272,6 +272,26 @@ function take(t, id, cost, p)
   t.f = start + cost / t.w
   S.win_cost = S.win_cost + cost
   t.dirty = true
+end
+
+-- Scheduler._charge_leased: a tenant's admissions from leases (`cost` in all, `last` the
+-- cost of the last one) charged to its tag, the virtual clock and the window, as take one
+-- by one would have (the tokens left with the lease; ratelease.lua). A tenant in line is
+-- put back in line by its new tag.
+function charge_leased(t, cost, last)
+  local active = t.st == ACTIVE
+  if active then deactivate(t) end
+  local start = t.f
+  if start < S.v then  -- behind the clock: its banked credit is bounded
+    start = math.max(start, S.v - credit())
+  end
+  local finish = start + cost / t.w
+  t.f = finish
+  local last_start = finish - last / t.w
+  if last_start > S.v then S.v = last_start end
+  S.win_cost = S.win_cost + cost
+  t.dirty = true
+  if active then activate(t) end
 end
 
 -- An admission at once, with a lease or without one: a decision no one changes, made once

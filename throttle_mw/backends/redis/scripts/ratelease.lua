@@ -1,6 +1,9 @@
 -- ratelease.lua: a process's lease of rate tokens (THROTTLE_RATE_LEASE; the process side
 -- is backends/redis/ratepool.py). In one call (core.lua's lease_tokens, twin of
--- Scheduler.lease_tokens): the caller's last lease leaves the count of tokens out in
+-- Scheduler.lease_tokens): first the caller's admissions from its leases since its last
+-- renewal are charged to their tenants (core.lua's charge_leased, as take would have
+-- charged them one by one: their tags, the virtual clock, the window's cost), tenants made
+-- as an acquire makes them; then the caller's last lease leaves the count of tokens out in
 -- leases, its unspent tokens go back into the bucket and those it keeps stay counted;
 -- then up to `wants` whole tokens leave the bucket for a new lease, only while nobody
 -- waits for the budget and the budget is a rate alone. The tokens are out of the bucket
@@ -11,7 +14,12 @@
 -- seen for the first time, a TTL refresh or an idle sweep due, a state without its epoch
 -- or in its reclaim grace (fast.lua's quiet); the caller's next acquire goes as today.
 -- A last lease of another epoch (a state since lost) is not counted here: nothing of it
--- goes back or is kept (it went with the state it came from).
+-- goes back or is kept (it went with the state it came from), and its charges are dropped
+-- (its tenants' tags went with that state too).
+-- A call with charges loads the state whole and writes it as batch.lua does (tenants made,
+-- the idle list, the tenant bound, TTLs); it charges as many as a batch call's work bound
+-- allows (fast.lua's call.work_check: a tenant made counts as one made by an acquire), and
+-- says how many: the caller sends the rest with its next renewal.
 --
 -- KEYS[1]  P:s (routing only).
 -- ARGV[1]  now override ("" in production).  ARGV[2] P.  ARGV[3] the process.
@@ -21,15 +29,49 @@
 -- ARGV[8]  its unspent tokens kept.  ARGV[9] its generation (0: none).  ARGV[10] its expiry
 --          (Redis time, as the last reply gave it).  ARGV[11] the tokens it counted out.
 -- ARGV[12] the new lease's life T, in seconds.
+-- ARGV[13] the number of charges; ARGV[14] the charges, one per LINE, each
+--          digest|name|weight|cost|last (protocol.py's charges_arg).
 -- Returns {taken, Redis's time (text), the state's epoch ("" if none), kept (the tokens
 -- kept that still count: else they lapse), the new lease's generation (0: none), its
--- expiry (text)}.
+-- expiry (text), the charges taken (charged, or dropped as another state's; the rest are
+-- to be sent again)}.
 
 init(ARGV[2], ARGV[1], ARGV[3], false)
-if not load_hot_state(nil) then return {0, num(now), '', 0, 0, '0'} end  -- the next acquire
-load_limits_stamped(ARGV[4], false)
+local charges = tonumber(ARGV[13]) or 0
+if not load_hot_state(nil) then return {0, num(now), '', 0, 0, '0', charges} end  -- the next acquire
+local charging = charges > 0 and S.ep == ARGV[5]
+if charging then
+  load_state(ARGV[5], ARGV[4])
+  load_limits_stamped(ARGV[4], true)
+else
+  load_limits_stamped(ARGV[4], false)
+end
 S.la = S.la or 0; S.lk = S.lk or 0  -- as load_state
 if S.tokens > L.burst then S.tokens = L.burst end  -- as load_state
+local charged = charges
+if charging then
+  refill()
+  charged = 0
+  local text, pos, find, sub = ARGV[14], 1, string.find, string.sub
+  local started = nil
+  if charges > TUNING.WORK_CHECK then started = call.start_us() end
+  local check_at = TUNING.WORK_CHECK + 1
+  for i = 1, charges do
+    if started ~= nil and i == check_at then
+      local over
+      over, check_at = call.work_check(i, started)
+      if over then break end
+    end
+    local stop = find(text, LINE, pos, true)
+    local entry
+    if stop == nil then entry = sub(text, pos); pos = #text + 1 else entry = sub(text, pos, stop - 1); pos = stop + #LINE end
+    local h, name, weight, cost, last = string.match(entry, call.CHARGE_PATTERN)
+    if h == nil then return redis.error_reply('throttle_mw: malformed charge') end
+    charge_leased(tenant(h, name, live_weight(h, tonum(weight))), tonum(cost), tonum(last))
+    charged = i
+  end
+  forget_idle()
+end
 local gen = tonumber(ARGV[9]) or 0
 if S.ep ~= ARGV[5] then gen = 0 end
 local wants = tonumber(ARGV[7]) or 0
@@ -39,6 +81,10 @@ end
 local taken, kept, lease_gen, til = lease_tokens(gen, tonumber(ARGV[10]) or 0,
   tonumber(ARGV[11]) or 0, tonumber(ARGV[6]) or 0, tonumber(ARGV[8]) or 0, wants,
   tonumber(ARGV[12]) or 0)
-local args = {}
-if call.save_packed_anew(args, false) then redis.call('HSET', K.state, args[1], args[2]) end
-return {taken, num(now), S.ep, kept, lease_gen, num(til)}
+if charging then
+  save()
+else
+  local args = {}
+  if call.save_packed_anew(args, false) then redis.call('HSET', K.state, args[1], args[2]) end
+end
+return {taken, num(now), S.ep, kept, lease_gen, num(til), charged}

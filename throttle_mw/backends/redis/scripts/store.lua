@@ -210,6 +210,8 @@ local function fields_pattern(n)
 end
 local WAITER_PATTERN = fields_pattern(#WAITER_FIELDS)
 local RECLAIM_PATTERN = fields_pattern(4)
+-- A lease's charge (ratelease.lua; protocol.py's charges_arg): digest|name|weight|cost|last.
+call.CHARGE_PATTERN = fields_pattern(5)
 
 -- An acquire's fields after its tenant (weight|rank|cost|flags|max_wait: ACQUIRE_FIELDS'
 -- last five) are the same text for every request of a route: parsed once and kept by
