@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -138,15 +139,7 @@ async def _drive_paced(url: str, n: int, pid: int, lease_s: float) -> None:
     What it counts moves with the pace Redis keeps under callgrind (a lease is the
     process's rate x T): the heartbeats and lease calls over n admissions."""
     backends, run, _ = _paced_fleet(url, f"ipaced{lease_s}", 4, 500.0, lease_s)
-    for backend in backends:
-        await backend.start()
-    await run(100)  # warm up: the library loaded, tenants made, leases sized
-    _control(pid, "-z")
-    _control(pid, "-i", "on")
-    await run(n // 4)
-    _control(pid, "-i", "off")
-    for backend in backends:
-        await backend.stop()
+    await _count_fleet(backends, run, n, pid)
 
 
 async def _drive_held(url: str, n: int, pid: int, keep_s: float) -> None:
@@ -155,9 +148,17 @@ async def _drive_held(url: str, n: int, pid: int, keep_s: float) -> None:
     (``concurrency-paced``) or with THROTTLE_KEEP_SLOTS=1 (``concurrency-kept``). The
     heartbeats and the kept slots' releases are counted over n admissions."""
     backends, run, _ = _held_fleet(url, f"iheld{keep_s}", 4, 500.0, 0.001, 16, keep_s)
+    await _count_fleet(backends, run, n, pid)
+
+
+async def _count_fleet(
+    backends: list[RedisBackend], run: Callable[[int], Awaitable[None]], n: int, pid: int
+) -> None:
+    """Start a fleet, warm it up (the library loaded, tenants made, leases sized or pools
+    filled), count Redis's instructions over its next n admissions, stop it."""
     for backend in backends:
         await backend.start()
-    await run(100)  # warm up: the library loaded, tenants made, pools filled
+    await run(100)
     _control(pid, "-z")
     _control(pid, "-i", "on")
     await run(n // 4)
