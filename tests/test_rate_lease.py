@@ -7,7 +7,8 @@ shared bucket in one call and admits the next k requests without asking Redis.
   overtaken), but unspent tokens still go back.
 - The process's pool (``ratepool.py``) on a fake clock: admit while a token is there,
   nothing waits in this process and the lease is unexpired; renew early; sized by the
-  process's recent rate x T, within its share of the burst.
+  process's recent rate x T, within its share of the burst; told that someone waits,
+  admit nothing more and give every token back at once.
 """
 
 from __future__ import annotations
@@ -415,6 +416,59 @@ def test_a_dropped_pool_admits_nothing() -> None:
     pool.drop()
     assert not pool.take(0.01, 1, queue_empty=True)
     assert (pool.tokens, pool.lapsed, pool.epoch) == (0, 5, "")
+
+
+def test_someone_waits_the_pool_admits_nothing_and_gives_every_token_back_at_once() -> None:
+    """Told that someone waits (another process's request, in Redis): no admission from
+    the pool, a renewal due at once (young and full as the lease is) that gives back every
+    unspent token and wants none, whatever this process's rate; then the pool follows
+    its usual rules (a request later asks for a lease again)."""
+    pool = granted_pool(8)
+    assert pool.take(0.01, 1, queue_empty=True)
+    assert not pool.due(0.01)  # 7 of 8, young
+    pool.waits()
+    assert not pool.take(0.011, 1, queue_empty=True)
+    assert pool.tokens == 7
+    assert pool.due(0.011)
+    assert pool.renewal(0.011, 1, 100.0) == (7, "e1", 0)
+    assert (pool.tokens, pool.returned, pool.yielding) == (0, 7, False)
+    pool.granted(0.011, 0, "e1")
+    assert not pool.take(0.02, 1, queue_empty=True)  # empty
+    assert pool.due(0.02)  # a request since: a lease asked for again (Redis decides)
+    assert pool.renewal(0.02, 1, 100.0)[2] > 0
+
+
+def test_told_while_a_renewal_is_out_the_pool_gives_back_what_that_renewal_brings() -> None:
+    """The message crosses a renewal: nothing is admitted meanwhile, and once the renewal
+    is answered (with tokens taken before the request queued), a renewal giving them all
+    back is due at once."""
+    pool = granted_pool(8)
+    for _ in range(6):
+        assert pool.take(0.01, 1, queue_empty=True)
+    assert pool.due(0.01)
+    returned, _, wanted = pool.renewal(0.01, 1, 100.0)
+    assert (returned, wanted) == (0, 5)  # 2 kept, 5 more
+    pool.waits()
+    assert not pool.due(0.012)  # (one renewal at a time)
+    assert not pool.take(0.012, 1, queue_empty=True)
+    pool.granted(0.01, 5, "e1")
+    assert pool.tokens == 7
+    assert not pool.take(0.013, 1, queue_empty=True)
+    assert pool.due(0.013)
+    assert pool.renewal(0.013, 1, 100.0) == (7, "e1", 0)
+
+
+def test_told_with_nothing_in_the_pool_no_call_is_due() -> None:
+    """An empty pool (spent, lapsed or dropped) has nothing to give back: no renewal is
+    due for the message alone, and a dropped pool forgets it."""
+    pool = granted_pool(1)
+    assert pool.take(0.01, 1, queue_empty=True)
+    pool.renewal(0.01, 1, 100.0)
+    pool.granted(0.01, 0, "e1")  # (a renewal that got nothing)
+    pool.waits()
+    assert not pool.due(0.012)
+    pool.drop()
+    assert not pool.yielding
 
 
 # --- exactness: several processes' pools on one budget, on a fake clock ------------------------

@@ -293,6 +293,8 @@ class LuaScheduler:
     def _events(self, messages: list[bytes]) -> list[Event]:
         events: list[Event] = []
         for raw in messages:
+            if protocol.is_waits(raw):
+                continue  # (someone waits: for a process's pools, none here)
             event = protocol.decode_message(raw)
             self._waiting.discard(event.id)
             if isinstance(event, Granted) and event.lease:

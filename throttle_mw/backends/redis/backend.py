@@ -136,6 +136,9 @@ class RedisBackend(Recovery):
         self._born: dict[str, float] = {}
         self._borrowed: dict[str, str] = {}
         self._slots_timer: asyncio.TimerHandle | None = None
+        #: Until when (loop time) this process is in P:pl as one that may keep slots (its
+        #: heartbeat registered it): it keeps none after, so it is told when someone waits.
+        self._keeper_until = -float("inf")
         self._tick: asyncio.TimerHandle | None = None
         self._tick_at = 0.0
         self._started = False
@@ -531,6 +534,9 @@ class RedisBackend(Recovery):
     # --- grants, ticks, renewals ------------------------------------------------------------------
 
     def _on_message(self, message: str) -> None:
+        if message == protocol.WAITS:
+            self._someone_waits()
+            return
         event = protocol.decode_message(message)
         rid = event.id
         waiter = self._waiters.pop(rid, None)
@@ -559,6 +565,23 @@ class RedisBackend(Recovery):
             self._leases[rid] = (waiter.request.cost, waiter.started)
         waited = asyncio.get_running_loop().time() - waiter.started
         future.set_result(Admitted(rid, waited, False, result.lease))
+
+    def _someone_waits(self) -> None:
+        """Someone started waiting for the budget in Redis while this process may hold a
+        pool (store.lua's call.signal_waiting): the lease's unspent tokens go back at once
+        (a renewal that wants none), the kept slots too (as a reply saying someone waits
+        does), so the waiter is admitted from them by Redis's dispatch. A message missed
+        (the listener reconnecting) only delays this to the next reply, or T."""
+        if self._closing or not self._breaker.allow():
+            return
+        pool = self._pool
+        if pool is not None:
+            pool.waits()
+            now = asyncio.get_running_loop().time()
+            if pool.due(now):
+                self._renew_lease(now)
+        if self._slots is not None:
+            self._heard(False)
 
     def _deliver_early(self, rid: str) -> None:
         result = self._early.pop(rid, None)
@@ -658,6 +681,7 @@ class RedisBackend(Recovery):
         assert self._scripts is not None
         limits = self._in_force
         final = not wants_more or not _leasable(limits)
+        yielding = pool.yielding  # (someone waits: everything goes back, `_someone_waits`)
         returned, epoch, wants = pool.renewal(sent, self._fallback.fleet, limits.burst, final=final)
         if not returned and not wants and not pool.sending:
             pool.skip(sent)  # (a share of the burst below one token: no lease, no call)
@@ -694,6 +718,15 @@ class RedisBackend(Recovery):
             charged=lease.charged,
         )
         self._succeeded()
+        if yielding and returned and self._batcher is not None and self._breaker.allow():
+            # The tokens are back in the bucket; a tick dispatches the waiter from them now
+            # (ratelease.lua does not dispatch: it reads only the state's hot fields).
+            self._batcher.submit(protocol.TICK).add_done_callback(self._after_tick)
+        if pool.yielding and not self._closing:
+            now = asyncio.get_running_loop().time()
+            if pool.due(now):  # someone started waiting while the call was out: give back
+                self._renew_lease(now)
+                return
         if (lease.taken or pool.pending) and not self._closing:
             # Old before it is spent: renewed then (or its tokens given back), not lapsed;
             # admissions not charged yet go with that renewal, whatever comes meanwhile.
@@ -749,6 +782,8 @@ class RedisBackend(Recovery):
         if born is None or self._closing or self._waiters or not self._breaker.allow():
             return False
         now = asyncio.get_running_loop().time()
+        if now >= self._keeper_until:
+            return False  # not in P:pl (yet): it would not be told when someone waits
         self._give_back_slots(slots.aged(now))
         concurrency = _keepable(self._in_force)
         cost = self._leases[lease][0]
@@ -832,6 +867,7 @@ class RedisBackend(Recovery):
                         lease_ttl_s,
                         keys_ttl_s,
                         leases,
+                        keeps=self._slots is not None,
                     )
                     raw = await self._scripts.renew(keys=[self._keys.state], args=args)
                     renewed = protocol.decode_renew(raw)
@@ -842,6 +878,8 @@ class RedisBackend(Recovery):
                             self._leases[rid] = (held[0], sent)
                         elif not there and self._slots is not None and rid in self._slots:
                             self._forget_slots(rid)  # (it lapsed in Redis: nothing to keep)
+                    if self._slots is not None:  # (a margin: Redis's clock counts from later)
+                        self._keeper_until = sent + lease_ttl_s * 0.9
                     self._renewed(renewed.epoch)
                     self._succeeded()
             except asyncio.CancelledError:

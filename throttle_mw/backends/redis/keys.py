@@ -40,6 +40,10 @@ P:leases, P:lc   zset,   lease (request id) -> expiry; a lease of a cost other t
 P:g:<proc>       list    grants and evictions for the process that queued them        T
 P:rc:<proc>      list    the process's latest lease-less admissions (retries)         T
 P:procs          zset    process -> heartbeat expiry                                  T
+P:pl             zset    process -> until when it may hold a pool: a lease of rate    T
+                         tokens (its expiry, ratelease.lua) or kept concurrency
+                         slots (its heartbeat's, renew.lua); told on its grant list
+                         when someone starts waiting (store.lua's signal_waiting)
 P:lw             list    window summaries of a learned limit, since its last step     live
                          (learner.py, which sets the TTLs of these two on each write)
 P:lstep          string  the fleet's claim on the learned limit's current step        window
@@ -92,6 +96,7 @@ SUFFIX: Final = MappingProxyType(
         "grants": ":g:",
         "recent": ":rc:",
         "procs": ":procs",
+        "pools": ":pl",
         "learn_windows": ":lw",
         "learn_step": ":lstep",
     }
@@ -161,6 +166,7 @@ class Keys:
         self.tenants = self.tag + SUFFIX["tenants"]
         self.qlen = self.tag + SUFFIX["qlen"]
         self.procs = self.tag + SUFFIX["procs"]
+        self.pools = self.tag + SUFFIX["pools"]
         self.leases = self.tag + SUFFIX["leases"]
         self.lease_costs = self.tag + SUFFIX["lease_costs"]
         self.learn_windows = self.tag + SUFFIX["learn_windows"]

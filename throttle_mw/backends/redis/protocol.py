@@ -70,8 +70,15 @@ REPLY: Final = MappingProxyType(
         "left": "L",  # L|n: a leave took the first n of its ids out (the rest: send again)
     }
 )
-#: The first field of each message on a process's grant list.
-MESSAGE: Final = MappingProxyType({"granted": "g", "evicted": "r"})  # g|id|waited_s|lease
+#: The first field of each message on a process's grant list. ``waiting`` is a message of
+#: its own, without fields: someone started waiting for the budget while this process may
+#: hold a pool (a lease of rate tokens, kept concurrency slots): give it back at once
+#: (store.lua's call.signal_waiting, backend.py's `_someone_waits`).
+MESSAGE: Final = MappingProxyType(
+    {"granted": "g", "evicted": "r", "waiting": "w"}
+)  # g|id|waited_s|lease
+#: The whole message that says someone waits (no request id: for the process).
+WAITS: Final = MESSAGE["waiting"]
 #: The fields of an acquire operation, joined with SEP.
 ACQUIRE_FIELDS: Final = (
     "op",
@@ -329,7 +336,8 @@ def is_queued(line: str) -> bool:
 
 
 def decode_message(raw: bytes | str) -> Granted | Evicted:
-    """A message from the grant list: a queued request was admitted, or left the queue."""
+    """A message from the grant list: a queued request was admitted, or left the queue.
+    (The message that someone waits, `WAITS`, is told apart before: `is_waits`.)"""
     text = raw.decode() if isinstance(raw, bytes) else raw
     kind, request_id, first, second = text.split(SEP)
     if kind == MESSAGE["granted"]:
@@ -337,15 +345,31 @@ def decode_message(raw: bytes | str) -> Granted | Evicted:
     return Evicted(request_id, Reject(cast(Reason, first), float(second)))
 
 
+def is_waits(raw: bytes | str) -> bool:
+    """Is a grant-list message the one that says someone started waiting (`WAITS`)?"""
+    return raw == WAITS or raw == WAITS.encode()
+
+
 # --- renew.lua, leave.lua -------------------------------------------------------------------
 
 
 def renew_args(
-    now: str, tag: str, process: str, lease_ttl_s: float, key_ttl_s: float, leases: Iterable[str]
+    now: str,
+    tag: str,
+    process: str,
+    lease_ttl_s: float,
+    key_ttl_s: float,
+    leases: Iterable[str],
+    *,
+    keeps: bool = False,
 ) -> list[str]:
     """ARGV of renew.lua: the heartbeat lasts as long as the leases it renews; the keys
-    they live in, for the state TTL (keys.py's T)."""
-    return [now, tag, process, repr(lease_ttl_s), repr(lease_ttl_s), repr(key_ttl_s), *leases]
+    they live in, for the state TTL (keys.py's T); `keeps`: this process may keep
+    concurrency slots until the heartbeat lapses (registered in P:pl, to be told when
+    someone starts waiting)."""
+    flag = "1" if keeps else "0"
+    ttl, keys_ttl = repr(lease_ttl_s), repr(key_ttl_s)
+    return [now, tag, process, ttl, ttl, keys_ttl, flag, *leases]
 
 
 class Renewed(NamedTuple):

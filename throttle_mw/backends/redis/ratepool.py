@@ -21,7 +21,13 @@ so its tests drive it on a fake clock. The backend (``backend.py``) does the I/O
    got less than it asked is not followed by another before ``RETRY_SHARE`` of T; one
    with nothing to give back, nothing wanted and nothing to charge makes no call:
    ``pool.skip(sent)``.
-3. A Redis fault, a new epoch or limits that allow no lease: ``pool.drop()`` (the
+3. Someone started waiting for the budget in Redis (a message on this process's grant
+   list, store.lua's ``call.signal_waiting``): ``pool.waits()``: the pool admits nothing
+   more, and its next renewal (`due` at once while it holds tokens) gives every unspent
+   token back and asks for none, so the waiter is admitted from them by Redis's own
+   dispatch. After it the pool is empty and follows the rules above: a lease comes only
+   from a renewal Redis answers while nobody waits.
+4. A Redis fault, a new epoch or limits that allow no lease: ``pool.drop()`` (the
    tokens lapse; the failure mode applies as without leases). At shutdown:
    ``pool.renewal(now, ..., final=True)``: every unspent token given back.
 
@@ -108,6 +114,9 @@ class RatePool:
         self.renewing = False
         #: No renewal before this (the last one got nothing).
         self.retry_at = -math.inf
+        #: Someone waits for the budget (`waits`): nothing is admitted from the pool, and
+        #: the next renewal gives every token back (then it is cleared).
+        self.yielding = False
         #: This process's requests (cost), local or not, in the window open since `_start`
         #: and the one before it (since `_prev_start`): its rate over one to two T.
         self._count = 0
@@ -135,8 +144,10 @@ class RatePool:
         """Admit a request of `tenant` and `cost` from the pool: only if the lease is
         unexpired, holds `cost` tokens, nothing of this process waits for the budget (it
         would be overtaken) and its tenant is recorded or has room among MAX_CHARGED. False:
-        send it to Redis as without leases."""
+        send it to Redis as without leases. Nothing while someone waits (`waits`)."""
         self.seen(now, cost)
+        if self.yielding:
+            return False
         if now >= self.expires_at:
             if self.tokens:
                 self.lapsed += self.tokens
@@ -180,12 +191,15 @@ class RatePool:
         return (self._prev_count + self._count) / max(now - self._prev_start, self.lease_s)
 
     def due(self, now: float) -> bool:
-        """Should a renewal start now? None is out, and: the pool is old (`old_at`) and
-        holds tokens (given back before they lapse, a new lease only if this process saw
-        a request since the last renewal: `wants`), or this process saw a request since
-        and the pool is low or old."""
+        """Should a renewal start now? None is out, and: someone waits (`waits`) and the
+        pool holds unexpired tokens (given back at once), or the pool is old (`old_at`)
+        and holds tokens (given back before they lapse, a new lease only if this process
+        saw a request since the last renewal: `wants`), or this process saw a request
+        since and the pool is low or old."""
         if self.renewing:
             return False
+        if self.yielding and self.tokens and now < self.expires_at:
+            return True
         old = now >= self.old_at
         if old and self.tokens and now < self.expires_at:
             return True
@@ -211,15 +225,23 @@ class RatePool:
             return 0
         return size
 
+    def waits(self) -> None:
+        """Someone started waiting for the budget in Redis (told on the grant list): admit
+        nothing more from the pool; the next renewal (`due` at once, or when the one out
+        is answered) gives every unspent token back and asks for none."""
+        self.yielding = True
+
     def renewal(
         self, now: float, processes: int, burst: float, *, final: bool = False
     ) -> tuple[int, str, int]:
         """Start a renewal: (unspent tokens to give back, their epoch, tokens wanted). The
         pool keeps what it has up to the next lease's size (`wants`) and goes on spending
         it while the call is out; the rest leaves the pool now and goes back in the call
-        (all of it if no request came since the last renewal, or `final`: a process that
-        stops). A lapsed lease gives nothing back."""
-        target = 0 if final else self.wants(now, processes, burst)
+        (all of it if no request came since the last renewal, `final`: a process that
+        stops, or someone waits: `waits`, cleared by this renewal). A lapsed lease gives
+        nothing back."""
+        target = 0 if final or self.yielding else self.wants(now, processes, burst)
+        self.yielding = False
         alive = now < self.expires_at
         if not alive and self.tokens:
             self.lapsed += self.tokens
@@ -304,3 +326,4 @@ class RatePool:
         self.epoch = ""
         self.expires_at = -math.inf
         self.generation, self.until, self.counted = 0, 0.0, 0
+        self.yielding = False  # (nothing left to give back)

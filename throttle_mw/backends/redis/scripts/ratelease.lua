@@ -22,6 +22,9 @@
 -- says how many: the caller sends the rest with its next renewal.
 --
 -- KEYS[1]  P:s (routing only).
+-- A caller that holds tokens after the call is in P:pl until its lease expires: told on its
+-- grant list when someone starts waiting (store.lua's call.signal_waiting).
+--
 -- ARGV[1]  now override ("" in production).  ARGV[2] P.  ARGV[3] the process.
 -- ARGV[4]  the caller's limits and policy (batch.lua's ARGV[4]).
 -- ARGV[5]  the epoch of the caller's last lease ("" if none).
@@ -81,6 +84,7 @@ end
 local taken, kept, lease_gen, til = lease_tokens(gen, tonumber(ARGV[10]) or 0,
   tonumber(ARGV[11]) or 0, tonumber(ARGV[6]) or 0, tonumber(ARGV[8]) or 0, wants,
   tonumber(ARGV[12]) or 0)
+if kept + taken > 0 then call.pool_held(til) end  -- (told when someone starts waiting)
 if charging then
   save()
 else

@@ -6,7 +6,10 @@
 -- KEYS[1]  P:s (routing only).
 -- ARGV[1]  now override ("" in production).  ARGV[2] P.  ARGV[3] process id.
 -- ARGV[4]  lease_ttl_s.  ARGV[5] heartbeat_ttl_s.  ARGV[6] key_ttl_s (T, keys.py).
--- ARGV[7..] lease ids held.
+-- ARGV[7]  1: the process may keep concurrency slots (THROTTLE_KEEP_SLOTS) until this
+--          heartbeat lapses: it is in P:pl until then, told when someone starts waiting
+--          (store.lua's call.signal_waiting); 0: not.
+-- ARGV[8..] lease ids held.
 -- Returns {the number of live processes (heartbeats not yet expired), the epoch of the
 -- budget's state ("" if it has none: it expired unused, or Redis lost it), one character
 -- per lease id: 1 if Redis had that lease, else 0}.
@@ -19,7 +22,7 @@ local expiry = num(now + tonumber(ARGV[4]))
 local ttl = math.floor(tonumber(ARGV[6]) * MS_PER_S)
 local renewed = {}  -- per lease: '1' if Redis had it (the process's `_reclaim` trusts it)
 -- (A lease is its member in P:leases: store.lua's put_lease. In chunks: TUNING.UNPACK_MAX.)
-for first = 7, #ARGV, TUNING.UNPACK_MAX do
+for first = 8, #ARGV, TUNING.UNPACK_MAX do
   local ids, pairs_ = {}, {}
   for i = first, math.min(#ARGV, first + TUNING.UNPACK_MAX - 1) do
     ids[#ids + 1] = ARGV[i]
@@ -31,7 +34,7 @@ for first = 7, #ARGV, TUNING.UNPACK_MAX do
   end
   redis.call('ZADD', K.leases, 'XX', unpack(pairs_))
 end
-if #ARGV >= 7 then
+if #ARGV >= 8 then
   redis.call('PEXPIRE', K.leases, ttl)
   redis.call('PEXPIRE', K.lease_costs, ttl)
   redis.call('PEXPIRE', K.state, ttl)
@@ -40,6 +43,10 @@ redis.call('ZREMRANGEBYSCORE', K.procs, '-inf', num(now))
 local beat = now + tonumber(ARGV[5])
 redis.call('ZADD', K.procs, num(beat), proc)
 redis.call('PEXPIRE', K.procs, ttl)
+if ARGV[7] == '1' then
+  redis.call('ZADD', K.pools, 'GT', num(beat), proc)
+  redis.call('PEXPIRE', K.pools, ttl)
+end
 local live = redis.call('ZCARD', K.procs)
 local ep = redis.call('HGET', K.state, 'ep') or ''
 call.beat_seen(proc, beat, ep)  -- (batch.lua need not ask for it: store.lua's call.heartbeat)

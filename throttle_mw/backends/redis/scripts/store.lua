@@ -1332,6 +1332,8 @@ call.state_args = {}
 -- apart) or for keys this call may have created: this runs on every call. `hot`: a call of
 -- fast.lua's, which compares only what it can change (call.HOT_PACKED).
 local function save(hot)
+  -- (Someone waits now and nobody did as this call found the state: call.signal_waiting.)
+  if S.waiting > 0 and (S0.waiting or 0) <= 0 then call.signal_waiting() end
   call.flush_idle()
   local args, n = call.state_args, 0
   S.inflight = S.inflight - held_back
@@ -1561,6 +1563,37 @@ end
 
 local function emit_evicted(p, id, reason, wait)
   emit(p, MESSAGE.evicted .. SEP .. id .. SEP .. reason .. SEP .. num(wait))
+end
+
+-- --- pools out of the bucket (THROTTLE_RATE_LEASE, THROTTLE_KEEP_SLOTS) ---------------------
+--
+-- A process with a pool admits without a call: from a lease of rate tokens (ratelease.lua),
+-- or on kept concurrency slots (renew.lua registers it). It stops when it hears that someone
+-- waits for the budget; a reply tells it, and so does this: when a call leaves someone
+-- waiting and the last one had left nobody (S.waiting from 0 to more; save), each process
+-- that may hold a pool gets MESSAGE.waiting on its grant list, read within a round trip by
+-- its listener (grants.py), and gives its pool back at once (ratepool.py, slotpool.py). Only
+-- then: only while rate tokens are out in leases (S.ra, S.rb) or the budget's slots may be
+-- kept (a concurrency alone), and only to the processes in P:pl (process -> until when it
+-- may hold one). A message lost (a listener reconnecting, a Redis that failed over) only
+-- delays the pool's return to the process's next reply or its T: the bound is exact
+-- whatever the pools do (the tokens and slots are counted out in Redis).
+
+-- The processes that may hold a pool are told that someone waits (save, on the transition).
+function call.signal_waiting()
+  local leased = S.rg ~= nil and ((S.ra or 0) > 0 and now < (S.rx or 0)
+    or (S.rb or 0) > 0 and now < (S.ry or 0))
+  if not leased and not (L.concurrency ~= nil and L.rate == nil and L.tenant_rate == nil) then
+    return
+  end
+  local holders = redis.call('ZRANGEBYSCORE', K.pools, '(' .. num(now), '+inf')
+  for i = 1, #holders do emit(holders[i], MESSAGE.waiting) end
+end
+
+-- The caller holds a lease of rate tokens until `til` (ratelease.lua): it is in P:pl.
+function call.pool_held(til)
+  redis.call('ZADD', K.pools, 'GT', num(til), proc)
+  redis.call('PEXPIRE', K.pools, ttl_ms('state'))
 end
 
 -- P:leases and P:lc in their big encodings (skiplist, hash table) while many leases are in

@@ -1,0 +1,201 @@
+"""Someone starts waiting: the pools out of the bucket come back within a round trip.
+
+Two RedisBackend processes in one test loop, on one budget, on a real Redis. Process A
+holds a pool (a lease of rate tokens, or kept concurrency slots) and admits from it
+without calling Redis; process B's request queues in Redis (the budget's waiting count
+goes from 0 to 1). The script tells A on its grant list (store.lua's
+call.signal_waiting): A admits nothing more from its pool, gives it back at once, and B's
+request is admitted from it, well within a fraction of the pool's T (which is seconds
+here), not when A next hears from Redis. A process without a pool is not told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import pytest
+import redis.asyncio
+
+from tests.support.redis_server import RedisServer
+from throttle_mw.backends import Admitted
+from throttle_mw.backends.base import Waiting
+from throttle_mw.backends.redis import RedisBackend
+from throttle_mw.backends.redis.keys import Keys
+from throttle_mw.scheduler import Request
+from throttle_mw.settings import Settings
+
+#: The reaction's bound: a few round trips on a loaded machine, far below T.
+PROMPT_S = 0.3
+#: T of the pools: a reaction that waited for it would miss PROMPT_S by far.
+T_S = 5.0
+_prefixes = itertools.count()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def settings(url: str, prefix: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": url,
+        "key_prefix": prefix,
+        "redis_timeout_s": 1.0,
+        "failure_mode": "closed",
+        **overrides,
+    }
+    return Settings.from_env({}, **values)
+
+
+async def pool_holders(client: redis.asyncio.Redis, prefix: str) -> list[bytes]:
+    return list(await client.zrange(Keys(prefix).pools, 0, -1))
+
+
+@pytest.mark.anyio
+async def test_a_lease_goes_back_at_once_when_another_process_s_request_waits(
+    clean_redis_server: RedisServer,
+) -> None:
+    """A rate of 0.5/s: a token comes every 2 s. A holds a lease of T = 5 s; B drains the
+    bucket and its next request waits. Within PROMPT_S: A admits nothing from its lease
+    any more, its tokens are back in Redis and B's request is admitted from them."""
+    prefix = f"ws{next(_prefixes)}"
+    url = clean_redis_server.url
+    limits = {"rate": 0.5, "burst": 20.0}
+    a = RedisBackend(settings(url, prefix, rate_lease_s=T_S, **limits))
+    b = RedisBackend(settings(url, prefix, rate_lease_s=0, **limits))
+    client = redis.asyncio.Redis.from_url(url)
+    loop = asyncio.get_running_loop()
+    await a.start()
+    await b.start()
+    try:
+        pool = a.rate_lease
+        assert pool is not None
+        # Tenant beta is admitted once, first: the fleet's admissions of acme move the
+        # virtual clock past its tag, so it has banked credit (README, "The reserve"): its
+        # request that waits below needs one token, not the reserve kept for the others.
+        assert isinstance(await b.acquire(Request("b-first", "beta")), Admitted)
+        for n in range(8):  # A's requests: its rate fills a lease (renewed in the background)
+            assert isinstance(await a.acquire(Request(f"a{n}", "acme")), Admitted)
+            await asyncio.sleep(0.02)
+        for _ in range(50):
+            if pool.tokens >= 2 and not pool.renewing:
+                break
+            await asyncio.sleep(0.01)
+        assert pool.tokens >= 2, "A holds a lease"
+        assert a.process.encode() in await pool_holders(client, prefix)
+        local = pool.local_admissions
+        assert isinstance(await a.acquire(Request("a-local", "acme")), Admitted)
+        assert pool.local_admissions == local + 1, "A admits from its lease"
+        held = pool.tokens
+        returned = pool.returned
+
+        for n in range(40):  # B drains the bucket (acme's next one is turned away)
+            if not isinstance(await b.acquire(Request(f"b{n}", "acme")), Admitted):
+                break
+        outcome = await b.acquire(Request("b-wait", "beta"))
+        assert isinstance(outcome, Waiting), "B's request waits in Redis"
+        queued = loop.time()
+        result = await asyncio.wait_for(outcome.future, PROMPT_S)
+        admitted_after = loop.time() - queued
+        assert isinstance(result, Admitted), result
+        assert admitted_after < PROMPT_S
+        # A gave everything back, and admits nothing locally while someone waits.
+        assert pool.tokens == 0
+        assert pool.returned >= returned + held
+        local = pool.local_admissions
+        after = await a.acquire(Request("a-after", "acme"))
+        assert pool.local_admissions == local, "nothing from the pool once someone waited"
+        if isinstance(after, Waiting):
+            await a.cancel(after)
+    finally:
+        await b.stop()
+        await a.stop()
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_kept_slots_go_back_at_once_when_another_process_s_request_waits(
+    clean_redis_server: RedisServer,
+) -> None:
+    """A concurrency of 4: A keeps 2 idle slots (T = 5 s), B runs 2 and its next request
+    waits: A is told at once, gives both slots back, and B's waiter runs on one of them
+    within PROMPT_S (not T later, not when A next calls Redis); B's next request is
+    admitted at once on the other."""
+    prefix = f"ws{next(_prefixes)}"
+    url = clean_redis_server.url
+    a = RedisBackend(settings(url, prefix, concurrency=4, keep_slots_s=T_S))
+    b = RedisBackend(settings(url, prefix, concurrency=4, keep_slots_s=0.0))
+    client = redis.asyncio.Redis.from_url(url)
+    loop = asyncio.get_running_loop()
+    await a.start()
+    try:
+        slots = a.kept_slots
+        assert slots is not None
+        for _ in range(50):  # A's heartbeat registers it as one that may keep slots
+            if a.process.encode() in await pool_holders(client, prefix):
+                break
+            await asyncio.sleep(0.01)
+        assert a.process.encode() in await pool_holders(client, prefix)
+        held = []
+        for n in range(2):
+            outcome = await a.acquire(Request(f"a{n}", "acme"))
+            assert isinstance(outcome, Admitted)
+            held.append(outcome.request_id)
+        for rid in held:
+            a.release(rid)
+        assert len(slots) == 2, "A keeps its two slots (its cap: half of 4, alone)"
+        await b.start()
+        running = []
+        for n in range(2):
+            outcome = await b.acquire(Request(f"b{n}", "beta"))
+            assert isinstance(outcome, Admitted)
+            running.append(outcome.request_id)
+        waiting = await b.acquire(Request("b-wait", "beta"))
+        assert isinstance(waiting, Waiting), "B's request waits in Redis: A's slots are held"
+        queued = loop.time()
+        result = await asyncio.wait_for(waiting.future, PROMPT_S)
+        assert isinstance(result, Admitted)
+        assert loop.time() - queued < PROMPT_S
+        assert len(slots) == 0
+        assert slots.returned == 2
+        # A takes no kept slot now (someone waited: none until a reply says nobody does).
+        assert slots.take(loop.time(), 1, True) is None
+        nxt = await b.acquire(Request("b-next", "beta"))
+        assert isinstance(nxt, Admitted), "the other slot A gave back"
+        for rid in [*running, "b-wait", "b-next"]:
+            b.release(rid)
+    finally:
+        await b.stop()
+        await a.stop()
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_nobody_is_told_when_no_pool_can_be_out(clean_redis_server: RedisServer) -> None:
+    """A rate budget without leases, a concurrency budget whose processes keep no slots:
+    a request that waits puts nothing on any grant list but its own grant (no process is
+    in P:pl)."""
+    url = clean_redis_server.url
+    client = redis.asyncio.Redis.from_url(url)
+    for limits in ({"rate": 0.5, "burst": 1.0}, {"concurrency": 1}):
+        prefix = f"ws{next(_prefixes)}"
+        a = RedisBackend(settings(url, prefix, rate_lease_s=0, keep_slots_s=0.0, **limits))
+        b = RedisBackend(settings(url, prefix, rate_lease_s=0, keep_slots_s=0.0, **limits))
+        await a.start()
+        await b.start()
+        try:
+            first = await a.acquire(Request("a0", "acme"))
+            assert isinstance(first, Admitted)
+            waiting = await b.acquire(Request("b0", "beta"))
+            assert isinstance(waiting, Waiting)
+            assert await pool_holders(client, prefix) == []
+            for backend in (a, b):
+                assert await client.llen(Keys(prefix).grants(backend.process)) == 0
+            await b.cancel(waiting)
+            a.release("a0")
+        finally:
+            await b.stop()
+            await a.stop()
+    await client.aclose()
