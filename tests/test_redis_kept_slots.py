@@ -235,10 +235,12 @@ async def test_a_killed_processs_kept_slots_lapse_like_its_leases(
         keeper.release(rid)
     assert keeper.kept_slots is not None
     assert len(keeper.kept_slots) == 2
-    # "Killed": its heartbeat stops, nothing is given back.
+    # "Killed": its heartbeat stops, nothing is given back (nor when told someone waits).
     assert keeper._renewer is not None
     keeper._renewer.cancel()
     await asyncio.gather(keeper._renewer, return_exceptions=True)
+    assert keeper._listener is not None
+    await keeper._listener.stop()
     await other.start()
     try:
         running = await hold(other, 2)

@@ -869,6 +869,12 @@ class RedisBackend(Recovery):
                         leases,
                         keeps=self._slots is not None,
                     )
+                    if self._slots is not None:
+                        # In P:pl from this call on (a margin: Redis's clock counts from
+                        # later); kept slots only until then. (A call the first request's
+                        # beats to Redis: that request's kept slots may miss a message that
+                        # someone waits; the next reply or T tells them, as ever.)
+                        self._keeper_until = sent + lease_ttl_s * 0.9
                     raw = await self._scripts.renew(keys=[self._keys.state], args=args)
                     renewed = protocol.decode_renew(raw)
                     self._fallback.fleet = max(1, renewed.processes)
@@ -878,8 +884,6 @@ class RedisBackend(Recovery):
                             self._leases[rid] = (held[0], sent)
                         elif not there and self._slots is not None and rid in self._slots:
                             self._forget_slots(rid)  # (it lapsed in Redis: nothing to keep)
-                    if self._slots is not None:  # (a margin: Redis's clock counts from later)
-                        self._keeper_until = sent + lease_ttl_s * 0.9
                     self._renewed(renewed.epoch)
                     self._succeeded()
             except asyncio.CancelledError:
