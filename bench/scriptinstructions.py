@@ -17,7 +17,11 @@ compare two versions of the scripts by them.
   the tenant set at its bound (max_tenants 1,000). Keep ``--width`` at 2 (WORK_CHECK):
   under valgrind a call's work check (WORK_US, by Redis's clock) defers the rest;
 - ``queue``: ``--width`` acquires of distinct tenants queueing in one call, then their
-  cancels in another, on an empty bucket.
+  cancels in another, on an empty bucket;
+- ``edge-N``: a concurrency budget of 1 at its edge: each round an acquire queues
+  (nobody waited: someone does) and the running request's release admits it, with N
+  other processes registered as ones that may keep slots (``--holders``; told at each
+  round's first call, store.lua's call.signal_waiting), two calls a round.
 """
 
 from __future__ import annotations
@@ -231,6 +235,46 @@ def queue(vg: Valgrind, rounds: int, width: int, evalsha: bool) -> dict[str, Any
     return vg.counted("queue", work)
 
 
+def edge(vg: Valgrind, rounds: int, holders: int, evalsha: bool) -> dict[str, Any]:
+    """A concurrency budget at its edge (a limit of 1): each round one request queues
+    (waiting 0 -> 1) and the release of the one running admits it (1 -> 0), the budget of
+    a saturated fleet that oscillates around nobody waiting. `holders` other processes
+    may keep slots (renew.lua registers them in P:pl, where the build has it): each 0 -> 1
+    tells them on their grant lists (store.lua's call.signal_waiting)."""
+    vg.client.flushall()
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0), queue_limit=10_000, max_tenants=100_000)
+    sched = LuaScheduler(vg.client, Limits(concurrency=1), policy, now=0.0, functions=not evalsha)
+    for p in range(holders):
+        holder = sched.joined(f"holder{p}")
+        try:
+            args = protocol.renew_args("0.0", holder._tag, holder.process, 1e6, 1e6, [], keeps=True)
+        except TypeError:  # (a build without P:pl: the heartbeat alone)
+            args = protocol.renew_args("0.0", holder._tag, holder.process, 1e6, 1e6, [])
+        holder._run("renew", args, vg.client)
+    first = _request("edge")
+    sched.acquire(0.0, first)
+    clock = [0.0]
+    running = [first.id]
+
+    def one_round() -> int:
+        clock[0] += 0.001
+        nxt = _request(f"edge{round(clock[0] * 1000) % 8}")
+        sched.acquire(clock[0], nxt)  # queues: someone waits
+        sched.release(clock[0], running[0])  # dispatches it: nobody waits
+        running[0] = nxt.id
+        for p in range(holders):  # (the holders' lists, read as their listeners would)
+            vg.client.delete(f"{sched._tag}:g:holder{p}")
+        return 2
+
+    for _ in range(5):
+        one_round()
+
+    def work() -> int:
+        return sum(one_round() for _ in range(rounds))
+
+    return vg.counted(f"edge-{holders}", work)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -240,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=100, help="saturated: ticks measured")
     parser.add_argument("--width", type=int, default=2, help="churn, queue: acquires per call")
     parser.add_argument("--evalsha", action="store_true", help="EVALSHA, not FCALL")
+    parser.add_argument(
+        "--holders", default="0,4", help="edge: processes that may keep slots (P:pl)"
+    )
     parser.add_argument(
         "--head-start",
         type=int,
@@ -265,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
         if "queue" in wanted:
             out["queue"] = queue(vg, 20, args.width, args.evalsha)
             print(f"queue            {json.dumps(out['queue'])}", flush=True)
+        if "edge" in wanted:
+            for n in (int(x) for x in args.holders.split(",")):
+                out[f"edge-{n}"] = edge(vg, 50, n, args.evalsha)
+                print(f"edge-{n:<12} {json.dumps(out[f'edge-{n}'])}", flush=True)
     finally:
         vg.close()
     if args.json:

@@ -49,7 +49,8 @@ def settings(url: str, prefix: str, **overrides: Any) -> Settings:
     return Settings.from_env({}, **values)
 
 
-async def pool_holders(client: redis.asyncio.Redis, prefix: str) -> list[bytes]:
+async def pool_holders(client: redis.asyncio.Redis, prefix: str) -> list[Any]:
+    """P:pl's members: the processes that may hold a pool."""
     return list(await client.zrange(Keys(prefix).pools, 0, -1))
 
 
