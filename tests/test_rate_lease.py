@@ -422,7 +422,8 @@ def test_someone_waits_the_pool_admits_nothing_and_gives_every_token_back_at_onc
     """Told that someone waits (another process's request, in Redis): no admission from
     the pool, a renewal due at once (young and full as the lease is) that gives back every
     unspent token and wants none, whatever this process's rate; then the pool follows
-    its usual rules (a request later asks for a lease again)."""
+    its usual rules (a request asks for a lease again, not before RETRY_SHARE of T: a
+    budget at its edge does not lease and give back in turn)."""
     pool = granted_pool(8)
     assert pool.take(0.01, 1, queue_empty=True)
     assert not pool.due(0.01)  # 7 of 8, young
@@ -434,8 +435,9 @@ def test_someone_waits_the_pool_admits_nothing_and_gives_every_token_back_at_onc
     assert (pool.tokens, pool.returned, pool.yielding) == (0, 7, False)
     pool.granted(0.011, 0, "e1")
     assert not pool.take(0.02, 1, queue_empty=True)  # empty
-    assert pool.due(0.02)  # a request since: a lease asked for again (Redis decides)
-    assert pool.renewal(0.02, 1, 100.0)[2] > 0
+    assert not pool.due(0.011 + T * RETRY_SHARE - 1e-9)
+    assert pool.due(0.011 + T * RETRY_SHARE)  # a request since: a lease asked for again
+    assert pool.renewal(0.011 + T * RETRY_SHARE, 1, 100.0)[2] > 0
 
 
 def test_told_while_a_renewal_is_out_the_pool_gives_back_what_that_renewal_brings() -> None:

@@ -25,8 +25,9 @@ so its tests drive it on a fake clock. The backend (``backend.py``) does the I/O
    list, store.lua's ``call.signal_waiting``): ``pool.waits()``: the pool admits nothing
    more, and its next renewal (`due` at once while it holds tokens) gives every unspent
    token back and asks for none, so the waiter is admitted from them by Redis's own
-   dispatch. After it the pool is empty and follows the rules above: a lease comes only
-   from a renewal Redis answers while nobody waits.
+   dispatch. After it the pool is empty and follows the rules above (its next renewal
+   not before ``RETRY_SHARE`` of T): a lease comes only from a renewal Redis answers
+   while nobody waits.
 4. A Redis fault, a new epoch or limits that allow no lease: ``pool.drop()`` (the
    tokens lapse; the failure mode applies as without leases). At shutdown:
    ``pool.renewal(now, ..., final=True)``: every unspent token given back.
@@ -117,6 +118,9 @@ class RatePool:
         #: Someone waits for the budget (`waits`): nothing is admitted from the pool, and
         #: the next renewal gives every token back (then it is cleared).
         self.yielding = False
+        #: The renewal out gives everything back as someone waits: none after it before
+        #: ``RETRY_SHARE`` of T (a budget at its edge does not lease and give back in turn).
+        self._yielded = False
         #: This process's requests (cost), local or not, in the window open since `_start`
         #: and the one before it (since `_prev_start`): its rate over one to two T.
         self._count = 0
@@ -241,7 +245,7 @@ class RatePool:
         stops, or someone waits: `waits`, cleared by this renewal). A lapsed lease gives
         nothing back."""
         target = 0 if final or self.yielding else self.wants(now, processes, burst)
-        self.yielding = False
+        self._yielded, self.yielding = self.yielding, False
         alive = now < self.expires_at
         if not alive and self.tokens:
             self.lapsed += self.tokens
@@ -301,7 +305,10 @@ class RatePool:
         self.leased += taken
         self.epoch = epoch
         self.expires_at = sent + self.lease_s if self.tokens else -math.inf
-        if taken >= self._wanted or not epoch:  # (no state yet: the next acquire makes it)
+        if self._yielded:
+            self._yielded = False
+            self.retry_at = sent + self.lease_s * RETRY_SHARE
+        elif taken >= self._wanted or not epoch:  # (no state yet: the next acquire makes it)
             self.retry_at = -math.inf
         else:
             self.retry_at = sent + self.lease_s * RETRY_SHARE
@@ -311,6 +318,7 @@ class RatePool:
         below one token; ``auto``: a rate too low for a lease): no call (not counted);
         none again before ``RETRY_SHARE`` of T."""
         self.renewing = False
+        self._yielded = False
         self.calls -= 1
         self.retry_at = sent + self.lease_s * RETRY_SHARE
 
