@@ -6,19 +6,20 @@ without calling Redis; process B's request queues in Redis (the budget's waiting
 goes from 0 to 1). The script tells A on its grant list (store.lua's
 call.signal_waiting): A admits nothing more from its pool, gives it back at once, and B's
 request is admitted from it, well within a fraction of the pool's T (which is seconds
-here), not when A next hears from Redis. A process without a pool is not told.
+here), not when A next hears from Redis; on one server and on a Redis Cluster. A process
+without a pool is not told.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 import redis.asyncio
 
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisCluster, RedisServer
 from throttle_mw.backends import Admitted
 from throttle_mw.backends.base import Waiting
 from throttle_mw.backends.redis import RedisBackend
@@ -38,35 +39,59 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def settings(url: str, prefix: str, **overrides: Any) -> Settings:
+class Target(NamedTuple):
+    """Where the budget lives: one server, or a 3-master cluster (the grant lists and P:pl
+    share the budget's hash tag: the script's pushes stay in its slot)."""
+
+    url: str
+    cluster: bool
+
+    def client(self) -> Any:
+        if self.cluster:
+            return redis.asyncio.RedisCluster.from_url(self.url)
+        return redis.asyncio.Redis.from_url(self.url)
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def target(request: pytest.FixtureRequest) -> Target:
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("clean_redis_server")
+        return Target(server.url, False)
+    cluster: RedisCluster = request.getfixturevalue("clean_redis_cluster")
+    return Target(cluster.url, True)
+
+
+def settings(url: str | Target, prefix: str, **overrides: Any) -> Settings:
+    cluster = isinstance(url, Target) and url.cluster
     values: dict[str, Any] = {
-        "redis_url": url,
+        "redis_url": url.url if isinstance(url, Target) else url,
+        "redis_cluster": cluster,
         "key_prefix": prefix,
-        "redis_timeout_s": 1.0,
+        "redis_timeout_s": 2.0 if cluster else 1.0,
         "failure_mode": "closed",
         **overrides,
     }
     return Settings.from_env({}, **values)
 
 
-async def pool_holders(client: redis.asyncio.Redis, prefix: str) -> list[Any]:
+async def pool_holders(client: Any, prefix: str) -> list[Any]:
     """P:pl's members: the processes that may hold a pool."""
     return list(await client.zrange(Keys(prefix).pools, 0, -1))
 
 
 @pytest.mark.anyio
 async def test_a_lease_goes_back_at_once_when_another_process_s_request_waits(
-    clean_redis_server: RedisServer,
+    target: Target,
 ) -> None:
     """A rate of 0.5/s: a token comes every 2 s. A holds a lease of T = 5 s; B drains the
     bucket and its next request waits. Within PROMPT_S: A admits nothing from its lease
     any more, its tokens are back in Redis and B's request is admitted from them."""
     prefix = f"ws{next(_prefixes)}"
-    url = clean_redis_server.url
+    url = target
     limits = {"rate": 0.5, "burst": 20.0}
     a = RedisBackend(settings(url, prefix, rate_lease_s=T_S, **limits))
     b = RedisBackend(settings(url, prefix, rate_lease_s=0, **limits))
-    client = redis.asyncio.Redis.from_url(url)
+    client = target.client()
     loop = asyncio.get_running_loop()
     await a.start()
     await b.start()
@@ -118,17 +143,17 @@ async def test_a_lease_goes_back_at_once_when_another_process_s_request_waits(
 
 @pytest.mark.anyio
 async def test_kept_slots_go_back_at_once_when_another_process_s_request_waits(
-    clean_redis_server: RedisServer,
+    target: Target,
 ) -> None:
     """A concurrency of 4: A keeps 2 idle slots (T = 5 s), B runs 2 and its next request
     waits: A is told at once, gives both slots back, and B's waiter runs on one of them
     within PROMPT_S (not T later, not when A next calls Redis); B's next request is
     admitted at once on the other."""
     prefix = f"ws{next(_prefixes)}"
-    url = clean_redis_server.url
+    url = target
     a = RedisBackend(settings(url, prefix, concurrency=4, keep_slots_s=T_S))
     b = RedisBackend(settings(url, prefix, concurrency=4, keep_slots_s=0.0))
-    client = redis.asyncio.Redis.from_url(url)
+    client = target.client()
     loop = asyncio.get_running_loop()
     await a.start()
     try:
