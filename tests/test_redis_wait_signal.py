@@ -192,6 +192,8 @@ async def test_kept_slots_go_back_at_once_when_another_process_s_request_waits(
         assert isinstance(nxt, Admitted), "the other slot A gave back"
         for rid in [*running, "b-wait", "b-next"]:
             b.release(rid)
+        await a.stop()  # (it leaves P:pl: nobody tells a process that is gone)
+        assert a.process.encode() not in await pool_holders(client, prefix)
     finally:
         await b.stop()
         await a.stop()
