@@ -871,9 +871,9 @@ class RedisBackend(Recovery):
                     )
                     if self._slots is not None:
                         # In P:pl from this call on (a margin: Redis's clock counts from
-                        # later); kept slots only until then. (A call the first request's
-                        # beats to Redis: that request's kept slots may miss a message that
-                        # someone waits; the next reply or T tells them, as ever.)
+                        # later); kept slots only until then. (A slot kept before this call
+                        # reaches Redis may miss a message that someone waits: the next
+                        # reply, or T, gives it back, as without the message.)
                         self._keeper_until = sent + lease_ttl_s * 0.9
                     raw = await self._scripts.renew(keys=[self._keys.state], args=args)
                     renewed = protocol.decode_renew(raw)
