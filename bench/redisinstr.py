@@ -7,7 +7,9 @@ executes for a fixed number of admissions do not. One private redis-server runs 
 ``valgrind --tool=callgrind`` with collection off; `RedisBackend` is driven as in
 `bench/rediscost.py` (one request at a time: an acquire and, with a lease, its release);
 after a warm-up (scripts loaded, tenants made) collection is switched on for exactly
-``--n`` admissions. Reported: instructions per admission (Redis's whole work: sockets,
+``--n`` admissions. Every scenario runs the exact per-request path (no leases of rate
+tokens: ``THROTTLE_RATE_LEASE=0``, pinned by rediscost.py's ``settings``; for a rate alone
+the default is ``auto``, rediscost.py's ``rate``) unless it says otherwise. Reported: instructions per admission (Redis's whole work: sockets,
 parsing, the script and its commands; the kernel's work is not counted). The profile is
 left in ``--out`` (read it with ``callgrind_annotate --inclusive=yes``). Slow: valgrind
 runs Redis about 50x slower. Scenario ``nop``: the floor, a function that does nothing
