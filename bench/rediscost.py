@@ -289,7 +289,7 @@ async def unbatched(
 
 
 def _paced_fleet(
-    url: str, prefix: str, procs: int, pace: float, lease_s: float | str
+    url: str, prefix: str, procs: int, pace: float, lease_s: object
 ) -> tuple[list[RedisBackend], Callable[[int], Awaitable[None]], Callable[[], int]]:
     """`procs` backends on one budget of 1e6/s (burst 1e6: nobody ever waits) and a run
     of `n` admissions each, one at a time at `pace` per second each (a slot missed is not
