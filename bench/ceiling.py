@@ -9,9 +9,13 @@ replicas of one app would, without HTTP (the app's side is the throughput
 benchmark's business; this one is about Redis). Every cell of the grid
 (mode x processes x load) runs for ``--duration`` seconds after a common start:
 
-- modes: ``rate`` (``THROTTLE_RATE`` never reached: each admission is one
-  acquire) and ``concurrency`` (``THROTTLE_CONCURRENCY`` never reached: an
-  acquire and a release per admission);
+- modes: ``rate`` (``THROTTLE_RATE`` never reached, the default settings: for a
+  rate alone, leases of rate tokens, ``THROTTLE_RATE_LEASE=auto``, so a busy
+  process admits most requests from its lease), ``rate-exact`` (the same with
+  ``THROTTLE_RATE_LEASE=0``: each admission is one acquire; ``rate`` before
+  leases were the default; not in the default ``--modes``) and ``concurrency``
+  (``THROTTLE_CONCURRENCY`` never reached: an acquire and a release per
+  admission);
 - loads: ``light``, one request in flight per process (a fleet of many
   processes with a few requests each: every admission is a script call of its
   own, nothing to batch) and ``heavy``, ``--heavy-inflight`` (32) requests in
@@ -263,7 +267,11 @@ def _run_workers(
 def _cell(
     mode: str, processes: int, load: str, args: argparse.Namespace, url: str, client: Any
 ) -> dict[str, Any]:
-    limits = {"rate": NEVER_RATE} if mode == "rate" else {"concurrency": NEVER_CONCURRENCY}
+    limits: dict[str, Any] = {"concurrency": NEVER_CONCURRENCY}
+    if mode == "rate":
+        limits = {"rate": NEVER_RATE}
+    elif mode == "rate-exact":
+        limits = {"rate": NEVER_RATE, "rate_lease_s": 0.0}
     inflight = 1 if load == "light" else args.heavy_inflight
     specs = [
         {

@@ -25,7 +25,11 @@ Scenarios:
 
 - ``rate`` / ``concurrency``: one request at a time (unbatched: one script call per
   acquire and, with concurrency, one per release); ``concurrency`` with
-  ``--held`` other leases in flight all along;
+  ``--held`` other leases in flight all along. ``rate`` runs with the default settings,
+  which for a rate alone lease rate tokens (``THROTTLE_RATE_LEASE`` unset: ``auto``;
+  ``local``: the share admitted from the lease), and ``rate-exact`` with
+  ``THROTTLE_RATE_LEASE=0`` (one script call per acquire: what ``rate`` measured before
+  leases were the default). Every other scenario runs without leases unless it says so;
 - ``rate-batched`` / ``concurrency-batched``: 64 requests at once in one process;
 - ``saturated-N``: a budget of 50/s with N tenants waiting (N in ``--tenants``):
   each tenant's request, once granted, is replaced by another of the same tenant;
@@ -195,14 +199,25 @@ def track_calls(backend: RedisBackend, counters: Counters) -> None:
     backend._call = call  # type: ignore[method-assign]
 
 
+#: ``rate_lease_s`` left unset (`settings`): the library's default, leases of rate tokens
+#: (``auto``) for a rate alone.
+DEFAULT = object()
+
+
 def settings(url: str, prefix: str, **overrides: Any) -> Settings:
+    """The scenarios' settings. Every scenario measures the exact per-request path (no
+    leases of rate tokens, ``rate_lease_s`` = 0) unless it names its own ``rate_lease_s``;
+    `DEFAULT` leaves it unset (for a rate alone: ``auto``)."""
     base: dict[str, Any] = {
         "redis_url": url,
         "key_prefix": prefix,
         "failure_mode": "closed",
         "redis_timeout_s": 5.0,
+        "rate_lease_s": 0.0,
     }
     base.update(overrides)
+    if base["rate_lease_s"] is DEFAULT:
+        del base["rate_lease_s"]
     return Settings.from_env({}, **base)
 
 
@@ -245,9 +260,12 @@ async def measure(
     }
 
 
-async def unbatched(url: str, mode: str, n: int, held: int) -> dict[str, Any]:
+async def unbatched(
+    url: str, mode: str, n: int, held: int, lease: object = DEFAULT
+) -> dict[str, Any]:
     limits = {"rate": 1e6, "burst": 1e6} if mode == "rate" else {"concurrency": 100_000}
-    backend = RedisBackend(settings(url, f"u{mode}", **limits))
+    prefix = f"u{mode}" if lease is DEFAULT else f"u{mode}{lease}"
+    backend = RedisBackend(settings(url, prefix, rate_lease_s=lease, **limits))
     await backend.start()
     for i in range(held if mode == "concurrency" else 0):
         await backend.acquire(Request(_rid(), f"holder{i % 16}"))  # kept in flight
@@ -261,13 +279,17 @@ async def unbatched(url: str, mode: str, n: int, held: int) -> dict[str, Any]:
 
     for i in range(200):  # warm up: scripts loaded, keys made
         await admit_one(backend, f"t{i % 8}")
+    pool = backend.rate_lease
+    local0 = pool.local_admissions if pool is not None else 0
     result = await measure(Counters(redis.Redis.from_url(url)), lambda: done, loop())
+    if pool is not None:  # the share admitted from leases of rate tokens
+        result["local"] = round((pool.local_admissions - local0) / max(1, n), 3)
     await backend.stop()
     return result
 
 
 def _paced_fleet(
-    url: str, prefix: str, procs: int, pace: float, lease_s: float | str
+    url: str, prefix: str, procs: int, pace: float, lease_s: object
 ) -> tuple[list[RedisBackend], Callable[[int], Awaitable[None]], Callable[[], int]]:
     """`procs` backends on one budget of 1e6/s (burst 1e6: nobody ever waits) and a run
     of `n` admissions each, one at a time at `pace` per second each (a slot missed is not
@@ -586,7 +608,10 @@ async def main_async(args: argparse.Namespace, url: str) -> dict[str, Any]:
             out[f"floor-{name}"] = figures
             print(f"{'floor-' + name:22} {json.dumps(figures)}", flush=True)
     if "rate" in wanted:
+        # The default settings (for a rate alone, leases of rate tokens: auto), and the
+        # exact per-request path (THROTTLE_RATE_LEASE=0; `rate` before leases were default).
         await run("rate", unbatched(url, "rate", args.n, 0))
+        await run("rate-exact", unbatched(url, "rate", args.n, 0, 0.0))
     if "concurrency" in wanted:
         await run("concurrency", unbatched(url, "concurrency", args.n, 0))
         await run(f"concurrency-held{args.held}", unbatched(url, "concurrency", args.n, args.held))

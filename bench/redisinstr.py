@@ -7,13 +7,17 @@ executes for a fixed number of admissions do not. One private redis-server runs 
 ``valgrind --tool=callgrind`` with collection off; `RedisBackend` is driven as in
 `bench/rediscost.py` (one request at a time: an acquire and, with a lease, its release);
 after a warm-up (scripts loaded, tenants made) collection is switched on for exactly
-``--n`` admissions. Reported: instructions per admission (Redis's whole work: sockets,
-parsing, the script and its commands; the kernel's work is not counted). The profile is
+``--n`` admissions. Every scenario runs the exact per-request path (no leases of rate
+tokens: ``THROTTLE_RATE_LEASE=0``, pinned by rediscost.py's ``settings``; for a rate alone
+the default is ``auto``, rediscost.py's ``rate``) unless it says otherwise. Reported:
+instructions per admission (Redis's whole work: sockets, parsing, the script and its
+commands; the kernel's work is not counted). The profile is
 left in ``--out`` (read it with ``callgrind_annotate --inclusive=yes``). Slow: valgrind
 runs Redis about 50x slower. Scenario ``nop``: the floor, a function that does nothing
-called with a rate admission's arguments (rediscost.py's ``floor-nop``); ``rate-paced``
-and ``rate-lease``: rediscost.py's ``lease``, 4 processes at 500/s each, without and with
-leases of rate tokens (T = 0.1 s; ``--n`` a multiple of 4); ``concurrency-paced`` and
+called with a rate admission's arguments (rediscost.py's ``floor-nop``); ``rate-paced``,
+``rate-lease`` and ``rate-default``: rediscost.py's ``lease``, 4 processes at 500/s each,
+without and with leases of rate tokens (T = 0.1 s), and with THROTTLE_RATE_LEASE unset
+(the default: ``auto`` for a rate alone; ``--n`` a multiple of 4); ``concurrency-paced`` and
 ``concurrency-kept``: rediscost.py's ``slots``, 4 processes of two requests at a time
 (each holding its slot 1 ms) at 500/s each on a limit of 16, without and with kept
 slots (THROTTLE_KEEP_SLOTS=1; ``--n`` a multiple of 8); ``churn``: a new
@@ -50,6 +54,7 @@ import redis
 
 from bench import peerredis
 from bench.rediscost import (
+    DEFAULT,
     NOP_LIBRARY,
     _held_fleet,
     _paced_fleet,
@@ -133,12 +138,14 @@ async def _drive_peer(url: str, name: str, n: int, pid: int) -> None:
         _control(pid, "-i", "off")
 
 
-async def _drive_paced(url: str, n: int, pid: int, lease_s: float) -> None:
+async def _drive_paced(url: str, n: int, pid: int, lease_s: object) -> None:
     """rediscost.py's ``lease``: 4 processes on one budget, one request at a time each at
-    500/s, without leases (``rate-paced``) or with THROTTLE_RATE_LEASE=0.1 (``rate-lease``).
+    500/s, without leases (``rate-paced``), with THROTTLE_RATE_LEASE=0.1 (``rate-lease``)
+    or with the default settings (``rate-default``: rediscost.py's DEFAULT).
     What it counts moves with the pace Redis keeps under callgrind (a lease is the
     process's rate x T): the heartbeats and lease calls over n admissions."""
-    backends, run, _ = _paced_fleet(url, f"ipaced{lease_s}", 4, 500.0, lease_s)
+    prefix = "ipaceddefault" if lease_s is DEFAULT else f"ipaced{lease_s}"
+    backends, run, _ = _paced_fleet(url, prefix, 4, 500.0, lease_s)
     await _count_fleet(backends, run, n, pid)
 
 
@@ -207,8 +214,9 @@ async def _drive(url: str, mode: str, n: int, held: int, pid: int, part: str = "
     if mode == "churn":
         await _drive_churn(url, n, pid)
         return
-    if mode in ("rate-paced", "rate-lease"):
-        await _drive_paced(url, n, pid, 0.1 if mode == "rate-lease" else 0.0)
+    if mode in ("rate-paced", "rate-lease", "rate-default"):
+        lease = {"rate-paced": 0.0, "rate-lease": 0.1}.get(mode, DEFAULT)
+        await _drive_paced(url, n, pid, lease)
         return
     if mode in ("concurrency-paced", "concurrency-kept"):
         await _drive_held(url, n, pid, 1.0 if mode == "concurrency-kept" else 0.0)

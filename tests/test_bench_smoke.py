@@ -448,6 +448,7 @@ def test_the_ceiling_runs_every_cell_and_the_fleet_story(
 ) -> None:
     out = tmp_path / "ceiling.json"
     args = ["--processes", "1,2", "--duration", "0.5", "--heavy-inflight", "4"]
+    args += ["--modes", "rate,rate-exact,concurrency"]
     story_args = ["--story", "--story-processes", "2", "--story-duration", "2"]
     status = ceiling.main([*args, *story_args, "--story-warmup", "0.5", "--json", str(out)])
 
@@ -455,16 +456,18 @@ def test_the_ceiling_runs_every_cell_and_the_fleet_story(
     document = json.loads(out.read_text())
     cells = document["cells"]
     grid = {(c["mode"], c["processes"], c["load"]) for c in cells}
-    assert grid == {
-        (m, n, load) for m in ("rate", "concurrency") for n in (1, 2) for load in ("light", "heavy")
-    }
+    modes = ("rate", "rate-exact", "concurrency")
+    assert grid == {(m, n, load) for m in modes for n in (1, 2) for load in ("light", "heavy")}
     for cell in cells:
         assert cell["admitted"] > 0
         assert cell["redis_failures"] == 0
         assert cell["redis_cpu_s"] > 0  # read from Redis's INFO cpu
         # Unbatched: one script call per admission; batched: fewer (a heavy cell
-        # may not fill its batches in half a second on a loaded machine).
-        if cell["load"] == "light":
+        # may not fill its batches in half a second on a loaded machine). `rate` runs the
+        # default settings: leases of rate tokens (auto), most admissions without a call.
+        if cell["mode"] == "rate":
+            assert cell["script_calls_per_admission"] < 0.5, cell
+        elif cell["load"] == "light":
             assert cell["script_calls_per_admission"] == pytest.approx(1.0, abs=0.05)
     assert document["story"]["processes"] == 2
     assert document["story"]["admitted_per_s"] > 0

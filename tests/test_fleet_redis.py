@@ -507,6 +507,12 @@ def test_a_flood_of_tenant_ids_cannot_grow_redis(clean_redis_server: RedisServer
     assert peak["tenants"] <= MAX_TENANTS, peak  # each script call ends within the limit
     assert peak["keys"] <= MAX_TENANTS + 20, peak  # + state, lists and sets of the budget
     assert all(KEY.fullmatch(k) for k in keys), [k for k in keys if not KEY.fullmatch(k)]
-    assert all(ttl > 0 for ttl in ttls.values()), ttls  # every tenant's keys expire on their own
+    # Every tenant's keys expire on their own: none without a TTL (PTTL -1). A key may be
+    # gone by the time its PTTL is read (-2): with leases of rate tokens (the default for
+    # a rate alone) a pool's renewal after the flood charges its admissions and its call
+    # drops the tenants idle by then (forget_idle), between the SCAN and the PTTL.
+    assert all(ttl > 0 or ttl == -2 for ttl in ttls.values()), sorted(
+        {ttl for ttl in ttls.values() if ttl <= 0}
+    )
     assert after <= 1
     assert tenant_keys_after <= 1

@@ -215,17 +215,57 @@ async def test_the_metrics_count_what_the_lease_admitted(clean_redis_server: Red
     assert f'throttle_rate_lease_tokens_total{{how="leased"}} {float(pool.leased)}' in text
 
 
-@pytest.mark.anyio
-async def test_auto_leases_for_a_busy_process_and_not_for_a_quiet_one(
-    clean_redis_server: RedisServer,
+def default_settings(url: str, prefix: str, **overrides: Any) -> Settings:
+    """`settings` with THROTTLE_RATE_LEASE unset (unless given): the library's default."""
+    values: dict[str, Any] = {
+        "redis_url": url,
+        "key_prefix": prefix,
+        "redis_timeout_s": 1.0,
+        "rate": RATE,
+        "burst": BURST,
+        "tenant_queue_limit": 0,
+        **overrides,
+    }
+    return Settings.from_env({}, **values)
+
+
+@pytest.mark.parametrize(
+    ("limits", "pooled"),
+    [
+        ({}, True),  # a rate alone: auto
+        ({"concurrency": 8}, False),
+        ({"concurrency": "auto"}, False),
+        ({"tenant_rate": 5.0}, False),
+        ({"rate_lease_s": 0}, False),  # explicitly off: the exact per-request path
+        ({"rate_lease_s": "off"}, False),
+    ],
+)
+def test_the_default_is_auto_for_a_rate_alone_and_off_for_other_budgets(
+    limits: dict[str, Any], pooled: bool
 ) -> None:
-    """THROTTLE_RATE_LEASE=auto: the process at 200/s admits most of its requests from
-    leases; the one at 5/s makes no lease call (its requests go to Redis one by one)."""
+    """THROTTLE_RATE_LEASE unset: a pool of `auto` (AUTO_LEASE_S) for a rate budget alone;
+    none where a concurrency budget or a tenant's cap counts each request in Redis."""
+    backend = RedisBackend(default_settings("redis://127.0.0.1:1/0", "rld", **limits))
+    pool = backend.rate_lease
+    assert (pool is not None) == pooled
+    if pool is not None:
+        assert (pool.lease_s, pool.auto) == (AUTO_LEASE_S, True)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("explicit", [True, False], ids=["auto", "default"])
+async def test_auto_leases_for_a_busy_process_and_not_for_a_quiet_one(
+    clean_redis_server: RedisServer, explicit: bool
+) -> None:
+    """THROTTLE_RATE_LEASE=auto, or unset (the default for a rate alone): the process at
+    200/s admits most of its requests from leases; the one at 5/s makes no lease call
+    (its requests go to Redis one by one)."""
     prefix = f"rl{next(_prefixes)}"
     url = clean_redis_server.url
+    make = settings if explicit else default_settings
+    lease: dict[str, Any] = {"rate_lease_s": "auto"} if explicit else {}
     busy, quiet = (
-        RedisBackend(settings(url, prefix, rate=1000.0, burst=200.0, rate_lease_s="auto"))
-        for _ in range(2)
+        RedisBackend(make(url, prefix, rate=1000.0, burst=200.0, **lease)) for _ in range(2)
     )
     for backend in (busy, quiet):
         await backend.start()

@@ -97,18 +97,43 @@ def test_tenant_queue_limit_defaults_to_a_tenth_of_the_fleet_limit() -> None:
     assert explicit.queue_limit_per_tenant == 7
 
 
-def test_rate_lease_takes_seconds_or_auto() -> None:
+def test_rate_lease_takes_seconds_auto_or_off() -> None:
     base = {"THROTTLE_RATE": "100", "THROTTLE_REDIS_URL": "redis://x"}
-    assert Settings.from_env(base).rate_lease_s == 0.0  # off by default
+    assert Settings.from_env(base).rate_lease_s == "auto"  # a rate alone: auto by default
     assert Settings.from_env({**base, "THROTTLE_RATE_LEASE": "0.1"}).rate_lease_s == 0.1
     assert Settings.from_env({**base, "THROTTLE_RATE_LEASE": " Auto "}).rate_lease_s == "auto"
     assert Settings.from_env({**base, "THROTTLE_RATE_LEASE": "0"}).rate_lease_s == 0.0
+    assert Settings.from_env({**base, "THROTTLE_RATE_LEASE": " OFF "}).rate_lease_s == 0.0
+    assert Settings.from_env(base, rate_lease_s=0).rate_lease_s == 0.0
+    assert Settings.from_env(base, rate_lease_s="off").rate_lease_s == 0.0
+    assert Settings.from_env(base, rate_lease_s="auto").rate_lease_s == "auto"
 
 
-@pytest.mark.parametrize("value", ["auto2", "-0.1", "11", "nan", "on"])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},  # no rate: a learned concurrency limit
+        {"THROTTLE_CONCURRENCY": "8"},
+        {"THROTTLE_RATE": "100", "THROTTLE_CONCURRENCY": "8"},
+        {"THROTTLE_RATE": "100", "THROTTLE_CONCURRENCY": "auto"},
+        {"THROTTLE_RATE": "100", "THROTTLE_TENANT_RATE": "5"},
+        {"THROTTLE_ENABLED": "false", "THROTTLE_RATE": "100"},
+    ],
+)
+def test_rate_lease_unset_is_off_where_leases_do_not_apply(env: dict[str, str]) -> None:
+    """Unset, THROTTLE_RATE_LEASE is auto only for a rate alone: a budget that counts
+    requests in flight or a tenant's rate per request keeps the exact path (and starts,
+    where an explicit auto or T would be refused)."""
+    assert Settings.from_env(env).rate_lease_s == 0.0
+    # And "off" or 0 is accepted whatever the budget (it asks for nothing).
+    for off in ("off", "0"):
+        assert Settings.from_env({**env, "THROTTLE_RATE_LEASE": off}).rate_lease_s == 0.0
+
+
+@pytest.mark.parametrize("value", ["auto2", "-0.1", "11", "nan", "on", "offf"])
 def test_a_bad_rate_lease_says_what_it_takes(value: str) -> None:
     env = {"THROTTLE_RATE": "100", "THROTTLE_RATE_LEASE": value}
-    expected = "expected auto, or seconds from 0 (off) to 10, e.g. 0.1"
+    expected = "expected auto, off, or seconds from 0 (off) to 10, e.g. 0.1"
     with pytest.raises(
         ConfigError, match=re.escape(f"THROTTLE_RATE_LEASE={value}: invalid, {expected}")
     ):

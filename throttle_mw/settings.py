@@ -190,9 +190,12 @@ class Settings:
     credit_s: float = _POLICY.credit_s
     #: A concurrency lease left unrenewed this long is given back (crashed workers).
     lease_ttl_s: float = 30.0
-    #: T of a process's lease of rate tokens (Redis, rate budgets only); 0: no leases;
-    #: "auto": T chosen by the library, leases only while this process's own rate makes
-    #: them pay (ratepool.py's AUTO_LEASE_S, AUTO_MIN_TOKENS).
+    #: T of a process's lease of rate tokens (Redis, rate budgets only); 0 (``off``): no
+    #: leases, every admission decided in Redis; "auto": T chosen by the library, leases
+    #: only while this process's own rate makes them pay (ratepool.py's AUTO_LEASE_S,
+    #: AUTO_MIN_TOKENS). Unset: "auto" for a rate alone (no concurrency budget, no
+    #: tenant rate), 0 otherwise (`_finish`); this field's own default is for settings
+    #: not read by `from_env` (a disabled throttle).
     rate_lease_s: float | Literal["auto"] = 0.0
     #: T a process keeps its finished requests' concurrency slots for its next ones
     #: (Redis, concurrency budgets only); 0: every slot is released at once.
@@ -364,7 +367,15 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
             tenant_burst,
             f"at least the largest route cost ({settings.max_cost})",
         )
-    if settings.rate_lease_s:
+    if "rate_lease_s" not in values:
+        # Unset: leases where they apply (a rate alone), the exact path elsewhere.
+        leasable = (
+            settings.rate is not None
+            and settings.concurrency is None
+            and settings.tenant_rate is None
+        )
+        values["rate_lease_s"] = "auto" if leasable else 0.0
+    elif settings.rate_lease_s:
         _check_rate_lease(settings, sources)
     if settings.keep_slots_s:
         _check_keep_slots(settings, sources)
@@ -481,10 +492,12 @@ def _seconds(what: str, *, allow_zero: bool = False) -> Callable[[object, str], 
 def _rate_lease(raw: object, source: str) -> float | Literal["auto"]:
     if isinstance(raw, str) and raw.strip().lower() == "auto":
         return "auto"
+    if isinstance(raw, str) and raw.strip().lower() == "off":
+        return 0.0
     return _number(
         raw,
         source,
-        what="auto, or seconds from 0 (off) to 10, e.g. 0.1",
+        what="auto, off, or seconds from 0 (off) to 10, e.g. 0.1",
         low=0.0,
         high=10.0,
         low_open=False,
