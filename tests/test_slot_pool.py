@@ -169,8 +169,7 @@ def test_unset_it_is_the_default_t_for_a_concurrency_budget_alone_and_off_elsewh
     )
     assert Settings.from_env({"THROTTLE_RATE": "10"}).keep_slots_s == 0.0
     assert (
-        Settings.from_env({"THROTTLE_RATE": "10", "THROTTLE_CONCURRENCY": "8"}).keep_slots_s
-        == 0.0
+        Settings.from_env({"THROTTLE_RATE": "10", "THROTTLE_CONCURRENCY": "8"}).keep_slots_s == 0.0
     )
     assert (
         Settings.from_env({"THROTTLE_CONCURRENCY": "8", "THROTTLE_TENANT_RATE": "5"}).keep_slots_s
