@@ -15,7 +15,7 @@ benchmark's business; this one is about Redis). Every cell of the grid
   ``THROTTLE_RATE_LEASE=0``: each admission is one acquire; ``rate`` before
   leases were the default; not in the default ``--modes``) and ``concurrency``
   (``THROTTLE_CONCURRENCY`` never reached: an acquire and a release per
-  admission);
+  admission, kept slots off: ``THROTTLE_KEEP_SLOTS=0``);
 - loads: ``light``, one request in flight per process (a fleet of many
   processes with a few requests each: every admission is a script call of its
   own, nothing to batch) and ``heavy``, ``--heavy-inflight`` (32) requests in
@@ -267,7 +267,10 @@ def _run_workers(
 def _cell(
     mode: str, processes: int, load: str, args: argparse.Namespace, url: str, client: Any
 ) -> dict[str, Any]:
-    limits: dict[str, Any] = {"concurrency": NEVER_CONCURRENCY}
+    # Kept slots off (THROTTLE_KEEP_SLOTS=0): this measures what one core sustains when
+    # every admission calls Redis (as under contention, when kept slots go back); with the
+    # default a steady closed loop runs on kept slots and makes almost no call.
+    limits: dict[str, Any] = {"concurrency": NEVER_CONCURRENCY, "keep_slots_s": 0.0}
     if mode == "rate":
         limits = {"rate": NEVER_RATE}
     elif mode == "rate-exact":

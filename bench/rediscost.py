@@ -24,12 +24,16 @@ deltas of Redis's own counters over the measured stretch:
 Scenarios:
 
 - ``rate`` / ``concurrency``: one request at a time (unbatched: one script call per
-  acquire and, with concurrency, one per release); ``concurrency`` with
-  ``--held`` other leases in flight all along. ``rate`` runs with the default settings,
-  which for a rate alone lease rate tokens (``THROTTLE_RATE_LEASE`` unset: ``auto``;
-  ``local``: the share admitted from the lease), and ``rate-exact`` with
+  acquire and, with concurrency, one per release): ``rate`` runs with the default
+  settings, which for a rate alone lease rate tokens (``THROTTLE_RATE_LEASE`` unset:
+  ``auto``; ``local``: the share admitted from the lease), and ``rate-exact`` with
   ``THROTTLE_RATE_LEASE=0`` (one script call per acquire: what ``rate`` measured before
-  leases were the default). Every other scenario runs without leases unless it says so;
+  leases were the default); ``concurrency`` runs with kept slots off,
+  ``THROTTLE_KEEP_SLOTS=0``, so it measures the scripts' per-request path;
+  ``concurrency`` with ``--held`` other leases in flight all along; and
+  ``concurrency-default``: the same loop with the default settings (kept slots at their
+  default T: most admissions make no call). Every other scenario runs without leases of
+  rate tokens unless it says so;
 - ``rate-batched`` / ``concurrency-batched``: 64 requests at once in one process;
 - ``saturated-N``: a budget of 50/s with N tenants waiting (N in ``--tenants``):
   each tenant's request, once granted, is replaced by another of the same tenant;
@@ -48,7 +52,9 @@ Scenarios:
   on one concurrency budget of ``--slots-limit``, each with two requests at a time
   (each holds its slot ``--slots-hold`` seconds, then the next comes after the pace's
   gap) at ``--slots-pace`` per second per process, without and with kept slots
-  (``THROTTLE_KEEP_SLOTS=--keep-s``); ``local``: the share admitted from kept slots;
+  (``THROTTLE_KEEP_SLOTS=--keep-s``; ``default``: the setting unset); ``local``: the
+  share admitted from kept slots; ``--slots-limit auto``: a learned limit (at its
+  initial value: no app here to learn from);
 - ``floor``: the harness's floor, one call at a time from redis-py as the backend calls:
   ``floor-ping`` (PING) and ``floor-nop`` (FCALL of a function that does nothing, with
   the arguments of a rate admission's call): what a round trip costs Redis whatever the
@@ -261,11 +267,23 @@ async def measure(
 
 
 async def unbatched(
-    url: str, mode: str, n: int, held: int, lease: object = DEFAULT
+    url: str,
+    mode: str,
+    n: int,
+    held: int,
+    lease: object = DEFAULT,
+    keep_s: float | None = 0.0,
 ) -> dict[str, Any]:
-    limits = {"rate": 1e6, "burst": 1e6} if mode == "rate" else {"concurrency": 100_000}
+    """One request at a time: with a rate, leases `lease` (`DEFAULT`: unset, the default);
+    with concurrency, kept slots `keep_s` (None: unset, the default; 0: off, each
+    admission an acquire and a release in Redis)."""
+    limits: dict[str, Any] = (
+        {"rate": 1e6, "burst": 1e6} if mode == "rate" else {"concurrency": 100_000}
+    )
+    if mode != "rate" and keep_s is not None:
+        limits["keep_slots_s"] = keep_s
     prefix = f"u{mode}" if lease is DEFAULT else f"u{mode}{lease}"
-    backend = RedisBackend(settings(url, prefix, rate_lease_s=lease, **limits))
+    backend = RedisBackend(settings(url, f"{prefix}{keep_s}", rate_lease_s=lease, **limits))
     await backend.start()
     for i in range(held if mode == "concurrency" else 0):
         await backend.acquire(Request(_rid(), f"holder{i % 16}"))  # kept in flight
@@ -317,15 +335,22 @@ def _paced_fleet(
 
 
 def _held_fleet(
-    url: str, prefix: str, procs: int, pace: float, hold_s: float, limit: int, keep_s: float
+    url: str,
+    prefix: str,
+    procs: int,
+    pace: float,
+    hold_s: float,
+    limit: int | str,
+    keep_s: float | None,
 ) -> tuple[list[RedisBackend], Callable[[int], Awaitable[None]], Callable[[], int]]:
-    """`procs` backends on one concurrency budget of `limit` and a run of `n` admissions
-    each, two requests at a time per process, each holding its slot `hold_s` seconds, at
-    `pace` per second per process in all (a slot missed is not made up for later); the
-    third: admissions so far."""
+    """`procs` backends on one concurrency budget of `limit` (or ``auto``) and a run of
+    `n` admissions each, two requests at a time per process, each holding its slot
+    `hold_s` seconds, at `pace` per second per process in all (a slot missed is not made
+    up for later); kept slots `keep_s` (None: the setting unset); the third: admissions
+    so far."""
+    keep = {} if keep_s is None else {"keep_slots_s": keep_s}
     backends = [
-        RedisBackend(settings(url, prefix, concurrency=limit, keep_slots_s=keep_s))
-        for _ in range(procs)
+        RedisBackend(settings(url, prefix, concurrency=limit, **keep)) for _ in range(procs)
     ]
     done = 0
 
@@ -354,7 +379,13 @@ def _held_fleet(
 
 
 async def held(
-    url: str, n: int, procs: int, pace: float, hold_s: float, limit: int, keep_s: float
+    url: str,
+    n: int,
+    procs: int,
+    pace: float,
+    hold_s: float,
+    limit: int | str,
+    keep_s: float | None,
 ) -> dict[str, Any]:
     """The ``slots`` scenario: see the module docstring."""
     backends, run, admitted = _held_fleet(url, f"slots{keep_s}", procs, pace, hold_s, limit, keep_s)
@@ -615,6 +646,7 @@ async def main_async(args: argparse.Namespace, url: str) -> dict[str, Any]:
     if "concurrency" in wanted:
         await run("concurrency", unbatched(url, "concurrency", args.n, 0))
         await run(f"concurrency-held{args.held}", unbatched(url, "concurrency", args.n, args.held))
+        await run("concurrency-default", unbatched(url, "concurrency", args.n, 0, keep_s=None))
     if "peers" in wanted:
         for name in peerredis.PEERS:
             figures = await peer(url, name, args.n, Counters(redis.Redis.from_url(url)))
@@ -662,6 +694,14 @@ async def main_async(args: argparse.Namespace, url: str) -> dict[str, Any]:
     return out
 
 
+def _limit(raw: str) -> int | str:
+    return "auto" if raw == "auto" else int(raw)
+
+
+def _keep(raw: str) -> float | None:
+    return None if raw == "default" else float(raw)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=3000, help="admissions per unbatched run")
@@ -690,8 +730,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--slots-hold", type=float, default=0.001, help="slots: seconds each holds its slot"
     )
-    parser.add_argument("--slots-limit", type=int, default=16, help="slots: THROTTLE_CONCURRENCY")
-    parser.add_argument("--keep-s", type=float, default=1.0, help="slots: THROTTLE_KEEP_SLOTS")
+    parser.add_argument(
+        "--slots-limit",
+        type=_limit,
+        default=16,
+        help="slots: THROTTLE_CONCURRENCY (a number, or auto)",
+    )
+    parser.add_argument(
+        "--keep-s",
+        type=_keep,
+        default=1.0,
+        help="slots: THROTTLE_KEEP_SLOTS (seconds, or default: unset)",
+    )
     parser.add_argument("--redis-cpu", default="1", help="taskset CPU list for redis-server")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(

@@ -20,7 +20,10 @@ without and with leases of rate tokens (T = 0.1 s), and with THROTTLE_RATE_LEASE
 (the default: ``auto`` for a rate alone; ``--n`` a multiple of 4); ``concurrency-paced`` and
 ``concurrency-kept``: rediscost.py's ``slots``, 4 processes of two requests at a time
 (each holding its slot 1 ms) at 500/s each on a limit of 16, without and with kept
-slots (THROTTLE_KEEP_SLOTS=1; ``--n`` a multiple of 8); ``churn``: a new
+slots (THROTTLE_KEEP_SLOTS=``--keep-s``, 1 by default; ``--n`` a multiple of 8);
+``concurrency`` runs with kept slots off (THROTTLE_KEEP_SLOTS=0: the scripts'
+per-request path), ``concurrency-default`` the same loop with the default settings (kept
+slots at their default T); ``churn``: a new
 tenant per request, 512 at once (``--n`` a multiple of 512); ``stop``: per waiter of
 ``backend.stop()`` with ``--n`` waiting, 20 a tenant; ``slowapi``, ``fastapi-limiter``,
 ``asgi-ratelimit`` (or ``peers``, all three): that peer library's own Redis limiting
@@ -57,6 +60,7 @@ from bench.rediscost import (
     DEFAULT,
     NOP_LIBRARY,
     _held_fleet,
+    _keep,
     _paced_fleet,
     admit_one,
     cpu_model,
@@ -149,7 +153,7 @@ async def _drive_paced(url: str, n: int, pid: int, lease_s: object) -> None:
     await _count_fleet(backends, run, n, pid)
 
 
-async def _drive_held(url: str, n: int, pid: int, keep_s: float) -> None:
+async def _drive_held(url: str, n: int, pid: int, keep_s: float | None) -> None:
     """rediscost.py's ``slots``: 4 processes on one concurrency budget of 16, two requests
     at a time each holding its slot 1 ms, at 500/s per process, without kept slots
     (``concurrency-paced``) or with THROTTLE_KEEP_SLOTS=1 (``concurrency-kept``). The
@@ -201,7 +205,15 @@ async def _admit_part(backend: RedisBackend, tenant: str, part: str, pid: int) -
 _PART_IDS = itertools.count()
 
 
-async def _drive(url: str, mode: str, n: int, held: int, pid: int, part: str = "both") -> None:
+async def _drive(
+    url: str,
+    mode: str,
+    n: int,
+    held: int,
+    pid: int,
+    part: str = "both",
+    keep_s: float | None = 1.0,
+) -> None:
     if mode in peerredis.PEERS:
         await _drive_peer(url, mode, n, pid)
         return
@@ -219,11 +231,15 @@ async def _drive(url: str, mode: str, n: int, held: int, pid: int, part: str = "
         await _drive_paced(url, n, pid, lease)
         return
     if mode in ("concurrency-paced", "concurrency-kept"):
-        await _drive_held(url, n, pid, 1.0 if mode == "concurrency-kept" else 0.0)
+        await _drive_held(url, n, pid, keep_s if mode == "concurrency-kept" else 0.0)
         return
     limits: dict[str, Any] = (
         {"rate": 1e6, "burst": 1e6} if mode == "rate" else {"concurrency": 100_000}
     )
+    if mode == "concurrency":
+        limits["keep_slots_s"] = 0.0  # the scripts' per-request path
+    elif mode == "concurrency-default":
+        mode = "concurrency"  # (the setting unset: kept slots at their default T)
     # A part counted alone waits for callgrind_control around each call (a second or so):
     # the scripts are given a clock of their own, a millisecond a call, so the calls find
     # what they would at full speed (no window roll, recount or TTL refresh due each call).
@@ -263,7 +279,13 @@ async def _drive(url: str, mode: str, n: int, held: int, pid: int, part: str = "
 
 
 def measure(
-    binary: str, mode: str, n: int, held: int, out: Path, part: str = "both"
+    binary: str,
+    mode: str,
+    n: int,
+    held: int,
+    out: Path,
+    part: str = "both",
+    keep_s: float | None = 1.0,
 ) -> tuple[int, int]:
     """Instructions per admission of one scenario, with its own redis-server, and of
     them, those inside the script calls (fcallCommand or evalShaCommand, inclusive)."""
@@ -286,7 +308,8 @@ def measure(
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
-        asyncio.run(_drive(f"redis://{HOST}:{port}/0", mode, n, held, server.pid, part))
+        url = f"redis://{HOST}:{port}/0"
+        asyncio.run(_drive(url, mode, n, held, server.pid, part, keep_s))
     finally:
         server.terminate()
         server.wait()
@@ -313,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         default="both",
         help="count an admission's acquire or release only (concurrency scenarios)",
     )
+    parser.add_argument(
+        "--keep-s",
+        type=_keep,
+        default=1.0,
+        help="concurrency-kept: THROTTLE_KEEP_SLOTS (seconds, or default: unset)",
+    )
     args = parser.parse_args(argv)
     scenarios = args.scenarios.replace("peers", ",".join(peerredis.PEERS)).split(",")
     leaseless = [s for s in scenarios if s not in ("concurrency", "concurrency-held")]
@@ -326,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             mode, held = "concurrency", args.held
         suffix = "" if args.part == "both" else f".{args.part}"
         out = args.out / f"callgrind.redis.{scenario}{suffix}"
-        per, inside = measure(args.redis_server, mode, args.n, held, out, args.part)
+        per, inside = measure(args.redis_server, mode, args.n, held, out, args.part, args.keep_s)
         ratios = ""
         if scenario in peerredis.PEERS:
             ratios = "".join(f", {name} / this {ours[name] / per:.2f}" for name in ours)

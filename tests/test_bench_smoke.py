@@ -28,6 +28,7 @@ from bench import (
     fastsections,
     grant_latency,
     instructions,
+    keptidle,
     learned,
     learnedscore,
     opcodes,
@@ -414,6 +415,35 @@ def test_redis_cost_of_kept_slots_runs_beside_the_paced_fleet(
     assert paced["calls"] > 0.5  # an acquire and a release each, some of them together
     assert kept["local"] > 0.5  # most on kept slots (the warm-up filled the pools)
     assert kept["vs_paced"] == pytest.approx(paced["cpu_us"] / max(0.1, kept["cpu_us"]), abs=0.1)
+
+
+def test_redis_cost_measures_the_default_beside_the_per_request_path(
+    tmp_path: Path, redis_binary: Path
+) -> None:
+    out = tmp_path / "rediscost.json"
+    args = ["--n", "300", "--scenarios", "concurrency", "--redis-cpu", "", "--json", str(out)]
+    assert rediscost.main(args) == 0
+
+    scenarios = json.loads(out.read_text())["scenarios"]
+    assert scenarios["concurrency"]["calls"] == pytest.approx(2.0, abs=0.05)  # kept slots off
+    assert scenarios["concurrency-default"]["calls"] < 0.5  # most on kept slots
+
+
+def test_kept_idle_measures_what_kept_slots_cost_another_process(
+    tmp_path: Path, redis_binary: Path
+) -> None:
+    out = tmp_path / "keptidle.json"
+    args = ["--keep", "0,0.2", "--seconds", "1", "--warmup", "0.3", "--gap", "0.3"]
+    assert keptidle.main([*args, "--burst-hold", "0.1", "--redis-cpu", "", "--json", str(out)]) == 0
+
+    off, kept = json.loads(out.read_text())["runs"]
+    assert off["keep_s"] == 0.0
+    assert kept["keep_s"] == 0.2
+    assert off["keeper_local"] == 0
+    assert off["idle_while_waiting"] == 0.0
+    assert kept["keeper_local"] > 0  # the keeper ran on kept slots
+    assert off["other_requests"] > 0
+    assert kept["other_requests"] > 0
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")

@@ -465,9 +465,11 @@ async def test_the_learner_taking_the_breaker_s_probe_closes_it_again(
         assert type(held).__name__ == "Admitted"
         redis_server.pause(1.8)  # shorter than the grant listener's 3 s socket timeout
         backend.release("r1")  # times out (1 s): an orphan, given back once Redis is back
+        # (With kept slots, the default, r1's slot is kept and goes back T later: its
+        # release may time out a moment after the learner's push opened the breaker.)
         for _ in range(100):
             await asyncio.sleep(0.05)
-            if backend._breaker.is_open:
+            if backend._breaker.is_open and backend._orphans:
                 break
         assert backend._breaker.is_open
         assert backend._orphans == {"r1"}

@@ -197,7 +197,10 @@ async def _until(check: Any, within_s: float = 5.0) -> None:
 async def test_a_lone_release_goes_by_release_lua_and_others_by_batch_lua(
     redis_server: RedisServer,
 ) -> None:
-    backend = RedisBackend(_settings(redis_server, "rl1", lease_ttl_s=30.0))
+    # Kept slots off: this is the per-request path's mechanics (which script each
+    # release goes by); with the default THROTTLE_KEEP_SLOTS a finished request's slot
+    # is kept and no release is sent (tests/test_redis_kept_slots.py).
+    backend = RedisBackend(_settings(redis_server, "rl1", lease_ttl_s=30.0, keep_slots_s=0.0))
     await backend.start()
     client = redis_server.client(decode_responses=True)
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from throttle_mw.backends.redis.slotpool import KEPT_SHARE, SlotPool
-from throttle_mw.settings import ConfigError, Settings
+from throttle_mw.settings import DEFAULT_KEEP_SLOTS_S, ConfigError, Settings
 
 T = 1.0
 
@@ -155,3 +155,30 @@ def test_the_setting_is_for_a_concurrency_budget_alone() -> None:
     for bad in ("-1", "11", "x"):
         with pytest.raises(ConfigError, match="0 \\(off\\) to 10"):
             Settings.from_env({"THROTTLE_CONCURRENCY": "8", "THROTTLE_KEEP_SLOTS": bad})
+
+
+def test_unset_it_is_the_default_t_for_a_concurrency_budget_alone_and_off_elsewhere() -> None:
+    # Unset: kept slots for a concurrency budget alone, fixed or learned (the default
+    # budget), and simply not applied (no error) where they cannot be: with a rate, the
+    # fleet's or a tenant's. Set, its values mean what they meant; 0 and off turn it off.
+    assert Settings.from_env({}).keep_slots_s == DEFAULT_KEEP_SLOTS_S  # learned limit
+    assert DEFAULT_KEEP_SLOTS_S > 0
+    assert Settings.from_env({"THROTTLE_CONCURRENCY": "8"}).keep_slots_s == DEFAULT_KEEP_SLOTS_S
+    assert Settings.from_env({"THROTTLE_CONCURRENCY": "auto"}).keep_slots_s == (
+        DEFAULT_KEEP_SLOTS_S
+    )
+    assert Settings.from_env({"THROTTLE_RATE": "10"}).keep_slots_s == 0.0
+    assert (
+        Settings.from_env({"THROTTLE_RATE": "10", "THROTTLE_CONCURRENCY": "8"}).keep_slots_s == 0.0
+    )
+    assert (
+        Settings.from_env({"THROTTLE_CONCURRENCY": "8", "THROTTLE_TENANT_RATE": "5"}).keep_slots_s
+        == 0.0
+    )
+    assert Settings.from_env({"THROTTLE_TENANT_RATE": "5"}).keep_slots_s == 0.0
+    for off in ("0", " off ", "OFF", "0.0"):
+        assert Settings.from_env({"THROTTLE_KEEP_SLOTS": off}).keep_slots_s == 0.0
+    assert Settings.from_env({}, keep_slots_s=0).keep_slots_s == 0.0
+    # Off needs no concurrency budget: it is what a rate budget does anyway.
+    assert Settings.from_env({"THROTTLE_RATE": "10", "THROTTLE_KEEP_SLOTS": "0"}).keep_slots_s == 0
+    assert Settings.from_env({"THROTTLE_ENABLED": "false"}).keep_slots_s == 0.0

@@ -34,6 +34,10 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _PREFIX = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+#: THROTTLE_KEEP_SLOTS unset, with a concurrency budget alone (fixed or learned): the T
+#: a process keeps its finished requests' slots for (README, "Kept concurrency slots";
+#: chosen by measurement, docs/performance.md, branch `slotsdefault`).
+DEFAULT_KEEP_SLOTS_S: Final = 0.1
 
 DEFAULT_MAX_WAIT_S: Final[Mapping[Priority, float]] = MappingProxyType(
     {"critical": 10.0, "high": 8.0, "normal": 5.0, "low": 2.0}
@@ -198,7 +202,10 @@ class Settings:
     #: not read by `from_env` (a disabled throttle).
     rate_lease_s: float | Literal["auto"] = 0.0
     #: T a process keeps its finished requests' concurrency slots for its next ones
-    #: (Redis, concurrency budgets only); 0: every slot is released at once.
+    #: (Redis, concurrency budgets only); 0 (``off``): every slot is released at once.
+    #: Unset: DEFAULT_KEEP_SLOTS_S for a concurrency budget alone (no rate, no tenant
+    #: rate), 0 otherwise (`_finish`); this field's own default is for settings not read
+    #: by `from_env` (a disabled throttle).
     keep_slots_s: float = 0.0
     #: Socket timeout for Redis calls; beyond it the failure mode applies.
     redis_timeout_s: float = 0.25
@@ -377,7 +384,15 @@ def _finish(values: dict[str, Any], sources: dict[str, str]) -> Settings:
         values["rate_lease_s"] = "auto" if leasable else 0.0
     elif settings.rate_lease_s:
         _check_rate_lease(settings, sources)
-    if settings.keep_slots_s:
+    if "keep_slots_s" not in values:
+        # Unset: kept slots where they apply (a concurrency budget alone), none elsewhere.
+        keepable = (
+            settings.concurrency is not None
+            and settings.rate is None
+            and settings.tenant_rate is None
+        )
+        values["keep_slots_s"] = DEFAULT_KEEP_SLOTS_S if keepable else 0.0
+    elif settings.keep_slots_s:
         _check_keep_slots(settings, sources)
     if settings.body_buffer_total_bytes < settings.body_buffer_bytes:
         raise ConfigError(
@@ -492,27 +507,18 @@ def _seconds(what: str, *, allow_zero: bool = False) -> Callable[[object, str], 
 def _rate_lease(raw: object, source: str) -> float | Literal["auto"]:
     if isinstance(raw, str) and raw.strip().lower() == "auto":
         return "auto"
-    if isinstance(raw, str) and raw.strip().lower() == "off":
-        return 0.0
-    return _number(
-        raw,
-        source,
-        what="auto, off, or seconds from 0 (off) to 10, e.g. 0.1",
-        low=0.0,
-        high=10.0,
-        low_open=False,
-    )
+    return _pool_seconds(raw, source, "auto, off, or seconds from 0 (off) to 10, e.g. 0.1")
 
 
 def _keep_slots(raw: object, source: str) -> float:
-    return _number(
-        raw,
-        source,
-        what="seconds from 0 (off) to 10, e.g. 1",
-        low=0.0,
-        high=10.0,
-        low_open=False,
-    )
+    return _pool_seconds(raw, source, "off, or seconds from 0 (off) to 10, e.g. 0.1")
+
+
+def _pool_seconds(raw: object, source: str, what: str) -> float:
+    """A pool's T (THROTTLE_RATE_LEASE, THROTTLE_KEEP_SLOTS): `off` or 0-10 seconds."""
+    if isinstance(raw, str) and raw.strip().lower() == "off":
+        return 0.0
+    return _number(raw, source, what=what, low=0.0, high=10.0, low_open=False)
 
 
 def _count(what: str, *, low: int, high: int = 10_000_000) -> Callable[[object, str], int]:
