@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from typing import Any, NamedTuple
 
 import pytest
+import redis
 import redis.asyncio
 
+from tests.support.lua_scheduler import LuaScheduler
 from tests.support.redis_server import RedisCluster, RedisServer
 from throttle_mw.backends import Admitted
 from throttle_mw.backends.base import Waiting
-from throttle_mw.backends.redis import RedisBackend
+from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.backends.redis.keys import Keys
-from throttle_mw.scheduler import Request
+from throttle_mw.backends.redis.scripts import SIGNAL_GAP_S
+from throttle_mw.priorities import PRIORITIES
+from throttle_mw.scheduler import Granted, Limits, Policy, Request
 from throttle_mw.settings import Settings
 
 #: The reaction's bound: a few round trips on a loaded machine, far below T.
@@ -227,3 +232,58 @@ async def test_nobody_is_told_when_no_pool_can_be_out(clean_redis_server: RedisS
             await b.stop()
             await a.stop()
     await client.aclose()
+
+
+def _rpush_calls(client: redis.Redis) -> int:
+    """RPUSH commands the server ran so far (INFO commandstats, scripts' calls included)."""
+    stats = client.info("commandstats")
+    return int(stats.get("cmdstat_rpush", {}).get("calls", 0))
+
+
+def _edge_run(client: redis.Redis, holders: int, rounds: int, step: float) -> tuple[int, str]:
+    """A concurrency budget of 1 at its edge (store.lua's save, call.signal_waiting), on the
+    scripts' own clock: each round, `step` seconds after the last, one request queues
+    (waiting 0 -> 1) and the release of the one running admits it (1 -> 0). `holders`
+    other processes keep slots (renew.lua's heartbeat flag registers them in P:pl for the
+    whole run). The RPUSH commands the run made; the budget's key tag."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0), queue_limit=1_000)
+    client.flushdb()
+    sched = LuaScheduler(client, Limits(concurrency=1), policy, now=0.0)
+    for p in range(holders):
+        holder = sched.joined(f"holder{p}")
+        args = protocol.renew_args("0.0", holder._tag, holder.process, 1e6, 1e6, [], keeps=True)
+        holder._run("renew", args, client)
+    first = Request("first", "edge")
+    sched.acquire(0.0, first)
+    running = first.id
+    before = _rpush_calls(client)
+    for i in range(1, rounds + 1):
+        now = i * step
+        nxt = Request(f"r{i}", f"edge{i % 8}")
+        decision, _ = sched.acquire(now, nxt)
+        assert not isinstance(decision, Granted)  # (queued: someone waits)
+        sched.release(now, running)  # (admits it: nobody waits)
+        running = nxt.id
+    return _rpush_calls(client) - before, sched._tag
+
+
+def test_a_budget_at_its_edge_tells_its_pools_at_most_once_per_gap(
+    clean_redis_server: RedisServer,
+) -> None:
+    """Waiting 0 -> 1 -> 0 on every call pair, N processes in P:pl: the budget tells them
+    at most once per TUNING.SIGNAL_GAP of its clock (plus the first), not once per
+    opening: the pushes over the run, counted by the server's RPUSH calls against the same
+    run without holders (the grants of the queued requests), stay within that bound, and
+    the processes are told again once a gap has passed (the signal is not lost for good)."""
+    client = redis.Redis.from_url(clean_redis_server.url)
+    holders, rounds, step = 20, 300, 0.001  # (0.3 s of the scripts' clock: 300 openings)
+    base, _ = _edge_run(client, 0, rounds, step)
+    pushed, tag = _edge_run(client, holders, rounds, step)
+    pushed -= base
+    signals = math.floor(rounds * step / SIGNAL_GAP_S) + 1
+    assert pushed <= signals * holders, (pushed, signals * holders)
+    assert pushed >= 2 * holders  # (told on the run's first opening and again after a gap)
+    told = [client.llen(f"{tag}:g:holder{p}") for p in range(holders)]
+    assert min(told) >= 2, told
+    assert max(told) <= signals, told
+    client.close()

@@ -142,6 +142,10 @@ RECENT_KEPT: Final = 256
 #: reads neither key (store.lua, load_limits_stamped). Whoever changes P:cfg or P:w
 #: deletes it afterwards (`Keys.live_changed`); the next call reads both and stamps anew.
 LIVE_STAMP: Final = "lv"
+#: P:s's field with when the budget last told the processes that may hold a pool that
+#: someone waits (store.lua, call.signal_waiting): read and written only on that
+#: transition, so no other call pays for it (not one of the packed numbers).
+SIGNALED: Final = "sg"
 
 
 def hash_tag(prefix: str) -> str:

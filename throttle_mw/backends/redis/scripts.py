@@ -97,6 +97,14 @@ NAMES_MAX: Final = 1024
 #: this many leases are in flight.
 LEASE_ANCHOR: Final = "~anchor~" + "~" * 1016
 LEASE_ANCHOR_AT: Final = 16
+#: A budget tells the processes that may hold a pool (P:pl) that someone waits at most
+#: once this often (store.lua, call.signal_waiting: RPUSH and PEXPIRE per process, ~2N
+#: commands in one call): at a budget's edge (nobody waiting, someone, nobody, ... on
+#: successive calls) a fleet of N processes would otherwise pay 2N commands per opening.
+#: A transition left untold within it only delays a pool taken since the last signal to
+#: its process's next reply or its T (the default kept slots' T, THROTTLE_KEEP_SLOTS);
+#: the bound is exact regardless (tokens and slots are counted out in Redis).
+SIGNAL_GAP_S: Final = 0.1
 #: The live processes a batch call reports (its trailer) are counted at most this often
 #: per budget (batch.lua, live_processes), and at once when a call registers its process.
 PROCS_RECOUNT_S: Final = 1.0
@@ -198,6 +206,8 @@ SHARED: Final[Mapping[str, object]] = {
         "NAMES_MAX": NAMES_MAX,
         "LEASE_ANCHOR": LEASE_ANCHOR,
         "LEASE_ANCHOR_AT": LEASE_ANCHOR_AT,
+        "SIGNAL_GAP": SIGNAL_GAP_S,
+        "SIGNALED": keys.SIGNALED,  # (a field's name: here, not a local of its own)
         "IDLE_ANCHOR": keys.IDLE_ANCHOR,
         "NUMBERS_MAX": NUMBERS_MAX,
         "INTEGER_TEXT_MAX": INTEGER_TEXT_MAX,

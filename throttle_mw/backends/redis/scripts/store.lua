@@ -1586,6 +1586,11 @@ function call.signal_waiting()
   if not leased and not (L.concurrency ~= nil and L.rate == nil and L.tenant_rate == nil) then
     return
   end
+  -- At most once per TUNING.SIGNAL_GAP per budget (P:s's TUNING.SIGNALED: read only here): a
+  -- pool taken since the last signal goes back at its next reply or its T.
+  local last = tonumber(redis.call('HGET', K.state, TUNING.SIGNALED))
+  if last ~= nil and now >= last and now < last + TUNING.SIGNAL_GAP then return end
+  redis.call('HSET', K.state, TUNING.SIGNALED, num(now))
   local holders = redis.call('ZRANGEBYSCORE', K.pools, '(' .. num(now), '+inf')
   for i = 1, #holders do emit(holders[i], MESSAGE.waiting) end
 end
