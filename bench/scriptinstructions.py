@@ -235,12 +235,16 @@ def queue(vg: Valgrind, rounds: int, width: int, evalsha: bool) -> dict[str, Any
     return vg.counted("queue", work)
 
 
-def edge(vg: Valgrind, rounds: int, holders: int, evalsha: bool) -> dict[str, Any]:
+def edge(
+    vg: Valgrind, rounds: int, holders: int, evalsha: bool, step: float = 0.001
+) -> dict[str, Any]:
     """A concurrency budget at its edge (a limit of 1): each round one request queues
     (waiting 0 -> 1) and the release of the one running admits it (1 -> 0), the budget of
     a saturated fleet that oscillates around nobody waiting. `holders` other processes
     may keep slots (renew.lua registers them in P:pl, where the build has it): each 0 -> 1
-    tells them on their grant lists (store.lua's call.signal_waiting)."""
+    tells them on their grant lists (store.lua's call.signal_waiting), at most once per
+    scripts.SIGNAL_GAP_S where the build has it: `step`, the scripts' clock from one round
+    to the next (1 ms: one opening in a hundred told; above the gap: every one)."""
     vg.client.flushall()
     policy = Policy(dict.fromkeys(PRIORITIES, 30.0), queue_limit=10_000, max_tenants=100_000)
     sched = LuaScheduler(vg.client, Limits(concurrency=1), policy, now=0.0, functions=not evalsha)
@@ -257,8 +261,8 @@ def edge(vg: Valgrind, rounds: int, holders: int, evalsha: bool) -> dict[str, An
     running = [first.id]
 
     def one_round() -> int:
-        clock[0] += 0.001
-        nxt = _request(f"edge{round(clock[0] * 1000) % 8}")
+        clock[0] += step
+        nxt = _request(f"edge{round(clock[0] / step) % 8}")
         sched.acquire(clock[0], nxt)  # queues: someone waits
         sched.release(clock[0], running[0])  # dispatches it: nobody waits
         running[0] = nxt.id
@@ -294,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         help="churn: one acquire of this cost first, so the finish tags are as large as "
         "a budget's that has run a while (e.g. 100000; 0: from 1, as before)",
     )
+    parser.add_argument(
+        "--edge-step", type=float, default=0.001, help="edge: seconds of the scripts' clock a round"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/scriptinstructions"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -314,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"queue            {json.dumps(out['queue'])}", flush=True)
         if "edge" in wanted:
             for n in (int(x) for x in args.holders.split(",")):
-                out[f"edge-{n}"] = edge(vg, 50, n, args.evalsha)
+                out[f"edge-{n}"] = edge(vg, 50, n, args.evalsha, args.edge_step)
                 print(f"edge-{n:<12} {json.dumps(out[f'edge-{n}'])}", flush=True)
     finally:
         vg.close()
