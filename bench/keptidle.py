@@ -37,7 +37,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.rediscost import cpu_model, settings
+from bench.rediscost import run_on_own_redis, settings
 from throttle_mw.backends.base import Admitted, Waiting
 from throttle_mw.backends.redis import RedisBackend
 from throttle_mw.scheduler import Request
@@ -186,22 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-cpu", default="1", help="taskset CPU list for redis-server")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
-    import os
-
-    from tests.support.redis_server import RedisServer
-
-    server = RedisServer().start()
-    try:
-        if args.redis_cpu:
-            os.system(f"taskset -a -p -c {args.redis_cpu} {server.pid} >/dev/null")
-        print(f"# {cpu_model()}; redis {server.binary}", flush=True)
-        out = asyncio.run(main_async(args, server.url))
-    finally:
-        server.close()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"cpu": cpu_model(), "runs": out}, indent=2) + "\n")
-    return 0
+    return run_on_own_redis(args, main_async, "runs")
 
 
 if __name__ == "__main__":

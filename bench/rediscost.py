@@ -74,7 +74,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -751,6 +751,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     Counters.every_call = args.every_call
+    return run_on_own_redis(args, main_async, "scenarios")
+
+
+def run_on_own_redis(
+    args: argparse.Namespace,
+    main_async: Callable[[argparse.Namespace, str], Coroutine[Any, Any, Any]],
+    key: str,
+) -> int:
+    """Run `main_async(args, url)` against a redis-server of its own (pinned to
+    ``args.redis_cpu``); its figures also go to ``args.json``, under `key`."""
     from tests.support.redis_server import RedisServer
 
     server = RedisServer().start()
@@ -763,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
         server.close()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"cpu": cpu_model(), "scenarios": out}, indent=2) + "\n")
+        args.json.write_text(json.dumps({"cpu": cpu_model(), key: out}, indent=2) + "\n")
     return 0
 
 
