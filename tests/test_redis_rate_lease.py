@@ -39,13 +39,17 @@ def anyio_backend() -> str:
 
 
 def settings(url: str, prefix: str, **overrides: Any) -> Settings:
+    return default_settings(url, prefix, **{"rate_lease_s": LEASE_S, **overrides})
+
+
+def default_settings(url: str, prefix: str, **overrides: Any) -> Settings:
+    """`settings` with THROTTLE_RATE_LEASE unset (unless given): the library's default."""
     values: dict[str, Any] = {
         "redis_url": url,
         "key_prefix": prefix,
         "redis_timeout_s": 1.0,
         "rate": RATE,
         "burst": BURST,
-        "rate_lease_s": LEASE_S,
         "tenant_queue_limit": 0,  # what cannot go at once is rejected: nothing waits
         **overrides,
     }
@@ -213,20 +217,6 @@ async def test_the_metrics_count_what_the_lease_admitted(clean_redis_server: Red
     assert f"throttle_rate_lease_admissions_total {float(pool.local_admissions)}" in text
     assert f"throttle_rate_lease_calls_total {float(pool.calls)}" in text
     assert f'throttle_rate_lease_tokens_total{{how="leased"}} {float(pool.leased)}' in text
-
-
-def default_settings(url: str, prefix: str, **overrides: Any) -> Settings:
-    """`settings` with THROTTLE_RATE_LEASE unset (unless given): the library's default."""
-    values: dict[str, Any] = {
-        "redis_url": url,
-        "key_prefix": prefix,
-        "redis_timeout_s": 1.0,
-        "rate": RATE,
-        "burst": BURST,
-        "tenant_queue_limit": 0,
-        **overrides,
-    }
-    return Settings.from_env({}, **values)
 
 
 @pytest.mark.parametrize(
