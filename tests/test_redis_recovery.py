@@ -364,10 +364,16 @@ DURATION_S = 14.0
 ADMITTED_WITHIN_S = 0.25
 
 
+def _learned(store: redis.Redis, prefix: str) -> int | None:
+    """The learned concurrency limit in Redis (None: none there)."""
+    learned = store.hget("{" + prefix + "}:cfg", protocol.LEARNED)
+    return int(learned) if learned is not None else None
+
+
 def _limit(store: redis.Redis, prefix: str) -> int:
     """The concurrency limit in force: the learned one if there is one, else the static."""
-    learned = store.hget("{" + prefix + "}:cfg", protocol.LEARNED)
-    return int(learned) if learned is not None else LIMIT
+    learned = _learned(store, prefix)
+    return learned if learned is not None else LIMIT
 
 
 class Sample(NamedTuple):
@@ -460,6 +466,7 @@ def test_redis_restarted_empty_under_load_keeps_the_limit(
         store = redis.Redis.from_url(server.url, decode_responses=True)
         samples: list[Sample] = []
         times: dict[str, float] = {}
+        restored: dict[str, int] = {}  # the first learned limit read once Redis is back
 
         async def watch() -> None:
             t0 = time.time()
@@ -468,9 +475,12 @@ def test_redis_restarted_empty_under_load_keeps_the_limit(
                     await asyncio.sleep(0.1)
                     read_at = time.time()
                     try:
-                        limit = await asyncio.to_thread(_limit, store, prefix)
+                        learned = await asyncio.to_thread(_learned, store, prefix)
                     except redis.RedisError:
-                        limit = -1  # Redis is down: no limit to read
+                        learned = -1  # Redis is down: no limit to read
+                    limit = learned if learned is not None else LIMIT
+                    if learned is not None and learned > 0 and read_at > times.get("up", read_at):
+                        restored.setdefault("limit", learned)
                     answer = (await client.get(f"{backend.url}/_running?reset=1")).json()
                     samples.append(
                         Sample(read_at, time.time(), answer["peak"], limit, answer["oldest"])
@@ -518,5 +528,15 @@ def test_redis_restarted_empty_under_load_keeps_the_limit(
     assert max(s[1] for s in recovering) <= bound + FLEET, recovering
     assert not over_after, over_after
     assert max(s[1] for s in after) >= min(LIMIT, *(s[2] for s in after)), after
-    if concurrency == "auto":  # restored, not learned again from 4
-        assert min(s[2] for s in after) >= 0.75 * times["limit"], (times, after)
+    if concurrency == "auto":
+        # Restored, not learned again from its cold start (4, then at most RAMP = 1.5
+        # times a step: 6): the first learned limit back in Redis is one a process held.
+        # A process restores the fleet's state it last read (up to half a window old),
+        # and the limit read before the kill may be one the learner was about to leave
+        # (a shift test's raise, SHIFT_RAISE = 1.15 times the limit it tests), so the
+        # bound is 0.6 of that reading. What
+        # the learner does after the restore (it may cut: the recovery queues the app)
+        # is its own business, held to the limits in force above (`over_after`).
+        first = restored.get("limit")
+        assert first is not None, (times, restored)
+        assert first >= max(0.6 * times["limit"], 7), (times, restored)
