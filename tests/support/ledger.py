@@ -35,7 +35,6 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from throttle_mw.backends.redis import RedisBackend, protocol
-from throttle_mw.backends.redis.batcher import DEFERRED
 from throttle_mw.backends.redis.scripts import library
 from throttle_mw.scheduler import Admit, Enqueue
 
@@ -172,7 +171,7 @@ class Ledger:
         lines = protocol.split_reply(raw)
         admitted = 0
         for op, line in zip(ops, lines, strict=False):
-            if not op.startswith(protocol.OP["acquire"]) or line == DEFERRED:
+            if not op.startswith(protocol.OP["acquire"]) or line == protocol.DEFERRED:
                 continue  # (deferred: sent again in the next call)
             decision = protocol.decode_acquire(line)
             assert not isinstance(decision, Enqueue), "a ledger's budget lets nothing wait"
