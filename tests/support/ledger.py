@@ -134,7 +134,8 @@ class Ledger:
         scripts = backend._scripts
         assert scripts is not None, "attach after start()"
         client = scripts._client
-        batch_sha = scripts._evalsha["batch"].sha
+        batch_script = scripts._evalsha["batch"]
+        loaded: list[bool] = []
         original_lease = scripts.ratelease
         state = _Pool()
         self._pools.append(state)
@@ -143,10 +144,13 @@ class Ledger:
             if scripts.uses_functions is None:
                 await scripts._load()  # (loaded, or "already exists": functions; else not)
             pipe = client.pipeline(transaction=True)
-            if scripts.uses_functions is not False:
+            if scripts.uses_functions is not False:  # (as Scripts.call: FCALL, else EVALSHA)
                 pipe.fcall(library().functions["batch"], len(keys), *keys, *args)
             else:
-                pipe.evalsha(batch_sha, len(keys), *keys, *args)
+                if not loaded:  # (a transaction cannot load it on NOSCRIPT: now, once)
+                    await client.script_load(batch_script.script)
+                    loaded.append(True)
+                pipe.evalsha(batch_script.sha, len(keys), *keys, *args)
             pipe.hget(keys[0], "nums")
             raw, nums = await pipe.execute()
             self._exact(args, raw, nums, asyncio.get_running_loop().time())
