@@ -2,9 +2,13 @@
 
 The bound leases of rate tokens promise (docs/scaling.md, "Leases: the exact bound"):
 over any window the fleet admits at most what the plain bucket (rate r, burst b) would,
-r x window + b, in Redis's time: a token leased at Redis time t is out of the bucket from
-t, so an admission from a lease is charged at its lease's time, whenever the process
-spends it; an admission by the exact path is charged at its script call's time.
+r x window + b. In Redis's time: an admission by the exact path is charged at its script
+call's time; a token of a lease at any time from when Redis took it out of the bucket
+until Redis stops counting it (the process may spend it at any of those), so the bound
+must hold for each of three charges: when its lease took it (``leased``), when the last
+renewal that kept it counted it again (``renewed``), and the last moment Redis counted it
+(``late``: its lease's expiry, or the renewal that took it out of the count if it was
+spent before that renewal went; LATE_S before).
 
 `Ledger.attach(backend)` (after ``backend.start()``) stamps every admission of that
 backend so, in the same process, with no change to the library:
@@ -16,11 +20,11 @@ backend so, in the same process, with no change to the library:
   acquires were admitted.
 - leases: ratelease.lua's reply carries Redis's time of the call; the pool's tokens are
   followed one by one (a queue per pool, oldest first, in step with ``RatePool.tokens``):
-  an admission from the pool is stamped with the lease its token came from. Tokens kept
-  across a renewal are charged either at the lease that first took them (``leased``) or at
-  the renewal that kept them counted (``renewed``): both are times from which Redis
-  counted them out without a break, so both must stay within the bound. Tokens given
-  back leave from the newest end (the kept ones are the oldest).
+  an admission from the pool is stamped with the lease its token came from. Tokens given
+  back leave from the newest end (the kept ones are the oldest). The same admissions by
+  the event loop's clock (``loop``: the reply's arrival, the pool's take) are kept too.
+- `settle()` once the backends have stopped: spends no renewal followed are charged
+  (``late``) at their lease's expiry.
 
 `max_excess(stamps, rate, burst)`: the largest (admissions in [s, e]) - (r (e - s) + b)
 over all windows, in one pass (0 or less: within the bound).
