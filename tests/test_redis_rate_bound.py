@@ -67,6 +67,7 @@ async def test_no_window_admits_more_than_the_bucket_in_redis_time(
     )
     assert ledger.leased, "nothing admitted from a lease"
     assert ledger.exact, "nothing admitted by the exact path"
+    assert not ledger.odd
     for how in ("leased", "renewed", "late"):
         excess = max_excess(ledger.stamps(how), RATE, BURST)
         assert excess <= 0.01, (how, excess, ledger.admitted)
@@ -123,6 +124,7 @@ async def test_a_lease_spent_to_its_end_then_a_salvo_stays_within_the_bucket(
     for backend in (b, a):
         await backend.stop()
     ledger.settle()
+    assert not ledger.odd
     for how in ("leased", "renewed", "late"):
         excess = max_excess(ledger.stamps(how), 200.0, 200.0)
         assert excess <= 0.01, (how, excess, ledger.admitted)

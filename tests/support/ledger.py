@@ -117,6 +117,8 @@ class Ledger:
         self.calls = 0
         self.lease_calls = 0
         self._pools: list[_Pool] = []
+        #: Exact-path stamps not within the call's run (TIME before it, stamp): none.
+        self.odd: list[tuple[float, float]] = []
 
     def settle(self) -> None:
         """The run is over: spends no renewal followed count until their leases' expiry."""
@@ -148,6 +150,7 @@ class Ledger:
             if scripts.uses_functions is None:
                 await scripts._load()  # (loaded, or "already exists": functions; else not)
             pipe = client.pipeline(transaction=True)
+            pipe.time()  # (just before the call: a check on the stamp, `_exact`)
             if scripts.uses_functions is not False:  # (as Scripts.call: FCALL, else EVALSHA)
                 pipe.fcall(library().functions["batch"], len(keys), *keys, *args)
             else:
@@ -156,8 +159,9 @@ class Ledger:
                     loaded.append(True)
                 pipe.evalsha(batch_script.sha, len(keys), *keys, *args)
             pipe.hget(keys[0], "nums")
-            raw, nums = await pipe.execute()
-            self._exact(args, raw, nums, asyncio.get_running_loop().time())
+            (seconds, micros), raw, nums = await pipe.execute()
+            before = seconds + micros / 1e6
+            self._exact(args, raw, nums, asyncio.get_running_loop().time(), before)
             return raw
 
         async def ratelease(*, keys: Sequence[str], args: Sequence[Any]) -> Any:
@@ -173,7 +177,9 @@ class Ledger:
         if pool is not None:
             self._follow(pool, state)
 
-    def _exact(self, args: Sequence[Any], raw: Any, nums: Any, loop_now: float) -> None:
+    def _exact(
+        self, args: Sequence[Any], raw: Any, nums: Any, loop_now: float, before: float
+    ) -> None:
         self.calls += 1
         ops = str(args[-1]).split(protocol.LINE)
         lines = protocol.split_reply(raw)
@@ -187,7 +193,12 @@ class Ledger:
                 admitted += int(op.split(protocol.SEP)[6])  # (acquire_tail's cost)
         if admitted:
             text = nums.decode() if isinstance(nums, bytes) else str(nums)
-            self.exact.append((float(text.split(protocol.SEP)[_TS]), admitted))
+            at = float(text.split(protocol.SEP)[_TS])
+            # The call's own now: not before the TIME just ahead of it in the transaction,
+            # and within the call's run after it (a stamp of another call would not be).
+            if not before - 1e-3 <= at <= before + 0.05:
+                self.odd.append((before, at))
+            self.exact.append((at, admitted))
             self.loop.append((loop_now, admitted))
 
     def _follow(self, pool: Any, state: _Pool) -> None:
