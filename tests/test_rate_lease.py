@@ -188,6 +188,22 @@ def test_the_bucket_refills_only_to_its_burst_less_what_leases_hold(lua: Any) ->
         assert tokens(scheduler) == pytest.approx(20.0)
 
 
+def test_the_refill_over_a_lease_s_expiry_stops_at_the_room_until_then(lua: Any) -> None:
+    """A lease of 10 from the full bucket at 0 (T = 0.2 s): the bucket stands at its room,
+    10, until the lease expires; the process may spend its 10 just before then. The first
+    call after the expiry comes 0.2 s later: the bucket holds its room plus 0.2 s of
+    refill, 12, so the window from just before the expiry admits 10 + 12 = rate x 0.2 s +
+    burst, as the plain bucket. (Refilled in one step from 0 to 0.4 s, as before, it held
+    10 + 4 = 14: 24 in that window, 2 over; Python and Lua alike.)"""
+    for scheduler in (Scheduler(RATE, POLICY, 0.0), lua()):
+        process = Process()
+        assert process.lease(scheduler, 0.0, 0, 0, 10).taken == 10
+        scheduler.tick(LEASE_S + 0.2)
+        assert tokens(scheduler) == pytest.approx(12.0)
+        scheduler.tick(2.0)
+        assert tokens(scheduler) == pytest.approx(20.0)
+
+
 def test_a_crashed_process_s_lease_stops_counting_when_it_lapses(lua: Any) -> None:
     """Renewals move leases from generation to generation; the one a process left there
     when it crashed leaves the count when its generation is retired and expires."""

@@ -174,8 +174,10 @@ class Scheduler:
         elapsed = now - self._refilled_at
         if elapsed > 0.0:  # a float literal: 3.11 specializes float-to-float comparisons
             if rate is not None:
-                tokens = self._tokens + elapsed * rate
-                burst = limits.burst if not self._lease_gen else self._lease_room(now)
+                if self._lease_gen:
+                    tokens, burst = _leased_refill(self, now, rate), self._lease_room(now)
+                else:
+                    tokens, burst = self._tokens + elapsed * rate, limits.burst
                 self._tokens = tokens if tokens < burst else burst
             self._refilled_at = now
         window = self._window
@@ -433,8 +435,10 @@ class Scheduler:
         if elapsed > 0:
             rate = self._limits.rate
             if rate is not None:
-                tokens = self._tokens + elapsed * rate
-                burst = self._limits.burst if not self._lease_gen else self._lease_room(now)
+                if self._lease_gen:
+                    tokens, burst = _leased_refill(self, now, rate), self._lease_room(now)
+                else:
+                    tokens, burst = self._tokens + elapsed * rate, self._limits.burst
                 self._tokens = tokens if tokens < burst else burst
             self._refilled_at = now
         if now - self._window.start >= WINDOW_S:
@@ -804,3 +808,25 @@ class Scheduler:
                 lease = self._limits.concurrency is not None
                 events.append(Granted(waiter.id, now - waiter.enqueued_at, lease))
         return watched
+
+
+def _leased_refill(scheduler: Scheduler, now: float, rate: float) -> float:
+    """The bucket refilled from its last refill to `now` (before the cap at `now`) while
+    leases are counted: up to each generation's expiry in between, the bucket stops at the
+    room it had then (the burst less the tokens that generation still counted), and only
+    the refill after the expiry is added past it. (In one step over the expiry, it would
+    also get what it could not hold before: a window from just before the expiry would see
+    those tokens on top of the lease's own, spent then, and of the refill: more than the
+    plain bucket.) A function, not a method: its Lua twin is core.lua's
+    ``call.leased_refill`` (no local slot there), and `Scheduler._refill` calls it."""
+    at, tokens = scheduler._refilled_at, scheduler._tokens
+    first, second = scheduler._leased_until, scheduler._leased_before_until
+    if second < first:
+        first, second = second, first
+    if at < first < now:
+        tokens = min(tokens + (first - at) * rate, scheduler._lease_room(at))
+        at = first
+    if at < second < now:
+        tokens = min(tokens + (second - at) * rate, scheduler._lease_room(at))
+        at = second
+    return tokens + (now - at) * rate

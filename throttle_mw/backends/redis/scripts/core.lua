@@ -175,14 +175,48 @@ function refill()
   local elapsed = now - S.ts
   if elapsed > 0 then
     if L.rate ~= nil then
-      local tokens = S.tokens + elapsed * L.rate
-      local cap = L.burst
-      if S.rg ~= nil then cap = lease_room() end
+      local tokens, cap
+      if S.rg ~= nil then
+        tokens, cap = call.leased_refill(), lease_room()
+      else
+        tokens, cap = S.tokens + elapsed * L.rate, L.burst
+      end
       if tokens < cap then S.tokens = tokens else S.tokens = cap end
     end
     S.ts = now
   end
   if now - S.win_at >= WINDOW then window_roll(S.v) end
+end
+
+-- core.py's _leased_refill (a module function there: no local slot here, the library's
+-- main chunk is at Lua's 200): the bucket refilled from S.ts to now (before the cap at now)
+-- while leases are counted: up to each generation's expiry in between, it stops at the
+-- room it had then, and only the refill after the expiry is added past it.
+function call.leased_refill()
+  local rate, at, tokens = L.rate, S.ts, S.tokens
+  local first, second = S.rx, S.ry
+  if second < first then first, second = second, first end
+  if at < first and first < now then
+    tokens = tokens + (first - at) * rate
+    local room = call.room_at(at)
+    if room < tokens then tokens = room end
+    at = first
+  end
+  if at < second and second < now then
+    tokens = tokens + (second - at) * rate
+    local room = call.room_at(at)
+    if room < tokens then tokens = room end
+    at = second
+  end
+  return tokens + (now - at) * rate
+end
+
+-- Scheduler._lease_room at `t` (lease_room is at now).
+function call.room_at(t)
+  local room = L.burst
+  if t < S.rx then room = room - S.ra end
+  if t < S.ry then room = room - S.rb end
+  return room
 end
 
 -- Scheduler._lease_room: the most the bucket may hold: its burst less the tokens out in
