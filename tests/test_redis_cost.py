@@ -457,15 +457,12 @@ def test_a_calls_later_new_tenants_are_copies_of_its_first_with_their_own_name_a
     used = commands(client)
     assert used["hset"] == n + 1, used  # (as before: one per tenant, and the state)
     assert used.get("copy", 0) == n - 1, used
-    assert used.get("pexpire", 0) <= 1, used
+    # (Redis 6.2: EVAL, nothing outlives a call: the recent list's TTL too)
+    assert used.get("pexpire", 0) <= (1 if redis_version(client) >= (7, 0) else 2), used
     keys = sorted(client.scan_iter(match="*:t:*", count=1000))
     hashes = [list(client.hgetall(key).items()) for key in keys]
-    made = [
-        h
-        for h in hashes
-        if h[0][1].decode().removeprefix("new").isdigit()
-        and int(h[0][1].decode().removeprefix("new")) >= 4
-    ]
+    this_call = {f"new{i}".encode() for i in range(4, 36)}
+    made = [fields for fields in hashes if fields[0][1] in this_call]
     assert len(made) == n
     for fields in made:  # as written whole: its name first, then f, cap, cap_at, xp
         assert [name for name, _ in fields] == [b"name", b"f", b"cap", b"cap_at", b"xp"]
