@@ -488,6 +488,41 @@ def test_a_calls_later_new_tenants_are_copies_of_its_first_with_their_own_name_a
             assert client.pttl(key) > 0
 
 
+def test_where_copy_is_refused_new_tenants_are_written_whole(redis_server: RedisServer) -> None:
+    """A store without COPY, or an ACL user without it (scripts' commands are checked
+    against the caller's ACL): the refusal is no error of the call's; each new tenant is
+    written whole with its own PEXPIRE, as before the copies (store.lua's
+    call.copy_made)."""
+    with redis_server.client() as admin:
+        admin.acl_setuser(
+            "nocopy",
+            enabled=True,
+            passwords=["+pw-nocopy"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all", "-copy"],
+        )
+    try:
+        with redis.Redis(port=redis_server.port, username="nocopy", password="pw-nocopy") as client:
+            policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=10_000)
+            scheduler = LuaScheduler(client, Limits(rate=1e6, burst=1e6), policy, now=0.0)
+            assert admitted(scheduler.batch(1.0, new_tenants(0, 4))) == 4
+            client.config_resetstat()
+            n = admitted(scheduler.batch(2.0, new_tenants(4, 32)))
+            assert n >= 4
+            used = commands(client)
+            assert used["hset"] == n + 1, used
+            assert used.get("pexpire", 0) >= n, used  # each its own TTL
+            keys = list(client.scan_iter(match="*:t:*", count=1000))
+            assert len(keys) == 4 + n
+            for key in keys:
+                assert set(client.hkeys(key)) == {b"name", b"f", b"cap", b"cap_at", b"xp"}
+                assert client.pttl(key) > 0
+    finally:
+        with redis_server.client() as admin:
+            admin.acl_deluser("nocopy")
+
+
 def deferred(replies: list[str]) -> int:
     return sum(reply == protocol.DEFERRED for reply in replies)
 

@@ -1177,9 +1177,16 @@ end
 -- hundred microseconds earlier). A COPY and an HSET of two fields cost less than an HSET
 -- of five and a PEXPIRE: the listpack copied whole rather than appended to entry by
 -- entry (a realloc each). False, nothing written, if src's key is gone (dropped at the
--- tenant bound) or t's exists: save_tenant writes it as before.
+-- tenant bound) or t's exists: save_tenant writes it as before; so too, from then on in a
+-- loaded library, where the store refuses COPY (Redis 6.2+; a store without it, or an
+-- ACL without it: call.no_copy).
 function call.copy_made(src, t, f)
-  if redis.call('COPY', src.key, t.key) == 0 then return false end
+  if call.no_copy then return false end
+  local copied = redis.pcall('COPY', src.key, t.key)
+  if copied ~= 1 then
+    if type(copied) == 'table' then call.no_copy = true end  -- (an error reply)
+    return false
+  end
   redis.call('HSET', t.key, 'name', call.fields[2], 'f', f)
   t.queue_made = nil
   return true
