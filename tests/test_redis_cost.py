@@ -437,6 +437,92 @@ def test_a_call_of_new_tenants_writes_each_once_and_the_idle_list_once(
     assert client.hget(key, "st") is None
 
 
+def test_a_calls_later_new_tenants_are_copies_of_its_first_with_their_own_name_and_tag(
+    client: redis.Redis,
+) -> None:
+    """A plain new tenant (nothing but its name, finish tag, cap bucket and TTL refresh
+    moved from their defaults) written after another in the same call is that one's hash
+    copied, expiry and all, with its own name and tag put in (store.lua's call.copy_made):
+    a COPY and an HSET of two fields, not an HSET of five and a PEXPIRE. What is stored is
+    what a write of its own would store: the same fields, in the same order, with the same
+    values, and a TTL. Its first tenant is written whole; one dropped at the tenant bound
+    in the same call is no source (its COPY finds nothing): the next is written whole."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=10_000)
+    limits = Limits(rate=1e6, burst=1e6, tenant_rate=100.0, tenant_burst=10.0)
+    scheduler = LuaScheduler(client, limits, policy, now=0.0)
+    assert admitted(scheduler.batch(1.0, new_tenants(0, 4))) == 4  # the budget's keys made
+    client.config_resetstat()
+    n = admitted(scheduler.batch(2.0, new_tenants(4, 32)))
+    assert n >= 4
+    used = commands(client)
+    assert used["hset"] == n + 1, used  # (as before: one per tenant, and the state)
+    assert used.get("copy", 0) == n - 1, used
+    # (Redis 6.2: EVAL, nothing outlives a call: the recent list's TTL too)
+    assert used.get("pexpire", 0) <= (1 if redis_version(client) >= (7, 0) else 2), used
+    keys = sorted(client.scan_iter(match="*:t:*", count=1000))
+    hashes = [list(client.hgetall(key).items()) for key in keys]
+    this_call = {f"new{i}".encode() for i in range(4, 36)}
+    made = [fields for fields in hashes if fields[0][1] in this_call]
+    assert len(made) == n
+    for fields in made:  # as written whole: its name first, then f, cap, cap_at, xp
+        assert [name for name, _ in fields] == [b"name", b"f", b"cap", b"cap_at", b"xp"]
+    assert len({dict(fields)[b"f"] for fields in made}) == n  # each its own tag
+    assert len({tuple(fields[2:]) for fields in made}) == 1  # cap, cap_at, xp: the call's
+    ttls = [client.pttl(key) for key in keys]
+    assert all(ttl > 0 for ttl in ttls), ttls
+    # A copy's tenant read back: the same as one written whole (its tag, its cap).
+    again = Request("r-again", "new5")
+    op = protocol.acquire_op(again.id, protocol.acquire_tail(again, 1.0, 30.0))
+    assert admitted(scheduler.batch(2.5, [op])) == 1
+    # The tenant bound in the same call: of 6 new tenants 5 are dropped after the loop
+    # (the least recent, ties by member), often the one written at the work check that
+    # the rest would be copied from; the one kept, written after the drops, is whole.
+    client.flushall()
+    small = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=1)
+    scheduler = LuaScheduler(client, limits, small, now=0.0)
+    for i in range(8):
+        assert admitted(scheduler.batch(1.0 + i, new_tenants(100 * i, 6))) >= 3
+        keys = list(client.scan_iter(match="*:t:*", count=1000))
+        for key in keys:
+            assert set(client.hkeys(key)) == {b"name", b"f", b"cap", b"cap_at", b"xp"}
+            assert client.pttl(key) > 0
+
+
+def test_where_copy_is_refused_new_tenants_are_written_whole(redis_server: RedisServer) -> None:
+    """A store without COPY, or an ACL user without it (scripts' commands are checked
+    against the caller's ACL): the refusal is no error of the call's; each new tenant is
+    written whole with its own PEXPIRE, as before the copies (store.lua's
+    call.copy_made)."""
+    with redis_server.client() as admin:
+        admin.acl_setuser(
+            "nocopy",
+            enabled=True,
+            passwords=["+pw-nocopy"],
+            keys=["*"],
+            channels=["*"],
+            commands=["+@all", "-copy"],
+        )
+    try:
+        with redis.Redis(port=redis_server.port, username="nocopy", password="pw-nocopy") as client:
+            policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=10_000)
+            scheduler = LuaScheduler(client, Limits(rate=1e6, burst=1e6), policy, now=0.0)
+            assert admitted(scheduler.batch(1.0, new_tenants(0, 4))) == 4
+            client.config_resetstat()
+            n = admitted(scheduler.batch(2.0, new_tenants(4, 32)))
+            assert n >= 4
+            used = commands(client)
+            assert used["hset"] == n + 1, used
+            assert used.get("pexpire", 0) >= n, used  # each its own TTL
+            keys = list(client.scan_iter(match="*:t:*", count=1000))
+            assert len(keys) == 4 + n
+            for key in keys:
+                assert set(client.hkeys(key)) == {b"name", b"f", b"cap", b"cap_at", b"xp"}
+                assert client.pttl(key) > 0
+    finally:
+        with redis_server.client() as admin:
+            admin.acl_deluser("nocopy")
+
+
 def deferred(replies: list[str]) -> int:
     return sum(reply == protocol.DEFERRED for reply in replies)
 
