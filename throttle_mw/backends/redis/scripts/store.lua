@@ -1087,8 +1087,11 @@ local function save_tenant(t, again, hot)
     fields[1] = 'name'; fields[2] = name; n = 2
     t.name = nil
   end
-  local v = t.f  -- (counts up: call.count_text, as save_acquire writes it)
-  if v ~= loaded.f then fields[n + 1] = 'f'; fields[n + 2] = call.count_text(v); n = n + 2 end
+  local v, f_text = t.f, nil  -- (counts up: call.count_text, as save_acquire writes it)
+  if v ~= loaded.f then
+    f_text = call.count_text(v)
+    fields[n + 1] = 'f'; fields[n + 2] = f_text; n = n + 2
+  end
   if not plain then
     v = t.w
     if v ~= loaded.w then fields[n + 1] = 'w'; fields[n + 2] = num(v); n = n + 2 end
@@ -1130,10 +1133,11 @@ local function save_tenant(t, again, hot)
   -- A plain new tenant's first write (its name, f, cap, cap_at and xp: nothing else moved
   -- from a default) is the call's last such one's copied, TTL and all, with its own name
   -- and f put in: call.copy_made.
-  if plain and name ~= nil and refresh then
+  -- (Only with its f written: a copy carries src's.)
+  if plain and name ~= nil and f_text ~= nil and refresh then
     local src = M.copy_src
     if src ~= nil and M.copy_cap == t.cap and M.copy_cap_at == t.cap_at
-      and call.copy_made(src, t, fields[4]) then
+      and call.copy_made(src, t, f_text) then
       return
     end
     M.copy_src = t; M.copy_cap = t.cap; M.copy_cap_at = t.cap_at
