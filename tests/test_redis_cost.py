@@ -451,8 +451,13 @@ def test_a_calls_later_new_tenants_are_copies_of_its_first_with_their_own_name_a
     limits = Limits(rate=1e6, burst=1e6, tenant_rate=100.0, tenant_burst=10.0)
     scheduler = LuaScheduler(client, limits, policy, now=0.0)
     assert admitted(scheduler.batch(1.0, new_tenants(0, 4))) == 4  # the budget's keys made
-    client.config_resetstat()
-    n = admitted(scheduler.batch(2.0, new_tenants(4, 32)))
+    # (A call stops at its work check once Redis's clock says WORK_US went by: on a loaded
+    # machine Redis may lose its core mid-call and take only the first two. Bounded tries.)
+    for first in range(4, 4 + 5 * 32, 32):
+        client.config_resetstat()
+        n = admitted(scheduler.batch(2.0, new_tenants(first, 32)))
+        if n >= 4:
+            break
     assert n >= 4
     used = commands(client)
     assert used["hset"] == n + 1, used  # (as before: one per tenant, and the state)
@@ -461,7 +466,7 @@ def test_a_calls_later_new_tenants_are_copies_of_its_first_with_their_own_name_a
     assert used.get("pexpire", 0) <= (1 if redis_version(client) >= (7, 0) else 2), used
     keys = sorted(client.scan_iter(match="*:t:*", count=1000))
     hashes = [list(client.hgetall(key).items()) for key in keys]
-    this_call = {f"new{i}".encode() for i in range(4, 36)}
+    this_call = {f"new{i}".encode() for i in range(first, first + 32)}
     made = [fields for fields in hashes if fields[0][1] in this_call]
     assert len(made) == n
     for fields in made:  # as written whole: its name first, then f, cap, cap_at, xp
@@ -471,7 +476,7 @@ def test_a_calls_later_new_tenants_are_copies_of_its_first_with_their_own_name_a
     ttls = [client.pttl(key) for key in keys]
     assert all(ttl > 0 for ttl in ttls), ttls
     # A copy's tenant read back: the same as one written whole (its tag, its cap).
-    again = Request("r-again", "new5")
+    again = Request("r-again", f"new{first + 1}")
     op = protocol.acquire_op(again.id, protocol.acquire_tail(again, 1.0, 30.0))
     assert admitted(scheduler.batch(2.5, [op])) == 1
     # The tenant bound in the same call: of 6 new tenants 5 are dropped after the loop
