@@ -54,7 +54,11 @@ Scenarios:
   gap) at ``--slots-pace`` per second per process, without and with kept slots
   (``THROTTLE_KEEP_SLOTS=--keep-s``; ``default``: the setting unset); ``local``: the
   share admitted from kept slots; ``--slots-limit auto``: a learned limit (at its
-  initial value: no app here to learn from);
+  initial value: no app here to learn from; with ``--slots-learn`` each request is timed
+  and counted in flight as the middleware does, so the limit learns from them, for at
+  least ``--slots-warm-s`` of warm-up; ``learned``: the limit in force at the end and the
+  last step's reason); ``slots-kept``: ``concurrency-kept`` alone; ``--by-command``: each
+  command's calls and Redis microseconds per admission (``INFO commandstats``);
 - ``floor``: the harness's floor, one call at a time from redis-py as the backend calls:
   ``floor-ping`` (PING) and ``floor-nop`` (FCALL of a function that does nothing, with
   the arguments of a rate admission's call): what a round trip costs Redis whatever the
@@ -87,6 +91,7 @@ from bench import peerredis
 from throttle_mw.backends.base import Admitted, Waiting
 from throttle_mw.backends.redis import RedisBackend
 from throttle_mw.scheduler import Request
+from throttle_mw.scheduler.limit import Sample
 from throttle_mw.settings import Settings
 
 _SCRIPT_COMMANDS = ("fcall", "evalsha", "eval")
@@ -105,6 +110,8 @@ class Counters:
 
     #: Log every command (``--every-call``), not only those over 1 ms.
     every_call = False
+    #: Also count each command apart (``--by-command``): its calls and Redis's us.
+    by_command = False
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
@@ -121,14 +128,19 @@ class Counters:
             if stat:
                 calls += float(stat["calls"])
                 usec += float(stat["usec"])
+        each: dict[str, float] = {}
         for key, stat in info.items():  # every command, the harness's INFO included
             if key.startswith("cmdstat_"):
                 commands += float(stat["calls"])
+                if self.by_command:
+                    each[f"{key[8:]}:calls"] = float(stat["calls"])
+                    each[f"{key[8:]}:usec"] = float(stat["usec"])
         return {
             "cpu_s": float(info["used_cpu_sys"]) + float(info["used_cpu_user"]),
             "calls": calls,
             "usec": usec,
             "commands": commands,
+            **each,
         }
 
     def reset_slowlog(self) -> None:
@@ -252,6 +264,13 @@ async def measure(
     n = max(1, n1 - n0)
     calls = after["calls"] - before["calls"]
     slow, longest = counters.slow()
+    each = {
+        key: round((after[key] - before.get(key, 0.0)) / n, 4)
+        for key in after
+        if ":" in key and after[key] != before.get(key, 0.0)
+    }
+    # (Per admission: each command's calls, and Redis's microseconds inside it.)
+    by_command = {"by_command": each} if each else {}
     return {
         "admissions": n1 - n0,
         "seconds": round(t1 - t0, 2),
@@ -263,6 +282,7 @@ async def measure(
         "slow": slow,
         "longest_us": longest,
         **counters.percentiles,
+        **by_command,
     }
 
 
@@ -342,12 +362,14 @@ def _held_fleet(
     hold_s: float,
     limit: int | str,
     keep_s: float | None,
+    learn: bool = False,
 ) -> tuple[list[RedisBackend], Callable[[int], Awaitable[None]], Callable[[], int]]:
     """`procs` backends on one concurrency budget of `limit` (or ``auto``) and a run of
     `n` admissions each, two requests at a time per process, each holding its slot
     `hold_s` seconds, at `pace` per second per process in all (a slot missed is not made
-    up for later); kept slots `keep_s` (None: the setting unset); the third: admissions
-    so far."""
+    up for later); kept slots `keep_s` (None: the setting unset); `learn`: each request
+    is timed and counted in flight as the middleware does (a learned limit learns from
+    them); the third: admissions so far."""
     keep = {} if keep_s is None else {"keep_slots_s": keep_s}
     backends = [
         RedisBackend(settings(url, prefix, concurrency=limit, **keep)) for _ in range(procs)
@@ -365,7 +387,14 @@ def _held_fleet(
                 outcome = await outcome.future
             if not isinstance(outcome, Admitted):
                 raise RuntimeError(f"not admitted: {outcome!r}")
+            if learn:  # as the middleware brackets a learning request
+                began = time.perf_counter()
+                running = backend.flight.admit(began)
             await asyncio.sleep(hold_s)
+            if learn:
+                ended = time.perf_counter()
+                backend.flight.finish(ended)
+                backend.observe(Sample(ended - began, False, running))
             if outcome.lease:
                 backend.release(rid)
             done += 1
@@ -386,16 +415,26 @@ async def held(
     hold_s: float,
     limit: int | str,
     keep_s: float | None,
+    learn: bool = False,
+    warm_s: float = 0.0,
 ) -> dict[str, Any]:
     """The ``slots`` scenario: see the module docstring."""
-    backends, run, admitted = _held_fleet(url, f"slots{keep_s}", procs, pace, hold_s, limit, keep_s)
+    prefix = f"slots{keep_s}{'l' if learn else ''}"
+    backends, run, admitted = _held_fleet(url, prefix, procs, pace, hold_s, limit, keep_s, learn)
     for backend in backends:
         await backend.start()
-    await run(max(50, n // 10))  # warm up: the library loaded, tenants made, pools filled
+    # Warm up: the library loaded, tenants made, pools filled (a learned limit: learning).
+    await run(max(50, n // 10, int(warm_s * pace * procs)))
+    local0 = sum(b.kept_slots.local_admissions for b in backends if b.kept_slots is not None)
+    n0 = admitted()
     result = await measure(Counters(redis.Redis.from_url(url)), admitted, run(n))
     pools = [b.kept_slots for b in backends if b.kept_slots is not None]
     if pools:
-        result["local"] = round(sum(p.local_admissions for p in pools) / max(1, admitted()), 3)
+        local = sum(p.local_admissions for p in pools) - local0
+        result["local"] = round(local / max(1, admitted() - n0), 3)
+    if limit == "auto":  # the learned limit in force at the end, and why
+        state = backends[0].learned
+        result["learned"] = None if state is None else [state.in_force, state.reason]
     for backend in backends:
         await backend.stop()
     return result
@@ -671,14 +710,18 @@ async def main_async(args: argparse.Namespace, url: str) -> dict[str, Any]:
         per_quiet = max(1, int(args.quiet_pace * args.quiet_s))
         await run("quiet-paced", paced(url, per_quiet, *quiet, 0.0))
         await run("quiet-auto", paced(url, per_quiet, *quiet, "auto"))
-    if "slots" in wanted:
+    if "slots" in wanted or "slots-kept" in wanted:
         per = max(2, args.n // args.slots_procs)
         slots = (args.slots_procs, args.slots_pace, args.slots_hold, args.slots_limit)
-        await run("concurrency-paced", held(url, per, *slots, 0.0))
-        await run("concurrency-kept", held(url, per, *slots, args.keep_s))
-        out["concurrency-kept"]["vs_paced"] = round(
-            out["concurrency-paced"]["cpu_us"] / max(0.1, out["concurrency-kept"]["cpu_us"]), 1
-        )
+        learn = (args.slots_learn, args.slots_warm_s)
+        if "slots" in wanted:
+            await run("concurrency-paced", held(url, per, *slots, 0.0, *learn))
+        await run("concurrency-kept", held(url, per, *slots, args.keep_s, *learn))
+        if "slots" in wanted:
+            out["concurrency-kept"]["vs_paced"] = round(
+                out["concurrency-paced"]["cpu_us"] / max(0.1, out["concurrency-kept"]["cpu_us"]),
+                1,
+            )
     if "batched" in wanted:
         await run("rate-batched", batched(url, "rate", 8 * args.n, 64))
         await run("concurrency-batched", batched(url, "concurrency", 8 * args.n, 64))
@@ -737,6 +780,17 @@ def main(argv: list[str] | None = None) -> int:
         help="slots: THROTTLE_CONCURRENCY (a number, or auto)",
     )
     parser.add_argument(
+        "--slots-learn",
+        action="store_true",
+        help="slots: time each request and count it in flight, as the middleware does",
+    )
+    parser.add_argument(
+        "--slots-warm-s",
+        type=float,
+        default=0.0,
+        help="slots: seconds of warm-up at least (a learned limit's time to learn)",
+    )
+    parser.add_argument(
         "--keep-s",
         type=_keep,
         default=1.0,
@@ -749,8 +803,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="log every command (SLOWLOG at 0 us): the script calls' duration percentiles",
     )
+    parser.add_argument(
+        "--by-command",
+        action="store_true",
+        help="also each command's calls and Redis us per admission (INFO commandstats)",
+    )
     args = parser.parse_args(argv)
     Counters.every_call = args.every_call
+    Counters.by_command = args.by_command
     return run_on_own_redis(args, main_async, "scenarios")
 
 

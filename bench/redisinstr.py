@@ -20,7 +20,8 @@ without and with leases of rate tokens (T = 0.1 s), and with THROTTLE_RATE_LEASE
 (the default: ``auto`` for a rate alone; ``--n`` a multiple of 4); ``concurrency-paced`` and
 ``concurrency-kept``: rediscost.py's ``slots``, 4 processes of two requests at a time
 (each holding its slot 1 ms) at 500/s each on a limit of 16, without and with kept
-slots (THROTTLE_KEEP_SLOTS=``--keep-s``, 1 by default; ``--n`` a multiple of 8);
+slots (THROTTLE_KEEP_SLOTS=``--keep-s``, 1 by default; ``--n`` a multiple of 8;
+``--slots-procs`` and ``--slots-limit``, ``auto`` for a learned one, as in rediscost.py);
 ``concurrency`` runs with kept slots off (THROTTLE_KEEP_SLOTS=0: the scripts'
 per-request path), ``concurrency-default`` the same loop with the default settings (kept
 slots at their default T); ``churn``: a new
@@ -61,6 +62,7 @@ from bench.rediscost import (
     NOP_LIBRARY,
     _held_fleet,
     _keep,
+    _limit,
     _paced_fleet,
     admit_one,
     cpu_model,
@@ -153,12 +155,16 @@ async def _drive_paced(url: str, n: int, pid: int, lease_s: object) -> None:
     await _count_fleet(backends, run, n, pid)
 
 
-async def _drive_held(url: str, n: int, pid: int, keep_s: float | None) -> None:
-    """rediscost.py's ``slots``: 4 processes on one concurrency budget of 16, two requests
-    at a time each holding its slot 1 ms, at 500/s per process, without kept slots
-    (``concurrency-paced``) or with THROTTLE_KEEP_SLOTS=1 (``concurrency-kept``). The
-    heartbeats and the kept slots' releases are counted over n admissions."""
-    backends, run, _ = _held_fleet(url, f"iheld{keep_s}", 4, 500.0, 0.001, 16, keep_s)
+async def _drive_held(
+    url: str, n: int, pid: int, keep_s: float | None, procs: int = 4, limit: int | str = 16
+) -> None:
+    """rediscost.py's ``slots``: 4 processes (`procs`) on one concurrency budget of 16
+    (`limit`, or ``auto``), two requests at a time each holding its slot 1 ms, at 500/s
+    per process, without kept slots (``concurrency-paced``) or with THROTTLE_KEEP_SLOTS=1
+    (``concurrency-kept``). The heartbeats, the kept slots' releases and a learned
+    limit's pushes are counted over n admissions."""
+    prefix = f"iheld{keep_s}{limit}"
+    backends, run, _ = _held_fleet(url, prefix, procs, 500.0, 0.001, limit, keep_s)
     await _count_fleet(backends, run, n, pid)
 
 
@@ -172,7 +178,7 @@ async def _count_fleet(
     await run(100)
     _control(pid, "-z")
     _control(pid, "-i", "on")
-    await run(n // 4)
+    await run(n // len(backends))
     _control(pid, "-i", "off")
     for backend in backends:
         await backend.stop()
@@ -213,6 +219,7 @@ async def _drive(
     pid: int,
     part: str = "both",
     keep_s: float | None = 1.0,
+    fleet: tuple[int, int | str] = (4, 16),
 ) -> None:
     if mode in peerredis.PEERS:
         await _drive_peer(url, mode, n, pid)
@@ -231,7 +238,7 @@ async def _drive(
         await _drive_paced(url, n, pid, lease)
         return
     if mode in ("concurrency-paced", "concurrency-kept"):
-        await _drive_held(url, n, pid, keep_s if mode == "concurrency-kept" else 0.0)
+        await _drive_held(url, n, pid, keep_s if mode == "concurrency-kept" else 0.0, *fleet)
         return
     limits: dict[str, Any] = (
         {"rate": 1e6, "burst": 1e6} if mode == "rate" else {"concurrency": 100_000}
@@ -286,6 +293,7 @@ def measure(
     out: Path,
     part: str = "both",
     keep_s: float | None = 1.0,
+    fleet: tuple[int, int | str] = (4, 16),
 ) -> tuple[int, int]:
     """Instructions per admission of one scenario, with its own redis-server, and of
     them, those inside the script calls (fcallCommand or evalShaCommand, inclusive)."""
@@ -309,7 +317,7 @@ def measure(
                     raise
                 time.sleep(0.1)
         url = f"redis://{HOST}:{port}/0"
-        asyncio.run(_drive(url, mode, n, held, server.pid, part, keep_s))
+        asyncio.run(_drive(url, mode, n, held, server.pid, part, keep_s, fleet))
     finally:
         server.terminate()
         server.wait()
@@ -342,6 +350,15 @@ def main(argv: list[str] | None = None) -> int:
         default=1.0,
         help="concurrency-kept: THROTTLE_KEEP_SLOTS (seconds, or default: unset)",
     )
+    parser.add_argument(
+        "--slots-procs", type=int, default=4, help="concurrency-paced/-kept: processes"
+    )
+    parser.add_argument(
+        "--slots-limit",
+        type=_limit,
+        default=16,
+        help="concurrency-paced/-kept: THROTTLE_CONCURRENCY (a number, or auto)",
+    )
     args = parser.parse_args(argv)
     scenarios = args.scenarios.replace("peers", ",".join(peerredis.PEERS)).split(",")
     leaseless = [s for s in scenarios if s not in ("concurrency", "concurrency-held")]
@@ -355,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
             mode, held = "concurrency", args.held
         suffix = "" if args.part == "both" else f".{args.part}"
         out = args.out / f"callgrind.redis.{scenario}{suffix}"
-        per, inside = measure(args.redis_server, mode, args.n, held, out, args.part, args.keep_s)
+        fleet = (args.slots_procs, args.slots_limit)
+        per, inside = measure(
+            args.redis_server, mode, args.n, held, out, args.part, args.keep_s, fleet
+        )
         ratios = ""
         if scenario in peerredis.PEERS:
             ratios = "".join(f", {name} / this {ours[name] / per:.2f}" for name in ours)

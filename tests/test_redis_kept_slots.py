@@ -360,11 +360,11 @@ async def test_the_metrics_count_what_kept_slots_admitted(clean_redis_server: Re
 
 
 @pytest.mark.anyio
-async def test_a_learned_limit_keeps_slots_and_a_change_of_limits_gives_them_back(
+async def test_a_learned_limit_keeps_slots_and_a_lowered_limit_gives_them_back(
     clean_redis_server: RedisServer,
 ) -> None:
     """THROTTLE_CONCURRENCY=auto (the default budget): slots are kept within the learned
-    limit the replies state; limits changed live (here by this process) reach it with
+    limit the replies state; limits lowered live (here by this process) reach it with
     its next reply, and its kept slots go back then."""
     from throttle_mw.scheduler import Limits
 
@@ -380,7 +380,63 @@ async def test_a_learned_limit_keeps_slots_and_a_change_of_limits_gives_them_bac
         assert pool is not None
         assert len(pool) == 2
         assert await in_flight(client, prefix) == 2
-        await backend.set_limits(Limits(concurrency=6))
+        await backend.set_limits(Limits(concurrency=3))  # (the learned one started at 4)
+        assert len(pool) == 0
+        for _ in range(100):  # (the releases go out in the background: bounded)
+            if await in_flight(client, prefix) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert await in_flight(client, prefix) == 0
+    finally:
+        await backend.stop()
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_raised_limit_leaves_the_kept_slots_kept(
+    clean_redis_server: RedisServer,
+) -> None:
+    """A learned limit stepping up (the learner writes P:cfg), or a live raise: the slots
+    kept under the lower limit are within the higher one, so they stay kept (no release
+    calls) and the next requests run on them; Redis never counts more than the limit.
+    Then a lower limit than they were kept under gives them back."""
+    from throttle_mw.backends.redis import protocol
+    from throttle_mw.scheduler import Limits
+
+    prefix = f"ks{next(_prefixes)}"
+    keys = Keys(prefix)
+    client = redis.asyncio.Redis.from_url(clean_redis_server.url)
+    backend = RedisBackend(settings(clean_redis_server.url, prefix, concurrency="auto"))
+    await backend.start()
+    try:
+        for rid in await hold(backend, 2):
+            backend.release(rid)
+        pool = backend.kept_slots
+        assert pool is not None
+        assert len(pool) == 2
+        assert backend.limits.concurrency == 4  # the learned limit's start
+        # The fleet's learned limit steps up to 6 (as learner.py stores a step).
+        pipe = client.pipeline(transaction=False)
+        pipe.hset(keys.cfg, protocol.LEARNED, 6)
+        keys.live_changed(pipe)
+        await pipe.execute()
+        assert backend._batcher is not None
+        await backend._batcher.submit(protocol.TICK)  # a reply stating the raised limit
+        assert backend.limits.concurrency == 6
+        assert len(pool) == 2  # still kept
+        await asyncio.sleep(0.05)  # (a release would have gone out by now)
+        assert await in_flight(client, prefix) == 2
+        calls = await script_calls(client)
+        second = await hold(backend, 2)  # on the kept slots, without a call
+        assert await script_calls(client) == calls
+        assert pool.local_admissions == 2
+        for rid in second:
+            backend.release(rid)
+        assert len(pool) == 2
+        await backend.set_limits(Limits(concurrency=8))  # a live raise: kept too
+        assert backend.limits.concurrency == 8
+        assert len(pool) == 2
+        await backend.set_limits(Limits(concurrency=5))  # lower than 6: given back
         assert len(pool) == 0
         for _ in range(100):  # (the releases go out in the background: bounded)
             if await in_flight(client, prefix) == 0:

@@ -79,6 +79,13 @@ def _keepable(limits: Limits) -> int | None:
     return limits.concurrency
 
 
+def _raised(before: int | None, after: int | None) -> bool:
+    """Kept slots admitted under concurrency limit `before` stay within `after` (the same
+    or higher: a learned limit growing, a live raise); None: not kept under it (a rate
+    added, no concurrency, no reply yet). Anything else gives them back."""
+    return before is not None and after is not None and after >= before
+
+
 class RedisBackend(Recovery):
     """A budget shared through Redis; see the module docstring."""
 
@@ -89,6 +96,9 @@ class RedisBackend(Recovery):
         #: The limits in force as the latest batch reply told them, and that reply's line.
         self._in_force = self._limits
         self._in_force_line = ""
+        #: The concurrency limit whose slots may be kept as the latest reply stated it
+        #: (`_keepable`): a reply raising it leaves the kept slots kept.
+        self._kept_under: int | None = None
         self._policy = policy = settings.policy()
         fallback = Fallback(settings.failure_mode, self._limits, policy, held=self._held_cost)
         self._init_recovery(settings, fallback)
@@ -620,7 +630,9 @@ class RedisBackend(Recovery):
             if self._pool is not None and not _leasable(limits):
                 self._pool.drop()  # a live change to limits decided per request in Redis
             if self._slots is not None:
-                self._give_back_slots(self._slots.drain())  # (a lower limit: not over it)
+                under, self._kept_under = self._kept_under, _keepable(limits)
+                if not _raised(under, self._kept_under):
+                    self._give_back_slots(self._slots.drain())  # (a lower limit: not over it)
         if self._slots is not None:
             self._heard(trailer.next_tick_s is None)
 
