@@ -648,6 +648,101 @@ def test_python_and_lua_charge_lease_admissions_alike(lua: Any) -> None:
     assert after[2] > before[2]  # the window counts them
 
 
+KNOWN = ("acme", "gold", "idle")
+KNOWN_CHARGES = [LeaseCharge("acme", 5, 1), LeaseCharge("gold", 3, 2), LeaseCharge("idle", 2, 1)]
+
+
+def known_history(scheduler: Scheduler | LuaScheduler) -> Process:
+    """charge_run's tenants, all known before the renewal: one at the clock, a weighted
+    one and one far behind it (its credit bounded); then a lease as usual, and a tick at
+    the renewal's time (as the backend's acquires between leases make)."""
+    scheduler.acquire(0.0, Request("i", "idle"))
+    scheduler.acquire(0.0, Request("g", "gold"))
+    for i in range(30):
+        scheduler.acquire(0.5 + i * 0.1, Request(f"a{i}", "acme"))
+    process = Process()
+    process.lease(scheduler, 3.5, 0, 0, 12)
+    scheduler.tick(3.6)
+    return process
+
+
+def commands_of(client: Any, call: Any) -> tuple[Any, dict[str, int]]:
+    """`call()`'s result and the commands Redis ran for it (INFO commandstats)."""
+    client.config_resetstat()
+    result = call()
+    stats = client.info("commandstats")
+    skip = ("fcall", "evalsha", "config|resetstat", "info")
+    counts = {k[len("cmdstat_") :]: int(v["calls"]) for k, v in stats.items()}
+    return result, {k: n for k, n in counts.items() if k not in skip}
+
+
+def known_renewal(scheduler: Scheduler | LuaScheduler, process: Process) -> LeaseGrant:
+    g = process.grant
+    held = HeldLease(g.generation, g.until, g.taken + g.kept, 0, 0)
+    return scheduler.lease_tokens(3.6, LEASE_S, held, 4, KNOWN_CHARGES)
+
+
+def test_python_and_lua_charge_known_tenants_alike_by_the_lean_path(lua: Any) -> None:
+    """A renewal charging tenants all known (the lean charge, fast.lua's
+    call.lean_charges): Lua's tags, clock, window and lease are Python's, and Redis read
+    the state's hot fields once and each tenant once, as a call without charges plus a
+    read and a write per tenant (the full call reads the state's cold fields too, and
+    asks whether live weights exist)."""
+    python = Scheduler(WEIGHTED, POLICY, 0.0)
+    grant = known_renewal(python, known_history(python))
+    expected = [grant, fairness(python, KNOWN), round(tokens(python), 9)]
+    scheduler = lua(WEIGHTED)
+    process = known_history(scheduler)
+    grant, commands = commands_of(scheduler._client, lambda: known_renewal(scheduler, process))
+    assert [grant, fairness(scheduler, KNOWN), round(tokens(scheduler), 9)] == expected
+    assert scheduler.lease.charged == len(KNOWN_CHARGES)
+    # (by EVALSHA nothing outlives a call: the live limits are read too, P:cfg's HMGET,
+    # and whether any live weight is set is asked)
+    state_reads = 1 if scheduler._functions else 2
+    assert commands.get("hmget") == state_reads + len(KNOWN)
+    assert commands.get("hset") == 1 + len(KNOWN)
+    if scheduler._functions:
+        assert "exists" not in commands
+
+
+def budget_state(scheduler: LuaScheduler) -> dict[str, Any]:
+    """Everything a budget keeps in Redis after the renewal but the tenants' TTL refresh
+    times (`xp`, by which the full call is forced): the state's hash, each tenant's, the
+    idle list with its last-use scores."""
+    client, keys = scheduler._client, scheduler._keys
+    tenants = {
+        name: {k: v for k, v in client.hgetall(keys.tenant(name)).items() if k != b"xp"}
+        for name in KNOWN
+    }
+    idle = client.zrange(keys.tenants, 0, -1, withscores=True)
+    return {"state": client.hgetall(keys.state), "tenants": tenants, "idle": idle}
+
+
+def test_a_lean_charge_leaves_the_state_the_full_call_leaves(lua: Any) -> None:
+    """The same history and the same renewal on two budgets, one forced to the full call
+    (a charged tenant due for its TTL refresh): the same reply, the same state, tenants
+    (tags, weights: one reweighed by the renewal) and idle list; the lean one ran fewer
+    commands."""
+    seen = []
+    for forced in (False, True):
+        scheduler = lua(WEIGHTED)
+        process = known_history(scheduler)
+        if forced:
+            scheduler._client.hdel(scheduler._keys.tenant("idle"), "xp")
+        # the renewal's charges carry gold's weight as the process has it now (a redeploy)
+        scheduler._limits = Limits(rate=10.0, burst=20.0, weights={"gold": 3.0})
+        grant, commands = commands_of(
+            scheduler._client,
+            lambda: known_renewal(scheduler, process),  # noqa: B023
+        )
+        seen.append((grant, scheduler.lease, budget_state(scheduler), sum(commands.values())))
+    (lean, lean_reply, lean_state, lean_n), (full, full_reply, full_state, full_n) = seen
+    assert (lean, lean_reply) == (full, full_reply)
+    assert lean_state == full_state
+    assert lean_state["tenants"]["gold"][b"w"] == b"3"
+    assert lean_n < full_n
+
+
 def test_a_charge_moves_the_tag_and_clock_as_admissions_one_by_one(lua: Any) -> None:
     """The same admissions, one by one through acquire, or from a lease and charged at the
     renewal: the same tags, clock and window (tenants within their credit)."""

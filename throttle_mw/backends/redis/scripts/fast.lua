@@ -349,3 +349,77 @@ local function lean_release(id, limits, known)
   if limits ~= nil then S.np = np; S.ep = ep end
   return true
 end
+
+-- ratelease.lua's charges (its ARGV[14], `count` of them) when every tenant charged is
+-- known and idle: core.lua's charge_leased as the full call runs it, reading and writing
+-- only what that can change, as fast_acquire does for an acquire. Each tenant's f, w, st
+-- and xp read (one HMGET: fast_acquire's without a tenant rate; charge_leased reads no
+-- cap), its f (and w, reweighed) written back, its last use on the idle list (one ZADD for
+-- all: touch and call.flush_idle, as the full call's forget_idle); no tenant made, so no
+-- sweep of the tenant bound. The state is the hot one (load_hot_state) and is written by
+-- ratelease.lua (every packed number it changed, as a call without charges). It gives up,
+-- before writing or charging anything, wherever the full call could do more: a TTL
+-- refresh, an idle sweep or a fair-rate window roll due, a state without its epoch or in
+-- its reclaim grace (quiet's conditions but for someone waiting: a charge of an idle tenant
+-- is the same then), or a charged tenant new (made), in line (active or capped: the line
+-- to move) or due for its TTL refresh. The charges are taken in the full call's order
+-- within its work bound (call.work_check, from the call's start: one unit a charge);
+-- returns how many were charged, or nil (nothing done: the full call must run, and reads
+-- the tenants again). S and the limits are loaded (fast_state's load).
+function call.lean_charges(text, count)
+  if not quiet(0, S.xp, S.fi, S.win_at, S.ep, S.rc) then return nil end
+  local pos, find, sub, match = 1, string.find, string.sub, string.match
+  local names, by_h = K.tenant_names, {}
+  local order, costs, lasts = {}, {}, {}
+  -- (The first work check after TUNING.WORK_STRIDE charges, not TUNING.WORK_CHECK: a
+  -- lean charge is two commands of a few fields, a fraction of a full call's operation,
+  -- and a check is a TIME; most renewals charge fewer tenants and ask none.)
+  local started = nil
+  if count > TUNING.WORK_STRIDE then started = call.start_us() end
+  local check_at = TUNING.WORK_STRIDE + 1
+  local taken = 0
+  for i = 1, count do
+    if started ~= nil and i == check_at then
+      local over
+      over, check_at = call.work_check(i, started)
+      if over then break end
+    end
+    local stop = find(text, LINE, pos, true)
+    local entry
+    if stop == nil then entry = sub(text, pos); pos = #text + 1 else entry = sub(text, pos, stop - 1); pos = stop + #LINE end
+    local h, _, weight, cost, last = match(entry, call.CHARGE_PATTERN)
+    if h == nil then return nil end  -- (the full call says it is malformed)
+    local t = by_h[h]
+    if t == nil then
+      weight = live_weight(h, tonum(weight))
+      local key = names and names[h] or call.tenant_key(h)
+      local v = redis.call('HMGET', key, 'f', 'w', 'st', 'xp')
+      if v[1] == false then return nil end  -- new: made by the full call
+      local st, xp = NUMBERS[v[3]] or tonum(v[3]) or IDLE, NUMBERS[v[4]] or tonum(v[4]) or 0
+      if st ~= IDLE or now >= xp then return nil end
+      local f, w = NUMBERS[v[1]] or tonum(v[1]), NUMBERS[v[2]] or tonum(v[2]) or 1
+      t = {h = h, key = key, f = f, w = w, f0 = f, w0 = w, st = st, dirty = false}
+      if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
+      by_h[h] = t
+    end
+    order[i] = t; costs[i] = tonum(cost); lasts[i] = tonum(last)
+    taken = i
+  end
+  -- Nothing written before here: the charges now, in order (the clock and the credit move
+  -- with each), then the writes.
+  refill()
+  for i = 1, taken do
+    local t = order[i]
+    charge_leased(t, costs[i], lasts[i])
+    call.seen_idle(t.h, true)  -- (touch: no waiter, st IDLE)
+  end
+  call.flush_idle()
+  for _, t in pairs(by_h) do
+    if t.w ~= t.w0 then
+      redis.call('HSET', t.key, 'f', call.count_text(t.f), 'w', num(t.w))
+    elseif t.f ~= t.f0 then
+      redis.call('HSET', t.key, 'f', call.count_text(t.f))
+    end
+  end
+  return taken
+end

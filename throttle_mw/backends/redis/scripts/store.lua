@@ -1637,10 +1637,17 @@ function call.signal_waiting()
   for i = 1, #holders do emit(holders[i], MESSAGE.waiting) end
 end
 
--- The caller holds a lease of rate tokens until `til` (ratelease.lua): it is in P:pl.
+-- The caller holds a lease of rate tokens until `til` (ratelease.lua): it is in P:pl. The
+-- key's TTL set when the ZADD made its member (perhaps the key), else pushed out a quarter
+-- of T apart (the loaded library keeps when, by prefix, as call.push_recent_of does: with
+-- EVAL, on every call); renew.lua, the other writer, sets it too.
 function call.pool_held(til)
-  redis.call('ZADD', K.pools, 'GT', num(til), proc)
-  redis.call('PEXPIRE', K.pools, ttl_ms('state'))
+  local added = redis.call('ZADD', K.pools, 'GT', num(til), proc)
+  local due = K.pools_due
+  if added > 0 or due == nil or now >= due or now < due - POL.ttl then
+    redis.call('PEXPIRE', K.pools, ttl_ms('state'))
+    K.pools_due = now + POL.ttl / TTL_REFRESHES
+  end
 end
 
 -- P:leases and P:lc in their big encodings (skiplist, hash table) while many leases are in
