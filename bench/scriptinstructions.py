@@ -120,22 +120,30 @@ class Valgrind:
         self.control("-z")
         calls = work()
         self.control("--dump=" + name)
-        total, largest = 0, 0
+        total, counts = 0, []
         for dump in sorted(self.out.glob("callgrind.out.*")):
             text = dump.read_text(errors="replace")
+            count = 0
             for line in text.splitlines():
                 if line.startswith(("summary:", "totals:")):
                     count = int(line.split()[1])
-                    total += count
-                    largest = max(largest, count)
                     break
-            if self.per_call:
-                dump.unlink()
-            else:
+            total += count
+            if not self.per_call:
                 dump.rename(self.out / f"callgrind.{name}")
-        out = {"calls": calls, "instructions": total, "per_call": round(total / calls)}
-        if self.per_call:
-            out["largest"] = largest
+            elif count > 0 and count >= max(counts, default=0):  # (the largest call's kept)
+                dump.rename(self.out / f"callgrind.{name}.largest")
+            else:
+                dump.unlink()
+            if count > 0:
+                counts.append(count)
+        out: dict[str, Any] = {
+            "calls": calls,
+            "instructions": total,
+            "per_call": round(total / calls),
+        }
+        if self.per_call:  # (the largest call, and the next four)
+            out["largest"] = sorted(counts, reverse=True)[:5]
         return out
 
     def close(self) -> None:
