@@ -120,7 +120,7 @@ class Valgrind:
         self.control("-z")
         calls = work()
         self.control("--dump=" + name)
-        total, counts = 0, []
+        total, counts = 0, list[int]()
         for dump in sorted(self.out.glob("callgrind.out.*")):
             text = dump.read_text(errors="replace")
             count = 0
