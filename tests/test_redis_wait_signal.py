@@ -326,6 +326,7 @@ def test_one_call_tells_a_batch_and_the_next_calls_the_rest(
     assert isinstance(decision, Enqueue)  # (queued: someone waits)
     assert _rpush_calls(client) - before <= SIGNAL_BATCH
     assert sum(_told(client, sched, holders)) == SIGNAL_BATCH
+    assert client.zcard(sched._keys.pools_rest) == holders - SIGNAL_BATCH  # (P:pw)
     for i in range(1, calls):  # (more requests queue: someone still waits)
         before = _rpush_calls(client)
         assert isinstance(sched.acquire(0.001 * (i + 1), Request(f"w{i}", "edge"))[0], Enqueue)
@@ -335,7 +336,7 @@ def test_one_call_tells_a_batch_and_the_next_calls_the_rest(
     for i in range(calls, calls + 5):
         sched.acquire(0.001 * (i + 1), Request(f"w{i}", "edge"))
     assert _rpush_calls(client) == before, "nobody told twice for one opening"
-    assert client.exists(Keys(sched._tag).pools_rest) == 0
+    assert client.exists(sched._keys.pools_rest) == 0
     client.close()
 
 
@@ -379,16 +380,19 @@ def test_a_process_registered_while_someone_waits_is_told(
     already registered, or while nobody waits, tells nothing."""
     client = redis.Redis.from_url(clean_redis_server.url)
     sched = _fleet(client, 1)
-    late = sched.joined("holder1")
 
-    def beat(now: float) -> None:
-        args = protocol.renew_args(repr(now), late._tag, late.process, 1e6, 1e6, [], keeps=True)
-        late._run("renew", args, client)
+    def beat(process: str, now: float) -> None:
+        holder = sched.joined(process)
+        args = protocol.renew_args(repr(now), holder._tag, process, 1e6, 1e6, [], keeps=True)
+        holder._run("renew", args, client)
 
+    beat("holder2", 0.0005)  # (registered anew while nobody waits: not told)
+    assert _told(client, sched, 3) == [0, 0, 0]
     assert isinstance(sched.acquire(0.001, Request("w0", "edge"))[0], Enqueue)
-    assert _told(client, sched, 2) == [1, 0]
-    beat(0.002)
-    assert _told(client, sched, 2) == [1, 1]
-    beat(0.003)  # (registered already: told once for this opening)
-    assert _told(client, sched, 2) == [1, 1]
+    assert _told(client, sched, 3) == [1, 0, 1]  # (holder1 not registered yet)
+    beat("holder1", 0.002)
+    assert _told(client, sched, 3) == [1, 1, 1]
+    beat("holder1", 0.003)  # (registered already: told once for this opening)
+    beat("holder2", 0.003)
+    assert _told(client, sched, 3) == [1, 1, 1]
     client.close()
