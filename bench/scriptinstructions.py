@@ -8,7 +8,9 @@ script driven on a fake clock by `tests.support.lua_scheduler.LuaScheduler`, one
 at a time. A scenario's setup is run first, then the counters are zeroed, its measured
 calls made and the profile dumped (``--out``/callgrind.<scenario>.N; read it with
 ``callgrind_annotate``). Counts are the same from run to run, on a busy machine too:
-compare two versions of the scripts by them.
+compare two versions of the scripts by them. ``--per-call``: callgrind dumps after every
+script call (``--dump-after``), so the largest single call of each scenario is reported
+too (``largest``: the 1 ms a call of issue 14 is about the longest call, not the mean).
 
 - ``saturated-N``: a budget of 50/s with N tenants waiting, one request each, for longer
   than the idle time: a tick every 20 ms admits one, and its tenant queues another at
@@ -62,18 +64,21 @@ def _free_port() -> int:
 class Valgrind:
     """A redis-server under callgrind, collecting only inside script calls."""
 
-    def __init__(self, binary: Path, out: Path, evalsha: bool) -> None:
+    def __init__(self, binary: Path, out: Path, evalsha: bool, per_call: bool = False) -> None:
         self.port = _free_port()
         self.out = out
         self.dir = tempfile.mkdtemp(prefix="scriptinstr")
         command = "evalShaCommand" if evalsha else "fcallCommand"
         self.profile = out / "callgrind.out"
+        self.per_call = per_call
+        dump_after = [f"--dump-after={command}"] if per_call else []
         self.process = subprocess.Popen(
             [
                 "valgrind",
                 "--tool=callgrind",
                 f"--toggle-collect={command}",
                 f"--callgrind-out-file={self.profile}",
+                *dump_after,
                 str(binary),
                 "--port",
                 str(self.port),
@@ -110,20 +115,36 @@ class Valgrind:
 
     def counted(self, name: str, work: Callable[[], int]) -> dict[str, Any]:
         """Instructions of the script calls `work` makes (it returns how many it made)."""
-        for old in self.out.glob(f"callgrind.{name}*"):
-            old.unlink()
+        for old in [*self.out.glob(f"callgrind.{name}*"), *self.out.glob("callgrind.out.*")]:
+            old.unlink()  # (with --per-call: the setup's calls, one dump each)
         self.control("-z")
         calls = work()
         self.control("--dump=" + name)
-        total = 0
-        for dump in self.out.glob("callgrind.out.*"):
+        total, counts = 0, list[int]()
+        for dump in sorted(self.out.glob("callgrind.out.*")):
             text = dump.read_text(errors="replace")
+            count = 0
             for line in text.splitlines():
                 if line.startswith(("summary:", "totals:")):
-                    total = int(line.split()[1])
+                    count = int(line.split()[1])
                     break
-            dump.rename(self.out / f"callgrind.{name}")
-        return {"calls": calls, "instructions": total, "per_call": round(total / calls)}
+            total += count
+            if not self.per_call:
+                dump.rename(self.out / f"callgrind.{name}")
+            elif count > 0 and count >= max(counts, default=0):  # (the largest call's kept)
+                dump.rename(self.out / f"callgrind.{name}.largest")
+            else:
+                dump.unlink()
+            if count > 0:
+                counts.append(count)
+        out: dict[str, Any] = {
+            "calls": calls,
+            "instructions": total,
+            "per_call": round(total / calls),
+        }
+        if self.per_call:  # (the largest call, and the next four)
+            out["largest"] = sorted(counts, reverse=True)[:5]
+        return out
 
     def close(self) -> None:
         self.process.terminate()
@@ -301,11 +322,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--edge-step", type=float, default=0.001, help="edge: seconds of the scripts' clock a round"
     )
+    parser.add_argument(
+        "--per-call", action="store_true", help="a dump per script call: the largest call too"
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/scriptinstructions"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    vg = Valgrind(redis_server_binary(), args.out.resolve(), args.evalsha)
+    vg = Valgrind(redis_server_binary(), args.out.resolve(), args.evalsha, args.per_call)
     out: dict[str, Any] = {}
     try:
         wanted = args.scenarios.split(",")

@@ -27,9 +27,9 @@ from throttle_mw.backends import Admitted
 from throttle_mw.backends.base import Waiting
 from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.backends.redis.keys import Keys
-from throttle_mw.backends.redis.scripts import SIGNAL_GAP_S
+from throttle_mw.backends.redis.scripts import SIGNAL_BATCH, SIGNAL_GAP_S
 from throttle_mw.priorities import PRIORITIES
-from throttle_mw.scheduler import Granted, Limits, Policy, Request
+from throttle_mw.scheduler import Admit, Enqueue, Granted, Limits, Policy, Request
 from throttle_mw.settings import Settings
 
 #: The reaction's bound: a few round trips on a loaded machine, far below T.
@@ -286,4 +286,113 @@ def test_a_budget_at_its_edge_tells_its_pools_at_most_once_per_gap(
     told = [client.llen(f"{tag}:g:holder{p}") for p in range(holders)]
     assert min(told) >= 2, told
     assert max(told) <= signals, told
+    client.close()
+
+
+def _fleet(client: redis.Redis, holders: int) -> LuaScheduler:
+    """A concurrency budget of 1 on the scripts' clock, one request running, `holders`
+    processes registered as ones that may keep slots (renew.lua's keeps flag)."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 30.0), queue_limit=1_000)
+    client.flushdb()
+    sched = LuaScheduler(client, Limits(concurrency=1), policy, now=0.0)
+    for p in range(holders):
+        holder = sched.joined(f"holder{p}")
+        args = protocol.renew_args("0.0", holder._tag, holder.process, 1e6, 1e6, [], keeps=True)
+        holder._run("renew", args, client)
+    assert isinstance(sched.acquire(0.0, Request("first", "edge"))[0], Admit)
+    return sched
+
+
+def _told(client: redis.Redis, sched: LuaScheduler, holders: int) -> list[int]:
+    """How many messages each holder's grant list holds (each one `WAITS`)."""
+    lists = [client.lrange(f"{sched._tag}:g:holder{p}", 0, -1) for p in range(holders)]
+    assert all(protocol.is_waits(m) for told in lists for m in told)
+    return [len(told) for told in lists]
+
+
+def test_one_call_tells_a_batch_and_the_next_calls_the_rest(
+    clean_redis_server: RedisServer,
+) -> None:
+    """200 processes in P:pl, someone starts waiting: the call that queues tells at most
+    SIGNAL_BATCH of them (each RPUSH counted by the server), and each following call
+    that leaves someone waiting the next SIGNAL_BATCH, so all 200 are told within
+    ceil(200 / SIGNAL_BATCH) calls, each exactly once; calls after that tell nobody."""
+    client = redis.Redis.from_url(clean_redis_server.url)
+    holders = 200
+    sched = _fleet(client, holders)
+    calls = math.ceil(holders / SIGNAL_BATCH)
+    before = _rpush_calls(client)
+    decision, _ = sched.acquire(0.001, Request("w0", "edge"))
+    assert isinstance(decision, Enqueue)  # (queued: someone waits)
+    assert _rpush_calls(client) - before <= SIGNAL_BATCH
+    assert sum(_told(client, sched, holders)) == SIGNAL_BATCH
+    assert client.zcard(sched._keys.pools_rest) == holders - SIGNAL_BATCH  # (P:pw)
+    for i in range(1, calls):  # (more requests queue: someone still waits)
+        before = _rpush_calls(client)
+        assert isinstance(sched.acquire(0.001 * (i + 1), Request(f"w{i}", "edge"))[0], Enqueue)
+        assert _rpush_calls(client) - before <= SIGNAL_BATCH
+    assert _told(client, sched, holders) == [1] * holders
+    before = _rpush_calls(client)
+    for i in range(calls, calls + 5):
+        sched.acquire(0.001 * (i + 1), Request(f"w{i}", "edge"))
+    assert _rpush_calls(client) == before, "nobody told twice for one opening"
+    assert client.exists(sched._keys.pools_rest) == 0
+    client.close()
+
+
+def test_at_an_edge_the_rest_is_told_by_the_next_openings(
+    clean_redis_server: RedisServer,
+) -> None:
+    """Waiting 0 -> 1 -> 0 every 1 ms of the scripts' clock with 200 processes in P:pl:
+    nobody waits between two openings, so the rest waits; each opening, within the gap
+    too, tells the next SIGNAL_BATCH, all 200 told once in the first ceil(200 /
+    SIGNAL_BATCH) openings; then nobody until a gap has passed, when a signal starts
+    anew."""
+    client = redis.Redis.from_url(clean_redis_server.url)
+    holders = 200
+    sched = _fleet(client, holders)
+    running = "first"
+    openings = math.ceil(holders / SIGNAL_BATCH)
+    step = 0.001
+    for i in range(1, round(SIGNAL_GAP_S / step)):  # (all within the first signal's gap)
+        before = _rpush_calls(client)
+        nxt = Request(f"r{i}", f"edge{i % 8}")
+        assert isinstance(sched.acquire(i * step, nxt)[0], Enqueue)
+        pushed = _rpush_calls(client) - before
+        assert pushed <= SIGNAL_BATCH
+        sched.release(i * step, running)  # (admits it: nobody waits)
+        running = nxt.id
+        if i == openings:
+            assert _told(client, sched, holders) == [1] * holders
+    assert _told(client, sched, holders) == [1] * holders
+    nxt = Request("late", "edge")
+    assert isinstance(sched.acquire(SIGNAL_GAP_S + 0.01, nxt)[0], Enqueue)
+    assert sum(_told(client, sched, holders)) == holders + SIGNAL_BATCH
+    client.close()
+
+
+def test_a_process_registered_while_someone_waits_is_told(
+    clean_redis_server: RedisServer,
+) -> None:
+    """A process whose first heartbeat (renew.lua, keeps flag) reaches Redis while
+    someone already waits missed that opening's signal (it was not in P:pl yet, and may
+    have kept a slot meanwhile): its registration tells it. A heartbeat of a process
+    already registered, or while nobody waits, tells nothing."""
+    client = redis.Redis.from_url(clean_redis_server.url)
+    sched = _fleet(client, 1)
+
+    def beat(process: str, now: float) -> None:
+        holder = sched.joined(process)
+        args = protocol.renew_args(repr(now), holder._tag, process, 1e6, 1e6, [], keeps=True)
+        holder._run("renew", args, client)
+
+    beat("holder2", 0.0005)  # (registered anew while nobody waits: not told)
+    assert _told(client, sched, 3) == [0, 0, 0]
+    assert isinstance(sched.acquire(0.001, Request("w0", "edge"))[0], Enqueue)
+    assert _told(client, sched, 3) == [1, 0, 1]  # (holder1 not registered yet)
+    beat("holder1", 0.002)
+    assert _told(client, sched, 3) == [1, 1, 1]
+    beat("holder1", 0.003)  # (registered already: told once for this opening)
+    beat("holder2", 0.003)
+    assert _told(client, sched, 3) == [1, 1, 1]
     client.close()

@@ -44,6 +44,9 @@ P:pl             zset    process -> until when it may hold a pool: a lease of ra
                          tokens (its expiry, ratelease.lua) or kept concurrency
                          slots (its heartbeat's, renew.lua); told on its grant list
                          when someone starts waiting (store.lua's signal_waiting)
+P:pw             zset    the processes of P:pl a signal has still to tell, when it    T
+                         had more than SIGNAL_BATCH (scripts.py): the next calls
+                         tell them, that many each (store.lua's signal_rest)
 P:lw             list    window summaries of a learned limit, since its last step     live
                          (learner.py, which sets the TTLs of these two on each write)
 P:lstep          string  the fleet's claim on the learned limit's current step        window
@@ -97,6 +100,7 @@ SUFFIX: Final = MappingProxyType(
         "recent": ":rc:",
         "procs": ":procs",
         "pools": ":pl",
+        "pools_rest": ":pw",
         "learn_windows": ":lw",
         "learn_step": ":lstep",
     }
@@ -171,6 +175,7 @@ class Keys:
         self.qlen = self.tag + SUFFIX["qlen"]
         self.procs = self.tag + SUFFIX["procs"]
         self.pools = self.tag + SUFFIX["pools"]
+        self.pools_rest = self.tag + SUFFIX["pools_rest"]
         self.leases = self.tag + SUFFIX["leases"]
         self.lease_costs = self.tag + SUFFIX["lease_costs"]
         self.learn_windows = self.tag + SUFFIX["learn_windows"]

@@ -8,7 +8,8 @@
 -- ARGV[4]  lease_ttl_s.  ARGV[5] heartbeat_ttl_s.  ARGV[6] key_ttl_s (T, keys.py).
 -- ARGV[7]  1: the process may keep concurrency slots (THROTTLE_KEEP_SLOTS) until this
 --          heartbeat lapses: it is in P:pl until then, told when someone starts waiting
---          (store.lua's call.signal_waiting); 0: not.
+--          (store.lua's call.signal_waiting), and told at once if someone waits as
+--          it is registered anew; 0: not.
 -- ARGV[8..] lease ids held.
 -- Returns {the number of live processes (heartbeats not yet expired), the epoch of the
 -- budget's state ("" if it has none: it expired unused, or Redis lost it), one character
@@ -44,7 +45,15 @@ local beat = now + tonumber(ARGV[5])
 redis.call('ZADD', K.procs, num(beat), proc)
 redis.call('PEXPIRE', K.procs, ttl)
 if ARGV[7] == '1' then
-  redis.call('ZADD', K.pools, 'GT', num(beat), proc)
+  -- Registered anew (its first heartbeat, or one after its registration lapsed) while
+  -- someone waits: the signal of that opening (store.lua's call.signal_waiting) may have
+  -- gone out before this process was in P:pl, with a slot it kept meanwhile: told now.
+  if redis.call('ZADD', K.pools, 'GT', num(beat), proc) > 0
+    and (tonumber(redis.call('HGET', K.state, 'waiting')) or 0) > 0 then
+    local grants = K.prefix .. KEY.grants .. proc
+    redis.call('RPUSH', grants, MESSAGE.waiting)
+    redis.call('PEXPIRE', grants, ttl)
+  end
   redis.call('PEXPIRE', K.pools, ttl)
 end
 local live = redis.call('ZCARD', K.procs)

@@ -42,7 +42,9 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- call left it" below); a time no lease in P:leases expires before (le: put_lease,
 -- fast.lua's lapsed_lease; unset: not known); rate tokens out in processes' leases
 -- (core.lua's lease_tokens; unset: none ever): the newer generation's number (rg), its
--- tokens (ra) and expiry (rx), the older one's tokens (rb) and expiry (ry).
+-- tokens (ra) and expiry (rx), the older one's tokens (rb) and expiry (ry); when the
+-- processes still to be told that someone waits were set aside (sq: call.signal_waiting;
+-- unset: none are).
 -- The layout: the numbers in PACKED share one field, PACKED_FIELD, their texts in that
 -- order joined with SEP ('' for unset), read and written whole: Redis reads one field for
 -- a fraction of what it takes for a dozen, and a loaded library remembers the last text
@@ -52,7 +54,7 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- and save know this layout (and fast.lua's lean_release, by call.AT).
 local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', 'thr',
   'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc', 'lm', 'lk', 'le',
-  'rg', 'ra', 'rx', 'rb', 'ry'}
+  'rg', 'ra', 'rx', 'rb', 'ry', 'sq'}
 local PACKED_FIELD = 'nums'
 -- (call.save_plain writes PLAIN's fields out in this order.)
 local PLAIN = {'inflight', 'waiting', 'tk_by', 'ep', LIVE_STAMP}
@@ -569,7 +571,8 @@ local function load_packed(text)
   S = {tokens = v[1], ts = v[2], v = v[3], win_at = v[4], win_v0 = v[5], win_cost = v[6],
     v_rate = v[7], thr = v[8], meas_at = v[9], qcost = v[10], wsum = v[11], seq = v[12],
     tk_at = v[13], xp = v[14], fi = v[15], la = v[16], rc = v[17], np = v[18], pc = v[19],
-    lm = v[20], lk = v[21], le = v[22], rg = v[23], ra = v[24], rx = v[25], rb = v[26], ry = v[27]}
+    lm = v[20], lk = v[21], le = v[22], rg = v[23], ra = v[24], rx = v[25], rb = v[26], ry = v[27],
+    sq = v[28]}
 end
 
 local function load_plain(name, value)
@@ -1301,6 +1304,7 @@ function call.save_packed(args)
   x = s.rx; if x ~= vals[25] then c = true; vals[25] = x; texts[25] = x and num(x) or '' end
   x = s.rb; if x ~= vals[26] then c = true; vals[26] = x; texts[26] = x and num(x) or '' end
   x = s.ry; if x ~= vals[27] then c = true; vals[27] = x; texts[27] = x and num(x) or '' end
+  x = s.sq; if x ~= vals[28] then c = true; vals[28] = x; texts[28] = x and num(x) or '' end
   if c then
     text = table.concat(texts, SEP)
     args[1] = PACKED_FIELD; args[2] = text
@@ -1315,7 +1319,7 @@ end
 function call.save_packed_anew(args, hot)
   local vals = {S.tokens, S.ts, S.v, S.win_at, S.win_v0, S.win_cost, S.v_rate, S.thr,
     S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc, S.np, S.pc, S.lm, S.lk,
-    S.le, S.rg, S.ra, S.rx, S.rb, S.ry}
+    S.le, S.rg, S.ra, S.rx, S.rb, S.ry, S.sq}
   local old, texts = {}, nil
   if loaded ~= nil then old = loaded.vals end
   local places = nil
@@ -1374,8 +1378,11 @@ call.state_args = {}
 -- apart) or for keys this call may have created: this runs on every call. `hot`: a call of
 -- fast.lua's, which compares only what it can change (call.HOT_PACKED).
 local function save(hot)
-  -- (Someone waits now and nobody did as this call found the state: call.signal_waiting.)
-  if S.waiting > 0 and (S0.waiting or 0) <= 0 then call.signal_waiting() end
+  -- (Someone waits now and nobody did as this call found the state: call.signal_waiting;
+  -- someone did, and processes are still to be told: the next of them.)
+  if S.waiting > 0 then
+    if (S0.waiting or 0) <= 0 then call.signal_waiting() elseif S.sq then call.signal_rest() end
+  end
   call.flush_idle()
   local args, n = call.state_args, 0
   S.inflight = S.inflight - held_back
@@ -1447,6 +1454,7 @@ function call.load_acquire_state()
   s.np = n[18]; s.pc = n[19]; s.lm = n[20]; s.lk = n[21] or 0; s.le = n[22]
   s.rg = n[23]  -- (leases of rate tokens: the rest only if there were any)
   if s.rg ~= nil then s.ra = n[24]; s.rx = n[25]; s.rb = n[26]; s.ry = n[27] end
+  s.sq = n[28]
   s.inflight = NUMBERS[v[2]] or tonum(v[2]); s.waiting = NUMBERS[v[3]] or tonum(v[3])
   s.ep = v[4] or ''; s.lv = v[5] or ''
   call.inflight0 = s.inflight; call.lv0 = s.lv
@@ -1621,6 +1629,17 @@ end
 -- delays the pool's return to the process's next reply or its T: the bound is exact
 -- whatever the pools do (the tokens and slots are counted out in Redis).
 
+--
+-- One call tells TUNING.SIGNAL_BATCH processes at most (each costs an RPUSH and a PEXPIRE,
+-- some 19,000 instructions: all of a large fleet at once would hold Redis for over a
+-- millisecond). The rest are set aside, P:pl as it was then copied into P:pw (process ->
+-- until), and S.sq says so: each following full call that leaves someone waiting tells
+-- the next SIGNAL_BATCH of them, their registration still live (a process gone is not
+-- told), until none is left. Nobody waits any more: the rest wait in P:pw (a pool they
+-- keep then takes nothing from anyone); the next opening tells the next of them, within
+-- the gap or after it: a signal starts anew from P:pl only once the last one's rest is
+-- told, so at an edge whose openings are short every holder is still told in turn.
+
 -- The processes that may hold a pool are told that someone waits (save, on the transition).
 function call.signal_waiting()
   local leased = S.rg ~= nil and ((S.ra or 0) > 0 and now < (S.rx or 0)
@@ -1628,13 +1647,41 @@ function call.signal_waiting()
   if not leased and not (L.concurrency ~= nil and L.rate == nil and L.tenant_rate == nil) then
     return
   end
+  -- The rest of the last signal first (within the gap too: at most SIGNAL_BATCH a call;
+  -- none left, P:pw lapsed: a signal anew).
+  if S.sq and call.signal_rest() > 0 then return end
   -- At most once per TUNING.SIGNAL_GAP per budget (P:s's TUNING.SIGNALED: read only here): a
   -- pool taken since the last signal goes back at its next reply or its T.
   local last = tonumber(redis.call('HGET', K.state, TUNING.SIGNALED))
   if last ~= nil and now >= last and now < last + TUNING.SIGNAL_GAP then return end
   redis.call('HSET', K.state, TUNING.SIGNALED, num(now))
-  local holders = redis.call('ZRANGEBYSCORE', K.pools, '(' .. num(now), '+inf')
-  for i = 1, #holders do emit(holders[i], MESSAGE.waiting) end
+  local batch = TUNING.SIGNAL_BATCH
+  local holders = redis.call('ZRANGEBYSCORE', K.pools, '(' .. num(now), '+inf', 'LIMIT', 0,
+    batch + 1)
+  if #holders <= batch then
+    for i = 1, #holders do emit(holders[i], MESSAGE.waiting) end
+    return
+  end
+  -- More than one call's: P:pl copied whole (COPY: its bytes in the compact encoding,
+  -- some 1,350 instructions a member past it, measured; a ZRANGESTORE inserts member by
+  -- member, in the compact encoding a scan each: some 17,000), its registrations that
+  -- lapsed dropped, and told from it in P:pl's order (by until, as ZRANGEBYSCORE).
+  redis.call('COPY', K.pools, K.pools_rest, 'REPLACE')
+  redis.call('ZREMRANGEBYSCORE', K.pools_rest, '-inf', num(now))
+  redis.call('PEXPIRE', K.pools_rest, ttl_ms('state'))
+  S.sq = now
+  call.signal_rest()
+end
+
+-- The next TUNING.SIGNAL_BATCH processes set aside by the last signal are told (S.sq).
+function call.signal_rest()
+  local batch = TUNING.SIGNAL_BATCH
+  local rest = redis.call('ZPOPMIN', K.pools_rest, batch)  -- (process, until, ...)
+  for i = 1, #rest, 2 do
+    if tonumber(rest[i + 1]) > now then emit(rest[i], MESSAGE.waiting) end
+  end
+  if #rest < 2 * batch then S.sq = nil end  -- (none left: the key went with its last)
+  return #rest
 end
 
 -- The caller holds a lease of rate tokens until `til` (ratelease.lua): it is in P:pl. The
