@@ -368,7 +368,7 @@ end
 -- the tenants again). S and the limits are loaded (fast_state's load).
 function call.lean_charges(text, count)
   if not quiet(0, S.xp, S.fi, S.win_at, S.ep, S.rc) then return nil end
-  local pos, find, sub, match = 1, string.find, string.sub, string.match
+  local pos = 1
   local names, by_h = K.tenant_names, {}
   local order, costs, lasts = {}, {}, {}
   -- (The first work check after TUNING.WORK_STRIDE charges, not TUNING.WORK_CHECK: a
@@ -384,10 +384,8 @@ function call.lean_charges(text, count)
       over, check_at = call.work_check(i, started)
       if over then break end
     end
-    local stop = find(text, LINE, pos, true)
-    local entry
-    if stop == nil then entry = sub(text, pos); pos = #text + 1 else entry = sub(text, pos, stop - 1); pos = stop + #LINE end
-    local h, _, weight, cost, last = match(entry, call.CHARGE_PATTERN)
+    local h, weight, cost, last, _
+    pos, h, _, weight, cost, last = call.next_charge(text, pos)
     if h == nil then return nil end  -- (the full call says it is malformed)
     local t = by_h[h]
     if t == nil then

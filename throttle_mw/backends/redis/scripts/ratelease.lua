@@ -64,7 +64,7 @@ if charging == true then
   if S.tokens > L.burst then S.tokens = L.burst end
   refill()
   charged = 0
-  local text, pos, find, sub = ARGV[14], 1, string.find, string.sub
+  local text, pos = ARGV[14], 1
   local started = nil
   if charges > TUNING.WORK_CHECK then started = call.start_us() end
   local check_at = TUNING.WORK_CHECK + 1
@@ -74,10 +74,8 @@ if charging == true then
       over, check_at = call.work_check(i, started)
       if over then break end
     end
-    local stop = find(text, LINE, pos, true)
-    local entry
-    if stop == nil then entry = sub(text, pos); pos = #text + 1 else entry = sub(text, pos, stop - 1); pos = stop + #LINE end
-    local h, name, weight, cost, last = string.match(entry, call.CHARGE_PATTERN)
+    local h, name, weight, cost, last
+    pos, h, name, weight, cost, last = call.next_charge(text, pos)
     if h == nil then return redis.error_reply('throttle_mw: malformed charge') end
     charge_leased(tenant(h, name, live_weight(h, tonum(weight))), tonum(cost), tonum(last))
     charged = i

@@ -214,6 +214,13 @@ local WAITER_PATTERN = fields_pattern(#WAITER_FIELDS)
 local RECLAIM_PATTERN = fields_pattern(4)
 -- A lease's charge (ratelease.lua; protocol.py's charges_arg): digest|name|weight|cost|last.
 call.CHARGE_PATTERN = fields_pattern(5)
+-- The charge at `pos` of a renewal's charges, one per LINE (ratelease.lua's full path,
+-- fast.lua's call.lean_charges): the position after it, then its fields (h nil: malformed).
+function call.next_charge(text, pos)
+  local stop, entry = string.find(text, LINE, pos, true), nil
+  if stop == nil then entry = string.sub(text, pos); pos = #text + 1 else entry = string.sub(text, pos, stop - 1); pos = stop + #LINE end
+  return pos, string.match(entry, call.CHARGE_PATTERN)
+end
 
 -- An acquire's fields after its tenant (weight|rank|cost|flags|max_wait: ACQUIRE_FIELDS'
 -- last five) are the same text for every request of a route: parsed once and kept by
