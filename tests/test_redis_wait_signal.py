@@ -246,16 +246,8 @@ def _edge_run(client: redis.Redis, holders: int, rounds: int, step: float) -> tu
     (waiting 0 -> 1) and the release of the one running admits it (1 -> 0). `holders`
     other processes keep slots (renew.lua's heartbeat flag registers them in P:pl for the
     whole run). The RPUSH commands the run made; the budget's key tag."""
-    policy = Policy(dict.fromkeys(PRIORITIES, 30.0), queue_limit=1_000)
-    client.flushdb()
-    sched = LuaScheduler(client, Limits(concurrency=1), policy, now=0.0)
-    for p in range(holders):
-        holder = sched.joined(f"holder{p}")
-        args = protocol.renew_args("0.0", holder._tag, holder.process, 1e6, 1e6, [], keeps=True)
-        holder._run("renew", args, client)
-    first = Request("first", "edge")
-    sched.acquire(0.0, first)
-    running = first.id
+    sched = _fleet(client, holders)
+    running = "first"
     before = _rpush_calls(client)
     for i in range(1, rounds + 1):
         now = i * step
