@@ -318,7 +318,7 @@ def test_one_call_tells_a_batch_and_the_next_calls_the_rest(
     assert isinstance(decision, Enqueue)  # (queued: someone waits)
     assert _rpush_calls(client) - before <= SIGNAL_BATCH
     assert sum(_told(client, sched, holders)) == SIGNAL_BATCH
-    assert client.zcard(sched._keys.pools_rest) == holders - SIGNAL_BATCH  # (P:pw)
+    assert client.exists(sched._keys.pools_rest) == 0  # (no copy of P:pl: a cursor)
     for i in range(1, calls):  # (more requests queue: someone still waits)
         before = _rpush_calls(client)
         assert isinstance(sched.acquire(0.001 * (i + 1), Request(f"w{i}", "edge"))[0], Enqueue)
@@ -387,4 +387,154 @@ def test_a_process_registered_while_someone_waits_is_told(
     beat("holder1", 0.003)  # (registered already: told once for this opening)
     beat("holder2", 0.003)
     assert _told(client, sched, 3) == [1, 1, 1]
+    client.close()
+
+
+def _commands(client: redis.Redis) -> dict[str, int]:
+    """Each command's calls the server ran so far (INFO commandstats, scripts' included)."""
+    stats = client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+
+def _round_calls(client: redis.Redis, holders: int) -> list[dict[str, int]]:
+    """Someone starts waiting with `holders` processes in P:pl, and more requests queue
+    until a signal's round is over: the commands each script call ran (INFO commandstats
+    around it, its own INFO, FCALL/EVALSHA and the test's reads taken out), one dict a call,
+    and after each call the budget's keys that hold `holders` members or more (a copy of
+    P:pl would be one) besides P:pl and P:pn themselves."""
+    sched = _fleet(client, holders)
+    registrations = {sched._keys.pools, sched._keys.pools_names, sched._keys.procs}
+    calls = []
+    for i in range(math.ceil(holders / SIGNAL_BATCH) + 2):
+        before = _commands(client)
+        assert isinstance(sched.acquire(0.001 * (i + 1), Request(f"w{i}", "edge"))[0], Enqueue)
+        after = _commands(client)
+        ran = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+        for own in ("info", "fcall", "evalsha", "lrange", "ltrim", "del"):
+            ran.pop(own, None)  # (the test's INFO; the call itself; LuaScheduler's reads)
+        calls.append(ran)
+        for key in client.scan_iter(f"{sched._tag}:*"):
+            if key.decode() in registrations or client.type(key) != b"zset":
+                continue
+            assert client.zcard(key) < holders, (key, "a copy of the registrations")
+    return calls
+
+
+def test_a_signal_s_calls_run_the_same_commands_whatever_the_fleet(
+    clean_redis_server: RedisServer,
+) -> None:
+    """A signal's round over 100 and over 1,000 processes in P:pl: no call copies the
+    registrations (no COPY, no key of that size made), no call pops or ranges more than
+    one batch (one ZRANGEBYLEX and one ZMSCORE a call at most, their LIMIT the batch), and
+    each call of the round runs the same commands at 1,000 processes as at 100: the
+    work of a call is flat in the fleet's size (its RPUSHes SIGNAL_BATCH at most)."""
+    client = redis.Redis.from_url(clean_redis_server.url)
+    small, large = _round_calls(client, 100), _round_calls(client, 1_000)
+    for calls in (small, large):
+        for ran in calls:
+            assert "copy" not in ran, ran
+            assert "zrangestore" not in ran, ran
+            assert ran.get("zpopmin", 0) == 0, ran
+            assert ran.get("zrangebylex", 0) <= 1, ran
+            assert ran.get("zmscore", 0) <= 1, ran
+            assert ran.get("rpush", 0) <= SIGNAL_BATCH + 1, ran  # (+1: a grant)
+    # The opening and the round's full calls: the same commands at 1,000 as at 100.
+    full = len(small) - 3  # (100: the opening, 2 calls of 32, 1 of 4, then nothing)
+    assert large[0] == small[0], (large[0], small[0])
+    for ran in large[1:full]:
+        assert ran == small[1], (ran, small[1])
+    client.close()
+
+
+def test_every_holder_is_told_once_while_registrations_renew(
+    clean_redis_server: RedisServer,
+) -> None:
+    """300 processes in P:pl; after each call of the signal's round every process renews
+    its registration (a heartbeat: its expiry in P:pl moves later, as in a live fleet), and
+    a process that was never registered joins at the third call: the round still tells each
+    of the 300 once, within ceil(300 / SIGNAL_BATCH) calls, none twice; the newcomer is
+    told by its own heartbeat at once (and by the round at most once more)."""
+    client = redis.Redis.from_url(clean_redis_server.url)
+    holders = 300
+    sched = _fleet(client, holders)
+    calls = math.ceil(holders / SIGNAL_BATCH)
+
+    def beat(process: str, now: float) -> None:
+        holder = sched.joined(process)
+        args = protocol.renew_args(repr(now), holder._tag, process, 1e6, 1e6 + now, [], keeps=True)
+        holder._run("renew", args, client)
+
+    for i in range(calls):
+        now = 0.001 * (i + 1)
+        assert isinstance(sched.acquire(now, Request(f"w{i}", "edge"))[0], Enqueue)
+        for p in range(holders):
+            beat(f"holder{p}", now + 0.0001)
+        if i == 2:
+            beat("late", now + 0.0002)
+            assert client.llen(f"{sched._tag}:g:late") == 1, "told at once"
+    assert _told(client, sched, holders) == [1] * holders
+    for i in range(calls, calls + 3):  # (the round is over: nobody told again)
+        sched.acquire(0.001 * (i + 1), Request(f"w{i}", "edge"))
+    assert _told(client, sched, holders) == [1] * holders
+    assert client.llen(f"{sched._tag}:g:late") <= 2
+    client.close()
+
+
+def test_lapsed_registrations_are_skipped_and_dropped(clean_redis_server: RedisServer) -> None:
+    """100 processes in P:pl, 40 of them with a heartbeat that lapsed before anyone waits
+    (a process that died): the signal's round tells the 60 live ones once each, none of the
+    40, and drops the 40 from P:pl and P:pn as it meets them (the next round does not
+    meet them again)."""
+    client = redis.Redis.from_url(clean_redis_server.url)
+    holders, dead = 100, 40
+    sched = _fleet(client, holders)
+    for p in range(dead):  # (their registration ends at 0.5 s of the scripts' clock)
+        client.zadd(sched._keys.pools, {f"holder{p}": 0.5})
+    for i in range(math.ceil(holders / SIGNAL_BATCH)):
+        now = 1.0 + 0.001 * i
+        assert isinstance(sched.acquire(now, Request(f"w{i}", "edge"))[0], Enqueue)
+    assert _told(client, sched, holders) == [0] * dead + [1] * (holders - dead)
+    assert client.zcard(sched._keys.pools) == holders - dead
+    assert client.zcard(sched._keys.pools_names) == holders - dead
+    client.close()
+
+
+def _packed(client: redis.Redis, sched: LuaScheduler) -> list[str]:
+    """P:s's packed numbers' texts (store.lua's PACKED, in its order)."""
+    raw: Any = client.hget(sched._key, "nums")
+    return str(raw.decode()).split(protocol.SEP)
+
+
+def test_an_older_build_s_rest_is_told_and_cleared(clean_redis_server: RedisServer) -> None:
+    """A rolling deploy: an older build (branch `fanout`) left a signal's rest in P:pw and
+    its packed `sq` set. This build tells that rest first, SIGNAL_BATCH a call (each once,
+    its lapsed members skipped), clears `sq` with its last, and only then starts a round of
+    its own (by name, from P:pn: P:pw and `sq` are never written again)."""
+    client = redis.Redis.from_url(clean_redis_server.url)
+    holders = 100
+    sched = _fleet(client, holders)
+    sep = protocol.SEP
+    nums = _packed(client, sched)
+    assert len(nums) == 29  # (the older build's 28 and this build's sk)
+    nums[27] = "0"  # (sq: the older build's rest, set aside at 0)
+    client.hset(sched._key, "nums", sep.join(nums[:28]))  # (as the older build wrote it)
+    rest = {f"holder{p}": 1e6 for p in range(50, holders)}
+    rest["gone"] = 0.0005  # (lapsed before the call: skipped)
+    client.zadd(sched._keys.pools_rest, rest)
+    # Someone starts waiting past the gap: the older build's rest first, 32 (the lapsed
+    # one first, by its score: 31 told) and then 19.
+    assert isinstance(sched.acquire(1.0, Request("w0", "edge"))[0], Enqueue)
+    assert sum(_told(client, sched, holders)) == SIGNAL_BATCH - 1
+    assert isinstance(sched.acquire(1.001, Request("w1", "edge"))[0], Enqueue)
+    assert _told(client, sched, holders) == [0] * 50 + [1] * 50
+    assert client.exists(sched._keys.pools_rest) == 0
+    assert _packed(client, sched)[27] == ""  # (sq cleared)
+    # Nobody waits (the two admitted in turn); the next opening has nothing of the rest
+    # left: a signal of this build's anew (past the gap), by name over P:pn, 32 a call.
+    sched.release(1.1, "first")
+    sched.release(1.1, "w0")
+    assert sched.waiting == 0
+    assert isinstance(sched.acquire(1.2, Request("w2", "edge"))[0], Enqueue)
+    assert sum(_told(client, sched, holders)) == 50 + SIGNAL_BATCH
+    assert client.exists(sched._keys.pools_rest) == 0
     client.close()

@@ -44,9 +44,13 @@ P:pl             zset    process -> until when it may hold a pool: a lease of ra
                          tokens (its expiry, ratelease.lua) or kept concurrency
                          slots (its heartbeat's, renew.lua); told on its grant list
                          when someone starts waiting (store.lua's signal_waiting)
-P:pw             zset    the processes of P:pl a signal has still to tell, when it    T
-                         had more than SIGNAL_BATCH (scripts.py): the next calls
-                         tell them, that many each (store.lua's signal_rest)
+P:pn             zset    P:pl's members by name (all scored 0): a signal walks it     T
+                         SIGNAL_BATCH (scripts.py) names a call from P:s's cursor
+                         (SIGNAL_CURSOR), store.lua's signal_next
+P:pw             zset    an older build's copy of P:pl (branch `fanout`): the         T
+                         processes its signal had still to tell; this build tells
+                         them, SIGNAL_BATCH a call (store.lua's signal_rest), and
+                         never writes it
 P:lw             list    window summaries of a learned limit, since its last step     live
                          (learner.py, which sets the TTLs of these two on each write)
 P:lstep          string  the fleet's claim on the learned limit's current step        window
@@ -100,6 +104,7 @@ SUFFIX: Final = MappingProxyType(
         "recent": ":rc:",
         "procs": ":procs",
         "pools": ":pl",
+        "pools_names": ":pn",
         "pools_rest": ":pw",
         "learn_windows": ":lw",
         "learn_step": ":lstep",
@@ -150,6 +155,10 @@ LIVE_STAMP: Final = "lv"
 #: someone waits (store.lua, call.signal_waiting): read and written only on that
 #: transition, so no other call pays for it (not one of the packed numbers).
 SIGNALED: Final = "sg"
+#: P:s's field with where the signal's round under way goes on in P:pn: a ZRANGEBYLEX
+#: bound after the last name taken (store.lua, call.signal_next): read only while a round
+#: is under way (the packed ``sk``), written by each call of a round that leaves names.
+SIGNAL_CURSOR: Final = "sc"
 
 
 def hash_tag(prefix: str) -> str:
@@ -175,6 +184,7 @@ class Keys:
         self.qlen = self.tag + SUFFIX["qlen"]
         self.procs = self.tag + SUFFIX["procs"]
         self.pools = self.tag + SUFFIX["pools"]
+        self.pools_names = self.tag + SUFFIX["pools_names"]
         self.pools_rest = self.tag + SUFFIX["pools_rest"]
         self.leases = self.tag + SUFFIX["leases"]
         self.lease_costs = self.tag + SUFFIX["lease_costs"]

@@ -106,10 +106,10 @@ LEASE_ANCHOR_AT: Final = 16
 #: the bound is exact regardless (tokens and slots are counted out in Redis).
 SIGNAL_GAP_S: Final = 0.1
 #: One script call tells this many of those processes at most (store.lua,
-#: call.signal_waiting, some 19,000 instructions each: 1,000 at once would hold Redis
-#: for about 2 ms); the rest are set aside (P:pw) and told by the following calls that
-#: leave someone waiting, this many each (call.signal_rest): N processes are all told
-#: within ceil(N / SIGNAL_BATCH) such calls.
+#: call.signal_next, some 19,000 instructions each: 1,000 at once would hold Redis
+#: for about 2 ms); a signal walks P:pl's members by name (P:pn) from a cursor, this
+#: many a call, the following calls that leave someone waiting (or the next openings)
+#: going on: N processes are all told within ceil(N / SIGNAL_BATCH) such calls.
 SIGNAL_BATCH: Final = 32
 #: The live processes a batch call reports (its trailer) are counted at most this often
 #: per budget (batch.lua, live_processes), and at once when a call registers its process.
@@ -215,6 +215,7 @@ SHARED: Final[Mapping[str, object]] = {
         "SIGNAL_GAP": SIGNAL_GAP_S,
         "SIGNAL_BATCH": SIGNAL_BATCH,
         "SIGNALED": keys.SIGNALED,  # (a field's name: here, not a local of its own)
+        "SIGNAL_CURSOR": keys.SIGNAL_CURSOR,
         "IDLE_ANCHOR": keys.IDLE_ANCHOR,
         "NUMBERS_MAX": NUMBERS_MAX,
         "INTEGER_TEXT_MAX": INTEGER_TEXT_MAX,

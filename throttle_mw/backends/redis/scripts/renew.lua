@@ -7,7 +7,7 @@
 -- ARGV[1]  now override ("" in production).  ARGV[2] P.  ARGV[3] process id.
 -- ARGV[4]  lease_ttl_s.  ARGV[5] heartbeat_ttl_s.  ARGV[6] key_ttl_s (T, keys.py).
 -- ARGV[7]  1: the process may keep concurrency slots (THROTTLE_KEEP_SLOTS) until this
---          heartbeat lapses: it is in P:pl until then, told when someone starts waiting
+--          heartbeat lapses: it is in P:pl (and P:pn) until then, told when someone starts waiting
 --          (store.lua's call.signal_waiting), and told at once if someone waits as
 --          it is registered anew; 0: not.
 -- ARGV[8..] lease ids held.
@@ -48,13 +48,17 @@ if ARGV[7] == '1' then
   -- Registered anew (its first heartbeat, or one after its registration lapsed) while
   -- someone waits: the signal of that opening (store.lua's call.signal_waiting) may have
   -- gone out before this process was in P:pl, with a slot it kept meanwhile: told now.
-  if redis.call('ZADD', K.pools, 'GT', num(beat), proc) > 0
-    and (tonumber(redis.call('HGET', K.state, 'waiting')) or 0) > 0 then
-    local grants = K.prefix .. KEY.grants .. proc
-    redis.call('RPUSH', grants, MESSAGE.waiting)
-    redis.call('PEXPIRE', grants, ttl)
+  -- Its name in P:pn with its first registration (store.lua's call.signal_next walks it).
+  if redis.call('ZADD', K.pools, 'GT', num(beat), proc) > 0 then
+    redis.call('ZADD', K.pools_names, 0, proc)
+    if (tonumber(redis.call('HGET', K.state, 'waiting')) or 0) > 0 then
+      local grants = K.prefix .. KEY.grants .. proc
+      redis.call('RPUSH', grants, MESSAGE.waiting)
+      redis.call('PEXPIRE', grants, ttl)
+    end
   end
   redis.call('PEXPIRE', K.pools, ttl)
+  redis.call('PEXPIRE', K.pools_names, ttl)
 end
 local live = redis.call('ZCARD', K.procs)
 local ep = redis.call('HGET', K.state, 'ep') or ''

@@ -43,8 +43,10 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- fast.lua's lapsed_lease; unset: not known); rate tokens out in processes' leases
 -- (core.lua's lease_tokens; unset: none ever): the newer generation's number (rg), its
 -- tokens (ra) and expiry (rx), the older one's tokens (rb) and expiry (ry); when the
--- processes still to be told that someone waits were set aside (sq: call.signal_waiting;
--- unset: none are).
+-- processes still to be told that someone waits were set aside in P:pw by an older build
+-- (sq: call.signal_rest drains them; this build never sets it); when this build's round of
+-- that signal began, while processes are still to be told (sk: call.signal_next; unset:
+-- none are).
 -- The layout: the numbers in PACKED share one field, PACKED_FIELD, their texts in that
 -- order joined with SEP ('' for unset), read and written whole: Redis reads one field for
 -- a fraction of what it takes for a dozen, and a loaded library remembers the last text
@@ -54,7 +56,7 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- and save know this layout (and fast.lua's lean_release, by call.AT).
 local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', 'thr',
   'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc', 'lm', 'lk', 'le',
-  'rg', 'ra', 'rx', 'rb', 'ry', 'sq'}
+  'rg', 'ra', 'rx', 'rb', 'ry', 'sq', 'sk'}
 local PACKED_FIELD = 'nums'
 -- (call.save_plain writes PLAIN's fields out in this order.)
 local PLAIN = {'inflight', 'waiting', 'tk_by', 'ep', LIVE_STAMP}
@@ -579,7 +581,7 @@ local function load_packed(text)
     v_rate = v[7], thr = v[8], meas_at = v[9], qcost = v[10], wsum = v[11], seq = v[12],
     tk_at = v[13], xp = v[14], fi = v[15], la = v[16], rc = v[17], np = v[18], pc = v[19],
     lm = v[20], lk = v[21], le = v[22], rg = v[23], ra = v[24], rx = v[25], rb = v[26], ry = v[27],
-    sq = v[28]}
+    sq = v[28], sk = v[29]}
 end
 
 local function load_plain(name, value)
@@ -1312,6 +1314,7 @@ function call.save_packed(args)
   x = s.rb; if x ~= vals[26] then c = true; vals[26] = x; texts[26] = x and num(x) or '' end
   x = s.ry; if x ~= vals[27] then c = true; vals[27] = x; texts[27] = x and num(x) or '' end
   x = s.sq; if x ~= vals[28] then c = true; vals[28] = x; texts[28] = x and num(x) or '' end
+  x = s.sk; if x ~= vals[29] then c = true; vals[29] = x; texts[29] = x and num(x) or '' end
   if c then
     text = table.concat(texts, SEP)
     args[1] = PACKED_FIELD; args[2] = text
@@ -1326,7 +1329,7 @@ end
 function call.save_packed_anew(args, hot)
   local vals = {S.tokens, S.ts, S.v, S.win_at, S.win_v0, S.win_cost, S.v_rate, S.thr,
     S.meas_at, S.qcost, S.wsum, S.seq, S.tk_at, S.xp, S.fi, S.la, S.rc, S.np, S.pc, S.lm, S.lk,
-    S.le, S.rg, S.ra, S.rx, S.rb, S.ry, S.sq}
+    S.le, S.rg, S.ra, S.rx, S.rb, S.ry, S.sq, S.sk}
   local old, texts = {}, nil
   if loaded ~= nil then old = loaded.vals end
   local places = nil
@@ -1386,9 +1389,13 @@ call.state_args = {}
 -- fast.lua's, which compares only what it can change (call.HOT_PACKED).
 local function save(hot)
   -- (Someone waits now and nobody did as this call found the state: call.signal_waiting;
-  -- someone did, and processes are still to be told: the next of them.)
+  -- someone did, and processes are still to be told: the next of them; an older build's
+  -- rest in P:pw first.)
   if S.waiting > 0 then
-    if (S0.waiting or 0) <= 0 then call.signal_waiting() elseif S.sq then call.signal_rest() end
+    if (S0.waiting or 0) <= 0 then call.signal_waiting()
+    elseif S.sq then call.signal_rest()
+    elseif S.sk then call.signal_next()
+    end
   end
   call.flush_idle()
   local args, n = call.state_args, 0
@@ -1461,7 +1468,7 @@ function call.load_acquire_state()
   s.np = n[18]; s.pc = n[19]; s.lm = n[20]; s.lk = n[21] or 0; s.le = n[22]
   s.rg = n[23]  -- (leases of rate tokens: the rest only if there were any)
   if s.rg ~= nil then s.ra = n[24]; s.rx = n[25]; s.rb = n[26]; s.ry = n[27] end
-  s.sq = n[28]
+  s.sq = n[28]; s.sk = n[29]
   s.inflight = NUMBERS[v[2]] or tonum(v[2]); s.waiting = NUMBERS[v[3]] or tonum(v[3])
   s.ep = v[4] or ''; s.lv = v[5] or ''
   call.inflight0 = s.inflight; call.lv0 = s.lv
@@ -1639,13 +1646,24 @@ end
 --
 -- One call tells TUNING.SIGNAL_BATCH processes at most (each costs an RPUSH and a PEXPIRE,
 -- some 19,000 instructions: all of a large fleet at once would hold Redis for over a
--- millisecond). The rest are set aside, P:pl as it was then copied into P:pw (process ->
--- until), and S.sq says so: each following full call that leaves someone waiting tells
--- the next SIGNAL_BATCH of them, their registration still live (a process gone is not
--- told), until none is left. Nobody waits any more: the rest wait in P:pw (a pool they
--- keep then takes nothing from anyone); the next opening tells the next of them, within
--- the gap or after it: a signal starts anew from P:pl only once the last one's rest is
--- told, so at an edge whose openings are short every holder is still told in turn.
+-- millisecond), and no call does work that grows with the fleet: a signal is a round over
+-- P:pn, P:pl's members by name (all scored 0, so ZRANGEBYLEX walks them in a fixed order
+-- whatever their registrations' expiries do), from the name after the last one told (P:s's
+-- TUNING.SIGNAL_CURSOR, read only while a round is under way: S.sk, when it began). Each
+-- call of the round takes the next SIGNAL_BATCH names (ZRANGEBYLEX ... LIMIT) and their
+-- registrations (ZMSCORE of P:pl): the live ones are told, the lapsed or gone ones dropped
+-- from both keys. Each following full call that leaves someone waiting takes the next
+-- batch, until the walk reaches the last name: N registered processes are all told within
+-- ceil(N / SIGNAL_BATCH) such calls, each once (a process renewed meanwhile keeps its
+-- place: its name). Nobody waits any more: the round waits (a pool kept while nobody
+-- waits takes nothing from anyone); the next opening, within the gap or after it, goes on
+-- with it: a signal starts anew only once the last round reached its end.
+-- An older build (branch `fanout`) copied P:pl into P:pw and set S.sq: its rest is told
+-- first (call.signal_rest, ZPOPMIN, SIGNAL_BATCH a call), then S.sq is cleared (the key
+-- went with its last member); this build sets neither. An older build ignores P:pn, the
+-- cursor and S.sk, and drops S.sk when it writes the packed numbers: the round then ends
+-- there (the processes after the cursor told at the next signal, or at their next reply
+-- or T, as for a message missed).
 
 -- The processes that may hold a pool are told that someone waits (save, on the transition).
 function call.signal_waiting()
@@ -1655,32 +1673,56 @@ function call.signal_waiting()
     return
   end
   -- The rest of the last signal first (within the gap too: at most SIGNAL_BATCH a call;
-  -- none left, P:pw lapsed: a signal anew).
+  -- an older build's in P:pw, then this build's round; none left: a signal anew).
   if S.sq and call.signal_rest() > 0 then return end
+  if S.sk and call.signal_next() > 0 then return end
   -- At most once per TUNING.SIGNAL_GAP per budget (P:s's TUNING.SIGNALED: read only here): a
   -- pool taken since the last signal goes back at its next reply or its T.
   local last = tonumber(redis.call('HGET', K.state, TUNING.SIGNALED))
   if last ~= nil and now >= last and now < last + TUNING.SIGNAL_GAP then return end
   redis.call('HSET', K.state, TUNING.SIGNALED, num(now))
-  local batch = TUNING.SIGNAL_BATCH
-  local holders = redis.call('ZRANGEBYSCORE', K.pools, '(' .. num(now), '+inf', 'LIMIT', 0,
-    batch + 1)
-  if #holders <= batch then
-    for i = 1, #holders do emit(holders[i], MESSAGE.waiting) end
-    return
-  end
-  -- More than one call's: P:pl copied whole (COPY: its bytes in the compact encoding,
-  -- some 1,350 instructions a member past it, measured; a ZRANGESTORE inserts member by
-  -- member, in the compact encoding a scan each: some 17,000), its registrations that
-  -- lapsed dropped, and told from it in P:pl's order (by until, as ZRANGEBYSCORE).
-  redis.call('COPY', K.pools, K.pools_rest, 'REPLACE')
-  redis.call('ZREMRANGEBYSCORE', K.pools_rest, '-inf', num(now))
-  redis.call('PEXPIRE', K.pools_rest, ttl_ms('state'))
-  S.sq = now
-  call.signal_rest()
+  call.signal_next('-')
 end
 
--- The next TUNING.SIGNAL_BATCH processes set aside by the last signal are told (S.sq).
+-- The next TUNING.SIGNAL_BATCH names of P:pn after `from` (a ZRANGEBYLEX bound; nil: the
+-- cursor of the round under way) are told if their registration in P:pl is live, dropped
+-- from P:pn and P:pl if it lapsed (or from P:pn if it is gone). The round goes on (S.sk,
+-- the cursor after the last name taken) while names are left. Returns how many it took.
+function call.signal_next(from)
+  local batch = TUNING.SIGNAL_BATCH
+  if from == nil then from = redis.call('HGET', K.state, TUNING.SIGNAL_CURSOR) end
+  local names = {}
+  if from then
+    names = redis.call('ZRANGEBYLEX', K.pools_names, from, '+', 'LIMIT', 0, batch + 1)
+  end
+  local n = #names
+  if n > batch then
+    n = batch
+    S.sk = S.sk or now
+    redis.call('HSET', K.state, TUNING.SIGNAL_CURSOR, '(' .. names[n])
+  else
+    S.sk = nil  -- (the cursor field stays: read only while S.sk is set)
+  end
+  if n == 0 then return 0 end
+  local untils = redis.call('ZMSCORE', K.pools, unpack(names, 1, n))
+  local gone = nil
+  for i = 1, n do
+    local til = tonumber(untils[i])  -- (false: not in P:pl)
+    if til ~= nil and til > now then
+      emit(names[i], MESSAGE.waiting)
+    else
+      gone = gone or {}
+      gone[#gone + 1] = names[i]
+    end
+  end
+  if gone ~= nil then
+    redis.call('ZREM', K.pools_names, unpack(gone))
+    redis.call('ZREM', K.pools, unpack(gone))  -- (lapsed: a heartbeat registers it anew)
+  end
+  return n
+end
+
+-- An older build's rest (P:pw, S.sq): its next TUNING.SIGNAL_BATCH processes are told.
 function call.signal_rest()
   local batch = TUNING.SIGNAL_BATCH
   local rest = redis.call('ZPOPMIN', K.pools_rest, batch)  -- (process, until, ...)
@@ -1697,9 +1739,11 @@ end
 -- EVAL, on every call); renew.lua, the other writer, sets it too.
 function call.pool_held(til)
   local added = redis.call('ZADD', K.pools, 'GT', num(til), proc)
+  if added > 0 then redis.call('ZADD', K.pools_names, 0, proc) end  -- (its name: signal_next)
   local due = K.pools_due
   if added > 0 or due == nil or now >= due or now < due - POL.ttl then
     redis.call('PEXPIRE', K.pools, ttl_ms('state'))
+    redis.call('PEXPIRE', K.pools_names, ttl_ms('state'))
     K.pools_due = now + POL.ttl / TTL_REFRESHES
   end
 end
