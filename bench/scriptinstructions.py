@@ -257,7 +257,7 @@ def queue(vg: Valgrind, rounds: int, width: int, evalsha: bool) -> dict[str, Any
 
 
 def edge(
-    vg: Valgrind, rounds: int, holders: int, evalsha: bool, step: float = 0.001
+    vg: Valgrind, rounds: int, holders: int, evalsha: bool, step: float = 0.001, warmup: int = 5
 ) -> dict[str, Any]:
     """A concurrency budget at its edge (a limit of 1): each round one request queues
     (waiting 0 -> 1) and the release of the one running admits it (1 -> 0), the budget of
@@ -265,7 +265,9 @@ def edge(
     may keep slots (renew.lua registers them in P:pl, where the build has it): each 0 -> 1
     tells them on their grant lists (store.lua's call.signal_waiting), at most once per
     scripts.SIGNAL_GAP_S where the build has it: `step`, the scripts' clock from one round
-    to the next (1 ms: one opening in a hundred told; above the gap: every one)."""
+    to the next (1 ms: one opening in a hundred told; above the gap: every one). `warmup`
+    rounds are run before the measured ones (0: the first opening, the one that starts a
+    signal, is measured)."""
     vg.client.flushall()
     policy = Policy(dict.fromkeys(PRIORITIES, 30.0), queue_limit=10_000, max_tenants=100_000)
     sched = LuaScheduler(vg.client, Limits(concurrency=1), policy, now=0.0, functions=not evalsha)
@@ -275,7 +277,10 @@ def edge(
             args = protocol.renew_args("0.0", holder._tag, holder.process, 1e6, 1e6, [], keeps=True)
         except TypeError:  # (a build without P:pl: the heartbeat alone)
             args = protocol.renew_args("0.0", holder._tag, holder.process, 1e6, 1e6, [])
-        holder._run("renew", args, vg.client)
+        if evalsha:
+            holder._run("renew", args, vg.client)
+        else:  # (by EVALSHA, not collected: with --per-call no dump per holder)
+            holder._evalsha["renew"](keys=[holder._key], args=args, client=vg.client)
     first = _request("edge")
     sched.acquire(0.0, first)
     clock = [0.0]
@@ -287,11 +292,13 @@ def edge(
         sched.acquire(clock[0], nxt)  # queues: someone waits
         sched.release(clock[0], running[0])  # dispatches it: nobody waits
         running[0] = nxt.id
+        pipe = vg.client.pipeline(transaction=False)
         for p in range(holders):  # (the holders' lists, read as their listeners would)
-            vg.client.delete(f"{sched._tag}:g:holder{p}")
+            pipe.delete(f"{sched._tag}:g:holder{p}")
+        pipe.execute()
         return 2
 
-    for _ in range(5):
+    for _ in range(warmup):
         one_round()
 
     def work() -> int:
@@ -323,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         "--edge-step", type=float, default=0.001, help="edge: seconds of the scripts' clock a round"
     )
     parser.add_argument(
+        "--edge-warmup", type=int, default=5, help="edge: rounds before the measured ones"
+    )
+    parser.add_argument(
         "--per-call", action="store_true", help="a dump per script call: the largest call too"
     )
     parser.add_argument("--out", type=Path, default=Path("bench/results/scriptinstructions"))
@@ -345,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"queue            {json.dumps(out['queue'])}", flush=True)
         if "edge" in wanted:
             for n in (int(x) for x in args.holders.split(",")):
-                out[f"edge-{n}"] = edge(vg, 50, n, args.evalsha, args.edge_step)
+                out[f"edge-{n}"] = edge(vg, 50, n, args.evalsha, args.edge_step, args.edge_warmup)
                 print(f"edge-{n:<12} {json.dumps(out[f'edge-{n}'])}", flush=True)
     finally:
         vg.close()
