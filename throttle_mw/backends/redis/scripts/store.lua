@@ -1646,10 +1646,12 @@ end
 --
 -- One call tells TUNING.SIGNAL_BATCH processes at most (each costs an RPUSH and a PEXPIRE,
 -- some 19,000 instructions: all of a large fleet at once would hold Redis for over a
--- millisecond), and no call does work that grows with the fleet: a signal is a round over
--- P:pn, P:pl's members by name (all scored 0, so ZRANGEBYLEX walks them in a fixed order
--- whatever their registrations' expiries do), from the name after the last one told (P:s's
--- TUNING.SIGNAL_CURSOR, read only while a round is under way: S.sk, when it began). Each
+-- millisecond), and no call does work that grows with the fleet. Up to SIGNAL_BATCH live
+-- registrations are told from P:pl at once (ZRANGEBYSCORE ... LIMIT); with more, a signal
+-- is a round over P:pn, P:pl's members by name (all scored 0, so ZRANGEBYLEX walks them
+-- in a fixed order whatever their registrations' expiries do), from the name after the
+-- last one taken (P:s's TUNING.SIGNAL_CURSOR, read only while a round is under way: S.sk,
+-- when it began). Each
 -- call of the round takes the next SIGNAL_BATCH names (ZRANGEBYLEX ... LIMIT) and their
 -- registrations (ZMSCORE of P:pl): the live ones are told, the lapsed or gone ones dropped
 -- from both keys. Each following full call that leaves someone waiting takes the next
@@ -1681,6 +1683,17 @@ function call.signal_waiting()
   local last = tonumber(redis.call('HGET', K.state, TUNING.SIGNALED))
   if last ~= nil and now >= last and now < last + TUNING.SIGNAL_GAP then return end
   redis.call('HSET', K.state, TUNING.SIGNALED, num(now))
+  local batch = TUNING.SIGNAL_BATCH
+  local holders = redis.call('ZRANGEBYSCORE', K.pools, '(' .. num(now), '+inf', 'LIMIT', 0,
+    batch + 1)
+  if #holders <= batch then  -- (one call's: told, no round)
+    for i = 1, #holders do emit(holders[i], MESSAGE.waiting) end
+    return
+  end
+  -- More: a round by name. P:pl out of its compact encoding first (the anchor: longer than
+  -- an entry of it may be; score 0, never live, never in P:pn), where each of the round's
+  -- ZMSCORE lookups would scan it (some 10,000 instructions each at 100 members).
+  redis.call('ZADD', K.pools, 'NX', 0, TUNING.LEASE_ANCHOR)
   call.signal_next('-')
 end
 
