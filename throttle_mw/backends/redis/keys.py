@@ -43,7 +43,10 @@ P:procs          zset    process -> heartbeat expiry                            
 P:pl             zset    process -> until when it may hold a pool: a lease of rate    T
                          tokens (its expiry, ratelease.lua) or kept concurrency
                          slots (its heartbeat's, renew.lua); told on its grant list
-                         when someone starts waiting (store.lua's signal_waiting)
+                         when someone starts waiting (store.lua's signal_waiting);
+                         once a signal had more than SIGNAL_BATCH to tell, an
+                         anchor member (LEASE_ANCHOR, score 0: never live) keeps
+                         it in its big encoding
 P:pn             zset    P:pl's members by name (all scored 0): a signal walks it     T
                          SIGNAL_BATCH (scripts.py) names a call from P:s's cursor
                          (SIGNAL_CURSOR), store.lua's signal_next

@@ -2,8 +2,8 @@
 --
 -- The process has already cancelled its waiters and released its leases through
 -- batch.lua; this removes its grant list, its recent-admissions list, its heartbeat and
--- its entries in P:pl, P:pn and P:pw (an older build's; it holds no pool any more: nobody tells it that someone
--- waits).
+-- its entries in P:pl, P:pn and P:pw (an older build's key): it holds no pool any more,
+-- nobody tells it that someone waits.
 --
 -- KEYS[1]  P:s (routing only).
 -- ARGV[1]  P.  ARGV[2] process id.

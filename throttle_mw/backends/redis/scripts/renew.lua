@@ -7,9 +7,9 @@
 -- ARGV[1]  now override ("" in production).  ARGV[2] P.  ARGV[3] process id.
 -- ARGV[4]  lease_ttl_s.  ARGV[5] heartbeat_ttl_s.  ARGV[6] key_ttl_s (T, keys.py).
 -- ARGV[7]  1: the process may keep concurrency slots (THROTTLE_KEEP_SLOTS) until this
---          heartbeat lapses: it is in P:pl (and P:pn) until then, told when someone starts waiting
---          (store.lua's call.signal_waiting), and told at once if someone waits as
---          it is registered anew; 0: not.
+--          heartbeat lapses: it is in P:pl (its name in P:pn) until then, told when
+--          someone starts waiting (store.lua's call.signal_waiting), and told at once if
+--          someone waits as it is registered anew; 0: not.
 -- ARGV[8..] lease ids held.
 -- Returns {the number of live processes (heartbeats not yet expired), the epoch of the
 -- budget's state ("" if it has none: it expired unused, or Redis lost it), one character

@@ -1651,10 +1651,9 @@ end
 -- is a round over P:pn, P:pl's members by name (all scored 0, so ZRANGEBYLEX walks them
 -- in a fixed order whatever their registrations' expiries do), from the name after the
 -- last one taken (P:s's TUNING.SIGNAL_CURSOR, read only while a round is under way: S.sk,
--- when it began). Each
--- call of the round takes the next SIGNAL_BATCH names (ZRANGEBYLEX ... LIMIT) and their
--- registrations (ZMSCORE of P:pl): the live ones are told, the lapsed or gone ones dropped
--- from both keys. Each following full call that leaves someone waiting takes the next
+-- when it began). Each call of the round takes the next SIGNAL_BATCH names (ZRANGEBYLEX
+-- ... LIMIT) and their registrations (ZMSCORE of P:pl): the live ones are told, the
+-- lapsed or gone ones dropped from both keys. Each following full call that leaves someone waiting takes the next
 -- batch, until the walk reaches the last name: N registered processes are all told within
 -- ceil(N / SIGNAL_BATCH) such calls, each once (a process renewed meanwhile keeps its
 -- place: its name). Nobody waits any more: the round waits (a pool kept while nobody
