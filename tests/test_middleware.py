@@ -669,3 +669,58 @@ async def test_the_app_is_called_as_python_calls_it() -> None:
     seen.clear()
     await call(middleware, "GET", "/")
     assert seen == ["function"]
+
+
+@pytest.mark.anyio
+async def test_scopes_without_the_optional_keys_take_the_same_path() -> None:
+    """The common path reads the scope by subscripts in a ``try``: a scope without a
+    root path, a state or a client, a client of None (a Unix socket), a route's, a
+    host's and a tenant's first request are decided as with every key present."""
+    decisions: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        decisions.append(scope["state"]["throttle"])
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = ThrottleMiddleware(app, rate=1000.0, concurrency=10)
+    await middleware.startup()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    full = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "GET",
+        "path": "/",
+        "root_path": "",
+        "headers": [(b"host", b"x")],
+        "client": ("10.0.0.7", 1234),
+        "state": {},
+    }
+    scopes: list[tuple[dict[str, Any], str]] = [
+        ({k: v for k, v in full.items() if k not in ("root_path", "state")}, "ip:10.0.0.7"),
+        ({k: v for k, v in full.items() if k != "client"}, "ip:unknown"),
+        ({**full, "client": None}, "ip:unknown"),
+        ({**full, "client": ("10.0.0.8", 1)}, "ip:10.0.0.8"),
+        ({**full, "root_path": "/api"}, "ip:10.0.0.7"),
+        ({**full, "headers": [(b"x-tenant-id", b"acme")]}, "acme"),
+        ({**full, "headers": [(b"x-tenant-id", b"acme")]}, "acme"),
+        (full, "ip:10.0.0.7"),
+    ]
+    for scope, tenant in scopes:
+        sent.clear()
+        await middleware(dict(scope), receive, send)
+        assert sent[0]["headers"] == [(b"server-timing", b"throttle;dur=0.0")]
+        assert decisions[-1].tenant == tenant
+        assert decisions[-1].outcome == "admitted"
+    assert middleware.backend is not None
+    snapshot = await middleware.backend.snapshot()
+    assert snapshot.in_flight == 0
+    await middleware.shutdown()

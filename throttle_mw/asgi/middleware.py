@@ -328,12 +328,15 @@ class ThrottleMiddleware:
         # out here rather than in helper coroutines: it runs for every request, and
         # each coroutine layer, and each local of this frame, costs (see
         # bench/README.md). Everything else goes to `_throttle`.
-        # RouteTags.tag_for's cache hit, inlined.
+        # RouteTags.tag_for's cache hit, inlined. Subscripts in a ``try`` (which costs
+        # nothing until a key is missing: a route's first request, a scope without a
+        # root path), not ``.get`` calls: this runs for every request.
         tag = None
-        if not scope.get("root_path"):
-            paths = self._route_cache.get(scope["method"])
-            if paths is not None:
-                tag = paths.get(scope["path"])
+        try:
+            if not scope["root_path"]:
+                tag = self._route_cache[scope["method"]][scope["path"]]
+        except KeyError:
+            pass
         if tag is None:
             tag = self._routes.tag_for(scope)
         if tag.exempt:
@@ -359,13 +362,18 @@ class ThrottleMiddleware:
                     if announced is None and name in _BODY_HEADERS:
                         announced = name != b"content-length" or value.strip() != b"0"
                 if not found:
-                    client = scope.get("client")  # client_address's cache hit, inlined
-                    tenant = _ADDRESSES.get(client[0] if client else None)
-                    if tenant is None:
+                    # client_address's cache hit, inlined (subscripts, as above: a host
+                    # misses the cache once; a client of None, e.g. on a Unix socket,
+                    # is cached as None).
+                    try:
+                        client = scope["client"]
+                        tenant = _ADDRESSES[client[0] if client else None]
+                    except KeyError:
                         tenant = client_address(scope)
                 else:
-                    tenant = _NAMED.get(found)  # header_tenant's cache hit, inlined
-                    if tenant is None:
+                    try:  # header_tenant's cache hit, inlined (a subscript, as above)
+                        tenant = _NAMED[found]
+                    except KeyError:
                         tenant = header_tenant(found)
             else:
                 tenant = await self._tenants.resolve(scope)
@@ -400,13 +408,17 @@ class ThrottleMiddleware:
             return
         # Admitted at once (holding a lease if `held`), nothing to observe or learn:
         # run the app.
-        state = scope.get("state")
-        if state is None:
+        # Subscripts, not ``.get`` calls, as above: servers give a scope its state
+        # (uvicorn does), and a tenant misses the cache once.
+        try:
+            state = scope["state"]
+        except KeyError:
             state = scope["state"] = {}
-        cached = self._admitted.get(tenant)
-        state["throttle"] = (
-            cached[1] if cached is not None and cached[0] is tag else self._decided(tenant, tag)
-        )
+        try:
+            cached = self._admitted[tenant]
+            state["throttle"] = cached[1] if cached[0] is tag else self._decided(tenant, tag)
+        except KeyError:
+            state["throttle"] = self._decided(tenant, tag)
         # Made when the app first waits on its client (a streamed response): from then
         # on that waiting counts against THROTTLE_CLIENT_HOLD.
         hold: ClientHold | None = None
