@@ -611,3 +611,116 @@ async def test_each_rejection_is_one_structured_log_line(caplog: pytest.LogCaptu
     assert fields["retry_after"] >= 1
     assert fields["request_id"]
     assert "GET /api/plain tenant=acme" in records[0].getMessage()
+
+
+@pytest.mark.anyio
+async def test_the_app_is_called_as_python_calls_it() -> None:
+    """A request calls the app's class's ``__call__`` bound to it (no call slot per
+    request) when that is a Python function, the app itself otherwise; an instance's
+    own ``__call__`` attribute is not called, and a reassigned ``app`` is used."""
+    from types import MethodType
+
+    seen: list[str] = []
+
+    async def respond(send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    class Plain:
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            seen.append("plain")
+            await respond(send)
+
+    class Inherited(Plain):
+        pass
+
+    class Static:
+        @staticmethod
+        async def __call__(scope: Any, receive: Any, send: Any) -> None:
+            seen.append("static")
+            await respond(send)
+
+    async def function(scope: Any, receive: Any, send: Any) -> None:
+        seen.append("function")
+        await respond(send)
+
+    own = Plain()
+    own.__call__ = function  # type: ignore[method-assign]  # Python ignores it too
+    apps: list[tuple[Any, str]] = [
+        (Plain(), "plain"),
+        (Inherited(), "plain"),
+        (Static(), "static"),
+        (function, "function"),
+        (own, "plain"),
+    ]
+    for app, expected in apps:
+        middleware = ThrottleMiddleware(app, rate=1000.0)
+        assert middleware.app is app
+        if isinstance(app, Plain):
+            assert type(middleware._call_app) is MethodType
+            assert middleware._call_app.__self__ is app
+        seen.clear()
+        response = await call(middleware, "GET", "/")
+        assert response.status_code == 200
+        assert "server-timing" in response.headers
+        assert seen == [expected]
+    middleware = ThrottleMiddleware(Plain(), rate=1000.0)
+    middleware.app = function
+    seen.clear()
+    await call(middleware, "GET", "/")
+    assert seen == ["function"]
+
+
+@pytest.mark.anyio
+async def test_scopes_without_the_optional_keys_take_the_same_path() -> None:
+    """The common path reads the scope by subscripts in a ``try``: a scope without a
+    root path, a state or a client, a client of None (a Unix socket), a route's, a
+    host's and a tenant's first request are decided as with every key present."""
+    decisions: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        decisions.append(scope["state"]["throttle"])
+        await send({"type": "http.response.start", "status": 200})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    middleware = ThrottleMiddleware(app, rate=1000.0, concurrency=10)
+    await middleware.startup()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    full = {
+        "type": "http",
+        "http_version": "1.1",
+        "method": "GET",
+        "path": "/",
+        "root_path": "",
+        "headers": [(b"host", b"x")],
+        "client": ("10.0.0.7", 1234),
+        "state": {},
+    }
+    scopes: list[tuple[dict[str, Any], str]] = [
+        ({k: v for k, v in full.items() if k not in ("root_path", "state")}, "ip:10.0.0.7"),
+        ({k: v for k, v in full.items() if k != "client"}, "ip:unknown"),
+        ({**full, "client": None}, "ip:unknown"),
+        ({**full, "client": ("10.0.0.8", 1)}, "ip:10.0.0.8"),
+        ({**full, "root_path": "/api"}, "ip:10.0.0.7"),
+        ({**full, "headers": [(b"x-tenant-id", b"acme")]}, "acme"),
+        ({**full, "headers": [(b"x-tenant-id", b"acme")]}, "acme"),
+        (full, "ip:10.0.0.7"),
+    ]
+    for scope, tenant in scopes:
+        sent.clear()
+        await middleware(dict(scope), receive, send)
+        assert sent[0]["headers"] == [(b"server-timing", b"throttle;dur=0.0")]
+        assert decisions[-1].tenant == tenant
+        assert decisions[-1].outcome == "admitted"
+    assert middleware.backend is not None
+    snapshot = await middleware.backend.snapshot()
+    assert snapshot.in_flight == 0
+    await middleware.shutdown()

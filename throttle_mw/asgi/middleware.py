@@ -16,6 +16,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from types import FunctionType, MethodType
 from typing import Any, Final, Literal, NamedTuple, cast
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -76,6 +77,23 @@ AdmitAtOnce = Callable[[float, int, str, int], bool | None]
 Outcome = Literal["admitted", "degraded", "unthrottled", "would_queue", "would_reject"]
 
 
+def _direct_call(app: ASGIApp) -> ASGIApp:
+    """`app`, or its class's ``__call__`` bound to it when that is a Python function.
+
+    Calling an instance goes through its type's call slot: a lookup of ``__call__``,
+    an argument tuple and a C-level call per request; calling the bound method is a
+    call of a Python function, which 3.11 makes without any of that (the same
+    function, the same arguments). Looked up on the class as Python does for a call
+    (an instance's own ``__call__`` attribute is not called)."""
+    if type(app) is FunctionType:
+        return app
+    for klass in type(app).__mro__:
+        call = vars(klass).get("__call__")
+        if call is not None:
+            return MethodType(call, app) if type(call) is FunctionType else app
+    return app
+
+
 class ThrottleDecision(NamedTuple):
     """What the throttle decided; the app reads it as ``request.state.throttle``."""
 
@@ -111,7 +129,7 @@ class ThrottleMiddleware:
         observers: Sequence[Observer] = (),
         **overrides: Any,
     ) -> None:
-        self.app = app
+        self.app = app  # and `_call_app`
         self._observers = tuple(observers)
         self._enabled = False
         #: Why the middleware cannot run: reported as a failed lifespan start-up.
@@ -194,6 +212,17 @@ class ThrottleMiddleware:
         #: route tag it is for: one immutable tuple shared by such requests (making a
         #: NamedTuple costs more than the rest of the fast path's bookkeeping).
         self._admitted: dict[str, tuple[RouteTag, ThrottleDecision]] = {}
+
+    @property
+    def app(self) -> ASGIApp:
+        """The wrapped ASGI app."""
+        return self._app
+
+    @app.setter
+    def app(self, app: ASGIApp) -> None:
+        self._app = app
+        #: What a request calls: `app`, or its ``__call__`` bound (`_direct_call`).
+        self._call_app = _direct_call(app)
 
     @property
     def backend(self) -> Backend | None:
@@ -299,16 +328,19 @@ class ThrottleMiddleware:
         # out here rather than in helper coroutines: it runs for every request, and
         # each coroutine layer, and each local of this frame, costs (see
         # bench/README.md). Everything else goes to `_throttle`.
-        # RouteTags.tag_for's cache hit, inlined.
+        # RouteTags.tag_for's cache hit, inlined. Subscripts in a ``try`` (which costs
+        # nothing until a key is missing: a route's first request, a scope without a
+        # root path), not ``.get`` calls: this runs for every request.
         tag = None
-        if not scope.get("root_path"):
-            paths = self._route_cache.get(scope["method"])
-            if paths is not None:
-                tag = paths.get(scope["path"])
+        try:
+            if not scope["root_path"]:
+                tag = self._route_cache[scope["method"]][scope["path"]]
+        except KeyError:
+            pass
         if tag is None:
             tag = self._routes.tag_for(scope)
         if tag.exempt:
-            await self.app(scope, receive, send)
+            await self._call_app(scope, receive, send)
             return
         # One pass over the headers: the tenant header (Tenants.from_header, inlined) and
         # whether a body is announced: the first Content-Length or Transfer-Encoding
@@ -330,13 +362,18 @@ class ThrottleMiddleware:
                     if announced is None and name in _BODY_HEADERS:
                         announced = name != b"content-length" or value.strip() != b"0"
                 if not found:
-                    client = scope.get("client")  # client_address's cache hit, inlined
-                    tenant = _ADDRESSES.get(client[0] if client else None)
-                    if tenant is None:
+                    # client_address's cache hit, inlined (subscripts, as above: a host
+                    # misses the cache once; a client of None, e.g. on a Unix socket,
+                    # is cached as None).
+                    try:
+                        client = scope["client"]
+                        tenant = _ADDRESSES[client[0] if client else None]
+                    except KeyError:
                         tenant = client_address(scope)
                 else:
-                    tenant = _NAMED.get(found)  # header_tenant's cache hit, inlined
-                    if tenant is None:
+                    try:  # header_tenant's cache hit, inlined (a subscript, as above)
+                        tenant = _NAMED[found]
+                    except KeyError:
                         tenant = header_tenant(found)
             else:
                 tenant = await self._tenants.resolve(scope)
@@ -371,13 +408,17 @@ class ThrottleMiddleware:
             return
         # Admitted at once (holding a lease if `held`), nothing to observe or learn:
         # run the app.
-        state = scope.get("state")
-        if state is None:
+        # Subscripts, not ``.get`` calls, as above: servers give a scope its state
+        # (uvicorn does), and a tenant misses the cache once.
+        try:
+            state = scope["state"]
+        except KeyError:
             state = scope["state"] = {}
-        cached = self._admitted.get(tenant)
-        state["throttle"] = (
-            cached[1] if cached is not None and cached[0] is tag else self._decided(tenant, tag)
-        )
+        try:
+            cached = self._admitted[tenant]
+            state["throttle"] = cached[1] if cached[0] is tag else self._decided(tenant, tag)
+        except KeyError:
+            state["throttle"] = self._decided(tenant, tag)
         # Made when the app first waits on its client (a streamed response): from then
         # on that waiting counts against THROTTLE_CLIENT_HOLD.
         hold: ClientHold | None = None
@@ -417,7 +458,7 @@ class ThrottleMiddleware:
                     return hold.send(send, message)
             return send(message)
 
-        app = self.app
+        app = self._call_app
         try:
             await app(scope, receive, send_wrapper)
         finally:
@@ -601,7 +642,7 @@ class ThrottleMiddleware:
             return send(message)
 
         try:
-            await self.app(scope, receive, send_wrapper)
+            await self._call_app(scope, receive, send_wrapper)
         finally:
             if held:
                 held = False
