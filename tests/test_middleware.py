@@ -614,64 +614,6 @@ async def test_each_rejection_is_one_structured_log_line(caplog: pytest.LogCaptu
 
 
 @pytest.mark.anyio
-async def test_the_app_is_called_as_python_calls_it() -> None:
-    """A request calls the app's class's ``__call__`` bound to it (no call slot per
-    request) when that is a Python function, the app itself otherwise; an instance's
-    own ``__call__`` attribute is not called, and a reassigned ``app`` is used."""
-    from types import MethodType
-
-    seen: list[str] = []
-
-    async def respond(send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    class Plain:
-        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-            seen.append("plain")
-            await respond(send)
-
-    class Inherited(Plain):
-        pass
-
-    class Static:
-        @staticmethod
-        async def __call__(scope: Any, receive: Any, send: Any) -> None:
-            seen.append("static")
-            await respond(send)
-
-    async def function(scope: Any, receive: Any, send: Any) -> None:
-        seen.append("function")
-        await respond(send)
-
-    own = Plain()
-    own.__call__ = function  # type: ignore[method-assign]  # Python ignores it too
-    apps: list[tuple[Any, str]] = [
-        (Plain(), "plain"),
-        (Inherited(), "plain"),
-        (Static(), "static"),
-        (function, "function"),
-        (own, "plain"),
-    ]
-    for app, expected in apps:
-        middleware = ThrottleMiddleware(app, rate=1000.0)
-        assert middleware.app is app
-        if isinstance(app, Plain):
-            assert type(middleware._call_app) is MethodType
-            assert middleware._call_app.__self__ is app
-        seen.clear()
-        response = await call(middleware, "GET", "/")
-        assert response.status_code == 200
-        assert "server-timing" in response.headers
-        assert seen == [expected]
-    middleware = ThrottleMiddleware(Plain(), rate=1000.0)
-    middleware.app = function
-    seen.clear()
-    await call(middleware, "GET", "/")
-    assert seen == ["function"]
-
-
-@pytest.mark.anyio
 async def test_scopes_without_the_optional_keys_take_the_same_path() -> None:
     """The common path reads the scope by subscripts in a ``try``: a scope without a
     root path, a state or a client, a client of None (a Unix socket), a route's, a

@@ -16,7 +16,6 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from types import FunctionType, MethodType
 from typing import Any, Final, Literal, NamedTuple, cast
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -77,23 +76,6 @@ AdmitAtOnce = Callable[[float, int, str, int], bool | None]
 Outcome = Literal["admitted", "degraded", "unthrottled", "would_queue", "would_reject"]
 
 
-def _direct_call(app: ASGIApp) -> ASGIApp:
-    """`app`, or its class's ``__call__`` bound to it when that is a Python function.
-
-    Calling an instance goes through its type's call slot: a lookup of ``__call__``,
-    an argument tuple and a C-level call per request; calling the bound method is a
-    call of a Python function, which 3.11 makes without any of that (the same
-    function, the same arguments). Looked up on the class as Python does for a call
-    (an instance's own ``__call__`` attribute is not called)."""
-    if type(app) is FunctionType:
-        return app
-    for klass in type(app).__mro__:
-        call = vars(klass).get("__call__")
-        if call is not None:
-            return MethodType(call, app) if type(call) is FunctionType else app
-    return app
-
-
 class ThrottleDecision(NamedTuple):
     """What the throttle decided; the app reads it as ``request.state.throttle``."""
 
@@ -129,7 +111,7 @@ class ThrottleMiddleware:
         observers: Sequence[Observer] = (),
         **overrides: Any,
     ) -> None:
-        self.app = app  # and `_call_app`
+        self.app = app
         self._observers = tuple(observers)
         self._enabled = False
         #: Why the middleware cannot run: reported as a failed lifespan start-up.
@@ -212,17 +194,6 @@ class ThrottleMiddleware:
         #: route tag it is for: one immutable tuple shared by such requests (making a
         #: NamedTuple costs more than the rest of the fast path's bookkeeping).
         self._admitted: dict[str, tuple[RouteTag, ThrottleDecision]] = {}
-
-    @property
-    def app(self) -> ASGIApp:
-        """The wrapped ASGI app."""
-        return self._app
-
-    @app.setter
-    def app(self, app: ASGIApp) -> None:
-        self._app = app
-        #: What a request calls: `app`, or its ``__call__`` bound (`_direct_call`).
-        self._call_app = _direct_call(app)
 
     @property
     def backend(self) -> Backend | None:
@@ -340,7 +311,7 @@ class ThrottleMiddleware:
         if tag is None:
             tag = self._routes.tag_for(scope)
         if tag.exempt:
-            await self._call_app(scope, receive, send)
+            await self.app(scope, receive, send)
             return
         # One pass over the headers: the tenant header (Tenants.from_header, inlined) and
         # whether a body is announced: the first Content-Length or Transfer-Encoding
@@ -458,7 +429,7 @@ class ThrottleMiddleware:
                     return hold.send(send, message)
             return send(message)
 
-        app = self._call_app
+        app = self.app
         try:
             await app(scope, receive, send_wrapper)
         finally:
@@ -642,7 +613,7 @@ class ThrottleMiddleware:
             return send(message)
 
         try:
-            await self._call_app(scope, receive, send_wrapper)
+            await self.app(scope, receive, send_wrapper)
         finally:
             if held:
                 held = False
