@@ -722,21 +722,27 @@ def test_a_lean_charge_leaves_the_state_the_full_call_leaves(lua: Any) -> None:
     """The same history and the same renewal on two budgets, one forced to the full call
     (a charged tenant due for its TTL refresh): the same reply, the same state, tenants
     (tags, weights: one reweighed by the renewal) and idle list; the lean one ran fewer
-    commands."""
-    seen = []
-    for forced in (False, True):
-        scheduler = lua(WEIGHTED)
-        process = known_history(scheduler)
-        if forced:
-            scheduler._client.hdel(scheduler._keys.tenant("idle"), "xp")
-        # the renewal's charges carry gold's weight as the process has it now (a redeploy)
-        scheduler._limits = Limits(rate=10.0, burst=20.0, weights={"gold": 3.0})
-        grant, commands = commands_of(
-            scheduler._client,
-            lambda: known_renewal(scheduler, process),  # noqa: B023
-        )
-        seen.append((grant, scheduler.lease, budget_state(scheduler), sum(commands.values())))
+    commands. (A call's work is bounded by Redis's clock too: on a loaded machine a
+    renewal may charge fewer than it was sent, the rest left for the next one; the pair
+    is run again then, at most five times.)"""
+    for _ in range(5):
+        seen = []
+        for forced in (False, True):
+            scheduler = lua(WEIGHTED)
+            process = known_history(scheduler)
+            if forced:
+                scheduler._client.hdel(scheduler._keys.tenant("idle"), "xp")
+            # the renewal's charges carry gold's weight as the process has it now (a redeploy)
+            scheduler._limits = Limits(rate=10.0, burst=20.0, weights={"gold": 3.0})
+            grant, commands = commands_of(
+                scheduler._client,
+                lambda: known_renewal(scheduler, process),  # noqa: B023
+            )
+            seen.append((grant, scheduler.lease, budget_state(scheduler), sum(commands.values())))
+        if all(reply.charged == len(KNOWN_CHARGES) for _, reply, _, _ in seen):
+            break
     (lean, lean_reply, lean_state, lean_n), (full, full_reply, full_state, full_n) = seen
+    assert lean_reply.charged == len(KNOWN_CHARGES)
     assert (lean, lean_reply) == (full, full_reply)
     assert lean_state == full_state
     assert lean_state["tenants"]["gold"][b"w"] == b"3"
