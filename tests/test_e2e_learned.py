@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,6 +45,12 @@ WORK = Route("work", "GET", "/work", "normal")
 STEADY = (15.0, 25.0)
 DROP_AT = 25.0
 AFTER = (DROP_AT + 10.0, DROP_AT + 16.0)
+#: The static limit's run, the comparison: only its median after the drop is read. A static
+#: limit learns nothing (it admits 8 from the first request), so what it does after the
+#: drop does not depend on how long it ran before: its drop comes at 5 s, and the same
+#: window (10 to 16 s after the drop) is read. 20 s less than the learned run.
+STATIC_DROP_AT = 5.0
+STATIC_AFTER = (STATIC_DROP_AT + 10.0, STATIC_DROP_AT + 16.0)
 
 
 def story(duration_s: float, tenants: str = "ABC") -> Scenario:
@@ -115,12 +120,24 @@ def figures(records: Sequence[Record]) -> dict[str, float]:
 def test_the_learned_limit_follows_a_capacity_that_halves(
     start_app_server: Callable[..., AppServer], client_core: None
 ) -> None:
+    """With no THROTTLE_* variable at all: the default budget is a learned concurrency
+    limit, which protects A and B (only C is refused) and follows the drop.
+
+    (THROTTLE_CONCURRENCY=auto, the same limit by name, runs end to end in the fleet test
+    below and in tests/test_soak.py.)"""
     duration = AFTER[1] + 1.0
-    learned = serve(start_app_server, THROTTLE_CONCURRENCY="auto", **APP_ENV)
-    auto = figures(asyncio.run(_with_drop(learned.url, duration, DROP_AT)))
+    learned = serve(start_app_server, **APP_ENV)
+    records = asyncio.run(_with_drop(learned.url, duration, DROP_AT))
+    auto = figures(records)
+    # Answered before the drop: as in a run without one. Only C is refused there.
+    rejected = [r for r in records if r.status in (429, 503) and r.done_s < DROP_AT - 0.5]
     learned.stop()
     static = serve(start_app_server, THROTTLE_CONCURRENCY=str(SLOTS), **APP_ENV)
-    fixed = figures(asyncio.run(_with_drop(static.url, duration, DROP_AT)))
+    static_records = asyncio.run(_with_drop(static.url, STATIC_AFTER[1] + 1.0, STATIC_DROP_AT))
+    fixed = {
+        "after: A p50 ms": latency_ms(static_records, STATIC_AFTER, "A", 0.5),
+        "5xx": sum(1 for r in static_records if r.status >= 500 and r.status != 503),
+    }
     print({"auto": auto, "static 8": fixed, "app p99 ms": APP_P99_MS})
 
     assert auto["A served"] >= 0.99, auto
@@ -135,24 +152,8 @@ def test_the_learned_limit_follows_a_capacity_that_halves(
     assert auto["after: A p50 ms"] < 0.9 * fixed["after: A p50 ms"], (auto, fixed)
     assert auto["5xx"] == 0, auto
     assert fixed["5xx"] == 0, fixed
-
-
-def test_no_configuration_at_all_protects_a_and_b(
-    start_app_server: Callable[..., AppServer], client_core: None
-) -> None:
-    """No THROTTLE_* variable: the default budget is a learned concurrency limit."""
-    duration = STEADY[1]
-    server = serve(start_app_server, **APP_ENV)
-    records = asyncio.run(_with_drop(server.url, duration, None))
-    served = {t: served_fraction(records, STEADY, t) for t in "AB"}
-    p50 = statistics.median(r.latency_ms for r in _in(records, STEADY, "AB") if r.status == 200)
-    print({"served": served, "A+B p50 ms": p50})
-    assert served["A"] >= 0.99, served
-    assert served["B"] >= 0.99, served
-    assert p50 <= 2 * APP_P99_MS, p50
-    rejected = [r for r in records if r.status in (429, 503)]
     assert rejected
-    assert {r.tenant for r in rejected} == {"C"}
+    assert {r.tenant for r in rejected} == {"C"}, sorted({r.tenant for r in rejected})
 
 
 # --- one learned limit for a fleet ------------------------------------------------------------

@@ -26,6 +26,8 @@ from demo_app.fleet import app_env
 from tests.support.servers import REPO_ROOT, end_process, is_alive, log_tail, spawn, wait_until
 
 e2e = pytest.mark.e2e
+# Statuses, counts and processes gone, never a timing: CI runs these beside other tests.
+untimed = pytest.mark.untimed
 
 STUB_LOADGEN = '''
 """A tiny load generator with demo_app.loadtest's flags: 2 submissions/s per target."""
@@ -156,6 +158,7 @@ def test_without_redis_each_process_gets_its_share_of_the_budget() -> None:
 
 
 @e2e
+@untimed
 def test_fleet_runs_the_real_load_generator(tmp_path: Path) -> None:
     code, log = run_fleet(
         tmp_path,
@@ -170,6 +173,7 @@ def test_fleet_runs_the_real_load_generator(tmp_path: Path) -> None:
 
 
 @e2e
+@untimed
 def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     log_path = tmp_path / "fleet.log"
     argv = [
@@ -199,6 +203,7 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
 
 
 @e2e
+@untimed
 def test_fleet_shares_one_budget_through_redis(tmp_path: Path) -> None:
     code, log = run_fleet(tmp_path, "--duration", "3")
     assert code == 0, log
@@ -229,6 +234,7 @@ def test_fleet_shares_one_budget_through_redis(tmp_path: Path) -> None:
 
 
 @e2e
+@untimed
 @pytest.mark.parametrize("server", ["hypercorn", "granian"])
 def test_the_fleet_runs_under_other_servers(tmp_path: Path, server: str) -> None:
     code, log = run_fleet(tmp_path, "--duration", "2", "--server", server)

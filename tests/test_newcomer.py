@@ -62,6 +62,7 @@ def _pid_gone(pid: int) -> bool:
 
 
 @e2e
+@pytest.mark.untimed  # it checks what the command prints and writes, not the story's numbers
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("budget", ["static", "auto-slowdown"])
 def test_the_newcomer_command_runs_the_story_and_writes_its_report(

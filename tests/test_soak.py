@@ -22,7 +22,10 @@ import pytest
 from bench import soak
 from bench.soakfaults import KINDS
 
-pytestmark = pytest.mark.e2e
+# Counts, statuses, what is left behind, RSS and keys: no bound on a latency or a rate, and the
+# load is open-loop. CI runs these beside the other untimed tests, but the two soaks on one
+# worker (--dist loadgroup): never two fleets of four servers at once.
+pytestmark = [pytest.mark.e2e, pytest.mark.untimed, pytest.mark.xdist_group("soak")]
 
 ARGS = ["--duration", "45", "--seed", "6", "--fault-rate", "15", "--window", "10"]
 
