@@ -27,7 +27,7 @@ from throttle_mw.backends import Admitted
 from throttle_mw.backends.base import Waiting
 from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.backends.redis.keys import Keys
-from throttle_mw.backends.redis.scripts import SIGNAL_BATCH, SIGNAL_GAP_S
+from throttle_mw.backends.redis.scripts import LEASE_ANCHOR, SIGNAL_BATCH, SIGNAL_GAP_S
 from throttle_mw.priorities import PRIORITIES
 from throttle_mw.scheduler import Admit, Enqueue, Granted, Limits, Policy, Request
 from throttle_mw.settings import Settings
@@ -496,6 +496,41 @@ def test_lapsed_registrations_are_skipped_and_dropped(clean_redis_server: RedisS
     assert _told(client, sched, holders) == [0] * dead + [1] * (holders - dead)
     assert client.zcount(sched._keys.pools, "(0", "+inf") == holders - dead  # (not its anchor)
     assert client.zcard(sched._keys.pools_names) == holders - dead
+    client.close()
+
+
+def test_a_heartbeat_drops_lapsed_registrations(clean_redis_server: RedisServer) -> None:
+    """Processes killed without leave.lua leave their registrations in P:pl and their
+    names in P:pn, lapsed: any process's heartbeat (renew.lua) drops them, SIGNAL_BATCH a
+    heartbeat at most, the live ones and P:pl's anchor kept; a process whose own
+    registration lapsed is registered anew by its next heartbeat, and told at once if
+    someone waits."""
+    client = redis.Redis.from_url(clean_redis_server.url)
+    holders, dead = 10, SIGNAL_BATCH + 8
+    sched = _fleet(client, holders)
+    client.zadd(sched._keys.pools, {LEASE_ANCHOR: 0})
+    for p in range(dead):  # (registered until 0.5 s of the scripts' clock, then killed)
+        client.zadd(sched._keys.pools, {f"dead{p}": 0.5})
+        client.zadd(sched._keys.pools_names, {f"dead{p}": 0})
+
+    def beat(process: str, now: float) -> None:
+        holder = sched.joined(process)
+        args = protocol.renew_args(repr(now), holder._tag, process, 1e6, 1e6, [], keeps=True)
+        holder._run("renew", args, client)
+
+    beat("holder0", 1.0)
+    assert client.zcard(sched._keys.pools) == 1 + holders + dead - SIGNAL_BATCH
+    beat("holder1", 1.0)
+    assert client.zrangebyscore(sched._keys.pools, 0, 0) == [LEASE_ANCHOR.encode()]
+    assert client.zcard(sched._keys.pools) == 1 + holders
+    assert client.zcard(sched._keys.pools_names) == holders
+    # holder3's own registration lapsed (its heartbeats stopped), then it comes back while
+    # someone waits: registered anew, so told.
+    client.zadd(sched._keys.pools, {"holder3": 0.5})
+    assert isinstance(sched.acquire(1.1, Request("w0", "edge"))[0], Enqueue)
+    assert _told(client, sched, holders)[3] == 0
+    beat("holder3", 1.2)
+    assert _told(client, sched, holders)[3] == 1
     client.close()
 
 

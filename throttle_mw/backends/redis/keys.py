@@ -46,7 +46,8 @@ P:pl             zset    process -> until when it may hold a pool: a lease of ra
                          when someone starts waiting (store.lua's signal_waiting);
                          once a signal had more than SIGNAL_BATCH to tell, an
                          anchor member (LEASE_ANCHOR, score 0: never live) keeps
-                         it in its big encoding
+                         it in its big encoding; lapsed registrations (a process
+                         killed) are dropped by any heartbeat (renew.lua)
 P:pn             zset    P:pl's members by name (all scored 0): a signal walks it     T
                          SIGNAL_BATCH (scripts.py) names a call from P:s's cursor
                          (SIGNAL_CURSOR), store.lua's signal_next

@@ -44,6 +44,17 @@ redis.call('ZREMRANGEBYSCORE', K.procs, '-inf', num(now))
 local beat = now + tonumber(ARGV[5])
 redis.call('ZADD', K.procs, num(beat), proc)
 redis.call('PEXPIRE', K.procs, ttl)
+-- Registrations in P:pl that lapsed (a process gone without leave.lua: killed, or cut off)
+-- are dropped with their names in P:pn, TUNING.SIGNAL_BATCH a heartbeat at most: a crashed
+-- fleet's names do not pile up in keys the live processes keep alive, and a process that
+-- registers again after its own lapsed is registered anew (told below if someone waits).
+-- (P:pl's anchor, score 0, is not among them.)
+local lapsed = redis.call('ZRANGEBYSCORE', K.pools, '(0', '(' .. num(now), 'LIMIT', 0,
+  TUNING.SIGNAL_BATCH)
+if #lapsed > 0 then
+  redis.call('ZREM', K.pools, unpack(lapsed))
+  redis.call('ZREM', K.pools_names, unpack(lapsed))
+end
 if ARGV[7] == '1' then
   -- Registered anew (its first heartbeat, or one after its registration lapsed) while
   -- someone waits: the signal of that opening (store.lua's call.signal_waiting) may have
