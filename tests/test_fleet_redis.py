@@ -406,7 +406,7 @@ MAX_TENANTS = 500
 CONNECTIONS = 200
 #: Every key a budget may have; tenants appear only as digests, processes as random ids.
 KEY = re.compile(
-    r"\{flood\}:(?:s|cfg|w|tenants|procs|pl|leases|lc|r|dl|active|capped|qlen"
+    r"\{flood\}:(?:s|cfg|w|tenants|procs|pl|pn|leases|lc|r|dl|active|capped|qlen"
     r"|(?:t|q):[0-9a-f]{24}|(?:g|rc):[0-9a-f]{12})"
 )
 
