@@ -396,6 +396,18 @@ def admitted(replies: list[str]) -> int:
     return sum(reply.startswith(protocol.REPLY["admitted"]) for reply in replies)
 
 
+def admit_new(scheduler: LuaScheduler, now: float, first: int, count: int) -> None:
+    """`count` new tenants admitted, the ones a call deferred sent again (a call stops at
+    its work check once Redis's clock says WORK_US went by: on a loaded machine Redis may
+    lose its core mid-call and take only the first two), in five calls at most."""
+    done = 0
+    for _ in range(5):
+        done += admitted(scheduler.batch(now, new_tenants(first + done, count - done)))
+        if done == count:
+            return
+    raise AssertionError(f"{done} of {count} admitted in five calls")
+
+
 def test_a_call_of_new_tenants_writes_each_once_and_the_idle_list_once(
     client: redis.Redis,
 ) -> None:
@@ -450,7 +462,7 @@ def test_a_calls_later_new_tenants_are_copies_of_its_first_with_their_own_name_a
     policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=10_000)
     limits = Limits(rate=1e6, burst=1e6, tenant_rate=100.0, tenant_burst=10.0)
     scheduler = LuaScheduler(client, limits, policy, now=0.0)
-    assert admitted(scheduler.batch(1.0, new_tenants(0, 4))) == 4  # the budget's keys made
+    admit_new(scheduler, 1.0, 0, 4)  # the budget's keys made
     # (A call stops at its work check once Redis's clock says WORK_US went by: on a loaded
     # machine Redis may lose its core mid-call and take only the first two. Bounded tries.)
     for first in range(4, 4 + 5 * 32, 32):
@@ -511,15 +523,20 @@ def test_where_copy_is_refused_new_tenants_are_written_whole(redis_server: Redis
         with redis.Redis(port=redis_server.port, username="nocopy", password="pw-nocopy") as client:
             policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=10_000)
             scheduler = LuaScheduler(client, Limits(rate=1e6, burst=1e6), policy, now=0.0)
-            assert admitted(scheduler.batch(1.0, new_tenants(0, 4))) == 4
-            client.config_resetstat()
-            n = admitted(scheduler.batch(2.0, new_tenants(4, 32)))
+            admit_new(scheduler, 1.0, 0, 4)
+            made = 4
+            for first in range(4, 4 + 5 * 32, 32):  # (bounded tries, as admit_new's)
+                client.config_resetstat()
+                n = admitted(scheduler.batch(2.0, new_tenants(first, 32)))
+                made += n
+                if n >= 4:
+                    break
             assert n >= 4
             used = commands(client)
             assert used["hset"] == n + 1, used
             assert used.get("pexpire", 0) >= n, used  # each its own TTL
             keys = list(client.scan_iter(match="*:t:*", count=1000))
-            assert len(keys) == 4 + n
+            assert len(keys) == made
             for key in keys:
                 assert set(client.hkeys(key)) == {b"name", b"f", b"cap", b"cap_at", b"xp"}
                 assert client.pttl(key) > 0
