@@ -21,9 +21,8 @@ from typing import Any, Final, Literal, NamedTuple, cast
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..backends import make_backend
-from ..backends.base import Admitted, Backend, RequestIds, Waiting
+from ..backends.base import Admitted, Backend, FastPathBackend, RequestIds, Waiting
 from ..backends.base import Outcome as BackendOutcome
-from ..backends.memory import MemoryBackend
 from ..observe import EventKind, Observer, ThrottleEvent
 from ..priorities import Priority, RouteTag, make_tag
 from ..scheduler import LeaseKey, Limits, Reject, Request
@@ -163,27 +162,24 @@ class ThrottleMiddleware:
         self._backend = backend
         if settings.enabled and backend is None:
             self._backend = make_backend(settings)
-        # The in-memory backend's fast path (`MemoryBackend.fast_path`), bound by the
-        # first request (in the event loop the backend runs on); `_admit_at_once` None:
-        # not bound (yet). Not for a subclass that decides or releases its own way.
-        kind = type(self._backend)
-        self._fast_pending = (
-            issubclass(kind, MemoryBackend)
-            and kind.decide_now is MemoryBackend.decide_now
-            and kind.release is MemoryBackend.release
-        )
+        # The backend's fast path (`FastPathBackend.fast_path`: the in-memory one's, the
+        # Redis one's with a lease of rate tokens or kept slots), bound by the first
+        # request (in the event loop the backend runs on); `_admit_at_once` None: not
+        # bound (yet), or the backend offers none.
+        self._fast_pending = callable(getattr(self._backend, "fast_path", None))
         self._clock: Callable[[], float] = time.monotonic
         #: Read with ``next()``: a builtin call 3.11 specializes, where calling the
         #: counter's ``__next__`` method-wrapper is a generic call.
         self._lease_keys: Iterator[int] = itertools.count(1)
         self._admit_at_once: AdmitAtOnce | None = None
-        #: The in-memory backend once `_admit_at_once` is bound, if a request it admits
-        #: at once may need no more than the app run (no observers to tell); whether
-        #: it learns its limit (samples to take) is read per request: a live change
-        #: may switch it.
-        self._lean_backend: MemoryBackend | None = None
+        #: The backend once `_admit_at_once` is bound, if a request it admits at once
+        #: may need no more than the app run (no observers to tell); whether it learns
+        #: its limit (samples to take) is read per request: a live change may switch it.
+        self._lean_backend: Backend | None = None
         self._release_at_once: Callable[[LeaseKey], bool] = _NOT_AT_ONCE
-        self._decide_rest: Callable[[Request], BackendOutcome] | None = None
+        self._decide_rest: Callable[[Request], BackendOutcome | None] | None = None
+        #: `acquire` for a request `_admit_at_once` declined (`FastPath.acquire_rest`).
+        self._acquire_rest: Callable[[Request], Awaitable[BackendOutcome]] | None = None
         # A lease goes back by the key it was taken with: a number only on the in-memory
         # fast path, so other backends only ever see their id strings.
         self._release = cast(
@@ -358,9 +354,10 @@ class ThrottleMiddleware:
         read_ahead = self._read_ahead and (
             announced if announced is not None else scope["http_version"] not in _HTTP1
         )
-        # The in-memory backend's fast path: the scheduler's own test, called with no
-        # backend frame in between, no `Request` made and a number for its id: the id
-        # string is made only if it is declined.
+        # The backend's fast path (the in-memory scheduler's own test, called with no
+        # backend frame in between; the Redis backend's lease of rate tokens or kept
+        # slots): no `Request` made and a number for its id: the id string is made
+        # only if it is declined.
         admit = self._admit_at_once
         if admit is None and self._fast_pending:
             admit = self._bind_fast_path()
@@ -377,8 +374,8 @@ class ThrottleMiddleware:
         if held is None or lean is None or lean.learning:
             await self._throttle(scope, receive, send, tag, tenant, False, lease_key, held)
             return
-        # Admitted at once (holding a lease if `held`), nothing to observe or learn:
-        # run the app.
+        # Admitted at once (holding a lease if `held`, by `lease_key`), nothing to
+        # observe or learn: run the app.
         # Subscripts, not ``.get`` calls, as above: servers give a scope its state
         # (uvicorn does), and a tenant misses the cache once.
         try:
@@ -461,13 +458,15 @@ class ThrottleMiddleware:
         lease_key: LeaseKey,
         held_at_once: bool | None,
     ) -> None:
-        """Every throttled request but an in-memory admission at once with nothing to
+        """Every throttled request but a fast path's admission at once with nothing to
         observe or learn: a body read ahead, a full decision (queueing, rejection,
         degradation, dry run), observers, a learned limit's samples.
 
         `held_at_once` is None unless the fast path admitted the request (observers
         or a learned limit brought it here); then it says whether that admission
-        holds a lease, by `lease_key`.
+        holds a lease, by `lease_key`. Else `lease_key` is 0, or the fast path's key
+        if it declined the request (then `FastPath.acquire_rest` follows, not
+        ``acquire``).
         """
         backend = self._backend
         assert backend is not None
@@ -486,6 +485,7 @@ class ThrottleMiddleware:
             else:
                 decision = self._decided(tenant, tag)
         else:
+            declined = lease_key != 0  # (tried by the fast path, which declined it)
             lease_key = request_id = self._id_prefix + str(next(self._id_counter))
             # tuple.__new__ skips the NamedTuple's Python-level __new__.
             request = _new_tuple(
@@ -510,7 +510,11 @@ class ThrottleMiddleware:
                     outcome = backend.decide_now(request)
                 if outcome is None:
                     started = time.perf_counter()
-                    outcome = await backend.acquire(request)
+                    if declined:
+                        assert self._acquire_rest is not None
+                        outcome = await self._acquire_rest(request)
+                    else:
+                        outcome = await backend.acquire(request)
             # A NamedTuple's fields by index: its attribute access is a generic lookup in 3.11.
             if type(outcome) is Admitted and not outcome[_DEGRADED] and not outcome[_UNTHROTTLED]:
                 held = outcome[_LEASE]
@@ -634,17 +638,20 @@ class ThrottleMiddleware:
                     client_s = 0.0 if hold is None else hold.waited_s
                     backend.observe(Sample(ended - admitted - client_s, failed, running))
 
-    def _bind_fast_path(self) -> AdmitAtOnce:
-        backend = self._backend
-        assert isinstance(backend, MemoryBackend)
+    def _bind_fast_path(self) -> AdmitAtOnce | None:
         self._fast_pending = False
+        backend = cast("FastPathBackend", self._backend)
+        path = backend.fast_path()
+        if path is None:
+            return None
         (
             self._clock,
             self._lease_keys,
             admit,
             self._release_at_once,
             self._decide_rest,
-        ) = backend.fast_path()
+            self._acquire_rest,
+        ) = path
         self._admit_at_once = admit
         self._lean_backend = None if self._observers else backend
         return admit

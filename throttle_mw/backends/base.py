@@ -21,12 +21,21 @@ the whole fleet. The middleware calls it like this, and only like this:
    once per finished admitted request: how long the app took and whether it
    failed. None of these blocks.
 
-The in-memory backend also offers ``fast_path()``: the scheduler's own
-``admit_unsheddable`` (``admit_at_once`` for a route that is not sheddable) and
-``release_at_once``, which the middleware calls first, without a frame of the
-backend's in between (steps 1 and 3 for a request admitted at once, its lease
-keyed by a number), then ``decide_rest(request)`` for a request they declined
-(or a sheddable one).
+A backend may also offer ``fast_path()`` (`FastPathBackend`), returning a
+`FastPath` or None (none for this backend, e.g. a subclass deciding its own
+way). Then, for a request that is not sheddable, has no body to read ahead and
+comes while not draining, the middleware first calls ``admit(clock(), key,
+tenant, cost)`` with ``key = next(lease_keys)``: None (declined), or admitted
+at once and whether it holds a lease, keyed by `key` (a number: no id string
+or `Request` is made). It releases such a lease with ``release_at_once(key)``,
+and if that is False, ``release(key)`` (step 3). Any other request, and one
+``admit`` declined, gets its `Request` and ``decide_rest(request)`` in place of
+``decide_now`` (step 1); if that is None, ``await acquire_rest(request)`` for a
+request ``admit`` declined (the rest of `acquire`, without what ``admit``
+already tried), ``await acquire(request)`` for any other. The in-memory
+backend's ``admit`` and ``release_at_once`` are the scheduler's own
+(``admit_unsheddable``, ``release_at_once``); the Redis backend's admit from
+this process's lease of rate tokens or kept slots.
 """
 
 from __future__ import annotations
@@ -34,10 +43,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
-from ..scheduler import Limits, Reject, Request, Snapshot
+from ..scheduler import LeaseKey, Limits, Reject, Request, Snapshot
 from ..scheduler.limit import InFlight, LimitState, Sample
 
 
@@ -113,6 +123,30 @@ class Backend(Protocol):
         """The limits in force as this process last learned them, without I/O (responses
         describe them): a live change reaches every process with its next decision."""
         ...
+
+
+class FastPath(NamedTuple):
+    """A backend's fast path (`FastPathBackend.fast_path`); see the module docstring."""
+
+    #: The clock ``admit`` is given (the backend's own, e.g. the loop's).
+    clock: Callable[[], float]
+    #: The lease keys of requests ``admit`` is tried on: numbers unique to the backend.
+    lease_keys: Iterator[int]
+    #: (now, lease key, tenant, cost) -> None (declined) or whether it holds a lease.
+    admit: Callable[[float, int, str, int], bool | None]
+    #: A lease given back without more work (True), else ``release(key)`` follows.
+    release_at_once: Callable[[LeaseKey], bool]
+    #: In place of ``decide_now`` once the fast path is bound.
+    decide_rest: Callable[[Request], Outcome | None]
+    #: In place of ``acquire`` for a request ``admit`` declined.
+    acquire_rest: Callable[[Request], Awaitable[Outcome]]
+
+
+class FastPathBackend(Backend, Protocol):
+    """A backend that offers a fast path to a caller deciding every request itself."""
+
+    def fast_path(self) -> FastPath | None:
+        """Bound once, in the event loop the backend runs on; None: no fast path."""
 
 
 class RequestIds:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 
 from ..scheduler import (
     Admit,
@@ -29,22 +29,11 @@ from ..scheduler import (
     Snapshot,
 )
 from ..scheduler.limit import InFlight, LimitConfig, LimitEstimator, LimitState, Sample
-from .base import Admitted, Outcome, Waiting
+from .base import Admitted, FastPath, Outcome, Waiting
 
 _new_tuple = tuple.__new__
 #: `Admit.lease`, by index (a NamedTuple's attribute access is a generic lookup in 3.11).
 _LEASE = 2
-
-#: `MemoryBackend.fast_path`: the clock, the lease keys, the scheduler's own fast
-#: admission (now, lease key, tenant, cost) and release, and the full decision to
-#: call when the fast admission declined.
-FastPath = tuple[
-    Callable[[], float],
-    Iterator[int],
-    Callable[[float, int, str, int], bool | None],
-    Callable[[LeaseKey], bool],
-    Callable[[Request], Outcome],
-]
 
 
 class MemoryBackend:
@@ -100,7 +89,7 @@ class MemoryBackend:
     async def acquire(self, request: Request) -> Outcome:
         return self.decide_now(request)
 
-    def fast_path(self) -> FastPath:
+    def fast_path(self) -> FastPath | None:
         """For a caller that decides every request itself (the middleware): the
         loop's clock, a source of lease keys (numbers: no id string is made for a
         request admitted at once), the scheduler's ``admit_unsheddable`` (the caller
@@ -108,15 +97,22 @@ class MemoryBackend:
         called without a frame of this backend's in between, and `decide_rest` for
         the requests ``admit_unsheddable`` declined (with their id strings). The same
         decisions as `decide_now` and `release` (which takes a lease key too): the
-        scheduler and the loop are this backend's for good once it has started."""
+        scheduler and the loop are this backend's for good once it has started.
+        None for a subclass that decides or releases its own way."""
+        kind = type(self)
+        if kind.decide_now is not MemoryBackend.decide_now or kind.release is not (
+            MemoryBackend.release
+        ):
+            return None
         scheduler, _ = self._sched()
         assert self._loop is not None
-        return (
+        return FastPath(
             self._loop.time,
             self._lease_keys,
             scheduler.admit_unsheddable,
             scheduler.release_at_once,
             self.decide_rest,
+            self.acquire,  # (never called: `decide_rest` always decides)
         )
 
     def decide_now(self, request: Request) -> Outcome:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,10 +22,10 @@ from typing import Any
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from ...scheduler import Admit, Enqueue, Granted, Limits, Reject, Request, Snapshot
+from ...scheduler import Admit, Enqueue, Granted, LeaseKey, Limits, Reject, Request, Snapshot
 from ...scheduler.limit import InFlight, LimitState, Sample
 from ...settings import Settings
-from ..base import Admitted, Outcome, RequestIds, Waiting
+from ..base import Admitted, FastPath, Outcome, RequestIds, Waiting
 from . import connection, diagnose, protocol
 from .admin import Budget
 from .batcher import Batcher
@@ -49,6 +50,8 @@ _STOP_TIMEOUT_S = 2.0
 _LEAVE_IDS = 512
 _SHUTTING_DOWN = Reject("shutting_down", 1.0)
 _new_tuple = tuple.__new__
+#: The fast path's release-at-once test: none here, every lease goes through `release`.
+_NOT_AT_ONCE: Callable[[LeaseKey], bool] = frozenset[LeaseKey]().__contains__
 
 
 def key_ttl_s(settings: Settings) -> float:
@@ -144,7 +147,9 @@ class RedisBackend(Recovery):
         #: admitted from the pool runs on, by request id; the timer for the oldest.
         self._slots = SlotPool(settings.keep_slots_s) if settings.keep_slots_s else None
         self._born: dict[str, float] = {}
-        self._borrowed: dict[str, str] = {}
+        self._borrowed: dict[LeaseKey, str] = {}
+        #: The fast path's lease keys (`fast_path`): the keys of `_borrowed` it makes.
+        self._lease_keys = itertools.count(1)
         self._slots_timer: asyncio.TimerHandle | None = None
         #: Until when (loop time) this process is in P:pl as one that may keep slots (its
         #: heartbeat registered it): it keeps none after, so it is told when someone waits.
@@ -339,22 +344,69 @@ class RedisBackend(Recovery):
             await self.start()
         if not self._breaker.allow():
             return await self._fallback.acquire(request)
-        assert self._batcher is not None
         started = asyncio.get_running_loop().time()
+        held = self.admit_here(started, request.id, request.tenant, request.cost)
+        if held is not None:
+            return _new_tuple(Admitted, (request.id, 0.0, False, held, False))
+        return await self._acquire_in_redis(request, started)
+
+    def admit_here(self, now: float, key: LeaseKey, tenant: str, cost: int) -> bool | None:
+        """A request admitted by this process without a call: from its lease of rate
+        tokens (False: it holds no lease) or on a kept slot (True: that lease, released
+        by `key`, see `_borrowed`); None: declined, to Redis (`acquire_rest`). Tries
+        nothing before `start` or while the breaker is open (the failure mode decides).
+        `now` is the loop's time; `key` the request's id, or the fast path's number."""
+        if not self._started or not self._breaker.allow():
+            return None
+        queue_empty = not self._waiters
         pool = self._pool
         if pool is not None:
-            local = pool.take(started, request.cost, not self._waiters, request.tenant)
-            if pool.due(started):
-                self._renew_lease(started)
+            local = pool.take(now, cost, queue_empty, tenant)
+            if pool.due(now):
+                self._renew_lease(now)
             if local:
-                return _new_tuple(Admitted, (request.id, 0.0, False, False, False))
+                return False
         slots = self._slots
         if slots is not None and slots:
-            lease = slots.take(started, request.cost, not self._waiters)
+            lease = slots.take(now, cost, queue_empty)
             if lease is not None:
-                self._borrowed[request.id] = lease
-                slots.busy(started, len(self._leases) - len(slots))
-                return _new_tuple(Admitted, (request.id, 0.0, False, True, False))
+                self._borrowed[key] = lease
+                slots.busy(now, len(self._leases) - len(slots))
+                return True
+        return None
+
+    async def acquire_rest(self, request: Request) -> Outcome:
+        """`acquire` for a request `admit_here` declined just now (the fast path): to
+        Redis without trying this process's pools again (a second take would count the
+        request twice in the lease's rate). Not started or the breaker open: `admit_here`
+        tried nothing, so the whole of `acquire`."""
+        if not self._started or not self._breaker.allow():
+            return await self.acquire(request)
+        return await self._acquire_in_redis(request, asyncio.get_running_loop().time())
+
+    def fast_path(self) -> FastPath | None:
+        """For a caller that decides every request itself (the middleware, `FastPath`):
+        `admit_here` with the loop's clock and lease keys of this backend's (numbers,
+        unique however many middlewares share it), the rest as `decide_now` (None) and
+        `acquire_rest`. None when nothing is admitted here (no lease of rate tokens, no
+        kept slots), or for a subclass that acquires or releases its own way."""
+        kind = type(self)
+        if (self._pool is None and self._slots is None) or (
+            kind.acquire is not RedisBackend.acquire or kind.release is not RedisBackend.release
+        ):
+            return None
+        return FastPath(
+            asyncio.get_running_loop().time,
+            self._lease_keys,
+            self.admit_here,
+            _NOT_AT_ONCE,
+            self.decide_now,
+            self.acquire_rest,
+        )
+
+    async def _acquire_in_redis(self, request: Request, started: float) -> Outcome:
+        """An acquire operation through the batcher (`started`: the loop's time)."""
+        assert self._batcher is not None
         op = self._acquire_op(request)
         try:
             result = await self._batcher.submit(op, lambda r: self._undo_acquire(request.id, r))
@@ -377,9 +429,11 @@ class RedisBackend(Recovery):
             waiting.future.set_result(result)
         return result
 
-    def release(self, request_id: str) -> None:
+    def release(self, request_id: LeaseKey) -> None:
         if self._borrowed:
             request_id = self._borrowed.pop(request_id, request_id)  # (its kept lease)
+        if not isinstance(request_id, str):
+            return  # a fast path's key released again: ignored, as any second release
         if self._fallback.owns(request_id):
             self._fallback.release(request_id)
         elif request_id in self._leases:
