@@ -68,7 +68,7 @@ def count_full_path(middleware: ThrottleMiddleware) -> list[int]:
         calls[0] += 1
         await full(*args)
 
-    middleware._throttle = counted  # type: ignore[method-assign]
+    middleware._throttle = counted  # type: ignore[method-assign,assignment]
     return calls
 
 
