@@ -14,6 +14,10 @@ counted as the instructions that issue them, not the kernel's work).
 
     python bench/instructions.py --variants bare,memory --requests 2000
 
+Variants with services (``redis-rate``, ``redis-concurrency``) get their own private
+redis-server, as in the throughput benchmark; Redis's own work is not counted
+(``bench/redisinstr.py`` counts it).
+
 Each variant's annotated profile is left in ``--out`` (``callgrind.<variant>``,
 read with ``callgrind_annotate --inclusive=yes``). Slow: valgrind runs the
 server about 50x slower, so keep ``--requests`` to a few thousand.
@@ -38,6 +42,7 @@ if __package__ in (None, ""):
 
 from bench.apps import make_app  # noqa: F401  (registers the variants)
 from bench.server import HOST, ROOT, server_env, uvicorn_command
+from bench.services import ServiceContext, running
 from bench.variants import get_variant
 
 #: As wrk sends it: no tenant header (`--header` adds some).
@@ -121,11 +126,27 @@ def measure(
     simulate: bool = False,
 ) -> dict[str, Any]:
     spec = get_variant(name)
-    if spec.services:
-        raise SystemExit(f"{name} needs services {spec.services}: not supported here")
+    # A variant's services (a private redis-server for redis-*, `bench.services`) run
+    # natively: only the worker's instructions are counted.
+    with running(spec.services, ServiceContext(None, out)) as services:
+        env = server_env(
+            name, {**spec.env, **services.env_for(spec.services), "PYTHONHASHSEED": "0"}
+        )
+        return _measure(name, env, requests, warmup, connections, out, request, simulate)
+
+
+def _measure(
+    name: str,
+    env: dict[str, str],
+    requests: int,
+    warmup: int,
+    connections: int,
+    out: Path,
+    request: bytes,
+    simulate: bool,
+) -> dict[str, Any]:
     port = _free_port()
     profile = out / f"callgrind.{name}"
-    env = server_env(name, {**spec.env, "PYTHONHASHSEED": "0"})
     cmd = [
         "valgrind",
         "--tool=callgrind",

@@ -180,8 +180,8 @@ class ThrottleMiddleware:
         self._decide_rest: Callable[[Request], BackendOutcome | None] | None = None
         #: `acquire` for a request `_admit_at_once` declined (`FastPath.acquire_rest`).
         self._acquire_rest: Callable[[Request], Awaitable[BackendOutcome]] | None = None
-        # A lease goes back by the key it was taken with: a number only on the in-memory
-        # fast path, so other backends only ever see their id strings.
+        # A lease goes back by the key it was taken with: a number only on a backend's
+        # fast path (its own numbers), so a backend without one only sees id strings.
         self._release = cast(
             "Callable[[LeaseKey], None]",
             _never_held if self._backend is None else self._backend.release,
@@ -291,7 +291,7 @@ class ThrottleMiddleware:
         if scope["type"] != "http" or not self._enabled:
             await self._other(scope, receive, send)
             return
-        # The common case, a request the in-memory backend admits at once, is written
+        # The common case, a request the backend's fast path admits at once, is written
         # out here rather than in helper coroutines: it runs for every request, and
         # each coroutine layer, and each local of this frame, costs (see
         # bench/README.md). Everything else goes to `_throttle`.
@@ -476,7 +476,7 @@ class ThrottleMiddleware:
         if held_at_once is not None:
             held = held_at_once
             degraded = unthrottled = False
-            # Decided at once, in memory: microseconds, reported as 0.0 ms.
+            # Decided at once, in this process: microseconds, reported as 0.0 ms.
             waited_s = 0.0
             timing = _NO_WAIT
             cached = self._admitted.get(tenant)
