@@ -22,7 +22,7 @@ from tests.support.redis_server import (
     redis_server_binary,
     redis_version,
 )
-from tests.support.servers import AppServer
+from tests.support.servers import AppServer, start_all
 
 
 @pytest.fixture(scope="session")
@@ -86,19 +86,46 @@ def clean_redis_cluster(redis_cluster: RedisCluster) -> RedisCluster:
 
 
 @pytest.fixture
-def start_app_server() -> Iterator[Callable[..., AppServer]]:
+def start_app_server(
+    _app_servers: list[AppServer],
+) -> Callable[..., AppServer]:
     """`start_app_server("tests.apps.x:app", env=..., ...)`: a started `AppServer`.
 
     Every server it started is killed at teardown, whether the test stopped it or not.
     """
-    servers: list[AppServer] = []
 
     def start(app: str, **kwargs: Any) -> AppServer:
         server = AppServer(app, **kwargs)
-        servers.append(server)
+        _app_servers.append(server)
         return server.start()
 
-    yield start
+    return start
+
+
+@pytest.fixture
+def start_app_servers(
+    _app_servers: list[AppServer],
+) -> Callable[..., list[AppServer]]:
+    """`start_app_servers(4, "tests.apps.x:app", env=..., ...)`: that many `AppServer`s of
+    one app and settings, started at once (`start_all`: their start-ups overlap).
+
+    Killed at teardown like `start_app_server`'s.
+    """
+
+    def start(count: int, app: str, **kwargs: Any) -> list[AppServer]:
+        servers = [AppServer(app, **kwargs) for _ in range(count)]
+        _app_servers.extend(servers)
+        start_all(servers)
+        return servers
+
+    return start
+
+
+@pytest.fixture
+def _app_servers() -> Iterator[list[AppServer]]:
+    """The servers `start_app_server` and `start_app_servers` started, killed at teardown."""
+    servers: list[AppServer] = []
+    yield servers
     for server in servers:
         server.close()
 
