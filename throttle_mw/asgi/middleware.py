@@ -387,9 +387,10 @@ class ThrottleMiddleware:
             state = scope["state"] = {}
         try:
             cached = self._admitted[tenant]
-            state["throttle"] = cached[1] if cached[0] is tag else self._decided(tenant, tag)
         except KeyError:
             state["throttle"] = self._decided(tenant, tag)
+        else:
+            state["throttle"] = cached[1] if cached[0] is tag else self._decided(tenant, tag)
         # Made when the app first waits on its client (a streamed response): from then
         # on that waiting counts against THROTTLE_CLIENT_HOLD.
         hold: ClientHold | None = None

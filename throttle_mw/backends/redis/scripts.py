@@ -42,8 +42,11 @@ CALLED: Final[Mapping[str, tuple[str, ...]]] = {"release": ("batch",)}
 #: First line of every script run by EVAL: Dragonfly refuses keys a script does not declare
 #: (ours derive them from the one declared key) unless told; elsewhere a plain comment.
 DRAGONFLY_FLAGS: Final = "--!df flags=allow-undeclared-keys"
-#: NOSCRIPT means the script did not run, so trying again is always safe.
-_ATTEMPTS = 3
+#: NOSCRIPT or "Function not found" means nothing ran, so trying again is always safe.
+#: Each retry needs the code lost again between its load and the call (a flush or a
+#: failover in a storm of them: flushes every 3 ms made one call meet three); the bound stops
+#: a server that never keeps it (a proxy sending the load elsewhere) after a few loads.
+_ATTEMPTS = 6
 
 # --- the parameters of the steps that exist only in Lua (scheduler README, "Lua only") ---
 
