@@ -59,7 +59,8 @@ Scenarios:
   least ``--slots-warm-s`` of warm-up; ``learned``: the limit in force at the end and the
   last step's reason; ``learned_path``: each limit it took over the measured run, in
   order); the processes start spread evenly over a period (``--slots-together``: all at
-  once, as before ``conc4``; it did not move the figures); ``slots-kept``:
+  once, as before ``conc4``; it did not move the figures); ``--slots-min``: a learned
+  limit's floor, ``THROTTLE_CONCURRENCY_MIN`` (it starts there); ``slots-kept``:
   ``concurrency-kept`` alone; ``--by-command``: each command's calls and Redis
   microseconds per admission (``INFO commandstats``);
 - ``floor``: the harness's floor, one call at a time from redis-py as the backend calls:
@@ -367,6 +368,7 @@ def _held_fleet(
     keep_s: float | None,
     learn: bool = False,
     together: bool = False,
+    minimum: int | None = None,
 ) -> tuple[list[RedisBackend], Callable[[int], Awaitable[None]], Callable[[], int]]:
     """`procs` backends on one concurrency budget of `limit` (or ``auto``) and a run of
     `n` admissions each, two requests at a time per process, each holding its slot
@@ -376,8 +378,11 @@ def _held_fleet(
     them); the third: admissions so far. Process p starts p / `procs` of its period
     (1 / `pace`) after process 0, so the fleet's requests come evenly spread, as
     independent processes' do; `together`: every process at the same instant (their
-    requests fire at once, `procs` at a time: before `conc4`, the only way)."""
-    keep = {} if keep_s is None else {"keep_slots_s": keep_s}
+    requests fire at once, `procs` at a time: before `conc4`, the only way); `minimum`:
+    a learned limit's floor (``THROTTLE_CONCURRENCY_MIN``; it starts there if above 4)."""
+    keep: dict[str, Any] = {} if keep_s is None else {"keep_slots_s": keep_s}
+    if minimum is not None:
+        keep["concurrency_min"] = minimum
     backends = [
         RedisBackend(settings(url, prefix, concurrency=limit, **keep)) for _ in range(procs)
     ]
@@ -430,11 +435,12 @@ async def held(
     learn: bool = False,
     warm_s: float = 0.0,
     together: bool = False,
+    minimum: int | None = None,
 ) -> dict[str, Any]:
     """The ``slots`` scenario: see the module docstring."""
-    prefix = f"slots{keep_s}{'l' if learn else ''}{'t' if together else ''}"
+    prefix = f"slots{keep_s}{'l' if learn else ''}{'t' if together else ''}{minimum or ''}"
     backends, run, admitted = _held_fleet(
-        url, prefix, procs, pace, hold_s, limit, keep_s, learn, together
+        url, prefix, procs, pace, hold_s, limit, keep_s, learn, together, minimum
     )
     for backend in backends:
         await backend.start()
@@ -741,7 +747,7 @@ async def main_async(args: argparse.Namespace, url: str) -> dict[str, Any]:
     if "slots" in wanted or "slots-kept" in wanted:
         per = max(2, args.n // args.slots_procs)
         slots = (args.slots_procs, args.slots_pace, args.slots_hold, args.slots_limit)
-        learn = (args.slots_learn, args.slots_warm_s, args.slots_together)
+        learn = (args.slots_learn, args.slots_warm_s, args.slots_together, args.slots_min)
         if "slots" in wanted:
             await run("concurrency-paced", held(url, per, *slots, 0.0, *learn))
         await run("concurrency-kept", held(url, per, *slots, args.keep_s, *learn))
@@ -811,6 +817,12 @@ def main(argv: list[str] | None = None) -> int:
         "--slots-learn",
         action="store_true",
         help="slots: time each request and count it in flight, as the middleware does",
+    )
+    parser.add_argument(
+        "--slots-min",
+        type=int,
+        default=None,
+        help="slots: THROTTLE_CONCURRENCY_MIN for --slots-limit auto (where it starts)",
     )
     parser.add_argument(
         "--slots-together",

@@ -593,3 +593,7 @@ def test_redis_cost_of_a_learned_limit_reports_each_limit_it_took(
         # No --slots-learn: no samples, so the limit stays at its start all along.
         assert kept["learned_path"] == [4]
         assert kept["learned"] == [4, "idle"]
+    # THROTTLE_CONCURRENCY_MIN=8: it starts (and stays) at 8.
+    assert rediscost.main([*args, "--slots-min", "8", "--redis-cpu", "", "--json", str(out)]) == 0
+    kept = json.loads(out.read_text())["scenarios"]["concurrency-kept"]
+    assert kept["learned_path"] == [8]
