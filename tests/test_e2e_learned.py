@@ -195,7 +195,10 @@ FLEET = 4
 
 
 def test_four_processes_learn_one_limit_and_a_fifth_uses_it_at_once(
-    clean_redis_server: RedisServer, start_app_server: Callable[..., AppServer], client_core: None
+    clean_redis_server: RedisServer,
+    start_app_server: Callable[..., AppServer],
+    start_app_servers: Callable[..., list[AppServer]],
+    client_core: None,
 ) -> None:
     """Four throttled processes in front of one 8-slot app, one Redis: one learned limit,
     in flight at the app never above it by more than one per process, the same convergence
@@ -211,9 +214,7 @@ def test_four_processes_learn_one_limit_and_a_fifth_uses_it_at_once(
         "THROTTLE_REDIS_TIMEOUT": "1",
         "THROTTLE_CONCURRENCY": "auto",
     }
-    fronts = [
-        start_app_server(FRONT, env=env, cpu="0", health_path="/healthz") for _ in range(FLEET)
-    ]
+    fronts = start_app_servers(FLEET, FRONT, env=env, cpu="0", health_path="/healthz")
     cfg = "{learned}:cfg"
     store = redis.Redis.from_url(clean_redis_server.url, decode_responses=True)
     duration, join_at = AFTER[1] + 1.0, 18.0

@@ -87,6 +87,9 @@ MATRIX = (
     Kind("granian-2-workers", "granian", workers=2),
     Kind("granian-h2", "granian", http2=True),
 )
+#: Kinds of several processes share their budget in Redis (redis_for): marked `redis`
+#: (conftest.py), as their Redis is looked up by name.
+_PARAMS = [pytest.param(k, marks=pytest.mark.redis) if k.processes > 1 else k for k in MATRIX]
 
 
 @dataclass
@@ -201,7 +204,7 @@ def redis_for(kind: Kind, request: pytest.FixtureRequest) -> RedisServer | None:
     return server
 
 
-@pytest.fixture(scope="module", params=MATRIX, ids=str)
+@pytest.fixture(scope="module", params=_PARAMS, ids=str)
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
@@ -465,7 +468,7 @@ async def _sigterm_h2(served: Served, key: str, count: int) -> tuple[Answer, lis
         return await answer(client, running), list(turned_away), signalled
 
 
-@pytest.mark.parametrize("kind", MATRIX, ids=str)
+@pytest.mark.parametrize("kind", _PARAMS, ids=str)
 def test_sigterm_finishes_running_requests_and_turns_queued_ones_away(
     kind: Kind, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:

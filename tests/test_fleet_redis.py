@@ -36,7 +36,7 @@ import redis
 
 from demo_app.loadtest.engine import Phase, Record, Route, Scenario, TenantLoad, run
 from tests.support.redis_server import RedisServer
-from tests.support.servers import AppServer, wait_until
+from tests.support.servers import AppServer, start_all, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -60,8 +60,7 @@ def fleet(size: int, env: dict[str, str]) -> Iterator[list[AppServer]]:
     """`size` uvicorn processes of the probe app, all on the budget `env` names."""
     servers = [AppServer(APP, env=env, health_path="/healthz") for _ in range(size)]
     try:
-        for server in servers:
-            server.start()
+        start_all(servers)
         yield servers
     finally:
         for server in servers:

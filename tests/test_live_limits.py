@@ -30,7 +30,7 @@ import redis
 
 from tests.support.lua_scheduler import LuaScheduler
 from tests.support.redis_server import RedisServer
-from tests.support.servers import AppServer
+from tests.support.servers import AppServer, start_all
 from throttle_mw import ThrottleMiddleware
 from throttle_mw.backends import Admitted, MemoryBackend
 from throttle_mw.backends.redis import RedisBackend, protocol
@@ -200,8 +200,7 @@ def four_processes(clean_redis_server: RedisServer) -> Iterator[tuple[str, list[
     }
     servers = [AppServer(APP, env=env, health_path="/healthz") for _ in range(4)]
     try:
-        for server in servers:
-            server.start()
+        start_all(servers)
         yield clean_redis_server.url, servers
     finally:
         for server in servers:

@@ -148,6 +148,7 @@ async def test_failure_logs_name_the_endpoint(
 
 
 @pytest.mark.anyio
+@pytest.mark.redis  # its Redis is looked up by name (conftest.py: the mark)
 @pytest.mark.parametrize("kind", ["redis", "cluster"])
 async def test_concurrent_first_requests_start_the_backend_once_and_all_get_an_answer(
     kind: str, request: pytest.FixtureRequest

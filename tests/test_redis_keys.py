@@ -28,7 +28,7 @@ import redis
 
 from tests.support.lua_scheduler import LuaScheduler
 from tests.support.redis_server import RedisServer
-from tests.support.servers import AppServer, wait_until
+from tests.support.servers import AppServer, start_all, wait_until
 from tests.support.simulation import Arrival, Simulation, poisson
 from throttle_mw.backends import Admitted
 from throttle_mw.backends.redis import RedisBackend, keys
@@ -240,8 +240,7 @@ TENANTS = 150
 @contextlib.contextmanager
 def started(servers: list[AppServer]) -> Iterator[list[AppServer]]:
     try:
-        for server in servers:
-            server.start()
+        start_all(servers)
         yield servers
     finally:
         for server in servers:

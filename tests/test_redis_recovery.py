@@ -429,6 +429,7 @@ def test_a_peak_is_held_to_the_limits_in_force_while_what_it_counts_was_admitted
 def test_redis_restarted_empty_under_load_keeps_the_limit(
     redis_binary: Path,
     start_app_server: Callable[..., AppServer],
+    start_app_servers: Callable[..., list[AppServer]],
     client_core: None,
     concurrency: str,
     work_ms: str,
@@ -460,9 +461,7 @@ def test_redis_restarted_empty_under_load_keeps_the_limit(
             "THROTTLE_REDIS_TIMEOUT": "1",
             "THROTTLE_CONCURRENCY": concurrency,
         }
-        fronts = [
-            start_app_server(FRONT, env=env, cpu="0", health_path="/healthz") for _ in range(FLEET)
-        ]
+        fronts = start_app_servers(FLEET, FRONT, env=env, cpu="0", health_path="/healthz")
         store = redis.Redis.from_url(server.url, decode_responses=True)
         samples: list[Sample] = []
         times: dict[str, float] = {}

@@ -57,7 +57,7 @@ class Target(NamedTuple):
         return redis.asyncio.Redis.from_url(self.url)
 
 
-@pytest.fixture(params=["redis", "cluster"])
+@pytest.fixture(params=[pytest.param(k, marks=pytest.mark.redis) for k in ("redis", "cluster")])
 def target(request: pytest.FixtureRequest) -> Target:
     if request.param == "redis":
         server: RedisServer = request.getfixturevalue("clean_redis_server")

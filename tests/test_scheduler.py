@@ -48,7 +48,7 @@ def policy(max_wait_s: Mapping[Priority, float] | None = None, **kwargs: Any) ->
 Make = Callable[[Limits, Policy], Any]
 
 
-@pytest.fixture(params=["python", "lua"])
+@pytest.fixture(params=["python", pytest.param("lua", marks=pytest.mark.redis)])
 def make(request: pytest.FixtureRequest) -> Iterator[Make]:
     """A scheduler factory for each implementation of the rules."""
     if request.param == "python":

@@ -51,6 +51,7 @@ __all__ = [
     "remove_temp_dir",
     "run_failing_app",
     "spawn",
+    "start_all",
     "sweep_stale_temp_dirs",
     "wait_until",
 ]
@@ -391,6 +392,11 @@ class AppServer(Managed):
 
     def start(self) -> Self:
         """Start the server and return once it accepts connections (and the health path answers)."""
+        self.spawn()
+        return self.wait_ready()
+
+    def spawn(self) -> Self:
+        """Start the server's process and return at once; `wait_ready` waits for it to serve."""
         if self.is_running:
             raise RuntimeError("the app server is already running")
         if self._proc is not None:
@@ -409,7 +415,14 @@ class AppServer(Managed):
                 raise RuntimeError("cpu pinning needs `taskset` (util-linux) on PATH")
             argv = [taskset, "-c", self.cpu, *argv]
         env = child_env(self.env)
-        self._proc = proc = spawn(argv, log_path=self.log_path, env=env, cwd=REPO_ROOT)
+        self._proc = spawn(argv, log_path=self.log_path, env=env, cwd=REPO_ROOT)
+        return self
+
+    def wait_ready(self) -> Self:
+        """Return once the spawned server accepts connections (and the health path answers)."""
+        proc = self._proc
+        if proc is None:
+            raise RuntimeError("the app server has not been spawned")
         ready = wait_until(
             self._ready,
             timeout_s=self.startup_timeout_s,
@@ -471,6 +484,19 @@ class AppServer(Managed):
         self.kill()
         release_port(self.port)
         remove_temp_dir(self._dir)
+
+
+def start_all(servers: Sequence[AppServer]) -> None:
+    """Start several servers at once: each is spawned, then each is waited for.
+
+    Their start-ups (an interpreter importing the app) overlap instead of queueing one
+    behind another, which is what a fleet costs a test before its first request. The
+    caller closes them all (even on failure), as after `start`.
+    """
+    for server in servers:
+        server.spawn()
+    for server in servers:
+        server.wait_ready()
 
 
 @dataclass(frozen=True)
