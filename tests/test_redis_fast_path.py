@@ -20,10 +20,10 @@ import redis.asyncio
 from starlette.types import Receive, Scope, Send
 
 from tests.support.redis_server import RedisServer
+from tests.test_redis_kept_slots import in_flight, script_calls
 from throttle_mw import ThrottleMiddleware
 from throttle_mw.backends import Admitted
 from throttle_mw.backends.redis import RedisBackend
-from throttle_mw.backends.redis.keys import Keys
 from throttle_mw.scheduler import Request
 from throttle_mw.settings import Settings
 
@@ -44,19 +44,6 @@ def settings(url: str, prefix: str, **overrides: Any) -> Settings:
         **overrides,
     }
     return Settings.from_env({}, **values)
-
-
-async def script_calls(client: redis.asyncio.Redis) -> int:
-    stats = await client.info("commandstats")
-    return sum(
-        int(stats.get(f"cmdstat_{name}", {}).get("calls", 0)) for name in ("fcall", "evalsha")
-    )
-
-
-async def in_flight(client: redis.asyncio.Redis, prefix: str) -> int:
-    """What Redis counts in flight: the leases in P:leases (the anchor aside)."""
-    members = await client.zrange(Keys(prefix).leases, 0, -1)
-    return len([m for m in members if not (isinstance(m, bytes) and m.startswith(b"~"))])
 
 
 def count_full_path(middleware: ThrottleMiddleware) -> list[int]:
