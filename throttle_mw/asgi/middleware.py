@@ -21,7 +21,7 @@ from typing import Any, Final, Literal, NamedTuple, cast
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..backends import make_backend
-from ..backends.base import Admitted, Backend, FastPathBackend, RequestIds, Waiting
+from ..backends.base import NOT_AT_ONCE, Admitted, Backend, FastPathBackend, RequestIds, Waiting
 from ..backends.base import Outcome as BackendOutcome
 from ..observe import EventKind, Observer, ThrottleEvent
 from ..priorities import Priority, RouteTag, make_tag
@@ -62,8 +62,6 @@ _NO_WAIT = (_SERVER_TIMING, b"throttle;dur=0.0")
 _DEGRADED: Final = 2
 _LEASE: Final = 3
 _UNTHROTTLED: Final = 4
-#: The release-at-once test of a backend without one: nothing goes back at once.
-_NOT_AT_ONCE: Callable[[LeaseKey], bool] = frozenset[LeaseKey]().__contains__
 _HTTP1 = frozenset(("1.1", "1.0"))
 #: Bounds `ThrottleMiddleware._admitted` (cleared when full, like the tenant caches).
 _DECISION_CACHE_SIZE = 4096
@@ -176,7 +174,7 @@ class ThrottleMiddleware:
         #: may need no more than the app run (no observers to tell); whether it learns
         #: its limit (samples to take) is read per request: a live change may switch it.
         self._lean_backend: Backend | None = None
-        self._release_at_once: Callable[[LeaseKey], bool] = _NOT_AT_ONCE
+        self._release_at_once: Callable[[LeaseKey], bool] = NOT_AT_ONCE
         self._decide_rest: Callable[[Request], BackendOutcome | None] | None = None
         #: `acquire` for a request `_admit_at_once` declined (`FastPath.acquire_rest`).
         self._acquire_rest: Callable[[Request], Awaitable[BackendOutcome]] | None = None

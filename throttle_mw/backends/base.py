@@ -142,6 +142,11 @@ class FastPath(NamedTuple):
     acquire_rest: Callable[[Request], Awaitable[Outcome]]
 
 
+#: A `FastPath.release_at_once` that gives nothing back at once (every lease goes
+#: through ``release``): a fast path without one, or none bound.
+NOT_AT_ONCE: Callable[[LeaseKey], bool] = frozenset[LeaseKey]().__contains__
+
+
 class FastPathBackend(Backend, Protocol):
     """A backend that offers a fast path to a caller deciding every request itself."""
 

@@ -25,7 +25,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from ...scheduler import Admit, Enqueue, Granted, LeaseKey, Limits, Reject, Request, Snapshot
 from ...scheduler.limit import InFlight, LimitState, Sample
 from ...settings import Settings
-from ..base import Admitted, FastPath, Outcome, RequestIds, Waiting
+from ..base import NOT_AT_ONCE, Admitted, FastPath, Outcome, RequestIds, Waiting
 from . import connection, diagnose, protocol
 from .admin import Budget
 from .batcher import Batcher
@@ -50,8 +50,6 @@ _STOP_TIMEOUT_S = 2.0
 _LEAVE_IDS = 512
 _SHUTTING_DOWN = Reject("shutting_down", 1.0)
 _new_tuple = tuple.__new__
-#: The fast path's release-at-once test: none here, every lease goes through `release`.
-_NOT_AT_ONCE: Callable[[LeaseKey], bool] = frozenset[LeaseKey]().__contains__
 
 
 def key_ttl_s(settings: Settings) -> float:
@@ -399,7 +397,7 @@ class RedisBackend(Recovery):
             asyncio.get_running_loop().time,
             self._lease_keys,
             self.admit_here,
-            _NOT_AT_ONCE,
+            NOT_AT_ONCE,
             self.decide_now,
             self.acquire_rest,
         )
