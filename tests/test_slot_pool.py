@@ -23,35 +23,55 @@ def quiet_pool(at: float = 0.0, busy: int = 2) -> SlotPool:
     return pool
 
 
+def keep(
+    pool: SlotPool,
+    now: float,
+    lease: str,
+    cost: int,
+    born: float,
+    processes: int,
+    concurrency: int | None,
+) -> bool:
+    """A lease Redis admitted at `born` (its busy slots counted by `busy` apart) finishes
+    at `now`: kept or not. (`take`'s slots go back with ``pool.keep`` itself.)"""
+    pool.admitted(born, lease, cost, born, len(pool))
+    return pool.keep(now, lease, processes, concurrency)
+
+
+def take(pool: SlotPool, now: float, cost: int, queue_empty: bool) -> str | None:
+    """A kept slot for a new request (the leases: the kept ones and the one taken)."""
+    return pool.take(now, cost, queue_empty, len(pool))
+
+
 def test_a_finished_slot_is_kept_and_taken_by_the_next_request_of_its_cost() -> None:
     pool = quiet_pool()
-    assert pool.keep(0.1, "a", 1, 0.0, processes=1, concurrency=10)
+    assert keep(pool, 0.1, "a", 1, 0.0, processes=1, concurrency=10)
     assert "a" in pool
     assert len(pool) == 1
-    assert pool.take(0.2, 2, queue_empty=True) is None  # another cost: to Redis
-    assert pool.take(0.2, 1, queue_empty=True) == "a"
+    assert take(pool, 0.2, 2, queue_empty=True) is None  # another cost: to Redis
+    assert take(pool, 0.2, 1, queue_empty=True) == "a"
     assert len(pool) == 0
     assert pool.local_admissions == 1
     assert pool.kept == 1
-    assert pool.take(0.3, 1, queue_empty=True) is None  # none left
+    assert take(pool, 0.3, 1, queue_empty=True) is None  # none left
 
 
 def test_nothing_is_taken_while_this_process_has_requests_waiting() -> None:
     pool = quiet_pool()
-    assert pool.keep(0.1, "a", 1, 0.0, 1, 10)
-    assert pool.take(0.2, 1, queue_empty=False) is None
-    assert pool.take(0.2, 1, queue_empty=True) == "a"
+    assert keep(pool, 0.1, "a", 1, 0.0, 1, 10)
+    assert take(pool, 0.2, 1, queue_empty=False) is None
+    assert take(pool, 0.2, 1, queue_empty=True) == "a"
 
 
 def test_a_slot_is_kept_until_t_after_redis_admitted_it_however_often_reused() -> None:
     pool = quiet_pool()
     pool.heard(0.9, True)
-    assert pool.keep(0.5, "a", 1, 0.0, 1, 10)
+    assert keep(pool, 0.5, "a", 1, 0.0, 1, 10)
     assert pool.next_at == T
-    assert pool.take(0.95, 1, True) == "a"
-    assert pool.keep(0.99, "a", 1, 0.0, 1, 10)
-    assert not pool.keep(1.0, "b", 1, 0.0, 1, 10)  # T old at its release: to Redis
-    assert pool.take(1.0, 1, True) is None  # aged in the pool: not handed out
+    assert take(pool, 0.95, 1, True) == "a"
+    assert pool.keep(0.99, "a", 1, 10)  # (taken, it runs on: kept again)
+    assert not keep(pool, 1.0, "b", 1, 0.0, 1, 10)  # T old at its release: to Redis
+    assert take(pool, 1.0, 1, True) is None  # aged in the pool: not handed out
     assert pool.aged(0.99) == []
     assert pool.aged(1.0) == ["a"]
     assert len(pool) == 0
@@ -62,31 +82,31 @@ def test_a_slot_is_kept_until_t_after_redis_admitted_it_however_often_reused() -
 def test_a_reply_that_someone_waits_gives_every_kept_slot_back() -> None:
     pool = quiet_pool(busy=3)
     for lease in ("a", "b", "c"):
-        assert pool.keep(0.1, lease, 1, 0.0, 1, 10)
+        assert keep(pool, 0.1, lease, 1, 0.0, 1, 10)
     assert pool.heard(0.2, True) == []
     assert pool.heard(0.3, False) == ["a", "b", "c"]
     # Until a reply says nobody waits again: nothing kept, nothing taken.
-    assert not pool.keep(0.4, "d", 1, 0.3, 1, 10)
+    assert not keep(pool, 0.4, "d", 1, 0.3, 1, 10)
     pool.heard(0.5, True)
-    assert pool.keep(0.6, "d", 1, 0.3, 1, 10)
-    assert pool.take(0.7, 1, True) == "d"
+    assert keep(pool, 0.6, "d", 1, 0.3, 1, 10)
+    assert take(pool, 0.7, 1, True) == "d"
 
 
 def test_nothing_is_kept_or_taken_once_the_last_quiet_reply_is_t_old() -> None:
     pool = quiet_pool(at=0.0)
-    assert pool.keep(0.5, "a", 1, 0.5, 1, 10)
-    assert pool.take(T, 1, True) is None  # heard nothing since 0.0
-    assert not pool.keep(T, "b", 1, 0.9, 1, 10)
+    assert keep(pool, 0.5, "a", 1, 0.5, 1, 10)
+    assert take(pool, T, 1, True) is None  # heard nothing since 0.0
+    assert not keep(pool, T, "b", 1, 0.9, 1, 10)
     pool.heard(T, True)
-    assert pool.take(T, 1, True) == "a"
+    assert take(pool, T, 1, True) == "a"
 
 
 def test_the_pool_holds_at_most_the_recent_peak_of_busy_slots() -> None:
     pool = quiet_pool(busy=2)
     assert pool.cap(1, 100) == 2
-    assert pool.keep(0.1, "a", 1, 0.0, 1, 100)
-    assert pool.keep(0.1, "b", 1, 0.0, 1, 100)
-    assert not pool.keep(0.1, "c", 1, 0.0, 1, 100)
+    assert keep(pool, 0.1, "a", 1, 0.0, 1, 100)
+    assert keep(pool, 0.1, "b", 1, 0.0, 1, 100)
+    assert not keep(pool, 0.1, "c", 1, 0.0, 1, 100)
     # The peak is remembered over one to two T: a new window, then one more.
     pool.busy(T, 1)
     assert pool.cap(1, 100) == 2
@@ -102,10 +122,10 @@ def test_the_pool_holds_at_most_its_share_of_the_limit() -> None:
     assert pool.cap(processes=4, concurrency=16) == int(KEPT_SHARE * 16 / 4) == 2
     assert pool.cap(processes=10, concurrency=16) == 0  # a share below one slot: none kept
     assert pool.cap(processes=1, concurrency=None) == 0  # no concurrency budget (now)
-    assert pool.keep(0.1, "a", 1, 0.0, 4, 16)
-    assert pool.keep(0.1, "b", 1, 0.0, 4, 16)
-    assert not pool.keep(0.1, "c", 1, 0.0, 4, 16)
-    assert not pool.keep(0.1, "c", 1, 0.0, 10, 16)
+    assert keep(pool, 0.1, "a", 1, 0.0, 4, 16)
+    assert keep(pool, 0.1, "b", 1, 0.0, 4, 16)
+    assert not keep(pool, 0.1, "c", 1, 0.0, 4, 16)
+    assert not keep(pool, 0.1, "c", 1, 0.0, 10, 16)
 
 
 def test_a_fleet_keeps_at_most_half_the_limit_idle() -> None:
@@ -114,20 +134,20 @@ def test_a_fleet_keeps_at_most_half_the_limit_idle() -> None:
     pools = [quiet_pool(busy=limit) for _ in range(processes)]
     for p, pool in enumerate(pools):
         for n in range(limit):
-            pool.keep(0.1, f"{p}.{n}", 1, 0.0, processes, limit)
+            keep(pool, 0.1, f"{p}.{n}", 1, 0.0, processes, limit)
     assert sum(len(pool) for pool in pools) <= KEPT_SHARE * limit
 
 
 def test_drain_gives_back_and_forget_drops_without_a_call() -> None:
     pool = quiet_pool(busy=3)
     for lease in ("a", "b", "c"):
-        pool.keep(0.1, lease, 1, 0.0, 1, 10)
+        keep(pool, 0.1, lease, 1, 0.0, 1, 10)
     assert pool.forget("b") == ["b"]
     assert pool.forget("zz") == []
     assert pool.drain() == ["a", "c"]
     assert pool.returned == 2
     assert pool.forgotten == 1
-    pool.keep(0.2, "d", 1, 0.0, 1, 10)
+    keep(pool, 0.2, "d", 1, 0.0, 1, 10)
     assert pool.forget() == ["d"]
     assert len(pool) == 0
 
