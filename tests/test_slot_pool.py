@@ -33,9 +33,11 @@ def keep(
     concurrency: int | None,
 ) -> bool:
     """A lease Redis admitted at `born` (its busy slots counted by `busy` apart) finishes
-    at `now`: kept or not. (`take`'s slots go back with ``pool.keep`` itself.)"""
+    at `now`, with `processes` in the fleet and a limit of `concurrency`: kept or not.
+    (`take`'s slots go back with ``pool.keep`` itself.)"""
+    pool.share(processes, concurrency)
     pool.admitted(born, lease, cost, born, len(pool))
-    return pool.keep(now, lease, processes, concurrency)
+    return pool.keep(now, lease)
 
 
 def take(pool: SlotPool, now: float, cost: int, queue_empty: bool) -> str | None:
@@ -69,7 +71,7 @@ def test_a_slot_is_kept_until_t_after_redis_admitted_it_however_often_reused() -
     assert keep(pool, 0.5, "a", 1, 0.0, 1, 10)
     assert pool.next_at == T
     assert take(pool, 0.95, 1, True) == "a"
-    assert pool.keep(0.99, "a", 1, 10)  # (taken, it runs on: kept again)
+    assert pool.keep(0.99, "a")  # (taken, it runs on: kept again)
     assert not keep(pool, 1.0, "b", 1, 0.0, 1, 10)  # T old at its release: to Redis
     assert take(pool, 1.0, 1, True) is None  # aged in the pool: not handed out
     assert pool.aged(0.99) == []
@@ -103,25 +105,30 @@ def test_nothing_is_kept_or_taken_once_the_last_quiet_reply_is_t_old() -> None:
 
 def test_the_pool_holds_at_most_the_recent_peak_of_busy_slots() -> None:
     pool = quiet_pool(busy=2)
-    assert pool.cap(1, 100) == 2
+    pool.share(1, 100)
+    assert pool.cap == 2
     assert keep(pool, 0.1, "a", 1, 0.0, 1, 100)
     assert keep(pool, 0.1, "b", 1, 0.0, 1, 100)
     assert not keep(pool, 0.1, "c", 1, 0.0, 1, 100)
     # The peak is remembered over one to two T: a new window, then one more.
     pool.busy(T, 1)
-    assert pool.cap(1, 100) == 2
+    assert pool.cap == 2
     pool.busy(2 * T, 1)
-    assert pool.cap(1, 100) == 1
+    assert pool.cap == 1
     # A window that ended long ago counts for nothing.
     pool.busy(5 * T, 0)
-    assert pool.cap(1, 100) == 0
+    assert pool.cap == 0
 
 
 def test_the_pool_holds_at_most_its_share_of_the_limit() -> None:
     pool = quiet_pool(busy=50)
-    assert pool.cap(processes=4, concurrency=16) == int(KEPT_SHARE * 16 / 4) == 2
-    assert pool.cap(processes=10, concurrency=16) == 0  # a share below one slot: none kept
-    assert pool.cap(processes=1, concurrency=None) == 0  # no concurrency budget (now)
+    assert pool.cap == 0  # no share told yet: none kept
+    pool.share(processes=4, concurrency=16)
+    assert pool.cap == int(KEPT_SHARE * 16 / 4) == 2
+    pool.share(processes=10, concurrency=16)
+    assert pool.cap == 0  # a share below one slot: none kept
+    pool.share(processes=1, concurrency=None)
+    assert pool.cap == 0  # no concurrency budget (now)
     assert keep(pool, 0.1, "a", 1, 0.0, 4, 16)
     assert keep(pool, 0.1, "b", 1, 0.0, 4, 16)
     assert not keep(pool, 0.1, "c", 1, 0.0, 4, 16)
@@ -202,3 +209,56 @@ def test_unset_it_is_the_default_t_for_a_concurrency_budget_alone_and_off_elsewh
     # Off needs no concurrency budget: it is what a rate budget does anyway.
     assert Settings.from_env({"THROTTLE_RATE": "10", "THROTTLE_KEEP_SLOTS": "0"}).keep_slots_s == 0
     assert Settings.from_env({"THROTTLE_ENABLED": "false"}).keep_slots_s == 0.0
+
+
+def test_slots_age_in_order_of_their_admission_not_of_their_keeping() -> None:
+    """A slot kept later may have been admitted earlier (a longer request ran on it): it
+    ages first, at T after its admission, whatever was kept before it. (A queue in the
+    order kept, aged from its front, would hold it until the front's turn.)"""
+    pool = quiet_pool(busy=3)
+    assert keep(pool, 0.6, "late", 1, 0.5, 1, 10)  # admitted at 0.5: ages at 1.5
+    assert keep(pool, 0.7, "early", 1, 0.0, 1, 10)  # admitted at 0.0: ages at 1.0
+    assert pool.next_at == 1.0
+    assert pool.aged(0.99) == []
+    assert pool.aged(1.0) == ["early"]
+    assert pool.next_at == 1.5
+    assert pool.aged(1.49) == []
+    assert pool.aged(1.5) == ["late"]
+    assert pool.next_at is None
+    assert pool.returned == 2
+
+
+def test_a_slot_running_when_it_ages_is_not_given_back_by_aging_but_at_its_release() -> None:
+    """The slot that ages first is taken: aging then gives nothing back (it is not kept,
+    it runs a request) and looks next at the next slot's age; its release is not kept."""
+    pool = quiet_pool(busy=3)
+    assert keep(pool, 0.5, "b", 1, 0.5, 1, 10)  # ages at 1.5
+    assert keep(pool, 0.6, "a", 1, 0.0, 1, 10)  # ages at 1.0
+    pool.heard(0.9, True)
+    assert take(pool, 0.9, 1, True) == "a"
+    assert pool.aged(1.0) == []
+    assert pool.next_at == 1.5
+    assert not pool.keep(1.1, "a")  # T old at its release: to Redis, forgotten
+    assert not pool.keep(1.2, "a")
+    assert pool.kept == 2
+    assert pool.aged(1.5) == ["b"]
+
+
+def test_the_slot_kept_last_is_taken_first_but_never_an_aged_one_or_of_another_cost() -> None:
+    """Take pops the slot kept last (the others stay idle and age out, one call each);
+    if that one is of another cost, or aged but not yet given back (the timer due), it
+    stays kept and another is taken."""
+    pool = quiet_pool(busy=4)
+    assert keep(pool, 0.1, "one", 1, 0.1, 1, 10)  # ages at 1.1
+    assert keep(pool, 0.2, "two", 1, 0.2, 1, 10)  # ages at 1.2
+    assert keep(pool, 0.3, "cost2", 2, 0.3, 1, 10)
+    assert take(pool, 0.4, 1, True) == "two"
+    assert pool.keep(0.5, "two")
+    assert keep(pool, 0.6, "old", 1, 0.0, 1, 10)  # kept last, ages at 1.0
+    pool.heard(1.0, True)
+    assert take(pool, 1.0, 1, True) == "two"  # "old" is aged, "one" kept before "two"
+    assert take(pool, 1.0, 2, True) == "cost2"
+    assert take(pool, 1.0, 1, True) == "one"
+    assert take(pool, 1.0, 1, True) is None
+    assert pool.aged(1.0) == ["old"]
+    assert len(pool) == 0

@@ -146,6 +146,7 @@ class RedisBackend(Recovery):
         #: request admitted from the pool runs on, by request id; the timer for the oldest
         #: and when it fires (inf: none).
         self._slots = SlotPool(settings.keep_slots_s) if settings.keep_slots_s else None
+        self._share_slots()
         self._borrowed: dict[LeaseKey, str] = {}
         #: The fast path's lease keys (`fast_path`): the keys of `_borrowed` it makes.
         self._lease_keys = itertools.count(1)
@@ -360,7 +361,7 @@ class RedisBackend(Recovery):
         by `key`, see `_borrowed`); None: declined, to Redis (`acquire_rest`). Tries
         nothing before `start` or while the breaker is open (the failure mode decides).
         `now` is the loop's time; `key` the request's id, or the fast path's number."""
-        if not self._started or not self._breaker.allow():
+        if not self._started or not self._breaker.closed:
             return None
         queue_empty = not self._waiters
         pool = self._pool
@@ -438,7 +439,8 @@ class RedisBackend(Recovery):
         if not isinstance(request_id, str):
             return  # a fast path's key released again: ignored, as any second release
         # A lease the pool may keep was admitted by Redis (never the failure mode's).
-        if self._slots is not None and self._keep(request_id):
+        slots = self._slots
+        if slots is not None and self._keep(slots, request_id):
             return
         if self._fallback.owns(request_id):
             self._fallback.release(request_id)
@@ -462,6 +464,7 @@ class RedisBackend(Recovery):
         await self._budget.set_limits(limits)
         self._limits = self._in_force = self._fallback.limits = limits
         self._keep_limit = _keepable(limits)
+        self._share_slots()
         await self._batcher.submit(protocol.TICK)  # dispatch now: a raised limit admits waiters
 
     # --- the call path -------------------------------------------------------------------------
@@ -693,6 +696,7 @@ class RedisBackend(Recovery):
                 if not _raised(under, self._kept_under):
                     self._give_back_slots(self._slots.drain())  # (a lower limit: not over it)
         if self._slots is not None:
+            self._slots.share(self._fallback.fleet, self._keep_limit)
             self._heard(trailer.next_tick_s is None)
 
     def _schedule_tick(self, delay: float) -> None:
@@ -845,29 +849,33 @@ class RedisBackend(Recovery):
 
     # --- kept concurrency slots (THROTTLE_KEEP_SLOTS; slotpool.py) ----------------------
 
-    def _keep(self, lease: str) -> bool:
+    def _keep(self, slots: SlotPool, lease: str) -> bool:
         """A request finished on `lease`: keep its slot for the next one (True), or not
         (the pool forgets it: released in Redis if this process holds it there). Not
         while closing, while this process has waiters, with the breaker open, or when
         this process is not in P:pl (it would not be told when someone waits). Aged
         slots go back by the timer (`_schedule_slots`), not here: nothing is scanned."""
-        slots = self._slots
-        assert slots is not None
         now = self._loop_time()
         if (
             now < self._keeper_until
             and not self._waiters
             and not self._closing
-            and self._breaker.allow()
+            and self._breaker.closed
             and lease in self._leases
         ):
-            if not slots.keep(now, lease, self._fallback.fleet, self._keep_limit):
+            if not slots.keep(now, lease):
                 return False
             if slots.due_at < self._slots_timer_at:
                 self._schedule_slots()  # (this slot ages before the timer: sooner)
             return True
         slots.let_go(lease)
         return False
+
+    def _share_slots(self) -> None:
+        """The pool's share of the limit follows the fleet's size and the limit in force
+        (told at each change: `keep` reads it per release)."""
+        if self._slots is not None:
+            self._slots.share(self._fallback.fleet, self._keep_limit)
 
     def _heard(self, quiet: bool) -> None:
         """A reply said whether anyone waits for the budget: if so, the kept slots go back."""
@@ -956,6 +964,7 @@ class RedisBackend(Recovery):
                     raw = await self._scripts.renew(keys=[self._keys.state], args=args)
                     renewed = protocol.decode_renew(raw)
                     self._fallback.fleet = max(1, renewed.processes)
+                    self._share_slots()
                     for rid, there in zip(leases, renewed.held, strict=False):
                         held = self._leases.get(rid)
                         if there and held is not None:  # it lasts a TTL from `sent`

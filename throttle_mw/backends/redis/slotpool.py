@@ -20,9 +20,10 @@ backend (``backend.py``) does the I/O:
    ``pool.admitted(now, lease, cost, born, leases)`` (the pool may keep it). Both count
    this process's busy slots (`leases`: its leases in Redis, kept ones included) for the
    pool's cap (``pool.busy(now, n)``: `n` requests hold a slot).
-3. Release: ``pool.keep(now, lease, processes, concurrency)``: True: kept, nothing
+3. Release: ``pool.keep(now, lease)``: True: kept, nothing
    sent; False: released in Redis as without the pool (``pool.let_go(lease)`` when the
-   backend does not ask).
+   backend does not ask). Its cap's share of the limit: ``pool.share(processes,
+   concurrency)`` whenever the fleet's size or the limit changes.
 4. ``pool.aged(now)`` (a timer at ``pool.next_at``, moved sooner when a slot kept ages
    before it): the slots to give back. ``pool.drain()``: all of them (limits changed,
    shutdown); ``pool.forget()`` (a fault or a new epoch: the backend forgets them rather
@@ -50,11 +51,12 @@ class SlotPool:
     """This process's kept slots: lease ids still held in Redis, none of them in use.
 
     What runs per request is a few dict operations and compares: ``take`` pops the slot
-    kept last (a dict's last item, O(1)) and scans only when that one is of another cost
-    or aged; ``keep`` reads the cap from values updated when they change (the busy peak
-    in ``busy``/``take``, the share when the fleet or the limit given differs); aging is
-    checked against ``due_at``, a bound below which no kept slot ages, so ``aged`` scans
-    only when a slot may be due (at most once per lease admitted, amortized O(1))."""
+    kept last (a dict's last item, O(1); the others stay idle and age out) and scans, from
+    the last, only when that one is of another cost or aged; ``keep`` reads the cap, set
+    when what it depends on changes (the busy peak in ``busy`` and ``take``, the share
+    when the backend tells ``share``); aging is checked against ``due_at``, a bound below
+    which no kept slot ages, so ``aged`` scans only when a slot may be due (at most once
+    per lease admitted: amortized O(1))."""
 
     def __init__(self, keep_s: float) -> None:
         if keep_s <= 0:
@@ -80,10 +82,10 @@ class SlotPool:
         self._prev_peak = 0
         self._recent = 0
         self._window_end = -math.inf
-        #: This process's share of the limit (`cap`), for the fleet size and limit given.
+        #: This process's share of the limit (`share`: none until told), and the cap: the
+        #: least of it and `_recent`, set whenever either changes (`keep` reads it).
         self._share = 0
-        self._share_processes = 0
-        self._share_limit: int | None = None
+        self._cap = 0
         #: Counters for metrics: admissions from kept slots, slots kept at a release,
         #: kept slots given back (aged, someone waits, limits, shutdown) and forgotten
         #: (a fault, a new epoch, gone from Redis).
@@ -127,7 +129,7 @@ class SlotPool:
         lease, entry = kept.popitem()
         if entry[0] != cost or now >= entry[1]:
             kept[lease] = entry  # (back where it was: last)
-            for lease, entry in kept.items():
+            for lease, entry in reversed(kept.items()):  # (the next kept last)
                 if entry[0] == cost and now < entry[1]:
                     del kept[lease]
                     break
@@ -142,6 +144,7 @@ class SlotPool:
             self._peak = held
             if held > self._recent:
                 self._recent = held
+                self._cap = min(self._share, held)
         return lease
 
     def busy(self, now: float, held: int) -> None:
@@ -153,6 +156,7 @@ class SlotPool:
             self._peak = held
             if held > self._recent:
                 self._recent = held
+                self._cap = min(self._share, held)
 
     def _roll(self, now: float) -> None:
         """A window of T is over: a new one from `now`; the one that ended is remembered
@@ -162,23 +166,26 @@ class SlotPool:
             self._prev_peak = self._peak if now < end + self.keep_s else 0
             self._peak = 0
             self._recent = self._prev_peak
+            self._cap = min(self._share, self._recent)
         self._window_end = now + self.keep_s
 
-    def cap(self, processes: int, concurrency: int | None) -> int:
+    @property
+    def cap(self) -> int:
         """Slots this process may keep: its peak of busy slots over the last one to two
-        T, and at most its share of the limit (``KEPT_SHARE x concurrency / processes``)."""
-        if processes != self._share_processes or concurrency != self._share_limit:
-            self._reshare(processes, concurrency)
-        return min(self._share, self._recent)
+        T, and at most its share of the limit (`share`)."""
+        return self._cap
 
-    def _reshare(self, processes: int, concurrency: int | None) -> None:
-        self._share_processes, self._share_limit = processes, concurrency
+    def share(self, processes: int, concurrency: int | None) -> None:
+        """The fleet's size and the concurrency limit whose slots may be kept (None: no
+        slot is), as this process last heard them: its share of the limit is
+        ``KEPT_SHARE x concurrency / processes``, whole. Told when either changes."""
         if concurrency is None:
             self._share = 0
         else:
             self._share = math.floor(concurrency * KEPT_SHARE / max(1, processes))
+        self._cap = min(self._share, self._recent)
 
-    def keep(self, now: float, lease: str, processes: int, concurrency: int | None) -> bool:
+    def keep(self, now: float, lease: str) -> bool:
         """A request of this process finished on `lease`: keep its slot (True: nothing to
         send) if the pool may (`admitted`), nobody waited as last heard less than T ago,
         the slot is younger than T and the pool is below its cap (`cap`); else False:
@@ -187,10 +194,7 @@ class SlotPool:
         if entry is None:
             return False
         kept = self._kept
-        if processes != self._share_processes or concurrency != self._share_limit:
-            self._reshare(processes, concurrency)
-        n = len(kept)
-        if now >= self.quiet_until or now >= entry[1] or n >= self._share or n >= self._recent:
+        if now >= self.quiet_until or now >= entry[1] or len(kept) >= self._cap:
             del self._held[lease]
             return False
         kept[lease] = entry
