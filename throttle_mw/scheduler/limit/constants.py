@@ -38,6 +38,12 @@ RAMP: Final = 1.5
 #: The limit is in use in a window whose most in flight reached it and whose mean in
 #: flight (at admissions) reached this share of it: only then may it grow.
 IN_USE_SHARE: Final = 0.75
+#: ... or, short of that, in a window where this share of the requests or more waited
+#: in the throttle's queue for it (and the in flight reached it at least once): the
+#: limit, not demand, held the app back, though the app's own in flight reads low
+#: (a fleet's slot is held in Redis longer than in the app: the grant's trip, the
+#: release's batching). Half: most of them, not a passing burst.
+WAITED_SHARE: Final = 0.5
 #: A window whose failures reach this share (and FAILURE_MIN_COUNT) cuts by FAILURE_CUT.
 FAILURE_SHARE: Final = 0.1
 FAILURE_MIN_COUNT: Final = 3

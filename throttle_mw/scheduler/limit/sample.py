@@ -19,8 +19,12 @@ class Sample:
       mean does not: each request counts itself, and arrivals see more than the
       time average; the window's mean is the in flight over its time,
       `WindowSummary.measure`.)
+    - `waited`: it was queued in the throttle (for the limit) before its admission,
+      not admitted at once (nor from a lease or a kept slot): a limit that holds
+      most of a window's requests back is in use whatever the app's in flight.
     """
 
     service_s: float
     failed: bool
     in_flight: int
+    waited: bool = False
