@@ -398,8 +398,9 @@ def _held_fleet(
         for i in range(n):
             rid = _rid()
             outcome = await backend.acquire(Request(rid, f"t{(2 * i + w) % 8}"))
-            queued = isinstance(outcome, Waiting)  # the middleware's `Sample.waited`
-            if queued:
+            queued = False  # the middleware's `Sample.waited`
+            if isinstance(outcome, Waiting):
+                queued = True
                 outcome = await outcome.future
             if not isinstance(outcome, Admitted):
                 raise RuntimeError(f"not admitted: {outcome!r}")

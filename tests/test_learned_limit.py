@@ -327,7 +327,8 @@ def test_the_fleet_window_adds_the_waited_counts_pushed_beside_the_summaries() -
     assert merged.waited == 50
     assert fleet_window(entries)[0].waited == 0
     config = LimitConfig(min_samples=100)
-    state, kept, kept_waits = fleet_step(config, LimitState(4.0, 0.1, "hold", 3), entries, 0.5, waits)
+    held = LimitState(4.0, 0.1, "hold", 3)
+    state, kept, kept_waits = fleet_step(config, held, entries, 0.5, waits)
     assert state.steps == 3  # too few to judge: kept
     assert sorted(kept_waits) == ["new|30", "old|20"]
     again, _ = fleet_window(kept, kept_waits)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(NamedTuple):
     """A finished admitted request, reported once when its response is done.
 
     - `service_s`: seconds from its admission to its last body chunk (or to the
