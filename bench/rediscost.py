@@ -398,7 +398,9 @@ def _held_fleet(
         for i in range(n):
             rid = _rid()
             outcome = await backend.acquire(Request(rid, f"t{(2 * i + w) % 8}"))
+            queued = False  # the middleware's `Sample.waited`
             if isinstance(outcome, Waiting):
+                queued = True
                 outcome = await outcome.future
             if not isinstance(outcome, Admitted):
                 raise RuntimeError(f"not admitted: {outcome!r}")
@@ -409,7 +411,7 @@ def _held_fleet(
             if learn:
                 ended = time.perf_counter()
                 backend.flight.finish(ended)
-                backend.observe(Sample(ended - began, False, running))
+                backend.observe(Sample(ended - began, False, running, queued))
             if outcome.lease:
                 backend.release(rid)
             done += 1

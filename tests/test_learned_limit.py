@@ -26,7 +26,12 @@ from throttle_mw.backends import MemoryBackend
 from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.backends.redis.fallback import share
 from throttle_mw.backends.redis.keys import LIVE_STAMP, Keys
-from throttle_mw.backends.redis.learner import STATE_FIELD, FleetLearner, fleet_window
+from throttle_mw.backends.redis.learner import (
+    STATE_FIELD,
+    FleetLearner,
+    fleet_step,
+    fleet_window,
+)
 from throttle_mw.scheduler import Limits, Policy
 from throttle_mw.scheduler import Request as ThrottleRequest
 from throttle_mw.scheduler.limit import InFlight, LimitConfig, LimitState, Sample, WindowSummary
@@ -103,6 +108,19 @@ async def test_each_admitted_request_gives_one_sample_with_its_outcome() -> None
     assert boom.failed  # the app raised
     assert not stream.failed
     assert stream.service_s >= 0.04  # to the last body chunk, not to the first
+
+
+@pytest.mark.anyio
+async def test_a_request_queued_for_the_limit_says_it_waited() -> None:
+    """`Sample.waited`: queued for the limit, then admitted; not a request admitted at
+    once."""
+    backend = Recording(concurrency="auto", concurrency_min=2, concurrency_max=2)
+    transport = httpx.ASGITransport(app=_app(backend))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        answers = await asyncio.gather(*(client.get("/ok", params={"s": "0.1"}) for _ in range(3)))
+        assert [a.status_code for a in answers] == [200] * 3
+        await client.get("/ok")  # alone: at once
+    assert [s.waited for s in backend.samples] == [False, False, True, False]
 
 
 @pytest.mark.anyio
@@ -291,6 +309,68 @@ def test_the_fleet_window_pools_a_process_parts_and_adds_the_processes() -> None
     # A kept window's parts go back per process and pool again with the next ones.
     again, _ = fleet_window([f"{p}|{s.encode()}" for p, s in parts.items()])
     assert again.mean_in_flight == pytest.approx(merged.mean_in_flight)
+
+
+def test_the_fleet_window_adds_the_waited_counts_pushed_beside_the_summaries() -> None:
+    """P:lq's ``token|n`` entries add to their processes' parts (pooled across pushes),
+    at most each part's count; a count without its summary, or malformed, says
+    nothing. A process of an older build pushes none: its requests read as not
+    waited. A thin window keeps the counts with its summaries, per process."""
+    new, old = WindowSummary(), WindowSummary()
+    for i in range(20):
+        new.add(Sample(0.1, False, 2, i < 15))
+        old.add(Sample(0.1, False, 2))
+    entries = [f"new|{new.encode()}", f"old|{old.encode()}", f"new|{new.encode()}"]
+    waits = [f"new|{new.waited}", f"new|{new.waited}", "gone|7", "new|x", "old|99"]
+    merged, parts = fleet_window(entries, waits)
+    assert (parts["new"].waited, parts["old"].waited) == (30, 20)  # "old|99": at most 20
+    assert merged.waited == 50
+    assert fleet_window(entries)[0].waited == 0
+    config = LimitConfig(min_samples=100)
+    held = LimitState(4.0, 0.1, "hold", 3)
+    state, kept, kept_waits = fleet_step(config, held, entries, 0.5, waits)
+    assert state.steps == 3  # too few to judge: kept
+    assert sorted(kept_waits) == ["new|30", "old|20"]
+    again, _ = fleet_window(kept, kept_waits)
+    assert again.waited == merged.waited
+
+
+@pytest.mark.anyio
+async def test_the_waited_counts_go_beside_the_summaries_and_the_step_takes_them(
+    clean_redis_server: RedisServer,
+) -> None:
+    """A flush pushes its summary's waited count onto P:lq (only when some waited), in
+    the same transaction; the step reads and clears P:lw and P:lq together, and a
+    fleet whose requests mostly waited at a low in flight grows."""
+    import redis.asyncio as aredis
+
+    client = aredis.Redis.from_url(clean_redis_server.url, decode_responses=True)
+    keys = Keys("waits")
+    config = LimitConfig(window_s=0.2, min_samples=5)
+    clock = [1000.0]
+    learners = [
+        FleetLearner(keys, config, process=f"p{i}", live_ttl_s=60.0, clock=lambda: clock[0])
+        for i in range(2)
+    ]
+    learners[0].state = LimitState(4.0, 0.01, "hold", 10)
+    await client.hset(keys.cfg, STATE_FIELD, learners[0].state.encode())
+    try:
+        await client.set(keys.learn_step, "other", px=60_000)  # no step yet
+        for i, learner in enumerate(learners):
+            for j in range(30):
+                learner.observe(Sample(0.01, False, 2 + i if j == 0 else 1, i == 0 or j < 20))
+            assert await learner.flush(client) is False
+        assert sorted(await client.lrange(keys.learn_waited, 0, -1)) == ["p0|30", "p1|20"]
+        assert await client.pttl(keys.learn_waited) > 0
+        assert await learners[1].flush(client) is False  # nothing waited: no entry
+        assert await client.llen(keys.learn_waited) == 2
+        await client.delete(keys.learn_step)
+        assert await learners[0].flush(client) is True
+        assert await client.exists(keys.learn_windows, keys.learn_waited) == 0
+        assert learners[0].state.reason == "grow"
+        assert learners[0].state.in_force == 5
+    finally:
+        await client.aclose()
 
 
 @pytest.mark.anyio

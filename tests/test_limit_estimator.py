@@ -27,7 +27,7 @@ from throttle_mw.scheduler.limit import (
     initial_state,
     step,
 )
-from throttle_mw.scheduler.limit.constants import GROW_MAX, TARGET
+from throttle_mw.scheduler.limit.constants import GROW_BELOW, GROW_MAX, RAMP, TARGET, WAITED_SHARE
 from throttle_mw.scheduler.limit.summary import BUCKET_RATIO
 
 #: Mean service time per slot count: enough requests per window at every size,
@@ -299,6 +299,61 @@ def test_growth_is_sized_from_the_in_flight_the_window_measured() -> None:
     assert step(config, LimitState(11.0, 0.1, "hold", 40), thin, 0.5).limit == 12.0
 
 
+def held_back(waited: int, *, peak: int = 4, service_s: float = 0.001) -> WindowSummary:
+    """A window of 40 requests at `service_s`, `waited` of them queued for a limit of
+    4, the app's own in flight about 1.6 (the fleet's slots held in Redis longer than
+    in the app), its peak `peak`."""
+    window = summary_of(
+        Sample(service_s, False, peak if i % 10 == 0 else 1 + i % 2, i < waited) for i in range(40)
+    )
+    assert window.mean_in_flight < 0.75 * 4  # not in use: below IN_USE_SHARE
+    assert window.waited == waited
+    return window
+
+
+def test_a_limit_that_held_most_requests_back_grows_with_the_latency_at_the_baseline() -> None:
+    """The Redis fleet of docs/performance.md ("The learned limit at its start, four
+    processes"): the app holds about 2 of a limit of 4, yet most requests queue for
+    it. Not in use by the app's in flight, but the limit held them back: grow, from
+    the limit (the load that queued), as an in-use limit grows. Without the waits:
+    "unused", held."""
+    config = LimitConfig()
+    state = LimitState(4.0, 0.001, "hold", 40)
+    waited = step(config, state, held_back(30), 0.5)
+    median = held_back(30).quantile(0.5)
+    assert waited.reason == "grow"
+    assert waited.limit == pytest.approx(
+        max(5.0, min(4.0 * GROW_MAX, 4.0 * TARGET * waited.baseline_s / median))
+    )
+    assert waited.in_force == 5
+    # The same window without waits, or with too few, or whose in flight never reached
+    # the limit (a queue for something else: a rate): unused.
+    share = math.ceil(WAITED_SHARE * 40)
+    for window in (held_back(0), held_back(share - 1), held_back(30, peak=3)):
+        unused = step(config, state, window, 0.5)
+        assert (unused.limit, unused.reason) == (4.0, "unused")
+    assert step(config, state, held_back(share), 0.5).reason == "grow"
+    # In slow start, by RAMP, as any growth.
+    ramp = step(config, LimitState(4.0, 0.001, "grow", 40, slow_start=True), held_back(30), 0.5)
+    assert (ramp.limit, ramp.reason) == (4.0 * RAMP, "grow")
+
+
+def test_a_held_back_limit_grows_only_while_its_latency_stays_at_the_baseline() -> None:
+    """Why waits cannot over-grow it: the latency guards come first. After an unused
+    window it holds one window (its latency flattered by an idle app), as any growth;
+    a window above GROW_BELOW holds and one above CUT_ABOVE cuts, waits or not."""
+    config = LimitConfig()
+    after_unused = step(config, LimitState(4.0, 0.001, "unused", 40), held_back(30), 0.5)
+    assert (after_unused.limit, after_unused.reason) == (4.0, "hold")
+    climbing = LimitState(8.0, 0.001, "grow", 40)
+    slower = held_back(30, peak=8, service_s=0.001 * (GROW_BELOW + 0.1))
+    assert step(config, climbing, slower, 0.5).reason == "hold"
+    queueing = held_back(30, peak=8, service_s=0.002)
+    cut = step(config, climbing, queueing, 0.5)
+    assert cut.reason == "overload"
+    assert cut.limit < 8.0
+
+
 def test_step_without_requests_holds() -> None:
     config = LimitConfig()
     state = step(config, initial_state(config), WindowSummary(), 0.5)
@@ -394,6 +449,30 @@ def test_pool_is_one_process_more_samples() -> None:
 def wire_safe(text: str) -> bool:
     """ASCII, and none of the characters the fleet's wire uses around these forms."""
     return text.isascii() and not any(ch in text for ch in " |;\n\r\t")
+
+
+def test_summary_counts_the_requests_that_waited_beside_its_wire_text() -> None:
+    """`waited` adds up over samples, pools and merges; the wire text leaves it out,
+    byte for byte the text of the same window without waits: an older build's process
+    (its parser rejects any field it does not know, a trailing one too) reads this
+    build's summaries as it always did, and this build reads its."""
+    rng = random.Random(6)
+    plain = samples(rng, 60)
+    waited = [Sample(s.service_s, s.failed, s.in_flight, i % 3 == 0) for i, s in enumerate(plain)]
+    summary = summary_of(waited)
+    assert summary.waited == 20
+    assert summary.encode() == summary_of(plain).encode()
+    with pytest.raises(ValueError, match="not a window summary"):
+        WindowSummary.decode(summary.encode() + ",20")  # why it is not a trailing field
+    again = WindowSummary.decode(summary.encode())
+    assert again.waited == 0
+    again.add_waited(20)
+    assert again == summary
+    pooled = summary_of(waited[:30])
+    pooled.pool(summary_of(waited[30:]))
+    merged = summary_of(waited[:10])
+    merged.merge(summary_of(waited[10:]))
+    assert pooled.waited == merged.waited == 20
 
 
 def test_summary_wire_round_trip() -> None:

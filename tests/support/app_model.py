@@ -52,9 +52,9 @@ Spread = Literal["round-robin", "random"]
 
 _ARRIVE, _DONE, _POLL = 0, 1, 2
 #: A request in the app: when it was admitted, the in flight it saw (its process's),
-#: whether it fails, and its process.
-Item = tuple[float, int, bool, int]
-_NONE: Item = (0.0, 0, False, 0)
+#: whether it fails, its process, and whether it waited in the limiter's queue.
+Item = tuple[float, int, bool, int, bool]
+_NONE: Item = (0.0, 0, False, 0, False)
 
 
 class FleetLearnerModel:
@@ -76,6 +76,7 @@ class FleetLearnerModel:
             flight.take(now)
         self._summaries = [WindowSummary() for _ in range(processes)]
         self._pushed: list[str] = []
+        self._waits: list[str] = []  # P:lq's entries
         self._interval = config.window_s / 2
         self._pushes = [now + self._interval * (i + 1) / processes for i in range(processes)]
         self._claim_ends = now + config.window_s
@@ -98,11 +99,15 @@ class FleetLearnerModel:
             lag = self._lags[process] = fleet_lag(self._lags[process], summary)
             summary.measure(*self._flights[process].take(lag, due))
             self._pushed.append(f"p{process}|{summary.encode()}")
+            if summary.waited:
+                self._waits.append(f"p{process}|{summary.waited}")
             if now >= self._claim_ends:
                 self._claim_ends = now + self._config.window_s
                 elapsed = max(now - self._stepped_at, self._config.window_s)
-                state, kept = fleet_step(self._config, self.state, self._pushed, elapsed)
-                self._pushed = kept
+                state, kept, kept_waits = fleet_step(
+                    self._config, self.state, self._pushed, elapsed, self._waits
+                )
+                self._pushed, self._waits = kept, kept_waits
                 if not kept:
                     self.state, self.limit, self._stepped_at = state, state.in_force, now
         return self.limit != before
@@ -225,7 +230,7 @@ class AppModel:
         else:
             self.rejected += 1
 
-    def _admit(self, now: float) -> None:
+    def _admit(self, now: float, waited: bool = False) -> None:
         self.in_flight += 1
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
         failed = self.rng.random() < at(self.fail_share, now)
@@ -235,7 +240,7 @@ class AppModel:
             process = self._turn
             self._turn = (process + 1) % self.processes
         running = self.flights[process].admit(now)
-        self.app_queue.append((now, running, failed, process))
+        self.app_queue.append((now, running, failed, process, waited))
         self._start_service(now)
 
     def _start_service(self, now: float) -> None:
@@ -246,12 +251,12 @@ class AppModel:
             self._push(now + self.service(self.rng, at(self.mean_s, now)), _DONE, item)
 
     def _done(self, now: float, item: Item) -> None:
-        admitted_at, in_flight, failed, process = item
+        admitted_at, in_flight, failed, process, waited = item
         self.busy -= 1
         self.in_flight -= 1
         self.flights[process].finish(now)
         self.completed += 1
-        sample = Sample(now - admitted_at, failed, in_flight)
+        sample = Sample(now - admitted_at, failed, in_flight, waited)
         if isinstance(self.estimator, FleetLearnerModel):
             self.estimator.observe(sample, process)
         else:
@@ -263,6 +268,6 @@ class AppModel:
         while self.waiting and self.in_flight < self.estimator.limit:
             arrived = self.waiting.popleft()
             if now - arrived <= self.max_wait_s:
-                self._admit(now)
+                self._admit(now, waited=True)
             else:
                 self.rejected += 1

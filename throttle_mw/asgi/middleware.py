@@ -471,6 +471,8 @@ class ThrottleMiddleware:
         decided: Outcome = "admitted"
         reason: str | None = None
         body: RequestBody | None = None
+        # Queued for the limit before its admission (a learned limit's `Sample.waited`).
+        queued = False
         if held_at_once is not None:
             held = held_at_once
             degraded = unthrottled = False
@@ -525,10 +527,12 @@ class ThrottleMiddleware:
                     timing = _NO_WAIT
             else:
                 started = started or time.perf_counter()
+                queued = type(outcome) is Waiting
                 settled = await self._settle(scope, request, outcome, receive, send, started, body)
                 if settled is None:
                     return  # rejected (the response is sent) or the client went away
                 outcome, decided, reason, body = settled
+                queued = queued and decided == "admitted"
                 if body is not None:
                     receive = body.receive
                 waited_s = time.perf_counter() - started
@@ -634,7 +638,8 @@ class ThrottleMiddleware:
                 # about the app's capacity: no sample.
                 if hold is None or not hold.released:
                     client_s = 0.0 if hold is None else hold.waited_s
-                    backend.observe(Sample(ended - admitted - client_s, failed, running))
+                    sample = Sample(ended - admitted - client_s, failed, running, queued)
+                    backend.observe(sample)
 
     def _bind_fast_path(self) -> AdmitAtOnce | None:
         self._fast_pending = False

@@ -56,7 +56,10 @@ P:pw             zset    an older build's copy of P:pl (branch `fanout`): the   
                          them, SIGNAL_BATCH a call (store.lua's signal_rest), and
                          never writes it
 P:lw             list    window summaries of a learned limit, since its last step     live
-                         (learner.py, which sets the TTLs of these two on each write)
+                         (learner.py, which sets the TTLs of these three on each write)
+P:lq             list    how many of a pushed summary's requests waited for the       live
+                         limit (``token|n``, n > 0), beside P:lw: its wire text
+                         cannot carry it (learner.py)
 P:lstep          string  the fleet's claim on the learned limit's current step        window
 ===============  ======  ===========================================================  ======
 
@@ -111,6 +114,7 @@ SUFFIX: Final = MappingProxyType(
         "pools_names": ":pn",
         "pools_rest": ":pw",
         "learn_windows": ":lw",
+        "learn_waited": ":lq",
         "learn_step": ":lstep",
     }
 )
@@ -193,6 +197,7 @@ class Keys:
         self.leases = self.tag + SUFFIX["leases"]
         self.lease_costs = self.tag + SUFFIX["lease_costs"]
         self.learn_windows = self.tag + SUFFIX["learn_windows"]
+        self.learn_waited = self.tag + SUFFIX["learn_waited"]
         self.learn_step = self.tag + SUFFIX["learn_step"]
 
     def live_changed(self, pipe: Any) -> None:

@@ -21,6 +21,14 @@ fleet's last limit and estimator state back with the next push of any process
 (``HSETNX``, in one transaction), not the cold start: every push reads the
 stored state back, so every process knows the fleet's latest, not only the
 one that took the last step.
+
+How many of a summary's requests waited for the limit (`WindowSummary.waited`) goes
+beside it, onto ``P:lq`` as ``token|n`` (only when n > 0), in the same transaction:
+the summary's wire text cannot carry it, as an older build's process, sharing Redis
+in a rolling deploy, rejects any field it does not know. Such a process neither
+pushes counts (its requests read as not waited) nor reads them (its steps grow as
+before); what it leaves on ``P:lq`` is taken by the next step of this build, at most
+the window's count.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from ...scheduler.limit import (
     initial_state,
     step,
 )
+from ...scheduler.limit.wire import natural
 from . import protocol
 from .keys import Keys
 
@@ -116,6 +125,10 @@ class FleetLearner:
         pipe.rpush(keys.learn_windows, _entry(self._process, summary))
         pipe.ltrim(keys.learn_windows, -_MAX_SUMMARIES, -1)
         pipe.pexpire(keys.learn_windows, self._live_ttl_ms)
+        if summary.waited:
+            pipe.rpush(keys.learn_waited, _entry_waited(self._process, summary.waited))
+            pipe.ltrim(keys.learn_waited, -_MAX_SUMMARIES, -1)
+            pipe.pexpire(keys.learn_waited, self._live_ttl_ms)
         # A budget that lost its keys gets the fleet's last limit seen here back, and the
         # estimator's state with it (its baseline), not the cold start.
         pipe.hsetnx(keys.cfg, protocol.LEARNED, self.state.in_force)
@@ -140,10 +153,12 @@ class FleetLearner:
         keys = self._keys
         pipe = client.pipeline(transaction=True)
         pipe.lrange(keys.learn_windows, 0, -1)
-        pipe.delete(keys.learn_windows)
+        pipe.lrange(keys.learn_waited, 0, -1)
+        pipe.delete(keys.learn_windows, keys.learn_waited)
         pipe.hmget(keys.cfg, STATE_FIELD, STEP_AT_FIELD)
-        entries, _, (raw_state, raw_at) = await pipe.execute()
+        entries, waits, _, (raw_state, raw_at) = await pipe.execute()
         entries_text = [_text(entry) for entry in entries]
+        waits_text = [_text(entry) for entry in waits]
         state = self.state
         if raw_state is not None:
             try:
@@ -158,11 +173,14 @@ class FleetLearner:
                 elapsed = min(max(now - elapsed, self.config.window_s), _MAX_ELAPSED_S)
             except ValueError:
                 elapsed = self.config.window_s
-        new, kept = fleet_step(self.config, state, entries_text, elapsed)
+        new, kept, kept_waits = fleet_step(self.config, state, entries_text, elapsed, waits_text)
         if kept:
             pipe = client.pipeline(transaction=False)
             pipe.rpush(keys.learn_windows, *kept)
             pipe.pexpire(keys.learn_windows, self._live_ttl_ms)
+            if kept_waits:
+                pipe.rpush(keys.learn_waited, *kept_waits)
+                pipe.pexpire(keys.learn_waited, self._live_ttl_ms)
             await pipe.execute()
             self.state = state
             return
@@ -190,25 +208,36 @@ class FleetLearner:
 
 
 def fleet_step(
-    config: LimitConfig, state: LimitState, entries: Iterable[str], elapsed_s: float
-) -> tuple[LimitState, list[str]]:
-    """The fleet's step from the summaries pushed since the last one (`entries`): the
-    state after it, and nothing to keep; or, for a window too thin to judge, `state`
-    and the entries to push back, each still its process's, so that the next step
-    gets these samples too (as `LimitEstimator` keeps collecting). A process's kept
-    parts go back pooled, one entry (the list stays one entry per process): in the
-    next step they weigh as one more part, so its mean in flight leans to the newer
-    parts (only in so thin a stretch, and only if the in flight moved in it)."""
-    merged, parts = fleet_window(entries)
+    config: LimitConfig,
+    state: LimitState,
+    entries: Iterable[str],
+    elapsed_s: float,
+    waits: Iterable[str] = (),
+) -> tuple[LimitState, list[str], list[str]]:
+    """The fleet's step from the summaries pushed since the last one (`entries`, and
+    their waited counts, `waits`: ``P:lq``): the state after it, and nothing to keep;
+    or, for a window too thin to judge, `state` and the entries and waited counts to
+    push back, each still its process's, so that the next step gets these samples too
+    (as `LimitEstimator` keeps collecting). A process's kept parts go back pooled, one
+    entry (the list stays one entry per process): in the next step they weigh as one
+    more part, so its mean in flight leans to the newer parts (only in so thin a
+    stretch, and only if the in flight moved in it)."""
+    merged, parts = fleet_window(entries, waits)
     new = step(config, state, merged, elapsed_s)
     if new.reason == "few-samples":
-        return state, [_entry(process, part) for process, part in parts.items()]
-    return new, []
+        kept = [_entry(process, part) for process, part in parts.items()]
+        kept_waits = [_entry_waited(p, part.waited) for p, part in parts.items() if part.waited]
+        return state, kept, kept_waits
+    return new, [], []
 
 
-def fleet_window(entries: Iterable[str]) -> tuple[WindowSummary, dict[str, WindowSummary]]:
+def fleet_window(
+    entries: Iterable[str], waits: Iterable[str] = ()
+) -> tuple[WindowSummary, dict[str, WindowSummary]]:
     """The fleet's window from the entries pushed since the last step, and each
-    process's part of it.
+    process's part of it; `waits` (``token|n``) add to each process's part the
+    requests that waited for the limit, at most its count (an older build's step
+    leaves its window's counts behind: `P:lq`).
 
     A process pushes twice a window or more, and a window kept for lack of samples
     carries parts over: its parts are pooled first (`WindowSummary.pool`: its mean in
@@ -228,6 +257,17 @@ def fleet_window(entries: Iterable[str]) -> tuple[WindowSummary, dict[str, Windo
             parts[process].pool(summary)
         else:
             parts[process] = summary
+    for entry in waits:
+        process, _, text = entry.rpartition("|")
+        part = parts.get(process)
+        if part is None:
+            continue  # its summary was malformed, or trimmed: the count says nothing
+        try:
+            n = natural(text)
+        except ValueError:
+            logger.warning("throttle_mw: ignored a malformed waited count in Redis")
+            continue
+        part.add_waited(min(n, part.count - part.waited))
     merged = WindowSummary()
     for summary in parts.values():
         merged.merge(summary)
@@ -247,6 +287,11 @@ def fleet_lag(lag: float, summary: WindowSummary) -> float:
 def _entry(process: str, summary: WindowSummary) -> str:
     """One pushed summary: ``token|summary`` (a summary holds no '|')."""
     return f"{process}|{summary.encode()}"
+
+
+def _entry_waited(process: str, waited: int) -> str:
+    """One pushed waited count: ``token|n``."""
+    return f"{process}|{waited}"
 
 
 def _text(value: bytes | str) -> str:

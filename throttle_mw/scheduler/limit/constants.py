@@ -38,6 +38,17 @@ RAMP: Final = 1.5
 #: The limit is in use in a window whose most in flight reached it and whose mean in
 #: flight (at admissions) reached this share of it: only then may it grow.
 IN_USE_SHARE: Final = 0.75
+#: ... or, short of that, in a window where this share of the requests or more waited
+#: in the throttle's queue for it (and the in flight reached it at least once): the
+#: limit, not demand, held the app back, though the app's own in flight reads low
+#: (a fleet's slot is held in Redis longer than in the app: the grant's trip, the
+#: release's batching). The bar IN_USE_SHARE sets, read at the queue: a limit of L
+#: held at 75% by Poisson arrivals has this share of them wait (Erlang C) about 0.51
+#: at L = 4, 0.36 at 8, 0.27 at 12, 0.21 at 16. A quarter is that bar for a limit of
+#: about 12, the size where a fleet of a few processes needs its limit (two slots a
+#: process for kept slots); a half held four processes of 1 ms at 6 (the scheduler
+#: README, "Or held back").
+WAITED_SHARE: Final = 0.25
 #: A window whose failures reach this share (and FAILURE_MIN_COUNT) cuts by FAILURE_CUT.
 FAILURE_SHARE: Final = 0.1
 FAILURE_MIN_COUNT: Final = 3

@@ -15,6 +15,8 @@ rule in prose. In short, with ``p`` the window's median service time and
   explaining the latency: then test whether it is slower work (``episode.py``);
 - r below GROW_BELOW (with confidence) while the limit is in use: grow toward
   ``in flight * TARGET / r``, at most GROW_MAX times the limit, at least by one;
+  and while it is not, but WAITED_SHARE of the window's requests waited for it:
+  grow the same way from the limit (the limit held them back, not demand);
 - otherwise hold.
 """
 
@@ -50,6 +52,7 @@ from .constants import (
     TARGET,
     TEST_SAMPLES,
     UNUSED_SHARE,
+    WAITED_SHARE,
 )
 from .episode import CUTTING, DOUBT, EPISODE_FIELDS, RAISED, REFERENCE, Episode, Measure
 from .flight import InFlight
@@ -65,7 +68,10 @@ StepReason = Literal[
     "failures",  # failures at FAILURE_SHARE or more: cut
     "overload",  # latency above CUT_ABOVE times the baseline: cut
     "hold",  # latency between GROW_BELOW and CUT_ABOVE times the baseline
-    "grow",  # latency near the baseline and the limit in use: grow
+    # latency near the baseline and the limit in use, or most requests waited for it:
+    # grow. (Waits have no reason of their own: an older build's `LimitState.decode`,
+    # sharing Redis in a rolling deploy, would reject the fleet's state.)
+    "grow",
     "unused",  # latency near the baseline, but the limit was not in use: hold
     "shift-test",  # overload, but the cuts stopped explaining the latency: testing why
     "shift",  # the test found slower work, not a queue: the baseline is re-measured
@@ -210,7 +216,16 @@ def step(
         if high < CUT_ABOVE * baseline:
             episode = None  # confidently not overloaded: the episode is over
         return LimitState(limit, baseline, "hold", steps, state.slow_start, episode=episode)
-    if not in_use:
+    if in_use:
+        # From the in flight this window measured, as a cut is: a window whose in flight
+        # stayed below the limit (a fleet's processes still taking up their grants, a
+        # lull in arrivals) read its latency at that load, not at the limit's.
+        load = min(limit, summary.mean_in_flight)
+    elif _held_back(summary, in_force):
+        # The app's in flight stayed low, yet most requests queued for the limit: each
+        # slot is held longer than the app holds it. The limit was the load here.
+        load = limit
+    else:
         return LimitState(limit, baseline, "unused", steps, state.slow_start)
     if state.reason in ("unused", "idle"):
         # This window began with an idle app: its latency flatters the limit.
@@ -218,10 +233,6 @@ def step(
     if state.slow_start:
         grown = limit * RAMP
     else:
-        # From the in flight this window measured, as a cut is: a window whose in flight
-        # stayed below the limit (a fleet's processes still taking up their grants, a
-        # lull in arrivals) read its latency at that load, not at the limit's.
-        load = min(limit, summary.mean_in_flight)
         grown = min(limit * GROW_MAX, load * TARGET * baseline / p)
     return LimitState(
         config.clamp(max(limit + 1.0, grown)), baseline, "grow", steps, state.slow_start
@@ -355,6 +366,13 @@ def _test(
 def _in_use(summary: WindowSummary, in_force: int) -> bool:
     """Did this window's load reach the limit (the app-limited guard)?"""
     return summary.max_in_flight >= in_force and summary.mean_in_flight >= IN_USE_SHARE * in_force
+
+
+def _held_back(summary: WindowSummary, in_force: int) -> bool:
+    """Did the limit hold this window's requests back though the app's mean in flight
+    stayed below it: WAITED_SHARE of them waited for it, and the in flight reached it?
+    (Only asked where the latency is confidently at the baseline: `step`.)"""
+    return summary.waited >= WAITED_SHARE * summary.count and summary.max_in_flight >= in_force
 
 
 def _interval(summary: WindowSummary, z: float) -> tuple[float, float, float]:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(NamedTuple):
     """A finished admitted request, reported once when its response is done.
 
     - `service_s`: seconds from its admission to its last body chunk (or to the
@@ -19,8 +18,12 @@ class Sample:
       mean does not: each request counts itself, and arrivals see more than the
       time average; the window's mean is the in flight over its time,
       `WindowSummary.measure`.)
+    - `waited`: it was queued in the throttle (for the limit) before its admission,
+      not admitted at once (nor from a lease or a kept slot): a limit that holds
+      most of a window's requests back is in use whatever the app's in flight.
     """
 
     service_s: float
     failed: bool
     in_flight: int
+    waited: bool = False

@@ -5,7 +5,9 @@ on precomputed bucket edges and a few counter updates (about 300 ns). The window
 mean in flight is not kept there: it is the process's in flight integrated over the
 window's time (`flight.InFlight`), given when the window closes (`measure`). The
 fleet sends each process's window summary to the process that takes the fleet's
-step, which merges them; `encode` / `decode` are that wire form.
+step, which merges them; `encode` / `decode` are that wire form. How many of the
+window's requests waited for the limit (`waited`) is not in it: it travels beside it
+(see `encode`).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ _VERSION: Final = "1"
 
 
 class WindowSummary:
-    """Counts, failures, a latency histogram and the in flight (most and mean) of one
-    window.
+    """Counts, failures, a latency histogram, the in flight (most and mean) and the
+    requests that waited for the limit of one window.
 
     The histogram holds the service times of the requests that did *not* fail:
     a failure's duration says how it failed (a fast 500, a slow timeout), not
@@ -61,12 +63,14 @@ class WindowSummary:
         "_parts",
         "_pooled",
         "_span",
+        "_waited",
     )
 
     def __init__(self) -> None:
         self._hist = [0] * BUCKETS
         self._count = 0
         self._failures = 0
+        self._waited = 0
         self._max_in_flight = 0
         #: In flight at admission summed over this summary's own samples (those not
         #: merged in): the mean in flight of a summary whose window was not measured.
@@ -92,9 +96,16 @@ class WindowSummary:
             self._failures += 1
         else:
             self._hist[bisect_right(EDGES, sample.service_s)] += 1
+        if sample.waited:
+            self._waited += 1
         self._in_flight_sum += sample.in_flight
         if sample.in_flight > self._max_in_flight:
             self._max_in_flight = sample.in_flight
+
+    def add_waited(self, n: int) -> None:
+        """`n` more of this window's requests waited for the limit: the count that
+        travels beside the wire text (`encode`)."""
+        self._waited += n
 
     def measure(self, area_s: float, span_s: float) -> None:
         """The process's in flight over (more of) this window: `area_s` in-flight
@@ -112,6 +123,12 @@ class WindowSummary:
     @property
     def failures(self) -> int:
         return self._failures
+
+    @property
+    def waited(self) -> int:
+        """Requests that were queued for the limit before their admission
+        (`Sample.waited`), failed or not."""
+        return self._waited
 
     @property
     def max_in_flight(self) -> int:
@@ -225,6 +242,7 @@ class WindowSummary:
                 hist[i] += n
         self._count += other._count
         self._failures += other._failures
+        self._waited += other._waited
 
     def encode(self) -> str:
         """Compact ASCII: ``1,count,failures,max_in_flight,mean_in_flight`` then
@@ -233,7 +251,12 @@ class WindowSummary:
         Version 1 since the in flight became time-weighted: the field is the process's
         in flight, which every version's merge sums, so a fleet of old and new
         processes during a rolling deploy keeps stepping on every process's summary
-        (an old process's figure still reads high, as it did)."""
+        (an old process's figure still reads high, as it did).
+
+        `waited` is not in the text: version 1's parser rejects any field it does not
+        know (a trailing one too), and processes of an older build may read it during a
+        rolling deploy. The fleet carries it beside (learner.py, ``P:lq``); a decoded
+        summary has none until `add_waited`."""
         parts = [
             _VERSION,
             str(self._count),
@@ -282,13 +305,20 @@ class WindowSummary:
             return NotImplemented
         return self._key() == other._key()
 
-    def _key(self) -> tuple[int, int, int, float, list[int]]:
-        return (self._count, self._failures, self._max_in_flight, self.mean_in_flight, self._hist)
+    def _key(self) -> tuple[int, int, int, int, float, list[int]]:
+        return (
+            self._count,
+            self._failures,
+            self._waited,
+            self._max_in_flight,
+            self.mean_in_flight,
+            self._hist,
+        )
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __repr__(self) -> str:
         return (
             f"WindowSummary(count={self._count}, failures={self._failures}, "
-            f"max_in_flight={self._max_in_flight})"
+            f"waited={self._waited}, max_in_flight={self._max_in_flight})"
         )
