@@ -420,7 +420,11 @@ async def test_a_raised_limit_leaves_the_kept_slots_kept(
     prefix = f"ks{next(_prefixes)}"
     keys = Keys(prefix)
     client = redis.asyncio.Redis.from_url(clean_redis_server.url)
-    backend = RedisBackend(settings(clean_redis_server.url, prefix, concurrency="auto"))
+    # (T long: the test is of limits, not of age; it makes several calls, each a few ms
+    # unloaded but much more on a loaded machine, between the first hold and the second)
+    backend = RedisBackend(
+        settings(clean_redis_server.url, prefix, concurrency="auto", keep_slots_s=10.0)
+    )
     await backend.start()
     try:
         for rid in await hold(backend, 2):
