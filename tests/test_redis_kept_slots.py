@@ -229,6 +229,44 @@ async def test_kept_slots_go_back_when_someone_waits_even_if_the_message_is_miss
 
 
 @pytest.mark.anyio
+async def test_a_slot_kept_after_a_younger_one_goes_back_at_its_own_age_without_traffic(
+    clean_redis_server: RedisServer,
+) -> None:
+    """Two slots, admitted T/2 apart, released youngest first: the aging timer set for the
+    younger is moved sooner when the older is kept, so the older goes back T after its
+    admission with no request coming (none would check), and the younger stays kept."""
+    prefix = f"ks{next(_prefixes)}"
+    keep_s = 2.0
+    client = redis.asyncio.Redis.from_url(clean_redis_server.url)
+    backend = RedisBackend(settings(clean_redis_server.url, prefix, keep_slots_s=keep_s))
+    await backend.start()
+    loop = asyncio.get_running_loop()
+    try:
+        born = loop.time()
+        (older,) = await hold(backend, 1)
+        await asyncio.sleep(keep_s / 2)
+        (younger,) = await hold(backend, 1)
+        backend.release(younger)
+        backend.release(older)
+        pool = backend.kept_slots
+        assert pool is not None
+        assert len(pool) == 2
+        await asyncio.sleep(born + keep_s + 0.2 - loop.time())
+        assert loop.time() < born + 1.5 * keep_s, "(too late to tell: the machine stalled)"
+        assert len(pool) == 1
+        assert older not in pool
+        assert younger in pool
+        for _ in range(100):  # (the release goes out in the background: bounded)
+            if await in_flight(client, prefix) == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert await in_flight(client, prefix) == 1
+    finally:
+        await backend.stop()
+        await client.aclose()
+
+
+@pytest.mark.anyio
 async def test_a_killed_processs_kept_slots_lapse_like_its_leases(
     clean_redis_server: RedisServer,
 ) -> None:

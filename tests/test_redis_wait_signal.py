@@ -192,7 +192,7 @@ async def test_kept_slots_go_back_at_once_when_another_process_s_request_waits(
         assert len(slots) == 0
         assert slots.returned == 2
         # A takes no kept slot now (someone waited: none until a reply says nobody does).
-        assert slots.take(loop.time(), 1, True) is None
+        assert slots.take(loop.time(), 1, True, len(a._leases)) is None
         nxt = await b.acquire(Request("b-next", "beta"))
         assert isinstance(nxt, Admitted), "the other slot A gave back"
         for rid in [*running, "b-wait", "b-next"]:

@@ -100,6 +100,8 @@ class RedisBackend(Recovery):
         #: The concurrency limit whose slots may be kept as the latest reply stated it
         #: (`_keepable`): a reply raising it leaves the kept slots kept.
         self._kept_under: int | None = None
+        #: `_keepable` of the limits in force (`_in_force`), kept beside them: read per release.
+        self._keep_limit = _keepable(self._in_force)
         self._policy = policy = settings.policy()
         fallback = Fallback(settings.failure_mode, self._limits, policy, held=self._held_cost)
         self._init_recovery(settings, fallback)
@@ -140,15 +142,18 @@ class RedisBackend(Recovery):
         self._pool = rate_pool(settings)
         self._lease_task: asyncio.Task[None] | None = None
         self._lease_timer: asyncio.TimerHandle | None = None
-        #: THROTTLE_KEEP_SLOTS: this process's kept slots (None: off); the loop time each
-        #: lease it may keep was admitted at, by lease id; the kept lease each request
-        #: admitted from the pool runs on, by request id; the timer for the oldest.
+        #: THROTTLE_KEEP_SLOTS: this process's kept slots (None: off); the kept lease each
+        #: request admitted from the pool runs on, by request id; the timer for the oldest
+        #: and when it fires (inf: none).
         self._slots = SlotPool(settings.keep_slots_s) if settings.keep_slots_s else None
-        self._born: dict[str, float] = {}
+        self._share_slots()
         self._borrowed: dict[LeaseKey, str] = {}
         #: The fast path's lease keys (`fast_path`): the keys of `_borrowed` it makes.
         self._lease_keys = itertools.count(1)
         self._slots_timer: asyncio.TimerHandle | None = None
+        self._slots_timer_at = float("inf")
+        #: The event loop's clock (set at `start`): what the pool's times are read on.
+        self._loop_time: Callable[[], float] = time.monotonic
         #: Until when (loop time) this process is in P:pl as one that may keep slots (its
         #: heartbeat registered it): it keeps none after, so it is told when someone waits.
         self._keeper_until = -float("inf")
@@ -177,6 +182,7 @@ class RedisBackend(Recovery):
             return
         self._started = True
         self._closing = False
+        self._loop_time = asyncio.get_running_loop().time
         settings = self._settings
         logger.info(
             "throttle_mw: shared budget in Redis at %s (failure mode %r)",
@@ -216,6 +222,7 @@ class RedisBackend(Recovery):
         for timer in (self._tick, self._settle, self._lease_timer, self._slots_timer):
             if timer is not None:
                 timer.cancel()
+        self._slots_timer, self._slots_timer_at = None, float("inf")
         for task in list(self._tasks):
             task.cancel()
         self._closing = True  # see GrantListener.stop: a cancel alone may be swallowed
@@ -354,7 +361,7 @@ class RedisBackend(Recovery):
         by `key`, see `_borrowed`); None: declined, to Redis (`acquire_rest`). Tries
         nothing before `start` or while the breaker is open (the failure mode decides).
         `now` is the loop's time; `key` the request's id, or the fast path's number."""
-        if not self._started or not self._breaker.allow():
+        if not self._started or not self._breaker.closed:
             return None
         queue_empty = not self._waiters
         pool = self._pool
@@ -365,11 +372,10 @@ class RedisBackend(Recovery):
             if local:
                 return False
         slots = self._slots
-        if slots is not None and slots:
-            lease = slots.take(now, cost, queue_empty)
+        if slots is not None:
+            lease = slots.take(now, cost, queue_empty, len(self._leases))
             if lease is not None:
                 self._borrowed[key] = lease
-                slots.busy(now, len(self._leases) - len(slots))
                 return True
         return None
 
@@ -432,11 +438,13 @@ class RedisBackend(Recovery):
             request_id = self._borrowed.pop(request_id, request_id)  # (its kept lease)
         if not isinstance(request_id, str):
             return  # a fast path's key released again: ignored, as any second release
+        # A lease the pool may keep was admitted by Redis (never the failure mode's).
+        slots = self._slots
+        if slots is not None and self._keep(slots, request_id):
+            return
         if self._fallback.owns(request_id):
             self._fallback.release(request_id)
         elif request_id in self._leases:
-            if self._slots is not None and self._keep(request_id):
-                return
             self._release_in_redis(request_id)
             if self._breaker.is_open:
                 self._fallback.held_changed()  # its share of the local budget is free
@@ -455,6 +463,8 @@ class RedisBackend(Recovery):
         assert self._batcher is not None
         await self._budget.set_limits(limits)
         self._limits = self._in_force = self._fallback.limits = limits
+        self._keep_limit = _keepable(limits)
+        self._share_slots()
         await self._batcher.submit(protocol.TICK)  # dispatch now: a raised limit admits waiters
 
     # --- the call path -------------------------------------------------------------------------
@@ -522,8 +532,7 @@ class RedisBackend(Recovery):
                 self._leases[request.id] = (request.cost, started)
                 slots = self._slots
                 if slots is not None:
-                    self._born[request.id] = started
-                    slots.busy(started, len(self._leases) - len(slots))
+                    slots.admitted(started, request.id, request.cost, started, len(self._leases))
             return _new_tuple(Admitted, (request.id, 0.0, decision.degraded, decision.lease, False))
         if type(decision) is Enqueue:
             loop = asyncio.get_running_loop()
@@ -679,6 +688,7 @@ class RedisBackend(Recovery):
             self._in_force_line = trailer.limits
             limits = protocol.decode_limits(trailer.limits, self._limits.weights)
             self._in_force = self._fallback.limits = limits
+            self._keep_limit = _keepable(limits)
             if self._pool is not None and not _leasable(limits):
                 self._pool.drop()  # a live change to limits decided per request in Redis
             if self._slots is not None:
@@ -686,6 +696,7 @@ class RedisBackend(Recovery):
                 if not _raised(under, self._kept_under):
                     self._give_back_slots(self._slots.drain())  # (a lower limit: not over it)
         if self._slots is not None:
+            self._slots.share(self._fallback.fleet, self._keep_limit)
             self._heard(trailer.next_tick_s is None)
 
     def _schedule_tick(self, delay: float) -> None:
@@ -838,25 +849,33 @@ class RedisBackend(Recovery):
 
     # --- kept concurrency slots (THROTTLE_KEEP_SLOTS; slotpool.py) ----------------------
 
-    def _keep(self, lease: str) -> bool:
-        """A request finished on `lease`: keep its slot for the next one (True), or not."""
-        slots = self._slots
-        assert slots is not None
-        born = self._born.pop(lease, None)
-        if born is None or self._closing or self._waiters or not self._breaker.allow():
-            return False
-        now = asyncio.get_running_loop().time()
-        if now >= self._keeper_until:
-            return False  # not in P:pl (yet): it would not be told when someone waits
-        self._give_back_slots(slots.aged(now))
-        concurrency = _keepable(self._in_force)
-        cost = self._leases[lease][0]
-        if not slots.keep(now, lease, cost, born, self._fallback.fleet, concurrency):
-            return False
-        self._born[lease] = born
-        if self._slots_timer is None:
-            self._schedule_slots()
-        return True
+    def _keep(self, slots: SlotPool, lease: str) -> bool:
+        """A request finished on `lease`: keep its slot for the next one (True), or not
+        (the pool forgets it: released in Redis if this process holds it there). Not
+        while closing, while this process has waiters, with the breaker open, or when
+        this process is not in P:pl (it would not be told when someone waits). Aged
+        slots go back by the timer (`_schedule_slots`), not here: nothing is scanned."""
+        now = self._loop_time()
+        if (
+            now < self._keeper_until
+            and not self._waiters
+            and not self._closing
+            and self._breaker.closed
+            and lease in self._leases
+        ):
+            if not slots.keep(now, lease):
+                return False
+            if slots.due_at < self._slots_timer_at:
+                self._schedule_slots()  # (this slot ages before the timer: sooner)
+            return True
+        slots.let_go(lease)
+        return False
+
+    def _share_slots(self) -> None:
+        """The pool's share of the limit follows the fleet's size and the limit in force
+        (told at each change: `keep` reads it per release)."""
+        if self._slots is not None:
+            self._slots.share(self._fallback.fleet, self._keep_limit)
 
     def _heard(self, quiet: bool) -> None:
         """A reply said whether anyone waits for the budget: if so, the kept slots go back."""
@@ -866,7 +885,6 @@ class RedisBackend(Recovery):
     def _give_back_slots(self, leases: list[str]) -> None:
         """Release kept slots in Redis (the batcher sends those ready together)."""
         for lease in leases:
-            self._born.pop(lease, None)
             self._release_in_redis(lease)
 
     def _forget_slots(self, lease: str | None = None) -> list[str]:
@@ -874,18 +892,22 @@ class RedisBackend(Recovery):
         assert self._slots is not None
         leases = self._slots.forget(lease)
         for each in leases:
-            self._born.pop(each, None)
             self._leases.pop(each, None)
         return leases
 
     def _schedule_slots(self) -> None:
+        """The timer at the pool's `next_at` (a pending one for later is moved sooner)."""
+        if self._slots_timer is not None:
+            self._slots_timer.cancel()
+        self._slots_timer, self._slots_timer_at = None, float("inf")
         slots = self._slots
         at = slots.next_at if slots is not None else None
         if at is not None and not self._closing:
             self._slots_timer = asyncio.get_running_loop().call_at(at, self._slots_aged)
+            self._slots_timer_at = at
 
     def _slots_aged(self) -> None:
-        self._slots_timer = None
+        self._slots_timer, self._slots_timer_at = None, float("inf")
         assert self._slots is not None
         self._give_back_slots(self._slots.aged(asyncio.get_running_loop().time()))
         self._schedule_slots()
@@ -942,6 +964,7 @@ class RedisBackend(Recovery):
                     raw = await self._scripts.renew(keys=[self._keys.state], args=args)
                     renewed = protocol.decode_renew(raw)
                     self._fallback.fleet = max(1, renewed.processes)
+                    self._share_slots()
                     for rid, there in zip(leases, renewed.held, strict=False):
                         held = self._leases.get(rid)
                         if there and held is not None:  # it lasts a TTL from `sent`

@@ -36,6 +36,8 @@ class Breaker:
         #: The pause after the next failed probe.
         self._pause = first_open_s
         self._open_until = 0.0
+        #: `allow`, as an attribute: read on every admission and release of a kept slot.
+        self.closed = True
         #: Failures reported, every caller's (for the tests and the logs).
         self.failures = 0
         #: Probes that failed.
@@ -47,7 +49,7 @@ class Breaker:
 
     def allow(self) -> bool:
         """May a call go to Redis now? Only while closed (open: only the prober's probe)."""
-        return self._open_until == 0.0
+        return self.closed
 
     def until_probe(self) -> float:
         """Seconds until the probe is due (0.0: due now, or closed)."""
@@ -57,6 +59,7 @@ class Breaker:
 
     def success(self) -> None:
         self._open_until = 0.0
+        self.closed = True
         self._pause = self.first_open_s
 
     def failure(self) -> None:
@@ -66,10 +69,12 @@ class Breaker:
         if self._open_until == 0.0:
             self._open_until = self._clock() + self._pause
             self._pause = min(self.max_open_s, self._pause * 2)
+            self.closed = False
 
     def probe_failed(self) -> None:
         """The probe failed: open again, for the pause; the next one doubles."""
         self.failures += 1
         self.probes_failed += 1
         self._open_until = self._clock() + self._pause
+        self.closed = False
         self._pause = min(self.max_open_s, self._pause * 2)

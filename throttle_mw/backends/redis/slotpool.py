@@ -15,14 +15,19 @@ backend (``backend.py``) does the I/O:
 
 1. Every Redis reply: ``pool.heard(now, quiet)`` (`quiet`: it said nobody waits); a
    reply saying someone waits returns every kept slot, to give back (one call for all).
-2. Admission: ``pool.take(now, cost, queue_empty)``: a kept lease id (admitted here,
-   nothing sent) or None (to Redis as without the pool). ``pool.busy(now, n)`` after
-   each admission (`n`: this process's requests holding a slot): the pool's cap.
-3. Release: ``pool.keep(now, lease, cost, born, processes, concurrency)``: True: kept,
-   nothing sent; False: released in Redis as without the pool.
-4. ``pool.aged(now)`` (a timer at ``pool.next_at``, and on each take and keep): the
-   slots to give back. ``pool.drain()``: all of them (limits changed, shutdown, a fault
-   or a new epoch: then the backend forgets them rather than gives them back).
+2. Admission: ``pool.take(now, cost, queue_empty, leases)``: a kept lease id (admitted
+   here, nothing sent) or None (to Redis as without the pool). A lease Redis admits:
+   ``pool.admitted(now, lease, cost, born, leases)`` (the pool may keep it). Both count
+   this process's busy slots (`leases`: its leases in Redis, kept ones included) for the
+   pool's cap (``pool.busy(now, n)``: `n` requests hold a slot).
+3. Release: ``pool.keep(now, lease)``: True: kept, nothing
+   sent; False: released in Redis as without the pool (``pool.let_go(lease)`` when the
+   backend does not ask). Its cap's share of the limit: ``pool.share(processes,
+   concurrency)`` whenever the fleet's size or the limit changes.
+4. ``pool.aged(now)`` (a timer at ``pool.next_at``, moved sooner when a slot kept ages
+   before it): the slots to give back. ``pool.drain()``: all of them (limits changed,
+   shutdown); ``pool.forget()`` (a fault or a new epoch: the backend forgets them rather
+   than gives them back).
 
 A slot is kept until T after Redis admitted it (`born`: the acquire's send time), never
 longer however often it is reused: each slot goes back to Redis at least every T, and
@@ -43,23 +48,44 @@ KEPT_SHARE = 0.5
 
 
 class SlotPool:
-    """This process's kept slots: lease ids still held in Redis, none of them in use."""
+    """This process's kept slots: lease ids still held in Redis, none of them in use.
+
+    What runs per request is a few dict operations and compares: ``take`` pops the slot
+    kept last (a dict's last item, O(1); the others stay idle and age out) and scans, from
+    the last, only when that one is of another cost or aged; ``keep`` reads the cap, set
+    when what it depends on changes (the busy peak in ``busy`` and ``take``, the share
+    when the backend tells ``share``); aging is checked against ``due_at``, a bound below
+    which no kept slot ages, so ``aged`` scans only when a slot may be due (at most once
+    per lease admitted: amortized O(1))."""
 
     def __init__(self, keep_s: float) -> None:
         if keep_s <= 0:
             raise ValueError("slots are kept for a positive time")
         #: T: a slot is kept until T after Redis admitted it.
         self.keep_s = keep_s
-        #: Kept slots by lease id: (cost, when Redis admitted it), oldest admission first.
+        #: The leases this pool may keep (`admitted`), kept or running a request, by lease
+        #: id: (cost, when it ages: T after Redis admitted it). One tuple per lease, made
+        #: at its admission and shared with `_kept`: nothing is allocated per request.
+        self._held: dict[str, tuple[int, float]] = {}
+        #: Kept slots (idle), by lease id, in the order kept: the last kept is taken first.
         self._kept: dict[str, tuple[int, float]] = {}
-        #: When the latest reply saying nobody waits was heard (-inf: none, or one since
-        #: said someone waits).
-        self.quiet_at = -math.inf
-        #: This process's peak of busy slots in the window open since `_start`, and in the
-        #: one before it.
+        #: No kept slot ages before this (inf: none kept): a bound, exact after `aged`.
+        #: A slot taken out may leave it early: the next `aged` then finds nothing due
+        #: and sets it anew.
+        self.due_at = math.inf
+        #: T after the latest reply saying nobody waits was heard: slots are taken and
+        #: kept before then only (-inf: none, or one since said someone waits).
+        self.quiet_until = -math.inf
+        #: This process's peak of busy slots in the window ending at `_window_end` (-inf:
+        #: none opened yet), and the most of it and the window's before (`_recent`).
         self._peak = 0
         self._prev_peak = 0
-        self._start: float | None = None
+        self._recent = 0
+        self._window_end = -math.inf
+        #: This process's share of the limit (`share`: none until told), and the cap: the
+        #: least of it and `_recent`, set whenever either changes (`keep` reads it).
+        self._share = 0
+        self._cap = 0
         #: Counters for metrics: admissions from kept slots, slots kept at a release,
         #: kept slots given back (aged, someone waits, limits, shutdown) and forgotten
         #: (a fault, a new epoch, gone from Redis).
@@ -79,85 +105,132 @@ class SlotPool:
         Someone waits: every kept slot, to give back at once (they may be what it waits
         for), and none taken or kept until a reply says nobody waits again."""
         if quiet:
-            self.quiet_at = max(self.quiet_at, now)
+            until = now + self.keep_s
+            if until > self.quiet_until:
+                self.quiet_until = until
             return []
-        self.quiet_at = -math.inf
+        self.quiet_until = -math.inf
         return self.drain()
 
-    def _quiet(self, now: float) -> bool:
-        return now - self.quiet_at < self.keep_s
+    def admitted(self, now: float, lease: str, cost: int, born: float, leases: int) -> None:
+        """Redis admitted `lease` (of `cost`, its acquire sent at `born`): the pool may keep
+        it at its release. `leases`: this process's leases in Redis now, for `busy`."""
+        self._held[lease] = (cost, born + self.keep_s)
+        self.busy(now, leases - len(self._kept))
 
-    def take(self, now: float, cost: int, queue_empty: bool) -> str | None:
+    def take(self, now: float, cost: int, queue_empty: bool, leases: int) -> str | None:
         """A kept slot of `cost` for a new request: only if nobody waited as last heard,
         less than T ago, and nothing of this process waits (it would be overtaken). None:
-        send it to Redis as without the pool."""
-        if not queue_empty or not self._quiet(now):
+        send it to Redis as without the pool. `leases`: this process's leases in Redis
+        (kept ones included), for `busy`."""
+        kept = self._kept
+        if not kept or not queue_empty or now >= self.quiet_until:
             return None
-        for lease, (held, born) in self._kept.items():
-            if held == cost and now < born + self.keep_s:
-                del self._kept[lease]
-                self.local_admissions += 1
-                return lease
-        return None
-
-    def busy(self, now: float, held: int) -> None:
-        """This process's requests holding a slot (a lease, kept ones not counted) now."""
-        start = self._start
-        if start is None:
-            self._start = now
-        elif now - start >= self.keep_s:
-            self._prev_peak, self._peak = (self._peak if now - start < 2 * self.keep_s else 0), 0
-            self._start = now
+        lease, entry = kept.popitem()
+        if entry[0] != cost or now >= entry[1]:
+            kept[lease] = entry  # (back where it was: last)
+            for lease, entry in reversed(kept.items()):  # (the next kept last)
+                if entry[0] == cost and now < entry[1]:
+                    del kept[lease]
+                    break
+            else:
+                return None
+        self.local_admissions += 1
+        # `busy`, inline (once per admission): the window's end, then the peak.
+        held = leases - len(kept)
+        if now >= self._window_end:
+            self._roll(now)
         if held > self._peak:
             self._peak = held
+            if held > self._recent:
+                self._recent = held
+                self._cap = min(self._share, held)
+        return lease
 
-    def cap(self, processes: int, concurrency: int | None) -> int:
+    def busy(self, now: float, held: int) -> None:
+        """This process's requests holding a slot (a lease, kept ones not counted) now:
+        for the peak (`cap`)."""
+        if now >= self._window_end:
+            self._roll(now)
+        if held > self._peak:
+            self._peak = held
+            if held > self._recent:
+                self._recent = held
+                self._cap = min(self._share, held)
+
+    def _roll(self, now: float) -> None:
+        """A window of T is over: a new one from `now`; the one that ended is remembered
+        if it ended less than T ago (else it, too, saw nothing)."""
+        end = self._window_end
+        if end != -math.inf:
+            self._prev_peak = self._peak if now < end + self.keep_s else 0
+            self._peak = 0
+            self._recent = self._prev_peak
+            self._cap = min(self._share, self._recent)
+        self._window_end = now + self.keep_s
+
+    @property
+    def cap(self) -> int:
         """Slots this process may keep: its peak of busy slots over the last one to two
-        T, and at most its share of the limit (``KEPT_SHARE x concurrency / processes``)."""
-        if concurrency is None:
-            return 0
-        share = math.floor(concurrency * KEPT_SHARE / max(1, processes))
-        return min(share, max(self._peak, self._prev_peak))
+        T, and at most its share of the limit (`share`)."""
+        return self._cap
 
-    def keep(
-        self,
-        now: float,
-        lease: str,
-        cost: int,
-        born: float,
-        processes: int,
-        concurrency: int | None,
-    ) -> bool:
-        """A request of this process finished: keep its slot (True: nothing to send) if
-        nobody waited as last heard less than T ago, the slot is younger than T and the
-        pool is below its cap (`cap`); else False: release it in Redis."""
-        if not self._quiet(now) or now >= born + self.keep_s:
+    def share(self, processes: int, concurrency: int | None) -> None:
+        """The fleet's size and the concurrency limit whose slots may be kept (None: no
+        slot is), as this process last heard them: its share of the limit is
+        ``KEPT_SHARE x concurrency / processes``, whole. Told when either changes."""
+        if concurrency is None:
+            self._share = 0
+        else:
+            self._share = math.floor(concurrency * KEPT_SHARE / max(1, processes))
+        self._cap = min(self._share, self._recent)
+
+    def keep(self, now: float, lease: str) -> bool:
+        """A request of this process finished on `lease`: keep its slot (True: nothing to
+        send) if the pool may (`admitted`), nobody waited as last heard less than T ago,
+        the slot is younger than T and the pool is below its cap (`cap`); else False:
+        release it in Redis (the pool forgets it)."""
+        entry = self._held.get(lease)
+        if entry is None:
             return False
-        if len(self._kept) >= self.cap(processes, concurrency):
+        kept = self._kept
+        if now >= self.quiet_until or now >= entry[1] or len(kept) >= self._cap:
+            del self._held[lease]
             return False
-        self._kept[lease] = (cost, born)
+        kept[lease] = entry
+        if entry[1] < self.due_at:
+            self.due_at = entry[1]
         self.kept += 1
         return True
 
+    def let_go(self, lease: str) -> None:
+        """`lease` goes back to Redis without `keep` (the backend would not keep it): the
+        pool forgets its admission."""
+        self._held.pop(lease, None)
+
     def aged(self, now: float) -> list[str]:
-        """The kept slots T or more past their admission: to give back."""
-        old = [lease for lease, (_, born) in self._kept.items() if now >= born + self.keep_s]
+        """The kept slots T or more past their admission: to give back. Nothing to scan
+        before `due_at`."""
+        if now < self.due_at:
+            return []
+        kept = self._kept
+        old = [lease for lease, (_, due) in kept.items() if now >= due]
         for lease in old:
-            del self._kept[lease]
+            del kept[lease]
+            del self._held[lease]
+        self.due_at = min((due for _, due in kept.values()), default=math.inf)
         self.returned += len(old)
         return old
 
     @property
     def next_at(self) -> float | None:
-        """When the oldest kept slot ages (the backend's timer), or None: none kept."""
-        if not self._kept:
-            return None
-        return min(born for _, born in self._kept.values()) + self.keep_s
+        """When the oldest kept slot ages, or a little before (`due_at`: the backend's
+        timer finds nothing then and asks again), or None: none kept."""
+        return self.due_at if self._kept else None
 
     def drain(self) -> list[str]:
         """Every kept slot, to give back (limits changed, someone waits, shutdown)."""
-        leases = list(self._kept)
-        self._kept.clear()
+        leases = self._drop(list(self._kept))
         self.returned += len(leases)
         return leases
 
@@ -165,7 +238,15 @@ class SlotPool:
         """Forget one kept slot (Redis no longer has it), or all (a fault, a new epoch):
         nothing to give back, they lapse in Redis as leases do."""
         leases = list(self._kept) if lease is None else [lease] if lease in self._kept else []
-        for each in leases:
-            del self._kept[each]
+        self._drop(leases)
         self.forgotten += len(leases)
+        return leases
+
+    def _drop(self, leases: list[str]) -> list[str]:
+        kept, held = self._kept, self._held
+        for lease in leases:
+            del kept[lease]
+            held.pop(lease, None)
+        if not kept:
+            self.due_at = math.inf
         return leases
