@@ -286,6 +286,30 @@ def test_a_renewal_keeps_admitting_tops_up_and_gives_back_the_excess() -> None:
     assert pool.renewal(0.1, 1, 100.0) == (0, "e1", 4)
 
 
+@pytest.mark.parametrize("spent_while_out", [0, 1])
+def test_tokens_spent_while_a_renewal_is_out_do_not_shrink_the_lease(spent_while_out: int) -> None:
+    """The lease's size is what Redis granted for it (taken plus kept), whatever the pool
+    spent while the call was out: the next renewal is due at the same point (a quarter of
+    it left) as without that spending (flake62: one token spent, size 3 of 4, the next
+    renewal due only once the pool was empty)."""
+    pool = RatePool(T)
+    for _ in range(4):
+        pool.seen(0.0, 1)
+    assert pool.renewal(0.0, 1, 8.0) == (0, "", 4)  # a share of 4 (half a burst of 8)
+    pool.granted(0.0, 4, "e1")
+    for _ in range(3):
+        assert pool.take(0.01, 1, queue_empty=True)
+    assert pool.due(0.01)  # 1 of 4: a quarter
+    assert pool.renewal(0.01, 1, 8.0) == (0, "e1", 3)  # 1 kept, 3 more
+    for _ in range(spent_while_out):
+        assert pool.take(0.011, 1, queue_empty=True)  # the kept token, while the call is out
+    pool.granted(0.01, 3, "e1")
+    assert (pool.tokens, pool.size, pool.counted) == (4 - spent_while_out, 4, 4)
+    while not pool.due(0.02):
+        assert pool.take(0.02, 1, queue_empty=True)  # (fails once the pool is empty)
+    assert pool.tokens == 1  # due once down to a quarter of 4, as without the spending
+
+
 def test_a_renewal_gives_back_what_is_over_the_next_lease_s_size() -> None:
     pool = granted_pool(8)
     assert pool.take(0.09, 1, queue_empty=True)
@@ -305,7 +329,7 @@ def test_kept_tokens_lapse_when_redis_no_longer_counted_them() -> None:
     assert pool.held.kept == pool.tokens > 0
     kept = pool.tokens
     pool.granted(0.08, 2, "e1", kept=0, generation=3, until=1.0)
-    assert (pool.tokens, pool.lapsed) == (2, kept)
+    assert (pool.tokens, pool.lapsed, pool.size) == (2, kept, 2)  # (the lapsed not in it)
     assert (pool.generation, pool.until, pool.counted) == (3, 1.0, 2)
     pool.seen(0.1, 1)
     pool.renewal(0.1, 1, 100.0)
@@ -357,7 +381,7 @@ def test_kept_tokens_of_another_epoch_lapse_with_it() -> None:
     pool.seen(0.01, 1)
     pool.renewal(0.01, 1, 100.0)
     pool.granted(0.01, 3, "e2")  # the state was made anew meanwhile
-    assert (pool.tokens, pool.epoch, pool.lapsed) == (3, "e2", pool.lapsed)
+    assert (pool.tokens, pool.epoch, pool.lapsed, pool.size) == (3, "e2", pool.lapsed, 3)
     assert pool.lapsed > 0
 
 

@@ -101,7 +101,8 @@ class RatePool:
         self.expires_at = -math.inf
         #: The budget state's epoch the tokens came from ("": none held).
         self.epoch = ""
-        #: The size of the last lease granted (the low-water mark is a share of it).
+        #: The size of the last lease granted: the tokens it took and those the pool kept
+        #: for it, spent meanwhile or not (the low-water mark is a share of it).
         self.size = 0
         #: The last lease as Redis counts it: its generation (0: none), its expiry in
         #: Redis's time and the tokens it counted out; and as the renewal out tells it
@@ -295,13 +296,15 @@ class RatePool:
                     self._charges[name] = [cost, last]
                 else:
                     charge[0] += cost  # (its last admission is the one recorded since)
-        if self.tokens and (epoch != self.epoch or (kept is not None and kept < self.held.kept)):
+        lost = epoch != self.epoch or (kept is not None and kept < self.held.kept)
+        if lost and self.tokens:
             self.lapsed += self.tokens
             self.tokens = 0
         self.generation, self.until = generation, until
         self.counted = taken + (self.held.kept if kept is None else kept)
         self.tokens += taken
-        self.size = self.tokens
+        # (what it took and what the pool kept: not less the tokens spent meanwhile)
+        self.size = taken + (0 if lost else self.held.kept)
         self.leased += taken
         self.epoch = epoch
         self.expires_at = sent + self.lease_s if self.tokens else -math.inf
