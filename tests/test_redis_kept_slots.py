@@ -236,7 +236,7 @@ async def test_a_slot_kept_after_a_younger_one_goes_back_at_its_own_age_without_
     younger is moved sooner when the older is kept, so the older goes back T after its
     admission with no request coming (none would check), and the younger stays kept."""
     prefix = f"ks{next(_prefixes)}"
-    keep_s = 2.0
+    keep_s = 4.0  # (the check 0.2 s past the older's age has 1.8 s before the younger's)
     client = redis.asyncio.Redis.from_url(clean_redis_server.url)
     backend = RedisBackend(settings(clean_redis_server.url, prefix, keep_slots_s=keep_s))
     await backend.start()
