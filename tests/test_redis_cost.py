@@ -497,12 +497,18 @@ def test_a_calls_later_new_tenants_are_copies_of_its_first_with_their_own_name_a
     client.flushall()
     small = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=1)
     scheduler = LuaScheduler(client, limits, small, now=0.0)
+    # (A call may stop at its work check after two on a loaded machine, as above: each
+    # call must admit, and one at least must get far enough to drop its copies' source.)
+    most = 0
     for i in range(8):
-        assert admitted(scheduler.batch(1.0 + i, new_tenants(100 * i, 6))) >= 3
+        n = admitted(scheduler.batch(1.0 + i, new_tenants(100 * i, 6)))
+        assert n >= 1
+        most = max(most, n)
         keys = list(client.scan_iter(match="*:t:*", count=1000))
         for key in keys:
             assert set(client.hkeys(key)) == {b"name", b"f", b"cap", b"cap_at", b"xp"}
             assert client.pttl(key) > 0
+    assert most >= 3
 
 
 def test_where_copy_is_refused_new_tenants_are_written_whole(redis_server: RedisServer) -> None:
