@@ -969,8 +969,10 @@ class RedisBackend(Recovery):
                         held = self._leases.get(rid)
                         if there and held is not None:  # it lasts a TTL from `sent`
                             self._leases[rid] = (held[0], sent)
-                        elif not there and self._slots is not None and rid in self._slots:
-                            self._forget_slots(rid)  # (it lapsed in Redis: nothing to keep)
+                        elif not there and self._slots is not None:
+                            # It lapsed in Redis (kept or running): not kept, now or at its
+                            # release (its slot may be another process's now).
+                            self._forget_slots(rid)
                     self._renewed(renewed.epoch)
                     self._succeeded()
             except asyncio.CancelledError:
