@@ -367,6 +367,10 @@ async def test_charges_not_sent_when_redis_stops_are_charged_once_it_is_back_wit
                 await asyncio.sleep(0.2)
 
             admitted = await lease_then(backend, "solo", shut_down)
+            for _ in range(500):  # (its process ends as it closes its connections: bounded)
+                if not server.is_running:
+                    break
+                await asyncio.sleep(0.01)
             server.start()  # (the same port and directory: the data loaded back)
             await until_closed(backend)
         finally:
