@@ -213,7 +213,10 @@ async def test_a_lease_held_longer_than_the_state_ttl_keeps_its_keys(
         assert await client.zscore("{long}:leases", "long.1") is not None
         assert await client.hget("{long}:s", "inflight") == b"1"
         backend.release("long.1")
-        await asyncio.sleep(0.2)
+        for _ in range(100):  # (the release goes out in the background: waited for, 5 s at most)
+            if await client.hget("{long}:s", "inflight") == b"0":
+                break
+            await asyncio.sleep(0.05)
         assert await client.hget("{long}:s", "inflight") == b"0"
     finally:
         await backend.stop()
