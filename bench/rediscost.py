@@ -67,6 +67,9 @@ Scenarios:
   ``floor-ping`` (PING) and ``floor-nop`` (FCALL of a function that does nothing, with
   the arguments of a rate admission's call): what a round trip costs Redis whatever the
   script does (the socket, the event loop, the kernel), to set against ``rate``;
+  ``floor-cmds-16`` / ``floor-cmds-28``: FCALL of a function that runs 16 / 28 commands
+  of the kinds a saturated call runs, with its numbers formatted and read back, and no
+  scheduler around them (``usec_per_call`` against ``saturated-*``'s);
 - ``peers``: each peer library's own Redis limiting code (`bench/peerredis.py`), one
   admission at a time as ``rate``; ``commands``: Redis commands per admission (all of
   them, not only scripts); ``vs_rate`` / ``vs_concurrency``: ``rate``'s and
@@ -639,14 +642,49 @@ async def stop_with_waiters(url: str, waiters: int) -> dict[str, Any]:
     }
 
 
-#: A function library of one function that does nothing (the ``floor`` scenario).
-NOP_LIBRARY = (
-    "#!lua name=throttle_nop\nredis.register_function('throttle_nop', function() return 1 end)"
-)
+#: A function library for the ``floor`` scenario: one function that does nothing, and one
+#: that runs ARGV[1] commands of the kinds a saturated call runs (a waiter's ZADD at a
+#: 17-digit score, a queue's head, a tenant's HSET of three 17-digit numbers and its
+#: 12-field HMGET read into a table) on keys named as the budget's are, with no more Lua
+#: around them than that: what the commands cost by themselves, against a saturated
+#: call's whole (issue 14, item 3).
+NOP_LIBRARY = """#!lua name=throttle_nop
+redis.register_function('throttle_nop', function() return 1 end)
+redis.register_function('throttle_cmds', function(keys, args)
+  local fmt, n, p = string.format, tonumber(args[1]), keys[1]
+  local now = 1733500000.123456 + tonumber(args[2])
+  for i = 1, n do
+    local h = fmt('%016x', i * 2654435761 % 4294967296)
+    local kind = i % 4
+    if kind == 0 then
+      redis.call('ZADD', p .. ':q:' .. h, fmt('%.17g', now + i / 7), 'w' .. i)
+    elseif kind == 1 then
+      local head = redis.call('ZRANGE', p .. ':q:' .. h, 0, 0, 'WITHSCORES')
+      if head[2] then now = now + tonumber(head[2]) * 0 end
+    elseif kind == 2 then
+      redis.call('HSET', p .. ':t:' .. h, 'f', fmt('%.17g', now / 3), 'cap',
+        fmt('%.17g', now / 5), 'cap_at', fmt('%.17g', now))
+    else
+      local v = redis.call('HMGET', p .. ':t:' .. h, 'f', 'cap', 'cap_at', 'w', 'st',
+        'name', 'xp', 'a', 'b', 'c', 'd', 'e')
+      local t = {f = tonumber(v[1]) or 0, cap = tonumber(v[2]) or 0,
+        cap_at = tonumber(v[3]) or 0, w = tonumber(v[4]) or 1, name = v[6]}
+      now = now + t.f * 0
+    end
+  end
+  return 1
+end)
+"""
+
+#: The command counts the ``floor`` scenario's ``cmds-<n>`` runs: a saturated tick's 16
+#: and a tick with its acquire's 28 (tests/test_redis_cost.py pins 18 and 12, each with
+#: the test's own ``DEL``).
+FLOOR_COMMANDS = (16, 28)
 
 
 async def floor(url: str, n: int) -> dict[str, dict[str, Any]]:
-    """PING, and FCALL of a do-nothing function with a rate admission's arguments."""
+    """PING, FCALL of a do-nothing function with a rate admission's arguments, and of
+    one that runs a saturated call's commands with the least Lua (`NOP_LIBRARY`)."""
     import redis.asyncio
 
     from throttle_mw.backends.redis import protocol
@@ -668,8 +706,13 @@ async def floor(url: str, n: int) -> dict[str, dict[str, Any]]:
     def nop() -> Awaitable[Any]:
         return client.fcall("throttle_nop", 1, backend._keys.state, *args)
 
+    def commands(count: int) -> Callable[[], Awaitable[Any]]:
+        return lambda: client.fcall("throttle_cmds", 1, "{floor}", count, done % 50)
+
+    calls: list[tuple[str, Callable[[], Awaitable[Any]]]] = [("ping", client.ping), ("nop", nop)]
+    calls += [(f"cmds-{count}", commands(count)) for count in FLOOR_COMMANDS]
     out = {}
-    for name, call in (("ping", client.ping), ("nop", nop)):
+    for name, call in calls:
         for _ in range(200):
             await call()
         out[name] = await measure(counters, lambda: done, loop(call))

@@ -597,3 +597,24 @@ def test_redis_cost_of_a_learned_limit_reports_each_limit_it_took(
     assert rediscost.main([*args, "--slots-min", "8", "--redis-cpu", "", "--json", str(out)]) == 0
     kept = json.loads(out.read_text())["scenarios"]["concurrency-kept"]
     assert kept["learned_path"] == [8]
+
+
+def test_redis_cost_floor_runs_a_saturated_calls_commands_alone(
+    tmp_path: Path, redis_binary: Path
+) -> None:
+    version = subprocess.run(
+        [str(redis_binary), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    if " v=6." in version:
+        pytest.skip("FCALL: Redis 7")
+    out = tmp_path / "rediscost.json"
+    args = ["--n", "40", "--scenarios", "floor", "--redis-cpu", "", "--json", str(out)]
+    assert rediscost.main(args) == 0
+
+    scenarios = json.loads(out.read_text())["scenarios"]
+    assert scenarios["floor-nop"]["commands"] == 1.0
+    for count in rediscost.FLOOR_COMMANDS:
+        figures = scenarios[f"floor-cmds-{count}"]
+        assert figures["admissions"] == 40
+        assert figures["calls"] == 1.0
+        assert figures["commands"] == count + 1  # the FCALL and the commands it ran

@@ -884,6 +884,31 @@ def test_charges_of_another_state_are_dropped() -> None:
     assert not pool.pending
 
 
+def test_charges_outlast_a_fault_and_a_refused_renewal_but_not_one_that_may_have_run() -> None:
+    """A Redis fault drops the lease, not what is left to charge: it goes, with its epoch,
+    with the first renewal once Redis is back (charged there if the state is the same),
+    and so does a failed renewal's if it was refused unsent; one that may have run (a
+    timeout) is not sent again. A new state drops them (`granted`, as before)."""
+    pool = granted_pool(10)
+    pool.take(0.01, 1, queue_empty=True, tenant="a")
+    pool.renewal(0.02, 1, 100.0)  # (carries a)
+    pool.take(0.03, 2, queue_empty=True, tenant="b")
+    pool.fault()  # (another call failed first: the renewal is still out)
+    assert (pool.tokens, pool.epoch, pool.pending) == (0, "e1", True)
+    assert not pool.take(0.04, 1, queue_empty=True, tenant="c")  # no lease: to Redis
+    pool.failed(unsent=True)  # (refused: never ran)
+    assert pool.renewal(1.0, 1, 100.0)[1] == "e1"
+    assert pool.sending == [LeaseCharge("b", 2, 2), LeaseCharge("a", 1, 1)]
+    pool.failed(unsent=False)  # (timed out: it may run yet)
+    pool.fault()
+    assert not pool.pending
+    pool = granted_pool(10)
+    pool.take(0.01, 1, queue_empty=True, tenant="a")
+    pool.fault()
+    pool.granted(1.0, 3, "e2")  # Redis back empty: a state made anew
+    assert not pool.pending
+
+
 def test_redis_charges_within_its_work_bound_and_says_how_many(lua: Any) -> None:
     """A renewal of many new tenants: Redis charges as many as a batch call's work bound
     allows (each made counts as an acquire's), and the caller sends the rest again."""

@@ -314,6 +314,125 @@ async def test_a_killed_processs_kept_slots_lapse_like_its_leases(
         await client.aclose()
 
 
+@pytest.mark.anyio
+async def test_a_slot_the_heartbeat_finds_lapsed_while_it_runs_is_not_kept_at_its_release(
+    clean_redis_server: RedisServer,
+) -> None:
+    """A request runs on a lease that lapses in Redis meanwhile (Redis's clock jumps past
+    the lease TTL, a fake one here, and another process's call expires it), and the
+    keeper's heartbeat finds it gone. At its release the slot is not kept: the fleet may
+    give its concurrency to others (here all of it), and a request run on it would be one
+    over the limit."""
+    prefix = f"ks{next(_prefixes)}"
+    url = clean_redis_server.url
+    client = redis.asyncio.Redis.from_url(url)
+    clock = [1000.0]
+    keeper = RedisBackend(
+        settings(url, prefix, concurrency=4, keep_slots_s=10.0), now=lambda: clock[0]
+    )
+    other = RedisBackend(
+        settings(url, prefix, concurrency=4, keep_slots_s=0.0), now=lambda: clock[0]
+    )
+    await keeper.start()
+    await other.start()
+    running: list[str] = []
+    try:
+        (lapsing,) = await hold(keeper, 1)
+        # Its heartbeat paused while the lease lapses (else it might renew it first).
+        assert keeper._renewer is not None
+        await kill(keeper._renewer)
+        clock[0] += keeper._settings.lease_ttl_s + 1.0
+        running = await hold(other, 1)  # (its call expires the lapsed lease)
+        assert await in_flight(client, prefix) == 1
+        keeper._renewer = asyncio.get_running_loop().create_task(keeper._renew_loop())
+        procs = Keys(prefix).procs
+        for _ in range(500):  # (its first beat at once: bounded)
+            beat = await client.zscore(procs, keeper.process)
+            if beat is not None and beat > clock[0]:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the keeper's heartbeat did not run")
+        keeper.release(lapsing)
+        pool = keeper.kept_slots
+        assert pool is not None
+        assert len(pool) == 0, "a slot known lapsed was kept"
+        running += await hold(other, 3)  # the whole limit: the lapsed slot was given away
+        extra = await keeper.acquire(Request("k1", "keeper"))
+        assert not isinstance(extra, Admitted), "admitted on a lapsed slot: over the limit"
+        assert isinstance(extra, Waiting)
+        await keeper.cancel(extra)
+    finally:
+        for rid in running:
+            other.release(rid)
+        await other.stop()
+        await keeper.stop()
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_slot_running_through_a_fault_is_not_kept_at_its_release(
+    redis_server: RedisServer,
+) -> None:
+    """A request runs on a lease while Redis is away for this process (frozen here: its
+    heartbeat fails), and the lease lapses meanwhile (Redis's clock, a fake one, past the
+    lease TTL; another process's call expires it). Redis back, the request ends before the
+    keeper's next heartbeat could tell it the lease is gone: its slot is not kept (it may
+    be another process's now), and the keeper's next request goes to Redis."""
+    prefix = f"ks{next(_prefixes)}"
+    url = redis_server.url
+    client = redis.asyncio.Redis.from_url(url)
+    clock = [1000.0]
+    keeper = RedisBackend(
+        settings(url, prefix, concurrency=4, keep_slots_s=10.0, lease_ttl_s=6.0),
+        now=lambda: clock[0],
+    )
+    other = RedisBackend(
+        settings(url, prefix, concurrency=4, keep_slots_s=0.0), now=lambda: clock[0]
+    )
+    await keeper.start()
+    await other.start()
+    loop = asyncio.get_running_loop()
+    running: list[str] = []
+    try:
+        (lapsing,) = await hold(keeper, 1)
+        redis_server.freeze()
+        try:
+            end = loop.time() + 10.0
+            while keeper._breaker.allow():  # (its heartbeat's timeout: 2 s a beat)
+                assert loop.time() < end
+                await asyncio.sleep(0.05)
+            assert keeper._renewer is not None
+            await kill(keeper._renewer)  # (no heartbeat before its release)
+        finally:
+            redis_server.thaw()
+        clock[0] += keeper._settings.lease_ttl_s + 1.0
+        end = loop.time() + 10.0
+        while other._breaker.is_open:  # (if its heartbeat too met the frozen Redis)
+            assert loop.time() < end
+            await asyncio.sleep(0.02)
+        running = await hold(other, 1)  # (its call expires the lapsed lease)
+        assert await in_flight(client, prefix) == 1
+        while keeper._breaker.is_open:  # (its probe: Redis is back)
+            assert loop.time() < end
+            await asyncio.sleep(0.02)
+        keeper.release(lapsing)
+        pool = keeper.kept_slots
+        assert pool is not None
+        assert len(pool) == 0, "a slot that ran through a fault was kept"
+        running += await hold(other, 3)  # the whole limit: the lapsed slot was given away
+        extra = await keeper.acquire(Request("k1", "keeper"))
+        assert not isinstance(extra, Admitted), "admitted on a lapsed slot: over the limit"
+        assert isinstance(extra, Waiting)
+        await keeper.cancel(extra)
+    finally:
+        for rid in running:
+            other.release(rid)
+        await other.stop()
+        await keeper.stop()
+        await client.aclose()
+
+
 # --- through the middleware --------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -299,3 +300,126 @@ async def test_lease_admissions_are_charged_to_their_tenant_in_redis(
     await client.aclose()
     assert tag is not None
     assert float(tag) == admitted + 1
+
+
+async def charged_tag(url: str, prefix: str, tenant: str) -> float:
+    client = redis.asyncio.Redis.from_url(url)
+    tag = await client.hget(Keys(prefix).tenant(tenant), "f")
+    await client.aclose()
+    assert tag is not None
+    return float(tag)
+
+
+async def until_closed(backend: RedisBackend, seconds: float = 15.0) -> None:
+    """Wait for the breaker to close (its probe found Redis back)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while backend._breaker.is_open:
+        assert loop.time() < end, "Redis did not come back for the backend"
+        await asyncio.sleep(0.05)
+
+
+async def lease_then(backend: RedisBackend, tenant: str, fault: Any) -> int:
+    """Requests of `tenant` one at a time until the pool has admitted some from its leases
+    and has admissions not sent yet, then `await fault()`, then more until one is not
+    admitted (the failure mode `closed`: the fault is noticed). The admissions (none
+    unthrottled)."""
+    pool = backend.rate_lease
+    assert pool is not None
+    faulted = False
+    for n in range(5000):
+        outcome = await backend.acquire(Request(f"{tenant}{n}", tenant))
+        if not isinstance(outcome, Admitted):
+            assert faulted
+            return n  # (the requests before it)
+        assert not outcome.unthrottled
+        if not faulted and pool.local_admissions >= 20 and pool.pending and not pool.renewing:
+            await fault()
+            faulted = True
+        await asyncio.sleep(0.001)
+    raise AssertionError("the fault was not noticed")
+
+
+@pytest.mark.anyio
+async def test_charges_not_sent_when_redis_stops_are_charged_once_it_is_back_with_its_data(
+    redis_binary: Path,
+) -> None:
+    """Redis shut down (saving its data) while the process has admitted requests from its
+    lease that it has not sent to be charged: its next call fails (refused: never run;
+    the renewal carrying them, or another). Back with its data (the same state), the
+    charges go with the first renewal: the tenant's finish tag is one past the clock plus
+    one per admission, as if nothing had happened (lost, the tenant got those admissions
+    free of its share)."""
+    prefix = f"rl{next(_prefixes)}"
+    with RedisServer(binary=redis_binary) as server:
+        backend = RedisBackend(
+            settings(server.url, prefix, rate=1000.0, burst=200.0, rate_lease_s=5.0,
+                     failure_mode="closed")
+        )  # fmt: skip
+        await backend.start()
+        try:
+
+            async def shut_down() -> None:
+                with server.client() as client:
+                    client.shutdown(save=True)  # (SHUTDOWN SAVE: the data kept on disk)
+                # (Its connections seen closed: the next call is refused, not cut, as a
+                # call to a Redis that is down is. One cut may have run: not sent again.)
+                await asyncio.sleep(0.2)
+
+            admitted = await lease_then(backend, "solo", shut_down)
+            for _ in range(500):  # (its process ends as it closes its connections: bounded)
+                if not server.is_running:
+                    break
+                await asyncio.sleep(0.01)
+            server.start()  # (the same port and directory: the data loaded back)
+            await until_closed(backend)
+        finally:
+            await backend.stop()  # (its last renewal sends what is left to charge)
+        assert await charged_tag(server.url, prefix, "solo") == admitted + 1
+
+
+@pytest.mark.anyio
+async def test_charges_of_a_frozen_redis_are_charged_once(redis_server: RedisServer) -> None:
+    """Redis frozen (SIGSTOP) while the process admits from its lease: the renewal that
+    goes out meanwhile times out (Redis runs it when it resumes: its charges are not sent
+    again, else charged twice); the admissions recorded after it was sent stay, for the
+    first renewal once Redis is back. Each admission is charged once: the tenant's finish
+    tag is one past the clock plus one per admission. (Only admissions from the lease
+    while frozen: an acquire sent then would run as Redis resumes, its client told no.)"""
+    prefix = f"rl{next(_prefixes)}"
+    backend = RedisBackend(
+        settings(redis_server.url, prefix, rate=1000.0, burst=200.0, rate_lease_s=5.0,
+                 failure_mode="closed")
+    )  # fmt: skip
+    await backend.start()
+    pool = backend.rate_lease
+    assert pool is not None
+    loop = asyncio.get_running_loop()
+    admitted, after = 0, 0
+    try:
+        for n in range(5000):
+            outcome = await backend.acquire(Request(f"s{n}", "solo"))
+            assert isinstance(outcome, Admitted)
+            admitted += 1
+            if pool.local_admissions >= 20 and pool.pending and not pool.renewing:
+                break
+            await asyncio.sleep(0.001)
+        redis_server.freeze()
+        while pool.tokens >= 1 and loop.time() < pool.expires_at and after < 5:
+            outcome = await backend.acquire(Request(f"f{admitted}", "solo"))
+            assert isinstance(outcome, Admitted)  # (from the lease: nothing sent)
+            admitted += 1
+            after += pool.renewing  # (recorded after the renewal out was sent)
+            await asyncio.sleep(0.001)
+        assert after, "no renewal went out while Redis was frozen"
+        end = loop.time() + 10.0
+        while backend._breaker.allow():  # (the renewal's timeout, or the heartbeat's)
+            assert loop.time() < end
+            await asyncio.sleep(0.05)
+    finally:
+        redis_server.thaw()
+    try:
+        await until_closed(backend)
+    finally:
+        await backend.stop()
+    assert await charged_tag(redis_server.url, prefix, "solo") == admitted + 1

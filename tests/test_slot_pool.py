@@ -159,6 +159,24 @@ def test_drain_gives_back_and_forget_drops_without_a_call() -> None:
     assert len(pool) == 0
 
 
+def test_a_slot_forgotten_while_it_runs_is_not_kept_at_its_release() -> None:
+    """Gone from Redis while a request runs on it (the heartbeat says so), or any slot
+    running when the pool forgets all (a fault, a new epoch: Redis may have let it lapse
+    meanwhile): released in Redis at its end, not kept; leases admitted since are kept as before."""
+    pool = quiet_pool(busy=3)
+    for lease in ("a", "b", "c"):
+        pool.admitted(0.0, lease, 1, 0.0, 3)
+    pool.share(1, 10)
+    assert pool.forget("a") == []  # (running: nothing to forget now)
+    assert not pool.keep(0.1, "a")
+    assert pool.keep(0.1, "b")
+    assert pool.forget() == ["b"]
+    assert not pool.keep(0.2, "c")
+    assert pool.forgotten == 1
+    pool.admitted(0.3, "d", 1, 0.3, 1)  # (a lease admitted since: kept as before)
+    assert pool.keep(0.4, "d")
+
+
 def test_a_pool_needs_a_positive_t() -> None:
     with pytest.raises(ValueError, match="positive"):
         SlotPool(0.0)

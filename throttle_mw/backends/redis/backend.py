@@ -80,6 +80,15 @@ def _keepable(limits: Limits) -> int | None:
     return limits.concurrency
 
 
+def _refused(exc: BaseException) -> bool:
+    """A call that failed before anything was sent: its connection refused (redis-py
+    raises its ConnectionError from the OSError of the connect). Any other failure may
+    come after Redis ran the call, or will run it (a timeout)."""
+    return isinstance(exc, ConnectionRefusedError) or isinstance(
+        exc.__cause__, ConnectionRefusedError
+    )
+
+
 def _raised(before: int | None, after: int | None) -> bool:
     """Kept slots admitted under concurrency limit `before` stay within `after` (the same
     or higher: a learned limit growing, a live raise); None: not kept under it (a rate
@@ -775,8 +784,8 @@ class RedisBackend(Recovery):
             raw = await self._scripts.ratelease(keys=[self._keys.state], args=args)
             lease = protocol.decode_ratelease(raw)
         except (RedisError, OSError) as exc:
-            pool.renewing = False
-            self._on_failure(exc)  # (drops the pool: its tokens lapse)
+            pool.failed(unsent=_refused(exc))
+            self._on_failure(exc)  # (drops the lease: its tokens lapse, its charges stay)
             return
         except Exception:  # a reply this version cannot read, a bug: no lease, as without
             pool.renewing = False
@@ -836,7 +845,7 @@ class RedisBackend(Recovery):
 
     def _on_failure(self, exc: BaseException | None = None) -> None:
         if self._pool is not None:
-            self._pool.drop()  # Redis is away: the failure mode applies, not the lease
+            self._pool.fault()  # Redis is away: the failure mode applies, not the lease
         if self._slots is not None:
             # Redis is away: given back once it is back (as any lease not known released).
             self._orphans.update(self._forget_slots())
@@ -969,8 +978,10 @@ class RedisBackend(Recovery):
                         held = self._leases.get(rid)
                         if there and held is not None:  # it lasts a TTL from `sent`
                             self._leases[rid] = (held[0], sent)
-                        elif not there and self._slots is not None and rid in self._slots:
-                            self._forget_slots(rid)  # (it lapsed in Redis: nothing to keep)
+                        elif not there and self._slots is not None:
+                            # It lapsed in Redis (kept or running): not kept, now or at its
+                            # release (its slot may be another process's now).
+                            self._forget_slots(rid)
                     self._renewed(renewed.epoch)
                     self._succeeded()
             except asyncio.CancelledError:

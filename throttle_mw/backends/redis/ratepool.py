@@ -28,8 +28,9 @@ so its tests drive it on a fake clock. The backend (``backend.py``) does the I/O
    dispatch. After it the pool is empty and follows the rules above (its next renewal
    not before ``RETRY_SHARE`` of T): a lease comes only from a renewal Redis answers
    while nobody waits.
-4. A Redis fault, a new epoch or limits that allow no lease: ``pool.drop()`` (the
-   tokens lapse; the failure mode applies as without leases). At shutdown:
+4. A new epoch or limits that allow no lease: ``pool.drop()`` (the tokens lapse; the
+   failure mode applies as without leases); a Redis fault: ``pool.fault()`` (the same,
+   but the charges are kept: see Charges below). At shutdown:
    ``pool.renewal(now, ..., final=True)``: every unspent token given back.
 
 Sizing: `k` is this process's request rate over the last one to two `T` times `T`
@@ -50,7 +51,14 @@ fair queueing sees lease admissions, within one renewal of when they were made. 
 MAX_CHARGED tenants are recorded at once: a request of another tenant, the record full,
 goes to Redis (charged there) rather than from the pool, so nothing is folded or lost and
 the memory is bounded; a renewal sends at most MAX_CHARGED, and Redis charges as many as
-its work bound allows (``charged``): the rest go with the next renewal."""
+its work bound allows (``charged``): the rest go with the next renewal. A Redis fault
+(``pool.fault()``) drops the lease but not the charges: they stay, with the epoch of the
+state they are of, for the first renewal once Redis is back (charged if that state is
+there still, dropped with it if not), and so do a failed renewal's if it was refused
+before anything was sent (``pool.failed(unsent)``); a renewal that may have run (a
+timeout, a connection cut: a frozen Redis runs it when it resumes) is not sent again,
+else it could be charged twice. Recorded and carried together, at most 2 x MAX_CHARGED
+tenants at once."""
 
 from __future__ import annotations
 
@@ -290,12 +298,7 @@ class RatePool:
         if epoch != self.epoch:
             self._charges.clear()
         else:
-            for name, cost, last in rest:
-                charge = self._charges.get(name)
-                if charge is None:
-                    self._charges[name] = [cost, last]
-                else:
-                    charge[0] += cost  # (its last admission is the one recorded since)
+            self._carry(rest)
         lost = epoch != self.epoch or (kept is not None and kept < self.held.kept)
         if lost and self.tokens:
             self.lapsed += self.tokens
@@ -315,6 +318,36 @@ class RatePool:
             self.retry_at = -math.inf
         else:
             self.retry_at = sent + self.lease_s * RETRY_SHARE
+
+    def _carry(self, charges: list[LeaseCharge]) -> None:
+        """Charges of a renewal that Redis did not take: sent again with the next one."""
+        for name, cost, last in charges:
+            charge = self._charges.get(name)
+            if charge is None:
+                self._charges[name] = [cost, last]
+            else:
+                charge[0] += cost  # (its last admission is the one recorded since)
+
+    def failed(self, unsent: bool) -> None:
+        """The renewal out failed. `unsent`: refused before anything was sent (it did not
+        run): its charges go with the next renewal. Else it may have run (or run later):
+        they are not sent again (charged twice otherwise)."""
+        self.renewing = False
+        if unsent:
+            self._carry(self.sending)
+        self.sending = []
+
+    def fault(self) -> None:
+        """A Redis fault: the lease is dropped (`drop`), not the admissions still to charge:
+        they are their tenants' whatever Redis does. They stay, with their epoch, for the
+        first renewal once Redis is back (charged if the state is there still, dropped
+        with it if not: `granted`, the backend's new epoch). A renewal out resolves its
+        own (`granted` or `failed`)."""
+        charges, self._charges = self._charges, {}
+        epoch, sending = self.epoch, self.sending
+        self.drop()
+        if charges or sending:
+            self._charges, self.epoch, self.sending = charges, epoch, sending
 
     def skip(self, sent: float) -> None:
         """A renewal with nothing to give back and nothing wanted (a share of the burst

@@ -27,7 +27,8 @@ backend (``backend.py``) does the I/O:
 4. ``pool.aged(now)`` (a timer at ``pool.next_at``, moved sooner when a slot kept ages
    before it): the slots to give back. ``pool.drain()``: all of them (limits changed,
    shutdown); ``pool.forget()`` (a fault or a new epoch: the backend forgets them rather
-   than gives them back).
+   than gives them back), and the leases running requests are not kept at their release;
+   ``pool.forget(lease)`` when the heartbeat finds `lease` gone from Redis.
 
 A slot is kept until T after Redis admitted it (`born`: the acquire's send time), never
 longer however often it is reused: each slot goes back to Redis at least every T, and
@@ -235,10 +236,17 @@ class SlotPool:
         return leases
 
     def forget(self, lease: str | None = None) -> list[str]:
-        """Forget one kept slot (Redis no longer has it), or all (a fault, a new epoch):
-        nothing to give back, they lapse in Redis as leases do."""
+        """Forget one slot (Redis no longer has it), or all (a fault, a new epoch): the kept
+        ones, returned, have nothing to give back (they lapse in Redis as leases do); one
+        running a request is not kept at its release, as Redis may have given its slot to
+        another process (all of them after a fault: Redis may have let them lapse while
+        this process could not renew them)."""
         leases = list(self._kept) if lease is None else [lease] if lease in self._kept else []
         self._drop(leases)
+        if lease is None:
+            self._held.clear()
+        else:
+            self._held.pop(lease, None)
         self.forgotten += len(leases)
         return leases
 
