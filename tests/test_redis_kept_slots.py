@@ -317,6 +317,25 @@ async def test_a_killed_processs_kept_slots_lapse_like_its_leases(
         await client.aclose()
 
 
+async def released_not_kept(
+    keeper: RedisBackend, lapsing: str, other: RedisBackend, why: str
+) -> list[str]:
+    """Release `lapsing` (a lease Redis let lapse while it ran): the keeper keeps nothing
+    (`why`), and once `other` holds the rest of the limit of 4 (the lapsed slot given
+    away) the keeper's next request waits rather than goes over it. `other`'s leases,
+    for the caller to release."""
+    keeper.release(lapsing)
+    pool = keeper.kept_slots
+    assert pool is not None
+    assert len(pool) == 0, why
+    running = await hold(other, 3)  # the whole limit: the lapsed slot was given away
+    extra = await keeper.acquire(Request("k1", "keeper"))
+    assert not isinstance(extra, Admitted), "admitted on a lapsed slot: over the limit"
+    assert isinstance(extra, Waiting)
+    await keeper.cancel(extra)
+    return running
+
+
 @pytest.mark.anyio
 async def test_a_slot_the_heartbeat_finds_lapsed_while_it_runs_is_not_kept_at_its_release(
     clean_redis_server: RedisServer,
@@ -356,15 +375,7 @@ async def test_a_slot_the_heartbeat_finds_lapsed_while_it_runs_is_not_kept_at_it
             await asyncio.sleep(0.01)
         else:
             raise AssertionError("the keeper's heartbeat did not run")
-        keeper.release(lapsing)
-        pool = keeper.kept_slots
-        assert pool is not None
-        assert len(pool) == 0, "a slot known lapsed was kept"
-        running += await hold(other, 3)  # the whole limit: the lapsed slot was given away
-        extra = await keeper.acquire(Request("k1", "keeper"))
-        assert not isinstance(extra, Admitted), "admitted on a lapsed slot: over the limit"
-        assert isinstance(extra, Waiting)
-        await keeper.cancel(extra)
+        running += await released_not_kept(keeper, lapsing, other, "a slot known lapsed was kept")
     finally:
         for rid in running:
             other.release(rid)
@@ -419,15 +430,9 @@ async def test_a_slot_running_through_a_fault_is_not_kept_at_its_release(
         while keeper._breaker.is_open:  # (its probe: Redis is back)
             assert loop.time() < end
             await asyncio.sleep(0.02)
-        keeper.release(lapsing)
-        pool = keeper.kept_slots
-        assert pool is not None
-        assert len(pool) == 0, "a slot that ran through a fault was kept"
-        running += await hold(other, 3)  # the whole limit: the lapsed slot was given away
-        extra = await keeper.acquire(Request("k1", "keeper"))
-        assert not isinstance(extra, Admitted), "admitted on a lapsed slot: over the limit"
-        assert isinstance(extra, Waiting)
-        await keeper.cancel(extra)
+        running += await released_not_kept(
+            keeper, lapsing, other, "a slot that ran through a fault was kept"
+        )
     finally:
         for rid in running:
             other.release(rid)
