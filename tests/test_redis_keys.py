@@ -197,11 +197,13 @@ async def test_live_overrides_get_the_live_ttl_and_use_refreshes_them(
 async def test_a_lease_held_longer_than_the_state_ttl_keeps_its_keys(
     clean_redis_server: RedisServer,
 ) -> None:
-    """T is 2.5 s here; a request holds its slot for 4 s with no other call meanwhile."""
+    """T is 3 s here; a request holds its slot for 4 s with no other call meanwhile. (Lease
+    TTL 1.5 s, renewed every 0.5 s: a heartbeat may be 1 s late on a loaded machine before
+    the lease lapses; with 1 s, renewed every 1/3 s, it had 0.67 s.)"""
     config = settings(
-        clean_redis_server.url, "long", concurrency=1, max_wait_s=0.5, lease_ttl_s=1.0
+        clean_redis_server.url, "long", concurrency=1, max_wait_s=0.5, lease_ttl_s=1.5
     )
-    assert key_ttl_s(config) == 2.5
+    assert key_ttl_s(config) == 3.0
     backend = RedisBackend(config)
     client = redis.asyncio.Redis.from_url(clean_redis_server.url)
     await backend.start()
@@ -209,11 +211,14 @@ async def test_a_lease_held_longer_than_the_state_ttl_keeps_its_keys(
         held = await backend.acquire(Request("long.1", "acme"))
         assert isinstance(held, Admitted)
         assert held.lease
-        await asyncio.sleep(4.0)  # the heartbeat (every 1/3 s) keeps the lease and its keys
+        await asyncio.sleep(4.0)  # the heartbeat (every 0.5 s) keeps the lease and its keys
         assert await client.zscore("{long}:leases", "long.1") is not None
         assert await client.hget("{long}:s", "inflight") == b"1"
         backend.release("long.1")
-        await asyncio.sleep(0.2)
+        for _ in range(100):  # (the release goes out in the background: waited for, 5 s at most)
+            if await client.hget("{long}:s", "inflight") == b"0":
+                break
+            await asyncio.sleep(0.05)
         assert await client.hget("{long}:s", "inflight") == b"0"
     finally:
         await backend.stop()

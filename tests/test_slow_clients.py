@@ -128,6 +128,14 @@ async def in_flight(backend: MemoryBackend) -> int:
     return (await backend.snapshot()).in_flight
 
 
+async def until_given_back(backend: MemoryBackend, within_s: float = 5.0) -> None:
+    """Until nothing is in flight (the hold gave the slot back), `within_s` at most."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while await in_flight(backend) != 0:
+        assert asyncio.get_running_loop().time() < deadline, "the slot was not given back"
+        await asyncio.sleep(0.01)
+
+
 async def settle() -> None:
     for _ in range(20):
         await asyncio.sleep(0)
@@ -356,14 +364,19 @@ async def test_a_send_held_up_by_the_client_gives_the_slot_back_after_the_hold()
             await send({"type": "http.response.body", "body": b"chunk", "more_body": True})
         await send({"type": "http.response.body", "body": b"end", "more_body": False})
 
-    middleware, backend = make(app, client_hold_s=0.1)
+    # (A hold of 0.5 s checked at 0.05 s, and given back waited for: with a hold of 0.1 s
+    # checked at 0.05 s and 0.15 s, a stall of 50 ms on a loaded machine failed either check.)
+    hold_s = 0.5
+    middleware, backend = make(app, client_hold_s=hold_s)
     reader = Conn()
     reader.writable.clear()  # the client reads nothing
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     task = reader.run(middleware)
     await asyncio.sleep(0.05)
     assert await in_flight(backend) == 1  # the app's own time and a bit of waiting
-    await asyncio.sleep(0.1)
-    assert await in_flight(backend) == 0  # waited on the client past the hold: given back
+    await until_given_back(backend)
+    assert loop.time() - started >= hold_s  # waited on the client past the hold, not before
     assert not task.done()
     other = Conn()
     await other.run(middleware)  # the slot is free for someone else
@@ -402,14 +415,17 @@ async def test_the_rest_of_a_body_beyond_the_buffer_counts_against_the_hold() ->
         received.extend(await read_all(receive))
         await respond(send)
 
-    middleware, backend = make(app, body_buffer_bytes=4, client_hold_s=0.1)
+    hold_s = 0.5  # (as in the send's test above: no 50 ms margins)
+    middleware, backend = make(app, body_buffer_bytes=4, client_hold_s=hold_s)
     upload = Conn("POST", length=10)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     task = upload.run(middleware)
     upload.feed(b"1234")  # the buffer's worth: admitted with the rest still to come
     await settle()
     assert await in_flight(backend) == 1
-    await asyncio.sleep(0.15)
-    assert await in_flight(backend) == 0  # the app waited on the client past the hold
+    await until_given_back(backend)
+    assert loop.time() - started >= hold_s  # the app waited on the client past the hold
     upload.feed(b"567890", more=False)
     await task
     assert b"".join(m["body"] for m in received) == b"1234567890"
