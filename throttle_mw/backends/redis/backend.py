@@ -897,7 +897,8 @@ class RedisBackend(Recovery):
             self._release_in_redis(lease)
 
     def _forget_slots(self, lease: str | None = None) -> list[str]:
-        """Forget kept slots without a call (a fault, a new epoch, gone from Redis)."""
+        """Forget slots without a call (a fault, a new epoch, gone from Redis): the kept ones
+        dropped, running ones not kept at their release (`SlotPool.forget`)."""
         assert self._slots is not None
         leases = self._slots.forget(lease)
         for each in leases:
