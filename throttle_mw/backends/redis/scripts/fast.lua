@@ -125,6 +125,11 @@ end
 -- batch.lua's operations, each to its reply line.
 -- An acquire as the client writes it (protocol.py's acquire_op; store.lua's
 -- call.split_acquire): anything else is no operation of this library's.
+-- (A Lua call costs Redis some 500 instructions, more than the tests of a step that returns
+-- at once: on this path, once per acquire, the steps that do nothing in most calls are
+-- skipped here rather than called: live_weight once the call knows no live weight is set
+-- (M.no_weights) and its tenant is not loaded (then it returns the given weight), encode for
+-- a decision with its line made (call.ADMITTED's). docs/performance.md, `churnlua`.)
 local function do_acquire(op)
   local id, h, name, tail = call.split_acquire(op)
   if id == nil then return nil end
@@ -132,8 +137,11 @@ local function do_acquire(op)
     local known = retried(id)
     if known ~= nil then return encode(known) end
   end
-  return encode(acquire(id, h, name, live_weight(h, tail.weight), tail.rank, tail.cost,
-    tail.sheddable, tail.degradable, tail.max_wait))
+  local weight = tail.weight
+  if not M.no_weights or T[h] ~= nil then weight = live_weight(h, weight) end
+  local d = acquire(id, h, name, weight, tail.rank, tail.cost, tail.sheddable, tail.degradable,
+    tail.max_wait)
+  return d.line or encode(d)
 end
 
 -- (call's, not a local: batch.lua's main chunk, under EVAL one chunk with every file, may
