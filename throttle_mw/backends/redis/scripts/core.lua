@@ -246,15 +246,23 @@ function need(cost, reserve)
 end
 
 -- Scheduler._fits: does the budget have room for `cost` now?
+-- (need called only for a reserve: without one it is `cost`. Here and in fits_at_once, a
+-- step that returns at once is not called: a Lua call costs Redis some 500 instructions,
+-- more than the tests; these run once per acquire. docs/performance.md, `churnlua`.)
 function fits(cost, reserve)
-  if L.rate ~= nil and S.tokens + EPS < need(cost, reserve) then return false end
+  if L.rate ~= nil then
+    local needed = cost
+    if reserve then needed = need(cost, reserve) end
+    if S.tokens + EPS < needed then return false end
+  end
   return L.concurrency == nil or S.inflight + cost <= L.concurrency
 end
 
 -- Scheduler._fits_at_once: nobody waits for the budget, and it has room for `cost`.
+-- (cap_ok called only with a tenant rate: without one it allows any cost.)
 function fits_at_once(t, cost)
   return t.st == IDLE and not (S.waiting > 0 and call.anyone_in_line())
-    and cap_ok(t, cost) and fits(cost, false)
+    and (L.tenant_rate == nil or cap_ok(t, cost)) and fits(cost, false)
 end
 
 -- Scheduler._cap_ok: does the tenant's own rate cap allow `cost` now?
@@ -296,7 +304,14 @@ end
 function take(t, id, cost, p)
   if L.rate ~= nil then S.tokens = S.tokens - cost end
   if L.tenant_rate ~= nil then t.cap = t.cap - cost end
-  if L.concurrency ~= nil then add_lease(id, cost) else remember(p, id) end
+  if L.concurrency ~= nil then
+    add_lease(id, cost)
+  else
+    -- Lease-less: kept briefly so a retried acquire is answered, not redone (store.lua's
+    -- recent, written once per call by save). (In place: a Lua call cost more than this.)
+    local ids = recent[p]
+    if ids == nil then recent[p] = {id} else ids[#ids + 1] = id end
+  end
   local start = t.f
   if start < S.v then  -- behind the clock: its banked credit is bounded
     start = math.max(start, S.v - credit())

@@ -19,7 +19,7 @@ local T             -- tenants loaded this call, by digest
 local now
 local proc
 local out_events    -- per process: messages for its grant list
-local recent        -- per process: lease-less admissions of this call (remember)
+local recent        -- per process: lease-less admissions of this call (core.lua's take)
 local fresh         -- a tenant was created this call (forget_idle must check the bound)
 local born          -- budget-wide keys (KEY names) this call may have created: save()
                     -- gives them their TTL (Redis drops a key that empties, TTL and all)
@@ -1255,7 +1255,7 @@ do  -- (at load: a function library may use no standard library there)
 end
 call.HOT_PLAIN = {'inflight', LIVE_STAMP}
 
--- A process's recent admissions (remember): trimmed back to RECENT_KEPT once
+-- A process's recent admissions (core.lua's take): trimmed back to RECENT_KEPT once
 -- TUNING.RECENT_SLACK more came in (at least the last RECENT_KEPT are kept), their TTL set
 -- when the list is made and pushed out a quarter of T apart (the loaded library keeps when,
 -- by process: with EVAL, or once the library is loaded anew, on the next call).
@@ -1833,13 +1833,6 @@ local function drop_lease(id)
   return true
 end
 
--- Lease-less admissions: kept briefly so a retried acquire is answered, not redone.
--- Collected here and written once per call by save().
-local function remember(p, id)
-  local ids = recent[p]
-  if ids == nil then recent[p] = {id} else ids[#ids + 1] = id end
-end
-
 -- Was request `id` admitted already (by this process)? true: with a lease; false: without
 -- one (recently); nil: not that anyone remembers.
 local function admitted(id)
@@ -1983,9 +1976,11 @@ end
 
 -- Its last use, for idle expiry; once per call is enough: `now` does not move within it.
 -- A tenant with waiters is not on the idle list (core.lua's forget_idle).
+-- (call.seen_idle written out: a Lua call costs more than its table store; once per acquire.)
 local function touch(t)
   if not t.touched and t.n == 0 then
-    call.seen_idle(t.h, true)
+    local pending = M.idle
+    if pending == nil then M.idle = {[t.h] = true} else pending[t.h] = true end
     t.touched = true
   end
   t.dirty = true
