@@ -44,7 +44,7 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("batch", "local results = {nil}", "before the loop"),
     ("batch", "  local kind = string.sub(op, 1, #OP.acquire)\n", "op: loop top"),
     ("fast", "  local id, h, name, tail = call.split_acquire(op)\n  if id", "op: split_acquire"),
-    ("fast", "  return encode(acquire(id, h, name, live_weight(h, tail.weight)", "op: live_weight"),
+    ("fast", "  local weight = tail.weight\n  if not M.no_weights", "op: live_weight"),
     (
         "core",
         "  refill()\n  if S.waiting > 0 then dispatch(nil) end\n  local t = tenant(",
