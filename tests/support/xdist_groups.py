@@ -14,7 +14,6 @@ first, as pytest-xdist hands out its largest groups first.
 from __future__ import annotations
 
 import pytest
-from _pytest.nodeid import NodeId
 
 
 def group_of(item: pytest.Item) -> str | None:
@@ -34,4 +33,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         group = group_of(item)
         if group is None or item.nodeid.endswith(f"@{group}"):
             continue
+        # Only a pytest that reads `_id` gets here (9.2 does); it has _pytest.nodeid.
+        from _pytest.nodeid import NodeId
+
         item._id = NodeId.parse(f"{item.nodeid}@{group}")
