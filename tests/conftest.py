@@ -32,6 +32,8 @@ from tests.support.redis_server import (
 )
 from tests.support.servers import AppServer, start_all
 
+pytest_plugins = ["tests.support.xdist_groups"]
+
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
