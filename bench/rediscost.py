@@ -20,6 +20,9 @@ deltas of Redis's own counters over the measured stretch:
   answered "deferred") out of those sent: ``taken_p50`` / ``taken_max`` over all calls,
   and ``slow_calls``, each call over 1 ms as [microseconds, taken, sent], so a call slow
   for its work shows apart from one slow with a usual amount of it (Redis off its core).
+  ``--redis-fifo`` runs redis-server at real-time priority (SCHED_FIFO; root): no
+  other process on the machine takes its CPU from it mid-call, as a Redis with a core
+  of its own would have it; what is still over 1 ms then is the call's own doing.
 
 Scenarios:
 
@@ -887,6 +890,11 @@ def main(argv: list[str] | None = None) -> int:
         help="slots: THROTTLE_KEEP_SLOTS (seconds, or default: unset)",
     )
     parser.add_argument("--redis-cpu", default="1", help="taskset CPU list for redis-server")
+    parser.add_argument(
+        "--redis-fifo",
+        action="store_true",
+        help="run redis-server SCHED_FIFO (root): no other process preempts it mid-call",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--every-call",
@@ -904,6 +912,16 @@ def main(argv: list[str] | None = None) -> int:
     return run_on_own_redis(args, main_async, "scenarios")
 
 
+def real_time(pid: int) -> None:
+    """Every thread of `pid` to SCHED_FIFO at the lowest real-time priority: on a shared
+    machine nothing else preempts it, as on a Redis host with a core of its own."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setscheduler(int(tid), os.SCHED_FIFO, os.sched_param(1))
+    except PermissionError:
+        raise SystemExit("--redis-fifo needs root (or CAP_SYS_NICE)") from None
+
+
 def run_on_own_redis(
     args: argparse.Namespace,
     main_async: Callable[[argparse.Namespace, str], Coroutine[Any, Any, Any]],
@@ -917,7 +935,10 @@ def run_on_own_redis(
     try:
         if args.redis_cpu:
             os.system(f"taskset -a -p -c {args.redis_cpu} {server.pid} >/dev/null")
-        print(f"# {cpu_model()}; redis {server.binary}", flush=True)
+        fifo = getattr(args, "redis_fifo", False)
+        if fifo:
+            real_time(server.pid)
+        print(f"# {cpu_model()}; redis {server.binary}{' SCHED_FIFO' if fifo else ''}", flush=True)
         out = asyncio.run(main_async(args, server.url))
     finally:
         server.close()
