@@ -635,3 +635,16 @@ def test_redis_cost_can_give_redis_its_cpu(redis_binary: Path) -> None:
         assert server.client().ping()
     finally:
         server.close()
+
+
+def test_redis_cost_sizes_fixed_work_to_a_calls_length(tmp_path: Path, redis_binary: Path) -> None:
+    """``busy``: calls of fixed work sized to ``--busy-us``, their calls over 1 ms counted."""
+    out = tmp_path / "rediscost.json"
+    args = ["--n", "50", "--scenarios", "busy", "--busy-us", "300", "--redis-cpu", ""]
+    assert rediscost.main([*args, "--json", str(out)]) == 0
+
+    figures = json.loads(out.read_text())["scenarios"]["busy"]
+    assert figures["admissions"] == 50
+    assert figures["calls"] == 1.0  # one script call each, nothing else
+    assert figures["size"] > 1  # sized from the calls before: more than one step of work
+    assert isinstance(figures["slow"], int)
