@@ -20,6 +20,9 @@ deltas of Redis's own counters over the measured stretch:
   answered "deferred") out of those sent: ``taken_p50`` / ``taken_max`` over all calls,
   and ``slow_calls``, each call over 1 ms as [microseconds, taken, sent], so a call slow
   for its work shows apart from one slow with a usual amount of it (Redis off its core).
+  ``--redis-fifo`` runs redis-server at real-time priority (SCHED_FIFO; root): no
+  other process on the machine takes its CPU from it mid-call, as a Redis with a core
+  of its own would have it; what is still over 1 ms then is the call's own doing.
 
 Scenarios:
 
@@ -70,6 +73,11 @@ Scenarios:
   ``floor-cmds-16`` / ``floor-cmds-28``: FCALL of a function that runs 16 / 28 commands
   of the kinds a saturated call runs, with its numbers formatted and read back, and no
   scheduler around them (``usec_per_call`` against ``saturated-*``'s);
+- ``busy``: the machine's own floor for item 4's "no call over 1 ms": ``--n`` calls of a
+  function whose work is fixed (Lua making strings and tables, as the scheduler does),
+  sized to last as long as a churn call (``--busy-us``, some 500 us: calls are bounded
+  there, ``TUNING.WORK_US``); ``slow`` counts those over 1 ms, which no scheduler rule
+  can have caused (with ``--redis-fifo``, nor another process on Redis's CPU);
 - ``peers``: each peer library's own Redis limiting code (`bench/peerredis.py`), one
   admission at a time as ``rate``; ``commands``: Redis commands per admission (all of
   them, not only scripts); ``vs_rate`` / ``vs_concurrency``: ``rate``'s and
@@ -674,6 +682,13 @@ redis.register_function('throttle_cmds', function(keys, args)
   end
   return 1
 end)
+redis.register_function('throttle_busy', function(keys, args)
+  local parts = {}
+  for i = 1, tonumber(args[1]) do
+    parts[i % 64 + 1] = {string.format('%.17g', i / 7), tostring(i)}
+  end
+  return #parts
+end)
 """
 
 #: The command counts the ``floor`` scenario's ``cmds-<n>`` runs: a saturated tick's 16
@@ -721,6 +736,31 @@ async def floor(url: str, n: int) -> dict[str, dict[str, Any]]:
     return out
 
 
+async def busy(url: str, n: int, target_us: float) -> dict[str, Any]:
+    """`n` calls of fixed work lasting some `target_us` (sized on calls before): how
+    many a machine stretches past 1 ms, whatever the work is."""
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(url)
+    await client.function_load(NOP_LIBRARY, replace=True)
+    counters = Counters(redis.Redis.from_url(url))
+    size, done = 1000, 0
+
+    async def loop(calls: int) -> None:
+        nonlocal done
+        for _ in range(calls):
+            await client.fcall("throttle_busy", 0, size)
+            done += 1
+
+    for _ in range(2):  # twice: the first calls run cold
+        sized = await measure(counters, lambda: done, loop(200))
+        size = max(1, round(size * target_us / sized["usec_per_call"]))
+    out = {"size": size, **await measure(counters, lambda: done, loop(n))}
+    await client.function_delete("throttle_nop")
+    await client.aclose()
+    return out
+
+
 async def peer(url: str, name: str, n: int, counters: Counters) -> dict[str, Any]:
     """One peer's Redis limiting code, one admission at a time (`bench/peerredis.py`)."""
     async with peerredis.peer(name, url) as admit:
@@ -756,6 +796,8 @@ async def main_async(args: argparse.Namespace, url: str) -> dict[str, Any]:
         for name, figures in (await floor(url, args.n)).items():
             out[f"floor-{name}"] = figures
             print(f"{'floor-' + name:22} {json.dumps(figures)}", flush=True)
+    if "busy" in wanted:
+        await run("busy", busy(url, args.n, args.busy_us))
     if "rate" in wanted:
         # The default settings (for a rate alone, leases of rate tokens: auto), and the
         # exact per-request path (THROTTLE_RATE_LEASE=0; `rate` before leases were default).
@@ -887,6 +929,14 @@ def main(argv: list[str] | None = None) -> int:
         help="slots: THROTTLE_KEEP_SLOTS (seconds, or default: unset)",
     )
     parser.add_argument("--redis-cpu", default="1", help="taskset CPU list for redis-server")
+    parser.add_argument(
+        "--busy-us", type=float, default=500.0, help="busy: how long each call's fixed work lasts"
+    )
+    parser.add_argument(
+        "--redis-fifo",
+        action="store_true",
+        help="run redis-server SCHED_FIFO (root): no other process preempts it mid-call",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--every-call",
@@ -904,6 +954,16 @@ def main(argv: list[str] | None = None) -> int:
     return run_on_own_redis(args, main_async, "scenarios")
 
 
+def real_time(pid: int) -> None:
+    """Every thread of `pid` to SCHED_FIFO at the lowest real-time priority: on a shared
+    machine nothing else preempts it, as on a Redis host with a core of its own."""
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setscheduler(int(tid), os.SCHED_FIFO, os.sched_param(1))
+    except PermissionError:
+        raise SystemExit("--redis-fifo needs root (or CAP_SYS_NICE)") from None
+
+
 def run_on_own_redis(
     args: argparse.Namespace,
     main_async: Callable[[argparse.Namespace, str], Coroutine[Any, Any, Any]],
@@ -917,7 +977,10 @@ def run_on_own_redis(
     try:
         if args.redis_cpu:
             os.system(f"taskset -a -p -c {args.redis_cpu} {server.pid} >/dev/null")
-        print(f"# {cpu_model()}; redis {server.binary}", flush=True)
+        fifo = getattr(args, "redis_fifo", False)
+        if fifo:
+            real_time(server.pid)
+        print(f"# {cpu_model()}; redis {server.binary}{' SCHED_FIFO' if fifo else ''}", flush=True)
         out = asyncio.run(main_async(args, server.url))
     finally:
         server.close()

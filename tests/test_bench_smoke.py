@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -42,7 +43,7 @@ from bench import (
 )
 from bench.runner import Trial, summarize
 from bench.throughput import main
-from tests.support.redis_server import redis_server_binary
+from tests.support.redis_server import RedisServer, redis_server_binary
 from throttle_mw.backends.redis import scripts
 
 # No assertion here is on speed or on a timing: CI runs these on two workers, beside others.
@@ -618,3 +619,32 @@ def test_redis_cost_floor_runs_a_saturated_calls_commands_alone(
         assert figures["admissions"] == 40
         assert figures["calls"] == 1.0
         assert figures["commands"] == count + 1  # the FCALL and the commands it ran
+
+
+def test_redis_cost_can_give_redis_its_cpu(redis_binary: Path) -> None:
+    """``--redis-fifo``: every thread of the bench's redis-server at SCHED_FIFO, so that on a
+    shared machine a call over 1 ms is the call's own doing, not Redis preempted."""
+    if os.geteuid() != 0:
+        pytest.skip("SCHED_FIFO needs root")
+    server = RedisServer().start()
+    try:
+        rediscost.real_time(server.pid)
+        threads = os.listdir(f"/proc/{server.pid}/task")
+        assert len(threads) > 1  # the bio threads too, not only the main one
+        assert {os.sched_getscheduler(int(tid)) for tid in threads} == {os.SCHED_FIFO}
+        assert server.client().ping()
+    finally:
+        server.close()
+
+
+def test_redis_cost_sizes_fixed_work_to_a_calls_length(tmp_path: Path, redis_binary: Path) -> None:
+    """``busy``: calls of fixed work sized to ``--busy-us``, their calls over 1 ms counted."""
+    out = tmp_path / "rediscost.json"
+    args = ["--n", "50", "--scenarios", "busy", "--busy-us", "300", "--redis-cpu", ""]
+    assert rediscost.main([*args, "--json", str(out)]) == 0
+
+    figures = json.loads(out.read_text())["scenarios"]["busy"]
+    assert figures["admissions"] == 50
+    assert figures["calls"] == 1.0  # one script call each, nothing else
+    assert figures["size"] > 1  # sized from the calls before: more than one step of work
+    assert isinstance(figures["slow"], int)
