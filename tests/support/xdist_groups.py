@@ -8,7 +8,8 @@ group exists so that two fleets of four servers never do), and they start last, 
 collection order, which leaves one worker alone with both for their last ~50 s
 (docs/performance.md, `cifast2`). Here the suffix is put where pytest reads it, after
 pytest-xdist's own attempt and only where it did not take; a group then also goes out
-first, as pytest-xdist hands out its largest groups first.
+first, as pytest-xdist hands out its largest groups first. Upstream: pytest-xdist issue
+#1386 (fix proposed in #1388); drop this module once a release carries it.
 """
 
 from __future__ import annotations
