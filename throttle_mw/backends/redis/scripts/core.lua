@@ -423,7 +423,8 @@ end
 -- seen then), so however many wait, no sweep reads one: Python skips them in memory.
 function forget_idle()
   call.flush_idle()
-  if not fresh and now < S.fi then return end
+  local due = now >= S.fi
+  if not (fresh or due) then return end
   local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', call.idle_score(now - POL.idle), 'LIMIT', '0',
     num(TUNING.SWEEP_BATCH))
   if #stale < TUNING.SWEEP_BATCH then S.fi = now + TUNING.SWEEP_PERIOD end
@@ -439,6 +440,7 @@ function forget_idle()
     end
   end
   if #stale > 0 then call.drop_idle_tenants(stale) end
+  if due then call.sweep_strays() end  -- (storage only: P:T's fields the list lost)
 end
 
 -- Scheduler._make_room: enforce the queue limits before queueing at `rank` in t's queue.
