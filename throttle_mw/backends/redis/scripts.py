@@ -60,10 +60,11 @@ TICK_SLACK_S: Final = 0.05
 #: backlog is left).
 SWEEP_PERIOD_S: Final = 1.0
 SWEEP_BATCH: Final = 32
-#: Each idle sweep also walks this many more fields of P:T (the tenants) from a cursor,
-#: dropping those neither on the idle list nor waiting (store.lua, call.sweep_strays): a
-#: tenant whose idle-list entry was lost is gone within |P:T| / STRAY_BATCH sweeps. (A
-#: hash in its compact encoding, up to 128 fields by default, is walked whole at once.)
+#: An idle sweep that counts more tenants in P:T than on the idle list and waiting walks
+#: this many fields of P:T from a cursor, dropping those neither on the list nor waiting
+#: (store.lua, call.sweep_strays): a tenant whose idle-list entry was lost is gone within
+#: some |P:T| / STRAY_BATCH sweeps. (A hash in its compact encoding, up to 512 fields by
+#: default, comes whole in one step.)
 STRAY_BATCH: Final = 64
 #: Tenants beyond max_tenants read at most per call (more than a call of WORK_US creates).
 EXCESS_BATCH: Final = 64

@@ -430,7 +430,9 @@ function forget_idle()
   if #stale < TUNING.SWEEP_BATCH then S.fi = now + TUNING.SWEEP_PERIOD end
   -- (Counted without the list's anchor, keys.IDLE_ANCHOR, at +inf: it is never among the
   -- oldest taken below, as the excess is at most the tenants on the list.)
-  local excess = redis.call('ZCOUNT', K.tenants, '-inf', '(+inf') - POL.max_tenants
+  local listed = redis.call('ZCOUNT', K.tenants, '-inf', '(+inf')
+  if due then call.sweep_strays(listed) end  -- (storage only: P:T's fields the list lost)
+  local excess = listed - POL.max_tenants
   if excess > 0 then
     local oldest = redis.call('ZRANGE', K.tenants, '0', num(math.min(excess, TUNING.EXCESS_BATCH) - 1))
     if #stale == 0 then  -- (most calls: the excess alone)
@@ -440,7 +442,6 @@ function forget_idle()
     end
   end
   if #stale > 0 then call.drop_idle_tenants(stale) end
-  if due then call.sweep_strays() end  -- (storage only: P:T's fields the list lost)
 end
 
 -- Scheduler._make_room: enforce the queue limits before queueing at `rank` in t's queue.

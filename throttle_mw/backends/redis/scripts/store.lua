@@ -870,10 +870,16 @@ end
 -- (in P:qlen): its idle-list entry was lost (a script that failed halfway: Redis keeps the
 -- writes made before the error), so neither the idle sweep nor the bound would ever drop
 -- it, and P:T would keep it while the budget lives. Each idle sweep (forget_idle, once per
--- TUNING.SWEEP_PERIOD, or each call while a backlog is left) walks TUNING.STRAY_BATCH
--- fields of P:T on from P:s's cursor (TUNING.TENANT_CURSOR; absent: from the start) and
--- deletes the strays among them; tenants loaded this call (T) are left to save.
-function call.sweep_strays()
+-- TUNING.SWEEP_PERIOD, or each call while a backlog is left) counts P:T's fields (HLEN):
+-- if there are more than the tenants on the list (`listed`) and the requests waiting (at
+-- least one each of the tenants waiting), some are strays, and it walks TUNING.STRAY_BATCH
+-- fields of P:T on from P:s's cursor (TUNING.TENANT_CURSOR; absent: from the start; a hash
+-- in its compact encoding, up to 512 fields by default, comes whole) and deletes the
+-- strays among them; tenants loaded this call (T) are left to save. (So P:T holds at
+-- most some strays more than the list and the waiting tenants, whose count the idle list's
+-- bound and the queue limit bound; a sweep without strays costs one HLEN.)
+function call.sweep_strays(listed)
+  if redis.call('HLEN', K.tenant_hash) <= listed + S.waiting then return end
   local cursor = redis.call('HGET', K.state, TUNING.TENANT_CURSOR) or '0'
   local scan = redis.call('HSCAN', K.tenant_hash, cursor, 'COUNT', TUNING.STRAY_BATCH)
   local after, found = scan[1], scan[2]
