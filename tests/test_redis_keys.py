@@ -373,7 +373,7 @@ def test_a_tenant_whose_idle_list_entry_was_lost_is_swept_from_p_t(
         # hashtable, walked by cursor: the compact one, up to 512 fields, comes whole).
         text = cast(bytes, client.hget(tenant_hash, keys.tenant_digest("idle")))
         strays = {f"{i:024x}": text for i in range(600)}
-        client.hset(tenant_hash, mapping=strays)
+        client.hset(tenant_hash, mapping=cast(Any, strays))
         left = []
         for i in range(40):  # a tick a sweep period
             scheduler.tick(1.0 + i * scripts.SWEEP_PERIOD_S)
