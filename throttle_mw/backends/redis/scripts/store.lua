@@ -60,11 +60,9 @@ local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', '
 local PACKED_FIELD = 'nums'
 -- (call.save_plain writes PLAIN's fields out in this order.)
 local PLAIN = {'inflight', 'waiting', 'tk_by', 'ep', LIVE_STAMP}
-local RANK_COUNT = {}  -- 'n0'.. by rank + 1, and a tenant's 'c0'..: made once, not per call
-local RANK_COST = {}
+local RANK_COUNT = {}  -- 'n0'.. by rank + 1: made once, not per call
 for rank = 0, NRANK - 1 do
   RANK_COUNT[rank + 1] = 'n' .. rank
-  RANK_COST[rank + 1] = 'c' .. rank
   PLAIN[#PLAIN + 1] = RANK_COUNT[rank + 1]
 end
 local STRING_FIELDS = {tk_by = true, ep = true, [LIVE_STAMP] = true}
@@ -824,10 +822,10 @@ end
 -- forget_idle's deletion of the idle tenants `hs` (digests; repeats allowed): a few
 -- commands for all of them. A tenant not loaded this call waits if it is in P:qlen (push
 -- puts it there with its first waiter, unlink takes it out with its last; while nobody
--- waits, S.waiting 0, none does, and P:qlen is not asked). Only the
--- tenant's field of P:T is deleted (one HDEL for all): one that waits for nothing has no queue (P:q:<h>: Redis drops
--- a sorted set with its last member; a queue left by state that expired around it goes
--- with its own TTL).
+-- waits, S.waiting 0, none does, and P:qlen is not asked). Only the tenant's field of P:T
+-- is deleted (one HDEL for all): one that waits for nothing has no queue (P:q:<h>: Redis
+-- drops a sorted set with its last member; a queue left by state that expired around it
+-- goes with its own TTL).
 -- (Loops by index, not ipairs: a C call per step; the list itself as the unknown ones when
 -- none was loaded this call, most calls.)
 function call.drop_idle_tenants(hs)
@@ -993,8 +991,8 @@ function call.as_written(t)
   t.dirty = false
 end
 
--- Tenant t as load_tenant makes it from its text in P:T: its fields as loaded, nothing this call
--- did yet. Only a tenant keep_line kept is restored, and call.as_written made its loaded
+-- Tenant t as load_tenant makes it from its text in P:T: its fields as loaded, nothing this
+-- call did yet. Only a tenant keep_line kept is restored, and call.as_written made its loaded
 -- fields its own (f, w, cap, cap_at, n, the costs by rank, st, am, xp) after the last
 -- change to it; nothing changes a kept tenant until a call takes it (recall_line takes the
 -- memo whole), so those are already as loaded and are not copied back (some 20 table
@@ -1157,7 +1155,8 @@ local function save_tenant(t, again, hot)
     v = t.st
     if v == IDLE then parts[NRANK + 6] = '' else parts[NRANK + 6] = num(v) end
     v = t.am  -- (its sequence number alone: the member is that, SEP, the digest)
-    if v == '' then parts[NRANK + 7] = '' else parts[NRANK + 7] = string.sub(v, 1, MEMBER_SEQ_DIGITS) end
+    if v == '' then parts[NRANK + 7] = ''
+    else parts[NRANK + 7] = string.sub(v, 1, MEMBER_SEQ_DIGITS) end
     v = t.xp
     if v == 0 then parts[NRANK + 8] = ''
     elseif v == M.tenant_xp then parts[NRANK + 8] = M.tenant_xp_text
@@ -1556,7 +1555,8 @@ function call.save_acquire(t)
     local f0, w0, cap0, cap_at0 = t.f0, t.w0, t.cap0, t.cap_at0
     if t.w == w0 and t.cap == cap0 and t.cap_at == cap_at0 then
       if t.f ~= f0 then
-        redis.call('HSET', K.tenant_hash, t.h, call.count_text(t.f) .. SEP .. t.wt .. t.capt .. t.rest)
+        redis.call('HSET', K.tenant_hash, t.h,
+          call.count_text(t.f) .. SEP .. t.wt .. t.capt .. t.rest)
       end
     else
       call.put_head(t)
@@ -1908,7 +1908,9 @@ end
 -- the text: a name may hold SEP). `am`, the member in P:active, is stored as its sequence
 -- number alone (the member is that, SEP, the digest: put back on reading).
 call.TENANT_PATTERN = '^'
-for _ = 1, #TENANT_FIELDS do call.TENANT_PATTERN = call.TENANT_PATTERN .. '([^' .. SEP .. ']*)' .. SEP end
+for _ = 1, #TENANT_FIELDS do
+  call.TENANT_PATTERN = call.TENANT_PATTERN .. '([^' .. SEP .. ']*)' .. SEP
+end
 call.TENANT_PATTERN = call.TENANT_PATTERN .. '(.*)$'
 -- f, w, the text from w's SEP to cap_at's end (SEP cap SEP cap_at), cap, cap_at, the rest.
 call.HEAD_PATTERN = '^([^' .. SEP .. ']*)' .. SEP .. '([^' .. SEP .. ']*)(' .. SEP .. '([^' .. SEP
