@@ -1480,11 +1480,16 @@ end
 function call.read_head(h)
   local text = redis.call('HGET', K.tenant_hash, h)
   if not text then return nil end
-  local f, w, capt, cap, cap_at, rest = string.match(text, call.HEAD_PATTERN)
+  local f, w, capt, cap, cap_at, rest, st, xp = string.match(text, call.FAST_PATTERN)
   if f == nil then return nil end
-  local st, xp = string.match(rest, call.REST_PATTERN)
-  return NUMBERS[f] or tonum(f), NUMBERS[w] or tonum(w) or 1, tonum(cap), tonum(cap_at),
-    NUMBERS[st] or tonum(st) or IDLE, NUMBERS[xp] or tonum(xp) or 0, w, capt, rest
+  -- ('' is a default, or unset: no lookup, no call)
+  local weight, state = 1, IDLE
+  if w ~= '' then weight = NUMBERS[w] or tonum(w) or 1 end
+  if st ~= '' then state = NUMBERS[st] or tonum(st) or IDLE end
+  if cap == '' then cap = nil else cap = NUMBERS[cap] or tonum(cap) end
+  if cap_at == '' then cap_at = nil else cap_at = NUMBERS[cap_at] or tonum(cap_at) end
+  return NUMBERS[f] or tonum(f), weight, cap, cap_at, state, NUMBERS[xp] or tonum(xp) or 0, w,
+    capt, rest
 end
 
 -- What save(true) writes after an acquire of tenant t by fast.lua (t.f0, t.w0, t.cap0,
@@ -1912,14 +1917,16 @@ for _ = 1, #TENANT_FIELDS do
   call.TENANT_PATTERN = call.TENANT_PATTERN .. '([^' .. SEP .. ']*)' .. SEP
 end
 call.TENANT_PATTERN = call.TENANT_PATTERN .. '(.*)$'
--- f, w, the text from w's SEP to cap_at's end (SEP cap SEP cap_at), cap, cap_at, the rest.
-call.HEAD_PATTERN = '^([^' .. SEP .. ']*)' .. SEP .. '([^' .. SEP .. ']*)(' .. SEP .. '([^' .. SEP
-  .. ']*)' .. SEP .. '([^' .. SEP .. ']*))(.*)$'
--- st and xp from the rest (SEP n SEP c0 .. SEP st SEP am SEP xp SEP name).
-call.REST_PATTERN = '^' .. SEP .. '[^' .. SEP .. ']*'
-for _ = 1, NRANK do call.REST_PATTERN = call.REST_PATTERN .. SEP .. '[^' .. SEP .. ']*' end
-call.REST_PATTERN = call.REST_PATTERN .. SEP .. '([^' .. SEP .. ']*)' .. SEP .. '[^' .. SEP .. ']*'
-  .. SEP .. '([^' .. SEP .. ']*)' .. SEP
+-- The fast paths' reading of a text (call.read_head), one match: f, w, the text from w's
+-- SEP to cap_at's end (SEP cap SEP cap_at), cap, cap_at, the rest (from cap_at's end:
+-- SEP n SEP c0 .. SEP st SEP am SEP xp SEP name), and in the rest st and xp.
+do
+  local value, skip = '([^' .. SEP .. ']*)', SEP .. '[^' .. SEP .. ']*'
+  local pattern = '^' .. value .. SEP .. value .. '(' .. SEP .. value .. SEP .. value .. ')('
+    .. skip
+  for _ = 1, NRANK do pattern = pattern .. skip end
+  call.FAST_PATTERN = pattern .. SEP .. value .. skip .. SEP .. value .. SEP .. '.*)$'
+end
 call.tparts = {}
 -- A tenant's name: its text after the values (snapshot.lua). (The patterns are made when
 -- the code is loaded, where a function library may use no standard library: no
