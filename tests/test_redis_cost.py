@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 import pytest
 import redis
@@ -16,7 +17,7 @@ from tests.support.lua_scheduler import LuaScheduler, redis_version
 from tests.support.redis_server import RedisServer
 from throttle_mw.backends.redis import protocol, scripts
 from throttle_mw.backends.redis.batcher import Batcher
-from throttle_mw.backends.redis.keys import LIVE_STAMP, RECENT_KEPT, tenant_digest
+from throttle_mw.backends.redis.keys import LIVE_STAMP, RECENT_KEPT, TENANT_FIELDS, tenant_digest
 from throttle_mw.backends.redis.scripts import PROCS_RECOUNT_S, RECENT_SLACK
 from throttle_mw.priorities import PRIORITIES
 from throttle_mw.scheduler import Admit, Enqueue, Granted, Limits, Policy, Request
@@ -88,10 +89,11 @@ def test_a_saturated_budgets_script_work_does_not_grow_with_waiting_tenants(
     few = saturated_tick_commands(client, 10)
     client.flushall()
     many = saturated_tick_commands(client, 1000)
-    # Each tenant's keys get their TTL pushed out once per quarter idle time, when a call
-    # loads it: with many tenants, nearly every tick loads one due (two PEXPIREs).
+    # Each tenant's queue gets its TTL pushed out once per quarter idle time, when a call
+    # loads it: with many tenants, nearly every tick loads one due (one PEXPIRE; two while
+    # each tenant was a key of its own, P:t:<h>, not a field of P:T).
     refreshes = many.pop("pexpire", 0.0) - few.pop("pexpire", 0.0)
-    assert refreshes <= 2.5, refreshes
+    assert refreshes <= 1.25, refreshes
     assert sum(many.values()) <= sum(few.values()) + 0.5, (
         sorted(few.items()),
         sorted(many.items()),
@@ -106,14 +108,19 @@ def test_a_saturated_budgets_script_work_does_not_grow_with_waiting_tenants(
     # P:dl every time
     assert sum(many.values()) < 20, many
     assert "zscore" not in many, many  # the heartbeat known (store.lua's call.heartbeat)
-    # P:s and the tenant next in line (the first was known); that tenant's queue and
+    # P:s; the tenant next in line (the first was known: its field of P:T, an HGET since
+    # tenants are fields of one hash, an HMGET of P:t:<h> before); that tenant's queue and
     # P:active once (after the admission). P:cfg once a second (scripts.LIVE_REREAD_S: by
     # the live stamp in between); not the earliest deadline: the admitted one's was it, and
     # is a floor for the rest (store.lua, deadline_left). Asking for the first in line
     # again (P:active, its tenant, queue and head waiter, P:capped, P:dl): 6 more.
-    assert 2.0 <= many["hmget"] <= 2.05, many
+    assert 1.0 <= many["hmget"] <= 1.05, many
     assert many["zrange"] == 2.0, many
-    assert many["hget"] <= 1.05, many  # the next one's head waiter (the heartbeat: rarely)
+    # the next one's field of P:T and its head waiter (the heartbeat: rarely)
+    assert 2.0 <= many["hget"] <= 2.05, many
+    # P:T's fields counted once a second (the idle sweep's check for strays:
+    # store.lua's call.sweep_strays)
+    assert many["hlen"] <= 0.05, many
 
 
 def saturated_by_a_hundred(client: redis.Redis) -> tuple[LuaScheduler, dict[str, str]]:
@@ -165,22 +172,25 @@ def test_a_saturated_acquire_takes_the_line_from_the_call_before(client: redis.R
     acquire that queues reads P:s once (fast.lua is not tried: the last call left requests
     waiting) and its tenant, and asks no sorted set anything (P:cfg and the live weights
     only when the live stamp moved). Its tenant's first waiter makes the tenant's queue:
-    that key gets its TTL, the tenant's hash keeps its own until its refresh is due."""
+    that key gets its TTL (the tenant, a field of P:T, has none of its own)."""
     if redis_version(client) < (7, 0):
         pytest.skip("EVAL: nothing outlives a call")
     ticks, acquires = saturated_call_commands(client)
     reads = {name: acquires.get(name, 0.0) for name in ("hmget", "hget", "zrange")}
-    assert reads == {"hmget": 2.0, "hget": 0.0, "zrange": 0.0}, acquires  # 3: fast.lua's try
+    # P:s, and its tenant's field of P:T (an HMGET of P:t:<h> before); 3: fast.lua's try
+    assert reads == {"hmget": 1.0, "hget": 1.0, "zrange": 0.0}, acquires
     assert acquires.get("pexpire") == 1.0, acquires  # 2 when both keys got one
     # (and the test's own DEL of the grant list, in both)
     # 13 while each call asked for its heartbeat (ZSCORE); 15; 23 when each call asked
     assert sum(acquires.values()) <= 12.05, acquires
     # The tick puts its tenant back on the idle list, which kept its anchor (keys.IDLE_ANCHOR):
-    # no PEXPIRE of P:tenants (3 before); the granted tenant's TTL refresh and the grant list's.
-    assert ticks.get("pexpire") == 2.0, ticks
-    # 19 while each call asked for its heartbeat; 20 while the idle list was made anew by
-    # each tick; 22 while each tick read P:cfg and P:dl; 28
-    assert sum(ticks.values()) <= 18.1, ticks
+    # no PEXPIRE of P:tenants (3 before); the grant list's. (2 while the granted tenant was
+    # a key of its own with a TTL, P:t:<h>: a field of P:T now, whose TTL is the budget's.)
+    assert ticks.get("pexpire") == 1.0, ticks
+    # 18 while each tenant had a key of its own; 19 while each call asked for its
+    # heartbeat; 20 while the idle list was made anew by each tick; 22 while each tick read
+    # P:cfg and P:dl; 28
+    assert sum(ticks.values()) <= 17.1, ticks
 
 
 def test_the_fast_path_is_tried_again_once_nobody_waits(client: redis.Redis) -> None:
@@ -195,7 +205,8 @@ def test_the_fast_path_is_tried_again_once_nobody_waits(client: redis.Redis) -> 
     assert isinstance(scheduler.acquire(0.0, Request("b", "t"))[0], Enqueue)
     client.config_resetstat()
     assert isinstance(scheduler.acquire(0.0, Request("c", "u"))[0], Enqueue)
-    assert commands(client).get("hmget") == 2, commands(client)  # P:s once, u: not fast.lua
+    used = commands(client)  # P:s once: not fast.lua (u's field of P:T and live weight)
+    assert (used.get("hmget"), used.get("hget")) == (1, 2), used
     assert [e.id for e in scheduler.tick(0.1)] == ["b"]
     assert [e.id for e in scheduler.tick(0.2)] == ["c"]  # nobody waits now
     client.config_resetstat()
@@ -302,8 +313,9 @@ def test_a_tick_that_admits_nothing_asks_no_sorted_set(client: redis.Redis) -> N
     assert every == {"zscore": 0.0, "hset": 1.0, "del": 1.0}, every
     assert 1.0 <= per_tick.pop("hmget") <= 1.05, per_tick  # P:s (and P:cfg once a second)
     # What is due once a second falls on some of these ticks: the idle sweep (ZRANGEBYSCORE,
-    # ZCARD) and the live processes' count (ZCOUNT); nothing else.
-    assert set(per_tick) <= {"zrangebyscore", "zcard", "zcount"}, per_tick
+    # ZCARD; HLEN, its check for stray tenants in P:T) and the live processes' count
+    # (ZCOUNT); nothing else.
+    assert set(per_tick) <= {"zrangebyscore", "zcard", "zcount", "hlen"}, per_tick
     assert all(calls <= 0.05 for calls in per_tick.values()), per_tick
 
 
@@ -333,9 +345,10 @@ def test_a_granted_tenant_changed_by_another_writer_is_read_again(
     client: redis.Redis, change: str
 ) -> None:
     """The tenant a tick granted is kept for the next call (store.lua, recall_tenant),
-    which reads only its f and w while it waits for nothing: a tenant another writer
-    reweighed (an acquire it then rejected) or dropped as idle, with P:s as it was, is
-    read again whole, and the acquire that queues for it writes what a load would."""
+    which reads its field of P:T while it waits for nothing and takes the kept tenant only
+    if that is the text the library wrote: a tenant another writer reweighed (an acquire
+    it then rejected) or dropped as idle, with P:s as it was, is read again whole, and the
+    acquire that queues for it writes what a load would."""
     if redis_version(client) < (7, 0):
         pytest.skip("EVAL: nothing outlives a call")
     scheduler, tenant_of = saturated_by_a_hundred(client)
@@ -350,20 +363,23 @@ def test_a_granted_tenant_changed_by_another_writer_is_read_again(
     granted = [e.id for e in scheduler.tick(now) if isinstance(e, Granted)]
     assert len(granted) == 1, granted
     tenant = tenant_of[granted[0]]
-    key = f"{scheduler._tag}:t:{tenant_digest(tenant)}"
-    assert client.hget(key, "n") == b"0"  # it waits for nothing: kept, checked
+    tenants, h = scheduler._keys.tenant_hash, tenant_digest(tenant)
+    state = protocol.tenant_state(cast(bytes, client.hget(tenants, h)))
+    assert state["n"] in ("", "0"), state  # it waits for nothing: kept, checked
     if change == "reweighed":
-        client.hset(key, "w", "3")
+        state["w"] = "3"
+        text = protocol.SEP.join([*(state[f] for f in TENANT_FIELDS), state["name"]])
+        client.hset(tenants, h, text)
     else:
-        client.delete(key)
+        client.hdel(tenants, h)
     decision, _ = scheduler.acquire(now, Request("again", tenant))
     assert isinstance(decision, Enqueue), decision
-    fields = client.hgetall(key)
-    assert fields.get(b"w", b"1") == b"1", fields  # the caller's weight again
-    assert b"f" in fields, fields
-    assert fields[b"n"] == b"1", fields
+    state = protocol.tenant_state(cast(bytes, client.hget(tenants, h)))
+    assert state["w"] in ("", "1"), state  # the caller's weight again
+    assert state["f"] != "", state
+    assert state["n"] == "1", state
     if change == "dropped":
-        assert fields[b"name"] == tenant.encode(), fields  # made anew
+        assert state["name"] == tenant, state  # made anew
 
 
 def test_a_plain_field_changed_alone_is_seen_by_the_next_full_call(client: redis.Redis) -> None:
@@ -411,144 +427,52 @@ def admit_new(scheduler: LuaScheduler, now: float, first: int, count: int) -> No
 def test_a_call_of_new_tenants_writes_each_once_and_the_idle_list_once(
     client: redis.Redis,
 ) -> None:
-    """A tenant made in a call is written with one HSET (its name with its state, without
-    the fields at their defaults), at the batch's work checks or at its end, never twice;
-    the idle list (P:tenants) gets one ZADD for all of them; once one tenant was new, the
-    next is asked with an EXISTS, not read whole. Counted per admitted tenant: a slow
-    machine may defer some (WORK_US)."""
+    """The tenants made in a call are written to P:T (each one field: its state in one text,
+    its name last) with one HSET per work check that has some to write and one at the
+    call's end, not one each; each is read with one HGET (no key of its own: no EXISTS, no
+    PEXPIRE); the idle list (P:tenants) gets one ZADD for all of them. Counted per
+    admitted tenant: a slow machine may defer some (WORK_US)."""
     policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=10_000)
     scheduler = LuaScheduler(client, Limits(rate=1e6, burst=1e6), policy, now=0.0)
-    first = 0
+    first, made = 0, 0
     for width in (4, 32):
         client.config_resetstat()
         n = admitted(scheduler.batch(1.0 + width, new_tenants(first, width)))
         first += width
+        made += n
         assert n >= 2
         used = commands(client)
-        assert used["hset"] == n + 1, (n, used)  # the tenants and the budget's state
+        # the budget's state, and the tenants at most once per work check (a TIME each)
+        # and at the end (n + 1 while each tenant was a key of its own)
+        assert 2 <= used["hset"] <= 1 + used["time"], (n, used)
+        if n >= 8:
+            assert used["hset"] < n, (n, used)
         assert used["zadd"] == 1, used  # the idle list
+        # whether any live weight is set, once (an EXISTS per tenant too before)
+        assert used.get("exists", 0) <= 1, used
+        assert used.get("pexpire", 0) <= 3, used  # the keys this call made, not per tenant
         # The caller's heartbeat, known from the call before (store.lua's call.heartbeat;
         # Redis 6.2: asked, there, no ZADD NX)
         assert used.get("zscore", 0) == (1 if redis_version(client) < (7, 0) else 0), used
-        assert used.get("hget", 0) <= 1, used  # a live weight asked once, not per tenant
-        # P:s, P:cfg and at most the first tenant (Redis 6.2: nothing outlives a call)
-        assert used["hmget"] <= 3, used
-    keys = list(client.scan_iter(match="*:t:*", count=1000))
-    ttls = [client.pttl(key) for key in keys]
-    assert len(ttls) >= 4, ttls
-    assert all(ttl > 0 for ttl in ttls), ttls  # written, then its TTL
-    # A new tenant at rest: its name, finish tag, cap bucket and TTL refresh; its weight
-    # (1), waiting count and costs (0), state (idle) and member ('') are their defaults.
-    at_rest = {b"name", b"f", b"cap", b"cap_at", b"xp"}
-    assert [set(client.hkeys(key)) for key in keys] == [at_rest] * len(keys)
+        # each tenant's field once; whether a live weight is set asked once, not per tenant
+        assert n <= used["hget"] <= n + 1, used
+        # P:s and P:cfg (Redis 6.2: nothing outlives a call)
+        assert used["hmget"] <= 2, used
+    tenants = scheduler._keys.tenant_hash
+    assert client.pttl(tenants) > 0  # its TTL: the budget's (idle+T)
+    assert client.keys("*:t:*") == []  # no key per tenant
+    states = [protocol.tenant_state(v) for v in client.hvals(tenants)]
+    assert len(states) == made, states
+    # A new tenant at rest: its name, finish tag, cap bucket and its queue's TTL refresh;
+    # its weight (1), waiting count and costs (0), state (idle) and member ('') are their
+    # defaults ('').
+    at_rest = {"name", "f", "cap", "cap_at", "xp"}
+    assert [{k for k, v in state.items() if v} for state in states] == [at_rest] * made
     heavy = Request("r-heavy", "heavy")
     op = protocol.acquire_op(heavy.id, protocol.acquire_tail(heavy, 2.0, 30.0))
     assert admitted(scheduler.batch(40.0, [op])) == 1
-    (key,) = set(client.scan_iter(match="*:t:*", count=1000)) - set(keys)
-    assert client.hget(key, "w") == b"2"
-    assert client.hget(key, "st") is None
-
-
-def test_a_calls_later_new_tenants_are_copies_of_its_first_with_their_own_name_and_tag(
-    client: redis.Redis,
-) -> None:
-    """A plain new tenant (nothing but its name, finish tag, cap bucket and TTL refresh
-    moved from their defaults) written after another in the same call is that one's hash
-    copied, expiry and all, with its own name and tag put in (store.lua's call.copy_made):
-    a COPY and an HSET of two fields, not an HSET of five and a PEXPIRE. What is stored is
-    what a write of its own would store: the same fields, in the same order, with the same
-    values, and a TTL. Its first tenant is written whole; one dropped at the tenant bound
-    in the same call is no source (its COPY finds nothing): the next is written whole."""
-    policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=10_000)
-    limits = Limits(rate=1e6, burst=1e6, tenant_rate=100.0, tenant_burst=10.0)
-    scheduler = LuaScheduler(client, limits, policy, now=0.0)
-    admit_new(scheduler, 1.0, 0, 4)  # the budget's keys made
-    # (A call stops at its work check once Redis's clock says WORK_US went by: on a loaded
-    # machine Redis may lose its core mid-call and take only the first two. Bounded tries.)
-    for first in range(4, 4 + 5 * 32, 32):
-        client.config_resetstat()
-        n = admitted(scheduler.batch(2.0, new_tenants(first, 32)))
-        if n >= 4:
-            break
-    assert n >= 4
-    used = commands(client)
-    assert used["hset"] == n + 1, used  # (as before: one per tenant, and the state)
-    assert used.get("copy", 0) == n - 1, used
-    # (Redis 6.2: EVAL, nothing outlives a call: the recent list's TTL too)
-    assert used.get("pexpire", 0) <= (1 if redis_version(client) >= (7, 0) else 2), used
-    keys = sorted(client.scan_iter(match="*:t:*", count=1000))
-    hashes = [list(client.hgetall(key).items()) for key in keys]
-    this_call = {f"new{i}".encode() for i in range(first, first + 32)}
-    made = [fields for fields in hashes if fields[0][1] in this_call]
-    assert len(made) == n
-    for fields in made:  # as written whole: its name first, then f, cap, cap_at, xp
-        assert [name for name, _ in fields] == [b"name", b"f", b"cap", b"cap_at", b"xp"]
-    assert len({dict(fields)[b"f"] for fields in made}) == n  # each its own tag
-    assert len({tuple(fields[2:]) for fields in made}) == 1  # cap, cap_at, xp: the call's
-    ttls = [client.pttl(key) for key in keys]
-    assert all(ttl > 0 for ttl in ttls), ttls
-    # A copy's tenant read back: the same as one written whole (its tag, its cap).
-    again = Request("r-again", f"new{first + 1}")
-    op = protocol.acquire_op(again.id, protocol.acquire_tail(again, 1.0, 30.0))
-    assert admitted(scheduler.batch(2.5, [op])) == 1
-    # The tenant bound in the same call: of 6 new tenants 5 are dropped after the loop
-    # (the least recent, ties by member), often the one written at the work check that
-    # the rest would be copied from; the one kept, written after the drops, is whole.
-    client.flushall()
-    small = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=1)
-    scheduler = LuaScheduler(client, limits, small, now=0.0)
-    # (A call may stop at its work check after two on a loaded machine, as above: each
-    # call must admit, and one at least must get far enough to drop its copies' source.)
-    most = 0
-    for i in range(8):
-        n = admitted(scheduler.batch(1.0 + i, new_tenants(100 * i, 6)))
-        assert n >= 1
-        most = max(most, n)
-        keys = list(client.scan_iter(match="*:t:*", count=1000))
-        for key in keys:
-            assert set(client.hkeys(key)) == {b"name", b"f", b"cap", b"cap_at", b"xp"}
-            assert client.pttl(key) > 0
-    assert most >= 3
-
-
-def test_where_copy_is_refused_new_tenants_are_written_whole(redis_server: RedisServer) -> None:
-    """A store without COPY, or an ACL user without it (scripts' commands are checked
-    against the caller's ACL): the refusal is no error of the call's; each new tenant is
-    written whole with its own PEXPIRE, as before the copies (store.lua's
-    call.copy_made)."""
-    with redis_server.client() as admin:
-        admin.acl_setuser(
-            "nocopy",
-            enabled=True,
-            passwords=["+pw-nocopy"],
-            keys=["*"],
-            channels=["*"],
-            commands=["+@all", "-copy"],
-        )
-    try:
-        with redis.Redis(port=redis_server.port, username="nocopy", password="pw-nocopy") as client:
-            policy = Policy(dict.fromkeys(PRIORITIES, 30.0), max_tenants=10_000)
-            scheduler = LuaScheduler(client, Limits(rate=1e6, burst=1e6), policy, now=0.0)
-            admit_new(scheduler, 1.0, 0, 4)
-            made = 4
-            for first in range(4, 4 + 5 * 32, 32):  # (bounded tries, as admit_new's)
-                client.config_resetstat()
-                n = admitted(scheduler.batch(2.0, new_tenants(first, 32)))
-                made += n
-                if n >= 4:
-                    break
-            assert n >= 4
-            used = commands(client)
-            assert used["hset"] == n + 1, used
-            assert used.get("pexpire", 0) >= n, used  # each its own TTL
-            keys = list(client.scan_iter(match="*:t:*", count=1000))
-            assert len(keys) == made
-            for key in keys:
-                assert set(client.hkeys(key)) == {b"name", b"f", b"cap", b"cap_at", b"xp"}
-                assert client.pttl(key) > 0
-    finally:
-        with redis_server.client() as admin:
-            admin.acl_deluser("nocopy")
+    state = protocol.tenant_state(cast(bytes, client.hget(tenants, tenant_digest("heavy"))))
+    assert (state["w"], state["st"], state["name"]) == ("2", "", "heavy"), state
 
 
 def deferred(replies: list[str]) -> int:
@@ -623,9 +547,11 @@ def test_the_batcher_sends_again_what_a_bounded_call_deferred(client: redis.Redi
 
 @pytest.mark.parametrize("why", ["idle", "beyond max_tenants"])
 def test_idle_tenants_are_dropped_in_a_few_commands(client: redis.Redis, why: str) -> None:
-    """forget_idle drops a batch of tenants with one DEL and one ZREM, not a few commands
-    per tenant (a call of many new tenants dropped as many old ones after its work
-    budget); while nobody waits, without asking P:qlen which of them wait (a ZMSCORE)."""
+    """forget_idle drops a batch of tenants with one HDEL (their fields of P:T; a DEL of
+    their keys before) and one ZREM, not a few commands per tenant (a call of many new
+    tenants dropped as many old ones after its work budget); while nobody waits, without
+    asking P:qlen which of them wait (a ZMSCORE). Nor is P:T walked for strays: it holds no
+    more tenants than the idle list (one HLEN tells)."""
     count = 40
     policy = Policy(dict.fromkeys(PRIORITIES, 30.0), tenant_idle_s=60.0, max_tenants=10_000)
     scheduler = LuaScheduler(client, Limits(rate=1e6, burst=1e6), policy, now=0.0)
@@ -642,28 +568,29 @@ def test_idle_tenants_are_dropped_in_a_few_commands(client: redis.Redis, why: st
     used = commands(client)
     assert used.get("hget", 0) == 0, used
     assert used.get("zmscore", 0) == 0, used
-    assert used.get("del", 0) <= 2, used  # (one is the test's: the grant list)
+    assert used.get("del", 0) <= 1, used  # (the test's: the grant list)
+    assert used.get("hdel", 0) == 1, used
     assert used.get("zrem", 0) == 1, used
-    left = sum(1 for _ in client.scan_iter(match="*:t:*", count=1000))
-    assert left == count - dropped
+    assert used.get("hlen", 0) == 1, used
+    assert "hscan" not in used, used
+    assert client.hlen(scheduler._keys.tenant_hash) == count - dropped
 
 
 def test_a_waiting_tenant_found_on_the_idle_list_is_not_dropped(client: redis.Redis) -> None:
     """While anyone waits, the drop asks P:qlen (one ZMSCORE for the batch) which of the
     tenants it read wait: a waiting one is off the idle list, except in a state written
-    before that was so, and keeps its hash."""
+    before that was so, and keeps its field of P:T."""
     policy = Policy(dict.fromkeys(PRIORITIES, 900.0), tenant_idle_s=60.0, max_tenants=10_000)
     scheduler = LuaScheduler(client, Limits(rate=1.0, burst=1.0), policy, now=0.0)
     for i in range(4):
         scheduler.acquire(1.0, Request(f"old{i}", f"old{i}"))  # the first admitted, the rest wait
-    tag = scheduler._tag
-    waiting = f"{tag}:t:{tenant_digest('old3')}"
+    tag, tenants = scheduler._tag, scheduler._keys.tenant_hash
     assert client.zscore(f"{tag}:qlen", tenant_digest("old3")) is not None
     client.zadd(f"{tag}:tenants", {tenant_digest("old3"): 1})  # (as an older build left it)
     client.config_resetstat()
     scheduler.tick(100.0)  # old0 idle past tenant_idle_s: dropped; old3 read with it
-    assert client.exists(f"{tag}:t:{tenant_digest('old0')}") == 0
-    assert client.exists(waiting) == 1
+    assert not client.hexists(tenants, tenant_digest("old0"))
+    assert client.hexists(tenants, tenant_digest("old3"))
     assert commands(client).get("zmscore", 0) == 1
 
 
@@ -694,15 +621,15 @@ def test_one_request_at_a_time_costs_a_few_commands_per_call(client: redis.Redis
     # Its numbers packed into one field (store.lua): a read of one field, not of sixteen.
     (state,) = client.keys("*:s")
     assert client.hlen(state) <= 9, client.hkeys(state)
-    # P:s and the tenant read; the idle list; P:s and the tenant written; the recent
-    # admission (no lease) kept. Not on every call: the live limits and whether any live
-    # weight is set (P:cfg, P:w: read again only when the state's LIVE_STAMP changed), the
-    # processes' count (once a second, batch.lua's live_processes) and the recent
-    # admissions' TTL (a quarter of T apart). With EVAL (Redis 6.2) the library keeps no
-    # memory: P:cfg, P:w and the TTL on every call.
-    expected = {"hmget": 2.0, "hset": 2.0, "lpush": 1.0, "zadd": 1.0}
+    # P:s and the tenant read (its field of P:T: an HGET); the idle list; P:s and the
+    # tenant written; the recent admission (no lease) kept. Not on every call: the live
+    # limits and whether any live weight is set (P:cfg, P:w: read again only when the
+    # state's LIVE_STAMP changed), the processes' count (once a second, batch.lua's
+    # live_processes) and the recent admissions' TTL (a quarter of T apart). With EVAL
+    # (Redis 6.2) the library keeps no memory: P:cfg, P:w and the TTL on every call.
+    expected = {"hmget": 1.0, "hget": 1.0, "hset": 2.0, "lpush": 1.0, "zadd": 1.0}
     if redis_version(client) < (7, 0):
-        expected.update(pexpire=1.0, hmget=3.0, exists=1.0)
+        expected.update(pexpire=1.0, hmget=2.0, exists=1.0)
     assert rate == expected, rate
     client.flushall()
     concurrency = one_at_a_time_commands(client, Limits(concurrency=1000))
@@ -710,11 +637,11 @@ def test_one_request_at_a_time_costs_a_few_commands_per_call(client: redis.Redis
     # ZADD: a lease of cost 1 has no P:lc entry; the first lease makes P:leases anew, and
     # gives it its TTL), the release reads P:s, takes the lease out (one ZREM) and writes
     # P:s: it touches no tenant.
-    expected = {"hmget": 1.5, "hset": 1.5, "pexpire": 0.5, "zadd": 1.0, "zrem": 0.5}
+    expected = {"hmget": 1.0, "hget": 0.5, "hset": 1.5, "pexpire": 0.5, "zadd": 1.0, "zrem": 0.5}
     if redis_version(client) < (7, 0):
         # (the release, by release.lua, reads no P:cfg: its short reply states no limits;
         # 2.5 when releases went by batch.lua)
-        expected.update(hmget=2.0, exists=0.5)
+        expected.update(hmget=1.5, exists=0.5)
     assert concurrency == expected, concurrency
 
 
@@ -743,9 +670,9 @@ def test_with_leases_in_flight_an_acquire_asks_for_the_first_lease_once_per_leas
     stats = commands(client)
     stats.pop("del")  # LuaScheduler's own, after each call
     per_call = {name: n / 40 for name, n in sorted(stats.items())}
-    expected = {"hmget": 1.5, "hset": 1.5, "zadd": 1.0, "zrem": 0.5}
+    expected = {"hmget": 1.0, "hget": 0.5, "hset": 1.5, "zadd": 1.0, "zrem": 0.5}
     if redis_version(client) < (7, 0):
-        expected.update(hmget=2.0, exists=0.5)
+        expected.update(hmget=1.5, exists=0.5)
     assert per_call == expected, per_call
     assert scheduler.in_flight == 5
 
@@ -951,19 +878,20 @@ def test_live_limits_and_weights_are_read_again_once_their_stamp_is_deleted(
     client.hset(cfg, "rate", "50.0")  # by hand, the stamp left: not read yet
     client.config_resetstat()
     scheduler.acquire(0.002, Request("b", "t"))
-    assert commands(client).get("hmget") == 2, commands(client)  # P:s and the tenant
+    used = commands(client)  # P:s and the tenant (its field of P:T)
+    assert (used.get("hmget"), used.get("hget")) == (1, 1), used
     assert scheduler.trailer.limits.startswith("100|"), scheduler.trailer
     client.hdel(state, LIVE_STAMP)  # as the tool does after its write
     client.config_resetstat()
     scheduler.acquire(0.003, Request("c", "t"))
     used = commands(client)
-    assert used.get("hmget") == 3, used  # P:s, P:cfg and the tenant
+    assert (used.get("hmget"), used.get("hget")) == (2, 1), used  # P:s, P:cfg; the tenant
     assert used.get("exists") == 1, used  # whether any live weight is set, once
     assert scheduler.trailer.limits.startswith("50|"), scheduler.trailer
     assert client.hget(state, LIVE_STAMP) not in (None, stamp)
     client.config_resetstat()
     scheduler.acquire(0.004, Request("d", "t"))
-    assert commands(client).get("hmget") == 2, commands(client)  # stamped: P:cfg not read
+    assert commands(client).get("hmget") == 1, commands(client)  # stamped: P:cfg not read
 
 
 def test_a_full_call_reads_the_live_limits_again_once_a_second_whatever_the_stamp(

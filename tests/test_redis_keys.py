@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -31,9 +31,10 @@ from tests.support.redis_server import RedisServer
 from tests.support.servers import AppServer, start_all, wait_until
 from tests.support.simulation import Arrival, Simulation, poisson
 from throttle_mw.backends import Admitted
-from throttle_mw.backends.redis import RedisBackend, keys
+from throttle_mw.backends.redis import RedisBackend, keys, scripts
 from throttle_mw.backends.redis.admin import Budget
 from throttle_mw.backends.redis.backend import key_ttl_s
+from throttle_mw.priorities import PRIORITIES
 from throttle_mw.scheduler import Limits, Policy, Request
 from throttle_mw.settings import DEFAULT_MAX_WAIT_S, Settings
 
@@ -46,6 +47,10 @@ def anyio_backend() -> str:
 def keys_of(client: redis.Redis, tag: str) -> set[str]:
     """Every key under the budget's tag (SCAN skips keys already expired)."""
     return {str(k, "utf-8") for k in client.scan_iter(match=tag + "*", count=1000)}
+
+
+def fields(client: redis.Redis, key: str) -> set[str]:
+    return {str(k, "utf-8") for k in cast(list[bytes], client.hkeys(key))}
 
 
 def keys_without_ttl(client: redis.Redis, tag: str) -> list[tuple[str, int]]:
@@ -327,11 +332,11 @@ def test_a_stopped_fleet_leaves_every_key_with_a_ttl_and_then_nothing(
         kinds = {k.split(":")[1] for k in left}
         # What the issue found without a TTL, and what a crash leaves behind, is there...
         # (P:lc holds only leases of a cost other than 1: none here)
-        expected = {"s", "tenants", "procs", "cfg", "w", "wn", "t", "q", "leases", "r"}
+        expected = {"s", "tenants", "procs", "cfg", "w", "wn", "T", "q", "leases", "r"}
         assert expected | {"dl", "qlen", "active"} <= kinds, kinds
-        # (how many tenant hashes are left varies: the last process sweeps tenants idle
-        # for THROTTLE_TENANT_IDLE while it runs alone, and a loaded machine gives it
-        # longer; `expected` holds at least one, whose TTL is checked below)
+        # (the tenants are fields of P:T, no key each: how many are left varies, as the
+        # last process sweeps tenants idle for THROTTLE_TENANT_IDLE while it runs alone)
+        assert "t" not in kinds, kinds
         # ...and every key of it expires, none later than the longest TTL.
         assert keys_without_ttl(client, "{gone}") == []
         assert max(client.pttl(k) for k in left) <= longest_s * 1000
@@ -339,3 +344,45 @@ def test_a_stopped_fleet_leaves_every_key_with_a_ttl_and_then_nothing(
         gone = wait_until(lambda: not keys_of(client, "{gone}"), timeout_s=longest_s + 5.0)
         assert gone, sorted(keys_of(client, "{gone}"))
     client.close()
+
+
+def test_a_tenant_whose_idle_list_entry_was_lost_is_swept_from_p_t(
+    redis_server_session: RedisServer,
+) -> None:
+    """Every tenant is a field of P:T, with no TTL of its own: it leaves by the idle sweep or
+    the max_tenants bound, both of which walk the idle list. A field whose entry there was
+    lost (a script that failed halfway) is a stray that neither would ever drop: an idle
+    sweep that counts more fields in P:T than tenants listed and requests waiting walks
+    scripts.STRAY_BATCH fields of P:T from a cursor in P:s and drops those neither on the
+    idle list nor waiting, a bounded step a sweep. The tenants on the list, and the one
+    waiting (off the list), stay."""
+    client = redis_server_session.client()
+    try:
+        client.flushall()
+        scheduler = LuaScheduler(
+            client, Limits(rate=0.01, burst=2.0), Policy(dict.fromkeys(PRIORITIES, 600.0)), now=0.0
+        )
+        tenant_hash = scheduler._keys.tenant_hash
+        scheduler.acquire(0.0, Request("r1", "idle"))  # admitted: on the idle list
+        scheduler.acquire(0.0, Request("r2", "busy"))  # admitted
+        scheduler.acquire(0.0, Request("r3", "busy"))  # waits (100 s a token): off the list
+        known = {keys.tenant_digest("idle"), keys.tenant_digest("busy")}
+        assert fields(client, tenant_hash) == known
+        assert client.zscore(f"{scheduler._tag}:tenants", keys.tenant_digest("busy")) is None
+        # Strays: more than one sweep's batch, and enough for P:T's big encoding (a
+        # hashtable, walked by cursor: the compact one, up to 512 fields, comes whole).
+        text = cast(bytes, client.hget(tenant_hash, keys.tenant_digest("idle")))
+        strays = {f"{i:024x}": text for i in range(600)}
+        client.hset(tenant_hash, mapping=cast(Any, strays))
+        left = []
+        for i in range(40):  # a tick a sweep period
+            scheduler.tick(1.0 + i * scripts.SWEEP_PERIOD_S)
+            left.append(len(fields(client, tenant_hash) & strays.keys()))
+            if left[-1] == 0:
+                break
+        assert left[0] > 0, left  # bounded: not all in one sweep
+        assert left[-1] == 0, left
+        assert fields(client, tenant_hash) == known
+        assert client.hget(f"{scheduler._tag}:s", keys.TENANT_CURSOR) is None  # a pass done
+    finally:
+        client.close()

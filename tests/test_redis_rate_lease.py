@@ -24,8 +24,8 @@ import redis.asyncio
 
 from tests.support.redis_server import RedisServer
 from throttle_mw.backends import Admitted
-from throttle_mw.backends.redis import RedisBackend
-from throttle_mw.backends.redis.keys import Keys
+from throttle_mw.backends.redis import RedisBackend, protocol
+from throttle_mw.backends.redis.keys import Keys, tenant_digest
 from throttle_mw.backends.redis.ratepool import AUTO_LEASE_S
 from throttle_mw.scheduler import Request
 from throttle_mw.settings import Settings
@@ -296,18 +296,18 @@ async def test_lease_admissions_are_charged_to_their_tenant_in_redis(
     assert pool is not None
     assert pool.local_admissions > admitted / 2
     client = redis.asyncio.Redis.from_url(clean_redis_server.url)
-    tag = await client.hget(Keys(prefix).tenant("solo"), "f")
+    text = await client.hget(Keys(prefix).tenant_hash, tenant_digest("solo"))
     await client.aclose()
-    assert tag is not None
-    assert float(tag) == admitted + 1
+    assert text is not None
+    assert float(protocol.tenant_state(text)["f"]) == admitted + 1
 
 
 async def charged_tag(url: str, prefix: str, tenant: str) -> float:
     client = redis.asyncio.Redis.from_url(url)
-    tag = await client.hget(Keys(prefix).tenant(tenant), "f")
+    text = await client.hget(Keys(prefix).tenant_hash, tenant_digest(tenant))
     await client.aclose()
-    assert tag is not None
-    return float(tag)
+    assert text is not None
+    return float(protocol.tenant_state(text)["f"])
 
 
 async def until_closed(backend: RedisBackend, seconds: float = 15.0) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import redis
 
 from throttle_mw.backends.redis import protocol
-from throttle_mw.backends.redis.keys import Keys
+from throttle_mw.backends.redis.keys import Keys, tenant_digest
 from throttle_mw.backends.redis.scripts import ENTRY_SCRIPTS, library, source
 from throttle_mw.scheduler import (
     Admit,
@@ -221,9 +221,9 @@ class LuaScheduler:
         window's cost, as `python_fairness` reads them from a `Scheduler`."""
         tags = {}
         for name in tenants:
-            f = self._client.hget(self._keys.tenant(name), "f")
-            if f is not None:
-                tags[name] = float(f)
+            text = self._client.hget(self._keys.tenant_hash, tenant_digest(name))
+            if text is not None:
+                tags[name] = float(protocol.tenant_state(text)["f"])
         raw: Any = self._client.hget(self._key, "nums")
         packed = raw.decode().split(protocol.SEP)
         return tags, float(packed[2]), float(packed[5] or 0)

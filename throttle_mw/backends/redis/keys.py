@@ -17,9 +17,13 @@ P:s              hash    budget state: tokens, in flight, virtual clock, fair-ra
 P:cfg            hash    live limits set with ``throttle-mw set``; override callers'  live
                          limits. A learned limit and its state (learner.py) too
 P:w, P:wn        hash    live tenant weights by digest, and the names behind them     live
-P:t:<h>          hash    tenant h: finish tag, weight, cap bucket, queued cost by     idle+T
-                         rank, state, its member in P:active, name; a field at its
-                         default (weight 1, counts 0, idle, no member) may be absent
+P:T              hash    every tenant of the budget, by digest h: its state in one    idle+T
+                         text, TENANT_FIELDS (finish tag, weight, cap bucket, queued
+                         cost by rank, state, its member's sequence number in
+                         P:active, its queue's next TTL refresh) joined with SEP,
+                         then its name; '' for a default. A tenant has no TTL of its
+                         own: it leaves by the idle sweep, the max_tenants bound or
+                         the sweep for strays (store.lua, call.sweep_strays)
 P:q:<h>          zset    tenant h's waiting requests, score rank * RANK_SPAN + seq    idle+T
 P:r              hash    waiting request id -> its fields (protocol.WAITER_FIELDS)    T
 P:active         zset    tenants in line by finish tag; member "<seq>|<h>" (ties go   T
@@ -69,7 +73,8 @@ Redis on its own. The TTL column is how long a key outlives its last use:
 - T, the state TTL: the longest maximum wait, the deadline grace and the lease
   TTL (``backend.key_ttl_s``). By then every waiter is past its deadline and
   every lease has lapsed, so nothing in the state is live any more.
-- idle+T: ``THROTTLE_TENANT_IDLE`` more, for what describes tenants.
+- idle+T: ``THROTTLE_TENANT_IDLE`` more, for what describes tenants (P:T and
+  P:tenants with the budget-wide keys, a tenant's queue with its tenant).
 - live: ``THROTTLE_LIVE_LIMITS_TTL`` (a week by default): live limits outlive
   restarts, even of the whole fleet, as ``throttle-mw set`` promises, but not a
   budget nobody uses any more.
@@ -89,6 +94,8 @@ import hashlib
 from types import MappingProxyType
 from typing import Any, Final
 
+from ...priorities import PRIORITIES
+
 #: Suffix of each key after the budget's hash tag; per-tenant and per-process keys
 #: end with the tenant digest or process id.
 SUFFIX: Final = MappingProxyType(
@@ -97,7 +104,7 @@ SUFFIX: Final = MappingProxyType(
         "cfg": ":cfg",
         "weights": ":w",
         "weight_names": ":wn",
-        "tenant": ":t:",
+        "tenant_hash": ":T",
         "queue": ":q:",
         "waiters": ":r",
         "active": ":active",
@@ -141,11 +148,30 @@ KEY_TTL: Final = MappingProxyType(
         "qlen": "state",
         "deadlines": "state",
         "tenants": "tenant",
+        "tenant_hash": "tenant",
         "leases": "state",
         "lease_costs": "state",
         "procs": "state",
     }
 )
+#: A tenant's values in its field of P:T, in this order, joined with protocol.SEP, then
+#: its name (the rest of the text): finish tag, weight, cap bucket and its time, waiting
+#: requests, their cost by rank (c0..), state, the sequence number of its member in
+#: P:active, its queue's next TTL refresh. '' is a value's default (weight 1, counts 0,
+#: idle, no member, 0) or unset (the cap). (store.lua's load_tenant and save_tenant.)
+TENANT_FIELDS: Final = (
+    "f",
+    "w",
+    "cap",
+    "cap_at",
+    "n",
+    *(f"c{rank}" for rank in range(len(PRIORITIES))),
+    "st",
+    "am",
+    "xp",
+)
+
+
 #: P:tenants's anchor member (score +inf; no tenant digest looks like it): added with every
 #: full call's ZADD of an idle tenant, so the list no longer empties (and loses its TTL)
 #: when its last tenant starts waiting. A ZADD adds it again where it is missing (a key
@@ -167,6 +193,10 @@ SIGNALED: Final = "sg"
 #: bound after the last name taken (store.lua, call.signal_next): read only while a round
 #: is under way (the packed ``sk``), written by each call of a round that leaves names.
 SIGNAL_CURSOR: Final = "sc"
+#: P:s's field with where the sweep of P:T for stray tenants goes on (an HSCAN cursor;
+#: store.lua, call.sweep_strays): read and written once per idle sweep, absent while a
+#: pass is not under way.
+TENANT_CURSOR: Final = "tc"
 
 
 def hash_tag(prefix: str) -> str:
@@ -189,6 +219,7 @@ class Keys:
         self.weights = self.tag + SUFFIX["weights"]
         self.weight_names = self.tag + SUFFIX["weight_names"]
         self.tenants = self.tag + SUFFIX["tenants"]
+        self.tenant_hash = self.tag + SUFFIX["tenant_hash"]
         self.qlen = self.tag + SUFFIX["qlen"]
         self.procs = self.tag + SUFFIX["procs"]
         self.pools = self.tag + SUFFIX["pools"]
@@ -208,6 +239,3 @@ class Keys:
 
     def grants(self, process: str) -> str:
         return self.tag + SUFFIX["grants"] + process
-
-    def tenant(self, tenant: str) -> str:
-        return self.tag + SUFFIX["tenant"] + tenant_digest(tenant)

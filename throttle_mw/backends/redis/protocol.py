@@ -39,7 +39,7 @@ from ...scheduler import (
     Snapshot,
     TenantSnapshot,
 )
-from .keys import tenant_digest
+from .keys import TENANT_FIELDS, tenant_digest
 
 #: Joins the fields of an operation, a reply line or a message.
 SEP: Final = "|"
@@ -219,6 +219,15 @@ def acquire_op(request_id: str, tail: str) -> Op:
 
 def release_op(request_id: str) -> Op:
     return OP["release"] + SEP + request_id
+
+
+def tenant_state(raw: bytes | str) -> dict[str, str]:
+    """A tenant's field of P:T taken apart (the CLI's and the tests' reading; the scripts
+    read it themselves): its values by keys.TENANT_FIELDS' names ('' at a default) and
+    ``name``."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    values = text.split(SEP, len(TENANT_FIELDS))
+    return {**dict(zip(TENANT_FIELDS, values, strict=False)), "name": values[-1]}
 
 
 def lone_release(ops: Sequence[Op]) -> str | None:

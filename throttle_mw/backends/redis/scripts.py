@@ -60,6 +60,12 @@ TICK_SLACK_S: Final = 0.05
 #: backlog is left).
 SWEEP_PERIOD_S: Final = 1.0
 SWEEP_BATCH: Final = 32
+#: An idle sweep that counts more tenants in P:T than on the idle list and waiting walks
+#: this many fields of P:T from a cursor, dropping those neither on the list nor waiting
+#: (store.lua, call.sweep_strays): a tenant whose idle-list entry was lost is gone within
+#: some |P:T| / STRAY_BATCH sweeps. (A hash in its compact encoding, up to 512 fields by
+#: default, comes whole in one step.)
+STRAY_BATCH: Final = 64
 #: Tenants beyond max_tenants read at most per call (more than a call of WORK_US creates).
 EXCESS_BATCH: Final = 64
 #: Expired leases and overdue waiters taken out per call at most.
@@ -92,8 +98,8 @@ LEAVE_CHUNK: Final = 16
 LEAVE_US: Final = 500
 #: Key prefixes whose key names a loaded library keeps built (budgets per Redis, in practice).
 KEYS_CACHE_MAX: Final = 64
-#: Tenants' and processes' key names a loaded library keeps built per key prefix (store.lua,
-#: call.tenant_key and call.recent_key), before starting afresh.
+#: Processes' key names a loaded library keeps built per key prefix (store.lua,
+#: call.recent_key), before starting afresh.
 NAMES_MAX: Final = 1024
 #: The lease keys' anchor (store.lua, anchor_leases): longer than Redis lets an entry of
 #: its compact encodings be (zset-/hash-max-listpack-value, 64 bytes by default), set once
@@ -188,6 +194,7 @@ SHARED: Final[Mapping[str, object]] = {
     "MESSAGE": dict(protocol.MESSAGE),
     "ACQUIRE_FIELDS": protocol.ACQUIRE_FIELDS,
     "WAITER_FIELDS": protocol.WAITER_FIELDS,
+    "TENANT_FIELDS": keys.TENANT_FIELDS,
     "OFF": protocol.OFF,
     "AUTO": AUTO,
     "LEARNED": protocol.LEARNED,
@@ -200,6 +207,8 @@ SHARED: Final[Mapping[str, object]] = {
         "TICK_SLACK": TICK_SLACK_S,
         "SWEEP_PERIOD": SWEEP_PERIOD_S,
         "SWEEP_BATCH": SWEEP_BATCH,
+        "STRAY_BATCH": STRAY_BATCH,
+        "TENANT_CURSOR": keys.TENANT_CURSOR,
         "EXCESS_BATCH": EXCESS_BATCH,
         "EXPIRY_BATCH": EXPIRY_BATCH,
         "DISPATCH_LIMIT": DISPATCH_LIMIT,

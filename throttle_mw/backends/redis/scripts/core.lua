@@ -444,13 +444,16 @@ end
 -- seen then), so however many wait, no sweep reads one: Python skips them in memory.
 function forget_idle()
   call.flush_idle()
-  if not fresh and now < S.fi then return end
+  local due = now >= S.fi
+  if not (fresh or due) then return end
   local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', call.idle_score(now - POL.idle), 'LIMIT', '0',
     num(TUNING.SWEEP_BATCH))
   if #stale < TUNING.SWEEP_BATCH then S.fi = now + TUNING.SWEEP_PERIOD end
   -- (Counted without the list's anchor, keys.IDLE_ANCHOR, at +inf: it is never among the
   -- oldest taken below, as the excess is at most the tenants on the list.)
-  local excess = redis.call('ZCOUNT', K.tenants, '-inf', '(+inf') - POL.max_tenants
+  local listed = redis.call('ZCOUNT', K.tenants, '-inf', '(+inf')
+  if due then call.sweep_strays(listed) end  -- (storage only: P:T's fields the list lost)
+  local excess = listed - POL.max_tenants
   if excess > 0 then
     local oldest = redis.call('ZRANGE', K.tenants, '0', num(math.min(excess, TUNING.EXCESS_BATCH) - 1))
     if #stale == 0 then  -- (most calls: the excess alone)

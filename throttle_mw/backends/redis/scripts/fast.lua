@@ -186,12 +186,6 @@ local function do_leave(text, started)
   return REPLY.left .. SEP .. num(done), over
 end
 
--- The fields of P:t:<h> fast_acquire reads (TENANT_FIELDS has them all); without a tenant
--- rate, only f, w, st and xp (the cap is neither refilled nor taken then: core.lua's
--- cap_ok and take; written out there). Absent, w is 1 and st IDLE (a new tenant's hash
--- holds only the fields not at their defaults: store.lua's save_tenant).
-call.FAST_TENANT = {'f', 'w', 'cap', 'cap_at', 'st', 'xp'}  -- (call's: a chunk has 200 locals)
-
 -- Loads the state into S (store.lua's load_hot_state) and the limits (load_limits_stamped,
 -- from `limits`: batch.lua's ARGV[4]); false if the full call must run instead.
 -- Whether the state leaves the fast path nothing the full call would do: nobody waits, no
@@ -279,23 +273,13 @@ local function fast_acquire(op, limits)
   -- caller's.)
   local memo = limits_memo
   if not (memo.no_weights and memo.lv == S.lv) then weight = live_weight(h, weight) end
-  local key = K.tenant_names and K.tenant_names[h] or call.tenant_key(h)
-  local f0, w0, cap0, cap_at0, st, xp
-  if L.tenant_rate == nil then
-    local v = redis.call('HMGET', key, 'f', 'w', 'st', 'xp')  -- (FAST_UNCAPPED, without unpack)
-    if v[1] == false then return give_up() end
-    f0, w0 = NUMBERS[v[1]] or tonum(v[1]), NUMBERS[v[2]] or tonum(v[2]) or 1
-    st, xp = NUMBERS[v[3]] or tonum(v[3]) or IDLE, NUMBERS[v[4]] or tonum(v[4]) or 0
-  else
-    local v = redis.call('HMGET', key, unpack(call.FAST_TENANT))
-    if v[1] == false then return give_up() end
-    f0, w0, cap0, cap_at0 = tonum(v[1]), tonum(v[2]) or 1, tonum(v[3]), tonum(v[4])
-    st, xp = tonum(v[5]) or IDLE, tonum(v[6]) or 0
-  end
+  -- (Its field of P:T: f, w, cap, cap_at, st and xp; store.lua's call.read_head.)
+  local f0, w0, cap0, cap_at0, st, xp, wt, capt, rest = call.read_head(h)
+  if f0 == nil then return give_up() end
   if st ~= IDLE or now >= xp then return give_up() end  -- (IDLE: nothing waits, n = 0)
   local t = FAST_T
-  t.h = h; t.key = key; t.dirty = false; t.f = f0; t.w = w0; t.cap = cap0; t.cap_at = cap_at0
-  t.st = st; t.xp = xp; t.n = 0
+  t.h = h; t.dirty = false; t.f = f0; t.w = w0; t.cap = cap0; t.cap_at = cap_at0
+  t.st = st; t.xp = xp; t.n = 0; t.wt = wt; t.capt = capt; t.rest = rest
   if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
   refill()
   local cost = clamp(tail.cost)
@@ -360,9 +344,9 @@ end
 
 -- ratelease.lua's charges (its ARGV[14], `count` of them) when every tenant charged is
 -- known and idle: core.lua's charge_leased as the full call runs it, reading and writing
--- only what that can change, as fast_acquire does for an acquire. Each tenant's f, w, st
--- and xp read (one HMGET: fast_acquire's without a tenant rate; charge_leased reads no
--- cap), its f (and w, reweighed) written back, its last use on the idle list (one ZADD for
+-- only what that can change, as fast_acquire does for an acquire. Each tenant's text read
+-- (one HGET of its field of P:T: call.read_head; charge_leased uses no cap), its f (and w,
+-- reweighed) written back (call.put_head), its last use on the idle list (one ZADD for
 -- all: touch and call.flush_idle, as the full call's forget_idle); no tenant made, so no
 -- sweep of the tenant bound. The state is the hot one (load_hot_state) and is written by
 -- ratelease.lua (every packed number it changed, as a call without charges). It gives up,
@@ -377,7 +361,7 @@ end
 function call.lean_charges(text, count)
   if not quiet(0, S.xp, S.fi, S.win_at, S.ep, S.rc) then return nil end
   local pos = 1
-  local names, by_h = K.tenant_names, {}
+  local by_h = {}
   local order, costs, lasts = {}, {}, {}
   -- (The first work check after TUNING.WORK_STRIDE charges, not TUNING.WORK_CHECK: a
   -- lean charge is two commands of a few fields, a fraction of a full call's operation,
@@ -398,13 +382,11 @@ function call.lean_charges(text, count)
     local t = by_h[h]
     if t == nil then
       weight = live_weight(h, tonum(weight))
-      local key = names and names[h] or call.tenant_key(h)
-      local v = redis.call('HMGET', key, 'f', 'w', 'st', 'xp')
-      if v[1] == false then return nil end  -- new: made by the full call
-      local st, xp = NUMBERS[v[3]] or tonum(v[3]) or IDLE, NUMBERS[v[4]] or tonum(v[4]) or 0
+      local f, w, cap, cap_at, st, xp, wt, capt, rest = call.read_head(h)
+      if f == nil then return nil end  -- new: made by the full call
       if st ~= IDLE or now >= xp then return nil end
-      local f, w = NUMBERS[v[1]] or tonum(v[1]), NUMBERS[v[2]] or tonum(v[2]) or 1
-      t = {h = h, key = key, f = f, w = w, f0 = f, w0 = w, st = st, dirty = false}
+      t = {h = h, f = f, w = w, f0 = f, w0 = w, st = st, dirty = false, cap = cap,
+        cap_at = cap_at, cap0 = cap, cap_at0 = cap_at, wt = wt, capt = capt, rest = rest}
       if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
       by_h[h] = t
     end
@@ -421,11 +403,7 @@ function call.lean_charges(text, count)
   end
   call.flush_idle()
   for _, t in pairs(by_h) do
-    if t.w ~= t.w0 then
-      redis.call('HSET', t.key, 'f', call.count_text(t.f), 'w', num(t.w))
-    elseif t.f ~= t.f0 then
-      redis.call('HSET', t.key, 'f', call.count_text(t.f))
-    end
+    if t.w ~= t.w0 or t.f ~= t.f0 then call.put_head(t) end
   end
   return taken
 end

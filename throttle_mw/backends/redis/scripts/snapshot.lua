@@ -18,7 +18,11 @@ refill()
 local busiest = {}
 local top = redis.call('ZREVRANGE', K.qlen, 0, tonumber(ARGV[8]) - 1, 'WITHSCORES')
 for i = 1, #top, 2 do
-  local name = redis.call('HGET', K.prefix .. KEY.tenant .. top[i], 'name') or top[i]
+  -- (Its name: the end of its text in P:T, store.lua's call.NAME_PATTERN; the digest if
+  -- it has none.)
+  local text = redis.call('HGET', K.tenant_hash, top[i])
+  local name = text and string.match(text, call.NAME_PATTERN)
+  if name == nil or name == '' then name = top[i] end
   busiest[#busiest + 1] = {tenant = name, queued = math.floor(tonumber(top[i + 1]) / PUSH_SPAN)}
 end
 local tokens = cjson.null

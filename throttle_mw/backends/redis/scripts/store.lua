@@ -60,11 +60,9 @@ local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', '
 local PACKED_FIELD = 'nums'
 -- (call.save_plain writes PLAIN's fields out in this order.)
 local PLAIN = {'inflight', 'waiting', 'tk_by', 'ep', LIVE_STAMP}
-local RANK_COUNT = {}  -- 'n0'.. by rank + 1, and a tenant's 'c0'..: made once, not per call
-local RANK_COST = {}
+local RANK_COUNT = {}  -- 'n0'.. by rank + 1: made once, not per call
 for rank = 0, NRANK - 1 do
   RANK_COUNT[rank + 1] = 'n' .. rank
-  RANK_COST[rank + 1] = 'c' .. rank
   PLAIN[#PLAIN + 1] = RANK_COUNT[rank + 1]
 end
 local STRING_FIELDS = {tk_by = true, ep = true, [LIVE_STAMP] = true}
@@ -74,15 +72,12 @@ for i = 1, #PACKED do EMPTY_TEXTS[i] = '' end
 -- waiting, the epoch and the live stamp (load_limits_stamped).
 local HOT_FIELDS = {PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP}
 
--- The fields of P:t:<h> (a tenant): finish tag, weight, cap bucket and its time, waiting
--- requests, their cost by rank (c0..), state (IDLE, ACTIVE, CAPPED), member in P:active,
--- next TTL refresh. Absent, a field reads as its default (weight 1, waiting and costs 0,
--- IDLE, member ''): a new tenant is written without those (call.NEW_LOADED).
-local TENANT_FIELDS = {'f', 'w', 'cap', 'cap_at', 'n'}
-for rank = 0, NRANK - 1 do TENANT_FIELDS[#TENANT_FIELDS + 1] = 'c' .. rank end
-TENANT_FIELDS[#TENANT_FIELDS + 1] = 'st'
-TENANT_FIELDS[#TENANT_FIELDS + 1] = 'am'
-TENANT_FIELDS[#TENANT_FIELDS + 1] = 'xp'
+-- A tenant's state (keys.TENANT_FIELDS, shared): finish tag, weight, cap bucket and its
+-- time, waiting requests, their cost by rank (c0..), state (IDLE, ACTIVE, CAPPED), member
+-- in P:active, its queue's next TTL refresh. Stored as one field of P:T (K.tenant_hash) by
+-- digest, the values joined with SEP and the name last (call.TENANT_PATTERN); an empty
+-- value reads as its default (weight 1, waiting and costs 0, IDLE, member '', refresh 0)
+-- or unset (cap, cap_at).
 
 -- A number as text. NUMBER_FORMAT (17 significant digits) costs glibc several thousand
 -- instructions a number: `now` is formatted once per call; a whole number (counts,
@@ -314,9 +309,9 @@ local function key_names(prefix)
   return names
 end
 
--- A tenant's hash (P:t:<h>) and a process's recent admissions (P:r:<proc>) by name, kept
--- with the prefix's names (TUNING.NAMES_MAX at most, then afresh): the names a call of one
--- request uses are mostly those of the last calls.
+-- A process's recent admissions (P:rc:<proc>) by name, kept with the prefix's names
+-- (TUNING.NAMES_MAX at most, then afresh): the names a call of one request uses are mostly
+-- those of the last calls.
 -- (memo: the names' table in K, counted in K[kept].)
 local function kept_name(memo, kept, suffix, id)
   local names = K[memo]
@@ -332,7 +327,6 @@ local function kept_name(memo, kept, suffix, id)
   return name
 end
 
-function call.tenant_key(h) return kept_name('tenant_names', 'tenant_names_kept', KEY.tenant, h) end
 function call.recent_key(p) return kept_name('recent_names', 'recent_names_kept', KEY.recent, p) end
 
 -- A call's tables, made anew: init, and batch.lua when fast.lua's acquire, started with
@@ -344,12 +338,11 @@ function call.init_tables()
   S, T, out_events, recent, fresh = {}, {}, {}, {}, false
   S0 = {inflight = nil, waiting = nil, tk_by = nil, ep = nil, [LIVE_STAMP] = nil}  -- (+ n0..)
   born = {tenants = nil, waiters = nil, deadlines = nil, qlen = nil, procs = nil,
-    active = nil, capped = nil, leases = nil}
+    active = nil, capped = nil, leases = nil, tenant_hash = nil}
   M = {top_known = nil, top_t = nil, top_r = nil, capped_next = nil, capped_checked = nil,
     dl_next = nil, dl_floor = nil, idle = nil, last_number = nil, last_text = nil,
     no_weights = nil, weights_asked = nil, made = nil, hot_read = nil, kept = nil,
-    granted = nil, raw = nil, queued_at = nil, queued_text = nil, copy_src = nil,
-    copy_cap = nil, copy_cap_at = nil}
+    granted = nil, raw = nil, queued_at = nil, queued_text = nil, tw = nil, plain_mid = nil}
   more = false
   held_back = 0
   loaded = nil
@@ -838,10 +831,10 @@ end
 -- forget_idle's deletion of the idle tenants `hs` (digests; repeats allowed): a few
 -- commands for all of them. A tenant not loaded this call waits if it is in P:qlen (push
 -- puts it there with its first waiter, unlink takes it out with its last; while nobody
--- waits, S.waiting 0, none does, and P:qlen is not asked). Only the
--- tenant's hash is deleted: one that waits for nothing has no queue (P:q:<h>: Redis drops
--- a sorted set with its last member; a queue left by state that expired around it goes
--- with its own TTL).
+-- waits, S.waiting 0, none does, and P:qlen is not asked). Only the tenant's field of P:T
+-- is deleted (one HDEL for all): one that waits for nothing has no queue (P:q:<h>: Redis
+-- drops a sorted set with its last member; a queue left by state that expired around it
+-- goes with its own TTL).
 -- (Loops by index, not ipairs: a C call per step; the list itself as the unknown ones when
 -- none was loaded this call, most calls.)
 function call.drop_idle_tenants(hs)
@@ -865,20 +858,67 @@ function call.drop_idle_tenants(hs)
     end
   end
   local gone = {}
-  local prefix = K.prefix .. KEY.tenant
   for i = 1, n do
     local h = hs[i]
     local t = T[h]
     local busy
     if t ~= nil then busy = t.n > 0 else busy = waits[h] end
     if not busy then
-      gone[#gone + 1] = prefix .. h
+      gone[#gone + 1] = h
       if t ~= nil then t.deleted = true; T[h] = nil end
     end
   end
-  if #gone > 0 then redis.call('DEL', unpack(gone)) end
+  if #gone > 0 then redis.call('HDEL', K.tenant_hash, unpack(gone)) end
   -- (a waiting one: state written before tenants waited off the list)
   redis.call('ZREM', K.tenants, unpack(hs))
+end
+
+-- A stray tenant is a field of P:T whose tenant is neither on the idle list nor waiting
+-- (in P:qlen): its idle-list entry was lost (a script that failed halfway: Redis keeps the
+-- writes made before the error), so neither the idle sweep nor the bound would ever drop
+-- it, and P:T would keep it while the budget lives. Each idle sweep (forget_idle, once per
+-- TUNING.SWEEP_PERIOD, or each call while a backlog is left) counts P:T's fields (HLEN):
+-- if there are more than the tenants on the list (`listed`) and the requests waiting (at
+-- least one each of the tenants waiting), some are strays, and it walks TUNING.STRAY_BATCH
+-- fields of P:T on from P:s's cursor (TUNING.TENANT_CURSOR; absent: from the start; a hash
+-- in its compact encoding, up to 512 fields by default, comes whole) and deletes the
+-- strays among them; tenants loaded this call (T) are left to save. (So P:T holds at
+-- most some strays more than the list and the waiting tenants, whose count the idle list's
+-- bound and the queue limit bound; a sweep without strays costs one HLEN.)
+function call.sweep_strays(listed)
+  if redis.call('HLEN', K.tenant_hash) <= listed + S.waiting then return end
+  local cursor = redis.call('HGET', K.state, TUNING.TENANT_CURSOR) or '0'
+  local scan = redis.call('HSCAN', K.tenant_hash, cursor, 'COUNT', TUNING.STRAY_BATCH)
+  local after, found = scan[1], scan[2]
+  if after ~= cursor then
+    if after == '0' then
+      redis.call('HDEL', K.state, TUNING.TENANT_CURSOR)
+    else
+      redis.call('HSET', K.state, TUNING.TENANT_CURSOR, after)
+    end
+  end
+  local hs = {}
+  for i = 1, #found, 2 do  -- (digest, text, ...)
+    local h = found[i]
+    if T[h] == nil then hs[#hs + 1] = h end
+  end
+  if #hs == 0 then return end
+  local listed = redis.call('ZMSCORE', K.tenants, unpack(hs))
+  local unlisted = {}
+  for i = 1, #hs do
+    if not listed[i] then unlisted[#unlisted + 1] = hs[i] end
+  end
+  if #unlisted == 0 then return end
+  local strays = unlisted
+  if S.waiting > 0 then
+    local waiting = redis.call('ZMSCORE', K.qlen, unpack(unlisted))
+    strays = {}
+    for i = 1, #unlisted do
+      if not waiting[i] then strays[#strays + 1] = unlisted[i] end
+    end
+    if #strays == 0 then return end
+  end
+  redis.call('HDEL', K.tenant_hash, unpack(strays))
 end
 
 -- --- the line as the last call left it ---------------------------------------------------
@@ -960,8 +1000,8 @@ function call.as_written(t)
   t.dirty = false
 end
 
--- Tenant t as load_tenant makes it from its hash: its fields as loaded, nothing this call
--- did yet. Only a tenant keep_line kept is restored, and call.as_written made its loaded
+-- Tenant t as load_tenant makes it from its text in P:T: its fields as loaded, nothing this
+-- call did yet. Only a tenant keep_line kept is restored, and call.as_written made its loaded
 -- fields its own (f, w, cap, cap_at, n, the costs by rank, st, am, xp) after the last
 -- change to it; nothing changes a kept tenant until a call takes it (recall_line takes the
 -- memo whole), so those are already as loaded and are not copied back (some 20 table
@@ -975,19 +1015,18 @@ end
 -- The tenant the last call granted (keep_line), taken instead of read, or nil. One in line
 -- (ACTIVE) changes only with the line (P:s's packed numbers: a reweigh moves wsum), as the
 -- first in line does. Another can also be dropped as idle (forget_idle), or reweighed by
--- an acquire that was then rejected, with P:s as it was: its f and w are read (two
--- fields, not fourteen) and must be as written.
+-- an acquire that was then rejected, with P:s as it was: its text in P:T is read and must
+-- be the one this library last wrote or read (t.tx; save_tenant skips a write of that
+-- text, so it must be what Redis holds).
 function call.recall_tenant(h)
   local t = M.kept
   if t == nil or t.h ~= h then return nil end
   M.kept = nil
   local l = t.loaded
   if l.st ~= ACTIVE then
-    local v = redis.call('HMGET', t.key, 'f', 'w')
-    if not v[1] or tonum(v[1]) ~= l.f or (tonum(v[2]) or 1) ~= l.w then return nil end
+    if redis.call('HGET', K.tenant_hash, h) ~= t.tx then return nil end
   end
   call.restore_tenant(t)
-  K.last_new = false  -- (as its reading would have it: it exists)
   return t
 end
 
@@ -1044,11 +1083,10 @@ function call.expire_keys(names)
 end
 
 -- A new tenant as if loaded (load_tenant): the fields at their defaults, w (1), n (0), the
--- costs by rank (0), st (IDLE) and am (''), are what a hash without them reads as
--- (load_tenant, fast.lua's fast_tenant), so save_tenant writes a new tenant without them:
--- an HSET's cost grows with its fields (a new tenant's were 14, now 5). Never changed:
--- save_tenant makes a tenant's next loaded state anew.
-call.NONE = {false}  -- (load_tenant: the reading of a tenant that does not exist)
+-- costs by rank (0), st (IDLE) and am (''), as an empty value in its text reads; save_tenant
+-- makes a plain new tenant's text (those at their defaults) from a part made once a call.
+-- Never changed: save_tenant makes a tenant's next loaded state anew.
+call.NONE = {}  -- (load_tenant: the reading of a tenant that does not exist)
 call.NEW_LOADED = {w = 1, n = 0, c = {}, st = IDLE, am = ''}
 for rank = 1, NRANK do call.NEW_LOADED.c[rank] = 0 end
 -- A new tenant's costs by rank are these (shared, all 0) until a waiter of its is counted:
@@ -1062,84 +1100,28 @@ function call.own_costs(t)
   return c
 end
 
--- A tenant's changed fields (save_tenant) are put in one table kept from call to call
--- (call.fields, its first call.n entries in use): a table grown field by field is
--- allocated anew every few fields.
-call.fields = {}
-
-function call.put(name, value, old)
-  if value ~= old then
-    local fields, n = call.fields, call.n
-    fields[n + 1] = name
-    if type(value) == 'number' then fields[n + 2] = num(value) else fields[n + 2] = value end
-    call.n = n + 2
-  end
-end
-
--- Writes what changed in tenant t since it was loaded; `again`: it may be written again
--- this call (save_made), so what is written becomes its loaded state; `hot`: a call of
--- fast.lua's (save), which can change only the first four fields.
+-- Writes tenant t if it changed since it was loaded: its whole text (call.TENANT_PATTERN)
+-- made, and put in P:T with the call's others (call.put_tenant: one HSET per work check
+-- and one at save) unless it is the text loaded or last written (t.tx). `again`: it may be
+-- written again this call (save_made), so what is written becomes its loaded state; `hot`:
+-- a call of fast.lua's (save), which can change only the first four fields and refreshes
+-- no TTL.
 local function save_tenant(t, again, hot)
   local loaded = t.loaded
-  if hot then
-    local put = call.put
-    call.n = 0
-    put('f', t.f, loaded.f); put('w', t.w, loaded.w); put('cap', t.cap, loaded.cap)
-    put('cap_at', t.cap_at, loaded.cap_at)
-    if call.n > 0 then redis.call('HSET', t.key, unpack(call.fields, 1, call.n)) end
-    return
-  end
   -- Capped this call (or again, after it was back in line): P:capped may be new.
   if t.st == CAPPED and (loaded.st ~= CAPPED or t.am ~= loaded.am) then born.capped = true end
-  -- (Each field compared and put here, not by call.put: a Lua call and a type() for each
-  -- of some fourteen fields were a third of a new tenant's Lua work. The fields are
-  -- numbers but the name and am.)
-  -- (Its hash changes: no longer a copy's source, call.copy_made.)
-  if t == M.copy_src then M.copy_src = nil end
-  local fields, n = call.fields, 0
   local c = t.c  -- (its costs by rank)
   -- A new tenant with nothing but its own fields (name, f, cap, cap_at, xp) moved from
   -- their defaults, most under churn: w, n, its costs (shared, all 0), st and am are as
-  -- loaded, and are not compared one by one.
+  -- loaded.
   local plain = loaded == call.NEW_LOADED and c == call.ZERO_COSTS and t.w == loaded.w
     and t.n == loaded.n and t.st == loaded.st and t.am == loaded.am
-  local name = t.name
-  if name ~= nil then  -- a new tenant's name (tenant in core.lua)
-    fields[1] = 'name'; fields[2] = name; n = 2
-    t.name = nil
-  end
-  local v, f_text = t.f, nil  -- (counts up: call.count_text, as save_acquire writes it)
-  if v ~= loaded.f then
-    f_text = call.count_text(v)
-    fields[n + 1] = 'f'; fields[n + 2] = f_text; n = n + 2
-  end
-  if not plain then
-    v = t.w
-    if v ~= loaded.w then fields[n + 1] = 'w'; fields[n + 2] = num(v); n = n + 2 end
-  end
-  v = t.cap
-  if v ~= loaded.cap then fields[n + 1] = 'cap'; fields[n + 2] = num(v); n = n + 2 end
-  v = t.cap_at
-  if v ~= loaded.cap_at then fields[n + 1] = 'cap_at'; fields[n + 2] = num(v); n = n + 2 end
-  local costs, costs_moved = loaded.c, false
-  if not plain then
-    v = t.n
-    if v ~= loaded.n then fields[n + 1] = 'n'; fields[n + 2] = num(v); n = n + 2 end
-    costs_moved = costs == nil
-    if costs_moved then costs = {} end
-    for rank = 1, NRANK do
-      v = c[rank]
-      if v ~= costs[rank] then
-        fields[n + 1] = RANK_COST[rank]; fields[n + 2] = num(v); n = n + 2
-        costs_moved = true
-      end
-    end
-    v = t.st
-    if v ~= loaded.st then fields[n + 1] = 'st'; fields[n + 2] = num(v); n = n + 2 end
-    v = t.am
-    if v ~= loaded.am then fields[n + 1] = 'am'; fields[n + 2] = v; n = n + 2 end
-  end
-  local refresh = now >= t.xp
+  local name = t.name  -- (a new tenant's name, tenant in core.lua; t.nm: as stored)
+  if name ~= nil then t.name = nil; t.nm = name else name = t.nm or '' end
+  -- Its queue's TTL (P:q:<h>) pushed out once a quarter of it has passed (xp); the tenant
+  -- itself has no TTL of its own: P:T's is the budget's (expire_keys), and it leaves by the
+  -- idle sweep, the bound (forget_idle) or the stray sweep (call.sweep_strays).
+  local refresh = not hot and now >= t.xp
   if refresh then
     -- (The same for every tenant of the call: formatted once, as num(now) is; so is the
     -- TTL.)
@@ -1149,72 +1131,72 @@ local function save_tenant(t, again, hot)
       M.tenant_xp = xp; M.tenant_xp_text = num(xp); M.tenant_ttl = ttl_ms('tenant')
     end
     t.xp = xp
-    if xp ~= loaded.xp then fields[n + 1] = 'xp'; fields[n + 2] = M.tenant_xp_text; n = n + 2 end
   end
-  -- A plain new tenant's first write (its name, f, cap, cap_at and xp: nothing else moved
-  -- from a default) is the call's last such one's copied, TTL and all, with its own name
-  -- and f put in: call.copy_made.
-  -- (Only with its f written: a copy carries src's.)
-  if plain and name ~= nil and f_text ~= nil and refresh then
-    local src = M.copy_src
-    if src ~= nil and M.copy_cap == t.cap and M.copy_cap_at == t.cap_at
-      and call.copy_made(src, t, f_text) then
-      return
+  local text
+  if plain then
+    -- (All but f and the name the same for the call's plain new tenants: made once.)
+    local cap, cap_at, xp = t.cap, t.cap_at, t.xp
+    local mid = M.plain_mid
+    if mid == nil or M.plain_cap ~= cap or M.plain_cap_at ~= cap_at or M.plain_xp ~= xp then
+      local xp_text = ''
+      if xp == M.tenant_xp then xp_text = M.tenant_xp_text elseif xp ~= 0 then xp_text = num(xp) end
+      mid = SEP .. SEP .. (cap and num(cap) or '') .. SEP .. (cap_at and num(cap_at) or '') .. SEP
+        .. string.rep(SEP, NRANK) .. SEP .. SEP .. SEP .. xp_text .. SEP
+      M.plain_mid = mid; M.plain_cap = cap; M.plain_cap_at = cap_at; M.plain_xp = xp
     end
-    M.copy_src = t; M.copy_cap = t.cap; M.copy_cap_at = t.cap_at
+    text = call.count_text(t.f) .. mid .. name
+  else
+    -- (One table kept for the parts, call.tparts; the text made with one concat.)
+    local parts = call.tparts
+    parts[1] = call.count_text(t.f)
+    local v = t.w
+    if v == 1 then parts[2] = '' else parts[2] = num(v) end
+    v = t.cap
+    if v == nil then parts[3] = '' else parts[3] = num(v) end
+    v = t.cap_at
+    if v == nil then parts[4] = '' else parts[4] = num(v) end
+    v = t.n
+    if v == 0 then parts[5] = '' else parts[5] = num(v) end
+    for rank = 1, NRANK do
+      v = c[rank]
+      if v == 0 then parts[5 + rank] = '' else parts[5 + rank] = num(v) end
+    end
+    v = t.st
+    if v == IDLE then parts[NRANK + 6] = '' else parts[NRANK + 6] = num(v) end
+    v = t.am  -- (its sequence number alone: the member is that, SEP, the digest)
+    if v == '' then parts[NRANK + 7] = ''
+    else parts[NRANK + 7] = string.sub(v, 1, MEMBER_SEQ_DIGITS) end
+    v = t.xp
+    if v == 0 then parts[NRANK + 8] = ''
+    elseif v == M.tenant_xp then parts[NRANK + 8] = M.tenant_xp_text
+    else parts[NRANK + 8] = num(v) end
+    parts[NRANK + 9] = name
+    text = table.concat(parts, SEP, 1, NRANK + 9)
   end
-  -- (First the fields: a new tenant's key is made by this HSET, and a TTL set before it
-  -- would be set on nothing.)
-  if n > 0 then redis.call('HSET', t.key, unpack(fields, 1, n)) end
+  if text ~= t.tx then
+    t.tx = text
+    call.put_tenant(t.h, text)
+  end
   if refresh then
-    local ttl = M.tenant_ttl
-    redis.call('PEXPIRE', t.key, ttl)
-    if t.n > 0 then redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl) end
+    if t.n > 0 then redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, M.tenant_ttl) end
   elseif t.queue_made and t.n > 0 then
     redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl_ms('tenant'))
   end
   t.queue_made = nil
   if again and not plain then
-    -- (A plain new tenant keeps call.NEW_LOADED: written again this call, its f, cap and
-    -- cap_at are put again, the same values, and what moved from a default; a table spared
-    -- per new tenant. call.as_written makes its loaded fields.)
+    -- (A plain new tenant keeps call.NEW_LOADED: written again this call, its text is made
+    -- again and compared with t.tx; call.as_written makes its loaded fields.)
     -- (Its costs as loaded if none moved: a loaded table of costs is never changed.)
-    if costs_moved then
-      costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
-      for rank = 1, NRANK do
-        if c[rank] ~= 0 then
-          costs = {unpack(c)}  -- (made whole)
-          break
-        end
+    local costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
+    for rank = 1, NRANK do
+      if c[rank] ~= 0 then
+        costs = {unpack(c)}  -- (made whole)
+        break
       end
     end
     t.loaded = {f = t.f, w = t.w, cap = t.cap, cap_at = t.cap_at, n = t.n, c = costs, st = t.st,
       am = t.am, xp = t.xp}
   end
-end
-
--- A plain new tenant t written as a copy of src, a plain new tenant written earlier in
--- this call whose hash has not changed since (save_tenant forgets it when it writes it
--- again), with the same cap and cap_at: src's fields are t's but its name and f (`f`, its
--- text), the same texts in the same order, and its key's expiry is the one t's PEXPIRE
--- would set (the same TTL from the same moment: Redis 7 runs a script on one clock;
--- Redis 6.2 counts each PEXPIRE from its own moment, so a copy's may be the call's few
--- hundred microseconds earlier). A COPY and an HSET of two fields cost less than an HSET
--- of five and a PEXPIRE: the listpack copied whole rather than appended to entry by
--- entry (a realloc each). False, nothing written, if src's key is gone (dropped at the
--- tenant bound) or t's exists: save_tenant writes it as before; so too, from then on in a
--- loaded library, where the store refuses COPY (Redis 6.2+; a store without it, or an
--- ACL without it: call.no_copy).
-function call.copy_made(src, t, f)
-  if call.no_copy then return false end
-  local copied = redis.pcall('COPY', src.key, t.key)
-  if copied ~= 1 then
-    if type(copied) == 'table' then call.no_copy = true end  -- (an error reply)
-    return false
-  end
-  redis.call('HSET', t.key, 'name', call.fields[2], 'f', f)
-  t.queue_made = nil
-  return true
 end
 
 -- The tenants made this call so far, written now: batch.lua calls this at its work checks,
@@ -1239,6 +1221,7 @@ function call.save_now(ts, from)
       t.dirty = false
     end
   end
+  call.flush_tenants()
 end
 
 -- What fast.lua's calls can change (`hot`: save compares only these): these packed numbers
@@ -1441,6 +1424,7 @@ local function save(hot)
   for _, t in pairs(T) do
     if t.dirty and not t.deleted then save_tenant(t, false, hot) end
   end
+  call.flush_tenants()
   local expiring = born
   if refresh then expiring = KEY_TTL end
   call.expire_keys(expiring)
@@ -1483,6 +1467,38 @@ function call.load_acquire_state()
   call.inflight0 = s.inflight; call.lv0 = s.lv
   S = s
   return true
+end
+
+-- A fast path's tenant t (read by call.read_head) written back: its f, w, cap and cap_at
+-- (cap's and cap_at's texts as read, t.capt, unless they moved), then the rest of its
+-- text as read (t.rest), in one HSET of its field of P:T.
+function call.put_head(t)
+  local w, cap, cap_at = t.w, t.cap, t.cap_at
+  local wt = ''
+  if w ~= 1 then wt = num(w) end
+  local capt = t.capt
+  if cap ~= t.cap0 or cap_at ~= t.cap_at0 then
+    capt = SEP .. (cap and num(cap) or '') .. SEP .. (cap_at and num(cap_at) or '')
+  end
+  redis.call('HSET', K.tenant_hash, t.h, call.count_text(t.f) .. SEP .. wt .. capt .. t.rest)
+end
+
+-- Tenant h's text in P:T taken apart for the fast paths: f, w, cap, cap_at, st, xp (as
+-- numbers), and w's text, cap's and cap_at's (with their SEPs) and the rest's, kept for
+-- call.put_head; nil if it has none.
+function call.read_head(h)
+  local text = redis.call('HGET', K.tenant_hash, h)
+  if not text then return nil end
+  local f, w, capt, cap, cap_at, rest, st, xp = string.match(text, call.FAST_PATTERN)
+  if f == nil then return nil end
+  -- ('' is a default, or unset: no lookup, no call)
+  local weight, state = 1, IDLE
+  if w ~= '' then weight = NUMBERS[w] or tonum(w) or 1 end
+  if st ~= '' then state = NUMBERS[st] or tonum(st) or IDLE end
+  if cap == '' then cap = nil else cap = NUMBERS[cap] or tonum(cap) end
+  if cap_at == '' then cap_at = nil else cap_at = NUMBERS[cap_at] or tonum(cap_at) end
+  return NUMBERS[f] or tonum(f), weight, cap, cap_at, state, NUMBERS[xp] or tonum(xp) or 0, w,
+    capt, rest
 end
 
 -- What save(true) writes after an acquire of tenant t by fast.lua (t.f0, t.w0, t.cap0,
@@ -1549,15 +1565,15 @@ function call.save_acquire(t)
     if s.lv ~= call.lv0 then args[#args + 1] = LIVE_STAMP; args[#args + 1] = s.lv end
     redis.call('HSET', K.state, unpack(args))
   end
-  if t.dirty then
+  if t.dirty then  -- (its field of P:T: f, w, cap, cap_at, and the rest as read)
     local f0, w0, cap0, cap_at0 = t.f0, t.w0, t.cap0, t.cap_at0
     if t.w == w0 and t.cap == cap0 and t.cap_at == cap_at0 then
-      if t.f ~= f0 then redis.call('HSET', t.key, 'f', call.count_text(t.f)) end
+      if t.f ~= f0 then
+        redis.call('HSET', K.tenant_hash, t.h,
+          call.count_text(t.f) .. SEP .. t.wt .. t.capt .. t.rest)
+      end
     else
-      local put = call.put
-      call.n = 0
-      put('f', t.f, f0); put('w', t.w, w0); put('cap', t.cap, cap0); put('cap_at', t.cap_at, cap_at0)
-      if call.n > 0 then redis.call('HSET', t.key, unpack(call.fields, 1, call.n)) end
+      call.put_head(t)
     end
   end
   if next(born) ~= nil then
@@ -1893,6 +1909,51 @@ local function reweigh(t, weight)
   t.dirty = true
 end
 
+-- A tenant's state in one field of P:T (K.tenant_hash), by digest (keys.py's table):
+-- f|w|cap|cap_at|n|c0..|st|am|xp|name, '' for a default (w 1, n 0, a cost 0, st IDLE,
+-- am '', xp 0) or unset (cap, cap_at): TENANT_FIELDS' order, then the name (the rest of
+-- the text: a name may hold SEP). `am`, the member in P:active, is stored as its sequence
+-- number alone (the member is that, SEP, the digest: put back on reading).
+call.TENANT_PATTERN = '^'
+for _ = 1, #TENANT_FIELDS do
+  call.TENANT_PATTERN = call.TENANT_PATTERN .. '([^' .. SEP .. ']*)' .. SEP
+end
+call.TENANT_PATTERN = call.TENANT_PATTERN .. '(.*)$'
+-- The fast paths' reading of a text (call.read_head), one match: f, w, the text from w's
+-- SEP to cap_at's end (SEP cap SEP cap_at), cap, cap_at, the rest (from cap_at's end:
+-- SEP n SEP c0 .. SEP st SEP am SEP xp SEP name), and in the rest st and xp.
+do
+  local value, skip = '([^' .. SEP .. ']*)', SEP .. '[^' .. SEP .. ']*'
+  local pattern = '^' .. value .. SEP .. value .. '(' .. SEP .. value .. SEP .. value .. ')('
+    .. skip
+  for _ = 1, NRANK do pattern = pattern .. skip end
+  call.FAST_PATTERN = pattern .. SEP .. value .. skip .. SEP .. value .. SEP .. '.*)$'
+end
+call.tparts = {}
+-- A tenant's name: its text after the values (snapshot.lua). (The patterns are made when
+-- the code is loaded, where a function library may use no standard library: no
+-- string.rep. Those above and save_tenant know TENANT_FIELDS' order.)
+call.NAME_PATTERN = '^'
+for _ = 1, #TENANT_FIELDS do call.NAME_PATTERN = call.NAME_PATTERN .. '[^' .. SEP .. ']*' .. SEP end
+call.NAME_PATTERN = call.NAME_PATTERN .. '(.*)$'
+
+-- Writes to P:T, collected (M.tw: digest, text, ...): one HSET for all, at each work check
+-- (call.save_now) and at save (call.flush_tenants). An HSET that adds a field may have made
+-- the key: P:T gets its TTL then (born).
+function call.put_tenant(h, text)
+  local tw = M.tw
+  if tw == nil then M.tw = {h, text}; return end
+  local n = #tw
+  tw[n + 1] = h; tw[n + 2] = text
+end
+
+function call.flush_tenants()
+  local tw = M.tw
+  if tw == nil then return end
+  M.tw = nil
+  if redis.call('HSET', K.tenant_hash, unpack(tw)) > 0 then born.tenant_hash = true end
+end
+
 -- A tenant's state, loaded once per call (made, in memory, if it has none); `weight`, if
 -- given, is the caller's weight for it.
 local function load_tenant(h, weight)
@@ -1906,22 +1967,20 @@ local function load_tenant(h, weight)
     if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
     return t
   end
-  local key = K.prefix .. KEY.tenant .. h
-  -- After a new tenant (under churn, most are), the next is first asked whether it exists:
-  -- an EXISTS costs a fraction of reading 14 absent fields into Lua values, and one that
-  -- exists after all costs one command more (K outlives a call in a function library).
+  -- Its field of P:T, one text taken apart by one pattern (call.TENANT_PATTERN): one
+  -- command a tenant, and none for a key of its own (an EXISTS, a PEXPIRE, a DEL before).
+  -- (A call of many acquires reading its tenants with one HMGET before the loop cost more
+  -- than an HGET each: the pass over the operations it needs; docs/performance.md.)
+  local text = redis.call('HGET', K.tenant_hash, h)
   local v = call.NONE
-  if not K.last_new or redis.call('EXISTS', key) == 1 then
-    v = redis.call('HMGET', key, unpack(TENANT_FIELDS))
-  end
-  K.last_new = v[1] == false
+  if text then v = {string.match(text, call.TENANT_PATTERN)} end
   -- (Tables made whole: one filled field by field grows anew every few fields.)
-  if v[1] == false then
+  if v[1] == nil then  -- (none, or a text not of this layout: made anew)
     local w = weight or 1
-    t = {h = h, key = key, dirty = true, new = true, loaded = call.NEW_LOADED,
+    t = {h = h, dirty = true, new = true, loaded = call.NEW_LOADED,
       c = call.ZERO_COSTS, w = w, f = S.v + 1 / w, cap = L.tenant_burst,
       cap_at = now, n = 0, st = IDLE, am = '', xp = 0, touched = nil, name = nil,
-      queue_made = nil, deleted = nil}
+      queue_made = nil, deleted = nil, nm = nil, tx = nil}
     fresh = true
     local made = M.made
     if made == nil then made = {}; M.made = made end
@@ -1943,9 +2002,10 @@ local function load_tenant(h, weight)
       cap = NUMBERS[x3] or tonum(x3), cap_at = NUMBERS[x4] or tonum(x4),
       n = NUMBERS[x5] or tonum(x5) or 0, c = {unpack(c)}, st = NUMBERS[xi] or tonum(xi) or IDLE,
       am = v[i + 1] or '', xp = NUMBERS[xp] or tonum(xp)}
-    t = {h = h, key = key, dirty = false, loaded = l, c = c, f = l.f, w = l.w, cap = l.cap,
+    if l.am ~= '' then l.am = l.am .. SEP .. h end  -- (its sequence number stored)
+    t = {h = h, dirty = false, loaded = l, c = c, f = l.f, w = l.w, cap = l.cap,
       cap_at = l.cap_at, n = l.n, st = l.st, am = l.am, xp = l.xp or 0, touched = nil,
-      new = nil, name = nil, queue_made = nil, deleted = nil}
+      new = nil, name = nil, queue_made = nil, deleted = nil, nm = v[NRANK + 9], tx = text}
     if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
   end
   T[h] = t
@@ -2008,8 +2068,7 @@ local function queue_key(h) return K.prefix .. KEY.queue .. h end
 local function save_waiter(r, deadline)
   -- The first waiter (of all, or of its tenant) creates the queue's keys: give them TTLs.
   if S.waiting == 0 then born.waiters = true; born.deadlines = true; born.qlen = true end
-  -- Its tenant's first waiter makes the tenant's queue: save_tenant gives it its TTL (and
-  -- the tenant's hash keeps the one it has until its own refresh is due).
+  -- Its tenant's first waiter makes the tenant's queue: save_tenant gives it its TTL.
   if T[r.h] ~= nil and T[r.h].n == 0 then T[r.h].queue_made = true end
   -- (One concatenation: a table of the fields made for table.concat cost twice that.)
   redis.call('HSET', K.waiters, r.id, r.h .. SEP .. num(r.cost) .. SEP .. num(r.rank) .. SEP
