@@ -58,8 +58,16 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("batch", "local joined = call.heartbeat()\n", "heartbeat"),
     ("batch", "refill()\nexpire_leases()\nexpire_waiters()\n", "expiries"),
     ("batch", "local results = {nil}", "operation"),
-    ("core", "  local t = tenant(h, name, weight)\n  cost = clamp(cost)\n", "acquire: tenant"),
-    ("core", "  cost = clamp(cost)\n  if fits_at_once(t, cost)", "acquire: fits"),
+    (
+        "core",
+        "  local t = tenant(h, name, weight)\n  if cost ~= 1 then cost = clamp(cost) end\n",
+        "acquire: tenant",
+    ),
+    (
+        "core",
+        "  if cost ~= 1 then cost = clamp(cost) end\n  if fits_at_once(t, cost)",
+        "acquire: fits",
+    ),
     ("core", "  local deadline = now + max_wait\n", "acquire: make_room, r"),
     ("core", "  push(t, r)\n  if dispatch(id)", "acquire: push"),
     ("core", "  if dispatch(id) then return", "acquire: dispatch"),
