@@ -23,7 +23,9 @@ P:T              hash    every tenant of the budget, by digest h: its state in o
                          P:active, its queue's next TTL refresh) joined with SEP,
                          then its name; '' for a default. A tenant has no TTL of its
                          own: it leaves by the idle sweep, the max_tenants bound or
-                         the sweep for strays (store.lua, call.sweep_strays)
+                         the sweep for strays (store.lua, call.sweep_strays). An
+                         anchor field (ENCODING_ANCHOR, value '') keeps it a
+                         hashtable (no linear search per tenant in a compact hash)
 P:q:<h>          zset    tenant h's waiting requests, score rank * RANK_SPAN + seq    idle+T
 P:r              hash    waiting request id -> its fields (protocol.WAITER_FIELDS)    T
 P:active         zset    tenants in line by finish tag; member "<seq>|<h>" (ties go   T

@@ -63,8 +63,7 @@ SWEEP_BATCH: Final = 32
 #: An idle sweep that counts more tenants in P:T than on the idle list and waiting walks
 #: this many fields of P:T from a cursor, dropping those neither on the list nor waiting
 #: (store.lua, call.sweep_strays): a tenant whose idle-list entry was lost is gone within
-#: some |P:T| / STRAY_BATCH sweeps. (A hash in its compact encoding, up to 512 fields by
-#: default, comes whole in one step.)
+#: some |P:T| / STRAY_BATCH sweeps.
 STRAY_BATCH: Final = 64
 #: Tenants beyond max_tenants read at most per call (more than a call of WORK_US creates).
 EXCESS_BATCH: Final = 64
@@ -106,6 +105,11 @@ NAMES_MAX: Final = 1024
 #: this many leases are in flight.
 LEASE_ANCHOR: Final = "~anchor~" + "~" * 1016
 LEASE_ANCHOR_AT: Final = 16
+#: P:T's anchor field (store.lua, call.flush_tenants: set with the hash's first tenants),
+#: longer than hash-max-listpack-value allows (64 bytes by default): the hash of tenants is
+#: a hashtable from its first tenant, so a tenant's HGET and HSET do not grow with the
+#: tenants, whatever Redis's encodings are set to. Never a tenant's digest (hex).
+ENCODING_ANCHOR: Final = "~tenants~" + "~" * 119
 #: A budget tells the processes that may hold a pool (P:pl) that someone waits at most
 #: once this often (store.lua, call.signal_waiting: RPUSH and PEXPIRE per process, ~2N
 #: commands in one call): at a budget's edge (nobody waiting, someone, nobody, ... on
@@ -223,6 +227,7 @@ SHARED: Final[Mapping[str, object]] = {
         "KEYS_CACHE_MAX": KEYS_CACHE_MAX,
         "NAMES_MAX": NAMES_MAX,
         "LEASE_ANCHOR": LEASE_ANCHOR,
+        "ENCODING_ANCHOR": ENCODING_ANCHOR,
         "LEASE_ANCHOR_AT": LEASE_ANCHOR_AT,
         "SIGNAL_GAP": SIGNAL_GAP_S,
         "SIGNAL_BATCH": SIGNAL_BATCH,

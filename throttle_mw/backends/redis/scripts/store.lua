@@ -880,13 +880,13 @@ end
 -- TUNING.SWEEP_PERIOD, or each call while a backlog is left) counts P:T's fields (HLEN):
 -- if there are more than the tenants on the list (`listed`) and the requests waiting (at
 -- least one each of the tenants waiting), some are strays, and it walks TUNING.STRAY_BATCH
--- fields of P:T on from P:s's cursor (TUNING.TENANT_CURSOR; absent: from the start; a hash
--- in its compact encoding, up to 512 fields by default, comes whole) and deletes the
--- strays among them; tenants loaded this call (T) are left to save. (So P:T holds at
+-- fields of P:T on from P:s's cursor (TUNING.TENANT_CURSOR; absent: from the start; the
+-- anchor, TUNING.ENCODING_ANCHOR, is counted and never dropped) and deletes the strays
+-- among them; tenants loaded this call (T) are left to save. (So P:T holds at
 -- most some strays more than the list and the waiting tenants, whose count the idle list's
 -- bound and the queue limit bound; a sweep without strays costs one HLEN.)
 function call.sweep_strays(listed)
-  if redis.call('HLEN', K.tenant_hash) <= listed + S.waiting then return end
+  if redis.call('HLEN', K.tenant_hash) <= listed + S.waiting + 1 then return end  -- (+ anchor)
   local cursor = redis.call('HGET', K.state, TUNING.TENANT_CURSOR) or '0'
   local scan = redis.call('HSCAN', K.tenant_hash, cursor, 'COUNT', TUNING.STRAY_BATCH)
   local after, found = scan[1], scan[2]
@@ -900,7 +900,7 @@ function call.sweep_strays(listed)
   local hs = {}
   for i = 1, #found, 2 do  -- (digest, text, ...)
     local h = found[i]
-    if T[h] == nil then hs[#hs + 1] = h end
+    if T[h] == nil and h ~= TUNING.ENCODING_ANCHOR then hs[#hs + 1] = h end
   end
   if #hs == 0 then return end
   local listed = redis.call('ZMSCORE', K.tenants, unpack(hs))
@@ -1939,7 +1939,10 @@ call.NAME_PATTERN = call.NAME_PATTERN .. '(.*)$'
 
 -- Writes to P:T, collected (M.tw: digest, text, ...): one HSET for all, at each work check
 -- (call.save_now) and at save (call.flush_tenants). An HSET that adds a field may have made
--- the key: P:T gets its TTL then (born).
+-- the key: P:T gets its TTL then (born), and its anchor (TUNING.ENCODING_ANCHOR, a field
+-- longer than Redis's compact encodings allow), so that reading or writing a tenant costs
+-- the same with 10 tenants as with 500 whatever hash-max-listpack-* say (a compact hash is
+-- searched and rewritten end to end on each HGET and HSET).
 function call.put_tenant(h, text)
   local tw = M.tw
   if tw == nil then M.tw = {h, text}; return end
@@ -1951,7 +1954,10 @@ function call.flush_tenants()
   local tw = M.tw
   if tw == nil then return end
   M.tw = nil
-  if redis.call('HSET', K.tenant_hash, unpack(tw)) > 0 then born.tenant_hash = true end
+  if redis.call('HSET', K.tenant_hash, unpack(tw)) > 0 then
+    born.tenant_hash = true
+    redis.call('HSETNX', K.tenant_hash, TUNING.ENCODING_ANCHOR, '')
+  end
 end
 
 -- A tenant's state, loaded once per call (made, in memory, if it has none); `weight`, if
