@@ -639,6 +639,11 @@ def test_redis_cost_can_give_redis_its_cpu(redis_binary: Path) -> None:
 
 def test_redis_cost_sizes_fixed_work_to_a_calls_length(tmp_path: Path, redis_binary: Path) -> None:
     """``busy``: calls of fixed work sized to ``--busy-us``, their calls over 1 ms counted."""
+    version = subprocess.run(
+        [str(redis_binary), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    if " v=6." in version:
+        pytest.skip("FCALL: Redis 7")
     out = tmp_path / "rediscost.json"
     args = ["--n", "50", "--scenarios", "busy", "--busy-us", "300", "--redis-cpu", ""]
     assert rediscost.main([*args, "--json", str(out)]) == 0
