@@ -600,14 +600,19 @@ def test_redis_cost_of_a_learned_limit_reports_each_limit_it_took(
     assert kept["learned_path"] == [8]
 
 
-def test_redis_cost_floor_runs_a_saturated_calls_commands_alone(
-    tmp_path: Path, redis_binary: Path
-) -> None:
+def skip_without_functions(redis_binary: Path) -> None:
+    """The ``floor`` and ``busy`` scenarios load a function library: Redis 7 or Valkey."""
     version = subprocess.run(
         [str(redis_binary), "--version"], capture_output=True, text=True, check=True
     ).stdout
     if " v=6." in version:
         pytest.skip("FCALL: Redis 7")
+
+
+def test_redis_cost_floor_runs_a_saturated_calls_commands_alone(
+    tmp_path: Path, redis_binary: Path
+) -> None:
+    skip_without_functions(redis_binary)
     out = tmp_path / "rediscost.json"
     args = ["--n", "40", "--scenarios", "floor", "--redis-cpu", "", "--json", str(out)]
     assert rediscost.main(args) == 0
@@ -639,11 +644,7 @@ def test_redis_cost_can_give_redis_its_cpu(redis_binary: Path) -> None:
 
 def test_redis_cost_sizes_fixed_work_to_a_calls_length(tmp_path: Path, redis_binary: Path) -> None:
     """``busy``: calls of fixed work sized to ``--busy-us``, their calls over 1 ms counted."""
-    version = subprocess.run(
-        [str(redis_binary), "--version"], capture_output=True, text=True, check=True
-    ).stdout
-    if " v=6." in version:
-        pytest.skip("FCALL: Redis 7")
+    skip_without_functions(redis_binary)
     out = tmp_path / "rediscost.json"
     args = ["--n", "50", "--scenarios", "busy", "--busy-us", "300", "--redis-cpu", ""]
     assert rediscost.main([*args, "--json", str(out)]) == 0
