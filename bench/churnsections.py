@@ -67,7 +67,11 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("store", "  local loaded = t.loaded\n  -- Capped this call", "save_tenant: Lua"),
     ("store", "  if text ~= t.tx then\n", "save_tenant: put"),
     ("store", "  if refresh then\n    if t.n > 0 then redis.call('PEXPIRE'", "save_tenant: after"),
-    ("store", "  if redis.call('HSET', K.tenant_hash, unpack(tw))", "tenants: HSET"),
+    (
+        "store",
+        "  if redis.call('HSET', K.tenant_hash, TUNING.ENCODING_ANCHOR, '', unpack(tw))",
+        "tenants: HSET",
+    ),
     ("batch", "forget_idle()\n", "forget_idle"),
     ("store", "  local add, drop = {}, {}\n  local seen", "idle list: its lists"),
     ("store", "  if #add > 0 then\n    local members", "idle list: ZADD"),

@@ -105,7 +105,7 @@ NAMES_MAX: Final = 1024
 #: this many leases are in flight.
 LEASE_ANCHOR: Final = "~anchor~" + "~" * 1016
 LEASE_ANCHOR_AT: Final = 16
-#: P:T's anchor field (store.lua, call.flush_tenants: set with the hash's first tenants),
+#: P:T's anchor field (store.lua, call.flush_tenants: put by every HSET of tenants),
 #: longer than hash-max-listpack-value allows (64 bytes by default): the hash of tenants is
 #: a hashtable from its first tenant, so a tenant's HGET and HSET do not grow with the
 #: tenants, whatever Redis's encodings are set to. Never a tenant's digest (hex).

@@ -27,18 +27,14 @@ end
 -- --- public API -----------------------------------------------------------------------
 
 -- Scheduler.acquire: decide on a new request: admit it, queue it or reject it.
--- (Two calls not made, once per acquire, where a Lua call costs Redis some 500 instructions:
--- clamp for a cost of 1, which is its own clamp whatever the limits, and admit_now, written
--- out. docs/performance.md, `churnlua`.)
+-- (clamp not called for a cost of 1, its own clamp whatever the limits: a Lua call costs
+-- Redis some 500 instructions. docs/performance.md, `churnlua`.)
 function acquire(id, h, name, weight, rank, cost, sheddable, degradable, max_wait)
   refill()
   if S.waiting > 0 then dispatch(nil) end
   local t = tenant(h, name, weight)
   if cost ~= 1 then cost = clamp(cost) end
-  if fits_at_once(t, cost) then
-    take(t, id, cost, proc)
-    return call.ADMITTED[L.concurrency ~= nil]
-  end
+  if fits_at_once(t, cost) then return admit_now(t, id, cost) end
   if sheddable then return shed_or_admit(t, cost, degradable) end
 
   local rejected = make_room(t, rank)
@@ -359,7 +355,7 @@ call.ADMITTED = {
     line = REPLY.admitted .. SEP .. '0' .. SEP .. '0'},
 }
 
--- Scheduler._admit_now (the twin of Python's, as acquire and fast.lua write it out)
+-- Scheduler._admit_now (fast.lua's fast_acquire writes it out)
 function admit_now(t, id, cost)
   take(t, id, cost, proc)
   return call.ADMITTED[L.concurrency ~= nil]

@@ -1939,10 +1939,12 @@ call.NAME_PATTERN = call.NAME_PATTERN .. '(.*)$'
 
 -- Writes to P:T, collected (M.tw: digest, text, ...): one HSET for all, at each work check
 -- (call.save_now) and at save (call.flush_tenants). An HSET that adds a field may have made
--- the key: P:T gets its TTL then (born), and its anchor (TUNING.ENCODING_ANCHOR, a field
--- longer than Redis's compact encodings allow), so that reading or writing a tenant costs
--- the same with 10 tenants as with 500 whatever hash-max-listpack-* say (a compact hash is
--- searched and rewritten end to end on each HGET and HSET).
+-- the key: P:T gets its TTL then (born). Each HSET puts the anchor too
+-- (TUNING.ENCODING_ANCHOR, a field longer than Redis's compact encodings allow, as the idle
+-- list's ZADD does with its own), so that P:T is a hashtable from its first tenant and
+-- reading or writing one costs the same with 10 tenants as with 500 whatever
+-- hash-max-listpack-* say (a compact hash is searched and rewritten end to end on each HGET
+-- and HSET).
 function call.put_tenant(h, text)
   local tw = M.tw
   if tw == nil then M.tw = {h, text}; return end
@@ -1954,9 +1956,8 @@ function call.flush_tenants()
   local tw = M.tw
   if tw == nil then return end
   M.tw = nil
-  if redis.call('HSET', K.tenant_hash, unpack(tw)) > 0 then
+  if redis.call('HSET', K.tenant_hash, TUNING.ENCODING_ANCHOR, '', unpack(tw)) > 0 then
     born.tenant_hash = true
-    redis.call('HSETNX', K.tenant_hash, TUNING.ENCODING_ANCHOR, '')
   end
 end
 
@@ -2042,11 +2043,9 @@ end
 
 -- Its last use, for idle expiry; once per call is enough: `now` does not move within it.
 -- A tenant with waiters is not on the idle list (core.lua's forget_idle).
--- (call.seen_idle written out: a Lua call costs more than its table store; once per acquire.)
 local function touch(t)
   if not t.touched and t.n == 0 then
-    local pending = M.idle
-    if pending == nil then M.idle = {[t.h] = true} else pending[t.h] = true end
+    call.seen_idle(t.h, true)
     t.touched = true
   end
   t.dirty = true
