@@ -42,7 +42,7 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("batch", "local joined = call.heartbeat()\n", "heartbeat"),
     ("batch", "refill()\nexpire_leases()\nexpire_waiters()\n", "expiries"),
     ("batch", "local results = {nil}", "before the loop"),
-    ("batch", "  local kind = string.sub(op, 1, #OP.acquire)\n", "op: loop top"),
+    ("batch", "  local line = nil\n  if not over then line = do_acquire(op)", "op: loop top"),
     ("fast", "  local id, h, name, tail = call.split_acquire(op)\n  if id", "op: split_acquire"),
     ("fast", "  local weight = tail.weight\n  if not M.no_weights", "op: live_weight"),
     (

@@ -150,34 +150,41 @@ local over = false
 -- The work is checked after the first TUNING.WORK_CHECK operations, then as
 -- call.work_check says.
 local check_at = TUNING.WORK_CHECK + 1
+-- An operation is tried as an acquire first (do_acquire's pattern, anchored at its kind,
+-- fails at once on any other): its kind is cut out only for the others. (A string.sub per
+-- acquire cost more than the failed match per other operation: docs/performance.md,
+-- `churn7`.)
 for i = 1, #ops do  -- (by index: ipairs is a C call per operation)
   local op = ops[i]
-  local kind = string.sub(op, 1, #OP.acquire)
   if not over and started ~= nil and i == check_at then
     over, check_at = call.work_check(i, started)
   end
+  local line = nil
+  if not over then line = do_acquire(op) end
   if over then
     results[#results + 1] = REPLY.deferred
-  elseif kind == OP.acquire then
-    local line = do_acquire(op)
-    if line == nil then return redis.error_reply('throttle_mw: malformed acquire') end
+  elseif line ~= nil then
     results[#results + 1] = line
-  elseif kind == OP.release then
-    release(string.sub(op, call.OP_BODY))
-    results[#results + 1] = REPLY.released
-  elseif kind == OP.cancel then
-    results[#results + 1] = do_cancel(string.sub(op, call.OP_BODY))
-  elseif kind == OP.tick then
-    tick()
-    results[#results + 1] = REPLY.ticked
-  elseif kind == OP.leave then
-    local line
-    line, over = do_leave(string.sub(op, call.OP_BODY), started)
-    results[#results + 1] = line
-  elseif kind == OP.reclaim then
-    results[#results + 1] = call.do_reclaim(op)
   else
-    return redis.error_reply('throttle_mw: unknown operation')
+    local kind = string.sub(op, 1, #OP.acquire)
+    if kind == OP.acquire then
+      return redis.error_reply('throttle_mw: malformed acquire')
+    elseif kind == OP.release then
+      release(string.sub(op, call.OP_BODY))
+      results[#results + 1] = REPLY.released
+    elseif kind == OP.cancel then
+      results[#results + 1] = do_cancel(string.sub(op, call.OP_BODY))
+    elseif kind == OP.tick then
+      tick()
+      results[#results + 1] = REPLY.ticked
+    elseif kind == OP.leave then
+      line, over = do_leave(string.sub(op, call.OP_BODY), started)
+      results[#results + 1] = line
+    elseif kind == OP.reclaim then
+      results[#results + 1] = call.do_reclaim(op)
+    else
+      return redis.error_reply('throttle_mw: unknown operation')
+    end
   end
 end
 

@@ -424,10 +424,7 @@ end
 -- Scheduler._tenant: the tenant of an arriving request, made if new; marks it as seen.
 function tenant(h, name, weight)
   local t = load_tenant(h, weight)
-  if t.new then
-    t.name = name  -- written with its state (save_tenant)
-    t.new = false
-  end
+  if t.nm == nil then t.nm = name end  -- made anew: written with its state (save_tenant)
   touch(t)
   return t
 end

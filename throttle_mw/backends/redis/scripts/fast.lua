@@ -81,9 +81,16 @@ end
 --   that rate: an over-estimate).
 -- While nobody waits, the next check comes after as many operations as would take half the
 -- work left at that rate, TUNING.WORK_CHECK to TUNING.WORK_STRIDE of them (a check, TIME and
--- its parsing, cost some 11 k instructions), and never past the counted bound; every
--- TUNING.WORK_CHECK while anyone waits (then an operation can dispatch up to
--- TUNING.DISPATCH_LIMIT).
+-- its parsing, its tenants' HSET, cost some 15 k instructions), and never past the counted
+-- bound; every TUNING.WORK_CHECK while anyone waits (then an operation can dispatch up to
+-- TUNING.DISPATCH_LIMIT). The rate: at a call's first check, its time so far per operation
+-- taken (its start, the state and the split, counted in: an over-estimate); at the later
+-- ones, per unit of counted work since that first check (work_from), the operations ahead
+-- each counted as making a tenant (1 + MADE_UNITS): the start no longer taken for the
+-- loop's pace (a call at its clock's bound checked some 8 times in 27 operations, most of
+-- them from that over-estimate), and a change from cheap operations to new tenants still
+-- foreseen. docs/performance.md, `churn7`.
+local work_from = {started = nil, spent = 0, units = 0}  -- (a call's first check)
 function call.work_check(i, started)
   call.save_made()  -- (store.lua: new tenants' writes count in the work)
   local taken = i - 1
@@ -98,7 +105,15 @@ function call.work_check(i, started)
   if left <= 0 then return true, i end
   local stride = TUNING.WORK_CHECK
   if S.waiting == 0 then
-    local ahead = math.floor(left * taken / (2 * spent * (1 + TUNING.AFTER_SHARE)))
+    local ahead
+    local from = work_from
+    if from.started ~= started then
+      from.started = started; from.spent = spent; from.units = units
+      ahead = math.floor(left * taken / (2 * spent * (1 + TUNING.AFTER_SHARE)))
+    else
+      ahead = math.floor(left * (units - from.units) / (2 * (spent - from.spent)
+        * (1 + TUNING.AFTER_SHARE) * (1 + TUNING.MADE_UNITS)))
+    end
     if ahead > TUNING.WORK_STRIDE then ahead = TUNING.WORK_STRIDE end
     if ahead > stride then stride = ahead end
   end

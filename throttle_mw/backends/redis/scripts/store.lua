@@ -1008,7 +1008,7 @@ end
 -- assignments a restore; a saturated budget's calls restore one or two tenants each):
 -- only what a call marks on a tenant besides is cleared.
 function call.restore_tenant(t)
-  t.dirty = false; t.touched = nil; t.new = nil; t.name = nil; t.queue_made = nil
+  t.dirty = false; t.touched = nil; t.queue_made = nil
   T[t.h] = t
 end
 
@@ -1116,8 +1116,7 @@ local function save_tenant(t, again, hot)
   -- loaded.
   local plain = loaded == call.NEW_LOADED and c == call.ZERO_COSTS and t.w == loaded.w
     and t.n == loaded.n and t.st == loaded.st and t.am == loaded.am
-  local name = t.name  -- (a new tenant's name, tenant in core.lua; t.nm: as stored)
-  if name ~= nil then t.name = nil; t.nm = name else name = t.nm or '' end
+  local name = t.nm or ''  -- (as stored, or a new tenant's: tenant in core.lua)
   -- Its queue's TTL (P:q:<h>) pushed out once a quarter of it has passed (xp); the tenant
   -- itself has no TTL of its own: P:T's is the budget's (expire_keys), and it leaves by the
   -- idle sweep, the bound (forget_idle) or the stray sweep (call.sweep_strays).
@@ -1984,10 +1983,9 @@ local function load_tenant(h, weight)
   -- (Tables made whole: one filled field by field grows anew every few fields.)
   if v[1] == nil then  -- (none, or a text not of this layout: made anew)
     local w = weight or 1
-    t = {h = h, dirty = true, new = true, loaded = call.NEW_LOADED,
-      c = call.ZERO_COSTS, w = w, f = S.v + 1 / w, cap = L.tenant_burst,
-      cap_at = now, n = 0, st = IDLE, am = '', xp = 0, touched = nil, name = nil,
-      queue_made = nil, deleted = nil, nm = nil, tx = nil}
+    t = {h = h, dirty = true, loaded = call.NEW_LOADED, c = call.ZERO_COSTS, w = w,
+      f = S.v + 1 / w, cap = L.tenant_burst, cap_at = now, n = 0, st = IDLE, am = '', xp = 0,
+      touched = nil, queue_made = nil, nm = nil, tx = nil}
     fresh = true
     local made = M.made
     if made == nil then made = {}; M.made = made end
@@ -2012,7 +2010,7 @@ local function load_tenant(h, weight)
     if l.am ~= '' then l.am = l.am .. SEP .. h end  -- (its sequence number stored)
     t = {h = h, dirty = false, loaded = l, c = c, f = l.f, w = l.w, cap = l.cap,
       cap_at = l.cap_at, n = l.n, st = l.st, am = l.am, xp = l.xp or 0, touched = nil,
-      new = nil, name = nil, queue_made = nil, deleted = nil, nm = v[NRANK + 9], tx = text}
+      queue_made = nil, deleted = nil, nm = v[NRANK + 9], tx = text}
     if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
   end
   T[h] = t
