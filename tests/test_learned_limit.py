@@ -218,7 +218,11 @@ async def test_one_step_per_window_for_the_whole_fleet(clean_redis_server: Redis
     import redis.asyncio as aredis
 
     client = aredis.Redis.from_url(clean_redis_server.url, decode_responses=True)
-    config = LimitConfig(minimum=2, maximum=100, initial=10, window_s=0.2, min_samples=5)
+    # A window of a minute: the claim of a window (its TTL the window's, by Redis's clock)
+    # must outlast the four flushes of a window here, a few round trips, however slow the
+    # machine (with a window of 0.2 s, a stall of 0.2 s let a second learner claim); its
+    # end is then made at once, below, not waited for.
+    config = LimitConfig(minimum=2, maximum=100, initial=10, window_s=60.0, min_samples=5)
     clock = [1000.0]
     learners = [_learner(f"p{i}", clock, config) for i in range(4)]
     try:
@@ -230,7 +234,12 @@ async def test_one_step_per_window_for_the_whole_fleet(clean_redis_server: Redis
                     learner.observe(Sample(0.01, False, 3))
             took = [await learner.flush(client) for learner in learners]
             assert sum(took) == 1, took  # one claimant per window, whoever comes first
-            await asyncio.sleep(config.window_s * 1.2)  # the claim expires with the window
+            # The claim expires with the window (its TTL the window's, not extended by
+            # the others' flushes); then the window ends: the claim goes, as its expiry
+            # would take it.
+            ttl_ms = await client.pttl(Keys("fleet").learn_step)
+            assert config.window_s * 1000 - 10_000 < ttl_ms <= config.window_s * 1000
+            await client.delete(Keys("fleet").learn_step)
             clock[0] += config.window_s
         assert sum(learner.steps_taken for learner in learners) == 3
         cfg = await client.hgetall(Keys("fleet").cfg)
