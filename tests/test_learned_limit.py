@@ -164,6 +164,23 @@ async def test_a_live_switch_to_a_learned_limit_and_back_starts_and_stops_the_sa
         assert len(backend.samples) == 1
 
 
+async def feed_until_steps(backend: MemoryBackend, sample: Sample, steps: int) -> None:
+    """Ten `sample`s every 10 ms until the estimator has taken `steps` more steps (windows
+    with enough samples to judge), 20 s at most."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20.0
+    learned = backend.learned
+    assert learned is not None
+    until = learned.steps + steps
+    while learned.steps < until:
+        assert loop.time() < deadline, f"{learned.steps} steps, not {until}"
+        for _ in range(10):
+            backend.observe(sample)
+        await asyncio.sleep(0.01)
+        learned = backend.learned
+        assert learned is not None
+
+
 @pytest.mark.anyio
 async def test_the_memory_backend_steps_the_limit_and_reports_it() -> None:
     """Samples that grow with the load (an app queueing) bring the limit down; the
@@ -174,19 +191,13 @@ async def test_the_memory_backend_steps_the_limit_and_reports_it() -> None:
     assert backend.learning
     first = backend.limits.concurrency
     assert first == 40
-    loop = asyncio.get_running_loop()
     # Fast requests first (the baseline), then the same requests ten times slower at the
-    # limit: the latency of a queue inside the app.
-    until = loop.time() + 0.3
-    while loop.time() < until:
-        for _ in range(10):
-            backend.observe(Sample(0.01, False, 2))
-        await asyncio.sleep(0.01)
-    until = loop.time() + 1.0
-    while loop.time() < until:
-        for _ in range(10):
-            backend.observe(Sample(0.1, False, 40))
-        await asyncio.sleep(0.01)
+    # limit: the latency of a queue inside the app. Each phase lasts a number of the
+    # estimator's steps (6, then 20: 0.3 s and 1 s on a quiet machine), not a time: a
+    # stall of the loop as long as a phase (a loaded machine) would leave it fewer
+    # windows, or none of its own.
+    await feed_until_steps(backend, Sample(0.01, False, 2), 6)
+    await feed_until_steps(backend, Sample(0.1, False, 40), 20)
     snapshot = await backend.snapshot()
     assert snapshot.limits is not None
     assert snapshot.limits.learned
@@ -494,12 +505,7 @@ async def test_the_gauges_show_the_limit_in_force_and_the_baseline() -> None:
     config = LimitConfig(initial=6, window_s=0.05, min_samples=5)
     backend = MemoryBackend(Limits(concurrency=6, learned=True), Policy({}), config)
     await backend.start()
-    loop = asyncio.get_running_loop()
-    until = loop.time() + 0.3
-    while loop.time() < until:
-        for _ in range(10):
-            backend.observe(Sample(0.02, False, 1))
-        await asyncio.sleep(0.01)
+    await feed_until_steps(backend, Sample(0.02, False, 1), 6)  # (0.3 s on a quiet machine)
     metrics = ThrottleMetrics(registry=CollectorRegistry(), backend=backend)
     await metrics.refresh()
     text = metrics.render()[0].decode()
