@@ -42,8 +42,14 @@ WORK = Route("work", "GET", "/work", "normal")
 #: measured (100 requests), then ramps up, about 4 s in all; the backlog the tenants
 #: built meanwhile drains in the seconds after (B is near its fair share, so its
 #: backlog drains at a few requests a second). Measured from 15 s.
-STEADY = (15.0, 25.0)
-DROP_AT = 25.0
+STEADY = (15.0, 30.0)
+DROP_AT = 30.0
+#: A and B's latency in the steady state: from 20 s (ten seconds, 400 requests). B asks
+#: 30/s of its fair 35/s, so the backlog it built at the cautious start drains at some 5
+#: requests a second: by 10-13 s into a quiet run (its slowest answer each second, two
+#: runs on an Intel Xeon), later on a loaded machine (one CI run still queued B by some
+#: 0.9 s at 15 s).
+SETTLED = (20.0, DROP_AT)
 AFTER = (DROP_AT + 10.0, DROP_AT + 16.0)
 #: The static limit's run, the comparison: only its median after the drop is read. A static
 #: limit learns nothing (it admits 8 from the first request), so what it does after the
@@ -111,13 +117,22 @@ def figures(records: Sequence[Record]) -> dict[str, float]:
     return {
         "A served": served_fraction(records, STEADY, "A"),
         "B served": served_fraction(records, STEADY, "B"),
-        "A+B p99 ms": latency_ms(records, STEADY, "AB", 0.99),
+        "A+B p99 ms": latency_ms(records, SETTLED, "AB", 0.99),
         "goodput/capacity": goodput(records, STEADY) / CAPACITY,
         "after: A served": served_fraction(records, AFTER, "A"),
         "after: A p50 ms": latency_ms(records, AFTER, "A", 0.5),
         "after: goodput/capacity": goodput(records, AFTER) / (CAPACITY / 2),
         "5xx": sum(1 for r in records if r.status >= 500 and r.status != 503),
     }
+
+
+def slowest_each_second(records: Sequence[Record], tenant: str, until_s: float) -> list[int]:
+    """A tenant's slowest answer (ms) among the requests due in each second: how its
+    backlog drained, for a failure's message."""
+    return [
+        int(max((r.latency_ms for r in _in(records, (s, s + 1.0), tenant)), default=-1))
+        for s in range(int(until_s))
+    ]
 
 
 def test_the_learned_limit_follows_a_capacity_that_halves(
@@ -145,7 +160,8 @@ def test_the_learned_limit_follows_a_capacity_that_halves(
 
     assert auto["A served"] >= 0.99, auto
     assert auto["B served"] >= 0.99, auto
-    assert auto["A+B p99 ms"] <= 2 * APP_P99_MS, auto
+    drained = {t: slowest_each_second(records, t, DROP_AT) for t in "AB"}
+    assert auto["A+B p99 ms"] <= 2 * APP_P99_MS, (auto, drained)
     assert auto["goodput/capacity"] >= 0.90, auto
     # After the drop: the new capacity used, A still served, and no standing queue in the
     # app: A's median well below what the static limit (now too high) gives it.
