@@ -164,6 +164,23 @@ async def test_a_live_switch_to_a_learned_limit_and_back_starts_and_stops_the_sa
         assert len(backend.samples) == 1
 
 
+async def feed_until_steps(backend: MemoryBackend, sample: Sample, steps: int) -> None:
+    """Ten `sample`s every 10 ms until the estimator has taken `steps` more steps (windows
+    with enough samples to judge), 20 s at most."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20.0
+    learned = backend.learned
+    assert learned is not None
+    until = learned.steps + steps
+    while learned.steps < until:
+        assert loop.time() < deadline, f"{learned.steps} steps, not {until}"
+        for _ in range(10):
+            backend.observe(sample)
+        await asyncio.sleep(0.01)
+        learned = backend.learned
+        assert learned is not None
+
+
 @pytest.mark.anyio
 async def test_the_memory_backend_steps_the_limit_and_reports_it() -> None:
     """Samples that grow with the load (an app queueing) bring the limit down; the
@@ -174,19 +191,13 @@ async def test_the_memory_backend_steps_the_limit_and_reports_it() -> None:
     assert backend.learning
     first = backend.limits.concurrency
     assert first == 40
-    loop = asyncio.get_running_loop()
     # Fast requests first (the baseline), then the same requests ten times slower at the
-    # limit: the latency of a queue inside the app.
-    until = loop.time() + 0.3
-    while loop.time() < until:
-        for _ in range(10):
-            backend.observe(Sample(0.01, False, 2))
-        await asyncio.sleep(0.01)
-    until = loop.time() + 1.0
-    while loop.time() < until:
-        for _ in range(10):
-            backend.observe(Sample(0.1, False, 40))
-        await asyncio.sleep(0.01)
+    # limit: the latency of a queue inside the app. Each phase lasts a number of the
+    # estimator's steps (6, then 20: 0.3 s and 1 s on a quiet machine), not a time: a
+    # stall of the loop as long as a phase (a loaded machine) would leave it fewer
+    # windows, or none of its own.
+    await feed_until_steps(backend, Sample(0.01, False, 2), 6)
+    await feed_until_steps(backend, Sample(0.1, False, 40), 20)
     snapshot = await backend.snapshot()
     assert snapshot.limits is not None
     assert snapshot.limits.learned
@@ -218,7 +229,11 @@ async def test_one_step_per_window_for_the_whole_fleet(clean_redis_server: Redis
     import redis.asyncio as aredis
 
     client = aredis.Redis.from_url(clean_redis_server.url, decode_responses=True)
-    config = LimitConfig(minimum=2, maximum=100, initial=10, window_s=0.2, min_samples=5)
+    # A window of a minute: the claim of a window (its TTL the window's, by Redis's clock)
+    # must outlast the four flushes of a window here, a few round trips, however slow the
+    # machine (with a window of 0.2 s, a stall of 0.2 s let a second learner claim); its
+    # end is then made at once, below, not waited for.
+    config = LimitConfig(minimum=2, maximum=100, initial=10, window_s=60.0, min_samples=5)
     clock = [1000.0]
     learners = [_learner(f"p{i}", clock, config) for i in range(4)]
     try:
@@ -230,7 +245,12 @@ async def test_one_step_per_window_for_the_whole_fleet(clean_redis_server: Redis
                     learner.observe(Sample(0.01, False, 3))
             took = [await learner.flush(client) for learner in learners]
             assert sum(took) == 1, took  # one claimant per window, whoever comes first
-            await asyncio.sleep(config.window_s * 1.2)  # the claim expires with the window
+            # The claim expires with the window (its TTL the window's, not extended by
+            # the others' flushes); then the window ends: the claim goes, as its expiry
+            # would take it.
+            ttl_ms = await client.pttl(Keys("fleet").learn_step)
+            assert config.window_s * 1000 - 10_000 < ttl_ms <= config.window_s * 1000
+            await client.delete(Keys("fleet").learn_step)
             clock[0] += config.window_s
         assert sum(learner.steps_taken for learner in learners) == 3
         cfg = await client.hgetall(Keys("fleet").cfg)
@@ -485,12 +505,7 @@ async def test_the_gauges_show_the_limit_in_force_and_the_baseline() -> None:
     config = LimitConfig(initial=6, window_s=0.05, min_samples=5)
     backend = MemoryBackend(Limits(concurrency=6, learned=True), Policy({}), config)
     await backend.start()
-    loop = asyncio.get_running_loop()
-    until = loop.time() + 0.3
-    while loop.time() < until:
-        for _ in range(10):
-            backend.observe(Sample(0.02, False, 1))
-        await asyncio.sleep(0.01)
+    await feed_until_steps(backend, Sample(0.02, False, 1), 6)  # (0.3 s on a quiet machine)
     metrics = ThrottleMetrics(registry=CollectorRegistry(), backend=backend)
     await metrics.refresh()
     text = metrics.render()[0].decode()

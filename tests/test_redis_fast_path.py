@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,7 +21,8 @@ import redis.asyncio
 from starlette.types import Receive, Scope, Send
 
 from tests.support.redis_server import RedisServer
-from tests.test_redis_kept_slots import in_flight, script_calls
+from tests.support.script_calls import ScriptCalls, own
+from tests.test_redis_kept_slots import in_flight
 from throttle_mw import ThrottleMiddleware
 from throttle_mw.backends import Admitted
 from throttle_mw.backends.redis import RedisBackend
@@ -87,13 +89,21 @@ async def test_requests_on_a_kept_slot_run_the_fast_path_and_keep_it(
     middleware = ThrottleMiddleware(app, concurrency=LIMIT, keep_slots_s=10.0, backend=backend)
     full = count_full_path(middleware)
     transport = httpx.ASGITransport(app=middleware)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+    async with (
+        ScriptCalls(client) as calls,
+        httpx.AsyncClient(transport=transport, base_url="http://test") as http,
+    ):
         assert (await http.get("/ok")).status_code == 200  # from Redis, then kept
         assert full[0] == 1
         pool = backend.kept_slots
         assert pool is not None
         assert len(pool) == 1
-        calls = await script_calls(client)
+        # The first request's acquire was seen (the count is not blind). Only the calls
+        # requests cause are counted from here: the heartbeat (renew.lua, at start and
+        # every lease_ttl_s / 3) runs for real and may fall in the ten requests, more
+        # likely the longer they take (a loaded machine); on Redis 6.2 its first call is a
+        # chain of round trips that can end after the first request.
+        assert own(await calls.since())["batch"] >= 1
         for _ in range(5):
             response = await http.get("/ok")
             assert response.status_code == 200
@@ -105,7 +115,7 @@ async def test_requests_on_a_kept_slot_run_the_fast_path_and_keep_it(
         assert pool.local_admissions == 10
         assert len(pool) == 1  # given back to the pool each time
         assert not backend._borrowed
-        assert await script_calls(client) == calls  # no call for any of them
+        assert own(await calls.since()) == Counter()  # no call for any of them
         assert await in_flight(client, prefix) == 1
 
         backend._breaker.failure()  # open (no probe: it stays open)
