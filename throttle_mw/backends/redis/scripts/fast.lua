@@ -85,12 +85,11 @@ end
 -- bound; every TUNING.WORK_CHECK while anyone waits (then an operation can dispatch up to
 -- TUNING.DISPATCH_LIMIT). The rate: at a call's first check, its time so far per operation
 -- taken (its start, the state and the split, counted in: an over-estimate); at the later
--- ones, per unit of counted work since that first check (work_from), the operations ahead
--- each counted as making a tenant (1 + MADE_UNITS): the start no longer taken for the
--- loop's pace (a call at its clock's bound checked some 8 times in 27 operations, most of
+-- ones, per unit of counted work since that first check (M.work_spent, M.work_units, made
+-- anew with the call's tables), the operations ahead each counted as making a tenant
+-- (1 + MADE_UNITS): the start no longer taken for the loop's pace (a call at its clock's bound checked some 8 times in 27 operations, most of
 -- them from that over-estimate), and a change from cheap operations to new tenants still
 -- foreseen. docs/performance.md, `churn7`.
-local work_from = {started = nil, spent = 0, units = 0}  -- (a call's first check)
 function call.work_check(i, started)
   call.save_made()  -- (store.lua: new tenants' writes count in the work)
   local taken = i - 1
@@ -106,12 +105,12 @@ function call.work_check(i, started)
   local stride = TUNING.WORK_CHECK
   if S.waiting == 0 then
     local ahead
-    local from = work_from
-    if from.started ~= started then
-      from.started = started; from.spent = spent; from.units = units
+    local spent0 = M.work_spent
+    if spent0 == nil then
+      M.work_spent = spent; M.work_units = units
       ahead = math.floor(left * taken / (2 * spent * (1 + TUNING.AFTER_SHARE)))
     else
-      ahead = math.floor(left * (units - from.units) / (2 * (spent - from.spent)
+      ahead = math.floor(left * (units - M.work_units) / (2 * (spent - spent0)
         * (1 + TUNING.AFTER_SHARE) * (1 + TUNING.MADE_UNITS)))
     end
     if ahead > TUNING.WORK_STRIDE then ahead = TUNING.WORK_STRIDE end

@@ -342,7 +342,8 @@ function call.init_tables()
   M = {top_known = nil, top_t = nil, top_r = nil, capped_next = nil, capped_checked = nil,
     dl_next = nil, dl_floor = nil, idle = nil, last_number = nil, last_text = nil,
     no_weights = nil, weights_asked = nil, made = nil, hot_read = nil, kept = nil,
-    granted = nil, raw = nil, queued_at = nil, queued_text = nil, tw = nil, plain_mid = nil}
+    granted = nil, raw = nil, queued_at = nil, queued_text = nil, tw = nil, plain_mid = nil,
+    work_spent = nil, work_units = nil}
   more = false
   held_back = 0
   loaded = nil
