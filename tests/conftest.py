@@ -35,6 +35,21 @@ from tests.support.servers import AppServer, start_all
 pytest_plugins = ["tests.support.xdist_groups"]
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    """The event loop the `anyio`-marked tests run on (the servers under test run asyncio)."""
+    return "asyncio"
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No THROTTLE_* variable of the shell that runs the tests reaches a test that reads the
+    environment (``pytestmark = pytest.mark.usefixtures("clean_env")`` in its module)."""
+    for name in list(os.environ):
+        if name.upper().startswith("THROTTLE_"):
+            monkeypatch.delenv(name)
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by markers
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark `redis` every test that asks for `redis_binary`, itself or through a fixture."""

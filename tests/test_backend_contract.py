@@ -41,11 +41,6 @@ GRANT_S = 2.0
 _prefixes = itertools.count()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Budget:
     """Opens started backends of one kind on one budget; stops them afterwards."""
 

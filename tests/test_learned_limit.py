@@ -9,7 +9,6 @@ the parts around it, fast, with real Redis servers where Redis is involved.
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
 
 import httpx
@@ -37,17 +36,7 @@ from throttle_mw.scheduler import Request as ThrottleRequest
 from throttle_mw.scheduler.limit import InFlight, LimitConfig, LimitState, Sample, WindowSummary
 from throttle_mw.settings import Settings
 
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.startswith("THROTTLE_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 class Recording(MemoryBackend):

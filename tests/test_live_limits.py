@@ -51,11 +51,6 @@ SETTINGS: dict[str, Any] = {"rate": OLD_RATE, "tenant_queue_limit": 0, "max_wait
 _prefixes = itertools.count()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def check_rejection(response: httpx.Response, policy: str, retry_after: range) -> None:
     """A 429 over the fleet's rate that names `policy` and waits `retry_after` seconds."""
     assert response.status_code == 429, (response.status_code, response.text)

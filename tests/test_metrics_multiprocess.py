@@ -123,11 +123,6 @@ async def test_the_gauges_come_from_the_answering_worker_s_reading_of_the_budget
     assert len([name for name, _ in m if name == "throttle_tokens"]) == 1
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def test_top_tenants_is_refused_in_multiprocess_mode(worker: Callable[[str], Any]) -> None:
     worker("1")
     with pytest.raises(ValueError, match="top_tenants needs single-process metrics"):

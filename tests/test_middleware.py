@@ -23,19 +23,7 @@ from throttle_mw import ThrottleEvent, ThrottleMiddleware, priority
 from throttle_mw.backends import MemoryBackend
 from throttle_mw.settings import Settings
 
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("THROTTLE_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 def decision_json(request: Request) -> JSONResponse:

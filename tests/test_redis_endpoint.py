@@ -26,11 +26,6 @@ PASSWORD = "n0t-in-the-logs"
 USER = "default"  # Redis' own user: the password alone authenticates as it
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.parametrize(
     ("url", "cluster", "shown"),
     [

@@ -34,11 +34,6 @@ LIMIT = 8
 _prefixes = itertools.count()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def settings(url: str, prefix: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "redis_url": url,

@@ -39,11 +39,6 @@ LIMIT, KEEP_S = 8, 0.5
 _prefixes = itertools.count()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def settings(url: str, prefix: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "redis_url": url,

@@ -39,11 +39,6 @@ from throttle_mw.scheduler import Limits, Policy, Request
 from throttle_mw.settings import DEFAULT_MAX_WAIT_S, Settings
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def keys_of(client: redis.Redis, tag: str) -> set[str]:
     """Every key under the budget's tag (SCAN skips keys already expired)."""
     return {str(k, "utf-8") for k in client.scan_iter(match=tag + "*", count=1000)}

@@ -31,11 +31,6 @@ RATE, BURST = 600.0, 60.0
 _prefixes = itertools.count()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def test_max_excess_is_the_worst_window() -> None:
     # 1 at 0, 2 at 1, 4 at 1.5: the window [1, 1.5] has 6 against 0.5 x 2 + 3 = 4 (the
     # whole run 7 against 6, the last instant 4 against 3).

@@ -34,11 +34,6 @@ RATE, BURST, LEASE_S = 200.0, 40.0, 0.2
 _prefixes = itertools.count()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def settings(url: str, prefix: str, **overrides: Any) -> Settings:
     return default_settings(url, prefix, **{"rate_lease_s": LEASE_S, **overrides})
 

@@ -31,11 +31,6 @@ pytestmark = pytest.mark.anyio
 RIDDEN_OUT = 4
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class ForgetsAfterLoad(redis.asyncio.Redis):
     """A real Redis that forgets its scripts and functions right after each of the first
     `forgets` loads, as a flush or failover landing between a load and its call does."""

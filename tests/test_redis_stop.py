@@ -28,11 +28,6 @@ _WAITERS = 2000
 _FOREVER = {"critical": 600.0, "high": 600.0, "normal": 600.0, "low": 600.0}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def settings(url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "redis_url": url,

@@ -39,11 +39,6 @@ T_S = 5.0
 _prefixes = itertools.count()
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 class Target(NamedTuple):
     """Where the budget lives: one server, or a 3-master cluster (the grant lists and P:pl
     share the budget's hash tag: the script's pushes stay in its slot)."""

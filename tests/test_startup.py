@@ -12,7 +12,6 @@ as it does without the extra (tests/support/without.py).
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import subprocess
 import sys
@@ -66,11 +65,7 @@ DESIGN_VARIABLES = (
 )
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in list(os.environ):
-        if name.upper().startswith("THROTTLE_"):
-            monkeypatch.delenv(name)
+pytestmark = pytest.mark.usefixtures("clean_env")
 
 
 # --- misspelt names ---------------------------------------------------------------------------
