@@ -56,21 +56,30 @@ class FleetStats:
         self._ttl_s = ttl_s
         self._client: aioredis.Redis | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._warned_at = -float("inf")
 
     async def start(self) -> None:
         self._client = aioredis.Redis.from_url(
             self._url, socket_timeout=0.5, socket_connect_timeout=0.5, decode_responses=True
         )
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name="surveytool-publish")
 
     async def stop(self) -> None:
         """Stop publishing and remove this replica's keys."""
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            # redis-py can swallow a cancel that lands while it sets up a connection (seen
+            # on Python 3.11: the loop then went on publishing, and this await never
+            # returned): the loop checks the flag, and the cancel is sent again until the
+            # task has ended.
+            self._stopping = True
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
         client, self._client = self._client, None
         if client is None:
             return
@@ -131,7 +140,7 @@ class FleetStats:
             await pipe.execute()
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             try:
                 await self.publish_once()
             except (RedisError, OSError) as exc:

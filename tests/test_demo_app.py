@@ -717,6 +717,40 @@ def test_replicas_publish_their_counts_and_the_page_adds_them_up(
         assert redis.keys("surveytool:*") == []
 
 
+def test_a_replica_stopped_while_it_publishes_stops(clean_redis_server: RedisServer) -> None:
+    """`stop()` right after `start()`, its cancel landing anywhere in the first publish
+    (redis-py setting up its connection): it returns, and the task has ended. A cancel
+    swallowed there once left the loop publishing and `stop()` waiting forever (a CI run
+    hung here for pytest's 300 s)."""
+
+    async def scenario() -> list[int]:
+        hung = []
+        for i in range(100):
+            url, namespace = clean_redis_server.url, "surveytool:test:stop"
+            replica = FleetStats(LiveCounters(), url, namespace=namespace, replica="a")
+            await replica.start()
+            task = replica._task
+            await asyncio.sleep(i * 0.00005)  # 0 to 5 ms: somewhere in the first publish
+            # Not wait_for: its cancel of a hung stop() would cancel the task again, which
+            # is what stop() should have done itself.
+            stopping = asyncio.create_task(replica.stop())
+            done, _ = await asyncio.wait({stopping}, timeout=5.0)
+            if not done:
+                hung.append(i)
+                while not stopping.done():  # end it, to report
+                    stopping.cancel()
+                    await asyncio.wait({stopping}, timeout=0.1)
+                break
+            stopping.result()
+            assert task is not None
+            assert task.done()
+        return hung
+
+    assert asyncio.run(scenario()) == []
+    with clean_redis_server.client() as redis:
+        assert redis.keys("surveytool:*") == []
+
+
 def test_an_unreachable_redis_only_hides_the_other_replicas() -> None:
     async def scenario(port: int) -> None:
         counters = LiveCounters()
