@@ -978,6 +978,30 @@ function call.keep_line()
   K.line_memo = memo
 end
 
+-- After keep_line, batch.lua's last step: the tables of this call's new tenants (M.made)
+-- left to the next call's new tenants (load_tenant assigns each of their fields anew), in a
+-- loaded library: a table made is an allocation and its share of garbage collection, some
+-- 2 k instructions a new tenant under churn (docs/performance.md, `churn9`). Not given:
+-- a tenant keep_line keeps for the next call (K.line_memo's t and kept: call.recall_line
+-- and call.recall_tenant put it back in T, where a new tenant of that call must not share
+-- its table), nor one dropped this call (forget_idle marks it `deleted`, which save and
+-- save_made skip and load_tenant does not clear). Nothing else holds a tenant's table past
+-- its call (T and M are made anew). The list is made's own, those given kept in place.
+function call.spare_made()
+  local made = M.made
+  if made == nil or not call.lasting then return end
+  local memo = K.line_memo
+  local kept, granted = nil, nil
+  if memo ~= nil then kept = memo.t; granted = memo.kept end
+  local n, all = 0, #made
+  for i = 1, all do
+    local t = made[i]
+    if t ~= kept and t ~= granted and not t.deleted then n = n + 1; made[n] = t end
+  end
+  for i = all, n + 1, -1 do made[i] = nil end
+  call.spare = made
+end
+
 -- Tenant t after save: its loaded fields made what was written (if it was), so the next
 -- call takes the same table as a load would make it (call.restore_tenant). In place: a
 -- tenant's loaded tables are its own (but a new tenant's, and the costs of one written
@@ -1984,9 +2008,20 @@ local function load_tenant(h, weight)
   -- (Tables made whole: one filled field by field grows anew every few fields.)
   if v[1] == nil then  -- (none, or a text not of this layout: made anew)
     local w = weight or 1
-    t = {h = h, dirty = true, loaded = call.NEW_LOADED, c = call.ZERO_COSTS, w = w,
-      f = S.v + 1 / w, cap = L.tenant_burst, cap_at = now, n = 0, st = IDLE, am = '', xp = 0,
-      touched = nil, queue_made = nil, nm = nil, tx = nil}
+    local spare = call.spare  -- (a table the last call's new tenants left: call.spare_made)
+    if spare ~= nil and spare[1] ~= nil then
+      local n = #spare
+      t = spare[n]; spare[n] = nil
+      -- (Every field the constructor below names, assigned anew: a spare table never has
+      -- others, `deleted` included: call.spare_made.)
+      t.h = h; t.dirty = true; t.loaded = call.NEW_LOADED; t.c = call.ZERO_COSTS; t.w = w
+      t.f = S.v + 1 / w; t.cap = L.tenant_burst; t.cap_at = now; t.n = 0; t.st = IDLE
+      t.am = ''; t.xp = 0; t.touched = nil; t.queue_made = nil; t.nm = nil; t.tx = nil
+    else
+      t = {h = h, dirty = true, loaded = call.NEW_LOADED, c = call.ZERO_COSTS, w = w,
+        f = S.v + 1 / w, cap = L.tenant_burst, cap_at = now, n = 0, st = IDLE, am = '', xp = 0,
+        touched = nil, queue_made = nil, nm = nil, tx = nil}
+    end
     fresh = true
     local made = M.made
     if made == nil then made = {}; M.made = made end
