@@ -151,17 +151,28 @@ end
 -- which every whole number num writes was formatted and kept again (together some 5 k
 -- instructions a new tenant under churn: docs/performance.md, `churn5`). Its tens are
 -- kept, one in ten.
-function call.count_text(x)
+-- `a`, `b` (both or neither): the text followed by them, made by one concatenation (a new
+-- tenant's text, save_tenant: not the number's text made first, then the whole).
+function call.count_text(x, a, b)
   if x >= 10 and x % 1 == 0 and x < TUNING.INTEGER_TEXT_MAX and call.lasting then
     local integers = call.integers
     local text = integers[x]
-    if text ~= nil then return text end
-    local low = x % 10
-    text = integers[(x - low) / 10]
-    if text ~= nil then return text .. call.DIGITS[low + 1] end
-    return call.whole_text(x)
+    if text == nil then
+      local low = x % 10
+      text = integers[(x - low) / 10]
+      if text == nil then
+        text = call.whole_text(x)
+      elseif a == nil then
+        return text .. call.DIGITS[low + 1]
+      else
+        return text .. call.DIGITS[low + 1] .. a .. b
+      end
+    end
+    if a == nil then return text end
+    return text .. a .. b
   end
-  return num(x)
+  if a == nil then return num(x) end
+  return num(x) .. a .. b
 end
 
 call.DIGITS = {'0', '1', '2', '3', '4', '5', '6', '7', '8', '9'}
@@ -1168,7 +1179,7 @@ local function save_tenant(t, again, hot)
         .. string.rep(SEP, NRANK) .. SEP .. SEP .. SEP .. xp_text .. SEP
       M.plain_mid = mid; M.plain_cap = cap; M.plain_cap_at = cap_at; M.plain_xp = xp
     end
-    text = call.count_text(t.f) .. mid .. name
+    text = call.count_text(t.f, mid, name)
   else
     -- (One table kept for the parts, call.tparts; the text made with one concat.)
     local parts = call.tparts
