@@ -2004,10 +2004,12 @@ local function load_tenant(h, weight)
     if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
     return t
   end
-  t = call.recall_tenant(h)
-  if t ~= nil then
-    if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
-    return t
+  if M.kept ~= nil then  -- (a Lua call only with a tenant kept: under churn none is)
+    t = call.recall_tenant(h)
+    if t ~= nil then
+      if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
+      return t
+    end
   end
   -- Its field of P:T, one text taken apart by one pattern (call.TENANT_PATTERN): one
   -- command a tenant, and none for a key of its own (an EXISTS, a PEXPIRE, a DEL before).
@@ -2090,7 +2092,9 @@ end
 -- A tenant with waiters is not on the idle list (core.lua's forget_idle).
 local function touch(t)
   if not t.touched and t.n == 0 then
-    call.seen_idle(t.h, true)
+    -- (call.seen_idle(t.h, true), written out: a Lua call a new tenant spared)
+    local pending = M.idle
+    if pending == nil then M.idle = {[t.h] = true} else pending[t.h] = true end
     t.touched = true
   end
   t.dirty = true
