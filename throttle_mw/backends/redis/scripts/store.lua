@@ -1137,7 +1137,7 @@ function call.own_costs(t)
 end
 
 -- Writes tenant t if it changed since it was loaded: its whole text (call.TENANT_PATTERN)
--- made, and put in P:T with the call's others (call.put_tenant: one HSET per work check
+-- made, and put in P:T with the call's others (M.tw, call.flush_tenants: one HSET per work check
 -- and one at save) unless it is the text loaded or last written (t.tx). `again`: it may be
 -- written again this call (save_made), so what is written becomes its loaded state; `hot`:
 -- a call of fast.lua's (save), which can change only the first four fields and refreshes
@@ -1210,7 +1210,13 @@ local function save_tenant(t, again, hot)
   end
   if text ~= t.tx then
     t.tx = text
-    call.put_tenant(t.h, text)
+    -- (Collected in M.tw, for call.flush_tenants: in place, not by a Lua call a tenant.)
+    local tw = M.tw
+    if tw == nil then M.tw = {t.h, text}
+    else
+      local n = #tw
+      tw[n + 1] = t.h; tw[n + 2] = text
+    end
   end
   if refresh then
     if t.n > 0 then redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, M.tenant_ttl) end
@@ -1972,21 +1978,15 @@ call.NAME_PATTERN = '^'
 for _ = 1, #TENANT_FIELDS do call.NAME_PATTERN = call.NAME_PATTERN .. '[^' .. SEP .. ']*' .. SEP end
 call.NAME_PATTERN = call.NAME_PATTERN .. '(.*)$'
 
--- Writes to P:T, collected (M.tw: digest, text, ...): one HSET for all, at each work check
--- (call.save_now) and at save (call.flush_tenants). An HSET that adds a field may have made
+-- Writes to P:T, collected (M.tw: digest, text, ...; save_tenant, its only writer, appends
+-- them): one HSET for all, at each work check (call.save_now) and at save
+-- (call.flush_tenants). An HSET that adds a field may have made
 -- the key: P:T gets its TTL then (born). Each HSET puts the anchor too
 -- (TUNING.ENCODING_ANCHOR, a field longer than Redis's compact encodings allow, as the idle
 -- list's ZADD does with its own), so that P:T is a hashtable from its first tenant and
 -- reading or writing one costs the same with 10 tenants as with 500 whatever
 -- hash-max-listpack-* say (a compact hash is searched and rewritten end to end on each HGET
 -- and HSET).
-function call.put_tenant(h, text)
-  local tw = M.tw
-  if tw == nil then M.tw = {h, text}; return end
-  local n = #tw
-  tw[n + 1] = h; tw[n + 2] = text
-end
-
 function call.flush_tenants()
   local tw = M.tw
   if tw == nil then return end
