@@ -17,7 +17,11 @@ too (``largest``: the 1 ms a call of issue 14 is about the longest call, not the
   once (``--calls`` ticks, each followed by that acquire: two calls per admission);
 - ``churn``: a new tenant per request, calls of ``--width`` acquires admitted at once,
   the tenant set at its bound (max_tenants 1,000). Keep ``--width`` at 2 (WORK_CHECK):
-  under valgrind a call's work check (WORK_US, by Redis's clock) defers the rest;
+  under valgrind a call's work check (WORK_US, by Redis's clock) defers the rest, unless
+  ``--unbounded-clock``: WORK_US and LEAVE_US raised to 1e9 us in the scripts loaded
+  for the run, so Redis's clock never cuts a call and wide calls count the same from
+  run to run (issue 14's figure: ``--scenarios churn --width 32 --head-start 100000
+  --calls 200 --unbounded-clock``, per admission = per call / 32);
 - ``queue``: ``--width`` acquires of distinct tenants queueing in one call, then their
   cancels in another, on an empty bucket;
 - ``edge-N``: a concurrency budget of 1 at its edge: each round an acquire queues
@@ -29,6 +33,7 @@ too (``largest``: the 1 ms a call of issue 14 is about the longest call, not the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import socket
@@ -36,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +52,7 @@ import redis
 
 from tests.support.lua_scheduler import LuaScheduler
 from tests.support.redis_server import redis_server_binary
-from throttle_mw.backends.redis import protocol
+from throttle_mw.backends.redis import protocol, scripts
 from throttle_mw.priorities import PRIORITIES
 from throttle_mw.scheduler import Granted, Limits, Policy, Request
 
@@ -313,7 +318,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--scenarios", default="saturated,churn,queue")
     parser.add_argument("--tenants", default="10,1000,10000")
-    parser.add_argument("--calls", type=int, default=100, help="saturated: ticks measured")
+    parser.add_argument(
+        "--calls",
+        type=int,
+        help="saturated: ticks measured (default 100); churn: calls measured (default 20)",
+    )
+    parser.add_argument(
+        "--unbounded-clock",
+        action="store_true",
+        help="WORK_US and LEAVE_US raised to 1e9 us in the scripts loaded: Redis's clock "
+        "never cuts a call (wide churn calls counted whole, the same from run to run)",
+    )
     parser.add_argument("--width", type=int, default=2, help="churn, queue: acquires per call")
     parser.add_argument("--evalsha", action="store_true", help="EVALSHA, not FCALL")
     parser.add_argument(
@@ -339,16 +354,45 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    with unbounded_clock(args.unbounded_clock):
+        out = _run(args)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+@contextlib.contextmanager
+def unbounded_clock(wanted: bool) -> Iterator[None]:
+    """WORK_US and LEAVE_US at 1e9 us in the scripts this process loads, if `wanted`
+    (restored after)."""
+    tuning = scripts.SHARED["TUNING"]
+    assert isinstance(tuning, dict)
+    saved = {name: tuning[name] for name in ("WORK_US", "LEAVE_US")}
+    if wanted:
+        tuning.update(dict.fromkeys(saved, 1_000_000_000))
+    scripts.source.cache_clear()  # (the texts made from SHARED: made anew, now and after)
+    scripts.library.cache_clear()
+    try:
+        yield
+    finally:
+        tuning.update(saved)
+        scripts.source.cache_clear()
+        scripts.library.cache_clear()
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     vg = Valgrind(redis_server_binary(), args.out.resolve(), args.evalsha, args.per_call)
     out: dict[str, Any] = {}
     try:
         wanted = args.scenarios.split(",")
         if "saturated" in wanted:
             for n in (int(x) for x in args.tenants.split(",")):
-                out[f"saturated-{n}"] = saturated(vg, n, args.calls, args.evalsha)
+                ticks = 100 if args.calls is None else args.calls
+                out[f"saturated-{n}"] = saturated(vg, n, ticks, args.evalsha)
                 print(f"saturated-{n:<8} {json.dumps(out[f'saturated-{n}'])}", flush=True)
         if "churn" in wanted:
-            out["churn"] = churn(vg, 20, args.width, args.evalsha, args.head_start)
+            calls = 20 if args.calls is None else args.calls
+            out["churn"] = churn(vg, calls, args.width, args.evalsha, args.head_start)
             print(f"churn            {json.dumps(out['churn'])}", flush=True)
         if "queue" in wanted:
             out["queue"] = queue(vg, 20, args.width, args.evalsha)
@@ -359,9 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"edge-{n:<12} {json.dumps(out[f'edge-{n}'])}", flush=True)
     finally:
         vg.close()
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
-    return 0
+    return out
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from bench import (
     redisinstr,
     roundtrips,
     run_all,
+    scriptinstructions,
     scriptsections,
     story,
 )
@@ -519,6 +520,34 @@ def test_instructions_are_counted_per_request(tmp_path: Path) -> None:
     # each, not the hundreds of millions of start-up.
     assert 10_000 < bare["per_request"] < 5_000_000
     assert memory["per_request"] > bare["per_request"]
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_script_instructions_count_wide_churn_calls_whole_on_an_unbounded_clock(
+    tmp_path: Path,
+) -> None:
+    """`--calls` and `--unbounded-clock` (issue 14's churn figure in one command): under
+    valgrind a call of 32 new tenants is cut by WORK_US unless the clock is unbounded; the
+    package's scripts are left as they were."""
+    args = ["--scenarios", "churn", "--width", "32", "--head-start", "100000", "--calls", "2"]
+    evalsha = ["--evalsha"] if " v=6." in _redis_version() else []
+    counted = {}
+    for extra in ([], ["--unbounded-clock"]):
+        out = tmp_path / f"churn{len(extra)}.json"
+        argv = [*args, *evalsha, *extra, "--out", str(tmp_path), "--json", str(out)]
+        assert scriptinstructions.main(argv) == 0
+        churn = json.loads(out.read_text())["churn"]
+        assert churn["calls"] == 2
+        counted[bool(extra)] = churn["per_call"]
+    # A whole call of 32 new tenants (some 2.5 M instructions) against one cut short.
+    assert counted[True] > 2 * counted[False]
+    assert scripts.SHARED["TUNING"]["WORK_US"] == scripts.WORK_US  # type: ignore[index]
+    assert f"WORK_US = {scripts.WORK_US}," in scripts.library().text
+
+
+def _redis_version() -> str:
+    binary = str(redis_server_binary())
+    return subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
 
 
 def test_opcodes_are_counted_per_function(capsys: pytest.CaptureFixture[str]) -> None:

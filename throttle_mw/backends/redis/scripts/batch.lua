@@ -201,6 +201,7 @@ call.stamp_line()
 save()
 call.keep_line()
 call.keep_state()
+if M.made ~= nil then call.spare_made() end  -- (store.lua: after keep_line)
 -- (One operation, most calls: nothing to join.)
 if #results > 1 then results[1] = table.concat(results, LINE) end
 return finish(results[1] or '', due, procs)

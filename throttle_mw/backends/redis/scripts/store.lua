@@ -151,17 +151,28 @@ end
 -- which every whole number num writes was formatted and kept again (together some 5 k
 -- instructions a new tenant under churn: docs/performance.md, `churn5`). Its tens are
 -- kept, one in ten.
-function call.count_text(x)
+-- `a`, `b` (both or neither): the text followed by them, made by one concatenation (a new
+-- tenant's text, save_tenant: not the number's text made first, then the whole).
+function call.count_text(x, a, b)
   if x >= 10 and x % 1 == 0 and x < TUNING.INTEGER_TEXT_MAX and call.lasting then
     local integers = call.integers
     local text = integers[x]
-    if text ~= nil then return text end
-    local low = x % 10
-    text = integers[(x - low) / 10]
-    if text ~= nil then return text .. call.DIGITS[low + 1] end
-    return call.whole_text(x)
+    if text == nil then
+      local low = x % 10
+      text = integers[(x - low) / 10]
+      if text == nil then
+        text = call.whole_text(x)
+      elseif a == nil then
+        return text .. call.DIGITS[low + 1]
+      else
+        return text .. call.DIGITS[low + 1] .. a .. b
+      end
+    end
+    if a == nil then return text end
+    return text .. a .. b
   end
-  return num(x)
+  if a == nil then return num(x) end
+  return num(x) .. a .. b
 end
 
 call.DIGITS = {'0', '1', '2', '3', '4', '5', '6', '7', '8', '9'}
@@ -978,6 +989,30 @@ function call.keep_line()
   K.line_memo = memo
 end
 
+-- After keep_line, batch.lua's last step: the tables of this call's new tenants (M.made)
+-- left to the next call's new tenants (load_tenant assigns each of their fields anew), in a
+-- loaded library: a table made is an allocation and its share of garbage collection, some
+-- 2 k instructions a new tenant under churn (docs/performance.md, `churn9`). Not given:
+-- a tenant keep_line keeps for the next call (K.line_memo's t and kept: call.recall_line
+-- and call.recall_tenant put it back in T, where a new tenant of that call must not share
+-- its table), nor one dropped this call (forget_idle marks it `deleted`, which save and
+-- save_made skip and load_tenant does not clear). Nothing else holds a tenant's table past
+-- its call (T and M are made anew). The list is made's own, those given kept in place.
+function call.spare_made()
+  local made = M.made
+  if made == nil or not call.lasting then return end
+  local memo = K.line_memo
+  local kept, granted = nil, nil
+  if memo ~= nil then kept = memo.t; granted = memo.kept end
+  local n, all = 0, #made
+  for i = 1, all do
+    local t = made[i]
+    if t ~= kept and t ~= granted and not t.deleted then n = n + 1; made[n] = t end
+  end
+  for i = all, n + 1, -1 do made[i] = nil end
+  call.spare = made
+end
+
 -- Tenant t after save: its loaded fields made what was written (if it was), so the next
 -- call takes the same table as a load would make it (call.restore_tenant). In place: a
 -- tenant's loaded tables are its own (but a new tenant's, and the costs of one written
@@ -1102,7 +1137,7 @@ function call.own_costs(t)
 end
 
 -- Writes tenant t if it changed since it was loaded: its whole text (call.TENANT_PATTERN)
--- made, and put in P:T with the call's others (call.put_tenant: one HSET per work check
+-- made, and put in P:T with the call's others (M.tw, call.flush_tenants: one HSET per work check
 -- and one at save) unless it is the text loaded or last written (t.tx). `again`: it may be
 -- written again this call (save_made), so what is written becomes its loaded state; `hot`:
 -- a call of fast.lua's (save), which can change only the first four fields and refreshes
@@ -1144,7 +1179,7 @@ local function save_tenant(t, again, hot)
         .. string.rep(SEP, NRANK) .. SEP .. SEP .. SEP .. xp_text .. SEP
       M.plain_mid = mid; M.plain_cap = cap; M.plain_cap_at = cap_at; M.plain_xp = xp
     end
-    text = call.count_text(t.f) .. mid .. name
+    text = call.count_text(t.f, mid, name)
   else
     -- (One table kept for the parts, call.tparts; the text made with one concat.)
     local parts = call.tparts
@@ -1175,7 +1210,13 @@ local function save_tenant(t, again, hot)
   end
   if text ~= t.tx then
     t.tx = text
-    call.put_tenant(t.h, text)
+    -- (Collected in M.tw, for call.flush_tenants: in place, not by a Lua call a tenant.)
+    local tw = M.tw
+    if tw == nil then M.tw = {t.h, text}
+    else
+      local n = #tw
+      tw[n + 1] = t.h; tw[n + 2] = text
+    end
   end
   if refresh then
     if t.n > 0 then redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, M.tenant_ttl) end
@@ -1937,21 +1978,15 @@ call.NAME_PATTERN = '^'
 for _ = 1, #TENANT_FIELDS do call.NAME_PATTERN = call.NAME_PATTERN .. '[^' .. SEP .. ']*' .. SEP end
 call.NAME_PATTERN = call.NAME_PATTERN .. '(.*)$'
 
--- Writes to P:T, collected (M.tw: digest, text, ...): one HSET for all, at each work check
--- (call.save_now) and at save (call.flush_tenants). An HSET that adds a field may have made
+-- Writes to P:T, collected (M.tw: digest, text, ...; save_tenant, its only writer, appends
+-- them): one HSET for all, at each work check (call.save_now) and at save
+-- (call.flush_tenants). An HSET that adds a field may have made
 -- the key: P:T gets its TTL then (born). Each HSET puts the anchor too
 -- (TUNING.ENCODING_ANCHOR, a field longer than Redis's compact encodings allow, as the idle
 -- list's ZADD does with its own), so that P:T is a hashtable from its first tenant and
 -- reading or writing one costs the same with 10 tenants as with 500 whatever
 -- hash-max-listpack-* say (a compact hash is searched and rewritten end to end on each HGET
 -- and HSET).
-function call.put_tenant(h, text)
-  local tw = M.tw
-  if tw == nil then M.tw = {h, text}; return end
-  local n = #tw
-  tw[n + 1] = h; tw[n + 2] = text
-end
-
 function call.flush_tenants()
   local tw = M.tw
   if tw == nil then return end
@@ -1969,10 +2004,12 @@ local function load_tenant(h, weight)
     if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
     return t
   end
-  t = call.recall_tenant(h)
-  if t ~= nil then
-    if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
-    return t
+  if M.kept ~= nil then  -- (a Lua call only with a tenant kept: under churn none is)
+    t = call.recall_tenant(h)
+    if t ~= nil then
+      if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
+      return t
+    end
   end
   -- Its field of P:T, one text taken apart by one pattern (call.TENANT_PATTERN): one
   -- command a tenant, and none for a key of its own (an EXISTS, a PEXPIRE, a DEL before).
@@ -1984,9 +2021,20 @@ local function load_tenant(h, weight)
   -- (Tables made whole: one filled field by field grows anew every few fields.)
   if v[1] == nil then  -- (none, or a text not of this layout: made anew)
     local w = weight or 1
-    t = {h = h, dirty = true, loaded = call.NEW_LOADED, c = call.ZERO_COSTS, w = w,
-      f = S.v + 1 / w, cap = L.tenant_burst, cap_at = now, n = 0, st = IDLE, am = '', xp = 0,
-      touched = nil, queue_made = nil, nm = nil, tx = nil}
+    local spare = call.spare  -- (a table the last call's new tenants left: call.spare_made)
+    if spare ~= nil and spare[1] ~= nil then
+      local n = #spare
+      t = spare[n]; spare[n] = nil
+      -- (Every field the constructor below names, assigned anew: a spare table never has
+      -- others, `deleted` included: call.spare_made.)
+      t.h = h; t.dirty = true; t.loaded = call.NEW_LOADED; t.c = call.ZERO_COSTS; t.w = w
+      t.f = S.v + 1 / w; t.cap = L.tenant_burst; t.cap_at = now; t.n = 0; t.st = IDLE
+      t.am = ''; t.xp = 0; t.touched = nil; t.queue_made = nil; t.nm = nil; t.tx = nil
+    else
+      t = {h = h, dirty = true, loaded = call.NEW_LOADED, c = call.ZERO_COSTS, w = w,
+        f = S.v + 1 / w, cap = L.tenant_burst, cap_at = now, n = 0, st = IDLE, am = '', xp = 0,
+        touched = nil, queue_made = nil, nm = nil, tx = nil}
+    end
     fresh = true
     local made = M.made
     if made == nil then made = {}; M.made = made end
@@ -2044,7 +2092,9 @@ end
 -- A tenant with waiters is not on the idle list (core.lua's forget_idle).
 local function touch(t)
   if not t.touched and t.n == 0 then
-    call.seen_idle(t.h, true)
+    -- (call.seen_idle(t.h, true), written out: a Lua call a new tenant spared)
+    local pending = M.idle
+    if pending == nil then M.idle = {[t.h] = true} else pending[t.h] = true end
     t.touched = true
   end
   t.dirty = true
