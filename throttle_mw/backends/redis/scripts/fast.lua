@@ -87,9 +87,10 @@ end
 -- taken (its start, the state and the split, counted in: an over-estimate); at the later
 -- ones, per unit of counted work since that first check (M.work_spent, M.work_units, made
 -- anew with the call's tables), the operations ahead each counted as making a tenant
--- (1 + MADE_UNITS): the start no longer taken for the loop's pace (a call at its clock's bound checked some 8 times in 27 operations, most of
--- them from that over-estimate), and a change from cheap operations to new tenants still
--- foreseen. docs/performance.md, `churn7`.
+-- (1 + MADE_UNITS): the start no longer taken for the loop's pace (a call at its clock's
+-- bound checked some 8 times in 27 operations, most of them from that over-estimate), and
+-- a change from cheap operations to new tenants still foreseen. docs/performance.md,
+-- `churn7`.
 function call.work_check(i, started)
   call.save_made()  -- (store.lua: new tenants' writes count in the work)
   local taken = i - 1
