@@ -113,7 +113,6 @@ def submit(http: httpx.Client, survey: str = "s1", body: Any = GOOD, **kw: Any) 
 
 
 @e2e
-@pytest.mark.untimed  # stored and aggregated: statuses and values; no bound on time
 def test_submissions_are_stored_and_aggregated_on_the_dashboard(app_server: AppServer) -> None:
     acme = tenant("acme")
     with client(app_server, **{"X-Tenant-ID": acme}) as http:
@@ -140,7 +139,6 @@ def test_submissions_are_stored_and_aggregated_on_the_dashboard(app_server: AppS
 
 
 @e2e
-@pytest.mark.untimed  # what a replica reads; no bound on time
 def test_replicas_sharing_the_sqlite_file_see_the_same_data(
     app_server: AppServer, db_dir: Path
 ) -> None:
@@ -203,7 +201,6 @@ def test_every_app_response_reports_its_own_service_time(app_server: AppServer) 
 
 
 @e2e
-@pytest.mark.untimed  # an exit status and its output; no bound on time
 @pytest.mark.parametrize(
     ("env", "named"),
     [
@@ -281,7 +278,6 @@ BAD_INPUTS: list[tuple[str, str, dict[str, Any], int]] = [
     ids=[f"{i}-{m}-{s}" for i, (m, _, _, s) in enumerate(BAD_INPUTS)],
 )
 @e2e
-@pytest.mark.untimed  # a status per input; no bound on time
 def test_bad_input_is_a_client_error_never_a_500(
     app_server: AppServer, method: str, path: str, request_args: dict[str, Any], status: int
 ) -> None:
@@ -388,7 +384,6 @@ def test_the_history_keeps_the_last_two_minutes() -> None:
 
 
 @e2e
-@pytest.mark.untimed  # a 404 and a setting; no bound on time
 def test_the_admin_route_is_off_unless_enabled(app_server: AppServer) -> None:
     with client(app_server) as http:
         response = http.post("/api/admin/store", params={"slots": 2})

@@ -140,7 +140,6 @@ def rss_kib(pid: int) -> int:
     return int(line.split()[1])
 
 
-@pytest.mark.untimed  # statuses, the tenant count and RSS; no bound on time
 def test_hostile_tenant_headers_neither_fail_nor_grow_memory(
     start_app_server: Callable[..., AppServer],
 ) -> None:
@@ -183,7 +182,6 @@ def test_hostile_tenant_headers_neither_fail_nor_grow_memory(
     assert "Traceback" not in server.log()
 
 
-@pytest.mark.untimed  # an exit status and its output; no bound on time
 @pytest.mark.parametrize(
     ("variable", "value"),
     [

@@ -385,7 +385,6 @@ def closed_port_url() -> str:
 
 
 @pytest.mark.e2e
-@pytest.mark.untimed  # counts, statuses and what was written; timeouts 30 s, no bound on time
 def test_accounting_matches_a_known_load() -> None:
     s503 = Route("s503", "GET", "/status/503", "low")
     s404 = Route("s404", "GET", "/status/404", "low")
@@ -470,7 +469,6 @@ def test_latency_counts_from_the_due_time_when_the_client_lags() -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.untimed  # counts, statuses and what was written; timeouts 30 s, no bound on time
 def test_targets_are_used_round_robin() -> None:
     scenario = scenario_of(TenantLoad("a", 20, ((1, GET_T),), arrivals="even"))
     with serve() as (one, seen_one), serve() as (two, seen_two):
@@ -496,7 +494,6 @@ def test_transport_errors_and_timeouts_are_records_not_crashes() -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.untimed  # counts, statuses and what was written; timeouts 30 s, no bound on time
 def test_cli_runs_a_scenario_file_and_writes_report_and_chart(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -664,7 +661,6 @@ def test_chart_is_a_png(tmp_path: Path) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.untimed  # counts, statuses and what was written; timeouts 30 s, no bound on time
 def test_a_given_session_is_used_and_left_open() -> None:
     scenario = scenario_of(TenantLoad("a", 10, ((1, GET_T),), arrivals="even"), duration_s=0.3)
 

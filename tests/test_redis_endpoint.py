@@ -171,7 +171,6 @@ async def test_concurrent_first_requests_start_the_backend_once_and_all_get_an_a
 
 
 @pytest.mark.e2e
-@pytest.mark.untimed  # what the log says (waited for, not timed), and what it leaves out
 def test_uvicorn_shows_an_unreachable_redis_by_its_endpoint(dead_port: int) -> None:
     """Without any logging set-up (uvicorn's own only), the warning reaches the server log."""
     env = {

@@ -192,7 +192,6 @@ def test_redis_frozen_for_three_seconds_under_load(redis_server: RedisServer, mo
         assert "Traceback" not in text, text[-3000:]
 
 
-@pytest.mark.untimed  # the helper's arithmetic, and the breaker's two constants
 def test_backoff_steps_counts_attempts_of_a_doubling_pause() -> None:
     # 0.5 s calls, pauses 0.1, 0.2, 0.4, 0.8: attempts at 0.6, 1.3, 2.2 (3.5 is past 3 s).
     assert backoff_steps(3.0, 0.5, 0.1, 1.0) == 3
@@ -307,7 +306,6 @@ def test_a_proxy_that_delays_cuts_calls_and_drops_replies(redis_server: RedisSer
         assert "Traceback" not in text, text[-3000:]
 
 
-@pytest.mark.untimed  # one connection, one reply left unread: no clock in it
 def test_an_echo_sentinel_catches_a_reply_left_on_a_connection(redis_server: RedisServer) -> None:
     """The sentinel above can fail: a connection whose previous reply was never read
     (what a cancellation mid-read did before redis-py 4.5.3) answers the next ECHO
@@ -413,7 +411,6 @@ def test_another_clients_long_script_busy(redis_binary: Path, mode: str) -> None
 TLS_PASSWORD = "tls-s3cret-pa55"
 
 
-@pytest.mark.untimed  # statuses, keys and the log; five requests within a burst of ten
 @pytest.mark.parametrize("case", ["good CA", "wrong CA", "wrong password"])
 def test_rediss_with_a_self_signed_ca(tmp_path: Path, case: str) -> None:
     """A TLS-only Redis with a password and a private CA.

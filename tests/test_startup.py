@@ -214,7 +214,6 @@ def test_the_cli_stops_on_a_misspelt_name(
 
 
 @pytest.mark.e2e
-@pytest.mark.untimed  # an exit status and its output; no bound on time
 def test_a_misspelt_name_stops_uvicorn() -> None:
     failed = run_failing_app(PLAIN, env={"THROTTLE_RATE": "5", "THROTTLE_CONCURENCY": "2"})
     assert failed.returncode != 0
@@ -224,7 +223,6 @@ def test_a_misspelt_name_stops_uvicorn() -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.untimed  # it starts and answers 200, throttled; no bound on time
 def test_a_listed_extra_name_starts_and_serves(
     start_app_server: Callable[..., AppServer],
 ) -> None:
@@ -286,7 +284,6 @@ def test_the_import_blocker_really_hides_redis() -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.untimed  # an exit status and its output; no bound on time
 def test_without_redis_py_uvicorn_exits_naming_the_extra() -> None:
     port = free_port()
     try:
@@ -338,7 +335,6 @@ def lifespan_off_without_redis(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 
 @pytest.mark.e2e
-@pytest.mark.untimed  # statuses, headers and the log; no bound on time
 def test_without_redis_py_and_lifespan_off_requests_get_503_never_500(
     lifespan_off_without_redis: tuple[str, Path],
 ) -> None:
