@@ -53,7 +53,10 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- it read or wrote for a prefix with its numbers (state_memo), so a call parses none of
 -- them unless another writer came in between. The fields others read keep a field each
 -- (PLAIN: renew.lua reads the epoch, tests the counters). Only load_state, load_hot_state
--- and save know this layout (and fast.lua's lean_release, by call.AT).
+-- and save know this layout (and fast.lua's lean_release, by call.AT). One more field
+-- names the write that last changed these (keys.GENERATION, not a field of S): a full
+-- call takes the state it kept by it alone (call.take_kept); every writer of PACKED_FIELD
+-- or PLAIN's fields stamps it anew or clears it.
 local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', 'thr',
   'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc', 'lm', 'lk', 'le',
   'rg', 'ra', 'rx', 'rb', 'ry', 'sq', 'sk'}
@@ -69,8 +72,10 @@ local STRING_FIELDS = {tk_by = true, ep = true, [LIVE_STAMP] = true}
 local EMPTY_TEXTS = {}  -- every packed number unset
 for i = 1, #PACKED do EMPTY_TEXTS[i] = '' end
 -- The fields load_hot_state reads (fast.lua's calls): the packed numbers, in flight,
--- waiting, the epoch and the live stamp (load_limits_stamped).
-local HOT_FIELDS = {PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP}
+-- waiting, the epoch and the live stamp (load_limits_stamped); then the state's
+-- generation (keys.GENERATION, not a field of S: call.gen0), which a fast call that
+-- writes clears if it finds one (call.gen0).
+local HOT_FIELDS = {PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP, TUNING.GENERATION}
 
 -- A tenant's state (keys.TENANT_FIELDS, shared): finish tag, weight, cap bucket and its
 -- time, waiting requests, their cost by rank (c0..), state (IDLE, ACTIVE, CAPPED), member
@@ -109,7 +114,7 @@ for i = 1, #PACKED do call.AT[PACKED[i]] = i end
 call.COLD_PLAIN = {}
 do  -- (at load: a function library may use no standard library there)
   local hot = {}
-  for i = 1, #HOT_FIELDS do hot[HOT_FIELDS[i]] = true end
+  for i = 1, #HOT_FIELDS - 1 do hot[HOT_FIELDS[i]] = true end
   for i = 1, #PLAIN do
     if not hot[PLAIN[i]] then call.COLD_PLAIN[#call.COLD_PLAIN + 1] = PLAIN[i] end
   end
@@ -354,7 +359,7 @@ function call.init_tables()
     dl_next = nil, dl_floor = nil, idle = nil, last_number = nil, last_text = nil,
     no_weights = nil, weights_asked = nil, made = nil, hot_read = nil, kept = nil,
     granted = nil, raw = nil, queued_at = nil, queued_text = nil, tw = nil, plain_mid = nil,
-    work_spent = nil, work_units = nil}
+    work_spent = nil, work_units = nil, stamped = nil, gen = nil}
   more = false
   held_back = 0
   loaded = nil
@@ -609,11 +614,12 @@ end
 local function load_hot_state(vals)
   vals = vals or redis.call('HMGET', K.state, unpack(HOT_FIELDS))  -- (or as read: lean_release)
   M.hot_read = vals  -- (load_state reads only the rest if fast.lua gives up)
-  if not vals[1] then return false end
+  if not vals[1] then call.gen0 = ''; return false end
   load_packed(vals[1])
   S.inflight = tonum(vals[2]); S.waiting = tonum(vals[3]); S.ep = vals[4] or ''
   S.lv = vals[5] or ''
   S0.inflight = S.inflight; S0.waiting = S.waiting; S0.ep = S.ep; S0.lv = S.lv
+  call.gen0 = vals[6] or ''
   return true
 end
 
@@ -626,13 +632,18 @@ local function load_state(known, limits)
     M.hot_read = nil
     local rest = redis.call('HMGET', K.state, unpack(call.COLD_PLAIN))
     load_packed(hot[1])
-    for i, name in ipairs(HOT_FIELDS) do
-      if i > 1 then load_plain(name, hot[i]) end
-    end
+    for i = 2, #HOT_FIELDS - 1 do load_plain(HOT_FIELDS[i], hot[i]) end
     for i, name in ipairs(call.COLD_PLAIN) do load_plain(name, rest[i]) end
+    call.gen0 = hot[#HOT_FIELDS] or ''
   else
-    local vals = redis.call('HMGET', K.state, PACKED_FIELD, unpack(PLAIN))
+    if call.take_kept() then  -- (by the state's generation alone: call.take_kept)
+      if L == nil then call.limits_by_stamp(limits) end
+      if S.tokens > L.burst then S.tokens = L.burst end
+      return
+    end
+    local vals = redis.call('HMGET', K.state, PACKED_FIELD, unpack(call.PLAIN_GEN))
     M.raw = vals  -- (save keeps it as written: call.take_state)
+    call.gen0 = vals[#vals] or ''
     if call.take_state(vals) then  -- (its defaults are set: it was loaded below before)
       if L == nil then call.limits_by_stamp(limits) end
       if S.tokens > L.burst then S.tokens = L.burst end
@@ -668,6 +679,36 @@ end
 -- the packed numbers' memo entry are those of that call, unchanged since (save updates
 -- them as it writes). A saturated budget's calls come one after another: building S
 -- (thirty fields) took a tenth of such a call. false: made anew.
+-- First asked by the state's generation (keys.GENERATION, call.take_kept): the stamp that
+-- call wrote with its save, found again, names its write, so nothing read is compared.
+-- Every other write of the packed numbers or the plain fields clears the stamp if it
+-- holds one (save, call.save_acquire, fast.lua's lean_release, ratelease.lua, live.lua,
+-- Keys.live_changed), and no other write has one alike: seeded from Redis's TIME (in
+-- microseconds) when this library first stamps, then S.lm, counted up by each of its full
+-- calls (call.stamp_line). A key deleted or expired and made anew holds another stamp or
+-- none. (With EVAL nothing is kept: such calls only clear it.)
+--
+-- PLAIN's fields, then the generation: what a full call reads when it cannot take the
+-- kept state by its generation (the stamp as read: call.gen0).
+call.PLAIN_GEN = {}
+for i = 1, #PLAIN do call.PLAIN_GEN[i] = PLAIN[i] end  -- (at load: no unpack)
+call.PLAIN_GEN[#PLAIN + 1] = TUNING.GENERATION
+
+function call.take_kept()
+  local kept = K.kept_state
+  if kept == nil or not kept.text then return false end
+  local memo = kept.loaded
+  if redis.call('HGET', K.state, TUNING.GENERATION) ~= kept.gen
+    or K.state_memo ~= memo or memo.text ~= kept.text then
+    return false  -- (the full read: call.take_state compares its texts)
+  end
+  kept.text = false  -- (taken: a call that fails before keep_state leaves none behind)
+  S, S0, loaded = kept.S, kept.S0, memo
+  M.raw = kept.raw
+  call.gen0 = kept.gen
+  return true
+end
+
 function call.take_state(vals)
   local kept = K.kept_state
   if kept == nil or not kept.text then return false end
@@ -683,13 +724,40 @@ function call.take_state(vals)
   return true
 end
 
--- After save: the state for the next full call (call.take_state), if this call read P:s
--- whole (M.raw) and wrote all it changed.
+-- After save: the state for the next full call (call.take_kept, call.take_state), if this
+-- call read P:s whole (M.raw), wrote all it changed and stamped its write (M.gen: save).
 function call.keep_state()
-  if not call.lasting or M.raw == nil or loaded == nil then return end
+  if not call.lasting or M.raw == nil or loaded == nil or M.gen == nil then return end
   local kept = K.kept_state
-  if kept == nil then kept = {text = false, loaded = false, S = false, S0 = false, raw = false}; K.kept_state = kept end
+  if kept == nil then
+    kept = {text = false, loaded = false, S = false, S0 = false, raw = false, gen = false}
+    K.kept_state = kept
+  end
   kept.text = loaded.text; kept.loaded = loaded; kept.S = S; kept.S0 = S0; kept.raw = M.raw
+  kept.gen = M.gen
+end
+
+-- A write that clears the state's generation (keys.GENERATION) drops this library's kept
+-- state with it: the next full call reads P:s whole at once, without first asking for a
+-- generation it knows is gone.
+function call.drop_kept()
+  local kept = K.kept_state
+  if kept ~= nil then kept.text = false end
+end
+
+-- The generation a full call that keeps its state writes (keys.GENERATION): the library's
+-- seed, Redis's TIME (seconds and microseconds) when it first stamped, then this call's
+-- S.lm (call.stamp_line: one up per full call of the library). No other library has the
+-- seed (each took it in a call of its own, microseconds apart at least), and this one
+-- never stamps a number twice.
+function call.new_gen()
+  local seed = call.gen_seed
+  if seed == nil then
+    local t = redis.call('TIME')
+    seed = t[1] .. '.' .. t[2] .. '/'
+    call.gen_seed = seed
+  end
+  return seed .. num(S.lm)
 end
 
 -- --- a call's memos ---------------------------------------------------------------------------
@@ -953,6 +1021,7 @@ function call.stamp_line()
   if not call.lasting then return end
   call.stamps = (call.stamps or 0) + 1
   S.lm = call.stamps
+  M.stamped = true  -- (save stamps the state's generation too: call.new_gen)
 end
 
 -- After save: what this call knows of the line, as Redis now holds it. The tenant first
@@ -1461,7 +1530,20 @@ local function save(hot)
   else
     n = call.save_plain(args, n)
   end
-  if n > 0 then redis.call('HSET', K.state, unpack(args, 1, n)) end
+  if n > 0 then
+    -- The state's generation (keys.GENERATION): a full call that keeps its state stamps
+    -- its write (call.keep_state, call.take_kept); any other clears the stamp it found.
+    if M.stamped and M.raw ~= nil and loaded ~= nil then
+      local gen = call.new_gen()
+      args[n + 1] = TUNING.GENERATION; args[n + 2] = gen; n = n + 2
+      M.gen = gen; call.gen0 = gen
+    elseif call.gen0 ~= '' then
+      args[n + 1] = TUNING.GENERATION; args[n + 2] = ''; n = n + 2
+      call.gen0 = ''
+      call.drop_kept()
+    end
+    redis.call('HSET', K.state, unpack(args, 1, n))
+  end
   for _, t in pairs(T) do
     if t.dirty and not t.deleted then save_tenant(t, false, hot) end
   end
@@ -1491,7 +1573,8 @@ call.S_kept = {}
 -- there is none. Every field of PACKED and HOT_FIELDS is assigned (nil if unset).
 function call.load_acquire_state()
   -- (HOT_FIELDS written out: unpack is a call.)
-  local v = redis.call('HMGET', K.state, PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP)
+  local v = redis.call('HMGET', K.state, PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP,
+    TUNING.GENERATION)
   if not v[1] then return false end
   loaded = K.state_memo
   if loaded == nil or loaded.text ~= v[1] then loaded = unpack_state(v[1]) end
@@ -1506,6 +1589,7 @@ function call.load_acquire_state()
   s.inflight = NUMBERS[v[2]] or tonum(v[2]); s.waiting = NUMBERS[v[3]] or tonum(v[3])
   s.ep = v[4] or ''; s.lv = v[5] or ''
   call.inflight0 = s.inflight; call.lv0 = s.lv
+  call.gen0 = v[6] or ''
   S = s
   return true
 end
@@ -1588,6 +1672,20 @@ function call.save_acquire(t)
   if changed then
     loaded.text = texts[1] .. SEP .. texts[2] .. SEP .. texts[3] .. SEP .. texts[4] .. SEP
       .. texts[5] .. SEP .. texts[6] .. loaded.rest
+  end
+  if call.gen0 ~= '' then
+    -- (A generation found, keys.GENERATION: cleared with the write, if any. Rare: a fast
+    -- acquire after a full call.)
+    if changed or inflight_changed or s.lv ~= call.lv0 then
+      local args = {TUNING.GENERATION, ''}
+      if changed then args[3] = PACKED_FIELD; args[4] = loaded.text end
+      if inflight_changed then args[#args + 1] = 'inflight'; args[#args + 1] = num(s.inflight) end
+      if s.lv ~= call.lv0 then args[#args + 1] = LIVE_STAMP; args[#args + 1] = s.lv end
+      redis.call('HSET', K.state, unpack(args))
+      call.gen0 = ''
+      call.drop_kept()
+    end
+  elseif changed then
     if s.lv ~= call.lv0 then
       if inflight_changed then
         redis.call('HSET', K.state, PACKED_FIELD, loaded.text, 'inflight', num(s.inflight),

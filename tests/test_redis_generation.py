@@ -1,0 +1,267 @@
+"""The state's generation (keys.GENERATION): a full call takes the state it kept by one field.
+
+A full call of a loaded function library keeps the budget's state in Lua memory and
+stamps P:s with a generation no other write has (store.lua's call.new_gen); the next full
+call reads that field alone and, finding its stamp, takes the kept state without reading
+P:s's other fields. So every other write of P:s's packed numbers or plain fields must
+clear the stamp: each test below makes a full call (which keeps its state), then one
+other writer's change, then a full call whose decision depends on that change. A writer
+that forgot the stamp leaves the kept state taken, and the decision wrong. And stamps
+must be unique: another library on the same server (another build), or the budget
+deleted and made anew by one, must never write the stamp a library keeps.
+
+The kept state exists only where the scripts are a function library (Redis 7+, Valkey):
+on Redis 6.2 these tests skip.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from tests.support.lua_scheduler import LuaScheduler, redis_version
+from tests.support.redis_server import RedisServer
+from throttle_mw.backends.redis import protocol
+from throttle_mw.backends.redis.keys import GENERATION, LIVE_STAMP, Keys
+from throttle_mw.backends.redis.scripts import library
+from throttle_mw.priorities import PRIORITIES
+from throttle_mw.scheduler import Admit, HeldLease, Limits, Policy, Request
+
+POLICY = Policy(dict.fromkeys(PRIORITIES, 5.0), tenant_idle_s=3600.0)
+#: The other library's name: another build of throttle_mw loaded beside this one.
+OTHER = "throttle_mw_otherbuild"
+
+
+@pytest.fixture
+def client(clean_redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = clean_redis_server.client()
+    if redis_version(client) < (7, 0):
+        pytest.skip("EVAL: nothing outlives a call, no state is kept")
+    yield client
+    client.close()
+
+
+class OtherBuild(LuaScheduler):
+    """The scheduler's calls through another library loaded on the same server (`other`)."""
+
+    def _run(self, name: str, args: list[str], client: Any) -> Any:
+        return client.fcall(f"{OTHER}_{name}", 1, self._key, *args)
+
+
+def load_other(client: redis.Redis) -> None:
+    """Another build's library: this one's text under another name (its own Lua state)."""
+    own = library()
+    client.function_load(own.text.replace(own.name, OTHER), replace=True)
+
+
+def other_build(scheduler: LuaScheduler) -> LuaScheduler:
+    """The same budget, its calls through the other library (`load_other`)."""
+    other = copy.copy(scheduler)
+    other.__class__ = OtherBuild
+    return other
+
+
+def by_eval(scheduler: LuaScheduler) -> LuaScheduler:
+    """The same budget, its calls by EVALSHA (a client without FUNCTION: an ACL)."""
+    other = copy.copy(scheduler)
+    other._functions = False
+    return other
+
+
+@pytest.fixture(params=["this library", "another library"])
+def writer(
+    request: pytest.FixtureRequest, client: redis.Redis
+) -> Callable[[LuaScheduler], LuaScheduler]:
+    """Who makes a test's other write: the library whose full calls keep the state (which
+    also drops what it kept: store.lua's call.drop_kept), or another one (another build:
+    only the state's generation in Redis tells the first library)."""
+    if request.param == "this library":
+        return lambda scheduler: scheduler
+
+    def other(scheduler: LuaScheduler) -> LuaScheduler:
+        load_other(client)
+        return other_build(scheduler)
+
+    return other
+
+
+def generation(scheduler: LuaScheduler) -> Any:
+    return scheduler._client.hget(scheduler._key, GENERATION)
+
+
+def admitted(decisions: list[Any]) -> list[bool]:
+    return [isinstance(d, Admit) for d in decisions]
+
+
+def acquires(scheduler: LuaScheduler, now: float, *ids: str, tenant: str = "t") -> list[Any]:
+    """Acquires in one full call (batch.lua's, never fast.lua's: a tick after them)."""
+    ops = [protocol.acquire_op(i, protocol.acquire_tail(Request(i, tenant), 1.0, 5.0)) for i in ids]
+    lines = scheduler.batch(now, [*ops, protocol.TICK])
+    return [protocol.decode_acquire(line) for line in lines[: len(ids)]]
+
+
+def test_a_full_call_reads_the_generation_alone_while_it_holds_the_state(
+    client: redis.Redis,
+) -> None:
+    """A saturated budget's calls: each full call after the first reads P:s with one HGET of
+    its generation (no HMGET of its fields) and stamps its write with a new one."""
+    scheduler = LuaScheduler(client, Limits(rate=1.0, burst=1.0), POLICY, 0.0)
+    scheduler.acquire(0.01, Request("a", "t"))  # admitted: the bucket empty
+    stamps = set()
+    for i in range(5):
+        client.config_resetstat()
+        scheduler.acquire_in_full(0.02 + i * 0.01, Request(f"w{i}", "t"))  # queued
+        stats = client.info("commandstats")
+        assert "cmdstat_hmget" not in stats, stats.get("cmdstat_hmget")
+        stamps.add(generation(scheduler))
+    assert len(stamps) == 5
+    assert not stamps & {b"", None}
+
+
+def test_a_fast_acquire_clears_the_generation(
+    client: redis.Redis, writer: Callable[[LuaScheduler], LuaScheduler]
+) -> None:
+    """fast.lua's acquire (store.lua's call.save_acquire) takes a token: the full call
+    after it finds the bucket empty."""
+    scheduler = LuaScheduler(client, Limits(rate=0.01, burst=2.0), POLICY, 0.0)
+    assert admitted(acquires(scheduler, 0.01, "a")) == [True]  # kept, stamped
+    assert generation(scheduler)
+    decision, _ = writer(scheduler).acquire(0.02, Request("b", "t"))  # the fast path: nobody waits
+    assert isinstance(decision, Admit)
+    assert generation(scheduler) == b""
+    assert admitted(acquires(scheduler, 0.03, "c")) == [False]
+
+
+def test_a_lean_release_clears_the_generation(
+    client: redis.Redis, writer: Callable[[LuaScheduler], LuaScheduler]
+) -> None:
+    """fast.lua's lean_release (release.lua's short reply) writes in flight alone: the full
+    call after it finds the slot free."""
+    scheduler = LuaScheduler(client, Limits(concurrency=1), POLICY, 0.0)
+    assert admitted(acquires(scheduler, 0.01, "a")) == [True]
+    assert generation(scheduler)
+    assert writer(scheduler).lone_release(0.02, "a") == [protocol.REPLY["released"]]  # the lean one
+    assert generation(scheduler) == b""
+    assert admitted(acquires(scheduler, 0.03, "b")) == [True]
+
+
+def test_a_fast_release_clears_the_generation(
+    client: redis.Redis, writer: Callable[[LuaScheduler], LuaScheduler]
+) -> None:
+    """fast.lua's fast_release (a lease of cost 2: save(true)) frees two slots: the full call
+    after it admits a request of cost 2."""
+    scheduler = LuaScheduler(client, Limits(concurrency=2), POLICY, 0.0)
+    op = protocol.acquire_op("a", protocol.acquire_tail(Request("a", "t", cost=2), 1.0, 5.0))
+    assert admitted([protocol.decode_acquire(scheduler.batch(0.01, [op, protocol.TICK])[0])]) == [
+        True
+    ]
+    assert generation(scheduler)
+    writer(scheduler).batch(0.02, [protocol.release_op("a")])  # one operation: fast.lua's release
+    assert generation(scheduler) == b""
+    op = protocol.acquire_op("b", protocol.acquire_tail(Request("b", "t", cost=2), 1.0, 5.0))
+    assert admitted([protocol.decode_acquire(scheduler.batch(0.03, [op, protocol.TICK])[0])]) == [
+        True
+    ]
+
+
+def test_a_lease_of_rate_tokens_clears_the_generation(
+    client: redis.Redis, writer: Callable[[LuaScheduler], LuaScheduler]
+) -> None:
+    """ratelease.lua takes the bucket's tokens for a process's lease: the full call after it
+    finds none."""
+    scheduler = LuaScheduler(client, Limits(rate=0.01, burst=10.0), POLICY, 0.0)
+    assert admitted(acquires(scheduler, 0.01, "a")) == [True]
+    assert generation(scheduler)
+    grant = writer(scheduler).lease_tokens(0.02, 10.0, HeldLease(), 9)
+    assert grant.taken == 9
+    assert generation(scheduler) == b""
+    assert admitted(acquires(scheduler, 0.03, "b")) == [False]
+
+
+def test_a_live_change_clears_the_generation(
+    client: redis.Redis, writer: Callable[[LuaScheduler], LuaScheduler]
+) -> None:
+    """live.lua (`throttle-mw set`) sets a concurrency of 1 on a rate budget: the full call
+    after it reads the live limits anew and admits one request of two."""
+    scheduler = LuaScheduler(client, Limits(rate=100.0, burst=100.0), POLICY, 0.0)
+    assert admitted(acquires(scheduler, 0.01, "a")) == [True]  # (a rate alone: no lease)
+    assert generation(scheduler)
+    writer(scheduler).live_change(0.02, {"concurrency": "1"})
+    assert not generation(scheduler)
+    assert admitted(acquires(scheduler, 0.03, "b", "c")) == [True, False]
+
+
+def test_a_live_change_without_the_live_stamp_clears_the_generation(
+    client: redis.Redis, writer: Callable[[LuaScheduler], LuaScheduler]
+) -> None:
+    """live.lua where the state has no live stamp (deleted by hand, the generation left: as a
+    tool of an older build would): it deletes the generation with the stamp, and the full
+    call after it reads the live limits anew."""
+    scheduler = LuaScheduler(client, Limits(rate=100.0, burst=100.0), POLICY, 0.0)
+    assert admitted(acquires(scheduler, 0.01, "a")) == [True]
+    assert generation(scheduler)
+    client.hdel(scheduler._key, LIVE_STAMP)
+    writer(scheduler).live_change(0.02, {"concurrency": "1"})
+    assert generation(scheduler) is None
+    assert admitted(acquires(scheduler, 0.03, "b", "c")) == [True, False]
+
+
+def test_a_live_change_from_python_clears_the_generation(client: redis.Redis) -> None:
+    """Keys.live_changed (the learner, the weights tool) deletes the live stamp and with it
+    the generation: the full call after it reads P:cfg anew, a burst of 1."""
+    scheduler = LuaScheduler(client, Limits(rate=100.0, burst=100.0), POLICY, 0.0)
+    assert admitted(acquires(scheduler, 0.01, "a")) == [True]
+    assert generation(scheduler)
+    keys = Keys(scheduler._tag[1:-1])
+    client.hset(keys.cfg, mapping={"rate": "0.001", "burst": "1"})
+    keys.live_changed(client)
+    assert client.hget(keys.state, LIVE_STAMP) is None
+    assert generation(scheduler) is None
+    assert admitted(acquires(scheduler, 0.03, "b", "c")) == [True, False]
+
+
+def test_a_full_call_that_keeps_nothing_clears_the_generation(client: redis.Redis) -> None:
+    """A full call by EVALSHA (nothing kept: another client of the fleet without FUNCTION)
+    takes a token: the library's full call after it finds the bucket empty."""
+    scheduler = LuaScheduler(client, Limits(rate=0.01, burst=2.0), POLICY, 0.0)
+    assert admitted(acquires(scheduler, 0.01, "a")) == [True]
+    assert generation(scheduler)
+    assert admitted(acquires(by_eval(scheduler), 0.02, "b")) == [True]
+    assert generation(scheduler) == b""
+    assert admitted(acquires(scheduler, 0.03, "c")) == [False]
+
+
+def test_another_library_s_stamps_are_never_this_one_s(client: redis.Redis) -> None:
+    """Two builds' libraries on one budget, both keeping the state: each counts its full calls
+    from 1 in its own Lua state, so without a seed of its own the other's second stamp would
+    be this one's kept stamp. The full call after the other's two finds their tokens gone."""
+    scheduler = LuaScheduler(client, Limits(rate=0.001, burst=4.0), POLICY, 0.0)  # (its tick: 1)
+    load_other(client)
+    other = other_build(scheduler)
+    assert admitted(acquires(scheduler, 0.01, "a")) == [True]  # this library's second stamp
+    kept = generation(scheduler)
+    assert admitted(acquires(other, 0.02, "b")) == [True]  # the other's first
+    assert admitted(acquires(other, 0.03, "c")) == [True]  # and second
+    assert generation(scheduler) not in (kept, b"", None)
+    assert admitted(acquires(scheduler, 0.04, "d", "e")) == [True, False]
+
+
+def test_a_state_deleted_and_made_anew_never_has_the_kept_stamp(client: redis.Redis) -> None:
+    """The budget's keys deleted (FLUSHALL: Redis restarted empty, functions kept), then made
+    anew by another library's calls (a fresh Lua state counting from 1): its stamps are not
+    the one this library kept before the deletion, and the full call after them takes the
+    new state: one token left of the new bucket, not the old one's three."""
+    scheduler = LuaScheduler(client, Limits(rate=0.001, burst=4.0), POLICY, 0.0)  # (its tick: 1)
+    assert admitted(acquires(scheduler, 0.01, "a")) == [True]  # stamp 2: 3 tokens kept
+    kept = generation(scheduler)
+    client.flushall()
+    load_other(client)
+    other = other_build(scheduler)
+    assert admitted(acquires(other, 0.02, "b", "c")) == [True, True]  # the other's first
+    assert admitted(acquires(other, 0.03, "d")) == [True]  # and second: 1 token left
+    assert generation(scheduler) not in (kept, b"", None)
+    assert admitted(acquires(scheduler, 0.04, "e", "f")) == [True, False]
