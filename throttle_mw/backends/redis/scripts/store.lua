@@ -753,8 +753,8 @@ end
 function call.new_gen()
   local seed = call.gen_seed
   if seed == nil then
-    local t = redis.call('TIME')
-    seed = t[1] .. '.' .. t[2] .. '/'
+    local time = redis.call('TIME')
+    seed = time[1] .. '.' .. time[2] .. '/'
     call.gen_seed = seed
   end
   return seed .. num(S.lm)
