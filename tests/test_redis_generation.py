@@ -108,18 +108,28 @@ def test_a_full_call_reads_the_generation_alone_while_it_holds_the_state(
     client: redis.Redis,
 ) -> None:
     """A saturated budget's calls: each full call after the first reads P:s with one HGET of
-    its generation (no HMGET of its fields) and stamps its write with a new one."""
+    its generation (no HMGET of its fields), and the stamp stays while this library is the
+    only writer; after another write (here the live stamp and the generation deleted, as
+    Keys.live_changed does) the next full call reads P:s whole and stamps it anew."""
     scheduler = LuaScheduler(client, Limits(rate=1.0, burst=1.0), POLICY, 0.0)
     scheduler.acquire(0.01, Request("a", "t"))  # admitted: the bucket empty
-    stamps = set()
-    for i in range(5):
-        client.config_resetstat()
-        scheduler.acquire_in_full(0.02 + i * 0.01, Request(f"w{i}", "t"))  # queued
-        stats = client.info("commandstats")
-        assert "cmdstat_hmget" not in stats, stats.get("cmdstat_hmget")
-        stamps.add(generation(scheduler))
-    assert len(stamps) == 5
-    assert not stamps & {b"", None}
+    now = 0.02
+    for stamped in range(2):
+        scheduler.acquire_in_full(now, Request(f"first{stamped}", "t"))  # queued: stamped
+        stamp = generation(scheduler)
+        assert stamp
+        for i in range(5):
+            now += 0.01
+            client.config_resetstat()
+            scheduler.acquire_in_full(now, Request(f"w{stamped}-{i}", "t"))  # queued
+            stats = client.info("commandstats")
+            assert "cmdstat_hmget" not in stats, stats.get("cmdstat_hmget")
+            assert generation(scheduler) == stamp
+        Keys(scheduler._tag[1:-1]).live_changed(client)
+        now += 0.01
+    assert generation(scheduler) is None
+    scheduler.acquire_in_full(now, Request("last", "t"))
+    assert generation(scheduler) not in (None, b"", stamp)
 
 
 def test_a_fast_acquire_clears_the_generation(

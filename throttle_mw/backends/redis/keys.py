@@ -193,9 +193,10 @@ LIVE_STAMP: Final = "lv"
 #: "The state as the last full call of this library left it"): its packed numbers or any
 #: of its plain fields (``inflight``, ``waiting``, ``tk_by``, ``ep``, ``lv``, the counts by
 #: rank). A full call of a loaded library that keeps its state writes a stamp no other
-#: write has (Redis's TIME when the library first stamped, in microseconds, then a number
-#: it counts up per call) and keeps it; the next full call reads this field alone and,
-#: finding that stamp, takes the kept state without reading the others. Every other
+#: library writes (Redis's TIME when the library first stamped, in microseconds, then a
+#: number it counts up per call) and keeps it; the next full call reads this field alone
+#: and, finding that stamp, takes the kept state without reading the others (and writes
+#: no stamp: it stays while that library is the only writer). Every other
 #: write of those fields (fast.lua's acquires and releases, ratelease.lua, live.lua, a
 #: full call that keeps nothing, `Keys.live_changed`, an operator or a test by hand) sets
 #: it to '' (or deletes it) with its write, if it holds one: a stamp once gone is never

@@ -359,7 +359,7 @@ function call.init_tables()
     dl_next = nil, dl_floor = nil, idle = nil, last_number = nil, last_text = nil,
     no_weights = nil, weights_asked = nil, made = nil, hot_read = nil, kept = nil,
     granted = nil, raw = nil, queued_at = nil, queued_text = nil, tw = nil, plain_mid = nil,
-    work_spent = nil, work_units = nil, stamped = nil, gen = nil}
+    work_spent = nil, work_units = nil, stamped = nil, gen = nil, by_gen = nil}
   more = false
   held_back = 0
   loaded = nil
@@ -679,14 +679,16 @@ end
 -- the packed numbers' memo entry are those of that call, unchanged since (save updates
 -- them as it writes). A saturated budget's calls come one after another: building S
 -- (thirty fields) took a tenth of such a call. false: made anew.
--- First asked by the state's generation (keys.GENERATION, call.take_kept): the stamp that
--- call wrote with its save, found again, names its write, so nothing read is compared.
--- Every other write of the packed numbers or the plain fields clears the stamp if it
--- holds one (save, call.save_acquire, fast.lua's lean_release, ratelease.lua, live.lua,
--- Keys.live_changed), and no other write has one alike: seeded from Redis's TIME (in
--- microseconds) when this library first stamps, then S.lm, counted up by each of its full
--- calls (call.stamp_line). A key deleted or expired and made anew holds another stamp or
--- none. (With EVAL nothing is kept: such calls only clear it.)
+-- First asked by the state's generation (keys.GENERATION, call.take_kept): the stamp this
+-- library's full calls wrote, found again, says this library was the last to write P:s
+-- (nothing read is compared), and the next full call writes none (save). Every other write
+-- of the packed numbers or the plain fields clears the stamp if it holds one (save,
+-- call.save_acquire, fast.lua's lean_release, ratelease.lua, live.lua, Keys.live_changed),
+-- and no other library's stamp is alike: seeded from Redis's TIME (in microseconds) when
+-- this library first stamps (call.new_gen), then S.lm, counted up by each of its full calls
+-- (call.stamp_line), so a stamp written after another writer is new too. A key deleted or
+-- expired and made anew holds another stamp or none. (With EVAL nothing is kept: such calls
+-- only clear it.)
 --
 -- PLAIN's fields, then the generation: what a full call reads when it cannot take the
 -- kept state by its generation (the stamp as read: call.gen0).
@@ -706,6 +708,7 @@ function call.take_kept()
   S, S0, loaded = kept.S, kept.S0, memo
   M.raw = kept.raw
   call.gen0 = kept.gen
+  M.by_gen = true  -- (save writes no stamp: P:s holds this one)
   return true
 end
 
@@ -745,11 +748,11 @@ function call.drop_kept()
   if kept ~= nil then kept.text = false end
 end
 
--- The generation a full call that keeps its state writes (keys.GENERATION): the library's
--- seed, Redis's TIME (seconds and microseconds) when it first stamped, then this call's
--- S.lm (call.stamp_line: one up per full call of the library). No other library has the
--- seed (each took it in a call of its own, microseconds apart at least), and this one
--- never stamps a number twice.
+-- The generation a full call that keeps its state writes (keys.GENERATION) where it did not
+-- take the state by its stamp: the library's seed, Redis's TIME (seconds and microseconds)
+-- when it first stamped, then this call's S.lm (call.stamp_line: one up per full call of the
+-- library). No other library has the seed (each took it in a call of its own, a full call's
+-- time apart at least), and this one never stamps a number twice.
 function call.new_gen()
   local seed = call.gen_seed
   if seed == nil then
@@ -1530,20 +1533,24 @@ local function save(hot)
   else
     n = call.save_plain(args, n)
   end
-  if n > 0 then
-    -- The state's generation (keys.GENERATION): a full call that keeps its state stamps
-    -- its write (call.keep_state, call.take_kept); any other clears the stamp it found.
-    if M.stamped and M.raw ~= nil and loaded ~= nil then
+  -- The state's generation (keys.GENERATION): a full call that keeps its state stamps its
+  -- write (call.keep_state, call.take_kept), unless it took the state by its stamp (M.by_gen:
+  -- P:s holds it, and this library was its last writer: the stamp stays, nothing written);
+  -- any other write clears the stamp it found.
+  if M.stamped and M.raw ~= nil and loaded ~= nil then
+    if M.by_gen then
+      M.gen = call.gen0
+    elseif n > 0 then
       local gen = call.new_gen()
       args[n + 1] = TUNING.GENERATION; args[n + 2] = gen; n = n + 2
       M.gen = gen; call.gen0 = gen
-    elseif call.gen0 ~= '' then
-      args[n + 1] = TUNING.GENERATION; args[n + 2] = ''; n = n + 2
-      call.gen0 = ''
-      call.drop_kept()
     end
-    redis.call('HSET', K.state, unpack(args, 1, n))
+  elseif n > 0 and call.gen0 ~= '' then
+    args[n + 1] = TUNING.GENERATION; args[n + 2] = ''; n = n + 2
+    call.gen0 = ''
+    call.drop_kept()
   end
+  if n > 0 then redis.call('HSET', K.state, unpack(args, 1, n)) end
   for _, t in pairs(T) do
     if t.dirty and not t.deleted then save_tenant(t, false, hot) end
   end
