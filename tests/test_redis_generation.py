@@ -97,11 +97,29 @@ def admitted(decisions: list[Any]) -> list[bool]:
     return [isinstance(d, Admit) for d in decisions]
 
 
-def acquires(scheduler: LuaScheduler, now: float, *ids: str, tenant: str = "t") -> list[Any]:
-    """Acquires in one full call (batch.lua's, never fast.lua's: a tick after them)."""
-    ops = [protocol.acquire_op(i, protocol.acquire_tail(Request(i, tenant), 1.0, 5.0)) for i in ids]
+def acquires(scheduler: LuaScheduler, now: float, *asked: str | tuple[str, int]) -> list[Any]:
+    """Acquires in one full call (batch.lua's, never fast.lua's: a tick after them), each an
+    id (cost 1) or (id, cost), each its own tenant."""
+    ops = []
+    for one in asked:
+        rid, cost = (one, 1) if isinstance(one, str) else one
+        tail = protocol.acquire_tail(Request(rid, "t-" + rid, cost=cost), 1.0, 5.0)
+        ops.append(protocol.acquire_op(rid, tail))
     lines = scheduler.batch(now, [*ops, protocol.TICK])
-    return [protocol.decode_acquire(line) for line in lines[: len(ids)]]
+    return [protocol.decode_acquire(line) for line in lines[: len(asked)]]
+
+
+def stamped(scheduler: LuaScheduler, now: float, first: str | tuple[str, int] = "a") -> Any:
+    """The state stamped and kept by this library, nobody waiting: a full call that admits
+    `first` and leaves a request of the whole burst waiting (a call that leaves someone
+    waiting stamps its write), then one that cancels it (taken by the stamp: it stays).
+    The stamp."""
+    burst = scheduler._limits.burst
+    assert admitted(acquires(scheduler, now, first, ("q", int(burst)))) == [True, False]
+    scheduler.batch(now + 0.001, [protocol.cancel_op("q"), protocol.TICK])
+    stamp = generation(scheduler)
+    assert stamp
+    return stamp
 
 
 def test_a_full_call_reads_the_generation_alone_while_it_holds_the_state(
@@ -136,46 +154,37 @@ def test_a_fast_acquire_clears_the_generation(
     client: redis.Redis, writer: Callable[[LuaScheduler], LuaScheduler]
 ) -> None:
     """fast.lua's acquire (store.lua's call.save_acquire) takes a token: the full call
-    after it finds the bucket empty."""
-    scheduler = LuaScheduler(client, Limits(rate=0.01, burst=2.0), POLICY, 0.0)
-    assert admitted(acquires(scheduler, 0.01, "a")) == [True]  # kept, stamped
-    assert generation(scheduler)
-    decision, _ = writer(scheduler).acquire(0.02, Request("b", "t"))  # the fast path: nobody waits
+    after it finds 8 left of 10, not 9."""
+    scheduler = LuaScheduler(client, Limits(rate=1.0, burst=10.0), POLICY, 0.0)
+    stamped(scheduler, 0.01)  # 9 tokens
+    decision, _ = writer(scheduler).acquire(0.02, Request("b", "t-a"))  # fast: nobody waits
     assert isinstance(decision, Admit)
     assert generation(scheduler) == b""
-    assert admitted(acquires(scheduler, 0.03, "c")) == [False]
+    assert admitted(acquires(scheduler, 0.03, ("z", 9))) == [False]
 
 
 def test_a_lean_release_clears_the_generation(
     client: redis.Redis, writer: Callable[[LuaScheduler], LuaScheduler]
 ) -> None:
     """fast.lua's lean_release (release.lua's short reply) writes in flight alone: the full
-    call after it finds the slot free."""
-    scheduler = LuaScheduler(client, Limits(concurrency=1), POLICY, 0.0)
-    assert admitted(acquires(scheduler, 0.01, "a")) == [True]
-    assert generation(scheduler)
-    assert writer(scheduler).lone_release(0.02, "a") == [protocol.REPLY["released"]]  # the lean one
+    call after it finds both slots free."""
+    scheduler = LuaScheduler(client, Limits(rate=1.0, burst=10.0, concurrency=2), POLICY, 0.0)
+    stamped(scheduler, 0.01)  # a holds a slot
+    assert writer(scheduler).lone_release(0.02, "a") == [protocol.REPLY["released"]]  # lean
     assert generation(scheduler) == b""
-    assert admitted(acquires(scheduler, 0.03, "b")) == [True]
+    assert admitted(acquires(scheduler, 0.03, "b", "c")) == [True, True]
 
 
 def test_a_fast_release_clears_the_generation(
     client: redis.Redis, writer: Callable[[LuaScheduler], LuaScheduler]
 ) -> None:
     """fast.lua's fast_release (a lease of cost 2: save(true)) frees two slots: the full call
-    after it admits a request of cost 2."""
-    scheduler = LuaScheduler(client, Limits(concurrency=2), POLICY, 0.0)
-    op = protocol.acquire_op("a", protocol.acquire_tail(Request("a", "t", cost=2), 1.0, 5.0))
-    assert admitted([protocol.decode_acquire(scheduler.batch(0.01, [op, protocol.TICK])[0])]) == [
-        True
-    ]
-    assert generation(scheduler)
-    writer(scheduler).batch(0.02, [protocol.release_op("a")])  # one operation: fast.lua's release
+    after it admits a request of cost 3."""
+    scheduler = LuaScheduler(client, Limits(rate=1.0, burst=10.0, concurrency=3), POLICY, 0.0)
+    stamped(scheduler, 0.01, ("a", 2))  # a holds two slots
+    writer(scheduler).batch(0.02, [protocol.release_op("a")])  # one operation: fast.lua's
     assert generation(scheduler) == b""
-    op = protocol.acquire_op("b", protocol.acquire_tail(Request("b", "t", cost=2), 1.0, 5.0))
-    assert admitted([protocol.decode_acquire(scheduler.batch(0.03, [op, protocol.TICK])[0])]) == [
-        True
-    ]
+    assert admitted(acquires(scheduler, 0.03, ("b", 3))) == [True]
 
 
 def test_a_lease_of_rate_tokens_clears_the_generation(
@@ -183,9 +192,8 @@ def test_a_lease_of_rate_tokens_clears_the_generation(
 ) -> None:
     """ratelease.lua takes the bucket's tokens for a process's lease: the full call after it
     finds none."""
-    scheduler = LuaScheduler(client, Limits(rate=0.01, burst=10.0), POLICY, 0.0)
-    assert admitted(acquires(scheduler, 0.01, "a")) == [True]
-    assert generation(scheduler)
+    scheduler = LuaScheduler(client, Limits(rate=1.0, burst=10.0), POLICY, 0.0)
+    stamped(scheduler, 0.01)  # 9 tokens
     grant = writer(scheduler).lease_tokens(0.02, 10.0, HeldLease(), 9)
     assert grant.taken == 9
     assert generation(scheduler) == b""
@@ -198,8 +206,7 @@ def test_a_live_change_clears_the_generation(
     """live.lua (`throttle-mw set`) sets a concurrency of 1 on a rate budget: the full call
     after it reads the live limits anew and admits one request of two."""
     scheduler = LuaScheduler(client, Limits(rate=100.0, burst=100.0), POLICY, 0.0)
-    assert admitted(acquires(scheduler, 0.01, "a")) == [True]  # (a rate alone: no lease)
-    assert generation(scheduler)
+    stamped(scheduler, 0.01)  # (a rate alone: a holds no slot)
     writer(scheduler).live_change(0.02, {"concurrency": "1"})
     assert not generation(scheduler)
     assert admitted(acquires(scheduler, 0.03, "b", "c")) == [True, False]
@@ -212,8 +219,7 @@ def test_a_live_change_without_the_live_stamp_clears_the_generation(
     tool of an older build would): it deletes the generation with the stamp, and the full
     call after it reads the live limits anew."""
     scheduler = LuaScheduler(client, Limits(rate=100.0, burst=100.0), POLICY, 0.0)
-    assert admitted(acquires(scheduler, 0.01, "a")) == [True]
-    assert generation(scheduler)
+    stamped(scheduler, 0.01)
     client.hdel(scheduler._key, LIVE_STAMP)
     writer(scheduler).live_change(0.02, {"concurrency": "1"})
     assert generation(scheduler) is None
@@ -224,8 +230,7 @@ def test_a_live_change_from_python_clears_the_generation(client: redis.Redis) ->
     """Keys.live_changed (the learner, the weights tool) deletes the live stamp and with it
     the generation: the full call after it reads P:cfg anew, a burst of 1."""
     scheduler = LuaScheduler(client, Limits(rate=100.0, burst=100.0), POLICY, 0.0)
-    assert admitted(acquires(scheduler, 0.01, "a")) == [True]
-    assert generation(scheduler)
+    stamped(scheduler, 0.01)
     keys = Keys(scheduler._tag[1:-1])
     client.hset(keys.cfg, mapping={"rate": "0.001", "burst": "1"})
     keys.live_changed(client)
@@ -236,42 +241,42 @@ def test_a_live_change_from_python_clears_the_generation(client: redis.Redis) ->
 
 def test_a_full_call_that_keeps_nothing_clears_the_generation(client: redis.Redis) -> None:
     """A full call by EVALSHA (nothing kept: another client of the fleet without FUNCTION)
-    takes a token: the library's full call after it finds the bucket empty."""
-    scheduler = LuaScheduler(client, Limits(rate=0.01, burst=2.0), POLICY, 0.0)
-    assert admitted(acquires(scheduler, 0.01, "a")) == [True]
-    assert generation(scheduler)
-    assert admitted(acquires(by_eval(scheduler), 0.02, "b")) == [True]
+    takes 9 tokens: the library's full call after it finds none."""
+    scheduler = LuaScheduler(client, Limits(rate=1.0, burst=10.0), POLICY, 0.0)
+    stamped(scheduler, 0.01)  # 9 tokens
+    assert admitted(acquires(by_eval(scheduler), 0.02, ("b", 9))) == [True]
     assert generation(scheduler) == b""
     assert admitted(acquires(scheduler, 0.03, "c")) == [False]
 
 
 def test_another_library_s_stamps_are_never_this_one_s(client: redis.Redis) -> None:
     """Two builds' libraries on one budget, both keeping the state: each counts its full calls
-    from 1 in its own Lua state, so without a seed of its own the other's second stamp would
-    be this one's kept stamp. The full call after the other's two finds their tokens gone."""
-    scheduler = LuaScheduler(client, Limits(rate=0.001, burst=4.0), POLICY, 0.0)  # (its tick: 1)
+    from 1 in its own Lua state, so without a seed of its own the other's stamp of its second
+    call would be this one's kept stamp (its second call's). The full call after the other's
+    finds their tokens gone: 7 left, not 9."""
+    scheduler = LuaScheduler(client, Limits(rate=1.0, burst=10.0), POLICY, 0.0)  # (its tick: 1)
+    kept = stamped(scheduler, 0.01)  # its calls 2 (stamped) and 3: 9 tokens
     load_other(client)
     other = other_build(scheduler)
-    assert admitted(acquires(scheduler, 0.01, "a")) == [True]  # this library's second stamp
-    kept = generation(scheduler)
-    assert admitted(acquires(other, 0.02, "b")) == [True]  # the other's first
-    assert admitted(acquires(other, 0.03, "c")) == [True]  # and second
+    assert admitted(acquires(other, 0.02, "b")) == [True]  # its first: nobody waits, no stamp
+    assert admitted(acquires(other, 0.03, "c", ("r", 10))) == [True, False]  # its second
+    other.batch(0.031, [protocol.cancel_op("r"), protocol.TICK])
     assert generation(scheduler) not in (kept, b"", None)
-    assert admitted(acquires(scheduler, 0.04, "d", "e")) == [True, False]
+    assert admitted(acquires(scheduler, 0.04, ("z", 8))) == [False]
 
 
 def test_a_state_deleted_and_made_anew_never_has_the_kept_stamp(client: redis.Redis) -> None:
     """The budget's keys deleted (FLUSHALL: Redis restarted empty, functions kept), then made
-    anew by another library's calls (a fresh Lua state counting from 1): its stamps are not
+    anew by another library's calls (a fresh Lua state counting from 1): its stamp is not
     the one this library kept before the deletion, and the full call after them takes the
-    new state: one token left of the new bucket, not the old one's three."""
-    scheduler = LuaScheduler(client, Limits(rate=0.001, burst=4.0), POLICY, 0.0)  # (its tick: 1)
-    assert admitted(acquires(scheduler, 0.01, "a")) == [True]  # stamp 2: 3 tokens kept
-    kept = generation(scheduler)
+    new state: 7 tokens of the new bucket, not the old one's 9."""
+    scheduler = LuaScheduler(client, Limits(rate=1.0, burst=10.0), POLICY, 0.0)  # (its tick: 1)
+    kept = stamped(scheduler, 0.01)  # its calls 2 (stamped) and 3: 9 tokens
     client.flushall()
     load_other(client)
     other = other_build(scheduler)
-    assert admitted(acquires(other, 0.02, "b", "c")) == [True, True]  # the other's first
-    assert admitted(acquires(other, 0.03, "d")) == [True]  # and second: 1 token left
+    assert admitted(acquires(other, 0.02, ("b", 2))) == [True]  # its first: 8 tokens
+    assert admitted(acquires(other, 0.03, "c", ("r", 10))) == [True, False]  # its second
+    other.batch(0.031, [protocol.cancel_op("r"), protocol.TICK])
     assert generation(scheduler) not in (kept, b"", None)
-    assert admitted(acquires(scheduler, 0.04, "e", "f")) == [True, False]
+    assert admitted(acquires(scheduler, 0.04, ("z", 8))) == [False]

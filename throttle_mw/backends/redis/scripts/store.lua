@@ -698,7 +698,7 @@ call.PLAIN_GEN[#PLAIN + 1] = TUNING.GENERATION
 
 function call.take_kept()
   local kept = K.kept_state
-  if kept == nil or not kept.text then return false end
+  if kept == nil or not kept.text or not kept.gen then return false end
   local memo = kept.loaded
   if redis.call('HGET', K.state, TUNING.GENERATION) ~= kept.gen
     or K.state_memo ~= memo or memo.text ~= kept.text then
@@ -727,17 +727,17 @@ function call.take_state(vals)
   return true
 end
 
--- After save: the state for the next full call (call.take_kept, call.take_state), if this
--- call read P:s whole (M.raw), wrote all it changed and stamped its write (M.gen: save).
+-- After save: the state for the next full call (call.take_kept if save stamped it, M.gen;
+-- else call.take_state), if this call read P:s whole (M.raw) and wrote all it changed.
 function call.keep_state()
-  if not call.lasting or M.raw == nil or loaded == nil or M.gen == nil then return end
+  if not call.lasting or M.raw == nil or loaded == nil then return end
   local kept = K.kept_state
   if kept == nil then
     kept = {text = false, loaded = false, S = false, S0 = false, raw = false, gen = false}
     K.kept_state = kept
   end
   kept.text = loaded.text; kept.loaded = loaded; kept.S = S; kept.S0 = S0; kept.raw = M.raw
-  kept.gen = M.gen
+  kept.gen = M.gen or false
 end
 
 -- A write that clears the state's generation (keys.GENERATION) drops this library's kept
@@ -1533,11 +1533,13 @@ local function save(hot)
   else
     n = call.save_plain(args, n)
   end
-  -- The state's generation (keys.GENERATION): a full call that keeps its state stamps its
-  -- write (call.keep_state, call.take_kept), unless it took the state by its stamp (M.by_gen:
-  -- P:s holds it, and this library was its last writer: the stamp stays, nothing written);
-  -- any other write clears the stamp it found.
-  if M.stamped and M.raw ~= nil and loaded ~= nil then
+  -- The state's generation (keys.GENERATION): a full call that keeps its state and leaves
+  -- requests waiting (so the next call is a full one: batch.lua tries no fast path) stamps
+  -- its write (call.keep_state, call.take_kept), unless it took the state by its stamp
+  -- (M.by_gen: P:s holds it and this library was its last writer: the stamp stays, nothing
+  -- written). Any other write clears the stamp it found (a call that leaves nobody waiting
+  -- too: the next is most likely fast.lua's, which would clear it).
+  if M.stamped and M.raw ~= nil and loaded ~= nil and (M.by_gen or S.waiting > 0) then
     if M.by_gen then
       M.gen = call.gen0
     elseif n > 0 then
