@@ -192,16 +192,17 @@ LIVE_STAMP: Final = "lv"
 #: P:s's field naming the write that last changed the state a full call keeps (store.lua,
 #: "The state as the last full call of this library left it"): its packed numbers or any
 #: of its plain fields (``inflight``, ``waiting``, ``tk_by``, ``ep``, ``lv``, the counts by
-#: rank). A full call of a loaded library that keeps its state writes a stamp no other
-#: library writes (Redis's TIME when the library first stamped, in microseconds, then a
-#: number it counts up per call) and keeps it; the next full call reads this field alone
-#: and, finding that stamp, takes the kept state without reading the others (and writes
-#: no stamp: it stays while that library is the only writer). Every other
-#: write of those fields (fast.lua's acquires and releases, ratelease.lua, live.lua, a
-#: full call that keeps nothing, `Keys.live_changed`, an operator or a test by hand) sets
-#: it to '' (or deletes it) with its write, if it holds one: a stamp once gone is never
-#: found again. (No older build writes it: 0.1.0 is the first release, and a build
-#: without it must not share a budget with this one.)
+#: rank). A full call of a loaded library that keeps its state and leaves requests waiting
+#: (a saturated budget's: the next call is a full one too) writes a stamp no other library
+#: writes (Redis's TIME when the library first stamped, in microseconds, then a number it
+#: counts up per call) and keeps it; the next full call reads this field alone and,
+#: finding that stamp, takes the kept state without reading the others (and writes no
+#: stamp: it stays while that library is the only writer). Every other write of those
+#: fields (fast.lua's acquires and releases, ratelease.lua, live.lua, a full call that
+#: keeps nothing or leaves nobody waiting, `Keys.live_changed`, an operator or a test by
+#: hand) sets it to '' (or deletes it) with its write, if it holds one: a stamp once gone
+#: is never found again. (No older build clears it: 0.1.0 is the first release, and a
+#: build without it must not share a budget with this one.)
 GENERATION: Final = "gn"
 #: P:s's field with when the budget last told the processes that may hold a pool that
 #: someone waits (store.lua, call.signal_waiting): read and written only on that

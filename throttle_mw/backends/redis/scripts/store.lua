@@ -680,8 +680,9 @@ end
 -- them as it writes). A saturated budget's calls come one after another: building S
 -- (thirty fields) took a tenth of such a call. false: made anew.
 -- First asked by the state's generation (keys.GENERATION, call.take_kept): the stamp this
--- library's full calls wrote, found again, says this library was the last to write P:s
--- (nothing read is compared), and the next full call writes none (save). Every other write
+-- library's full calls wrote (those that leave requests waiting: save), found again, says
+-- this library was the last to write P:s (nothing read is compared), and the next full
+-- call writes none. Every other write
 -- of the packed numbers or the plain fields clears the stamp if it holds one (save,
 -- call.save_acquire, fast.lua's lean_release, ratelease.lua, live.lua, Keys.live_changed),
 -- and no other library's stamp is alike: seeded from Redis's TIME (in microseconds) when
