@@ -80,7 +80,7 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("fast", "  local vals = redis.call('HMGET', K.state, unpack(HOT", "lean: HMGET"),
     ("fast", "  local packed = unpack_state(vals[1])\n", "lean: checks"),
     ("fast", "  if redis.call('ZREM', K.leases, id) == 1 then\n", "lean: ZREM lease"),
-    ("fast", "    local gen = vals[6]  -- (the state's generation", "lean: HSET inflight"),
+    ("fast", "    redis.call('HSET', K.state, 'inflight',", "lean: HSET inflight"),
     ("release", "  if done then return REPLY.released end\n", "release: return"),
 ]
 

@@ -109,17 +109,33 @@ def acquires(scheduler: LuaScheduler, now: float, *asked: str | tuple[str, int])
     return [protocol.decode_acquire(line) for line in lines[: len(asked)]]
 
 
-def stamped(scheduler: LuaScheduler, now: float, first: str | tuple[str, int] = "a") -> Any:
-    """The state stamped and kept by this library, nobody waiting: a full call that admits
-    `first` and leaves a request of the whole burst waiting (a call that leaves someone
-    waiting stamps its write), then one that cancels it (taken by the stamp: it stays).
-    The stamp."""
-    burst = scheduler._limits.burst
-    assert admitted(acquires(scheduler, now, first, ("q", int(burst)))) == [True, False]
-    scheduler.batch(now + 0.001, [protocol.cancel_op("q"), protocol.TICK])
+def stamped(scheduler: LuaScheduler, now: float, first: Any = "a", cost: int = 0) -> Any:
+    """The state stamped and kept by this library: a full call that admits `first` and
+    leaves a request (`q`, of the whole burst or `cost`) waiting. The stamp."""
+    burst = int(scheduler._limits.burst)
+    assert admitted(acquires(scheduler, now, first, ("q", cost or burst))) == [True, False]
     stamp = generation(scheduler)
     assert stamp
     return stamp
+
+
+def cancelled(scheduler: LuaScheduler, now: float) -> None:
+    """`q` cancelled (a full call that takes the state by its stamp): nobody waits, and the
+    stamp is cleared (a stamp is only there while someone waits: fast.lua's calls, which
+    write only while nobody does, neither read nor clear it)."""
+    scheduler.batch(now, [protocol.cancel_op("q"), protocol.TICK])
+    assert generation(scheduler) == b""
+
+
+def then_two(scheduler: LuaScheduler, now: float) -> list[bool]:
+    """A full call: `q` cancelled, then two acquires (b, c)."""
+    ops = [protocol.cancel_op("q")]
+    for rid in ("b", "c"):
+        ops.append(
+            protocol.acquire_op(rid, protocol.acquire_tail(Request(rid, "t-" + rid), 1.0, 5.0))
+        )
+    lines = scheduler.batch(now, [*ops, protocol.TICK])
+    return admitted([protocol.decode_acquire(line) for line in lines[1:3]])
 
 
 def test_a_full_call_reads_the_generation_alone_while_it_holds_the_state(
@@ -150,54 +166,58 @@ def test_a_full_call_reads_the_generation_alone_while_it_holds_the_state(
     assert generation(scheduler) not in (None, b"", stamp)
 
 
-def test_a_fast_acquire_clears_the_generation(
+def test_a_fast_acquire_after_a_stamp_is_seen(
     client: redis.Redis, writer: Callable[[LuaScheduler], LuaScheduler]
 ) -> None:
-    """fast.lua's acquire (store.lua's call.save_acquire) takes a token: the full call
-    after it finds 8 left of 10, not 9."""
+    """fast.lua's acquire (store.lua's call.save_acquire) takes a token after the stamp was
+    cleared: the full call after it finds 8 left of 10, not 9."""
     scheduler = LuaScheduler(client, Limits(rate=1.0, burst=10.0), POLICY, 0.0)
     stamped(scheduler, 0.01)  # 9 tokens
+    cancelled(scheduler, 0.015)
     decision, _ = writer(scheduler).acquire(0.02, Request("b", "t-a"))  # fast: nobody waits
     assert isinstance(decision, Admit)
-    assert generation(scheduler) == b""
     assert admitted(acquires(scheduler, 0.03, ("z", 9))) == [False]
 
 
-def test_a_lean_release_clears_the_generation(
+def test_a_lean_release_after_a_stamp_is_seen(
     client: redis.Redis, writer: Callable[[LuaScheduler], LuaScheduler]
 ) -> None:
     """fast.lua's lean_release (release.lua's short reply) writes in flight alone: the full
     call after it finds both slots free."""
     scheduler = LuaScheduler(client, Limits(rate=1.0, burst=10.0, concurrency=2), POLICY, 0.0)
     stamped(scheduler, 0.01)  # a holds a slot
+    cancelled(scheduler, 0.015)
     assert writer(scheduler).lone_release(0.02, "a") == [protocol.REPLY["released"]]  # lean
-    assert generation(scheduler) == b""
     assert admitted(acquires(scheduler, 0.03, "b", "c")) == [True, True]
 
 
-def test_a_fast_release_clears_the_generation(
+def test_a_fast_release_after_a_stamp_is_seen(
     client: redis.Redis, writer: Callable[[LuaScheduler], LuaScheduler]
 ) -> None:
     """fast.lua's fast_release (a lease of cost 2: save(true)) frees two slots: the full call
     after it admits a request of cost 3."""
     scheduler = LuaScheduler(client, Limits(rate=1.0, burst=10.0, concurrency=3), POLICY, 0.0)
     stamped(scheduler, 0.01, ("a", 2))  # a holds two slots
+    cancelled(scheduler, 0.015)
     writer(scheduler).batch(0.02, [protocol.release_op("a")])  # one operation: fast.lua's
-    assert generation(scheduler) == b""
     assert admitted(acquires(scheduler, 0.03, ("b", 3))) == [True]
 
 
 def test_a_lease_of_rate_tokens_clears_the_generation(
     client: redis.Redis, writer: Callable[[LuaScheduler], LuaScheduler]
 ) -> None:
-    """ratelease.lua takes the bucket's tokens for a process's lease: the full call after it
-    finds none."""
+    """ratelease.lua gives a lease's 3 unspent tokens back while someone waits: a call after
+    it finds them in the bucket (9, not 6)."""
     scheduler = LuaScheduler(client, Limits(rate=1.0, burst=10.0), POLICY, 0.0)
-    stamped(scheduler, 0.01)  # 9 tokens
-    grant = writer(scheduler).lease_tokens(0.02, 10.0, HeldLease(), 9)
-    assert grant.taken == 9
+    grant = scheduler.lease_tokens(0.005, 10.0, HeldLease(), 3)  # nobody waits: 7 left
+    assert grant.taken == 3
+    stamped(scheduler, 0.01, "a", cost=7)  # 6 tokens, q waits for 7
+    held = HeldLease(grant.generation, grant.until, size=3, returned=3)
+    writer(scheduler).lease_tokens(0.02, 10.0, held, 0)
     assert generation(scheduler) == b""
-    assert admitted(acquires(scheduler, 0.03, "b")) == [False]
+    snapshot = scheduler.snapshot()
+    assert snapshot.tokens is not None
+    assert snapshot.tokens > 8.0, snapshot
 
 
 def test_a_live_change_clears_the_generation(
@@ -209,7 +229,7 @@ def test_a_live_change_clears_the_generation(
     stamped(scheduler, 0.01)  # (a rate alone: a holds no slot)
     writer(scheduler).live_change(0.02, {"concurrency": "1"})
     assert not generation(scheduler)
-    assert admitted(acquires(scheduler, 0.03, "b", "c")) == [True, False]
+    assert then_two(scheduler, 0.03) == [True, False]
 
 
 def test_a_live_change_without_the_live_stamp_clears_the_generation(
@@ -223,7 +243,7 @@ def test_a_live_change_without_the_live_stamp_clears_the_generation(
     client.hdel(scheduler._key, LIVE_STAMP)
     writer(scheduler).live_change(0.02, {"concurrency": "1"})
     assert generation(scheduler) is None
-    assert admitted(acquires(scheduler, 0.03, "b", "c")) == [True, False]
+    assert then_two(scheduler, 0.03) == [True, False]
 
 
 def test_a_live_change_from_python_clears_the_generation(client: redis.Redis) -> None:
@@ -236,47 +256,59 @@ def test_a_live_change_from_python_clears_the_generation(client: redis.Redis) ->
     keys.live_changed(client)
     assert client.hget(keys.state, LIVE_STAMP) is None
     assert generation(scheduler) is None
-    assert admitted(acquires(scheduler, 0.03, "b", "c")) == [True, False]
+    assert then_two(scheduler, 0.03) == [True, False]
 
 
 def test_a_full_call_that_keeps_nothing_clears_the_generation(client: redis.Redis) -> None:
     """A full call by EVALSHA (nothing kept: another client of the fleet without FUNCTION)
-    takes 9 tokens: the library's full call after it finds none."""
+    cancels q and takes 9 tokens: the library's full call after it finds none and nobody
+    waiting."""
     scheduler = LuaScheduler(client, Limits(rate=1.0, burst=10.0), POLICY, 0.0)
-    stamped(scheduler, 0.01)  # 9 tokens
-    assert admitted(acquires(by_eval(scheduler), 0.02, ("b", 9))) == [True]
+    stamped(scheduler, 0.01)  # 9 tokens, q waits
+    tail = protocol.acquire_tail(Request("b", "t-b", cost=9), 1.0, 5.0)
+    lines = by_eval(scheduler).batch(
+        0.02, [protocol.cancel_op("q"), protocol.acquire_op("b", tail), protocol.TICK]
+    )
+    assert isinstance(protocol.decode_acquire(lines[1]), Admit)
     assert generation(scheduler) == b""
-    assert admitted(acquires(scheduler, 0.03, "c")) == [False]
+    snapshot = scheduler.snapshot()
+    assert snapshot.tokens is not None
+    assert snapshot.tokens < 1.0, snapshot
+    assert sum(snapshot.queued_by_priority.values()) == 0, snapshot
 
 
 def test_another_library_s_stamps_are_never_this_one_s(client: redis.Redis) -> None:
     """Two builds' libraries on one budget, both keeping the state: each counts its full calls
     from 1 in its own Lua state, so without a seed of its own the other's stamp of its second
-    call would be this one's kept stamp (its second call's). The full call after the other's
-    finds their tokens gone: 7 left, not 9."""
+    call would be this one's kept stamp (its second call's). A call after the other's finds
+    their tokens gone: 7 left, not 9."""
     scheduler = LuaScheduler(client, Limits(rate=1.0, burst=10.0), POLICY, 0.0)  # (its tick: 1)
-    kept = stamped(scheduler, 0.01)  # its calls 2 (stamped) and 3: 9 tokens
+    kept = stamped(scheduler, 0.01)  # its call 2, stamped: 9 tokens, q waits
     load_other(client)
     other = other_build(scheduler)
-    assert admitted(acquires(other, 0.02, "b")) == [True]  # its first: nobody waits, no stamp
-    assert admitted(acquires(other, 0.03, "c", ("r", 10))) == [True, False]  # its second
-    other.batch(0.031, [protocol.cancel_op("r"), protocol.TICK])
+    tail = protocol.acquire_tail(Request("b", "t-b"), 1.0, 5.0)
+    lines = other.batch(0.02, [protocol.cancel_op("q"), protocol.acquire_op("b", tail)])
+    assert isinstance(protocol.decode_acquire(lines[1]), Admit)  # its first: 8 tokens, no stamp
+    assert admitted(acquires(other, 0.03, "c", ("r", 10))) == [True, False]  # second, stamped
     assert generation(scheduler) not in (kept, b"", None)
-    assert admitted(acquires(scheduler, 0.04, ("z", 8))) == [False]
+    snapshot = scheduler.snapshot()
+    assert snapshot.tokens is not None
+    assert snapshot.tokens < 8.0, snapshot
 
 
 def test_a_state_deleted_and_made_anew_never_has_the_kept_stamp(client: redis.Redis) -> None:
     """The budget's keys deleted (FLUSHALL: Redis restarted empty, functions kept), then made
     anew by another library's calls (a fresh Lua state counting from 1): its stamp is not
-    the one this library kept before the deletion, and the full call after them takes the
-    new state: 7 tokens of the new bucket, not the old one's 9."""
+    the one this library kept before the deletion, and a call after them takes the new
+    state: 7 tokens of the new bucket, not the old one's 9."""
     scheduler = LuaScheduler(client, Limits(rate=1.0, burst=10.0), POLICY, 0.0)  # (its tick: 1)
-    kept = stamped(scheduler, 0.01)  # its calls 2 (stamped) and 3: 9 tokens
+    kept = stamped(scheduler, 0.01)  # its call 2, stamped: 9 tokens
     client.flushall()
     load_other(client)
     other = other_build(scheduler)
     assert admitted(acquires(other, 0.02, ("b", 2))) == [True]  # its first: 8 tokens
-    assert admitted(acquires(other, 0.03, "c", ("r", 10))) == [True, False]  # its second
-    other.batch(0.031, [protocol.cancel_op("r"), protocol.TICK])
+    assert admitted(acquires(other, 0.03, "c", ("r", 10))) == [True, False]  # second, stamped
     assert generation(scheduler) not in (kept, b"", None)
-    assert admitted(acquires(scheduler, 0.04, ("z", 8))) == [False]
+    snapshot = scheduler.snapshot()
+    assert snapshot.tokens is not None
+    assert snapshot.tokens < 8.0, snapshot

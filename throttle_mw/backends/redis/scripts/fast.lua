@@ -351,14 +351,7 @@ local function lean_release(id, limits, known)
     load_limits_stamped(limits, false)  -- (the reply's limits; stamped already: no write)
   end
   if redis.call('ZREM', K.leases, id) == 1 then
-    local gen = vals[6]  -- (the state's generation: cleared with the write if found)
-    if gen and gen ~= '' then
-      redis.call('HSET', K.state, 'inflight', num(math.max(0, inflight - 1)),
-        TUNING.GENERATION, '')
-      call.drop_kept()
-    else
-      redis.call('HSET', K.state, 'inflight', num(math.max(0, inflight - 1)))
-    end
+    redis.call('HSET', K.state, 'inflight', num(math.max(0, inflight - 1)))
   end
   if limits ~= nil then S.np = np; S.ep = ep end
   return true

@@ -72,10 +72,9 @@ local STRING_FIELDS = {tk_by = true, ep = true, [LIVE_STAMP] = true}
 local EMPTY_TEXTS = {}  -- every packed number unset
 for i = 1, #PACKED do EMPTY_TEXTS[i] = '' end
 -- The fields load_hot_state reads (fast.lua's calls): the packed numbers, in flight,
--- waiting, the epoch and the live stamp (load_limits_stamped); then the state's
--- generation (keys.GENERATION, not a field of S: call.gen0), which a fast call that
--- writes clears if it finds one (call.gen0).
-local HOT_FIELDS = {PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP, TUNING.GENERATION}
+-- waiting, the epoch and the live stamp (load_limits_stamped). (Not the state's
+-- generation, keys.GENERATION: a stamp is only there while someone waits, call.gen0.)
+local HOT_FIELDS = {PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP}
 
 -- A tenant's state (keys.TENANT_FIELDS, shared): finish tag, weight, cap bucket and its
 -- time, waiting requests, their cost by rank (c0..), state (IDLE, ACTIVE, CAPPED), member
@@ -114,7 +113,7 @@ for i = 1, #PACKED do call.AT[PACKED[i]] = i end
 call.COLD_PLAIN = {}
 do  -- (at load: a function library may use no standard library there)
   local hot = {}
-  for i = 1, #HOT_FIELDS - 1 do hot[HOT_FIELDS[i]] = true end
+  for i = 1, #HOT_FIELDS do hot[HOT_FIELDS[i]] = true end
   for i = 1, #PLAIN do
     if not hot[PLAIN[i]] then call.COLD_PLAIN[#call.COLD_PLAIN + 1] = PLAIN[i] end
   end
@@ -614,12 +613,12 @@ end
 local function load_hot_state(vals)
   vals = vals or redis.call('HMGET', K.state, unpack(HOT_FIELDS))  -- (or as read: lean_release)
   M.hot_read = vals  -- (load_state reads only the rest if fast.lua gives up)
-  if not vals[1] then call.gen0 = ''; return false end
+  if not vals[1] then return false end
   load_packed(vals[1])
   S.inflight = tonum(vals[2]); S.waiting = tonum(vals[3]); S.ep = vals[4] or ''
   S.lv = vals[5] or ''
   S0.inflight = S.inflight; S0.waiting = S.waiting; S0.ep = S.ep; S0.lv = S.lv
-  call.gen0 = vals[6] or ''
+  call.gen0 = call.maybe_gen(S.waiting)
   return true
 end
 
@@ -632,9 +631,9 @@ local function load_state(known, limits)
     M.hot_read = nil
     local rest = redis.call('HMGET', K.state, unpack(call.COLD_PLAIN))
     load_packed(hot[1])
-    for i = 2, #HOT_FIELDS - 1 do load_plain(HOT_FIELDS[i], hot[i]) end
+    for i = 2, #HOT_FIELDS do load_plain(HOT_FIELDS[i], hot[i]) end
     for i, name in ipairs(call.COLD_PLAIN) do load_plain(name, rest[i]) end
-    call.gen0 = hot[#HOT_FIELDS] or ''
+    call.gen0 = call.maybe_gen(S.waiting)
   else
     if call.take_kept() then  -- (by the state's generation alone: call.take_kept)
       if L == nil then call.limits_by_stamp(limits) end
@@ -739,6 +738,15 @@ function call.keep_state()
   end
   kept.text = loaded.text; kept.loaded = loaded; kept.S = S; kept.S0 = S0; kept.raw = M.raw
   kept.gen = M.gen or false
+end
+
+-- The state's generation as a call that did not read it knows it: '' (none) while nobody
+-- waits, as the state was read (a stamp is only written, and only stays, while someone
+-- waits: save), else '?' (perhaps one: a write clears it). Fast.lua's calls write only
+-- while nobody waits.
+function call.maybe_gen(waiting)
+  if (waiting or 0) > 0 then return '?' end
+  return ''
 end
 
 -- A write that clears the state's generation (keys.GENERATION) drops this library's kept
@@ -1538,9 +1546,10 @@ local function save(hot)
   -- requests waiting (so the next call is a full one: batch.lua tries no fast path) stamps
   -- its write (call.keep_state, call.take_kept), unless it took the state by its stamp
   -- (M.by_gen: P:s holds it and this library was its last writer: the stamp stays, nothing
-  -- written). Any other write clears the stamp it found (a call that leaves nobody waiting
-  -- too: the next is most likely fast.lua's, which would clear it).
-  if M.stamped and M.raw ~= nil and loaded ~= nil and (M.by_gen or S.waiting > 0) then
+  -- written). Any other write clears the stamp it found, a call that leaves nobody waiting
+  -- too: so a stamp is only there while someone waits, and fast.lua's calls, which write
+  -- only while nobody does, need neither read nor clear it (call.maybe_gen).
+  if M.stamped and M.raw ~= nil and loaded ~= nil and S.waiting > 0 then
     if M.by_gen then
       M.gen = call.gen0
     elseif n > 0 then
@@ -1583,8 +1592,7 @@ call.S_kept = {}
 -- there is none. Every field of PACKED and HOT_FIELDS is assigned (nil if unset).
 function call.load_acquire_state()
   -- (HOT_FIELDS written out: unpack is a call.)
-  local v = redis.call('HMGET', K.state, PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP,
-    TUNING.GENERATION)
+  local v = redis.call('HMGET', K.state, PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP)
   if not v[1] then return false end
   loaded = K.state_memo
   if loaded == nil or loaded.text ~= v[1] then loaded = unpack_state(v[1]) end
@@ -1599,7 +1607,6 @@ function call.load_acquire_state()
   s.inflight = NUMBERS[v[2]] or tonum(v[2]); s.waiting = NUMBERS[v[3]] or tonum(v[3])
   s.ep = v[4] or ''; s.lv = v[5] or ''
   call.inflight0 = s.inflight; call.lv0 = s.lv
-  call.gen0 = v[6] or ''
   S = s
   return true
 end
@@ -1682,20 +1689,6 @@ function call.save_acquire(t)
   if changed then
     loaded.text = texts[1] .. SEP .. texts[2] .. SEP .. texts[3] .. SEP .. texts[4] .. SEP
       .. texts[5] .. SEP .. texts[6] .. loaded.rest
-  end
-  if call.gen0 ~= '' then
-    -- (A generation found, keys.GENERATION: cleared with the write, if any. Rare: a fast
-    -- acquire after a full call.)
-    if changed or inflight_changed or s.lv ~= call.lv0 then
-      local args = {TUNING.GENERATION, ''}
-      if changed then args[3] = PACKED_FIELD; args[4] = loaded.text end
-      if inflight_changed then args[#args + 1] = 'inflight'; args[#args + 1] = num(s.inflight) end
-      if s.lv ~= call.lv0 then args[#args + 1] = LIVE_STAMP; args[#args + 1] = s.lv end
-      redis.call('HSET', K.state, unpack(args))
-      call.gen0 = ''
-      call.drop_kept()
-    end
-  elseif changed then
     if s.lv ~= call.lv0 then
       if inflight_changed then
         redis.call('HSET', K.state, PACKED_FIELD, loaded.text, 'inflight', num(s.inflight),
