@@ -197,12 +197,13 @@ LIVE_STAMP: Final = "lv"
 #: writes (Redis's TIME when the library first stamped, in microseconds, then a number it
 #: counts up per call) and keeps it; the next full call reads this field alone and,
 #: finding that stamp, takes the kept state without reading the others (and writes no
-#: stamp: it stays while that library is the only writer). Every other write of those
-#: fields (fast.lua's acquires and releases, ratelease.lua, live.lua, a full call that
-#: keeps nothing or leaves nobody waiting, `Keys.live_changed`, an operator or a test by
-#: hand) sets it to '' (or deletes it) with its write, if it holds one: a stamp once gone
-#: is never found again. (No older build clears it: 0.1.0 is the first release, and a
-#: build without it must not share a budget with this one.)
+#: stamp: it stays while that library is the only writer and someone waits). Every other
+#: write of those fields clears it ('' or deleted) with its write: a full call that keeps
+#: nothing or leaves nobody waiting, ratelease.lua, live.lua, `Keys.live_changed`, an
+#: operator or a test by hand. So a stamp is only there while someone waits, and fast.lua's
+#: calls, which write only while nobody waits, neither read nor clear it. (No older build
+#: clears it: 0.1.0 is the first release, and a build without it must not share a budget
+#: with this one.)
 GENERATION: Final = "gn"
 #: P:s's field with when the budget last told the processes that may hold a pool that
 #: someone waits (store.lua, call.signal_waiting): read and written only on that

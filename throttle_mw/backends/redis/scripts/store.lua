@@ -56,7 +56,7 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- and save know this layout (and fast.lua's lean_release, by call.AT). One more field
 -- names the write that last changed these (keys.GENERATION, not a field of S): a full
 -- call takes the state it kept by it alone (call.take_kept); every writer of PACKED_FIELD
--- or PLAIN's fields stamps it anew or clears it.
+-- or PLAIN's fields while someone waits stamps it anew or clears it.
 local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', 'thr',
   'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc', 'lm', 'lk', 'le',
   'rg', 'ra', 'rx', 'rb', 'ry', 'sq', 'sk'}
@@ -681,14 +681,14 @@ end
 -- First asked by the state's generation (keys.GENERATION, call.take_kept): the stamp this
 -- library's full calls wrote (those that leave requests waiting: save), found again, says
 -- this library was the last to write P:s (nothing read is compared), and the next full
--- call writes none. Every other write
--- of the packed numbers or the plain fields clears the stamp if it holds one (save,
--- call.save_acquire, fast.lua's lean_release, ratelease.lua, live.lua, Keys.live_changed),
--- and no other library's stamp is alike: seeded from Redis's TIME (in microseconds) when
--- this library first stamps (call.new_gen), then S.lm, counted up by each of its full calls
--- (call.stamp_line), so a stamp written after another writer is new too. A key deleted or
--- expired and made anew holds another stamp or none. (With EVAL nothing is kept: such calls
--- only clear it.)
+-- call writes none while someone still waits. Every other write of the packed numbers or
+-- the plain fields clears the stamp (save, ratelease.lua, live.lua, Keys.live_changed), a
+-- full call that leaves nobody waiting too: a stamp is only there while someone waits, so
+-- fast.lua's calls, which write only while nobody does, need not (call.maybe_gen). No
+-- other library's stamp is alike: seeded from Redis's TIME (in microseconds) when this
+-- library first stamps (call.new_gen), then S.lm, counted up by each of its full calls
+-- (call.stamp_line). A key deleted or expired and made anew holds another stamp or none.
+-- (With EVAL nothing is kept: such calls only clear it.)
 --
 -- PLAIN's fields, then the generation: what a full call reads when it cannot take the
 -- kept state by its generation (the stamp as read: call.gen0).
