@@ -100,7 +100,7 @@ else
   if charging == 'lean' and S.lv ~= S0.lv then  -- (a stamp made: as save writes it)
     args[n + 1] = LIVE_STAMP; args[n + 2] = S.lv; n = n + 2
   end
-  if n > 0 and call.gen0 ~= '' then  -- (the state's generation found: cleared, as save does)
+  if n > 0 and call.gen0 ~= '' then  -- (a generation while someone waits: cleared, as save does)
     args[n + 1] = TUNING.GENERATION; args[n + 2] = ''; n = n + 2
     call.drop_kept()
   end
