@@ -92,7 +92,7 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("store", "  local args, n = call.state_args, 0\n  S.inflight", "save"),
     ("store", "  local changed\n  if loaded ~= nil and not hot then", "save: packed"),
     ("store", "  if changed then n = 2 end\n  if hot then", "save: plain"),
-    ("store", "  if n > 0 then redis.call('HSET', K.state, unpack(args", "save: HSET"),
+    ("store", "  if M.stamped and M.raw ~= nil and loaded ~= nil and S.waiting", "save: HSET"),
     ("store", "  for _, t in pairs(T) do\n    if t.dirty and not t.deleted", "save: tenants"),
     ("store", "  local expiring = born\n  if refresh then", "save: TTLs"),
     ("store", "  call.push_recent()\n  for p, msgs in pairs(out_events)", "save: recent"),

@@ -24,7 +24,7 @@ from throttle_mw import ThrottleMiddleware, cli
 from throttle_mw.backends import MemoryBackend
 from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.backends.redis.fallback import share
-from throttle_mw.backends.redis.keys import LIVE_STAMP, Keys
+from throttle_mw.backends.redis.keys import Keys
 from throttle_mw.backends.redis.learner import (
     STATE_FIELD,
     FleetLearner,
@@ -448,7 +448,7 @@ async def test_the_scripts_admit_up_to_the_fleet_s_learned_limit(
         assert not local.learned
         # An operator's number wins, and learning stops in every process.
         client.hset("{auto}:cfg", "concurrency", 5)
-        client.hdel("{auto}:s", LIVE_STAMP)  # as the CLI does: the scripts read P:cfg anew
+        Keys("auto").live_changed(client)  # as the CLI does: the scripts read P:cfg anew
         await backend.acquire(ThrottleRequest("r9", "t", "normal", 1, False, False))
         assert backend.limits.concurrency == 5
         assert not backend.limits.learned

@@ -17,7 +17,13 @@ from tests.support.lua_scheduler import LuaScheduler, redis_version
 from tests.support.redis_server import RedisServer
 from throttle_mw.backends.redis import protocol, scripts
 from throttle_mw.backends.redis.batcher import Batcher
-from throttle_mw.backends.redis.keys import LIVE_STAMP, RECENT_KEPT, TENANT_FIELDS, tenant_digest
+from throttle_mw.backends.redis.keys import (
+    GENERATION,
+    LIVE_STAMP,
+    RECENT_KEPT,
+    TENANT_FIELDS,
+    tenant_digest,
+)
 from throttle_mw.backends.redis.scripts import PROCS_RECOUNT_S, RECENT_SLACK
 from throttle_mw.priorities import PRIORITIES
 from throttle_mw.scheduler import Admit, Enqueue, Granted, Limits, Policy, Request
@@ -113,11 +119,14 @@ def test_a_saturated_budgets_script_work_does_not_grow_with_waiting_tenants(
     # P:active once (after the admission). P:cfg once a second (scripts.LIVE_REREAD_S: by
     # the live stamp in between); not the earliest deadline: the admitted one's was it, and
     # is a floor for the rest (store.lua, deadline_left). Asking for the first in line
-    # again (P:active, its tenant, queue and head waiter, P:capped, P:dl): 6 more.
-    assert 1.0 <= many["hmget"] <= 1.05, many
+    # again (P:active, its tenant, queue and head waiter, P:capped, P:dl): 6 more. P:s is
+    # its generation alone (keys.GENERATION: the state kept by the call before; an HMGET
+    # of its fields before), P:cfg an HMGET once a second.
+    assert many.get("hmget", 0.0) <= 0.05, many
     assert many["zrange"] == 2.0, many
-    # the next one's field of P:T and its head waiter (the heartbeat: rarely)
-    assert 2.0 <= many["hget"] <= 2.05, many
+    # P:s's generation, the next one's field of P:T and its head waiter (the heartbeat:
+    # rarely)
+    assert 3.0 <= many["hget"] <= 3.05, many
     # P:T's fields counted once a second (the idle sweep's check for strays:
     # store.lua's call.sweep_strays)
     assert many["hlen"] <= 0.05, many
@@ -177,8 +186,10 @@ def test_a_saturated_acquire_takes_the_line_from_the_call_before(client: redis.R
         pytest.skip("EVAL: nothing outlives a call")
     ticks, acquires = saturated_call_commands(client)
     reads = {name: acquires.get(name, 0.0) for name in ("hmget", "hget", "zrange")}
-    # P:s, and its tenant's field of P:T (an HMGET of P:t:<h> before); 3: fast.lua's try
-    assert reads == {"hmget": 1.0, "hget": 1.0, "zrange": 0.0}, acquires
+    # P:s's generation (keys.GENERATION: the state kept by the tick; an HMGET of its
+    # fields before), and its tenant's field of P:T (an HMGET of P:t:<h> before); 3:
+    # fast.lua's try
+    assert reads == {"hmget": 0.0, "hget": 2.0, "zrange": 0.0}, acquires
     assert acquires.get("pexpire") == 1.0, acquires  # 2 when both keys got one
     # (and the test's own DEL of the grant list, in both)
     # 13 while each call asked for its heartbeat (ZSCORE); 15; 23 when each call asked
@@ -205,8 +216,10 @@ def test_the_fast_path_is_tried_again_once_nobody_waits(client: redis.Redis) -> 
     assert isinstance(scheduler.acquire(0.0, Request("b", "t"))[0], Enqueue)
     client.config_resetstat()
     assert isinstance(scheduler.acquire(0.0, Request("c", "u"))[0], Enqueue)
-    used = commands(client)  # P:s once: not fast.lua (u's field of P:T and live weight)
-    assert (used.get("hmget"), used.get("hget")) == (1, 2), used
+    # P:s once, its generation (keys.GENERATION: the state kept): not fast.lua (u's field of
+    # P:T and live weight)
+    used = commands(client)
+    assert (used.get("hmget"), used.get("hget")) == (None, 3), used
     assert [e.id for e in scheduler.tick(0.1)] == ["b"]
     assert [e.id for e in scheduler.tick(0.2)] == ["c"]  # nobody waits now
     client.config_resetstat()
@@ -311,7 +324,10 @@ def test_a_tick_that_admits_nothing_asks_no_sorted_set(client: redis.Redis) -> N
     # change nothing.)
     every = {name: per_tick.pop(name, 0.0) for name in ("zscore", "hset", "del")}
     assert every == {"zscore": 0.0, "hset": 1.0, "del": 1.0}, every
-    assert 1.0 <= per_tick.pop("hmget") <= 1.05, per_tick  # P:s (and P:cfg once a second)
+    # P:s's generation (keys.GENERATION: the state kept by the call before), and P:cfg
+    # once a second (an HMGET)
+    assert per_tick.pop("hget") == 1.0, per_tick
+    assert per_tick.pop("hmget", 0.0) <= 0.05, per_tick
     # What is due once a second falls on some of these ticks: the idle sweep (ZRANGEBYSCORE,
     # ZCARD; HLEN, its check for stray tenants in P:T) and the live processes' count
     # (ZCOUNT); nothing else.
@@ -625,6 +641,7 @@ def test_one_request_at_a_time_costs_a_few_commands_per_call(client: redis.Redis
     tenant. (TIME is not called: LuaScheduler passes the time; production adds one.)"""
     rate = one_at_a_time_commands(client, Limits(rate=1e6, burst=1e6))
     # Its numbers packed into one field (store.lua): a read of one field, not of sixteen.
+    # (No generation, keys.GENERATION: a stamp only while someone waits.)
     (state,) = client.keys("*:s")
     assert client.hlen(state) <= 9, client.hkeys(state)
     # P:s and the tenant read (its field of P:T: an HGET); the idle list; P:s and the
@@ -777,7 +794,7 @@ def test_a_lean_release_leaves_what_the_fast_release_leaves(client: redis.Redis)
 
     def release(rid: str) -> None:
         held.remove(rid)
-        client.hdel(states[1], LIVE_STAMP)
+        client.hdel(states[1], LIVE_STAMP, GENERATION)  # (as Keys.live_changed)
         lines = [s.batch(now, [protocol.release_op(rid)]) for s in (lean, fast)]
         assert lines[0] == lines[1]
 
@@ -887,7 +904,7 @@ def test_live_limits_and_weights_are_read_again_once_their_stamp_is_deleted(
     used = commands(client)  # P:s and the tenant (its field of P:T)
     assert (used.get("hmget"), used.get("hget")) == (1, 1), used
     assert scheduler.trailer.limits.startswith("100|"), scheduler.trailer
-    client.hdel(state, LIVE_STAMP)  # as the tool does after its write
+    client.hdel(state, LIVE_STAMP, GENERATION)  # as the tool does after its write
     client.config_resetstat()
     scheduler.acquire(0.003, Request("c", "t"))
     used = commands(client)

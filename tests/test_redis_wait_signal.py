@@ -26,7 +26,7 @@ from tests.support.redis_server import RedisCluster, RedisServer
 from throttle_mw.backends import Admitted
 from throttle_mw.backends.base import Waiting
 from throttle_mw.backends.redis import RedisBackend, protocol
-from throttle_mw.backends.redis.keys import Keys
+from throttle_mw.backends.redis.keys import GENERATION, Keys
 from throttle_mw.backends.redis.scripts import LEASE_ANCHOR, SIGNAL_BATCH, SIGNAL_GAP_S
 from throttle_mw.priorities import PRIORITIES
 from throttle_mw.scheduler import Admit, Enqueue, Granted, Limits, Policy, Request
@@ -547,7 +547,9 @@ def test_an_older_build_s_rest_is_told_and_cleared(clean_redis_server: RedisServ
     nums = _packed(client, sched)
     assert len(nums) == 29  # (the older build's 28 and this build's sk)
     nums[27] = "0"  # (sq: the older build's rest, set aside at 0)
-    client.hset(sched._key, "nums", sep.join(nums[:28]))  # (as the older build wrote it)
+    # (As the older build wrote it; by hand, so the state's generation is cleared with it:
+    # the kept state of this build's library is not the state any more, keys.GENERATION.)
+    client.hset(sched._key, mapping={"nums": sep.join(nums[:28]), GENERATION: ""})
     rest = {f"holder{p}": 1e6 for p in range(50, holders)}
     rest["gone"] = 0.0005  # (lapsed before the call: skipped)
     client.zadd(sched._keys.pools_rest, rest)

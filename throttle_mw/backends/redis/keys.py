@@ -13,7 +13,9 @@ P:s              hash    budget state: tokens, in flight, virtual clock, fair-ra
                          window, queue counts, the fleet's tick claim, whether the
                          lease keys hold their anchor; most numbers packed in one
                          field, ``nums`` (store.lua's layout); ``lv``: which reading
-                         of P:cfg and P:w is current (LIVE_STAMP)
+                         of P:cfg and P:w is current (LIVE_STAMP); ``gn``: the
+                         write that last changed those fields (GENERATION: a full
+                         call takes the state it kept by it)
 P:cfg            hash    live limits set with ``throttle-mw set``; override callers'  live
                          limits. A learned limit and its state (learner.py) too
 P:w, P:wn        hash    live tenant weights by digest, and the names behind them     live
@@ -187,6 +189,22 @@ RECENT_KEPT: Final = 256
 #: reads neither key (store.lua, load_limits_stamped). Whoever changes P:cfg or P:w
 #: deletes it afterwards (`Keys.live_changed`); the next call reads both and stamps anew.
 LIVE_STAMP: Final = "lv"
+#: P:s's field naming the write that last changed the state a full call keeps (store.lua,
+#: "The state as the last full call of this library left it"): its packed numbers or any
+#: of its plain fields (``inflight``, ``waiting``, ``tk_by``, ``ep``, ``lv``, the counts by
+#: rank). A full call of a loaded library that keeps its state and leaves requests waiting
+#: (a saturated budget's: the next call is a full one too) writes a stamp no other library
+#: writes (Redis's TIME when the library first stamped, in microseconds, then a number it
+#: counts up per call) and keeps it; the next full call reads this field alone and,
+#: finding that stamp, takes the kept state without reading the others (and writes no
+#: stamp: it stays while that library is the only writer and someone waits). Every other
+#: write of those fields clears it ('' or deleted) with its write: a full call that keeps
+#: nothing or leaves nobody waiting, ratelease.lua, live.lua, `Keys.live_changed`, an
+#: operator or a test by hand. So a stamp is only there while someone waits, and fast.lua's
+#: calls, which write only while nobody waits, neither read nor clear it. (No older build
+#: clears it: 0.1.0 is the first release, and a build without it must not share a budget
+#: with this one.)
+GENERATION: Final = "gn"
 #: P:s's field with when the budget last told the processes that may hold a pool that
 #: someone waits (store.lua, call.signal_waiting): read and written only on that
 #: transition, so no other call pays for it (not one of the packed numbers).
@@ -236,8 +254,9 @@ class Keys:
     def live_changed(self, pipe: Any) -> None:
         """Queue on `pipe`, after a change to P:cfg or P:w, the deletion of the state's
         LIVE_STAMP: the scripts read the live limits and weights again on their next call.
+        With it the state's GENERATION: a full call's kept state holds the stamp deleted.
         (HDEL: a budget without state gets no key from it.)"""
-        pipe.hdel(self.state, LIVE_STAMP)
+        pipe.hdel(self.state, LIVE_STAMP, GENERATION)
 
     def grants(self, process: str) -> str:
         return self.tag + SUFFIX["grants"] + process

@@ -235,6 +235,7 @@ SHARED: Final[Mapping[str, object]] = {
         "SIGNAL_BATCH": SIGNAL_BATCH,
         "SIGNALED": keys.SIGNALED,  # (a field's name: here, not a local of its own)
         "SIGNAL_CURSOR": keys.SIGNAL_CURSOR,
+        "GENERATION": keys.GENERATION,
         "IDLE_ANCHOR": keys.IDLE_ANCHOR,
         "NUMBERS_MAX": NUMBERS_MAX,
         "INTEGER_TEXT_MAX": INTEGER_TEXT_MAX,

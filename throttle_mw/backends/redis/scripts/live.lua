@@ -57,9 +57,13 @@ if known then
   local args = {}
   if call.save_packed_anew(args, false) then redis.call('HSET', K.state, args[1], args[2]) end
 end
+-- (With the live stamp, the state's generation, keys.GENERATION: a full call's kept state
+-- holds neither.)
+call.drop_kept()
 if state[1] and burst ~= nil then
-  redis.call('HSET', K.state, LIVE_STAMP, num(now) .. ' ' .. proc .. SEP .. rate .. SEP .. burst)
+  redis.call('HSET', K.state, LIVE_STAMP, num(now) .. ' ' .. proc .. SEP .. rate .. SEP .. burst,
+    TUNING.GENERATION, '')
 else
-  redis.call('HDEL', K.state, LIVE_STAMP)  -- (read anew by the next call, which stamps it)
+  redis.call('HDEL', K.state, LIVE_STAMP, TUNING.GENERATION)  -- (read anew by the next call)
 end
 return 1

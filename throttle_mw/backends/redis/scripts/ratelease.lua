@@ -100,6 +100,10 @@ else
   if charging == 'lean' and S.lv ~= S0.lv then  -- (a stamp made: as save writes it)
     args[n + 1] = LIVE_STAMP; args[n + 2] = S.lv; n = n + 2
   end
+  if n > 0 and call.gen0 ~= '' then  -- (a generation while someone waits: cleared, as save does)
+    args[n + 1] = TUNING.GENERATION; args[n + 2] = ''; n = n + 2
+    call.drop_kept()
+  end
   if n > 0 then redis.call('HSET', K.state, unpack(args, 1, n)) end
   if charging == 'lean' and next(born) ~= nil then call.expire_keys(born); born = {} end  -- (the idle list made)
 end

@@ -53,7 +53,10 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- it read or wrote for a prefix with its numbers (state_memo), so a call parses none of
 -- them unless another writer came in between. The fields others read keep a field each
 -- (PLAIN: renew.lua reads the epoch, tests the counters). Only load_state, load_hot_state
--- and save know this layout (and fast.lua's lean_release, by call.AT).
+-- and save know this layout (and fast.lua's lean_release, by call.AT). One more field
+-- names the write that last changed these (keys.GENERATION, not a field of S): a full
+-- call takes the state it kept by it alone (call.take_kept); every writer of PACKED_FIELD
+-- or PLAIN's fields while someone waits stamps it anew or clears it.
 local PACKED = {'tokens', 'ts', 'v', 'win_at', 'win_v0', 'win_cost', 'v_rate', 'thr',
   'meas_at', 'qcost', 'wsum', 'seq', 'tk_at', 'xp', 'fi', 'la', 'rc', 'np', 'pc', 'lm', 'lk', 'le',
   'rg', 'ra', 'rx', 'rb', 'ry', 'sq', 'sk'}
@@ -69,7 +72,8 @@ local STRING_FIELDS = {tk_by = true, ep = true, [LIVE_STAMP] = true}
 local EMPTY_TEXTS = {}  -- every packed number unset
 for i = 1, #PACKED do EMPTY_TEXTS[i] = '' end
 -- The fields load_hot_state reads (fast.lua's calls): the packed numbers, in flight,
--- waiting, the epoch and the live stamp (load_limits_stamped).
+-- waiting, the epoch and the live stamp (load_limits_stamped). (Not the state's
+-- generation, keys.GENERATION: a stamp is only there while someone waits, call.gen0.)
 local HOT_FIELDS = {PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP}
 
 -- A tenant's state (keys.TENANT_FIELDS, shared): finish tag, weight, cap bucket and its
@@ -354,7 +358,7 @@ function call.init_tables()
     dl_next = nil, dl_floor = nil, idle = nil, last_number = nil, last_text = nil,
     no_weights = nil, weights_asked = nil, made = nil, hot_read = nil, kept = nil,
     granted = nil, raw = nil, queued_at = nil, queued_text = nil, tw = nil, plain_mid = nil,
-    work_spent = nil, work_units = nil}
+    work_spent = nil, work_units = nil, stamped = nil, gen = nil, by_gen = nil}
   more = false
   held_back = 0
   loaded = nil
@@ -614,6 +618,7 @@ local function load_hot_state(vals)
   S.inflight = tonum(vals[2]); S.waiting = tonum(vals[3]); S.ep = vals[4] or ''
   S.lv = vals[5] or ''
   S0.inflight = S.inflight; S0.waiting = S.waiting; S0.ep = S.ep; S0.lv = S.lv
+  call.gen0 = call.maybe_gen(S.waiting)
   return true
 end
 
@@ -626,13 +631,18 @@ local function load_state(known, limits)
     M.hot_read = nil
     local rest = redis.call('HMGET', K.state, unpack(call.COLD_PLAIN))
     load_packed(hot[1])
-    for i, name in ipairs(HOT_FIELDS) do
-      if i > 1 then load_plain(name, hot[i]) end
-    end
+    for i = 2, #HOT_FIELDS do load_plain(HOT_FIELDS[i], hot[i]) end
     for i, name in ipairs(call.COLD_PLAIN) do load_plain(name, rest[i]) end
+    call.gen0 = call.maybe_gen(S.waiting)
   else
-    local vals = redis.call('HMGET', K.state, PACKED_FIELD, unpack(PLAIN))
+    if call.take_kept() then  -- (by the state's generation alone: call.take_kept)
+      if L == nil then call.limits_by_stamp(limits) end
+      if S.tokens > L.burst then S.tokens = L.burst end
+      return
+    end
+    local vals = redis.call('HMGET', K.state, PACKED_FIELD, unpack(call.PLAIN_GEN))
     M.raw = vals  -- (save keeps it as written: call.take_state)
+    call.gen0 = vals[#vals] or ''
     if call.take_state(vals) then  -- (its defaults are set: it was loaded below before)
       if L == nil then call.limits_by_stamp(limits) end
       if S.tokens > L.burst then S.tokens = L.burst end
@@ -668,6 +678,40 @@ end
 -- the packed numbers' memo entry are those of that call, unchanged since (save updates
 -- them as it writes). A saturated budget's calls come one after another: building S
 -- (thirty fields) took a tenth of such a call. false: made anew.
+-- First asked by the state's generation (keys.GENERATION, call.take_kept): the stamp this
+-- library's full calls wrote (those that leave requests waiting: save), found again, says
+-- this library was the last to write P:s (nothing read is compared), and the next full
+-- call writes none while someone still waits. Every other write of the packed numbers or
+-- the plain fields clears the stamp (save, ratelease.lua, live.lua, Keys.live_changed), a
+-- full call that leaves nobody waiting too: a stamp is only there while someone waits, so
+-- fast.lua's calls, which write only while nobody does, need not (call.maybe_gen). No
+-- other library's stamp is alike: seeded from Redis's TIME (in microseconds) when this
+-- library first stamps (call.new_gen), then S.lm, counted up by each of its full calls
+-- (call.stamp_line). A key deleted or expired and made anew holds another stamp or none.
+-- (With EVAL nothing is kept: such calls only clear it.)
+--
+-- PLAIN's fields, then the generation: what a full call reads when it cannot take the
+-- kept state by its generation (the stamp as read: call.gen0).
+call.PLAIN_GEN = {}
+for i = 1, #PLAIN do call.PLAIN_GEN[i] = PLAIN[i] end  -- (at load: no unpack)
+call.PLAIN_GEN[#PLAIN + 1] = TUNING.GENERATION
+
+function call.take_kept()
+  local kept = K.kept_state
+  if kept == nil or not kept.text or not kept.gen then return false end
+  local memo = kept.loaded
+  if redis.call('HGET', K.state, TUNING.GENERATION) ~= kept.gen
+    or K.state_memo ~= memo or memo.text ~= kept.text then
+    return false  -- (the full read: call.take_state compares its texts)
+  end
+  kept.text = false  -- (taken: a call that fails before keep_state leaves none behind)
+  S, S0, loaded = kept.S, kept.S0, memo
+  M.raw = kept.raw
+  call.gen0 = kept.gen
+  M.by_gen = true  -- (save writes no stamp: P:s holds this one)
+  return true
+end
+
 function call.take_state(vals)
   local kept = K.kept_state
   if kept == nil or not kept.text then return false end
@@ -683,13 +727,49 @@ function call.take_state(vals)
   return true
 end
 
--- After save: the state for the next full call (call.take_state), if this call read P:s
--- whole (M.raw) and wrote all it changed.
+-- After save: the state for the next full call (call.take_kept if save stamped it, M.gen;
+-- else call.take_state), if this call read P:s whole (M.raw) and wrote all it changed.
 function call.keep_state()
   if not call.lasting or M.raw == nil or loaded == nil then return end
   local kept = K.kept_state
-  if kept == nil then kept = {text = false, loaded = false, S = false, S0 = false, raw = false}; K.kept_state = kept end
+  if kept == nil then
+    kept = {text = false, loaded = false, S = false, S0 = false, raw = false, gen = false}
+    K.kept_state = kept
+  end
   kept.text = loaded.text; kept.loaded = loaded; kept.S = S; kept.S0 = S0; kept.raw = M.raw
+  kept.gen = M.gen or false
+end
+
+-- The state's generation as a call that did not read it knows it: '' (none) while nobody
+-- waits, as the state was read (a stamp is only written, and only stays, while someone
+-- waits: save), else '?' (perhaps one: a write clears it). Fast.lua's calls write only
+-- while nobody waits.
+function call.maybe_gen(waiting)
+  if (waiting or 0) > 0 then return '?' end
+  return ''
+end
+
+-- A write that clears the state's generation (keys.GENERATION) drops this library's kept
+-- state with it: the next full call reads P:s whole at once, without first asking for a
+-- generation it knows is gone.
+function call.drop_kept()
+  local kept = K.kept_state
+  if kept ~= nil then kept.text = false end
+end
+
+-- The generation a full call that keeps its state writes (keys.GENERATION) where it did not
+-- take the state by its stamp: the library's seed, Redis's TIME (seconds and microseconds)
+-- when it first stamped, then this call's S.lm (call.stamp_line: one up per full call of the
+-- library). No other library has the seed (each took it in a call of its own, a full call's
+-- time apart at least), and this one never stamps a number twice.
+function call.new_gen()
+  local seed = call.gen_seed
+  if seed == nil then
+    local time = redis.call('TIME')
+    seed = time[1] .. '.' .. time[2] .. '/'
+    call.gen_seed = seed
+  end
+  return seed .. num(S.lm)
 end
 
 -- --- a call's memos ---------------------------------------------------------------------------
@@ -953,6 +1033,7 @@ function call.stamp_line()
   if not call.lasting then return end
   call.stamps = (call.stamps or 0) + 1
   S.lm = call.stamps
+  M.stamped = true  -- (save stamps the state's generation too: call.new_gen)
 end
 
 -- After save: what this call knows of the line, as Redis now holds it. The tenant first
@@ -1460,6 +1541,26 @@ local function save(hot)
     end
   else
     n = call.save_plain(args, n)
+  end
+  -- The state's generation (keys.GENERATION): a full call that keeps its state and leaves
+  -- requests waiting (so the next call is a full one: batch.lua tries no fast path) stamps
+  -- its write (call.keep_state, call.take_kept), unless it took the state by its stamp
+  -- (M.by_gen: P:s holds it and this library was its last writer: the stamp stays, nothing
+  -- written). Any other write clears the stamp it found, a call that leaves nobody waiting
+  -- too: so a stamp is only there while someone waits, and fast.lua's calls, which write
+  -- only while nobody does, need neither read nor clear it (call.maybe_gen).
+  if M.stamped and M.raw ~= nil and loaded ~= nil and S.waiting > 0 then
+    if M.by_gen then
+      M.gen = call.gen0
+    elseif n > 0 then
+      local gen = call.new_gen()
+      args[n + 1] = TUNING.GENERATION; args[n + 2] = gen; n = n + 2
+      M.gen = gen; call.gen0 = gen
+    end
+  elseif n > 0 and call.gen0 ~= '' then
+    args[n + 1] = TUNING.GENERATION; args[n + 2] = ''; n = n + 2
+    call.gen0 = ''
+    call.drop_kept()
   end
   if n > 0 then redis.call('HSET', K.state, unpack(args, 1, n)) end
   for _, t in pairs(T) do
