@@ -18,10 +18,10 @@ from tests.support.redis_server import RedisServer
 from throttle_mw.backends.redis import protocol, scripts
 from throttle_mw.backends.redis.batcher import Batcher
 from throttle_mw.backends.redis.keys import (
-    GENERATION,
     LIVE_STAMP,
     RECENT_KEPT,
     TENANT_FIELDS,
+    Keys,
     tenant_digest,
 )
 from throttle_mw.backends.redis.scripts import PROCS_RECOUNT_S, RECENT_SLACK
@@ -771,7 +771,6 @@ def test_a_lean_release_leaves_what_the_fast_release_leaves(client: redis.Redis)
     policy = Policy(dict.fromkeys(PRIORITIES, 5.0))
     lean = LuaScheduler(client, Limits(concurrency=40), policy, now=0.0)
     fast = LuaScheduler(client, Limits(concurrency=40), policy, now=0.0)
-    states = [client.keys(f"{s._tag}:s")[0] for s in (lean, fast)]
 
     def keys(scheduler: LuaScheduler) -> tuple[object, ...]:
         tag = scheduler._tag
@@ -794,7 +793,7 @@ def test_a_lean_release_leaves_what_the_fast_release_leaves(client: redis.Redis)
 
     def release(rid: str) -> None:
         held.remove(rid)
-        client.hdel(states[1], LIVE_STAMP, GENERATION)  # (as Keys.live_changed)
+        Keys(fast._tag[1:-1]).live_changed(client)  # (as the tool does after its write)
         lines = [s.batch(now, [protocol.release_op(rid)]) for s in (lean, fast)]
         assert lines[0] == lines[1]
 
@@ -904,7 +903,7 @@ def test_live_limits_and_weights_are_read_again_once_their_stamp_is_deleted(
     used = commands(client)  # P:s and the tenant (its field of P:T)
     assert (used.get("hmget"), used.get("hget")) == (1, 1), used
     assert scheduler.trailer.limits.startswith("100|"), scheduler.trailer
-    client.hdel(state, LIVE_STAMP, GENERATION)  # as the tool does after its write
+    Keys(scheduler._tag[1:-1]).live_changed(client)  # as the tool does after its write
     client.config_resetstat()
     scheduler.acquire(0.003, Request("c", "t"))
     used = commands(client)
