@@ -149,12 +149,13 @@ end
 -- (call.lasting), a whole number of 10 or more is the text of its tens (remembered in
 -- call.integers, like num's: the count went through them) then its last digit: a
 -- concatenation costs a fraction of formatting. (Not num's way: for the full call's
--- numbers, which do not count one by one, the split costs more than it saves.) The number
--- itself is not remembered when its tens are: keeping each new one cost a table insert,
--- and filled call.integers to TUNING.NUMBERS_MAX every thousand or so tenants made, after
--- which every whole number num writes was formatted and kept again (together some 5 k
--- instructions a new tenant under churn: docs/performance.md, `churn5`). Its tens are
--- kept, one in ten.
+-- numbers, which do not count one by one, the split costs more than it saves; save_packed
+-- takes it for the three that do: win_cost, seq, lm; docs/performance.md, `satsave`.) The
+-- number itself is not remembered when its tens are: keeping each new one cost a table
+-- insert, and filled call.integers to TUNING.NUMBERS_MAX every thousand or so tenants
+-- made, after which every whole number num writes was formatted and kept again (together
+-- some 5 k instructions a new tenant under churn: docs/performance.md, `churn5`). Its
+-- tens are kept, one in ten.
 -- `a`, `b` (both or neither): the text followed by them, made by one concatenation (a new
 -- tenant's text, save_tenant: not the number's text made first, then the whole).
 function call.count_text(x, a, b)
@@ -1234,9 +1235,10 @@ local function save_tenant(t, again, hot)
   local plain = loaded == call.NEW_LOADED and c == call.ZERO_COSTS and t.w == loaded.w
     and t.n == loaded.n and t.st == loaded.st and t.am == loaded.am
   local name = t.nm or ''  -- (as stored, or a new tenant's: tenant in core.lua)
-  -- Its queue's TTL (P:q:<h>) pushed out once a quarter of it has passed (xp); the tenant
-  -- itself has no TTL of its own: P:T's is the budget's (expire_keys), and it leaves by the
-  -- idle sweep, the bound (forget_idle) or the stray sweep (call.sweep_strays).
+  -- Its queue's TTL (P:q:<h>) pushed out once a quarter of it has passed (xp, up to a
+  -- second sooner: below); the tenant itself has no TTL of its own: P:T's is the budget's
+  -- (expire_keys), and it leaves by the idle sweep, the bound (forget_idle) or the stray
+  -- sweep (call.sweep_strays).
   local refresh = not hot and now >= t.xp
   if refresh then
     -- (The same for every tenant of the call: formatted once, as num(now) is; so is the
@@ -1244,6 +1246,11 @@ local function save_tenant(t, again, hot)
     local xp = M.tenant_xp
     if xp == nil then
       xp = now + POL.idle / TTL_REFRESHES
+      -- (The whole second below it where that is still ahead of now: a refresh up to a
+      -- second sooner, and a whole number's text, the same for a second's calls (num keeps
+      -- it), not a 17-digit one made per call. Else, only with an idle under 4 s, the exact time.)
+      local whole = math.floor(xp)
+      if whole > now then xp = whole end
       M.tenant_xp = xp; M.tenant_xp_text = num(xp); M.tenant_ttl = ttl_ms('tenant')
     end
     t.xp = xp
@@ -1405,13 +1412,13 @@ function call.save_packed(args)
   x = s.v; if x ~= vals[3] then c = true; vals[3] = x; texts[3] = x and num(x) or '' end
   x = s.win_at; if x ~= vals[4] then c = true; vals[4] = x; texts[4] = x and num(x) or '' end
   x = s.win_v0; if x ~= vals[5] then c = true; vals[5] = x; texts[5] = x and num(x) or '' end
-  x = s.win_cost; if x ~= vals[6] then c = true; vals[6] = x; texts[6] = x and num(x) or '' end
+  x = s.win_cost; if x ~= vals[6] then c = true; vals[6] = x; texts[6] = x and call.count_text(x) or '' end
   x = s.v_rate; if x ~= vals[7] then c = true; vals[7] = x; texts[7] = x and num(x) or '' end
   x = s.thr; if x ~= vals[8] then c = true; vals[8] = x; texts[8] = x and num(x) or '' end
   x = s.meas_at; if x ~= vals[9] then c = true; vals[9] = x; texts[9] = x and num(x) or '' end
   x = s.qcost; if x ~= vals[10] then c = true; vals[10] = x; texts[10] = x and num(x) or '' end
   x = s.wsum; if x ~= vals[11] then c = true; vals[11] = x; texts[11] = x and num(x) or '' end
-  x = s.seq; if x ~= vals[12] then c = true; vals[12] = x; texts[12] = x and num(x) or '' end
+  x = s.seq; if x ~= vals[12] then c = true; vals[12] = x; texts[12] = x and call.count_text(x) or '' end
   x = s.tk_at; if x ~= vals[13] then c = true; vals[13] = x; texts[13] = x and num(x) or '' end
   x = s.xp; if x ~= vals[14] then c = true; vals[14] = x; texts[14] = x and num(x) or '' end
   x = s.fi; if x ~= vals[15] then c = true; vals[15] = x; texts[15] = x and num(x) or '' end
@@ -1419,7 +1426,7 @@ function call.save_packed(args)
   x = s.rc; if x ~= vals[17] then c = true; vals[17] = x; texts[17] = x and num(x) or '' end
   x = s.np; if x ~= vals[18] then c = true; vals[18] = x; texts[18] = x and num(x) or '' end
   x = s.pc; if x ~= vals[19] then c = true; vals[19] = x; texts[19] = x and num(x) or '' end
-  x = s.lm; if x ~= vals[20] then c = true; vals[20] = x; texts[20] = x and num(x) or '' end
+  x = s.lm; if x ~= vals[20] then c = true; vals[20] = x; texts[20] = x and call.count_text(x) or '' end
   x = s.lk; if x ~= vals[21] then c = true; vals[21] = x; texts[21] = x and num(x) or '' end
   x = s.le; if x ~= vals[22] then c = true; vals[22] = x; texts[22] = x and num(x) or '' end
   x = s.rg; if x ~= vals[23] then c = true; vals[23] = x; texts[23] = x and num(x) or '' end
