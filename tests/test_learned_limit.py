@@ -413,8 +413,8 @@ def test_summaries_cross_the_wire_whole() -> None:
 
 
 def _settings(server: RedisServer, **values: Any) -> Settings:
-    # 3 s: generous, for a loaded machine's Redis (the start's library load above all);
-    # the freeze test below gives its own 1 s, which its orphan depends on.
+    # 3 s: generous, for a loaded machine's Redis (the start's PING, the first call's
+    # FUNCTION LOAD); the freeze test below gives its own 1 s, which its orphan depends on.
     values.setdefault("redis_timeout_s", 3.0)
     return Settings.from_env({}, redis_url=server.url, key_prefix="auto", **values)
 

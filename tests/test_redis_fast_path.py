@@ -38,8 +38,8 @@ def settings(url: str, prefix: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "redis_url": url,
         "key_prefix": prefix,
-        # Generous, for a loaded machine (the start's library load above all); nothing here
-        # freezes Redis, so no check is bounded by it.
+        # Generous, for a loaded machine (the start's PING, the first call's FUNCTION
+        # LOAD); nothing here freezes Redis, so no check is bounded by it.
         "redis_timeout_s": 3.0,
         **overrides,
     }

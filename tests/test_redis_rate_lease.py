@@ -43,8 +43,8 @@ def default_settings(url: str, prefix: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "redis_url": url,
         "key_prefix": prefix,
-        # Generous, for a loaded machine (the start's library load above all); the tests
-        # that freeze Redis give their own 1 s.
+        # Generous, for a loaded machine (the start's PING, the first call's FUNCTION
+        # LOAD); the tests that freeze Redis give their own 1 s.
         "redis_timeout_s": 3.0,
         "rate": RATE,
         "burst": BURST,
