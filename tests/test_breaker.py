@@ -79,7 +79,11 @@ def _backend(server: RedisServer) -> RedisBackend:
         {},
         redis_url=server.url,
         key_prefix="brk",
-        redis_timeout_s=1.0,
+        # (Generous: a loaded machine's Redis may take more than a second, the start's PING
+        # and the first call's FUNCTION LOAD above all. Redis stopped refuses at once, and a
+        # slower probe only succeeds where a shorter timeout would fail it: no check is
+        # bounded by it.)
+        redis_timeout_s=3.0,
         concurrency="8",
         failure_mode="closed",
     )

@@ -413,9 +413,10 @@ def test_summaries_cross_the_wire_whole() -> None:
 
 
 def _settings(server: RedisServer, **values: Any) -> Settings:
-    return Settings.from_env(
-        {}, redis_url=server.url, key_prefix="auto", redis_timeout_s=1.0, **values
-    )
+    # 3 s: generous, for a loaded machine's Redis (the start's PING, the first call's
+    # FUNCTION LOAD); the freeze test below gives its own 1 s, which its orphan depends on.
+    values.setdefault("redis_timeout_s", 3.0)
+    return Settings.from_env({}, redis_url=server.url, key_prefix="auto", **values)
 
 
 @pytest.mark.anyio
@@ -541,7 +542,10 @@ async def test_the_learner_taking_the_breaker_s_probe_closes_it_again(
     it: the grant listener's reconnect closes the breaker; a freeze shorter than the
     listener's socket timeout leaves the listener none to make.)"""
     # Lease TTL 30 s: the heartbeat sleeps 5 s, so the learner is first to call Redis.
-    backend = RedisBackend(_settings(redis_server, concurrency="auto", lease_ttl_s=30.0))
+    # Redis timeout 1 s: r1's release must time out while Redis is frozen (1.8 s).
+    backend = RedisBackend(
+        _settings(redis_server, concurrency="auto", lease_ttl_s=30.0, redis_timeout_s=1.0)
+    )
     await backend.start()
     client = redis.Redis.from_url(redis_server.url)
     try:

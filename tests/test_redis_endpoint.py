@@ -63,8 +63,10 @@ def dead_port() -> Iterator[int]:
 
 
 def backend_for(url: str) -> RedisBackend:
+    # Redis timeout 3 s: generous, for a loaded machine (the start's PING must be answered
+    # in it); a dead port and a stopped Redis refuse at once, so no check is bounded by it.
     return RedisBackend(
-        Settings.from_env({}, rate=50.0, redis_url=url, key_prefix="ep", redis_timeout_s=1.0)
+        Settings.from_env({}, rate=50.0, redis_url=url, key_prefix="ep", redis_timeout_s=3.0)
     )
 
 

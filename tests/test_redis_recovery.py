@@ -200,9 +200,11 @@ def test_the_local_share_counts_what_is_held_in_redis() -> None:
 
 
 def _backend(server: RedisServer) -> RedisBackend:
-    # A short lease TTL: the heartbeat, which notices a lost state, runs every 0.3 s.
+    # A short lease TTL: the heartbeat, which notices a lost state, runs every 0.3 s. Redis
+    # timeout 3 s: generous, for a loaded machine; nothing here freezes Redis, so no check
+    # is bounded by it.
     settings = Settings.from_env(
-        {}, redis_url=server.url, key_prefix="rcb", redis_timeout_s=1.0, concurrency="2",
+        {}, redis_url=server.url, key_prefix="rcb", redis_timeout_s=3.0, concurrency="2",
         lease_ttl_s=0.9,
     )  # fmt: skip
     return RedisBackend(settings)
@@ -264,8 +266,10 @@ async def test_a_process_holding_leases_is_back_within_the_grace_after_a_long_ou
     at the worst moment: just after a failed probe. Another process that knew the old state
     starts the grace at once; the holder's leases must be back within it (it probes every
     HOLDING_PROBE_S while it holds leases), or the fleet admits on top of them."""
+    # Redis timeout 3 s: generous, for a loaded machine. Redis stopped refuses at once, so
+    # the breaker's pauses are as with 1 s; a slower probe only succeeds where 1 s failed it.
     settings = Settings.from_env(
-        {}, redis_url=redis_server.url, key_prefix="rcl", redis_timeout_s=1.0,
+        {}, redis_url=redis_server.url, key_prefix="rcl", redis_timeout_s=3.0,
         concurrency="2", lease_ttl_s=30.0,
     )  # fmt: skip
     holder = RedisBackend(settings)
