@@ -66,7 +66,11 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("fast", "  local taken = i - 1\n  local units = taken", "check: clock"),
     ("store", "  local loaded = t.loaded\n  -- Capped this call", "save_tenant: Lua"),
     ("store", "  if text ~= t.tx then\n", "save_tenant: put"),
-    ("store", "  if refresh then\n    if t.n > 0 then redis.call('PEXPIRE'", "save_tenant: after"),
+    (
+        "store",
+        "  if refresh then\n    if t.n > 0 and t.q1 == nil then redis.call('PEXPIRE'",
+        "save_tenant: after",
+    ),
     (
         "store",
         "  if redis.call('HSET', K.tenant_hash, TUNING.ENCODING_ANCHOR, '', unpack(tw))",

@@ -56,6 +56,7 @@ from bench.soakreport import CLASSES, Curve, classify, curves, print_report, wri
 from demo_app.loadtest.engine import Progress, Record, run
 from tests.support.redis_server import RedisServer
 from tests.support.servers import REPO_ROOT, AppServer, child_env
+from throttle_mw.backends.redis import protocol
 
 __all__ = ["main", "parse_args", "print_report", "soak"]
 
@@ -258,6 +259,8 @@ def _left_in_redis(client: redis.Redis) -> dict[str, int]:
     raw: dict[bytes | str, bytes | str] = client.hgetall(f"{tag}:s")
     state = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
     queued = sum(int(client.zcard(k)) for k in client.scan_iter(match=f"{tag}:q:*"))
+    # (a tenant's lone waiter: its field q1 in P:T, no key)
+    queued += sum(1 for v in client.hvals(f"{tag}:T") if v and protocol.tenant_state(v)["q1"])
     return {
         "in_flight": round(float(state.get("inflight", 0))),
         "waiting": round(float(state.get("waiting", 0))),

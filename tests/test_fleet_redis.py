@@ -37,6 +37,7 @@ import redis
 from demo_app.loadtest.engine import Phase, Record, Route, Scenario, TenantLoad, run
 from tests.support.redis_server import RedisServer
 from tests.support.servers import AppServer, start_all, wait_until
+from throttle_mw.backends.redis import protocol
 from throttle_mw.backends.redis.scripts import ENCODING_ANCHOR
 
 pytestmark = pytest.mark.e2e
@@ -325,6 +326,8 @@ def redis_leftovers(state: redis.Redis, prefix: str) -> dict[str, int]:
         "active": state.zcard(f"{tag}:active"),
         "qlen": state.zcard(f"{tag}:qlen"),
         "queues": len(list(state.scan_iter(match=f"{tag}:q:*"))),
+        # (a tenant's lone waiter: its field q1 in P:T, no key)
+        "lone": sum(1 for v in state.hvals(f"{tag}:T") if v and protocol.tenant_state(v)["q1"]),
         "inflight": int(float(s.get(b"inflight", b"0"))),
         "waiting": int(float(s.get(b"waiting", b"0"))),
     }

@@ -180,8 +180,8 @@ def test_a_saturated_acquire_takes_the_line_from_the_call_before(client: redis.R
     earliest deadline without asking (store.lua, "The line as the last call left it"): an
     acquire that queues reads P:s once (fast.lua is not tried: the last call left requests
     waiting) and its tenant, and asks no sorted set anything (P:cfg and the live weights
-    only when the live stamp moved). Its tenant's first waiter makes the tenant's queue:
-    that key gets its TTL (the tenant, a field of P:T, has none of its own)."""
+    only when the live stamp moved). Its tenant's lone waiter is a field of its text in P:T
+    (store.lua's enqueue): no queue key made, so no TTL to give one."""
     if redis_version(client) < (7, 0):
         pytest.skip("EVAL: nothing outlives a call")
     ticks, acquires = saturated_call_commands(client)
@@ -190,7 +190,9 @@ def test_a_saturated_acquire_takes_the_line_from_the_call_before(client: redis.R
     # fields before), and its tenant's field of P:T (an HMGET of P:t:<h> before); 3:
     # fast.lua's try
     assert reads == {"hmget": 0.0, "hget": 2.0, "zrange": 0.0}, acquires
-    assert acquires.get("pexpire") == 1.0, acquires  # 2 when both keys got one
+    # No PEXPIRE: its tenant's lone waiter is its field of P:T (store.lua's enqueue), not a
+    # key made with a TTL (1 while it was; 2 when the tenant too was a key with one)
+    assert "pexpire" not in acquires, acquires
     # (and the test's own DEL of the grant list, in both)
     # 13 while each call asked for its heartbeat (ZSCORE); 15; 23 when each call asked
     assert sum(acquires.values()) <= 12.05, acquires
@@ -955,8 +957,9 @@ def test_a_deadline_earlier_than_the_known_floor_is_not_missed(client: redis.Red
     client.config_resetstat()
     assert [e.id for e in scheduler.release(1.0, "a")] == ["b"]  # b's deadline was first
     assert scheduler.trailer.next_tick_s == pytest.approx(3600.0)  # b's lease expiry
-    # P:active, c's queue and the first lease; not P:dl (4 when it was asked)
-    assert commands(client).get("zrange") == 3, commands(client)
+    # P:active and the first lease; not P:dl (4 when it was asked), nor c's queue (its lone
+    # waiter is its field of P:T, store.lua's enqueue: 3 while it was a key)
+    assert commands(client).get("zrange") == 2, commands(client)
     decision, _ = scheduler.acquire(2.0, Request("d", "t4", PRIORITIES[-1]))
     assert isinstance(decision, Enqueue), decision
     assert scheduler.trailer.next_tick_s == pytest.approx(5.0 + scripts.DEADLINE_GRACE_S)

@@ -33,8 +33,10 @@ from tests.support.tcpproxy import TcpProxy
 from tests.support.tls import NO_TLS_REASON, make_tls, tls_redis_binary
 from tests.test_fleet_redis import admissions, client_for, fleet, fleet_env
 from tests.test_redis_faults import failures, load
+from throttle_mw.backends.redis import protocol
 from throttle_mw.backends.redis.breaker import Breaker
 from throttle_mw.backends.redis.grants import BLOCK_S
+from throttle_mw.backends.redis.keys import TENANT_FIELDS
 
 pytestmark = pytest.mark.e2e
 
@@ -58,12 +60,18 @@ def backoff_steps(window_s: float, call_s: float, first_s: float, max_s: float) 
 
 
 #: Read atomically: leases, the in-flight counter, waiting counter, waiting entries,
-#: deadlines and the entries of every tenant queue.
+#: deadlines and the entries of every tenant queue (a key, or a tenant's lone waiter in its
+#: field q1 of P:T: ARGV[2] is SEP, ARGV[3] q1's place in keys.TENANT_FIELDS).
 _STATE = """
-local p = ARGV[1]
+local p, sep, place = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local queued = 0
 for _, key in ipairs(redis.call('KEYS', p .. ':q:*')) do
   queued = queued + redis.call('ZCARD', key)
+end
+for _, text in ipairs(redis.call('HVALS', p .. ':T')) do
+  local at = 1
+  for _ = 1, place - 1 do at = (string.find(text, sep, at, true) or #text) + 1 end
+  if at <= #text and string.sub(text, at, at) ~= sep then queued = queued + 1 end
 end
 local function field(name) return tonumber(redis.call('HGET', p .. ':s', name) or 0) end
 return {redis.call('ZCARD', p .. ':leases'), field('inflight'), field('waiting'),
@@ -74,7 +82,8 @@ _FIELDS = ("leases", "inflight", "waiting", "entries", "deadlines", "queued")
 
 def budget_state(client: redis.Redis, prefix: str) -> dict[str, int]:
     """What a budget holds in Redis right now (one script: a consistent view)."""
-    values = cast("list[int]", client.eval(_STATE, 0, "{" + prefix + "}"))
+    place = TENANT_FIELDS.index("q1") + 1
+    values = cast("list[int]", client.eval(_STATE, 0, "{" + prefix + "}", protocol.SEP, place))
     return dict(zip(_FIELDS, (int(v) for v in values), strict=True))
 
 

@@ -22,13 +22,17 @@ P:w, P:wn        hash    live tenant weights by digest, and the names behind the
 P:T              hash    every tenant of the budget, by digest h: its state in one    idle+T
                          text, TENANT_FIELDS (finish tag, weight, cap bucket, queued
                          cost by rank, state, its member's sequence number in
-                         P:active, its queue's next TTL refresh) joined with SEP,
+                         P:active, its queue's next TTL refresh, its lone waiter)
+                         joined with SEP,
                          then its name; '' for a default. A tenant has no TTL of its
                          own: it leaves by the idle sweep, the max_tenants bound or
                          the sweep for strays (store.lua, call.sweep_strays). An
                          anchor field (ENCODING_ANCHOR, value '') keeps it a
                          hashtable (no linear search per tenant in a compact hash)
 P:q:<h>          zset    tenant h's waiting requests, score rank * RANK_SPAN + seq    idle+T
+                         (seq 0 for the one moved there from q1); only from its
+                         second waiter: a tenant's lone waiter is its field q1 in
+                         P:T (store.lua's enqueue), the key made when a second joins
 P:r              hash    waiting request id -> its fields (protocol.WAITER_FIELDS)    T
 P:active         zset    tenants in line by finish tag; member "<seq>|<h>" (ties go   T
                          in activation order)
@@ -161,8 +165,10 @@ KEY_TTL: Final = MappingProxyType(
 #: A tenant's values in its field of P:T, in this order, joined with protocol.SEP, then
 #: its name (the rest of the text): finish tag, weight, cap bucket and its time, waiting
 #: requests, their cost by rank (c0..), state, the sequence number of its member in
-#: P:active, its queue's next TTL refresh. '' is a value's default (weight 1, counts 0,
-#: idle, no member, 0) or unset (the cap). (store.lua's load_tenant and save_tenant.)
+#: P:active, its queue's next TTL refresh, its one waiter if its queue is that alone (q1:
+#: the waiter's rank, one digit, then its id; P:q:<h> holds two or more). '' is a value's
+#: default (weight 1, counts 0, idle, no member, 0, none) or unset (the cap). (store.lua's
+#: load_tenant and save_tenant.)
 TENANT_FIELDS: Final = (
     "f",
     "w",
@@ -173,7 +179,10 @@ TENANT_FIELDS: Final = (
     "st",
     "am",
     "xp",
+    "q1",
 )
+# (q1: a rank is one digit there.)
+assert len(PRIORITIES) <= 10
 
 
 #: P:tenants's anchor member (score +inf; no tenant digest looks like it): added with every

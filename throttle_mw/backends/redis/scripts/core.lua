@@ -498,7 +498,7 @@ function push(t, r)
   local known, top_t, top_r = M.top_known, M.top_t, M.top_r  -- Lua only (line_after_push)
   local was_idle = t.st == IDLE
   S.seq = S.seq + 1
-  redis.call('ZADD', queue_key(t.h), num(r.rank * RANK_SPAN + S.seq), r.id)
+  enqueue(t, r)  -- (store.lua: its tenant's field or queue key)
   local deadline = num(r.deadline)
   save_waiter(r, deadline)
   redis.call('ZADD', K.deadlines, deadline, r.id)
@@ -519,7 +519,7 @@ end
 
 -- Scheduler._unlink: take a waiter out of every queue and count.
 function unlink(t, r)
-  redis.call('ZREM', queue_key(t.h), r.id)
+  dequeue(t, r)
   redis.call('HDEL', K.waiters, r.id)
   redis.call('ZREM', K.deadlines, r.id)
   call.deadline_left(r.deadline)
@@ -606,6 +606,7 @@ function top_active()
     end
     -- Inconsistent (keys lost): take the tenant out of line.
     redis.call('ZREM', K.active, top[1]); S.wsum = S.wsum - t.w; t.st = IDLE; t.n = 0
+    t.q1 = nil; t.q1r = nil
     local c = call.own_costs(t)
     for rank = 1, NRANK do c[rank] = 0 end
     t.dirty = true
@@ -757,7 +758,15 @@ local function leave(ids)
   S.waiting = S.waiting - #mine
   for _, t in ipairs(tenants) do
     local q = queued[t.h]
-    redis.call('ZREM', queue_key(t.h), unpack(q))
+    local left = #q
+    for i = 1, left do  -- (its one waiter in its field: store.lua's enqueue)
+      if q[i] == t.q1 then
+        t.q1 = nil; t.q1r = nil
+        q[i] = q[left]; q[left] = nil
+        break
+      end
+    end
+    if q[1] ~= nil then redis.call('ZREM', queue_key(t.h), unpack(q)) end
     t.dirty = true
     if t.n <= 0 then
       redis.call('ZREM', K.qlen, t.h)
@@ -765,7 +774,7 @@ local function leave(ids)
       t.touched = true
       deactivate(t)
     else
-      redis.call('ZINCRBY', K.qlen, num(-PUSH_SPAN * #q), t.h)
+      redis.call('ZINCRBY', K.qlen, num(-PUSH_SPAN * left), t.h)
     end
   end
   -- Their writes now, in the work the caller measures: a call of one waiter per tenant

@@ -1264,7 +1264,7 @@ local function save_tenant(t, again, hot)
       local xp_text = ''
       if xp == M.tenant_xp then xp_text = M.tenant_xp_text elseif xp ~= 0 then xp_text = num(xp) end
       mid = SEP .. SEP .. (cap and num(cap) or '') .. SEP .. (cap_at and num(cap_at) or '') .. SEP
-        .. string.rep(SEP, NRANK) .. SEP .. SEP .. SEP .. xp_text .. SEP
+        .. string.rep(SEP, NRANK) .. SEP .. SEP .. SEP .. xp_text .. SEP .. SEP
       M.plain_mid = mid; M.plain_cap = cap; M.plain_cap_at = cap_at; M.plain_xp = xp
     end
     text = call.count_text(t.f, mid, name)
@@ -1293,8 +1293,10 @@ local function save_tenant(t, again, hot)
     if v == 0 then parts[NRANK + 8] = ''
     elseif v == M.tenant_xp then parts[NRANK + 8] = M.tenant_xp_text
     else parts[NRANK + 8] = num(v) end
-    parts[NRANK + 9] = name
-    text = table.concat(parts, SEP, 1, NRANK + 9)
+    v = t.q1  -- (its one waiter, its rank first: call.enqueue)
+    if v == nil then parts[NRANK + 9] = '' else parts[NRANK + 9] = num(t.q1r) .. v end
+    parts[NRANK + 10] = name
+    text = table.concat(parts, SEP, 1, NRANK + 10)
   end
   if text ~= t.tx then
     t.tx = text
@@ -1307,7 +1309,7 @@ local function save_tenant(t, again, hot)
     end
   end
   if refresh then
-    if t.n > 0 then redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, M.tenant_ttl) end
+    if t.n > 0 and t.q1 == nil then redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, M.tenant_ttl) end
   elseif t.queue_made and t.n > 0 then
     redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl_ms('tenant'))
   end
@@ -2138,6 +2140,10 @@ local function load_tenant(h, weight)
       t.h = h; t.dirty = true; t.loaded = call.NEW_LOADED; t.c = call.ZERO_COSTS; t.w = w
       t.f = S.v + 1 / w; t.cap = L.tenant_burst; t.cap_at = now; t.n = 0; t.st = IDLE
       t.am = ''; t.xp = 0; t.touched = nil; t.queue_made = nil; t.nm = nil; t.tx = nil
+      -- (q1, q1r: not in the constructor below, its 16 slots (churn7), and cleared only if
+      -- set: in Lua 5.1 a nil assigned to a field the table lacks adds it, and a full
+      -- table is made anew for it: +8 % a call under churn when assigned always.)
+      if t.q1 ~= nil then t.q1 = nil; t.q1r = nil end
     else
       t = {h = h, dirty = true, loaded = call.NEW_LOADED, c = call.ZERO_COSTS, w = w,
         f = S.v + 1 / w, cap = L.tenant_burst, cap_at = now, n = 0, st = IDLE, am = '', xp = 0,
@@ -2165,9 +2171,15 @@ local function load_tenant(h, weight)
       n = NUMBERS[x5] or tonum(x5) or 0, c = {unpack(c)}, st = NUMBERS[xi] or tonum(xi) or IDLE,
       am = v[i + 1] or '', xp = NUMBERS[xp] or tonum(xp)}
     if l.am ~= '' then l.am = l.am .. SEP .. h end  -- (its sequence number stored)
+    -- Its one waiter's rank (a digit) and id, if its queue is that field (call.enqueue).
+    local q1, q1r = v[NRANK + 9], nil
+    if q1 == '' then q1 = nil
+    else
+      q1r = string.sub(q1, 1, 1); q1r = NUMBERS[q1r] or tonum(q1r); q1 = string.sub(q1, 2)
+    end
     t = {h = h, dirty = false, loaded = l, c = c, f = l.f, w = l.w, cap = l.cap,
       cap_at = l.cap_at, n = l.n, st = l.st, am = l.am, xp = l.xp or 0, touched = nil,
-      queue_made = nil, deleted = nil, nm = v[NRANK + 9], tx = text}
+      queue_made = nil, deleted = nil, nm = v[NRANK + 10], tx = text, q1 = q1, q1r = q1r}
     if weight ~= nil and weight ~= t.w then reweigh(t, weight) end
   end
   T[h] = t
@@ -2226,12 +2238,45 @@ end
 
 local function queue_key(h) return K.prefix .. KEY.queue .. h end
 
+-- A tenant's queue (Tenant.queue) is where its waiters' ids are, by rank, then in order of
+-- arrival. A tenant with one waiter keeps it in its own field of P:T (t.q1, its id, and
+-- t.q1r, its rank; stored as the rank's digit then the id, keys.TENANT_FIELDS' q1), written
+-- with the tenant anyway: no key of its own, so no ZADD, PEXPIRE, ZREM and ZRANGE for a
+-- tenant that queues one request at a time (a saturated budget's tenants; the rank's one
+-- digit: keys.py's assertion on PRIORITIES). Its second waiter moves it to P:q:<h>, at
+-- the score of its rank and sequence number 0 (it came before any other of its rank
+-- there), with save_tenant giving that key its TTL (queue_made); the key is used while it
+-- exists (Redis drops it with its last member), so the field is set only on a push to an
+-- empty queue. enqueue runs before push counts the waiter (t.n), dequeue before unlink
+-- does.
+local function enqueue(t, r)
+  if t.n == 0 then
+    t.q1 = r.id; t.q1r = r.rank
+    return
+  end
+  local q1 = t.q1
+  if q1 == nil then
+    redis.call('ZADD', queue_key(t.h), num(r.rank * RANK_SPAN + S.seq), r.id)
+    return
+  end
+  local first = num(t.q1r * RANK_SPAN)
+  t.q1 = nil; t.q1r = nil
+  t.queue_made = true
+  redis.call('ZADD', queue_key(t.h), first, q1, num(r.rank * RANK_SPAN + S.seq), r.id)
+end
+
+local function dequeue(t, r)
+  if t.q1 ~= nil and t.q1 == r.id then
+    t.q1 = nil; t.q1r = nil
+    return
+  end
+  redis.call('ZREM', queue_key(t.h), r.id)
+end
+
 -- (deadline: num(r.deadline), made once by push for both keys.)
 local function save_waiter(r, deadline)
   -- The first waiter (of all, or of its tenant) creates the queue's keys: give them TTLs.
   if S.waiting == 0 then born.waiters = true; born.deadlines = true; born.qlen = true end
-  -- Its tenant's first waiter makes the tenant's queue: save_tenant gives it its TTL.
-  if T[r.h] ~= nil and T[r.h].n == 0 then T[r.h].queue_made = true end
   -- (One concatenation: a table of the fields made for table.concat cost twice that.)
   redis.call('HSET', K.waiters, r.id, r.h .. SEP .. num(r.cost) .. SEP .. num(r.rank) .. SEP
     .. r.proc .. SEP .. deadline .. SEP .. num(r.enq))
@@ -2263,6 +2308,7 @@ end
 
 -- Tenant t's most urgent, oldest waiter (Tenant.head), or nil.
 local function head_of(t)
+  if t.q1 ~= nil then return load_waiter(t.q1) end  -- (its one waiter: enqueue)
   local ids = redis.call('ZRANGE', queue_key(t.h), '0', '0')
   if #ids == 0 then return nil end
   return load_waiter(ids[1])
@@ -2270,6 +2316,7 @@ end
 
 -- Tenant t's lowest-priority, newest waiter (Tenant.last), or nil.
 local function last_of(t)
+  if t.q1 ~= nil then return load_waiter(t.q1) end
   local ids = redis.call('ZRANGE', queue_key(t.h), '-1', '-1')
   if #ids == 0 then return nil end
   return load_waiter(ids[1])
