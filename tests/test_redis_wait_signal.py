@@ -438,8 +438,11 @@ def test_a_signal_s_calls_run_the_same_commands_whatever_the_fleet(
     # The opening and the round's full calls: the same commands at 1,000 as at 100.
     full = len(small) - 3  # (100: the opening, 2 calls of 32, 1 of 4, then nothing)
     assert large[0] == small[0], (large[0], small[0])
-    for ran in large[1:full]:
-        assert ran == small[1], (ran, small[1])
+    # (The second call makes the tenant's queue key, with its TTL: its first waiter was
+    # kept in its own field of P:T, store.lua's enqueue. The calls after it are alike.)
+    assert large[1] == small[1], (large[1], small[1])
+    for ran in large[2:full]:
+        assert ran == small[2], (ran, small[2])
     client.close()
 
 
