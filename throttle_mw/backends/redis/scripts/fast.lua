@@ -143,7 +143,7 @@ end
 -- (A Lua call costs Redis some 500 instructions, more than the tests of a step that returns
 -- at once: on this path, once per acquire, the steps that do nothing in most calls are
 -- skipped here rather than called: live_weight once the call knows no live weight is set
--- (M.no_weights) and its tenant is not loaded (then it returns the given weight), encode for
+-- (M.no_weights: then it returns the given weight), encode for
 -- a decision with its line made (call.ADMITTED's). docs/performance.md, `churnlua`.)
 local function do_acquire(op)
   local id, h, name, tail = call.split_acquire(op)
@@ -153,7 +153,7 @@ local function do_acquire(op)
     if known ~= nil then return encode(known) end
   end
   local weight = tail.weight
-  if not M.no_weights or T[h] ~= nil then weight = live_weight(h, weight) end
+  if not M.no_weights then weight = live_weight(h, weight) end
   local d = acquire(id, h, name, weight, tail.rank, tail.cost, tail.sheddable, tail.degradable,
     tail.max_wait)
   return d.line or encode(d)

@@ -2186,9 +2186,12 @@ local function load_tenant(h, weight)
   return t
 end
 
--- The weight for a tenant not yet loaded this call: a live weight (set with the CLI) wins.
+-- The weight the caller gives a tenant: a live weight (set with the CLI) wins. Asked for a
+-- tenant already in T too (Scheduler reads limits.weight on every acquire): T also holds
+-- tenants a call loaded without a weight (a cancel's, dispatch's) and, in a loaded library,
+-- the tenants the last call kept (call.recall_line, call.recall_tenant); leaving those as
+-- they were made a library's decisions differ from EVALSHA's after a change of weight.
 local function live_weight(h, given)
-  if T[h] ~= nil then return nil end  -- already loaded this call, with its weight
   -- Whether any is set is known with the stamped reading of the live limits (asked once
   -- per reading: load_limits_stamped).
   local memo = limits_memo

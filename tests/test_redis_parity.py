@@ -1,0 +1,220 @@
+"""A budget decides the same whether its calls come by FCALL or by EVALSHA.
+
+A loaded function library (Redis 7, Valkey) keeps things in Lua memory across calls (the
+state by its generation stamp, the line the last call left, the limits' memo, remembered
+texts and numbers); a script run by EVALSHA keeps nothing. Neither may move a decision:
+each test below runs one random sequence of calls with one injected clock on a budget of
+its own through the library, then through EVALSHA, and asserts every reply line and every
+grant the same. The callers' weights change from call to call (replicas configured
+differently, mid-deploy: each call carries its caller's weights; README, "Deployment"),
+and some calls carry several operations (a deferred one sent again: batch_whole).
+
+The Python scheduler has no per-call weight (a process's weights change with
+`set_limits`, for every tenant at once, where the scripts reweigh a tenant when a call
+brings its weight), so it is compared on the sequence a weight change makes in both: a
+tenant waiting first in line reweighed by its next acquire (the tenant the library keeps
+from the last call), alone or after a cancel of its own in the same call. Nothing is kept
+on Redis 6.2: the library's tests skip there (EVALSHA's run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from tests.support.lua_scheduler import LuaScheduler, redis_version
+from tests.support.redis_server import RedisServer
+from throttle_mw.backends.redis import protocol
+from throttle_mw.priorities import PRIORITIES
+from throttle_mw.scheduler import (
+    Admit,
+    Decision,
+    Enqueue,
+    Granted,
+    HeldLease,
+    LeaseCharge,
+    Limits,
+    Policy,
+    Reject,
+    Request,
+    Scheduler,
+)
+
+POLICY = Policy(
+    dict.fromkeys(PRIORITIES, 1.5),
+    queue_limit=12,
+    tenant_queue_limit=3,
+    tenant_idle_s=0.4,
+    max_tenants=5,
+)
+#: Slots (releases), or rate tokens leased with charges (ratelease.lua).
+LIMITS = {
+    "slots": Limits(rate=8.0, burst=2.0, concurrency=3, tenant_rate=3.0, tenant_burst=2.0),
+    "leases": Limits(rate=8.0, burst=2.0, tenant_rate=3.0, tenant_burst=2.0),
+}
+NAMES = [f"n{i}" for i in range(9)]
+
+
+@pytest.fixture
+def client(clean_redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = clean_redis_server.client()
+    yield client
+    client.close()
+
+
+def functions_or_skip(client: redis.Redis, functions: bool) -> None:
+    if functions and redis_version(client) < (7, 0):
+        pytest.skip("this Redis has no functions (the scripts run by EVALSHA on it)")
+
+
+def call_whole(scheduler: LuaScheduler, now: float, ops: list[str]) -> tuple[list[str], list[Any]]:
+    """`ops` by as many calls as it takes (batch_whole's, with the grants of each call):
+    operations deferred past the work bound (protocol.DEFERRED) sent again."""
+    replies: list[str] = [protocol.DEFERRED] * len(ops)
+    events: list[Any] = []
+    pending = list(range(len(ops)))
+    for _ in range(20):
+        lines, granted = scheduler._call(now, [ops[i] for i in pending])
+        events.extend(granted)
+        for i, line in zip(pending, lines, strict=True):
+            replies[i] = line
+        pending = [i for i in pending if replies[i] == protocol.DEFERRED]
+        if not pending:
+            return replies, events
+    raise AssertionError(f"still deferred after 20 calls: {pending}")
+
+
+def run(client: redis.Redis, seed: int, limits: str, functions: bool, ops: int) -> list[Any]:
+    """One random sequence (by `seed`) of calls of up to `ops` operations and a tick each
+    (acquires of nine tenants, each with a weight of its caller's, cancels, releases or
+    lease charges), on a budget of its own, by FCALL or EVALSHA. Returns every reply line
+    and every event, in order."""
+    rng = random.Random(seed)
+    scheduler = LuaScheduler(client, LIMITS[limits], POLICY, 0.0, functions=functions)
+    waiting: list[str] = []
+    held: list[str] = []
+    seen: list[Any] = []
+    now = 0.0
+    lease = HeldLease()
+    for step in range(300):
+        now += rng.choice([0.004, 0.02, 0.05, 0.12, 0.5])
+        if limits == "leases" and rng.random() < 0.12:  # charges of tenants, one lease token
+            charges = [LeaseCharge(rng.choice(NAMES), rng.choice([1, 2]), 1) for _ in range(2)]
+            weights = {c.tenant: rng.choice([1.0, 2.0]) for c in charges}
+            scheduler._limits = dataclasses.replace(LIMITS[limits], weights=weights)
+            grant = scheduler.lease_tokens(now, 0.3, lease, rng.choice([0, 1]), charges)
+            lease = HeldLease(grant.generation, grant.until, size=grant.kept + grant.taken)
+            seen.append((step, "lease", grant.taken, grant.kept, grant.until))
+            continue
+        batch: list[str] = []
+        asked: list[str | None] = []
+        for n in range(rng.randint(1, ops)):
+            kind = rng.random()
+            if kind < 0.62 or not (waiting or held):
+                rid = f"r{step}.{n}"
+                req = Request(rid, rng.choice(NAMES), cost=rng.choice([1, 1, 2]))
+                weight = rng.choice([1.0, 2.0])  # (this caller's)
+                batch.append(protocol.acquire_op(rid, protocol.acquire_tail(req, weight, 1.5)))
+                asked.append(rid)
+            elif held and (kind < 0.8 or not waiting):
+                batch.append(protocol.release_op(held.pop(rng.randrange(len(held)))))
+                asked.append(None)
+            else:
+                batch.append(protocol.cancel_op(waiting.pop(rng.randrange(len(waiting)))))
+                asked.append(None)
+        lines, events = call_whole(scheduler, now, [*batch, protocol.TICK])
+        seen.append((step, lines[:-1], events))
+        for event in events:
+            if event.id in waiting:
+                waiting.remove(event.id)
+            if isinstance(event, Granted) and event.lease:
+                held.append(event.id)
+        for acquired, line in zip(asked, lines, strict=False):
+            if acquired is None:
+                continue
+            decision = protocol.decode_acquire(line)
+            if isinstance(decision, Enqueue):
+                waiting.append(acquired)
+            elif isinstance(decision, Admit) and decision.lease:
+                held.append(acquired)
+    return seen
+
+
+@pytest.mark.parametrize("ops", [1, 3], ids=["single", "several"])
+@pytest.mark.parametrize("limits", sorted(LIMITS))
+@pytest.mark.parametrize("seed", range(3))
+def test_the_library_decides_as_evalsha(
+    client: redis.Redis, seed: int, limits: str, ops: int
+) -> None:
+    """The same calls with the same clock: every reply the same by FCALL as by EVALSHA."""
+    functions_or_skip(client, True)
+    assert run(client, seed, limits, True, ops) == run(client, seed, limits, False, ops)
+
+
+# --- a weight change, against the Python scheduler ----------------------------------------------
+
+BEFORE = Limits(rate=1.0, burst=1.0)
+AFTER = Limits(rate=1.0, burst=1.0, weights={"A": 2.0})
+WAIT = Policy(dict.fromkeys(PRIORITIES, 10.0))
+
+
+def acquire_op(rid: str, tenant: str, limits: Limits) -> str:
+    request = Request(rid, tenant)
+    return protocol.acquire_op(rid, protocol.acquire_tail(request, limits.weight(tenant), 10.0))
+
+
+def reweighed(make: str, client: redis.Redis, same_call: bool) -> list[Decision | str]:
+    """A admitted, then two requests of A's waiting (A first in line), A's weight changed
+    (set_limits at 0.1), then an acquire of A's with its new weight at 0.2 (after a cancel of
+    A's own in the same call, if `same_call`), and one of B's at 0.3: their decisions."""
+    if make == "python":
+        python = Scheduler(BEFORE, WAIT, 0.0)
+        first = [python.acquire(0.0, Request(rid, "A"))[0] for rid in ("a1", "a2", "a3")]
+        python.set_limits(AFTER, 0.1)
+        cancelled: list[Any] = []
+        if same_call:
+            cancelled.append(python.cancel(0.2, "a2")[0])
+        return [
+            *first,
+            *cancelled,
+            python.acquire(0.2, Request("a4", "A"))[0],
+            python.acquire(0.3, Request("b1", "B"))[0],
+        ]
+    lua = LuaScheduler(client, BEFORE, WAIT, 0.0, functions=make == "fcall")
+    first = [lua.acquire(0.0, Request(rid, "A"))[0] for rid in ("a1", "a2", "a3")]
+    lua.set_limits(AFTER, 0.1)
+    ops = [protocol.cancel_op("a2")] if same_call else []
+    lines, _ = call_whole(lua, 0.2, [*ops, acquire_op("a4", "A", AFTER), protocol.TICK])
+    replies: list[Any] = [protocol.decode_cancel(line) for line in lines[: len(ops)]]
+    replies.append(protocol.decode_acquire(lines[len(ops)]))
+    return [*first, *replies, lua.acquire(0.3, Request("b1", "B"))[0]]
+
+
+@pytest.mark.parametrize("same_call", [False, True], ids=["alone", "after-a-cancel"])
+@pytest.mark.parametrize("make", ["fcall", "evalsha"])
+def test_a_new_weight_reaches_a_tenant_loaded_before_its_acquire(
+    client: redis.Redis, make: str, same_call: bool
+) -> None:
+    """The Python scheduler's decisions after a weight change, by FCALL and by EVALSHA: the
+    tenant first in line (which a library keeps from its last call) takes the weight its
+    next acquire brings, as does one a cancel loaded earlier in the same call (by EVALSHA
+    too: both were left with their old weight, a queued request's estimate from it)."""
+    functions_or_skip(client, make == "fcall")
+    decisions = reweighed(make, client, same_call)
+    python = reweighed("python", client, same_call)
+    if same_call:
+        # The cancel's retry estimate is the one place the two differ by design: Python
+        # reweighs every tenant at set_limits, the scripts each tenant when a call brings its
+        # weight (here the acquire after the cancel), so the cancel reckons with A's old one.
+        (mine,), (theirs,) = decisions[3:4], python[3:4]
+        assert isinstance(mine, Reject)
+        assert isinstance(theirs, Reject)
+        assert mine.reason == theirs.reason
+        decisions, python = decisions[:3] + decisions[4:], python[:3] + python[4:]
+    assert decisions == python
+    assert isinstance(decisions[-2], Enqueue)  # (the estimate checked: A's new weight)
