@@ -317,10 +317,12 @@ def test_a_stopped_fleet_leaves_every_key_with_a_ttl_and_then_nothing(
         # The last process dies holding both slots, with a request queued behind them.
         holders = [held_request(crashing.url, f"holder-{i}", 20_000) for i in range(2)]
         assert wait_until(lambda: probe(crashing)["running"] == 2, timeout_s=10)
-        waiter = held_request(crashing.url, "waiter", 10)
-        assert wait_until(lambda: client.hlen("{gone}:r") == 1, timeout_s=5)
+        # Two waiters of one tenant: its queue gets a key of its own (P:q:<h>; a lone
+        # waiter is kept in its tenant's field of P:T, store.lua's enqueue).
+        waiters = [held_request(crashing.url, "waiter", 10) for _ in range(2)]
+        assert wait_until(lambda: client.hlen("{gone}:r") == 2, timeout_s=5)
         crashing.kill()
-        for thread in (*holders, waiter):
+        for thread in (*holders, *waiters):
             thread.join(timeout=10)
 
         left = keys_of(client, "{gone}")
