@@ -172,8 +172,11 @@ end
 
 -- --- budget -----------------------------------------------------------------------------
 
--- Scheduler._refill: bring the token bucket and the fair-rate window up to now.
-function refill()
+-- Scheduler._refill: bring the token bucket and the fair-rate window up to now. (Lua only:
+-- `bucket` true, the bucket alone, for batch.lua's call before its operations: the window
+-- rolls only in the operations' own refills, as in Python, where a release while nobody
+-- waits has no clock.)
+function refill(bucket)
   local elapsed = now - S.ts
   if elapsed > 0 then
     if L.rate ~= nil then
@@ -187,7 +190,7 @@ function refill()
     end
     S.ts = now
   end
-  if now - S.win_at >= WINDOW then window_roll(S.v) end
+  if not bucket and now - S.win_at >= WINDOW then window_roll(S.v) end
 end
 
 -- core.py's _leased_refill (a module function there: no local slot here, the library's
@@ -697,6 +700,7 @@ local function expire_waiters()
   M.dl_next = first
   if not first or first > now - TUNING.DEADLINE_GRACE then return end
   M.dl_next = nil
+  refill()  -- (their expiry estimates: Python's tick refills before it evicts)
   local dead = redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', num(now - TUNING.DEADLINE_GRACE),
     'LIMIT', '0', num(TUNING.EXPIRY_BATCH))
   for _, id in ipairs(dead) do
