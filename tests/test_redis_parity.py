@@ -218,3 +218,73 @@ def test_a_new_weight_reaches_a_tenant_loaded_before_its_acquire(
         decisions, python = decisions[:3] + decisions[4:], python[:3] + python[4:]
     assert decisions == python
     assert isinstance(decisions[-2], Enqueue)  # (the estimate checked: A's new weight)
+
+
+# --- a release while nobody waits, against the Python scheduler ---------------------------------
+
+
+def released_then_queued(make: str, client: redis.Redis, released_at: float) -> list[Any]:
+    """Four tenants: a1 admitted at 0.12, b1 at 0.62, a1 released at `released_at` (nobody
+    waiting), then c1 (cost 2) admitted at 1.62 and d1 queued at 1.72: every decision."""
+    scheduler: Scheduler | LuaScheduler
+    if make == "python":
+        scheduler = Scheduler(LIMITS["slots"], POLICY, 0.0)
+    else:
+        scheduler = LuaScheduler(client, LIMITS["slots"], POLICY, 0.0, functions=make == "fcall")
+    return [
+        scheduler.acquire(0.12, Request("a1", "A"))[0],
+        scheduler.acquire(0.62, Request("b1", "B"))[0],
+        scheduler.release(released_at, "a1"),
+        scheduler.acquire(1.62, Request("c1", "C", cost=2))[0],
+        scheduler.acquire(1.72, Request("d1", "D"))[0],
+    ]
+
+
+@pytest.mark.parametrize("released_at", [0.7, 1.12], ids=["in-the-window", "past-the-window"])
+@pytest.mark.parametrize("make", ["fcall", "evalsha"])
+def test_a_release_while_nobody_waits_leaves_the_window_alone(
+    client: redis.Redis, make: str, released_at: float
+) -> None:
+    """A release while nobody waits has no clock (Scheduler.release, release_at_once): it
+    does not roll the fair-rate window, though a full call of batch.lua brings the bucket
+    up to now first. Released past the window's end (WINDOW_S from 0), the scripts rolled
+    it there, and D's estimate came from a window measured from 1.12 rather than from the
+    next acquire's 1.62 (0.56 s against Python's 0.81 s); released inside it, the control."""
+    functions_or_skip(client, make == "fcall")
+    decisions = released_then_queued(make, client, released_at)
+    assert decisions == released_then_queued("python", client, released_at)
+    assert isinstance(decisions[-1], Enqueue)
+
+
+# --- a capped tenant's idle time, against the Python scheduler ------------------------------
+
+CAPPED = Limits(rate=100.0, burst=100.0, tenant_rate=1.0, tenant_burst=2.0)
+SHORT_IDLE = Policy(dict.fromkeys(PRIORITIES, 10.0), tenant_idle_s=0.4)
+
+
+def capped_after_a_pause(make: str, client: redis.Redis) -> list[Any]:
+    """T takes its cap's whole burst at 0; a new tenant N arrives at 0.5 (past the idle
+    time, well before T's cap has refilled: 2 s), then T asks for 2 more at 0.6."""
+    scheduler: Scheduler | LuaScheduler
+    if make == "python":
+        scheduler = Scheduler(CAPPED, SHORT_IDLE, 0.0)
+    else:
+        scheduler = LuaScheduler(client, CAPPED, SHORT_IDLE, 0.0, functions=make == "fcall")
+    return [
+        scheduler.acquire(0.0, Request("t1", "T", cost=2))[0],
+        scheduler.acquire(0.5, Request("n1", "N"))[0],
+        scheduler.acquire(0.6, Request("t2", "T", cost=2))[0],
+    ]
+
+
+@pytest.mark.parametrize("make", ["fcall", "evalsha"])
+def test_a_capped_tenant_is_kept_until_its_cap_has_refilled(client: redis.Redis, make: str) -> None:
+    """Scheduler._forget_idle keeps an idle tenant at least as long as its rate cap takes
+    to refill (tenant_burst / tenant_rate), whatever the idle time: forgotten sooner, it
+    would come back with a full cap and exceed it (README, guarantee 6). The scripts'
+    forget_idle went by the idle time alone: T, dropped at 0.5, was admitted again at 0.6
+    with a cap made anew; in Python it waits for its cap."""
+    functions_or_skip(client, make == "fcall")
+    decisions = capped_after_a_pause(make, client)
+    assert decisions == capped_after_a_pause("python", client)
+    assert not isinstance(decisions[-1], Admit)

@@ -138,7 +138,7 @@ if #ops > TUNING.WORK_CHECK then started = call.start_us() end
 -- there: store.lua's call.heartbeat.)
 local joined = call.heartbeat()
 if joined then born.procs = true end
-refill()
+refill(true)  -- (the bucket: the window rolls in the operations, core.lua's refill)
 expire_leases()
 expire_waiters()
 

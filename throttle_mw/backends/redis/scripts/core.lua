@@ -172,8 +172,11 @@ end
 
 -- --- budget -----------------------------------------------------------------------------
 
--- Scheduler._refill: bring the token bucket and the fair-rate window up to now.
-function refill()
+-- Scheduler._refill: bring the token bucket and the fair-rate window up to now. (Lua only:
+-- `bucket` true, the bucket alone, for batch.lua's call before its operations: the window
+-- rolls only in the operations' own refills, as in Python, where a release while nobody
+-- waits has no clock.)
+function refill(bucket)
   local elapsed = now - S.ts
   if elapsed > 0 then
     if L.rate ~= nil then
@@ -187,7 +190,7 @@ function refill()
     end
     S.ts = now
   end
-  if now - S.win_at >= WINDOW then window_roll(S.v) end
+  if not bucket and now - S.win_at >= WINDOW then window_roll(S.v) end
 end
 
 -- core.py's _leased_refill (a module function there: no local slot here, the library's
@@ -439,7 +442,10 @@ function forget_idle()
   call.flush_idle()
   local due = now >= S.fi
   if not (fresh or due) then return end
-  local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', call.idle_score(now - POL.idle), 'LIMIT', '0',
+  -- (A capped tenant is kept until its cap has refilled: made anew, its cap would be full.)
+  local idle_after = POL.idle
+  if L.tenant_rate ~= nil then idle_after = math.max(idle_after, L.tenant_burst / L.tenant_rate) end
+  local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', call.idle_score(now - idle_after), 'LIMIT', '0',
     num(TUNING.SWEEP_BATCH))
   if #stale < TUNING.SWEEP_BATCH then S.fi = now + TUNING.SWEEP_PERIOD end
   -- (Counted without the list's anchor, keys.IDLE_ANCHOR, at +inf: it is never among the
@@ -698,6 +704,7 @@ local function expire_waiters()
   M.dl_next = first
   if not first or first > now - TUNING.DEADLINE_GRACE then return end
   M.dl_next = nil
+  refill()  -- (their expiry estimates: Python's tick refills before it evicts)
   local dead = redis.call('ZRANGEBYSCORE', K.deadlines, '-inf', num(now - TUNING.DEADLINE_GRACE),
     'LIMIT', '0', num(TUNING.EXPIRY_BATCH))
   for _, id in ipairs(dead) do
