@@ -20,7 +20,7 @@ import redis
 from tests.support.lua_scheduler import LuaScheduler
 from tests.support.redis_server import RedisServer
 from throttle_mw.backends.redis import protocol
-from throttle_mw.backends.redis.keys import RANK_SPAN, SUFFIX, tenant_digest
+from throttle_mw.backends.redis.keys import RANK_SPAN, SUFFIX, TENANT_FIELDS, tenant_digest
 from throttle_mw.priorities import PRIORITIES, RANK
 from throttle_mw.scheduler import (
     Admit,
@@ -160,3 +160,10 @@ def test_a_process_leaving_takes_its_lone_waiters_from_their_fields(client: redi
     assert isinstance(lua.acquire(0.2, Request("y3", "y"))[0], Enqueue)
     assert granted(lua.tick(1.0)) == ["x2"]
     assert granted(lua.tick(2.0)) == ["y3"]
+
+
+def test_a_rank_fits_the_one_digit_of_a_lone_waiter_s_field() -> None:
+    """A tenant's lone waiter is stored as its rank's one digit, then its id (keys.py's
+    TENANT_FIELDS, q1; store.lua's enqueue and load_tenant): ten priorities at most."""
+    assert "q1" in TENANT_FIELDS
+    assert len(PRIORITIES) <= 10

@@ -181,8 +181,6 @@ TENANT_FIELDS: Final = (
     "xp",
     "q1",
 )
-# (q1: a rank is one digit there.)
-assert len(PRIORITIES) <= 10
 
 
 #: P:tenants's anchor member (score +inf; no tenant digest looks like it): added with every
