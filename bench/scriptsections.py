@@ -56,7 +56,7 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("batch", "load_state(ARGV[5], ARGV[4])\n", "load_state"),
     ("batch", "hold_back()\ncall.recall_line()", "recall_line"),
     ("batch", "local joined = call.heartbeat()\n", "heartbeat"),
-    ("batch", "refill()\nexpire_leases()\nexpire_waiters()\n", "expiries"),
+    ("batch", "refill(true)", "expiries"),
     ("batch", "local results = {nil}", "operation"),
     (
         "core",
