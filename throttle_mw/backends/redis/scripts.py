@@ -146,9 +146,6 @@ NUMBERS_MAX: Final = 1024
 #: Whole numbers below this (in magnitude) are written with %d (store.lua, num): the same
 #: text as NUMBER_FORMAT's 17 significant digits gives them.
 INTEGER_TEXT_MAX: Final = 1e15
-#: A waiter's deadline in whole microseconds below this (2**53: every such count is exact
-#: in a double) is written from whole numbers, '%d.%06d' (store.lua, call.whole_us).
-WHOLE_US_MAX: Final = 2**53
 #: A budget state made anew while a process still knew the old one (Redis restarted empty,
 #: a failover to an empty replica) admits nothing new for this long: the processes reclaim
 #: the leases they hold first (store.lua, "A state made anew"). Every process is back within
@@ -242,7 +239,6 @@ SHARED: Final[Mapping[str, object]] = {
         "IDLE_ANCHOR": keys.IDLE_ANCHOR,
         "NUMBERS_MAX": NUMBERS_MAX,
         "INTEGER_TEXT_MAX": INTEGER_TEXT_MAX,
-        "WHOLE_US_MAX": WHOLE_US_MAX,
         "PROCS_RECOUNT": PROCS_RECOUNT_S,
         "LIVE_REREAD": LIVE_REREAD_S,
         "RECENT_SLACK": RECENT_SLACK,

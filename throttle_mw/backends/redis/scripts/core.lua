@@ -40,7 +40,6 @@ function acquire(id, h, name, weight, rank, cost, sheddable, degradable, max_wai
   local rejected = make_room(t, rank)
   if rejected ~= nil then return rejected end
   local deadline = now + max_wait
-  deadline = call.whole_us(deadline)  -- Lua only: to the microsecond (store.lua)
   local r = {id = id, h = h, cost = cost, rank = rank, proc = proc, deadline = deadline,
     enq = now}
   push(t, r)
@@ -506,7 +505,7 @@ function push(t, r)
   local was_idle = t.st == IDLE
   S.seq = S.seq + 1
   enqueue(t, r)  -- (store.lua: its tenant's field or queue key)
-  local deadline = call.whole_us_text(r.deadline)
+  local deadline = num(r.deadline)
   save_waiter(r, deadline)
   redis.call('ZADD', K.deadlines, deadline, r.id)
   call.deadline_added(r.deadline, deadline)
@@ -515,7 +514,7 @@ function push(t, r)
   c[r.rank + 1] = c[r.rank + 1] + r.cost
   t.n = t.n + 1
   if t.n == 1 then call.seen_idle(t.h, false) end  -- off the idle list (forget_idle)
-  redis.call('ZADD', K.qlen, call.count_text(t.n * PUSH_SPAN + S.seq % PUSH_SPAN), t.h)
+  redis.call('ZADD', K.qlen, num(t.n * PUSH_SPAN + S.seq % PUSH_SPAN), t.h)
   S.waiting = S.waiting + 1
   S[RANK_COUNT[r.rank + 1]] = S[RANK_COUNT[r.rank + 1]] + 1
   S.qcost = S.qcost + r.cost

@@ -899,28 +899,6 @@ function call.deadline_added(deadline, text)
   end
 end
 
--- A waiter's deadline to the whole microsecond (acquire; Lua only: Python's is now +
--- max_wait): its text is then made from whole numbers (call.whole_us_text), not with
--- NUMBER_FORMAT's 17 significant digits, a printf of a fraction (some 6 k instructions a
--- queueing acquire). us / US_PER_S is the double that text reads as (each the nearest to
--- the same fraction), so P:dl's score, the waiter's record, the reply and r.deadline are
--- one number. (A time outside 0 .. WHOLE_US_MAX microseconds stays as it is.)
-function call.whole_us(at)
-  local us = math.floor(at * US_PER_S + 0.5)
-  if not (us >= 0 and us < TUNING.WHOLE_US_MAX) then return at end
-  at = us / US_PER_S
-  M.whole_us = us; M.whole_us_at = at
-  return at
-end
-
--- The text of a deadline call.whole_us made (else num's): seconds, then six digits.
-function call.whole_us_text(deadline)
-  if deadline ~= M.whole_us_at then return num(deadline) end
-  local us = M.whole_us
-  local frac = us % US_PER_S
-  return string.format('%d.%06d', (us - frac) / US_PER_S, frac)
-end
-
 -- A queued request's deadline as its reply states it: the text push made for P:dl, if
 -- it is that one (one formatting with 17 digits fewer per queueing acquire).
 function call.deadline_text(deadline)
@@ -2246,20 +2224,13 @@ local function touch(t)
 end
 
 call.member_format = '%0' .. MEMBER_SEQ_DIGITS .. 'd'  -- (made once)
-call.ZEROS = {''}  -- (ZEROS[k + 1]: k zeros, up to MEMBER_SEQ_DIGITS)
-for k = 1, MEMBER_SEQ_DIGITS do call.ZEROS[k + 1] = call.ZEROS[k] .. '0' end
 
 -- Tenant t's member in P:active: the activation sequence number first, so ties in the
 -- finish tag go in activation order.
 local function active_member(t)
   -- Its weight is all the weight in line (activate added it): P:active was empty, so gone.
   if S.wsum <= t.w + EPS then born.active = true end
-  -- (The sequence number's text as a count's, call.count_text, padded with zeros: one
-  -- concatenation, no printf; it counts up by a few a call.)
-  local seq = call.count_text(S.seq)
-  local pad = MEMBER_SEQ_DIGITS - #seq
-  if pad < 0 then return string.format(call.member_format, S.seq) .. SEP .. t.h end
-  return call.ZEROS[pad + 1] .. seq .. SEP .. t.h
+  return string.format(call.member_format, S.seq) .. SEP .. t.h
 end
 
 local function tenant_of_member(member)
@@ -2305,7 +2276,7 @@ local function dequeue(t, r)
   redis.call('ZREM', queue_key(t.h), r.id)
 end
 
--- (deadline: r.deadline's text, made once by push for both keys: call.whole_us_text.)
+-- (deadline: num(r.deadline), made once by push for both keys.)
 local function save_waiter(r, deadline)
   -- The first waiter (of all, or of its tenant) creates the queue's keys: give them TTLs.
   if S.waiting == 0 then born.waiters = true; born.deadlines = true; born.qlen = true end
