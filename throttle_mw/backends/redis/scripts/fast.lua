@@ -51,19 +51,40 @@ local function finish(lines, due, procs)
   return lines .. LINE .. trailer
 end
 
--- Redis's clock in microseconds (TIME: the test clock override aside), exact in a double:
--- made once per work check (the start's two texts were parsed again at each).
+-- The work clock: Lua's os.clock where the server has one (Redis 7.4+, Valkey: the
+-- server's CPU time), false where it has none (Redis 6.2, 7.0: `os` is no global there),
+-- nil until looked for (once per loaded library, or per EVAL call that measures its work).
+-- Since Redis 7.2, and in Valkey, TIME is frozen for a script's whole run (redis/redis
+-- #10300: every TIME of a call reads its start), so a work bound by TIME never stops a
+-- call there; os.clock was added for that (redis/redis#12971). Redis 7.2.x has neither: a
+-- call there is bounded by its count alone (WORK_UNITS).
+local cpu_clock = nil
+local function find_clock()
+  local found, os_lib = pcall(function() return os end)
+  cpu_clock = found and type(os_lib) == 'table' and type(os_lib.clock) == 'function'
+    and os_lib.clock
+end
+
+-- The work clock in microseconds (only its differences mean anything): os.clock's, else
+-- Redis's TIME (the test clock override aside), exact in a double: made once per work
+-- check (the start's two texts were parsed again at each).
 local function clock_us()
+  if cpu_clock == nil then find_clock() end
+  local clock = cpu_clock
+  if clock then return clock() * US_PER_S end
   local t = redis.call('TIME')
   return tonum(t[1]) * US_PER_S + tonumber(t[2])  -- (the seconds: the same text a while)
 end
 
--- The start of a call by Redis's clock, in microseconds: init's TIME (the test clock
--- override aside: then TIME read now). A call's work is counted from here: its state, its
--- expiries and the operations' split count in it, not the operations only.
+-- The start of a call's work, in microseconds of the work clock: init's TIME where that is
+-- the clock (the test clock override aside: then TIME read now), so its state, its expiries
+-- and the operations' split count in it, not the operations only; with os.clock, read now
+-- (after the state's load: a few microseconds of the call not counted, where reading it in
+-- init would cost every call, the fast ones too, a clock read).
 function call.start_us()
+  if cpu_clock == nil then find_clock() end
   local s = call.time_s
-  if s ~= nil then return s * US_PER_S + call.time_us end
+  if s ~= nil and cpu_clock == false then return s * US_PER_S + call.time_us end
   return clock_us()
 end
 
@@ -74,11 +95,11 @@ end
 --   made (a new tenant is asked for, written with its TTL, listed idle and, at the tenant
 --   bound, drops another after the loop: a few commands, where an operation on a tenant
 --   already loaded runs one or none), at most TUNING.WORK_UNITS, whatever the clock says;
--- - by Redis's clock: what it has run plus what is still to come after the loop (the idle
---   list, the drops, the last tenants' writes, the state's write-back: they grow with what
---   was taken) reaches TUNING.WORK_US. That rest is charged in advance at the call's own
---   rate so far, TUNING.AFTER_SHARE of its time per operation taken (its start counted in
---   that rate: an over-estimate).
+-- - by the work clock (clock_us): what it has run plus what is still to come after the loop
+--   (the idle list, the drops, the last tenants' writes, the state's write-back: they grow
+--   with what was taken) reaches TUNING.WORK_US. That rest is charged in advance at the
+--   call's own rate so far, TUNING.AFTER_SHARE of its time per operation taken (its start
+--   counted in that rate: an over-estimate).
 -- While nobody waits, the next check comes after as many operations as would take half the
 -- work left at that rate, TUNING.WORK_CHECK to TUNING.WORK_STRIDE of them (a check, TIME and
 -- its parsing, its tenants' HSET, cost some 15 k instructions), and never past the counted
