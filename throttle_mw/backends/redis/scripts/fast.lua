@@ -225,20 +225,25 @@ end
 -- Loads the state into S (store.lua's load_hot_state) and the limits (load_limits_stamped,
 -- from `limits`: batch.lua's ARGV[4]); false if the full call must run instead.
 -- Whether the state leaves the fast path nothing the full call would do: nobody waits, no
--- TTL refresh (xp), idle sweep (fi) or fair-rate window roll due, an epoch made, no
--- reclaim grace running (an epoch to make or a grace are the full call's: hold_back,
--- store.lua's "A state made anew"). The one test of fast_state, fast_acquire and
--- lean_release, from the state's fields as each has them.
-local function quiet(waiting, xp, fi, win_at, ep, rc)
+-- TTL refresh (xp), idle sweep (fi) or, for an operation that rolls the fair-rate window
+-- (`rolls`: an acquire or a charge, whose refill rolls it, core.lua's refill), a window
+-- roll due, an epoch made, no reclaim grace running (an epoch to make or a grace are the
+-- full call's: hold_back, store.lua's "A state made anew"). A release while nobody waits
+-- rolls no window in the full call either (core.lua's release: no refill; batch.lua's
+-- refill(true), the bucket alone), so a window run out does not stop fast_release or
+-- lean_release (it did: every release then went by the full call until an acquire rolled
+-- the window). The one test of fast_state, fast_acquire, lean_release and
+-- call.lean_charges, from the state's fields as each has them.
+local function quiet(waiting, xp, fi, win_at, ep, rc, rolls)
   return waiting == 0 and now < (xp or 0) and now < (fi or 0) and win_at ~= nil
-    and now - win_at < WINDOW and ep ~= '' and now >= (rc or 0)
+    and (not rolls or now - win_at < WINDOW) and ep ~= '' and now >= (rc or 0)
 end
 
 local function fast_state(limits, vals)
   if not load_hot_state(vals) then return false end  -- a new budget
   load_limits_stamped(limits, false)
   S.la = S.la or 0; S.lk = S.lk or 0  -- as load_state
-  return quiet(S.waiting, S.xp, S.fi, S.win_at, S.ep, S.rc)
+  return quiet(S.waiting, S.xp, S.fi, S.win_at, S.ep, S.rc, false)  -- (fast_release's)
 end
 
 -- A lease past its expiry (its process crashed): expire_leases must run first. Asked of
@@ -300,7 +305,7 @@ local function fast_acquire(op, limits)
   local weight = tail.weight
   if not call.load_acquire_state() then return give_up() end  -- a new budget
   load_limits_stamped(limits, false)
-  if not quiet(S.waiting, S.xp, S.fi, S.win_at, S.ep, S.rc)
+  if not quiet(S.waiting, S.xp, S.fi, S.win_at, S.ep, S.rc, true)
     or S.inflight > 0 and lapsed_lease() then
     return give_up()
   end
@@ -358,7 +363,7 @@ local function lean_release(id, limits, known)
   local p, at = packed.vals, call.AT
   local inflight, ep, lv = tonum(vals[2]), vals[4] or '', vals[5] or ''
   if inflight == nil
-    or not quiet(tonum(vals[3]), p[at.xp], p[at.fi], p[at.win_at], ep, p[at.rc]) then
+    or not quiet(tonum(vals[3]), p[at.xp], p[at.fi], p[at.win_at], ep, p[at.rc], false) then
     return false, nil
   end
   local np, pc = p[at.np], p[at.pc]
@@ -395,7 +400,7 @@ end
 -- returns how many were charged, or nil (nothing done: the full call must run, and reads
 -- the tenants again). S and the limits are loaded (fast_state's load).
 function call.lean_charges(text, count)
-  if not quiet(0, S.xp, S.fi, S.win_at, S.ep, S.rc) then return nil end
+  if not quiet(0, S.xp, S.fi, S.win_at, S.ep, S.rc, true) then return nil end
   local pos = 1
   local by_h = {}
   local order, costs, lasts = {}, {}, {}
