@@ -88,12 +88,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import itertools
 import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,7 @@ import redis
 
 from bench import peerredis
 from throttle_mw.backends.base import Admitted, Waiting
-from throttle_mw.backends.redis import RedisBackend
+from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.scheduler import Request
 from throttle_mw.scheduler.limit import Sample
 from throttle_mw.settings import Settings
@@ -118,6 +119,25 @@ _ids = itertools.count()
 
 def _rid() -> str:
     return f"b{next(_ids)}"
+
+
+#: Lone releases (release.lua's calls) by how they went, with ``--release-paths``: "lean"
+#: (fast.lua's lean_release: the one-line reply) or "full" (batch.lua in the same call).
+RELEASES: collections.Counter[str] = collections.Counter()
+
+
+def count_release_paths() -> None:
+    """Count each lone release's path in `RELEASES` (``--release-paths``): the backend's
+    script call wrapped, its reply read."""
+    plain = RedisBackend._call
+
+    async def call(self: RedisBackend, ops: Sequence[Any], retry: bool) -> list[str]:
+        reply = await plain(self, ops, retry)
+        if protocol.lone_release(ops) is not None:
+            RELEASES["lean" if len(reply) == 1 else "full"] += 1
+        return reply
+
+    RedisBackend._call = call  # type: ignore[method-assign]
 
 
 class Counters:
@@ -273,9 +293,12 @@ async def measure(
     counters: Counters, admitted: Callable[[], int], work: Awaitable[None]
 ) -> dict[str, Any]:
     counters.reset_slowlog()
+    released0 = RELEASES.copy()
     before, n0, t0 = counters.sample(), admitted(), time.perf_counter()
     await work
     after, n1, t1 = counters.sample(), admitted(), time.perf_counter()
+    released = RELEASES - released0
+    paths = {f"releases_{k}": released[k] for k in ("lean", "full")} if RELEASES else {}
     n = max(1, n1 - n0)
     calls = after["calls"] - before["calls"]
     slow, longest = counters.slow()
@@ -298,6 +321,7 @@ async def measure(
         "longest_us": longest,
         **counters.percentiles,
         **by_command,
+        **paths,
     }
 
 
@@ -948,7 +972,14 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also each command's calls and Redis us per admission (INFO commandstats)",
     )
+    parser.add_argument(
+        "--release-paths",
+        action="store_true",
+        help="also count lone releases by path: lean (one-line reply) or full (batch.lua)",
+    )
     args = parser.parse_args(argv)
+    if args.release_paths:
+        count_release_paths()
     Counters.every_call = args.every_call
     Counters.by_command = args.by_command
     return run_on_own_redis(args, main_async, "scenarios")

@@ -86,6 +86,43 @@ def test_a_lone_release_that_finds_a_waiter_grants_it_in_the_same_call(
     assert scheduler.in_flight == 0
 
 
+def _window_start(client: redis.Redis, tag: str) -> bytes:
+    """The fair-rate window's start, win_at: the fourth packed number of P:s (store.lua's
+    PACKED)."""
+    packed = client.hget(f"{tag}:s", "nums")
+    assert isinstance(packed, bytes)
+    return packed.split(b"|")[3]
+
+
+def test_a_lone_release_stays_one_line_after_the_fair_rate_window_ran_out(
+    client: redis.Redis, functions: bool
+) -> None:
+    """A release while nobody waits rolls no fair-rate window, in the full call either
+    (core.lua's release has no refill), so a window run out (WINDOW_S, 1 s) does not send
+    it to the full call: before, every release went there until an acquire rolled the
+    window (a quiet budget's releases, long requests ending: some 5 % of the releases of
+    a fleet at 16 requests a second). The window is left as it was; the next acquire
+    rolls it."""
+    scheduler = LuaScheduler(client, Limits(concurrency=10), _policy(), 0.0, functions=functions)
+    for i in range(5):
+        decision, _ = scheduler.acquire(0.01 * (i + 1), Request(f"r{i}", "t"))
+        assert isinstance(decision, Admit)
+    assert scheduler.lone_release(0.1, "r0") == [RELEASED]
+    # 1.2 s on: the idle sweep and the processes' count are due too (once a second): the
+    # first release runs the full call for them, and sets them a second on.
+    assert len(scheduler.lone_release(1.2, "r1")) > 1
+    window = _window_start(client, scheduler._tag)
+    assert scheduler.lone_release(1.3, "r2") == [RELEASED]
+    assert scheduler.lone_release(1.4, "r3") == [RELEASED]
+    assert scheduler.in_flight == 1
+    assert _window_start(client, scheduler._tag) == window  # as the full call leaves it
+    decision, _ = scheduler.acquire(1.5, Request("r5", "t"))
+    assert isinstance(decision, Admit)
+    assert _window_start(client, scheduler._tag) != window  # rolled by the acquire
+    assert scheduler.lone_release(1.6, "r4") == [RELEASED]
+    assert scheduler.in_flight == 1
+
+
 def _contents(client: redis.Redis, tag: str) -> dict[str, Any]:
     """Every key of a budget (its hash tag left out of the names) with what it holds."""
     found: dict[str, Any] = {}

@@ -58,9 +58,11 @@ class LuaScheduler:
         now: float,
         *,
         functions: bool | None = None,
+        key_ttl_s: float = 7200.0,
     ) -> None:
         """`functions`: call the scripts as a function library (FCALL) or by EVALSHA;
-        None: as production does, functions where the server has them."""
+        None: as production does, functions where the server has them. `key_ttl_s`: T,
+        the state TTL the calls pass (backend.key_ttl_s)."""
         self._client = client
         if functions is None:
             functions = redis_version(client) >= (7, 0)
@@ -95,6 +97,8 @@ class LuaScheduler:
         self.process = _PROCESS
         #: The live limits' TTL the calls and live changes pass (THROTTLE_LIVE_LIMITS_TTL).
         self.live_ttl_s = 7200.0
+        #: T, the state TTL the calls pass: a test may change it.
+        self.key_ttl_s = key_ttl_s
         self.tick(now)  # start the state (and its measuring window) now, as Scheduler does
 
     def joined(self, process: str) -> LuaScheduler:
@@ -252,7 +256,7 @@ class LuaScheduler:
             tenant_idle_s=pol.tenant_idle_s,
             max_tenants=pol.max_tenants,
             lease_ttl_s=self.lease_ttl_s,
-            key_ttl_s=7200,
+            key_ttl_s=self.key_ttl_s,
             live_limits_ttl_s=self.live_ttl_s,
         )
 

@@ -19,7 +19,7 @@ P:s              hash    budget state: tokens, in flight, virtual clock, fair-ra
 P:cfg            hash    live limits set with ``throttle-mw set``; override callers'  live
                          limits. A learned limit and its state (learner.py) too
 P:w, P:wn        hash    live tenant weights by digest, and the names behind them     live
-P:T              hash    every tenant of the budget, by digest h: its state in one    idle+T
+P:T              hash    every tenant of the budget, by digest h: its state in one    kept+T
                          text, TENANT_FIELDS (finish tag, weight, cap bucket, queued
                          cost by rank, state, its member's sequence number in
                          P:active, its queue's next TTL refresh, its lone waiter)
@@ -29,7 +29,7 @@ P:T              hash    every tenant of the budget, by digest h: its state in o
                          the sweep for strays (store.lua, call.sweep_strays). An
                          anchor field (ENCODING_ANCHOR, value '') keeps it a
                          hashtable (no linear search per tenant in a compact hash)
-P:q:<h>          zset    tenant h's waiting requests, score rank * RANK_SPAN + seq    idle+T
+P:q:<h>          zset    tenant h's waiting requests, score rank * RANK_SPAN + seq    kept+T
                          (seq 0 for the one moved there from q1); only from its
                          second waiter: a tenant's lone waiter is its field q1 in
                          P:T (store.lua's enqueue), the key made when a second joins
@@ -40,7 +40,7 @@ P:capped         zset    tenants held by their own rate cap, by when they may go
 P:qlen           zset    tenants by (waiting requests, latest push):                  T
                          score n * PUSH_SPAN + seq mod PUSH_SPAN (longest queue first)
 P:dl             zset    waiting request id -> deadline                               T
-P:tenants        zset    idle tenant h -> last seen, in whole microseconds (idle      idle+T
+P:tenants        zset    idle tenant h -> last seen, in whole microseconds (idle      kept+T
                          expiry, max tenants); a tenant with waiters is off it until
                          its queue empties. An anchor member (IDLE_ANCHOR, score
                          +inf) keeps the key, and its TTL, when the last tenant
@@ -81,8 +81,13 @@ Redis on its own. The TTL column is how long a key outlives its last use:
 - T, the state TTL: the longest maximum wait, the deadline grace and the lease
   TTL (``backend.key_ttl_s``). By then every waiter is past its deadline and
   every lease has lapsed, so nothing in the state is live any more.
-- idle+T: ``THROTTLE_TENANT_IDLE`` more, for what describes tenants (P:T and
-  P:tenants with the budget-wide keys, a tenant's queue with its tenant).
+- kept+T: as long more as an idle tenant is kept, for what describes tenants (P:T
+  and P:tenants with the budget-wide keys, a tenant's queue with its tenant): the
+  longer of ``THROTTLE_TENANT_IDLE`` and, with a per-tenant rate cap, the time an
+  empty cap takes to refill (tenant_burst / tenant_rate, the limits in force on the
+  call: store.lua's ``call.kept_s``, which core.lua's forget_idle keeps a tenant
+  by). Only idle+T, a capped tenant's keys could lapse while it is still kept, and
+  it come back with a full cap.
 - live: ``THROTTLE_LIVE_LIMITS_TTL`` (a week by default): live limits outlive
   restarts, even of the whole fleet, as ``throttle-mw set`` promises, but not a
   budget nobody uses any more.
@@ -143,7 +148,7 @@ MEMBER_SEQ_DIGITS: Final = 16
 #: not on every call.
 TTL_REFRESHES: Final = 4
 #: The TTL of each budget-wide key (the table above), by kind: "state" (T), "tenant"
-#: (idle+T) or "live".
+#: (kept+T) or "live".
 KEY_TTL: Final = MappingProxyType(
     {
         "state": "state",

@@ -77,8 +77,9 @@ DISPATCH_LIMIT: Final = 32
 #: operations): the rest are answered "deferred" and sent again in the next call, so no
 #: call holds Redis for long (a batch is bounded by its work, not only by its count). Two
 #: bounds: WORK_UNITS counted (an operation taken 1, a tenant it made MADE_UNITS more:
-#: commands per call bounded whatever the clock says), and WORK_US (microseconds, by Redis's clock,
-#: from the call's start) of what it ran and what is left after its loop (the idle list,
+#: commands per call bounded whatever the clock says), and WORK_US (microseconds, by the work
+#: clock: os.clock where the server has it, else Redis's TIME, fast.lua's clock_us; from the
+#: call's start) of what it ran and what is left after its loop (the idle list,
 #: the drops, the write-back: they grow with what was taken), that rest charged in
 #: advance at AFTER_SHARE of the call's time so far.
 WORK_UNITS: Final = 128
@@ -93,7 +94,7 @@ WORK_CHECK: Final = 2
 WORK_STRIDE: Final = 16
 #: A leave (a process shutting down, batch.lua) takes its ids this many at a time, one
 #: command per key for all of them, and stops once it has run LEAVE_US (microseconds, by
-#: Redis's clock; checked after each chunk): the call's dispatch and writes come after,
+#: the work clock, as WORK_US; checked after each chunk): the call's dispatch and writes come after,
 #: and the whole call stays well under a millisecond.
 LEAVE_CHUNK: Final = 16
 LEAVE_US: Final = 500

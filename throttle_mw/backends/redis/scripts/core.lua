@@ -443,8 +443,7 @@ function forget_idle()
   local due = now >= S.fi
   if not (fresh or due) then return end
   -- (A capped tenant is kept until its cap has refilled: made anew, its cap would be full.)
-  local idle_after = POL.idle
-  if L.tenant_rate ~= nil then idle_after = math.max(idle_after, L.tenant_burst / L.tenant_rate) end
+  local idle_after = call.kept_s()
   local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', call.idle_score(now - idle_after), 'LIMIT', '0',
     num(TUNING.SWEEP_BATCH))
   if #stale < TUNING.SWEEP_BATCH then S.fi = now + TUNING.SWEEP_PERIOD end

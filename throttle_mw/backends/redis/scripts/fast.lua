@@ -51,19 +51,40 @@ local function finish(lines, due, procs)
   return lines .. LINE .. trailer
 end
 
--- Redis's clock in microseconds (TIME: the test clock override aside), exact in a double:
--- made once per work check (the start's two texts were parsed again at each).
+-- The work clock: Lua's os.clock where the server has one (Redis 7.4+, Valkey: the
+-- server's CPU time), false where it has none (Redis 6.2, 7.0: `os` is no global there),
+-- nil until looked for (once per loaded library, or per EVAL call that measures its work).
+-- Since Redis 7.2, and in Valkey, TIME is frozen for a script's whole run (redis/redis
+-- #10300: every TIME of a call reads its start), so a work bound by TIME never stops a
+-- call there; os.clock was added for that (redis/redis#12971). Redis 7.2.x has neither: a
+-- call there is bounded by its count alone (WORK_UNITS).
+local cpu_clock = nil
+local function find_clock()
+  local found, os_lib = pcall(function() return os end)
+  cpu_clock = found and type(os_lib) == 'table' and type(os_lib.clock) == 'function'
+    and os_lib.clock
+end
+
+-- The work clock in microseconds (only its differences mean anything): os.clock's, else
+-- Redis's TIME (the test clock override aside), exact in a double: made once per work
+-- check (the start's two texts were parsed again at each).
 local function clock_us()
+  if cpu_clock == nil then find_clock() end
+  local clock = cpu_clock
+  if clock then return clock() * US_PER_S end
   local t = redis.call('TIME')
   return tonum(t[1]) * US_PER_S + tonumber(t[2])  -- (the seconds: the same text a while)
 end
 
--- The start of a call by Redis's clock, in microseconds: init's TIME (the test clock
--- override aside: then TIME read now). A call's work is counted from here: its state, its
--- expiries and the operations' split count in it, not the operations only.
+-- The start of a call's work, in microseconds of the work clock: init's TIME where that is
+-- the clock (the test clock override aside: then TIME read now), so its state, its expiries
+-- and the operations' split count in it, not the operations only; with os.clock, read now
+-- (after the state's load: a few microseconds of the call not counted, where reading it in
+-- init would cost every call, the fast ones too, a clock read).
 function call.start_us()
+  if cpu_clock == nil then find_clock() end
   local s = call.time_s
-  if s ~= nil then return s * US_PER_S + call.time_us end
+  if s ~= nil and cpu_clock == false then return s * US_PER_S + call.time_us end
   return clock_us()
 end
 
@@ -74,11 +95,11 @@ end
 --   made (a new tenant is asked for, written with its TTL, listed idle and, at the tenant
 --   bound, drops another after the loop: a few commands, where an operation on a tenant
 --   already loaded runs one or none), at most TUNING.WORK_UNITS, whatever the clock says;
--- - by Redis's clock: what it has run plus what is still to come after the loop (the idle
---   list, the drops, the last tenants' writes, the state's write-back: they grow with what
---   was taken) reaches TUNING.WORK_US. That rest is charged in advance at the call's own
---   rate so far, TUNING.AFTER_SHARE of its time per operation taken (its start counted in
---   that rate: an over-estimate).
+-- - by the work clock (clock_us): what it has run plus what is still to come after the loop
+--   (the idle list, the drops, the last tenants' writes, the state's write-back: they grow
+--   with what was taken) reaches TUNING.WORK_US. That rest is charged in advance at the
+--   call's own rate so far, TUNING.AFTER_SHARE of its time per operation taken (its start
+--   counted in that rate: an over-estimate).
 -- While nobody waits, the next check comes after as many operations as would take half the
 -- work left at that rate, TUNING.WORK_CHECK to TUNING.WORK_STRIDE of them (a check, TIME and
 -- its parsing, its tenants' HSET, cost some 15 k instructions), and never past the counted
@@ -204,20 +225,25 @@ end
 -- Loads the state into S (store.lua's load_hot_state) and the limits (load_limits_stamped,
 -- from `limits`: batch.lua's ARGV[4]); false if the full call must run instead.
 -- Whether the state leaves the fast path nothing the full call would do: nobody waits, no
--- TTL refresh (xp), idle sweep (fi) or fair-rate window roll due, an epoch made, no
--- reclaim grace running (an epoch to make or a grace are the full call's: hold_back,
--- store.lua's "A state made anew"). The one test of fast_state, fast_acquire and
--- lean_release, from the state's fields as each has them.
-local function quiet(waiting, xp, fi, win_at, ep, rc)
+-- TTL refresh (xp), idle sweep (fi) or, for an operation that rolls the fair-rate window
+-- (`rolls`: an acquire or a charge, whose refill rolls it, core.lua's refill), a window
+-- roll due, an epoch made, no reclaim grace running (an epoch to make or a grace are the
+-- full call's: hold_back, store.lua's "A state made anew"). A release while nobody waits
+-- rolls no window in the full call either (core.lua's release: no refill; batch.lua's
+-- refill(true), the bucket alone), so a window run out does not stop fast_release or
+-- lean_release (it did: every release then went by the full call until an acquire rolled
+-- the window). The one test of fast_state, fast_acquire, lean_release and
+-- call.lean_charges, from the state's fields as each has them.
+local function quiet(waiting, xp, fi, win_at, ep, rc, rolls)
   return waiting == 0 and now < (xp or 0) and now < (fi or 0) and win_at ~= nil
-    and now - win_at < WINDOW and ep ~= '' and now >= (rc or 0)
+    and (not rolls or now - win_at < WINDOW) and ep ~= '' and now >= (rc or 0)
 end
 
 local function fast_state(limits, vals)
   if not load_hot_state(vals) then return false end  -- a new budget
   load_limits_stamped(limits, false)
   S.la = S.la or 0; S.lk = S.lk or 0  -- as load_state
-  return quiet(S.waiting, S.xp, S.fi, S.win_at, S.ep, S.rc)
+  return quiet(S.waiting, S.xp, S.fi, S.win_at, S.ep, S.rc, false)  -- (fast_release's)
 end
 
 -- A lease past its expiry (its process crashed): expire_leases must run first. Asked of
@@ -279,7 +305,7 @@ local function fast_acquire(op, limits)
   local weight = tail.weight
   if not call.load_acquire_state() then return give_up() end  -- a new budget
   load_limits_stamped(limits, false)
-  if not quiet(S.waiting, S.xp, S.fi, S.win_at, S.ep, S.rc)
+  if not quiet(S.waiting, S.xp, S.fi, S.win_at, S.ep, S.rc, true)
     or S.inflight > 0 and lapsed_lease() then
     return give_up()
   end
@@ -337,7 +363,7 @@ local function lean_release(id, limits, known)
   local p, at = packed.vals, call.AT
   local inflight, ep, lv = tonum(vals[2]), vals[4] or '', vals[5] or ''
   if inflight == nil
-    or not quiet(tonum(vals[3]), p[at.xp], p[at.fi], p[at.win_at], ep, p[at.rc]) then
+    or not quiet(tonum(vals[3]), p[at.xp], p[at.fi], p[at.win_at], ep, p[at.rc], false) then
     return false, nil
   end
   local np, pc = p[at.np], p[at.pc]
@@ -374,7 +400,7 @@ end
 -- returns how many were charged, or nil (nothing done: the full call must run, and reads
 -- the tenants again). S and the limits are loaded (fast_state's load).
 function call.lean_charges(text, count)
-  if not quiet(0, S.xp, S.fi, S.win_at, S.ep, S.rc) then return nil end
+  if not quiet(0, S.xp, S.fi, S.win_at, S.ep, S.rc, true) then return nil end
   local pos = 1
   local by_h = {}
   local order, costs, lasts = {}, {}, {}

@@ -1176,14 +1176,24 @@ function call.recall_line()
   M.top_r = memo.r
 end
 
+-- How long an idle tenant is kept (Scheduler._forget_idle's idle_after, for core.lua's
+-- forget_idle): the idle time, or while a per-tenant cap may still be refilling, as long as
+-- an empty cap takes to refill (made anew, its cap would be full), in seconds.
+function call.kept_s()
+  if L.tenant_rate ~= nil then return math.max(POL.idle, L.tenant_burst / L.tenant_rate) end
+  return POL.idle
+end
+
 -- A TTL in milliseconds by its kind in KEY_TTL (keys.py, "TTL"): 'state' (T), 'tenant'
--- (idle+T) or 'live'.
+-- (kept+T: call.kept_s) or 'live'.
 -- As text: a number passed to redis.call is formatted with 17 digits on every call.
 local function ttl_ms(kind)
   -- (live: never shorter than the state's, so a live override cannot lapse under a bucket
   -- that outlives it: README, "Live limits")
   if kind == 'live' then return num(math.floor(math.max(POL.live_ttl, POL.ttl) * MS_PER_S)) end
-  if kind == 'tenant' then return num(math.floor((POL.idle + POL.ttl) * MS_PER_S)) end
+  -- (tenant: never shorter than a tenant is kept, so a capped tenant's key cannot lapse
+  -- while forget_idle would still keep it, and the tenant come back with a full cap)
+  if kind == 'tenant' then return num(math.floor((call.kept_s() + POL.ttl) * MS_PER_S)) end
   return num(math.floor(POL.ttl * MS_PER_S))
 end
 
