@@ -274,15 +274,15 @@ class Scheduler:
         return reject, events
 
     def release(self, now: float, request_id: LeaseKey) -> list[Event]:
-        """Give back a lease's concurrency; idempotent."""
+        """Give back a lease's concurrency; idempotent: a lease not held (released
+        already, or never) changes nothing, not even the clock's state."""
         cost = self._leases.pop(request_id, None)
-        if cost is not None:
-            self._in_flight -= cost
+        if cost is None:  # (a refill would roll the fair-rate window: core.lua's does not)
+            return _NO_EVENTS
+        self._in_flight -= cost
         if not self._waiting:
             return _NO_EVENTS  # nobody to hand it to
         self._refill(now)
-        if cost is None:
-            return []
         events: list[Event] = []
         self._dispatch(now, events)
         return events
