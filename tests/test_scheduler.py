@@ -455,6 +455,23 @@ def test_tenants_with_waiters_do_not_count_against_the_idle_bound(make: Make) ->
     assert scheduler.snapshot().tenants == 3
 
 
+def test_a_weight_sum_left_by_rounding_is_no_one_in_line(make: Make) -> None:
+    """The weights in line are summed as tenants come and go: A (0.1) and B (0.2) wait,
+    B is admitted and A capped at 0.5, and what is left is 2.8e-17, not 0. Before any
+    window was measured the fair rate is the rate over the weight in line (1 when none):
+    over that remainder it was 7e16, so A's next request was estimated by its cap alone
+    (3.5 s) where its share says 7.5 s (20 virtual units ahead at weight 0.1, 2 a second).
+    Both implementations had it (Python's sum came out below zero by luck in other orders)."""
+    limits = Limits(rate=2, burst=1, weights={"A": 0.1, "B": 0.2}, tenant_rate=0.5)
+    scheduler = make(limits, policy(dict.fromkeys(("normal",), 30.0)))
+    for rid, name in (("a1", "A"), ("b1", "B"), ("a2", "A")):
+        scheduler.acquire(0.0, Request(rid, name))
+    assert [e.id for e in scheduler.tick(0.5)] == ["b1"]
+    decision, _ = scheduler.acquire(0.5, Request("a3", "A"))
+    assert isinstance(decision, Enqueue)
+    assert decision.estimated_wait_s == pytest.approx(7.5)
+
+
 def test_a_new_tenant_id_has_no_banked_credit(make: Make) -> None:
     """During a flood, a known tenant under its share takes a reserve token at once; a
     never-seen id cannot (credit is earned, so rotating ids buy no reserve access)."""

@@ -522,7 +522,9 @@ class Scheduler:
         if capacity is None and fresh:
             capacity = window.throughput
         weight = self._active_weight + extra_weight
-        return capacity / (weight if weight > 0 else 1.0) if capacity else 0.0
+        # (Below EPS: none in line. A sum of weights added and taken away one by one
+        # drifts (0.1 + 0.2 - 0.1 - 0.2 is 2.8e-17), and a rate over that was ~1e17.)
+        return capacity / (weight if weight > EPS else 1.0) if capacity else 0.0
 
     def _credit(self, now: float) -> float:
         """How far behind the virtual clock a tenant's tag may lag: its banked credit."""
