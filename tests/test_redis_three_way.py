@@ -145,8 +145,8 @@ class Side:
                     decision, evs = self.py.acquire(now, arg)
                     replies.append(decision)
                 elif kind == "cancel":
-                    decision, evs = self.py.cancel(now, arg)
-                    replies.append(decision)
+                    cancelled, evs = self.py.cancel(now, arg)
+                    replies.append(cancelled)
                 elif kind == "release":
                     evs = self.py.release(now, arg)
                     replies.append(None)
@@ -178,8 +178,8 @@ class Side:
             if kind == "acquire":
                 replies.append(protocol.decode_acquire(line))
             elif kind == "cancel":
-                cancelled = protocol.decode_cancel(line)
-                replies.append(cancelled if isinstance(cancelled, Reject) else None)
+                told = protocol.decode_cancel(line)  # (AlreadyAdmitted: Python's None)
+                replies.append(told if isinstance(told, Reject) else None)
             else:
                 replies.append(None)
         return replies, events
