@@ -69,7 +69,7 @@ from throttle_mw.scheduler import (
     Request,
     Scheduler,
 )
-from throttle_mw.scheduler.constants import EPS
+from throttle_mw.scheduler.constants import EPS, IDLE
 
 NAMES = [f"n{i}" for i in range(7)]
 #: Weights of the budgets without tenant caps: equal ones too (their tags tie, and ties go
@@ -193,6 +193,8 @@ class Side:
         """What must agree between calls: tokens, in flight, queued by priority, tenants.
         (Python's tokens refilled to `now` on a copy, as snapshot.lua reads them.)"""
         if self.py is not None:
+            busy = sum(1 for t in self.py._tenants.values() if t.state != IDLE)
+            assert self.py._busy == busy  # (max_tenants' count: the tenants with waiters)
             python = copy.deepcopy(self.py)
             python._refill(now)
             snap = python.snapshot()
