@@ -295,3 +295,44 @@ def test_a_capped_tenant_is_kept_until_its_cap_has_refilled(client: redis.Redis,
     decisions = capped_after_a_pause(make, client)
     assert decisions == capped_after_a_pause("python", client)
     assert not isinstance(decisions[-1], Admit)
+
+
+# --- a release of a lease no longer held, against the Python scheduler -----------------------
+
+ONE_SLOT = Limits(concurrency=1)
+
+
+def released_twice(make: str, client: redis.Redis) -> list[Any]:
+    """One slot: a1 admitted at 0, b1 queued at 0.1 and granted by a1's release at 0.2, a2
+    queued at 0.3; a1 released again at 1.5 (a lease no longer held, while a2 waits),
+    then c1 at 1.6: every decision."""
+    scheduler: Scheduler | LuaScheduler
+    if make == "python":
+        scheduler = Scheduler(ONE_SLOT, WAIT, 0.0)
+    else:
+        scheduler = LuaScheduler(client, ONE_SLOT, WAIT, 0.0, functions=make == "fcall")
+    decisions: list[Any] = [
+        scheduler.acquire(0.0, Request("a1", "A"))[0],
+        scheduler.acquire(0.1, Request("b1", "B"))[0],
+        scheduler.release(0.2, "a1"),
+        scheduler.acquire(0.3, Request("a2", "A"))[0],
+    ]
+    if isinstance(scheduler, LuaScheduler):
+        scheduler.lone_release(1.5, "a1")  # (sent whether held or not)
+    else:
+        scheduler.release(1.5, "a1")
+    return [*decisions, scheduler.acquire(1.6, Request("c1", "C"))[0]]
+
+
+@pytest.mark.parametrize("make", ["fcall", "evalsha"])
+def test_a_release_of_a_lease_not_held_is_ignored(client: redis.Redis, make: str) -> None:
+    """A release of a lease no longer held changes nothing (Scheduler.release: "extra
+    calls are ignored"), someone waiting or not: the scripts' release drops no lease and
+    stops there. Python's refilled first while someone waited, and the refill rolled the
+    fair-rate window at the release's time (WINDOW_S past its start), so C's estimate came
+    from a window measured from 1.5 rather than from 1.6 (0.75 s against the scripts'
+    0.8 s); now Python ignores it too."""
+    functions_or_skip(client, make == "fcall")
+    decisions = released_twice(make, client)
+    assert decisions == released_twice("python", client)
+    assert isinstance(decisions[-1], Enqueue)

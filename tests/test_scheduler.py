@@ -438,6 +438,40 @@ def test_idle_tenants_are_forgotten_and_their_number_is_bounded(make: Make) -> N
     assert scheduler.snapshot().tenants == 0
 
 
+def test_tenants_with_waiters_do_not_count_against_the_idle_bound(make: Make) -> None:
+    """`max_tenants` bounds the *idle* tenants (those with waiters come on top, at most
+    `queue_limit`): A and B wait, the bound is 2, so C, made while they wait, is kept and
+    its queue limit of 2 holds. Counted against all tenants, C was dropped from the table
+    as it was made (the only idle one) and each of its requests made C anew: a third queued
+    past its limit. The Lua scripts have always counted the idle list alone."""
+    pol = policy({"normal": 10.0}, tenant_queue_limit=2, max_tenants=2)
+    scheduler = make(Limits(rate=1, burst=1), pol)
+    assert isinstance(scheduler.acquire(0.0, Request("a1", "A"))[0], Admit)
+    for rid, name in (("a2", "A"), ("b1", "B"), ("c1", "C"), ("c2", "C")):
+        assert isinstance(scheduler.acquire(0.0, Request(rid, name))[0], Enqueue)
+    third, _ = scheduler.acquire(0.0, Request("c3", "C"))
+    assert isinstance(third, Reject)
+    assert third.reason == "tenant_queue_full"
+    assert scheduler.snapshot().tenants == 3
+
+
+def test_a_weight_sum_left_by_rounding_is_no_one_in_line(make: Make) -> None:
+    """The weights in line are summed as tenants come and go: A (0.1) and B (0.2) wait,
+    B is admitted and A capped at 0.5, and what is left is 2.8e-17, not 0. Before any
+    window was measured the fair rate is the rate over the weight in line (1 when none):
+    over that remainder it was 7e16, so A's next request was estimated by its cap alone
+    (3.5 s) where its share says 7.5 s (20 virtual units ahead at weight 0.1, 2 a second).
+    Both implementations had it (Python's sum came out below zero by luck in other orders)."""
+    limits = Limits(rate=2, burst=1, weights={"A": 0.1, "B": 0.2}, tenant_rate=0.5)
+    scheduler = make(limits, policy(dict.fromkeys(("normal",), 30.0)))
+    for rid, name in (("a1", "A"), ("b1", "B"), ("a2", "A")):
+        scheduler.acquire(0.0, Request(rid, name))
+    assert [e.id for e in scheduler.tick(0.5)] == ["b1"]
+    decision, _ = scheduler.acquire(0.5, Request("a3", "A"))
+    assert isinstance(decision, Enqueue)
+    assert decision.estimated_wait_s == pytest.approx(7.5)
+
+
 def test_a_new_tenant_id_has_no_banked_credit(make: Make) -> None:
     """During a flood, a known tenant under its share takes a reserve token at once; a
     never-seen id cannot (credit is earned, so rotating ids buy no reserve access)."""
@@ -522,6 +556,7 @@ def _state(s: Scheduler) -> tuple[Any, ...]:
         dict(s._leases),
         s._vtime,
         tuple(s._waiting),
+        s._busy,
         tenants,
         (window.start, window.cost, window.v0, window.v_rate, window.throughput),
     )

@@ -111,6 +111,8 @@ class Scheduler:
         self._deadlines: list[tuple[float, int, str]] = []
         #: Sum of the active tenants' weights.
         self._active_weight = 0.0
+        #: Tenants with requests waiting (active or capped): `max_tenants` bounds the others.
+        self._busy = 0
         self._seq = itertools.count()
         #: The virtual clock: the start tag of the latest admission (never decreases).
         self._vtime = 0.0
@@ -272,15 +274,15 @@ class Scheduler:
         return reject, events
 
     def release(self, now: float, request_id: LeaseKey) -> list[Event]:
-        """Give back a lease's concurrency; idempotent."""
+        """Give back a lease's concurrency; idempotent: a lease not held (released
+        already, or never) changes nothing, not even the clock's state."""
         cost = self._leases.pop(request_id, None)
-        if cost is not None:
-            self._in_flight -= cost
+        if cost is None:  # (a refill would roll the fair-rate window: core.lua's does not)
+            return _NO_EVENTS
+        self._in_flight -= cost
         if not self._waiting:
             return _NO_EVENTS  # nobody to hand it to
         self._refill(now)
-        if cost is None:
-            return []
         events: list[Event] = []
         self._dispatch(now, events)
         return events
@@ -520,7 +522,9 @@ class Scheduler:
         if capacity is None and fresh:
             capacity = window.throughput
         weight = self._active_weight + extra_weight
-        return capacity / (weight if weight > 0 else 1.0) if capacity else 0.0
+        # (Below EPS: none in line. A sum of weights added and taken away one by one
+        # drifts (0.1 + 0.2 - 0.1 - 0.2 is 2.8e-17), and a rate over that was ~1e17.)
+        return capacity / (weight if weight > EPS else 1.0) if capacity else 0.0
 
     def _credit(self, now: float) -> float:
         """How far behind the virtual clock a tenant's tag may lag: its banked credit."""
@@ -656,7 +660,8 @@ class Scheduler:
         return tenant
 
     def _forget_idle(self, now: float) -> None:
-        """Drop idle tenants past the idle time, and the least recent beyond `max_tenants`.
+        """Drop idle tenants past the idle time, and the least recent beyond `max_tenants`
+        idle ones.
 
         Tenants are kept in order of last use, so this stops at the first one still
         fresh; each tenant is dropped once, so the work is paid for by its creation.
@@ -664,7 +669,10 @@ class Scheduler:
         idle_after = self._policy.tenant_idle_s
         if self._limits.tenant_rate is not None:
             idle_after = max(idle_after, self._limits.tenant_burst / self._limits.tenant_rate)
-        excess = len(self._tenants) - self._policy.max_tenants
+        # (Idle ones only: those with waiters come on top, at most `queue_limit`, as in the
+        # scripts' idle list. Counted with them, a tenant made while `max_tenants` wait
+        # was dropped as it was made, and each request of its made it anew.)
+        excess = len(self._tenants) - self._busy - self._policy.max_tenants
         doomed: list[str] = []
         for name, tenant in self._tenants.items():
             if tenant.state != IDLE:
@@ -745,6 +753,8 @@ class Scheduler:
 
     def _activate(self, tenant: Tenant) -> None:
         """Put a tenant in line for the budget, ordered by its finish tag."""
+        if tenant.state == IDLE:
+            self._busy += 1
         tenant.state = ACTIVE
         tenant.version += 1
         self._active_weight += self._limits.weight(tenant.name)
@@ -754,6 +764,8 @@ class Scheduler:
         """Take a tenant out of line (active or capped): it is idle now."""
         if tenant.state == ACTIVE:
             self._active_weight -= self._limits.weight(tenant.name)
+        if tenant.state != IDLE:
+            self._busy -= 1
         tenant.state = IDLE
         tenant.version += 1
         if not self._waiting:

@@ -296,7 +296,8 @@ function fair_rate(extra_weight)
   if capacity == nil and measured then capacity = S.thr end
   local weight = S.wsum + (extra_weight or 0)
   if capacity == nil or capacity == 0 then return 0 end
-  if weight <= 0 then weight = 1 end
+  -- (Below EPS: none in line; a sum of weights added and taken away one by one drifts.)
+  if weight <= EPS then weight = 1 end
   return capacity / weight
 end
 
