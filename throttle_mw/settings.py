@@ -142,12 +142,21 @@ class RouteRule:
     regex: re.Pattern[str] = field(compare=False, repr=False)
 
     def matches(self, method: str, path: str) -> bool:
-        if self.method is not None and self.method != method:
+        # Starlette serves a GET route's HEAD requests with the GET endpoint.
+        if (
+            self.method is not None
+            and self.method != method
+            and (method != "HEAD" or self.method != "GET")
+        ):
             return False
-        return self.regex.fullmatch(path) is not None
+        return self.regex.match(path) is not None
 
 
 def compile_glob(pattern: str) -> re.Pattern[str]:
+    """A rule's path as a regex, for ``match``: it matches what Starlette's router does
+    (its ``^...$``: a ``$`` also matches before a final newline, and every part of a
+    path, ``%0A`` decoded included, may hold newlines), so a path the app serves cannot
+    dodge its rule."""
     parts = re.split(r"(\*\*|\*)", pattern)
     out = []
     for part in parts:
@@ -157,7 +166,7 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
             out.append("[^/]+")
         else:
             out.append(re.escape(part))
-    return re.compile("".join(out))
+    return re.compile("".join(out) + "$", re.DOTALL)
 
 
 @dataclass(frozen=True, kw_only=True)
