@@ -133,3 +133,22 @@ def test_rules_keep_their_methods_apart() -> None:
     head = rule("HEAD /x=low")
     assert head.matches("HEAD", "/x")
     assert not head.matches("GET", "/x")
+
+
+@pytest.mark.anyio
+async def test_a_path_cannot_forge_a_rejection_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """The path is the client's: a decoded %0A or %0D in it must not start a new log line
+    (CWE-117). The message quotes it as uvicorn's access log does; the structured field
+    keeps the path as it was."""
+    app = Starlette(routes=[Route("/{rest:path}", decision)])
+    app.add_middleware(ThrottleMiddleware, rate=1.0, burst=1.0, max_wait_s=0.0)
+    forged = "/x\nthrottle rejected GET /admin tenant=root\r"
+    with caplog.at_level("INFO", logger="throttle_mw"):
+        assert (await served(app, "GET", "/warm-up"))[0] == 200
+        assert (await served(app, "GET", forged))[0] == 429
+    (record,) = [r for r in caplog.records if r.name == "throttle_mw"]
+    message = record.getMessage()
+    assert "\n" not in message
+    assert "\r" not in message
+    assert "/x%0Athrottle%20rejected" in message
+    assert record.throttle["path"] == forged  # type: ignore[attr-defined]
