@@ -154,3 +154,14 @@ def test_rate_lease_auto_or_not_is_for_a_rate_budget_alone(
 ) -> None:
     with pytest.raises(ConfigError, match=f"THROTTLE_RATE_LEASE={lease}: .*{needs}"):
         Settings.from_env({**env, "THROTTLE_RATE_LEASE": lease})
+
+
+@pytest.mark.parametrize("value", ["0.1", "0.59"])
+def test_a_lease_ttl_shorter_than_three_heartbeats_is_refused(value: str) -> None:
+    """Found by the hostile sweep (branch audit): THROTTLE_LEASE_TTL=0.1 was accepted, but
+    the heartbeat renews leases at most every 0.2 s, so held leases lapsed between beats:
+    six 1.5 s requests on uvicorn with Redis and THROTTLE_CONCURRENCY=2 were all admitted
+    within 0.3 s, six in flight against a limit of two (guarantee 9)."""
+    with pytest.raises(ConfigError, match=rf"THROTTLE_LEASE_TTL={value}: .*seconds >= 0.6"):
+        Settings.from_env({"THROTTLE_LEASE_TTL": value, "THROTTLE_CONCURRENCY": "2"})
+    assert Settings.from_env({"THROTTLE_LEASE_TTL": "0.6"}).lease_ttl_s == 0.6

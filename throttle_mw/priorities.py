@@ -91,6 +91,8 @@ def tag_of(endpoint: object, method: str | None = None) -> RouteTag | None:
     """The tag set by `priority` on an endpoint (or its method handler), if any."""
     if method is not None:
         handler = getattr(endpoint, method.lower(), None)
+        if handler is None and method == "HEAD":  # HTTPEndpoint answers HEAD with `get`
+            handler = getattr(endpoint, "get", None)
         if handler is not None and isinstance(endpoint, type):
             found = getattr(handler, TAG_ATTRIBUTE, None)
             if isinstance(found, RouteTag):

@@ -38,6 +38,12 @@ _FALSE = {"0", "false", "no", "off"}
 #: a process keeps its finished requests' slots for (README, "Kept concurrency slots";
 #: chosen by measurement, docs/performance.md, branch `slotsdefault`).
 DEFAULT_KEEP_SLOTS_S: Final = 0.1
+#: The heartbeat renews this process's leases every third of THROTTLE_LEASE_TTL, but
+#: never more often than this.
+HEARTBEAT_MIN_S: Final = 0.2
+#: THROTTLE_LEASE_TTL's floor, three beats: below it a held lease lapses between two
+#: beats and the fleet admits above its concurrency limit.
+LEASE_TTL_MIN_S: Final = round(3 * HEARTBEAT_MIN_S, 6)
 
 DEFAULT_MAX_WAIT_S: Final[Mapping[Priority, float]] = MappingProxyType(
     {"critical": 10.0, "high": 8.0, "normal": 5.0, "low": 2.0}
@@ -142,12 +148,21 @@ class RouteRule:
     regex: re.Pattern[str] = field(compare=False, repr=False)
 
     def matches(self, method: str, path: str) -> bool:
-        if self.method is not None and self.method != method:
+        # Starlette serves a GET route's HEAD requests with the GET endpoint.
+        if (
+            self.method is not None
+            and self.method != method
+            and (method != "HEAD" or self.method != "GET")
+        ):
             return False
-        return self.regex.fullmatch(path) is not None
+        return self.regex.match(path) is not None
 
 
 def compile_glob(pattern: str) -> re.Pattern[str]:
+    """A rule's path as a regex, for ``match``: it matches what Starlette's router does
+    (its ``^...$``: a ``$`` also matches before a final newline, and every part of a
+    path, ``%0A`` decoded included, may hold newlines), so a path the app serves cannot
+    dodge its rule."""
     parts = re.split(r"(\*\*|\*)", pattern)
     out = []
     for part in parts:
@@ -157,7 +172,7 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
             out.append("[^/]+")
         else:
             out.append(re.escape(part))
-    return re.compile("".join(out))
+    return re.compile("".join(out) + "$", re.DOTALL)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -504,6 +519,11 @@ def _seconds(what: str, *, allow_zero: bool = False) -> Callable[[object, str], 
     return parse
 
 
+def _lease_ttl(raw: object, source: str) -> float:
+    what = f"seconds >= {LEASE_TTL_MIN_S:g} (renewed every third of it), e.g. 30"
+    return _number(raw, source, what=what, low=LEASE_TTL_MIN_S, high=86400.0, low_open=False)
+
+
 def _rate_lease(raw: object, source: str) -> float | Literal["auto"]:
     if isinstance(raw, str) and raw.strip().lower() == "auto":
         return "auto"
@@ -788,7 +808,7 @@ _PARSERS: Final[dict[str, tuple[str, Callable[[Any, str], Any]]]] = {
     "failure_mode": ("THROTTLE_FAILURE_MODE", _failure_mode),
     "dry_run": ("THROTTLE_DRY_RUN", _bool),
     "credit_s": ("THROTTLE_CREDIT", _seconds("seconds >= 0 of banked share", allow_zero=True)),
-    "lease_ttl_s": ("THROTTLE_LEASE_TTL", _seconds("seconds > 0, e.g. 30")),
+    "lease_ttl_s": ("THROTTLE_LEASE_TTL", _lease_ttl),
     "rate_lease_s": ("THROTTLE_RATE_LEASE", _rate_lease),
     "keep_slots_s": ("THROTTLE_KEEP_SLOTS", _keep_slots),
     "redis_timeout_s": ("THROTTLE_REDIS_TIMEOUT", _seconds("seconds > 0, e.g. 0.25")),

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final, Literal, NamedTuple, cast
+from urllib.parse import quote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -826,7 +827,7 @@ class ThrottleMiddleware:
             "throttle rejected %s %s tenant=%s priority=%s status=%d reason=%s "
             "retry_after=%d waited_ms=%.1f request_id=%s%s",
             fields["method"],
-            path,
+            quote(path),  # the client's: a decoded %0A must not start a line (as uvicorn's)
             request.tenant,
             request.priority,
             reject.status,
@@ -856,7 +857,7 @@ class ThrottleMiddleware:
             "throttle answered 408 %s %s tenant=%s: body not received within %.3g s "
             "(THROTTLE_RECEIVE_TIMEOUT) request_id=%s",
             fields["method"],
-            path,
+            quote(path),
             request.tenant,
             self.settings.receive_timeout_s,
             request.id,

@@ -24,7 +24,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from ...scheduler import Admit, Enqueue, Granted, LeaseKey, Limits, Reject, Request, Snapshot
 from ...scheduler.limit import InFlight, LimitState, Sample
-from ...settings import Settings
+from ...settings import HEARTBEAT_MIN_S, Settings
 from ..base import NOT_AT_ONCE, Admitted, FastPath, Outcome, RequestIds, Waiting
 from . import connection, diagnose, protocol
 from .admin import Budget
@@ -948,7 +948,7 @@ class RedisBackend(Recovery):
         """The heartbeat: renew this process's leases and learn how many processes are live."""
         lease_ttl_s = self._settings.lease_ttl_s
         keys_ttl_s = key_ttl_s(self._settings)
-        period = max(0.2, min(lease_ttl_s / 3.0, 5.0))
+        period = max(HEARTBEAT_MIN_S, min(lease_ttl_s / 3.0, 5.0))
         loop = asyncio.get_running_loop()
         while True:
             try:
