@@ -356,7 +356,7 @@ function call.init_tables()
   born = {tenants = nil, waiters = nil, deadlines = nil, qlen = nil, procs = nil,
     active = nil, capped = nil, leases = nil, tenant_hash = nil}
   M = {top_known = nil, top_t = nil, top_r = nil, capped_next = nil, capped_checked = nil,
-    dl_next = nil, dl_floor = nil, idle = nil, last_number = nil, last_text = nil,
+    dl_next = nil, dl_floor = nil, idle = nil, idle_adds = nil, last_number = nil, last_text = nil,
     no_weights = nil, weights_asked = nil, made = nil, hot_read = nil, kept = nil,
     granted = nil, raw = nil, queued_at = nil, queued_text = nil, tw = nil, plain_mid = nil,
     work_spent = nil, work_units = nil, stamped = nil, gen = nil, by_gen = nil}
@@ -834,30 +834,39 @@ end
 -- each time one goes back on it. Only a ZADD all of whose members are new (the anchor
 -- too) may have made the key: else a member was there, and the key has its TTL from
 -- whoever made it. (A ZREM never removes the anchor: no tenant's digest is its text.)
+-- Two sources: touch's tenants, each once a call, already as the ZADD's arguments
+-- (M.idle_adds: the call's score, then each digest after a copy of it), and the others'
+-- changes by digest (call.seen_idle, M.idle: the last one wins, and a digest there
+-- overrides its place in M.idle_adds). Under churn only the first: no table by digest
+-- grown and walked a new tenant (docs/performance.md, `churn11`).
 function call.flush_idle()
-  local pending = M.idle
-  if pending == nil then return end
-  M.idle = nil
-  local h, idle = next(pending)
-  if next(pending, h) == nil then  -- (one tenant, most calls: no lists made)
-    if not idle then
-      redis.call('ZREM', K.tenants, h)
-    elseif redis.call('ZADD', K.tenants, call.now_score(), h, '+inf', TUNING.IDLE_ANCHOR) == 2 then
-      born.tenants = true
+  local pending, add = M.idle, M.idle_adds
+  if pending == nil and add == nil then return end
+  M.idle = nil; M.idle_adds = nil
+  local drop = nil
+  if pending ~= nil then
+    local seen = add and add[1] or call.now_score()
+    if add ~= nil then  -- (touch's, less those changed since)
+      local kept, n = {}, 0
+      for i = 2, #add, 2 do
+        local h = add[i]
+        if pending[h] == nil then kept[n + 1] = seen; kept[n + 2] = h; n = n + 2 end
+      end
+      add = kept
+    else
+      add = {}
     end
-    return
-  end
-  local add, drop = {}, {}
-  local seen = call.now_score()
-  for h, idle in pairs(pending) do
-    if idle then add[#add + 1] = seen; add[#add + 1] = h else drop[#drop + 1] = h end
+    drop = {}
+    for h, idle in pairs(pending) do
+      if idle then add[#add + 1] = seen; add[#add + 1] = h else drop[#drop + 1] = h end
+    end
   end
   if #add > 0 then
     local members = #add / 2 + 1
     add[#add + 1] = '+inf'; add[#add + 1] = TUNING.IDLE_ANCHOR
     if redis.call('ZADD', K.tenants, unpack(add)) == members then born.tenants = true end
   end
-  if #drop > 0 then redis.call('ZREM', K.tenants, unpack(drop)) end
+  if drop ~= nil and #drop > 0 then redis.call('ZREM', K.tenants, unpack(drop)) end
 end
 
 -- The first in line after push(t, r), from what was known before (known, top_t, top_r):
@@ -921,16 +930,18 @@ function call.anyone_in_line()
   return redis.call('ZCARD', K.active) > 0
 end
 
--- forget_idle's deletion of the idle tenants `hs` (digests; repeats allowed): a few
--- commands for all of them. A tenant not loaded this call waits if it is in P:qlen (push
--- puts it there with its first waiter, unlink takes it out with its last; while nobody
--- waits, S.waiting 0, none does, and P:qlen is not asked). Only the tenant's field of P:T
--- is deleted (one HDEL for all): one that waits for nothing has no queue (P:q:<h>: Redis
--- drops a sorted set with its last member; a queue left by state that expired around it
--- goes with its own TTL).
+-- forget_idle's deletion of the idle tenants `hs` (digests; repeats allowed), the idle
+-- list's first `ranked` members (forget_idle reads them by score from the lowest and by
+-- rank from the first, and nothing changes the list in between): a few commands for all of
+-- them. A tenant not loaded this call waits if it is in P:qlen (push puts it there with its
+-- first waiter, unlink takes it out with its last; while nobody waits, S.waiting 0, none
+-- does, and P:qlen is not asked). Only the tenant's field of P:T is deleted (one HDEL for
+-- all): one that waits for nothing has no queue (P:q:<h>: Redis drops a sorted set with
+-- its last member; a queue left by state that expired around it goes with its own TTL).
 -- (Loops by index, not ipairs: a C call per step; the list itself as the unknown ones when
--- none was loaded this call, most calls.)
-function call.drop_idle_tenants(hs)
+-- none was loaded this call, most calls, and as the ones to delete when besides nobody
+-- waits.)
+function call.drop_idle_tenants(hs, ranked)
   local n = #hs
   local unknown = hs
   for i = 1, n do
@@ -943,27 +954,31 @@ function call.drop_idle_tenants(hs)
       break
     end
   end
-  local waits = {}
-  if #unknown > 0 and S.waiting > 0 then
-    local scores = redis.call('ZMSCORE', K.qlen, unpack(unknown))
-    for i = 1, #unknown do
-      if scores[i] then waits[unknown[i]] = true end
+  local gone = hs
+  if unknown ~= hs or S.waiting > 0 then
+    local waits = {}
+    if #unknown > 0 and S.waiting > 0 then
+      local scores = redis.call('ZMSCORE', K.qlen, unpack(unknown))
+      for i = 1, #unknown do
+        if scores[i] then waits[unknown[i]] = true end
+      end
     end
-  end
-  local gone = {}
-  for i = 1, n do
-    local h = hs[i]
-    local t = T[h]
-    local busy
-    if t ~= nil then busy = t.n > 0 else busy = waits[h] end
-    if not busy then
-      gone[#gone + 1] = h
-      if t ~= nil then t.deleted = true; T[h] = nil end
+    gone = {}
+    for i = 1, n do
+      local h = hs[i]
+      local t = T[h]
+      local busy
+      if t ~= nil then busy = t.n > 0 else busy = waits[h] end
+      if not busy then
+        gone[#gone + 1] = h
+        if t ~= nil then t.deleted = true; T[h] = nil end
+      end
     end
   end
   if #gone > 0 then redis.call('HDEL', K.tenant_hash, unpack(gone)) end
-  -- (a waiting one: state written before tenants waited off the list)
-  redis.call('ZREM', K.tenants, unpack(hs))
+  -- (a waiting one too: state written before tenants waited off the list. By rank: no
+  -- member sent and looked up, docs/performance.md, `churn11`.)
+  redis.call('ZREMRANGEBYRANK', K.tenants, '0', num(ranked - 1))
 end
 
 -- A stray tenant is a field of P:T whose tenant is neither on the idle list nor waiting
@@ -2215,9 +2230,14 @@ end
 -- A tenant with waiters is not on the idle list (core.lua's forget_idle).
 local function touch(t)
   if not t.touched and t.n == 0 then
-    -- (call.seen_idle(t.h, true), written out: a Lua call a new tenant spared)
-    local pending = M.idle
-    if pending == nil then M.idle = {[t.h] = true} else pending[t.h] = true end
+    -- (On the idle list at the call's score: its ZADD's arguments made here, once a tenant
+    -- a call (t.touched), call.flush_idle.)
+    local add = M.idle_adds
+    if add == nil then M.idle_adds = {call.now_score(), t.h}
+    else
+      local n = #add
+      add[n + 1] = add[1]; add[n + 2] = t.h
+    end
     t.touched = true
   end
   t.dirty = true
