@@ -1233,6 +1233,19 @@ function call.own_costs(t)
   return c
 end
 
+-- The refresh time (xp) of the tenants a call writes, and its text and the queues' TTL:
+-- the same for every tenant of the call, made once (as num(now) is). It is the whole second
+-- below now + idle / TTL_REFRESHES where that is still ahead of now: a refresh up to a
+-- second sooner, and a whole number's text, the same for a second's calls (num keeps it),
+-- not a 17-digit one made per call. Else, only with an idle under 4 s, the exact time.
+function call.tenant_xp()
+  local xp = now + POL.idle / TTL_REFRESHES
+  local whole = math.floor(xp)
+  if whole > now then xp = whole end
+  M.tenant_xp = xp; M.tenant_xp_text = num(xp); M.tenant_ttl = ttl_ms('tenant')
+  return xp
+end
+
 -- Writes tenant t if it changed since it was loaded: its whole text (call.TENANT_PATTERN)
 -- made, and put in P:T with the call's others (M.tw, call.flush_tenants: one HSET per work check
 -- and one at save) unless it is the text loaded or last written (t.tx). `again`: it may be
@@ -1241,49 +1254,51 @@ end
 -- no TTL.
 local function save_tenant(t, again, hot)
   local loaded = t.loaded
-  -- Capped this call (or again, after it was back in line): P:capped may be new.
-  if t.st == CAPPED and (loaded.st ~= CAPPED or t.am ~= loaded.am) then born.capped = true end
   local c = t.c  -- (its costs by rank)
-  -- A new tenant with nothing but its own fields (name, f, cap, cap_at, xp) moved from
-  -- their defaults, most under churn: w, n, its costs (shared, all 0), st and am are as
-  -- loaded.
-  local plain = loaded == call.NEW_LOADED and c == call.ZERO_COSTS and t.w == loaded.w
-    and t.n == loaded.n and t.st == loaded.st and t.am == loaded.am
-  local name = t.nm or ''  -- (as stored, or a new tenant's: tenant in core.lua)
-  -- Its queue's TTL (P:q:<h>) pushed out once a quarter of it has passed (xp, up to a
-  -- second sooner: below); the tenant itself has no TTL of its own: P:T's is the budget's
-  -- (expire_keys), and it leaves by the idle sweep, the bound (forget_idle) or the stray
-  -- sweep (call.sweep_strays).
-  local refresh = not hot and now >= t.xp
-  if refresh then
-    -- (The same for every tenant of the call: formatted once, as num(now) is; so is the
-    -- TTL.)
-    local xp = M.tenant_xp
-    if xp == nil then
-      xp = now + POL.idle / TTL_REFRESHES
-      -- (The whole second below it where that is still ahead of now: a refresh up to a
-      -- second sooner, and a whole number's text, the same for a second's calls (num keeps
-      -- it), not a 17-digit one made per call. Else, only with an idle under 4 s, the exact time.)
-      local whole = math.floor(xp)
-      if whole > now then xp = whole end
-      M.tenant_xp = xp; M.tenant_xp_text = num(xp); M.tenant_ttl = ttl_ms('tenant')
-    end
+  -- A plain new tenant: nothing but its own fields (name, f, cap, cap_at, xp) moved from
+  -- their defaults (call.NEW_LOADED's: w 1, n 0, its costs shared and all 0, st IDLE, am
+  -- ''), most under churn. Written first and at once, in the fewest steps: its text is its
+  -- f's, then a part made once a call (all the rest but the name: the same for the call's
+  -- plain new tenants), then its name; its xp is the call's (it was 0, or the call's
+  -- already); it has no queue. (docs/performance.md, `churn11`: a new tenant's write was
+  -- some 100 Lua steps.) It keeps call.NEW_LOADED: written again this call, its text is made
+  -- again and compared with t.tx; call.as_written makes its loaded fields. (A call of
+  -- fast.lua's makes no tenant; one loaded as new there is written whole, below.)
+  if loaded == call.NEW_LOADED and c == call.ZERO_COSTS and not hot and t.w == 1 and t.n == 0
+    and t.st == IDLE and t.am == '' then
+    local xp = M.tenant_xp or call.tenant_xp()
     t.xp = xp
-  end
-  local text
-  if plain then
-    -- (All but f and the name the same for the call's plain new tenants: made once.)
-    local cap, cap_at, xp = t.cap, t.cap_at, t.xp
+    local cap, cap_at = t.cap, t.cap_at
     local mid = M.plain_mid
     if mid == nil or M.plain_cap ~= cap or M.plain_cap_at ~= cap_at or M.plain_xp ~= xp then
-      local xp_text = ''
-      if xp == M.tenant_xp then xp_text = M.tenant_xp_text elseif xp ~= 0 then xp_text = num(xp) end
       mid = SEP .. SEP .. (cap and num(cap) or '') .. SEP .. (cap_at and num(cap_at) or '') .. SEP
-        .. string.rep(SEP, NRANK) .. SEP .. SEP .. SEP .. xp_text .. SEP .. SEP
+        .. string.rep(SEP, NRANK) .. SEP .. SEP .. SEP .. M.tenant_xp_text .. SEP .. SEP
       M.plain_mid = mid; M.plain_cap = cap; M.plain_cap_at = cap_at; M.plain_xp = xp
     end
-    text = call.count_text(t.f, mid, name)
-  else
+    local text = call.count_text(t.f, mid, t.nm or '')
+    if text ~= t.tx then
+      t.tx = text
+      local tw = M.tw
+      if tw == nil then M.tw = {t.h, text}
+      else
+        local n = #tw
+        tw[n + 1] = t.h; tw[n + 2] = text
+      end
+    end
+    t.queue_made = nil
+    return
+  end
+  -- Capped this call (or again, after it was back in line): P:capped may be new.
+  if t.st == CAPPED and (loaded.st ~= CAPPED or t.am ~= loaded.am) then born.capped = true end
+  local name = t.nm or ''  -- (as stored, or a new tenant's: tenant in core.lua)
+  -- Its queue's TTL (P:q:<h>) pushed out once a quarter of it has passed (xp, up to a
+  -- second sooner: call.tenant_xp); the tenant itself has no TTL of its own: P:T's is the
+  -- budget's (expire_keys), and it leaves by the idle sweep, the bound (forget_idle) or the
+  -- stray sweep (call.sweep_strays).
+  local refresh = not hot and now >= t.xp
+  if refresh then t.xp = M.tenant_xp or call.tenant_xp() end
+  local text
+  do
     -- (One table kept for the parts, call.tparts; the text made with one concat.)
     local parts = call.tparts
     parts[1] = call.count_text(t.f)
@@ -1329,9 +1344,7 @@ local function save_tenant(t, again, hot)
     redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl_ms('tenant'))
   end
   t.queue_made = nil
-  if again and not plain then
-    -- (A plain new tenant keeps call.NEW_LOADED: written again this call, its text is made
-    -- again and compared with t.tx; call.as_written makes its loaded fields.)
+  if again then
     -- (Its costs as loaded if none moved: a loaded table of costs is never changed.)
     local costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
     for rank = 1, NRANK do
