@@ -359,7 +359,7 @@ function call.init_tables()
     dl_next = nil, dl_floor = nil, idle = nil, idle_adds = nil, last_number = nil, last_text = nil,
     no_weights = nil, weights_asked = nil, made = nil, hot_read = nil, kept = nil,
     granted = nil, raw = nil, queued_at = nil, queued_text = nil, tw = nil, plain_mid = nil,
-    work_spent = nil, work_units = nil, stamped = nil, gen = nil, by_gen = nil}
+    work_spent = nil, work_units = nil, stamped = nil, gen = nil, by_gen = nil, dropped = nil}
   more = false
   held_back = 0
   loaded = nil
@@ -971,7 +971,7 @@ function call.drop_idle_tenants(hs, ranked)
       if t ~= nil then busy = t.n > 0 else busy = waits[h] end
       if not busy then
         gone[#gone + 1] = h
-        if t ~= nil then t.deleted = true; T[h] = nil end
+        if t ~= nil then t.deleted = true; T[h] = nil; M.dropped = true end
       end
     end
   end
@@ -1101,6 +1101,10 @@ function call.spare_made()
   local memo = K.line_memo
   local kept, granted = nil, nil
   if memo ~= nil then kept = memo.t; granted = memo.kept end
+  if kept == nil and granted == nil and not M.dropped then  -- (all given: most calls)
+    call.spare = made
+    return
+  end
   local n, all = 0, #made
   for i = 1, all do
     local t = made[i]
