@@ -43,7 +43,11 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("batch", "refill(true)", "expiries"),
     ("batch", "local results = {nil}", "before the loop"),
     ("batch", "  local line = nil\n  if not over then line = do_acquire(op)", "op: loop top"),
-    ("fast", "  local id, h, name, tail = string.match(op, call.ACQUIRE_PATTERN)", "op: split_acquire"),
+    (
+        "fast",
+        "  local id, h, name, tail = string.match(op, call.ACQUIRE_PATTERN)",
+        "op: split_acquire",
+    ),
     ("fast", "  local weight = tail.weight\n  if not M.no_weights", "op: live_weight"),
     (
         "core",
@@ -65,7 +69,11 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("fast", "  call.save_made()  -- (store.lua", "check: save_made"),
     ("fast", "  local taken = i - 1\n  local units = taken", "check: clock"),
     ("store", "  local loaded = t.loaded\n  local c = t.c  -- (its costs", "save_tenant: Lua"),
-    ("store", "    if text ~= t.tx then\n      t.tx = text\n      local tw = M.tw", "save_tenant: put"),
+    (
+        "store",
+        "    if text ~= t.tx then\n      t.tx = text\n      local tw = M.tw",
+        "save_tenant: put",
+    ),
     (
         "store",
         "  if refresh then\n    if t.n > 0 and t.q1 == nil then redis.call('PEXPIRE'",
