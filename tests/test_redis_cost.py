@@ -989,3 +989,27 @@ def test_a_heartbeat_renews_many_leases_in_a_few_commands(client: redis.Redis) -
     assert used["zadd"] == chunks + 1, used  # and the heartbeat's
     (leases,) = client.keys("*:leases")
     assert client.zscore(leases, "l0") == pytest.approx(31.0)
+
+
+def test_a_new_tenant_that_queues_in_its_call_is_not_put_on_the_idle_list(
+    client: redis.Redis,
+) -> None:
+    """touch puts a call's tenants on the idle list as the ZADD's arguments (its own list),
+    and a later change in the same call overrides that (push: the tenant waits; unlink: it
+    is idle again): of three new tenants in one call, the one admitted is listed, the one
+    that queued is not, and the one that queued then left (its request cancelled) is listed,
+    once: the list made anew by that ZADD gets its TTL (it counts its members, so a tenant
+    given twice would leave the key without one)."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 900.0), max_tenants=10_000)
+    scheduler = LuaScheduler(client, Limits(rate=1.0, burst=1.0), policy, now=0.0)
+    scheduler.acquire(0.5, Request("first-1", "first"))  # the budget made, its keys' TTLs set
+    listed = f"{scheduler._tag}:tenants"
+    client.delete(listed)  # (as if lost: made anew below)
+    reqs = [Request(f"{name}-1", name) for name in ("alone", "waits", "leaves")]
+    ops = [protocol.acquire_op(r.id, protocol.acquire_tail(r, 1.0, 900.0)) for r in reqs]
+    lines, _ = scheduler._call(2.0, [*ops, protocol.cancel_op("leaves-1")])
+    assert [line[:1] for line in lines] == ["A", "Q", "Q", "X"], lines
+    assert client.zscore(listed, tenant_digest("alone")) is not None
+    assert client.zscore(listed, tenant_digest("waits")) is None
+    assert client.zscore(listed, tenant_digest("leaves")) is not None
+    assert client.pttl(listed) > 0
