@@ -835,17 +835,36 @@ end
 -- too) may have made the key: else a member was there, and the key has its TTL from
 -- whoever made it. (A ZREM never removes the anchor: no tenant's digest is its text.)
 -- Two sources: touch's tenants, each once a call, already as the ZADD's arguments
--- (M.idle_adds: the call's score, then each digest after a copy of it), and the others'
--- changes by digest (call.seen_idle, M.idle: the last one wins, and a digest there
+-- (M.idle_adds: false, the digest, false, the next ...: the score, the same for all, put in
+-- at the end, so a call whose tenant then waits makes none), and the others' changes by
+-- digest (call.seen_idle, M.idle: the last one wins, and a digest there
 -- overrides its place in M.idle_adds). Under churn only the first: no table by digest
 -- grown and walked a new tenant (docs/performance.md, `churn11`).
 function call.flush_idle()
   local pending, add = M.idle, M.idle_adds
   if pending == nil and add == nil then return end
   M.idle = nil; M.idle_adds = nil
+  -- (One tenant, most calls of one request: no lists made.)
+  local one, idle = nil, true
+  if pending == nil then
+    if #add == 2 then one = add[2] end
+  else
+    local h, last = next(pending)
+    if next(pending, h) == nil and (add == nil or #add == 2 and add[2] == h) then
+      one = h; idle = last
+    end
+  end
+  if one ~= nil then
+    if not idle then
+      redis.call('ZREM', K.tenants, one)
+    elseif redis.call('ZADD', K.tenants, call.now_score(), one, '+inf', TUNING.IDLE_ANCHOR) == 2 then
+      born.tenants = true
+    end
+    return
+  end
   local drop = nil
   if pending ~= nil then
-    local seen = add and add[1] or call.now_score()
+    local seen = call.now_score()
     if add ~= nil then  -- (touch's, less those changed since)
       local kept, n = {}, 0
       for i = 2, #add, 2 do
@@ -860,6 +879,10 @@ function call.flush_idle()
     for h, idle in pairs(pending) do
       if idle then add[#add + 1] = seen; add[#add + 1] = h else drop[#drop + 1] = h end
     end
+  end
+  if drop == nil then  -- (touch's alone: the call's score in their places)
+    local seen = call.now_score()
+    for i = 1, #add, 2 do add[i] = seen end
   end
   if #add > 0 then
     local members = #add / 2 + 1
@@ -2247,13 +2270,13 @@ end
 -- A tenant with waiters is not on the idle list (core.lua's forget_idle).
 local function touch(t)
   if not t.touched and t.n == 0 then
-    -- (On the idle list at the call's score: its ZADD's arguments made here, once a tenant
-    -- a call (t.touched), call.flush_idle.)
+    -- (On the idle list: its ZADD's arguments made here, once a tenant a call (t.touched),
+    -- the call's score put in their places by call.flush_idle.)
     local add = M.idle_adds
-    if add == nil then M.idle_adds = {call.now_score(), t.h}
+    if add == nil then M.idle_adds = {false, t.h}
     else
       local n = #add
-      add[n + 1] = add[1]; add[n + 2] = t.h
+      add[n + 1] = false; add[n + 2] = t.h
     end
     t.touched = true
   end
