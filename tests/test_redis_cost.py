@@ -622,7 +622,8 @@ def test_the_batcher_sends_again_what_a_bounded_call_deferred(client: redis.Redi
 @pytest.mark.parametrize("why", ["idle", "beyond max_tenants"])
 def test_idle_tenants_are_dropped_in_a_few_commands(client: redis.Redis, why: str) -> None:
     """forget_idle drops a batch of tenants with one HDEL (their fields of P:T; a DEL of
-    their keys before) and one ZREM, not a few commands per tenant (a call of many new
+    their keys before) and one ZREMRANGEBYRANK (they are the idle list's first members: no
+    ZREM of each by name), not a few commands per tenant (a call of many new
     tenants dropped as many old ones after its work budget); while nobody waits, without
     asking P:qlen which of them wait (a ZMSCORE). Nor is P:T walked for strays: it holds no
     more tenants than the idle list (one HLEN tells)."""
@@ -644,7 +645,8 @@ def test_idle_tenants_are_dropped_in_a_few_commands(client: redis.Redis, why: st
     assert used.get("zmscore", 0) == 0, used
     assert used.get("del", 0) <= 1, used  # (the test's: the grant list)
     assert used.get("hdel", 0) == 1, used
-    assert used.get("zrem", 0) == 1, used
+    assert used.get("zremrangebyrank", 0) == 1, used
+    assert used.get("zrem", 0) == 0, used
     assert used.get("hlen", 0) == 1, used
     assert "hscan" not in used, used
     assert client.hlen(scheduler._keys.tenant_hash) == count - dropped + 1  # + its anchor
@@ -1037,3 +1039,27 @@ def test_a_heartbeat_renews_many_leases_in_a_few_commands(client: redis.Redis) -
     assert used["zadd"] == chunks + 1, used  # and the heartbeat's
     (leases,) = client.keys("*:leases")
     assert client.zscore(leases, "l0") == pytest.approx(31.0)
+
+
+def test_a_new_tenant_that_queues_in_its_call_is_not_put_on_the_idle_list(
+    client: redis.Redis,
+) -> None:
+    """touch puts a call's tenants on the idle list as the ZADD's arguments (its own list),
+    and a later change in the same call overrides that (push: the tenant waits; unlink: it
+    is idle again): of three new tenants in one call, the one admitted is listed, the one
+    that queued is not, and the one that queued then left (its request cancelled) is listed,
+    once: the list made anew by that ZADD gets its TTL (it counts its members, so a tenant
+    given twice would leave the key without one)."""
+    policy = Policy(dict.fromkeys(PRIORITIES, 900.0), max_tenants=10_000)
+    scheduler = LuaScheduler(client, Limits(rate=1.0, burst=1.0), policy, now=0.0)
+    scheduler.acquire(0.5, Request("first-1", "first"))  # the budget made, its keys' TTLs set
+    listed = f"{scheduler._tag}:tenants"
+    client.delete(listed)  # (as if lost: made anew below)
+    reqs = [Request(f"{name}-1", name) for name in ("alone", "waits", "leaves")]
+    ops = [protocol.acquire_op(r.id, protocol.acquire_tail(r, 1.0, 900.0)) for r in reqs]
+    lines, _ = scheduler._call(2.0, [*ops, protocol.cancel_op("leaves-1")])
+    assert [line[:1] for line in lines] == ["A", "Q", "Q", "X"], lines
+    assert client.zscore(listed, tenant_digest("alone")) is not None
+    assert client.zscore(listed, tenant_digest("waits")) is None
+    assert client.zscore(listed, tenant_digest("leaves")) is not None
+    assert client.pttl(listed) > 0

@@ -448,6 +448,7 @@ function forget_idle()
   local stale = redis.call('ZRANGEBYSCORE', K.tenants, '-inf', call.idle_score(now - idle_after), 'LIMIT', '0',
     num(TUNING.SWEEP_BATCH))
   if #stale < TUNING.SWEEP_BATCH then S.fi = now + TUNING.SWEEP_PERIOD end
+  local ranked = #stale  -- (the list's first members read: the stale ones, the oldest)
   -- (Counted without the list's anchor, keys.IDLE_ANCHOR, at +inf: it is never among the
   -- oldest taken below, as the excess is at most the tenants on the list.)
   local listed = redis.call('ZCOUNT', K.tenants, '-inf', '(+inf')
@@ -455,13 +456,14 @@ function forget_idle()
   local excess = listed - POL.max_tenants
   if excess > 0 then
     local oldest = redis.call('ZRANGE', K.tenants, '0', num(math.min(excess, TUNING.EXCESS_BATCH) - 1))
+    if #oldest > ranked then ranked = #oldest end
     if #stale == 0 then  -- (most calls: the excess alone)
       stale = oldest
     else
       for i = 1, #oldest do stale[#stale + 1] = oldest[i] end
     end
   end
-  if #stale > 0 then call.drop_idle_tenants(stale) end
+  if #stale > 0 then call.drop_idle_tenants(stale, ranked) end
 end
 
 -- Scheduler._make_room: enforce the queue limits before queueing at `rank` in t's queue.

@@ -356,10 +356,10 @@ function call.init_tables()
   born = {tenants = nil, waiters = nil, deadlines = nil, qlen = nil, procs = nil,
     active = nil, capped = nil, leases = nil, tenant_hash = nil}
   M = {top_known = nil, top_t = nil, top_r = nil, capped_next = nil, capped_checked = nil,
-    dl_next = nil, dl_floor = nil, idle = nil, last_number = nil, last_text = nil,
+    dl_next = nil, dl_floor = nil, idle = nil, idle_adds = nil, last_number = nil, last_text = nil,
     no_weights = nil, weights_asked = nil, made = nil, hot_read = nil, kept = nil,
     granted = nil, raw = nil, queued_at = nil, queued_text = nil, tw = nil, plain_mid = nil,
-    work_spent = nil, work_units = nil, stamped = nil, gen = nil, by_gen = nil}
+    work_spent = nil, work_units = nil, stamped = nil, gen = nil, by_gen = nil, dropped = nil}
   more = false
   held_back = 0
   loaded = nil
@@ -834,30 +834,62 @@ end
 -- each time one goes back on it. Only a ZADD all of whose members are new (the anchor
 -- too) may have made the key: else a member was there, and the key has its TTL from
 -- whoever made it. (A ZREM never removes the anchor: no tenant's digest is its text.)
+-- Two sources: touch's tenants, each once a call, already as the ZADD's arguments
+-- (M.idle_adds: false, the digest, false, the next ...: the score, the same for all, put in
+-- at the end, so a call whose tenant then waits makes none), and the others' changes by
+-- digest (call.seen_idle, M.idle: the last one wins, and a digest there
+-- overrides its place in M.idle_adds). Under churn only the first: no table by digest
+-- grown and walked a new tenant (docs/performance.md, `churn11`).
 function call.flush_idle()
-  local pending = M.idle
-  if pending == nil then return end
-  M.idle = nil
-  local h, idle = next(pending)
-  if next(pending, h) == nil then  -- (one tenant, most calls: no lists made)
+  local pending, add = M.idle, M.idle_adds
+  if pending == nil and add == nil then return end
+  M.idle = nil; M.idle_adds = nil
+  -- (One tenant, most calls of one request: no lists made.)
+  local one, idle = nil, true
+  if pending == nil then
+    if #add == 2 then one = add[2] end
+  else
+    local h, last = next(pending)
+    if next(pending, h) == nil and (add == nil or #add == 2 and add[2] == h) then
+      one = h; idle = last
+    end
+  end
+  if one ~= nil then
     if not idle then
-      redis.call('ZREM', K.tenants, h)
-    elseif redis.call('ZADD', K.tenants, call.now_score(), h, '+inf', TUNING.IDLE_ANCHOR) == 2 then
+      redis.call('ZREM', K.tenants, one)
+    elseif redis.call('ZADD', K.tenants, call.now_score(), one, '+inf', TUNING.IDLE_ANCHOR) == 2 then
       born.tenants = true
     end
     return
   end
-  local add, drop = {}, {}
-  local seen = call.now_score()
-  for h, idle in pairs(pending) do
-    if idle then add[#add + 1] = seen; add[#add + 1] = h else drop[#drop + 1] = h end
+  local drop = nil
+  if pending ~= nil then
+    local seen = call.now_score()
+    if add ~= nil then  -- (touch's, less those changed since)
+      local kept, n = {}, 0
+      for i = 2, #add, 2 do
+        local h = add[i]
+        if pending[h] == nil then kept[n + 1] = seen; kept[n + 2] = h; n = n + 2 end
+      end
+      add = kept
+    else
+      add = {}
+    end
+    drop = {}
+    for h, idle in pairs(pending) do
+      if idle then add[#add + 1] = seen; add[#add + 1] = h else drop[#drop + 1] = h end
+    end
+  end
+  if drop == nil then  -- (touch's alone: the call's score in their places)
+    local seen = call.now_score()
+    for i = 1, #add, 2 do add[i] = seen end
   end
   if #add > 0 then
     local members = #add / 2 + 1
     add[#add + 1] = '+inf'; add[#add + 1] = TUNING.IDLE_ANCHOR
     if redis.call('ZADD', K.tenants, unpack(add)) == members then born.tenants = true end
   end
-  if #drop > 0 then redis.call('ZREM', K.tenants, unpack(drop)) end
+  if drop ~= nil and #drop > 0 then redis.call('ZREM', K.tenants, unpack(drop)) end
 end
 
 -- The first in line after push(t, r), from what was known before (known, top_t, top_r):
@@ -921,16 +953,18 @@ function call.anyone_in_line()
   return redis.call('ZCARD', K.active) > 0
 end
 
--- forget_idle's deletion of the idle tenants `hs` (digests; repeats allowed): a few
--- commands for all of them. A tenant not loaded this call waits if it is in P:qlen (push
--- puts it there with its first waiter, unlink takes it out with its last; while nobody
--- waits, S.waiting 0, none does, and P:qlen is not asked). Only the tenant's field of P:T
--- is deleted (one HDEL for all): one that waits for nothing has no queue (P:q:<h>: Redis
--- drops a sorted set with its last member; a queue left by state that expired around it
--- goes with its own TTL).
+-- forget_idle's deletion of the idle tenants `hs` (digests; repeats allowed), the idle
+-- list's first `ranked` members (forget_idle reads them by score from the lowest and by
+-- rank from the first, and nothing changes the list in between): a few commands for all of
+-- them. A tenant not loaded this call waits if it is in P:qlen (push puts it there with its
+-- first waiter, unlink takes it out with its last; while nobody waits, S.waiting 0, none
+-- does, and P:qlen is not asked). Only the tenant's field of P:T is deleted (one HDEL for
+-- all): one that waits for nothing has no queue (P:q:<h>: Redis drops a sorted set with
+-- its last member; a queue left by state that expired around it goes with its own TTL).
 -- (Loops by index, not ipairs: a C call per step; the list itself as the unknown ones when
--- none was loaded this call, most calls.)
-function call.drop_idle_tenants(hs)
+-- none was loaded this call, most calls, and as the ones to delete when besides nobody
+-- waits.)
+function call.drop_idle_tenants(hs, ranked)
   local n = #hs
   local unknown = hs
   for i = 1, n do
@@ -943,27 +977,31 @@ function call.drop_idle_tenants(hs)
       break
     end
   end
-  local waits = {}
-  if #unknown > 0 and S.waiting > 0 then
-    local scores = redis.call('ZMSCORE', K.qlen, unpack(unknown))
-    for i = 1, #unknown do
-      if scores[i] then waits[unknown[i]] = true end
+  local gone = hs
+  if unknown ~= hs or S.waiting > 0 then
+    local waits = {}
+    if #unknown > 0 and S.waiting > 0 then
+      local scores = redis.call('ZMSCORE', K.qlen, unpack(unknown))
+      for i = 1, #unknown do
+        if scores[i] then waits[unknown[i]] = true end
+      end
     end
-  end
-  local gone = {}
-  for i = 1, n do
-    local h = hs[i]
-    local t = T[h]
-    local busy
-    if t ~= nil then busy = t.n > 0 else busy = waits[h] end
-    if not busy then
-      gone[#gone + 1] = h
-      if t ~= nil then t.deleted = true; T[h] = nil end
+    gone = {}
+    for i = 1, n do
+      local h = hs[i]
+      local t = T[h]
+      local busy
+      if t ~= nil then busy = t.n > 0 else busy = waits[h] end
+      if not busy then
+        gone[#gone + 1] = h
+        if t ~= nil then t.deleted = true; T[h] = nil; M.dropped = true end
+      end
     end
   end
   if #gone > 0 then redis.call('HDEL', K.tenant_hash, unpack(gone)) end
-  -- (a waiting one: state written before tenants waited off the list)
-  redis.call('ZREM', K.tenants, unpack(hs))
+  -- (a waiting one too: state written before tenants waited off the list. By rank: no
+  -- member sent and looked up, docs/performance.md, `churn11`.)
+  redis.call('ZREMRANGEBYRANK', K.tenants, '0', num(ranked - 1))
 end
 
 -- A stray tenant is a field of P:T whose tenant is neither on the idle list nor waiting
@@ -1086,6 +1124,10 @@ function call.spare_made()
   local memo = K.line_memo
   local kept, granted = nil, nil
   if memo ~= nil then kept = memo.t; granted = memo.kept end
+  if kept == nil and granted == nil and not M.dropped then  -- (all given: most calls)
+    call.spare = made
+    return
+  end
   local n, all = 0, #made
   for i = 1, all do
     local t = made[i]
@@ -1228,6 +1270,19 @@ function call.own_costs(t)
   return c
 end
 
+-- The refresh time (xp) of the tenants a call writes, and its text and the queues' TTL:
+-- the same for every tenant of the call, made once (as num(now) is). It is the whole second
+-- below now + idle / TTL_REFRESHES where that is still ahead of now: a refresh up to a
+-- second sooner, and a whole number's text, the same for a second's calls (num keeps it),
+-- not a 17-digit one made per call. Else, only with an idle under 4 s, the exact time.
+function call.tenant_xp()
+  local xp = now + POL.idle / TTL_REFRESHES
+  local whole = math.floor(xp)
+  if whole > now then xp = whole end
+  M.tenant_xp = xp; M.tenant_xp_text = num(xp); M.tenant_ttl = ttl_ms('tenant')
+  return xp
+end
+
 -- Writes tenant t if it changed since it was loaded: its whole text (call.TENANT_PATTERN)
 -- made, and put in P:T with the call's others (M.tw, call.flush_tenants: one HSET per work check
 -- and one at save) unless it is the text loaded or last written (t.tx). `again`: it may be
@@ -1236,49 +1291,51 @@ end
 -- no TTL.
 local function save_tenant(t, again, hot)
   local loaded = t.loaded
-  -- Capped this call (or again, after it was back in line): P:capped may be new.
-  if t.st == CAPPED and (loaded.st ~= CAPPED or t.am ~= loaded.am) then born.capped = true end
   local c = t.c  -- (its costs by rank)
-  -- A new tenant with nothing but its own fields (name, f, cap, cap_at, xp) moved from
-  -- their defaults, most under churn: w, n, its costs (shared, all 0), st and am are as
-  -- loaded.
-  local plain = loaded == call.NEW_LOADED and c == call.ZERO_COSTS and t.w == loaded.w
-    and t.n == loaded.n and t.st == loaded.st and t.am == loaded.am
-  local name = t.nm or ''  -- (as stored, or a new tenant's: tenant in core.lua)
-  -- Its queue's TTL (P:q:<h>) pushed out once a quarter of it has passed (xp, up to a
-  -- second sooner: below); the tenant itself has no TTL of its own: P:T's is the budget's
-  -- (expire_keys), and it leaves by the idle sweep, the bound (forget_idle) or the stray
-  -- sweep (call.sweep_strays).
-  local refresh = not hot and now >= t.xp
-  if refresh then
-    -- (The same for every tenant of the call: formatted once, as num(now) is; so is the
-    -- TTL.)
-    local xp = M.tenant_xp
-    if xp == nil then
-      xp = now + POL.idle / TTL_REFRESHES
-      -- (The whole second below it where that is still ahead of now: a refresh up to a
-      -- second sooner, and a whole number's text, the same for a second's calls (num keeps
-      -- it), not a 17-digit one made per call. Else, only with an idle under 4 s, the exact time.)
-      local whole = math.floor(xp)
-      if whole > now then xp = whole end
-      M.tenant_xp = xp; M.tenant_xp_text = num(xp); M.tenant_ttl = ttl_ms('tenant')
-    end
+  -- A plain new tenant: nothing but its own fields (name, f, cap, cap_at, xp) moved from
+  -- their defaults (call.NEW_LOADED's: w 1, n 0, its costs shared and all 0, st IDLE, am
+  -- ''), most under churn. Written first and at once, in the fewest steps: its text is its
+  -- f's, then a part made once a call (all the rest but the name: the same for the call's
+  -- plain new tenants), then its name; its xp is the call's (it was 0, or the call's
+  -- already); it has no queue. (docs/performance.md, `churn11`: a new tenant's write was
+  -- some 100 Lua steps.) It keeps call.NEW_LOADED: written again this call, its text is made
+  -- again and compared with t.tx; call.as_written makes its loaded fields. (A call of
+  -- fast.lua's makes no tenant; one loaded as new there is written whole, below.)
+  if loaded == call.NEW_LOADED and c == call.ZERO_COSTS and not hot and t.w == 1 and t.n == 0
+    and t.st == IDLE and t.am == '' then
+    local xp = M.tenant_xp or call.tenant_xp()
     t.xp = xp
-  end
-  local text
-  if plain then
-    -- (All but f and the name the same for the call's plain new tenants: made once.)
-    local cap, cap_at, xp = t.cap, t.cap_at, t.xp
+    local cap, cap_at = t.cap, t.cap_at
     local mid = M.plain_mid
     if mid == nil or M.plain_cap ~= cap or M.plain_cap_at ~= cap_at or M.plain_xp ~= xp then
-      local xp_text = ''
-      if xp == M.tenant_xp then xp_text = M.tenant_xp_text elseif xp ~= 0 then xp_text = num(xp) end
       mid = SEP .. SEP .. (cap and num(cap) or '') .. SEP .. (cap_at and num(cap_at) or '') .. SEP
-        .. string.rep(SEP, NRANK) .. SEP .. SEP .. SEP .. xp_text .. SEP .. SEP
+        .. string.rep(SEP, NRANK) .. SEP .. SEP .. SEP .. M.tenant_xp_text .. SEP .. SEP
       M.plain_mid = mid; M.plain_cap = cap; M.plain_cap_at = cap_at; M.plain_xp = xp
     end
-    text = call.count_text(t.f, mid, name)
-  else
+    local text = call.count_text(t.f, mid, t.nm or '')
+    if text ~= t.tx then
+      t.tx = text
+      local tw = M.tw
+      if tw == nil then M.tw = {t.h, text}
+      else
+        local n = #tw
+        tw[n + 1] = t.h; tw[n + 2] = text
+      end
+    end
+    t.queue_made = nil
+    return
+  end
+  -- Capped this call (or again, after it was back in line): P:capped may be new.
+  if t.st == CAPPED and (loaded.st ~= CAPPED or t.am ~= loaded.am) then born.capped = true end
+  local name = t.nm or ''  -- (as stored, or a new tenant's: tenant in core.lua)
+  -- Its queue's TTL (P:q:<h>) pushed out once a quarter of it has passed (xp, up to a
+  -- second sooner: call.tenant_xp); the tenant itself has no TTL of its own: P:T's is the
+  -- budget's (expire_keys), and it leaves by the idle sweep, the bound (forget_idle) or the
+  -- stray sweep (call.sweep_strays).
+  local refresh = not hot and now >= t.xp
+  if refresh then t.xp = M.tenant_xp or call.tenant_xp() end
+  local text
+  do
     -- (One table kept for the parts, call.tparts; the text made with one concat.)
     local parts = call.tparts
     parts[1] = call.count_text(t.f)
@@ -1324,9 +1381,7 @@ local function save_tenant(t, again, hot)
     redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl_ms('tenant'))
   end
   t.queue_made = nil
-  if again and not plain then
-    -- (A plain new tenant keeps call.NEW_LOADED: written again this call, its text is made
-    -- again and compared with t.tx; call.as_written makes its loaded fields.)
+  if again then
     -- (Its costs as loaded if none moved: a loaded table of costs is never changed.)
     local costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
     for rank = 1, NRANK do
@@ -2225,9 +2280,14 @@ end
 -- A tenant with waiters is not on the idle list (core.lua's forget_idle).
 local function touch(t)
   if not t.touched and t.n == 0 then
-    -- (call.seen_idle(t.h, true), written out: a Lua call a new tenant spared)
-    local pending = M.idle
-    if pending == nil then M.idle = {[t.h] = true} else pending[t.h] = true end
+    -- (On the idle list: its ZADD's arguments made here, once a tenant a call (t.touched),
+    -- the call's score put in their places by call.flush_idle.)
+    local add = M.idle_adds
+    if add == nil then M.idle_adds = {false, t.h}
+    else
+      local n = #add
+      add[n + 1] = false; add[n + 2] = t.h
+    end
     t.touched = true
   end
   t.dirty = true
