@@ -7,6 +7,7 @@ is in the end-to-end tests; these run the app through httpx's ASGI transport.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from throttle_mw import ThrottleEvent, ThrottleMiddleware, priority
+from throttle_mw.asgi import responses
 from throttle_mw.backends import MemoryBackend
 from throttle_mw.settings import Settings
 
@@ -342,6 +344,38 @@ async def test_rejections_are_problem_documents_with_retry_after_and_ratelimit_f
     assert body["status"] == 429
     assert body["type"] == "urn:throttle-mw:problem:tenant-rate-cap"
     assert set(body) == {"type", "title", "status", "detail", "reason", "retry_after_s"}
+
+
+@pytest.mark.anyio
+async def test_every_answer_the_middleware_makes_is_no_store() -> None:
+    """400, 408, 429, 503: none may be cached and replayed to another request."""
+    app = fastapi_app(rate=1.0, burst=1.0, max_wait_s=0.0, tenant_rate=1.0, tenant_burst=1.0)
+    answers = [
+        await call(app, "GET", "/api/plain", {"X-Tenant-ID": "has space"}),
+        await call(app, "GET", "/api/plain", {"X-Tenant-ID": "acme"}),
+        await call(app, "GET", "/api/plain", {"X-Tenant-ID": "acme"}),
+    ]
+    assert [a.status_code for a in answers] == [400, 200, 429]
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await responses.send_request_timeout(send)
+    broken = ThrottleMiddleware(PlainTextResponse("never"), rate=-1.0)  # cannot start
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
+    await broken(scope, None, send)  # type: ignore[arg-type]
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert [m["status"] for m in starts] == [408, 503]
+    for answer in [a for a in answers if a.status_code != 200]:
+        assert answer.headers["cache-control"] == "no-store", answer.status_code
+    for start in starts:
+        assert (b"cache-control", b"no-store") in start["headers"], start["status"]
+    # One place sends them all: no other module of the glue starts a response itself.
+    glue = Path(responses.__file__).parent
+    senders = {f.name for f in glue.glob("*.py") if '"type": "http.response.start"' in f.read_text()}
+    assert senders == {"responses.py"}
+    assert Path(responses.__file__).read_text().count('"http.response.start"') == 1
 
 
 @pytest.mark.anyio
