@@ -250,6 +250,13 @@ async def test_missing_or_empty_tenant_falls_back_to_client_address() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_tenant_per_domain_from_the_host_header() -> None:
+    app = fastapi_app(tenant_header="Host")
+    response = await call(app, "GET", "/api/plain", {"Host": "acme.example.com:8443"})
+    assert response.json()["tenant"] == "acme.example.com:8443"
+
+
+@pytest.mark.anyio
 async def test_duplicated_tenant_headers() -> None:
     app = fastapi_app()
     transport = httpx.ASGITransport(app=app)
