@@ -21,7 +21,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from throttle_mw import ThrottleEvent, ThrottleMiddleware, priority
-from throttle_mw.asgi import responses
+from throttle_mw.asgi import responses, tenants
 from throttle_mw.backends import MemoryBackend
 from throttle_mw.settings import Settings
 
@@ -272,7 +272,6 @@ async def test_duplicated_tenant_headers() -> None:
 def test_tenant_header_values_are_checked_once_and_bad_ones_every_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from throttle_mw.asgi import tenants
     from throttle_mw.settings import TENANT_PATTERN as pattern
 
     checks: list[str] = []
@@ -318,6 +317,52 @@ async def test_resolver_hook_replaces_the_header(is_async: bool) -> None:
     assert odd["tenant"].startswith("h:")  # a trusted id of any shape, hashed to a safe one
     anonymous = (await call(app, "GET", "/api/plain", {"X-Tenant-ID": "spoofed"})).json()
     assert anonymous["tenant"] == "ip:127.0.0.1"
+
+
+@pytest.mark.anyio
+async def test_a_resolver_that_fails_falls_back_to_the_address_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Never a 500: a wrong type or an exception is a resolver that found no tenant, and
+    each kind of failure is one log line per process, whatever the number of requests."""
+    keys = {"key-1": "acme"}
+    answers: dict[str, Any] = {"int": 42, "bytes": b"acme", "object": object(), "bool": True}
+
+    async def resolver(scope: dict[str, Any]) -> Any:
+        auth = dict(scope["headers"]).get(b"authorization", b"").decode()
+        kind = auth.removeprefix("Bearer ")
+        if kind == "bad":
+            raise tenants.InvalidTenant("Unknown API key.")  # the resolver's own 400
+        return answers[kind] if kind in answers else keys[kind]  # KeyError: the key
+
+    app = fastapi_app(tenant_resolver=resolver)
+    seen: dict[str, tuple[int, str]] = {}
+    with caplog.at_level("INFO", logger="throttle_mw"):
+        for _ in range(3):
+            for kind in ("int", "bytes", "object", "bool", "sk-secret", "key-1", "bad"):
+                response = await call(app, "GET", "/api/plain", {"Authorization": f"Bearer {kind}"})
+                body = response.json()
+                seen[kind] = (response.status_code, body.get("tenant", body.get("title")))
+    assert seen == {
+        "int": (200, "42"),
+        "bytes": (200, "ip:127.0.0.1"),
+        "object": (200, "ip:127.0.0.1"),
+        "bool": (200, "ip:127.0.0.1"),
+        "sk-secret": (200, "ip:127.0.0.1"),
+        "key-1": (200, "acme"),
+        "bad": (400, "Invalid tenant"),
+    }
+    lines = [r.getMessage() for r in caplog.records if "tenant_resolver" in r.getMessage()]
+    assert len(lines) == 4, lines  # bytes, object, bool, KeyError: once each
+    assert {line.split(" (")[0] for line in lines} == {
+        "tenant_resolver returned bytes",
+        "tenant_resolver returned object",
+        "tenant_resolver returned bool",
+        "tenant_resolver raised KeyError",
+    }
+    assert all("\n" not in line and "client address" in line for line in lines)
+    assert "sk-secret" not in caplog.text  # the exception's message is never logged
+    assert "in resolver" in lines[-1]  # but where it was raised is
 
 
 # --- responses -------------------------------------------------------------------------------
