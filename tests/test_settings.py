@@ -169,8 +169,10 @@ def test_a_lease_ttl_shorter_than_three_heartbeats_is_refused(value: str) -> Non
 
 @pytest.mark.parametrize(
     "name",
-    ["Content-Length", "transfer-encoding", "Connection", "keep-alive", "TE", "upgrade"]
-    + ["trailer", "proxy-connection", "Authorization", "proxy-authorization", "cookie"],
+    [
+        *("Content-Length", "transfer-encoding", "Connection", "keep-alive", "TE", "upgrade"),
+        *("trailer", "proxy-connection", "Authorization", "proxy-authorization", "cookie"),
+    ],
 )
 def test_a_header_that_cannot_name_a_tenant_is_refused(name: str) -> None:
     """Framing and hop-by-hop headers describe the connection; a credential's value

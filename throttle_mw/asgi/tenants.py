@@ -117,18 +117,6 @@ class Tenants:
             detail,
         )
 
-
-def _where(exc: BaseException) -> str:
-    """Where an exception was raised: file, line and function, never its message (a
-    resolver's ``KeyError`` holds the API key it did not find)."""
-    tb = exc.__traceback__
-    if tb is None:
-        return "no traceback"
-    while tb.tb_next is not None:
-        tb = tb.tb_next
-    code = tb.tb_frame.f_code
-    return f"at {code.co_filename}:{tb.tb_lineno} in {code.co_name}"
-
     def from_header(self, scope: Scope) -> str:
         found: bytes | None = None
         header = self.header  # a local: read once, not once per header
@@ -170,3 +158,15 @@ def header_tenant(found: bytes) -> str:
         _NAMED.clear()
     _NAMED[found] = tenant
     return tenant
+
+
+def _where(exc: BaseException) -> str:
+    """Where an exception was raised: file, line and function, never its message (a
+    resolver's ``KeyError`` holds the API key it did not find)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return "no traceback"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f"at {code.co_filename}:{tb.tb_lineno} in {code.co_name}"
