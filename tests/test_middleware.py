@@ -7,6 +7,7 @@ is in the end-to-end tests; these run the app through httpx's ASGI transport.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from throttle_mw import ThrottleEvent, ThrottleMiddleware, priority
+from throttle_mw.asgi import responses, tenants
 from throttle_mw.backends import MemoryBackend
 from throttle_mw.settings import Settings
 
@@ -248,6 +250,13 @@ async def test_missing_or_empty_tenant_falls_back_to_client_address() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_tenant_per_domain_from_the_host_header() -> None:
+    app = fastapi_app(tenant_header="Host")
+    response = await call(app, "GET", "/api/plain", {"Host": "acme.example.com:8443"})
+    assert response.json()["tenant"] == "acme.example.com:8443"
+
+
+@pytest.mark.anyio
 async def test_duplicated_tenant_headers() -> None:
     app = fastapi_app()
     transport = httpx.ASGITransport(app=app)
@@ -263,7 +272,6 @@ async def test_duplicated_tenant_headers() -> None:
 def test_tenant_header_values_are_checked_once_and_bad_ones_every_time(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from throttle_mw.asgi import tenants
     from throttle_mw.settings import TENANT_PATTERN as pattern
 
     checks: list[str] = []
@@ -311,6 +319,52 @@ async def test_resolver_hook_replaces_the_header(is_async: bool) -> None:
     assert anonymous["tenant"] == "ip:127.0.0.1"
 
 
+@pytest.mark.anyio
+async def test_a_resolver_that_fails_falls_back_to_the_address_and_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Never a 500: a wrong type or an exception is a resolver that found no tenant, and
+    each kind of failure is one log line per process, whatever the number of requests."""
+    keys = {"key-1": "acme"}
+    answers: dict[str, Any] = {"int": 42, "bytes": b"acme", "object": object(), "bool": True}
+
+    async def resolver(scope: dict[str, Any]) -> Any:
+        auth = dict(scope["headers"]).get(b"authorization", b"").decode()
+        kind = auth.removeprefix("Bearer ")
+        if kind == "bad":
+            raise tenants.InvalidTenant("Unknown API key.")  # the resolver's own 400
+        return answers[kind] if kind in answers else keys[kind]  # KeyError: the key
+
+    app = fastapi_app(tenant_resolver=resolver)
+    seen: dict[str, tuple[int, str]] = {}
+    with caplog.at_level("INFO", logger="throttle_mw"):
+        for _ in range(3):
+            for kind in ("int", "bytes", "object", "bool", "sk-secret", "key-1", "bad"):
+                response = await call(app, "GET", "/api/plain", {"Authorization": f"Bearer {kind}"})
+                body = response.json()
+                seen[kind] = (response.status_code, body.get("tenant", body.get("title")))
+    assert seen == {
+        "int": (200, "42"),
+        "bytes": (200, "ip:127.0.0.1"),
+        "object": (200, "ip:127.0.0.1"),
+        "bool": (200, "ip:127.0.0.1"),
+        "sk-secret": (200, "ip:127.0.0.1"),
+        "key-1": (200, "acme"),
+        "bad": (400, "Invalid tenant"),
+    }
+    lines = [r.getMessage() for r in caplog.records if "tenant_resolver" in r.getMessage()]
+    assert len(lines) == 4, lines  # bytes, object, bool, KeyError: once each
+    assert {line.split(" (")[0] for line in lines} == {
+        "tenant_resolver returned bytes",
+        "tenant_resolver returned object",
+        "tenant_resolver returned bool",
+        "tenant_resolver raised KeyError",
+    }
+    assert all("\n" not in line and "client address" in line for line in lines)
+    assert "sk-secret" not in caplog.text  # the exception's message is never logged
+    assert "in resolver" in lines[-1]  # but where it was raised is
+
+
 # --- responses -------------------------------------------------------------------------------
 
 
@@ -342,6 +396,39 @@ async def test_rejections_are_problem_documents_with_retry_after_and_ratelimit_f
     assert body["status"] == 429
     assert body["type"] == "urn:throttle-mw:problem:tenant-rate-cap"
     assert set(body) == {"type", "title", "status", "detail", "reason", "retry_after_s"}
+
+
+@pytest.mark.anyio
+async def test_every_answer_the_middleware_makes_is_no_store() -> None:
+    """400, 408, 429, 503: none may be cached and replayed to another request."""
+    app = fastapi_app(rate=1.0, burst=1.0, max_wait_s=0.0, tenant_rate=1.0, tenant_burst=1.0)
+    answers = [
+        await call(app, "GET", "/api/plain", {"X-Tenant-ID": "has space"}),
+        await call(app, "GET", "/api/plain", {"X-Tenant-ID": "acme"}),
+        await call(app, "GET", "/api/plain", {"X-Tenant-ID": "acme"}),
+    ]
+    assert [a.status_code for a in answers] == [400, 200, 429]
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await responses.send_request_timeout(send)
+    broken = ThrottleMiddleware(PlainTextResponse("never"), rate=-1.0)  # cannot start
+    scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
+    await broken(scope, None, send)  # type: ignore[arg-type]
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert [m["status"] for m in starts] == [408, 503]
+    for answer in [a for a in answers if a.status_code != 200]:
+        assert answer.headers["cache-control"] == "no-store", answer.status_code
+    for start in starts:
+        assert (b"cache-control", b"no-store") in start["headers"], start["status"]
+    # One place sends them all: no other module of the glue starts a response itself.
+    texts = {f.name: f.read_text() for f in Path(responses.__file__).parent.glob("*.py")}
+    assert {name for name, text in texts.items() if '"type": "http.response.start"' in text} == {
+        "responses.py"
+    }
+    assert texts["responses.py"].count('"http.response.start"') == 1
 
 
 @pytest.mark.anyio

@@ -165,3 +165,26 @@ def test_a_lease_ttl_shorter_than_three_heartbeats_is_refused(value: str) -> Non
     with pytest.raises(ConfigError, match=rf"THROTTLE_LEASE_TTL={value}: .*seconds >= 0.6"):
         Settings.from_env({"THROTTLE_LEASE_TTL": value, "THROTTLE_CONCURRENCY": "2"})
     assert Settings.from_env({"THROTTLE_LEASE_TTL": "0.6"}).lease_ttl_s == 0.6
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        *("Content-Length", "transfer-encoding", "Connection", "keep-alive", "TE", "upgrade"),
+        *("trailer", "proxy-connection", "Authorization", "proxy-authorization", "cookie"),
+    ],
+)
+def test_a_header_that_cannot_name_a_tenant_is_refused(name: str) -> None:
+    """Framing and hop-by-hop headers describe the connection; a credential's value
+    would be a tenant id in clear (in logs and the app's decision)."""
+    with pytest.raises(ConfigError, match=f"^THROTTLE_TENANT_HEADER={name}: invalid.*resolver"):
+        Settings.from_env({"THROTTLE_TENANT_HEADER": name})
+    with pytest.raises(ConfigError, match=f"^tenant_header .*={name.lower()}: invalid"):
+        Settings.from_env({}, tenant_header=name.lower())
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"), [("Host", "host"), (" X-Org ", "x-org"), ("X-Tenant-ID", "x-tenant-id")]
+)
+def test_host_and_custom_headers_can_name_the_tenant(name: str, expected: str) -> None:
+    assert Settings.from_env({"THROTTLE_TENANT_HEADER": name}).tenant_header == expected

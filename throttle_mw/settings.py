@@ -231,8 +231,8 @@ class Settings:
     #: Live limits and weights (``throttle-mw set``) outlast this long the last process
     #: that used the budget (refreshed while it is in use): a week.
     live_limits_ttl_s: float = LIVE_LIMITS_TTL_S
-    #: Resolver hook: ``(scope) -> tenant id | None``, replacing the header lookup.
-    tenant_resolver: Callable[[Any], str | None] | None = None
+    #: Resolver hook: ``(scope) -> tenant id (str or int) | None``, replacing the header lookup.
+    tenant_resolver: Callable[[Any], str | int | None] | None = None
     #: Request body bytes read ahead before a request asks for budget (0: none).
     body_buffer_bytes: int = 256 * 1024
     #: All bodies read ahead in this process at once, in bytes.
@@ -628,9 +628,41 @@ def _prefix(raw: object, source: str) -> str:
     raise ConfigError(source, raw, "1-64 characters of letters, digits and . _ : - (no braces)")
 
 
+#: Request headers that cannot name a tenant. Framing (the body's length or coding) and
+#: hop-by-hop headers (RFC 9110 7.6.1; not even sent over HTTP/2 and 3, RFC 9113 8.2.2)
+#: describe the connection, not whom a request is for. Credentials would put a secret in
+#: clear where tenant ids go (logs, ``request.state.throttle``, observers, metrics): header
+#: values are used as they are, only a resolver's are hashed; map a credential to its
+#: tenant with a resolver instead. ``host`` stays allowed: a tenant per domain is a real
+#: set-up (servers pass HTTP/2's ``:authority`` as ``host``).
+NOT_TENANT_HEADERS: Final = frozenset(
+    (
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+    )
+)
+
+
 def _header(raw: object, source: str) -> str:
     if isinstance(raw, str) and _TOKEN.fullmatch(raw.strip()):
-        return raw.strip().lower()
+        name = raw.strip().lower()
+        if name in NOT_TENANT_HEADERS:
+            raise ConfigError(
+                source,
+                raw,
+                "a header naming the tenant, e.g. X-Tenant-ID; not a framing, hop-by-hop "
+                "or credential header (for a tenant from a credential, pass tenant_resolver)",
+            )
+        return name
     raise ConfigError(source, raw, "an HTTP header name, e.g. X-Tenant-ID")
 
 

@@ -83,11 +83,7 @@ def _policy_for(reason: Reason, limits: Limits) -> str | None:
 
 def problem_headers(reject: Reject, limits: Limits) -> list[tuple[bytes, bytes]]:
     retry_after = reject.retry_after_header
-    headers = [
-        (b"content-type", b"application/problem+json"),
-        (b"retry-after", str(retry_after).encode("ascii")),
-        (b"cache-control", b"no-store"),
-    ]
+    headers = [(b"retry-after", str(retry_after).encode("ascii"))]
     policy = policy_header(limits)
     name = _policy_for(reject.reason, limits)
     if policy and name is not None:
@@ -109,12 +105,27 @@ def problem_body(reject: Reject) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 
-async def send_rejection(send: Send, reject: Reject, limits: Limits) -> None:
-    body = problem_body(reject)
-    headers = problem_headers(reject, limits)
-    headers.append((b"content-length", str(len(body)).encode("ascii")))
-    await send({"type": "http.response.start", "status": reject.status, "headers": headers})
+async def send_problem(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    """Send an answer the middleware makes itself; every one goes through here.
+
+    Each is a problem document that holds for this request only (a rejection, a bad
+    tenant, a body timeout), so each says ``cache-control: no-store``: a cache between
+    client and app must never serve one to the next request.
+    """
+    start = [
+        (b"content-type", b"application/problem+json"),
+        (b"content-length", str(len(body)).encode("ascii")),
+        (b"cache-control", b"no-store"),
+        *headers,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": start})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_rejection(send: Send, reject: Reject, limits: Limits) -> None:
+    await send_problem(send, reject.status, problem_body(reject), problem_headers(reject, limits))
 
 
 async def send_bad_request(send: Send, detail: str) -> None:
@@ -127,12 +138,7 @@ async def send_bad_request(send: Send, detail: str) -> None:
         },
         separators=(",", ":"),
     ).encode("utf-8")
-    headers = [
-        (b"content-type", b"application/problem+json"),
-        (b"content-length", str(len(body)).encode("ascii")),
-    ]
-    await send({"type": "http.response.start", "status": 400, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send_problem(send, 400, body, [])
 
 
 REQUEST_TIMEOUT_BODY: Final = json.dumps(
@@ -149,11 +155,4 @@ REQUEST_TIMEOUT_BODY: Final = json.dumps(
 
 async def send_request_timeout(send: Send) -> None:
     """408 for a body that did not arrive in time; the connection closes (RFC 9110 15.5.9)."""
-    headers = [
-        (b"content-type", b"application/problem+json"),
-        (b"content-length", str(len(REQUEST_TIMEOUT_BODY)).encode("ascii")),
-        (b"cache-control", b"no-store"),
-        (b"connection", b"close"),
-    ]
-    await send({"type": "http.response.start", "status": 408, "headers": headers})
-    await send({"type": "http.response.body", "body": REQUEST_TIMEOUT_BODY, "more_body": False})
+    await send_problem(send, 408, REQUEST_TIMEOUT_BODY, [(b"connection", b"close")])

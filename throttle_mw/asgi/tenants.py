@@ -5,12 +5,19 @@ decision: any client can name any tenant. Where that is not acceptable, pass a
 resolver that reads an authenticated principal (API key, JWT claim, session)
 instead; see the README. A request without a tenant falls back to its client
 address, never to one shared bucket.
+
+A resolver that fails (raises, or returns neither a string, an int nor None) is
+treated as one that found no tenant: the request falls back to its client address,
+and the failure is logged once per kind and middleware (a process runs one), never
+once per request and never as a 500. `InvalidTenant` alone goes through: a resolver
+raises it to answer 400.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,7 +25,12 @@ from starlette.types import Scope
 
 from ..settings import TENANT_MAX_LENGTH, TENANT_PATTERN
 
-TenantResolver = Callable[[Scope], "str | Awaitable[str | None] | None"]
+TenantResolver = Callable[[Scope], "str | int | Awaitable[str | int | None] | None"]
+
+logger = logging.getLogger("throttle_mw")
+#: Kinds of resolver failure logged at most, per middleware (the kinds are the
+#: resolver's own exception and return types, so a bound is only a safety net).
+_FAILURES_LOGGED = 32
 
 
 class InvalidTenant(Exception):
@@ -69,18 +81,41 @@ class Tenants:
             inspect.iscoroutinefunction(resolver)
             or inspect.iscoroutinefunction(getattr(resolver, "__call__", None))  # noqa: B004
         )
+        #: Resolver failures already logged, by kind (``raised KeyError``, ``returned bytes``).
+        self._failures: set[str] = set()
 
     async def resolve(self, scope: Scope) -> str:
-        if self._resolver is not None:
+        if self._resolver is None:
+            return self.from_header(scope)
+        try:
             value = self._resolver(scope)
             if self._resolver_is_async or inspect.isawaitable(value):
                 value = await value
-            if value is None or value == "":
-                return client_address(scope)
-            if not isinstance(value, str):
-                raise TypeError(f"tenant resolver returned {type(value).__name__}, expected str")
-            return value if TENANT_PATTERN.fullmatch(value) else digest_tenant(value)
-        return self.from_header(scope)
+            if isinstance(value, int) and not isinstance(value, bool):
+                value = str(int(value))  # an integer id (a user's, an org's): its decimal text
+        except InvalidTenant:
+            raise  # the resolver's own 400
+        except Exception as exc:
+            self._failed(f"raised {type(exc).__name__}", _where(exc))
+            return client_address(scope)
+        if value is None or value == "":
+            return client_address(scope)
+        if not isinstance(value, str):
+            self._failed(f"returned {type(value).__name__}", "expected str, int or None")
+            return client_address(scope)
+        return value if TENANT_PATTERN.fullmatch(value) else digest_tenant(value)
+
+    def _failed(self, kind: str, detail: str) -> None:
+        """Log a kind of resolver failure the first time it happens, as one line."""
+        if kind in self._failures or len(self._failures) >= _FAILURES_LOGGED:
+            return
+        self._failures.add(kind)
+        logger.error(
+            "tenant_resolver %s (%s): such requests fall back to their client address "
+            "(logged once per kind of failure)",
+            kind,
+            detail,
+        )
 
     def from_header(self, scope: Scope) -> str:
         found: bytes | None = None
@@ -123,3 +158,15 @@ def header_tenant(found: bytes) -> str:
         _NAMED.clear()
     _NAMED[found] = tenant
     return tenant
+
+
+def _where(exc: BaseException) -> str:
+    """Where an exception was raised: file, line and function, never its message (a
+    resolver's ``KeyError`` holds the API key it did not find)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return "no traceback"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return f"at {code.co_filename}:{tb.tb_lineno} in {code.co_name}"
