@@ -494,6 +494,20 @@ def test_a_new_tenant_that_queues_is_not_counted_against_the_idle_bound(make: Ma
     assert scheduler.snapshot().tenants == 2
 
 
+def test_idle_tenants_used_at_the_same_time_leave_the_bound_by_name(make: Make) -> None:
+    """Over `max_tenants`, tenants last used at the same time are dropped by name, not in
+    the order they happened to be used in: "e" and "a" both at 0 s ("e" first), X's arrival
+    drops "a" and "e" keeps its spent cap (its next request is not admitted). Python
+    dropped "e" (made anew: a full cap). The scripts' idle list orders such ties by digest,
+    and these two names' digests sort as the names do (tests/test_redis_three_way.py)."""
+    limits = Limits(rate=100, burst=10, tenant_rate=1, tenant_burst=1)
+    scheduler = make(limits, policy(max_tenants=2))
+    for rid, name in (("e1", "e"), ("a1", "a")):
+        assert isinstance(scheduler.acquire(0.0, Request(rid, name))[0], Admit)
+    assert isinstance(scheduler.acquire(0.1, Request("x1", "X"))[0], Admit)
+    assert not isinstance(scheduler.acquire(0.1, Request("e2", "e"))[0], Admit)
+
+
 def test_a_weight_sum_left_by_rounding_is_no_one_in_line(make: Make) -> None:
     """The weights in line are summed as tenants come and go: A (0.1) and B (0.2) wait,
     B is admitted and A capped at 0.5, and what is left is 2.8e-17, not 0. Before any

@@ -705,16 +705,29 @@ class Scheduler:
         # scripts' idle list. Counted with them, a tenant made while `max_tenants` wait
         # was dropped as it was made, and each request of its made it anew.)
         excess = len(self._tenants) - self._busy - self._policy.max_tenants
+        tenants = self._tenants
         doomed: list[str] = []
-        for name, tenant in self._tenants.items():
+        tied: list[str] = []  # kept, but last used with the bound's last drop
+        for name, tenant in tenants.items():
             if tenant.state != IDLE:
                 continue  # has waiters: kept, whatever its age
             if excess <= 0 and now - tenant.seen_at <= idle_after:
+                if doomed and tenant.seen_at == tenants[doomed[-1]].seen_at:
+                    tied.append(name)
+                    continue
                 break
             doomed.append(name)
             excess -= 1
+        if tied:
+            # Tenants last used at the same time go by name, not by the order they
+            # happened to be used in (a dispatch's): the scripts' list orders its ties by
+            # member, a digest (the one rule of theirs this cannot take: README, "Memory").
+            at, k = tenants[doomed[-1]].seen_at, 0
+            while k < len(doomed) and tenants[doomed[-1 - k]].seen_at == at:
+                k += 1
+            doomed[-k:] = sorted(doomed[-k:] + tied)[:k]
         for name in doomed:
-            del self._tenants[name]
+            del tenants[name]
 
     def _make_room(
         self, now: float, tenant: Tenant, rank: int, events: list[Event]
