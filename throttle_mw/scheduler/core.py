@@ -378,9 +378,12 @@ class Scheduler:
         less the tokens out in unexpired leases, so the fleet admits over any window at
         most what the plain bucket would (its refill plus its burst), leases included."""
         self._refill(now)
+        charged = False
         for charge in charges:
             self._charge_leased(self._tenant(charge.tenant, now), charge.cost, charge.last, now)
-        self._forget_idle(now)  # (nothing below changes a tenant)
+            charged = True
+        if charged:  # (a renewal without charges sweeps nothing: ratelease.lua's)
+            self._forget_idle(now)
         limits = self._limits
         if limits.rate is None:
             return _NO_GRANT
