@@ -295,7 +295,8 @@ class Scheduler:
 
     def release(self, now: float, request_id: LeaseKey) -> list[Event]:
         """Give back a lease's concurrency; idempotent: a lease not held (released
-        already, or never) changes nothing, not even the clock's state."""
+        already, or never) changes nothing, not even the clock's state (an idle sweep due
+        runs, as at the end of any operation: `_forget_idle`)."""
         cost = self._leases.pop(request_id, None)
         if cost is None:  # (a refill would roll the fair-rate window: core.lua's does not)
             self._forget_idle(now)
