@@ -12,19 +12,28 @@ a call of its own after half the calls (ticked after every call, a tick hid wher
 runs: parity2's window roll); and, on a budget of rate leases, lease renewals with charges.
 Four budgets: slots (rate, concurrency and tenant caps), rate with caps (a burst of 3.5:
 half a token), concurrency alone (the fair rate measured, not configured), rate leases.
+Each under two policies: tenants kept (an idle time longer than the run, `max_tenants` the
+number of tenants) and tenants forgotten (`FORGET`: an idle time of 0.4133 s, a few steps,
+and `max_tenants` 3 of the 7: idle expiry and the bound, both sides sweeping at the end of
+an operation that made a tenant or once a `SWEEP_PERIOD_S`, measuring idle time from a
+tenant's last use, its last arrival or its last waiter leaving).
 
 A call of the scripts carries at most WORK_CHECK operations (a call of more checks Redis's
 clock and may defer the rest, differently on a loaded machine; tests/test_redis_parity.py).
 The Python side runs a call's operations one by one at the same time.
 
-Neutralized here, each a documented choice of the scripts (scheduler README, "Only in Lua"
-and "Lua-only steps inside twin functions") that would otherwise decide differently:
+Neutralized here, each a documented choice of the scripts (scheduler README, "Only in Lua",
+"Lua-only steps inside twin functions" and "Memory") that would otherwise decide differently:
 
-- the idle sweep: `tenant_idle_s` is longer than any run and `max_tenants` is the number of
-  tenants, so no tenant is forgotten. The scripts sweep once a `SWEEP_PERIOD_S` (or in a
-  call that makes a tenant), Python at each tick and new tenant; the scripts count a
-  tenant's idle time from its last waiter leaving, Python from its last arrival; either
-  forgets a tenant (made anew: its tag and cap reset) at another call;
+- the idle sweep's moment and ties (with `FORGET`): the scripts sweep at the end of a
+  call, Python at the end of each operation. In a call of two operations (at one time) a
+  sweep after the first drops what the call's end would keep or count differently (a
+  tenant made by the first, then another's last waiter leaving: the bound counts one idle
+  tenant more at the call's end), so runs with `FORGET` make calls of one operation. The
+  idle list orders tenants last used in the same microsecond by digest, Python at the
+  same time (`==`) by name: the names here sort as their digests (`NAMES`), and every time
+  in a run is on a 2 ms grid, the idle time off it (no tenant's idle time ends within a
+  microsecond of a sweep: there the list's whole microseconds decide, Python's `<=`);
 - the deadline grace: a waiter still queued at its deadline is cancelled then by the
   driver, as the Redis backend cancels its own (all those due within EPS of it together:
   Python's tick evicts those); the scripts evict a waiter only `DEADLINE_GRACE_S` after
@@ -44,6 +53,7 @@ and "Lua-only steps inside twin functions") that would otherwise decide differen
 from __future__ import annotations
 
 import copy
+import itertools
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -53,7 +63,7 @@ import redis
 
 from tests.support.lua_scheduler import LuaScheduler, redis_version
 from tests.support.redis_server import RedisServer
-from throttle_mw.backends.redis import protocol
+from throttle_mw.backends.redis import keys, protocol
 from throttle_mw.backends.redis.scripts import WORK_CHECK
 from throttle_mw.priorities import PRIORITIES
 from throttle_mw.scheduler import (
@@ -71,10 +81,12 @@ from throttle_mw.scheduler import (
 )
 from throttle_mw.scheduler.constants import EPS, IDLE
 
-NAMES = [f"n{i}" for i in range(7)]
+#: Tenant names in the order of their digests (`keys.tenant_digest`): tenants last used at
+#: the same time go by name in Python, by digest in the scripts' idle list (module docstring).
+NAMES = ["a", "e", "f", "h", "n", "r", "s"]
 #: Weights of the budgets without tenant caps: equal ones too (their tags tie, and ties go
 #: in order of activation on both sides).
-WEIGHTS = {"n0": 2.0, "n1": 3.0}
+WEIGHTS = {"a": 2.0, "e": 3.0}
 #: With tenant caps, every tenant's own weight, no cost over one weight the same as another
 #: over another: tags never tie (see the module docstring, the order of capped tenants).
 DISTINCT = dict(zip(NAMES, [1.0, 1.1, 1.3, 1.7, 2.3, 2.9, 3.7], strict=True))
@@ -84,6 +96,15 @@ POLICY = Policy(
     tenant_queue_limit=3,
     tenant_idle_s=10_000.0,  # longer than any run: see the module docstring
     max_tenants=len(NAMES),
+)
+#: Idle tenants forgotten: an idle time a few steps long (off the 2 ms grid every time in a
+#: run is on: the module docstring) and a bound below the seven tenants.
+FORGET = Policy(
+    POLICY.max_wait_s,
+    queue_limit=POLICY.queue_limit,
+    tenant_queue_limit=POLICY.tenant_queue_limit,
+    tenant_idle_s=0.4133,
+    max_tenants=3,
 )
 LIMITS = {
     "slots": Limits(
@@ -210,12 +231,14 @@ def run(
     seed: int,
     limits: str,
     steps: int = 200,
+    policy: Policy = POLICY,
+    per_call: int = WORK_CHECK,
 ) -> list[Any]:
     """One random run (by `seed`) on one side: every decision, event and state, in order.
     The run's choices follow its own replies (who waits, who holds a lease), so the three
     runs make the same calls until they first differ: the assertion shows that call."""
     rng = random.Random(seed)
-    side = Side(make, client, LIMITS[limits], POLICY)
+    side = Side(make, client, LIMITS[limits], policy)
     waiting: dict[str, float] = {}  # request id: its deadline
     held: list[str] = []
     done: list[str] = []  # released or granted-then-cancelled ids, for stale operations
@@ -225,8 +248,8 @@ def run(
 
     def record(step: Any, at: float, ops: list[tuple[str, Any]], tick: bool) -> None:
         replies, events = [], []
-        for i in range(0, len(ops), WORK_CHECK):
-            got, evs = side.call(at, ops[i : i + WORK_CHECK])
+        for i in range(0, len(ops), per_call):
+            got, evs = side.call(at, ops[i : i + per_call])
             replies.extend(got)
             events.extend(evs)
         if tick:
@@ -304,12 +327,28 @@ def first_difference(a: list[Any], b: list[Any]) -> str | None:
     return None if len(a) == len(b) else "lengths"
 
 
+def test_the_names_sort_as_their_digests() -> None:
+    """Tenants last used at the same time leave by name in Python, by digest in the idle
+    list: this test's names are in the same order both ways (the module docstring)."""
+    assert sorted(NAMES) == sorted(NAMES, key=keys.tenant_digest) == NAMES
+
+
+@pytest.mark.parametrize("forget", [False, True], ids=["kept", "forgotten"])
 @pytest.mark.parametrize("limits", sorted(LIMITS))
 @pytest.mark.parametrize("seed", range(3))
-def test_python_fcall_and_evalsha_decide_alike(client: redis.Redis, seed: int, limits: str) -> None:
+def test_python_fcall_and_evalsha_decide_alike(
+    client: redis.Redis, seed: int, limits: str, forget: bool
+) -> None:
     """The same calls at the same times: the same replies, events and state from all three
-    (FCALL's run skipped on a Redis without functions: 6.2)."""
-    python = run(client, "python", seed, limits)
-    assert first_difference(python, run(client, "evalsha", seed, limits)) is None
+    (FCALL's run skipped on a Redis without functions: 6.2). With tenants forgotten, calls
+    of one operation (the module docstring)."""
+    policy, per_call = (FORGET, 1) if forget else (POLICY, WORK_CHECK)
+    python = run(client, "python", seed, limits, policy=policy, per_call=per_call)
+    evalsha = run(client, "evalsha", seed, limits, policy=policy, per_call=per_call)
+    assert first_difference(python, evalsha) is None
     if redis_version(client) >= (7, 0):
-        assert first_difference(python, run(client, "fcall", seed, limits)) is None
+        fcall = run(client, "fcall", seed, limits, policy=policy, per_call=per_call)
+        assert first_difference(python, fcall) is None
+    if forget:  # (tenants forgotten: their count falls between two calls)
+        counts = [entry[2][3] for entry in python if entry[1] == "state"]
+        assert any(b < a for a, b in itertools.pairwise(counts))

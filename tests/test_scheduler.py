@@ -455,6 +455,59 @@ def test_tenants_with_waiters_do_not_count_against_the_idle_bound(make: Make) ->
     assert scheduler.snapshot().tenants == 3
 
 
+def test_a_tenants_idle_time_starts_when_its_last_waiter_leaves(make: Make) -> None:
+    """Idle means unused: A's a2 waits from 0 s and is granted at 1 s, so at 1.5 s A has
+    been idle 0.5 s of its 1 s, and B's arrival (a sweep) keeps it. Python measured from
+    A's last arrival (0 s) and dropped it, its tag and queue state with it; the scripts'
+    idle list takes a tenant back, as seen then, when its last waiter leaves."""
+    scheduler = make(Limits(rate=1, burst=1), policy({"normal": 10.0}, tenant_idle_s=1.0))
+    assert isinstance(scheduler.acquire(0.0, Request("a1", "A"))[0], Admit)
+    assert isinstance(scheduler.acquire(0.0, Request("a2", "A"))[0], Enqueue)
+    assert [e.id for e in scheduler.tick(1.0)] == ["a2"]
+    assert isinstance(scheduler.acquire(1.5, Request("b1", "B"))[0], Enqueue)
+    assert scheduler.snapshot().tenants == 2
+    assert [e.id for e in scheduler.tick(2.7)] == ["b1"]  # (a sweep due: A idle 1.7 s)
+    assert scheduler.snapshot().tenants == 1
+
+
+def test_idle_tenants_are_swept_once_a_period_or_when_one_is_made(make: Make) -> None:
+    """Idle tenants are forgotten when an operation makes a tenant, or once a
+    `SWEEP_PERIOD_S` (1 s): B's arrival at 0.8 s swept (A idle 0.8 s of its 1 s, kept), so
+    at 1.2 s A is past its idle time but no sweep is due until 1.8 s. Python swept at
+    every tick and dropped A at 1.2 s; the scripts' sweep is the one both follow now."""
+    scheduler = make(Limits(rate=100, burst=10), policy(tenant_idle_s=1.0))
+    scheduler.acquire(0.0, Request("a1", "A"))
+    scheduler.acquire(0.8, Request("b1", "B"))
+    scheduler.tick(1.2)
+    assert scheduler.snapshot().tenants == 2
+    scheduler.tick(1.85)
+    assert scheduler.snapshot().tenants == 0
+
+
+def test_a_new_tenant_that_queues_is_not_counted_against_the_idle_bound(make: Make) -> None:
+    """The idle bound is counted at the operation's end: X, made for a request that
+    queues, waits by then, so A (idle) is the only idle tenant and `max_tenants` 1 keeps
+    it. Python counted X as idle as it was made (before it queued) and dropped A."""
+    scheduler = make(Limits(rate=1, burst=1), policy({"normal": 10.0}, max_tenants=1))
+    assert isinstance(scheduler.acquire(0.0, Request("a1", "A"))[0], Admit)
+    assert isinstance(scheduler.acquire(0.1, Request("x1", "X"))[0], Enqueue)
+    assert scheduler.snapshot().tenants == 2
+
+
+def test_idle_tenants_used_at_the_same_time_leave_the_bound_by_name(make: Make) -> None:
+    """Over `max_tenants`, tenants last used at the same time are dropped by name, not in
+    the order they happened to be used in: "e" and "a" both at 0 s ("e" first), X's arrival
+    drops "a" and "e" keeps its spent cap (its next request is not admitted). Python
+    dropped "e" (made anew: a full cap). The scripts' idle list orders such ties by digest,
+    and these two names' digests sort as the names do (tests/test_redis_three_way.py)."""
+    limits = Limits(rate=100, burst=10, tenant_rate=1, tenant_burst=1)
+    scheduler = make(limits, policy(max_tenants=2))
+    for rid, name in (("e1", "e"), ("a1", "a")):
+        assert isinstance(scheduler.acquire(0.0, Request(rid, name))[0], Admit)
+    assert isinstance(scheduler.acquire(0.1, Request("x1", "X"))[0], Admit)
+    assert not isinstance(scheduler.acquire(0.1, Request("e2", "e"))[0], Admit)
+
+
 def test_a_weight_sum_left_by_rounding_is_no_one_in_line(make: Make) -> None:
     """The weights in line are summed as tenants come and go: A (0.1) and B (0.2) wait,
     B is admitted and A capped at 0.5, and what is left is 2.8e-17, not 0. Before any

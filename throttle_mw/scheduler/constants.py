@@ -20,6 +20,11 @@ STALE_WINDOWS: Final = 3
 #: the tenant that queued last).
 PUSH_SPAN: Final = 2**32
 
+#: Idle tenants are forgotten at most once a period (and whenever an operation made a
+#: tenant): the Redis scripts' sweep of their idle list (a cost rule there), which the
+#: Python scheduler follows so both forget a tenant at the same call (README, "Memory").
+SWEEP_PERIOD_S: Final = 1.0
+
 #: While requests wait, the last burst / RESERVE_DIVISOR tokens are kept for tenants with
 #: banked credit (a burst below RESERVE_DIVISOR keeps none); see README, "The reserve".
 RESERVE_DIVISOR: Final = 2

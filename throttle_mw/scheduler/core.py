@@ -39,7 +39,16 @@ from collections import OrderedDict
 from collections.abc import Iterable
 
 from ..priorities import PRIORITIES, RANK
-from .constants import ACTIVE, CAP_BLAME_SHARE, CAPPED, EPS, IDLE, PUSH_SPAN, WINDOW_S
+from .constants import (
+    ACTIVE,
+    CAP_BLAME_SHARE,
+    CAPPED,
+    EPS,
+    IDLE,
+    PUSH_SPAN,
+    SWEEP_PERIOD_S,
+    WINDOW_S,
+)
 from .state import Tenant, Waiter
 from .types import (
     Admit,
@@ -100,8 +109,12 @@ class Scheduler:
         #: Concurrency in use, and each lease's cost by request id.
         self._in_flight = 0
         self._leases: dict[LeaseKey, int] = {}
-        #: Every tenant with state, least recently seen first.
+        #: Every tenant with state, least recently used first (`Tenant.seen_at`).
         self._tenants: OrderedDict[str, Tenant] = OrderedDict()
+        #: Idle tenants are forgotten at the end of an operation that made a tenant
+        #: (`_made`) or at or after `_sweep_at`, the scripts' sweep (`SWEEP_PERIOD_S`).
+        self._made = False
+        self._sweep_at = -math.inf
         self._waiting: dict[str, Waiter] = {}
         self._queued_by_rank = [0] * len(PRIORITIES)
         #: Active tenants by finish tag; capped tenants by when their cap allows the head.
@@ -168,8 +181,8 @@ class Scheduler:
         fields it reads, and answering with a plain value: None, or whether the
         admission holds a lease (its `Admit`'s ``lease``). The in-memory
         middleware's call: no tuple to build and unpack, no NamedTuple to index."""
-        if self._waiting:
-            return None
+        if self._waiting or now >= self._sweep_at:
+            return None  # (a sweep due: acquire's, at its end)
         limits = self._limits
         rate = limits.rate
         # _refill
@@ -206,6 +219,8 @@ class Scheduler:
             and (tenant_rate is None or self._cap_ok(tenant, cost, now))
         ):
             return None
+        if self._made:  # (its sweep: the admission leaves every tenant as it is)
+            self._forget_idle(now)
         # _take
         start = tenant.finish
         if tenant_rate is not None or limits.weights or start < self._vtime:
@@ -225,36 +240,39 @@ class Scheduler:
     def acquire(self, now: float, req: Request) -> tuple[Decision, list[Event]]:
         """Decide on a new request: admit it, queue it or reject it."""
         self._refill(now)
-        events = _NO_EVENTS
-        if self._waiting:
-            events = []
-            self._dispatch(now, events)
-        tenant = self._tenant(req.tenant, now)
-        cost = self._clamp(req.cost)
-        if self._fits_at_once(tenant, cost, now):
-            return self._admit_now(now, req.id, tenant, cost), events
-        if events is _NO_EVENTS:
-            events = []
-        if req.sheddable:
-            return self._shed_or_admit(now, req, tenant, cost), events
+        try:
+            events = _NO_EVENTS
+            if self._waiting:
+                events = []
+                self._dispatch(now, events)
+            tenant = self._tenant(req.tenant, now)
+            cost = self._clamp(req.cost)
+            if self._fits_at_once(tenant, cost, now):
+                return self._admit_now(now, req.id, tenant, cost), events
+            if events is _NO_EVENTS:
+                events = []
+            if req.sheddable:
+                return self._shed_or_admit(now, req, tenant, cost), events
 
-        max_wait = self._policy.max_wait_s[req.priority]
-        rejected = self._make_room(now, tenant, RANK[req.priority], events)
-        if rejected is not None:
-            return rejected, events
-        deadline = now + max_wait
-        waiter = Waiter(req, tenant, cost, now, deadline)
-        self._push(waiter)
-        if self._dispatch(now, events, watch=waiter):
-            return (_ADMIT if self._limits.concurrency is None else _ADMIT_LEASE), events
+            max_wait = self._policy.max_wait_s[req.priority]
+            rejected = self._make_room(now, tenant, RANK[req.priority], events)
+            if rejected is not None:
+                return rejected, events
+            deadline = now + max_wait
+            waiter = Waiter(req, tenant, cost, now, deadline)
+            self._push(waiter)
+            if self._dispatch(now, events, watch=waiter):
+                return (_ADMIT if self._limits.concurrency is None else _ADMIT_LEASE), events
 
-        estimate, reason = self._estimate(tenant, waiter.rank, now, waiter=waiter)
-        if estimate > max_wait + EPS or max_wait <= 0:
-            self._remove(waiter)
-            self._dispatch(now, events)
-            return Reject(reason, estimate - max_wait), events
-        heapq.heappush(self._deadlines, (deadline, next(self._seq), req.id))
-        return Enqueue(deadline=deadline, estimated_wait_s=estimate), events
+            estimate, reason = self._estimate(tenant, waiter.rank, now, waiter=waiter)
+            if estimate > max_wait + EPS or max_wait <= 0:
+                self._remove(waiter, now)
+                self._dispatch(now, events)
+                return Reject(reason, estimate - max_wait), events
+            heapq.heappush(self._deadlines, (deadline, next(self._seq), req.id))
+            return Enqueue(deadline=deadline, estimated_wait_s=estimate), events
+        finally:
+            self._forget_idle(now)
 
     def cancel(self, now: float, request_id: str) -> tuple[Reject | None, list[Event]]:
         """Take a waiting request out of the queue (its deadline passed, or it went away).
@@ -267,24 +285,30 @@ class Scheduler:
         waiter = self._waiting.get(request_id)
         events: list[Event] = []
         if waiter is None:
+            self._forget_idle(now)
             return None, events
         reject = self._expiry(waiter, now)
-        self._remove(waiter)
+        self._remove(waiter, now)
         self._dispatch(now, events)
+        self._forget_idle(now)
         return reject, events
 
     def release(self, now: float, request_id: LeaseKey) -> list[Event]:
         """Give back a lease's concurrency; idempotent: a lease not held (released
-        already, or never) changes nothing, not even the clock's state."""
+        already, or never) changes nothing, not even the clock's state (an idle sweep due
+        runs, as at the end of any operation: `_forget_idle`)."""
         cost = self._leases.pop(request_id, None)
         if cost is None:  # (a refill would roll the fair-rate window: core.lua's does not)
+            self._forget_idle(now)
             return _NO_EVENTS
         self._in_flight -= cost
         if not self._waiting:
+            self._forget_idle(now)
             return _NO_EVENTS  # nobody to hand it to
         self._refill(now)
         events: list[Event] = []
         self._dispatch(now, events)
+        self._forget_idle(now)
         return events
 
     def release_at_once(self, request_id: LeaseKey) -> bool:
@@ -307,7 +331,7 @@ class Scheduler:
             waiter = self._waiting.get(request_id)
             if waiter is not None:
                 reject = self._expiry(waiter, now)
-                self._remove(waiter)
+                self._remove(waiter, now)
                 events.append(Evicted(request_id, reject))
         self._dispatch(now, events)
         self._forget_idle(now)
@@ -355,8 +379,12 @@ class Scheduler:
         less the tokens out in unexpired leases, so the fleet admits over any window at
         most what the plain bucket would (its refill plus its burst), leases included."""
         self._refill(now)
+        charged = False
         for charge in charges:
             self._charge_leased(self._tenant(charge.tenant, now), charge.cost, charge.last, now)
+            charged = True
+        if charged:  # (a renewal without charges sweeps nothing: ratelease.lua's)
+            self._forget_idle(now)
         limits = self._limits
         if limits.rate is None:
             return _NO_GRANT
@@ -653,7 +681,7 @@ class Scheduler:
                 name, now, self._limits.tenant_burst, self._vtime + 1 / self._limits.weight(name)
             )
             self._tenants[name] = tenant
-            self._forget_idle(now)
+            self._made = True  # (idle ones forgotten at the operation's end: `_forget_idle`)
         else:
             self._tenants.move_to_end(name)
         tenant.seen_at = now
@@ -661,11 +689,19 @@ class Scheduler:
 
     def _forget_idle(self, now: float) -> None:
         """Drop idle tenants past the idle time, and the least recent beyond `max_tenants`
-        idle ones.
+        idle ones; the next sweep is due `SWEEP_PERIOD_S` later.
 
-        Tenants are kept in order of last use, so this stops at the first one still
-        fresh; each tenant is dropped once, so the work is paid for by its creation.
+        Tenants are kept in order of last use (their last arrival, or their last waiter
+        leaving: `_unlink`), so this stops at the first one still fresh; each tenant is
+        dropped once, so the work is paid for by its creation. Run at an operation's end
+        (every public method with a clock, at its end), as the scripts run theirs at a call's:
+        a tenant used again in the operation that found it stale is kept. Only if the
+        operation made a tenant or a sweep is due (`SWEEP_PERIOD_S` after the last).
         """
+        if not (self._made or now >= self._sweep_at):
+            return
+        self._made = False
+        self._sweep_at = now + SWEEP_PERIOD_S
         idle_after = self._policy.tenant_idle_s
         if self._limits.tenant_rate is not None:
             idle_after = max(idle_after, self._limits.tenant_burst / self._limits.tenant_rate)
@@ -673,16 +709,29 @@ class Scheduler:
         # scripts' idle list. Counted with them, a tenant made while `max_tenants` wait
         # was dropped as it was made, and each request of its made it anew.)
         excess = len(self._tenants) - self._busy - self._policy.max_tenants
+        tenants = self._tenants
         doomed: list[str] = []
-        for name, tenant in self._tenants.items():
+        tied: list[str] = []  # kept, but last used with the bound's last drop
+        for name, tenant in tenants.items():
             if tenant.state != IDLE:
                 continue  # has waiters: kept, whatever its age
             if excess <= 0 and now - tenant.seen_at <= idle_after:
+                if doomed and tenant.seen_at == tenants[doomed[-1]].seen_at:
+                    tied.append(name)
+                    continue
                 break
             doomed.append(name)
             excess -= 1
+        if tied:
+            # Tenants last used at the same time go by name, not by the order they
+            # happened to be used in (a dispatch's): the scripts' list orders its ties by
+            # member, a digest (the one rule of theirs this cannot take: README, "Memory").
+            at, k = tenants[doomed[-1]].seen_at, 0
+            while k < len(doomed) and tenants[doomed[-1 - k]].seen_at == at:
+                k += 1
+            doomed[-k:] = sorted(doomed[-k:] + tied)[:k]
         for name in doomed:
-            del self._tenants[name]
+            del tenants[name]
 
     def _make_room(
         self, now: float, tenant: Tenant, rank: int, events: list[Event]
@@ -722,7 +771,7 @@ class Scheduler:
     def _evict(self, waiter: Waiter, reason: Reason, now: float, events: list[Event]) -> None:
         """Drop a waiter from the queue to make room, telling its caller why."""
         wait, _ = self._estimate(waiter.tenant, waiter.rank, now, waiter=waiter)
-        self._remove(waiter)
+        self._remove(waiter, now)
         events.append(Evicted(waiter.id, Reject(reason, wait)))
 
     def _push(self, waiter: Waiter) -> None:
@@ -737,17 +786,22 @@ class Scheduler:
         if tenant.state == IDLE:
             self._activate(tenant)
 
-    def _unlink(self, waiter: Waiter) -> None:
-        """Take a waiter out of every queue and count; its tenant's state is the caller's."""
+    def _unlink(self, waiter: Waiter, now: float) -> None:
+        """Take a waiter out of every queue and count; its tenant's state is the caller's.
+        A tenant left with none was last used now: its idle time starts here (the scripts'
+        idle list takes it back with this time), not at its last arrival."""
         tenant = waiter.tenant
         del tenant.queues[waiter.rank][waiter.id]
         tenant.cost_by_rank[waiter.rank] -= waiter.cost
         self._queued_by_rank[waiter.rank] -= 1
         del self._waiting[waiter.id]
+        if tenant.queued == 0:
+            tenant.seen_at = now
+            self._tenants.move_to_end(tenant.name)
 
-    def _remove(self, waiter: Waiter) -> None:
+    def _remove(self, waiter: Waiter, now: float) -> None:
         """A waiter leaves without being admitted; a tenant left with none goes idle."""
-        self._unlink(waiter)
+        self._unlink(waiter, now)
         if waiter.tenant.queued == 0:
             self._deactivate(waiter.tenant)
 
@@ -809,7 +863,7 @@ class Scheduler:
             if not self._fits(waiter.cost, reserve=tenant.finish >= self._vtime):
                 break
             heapq.heappop(self._active)
-            self._unlink(waiter)
+            self._unlink(waiter, now)
             self._deactivate(tenant)  # back in line below, with its new tag, if more wait
             self._take(tenant, waiter.id, waiter.cost, now)
             if tenant.queued:

@@ -86,7 +86,8 @@ class Tenant:
         #: Its rate cap's token bucket, refilled up to `cap_at`.
         self.cap_tokens = cap_tokens
         self.cap_at = now
-        #: Last arrival: idle tenants are forgotten in this order.
+        #: Last use: its last arrival, or its last waiter leaving (`Scheduler._unlink`);
+        #: idle tenants are forgotten in this order.
         self.seen_at = now
         #: IDLE, ACTIVE or CAPPED (see the module docstring).
         self.state = IDLE

@@ -56,9 +56,9 @@ DEADLINE_GRACE_S: Final = 1.0
 #: A process that does not hold the fleet's tick claim ticks this much after the claimed
 #: time, in case the claimant died.
 TICK_SLACK_S: Final = 0.05
-#: Idle tenants are swept once a period, this many at a time (every call while a
-#: backlog is left).
-SWEEP_PERIOD_S: Final = 1.0
+#: Idle tenants are swept once a period (the scheduler's constant: Python sweeps so too),
+#: this many at a time (every call while a backlog is left).
+SWEEP_PERIOD_S: Final = constants.SWEEP_PERIOD_S
 SWEEP_BATCH: Final = 32
 #: An idle sweep that counts more tenants in P:T than on the idle list and waiting walks
 #: this many fields of P:T from a cursor, dropping those neither on the list nor waiting
