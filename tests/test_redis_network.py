@@ -20,9 +20,9 @@ import asyncio
 import hashlib
 import itertools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis.asyncio
@@ -79,7 +79,7 @@ def through(proxy: TcpProxy) -> str:
 
 async def leases(client: redis.asyncio.Redis, prefix: str) -> list[str]:
     """The leases Redis counts in flight (the anchor aside)."""
-    members = await client.zrange(Keys(prefix).leases, 0, -1)
+    members = cast("list[bytes]", await client.zrange(Keys(prefix).leases, 0, -1))
     return sorted(m.decode() for m in members if not m.startswith(b"~"))
 
 
@@ -145,7 +145,8 @@ async def test_an_acquire_whose_reply_is_lost_holds_no_slot_once_redis_answers(
         await backend.start()
         try:
             warm = await backend.acquire(Request("warm", "w"))  # the library loaded, a lease
-            assert isinstance(warm, Admitted) and warm.lease
+            assert isinstance(warm, Admitted)
+            assert warm.lease
             backend.release("warm")
             assert await eventually(lambda: _none(direct, prefix), TTL_S)
 
@@ -157,17 +158,19 @@ async def test_an_acquire_whose_reply_is_lost_holds_no_slot_once_redis_answers(
             assert proxy.counts.drops == losses
             if losses == 1:
                 assert backend._breaker.closed  # the retry was answered
-                assert isinstance(lost, Admitted) and lost.lease, lost
+                assert isinstance(lost, Admitted), lost
+                assert lost.lease
                 assert await leases(direct, prefix) == ["lost"]  # one slot, not two
             elif mode == "local":
-                assert isinstance(lost, Admitted) and lost.lease, lost  # its share: 4 of 4
+                assert isinstance(lost, Admitted), lost  # its share: 4 of 4
+                assert lost.lease
             else:
                 assert lost == Reject("unavailable", 1.0), lost
             await in_redis(backend)
             # Counted once while it runs (the failure mode's lease, reclaimed), or not at all.
             expected = [] if isinstance(lost, Reject) else ["lost"]
-            assert await eventually(lambda: _equal(direct, prefix, expected), BACK_S), (
-                await leases(direct, prefix)
+            assert await eventually(lambda: _equal(direct, prefix, expected), BACK_S), await leases(
+                direct, prefix
             )
             if isinstance(lost, Admitted):
                 backend.release("lost")
@@ -237,6 +240,10 @@ async def test_a_release_whose_reply_is_lost_is_given_back_once(
 
 async def _count(proxy: TcpProxy, drops: int) -> bool:
     return proxy.counts.drops == drops
+
+
+async def _cuts(proxy: TcpProxy, cuts: int) -> bool:
+    return proxy.counts.cuts == cuts
 
 
 #: A rate for leases of many tokens: at 150 requests/s a process's lease is 15 (its rate
@@ -372,7 +379,9 @@ async def worker(
             outcome: Any = await backend.acquire(Request(rid, tenant))
             if isinstance(outcome, Waiting):
                 waiting = outcome
-                await asyncio.wait([waiting.future], timeout=max(0.0, waiting.deadline - loop.time()))
+                await asyncio.wait(
+                    [waiting.future], timeout=max(0.0, waiting.deadline - loop.time())
+                )
                 if waiting.future.done():
                     outcome = waiting.future.result()
                 else:
@@ -400,16 +409,14 @@ async def worker(
 async def run_load(
     backends: Sequence[RedisBackend],
     seconds: float,
-    faults: Callable[[float], Awaitable[None]] | None = None,
+    faults: Callable[[float], Coroutine[Any, Any, None]] | None = None,
 ) -> tuple[Load, float]:
     """Every process's workers for `seconds`; `faults(t0)` beside them. (Load, t0)."""
     load = Load()
     ids = itertools.count()
     t0 = time.monotonic()
     tasks = [
-        worker(b, load, f"t{i % 2}", ids, t0 + seconds)
-        for b in backends
-        for i in range(_WORKERS)
+        worker(b, load, f"t{i % 2}", ids, t0 + seconds) for b in backends for i in range(_WORKERS)
     ]
     if faults is not None:
         tasks.append(faults(t0))
@@ -418,7 +425,9 @@ async def run_load(
 
 
 def load_settings(url: str, prefix: str, kind: str) -> Settings:
-    extra: dict[str, Any] = {"max_wait_s": dict.fromkeys(("critical", "high", "normal", "low"), MAX_WAIT_S)}
+    extra: dict[str, Any] = {
+        "max_wait_s": dict.fromkeys(("critical", "high", "normal", "low"), MAX_WAIT_S)
+    }
     if kind == "lease":
         extra |= {"rate": RATE, "burst": BURST}
     return settings(url, prefix, kind, **extra)
@@ -431,7 +440,7 @@ async def fleet_of(url: str, prefix: str, kind: str) -> list[RedisBackend]:
     return backends
 
 
-FAULT_AT, FAULT_S = 1.0, 3.0
+FAULT_AT, FAULT_S = 1.5, 3.0
 END_S = FAULT_AT + FAULT_S + BACK_S + 1.5
 
 
@@ -530,3 +539,85 @@ async def test_a_partition_or_resets_under_load_cost_no_error_hang_or_capacity(
         assert most["during"] <= LIMIT + PROCESSES, most
         assert most["after"] <= LIMIT, most
     assert rates["after"] >= 0.5 * nominal, rates
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+async def test_after_a_partition_a_grant_is_heard_at_once_not_at_the_listeners_timeout(
+    redis_server: RedisServer,
+) -> None:
+    """A partition (blackhole) leaves the grant listener's connection half-open: its BLPOP
+    gets no answer until the socket timeout (BLOCK_S + THROTTLE_REDIS_TIMEOUT + 1 s, 3 s
+    here). Once the breaker has closed again (Redis answers on the call path), a request
+    queued in Redis must hear its grant within a round trip, not at that timeout: meanwhile
+    its slot, granted in Redis, would run nothing (the whole budget, under load: measured
+    in the load test above, 2 s of nothing admitted)."""
+    prefix = f"nf{next(_prefixes)}"
+    with TcpProxy(redis_server.port) as proxy:
+        backend = RedisBackend(
+            settings(through(proxy), prefix, "concurrency", concurrency=1, failure_mode="closed")
+        )
+        await backend.start()
+        try:
+            hold = await backend.acquire(Request("hold", "a"))
+            assert isinstance(hold, Admitted)
+            assert hold.lease
+            await asyncio.sleep(0.2)  # the listener is in BLPOP
+            proxy.blackhole = True
+            cut_off = await backend.acquire(Request("cut-off", "b"))  # no answer: TIMEOUT_S
+            assert cut_off == Reject("unavailable", 1.0)
+            proxy.blackhole = False
+            await in_redis(backend)
+            waiting = await backend.acquire(Request("waiter", "b"))
+            assert isinstance(waiting, Waiting)
+            released = time.monotonic()
+            backend.release("hold")
+            granted = await asyncio.wait_for(waiting.future, 10.0)
+            heard = time.monotonic() - released
+            print(f"after the partition: the grant heard {heard:.3f} s after the release")
+            assert isinstance(granted, Admitted)
+            assert heard <= 0.5, heard
+            backend.release("waiter")
+        finally:
+            await backend.stop()
+
+
+@pytest.mark.anyio
+async def test_an_orphan_whose_cleanup_fails_is_cleaned_up_at_the_next_return(
+    redis_server: RedisServer,
+) -> None:
+    """An acquire ran in Redis but its replies were lost (an orphan: a slot held in Redis that
+    this process does not know of). Redis answers again, but the call that takes the orphan
+    out fails too (a call sent before the network healed times out, and takes the calls
+    queued behind it along). The orphan must stay one, cleaned up when Redis answers again,
+    not left to hold its slot until the lease TTL (the whole budget, in the load test)."""
+    prefix = f"nf{next(_prefixes)}"
+    direct = redis.asyncio.Redis.from_url(redis_server.url)
+    with TcpProxy(redis_server.port) as proxy:
+        backend = RedisBackend(
+            settings(through(proxy), prefix, "concurrency", failure_mode="closed")
+        )
+        await backend.start()
+        try:
+            warm = await backend.acquire(Request("warm", "w"))
+            assert isinstance(warm, Admitted)
+            backend.release("warm")
+            assert await eventually(lambda: _none(direct, prefix), BACK_S)
+            for _ in range(2):  # the call and its retry
+                proxy.drop_next_reply(marker(redis_server, "batch"), reset=True)
+            lost = await backend.acquire(Request("orphan-7", "acme"))
+            assert lost == Reject("unavailable", 1.0)
+            for _ in range(2):  # the cleanup's call (its ops name the orphan) and its retry
+                proxy.cut_next(b"orphan-7")  # (cut in half: nothing of it runs)
+            assert await leases(direct, prefix) == ["orphan-7"]  # it ran: a slot held
+            assert await eventually(lambda: _cuts(proxy, 2), BACK_S), proxy.counts
+            gone = await eventually(lambda: _none(direct, prefix), BACK_S)
+            print(f"an orphan whose cleanup failed: {proxy.counts}; gone: {gone}")
+            assert gone, await leases(direct, prefix)
+            await in_redis(backend)
+            outcomes = await fill(backend, LIMIT + 1, "after")
+            assert admitted_by_redis(outcomes) == LIMIT, outcomes
+            await drain(backend, outcomes)
+        finally:
+            await backend.stop()
+            await direct.aclose()
