@@ -441,7 +441,13 @@ async def fleet_of(url: str, prefix: str, kind: str) -> list[RedisBackend]:
 
 
 FAULT_AT, FAULT_S = 1.5, 3.0
-END_S = FAULT_AT + FAULT_S + BACK_S + 1.5
+#: From this long after the fault, the budget is exact and fully used again: a call sent
+#: before the network healed may still time out (THROTTLE_REDIS_TIMEOUT) and open its
+#: process's breaker again, whose failure mode `local` then admits its share beside the
+#: others' Redis budget until its next probe (measured: until 1.2 s after; the README's
+#: "about a second of Redis returning", plus that timeout).
+AFTER_S = TIMEOUT_S + 1.0
+END_S = FAULT_AT + FAULT_S + AFTER_S + 2.5
 
 
 def check_answers(load: Load) -> None:
@@ -468,7 +474,7 @@ async def test_a_partition_or_resets_under_load_cost_no_error_hang_or_capacity(
     second of slack), every rejection with a Retry-After; failure mode `local` keeps the
     app within the known limits meanwhile (concurrency: the limit, plus one per process
     whose acquire's reply was lost; rate: the bucket's bound, plus its burst again at the
-    switches); from BACK_S after the fault the budget is exact and fully used again, and
+    switches); from AFTER_S after the fault the budget is exact and fully used again, and
     Redis holds nothing once the processes stop."""
     prefix = f"nf{next(_prefixes)}"
     direct = redis.asyncio.Redis.from_url(redis_server.url)
@@ -499,7 +505,7 @@ async def test_a_partition_or_resets_under_load_cost_no_error_hang_or_capacity(
         counts = proxy.counts
     await direct.aclose()
     start, end = marks["start"], marks["end"]
-    after = end + BACK_S
+    after = end + AFTER_S
     stop = t0 + END_S
     worst = max(d for _, d, _ in load.decisions)
     if kind == "lease":
@@ -538,7 +544,8 @@ async def test_a_partition_or_resets_under_load_cost_no_error_hang_or_capacity(
         assert most["before"] <= LIMIT, most
         assert most["during"] <= LIMIT + PROCESSES, most
         assert most["after"] <= LIMIT, most
-    assert rates["after"] >= 0.5 * nominal, rates
+    # (Before the fixes: nothing admitted for 2-3 s after a partition, 50 of 80/s here.)
+    assert rates["after"] >= 0.75 * nominal, rates
 
 
 @pytest.mark.e2e
@@ -621,3 +628,52 @@ async def test_an_orphan_whose_cleanup_fails_is_cleaned_up_at_the_next_return(
         finally:
             await backend.stop()
             await direct.aclose()
+
+
+LATENCY_S = 2.0
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["kept", "concurrency", "lease"])
+async def test_added_latency_keeps_the_budget_and_costs_throughput_gracefully(
+    redis_server: RedisServer, kind: str
+) -> None:
+    """Three processes, loaded, with 0, 12.5 and 25 ms added each way (RTT 25 and 50 ms).
+
+    Pass: the budget holds exactly (concurrency: never more than the limit running; rate:
+    no 1 s window over refill plus burst), no error, no decision later than DECIDED_S; the
+    throughput at 50 ms RTT is at least a quarter of that without (generous: a request
+    not on a kept slot holds its slot a round trip longer; printed)."""
+    rows: dict[float, tuple[float, int, float, float]] = {}
+    for one_way in (0.0, 0.0125, 0.025):
+        prefix = f"nf{next(_prefixes)}"
+        with TcpProxy(redis_server.port) as proxy:
+            proxy.latency_s = one_way
+            backends = await fleet_of(through(proxy), prefix, kind)
+            try:
+                load, t0 = await run_load(backends, LATENCY_S)
+            finally:
+                for backend in backends:
+                    await backend.stop()
+        check_answers(load)
+        waits = sorted(d for _, d, kind_ in load.decisions if kind_ == "admitted")
+        if kind == "lease":
+            most = load.most_in(1.0, t0, t0 + LATENCY_S - 1.0)
+            assert most <= RATE + BURST + 1, most
+        else:
+            most = load.peak(t0, t0 + LATENCY_S + 1.0)
+            assert most <= LIMIT, most
+        rows[one_way] = (
+            load.rate(t0, t0 + LATENCY_S),
+            most,
+            waits[len(waits) // 2],
+            waits[int(len(waits) * 0.99)],
+        )
+    print(f"added latency ({kind}, {PROCESSES} processes):")
+    for one_way, (rate, most, p50, p99) in rows.items():
+        print(
+            f"  RTT +{2000 * one_way:.0f} ms: {rate:.0f} admitted/s, most {most}"
+            f" (in flight / in 1 s), decision p50 {1000 * p50:.1f} ms p99 {1000 * p99:.1f} ms"
+        )
+    assert rows[0.025][0] >= 0.25 * rows[0.0][0], rows
