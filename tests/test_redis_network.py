@@ -473,9 +473,10 @@ async def test_a_partition_or_resets_under_load_cost_no_error_hang_or_capacity(
     Pass: no error, no decision later than its maximum wait and two Redis timeouts (and a
     second of slack), every rejection with a Retry-After; failure mode `local` keeps the
     app within the known limits meanwhile (concurrency: the limit, plus one per process
-    whose acquire's reply was lost; rate: the bucket's bound, plus its burst again at the
-    switches); from AFTER_S after the fault the budget is exact and fully used again, and
-    Redis holds nothing once the processes stop."""
+    whose acquire's reply was lost, and the others' local shares beside one back on Redis;
+    rate: the bucket's bound plus the others' local shares); from AFTER_S after the fault
+    the budget is exact and fully used again, and Redis holds nothing once the processes
+    stop."""
     prefix = f"nf{next(_prefixes)}"
     direct = redis.asyncio.Redis.from_url(redis_server.url)
     marks: dict[str, float] = {}
@@ -536,13 +537,18 @@ async def test_a_partition_or_resets_under_load_cost_no_error_hang_or_capacity(
     check_answers(load)
     assert all(closed), closed
     assert left
+    # During the fault and until every process decides in Redis again, the known limits:
+    # a process back on Redis may get the whole budget while the others still admit their
+    # shares in failure mode `local`, and a request whose acquire's reply was lost runs
+    # uncounted (one per process). Measured: far below (printed above).
+    others = (PROCESSES - 1) / PROCESSES
     if kind == "lease":
         assert most["before"] <= RATE + BURST + 1, most
-        assert most["during"] <= RATE + 2 * BURST, most
+        assert most["during"] <= (RATE + BURST) * (1 + others), most
         assert most["after"] <= RATE + BURST + 1, most
     else:
         assert most["before"] <= LIMIT, most
-        assert most["during"] <= LIMIT + PROCESSES, most
+        assert most["during"] <= LIMIT + (PROCESSES - 1) * (LIMIT // PROCESSES) + PROCESSES, most
         assert most["after"] <= LIMIT, most
     # (Before the fixes: nothing admitted for 2-3 s after a partition, 50 of 80/s here.)
     assert rates["after"] >= 0.75 * nominal, rates
