@@ -52,7 +52,7 @@ from ...scheduler import Request
 from ...settings import Settings, redis_endpoint
 from ..base import Outcome, Waiting
 from . import connection, protocol
-from .batcher import Batcher
+from .batcher import UNANSWERED, Batcher
 from .breaker import Breaker
 from .fallback import Fallback
 from .grants import GrantListener
@@ -273,14 +273,15 @@ class Recovery:
             future.add_done_callback(functools.partial(self._after_resubmit, waiter))
 
     def _after_cleanup(self, rid: str, future: asyncio.Future[str]) -> None:
-        """An orphan's cleanup failed (a call out before Redis answered again timed out,
-        and took the calls queued behind it along): its fate in Redis is still unknown,
+        """An orphan's cleanup got no answer (a call out before Redis answered again timed
+        out, and took the calls queued behind it along): its fate in Redis is still unknown,
         so it stays an orphan, cleaned up once Redis answers again; else a lease left in
         Redis would hold its slot until the lease TTL."""
-        if future.cancelled() or future.exception() is None:
-            return
+        exc = None if future.cancelled() else future.exception()
+        if not isinstance(exc, UNANSWERED):
+            return  # done, or Redis answered with an error: nothing to try again
         self._orphans.add(rid)
-        self._on_failure(future.exception())
+        self._on_failure(exc)
 
     def _after_adopt(self, rid: str, cost: int, future: asyncio.Future[str]) -> None:
         if future.cancelled() or future.exception() is not None:
