@@ -32,6 +32,7 @@ from tests.support.tcpproxy import TcpProxy
 from throttle_mw.backends import Admitted
 from throttle_mw.backends.base import Waiting
 from throttle_mw.backends.redis import RedisBackend
+from throttle_mw.backends.redis.grants import BLOCK_S
 from throttle_mw.backends.redis.keys import Keys
 from throttle_mw.backends.redis.scripts import library, source
 from throttle_mw.scheduler import Reject, Request
@@ -683,3 +684,62 @@ async def test_added_latency_keeps_the_budget_and_costs_throughput_gracefully(
             f" (in flight / in 1 s), decision p50 {1000 * p50:.1f} ms p99 {1000 * p99:.1f} ms"
         )
     assert rows[0.025][0] >= 0.25 * rows[0.0][0], rows
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+async def test_a_grant_listener_gone_half_open_alone_is_back_within_its_socket_timeout(
+    redis_server: RedisServer,
+) -> None:
+    """Only the grant listener's connection goes silent (a middlebox dropped that one flow:
+    no answer, no reset); Redis answers on the call path. Nothing tells the process but the
+    listener's socket timeout (BLOCK_S + THROTTLE_REDIS_TIMEOUT + 1 s).
+
+    Pass (the bound, pinned): the breaker never opens (nobody is answered by the failure
+    mode); a waiter granted meanwhile is admitted once the listener has reconnected (its
+    waiters re-submitted), within that timeout and a second of slack; one slot counted,
+    nothing left behind."""
+    prefix = f"nf{next(_prefixes)}"
+    direct = redis.asyncio.Redis.from_url(redis_server.url)
+    forever = dict.fromkeys(("critical", "high", "normal", "low"), 30.0)
+    with TcpProxy(redis_server.port) as proxy:
+        backend = RedisBackend(
+            settings(
+                through(proxy),
+                prefix,
+                "concurrency",
+                concurrency=1,
+                failure_mode="closed",
+                max_wait_s=forever,
+            )
+        )
+        await backend.start()
+        try:
+            hold = await backend.acquire(Request("hold", "a"))
+            assert isinstance(hold, Admitted)
+            proxy.silence_next(b"BLPOP")
+            assert await eventually(lambda: _silenced(proxy), 2 * BLOCK_S + 1.0)
+            silenced = time.monotonic()
+            waiting = await backend.acquire(Request("waiter", "b"))
+            assert isinstance(waiting, Waiting)
+            released = time.monotonic()
+            backend.release("hold")
+            granted = await asyncio.wait_for(waiting.future, 10.0)
+            heard = time.monotonic()
+            print(
+                f"a half-open grant connection alone: the grant heard {heard - released:.2f} s"
+                f" after the release, {heard - silenced:.2f} s after the connection went silent"
+            )
+            assert isinstance(granted, Admitted)
+            assert heard - silenced <= BLOCK_S + TIMEOUT_S + 1.0 + 1.0
+            assert backend._breaker.failures == 0
+            assert await leases(direct, prefix) == ["waiter"]
+            backend.release("waiter")
+            assert await eventually(lambda: _none(direct, prefix), BACK_S)
+        finally:
+            await backend.stop()
+            await direct.aclose()
+
+
+async def _silenced(proxy: TcpProxy) -> bool:
+    return proxy.counts.silenced > 0

@@ -24,7 +24,10 @@ Faults of the network, for as long as they are set:
   FIN, no RST); connections made meanwhile are accepted and go silent too.
   Cleared, new connections and those that stayed idle forward again;
 - `reset_all()`: every open connection is reset now (RST to the client, Redis's
-  side closed).
+  side closed);
+- `silence_next(marker)`: the connection that carries the next matching call goes
+  silent for good from that call on, as in a blackhole, the others unharmed (one flow
+  dropped by a middlebox, e.g. a NAT that lost its state).
 
 Loopback only; every connection is closed when the proxy stops.
 """
@@ -77,6 +80,7 @@ class TcpProxy:
         self.counts = ProxyCounts()
         self._cuts: list[bytes] = []
         self._drops: list[tuple[bytes, bool]] = []
+        self._silences: list[bytes] = []
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -130,10 +134,14 @@ class TcpProxy:
         with self._lock:
             self._drops.append((marker, reset))
 
+    def silence_next(self, marker: bytes) -> None:
+        with self._lock:
+            self._silences.append(marker)
+
     def armed(self) -> int:
         """Faults armed that have not fired yet."""
         with self._lock:
-            return len(self._cuts) + len(self._drops)
+            return len(self._cuts) + len(self._drops) + len(self._silences)
 
     def reset_all(self) -> int:
         """Reset every open connection now; how many there were."""
@@ -165,10 +173,13 @@ class TcpProxy:
         await asyncio.gather(*pumps, return_exceptions=True)
 
     def _take_cut(self, chunk: bytes) -> bool:
+        return self._take(self._cuts, chunk)
+
+    def _take(self, faults: list[bytes], chunk: bytes) -> bool:
         with self._lock:
-            for i, marker in enumerate(self._cuts):
+            for i, marker in enumerate(faults):
                 if marker in chunk:
-                    del self._cuts[i]
+                    del faults[i]
                     return True
         return False
 
@@ -182,6 +193,14 @@ class TcpProxy:
         return None
 
     async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        # Cancelled only by `close`: ends quietly (asyncio's stream callback would log a
+        # cancelled connection task as an error).
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._connection(client_r, client_w)
+
+    async def _connection(
+        self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter
+    ) -> None:
         if self.blackhole:
             # Accepted, then silent: as a connection through a partition whose SYN got
             # through but nothing after (a client sees only its own timeout).
@@ -219,10 +238,11 @@ class TcpProxy:
             self.counts.resets += 1
             kill(rst=True)
 
-        def silenced() -> bool:
-            """A blackhole is set, or was while this connection carried a byte."""
+        def silenced(chunk: bytes = b"") -> bool:
+            """A blackhole is set, or was while this connection carried a byte, or this
+            connection carried a call `silence_next` armed."""
             nonlocal silent
-            if self.blackhole and not silent:
+            if not silent and (self.blackhole or (chunk and self._take(self._silences, chunk))):
                 silent = True
                 self.counts.silenced += 1
             return silent
@@ -246,7 +266,7 @@ class TcpProxy:
                 chunk = await client_r.read(65536)
                 if not chunk:
                     break
-                if silenced():
+                if silenced(chunk):
                     continue
                 if self._take_cut(chunk):
                     self.counts.cuts += 1
