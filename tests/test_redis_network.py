@@ -291,15 +291,19 @@ async def test_a_lease_of_rate_tokens_whose_reply_is_lost_lapses_and_the_burst_c
             # The lapsed lease stops counting within ~2 T of its end (T = 0.1 s), and the
             # bucket refills from empty in BURST / RATE = 0.2 s: 1 s is room enough.
             await asyncio.sleep(1.0)
-            # One script call (one instant of Redis's clock: no refill within it).
+            # One script call on a quiet machine (one instant of Redis's clock); a loaded one
+            # may split it, and the bucket refills between the calls.
+            probing = time.monotonic()
             outcomes = await fill(fresh, int(BURST) + 5, "probe")
+            refilled = RATE * (time.monotonic() - probing)
             got = admitted_by_redis(outcomes)
             print(
                 f"lost lease reply: leases of {size} tokens before, {admitted} admitted;"
                 f" {pool.leased} tokens leased in all; the burst afterwards: {got} of {BURST}"
+                f" (refilled meanwhile: {refilled:.1f})"
             )
             assert size >= 2  # a lease worth losing (10 on a quiet machine)
-            assert got == BURST, outcomes
+            assert BURST <= got <= BURST + refilled + 1, (refilled, outcomes)
             await drain(fresh, outcomes)
         finally:
             await fresh.stop()
@@ -551,8 +555,9 @@ async def test_a_partition_or_resets_under_load_cost_no_error_hang_or_capacity(
         assert most["before"] <= LIMIT, most
         assert most["during"] <= LIMIT + (PROCESSES - 1) * (LIMIT // PROCESSES) + PROCESSES, most
         assert most["after"] <= LIMIT, most
-    # (Before the fixes: nothing admitted for 2-3 s after a partition, 50 of 80/s here.)
-    assert rates["after"] >= 0.75 * nominal, rates
+    # (Before the fixes: nothing admitted for 2-3 s after a partition, 0.57-0.65 of the
+    # rate before it; after them 0.97 on a quiet machine, 0.78 or more beside two CPU hogs.)
+    assert rates["after"] >= 0.7 * rates["before"], rates
 
 
 @pytest.mark.e2e
