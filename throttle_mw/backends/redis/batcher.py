@@ -39,7 +39,7 @@ MAX_BATCH = 256
 #: running.
 MIN_BATCH = 16
 #: Failures that mean Redis did not answer at all (not an error reply).
-_UNANSWERED = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
+UNANSWERED = (RedisConnectionError, RedisTimeoutError, TimeoutError, OSError)
 
 
 @dataclass(eq=False)
@@ -116,7 +116,7 @@ class Batcher:
                 # marking acquires as retries so they are answered, not redone.
                 results = await self._call(ops, True)
         except Exception as exc:
-            if isinstance(exc, _UNANSWERED):
+            if isinstance(exc, UNANSWERED):
                 # Redis did not answer (down, frozen, cut off): what queued up behind this
                 # call would only wait for the same silence once more. It fails now too,
                 # so its callers apply the failure mode after one Redis timeout, not two.

@@ -8,7 +8,9 @@ tells the backend, which re-submits its waiters (idempotently), so no waiter
 depends on a message that a Redis restart or the dropped connection may have
 lost. Its own connection failing is not Redis failing: the backend checks Redis
 on the call path's connections before it opens the breaker (``recovery.py``,
-`_listener_lost`).
+`_listener_lost`). A connection left half-open by a partition (no answer, no reset)
+is noticed at its socket timeout; when Redis answers on the call path again before
+that, the backend has the listener reconnect at once (`kick`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ class GrantListener:
         self._on_failure = on_failure
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        #: The BLPOP in flight; whether `kick` cancelled it.
+        self._call: asyncio.Future[Any] | None = None
+        self._kicked = False
 
     def start(self) -> None:
         if self._task is None:
@@ -60,6 +65,21 @@ class GrantListener:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
+    def kick(self) -> bool:
+        """Redis answers on the call path again after an outage: drop the BLPOP in flight,
+        if any, and its connection (redis-py closes a connection whose read is cancelled),
+        and reconnect now. It went out before Redis answered again, so it may be on a
+        connection a partition left half-open (no answer, no reset), noticed only at its
+        socket timeout, while grants go unheard. The reconnect re-submits the waiters
+        (`on_reconnect`), as after any lost connection, so a grant popped as the call was
+        dropped is not lost. Whether one was in flight."""
+        call = self._call
+        if call is None or call.done():
+            return False
+        self._kicked = True
+        call.cancel()
+        return True
+
     def _deliver(self, message: bytes | str) -> None:
         self._on_message(message.decode() if isinstance(message, bytes) else message)
 
@@ -68,7 +88,14 @@ class GrantListener:
         failed = False
         while not self._closing:
             try:
-                item = await self._client.blpop([self._key], timeout=BLOCK_S)
+                self._call = call = asyncio.ensure_future(
+                    self._client.blpop([self._key], timeout=BLOCK_S)
+                )
+                try:
+                    item = await call
+                finally:
+                    self._call = None
+                self._kicked = False  # (a cancel that came as it was answered: not taken)
                 if failed:
                     failed = False
                     self._on_reconnect()
@@ -80,7 +107,16 @@ class GrantListener:
                 for message in await self._client.lpop(self._key, 256) or ():
                     self._deliver(message)
             except asyncio.CancelledError:
-                raise
+                task = asyncio.current_task()
+                if not self._kicked or self._closing or (task is not None and task.cancelling()):
+                    raise
+                # `kick`: Redis is back; reconnect now (then `on_reconnect`).
+                self._kicked = False
+                logger.info(
+                    "throttle_mw: Redis at %s is back; the grant listener reconnects",
+                    self._endpoint,
+                )
+                failed = True
             except (RedisError, OSError) as exc:
                 if not failed:
                     logger.warning(

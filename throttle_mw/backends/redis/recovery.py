@@ -52,9 +52,10 @@ from ...scheduler import Request
 from ...settings import Settings, redis_endpoint
 from ..base import Outcome, Waiting
 from . import connection, protocol
-from .batcher import Batcher
+from .batcher import UNANSWERED, Batcher
 from .breaker import Breaker
 from .fallback import Fallback
+from .grants import GrantListener
 from .protocol import Op
 
 logger = logging.getLogger("throttle_mw.redis")
@@ -100,6 +101,7 @@ class Recovery:
     _checking: bool
     #: `_probe_loop` is running.
     _probing: bool
+    _listener: GrantListener | None
 
     def _init_recovery(self, settings: Settings, fallback: Fallback) -> None:
         self._settings = settings
@@ -224,12 +226,18 @@ class Recovery:
             self._settle = None
         if self._batcher is None:
             return
+        if self._listener is not None:
+            # A BLPOP sent before Redis answered again may be on a connection a partition
+            # left half-open (no answer, no RST): grants would go unheard until its socket
+            # timeout. The listener reconnects now; its waiters are asked again.
+            self._listener.kick()
         for rid in list(self._orphans):
             # Whatever it became meanwhile, take it out of the queue and give back its
             # lease: both operations are idempotent.
             self._orphans.discard(rid)
             for cleanup in (protocol.cancel_op(rid), protocol.release_op(rid)):
-                self._batcher.submit(cleanup, functools.partial(self._undo_cancel, rid))
+                future = self._batcher.submit(cleanup, functools.partial(self._undo_cancel, rid))
+                future.add_done_callback(functools.partial(self._after_cleanup, rid))
         # What the failure mode admitted still runs: count it in Redis, if there is room.
         for rid, cost in self._fallback.lease_costs():
             future = self._batcher.submit(protocol.reclaim_op(rid, cost, ""))
@@ -263,6 +271,17 @@ class Recovery:
             op = self._acquire_op(request, max(0.0, waiting.deadline - loop.time()))
             future = self._batcher.submit(op, functools.partial(self._undo_acquire, request.id))
             future.add_done_callback(functools.partial(self._after_resubmit, waiter))
+
+    def _after_cleanup(self, rid: str, future: asyncio.Future[str]) -> None:
+        """An orphan's cleanup got no answer (a call out before Redis answered again timed
+        out, and took the calls queued behind it along): its fate in Redis is still unknown,
+        so it stays an orphan, cleaned up once Redis answers again; else a lease left in
+        Redis would hold its slot until the lease TTL."""
+        exc = None if future.cancelled() else future.exception()
+        if not isinstance(exc, UNANSWERED):
+            return  # done, or Redis answered with an error: nothing to try again
+        self._orphans.add(rid)
+        self._on_failure(exc)
 
     def _after_adopt(self, rid: str, cost: int, future: asyncio.Future[str]) -> None:
         if future.cancelled() or future.exception() is not None:

@@ -1,0 +1,751 @@
+"""The network between the app and Redis: replies lost after the script ran, resets,
+a half-open connection (a partition that drops packets without a RST), and added latency.
+
+Every backend here talks to a real redis-server through `TcpProxy` (tests/support/tcpproxy.py,
+real sockets on 127.0.0.1); the test reads Redis directly, past the proxy. For rate mode and
+concurrency mode, with the defaults (leases of rate tokens, kept slots) and without:
+
+- a reply lost after the script ran (an acquire, a release, a lease of rate tokens): nothing
+  is counted twice, nothing held in Redis is left behind once Redis answers again, and then
+  the whole limit (or burst) is usable, no more;
+- a partition (blackhole) or a reset under load: no request waits past its maximum wait and
+  the time a call may take; the answers are the failure mode's (`local`), never an error;
+  the app never runs more than the known limits allow; the budget is whole again soon after;
+- 12.5 and 25 ms each way: the budget holds, throughput degrades (printed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import pytest
+import redis.asyncio
+
+from tests.support.redis_server import RedisServer
+from tests.support.tcpproxy import TcpProxy
+from throttle_mw.backends import Admitted
+from throttle_mw.backends.base import Waiting
+from throttle_mw.backends.redis import RedisBackend
+from throttle_mw.backends.redis.grants import BLOCK_S
+from throttle_mw.backends.redis.keys import Keys
+from throttle_mw.backends.redis.scripts import library, source
+from throttle_mw.scheduler import Reject, Request
+from throttle_mw.settings import Settings
+
+LIMIT = 4
+#: Lease TTL: a lease nobody renews lapses after it (the documented bound for capacity lost).
+TTL_S = 6.0
+#: What the tests allow for Redis to be used again and what a fault left to be given back
+#: (measured: well under 0.5 s); well under TTL_S, so a lease left to lapse fails them.
+BACK_S = 2.5
+#: THROTTLE_REDIS_TIMEOUT: generous for a loaded machine, short beside the waits below.
+TIMEOUT_S = 1.0
+_prefixes = itertools.count()
+
+
+def settings(url: str, prefix: str, kind: str, **overrides: Any) -> Settings:
+    """`kind`: "concurrency" (kept slots off), "kept" (a concurrency budget alone: slots kept,
+    the default), "rate" (leases off), "lease" (leases of rate tokens, T = 0.1 s)."""
+    values: dict[str, Any] = {
+        "redis_url": url,
+        "key_prefix": prefix,
+        "redis_timeout_s": TIMEOUT_S,
+        "lease_ttl_s": TTL_S,
+    }
+    if kind in ("concurrency", "kept"):
+        values |= {"concurrency": LIMIT, "keep_slots_s": 0.1 if kind == "kept" else 0.0}
+    else:
+        values |= {"rate": 10.0, "burst": 10.0, "tenant_queue_limit": 0}
+        values["rate_lease_s"] = 0.1 if kind == "lease" else 0.0
+    return Settings.from_env({}, **{**values, **overrides})
+
+
+def marker(server: RedisServer, script: str) -> bytes:
+    """What a call of entry script `script` carries on the wire: its function's name (FCALL),
+    or its SHA (EVALSHA, Redis 6.2)."""
+    if server.has_functions:
+        return library().functions[script].encode()
+    return hashlib.sha1(source(script).encode()).hexdigest().encode()
+
+
+def through(proxy: TcpProxy) -> str:
+    return f"redis://{proxy.url_host_port}/0"
+
+
+async def leases(client: redis.asyncio.Redis, prefix: str) -> list[str]:
+    """The leases Redis counts in flight (the anchor aside)."""
+    members = cast("list[bytes]", await client.zrange(Keys(prefix).leases, 0, -1))
+    return sorted(m.decode() for m in members if not m.startswith(b"~"))
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout_s: float, interval_s: float = 0.02
+) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(interval_s)
+    return True
+
+
+async def in_redis(backend: RedisBackend, timeout_s: float = BACK_S) -> None:
+    """Wait until `backend` decides in Redis again (its breaker closed)."""
+    assert await eventually(lambda: _closed(backend), timeout_s), "Redis never came back"
+
+
+async def _closed(backend: RedisBackend) -> bool:
+    return backend._breaker.closed
+
+
+async def fill(backend: RedisBackend, n: int, tag: str) -> list[Any]:
+    """`n` acquires at once (one tenant each, so fairness has no say)."""
+    return list(
+        await asyncio.gather(*(backend.acquire(Request(f"{tag}{i}", f"t{i}")) for i in range(n)))
+    )
+
+
+def admitted_by_redis(outcomes: Sequence[Any]) -> int:
+    return sum(1 for o in outcomes if isinstance(o, Admitted) and not o.unthrottled)
+
+
+async def drain(backend: RedisBackend, outcomes: Sequence[Any]) -> None:
+    """Release what was admitted, leave what waits."""
+    for o in outcomes:
+        if isinstance(o, Admitted):
+            backend.release(o.request_id)
+        elif isinstance(o, Waiting):
+            await backend.cancel(o)
+
+
+# --- a reply lost after the script ran ------------------------------------------------------
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["concurrency", "kept"])
+@pytest.mark.parametrize("mode", ["local", "closed"])
+@pytest.mark.parametrize("losses", [1, 2], ids=["retried", "lost-twice"])
+async def test_an_acquire_whose_reply_is_lost_holds_no_slot_once_redis_answers(
+    redis_server: RedisServer, kind: str, mode: str, losses: int
+) -> None:
+    """The acquire ran (a slot taken for it in Redis), then the connection was reset before
+    its reply. Once: the batcher's retry is answered from what ran (one slot, not two).
+    Twice (the retry's reply lost too): the failure mode answers it; once Redis answers
+    again the slot is given back (or counted, as the failure mode's request that still
+    runs), and then exactly the limit is admitted in Redis."""
+    prefix = f"nf{next(_prefixes)}"
+    direct = redis.asyncio.Redis.from_url(redis_server.url)
+    with TcpProxy(redis_server.port) as proxy:
+        backend = RedisBackend(settings(through(proxy), prefix, kind, failure_mode=mode))
+        await backend.start()
+        try:
+            warm = await backend.acquire(Request("warm", "w"))  # the library loaded, a lease
+            assert isinstance(warm, Admitted)
+            assert warm.lease
+            backend.release("warm")
+            assert await eventually(lambda: _none(direct, prefix), TTL_S)
+
+            for _ in range(losses):
+                proxy.drop_next_reply(marker(redis_server, "batch"), reset=True)
+            started = time.monotonic()
+            lost = await asyncio.wait_for(backend.acquire(Request("lost", "acme")), 3 * TIMEOUT_S)
+            took = time.monotonic() - started
+            assert proxy.counts.drops == losses
+            if losses == 1:
+                assert backend._breaker.closed  # the retry was answered
+                assert isinstance(lost, Admitted), lost
+                assert lost.lease
+                assert await leases(direct, prefix) == ["lost"]  # one slot, not two
+            elif mode == "local":
+                assert isinstance(lost, Admitted), lost  # its share: 4 of 4
+                assert lost.lease
+            else:
+                assert lost == Reject("unavailable", 1.0), lost
+            await in_redis(backend)
+            # Counted once while it runs (the failure mode's lease, reclaimed), or not at all.
+            expected = [] if isinstance(lost, Reject) else ["lost"]
+            assert await eventually(lambda: _equal(direct, prefix, expected), BACK_S), await leases(
+                direct, prefix
+            )
+            if isinstance(lost, Admitted):
+                backend.release("lost")
+            assert await eventually(lambda: _none(direct, prefix), BACK_S), await leases(
+                direct, prefix
+            )
+            # The whole limit, and no more, from Redis, well before a lease TTL.
+            outcomes = await fill(backend, LIMIT + 1, "after")
+            print(f"lost acquire reply ({kind}, {mode}, x{losses}): {lost} in {took:.3f} s")
+            assert admitted_by_redis(outcomes) == LIMIT, outcomes
+            assert sorted(await leases(direct, prefix)) == [f"after{i}" for i in range(LIMIT)]
+            await drain(backend, outcomes)
+        finally:
+            await backend.stop()
+            await direct.aclose()
+
+
+async def _none(client: redis.asyncio.Redis, prefix: str) -> bool:
+    return not await leases(client, prefix)
+
+
+async def _equal(client: redis.asyncio.Redis, prefix: str, expected: list[str]) -> bool:
+    return await leases(client, prefix) == expected
+
+
+async def _inflight(client: redis.asyncio.Redis, prefix: str) -> float:
+    return float(await client.hget(Keys(prefix).state, "inflight") or 0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("losses", [1, 2], ids=["retried", "lost-twice"])
+async def test_a_release_whose_reply_is_lost_is_given_back_once(
+    redis_server: RedisServer, losses: int
+) -> None:
+    """The release ran (the slot freed in Redis), then the connection was reset before its
+    reply; the process sends it again (at once, or as an orphan once Redis answers). A
+    release is idempotent per request id: the other request's slot stays counted, the
+    in-flight count never goes below what runs, and then exactly the limit is admitted."""
+    prefix = f"nf{next(_prefixes)}"
+    direct = redis.asyncio.Redis.from_url(redis_server.url)
+    with TcpProxy(redis_server.port) as proxy:
+        backend = RedisBackend(settings(through(proxy), prefix, "concurrency"))
+        await backend.start()
+        try:
+            held = await fill(backend, 2, "held")
+            assert admitted_by_redis(held) == 2
+            for _ in range(losses):
+                proxy.drop_next_reply(marker(redis_server, "release"), reset=True)
+            backend.release("held0")
+            assert await eventually(lambda: _count(proxy, losses), BACK_S)
+            await in_redis(backend)
+            await asyncio.sleep(0.3)  # an orphan's second release has gone by now
+            assert await leases(direct, prefix) == ["held1"]
+            assert await _inflight(direct, prefix) == 1
+            backend.release("held1")
+            assert await eventually(lambda: _none(direct, prefix), BACK_S)
+            assert await _inflight(direct, prefix) == 0
+            outcomes = await fill(backend, LIMIT + 1, "after")
+            print(f"lost release reply (x{losses}): breaker {backend._breaker.closed}")
+            assert admitted_by_redis(outcomes) == LIMIT, outcomes
+            assert await _inflight(direct, prefix) == LIMIT
+            await drain(backend, outcomes)
+        finally:
+            await backend.stop()
+            await direct.aclose()
+
+
+async def _count(proxy: TcpProxy, drops: int) -> bool:
+    return proxy.counts.drops == drops
+
+
+async def _cuts(proxy: TcpProxy, cuts: int) -> bool:
+    return proxy.counts.cuts == cuts
+
+
+#: A rate for leases of many tokens: at 150 requests/s a process's lease is 15 (its rate
+#: times T = 0.1 s, at most half the burst).
+RATE, BURST = 200.0, 40.0
+
+
+async def offer(backend: RedisBackend, seconds: float, tag: str, until: Callable[[], bool]) -> int:
+    """About 150 requests/s (3 every 20 ms) for `seconds` or until `until()`; admitted."""
+    admitted, n = 0, 0
+    deadline = time.monotonic() + seconds
+    while not until() and time.monotonic() < deadline:
+        outcomes = await fill(backend, 3, f"{tag}{n}.")
+        admitted += sum(1 for o in outcomes if isinstance(o, Admitted))
+        n += 1
+        await asyncio.sleep(0.02)
+    return admitted
+
+
+@pytest.mark.anyio
+async def test_a_lease_of_rate_tokens_whose_reply_is_lost_lapses_and_the_burst_comes_back(
+    redis_server: RedisServer,
+) -> None:
+    """A ratelease.lua call ran (tokens leased to this process), its reply lost: the process
+    drops the lease (its tokens lapse), and Redis stops counting them within about two `T`
+    of the lease's end. Once the bucket has refilled, the fleet takes exactly its burst again,
+    no less (nothing leaked), no more (nothing counted twice)."""
+    prefix = f"nf{next(_prefixes)}"
+    with TcpProxy(redis_server.port) as proxy:
+        config = settings(through(proxy), prefix, "lease", rate=RATE, burst=BURST)
+        backend = RedisBackend(config)
+        await backend.start()
+        fresh = RedisBackend(settings(redis_server.url, prefix, "rate", rate=RATE, burst=BURST))
+        await fresh.start()
+        try:
+            pool = backend.rate_lease
+            assert pool is not None
+            admitted = await offer(backend, 1.0, "a", lambda: False)
+            size = pool.size
+            proxy.drop_next_reply(marker(redis_server, "ratelease"), reset=True)
+            admitted += await offer(backend, 3.0, "b", lambda: proxy.counts.drops > 0)
+            assert proxy.counts.drops == 1, "no lease call went by"
+            await in_redis(backend)
+            # The lapsed lease stops counting within ~2 T of its end (T = 0.1 s), and the
+            # bucket refills from empty in BURST / RATE = 0.2 s: 1 s is room enough.
+            await asyncio.sleep(1.0)
+            # One script call on a quiet machine (one instant of Redis's clock); a loaded one
+            # may split it, and the bucket refills between the calls.
+            probing = time.monotonic()
+            outcomes = await fill(fresh, int(BURST) + 5, "probe")
+            refilled = RATE * (time.monotonic() - probing)
+            got = admitted_by_redis(outcomes)
+            print(
+                f"lost lease reply: leases of {size} tokens before, {admitted} admitted;"
+                f" {pool.leased} tokens leased in all; the burst afterwards: {got} of {BURST}"
+                f" (refilled meanwhile: {refilled:.1f})"
+            )
+            assert size >= 2  # a lease worth losing (10 on a quiet machine)
+            assert BURST <= got <= BURST + refilled + 1, (refilled, outcomes)
+            await drain(fresh, outcomes)
+        finally:
+            await fresh.stop()
+            await backend.stop()
+
+
+# --- under load: a partition, resets, latency ---------------------------------------------
+
+
+#: Every priority's maximum wait in the load tests.
+MAX_WAIT_S = 2.0
+#: The longest a decision may take: the wait, a call that gets no answer (THROTTLE_REDIS_TIMEOUT)
+#: before it and the cancel's call after it, and a second's slack for a loaded machine.
+DECIDED_S = MAX_WAIT_S + 2 * TIMEOUT_S + 1.0
+#: Concurrency mode: each admitted request runs this long.
+WORK_S = 0.05
+PROCESSES = 3
+_WORKERS = 4  # per process: 12 for 4 slots, so requests queue
+
+
+@dataclass
+class Load:
+    """What the app saw, over all processes (times: time.monotonic)."""
+
+    running: int = 0
+    #: (time, requests running in the app) at every admission.
+    peaks: list[tuple[float, int]] = field(default_factory=list)
+    admitted: list[float] = field(default_factory=list)
+    #: (time it was asked, seconds until it was decided, outcome's kind).
+    decisions: list[tuple[float, float, str]] = field(default_factory=list)
+    errors: list[BaseException] = field(default_factory=list)
+
+    def peak(self, lo: float, hi: float) -> int:
+        return max((n for t, n in self.peaks if lo <= t < hi), default=0)
+
+    def rate(self, lo: float, hi: float) -> float:
+        return sum(1 for t in self.admitted if lo <= t < hi) / (hi - lo)
+
+    def most_in(self, window_s: float, lo: float, hi: float) -> int:
+        """The most admissions in any `window_s` starting at an admission in [lo, hi)."""
+        times = sorted(self.admitted)
+        most, j = 0, 0
+        for i, t in enumerate(times):
+            if not lo <= t < hi:
+                continue
+            j = max(j, i)
+            while j < len(times) and times[j] < t + window_s:
+                j += 1
+            most = max(most, j - i)
+        return most
+
+    def kinds(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for *_, kind in self.decisions:
+            counts[kind] = counts.get(kind, 0) + 1
+        return counts
+
+
+def _kind(outcome: Any) -> str:
+    if isinstance(outcome, Admitted):
+        return "unthrottled" if outcome.unthrottled else "admitted"
+    if isinstance(outcome, Reject):
+        return f"{outcome.status}/{outcome.reason}"
+    return type(outcome).__name__
+
+
+async def worker(
+    backend: RedisBackend, load: Load, tenant: str, ids: itertools.count[int], until: float
+) -> None:
+    """A closed loop of requests, as the middleware makes them (a queued one waits until its
+    deadline, then cancels); a concurrency budget's requests run for WORK_S."""
+    loop = asyncio.get_running_loop()
+    concurrency = backend.limits.concurrency is not None
+    while time.monotonic() < until:
+        rid = f"{backend.process}.{next(ids)}"
+        asked = time.monotonic()
+        try:
+            outcome: Any = await backend.acquire(Request(rid, tenant))
+            if isinstance(outcome, Waiting):
+                waiting = outcome
+                await asyncio.wait(
+                    [waiting.future], timeout=max(0.0, waiting.deadline - loop.time())
+                )
+                if waiting.future.done():
+                    outcome = waiting.future.result()
+                else:
+                    outcome = await asyncio.shield(backend.cancel(waiting))
+        except Exception as exc:  # what would be a 500
+            load.errors.append(exc)
+            await asyncio.sleep(0.01)
+            continue
+        load.decisions.append((asked, time.monotonic() - asked, _kind(outcome)))
+        if isinstance(outcome, Admitted):
+            now = time.monotonic()
+            load.admitted.append(now)
+            if concurrency:
+                load.running += 1
+                load.peaks.append((now, load.running))
+                await asyncio.sleep(WORK_S)
+                load.running -= 1
+                backend.release(outcome.request_id)
+            else:
+                await asyncio.sleep(0.005)
+        else:
+            await asyncio.sleep(0.02)  # a client backing off a little, not Retry-After
+
+
+async def run_load(
+    backends: Sequence[RedisBackend],
+    seconds: float,
+    faults: Callable[[float], Coroutine[Any, Any, None]] | None = None,
+) -> tuple[Load, float]:
+    """Every process's workers for `seconds`; `faults(t0)` beside them. (Load, t0)."""
+    load = Load()
+    ids = itertools.count()
+    t0 = time.monotonic()
+    tasks = [
+        worker(b, load, f"t{i % 2}", ids, t0 + seconds) for b in backends for i in range(_WORKERS)
+    ]
+    if faults is not None:
+        tasks.append(faults(t0))
+    await asyncio.gather(*tasks)
+    return load, t0
+
+
+def load_settings(url: str, prefix: str, kind: str) -> Settings:
+    extra: dict[str, Any] = {
+        "max_wait_s": dict.fromkeys(("critical", "high", "normal", "low"), MAX_WAIT_S)
+    }
+    if kind == "lease":
+        extra |= {"rate": RATE, "burst": BURST}
+    return settings(url, prefix, kind, **extra)
+
+
+async def fleet_of(url: str, prefix: str, kind: str) -> list[RedisBackend]:
+    backends = [RedisBackend(load_settings(url, prefix, kind)) for _ in range(PROCESSES)]
+    for backend in backends:
+        await backend.start()
+    return backends
+
+
+FAULT_AT, FAULT_S = 1.5, 3.0
+#: From this long after the fault, the budget is exact and fully used again: a call sent
+#: before the network healed may still time out (THROTTLE_REDIS_TIMEOUT) and open its
+#: process's breaker again, whose failure mode `local` then admits its share beside the
+#: others' Redis budget until its next probe (measured: until 1.2 s after; the README's
+#: "about a second of Redis returning", plus that timeout).
+AFTER_S = TIMEOUT_S + 1.0
+END_S = FAULT_AT + FAULT_S + AFTER_S + 2.5
+
+
+def check_answers(load: Load) -> None:
+    """No error (a 500), no decision later than DECIDED_S, every rejection a 429 or a 503
+    (their Retry-After is at least 1 s: `Reject.retry_after_header`)."""
+    assert not load.errors, load.errors[:3]
+    worst = max(d for _, d, _ in load.decisions)
+    assert worst <= DECIDED_S, sorted(load.decisions, key=lambda d: -d[1])[:5]
+    assert not [k for k in load.kinds() if k[:4] not in ("admi", "429/", "503/")], load.kinds()
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["kept", "lease"])
+@pytest.mark.parametrize("fault", ["blackhole", "resets"])
+async def test_a_partition_or_resets_under_load_cost_no_error_hang_or_capacity(
+    redis_server: RedisServer, kind: str, fault: str
+) -> None:
+    """Three processes on one budget, loaded; for 3 s the network between them and Redis
+    drops every packet without a RST (each connection that carries a byte goes half-open
+    for good), or resets every connection twice a second.
+
+    Pass: no error, no decision later than its maximum wait and two Redis timeouts (and a
+    second of slack), every rejection with a Retry-After; failure mode `local` keeps the
+    app within the known limits meanwhile (concurrency: the limit, plus one per process
+    whose acquire's reply was lost, and the others' local shares beside one back on Redis;
+    rate: the bucket's bound plus the others' local shares); from AFTER_S after the fault
+    the budget is exact and fully used again, and Redis holds nothing once the processes
+    stop."""
+    prefix = f"nf{next(_prefixes)}"
+    direct = redis.asyncio.Redis.from_url(redis_server.url)
+    marks: dict[str, float] = {}
+
+    async def faults(t0: float) -> None:
+        await asyncio.sleep(FAULT_AT)
+        marks["start"] = time.monotonic()
+        if fault == "blackhole":
+            proxy.blackhole = True
+            await asyncio.sleep(FAULT_S)
+            proxy.blackhole = False
+        else:
+            while time.monotonic() < marks["start"] + FAULT_S:
+                await asyncio.to_thread(proxy.reset_all)
+                await asyncio.sleep(0.5)
+        marks["end"] = time.monotonic()
+
+    with TcpProxy(redis_server.port) as proxy:
+        backends = await fleet_of(through(proxy), prefix, kind)
+        try:
+            load, t0 = await run_load(backends, END_S, faults)
+            closed = [b._breaker.closed for b in backends]
+        finally:
+            for backend in backends:
+                await backend.stop()
+        left = await eventually(lambda: _none(direct, prefix), BACK_S)
+        counts = proxy.counts
+    await direct.aclose()
+    start, end = marks["start"], marks["end"]
+    after = end + AFTER_S
+    stop = t0 + END_S
+    worst = max(d for _, d, _ in load.decisions)
+    if kind == "lease":
+        most = {
+            "before": load.most_in(1.0, t0, start - 1.0),
+            "during": load.most_in(1.0, start - 1.0, after),
+            "after": load.most_in(1.0, after, stop - 1.0),
+        }
+        nominal = RATE
+    else:
+        most = {
+            "before": load.peak(t0, start),
+            "during": load.peak(start, after),
+            "after": load.peak(after, stop),
+        }
+        nominal = LIMIT / WORK_S
+    rates = {
+        "before": load.rate(t0, start),
+        "during": load.rate(start, end),
+        "after": load.rate(after, stop),
+    }
+    print(
+        f"{fault} ({kind}): {counts}; answers {load.kinds()}; slowest decision {worst:.2f} s;"
+        f" admitted/s {rates} of {nominal:.0f}; most (1 s windows / in flight) {most}"
+    )
+    bins = [round(load.rate(end + i / 2, end + (i + 1) / 2)) for i in range(-2, 8)]
+    print(f"admitted/s per 0.5 s from 1 s before the fault's end: {bins}")
+    check_answers(load)
+    assert all(closed), closed
+    assert left
+    # During the fault and until every process decides in Redis again, the known limits:
+    # a process back on Redis may get the whole budget while the others still admit their
+    # shares in failure mode `local`, and a request whose acquire's reply was lost runs
+    # uncounted (one per process). Measured: far below (printed above).
+    others = (PROCESSES - 1) / PROCESSES
+    if kind == "lease":
+        assert most["before"] <= RATE + BURST + 1, most
+        assert most["during"] <= (RATE + BURST) * (1 + others), most
+        assert most["after"] <= RATE + BURST + 1, most
+    else:
+        assert most["before"] <= LIMIT, most
+        assert most["during"] <= LIMIT + (PROCESSES - 1) * (LIMIT // PROCESSES) + PROCESSES, most
+        assert most["after"] <= LIMIT, most
+    # (Before the fixes: nothing admitted for 2-3 s after a partition, 0.57-0.65 of the
+    # rate before it; after them 0.97 on a quiet machine, 0.78 or more beside two CPU hogs.)
+    # (Resets: 0.74 once beside two CPU hogs, unexplained; the bug was the partition's.)
+    assert rates["after"] >= (0.7 if fault == "blackhole" else 0.5) * rates["before"], rates
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+async def test_after_a_partition_a_grant_is_heard_at_once_not_at_the_listeners_timeout(
+    redis_server: RedisServer,
+) -> None:
+    """A partition (blackhole) leaves the grant listener's connection half-open: its BLPOP
+    gets no answer until the socket timeout (BLOCK_S + THROTTLE_REDIS_TIMEOUT + 1 s, 3 s
+    here). Once the breaker has closed again (Redis answers on the call path), a request
+    queued in Redis must hear its grant within a round trip, not at that timeout: meanwhile
+    its slot, granted in Redis, would run nothing (the whole budget, under load: measured
+    in the load test above, 2 s of nothing admitted)."""
+    prefix = f"nf{next(_prefixes)}"
+    with TcpProxy(redis_server.port) as proxy:
+        backend = RedisBackend(
+            settings(through(proxy), prefix, "concurrency", concurrency=1, failure_mode="closed")
+        )
+        await backend.start()
+        try:
+            hold = await backend.acquire(Request("hold", "a"))
+            assert isinstance(hold, Admitted)
+            assert hold.lease
+            await asyncio.sleep(0.2)  # the listener is in BLPOP
+            proxy.blackhole = True
+            cut_off = await backend.acquire(Request("cut-off", "b"))  # no answer: TIMEOUT_S
+            assert cut_off == Reject("unavailable", 1.0)
+            proxy.blackhole = False
+            await in_redis(backend)
+            waiting = await backend.acquire(Request("waiter", "b"))
+            assert isinstance(waiting, Waiting)
+            released = time.monotonic()
+            backend.release("hold")
+            granted = await asyncio.wait_for(waiting.future, 10.0)
+            heard = time.monotonic() - released
+            print(f"after the partition: the grant heard {heard:.3f} s after the release")
+            assert isinstance(granted, Admitted)
+            assert heard <= 0.5, heard
+            backend.release("waiter")
+        finally:
+            await backend.stop()
+
+
+@pytest.mark.anyio
+async def test_an_orphan_whose_cleanup_fails_is_cleaned_up_at_the_next_return(
+    redis_server: RedisServer,
+) -> None:
+    """An acquire ran in Redis but its replies were lost (an orphan: a slot held in Redis that
+    this process does not know of). Redis answers again, but the call that takes the orphan
+    out fails too (a call sent before the network healed times out, and takes the calls
+    queued behind it along). The orphan must stay one, cleaned up when Redis answers again,
+    not left to hold its slot until the lease TTL (the whole budget, in the load test)."""
+    prefix = f"nf{next(_prefixes)}"
+    direct = redis.asyncio.Redis.from_url(redis_server.url)
+    with TcpProxy(redis_server.port) as proxy:
+        backend = RedisBackend(
+            settings(through(proxy), prefix, "concurrency", failure_mode="closed")
+        )
+        await backend.start()
+        try:
+            warm = await backend.acquire(Request("warm", "w"))
+            assert isinstance(warm, Admitted)
+            backend.release("warm")
+            assert await eventually(lambda: _none(direct, prefix), BACK_S)
+            for _ in range(2):  # the call and its retry
+                proxy.drop_next_reply(marker(redis_server, "batch"), reset=True)
+            lost = await backend.acquire(Request("orphan-7", "acme"))
+            assert lost == Reject("unavailable", 1.0)
+            for _ in range(2):  # the cleanup's call (its ops name the orphan) and its retry
+                proxy.cut_next(b"orphan-7")  # (cut in half: nothing of it runs)
+            assert await leases(direct, prefix) == ["orphan-7"]  # it ran: a slot held
+            assert await eventually(lambda: _cuts(proxy, 2), BACK_S), proxy.counts
+            gone = await eventually(lambda: _none(direct, prefix), BACK_S)
+            print(f"an orphan whose cleanup failed: {proxy.counts}; gone: {gone}")
+            assert gone, await leases(direct, prefix)
+            await in_redis(backend)
+            outcomes = await fill(backend, LIMIT + 1, "after")
+            assert admitted_by_redis(outcomes) == LIMIT, outcomes
+            await drain(backend, outcomes)
+        finally:
+            await backend.stop()
+            await direct.aclose()
+
+
+LATENCY_S = 2.0
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["kept", "concurrency", "lease"])
+async def test_added_latency_keeps_the_budget_and_costs_throughput_gracefully(
+    redis_server: RedisServer, kind: str
+) -> None:
+    """Three processes, loaded, with 0, 12.5 and 25 ms added each way (RTT 25 and 50 ms).
+
+    Pass: the budget holds exactly (concurrency: never more than the limit running; rate:
+    no 1 s window over refill plus burst), no error, no decision later than DECIDED_S; the
+    throughput at 50 ms RTT is at least a quarter of that without (generous: a request
+    not on a kept slot holds its slot a round trip longer; printed)."""
+    rows: dict[float, tuple[float, int, float, float]] = {}
+    for one_way in (0.0, 0.0125, 0.025):
+        prefix = f"nf{next(_prefixes)}"
+        with TcpProxy(redis_server.port) as proxy:
+            proxy.latency_s = one_way
+            backends = await fleet_of(through(proxy), prefix, kind)
+            try:
+                load, t0 = await run_load(backends, LATENCY_S)
+            finally:
+                for backend in backends:
+                    await backend.stop()
+        check_answers(load)
+        waits = sorted(d for _, d, kind_ in load.decisions if kind_ == "admitted")
+        if kind == "lease":
+            most = load.most_in(1.0, t0, t0 + LATENCY_S - 1.0)
+            assert most <= RATE + BURST + 1, most
+        else:
+            most = load.peak(t0, t0 + LATENCY_S + 1.0)
+            assert most <= LIMIT, most
+        rows[one_way] = (
+            load.rate(t0, t0 + LATENCY_S),
+            most,
+            waits[len(waits) // 2],
+            waits[int(len(waits) * 0.99)],
+        )
+    print(f"added latency ({kind}, {PROCESSES} processes):")
+    for one_way, (rate, most, p50, p99) in rows.items():
+        print(
+            f"  RTT +{2000 * one_way:.0f} ms: {rate:.0f} admitted/s, most {most}"
+            f" (in flight / in 1 s), decision p50 {1000 * p50:.1f} ms p99 {1000 * p99:.1f} ms"
+        )
+    assert rows[0.025][0] >= 0.25 * rows[0.0][0], rows
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+async def test_a_grant_listener_gone_half_open_alone_is_back_within_its_socket_timeout(
+    redis_server: RedisServer,
+) -> None:
+    """Only the grant listener's connection goes silent (a middlebox dropped that one flow:
+    no answer, no reset); Redis answers on the call path. Nothing tells the process but the
+    listener's socket timeout (BLOCK_S + THROTTLE_REDIS_TIMEOUT + 1 s).
+
+    Pass (the bound, pinned): the breaker never opens (nobody is answered by the failure
+    mode); a waiter granted meanwhile is admitted once the listener has reconnected (its
+    waiters re-submitted), within that timeout and a second of slack; one slot counted,
+    nothing left behind."""
+    prefix = f"nf{next(_prefixes)}"
+    direct = redis.asyncio.Redis.from_url(redis_server.url)
+    forever = dict.fromkeys(("critical", "high", "normal", "low"), 30.0)
+    with TcpProxy(redis_server.port) as proxy:
+        backend = RedisBackend(
+            settings(
+                through(proxy),
+                prefix,
+                "concurrency",
+                concurrency=1,
+                failure_mode="closed",
+                max_wait_s=forever,
+            )
+        )
+        await backend.start()
+        try:
+            hold = await backend.acquire(Request("hold", "a"))
+            assert isinstance(hold, Admitted)
+            proxy.silence_next(b"BLPOP")
+            assert await eventually(lambda: _silenced(proxy), 2 * BLOCK_S + 1.0)
+            silenced = time.monotonic()
+            waiting = await backend.acquire(Request("waiter", "b"))
+            assert isinstance(waiting, Waiting)
+            released = time.monotonic()
+            backend.release("hold")
+            granted = await asyncio.wait_for(waiting.future, 10.0)
+            heard = time.monotonic()
+            print(
+                f"a half-open grant connection alone: the grant heard {heard - released:.2f} s"
+                f" after the release, {heard - silenced:.2f} s after the connection went silent"
+            )
+            assert isinstance(granted, Admitted)
+            assert heard - silenced <= BLOCK_S + TIMEOUT_S + 1.0 + 1.0
+            assert backend._breaker.failures == 0
+            assert await leases(direct, prefix) == ["waiter"]
+            backend.release("waiter")
+            assert await eventually(lambda: _none(direct, prefix), BACK_S)
+        finally:
+            await backend.stop()
+            await direct.aclose()
+
+
+async def _silenced(proxy: TcpProxy) -> bool:
+    return proxy.counts.silenced > 0
