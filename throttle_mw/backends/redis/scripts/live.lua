@@ -5,7 +5,8 @@
 -- are earned at the old rate and after it at the new one, however many changes come
 -- between two calls. The state's live stamp is replaced, so every process reads the live
 -- limits anew; the new stamp keeps the callers' own rate and burst (store.lua,
--- load_limits_stamped): the limits in force where P:cfg sets none.
+-- load_limits_stamped): the limits in force where P:cfg sets none. The state's TTL refresh
+-- is made due, so the next call sets the keys' TTLs by the new limits (a longer keep).
 --
 -- KEYS[1]  P:s (routing only).
 -- ARGV[1]  now override ("" in production).  ARGV[2] P.  ARGV[3] a nonce (the new stamp's
@@ -54,6 +55,14 @@ if known then
     parse_limits(given, after)
     if S.tokens > L.burst then S.tokens = L.burst end
   end
+end
+if state[1] then
+  if not known then load_packed(state[1]) end
+  -- A TTL refresh due (xp 0: fast.lua's quiet gives up): the next call, a full one, sets
+  -- every key's TTL by the limits now in force, not up to T/4 later. A change that keeps a
+  -- capped tenant longer (a slower or deeper cap: call.kept_s) so reaches the tenants'
+  -- keys (kept+T) at once, not after they lapsed with the tenant's spent cap.
+  S.xp = 0
   local args = {}
   if call.save_packed_anew(args, false) then redis.call('HSET', K.state, args[1], args[2]) end
 end
