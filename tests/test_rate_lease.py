@@ -77,8 +77,9 @@ class Process:
         self, scheduler: Scheduler | LuaScheduler, now: float, returned: int, kept: int,
         wants: int, **kwargs: Any,
     ) -> LeaseGrant:  # fmt: skip
-        # (A tick first, as the backend's acquires between leases make: ratelease.lua
-        # leases nothing while the full call's upkeep, a TTL refresh or a sweep, is due.)
+        # (A tick first, as the backend's acquires between leases make: a renewal without
+        # charges leases nothing while a sweep is due, on both sides, nor, in ratelease.lua,
+        # while a TTL refresh is (Python has no TTLs): tests below.)
         scheduler.tick(now)
         g = self.grant
         held = HeldLease(g.generation, g.until, g.taken + g.kept, returned, kept)
