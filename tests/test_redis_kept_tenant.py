@@ -93,3 +93,25 @@ def test_a_live_change_that_keeps_a_tenant_longer_reaches_its_keys_at_the_next_c
     time.sleep(0.8)
     decision, _ = scheduler.acquire(1.0, Request("again", "capped"))
     assert not isinstance(decision, Admit), decision
+
+
+def test_a_live_change_that_keeps_a_tenant_longer_keeps_its_keys_with_no_call_after(
+    client: redis.Redis,
+) -> None:
+    """As above, with no call at all after the change (a quiet budget): live.lua keeps the
+    tenants' keys as long as the live limits until a call sets them by the new keep. They
+    lapsed at their old TTL before (0.4 s), and the tenant came back at 1 s with a full cap;
+    the next call sets them by the new keep (5 s + T), not the live limits' TTL."""
+    limits = Limits(rate=1000.0, burst=1000.0, tenant_rate=10.0, tenant_burst=2.0)
+    policy = Policy(dict.fromkeys(PRIORITIES, 0.05), tenant_idle_s=0.1)
+    scheduler = LuaScheduler(client, limits, policy, 0.0, key_ttl_s=0.2)
+    for i in range(2):
+        assert isinstance(scheduler.acquire(0.0, Request(f"r{i}", "capped"))[0], Admit)
+    assert not isinstance(scheduler.acquire(0.0, Request("over", "capped"))[0], Admit)
+    scheduler.live_change(0.0, {"tenant_rate": "0.4"})
+    keys = scheduler._keys
+    assert client.pttl(keys.tenant_hash) > 5_400  # (the live limits' TTL: 7200 s)
+    time.sleep(0.8)
+    decision, _ = scheduler.acquire(1.0, Request("again", "capped"))
+    assert not isinstance(decision, Admit), decision
+    assert 4_000 < client.pttl(keys.tenant_hash) <= 5_200  # 5 s + T, from the 1 s call
