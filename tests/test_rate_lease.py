@@ -77,8 +77,9 @@ class Process:
         self, scheduler: Scheduler | LuaScheduler, now: float, returned: int, kept: int,
         wants: int, **kwargs: Any,
     ) -> LeaseGrant:  # fmt: skip
-        # (A tick first, as the backend's acquires between leases make: ratelease.lua
-        # leases nothing while the full call's upkeep, a TTL refresh or a sweep, is due.)
+        # (A tick first, as the backend's acquires between leases make: a renewal without
+        # charges leases nothing while a sweep is due, on both sides, nor, in ratelease.lua,
+        # while a TTL refresh is (Python has no TTLs): tests below.)
         scheduler.tick(now)
         g = self.grant
         held = HeldLease(g.generation, g.until, g.taken + g.kept, returned, kept)
@@ -967,3 +968,49 @@ def test_a_charged_tenant_in_line_goes_back_in_line_by_its_new_tag(lua: Any) -> 
             at = round(at + 0.05, 9)
             granted += [e.id for e in scheduler.tick(at) if hasattr(e, "waited_s")]
         assert granted == ["b1", "a1"]
+
+
+def test_a_renewal_without_charges_leases_nothing_while_a_sweep_is_due(
+    redis_server_session: RedisServer, functions: bool
+) -> None:
+    """README, "Leases of rate tokens": a lease only while "the state has no chore due".
+    ratelease.lua's renewal without charges runs no idle sweep (its lean call does not load
+    the state whole), so while one is due it takes none and the caller's next acquire, a
+    full call, sweeps; Scheduler.lease_tokens alike (it leased on: a twin of another rule).
+    No tick between (the parity test above ticks before each lease)."""
+    client = redis_server_session.client()
+    lua = LuaScheduler(client, RATE, POLICY, 0.0, functions=functions)
+    for scheduler in (Scheduler(RATE, POLICY, 0.0), lua):
+        assert isinstance(scheduler.acquire(0.0, Request("r0", "acme"))[0], Admit)  # swept at 0
+        first = scheduler.lease_tokens(0.5, 2.0, HeldLease(), 4)
+        assert first.taken == 4
+        held = HeldLease(first.generation, first.until, 4, returned=4)
+        late = scheduler.lease_tokens(1.5, LEASE_S, held, 4)  # the sweep due at 1.0
+        assert late == LeaseGrant()
+        assert tokens(scheduler) == pytest.approx(20.0)  # (the 4 went back: full)
+        assert isinstance(scheduler.acquire(1.5, Request("r1", "acme"))[0], Admit)  # sweeps
+        assert scheduler.lease_tokens(1.6, LEASE_S, HeldLease(), 4).taken == 4
+    client.close()
+
+
+def test_a_charging_renewal_leases_while_a_ttl_refresh_is_due(
+    redis_server_session: RedisServer, functions: bool
+) -> None:
+    """A renewal with charges goes by the full call when a TTL refresh is due (fast.lua's
+    lean charges give up), and that call's save makes the refresh: nothing is left due, so
+    it leases, as Scheduler.lease_tokens (no TTLs) does. It took none before (ratelease.lua
+    asked for the refresh before its save). T = 4 s: a refresh due every 1 s."""
+    client = redis_server_session.client()
+    lua = LuaScheduler(client, RATE, POLICY, 0.0, functions=functions, key_ttl_s=4.0)
+    charges = [LeaseCharge("acme", 1, 1)]
+    for scheduler in (Scheduler(RATE, POLICY, 0.0), lua):
+        assert isinstance(scheduler.acquire(0.0, Request("r0", "acme"))[0], Admit)
+        first = scheduler.lease_tokens(0.2, LEASE_S, HeldLease(), 4)
+        assert first.taken == 4
+        held = HeldLease(first.generation, first.until, 4, returned=3)
+        # (at 1.5 the refresh (due at 1.0) and the sweep (at 1.0) are both due)
+        grant = scheduler.lease_tokens(1.5, LEASE_S, held, 4, charges)
+        assert grant.taken == 4
+        assert tokens(scheduler) == pytest.approx(16.0)
+    assert client.pttl(lua._keys.state) > 3000  # (refreshed by that call: T)
+    client.close()

@@ -65,3 +65,53 @@ def test_a_spent_cap_survives_a_quiet_budget(client: redis.Redis) -> None:
     assert client.exists(scheduler._keys.state) == 0  # the state lapsed (T)
     decision, _ = scheduler.acquire(1.0, Request("again", "capped"))
     assert not isinstance(decision, Admit), decision
+
+
+def test_a_live_change_that_keeps_a_tenant_longer_reaches_its_keys_at_the_next_call(
+    client: redis.Redis,
+) -> None:
+    """A cap of 10/s, burst 2, keeps a tenant 0.2 s (idle 0.1 s, T 0.2 s: its keys 0.4 s).
+    It spends its cap at 0; a live change (``throttle-mw set --tenant-rate 0.4``) keeps it
+    5 s; a known tenant's call comes at once, then none for 0.8 s (the keys' refresh, T/4
+    on the test clock, not due by then). The keys lapsed at their old TTL before: the tenant
+    came back at 1 s with a cap made anew, full (admitted, over the 0.4 its cap refilled).
+    live.lua makes the refresh due: that call sets the tenant keys' TTL by the new keep."""
+    limits = Limits(rate=1000.0, burst=1000.0, tenant_rate=10.0, tenant_burst=2.0)
+    policy = Policy(dict.fromkeys(PRIORITIES, 0.05), tenant_idle_s=0.1)
+    scheduler = LuaScheduler(client, limits, policy, 0.0, key_ttl_s=0.2)
+    for i in range(2):
+        assert isinstance(scheduler.acquire(0.0, Request(f"r{i}", "capped"))[0], Admit)
+    assert not isinstance(scheduler.acquire(0.0, Request("over", "capped"))[0], Admit)
+    assert isinstance(scheduler.acquire(0.0, Request("o0", "other"))[0], Admit)
+    keys = scheduler._keys
+    assert client.pttl(keys.tenant_hash) <= 400
+    scheduler.live_change(0.0, {"tenant_rate": "0.4"})
+    # (a tenant known: a call that makes one sets P:T's TTL anyway, not the idle list's)
+    assert isinstance(scheduler.acquire(0.0, Request("o1", "other"))[0], Admit)
+    for key in (keys.tenant_hash, keys.tenants):
+        assert client.pttl(key) > 5_000, key  # 5 s + T
+    time.sleep(0.8)
+    decision, _ = scheduler.acquire(1.0, Request("again", "capped"))
+    assert not isinstance(decision, Admit), decision
+
+
+def test_a_live_change_that_keeps_a_tenant_longer_keeps_its_keys_with_no_call_after(
+    client: redis.Redis,
+) -> None:
+    """As above, with no call at all after the change (a quiet budget): live.lua keeps the
+    tenants' keys as long as the live limits until a call sets them by the new keep. They
+    lapsed at their old TTL before (0.4 s), and the tenant came back at 1 s with a full cap;
+    the next call sets them by the new keep (5 s + T), not the live limits' TTL."""
+    limits = Limits(rate=1000.0, burst=1000.0, tenant_rate=10.0, tenant_burst=2.0)
+    policy = Policy(dict.fromkeys(PRIORITIES, 0.05), tenant_idle_s=0.1)
+    scheduler = LuaScheduler(client, limits, policy, 0.0, key_ttl_s=0.2)
+    for i in range(2):
+        assert isinstance(scheduler.acquire(0.0, Request(f"r{i}", "capped"))[0], Admit)
+    assert not isinstance(scheduler.acquire(0.0, Request("over", "capped"))[0], Admit)
+    scheduler.live_change(0.0, {"tenant_rate": "0.4"})
+    keys = scheduler._keys
+    assert client.pttl(keys.tenant_hash) > 5_400  # (the live limits' TTL: 7200 s)
+    time.sleep(0.8)
+    decision, _ = scheduler.acquire(1.0, Request("again", "capped"))
+    assert not isinstance(decision, Admit), decision
+    assert 4_000 < client.pttl(keys.tenant_hash) <= 5_200  # 5 s + T, from the 1 s call

@@ -9,7 +9,9 @@ weights, at random priorities and costs (one over the burst and the concurrency:
 some sheddable or degradable; releases, a lone one by release.lua as the backend sends it;
 cancels; now and then a release again or a cancel racing a grant (ignored alike); a tick in
 a call of its own after half the calls (ticked after every call, a tick hid where a refill
-runs: parity2's window roll); and, on a budget of rate leases, lease renewals with charges.
+runs: parity2's window roll); and, on a budget of rate leases, lease renewals with charges
+or without (a renewal without charges sweeps nothing and leases nothing while a sweep is due,
+on both sides: parity5).
 Four budgets: slots (rate, concurrency and tenant caps), rate with caps (a burst of 3.5:
 half a token), concurrency alone (the fair rate measured, not configured), rate leases.
 Each under two policies: tenants kept (an idle time longer than the run, `max_tenants` the
@@ -40,6 +42,10 @@ Neutralized here, each a documented choice of the scripts (scheduler README, "On
   (its process died), Python's tick at it;
 - lease expiry: the leases' TTL (3600 s, the test scheduler's) outlasts the run; the
   scripts expire leases a crashed process did not renew, Python has none;
+- the keys' TTL refresh: a lease renewal whose call does not save the state whole (one
+  without charges, or charging leanly) takes no tokens while a refresh is due (the scripts'
+  upkeep; Python has no TTLs); the test scheduler's T (7200 s) makes one due only every
+  1800 s, after the run;
 - one process: the scripts' `orphaned` (a dead process's waiters) never applies, and with
   a queue limit of 12 a dispatch never reaches `DISPATCH_LIMIT`;
 - weights fixed per tenant: the scripts reweigh a tenant when a call brings its weight,
@@ -280,7 +286,12 @@ def run(
                 del waiting[rid]
             record((step, "deadline"), at, [("cancel", rid) for rid in gone], rng.random() < 0.5)
         if limits == "leases" and rng.random() < 0.15:
-            charges = [LeaseCharge(rng.choice(NAMES), rng.choice([1, 2]), 1) for _ in range(2)]
+            # (None at times: a renewal charging nothing runs no sweep, and leases nothing
+            # while one is due, on both sides: parity5)
+            charges = [
+                LeaseCharge(rng.choice(NAMES), rng.choice([1, 2]), 1)
+                for _ in range(rng.choice([0, 0, 1, 2]))
+            ]
             grant = side.lease(now, lease, rng.choice([0, 1, 2]), charges)
             lease = HeldLease(grant.generation, grant.until, size=grant.kept + grant.taken)
             seen.append((step, "lease", grant.taken, grant.kept, r6(grant.until)))

@@ -373,8 +373,9 @@ class Scheduler:
         then its unspent tokens go back into the bucket's room and the ones it keeps stay
         counted, the kept ones only if that lease has not expired here (else they lapse
         in the process too). Then up to `wants` whole tokens leave the bucket, only while
-        nobody waits and the budget is a rate alone (no concurrency, no tenant cap: those
-        are decided here per request). The kept and the taken are counted out, in the
+        nobody waits, no idle sweep is due (the charges' own ran it; a renewal without
+        charges runs none) and the budget is a rate alone (no concurrency, no tenant cap:
+        those are decided here per request). The kept and the taken are counted out, in the
         newer generation, until `now + lease_s`: the bucket refills only to its burst
         less the tokens out in unexpired leases, so the fleet admits over any window at
         most what the plain bucket would (its refill plus its burst), leases included."""
@@ -385,6 +386,11 @@ class Scheduler:
             charged = True
         if charged:  # (a renewal without charges sweeps nothing: ratelease.lua's)
             self._forget_idle(now)
+        # A sweep still due (a renewal without charges does not run it): no new lease, as
+        # ratelease.lua takes none while the full call has a chore due; the caller's next
+        # acquire sweeps (README, "Leases of rate tokens": "the state has no chore due").
+        if now >= self._sweep_at:
+            wants = 0
         limits = self._limits
         if limits.rate is None:
             return _NO_GRANT

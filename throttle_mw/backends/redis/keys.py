@@ -87,7 +87,9 @@ Redis on its own. The TTL column is how long a key outlives its last use:
   empty cap takes to refill (tenant_burst / tenant_rate, the limits in force on the
   call: store.lua's ``call.kept_s``, which core.lua's forget_idle keeps a tenant
   by). Only idle+T, a capped tenant's keys could lapse while it is still kept, and
-  it come back with a full cap.
+  it come back with a full cap. A live change makes every TTL's refresh due at the
+  next call (live.lua), and one of a tenant cap keeps these keys as long as the live
+  limits until then: a keep lengthened live reaches them before the old one lapses.
 - live: ``THROTTLE_LIVE_LIMITS_TTL`` (a week by default): live limits outlive
   restarts, even of the whole fleet, as ``throttle-mw set`` promises, but not a
   budget nobody uses any more.

@@ -5,7 +5,9 @@
 -- are earned at the old rate and after it at the new one, however many changes come
 -- between two calls. The state's live stamp is replaced, so every process reads the live
 -- limits anew; the new stamp keeps the callers' own rate and burst (store.lua,
--- load_limits_stamped): the limits in force where P:cfg sets none.
+-- load_limits_stamped): the limits in force where P:cfg sets none. The state's TTL refresh
+-- is made due, so the next call sets the keys' TTLs by the new limits (a longer keep), and
+-- a change of a tenant cap keeps the tenants' keys until then.
 --
 -- KEYS[1]  P:s (routing only).
 -- ARGV[1]  now override ("" in production).  ARGV[2] P.  ARGV[3] a nonce (the new stamp's
@@ -48,12 +50,39 @@ if #set > 0 then
   redis.call('PEXPIRE', K.cfg, ttl)
 end
 
+-- A change of a tenant cap (or a reset) may keep a tenant longer (a slower or deeper cap:
+-- call.kept_s); with no call after it, nothing would set the tenants' keys (kept+T) by the
+-- new keep, and they could lapse with a spent cap (its tenant back with a full one). So
+-- they are kept at least as long as the live limits that set it, until the next call,
+-- whose TTL refresh (made due below) sets them by the new keep, shorter again.
+local cap = ARGV[5] == '1'
+for i = 6, #ARGV, 2 do
+  if ARGV[i] == 'tenant_rate' or ARGV[i] == 'tenant_burst' then cap = true end
+end
+if cap then
+  local ttl = tonumber(ARGV[4])
+  for name, kind in pairs(KEY_TTL) do
+    if kind == 'tenant' then
+      local left = redis.call('PTTL', K[name])
+      if left >= 0 and left < ttl then redis.call('PEXPIRE', K[name], ttl) end
+    end
+  end
+end
+
 if known then
   local after = redis.call('HMGET', K.cfg, unpack(LIVE_FIELDS))
   if burst ~= nil or after[2] then  -- (the new burst known: else load_state clamps)
     parse_limits(given, after)
     if S.tokens > L.burst then S.tokens = L.burst end
   end
+end
+if state[1] then
+  if not known then load_packed(state[1]) end
+  -- A TTL refresh due (xp 0: fast.lua's quiet gives up): the next call, a full one, sets
+  -- every key's TTL by the limits now in force, not up to T/4 later. A change that keeps a
+  -- capped tenant longer (a slower or deeper cap: call.kept_s) so reaches the tenants'
+  -- keys (kept+T) at once, not after they lapsed with the tenant's spent cap.
+  S.xp = 0
   local args = {}
   if call.save_packed_anew(args, false) then redis.call('HSET', K.state, args[1], args[2]) end
 end

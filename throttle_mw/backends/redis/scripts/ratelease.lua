@@ -11,8 +11,10 @@
 -- nobody else can, and the bucket refills only to its burst less them (exact: the fleet
 -- admits over any window what the plain bucket would).
 -- It takes none (but still takes back) when the full call has work to do first: a budget
--- seen for the first time, a TTL refresh or an idle sweep due, a state without its epoch
--- or in its reclaim grace (fast.lua's quiet); the caller's next acquire goes as today.
+-- seen for the first time, an idle sweep due (Scheduler.lease_tokens alike: a charging
+-- renewal's full call runs it first), a TTL refresh due in a call that does not save the
+-- state whole (a charging renewal's full call makes it, and leases), a state without its
+-- epoch or in its reclaim grace (fast.lua's quiet); the caller's next acquire goes as today.
 -- A last lease of another epoch (a state since lost) is not counted here: nothing of it
 -- goes back or is kept (it went with the state it came from), and its charges are dropped
 -- (its tenants' tags went with that state too).
@@ -85,7 +87,11 @@ end
 local gen = tonumber(ARGV[9]) or 0
 if S.ep ~= ARGV[5] then gen = 0 end
 local wants = tonumber(ARGV[7]) or 0
-if not (now < (S.xp or 0) and now < (S.fi or 0) and S.ep ~= '' and now >= (S.rc or 0)) then
+-- (A refresh due blocks only the calls that do not save whole: the full call's save makes
+-- it, as Scheduler.lease_tokens, which has no TTLs, leases on. A sweep due blocks any: the
+-- full call's ran above, unless SWEEP_BATCH stale tenants were left.)
+if not ((charging == true or now < (S.xp or 0)) and now < (S.fi or 0) and S.ep ~= ''
+    and now >= (S.rc or 0)) then
   wants = 0
 end
 local taken, kept, lease_gen, til = lease_tokens(gen, tonumber(ARGV[10]) or 0,
