@@ -76,19 +76,6 @@ for i = 1, #PACKED do EMPTY_TEXTS[i] = '' end
 -- generation, keys.GENERATION: a stamp is only there while someone waits, call.gen0.)
 local HOT_FIELDS = {PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP}
 
--- A tenant's state (keys.TENANT_FIELDS, shared): finish tag, weight, cap bucket and its
--- time, waiting requests, their cost by rank (c0..), state (IDLE, ACTIVE, CAPPED), member
--- in P:active, its queue's next TTL refresh. Stored as one field of P:T (K.tenant_hash) by
--- digest, the values joined with SEP and the name last (call.TENANT_PATTERN); an empty
--- value reads as its default (weight 1, waiting and costs 0, IDLE, member '', refresh 0)
--- or unset (cap, cap_at).
-
--- A number as text. NUMBER_FORMAT (17 significant digits) costs glibc several thousand
--- instructions a number: `now` is formatted once per call; a whole number (counts,
--- costs, sequence numbers: most of what a call writes) is written as %d instead, the same
--- text, for a third of that, and the small ones are remembered; so is the last number
--- formatted (the times made from `now` are often written twice in a row).
-
 -- The state layer's helpers that are not part of load and save (num's whole numbers,
 -- "A call's memos" below), in one table: a chunk may have at most 200 locals, and each
 -- script is one chunk with all of these files.
@@ -121,6 +108,11 @@ end
 
 local now_text        -- num(now), made once per call (init) when first needed
 
+-- A number as text. NUMBER_FORMAT (17 significant digits) costs glibc several thousand
+-- instructions a number: `now` is formatted once per call; a whole number (counts,
+-- costs, sequence numbers: most of what a call writes) is written as %d instead, the same
+-- text, for a third of that, and the small ones are remembered; so is the last number
+-- formatted (the times made from `now` are often written twice in a row).
 local function num(x)
   if x == now then
     if now_text == nil then now_text = string.format(NUMBER_FORMAT, x) end
@@ -263,7 +255,8 @@ end
 -- An acquire as the client writes it (protocol.py: A|id|digest|name|tail): its id, digest,
 -- tenant name and tail taken apart by one pattern (call.ACQUIRE_PATTERN), its tail as
 -- call.acquire_tail keeps it; nil if the operation is not in that form (batch.lua answers
--- with an error). batch.lua's do_acquire and fast.lua's fast_acquire both decode by it.
+-- with an error). fast.lua's fast_acquire decodes by it (its do_acquire, the full call's,
+-- writes the match out).
 -- (One match in place of four plain finds and four subs: 1.8 k instructions fewer an
 -- acquire, docs/performance.md, `churnlua`. Its tail is taken by '(.*)', which tests no
 -- character class; a pattern of all nine fields, the tail's by a class each, cost more.)
@@ -1360,7 +1353,7 @@ local function save_tenant(t, again, hot)
     if v == 0 then parts[NRANK + 8] = ''
     elseif v == M.tenant_xp then parts[NRANK + 8] = M.tenant_xp_text
     else parts[NRANK + 8] = num(v) end
-    v = t.q1  -- (its one waiter, its rank first: call.enqueue)
+    v = t.q1  -- (its one waiter, its rank first: enqueue)
     if v == nil then parts[NRANK + 9] = '' else parts[NRANK + 9] = num(t.q1r) .. v end
     parts[NRANK + 10] = name
     text = table.concat(parts, SEP, 1, NRANK + 10)
@@ -1887,7 +1880,6 @@ end
 -- may hold one). A message lost (a listener reconnecting, a Redis that failed over) only
 -- delays the pool's return to the process's next reply or its T: the bound is exact
 -- whatever the pools do (the tokens and slots are counted out in Redis).
-
 --
 -- One call tells TUNING.SIGNAL_BATCH processes at most (each costs an RPUSH and a PEXPIRE,
 -- some 19,000 instructions: all of a large fleet at once would hold Redis for over a
@@ -2130,9 +2122,9 @@ local function reweigh(t, weight)
 end
 
 -- A tenant's state in one field of P:T (K.tenant_hash), by digest (keys.py's table):
--- f|w|cap|cap_at|n|c0..|st|am|xp|name, '' for a default (w 1, n 0, a cost 0, st IDLE,
--- am '', xp 0) or unset (cap, cap_at): TENANT_FIELDS' order, then the name (the rest of
--- the text: a name may hold SEP). `am`, the member in P:active, is stored as its sequence
+-- f|w|cap|cap_at|n|c0..|st|am|xp|q1|name, '' for a default (w 1, n 0, a cost 0, st IDLE,
+-- am '', xp 0, no lone waiter) or unset (cap, cap_at): TENANT_FIELDS' order, then the
+-- name (the rest of the text: a name may hold SEP). `am`, the member in P:active, is stored as its sequence
 -- number alone (the member is that, SEP, the digest: put back on reading).
 call.TENANT_PATTERN = '^'
 for _ = 1, #TENANT_FIELDS do
@@ -2141,7 +2133,7 @@ end
 call.TENANT_PATTERN = call.TENANT_PATTERN .. '(.*)$'
 -- The fast paths' reading of a text (call.read_head), one match: f, w, the text from w's
 -- SEP to cap_at's end (SEP cap SEP cap_at), cap, cap_at, the rest (from cap_at's end:
--- SEP n SEP c0 .. SEP st SEP am SEP xp SEP name), and in the rest st and xp.
+-- SEP n SEP c0 .. SEP st SEP am SEP xp SEP q1 SEP name), and in the rest st and xp.
 do
   local value, skip = '([^' .. SEP .. ']*)', SEP .. '[^' .. SEP .. ']*'
   local pattern = '^' .. value .. SEP .. value .. '(' .. SEP .. value .. SEP .. value .. ')('
@@ -2223,7 +2215,7 @@ local function load_tenant(h, weight)
     if made == nil then made = {}; M.made = made end
     made[#made + 1] = t
   else
-    -- TENANT_FIELDS: f, w, cap, cap_at, n, the costs by rank, st, am, xp.
+    -- TENANT_FIELDS: f, w, cap, cap_at, n, the costs by rank, st, am, xp, q1.
     -- (Absent, w, n, the costs, st and am are their defaults: call.NEW_LOADED.)
     -- (tonum's remembered numbers looked up here first: most are, and a call costs. The
     -- costs by rank: their texts into a table of their size, made whole, then numbers.)
@@ -2240,7 +2232,7 @@ local function load_tenant(h, weight)
       n = NUMBERS[x5] or tonum(x5) or 0, c = {unpack(c)}, st = NUMBERS[xi] or tonum(xi) or IDLE,
       am = v[i + 1] or '', xp = NUMBERS[xp] or tonum(xp)}
     if l.am ~= '' then l.am = l.am .. SEP .. h end  -- (its sequence number stored)
-    -- Its one waiter's rank (a digit) and id, if its queue is that field (call.enqueue).
+    -- Its one waiter's rank (a digit) and id, if its queue is that field (enqueue).
     local q1, q1r = v[NRANK + 9], nil
     if q1 == '' then q1 = nil
     else
