@@ -1429,7 +1429,6 @@ do  -- (at load: a function library may use no standard library there)
     if hot[PACKED[i]] then call.HOT_PACKED[#call.HOT_PACKED + 1] = i end
   end
 end
-call.HOT_PLAIN = {'inflight', LIVE_STAMP}
 
 -- A process's recent admissions (core.lua's take): trimmed back to RECENT_KEPT once
 -- TUNING.RECENT_SLACK more came in (at least the last RECENT_KEPT are kept), their TTL set
@@ -1540,7 +1539,8 @@ end
 
 -- save's plain fields that changed (PLAIN's, written out: a loop over their names took
 -- twice as long) into args after its first n, their texts made what was read (M.raw: the
--- HMGET's, PLAIN[i] at i + 1); the new count.
+-- HMGET's, PLAIN[i] at i + 1); the new count. `hot`: a call of fast.lua's, which can
+-- change only in flight and the live stamp (and has no M.raw).
 function call.put_plain(args, n, name, value, i)
   args[n + 1] = name
   if type(value) == 'number' then value = num(value) end
@@ -1551,9 +1551,13 @@ function call.put_plain(args, n, name, value, i)
   return n + 2
 end
 
-function call.save_plain(args, n)
+function call.save_plain(args, n, hot)
   local s, s0, put = S, S0, call.put_plain
   if s.inflight ~= s0.inflight then n = put(args, n, 'inflight', s.inflight, 2) end
+  if hot then
+    if s.lv ~= s0.lv then n = put(args, n, LIVE_STAMP, s.lv, 6) end
+    return n
+  end
   if s.waiting ~= s0.waiting then n = put(args, n, 'waiting', s.waiting, 3) end
   if s.tk_by ~= s0.tk_by then n = put(args, n, 'tk_by', s.tk_by, 4) end
   if s.ep ~= s0.ep then n = put(args, n, 'ep', s.ep, 5) end
@@ -1597,22 +1601,7 @@ local function save(hot)
     changed = call.save_packed_anew(args, hot)
   end
   if changed then n = 2 end
-  if hot then
-    local plain = call.HOT_PLAIN
-    for i = 1, #plain do
-      local name = plain[i]
-      local value = S[name]
-      if value ~= S0[name] then
-        args[n + 1] = name
-        if type(value) == 'number' then value = num(value) end
-        args[n + 2] = value
-        n = n + 2
-        S0[name] = S[name]
-      end
-    end
-  else
-    n = call.save_plain(args, n)
-  end
+  n = call.save_plain(args, n, hot)
   -- The state's generation (keys.GENERATION): a full call that keeps its state and leaves
   -- requests waiting (so the next call is a full one: batch.lua tries no fast path) stamps
   -- its write (call.keep_state, call.take_kept), unless it took the state by its stamp
