@@ -350,7 +350,7 @@ function call.init_tables()
     active = nil, capped = nil, leases = nil, tenant_hash = nil}
   M = {top_known = nil, top_t = nil, top_r = nil, capped_next = nil, capped_checked = nil,
     dl_next = nil, dl_floor = nil, idle = nil, idle_adds = nil, last_number = nil, last_text = nil,
-    no_weights = nil, weights_asked = nil, made = nil, hot_read = nil, kept = nil,
+    no_weights = nil, made = nil, hot_read = nil, kept = nil,
     granted = nil, raw = nil, queued_at = nil, queued_text = nil, tw = nil, plain_mid = nil,
     work_spent = nil, work_units = nil, stamped = nil, gen = nil, by_gen = nil, dropped = nil}
   more = false
@@ -2243,19 +2243,13 @@ end
 -- they were made a library's decisions differ from EVALSHA's after a change of weight.
 local function live_weight(h, given)
   -- Whether any is set is known with the stamped reading of the live limits (asked once
-  -- per reading: load_limits_stamped).
+  -- per reading: load_limits_stamped, which every caller's entry script has run).
   local memo = limits_memo
   if M.no_weights == nil and memo ~= nil and memo.lv ~= nil and memo.lv == S.lv then
     if memo.no_weights == nil then memo.no_weights = redis.call('EXISTS', K.weights) == 0 end
     M.no_weights = memo.no_weights
   end
-  -- A call of many tenants asks once whether any live weight is set (a call of one asks
-  -- for its tenant's only).
-  if M.no_weights == nil and M.weights_asked then
-    M.no_weights = redis.call('EXISTS', K.weights) == 0
-  end
   if M.no_weights then return given end
-  M.weights_asked = true
   local live = redis.call('HGET', K.weights, h)
   if live then return tonum(live) end
   return given
