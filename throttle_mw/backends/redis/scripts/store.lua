@@ -42,11 +42,11 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- call left it" below); a time no lease in P:leases expires before (le: put_lease,
 -- fast.lua's lapsed_lease; unset: not known); rate tokens out in processes' leases
 -- (core.lua's lease_tokens; unset: none ever): the newer generation's number (rg), its
--- tokens (ra) and expiry (rx), the older one's tokens (rb) and expiry (ry); when the
--- processes still to be told that someone waits were set aside in P:pw by an older build
--- (sq: call.signal_rest drains them; this build never sets it); when this build's round of
--- that signal began, while processes are still to be told (sk: call.signal_next; unset:
--- none are).
+-- tokens (ra) and expiry (rx), the older one's tokens (rb) and expiry (ry); sq, a
+-- pre-release build's (branch `fanout`), neither read nor written, its place kept (no build
+-- without the state's generation shares a budget with this one: keys.GENERATION); when
+-- the round of the signal that someone waits began, while processes are still to be told
+-- (sk: call.signal_next; unset: none are).
 -- The layout: the numbers in PACKED share one field, PACKED_FIELD, their texts in that
 -- order joined with SEP ('' for unset), read and written whole: Redis reads one field for
 -- a fraction of what it takes for a dozen, and a loaded library remembers the last text
@@ -1578,11 +1578,9 @@ call.state_args = {}
 -- fast.lua's, which compares only what it can change (call.HOT_PACKED).
 local function save(hot)
   -- (Someone waits now and nobody did as this call found the state: call.signal_waiting;
-  -- someone did, and processes are still to be told: the next of them; an older build's
-  -- rest in P:pw first.)
+  -- someone did, and processes are still to be told: the next of them.)
   if S.waiting > 0 then
     if (S0.waiting or 0) <= 0 then call.signal_waiting()
-    elseif S.sq then call.signal_rest()
     elseif S.sk then call.signal_next()
     end
   end
@@ -1885,12 +1883,6 @@ end
 -- place: its name). Nobody waits any more: the round waits (a pool kept while nobody
 -- waits takes nothing from anyone); the next opening, within the gap or after it, goes on
 -- with it: a signal starts anew only once the last round reached its end.
--- An older build (branch `fanout`) copied P:pl into P:pw and set S.sq: its rest is told
--- first (call.signal_rest, ZPOPMIN, SIGNAL_BATCH a call), then S.sq is cleared (the key
--- went with its last member); this build sets neither. An older build ignores P:pn, the
--- cursor and S.sk, and drops S.sk when it writes the packed numbers: the round then ends
--- there (the processes after the cursor told at the next signal, or at their next reply
--- or T, as for a message missed).
 
 -- The processes that may hold a pool are told that someone waits (save, on the transition).
 function call.signal_waiting()
@@ -1900,8 +1892,7 @@ function call.signal_waiting()
     return
   end
   -- The rest of the last signal first (within the gap too: at most SIGNAL_BATCH a call;
-  -- an older build's in P:pw, then this build's round; none left: a signal anew).
-  if S.sq and call.signal_rest() > 0 then return end
+  -- none left: a signal anew).
   if S.sk and call.signal_next() > 0 then return end
   -- At most once per TUNING.SIGNAL_GAP per budget (P:s's TUNING.SIGNALED: read only here): a
   -- pool taken since the last signal goes back at its next reply or its T.
@@ -1958,17 +1949,6 @@ function call.signal_next(from)
     redis.call('ZREM', K.pools, unpack(gone))  -- (lapsed: a heartbeat registers it anew)
   end
   return n
-end
-
--- An older build's rest (P:pw, S.sq): its next TUNING.SIGNAL_BATCH processes are told.
-function call.signal_rest()
-  local batch = TUNING.SIGNAL_BATCH
-  local rest = redis.call('ZPOPMIN', K.pools_rest, batch)  -- (process, until, ...)
-  for i = 1, #rest, 2 do
-    if tonumber(rest[i + 1]) > now then emit(rest[i], MESSAGE.waiting) end
-  end
-  if #rest < 2 * batch then S.sq = nil end  -- (none left: the key went with its last)
-  return #rest
 end
 
 -- The caller holds a lease of rate tokens until `til` (ratelease.lua): it is in P:pl. The
