@@ -71,7 +71,7 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("store", "  local loaded = t.loaded\n  local c = t.c  -- (its costs", "save_tenant: Lua"),
     (
         "store",
-        "      if text ~= t.tx then\n        t.tx = text\n        local tw = M.tw",
+        "    if text ~= t.tx then\n      t.tx = text\n      local tw = M.tw",
         "save_tenant: put",
     ),
     (
