@@ -1288,35 +1288,35 @@ local function save_tenant(t, again, hot)
   -- A plain new tenant: nothing but its own fields (name, f, cap, cap_at, xp) moved from
   -- their defaults (call.NEW_LOADED's: w 1, n 0, its costs shared and all 0, st IDLE, am
   -- ''), most under churn. Written first and at once, in the fewest steps: its text is its
-  -- f's, then a part the same for the call's plain new tenants (all the rest but the name,
-  -- M.plain_mid), then its name; its xp is the call's (it was 0, or the call's already); it
-  -- has no queue. (docs/performance.md, `churn11`: a new tenant's write was some 100 Lua
-  -- steps.) That part is cut from the text the general writer below made for the call's
-  -- first plain new tenant (or one of another cap, cap_at or xp): the layout has one
-  -- writer. It keeps call.NEW_LOADED: written again this call, its text is made again and
-  -- compared with t.tx; call.as_written makes its loaded fields. (A call of fast.lua's
-  -- makes no tenant; one loaded as new there is written whole, below.)
-  local plain = false
+  -- f's, then a part made once a call (all the rest but the name: the same for the call's
+  -- plain new tenants), then its name; its xp is the call's (it was 0, or the call's
+  -- already); it has no queue. (docs/performance.md, `churn11`: a new tenant's write was
+  -- some 100 Lua steps.) It keeps call.NEW_LOADED: written again this call, its text is made
+  -- again and compared with t.tx; call.as_written makes its loaded fields. (A call of
+  -- fast.lua's makes no tenant; one loaded as new there is written whole, below.)
   if loaded == call.NEW_LOADED and c == call.ZERO_COSTS and not hot and t.w == 1 and t.n == 0
     and t.st == IDLE and t.am == '' then
     local xp = M.tenant_xp or call.tenant_xp()
     t.xp = xp
+    local cap, cap_at = t.cap, t.cap_at
     local mid = M.plain_mid
-    if mid ~= nil and M.plain_cap == t.cap and M.plain_cap_at == t.cap_at and M.plain_xp == xp then
-      local text = call.count_text(t.f, mid, t.nm or '')
-      if text ~= t.tx then
-        t.tx = text
-        local tw = M.tw
-        if tw == nil then M.tw = {t.h, text}
-        else
-          local n = #tw
-          tw[n + 1] = t.h; tw[n + 2] = text
-        end
-      end
-      t.queue_made = nil
-      return
+    if mid == nil or M.plain_cap ~= cap or M.plain_cap_at ~= cap_at or M.plain_xp ~= xp then
+      mid = SEP .. SEP .. (cap and num(cap) or '') .. SEP .. (cap_at and num(cap_at) or '') .. SEP
+        .. string.rep(SEP, NRANK) .. SEP .. SEP .. SEP .. M.tenant_xp_text .. SEP .. SEP
+      M.plain_mid = mid; M.plain_cap = cap; M.plain_cap_at = cap_at; M.plain_xp = xp
     end
-    plain = true  -- (written below, its middle kept)
+    local text = call.count_text(t.f, mid, t.nm or '')
+    if text ~= t.tx then
+      t.tx = text
+      local tw = M.tw
+      if tw == nil then M.tw = {t.h, text}
+      else
+        local n = #tw
+        tw[n + 1] = t.h; tw[n + 2] = text
+      end
+    end
+    t.queue_made = nil
+    return
   end
   -- Capped this call (or again, after it was back in line): P:capped may be new.
   if t.st == CAPPED and (loaded.st ~= CAPPED or t.am ~= loaded.am) then born.capped = true end
@@ -1357,10 +1357,6 @@ local function save_tenant(t, again, hot)
     if v == nil then parts[NRANK + 9] = '' else parts[NRANK + 9] = num(t.q1r) .. v end
     parts[NRANK + 10] = name
     text = table.concat(parts, SEP, 1, NRANK + 10)
-    if plain then  -- (all but its f and name: the next plain new tenant's, above)
-      M.plain_mid = SEP .. table.concat(parts, SEP, 2, NRANK + 9) .. SEP
-      M.plain_cap = t.cap; M.plain_cap_at = t.cap_at; M.plain_xp = t.xp
-    end
   end
   if text ~= t.tx then
     t.tx = text
@@ -1378,7 +1374,7 @@ local function save_tenant(t, again, hot)
     redis.call('PEXPIRE', K.prefix .. KEY.queue .. t.h, ttl_ms('tenant'))
   end
   t.queue_made = nil
-  if again and not plain then
+  if again then
     -- (Its costs as loaded if none moved: a loaded table of costs is never changed.)
     local costs = call.NEW_LOADED.c  -- (all 0, as with nothing waiting: shared, never changed)
     for rank = 1, NRANK do
