@@ -91,7 +91,7 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("batch", "local procs = live_processes(joined)\n", "live_processes"),
     ("store", "  local args, n = call.state_args, 0\n  S.inflight", "save"),
     ("store", "  local changed\n  if loaded ~= nil and not hot then", "save: packed"),
-    ("store", "  if changed then n = 2 end\n  if hot then", "save: plain"),
+    ("store", "  if changed then n = 2 end\n  n = call.save_plain(", "save: plain"),
     ("store", "  if M.stamped and M.raw ~= nil and loaded ~= nil and S.waiting", "save: HSET"),
     ("store", "  for _, t in pairs(T) do\n    if t.dirty and not t.deleted", "save: tenants"),
     ("store", "  local expiring = born\n  if refresh then", "save: TTLs"),

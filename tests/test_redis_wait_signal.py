@@ -26,7 +26,7 @@ from tests.support.redis_server import RedisCluster, RedisServer
 from throttle_mw.backends import Admitted
 from throttle_mw.backends.base import Waiting
 from throttle_mw.backends.redis import RedisBackend, protocol
-from throttle_mw.backends.redis.keys import GENERATION, Keys
+from throttle_mw.backends.redis.keys import Keys
 from throttle_mw.backends.redis.scripts import LEASE_ANCHOR, SIGNAL_BATCH, SIGNAL_GAP_S
 from throttle_mw.priorities import PRIORITIES
 from throttle_mw.scheduler import Admit, Enqueue, Granted, Limits, Policy, Request
@@ -315,7 +315,6 @@ def test_one_call_tells_a_batch_and_the_next_calls_the_rest(
     assert isinstance(decision, Enqueue)  # (queued: someone waits)
     assert _rpush_calls(client) - before <= SIGNAL_BATCH
     assert sum(_told(client, sched, holders)) == SIGNAL_BATCH
-    assert client.exists(sched._keys.pools_rest) == 0  # (no copy of P:pl: a cursor)
     for i in range(1, calls):  # (more requests queue: someone still waits)
         before = _rpush_calls(client)
         assert isinstance(sched.acquire(0.001 * (i + 1), Request(f"w{i}", "edge"))[0], Enqueue)
@@ -325,7 +324,6 @@ def test_one_call_tells_a_batch_and_the_next_calls_the_rest(
     for i in range(calls, calls + 5):
         sched.acquire(0.001 * (i + 1), Request(f"w{i}", "edge"))
     assert _rpush_calls(client) == before, "nobody told twice for one opening"
-    assert client.exists(sched._keys.pools_rest) == 0
     client.close()
 
 
@@ -531,47 +529,4 @@ def test_a_heartbeat_drops_lapsed_registrations(clean_redis_server: RedisServer)
     assert _told(client, sched, holders)[3] == 0
     beat("holder3", 1.2)
     assert _told(client, sched, holders)[3] == 1
-    client.close()
-
-
-def _packed(client: redis.Redis, sched: LuaScheduler) -> list[str]:
-    """P:s's packed numbers' texts (store.lua's PACKED, in its order)."""
-    raw: Any = client.hget(sched._key, "nums")
-    return str(raw.decode()).split(protocol.SEP)
-
-
-def test_an_older_build_s_rest_is_told_and_cleared(clean_redis_server: RedisServer) -> None:
-    """A rolling deploy: an older build (branch `fanout`) left a signal's rest in P:pw and
-    its packed `sq` set. This build tells that rest first, SIGNAL_BATCH a call (each once,
-    its lapsed members skipped), clears `sq` with its last, and only then starts a round of
-    its own (by name, from P:pn: P:pw and `sq` are never written again)."""
-    client = redis.Redis.from_url(clean_redis_server.url)
-    holders = 100
-    sched = _fleet(client, holders)
-    sep = protocol.SEP
-    nums = _packed(client, sched)
-    assert len(nums) == 29  # (the older build's 28 and this build's sk)
-    nums[27] = "0"  # (sq: the older build's rest, set aside at 0)
-    # (As the older build wrote it; by hand, so the state's generation is cleared with it:
-    # the kept state of this build's library is not the state any more, keys.GENERATION.)
-    client.hset(sched._key, mapping={"nums": sep.join(nums[:28]), GENERATION: ""})
-    rest = {f"holder{p}": 1e6 for p in range(50, holders)}
-    rest["gone"] = 0.0005  # (lapsed before the call: skipped)
-    client.zadd(sched._keys.pools_rest, rest)
-    # Someone starts waiting past the gap: the older build's rest first, 32 (the lapsed
-    # one first, by its score: 31 told) and then 19.
-    assert isinstance(sched.acquire(1.0, Request("w0", "edge"))[0], Enqueue)
-    assert sum(_told(client, sched, holders)) == SIGNAL_BATCH - 1
-    assert isinstance(sched.acquire(1.001, Request("w1", "edge"))[0], Enqueue)
-    assert _told(client, sched, holders) == [0] * 50 + [1] * 50
-    assert client.exists(sched._keys.pools_rest) == 0
-    assert _packed(client, sched)[27] == ""  # (sq cleared)
-    # Nobody waits (the two admitted in turn); the next opening has nothing of the rest
-    # left: a signal of this build's anew (past the gap), by name over P:pn, 32 a call.
-    sched.release(1.1, "first")
-    sched.release(1.1, "w0")
-    assert sched.waiting == 0
-    assert isinstance(sched.acquire(1.2, Request("w2", "edge"))[0], Enqueue)
-    assert sum(_told(client, sched, holders)) == 50 + SIGNAL_BATCH
-    assert client.exists(sched._keys.pools_rest) == 0
     client.close()

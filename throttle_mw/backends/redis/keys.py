@@ -63,10 +63,6 @@ P:pl             zset    process -> until when it may hold a pool: a lease of ra
 P:pn             zset    P:pl's members by name (all scored 0): a signal walks it     T
                          SIGNAL_BATCH (scripts.py) names a call from P:s's cursor
                          (SIGNAL_CURSOR), store.lua's signal_next
-P:pw             zset    an older build's copy of P:pl (branch `fanout`): the         T
-                         processes its signal had still to tell; this build tells
-                         them, SIGNAL_BATCH a call (store.lua's signal_rest), and
-                         never writes it
 P:lw             list    window summaries of a learned limit, since its last step     live
                          (learner.py, which sets the TTLs of these three on each write)
 P:lq             list    how many of a pushed summary's requests waited for the       live
@@ -134,7 +130,6 @@ SUFFIX: Final = MappingProxyType(
         "procs": ":procs",
         "pools": ":pl",
         "pools_names": ":pn",
-        "pools_rest": ":pw",
         "learn_windows": ":lw",
         "learn_waited": ":lq",
         "learn_step": ":lstep",
@@ -258,7 +253,6 @@ class Keys:
         self.procs = self.tag + SUFFIX["procs"]
         self.pools = self.tag + SUFFIX["pools"]
         self.pools_names = self.tag + SUFFIX["pools_names"]
-        self.pools_rest = self.tag + SUFFIX["pools_rest"]
         self.leases = self.tag + SUFFIX["leases"]
         self.lease_costs = self.tag + SUFFIX["lease_costs"]
         self.learn_windows = self.tag + SUFFIX["learn_windows"]

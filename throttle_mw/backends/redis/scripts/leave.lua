@@ -2,8 +2,8 @@
 --
 -- The process has already cancelled its waiters and released its leases through
 -- batch.lua; this removes its grant list, its recent-admissions list, its heartbeat and
--- its entries in P:pl, P:pn and P:pw (an older build's key): it holds no pool any more,
--- nobody tells it that someone waits.
+-- its entries in P:pl and P:pn: it holds no pool any more, nobody tells it that someone
+-- waits.
 --
 -- KEYS[1]  P:s (routing only).
 -- ARGV[1]  P.  ARGV[2] process id.
@@ -14,6 +14,5 @@ redis.call('DEL', K.prefix .. KEY.grants .. proc, K.prefix .. KEY.recent .. proc
 redis.call('ZREM', K.procs, proc)
 redis.call('ZREM', K.pools, proc)
 redis.call('ZREM', K.pools_names, proc)
-redis.call('ZREM', K.pools_rest, proc)
 if K.beats ~= nil then K.beats[proc] = nil end  -- (store.lua's call.heartbeat asks again)
 return 1

@@ -42,11 +42,11 @@ local limits_memo   -- the memo entry L and POL came from (load_limits), or nil
 -- call left it" below); a time no lease in P:leases expires before (le: put_lease,
 -- fast.lua's lapsed_lease; unset: not known); rate tokens out in processes' leases
 -- (core.lua's lease_tokens; unset: none ever): the newer generation's number (rg), its
--- tokens (ra) and expiry (rx), the older one's tokens (rb) and expiry (ry); when the
--- processes still to be told that someone waits were set aside in P:pw by an older build
--- (sq: call.signal_rest drains them; this build never sets it); when this build's round of
--- that signal began, while processes are still to be told (sk: call.signal_next; unset:
--- none are).
+-- tokens (ra) and expiry (rx), the older one's tokens (rb) and expiry (ry); sq, a
+-- pre-release build's (branch `fanout`), neither read nor written, its place kept (no build
+-- without the state's generation shares a budget with this one: keys.GENERATION); when
+-- the round of the signal that someone waits began, while processes are still to be told
+-- (sk: call.signal_next; unset: none are).
 -- The layout: the numbers in PACKED share one field, PACKED_FIELD, their texts in that
 -- order joined with SEP ('' for unset), read and written whole: Redis reads one field for
 -- a fraction of what it takes for a dozen, and a loaded library remembers the last text
@@ -75,19 +75,6 @@ for i = 1, #PACKED do EMPTY_TEXTS[i] = '' end
 -- waiting, the epoch and the live stamp (load_limits_stamped). (Not the state's
 -- generation, keys.GENERATION: a stamp is only there while someone waits, call.gen0.)
 local HOT_FIELDS = {PACKED_FIELD, 'inflight', 'waiting', 'ep', LIVE_STAMP}
-
--- A tenant's state (keys.TENANT_FIELDS, shared): finish tag, weight, cap bucket and its
--- time, waiting requests, their cost by rank (c0..), state (IDLE, ACTIVE, CAPPED), member
--- in P:active, its queue's next TTL refresh. Stored as one field of P:T (K.tenant_hash) by
--- digest, the values joined with SEP and the name last (call.TENANT_PATTERN); an empty
--- value reads as its default (weight 1, waiting and costs 0, IDLE, member '', refresh 0)
--- or unset (cap, cap_at).
-
--- A number as text. NUMBER_FORMAT (17 significant digits) costs glibc several thousand
--- instructions a number: `now` is formatted once per call; a whole number (counts,
--- costs, sequence numbers: most of what a call writes) is written as %d instead, the same
--- text, for a third of that, and the small ones are remembered; so is the last number
--- formatted (the times made from `now` are often written twice in a row).
 
 -- The state layer's helpers that are not part of load and save (num's whole numbers,
 -- "A call's memos" below), in one table: a chunk may have at most 200 locals, and each
@@ -121,6 +108,11 @@ end
 
 local now_text        -- num(now), made once per call (init) when first needed
 
+-- A number as text. NUMBER_FORMAT (17 significant digits) costs glibc several thousand
+-- instructions a number: `now` is formatted once per call; a whole number (counts,
+-- costs, sequence numbers: most of what a call writes) is written as %d instead, the same
+-- text, for a third of that, and the small ones are remembered; so is the last number
+-- formatted (the times made from `now` are often written twice in a row).
 local function num(x)
   if x == now then
     if now_text == nil then now_text = string.format(NUMBER_FORMAT, x) end
@@ -263,7 +255,8 @@ end
 -- An acquire as the client writes it (protocol.py: A|id|digest|name|tail): its id, digest,
 -- tenant name and tail taken apart by one pattern (call.ACQUIRE_PATTERN), its tail as
 -- call.acquire_tail keeps it; nil if the operation is not in that form (batch.lua answers
--- with an error). batch.lua's do_acquire and fast.lua's fast_acquire both decode by it.
+-- with an error). fast.lua's fast_acquire decodes by it (its do_acquire, the full call's,
+-- writes the match out).
 -- (One match in place of four plain finds and four subs: 1.8 k instructions fewer an
 -- acquire, docs/performance.md, `churnlua`. Its tail is taken by '(.*)', which tests no
 -- character class; a pattern of all nine fields, the tail's by a class each, cost more.)
@@ -357,7 +350,7 @@ function call.init_tables()
     active = nil, capped = nil, leases = nil, tenant_hash = nil}
   M = {top_known = nil, top_t = nil, top_r = nil, capped_next = nil, capped_checked = nil,
     dl_next = nil, dl_floor = nil, idle = nil, idle_adds = nil, last_number = nil, last_text = nil,
-    no_weights = nil, weights_asked = nil, made = nil, hot_read = nil, kept = nil,
+    no_weights = nil, made = nil, hot_read = nil, kept = nil,
     granted = nil, raw = nil, queued_at = nil, queued_text = nil, tw = nil, plain_mid = nil,
     work_spent = nil, work_units = nil, stamped = nil, gen = nil, by_gen = nil, dropped = nil}
   more = false
@@ -1360,7 +1353,7 @@ local function save_tenant(t, again, hot)
     if v == 0 then parts[NRANK + 8] = ''
     elseif v == M.tenant_xp then parts[NRANK + 8] = M.tenant_xp_text
     else parts[NRANK + 8] = num(v) end
-    v = t.q1  -- (its one waiter, its rank first: call.enqueue)
+    v = t.q1  -- (its one waiter, its rank first: enqueue)
     if v == nil then parts[NRANK + 9] = '' else parts[NRANK + 9] = num(t.q1r) .. v end
     parts[NRANK + 10] = name
     text = table.concat(parts, SEP, 1, NRANK + 10)
@@ -1432,7 +1425,6 @@ do  -- (at load: a function library may use no standard library there)
     if hot[PACKED[i]] then call.HOT_PACKED[#call.HOT_PACKED + 1] = i end
   end
 end
-call.HOT_PLAIN = {'inflight', LIVE_STAMP}
 
 -- A process's recent admissions (core.lua's take): trimmed back to RECENT_KEPT once
 -- TUNING.RECENT_SLACK more came in (at least the last RECENT_KEPT are kept), their TTL set
@@ -1543,7 +1535,8 @@ end
 
 -- save's plain fields that changed (PLAIN's, written out: a loop over their names took
 -- twice as long) into args after its first n, their texts made what was read (M.raw: the
--- HMGET's, PLAIN[i] at i + 1); the new count.
+-- HMGET's, PLAIN[i] at i + 1); the new count. `hot`: a call of fast.lua's, which can
+-- change only in flight and the live stamp (and has no M.raw).
 function call.put_plain(args, n, name, value, i)
   args[n + 1] = name
   if type(value) == 'number' then value = num(value) end
@@ -1554,9 +1547,13 @@ function call.put_plain(args, n, name, value, i)
   return n + 2
 end
 
-function call.save_plain(args, n)
+function call.save_plain(args, n, hot)
   local s, s0, put = S, S0, call.put_plain
   if s.inflight ~= s0.inflight then n = put(args, n, 'inflight', s.inflight, 2) end
+  if hot then
+    if s.lv ~= s0.lv then n = put(args, n, LIVE_STAMP, s.lv, 6) end
+    return n
+  end
   if s.waiting ~= s0.waiting then n = put(args, n, 'waiting', s.waiting, 3) end
   if s.tk_by ~= s0.tk_by then n = put(args, n, 'tk_by', s.tk_by, 4) end
   if s.ep ~= s0.ep then n = put(args, n, 'ep', s.ep, 5) end
@@ -1577,11 +1574,9 @@ call.state_args = {}
 -- fast.lua's, which compares only what it can change (call.HOT_PACKED).
 local function save(hot)
   -- (Someone waits now and nobody did as this call found the state: call.signal_waiting;
-  -- someone did, and processes are still to be told: the next of them; an older build's
-  -- rest in P:pw first.)
+  -- someone did, and processes are still to be told: the next of them.)
   if S.waiting > 0 then
     if (S0.waiting or 0) <= 0 then call.signal_waiting()
-    elseif S.sq then call.signal_rest()
     elseif S.sk then call.signal_next()
     end
   end
@@ -1600,22 +1595,7 @@ local function save(hot)
     changed = call.save_packed_anew(args, hot)
   end
   if changed then n = 2 end
-  if hot then
-    local plain = call.HOT_PLAIN
-    for i = 1, #plain do
-      local name = plain[i]
-      local value = S[name]
-      if value ~= S0[name] then
-        args[n + 1] = name
-        if type(value) == 'number' then value = num(value) end
-        args[n + 2] = value
-        n = n + 2
-        S0[name] = S[name]
-      end
-    end
-  else
-    n = call.save_plain(args, n)
-  end
+  n = call.save_plain(args, n, hot)
   -- The state's generation (keys.GENERATION): a full call that keeps its state and leaves
   -- requests waiting (so the next call is a full one: batch.lua tries no fast path) stamps
   -- its write (call.keep_state, call.take_kept), unless it took the state by its stamp
@@ -1883,7 +1863,6 @@ end
 -- may hold one). A message lost (a listener reconnecting, a Redis that failed over) only
 -- delays the pool's return to the process's next reply or its T: the bound is exact
 -- whatever the pools do (the tokens and slots are counted out in Redis).
-
 --
 -- One call tells TUNING.SIGNAL_BATCH processes at most (each costs an RPUSH and a PEXPIRE,
 -- some 19,000 instructions: all of a large fleet at once would hold Redis for over a
@@ -1900,12 +1879,6 @@ end
 -- place: its name). Nobody waits any more: the round waits (a pool kept while nobody
 -- waits takes nothing from anyone); the next opening, within the gap or after it, goes on
 -- with it: a signal starts anew only once the last round reached its end.
--- An older build (branch `fanout`) copied P:pl into P:pw and set S.sq: its rest is told
--- first (call.signal_rest, ZPOPMIN, SIGNAL_BATCH a call), then S.sq is cleared (the key
--- went with its last member); this build sets neither. An older build ignores P:pn, the
--- cursor and S.sk, and drops S.sk when it writes the packed numbers: the round then ends
--- there (the processes after the cursor told at the next signal, or at their next reply
--- or T, as for a message missed).
 
 -- The processes that may hold a pool are told that someone waits (save, on the transition).
 function call.signal_waiting()
@@ -1915,8 +1888,7 @@ function call.signal_waiting()
     return
   end
   -- The rest of the last signal first (within the gap too: at most SIGNAL_BATCH a call;
-  -- an older build's in P:pw, then this build's round; none left: a signal anew).
-  if S.sq and call.signal_rest() > 0 then return end
+  -- none left: a signal anew).
   if S.sk and call.signal_next() > 0 then return end
   -- At most once per TUNING.SIGNAL_GAP per budget (P:s's TUNING.SIGNALED: read only here): a
   -- pool taken since the last signal goes back at its next reply or its T.
@@ -1973,17 +1945,6 @@ function call.signal_next(from)
     redis.call('ZREM', K.pools, unpack(gone))  -- (lapsed: a heartbeat registers it anew)
   end
   return n
-end
-
--- An older build's rest (P:pw, S.sq): its next TUNING.SIGNAL_BATCH processes are told.
-function call.signal_rest()
-  local batch = TUNING.SIGNAL_BATCH
-  local rest = redis.call('ZPOPMIN', K.pools_rest, batch)  -- (process, until, ...)
-  for i = 1, #rest, 2 do
-    if tonumber(rest[i + 1]) > now then emit(rest[i], MESSAGE.waiting) end
-  end
-  if #rest < 2 * batch then S.sq = nil end  -- (none left: the key went with its last)
-  return #rest
 end
 
 -- The caller holds a lease of rate tokens until `til` (ratelease.lua): it is in P:pl. The
@@ -2126,9 +2087,9 @@ local function reweigh(t, weight)
 end
 
 -- A tenant's state in one field of P:T (K.tenant_hash), by digest (keys.py's table):
--- f|w|cap|cap_at|n|c0..|st|am|xp|name, '' for a default (w 1, n 0, a cost 0, st IDLE,
--- am '', xp 0) or unset (cap, cap_at): TENANT_FIELDS' order, then the name (the rest of
--- the text: a name may hold SEP). `am`, the member in P:active, is stored as its sequence
+-- f|w|cap|cap_at|n|c0..|st|am|xp|q1|name, '' for a default (w 1, n 0, a cost 0, st IDLE,
+-- am '', xp 0, no lone waiter) or unset (cap, cap_at): TENANT_FIELDS' order, then the
+-- name (the rest of the text: a name may hold SEP). `am`, the member in P:active, is stored as its sequence
 -- number alone (the member is that, SEP, the digest: put back on reading).
 call.TENANT_PATTERN = '^'
 for _ = 1, #TENANT_FIELDS do
@@ -2137,7 +2098,7 @@ end
 call.TENANT_PATTERN = call.TENANT_PATTERN .. '(.*)$'
 -- The fast paths' reading of a text (call.read_head), one match: f, w, the text from w's
 -- SEP to cap_at's end (SEP cap SEP cap_at), cap, cap_at, the rest (from cap_at's end:
--- SEP n SEP c0 .. SEP st SEP am SEP xp SEP name), and in the rest st and xp.
+-- SEP n SEP c0 .. SEP st SEP am SEP xp SEP q1 SEP name), and in the rest st and xp.
 do
   local value, skip = '([^' .. SEP .. ']*)', SEP .. '[^' .. SEP .. ']*'
   local pattern = '^' .. value .. SEP .. value .. '(' .. SEP .. value .. SEP .. value .. ')('
@@ -2219,7 +2180,7 @@ local function load_tenant(h, weight)
     if made == nil then made = {}; M.made = made end
     made[#made + 1] = t
   else
-    -- TENANT_FIELDS: f, w, cap, cap_at, n, the costs by rank, st, am, xp.
+    -- TENANT_FIELDS: f, w, cap, cap_at, n, the costs by rank, st, am, xp, q1.
     -- (Absent, w, n, the costs, st and am are their defaults: call.NEW_LOADED.)
     -- (tonum's remembered numbers looked up here first: most are, and a call costs. The
     -- costs by rank: their texts into a table of their size, made whole, then numbers.)
@@ -2236,7 +2197,7 @@ local function load_tenant(h, weight)
       n = NUMBERS[x5] or tonum(x5) or 0, c = {unpack(c)}, st = NUMBERS[xi] or tonum(xi) or IDLE,
       am = v[i + 1] or '', xp = NUMBERS[xp] or tonum(xp)}
     if l.am ~= '' then l.am = l.am .. SEP .. h end  -- (its sequence number stored)
-    -- Its one waiter's rank (a digit) and id, if its queue is that field (call.enqueue).
+    -- Its one waiter's rank (a digit) and id, if its queue is that field (enqueue).
     local q1, q1r = v[NRANK + 9], nil
     if q1 == '' then q1 = nil
     else
@@ -2258,19 +2219,13 @@ end
 -- they were made a library's decisions differ from EVALSHA's after a change of weight.
 local function live_weight(h, given)
   -- Whether any is set is known with the stamped reading of the live limits (asked once
-  -- per reading: load_limits_stamped).
+  -- per reading: load_limits_stamped, which every caller's entry script has run).
   local memo = limits_memo
   if M.no_weights == nil and memo ~= nil and memo.lv ~= nil and memo.lv == S.lv then
     if memo.no_weights == nil then memo.no_weights = redis.call('EXISTS', K.weights) == 0 end
     M.no_weights = memo.no_weights
   end
-  -- A call of many tenants asks once whether any live weight is set (a call of one asks
-  -- for its tenant's only).
-  if M.no_weights == nil and M.weights_asked then
-    M.no_weights = redis.call('EXISTS', K.weights) == 0
-  end
   if M.no_weights then return given end
-  M.weights_asked = true
   local live = redis.call('HGET', K.weights, h)
   if live then return tonum(live) end
   return given
