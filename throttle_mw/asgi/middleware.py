@@ -64,6 +64,10 @@ _DEGRADED: Final = 2
 _LEASE: Final = 3
 _UNTHROTTLED: Final = 4
 _HTTP1 = frozenset(("1.1", "1.0"))
+#: The lifespan messages after which the backend is stopped.
+_LIFESPAN_ENDS = frozenset(
+    ("lifespan.startup.failed", "lifespan.shutdown.complete", "lifespan.shutdown.failed")
+)
 #: Bounds `ThrottleMiddleware._admitted` (cleared when full, like the tenant caches).
 _DECISION_CACHE_SIZE = 4096
 _BODY_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
@@ -245,7 +249,9 @@ class ThrottleMiddleware:
             return message
 
         async def send_wrapper(message: Message) -> None:
-            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            # The app's own start-up may fail after the backend started (its tasks, a
+            # Redis process registration, the signal handlers): stop it then too.
+            if message["type"] in _LIFESPAN_ENDS:
                 await self.shutdown()
             await send(message)
 
