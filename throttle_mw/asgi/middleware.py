@@ -144,7 +144,13 @@ class ThrottleMiddleware:
             settings.route_priorities, make_tag(settings.default_priority), app
         )
         self._route_cache = self._routes.by_method
-        self._tenants = Tenants(settings.tenant_header, settings.tenant_resolver)
+        # Observers that count a failing resolver (`ThrottleMetrics`) say so by a method.
+        listeners = [
+            hook
+            for observer in self._observers
+            if callable(hook := getattr(observer, "tenant_resolver_failed", None))
+        ]
+        self._tenants = Tenants(settings.tenant_header, settings.tenant_resolver, listeners)
         self._resolver = settings.tenant_resolver
         self._tenant_header = self._tenants.header
         #: The request headers `__call__` reads: the tenant's and the body's.
