@@ -207,7 +207,10 @@ def test_a_worker_killed_with_slots_and_queued_requests_gives_them_back_within_t
         }
 
     with app:
-        out = run(scenario())
+        try:
+            out = run(scenario())
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; log:\n{app.log()[-4000:]}") from exc
         log = app.log()
     assert out["victim"] in out["workers"]
     # The slots come back after the lease TTL at most (a heartbeat's beat of margin and
@@ -315,7 +318,7 @@ def test_workers_recycled_by_max_requests_under_load_leave_no_slot_held(
         args=("--max-requests", "15", "--max-requests-jitter", "0"),
     )
 
-    async def scenario() -> tuple[list[int | str], int]:
+    async def scenario() -> list[int | str]:
         url = app.url
         await every_worker(url, 2)
         async with httpx.AsyncClient(
@@ -343,14 +346,19 @@ def test_workers_recycled_by_max_requests_under_load_leave_no_slot_held(
             ]
             await until(url, lambda b: b["in_flight"] == concurrency)
             await asyncio.gather(*again)
-        return statuses, 0
+        return statuses
 
     with app:
-        statuses, _ = run(scenario())
+        statuses = run(scenario())
         log = app.log()
     recycled = log.count("Maximum request limit of 15 exceeded")
     assert recycled >= 4, log[-3000:]  # 100 requests over 2 workers of 15 each
-    assert statuses == [200] * 100
+    # A connection a recycling worker accepted but had not read a request from yet is
+    # closed by uvicorn's own shutdown (busy machine: seen 1 in 100): the server's, not a
+    # throttle answer. Every answer the throttle gave is a 200.
+    dropped = [s for s in statuses if s in ("RemoteProtocolError", "ReadError")]
+    assert statuses.count(200) + len(dropped) == 100, statuses
+    assert len(dropped) <= 10, statuses
     assert "Traceback" not in log, log[-3000:]
 
 
@@ -386,7 +394,8 @@ def test_one_http2_connection_of_several_tenants_resets_and_fair_turns(
             # A reset after admission: the streaming response's slot comes back.
             await h2.first_data(streaming)
             await h2.reset(streaming)
-            await until(url, lambda b: b["waiting"] == 12 - len(gone) - 1)
+            # (Then the queue goes through that slot, 0.05 s a request: `<=`, not `==`.)
+            await until(url, lambda b: b["waiting"] <= 12 - len(gone) - 1)
             (tmp_path / "release-a").touch()
             answers = {
                 i: (await h2.response(stream_id)).status
