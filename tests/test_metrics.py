@@ -282,6 +282,50 @@ async def test_route_and_mount_bypass_an_exhausted_budget() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_failing_resolver_is_counted_per_request_by_failure_and_type() -> None:
+    """Every request whose resolver failed, not only the first of a kind (the log line's):
+    by failure and type name, bounded at 32 types, then "other"."""
+
+    class Failure(Exception):
+        pass
+
+    kinds = [type(f"Failure{i}", (Failure,), {}) for i in range(35)]
+
+    async def fast(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(request.state.throttle.tenant)
+
+    def resolver(scope: Scope) -> Any:
+        kind = dict(scope["headers"]).get(b"x-kind", b"").decode()
+        if kind == "float":
+            return 1.5
+        if kind.isdigit():
+            raise kinds[int(kind)]("the key sk-secret")
+        return {"acme": "acme"}[kind]  # KeyError for any other
+
+    metrics = fresh()
+    inner = Starlette(routes=[Route("/", fast), metrics.route()])
+    app = ThrottleMiddleware(inner, observers=[metrics], rate=1000.0, tenant_resolver=resolver)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        sent = ["acme", "nobody", "nobody", "nobody", "float", "float", "0", "0"]
+        sent += [str(i) for i in range(1, 35)]  # 34 more kinds: 2 past the bound of 32
+        tenants = [(await http.get("/", headers={"x-kind": kind})).text for kind in sent]
+        m = parse((await http.get("/metrics")).text)
+    assert tenants[0] == "acme"
+    assert set(tenants[1:]) == {"ip:127.0.0.1"}
+    name = "throttle_tenant_resolver_failures_total"
+    assert value(m, name, failure="raised", type="KeyError") == 3
+    assert value(m, name, failure="returned", type="float") == 2
+    assert value(m, name, failure="raised", type="Failure0") == 2
+    # KeyError, float and Failure0-29 are the 32 kinds; Failure30-34 are "other".
+    assert value(m, name, failure="raised", type="Failure29") == 1
+    assert value(m, name, failure="raised", type="other") == 5  # Failure30-34
+    assert "Failure30" not in label_values(m, name, "type")
+    assert total(m, name) == len(sent) - 1
+    assert "sk-secret" not in str(m)
+
+
+@pytest.mark.anyio
 async def test_the_documented_fastapi_set_up_is_exempt_and_finds_the_backend(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -345,7 +345,7 @@ async def test_a_resolver_that_fails_falls_back_to_the_address_and_is_logged_onc
                 seen[kind] = (response.status_code, body.get("tenant", body.get("title")))
     assert seen == {
         "int": (200, "42"),
-        "bytes": (200, "ip:127.0.0.1"),
+        "bytes": (200, "acme"),  # the text they hold (test_a_resolver_s_bytes_are_...)
         "object": (200, "ip:127.0.0.1"),
         "bool": (200, "ip:127.0.0.1"),
         "sk-secret": (200, "ip:127.0.0.1"),
@@ -353,9 +353,8 @@ async def test_a_resolver_that_fails_falls_back_to_the_address_and_is_logged_onc
         "bad": (400, "Invalid tenant"),
     }
     lines = [r.getMessage() for r in caplog.records if "tenant_resolver" in r.getMessage()]
-    assert len(lines) == 4, lines  # bytes, object, bool, KeyError: once each
+    assert len(lines) == 3, lines  # object, bool, KeyError: once each
     assert {line.split(" (")[0] for line in lines} == {
-        "tenant_resolver returned bytes",
         "tenant_resolver returned object",
         "tenant_resolver returned bool",
         "tenant_resolver raised KeyError",
@@ -363,6 +362,38 @@ async def test_a_resolver_that_fails_falls_back_to_the_address_and_is_logged_onc
     assert all("\n" not in line and "client address" in line for line in lines)
     assert "sk-secret" not in caplog.text  # the exception's message is never logged
     assert "in resolver" in lines[-1]  # but where it was raised is
+
+
+@pytest.mark.anyio
+async def test_a_resolver_s_bytes_are_the_text_they_hold() -> None:
+    """Bytes (a header value read from the scope) are their UTF-8 text, treated as that
+    `str`: an id the tenant header accepts is that tenant, the header's own for the same
+    bytes; any other value is hashed like a trusted `str`; bytes that are not UTF-8 are
+    hashed as they are. Never the client address, never a failure logged."""
+    answers: dict[str, bytes] = {
+        "plain": b"acme",
+        "shaped": b"auth0|abc",
+        "utf8": "café".encode(),
+        "latin1": b"caf\xe9",  # not UTF-8
+        "empty": b"",
+    }
+
+    def resolver(scope: dict[str, Any]) -> bytes:
+        return answers[dict(scope["headers"])[b"x-kind"].decode()]
+
+    app = fastapi_app(tenant_resolver=resolver)
+    seen = {}
+    for kind in answers:
+        response = await call(app, "GET", "/api/plain", {"X-Kind": kind})
+        assert response.status_code == 200
+        seen[kind] = response.json()["tenant"]
+    by_header = await call(fastapi_app(), "GET", "/api/plain", {"X-Tenant-ID": "acme"})
+    assert seen["plain"] == by_header.json()["tenant"] == "acme"
+    assert seen["shaped"] == tenants.digest_tenant("auth0|abc")
+    assert seen["utf8"] == tenants.digest_tenant("café")
+    assert seen["latin1"].startswith("h:")
+    assert seen["latin1"] not in (seen["utf8"], tenants.digest_tenant("caf\xe9"))
+    assert seen["empty"] == "ip:127.0.0.1"  # as an empty str: no tenant found
 
 
 # --- responses -------------------------------------------------------------------------------

@@ -287,6 +287,17 @@ class ThrottleMetrics:
             namespace=ns,
             registry=registry,
         )
+        # A failing tenant_resolver (the request fell back to its client address): the
+        # middleware calls `tenant_resolver_failed`. The types are the resolver's own
+        # exception and return types, at most 32 and then "other".
+        self._resolver_failures = Counter(
+            "tenant_resolver_failures",
+            "Requests whose tenant_resolver raised or returned an unusable type, by failure "
+            "(raised, returned) and type name; they were throttled as their client address.",
+            ["failure", "type"],
+            namespace=ns,
+            registry=registry,
+        )
         #: What a scrape serves: the registry, or in multiprocess mode every process's
         #: files (all of the app's metrics) and this process's fresh reading of the gauges.
         self.exposed = registry
@@ -317,6 +328,10 @@ class ThrottleMetrics:
             self._wait_by[event.priority].observe(event.waited_s)
         if self._labels is not None and self._tenant_requests is not None:
             self._tenant_requests.labels(self._labels(event.tenant), outcome).inc()
+
+    def tenant_resolver_failed(self, failure: str, type_name: str) -> None:
+        """Count a request whose ``tenant_resolver`` failed (called by the middleware)."""
+        self._resolver_failures.labels(failure, type_name).inc()
 
     def _drop_tenant(self, tenant: str) -> None:
         assert self._tenant_requests is not None

@@ -35,4 +35,13 @@ class ThrottleEvent(NamedTuple):
 
 
 class Observer(Protocol):
+    """Called with every `ThrottleEvent`.
+
+    An observer may also have a method ``tenant_resolver_failed(failure, type_name)``:
+    the middleware then calls it for every request whose ``tenant_resolver`` failed
+    (``"raised"`` and the exception's type name, or ``"returned"`` and the returned
+    value's; ``"other"`` beyond 32 kinds), before the request falls back to its
+    client address. `throttle_mw.metrics.ThrottleMetrics` counts them.
+    """
+
     def __call__(self, event: ThrottleEvent, /) -> None: ...

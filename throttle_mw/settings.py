@@ -232,7 +232,7 @@ class Settings:
     #: that used the budget (refreshed while it is in use): a week.
     live_limits_ttl_s: float = LIVE_LIMITS_TTL_S
     #: Resolver hook: ``(scope) -> tenant id (str or int) | None``, replacing the header lookup.
-    tenant_resolver: Callable[[Any], str | int | None] | None = None
+    tenant_resolver: Callable[[Any], str | bytes | int | None] | None = None
     #: Request body bytes read ahead before a request asks for budget (0: none).
     body_buffer_bytes: int = 256 * 1024
     #: All bodies read ahead in this process at once, in bytes.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -88,8 +89,9 @@ class H2Client:
             with contextlib.suppress(OSError):
                 await self._writer.wait_closed()
 
-    async def get(self, path: str) -> int:
-        """Send a GET for `path`; returns its stream id at once (see `response`)."""
+    async def get(self, path: str, headers: Sequence[tuple[str, str]] = ()) -> int:
+        """Send a GET for `path` (with `headers` besides the pseudo-headers); returns its
+        stream id at once (see `response`)."""
         stream_id = self._conn.get_next_available_stream_id()
         self._streams[stream_id] = Stream()
         headers = [
@@ -97,6 +99,7 @@ class H2Client:
             (":path", path),
             (":scheme", "http"),
             (":authority", f"{self.host}:{self.port}"),
+            *headers,
         ]
         self._conn.send_headers(stream_id, headers, end_stream=True)
         await self._flush()

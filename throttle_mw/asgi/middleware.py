@@ -64,6 +64,10 @@ _DEGRADED: Final = 2
 _LEASE: Final = 3
 _UNTHROTTLED: Final = 4
 _HTTP1 = frozenset(("1.1", "1.0"))
+#: The lifespan messages after which the backend is stopped.
+_LIFESPAN_ENDS = frozenset(
+    ("lifespan.startup.failed", "lifespan.shutdown.complete", "lifespan.shutdown.failed")
+)
 #: Bounds `ThrottleMiddleware._admitted` (cleared when full, like the tenant caches).
 _DECISION_CACHE_SIZE = 4096
 _BODY_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
@@ -140,7 +144,13 @@ class ThrottleMiddleware:
             settings.route_priorities, make_tag(settings.default_priority), app
         )
         self._route_cache = self._routes.by_method
-        self._tenants = Tenants(settings.tenant_header, settings.tenant_resolver)
+        # Observers that count a failing resolver (`ThrottleMetrics`) say so by a method.
+        listeners = [
+            hook
+            for observer in self._observers
+            if callable(hook := getattr(observer, "tenant_resolver_failed", None))
+        ]
+        self._tenants = Tenants(settings.tenant_header, settings.tenant_resolver, listeners)
         self._resolver = settings.tenant_resolver
         self._tenant_header = self._tenants.header
         #: The request headers `__call__` reads: the tenant's and the body's.
@@ -245,7 +255,9 @@ class ThrottleMiddleware:
             return message
 
         async def send_wrapper(message: Message) -> None:
-            if message["type"] in ("lifespan.shutdown.complete", "lifespan.shutdown.failed"):
+            # The app's own start-up may fail after the backend started (its tasks, a
+            # Redis process registration, the signal handlers): stop it then too.
+            if message["type"] in _LIFESPAN_ENDS:
                 await self.shutdown()
             await send(message)
 

@@ -6,11 +6,17 @@ resolver that reads an authenticated principal (API key, JWT claim, session)
 instead; see the README. A request without a tenant falls back to its client
 address, never to one shared bucket.
 
-A resolver that fails (raises, or returns neither a string, an int nor None) is
-treated as one that found no tenant: the request falls back to its client address,
+A resolver that fails (raises, or returns neither a string, bytes, an int nor None)
+is treated as one that found no tenant: the request falls back to its client address,
 and the failure is logged once per kind and middleware (a process runs one), never
-once per request and never as a 500. `InvalidTenant` alone goes through: a resolver
-raises it to answer 400.
+once per request and never as a 500; every failure is also passed to `on_failure`
+(the metrics' ``throttle_tenant_resolver_failures_total``). `InvalidTenant` alone goes
+through: a resolver raises it to answer 400.
+
+A resolver's `bytes` (a header value read from the scope, say) are the text they hold
+in UTF-8, treated as that `str`: an id the tenant header would accept is used as it is
+(the same tenant as the header's same bytes), any other value is hashed as a trusted
+value of any shape; bytes that are not UTF-8 are hashed as they are.
 """
 
 from __future__ import annotations
@@ -18,19 +24,23 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from starlette.types import Scope
 
 from ..settings import TENANT_MAX_LENGTH, TENANT_PATTERN
 
-TenantResolver = Callable[[Scope], "str | int | Awaitable[str | int | None] | None"]
+TenantResolver = Callable[[Scope], "str | bytes | int | Awaitable[str | bytes | int | None] | None"]
 
 logger = logging.getLogger("throttle_mw")
 #: Kinds of resolver failure logged at most, per middleware (the kinds are the
-#: resolver's own exception and return types, so a bound is only a safety net).
+#: resolver's own exception and return types, so a bound is only a safety net); the
+#: kinds beyond it are passed to `on_failure` with the type name `OTHER_FAILURE`.
 _FAILURES_LOGGED = 32
+OTHER_FAILURE = "other"
+#: Told of every resolver failure: ("raised" or "returned", the type's name).
+FailureListener = Callable[[str, str], None]
 
 
 class InvalidTenant(Exception):
@@ -65,15 +75,23 @@ def client_address(scope: Scope) -> str:
 
 def digest_tenant(value: str) -> str:
     """A stable, valid id for a trusted value of any shape (e.g. ``auth0|abc``)."""
-    return (
-        "h:" + hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-    )
+    return digest_bytes(value.encode("utf-8", "surrogatepass"))
+
+
+def digest_bytes(value: bytes) -> str:
+    """`digest_tenant` of the text `value` holds in UTF-8 (also for bytes that are not)."""
+    return "h:" + hashlib.blake2b(value, digest_size=16).hexdigest()
 
 
 class Tenants:
     """Resolve the tenant of a request: resolver hook, else header, else client address."""
 
-    def __init__(self, header: str, resolver: Callable[[Scope], Any] | None = None) -> None:
+    def __init__(
+        self,
+        header: str,
+        resolver: Callable[[Scope], Any] | None = None,
+        on_failure: Sequence[FailureListener] = (),
+    ) -> None:
         #: The tenant header's name as servers pass it (lowercase bytes).
         self.header = header.lower().encode("latin-1")
         self._resolver = resolver
@@ -81,8 +99,9 @@ class Tenants:
             inspect.iscoroutinefunction(resolver)
             or inspect.iscoroutinefunction(getattr(resolver, "__call__", None))  # noqa: B004
         )
-        #: Resolver failures already logged, by kind (``raised KeyError``, ``returned bytes``).
+        #: Resolver failures already logged, by kind (``raised KeyError``, ``returned float``).
         self._failures: set[str] = set()
+        self._on_failure = tuple(on_failure)
 
     async def resolve(self, scope: Scope) -> str:
         if self._resolver is None:
@@ -96,18 +115,35 @@ class Tenants:
         except InvalidTenant:
             raise  # the resolver's own 400
         except Exception as exc:
-            self._failed(f"raised {type(exc).__name__}", _where(exc))
+            self._failed("raised", type(exc).__name__, _where(exc))
             return client_address(scope)
+        if type(value) is bytes:
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                return digest_bytes(value)
         if value is None or value == "":
             return client_address(scope)
         if not isinstance(value, str):
-            self._failed(f"returned {type(value).__name__}", "expected str, int or None")
+            self._failed("returned", type(value).__name__, "expected str, bytes, int or None")
             return client_address(scope)
         return value if TENANT_PATTERN.fullmatch(value) else digest_tenant(value)
 
-    def _failed(self, kind: str, detail: str) -> None:
-        """Log a kind of resolver failure the first time it happens, as one line."""
-        if kind in self._failures or len(self._failures) >= _FAILURES_LOGGED:
+    def _failed(self, failure: str, type_name: str, detail: str) -> None:
+        """Tell the listeners of a resolver failure; log its kind the first time, as one line."""
+        kind = f"{failure} {type_name}"
+        if kind in self._failures:
+            logged = True
+        elif len(self._failures) >= _FAILURES_LOGGED:
+            logged, type_name = True, OTHER_FAILURE
+        else:
+            logged = False
+        for listener in self._on_failure:
+            try:
+                listener(failure, type_name)
+            except Exception:  # a listener's bug (the metrics') must not fail the request
+                logger.exception("throttle_mw resolver failure listener failed")
+        if logged:
             return
         self._failures.add(kind)
         logger.error(
