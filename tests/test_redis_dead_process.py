@@ -5,10 +5,10 @@ Its leases lapse a lease TTL after its last heartbeat; something must then run a
 expires them and dispatches (core.lua's expire_leases and dispatch): a tick at the
 earliest lease expiry (next_due), claimed by one process (claim_tick), the others keeping
 a fallback TICK_SLACK later. A survivor with none of its own requests queued made no call
-since the dead process's requests queued: no reply told it of a tick due. renew.lua's
-reply tells each heartbeat when a lapsed lease holds up someone waiting, and the process
-ticks (backend.py's _renew_loop). Two or three RedisBackend processes in one test loop on
-a real Redis; the dead one vanishes (`vanish`).
+since the dead process's requests queued: no reply told it of a tick due; and once nobody
+waits, no tick is due at all. renew.lua's reply tells each heartbeat when a lease lapsed,
+and the process ticks (backend.py's _renew_loop). Two or three RedisBackend processes in
+one test loop on a real Redis; the dead one vanishes (`vanish`).
 """
 
 from __future__ import annotations
@@ -159,12 +159,12 @@ async def test_a_survivor_s_waiter_runs_when_the_dead_process_claimed_the_tick(
         await b.stop()
 
 
-def test_a_heartbeat_says_tick_only_while_someone_waits_behind_a_lapsed_lease(
+def test_a_heartbeat_says_tick_once_a_lease_lapsed(
     redis_server: RedisServer,
 ) -> None:
     """renew.lua's tick flag, on a fake clock (lease TTL 1 s): not while the leases are
-    live, nor for a lapsed lease nobody waits behind (the next arrival's call expires it);
-    yes once someone waits behind one; no more once a tick expired it and dispatched."""
+    live; yes once one lapsed, whether or not someone waits behind it; no more once a tick
+    expired it (and dispatched the waiter)."""
     client = redis_server.client()
     try:
         policy = Policy(dict.fromkeys(PRIORITIES, 30.0))
@@ -173,9 +173,13 @@ def test_a_heartbeat_says_tick_only_while_someone_waits_behind_a_lapsed_lease(
         survivor = dead.joined("survivor")
         assert isinstance(dead.acquire(0.1, Request("gone", "t"))[0], Admit)  # until 1.1
         assert isinstance(survivor.acquire(0.2, Request("s", "u"))[0], Admit)
-        assert not survivor.renew(0.6, ["s"]).tick  # live, and nobody waits
-        assert not survivor.renew(1.2, ["s"]).tick  # "gone" lapsed: nobody waits
-        assert isinstance(survivor.acquire(1.25, Request("s2", "u"))[0], Admit)  # expired it
+        assert not survivor.renew(0.6, ["s"]).tick  # live
+        assert survivor.renew(1.2, ["s"]).tick  # "gone" lapsed (1.1), nobody waits
+        assert survivor.in_flight == 2
+        survivor.tick(1.22)
+        assert survivor.in_flight == 1
+        assert not survivor.renew(1.24, ["s"]).tick
+        assert isinstance(survivor.acquire(1.25, Request("s2", "u"))[0], Admit)
         assert isinstance(dead.acquire(1.3, Request("d", "t"))[0], Admit)  # until 2.3
         assert dead.renew(1.4, ["d"]).held == (True,)  # until 2.4: its last heartbeat
         assert isinstance(survivor.acquire(1.5, Request("w", "u"))[0], Enqueue)

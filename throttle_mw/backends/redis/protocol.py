@@ -390,7 +390,7 @@ class Renewed(NamedTuple):
     epoch: str
     #: Per lease id sent, in order: did Redis have it?
     held: tuple[bool, ...]
-    #: Someone waits behind a lease that lapsed (its process died): tick, it is expired.
+    #: A lease lapsed (its process died): tick, it is expired (and what waits dispatched).
     tick: bool = False
 
 
