@@ -984,6 +984,10 @@ class RedisBackend(Recovery):
                             # release (its slot may be another process's now).
                             self._forget_slots(rid)
                     self._renewed(renewed.epoch)
+                    if renewed.tick and self._batcher is not None:
+                        # A lease lapsed and no tick may be due here (the process that
+                        # claimed it died, or nobody waits): this one expires it, dispatches.
+                        self._batcher.submit(protocol.TICK).add_done_callback(self._after_tick)
                     self._succeeded()
             except asyncio.CancelledError:
                 raise

@@ -390,11 +390,13 @@ class Renewed(NamedTuple):
     epoch: str
     #: Per lease id sent, in order: did Redis have it?
     held: tuple[bool, ...]
+    #: A lease lapsed (its process died): tick, it is expired (and what waits dispatched).
+    tick: bool = False
 
 
 def decode_renew(raw: Any) -> Renewed:
-    live, epoch, held = (x.decode() if isinstance(x, bytes) else x for x in raw)
-    return Renewed(int(live), str(epoch), tuple(c == "1" for c in str(held)))
+    live, epoch, held, tick = (x.decode() if isinstance(x, bytes) else x for x in raw)
+    return Renewed(int(live), str(epoch), tuple(c == "1" for c in str(held)), str(tick) == "1")
 
 
 def leave_args(tag: str, process: str) -> list[str]:

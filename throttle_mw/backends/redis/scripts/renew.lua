@@ -13,7 +13,8 @@
 -- ARGV[8..] lease ids held.
 -- Returns {the number of live processes (heartbeats not yet expired), the epoch of the
 -- budget's state ("" if it has none: it expired unused, or Redis lost it), one character
--- per lease id: 1 if Redis had that lease, else 0}.
+-- per lease id: 1 if Redis had that lease, else 0; then 1 if a lease lapsed, to be
+-- expired by a tick from the caller, else 0}.
 --
 -- A live process keeps P:procs from expiring, and while it holds leases, the keys they are
 -- counted in: a request may run longer than T without a batch call in between.
@@ -72,6 +73,20 @@ if ARGV[7] == '1' then
   redis.call('PEXPIRE', K.pools_names, ttl)
 end
 local live = redis.call('ZCARD', K.procs)
-local ep = redis.call('HGET', K.state, 'ep') or ''
+local state = redis.call('HMGET', K.state, 'ep', 'inflight')
+local ep = state[1] or ''
+-- A lease that lapsed (its process died, SIGKILL: no leave): a tick expires it and
+-- dispatches. Nothing else may: the fleet's tick chain may have died with that process (it
+-- claimed the tick, and a survivor without a request queued of its own was told of none:
+-- no call of its own since), and with nobody waiting no tick is due at all (the budget
+-- would show the slot held until the next arrival). So each heartbeat asks. (P:leases'
+-- anchor, score +inf, is never first while a lease is there.)
+local tick = '0'
+if (tonumber(state[2]) or 0) > 0 then
+  local first = redis.call('ZRANGE', K.leases, 0, 0, 'WITHSCORES')
+  if #first > 0 and first[1] ~= TUNING.LEASE_ANCHOR and tonumber(first[2]) <= now then
+    tick = '1'
+  end
+end
 call.beat_seen(proc, beat, ep)  -- (batch.lua need not ask for it: store.lua's call.heartbeat)
-return {live, ep, table.concat(renewed)}
+return {live, ep, table.concat(renewed), tick}
