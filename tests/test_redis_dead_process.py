@@ -97,6 +97,7 @@ async def back_after(probe: RedisBackend, in_flight: int, waiting: int) -> float
     return None
 
 
+@pytest.mark.e2e
 @pytest.mark.anyio
 @pytest.mark.parametrize("keep_slots_s", [0.0, 5.0])
 async def test_a_dead_process_s_slots_come_back_while_the_survivors_only_hold(
@@ -129,6 +130,7 @@ async def test_a_dead_process_s_slots_come_back_while_the_survivors_only_hold(
         await c.stop()
 
 
+@pytest.mark.e2e
 @pytest.mark.anyio
 async def test_a_survivor_s_waiter_runs_when_the_dead_process_claimed_the_tick(
     clean_redis_server: RedisServer,
