@@ -111,6 +111,10 @@ class Scheduler:
         self._leases: dict[LeaseKey, int] = {}
         #: Every tenant with state, least recently used first (`Tenant.seen_at`).
         self._tenants: OrderedDict[str, Tenant] = OrderedDict()
+        #: None, or the tenant last in `_tenants` (the most recently used): its next
+        #: request finds it without a lookup, and it needs no move (`admit_unsheddable`).
+        #: Set wherever a tenant is put last; None when it is dropped (`_forget_idle`).
+        self._newest: Tenant | None = None
         #: Idle tenants are forgotten at the end of an operation that made a tenant
         #: (`_made`) or at or after `_sweep_at`, the scripts' sweep (`SWEEP_PERIOD_S`).
         self._made = False
@@ -198,14 +202,19 @@ class Scheduler:
         window = self._window
         if now - window.start >= WINDOW_S:
             window.roll(now, self._vtime)
-        # _tenant
-        tenants = self._tenants
-        tenant = _tenant_of(tenants, name)
-        if tenant is None:
-            tenant = self._tenant(name, now)
-        else:
-            _touch(tenants, name)
-            tenant.seen_at = now
+        # _tenant; the most recent tenant again (one process's clients behind one proxy,
+        # one tenant header) is already last: no lookup, no move. (By identity: an equal
+        # name in another string object takes the lookup, to the same tenant.)
+        tenant = self._newest
+        if tenant is None or tenant.name is not name:
+            tenants = self._tenants
+            tenant = _tenant_of(tenants, name)
+            if tenant is None:
+                tenant = self._tenant(name, now)
+            else:
+                _touch(tenants, name)
+                self._newest = tenant
+        tenant.seen_at = now
         if cost != 1:
             cost = self._clamp(cost)
         # _fits_at_once
@@ -690,6 +699,7 @@ class Scheduler:
             self._made = True  # (idle ones forgotten at the operation's end: `_forget_idle`)
         else:
             self._tenants.move_to_end(name)
+        self._newest = tenant
         tenant.seen_at = now
         return tenant
 
@@ -738,6 +748,8 @@ class Scheduler:
             doomed[-k:] = sorted(doomed[-k:] + tied)[:k]
         for name in doomed:
             del tenants[name]
+        if doomed:
+            self._newest = None  # (it may be among them)
 
     def _make_room(
         self, now: float, tenant: Tenant, rank: int, events: list[Event]
@@ -804,6 +816,7 @@ class Scheduler:
         if tenant.queued == 0:
             tenant.seen_at = now
             self._tenants.move_to_end(tenant.name)
+            self._newest = tenant
 
     def _remove(self, waiter: Waiter, now: float) -> None:
         """A waiter leaves without being admitted; a tenant left with none goes idle."""
