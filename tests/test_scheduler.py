@@ -670,3 +670,45 @@ def test_the_fast_path_leaves_the_state_acquire_would(limits: Limits) -> None:
             held.extend(e.id for e in events if isinstance(e, Granted) and e.lease)
         assert _state(fast) == _state(slow), i
     assert fast_path_taken > 300  # the fast path was exercised, not only the fallback
+
+
+def test_the_newest_tenant_kept_is_the_last_one() -> None:
+    """`admit_unsheddable` finds the most recent tenant (`_newest`) without a lookup or
+    a move, so it must always be None or the last tenant in `_tenants`, through
+    arrivals (repeats of one tenant among others), queueing and grants (a waiter's
+    tenant goes last when its last waiter leaves), cancels, releases, ticks and idle
+    tenants forgotten (the newest among them)."""
+    rng = random.Random(8)
+    pol = policy(max_tenants=3, tenant_idle_s=0.2, queue_limit=12)
+    s = Scheduler(Limits(rate=40.0, burst=4.0, concurrency=3), pol, 0.0)
+    now, held, waiting, hits = 0.0, [], [], 0
+    names = [str(n) for n in "abcde"]  # the same string objects each time, as the caches give
+    for i in range(4000):
+        now += rng.choice((0.0, 0.001, 0.01, 0.05, 0.3))
+        roll = rng.random()
+        if roll < 0.5:
+            name = names[0] if rng.random() < 0.5 else rng.choice(names)
+            req = Request(f"r{i}", name, "normal", rng.choice((1, 1, 2)))
+            if s._newest is not None and s._newest.name is name:
+                hits += 1
+            if s.admit_at_once(now, req):
+                held.append(req.id)
+            else:
+                got, events = s.acquire(now, req)
+                if isinstance(got, Admit):
+                    held.append(req.id)
+                elif isinstance(got, Enqueue):
+                    waiting.append(req.id)
+                held.extend(e.id for e in events if isinstance(e, Granted) and e.lease)
+        elif roll < 0.8 and held:
+            events = s.release(now, held.pop(rng.randrange(len(held))))
+            held.extend(e.id for e in events if isinstance(e, Granted) and e.lease)
+        elif roll < 0.9 and waiting:
+            _, events = s.cancel(now, waiting.pop(rng.randrange(len(waiting))))
+            held.extend(e.id for e in events if isinstance(e, Granted) and e.lease)
+        else:
+            events = s.tick(now)
+            held.extend(e.id for e in events if isinstance(e, Granted) and e.lease)
+        last = next(reversed(s._tenants.values()), None)
+        assert s._newest is None or s._newest is last, i
+    assert hits > 500  # the shortcut was taken, not only the lookup
