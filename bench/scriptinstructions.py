@@ -10,7 +10,9 @@ calls made and the profile dumped (``--out``/callgrind.<scenario>.N; read it wit
 ``callgrind_annotate``). Counts are the same from run to run, on a busy machine too:
 compare two versions of the scripts by them. ``--per-call``: callgrind dumps after every
 script call (``--dump-after``), so the largest single call of each scenario is reported
-too (``largest``: the 1 ms a call of issue 14 is about the longest call, not the mean).
+too (``largest``: the 1 ms a call of issue 14 is about the longest call, not the mean),
+and a saturated scenario's ticks and acquires apart (``tick``, ``acquire``: each kind's
+mean per call).
 
 - ``saturated-N``: a budget of 50/s with N tenants waiting, one request each, for longer
   than the idle time: a tick every 20 ms admits one, and its tenant queues another at
@@ -126,7 +128,8 @@ class Valgrind:
         calls = work()
         self.control("--dump=" + name)
         total, counts = 0, list[int]()
-        for dump in sorted(self.out.glob("callgrind.out.*")):
+        dumps = self.out.glob("callgrind.out.*")  # (by number: .10 after .9)
+        for dump in sorted(dumps, key=lambda d: int(d.suffix[1:]) if d.suffix[1:].isdigit() else 0):
             text = dump.read_text(errors="replace")
             count = 0
             for line in text.splitlines():
@@ -149,6 +152,7 @@ class Valgrind:
         }
         if self.per_call:  # (the largest call, and the next four)
             out["largest"] = sorted(counts, reverse=True)[:5]
+            self.last_counts = counts
         return out
 
     def close(self) -> None:
@@ -198,7 +202,13 @@ def saturated(vg: Valgrind, tenants: int, calls: int, evalsha: bool) -> dict[str
     def work() -> int:
         return sum(tick_and_requeue() for _ in range(calls))
 
-    return vg.counted(f"saturated-{tenants}", work)
+    out = vg.counted(f"saturated-{tenants}", work)
+    counts = getattr(vg, "last_counts", None)
+    if vg.per_call and counts is not None and len(counts) == 2 * calls:
+        # (--per-call: a tick, then its acquire, call after call: each kind's mean)
+        out["tick"] = round(sum(counts[0::2]) / calls)
+        out["acquire"] = round(sum(counts[1::2]) / calls)
+    return out
 
 
 def churn(
