@@ -17,6 +17,8 @@ mean per call).
 - ``saturated-N``: a budget of 50/s with N tenants waiting, one request each, for longer
   than the idle time: a tick every 20 ms admits one, and its tenant queues another at
   once (``--calls`` ticks, each followed by that acquire: two calls per admission);
+- ``floor``: `bench/rediscost.py`'s ``floor-cmds-16`` and ``floor-cmds-28`` (16 / 28
+  commands of a saturated call's kinds, the least Lua around them), FCALL only;
 - ``churn``: a new tenant per request, calls of ``--width`` acquires admitted at once,
   the tenant set at its bound (max_tenants 1,000). Keep ``--width`` at 2 (WORK_CHECK):
   under valgrind a call's work check (WORK_US, by Redis's clock) defers the rest, unless
@@ -211,6 +213,23 @@ def saturated(vg: Valgrind, tenants: int, calls: int, evalsha: bool) -> dict[str
     return out
 
 
+def floor(vg: Valgrind, commands: int, calls: int) -> dict[str, Any]:
+    """`bench/rediscost.py`'s floor function (its NOP_LIBRARY's ``throttle_cmds``): `commands`
+    commands of a saturated call's kinds with the least Lua around them, per call."""
+    from bench.rediscost import NOP_LIBRARY
+
+    vg.client.function_load(NOP_LIBRARY, replace=True)
+    for i in range(20):
+        vg.client.fcall("throttle_cmds", 1, "{floor}", commands, i % 50)
+
+    def work() -> int:
+        for i in range(calls):
+            vg.client.fcall("throttle_cmds", 1, "{floor}", commands, i % 50)
+        return calls
+
+    return vg.counted(f"floor-cmds-{commands}", work)
+
+
 def churn(
     vg: Valgrind, calls: int, width: int, evalsha: bool, head_start: int = 0
 ) -> dict[str, Any]:
@@ -400,6 +419,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 ticks = 100 if args.calls is None else args.calls
                 out[f"saturated-{n}"] = saturated(vg, n, ticks, args.evalsha)
                 print(f"saturated-{n:<8} {json.dumps(out[f'saturated-{n}'])}", flush=True)
+        if "floor" in wanted:  # (FCALL only)
+            for n in (16, 28):
+                out[f"floor-cmds-{n}"] = floor(vg, n, 50)
+                print(f"floor-cmds-{n:<5} {json.dumps(out[f'floor-cmds-{n}'])}", flush=True)
         if "churn" in wanted:
             calls = 20 if args.calls is None else args.calls
             out["churn"] = churn(vg, calls, args.width, args.evalsha, args.head_start)

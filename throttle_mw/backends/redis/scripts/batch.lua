@@ -84,30 +84,30 @@ end
 -- token is due): the full call's steps, in its order, without the operations' list, the
 -- reply lines and the loop's tries (satlean's prototype).
 if single and text == OP.tick then
-  init(ARGV[2], ARGV[1], ARGV[3], false)
-  load_state(ARGV[5], ARGV[4])
+  init(ARGV[2], ARGV[1], ARGV[3], false, true)  -- (lean)
+  load_state(ARGV[5], ARGV[4])  -- (lean)
   load_limits_stamped(ARGV[4], true)
-  hold_back()
+  hold_back()  -- (lean)
   call.recall_line()
-  local joined = call.heartbeat()
+  local joined = call.heartbeat()  -- (lean)
   if joined then born.procs = true end
-  refill(true)
+  refill(true)  -- (lean)
   expire_leases()
   expire_waiters()
-  tick()
-  forget_idle()
-  local due = next_due()
+  tick()  -- (lean)
+  forget_idle()  -- (lean)
+  local due = next_due()  -- (lean)
   local grace = grace_due()
   if grace ~= nil and (due == nil or grace < due) then due = grace end
   if more then due = now end
   if due ~= nil then due = claim_tick(due) end
-  local procs = live_processes(joined)
+  local procs = live_processes(joined)  -- (lean)
   call.stamp_line()
   save()
-  call.keep_line()
-  call.keep_state()
+  call.keep_line()  -- (lean)
+  call.keep_state()  -- (lean)
   if M.made ~= nil then call.spare_made() end
-  return finish(REPLY.ticked, due, procs)
+  return finish(REPLY.ticked, due, procs)  -- (lean)
 end
 
 -- One operation that nobody waiting can be affected by: fast.lua, or nil. (Not tried when
