@@ -545,6 +545,32 @@ def test_script_instructions_count_wide_churn_calls_whole_on_an_unbounded_clock(
     assert f"WORK_US = {scripts.WORK_US}," in scripts.library().text
 
 
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_script_instructions_split_a_saturated_run_into_ticks_and_acquires(
+    tmp_path: Path,
+) -> None:
+    """`--per-call`: a saturated run's ticks and acquires counted apart (a tick, then its
+    acquire, call after call: the dumps read in the order made, .10 after .9), and the
+    floor function's (FCALL only) 16 commands counted too."""
+    old = " v=6." in _redis_version()
+    scenarios = "saturated" if old else "saturated,floor"
+    out = tmp_path / "split.json"
+    argv = ["--scenarios", scenarios, "--tenants", "10", "--calls", "6", "--per-call"]
+    argv += [*(["--evalsha"] if old else []), "--out", str(tmp_path), "--json", str(out)]
+    assert scriptinstructions.main(argv) == 0
+    results = json.loads(out.read_text())
+    run = results["saturated-10"]
+    assert run["calls"] == 12
+    # Each kind's mean, which together make the run's: a tick grants and reads the next in
+    # line, its acquire queues.
+    assert abs(run["tick"] + run["acquire"] - 2 * run["per_call"]) <= 2
+    assert run["tick"] > 50_000 and run["acquire"] > 50_000
+    if not old:
+        floor16, floor28 = results["floor-cmds-16"], results["floor-cmds-28"]
+        assert floor16["calls"] == 50
+        assert 0 < floor16["per_call"] < floor28["per_call"] < run["tick"] + run["acquire"]
+
+
 def _redis_version() -> str:
     binary = str(redis_server_binary())
     return subprocess.run([binary, "--version"], capture_output=True, text=True, check=True).stdout
