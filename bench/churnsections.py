@@ -40,7 +40,7 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("batch", "init(ARGV[2], ARGV[1], ARGV[3], light)\n", "init"),
     ("batch", "load_state(ARGV[5], ARGV[4])\n", "load_state"),
     ("batch", "local joined = call.heartbeat()\n", "heartbeat"),
-    ("batch", "refill(true)  -- (the bucket", "expiries"),
+    ("batch", "refill(true)", "expiries"),
     ("batch", "local results = {nil}", "before the loop"),
     ("batch", "  local line = nil\n  if not over then line = do_acquire(op)", "op: loop top"),
     (

@@ -56,7 +56,7 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("batch", "load_state(ARGV[5], ARGV[4])\n", "load_state"),
     ("batch", "hold_back()\ncall.recall_line()", "recall_line"),
     ("batch", "local joined = call.heartbeat()\n", "heartbeat"),
-    ("batch", "refill(true)  -- (the bucket", "expiries"),
+    ("batch", "refill(true)", "expiries"),
     ("batch", "local results = {nil}", "operation"),
     (
         "core",
@@ -100,19 +100,6 @@ SECTIONS: list[tuple[str, str, str]] = [
     ("batch", "call.keep_line()\n", "keep_line"),
     ("batch", "call.keep_state()\n", "keep_state"),
     ("batch", "if #results > 1 then", "finish"),
-    # batch.lua's lone tick (satlean): its steps under the full call's names
-    ("batch", "  init(ARGV[2], ARGV[1], ARGV[3], false, true)  -- (lean)", "init: tables"),
-    ("batch", "  load_state(ARGV[5], ARGV[4])  -- (lean)", "load_state"),
-    ("batch", "  hold_back()  -- (lean)", "recall_line"),
-    ("batch", "  local joined = call.heartbeat()  -- (lean)", "heartbeat"),
-    ("batch", "  refill(true)  -- (lean)", "expiries"),
-    ("batch", "  tick()  -- (lean)", "operation"),
-    ("batch", "  forget_idle()  -- (lean)", "forget_idle"),
-    ("batch", "  local due = next_due()  -- (lean)", "next_due"),
-    ("batch", "  local procs = live_processes(joined)  -- (lean)", "live_processes"),
-    ("batch", "  call.keep_line()  -- (lean)", "keep_line"),
-    ("batch", "  call.keep_state()  -- (lean)", "keep_state"),
-    ("batch", "  return finish(REPLY.ticked, due, procs)  -- (lean)", "finish"),
 ]
 
 

@@ -80,36 +80,6 @@ if not single then
   if #ops == 1 then single = true; text = ops[1] end
 end
 
--- A lone tick (a saturated budget's: the call that grants the head waiter when the next
--- token is due): the full call's steps, in its order, without the operations' list, the
--- reply lines and the loop's tries (satlean's prototype).
-if single and text == OP.tick then
-  init(ARGV[2], ARGV[1], ARGV[3], false, true)  -- (lean)
-  load_state(ARGV[5], ARGV[4])  -- (lean)
-  load_limits_stamped(ARGV[4], true)
-  hold_back()  -- (lean)
-  call.recall_line()
-  local joined = call.heartbeat()  -- (lean)
-  if joined then born.procs = true end
-  refill(true)  -- (lean)
-  expire_leases()
-  expire_waiters()
-  tick()  -- (lean)
-  forget_idle()  -- (lean)
-  local due = next_due()  -- (lean)
-  local grace = grace_due()
-  if grace ~= nil and (due == nil or grace < due) then due = grace end
-  if more then due = now end
-  if due ~= nil then due = claim_tick(due) end
-  local procs = live_processes(joined)  -- (lean)
-  call.stamp_line()
-  save()
-  call.keep_line()  -- (lean)
-  call.keep_state()  -- (lean)
-  if M.made ~= nil then call.spare_made() end
-  return finish(REPLY.ticked, due, procs)  -- (lean)
-end
-
 -- One operation that nobody waiting can be affected by: fast.lua, or nil. (Not tried when
 -- the last call left requests waiting: it would read the state only to give up.) A call of
 -- one acquire that tries it starts with a light init: store.lua's init; if fast.lua gives

@@ -340,19 +340,12 @@ function call.recent_key(p) return kept_name('recent_names', 'recent_names_kept'
 
 -- A call's tables, made anew: init, and batch.lua when fast.lua's acquire, started with
 -- a light init, gave up.
--- `lazy` (batch.lua's lone tick): S and S0 not made here; the state the last call kept
--- replaces them (call.take_kept), else load_state makes them (call.state_tables).
-function call.state_tables()
-  S = {}
-  S0 = {inflight = nil, waiting = nil, tk_by = nil, ep = nil, [LIVE_STAMP] = nil}  -- (+ n0..)
-end
-
-function call.init_tables(lazy)
+function call.init_tables()
   -- (The tables a call fills field by field are made with room for their fields: the
   -- nils in a constructor size it, and a table grown a field at a time is rebuilt each
   -- time it doubles.)
-  T, out_events, recent, fresh = {}, {}, {}, false
-  if lazy then S, S0 = nil, nil else call.state_tables() end
+  S, T, out_events, recent, fresh = {}, {}, {}, {}, false
+  S0 = {inflight = nil, waiting = nil, tk_by = nil, ep = nil, [LIVE_STAMP] = nil}  -- (+ n0..)
   born = {tenants = nil, waiters = nil, deadlines = nil, qlen = nil, procs = nil,
     active = nil, capped = nil, leases = nil, tenant_hash = nil}
   M = {top_known = nil, top_t = nil, top_r = nil, capped_next = nil, capped_checked = nil,
@@ -390,7 +383,7 @@ end
 -- `light`: for fast.lua's acquire only, which uses neither S0 nor out_events and adds no
 -- tenant to T; a table made is an allocation and its share of garbage collection (a
 -- call of one request makes about twenty). If it gives up, call.init_tables first.
-local function init(prefix, now_override, process, light, lazy)
+local function init(prefix, now_override, process, light)
   if light then
     S, S0, T, out_events, recent, fresh = nil, nil, call.NO_TENANTS, nil, {}, false
     born = {}
@@ -399,7 +392,7 @@ local function init(prefix, now_override, process, light, lazy)
     held_back = 0
     loaded = nil
   else
-    call.init_tables(lazy)
+    call.init_tables()
   end
   L, POL = nil, nil
   limits_memo = nil
@@ -641,7 +634,6 @@ local function load_state(known, limits)
       if S.tokens > L.burst then S.tokens = L.burst end
       return
     end
-    if S == nil then call.state_tables() end  -- (init's `lazy`: not taken)
     local vals = redis.call('HMGET', K.state, PACKED_FIELD, unpack(call.PLAIN_GEN))
     M.raw = vals  -- (save keeps it as written: call.take_state)
     call.gen0 = vals[#vals] or ''
