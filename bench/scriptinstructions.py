@@ -80,6 +80,7 @@ class Valgrind:
         command = "evalShaCommand" if evalsha else "fcallCommand"
         self.profile = out / "callgrind.out"
         self.per_call = per_call
+        self.last_counts: list[int] = []  # (--per-call: the last counted run's calls, in order)
         dump_after = [f"--dump-after={command}"] if per_call else []
         self.process = subprocess.Popen(
             [
@@ -205,8 +206,8 @@ def saturated(vg: Valgrind, tenants: int, calls: int, evalsha: bool) -> dict[str
         return sum(tick_and_requeue() for _ in range(calls))
 
     out = vg.counted(f"saturated-{tenants}", work)
-    counts = getattr(vg, "last_counts", None)
-    if vg.per_call and counts is not None and len(counts) == 2 * calls:
+    counts = vg.last_counts
+    if vg.per_call and len(counts) == 2 * calls:
         # (--per-call: a tick, then its acquire, call after call: each kind's mean)
         out["tick"] = round(sum(counts[0::2]) / calls)
         out["acquire"] = round(sum(counts[1::2]) / calls)
