@@ -10,11 +10,15 @@ calls made and the profile dumped (``--out``/callgrind.<scenario>.N; read it wit
 ``callgrind_annotate``). Counts are the same from run to run, on a busy machine too:
 compare two versions of the scripts by them. ``--per-call``: callgrind dumps after every
 script call (``--dump-after``), so the largest single call of each scenario is reported
-too (``largest``: the 1 ms a call of issue 14 is about the longest call, not the mean).
+too (``largest``: the 1 ms a call of issue 14 is about the longest call, not the mean),
+and a saturated scenario's ticks and acquires apart (``tick``, ``acquire``: each kind's
+mean per call).
 
 - ``saturated-N``: a budget of 50/s with N tenants waiting, one request each, for longer
   than the idle time: a tick every 20 ms admits one, and its tenant queues another at
   once (``--calls`` ticks, each followed by that acquire: two calls per admission);
+- ``floor``: `bench/rediscost.py`'s ``floor-cmds-16`` and ``floor-cmds-28`` (16 / 28
+  commands of a saturated call's kinds, the least Lua around them), FCALL only;
 - ``churn``: a new tenant per request, calls of ``--width`` acquires admitted at once,
   the tenant set at its bound (max_tenants 1,000). Keep ``--width`` at 2 (WORK_CHECK):
   under valgrind a call's work check (WORK_US, by Redis's clock) defers the rest, unless
@@ -76,6 +80,7 @@ class Valgrind:
         command = "evalShaCommand" if evalsha else "fcallCommand"
         self.profile = out / "callgrind.out"
         self.per_call = per_call
+        self.last_counts: list[int] = []  # (--per-call: the last counted run's calls, in order)
         dump_after = [f"--dump-after={command}"] if per_call else []
         self.process = subprocess.Popen(
             [
@@ -126,7 +131,8 @@ class Valgrind:
         calls = work()
         self.control("--dump=" + name)
         total, counts = 0, list[int]()
-        for dump in sorted(self.out.glob("callgrind.out.*")):
+        dumps = self.out.glob("callgrind.out.*")  # (by number: .10 after .9)
+        for dump in sorted(dumps, key=lambda d: int(d.suffix[1:]) if d.suffix[1:].isdigit() else 0):
             text = dump.read_text(errors="replace")
             count = 0
             for line in text.splitlines():
@@ -149,6 +155,7 @@ class Valgrind:
         }
         if self.per_call:  # (the largest call, and the next four)
             out["largest"] = sorted(counts, reverse=True)[:5]
+            self.last_counts = counts
         return out
 
     def close(self) -> None:
@@ -198,7 +205,30 @@ def saturated(vg: Valgrind, tenants: int, calls: int, evalsha: bool) -> dict[str
     def work() -> int:
         return sum(tick_and_requeue() for _ in range(calls))
 
-    return vg.counted(f"saturated-{tenants}", work)
+    out = vg.counted(f"saturated-{tenants}", work)
+    counts = vg.last_counts
+    if vg.per_call and len(counts) == 2 * calls:
+        # (--per-call: a tick, then its acquire, call after call: each kind's mean)
+        out["tick"] = round(sum(counts[0::2]) / calls)
+        out["acquire"] = round(sum(counts[1::2]) / calls)
+    return out
+
+
+def floor(vg: Valgrind, commands: int, calls: int) -> dict[str, Any]:
+    """`bench/rediscost.py`'s floor function (its NOP_LIBRARY's ``throttle_cmds``): `commands`
+    commands of a saturated call's kinds with the least Lua around them, per call."""
+    from bench.rediscost import NOP_LIBRARY
+
+    vg.client.function_load(NOP_LIBRARY, replace=True)
+    for i in range(20):
+        vg.client.fcall("throttle_cmds", 1, "{floor}", commands, i % 50)
+
+    def work() -> int:
+        for i in range(calls):
+            vg.client.fcall("throttle_cmds", 1, "{floor}", commands, i % 50)
+        return calls
+
+    return vg.counted(f"floor-cmds-{commands}", work)
 
 
 def churn(
@@ -390,6 +420,10 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
                 ticks = 100 if args.calls is None else args.calls
                 out[f"saturated-{n}"] = saturated(vg, n, ticks, args.evalsha)
                 print(f"saturated-{n:<8} {json.dumps(out[f'saturated-{n}'])}", flush=True)
+        if "floor" in wanted:  # (FCALL only)
+            for n in (16, 28):
+                out[f"floor-cmds-{n}"] = floor(vg, n, 50)
+                print(f"floor-cmds-{n:<5} {json.dumps(out[f'floor-cmds-{n}'])}", flush=True)
         if "churn" in wanted:
             calls = 20 if args.calls is None else args.calls
             out["churn"] = churn(vg, calls, args.width, args.evalsha, args.head_start)

@@ -33,6 +33,7 @@ from bench import (
     learned,
     learnedscore,
     opcodes,
+    pacedcost,
     peerredis,
     rediscost,
     redisinstr,
@@ -543,6 +544,49 @@ def test_script_instructions_count_wide_churn_calls_whole_on_an_unbounded_clock(
     assert counted[True] > 2 * counted[False]
     assert scripts.SHARED["TUNING"]["WORK_US"] == scripts.WORK_US  # type: ignore[index]
     assert f"WORK_US = {scripts.WORK_US}," in scripts.library().text
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_script_instructions_split_a_saturated_run_into_ticks_and_acquires(
+    tmp_path: Path,
+) -> None:
+    """`--per-call`: a saturated run's ticks and acquires counted apart (a tick, then its
+    acquire, call after call: the dumps read in the order made, .10 after .9), and the
+    floor function's (FCALL only) 16 commands counted too."""
+    old = " v=6." in _redis_version()
+    scenarios = "saturated" if old else "saturated,floor"
+    out = tmp_path / "split.json"
+    argv = ["--scenarios", scenarios, "--tenants", "10", "--calls", "6", "--per-call"]
+    argv += [*(["--evalsha"] if old else []), "--out", str(tmp_path), "--json", str(out)]
+    assert scriptinstructions.main(argv) == 0
+    results = json.loads(out.read_text())
+    run = results["saturated-10"]
+    assert run["calls"] == 12
+    # Each kind's mean, which together make the run's: a tick grants and reads the next in
+    # line, its acquire queues.
+    assert abs(run["tick"] + run["acquire"] - 2 * run["per_call"]) <= 2
+    assert run["tick"] > 50_000
+    assert run["acquire"] > 50_000
+    if not old:
+        floor16, floor28 = results["floor-cmds-16"], results["floor-cmds-28"]
+        assert floor16["calls"] == 50
+        assert 0 < floor16["per_call"] < floor28["per_call"] < run["tick"] + run["acquire"]
+
+
+def test_paced_cost_times_the_saturated_scenario_back_to_back_and_paced(tmp_path: Path) -> None:
+    """bench/pacedcost.py: Redis's own microseconds per FCALL of the saturated scenario and
+    of the floor function, for each gap (FCALL: Redis 7)."""
+    if " v=6." in _redis_version():
+        pytest.skip("FCALL: Redis 7")
+    out = tmp_path / "paced.json"
+    argv = ["--tenants", "10", "--gaps", "0,0.001", "--ticks", "5", "--reps", "2"]
+    assert pacedcost.main([*argv, "--redis-cpu", "", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert sorted(results) == ["saturated-10-gap-0", "saturated-10-gap-0.001"]
+    for figures in results.values():
+        for name in ("saturated", "floor-cmds-16"):
+            assert len(figures[name]["us"]) == 2
+            assert figures[name]["median_us"] > 0
 
 
 def _redis_version() -> str:
