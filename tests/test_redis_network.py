@@ -22,6 +22,7 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -464,26 +465,26 @@ def check_answers(load: Load) -> None:
     assert not [k for k in load.kinds() if k[:4] not in ("admi", "429/", "503/")], load.kinds()
 
 
-@pytest.mark.e2e
-@pytest.mark.anyio
-@pytest.mark.parametrize("kind", ["kept", "lease"])
-@pytest.mark.parametrize("fault", ["blackhole", "resets"])
-async def test_a_partition_or_resets_under_load_cost_no_error_hang_or_capacity(
-    redis_server: RedisServer, kind: str, fault: str
-) -> None:
-    """Three processes on one budget, loaded; for 3 s the network between them and Redis
-    drops every packet without a RST (each connection that carries a byte goes half-open
-    for good), or resets every connection twice a second.
+@dataclass
+class Partition:
+    """One case's run of the partition or the resets under load, and what it left."""
 
-    Pass: no error, no decision later than its maximum wait and two Redis timeouts (and a
-    second of slack), every rejection with a Retry-After; failure mode `local` keeps the
-    app within the known limits meanwhile (concurrency: the limit, plus one per process
-    whose acquire's reply was lost, and the others' local shares beside one back on Redis;
-    rate: the bucket's bound plus the others' local shares); from AFTER_S after the fault
-    the budget is exact and fully used again, and Redis holds nothing once the processes
-    stop."""
+    load: Load
+    t0: float
+    #: The fault's start and end (time.monotonic).
+    marks: dict[str, float]
+    #: Each process's breaker closed at the end.
+    closed: list[bool]
+    #: Nothing held in Redis once the processes stopped.
+    left: bool
+    counts: Any
+
+
+async def partition_run(server: RedisServer, kind: str, fault: str) -> Partition:
+    """Three processes on one budget, through a proxy of their own, loaded for END_S; the
+    fault from FAULT_AT for FAULT_S."""
     prefix = f"nf{next(_prefixes)}"
-    direct = redis.asyncio.Redis.from_url(redis_server.url)
+    direct = redis.asyncio.Redis.from_url(server.url)
     marks: dict[str, float] = {}
 
     async def faults(t0: float) -> None:
@@ -499,17 +500,76 @@ async def test_a_partition_or_resets_under_load_cost_no_error_hang_or_capacity(
                 await asyncio.sleep(0.5)
         marks["end"] = time.monotonic()
 
-    with TcpProxy(redis_server.port) as proxy:
-        backends = await fleet_of(through(proxy), prefix, kind)
-        try:
-            load, t0 = await run_load(backends, END_S, faults)
-            closed = [b._breaker.closed for b in backends]
-        finally:
-            for backend in backends:
-                await backend.stop()
-        left = await eventually(lambda: _none(direct, prefix), BACK_S)
-        counts = proxy.counts
-    await direct.aclose()
+    try:
+        with TcpProxy(server.port) as proxy:
+            backends = await fleet_of(through(proxy), prefix, kind)
+            try:
+                load, t0 = await run_load(backends, END_S, faults)
+                closed = [b._breaker.closed for b in backends]
+            finally:
+                for backend in backends:
+                    await backend.stop()
+            left = await eventually(lambda: _none(direct, prefix), BACK_S)
+            counts = proxy.counts
+    finally:
+        await direct.aclose()
+    return Partition(load, t0, marks, closed, left, counts)
+
+
+PARTITION_TEST = "test_a_partition_or_resets_under_load_cost_no_error_hang_or_capacity"
+
+
+@pytest.fixture(scope="module")
+def partition_runs(
+    redis_binary: Path, request: pytest.FixtureRequest
+) -> dict[tuple[str, str], Partition | BaseException]:
+    """Every case of the partition test this session runs, at once, in one loop: each case
+    three processes of its own, on a budget of its own, through a proxy of its own (its
+    fault its proxy's alone), on one redis-server. The cases' own CPU is small (1.2 s in a
+    9 s case: the workers mostly wait on Redis and the app's 50 ms), so four at once keep
+    their seconds-long bounds (docs/performance.md, "CI time, seventh pass"); an error in
+    one case's run fails that case's test only."""
+    cases = sorted(
+        (str(item.callspec.params["kind"]), str(item.callspec.params["fault"]))
+        for item in request.session.items
+        if isinstance(item, pytest.Function)
+        and item.originalname == PARTITION_TEST
+        and hasattr(item, "callspec")
+    )
+    with RedisServer(binary=redis_binary) as server:
+
+        async def all_cases() -> list[Partition | BaseException]:
+            return await asyncio.gather(
+                *(partition_run(server, kind, fault) for kind, fault in cases),
+                return_exceptions=True,
+            )
+
+        return dict(zip(cases, asyncio.run(all_cases()), strict=True))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("kind", ["kept", "lease"])
+@pytest.mark.parametrize("fault", ["blackhole", "resets"])
+def test_a_partition_or_resets_under_load_cost_no_error_hang_or_capacity(
+    partition_runs: dict[tuple[str, str], Partition | BaseException], kind: str, fault: str
+) -> None:
+    """Three processes on one budget, loaded; for 3 s the network between them and Redis
+    drops every packet without a RST (each connection that carries a byte goes half-open
+    for good), or resets every connection twice a second.
+
+    Pass: no error, no decision later than its maximum wait and two Redis timeouts (and a
+    second of slack), every rejection with a Retry-After; failure mode `local` keeps the
+    app within the known limits meanwhile (concurrency: the limit, plus one per process
+    whose acquire's reply was lost, and the others' local shares beside one back on Redis;
+    rate: the bucket's bound plus the others' local shares); from AFTER_S after the fault
+    the budget is exact and fully used again, and Redis holds nothing once the processes
+    stop. (Every case runs at once, each on a proxy and budget of its own:
+    `partition_runs`.)"""
+    run_ = partition_runs[kind, fault]
+    if isinstance(run_, BaseException):
+        raise run_
+    load, t0, marks, closed, left = run_.load, run_.t0, run_.marks, run_.closed, run_.left
+    counts = run_.counts
     start, end = marks["start"], marks["end"]
     after = end + AFTER_S
     stop = t0 + END_S
