@@ -206,7 +206,7 @@ class RedisBackend(Recovery):
             self._scripts,
             live_limits_ttl_s=settings.live_limits_ttl_s,
         )
-        self._batcher = Batcher(self._call, self._on_trailer)
+        self._batcher = Batcher(self._call, self._on_trailer, self._generation)
         self._batcher.start()
         self._listener = GrantListener(
             clients.grants,
@@ -494,6 +494,10 @@ class RedisBackend(Recovery):
         args = protocol.call_args(self._static, self._clock(), list(ops), self._known_epoch())
         return protocol.split_reply(await self._scripts.batch(keys=keys, args=args))
 
+    def _generation(self) -> int:
+        """The breaker's generation: the batcher's stamp of each call (`Breaker.failure`)."""
+        return self._breaker.generation
+
     def _known_epoch(self) -> str:
         """The epoch to tell a call: a caller that knew one and finds no state starts the
         reclaim grace (store.lua). Not after a long silence with nothing held: then the
@@ -780,12 +784,15 @@ class RedisBackend(Recovery):
             pool.sending,
             self._limits.weight,
         )
+        generation = self._breaker.generation
         try:
             raw = await self._scripts.ratelease(keys=[self._keys.state], args=args)
             lease = protocol.decode_ratelease(raw)
         except (RedisError, OSError) as exc:
             pool.failed(unsent=_refused(exc))
-            self._on_failure(exc)  # (drops the lease: its tokens lapse, its charges stay)
+            # (drops the lease: its tokens lapse, its charges stay; sent before the breaker
+            # last closed, it opens nothing: `Breaker.failure`)
+            self._on_failure(exc, generation)
             return
         except Exception:  # a reply this version cannot read, a bug: no lease, as without
             pool.renewing = False
@@ -843,13 +850,14 @@ class RedisBackend(Recovery):
                 pool.drop()
         pool.drop()
 
-    def _on_failure(self, exc: BaseException | None = None) -> None:
-        if self._pool is not None:
-            self._pool.fault()  # Redis is away: the failure mode applies, not the lease
-        if self._slots is not None:
-            # Redis is away: given back once it is back (as any lease not known released).
-            self._orphans.update(self._forget_slots())
-        super()._on_failure(exc)
+    def _on_failure(self, exc: BaseException | None = None, sent: int | None = None) -> None:
+        if not self._breaker.old(sent):  # (else old news: Redis answered since)
+            if self._pool is not None:
+                self._pool.fault()  # Redis is away: the failure mode applies, not the lease
+            if self._slots is not None:
+                # Redis is away: given back once it is back (as any lease not known released).
+                self._orphans.update(self._forget_slots())
+        super()._on_failure(exc, sent)
 
     @property
     def rate_lease(self) -> RatePool | None:
@@ -932,6 +940,7 @@ class RedisBackend(Recovery):
         (learner.py). The first push comes at once: it stores the limit to start from."""
         learner = self._learner
         while not self._closing:
+            sent = self._breaker.generation
             try:
                 if self.learning and self._breaker.allow():
                     assert self._clients is not None
@@ -941,7 +950,7 @@ class RedisBackend(Recovery):
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                self._on_failure(exc)
+                self._on_failure(exc, sent)
             await asyncio.sleep(learner.interval_s)
 
     async def _renew_loop(self) -> None:
@@ -951,6 +960,7 @@ class RedisBackend(Recovery):
         period = max(HEARTBEAT_MIN_S, min(lease_ttl_s / 3.0, 5.0))
         loop = asyncio.get_running_loop()
         while True:
+            generation = self._breaker.generation  # (the beat's stamp: `Breaker.failure`)
             try:
                 if self._breaker.allow():
                     assert self._scripts is not None
@@ -992,7 +1002,7 @@ class RedisBackend(Recovery):
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                self._on_failure(exc)
+                self._on_failure(exc, generation)
             except Exception:  # a reply this version cannot read, a bug: beat on regardless
                 # A heartbeat that stopped would let this process's leases lapse while its
                 # requests still run, and the fleet admit on top of them.
