@@ -82,6 +82,8 @@ class Batcher:
         self._closed = False
         #: Operations in the next call at most (MIN_BATCH..MAX_BATCH, see MIN_BATCH).
         self._limit = MAX_BATCH
+        #: Calls whose operations went again: sent before the breaker last closed (`_send`).
+        self.resent = 0
 
     def start(self) -> None:
         if self._task is None:
@@ -143,6 +145,7 @@ class Batcher:
                 # Redis answered another call since this one was sent: its silence is old
                 # news. Once more, first in the next call, as retries (see the docstring);
                 # an operation sent again once already fails.
+                self.resent += 1
                 again = [p for p in batch if not p.again]
                 batch = [p for p in batch if p.again]
                 for pending in again:
