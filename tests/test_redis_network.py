@@ -31,7 +31,7 @@ from tests.support.redis_server import RedisServer
 from tests.support.tcpproxy import TcpProxy
 from throttle_mw.backends import Admitted
 from throttle_mw.backends.base import Waiting
-from throttle_mw.backends.redis import RedisBackend
+from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.backends.redis.grants import BLOCK_S
 from throttle_mw.backends.redis.keys import Keys
 from throttle_mw.backends.redis.scripts import library, source
@@ -849,3 +849,66 @@ async def test_after_a_partition_heals_a_late_failure_reopens_no_breaker_and_the
     print("\n".join(report))
     assert not problems, problems
     assert all(b._breaker.closed for b in backends)
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+async def test_a_grant_listener_gone_half_open_alone_is_noticed_by_the_call_paths_replies(
+    redis_server: RedisServer,
+) -> None:
+    """As above, but the process is not quiet: its call path makes calls (ticks, every
+    0.1 s) and Redis answers them. Once the listener's BLPOP is overdue (out longer than
+    BLOCK_S, when Redis answers it, and a Redis timeout), the next reply has the listener
+    reconnect: the grant is heard about a second before its socket timeout (BLOCK_S +
+    THROTTLE_REDIS_TIMEOUT + 1 s; measured there by the test above: 3.05 s). The breaker
+    never opens; one slot counted, nothing left behind."""
+    prefix = f"nf{next(_prefixes)}"
+    direct = redis.asyncio.Redis.from_url(redis_server.url)
+    forever = dict.fromkeys(("critical", "high", "normal", "low"), 30.0)
+    with TcpProxy(redis_server.port) as proxy:
+        backend = RedisBackend(
+            settings(
+                through(proxy),
+                prefix,
+                "concurrency",
+                concurrency=1,
+                failure_mode="closed",
+                max_wait_s=forever,
+            )
+        )
+        await backend.start()
+        ticking = True
+
+        async def ticks() -> None:
+            assert backend._batcher is not None
+            while ticking:
+                await backend._batcher.submit(protocol.TICK)
+                await asyncio.sleep(0.1)
+
+        try:
+            hold = await backend.acquire(Request("hold", "a"))
+            assert isinstance(hold, Admitted)
+            proxy.silence_next(b"BLPOP")
+            assert await eventually(lambda: _silenced(proxy), 2 * BLOCK_S + 1.0)
+            silenced = time.monotonic()
+            calls = asyncio.ensure_future(ticks())
+            waiting = await backend.acquire(Request("waiter", "b"))
+            assert isinstance(waiting, Waiting)
+            backend.release("hold")
+            granted = await asyncio.wait_for(waiting.future, 10.0)
+            heard = time.monotonic() - silenced
+            ticking = False
+            await calls
+            print(f"a half-open grant connection alone, Redis answering: heard {heard:.2f} s")
+            assert isinstance(granted, Admitted)
+            # Overdue at BLOCK_S + TIMEOUT_S; the next tick's reply within 0.1 s (and slack
+            # for a loaded machine); the socket timeout (old: 3.05 s) is a second later.
+            assert heard <= BLOCK_S + TIMEOUT_S + 0.5, heard
+            assert backend._breaker.failures == 0
+            assert await leases(direct, prefix) == ["waiter"]
+            backend.release("waiter")
+            assert await eventually(lambda: _none(direct, prefix), BACK_S)
+        finally:
+            ticking = False
+            await backend.stop()
+            await direct.aclose()

@@ -30,7 +30,7 @@ from . import connection, diagnose, protocol
 from .admin import Budget
 from .batcher import Batcher
 from .fallback import Fallback
-from .grants import GrantListener
+from .grants import BLOCK_S, GrantListener
 from .keys import Keys
 from .learner import FleetLearner
 from .protocol import AlreadyAdmitted, Op
@@ -129,6 +129,8 @@ class RedisBackend(Recovery):
         self._epoch_at = -float("inf")
         #: A state older than this may have expired unused (half of keys.py's T).
         self._quiet_s = key_ttl_s(settings) / 2
+        #: The grant listener's BLPOP out longer than this gets no answer (`_on_trailer`).
+        self._overdue_s = BLOCK_S + settings.redis_timeout_s
         self._clients: connection.Clients | None = None
         self._scripts: Scripts | None = None
         self._budget: Budget | None = None
@@ -676,7 +678,12 @@ class RedisBackend(Recovery):
             self._settle_waiter(waiter, result)
 
     def _on_trailer(self, lines: list[str]) -> None:
-        self._epoch_at = time.monotonic()
+        self._epoch_at = now = time.monotonic()
+        listener = self._listener
+        if listener is not None and listener.sent_at and now - listener.sent_at > self._overdue_s:
+            # Redis answers here, but not the grant listener's BLPOP, out longer than Redis
+            # takes to answer it: its connection alone is gone (no answer, no reset).
+            listener.kick("its BLPOP is overdue while Redis answers other calls")
         if not lines:
             # release.lua's short reply: the state is of the epoch this process knows, no
             # tick is due (nobody waits); the processes and limits come with the next reply.
