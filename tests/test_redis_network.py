@@ -446,11 +446,13 @@ async def fleet_of(url: str, prefix: str, kind: str) -> list[RedisBackend]:
 
 
 FAULT_AT, FAULT_S = 1.5, 3.0
-#: From this long after the fault, the budget is exact and fully used again: a call sent
-#: before the network healed may still time out (THROTTLE_REDIS_TIMEOUT) and open its
-#: process's breaker again, whose failure mode `local` then admits its share beside the
-#: others' Redis budget until its next probe (measured: until 1.2 s after; the README's
-#: "about a second of Redis returning", plus that timeout).
+#: From this long after the fault, the budget is exact and fully used again: a process
+#: whose probe went out just before the network healed waits for its timeout
+#: (THROTTLE_REDIS_TIMEOUT), then the pause (1 s at most), before its next probe finds
+#: Redis back; meanwhile its failure mode `local` admits its share beside the others'
+#: Redis budget (measured: until 1.25 s after; the README's "about a second of Redis
+#: returning", plus that timeout). (A late failure no longer opens a breaker again: see
+#: the partitions healed with calls still out, below.)
 AFTER_S = TIMEOUT_S + 1.0
 END_S = FAULT_AT + FAULT_S + AFTER_S + 2.5
 
