@@ -123,7 +123,7 @@ class GrantListener:
                 # `kick`: reconnect now (then `on_reconnect`).
                 self._kicked = False
                 logger.info(
-                    "throttle_mw: Redis at %s: %s; the grant listener reconnects",
+                    "throttle_mw: the grant listener reconnects to Redis at %s (%s)",
                     self._endpoint,
                     self._why,
                 )
