@@ -74,6 +74,75 @@ def test_success_closes_it_and_the_next_outage_starts_from_the_first_pause() -> 
     assert breaker.until_probe() == pytest.approx(0.1)
 
 
+def test_a_failure_of_a_call_sent_before_it_last_closed_does_not_open_it_again() -> None:
+    """A heartbeat (or any call) sent before a partition healed times out after the probe
+    found Redis back: old news. It must not open the breaker again (the failure mode would
+    apply beside the shared budget for another pause); a call sent after the close does."""
+    clock = Clock()
+    breaker = Breaker(0.1, 1.0, clock=clock)
+    before = breaker.generation  # a heartbeat goes out
+    breaker.failure(breaker.generation)  # another call's timeout opens it
+    clock.now += 0.1
+    breaker.success()  # the probe: Redis is back
+    clock.now += 0.5
+    breaker.failure(before)  # the heartbeat's timeout, sent before the close
+    assert breaker.closed
+    assert breaker.allow()
+    assert not breaker.is_open
+    assert breaker.until_probe() == 0.0
+    assert (breaker.failures, breaker.stale) == (2, 1)
+    breaker.failure(breaker.generation)  # a call sent after the close: Redis is away again
+    assert not breaker.allow()
+    assert breaker.until_probe() == pytest.approx(0.1)  # the first pause: a new outage
+    assert (breaker.failures, breaker.stale) == (3, 1)
+
+
+def test_only_a_close_after_an_outage_makes_earlier_calls_old_news() -> None:
+    """Successes while it is closed (every call's) leave the generation alone: a call sent
+    before them that fails is news, and opens it; so does a failure with no stamp."""
+    clock = Clock()
+    breaker = Breaker(0.1, 1.0, clock=clock)
+    sent = breaker.generation
+    for _ in range(10):
+        breaker.success()
+    assert breaker.generation == sent
+    breaker.failure(sent)
+    assert breaker.is_open
+    assert breaker.stale == 0
+    clock.now += 0.1
+    breaker.success()
+    assert breaker.generation == sent + 1
+    breaker.failure()  # (no stamp: taken as new)
+    assert breaker.is_open
+    assert breaker.until_probe() == pytest.approx(0.1)
+
+
+def test_a_probe_that_fails_after_another_call_closed_it_opens_nothing() -> None:
+    """The probe went out into a partition; the grant listener's reconnect found Redis back
+    and closed the breaker; then the probe times out. Its failure is old news: no second
+    opening, no doubled pause. A call out while it was open that fails while it is still
+    open counts as before (one outage)."""
+    clock = Clock()
+    breaker = Breaker(0.1, 1.0, clock=clock)
+    breaker.failure(breaker.generation)
+    clock.now += 0.1
+    probe = breaker.generation  # the prober sends its probe
+    breaker.failure(probe)  # a late caller of the same outage: open, nothing new
+    assert breaker.until_probe() == 0.0
+    breaker.success()  # another call came back
+    clock.now += 1.0
+    breaker.probe_failed(probe)
+    assert breaker.closed
+    assert (breaker.probes_failed, breaker.stale) == (0, 1)
+    breaker.failure(breaker.generation)
+    assert breaker.until_probe() == pytest.approx(0.1)  # not the doubled pause
+    probe = breaker.generation
+    clock.now += 0.1
+    breaker.probe_failed(probe)  # a probe of this outage: the pause doubles, as before
+    assert breaker.probes_failed == 1
+    assert breaker.until_probe() == pytest.approx(0.2)
+
+
 def _backend(server: RedisServer) -> RedisBackend:
     settings = Settings.from_env(
         {},

@@ -30,7 +30,7 @@ from . import connection, diagnose, protocol
 from .admin import Budget
 from .batcher import Batcher
 from .fallback import Fallback
-from .grants import GrantListener
+from .grants import BLOCK_S, GrantListener
 from .keys import Keys
 from .learner import FleetLearner
 from .protocol import AlreadyAdmitted, Op
@@ -129,6 +129,8 @@ class RedisBackend(Recovery):
         self._epoch_at = -float("inf")
         #: A state older than this may have expired unused (half of keys.py's T).
         self._quiet_s = key_ttl_s(settings) / 2
+        #: The grant listener's BLPOP out longer than this gets no answer (`_on_trailer`).
+        self._overdue_s = BLOCK_S + settings.redis_timeout_s
         self._clients: connection.Clients | None = None
         self._scripts: Scripts | None = None
         self._budget: Budget | None = None
@@ -206,7 +208,7 @@ class RedisBackend(Recovery):
             self._scripts,
             live_limits_ttl_s=settings.live_limits_ttl_s,
         )
-        self._batcher = Batcher(self._call, self._on_trailer)
+        self._batcher = Batcher(self._call, self._on_trailer, self._generation)
         self._batcher.start()
         self._listener = GrantListener(
             clients.grants,
@@ -494,6 +496,10 @@ class RedisBackend(Recovery):
         args = protocol.call_args(self._static, self._clock(), list(ops), self._known_epoch())
         return protocol.split_reply(await self._scripts.batch(keys=keys, args=args))
 
+    def _generation(self) -> int:
+        """The breaker's generation: the batcher's stamp of each call (`Breaker.failure`)."""
+        return self._breaker.generation
+
     def _known_epoch(self) -> str:
         """The epoch to tell a call: a caller that knew one and finds no state starts the
         reclaim grace (store.lua). Not after a long silence with nothing held: then the
@@ -672,7 +678,12 @@ class RedisBackend(Recovery):
             self._settle_waiter(waiter, result)
 
     def _on_trailer(self, lines: list[str]) -> None:
-        self._epoch_at = time.monotonic()
+        self._epoch_at = now = time.monotonic()
+        listener = self._listener
+        if listener is not None and listener.sent_at and now - listener.sent_at > self._overdue_s:
+            # Redis answers here, but not the grant listener's BLPOP, out longer than Redis
+            # takes to answer it: its connection alone is gone (no answer, no reset).
+            listener.kick("its BLPOP is overdue while Redis answers other calls")
         if not lines:
             # release.lua's short reply: the state is of the epoch this process knows, no
             # tick is due (nobody waits); the processes and limits come with the next reply.
@@ -780,12 +791,15 @@ class RedisBackend(Recovery):
             pool.sending,
             self._limits.weight,
         )
+        generation = self._breaker.generation
         try:
             raw = await self._scripts.ratelease(keys=[self._keys.state], args=args)
             lease = protocol.decode_ratelease(raw)
         except (RedisError, OSError) as exc:
             pool.failed(unsent=_refused(exc))
-            self._on_failure(exc)  # (drops the lease: its tokens lapse, its charges stay)
+            # (drops the lease: its tokens lapse, its charges stay; sent before the breaker
+            # last closed, it opens nothing: `Breaker.failure`)
+            self._on_failure(exc, generation)
             return
         except Exception:  # a reply this version cannot read, a bug: no lease, as without
             pool.renewing = False
@@ -843,13 +857,14 @@ class RedisBackend(Recovery):
                 pool.drop()
         pool.drop()
 
-    def _on_failure(self, exc: BaseException | None = None) -> None:
-        if self._pool is not None:
-            self._pool.fault()  # Redis is away: the failure mode applies, not the lease
-        if self._slots is not None:
-            # Redis is away: given back once it is back (as any lease not known released).
-            self._orphans.update(self._forget_slots())
-        super()._on_failure(exc)
+    def _on_failure(self, exc: BaseException | None = None, sent: int | None = None) -> None:
+        if not self._breaker.old(sent):  # (else old news: Redis answered since)
+            if self._pool is not None:
+                self._pool.fault()  # Redis is away: the failure mode applies, not the lease
+            if self._slots is not None:
+                # Redis is away: given back once it is back (as any lease not known released).
+                self._orphans.update(self._forget_slots())
+        super()._on_failure(exc, sent)
 
     @property
     def rate_lease(self) -> RatePool | None:
@@ -932,6 +947,7 @@ class RedisBackend(Recovery):
         (learner.py). The first push comes at once: it stores the limit to start from."""
         learner = self._learner
         while not self._closing:
+            sent = self._breaker.generation
             try:
                 if self.learning and self._breaker.allow():
                     assert self._clients is not None
@@ -941,7 +957,7 @@ class RedisBackend(Recovery):
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                self._on_failure(exc)
+                self._on_failure(exc, sent)
             await asyncio.sleep(learner.interval_s)
 
     async def _renew_loop(self) -> None:
@@ -951,6 +967,7 @@ class RedisBackend(Recovery):
         period = max(HEARTBEAT_MIN_S, min(lease_ttl_s / 3.0, 5.0))
         loop = asyncio.get_running_loop()
         while True:
+            generation = self._breaker.generation  # (the beat's stamp: `Breaker.failure`)
             try:
                 if self._breaker.allow():
                     assert self._scripts is not None
@@ -992,7 +1009,7 @@ class RedisBackend(Recovery):
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
-                self._on_failure(exc)
+                self._on_failure(exc, generation)
             except Exception:  # a reply this version cannot read, a bug: beat on regardless
                 # A heartbeat that stopped would let this process's leases lapse while its
                 # requests still run, and the fleet admit on top of them.

@@ -8,6 +8,14 @@ The calls run in the batcher's own task, never in a request's task: cancelling
 a request cannot cut a Redis reply in half. If a request stopped waiting for
 its result (it was cancelled), the result is handed to `on_orphan` so the
 caller can undo it (release a lease, leave a queue).
+
+A call that gets no answer fails its operations, and those queued behind it
+(they would wait for the same silence), unless Redis answered some other call
+since it was sent (the breaker closed meanwhile: its `generation` moved): then
+its silence is old news (a connection a partition left half-open), and its
+operations go again, once, first in the next call, as retries (an acquire that
+ran is answered from what ran, never done twice), and those queued behind it
+go too.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from dataclasses import dataclass, field
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .protocol import DEFERRED, Op
+from .protocol import DEFERRED, Op, as_retry
 
 logger = logging.getLogger("throttle_mw.redis")
 
@@ -49,18 +57,33 @@ class _Pending:
     future: asyncio.Future[str] | None
     on_orphan: Callable[[str], None] | None = field(default=None)
     on_failed: Callable[[BaseException], None] | None = field(default=None)
+    #: Sent again once already after a call sent before the breaker last closed failed.
+    again: bool = False
+
+
+def _no_breaker() -> int:
+    return 0
 
 
 class Batcher:
-    def __init__(self, call: Call, on_trailer: Callable[[list[str]], None]) -> None:
+    def __init__(
+        self,
+        call: Call,
+        on_trailer: Callable[[list[str]], None],
+        generation: Callable[[], int] = _no_breaker,
+    ) -> None:
         self._call = call
         self._on_trailer = on_trailer
+        #: The breaker's generation (`Breaker.generation`): a call's stamp as it is sent.
+        self._generation = generation
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         #: Operations in the next call at most (MIN_BATCH..MAX_BATCH, see MIN_BATCH).
         self._limit = MAX_BATCH
+        #: Calls whose operations went again: sent before the breaker last closed (`_send`).
+        self.resent = 0
 
     def start(self) -> None:
         if self._task is None:
@@ -108,15 +131,28 @@ class Batcher:
 
     async def _send(self, batch: list[_Pending]) -> None:
         ops = [p.op for p in batch]
+        sent = self._generation()
         try:
             try:
                 results = await self._call(ops, False)
             except RedisConnectionError:
                 # The reply may have been lost after the script ran: ask again,
                 # marking acquires as retries so they are answered, not redone.
+                sent = self._generation()
                 results = await self._call(ops, True)
         except Exception as exc:
-            if isinstance(exc, UNANSWERED):
+            if isinstance(exc, UNANSWERED) and self._generation() != sent:
+                # Redis answered another call since this one was sent: its silence is old
+                # news. Once more, first in the next call, as retries (see the docstring);
+                # an operation sent again once already fails.
+                self.resent += 1
+                again = [p for p in batch if not p.again]
+                batch = [p for p in batch if p.again]
+                for pending in again:
+                    pending.op = as_retry(pending.op)
+                    pending.again = True
+                self._pending[:0] = again
+            elif isinstance(exc, UNANSWERED):
                 # Redis did not answer (down, frozen, cut off): what queued up behind this
                 # call would only wait for the same silence once more. It fails now too,
                 # so its callers apply the failure mode after one Redis timeout, not two.

@@ -13,6 +13,14 @@ prober probes, so two probes are never out at once. With the default ceiling
 of one second the shared budget is in use again within about a second of
 Redis returning.
 
+A failure is news only of when its call was sent. A call sent before the breaker
+last closed (a heartbeat, a probe, a batch sent into a partition that healed
+since) may time out after some other call found Redis back: that failure is old
+news and must not open it again (the failure mode would apply beside the shared
+budget for another pause). So a call takes the breaker's `generation` (the closes
+so far) as it is sent, and its failure gives it back (`sent`): a failure of an
+older generation is counted (`stale`) and nothing else.
+
 The clock is given (``time.monotonic`` unless a test gives another).
 """
 
@@ -42,6 +50,11 @@ class Breaker:
         self.failures = 0
         #: Probes that failed.
         self.probes_failed = 0
+        #: How many times it closed after being open: a call takes it as it is sent
+        #: (`failure`'s `sent`). Read per call: an attribute.
+        self.generation = 0
+        #: Failures of calls sent before it last closed: ignored (old news).
+        self.stale = 0
 
     @property
     def is_open(self) -> bool:
@@ -58,22 +71,38 @@ class Breaker:
         return max(0.0, self._open_until - self._clock())
 
     def success(self) -> None:
+        if self._open_until != 0.0:
+            self.generation += 1  # calls out before this close: their failures are old news
         self._open_until = 0.0
         self.closed = True
         self._pause = self.first_open_s
 
-    def failure(self) -> None:
+    def old(self, sent: int | None) -> bool:
+        """Was a call stamped `sent` sent before the breaker last closed? (None: unknown,
+        taken as new.)"""
+        return sent is not None and sent != self.generation
+
+    def failure(self, sent: int | None = None) -> None:
         """A call failed. Closed: open for the first pause. Open: a caller of the failure
-        that opened it (or of the same outage), nothing new."""
+        that opened it (or of the same outage), nothing new. Sent before the breaker last
+        closed (`sent`, its `generation` then): old news, counted and ignored."""
         self.failures += 1
+        if self.old(sent):
+            self.stale += 1
+            return
         if self._open_until == 0.0:
             self._open_until = self._clock() + self._pause
             self._pause = min(self.max_open_s, self._pause * 2)
             self.closed = False
 
-    def probe_failed(self) -> None:
-        """The probe failed: open again, for the pause; the next one doubles."""
+    def probe_failed(self, sent: int | None = None) -> None:
+        """The probe failed: open again, for the pause; the next one doubles. Unless another
+        call closed the breaker while the probe was out (`sent`, as in `failure`): then its
+        failure is old news."""
         self.failures += 1
+        if self.old(sent):
+            self.stale += 1
+            return
         self.probes_failed += 1
         self._open_until = self._clock() + self._pause
         self.closed = False

@@ -10,13 +10,17 @@ lost. Its own connection failing is not Redis failing: the backend checks Redis
 on the call path's connections before it opens the breaker (``recovery.py``,
 `_listener_lost`). A connection left half-open by a partition (no answer, no reset)
 is noticed at its socket timeout; when Redis answers on the call path again before
-that, the backend has the listener reconnect at once (`kick`).
+that, the backend has the listener reconnect at once (`kick`). So it does when a reply
+on the call path comes while the BLPOP in flight is overdue (out longer than `BLOCK_S`
+and a Redis timeout: Redis answers BLPOP at `BLOCK_S`), as when a middlebox dropped this
+one connection while the others work (`sent_at`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +55,9 @@ class GrantListener:
         #: The BLPOP in flight; whether `kick` cancelled it.
         self._call: asyncio.Future[Any] | None = None
         self._kicked = False
+        self._why = ""
+        #: When (time.monotonic) the BLPOP in flight was sent; 0.0: none out.
+        self.sent_at = 0.0
 
     def start(self) -> None:
         if self._task is None:
@@ -65,18 +72,19 @@ class GrantListener:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    def kick(self) -> bool:
+    def kick(self, why: str = "Redis is back") -> bool:
         """Redis answers on the call path again after an outage: drop the BLPOP in flight,
         if any, and its connection (redis-py closes a connection whose read is cancelled),
         and reconnect now. It went out before Redis answered again, so it may be on a
         connection a partition left half-open (no answer, no reset), noticed only at its
         socket timeout, while grants go unheard. The reconnect re-submits the waiters
         (`on_reconnect`), as after any lost connection, so a grant popped as the call was
-        dropped is not lost. Whether one was in flight."""
+        dropped is not lost. Whether one was in flight. (`why`: for the log.)"""
         call = self._call
         if call is None or call.done():
             return False
         self._kicked = True
+        self._why = why
         call.cancel()
         return True
 
@@ -88,6 +96,7 @@ class GrantListener:
         failed = False
         while not self._closing:
             try:
+                self.sent_at = time.monotonic()
                 self._call = call = asyncio.ensure_future(
                     self._client.blpop([self._key], timeout=BLOCK_S)
                 )
@@ -95,6 +104,7 @@ class GrantListener:
                     item = await call
                 finally:
                     self._call = None
+                    self.sent_at = 0.0
                 self._kicked = False  # (a cancel that came as it was answered: not taken)
                 if failed:
                     failed = False
@@ -110,11 +120,12 @@ class GrantListener:
                 task = asyncio.current_task()
                 if not self._kicked or self._closing or (task is not None and task.cancelling()):
                     raise
-                # `kick`: Redis is back; reconnect now (then `on_reconnect`).
+                # `kick`: reconnect now (then `on_reconnect`).
                 self._kicked = False
                 logger.info(
-                    "throttle_mw: Redis at %s is back; the grant listener reconnects",
+                    "throttle_mw: the grant listener reconnects to Redis at %s (%s)",
                     self._endpoint,
+                    self._why,
                 )
                 failed = True
             except (RedisError, OSError) as exc:

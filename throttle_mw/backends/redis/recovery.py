@@ -118,8 +118,14 @@ class Recovery:
 
     # --- Redis lost -----------------------------------------------------------------------
 
-    def _on_failure(self, exc: BaseException | None = None) -> None:
-        """A call to Redis failed: open the breaker; waiters settle if it stays away."""
+    def _on_failure(self, exc: BaseException | None = None, sent: int | None = None) -> None:
+        """A call to Redis failed: open the breaker; waiters settle if it stays away. A call
+        sent before the breaker last closed (`sent`: the breaker's generation as it was
+        sent; `Breaker.failure`) is old news: nothing (the batcher sends its own such calls
+        again, `Batcher._send`)."""
+        if self._breaker.old(sent):
+            self._breaker.failure(sent)  # (counted: `stale`)
+            return
         first = not self._breaker.is_open
         self._breaker.failure()
         if first:
@@ -151,12 +157,14 @@ class Recovery:
                 await asyncio.sleep(wait)
                 if not self._breaker.is_open:
                     return  # another call that was out came back: Redis is back
+                sent = self._breaker.generation
                 try:
                     await self._probe()
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # whatever it was, Redis did not answer: probe again
-                    self._breaker.probe_failed()
+                    # (unless another call closed the breaker meanwhile: old news)
+                    self._breaker.probe_failed(sent)
                     continue
                 self._succeeded()
         finally:
@@ -172,11 +180,12 @@ class Recovery:
         self._spawn(self._check(exc))
 
     async def _check(self, lost: BaseException) -> None:
+        sent = self._breaker.generation
         try:
             assert self._clients is not None
             await self._clients.calls.ping()
         except (RedisError, OSError) as exc:
-            self._on_failure(exc)
+            self._on_failure(exc, sent)
         else:
             logger.info(
                 "throttle_mw: Redis at %s answers; only the grant listener's connection"
