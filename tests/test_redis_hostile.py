@@ -139,8 +139,11 @@ class Freeze:
     frozen: float
     thawed: float
     records: list[Record]
-    #: Connections Redis accepted from its backlog at the thaw: attempts made while frozen.
+    #: Connection attempts made while frozen: Redis's accept queue just before the thaw.
     attempts: int
+    #: What Redis's own count said by the first command after the thaw: `attempts` plus the
+    #: connections the processes made as they saw Redis back before that command reached it.
+    received: int
 
 
 @dataclass
@@ -162,9 +165,10 @@ def frozen_runs(
     """The freeze of `test_redis_frozen_for_three_seconds_under_load`, every failure mode at
     once: each mode a Redis of its own (frozen and thawed together) and a fleet of two on it.
     Each mode's run is the one its test ran alone before (docs/performance.md, "CI time,
-    seventh pass"); an error in one mode's run fails that mode's test only. (The count of
-    connection attempts while frozen read 8-10 of its bound of 10 alone and at once alike,
-    10 in about a third of the runs either way, and 10 in every mode beside two CPU hogs.)"""
+    seventh pass"); an error in one mode's run fails that mode's test only. (Redis's own
+    count of connections after the thaw read 8-10 against a bound of 10, 10 in every mode
+    beside two CPU hogs: it took in the processes' reconnects at the thaw. The accept
+    queue before the thaw reads 8, the probes and the listeners' reconnects: frozenbound.)"""
     modes = selected_modes(request, "test_redis_frozen_for_three_seconds_under_load")
     with contextlib.ExitStack() as servers_stack:
         redis_servers = {
@@ -193,10 +197,16 @@ def frozen_runs(
             frozen = time.time()
             await asyncio.sleep(FREEZE_S)
             thawed = time.time()  # read first: the processes may log Redis' return at once
+            # Counted before SIGCONT, not by Redis after it: once thawed, a process that sees
+            # Redis back (its grant listener's BLPOP sent while frozen is answered) re-submits
+            # its waiters on a pool connection the freeze's timeouts closed, a connection of
+            # the thaw that may reach Redis before our INFO does (two more in the fleet of
+            # two in every mode beside two CPU hogs: docs/performance.md, branch frozenbound).
+            attempts = server.accept_queue()
             server.thaw()
             # The first command after SIGCONT: Redis has accepted its backlog by then.
             after = await asyncio.to_thread(connections_received, server)
-            return Freeze(t0, frozen, thawed, await task, after - before - 1)
+            return Freeze(t0, frozen, thawed, await task, attempts, after - before - 1)
 
         async def all_modes(groups: Sequence[Sequence[AppServer]]) -> list[Freeze | BaseException]:
             return await asyncio.gather(
@@ -240,8 +250,8 @@ def test_redis_frozen_for_three_seconds_under_load(
     queues while Redis is away, a request sent while it is frozen is answered
     within the Redis timeout); each process's shared budget is back within 2 s
     of the thaw; and while frozen, each process tried at most one connection
-    per backoff step (its breaker's probe, and its grant listener's), give or
-    take one at the edges. (The three modes run at once: `frozen_runs`.)
+    per backoff step (its breaker's probe, and its grant listener's), and the
+    fleet one more at the freeze. (The three modes run at once: `frozen_runs`.)
     """
     run_ = frozen_runs[mode]
     if isinstance(run_, BaseException):
@@ -255,18 +265,21 @@ def test_redis_frozen_for_three_seconds_under_load(
     early = [t for b in backs for t in b if out.frozen + 0.1 < t < out.thawed]
     recovered = [min((t - out.thawed for t in b if t >= out.thawed), default=99.0) for b in backs]
     breaker = Breaker()
-    # The breaker's probes and the grant listener's reconnects, one per backoff step; and
-    # one more: a call that took a fresh pool connection at the freeze or the thaw.
-    per_process = (
-        backoff_steps(FREEZE_S, TIMEOUT_S, breaker.first_open_s, breaker.max_open_s)
-        + backoff_steps(FREEZE_S, BLOCK_S + TIMEOUT_S + 1.0, 0.05, 1.0)
-        + 1
-    )
+    # The breaker's probes and the grant listener's reconnects, one per backoff step (3 and
+    # 1: traced by kind and time in docs/performance.md, branch frozenbound, 8 in every run
+    # and mode, alone and beside two CPU hogs). `out.attempts` is counted before the thaw,
+    # so the thaw's reconnects are not in it. One more in the fleet: a call in the Redis
+    # timeout before the breaker opens (a lease renewal, the heartbeat) that needed a pool
+    # connection the process had not opened yet. (Probes that do not double: 10.)
+    per_process = backoff_steps(
+        FREEZE_S, TIMEOUT_S, breaker.first_open_s, breaker.max_open_s
+    ) + backoff_steps(FREEZE_S, BLOCK_S + TIMEOUT_S + 1.0, 0.05, 1.0)
     print(
         f"{mode}: {len(out.records)} requests, {len(during)} sent while frozen,"
         f" statuses {sorted({r.status for r in during})}; max throttle wait {max(waits):.0f} ms;"
         f" budget back after {recovered} s; {out.attempts} connection attempts while frozen"
-        f" (at most {per_process} per process); slowest answer {max(latency):.2f} s"
+        f" (at most {per_process} per process, and 1; {out.received} by Redis's count after"
+        f" the thaw); slowest answer {max(latency):.2f} s"
     )
     assert during
     assert left, held
@@ -275,7 +288,7 @@ def test_redis_frozen_for_three_seconds_under_load(
     assert max(latency) <= MAX_WAIT_S + TIMEOUT_S + 1.0, max(latency)
     assert not early, early
     assert all(r <= 2.0 for r in recovered), recovered
-    assert out.attempts <= 2 * per_process, (out.attempts, per_process)
+    assert out.attempts <= 2 * per_process + 1, (out.attempts, per_process, out.received)
     if mode != "local":
         # Sent while frozen: one Redis timeout to find out, then the mode's answer at once.
         answered = sorted(

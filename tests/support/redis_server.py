@@ -8,7 +8,9 @@ its own temp dir and no persistence, and is killed at exit whatever happens.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import itertools
 import os
 import re
 import shutil
@@ -281,6 +283,21 @@ class RedisServer(Managed):
         """SIGSTOP: the server hangs; connects succeed (kernel backlog), replies never come."""
         self._cancel_thaw()
         os.kill(self.pid, signal.SIGSTOP)
+
+    def accept_queue(self) -> int:
+        """Connections the kernel completed on Redis's port that Redis has not accepted yet
+        (Linux: a listening socket's rx_queue in /proc/net/tcp is its accept backlog). While
+        frozen: every connection attempt made since the freeze, also those already closed by
+        their client (they stay queued until Redis accepts them at the thaw)."""
+        queued = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(FileNotFoundError), open(table) as lines:
+                for line in itertools.islice(lines, 1, None):
+                    fields = line.split()
+                    port = int(fields[1].rsplit(":", 1)[1], 16)
+                    if port == self.port and fields[3] == "0A":  # 0A: LISTEN
+                        queued += int(fields[4].split(":")[1], 16)
+        return queued
 
     def thaw(self) -> None:
         """SIGCONT: the server answers everything that queued up while frozen."""
