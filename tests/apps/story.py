@@ -21,6 +21,7 @@ the throttle).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 import hashlib
@@ -47,27 +48,52 @@ JITTER = float(os.environ.get("STORY_JITTER", "0.2"))
 
 class Slots:
     """The app's real capacity: like a semaphore, but a test may change how many slots
-    there are while it runs (``POST /_slots?n=``: a store that slows down)."""
+    there are while it runs (``POST /_slots?n=``: a store that slows down).
+
+    First come, first served, as a store's connection pool is: a freed slot goes to the
+    longest waiter, never to a request that arrives as it is freed. (A condition's
+    `wait_for` let such a newcomer barge in and sent the woken waiter to the back: wait
+    times then spread far wider than a queue's, which the learned limit's shift test,
+    comparing the fastest half of two stages, read as slower work in one CI run:
+    docs/performance.md, "The shift test's verdict on CI's four-process run".)"""
 
     def __init__(self, n: int) -> None:
         self.n = n
         self.busy = 0
-        self._free = asyncio.Condition()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
     async def __aenter__(self) -> None:
-        async with self._free:
-            await self._free.wait_for(lambda: self.busy < self.n)
+        if self.busy < self.n and not self._waiters:
             self.busy += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # (the slot was counted busy for it when it was handed over)
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._release()  # handed a slot as it was cancelled: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
 
     async def __aexit__(self, *exc: object) -> None:
-        async with self._free:
-            self.busy -= 1
-            self._free.notify()
+        self._release()
+
+    def _release(self) -> None:
+        self.busy -= 1
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self._waiters and self.busy < self.n:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.busy += 1
+                waiter.set_result(None)
 
     async def resize(self, n: int) -> None:
-        async with self._free:
-            self.n = n
-            self._free.notify_all()
+        self.n = n
+        self._hand_over()
 
 
 _slots = Slots(SLOTS)
