@@ -54,11 +54,14 @@ def run(tenants: int, gap: float, ticks: int, reps: int, cpu: str) -> dict[str, 
     )
     client = redis.Redis(port=port)
     try:
+        deadline = time.monotonic() + 30.0
         while True:
             try:
                 client.ping()
                 break
             except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
                 time.sleep(0.1)
         client.function_load(NOP_LIBRARY, replace=True)
         sched = LuaScheduler(

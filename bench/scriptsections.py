@@ -158,11 +158,14 @@ def profiled_redis(out: Path) -> Iterator[redis.Redis]:
     )
     client = redis.Redis(port=port, socket_timeout=600)
     try:
+        deadline = time.monotonic() + 30.0
         while True:
             try:
                 client.ping()
                 break
             except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
                 time.sleep(0.5)
         yield client
     finally:
