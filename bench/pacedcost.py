@@ -32,9 +32,9 @@ if __package__ in (None, ""):
 import redis
 
 from bench.rediscost import NOP_LIBRARY
-from bench.scriptinstructions import _free_port, _request, saturated_policy
+from bench.scriptinstructions import _request, saturated_policy
 from tests.support.lua_scheduler import LuaScheduler
-from tests.support.redis_server import redis_server_binary
+from tests.support.redis_server import RedisServer
 from throttle_mw.scheduler import Granted, Limits
 
 
@@ -45,24 +45,15 @@ def _fcall_usec(client: redis.Redis) -> tuple[int, int]:
 
 def run(tenants: int, gap: float, ticks: int, reps: int, cpu: str) -> dict[str, Any]:
     """Per stretch, the saturated scenario's and the floor's microseconds per FCALL."""
-    port = _free_port()
-    binary = str(redis_server_binary())
-    pin = ["taskset", "-c", cpu] if cpu else []
-    server = subprocess.Popen(
-        [*pin, binary, "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
+    server = RedisServer(startup_timeout_s=30.0).start()
+    if cpu:  # every thread of the running server, as `taskset -c` at its start would
+        subprocess.run(
+            ["taskset", "-a", "-p", "-c", cpu, str(server.pid)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    client = server.client()
     try:
-        deadline = time.monotonic() + 30.0
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
         client.function_load(NOP_LIBRARY, replace=True)
         sched = LuaScheduler(
             client, Limits(rate=50.0, burst=5.0), saturated_policy(tenants), now=0.0
@@ -96,8 +87,8 @@ def run(tenants: int, gap: float, ticks: int, reps: int, cpu: str) -> dict[str, 
             out["floor-cmds-16"].append(round((u2 - u1) / max(1, n2 - n1), 1))
         return {name: {"median_us": statistics.median(v), "us": v} for name, v in out.items()}
     finally:
-        server.terminate()
-        server.wait(60)
+        client.close()
+        server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
