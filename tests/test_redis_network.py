@@ -17,10 +17,11 @@ concurrency mode, with the defaults (leases of rate tokens, kept slots) and with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -826,19 +827,14 @@ def test_added_latency_keeps_the_budget_and_costs_throughput_gracefully(
     assert rows[0.025][0] >= 0.25 * rows[0.0][0], rows
 
 
-@pytest.mark.e2e
-@pytest.mark.anyio
-async def test_a_grant_listener_gone_half_open_alone_is_back_within_its_socket_timeout(
+@contextlib.asynccontextmanager
+async def _grant_listener_silenced(
     redis_server: RedisServer,
-) -> None:
-    """Only the grant listener's connection goes silent (a middlebox dropped that one flow:
-    no answer, no reset); Redis answers on the call path. Nothing tells the process but the
-    listener's socket timeout (BLOCK_S + THROTTLE_REDIS_TIMEOUT + 1 s).
-
-    Pass (the bound, pinned): the breaker never opens (nobody is answered by the failure
-    mode); a waiter granted meanwhile is admitted once the listener has reconnected (its
-    waiters re-submitted), within that timeout and a second of slack; one slot counted,
-    nothing left behind."""
+) -> AsyncIterator[tuple[RedisBackend, float]]:
+    """One slot behind a proxy (failure mode `closed`, waits of 30 s), held by "hold", and
+    the grant listener's connection gone silent (its next BLPOP, then nothing): the backend
+    and when it went silent. Checked on leaving: the breaker never opened, only "waiter"
+    holds a slot, and once it is released nothing is left in Redis."""
     prefix = f"nf{next(_prefixes)}"
     direct = redis.asyncio.Redis.from_url(redis_server.url)
     forever = dict.fromkeys(("critical", "high", "normal", "low"), 30.0)
@@ -859,19 +855,7 @@ async def test_a_grant_listener_gone_half_open_alone_is_back_within_its_socket_t
             assert isinstance(hold, Admitted)
             proxy.silence_next(b"BLPOP")
             assert await eventually(lambda: _silenced(proxy), 2 * BLOCK_S + 1.0)
-            silenced = time.monotonic()
-            waiting = await backend.acquire(Request("waiter", "b"))
-            assert isinstance(waiting, Waiting)
-            released = time.monotonic()
-            backend.release("hold")
-            granted = await asyncio.wait_for(waiting.future, 10.0)
-            heard = time.monotonic()
-            print(
-                f"a half-open grant connection alone: the grant heard {heard - released:.2f} s"
-                f" after the release, {heard - silenced:.2f} s after the connection went silent"
-            )
-            assert isinstance(granted, Admitted)
-            assert heard - silenced <= BLOCK_S + TIMEOUT_S + 1.0 + 1.0
+            yield backend, time.monotonic()
             assert backend._breaker.failures == 0
             assert await leases(direct, prefix) == ["waiter"]
             backend.release("waiter")
@@ -879,6 +863,41 @@ async def test_a_grant_listener_gone_half_open_alone_is_back_within_its_socket_t
         finally:
             await backend.stop()
             await direct.aclose()
+
+
+async def _grant_the_waiter(backend: RedisBackend) -> float:
+    """Queue "waiter" behind "hold" and release "hold"; returns once the waiter is
+    admitted, with when "hold" was released."""
+    waiting = await backend.acquire(Request("waiter", "b"))
+    assert isinstance(waiting, Waiting)
+    released = time.monotonic()
+    backend.release("hold")
+    granted = await asyncio.wait_for(waiting.future, 10.0)
+    assert isinstance(granted, Admitted)
+    return released
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+async def test_a_grant_listener_gone_half_open_alone_is_back_within_its_socket_timeout(
+    redis_server: RedisServer,
+) -> None:
+    """Only the grant listener's connection goes silent (a middlebox dropped that one flow:
+    no answer, no reset); Redis answers on the call path. Nothing tells the process but the
+    listener's socket timeout (BLOCK_S + THROTTLE_REDIS_TIMEOUT + 1 s).
+
+    Pass (the bound, pinned): the breaker never opens (nobody is answered by the failure
+    mode); a waiter granted meanwhile is admitted once the listener has reconnected (its
+    waiters re-submitted), within that timeout and a second of slack; one slot counted,
+    nothing left behind."""
+    async with _grant_listener_silenced(redis_server) as (backend, silenced):
+        released = await _grant_the_waiter(backend)
+        heard = time.monotonic()
+        print(
+            f"a half-open grant connection alone: the grant heard {heard - released:.2f} s"
+            f" after the release, {heard - silenced:.2f} s after the connection went silent"
+        )
+        assert heard - silenced <= BLOCK_S + TIMEOUT_S + 1.0 + 1.0
 
 
 async def _silenced(proxy: TcpProxy) -> bool:
@@ -996,21 +1015,7 @@ async def test_a_grant_listener_gone_half_open_alone_is_noticed_by_the_call_path
     reconnect: the grant is heard about a second before its socket timeout (BLOCK_S +
     THROTTLE_REDIS_TIMEOUT + 1 s; measured there by the test above: 3.05 s). The breaker
     never opens; one slot counted, nothing left behind."""
-    prefix = f"nf{next(_prefixes)}"
-    direct = redis.asyncio.Redis.from_url(redis_server.url)
-    forever = dict.fromkeys(("critical", "high", "normal", "low"), 30.0)
-    with TcpProxy(redis_server.port) as proxy:
-        backend = RedisBackend(
-            settings(
-                through(proxy),
-                prefix,
-                "concurrency",
-                concurrency=1,
-                failure_mode="closed",
-                max_wait_s=forever,
-            )
-        )
-        await backend.start()
+    async with _grant_listener_silenced(redis_server) as (backend, silenced):
         ticking = True
 
         async def ticks() -> None:
@@ -1019,30 +1024,15 @@ async def test_a_grant_listener_gone_half_open_alone_is_noticed_by_the_call_path
                 await backend._batcher.submit(protocol.TICK)
                 await asyncio.sleep(0.1)
 
+        calls = asyncio.ensure_future(ticks())
         try:
-            hold = await backend.acquire(Request("hold", "a"))
-            assert isinstance(hold, Admitted)
-            proxy.silence_next(b"BLPOP")
-            assert await eventually(lambda: _silenced(proxy), 2 * BLOCK_S + 1.0)
-            silenced = time.monotonic()
-            calls = asyncio.ensure_future(ticks())
-            waiting = await backend.acquire(Request("waiter", "b"))
-            assert isinstance(waiting, Waiting)
-            backend.release("hold")
-            granted = await asyncio.wait_for(waiting.future, 10.0)
+            await _grant_the_waiter(backend)
             heard = time.monotonic() - silenced
             ticking = False
             await calls
-            print(f"a half-open grant connection alone, Redis answering: heard {heard:.2f} s")
-            assert isinstance(granted, Admitted)
-            # Overdue at BLOCK_S + TIMEOUT_S; the next tick's reply within 0.1 s (and slack
-            # for a loaded machine); the socket timeout (old: 3.05 s) is a second later.
-            assert heard <= BLOCK_S + TIMEOUT_S + 0.5, heard
-            assert backend._breaker.failures == 0
-            assert await leases(direct, prefix) == ["waiter"]
-            backend.release("waiter")
-            assert await eventually(lambda: _none(direct, prefix), BACK_S)
         finally:
             ticking = False
-            await backend.stop()
-            await direct.aclose()
+        print(f"a half-open grant connection alone, Redis answering: heard {heard:.2f} s")
+        # Overdue at BLOCK_S + TIMEOUT_S; the next tick's reply within 0.1 s (and slack
+        # for a loaded machine); the socket timeout (old: 3.05 s) is a second later.
+        assert heard <= BLOCK_S + TIMEOUT_S + 0.5, heard

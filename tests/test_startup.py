@@ -15,7 +15,8 @@ import asyncio
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+import traceback
+from collections.abc import Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,59 @@ def test_the_middleware_fails_start_up_on_a_misspelt_name(monkeypatch: pytest.Mo
     (failed,) = lifespan_messages(app)
     assert failed["type"] == "lifespan.startup.failed"
     expected = "THROTTLE_CONCURENCY: unknown setting; did you mean THROTTLE_CONCURRENCY?"
+    assert expected in failed["message"]
+
+
+def test_a_middleware_whose_settings_failed_says_so_every_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bad value: every start-up names it, however often it is tried (a supervisor or a
+    test harness retrying in the same process), never an AttributeError of a middleware
+    half built; draining and stopping it do nothing; a request gets a clean 503."""
+    monkeypatch.setenv("THROTTLE_RATE", "fast")
+    expected = "THROTTLE_RATE=fast: invalid, expected a positive number"
+    app = Starlette()
+    app.add_middleware(ThrottleMiddleware)
+    for _ in range(2):  # the same app: Starlette builds its middleware once
+        (failed,) = lifespan_messages(app)
+        assert failed["type"] == "lifespan.startup.failed"
+        assert expected in failed["message"]
+
+    middleware = ThrottleMiddleware(Starlette())
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    depths: list[int] = []
+
+    async def calls() -> None:
+        for _ in range(3):
+            with pytest.raises(ConfigError, match=re.escape(expected)) as caught:
+                await middleware.startup()
+            assert caught.value is middleware.error
+            depths.append(len(traceback.extract_tb(caught.value.__traceback__)))
+        middleware.begin_drain()
+        await middleware.shutdown()
+        scope = {
+            "type": "http",
+            "http_version": "1.1",
+            "method": "GET",
+            "path": "/",
+            "root_path": "",
+            "headers": [],
+            "client": ("10.0.0.7", 1234),
+        }
+        await middleware(scope, receive, send)
+
+    asyncio.run(calls())
+    assert depths[0] == depths[-1]  # raised from where it was, not from every call before
+    assert sent[0]["type"] == "http.response.start"
+    assert sent[0]["status"] == 503
+    (failed,) = lifespan_messages(middleware)  # after all that, still the message
     assert expected in failed["message"]
 
 

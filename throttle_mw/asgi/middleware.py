@@ -16,6 +16,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
+from types import TracebackType
 from typing import Any, Final, Literal, NamedTuple, cast
 from urllib.parse import quote
 
@@ -118,8 +119,16 @@ class ThrottleMiddleware:
         self._enabled = False
         #: Why the middleware cannot run: reported as a failed lifespan start-up.
         self.error: Exception | None = None
+        #: `error`'s own traceback (from where it was raised in `__init__`), which every
+        #: `startup` raises it with: raising it again would otherwise add to it each time.
+        self._error_traceback: TracebackType | None = None
         self._error_logged = False
         self._backend: Backend | None = None
+        # What `startup`, `begin_drain` and `shutdown` read: set before the try, so that a
+        # middleware that could not be built still has them (`startup` raises `error`).
+        self._draining = asyncio.Event()
+        self._draining_now = False  # the event's state, read per request without a call
+        self._undo_signals: Any = None
         # Set before the try, not only in it and in its handler: compiled by mypyc
         # (bench/mypyc_build.py), an attribute assigned on every path of __init__ is
         # taken as always set, and the handler's assignment then freed the value the
@@ -134,6 +143,7 @@ class ThrottleMiddleware:
             # lifespan is unsupported and serve 500s. Fail start-up instead (the config
             # errors, a missing extra, anything else that stops the middleware's build).
             self.error = exc
+            self._error_traceback = exc.__traceback__
             self.settings = _OFF
             self._enabled = False
 
@@ -158,9 +168,6 @@ class ThrottleMiddleware:
         # RequestIds' call, inlined per request: its prefix and counter.
         ids = RequestIds()
         self._id_prefix, self._id_counter = ids.prefix, ids.counter
-        self._draining = asyncio.Event()
-        self._draining_now = False  # the event's state, read per request without a call
-        self._undo_signals: Any = None
         self._background: set[asyncio.Task[None]] = set()
         # Slow clients (guarantee 15): bodies are read ahead, except in dry run (which
         # must delay nothing) or when the operator turned it off (a buffer of 0).
@@ -264,7 +271,13 @@ class ThrottleMiddleware:
         await self.app(scope, receive_wrapper, send_wrapper)
 
     async def startup(self) -> None:
-        """Start the backend and watch for the server's shutdown signal."""
+        """Start the backend and watch for the server's shutdown signal.
+
+        A middleware that could not be built (a bad setting, a missing extra) raises
+        why (`error`: a `ConfigError` for a bad setting) every time it is called.
+        """
+        if self.error is not None:
+            raise self.error.with_traceback(self._error_traceback)
         if self._backend is not None:
             await self._backend.start()
             if self.settings.learns_concurrency:
