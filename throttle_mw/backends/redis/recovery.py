@@ -157,7 +157,7 @@ class Recovery:
                 await asyncio.sleep(wait)
                 if not self._breaker.is_open:
                     return  # another call that was out came back: Redis is back
-                sent = self._breaker.generation
+                sent = self._breaker.probing()  # (the next pause runs from this send)
                 try:
                     await self._probe()
                 except asyncio.CancelledError:
