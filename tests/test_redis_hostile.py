@@ -181,7 +181,8 @@ def frozen_runs(
     seventh pass"); an error in one mode's run fails that mode's test only. (Redis's own
     count of connections after the thaw read 8-10 against a bound of 10, 10 in every mode
     beside two CPU hogs: it took in the processes' reconnects at the thaw. The accept
-    queue before the thaw reads 8, the probes and the listeners' reconnects: frozenbound.)"""
+    queue before the thaw reads the probes and the listeners' reconnects: 8 in
+    frozenbound, 10 since the probes' pauses run from their sends, probepause.)"""
     modes = selected_modes(request, "test_redis_frozen_for_three_seconds_under_load")
     with contextlib.ExitStack() as servers_stack:
         redis_servers = {
