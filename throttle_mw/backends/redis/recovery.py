@@ -147,7 +147,9 @@ class Recovery:
 
     async def _probe_loop(self) -> None:
         """While the breaker is open: one probe when its pause is over, and again after
-        each that failed. The only caller that probes, so never two at once. A process that
+        each that failed (its pause timed from its send: `Breaker.probing`, so a probe
+        that hung for a Redis timeout is followed at once if the pause is over). The only
+        caller that probes, so never two at once. A process that
         holds leases probes at least every HOLDING_PROBE_S (to reclaim them in time)."""
         try:
             while self._breaker.is_open:
