@@ -9,6 +9,7 @@ one probe at a time, the pause doubling per failed probe.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -143,6 +144,65 @@ def test_a_probe_that_fails_after_another_call_closed_it_opens_nothing() -> None
     assert breaker.until_probe() == pytest.approx(0.2)
 
 
+def test_the_pause_after_a_probe_runs_from_its_send_not_its_failure() -> None:
+    """A probe sent into a partition fails only at its timeout. The next probe is due the
+    pause after the send: at once if the timeout was longer than the pause (the network
+    may have healed while it was out), else the rest of the pause; the pause still
+    doubles once per failed probe."""
+    clock = Clock()
+    breaker = Breaker(0.1, 1.0, clock=clock)
+    breaker.failure(breaker.generation)
+    clock.now += 0.1
+    sent = breaker.probing()  # out into the partition
+    clock.now += 1.0  # THROTTLE_REDIS_TIMEOUT later: no answer
+    breaker.probe_failed(sent)
+    assert breaker.is_open
+    assert not breaker.allow()
+    assert breaker.until_probe() == 0.0  # the pause (0.2) ran out while it was out
+    sent = breaker.probing()
+    clock.now += 0.05  # refused at once
+    breaker.probe_failed(sent)
+    assert breaker.until_probe() == pytest.approx(0.4 - 0.05)  # the rest of the pause
+    clock.now += breaker.until_probe()
+    sent = breaker.probing()
+    clock.now += 0.5
+    breaker.probe_failed(sent)
+    assert breaker.until_probe() == pytest.approx(0.8 - 0.5)
+    assert breaker.probes_failed == 3
+    clock.now += 0.3
+    sent = breaker.probing()
+    clock.now += 0.01
+    breaker.success()  # Redis answered: closed, and the next outage starts afresh
+    breaker.failure(breaker.generation)
+    assert breaker.until_probe() == pytest.approx(0.1)
+    breaker.probe_failed(breaker.generation)  # no send told: the pause from the failure
+    assert breaker.until_probe() == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("timeout_s", [0.0, 0.05, 0.25, 0.7, 1.0, 3.0])
+def test_probes_go_one_per_pause_or_per_timeout_whichever_is_longer(timeout_s: float) -> None:
+    """A prober on the breaker's clock against a Redis whose every probe fails after
+    `timeout_s` (0: refused): one probe out at a time, each sent the longer of the pause
+    (0.1, 0.2, 0.4, 0.8, 1.0 s, doubling per failed probe) and the last one's timeout after
+    the last one's send. Before: the pause after the failure, the sum of the two."""
+    clock = Clock()
+    breaker = Breaker(0.1, 1.0, clock=clock)
+    breaker.failure(breaker.generation)
+    sends: list[float] = []
+    while clock.now < 130.0:
+        clock.now += breaker.until_probe()
+        sent = breaker.probing()
+        sends.append(clock.now)
+        clock.now += timeout_s
+        breaker.probe_failed(sent)
+    gaps = [round(b - a, 9) for a, b in itertools.pairwise(sends)]
+    pauses = [min(1.0, 0.1 * 2 ** (n + 1)) for n in range(len(gaps))]
+    assert gaps == [pytest.approx(max(timeout_s, p)) for p in pauses]
+    # The window after the network heals while a probe is out: from its heal to the next
+    # probe's send, at most the longer of the two (before: their sum).
+    assert max(gaps) == pytest.approx(max(timeout_s, 1.0))
+
+
 def _backend(server: RedisServer) -> RedisBackend:
     settings = Settings.from_env(
         {},
@@ -212,3 +272,45 @@ async def test_a_dead_redis_is_probed_once_per_pause_and_the_budget_is_back_soon
         assert admitted != UNAVAILABLE
     finally:
         await backend.stop()
+
+
+@pytest.mark.e2e
+@pytest.mark.anyio
+@pytest.mark.parametrize("timeout_s", [0.0, 0.4])
+async def test_the_prober_sends_the_next_probe_a_pause_after_the_last_ones_send(
+    timeout_s: float,
+) -> None:
+    """The backend's prober against a Redis whose probes fail after `timeout_s` (0:
+    refused; 0.4: a partition, the call's timeout), pauses 0.1 then 0.2 s: probes go out
+    0.1 s after the opening failure, then every max(`timeout_s`, 0.2) s, one at a time (not
+    `timeout_s` + 0.2: 0.6 s apart before). Bounded waits: real time, slack 0.08 s."""
+    backend = RedisBackend(
+        Settings.from_env(
+            {}, redis_url="redis://127.0.0.1:1/0", concurrency="4", failure_mode="local"
+        )
+    )
+    backend._breaker = breaker = Breaker(0.1, 0.2)
+    sends: list[float] = []
+    out = 0
+
+    async def probe() -> None:
+        nonlocal out
+        sends.append(time.monotonic())
+        out += 1
+        assert out == 1  # never two out at once
+        await asyncio.sleep(timeout_s)
+        out -= 1
+        raise ConnectionError("no answer")
+
+    backend._probe = probe  # type: ignore[method-assign]
+    opened = time.monotonic()
+    backend._on_failure(ConnectionError("gone"), breaker.generation)
+    await asyncio.sleep(2.0)
+    for task in list(backend._tasks):
+        task.cancel()
+    await asyncio.gather(*backend._tasks, return_exceptions=True)
+    gaps = [round(b - a, 3) for a, b in itertools.pairwise(sends)]
+    print(f"probe failing after {timeout_s} s: first {sends[0] - opened:.3f} s, gaps {gaps}")
+    assert 0.1 <= sends[0] - opened <= 0.1 + 0.08
+    assert gaps[0] >= max(timeout_s, 0.2) - 0.005
+    assert all(max(timeout_s, 0.2) - 0.005 <= g <= max(timeout_s, 0.2) + 0.08 for g in gaps), gaps

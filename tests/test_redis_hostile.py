@@ -61,6 +61,19 @@ def backoff_steps(window_s: float, call_s: float, first_s: float, max_s: float) 
     return steps
 
 
+def probe_steps(window_s: float, call_s: float, first_s: float, max_s: float) -> int:
+    """Probes the breaker sends in `window_s` if each takes `call_s` to fail: the first a
+    pause `first_s` after the call in flight fails, each next one the pause after the last
+    one's send, or when that one fails if later (`Breaker.probing`); the pause doubling
+    from `first_s` up to `max_s`, one probe out at a time."""
+    at, pause, steps = call_s + first_s, first_s, 0
+    while at < window_s:
+        steps += 1
+        pause = min(max_s, pause * 2)
+        at += max(call_s, pause)
+    return steps
+
+
 #: Read atomically: leases, the in-flight counter, waiting counter, waiting entries,
 #: deadlines and the entries of every tenant queue (a key, or a tenant's lone waiter in its
 #: field q1 of P:T: ARGV[2] is SEP, ARGV[3] q1's place in keys.TENANT_FIELDS).
@@ -178,7 +191,8 @@ def frozen_runs(
     seventh pass"); an error in one mode's run fails that mode's test only. (Redis's own
     count of connections after the thaw read 8-10 against a bound of 10, 10 in every mode
     beside two CPU hogs: it took in the processes' reconnects at the thaw. The accept
-    queue before the thaw reads 8, the probes and the listeners' reconnects: frozenbound.)"""
+    queue before the thaw reads the probes and the listeners' reconnects: 8 in
+    frozenbound, 10 since the probes' pauses run from their sends, probepause.)"""
     modes = selected_modes(request, "test_redis_frozen_for_three_seconds_under_load")
     with contextlib.ExitStack() as servers_stack:
         redis_servers = {
@@ -293,13 +307,16 @@ def test_redis_frozen_for_three_seconds_under_load(
     early = [t for b in backs for t in b if out.frozen + 0.1 < t < out.thawed]
     recovered = [min((t - out.thawed for t in b if t >= out.thawed), default=99.0) for b in backs]
     breaker = Breaker()
-    # The breaker's probes and the grant listener's reconnects, one per backoff step (3 and
-    # 1: traced by kind and time in docs/performance.md, branch frozenbound, 8 in every run
-    # and mode, alone and beside two CPU hogs). `out.attempts` is counted before the thaw,
-    # so the thaw's reconnects are not in it. One more in the fleet: a call in the Redis
-    # timeout before the breaker opens (a lease renewal, the heartbeat) that needed a pool
-    # connection the process had not opened yet. (Probes that do not double: 10.)
-    per_process = backoff_steps(
+    # The breaker's probes and the grant listener's reconnects, one per step (4: at 0.6,
+    # 1.1, 1.6 and 2.4 s, each probe the longer of the pause and the last one's timeout
+    # after the last one's send, docs/performance.md, branch probepause; before it, 3, a
+    # pause after each failure: traced by kind and time in branch frozenbound; and 1). A
+    # probe on a frozen Redis is one connection (the last one's timeout closed its own).
+    # `out.attempts` is counted before the thaw, so the thaw's reconnects are not in it.
+    # One more in the fleet: a call in the Redis timeout before the breaker opens (a lease
+    # renewal, the heartbeat) that needed a pool connection the process had not opened
+    # yet. (Probes that do not double: 12; two a step: 18.)
+    per_process = probe_steps(
         FREEZE_S, TIMEOUT_S, breaker.first_open_s, breaker.max_open_s
     ) + backoff_steps(FREEZE_S, BLOCK_S + TIMEOUT_S + 1.0, 0.05, 1.0)
     print(
@@ -430,6 +447,17 @@ def test_backoff_steps_counts_attempts_of_a_doubling_pause() -> None:
     assert backoff_steps(3.0, 0.5, 0.1, 1.0) == 3
     assert backoff_steps(0.5, 0.5, 0.1, 1.0) == 0
     assert (Breaker().first_open_s, Breaker().max_open_s) == (0.1, 1.0)
+
+
+def test_probe_steps_counts_probes_a_pause_or_a_timeout_apart_from_their_sends() -> None:
+    # 0.5 s probes, pauses 0.1, 0.2, 0.4, 0.8, 1.0: probes at 0.6, then max(0.5, pause)
+    # after each send: 1.1, 1.6, 2.4 (3.4 is past 3 s).
+    assert probe_steps(3.0, 0.5, 0.1, 1.0) == 4
+    assert probe_steps(0.5, 0.5, 0.1, 1.0) == 0
+    # A probe refused at once: a pause after each send, as after each failure.
+    assert probe_steps(3.0, 0.0, 0.1, 1.0) == backoff_steps(3.0, 0.0, 0.1, 1.0) == 5
+    # A pause that does not double: every 0.5 s, 5.
+    assert probe_steps(3.0, 0.5, 0.1, 0.1) == 5
 
 
 # --- a network between the app and Redis --------------------------------------------------------

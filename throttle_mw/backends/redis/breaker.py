@@ -6,6 +6,16 @@ backend's prober makes once the pause is over (`until_probe`). A success (the
 probe's, or any call's that was still out) closes it; a failed probe opens it
 again for twice the pause, up to `max_open_s`.
 
+The pause after a probe runs from the probe's send (`probing`), not from its
+failure: a probe sent into a partition that heals meanwhile fails only at its
+timeout (its connection stays silent), and a pause counted from then would keep
+the failure mode for the timeout and the whole pause after the network is back
+(in `local` mode: this process's share beside the others' shared budget). Counted
+from the send, the next probe goes at the later of the pause's end and the
+failure: one probe out at a time, one per pause or per Redis timeout, whichever
+is longer, so the shared budget is in use again within the longer of the two
+after Redis answers (not their sum).
+
 The pause grows once per failed probe, never once per failing caller: the
 requests in flight when Redis went away fail together (and some, sent just
 before, a whole timeout later), and they are one failure, not fifty. Only the
@@ -55,6 +65,8 @@ class Breaker:
         self.generation = 0
         #: Failures of calls sent before it last closed: ignored (old news).
         self.stale = 0
+        #: When the probe out now was sent (`probing`); None: no probe out.
+        self._probe_sent: float | None = None
 
     @property
     def is_open(self) -> bool:
@@ -76,6 +88,13 @@ class Breaker:
         self._open_until = 0.0
         self.closed = True
         self._pause = self.first_open_s
+        self._probe_sent = None
+
+    def probing(self) -> int:
+        """The prober sends its probe now: the pause after it, should it fail, runs from
+        now (`probe_failed`). Returns its stamp (`generation`, as `failure`'s `sent`)."""
+        self._probe_sent = self._clock()
+        return self.generation
 
     def old(self, sent: int | None) -> bool:
         """Was a call stamped `sent` sent before the breaker last closed? (None: unknown,
@@ -96,14 +115,18 @@ class Breaker:
             self.closed = False
 
     def probe_failed(self, sent: int | None = None) -> None:
-        """The probe failed: open again, for the pause; the next one doubles. Unless another
-        call closed the breaker while the probe was out (`sent`, as in `failure`): then its
-        failure is old news."""
+        """The probe failed: open again until the pause from its send is over (`probing`;
+        at once if it took longer, its timeout; from now if its send was not told); the
+        next pause doubles. Unless another call closed the breaker while the probe was out
+        (`sent`, as in `failure`): then its failure is old news."""
         self.failures += 1
         if self.old(sent):
             self.stale += 1
             return
         self.probes_failed += 1
-        self._open_until = self._clock() + self._pause
+        now = self._clock()
+        since = now if self._probe_sent is None else self._probe_sent
+        self._probe_sent = None
+        self._open_until = max(now, since + self._pause)  # (> 0: open)
         self.closed = False
         self._pause = min(self.max_open_s, self._pause * 2)

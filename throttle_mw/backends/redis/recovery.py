@@ -147,7 +147,9 @@ class Recovery:
 
     async def _probe_loop(self) -> None:
         """While the breaker is open: one probe when its pause is over, and again after
-        each that failed. The only caller that probes, so never two at once. A process that
+        each that failed (its pause timed from its send: `Breaker.probing`, so a probe
+        that hung for a Redis timeout is followed at once if the pause is over). The only
+        caller that probes, so never two at once. A process that
         holds leases probes at least every HOLDING_PROBE_S (to reclaim them in time)."""
         try:
             while self._breaker.is_open:
@@ -157,7 +159,7 @@ class Recovery:
                 await asyncio.sleep(wait)
                 if not self._breaker.is_open:
                     return  # another call that was out came back: Redis is back
-                sent = self._breaker.generation
+                sent = self._breaker.probing()  # (the next pause runs from this send)
                 try:
                     await self._probe()
                 except asyncio.CancelledError:
