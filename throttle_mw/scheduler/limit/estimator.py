@@ -340,15 +340,6 @@ def _test(
 
     reference = episode.reference
     assert reference is not None  # RAISED always has one (Episode.parse checks)
-    if measure is not None and measure.samples >= TEST_SAMPLES:
-        # The second look: back at the reference's limit after a verdict that could not
-        # tell, measuring more of the reference around the raised stage (before it and
-        # after it: a drift between the stages cancels).
-        around = reference.plus(window)
-        if around.samples < 2 * TEST_SAMPLES:
-            again = replace(episode, reference=around)
-            return LimitState(limit, baseline, "shift-test", steps, episode=again)
-        return _verdict(config, window, limit, baseline, steps, episode, around, measure)
     if window.in_flight < reference.in_flight * math.sqrt(SHIFT_RAISE):
         if episode.windows < RAISE_WAIT:  # the raise has not reached the app yet
             waiting = replace(episode, windows=episode.windows + 1)
@@ -376,7 +367,7 @@ def _verdict(
     raised: Measure,
 ) -> LimitState:
     """The shift test's verdict on its stages: slower work, a queue, or (the first
-    time) a second look at the reference."""
+    time) a test that cannot tell, and runs again."""
     # A queue's wait grows with the in flight that feeds it: by the rise times the
     # mean latency (Little's law), for every request. What share of that did the
     # fastest requests slow down by? A queue: about 1; slower work: about 0. Either
@@ -387,15 +378,14 @@ def _verdict(
     doubt = DECISION_Z * SHIFT_NOISE
     if share < 0.5 - doubt:
         return LimitState(limit, reference.median_s, "shift", steps)
-    first = episode.measure is None or episode.measure.samples < TEST_SAMPLES
-    if share <= 0.5 + doubt and first:
-        # Cannot tell: back to the reference's limit (undoing the raise) for a second
-        # look, the raised stage kept.
+    if share <= 0.5 + doubt and episode.anchor_s > 0.0:
+        # Cannot tell, the first time: test again from the reference's limit (the raise
+        # undone), afresh. The second test runs without the anchor (every first test has
+        # one: the doubt that starts it needs it); its verdict is the last.
         back = config.clamp(min(limit / SHIFT_RAISE, limit - 1.0))
-        again = replace(episode, measure=raised, reference=reference, windows=0)
-        return LimitState(back, baseline, "shift-test", steps, episode=again)
+        return LimitState(back, baseline, "shift-test", steps, episode=Episode(REFERENCE))
     # A queue after all (or twice a test that could not tell): cut, from where the
-    # raise measured it; gently if it could not tell, and a doubt that stays tests again.
+    # raise measured it; gently if it could not tell (a doubt that stays tests again).
     step_down = STEP_DOWN_MIN if share > 0.5 + doubt else STEP_DOWN_DOUBT
     anchored = Episode(CUTTING, raised.in_flight, raised.median_s, windows=ONSET_WINDOWS + 1)
     return _cut(
