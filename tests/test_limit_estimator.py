@@ -652,7 +652,7 @@ def test_the_ci_runs_queue_at_four_slots_is_no_shift() -> None:
     again, state = _replay_ci(0.0965, state)
     assert again == ["shift-test"] * 3 + ["overload"], (again, state.encode())
     assert state.baseline_s < 0.125, state.encode()
-    assert state.in_force == 8, state.encode()  # 8.14 x 0.95
+    assert state.in_force == 8, state.encode()  # the raised limit, 8.04 x 0.95
 
 
 def test_slower_work_beside_the_ci_runs_noise_is_a_shift() -> None:
