@@ -14,6 +14,7 @@ import math
 import random
 import statistics
 from collections.abc import Iterable
+from typing import Final
 
 import pytest
 
@@ -603,35 +604,68 @@ def _uniform_window(n: int, wait_s: float, in_flight: float, in_force: int) -> W
     return summary
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="known: a queue whose fastest half rose 26% of Little's prediction reads as a "
-    "shift (docs/performance.md, branch learnshift); no rule change yet",
+#: CI's fleet state at step 64 (tests/test_e2e_learned.py, 18:00 UTC), in its reference stage.
+_CI_STATE: Final = (
+    "1,6.988385888832431,0.1084865989705148,shift-test,64,0,2,3,"
+    "9.837148303301072,0.2382062931177347,0,0.0,0.0,0.0,0.0,0,0.0,0.0,0.0,0.0"
 )
+
+
+def _replay_ci(
+    raised_wait_s: float, state: LimitState | None = None
+) -> tuple[list[str], LimitState]:
+    """CI's shift test from its stored state (or from `state`): its reference windows,
+    then four raised windows of CI's size and in flight whose requests wait
+    `raised_wait_s` (CI's: 96.5 ms). The reasons of the raised windows' steps, and the
+    state after them."""
+    config = LimitConfig()
+    state = state or LimitState.decode(_CI_STATE)
+    reference = [(34, 0.086, 6.845), (54, 0.087, 6.99), (20, 0.085, 6.5)]
+    for n, wait_s, in_flight in reference:
+        state = step(config, state, _uniform_window(n, wait_s, in_flight, 7), 0.5)
+    if (state.in_force, state.reason) != (8, "shift-test"):  # the raise, as in CI
+        pytest.fail(f"not CI's raise: {state.encode()}")
+    reasons: list[str] = []
+    for n in (30, 29, 27, 27):
+        state = step(config, state, _uniform_window(n, raised_wait_s, 8.14, 8), 0.5)
+        reasons.append(state.reason)
+    return reasons, state
+
+
 def test_the_ci_runs_queue_at_four_slots_is_no_shift() -> None:
     """CI, 18:00 UTC (tests/test_e2e_learned.py, four processes, the app's slots 8 -> 4,
     its work unchanged): the fleet's stored state at step 64, in its reference stage,
     then windows whose pooled measures are the ones CI stored (reference: 108 requests
     at 6.83 in flight, median 189 ms, fastest half 162 ms; raised to 8.04: 59 requests at
     8.14, median 195 ms, fastest half 172 ms; the last two raised windows are taken as
-    the first two, which CI's state did not show). The work did not change, so the
-    verdict must not be a shift; the current rule says shift and moves the baseline
-    from 108 to 186 ms (CI: 189 ms)."""
-    config = LimitConfig()
-    state = LimitState.decode(
-        "1,6.988385888832431,0.1084865989705148,shift-test,64,0,2,3,"
-        "9.837148303301072,0.2382062931177347,0,0.0,0.0,0.0,0.0,0,0.0,0.0,0.0,0.0"
-    )
-    reference = [(34, 0.086, 6.845), (54, 0.087, 6.99), (20, 0.085, 6.5)]
-    for n, wait_s, in_flight in reference:
-        state = step(config, state, _uniform_window(n, wait_s, in_flight, 7), 0.5)
-    if (state.in_force, state.reason) != (8, "shift-test"):  # the raise, as in CI
-        pytest.fail(f"not CI's raise: {state.encode()}")  # not the known failure
-    raised = [(30, 0.0965, 8.14), (29, 0.0965, 8.14), (27, 0.0965, 8.14), (27, 0.0965, 8.14)]
-    reasons = []
-    for n, wait_s, in_flight in raised:
-        state = step(config, state, _uniform_window(n, wait_s, in_flight, 8), 0.5)
-        reasons.append(state.reason)
+    the first two, which CI's state did not show). The work did not change: the verdict
+    must not be a shift. The fastest half rose about a quarter of what a queue
+    predicts, within the test's noise of a half (SHIFT_NOISE): the rule cannot tell,
+    and goes back to the reference's limit to test again. (The rule before it said
+    shift and moved the baseline from 108 to 186 ms; CI: 189 ms.)"""
+    reasons, state = _replay_ci(0.0965)
     assert "shift" not in reasons, (reasons, state.encode())
     assert state.baseline_s < 0.125, state.encode()
+    assert (reasons[-1], state.in_force) == ("shift-test", 7), state.encode()  # again
+    # ... and runs afresh, measuring what CI's did: it cannot tell again, and cuts (gently,
+    # from the raised stage's in flight) as for a queue, the baseline where it was.
+    again, state = _replay_ci(0.0965, state)
+    assert again == ["shift-test"] * 3 + ["overload"], (again, state.encode())
+    assert state.baseline_s < 0.125, state.encode()
+    assert state.in_force == 8, state.encode()  # the raised limit, 8.04 x 0.95
+
+
+def test_slower_work_beside_the_ci_runs_noise_is_a_shift() -> None:
+    """The same run, stage for stage, but the raise leaves the latency where it was
+    (the raised windows' requests wait as the reference's did, 86 ms): slower work, and
+    the test says so at once, with CI's stages' sizes and in flight, moving the
+    baseline as far as CI's verdict did (to the reference's median); and so does the
+    test run again after CI's own, which could not tell. A rule that never finds a
+    shift fails here."""
+    reasons, state = _replay_ci(0.086)
+    assert reasons[-1] == "shift", (reasons, state.encode())
+    assert 0.17 < state.baseline_s < 0.2, state.encode()
+    _, state = _replay_ci(0.0965)
+    reasons, state = _replay_ci(0.086, state)
+    assert reasons[-1] == "shift", (reasons, state.encode())
+    assert 0.17 < state.baseline_s < 0.2, state.encode()

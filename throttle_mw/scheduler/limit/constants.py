@@ -92,3 +92,13 @@ TEST_SAMPLES: Final = 100
 #: not fill it) before it gives the test up and goes back to cutting.
 RAISE_WAIT: Final = 4
 TEST_SHARE: Final = 0.5
+#: The verdict reads the rise of the fastest requests as a share of what a queue predicts
+#: (a queue: about 1; slower work: about 0). One test's share has this standard deviation
+#: from its stages' noise alone: 0.25-0.34 (0.30 overall) over 208 tests of slower work on
+#: the simulated app, with 114-285 requests a stage (not less with more: a larger app's
+#: in flight follows the raise less, so the prediction shrinks with the noise), and 0.34
+#: over its 10 tests of a queue (docs/performance.md, branch shiftfix). Slower work only
+#: when the share is below a half by DECISION_Z of it; a queue only when above by as much;
+#: in between the test cannot tell: it runs once more from the reference's limit, and a
+#: second that cannot tell cuts gently (STEP_DOWN_DOUBT), as for a queue.
+SHIFT_NOISE: Final = 0.3

@@ -46,6 +46,7 @@ from .constants import (
     REANCHOR,
     SHIFT_DEPTH,
     SHIFT_MARGIN,
+    SHIFT_NOISE,
     SHIFT_RAISE,
     STEP_DOWN_DOUBT,
     STEP_DOWN_MIN,
@@ -352,15 +353,44 @@ def _test(
     if measure.samples < TEST_SAMPLES:
         pooled = replace(episode, measure=measure)
         return LimitState(limit, baseline, "shift-test", steps, episode=pooled)
+    return _verdict(config, window, limit, baseline, steps, episode, reference, measure)
+
+
+def _verdict(
+    config: LimitConfig,
+    window: Measure,
+    limit: float,
+    baseline: float,
+    steps: int,
+    episode: Episode,
+    reference: Measure,
+    raised: Measure,
+) -> LimitState:
+    """The shift test's verdict on its stages: slower work, a queue, or (the first
+    time) a test that cannot tell, and runs again."""
     # A queue's wait grows with the in flight that feeds it: by the rise times the
-    # mean latency (Little's law), for every request. Did the fastest requests slow
-    # down by half of that?
-    queue_rise = (measure.in_flight / reference.in_flight - 1.0) * reference.spread
-    if math.log(measure.low_s / reference.low_s) < queue_rise / 2.0:
+    # mean latency (Little's law), for every request. What share of that did the
+    # fastest requests slow down by? A queue: about 1; slower work: about 0. Either
+    # needs the share beyond a half by DECISION_Z times its noise (SHIFT_NOISE): two
+    # stages of a hundred requests can differ by as much as the raise by chance.
+    queue_rise = (raised.in_flight / reference.in_flight - 1.0) * reference.spread
+    share = math.log(raised.low_s / reference.low_s) / queue_rise
+    doubt = DECISION_Z * SHIFT_NOISE
+    if share < 0.5 - doubt:
         return LimitState(limit, reference.median_s, "shift", steps)
-    # A queue after all: cut, from where the raise measured it.
-    anchored = Episode(CUTTING, measure.in_flight, measure.median_s, windows=ONSET_WINDOWS + 1)
-    return _cut(config, limit, window.in_flight, baseline, window.median_s, steps, anchored)
+    if share <= 0.5 + doubt and episode.anchor_s > 0.0:
+        # Cannot tell, the first time: test again from the reference's limit (the raise
+        # undone), afresh. The second test runs without the anchor (every first test has
+        # one: the doubt that starts it needs it); its verdict is the last.
+        back = config.clamp(min(limit / SHIFT_RAISE, limit - 1.0))
+        return LimitState(back, baseline, "shift-test", steps, episode=Episode(REFERENCE))
+    # A queue after all (or twice a test that could not tell): cut, from where the
+    # raise measured it; gently if it could not tell (a doubt that stays tests again).
+    step_down = STEP_DOWN_MIN if share > 0.5 + doubt else STEP_DOWN_DOUBT
+    anchored = Episode(CUTTING, raised.in_flight, raised.median_s, windows=ONSET_WINDOWS + 1)
+    return _cut(
+        config, limit, window.in_flight, baseline, window.median_s, steps, anchored, step_down
+    )
 
 
 def _in_use(summary: WindowSummary, in_force: int) -> bool:
