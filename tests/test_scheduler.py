@@ -377,6 +377,35 @@ def test_a_rate_measured_over_an_idle_window_rejects_no_one_at_arrival(
     assert all(scheduler.cancel(3.5, f"w{i}")[0] is not None for i in range(2))  # still waiting
 
 
+def test_a_drained_queues_rate_rejects_no_one_in_the_next_queue(make: Make) -> None:
+    """X (weight 20) keeps a queue for 2 s, served 20 a second: the virtual clock moves
+    1/s, measured while X waits. X's queue drains; two holders take the slots and a new
+    tenant's two requests queue behind them. At 1/s the second one's 2 virtual units ahead
+    took 2 s, over its 1.5 s: rejected at arrival, by the contention of a queue that is
+    gone (X's share). The queue that forms drops that rate: both queue."""
+    limits = Limits(rate=200, burst=20, concurrency=2, weights={"X": 20.0})
+    scheduler = make(limits, policy(max_wait_s={"normal": 1.5}))
+    for i in range(2):
+        assert isinstance(scheduler.acquire(0.0, Request(f"x{i}", "X"))[0], Admit)
+    for i in range(2, 50):
+        assert isinstance(scheduler.acquire(0.0, Request(f"x{i}", "X"))[0], Enqueue)
+    running = ["x0", "x1"]
+    for k in range(1, 21):  # each pair runs 0.1 s
+        t = round(0.1 * k, 6)
+        granted = [e.id for r in running for e in scheduler.release(t, r) if isinstance(e, Granted)]
+        assert len(granted) == 2
+        running = granted
+    for i in range(42, 50):  # X's waiters go away: its queue drains
+        assert scheduler.cancel(2.05, f"x{i}")[0] is not None
+    assert scheduler.waiting == 0
+    for r in running:
+        scheduler.release(2.1, r)
+    for i in range(2):
+        assert isinstance(scheduler.acquire(2.1, Request(f"h{i}", f"holder-{i}"))[0], Admit)
+    waiters = [scheduler.acquire(2.1, Request(f"w{i}", "waiter"))[0] for i in range(2)]
+    assert [type(d) for d in waiters] == [Enqueue, Enqueue], waiters
+
+
 def test_a_queue_that_moves_too_slowly_still_rejects_at_arrival(make: Make) -> None:
     """What the rule above keeps: one slot, X's requests each held 0.5 s and X always
     waiting, so the windows are measured, 2 virtual units a second. A new tenant's fifth

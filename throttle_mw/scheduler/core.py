@@ -795,9 +795,12 @@ class Scheduler:
     def _push(self, waiter: Waiter) -> None:
         """Queue a waiter at the back of its priority's FIFO; an idle tenant gets in line.
         The first to wait starts a fair-rate window (one measured only while someone waits:
-        `FairRateWindow.roll`)."""
+        `FairRateWindow.roll`) and drops the fair rate last measured: it measured the
+        contention in a queue that has drained since, and says nothing of this one (the
+        throughput, what the budget served, stands; README, "Waiting and rejecting")."""
         if not self._waiting:
             self._window.roll(waiter.enqueued_at, self._vtime, False)
+            self._window.v_rate = 0.0
         tenant = waiter.tenant
         tenant.open_queues()
         tenant.pushed = next(self._seq) % PUSH_SPAN

@@ -43,7 +43,8 @@ class FairRateWindow:
         of an idle stretch turned a queue's first waits into seconds beyond their maximum
         wait (README, "Waiting and rejecting"). Nor is one much longer than `WINDOW_S`
         measured: it spans a gap with no call, and says nothing of the current rate. The
-        last measurement stands meanwhile, while fresh.
+        last measurement stands meanwhile, while fresh (the fair rate until a queue forms:
+        ``_push`` drops it).
         """
         window = now - self.start
         if busy and window <= STALE_WINDOWS * WINDOW_S:
