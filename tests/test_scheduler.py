@@ -351,6 +351,82 @@ def test_hopeless_requests_are_rejected_at_once_with_an_honest_retry_after(make:
     assert all(r.retry_after_header == 1 for r in rejected)
 
 
+@pytest.mark.parametrize(
+    "limits",
+    [Limits(rate=150, burst=30, concurrency=2), Limits(concurrency=2)],
+    ids=["rate-and-concurrency", "concurrency"],
+)
+def test_a_rate_measured_over_an_idle_window_rejects_no_one_at_arrival(
+    make: Make, limits: Limits
+) -> None:
+    """The stopped-fleet test's run (docs/performance.md, branch keysflake), exactly: one
+    admission, then 1.5 s idle; the holders' call closes that window, whose virtual clock
+    moved 1 in 1.5 s. Two requests of a new tenant queue behind the held slots: measured
+    over that window, the second one's 2 virtual units ahead took 3 s, over its 2 s, and
+    it was rejected at arrival (429 tenant_over_share). Nobody waited in that window: the
+    clock's speed then was the demand, not the fair rate, and says nothing of the wait.
+    Both queue; they leave at their deadline if the slots are still held then."""
+    scheduler = make(limits, policy(max_wait_s={"normal": 2.0}))
+    assert isinstance(scheduler.acquire(0.0, Request("a", "A"))[0], Admit)
+    scheduler.release(0.01, "a")
+    for i in range(2):
+        assert isinstance(scheduler.acquire(1.5, Request(f"h{i}", f"holder-{i}"))[0], Admit)
+    waiters = [scheduler.acquire(1.5, Request(f"w{i}", "waiter"))[0] for i in range(2)]
+    assert [type(d) for d in waiters] == [Enqueue, Enqueue], waiters
+    assert scheduler.waiting == 2
+    assert all(scheduler.cancel(3.5, f"w{i}")[0] is not None for i in range(2))  # still waiting
+
+
+def test_a_drained_queues_rate_rejects_no_one_in_the_next_queue(make: Make) -> None:
+    """X (weight 20) keeps a queue for 2 s, served 20 a second: the virtual clock moves
+    1/s, measured while X waits. X's queue drains; two holders take the slots and a new
+    tenant's two requests queue behind them. At 1/s the second one's 2 virtual units ahead
+    took 2 s, over its 1.5 s: rejected at arrival, by the contention of a queue that is
+    gone (X's share). The queue that forms drops that rate: both queue."""
+    limits = Limits(rate=200, burst=20, concurrency=2, weights={"X": 20.0})
+    scheduler = make(limits, policy(max_wait_s={"normal": 1.5}))
+    for i in range(2):
+        assert isinstance(scheduler.acquire(0.0, Request(f"x{i}", "X"))[0], Admit)
+    for i in range(2, 50):
+        assert isinstance(scheduler.acquire(0.0, Request(f"x{i}", "X"))[0], Enqueue)
+    running = ["x0", "x1"]
+    for k in range(1, 21):  # each pair runs 0.1 s
+        t = round(0.1 * k, 6)
+        granted = [e.id for r in running for e in scheduler.release(t, r) if isinstance(e, Granted)]
+        assert len(granted) == 2
+        running = granted
+    for i in range(42, 50):  # X's waiters go away: its queue drains
+        assert scheduler.cancel(2.05, f"x{i}")[0] is not None
+    assert scheduler.waiting == 0
+    for r in running:
+        scheduler.release(2.1, r)
+    for i in range(2):
+        assert isinstance(scheduler.acquire(2.1, Request(f"h{i}", f"holder-{i}"))[0], Admit)
+    waiters = [scheduler.acquire(2.1, Request(f"w{i}", "waiter"))[0] for i in range(2)]
+    assert [type(d) for d in waiters] == [Enqueue, Enqueue], waiters
+
+
+def test_a_queue_that_moves_too_slowly_still_rejects_at_arrival(make: Make) -> None:
+    """What the rule above keeps: one slot, X's requests each held 0.5 s and X always
+    waiting, so the windows are measured, 2 virtual units a second. A new tenant's fifth
+    request has 5 units ahead of it (its tag 1 ahead of the clock, then its four before it),
+    2.5 s at that speed, over its 2 s: rejected at arrival, the first four queued."""
+    scheduler = make(Limits(concurrency=1), policy(max_wait_s={"normal": 2.0}))
+    assert isinstance(scheduler.acquire(0.0, Request("x0", "X"))[0], Admit)
+    for i in range(1, 8):
+        assert isinstance(scheduler.acquire(0.0, Request(f"x{i}", "X"))[0], Enqueue)
+    for k in range(4):  # x0..x3 run 0.5 s each
+        granted = scheduler.release(0.5 * (k + 1), f"x{k}")
+        assert [e.id for e in granted if isinstance(e, Granted)] == [f"x{k + 1}"]
+    decisions = [scheduler.acquire(2.0, Request(f"y{i}", "Y"))[0] for i in range(5)]
+    assert [type(d) for d in decisions] == [Enqueue] * 4 + [Reject], decisions
+    assert [d.estimated_wait_s for d in decisions[:4]] == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    last = decisions[4]
+    assert isinstance(last, Reject)
+    assert last.reason == "tenant_over_share"
+    assert last.retry_after_s == pytest.approx(0.5)
+
+
 def test_flood_excess_is_mostly_rejected_on_arrival() -> None:
     out = run(Limits(rate=RATE, burst=16), story("poisson", 1), tenant_queue_limit=1000)
     rejected = [o for o in out if o.rejected is not None]
@@ -548,7 +624,7 @@ def test_a_new_tenant_id_has_no_banked_credit(make: Make) -> None:
 @pytest.mark.parametrize("functions", [True, False], ids=["fcall", "evalsha"])
 @pytest.mark.parametrize(
     "scenario",
-    ["story", "weighted flood", "caps and concurrency"],
+    ["story", "weighted flood", "caps and concurrency", "bursts after idle gaps"],
 )
 def test_lua_makes_the_same_decisions_as_python(
     scenario: str, functions: bool, redis_server_session: RedisServer
@@ -561,6 +637,20 @@ def test_lua_makes_the_same_decisions_as_python(
     elif scenario == "weighted flood":
         limits = Limits(rate=30, burst=6, weights={"X": 1, "Y": 2, "Z": 4})
         arrivals = [a for t in "XYZ" for a in poisson(t, 40, 0, 10, rng)]
+    elif scenario == "bursts after idle gaps":
+        # Queues form and drain: windows closed with and without waiters, and restarted
+        # when a queue forms (the fair rate measured only while someone waits).
+        limits = Limits(rate=40, burst=8, concurrency=3)
+        arrivals = sorted(
+            (
+                Arrival(a.at, a.tenant, service_s=0.05 + 0.3 * rng.random())
+                for k in range(5)
+                for t in "UVW"
+                for a in poisson(t, 25, 2.5 * k, 2.5 * k + 0.6, rng)
+            ),
+            key=lambda a: a.at,
+        )
+        pol = {"max_wait_s": {**DEFAULT_MAX_WAIT_S, "normal": 2.0}, "tenant_queue_limit": 20}
     else:
         limits = Limits(rate=40, burst=8, concurrency=4, tenant_rate=15, tenant_burst=3)
         arrivals = [

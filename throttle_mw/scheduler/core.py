@@ -201,7 +201,7 @@ class Scheduler:
             self._refilled_at = now
         window = self._window
         if now - window.start >= WINDOW_S:
-            window.roll(now, self._vtime)
+            window.roll(now, self._vtime, False)  # (nobody waits: not measured)
         # _tenant; the most recent tenant again (one process's clients behind one proxy,
         # one tenant header) is already last: no lookup, no move. (By identity: an equal
         # name in another string object takes the lookup, to the same tenant.)
@@ -487,7 +487,7 @@ class Scheduler:
                 self._tokens = tokens if tokens < burst else burst
             self._refilled_at = now
         if now - self._window.start >= WINDOW_S:
-            self._window.roll(now, self._vtime)
+            self._window.roll(now, self._vtime, bool(self._waiting))
 
     def _lease_room(self, now: float) -> float:
         """The most the bucket may hold: its burst less the tokens out in leases that
@@ -793,7 +793,14 @@ class Scheduler:
         events.append(Evicted(waiter.id, Reject(reason, wait)))
 
     def _push(self, waiter: Waiter) -> None:
-        """Queue a waiter at the back of its priority's FIFO; an idle tenant gets in line."""
+        """Queue a waiter at the back of its priority's FIFO; an idle tenant gets in line.
+        The first to wait starts a fair-rate window (one measured only while someone waits:
+        `FairRateWindow.roll`) and drops the fair rate last measured: it measured the
+        contention in a queue that has drained since, and says nothing of this one (the
+        throughput, what the budget served, stands; README, "Waiting and rejecting")."""
+        if not self._waiting:
+            self._window.roll(waiter.enqueued_at, self._vtime, False)
+            self._window.v_rate = 0.0
         tenant = waiter.tenant
         tenant.open_queues()
         tenant.pushed = next(self._seq) % PUSH_SPAN

@@ -31,14 +31,23 @@ class FairRateWindow:
         self.throughput = 0.0
         self.measured_at = -math.inf
 
-    def roll(self, now: float, vtime: float) -> None:
-        """Close the open window if it is complete; callers check ``now - start >= WINDOW_S``.
+    def roll(self, now: float, vtime: float, busy: bool) -> None:
+        """Close the open window and start the next one now: ``_refill`` once it is complete
+        (``now - start >= WINDOW_S``), with `busy` whether requests wait now; ``_push``
+        when a queue forms, not busy.
 
-        A window much longer than `WINDOW_S` spans an idle gap: it says nothing about
-        the current rate, so it is dropped rather than measured.
+        The clock moves at the fair rate only while someone is held back: a window is
+        measured only if requests waited throughout it, which is when they wait as it
+        closes (`busy`), since a window starts anew whenever a queue forms. Over one in
+        which nobody waited for a while, the clock moved as fast as the demand, and a rate
+        of an idle stretch turned a queue's first waits into seconds beyond their maximum
+        wait (README, "Waiting and rejecting"). Nor is one much longer than `WINDOW_S`
+        measured: it spans a gap with no call, and says nothing of the current rate. The
+        last measurement stands meanwhile, while fresh (the fair rate until a queue forms:
+        ``_push`` drops it).
         """
         window = now - self.start
-        if window <= STALE_WINDOWS * WINDOW_S:
+        if busy and window <= STALE_WINDOWS * WINDOW_S:
             self.v_rate = (vtime - self.v0) / window
             self.throughput = self.cost / window
             self.measured_at = now

@@ -190,7 +190,7 @@ function refill(bucket)
     end
     S.ts = now
   end
-  if not bucket and now - S.win_at >= WINDOW then window_roll(S.v) end
+  if not bucket and now - S.win_at >= WINDOW then window_roll(S.v, S.waiting > 0) end
 end
 
 -- core.py's _leased_refill (a module function there: no local slot here, the library's
@@ -502,7 +502,10 @@ function evict(r, reason)
 end
 
 -- Scheduler._push: queue a waiter at the back of its priority; an idle tenant gets in line.
+-- The first to wait starts a fair-rate window (measured only while someone waits) and
+-- drops the fair rate last measured (a drained queue's); the throughput stands.
 function push(t, r)
+  if S.waiting == 0 then window_roll(S.v, false); S.v_rate = 0 end
   local known, top_t, top_r = M.top_known, M.top_t, M.top_r  -- Lua only (line_after_push)
   local was_idle = t.st == IDLE
   S.seq = S.seq + 1

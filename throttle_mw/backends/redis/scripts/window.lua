@@ -2,11 +2,13 @@
 -- function. The window's fields live in the budget state S: win_at (start), win_v0 (v0),
 -- win_cost (cost), v_rate, thr (throughput), meas_at (measured_at).
 
--- FairRateWindow.roll: close the open window if it is complete (callers check
--- now - S.win_at >= WINDOW). A window spanning an idle gap is dropped, not measured.
-local function window_roll(vtime)
+-- FairRateWindow.roll: close the open window and start the next one now: refill once it
+-- is complete (now - S.win_at >= WINDOW), `busy` whether requests wait now; push when a
+-- queue forms, not busy. Measured only if requests waited throughout it (a window starts
+-- anew when a queue forms), and not if it spans an idle gap.
+local function window_roll(vtime, busy)
   local window = now - S.win_at
-  if window <= STALE_WINDOWS * WINDOW then
+  if busy and window <= STALE_WINDOWS * WINDOW then
     S.v_rate = (vtime - S.win_v0) / window
     S.thr = S.win_cost / window
     S.meas_at = now
