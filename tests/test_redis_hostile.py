@@ -146,6 +146,22 @@ def fleets(envs: Sequence[dict[str, str]], size: int = 2) -> Iterator[list[list[
                 server.close()
 
 
+def start_load(
+    scenario: Scenario, urls: Sequence[str]
+) -> tuple[asyncio.Task[list[Record]], list[float]]:
+    """The load running, and (once it has started) the wall-clock time of its zero, its
+    records' `sent_s` and `done_s` base: not a time read before its task ran (1-6 ms
+    earlier beside two CPU hogs: docs/performance.md, branch frozenflake)."""
+    starts: list[float] = []
+
+    def started(progress: Progress) -> None:
+        # Called first as the run starts.
+        if not starts:
+            starts.append(time.time() - progress.elapsed_s)
+
+    return asyncio.create_task(run(scenario, urls, on_progress=started)), starts
+
+
 @dataclass
 class Freeze:
     """Wall-clock times (time.time) of one freeze, and its load's records."""
@@ -214,16 +230,7 @@ def frozen_runs(
 
         async def scenario(server: RedisServer, apps: Sequence[AppServer]) -> Freeze:
             t0 = time.time()
-            starts: list[float] = []
-
-            def started(progress: Progress) -> None:
-                # Called first as the run starts: the wall-clock time of its zero.
-                if not starts:
-                    starts.append(time.time() - progress.elapsed_s)
-
-            task = asyncio.create_task(
-                run(load(30.0, END_S), [s.url for s in apps], on_progress=started)
-            )
+            task, starts = start_load(load(30.0, END_S), [s.url for s in apps])
             await asyncio.sleep(FREEZE_AT)
             before = await asyncio.to_thread(connections_received, server)
             server.freeze()
@@ -599,7 +606,8 @@ BUSY_AT, BUSY_S, BUSY_END_S = 3.0, 3.0, 10.0
 class Busy:
     """One failure mode's run of the long script, and what it left."""
 
-    t0: float
+    #: When the load generator's clock started: its records' zero (`start_load`).
+    start: float
     busy: float
     killed: float
     records: list[Record]
@@ -653,8 +661,7 @@ def busy_runs(
         async def scenario(
             server: RedisServer, apps: Sequence[AppServer]
         ) -> tuple[float, float, float, list[Record]]:
-            t0 = time.time()
-            task = asyncio.create_task(run(load(30.0, BUSY_END_S), [s.url for s in apps]))
+            task, starts = start_load(load(30.0, BUSY_END_S), [s.url for s in apps])
             await asyncio.sleep(BUSY_AT)
             busy = time.time()
             hogging = asyncio.create_task(asyncio.to_thread(hog, server))
@@ -663,7 +670,8 @@ def busy_runs(
             with server.client() as client:
                 client.script_kill()
             assert "killed" in (await hogging).lower()
-            return t0, busy, killed, await task
+            records = await task
+            return starts[0], busy, killed, records
 
         async def all_modes(
             groups: Sequence[Sequence[AppServer]],
@@ -711,9 +719,9 @@ def test_another_clients_long_script_busy(
     run_ = busy_runs[mode]
     if isinstance(run_, BaseException):
         raise run_
-    t0, busy, killed, records = run_.t0, run_.busy, run_.killed, run_.records
+    start, busy, killed, records = run_.start, run_.busy, run_.killed, run_.records
     left, held, logs, backs, outcomes = run_.left, run_.held, run_.logs, run_.backs, run_.outcomes
-    during = [r for r in records if busy + 0.5 <= t0 + r.sent_s < killed]
+    during = [r for r in records if busy + 0.5 <= start + r.sent_s < killed]
     recovered = [min((t - killed for t in b if t >= killed), default=99.0) for b in backs]
     waits = [r.throttle_ms or 0.0 for r in records]
     print(
@@ -728,7 +736,12 @@ def test_another_clients_long_script_busy(
     assert all(r <= 2.0 for r in recovered), recovered
     assert left, held
     if mode == "closed":
-        assert {r.status for r in during} == {503}
+        # The frozen test's rule, SCRIPT KILL its thaw: nothing admitted while the script
+        # runs; a 200 only for a request sent within a Redis timeout of the kill and
+        # answered after it (`killed` is read before the kill goes out).
+        admitted = [t for t, _ in outcomes]
+        wrong = closed_while_frozen(during, start, busy, killed, admitted)
+        assert not wrong, wrong
     elif mode == "open":
         unthrottled = [t for t, outcome in outcomes if outcome == "unthrottled"]
         assert unthrottled
