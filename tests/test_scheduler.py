@@ -308,6 +308,38 @@ def test_concurrency_and_rate_budgets_together(make: Make) -> None:
     assert served_rate(out, "T", 3, 13) == pytest.approx(4 / 0.2, rel=0.03)
 
 
+def test_a_queued_request_says_whether_the_concurrency_limit_held_it(make: Make) -> None:
+    """`Enqueue.limited` (a learned limit's `Sample.waited`): the limit was full for it
+    when it queued; not when it queued only for rate tokens or its tenant's cap while
+    the limit had room (branch carry2)."""
+    # Rate tokens short, the limit with room: not limited.
+    paced = make(Limits(rate=10, burst=1, concurrency=4), policy())
+    assert isinstance(paced.acquire(0.0, Request("a", "T"))[0], Admit)
+    decision, _ = paced.acquire(0.0, Request("b", "T"))
+    assert isinstance(decision, Enqueue)
+    assert not decision.limited
+    # The tenant's cap short, the limit with room: not limited.
+    capped = make(Limits(concurrency=4, tenant_rate=10, tenant_burst=1), policy())
+    assert isinstance(capped.acquire(0.0, Request("a", "T"))[0], Admit)
+    decision, _ = capped.acquire(0.0, Request("b", "T"))
+    assert isinstance(decision, Enqueue)
+    assert not decision.limited
+    # The limit full (tokens to spare): limited; and behind it, one more.
+    full = make(Limits(rate=100, burst=10, concurrency=2), policy())
+    for rid in ("a", "b"):
+        assert isinstance(full.acquire(0.0, Request(rid, "T"))[0], Admit)
+    for rid, tenant in (("c", "T"), ("d", "U")):
+        decision, _ = full.acquire(0.0, Request(rid, tenant))
+        assert isinstance(decision, Enqueue)
+        assert decision.limited
+    # A cost that does not fit the room left: limited too.
+    wide = make(Limits(concurrency=4), policy())
+    assert isinstance(wide.acquire(0.0, Request("a", "T", cost=3))[0], Admit)
+    decision, _ = wide.acquire(0.0, Request("b", "T", cost=2))
+    assert isinstance(decision, Enqueue)
+    assert decision.limited
+
+
 def test_concurrency_budget_alone_is_work_conserving(make: Make) -> None:
     rng = random.Random(4)
     arrivals = [Arrival(a.at, a.tenant, service_s=0.1) for a in poisson("C", 120, 0, 12, rng)]
