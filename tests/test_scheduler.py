@@ -21,7 +21,7 @@ from tests.support.fairness import max_min_shares
 from tests.support.lua_scheduler import LuaScheduler, redis_version
 from tests.support.redis_server import RedisServer
 from tests.support.simulation import Arrival, Outcome, Simulation, even, poisson
-from throttle_mw.priorities import Priority
+from throttle_mw.priorities import PRIORITIES, Priority
 from throttle_mw.scheduler import (
     Admit,
     Enqueue,
@@ -33,6 +33,7 @@ from throttle_mw.scheduler import (
     Request,
     Scheduler,
 )
+from throttle_mw.scheduler.constants import EPS, WINDOW_S
 from throttle_mw.settings import DEFAULT_MAX_WAIT_S
 
 RATE = 80.0
@@ -338,6 +339,33 @@ def test_a_queued_request_says_whether_the_concurrency_limit_held_it(make: Make)
     decision, _ = wide.acquire(0.0, Request("b", "T", cost=2))
     assert isinstance(decision, Enqueue)
     assert decision.limited
+
+
+@pytest.mark.parametrize("rate", [None, 100.0], ids=["concurrency", "rate-and-concurrency"])
+def test_a_queue_s_first_window_is_the_one_whose_estimates_miss_the_limit(
+    make: Make, rate: float | None
+) -> None:
+    """The queue-wait estimate knows no service time, so not what a concurrency limit
+    admits a second: until the queue's first window is measured (WINDOW_S) it goes by the
+    rate (or by nothing), and requests the limit cannot serve in their maximum wait queue,
+    then expire at it. The harm's bound (branch carry2, measured, not changed): only
+    arrivals of that first window, each waiting its maximum and no longer; from the
+    measured window on, the hopeless are rejected at arrival. 2 slots of 0.5 s (4/s),
+    20 arrivals a second, 2 s of maximum wait."""
+    simulation = Simulation(
+        make(Limits(rate=rate, burst=10, concurrency=2), policy(dict.fromkeys(PRIORITIES, 2.0)))
+    )
+    out = simulation.run([Arrival(i / 20, "T", service_s=0.5) for i in range(160)])
+    queue_formed = 0.1  # (the third arrival: two slots)
+    expired = [o for o in out if o.rejected is not None and o.rejected_at != o.arrival.at]
+    assert expired  # (the miss is real: 8 or 9 of the first window's 20)
+    for o in expired:
+        assert o.arrival.at < queue_formed + WINDOW_S + EPS
+        assert o.rejected_at is not None
+        assert o.rejected_at - o.arrival.at <= 2.0 + EPS
+    assert all(o.waited_s <= 2.0 + EPS for o in out if o.waited_s is not None)
+    later = [o for o in out if o.arrival.at >= queue_formed + WINDOW_S + EPS]
+    assert sum(o.rejected is not None and o.rejected_at == o.arrival.at for o in later) >= 100
 
 
 def test_concurrency_budget_alone_is_work_conserving(make: Make) -> None:
