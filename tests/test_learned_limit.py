@@ -113,6 +113,89 @@ async def test_a_request_queued_for_the_limit_says_it_waited() -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize(
+    "pacing",
+    [{"rate": 20.0, "burst": 1.0}, {"tenant_rate": 20.0, "tenant_burst": 1.0}],
+    ids=["rate", "tenant_rate"],
+)
+async def test_a_request_queued_for_rate_tokens_or_a_cap_did_not_wait_for_the_limit(
+    pacing: dict[str, float],
+) -> None:
+    """`Sample.waited` is the limit's: requests queued only for THROTTLE_RATE's tokens or
+    THROTTLE_TENANT_RATE's cap, the limit (4) never full, did not wait for it (they read
+    as waited before branch carry2, and the held-back rule grew a limit the rate held)."""
+    backend = Recording(concurrency="auto", concurrency_min=4, concurrency_max=4, **pacing)
+    transport = httpx.ASGITransport(app=_app(backend))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        answers = await asyncio.gather(*(client.get("/ok") for _ in range(3)))
+    assert [a.status_code for a in answers] == [200] * 3
+    assert len(backend.samples) == 3
+    assert max(s.in_flight for s in backend.samples) < 4
+    assert [s.waited for s in backend.samples] == [False] * 3
+
+
+class RecordingRedis(RedisBackend):
+    """The Redis backend, keeping every sample the middleware reports."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.samples: list[Sample] = []
+
+    def observe(self, sample: Sample) -> None:
+        self.samples.append(sample)
+        super().observe(sample)
+
+
+@pytest.mark.anyio
+async def test_with_redis_only_a_request_queued_for_the_limit_waited(
+    clean_redis_server: RedisServer,
+) -> None:
+    """The scripts' queued reply says whether the limit was full for the request
+    (`Enqueue.limited`, protocol.REPLY's Q|deadline|wait_s|limited): with Redis too, a
+    request queued for rate tokens did not wait for the limit; one queued behind a full
+    limit did."""
+    settings = _settings(
+        clean_redis_server,
+        concurrency="auto",
+        concurrency_min=2,
+        concurrency_max=2,
+        rate=10.0,
+        burst=1.0,
+        rate_lease_s=0,
+    )
+    backend = RecordingRedis(settings)
+    app = Starlette(routes=[Route("/ok", _sleepy)])
+    app.add_middleware(ThrottleMiddleware, backend=backend)
+    await backend.start()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            # Paced by the rate (10/s), 10 ms each: the limit of 2 never full.
+            answers = await asyncio.gather(*(http.get("/ok") for _ in range(3)))
+            assert [a.status_code for a in answers] == [200] * 3
+            assert [s.waited for s in backend.samples] == [False] * 3
+            # Three of 0.5 s, spaced past the rate: the third finds the limit full.
+            backend.samples.clear()
+            await asyncio.sleep(0.2)  # (a token back)
+
+            async def spaced(i: int) -> httpx.Response:
+                await asyncio.sleep(0.12 * i)
+                return await http.get("/ok", params={"s": "0.5"})
+
+            answers = await asyncio.gather(*(spaced(i) for i in range(3)))
+            assert [a.status_code for a in answers] == [200] * 3
+            assert backend.limits.concurrency == 2
+            assert [s.waited for s in backend.samples] == [False, False, True]
+    finally:
+        await backend.stop()
+
+
+async def _sleepy(request: Request) -> Response:
+    await asyncio.sleep(float(request.query_params.get("s", "0.01")))
+    return PlainTextResponse("ok")
+
+
+@pytest.mark.anyio
 async def test_requests_running_together_report_how_many_ran() -> None:
     backend = Recording(concurrency="auto", concurrency_min=8)
     transport = httpx.ASGITransport(app=_app(backend))

@@ -530,3 +530,31 @@ def test_a_heartbeat_drops_lapsed_registrations(clean_redis_server: RedisServer)
     beat("holder3", 1.2)
     assert _told(client, sched, holders)[3] == 1
     client.close()
+
+
+def test_a_heartbeat_tells_its_process_even_with_more_lapsed_than_it_drops(
+    clean_redis_server: RedisServer,
+) -> None:
+    """A process whose own registration lapsed comes back while someone waits, behind more
+    than SIGNAL_BATCH older lapsed registrations (a crashed fleet): its heartbeat drops only
+    SIGNAL_BATCH of them, not its own, yet it is registered anew and told at once (before
+    branch carry2 its ZADD GT only moved its score: not told until its next reply or T)."""
+    client = redis.Redis.from_url(clean_redis_server.url)
+    holders, dead = 10, SIGNAL_BATCH + 8
+    sched = _fleet(client, holders)
+    for p in range(dead):  # (killed at 0.4 s of the scripts' clock)
+        client.zadd(sched._keys.pools, {f"dead{p}": 0.4})
+        client.zadd(sched._keys.pools_names, {f"dead{p}": 0})
+    client.zadd(sched._keys.pools, {"holder3": 0.5})  # (its heartbeats stopped at 0.5 s)
+    assert isinstance(sched.acquire(1.1, Request("w0", "edge"))[0], Enqueue)
+    assert _told(client, sched, holders)[3] == 0
+    holder = sched.joined("holder3")
+    args = protocol.renew_args("1.2", holder._tag, "holder3", 1e6, 1e6, [], keeps=True)
+    holder._run("renew", args, client)
+    assert client.zcount(sched._keys.pools, "(0", "(1.2") == dead - SIGNAL_BATCH
+    assert _told(client, sched, holders)[3] == 1
+    # Its next heartbeat, registered and told already: nothing more.
+    args = protocol.renew_args("1.3", holder._tag, "holder3", 1e6, 1e6, [], keeps=True)
+    holder._run("renew", args, client)
+    assert _told(client, sched, holders)[3] == 1
+    client.close()

@@ -21,7 +21,7 @@ from tests.support.fairness import max_min_shares
 from tests.support.lua_scheduler import LuaScheduler, redis_version
 from tests.support.redis_server import RedisServer
 from tests.support.simulation import Arrival, Outcome, Simulation, even, poisson
-from throttle_mw.priorities import Priority
+from throttle_mw.priorities import PRIORITIES, Priority
 from throttle_mw.scheduler import (
     Admit,
     Enqueue,
@@ -33,6 +33,7 @@ from throttle_mw.scheduler import (
     Request,
     Scheduler,
 )
+from throttle_mw.scheduler.constants import EPS, WINDOW_S
 from throttle_mw.settings import DEFAULT_MAX_WAIT_S
 
 RATE = 80.0
@@ -306,6 +307,65 @@ def test_concurrency_and_rate_budgets_together(make: Make) -> None:
     times = sorted(o.admitted_at for o in out if o.admitted_at is not None)
     assert busiest_window(times, 1.0) <= 50 + 5
     assert served_rate(out, "T", 3, 13) == pytest.approx(4 / 0.2, rel=0.03)
+
+
+def test_a_queued_request_says_whether_the_concurrency_limit_held_it(make: Make) -> None:
+    """`Enqueue.limited` (a learned limit's `Sample.waited`): the limit was full for it
+    when it queued; not when it queued only for rate tokens or its tenant's cap while
+    the limit had room (branch carry2)."""
+    # Rate tokens short, the limit with room: not limited.
+    paced = make(Limits(rate=10, burst=1, concurrency=4), policy())
+    assert isinstance(paced.acquire(0.0, Request("a", "T"))[0], Admit)
+    decision, _ = paced.acquire(0.0, Request("b", "T"))
+    assert isinstance(decision, Enqueue)
+    assert not decision.limited
+    # The tenant's cap short, the limit with room: not limited.
+    capped = make(Limits(concurrency=4, tenant_rate=10, tenant_burst=1), policy())
+    assert isinstance(capped.acquire(0.0, Request("a", "T"))[0], Admit)
+    decision, _ = capped.acquire(0.0, Request("b", "T"))
+    assert isinstance(decision, Enqueue)
+    assert not decision.limited
+    # The limit full (tokens to spare): limited; and behind it, one more.
+    full = make(Limits(rate=100, burst=10, concurrency=2), policy())
+    for rid in ("a", "b"):
+        assert isinstance(full.acquire(0.0, Request(rid, "T"))[0], Admit)
+    for rid, tenant in (("c", "T"), ("d", "U")):
+        decision, _ = full.acquire(0.0, Request(rid, tenant))
+        assert isinstance(decision, Enqueue)
+        assert decision.limited
+    # A cost that does not fit the room left: limited too.
+    wide = make(Limits(concurrency=4), policy())
+    assert isinstance(wide.acquire(0.0, Request("a", "T", cost=3))[0], Admit)
+    decision, _ = wide.acquire(0.0, Request("b", "T", cost=2))
+    assert isinstance(decision, Enqueue)
+    assert decision.limited
+
+
+@pytest.mark.parametrize("rate", [None, 100.0], ids=["concurrency", "rate-and-concurrency"])
+def test_a_queue_s_first_window_is_the_one_whose_estimates_miss_the_limit(
+    make: Make, rate: float | None
+) -> None:
+    """The queue-wait estimate knows no service time, so not what a concurrency limit
+    admits a second: until the queue's first window is measured (WINDOW_S) it goes by the
+    rate (or by nothing), and requests the limit cannot serve in their maximum wait queue,
+    then expire at it. The harm's bound (branch carry2, measured, not changed): only
+    arrivals of that first window, each waiting its maximum and no longer; from the
+    measured window on, the hopeless are rejected at arrival. 2 slots of 0.5 s (4/s),
+    20 arrivals a second, 2 s of maximum wait."""
+    simulation = Simulation(
+        make(Limits(rate=rate, burst=10, concurrency=2), policy(dict.fromkeys(PRIORITIES, 2.0)))
+    )
+    out = simulation.run([Arrival(i / 20, "T", service_s=0.5) for i in range(160)])
+    queue_formed = 0.1  # (the third arrival: two slots)
+    expired = [o for o in out if o.rejected is not None and o.rejected_at != o.arrival.at]
+    assert expired  # (the miss is real: 8 or 9 of the first window's 20)
+    for o in expired:
+        assert o.arrival.at < queue_formed + WINDOW_S + EPS
+        assert o.rejected_at is not None
+        assert o.rejected_at - o.arrival.at <= 2.0 + EPS
+    assert all(o.waited_s <= 2.0 + EPS for o in out if o.waited_s is not None)
+    later = [o for o in out if o.arrival.at >= queue_formed + WINDOW_S + EPS]
+    assert sum(o.rejected is not None and o.rejected_at == o.arrival.at for o in later) >= 100
 
 
 def test_concurrency_budget_alone_is_work_conserving(make: Make) -> None:

@@ -553,7 +553,9 @@ class ThrottleMiddleware:
                     timing = _NO_WAIT
             else:
                 started = started or time.perf_counter()
-                queued = type(outcome) is Waiting
+                # (Queued for rate tokens, a tenant's cap or the requests ahead while
+                # the limit had room: not waited for the limit.)
+                queued = type(outcome) is Waiting and outcome.limited
                 settled = await self._settle(scope, request, outcome, receive, send, started, body)
                 if settled is None:
                     return  # rejected (the response is sent) or the client went away

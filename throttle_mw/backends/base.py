@@ -71,6 +71,8 @@ class Waiting:
     deadline: float
     estimated_wait_s: float
     future: asyncio.Future[Admitted | Reject] = field(repr=False)
+    #: Queued for the concurrency limit (`Enqueue.limited`): a learned limit's `Sample.waited`.
+    limited: bool = False
 
 
 Outcome = Admitted | Waiting | Reject

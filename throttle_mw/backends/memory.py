@@ -146,7 +146,11 @@ class MemoryBackend:
         if isinstance(decision, Enqueue):
             assert self._loop is not None
             waiting = Waiting(
-                request.id, decision.deadline, decision.estimated_wait_s, self._loop.create_future()
+                request.id,
+                decision.deadline,
+                decision.estimated_wait_s,
+                self._loop.create_future(),
+                decision.limited,
             )
             self._waiters[request.id] = waiting
             self._schedule(scheduler, now)

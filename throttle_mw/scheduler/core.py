@@ -279,7 +279,11 @@ class Scheduler:
                 self._dispatch(now, events)
                 return Reject(reason, estimate - max_wait), events
             heapq.heappush(self._deadlines, (deadline, next(self._seq), req.id))
-            return Enqueue(deadline=deadline, estimated_wait_s=estimate), events
+            # Queued for the concurrency limit (a learned limit's `Sample.waited`), not
+            # only for rate tokens, its tenant's cap or the requests ahead.
+            concurrency = self._limits.concurrency
+            limited = concurrency is not None and self._in_flight + cost > concurrency
+            return Enqueue(deadline, estimate, limited), events
         finally:
             self._forget_idle(now)
 

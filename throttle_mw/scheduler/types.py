@@ -81,10 +81,16 @@ class Admit(NamedTuple):
 
 
 class Enqueue(NamedTuple):
-    """Queued. A `Granted` or `Evicted` event follows, or the caller cancels at `deadline`."""
+    """Queued. A `Granted` or `Evicted` event follows, or the caller cancels at `deadline`.
+
+    `limited`: the concurrency limit was full for it when it queued (its in flight plus
+    its cost above the limit), whatever else held it (rate tokens, its tenant's cap, the
+    fair order): a learned limit's `Sample.waited`. False when the limit had room and it
+    queued only for tokens, a cap or the requests ahead."""
 
     deadline: float
     estimated_wait_s: float
+    limited: bool = False
 
 
 class Reject(NamedTuple):

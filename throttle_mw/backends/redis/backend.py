@@ -552,7 +552,13 @@ class RedisBackend(Recovery):
         if type(decision) is Enqueue:
             loop = asyncio.get_running_loop()
             deadline = started + self._settings.max_wait_s[request.priority]
-            waiting = Waiting(request.id, deadline, decision.estimated_wait_s, loop.create_future())
+            waiting = Waiting(
+                request.id,
+                deadline,
+                decision.estimated_wait_s,
+                loop.create_future(),
+                decision.limited,
+            )
             self._waiters[request.id] = Waiter(request, waiting, started)
             self._deliver_early(request.id)
             return waiting

@@ -94,6 +94,7 @@ class Fallback:
                 outcome.deadline,
                 outcome.estimated_wait_s,
                 asyncio.get_running_loop().create_future(),
+                outcome.limited,
             )
             self._follow(_Local(request, caller, outcome))
             return caller

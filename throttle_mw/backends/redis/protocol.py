@@ -58,7 +58,7 @@ FLAG: Final = MappingProxyType({"sheddable": 1, "degradable": 2, "retry": 4})
 REPLY: Final = MappingProxyType(
     {
         "admitted": "A",  # A|lease|degraded
-        "queued": "Q",  # Q|deadline|wait_s
+        "queued": "Q",  # Q|deadline|wait_s|limited (1: queued for the concurrency limit)
         "rejected": "J",  # J|reason|retry_after_s
         "released": "R",
         "cancelled": "X",  # X|reason|wait_s: it left the queue
@@ -316,11 +316,13 @@ def decode_limits(line: str, weights: Mapping[str, float]) -> Limits:
 
 def decode_acquire(line: str) -> Admit | Enqueue | Reject:
     """An acquire's reply line, as the scheduler's decision (``waited_s`` is 0)."""
-    kind, first, second = line.split(SEP)
+    # (At most three fields: a queued reply's wait and flag stay in `second`.)
+    kind, first, second = line.split(SEP, 2)
     if kind == _ADMITTED:
         return _new_tuple(Admit, (0.0, second == "1", first == "1"))
     if kind == _QUEUED:
-        return _new_tuple(Enqueue, (float(first), float(second)))
+        wait, limited = second.split(SEP)
+        return _new_tuple(Enqueue, (float(first), float(wait), limited == "1"))
     return _new_tuple(Reject, (cast(Reason, first), float(second)))
 
 

@@ -18,9 +18,12 @@ class Sample(NamedTuple):
       mean does not: each request counts itself, and arrivals see more than the
       time average; the window's mean is the in flight over its time,
       `WindowSummary.measure`.)
-    - `waited`: it was queued in the throttle (for the limit) before its admission,
-      not admitted at once (nor from a lease or a kept slot): a limit that holds
-      most of a window's requests back is in use whatever the app's in flight.
+    - `waited`: it was queued in the throttle for the limit before its admission: the
+      concurrency limit was full for it when it queued (`Enqueue.limited`). Not a
+      request admitted at once (nor from a lease or a kept slot), nor one queued only
+      for rate tokens, its tenant's cap or the requests ahead while the limit had
+      room: a limit that holds most of a window's requests back is in use whatever
+      the app's in flight; a rate pacing them is not the limit.
     """
 
     service_s: float

@@ -39,7 +39,8 @@
 -- the caller's; learned is AUTO when the concurrency is the fleet's learned limit), so every
 -- process's responses describe the limits the fleet runs on, and the state's epoch:
 --   A|lease|degraded    admitted (lease 1: release it when done)
---   Q|deadline|wait_s   queued; a grant or eviction will reach P:g:<proc>
+--   Q|deadline|wait_s|limited  queued; a grant or eviction will reach P:g:<proc>
+--                       (limited 1: the concurrency limit was full for it)
 --   J|reason|retry_s    rejected
 --   R                   released (or nothing to release)
 --   X|reason|retry_s    cancelled: it left the queue (reason for a timeout answer)

@@ -9,7 +9,7 @@
 -- only in Lua come last, and the scheduler README lists them ("Only in Lua").
 --
 -- Decisions are tables: {kind = 'admit', lease, degraded}, {kind = 'queue', deadline,
--- wait} or {kind = 'reject', reason, retry} (Python's Admit, Enqueue, Reject); the entry
+-- wait, limited} or {kind = 'reject', reason, retry} (Python's Admit, Enqueue, Reject); the entry
 -- scripts encode them. Requests are tables {id, h (tenant digest), cost, rank, proc,
 -- deadline, enq} (Python's Waiter). State is in store.lua's tables S, L, POL, T.
 
@@ -51,7 +51,10 @@ function acquire(id, h, name, weight, rank, cost, sheddable, degradable, max_wai
     dispatch(nil)
     return reject(reason, wait - max_wait)
   end
-  return {kind = 'queue', deadline = deadline, wait = wait}
+  -- Queued for the concurrency limit (a learned limit's Sample.waited), not only for rate
+  -- tokens, its tenant's cap or the requests ahead.
+  local limited = L.concurrency ~= nil and S.inflight + cost > L.concurrency
+  return {kind = 'queue', deadline = deadline, wait = wait, limited = limited}
 end
 
 -- Scheduler.cancel: take a waiting request out of the queue; the rejection to send, or
@@ -666,7 +669,10 @@ end
 local function retried(id)
   local r = load_waiter(id)
   if r ~= nil then
-    return {kind = 'queue', deadline = r.deadline, wait = math.max(0, r.deadline - now)}
+    -- (Why it queued is not kept with it: read as not for the limit, the held-back
+    -- rule's conservative side; a retry is a lost reply, rare.)
+    return {kind = 'queue', deadline = r.deadline, wait = math.max(0, r.deadline - now),
+      limited = false}
   end
   local lease = admitted(id)
   if lease == nil then return nil end

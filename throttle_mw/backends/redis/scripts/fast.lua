@@ -153,7 +153,8 @@ local function encode(d)
   if d.line ~= nil then return d.line end  -- (call.ADMITTED's)
   if d.kind == 'admit' then return REPLY.admitted .. SEP .. flag(d.lease) .. SEP .. flag(d.degraded) end
   if d.kind == 'queue' then
-    return REPLY.queued .. SEP .. call.deadline_text(d.deadline) .. SEP .. num(d.wait)
+    return REPLY.queued .. SEP .. call.deadline_text(d.deadline) .. SEP .. num(d.wait) .. SEP
+      .. flag(d.limited)
   end
   return REPLY.rejected .. SEP .. d.reason .. SEP .. num(d.retry)
 end

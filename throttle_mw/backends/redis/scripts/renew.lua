@@ -49,7 +49,8 @@ redis.call('PEXPIRE', K.procs, ttl)
 -- are dropped with their names in P:pn, TUNING.SIGNAL_BATCH a heartbeat at most: a crashed
 -- fleet's names do not pile up in keys the live processes keep alive, and a process that
 -- registers again after its own lapsed is registered anew (told below if someone waits).
--- (P:pl's anchor, score 0, is not among them.)
+-- (P:pl's anchor, score 0, is not among them.) Its own registration lapsed counts as none
+-- (below), dropped here or not: with more lapsed than the batch, its own may be left.
 local lapsed = redis.call('ZRANGEBYSCORE', K.pools, '(0', '(' .. num(now), 'LIMIT', 0,
   TUNING.SIGNAL_BATCH)
 if #lapsed > 0 then
@@ -61,7 +62,9 @@ if ARGV[7] == '1' then
   -- someone waits: the signal of that opening (store.lua's call.signal_waiting) may have
   -- gone out before this process was in P:pl, with a slot it kept meanwhile: told now.
   -- Its name in P:pn with its first registration (store.lua's call.signal_next walks it).
-  if redis.call('ZADD', K.pools, 'GT', num(beat), proc) > 0 then
+  local mine = tonumber(redis.call('ZSCORE', K.pools, proc))
+  redis.call('ZADD', K.pools, 'GT', num(beat), proc)
+  if mine == nil or mine < now then
     redis.call('ZADD', K.pools_names, 0, proc)
     if (tonumber(redis.call('HGET', K.state, 'waiting')) or 0) > 0 then
       local grants = K.prefix .. KEY.grants .. proc
