@@ -427,6 +427,48 @@ def test_a_queue_that_moves_too_slowly_still_rejects_at_arrival(make: Make) -> N
     assert last.retry_after_s == pytest.approx(0.5)
 
 
+@pytest.mark.parametrize("calm_s", [2.0, 5.0])
+def test_banked_credit_outlasts_a_calm_spell_with_slots_alone(make: Make, calm_s: float) -> None:
+    """One slot, no rate. X keeps a queue for 2 s (five waiting, each held 0.1 s), Y sends
+    one request in it: Y is under its share, its tag falls behind the clock. After a calm
+    spell X queues two and Y two: Y's go first, on its banked credit. A queue that forms
+    drops the fair rate measured before (branch idlerate); after 5 s (over `STALE_WINDOWS`
+    windows) the throughput is stale too, and with no fair rate the credit was 0: Y's first
+    admission started at the clock and its second went after X's (docs/performance.md,
+    branch idlerate2). The last throughput measured bounds the credit then."""
+    scheduler = make(Limits(concurrency=1), policy())
+    for i in range(6):
+        scheduler.acquire(0.0, Request(f"x{i}", "X"))
+    running, queued, n = "x0", {f"x{i}" for i in range(1, 6)}, 6
+    for k in range(1, 21):
+        t = round(0.1 * k, 6)
+        if k == 10:
+            assert isinstance(scheduler.acquire(0.95, Request("y", "Y"))[0], Enqueue)
+            queued.add("y")
+        granted = [e.id for e in scheduler.release(t, running) if isinstance(e, Granted)]
+        assert len(granted) == 1
+        running = granted[0]
+        queued.discard(running)
+        if running.startswith("x"):
+            scheduler.acquire(t, Request(f"x{n}", "X"))
+            queued.add(f"x{n}")
+            n += 1
+    assert "y" not in queued
+    for request_id in sorted(queued):
+        assert scheduler.cancel(2.0, request_id)[0] is not None
+    scheduler.release(2.0, running)
+    at = 2.0 + calm_s
+    assert isinstance(scheduler.acquire(at, Request("x-a", "X"))[0], Admit)
+    for request_id, tenant in (("x-b0", "X"), ("x-b1", "X"), ("y-0", "Y"), ("y-1", "Y")):
+        assert isinstance(scheduler.acquire(at + 0.001, Request(request_id, tenant))[0], Enqueue)
+    order, running = [], "x-a"
+    for k in range(1, 5):
+        granted = [e.id for e in scheduler.release(at + 0.1 * k, running) if isinstance(e, Granted)]
+        running = granted[0]
+        order.append(running)
+    assert order == ["y-0", "y-1", "x-b0", "x-b1"]
+
+
 class _Missed(AssertionError):
     """What the tests below show: a rejection at arrival that the waits contradict."""
 
