@@ -114,21 +114,11 @@ class Floor(Main):
         return speed
 
 
-class Credit(Main):
-    def _credit(self, now: float) -> float:
-        rate = self._fair_rate(now)
-        if rate <= 0 and self._limits.rate is None and self._window.throughput > 0:
-            weight = self._active_weight
-            rate = self._window.throughput / (weight if weight > EPS else 1.0)
-        return self._policy.credit_s * rate
-
-
 VARIANTS: dict[str, type[Main]] = {
     "main": Main,
     "seen": Seen,
     "drain": Drain,
     "floor": Floor,
-    "credit": Credit,
 }
 
 
