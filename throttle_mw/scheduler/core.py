@@ -574,8 +574,17 @@ class Scheduler:
         return capacity / (weight if weight > EPS else 1.0) if capacity else 0.0
 
     def _credit(self, now: float) -> float:
-        """How far behind the virtual clock a tenant's tag may lag: its banked credit."""
-        return self._policy.credit_s * self._fair_rate(now)
+        """How far behind the virtual clock a tenant's tag may lag: its banked credit.
+
+        With no fair rate to go by (a concurrency budget alone, in a queue's first second
+        after a calm spell: no throughput measured fresh), the last throughput measured
+        bounds it, shared by the weight in line: credit is the tenants', not the window's,
+        and without this a tenant admitted then lost all of it (README, "Banked credit")."""
+        rate = self._fair_rate(now)
+        if rate <= 0 and self._window.throughput > 0:
+            weight = self._active_weight
+            rate = self._window.throughput / (weight if weight > EPS else 1.0)
+        return self._policy.credit_s * rate
 
     def _take(self, tenant: Tenant, request_id: LeaseKey, cost: int, now: float) -> None:
         """Charge an admission to the budget, the tenant's cap and its fairness tag."""

@@ -304,9 +304,16 @@ function fair_rate(extra_weight)
   return capacity / weight
 end
 
--- Scheduler._credit: how far behind the virtual clock a tenant's tag may lag.
+-- Scheduler._credit: how far behind the virtual clock a tenant's tag may lag. With no fair
+-- rate (slots alone, no throughput measured fresh) the last throughput measured bounds it.
 function credit()
-  return POL.credit * fair_rate(0)
+  local rate = fair_rate(0)
+  if rate <= 0 and S.thr > 0 then
+    local weight = S.wsum
+    if weight <= EPS then weight = 1 end
+    rate = S.thr / weight
+  end
+  return POL.credit * rate
 end
 
 -- Scheduler._take: charge an admission to the budget, the tenant's cap and its tag.
