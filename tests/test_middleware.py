@@ -772,3 +772,84 @@ async def test_scopes_without_the_optional_keys_take_the_same_path() -> None:
     snapshot = await middleware.backend.snapshot()
     assert snapshot.in_flight == 0
     await middleware.shutdown()
+
+
+@pytest.mark.anyio
+async def test_a_request_admitted_at_once_gives_its_lease_back_however_it_ends() -> None:
+    """The fast path's send wrapper (one function bound to each request's state): the
+    lease goes back as the last body chunk is sent (before the app returns), or when the
+    app returns or raises without one; the app's own start message and header list are
+    never changed (it may send them again), and the header is added once per response."""
+    app_headers = [(b"x-app", b"1")]
+    start: dict[str, Any] = {"type": "http.response.start", "status": 200, "headers": app_headers}
+    app_headers = list(app_headers)  # a copy: what the app's own list must still hold
+    seen: list[int] = []
+    middleware: ThrottleMiddleware
+
+    async def in_flight() -> int:
+        assert middleware.backend is not None
+        return (await middleware.backend.snapshot()).in_flight
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        mode = scope["path"]
+        seen.append(await in_flight())  # held while the app runs
+        if mode == "/raise":
+            raise RuntimeError(mode)
+        await send(start)
+        if mode == "/stream":
+            await send({"type": "http.response.body", "body": b"a", "more_body": True})
+            seen.append(await in_flight())
+        if mode in ("/raise-after-start", "/no-body"):
+            if mode == "/raise-after-start":
+                raise RuntimeError(mode)
+            return
+        await send({"type": "http.response.body", "body": b"b"})
+        seen.append(await in_flight())  # back with the last chunk, before the app returns
+        if mode == "/raise-after-end":
+            raise RuntimeError(mode)
+
+    middleware = ThrottleMiddleware(app, rate=1000.0, concurrency=10)
+    await middleware.startup()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    expected = {
+        "/plain": [1, 0],
+        "/plain-again": [1, 0],
+        "/stream": [1, 1, 0],
+        "/no-body": [1],
+        "/raise": [1],
+        "/raise-after-start": [1],
+        "/raise-after-end": [1, 0],
+    }
+    for path, flights in expected.items():
+        seen.clear()
+        sent.clear()
+        scope = {
+            "type": "http",
+            "http_version": "1.1",
+            "method": "GET",
+            "path": path,
+            "root_path": "",
+            "headers": [(b"host", b"x")],
+            "client": ("10.0.0.7", 1234),
+            "state": {},
+        }
+        if path.startswith("/raise"):
+            with pytest.raises(RuntimeError):
+                await middleware(scope, receive, send)
+        else:
+            await middleware(scope, receive, send)
+        assert seen == flights, path
+        assert await in_flight() == 0, path
+        if sent:
+            assert sent[0]["headers"] == [*app_headers, (b"server-timing", b"throttle;dur=0.0")]
+            assert sent[0] is not start
+        assert start == {"type": "http.response.start", "status": 200, "headers": app_headers}
+    await middleware.shutdown()
