@@ -7,9 +7,11 @@ middleware cancels the handler when the client's ``http.disconnect`` arrives
 and the next request is served at once. Under uvicorn, hypercorn and granian
 (each delivers the disconnect to a running app), with the in-memory and the
 Redis backend, for a streamed response (the slot comes back exactly once:
-two requests never run at once afterwards) and for a handler still reading its
+two requests never run at once afterwards), for a handler still reading its
 body slowly (the watch never takes a message the app needs: a client that
-stays gets its whole body read).
+stays gets its whole body read), for a body beyond the read-ahead buffer (the
+app's own read meets the disconnect), for an HTTP/2 stream reset, and across
+a SIGTERM (a shutdown is no disconnect: the running request finishes).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.h2client import H2Client
 from tests.support.redis_server import RedisServer
 from tests.support.servers import HOST, AppServer, ServerKind, wait_until
 
@@ -167,6 +170,9 @@ def test_observers_count_the_cancellation_and_the_slot_comes_back_once(
     assert second[0] >= first[1] - 0.01, f"ran at once: {spans}"
     kinds = [e["event"] for e in entries if e["event"].startswith("throttle:")]
     assert kinds.count("throttle:cancelled") == 1, kinds
+    log = app.log_path.read_text()
+    assert "Traceback" not in log, log[-3000:]
+    assert "without completing" not in log, log[-3000:]  # uvicorn's word for a cut response
 
 
 def upload_head(port: int, size: int, s: float, tag: str) -> bytes:
@@ -276,3 +282,27 @@ def test_sigterm_lets_running_requests_finish(
     log = app.log_path.read_text()
     assert exited, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.parametrize("server", ["hypercorn", "granian"])
+def test_an_http2_stream_reset_cancels_its_handler(
+    start_app_server: Callable[..., AppServer], server: ServerKind
+) -> None:
+    """HTTP/2 (prior knowledge): the client resets its stream and the connection goes on."""
+    app = start(start_app_server, server, cancel=True)
+
+    async def scenario() -> tuple[int, float]:
+        async with H2Client(HOST, app.port) as client:
+            left = await client.get(f"/slow?s={HANDLER_S}&tag=left")
+            await asyncio.sleep(LEAVE_AFTER_S)
+            await client.reset(left)
+            started = time.monotonic()
+            after = await client.get("/slow?s=0&tag=next")
+            stream = await client.response(after)
+            return stream.status or 0, time.monotonic() - started
+
+    status, elapsed = asyncio.run(scenario())
+    assert status == 200
+    assert elapsed < SERVED_WITHIN_S, f"{server}: the next request waited {elapsed:.2f} s"
+    assert events(app, "left") == ["start", "cancelled"], journal(app)
+    wait_free(app)
