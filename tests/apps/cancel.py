@@ -4,11 +4,11 @@ One worker process: what its handlers did is kept in memory and read back over
 HTTP. The throttle is configured by ``THROTTLE_*`` only
 (``THROTTLE_CANCEL_ON_DISCONNECT`` is what the tests turn on and off).
 
-Routes: ``/slow?s=&tag=`` (sleeps), ``/stream?s=&tag=`` (a chunk every 0.1 s
-for `s` seconds), ``/upload?s=&tag=`` (POST: reads its body slowly, a chunk
-every 0.2 s, then sleeps), and the exempt ``/_journal`` (each handler's start,
-end or cancellation, and the throttle's events) and ``/_budget`` (in flight,
-waiting).
+Routes: ``/slow?s=&tag=&read=`` (sleeps; first reads its body if `read`),
+``/stream?s=&tag=`` (a chunk every 0.1 s for `s` seconds), ``/upload?s=&tag=``
+(POST: reads its body slowly, a chunk every 0.2 s, then sleeps), and the
+exempt ``/_journal`` (each handler's start, end or cancellation, and the
+throttle's events) and ``/_budget`` (in flight, waiting).
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def observe(event: ThrottleEvent) -> None:
 
 async def slow(request: Request) -> Response:
     tag = request.query_params.get("tag", "slow")
+    if request.query_params.get("read"):
+        await request.body()  # (empty) read through the watch
     note("start", tag)
     try:
         await asyncio.sleep(min(LIMIT_S, float(request.query_params.get("s", "4"))))

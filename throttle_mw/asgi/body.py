@@ -80,6 +80,9 @@ class RequestBody:
         self.hold: ClientHold | None = None
         #: Called when the client leaves while the app runs (`follow`).
         self._on_gone: Callable[[], None] | None = None
+        #: Set when the reader keeps a message (`follow`: the app waits for that, not for
+        #: the reader's end, which may be the client leaving).
+        self._kept: asyncio.Future[None] | None = None
 
     @property
     def partial(self) -> bool:
@@ -152,6 +155,9 @@ class RequestBody:
             self._reader = asyncio.create_task(self._follow())
 
     def _keep(self, message: Message) -> None:
+        kept = self._kept
+        if kept is not None and not kept.done():
+            kept.set_result(None)
         if message["type"] != "http.request":
             self._gone = message
             self.disconnected.set()
@@ -188,6 +194,11 @@ class RequestBody:
             if reader is None:
                 break
             if not reader.done():
+                if self._on_gone is not None:
+                    # Followed, the reader reads on to the disconnect: wait for its next
+                    # message only (a message is kept, so a cancelled wait loses nothing).
+                    await self._next_kept(reader)
+                    continue
                 # Shielded: if the app cancels this read, the reader's message stays
                 # buffered for the app's next call instead of being lost.
                 await asyncio.shield(reader)
@@ -203,6 +214,13 @@ class RequestBody:
         if self._on_gone is not None:
             self._followed(message)
         return message
+
+    async def _next_kept(self, reader: asyncio.Task[None]) -> None:
+        """Return once the reader keeps a message or ends."""
+        kept = self._kept
+        if kept is None or kept.done():
+            kept = self._kept = asyncio.get_running_loop().create_future()
+        await asyncio.wait((kept, reader), return_when=asyncio.FIRST_COMPLETED)
 
     def close(self) -> None:
         """The request is done: give back what is still buffered; stop the reader."""
