@@ -186,8 +186,6 @@ class ThrottleMiddleware:
         # Slow clients (guarantee 15): bodies are read ahead, except in dry run (which
         # must delay nothing) or when the operator turned it off (a buffer of 0).
         self._read_ahead = settings.body_buffer_bytes > 0 and not settings.dry_run
-        # Cancel the app's work when its client leaves (not in dry run, which enforces nothing).
-        self._cancel_on_disconnect = settings.cancel_on_disconnect and not settings.dry_run
         self._body_limit = settings.body_buffer_bytes
         #: Request body bytes buffered by this middleware (its process), bounded in total.
         self.body_buffers = BodyBuffers(settings.body_buffer_total_bytes)
@@ -664,7 +662,7 @@ class ThrottleMiddleware:
 
         cancelled = False
         try:
-            if self._cancel_on_disconnect:
+            if self.settings.cancel_on_disconnect and self._cancels():
                 cancelled = await self._run_cancellable(
                     scope, receive, send_wrapper, body, read_ahead, decision
                 )
@@ -690,6 +688,12 @@ class ThrottleMiddleware:
                     client_s = 0.0 if hold is None else hold.waited_s
                     sample = Sample(ended - admitted - client_s, failed, running, queued)
                     backend.observe(sample)
+
+    def _cancels(self) -> bool:
+        """Whether the app's work is cancelled when its client leaves (not in dry run,
+        which enforces nothing)."""
+        settings = self.settings
+        return settings.cancel_on_disconnect and not settings.dry_run
 
     async def _run_cancellable(
         self,
@@ -756,8 +760,9 @@ class ThrottleMiddleware:
             self._acquire_rest,
         ) = path
         self._admit_at_once = admit
-        # A request whose app may be cancelled goes to `_throttle`: the fast path pays nothing.
-        lean = not self._observers and not self._cancel_on_disconnect
+        # A request whose app may be cancelled goes to `_throttle`: the fast path pays nothing
+        # (nor does the middleware get an attribute more: `_cancels`).
+        lean = not self._observers and not self._cancels()
         self._lean_backend = backend if lean else None
         return admit
 
