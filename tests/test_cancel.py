@@ -9,6 +9,7 @@ complete. Over real servers: tests/test_e2e_cancel.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -111,7 +112,10 @@ async def test_the_app_gets_every_message_at_once_and_the_disconnect_after(queue
     assert seen == [{"type": "http.request", "body": b"", "more_body": False}]
 
 
-async def test_the_disconnect_cancels_and_is_handed_to_the_app_too() -> None:
+async def test_the_disconnect_cancels_and_is_handed_to_the_app_too(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "throttle_mw")
     received: list[str] = []
     cancelled = asyncio.Event()
 
@@ -134,6 +138,9 @@ async def test_the_disconnect_cancels_and_is_handed_to_the_app_too() -> None:
     await asyncio.wait_for(call, 2.0)  # ends quietly
     assert cancelled.is_set()
     assert received == ["http.request", "http.disconnect"]
+    (line,) = [r for r in caplog.records if r.getMessage().startswith("throttle cancelled")]
+    assert line.getMessage().startswith("throttle cancelled GET / tenant=ip:127.0.0.1")
+    assert line.__dict__["throttle"]["outcome"] == "cancelled"
 
 
 async def test_a_disconnect_after_the_response_cancels_nothing() -> None:
