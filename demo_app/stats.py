@@ -89,6 +89,8 @@ class LiveCounters:
         return sum(len(bucket) for _, bucket in self._buckets)
 
     def __call__(self, event: ThrottleEvent) -> None:
+        if event.kind not in KINDS:
+            return  # `cancelled`: a step after the request's decision, counted there
         bucket = self._bucket(self._clock())
         counts = bucket.get(event.tenant)
         if counts is None:

@@ -217,6 +217,50 @@ async def test_queue_gauges_and_a_client_that_leaves_while_queued() -> None:
     assert total(m, "throttle_queue_depth") == 0
 
 
+@pytest.mark.anyio
+async def test_a_cancelled_app_is_counted_once_and_its_slot_comes_back() -> None:
+    """THROTTLE_CANCEL_ON_DISCONNECT: the client leaves while the app runs; the app is
+    cancelled, `throttle_cancelled_total` counts it (its admission already counted the
+    request), the slot is free again, and the request ends without raising."""
+    entered, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def hold(request: Request) -> PlainTextResponse:
+        entered.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return PlainTextResponse("done")
+
+    inner = Starlette(routes=[Route("/hold", hold)])
+    settings = Settings.from_env({}, concurrency=1)
+    backend = MemoryBackend(settings.limits(), settings.policy())
+    metrics = fresh(backend=backend, snapshot_min_age_s=0)
+    app = ThrottleMiddleware(
+        inner, backend=backend, observers=[metrics], concurrency=1, cancel_on_disconnect=True
+    )
+    assert app.error is None
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    gone = asyncio.Event()
+    call = asyncio.create_task(app(http_scope("/hold"), receiver(gone), send))
+    await asyncio.wait_for(entered.wait(), 5.0)
+    gone.set()
+    await asyncio.wait_for(call, 5.0)  # returns: no CancelledError, no other exception
+    assert cancelled.is_set()
+    assert sent == []
+
+    await metrics.refresh()
+    m = parse(metrics.render()[0].decode())
+    assert value(m, "throttle_cancelled_total", priority="normal") == 1
+    assert value(m, "throttle_requests_total", priority="normal", outcome="admitted") == 1
+    assert value(m, "throttle_in_flight") == 0
+
+
 def test_dry_run_and_failure_mode_outcomes_use_the_decision_words() -> None:
     metrics = fresh()
     for event in (

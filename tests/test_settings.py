@@ -188,3 +188,14 @@ def test_a_header_that_cannot_name_a_tenant_is_refused(name: str) -> None:
 )
 def test_host_and_custom_headers_can_name_the_tenant(name: str, expected: str) -> None:
     assert Settings.from_env({"THROTTLE_TENANT_HEADER": name}).tenant_header == expected
+
+
+def test_cancel_on_disconnect_is_a_boolean_off_by_default() -> None:
+    assert Settings.from_env({}).cancel_on_disconnect is False
+    cases = (("true", True), ("on", True), ("1", True), ("false", False), ("no", False))
+    for raw, expected in cases:
+        env = {"THROTTLE_CANCEL_ON_DISCONNECT": raw}
+        assert Settings.from_env(env).cancel_on_disconnect is expected
+    assert Settings.from_env({}, cancel_on_disconnect=True).cancel_on_disconnect is True
+    with pytest.raises(ConfigError, match=r"THROTTLE_CANCEL_ON_DISCONNECT.*true or false"):
+        Settings.from_env({"THROTTLE_CANCEL_ON_DISCONNECT": "sometimes"})

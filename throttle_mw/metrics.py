@@ -253,6 +253,14 @@ class ThrottleMetrics:
             namespace=ns,
             registry=registry,
         )
+        self._cancelled = Counter(
+            "cancelled",
+            "Admitted requests whose app work was cancelled because the client left "
+            "(THROTTLE_CANCEL_ON_DISCONNECT); each is also counted in requests as admitted.",
+            ["priority"],
+            namespace=ns,
+            registry=registry,
+        )
         self._wait = Histogram(
             "wait_seconds",
             "Time admitted requests spent in the throttle before going on to the app.",
@@ -266,6 +274,7 @@ class ThrottleMetrics:
             (p, o): self._requests.labels(p, o) for p in PRIORITIES for o in OUTCOMES
         }
         self._queued_by = {p: self._queued.labels(p) for p in PRIORITIES}
+        self._cancelled_by = {p: self._cancelled.labels(p) for p in PRIORITIES}
         self._wait_by = {p: self._wait.labels(p) for p in PRIORITIES}
         self._tenant_requests: Counter | None = None
         self._labels: TenantLabels | None = None
@@ -317,6 +326,9 @@ class ThrottleMetrics:
     def __call__(self, event: ThrottleEvent, /) -> None:
         if event.kind == "queued":
             self._queued_by[event.priority].inc()
+            return
+        if event.kind == "cancelled":  # after its admission, which counted the request
+            self._cancelled_by[event.priority].inc()
             return
         outcome = _outcome(event)
         self._by_outcome[(event.priority, outcome)].inc()

@@ -11,7 +11,7 @@ from typing import Literal, NamedTuple, Protocol
 
 from .priorities import Priority
 
-EventKind = Literal["admitted", "degraded", "queued", "rejected", "left"]
+EventKind = Literal["admitted", "degraded", "queued", "rejected", "left", "cancelled"]
 
 
 class ThrottleEvent(NamedTuple):
@@ -19,7 +19,10 @@ class ThrottleEvent(NamedTuple):
 
     `queued` when it starts waiting; then exactly one of `admitted` (with the
     time it waited), `degraded`, `rejected` (with `status` and `reason`) or `left`
-    (the client went away while it waited).
+    (the client went away while it waited). With ``THROTTLE_CANCEL_ON_DISCONNECT``
+    an admitted or degraded request may later also get `cancelled` (its client went
+    away while the app ran, and the app's work was cancelled; `waited_s` is then how
+    long the app had run).
     """
 
     kind: EventKind

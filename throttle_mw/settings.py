@@ -241,6 +241,9 @@ class Settings:
     receive_timeout_s: float = 30.0
     #: An admitted request's slot waits on a slow client at most this long in all.
     client_hold_s: float = 2.0
+    #: Cancel the app's work for a request whose client left while the app ran (its
+    #: slot then comes back at once); off: the slot is held until the handler returns.
+    cancel_on_disconnect: bool = False
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -860,6 +863,7 @@ _PARSERS: Final[dict[str, tuple[str, Callable[[Any, str], Any]]]] = {
     ),
     "receive_timeout_s": ("THROTTLE_RECEIVE_TIMEOUT", _seconds("seconds > 0, e.g. 30")),
     "client_hold_s": ("THROTTLE_CLIENT_HOLD", _seconds("seconds > 0, e.g. 2")),
+    "cancel_on_disconnect": ("THROTTLE_CANCEL_ON_DISCONNECT", _bool),
 }
 
 

@@ -6,6 +6,12 @@ caller enforces): a slow upload waits outside the budget. While a request is
 queued, a background reader watches ``receive`` for a disconnect (`watch`).
 Whatever was read is replayed to the app in order, byte for byte.
 
+With ``THROTTLE_CANCEL_ON_DISCONNECT``, it goes on watching while the app
+runs (`follow`), but only once the whole body has been read (read ahead, or
+by the app itself): ``receive`` may have one consumer only (hypercorn's is a
+queue), so the message it reads, the disconnect, is kept and handed to the
+app's own ``receive`` calls too.
+
 Every byte buffered here counts against one `BodyBuffers` per middleware (the
 process's total, `THROTTLE_BODY_BUFFER_TOTAL`). When that is full, reading
 pauses, so clients wait on TCP back-pressure, until the app consumes what is
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 from starlette.types import Message, Receive
 
@@ -71,6 +78,11 @@ class RequestBody:
         self._stopping = False
         #: Set once admitted if the body is only partly read: times the app's reads of the rest.
         self.hold: ClientHold | None = None
+        #: Called when the client leaves while the app runs (`follow`).
+        self._on_gone: Callable[[], None] | None = None
+        #: Set when the reader keeps a message (`follow`: the app waits for that, not for
+        #: the reader's end, which may be the client leaving).
+        self._kept: asyncio.Future[None] | None = None
 
     @property
     def partial(self) -> bool:
@@ -101,17 +113,56 @@ class RequestBody:
         return self._held == 0 or self._held < self._limit
 
     async def _watch(self) -> None:
-        while not self._stopping and self._gone is None:
+        # Once admitted (`admit`), only a followed body, once complete, is read on.
+        while self._gone is None and (
+            not self._stopping or (self.complete and self._on_gone is not None)
+        ):
             if not self.complete:
                 if not self._may_read():
                     return
                 await self._buffers.room()
             self._keep(await self._receive())
 
+    def follow(self, on_gone: Callable[[], None], *, bodyless: bool = False) -> None:
+        """While the app runs: call `on_gone` when the client leaves.
+
+        Watched in the background once the body is complete: at once if it was
+        read ahead whole or none is announced (`bodyless`: its one empty message
+        is read and kept for the app), else from the app's read of its last
+        chunk. Until then the app's own reads notice a disconnect.
+        """
+        self._on_gone = on_gone
+        reader = self._reader
+        if self._gone is not None:
+            on_gone()
+        elif reader is not None and not reader.done():
+            pass  # the queue's reader, still reading: it reads on past the body's end (`_watch`)
+        elif self.complete or (bodyless and not self._held):
+            self._reader = asyncio.create_task(self._follow())
+
+    async def _follow(self) -> None:
+        while self._gone is None:
+            self._keep(await self._receive())
+            if not self.complete:
+                return  # a body after all: the app reads it (and its end starts the watch)
+
+    def _followed(self, message: Message) -> None:
+        """A message the app read from the server itself, while followed."""
+        if message["type"] != "http.request":
+            self._keep(message)
+        elif not message.get("more_body", False):
+            self.complete = self._replayed_end = True
+            self._reader = asyncio.create_task(self._follow())
+
     def _keep(self, message: Message) -> None:
+        kept = self._kept
+        if kept is not None and not kept.done():
+            kept.set_result(None)
         if message["type"] != "http.request":
             self._gone = message
             self.disconnected.set()
+            if self._on_gone is not None:
+                self._on_gone()
             return
         chunk = message.get("body", b"")
         if chunk:
@@ -143,18 +194,33 @@ class RequestBody:
             if reader is None:
                 break
             if not reader.done():
+                if self._on_gone is not None:
+                    # Followed, the reader reads on to the disconnect: wait for its next
+                    # message only (a message is kept, so a cancelled wait loses nothing).
+                    await self._next_kept(reader)
+                    continue
                 # Shielded: if the app cancels this read, the reader's message stays
                 # buffered for the app's next call instead of being lost.
                 await asyncio.shield(reader)
             self._reader = None
             reader.result()  # propagate a failure of the server's receive
         if self.complete or self.hold is None:
-            return await self._receive()
-        # The rest of a body beyond the buffer: waiting for it is waiting on the client.
-        message = await self.hold.wait(self._receive())
-        if message["type"] != "http.request" or not message.get("more_body", False):
-            self.complete = True
+            message = await self._receive()
+        else:
+            # The rest of a body beyond the buffer: waiting for it is waiting on the client.
+            message = await self.hold.wait(self._receive())
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                self.complete = True
+        if self._on_gone is not None:
+            self._followed(message)
         return message
+
+    async def _next_kept(self, reader: asyncio.Task[None]) -> None:
+        """Return once the reader keeps a message or ends."""
+        kept = self._kept
+        if kept is None or kept.done():
+            kept = self._kept = asyncio.get_running_loop().create_future()
+        await asyncio.wait((kept, reader), return_when=asyncio.FIRST_COMPLETED)
 
     def close(self) -> None:
         """The request is done: give back what is still buffered; stop the reader."""

@@ -4,8 +4,11 @@ Per HTTP request: resolve tag and tenant; read a body ahead (slow uploads wait
 outside the budget); ask the backend; wait in the queue while watching for a
 disconnect; reject with a problem document, or run the app and give the lease
 back on the last body chunk, on an exception, on a disconnect, or once the app
-has waited on a slow client for `THROTTLE_CLIENT_HOLD`. Lifespan and websocket
-scopes pass through (lifespan also starts and stops the backend).
+has waited on a slow client for `THROTTLE_CLIENT_HOLD`. With
+`THROTTLE_CANCEL_ON_DISCONNECT` the app runs in a task of its own, cancelled
+when its client leaves before the response is complete (asgi/cancel.py).
+Lifespan and websocket scopes pass through (lifespan also starts and stops
+the backend).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ..scheduler import LeaseKey, Limits, Reject, Request
 from ..scheduler.limit import InFlight, Sample
 from ..settings import ConfigError, Settings
 from .body import BodyBuffers, RequestBody
+from .cancel import Cancel
 from .hold import ClientHold
 from .responses import send_bad_request, send_rejection, send_request_timeout
 from .routing import RouteTags
@@ -46,6 +50,16 @@ from .tenants import (
 )
 
 logger = logging.getLogger("throttle_mw")
+
+
+def _bodyless(scope: Scope) -> bool:
+    """An HTTP/1 request announcing no body (no Content-Length but 0, no Transfer-Encoding)."""
+    if scope.get("http_version") not in _HTTP1:
+        return False  # HTTP/2 and 3 may send a body without announcing it
+    for name, value in scope["headers"]:
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() != b"0"):
+            return False
+    return True
 
 
 def _never_held(lease_key: LeaseKey) -> None:
@@ -230,8 +244,9 @@ class ThrottleMiddleware:
         self._lease_keys: Iterator[int] = itertools.count(1)
         self._admit_at_once: AdmitAtOnce | None = None
         #: The backend once `_admit_at_once` is bound, if a request it admits at once
-        #: may need no more than the app run (no observers to tell); whether it learns
-        #: its limit (samples to take) is read per request: a live change may switch it.
+        #: may need no more than the app run (no observers to tell, no cancel on
+        #: disconnect); whether it learns its limit (samples to take) is read per
+        #: request: a live change may switch it.
         self._lean_backend: Backend | None = None
         self._release_at_once: Callable[[LeaseKey], bool] = NOT_AT_ONCE
         self._decide_rest: Callable[[Request], BackendOutcome | None] | None = None
@@ -656,8 +671,14 @@ class ThrottleMiddleware:
                     return hold.send(send, message)
             return send(message)
 
+        cancelled = False
         try:
-            await self.app(scope, receive, send_wrapper)
+            if self.settings.cancel_on_disconnect and self._cancels():
+                cancelled = await self._run_cancellable(
+                    scope, receive, send_wrapper, body, read_ahead, decision
+                )
+            else:
+                await self.app(scope, receive, send_wrapper)
         finally:
             if held:
                 held = False
@@ -671,12 +692,69 @@ class ThrottleMiddleware:
                     failed, ended = True, time.perf_counter()
                 assert flight is not None
                 flight.finish(ended)  # out of the app's in flight with its last chunk
-                # A slot given back for a client that held it too long says nothing
-                # about the app's capacity: no sample.
-                if hold is None or not hold.released:
+                # A slot given back for a client that held it too long, or for work
+                # cancelled when its client left, says nothing about the app's
+                # capacity: no sample.
+                if (hold is None or not hold.released) and not cancelled:
                     client_s = 0.0 if hold is None else hold.waited_s
                     sample = Sample(ended - admitted - client_s, failed, running, queued)
                     backend.observe(sample)
+
+    def _cancels(self) -> bool:
+        """Whether the app's work is cancelled when its client leaves (not in dry run,
+        which enforces nothing)."""
+        settings = self.settings
+        return settings.cancel_on_disconnect and not settings.dry_run
+
+    async def _run_cancellable(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        body: RequestBody | None,
+        read_ahead: bool,
+        decision: ThrottleDecision,
+    ) -> bool:
+        """Run the app in a task cancelled when its client leaves before the response is
+        complete (THROTTLE_CANCEL_ON_DISCONNECT); True if that ended it.
+
+        A cancellation for the client ends here: the request ends as one whose client
+        went away (no 500, nothing raised to the server). One of the server's own (its
+        shutdown) goes on to the server.
+        """
+        own = body is None
+        if body is None:
+            body = RequestBody(receive, self.body_buffers, self._body_limit)
+        cancel = Cancel(send)
+        cancelled = False  # the cancellation, not the app, ended the task
+        started = time.perf_counter()
+        # (A task: the app's call is a coroutine; ensure_future only because its type says
+        # awaitable.)
+        task = asyncio.ensure_future(self.app(scope, body.receive, cancel.send))
+        cancel.task = task
+        try:
+            # Only a body known complete (read ahead, or none announced) is watched at once.
+            body.follow(cancel, bodyless=own and not read_ahead and _bodyless(scope))
+            try:
+                # Cancelling this task (the server's shutdown) cancels the app's too.
+                await task
+                cancelled = cancel.cancelled  # (the app caught it and returned)
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if not cancel.cancelled or (current is not None and current.cancelling()):
+                    raise
+                cancelled = True
+            # Anything else the app raises goes on as without the option (say, Starlette's
+            # ClientDisconnect when the app's own read met the disconnect first).
+        finally:
+            if own:
+                body.close()
+        if cancelled:
+            ran_s = time.perf_counter() - started
+            self._log_cancelled(scope, decision, ran_s)
+            if self._observers:
+                self._emit(ThrottleEvent("cancelled", decision.tenant, decision.priority, ran_s))
+        return cancelled
 
     def _bind_fast_path(self) -> AdmitAtOnce | None:
         self._fast_pending = False
@@ -693,7 +771,10 @@ class ThrottleMiddleware:
             self._acquire_rest,
         ) = path
         self._admit_at_once = admit
-        self._lean_backend = None if self._observers else backend
+        # A request whose app may be cancelled goes to `_throttle`: the fast path pays nothing
+        # (nor does the middleware get an attribute more: `_cancels`).
+        lean = not self._observers and not self._cancels()
+        self._lean_backend = backend if lean else None
         return admit
 
     def _hold(self, lease_key: LeaseKey) -> ClientHold:
@@ -872,6 +953,30 @@ class ThrottleMiddleware:
             fields["waited_ms"],
             request.id,
             " (dry run: not enforced)" if self.settings.dry_run else "",
+            extra={"throttle": fields},
+        )
+
+    def _log_cancelled(self, scope: Scope, decision: ThrottleDecision, ran_s: float) -> None:
+        """One structured line per app cancelled because its client left."""
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        path = scope.get("path", "")[:200]
+        fields = {
+            "tenant": decision.tenant,
+            "priority": decision.priority,
+            "method": scope.get("method", ""),
+            "path": path,
+            "outcome": "cancelled",
+            "ran_ms": round(ran_s * 1000.0, 1),
+        }
+        logger.info(
+            "throttle cancelled %s %s tenant=%s priority=%s ran_ms=%.1f: the client left "
+            "(THROTTLE_CANCEL_ON_DISCONNECT), its slot is given back",
+            fields["method"],
+            quote(path),
+            decision.tenant,
+            decision.priority,
+            fields["ran_ms"],
             extra={"throttle": fields},
         )
 
