@@ -198,16 +198,14 @@ async def test_a_grant_found_by_the_cancel_of_a_cancelled_request_goes_back() ->
 
 
 def _redis_settings(server: RedisServer, prefix: str, **overrides: Any) -> Settings:
-    return Settings.from_env(
-        {},
-        redis_url=server.url,
-        key_prefix=prefix,
-        redis_timeout_s=2.0,
-        concurrency="1",
-        lease_ttl_s=30.0,
-        keep_slots_s=0.0,
+    values: dict[str, Any] = {
+        "redis_timeout_s": 2.0,
+        "concurrency": "1",
+        "lease_ttl_s": 30.0,
+        "keep_slots_s": 0.0,
         **overrides,
-    )
+    }
+    return Settings.from_env({}, redis_url=server.url, key_prefix=prefix, **values)
 
 
 def _cancel_on_answer(backend: RedisBackend, kind: str) -> list[asyncio.Task[Any]]:
@@ -220,8 +218,8 @@ def _cancel_on_answer(backend: RedisBackend, kind: str) -> list[asyncio.Task[Any
     submit = batcher.submit
     victims: list[asyncio.Task[Any]] = []
 
-    def submitted(op: Any, on_orphan: Any = None) -> asyncio.Future[str]:
-        future = submit(op, on_orphan)
+    def submitted(op: Any, on_orphan: Any = None, on_lost: Any = None) -> asyncio.Future[str]:
+        future = submit(op, on_orphan, on_lost)
         if op.startswith(kind) and not victims:
             task = asyncio.current_task()
             assert task is not None
@@ -427,3 +425,44 @@ async def test_requests_cancelled_at_random_times_leave_the_budget_whole(
     finally:
         for middleware in middlewares:
             await middleware.shutdown()
+
+
+@pytest.mark.e2e
+async def test_an_acquire_cancelled_while_redis_is_frozen_is_cleaned_up_after_the_thaw(
+    redis_server: RedisServer,
+) -> None:
+    """The caller gives up (an outer timeout) while its acquire is out to a frozen Redis;
+    the call then times out, and Redis runs the acquire when it thaws, with nobody to hold
+    the lease. The failed call now records it as an orphan, given back once Redis answers
+    again; on the old code nobody knew of it and the slot stayed taken for the lease TTL
+    (30 s here)."""
+    backend = RedisBackend(_redis_settings(redis_server, "ca3", redis_timeout_s=0.3))
+    await backend.start()
+    try:
+        warm = await backend.acquire(Request("warm", "acme", "normal", 1, False, False))
+        assert isinstance(warm, Admitted)
+        backend.release("warm")
+        await asyncio.sleep(0.2)
+        redis_server.freeze()
+        try:
+            task = asyncio.create_task(
+                backend.acquire(Request("a", "acme", "normal", 1, False, False))
+            )
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            await asyncio.sleep(0.6)  # the call times out: the breaker opens
+        finally:
+            redis_server.thaw()
+        deadline = time.monotonic() + 5.0
+        seen: list[int] = []
+        while (held := await _in_flight(redis_server, "ca3")) != 0 or not seen:
+            seen.append(held)
+            assert time.monotonic() < deadline, f"a lease nobody holds stayed: {seen[-5:]}"
+            await asyncio.sleep(0.05)
+        again = await backend.acquire(Request("b", "acme", "normal", 1, False, False))
+        assert isinstance(again, Admitted)
+        backend.release("b")
+    finally:
+        await backend.stop()

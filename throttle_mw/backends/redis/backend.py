@@ -433,7 +433,7 @@ class RedisBackend(Recovery):
         assert self._batcher is not None
         op = self._acquire_op(request)
         undo = functools.partial(self._undo_acquire, request.id)
-        answer = self._batcher.submit(op, undo)
+        answer = self._batcher.submit(op, undo, functools.partial(self._fate_unknown, request.id))
         try:
             result = await answer
         except (RedisError, OSError) as exc:
@@ -578,7 +578,9 @@ class RedisBackend(Recovery):
             self._orphans.add(rid)
             return self._fallback.settle(rid)
         undo = functools.partial(self._undo_cancel, rid)
-        answer = self._batcher.submit(protocol.cancel_op(rid), undo)
+        answer = self._batcher.submit(
+            protocol.cancel_op(rid), undo, functools.partial(self._fate_unknown, rid)
+        )
         try:
             result = await answer
         except (RedisError, OSError) as exc:
@@ -633,6 +635,11 @@ class RedisBackend(Recovery):
     def _release_failed(self, rid: str, exc: BaseException) -> None:
         self._orphans.add(rid)  # given back once Redis is back
         self._on_failure(exc)
+
+    #: An acquire or a cancel whose call failed after its caller was cancelled (an outer
+    #: timeout): it may have run, or run yet, and nobody holds what it took. Without this
+    #: a lease it took stayed in Redis, renewed by nobody, until the lease TTL lapsed.
+    _fate_unknown = _release_failed
 
     # --- grants, ticks, renewals ------------------------------------------------------------------
 
