@@ -528,45 +528,6 @@ async def test_websockets_and_other_scopes_pass_through_untouched() -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("settings", [{"concurrency": 2}, {"rate": 100.0, "concurrency": 1}])
-async def test_a_scope_without_http_version_is_served_as_http_1_1(settings: dict[str, Any]) -> None:
-    """ASGI requires ``http_version``, but a harness or a small server may leave it out and
-    Starlette does not need it: the middleware read it to decide whether to read a body
-    ahead, and raised KeyError (a 500) for every such request without a body header."""
-    statuses: list[int] = []
-
-    async def inner(scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
-
-    middleware = ThrottleMiddleware(inner, **settings)
-    await middleware.startup()
-    try:
-        for headers in ([], [(b"content-length", b"0")], [(b"x-tenant-id", b"acme")]):
-            scope = {
-                "type": "http",
-                "method": "GET",
-                "path": "/x",
-                "root_path": "",
-                "query_string": b"",
-                "headers": headers,
-                "client": ("127.0.0.1", 1),
-            }
-
-            async def receive() -> dict[str, Any]:
-                return {"type": "http.request", "body": b"", "more_body": False}
-
-            async def send(message: Any) -> None:
-                if message["type"] == "http.response.start":
-                    statuses.append(message["status"])
-
-            await middleware(scope, receive, send)
-    finally:
-        await middleware.shutdown()
-    assert statuses == [200, 200, 200]
-
-
-@pytest.mark.anyio
 async def test_observers_see_every_decision() -> None:
     events: list[ThrottleEvent] = []
     app = starlette_app(observers=[events.append])

@@ -375,12 +375,9 @@ class ThrottleMiddleware:
         except InvalidTenant as exc:
             await send_bad_request(send, exc.detail)
             return
-        try:
-            read_ahead = self._read_ahead and (
-                announced if announced is not None else scope["http_version"] not in _HTTP1
-            )
-        except KeyError:  # (required by ASGI, left out by some harnesses: HTTP/1.1, no body)
-            read_ahead = False
+        read_ahead = self._read_ahead and (
+            announced if announced is not None else scope["http_version"] not in _HTTP1
+        )
         # The backend's fast path (the in-memory scheduler's own test, called with no
         # backend frame in between; the Redis backend's lease of rate tokens or kept
         # slots): no `Request` made and a number for its id: the id string is made
