@@ -199,3 +199,37 @@ def test_cancel_on_disconnect_is_a_boolean_off_by_default() -> None:
     assert Settings.from_env({}, cancel_on_disconnect=True).cancel_on_disconnect is True
     with pytest.raises(ConfigError, match=r"THROTTLE_CANCEL_ON_DISCONNECT.*true or false"):
         Settings.from_env({"THROTTLE_CANCEL_ON_DISCONNECT": "sometimes"})
+
+
+#: Every variable that takes a number other than a whole one, with what else it needs.
+_FRACTIONAL = {
+    "THROTTLE_RATE": {},
+    "THROTTLE_TENANT_RATE": {"THROTTLE_RATE": "10"},
+    "THROTTLE_RATE_LEASE": {"THROTTLE_RATE": "10", "THROTTLE_REDIS_URL": "redis://h"},
+    "THROTTLE_KEEP_SLOTS": {"THROTTLE_CONCURRENCY": "2", "THROTTLE_REDIS_URL": "redis://h"},
+    "THROTTLE_CREDIT": {"THROTTLE_CONCURRENCY": "2"},
+    "THROTTLE_REDIS_TIMEOUT": {"THROTTLE_CONCURRENCY": "2"},
+    "THROTTLE_TENANT_IDLE": {"THROTTLE_CONCURRENCY": "2"},
+    "THROTTLE_LIVE_LIMITS_TTL": {"THROTTLE_CONCURRENCY": "2"},
+    "THROTTLE_RECEIVE_TIMEOUT": {"THROTTLE_CONCURRENCY": "2"},
+    "THROTTLE_CLIENT_HOLD": {"THROTTLE_CONCURRENCY": "2"},
+    "THROTTLE_MAX_WAIT": {"THROTTLE_CONCURRENCY": "2"},
+}
+
+
+@pytest.mark.parametrize("variable", sorted(_FRACTIONAL))
+@pytest.mark.parametrize("value", ["1e-320", "5e-7"])
+def test_a_number_too_small_to_mean_anything_is_refused_at_start_up(
+    variable: str, value: str
+) -> None:
+    """1e-320 is positive, but its inverse is infinite: THROTTLE_RATE=1e-320 passed
+    start-up and made every rejection an OverflowError (a 500); THROTTLE_RATE_LEASE=1e-320
+    crashed the lease's renewal. Every number other than 0 is now at least 1e-06."""
+    with pytest.raises(ConfigError, match=rf"^{variable}={value}: invalid, expected .*1e-06"):
+        Settings.from_env({**_FRACTIONAL[variable], variable: value})
+    Settings.from_env({**_FRACTIONAL[variable], variable: "1e-6"})
+
+
+def test_tenant_weights_too_small_to_mean_anything_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"^THROTTLE_TENANT_WEIGHTS=.*1e-06"):
+        Settings.from_env({"THROTTLE_CONCURRENCY": "2", "THROTTLE_TENANT_WEIGHTS": "a=1e-320"})

@@ -41,6 +41,11 @@ DEFAULT_KEEP_SLOTS_S: Final = 0.1
 #: The heartbeat renews this process's leases every third of THROTTLE_LEASE_TTL, but
 #: never more often than this.
 HEARTBEAT_MIN_S: Final = 0.2
+#: The smallest number other than 0 any setting takes: a microsecond, a rate of one a
+#: million seconds, a weight of a millionth. Below it nothing is meant, and a rate or a
+#: lease time whose inverse overflows to infinity failed per request (an OverflowError for
+#: every rejection of THROTTLE_RATE=1e-320, a 500) or in the background (the rate lease).
+SMALLEST: Final = 1e-6
 #: THROTTLE_LEASE_TTL's floor, three beats: below it a held lease lapses between two
 #: beats and the fleet admits above its concurrency limit.
 LEASE_TTL_MIN_S: Final = round(3 * HEARTBEAT_MIN_S, 6)
@@ -498,6 +503,8 @@ def _number(
         raise ConfigError(source, raw, what) from None
     if not math.isfinite(value) or value > high or value < low or (low_open and value == low):
         raise ConfigError(source, raw, what)
+    if value and abs(value) < SMALLEST:
+        raise ConfigError(source, raw, f"{what} (a value other than 0 is at least {SMALLEST:g})")
     return value
 
 
@@ -694,7 +701,7 @@ def _pairs(raw: object, source: str, expected: str) -> list[tuple[str, str]]:
 
 
 def _weights(raw: object, source: str) -> Mapping[str, float]:
-    expected = "tenant=weight pairs with weights in (0, 1000], e.g. acme=3,globex=2"
+    expected = "tenant=weight pairs with weights from 1e-06 to 1000, e.g. acme=3,globex=2"
     if isinstance(raw, Mapping):
         items = [(str(k), v) for k, v in raw.items()]
     else:

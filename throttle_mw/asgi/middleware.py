@@ -223,7 +223,7 @@ class ThrottleMiddleware:
         # RequestIds' call, inlined per request: its prefix and counter.
         ids = RequestIds()
         self._id_prefix, self._id_counter = ids.prefix, ids.counter
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         # Slow clients (guarantee 15): bodies are read ahead, except in dry run (which
         # must delay nothing) or when the operator turned it off (a buffer of 0).
         self._read_ahead = settings.body_buffer_bytes > 0 and not settings.dry_run
@@ -560,11 +560,18 @@ class ThrottleMiddleware:
                     outcome = backend.decide_now(request)
                 if outcome is None:
                     started = time.perf_counter()
-                    if declined:
-                        assert self._acquire_rest is not None
-                        outcome = await self._acquire_rest(request)
-                    else:
-                        outcome = await backend.acquire(request)
+                    try:
+                        if declined:
+                            assert self._acquire_rest is not None
+                            outcome = await self._acquire_rest(request)
+                        else:
+                            outcome = await backend.acquire(request)
+                    except BaseException:
+                        # Cancelled (an outer timeout, a server's forced exit): the
+                        # body's bytes go back to the process's total.
+                        if body is not None:
+                            body.close()
+                        raise
             # A NamedTuple's fields by index: its attribute access is a generic lookup in 3.11.
             if type(outcome) is Admitted and not outcome[_DEGRADED] and not outcome[_UNTHROTTLED]:
                 held = outcome[_LEASE]
@@ -845,7 +852,14 @@ class ThrottleMiddleware:
                 if body is None:
                     body = RequestBody(receive, self.body_buffers, self._body_limit)
                 body.watch()
-                result = await self._wait(backend, outcome, body)
+                try:
+                    result = await self._wait(backend, outcome, body)
+                except BaseException:
+                    # Cancelled while queued (`_wait` leaves the queue): stop the
+                    # watcher and give its bytes back, or they count against
+                    # THROTTLE_BODY_BUFFER_TOTAL for good.
+                    body.close()
+                    raise
                 if result is None:
                     body.close()
                     waited = time.perf_counter() - started
@@ -904,7 +918,15 @@ class ThrottleMiddleware:
             drain.cancel()
         if waiting.future.done():
             return waiting.future.result()
-        result = await asyncio.shield(backend.cancel(waiting))
+        leaving = loop.create_task(backend.cancel(waiting))
+        try:
+            result = await asyncio.shield(leaving)
+        except asyncio.CancelledError:
+            # Cancelled while leaving (the shield keeps the cancel going): a grant it
+            # finds (admitted meanwhile) is given back once it is in.
+            self._background.add(leaving)
+            leaving.add_done_callback(functools.partial(self._given_back, backend))
+            raise
         if queued.disconnected.is_set():
             if isinstance(result, Admitted) and result.lease:
                 backend.release(result.request_id)
@@ -912,6 +934,15 @@ class ThrottleMiddleware:
         if self._draining.is_set() and isinstance(result, Reject):
             return Reject("shutting_down", 1.0)
         return result
+
+    def _given_back(self, backend: Backend, leaving: asyncio.Task[Admitted | Reject]) -> None:
+        """The cancel of a request whose task was cancelled meanwhile: its grant goes back."""
+        self._background.discard(leaving)
+        if leaving.cancelled() or leaving.exception() is not None:
+            return
+        result = leaving.result()
+        if isinstance(result, Admitted) and result.lease:
+            backend.release(result.request_id)
 
     @staticmethod
     async def _abandon(backend: Backend, waiting: Waiting) -> None:

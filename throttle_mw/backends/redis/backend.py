@@ -80,6 +80,15 @@ def _keepable(limits: Limits) -> int | None:
     return limits.concurrency
 
 
+def _undo_if_answered(answer: asyncio.Future[str], undo: Callable[[str], None]) -> None:
+    """A caller cancelled while awaiting the batcher's `answer`: if the answer was already
+    in (set, then the caller's task cancelled before it ran: asyncio throws the
+    cancellation in and the result is lost), undo it here. The batcher undoes only the
+    answers whose future it finds done, i.e. cancelled before the answer came."""
+    if answer.done() and not answer.cancelled() and answer.exception() is None:
+        undo(answer.result())
+
+
 def _refused(exc: BaseException) -> bool:
     """A call that failed before anything was sent: its connection refused (redis-py
     raises its ConnectionError from the OSError of the connect). Any other failure may
@@ -423,12 +432,17 @@ class RedisBackend(Recovery):
         """An acquire operation through the batcher (`started`: the loop's time)."""
         assert self._batcher is not None
         op = self._acquire_op(request)
+        undo = functools.partial(self._undo_acquire, request.id)
+        answer = self._batcher.submit(op, undo, functools.partial(self._fate_unknown, request.id))
         try:
-            result = await self._batcher.submit(op, lambda r: self._undo_acquire(request.id, r))
+            result = await answer
         except (RedisError, OSError) as exc:
             self._orphans.add(request.id)  # it may have run before the reply was lost
             self._on_failure(exc)
             return await self._fallback.acquire(request)
+        except asyncio.CancelledError:
+            _undo_if_answered(answer, undo)
+            raise
         self._succeeded()
         return self._outcome(request, result, started)
 
@@ -569,14 +583,19 @@ class RedisBackend(Recovery):
         if self._batcher is None or not self._breaker.allow():
             self._orphans.add(rid)
             return self._fallback.settle(rid)
+        undo = functools.partial(self._undo_cancel, rid)
+        answer = self._batcher.submit(
+            protocol.cancel_op(rid), undo, functools.partial(self._fate_unknown, rid)
+        )
         try:
-            result = await self._batcher.submit(
-                protocol.cancel_op(rid), lambda r: self._undo_cancel(rid, r)
-            )
+            result = await answer
         except (RedisError, OSError) as exc:
             self._on_failure(exc)
             self._orphans.add(rid)
             return self._fallback.settle(rid)
+        except asyncio.CancelledError:
+            _undo_if_answered(answer, undo)
+            raise
         self._succeeded()
         decoded = protocol.decode_cancel(result)
         if isinstance(decoded, AlreadyAdmitted):
@@ -622,6 +641,11 @@ class RedisBackend(Recovery):
     def _release_failed(self, rid: str, exc: BaseException) -> None:
         self._orphans.add(rid)  # given back once Redis is back
         self._on_failure(exc)
+
+    #: An acquire or a cancel whose call failed after its caller was cancelled (an outer
+    #: timeout): it may have run, or run yet, and nobody holds what it took. Without this
+    #: a lease it took stayed in Redis, renewed by nobody, until the lease TTL lapsed.
+    _fate_unknown = _release_failed
 
     # --- grants, ticks, renewals ------------------------------------------------------------------
 

@@ -96,12 +96,20 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
-    def submit(self, op: Op, on_orphan: Callable[[str], None] | None = None) -> asyncio.Future[str]:
+    def submit(
+        self,
+        op: Op,
+        on_orphan: Callable[[str], None] | None = None,
+        on_lost: Callable[[BaseException], None] | None = None,
+    ) -> asyncio.Future[str]:
+        """`on_orphan`: the answer, if it comes once the caller is gone (its future done);
+        `on_lost`: the call's failure, if it fails once the caller is gone (the operation
+        may have run in Redis, or may yet: nobody else will say so)."""
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         if self._closed:
             future.set_exception(RedisConnectionError("throttle_mw backend is closed"))
             return future
-        self._pending.append(_Pending(op, future, on_orphan))
+        self._pending.append(_Pending(op, future, on_orphan, on_lost))
         self._wake.set()
         if self._task is None:
             self.start()
@@ -160,10 +168,13 @@ class Batcher:
                 self._pending = []
             for pending in batch:
                 future = pending.future
-                if future is None:
+                if future is None or future.done():
+                    # Nobody awaits it (a release, or a caller cancelled meanwhile): it
+                    # may have run in Redis, or run yet (a frozen Redis reads it when it
+                    # thaws); `on_failed` records it, to clean up once Redis is back.
                     if pending.on_failed is not None:
                         pending.on_failed(exc)
-                elif not future.done():
+                else:
                     future.set_exception(exc)
                     future.exception()  # mark retrieved: the caller may be gone
             return
