@@ -10,7 +10,8 @@ doubles (slower work); c = 8 and 32; one process, or four with the requests spre
 random; uniform and lognormal work; load 2.5x the capacity.
 
 - ``verdicts``: every shift test's share (`estimator._verdict` wrapped), first or second
-  test, and what it decided.
+  test, and what it decided; ``--order random``: the app serves its own queue in random
+  order, not first come, first served.
 - ``harm``: the queue scenario, its first verdict after the halving forced to "slower
   work" (the baseline moves to the reference's median, as a real one does), against
   the same seed left alone; each second's median latency over the bare work's median,
@@ -53,7 +54,7 @@ class Timed(AppModel):
         super()._done(now, item)
 
 
-def model(c: int, seed: int, kind: str, jitter: str, processes: int, **extra: Any) -> Timed:
+def model(c: int, seed: int, kind: str, jitter: str, processes: int, order: str = "fifo") -> Timed:
     mean = MEAN_S[c]
     slots = ((0.0, c), (30.0, c // 2)) if kind == "queue" else ((0.0, c),)
     mean_s = ((0.0, mean), (30.0, 2 * mean)) if kind == "slower" else ((0.0, mean),)
@@ -65,7 +66,7 @@ def model(c: int, seed: int, kind: str, jitter: str, processes: int, **extra: An
         seed=seed,
         processes=processes,
         spread="random",
-        **extra,
+        order=order,  # type: ignore[arg-type]
     )
 
 
@@ -84,6 +85,11 @@ def recorded(force_shift_after: float | None = None) -> Iterator[list[Verdict]]:
     def wrapped(config, window, limit, baseline, steps, episode, reference, raised, carried=None):  # type: ignore[no-untyped-def]
         queue_rise = (raised.in_flight / reference.in_flight - 1.0) * reference.spread
         share = math.log(raised.low_s / reference.low_s) / queue_rise
+        # The same question of every request's mean (Little's law holds for it in any
+        # service order): a queue's mean rises by the in flight's ratio, slower work's not.
+        rho = raised.in_flight / reference.in_flight
+        mean_rise = math.log(raised.low_s * raised.spread / (reference.low_s * reference.spread))
+        share_mean = mean_rise / math.log(rho)
         now = current["model"].now
         if force_shift_after is not None and now >= force_shift_after and not current.get("forced"):
             current["forced"] = True
@@ -95,7 +101,8 @@ def recorded(force_shift_after: float | None = None) -> Iterator[list[Verdict]]:
             )
         first = episode.anchor_s > 0.0
         verdicts.append(
-            {"t": now, "first": first, "share": share, "first_share": carried, "reason": new.reason,
+            {"t": now, "first": first, "share": share, "share_mean": share_mean,
+             "first_share": carried, "reason": new.reason,
              "again": new.reason == "shift-test", "limit": limit}
         )  # fmt: skip
         return new
@@ -111,7 +118,9 @@ _CURRENT: dict[str, Any] = {}
 
 
 def run(
-    args: tuple[int, int, str, str, int], until: float, force: float | None = None
+    args: tuple[int, int, str, str, int] | tuple[int, int, str, str, int, str],
+    until: float,
+    force: float | None = None,
 ) -> tuple[Timed, list[Verdict]]:
     """The model of `args` (c, seed, kind, jitter, processes) run to `until`."""
     with recorded(force) as verdicts:
@@ -129,12 +138,12 @@ def _seeds(text: str) -> list[int]:
 SCENARIOS = [(c, jitter, p) for c in (8, 32) for jitter in ("uniform", "lognormal") for p in (1, 4)]
 
 
-def verdicts_cmd(seeds: list[int], until: float = 60.0) -> None:
+def verdicts_cmd(seeds: list[int], until: float = 60.0, order: str = "fifo") -> None:
     out: dict[str, list[Verdict]] = {"queue": [], "slower": []}
     for kind in ("queue", "slower"):
         for c, jitter, p in SCENARIOS:
             for seed in seeds:
-                _, vs = run((c, seed, kind, jitter, p), until)
+                _, vs = run((c, seed, kind, jitter, p, order), until)
                 for v in vs:
                     if v["t"] >= 30.0:
                         v.update(c=c, jitter=jitter, p=p, seed=seed)
@@ -147,13 +156,13 @@ def verdicts_cmd(seeds: list[int], until: float = 60.0) -> None:
             for v in sel:
                 key = "again" if v["again"] else v["reason"]
                 counts[key] = counts.get(key, 0) + 1
-            shares = [v["share"] for v in sel]
-            sd = statistics.pstdev(shares) if len(shares) > 1 else 0.0
-            mean = statistics.mean(shares) if shares else 0.0
-            print(
-                f"  {'first' if first else 'second'} tests: {len(sel)} {counts}"
-                f" share mean {mean:.2f} sd {sd:.2f}"
-            )
+            line = f"  {'first' if first else 'second'} tests: {len(sel)} {counts}"
+            for key in ("share", "share_mean"):
+                xs = [v[key] for v in sel]
+                sd = statistics.pstdev(xs) if len(xs) > 1 else 0.0
+                mean = statistics.mean(xs) if xs else 0.0
+                line += f"; {key}: mean {mean:.2f} sd {sd:.2f}"
+            print(line)
         if kind == "queue":
             for v in vs:
                 if v["reason"] == "shift":
@@ -241,10 +250,13 @@ def main() -> None:
     parser.add_argument("what", choices=["verdicts", "harm", "learning"])
     parser.add_argument("--seeds", default="1-20")
     parser.add_argument("--until", type=float, default=120.0)
+    parser.add_argument(
+        "--order", choices=["fifo", "random"], default="fifo", help="the app's own queue (verdicts)"
+    )
     args = parser.parse_args()
     seeds = _seeds(args.seeds)
     if args.what == "verdicts":
-        verdicts_cmd(seeds)
+        verdicts_cmd(seeds, order=args.order)
     elif args.what == "harm":
         harm_cmd(seeds, args.until, True)
     else:
