@@ -9,6 +9,7 @@ the parts around it, fast, with real Redis servers where Redis is involved.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -26,6 +27,7 @@ from throttle_mw.backends.redis import RedisBackend, protocol
 from throttle_mw.backends.redis.fallback import share
 from throttle_mw.backends.redis.keys import Keys
 from throttle_mw.backends.redis.learner import (
+    SHARE_FIELD,
     STATE_FIELD,
     FleetLearner,
     fleet_step,
@@ -33,7 +35,14 @@ from throttle_mw.backends.redis.learner import (
 )
 from throttle_mw.scheduler import Limits, Policy
 from throttle_mw.scheduler import Request as ThrottleRequest
-from throttle_mw.scheduler.limit import InFlight, LimitConfig, LimitState, Sample, WindowSummary
+from throttle_mw.scheduler.limit import (
+    InFlight,
+    LimitConfig,
+    LimitState,
+    Sample,
+    WindowSummary,
+    step,
+)
 from throttle_mw.settings import Settings
 
 pytestmark = pytest.mark.usefixtures("clean_env")
@@ -481,6 +490,57 @@ async def test_a_budget_that_lost_its_keys_gets_the_last_limit_back(
         await client.flushall()
         await learner.flush(client)
         assert await client.hget(Keys("fleet").cfg, protocol.LEARNED) == "23"
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.anyio
+async def test_a_second_shift_test_keeps_its_first_share_through_a_rolling_deploy(
+    clean_redis_server: RedisServer,
+) -> None:
+    """The first test's share goes beside the state in P:cfg (`SHARE_FIELD`), written
+    in the step's one HSET: a step of this build reads it with the state and writes the
+    next one's. An older build's process, sharing Redis in a rolling deploy, parses the
+    state text as it always did (no field it does not know), and its step rewrites the
+    state but not the share: the next step of this build finds the share stale (its
+    step count is not the state's) and leaves it out, so the second test's verdict goes
+    alone, as the older build's would."""
+    import redis.asyncio as aredis
+
+    from tests.test_limit_estimator import _replay_ci, _uniform_window
+
+    client = aredis.Redis.from_url(clean_redis_server.url, decode_responses=True)
+    keys, config = Keys("fleet"), LimitConfig()
+    learner = _learner("p0", [1000.0], config)
+    _, state = _replay_ci(0.106)  # a second test's reference stage; the first's share 0.53
+    window = _uniform_window(40, 0.086, 6.9, 7)  # one more reference window
+
+    async def step_here() -> tuple[str, str]:
+        await client.rpush(keys.learn_windows, f"p0|{window.encode()}")
+        await learner._step(client)
+        text, share = await client.hmget(keys.cfg, STATE_FIELD, SHARE_FIELD)
+        return str(text), str(share)
+
+    try:
+        await client.hset(
+            keys.cfg, mapping={STATE_FIELD: state.encode(), SHARE_FIELD: state.encode_share()}
+        )
+        text, share = await step_here()
+        new = LimitState.decode(text, share)
+        assert (new.reason, new.steps) == ("shift-test", state.steps + 1), text
+        assert new.first_share == state.first_share
+        older = LimitState.decode(text)  # an older build's parse: the state, no share
+        assert older == replace(new, first_share=None)
+        # An older build's step: the state and the limit, not the share.
+        stepped = step(config, older, window, 0.5)
+        await client.hset(
+            keys.cfg, mapping={protocol.LEARNED: stepped.in_force, STATE_FIELD: stepped.encode()}
+        )
+        text, share = await step_here()
+        after = LimitState.decode(text, share)
+        assert (after.reason, after.steps) == ("shift-test", state.steps + 3), text
+        assert after.first_share is None
+        assert share == ""
     finally:
         await client.aclose()
 

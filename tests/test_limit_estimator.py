@@ -14,6 +14,7 @@ import math
 import random
 import statistics
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import Final
 
 import pytest
@@ -229,7 +230,7 @@ def test_the_limit_never_leaves_its_bounds() -> None:
             assert config.minimum <= state.limit <= config.maximum
             assert config.minimum <= state.in_force <= config.maximum
             assert state.baseline_s >= 0.0
-            assert LimitState.decode(state.encode()) == state
+            assert LimitState.decode(state.encode(), state.encode_share()) == state
 
 
 def random_window(rng: random.Random, limit: int) -> WindowSummary:
@@ -566,7 +567,7 @@ def test_state_wire_round_trip_through_every_stage() -> None:
     for state in model.states:
         text = state.encode()
         assert wire_safe(text)
-        assert LimitState.decode(text) == state
+        assert LimitState.decode(text, state.encode_share()) == state
 
 
 @pytest.mark.parametrize(
@@ -669,3 +670,57 @@ def test_slower_work_beside_the_ci_runs_noise_is_a_shift() -> None:
     reasons, state = _replay_ci(0.086, state)
     assert reasons[-1] == "shift", (reasons, state.encode())
     assert 0.17 < state.baseline_s < 0.2, state.encode()
+
+
+def test_a_second_test_judges_both_tests_shares() -> None:
+    """A first test that cannot tell leaves its share to the second, whose verdict is
+    on the mean of both (their noise over sqrt(2)). A queue's first test at 0.53 and a
+    second at 0.13: the second alone would say slower work (below 0.2) and move the
+    baseline for good; both say 0.33, which cannot tell: a gentle cut, the baseline
+    where it was. And slower work read at 0.23 twice: alone, each cannot tell (the
+    second cut gently); both, 0.23 against a band of 0.5 - 0.21: a shift."""
+    _, first = _replay_ci(0.106)  # a first share of 0.53: cannot tell
+    reasons, state = _replay_ci(0.09, first)  # a second of 0.13
+    assert reasons[-1] == "overload", (reasons, state.encode())
+    assert state.baseline_s < 0.125, state.encode()
+    assert first.first_share == pytest.approx(0.53, abs=0.01), first
+    assert state.first_share is None
+    _, first = _replay_ci(0.094)  # 0.23: cannot tell
+    reasons, state = _replay_ci(0.094, first)
+    assert reasons[-1] == "shift", (reasons, state.encode())
+    assert 0.17 < state.baseline_s < 0.2, state.encode()
+    assert first.first_share == pytest.approx(0.23, abs=0.01), first
+    assert state.first_share is None
+
+
+def test_the_first_share_goes_beside_the_state_text() -> None:
+    """The first test's share crosses the wire as a text of its own, beside the state's
+    (`encode_share`): the state's text is byte for byte what an older build writes and
+    parses (its parser rejects a field it does not know), old states load, and a share
+    that is not the state's own (another step's: an older build's step rewrote the
+    state and left the share; or beside a state in no second test; or malformed) is
+    left out, so the second test's verdict goes alone, as an older build's does."""
+    _, state = _replay_ci(0.106)
+    assert state.first_share is not None
+    old_form = replace(state, first_share=None)
+    assert state.encode() == old_form.encode()
+    share = state.encode_share()
+    assert wire_safe(share)
+    assert share == f"{state.steps}:{state.first_share!r}"
+    assert LimitState.decode(state.encode(), share) == state
+    assert LimitState.decode(state.encode()) == old_form  # an old state, or no share field
+    assert LimitState.decode(_CI_STATE) == LimitState.decode(_CI_STATE, "")
+    assert old_form.encode_share() == ""
+    negative = replace(state, first_share=-0.25)
+    assert LimitState.decode(negative.encode(), negative.encode_share()) == negative
+    stale = replace(state, steps=state.steps + 1)  # an older build's step
+    assert LimitState.decode(stale.encode(), share).first_share is None
+    for text in ("", "garbage", f"{state.steps}:", f"{state.steps}:nan", f"{state.steps}:inf",
+                 f"{state.steps}:1_0", f"{state.steps}: 0.5", f"-{state.steps}:0.5",
+                 f"{state.steps}:0.5:0.5"):  # fmt: skip
+        assert LimitState.decode(state.encode(), text).first_share is None, text
+    # Beside a first test's state, or a state after the verdict: no second test to pool.
+    first = LimitState.decode(_CI_STATE)
+    assert LimitState.decode(_CI_STATE, f"{first.steps}:0.5").first_share is None
+    done = LimitState(8.0, 0.1, "overload", state.steps)
+    assert LimitState.decode(done.encode(), share).first_share is None

@@ -49,6 +49,9 @@ from throttle_mw.scheduler.limit import (
 Schedule = Sequence[tuple[float, float]]
 Jitter = Literal["uniform", "lognormal"]
 Spread = Literal["round-robin", "random"]
+#: The order the app serves its own queue in: first come, first served, or any waiter
+#: at random (a lock or pool whose freed slot goes to whichever waiter wakes first).
+Order = Literal["fifo", "random"]
 
 _ARRIVE, _DONE, _POLL = 0, 1, 2
 #: A request in the app: when it was admitted, the in flight it saw (its process's),
@@ -151,10 +154,12 @@ class AppModel:
     seed: int = 1
     processes: int = 1
     spread: Spread = "round-robin"
+    order: Order = "fifo"
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
         self.spread_rng = random.Random(self.seed + 1000)  # the load balancer's own
+        self.order_rng = random.Random(self.seed + 2000)  # the app queue's, if random
         self.service = service_sampler(self.jitter)
         self.now = 0.0
         #: Each process's requests in the app over time, on the simulated clock.
@@ -247,7 +252,13 @@ class AppModel:
         slots = at(self.slots, now)
         while self.busy < slots and self.app_queue:
             self.busy += 1
-            item = self.app_queue.popleft()
+            if self.order == "random" and len(self.app_queue) > 1:
+                index = self.order_rng.randrange(len(self.app_queue))
+                self.app_queue.rotate(-index)
+                item = self.app_queue.popleft()
+                self.app_queue.rotate(index)
+            else:
+                item = self.app_queue.popleft()
             self._push(now + self.service(self.rng, at(self.mean_s, now)), _DONE, item)
 
     def _done(self, now: float, item: Item) -> None:

@@ -58,6 +58,10 @@ logger = logging.getLogger("throttle_mw.redis")
 #: last step was taken (the claimant's clock, seconds since the epoch).
 STATE_FIELD = "learn_state"
 STEP_AT_FIELD = "learn_at"
+#: P:cfg's field with a second shift test's first share (`LimitState.encode_share`,
+#: "" when there is none), written with the state: an older build neither reads nor
+#: writes it, and its step makes it stale (the step count it carries is not the state's).
+SHARE_FIELD = "learn_share"
 #: A step after a long silence counts at most this long as elapsed (baseline decay).
 _MAX_ELAPSED_S = 3600.0
 #: How much of the way a process's in-flight lag moves toward each summary's mean
@@ -155,14 +159,15 @@ class FleetLearner:
         pipe.lrange(keys.learn_windows, 0, -1)
         pipe.lrange(keys.learn_waited, 0, -1)
         pipe.delete(keys.learn_windows, keys.learn_waited)
-        pipe.hmget(keys.cfg, STATE_FIELD, STEP_AT_FIELD)
-        entries, waits, _, (raw_state, raw_at) = await pipe.execute()
+        pipe.hmget(keys.cfg, STATE_FIELD, STEP_AT_FIELD, SHARE_FIELD)
+        entries, waits, _, (raw_state, raw_at, raw_share) = await pipe.execute()
         entries_text = [_text(entry) for entry in entries]
         waits_text = [_text(entry) for entry in waits]
         state = self.state
         if raw_state is not None:
             try:
-                state = LimitState.decode(_text(raw_state))
+                share = "" if raw_share is None else _text(raw_share)
+                state = LimitState.decode(_text(raw_state), share)
             except ValueError:
                 logger.warning("throttle_mw: the learned limit's state in Redis was malformed")
         now = self._clock()
@@ -190,6 +195,7 @@ class FleetLearner:
             mapping={
                 protocol.LEARNED: new.in_force,
                 STATE_FIELD: new.encode(),
+                SHARE_FIELD: new.encode_share(),
                 STEP_AT_FIELD: repr(now),
             },
         )

@@ -99,6 +99,7 @@ TEST_SHARE: Final = 0.5
 #: in flight follows the raise less, so the prediction shrinks with the noise), and 0.34
 #: over its 10 tests of a queue (docs/performance.md, branch shiftfix). Slower work only
 #: when the share is below a half by DECISION_Z of it; a queue only when above by as much;
-#: in between the test cannot tell: it runs once more from the reference's limit, and a
-#: second that cannot tell cuts gently (STEP_DOWN_DOUBT), as for a queue.
+#: in between the test cannot tell: it runs once more from the reference's limit, and the
+#: second judges the mean of both tests' shares (their noise SHIFT_NOISE / sqrt(2)); if
+#: that cannot tell either, it cuts gently (STEP_DOWN_DOUBT), as for a queue.
 SHIFT_NOISE: Final = 0.3

@@ -59,7 +59,7 @@ from .episode import CUTTING, DOUBT, EPISODE_FIELDS, RAISED, REFERENCE, Episode,
 from .flight import InFlight
 from .sample import Sample
 from .summary import WindowSummary
-from .wire import natural, number
+from .wire import natural, number, signed
 
 #: Why the last step did what it did.
 StepReason = Literal[
@@ -122,7 +122,9 @@ class LimitState:
     number of requests it allows (nearest, halves up). `baseline_s` is the median
     service time without a queue (0.0: not measured yet). `slow_start`: no sign of
     overload yet, so growth steps are RAMP times. `episode` is the overload episode
-    under way, if any.
+    under way, if any. `first_share`: while a second shift test runs, the first test's
+    share, pooled into its verdict (None otherwise); `encode` leaves it out (every
+    build parses that text), `encode_share` writes it for a field beside it.
     """
 
     limit: float
@@ -131,6 +133,7 @@ class LimitState:
     steps: int
     slow_start: bool = False
     episode: Episode | None = None
+    first_share: float | None = None
 
     @property
     def in_force(self) -> int:
@@ -145,14 +148,29 @@ class LimitState:
             fields += self.episode.fields()
         return ",".join(fields)
 
+    def encode_share(self) -> str:
+        """``steps:share`` while a second shift test carries its first test's share, else
+        "" (ASCII, no spaces, '|', ';' or newlines). A text of its own, beside `encode`'s:
+        an older build's `decode` rejects any field it does not know, so a state with one
+        more field would be lost to its processes in a rolling deploy. The step count ties
+        it to the state it was written with: an older build's step rewrites the state
+        but not this text, and a share whose count is not the state's is stale."""
+        if self.first_share is None:
+            return ""
+        return f"{self.steps}:{self.first_share!r}"
+
     @classmethod
-    def decode(cls, text: str) -> LimitState:
-        """The state `encode` wrote; ValueError("not a limit state: ...") for anything
-        else."""
+    def decode(cls, text: str, share: str = "") -> LimitState:
+        """The state `encode` wrote, with the share `encode_share` wrote beside it;
+        ValueError("not a limit state: ...") for a state text that is not one. A share
+        text that is stale (another step's), malformed, or beside a state in no second
+        shift test is left out: the second test's verdict then goes on its own."""
         try:
-            return cls._parse(text)
+            state = cls._parse(text)
         except ValueError as exc:
             raise ValueError(f"not a limit state: {text[:60]!r} ({exc})") from None
+        first_share = _parse_share(share, state)
+        return state if first_share is None else replace(state, first_share=first_share)
 
     @classmethod
     def _parse(cls, text: str) -> LimitState:
@@ -173,6 +191,24 @@ class LimitState:
             slow == "1",
             episode,
         )
+
+
+def _parse_share(text: str, state: LimitState) -> float | None:
+    """The first test's share in `text` (``steps:share``), if it is `state`'s."""
+    steps, sep, share = text.partition(":")
+    if not sep or not _second_test(state.episode):
+        return None
+    try:
+        if natural(steps) != state.steps:
+            return None
+        return signed(share)
+    except ValueError:
+        return None
+
+
+def _second_test(episode: Episode | None) -> bool:
+    """Is `episode` a second shift test (one without an anchor: a first always has one)?"""
+    return episode is not None and episode.stage >= REFERENCE and episode.anchor_s <= 0.0
 
 
 def initial_state(config: LimitConfig) -> LimitState:
@@ -208,7 +244,7 @@ def step(
     episode = state.episode if in_use else None  # an unused limit's cuts test nothing
     if episode is not None and episode.stage >= REFERENCE:
         if high >= GROW_BELOW * baseline:
-            return _test(config, summary, limit, baseline, steps, episode)
+            return _test(config, summary, limit, baseline, steps, episode, state.first_share)
         episode = None  # the overload is over: nothing to test
     if low > CUT_ABOVE * baseline:
         calm = state.reason not in ("overload", "shift-test")
@@ -320,15 +356,21 @@ def _test(
     baseline: float,
     steps: int,
     episode: Episode,
+    first_share: float | None = None,
 ) -> LimitState:
-    """An overload window during a shift test: measure, raise, measure, judge."""
+    """An overload window during a shift test: measure, raise, measure, judge.
+    `first_share`: a second test's first test's share (kept through its stages)."""
+    if not _second_test(episode):
+        first_share = None
     window = Measure.of(summary)
     measure = episode.measure
     if episode.stage == REFERENCE:
         measure = window if measure is None else measure.plus(window)
         if measure.samples < TEST_SAMPLES:
             pooled = replace(episode, measure=measure)
-            return LimitState(limit, baseline, "shift-test", steps, episode=pooled)
+            return LimitState(
+                limit, baseline, "shift-test", steps, episode=pooled, first_share=first_share
+            )
         raised = config.clamp(max(limit * SHIFT_RAISE, limit + 1.0))
         if raised < limit + 1.0:  # at the maximum: nothing to test with, so cut
             anchored = Episode(
@@ -336,14 +378,18 @@ def _test(
             )
             return _cut(config, limit, window.in_flight, baseline, window.median_s, steps, anchored)
         test = replace(episode, stage=RAISED, measure=None, reference=measure, windows=0)
-        return LimitState(raised, baseline, "shift-test", steps, episode=test)
+        return LimitState(
+            raised, baseline, "shift-test", steps, episode=test, first_share=first_share
+        )
 
     reference = episode.reference
     assert reference is not None  # RAISED always has one (Episode.parse checks)
     if window.in_flight < reference.in_flight * math.sqrt(SHIFT_RAISE):
         if episode.windows < RAISE_WAIT:  # the raise has not reached the app yet
             waiting = replace(episode, windows=episode.windows + 1)
-            return LimitState(limit, baseline, "shift-test", steps, episode=waiting)
+            return LimitState(
+                limit, baseline, "shift-test", steps, episode=waiting, first_share=first_share
+            )
         # The load never filled the raise: no test, back to cutting.
         anchored = Episode(
             CUTTING, reference.in_flight, reference.median_s, windows=ONSET_WINDOWS + 1
@@ -352,8 +398,12 @@ def _test(
     measure = window if measure is None else measure.plus(window)
     if measure.samples < TEST_SAMPLES:
         pooled = replace(episode, measure=measure)
-        return LimitState(limit, baseline, "shift-test", steps, episode=pooled)
-    return _verdict(config, window, limit, baseline, steps, episode, reference, measure)
+        return LimitState(
+            limit, baseline, "shift-test", steps, episode=pooled, first_share=first_share
+        )
+    return _verdict(
+        config, window, limit, baseline, steps, episode, reference, measure, first_share
+    )
 
 
 def _verdict(
@@ -365,9 +415,11 @@ def _verdict(
     episode: Episode,
     reference: Measure,
     raised: Measure,
+    first_share: float | None = None,
 ) -> LimitState:
     """The shift test's verdict on its stages: slower work, a queue, or (the first
-    time) a test that cannot tell, and runs again."""
+    time) a test that cannot tell, and runs again. A second test judges the mean of
+    both tests' shares (`first_share`), when its state still has the first's."""
     # A queue's wait grows with the in flight that feeds it: by the rise times the
     # mean latency (Little's law), for every request. What share of that did the
     # fastest requests slow down by? A queue: about 1; slower work: about 0. Either
@@ -376,14 +428,20 @@ def _verdict(
     queue_rise = (raised.in_flight / reference.in_flight - 1.0) * reference.spread
     share = math.log(raised.low_s / reference.low_s) / queue_rise
     doubt = DECISION_Z * SHIFT_NOISE
+    if first_share is not None:
+        # Two tests, each measured afresh: their mean's noise is one share's over sqrt(2).
+        share = 0.5 * (first_share + share)
+        doubt /= math.sqrt(2.0)
     if share < 0.5 - doubt:
         return LimitState(limit, reference.median_s, "shift", steps)
     if share <= 0.5 + doubt and episode.anchor_s > 0.0:
         # Cannot tell, the first time: test again from the reference's limit (the raise
         # undone), afresh. The second test runs without the anchor (every first test has
-        # one: the doubt that starts it needs it); its verdict is the last.
+        # one: the doubt that starts it needs it); its verdict is the last, on both tests'
+        # shares: this one's goes with it.
         back = config.clamp(min(limit / SHIFT_RAISE, limit - 1.0))
-        return LimitState(back, baseline, "shift-test", steps, episode=Episode(REFERENCE))
+        second = Episode(REFERENCE)
+        return LimitState(back, baseline, "shift-test", steps, episode=second, first_share=share)
     # A queue after all (or twice a test that could not tell): cut, from where the
     # raise measured it; gently if it could not tell (a doubt that stays tests again).
     step_down = STEP_DOWN_MIN if share > 0.5 + doubt else STEP_DOWN_DOUBT

@@ -7,6 +7,7 @@ import re
 from typing import Final
 
 _NUMBER: Final = re.compile(r"\d+(?:\.\d+)?(?:e[+-]?\d+)?")
+_SIGNED: Final = re.compile(r"-?\d+(?:\.\d+)?(?:e[+-]?\d+)?")
 
 
 def natural(text: str) -> int:
@@ -20,4 +21,11 @@ def number(text: str) -> float:
     """A finite non-negative number, as `repr` writes one."""
     if not _NUMBER.fullmatch(text):
         raise ValueError(f"not a non-negative number: {text[:20]!r}")
+    return float(text)
+
+
+def signed(text: str) -> float:
+    """A finite number of either sign, as `repr` writes one."""
+    if not _SIGNED.fullmatch(text):
+        raise ValueError(f"not a number: {text[:20]!r}")
     return float(text)
