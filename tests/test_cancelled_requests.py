@@ -466,3 +466,37 @@ async def test_an_acquire_cancelled_while_redis_is_frozen_is_cleaned_up_after_th
         backend.release("b")
     finally:
         await backend.stop()
+
+
+async def test_an_orphaned_acquire_queued_then_granted_before_its_cancel_is_given_back(
+    redis_server: RedisServer,
+) -> None:
+    """An acquire whose caller was gone when Redis answered 'queued' is taken out of the
+    queue (`_undo_acquire`'s cancel, whose answer nobody awaits). If a release granted it
+    the slot before that cancel ran, the cancel answers 'already admitted', a lease: it
+    goes back at once (on the old code the batcher set that answer on a future nobody
+    read, never calling `_undo_cancel`, and the slot stayed held until the lease TTL)."""
+    one = RedisBackend(_redis_settings(redis_server, "ca3"))
+    two = RedisBackend(_redis_settings(redis_server, "ca3"))
+    await one.start()
+    await two.start()
+    try:
+        assert isinstance(
+            await one.acquire(Request("a", "acme", "normal", 1, False, False)), Admitted
+        )
+        waiting = await two.acquire(Request("b", "beta", "normal", 1, False, False))
+        assert isinstance(waiting, Waiting)
+        two._waiters.pop("b")  # as an orphan: nobody waits for it in this process
+        one.release("a")
+        await _until(lambda: "a" not in one._leases)
+        await asyncio.sleep(0.1)  # the release's call ran: b holds the slot in Redis
+        assert await _in_flight(redis_server, "ca3") == 1
+        queued = protocol.SEP.join((protocol.REPLY["queued"], "0", "0", "1"))
+        two._undo_acquire("b", queued)
+        deadline = time.monotonic() + 2.0
+        while await _in_flight(redis_server, "ca3") != 0:
+            assert time.monotonic() < deadline, "the granted lease stayed held in Redis"
+            await asyncio.sleep(0.02)
+    finally:
+        await one.stop()
+        await two.stop()
