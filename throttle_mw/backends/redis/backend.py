@@ -618,7 +618,14 @@ class RedisBackend(Recovery):
         if protocol.is_lease(result):
             self._release_in_redis(rid)
         elif protocol.is_queued(result) and self._batcher is not None:
-            self._batcher.submit(protocol.cancel_op(rid), lambda r: self._undo_cancel(rid, r))
+            # Nobody awaits this cancel: its future is done at once, so the batcher hands
+            # its answer (a lease, if a release granted the slot first) to `_undo_cancel`
+            # and its failure to `_fate_unknown`, not to a future nobody reads.
+            self._batcher.submit(
+                protocol.cancel_op(rid),
+                functools.partial(self._undo_cancel, rid),
+                functools.partial(self._fate_unknown, rid),
+            ).cancel()
 
     def _undo_cancel(self, rid: str, result: str) -> None:
         if protocol.is_lease(result):
