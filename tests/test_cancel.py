@@ -160,3 +160,69 @@ async def test_a_disconnect_after_the_response_cancels_nothing() -> None:
     empty = [{"type": "http.request", "body": b"", "more_body": False}]
     await asyncio.wait_for(throttle(scope(), server_receive(empty, gone), ignore), 2.0)
     assert finished.is_set()
+
+
+async def test_a_learned_limit_keeps_the_queued_flag_and_takes_no_sample_of_cancelled_work() -> (
+    None
+):
+    """With a learned limit (branch carry2's `Sample.waited`) and cancel on disconnect: a
+    request queued for the limit that runs to its end reports it waited; one queued for
+    the limit whose client leaves while its app runs is cancelled, takes no sample, and
+    gives back its slot, its place in flight and its body's bytes."""
+    from tests.test_learned_limit import Recording
+
+    backend = Recording(concurrency="auto", concurrency_min=1, concurrency_max=1)
+    go = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body", False):
+            pass
+        if scope["path"] == "/hold":
+            await go.wait()
+        elif scope["path"] == "/forever":
+            await asyncio.Event().wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    throttle = ThrottleMiddleware(app, backend=backend, cancel_on_disconnect=True)
+    assert throttle.error is None
+    await throttle.startup()
+    try:
+        never, gone = asyncio.Event(), asyncio.Event()
+        empty = [{"type": "http.request", "body": b"", "more_body": False}]
+        body = [{"type": "http.request", "body": b"x" * 100, "more_body": False}]
+        length = [(b"content-length", b"100")]
+        holder = asyncio.create_task(
+            throttle({**scope(), "path": "/hold"}, server_receive(empty, never), ignore)
+        )
+        await asyncio.sleep(0.05)
+        queued = asyncio.create_task(throttle(scope(), server_receive(empty, never), ignore))
+        await asyncio.sleep(0.05)
+        go.set()
+        await asyncio.wait_for(asyncio.gather(holder, queued), 2.0)
+        assert [s.waited for s in backend.samples] == [False, True]
+
+        go.clear()
+        holder = asyncio.create_task(
+            throttle({**scope(), "path": "/hold"}, server_receive(empty, never), ignore)
+        )
+        await asyncio.sleep(0.05)
+        leaves = asyncio.create_task(
+            throttle(
+                {**scope("POST", length), "path": "/forever"}, server_receive(body, gone), ignore
+            )
+        )
+        await asyncio.sleep(0.05)
+        go.set()
+        await asyncio.wait_for(holder, 2.0)
+        await asyncio.sleep(0.05)  # the app runs, its slot held
+        assert backend.flight.running == 1
+        gone.set()
+        await asyncio.wait_for(leaves, 2.0)  # cancelled: ends quietly
+        assert [s.waited for s in backend.samples] == [False, True, False]  # the holder's
+        assert backend.flight.running == 0
+        assert throttle.body_buffers.used_bytes == 0
+        snapshot = await backend.snapshot()
+        assert (snapshot.in_flight, sum(snapshot.queued_by_priority.values())) == (0, 0)
+    finally:
+        await throttle.shutdown()

@@ -92,7 +92,11 @@ def _watchers() -> list[asyncio.Task[Any]]:
     return [
         task
         for task in asyncio.all_tasks()
-        if "RequestBody._watch" in repr(task.get_coro()) and not task.done()
+        if (
+            "RequestBody._watch" in repr(task.get_coro())
+            or "RequestBody._follow" in repr(task.get_coro())
+        )
+        and not task.done()
     ]
 
 
@@ -367,7 +371,9 @@ async def _admits_at_once(middleware: ThrottleMiddleware, count: int) -> None:
     "store",
     [
         "memory",
+        "memory-cancel",
         pytest.param("redis", marks=pytest.mark.redis),
+        pytest.param("redis-cancel", marks=pytest.mark.redis),
         pytest.param("redis-kept", marks=pytest.mark.redis),
         pytest.param("redis-two", marks=pytest.mark.redis),
     ],
@@ -376,15 +382,23 @@ async def test_requests_cancelled_at_random_times_leave_the_budget_whole(
     store: str, request: pytest.FixtureRequest
 ) -> None:
     """200 requests in waves of 12 on a budget of 2 (one or two processes), each under an
-    outer timeout of 0-60 ms, bodies and clients that leave mixed in: afterwards nothing
-    is in flight or queued, no body byte is counted, no watcher runs, and two requests
-    run at once."""
+    outer timeout of 0-60 ms, bodies and clients that leave mixed in (and, "-cancel",
+    THROTTLE_CANCEL_ON_DISCONNECT with a learned limit): afterwards nothing is in flight
+    or queued, no body byte is counted, no watcher runs, and two requests run at once."""
     rnd = random.Random(4)
     settings: dict[str, Any] = {
         "concurrency": 2,
         "body_buffer_bytes": 4096,
         "body_buffer_total_bytes": 8192,
     }
+    if store.endswith("-cancel"):
+        # Cancel on disconnect (branch cancel) beside the outer timeouts (branch audit4),
+        # with a learned limit's bookkeeping: the clients that leave while their app runs
+        # have it cancelled, and each path still gives back all it holds exactly once.
+        store = store.removesuffix("-cancel")
+        settings.update(
+            cancel_on_disconnect=True, concurrency="auto", concurrency_min=2, concurrency_max=2
+        )
     processes = 1
     if store != "memory":
         server = request.getfixturevalue("redis_server")
