@@ -909,9 +909,7 @@ class ThrottleMiddleware:
             )
         except asyncio.CancelledError:
             # Our task is being cancelled (server force-exit): leave the queue anyway.
-            task = loop.create_task(self._abandon(backend, waiting))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._give_back_later(backend, loop.create_task(backend.cancel(waiting)))
             raise
         finally:
             gone.cancel()
@@ -924,8 +922,7 @@ class ThrottleMiddleware:
         except asyncio.CancelledError:
             # Cancelled while leaving (the shield keeps the cancel going): a grant it
             # finds (admitted meanwhile) is given back once it is in.
-            self._background.add(leaving)
-            leaving.add_done_callback(functools.partial(self._given_back, backend))
+            self._give_back_later(backend, leaving)
             raise
         if queued.disconnected.is_set():
             if isinstance(result, Admitted) and result.lease:
@@ -935,18 +932,17 @@ class ThrottleMiddleware:
             return Reject("shutting_down", 1.0)
         return result
 
+    def _give_back_later(self, backend: Backend, leaving: asyncio.Task[Admitted | Reject]) -> None:
+        """The cancel of a request whose task is being cancelled (nobody awaits it): kept
+        running, and a grant it finds (admitted meanwhile) goes back once it is in."""
+        self._background.add(leaving)
+        leaving.add_done_callback(functools.partial(self._given_back, backend))
+
     def _given_back(self, backend: Backend, leaving: asyncio.Task[Admitted | Reject]) -> None:
-        """The cancel of a request whose task was cancelled meanwhile: its grant goes back."""
         self._background.discard(leaving)
         if leaving.cancelled() or leaving.exception() is not None:
             return
         result = leaving.result()
-        if isinstance(result, Admitted) and result.lease:
-            backend.release(result.request_id)
-
-    @staticmethod
-    async def _abandon(backend: Backend, waiting: Waiting) -> None:
-        result = await backend.cancel(waiting)
         if isinstance(result, Admitted) and result.lease:
             backend.release(result.request_id)
 
