@@ -682,7 +682,7 @@ class ThrottleMiddleware:
         try:
             if self.settings.cancel_on_disconnect and self._cancels():
                 cancelled = await self._run_cancellable(
-                    scope, receive, send_wrapper, body, read_ahead, decision
+                    scope, receive, send_wrapper, body, decision
                 )
             else:
                 await self.app(scope, receive, send_wrapper)
@@ -719,7 +719,6 @@ class ThrottleMiddleware:
         receive: Receive,
         send: Send,
         body: RequestBody | None,
-        read_ahead: bool,
         decision: ThrottleDecision,
     ) -> bool:
         """Run the app in a task cancelled when its client leaves before the response is
@@ -729,6 +728,7 @@ class ThrottleMiddleware:
         went away (no 500, nothing raised to the server). One of the server's own (its
         shutdown) goes on to the server.
         """
+        # (No body of its own only if none was read ahead: a body read ahead is `body`.)
         own = body is None
         if body is None:
             body = RequestBody(receive, self.body_buffers, self._body_limit)
@@ -741,7 +741,7 @@ class ThrottleMiddleware:
         cancel.task = task
         try:
             # Only a body known complete (read ahead, or none announced) is watched at once.
-            body.follow(cancel, bodyless=own and not read_ahead and _bodyless(scope))
+            body.follow(cancel, bodyless=own and _bodyless(scope))
             try:
                 # Cancelling this task (the server's shutdown) cancels the app's too.
                 await task
